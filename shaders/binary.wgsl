@@ -1,0 +1,71 @@
+// binary.wgsl: elementwise ops of two tensors with NumPy broadcasting, out[i] = f(a[..], b[..]).
+//
+// Bindings (group 0):
+//   0  a    storage, read        input, read through strides SA0..SA5
+//   1  b    storage, read        input, read through strides SB0..SB5
+//   2  out  storage, read_write  [D0, .., D5] output, contiguous
+// Overrides: N = D0 * .. * D5; D0..D5 the output shape left-padded with 1 to rank 6;
+//            SA*/SB* element strides of a and b per output axis (0 where the axis broadcasts);
+//            OP selects f (codes in src/ops/binary.rs, BinaryOp::code).
+// Dispatch: ceil(N / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
+//           one element per thread; threads past N return.
+
+override N: u32 = 1u;
+override OP: u32 = 0u;
+override D1: u32 = 1u;
+override D2: u32 = 1u;
+override D3: u32 = 1u;
+override D4: u32 = 1u;
+override D5: u32 = 1u;
+override SA0: u32 = 0u;
+override SA1: u32 = 0u;
+override SA2: u32 = 0u;
+override SA3: u32 = 0u;
+override SA4: u32 = 0u;
+override SA5: u32 = 0u;
+override SB0: u32 = 0u;
+override SB1: u32 = 0u;
+override SB2: u32 = 0u;
+override SB3: u32 = 0u;
+override SB4: u32 = 0u;
+override SB5: u32 = 0u;
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+fn apply(x: f32, y: f32) -> f32 {
+    switch OP {
+        case 0u: { return x + y; }
+        case 1u: { return x - y; }
+        case 2u: { return x * y; }
+        case 3u: { return x / y; }
+        case 4u: { return max(x, y); }
+        case 5u: { return min(x, y); }
+        default: { return x; }
+    }
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= N {
+        return;
+    }
+    // Decompose the output index into coordinates, innermost axis first.
+    var r = i;
+    let c5 = r % D5; r = r / D5;
+    let c4 = r % D4; r = r / D4;
+    let c3 = r % D3; r = r / D3;
+    let c2 = r % D2; r = r / D2;
+    let c1 = r % D1; r = r / D1;
+    let c0 = r;
+    let ia = c0 * SA0 + c1 * SA1 + c2 * SA2 + c3 * SA3 + c4 * SA4 + c5 * SA5;
+    let ib = c0 * SB0 + c1 * SB1 + c2 * SB2 + c3 * SB3 + c4 * SB4 + c5 * SB5;
+    out[i] = apply(a[ia], b[ib]);
+}

@@ -1,0 +1,47 @@
+// layout.wgsl: permute (transpose) as a strided gather, out[i] = a[offset(coords(i))].
+// Reshape needs no kernel: it shares its input's buffer.
+//
+// Bindings (group 0):
+//   0  a    storage, read        input, read through strides S0..S5
+//   1  out  storage, read_write  [D0, .., D5] output, contiguous
+// Overrides: N = D0 * .. * D5; D1..D5 the output shape left-padded with 1 to rank 6;
+//            S0..S5 the input's element stride along each output axis (the permuted strides).
+// Dispatch: ceil(N / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
+//           one element per thread; threads past N return.
+
+override N: u32 = 1u;
+override D1: u32 = 1u;
+override D2: u32 = 1u;
+override D3: u32 = 1u;
+override D4: u32 = 1u;
+override D5: u32 = 1u;
+override S0: u32 = 0u;
+override S1: u32 = 0u;
+override S2: u32 = 0u;
+override S3: u32 = 0u;
+override S4: u32 = 0u;
+override S5: u32 = 0u;
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(256)
+fn permute(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= N {
+        return;
+    }
+    var r = i;
+    let c5 = r % D5; r = r / D5;
+    let c4 = r % D4; r = r / D4;
+    let c3 = r % D3; r = r / D3;
+    let c2 = r % D2; r = r / D2;
+    let c1 = r % D1; r = r / D1;
+    let c0 = r;
+    out[i] = a[c0 * S0 + c1 * S1 + c2 * S2 + c3 * S3 + c4 * S4 + c5 * S5];
+}

@@ -1,0 +1,139 @@
+// matmul.wgsl: batched matrix product out[z] = op(a[z]) x op(b[z]), op = identity or transpose.
+//
+// Bindings (group 0):
+//   0  a    storage, read        [batch.., M, K] (TA: [batch.., K, M])
+//   1  b    storage, read        [batch.., K, N] (TB: [batch.., N, K])
+//   2  out  storage, read_write  [batch.., M, N], contiguous
+// Overrides: M, N, K; TA, TB transpose flags; the output batch shape left-padded to rank 4 as
+//            BD0..BD3 (BD0 implicit); SA0..SA3 / SB0..SB3 element strides of a's and b's
+//            matrices per batch axis (0 where that operand broadcasts);
+//            TILES_M = ceil(M / 64), TILES_N = ceil(N / 64), TOTAL = TILES_M * TILES_N * batch.
+// Dispatch: TOTAL workgroups of 256 threads (16 x 16), folded by the host into (x <= 65535, y).
+//           Workgroup w computes the 64x64 output tile (w / TILES_N % TILES_M, w % TILES_N) of
+//           batch w / (TILES_M * TILES_N); each thread a 4x4 block held in four vec4 registers.
+//           K advances in steps of 16 through two 16x64 workgroup tiles.
+
+override M: u32 = 1u;
+override N: u32 = 1u;
+override K: u32 = 1u;
+override TA: bool = false;
+override TB: bool = false;
+override TILES_M: u32 = 1u;
+override TILES_N: u32 = 1u;
+override TOTAL: u32 = 1u;
+override BD1: u32 = 1u;
+override BD2: u32 = 1u;
+override BD3: u32 = 1u;
+override SA0: u32 = 0u;
+override SA1: u32 = 0u;
+override SA2: u32 = 0u;
+override SA3: u32 = 0u;
+override SB0: u32 = 0u;
+override SB1: u32 = 0u;
+override SB2: u32 = 0u;
+override SB3: u32 = 0u;
+
+const TM: u32 = 64u;
+const TN: u32 = 64u;
+const TK: u32 = 16u;
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+// As[kk * TM + mm] = op(a)[row0 + mm, k0 + kk]; Bs[kk * TN + nn] = op(b)[k0 + kk, col0 + nn]
+var<workgroup> As: array<f32, 1024>;
+var<workgroup> Bs: array<f32, 1024>;
+
+fn store4(obase: u32, r: u32, c: u32, v: vec4<f32>) {
+    if r >= M {
+        return;
+    }
+    let o = obase + r * N + c;
+    if c < N { out[o] = v.x; }
+    if c + 1u < N { out[o + 1u] = v.y; }
+    if c + 2u < N { out[o + 2u] = v.z; }
+    if c + 3u < N { out[o + 3u] = v.w; }
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = wid.y * nwg.x + wid.x;
+    if w >= TOTAL {
+        return;
+    }
+    let tn = w % TILES_N;
+    let tm = (w / TILES_N) % TILES_M;
+    let z = w / (TILES_N * TILES_M);
+    var r = z;
+    let b3 = r % BD3; r = r / BD3;
+    let b2 = r % BD2; r = r / BD2;
+    let b1 = r % BD1;
+    let b0 = r / BD1;
+    let abase = b0 * SA0 + b1 * SA1 + b2 * SA2 + b3 * SA3;
+    let bbase = b0 * SB0 + b1 * SB1 + b2 * SB2 + b3 * SB3;
+    let obase = z * M * N;
+    let row0 = tm * TM;
+    let col0 = tn * TN;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+
+    let ntiles = (K + TK - 1u) / TK;
+    for (var t = 0u; t < ntiles; t = t + 1u) {
+        let k0 = t * TK;
+        // Load both tiles, 4 elements per thread, with consecutive threads on consecutive
+        // addresses of the operand's memory layout.
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            let e = lid + j * 256u;
+            var mm: u32;
+            var kk: u32;
+            if TA { kk = e / TM; mm = e % TM; } else { mm = e / TK; kk = e % TK; }
+            let m = row0 + mm;
+            let k = k0 + kk;
+            var v = 0.0;
+            if m < M && k < K {
+                if TA { v = a[abase + k * M + m]; } else { v = a[abase + m * K + k]; }
+            }
+            As[kk * TM + mm] = v;
+
+            var nn: u32;
+            var kb: u32;
+            if TB { nn = e / TK; kb = e % TK; } else { kb = e / TN; nn = e % TN; }
+            let n = col0 + nn;
+            let kg = k0 + kb;
+            var u = 0.0;
+            if n < N && kg < K {
+                if TB { u = b[bbase + n * K + kg]; } else { u = b[bbase + kg * N + n]; }
+            }
+            Bs[kb * TN + nn] = u;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TK; kk = kk + 1u) {
+            let ai = kk * TM + ty * 4u;
+            let bi = kk * TN + tx * 4u;
+            let av = vec4<f32>(As[ai], As[ai + 1u], As[ai + 2u], As[ai + 3u]);
+            let bv = vec4<f32>(Bs[bi], Bs[bi + 1u], Bs[bi + 2u], Bs[bi + 3u]);
+            acc0 = fma(vec4<f32>(av.x), bv, acc0);
+            acc1 = fma(vec4<f32>(av.y), bv, acc1);
+            acc2 = fma(vec4<f32>(av.z), bv, acc2);
+            acc3 = fma(vec4<f32>(av.w), bv, acc3);
+        }
+        workgroupBarrier();
+    }
+
+    let r0 = row0 + ty * 4u;
+    let c0 = col0 + tx * 4u;
+    store4(obase, r0, c0, acc0);
+    store4(obase, r0 + 1u, c0, acc1);
+    store4(obase, r0 + 2u, c0, acc2);
+    store4(obase, r0 + 3u, c0, acc3);
+}

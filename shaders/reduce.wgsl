@@ -1,0 +1,61 @@
+// reduce.wgsl: sum, mean or max over one axis. The input is viewed as [OUTER, LEN, INNER] with the
+// reduced axis in the middle; the output is [OUTER, INNER] (ROWS = OUTER * INNER values).
+//
+// Bindings (group 0):
+//   0  a    storage, read        [OUTER, LEN, INNER] input
+//   1  out  storage, read_write  [OUTER, INNER] output
+// Overrides: LEN, INNER, ROWS; OP: 0 sum, 1 mean, 2 max.
+// Dispatch: ROWS workgroups of 64 threads, folded by the host into (x <= 65535, y). Workgroup r
+//           reduces output r: each thread folds a strided share of the LEN values, then a tree in
+//           workgroup memory combines the 64 partial results.
+
+override LEN: u32 = 1u;
+override INNER: u32 = 1u;
+override ROWS: u32 = 1u;
+override OP: u32 = 0u;
+const WG: u32 = 64u;
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;
+
+var<workgroup> part: array<f32, 64>;
+
+fn combine(x: f32, y: f32) -> f32 {
+    if OP == 2u {
+        return max(x, y);
+    }
+    return x + y;
+}
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.y * nwg.x + wid.x;
+    if row >= ROWS {
+        return;
+    }
+    let base = (row / INNER) * LEN * INNER + row % INNER;
+    // max starts from a real element so that threads without a share hold a neutral value
+    var acc = select(0.0, a[base], OP == 2u);
+    for (var j = lid; j < LEN; j = j + WG) {
+        acc = combine(acc, a[base + j * INNER]);
+    }
+    part[lid] = acc;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if lid < s {
+            part[lid] = combine(part[lid], part[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        var r = part[0];
+        if OP == 1u {
+            r = r / f32(LEN);
+        }
+        out[row] = r;
+    }
+}

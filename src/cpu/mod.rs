@@ -1,0 +1,128 @@
+//! The CPU reference backend: runs a graph node by node with each op family's CPU twin
+//! (`ops::<family>::cpu`), plain loops with f64 accumulation. It is what every GPU result is
+//! checked against, and a backend of its own (`KILN_BACKEND=cpu`).
+
+use std::collections::HashMap;
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::exec::PlanInfo;
+use crate::graph::{Node, NodeId};
+use crate::ops::{Init, Op};
+use crate::tensor::Tensor;
+
+/// Evaluates `order` (a topological order). `source` gives the value of each input, parameter
+/// and constant node. Returns every evaluated node's value, indexed by node.
+pub fn evaluate(
+    nodes: &[Node],
+    order: &[NodeId],
+    mut source: impl FnMut(NodeId, &Node) -> Result<Tensor>,
+) -> Result<Vec<Option<Tensor>>> {
+    let mut values: Vec<Option<Tensor>> = vec![None; nodes.len()];
+    for &id in order {
+        let n = &nodes[id.0];
+        let v = if n.op.is_source() {
+            let t = source(id, n)?;
+            if t.shape() != &n.shape {
+                return Err(Error::Input(format!(
+                    "{} node {} needs shape {}, got {}",
+                    n.op.name(),
+                    id.0,
+                    n.shape,
+                    t.shape()
+                )));
+            }
+            t
+        } else {
+            let ins: Vec<&Tensor> = n
+                .inputs
+                .iter()
+                .map(|i| values[i.0].as_ref().expect("inputs precede their users"))
+                .collect();
+            n.op.cpu_forward(&ins, &n.shape)
+        };
+        values[id.0] = Some(v);
+    }
+    Ok(values)
+}
+
+/// The value a parameter starts from.
+pub(crate) fn initial_value(n: &Node, init: &Init) -> Tensor {
+    match init {
+        Init::Zeros => Tensor::zeros(n.shape.clone()),
+        Init::Value(t) => (**t).clone(),
+    }
+}
+
+/// A plan on the CPU reference backend.
+pub(crate) struct CpuPlan {
+    device: Device,
+    nodes: Vec<Node>,
+    order: Vec<NodeId>,
+    outputs: Vec<NodeId>,
+    pub(crate) info: PlanInfo,
+}
+
+impl CpuPlan {
+    pub(crate) fn compile(
+        device: Device,
+        nodes: Vec<Node>,
+        order: Vec<NodeId>,
+        outputs: &[NodeId],
+    ) -> Result<CpuPlan> {
+        // parameters exist (and keep their shapes) from compile time on, as on the GPU
+        for &id in &order {
+            if let Op::Param { name, init } = &nodes[id.0].op {
+                match device.param(name) {
+                    Ok(t) if t.shape() != &nodes[id.0].shape => {
+                        return Err(Error::Param(format!(
+                            "{name}: the device holds shape {}, the graph declares {}",
+                            t.shape(),
+                            nodes[id.0].shape
+                        )))
+                    }
+                    Ok(_) => {}
+                    Err(_) => device.set_param(name, &initial_value(&nodes[id.0], init))?,
+                }
+            }
+        }
+        let bytes: u64 = order
+            .iter()
+            .filter(|id| !matches!(nodes[id.0].op, Op::Reshape))
+            .map(|id| (nodes[id.0].shape.numel() * 4) as u64)
+            .sum();
+        let info = PlanInfo {
+            nodes: order.len(),
+            dispatches: 0,
+            buffers: 0,
+            peak_bytes: bytes,
+            tensor_bytes: bytes,
+        };
+        Ok(CpuPlan {
+            device,
+            nodes,
+            order,
+            outputs: outputs.to_vec(),
+            info,
+        })
+    }
+
+    pub(crate) fn run(&mut self, given: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
+        let feeds: HashMap<&str, &Tensor> = given.iter().copied().collect();
+        let device = &self.device;
+        let values = evaluate(&self.nodes, &self.order, |_, n| match &n.op {
+            Op::Input { name } => feeds
+                .get(name.as_str())
+                .map(|t| (*t).clone())
+                .ok_or_else(|| Error::Input(format!("input {name:?} is missing"))),
+            Op::Param { name, .. } => device.param(name),
+            Op::Const { value } => Ok((**value).clone()),
+            _ => unreachable!("only sources are fed"),
+        })?;
+        Ok(self
+            .outputs
+            .iter()
+            .map(|o| values[o.0].clone().expect("outputs are evaluated"))
+            .collect())
+    }
+}

@@ -1,0 +1,646 @@
+//! The device: adapter choice (KILN_BACKEND, KILN_ADAPTER), the features and limits requested, the
+//! parameter store that keeps trained tensors on the device across runs, and the pipeline cache
+//! shared by every plan compiled on it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::tensor::{Shape, Tensor};
+
+/// Optional adapter features kiln asks for when the adapter has them.
+pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::TIMESTAMP_QUERY)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+    .union(wgpu::Features::PIPELINE_CACHE)
+    .union(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+
+/// Which backend a [`Device`] computes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// A wgpu adapter (Vulkan, Metal, DX12 or GL).
+    Gpu,
+    /// The CPU reference backend.
+    Cpu,
+}
+
+/// A handle to where plans run. Cheap to clone; clones share parameters and pipelines.
+#[derive(Clone)]
+pub struct Device {
+    pub(crate) inner: Arc<DeviceInner>,
+}
+
+pub(crate) struct DeviceInner {
+    pub(crate) gpu: Option<GpuContext>,
+    /// Host copies of parameters on the CPU backend (on the GPU they live in `GpuContext::params`).
+    pub(crate) cpu_params: Mutex<HashMap<String, Tensor>>,
+}
+
+/// A parameter's GPU storage.
+pub(crate) struct GpuParam {
+    pub(crate) shape: Shape,
+    pub(crate) buffer: Arc<wgpu::Buffer>,
+}
+
+/// Everything kiln holds of a wgpu device.
+pub(crate) struct GpuContext {
+    pub(crate) info: wgpu::AdapterInfo,
+    pub(crate) features: wgpu::Features,
+    pub(crate) limits: wgpu::Limits,
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) params: Mutex<HashMap<String, GpuParam>>,
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    layouts: Mutex<HashMap<usize, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
+    /// Set by the device-lost callback.
+    pub(crate) lost: Arc<Mutex<Option<String>>>,
+    /// The last error no error scope caught (wgpu would otherwise panic on it).
+    pub(crate) uncaptured: Arc<Mutex<Option<String>>>,
+    pub(crate) debug: bool,
+}
+
+/// How the adapter was chosen, for `Device::describe` and the `info` example.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+}
+
+fn summary(info: &wgpu::AdapterInfo) -> AdapterSummary {
+    AdapterSummary {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
+    }
+}
+
+/// Parses KILN_BACKEND into wgpu backends; `Ok(None)` means the CPU reference backend.
+fn backends_from_env() -> Result<Option<wgpu::Backends>> {
+    match std::env::var("KILN_BACKEND")
+        .ok()
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("") | Some("auto") | Some("gpu") => Ok(Some(wgpu::Backends::all())),
+        Some("cpu") => Ok(None),
+        Some("vulkan") => Ok(Some(wgpu::Backends::VULKAN)),
+        Some("metal") => Ok(Some(wgpu::Backends::METAL)),
+        Some("dx12") => Ok(Some(wgpu::Backends::DX12)),
+        Some("gl") => Ok(Some(wgpu::Backends::GL)),
+        Some(other) => Err(Error::NoAdapter(format!(
+            "KILN_BACKEND={other:?} is not one of vulkan, metal, dx12, gl, cpu"
+        ))),
+    }
+}
+
+/// Lists every adapter wgpu can see on the given backends.
+pub fn enumerate_adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    pollster::block_on(instance.enumerate_adapters(backends))
+}
+
+/// Ranks adapters: discrete before integrated before virtual before software; native APIs
+/// (Vulkan, Metal, DX12) before GL, the last resort.
+fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let ty = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    let api = if info.backend == wgpu::Backend::Gl {
+        1
+    } else {
+        0
+    };
+    (api, ty)
+}
+
+impl Device {
+    /// The best device: KILN_BACKEND picks the API (`vulkan|metal|dx12|gl|cpu`, default any GPU),
+    /// KILN_ADAPTER=<substring> picks an adapter by name; otherwise the highest-performance adapter.
+    pub fn new() -> Result<Device> {
+        match backends_from_env()? {
+            None => Ok(Device::cpu()),
+            Some(b) => Device::gpu_on(b, std::env::var("KILN_ADAPTER").ok().as_deref()),
+        }
+    }
+
+    /// A GPU device whatever KILN_BACKEND says (KILN_ADAPTER still applies); an error if none.
+    pub fn gpu() -> Result<Device> {
+        let b = backends_from_env()?.unwrap_or(wgpu::Backends::all());
+        Device::gpu_on(b, std::env::var("KILN_ADAPTER").ok().as_deref())
+    }
+
+    /// The CPU reference backend: plain loops, f64 accumulation; always available.
+    pub fn cpu() -> Device {
+        Device {
+            inner: Arc::new(DeviceInner {
+                gpu: None,
+                cpu_params: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A GPU device on `backends`, the adapter whose name contains `adapter_filter` if given.
+    pub fn gpu_on(backends: wgpu::Backends, adapter_filter: Option<&str>) -> Result<Device> {
+        // GL is the last resort: only asked when no native API (Vulkan, Metal, DX12) has an adapter
+        let primary = backends & wgpu::Backends::PRIMARY;
+        let mut adapters = if primary.is_empty() {
+            Vec::new()
+        } else {
+            enumerate_adapters(primary)
+        };
+        if adapters.is_empty() && backends.contains(wgpu::Backends::GL) {
+            adapters = enumerate_adapters(wgpu::Backends::GL);
+        }
+        if let Some(f) = adapter_filter.filter(|f| !f.is_empty()) {
+            let fl = f.to_lowercase();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&fl));
+            if adapters.is_empty() {
+                return Err(Error::NoAdapter(format!(
+                    "no adapter name contains KILN_ADAPTER={f:?}"
+                )));
+            }
+        }
+        adapters.sort_by_key(|a| rank(&a.get_info()));
+        let adapter = adapters.into_iter().next().ok_or_else(|| {
+            Error::NoAdapter(format!(
+                "wgpu found no adapter on {backends:?} (on Linux without a GPU, install Mesa's lavapipe: \
+                 apt-get install mesa-vulkan-drivers; or use KILN_BACKEND=cpu)"
+            ))
+        })?;
+        let ctx = GpuContext::new(adapter)?;
+        Ok(Device {
+            inner: Arc::new(DeviceInner {
+                gpu: Some(ctx),
+                cpu_params: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Which backend this device computes on.
+    pub fn kind(&self) -> BackendKind {
+        if self.inner.gpu.is_some() {
+            BackendKind::Gpu
+        } else {
+            BackendKind::Cpu
+        }
+    }
+
+    /// The chosen adapter (`None` on the CPU backend).
+    pub fn adapter(&self) -> Option<AdapterSummary> {
+        self.inner.gpu.as_ref().map(|g| summary(&g.info))
+    }
+
+    /// The optional features that were requested and granted.
+    pub fn features(&self) -> wgpu::Features {
+        self.inner
+            .gpu
+            .as_ref()
+            .map(|g| g.features)
+            .unwrap_or(wgpu::Features::empty())
+    }
+
+    /// The device limits (the adapter's own).
+    pub fn limits(&self) -> Option<wgpu::Limits> {
+        self.inner.gpu.as_ref().map(|g| g.limits.clone())
+    }
+
+    /// One line naming the backend and adapter.
+    pub fn describe(&self) -> String {
+        match &self.inner.gpu {
+            Some(g) => format!(
+                "{} ({:?}, {:?})",
+                g.info.name, g.info.backend, g.info.device_type
+            ),
+            None => "CPU reference backend".to_string(),
+        }
+    }
+
+    pub(crate) fn gpu_ctx(&self) -> Option<&GpuContext> {
+        self.inner.gpu.as_ref()
+    }
+
+    /// Sets (creating if needed) the parameter `name` on the device. An existing parameter keeps
+    /// its shape: a tensor of another shape is an error.
+    pub fn set_param(&self, name: &str, value: &Tensor) -> Result<()> {
+        match &self.inner.gpu {
+            Some(g) => g.set_param(name, value),
+            None => {
+                let mut p = self.inner.cpu_params.lock().expect("param lock");
+                if let Some(old) = p.get(name) {
+                    if old.shape() != value.shape() {
+                        return Err(Error::Param(format!(
+                            "{name}: has shape {}, cannot set a tensor of shape {}",
+                            old.shape(),
+                            value.shape()
+                        )));
+                    }
+                }
+                p.insert(name.to_string(), value.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads the parameter `name` back to the host.
+    pub fn param(&self, name: &str) -> Result<Tensor> {
+        match &self.inner.gpu {
+            Some(g) => g.read_param(name),
+            None => self
+                .inner
+                .cpu_params
+                .lock()
+                .expect("param lock")
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::Param(format!("no parameter named {name:?}"))),
+        }
+    }
+
+    /// Names of every parameter on the device, sorted.
+    pub fn param_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = match &self.inner.gpu {
+            Some(g) => g
+                .params
+                .lock()
+                .expect("param lock")
+                .keys()
+                .cloned()
+                .collect(),
+            None => self
+                .inner
+                .cpu_params
+                .lock()
+                .expect("param lock")
+                .keys()
+                .cloned()
+                .collect(),
+        };
+        v.sort();
+        v
+    }
+
+    /// Number of distinct compiled pipelines (kernel + specialisation) cached on this device.
+    pub fn pipeline_count(&self) -> usize {
+        self.inner
+            .gpu
+            .as_ref()
+            .map(|g| g.pipelines.lock().expect("pipeline lock").len())
+            .unwrap_or(0)
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Device({})", self.describe())
+    }
+}
+
+impl GpuContext {
+    fn new(adapter: wgpu::Adapter) -> Result<GpuContext> {
+        let info = adapter.get_info();
+        let features = adapter.features() & WANTED_FEATURES;
+        let limits = adapter.limits();
+        let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            // SAFETY: required by wgpu to request the experimental cooperative-matrix feature; kiln
+            // only uses it in kernels validated against the adapter's reported matrix shapes.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("kiln device"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: experimental,
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Device(format!("{} refused a device: {e}", info.name)))?;
+        let lost = Arc::new(Mutex::new(None));
+        let lost2 = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if let Ok(mut l) = lost2.lock() {
+                *l = Some(format!("{reason:?}: {msg}"));
+            }
+        });
+        let uncaptured = Arc::new(Mutex::new(None));
+        let unc2 = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            log::error!("wgpu: {e}");
+            if let Ok(mut u) = unc2.lock() {
+                *u = Some(e.to_string());
+            }
+        }));
+        let debug = std::env::var("KILN_DEBUG")
+            .map(|v| v == "1")
+            .unwrap_or(false);
+        log::info!(
+            "kiln: using {} ({:?}), features {features:?}",
+            info.name,
+            info.backend
+        );
+        Ok(GpuContext {
+            info,
+            features,
+            limits,
+            device,
+            queue,
+            params: Mutex::new(HashMap::new()),
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+            layouts: Mutex::new(HashMap::new()),
+            lost,
+            uncaptured,
+            debug,
+        })
+    }
+
+    /// Errors if the device was lost or an uncaught GPU error happened since the last check.
+    pub(crate) fn check_health(&self) -> Result<()> {
+        if let Some(l) = self.lost.lock().ok().and_then(|l| l.clone()) {
+            return Err(Error::DeviceLost(l));
+        }
+        if let Some(u) = self.uncaptured.lock().ok().and_then(|mut u| u.take()) {
+            return Err(Error::Device(u));
+        }
+        Ok(())
+    }
+
+    /// Largest buffer a kernel can bind.
+    pub(crate) fn max_binding(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// Creates a storage buffer, turning allocation failures into errors.
+    pub(crate) fn create_buffer(
+        &self,
+        label: &str,
+        bytes: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        let limit = self.max_binding();
+        if bytes > limit && usage.contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::TooLarge {
+                what: label.to_string(),
+                bytes,
+                limit,
+            });
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4),
+            usage,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::OutOfMemory {
+                what: format!("{label}: {e}"),
+                bytes,
+            });
+        }
+        Ok(buf)
+    }
+
+    fn set_param(&self, name: &str, value: &Tensor) -> Result<()> {
+        let mut params = self.params.lock().expect("param lock");
+        if let Some(p) = params.get(name) {
+            if &p.shape != value.shape() {
+                return Err(Error::Param(format!(
+                    "{name}: has shape {}, cannot set a tensor of shape {}",
+                    p.shape,
+                    value.shape()
+                )));
+            }
+            self.queue.write_buffer(&p.buffer, 0, value.as_bytes());
+            return Ok(());
+        }
+        let buffer = self.create_buffer(
+            &format!("param {name}"),
+            (value.numel() * 4) as u64,
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+        )?;
+        self.queue.write_buffer(&buffer, 0, value.as_bytes());
+        params.insert(
+            name.to_string(),
+            GpuParam {
+                shape: value.shape().clone(),
+                buffer: Arc::new(buffer),
+            },
+        );
+        Ok(())
+    }
+
+    /// The buffer of parameter `name`, created from `init` when the device has none yet.
+    pub(crate) fn param_buffer(
+        &self,
+        name: &str,
+        shape: &Shape,
+        init: impl FnOnce() -> Tensor,
+    ) -> Result<Arc<wgpu::Buffer>> {
+        {
+            let params = self.params.lock().expect("param lock");
+            if let Some(p) = params.get(name) {
+                if &p.shape != shape {
+                    return Err(Error::Param(format!(
+                        "{name}: the device holds shape {}, the graph declares {shape}",
+                        p.shape
+                    )));
+                }
+                return Ok(p.buffer.clone());
+            }
+        }
+        self.set_param(name, &init())?;
+        Ok(self.params.lock().expect("param lock")[name].buffer.clone())
+    }
+
+    fn read_param(&self, name: &str) -> Result<Tensor> {
+        let (shape, buffer) = {
+            let params = self.params.lock().expect("param lock");
+            let p = params
+                .get(name)
+                .ok_or_else(|| Error::Param(format!("no parameter named {name:?}")))?;
+            (p.shape.clone(), p.buffer.clone())
+        };
+        let data = self
+            .read_buffers(&[(&buffer, 0, (shape.numel() * 4) as u64)])?
+            .pop()
+            .unwrap_or_default();
+        Tensor::new(shape, data)
+    }
+
+    /// Copies byte ranges of buffers back to the host in one submission.
+    pub(crate) fn read_buffers(
+        &self,
+        ranges: &[(&wgpu::Buffer, u64, u64)],
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("kiln readback"),
+            });
+        let mut staging = Vec::new();
+        for (i, (buf, off, bytes)) in ranges.iter().enumerate() {
+            let s = self.create_buffer(
+                &format!("readback staging {i}"),
+                *bytes,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            )?;
+            enc.copy_buffer_to_buffer(buf, *off, &s, 0, *bytes);
+            staging.push((s, *bytes));
+        }
+        self.queue.submit([enc.finish()]);
+        self.map_and_read(&staging)
+    }
+
+    /// Maps staging buffers (already filled by a submitted copy) and reads them as f32.
+    pub(crate) fn map_and_read(&self, staging: &[(wgpu::Buffer, u64)]) -> Result<Vec<Vec<f32>>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (i, (s, bytes)) in staging.iter().enumerate() {
+            let tx = tx.clone();
+            s.map_async(wgpu::MapMode::Read, 0..*bytes, move |r| {
+                let _ = tx.send((i, r));
+            });
+        }
+        drop(tx);
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::DeviceLost(format!("waiting for the GPU: {e}")))?;
+        for _ in 0..staging.len() {
+            let (i, r) = rx
+                .recv()
+                .map_err(|_| Error::Device("a readback never completed".into()))?;
+            r.map_err(|e| Error::Device(format!("mapping readback {i}: {e}")))?;
+        }
+        let mut out = Vec::with_capacity(staging.len());
+        for (s, bytes) in staging {
+            let view = s
+                .get_mapped_range(0..*bytes)
+                .map_err(|e| Error::Device(format!("reading a mapped buffer: {e:?}")))?;
+            out.push(bytemuck::cast_slice::<u8, f32>(&view).to_vec());
+            drop(view);
+            s.unmap();
+        }
+        self.check_health()?;
+        Ok(out)
+    }
+
+    /// The bind-group layout and pipeline layout for kernels with `n_inputs` read-only inputs
+    /// followed by one read-write output.
+    pub(crate) fn layout(&self, n_inputs: usize) -> (wgpu::BindGroupLayout, wgpu::PipelineLayout) {
+        let mut layouts = self.layouts.lock().expect("layout lock");
+        layouts
+            .entry(n_inputs)
+            .or_insert_with(|| {
+                let entries: Vec<wgpu::BindGroupLayoutEntry> = (0..=n_inputs)
+                    .map(|i| wgpu::BindGroupLayoutEntry {
+                        binding: i as u32,
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: wgpu::BindingType::Buffer {
+                            ty: wgpu::BufferBindingType::Storage {
+                                read_only: i < n_inputs,
+                            },
+                            has_dynamic_offset: false,
+                            min_binding_size: None,
+                        },
+                        count: None,
+                    })
+                    .collect();
+                let label = format!("kiln layout {n_inputs} in + 1 out");
+                let bgl = self
+                    .device
+                    .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                        label: Some(&label),
+                        entries: &entries,
+                    });
+                let pl = self
+                    .device
+                    .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                        label: Some(&label),
+                        bind_group_layouts: &[Some(&bgl)],
+                        immediate_size: 0,
+                    });
+                (bgl, pl)
+            })
+            .clone()
+    }
+
+    /// The compute pipeline for a family's entry point with these override constants, compiled
+    /// once per device and shared by every plan.
+    pub(crate) fn pipeline(
+        &self,
+        family: &'static str,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+        n_inputs: usize,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = format!("{family}:{entry}:{constants:?}");
+        if let Some(p) = self.pipelines.lock().expect("pipeline lock").get(&key) {
+            return Ok(p.clone());
+        }
+        let source = crate::ops::shader_source(family)
+            .ok_or_else(|| Error::Unsupported(format!("no shader family {family:?}")))?;
+        let module = {
+            let mut modules = self.modules.lock().expect("module lock");
+            modules
+                .entry(family)
+                .or_insert_with(|| {
+                    if self.debug {
+                        eprintln!("[kiln] compiling shaders/{family}.wgsl:\n{source}");
+                    }
+                    self.device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(family),
+                            source: wgpu::ShaderSource::Wgsl(source.into()),
+                        })
+                })
+                .clone()
+        };
+        if self.debug {
+            eprintln!("[kiln] pipeline {family}::{entry} constants {constants:?}");
+        }
+        let (_, layout) = self.layout(n_inputs);
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&key),
+                layout: Some(&layout),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Device(format!("compiling {key}: {e}")));
+        }
+        let pipeline = Arc::new(pipeline);
+        self.pipelines
+            .lock()
+            .expect("pipeline lock")
+            .insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}

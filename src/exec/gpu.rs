@@ -1,0 +1,284 @@
+//! The GPU side of a plan: buffers assigned by liveness, a pipeline and bind group per kernel,
+//! and `run` = one encoder, one compute pass, one submit, only the requested readbacks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::liveness::{assign_slots, lifetimes, storage_root};
+use super::PlanInfo;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::graph::{Node, NodeId};
+use crate::ops::{Init, Op};
+use crate::tensor::{Shape, Tensor};
+
+/// Largest workgroup count of one dispatch dimension (WebGPU's default limit).
+const MAX_GROUPS_PER_DIM: u64 = 65_535;
+
+/// Folds a linear workgroup count into a grid with at most 65,535 per dimension; kernels recover
+/// the linear index as `wid.y * num_workgroups.x + wid.x` and skip the overshoot.
+pub fn fold_workgroups(total: u64, limit: u64) -> Result<(u32, u32, u32)> {
+    let limit = limit.clamp(1, MAX_GROUPS_PER_DIM);
+    if total <= limit {
+        return Ok((total.max(1) as u32, 1, 1));
+    }
+    let y = total.div_ceil(limit);
+    if y > limit {
+        return Err(Error::TooLarge {
+            what: format!("a dispatch of {total} workgroups"),
+            bytes: total,
+            limit: limit * limit,
+        });
+    }
+    Ok((limit as u32, y as u32, 1))
+}
+
+struct Step {
+    node: NodeId,
+    label: String,
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: wgpu::BindGroup,
+    groups: (u32, u32, u32),
+}
+
+struct Readback {
+    buffer: Arc<wgpu::Buffer>,
+    staging: wgpu::Buffer,
+    bytes: u64,
+    shape: Shape,
+}
+
+pub(crate) struct GpuPlan {
+    device: Device,
+    steps: Vec<Step>,
+    /// input name -> its buffer
+    inputs: HashMap<String, Arc<wgpu::Buffer>>,
+    readbacks: Vec<Readback>,
+    /// buffers the plan writes, for `poison`
+    slots: Vec<(Arc<wgpu::Buffer>, u64)>,
+    pub(crate) info: PlanInfo,
+}
+
+impl GpuPlan {
+    pub(crate) fn compile(
+        device: Device,
+        nodes: Vec<Node>,
+        order: Vec<NodeId>,
+        outputs: &[NodeId],
+    ) -> Result<GpuPlan> {
+        let ctx = device
+            .gpu_ctx()
+            .ok_or_else(|| Error::Device("not a GPU device".into()))?;
+        let bytes_of = |id: NodeId| (nodes[id.0].shape.numel() * 4) as u64;
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+
+        let mut storage: HashMap<NodeId, Arc<wgpu::Buffer>> = HashMap::new();
+        let mut inputs = HashMap::new();
+        let mut info = PlanInfo {
+            nodes: order.len(),
+            ..Default::default()
+        };
+
+        // sources: inputs get their own buffer, constants are uploaded now, parameters live on the device
+        for &id in &order {
+            let n = &nodes[id.0];
+            let buf = match &n.op {
+                Op::Input { name } => {
+                    let b = Arc::new(ctx.create_buffer(
+                        &format!("input {name}"),
+                        bytes_of(id),
+                        usage,
+                    )?);
+                    inputs.insert(name.clone(), b.clone());
+                    b
+                }
+                Op::Const { value } => {
+                    let b =
+                        ctx.create_buffer(&format!("const node {}", id.0), bytes_of(id), usage)?;
+                    ctx.queue.write_buffer(&b, 0, value.as_bytes());
+                    Arc::new(b)
+                }
+                Op::Param { name, init } => ctx.param_buffer(name, &n.shape, || match init {
+                    Init::Zeros => Tensor::zeros(n.shape.clone()),
+                    Init::Value(t) => (**t).clone(),
+                })?,
+                _ => continue,
+            };
+            info.peak_bytes += bytes_of(id);
+            info.tensor_bytes += bytes_of(id);
+            storage.insert(id, buf);
+        }
+
+        // computed tensors share buffers where their lifetimes allow
+        let lives = lifetimes(&nodes, &order, outputs);
+        let plain: Vec<_> = lives.iter().map(|(_, l)| *l).collect();
+        let assignment = assign_slots(&plain);
+        let mut slots = Vec::new();
+        for (s, &bytes) in assignment.slot_bytes.iter().enumerate() {
+            let b = Arc::new(ctx.create_buffer(&format!("slot {s}"), bytes, usage)?);
+            slots.push((b, bytes));
+        }
+        for (i, (id, l)) in lives.iter().enumerate() {
+            storage.insert(*id, slots[assignment.slot_of[i]].0.clone());
+            info.tensor_bytes += l.bytes;
+        }
+        info.buffers = slots.len();
+        info.peak_bytes += assignment.slot_bytes.iter().sum::<u64>();
+
+        // one pipeline and one bind group per kernel
+        let mut steps = Vec::new();
+        for &id in &order {
+            let n = &nodes[id.0];
+            let in_shapes: Vec<&Shape> = n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
+            let Some(spec) = n.op.kernel(&in_shapes, &n.shape) else {
+                continue;
+            };
+            let pipeline =
+                ctx.pipeline(spec.family, spec.entry, &spec.constants, n.inputs.len())?;
+            let (layout, _) = ctx.layout(n.inputs.len());
+            let bound: Vec<NodeId> = n.inputs.iter().copied().chain([id]).collect();
+            let entries: Vec<wgpu::BindGroupEntry> = bound
+                .iter()
+                .enumerate()
+                .map(|(b, &t)| wgpu::BindGroupEntry {
+                    binding: b as u32,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &storage[&storage_root(&nodes, t)],
+                        offset: 0,
+                        size: wgpu::BufferSize::new(bytes_of(t)),
+                    }),
+                })
+                .collect();
+            let label = format!("node {} {} {}", id.0, n.op.name(), n.shape);
+            let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&label),
+                layout: &layout,
+                entries: &entries,
+            });
+            let groups = fold_workgroups(
+                spec.workgroups,
+                ctx.limits.max_compute_workgroups_per_dimension as u64,
+            )?;
+            steps.push(Step {
+                node: id,
+                label,
+                pipeline,
+                bind_group,
+                groups,
+            });
+        }
+        info.dispatches = steps.len();
+
+        // staging buffers for the requested outputs only
+        let mut readbacks = Vec::new();
+        for (k, &o) in outputs.iter().enumerate() {
+            let bytes = bytes_of(o);
+            let staging = ctx.create_buffer(
+                &format!("output {k} staging"),
+                bytes,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            )?;
+            readbacks.push(Readback {
+                buffer: storage[&storage_root(&nodes, o)].clone(),
+                staging,
+                bytes,
+                shape: nodes[o.0].shape.clone(),
+            });
+        }
+
+        if ctx.debug {
+            eprintln!("[kiln] plan on {}: {info}", ctx.info.name);
+            for s in &steps {
+                let slot = lives
+                    .iter()
+                    .position(|(id, _)| *id == s.node)
+                    .map(|i| assignment.slot_of[i]);
+                eprintln!(
+                    "[kiln]   {:<40} grid {:?} -> slot {:?}",
+                    s.label, s.groups, slot
+                );
+            }
+        }
+        Ok(GpuPlan {
+            device,
+            steps,
+            inputs,
+            readbacks,
+            slots,
+            info,
+        })
+    }
+
+    pub(crate) fn run(&mut self, given: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
+        let ctx = self
+            .device
+            .gpu_ctx()
+            .ok_or_else(|| Error::Device("not a GPU device".into()))?;
+        ctx.check_health()?;
+        for (name, t) in given {
+            // inputs the outputs do not depend on have no buffer and are ignored
+            if let Some(b) = self.inputs.get(*name) {
+                ctx.queue.write_buffer(b, 0, t.as_bytes());
+            }
+        }
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("kiln plan run"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("kiln plan"),
+                timestamp_writes: None,
+            });
+            for s in &self.steps {
+                pass.set_pipeline(&s.pipeline);
+                pass.set_bind_group(0, &s.bind_group, &[]);
+                pass.dispatch_workgroups(s.groups.0, s.groups.1, s.groups.2);
+            }
+        }
+        for r in &self.readbacks {
+            enc.copy_buffer_to_buffer(&r.buffer, 0, &r.staging, 0, r.bytes);
+        }
+        ctx.queue.submit([enc.finish()]);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Device(format!("running a plan: {e}")));
+        }
+        let staging: Vec<(wgpu::Buffer, u64)> = self
+            .readbacks
+            .iter()
+            .map(|r| (r.staging.clone(), r.bytes))
+            .collect();
+        let data = ctx.map_and_read(&staging)?;
+        data.into_iter()
+            .zip(&self.readbacks)
+            .map(|(d, r)| Tensor::new(r.shape.clone(), d))
+            .collect()
+    }
+
+    pub(crate) fn poison(&mut self, value: f32) {
+        if let Some(ctx) = self.device.gpu_ctx() {
+            for (b, bytes) in &self.slots {
+                let fill = vec![value; (*bytes / 4) as usize];
+                ctx.queue.write_buffer(b, 0, bytemuck::cast_slice(&fill));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folds_large_grids() {
+        assert_eq!(fold_workgroups(10, 65_535).unwrap(), (10, 1, 1));
+        assert_eq!(fold_workgroups(65_535, 65_535).unwrap(), (65_535, 1, 1));
+        let (x, y, _) = fold_workgroups(70_000, 65_535).unwrap();
+        assert!(x as u64 * y as u64 >= 70_000);
+        assert!(fold_workgroups(65_535 * 65_535 + 1, 65_535).is_err());
+    }
+}

@@ -1,0 +1,420 @@
+//! The symbolic graph: inputs, parameters, constants and ops, with shapes inferred (and shape
+//! errors raised) as each node is added. Nodes are only appended, so index order is a
+//! topological order.
+//!
+//! Builder methods take `&self` (the node list sits in a `RefCell`) so that calls nest:
+//! `g.softmax(g.matmul(x, w)?, -1)?`.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use crate::error::{shape_err, Error, Result};
+use crate::ops::binary::BinaryOp;
+use crate::ops::layout::{reshape_infer, Permute};
+use crate::ops::matmul::MatMul;
+use crate::ops::reduce::{Reduce, ReduceKind};
+use crate::ops::softmax::Softmax;
+use crate::ops::unary::UnaryOp;
+use crate::ops::{Init, Op};
+use crate::tensor::{Shape, Tensor};
+
+/// A handle to a node of a [`Graph`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub usize);
+
+/// One node: its op, its inputs and its (inferred) output shape.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub op: Op,
+    pub inputs: Vec<NodeId>,
+    pub shape: Shape,
+}
+
+/// A computation graph under construction.
+#[derive(Debug, Default)]
+pub struct Graph {
+    nodes: RefCell<Vec<Node>>,
+}
+
+impl Clone for Graph {
+    fn clone(&self) -> Self {
+        Graph {
+            nodes: RefCell::new(self.nodes.borrow().clone()),
+        }
+    }
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.borrow().len()
+    }
+
+    /// True when the graph has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of the node list (what plans compile from).
+    pub fn nodes(&self) -> Vec<Node> {
+        self.nodes.borrow().clone()
+    }
+
+    /// The shape of a node. Panics only on a `NodeId` from another graph.
+    pub fn shape(&self, id: NodeId) -> Shape {
+        self.nodes.borrow()[id.0].shape.clone()
+    }
+
+    fn push(&self, op: Op, inputs: Vec<NodeId>, shape: Shape) -> NodeId {
+        let mut nodes = self.nodes.borrow_mut();
+        nodes.push(Node { op, inputs, shape });
+        NodeId(nodes.len() - 1)
+    }
+
+    fn check_id(&self, op: &'static str, id: NodeId) -> Result<Shape> {
+        self.nodes
+            .borrow()
+            .get(id.0)
+            .map(|n| n.shape.clone())
+            .ok_or_else(|| shape_err(op, format!("node {} is not in this graph", id.0)))
+    }
+
+    /// A named input of shape `shape`, fed to every `Plan::run`. Zero-sized extents are not allowed
+    /// and surface as an error when the plan is compiled.
+    pub fn input(&self, name: &str, shape: impl Into<Shape>) -> NodeId {
+        self.push(
+            Op::Input {
+                name: name.to_string(),
+            },
+            vec![],
+            shape.into(),
+        )
+    }
+
+    /// A named trainable parameter, zero-initialised unless the device already holds a value under
+    /// this name (see `Device::set_param`).
+    pub fn param(&self, name: &str, shape: impl Into<Shape>) -> NodeId {
+        self.push(
+            Op::Param {
+                name: name.to_string(),
+                init: Init::Zeros,
+            },
+            vec![],
+            shape.into(),
+        )
+    }
+
+    /// A named trainable parameter whose first value is `init` (unless the device already holds one).
+    pub fn param_init(&self, name: &str, init: Tensor) -> NodeId {
+        let shape = init.shape().clone();
+        self.push(
+            Op::Param {
+                name: name.to_string(),
+                init: Init::Value(Arc::new(init)),
+            },
+            vec![],
+            shape,
+        )
+    }
+
+    /// A constant, uploaded once when a plan is compiled.
+    pub fn constant(&self, value: Tensor) -> NodeId {
+        let shape = value.shape().clone();
+        self.push(
+            Op::Const {
+                value: Arc::new(value),
+            },
+            vec![],
+            shape,
+        )
+    }
+
+    // ---- matmul ----
+
+    /// Matrix product `[.., M, K] x [.., K, N] -> [.., M, N]` with broadcast batch axes.
+    pub fn matmul(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.matmul_t(a, b, false, false)
+    }
+
+    /// Matrix product with either operand's last two axes transposed (`a^T b`, `a b^T`, ..).
+    pub fn matmul_t(&self, a: NodeId, b: NodeId, trans_a: bool, trans_b: bool) -> Result<NodeId> {
+        let (sa, sb) = (self.check_id("matmul", a)?, self.check_id("matmul", b)?);
+        let m = MatMul { trans_a, trans_b };
+        let shape = m.infer(&sa, &sb)?;
+        Ok(self.push(Op::MatMul(m), vec![a, b], shape))
+    }
+
+    // ---- elementwise ----
+
+    fn binary(&self, op: BinaryOp, a: NodeId, b: NodeId) -> Result<NodeId> {
+        let (sa, sb) = (self.check_id(op.name(), a)?, self.check_id(op.name(), b)?);
+        let shape = op.infer(&sa, &sb)?;
+        Ok(self.push(Op::Binary(op), vec![a, b], shape))
+    }
+
+    /// `a + b`, broadcasting.
+    pub fn add(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::Add, a, b)
+    }
+    /// `a - b`, broadcasting.
+    pub fn sub(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::Sub, a, b)
+    }
+    /// `a * b`, broadcasting.
+    pub fn mul(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::Mul, a, b)
+    }
+    /// `a / b`, broadcasting.
+    pub fn div(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::Div, a, b)
+    }
+    /// Elementwise maximum, broadcasting.
+    pub fn maximum(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::Maximum, a, b)
+    }
+    /// Elementwise minimum, broadcasting.
+    pub fn minimum(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::Minimum, a, b)
+    }
+
+    /// Applies an elementwise function.
+    pub fn unary(&self, op: UnaryOp, a: NodeId) -> Result<NodeId> {
+        let shape = self.check_id(op.name(), a)?;
+        let scalar = match op {
+            UnaryOp::AddScalar(s)
+            | UnaryOp::MulScalar(s)
+            | UnaryOp::RSubScalar(s)
+            | UnaryOp::DivScalar(s)
+            | UnaryOp::RDivScalar(s)
+            | UnaryOp::PowScalar(s) => Some(s),
+            _ => None,
+        };
+        if let Some(s) = scalar {
+            // the scalar is baked into the kernel, and pipeline constants must be finite
+            if !s.is_finite() {
+                return Err(shape_err(
+                    op.name(),
+                    format!("the scalar operand must be finite, got {s}"),
+                ));
+            }
+        }
+        Ok(self.push(Op::Unary(op), vec![a], shape))
+    }
+
+    /// `-a`
+    pub fn neg(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Neg, a)
+    }
+    /// `exp(a)`
+    pub fn exp(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Exp, a)
+    }
+    /// Natural logarithm.
+    pub fn log(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Log, a)
+    }
+    /// Square root.
+    pub fn sqrt(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Sqrt, a)
+    }
+    /// `max(a, 0)`
+    pub fn relu(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Relu, a)
+    }
+    /// `1 / (1 + exp(-a))`
+    pub fn sigmoid(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Sigmoid, a)
+    }
+    /// Hyperbolic tangent.
+    pub fn tanh(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Tanh, a)
+    }
+    /// Exact GELU (`torch.nn.GELU()`).
+    pub fn gelu(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Gelu, a)
+    }
+    /// `|a|`
+    pub fn abs(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Abs, a)
+    }
+    /// `a * a`
+    pub fn square(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Square, a)
+    }
+    /// `a + s`
+    pub fn add_scalar(&self, a: NodeId, s: f32) -> Result<NodeId> {
+        self.unary(UnaryOp::AddScalar(s), a)
+    }
+    /// `a * s`
+    pub fn mul_scalar(&self, a: NodeId, s: f32) -> Result<NodeId> {
+        self.unary(UnaryOp::MulScalar(s), a)
+    }
+    /// `s - a`
+    pub fn rsub_scalar(&self, a: NodeId, s: f32) -> Result<NodeId> {
+        self.unary(UnaryOp::RSubScalar(s), a)
+    }
+    /// `a / s`
+    pub fn div_scalar(&self, a: NodeId, s: f32) -> Result<NodeId> {
+        self.unary(UnaryOp::DivScalar(s), a)
+    }
+    /// `s / a`
+    pub fn rdiv_scalar(&self, a: NodeId, s: f32) -> Result<NodeId> {
+        self.unary(UnaryOp::RDivScalar(s), a)
+    }
+    /// `a ^ s`
+    pub fn pow_scalar(&self, a: NodeId, s: f32) -> Result<NodeId> {
+        self.unary(UnaryOp::PowScalar(s), a)
+    }
+
+    // ---- softmax and reductions ----
+
+    /// Softmax along `axis` (negative counts from the end: -1 is the last axis).
+    pub fn softmax(&self, a: NodeId, axis: isize) -> Result<NodeId> {
+        self.softmax_impl(a, axis, false)
+    }
+
+    /// Log-softmax along `axis`.
+    pub fn log_softmax(&self, a: NodeId, axis: isize) -> Result<NodeId> {
+        self.softmax_impl(a, axis, true)
+    }
+
+    fn softmax_impl(&self, a: NodeId, axis: isize, log: bool) -> Result<NodeId> {
+        let name = if log { "log_softmax" } else { "softmax" };
+        let s = self.check_id(name, a)?;
+        let axis = s.axis(name, axis)?;
+        let shape = crate::ops::softmax::infer(&s);
+        Ok(self.push(Op::Softmax(Softmax { axis, log }), vec![a], shape))
+    }
+
+    fn reduce(&self, kind: ReduceKind, a: NodeId, axis: isize, keepdim: bool) -> Result<NodeId> {
+        let probe = Reduce {
+            kind,
+            axis: 0,
+            keepdim,
+        };
+        let s = self.check_id(probe.name(), a)?;
+        let r = Reduce {
+            kind,
+            axis: s.axis(probe.name(), axis)?,
+            keepdim,
+        };
+        let shape = r.infer(&s)?;
+        Ok(self.push(Op::Reduce(r), vec![a], shape))
+    }
+
+    /// Sum over `axis`; `keepdim` keeps it with extent 1.
+    pub fn sum(&self, a: NodeId, axis: isize, keepdim: bool) -> Result<NodeId> {
+        self.reduce(ReduceKind::Sum, a, axis, keepdim)
+    }
+    /// Mean over `axis`.
+    pub fn mean(&self, a: NodeId, axis: isize, keepdim: bool) -> Result<NodeId> {
+        self.reduce(ReduceKind::Mean, a, axis, keepdim)
+    }
+    /// Maximum over `axis`.
+    pub fn max(&self, a: NodeId, axis: isize, keepdim: bool) -> Result<NodeId> {
+        self.reduce(ReduceKind::Max, a, axis, keepdim)
+    }
+    /// Sum of every element, as a tensor of shape `[1]`.
+    pub fn sum_all(&self, a: NodeId) -> Result<NodeId> {
+        let flat = self.reshape(a, &[-1])?;
+        self.sum(flat, 0, true)
+    }
+    /// Mean of every element, as a tensor of shape `[1]`.
+    pub fn mean_all(&self, a: NodeId) -> Result<NodeId> {
+        let flat = self.reshape(a, &[-1])?;
+        self.mean(flat, 0, true)
+    }
+
+    // ---- layout ----
+
+    /// Reorders axes: output axis `i` is input axis `perm[i]`.
+    pub fn permute(&self, a: NodeId, perm: &[usize]) -> Result<NodeId> {
+        let s = self.check_id("permute", a)?;
+        let p = Permute {
+            perm: perm.to_vec(),
+        };
+        let shape = p.infer(&s)?;
+        Ok(self.push(Op::Permute(p), vec![a], shape))
+    }
+
+    /// Swaps two axes (negative counts from the end).
+    pub fn transpose(&self, a: NodeId, ax0: isize, ax1: isize) -> Result<NodeId> {
+        let s = self.check_id("transpose", a)?;
+        let (i, j) = (s.axis("transpose", ax0)?, s.axis("transpose", ax1)?);
+        let mut perm: Vec<usize> = (0..s.rank()).collect();
+        perm.swap(i, j);
+        self.permute(a, &perm)
+    }
+
+    /// The same elements under another shape (one extent may be -1); no copy is made.
+    pub fn reshape(&self, a: NodeId, shape: &[isize]) -> Result<NodeId> {
+        let s = self.check_id("reshape", a)?;
+        let shape = reshape_infer(&s, shape)?;
+        Ok(self.push(Op::Reshape, vec![a], shape))
+    }
+
+    /// Flattens all axes after the first: `(N, ..) -> (N, prod(..))`.
+    pub fn flatten(&self, a: NodeId) -> Result<NodeId> {
+        let s = self.check_id("flatten", a)?;
+        if s.rank() == 0 {
+            return Err(shape_err("flatten", "a scalar has no batch axis"));
+        }
+        self.reshape(a, &[s.dims()[0] as isize, -1])
+    }
+}
+
+/// Validates that a node list is well formed for compilation: names unique per kind, shapes
+/// non-empty. Returns the error a user should see.
+pub(crate) fn validate(nodes: &[Node], outputs: &[NodeId]) -> Result<()> {
+    use std::collections::HashMap;
+    let mut inputs: HashMap<&str, usize> = HashMap::new();
+    let mut params: HashMap<&str, usize> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        if n.shape.numel() == 0 {
+            return Err(shape_err(
+                n.op.name(),
+                format!("node {i} has the zero-sized shape {}", n.shape),
+            ));
+        }
+        match &n.op {
+            Op::Input { name } => {
+                if let Some(j) = inputs.insert(name, i) {
+                    return Err(Error::Input(format!(
+                        "input {name:?} is declared twice (nodes {j} and {i})"
+                    )));
+                }
+            }
+            Op::Param { name, init } => {
+                if let Init::Value(t) = init {
+                    if t.shape() != &n.shape {
+                        return Err(Error::Param(format!(
+                            "{name}: initial value {} for shape {}",
+                            t.shape(),
+                            n.shape
+                        )));
+                    }
+                }
+                if let Some(j) = params.insert(name, i) {
+                    return Err(Error::Param(format!(
+                        "parameter {name:?} is declared twice (nodes {j} and {i})"
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    for o in outputs {
+        if o.0 >= nodes.len() {
+            return Err(Error::Input(format!(
+                "output node {} is not in the graph",
+                o.0
+            )));
+        }
+    }
+    Ok(())
+}

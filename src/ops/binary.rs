@@ -1,0 +1,159 @@
+//! Elementwise ops of two tensors with NumPy/PyTorch broadcasting: add, sub, mul, div, maximum,
+//! minimum. Kernel: `shaders/binary.wgsl`.
+
+use super::{groups, pad_left, KernelSpec, MAX_RANK};
+use crate::error::{shape_err, Result};
+use crate::tensor::{Shape, Tensor};
+
+/// Which elementwise function of two operands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Maximum,
+    Minimum,
+}
+
+impl BinaryOp {
+    /// Name in errors and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Maximum => "maximum",
+            BinaryOp::Minimum => "minimum",
+        }
+    }
+
+    /// The selector `OP` in binary.wgsl.
+    fn code(&self) -> u32 {
+        match self {
+            BinaryOp::Add => 0,
+            BinaryOp::Sub => 1,
+            BinaryOp::Mul => 2,
+            BinaryOp::Div => 3,
+            BinaryOp::Maximum => 4,
+            BinaryOp::Minimum => 5,
+        }
+    }
+
+    /// The function in f64.
+    pub fn eval(&self, x: f64, y: f64) -> f64 {
+        match self {
+            BinaryOp::Add => x + y,
+            BinaryOp::Sub => x - y,
+            BinaryOp::Mul => x * y,
+            BinaryOp::Div => x / y,
+            BinaryOp::Maximum => x.max(y),
+            BinaryOp::Minimum => x.min(y),
+        }
+    }
+
+    /// Shape rule: the broadcast of both shapes (axes aligned on the right; extents equal or 1).
+    pub fn infer(&self, a: &Shape, b: &Shape) -> Result<Shape> {
+        broadcast_shapes(self.name(), a, b)
+    }
+
+    /// CPU reference.
+    pub fn cpu(&self, a: &Tensor, b: &Tensor, out: &Shape) -> Tensor {
+        let sa = broadcast_strides(a.shape(), out);
+        let sb = broadcast_strides(b.shape(), out);
+        let dims = out.dims();
+        let mut data = Vec::with_capacity(out.numel());
+        let mut coord = vec![0usize; dims.len()];
+        for _ in 0..out.numel() {
+            let ia: usize = coord.iter().zip(&sa).map(|(c, s)| c * s).sum();
+            let ib: usize = coord.iter().zip(&sb).map(|(c, s)| c * s).sum();
+            data.push(self.eval(a.data()[ia] as f64, b.data()[ib] as f64) as f32);
+            // advance the row-major coordinate
+            for ax in (0..dims.len()).rev() {
+                coord[ax] += 1;
+                if coord[ax] < dims[ax] {
+                    break;
+                }
+                coord[ax] = 0;
+            }
+        }
+        Tensor::new(out.clone(), data).expect("broadcast shape")
+    }
+
+    /// Kernel: one thread per output element, operands read through broadcast strides.
+    pub fn kernel(&self, a: &Shape, b: &Shape, out: &Shape) -> KernelSpec {
+        let (d, sa) = pad_left(out.dims(), &broadcast_strides(a, out));
+        let (_, sb) = pad_left(out.dims(), &broadcast_strides(b, out));
+        let mut constants = vec![("N", out.numel() as f64), ("OP", self.code() as f64)];
+        const DN: [&str; MAX_RANK] = ["D0", "D1", "D2", "D3", "D4", "D5"];
+        const AN: [&str; MAX_RANK] = ["SA0", "SA1", "SA2", "SA3", "SA4", "SA5"];
+        const BN: [&str; MAX_RANK] = ["SB0", "SB1", "SB2", "SB3", "SB4", "SB5"];
+        for i in 0..MAX_RANK {
+            if i > 0 {
+                constants.push((DN[i], d[i] as f64));
+            }
+            constants.push((AN[i], sa[i] as f64));
+            constants.push((BN[i], sb[i] as f64));
+        }
+        KernelSpec {
+            family: "binary",
+            entry: "main",
+            constants,
+            workgroups: groups(out.numel(), 256),
+        }
+    }
+}
+
+/// The broadcast of two shapes, or a shape error naming `op` and both shapes.
+pub fn broadcast_shapes(op: &'static str, a: &Shape, b: &Shape) -> Result<Shape> {
+    let r = a.rank().max(b.rank());
+    let mut out = vec![0; r];
+    for (i, o) in out.iter_mut().enumerate() {
+        let da = if i + a.rank() >= r {
+            a.dims()[i + a.rank() - r]
+        } else {
+            1
+        };
+        let db = if i + b.rank() >= r {
+            b.dims()[i + b.rank() - r]
+        } else {
+            1
+        };
+        *o = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            (x, y) => {
+                return Err(shape_err(
+                    op,
+                    format!(
+                    "{a} and {b} do not broadcast: axis {i} of the result has extents {x} and {y}"
+                ),
+                ))
+            }
+        };
+    }
+    if r > MAX_RANK {
+        return Err(shape_err(
+            op,
+            format!("{a} and {b}: rank {r} is above the supported {MAX_RANK}"),
+        ));
+    }
+    Ok(Shape(out))
+}
+
+/// Element strides of `s` when broadcast to `out` (0 on axes where `s` has extent 1 or is absent).
+pub fn broadcast_strides(s: &Shape, out: &Shape) -> Vec<usize> {
+    let own = s.strides();
+    let off = out.rank() - s.rank();
+    (0..out.rank())
+        .map(|i| {
+            if i < off || s.dims()[i - off] == 1 {
+                0
+            } else {
+                own[i - off]
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,139 @@
+//! Layout ops: permute/transpose (a strided gather kernel, `shaders/layout.wgsl`) and reshape
+//! (a view: same buffer, no kernel, no copy).
+
+use super::{groups, pad_left, KernelSpec, MAX_RANK};
+use crate::error::{shape_err, Result};
+use crate::tensor::{Shape, Tensor};
+
+/// Reorders axes: output axis `i` is input axis `perm[i]` (as `torch.permute`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Permute {
+    pub perm: Vec<usize>,
+}
+
+impl Permute {
+    /// Shape rule: `perm` must be a permutation of `0..rank`.
+    pub fn infer(&self, a: &Shape) -> Result<Shape> {
+        let mut seen = vec![false; a.rank()];
+        if self.perm.len() != a.rank() {
+            return Err(shape_err(
+                "permute",
+                format!(
+                    "{a}: permutation {:?} has {} axes, the tensor {}",
+                    self.perm,
+                    self.perm.len(),
+                    a.rank()
+                ),
+            ));
+        }
+        for &p in &self.perm {
+            if p >= a.rank() || seen[p] {
+                return Err(shape_err(
+                    "permute",
+                    format!(
+                        "{a}: {:?} is not a permutation of the axes 0..{}",
+                        self.perm,
+                        a.rank()
+                    ),
+                ));
+            }
+            seen[p] = true;
+        }
+        if a.rank() > MAX_RANK {
+            return Err(shape_err(
+                "permute",
+                format!("{a}: rank above the supported {MAX_RANK}"),
+            ));
+        }
+        Ok(Shape(self.perm.iter().map(|&p| a.dims()[p]).collect()))
+    }
+
+    /// The input's element stride along each output axis.
+    fn gather_strides(&self, a: &Shape) -> Vec<usize> {
+        let s = a.strides();
+        self.perm.iter().map(|&p| s[p]).collect()
+    }
+
+    /// CPU reference.
+    pub fn cpu(&self, a: &Tensor, out: &Shape) -> Tensor {
+        let strides = self.gather_strides(a.shape());
+        let dims = out.dims();
+        let mut coord = vec![0usize; dims.len()];
+        let mut data = Vec::with_capacity(out.numel());
+        for _ in 0..out.numel() {
+            let src: usize = coord.iter().zip(&strides).map(|(c, s)| c * s).sum();
+            data.push(a.data()[src]);
+            for ax in (0..dims.len()).rev() {
+                coord[ax] += 1;
+                if coord[ax] < dims[ax] {
+                    break;
+                }
+                coord[ax] = 0;
+            }
+        }
+        Tensor::new(out.clone(), data).expect("permuted shape")
+    }
+
+    /// Kernel: one thread per output element.
+    pub fn kernel(&self, a: &Shape, out: &Shape) -> KernelSpec {
+        let (d, s) = pad_left(out.dims(), &self.gather_strides(a));
+        const DN: [&str; MAX_RANK] = ["D0", "D1", "D2", "D3", "D4", "D5"];
+        const SN: [&str; MAX_RANK] = ["S0", "S1", "S2", "S3", "S4", "S5"];
+        let mut constants = vec![("N", out.numel() as f64)];
+        for i in 0..MAX_RANK {
+            if i > 0 {
+                constants.push((DN[i], d[i] as f64));
+            }
+            constants.push((SN[i], s[i] as f64));
+        }
+        KernelSpec {
+            family: "layout",
+            entry: "permute",
+            constants,
+            workgroups: groups(out.numel(), 256),
+        }
+    }
+}
+
+/// Shape rule of reshape: the same element count; at most one extent may be `-1` (inferred).
+pub fn reshape_infer(a: &Shape, target: &[isize]) -> Result<Shape> {
+    let mut infer_at = None;
+    let mut known = 1usize;
+    for (i, &d) in target.iter().enumerate() {
+        match d {
+            -1 if infer_at.is_none() => infer_at = Some(i),
+            d if d > 0 => known *= d as usize,
+            _ => {
+                return Err(shape_err(
+                    "reshape",
+                    format!("{a} -> {target:?}: extents must be positive, with at most one -1"),
+                ))
+            }
+        }
+    }
+    let mut out: Vec<usize> = target.iter().map(|&d| d.max(1) as usize).collect();
+    if let Some(i) = infer_at {
+        if !a.numel().is_multiple_of(known) {
+            return Err(shape_err(
+                "reshape",
+                format!(
+                    "{a} -> {target:?}: {} elements do not divide into {known}",
+                    a.numel()
+                ),
+            ));
+        }
+        out[i] = a.numel() / known;
+    }
+    let out = Shape(out);
+    if out.numel() != a.numel() {
+        return Err(shape_err(
+            "reshape",
+            format!(
+                "{a} -> {out}: {} elements cannot become {}",
+                a.numel(),
+                out.numel()
+            ),
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,188 @@
+//! Batched matrix product with optional transposed operands and broadcast batch axes
+//! (as `torch.matmul` on tensors of rank >= 2). Kernel: `shaders/matmul.wgsl`.
+
+use super::binary::{broadcast_shapes, broadcast_strides};
+use super::{groups, KernelSpec};
+use crate::error::{shape_err, Result};
+use crate::tensor::{Shape, Tensor};
+
+/// Most batch axes the kernel addresses.
+pub const MAX_BATCH_RANK: usize = 4;
+
+/// `out = op(a) x op(b)`, where `op` transposes the last two axes when its flag is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MatMul {
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+/// The matrix extents and batch shapes of a product.
+struct Dims {
+    m: usize,
+    n: usize,
+    k: usize,
+    a_batch: Shape,
+    b_batch: Shape,
+    batch: Shape,
+}
+
+impl MatMul {
+    fn dims(&self, a: &Shape, b: &Shape) -> Result<Dims> {
+        let t = |on: bool| if on { "^T" } else { "" };
+        let shapes = format!("{a}{} x {b}{}", t(self.trans_a), t(self.trans_b));
+        if a.rank() < 2 || b.rank() < 2 {
+            return Err(shape_err(
+                "matmul",
+                format!("{shapes}: both operands need rank >= 2"),
+            ));
+        }
+        let (ra, rb) = (a.rank(), b.rank());
+        let (m, ka) = if self.trans_a {
+            (a.dims()[ra - 1], a.dims()[ra - 2])
+        } else {
+            (a.dims()[ra - 2], a.dims()[ra - 1])
+        };
+        let (kb, n) = if self.trans_b {
+            (b.dims()[rb - 1], b.dims()[rb - 2])
+        } else {
+            (b.dims()[rb - 2], b.dims()[rb - 1])
+        };
+        if ka != kb {
+            return Err(shape_err(
+                "matmul",
+                format!("{shapes}: inner dimensions {ka} and {kb} differ"),
+            ));
+        }
+        let a_batch = Shape(a.dims()[..ra - 2].to_vec());
+        let b_batch = Shape(b.dims()[..rb - 2].to_vec());
+        let batch = broadcast_shapes("matmul", &a_batch, &b_batch).map_err(|_| {
+            shape_err(
+                "matmul",
+                format!("{shapes}: batch axes {a_batch} and {b_batch} do not broadcast"),
+            )
+        })?;
+        if batch.rank() > MAX_BATCH_RANK {
+            return Err(shape_err(
+                "matmul",
+                format!(
+                    "{shapes}: {} batch axes, at most {MAX_BATCH_RANK} are supported",
+                    batch.rank()
+                ),
+            ));
+        }
+        Ok(Dims {
+            m,
+            n,
+            k: ka,
+            a_batch,
+            b_batch,
+            batch,
+        })
+    }
+
+    /// Shape rule: `[batch.., M, K] x [batch.., K, N] -> [batch.., M, N]`, batch axes broadcast.
+    pub fn infer(&self, a: &Shape, b: &Shape) -> Result<Shape> {
+        let d = self.dims(a, b)?;
+        let mut out = d.batch.0.clone();
+        out.extend([d.m, d.n]);
+        Ok(Shape(out))
+    }
+
+    /// Per-batch-axis element offsets of each operand's matrices, in the output's batch shape.
+    fn batch_strides(d: &Dims) -> (Vec<usize>, Vec<usize>) {
+        let a_mat = d.m * d.k;
+        let b_mat = d.k * d.n;
+        let sa = broadcast_strides(&d.a_batch, &d.batch)
+            .into_iter()
+            .map(|s| s * a_mat)
+            .collect();
+        let sb = broadcast_strides(&d.b_batch, &d.batch)
+            .into_iter()
+            .map(|s| s * b_mat)
+            .collect();
+        (sa, sb)
+    }
+
+    /// CPU reference, accumulating in f64.
+    pub fn cpu(&self, a: &Tensor, b: &Tensor, out: &Shape) -> Tensor {
+        let d = self
+            .dims(a.shape(), b.shape())
+            .expect("shape checked at build time");
+        let (sa, sb) = Self::batch_strides(&d);
+        let (m, n, k) = (d.m, d.n, d.k);
+        let mut data = vec![0f32; out.numel()];
+        let bdims = d.batch.dims();
+        let mut coord = vec![0usize; bdims.len()];
+        for z in 0..d.batch.numel() {
+            let abase: usize = coord.iter().zip(&sa).map(|(c, s)| c * s).sum();
+            let bbase: usize = coord.iter().zip(&sb).map(|(c, s)| c * s).sum();
+            let (ad, bd) = (&a.data()[abase..], &b.data()[bbase..]);
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0f64;
+                    for p in 0..k {
+                        let x = if self.trans_a {
+                            ad[p * m + i]
+                        } else {
+                            ad[i * k + p]
+                        };
+                        let y = if self.trans_b {
+                            bd[j * k + p]
+                        } else {
+                            bd[p * n + j]
+                        };
+                        acc += x as f64 * y as f64;
+                    }
+                    data[z * m * n + i * n + j] = acc as f32;
+                }
+            }
+            for ax in (0..bdims.len()).rev() {
+                coord[ax] += 1;
+                if coord[ax] < bdims[ax] {
+                    break;
+                }
+                coord[ax] = 0;
+            }
+        }
+        Tensor::new(out.clone(), data).expect("matmul shape")
+    }
+
+    /// Kernel: 64x64 output tiles, one workgroup each.
+    pub fn kernel(&self, a: &Shape, b: &Shape, _out: &Shape) -> KernelSpec {
+        let d = self.dims(a, b).expect("shape checked at build time");
+        let (sa, sb) = Self::batch_strides(&d);
+        // left-pad the batch to rank 4
+        let pad = MAX_BATCH_RANK - d.batch.rank();
+        let bd = |i: usize| if i < pad { 1 } else { d.batch.dims()[i - pad] };
+        let s = |v: &Vec<usize>, i: usize| if i < pad { 0 } else { v[i - pad] };
+        let tiles_m = groups(d.m, 64);
+        let tiles_n = groups(d.n, 64);
+        let total = tiles_m * tiles_n * d.batch.numel() as u64;
+        KernelSpec {
+            family: "matmul",
+            entry: "main",
+            constants: vec![
+                ("M", d.m as f64),
+                ("N", d.n as f64),
+                ("K", d.k as f64),
+                ("TA", self.trans_a as u32 as f64),
+                ("TB", self.trans_b as u32 as f64),
+                ("TILES_M", tiles_m as f64),
+                ("TILES_N", tiles_n as f64),
+                ("TOTAL", total as f64),
+                ("BD1", bd(1) as f64),
+                ("BD2", bd(2) as f64),
+                ("BD3", bd(3) as f64),
+                ("SA0", s(&sa, 0) as f64),
+                ("SA1", s(&sa, 1) as f64),
+                ("SA2", s(&sa, 2) as f64),
+                ("SA3", s(&sa, 3) as f64),
+                ("SB0", s(&sb, 0) as f64),
+                ("SB1", s(&sb, 1) as f64),
+                ("SB2", s(&sb, 2) as f64),
+                ("SB3", s(&sb, 3) as f64),
+            ],
+            workgroups: total,
+        }
+    }
+}

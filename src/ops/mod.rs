@@ -1,0 +1,169 @@
+//! Op families. Each family keeps, side by side, its shape rule, its CPU reference (the "twin" the
+//! GPU is checked against) and the binding of its WGSL kernel (`shaders/<family>.wgsl`).
+
+pub mod binary;
+pub mod layout;
+pub mod matmul;
+pub mod reduce;
+pub mod softmax;
+pub mod unary;
+
+use std::sync::Arc;
+
+use crate::tensor::{Shape, Tensor};
+
+/// The WGSL source of every op family, by file stem; the executor compiles from here and a test
+/// validates every entry with naga.
+pub const SHADERS: &[(&str, &str)] = &[
+    ("binary", include_str!("../../shaders/binary.wgsl")),
+    ("layout", include_str!("../../shaders/layout.wgsl")),
+    ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("reduce", include_str!("../../shaders/reduce.wgsl")),
+    ("softmax", include_str!("../../shaders/softmax.wgsl")),
+    ("unary", include_str!("../../shaders/unary.wgsl")),
+];
+
+/// Looks up a family's WGSL.
+pub fn shader_source(family: &str) -> Option<&'static str> {
+    SHADERS.iter().find(|(f, _)| *f == family).map(|(_, s)| *s)
+}
+
+/// Where a parameter's first value comes from when the device has none under its name yet.
+#[derive(Debug, Clone)]
+pub enum Init {
+    /// All zeros.
+    Zeros,
+    /// Exactly this tensor (its shape must match the parameter's).
+    Value(Arc<Tensor>),
+}
+
+/// One node's operation. Sources (`Input`, `Param`, `Const`) have no kernel; `Reshape` is a view
+/// that shares its input's storage.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A tensor fed by `Plan::run`, by name.
+    Input {
+        name: String,
+    },
+    /// A trainable tensor that lives on the device across runs, by name.
+    Param {
+        name: String,
+        init: Init,
+    },
+    /// A constant uploaded once when the plan is compiled.
+    Const {
+        value: Arc<Tensor>,
+    },
+    MatMul(matmul::MatMul),
+    Unary(unary::UnaryOp),
+    Binary(binary::BinaryOp),
+    Softmax(softmax::Softmax),
+    Reduce(reduce::Reduce),
+    Permute(layout::Permute),
+    /// Same elements, another shape: no kernel, no copy.
+    Reshape,
+}
+
+/// A specialised kernel launch: which WGSL entry point, with which override constants, over how many
+/// workgroups. Bindings are always the node's inputs (read) followed by its output (read_write).
+#[derive(Debug, Clone)]
+pub struct KernelSpec {
+    /// Shader file stem in `shaders/`.
+    pub family: &'static str,
+    /// Entry point.
+    pub entry: &'static str,
+    /// Pipeline-overridable constants that bake in shapes and op selectors.
+    pub constants: Vec<(&'static str, f64)>,
+    /// Total workgroups; the executor folds counts above 65,535 into a 2-D grid.
+    pub workgroups: u64,
+}
+
+/// Comparison tolerance `(atol, rtol)` of a GPU result against the CPU reference.
+pub type Tolerance = (f64, f64);
+
+/// Elementwise tolerance from the brief: rtol 1e-5.
+pub const TOL_ELEMENTWISE: Tolerance = (1e-6, 1e-5);
+/// Reductions and matmul in f32: rtol 1e-4.
+pub const TOL_REDUCTION: Tolerance = (1e-5, 1e-4);
+
+impl Op {
+    /// Short op name used in shape errors, debug dumps and verify reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Const { .. } => "const",
+            Op::MatMul(_) => "matmul",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Softmax(s) => s.name(),
+            Op::Reduce(r) => r.name(),
+            Op::Permute(_) => "permute",
+            Op::Reshape => "reshape",
+        }
+    }
+
+    /// True for nodes whose value is given rather than computed.
+    pub fn is_source(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Param { .. } | Op::Const { .. })
+    }
+
+    /// The CPU reference: computes this op from its input values. Sources are not evaluated here.
+    pub fn cpu_forward(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        match self {
+            Op::MatMul(m) => m.cpu(inputs[0], inputs[1], out),
+            Op::Unary(u) => u.cpu(inputs[0]),
+            Op::Binary(b) => b.cpu(inputs[0], inputs[1], out),
+            Op::Softmax(s) => s.cpu(inputs[0]),
+            Op::Reduce(r) => r.cpu(inputs[0], out),
+            Op::Permute(p) => p.cpu(inputs[0], out),
+            Op::Reshape => Tensor::new(out.clone(), inputs[0].data().to_vec())
+                .expect("reshape keeps the element count"),
+            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => {
+                unreachable!("source nodes are not evaluated")
+            }
+        }
+    }
+
+    /// The GPU kernel for this op at these shapes; `None` for sources and views.
+    pub fn kernel(&self, inputs: &[&Shape], out: &Shape) -> Option<KernelSpec> {
+        match self {
+            Op::MatMul(m) => Some(m.kernel(inputs[0], inputs[1], out)),
+            Op::Unary(u) => Some(u.kernel(out)),
+            Op::Binary(b) => Some(b.kernel(inputs[0], inputs[1], out)),
+            Op::Softmax(s) => Some(s.kernel(inputs[0])),
+            Op::Reduce(r) => Some(r.kernel(inputs[0])),
+            Op::Permute(p) => Some(p.kernel(inputs[0], out)),
+            Op::Reshape | Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => None,
+        }
+    }
+
+    /// How closely the GPU must match the CPU reference for this op alone.
+    pub fn tolerance(&self) -> Tolerance {
+        match self {
+            Op::MatMul(_) | Op::Reduce(_) | Op::Softmax(_) => TOL_REDUCTION,
+            _ => TOL_ELEMENTWISE,
+        }
+    }
+}
+
+/// Workgroups needed to cover `n` items with `per` items per workgroup.
+pub(crate) fn groups(n: usize, per: usize) -> u64 {
+    n.div_ceil(per) as u64
+}
+
+/// Highest rank the strided kernels (broadcasting binary ops, permute) take.
+pub const MAX_RANK: usize = 6;
+
+/// Pads `dims` and `strides` on the left to exactly [`MAX_RANK`] entries (extent 1, stride 0).
+pub(crate) fn pad_left(
+    dims: &[usize],
+    strides: &[usize],
+) -> ([usize; MAX_RANK], [usize; MAX_RANK]) {
+    let mut d = [1usize; MAX_RANK];
+    let mut s = [0usize; MAX_RANK];
+    let off = MAX_RANK - dims.len();
+    d[off..].copy_from_slice(dims);
+    s[off..].copy_from_slice(strides);
+    (d, s)
+}

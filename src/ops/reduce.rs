@@ -1,0 +1,93 @@
+//! Reductions over one axis: sum, mean, max (as `torch.sum/mean/amax(x, dim, keepdim)`).
+//! Kernel: `shaders/reduce.wgsl`.
+
+use super::KernelSpec;
+use crate::error::Result;
+use crate::tensor::{Shape, Tensor};
+
+/// How values along the axis combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceKind {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// A reduction of `axis` (already resolved to be non-negative).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Reduce {
+    pub kind: ReduceKind,
+    pub axis: usize,
+    pub keepdim: bool,
+}
+
+/// `(outer, len, inner)`: the shape viewed as three axes around `axis`.
+pub fn split_at_axis(s: &Shape, axis: usize) -> (usize, usize, usize) {
+    let d = s.dims();
+    (
+        d[..axis].iter().product(),
+        d[axis],
+        d[axis + 1..].iter().product(),
+    )
+}
+
+impl Reduce {
+    /// Name in errors and reports.
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            ReduceKind::Sum => "sum",
+            ReduceKind::Mean => "mean",
+            ReduceKind::Max => "max",
+        }
+    }
+
+    /// Shape rule: the axis is dropped, or kept with extent 1.
+    pub fn infer(&self, a: &Shape) -> Result<Shape> {
+        let mut d = a.dims().to_vec();
+        if self.keepdim {
+            d[self.axis] = 1;
+        } else {
+            d.remove(self.axis);
+        }
+        Ok(Shape(d))
+    }
+
+    /// CPU reference, accumulating in f64.
+    pub fn cpu(&self, a: &Tensor, out: &Shape) -> Tensor {
+        let (outer, len, inner) = split_at_axis(a.shape(), self.axis);
+        let mut data = Vec::with_capacity(outer * inner);
+        for o in 0..outer {
+            for i in 0..inner {
+                let vals = (0..len).map(|j| a.data()[(o * len + j) * inner + i] as f64);
+                let r = match self.kind {
+                    ReduceKind::Sum => vals.sum(),
+                    ReduceKind::Mean => vals.sum::<f64>() / len as f64,
+                    ReduceKind::Max => vals.fold(f64::NEG_INFINITY, f64::max),
+                };
+                data.push(r as f32);
+            }
+        }
+        Tensor::new(out.clone(), data).expect("reduced shape")
+    }
+
+    /// Kernel: one workgroup per output value.
+    pub fn kernel(&self, a: &Shape) -> KernelSpec {
+        let (outer, len, inner) = split_at_axis(a, self.axis);
+        let op = match self.kind {
+            ReduceKind::Sum => 0,
+            ReduceKind::Mean => 1,
+            ReduceKind::Max => 2,
+        };
+        KernelSpec {
+            family: "reduce",
+            entry: "main",
+            constants: vec![
+                ("LEN", len as f64),
+                ("INNER", inner as f64),
+                ("ROWS", (outer * inner) as f64),
+                ("OP", op as f64),
+            ],
+            workgroups: (outer * inner) as u64,
+        }
+    }
+}

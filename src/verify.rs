@@ -1,0 +1,190 @@
+//! Verify mode: run a graph on the GPU and on the CPU reference and report, node by node, how far
+//! the GPU is from the reference, and the first node that diverges beyond its tolerance.
+//!
+//! Two errors per node: the *end-to-end* error against the CPU evaluation of the whole graph (what
+//! a user sees), and the *local* error against the CPU op applied to the GPU's own inputs (which
+//! blames the node that introduced a divergence, not the nodes that inherit it).
+
+use std::collections::HashMap;
+
+use crate::cpu::evaluate;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::exec::liveness::reachable;
+use crate::graph::{Graph, NodeId};
+use crate::ops::{Op, Tolerance};
+use crate::tensor::{max_violation, Shape, Tensor};
+
+/// One node's comparison.
+#[derive(Debug, Clone)]
+pub struct NodeReport {
+    pub node: NodeId,
+    pub op: &'static str,
+    pub shape: Shape,
+    /// Largest `|gpu - cpu|` against the CPU evaluation of the whole graph.
+    pub max_abs_err: f64,
+    /// Largest `|gpu - cpu| / |cpu|` over elements with `|cpu| > 1e-12`.
+    pub max_rel_err: f64,
+    /// Worst `|gpu - ref| / (atol + rtol |ref|)` against the CPU op on the GPU's inputs (<= 1 passes).
+    pub local_violation: f64,
+    /// `(atol, rtol)` of this op.
+    pub tolerance: Tolerance,
+    pub ok: bool,
+}
+
+/// The result of [`Device::verify`].
+#[derive(Debug, Clone)]
+pub struct VerifyReport {
+    /// Every computed node, in execution order.
+    pub nodes: Vec<NodeReport>,
+    /// The first node beyond its tolerance, if any.
+    pub first_divergent: Option<NodeId>,
+}
+
+impl VerifyReport {
+    /// True when every node is within tolerance.
+    pub fn ok(&self) -> bool {
+        self.first_divergent.is_none()
+    }
+}
+
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:>5}  {:<12} {:<18} {:>11} {:>11} {:>9}  ok",
+            "node", "op", "shape", "max abs", "max rel", "local"
+        )?;
+        for r in &self.nodes {
+            writeln!(
+                f,
+                "{:>5}  {:<12} {:<18} {:>11.3e} {:>11.3e} {:>9.3}  {}",
+                r.node.0,
+                r.op,
+                r.shape.to_string(),
+                r.max_abs_err,
+                r.max_rel_err,
+                r.local_violation,
+                if r.ok { "yes" } else { "NO" }
+            )?;
+        }
+        match self.first_divergent {
+            Some(id) => write!(f, "first node beyond tolerance: {}", id.0),
+            None => write!(f, "all nodes within tolerance"),
+        }
+    }
+}
+
+fn errors(gpu: &[f32], cpu: &[f32]) -> (f64, f64) {
+    let mut abs = 0f64;
+    let mut rel = 0f64;
+    for (&g, &c) in gpu.iter().zip(cpu) {
+        let d = (g as f64 - c as f64).abs();
+        let d = if d.is_nan() && !(g.is_nan() && c.is_nan()) {
+            f64::INFINITY
+        } else if d.is_nan() {
+            0.0
+        } else {
+            d
+        };
+        abs = abs.max(d);
+        if (c as f64).abs() > 1e-12 {
+            rel = rel.max(d / (c as f64).abs());
+        }
+    }
+    (abs, rel)
+}
+
+impl Device {
+    /// Runs `graph` (the part `outputs` needs) on this GPU device and on the CPU reference with the
+    /// same inputs and the device's parameter values, and compares every node.
+    pub fn verify(
+        &self,
+        graph: &Graph,
+        outputs: &[NodeId],
+        inputs: &[(&str, &Tensor)],
+    ) -> Result<VerifyReport> {
+        self.verify_with(graph, outputs, inputs, None)
+    }
+
+    /// [`Device::verify`] with one tolerance for every node instead of each op's own.
+    pub fn verify_with(
+        &self,
+        graph: &Graph,
+        outputs: &[NodeId],
+        inputs: &[(&str, &Tensor)],
+        tolerance: Option<Tolerance>,
+    ) -> Result<VerifyReport> {
+        if self.gpu_ctx().is_none() {
+            return Err(Error::Unsupported(
+                "verify compares a GPU device with the CPU reference; this is the CPU device"
+                    .into(),
+            ));
+        }
+        let nodes = graph.nodes();
+        crate::graph::validate(&nodes, outputs)?;
+        let order = reachable(&nodes, outputs);
+        let computed: Vec<NodeId> = order
+            .iter()
+            .copied()
+            .filter(|id| !nodes[id.0].op.is_source())
+            .collect();
+        // every computed node is an output of the GPU plan, so every value comes back
+        let mut plan = self.compile(graph, &computed)?;
+        let gpu_vals: HashMap<NodeId, Tensor> =
+            computed.iter().copied().zip(plan.run(inputs)?).collect();
+
+        let feeds: HashMap<&str, &Tensor> = inputs.iter().copied().collect();
+        let cpu_vals = evaluate(&nodes, &order, |_, n| match &n.op {
+            Op::Input { name } => feeds
+                .get(name.as_str())
+                .map(|t| (*t).clone())
+                .ok_or_else(|| Error::Input(format!("input {name:?} is missing"))),
+            Op::Param { name, .. } => self.param(name),
+            Op::Const { value } => Ok((**value).clone()),
+            _ => unreachable!("only sources are fed"),
+        })?;
+
+        let mut reports = Vec::new();
+        let mut first = None;
+        for &id in &computed {
+            let n = &nodes[id.0];
+            let g = &gpu_vals[&id];
+            let c = cpu_vals[id.0].as_ref().expect("evaluated");
+            let (max_abs_err, max_rel_err) = errors(g.data(), c.data());
+            // the CPU op applied to the GPU's own inputs
+            let ins: Vec<Tensor> = n
+                .inputs
+                .iter()
+                .map(|i| {
+                    gpu_vals
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| cpu_vals[i.0].clone().expect("evaluated"))
+                })
+                .collect();
+            let refs: Vec<&Tensor> = ins.iter().collect();
+            let local = n.op.cpu_forward(&refs, &n.shape);
+            let tol = tolerance.unwrap_or_else(|| n.op.tolerance());
+            let (violation, _) = max_violation(g.data(), local.data(), tol.0, tol.1);
+            let ok = violation <= 1.0;
+            if !ok && first.is_none() {
+                first = Some(id);
+            }
+            reports.push(NodeReport {
+                node: id,
+                op: n.op.name(),
+                shape: n.shape.clone(),
+                max_abs_err,
+                max_rel_err,
+                local_violation: violation,
+                tolerance: tol,
+                ok,
+            });
+        }
+        Ok(VerifyReport {
+            nodes: reports,
+            first_divergent: first,
+        })
+    }
+}

@@ -1,0 +1,326 @@
+//! GPU equals the CPU reference for every op, on random and awkward shapes (1, primes,
+//! non-multiples of the 64x64 matmul tile and of the 256-thread elementwise workgroup), with every
+//! GPU buffer poisoned with NaN before the run.
+
+mod common;
+
+use common::{check_gpu_vs_cpu, rand};
+use kiln::ops::{TOL_ELEMENTWISE, TOL_REDUCTION};
+use kiln::{Graph, Tensor};
+
+#[test]
+fn matmul_plain_and_awkward_shapes() {
+    // (M, K, N): unit sizes, primes, tile-size neighbours, a skinny and a wide case
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (1, 7, 1),
+        (3, 5, 7),
+        (13, 17, 19),
+        (64, 64, 64),
+        (65, 63, 67),
+        (128, 3, 1),
+        (2, 200, 129),
+    ] {
+        let g = Graph::new();
+        let a = g.input("a", [m, k]);
+        let b = g.input("b", [k, n]);
+        let y = g.matmul(a, b).unwrap();
+        let (ta, tb) = (rand(&[m, k], 1), rand(&[k, n], 2));
+        check_gpu_vs_cpu(
+            &format!("matmul {m}x{k}x{n}"),
+            &g,
+            &[y],
+            &[("a", &ta), ("b", &tb)],
+            TOL_REDUCTION,
+        );
+    }
+}
+
+#[test]
+fn matmul_transposed_operands() {
+    for &(ta_flag, tb_flag) in &[(true, false), (false, true), (true, true)] {
+        let (m, k, n) = (37, 23, 71);
+        let sa = if ta_flag { [k, m] } else { [m, k] };
+        let sb = if tb_flag { [n, k] } else { [k, n] };
+        let g = Graph::new();
+        let a = g.input("a", sa);
+        let b = g.input("b", sb);
+        let y = g.matmul_t(a, b, ta_flag, tb_flag).unwrap();
+        assert_eq!(g.shape(y).dims(), &[m, n]);
+        let (xa, xb) = (rand(&sa, 3), rand(&sb, 4));
+        check_gpu_vs_cpu(
+            &format!("matmul ta={ta_flag} tb={tb_flag}"),
+            &g,
+            &[y],
+            &[("a", &xa), ("b", &xb)],
+            TOL_REDUCTION,
+        );
+    }
+}
+
+#[test]
+fn matmul_batched_and_broadcast() {
+    let cases: &[(&[usize], &[usize], bool, bool)] = &[
+        (&[3, 5, 7], &[3, 7, 2], false, false),       // same batch
+        (&[4, 9, 6], &[6, 5], false, false),          // weight broadcast over the batch
+        (&[2, 1, 5, 3], &[1, 3, 3, 4], false, false), // both broadcast
+        (&[2, 3, 6, 5], &[2, 3, 4, 6], true, true),
+        (&[5, 8], &[3, 8, 2], false, false), // the matrix broadcast on the left
+    ];
+    for (i, &(sa, sb, ta, tb)) in cases.iter().enumerate() {
+        let g = Graph::new();
+        let a = g.input("a", sa);
+        let b = g.input("b", sb);
+        let y = g.matmul_t(a, b, ta, tb).unwrap();
+        let (xa, xb) = (rand(sa, 10 + i as u64), rand(sb, 20 + i as u64));
+        check_gpu_vs_cpu(
+            &format!("batched matmul {sa:?} x {sb:?}"),
+            &g,
+            &[y],
+            &[("a", &xa), ("b", &xb)],
+            TOL_REDUCTION,
+        );
+    }
+}
+
+#[test]
+fn binary_ops_with_broadcasting() {
+    let shapes: &[(&[usize], &[usize])] = &[
+        (&[1], &[1]),
+        (&[257], &[257]),
+        (&[7, 13], &[13]),
+        (&[7, 1], &[1, 13]),
+        (&[2, 3, 5, 7], &[3, 1, 7]),
+        (&[1], &[4, 3]),
+        (&[2, 1, 3, 1, 5, 1], &[1, 2, 1, 4, 1, 3]),
+    ];
+    for (i, &(sa, sb)) in shapes.iter().enumerate() {
+        let g = Graph::new();
+        let a = g.input("a", sa);
+        let b = g.input("b", sb);
+        let outs = vec![
+            g.add(a, b).unwrap(),
+            g.sub(a, b).unwrap(),
+            g.mul(a, b).unwrap(),
+            g.maximum(a, b).unwrap(),
+            g.minimum(a, b).unwrap(),
+        ];
+        let xa = rand(sa, 30 + i as u64);
+        let xb = rand(sb, 40 + i as u64);
+        check_gpu_vs_cpu(
+            &format!("binary {sa:?} {sb:?}"),
+            &g,
+            &outs,
+            &[("a", &xa), ("b", &xb)],
+            TOL_ELEMENTWISE,
+        );
+        // division away from zero
+        let g = Graph::new();
+        let a = g.input("a", sa);
+        let b = g.input("b", sb);
+        let d = g.div(a, b).unwrap();
+        let xb = Tensor::rand_uniform(sb.to_vec(), 0.5, 2.0, 50 + i as u64);
+        check_gpu_vs_cpu(
+            &format!("div {sa:?} {sb:?}"),
+            &g,
+            &[d],
+            &[("a", &xa), ("b", &xb)],
+            TOL_ELEMENTWISE,
+        );
+    }
+}
+
+#[test]
+fn unary_and_scalar_ops() {
+    for &shape in &[&[1usize][..], &[255], &[3, 257], &[2, 3, 5, 7]] {
+        let n: usize = shape.iter().product();
+        let g = Graph::new();
+        let x = g.input("x", shape);
+        let p = g.input("p", shape); // positive, for log / sqrt / pow
+        let outs = vec![
+            g.neg(x).unwrap(),
+            g.exp(x).unwrap(),
+            g.relu(x).unwrap(),
+            g.sigmoid(x).unwrap(),
+            g.tanh(x).unwrap(),
+            g.gelu(x).unwrap(),
+            g.abs(x).unwrap(),
+            g.square(x).unwrap(),
+            g.add_scalar(x, 0.5).unwrap(),
+            g.mul_scalar(x, -3.0).unwrap(),
+            g.rsub_scalar(x, 1.0).unwrap(),
+            g.div_scalar(x, 7.0).unwrap(),
+            g.log(p).unwrap(),
+            g.sqrt(p).unwrap(),
+            g.rdiv_scalar(p, 2.0).unwrap(),
+            g.pow_scalar(p, 1.5).unwrap(),
+        ];
+        // values over a wide range, including large magnitudes for the saturating functions
+        let xs = Tensor::rand_uniform(shape.to_vec(), -6.0, 6.0, n as u64);
+        let ps = Tensor::rand_uniform(shape.to_vec(), 0.01, 10.0, n as u64 + 1);
+        check_gpu_vs_cpu(
+            &format!("unary {shape:?}"),
+            &g,
+            &outs,
+            &[("x", &xs), ("p", &ps)],
+            TOL_ELEMENTWISE,
+        );
+    }
+}
+
+#[test]
+fn extreme_values_stay_finite() {
+    let g = Graph::new();
+    let x = g.input("x", [6]);
+    let outs = vec![
+        g.sigmoid(x).unwrap(),
+        g.tanh(x).unwrap(),
+        g.softmax(x, -1).unwrap(),
+        g.log_softmax(x, 0).unwrap(),
+    ];
+    let xs = Tensor::new([6], vec![-1000.0, -90.0, -20.0, 0.0, 20.0, 1000.0]).unwrap();
+    check_gpu_vs_cpu("extremes", &g, &outs, &[("x", &xs)], TOL_REDUCTION);
+}
+
+#[test]
+fn softmax_and_log_softmax_over_any_axis() {
+    for &(shape, axis) in &[
+        (&[1usize][..], -1isize),
+        (&[7][..], 0),
+        (&[5, 10][..], -1),
+        (&[3, 129][..], 1),
+        (&[4, 6, 5][..], 1),
+        (&[2, 3, 7][..], 0),
+    ] {
+        let g = Graph::new();
+        let x = g.input("x", shape);
+        let s = g.softmax(x, axis).unwrap();
+        let l = g.log_softmax(x, axis).unwrap();
+        let xs = Tensor::rand_uniform(shape.to_vec(), -10.0, 10.0, 7);
+        check_gpu_vs_cpu(
+            &format!("softmax {shape:?} axis {axis}"),
+            &g,
+            &[s, l],
+            &[("x", &xs)],
+            TOL_REDUCTION,
+        );
+    }
+}
+
+#[test]
+fn reductions_over_each_axis() {
+    for &(shape, axis, keep) in &[
+        (&[1usize][..], 0isize, false),
+        (&[300][..], 0, true),
+        (&[7, 13][..], 0, false),
+        (&[7, 13][..], 1, true),
+        (&[3, 5, 67][..], 1, false),
+        (&[2, 3, 5, 7][..], -1, false),
+        (&[2, 1000][..], 1, false),
+    ] {
+        let g = Graph::new();
+        let x = g.input("x", shape);
+        let outs = vec![
+            g.sum(x, axis, keep).unwrap(),
+            g.mean(x, axis, keep).unwrap(),
+            g.max(x, axis, keep).unwrap(),
+        ];
+        let xs = rand(shape, 99);
+        check_gpu_vs_cpu(
+            &format!("reduce {shape:?} axis {axis}"),
+            &g,
+            &outs,
+            &[("x", &xs)],
+            TOL_REDUCTION,
+        );
+    }
+}
+
+#[test]
+fn permute_transpose_reshape() {
+    let g = Graph::new();
+    let x = g.input("x", [2, 3, 5, 7]);
+    let p = g.permute(x, &[3, 1, 0, 2]).unwrap();
+    let t = g.transpose(x, 0, -1).unwrap();
+    let r = g.reshape(x, &[6, -1]).unwrap();
+    let rt = g.transpose(r, 0, 1).unwrap();
+    let f = g.flatten(p).unwrap();
+    let xs = rand(&[2, 3, 5, 7], 5);
+    // a pure copy must match exactly
+    check_gpu_vs_cpu("layout", &g, &[p, t, r, rt, f], &[("x", &xs)], (0.0, 0.0));
+    for &shape in &[
+        &[1usize, 1][..],
+        &[1, 9][..],
+        &[65, 3][..],
+        &[2, 1, 3, 1, 2, 1][..],
+    ] {
+        let g = Graph::new();
+        let x = g.input("x", shape);
+        let rev: Vec<usize> = (0..shape.len()).rev().collect();
+        let y = g.permute(x, &rev).unwrap();
+        check_gpu_vs_cpu(
+            &format!("permute {shape:?}"),
+            &g,
+            &[y],
+            &[("x", &rand(shape, 6))],
+            (0.0, 0.0),
+        );
+    }
+}
+
+#[test]
+fn grids_wider_than_65535_workgroups() {
+    // reduce and softmax launch one workgroup per row: 70,001 rows
+    let g = Graph::new();
+    let x = g.input("x", [70_001, 3]);
+    let s = g.sum(x, -1, false).unwrap();
+    let sm = g.softmax(x, -1).unwrap();
+    let xs = rand(&[70_001, 3], 8);
+    check_gpu_vs_cpu("70,001 rows", &g, &[s, sm], &[("x", &xs)], TOL_REDUCTION);
+    // elementwise: 256 * 65,535 + 1000 elements need a second grid row
+    let n = 256 * 65_535 + 1000;
+    let g = Graph::new();
+    let x = g.input("x", [n]);
+    let y = g.relu(x).unwrap();
+    let xs = rand(&[n], 9);
+    check_gpu_vs_cpu("16.8M relu", &g, &[y], &[("x", &xs)], TOL_ELEMENTWISE);
+    // matmul: 1 x 1 output tiles over a batch of 70,000
+    let g = Graph::new();
+    let a = g.input("a", [70_000, 1, 2]);
+    let b = g.input("b", [70_000, 2, 1]);
+    let y = g.matmul(a, b).unwrap();
+    check_gpu_vs_cpu(
+        "70,000 batched matmuls",
+        &g,
+        &[y],
+        &[
+            ("a", &rand(&[70_000, 1, 2], 10)),
+            ("b", &rand(&[70_000, 2, 1], 11)),
+        ],
+        TOL_REDUCTION,
+    );
+}
+
+#[test]
+fn a_small_network_end_to_end() {
+    // x -> linear -> gelu -> linear -> log_softmax, with parameters and constants
+    let g = Graph::new();
+    let x = g.input("x", [5, 11]);
+    let w1 = g.param_init("fc1.weight", rand(&[13, 11], 1));
+    let b1 = g.param_init("fc1.bias", rand(&[13], 2));
+    let w2 = g.param_init("fc2.weight", rand(&[3, 13], 3));
+    let c = g.constant(Tensor::full([3], 0.25));
+    let h = g
+        .gelu(g.add(g.matmul_t(x, w1, false, true).unwrap(), b1).unwrap())
+        .unwrap();
+    let o = g.add(g.matmul_t(h, w2, false, true).unwrap(), c).unwrap();
+    let y = g.log_softmax(o, -1).unwrap();
+    let m = g.mean_all(y).unwrap();
+    check_gpu_vs_cpu(
+        "mlp",
+        &g,
+        &[y, m],
+        &[("x", &rand(&[5, 11], 4))],
+        TOL_REDUCTION,
+    );
+}

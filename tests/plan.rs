@@ -1,0 +1,205 @@
+//! The plan executor: buffer reuse, pipeline caching across plans, parameters kept on the device,
+//! only requested outputs read back, reshape without a copy, input validation, repeated runs.
+
+mod common;
+
+use common::{assert_close, gpu, rand};
+use kiln::{Device, Error, Graph, Tensor};
+
+/// A chain of 12 elementwise ops on [64, 64]: liveness needs two buffers, not twelve.
+fn chain() -> (Graph, kiln::NodeId) {
+    let g = Graph::new();
+    let mut h = g.input("x", [64, 64]);
+    for i in 0..12 {
+        h = if i % 2 == 0 {
+            g.tanh(h).unwrap()
+        } else {
+            g.mul_scalar(h, 1.5).unwrap()
+        };
+    }
+    (g, h)
+}
+
+#[test]
+fn buffers_are_reused_across_lifetimes() {
+    let Some(dev) = gpu() else { return };
+    let (g, y) = chain();
+    let plan = dev.compile(&g, &[y]).unwrap();
+    let info = plan.info();
+    assert_eq!(info.dispatches, 12);
+    assert_eq!(info.buffers, 2, "{info}");
+    // input + 2 buffers instead of input + 12 tensors
+    assert_eq!(info.peak_bytes, 3 * 64 * 64 * 4, "{info}");
+    assert_eq!(info.tensor_bytes, 13 * 64 * 64 * 4, "{info}");
+}
+
+#[test]
+fn pipelines_are_cached_across_plans() {
+    let Some(dev) = gpu() else { return };
+    let (g, y) = chain();
+    dev.compile(&g, &[y]).unwrap();
+    let before = dev.pipeline_count();
+    let (g2, y2) = chain();
+    dev.compile(&g2, &[y2]).unwrap();
+    assert_eq!(
+        dev.pipeline_count(),
+        before,
+        "the same kernels at the same shapes compile once"
+    );
+}
+
+#[test]
+fn runs_many_times_with_new_inputs() {
+    let Some(dev) = gpu() else { return };
+    let g = Graph::new();
+    let x = g.input("x", [9, 5]);
+    let w = g.param_init("runs.w", rand(&[5, 4], 1));
+    let y = g.softmax(g.matmul(x, w).unwrap(), -1).unwrap();
+    let mut plan = dev.compile(&g, &[y]).unwrap();
+    let cpu = Device::cpu();
+    cpu.set_param("runs.w", &dev.param("runs.w").unwrap())
+        .unwrap();
+    let mut reference = cpu.compile(&g, &[y]).unwrap();
+    for seed in 0..4 {
+        let xs = rand(&[9, 5], 100 + seed);
+        let got = plan.run(&[("x", &xs)]).unwrap();
+        let want = reference.run(&[("x", &xs)]).unwrap();
+        assert_close("run", &got[0], &want[0], 1e-5, 1e-4);
+    }
+}
+
+#[test]
+fn parameters_stay_on_the_device_and_are_shared_by_plans() {
+    let Some(dev) = gpu() else { return };
+    let g = Graph::new();
+    let w = g.param("shared.w", [3, 2]);
+    let x = g.input("x", [1, 3]);
+    let y = g.matmul(x, w).unwrap();
+    let mut p1 = dev.compile(&g, &[y]).unwrap();
+    let ones = Tensor::full([1, 3], 1.0);
+    assert_eq!(
+        p1.run(&[("x", &ones)]).unwrap()[0].data(),
+        &[0.0, 0.0],
+        "zero-initialised"
+    );
+    // a second plan (another batch size) sees the same parameter
+    let g2 = Graph::new();
+    let w2 = g2.param("shared.w", [3, 2]);
+    let x2 = g2.input("x", [2, 3]);
+    let y2 = g2.matmul(x2, w2).unwrap();
+    let mut p2 = dev.compile(&g2, &[y2]).unwrap();
+    dev.set_param(
+        "shared.w",
+        &Tensor::new([3, 2], vec![1., 2., 3., 4., 5., 6.]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(p1.run(&[("x", &ones)]).unwrap()[0].data(), &[9.0, 12.0]);
+    assert_eq!(
+        p2.run(&[("x", &Tensor::full([2, 3], 1.0))]).unwrap()[0].data(),
+        &[9.0, 12.0, 9.0, 12.0]
+    );
+    assert_eq!(
+        dev.param("shared.w").unwrap().data(),
+        &[1., 2., 3., 4., 5., 6.]
+    );
+    assert!(matches!(
+        dev.set_param("shared.w", &Tensor::zeros([2])),
+        Err(Error::Param(_))
+    ));
+    assert!(matches!(dev.param("nope"), Err(Error::Param(_))));
+}
+
+#[test]
+fn only_requested_outputs_come_back_and_reshape_is_free() {
+    let Some(dev) = gpu() else { return };
+    let g = Graph::new();
+    let x = g.input("x", [4, 6]);
+    let r = g.reshape(x, &[2, 12]).unwrap();
+    let e = g.exp(r).unwrap();
+    let r2 = g.reshape(e, &[24]).unwrap();
+    let s = g.sum(r2, 0, false).unwrap();
+    let plan = dev.compile(&g, &[s]).unwrap();
+    assert_eq!(plan.info().dispatches, 2, "reshapes launch no kernel");
+    let mut plan2 = dev.compile(&g, &[r2, s]).unwrap();
+    let xs = rand(&[4, 6], 3);
+    let out = plan2.run(&[("x", &xs)]).unwrap();
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0].dims(), &[24]);
+    let want: Vec<f32> = xs.data().iter().map(|v| v.exp()).collect();
+    assert_close(
+        "exp through views",
+        &out[0],
+        &Tensor::new([24], want).unwrap(),
+        1e-6,
+        1e-5,
+    );
+}
+
+#[test]
+fn outputs_may_be_sources_or_views_of_sources() {
+    let Some(dev) = gpu() else { return };
+    let g = Graph::new();
+    let x = g.input("x", [2, 3]);
+    let r = g.reshape(x, &[3, 2]).unwrap();
+    let mut plan = dev.compile(&g, &[x, r]).unwrap();
+    let xs = rand(&[2, 3], 4);
+    let out = plan.run(&[("x", &xs)]).unwrap();
+    assert_eq!(out[0].data(), xs.data());
+    assert_eq!(out[1].data(), xs.data());
+    assert_eq!(out[1].dims(), &[3, 2]);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    // the same checks on both backends
+    let mut devs = vec![Device::cpu()];
+    devs.extend(gpu());
+    for dev in devs {
+        let g = Graph::new();
+        let x = g.input("x", [2, 2]);
+        let unused = g.input("labels", [2]);
+        let y = g.relu(x).unwrap();
+        let _ = unused;
+        let mut plan = dev.compile(&g, &[y]).unwrap();
+        let ok = Tensor::zeros([2, 2]);
+        let e = plan.run(&[]).unwrap_err();
+        assert!(e.to_string().contains("\"x\" is missing"), "{e}");
+        let e = plan.run(&[("x", &Tensor::zeros([4]))]).unwrap_err();
+        assert!(
+            e.to_string().contains("must have shape [2, 2], got [4]"),
+            "{e}"
+        );
+        let e = plan.run(&[("x", &ok), ("y", &ok)]).unwrap_err();
+        assert!(e.to_string().contains("no input \"y\""), "{e}");
+        let e = plan.run(&[("x", &ok), ("x", &ok)]).unwrap_err();
+        assert!(e.to_string().contains("given twice"), "{e}");
+        // an input of the graph that these outputs do not need is accepted and ignored
+        plan.run(&[("x", &ok), ("labels", &Tensor::zeros([2]))])
+            .unwrap();
+    }
+}
+
+#[test]
+fn oversize_tensors_are_errors() {
+    let Some(dev) = gpu() else { return };
+    let limit = dev.limits().unwrap().max_storage_buffer_binding_size;
+    let n = (limit / 4 + 1) as usize;
+    let g = Graph::new();
+    let x = g.input("x", [n, 2]);
+    let y = g.relu(x).unwrap();
+    assert!(matches!(dev.compile(&g, &[y]), Err(Error::TooLarge { .. })));
+}
+
+#[test]
+fn cpu_backend_runs_plans() {
+    let dev = Device::cpu();
+    let g = Graph::new();
+    let x = g.input("x", [2, 2]);
+    let w = g.param_init("cpu.w", Tensor::new([2, 2], vec![1., 2., 3., 4.]).unwrap());
+    let y = g.matmul(x, w).unwrap();
+    let mut plan = dev.compile(&g, &[y]).unwrap();
+    let out = plan
+        .run(&[("x", &Tensor::new([2, 2], vec![1., 0., 0., 1.]).unwrap())])
+        .unwrap();
+    assert_eq!(out[0].data(), &[1., 2., 3., 4.]);
+}

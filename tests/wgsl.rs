@@ -1,0 +1,51 @@
+//! Every shaders/*.wgsl file parses and validates with naga, and opens with its header comment.
+//! Needs no GPU.
+
+#[test]
+fn every_shader_is_valid_wgsl() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).expect("shaders/ exists") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("wgsl") {
+            continue;
+        }
+        let src = std::fs::read_to_string(&path).expect("readable");
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("utf-8 name");
+        assert!(
+            src.starts_with(&format!("// {stem}.wgsl")),
+            "{stem}.wgsl must open with a header comment naming the file"
+        );
+        assert!(
+            src.contains("Bindings"),
+            "{stem}.wgsl: the header must table its bindings"
+        );
+        assert!(
+            src.contains("Dispatch"),
+            "{stem}.wgsl: the header must state its dispatch geometry"
+        );
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{stem}.wgsl: {}", e.emit_to_string(&src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{stem}.wgsl: {}", e.emit_to_string(&src)));
+        // the engine compiles the same text it finds here
+        assert_eq!(
+            kiln::ops::shader_source(stem),
+            Some(src.as_str()),
+            "{stem}.wgsl is not registered in ops::SHADERS"
+        );
+        count += 1;
+    }
+    assert_eq!(
+        count,
+        kiln::ops::SHADERS.len(),
+        "every registered shader has a file"
+    );
+}
