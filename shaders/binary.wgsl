@@ -35,6 +35,14 @@ const WG: u32 = 256u;
 @group(0) @binding(1) var<storage, read> b: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
+// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7); WGSL has no erf.
+fn erf_approx(x: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.3275911 * abs(x));
+    let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    let y = 1.0 - poly * exp(-x * x);
+    return select(y, -y, x < 0.0);
+}
+
 fn apply(x: f32, y: f32) -> f32 {
     switch OP {
         case 0u: { return x + y; }
@@ -43,6 +51,16 @@ fn apply(x: f32, y: f32) -> f32 {
         case 3u: { return x / y; }
         case 4u: { return max(x, y); }
         case 5u: { return min(x, y); }
+        case 6u: { return select(0.0, 1.0, x >= y); }
+        case 7u: { return select(0.0, 1.0, x == y); }
+        case 8u: { return select(0.0, x, y > 0.0); }
+        case 9u: { return x * y * (1.0 - y); }
+        case 10u: { return x * (1.0 - y * y); }
+        case 11u: {
+            let cdf = 0.5 * (1.0 + erf_approx(y * 0.70710678118654752));
+            let pdf = exp(-0.5 * y * y) * 0.39894228040143268;
+            return x * (cdf + y * pdf);
+        }
         default: { return x; }
     }
 }

@@ -1,11 +1,12 @@
-// layout.wgsl: permute (transpose) as a strided gather, out[i] = a[offset(coords(i))].
+// layout.wgsl: permute (transpose) and expand (broadcast_to) as one strided gather,
+// out[i] = a[offset(coords(i))]; expand uses stride 0 on the broadcast axes.
 // Reshape needs no kernel: it shares its input's buffer.
 //
 // Bindings (group 0):
 //   0  a    storage, read        input, read through strides S0..S5
 //   1  out  storage, read_write  [D0, .., D5] output, contiguous
 // Overrides: N = D0 * .. * D5; D1..D5 the output shape left-padded with 1 to rank 6;
-//            S0..S5 the input's element stride along each output axis (the permuted strides).
+//            S0..S5 the input's element stride along each output axis (permuted, or 0 to broadcast).
 // Dispatch: ceil(N / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
 //           one element per thread; threads past N return.
 
@@ -27,7 +28,7 @@ const WG: u32 = 256u;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
 
 @compute @workgroup_size(256)
-fn permute(
+fn gather(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,

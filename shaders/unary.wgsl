@@ -45,6 +45,7 @@ fn apply(x: f32) -> f32 {
         case 13u: { return pow(x, ALPHA); }
         case 14u: { return abs(x); }
         case 15u: { return x * x; }
+        case 16u: { return sign(x); }
         default: { return x; }
     }
 }

@@ -5,6 +5,8 @@
 //! Builder methods take `&self` (the node list sits in a `RefCell`) so that calls nest:
 //! `g.softmax(g.matmul(x, w)?, -1)?`.
 
+mod autodiff;
+
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -151,7 +153,8 @@ impl Graph {
 
     // ---- elementwise ----
 
-    fn binary(&self, op: BinaryOp, a: NodeId, b: NodeId) -> Result<NodeId> {
+    /// Applies an elementwise function of two operands, broadcasting.
+    pub fn binary(&self, op: BinaryOp, a: NodeId, b: NodeId) -> Result<NodeId> {
         let (sa, sb) = (self.check_id(op.name(), a)?, self.check_id(op.name(), b)?);
         let shape = op.infer(&sa, &sb)?;
         Ok(self.push(Op::Binary(op), vec![a, b], shape))
@@ -245,6 +248,10 @@ impl Graph {
     /// `a * a`
     pub fn square(&self, a: NodeId) -> Result<NodeId> {
         self.unary(UnaryOp::Square, a)
+    }
+    /// -1, 0 or 1 by the sign of `a`.
+    pub fn sign(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Sign, a)
     }
     /// `a + s`
     pub fn add_scalar(&self, a: NodeId, s: f32) -> Result<NodeId> {
@@ -356,6 +363,45 @@ impl Graph {
         let s = self.check_id("reshape", a)?;
         let shape = reshape_infer(&s, shape)?;
         Ok(self.push(Op::Reshape, vec![a], shape))
+    }
+
+    /// Broadcasts `a` to `shape` (axes aligned on the right; extents equal or 1), copying.
+    pub fn expand(&self, a: NodeId, shape: &Shape) -> Result<NodeId> {
+        let s = self.check_id("expand", a)?;
+        let b = crate::ops::binary::broadcast_shapes("expand", &s, shape)?;
+        if &b != shape {
+            return Err(shape_err("expand", format!("{s} cannot expand to {shape}")));
+        }
+        if &s == shape {
+            return Ok(a);
+        }
+        Ok(self.push(Op::Expand(crate::ops::layout::Expand), vec![a], shape.clone()))
+    }
+
+    /// Sums `a` over the axes along which `shape` was broadcast to `a`'s shape (the adjoint of
+    /// broadcasting), giving a tensor of `shape`.
+    pub fn sum_to(&self, a: NodeId, shape: &Shape) -> Result<NodeId> {
+        let s = self.check_id("sum_to", a)?;
+        if &s == shape {
+            return Ok(a);
+        }
+        let b = crate::ops::binary::broadcast_shapes("sum_to", &s, shape)?;
+        if b != s {
+            return Err(shape_err("sum_to", format!("{s} is not a broadcast of {shape}")));
+        }
+        let lead = s.rank() - shape.rank();
+        let mut h = a;
+        for ax in 0..s.rank() {
+            let target = if ax < lead { 1 } else { shape.dims()[ax - lead] };
+            if s.dims()[ax] != target {
+                h = self.sum(h, ax as isize, true)?;
+            }
+        }
+        let dims: Vec<isize> = shape.dims().iter().map(|&d| d as isize).collect();
+        if dims.is_empty() {
+            return self.reshape(h, &[]);
+        }
+        self.reshape(h, &dims)
     }
 
     /// Flattens all axes after the first: `(N, ..) -> (N, prod(..))`.

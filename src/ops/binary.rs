@@ -2,7 +2,8 @@
 //! minimum. Kernel: `shaders/binary.wgsl`.
 
 use super::{groups, pad_left, KernelSpec, MAX_RANK};
-use crate::error::{shape_err, Result};
+use crate::error::{shape_err, Error, Result};
+use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
 
 /// Which elementwise function of two operands.
@@ -14,6 +15,18 @@ pub enum BinaryOp {
     Div,
     Maximum,
     Minimum,
+    /// `1` where `a >= b`, else `0` (masks for max/min gradients).
+    GreaterEqual,
+    /// `1` where `a == b`, else `0`.
+    Equal,
+    /// `a * (b > 0)`: relu's backward from `dy` and the input `x`.
+    ReluGrad,
+    /// `a * b * (1 - b)`: sigmoid's backward from `dy` and the output `y`.
+    SigmoidGrad,
+    /// `a * (1 - b^2)`: tanh's backward from `dy` and the output `y`.
+    TanhGrad,
+    /// `a * gelu'(b)`: exact GELU's backward from `dy` and the input `x`.
+    GeluGrad,
 }
 
 impl BinaryOp {
@@ -26,6 +39,12 @@ impl BinaryOp {
             BinaryOp::Div => "div",
             BinaryOp::Maximum => "maximum",
             BinaryOp::Minimum => "minimum",
+            BinaryOp::GreaterEqual => "greater_equal",
+            BinaryOp::Equal => "equal",
+            BinaryOp::ReluGrad => "relu_grad",
+            BinaryOp::SigmoidGrad => "sigmoid_grad",
+            BinaryOp::TanhGrad => "tanh_grad",
+            BinaryOp::GeluGrad => "gelu_grad",
         }
     }
 
@@ -38,6 +57,12 @@ impl BinaryOp {
             BinaryOp::Div => 3,
             BinaryOp::Maximum => 4,
             BinaryOp::Minimum => 5,
+            BinaryOp::GreaterEqual => 6,
+            BinaryOp::Equal => 7,
+            BinaryOp::ReluGrad => 8,
+            BinaryOp::SigmoidGrad => 9,
+            BinaryOp::TanhGrad => 10,
+            BinaryOp::GeluGrad => 11,
         }
     }
 
@@ -50,6 +75,22 @@ impl BinaryOp {
             BinaryOp::Div => x / y,
             BinaryOp::Maximum => x.max(y),
             BinaryOp::Minimum => x.min(y),
+            BinaryOp::GreaterEqual => (x >= y) as u8 as f64,
+            BinaryOp::Equal => (x == y) as u8 as f64,
+            BinaryOp::ReluGrad => {
+                if y > 0.0 {
+                    x
+                } else {
+                    0.0
+                }
+            }
+            BinaryOp::SigmoidGrad => x * y * (1.0 - y),
+            BinaryOp::TanhGrad => x * (1.0 - y * y),
+            BinaryOp::GeluGrad => {
+                let cdf = 0.5 * (1.0 + libm::erf(y / std::f64::consts::SQRT_2));
+                let pdf = (-0.5 * y * y).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                x * (cdf + y * pdf)
+            }
         }
     }
 
@@ -102,6 +143,36 @@ impl BinaryOp {
             constants,
             workgroups: groups(out.numel(), 256),
         }
+    }
+}
+
+impl BinaryOp {
+    /// Backward: the gradients for `a` and `b` from `dy` (each summed back to its operand's shape
+    /// over broadcast axes), given the operands and the output `y`.
+    pub fn backward(&self, g: &Graph, a: NodeId, b: NodeId, y: NodeId, dy: NodeId) -> Result<[Option<NodeId>; 2]> {
+        let (da, db) = match self {
+            BinaryOp::Add => (dy, dy),
+            BinaryOp::Sub => (dy, g.neg(dy)?),
+            BinaryOp::Mul => (g.mul(dy, b)?, g.mul(dy, a)?),
+            // d(a / b)/db = -a / b^2 = -y / b
+            BinaryOp::Div => (g.div(dy, b)?, g.neg(g.div(g.mul(dy, y)?, b)?)?),
+            // ties send the gradient to `a`, as the mask a >= b does
+            BinaryOp::Maximum | BinaryOp::Minimum => {
+                let mask = if *self == BinaryOp::Maximum {
+                    g.binary(BinaryOp::GreaterEqual, a, b)?
+                } else {
+                    g.binary(BinaryOp::GreaterEqual, b, a)?
+                };
+                let to_a = g.mul(dy, mask)?;
+                (to_a, g.sub(dy, to_a)?)
+            }
+            BinaryOp::GreaterEqual | BinaryOp::Equal => return Ok([None, None]),
+            BinaryOp::ReluGrad => return Ok([Some(g.sum_to(g.binary(BinaryOp::ReluGrad, dy, b)?, &g.shape(a))?), None]),
+            BinaryOp::SigmoidGrad | BinaryOp::TanhGrad | BinaryOp::GeluGrad => {
+                return Err(Error::Unsupported(format!("second-order gradients through {}", self.name())))
+            }
+        };
+        Ok([Some(g.sum_to(da, &g.shape(a))?), Some(g.sum_to(db, &g.shape(b))?)])
     }
 }
 

@@ -1,9 +1,50 @@
-//! Layout ops: permute/transpose (a strided gather kernel, `shaders/layout.wgsl`) and reshape
-//! (a view: same buffer, no kernel, no copy).
+//! Layout ops: permute/transpose and expand (one strided gather kernel, `shaders/layout.wgsl`),
+//! reshape (a view: same buffer, no kernel, no copy), and their backward rules.
 
+use super::binary::broadcast_strides;
 use super::{groups, pad_left, KernelSpec, MAX_RANK};
 use crate::error::{shape_err, Result};
+use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
+
+/// The strided-gather CPU reference and kernel shared by permute and expand: output element at
+/// coordinates `c` reads input element `sum(c[i] * strides[i])`.
+fn gather_cpu(a: &Tensor, strides: &[usize], out: &Shape) -> Tensor {
+    let dims = out.dims();
+    let mut coord = vec![0usize; dims.len()];
+    let mut data = Vec::with_capacity(out.numel());
+    for _ in 0..out.numel() {
+        let src: usize = coord.iter().zip(strides).map(|(c, s)| c * s).sum();
+        data.push(a.data()[src]);
+        for ax in (0..dims.len()).rev() {
+            coord[ax] += 1;
+            if coord[ax] < dims[ax] {
+                break;
+            }
+            coord[ax] = 0;
+        }
+    }
+    Tensor::new(out.clone(), data).expect("gathered shape")
+}
+
+fn gather_kernel(strides: &[usize], out: &Shape) -> KernelSpec {
+    let (d, s) = pad_left(out.dims(), strides);
+    const DN: [&str; MAX_RANK] = ["D0", "D1", "D2", "D3", "D4", "D5"];
+    const SN: [&str; MAX_RANK] = ["S0", "S1", "S2", "S3", "S4", "S5"];
+    let mut constants = vec![("N", out.numel() as f64)];
+    for i in 0..MAX_RANK {
+        if i > 0 {
+            constants.push((DN[i], d[i] as f64));
+        }
+        constants.push((SN[i], s[i] as f64));
+    }
+    KernelSpec {
+        family: "layout",
+        entry: "gather",
+        constants,
+        workgroups: groups(out.numel(), 256),
+    }
+}
 
 /// Reorders axes: output axis `i` is input axis `perm[i]` (as `torch.permute`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -56,42 +97,37 @@ impl Permute {
 
     /// CPU reference.
     pub fn cpu(&self, a: &Tensor, out: &Shape) -> Tensor {
-        let strides = self.gather_strides(a.shape());
-        let dims = out.dims();
-        let mut coord = vec![0usize; dims.len()];
-        let mut data = Vec::with_capacity(out.numel());
-        for _ in 0..out.numel() {
-            let src: usize = coord.iter().zip(&strides).map(|(c, s)| c * s).sum();
-            data.push(a.data()[src]);
-            for ax in (0..dims.len()).rev() {
-                coord[ax] += 1;
-                if coord[ax] < dims[ax] {
-                    break;
-                }
-                coord[ax] = 0;
-            }
-        }
-        Tensor::new(out.clone(), data).expect("permuted shape")
+        gather_cpu(a, &self.gather_strides(a.shape()), out)
     }
 
     /// Kernel: one thread per output element.
     pub fn kernel(&self, a: &Shape, out: &Shape) -> KernelSpec {
-        let (d, s) = pad_left(out.dims(), &self.gather_strides(a));
-        const DN: [&str; MAX_RANK] = ["D0", "D1", "D2", "D3", "D4", "D5"];
-        const SN: [&str; MAX_RANK] = ["S0", "S1", "S2", "S3", "S4", "S5"];
-        let mut constants = vec![("N", out.numel() as f64)];
-        for i in 0..MAX_RANK {
-            if i > 0 {
-                constants.push((DN[i], d[i] as f64));
-            }
-            constants.push((SN[i], s[i] as f64));
+        gather_kernel(&self.gather_strides(a), out)
+    }
+
+    /// Backward: the inverse permutation of the gradient.
+    pub fn backward(&self, g: &Graph, dy: NodeId) -> Result<NodeId> {
+        let mut inv = vec![0; self.perm.len()];
+        for (i, &p) in self.perm.iter().enumerate() {
+            inv[p] = i;
         }
-        KernelSpec {
-            family: "layout",
-            entry: "permute",
-            constants,
-            workgroups: groups(out.numel(), 256),
-        }
+        g.permute(dy, &inv)
+    }
+}
+
+/// Broadcasts a tensor to a larger shape (as `torch.Tensor.expand`), materialising the copy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Expand;
+
+impl Expand {
+    /// CPU reference.
+    pub fn cpu(&self, a: &Tensor, out: &Shape) -> Tensor {
+        gather_cpu(a, &broadcast_strides(a.shape(), out), out)
+    }
+
+    /// Kernel: one thread per output element, stride 0 on broadcast axes.
+    pub fn kernel(&self, a: &Shape, out: &Shape) -> KernelSpec {
+        gather_kernel(&broadcast_strides(a, out), out)
     }
 }
 

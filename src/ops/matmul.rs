@@ -4,6 +4,7 @@
 use super::binary::{broadcast_shapes, broadcast_strides};
 use super::{groups, KernelSpec};
 use crate::error::{shape_err, Result};
+use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
 
 /// Most batch axes the kernel addresses.
@@ -184,5 +185,17 @@ impl MatMul {
             ],
             workgroups: total,
         }
+    }
+
+    /// Backward of `C = op(A) op(B)`: each gradient is itself a (transposed) matmul, summed back
+    /// over batch axes the operand was broadcast along.
+    pub fn backward(&self, g: &Graph, a: NodeId, b: NodeId, dc: NodeId) -> Result<[NodeId; 2]> {
+        let (da, db) = match (self.trans_a, self.trans_b) {
+            (false, false) => (g.matmul_t(dc, b, false, true)?, g.matmul_t(a, dc, true, false)?),
+            (false, true) => (g.matmul(dc, b)?, g.matmul_t(dc, a, true, false)?),
+            (true, false) => (g.matmul_t(b, dc, false, true)?, g.matmul(a, dc)?),
+            (true, true) => (g.matmul_t(b, dc, true, true)?, g.matmul_t(dc, a, true, true)?),
+        };
+        Ok([g.sum_to(da, &g.shape(a))?, g.sum_to(db, &g.shape(b))?])
     }
 }

@@ -10,6 +10,8 @@ pub mod unary;
 
 use std::sync::Arc;
 
+use crate::error::Result;
+use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
 
 /// The WGSL source of every op family, by file stem; the executor compiles from here and a test
@@ -60,6 +62,8 @@ pub enum Op {
     Softmax(softmax::Softmax),
     Reduce(reduce::Reduce),
     Permute(layout::Permute),
+    /// Broadcast to the node's (larger) shape.
+    Expand(layout::Expand),
     /// Same elements, another shape: no kernel, no copy.
     Reshape,
 }
@@ -99,6 +103,7 @@ impl Op {
             Op::Softmax(s) => s.name(),
             Op::Reduce(r) => r.name(),
             Op::Permute(_) => "permute",
+            Op::Expand(_) => "expand",
             Op::Reshape => "reshape",
         }
     }
@@ -117,6 +122,7 @@ impl Op {
             Op::Softmax(s) => s.cpu(inputs[0]),
             Op::Reduce(r) => r.cpu(inputs[0], out),
             Op::Permute(p) => p.cpu(inputs[0], out),
+            Op::Expand(e) => e.cpu(inputs[0], out),
             Op::Reshape => Tensor::new(out.clone(), inputs[0].data().to_vec())
                 .expect("reshape keeps the element count"),
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => {
@@ -134,8 +140,29 @@ impl Op {
             Op::Softmax(s) => Some(s.kernel(inputs[0])),
             Op::Reduce(r) => Some(r.kernel(inputs[0])),
             Op::Permute(p) => Some(p.kernel(inputs[0], out)),
+            Op::Expand(e) => Some(e.kernel(inputs[0], out)),
             Op::Reshape | Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => None,
         }
+    }
+
+    /// The backward rule: given the node's inputs `x`, its output `y` and the gradient `dy` of a
+    /// scalar loss with respect to `y`, adds to `g` the nodes that compute the gradient for each
+    /// input (`None` where an input takes none, as labels or masks).
+    pub fn backward(&self, g: &Graph, x: &[NodeId], y: NodeId, dy: NodeId) -> Result<Vec<Option<NodeId>>> {
+        Ok(match self {
+            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => vec![],
+            Op::MatMul(m) => m.backward(g, x[0], x[1], dy)?.map(Some).to_vec(),
+            Op::Unary(u) => vec![Some(u.backward(g, x[0], y, dy)?)],
+            Op::Binary(b) => b.backward(g, x[0], x[1], y, dy)?.to_vec(),
+            Op::Softmax(s) => vec![Some(s.backward(g, y, dy)?)],
+            Op::Reduce(r) => vec![Some(r.backward(g, x[0], y, dy)?)],
+            Op::Permute(p) => vec![Some(p.backward(g, dy)?)],
+            Op::Expand(_) => vec![Some(g.sum_to(dy, &g.shape(x[0]))?)],
+            Op::Reshape => {
+                let dims: Vec<isize> = g.shape(x[0]).dims().iter().map(|&d| d as isize).collect();
+                vec![Some(g.reshape(dy, &dims)?)]
+            }
+        })
     }
 
     /// How closely the GPU must match the CPU reference for this op alone.

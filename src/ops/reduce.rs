@@ -2,6 +2,7 @@
 //! Kernel: `shaders/reduce.wgsl`.
 
 use super::KernelSpec;
+use crate::graph::{Graph, NodeId};
 use crate::error::Result;
 use crate::tensor::{Shape, Tensor};
 
@@ -88,6 +89,25 @@ impl Reduce {
                 ("OP", op as f64),
             ],
             workgroups: (outer * inner) as u64,
+        }
+    }
+
+    /// Backward: sum spreads `dy` over the axis, mean spreads `dy / len`, max sends `dy` to the
+    /// maxima (split evenly between ties, as `torch.amax`).
+    pub fn backward(&self, g: &Graph, x: NodeId, y: NodeId, dy: NodeId) -> Result<NodeId> {
+        let xs = g.shape(x);
+        let mut keep: Vec<isize> = xs.dims().iter().map(|&d| d as isize).collect();
+        keep[self.axis] = 1;
+        let dy_keep = g.reshape(dy, &keep)?;
+        match self.kind {
+            ReduceKind::Sum => g.expand(dy_keep, &xs),
+            ReduceKind::Mean => g.div_scalar(g.expand(dy_keep, &xs)?, xs.dims()[self.axis] as f32),
+            ReduceKind::Max => {
+                let y_keep = g.reshape(y, &keep)?;
+                let mask = g.binary(super::binary::BinaryOp::Equal, x, y_keep)?;
+                let count = g.sum(mask, self.axis as isize, true)?;
+                g.mul(dy_keep, g.div(mask, count)?)
+            }
         }
     }
 }

@@ -3,6 +3,8 @@
 
 use super::reduce::split_at_axis;
 use super::KernelSpec;
+use crate::error::Result;
+use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
 
 /// Softmax (or log-softmax when `log`) over `axis` (already resolved to be non-negative).
@@ -55,6 +57,21 @@ impl Softmax {
                 ("LOG", self.log as u32 as f64),
             ],
             workgroups: (outer * inner) as u64,
+        }
+    }
+}
+
+impl Softmax {
+    /// Backward from the output `y`: softmax `y (dy - sum(dy y))`, log-softmax
+    /// `dy - exp(y) sum(dy)`, sums along the axis.
+    pub fn backward(&self, g: &Graph, y: NodeId, dy: NodeId) -> Result<NodeId> {
+        let axis = self.axis as isize;
+        if self.log {
+            let s = g.sum(dy, axis, true)?;
+            g.sub(dy, g.mul(g.exp(y)?, s)?)
+        } else {
+            let s = g.sum(g.mul(dy, y)?, axis, true)?;
+            g.mul(y, g.sub(dy, s)?)
         }
     }
 }

@@ -1,7 +1,10 @@
 //! Elementwise functions of one tensor: neg, exp, log, sqrt, relu, sigmoid, tanh, gelu, abs,
 //! square, and the scalar ops (x + s, x * s, s - x, x / s, s / x, x^s). Kernel: `shaders/unary.wgsl`.
 
+use super::binary::BinaryOp;
 use super::{groups, KernelSpec};
+use crate::error::Result;
+use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
 
 /// A function applied to every element. Scalar variants carry their scalar operand.
@@ -30,6 +33,8 @@ pub enum UnaryOp {
     PowScalar(f32),
     Abs,
     Square,
+    /// -1, 0 or 1.
+    Sign,
 }
 
 impl UnaryOp {
@@ -52,6 +57,7 @@ impl UnaryOp {
             UnaryOp::PowScalar(_) => "pow_scalar",
             UnaryOp::Abs => "abs",
             UnaryOp::Square => "square",
+            UnaryOp::Sign => "sign",
         }
     }
 
@@ -74,6 +80,7 @@ impl UnaryOp {
             UnaryOp::PowScalar(s) => (13, s),
             UnaryOp::Abs => (14, 0.0),
             UnaryOp::Square => (15, 0.0),
+            UnaryOp::Sign => (16, 0.0),
         }
     }
 
@@ -96,6 +103,15 @@ impl UnaryOp {
             UnaryOp::PowScalar(s) => x.powf(s as f64),
             UnaryOp::Abs => x.abs(),
             UnaryOp::Square => x * x,
+            UnaryOp::Sign => {
+                if x > 0.0 {
+                    1.0
+                } else if x < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                }
+            }
         }
     }
 
@@ -121,6 +137,30 @@ impl UnaryOp {
                 ("ALPHA", alpha as f64),
             ],
             workgroups: groups(out.numel(), 256),
+        }
+    }
+
+    /// Backward: the gradient for `x` from `dy`, given the input `x` and output `y`.
+    pub fn backward(&self, g: &Graph, x: NodeId, y: NodeId, dy: NodeId) -> Result<NodeId> {
+        match *self {
+            UnaryOp::Neg => g.neg(dy),
+            UnaryOp::Exp => g.mul(dy, y),
+            UnaryOp::Log => g.div(dy, x),
+            UnaryOp::Sqrt => g.div(dy, g.mul_scalar(y, 2.0)?),
+            UnaryOp::Relu => g.binary(BinaryOp::ReluGrad, dy, x),
+            UnaryOp::Sigmoid => g.binary(BinaryOp::SigmoidGrad, dy, y),
+            UnaryOp::Tanh => g.binary(BinaryOp::TanhGrad, dy, y),
+            UnaryOp::Gelu => g.binary(BinaryOp::GeluGrad, dy, x),
+            UnaryOp::AddScalar(_) => Ok(dy),
+            UnaryOp::MulScalar(s) => g.mul_scalar(dy, s),
+            UnaryOp::RSubScalar(_) => g.neg(dy),
+            UnaryOp::DivScalar(s) => g.div_scalar(dy, s),
+            // d(s / x) = -s / x^2 = -y / x
+            UnaryOp::RDivScalar(_) => g.mul(dy, g.neg(g.div(y, x)?)?),
+            UnaryOp::PowScalar(s) => g.mul(dy, g.mul_scalar(g.pow_scalar(x, s - 1.0)?, s)?),
+            UnaryOp::Abs => g.mul(dy, g.sign(x)?),
+            UnaryOp::Square => g.mul(dy, g.mul_scalar(x, 2.0)?),
+            UnaryOp::Sign => g.mul_scalar(dy, 0.0),
         }
     }
 }
