@@ -71,3 +71,55 @@ pub fn check_gpu_vs_cpu(
         assert_close(&format!("{what} output {k}"), a, b, tol.0, tol.1);
     }
 }
+
+/// A scalar loss that weighs every element of `y` by a fixed random value, so that every element's
+/// gradient is distinct and non-trivial: `sum(y * R)`.
+pub fn random_projection(g: &Graph, y: NodeId, seed: u64) -> NodeId {
+    let r = Tensor::rand_uniform(g.shape(y), -1.0, 1.0, seed);
+    let c = g.constant(r);
+    g.sum_all(g.mul(y, c).expect("same shape")).expect("scalar")
+}
+
+/// Gradient check: the CPU reference gradients of `loss` with respect to the inputs `wrt` (input
+/// nodes, by name in `feeds`) against central differences `(L(x + h) - L(x - h)) / 2h` computed by
+/// the CPU reference (f64 accumulation), at up to `max_elems` elements per input; then the GPU
+/// gradients against the CPU gradients (tolerance `gpu_tol`).
+pub fn gradcheck(
+    what: &str,
+    g: &Graph,
+    loss: NodeId,
+    wrt: &[(&str, NodeId)],
+    feeds: &[(&str, &Tensor)],
+    max_elems: usize,
+    gpu_tol: (f64, f64),
+) {
+    let ids: Vec<NodeId> = wrt.iter().map(|(_, id)| *id).collect();
+    let grads = g.grad(loss, &ids).unwrap_or_else(|e| panic!("{what}: grad: {e}"));
+    let cpu = Device::cpu();
+    let mut outs = vec![loss];
+    outs.extend(&grads);
+    let mut plan = cpu.compile(g, &outs).expect("cpu compile");
+    let analytic = plan.run(feeds).expect("cpu run");
+    let mut loss_plan = cpu.compile(g, &[loss]).expect("cpu compile");
+    let h = 1e-2f32;
+    for (k, (name, _)) in wrt.iter().enumerate() {
+        let base = feeds.iter().find(|(n, _)| n == name).expect("wrt is fed").1;
+        let n = base.numel();
+        let step = n.div_ceil(max_elems).max(1);
+        for i in (0..n).step_by(step) {
+            let mut eval = |delta: f32| -> f64 {
+                let mut t = base.clone();
+                t.data_mut()[i] += delta;
+                let fs: Vec<(&str, &Tensor)> = feeds.iter().map(|(nm, v)| if nm == name { (*nm, &t) } else { (*nm, *v) }).collect();
+                // the plan borrows feeds only for the call
+                let out = loss_plan.run(&fs).expect("loss run");
+                out[0].data()[0] as f64
+            };
+            let fd = (eval(h) - eval(-h)) / (2.0 * h as f64);
+            let an = analytic[1 + k].data()[i] as f64;
+            let ok = (fd - an).abs() <= 2e-3 + 2e-2 * fd.abs();
+            assert!(ok, "{what}: d loss / d {name}[{i}]: backward gives {an}, central differences {fd}");
+        }
+    }
+    check_gpu_vs_cpu(&format!("{what} gradients"), g, &grads, feeds, gpu_tol);
+}
