@@ -40,6 +40,10 @@ pub enum Error {
     /// Something the engine does not support (yet), named precisely.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A data file (e.g. an MNIST IDX file) is malformed: bad magic, truncated, bad gzip, bad
+    /// values; the message says what was expected and what was found.
+    #[error("bad data file {path}: {msg}")]
+    Data { path: String, msg: String },
     /// A file could not be read or written.
     #[error("I/O error on {path}: {source}")]
     Io {

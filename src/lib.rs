@@ -20,6 +20,7 @@
 //! it node by node.
 
 pub mod cpu;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod exec;
