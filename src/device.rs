@@ -53,12 +53,21 @@ pub(crate) struct GpuContext {
     pub(crate) params: Mutex<HashMap<String, GpuParam>>,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
-    layouts: Mutex<HashMap<usize, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
+    layouts: Mutex<HashMap<BindingMode, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     /// Set by the device-lost callback.
     pub(crate) lost: Arc<Mutex<Option<String>>>,
     /// The last error no error scope caught (wgpu would otherwise panic on it).
     pub(crate) uncaptured: Arc<Mutex<Option<String>>>,
     pub(crate) debug: bool,
+}
+
+/// A kernel's bindings: `n_inputs` storage buffers, those from index `rw_from` on read_write (updated
+/// in place), the rest read-only; then, if `output`, one read_write output at binding `n_inputs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct BindingMode {
+    pub(crate) n_inputs: usize,
+    pub(crate) rw_from: usize,
+    pub(crate) output: bool,
 }
 
 /// How the adapter was chosen, for `Device::describe` and the `info` example.
@@ -130,7 +139,7 @@ fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
 
 impl Device {
     /// The best device: KILN_BACKEND picks the API (`vulkan|metal|dx12|gl|cpu`, default any GPU),
-    /// KILN_ADAPTER=<substring> picks an adapter by name; otherwise the highest-performance adapter.
+    /// `KILN_ADAPTER=<substring>` picks an adapter by name; otherwise the highest-performance adapter.
     pub fn new() -> Result<Device> {
         match backends_from_env()? {
             None => Ok(Device::cpu()),
@@ -544,20 +553,23 @@ impl GpuContext {
         Ok(out)
     }
 
-    /// The bind-group layout and pipeline layout for kernels with `n_inputs` read-only inputs
-    /// followed by one read-write output.
-    pub(crate) fn layout(&self, n_inputs: usize) -> (wgpu::BindGroupLayout, wgpu::PipelineLayout) {
+    /// The bind-group layout and pipeline layout for kernels binding buffers as `mode` says.
+    pub(crate) fn layout(
+        &self,
+        mode: BindingMode,
+    ) -> (wgpu::BindGroupLayout, wgpu::PipelineLayout) {
         let mut layouts = self.layouts.lock().expect("layout lock");
+        let n_bindings = mode.n_inputs + mode.output as usize;
         layouts
-            .entry(n_inputs)
+            .entry(mode)
             .or_insert_with(|| {
-                let entries: Vec<wgpu::BindGroupLayoutEntry> = (0..=n_inputs)
+                let entries: Vec<wgpu::BindGroupLayoutEntry> = (0..n_bindings)
                     .map(|i| wgpu::BindGroupLayoutEntry {
                         binding: i as u32,
                         visibility: wgpu::ShaderStages::COMPUTE,
                         ty: wgpu::BindingType::Buffer {
                             ty: wgpu::BufferBindingType::Storage {
-                                read_only: i < n_inputs,
+                                read_only: i < mode.rw_from.min(mode.n_inputs),
                             },
                             has_dynamic_offset: false,
                             min_binding_size: None,
@@ -565,7 +577,7 @@ impl GpuContext {
                         count: None,
                     })
                     .collect();
-                let label = format!("kiln layout {n_inputs} in + 1 out");
+                let label = format!("kiln layout {mode:?}");
                 let bgl = self
                     .device
                     .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
@@ -591,9 +603,9 @@ impl GpuContext {
         family: &'static str,
         entry: &'static str,
         constants: &[(&'static str, f64)],
-        n_inputs: usize,
+        mode: BindingMode,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = format!("{family}:{entry}:{constants:?}");
+        let key = format!("{family}:{entry}:{constants:?}:{mode:?}");
         if let Some(p) = self.pipelines.lock().expect("pipeline lock").get(&key) {
             return Ok(p.clone());
         }
@@ -618,7 +630,7 @@ impl GpuContext {
         if self.debug {
             eprintln!("[kiln] pipeline {family}::{entry} constants {constants:?}");
         }
-        let (_, layout) = self.layout(n_inputs);
+        let (_, layout) = self.layout(mode);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = self
             .device

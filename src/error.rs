@@ -44,6 +44,11 @@ pub enum Error {
     /// values; the message says what was expected and what was found.
     #[error("bad data file {path}: {msg}")]
     Data { path: String, msg: String },
+    /// A checkpoint (safetensors file) is malformed or does not fit: not safetensors, truncated,
+    /// a header that lies about sizes, a missing tensor, an unsupported dtype, a shape that differs
+    /// from the device's parameter; the message names the tensor and what was found.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: String, msg: String },
     /// A file could not be read or written.
     #[error("I/O error on {path}: {source}")]
     Io {

@@ -129,21 +129,37 @@ impl Device {
             .copied()
             .filter(|id| !nodes[id.0].op.is_source())
             .collect();
-        // every computed node is an output of the GPU plan, so every value comes back
+        // parameters as they are before the run (an optimizer update in the graph changes them);
+        // compiling first creates any the device does not hold yet
         let mut plan = self.compile(graph, &computed)?;
+        let mut params: HashMap<String, Tensor> = HashMap::new();
+        for &id in &order {
+            if let Op::Param { name, .. } = &nodes[id.0].op {
+                params.insert(name.clone(), self.param(name)?);
+            }
+        }
+        // every computed node is an output of the GPU plan, so every value comes back
         let gpu_vals: HashMap<NodeId, Tensor> =
             computed.iter().copied().zip(plan.run(inputs)?).collect();
 
         let feeds: HashMap<&str, &Tensor> = inputs.iter().copied().collect();
-        let cpu_vals = evaluate(&nodes, &order, |_, n| match &n.op {
-            Op::Input { name } => feeds
-                .get(name.as_str())
-                .map(|t| (*t).clone())
-                .ok_or_else(|| Error::Input(format!("input {name:?} is missing"))),
-            Op::Param { name, .. } => self.param(name),
-            Op::Const { value } => Ok((**value).clone()),
-            _ => unreachable!("only sources are fed"),
-        })?;
+        let cpu_vals = evaluate(
+            &nodes,
+            &order,
+            |_, n| match &n.op {
+                Op::Input { name } => feeds
+                    .get(name.as_str())
+                    .map(|t| (*t).clone())
+                    .ok_or_else(|| Error::Input(format!("input {name:?} is missing"))),
+                Op::Param { name, .. } => params
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| Error::Param(format!("no parameter named {name:?}"))),
+                Op::Const { value } => Ok((**value).clone()),
+                _ => unreachable!("only sources are fed"),
+            },
+            |_, _| Ok(()),
+        )?;
 
         let mut reports = Vec::new();
         let mut first = None;

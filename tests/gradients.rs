@@ -23,7 +23,17 @@ fn unary_gradients() {
         ("gelu", |g, x, _| g.gelu(x).unwrap()),
         ("abs", |g, x, _| g.abs(x).unwrap()),
         ("square", |g, x, _| g.square(x).unwrap()),
-        ("scalars", |g, x, _| g.div_scalar(g.rsub_scalar(g.mul_scalar(g.add_scalar(x, 0.5).unwrap(), 3.0).unwrap(), 1.0).unwrap(), 4.0).unwrap()),
+        ("scalars", |g, x, _| {
+            g.div_scalar(
+                g.rsub_scalar(
+                    g.mul_scalar(g.add_scalar(x, 0.5).unwrap(), 3.0).unwrap(),
+                    1.0,
+                )
+                .unwrap(),
+                4.0,
+            )
+            .unwrap()
+        }),
         ("rdiv", |g, _, p| g.rdiv_scalar(p, 2.0).unwrap()),
         ("pow", |g, _, p| g.pow_scalar(p, 1.7).unwrap()),
     ];
@@ -33,13 +43,25 @@ fn unary_gradients() {
         let p = g.input("p", [3, 7]);
         let y = build(&g, x, p);
         let loss = random_projection(&g, y, 3);
-        gradcheck(name, &g, loss, &[("x", x), ("p", p)], &[("x", &x_vals), ("p", &p_vals)], 21, TOL_REDUCTION);
+        gradcheck(
+            name,
+            &g,
+            loss,
+            &[("x", x), ("p", p)],
+            &[("x", &x_vals), ("p", &p_vals)],
+            21,
+            TOL_REDUCTION,
+        );
     }
 }
 
 #[test]
 fn binary_gradients_with_broadcasting() {
-    for (sa, sb) in [(vec![4, 5], vec![4, 5]), (vec![2, 3, 4], vec![4]), (vec![3, 1], vec![1, 5])] {
+    for (sa, sb) in [
+        (vec![4, 5], vec![4, 5]),
+        (vec![2, 3, 4], vec![4]),
+        (vec![3, 1], vec![1, 5]),
+    ] {
         for op in ["add", "sub", "mul", "div", "maximum", "minimum"] {
             let g = Graph::new();
             let a = g.input("a", sa.clone());
@@ -57,7 +79,15 @@ fn binary_gradients_with_broadcasting() {
             let av = rand(&sa, 5);
             // b away from zero for div, and away from a for max/min (no ties within the step)
             let bv = Tensor::rand_uniform(sb.clone(), 1.5, 2.5, 6);
-            gradcheck(&format!("{op} {sa:?} {sb:?}"), &g, loss, &[("a", a), ("b", b)], &[("a", &av), ("b", &bv)], 12, TOL_REDUCTION);
+            gradcheck(
+                &format!("{op} {sa:?} {sb:?}"),
+                &g,
+                loss,
+                &[("a", a), ("b", b)],
+                &[("a", &av), ("b", &bv)],
+                12,
+                TOL_REDUCTION,
+            );
         }
     }
 }
@@ -73,7 +103,15 @@ fn matmul_gradients() {
         let b = g.input("b", sb.clone());
         let y = g.matmul_t(a, b, ta, tb).unwrap();
         let loss = random_projection(&g, y, 7);
-        gradcheck(&format!("matmul ta={ta} tb={tb}"), &g, loss, &[("a", a), ("b", b)], &[("a", &rand(&sa, 8)), ("b", &rand(&sb, 9))], 16, TOL_REDUCTION);
+        gradcheck(
+            &format!("matmul ta={ta} tb={tb}"),
+            &g,
+            loss,
+            &[("a", a), ("b", b)],
+            &[("a", &rand(&sa, 8)), ("b", &rand(&sb, 9))],
+            16,
+            TOL_REDUCTION,
+        );
     }
 }
 
@@ -90,7 +128,13 @@ fn softmax_reduce_layout_gradients() {
         ("max", |g, x| g.max(x, -1, false).unwrap()),
         ("permute", |g, x| g.permute(x, &[2, 0, 1]).unwrap()),
         ("reshape", |g, x| g.reshape(x, &[12, 5]).unwrap()),
-        ("expand", |g, x| g.expand(g.reshape(x, &[3, 4, 5, 1]).unwrap(), &kiln::Shape(vec![2, 3, 4, 5, 3])).unwrap()),
+        ("expand", |g, x| {
+            g.expand(
+                g.reshape(x, &[3, 4, 5, 1]).unwrap(),
+                &kiln::Shape(vec![2, 3, 4, 5, 3]),
+            )
+            .unwrap()
+        }),
         ("mean_all", |g, x| g.mean_all(x).unwrap()),
     ];
     for (name, build) in cases {
@@ -98,7 +142,15 @@ fn softmax_reduce_layout_gradients() {
         let x = g.input("x", [3, 4, 5]);
         let y = build(&g, x);
         let loss = random_projection(&g, y, 11);
-        gradcheck(name, &g, loss, &[("x", x)], &[("x", &xv)], 20, TOL_REDUCTION);
+        gradcheck(
+            name,
+            &g,
+            loss,
+            &[("x", x)],
+            &[("x", &xv)],
+            20,
+            TOL_REDUCTION,
+        );
     }
 }
 
@@ -109,12 +161,25 @@ fn shared_subexpressions_accumulate() {
     let x = g.input("x", [6]);
     let y = g.add(g.mul(x, x).unwrap(), g.exp(x).unwrap()).unwrap();
     let loss = random_projection(&g, y, 12);
-    gradcheck("shared", &g, loss, &[("x", x)], &[("x", &rand(&[6], 13))], 6, TOL_REDUCTION);
+    gradcheck(
+        "shared",
+        &g,
+        loss,
+        &[("x", x)],
+        &[("x", &rand(&[6], 13))],
+        6,
+        TOL_REDUCTION,
+    );
     // a parameter the loss does not use gets zeros
     let unused = g.input("u", [2]);
     let grads = g.grad(loss, &[unused]).unwrap();
     let mut plan = kiln::Device::cpu().compile(&g, &grads).unwrap();
-    let out = plan.run(&[("x", &rand(&[6], 1)), ("u", &rand(&[2], 2))]).unwrap();
+    let out = plan
+        .run(&[("x", &rand(&[6], 1)), ("u", &rand(&[2], 2))])
+        .unwrap();
     assert_eq!(out[0].data(), &[0.0, 0.0]);
-    assert!(g.grad(y, &[x]).is_err(), "a loss with 6 elements is refused");
+    assert!(
+        g.grad(y, &[x]).is_err(),
+        "a loss with 6 elements is refused"
+    );
 }

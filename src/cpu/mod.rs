@@ -12,11 +12,14 @@ use crate::ops::{Init, Op};
 use crate::tensor::Tensor;
 
 /// Evaluates `order` (a topological order). `source` gives the value of each input, parameter
-/// and constant node. Returns every evaluated node's value, indexed by node.
+/// and constant node; `store` receives the new value of every parameter an optimizer update
+/// writes (by name), as the GPU writes them in place. Returns every evaluated node's value,
+/// indexed by node.
 pub fn evaluate(
     nodes: &[Node],
     order: &[NodeId],
     mut source: impl FnMut(NodeId, &Node) -> Result<Tensor>,
+    mut store: impl FnMut(&str, Tensor) -> Result<()>,
 ) -> Result<Vec<Option<Tensor>>> {
     let mut values: Vec<Option<Tensor>> = vec![None; nodes.len()];
     for &id in order {
@@ -39,7 +42,19 @@ pub fn evaluate(
                 .iter()
                 .map(|i| values[i.0].as_ref().expect("inputs precede their users"))
                 .collect();
-            n.op.cpu_forward(&ins, &n.shape)
+            match &n.op {
+                Op::OptimStep(o) => {
+                    let mut updated = o.cpu_update(&ins);
+                    // inputs 3.. are the parameter and its states, in the order `cpu_update` returns them
+                    for (k, t) in updated.iter().enumerate() {
+                        if let Op::Param { name, .. } = &nodes[n.inputs[3 + k].0].op {
+                            store(name, t.clone())?;
+                        }
+                    }
+                    updated.swap_remove(0)
+                }
+                _ => n.op.cpu_forward(&ins, &n.shape),
+            }
         };
         values[id.0] = Some(v);
     }
@@ -107,18 +122,26 @@ impl CpuPlan {
         })
     }
 
-    pub(crate) fn run(&mut self, given: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
+    pub(crate) fn run(&mut self, given: &[(&str, &Tensor)], readback: bool) -> Result<Vec<Tensor>> {
         let feeds: HashMap<&str, &Tensor> = given.iter().copied().collect();
         let device = &self.device;
-        let values = evaluate(&self.nodes, &self.order, |_, n| match &n.op {
-            Op::Input { name } => feeds
-                .get(name.as_str())
-                .map(|t| (*t).clone())
-                .ok_or_else(|| Error::Input(format!("input {name:?} is missing"))),
-            Op::Param { name, .. } => device.param(name),
-            Op::Const { value } => Ok((**value).clone()),
-            _ => unreachable!("only sources are fed"),
-        })?;
+        let values = evaluate(
+            &self.nodes,
+            &self.order,
+            |_, n| match &n.op {
+                Op::Input { name } => feeds
+                    .get(name.as_str())
+                    .map(|t| (*t).clone())
+                    .ok_or_else(|| Error::Input(format!("input {name:?} is missing"))),
+                Op::Param { name, .. } => device.param(name),
+                Op::Const { value } => Ok((**value).clone()),
+                _ => unreachable!("only sources are fed"),
+            },
+            |name, t| device.set_param(name, &t),
+        )?;
+        if !readback {
+            return Ok(Vec::new());
+        }
         Ok(self
             .outputs
             .iter()

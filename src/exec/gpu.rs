@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::liveness::{assign_slots, lifetimes, storage_root};
 use super::PlanInfo;
-use crate::device::Device;
+use crate::device::{BindingMode, Device};
 use crate::error::{Error, Result};
 use crate::graph::{Node, NodeId};
 use crate::ops::{Init, Op};
@@ -135,10 +135,16 @@ impl GpuPlan {
             let Some(spec) = n.op.kernel(&in_shapes, &n.shape) else {
                 continue;
             };
-            let pipeline =
-                ctx.pipeline(spec.family, spec.entry, &spec.constants, n.inputs.len())?;
-            let (layout, _) = ctx.layout(n.inputs.len());
-            let bound: Vec<NodeId> = n.inputs.iter().copied().chain([id]).collect();
+            let (rw_from, output) = n.op.binding_mode(n.inputs.len());
+            let mode = BindingMode {
+                n_inputs: n.inputs.len(),
+                rw_from,
+                output,
+            };
+            let pipeline = ctx.pipeline(spec.family, spec.entry, &spec.constants, mode)?;
+            let (layout, _) = ctx.layout(mode);
+            let own = output.then_some(id);
+            let bound: Vec<NodeId> = n.inputs.iter().copied().chain(own).collect();
             let entries: Vec<wgpu::BindGroupEntry> = bound
                 .iter()
                 .enumerate()
@@ -211,7 +217,7 @@ impl GpuPlan {
         })
     }
 
-    pub(crate) fn run(&mut self, given: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
+    pub(crate) fn run(&mut self, given: &[(&str, &Tensor)], readback: bool) -> Result<Vec<Tensor>> {
         let ctx = self
             .device
             .gpu_ctx()
@@ -240,12 +246,19 @@ impl GpuPlan {
                 pass.dispatch_workgroups(s.groups.0, s.groups.1, s.groups.2);
             }
         }
-        for r in &self.readbacks {
-            enc.copy_buffer_to_buffer(&r.buffer, 0, &r.staging, 0, r.bytes);
+        if readback {
+            for r in &self.readbacks {
+                enc.copy_buffer_to_buffer(&r.buffer, 0, &r.staging, 0, r.bytes);
+            }
         }
         ctx.queue.submit([enc.finish()]);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Device(format!("running a plan: {e}")));
+        }
+        if !readback {
+            // let finished work retire without waiting for this submission
+            let _ = ctx.device.poll(wgpu::PollType::Poll);
+            return Ok(Vec::new());
         }
         let staging: Vec<(wgpu::Buffer, u64)> = self
             .readbacks

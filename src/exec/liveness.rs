@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 
 use crate::graph::{Node, NodeId};
-use crate::ops::Op;
 
 /// The nodes needed to compute `outputs`, in topological (index) order.
 pub fn reachable(nodes: &[Node], outputs: &[NodeId]) -> Vec<NodeId> {
@@ -20,10 +19,11 @@ pub fn reachable(nodes: &[Node], outputs: &[NodeId]) -> Vec<NodeId> {
     (0..nodes.len()).filter(|&i| keep[i]).map(NodeId).collect()
 }
 
-/// The node whose storage `id` uses: itself, or for a reshape (a view) the storage of its input.
+/// The node whose storage `id` uses: itself, or for a view (reshape, in-place update) the
+/// storage of the input it views.
 pub fn storage_root(nodes: &[Node], mut id: NodeId) -> NodeId {
-    while matches!(nodes[id.0].op, Op::Reshape) {
-        id = nodes[id.0].inputs[0];
+    while let Some(k) = nodes[id.0].op.view_of() {
+        id = nodes[id.0].inputs[k];
     }
     id
 }
@@ -44,7 +44,7 @@ pub fn lifetimes(nodes: &[Node], order: &[NodeId], outputs: &[NodeId]) -> Vec<(N
     let mut life: HashMap<NodeId, Lifetime> = HashMap::new();
     for &id in order {
         let n = &nodes[id.0];
-        if n.op.is_source() || matches!(n.op, Op::Reshape) {
+        if n.op.is_source() || n.op.view_of().is_some() {
             continue;
         }
         let s = step[&id];

@@ -54,12 +54,26 @@ impl Device {
     /// Compiles `graph` so that `run` computes `outputs`. Done once; pipelines are cached on the
     /// device and shared with other plans.
     pub fn compile(&self, graph: &Graph, outputs: &[NodeId]) -> Result<Plan> {
+        self.compile_with(graph, outputs, &[])
+    }
+
+    /// Compiles `graph` so that `run` computes and reads back `outputs`, and also runs `effects`
+    /// (nodes such as optimizer updates whose work is writing parameters in place) without
+    /// reading them back. `Plan::step` runs it reading nothing back.
+    pub fn compile_with(
+        &self,
+        graph: &Graph,
+        outputs: &[NodeId],
+        effects: &[NodeId],
+    ) -> Result<Plan> {
         let nodes = graph.nodes();
         crate::graph::validate(&nodes, outputs)?;
-        if outputs.is_empty() {
+        crate::graph::validate(&nodes, effects)?;
+        if outputs.is_empty() && effects.is_empty() {
             return Err(Error::Input("a plan needs at least one output".into()));
         }
-        let order = liveness::reachable(&nodes, outputs);
+        let targets: Vec<NodeId> = outputs.iter().chain(effects).copied().collect();
+        let order = liveness::reachable(&nodes, &targets);
         let input_of = |id: &NodeId| match &nodes[id.0].op {
             crate::ops::Op::Input { name } => Some((name.clone(), nodes[id.0].shape.clone())),
             _ => None,
@@ -86,8 +100,18 @@ impl Plan {
     pub fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Vec<Tensor>> {
         self.check_inputs(inputs)?;
         match &mut self.backend {
-            Backend::Gpu(p) => p.run(inputs),
-            Backend::Cpu(p) => p.run(inputs),
+            Backend::Gpu(p) => p.run(inputs, true),
+            Backend::Cpu(p) => p.run(inputs, true),
+        }
+    }
+
+    /// Runs the plan and reads nothing back: one submission (a training step that does not need
+    /// its loss this time). GPU errors surface here or at the next run.
+    pub fn step(&mut self, inputs: &[(&str, &Tensor)]) -> Result<()> {
+        self.check_inputs(inputs)?;
+        match &mut self.backend {
+            Backend::Gpu(p) => p.run(inputs, false).map(|_| ()),
+            Backend::Cpu(p) => p.run(inputs, false).map(|_| ()),
         }
     }
 

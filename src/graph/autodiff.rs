@@ -16,7 +16,10 @@ impl Graph {
         let n_fwd = loss.0 + 1;
         let loss_shape = self.check_id("grad", loss)?;
         if loss_shape.numel() != 1 {
-            return Err(shape_err("grad", format!("the loss must have one element, its shape is {loss_shape}")));
+            return Err(shape_err(
+                "grad",
+                format!("the loss must have one element, its shape is {loss_shape}"),
+            ));
         }
         for &w in wrt {
             self.check_id("grad", w)?;

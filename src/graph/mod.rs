@@ -20,6 +20,8 @@ use crate::ops::unary::UnaryOp;
 use crate::ops::{Init, Op};
 use crate::tensor::{Shape, Tensor};
 
+pub use crate::ops::conv::Conv2dOpts;
+
 /// A handle to a node of a [`Graph`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(pub usize);
@@ -70,6 +72,11 @@ impl Graph {
     /// The shape of a node. Panics only on a `NodeId` from another graph.
     pub fn shape(&self, id: NodeId) -> Shape {
         self.nodes.borrow()[id.0].shape.clone()
+    }
+
+    /// Appends a node whose shape the caller has already checked (for backward rules).
+    pub(crate) fn push_op(&self, op: Op, inputs: Vec<NodeId>, shape: Shape) -> NodeId {
+        self.push(op, inputs, shape)
     }
 
     fn push(&self, op: Op, inputs: Vec<NodeId>, shape: Shape) -> NodeId {
@@ -278,6 +285,136 @@ impl Graph {
         self.unary(UnaryOp::PowScalar(s), a)
     }
 
+    /// `log(1 + exp(a))`, stable.
+    pub fn softplus(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Softplus, a)
+    }
+
+    /// Seeded inverted dropout (training mode): zeroes each element with probability `p` and
+    /// scales the rest by `1 / (1 - p)`. `seed` is a `[1]` input holding a whole number, fed with
+    /// a new value every step; `salt` tells apart dropout layers sharing that seed. Build the
+    /// evaluation graph without dropout (or with `p = 0`).
+    pub fn dropout(&self, x: NodeId, p: f32, seed: NodeId, salt: u32) -> Result<NodeId> {
+        let shape = self.check_id("dropout", x)?;
+        let ss = self.check_id("dropout", seed)?;
+        if !(0.0..1.0).contains(&p) {
+            return Err(shape_err(
+                "dropout",
+                format!("p must be in [0, 1), got {p}"),
+            ));
+        }
+        if ss.numel() != 1 {
+            return Err(shape_err(
+                "dropout",
+                format!("the seed must have one element, its shape is {ss}"),
+            ));
+        }
+        Ok(self.push(
+            Op::Dropout(crate::ops::dropout::Dropout { p, salt }),
+            vec![x, seed],
+            shape,
+        ))
+    }
+
+    /// The input node named `name`, if the graph has one.
+    pub fn find_input(&self, name: &str) -> Option<NodeId> {
+        self.nodes
+            .borrow()
+            .iter()
+            .position(|n| matches!(&n.op, Op::Input { name: m } if m == name))
+            .map(NodeId)
+    }
+
+    // ---- losses (PyTorch semantics, mean reduction) ----
+
+    /// Softmax cross-entropy of `logits (N, C)` against integer class `labels (N)` stored as f32,
+    /// mean over the batch, fused and numerically stable (`torch.nn.functional.cross_entropy`).
+    /// A label outside `[0, C)` or not an integer makes the loss NaN.
+    pub fn cross_entropy(&self, logits: NodeId, labels: NodeId) -> Result<NodeId> {
+        let (sl, sy) = (
+            self.check_id("cross_entropy", logits)?,
+            self.check_id("cross_entropy", labels)?,
+        );
+        let shape = crate::ops::loss::CrossEntropy::infer(&sl, &sy)?;
+        Ok(self.push(
+            Op::CrossEntropy(crate::ops::loss::CrossEntropy),
+            vec![logits, labels],
+            shape,
+        ))
+    }
+
+    /// Mean squared error (`torch.nn.functional.mse_loss`), shape `[1]`.
+    pub fn mse_loss(&self, pred: NodeId, target: NodeId) -> Result<NodeId> {
+        let (a, b) = (
+            self.check_id("mse_loss", pred)?,
+            self.check_id("mse_loss", target)?,
+        );
+        if a != b {
+            return Err(shape_err(
+                "mse_loss",
+                format!("prediction {a} and target {b} differ"),
+            ));
+        }
+        self.mean_all(self.square(self.sub(pred, target)?)?)
+    }
+
+    /// Binary cross-entropy on logits (`binary_cross_entropy_with_logits`), mean, shape `[1]`:
+    /// `softplus(x) - x y`, stable for any logit.
+    pub fn bce_with_logits(&self, logits: NodeId, target: NodeId) -> Result<NodeId> {
+        let (a, b) = (
+            self.check_id("bce_with_logits", logits)?,
+            self.check_id("bce_with_logits", target)?,
+        );
+        if a != b {
+            return Err(shape_err(
+                "bce_with_logits",
+                format!("logits {a} and target {b} differ"),
+            ));
+        }
+        self.mean_all(self.sub(self.softplus(logits)?, self.mul(logits, target)?)?)
+    }
+
+    /// An in-place optimizer update of `param` (a parameter node) from `grad`: `hyper` is the
+    /// per-step input (see `ops::optim::Hyper`), `scale` a `[1]` gradient scale, `states` the
+    /// optimizer's state parameters. Used by `nn::Optimizer`.
+    pub fn optim_step(
+        &self,
+        kind: crate::ops::optim::OptimKind,
+        hyper: NodeId,
+        scale: NodeId,
+        grad: NodeId,
+        param: NodeId,
+        states: &[NodeId],
+    ) -> Result<NodeId> {
+        let shape = self.check_id("optim_step", param)?;
+        let is_param = |id: NodeId| matches!(self.nodes.borrow()[id.0].op, Op::Param { .. });
+        if !is_param(param)
+            || !states.iter().all(|&s| is_param(s))
+            || states.len() != kind.n_states()
+        {
+            return Err(shape_err(
+                "optim_step",
+                "the parameter and its states must be parameter nodes",
+            ));
+        }
+        for &t in std::iter::once(&grad).chain(states) {
+            let st = self.check_id("optim_step", t)?;
+            if st != shape {
+                return Err(shape_err(
+                    "optim_step",
+                    format!("parameter {shape} and tensor {st} differ"),
+                ));
+            }
+        }
+        let mut inputs = vec![hyper, scale, grad, param];
+        inputs.extend(states);
+        Ok(self.push(
+            Op::OptimStep(crate::ops::optim::OptimStep { kind }),
+            inputs,
+            shape,
+        ))
+    }
+
     // ---- softmax and reductions ----
 
     /// Softmax along `axis` (negative counts from the end: -1 is the last axis).
@@ -375,7 +512,11 @@ impl Graph {
         if &s == shape {
             return Ok(a);
         }
-        Ok(self.push(Op::Expand(crate::ops::layout::Expand), vec![a], shape.clone()))
+        Ok(self.push(
+            Op::Expand(crate::ops::layout::Expand),
+            vec![a],
+            shape.clone(),
+        ))
     }
 
     /// Sums `a` over the axes along which `shape` was broadcast to `a`'s shape (the adjoint of
@@ -387,12 +528,19 @@ impl Graph {
         }
         let b = crate::ops::binary::broadcast_shapes("sum_to", &s, shape)?;
         if b != s {
-            return Err(shape_err("sum_to", format!("{s} is not a broadcast of {shape}")));
+            return Err(shape_err(
+                "sum_to",
+                format!("{s} is not a broadcast of {shape}"),
+            ));
         }
         let lead = s.rank() - shape.rank();
         let mut h = a;
         for ax in 0..s.rank() {
-            let target = if ax < lead { 1 } else { shape.dims()[ax - lead] };
+            let target = if ax < lead {
+                1
+            } else {
+                shape.dims()[ax - lead]
+            };
             if s.dims()[ax] != target {
                 h = self.sum(h, ax as isize, true)?;
             }
@@ -411,6 +559,138 @@ impl Graph {
             return Err(shape_err("flatten", "a scalar has no batch axis"));
         }
         self.reshape(a, &[s.dims()[0] as isize, -1])
+    }
+
+    // ---- convolution and pooling ----
+
+    /// 2-D convolution of `x` [N, C, H, W] with `w` [O, C, kh, kw] and an optional `bias` [O]
+    /// (`torch.nn.functional.conv2d`, groups = 1), giving [N, O, Ho, Wo] with
+    /// `Ho = (H + 2*ph - dh*(kh - 1) - 1) / sh + 1`. Built as `im2col`, a matmul with the weight
+    /// viewed as [O, C*kh*kw], a reshape and a broadcast add of the bias, so that its gradients
+    /// follow from those ops.
+    pub fn conv2d(
+        &self,
+        x: NodeId,
+        w: NodeId,
+        bias: Option<NodeId>,
+        opts: Conv2dOpts,
+    ) -> Result<NodeId> {
+        let sx = self.check_id("conv2d", x)?;
+        let sw = self.check_id("conv2d", w)?;
+        let sb = match bias {
+            Some(b) => Some(self.check_id("conv2d", b)?),
+            None => None,
+        };
+        let geom = crate::ops::conv::conv2d_geometry(&sx, &sw, sb.as_ref(), opts)?;
+        let (n, o) = (sx.dims()[0] as isize, sw.dims()[0] as isize);
+        let (ho, wo) = geom.out_hw();
+        let cols = self.push(
+            Op::Im2col(crate::ops::conv::Im2col(geom)),
+            vec![x],
+            geom.cols_shape(sx.dims()[0]),
+        );
+        let w2 = self.reshape(w, &[o, geom.rows() as isize])?;
+        let y = self.reshape(self.matmul(w2, cols)?, &[n, o, ho as isize, wo as isize])?;
+        match bias {
+            Some(b) => self.add(y, self.reshape(b, &[o, 1, 1])?),
+            None => Ok(y),
+        }
+    }
+
+    /// The receptive fields of `x` [N, C, H, W] for a `kernel` (kh, kw) as columns
+    /// [N, C*kh*kw, Ho*Wo] (row `(c*kh + i)*kw + j`, column `oh*Wo + ow`; zero in the padding),
+    /// as `torch.nn.functional.unfold`.
+    pub fn im2col(&self, x: NodeId, kernel: (usize, usize), opts: Conv2dOpts) -> Result<NodeId> {
+        let sx = self.check_id("im2col", x)?;
+        let geom = crate::ops::conv::ColGeometry::new("im2col", &sx, kernel, opts)?;
+        let shape = geom.cols_shape(sx.dims()[0]);
+        Ok(self.push(Op::Im2col(crate::ops::conv::Im2col(geom)), vec![x], shape))
+    }
+
+    /// The adjoint of [`Graph::im2col`] (`torch.nn.functional.fold`): columns [N, C*kh*kw, Ho*Wo]
+    /// summed back onto the image [N, C, H, W] that `geom` describes.
+    pub fn col2im(&self, cols: NodeId, geom: crate::ops::conv::ColGeometry) -> Result<NodeId> {
+        let sc = self.check_id("col2im", cols)?;
+        let shape = geom.col2im_infer(&sc)?;
+        Ok(self.push(
+            Op::Col2im(crate::ops::conv::Col2im(geom)),
+            vec![cols],
+            shape,
+        ))
+    }
+
+    fn pool2d(
+        &self,
+        max: bool,
+        x: NodeId,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<NodeId> {
+        let name = if max { "max_pool2d" } else { "avg_pool2d" };
+        let sx = self.check_id(name, x)?;
+        let p = crate::ops::pool::Pool2d {
+            kernel,
+            stride,
+            padding,
+        };
+        let shape = p.infer(name, &sx)?;
+        let op = if max {
+            Op::MaxPool2d(p)
+        } else {
+            Op::AvgPool2d(p)
+        };
+        Ok(self.push(op, vec![x], shape))
+    }
+
+    /// 2-D max pooling of `x` [N, C, H, W] (`torch.nn.functional.max_pool2d`, floor mode): the
+    /// padding is ignored and may be at most half the kernel.
+    pub fn max_pool2d(
+        &self,
+        x: NodeId,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<NodeId> {
+        self.pool2d(true, x, kernel, stride, padding)
+    }
+
+    /// 2-D average pooling of `x` [N, C, H, W] (`torch.nn.functional.avg_pool2d`, floor mode,
+    /// `count_include_pad=True`): every window divides by kh*kw; padding at most half the kernel.
+    pub fn avg_pool2d(
+        &self,
+        x: NodeId,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<NodeId> {
+        self.pool2d(false, x, kernel, stride, padding)
+    }
+
+    /// The gradient of `max_pool2d(x)` for its input, from `dy` (the pooled shape).
+    pub fn max_pool2d_backward(
+        &self,
+        x: NodeId,
+        dy: NodeId,
+        pool: crate::ops::pool::Pool2d,
+    ) -> Result<NodeId> {
+        let name = "max_pool2d_backward";
+        let (sx, sd) = (self.check_id(name, x)?, self.check_id(name, dy)?);
+        pool.check_dy(name, &sx, &sd)?;
+        Ok(self.push(Op::MaxPool2dBackward(pool), vec![x, dy], sx))
+    }
+
+    /// The gradient of `avg_pool2d` for an input of extents `input` (H, W), from `dy`.
+    pub fn avg_pool2d_backward(
+        &self,
+        dy: NodeId,
+        input: (usize, usize),
+        pool: crate::ops::pool::Pool2d,
+    ) -> Result<NodeId> {
+        let sd = self.check_id("avg_pool2d_backward", dy)?;
+        let op = crate::ops::pool::AvgPool2dBackward { pool, input };
+        let shape = op.infer(&sd)?;
+        Ok(self.push(Op::AvgPool2dBackward(op), vec![dy], shape))
     }
 }
 

@@ -149,7 +149,14 @@ impl BinaryOp {
 impl BinaryOp {
     /// Backward: the gradients for `a` and `b` from `dy` (each summed back to its operand's shape
     /// over broadcast axes), given the operands and the output `y`.
-    pub fn backward(&self, g: &Graph, a: NodeId, b: NodeId, y: NodeId, dy: NodeId) -> Result<[Option<NodeId>; 2]> {
+    pub fn backward(
+        &self,
+        g: &Graph,
+        a: NodeId,
+        b: NodeId,
+        y: NodeId,
+        dy: NodeId,
+    ) -> Result<[Option<NodeId>; 2]> {
         let (da, db) = match self {
             BinaryOp::Add => (dy, dy),
             BinaryOp::Sub => (dy, g.neg(dy)?),
@@ -167,12 +174,23 @@ impl BinaryOp {
                 (to_a, g.sub(dy, to_a)?)
             }
             BinaryOp::GreaterEqual | BinaryOp::Equal => return Ok([None, None]),
-            BinaryOp::ReluGrad => return Ok([Some(g.sum_to(g.binary(BinaryOp::ReluGrad, dy, b)?, &g.shape(a))?), None]),
+            BinaryOp::ReluGrad => {
+                return Ok([
+                    Some(g.sum_to(g.binary(BinaryOp::ReluGrad, dy, b)?, &g.shape(a))?),
+                    None,
+                ])
+            }
             BinaryOp::SigmoidGrad | BinaryOp::TanhGrad | BinaryOp::GeluGrad => {
-                return Err(Error::Unsupported(format!("second-order gradients through {}", self.name())))
+                return Err(Error::Unsupported(format!(
+                    "second-order gradients through {}",
+                    self.name()
+                )))
             }
         };
-        Ok([Some(g.sum_to(da, &g.shape(a))?), Some(g.sum_to(db, &g.shape(b))?)])
+        Ok([
+            Some(g.sum_to(da, &g.shape(a))?),
+            Some(g.sum_to(db, &g.shape(b))?),
+        ])
     }
 }
 

@@ -191,10 +191,16 @@ impl MatMul {
     /// over batch axes the operand was broadcast along.
     pub fn backward(&self, g: &Graph, a: NodeId, b: NodeId, dc: NodeId) -> Result<[NodeId; 2]> {
         let (da, db) = match (self.trans_a, self.trans_b) {
-            (false, false) => (g.matmul_t(dc, b, false, true)?, g.matmul_t(a, dc, true, false)?),
+            (false, false) => (
+                g.matmul_t(dc, b, false, true)?,
+                g.matmul_t(a, dc, true, false)?,
+            ),
             (false, true) => (g.matmul(dc, b)?, g.matmul_t(dc, a, true, false)?),
             (true, false) => (g.matmul_t(b, dc, false, true)?, g.matmul(a, dc)?),
-            (true, true) => (g.matmul_t(b, dc, true, true)?, g.matmul_t(dc, a, true, true)?),
+            (true, true) => (
+                g.matmul_t(b, dc, true, true)?,
+                g.matmul_t(dc, a, true, true)?,
+            ),
         };
         Ok([g.sum_to(da, &g.shape(a))?, g.sum_to(db, &g.shape(b))?])
     }

@@ -2,8 +2,13 @@
 //! GPU is checked against) and the binding of its WGSL kernel (`shaders/<family>.wgsl`).
 
 pub mod binary;
+pub mod conv;
+pub mod dropout;
 pub mod layout;
+pub mod loss;
 pub mod matmul;
+pub mod optim;
+pub mod pool;
 pub mod reduce;
 pub mod softmax;
 pub mod unary;
@@ -18,8 +23,13 @@ use crate::tensor::{Shape, Tensor};
 /// validates every entry with naga.
 pub const SHADERS: &[(&str, &str)] = &[
     ("binary", include_str!("../../shaders/binary.wgsl")),
+    ("conv", include_str!("../../shaders/conv.wgsl")),
+    ("dropout", include_str!("../../shaders/dropout.wgsl")),
     ("layout", include_str!("../../shaders/layout.wgsl")),
+    ("loss", include_str!("../../shaders/loss.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("optim", include_str!("../../shaders/optim.wgsl")),
+    ("pool", include_str!("../../shaders/pool.wgsl")),
     ("reduce", include_str!("../../shaders/reduce.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
     ("unary", include_str!("../../shaders/unary.wgsl")),
@@ -66,6 +76,24 @@ pub enum Op {
     Expand(layout::Expand),
     /// Same elements, another shape: no kernel, no copy.
     Reshape,
+    /// Receptive fields of an NCHW image as columns [N, C*kh*kw, Ho*Wo] (conv2d = matmul on these).
+    Im2col(conv::Im2col),
+    /// The adjoint of `Im2col`: columns summed back onto the image [N, C, H, W].
+    Col2im(conv::Col2im),
+    MaxPool2d(pool::Pool2d),
+    AvgPool2d(pool::Pool2d),
+    /// Inputs `x` and `dy`: each input element gathers `dy` of every window whose argmax it is.
+    MaxPool2dBackward(pool::Pool2d),
+    /// Input `dy`: each input element gathers `dy / (kh*kw)` of every window covering it.
+    AvgPool2dBackward(pool::AvgPool2dBackward),
+    /// Fused softmax cross-entropy of logits `(N, C)` and class labels `(N)`, mean over N.
+    CrossEntropy(loss::CrossEntropy),
+    /// Seeded inverted dropout of input 0; input 1 is the `[1]` seed.
+    Dropout(dropout::Dropout),
+    /// Its gradient for the logits, from logits, labels and the loss gradient.
+    CrossEntropyBackward(loss::CrossEntropyBackward),
+    /// An in-place optimizer update of a parameter and its state (no buffer of its own).
+    OptimStep(optim::OptimStep),
 }
 
 /// A specialised kernel launch: which WGSL entry point, with which override constants, over how many
@@ -105,6 +133,35 @@ impl Op {
             Op::Permute(_) => "permute",
             Op::Expand(_) => "expand",
             Op::Reshape => "reshape",
+            Op::Im2col(_) => "im2col",
+            Op::Col2im(_) => "col2im",
+            Op::MaxPool2d(_) => "max_pool2d",
+            Op::AvgPool2d(_) => "avg_pool2d",
+            Op::MaxPool2dBackward(_) => "max_pool2d_backward",
+            Op::AvgPool2dBackward(_) => "avg_pool2d_backward",
+            Op::CrossEntropy(_) => "cross_entropy",
+            Op::Dropout(_) => "dropout",
+            Op::CrossEntropyBackward(_) => "cross_entropy_backward",
+            Op::OptimStep(o) => o.name(),
+        }
+    }
+
+    /// For nodes without storage of their own, the input whose storage they use: a reshape views
+    /// its input, an optimizer update writes its parameter (input 3) in place.
+    pub fn view_of(&self) -> Option<usize> {
+        match self {
+            Op::Reshape => Some(0),
+            Op::OptimStep(_) => Some(3),
+            _ => None,
+        }
+    }
+
+    /// How a kernel binds this node's inputs: inputs from the returned index on are bound
+    /// read_write (updated in place), and whether the node's own output is bound after them.
+    pub fn binding_mode(&self, n_inputs: usize) -> (usize, bool) {
+        match self {
+            Op::OptimStep(_) => (3, false),
+            _ => (n_inputs, true),
         }
     }
 
@@ -125,6 +182,16 @@ impl Op {
             Op::Expand(e) => e.cpu(inputs[0], out),
             Op::Reshape => Tensor::new(out.clone(), inputs[0].data().to_vec())
                 .expect("reshape keeps the element count"),
+            Op::Im2col(c) => c.0.im2col_cpu(inputs[0], out),
+            Op::Col2im(c) => c.0.col2im_cpu(inputs[0], out),
+            Op::MaxPool2d(p) => p.max_cpu(inputs[0], out),
+            Op::AvgPool2d(p) => p.avg_cpu(inputs[0], out),
+            Op::MaxPool2dBackward(p) => p.max_backward_cpu(inputs[0], inputs[1], out),
+            Op::AvgPool2dBackward(p) => p.cpu(inputs[0], out),
+            Op::CrossEntropy(c) => c.cpu(inputs[0], inputs[1]),
+            Op::Dropout(d) => d.cpu(inputs[0], inputs[1]),
+            Op::CrossEntropyBackward(c) => c.cpu(inputs[0], inputs[1], inputs[2]),
+            Op::OptimStep(o) => o.cpu_update(inputs).swap_remove(0),
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => {
                 unreachable!("source nodes are not evaluated")
             }
@@ -141,6 +208,16 @@ impl Op {
             Op::Reduce(r) => Some(r.kernel(inputs[0])),
             Op::Permute(p) => Some(p.kernel(inputs[0], out)),
             Op::Expand(e) => Some(e.kernel(inputs[0], out)),
+            Op::Im2col(c) => Some(c.0.im2col_kernel(inputs[0], out)),
+            Op::Col2im(c) => Some(c.0.col2im_kernel(inputs[0], out)),
+            Op::MaxPool2d(p) => Some(p.kernel("max_pool", inputs[0], out)),
+            Op::AvgPool2d(p) => Some(p.kernel("avg_pool", inputs[0], out)),
+            Op::MaxPool2dBackward(p) => Some(p.max_backward_kernel(inputs[0])),
+            Op::AvgPool2dBackward(p) => Some(p.kernel(out)),
+            Op::CrossEntropy(c) => Some(c.kernel(inputs[0])),
+            Op::Dropout(d) => Some(d.kernel(out.numel())),
+            Op::CrossEntropyBackward(c) => Some(c.kernel(inputs[0])),
+            Op::OptimStep(o) => Some(o.kernel(out)),
             Op::Reshape | Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => None,
         }
     }
@@ -148,7 +225,13 @@ impl Op {
     /// The backward rule: given the node's inputs `x`, its output `y` and the gradient `dy` of a
     /// scalar loss with respect to `y`, adds to `g` the nodes that compute the gradient for each
     /// input (`None` where an input takes none, as labels or masks).
-    pub fn backward(&self, g: &Graph, x: &[NodeId], y: NodeId, dy: NodeId) -> Result<Vec<Option<NodeId>>> {
+    pub fn backward(
+        &self,
+        g: &Graph,
+        x: &[NodeId],
+        y: NodeId,
+        dy: NodeId,
+    ) -> Result<Vec<Option<NodeId>>> {
         Ok(match self {
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => vec![],
             Op::MatMul(m) => m.backward(g, x[0], x[1], dy)?.map(Some).to_vec(),
@@ -162,13 +245,37 @@ impl Op {
                 let dims: Vec<isize> = g.shape(x[0]).dims().iter().map(|&d| d as isize).collect();
                 vec![Some(g.reshape(dy, &dims)?)]
             }
+            Op::Im2col(c) => vec![Some(c.backward(g, dy)?)],
+            Op::Col2im(c) => vec![Some(c.backward(g, dy)?)],
+            Op::MaxPool2d(p) => vec![Some(p.max_backward(g, x[0], dy)?)],
+            Op::AvgPool2d(p) => vec![Some(p.avg_backward(g, x[0], dy)?)],
+            Op::MaxPool2dBackward(_) => return Err(pool::max_backward_backward()),
+            Op::AvgPool2dBackward(p) => vec![Some(p.backward(g, dy)?)],
+            Op::CrossEntropy(c) => c.backward(g, x[0], x[1], dy)?.to_vec(),
+            Op::Dropout(d) => vec![Some(d.backward(g, x[1], dy)?), None],
+            Op::CrossEntropyBackward(_) | Op::OptimStep(_) => {
+                return Err(crate::error::Error::Unsupported(format!(
+                    "gradients through {}",
+                    self.name()
+                )))
+            }
         })
     }
 
     /// How closely the GPU must match the CPU reference for this op alone.
     pub fn tolerance(&self) -> Tolerance {
         match self {
-            Op::MatMul(_) | Op::Reduce(_) | Op::Softmax(_) => TOL_REDUCTION,
+            Op::MatMul(_)
+            | Op::Reduce(_)
+            | Op::Softmax(_)
+            | Op::CrossEntropy(_)
+            | Op::CrossEntropyBackward(_) => TOL_REDUCTION,
+            // sums of a few terms, in another order than the reference
+            Op::Im2col(_)
+            | Op::Col2im(_)
+            | Op::AvgPool2d(_)
+            | Op::MaxPool2dBackward(_)
+            | Op::AvgPool2dBackward(_) => TOL_REDUCTION,
             _ => TOL_ELEMENTWISE,
         }
     }

@@ -2,8 +2,8 @@
 //! Kernel: `shaders/reduce.wgsl`.
 
 use super::KernelSpec;
-use crate::graph::{Graph, NodeId};
 use crate::error::Result;
+use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
 
 /// How values along the axis combine.

@@ -35,6 +35,8 @@ pub enum UnaryOp {
     Square,
     /// -1, 0 or 1.
     Sign,
+    /// `log(1 + exp(x))`, computed stably as `max(x, 0) + log(1 + exp(-|x|))`.
+    Softplus,
 }
 
 impl UnaryOp {
@@ -58,6 +60,7 @@ impl UnaryOp {
             UnaryOp::Abs => "abs",
             UnaryOp::Square => "square",
             UnaryOp::Sign => "sign",
+            UnaryOp::Softplus => "softplus",
         }
     }
 
@@ -81,6 +84,7 @@ impl UnaryOp {
             UnaryOp::Abs => (14, 0.0),
             UnaryOp::Square => (15, 0.0),
             UnaryOp::Sign => (16, 0.0),
+            UnaryOp::Softplus => (17, 0.0),
         }
     }
 
@@ -103,6 +107,7 @@ impl UnaryOp {
             UnaryOp::PowScalar(s) => x.powf(s as f64),
             UnaryOp::Abs => x.abs(),
             UnaryOp::Square => x * x,
+            UnaryOp::Softplus => x.max(0.0) + (-x.abs()).exp().ln_1p(),
             UnaryOp::Sign => {
                 if x > 0.0 {
                     1.0
@@ -161,6 +166,7 @@ impl UnaryOp {
             UnaryOp::Abs => g.mul(dy, g.sign(x)?),
             UnaryOp::Square => g.mul(dy, g.mul_scalar(x, 2.0)?),
             UnaryOp::Sign => g.mul_scalar(dy, 0.0),
+            UnaryOp::Softplus => g.mul(dy, g.sigmoid(x)?),
         }
     }
 }

@@ -94,7 +94,9 @@ pub fn gradcheck(
     gpu_tol: (f64, f64),
 ) {
     let ids: Vec<NodeId> = wrt.iter().map(|(_, id)| *id).collect();
-    let grads = g.grad(loss, &ids).unwrap_or_else(|e| panic!("{what}: grad: {e}"));
+    let grads = g
+        .grad(loss, &ids)
+        .unwrap_or_else(|e| panic!("{what}: grad: {e}"));
     let cpu = Device::cpu();
     let mut outs = vec![loss];
     outs.extend(&grads);
@@ -110,7 +112,10 @@ pub fn gradcheck(
             let mut eval = |delta: f32| -> f64 {
                 let mut t = base.clone();
                 t.data_mut()[i] += delta;
-                let fs: Vec<(&str, &Tensor)> = feeds.iter().map(|(nm, v)| if nm == name { (*nm, &t) } else { (*nm, *v) }).collect();
+                let fs: Vec<(&str, &Tensor)> = feeds
+                    .iter()
+                    .map(|(nm, v)| if nm == name { (*nm, &t) } else { (*nm, *v) })
+                    .collect();
                 // the plan borrows feeds only for the call
                 let out = loss_plan.run(&fs).expect("loss run");
                 out[0].data()[0] as f64
@@ -118,7 +123,10 @@ pub fn gradcheck(
             let fd = (eval(h) - eval(-h)) / (2.0 * h as f64);
             let an = analytic[1 + k].data()[i] as f64;
             let ok = (fd - an).abs() <= 2e-3 + 2e-2 * fd.abs();
-            assert!(ok, "{what}: d loss / d {name}[{i}]: backward gives {an}, central differences {fd}");
+            assert!(
+                ok,
+                "{what}: d loss / d {name}[{i}]: backward gives {an}, central differences {fd}"
+            );
         }
     }
     check_gpu_vs_cpu(&format!("{what} gradients"), g, &grads, feeds, gpu_tol);

@@ -1,0 +1,48 @@
+// dropout.wgsl: inverted dropout with a counter-based mask, out[i] = keep(i) ? x[i] / (1 - p) : 0.
+// The mask is a pure function of (seed, SALT, i), so the backward pass applies the same kernel to
+// the gradient with the same seed and gets the same mask without storing it.
+//
+// Bindings (group 0):
+//   0  x     storage, read        [N]
+//   1  seed  storage, read        [1] a whole number (fed every step), read as u32
+//   2  out   storage, read_write  [N]
+// Overrides: N; THRESHOLD = p * 2^32 (an element is dropped when its hash is below it);
+//            SCALE = 1 / (1 - p); SALT tells the dropout layers of one graph apart.
+// Dispatch: ceil(N / 256) workgroups of 256 threads, folded into (x <= 65535, y); one element
+//           per thread.
+
+override N: u32 = 1u;
+override THRESHOLD: u32 = 0u;
+override SCALE: f32 = 1.0;
+override SALT: u32 = 0u;
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> seed: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+// lowbias32 (Chris Wellons): a fast integer hash with good avalanche.
+fn hash(v: u32) -> u32 {
+    var h = v;
+    h = h ^ (h >> 16u);
+    h = h * 0x7feb352du;
+    h = h ^ (h >> 15u);
+    h = h * 0x846ca68bu;
+    h = h ^ (h >> 16u);
+    return h;
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= N {
+        return;
+    }
+    let key = hash(u32(seed[0]) ^ hash(SALT));
+    let keep = hash(i ^ key) >= THRESHOLD;
+    out[i] = select(0.0, x[i] * SCALE, keep);
+}

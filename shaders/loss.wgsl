@@ -1,0 +1,111 @@
+// loss.wgsl: softmax cross-entropy with integer class labels, fused and numerically stable
+// (log-sum-exp with the row maximum subtracted), mean over the batch, as
+// torch.nn.functional.cross_entropy(logits, labels); and its backward.
+//
+// Bindings (group 0), entry `cross_entropy`:
+//   0  logits  storage, read        [N, C]
+//   1  labels  storage, read        [N] class indices stored as f32
+//   2  out     storage, read_write  [1] mean loss
+// Bindings (group 0), entry `cross_entropy_backward`:
+//   0  logits  storage, read        [N, C]
+//   1  labels  storage, read        [N]
+//   2  dy      storage, read        [1] gradient of the loss
+//   3  dx      storage, read_write  [N, C] (softmax(logits) - onehot(labels)) * dy / N
+// Overrides: N rows, C classes. A label that is not an integer in [0, C) gives NaN.
+// Dispatch: `cross_entropy`: 1 workgroup of 256 threads; each thread folds rows i, i + 256, ..
+//           and a tree in workgroup memory sums the row losses.
+//           `cross_entropy_backward`: ceil(N / 256) workgroups, folded into (x <= 65535, y);
+//           one thread per row.
+
+override N: u32 = 1u;
+override C: u32 = 1u;
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> logits: array<f32>;
+@group(0) @binding(1) var<storage, read> labels: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dx: array<f32>;
+
+var<workgroup> part: array<f32, 256>;
+
+fn row_max(base: u32) -> f32 {
+    var m = logits[base];
+    for (var c = 1u; c < C; c = c + 1u) {
+        m = max(m, logits[base + c]);
+    }
+    return m;
+}
+
+fn row_sum_exp(base: u32, m: f32) -> f32 {
+    var s = 0.0;
+    for (var c = 0u; c < C; c = c + 1u) {
+        s = s + exp(logits[base + c] - m);
+    }
+    return s;
+}
+
+// A quiet NaN made at run time (a constant NaN is a shader-creation error in WGSL).
+fn nan() -> f32 {
+    var bits = 0x7fc00000u;
+    return bitcast<f32>(bits);
+}
+
+// The label as a class index, or C when it is not an integer in [0, C).
+fn class_of(i: u32) -> u32 {
+    let l = labels[i];
+    if l >= 0.0 && l < f32(C) && l == floor(l) {
+        return u32(l);
+    }
+    return C;
+}
+
+@compute @workgroup_size(256)
+fn cross_entropy(@builtin(local_invocation_index) lid: u32) {
+    var acc = 0.0;
+    for (var i = lid; i < N; i = i + WG) {
+        let base = i * C;
+        let m = row_max(base);
+        let lse = m + log(row_sum_exp(base, m));
+        let k = class_of(i);
+        if k < C {
+            acc = acc + (lse - logits[base + k]);
+        } else {
+            acc = acc + nan();
+        }
+    }
+    part[lid] = acc;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if lid < s {
+            part[lid] = part[lid] + part[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        out[0] = part[0] / f32(N);
+    }
+}
+
+@compute @workgroup_size(256)
+fn cross_entropy_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= N {
+        return;
+    }
+    let base = i * C;
+    let m = row_max(base);
+    let inv = 1.0 / row_sum_exp(base, m);
+    let k = class_of(i);
+    let scale = dy[0] / f32(N);
+    let bad = select(0.0, nan(), k >= C);
+    for (var c = 0u; c < C; c = c + 1u) {
+        let p = exp(logits[base + c] - m) * inv;
+        let onehot = select(0.0, 1.0, c == k);
+        dx[base + c] = (p - onehot) * scale + bad;
+    }
+}

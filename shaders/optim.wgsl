@@ -1,0 +1,115 @@
+// optim.wgsl: fused optimizer updates, in place, with torch.optim's exact arithmetic.
+// One kernel per parameter tensor; hyperparameters that change between steps (learning rate,
+// bias corrections, first-step flag) come in a small storage buffer fed with each run, so a
+// schedule never recompiles anything.
+//
+// Bindings (group 0); the entry point decides how many are used:
+//   0  hyper   storage, read        [16] see HYPER_* below (src/ops/optim.rs, Hyper::to_vec)
+//   1  scale   storage, read        [1]  gradient scale (global-norm clipping; 1 without)
+//   2  grad    storage, read        [N]
+//   3  param   storage, read_write  [N] updated in place
+//   4  state1  storage, read_write  [N] momentum buffer (sgd_momentum) or exp_avg (adam)
+//   5  state2  storage, read_write  [N] exp_avg_sq (adam)
+// Entries: `sgd` (bindings 0-3), `sgd_momentum` (0-4), `adam` (0-5).
+// Overrides: N elements; NESTEROV (sgd_momentum); DECOUPLED (adam: AdamW's decoupled decay).
+// Dispatch: ceil(N / 256) workgroups of 256 threads, folded into (x <= 65535, y); one element
+//           per thread.
+
+override N: u32 = 1u;
+override NESTEROV: bool = false;
+override DECOUPLED: bool = false;
+const WG: u32 = 256u;
+
+const HYPER_LR: u32 = 0u;
+const HYPER_WEIGHT_DECAY: u32 = 1u;
+const HYPER_MOMENTUM: u32 = 2u;
+const HYPER_DAMPENING: u32 = 3u;
+const HYPER_FIRST_STEP: u32 = 4u;
+const HYPER_BETA1: u32 = 5u;
+const HYPER_BETA2: u32 = 6u;
+const HYPER_EPS: u32 = 7u;
+const HYPER_BIAS_CORRECTION1: u32 = 8u;
+const HYPER_BIAS_CORRECTION2_SQRT: u32 = 9u;
+
+@group(0) @binding(0) var<storage, read> hyper: array<f32>;
+@group(0) @binding(1) var<storage, read> scale: array<f32>;
+@group(0) @binding(2) var<storage, read> grad: array<f32>;
+@group(0) @binding(3) var<storage, read_write> param: array<f32>;
+@group(0) @binding(4) var<storage, read_write> state1: array<f32>;
+@group(0) @binding(5) var<storage, read_write> state2: array<f32>;
+
+fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid;
+}
+
+@compute @workgroup_size(256)
+fn sgd(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = index(wid, nwg, lid);
+    if i >= N {
+        return;
+    }
+    let p = param[i];
+    let g = grad[i] * scale[0] + hyper[HYPER_WEIGHT_DECAY] * p;
+    param[i] = p - hyper[HYPER_LR] * g;
+}
+
+@compute @workgroup_size(256)
+fn sgd_momentum(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = index(wid, nwg, lid);
+    if i >= N {
+        return;
+    }
+    let p = param[i];
+    var g = grad[i] * scale[0] + hyper[HYPER_WEIGHT_DECAY] * p;
+    let mu = hyper[HYPER_MOMENTUM];
+    // torch: the buffer starts as the first gradient, undamped
+    var b = g;
+    if hyper[HYPER_FIRST_STEP] == 0.0 {
+        b = mu * state1[i] + (1.0 - hyper[HYPER_DAMPENING]) * g;
+    }
+    state1[i] = b;
+    if NESTEROV {
+        g = g + mu * b;
+    } else {
+        g = b;
+    }
+    param[i] = p - hyper[HYPER_LR] * g;
+}
+
+@compute @workgroup_size(256)
+fn adam(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = index(wid, nwg, lid);
+    if i >= N {
+        return;
+    }
+    let lr = hyper[HYPER_LR];
+    let wd = hyper[HYPER_WEIGHT_DECAY];
+    var p = param[i];
+    var g = grad[i] * scale[0];
+    if DECOUPLED {
+        p = p * (1.0 - lr * wd);
+    } else {
+        g = g + wd * p;
+    }
+    let b1 = hyper[HYPER_BETA1];
+    let b2 = hyper[HYPER_BETA2];
+    let m = b1 * state1[i] + (1.0 - b1) * g;
+    let v = b2 * state2[i] + (1.0 - b2) * g * g;
+    state1[i] = m;
+    state2[i] = v;
+    let step_size = lr / hyper[HYPER_BIAS_CORRECTION1];
+    let denom = sqrt(v) / hyper[HYPER_BIAS_CORRECTION2_SQRT] + hyper[HYPER_EPS];
+    param[i] = p - step_size * m / denom;
+}

@@ -1,0 +1,187 @@
+// pool.wgsl: max_pool2d and avg_pool2d on NCHW tensors and their backward, as torch in floor mode:
+// avg counts the padding (count_include_pad=True, always divides by KH*KW), max skips it and takes
+// the first maximum in row-major window order; the padding is at most half the kernel, so every
+// window holds at least one input element and no window reaches past the padded input.
+//
+// Shapes: x, dx [N, C, H, W]; y, dy [N, C, HO, WO], HO = (H + 2*PH - KH) / SH + 1, WO likewise.
+//         Window (oh, ow) covers padded rows oh*SH .. oh*SH + KH - 1 (input row = padded row - PH)
+//         and padded columns ow*SW .. ow*SW + KW - 1.
+//
+// Bindings (group 0). Entry points with one input (max_pool, avg_pool, avg_pool_backward):
+//   0  a    storage, read        max_pool, avg_pool: x; avg_pool_backward: dy
+//   1  out  storage, read_write  max_pool, avg_pool: y; avg_pool_backward: dx
+// max_pool_backward, two inputs:
+//   0  a    storage, read        x
+//   1  dy   storage, read        [N, C, HO, WO]
+//   2  dx   storage, read_write  [N, C, H, W]
+// `out` and `dy` share binding 1: naga validates bindings per entry point and no entry point uses
+// both (wgpu keeps only the chosen entry point's globals when it specialises a pipeline).
+// Overrides: N, C, H, W (input), HO, WO (output), KH, KW (kernel), SH, SW (stride), PH, PW (padding).
+// Dispatch: ceil(total / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
+//           one output element per thread, threads past total return (total = N*C*HO*WO forward,
+//           N*C*H*W backward). The backward entry points are gathers: each input element loops over
+//           the windows that cover it (recomputing each window's argmax for max); no atomics.
+
+override N: u32 = 1u;
+override C: u32 = 1u;
+override H: u32 = 1u;
+override W: u32 = 1u;
+override HO: u32 = 1u;
+override WO: u32 = 1u;
+override KH: u32 = 1u;
+override KW: u32 = 1u;
+override SH: u32 = 1u;
+override SW: u32 = 1u;
+override PH: u32 = 0u;
+override PW: u32 = 0u;
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;
+@group(0) @binding(1) var<storage, read> dy: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dx: array<f32>;
+
+fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid;
+}
+
+// Position within its [H, W] plane (which starts at `plane` in `a`) of the first maximum of window
+// (oh, ow), in row-major window order; the padding is skipped.
+fn window_argmax(plane: u32, oh: u32, ow: u32) -> u32 {
+    var best = 0.0;
+    var at = 0u;
+    var found = false;
+    for (var i = 0u; i < KH; i = i + 1u) {
+        let hp = oh * SH + i;
+        if hp < PH || hp - PH >= H {
+            continue;
+        }
+        for (var j = 0u; j < KW; j = j + 1u) {
+            let wp = ow * SW + j;
+            if wp < PW || wp - PW >= W {
+                continue;
+            }
+            let p = (hp - PH) * W + (wp - PW);
+            let v = a[plane + p];
+            if !found || v > best {
+                best = v;
+                at = p;
+                found = true;
+            }
+        }
+    }
+    return at;
+}
+
+// Sum of `a` over window (oh, ow) of the plane starting at `plane`, padding skipped (it adds 0).
+fn window_sum(plane: u32, oh: u32, ow: u32) -> f32 {
+    var s = 0.0;
+    for (var i = 0u; i < KH; i = i + 1u) {
+        let hp = oh * SH + i;
+        if hp < PH || hp - PH >= H {
+            continue;
+        }
+        for (var j = 0u; j < KW; j = j + 1u) {
+            let wp = ow * SW + j;
+            if wp < PW || wp - PW >= W {
+                continue;
+            }
+            s = s + a[plane + (hp - PH) * W + (wp - PW)];
+        }
+    }
+    return s;
+}
+
+// The windows covering padded coordinate `p` along an axis: first and one past the last.
+fn covering(p: u32, k: u32, s: u32, n_out: u32) -> vec2<u32> {
+    var lo = 0u;
+    if p + 1u > k {
+        lo = (p + 1u - k + s - 1u) / s;
+    }
+    let hi = min(p / s + 1u, n_out);
+    return vec2<u32>(lo, hi);
+}
+
+@compute @workgroup_size(256)
+fn max_pool(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = linear_index(wid, nwg, lid);
+    if idx >= N * C * HO * WO {
+        return;
+    }
+    let ow = idx % WO;
+    let oh = (idx / WO) % HO;
+    let plane = (idx / (WO * HO)) * H * W;
+    out[idx] = a[plane + window_argmax(plane, oh, ow)];
+}
+
+@compute @workgroup_size(256)
+fn avg_pool(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = linear_index(wid, nwg, lid);
+    if idx >= N * C * HO * WO {
+        return;
+    }
+    let ow = idx % WO;
+    let oh = (idx / WO) % HO;
+    let plane = (idx / (WO * HO)) * H * W;
+    out[idx] = window_sum(plane, oh, ow) / f32(KH * KW);
+}
+
+@compute @workgroup_size(256)
+fn max_pool_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = linear_index(wid, nwg, lid);
+    if idx >= N * C * H * W {
+        return;
+    }
+    let w = idx % W;
+    let h = (idx / W) % H;
+    let nc = idx / (W * H);
+    let plane = nc * H * W;
+    let here = h * W + w;
+    let rows = covering(h + PH, KH, SH, HO);
+    let cols = covering(w + PW, KW, SW, WO);
+    var acc = 0.0;
+    for (var oh = rows.x; oh < rows.y; oh = oh + 1u) {
+        for (var ow = cols.x; ow < cols.y; ow = ow + 1u) {
+            if window_argmax(plane, oh, ow) == here {
+                acc = acc + dy[(nc * HO + oh) * WO + ow];
+            }
+        }
+    }
+    dx[idx] = acc;
+}
+
+@compute @workgroup_size(256)
+fn avg_pool_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = linear_index(wid, nwg, lid);
+    if idx >= N * C * H * W {
+        return;
+    }
+    let w = idx % W;
+    let h = (idx / W) % H;
+    let nc = idx / (W * H);
+    let rows = covering(h + PH, KH, SH, HO);
+    let cols = covering(w + PW, KW, SW, WO);
+    var acc = 0.0;
+    for (var oh = rows.x; oh < rows.y; oh = oh + 1u) {
+        for (var ow = cols.x; ow < cols.y; ow = ow + 1u) {
+            acc = acc + a[(nc * HO + oh) * WO + ow];
+        }
+    }
+    out[idx] = acc / f32(KH * KW);
+}

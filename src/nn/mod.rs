@@ -1,0 +1,12 @@
+//! Layers, losses, optimizers, initialisation and checkpoints.
+
+pub mod checkpoint;
+pub mod init;
+pub mod layers;
+pub mod optim;
+pub mod train;
+
+pub use init::Init;
+pub use layers::{dropout, Conv2d, Linear};
+pub use optim::{Optimizer, Schedule};
+pub use train::TrainStep;

@@ -1,0 +1,301 @@
+//! Optimizers with torch.optim's update rules (SGD with momentum, dampening, Nesterov and weight
+//! decay; Adam; AdamW), learning-rate schedules (step, cosine, linear warmup) and clipping by
+//! global gradient norm. `minimize` appends the backward pass and one fused in-place update kernel
+//! per parameter to a graph; `hyper` gives the small per-step input (learning rate, bias
+//! corrections) so that schedules never recompile.
+
+use crate::error::{Error, Result};
+use crate::graph::{Graph, NodeId};
+use crate::ops::optim::{Hyper, OptimKind, HYPER_LEN};
+use crate::ops::Op;
+use crate::tensor::Tensor;
+
+/// Name of the per-step hyperparameter input.
+pub const HYPER_INPUT: &str = "optim.hyper";
+
+/// The update rule and its constants.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rule {
+    /// `torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)`.
+    Sgd {
+        momentum: f32,
+        dampening: f32,
+        weight_decay: f32,
+        nesterov: bool,
+    },
+    /// `torch.optim.Adam(lr, betas, eps, weight_decay)`.
+    Adam {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+    /// `torch.optim.AdamW(lr, betas, eps, weight_decay)`.
+    AdamW {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+}
+
+/// How the learning rate evolves with the step count `t` (starting at 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    Constant,
+    /// `StepLR`: `lr * gamma^floor(t / step_size)`.
+    Step {
+        step_size: u64,
+        gamma: f32,
+    },
+    /// `CosineAnnealingLR`: `eta_min + (lr - eta_min)(1 + cos(pi t / t_max)) / 2`.
+    Cosine {
+        t_max: u64,
+        eta_min: f32,
+    },
+}
+
+/// An optimizer: rule, base learning rate, schedule, optional linear warmup and clipping.
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    pub rule: Rule,
+    pub lr: f32,
+    pub schedule: Schedule,
+    /// Steps of linear warmup from `lr / warmup` (`LinearLR`-style, start factor `1/warmup`).
+    pub warmup: u64,
+    /// Clip gradients so that their global L2 norm is at most this (`clip_grad_norm_`).
+    pub clip_norm: Option<f32>,
+    step: u64,
+}
+
+impl Optimizer {
+    fn with(rule: Rule, lr: f32) -> Self {
+        Optimizer {
+            rule,
+            lr,
+            schedule: Schedule::Constant,
+            warmup: 0,
+            clip_norm: None,
+            step: 0,
+        }
+    }
+    /// Plain SGD.
+    pub fn sgd(lr: f32) -> Self {
+        Self::with(
+            Rule::Sgd {
+                momentum: 0.0,
+                dampening: 0.0,
+                weight_decay: 0.0,
+                nesterov: false,
+            },
+            lr,
+        )
+    }
+    /// SGD with momentum (and Nesterov when asked).
+    pub fn sgd_momentum(lr: f32, momentum: f32, nesterov: bool) -> Self {
+        Self::with(
+            Rule::Sgd {
+                momentum,
+                dampening: 0.0,
+                weight_decay: 0.0,
+                nesterov,
+            },
+            lr,
+        )
+    }
+    /// Adam with torch's defaults (betas 0.9, 0.999; eps 1e-8).
+    pub fn adam(lr: f32) -> Self {
+        Self::with(
+            Rule::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+            lr,
+        )
+    }
+    /// AdamW with torch's defaults (betas 0.9, 0.999; eps 1e-8) and this weight decay.
+    pub fn adamw(lr: f32, weight_decay: f32) -> Self {
+        Self::with(
+            Rule::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay,
+            },
+            lr,
+        )
+    }
+    /// Sets L2 weight decay (SGD, Adam) or decoupled decay (AdamW).
+    pub fn weight_decay(mut self, wd: f32) -> Self {
+        match &mut self.rule {
+            Rule::Sgd { weight_decay, .. }
+            | Rule::Adam { weight_decay, .. }
+            | Rule::AdamW { weight_decay, .. } => *weight_decay = wd,
+        }
+        self
+    }
+    /// Sets SGD's dampening.
+    pub fn dampening(mut self, d: f32) -> Self {
+        if let Rule::Sgd { dampening, .. } = &mut self.rule {
+            *dampening = d;
+        }
+        self
+    }
+    /// Sets the schedule.
+    pub fn schedule(mut self, s: Schedule) -> Self {
+        self.schedule = s;
+        self
+    }
+    /// Sets linear warmup steps.
+    pub fn warmup(mut self, steps: u64) -> Self {
+        self.warmup = steps;
+        self
+    }
+    /// Clips gradients by global norm.
+    pub fn clip_grad_norm(mut self, max_norm: f32) -> Self {
+        self.clip_norm = Some(max_norm);
+        self
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Sets the step count (after loading a checkpoint).
+    pub fn set_steps(&mut self, t: u64) {
+        self.step = t;
+    }
+
+    fn kind(&self) -> OptimKind {
+        match self.rule {
+            Rule::Sgd {
+                momentum, nesterov, ..
+            } if momentum != 0.0 => OptimKind::SgdMomentum { nesterov },
+            Rule::Sgd { .. } => OptimKind::Sgd,
+            Rule::Adam { .. } => OptimKind::Adam { decoupled: false },
+            Rule::AdamW { .. } => OptimKind::Adam { decoupled: true },
+        }
+    }
+
+    /// The learning rate at step `t` (0-based) after schedule and warmup.
+    pub fn lr_at(&self, t: u64) -> f32 {
+        let base = match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Step { step_size, gamma } => {
+                self.lr * gamma.powi((t / step_size.max(1)) as i32)
+            }
+            Schedule::Cosine { t_max, eta_min } => {
+                let tt = t.min(t_max) as f64 / t_max.max(1) as f64;
+                (eta_min as f64
+                    + (self.lr - eta_min) as f64 * (1.0 + (std::f64::consts::PI * tt).cos()) / 2.0)
+                    as f32
+            }
+        };
+        if self.warmup > 0 && t < self.warmup {
+            base * (t + 1) as f32 / self.warmup as f32
+        } else {
+            base
+        }
+    }
+
+    /// Appends to `g` the gradients of `loss` for `params` (parameter nodes), optional clipping,
+    /// and one in-place update per parameter; returns the update nodes (compile them as effects:
+    /// `Device::compile_with(g, &[loss], &updates)`). State tensors are parameters named
+    /// `optim.<param>.<state>` (`exp_avg`, `exp_avg_sq`, `momentum_buffer`), saved with checkpoints.
+    pub fn minimize(&self, g: &Graph, loss: NodeId, params: &[NodeId]) -> Result<Vec<NodeId>> {
+        let nodes = g.nodes();
+        let names: Vec<String> = params
+            .iter()
+            .map(|p| match &nodes[p.0].op {
+                Op::Param { name, .. } => Ok(name.clone()),
+                other => Err(Error::Param(format!(
+                    "minimize: node {} is a {}, not a parameter",
+                    p.0,
+                    other.name()
+                ))),
+            })
+            .collect::<Result<_>>()?;
+        let grads = g.grad(loss, params)?;
+        let hyper = g
+            .find_input(HYPER_INPUT)
+            .unwrap_or_else(|| g.input(HYPER_INPUT, [HYPER_LEN]));
+        let scale = match self.clip_norm {
+            None => g.constant(Tensor::full([1], 1.0)),
+            Some(max_norm) => {
+                // coefficient = min(1, max_norm / (norm + 1e-6)), as clip_grad_norm_
+                let mut total: Option<NodeId> = None;
+                for &gr in &grads {
+                    let s = g.sum_all(g.square(gr)?)?;
+                    total = Some(match total {
+                        Some(t) => g.add(t, s)?,
+                        None => s,
+                    });
+                }
+                let norm =
+                    g.sqrt(total.ok_or_else(|| Error::Param("minimize: no parameters".into()))?)?;
+                let coef = g.rdiv_scalar(g.add_scalar(norm, 1e-6)?, max_norm)?;
+                g.minimum(coef, g.constant(Tensor::full([1], 1.0)))?
+            }
+        };
+        let kind = self.kind();
+        let mut updates = Vec::new();
+        for ((&p, &gr), name) in params.iter().zip(&grads).zip(&names) {
+            let shape = g.shape(p);
+            let states: Vec<NodeId> = kind
+                .state_names()
+                .iter()
+                .map(|s| g.param(&format!("optim.{name}.{s}"), shape.clone()))
+                .collect();
+            updates.push(g.optim_step(kind, hyper, scale, gr, p, &states)?);
+        }
+        Ok(updates)
+    }
+
+    /// The hyperparameter vector for the next step, advancing the step count.
+    pub fn next_hyper(&mut self) -> Tensor {
+        let t = self.step;
+        self.step += 1;
+        let lr = self.lr_at(t);
+        let tp = (t + 1) as i32;
+        let h = match self.rule {
+            Rule::Sgd {
+                momentum,
+                dampening,
+                weight_decay,
+                ..
+            } => Hyper {
+                lr,
+                weight_decay,
+                momentum,
+                dampening,
+                first_step: t == 0,
+                ..Default::default()
+            },
+            Rule::Adam {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            }
+            | Rule::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => Hyper {
+                lr,
+                weight_decay,
+                beta1,
+                beta2,
+                eps,
+                bias_correction1: 1.0 - beta1.powi(tp),
+                bias_correction2_sqrt: (1.0 - beta2.powi(tp)).sqrt(),
+                ..Default::default()
+            },
+        };
+        h.to_tensor()
+    }
+}

@@ -1,0 +1,378 @@
+//! 2-D convolution on NCHW tensors (as `torch.nn.functional.conv2d` with `groups = 1`), built as a
+//! graph composition that reuses the tiled matmul kernel:
+//!
+//! ```text
+//! cols = im2col(x)                      [N, C*kh*kw, Ho*Wo]   (zeros where the window is in the padding)
+//! y    = reshape(w, [O, C*kh*kw]) x cols [N, O, Ho*Wo]         (matmul, weight broadcast over N)
+//! y    = reshape(y, [N, O, Ho, Wo]) (+ reshape(bias, [O, 1, 1]))
+//! ```
+//!
+//! `im2col` and `col2im` are adjoint linear maps, so each is the other's backward rule, and the
+//! gradients of conv2d (input, weight, bias) follow from those of matmul, reshape and add.
+//! Kernels: `shaders/conv.wgsl`.
+
+use super::{groups, KernelSpec};
+use crate::error::{shape_err, Result};
+use crate::graph::{Graph, NodeId};
+use crate::tensor::{Shape, Tensor};
+
+/// Stride, padding and dilation of a 2-D convolution, each as (height, width).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Conv2dOpts {
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    pub dilation: (usize, usize),
+}
+
+impl Default for Conv2dOpts {
+    /// Stride 1, no padding, dilation 1.
+    fn default() -> Self {
+        Conv2dOpts {
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+        }
+    }
+}
+
+/// The geometry shared by `im2col` and `col2im`: the image's channels and extents, the kernel
+/// extents and the convolution options. The batch size comes from the node's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ColGeometry {
+    /// Image channels C.
+    pub channels: usize,
+    /// Image extents (H, W).
+    pub image: (usize, usize),
+    /// Kernel extents (kh, kw).
+    pub kernel: (usize, usize),
+    pub opts: Conv2dOpts,
+}
+
+impl ColGeometry {
+    /// Checks the geometry of sliding a `kernel` over the image `x` ([N, C, H, W]); `op` names the
+    /// caller in errors.
+    pub fn new(
+        op: &'static str,
+        x: &Shape,
+        kernel: (usize, usize),
+        opts: Conv2dOpts,
+    ) -> Result<ColGeometry> {
+        if x.rank() != 4 {
+            return Err(shape_err(
+                op,
+                format!(
+                    "input {x}: expected rank 4 (N, C, H, W), got rank {}",
+                    x.rank()
+                ),
+            ));
+        }
+        let d = x.dims();
+        let g = ColGeometry {
+            channels: d[1],
+            image: (d[2], d[3]),
+            kernel,
+            opts,
+        };
+        g.check(op, &format!("input {x}"))?;
+        Ok(g)
+    }
+
+    /// Checks strides, dilations and that the dilated kernel fits in the padded image; `what`
+    /// describes the operands in the error.
+    fn check(&self, op: &'static str, what: &str) -> Result<()> {
+        let o = &self.opts;
+        if o.stride.0 == 0 || o.stride.1 == 0 || o.dilation.0 == 0 || o.dilation.1 == 0 {
+            return Err(shape_err(
+                op,
+                format!(
+                    "{what}: stride {:?} and dilation {:?} must be positive",
+                    o.stride, o.dilation
+                ),
+            ));
+        }
+        let (kh, kw) = self.kernel;
+        if kh == 0 || kw == 0 {
+            return Err(shape_err(
+                op,
+                format!("{what}: kernel {kh}x{kw} must be non-empty"),
+            ));
+        }
+        let (eh, ew) = self.dilated_kernel();
+        let (ph, pw) = self.padded();
+        if eh > ph || ew > pw {
+            return Err(shape_err(
+                op,
+                format!(
+                    "{what}: kernel {kh}x{kw} (dilated {eh}x{ew}) is larger than the padded input {ph}x{pw}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Extents of the kernel's footprint, dilation included.
+    fn dilated_kernel(&self) -> (usize, usize) {
+        let d = self.opts.dilation;
+        (d.0 * (self.kernel.0 - 1) + 1, d.1 * (self.kernel.1 - 1) + 1)
+    }
+
+    /// Extents of the padded image.
+    fn padded(&self) -> (usize, usize) {
+        let p = self.opts.padding;
+        (self.image.0 + 2 * p.0, self.image.1 + 2 * p.1)
+    }
+
+    /// Output extents (Ho, Wo): `(H + 2p - d(k - 1) - 1) / s + 1`.
+    pub fn out_hw(&self) -> (usize, usize) {
+        let (eh, ew) = self.dilated_kernel();
+        let (ph, pw) = self.padded();
+        let s = self.opts.stride;
+        ((ph - eh) / s.0 + 1, (pw - ew) / s.1 + 1)
+    }
+
+    /// Rows of the column matrix: C * kh * kw.
+    pub fn rows(&self) -> usize {
+        self.channels * self.kernel.0 * self.kernel.1
+    }
+
+    /// Shape of the column matrix for a batch of `n`: [N, C*kh*kw, Ho*Wo].
+    pub fn cols_shape(&self, n: usize) -> Shape {
+        let (ho, wo) = self.out_hw();
+        Shape(vec![n, self.rows(), ho * wo])
+    }
+
+    /// Shape of the image for a batch of `n`: [N, C, H, W].
+    pub fn image_shape(&self, n: usize) -> Shape {
+        Shape(vec![n, self.channels, self.image.0, self.image.1])
+    }
+
+    /// Shape rule of `col2im`: `cols` must be [N, C*kh*kw, Ho*Wo] for this geometry; gives the image.
+    pub fn col2im_infer(&self, cols: &Shape) -> Result<Shape> {
+        let what = format!(
+            "columns {cols} for image [C={}, H={}, W={}] and kernel {}x{}",
+            self.channels, self.image.0, self.image.1, self.kernel.0, self.kernel.1
+        );
+        self.check("col2im", &what)?;
+        if cols.rank() != 3 {
+            return Err(shape_err(
+                "col2im",
+                format!("{what}: expected rank 3, got rank {}", cols.rank()),
+            ));
+        }
+        let n = cols.dims()[0];
+        let want = self.cols_shape(n);
+        if cols != &want {
+            return Err(shape_err(
+                "col2im",
+                format!("{what}: expected shape {want}"),
+            ));
+        }
+        Ok(self.image_shape(n))
+    }
+
+    /// The override constants shared by both kernels.
+    fn constants(&self, n: usize) -> Vec<(&'static str, f64)> {
+        let (ho, wo) = self.out_hw();
+        let o = &self.opts;
+        [
+            ("N", n),
+            ("C", self.channels),
+            ("H", self.image.0),
+            ("W", self.image.1),
+            ("KH", self.kernel.0),
+            ("KW", self.kernel.1),
+            ("SH", o.stride.0),
+            ("SW", o.stride.1),
+            ("PH", o.padding.0),
+            ("PW", o.padding.1),
+            ("DH", o.dilation.0),
+            ("DW", o.dilation.1),
+            ("HO", ho),
+            ("WO", wo),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v as f64))
+        .collect()
+    }
+
+    /// Image coordinate read by kernel offset `k` of output position `o` along one axis, or `None`
+    /// in the padding.
+    fn source(
+        o: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        dil: usize,
+        extent: usize,
+    ) -> Option<usize> {
+        let p = o * stride + k * dil;
+        (p >= pad && p - pad < extent).then(|| p - pad)
+    }
+
+    /// CPU reference of `im2col`: `cols[n, (c*kh + i)*kw + j, oh*Wo + ow] =
+    /// x[n, c, oh*sh - ph + i*dh, ow*sw - pw + j*dw]`, zero in the padding.
+    pub fn im2col_cpu(&self, x: &Tensor, out: &Shape) -> Tensor {
+        let n = x.dims()[0];
+        let (c, (h, w), (kh, kw)) = (self.channels, self.image, self.kernel);
+        let (ho, wo) = self.out_hw();
+        let o = &self.opts;
+        let xd = x.data();
+        let mut data = Vec::with_capacity(out.numel());
+        for b in 0..n {
+            for ch in 0..c {
+                for i in 0..kh {
+                    for j in 0..kw {
+                        for oh in 0..ho {
+                            let ih = Self::source(oh, i, o.stride.0, o.padding.0, o.dilation.0, h);
+                            for ow in 0..wo {
+                                let iw =
+                                    Self::source(ow, j, o.stride.1, o.padding.1, o.dilation.1, w);
+                                data.push(match (ih, iw) {
+                                    (Some(ih), Some(iw)) => xd[((b * c + ch) * h + ih) * w + iw],
+                                    _ => 0.0,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Tensor::new(out.clone(), data).expect("im2col shape")
+    }
+
+    /// CPU reference of `col2im`: every image element is the sum (f64) of the column entries that
+    /// `im2col` would copy it to.
+    pub fn col2im_cpu(&self, cols: &Tensor, out: &Shape) -> Tensor {
+        let n = cols.dims()[0];
+        let (c, (h, w), (kh, kw)) = (self.channels, self.image, self.kernel);
+        let (ho, wo) = self.out_hw();
+        let (rows, l) = (self.rows(), ho * wo);
+        let o = &self.opts;
+        let cd = cols.data();
+        let mut acc = vec![0f64; out.numel()];
+        for b in 0..n {
+            for ch in 0..c {
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let row = (ch * kh + i) * kw + j;
+                        for oh in 0..ho {
+                            let Some(ih) =
+                                Self::source(oh, i, o.stride.0, o.padding.0, o.dilation.0, h)
+                            else {
+                                continue;
+                            };
+                            for ow in 0..wo {
+                                let Some(iw) =
+                                    Self::source(ow, j, o.stride.1, o.padding.1, o.dilation.1, w)
+                                else {
+                                    continue;
+                                };
+                                acc[((b * c + ch) * h + ih) * w + iw] +=
+                                    cd[(b * rows + row) * l + oh * wo + ow] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Tensor::new(out.clone(), acc.into_iter().map(|v| v as f32).collect()).expect("col2im shape")
+    }
+
+    /// Kernel of `im2col`: one thread per column-matrix element.
+    pub fn im2col_kernel(&self, x: &Shape, out: &Shape) -> KernelSpec {
+        KernelSpec {
+            family: "conv",
+            entry: "im2col",
+            constants: self.constants(x.dims()[0]),
+            workgroups: groups(out.numel(), 256),
+        }
+    }
+
+    /// Kernel of `col2im`: one thread per image element, gathering over the kernel positions.
+    pub fn col2im_kernel(&self, cols: &Shape, out: &Shape) -> KernelSpec {
+        KernelSpec {
+            family: "conv",
+            entry: "col2im",
+            constants: self.constants(cols.dims()[0]),
+            workgroups: groups(out.numel(), 256),
+        }
+    }
+}
+
+/// `im2col`: gathers every receptive field of an image into a column matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Im2col(pub ColGeometry);
+
+/// `col2im`: the adjoint of [`Im2col`], summing each column entry back onto the image element it
+/// was read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Col2im(pub ColGeometry);
+
+impl Im2col {
+    /// Backward: `col2im` of the gradient.
+    pub fn backward(&self, g: &Graph, dy: NodeId) -> Result<NodeId> {
+        g.col2im(dy, self.0)
+    }
+}
+
+impl Col2im {
+    /// Backward: `im2col` of the gradient.
+    pub fn backward(&self, g: &Graph, dy: NodeId) -> Result<NodeId> {
+        g.im2col(dy, self.0.kernel, self.0.opts)
+    }
+}
+
+/// Checks the operands of `conv2d`: input [N, C, H, W], weight [O, C, kh, kw], bias [O]; gives the
+/// im2col geometry.
+pub fn conv2d_geometry(
+    x: &Shape,
+    w: &Shape,
+    bias: Option<&Shape>,
+    opts: Conv2dOpts,
+) -> Result<ColGeometry> {
+    let what = format!("input {x} and weight {w}");
+    if x.rank() != 4 {
+        return Err(shape_err(
+            "conv2d",
+            format!(
+                "{what}: the input must have rank 4 (N, C, H, W), it has rank {}",
+                x.rank()
+            ),
+        ));
+    }
+    if w.rank() != 4 {
+        return Err(shape_err(
+            "conv2d",
+            format!(
+                "{what}: the weight must have rank 4 (O, C, kh, kw), it has rank {}",
+                w.rank()
+            ),
+        ));
+    }
+    let (c, wc) = (x.dims()[1], w.dims()[1]);
+    if c != wc {
+        return Err(shape_err(
+            "conv2d",
+            format!("{what}: input channels {c} and {wc} differ"),
+        ));
+    }
+    if let Some(b) = bias {
+        if b.dims() != [w.dims()[0]] {
+            return Err(shape_err(
+                "conv2d",
+                format!(
+                    "weight {w} and bias {b}: the bias must have shape [{}]",
+                    w.dims()[0]
+                ),
+            ));
+        }
+    }
+    let geom = ColGeometry {
+        channels: c,
+        image: (x.dims()[2], x.dims()[3]),
+        kernel: (w.dims()[2], w.dims()[3]),
+        opts,
+    };
+    geom.check("conv2d", &what)?;
+    Ok(geom)
+}

@@ -1,0 +1,129 @@
+//! Fused softmax cross-entropy with integer class labels (mean over the batch), as
+//! `torch.nn.functional.cross_entropy(logits, labels)`, and its backward kernel.
+//! Kernel: `shaders/loss.wgsl`. MSE and binary cross-entropy with logits are compositions of
+//! graph ops (see `Graph::mse_loss`, `Graph::bce_with_logits`).
+
+use super::{groups, KernelSpec};
+use crate::error::{shape_err, Result};
+use crate::graph::{Graph, NodeId};
+use crate::tensor::{Shape, Tensor};
+
+/// `logits (N, C)`, `labels (N)` (class indices as f32) -> mean loss `(1)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CrossEntropy;
+
+/// `logits (N, C)`, `labels (N)`, `dy (1)` -> `dlogits (N, C)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CrossEntropyBackward;
+
+/// The class of label `l`, or `None` if it is not an integer in `[0, c)` (the loss is then NaN).
+fn class_of(l: f32, c: usize) -> Option<usize> {
+    (l >= 0.0 && (l as usize) < c && l.fract() == 0.0).then_some(l as usize)
+}
+
+impl CrossEntropy {
+    /// Shape rule.
+    pub fn infer(logits: &Shape, labels: &Shape) -> Result<Shape> {
+        if logits.rank() != 2 || labels.rank() != 1 || labels.dims()[0] != logits.dims()[0] {
+            return Err(shape_err(
+                "cross_entropy",
+                format!(
+                    "logits {logits} and labels {labels}: expected logits (N, C) and labels (N)"
+                ),
+            ));
+        }
+        Ok(Shape(vec![1]))
+    }
+
+    /// CPU reference in f64.
+    pub fn cpu(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
+        let (n, c) = (logits.dims()[0], logits.dims()[1]);
+        let mut total = 0f64;
+        for i in 0..n {
+            let row: Vec<f64> = logits.data()[i * c..(i + 1) * c]
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            total += match class_of(labels.data()[i], c) {
+                Some(k) => lse - row[k],
+                None => f64::NAN,
+            };
+        }
+        Tensor::new([1], vec![(total / n as f64) as f32]).expect("scalar")
+    }
+
+    /// Kernel: one workgroup for the whole batch.
+    pub fn kernel(&self, logits: &Shape) -> KernelSpec {
+        KernelSpec {
+            family: "loss",
+            entry: "cross_entropy",
+            constants: vec![
+                ("N", logits.dims()[0] as f64),
+                ("C", logits.dims()[1] as f64),
+            ],
+            workgroups: 1,
+        }
+    }
+
+    /// Backward: the fused gradient kernel for the logits; labels take none.
+    pub fn backward(
+        &self,
+        g: &Graph,
+        logits: NodeId,
+        labels: NodeId,
+        dy: NodeId,
+    ) -> Result<[Option<NodeId>; 2]> {
+        let shape = g.shape(logits);
+        Ok([
+            Some(g.push_op(
+                super::Op::CrossEntropyBackward(CrossEntropyBackward),
+                vec![logits, labels, dy],
+                shape,
+            )),
+            None,
+        ])
+    }
+}
+
+impl CrossEntropyBackward {
+    /// CPU reference in f64.
+    pub fn cpu(&self, logits: &Tensor, labels: &Tensor, dy: &Tensor) -> Tensor {
+        let (n, c) = (logits.dims()[0], logits.dims()[1]);
+        let scale = dy.data()[0] as f64 / n as f64;
+        let mut out = vec![0f32; n * c];
+        for i in 0..n {
+            let row: Vec<f64> = logits.data()[i * c..(i + 1) * c]
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let s: f64 = row.iter().map(|v| (v - m).exp()).sum();
+            let k = class_of(labels.data()[i], c);
+            for j in 0..c {
+                let p = (row[j] - m).exp() / s;
+                let onehot = if Some(j) == k { 1.0 } else { 0.0 };
+                out[i * c + j] = if k.is_some() {
+                    ((p - onehot) * scale) as f32
+                } else {
+                    f32::NAN
+                };
+            }
+        }
+        Tensor::new(logits.shape().clone(), out).expect("logits shape")
+    }
+
+    /// Kernel: one thread per row.
+    pub fn kernel(&self, logits: &Shape) -> KernelSpec {
+        KernelSpec {
+            family: "loss",
+            entry: "cross_entropy_backward",
+            constants: vec![
+                ("N", logits.dims()[0] as f64),
+                ("C", logits.dims()[1] as f64),
+            ],
+            workgroups: groups(logits.dims()[0], 256),
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Fused optimizer updates (SGD with momentum, Nesterov and weight decay; Adam; AdamW), applied in
+//! place to a parameter and its state on the device, with torch.optim's arithmetic.
+//! Kernel: `shaders/optim.wgsl`.
+//!
+//! An update is a graph node with inputs `[hyper, scale, grad, param, state..]`; it writes the
+//! parameter and state buffers in place and has no buffer of its own (its value is the updated
+//! parameter). `hyper` is a small input fed every step (learning rate, bias corrections), so
+//! schedules never recompile.
+
+use super::{groups, KernelSpec};
+use crate::tensor::{Shape, Tensor};
+
+/// Length of the hyperparameter vector.
+pub const HYPER_LEN: usize = 16;
+
+/// Which update rule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OptimKind {
+    /// Plain SGD (inputs: hyper, scale, grad, param).
+    Sgd,
+    /// SGD with a momentum buffer (inputs: .., param, momentum_buffer).
+    SgdMomentum { nesterov: bool },
+    /// Adam, or AdamW when `decoupled` (inputs: .., param, exp_avg, exp_avg_sq).
+    Adam { decoupled: bool },
+}
+
+impl OptimKind {
+    /// Number of state tensors kept per parameter.
+    pub fn n_states(&self) -> usize {
+        match self {
+            OptimKind::Sgd => 0,
+            OptimKind::SgdMomentum { .. } => 1,
+            OptimKind::Adam { .. } => 2,
+        }
+    }
+    /// Names of the state tensors, PyTorch's state keys.
+    pub fn state_names(&self) -> &'static [&'static str] {
+        match self {
+            OptimKind::Sgd => &[],
+            OptimKind::SgdMomentum { .. } => &["momentum_buffer"],
+            OptimKind::Adam { .. } => &["exp_avg", "exp_avg_sq"],
+        }
+    }
+}
+
+/// The per-step values an update reads; laid out as `shaders/optim.wgsl`'s HYPER_* indices.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Hyper {
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub momentum: f32,
+    pub dampening: f32,
+    /// True on the first step (SGD's momentum buffer starts as the gradient).
+    pub first_step: bool,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// `1 - beta1^t`
+    pub bias_correction1: f32,
+    /// `sqrt(1 - beta2^t)`
+    pub bias_correction2_sqrt: f32,
+}
+
+impl Hyper {
+    /// The vector fed to the `hyper` input.
+    pub fn to_tensor(&self) -> Tensor {
+        let mut v = vec![0f32; HYPER_LEN];
+        v[0] = self.lr;
+        v[1] = self.weight_decay;
+        v[2] = self.momentum;
+        v[3] = self.dampening;
+        v[4] = self.first_step as u8 as f32;
+        v[5] = self.beta1;
+        v[6] = self.beta2;
+        v[7] = self.eps;
+        v[8] = self.bias_correction1;
+        v[9] = self.bias_correction2_sqrt;
+        Tensor::new([HYPER_LEN], v).expect("hyper length")
+    }
+
+    fn from_tensor(t: &Tensor) -> Hyper {
+        let v = t.data();
+        Hyper {
+            lr: v[0],
+            weight_decay: v[1],
+            momentum: v[2],
+            dampening: v[3],
+            first_step: v[4] != 0.0,
+            beta1: v[5],
+            beta2: v[6],
+            eps: v[7],
+            bias_correction1: v[8],
+            bias_correction2_sqrt: v[9],
+        }
+    }
+}
+
+/// One parameter's in-place update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimStep {
+    pub kind: OptimKind,
+}
+
+impl OptimStep {
+    /// Name in reports.
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            OptimKind::Sgd => "sgd",
+            OptimKind::SgdMomentum { .. } => "sgd_momentum",
+            OptimKind::Adam { decoupled: false } => "adam",
+            OptimKind::Adam { decoupled: true } => "adamw",
+        }
+    }
+
+    /// CPU reference, in f32 as the kernel (the same operations in the same order):
+    /// returns the new parameter followed by the new states.
+    pub fn cpu_update(&self, inputs: &[&Tensor]) -> Vec<Tensor> {
+        let h = Hyper::from_tensor(inputs[0]);
+        let scale = inputs[1].data()[0];
+        let (grad, param) = (inputs[2].data(), inputs[3].data());
+        let n = param.len();
+        let mut p_out = vec![0f32; n];
+        let mut s1 = vec![0f32; if self.kind.n_states() > 0 { n } else { 0 }];
+        let mut s2 = vec![0f32; if self.kind.n_states() > 1 { n } else { 0 }];
+        for i in 0..n {
+            let p = param[i];
+            match self.kind {
+                OptimKind::Sgd => {
+                    let g = grad[i] * scale + h.weight_decay * p;
+                    p_out[i] = p - h.lr * g;
+                }
+                OptimKind::SgdMomentum { nesterov } => {
+                    let mut g = grad[i] * scale + h.weight_decay * p;
+                    let b = if h.first_step {
+                        g
+                    } else {
+                        h.momentum * inputs[4].data()[i] + (1.0 - h.dampening) * g
+                    };
+                    s1[i] = b;
+                    g = if nesterov { g + h.momentum * b } else { b };
+                    p_out[i] = p - h.lr * g;
+                }
+                OptimKind::Adam { decoupled } => {
+                    let mut p = p;
+                    let mut g = grad[i] * scale;
+                    if decoupled {
+                        p *= 1.0 - h.lr * h.weight_decay;
+                    } else {
+                        g += h.weight_decay * p;
+                    }
+                    let m = h.beta1 * inputs[4].data()[i] + (1.0 - h.beta1) * g;
+                    let v = h.beta2 * inputs[5].data()[i] + (1.0 - h.beta2) * g * g;
+                    s1[i] = m;
+                    s2[i] = v;
+                    let step_size = h.lr / h.bias_correction1;
+                    let denom = v.sqrt() / h.bias_correction2_sqrt + h.eps;
+                    p_out[i] = p - step_size * m / denom;
+                }
+            }
+        }
+        let shape = inputs[3].shape().clone();
+        let mut out = vec![Tensor::new(shape.clone(), p_out).expect("param shape")];
+        if self.kind.n_states() > 0 {
+            out.push(Tensor::new(shape.clone(), s1).expect("state shape"));
+        }
+        if self.kind.n_states() > 1 {
+            out.push(Tensor::new(shape, s2).expect("state shape"));
+        }
+        out
+    }
+
+    /// Kernel: one thread per element.
+    pub fn kernel(&self, param: &Shape) -> KernelSpec {
+        let (entry, flag) = match self.kind {
+            OptimKind::Sgd => ("sgd", None),
+            OptimKind::SgdMomentum { nesterov } => ("sgd_momentum", Some(("NESTEROV", nesterov))),
+            OptimKind::Adam { decoupled } => ("adam", Some(("DECOUPLED", decoupled))),
+        };
+        let mut constants = vec![("N", param.numel() as f64)];
+        if let Some((name, on)) = flag {
+            constants.push((name, on as u8 as f64));
+        }
+        KernelSpec {
+            family: "optim",
+            entry,
+            constants,
+            workgroups: groups(param.numel(), 256),
+        }
+    }
+}

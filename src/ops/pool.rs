@@ -1,0 +1,294 @@
+//! 2-D max and average pooling on NCHW tensors and their backward ops, as
+//! `torch.nn.functional.max_pool2d` / `avg_pool2d` in floor mode: average pooling counts the
+//! padding (`count_include_pad=True`, so it always divides by kh*kw), max pooling ignores it, and
+//! the padding may be at most half the kernel. The backward ops are gathers: each input element
+//! sums the gradient of every window that reads it (max: every window whose argmax it is, the
+//! first maximum in row-major window order, as torch). Kernels: `shaders/pool.wgsl`.
+
+use super::{groups, KernelSpec};
+use crate::error::{shape_err, Error, Result};
+use crate::graph::{Graph, NodeId};
+use crate::tensor::{Shape, Tensor};
+
+/// Window geometry of a 2-D pooling, each pair as (height, width).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Pool2d {
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+}
+
+/// Output extents of a window sweep along one axis (floor mode).
+fn out_len(len: usize, k: usize, s: usize, p: usize) -> usize {
+    (len + 2 * p - k) / s + 1
+}
+
+impl Pool2d {
+    /// Shape rule: input [N, C, H, W] -> [N, C, Ho, Wo], `Ho = (H + 2*ph - kh) / sh + 1`; `op` names
+    /// the caller in errors.
+    pub fn infer(&self, op: &'static str, x: &Shape) -> Result<Shape> {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let what = format!("input {x}, kernel {k:?}, stride {s:?}, padding {p:?}");
+        if x.rank() != 4 {
+            return Err(shape_err(
+                op,
+                format!(
+                    "{what}: expected rank 4 (N, C, H, W), got rank {}",
+                    x.rank()
+                ),
+            ));
+        }
+        if k.0 == 0 || k.1 == 0 || s.0 == 0 || s.1 == 0 {
+            return Err(shape_err(
+                op,
+                format!("{what}: kernel and stride must be positive"),
+            ));
+        }
+        if p.0 > k.0 / 2 || p.1 > k.1 / 2 {
+            return Err(shape_err(
+                op,
+                format!("{what}: padding must be at most half the kernel"),
+            ));
+        }
+        let (h, w) = (x.dims()[2], x.dims()[3]);
+        if k.0 > h + 2 * p.0 || k.1 > w + 2 * p.1 {
+            return Err(shape_err(
+                op,
+                format!(
+                    "{what}: the kernel is larger than the padded input {}x{}",
+                    h + 2 * p.0,
+                    w + 2 * p.1
+                ),
+            ));
+        }
+        let (ho, wo) = self.out_hw(h, w);
+        Ok(Shape(vec![x.dims()[0], x.dims()[1], ho, wo]))
+    }
+
+    /// Output extents (Ho, Wo) for an input of (h, w).
+    pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        (
+            out_len(h, self.kernel.0, self.stride.0, self.padding.0),
+            out_len(w, self.kernel.1, self.stride.1, self.padding.1),
+        )
+    }
+
+    /// The image positions (within an [H, W] plane, row-major window order) of window (oh, ow),
+    /// padding skipped.
+    fn window(&self, h: usize, w: usize, oh: usize, ow: usize) -> impl Iterator<Item = usize> {
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let (ph, pw) = self.padding;
+        (0..kh)
+            .filter_map(move |i| {
+                let hp = oh * sh + i;
+                (hp >= ph && hp - ph < h).then(|| hp - ph)
+            })
+            .flat_map(move |ih| {
+                (0..kw).filter_map(move |j| {
+                    let wp = ow * sw + j;
+                    (wp >= pw && wp - pw < w).then(|| ih * w + wp - pw)
+                })
+            })
+    }
+
+    /// Position within the plane of the first maximum of window (oh, ow).
+    fn argmax(&self, plane: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> usize {
+        let mut best: Option<(usize, f32)> = None;
+        for p in self.window(h, w, oh, ow) {
+            let v = plane[p];
+            if best.is_none_or(|(_, b)| v > b) {
+                best = Some((p, v));
+            }
+        }
+        best.expect("padding <= kernel / 2 leaves every window an element")
+            .0
+    }
+
+    /// Visits every window of every plane of an input of shape `x` ([N, C, H, W]) with the plane's
+    /// index, the plane's extents and the window's linear output index.
+    fn for_each_window(&self, x: &Shape, mut f: impl FnMut(usize, usize, usize, usize)) {
+        let d = x.dims();
+        let (h, w) = (d[2], d[3]);
+        let (ho, wo) = self.out_hw(h, w);
+        for plane in 0..d[0] * d[1] {
+            for oh in 0..ho {
+                for ow in 0..wo {
+                    f(plane, oh, ow, (plane * ho + oh) * wo + ow);
+                }
+            }
+        }
+    }
+
+    /// CPU reference of max pooling.
+    pub fn max_cpu(&self, x: &Tensor, out: &Shape) -> Tensor {
+        let (h, w) = (x.dims()[2], x.dims()[3]);
+        let mut data = vec![0f32; out.numel()];
+        self.for_each_window(x.shape(), |plane, oh, ow, o| {
+            let p = &x.data()[plane * h * w..(plane + 1) * h * w];
+            data[o] = p[self.argmax(p, h, w, oh, ow)];
+        });
+        Tensor::new(out.clone(), data).expect("max_pool2d shape")
+    }
+
+    /// CPU reference of average pooling (f64 sums, divided by kh*kw).
+    pub fn avg_cpu(&self, x: &Tensor, out: &Shape) -> Tensor {
+        let (h, w) = (x.dims()[2], x.dims()[3]);
+        let area = (self.kernel.0 * self.kernel.1) as f64;
+        let mut data = vec![0f32; out.numel()];
+        self.for_each_window(x.shape(), |plane, oh, ow, o| {
+            let p = &x.data()[plane * h * w..(plane + 1) * h * w];
+            let s: f64 = self.window(h, w, oh, ow).map(|i| p[i] as f64).sum();
+            data[o] = (s / area) as f32;
+        });
+        Tensor::new(out.clone(), data).expect("avg_pool2d shape")
+    }
+
+    /// CPU reference of the max-pooling backward: `dx` gets each window's `dy` at its argmax.
+    pub fn max_backward_cpu(&self, x: &Tensor, dy: &Tensor, out: &Shape) -> Tensor {
+        let (h, w) = (x.dims()[2], x.dims()[3]);
+        let mut acc = vec![0f64; out.numel()];
+        self.for_each_window(x.shape(), |plane, oh, ow, o| {
+            let p = &x.data()[plane * h * w..(plane + 1) * h * w];
+            acc[plane * h * w + self.argmax(p, h, w, oh, ow)] += dy.data()[o] as f64;
+        });
+        Tensor::new(out.clone(), acc.into_iter().map(|v| v as f32).collect())
+            .expect("max_pool2d_backward shape")
+    }
+
+    /// The override constants of every pooling kernel, for an input of shape `x`.
+    fn constants(&self, x: &Shape) -> Vec<(&'static str, f64)> {
+        let d = x.dims();
+        let (ho, wo) = self.out_hw(d[2], d[3]);
+        [
+            ("N", d[0]),
+            ("C", d[1]),
+            ("H", d[2]),
+            ("W", d[3]),
+            ("HO", ho),
+            ("WO", wo),
+            ("KH", self.kernel.0),
+            ("KW", self.kernel.1),
+            ("SH", self.stride.0),
+            ("SW", self.stride.1),
+            ("PH", self.padding.0),
+            ("PW", self.padding.1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v as f64))
+        .collect()
+    }
+
+    /// Kernel of a forward pooling (`entry` = "max_pool" or "avg_pool"): one thread per output.
+    pub fn kernel(&self, entry: &'static str, x: &Shape, out: &Shape) -> KernelSpec {
+        KernelSpec {
+            family: "pool",
+            entry,
+            constants: self.constants(x),
+            workgroups: groups(out.numel(), 256),
+        }
+    }
+
+    /// Kernel of the max-pooling backward (inputs x and dy): one thread per input element.
+    pub fn max_backward_kernel(&self, x: &Shape) -> KernelSpec {
+        KernelSpec {
+            family: "pool",
+            entry: "max_pool_backward",
+            constants: self.constants(x),
+            workgroups: groups(x.numel(), 256),
+        }
+    }
+
+    /// Shape rule of the backward ops: `dy` must have the pooled shape of `x`.
+    pub fn check_dy(&self, op: &'static str, x: &Shape, dy: &Shape) -> Result<()> {
+        let want = self.infer(op, x)?;
+        if &want != dy {
+            return Err(shape_err(
+                op,
+                format!("input {x} pools to {want}, the gradient has shape {dy}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Backward of max pooling.
+    pub fn max_backward(&self, g: &Graph, x: NodeId, dy: NodeId) -> Result<NodeId> {
+        g.max_pool2d_backward(x, dy, *self)
+    }
+
+    /// Backward of average pooling.
+    pub fn avg_backward(&self, g: &Graph, x: NodeId, dy: NodeId) -> Result<NodeId> {
+        let d = g.shape(x);
+        g.avg_pool2d_backward(dy, (d.dims()[2], d.dims()[3]), *self)
+    }
+}
+
+/// The backward of average pooling: input `dy` [N, C, Ho, Wo] -> `dx` [N, C, H, W], every input
+/// element gathering `dy / (kh*kw)` from each window that covers it. It needs the input extents,
+/// which the pooled shape does not determine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AvgPool2dBackward {
+    pub pool: Pool2d,
+    /// Input extents (H, W).
+    pub input: (usize, usize),
+}
+
+impl AvgPool2dBackward {
+    /// Shape rule: `dy` must be the pooled shape of [N, C, H, W]; gives that input shape.
+    pub fn infer(&self, dy: &Shape) -> Result<Shape> {
+        let op = "avg_pool2d_backward";
+        if dy.rank() != 4 {
+            return Err(shape_err(
+                op,
+                format!(
+                    "gradient {dy}: expected rank 4 (N, C, Ho, Wo), got rank {}",
+                    dy.rank()
+                ),
+            ));
+        }
+        let x = Shape(vec![dy.dims()[0], dy.dims()[1], self.input.0, self.input.1]);
+        self.pool.check_dy(op, &x, dy)?;
+        Ok(x)
+    }
+
+    /// CPU reference: `dx` gets `dy / (kh*kw)` on every element of each window (f64 sums).
+    pub fn cpu(&self, dy: &Tensor, out: &Shape) -> Tensor {
+        let (h, w) = self.input;
+        let area = (self.pool.kernel.0 * self.pool.kernel.1) as f64;
+        let mut acc = vec![0f64; out.numel()];
+        self.pool.for_each_window(out, |plane, oh, ow, o| {
+            for p in self.pool.window(h, w, oh, ow) {
+                acc[plane * h * w + p] += dy.data()[o] as f64;
+            }
+        });
+        Tensor::new(
+            out.clone(),
+            acc.into_iter().map(|v| (v / area) as f32).collect(),
+        )
+        .expect("avg_pool2d_backward shape")
+    }
+
+    /// Kernel: one thread per input element.
+    pub fn kernel(&self, out: &Shape) -> KernelSpec {
+        KernelSpec {
+            family: "pool",
+            entry: "avg_pool_backward",
+            constants: self.pool.constants(out),
+            workgroups: groups(out.numel(), 256),
+        }
+    }
+
+    /// Backward (with respect to `dy`): this op is linear and the adjoint of average pooling.
+    pub fn backward(&self, g: &Graph, ddx: NodeId) -> Result<NodeId> {
+        let p = self.pool;
+        g.avg_pool2d(ddx, p.kernel, p.stride, p.padding)
+    }
+}
+
+/// The max-pooling backward is piecewise linear in `dy` with a gather at the argmax as its adjoint,
+/// an op kiln does not have: second derivatives through max pooling are refused.
+pub fn max_backward_backward() -> Error {
+    Error::Unsupported(
+        "the second derivative of max_pool2d (backward of max_pool2d_backward)".into(),
+    )
+}

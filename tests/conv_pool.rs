@@ -1,0 +1,521 @@
+//! Convolution and pooling (NCHW, PyTorch semantics): the CPU reference against direct loops and
+//! hand-worked examples, GPU against the CPU reference on random and awkward shapes (every GPU
+//! buffer poisoned with NaN first), gradient checks, adjointness of the backward ops, shape errors.
+
+mod common;
+
+use common::{check_gpu_vs_cpu, gradcheck, rand, random_projection};
+use kiln::ops::conv::{ColGeometry, Conv2dOpts};
+use kiln::ops::pool::Pool2d;
+use kiln::ops::{TOL_ELEMENTWISE, TOL_REDUCTION};
+use kiln::{Device, Error, Graph, NodeId, Tensor};
+
+type Pair = (usize, usize);
+
+fn opts(stride: Pair, padding: Pair, dilation: Pair) -> Conv2dOpts {
+    Conv2dOpts {
+        stride,
+        padding,
+        dilation,
+    }
+}
+
+/// Runs `outputs` on the CPU reference.
+fn cpu_run(g: &Graph, outputs: &[NodeId], feeds: &[(&str, &Tensor)]) -> Vec<Tensor> {
+    let mut plan = Device::cpu().compile(g, outputs).expect("cpu compile");
+    plan.run(feeds).expect("cpu run")
+}
+
+/// conv2d as torch defines it, in direct loops (f64), independent of im2col.
+fn naive_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, o: Conv2dOpts) -> Tensor {
+    let [n, c, h, wd] = x.dims().try_into().unwrap();
+    let [oc, _, kh, kw] = w.dims().try_into().unwrap();
+    let ho = (h + 2 * o.padding.0 - o.dilation.0 * (kh - 1) - 1) / o.stride.0 + 1;
+    let wo = (wd + 2 * o.padding.1 - o.dilation.1 * (kw - 1) - 1) / o.stride.1 + 1;
+    let mut out = Vec::new();
+    for bn in 0..n {
+        for f in 0..oc {
+            for oh in 0..ho {
+                for ow in 0..wo {
+                    let mut acc = b.map_or(0.0, |b| b.data()[f] as f64);
+                    for ch in 0..c {
+                        for i in 0..kh {
+                            for j in 0..kw {
+                                let ih = (oh * o.stride.0 + i * o.dilation.0) as isize
+                                    - o.padding.0 as isize;
+                                let iw = (ow * o.stride.1 + j * o.dilation.1) as isize
+                                    - o.padding.1 as isize;
+                                if ih < 0 || iw < 0 || ih >= h as isize || iw >= wd as isize {
+                                    continue;
+                                }
+                                let xv =
+                                    x.data()[((bn * c + ch) * h + ih as usize) * wd + iw as usize];
+                                let wv = w.data()[((f * c + ch) * kh + i) * kw + j];
+                                acc += xv as f64 * wv as f64;
+                            }
+                        }
+                    }
+                    out.push(acc as f32);
+                }
+            }
+        }
+    }
+    Tensor::new(vec![n, oc, ho, wo], out).unwrap()
+}
+
+/// (N, C, H, W), (O, kh, kw), stride, padding, dilation, bias.
+type ConvCase = ([usize; 4], [usize; 3], Pair, Pair, Pair, bool);
+
+const CONV_CASES: &[ConvCase] = &[
+    ([2, 3, 8, 8], [4, 3, 3], (1, 1), (0, 0), (1, 1), true),
+    ([1, 1, 7, 5], [1, 1, 1], (1, 1), (0, 0), (1, 1), false), // 1x1 kernel, batch 1, channels 1
+    ([2, 3, 11, 13], [5, 3, 3], (2, 2), (1, 1), (1, 1), true), // primes, stride 2 with padding
+    ([1, 2, 9, 7], [3, 3, 2], (1, 1), (2, 1), (2, 2), false), // dilation 2
+    ([3, 2, 5, 5], [3, 5, 5], (1, 1), (0, 0), (1, 1), true),  // kernel as large as the input
+    ([1, 3, 4, 4], [2, 6, 6], (1, 1), (1, 1), (1, 1), true),  // as large as the padded input
+    ([2, 3, 10, 17], [7, 2, 5], (3, 2), (1, 2), (1, 3), true), // everything asymmetric
+    ([1, 5, 9, 9], [3, 1, 1], (2, 2), (0, 0), (1, 1), true),  // 1x1 kernel, stride 2
+    ([1, 1, 1, 1], [1, 1, 1], (1, 1), (0, 0), (1, 1), true),  // a single pixel
+    ([2, 8, 16, 16], [67, 3, 3], (1, 1), (1, 1), (1, 1), true), // past the 64x64 matmul tile
+];
+
+#[test]
+fn conv2d_reference_matches_direct_loops() {
+    for (k, &(xs, [oc, kh, kw], s, p, d, bias)) in CONV_CASES.iter().enumerate() {
+        let o = opts(s, p, d);
+        let ws = [oc, xs[1], kh, kw];
+        let (xv, wv, bv) = (
+            rand(&xs, 100 + k as u64),
+            rand(&ws, 200 + k as u64),
+            rand(&[oc], 300 + k as u64),
+        );
+        let g = Graph::new();
+        let x = g.input("x", xs);
+        let w = g.input("w", ws);
+        let b = g.input("b", [oc]);
+        let y = g.conv2d(x, w, bias.then_some(b), o).unwrap();
+        let got = cpu_run(&g, &[y], &[("x", &xv), ("w", &wv), ("b", &bv)]);
+        let want = naive_conv(&xv, &wv, bias.then_some(&bv), o);
+        common::assert_close(&format!("conv2d case {k}"), &got[0], &want, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn conv2d_gpu_matches_cpu() {
+    for (k, &(xs, [oc, kh, kw], s, p, d, bias)) in CONV_CASES.iter().enumerate() {
+        let o = opts(s, p, d);
+        let ws = [oc, xs[1], kh, kw];
+        let g = Graph::new();
+        let x = g.input("x", xs);
+        let w = g.input("w", ws);
+        let b = g.input("b", [oc]);
+        let y = g.conv2d(x, w, bias.then_some(b), o).unwrap();
+        // the columns on their own, too
+        let cols = g.im2col(x, (kh, kw), o).unwrap();
+        let (xv, wv, bv) = (
+            rand(&xs, 400 + k as u64),
+            rand(&ws, 500 + k as u64),
+            rand(&[oc], 600 + k as u64),
+        );
+        check_gpu_vs_cpu(
+            &format!("conv2d x {xs:?} w {ws:?} {o:?} bias {bias}"),
+            &g,
+            &[y, cols],
+            &[("x", &xv), ("w", &wv), ("b", &bv)],
+            TOL_REDUCTION,
+        );
+    }
+}
+
+#[test]
+fn col2im_gpu_matches_cpu_and_is_the_adjoint_of_im2col() {
+    for (k, &(xs, [_, kh, kw], s, p, d, _)) in CONV_CASES.iter().enumerate() {
+        let o = opts(s, p, d);
+        let g = Graph::new();
+        let x = g.input("x", xs);
+        let sx = g.shape(x);
+        let geom = ColGeometry::new("test", &sx, (kh, kw), o).unwrap();
+        let cs = geom.cols_shape(xs[0]);
+        let c = g.input("c", cs.clone());
+        let img = g.col2im(c, geom).unwrap();
+        let cols = g.im2col(x, (kh, kw), o).unwrap();
+        let (xv, cv) = (rand(&xs, 700 + k as u64), rand(cs.dims(), 800 + k as u64));
+        let feeds = [("x", &xv), ("c", &cv)];
+        check_gpu_vs_cpu(
+            &format!("col2im {xs:?} kernel {kh}x{kw} {o:?}"),
+            &g,
+            &[img],
+            &feeds,
+            TOL_REDUCTION,
+        );
+        // <im2col(x), c> == <x, col2im(c)>
+        let out = cpu_run(&g, &[cols, img], &feeds);
+        let dot = |a: &Tensor, b: &Tensor| -> f64 {
+            a.data()
+                .iter()
+                .zip(b.data())
+                .map(|(p, q)| *p as f64 * *q as f64)
+                .sum()
+        };
+        let (lhs, rhs) = (dot(&out[0], &cv), dot(&xv, &out[1]));
+        assert!(
+            (lhs - rhs).abs() <= 1e-4 * (1.0 + lhs.abs()),
+            "case {k}: <im2col(x), c> = {lhs}, <x, col2im(c)> = {rhs}"
+        );
+    }
+}
+
+#[test]
+fn conv2d_gradients() {
+    let cases: &[ConvCase] = &[
+        ([2, 2, 5, 6], [3, 3, 3], (2, 1), (1, 1), (1, 2), true),
+        ([1, 3, 4, 4], [2, 2, 2], (1, 1), (0, 0), (1, 1), true),
+        ([2, 1, 6, 5], [2, 3, 1], (1, 2), (1, 0), (2, 1), true),
+    ];
+    for (k, &(xs, [oc, kh, kw], s, p, d, _)) in cases.iter().enumerate() {
+        let o = opts(s, p, d);
+        let ws = [oc, xs[1], kh, kw];
+        let g = Graph::new();
+        let x = g.input("x", xs);
+        let w = g.input("w", ws);
+        let b = g.input("b", [oc]);
+        let y = g.conv2d(x, w, Some(b), o).unwrap();
+        let loss = random_projection(&g, y, 900 + k as u64);
+        let (xv, wv, bv) = (
+            rand(&xs, 910 + k as u64),
+            rand(&ws, 920 + k as u64),
+            rand(&[oc], 930 + k as u64),
+        );
+        gradcheck(
+            &format!("conv2d x {xs:?} w {ws:?} {o:?}"),
+            &g,
+            loss,
+            &[("x", x), ("w", w), ("b", b)],
+            &[("x", &xv), ("w", &wv), ("b", &bv)],
+            24,
+            TOL_REDUCTION,
+        );
+    }
+}
+
+/// (N, C, H, W), kernel, stride, padding.
+type PoolCase = ([usize; 4], Pair, Pair, Pair);
+
+const POOL_CASES: &[PoolCase] = &[
+    ([2, 3, 8, 8], (2, 2), (2, 2), (0, 0)),
+    ([1, 1, 7, 9], (3, 3), (2, 2), (1, 1)), // odd sizes, padding
+    ([2, 2, 11, 5], (3, 2), (1, 2), (1, 1)), // stride != kernel, asymmetric
+    ([1, 3, 5, 5], (5, 5), (1, 1), (2, 2)), // padding of half the kernel
+    ([3, 1, 13, 13], (2, 2), (3, 3), (0, 0)), // stride > kernel: skipped inputs
+    ([1, 2, 6, 7], (4, 3), (1, 1), (2, 1)),
+    ([1, 1, 3, 3], (3, 3), (1, 1), (0, 0)), // one window, the whole input
+    ([2, 4, 23, 19], (3, 3), (2, 2), (1, 1)), // more than one 256-thread workgroup
+];
+
+#[test]
+fn pooling_gpu_matches_cpu() {
+    for (k, &(xs, kernel, stride, padding)) in POOL_CASES.iter().enumerate() {
+        let g = Graph::new();
+        let x = g.input("x", xs);
+        let ym = g.max_pool2d(x, kernel, stride, padding).unwrap();
+        let ya = g.avg_pool2d(x, kernel, stride, padding).unwrap();
+        let ys = g.shape(ym);
+        let dy = g.input("dy", ys.clone());
+        let pool = Pool2d {
+            kernel,
+            stride,
+            padding,
+        };
+        let dxm = g.max_pool2d_backward(x, dy, pool).unwrap();
+        let dxa = g.avg_pool2d_backward(dy, (xs[2], xs[3]), pool).unwrap();
+        let (xv, dyv) = (rand(&xs, 1000 + k as u64), rand(ys.dims(), 1100 + k as u64));
+        let what = format!("pool {xs:?} kernel {kernel:?} stride {stride:?} padding {padding:?}");
+        let feeds = [("x", &xv), ("dy", &dyv)];
+        check_gpu_vs_cpu(&format!("{what} max"), &g, &[ym], &feeds, TOL_ELEMENTWISE);
+        check_gpu_vs_cpu(
+            &format!("{what} avg and backward"),
+            &g,
+            &[ya, dxm, dxa],
+            &feeds,
+            TOL_REDUCTION,
+        );
+        // the backward ops are the adjoints: <max(x)', dy> sums to <dy> over the windows, and
+        // <avg_pool(x), dy> == <x, avg_pool2d_backward(dy)>
+        let out = cpu_run(&g, &[ya, dxm, dxa], &feeds);
+        let dot = |a: &Tensor, b: &Tensor| -> f64 {
+            a.data()
+                .iter()
+                .zip(b.data())
+                .map(|(p, q)| *p as f64 * *q as f64)
+                .sum()
+        };
+        let sum = |a: &Tensor| -> f64 { a.data().iter().map(|&v| v as f64).sum() };
+        let (lhs, rhs) = (dot(&out[0], &dyv), dot(&xv, &out[2]));
+        assert!(
+            (lhs - rhs).abs() <= 1e-4 * (1.0 + lhs.abs()),
+            "{what}: avg adjoint {lhs} vs {rhs}"
+        );
+        assert!(
+            (sum(&out[1]) - sum(&dyv)).abs() <= 1e-4,
+            "{what}: max backward loses gradient"
+        );
+    }
+}
+
+#[test]
+fn pooling_hand_worked_examples() {
+    // 4x4 ramp, 2x2 windows, stride 2
+    let g = Graph::new();
+    let x = g.input("x", [1, 1, 4, 4]);
+    let m = g.max_pool2d(x, (2, 2), (2, 2), (0, 0)).unwrap();
+    let a = g.avg_pool2d(x, (2, 2), (2, 2), (0, 0)).unwrap();
+    let ramp = Tensor::new(vec![1, 1, 4, 4], (1..=16).map(|v| v as f32).collect()).unwrap();
+    let out = cpu_run(&g, &[m, a], &[("x", &ramp)]);
+    assert_eq!(out[0].data(), &[6.0, 8.0, 14.0, 16.0]);
+    assert_eq!(out[1].data(), &[3.5, 5.5, 11.5, 13.5]);
+    check_gpu_vs_cpu("ramp pools", &g, &[m, a], &[("x", &ramp)], TOL_ELEMENTWISE);
+
+    // average pooling counts the padding; max pooling ignores it (all inputs negative)
+    let g = Graph::new();
+    let x = g.input("x", [1, 1, 2, 2]);
+    let a = g.avg_pool2d(x, (2, 2), (1, 1), (1, 1)).unwrap();
+    let m = g.max_pool2d(x, (2, 2), (1, 1), (1, 1)).unwrap();
+    let ones = Tensor::full([1, 1, 2, 2], -1.0);
+    let out = cpu_run(&g, &[a, m], &[("x", &ones)]);
+    assert_eq!(g.shape(a).dims(), &[1, 1, 3, 3]);
+    assert_eq!(
+        out[0].data(),
+        &[-0.25, -0.5, -0.25, -0.5, -1.0, -0.5, -0.25, -0.5, -0.25]
+    );
+    assert_eq!(out[1].data(), &[-1.0; 9]);
+    check_gpu_vs_cpu(
+        "padded pools",
+        &g,
+        &[a, m],
+        &[("x", &ones)],
+        TOL_ELEMENTWISE,
+    );
+
+    // ties: the first maximum in row-major window order takes the gradient (as torch)
+    let g = Graph::new();
+    let x = g.input("x", [1, 1, 3, 3]);
+    let y = g.max_pool2d(x, (2, 2), (1, 1), (0, 0)).unwrap();
+    let loss = g.sum_all(y).unwrap();
+    let dx = g.grad(loss, &[x]).unwrap()[0];
+    let flat = Tensor::zeros([1, 1, 3, 3]);
+    let out = cpu_run(&g, &[dx], &[("x", &flat)]);
+    assert_eq!(
+        out[0].data(),
+        &[1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    );
+    check_gpu_vs_cpu("max pool ties", &g, &[dx], &[("x", &flat)], TOL_ELEMENTWISE);
+}
+
+/// The values `0.1 * k` for k in 0..n, shuffled by a seed: distinct, 0.1 apart, so no finite
+/// difference step of 1e-2 changes a window's argmax.
+fn spaced_permutation(shape: &[usize], seed: u64) -> Tensor {
+    let keys = Tensor::rand_uniform(shape.to_vec(), 0.0, 1.0, seed);
+    let mut order: Vec<usize> = (0..keys.numel()).collect();
+    order.sort_by(|&a, &b| keys.data()[a].total_cmp(&keys.data()[b]));
+    let mut data = vec![0f32; keys.numel()];
+    for (rank, &i) in order.iter().enumerate() {
+        data[i] = 0.1 * rank as f32 - 2.0;
+    }
+    Tensor::new(shape.to_vec(), data).unwrap()
+}
+
+#[test]
+fn pooling_gradients() {
+    let cases: &[PoolCase] = &[
+        ([2, 2, 5, 5], (3, 3), (2, 2), (1, 1)),
+        ([1, 2, 4, 6], (2, 3), (1, 2), (1, 1)),
+        ([1, 1, 7, 5], (2, 2), (3, 2), (0, 0)),
+    ];
+    for (k, &(xs, kernel, stride, padding)) in cases.iter().enumerate() {
+        let what = format!("{xs:?} kernel {kernel:?} stride {stride:?} padding {padding:?}");
+        let g = Graph::new();
+        let x = g.input("x", xs);
+        let y = g.max_pool2d(x, kernel, stride, padding).unwrap();
+        let loss = random_projection(&g, y, 1200 + k as u64);
+        let xv = spaced_permutation(&xs, 1300 + k as u64);
+        gradcheck(
+            &format!("max_pool2d {what}"),
+            &g,
+            loss,
+            &[("x", x)],
+            &[("x", &xv)],
+            40,
+            TOL_REDUCTION,
+        );
+
+        let g = Graph::new();
+        let x = g.input("x", xs);
+        let y = g.avg_pool2d(x, kernel, stride, padding).unwrap();
+        let loss = random_projection(&g, y, 1400 + k as u64);
+        gradcheck(
+            &format!("avg_pool2d {what}"),
+            &g,
+            loss,
+            &[("x", x)],
+            &[("x", &rand(&xs, 1500 + k as u64))],
+            40,
+            TOL_REDUCTION,
+        );
+    }
+}
+
+#[test]
+fn small_cnn_gradients_gpu_matches_cpu() {
+    // conv -> relu -> max pool -> conv (stride 2, padding) -> avg pool -> loss
+    let g = Graph::new();
+    let x = g.input("x", [2, 1, 12, 12]);
+    let w1 = g.input("w1", [4, 1, 3, 3]);
+    let b1 = g.input("b1", [4]);
+    let w2 = g.input("w2", [3, 4, 3, 3]);
+    let h = g
+        .relu(g.conv2d(x, w1, Some(b1), Conv2dOpts::default()).unwrap())
+        .unwrap();
+    let h = g.max_pool2d(h, (2, 2), (2, 2), (0, 0)).unwrap();
+    let h = g.conv2d(h, w2, None, opts((2, 2), (1, 1), (1, 1))).unwrap();
+    let y = g.avg_pool2d(h, (2, 2), (1, 1), (1, 1)).unwrap();
+    assert_eq!(g.shape(y).dims(), &[2, 3, 4, 4]);
+    let loss = random_projection(&g, y, 1600);
+    let grads = g.grad(loss, &[x, w1, b1, w2]).unwrap();
+    let (xv, w1v, b1v, w2v) = (
+        rand(&[2, 1, 12, 12], 1601),
+        rand(&[4, 1, 3, 3], 1602),
+        rand(&[4], 1603),
+        rand(&[3, 4, 3, 3], 1604),
+    );
+    let mut outs = vec![loss];
+    outs.extend(grads);
+    check_gpu_vs_cpu(
+        "small cnn",
+        &g,
+        &outs,
+        &[("x", &xv), ("w1", &w1v), ("b1", &b1v), ("w2", &w2v)],
+        TOL_REDUCTION,
+    );
+}
+
+#[test]
+fn second_derivative_through_max_pool_is_refused() {
+    let g = Graph::new();
+    let x = g.input("x", [1, 1, 4, 4]);
+    let y = g.max_pool2d(x, (2, 2), (2, 2), (0, 0)).unwrap();
+    let dx = g
+        .grad(g.sum_all(g.square(y).unwrap()).unwrap(), &[x])
+        .unwrap()[0];
+    let e = g.grad(g.sum_all(dx).unwrap(), &[x]).unwrap_err();
+    assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+    // average pooling's backward is linear and has its own backward
+    let y = g.avg_pool2d(x, (2, 2), (1, 1), (1, 1)).unwrap();
+    let dx = g
+        .grad(g.sum_all(g.square(y).unwrap()).unwrap(), &[x])
+        .unwrap()[0];
+    assert!(g
+        .grad(g.sum_all(g.square(dx).unwrap()).unwrap(), &[x])
+        .is_ok());
+}
+
+fn shape_msg(e: Error) -> String {
+    assert!(
+        matches!(e, Error::Shape { .. }),
+        "expected a shape error, got {e:?}"
+    );
+    e.to_string()
+}
+
+#[test]
+fn conv2d_shape_errors() {
+    let g = Graph::new();
+    let x = g.input("x", [1, 3, 8, 8]);
+    let w = g.input("w", [4, 2, 3, 3]);
+    let d = Conv2dOpts::default();
+    assert_eq!(
+        shape_msg(g.conv2d(x, w, None, d).unwrap_err()),
+        "conv2d: input [1, 3, 8, 8] and weight [4, 2, 3, 3]: input channels 3 and 2 differ"
+    );
+    let small = g.input("small", [1, 1, 3, 3]);
+    let big = g.input("big", [1, 1, 5, 5]);
+    let m = shape_msg(g.conv2d(small, big, None, d).unwrap_err());
+    assert!(
+        m.starts_with("conv2d: input [1, 1, 3, 3] and weight [1, 1, 5, 5]"),
+        "{m}"
+    );
+    assert!(m.contains("larger than the padded input 3x3"), "{m}");
+    // padding makes it fit; dilation makes it too large again
+    assert!(g
+        .conv2d(small, big, None, opts((1, 1), (1, 1), (1, 1)))
+        .is_ok());
+    let w3 = g.input("w3", [1, 1, 3, 3]);
+    let m = shape_msg(
+        g.conv2d(small, w3, None, opts((1, 1), (0, 0), (2, 1)))
+            .unwrap_err(),
+    );
+    assert!(m.contains("kernel 3x3 (dilated 5x3)"), "{m}");
+    for bad in [opts((0, 1), (0, 0), (1, 1)), opts((1, 1), (0, 0), (1, 0))] {
+        let m = shape_msg(g.conv2d(small, w3, None, bad).unwrap_err());
+        assert!(m.contains("must be positive"), "{m}");
+    }
+    let w4 = g.input("w4", [4, 3, 3, 3]);
+    let b3 = g.input("b3", [3]);
+    assert_eq!(
+        shape_msg(g.conv2d(x, w4, Some(b3), d).unwrap_err()),
+        "conv2d: weight [4, 3, 3, 3] and bias [3]: the bias must have shape [4]"
+    );
+    let b2d = g.input("b2d", [4, 1]);
+    assert!(shape_msg(g.conv2d(x, w4, Some(b2d), d).unwrap_err()).contains("must have shape [4]"));
+    let x3 = g.input("x3", [3, 8, 8]);
+    let m = shape_msg(g.conv2d(x3, w4, None, d).unwrap_err());
+    assert!(m.contains("input must have rank 4"), "{m}");
+    let wr = g.input("wr", [4, 3, 9]);
+    let m = shape_msg(g.conv2d(x, wr, None, d).unwrap_err());
+    assert!(m.contains("weight must have rank 4"), "{m}");
+    // the output shape
+    let y = g.conv2d(x, w4, None, opts((2, 3), (1, 2), (1, 2))).unwrap();
+    assert_eq!(g.shape(y).dims(), &[1, 4, 4, 3]);
+    // col2im checks its columns against its geometry
+    let geom = ColGeometry::new("test", &g.shape(x), (3, 3), d).unwrap();
+    let wrong = g.input("cols", [1, 27, 35]);
+    let m = shape_msg(g.col2im(wrong, geom).unwrap_err());
+    assert!(
+        m.starts_with("col2im: columns [1, 27, 35]") && m.contains("[1, 27, 36]"),
+        "{m}"
+    );
+}
+
+#[test]
+fn pooling_shape_errors() {
+    let g = Graph::new();
+    let x = g.input("x", [1, 2, 6, 6]);
+    let m = shape_msg(g.max_pool2d(x, (3, 3), (1, 1), (2, 1)).unwrap_err());
+    assert!(
+        m.starts_with("max_pool2d: input [1, 2, 6, 6], kernel (3, 3)")
+            && m.contains("padding must be at most half the kernel"),
+        "{m}"
+    );
+    let m = shape_msg(g.avg_pool2d(x, (7, 2), (1, 1), (0, 0)).unwrap_err());
+    assert!(
+        m.starts_with("avg_pool2d:") && m.contains("larger than the padded input 6x6"),
+        "{m}"
+    );
+    let m = shape_msg(g.avg_pool2d(x, (2, 2), (0, 1), (0, 0)).unwrap_err());
+    assert!(m.contains("must be positive"), "{m}");
+    let v = g.input("v", [2, 6, 6]);
+    let m = shape_msg(g.max_pool2d(v, (2, 2), (2, 2), (0, 0)).unwrap_err());
+    assert!(m.contains("rank 4"), "{m}");
+    // floor mode: 6 + 2 - 3 = 5, / 2 = 2, + 1 = 3
+    let y = g.max_pool2d(x, (3, 3), (2, 2), (1, 1)).unwrap();
+    assert_eq!(g.shape(y).dims(), &[1, 2, 3, 3]);
+    let pool = Pool2d {
+        kernel: (3, 3),
+        stride: (2, 2),
+        padding: (1, 1),
+    };
+    let m = shape_msg(g.max_pool2d_backward(x, x, pool).unwrap_err());
+    assert!(
+        m.contains("pools to [1, 2, 3, 3], the gradient has shape [1, 2, 6, 6]"),
+        "{m}"
+    );
+}
