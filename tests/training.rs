@@ -1,0 +1,323 @@
+//! Training: losses, dropout and the fused optimizer kernels on the GPU against the CPU reference;
+//! the update rules against torch.optim's textbook formulas; a training step is one plan whose
+//! loss goes down; schedules.
+
+mod common;
+
+use common::{assert_close, check_gpu_vs_cpu, gpu, gradcheck, rand};
+use kiln::nn::{Init, Linear, Optimizer, Schedule, TrainStep};
+use kiln::ops::TOL_REDUCTION;
+use kiln::{Device, Graph, Tensor};
+
+#[test]
+fn cross_entropy_matches_and_differentiates() {
+    let g = Graph::new();
+    let x = g.input("x", [7, 5]);
+    let y = g.input("y", [7]);
+    let loss = g.cross_entropy(x, y).unwrap();
+    let labels = Tensor::new([7], vec![0., 4., 2., 2., 1., 3., 0.]).unwrap();
+    let logits = Tensor::rand_uniform(vec![7, 5], -3.0, 3.0, 1);
+    check_gpu_vs_cpu(
+        "cross_entropy",
+        &g,
+        &[loss],
+        &[("x", &logits), ("y", &labels)],
+        TOL_REDUCTION,
+    );
+    gradcheck(
+        "cross_entropy",
+        &g,
+        loss,
+        &[("x", x)],
+        &[("x", &logits), ("y", &labels)],
+        35,
+        TOL_REDUCTION,
+    );
+    // the same as log_softmax + pick, and stable for huge logits
+    let big = Tensor::new([7, 5], (0..35).map(|i| (i as f32 - 17.0) * 100.0).collect()).unwrap();
+    let mut plan = Device::cpu().compile(&g, &[loss]).unwrap();
+    let v = plan.run(&[("x", &big), ("y", &labels)]).unwrap()[0].data()[0];
+    assert!(v.is_finite(), "{v}");
+    // a label out of range gives NaN rather than a wrong number
+    let bad = Tensor::new([7], vec![0., 5., 2., 2., 1., 3., 0.]).unwrap();
+    assert!(plan.run(&[("x", &logits), ("y", &bad)]).unwrap()[0].data()[0].is_nan());
+    if let Some(dev) = gpu() {
+        let mut p = dev.compile(&g, &[loss]).unwrap();
+        assert!(p.run(&[("x", &logits), ("y", &bad)]).unwrap()[0].data()[0].is_nan());
+    }
+}
+
+#[test]
+fn mse_and_bce_losses() {
+    let g = Graph::new();
+    let a = g.input("a", [4, 3]);
+    let b = g.input("b", [4, 3]);
+    let mse = g.mse_loss(a, b).unwrap();
+    let bce = g.bce_with_logits(a, b).unwrap();
+    let av = Tensor::rand_uniform(vec![4, 3], -30.0, 30.0, 2);
+    let bv = Tensor::rand_uniform(vec![4, 3], 0.0, 1.0, 3);
+    check_gpu_vs_cpu(
+        "losses",
+        &g,
+        &[mse, bce],
+        &[("a", &av), ("b", &bv)],
+        TOL_REDUCTION,
+    );
+    let small = rand(&[4, 3], 4);
+    gradcheck(
+        "bce",
+        &g,
+        bce,
+        &[("a", a)],
+        &[("a", &small), ("b", &bv)],
+        12,
+        TOL_REDUCTION,
+    );
+    gradcheck(
+        "mse",
+        &g,
+        mse,
+        &[("a", a), ("b", b)],
+        &[("a", &small), ("b", &bv)],
+        12,
+        TOL_REDUCTION,
+    );
+    // reference values: bce(0, 1) = ln 2
+    let mut plan = Device::cpu().compile(&g, &[bce]).unwrap();
+    let v = plan
+        .run(&[
+            ("a", &Tensor::zeros([4, 3])),
+            ("b", &Tensor::full([4, 3], 1.0)),
+        ])
+        .unwrap();
+    assert!((v[0].data()[0] - std::f32::consts::LN_2).abs() < 1e-6);
+}
+
+#[test]
+fn dropout_masks_agree_bit_for_bit() {
+    let g = Graph::new();
+    let x = g.input("x", [3000]);
+    let d = kiln::nn::dropout(&g, x, 0.3, 1).unwrap();
+    let xv = Tensor::full([3000], 1.0);
+    let seed = Tensor::full([1], 12345.0);
+    check_gpu_vs_cpu(
+        "dropout",
+        &g,
+        &[d],
+        &[("x", &xv), ("dropout.seed", &seed)],
+        (0.0, 0.0),
+    );
+    let mut plan = Device::cpu().compile(&g, &[d]).unwrap();
+    let out = plan.run(&[("x", &xv), ("dropout.seed", &seed)]).unwrap();
+    let dropped = out[0].data().iter().filter(|&&v| v == 0.0).count();
+    assert!(
+        (800..1000).contains(&dropped),
+        "dropped {dropped} of 3000 at p = 0.3"
+    );
+    assert!(out[0]
+        .data()
+        .iter()
+        .all(|&v| v == 0.0 || (v - 1.0 / 0.7).abs() < 1e-6));
+    // another seed, another mask; the backward uses the forward's mask
+    let other = plan
+        .run(&[("x", &xv), ("dropout.seed", &Tensor::full([1], 7.0))])
+        .unwrap();
+    assert_ne!(out[0].data(), other[0].data());
+    let loss = common::random_projection(&g, d, 5);
+    gradcheck(
+        "dropout",
+        &g,
+        loss,
+        &[("x", x)],
+        &[("x", &rand(&[3000], 6)), ("dropout.seed", &seed)],
+        30,
+        TOL_REDUCTION,
+    );
+}
+
+/// A tiny regression model trained for a few steps with `opt` on `dev`; returns the parameters.
+fn train_tiny(dev: &Device, opt: Optimizer, steps: usize) -> Vec<Tensor> {
+    let g = Graph::new();
+    let x = g.input("x", [8, 5]);
+    let t = g.input("t", [8, 3]);
+    let mut init = Init::new(1);
+    let fc1 = Linear::new("fc1", 5, 6, &mut init);
+    let fc2 = Linear::new("fc2", 6, 3, &mut init);
+    let (h, p1) = fc1.apply(&g, x).unwrap();
+    let (y, p2) = fc2.apply(&g, g.tanh(h).unwrap()).unwrap();
+    let loss = g.mse_loss(y, t).unwrap();
+    let params: Vec<_> = p1.iter().chain(&p2).copied().collect();
+    let mut step = TrainStep::new(dev, &g, loss, &params, opt, 0).unwrap();
+    for i in 0..steps {
+        let xv = rand(&[8, 5], 100 + i as u64);
+        let tv = rand(&[8, 3], 200 + i as u64);
+        step.step(&[("x", &xv), ("t", &tv)], i % 2 == 0).unwrap();
+    }
+    [
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+        "optim.fc1.weight.exp_avg",
+    ]
+    .iter()
+    .filter_map(|n| dev.param(n).ok())
+    .collect()
+}
+
+#[test]
+fn optimizer_steps_match_between_gpu_and_cpu() {
+    let Some(dev0) = gpu() else { return };
+    let _ = dev0;
+    let opts = [
+        Optimizer::sgd(0.1),
+        Optimizer::sgd_momentum(0.05, 0.9, false)
+            .weight_decay(1e-2)
+            .dampening(0.1),
+        Optimizer::sgd_momentum(0.05, 0.9, true),
+        Optimizer::adam(1e-2).weight_decay(1e-3).clip_grad_norm(0.5),
+        Optimizer::adamw(1e-2, 0.1)
+            .schedule(Schedule::Cosine {
+                t_max: 5,
+                eta_min: 1e-3,
+            })
+            .warmup(2),
+    ];
+    for opt in opts {
+        // fresh devices: parameters start from the same seeded init on both
+        let gdev = Device::gpu().unwrap();
+        let cdev = Device::cpu();
+        let a = train_tiny(&gdev, opt.clone(), 6);
+        let b = train_tiny(&cdev, opt.clone(), 6);
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_close(&format!("{:?}", opt.rule), x, y, 1e-5, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn update_rules_follow_torch_optim() {
+    // one parameter vector, gradient of 0.5 * |p|^2 is p itself: compare 3 steps with the
+    // textbook formulas of torch.optim's documentation, in f64
+    let p0 = [0.5f64, -1.0, 2.0];
+    let run = |opt: Optimizer| -> Vec<f32> {
+        let dev = Device::cpu();
+        let g = Graph::new();
+        let p = g.param_init(
+            "p",
+            Tensor::new([3], p0.iter().map(|&v| v as f32).collect()).unwrap(),
+        );
+        let loss = g
+            .mul_scalar(g.sum_all(g.square(p).unwrap()).unwrap(), 0.5)
+            .unwrap();
+        let mut step = TrainStep::new(&dev, &g, loss, &[p], opt, 0).unwrap();
+        for _ in 0..3 {
+            step.step(&[], false).unwrap();
+        }
+        dev.param("p").unwrap().into_data()
+    };
+    // SGD, momentum 0.9, dampening 0, nesterov, weight decay 0.1
+    let (lr, mu, wd) = (0.1, 0.9, 0.1);
+    let mut p = p0;
+    let mut b = [0f64; 3];
+    for t in 0..3 {
+        for i in 0..3 {
+            let g = p[i] + wd * p[i];
+            b[i] = if t == 0 { g } else { mu * b[i] + g };
+            p[i] -= lr * (g + mu * b[i]);
+        }
+    }
+    let got = run(Optimizer::sgd_momentum(0.1, 0.9, true).weight_decay(0.1));
+    for i in 0..3 {
+        assert!((got[i] as f64 - p[i]).abs() < 1e-6, "sgd: {got:?} vs {p:?}");
+    }
+    // Adam and AdamW, lr 0.1, betas (0.9, 0.999), eps 1e-8, weight decay 0.01
+    for decoupled in [false, true] {
+        let (lr, b1, b2, eps, wd) = (0.1, 0.9, 0.999, 1e-8, 0.01);
+        let mut p = p0;
+        let (mut m, mut v) = ([0f64; 3], [0f64; 3]);
+        for t in 1..=3 {
+            for i in 0..3 {
+                let mut g = p[i];
+                if decoupled {
+                    p[i] *= 1.0 - lr * wd;
+                } else {
+                    g += wd * p[i];
+                }
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let mh = m[i] / (1.0 - b1.powi(t));
+                let vh = v[i] / (1.0 - b2.powi(t));
+                p[i] -= lr * mh / (vh.sqrt() + eps);
+            }
+        }
+        let opt = if decoupled {
+            Optimizer::adamw(0.1, 0.01)
+        } else {
+            Optimizer::adam(0.1).weight_decay(0.01)
+        };
+        let got = run(opt);
+        for i in 0..3 {
+            assert!(
+                (got[i] as f64 - p[i]).abs() < 1e-5,
+                "adam decoupled={decoupled}: {got:?} vs {p:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_training_step_is_one_plan_and_the_loss_goes_down() {
+    let Some(dev) = gpu() else { return };
+    // a small CNN on random data with fixed labels: the loss must fall
+    let g = Graph::new();
+    let x = g.input("x", [16, 1, 8, 8]);
+    let y = g.input("y", [16]);
+    let mut init = Init::new(3);
+    let conv = kiln::nn::Conv2d::new("conv1", 1, 4, (3, 3), Default::default(), &mut init);
+    let fc = Linear::new("fc", 4 * 3 * 3, 3, &mut init);
+    let (h, pc) = conv.apply(&g, x).unwrap();
+    let h = g
+        .max_pool2d(g.relu(h).unwrap(), (2, 2), (2, 2), (0, 0))
+        .unwrap();
+    let (logits, pf) = fc.apply(&g, g.flatten(h).unwrap()).unwrap();
+    let loss = g.cross_entropy(logits, y).unwrap();
+    let params: Vec<_> = pc.iter().chain(&pf).copied().collect();
+    let mut step = TrainStep::new(&dev, &g, loss, &params, Optimizer::adam(1e-2), 0).unwrap();
+    let info = step.plan().info();
+    assert!(
+        info.dispatches > 10,
+        "forward, backward and update in one plan: {info}"
+    );
+    let xv = rand(&[16, 1, 8, 8], 9);
+    let yv = Tensor::new([16], (0..16).map(|i| (i % 3) as f32).collect()).unwrap();
+    let first = step.step(&[("x", &xv), ("y", &yv)], true).unwrap().unwrap();
+    for _ in 0..40 {
+        step.step(&[("x", &xv), ("y", &yv)], false).unwrap();
+    }
+    let last = step.step(&[("x", &xv), ("y", &yv)], true).unwrap().unwrap();
+    assert!(last < first * 0.5, "loss {first} -> {last}");
+}
+
+#[test]
+fn schedules() {
+    let o = Optimizer::sgd(1.0).schedule(Schedule::Step {
+        step_size: 2,
+        gamma: 0.5,
+    });
+    assert_eq!(
+        (0..5).map(|t| o.lr_at(t)).collect::<Vec<_>>(),
+        [1.0, 1.0, 0.5, 0.5, 0.25]
+    );
+    let o = Optimizer::sgd(1.0).schedule(Schedule::Cosine {
+        t_max: 4,
+        eta_min: 0.0,
+    });
+    assert!((o.lr_at(2) - 0.5).abs() < 1e-6 && o.lr_at(4).abs() < 1e-6 && o.lr_at(0) == 1.0);
+    let o = Optimizer::sgd(1.0).warmup(4);
+    assert_eq!(
+        (0..5).map(|t| o.lr_at(t)).collect::<Vec<_>>(),
+        [0.25, 0.5, 0.75, 1.0, 1.0]
+    );
+}
