@@ -321,3 +321,53 @@ fn schedules() {
         [0.25, 0.5, 0.75, 1.0, 1.0]
     );
 }
+
+#[test]
+fn cnn_training_steps_match_between_gpu_and_cpu() {
+    use kiln::nn::{Act, Conv2d, Sequential};
+    if gpu().is_none() {
+        return;
+    }
+    let build = || {
+        let mut init = Init::new(5);
+        Sequential::new()
+            .layer(Conv2d::new(
+                "conv1",
+                1,
+                3,
+                (3, 3),
+                Default::default(),
+                &mut init,
+            ))
+            .act(Act::Relu)
+            .act(Act::MaxPool(2))
+            .act(Act::Flatten)
+            .act(Act::Dropout(0.25, 1))
+            .layer(Linear::new("fc", 3 * 3 * 3, 4, &mut init))
+    };
+    let run = |dev: &Device| -> Vec<Tensor> {
+        let model = build();
+        let g = Graph::new();
+        let x = g.input("x", [4, 1, 8, 8]);
+        let y = g.input("y", [4]);
+        let (logits, params) = model.apply(&g, x, true).unwrap();
+        let loss = g.cross_entropy(logits, y).unwrap();
+        let mut step = TrainStep::new(dev, &g, loss, &params, Optimizer::adam(1e-2), 7).unwrap();
+        let yv = Tensor::new([4], vec![0., 1., 2., 3.]).unwrap();
+        for i in 0..3 {
+            step.step(&[("x", &rand(&[4, 1, 8, 8], 40 + i)), ("y", &yv)], false)
+                .unwrap();
+        }
+        model
+            .param_names()
+            .iter()
+            .map(|n| dev.param(n).unwrap())
+            .collect()
+    };
+    let a = run(&Device::gpu().unwrap());
+    let b = run(&Device::cpu());
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert_close("cnn step", x, y, 1e-5, 1e-3);
+    }
+}

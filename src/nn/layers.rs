@@ -104,3 +104,108 @@ pub fn dropout(g: &Graph, x: NodeId, p: f32, salt: u32) -> Result<NodeId> {
 
 /// Name of the seed input that `dropout` layers share.
 pub const DROPOUT_SEED: &str = "dropout.seed";
+
+/// Anything that maps one tensor to another inside a graph, with named parameters.
+pub trait Layer {
+    /// Applies the layer; returns the output and the parameter nodes it used.
+    fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)>;
+    /// Names of its parameters, as in a PyTorch state_dict.
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl Layer for Linear {
+    fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+        self.apply(g, x).map(|(y, p)| (y, p.to_vec()))
+    }
+    fn names(&self) -> Vec<String> {
+        self.param_names()
+    }
+}
+
+impl Layer for Conv2d {
+    fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+        self.apply(g, x).map(|(y, p)| (y, p.to_vec()))
+    }
+    fn names(&self) -> Vec<String> {
+        self.param_names()
+    }
+}
+
+/// A parameter-free step of a [`Sequential`]: an activation, pooling, flatten or dropout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Act {
+    Relu,
+    Sigmoid,
+    Tanh,
+    Gelu,
+    Flatten,
+    /// Max pooling with kernel = stride.
+    MaxPool(usize),
+    /// Dropout with this probability in training graphs, identity in evaluation graphs; the `u32`
+    /// is its salt (distinct per dropout layer).
+    Dropout(f32, u32),
+}
+
+/// A chain of layers applied in order (`torch.nn.Sequential`), built for training (dropout on)
+/// or evaluation (dropout off).
+#[derive(Default)]
+pub struct Sequential {
+    steps: Vec<Step>,
+}
+
+enum Step {
+    Layer(Box<dyn Layer>),
+    Act(Act),
+}
+
+impl Sequential {
+    /// An empty chain.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Appends a layer with parameters.
+    pub fn layer(mut self, l: impl Layer + 'static) -> Self {
+        self.steps.push(Step::Layer(Box::new(l)));
+        self
+    }
+    /// Appends a parameter-free step.
+    pub fn act(mut self, a: Act) -> Self {
+        self.steps.push(Step::Act(a));
+        self
+    }
+    /// Every parameter name, in order.
+    pub fn param_names(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .flat_map(|s| match s {
+                Step::Layer(l) => l.names(),
+                Step::Act(_) => Vec::new(),
+            })
+            .collect()
+    }
+    /// Applies the chain; `train` turns dropout on. Returns the output and the parameter nodes.
+    pub fn apply(&self, g: &Graph, x: NodeId, train: bool) -> Result<(NodeId, Vec<NodeId>)> {
+        let mut h = x;
+        let mut params = Vec::new();
+        for s in &self.steps {
+            h = match s {
+                Step::Layer(l) => {
+                    let (y, p) = l.apply_layer(g, h)?;
+                    params.extend(p);
+                    y
+                }
+                Step::Act(Act::Relu) => g.relu(h)?,
+                Step::Act(Act::Sigmoid) => g.sigmoid(h)?,
+                Step::Act(Act::Tanh) => g.tanh(h)?,
+                Step::Act(Act::Gelu) => g.gelu(h)?,
+                Step::Act(Act::Flatten) => g.flatten(h)?,
+                Step::Act(Act::MaxPool(k)) => g.max_pool2d(h, (*k, *k), (*k, *k), (0, 0))?,
+                Step::Act(Act::Dropout(p, salt)) if train => dropout(g, h, *p, *salt)?,
+                Step::Act(Act::Dropout(..)) => h,
+            };
+        }
+        Ok((h, params))
+    }
+}

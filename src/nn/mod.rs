@@ -7,6 +7,6 @@ pub mod optim;
 pub mod train;
 
 pub use init::Init;
-pub use layers::{dropout, Conv2d, Linear};
+pub use layers::{dropout, Act, Conv2d, Layer, Linear, Sequential};
 pub use optim::{Optimizer, Schedule};
 pub use train::TrainStep;
