@@ -46,3 +46,71 @@ fn gather(
     let c0 = r;
     out[i] = a[c0 * S0 + c1 * S1 + c2 * S2 + c3 * S3 + c4 * S4 + c5 * S5];
 }
+
+// ---- axis_copy: narrow, pad and concat along one axis ----
+// The output is viewed as [OUTER, AX_OUT, INNER]; output position c along the axis reads input a at
+// c - A_START when that lies in [0, AX_A), else input b at c - B_START when in [0, AX_B), else 0.
+// narrow: A_START = -start; pad: A_START = before; concat: A_START = 0, B_START = AX_A.
+// Bindings, entry `axis_copy1`: 0 a (read), 1 out (read_write; shared binding number with `b`,
+// which that entry does not use). Entry `axis_copy2`: 0 a, 1 b (read), 2 out2 (read_write).
+// Dispatch: ceil(N / 256) workgroups of 256 threads, folded into (x <= 65535, y).
+
+override INNER: u32 = 1u;
+override AX_OUT: u32 = 1u;
+override AX_A: u32 = 1u;
+override AX_B: u32 = 1u;
+override A_START: i32 = 0;
+override B_START: i32 = 0;
+
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out2: array<f32>;
+
+struct AxisPos {
+    outer: u32,
+    c: i32,
+    inner: u32,
+}
+
+fn axis_pos(i: u32) -> AxisPos {
+    return AxisPos(i / (INNER * AX_OUT), i32((i / INNER) % AX_OUT), i % INNER);
+}
+
+fn from_a(p: AxisPos) -> f32 {
+    let ca = p.c - A_START;
+    if ca >= 0 && ca < i32(AX_A) {
+        return a[(p.outer * AX_A + u32(ca)) * INNER + p.inner];
+    }
+    return 0.0;
+}
+
+@compute @workgroup_size(256)
+fn axis_copy1(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= N {
+        return;
+    }
+    out[i] = from_a(axis_pos(i));
+}
+
+@compute @workgroup_size(256)
+fn axis_copy2(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= N {
+        return;
+    }
+    let p = axis_pos(i);
+    let cb = p.c - B_START;
+    if cb >= 0 && cb < i32(AX_B) {
+        out2[i] = b[(p.outer * AX_B + u32(cb)) * INNER + p.inner];
+    } else {
+        out2[i] = from_a(p);
+    }
+}

@@ -552,6 +552,53 @@ impl Graph {
         self.reshape(h, &dims)
     }
 
+    /// The slice `start..start + len` of axis `axis` (negative axis counts from the end).
+    pub fn narrow(&self, a: NodeId, axis: isize, start: usize, len: usize) -> Result<NodeId> {
+        let s = self.check_id("narrow", a)?;
+        let ax = s.axis("narrow", axis)?;
+        if len == 0 || start + len > s.dims()[ax] {
+            return Err(shape_err("narrow", format!("{s}: {start}..{} is outside axis {ax} of extent {}", start + len, s.dims()[ax])));
+        }
+        self.narrow_raw(a, ax, -(start as isize), len)
+    }
+
+    /// An axis copy of `len` positions starting where input position 0 lands at `a_start`
+    /// (negative for a slice, positive for padding), zeros elsewhere.
+    pub(crate) fn narrow_raw(&self, a: NodeId, axis: usize, a_start: isize, len: usize) -> Result<NodeId> {
+        let mut d = self.check_id("narrow", a)?.0;
+        if d[axis] == len && a_start == 0 {
+            return Ok(a);
+        }
+        d[axis] = len;
+        let op = crate::ops::layout::AxisCopy { axis, a_start, b_start: None };
+        Ok(self.push(Op::AxisCopy(op), vec![a], Shape(d)))
+    }
+
+    /// Concatenates tensors along `axis`; all other extents must agree.
+    pub fn concat(&self, xs: &[NodeId], axis: isize) -> Result<NodeId> {
+        let first = *xs.first().ok_or_else(|| shape_err("concat", "no tensors to concatenate"))?;
+        let s0 = self.check_id("concat", first)?;
+        let ax = s0.axis("concat", axis)?;
+        let mut acc = first;
+        for &x in &xs[1..] {
+            let (sa, sb) = (self.shape(acc), self.check_id("concat", x)?);
+            let mut ra = sa.0.clone();
+            let mut rb = sb.0.clone();
+            if ra.len() != rb.len() || {
+                ra[ax] = 0;
+                rb[ax] = 0;
+                ra != rb
+            } {
+                return Err(shape_err("concat", format!("{sa} and {sb} differ outside axis {ax}")));
+            }
+            let mut d = sa.0.clone();
+            d[ax] += sb.dims()[ax];
+            let op = crate::ops::layout::AxisCopy { axis: ax, a_start: 0, b_start: Some(sa.dims()[ax] as isize) };
+            acc = self.push(Op::AxisCopy(op), vec![acc, x], Shape(d));
+        }
+        Ok(acc)
+    }
+
     /// Flattens all axes after the first: `(N, ..) -> (N, prod(..))`.
     pub fn flatten(&self, a: NodeId) -> Result<NodeId> {
         let s = self.check_id("flatten", a)?;

@@ -173,3 +173,86 @@ pub fn reshape_infer(a: &Shape, target: &[isize]) -> Result<Shape> {
     }
     Ok(out)
 }
+
+/// Copies along one axis with an offset: narrow (a slice), pad (zeros around), concat (two
+/// inputs). Output position `c` along `axis` reads input `a` at `c - a_start` when in range,
+/// else input `b` (if any) at `c - b_start`, else 0. Kernel: `layout.wgsl`, `axis_copy1/2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AxisCopy {
+    pub axis: usize,
+    pub a_start: isize,
+    pub b_start: Option<isize>,
+}
+
+impl AxisCopy {
+    /// Name in reports.
+    pub fn name(&self) -> &'static str {
+        match (self.b_start, self.a_start) {
+            (Some(_), _) => "concat",
+            (None, s) if s < 0 => "narrow",
+            _ => "pad",
+        }
+    }
+
+    /// CPU reference.
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let (outer, ax_out, inner) = super::reduce::split_at_axis(out, self.axis);
+        let a = inputs[0];
+        let ax_a = a.dims()[self.axis] as isize;
+        let mut data = vec![0f32; out.numel()];
+        for o in 0..outer {
+            for c in 0..ax_out {
+                for i in 0..inner {
+                    let ca = c as isize - self.a_start;
+                    let v = if (0..ax_a).contains(&ca) {
+                        a.data()[(o * ax_a as usize + ca as usize) * inner + i]
+                    } else if let (Some(bs), Some(b)) = (self.b_start, inputs.get(1)) {
+                        let ax_b = b.dims()[self.axis] as isize;
+                        let cb = c as isize - bs;
+                        if (0..ax_b).contains(&cb) {
+                            b.data()[(o * ax_b as usize + cb as usize) * inner + i]
+                        } else {
+                            0.0
+                        }
+                    } else {
+                        0.0
+                    };
+                    data[(o * ax_out + c) * inner + i] = v;
+                }
+            }
+        }
+        Tensor::new(out.clone(), data).expect("axis copy shape")
+    }
+
+    /// Kernel: one thread per output element.
+    pub fn kernel(&self, inputs: &[&Shape], out: &Shape) -> KernelSpec {
+        let (_, ax_out, inner) = super::reduce::split_at_axis(out, self.axis);
+        let mut constants = vec![
+            ("N", out.numel() as f64),
+            ("INNER", inner as f64),
+            ("AX_OUT", ax_out as f64),
+            ("AX_A", inputs[0].dims()[self.axis] as f64),
+            ("A_START", self.a_start as f64),
+        ];
+        if let Some(bs) = self.b_start {
+            constants.push(("AX_B", inputs[1].dims()[self.axis] as f64));
+            constants.push(("B_START", bs as f64));
+        }
+        KernelSpec {
+            family: "layout",
+            entry: if self.b_start.is_some() { "axis_copy2" } else { "axis_copy1" },
+            constants,
+            workgroups: groups(out.numel(), 256),
+        }
+    }
+
+    /// Backward: each input's gradient is the slice of `dy` it was copied to.
+    pub fn backward(&self, g: &Graph, x: &[NodeId], dy: NodeId) -> Result<Vec<Option<NodeId>>> {
+        // input position p went to output p + start: its gradient reads dy there
+        let mut out = vec![Some(g.narrow_raw(dy, self.axis, -self.a_start, g.shape(x[0]).dims()[self.axis])?)];
+        if let Some(bs) = self.b_start {
+            out.push(Some(g.narrow_raw(dy, self.axis, -bs, g.shape(x[1]).dims()[self.axis])?));
+        }
+        Ok(out)
+    }
+}

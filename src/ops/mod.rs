@@ -74,6 +74,8 @@ pub enum Op {
     Permute(layout::Permute),
     /// Broadcast to the node's (larger) shape.
     Expand(layout::Expand),
+    /// Narrow, pad or concat along one axis.
+    AxisCopy(layout::AxisCopy),
     /// Same elements, another shape: no kernel, no copy.
     Reshape,
     /// Receptive fields of an NCHW image as columns [N, C*kh*kw, Ho*Wo] (conv2d = matmul on these).
@@ -132,6 +134,7 @@ impl Op {
             Op::Reduce(r) => r.name(),
             Op::Permute(_) => "permute",
             Op::Expand(_) => "expand",
+            Op::AxisCopy(a) => a.name(),
             Op::Reshape => "reshape",
             Op::Im2col(_) => "im2col",
             Op::Col2im(_) => "col2im",
@@ -180,6 +183,7 @@ impl Op {
             Op::Reduce(r) => r.cpu(inputs[0], out),
             Op::Permute(p) => p.cpu(inputs[0], out),
             Op::Expand(e) => e.cpu(inputs[0], out),
+            Op::AxisCopy(a) => a.cpu(inputs, out),
             Op::Reshape => Tensor::new(out.clone(), inputs[0].data().to_vec())
                 .expect("reshape keeps the element count"),
             Op::Im2col(c) => c.0.im2col_cpu(inputs[0], out),
@@ -208,6 +212,7 @@ impl Op {
             Op::Reduce(r) => Some(r.kernel(inputs[0])),
             Op::Permute(p) => Some(p.kernel(inputs[0], out)),
             Op::Expand(e) => Some(e.kernel(inputs[0], out)),
+            Op::AxisCopy(a) => Some(a.kernel(inputs, out)),
             Op::Im2col(c) => Some(c.0.im2col_kernel(inputs[0], out)),
             Op::Col2im(c) => Some(c.0.col2im_kernel(inputs[0], out)),
             Op::MaxPool2d(p) => Some(p.kernel("max_pool", inputs[0], out)),
@@ -241,6 +246,7 @@ impl Op {
             Op::Reduce(r) => vec![Some(r.backward(g, x[0], y, dy)?)],
             Op::Permute(p) => vec![Some(p.backward(g, dy)?)],
             Op::Expand(_) => vec![Some(g.sum_to(dy, &g.shape(x[0]))?)],
+            Op::AxisCopy(a) => a.backward(g, x, dy)?,
             Op::Reshape => {
                 let dims: Vec<isize> = g.shape(x[0]).dims().iter().map(|&d| d as isize).collect();
                 vec![Some(g.reshape(dy, &dims)?)]
