@@ -1,0 +1,211 @@
+//! Shared by the training examples (`linear_regression`, `logistic_regression`, `mlp`): the
+//! `--backend` choice, an error type that prints its message, seeded Gaussian samples, the epoch
+//! loop over a [`TrainStep`] with an indicatif progress bar, evaluation plans compiled once for a
+//! fixed batch size (plus one for the remainder), and checkpoint saving.
+#![allow(dead_code)]
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln::nn::TrainStep;
+use kiln::{Device, Graph, NodeId, Plan, Tensor};
+use rand::Rng;
+
+/// Where to train: `--backend gpu|cpu`; without the flag, `Device::new()` (KILN_BACKEND applies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// A wgpu adapter (`Device::gpu()`), an error when there is none.
+    Gpu,
+    /// The CPU reference backend (`Device::cpu()`).
+    Cpu,
+}
+
+/// The device asked for, with a line saying which it is.
+pub fn device(backend: Option<Backend>) -> kiln::Result<Device> {
+    let dev = match backend {
+        Some(Backend::Gpu) => Device::gpu()?,
+        Some(Backend::Cpu) => Device::cpu(),
+        None => Device::new()?,
+    };
+    println!("device: {}", dev.describe());
+    Ok(dev)
+}
+
+/// What a failed example prints: `Error: <message>` (as `main`'s error), exit status 1.
+pub struct Failure(String);
+
+impl fmt::Debug for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<kiln::Error> for Failure {
+    fn from(e: kiln::Error) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+impl From<String> for Failure {
+    fn from(msg: String) -> Self {
+        Failure(msg)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(msg: &str) -> Self {
+        Failure(msg.to_string())
+    }
+}
+
+/// A sample of the standard normal distribution (Box-Muller).
+pub fn normal(rng: &mut impl Rng) -> f32 {
+    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]: ln is finite
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// Inputs of a plan run by name, owned (a batch built on the host).
+pub type Feed = Vec<(&'static str, Tensor)>;
+
+fn borrow(feed: &Feed) -> Vec<(&str, &Tensor)> {
+    feed.iter().map(|(n, t)| (*n, t)).collect()
+}
+
+/// One epoch of training: steps over `order` in batches of `batch` (a last partial batch is
+/// dropped: the training plan has a fixed batch size, and the order is reshuffled every epoch),
+/// reading the loss back every `log_every` steps and at the last step. Shows a progress bar with
+/// the running loss (the mean of the losses read back so far) and returns that mean.
+pub fn train_epoch(
+    step: &mut TrainStep,
+    order: &[usize],
+    batch: usize,
+    log_every: usize,
+    label: &str,
+    mut make_batch: impl FnMut(&[usize]) -> kiln::Result<Feed>,
+) -> kiln::Result<f32> {
+    let steps = order.len() / batch.max(1);
+    if steps == 0 {
+        return Err(kiln::Error::Input(format!(
+            "{} training examples do not fill one batch of {batch}",
+            order.len()
+        )));
+    }
+    let bar = progress_bar(steps as u64, label);
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for (i, idx) in order.chunks_exact(batch).enumerate() {
+        let feed = make_batch(idx)?;
+        let want = (i + 1) % log_every.max(1) == 0 || i + 1 == steps;
+        if let Some(loss) = step.step(&borrow(&feed), want)? {
+            if !loss.is_finite() {
+                bar.finish_and_clear();
+                return Err(kiln::Error::Input(format!(
+                    "the loss is {loss} at step {} of {label}: training diverged",
+                    i + 1
+                )));
+            }
+            sum += f64::from(loss);
+            count += 1;
+            bar.set_message(format!("loss {:.4}", sum / count as f64));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok((sum / count.max(1) as f64) as f32)
+}
+
+/// A bar of `len` steps labelled `label`, with the running loss as its message.
+pub fn progress_bar(len: u64, label: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "{prefix} [{bar:30.cyan/blue}] {pos}/{len} {msg} ({elapsed_precise}, eta {eta})",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let bar = ProgressBar::new(len)
+        .with_style(style)
+        .with_prefix(label.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Evaluation plans over a set of `n` examples, compiled once: one for batches of `batch` and,
+/// when `batch` does not divide `n`, one for the remainder, so that every example is evaluated
+/// exactly once with nothing padded or dropped.
+pub struct EvalPlans {
+    n: usize,
+    batch: usize,
+    full: Plan,
+    rest: Option<Plan>,
+}
+
+impl EvalPlans {
+    /// `build(b)` gives the evaluation graph for a batch of `b` and the outputs to read back.
+    pub fn new(
+        dev: &Device,
+        n: usize,
+        batch: usize,
+        build: impl Fn(usize) -> kiln::Result<(Graph, Vec<NodeId>)>,
+    ) -> kiln::Result<EvalPlans> {
+        if n == 0 {
+            return Err(kiln::Error::Input("the evaluation set is empty".into()));
+        }
+        let batch = batch.clamp(1, n);
+        let compile = |b: usize| -> kiln::Result<Plan> {
+            let (g, outs) = build(b)?;
+            dev.compile(&g, &outs)
+        };
+        let full = compile(batch)?;
+        let rest = match n % batch {
+            0 => None,
+            r => Some(compile(r)?),
+        };
+        Ok(EvalPlans {
+            n,
+            batch,
+            full,
+            rest,
+        })
+    }
+
+    /// Runs over examples `0..n` in order: `feed(range)` gives the inputs for the examples in
+    /// `range`, `sink(range, outputs)` receives what the plan read back for them.
+    pub fn run(
+        &mut self,
+        mut feed: impl FnMut(Range<usize>) -> kiln::Result<Feed>,
+        mut sink: impl FnMut(Range<usize>, &[Tensor]),
+    ) -> kiln::Result<()> {
+        let mut start = 0;
+        while start < self.n {
+            let end = (start + self.batch).min(self.n);
+            let plan = if end - start == self.batch {
+                &mut self.full
+            } else {
+                self.rest
+                    .as_mut()
+                    .ok_or_else(|| kiln::Error::Input("no plan for the last batch".into()))?
+            };
+            let inputs = feed(start..end)?;
+            let out = plan.run(&borrow(&inputs))?;
+            sink(start..end, &out);
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+/// Saves the named parameters of `dev` to a safetensors file at `path`, creating its folder.
+pub fn save_checkpoint(dev: &Device, names: &[String], path: &Path) -> kiln::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| kiln::Error::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    kiln::nn::checkpoint::save(dev, &names, path)?;
+    println!("saved {} to {}", names.join(", "), path.display());
+    Ok(())
+}
