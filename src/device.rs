@@ -68,6 +68,10 @@ pub(crate) struct BindingMode {
     pub(crate) n_inputs: usize,
     pub(crate) rw_from: usize,
     pub(crate) output: bool,
+    /// A kernel dispatched several times in a row (a recurrence over time steps) gets the step
+    /// index as a uniform `vec4<u32>` at binding 0 with a dynamic offset; the storage bindings
+    /// then start at 1.
+    pub(crate) step: bool,
 }
 
 /// How the adapter was chosen, for `Device::describe` and the `info` example.
@@ -563,9 +567,10 @@ impl GpuContext {
         layouts
             .entry(mode)
             .or_insert_with(|| {
-                let entries: Vec<wgpu::BindGroupLayoutEntry> = (0..n_bindings)
+                let shift = mode.step as u32;
+                let mut entries: Vec<wgpu::BindGroupLayoutEntry> = (0..n_bindings)
                     .map(|i| wgpu::BindGroupLayoutEntry {
-                        binding: i as u32,
+                        binding: i as u32 + shift,
                         visibility: wgpu::ShaderStages::COMPUTE,
                         ty: wgpu::BindingType::Buffer {
                             ty: wgpu::BufferBindingType::Storage {
@@ -577,6 +582,21 @@ impl GpuContext {
                         count: None,
                     })
                     .collect();
+                if mode.step {
+                    entries.insert(
+                        0,
+                        wgpu::BindGroupLayoutEntry {
+                            binding: 0,
+                            visibility: wgpu::ShaderStages::COMPUTE,
+                            ty: wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Uniform,
+                                has_dynamic_offset: true,
+                                min_binding_size: wgpu::BufferSize::new(16),
+                            },
+                            count: None,
+                        },
+                    );
+                }
                 let label = format!("kiln layout {mode:?}");
                 let bgl = self
                     .device

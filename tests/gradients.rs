@@ -191,5 +191,13 @@ fn narrow_concat_gradients() {
     let b = g.input("b", [3, 1, 2]);
     let y = g.concat(&[g.narrow(a, 1, 1, 2).unwrap(), b, a], 1).unwrap();
     let loss = random_projection(&g, y, 3);
-    gradcheck("narrow/concat", &g, loss, &[("a", a), ("b", b)], &[("a", &rand(&[3, 4, 2], 4)), ("b", &rand(&[3, 1, 2], 5))], 24, TOL_REDUCTION);
+    gradcheck(
+        "narrow/concat",
+        &g,
+        loss,
+        &[("a", a), ("b", b)],
+        &[("a", &rand(&[3, 4, 2], 4)), ("b", &rand(&[3, 1, 2], 5))],
+        24,
+        TOL_REDUCTION,
+    );
 }

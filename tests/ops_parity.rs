@@ -336,11 +336,19 @@ fn narrow_and_concat() {
     let c = g.concat(&[a, b, a], 1).unwrap();
     assert_eq!(g.shape(c).dims(), &[3, 12, 7]);
     let c0 = g.concat(&[n0, n0], 0).unwrap();
-    check_gpu_vs_cpu("narrow/concat", &g, &[n0, n1, n2, c, c0], &[("a", &rand(&[3, 5, 7], 1)), ("b", &rand(&[3, 2, 7], 2))], (0.0, 0.0));
+    check_gpu_vs_cpu(
+        "narrow/concat",
+        &g,
+        &[n0, n1, n2, c, c0],
+        &[("a", &rand(&[3, 5, 7], 1)), ("b", &rand(&[3, 2, 7], 2))],
+        (0.0, 0.0),
+    );
     // the values land where they should
     let mut plan = kiln::Device::cpu().compile(&g, &[n1, c]).unwrap();
     let av = rand(&[3, 5, 7], 1);
-    let out = plan.run(&[("a", &av), ("b", &rand(&[3, 2, 7], 2))]).unwrap();
+    let out = plan
+        .run(&[("a", &av), ("b", &rand(&[3, 2, 7], 2))])
+        .unwrap();
     assert_eq!(out[0].data()[0], av.data()[2 * 7]);
     assert_eq!(out[1].data()[7 * 7], av.data()[0]);
     assert!(g.narrow(a, 1, 4, 2).is_err());

@@ -39,6 +39,8 @@ struct Step {
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
     groups: (u32, u32, u32),
+    /// `Some(n)`: dispatched n times with the step index at dynamic offsets `k * step_align`.
+    repeat: Option<u32>,
 }
 
 struct Readback {
@@ -57,6 +59,9 @@ pub(crate) struct GpuPlan {
     /// buffers the plan writes, for `poison`
     slots: Vec<(Arc<wgpu::Buffer>, u64)>,
     pub(crate) info: PlanInfo,
+    /// Kept alive for the bind groups of recurrent kernels.
+    _step_buffer: Option<wgpu::Buffer>,
+    step_align: u32,
 }
 
 impl GpuPlan {
@@ -127,6 +132,33 @@ impl GpuPlan {
         info.buffers = slots.len();
         info.peak_bytes += assignment.slot_bytes.iter().sum::<u64>();
 
+        // recurrent kernels read their step index from one uniform buffer at dynamic offsets
+        let step_align = ctx.limits.min_uniform_buffer_offset_alignment.max(16) as u64;
+        let max_repeat = order
+            .iter()
+            .filter_map(|id| {
+                let n = &nodes[id.0];
+                let shapes: Vec<&Shape> = n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
+                n.op.repeat(&shapes)
+            })
+            .max()
+            .unwrap_or(0) as u64;
+        let step_buffer = if max_repeat > 0 {
+            let b = ctx.create_buffer(
+                "step indices",
+                max_repeat * step_align,
+                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            )?;
+            let mut words = vec![0u32; (max_repeat * step_align / 4) as usize];
+            for k in 0..max_repeat {
+                words[(k * step_align / 4) as usize] = k as u32;
+            }
+            ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(&words));
+            Some(b)
+        } else {
+            None
+        };
+
         // one pipeline and one bind group per kernel
         let mut steps = Vec::new();
         for &id in &order {
@@ -136,20 +168,23 @@ impl GpuPlan {
                 continue;
             };
             let (rw_from, output) = n.op.binding_mode(n.inputs.len());
+            let repeat = n.op.repeat(&in_shapes);
             let mode = BindingMode {
                 n_inputs: n.inputs.len(),
                 rw_from,
                 output,
+                step: repeat.is_some(),
             };
             let pipeline = ctx.pipeline(spec.family, spec.entry, &spec.constants, mode)?;
             let (layout, _) = ctx.layout(mode);
             let own = output.then_some(id);
             let bound: Vec<NodeId> = n.inputs.iter().copied().chain(own).collect();
-            let entries: Vec<wgpu::BindGroupEntry> = bound
+            let shift = repeat.is_some() as u32;
+            let mut entries: Vec<wgpu::BindGroupEntry> = bound
                 .iter()
                 .enumerate()
                 .map(|(b, &t)| wgpu::BindGroupEntry {
-                    binding: b as u32,
+                    binding: b as u32 + shift,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer: &storage[&storage_root(&nodes, t)],
                         offset: 0,
@@ -157,6 +192,19 @@ impl GpuPlan {
                     }),
                 })
                 .collect();
+            if let (Some(_), Some(sb)) = (repeat, &step_buffer) {
+                entries.insert(
+                    0,
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: sb,
+                            offset: 0,
+                            size: wgpu::BufferSize::new(16),
+                        }),
+                    },
+                );
+            }
             let label = format!("node {} {} {}", id.0, n.op.name(), n.shape);
             let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(&label),
@@ -173,9 +221,10 @@ impl GpuPlan {
                 pipeline,
                 bind_group,
                 groups,
+                repeat,
             });
         }
-        info.dispatches = steps.len();
+        info.dispatches = steps.iter().map(|s| s.repeat.unwrap_or(1) as usize).sum();
 
         // staging buffers for the requested outputs only
         let mut readbacks = Vec::new();
@@ -214,6 +263,8 @@ impl GpuPlan {
             readbacks,
             slots,
             info,
+            _step_buffer: step_buffer,
+            step_align: step_align as u32,
         })
     }
 
@@ -242,8 +293,18 @@ impl GpuPlan {
             });
             for s in &self.steps {
                 pass.set_pipeline(&s.pipeline);
-                pass.set_bind_group(0, &s.bind_group, &[]);
-                pass.dispatch_workgroups(s.groups.0, s.groups.1, s.groups.2);
+                match s.repeat {
+                    None => {
+                        pass.set_bind_group(0, &s.bind_group, &[]);
+                        pass.dispatch_workgroups(s.groups.0, s.groups.1, s.groups.2);
+                    }
+                    Some(n) => {
+                        for k in 0..n {
+                            pass.set_bind_group(0, &s.bind_group, &[k * self.step_align]);
+                            pass.dispatch_workgroups(s.groups.0, s.groups.1, s.groups.2);
+                        }
+                    }
+                }
             }
         }
         if readback {

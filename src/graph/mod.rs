@@ -557,26 +557,45 @@ impl Graph {
         let s = self.check_id("narrow", a)?;
         let ax = s.axis("narrow", axis)?;
         if len == 0 || start + len > s.dims()[ax] {
-            return Err(shape_err("narrow", format!("{s}: {start}..{} is outside axis {ax} of extent {}", start + len, s.dims()[ax])));
+            return Err(shape_err(
+                "narrow",
+                format!(
+                    "{s}: {start}..{} is outside axis {ax} of extent {}",
+                    start + len,
+                    s.dims()[ax]
+                ),
+            ));
         }
         self.narrow_raw(a, ax, -(start as isize), len)
     }
 
     /// An axis copy of `len` positions starting where input position 0 lands at `a_start`
     /// (negative for a slice, positive for padding), zeros elsewhere.
-    pub(crate) fn narrow_raw(&self, a: NodeId, axis: usize, a_start: isize, len: usize) -> Result<NodeId> {
+    pub(crate) fn narrow_raw(
+        &self,
+        a: NodeId,
+        axis: usize,
+        a_start: isize,
+        len: usize,
+    ) -> Result<NodeId> {
         let mut d = self.check_id("narrow", a)?.0;
         if d[axis] == len && a_start == 0 {
             return Ok(a);
         }
         d[axis] = len;
-        let op = crate::ops::layout::AxisCopy { axis, a_start, b_start: None };
+        let op = crate::ops::layout::AxisCopy {
+            axis,
+            a_start,
+            b_start: None,
+        };
         Ok(self.push(Op::AxisCopy(op), vec![a], Shape(d)))
     }
 
     /// Concatenates tensors along `axis`; all other extents must agree.
     pub fn concat(&self, xs: &[NodeId], axis: isize) -> Result<NodeId> {
-        let first = *xs.first().ok_or_else(|| shape_err("concat", "no tensors to concatenate"))?;
+        let first = *xs
+            .first()
+            .ok_or_else(|| shape_err("concat", "no tensors to concatenate"))?;
         let s0 = self.check_id("concat", first)?;
         let ax = s0.axis("concat", axis)?;
         let mut acc = first;
@@ -589,14 +608,82 @@ impl Graph {
                 rb[ax] = 0;
                 ra != rb
             } {
-                return Err(shape_err("concat", format!("{sa} and {sb} differ outside axis {ax}")));
+                return Err(shape_err(
+                    "concat",
+                    format!("{sa} and {sb} differ outside axis {ax}"),
+                ));
             }
             let mut d = sa.0.clone();
             d[ax] += sb.dims()[ax];
-            let op = crate::ops::layout::AxisCopy { axis: ax, a_start: 0, b_start: Some(sa.dims()[ax] as isize) };
+            let op = crate::ops::layout::AxisCopy {
+                axis: ax,
+                a_start: 0,
+                b_start: Some(sa.dims()[ax] as isize),
+            };
             acc = self.push(Op::AxisCopy(op), vec![acc, x], Shape(d));
         }
         Ok(acc)
+    }
+
+    /// One LSTM layer over a sequence, PyTorch gates (i, f, g, o): `x (T, B, I)`, `w_ih [4H, I]`,
+    /// `w_hh [4H, H]`, `b_ih`, `b_hh [4H]`, `h0`, `c0 (B, H)`; `lengths (B)` (whole numbers in
+    /// `[1, T]`, `None` = all `T`) makes steps past a sequence's end carry its state. `reverse`
+    /// runs from the last step to the first (the backward half of a bidirectional LSTM).
+    /// Returns `(all h_t (T, B, H), final h (B, H), final c (B, H))`: the input projection of every
+    /// step is one matmul, the recurrence one fused kernel per step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lstm_layer(
+        &self,
+        x: NodeId,
+        w_ih: NodeId,
+        w_hh: NodeId,
+        b_ih: NodeId,
+        b_hh: NodeId,
+        h0: NodeId,
+        c0: NodeId,
+        lengths: Option<NodeId>,
+        reverse: bool,
+    ) -> Result<(NodeId, NodeId, NodeId)> {
+        let xs = self.check_id("lstm", x)?;
+        let ws = self.check_id("lstm", w_ih)?;
+        if xs.rank() != 3 || ws.rank() != 2 || ws.dims()[1] != xs.dims()[2] || ws.dims()[0] % 4 != 0
+        {
+            return Err(shape_err(
+                "lstm",
+                format!("input {xs} and weight_ih {ws}: expected (T, B, I) and [4H, I]"),
+            ));
+        }
+        let (t, b, i) = (xs.dims()[0], xs.dims()[1], xs.dims()[2]);
+        let h4 = ws.dims()[0];
+        let flat = self.reshape(x, &[(t * b) as isize, i as isize])?;
+        let proj = self.add(
+            self.add(self.matmul_t(flat, w_ih, false, true)?, b_ih)?,
+            b_hh,
+        )?;
+        let xw = self.reshape(proj, &[t as isize, b as isize, h4 as isize])?;
+        let lengths = match lengths {
+            Some(l) => l,
+            None => self.constant(crate::tensor::Tensor::full([b], t as f32)),
+        };
+        let shape = crate::ops::lstm::LstmForward::infer(
+            &self.shape(xw),
+            &self.check_id("lstm", w_hh)?,
+            &self.check_id("lstm", h0)?,
+            &self.check_id("lstm", c0)?,
+            &self.check_id("lstm", lengths)?,
+        )?;
+        let h = h4 / 4;
+        let p = self.push(
+            Op::LstmForward(crate::ops::lstm::LstmForward { reverse }),
+            vec![xw, w_hh, h0, c0, lengths],
+            shape,
+        );
+        let hs = self.narrow(p, 2, 0, h)?;
+        // the last step processed holds the final state (padding carried it there)
+        let last = self.narrow(p, 0, if reverse { 0 } else { t - 1 }, 1)?;
+        let h_n = self.reshape(self.narrow(last, 2, 0, h)?, &[b as isize, h as isize])?;
+        let c_n = self.reshape(self.narrow(last, 2, h, h)?, &[b as isize, h as isize])?;
+        Ok((hs, h_n, c_n))
     }
 
     /// Flattens all axes after the first: `(N, ..) -> (N, prod(..))`.

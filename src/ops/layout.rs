@@ -240,7 +240,11 @@ impl AxisCopy {
         }
         KernelSpec {
             family: "layout",
-            entry: if self.b_start.is_some() { "axis_copy2" } else { "axis_copy1" },
+            entry: if self.b_start.is_some() {
+                "axis_copy2"
+            } else {
+                "axis_copy1"
+            },
             constants,
             workgroups: groups(out.numel(), 256),
         }
@@ -249,9 +253,19 @@ impl AxisCopy {
     /// Backward: each input's gradient is the slice of `dy` it was copied to.
     pub fn backward(&self, g: &Graph, x: &[NodeId], dy: NodeId) -> Result<Vec<Option<NodeId>>> {
         // input position p went to output p + start: its gradient reads dy there
-        let mut out = vec![Some(g.narrow_raw(dy, self.axis, -self.a_start, g.shape(x[0]).dims()[self.axis])?)];
+        let mut out = vec![Some(g.narrow_raw(
+            dy,
+            self.axis,
+            -self.a_start,
+            g.shape(x[0]).dims()[self.axis],
+        )?)];
         if let Some(bs) = self.b_start {
-            out.push(Some(g.narrow_raw(dy, self.axis, -bs, g.shape(x[1]).dims()[self.axis])?));
+            out.push(Some(g.narrow_raw(
+                dy,
+                self.axis,
+                -bs,
+                g.shape(x[1]).dims()[self.axis],
+            )?));
         }
         Ok(out)
     }

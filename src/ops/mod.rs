@@ -6,6 +6,7 @@ pub mod conv;
 pub mod dropout;
 pub mod layout;
 pub mod loss;
+pub mod lstm;
 pub mod matmul;
 pub mod optim;
 pub mod pool;
@@ -27,6 +28,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
     ("layout", include_str!("../../shaders/layout.wgsl")),
     ("loss", include_str!("../../shaders/loss.wgsl")),
+    ("lstm", include_str!("../../shaders/lstm.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("optim", include_str!("../../shaders/optim.wgsl")),
     ("pool", include_str!("../../shaders/pool.wgsl")),
@@ -90,6 +92,10 @@ pub enum Op {
     AvgPool2dBackward(pool::AvgPool2dBackward),
     /// Fused softmax cross-entropy of logits `(N, C)` and class labels `(N)`, mean over N.
     CrossEntropy(loss::CrossEntropy),
+    /// One LSTM layer's recurrence (see `ops::lstm`).
+    LstmForward(lstm::LstmForward),
+    LstmBackward(lstm::LstmBackward),
+    LstmWeightGrad(lstm::LstmWeightGrad),
     /// Seeded inverted dropout of input 0; input 1 is the `[1]` seed.
     Dropout(dropout::Dropout),
     /// Its gradient for the logits, from logits, labels and the loss gradient.
@@ -143,6 +149,9 @@ impl Op {
             Op::MaxPool2dBackward(_) => "max_pool2d_backward",
             Op::AvgPool2dBackward(_) => "avg_pool2d_backward",
             Op::CrossEntropy(_) => "cross_entropy",
+            Op::LstmForward(_) => "lstm",
+            Op::LstmBackward(_) => "lstm_backward",
+            Op::LstmWeightGrad(_) => "lstm_weight_grad",
             Op::Dropout(_) => "dropout",
             Op::CrossEntropyBackward(_) => "cross_entropy_backward",
             Op::OptimStep(o) => o.name(),
@@ -165,6 +174,16 @@ impl Op {
         match self {
             Op::OptimStep(_) => (3, false),
             _ => (n_inputs, true),
+        }
+    }
+
+    /// For recurrent kernels: how many times the kernel is dispatched in a row (each dispatch
+    /// reads its index from a step uniform at binding 0); `None` for single-dispatch kernels.
+    pub fn repeat(&self, inputs: &[&Shape]) -> Option<u32> {
+        match self {
+            Op::LstmForward(_) => Some(inputs[0].dims()[0] as u32),
+            Op::LstmBackward(_) => Some(inputs[0].dims()[0] as u32 + 1),
+            _ => None,
         }
     }
 
@@ -193,6 +212,9 @@ impl Op {
             Op::MaxPool2dBackward(p) => p.max_backward_cpu(inputs[0], inputs[1], out),
             Op::AvgPool2dBackward(p) => p.cpu(inputs[0], out),
             Op::CrossEntropy(c) => c.cpu(inputs[0], inputs[1]),
+            Op::LstmForward(l) => l.cpu(inputs, out),
+            Op::LstmBackward(l) => l.cpu(inputs, out),
+            Op::LstmWeightGrad(l) => l.cpu(inputs, out),
             Op::Dropout(d) => d.cpu(inputs[0], inputs[1]),
             Op::CrossEntropyBackward(c) => c.cpu(inputs[0], inputs[1], inputs[2]),
             Op::OptimStep(o) => o.cpu_update(inputs).swap_remove(0),
@@ -220,6 +242,9 @@ impl Op {
             Op::MaxPool2dBackward(p) => Some(p.max_backward_kernel(inputs[0])),
             Op::AvgPool2dBackward(p) => Some(p.kernel(out)),
             Op::CrossEntropy(c) => Some(c.kernel(inputs[0])),
+            Op::LstmForward(l) => Some(l.kernel(out)),
+            Op::LstmBackward(l) => Some(l.kernel(inputs[0])),
+            Op::LstmWeightGrad(l) => Some(l.kernel(inputs[0])),
             Op::Dropout(d) => Some(d.kernel(out.numel())),
             Op::CrossEntropyBackward(c) => Some(c.kernel(inputs[0])),
             Op::OptimStep(o) => Some(o.kernel(out)),
@@ -258,8 +283,12 @@ impl Op {
             Op::MaxPool2dBackward(_) => return Err(pool::max_backward_backward()),
             Op::AvgPool2dBackward(p) => vec![Some(p.backward(g, dy)?)],
             Op::CrossEntropy(c) => c.backward(g, x[0], x[1], dy)?.to_vec(),
+            Op::LstmForward(l) => l.backward(g, x, y, dy)?,
             Op::Dropout(d) => vec![Some(d.backward(g, x[1], dy)?), None],
-            Op::CrossEntropyBackward(_) | Op::OptimStep(_) => {
+            Op::CrossEntropyBackward(_)
+            | Op::OptimStep(_)
+            | Op::LstmBackward(_)
+            | Op::LstmWeightGrad(_) => {
                 return Err(crate::error::Error::Unsupported(format!(
                     "gradients through {}",
                     self.name()
@@ -275,7 +304,10 @@ impl Op {
             | Op::Reduce(_)
             | Op::Softmax(_)
             | Op::CrossEntropy(_)
-            | Op::CrossEntropyBackward(_) => TOL_REDUCTION,
+            | Op::CrossEntropyBackward(_)
+            | Op::LstmForward(_)
+            | Op::LstmBackward(_)
+            | Op::LstmWeightGrad(_) => TOL_REDUCTION,
             // sums of a few terms, in another order than the reference
             Op::Im2col(_)
             | Op::Col2im(_)

@@ -252,10 +252,10 @@ fn parse_image(what: &str, x: &Value, out: &mut Vec<f32>) -> Result<(), ApiError
             }
             for (r, row) in items.iter().enumerate() {
                 let Value::Array(row) = row else {
-                    return Err(shape_err(format!("row {r} is {}", kind(row))));
+                    return Err(shape_err(format!("{} as row {r}", kind(row))));
                 };
                 if row.len() != SIDE {
-                    return Err(shape_err(format!("row {r} has {} values", row.len())));
+                    return Err(shape_err(format!("{} values in row {r}", row.len())));
                 }
                 for (c, v) in row.iter().enumerate() {
                     out.push(number(&format!("{what}[{r}][{c}]"), v)?);
@@ -282,7 +282,7 @@ fn number(what: &str, v: &Value) -> Result<f32, ApiError> {
     let f32v = f as f32;
     if !f32v.is_finite() {
         return Err(ApiError::bad(format!(
-            "{what} = {f} is not a finite 32-bit float"
+            "{what} = {f:e} is not a finite 32-bit float"
         )));
     }
     Ok(f32v)
@@ -328,7 +328,7 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Json<Value> {
-    let depth = st.queue.saturating_sub(st.tx.capacity());
+    let depth = st.tx.max_capacity().saturating_sub(st.tx.capacity());
     Json(st.metrics.snapshot(depth, st.queue))
 }
 

@@ -179,9 +179,12 @@ impl Worker {
                             if now >= deadline {
                                 None
                             } else {
-                                rt.block_on(tokio::time::timeout(deadline - now, rx.recv()))
-                                    .ok()
-                                    .flatten()
+                                // the timer is created inside the runtime that drives it
+                                rt.block_on(async {
+                                    tokio::time::timeout(deadline - now, rx.recv()).await
+                                })
+                                .ok()
+                                .flatten()
                             }
                         }
                     };

@@ -1,0 +1,329 @@
+//! One LSTM layer (PyTorch gates i, f, g, o) as a fused recurrent kernel per time step and its
+//! fused backward through time. Kernel: `shaders/lstm.wgsl`.
+//!
+//! `LstmForward`: inputs `xw [T, B, 4H]` (the input projection of every step plus both biases,
+//! one matmul done before), `w_hh [4H, H]`, `h0 [B, H]`, `c0 [B, H]`, `lengths [B]` -> packed
+//! state `P [T, B, 6H]` (h | c | i | f | g | o). Steps at `t >= lengths[b]` carry the state.
+//! `LstmBackward`: `P, w_hh, h0, c0, lengths, dP` -> `Q [T + 1, B, 6H]` (pre-activation gate
+//! gradients | dc | dh per step; dh0 | dc0 in the last row). `LstmWeightGrad`: `P, h0, Q -> dW_hh`.
+
+use super::{groups, KernelSpec, Op};
+use crate::error::{Error, Result};
+use crate::graph::{Graph, NodeId};
+use crate::tensor::{Shape, Tensor};
+
+/// The forward recurrence of one layer and direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LstmForward {
+    pub reverse: bool,
+}
+
+/// Backward through time of [`LstmForward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LstmBackward {
+    pub reverse: bool,
+}
+
+/// The recurrent weight's gradient from the packed state and gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LstmWeightGrad {
+    pub reverse: bool,
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `(T, B, H)` from the packed state's shape.
+fn dims(p: &Shape) -> (usize, usize, usize) {
+    (p.dims()[0], p.dims()[1], p.dims()[2] / 6)
+}
+
+/// Time index of forward step `s`.
+fn time_of(s: usize, t: usize, reverse: bool) -> usize {
+    if reverse {
+        t - 1 - s
+    } else {
+        s
+    }
+}
+
+fn constants(t: usize, b: usize, h: usize, reverse: bool) -> Vec<(&'static str, f64)> {
+    vec![
+        ("T", t as f64),
+        ("B", b as f64),
+        ("H", h as f64),
+        ("REVERSE", reverse as u8 as f64),
+    ]
+}
+
+impl LstmForward {
+    /// Shape rule.
+    pub fn infer(
+        xw: &Shape,
+        whh: &Shape,
+        h0: &Shape,
+        c0: &Shape,
+        lengths: &Shape,
+    ) -> Result<Shape> {
+        let bad = || {
+            Error::Shape {
+            op: "lstm",
+            msg: format!(
+                "xw {xw}, w_hh {whh}, h0 {h0}, c0 {c0}, lengths {lengths}: expected xw (T, B, 4H), w_hh (4H, H), h0 and c0 (B, H), lengths (B)"
+            ),
+        }
+        };
+        if xw.rank() != 3 || whh.rank() != 2 {
+            return Err(bad());
+        }
+        let (t, b, h4) = (xw.dims()[0], xw.dims()[1], xw.dims()[2]);
+        let h = whh.dims()[1];
+        if h4 != 4 * h
+            || whh.dims()[0] != 4 * h
+            || h0.dims() != [b, h]
+            || c0.dims() != [b, h]
+            || lengths.dims() != [b]
+        {
+            return Err(bad());
+        }
+        Ok(Shape(vec![t, b, 6 * h]))
+    }
+
+    /// CPU reference (f64 inside each step).
+    pub fn cpu(&self, x: &[&Tensor], out: &Shape) -> Tensor {
+        let (xw, whh, h0, c0, len) = (
+            x[0].data(),
+            x[1].data(),
+            x[2].data(),
+            x[3].data(),
+            x[4].data(),
+        );
+        let (tt, bb, h) = dims(out);
+        let mut p = vec![0f32; out.numel()];
+        let row = |t: usize, b: usize| (t * bb + b) * 6 * h;
+        for s in 0..tt {
+            let t = time_of(s, tt, self.reverse);
+            for b in 0..bb {
+                let tp = if s == 0 {
+                    None
+                } else {
+                    Some(time_of(s - 1, tt, self.reverse))
+                };
+                let hprev = |m: usize, p: &Vec<f32>| {
+                    tp.map(|tp| p[row(tp, b) + m]).unwrap_or(h0[b * h + m])
+                };
+                let cprev = |j: usize, p: &Vec<f32>| {
+                    tp.map(|tp| p[row(tp, b) + h + j]).unwrap_or(c0[b * h + j])
+                };
+                let r = row(t, b);
+                let mut newrow = vec![0f32; 6 * h];
+                for j in 0..h {
+                    if t as f32 >= len[b] {
+                        newrow[j] = hprev(j, &p);
+                        newrow[h + j] = cprev(j, &p);
+                        continue;
+                    }
+                    let xo = (t * bb + b) * 4 * h;
+                    let mut a = [0f64; 4];
+                    for (k, ak) in a.iter_mut().enumerate() {
+                        *ak = xw[xo + k * h + j] as f64;
+                        for m in 0..h {
+                            *ak += hprev(m, &p) as f64 * whh[(k * h + j) * h + m] as f64;
+                        }
+                    }
+                    let (gi, gf, gg, go) =
+                        (sigmoid(a[0]), sigmoid(a[1]), a[2].tanh(), sigmoid(a[3]));
+                    let c = gf * cprev(j, &p) as f64 + gi * gg;
+                    newrow[j] = (go * c.tanh()) as f32;
+                    newrow[h + j] = c as f32;
+                    newrow[2 * h + j] = gi as f32;
+                    newrow[3 * h + j] = gf as f32;
+                    newrow[4 * h + j] = gg as f32;
+                    newrow[5 * h + j] = go as f32;
+                }
+                p[r..r + 6 * h].copy_from_slice(&newrow);
+            }
+        }
+        Tensor::new(out.clone(), p).expect("packed state")
+    }
+
+    /// Kernel: T dispatches, one thread per (b, j).
+    pub fn kernel(&self, out: &Shape) -> KernelSpec {
+        let (t, b, h) = dims(out);
+        KernelSpec {
+            family: "lstm",
+            entry: "lstm_forward",
+            constants: constants(t, b, h, self.reverse),
+            workgroups: groups(b * h, 256),
+        }
+    }
+
+    /// Backward: the fused backward-through-time kernel, then the recurrent weight gradient;
+    /// the input projection's gradients follow from `dxw` through the graph.
+    pub fn backward(
+        &self,
+        g: &Graph,
+        x: &[NodeId],
+        p: NodeId,
+        dp: NodeId,
+    ) -> Result<Vec<Option<NodeId>>> {
+        let ps = g.shape(p);
+        let (t, b, h) = dims(&ps);
+        let mut inputs = vec![p];
+        inputs.extend(&x[1..5]);
+        inputs.push(dp);
+        let q = g.push_op(
+            Op::LstmBackward(LstmBackward {
+                reverse: self.reverse,
+            }),
+            inputs,
+            Shape(vec![t + 1, b, 6 * h]),
+        );
+        let dwhh = g.push_op(
+            Op::LstmWeightGrad(LstmWeightGrad {
+                reverse: self.reverse,
+            }),
+            vec![p, x[2], q],
+            Shape(vec![4 * h, h]),
+        );
+        let dxw = g.narrow(g.narrow(q, 0, 0, t)?, 2, 0, 4 * h)?;
+        let last = g.narrow(q, 0, t, 1)?;
+        let dh0 = g.reshape(g.narrow(last, 2, 0, h)?, &[b as isize, h as isize])?;
+        let dc0 = g.reshape(g.narrow(last, 2, h, h)?, &[b as isize, h as isize])?;
+        Ok(vec![Some(dxw), Some(dwhh), Some(dh0), Some(dc0), None])
+    }
+}
+
+impl LstmBackward {
+    /// CPU reference, the same recurrence as the kernel.
+    pub fn cpu(&self, x: &[&Tensor], out: &Shape) -> Tensor {
+        let (p, whh, c0, len, dp) = (
+            x[0].data(),
+            x[1].data(),
+            x[3].data(),
+            x[4].data(),
+            x[5].data(),
+        );
+        let (tt, bb, h) = dims(x[0].shape());
+        let mut q = vec![0f64; out.numel()];
+        let row = |t: usize, b: usize| (t * bb + b) * 6 * h;
+        let masked = |t: usize, b: usize| t as f32 >= len[b];
+        let dh_before = |q: &Vec<f64>, t: usize, b: usize, j: usize| -> f64 {
+            let r = row(t, b);
+            if masked(t, b) {
+                return q[r + 5 * h + j];
+            }
+            (0..4 * h).map(|k| q[r + k] * whh[k * h + j] as f64).sum()
+        };
+        let dc_before = |q: &Vec<f64>, t: usize, b: usize, j: usize| -> f64 {
+            let r = row(t, b);
+            if masked(t, b) {
+                q[r + 4 * h + j]
+            } else {
+                q[r + 4 * h + j] * p[r + 3 * h + j] as f64
+            }
+        };
+        for k in 0..tt {
+            let s = tt - 1 - k;
+            let t = time_of(s, tt, self.reverse);
+            for b in 0..bb {
+                let r = row(t, b);
+                let mut vals = vec![0f64; 6 * h];
+                for j in 0..h {
+                    let mut dh = dp[r + j] as f64;
+                    let mut dc = dp[r + h + j] as f64;
+                    if k > 0 {
+                        let tn = time_of(s + 1, tt, self.reverse);
+                        dh += dh_before(&q, tn, b, j);
+                        dc += dc_before(&q, tn, b, j);
+                    }
+                    if masked(t, b) {
+                        vals[4 * h + j] = dc;
+                        vals[5 * h + j] = dh;
+                        continue;
+                    }
+                    let c_prev = if s == 0 {
+                        c0[b * h + j]
+                    } else {
+                        p[row(time_of(s - 1, tt, self.reverse), b) + h + j]
+                    } as f64;
+                    let c = p[r + h + j] as f64;
+                    let (gi, gf, gg, go) = (
+                        p[r + 2 * h + j] as f64,
+                        p[r + 3 * h + j] as f64,
+                        p[r + 4 * h + j] as f64,
+                        p[r + 5 * h + j] as f64,
+                    );
+                    let tc = c.tanh();
+                    dc += dh * go * (1.0 - tc * tc);
+                    vals[j] = dc * gg * gi * (1.0 - gi);
+                    vals[h + j] = dc * c_prev * gf * (1.0 - gf);
+                    vals[2 * h + j] = dc * gi * (1.0 - gg * gg);
+                    vals[3 * h + j] = dh * tc * go * (1.0 - go);
+                    vals[4 * h + j] = dc;
+                    vals[5 * h + j] = dh;
+                }
+                q[r..r + 6 * h].copy_from_slice(&vals);
+            }
+        }
+        let t0 = time_of(0, tt, self.reverse);
+        for b in 0..bb {
+            let out_row = (tt * bb + b) * 6 * h;
+            for j in 0..h {
+                q[out_row + j] = dh_before(&q, t0, b, j);
+                q[out_row + h + j] = dc_before(&q, t0, b, j);
+            }
+        }
+        Tensor::new(out.clone(), q.into_iter().map(|v| v as f32).collect())
+            .expect("packed gradient")
+    }
+
+    /// Kernel: T + 1 dispatches, one thread per (b, j).
+    pub fn kernel(&self, p: &Shape) -> KernelSpec {
+        let (t, b, h) = dims(p);
+        KernelSpec {
+            family: "lstm",
+            entry: "lstm_backward",
+            constants: constants(t, b, h, self.reverse),
+            workgroups: groups(b * h, 256),
+        }
+    }
+}
+
+impl LstmWeightGrad {
+    /// CPU reference, f64 accumulation.
+    pub fn cpu(&self, x: &[&Tensor], out: &Shape) -> Tensor {
+        let (p, h0, q) = (x[0].data(), x[1].data(), x[2].data());
+        let (tt, bb, h) = dims(x[0].shape());
+        let mut dw = vec![0f64; 4 * h * h];
+        for s in 0..tt {
+            let t = time_of(s, tt, self.reverse);
+            for b in 0..bb {
+                for k in 0..4 * h {
+                    let dg = q[(t * bb + b) * 6 * h + k] as f64;
+                    for m in 0..h {
+                        let hp = if s == 0 {
+                            h0[b * h + m]
+                        } else {
+                            p[(time_of(s - 1, tt, self.reverse) * bb + b) * 6 * h + m]
+                        };
+                        dw[k * h + m] += dg * hp as f64;
+                    }
+                }
+            }
+        }
+        Tensor::new(out.clone(), dw.into_iter().map(|v| v as f32).collect()).expect("weight shape")
+    }
+
+    /// Kernel: one thread per weight.
+    pub fn kernel(&self, p: &Shape) -> KernelSpec {
+        let (t, b, h) = dims(p);
+        KernelSpec {
+            family: "lstm",
+            entry: "lstm_weight_grad",
+            constants: constants(t, b, h, self.reverse),
+            workgroups: groups(4 * h * h, 256),
+        }
+    }
+}

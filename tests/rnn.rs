@@ -1,0 +1,118 @@
+//! Recurrent layers: the fused LSTM kernels against the CPU reference (forward and every gradient,
+//! h0 and c0 included), gradient checks against central differences, masks, both directions.
+
+mod common;
+
+use common::{check_gpu_vs_cpu, gradcheck, rand, random_projection};
+use kiln::{Graph, Tensor};
+
+const TOL: (f64, f64) = (1e-5, 1e-4);
+
+/// An LSTM layer over (T, B, I) with hidden H; returns the graph, a scalar loss over all outputs
+/// and the nodes to differentiate, fed as inputs so central differences can perturb them.
+fn lstm_graph(
+    t: usize,
+    b: usize,
+    i: usize,
+    h: usize,
+    reverse: bool,
+    with_lengths: bool,
+) -> (
+    Graph,
+    kiln::NodeId,
+    Vec<(&'static str, kiln::NodeId)>,
+    Vec<(&'static str, Tensor)>,
+) {
+    let g = Graph::new();
+    let x = g.input("x", [t, b, i]);
+    let w_ih = g.input("w_ih", [4 * h, i]);
+    let w_hh = g.input("w_hh", [4 * h, h]);
+    let b_ih = g.input("b_ih", [4 * h]);
+    let b_hh = g.input("b_hh", [4 * h]);
+    let h0 = g.input("h0", [b, h]);
+    let c0 = g.input("c0", [b, h]);
+    let lengths = with_lengths.then(|| g.input("len", [b]));
+    let (hs, hn, cn) = g
+        .lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse)
+        .unwrap();
+    let l1 = random_projection(&g, hs, 1);
+    let l2 = random_projection(&g, hn, 2);
+    let l3 = random_projection(&g, cn, 3);
+    let loss = g.add(g.add(l1, l2).unwrap(), l3).unwrap();
+    let wrt = vec![
+        ("x", x),
+        ("w_ih", w_ih),
+        ("w_hh", w_hh),
+        ("b_ih", b_ih),
+        ("b_hh", b_hh),
+        ("h0", h0),
+        ("c0", c0),
+    ];
+    let mut feeds = vec![
+        ("x", rand(&[t, b, i], 10)),
+        ("w_ih", Tensor::rand_uniform(vec![4 * h, i], -0.5, 0.5, 11)),
+        ("w_hh", Tensor::rand_uniform(vec![4 * h, h], -0.5, 0.5, 12)),
+        ("b_ih", rand(&[4 * h], 13)),
+        ("b_hh", rand(&[4 * h], 14)),
+        ("h0", rand(&[b, h], 15)),
+        ("c0", rand(&[b, h], 16)),
+    ];
+    if with_lengths {
+        // one full sequence, one short one, one of length 1 (cycled over the batch)
+        let l: Vec<f32> = (0..b)
+            .map(|k| [t, (t / 2).max(1), 1][k % 3] as f32)
+            .collect();
+        feeds.push(("len", Tensor::new([b], l).unwrap()));
+    }
+    (g, loss, wrt, feeds)
+}
+
+#[test]
+fn lstm_forward_and_gradients_match_the_reference() {
+    for &(t, b, i, h, reverse, lengths) in &[
+        (1, 1, 1, 1, false, false),
+        (5, 3, 4, 6, false, false),
+        (4, 2, 3, 5, true, false),
+        (6, 3, 2, 3, false, true),
+        (6, 4, 3, 2, true, true),
+        (3, 7, 5, 67, false, false), // more than 256 threads per step
+    ] {
+        let what = format!("lstm T={t} B={b} I={i} H={h} reverse={reverse} lengths={lengths}");
+        let (g, loss, wrt, feeds) = lstm_graph(t, b, i, h, reverse, lengths);
+        let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, v)| (*n, v)).collect();
+        check_gpu_vs_cpu(&what, &g, &[loss], &refs, TOL);
+        gradcheck(
+            &what,
+            &g,
+            loss,
+            &wrt,
+            &refs,
+            if h > 10 { 6 } else { 12 },
+            TOL,
+        );
+    }
+}
+
+#[test]
+fn lstm_matches_hand_computed_step() {
+    // T = 1, B = 1, I = 1, H = 1: every gate pre-activation is w x + u h0 + b
+    let g = Graph::new();
+    let x = g.input("x", [1, 1, 1]);
+    let c = |v: Vec<f32>, s: &[usize]| g.constant(Tensor::new(s.to_vec(), v).unwrap());
+    let w_ih = c(vec![0.1, 0.2, 0.3, 0.4], &[4, 1]);
+    let w_hh = c(vec![0.5, -0.5, 0.25, -0.25], &[4, 1]);
+    let zero = c(vec![0.0; 4], &[4]);
+    let h0 = c(vec![0.3], &[1, 1]);
+    let c0 = c(vec![-0.2], &[1, 1]);
+    let (hs, _, cn) = g
+        .lstm_layer(x, w_ih, w_hh, zero, zero, h0, c0, None, false)
+        .unwrap();
+    let mut plan = kiln::Device::cpu().compile(&g, &[hs, cn]).unwrap();
+    let out = plan.run(&[("x", &Tensor::full([1, 1, 1], 2.0))]).unwrap();
+    let s = |v: f64| 1.0 / (1.0 + (-v).exp());
+    let a = |k: usize| [0.1, 0.2, 0.3, 0.4][k] * 2.0 + [0.5, -0.5, 0.25, -0.25][k] * 0.3;
+    let cc = s(a(1)) * -0.2 + s(a(0)) * a(2).tanh();
+    let hh = s(a(3)) * cc.tanh();
+    assert!((out[0].data()[0] as f64 - hh).abs() < 1e-6);
+    assert!((out[1].data()[0] as f64 - cc).abs() < 1e-6);
+}
