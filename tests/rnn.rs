@@ -116,3 +116,55 @@ fn lstm_matches_hand_computed_step() {
     assert!((out[0].data()[0] as f64 - hh).abs() < 1e-6);
     assert!((out[1].data()[0] as f64 - cc).abs() < 1e-6);
 }
+
+#[test]
+fn stacked_bidirectional_lstm_module() {
+    use kiln::nn::{Init, Lstm};
+    let lstm = Lstm::new("lstm", 3, 4, 2, true, &mut Init::new(1));
+    let names = lstm.param_names();
+    assert_eq!(names.len(), 16);
+    assert_eq!(names[0], "lstm.weight_ih_l0");
+    assert_eq!(names[4], "lstm.weight_ih_l0_reverse");
+    assert_eq!(names[9], "lstm.weight_hh_l1");
+    let g = Graph::new();
+    let x = g.input("x", [5, 2, 3]);
+    let h0 = g.input("h0", [4, 2, 4]);
+    let c0 = g.input("c0", [4, 2, 4]);
+    let len = g.input("len", [2]);
+    let out = lstm.apply(&g, x, Some((h0, c0)), Some(len)).unwrap();
+    assert_eq!(g.shape(out.output).dims(), &[5, 2, 8]);
+    assert_eq!(g.shape(out.h_n).dims(), &[4, 2, 4]);
+    let loss = g
+        .add(
+            g.add(
+                random_projection(&g, out.output, 1),
+                random_projection(&g, out.h_n, 2),
+            )
+            .unwrap(),
+            random_projection(&g, out.c_n, 3),
+        )
+        .unwrap();
+    let feeds = [
+        ("x", rand(&[5, 2, 3], 4)),
+        ("h0", rand(&[4, 2, 4], 5)),
+        ("c0", rand(&[4, 2, 4], 6)),
+        ("len", Tensor::new([2], vec![5.0, 3.0]).unwrap()),
+    ];
+    let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, v)| (*n, v)).collect();
+    check_gpu_vs_cpu(
+        "stacked lstm",
+        &g,
+        &[out.output, out.h_n, out.c_n],
+        &refs,
+        TOL,
+    );
+    gradcheck(
+        "stacked lstm",
+        &g,
+        loss,
+        &[("x", x), ("h0", h0), ("c0", c0)],
+        &refs,
+        10,
+        TOL,
+    );
+}

@@ -1,8 +1,10 @@
 //! `kiln-serve` end to end: the binary runs as a child process on 127.0.0.1 with a port the OS
 //! picks (it prints `listening on ADDR`), on the CPU backend, serving a checkpoint this test
 //! writes from freshly initialised parameters. Every answer is checked against one-at-a-time
-//! inference of the same input in this process. Loopback only; every loop is bounded and every
-//! socket has a timeout, so the tests stop by themselves.
+//! inference of the same input in this process (on the CPU reference). Loopback only; every loop
+//! is bounded and every socket has a timeout, so the tests stop by themselves.
+//!
+//! `KILN_SERVE_TEST_BACKEND=gpu|auto` serves on a GPU instead (no GPU needed by default).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -22,6 +24,11 @@ const CLASSES: usize = 10;
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 /// Probabilities from the server and from one-at-a-time inference agree this closely.
 const TOL: f64 = 1e-5;
+
+/// The backend the servers run on: `KILN_SERVE_TEST_BACKEND`, default `cpu`.
+fn backend() -> String {
+    std::env::var("KILN_SERVE_TEST_BACKEND").unwrap_or_else(|_| "cpu".into())
+}
 
 /// The tests start servers and measure throughput: one at a time on a small machine.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -118,7 +125,7 @@ impl Server {
         let mut child = Command::new(BIN)
             .args(["--model", model, "--checkpoint"])
             .arg(ckpt)
-            .args(["--addr", "127.0.0.1:0", "--backend", "cpu"])
+            .args(["--addr", "127.0.0.1:0", "--backend", &backend()])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -338,7 +345,9 @@ fn health_metrics_and_predictions_match_one_at_a_time_inference() {
         let h = get(addr, "/health");
         assert_eq!(h["status"], "ok");
         assert_eq!(h["model"], name);
-        assert_eq!(h["device"], "CPU reference backend");
+        if backend() == "cpu" {
+            assert_eq!(h["device"], "CPU reference backend");
+        }
 
         // one input, flat and as 28 rows
         let img = image(1);
@@ -606,6 +615,7 @@ fn load_test(name: &str, budget: Duration) {
     ] {
         let server = Server::start(name, &ckpt, extra);
         let addr = server.addr;
+        let device = get(addr, "/health")["device"].as_str().unwrap().to_string();
         let barrier = Arc::new(Barrier::new(CLIENTS));
         let t0 = Instant::now();
         let handles: Vec<_> = (0..CLIENTS)
@@ -640,9 +650,11 @@ fn load_test(name: &str, budget: Duration) {
         assert_eq!(lat.len(), CLIENTS * REQUESTS);
         let m = get(addr, "/metrics");
         println!(
-            "load test {name}, {label}, CPU backend: {} requests from {CLIENTS} clients in \
+            "load test {name}, {label}, {} backend ({}): {} requests from {CLIENTS} clients in \
              {secs:.2} s = {:.0} requests/s, latency p50 {:.2} ms, p99 {:.2} ms; {} plan runs, \
              {:.2} inputs per run",
+            backend(),
+            device,
             lat.len(),
             lat.len() as f64 / secs,
             percentile(&lat, 0.5),

@@ -4,9 +4,11 @@ pub mod checkpoint;
 pub mod init;
 pub mod layers;
 pub mod optim;
+pub mod rnn;
 pub mod train;
 
 pub use init::Init;
 pub use layers::{dropout, Act, Conv2d, Layer, Linear, Sequential};
 pub use optim::{Optimizer, Schedule};
+pub use rnn::{Lstm, LstmOutput};
 pub use train::TrainStep;
