@@ -59,6 +59,8 @@ pub(crate) struct GpuContext {
     /// The last error no error scope caught (wgpu would otherwise panic on it).
     pub(crate) uncaptured: Arc<Mutex<Option<String>>>,
     pub(crate) debug: bool,
+    /// KILN_PROFILE=1: every plan times its ops and prints them after each run.
+    pub(crate) profile_env: bool,
 }
 
 /// A kernel's bindings: `n_inputs` storage buffers, those from index `rw_from` on read_write (updated
@@ -380,6 +382,7 @@ impl GpuContext {
             lost,
             uncaptured,
             debug,
+            profile_env: std::env::var("KILN_PROFILE").map(|v| v == "1").unwrap_or(false),
         })
     }
 

@@ -87,7 +87,7 @@ pub fn mnist_mlp(seed: u64) -> Sequential {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Device, Graph};
+    use crate::{Device, Graph, NodeId, Tensor};
 
     #[test]
     fn shapes_and_names() {
@@ -105,5 +105,63 @@ mod tests {
         let x = g.input("x", [3, 784]);
         let (y, _) = mnist_mlp(0).apply(&g, x, true).unwrap();
         assert_eq!(g.shape(y).dims(), &[3, 10]);
+    }
+
+    /// Runs `forward` on a fixed batch on a fresh CPU device; returns the logits and the
+    /// parameters it created, by name.
+    fn run(names: &[String], forward: impl Fn(&Graph, NodeId) -> NodeId) -> (Tensor, Vec<Tensor>) {
+        let dev = Device::cpu();
+        let g = Graph::new();
+        let x = g.input("x", [3, 1, 28, 28]);
+        let y = forward(&g, x);
+        let xs = Tensor::rand_uniform([3, 1, 28, 28], 0.0, 1.0, 42);
+        let out = dev.compile(&g, &[y]).unwrap().run(&[("x", &xs)]).unwrap();
+        let params = names.iter().map(|n| dev.param(n).unwrap()).collect();
+        (out.into_iter().next().unwrap(), params)
+    }
+
+    /// The same layers, initial values and forward pass as `examples/mnist_cnn.rs` and
+    /// `examples/mlp.rs`, written out op by op as the examples do.
+    #[test]
+    fn same_as_the_examples() {
+        let seed = 3;
+        let cnn = mnist_cnn(seed);
+        let names = cnn.param_names();
+        let (got, got_p) = run(&names, |g, x| cnn.apply(g, x, false).unwrap().0);
+        let mut init = Init::new(seed);
+        let o = Conv2dOpts::default();
+        let c1 = Conv2d::new("conv1", 1, 32, (3, 3), o, &mut init);
+        let c2 = Conv2d::new("conv2", 32, 64, (3, 3), o, &mut init);
+        let c3 = Conv2d::new("conv3", 64, 64, (3, 3), o, &mut init);
+        let f1 = Linear::new("fc1", 576, 64, &mut init);
+        let f2 = Linear::new("fc2", 64, 10, &mut init);
+        let (want, want_p) = run(&names, |g, x| {
+            let pool = |h| g.max_pool2d(h, (2, 2), (2, 2), (0, 0)).unwrap();
+            let h = pool(g.relu(c1.apply(g, x).unwrap().0).unwrap());
+            let h = pool(g.relu(c2.apply(g, h).unwrap().0).unwrap());
+            let h = g
+                .flatten(g.relu(c3.apply(g, h).unwrap().0).unwrap())
+                .unwrap();
+            let h = g.relu(f1.apply(g, h).unwrap().0).unwrap();
+            f2.apply(g, h).unwrap().0
+        });
+        assert_eq!(got.data(), want.data());
+        assert_eq!(got_p, want_p);
+
+        let mlp = mnist_mlp(seed);
+        let names = mlp.param_names();
+        let (got, got_p) = run(&names, |g, x| mlp.apply(g, x, false).unwrap().0);
+        let mut init = Init::new(seed);
+        let f1 = Linear::new("fc1", 784, 64, &mut init);
+        let f2 = Linear::new("fc2", 64, 64, &mut init);
+        let f3 = Linear::new("fc3", 64, 10, &mut init);
+        let (want, want_p) = run(&names, |g, x| {
+            let h = g.reshape(x, &[3, 784]).unwrap();
+            let h = g.relu(f1.apply(g, h).unwrap().0).unwrap();
+            let h = g.relu(f2.apply(g, h).unwrap().0).unwrap();
+            f3.apply(g, h).unwrap().0
+        });
+        assert_eq!(got.data(), want.data());
+        assert_eq!(got_p, want_p);
     }
 }

@@ -203,3 +203,26 @@ fn cpu_backend_runs_plans() {
         .unwrap();
     assert_eq!(out[0].data(), &[1., 2., 3., 4.]);
 }
+
+#[test]
+fn profiler_times_every_op() {
+    let Some(dev) = gpu() else { return };
+    if !dev.features().contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
+        eprintln!("NOTICE: no TIMESTAMP_QUERY_INSIDE_PASSES; profiler test skipped");
+        return;
+    }
+    let g = Graph::new();
+    let a = g.input("a", [64, 64]);
+    let y = g.relu(g.matmul(a, a).unwrap()).unwrap();
+    let mut plan = dev.compile(&g, &[y]).unwrap();
+    assert!(plan.profile().is_empty());
+    plan.set_profiling(true).unwrap();
+    plan.run(&[("a", &rand(&[64, 64], 1))]).unwrap();
+    let prof = plan.profile();
+    assert_eq!(prof.len(), 2);
+    assert!(prof[0].label.contains("matmul") && prof[0].flops == 2.0 * 64.0 * 64.0 * 64.0);
+    assert!(prof[1].label.contains("relu") && prof[1].flops == 0.0 && prof[1].bytes == 2.0 * 64.0 * 64.0 * 4.0);
+    assert!(prof.iter().all(|t| t.seconds >= 0.0 && t.seconds.is_finite()));
+    let table = kiln::exec::profile::table(prof);
+    assert!(table.contains("GFLOP/s") && table.contains("GB/s"), "{table}");
+}

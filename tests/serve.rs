@@ -54,9 +54,25 @@ fn prob_plan(dev: &Device, m: &Sequential, batch: usize) -> Plan {
     dev.compile(&g, &[p]).unwrap()
 }
 
+/// A file removed when dropped (also when a test fails).
+struct TempFile(PathBuf);
+
+impl std::ops::Deref for TempFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Writes a checkpoint of freshly initialised parameters (seeded, so not the server's own
-/// initial values) and returns its path.
-fn write_checkpoint(name: &str, seed: u64) -> PathBuf {
+/// initial values), removed when the result is dropped.
+fn write_checkpoint(name: &str, seed: u64) -> TempFile {
     let path = std::env::temp_dir().join(format!(
         "kiln-serve-test-{}-{name}-{seed}.safetensors",
         std::process::id()
@@ -67,7 +83,7 @@ fn write_checkpoint(name: &str, seed: u64) -> PathBuf {
     let names = m.param_names();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     checkpoint::save(&dev, &names, &path).unwrap();
-    path
+    TempFile(path)
 }
 
 /// One-at-a-time inference of the checkpoint in this process.
@@ -385,7 +401,6 @@ fn health_metrics_and_predictions_match_one_at_a_time_inference() {
         }
         println!("{name}: metrics {m}");
         drop(server);
-        let _ = std::fs::remove_file(&ckpt);
     }
 }
 
@@ -502,7 +517,6 @@ fn bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving() {
     assert_eq!(m["predictions"], 64, "{m}");
     assert_eq!(m["batches"]["runs"], 16, "{m}");
     drop(server);
-    let _ = std::fs::remove_file(&ckpt);
 }
 
 #[test]
@@ -535,7 +549,6 @@ fn a_failing_run_gives_500_and_the_server_keeps_serving() {
     assert_eq!(m["errors"], 2, "{m}");
     assert_eq!(m["predictions"], 1, "{m}");
     drop(server);
-    let _ = std::fs::remove_file(&ckpt);
 }
 
 #[test]
@@ -587,7 +600,6 @@ fn a_full_queue_answers_503_with_retry_after() {
     assert_eq!(m["rejected_queue_full"], rejected as u64, "{m}");
     assert_eq!(m["errors"], rejected as u64, "{m}");
     drop(server);
-    let _ = std::fs::remove_file(&ckpt);
 }
 
 /// 32 clients x 20 requests, each with its own input, against a server with batching on and
@@ -680,7 +692,6 @@ fn load_test(name: &str, budget: Duration) {
             "the {name} load test took over {budget:?}"
         );
     }
-    let _ = std::fs::remove_file(&ckpt);
 }
 
 #[test]
@@ -703,16 +714,36 @@ fn a_missing_or_bad_checkpoint_exits_with_a_clear_message() {
         "kiln-serve-test-{}-missing.safetensors",
         std::process::id()
     ));
-    let garbage = dir.join(format!(
+    let garbage = TempFile(dir.join(format!(
         "kiln-serve-test-{}-garbage.safetensors",
         std::process::id()
-    ));
-    std::fs::write(&garbage, b"this is not a checkpoint").unwrap();
+    )));
+    std::fs::write(&*garbage, b"this is not a checkpoint").unwrap();
     let mlp = write_checkpoint("mlp", 1);
-    let cases: [(&str, &Path, &[&str]); 3] = [
+    // the MLP's names, fc1.weight transposed
+    let transposed = TempFile(dir.join(format!(
+        "kiln-serve-test-{}-transposed.safetensors",
+        std::process::id()
+    )));
+    let dev = Device::cpu();
+    for (n, t) in checkpoint::read(&mlp).unwrap() {
+        let t = if n == "fc1.weight" {
+            Tensor::zeros([784, 64])
+        } else {
+            t
+        };
+        dev.set_param(&n, &t).unwrap();
+    }
+    checkpoint::save_all(&dev, &transposed).unwrap();
+    let cases: [(&str, &Path, &[&str]); 4] = [
         ("mlp", &missing, &["cannot load", "missing.safetensors"]),
         ("mlp", &garbage, &["cannot load", "not a valid safetensors"]),
         ("mnist_cnn", &mlp, &["cannot load", "conv1.weight"]),
+        (
+            "mlp",
+            &transposed,
+            &["cannot load", "fc1.weight", "[784, 64]"],
+        ),
     ];
     for (model, path, words) in cases {
         let out = Command::new(BIN)
@@ -741,10 +772,8 @@ fn a_missing_or_bad_checkpoint_exits_with_a_clear_message() {
     }
     let out = Command::new(BIN)
         .args(["--model", "resnet", "--checkpoint"])
-        .arg(&mlp)
+        .arg(&*mlp)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "a bad --model is a usage error");
-    let _ = std::fs::remove_file(&garbage);
-    let _ = std::fs::remove_file(&mlp);
 }

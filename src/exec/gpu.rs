@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::liveness::{assign_slots, lifetimes, storage_root};
+use super::profile::{self, OpTiming, Profiler};
 use super::PlanInfo;
 use crate::device::{BindingMode, Device};
 use crate::error::{Error, Result};
@@ -41,6 +42,8 @@ struct Step {
     groups: (u32, u32, u32),
     /// `Some(n)`: dispatched n times with the step index at dynamic offsets `k * step_align`.
     repeat: Option<u32>,
+    /// `(flops, bytes)` for the profiler.
+    cost: (f64, f64),
 }
 
 struct Readback {
@@ -59,6 +62,8 @@ pub(crate) struct GpuPlan {
     /// buffers the plan writes, for `poison`
     slots: Vec<(Arc<wgpu::Buffer>, u64)>,
     pub(crate) info: PlanInfo,
+    profiler: Option<Profiler>,
+    pub(crate) last_profile: Vec<OpTiming>,
     /// Kept alive for the bind groups of recurrent kernels.
     _step_buffer: Option<wgpu::Buffer>,
     step_align: u32,
@@ -222,6 +227,7 @@ impl GpuPlan {
                 bind_group,
                 groups,
                 repeat,
+                cost: n.op.cost(&in_shapes, &n.shape),
             });
         }
         info.dispatches = steps.iter().map(|s| s.repeat.unwrap_or(1) as usize).sum();
@@ -265,7 +271,10 @@ impl GpuPlan {
             info,
             _step_buffer: step_buffer,
             step_align: step_align as u32,
-        })
+            profiler: None,
+            last_profile: Vec::new(),
+        }
+        .with_env_profiling())
     }
 
     pub(crate) fn run(&mut self, given: &[(&str, &Tensor)], readback: bool) -> Result<Vec<Tensor>> {
@@ -291,7 +300,11 @@ impl GpuPlan {
                 label: Some("kiln plan"),
                 timestamp_writes: None,
             });
-            for s in &self.steps {
+            for (i, s) in self.steps.iter().enumerate() {
+                let timed = self.profiler.as_ref().filter(|p| (i as u32) < p.steps);
+                if let Some(p) = timed {
+                    pass.write_timestamp(&p.query_set, 2 * i as u32);
+                }
                 pass.set_pipeline(&s.pipeline);
                 match s.repeat {
                     None => {
@@ -305,7 +318,13 @@ impl GpuPlan {
                         }
                     }
                 }
+                if let Some(p) = timed {
+                    pass.write_timestamp(&p.query_set, 2 * i as u32 + 1);
+                }
             }
+        }
+        if let Some(p) = &self.profiler {
+            p.resolve(&mut enc);
         }
         if readback {
             for r in &self.readbacks {
@@ -315,6 +334,18 @@ impl GpuPlan {
         ctx.queue.submit([enc.finish()]);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Device(format!("running a plan: {e}")));
+        }
+        if let Some(p) = &self.profiler {
+            let secs = p.read(ctx)?;
+            self.last_profile = self
+                .steps
+                .iter()
+                .zip(secs)
+                .map(|(s, seconds)| OpTiming { label: s.label.clone(), seconds, flops: s.cost.0, bytes: s.cost.1 })
+                .collect();
+            if ctx.profile_env {
+                eprintln!("[kiln profile] {}\n{}", ctx.info.name, profile::table(&self.last_profile));
+            }
         }
         if !readback {
             // let finished work retire without waiting for this submission
@@ -331,6 +362,23 @@ impl GpuPlan {
             .zip(&self.readbacks)
             .map(|(d, r)| Tensor::new(r.shape.clone(), d))
             .collect()
+    }
+
+    fn with_env_profiling(mut self) -> Self {
+        if self.device.gpu_ctx().map(|c| c.profile_env).unwrap_or(false) {
+            if let Err(e) = self.set_profiling(true) {
+                log::warn!("KILN_PROFILE=1: {e}");
+            }
+        }
+        self
+    }
+
+    pub(crate) fn set_profiling(&mut self, on: bool) -> Result<()> {
+        self.profiler = match (on, self.device.gpu_ctx()) {
+            (true, Some(ctx)) => Some(Profiler::new(ctx, self.steps.len())?),
+            _ => None,
+        };
+        Ok(())
     }
 
     pub(crate) fn poison(&mut self, value: f32) {

@@ -3,6 +3,7 @@
 
 pub mod gpu;
 pub mod liveness;
+pub mod profile;
 
 use crate::cpu::CpuPlan;
 use crate::device::Device;
@@ -157,6 +158,23 @@ impl Plan {
     /// The nodes `run` returns, in order.
     pub fn outputs(&self) -> &[NodeId] {
         &self.outputs
+    }
+
+    /// Turns per-op GPU timing on or off for this plan (`KILN_PROFILE=1` turns it on for all);
+    /// an error where the adapter lacks TIMESTAMP_QUERY_INSIDE_PASSES. A no-op on the CPU.
+    pub fn set_profiling(&mut self, on: bool) -> Result<()> {
+        match &mut self.backend {
+            Backend::Gpu(p) => p.set_profiling(on),
+            Backend::Cpu(_) => Ok(()),
+        }
+    }
+
+    /// Each op's GPU time in the last profiled run, in plan order (empty when not profiling).
+    pub fn profile(&self) -> &[profile::OpTiming] {
+        match &self.backend {
+            Backend::Gpu(p) => &p.last_profile,
+            Backend::Cpu(_) => &[],
+        }
     }
 
     /// Fills every buffer the plan writes (intermediates and outputs) with `value`, so that a

@@ -826,6 +826,128 @@ impl Graph {
         let shape = op.infer(&sd)?;
         Ok(self.push(Op::AvgPool2dBackward(op), vec![dy], shape))
     }
+
+    // ---- GRU, RNN, embedding ----
+
+    /// One GRU layer over a sequence, PyTorch gates (r, z, n): `x (T, B, I)`, `w_ih [3H, I]`,
+    /// `w_hh [3H, H]`, `b_ih`, `b_hh [3H]`, `h0 (B, H)`; `lengths (B)` (whole numbers in `[0, T]`,
+    /// `None` = all `T`) makes steps past a sequence's end carry its state. `reverse` runs from the
+    /// last step to the first. `r = σ(W_ir x + b_ir + W_hr h + b_hr)`, `z` likewise,
+    /// `n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))`, `h' = (1 − z) ⊙ n + z ⊙ h`.
+    /// Returns `(all h_t (T, B, H), final h (B, H))`: the input projection of every step is one
+    /// matmul, the recurrence one fused kernel per step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gru_layer(
+        &self,
+        x: NodeId,
+        w_ih: NodeId,
+        w_hh: NodeId,
+        b_ih: NodeId,
+        b_hh: NodeId,
+        h0: NodeId,
+        lengths: Option<NodeId>,
+        reverse: bool,
+    ) -> Result<(NodeId, NodeId)> {
+        use crate::ops::gru::Cell;
+        self.recurrent_layer(Cell::Gru, x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse)
+    }
+
+    /// One vanilla RNN layer with tanh (`torch.nn.RNN`): `x (T, B, I)`, `w_ih [H, I]`,
+    /// `w_hh [H, H]`, `b_ih`, `b_hh [H]`, `h0 (B, H)`, `lengths` and `reverse` as in
+    /// [`Graph::gru_layer`]; `h' = tanh(W_ih x + b_ih + W_hh h + b_hh)`.
+    /// Returns `(all h_t (T, B, H), final h (B, H))`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rnn_layer(
+        &self,
+        x: NodeId,
+        w_ih: NodeId,
+        w_hh: NodeId,
+        b_ih: NodeId,
+        b_hh: NodeId,
+        h0: NodeId,
+        lengths: Option<NodeId>,
+        reverse: bool,
+    ) -> Result<(NodeId, NodeId)> {
+        use crate::ops::gru::Cell;
+        self.recurrent_layer(Cell::Rnn, x, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn recurrent_layer(
+        &self,
+        cell: crate::ops::gru::Cell,
+        x: NodeId,
+        w_ih: NodeId,
+        w_hh: NodeId,
+        b_ih: NodeId,
+        b_hh: NodeId,
+        h0: NodeId,
+        lengths: Option<NodeId>,
+        reverse: bool,
+    ) -> Result<(NodeId, NodeId)> {
+        let name = cell.name();
+        let gates = cell.gates();
+        let xs = self.check_id(name, x)?;
+        let ws = self.check_id(name, w_ih)?;
+        let bs = self.check_id(name, b_ih)?;
+        if xs.rank() != 3
+            || ws.rank() != 2
+            || ws.dims()[1] != xs.dims()[2]
+            || ws.dims()[0] % gates != 0
+            || bs.dims() != [ws.dims()[0]]
+        {
+            let g = if gates == 1 { "H" } else { "3H" };
+            return Err(shape_err(
+                name,
+                format!(
+                    "input {xs}, weight_ih {ws} and bias_ih {bs}: expected (T, B, I), [{g}, I] and [{g}]"
+                ),
+            ));
+        }
+        let (t, b, i) = (xs.dims()[0], xs.dims()[1], xs.dims()[2]);
+        let gh = ws.dims()[0];
+        let h = gh / gates;
+        let flat = self.reshape(x, &[(t * b) as isize, i as isize])?;
+        let proj = self.add(self.matmul_t(flat, w_ih, false, true)?, b_ih)?;
+        let xw = self.reshape(proj, &[t as isize, b as isize, gh as isize])?;
+        let lengths = match lengths {
+            Some(l) => l,
+            None => self.constant(Tensor::full([b], t as f32)),
+        };
+        let shape = crate::ops::gru::infer(
+            cell,
+            &self.shape(xw),
+            &self.check_id(name, w_hh)?,
+            &self.check_id(name, b_hh)?,
+            &self.check_id(name, h0)?,
+            &self.check_id(name, lengths)?,
+        )?;
+        let p = self.push(
+            cell.forward_op(reverse),
+            vec![xw, w_hh, b_hh, h0, lengths],
+            shape,
+        );
+        let hs = self.narrow(p, 2, 0, h)?;
+        // the last step processed holds the final state (padding carried it there)
+        let last = self.narrow(hs, 0, if reverse { 0 } else { t - 1 }, 1)?;
+        let h_n = self.reshape(last, &[b as isize, h as isize])?;
+        Ok((hs, h_n))
+    }
+
+    /// Embedding lookup (`torch.nn.functional.embedding`): `indices` of any shape holding whole
+    /// numbers as f32, `weight (V, E)` -> `(indices.., E)`. An index that is not an integer in
+    /// `[0, V)` gives a row of NaN. The weight's gradient comes from a dedicated gather kernel;
+    /// the indices take none.
+    pub fn embedding(&self, indices: NodeId, weight: NodeId) -> Result<NodeId> {
+        let si = self.check_id("embedding", indices)?;
+        let sw = self.check_id("embedding", weight)?;
+        let shape = crate::ops::embedding::Embedding::infer(&si, &sw)?;
+        Ok(self.push(
+            Op::Embedding(crate::ops::embedding::Embedding),
+            vec![indices, weight],
+            shape,
+        ))
+    }
 }
 
 /// Validates that a node list is well formed for compilation: names unique per kind, shapes

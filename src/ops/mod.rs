@@ -4,6 +4,8 @@
 pub mod binary;
 pub mod conv;
 pub mod dropout;
+pub mod embedding;
+pub mod gru;
 pub mod layout;
 pub mod loss;
 pub mod lstm;
@@ -26,6 +28,8 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("binary", include_str!("../../shaders/binary.wgsl")),
     ("conv", include_str!("../../shaders/conv.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
+    ("embedding", include_str!("../../shaders/embedding.wgsl")),
+    ("gru", include_str!("../../shaders/gru.wgsl")),
     ("layout", include_str!("../../shaders/layout.wgsl")),
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("lstm", include_str!("../../shaders/lstm.wgsl")),
@@ -96,6 +100,18 @@ pub enum Op {
     LstmForward(lstm::LstmForward),
     LstmBackward(lstm::LstmBackward),
     LstmWeightGrad(lstm::LstmWeightGrad),
+    /// One GRU layer's recurrence (see `ops::gru`).
+    GruForward(gru::GruForward),
+    GruBackward(gru::GruBackward),
+    GruWeightGrad(gru::GruWeightGrad),
+    /// One vanilla tanh RNN layer's recurrence (see `ops::gru`).
+    RnnForward(gru::RnnForward),
+    RnnBackward(gru::RnnBackward),
+    RnnWeightGrad(gru::RnnWeightGrad),
+    /// Rows of a table `(V, E)` (input 1) by index (input 0).
+    Embedding(embedding::Embedding),
+    /// Inputs `indices` and `dy`: the table's gradient `(V, E)`.
+    EmbeddingBackward(embedding::EmbeddingBackward),
     /// Seeded inverted dropout of input 0; input 1 is the `[1]` seed.
     Dropout(dropout::Dropout),
     /// Its gradient for the logits, from logits, labels and the loss gradient.
@@ -152,6 +168,14 @@ impl Op {
             Op::LstmForward(_) => "lstm",
             Op::LstmBackward(_) => "lstm_backward",
             Op::LstmWeightGrad(_) => "lstm_weight_grad",
+            Op::GruForward(_) => "gru",
+            Op::GruBackward(_) => "gru_backward",
+            Op::GruWeightGrad(_) => "gru_weight_grad",
+            Op::RnnForward(_) => "rnn",
+            Op::RnnBackward(_) => "rnn_backward",
+            Op::RnnWeightGrad(_) => "rnn_weight_grad",
+            Op::Embedding(_) => "embedding",
+            Op::EmbeddingBackward(_) => "embedding_backward",
             Op::Dropout(_) => "dropout",
             Op::CrossEntropyBackward(_) => "cross_entropy_backward",
             Op::OptimStep(o) => o.name(),
@@ -177,12 +201,36 @@ impl Op {
         }
     }
 
+    /// Work of this op for the profiler: `(flops, bytes)`. FLOPs are counted for matmul-like
+    /// ops (multiply-adds count 2); the rest report bytes moved (each input and output once).
+    pub fn cost(&self, inputs: &[&Shape], out: &Shape) -> (f64, f64) {
+        let bytes = 4.0 * (inputs.iter().map(|s| s.numel()).sum::<usize>() + out.numel()) as f64;
+        let flops = match self {
+            Op::MatMul(m) => {
+                let a = inputs[0].dims();
+                let k = if m.trans_a { a[a.len() - 2] } else { a[a.len() - 1] };
+                2.0 * out.numel() as f64 * k as f64
+            }
+            Op::LstmForward(_) | Op::LstmBackward(_) | Op::LstmWeightGrad(_) => {
+                // the recurrent products: T * B * 4H * H multiply-adds
+                let p = inputs[0].dims();
+                let (t, b) = (p[0], p[1]);
+                let h = if let Op::LstmForward(_) = self { p[2] / 4 } else { p[2] / 6 };
+                2.0 * (t * b * 4 * h * h) as f64
+            }
+            _ => 0.0,
+        };
+        (flops, bytes)
+    }
+
     /// For recurrent kernels: how many times the kernel is dispatched in a row (each dispatch
     /// reads its index from a step uniform at binding 0); `None` for single-dispatch kernels.
     pub fn repeat(&self, inputs: &[&Shape]) -> Option<u32> {
         match self {
             Op::LstmForward(_) => Some(inputs[0].dims()[0] as u32),
             Op::LstmBackward(_) => Some(inputs[0].dims()[0] as u32 + 1),
+            Op::GruForward(_) | Op::RnnForward(_) => Some(inputs[0].dims()[0] as u32),
+            Op::GruBackward(_) | Op::RnnBackward(_) => Some(inputs[0].dims()[0] as u32 + 1),
             _ => None,
         }
     }
@@ -215,6 +263,14 @@ impl Op {
             Op::LstmForward(l) => l.cpu(inputs, out),
             Op::LstmBackward(l) => l.cpu(inputs, out),
             Op::LstmWeightGrad(l) => l.cpu(inputs, out),
+            Op::GruForward(l) => l.cpu(inputs, out),
+            Op::GruBackward(l) => l.cpu(inputs, out),
+            Op::GruWeightGrad(l) => l.cpu(inputs, out),
+            Op::RnnForward(l) => l.cpu(inputs, out),
+            Op::RnnBackward(l) => l.cpu(inputs, out),
+            Op::RnnWeightGrad(l) => l.cpu(inputs, out),
+            Op::Embedding(e) => e.cpu(inputs[0], inputs[1], out),
+            Op::EmbeddingBackward(e) => e.cpu(inputs[0], inputs[1], out),
             Op::Dropout(d) => d.cpu(inputs[0], inputs[1]),
             Op::CrossEntropyBackward(c) => c.cpu(inputs[0], inputs[1], inputs[2]),
             Op::OptimStep(o) => o.cpu_update(inputs).swap_remove(0),
@@ -245,6 +301,14 @@ impl Op {
             Op::LstmForward(l) => Some(l.kernel(out)),
             Op::LstmBackward(l) => Some(l.kernel(inputs[0])),
             Op::LstmWeightGrad(l) => Some(l.kernel(inputs[0])),
+            Op::GruForward(l) => Some(l.kernel(out)),
+            Op::GruBackward(l) => Some(l.kernel(inputs[0])),
+            Op::GruWeightGrad(l) => Some(l.kernel(inputs[0])),
+            Op::RnnForward(l) => Some(l.kernel(out)),
+            Op::RnnBackward(l) => Some(l.kernel(inputs[0])),
+            Op::RnnWeightGrad(l) => Some(l.kernel(inputs[0])),
+            Op::Embedding(e) => Some(e.kernel(inputs[0], inputs[1])),
+            Op::EmbeddingBackward(e) => Some(e.kernel(inputs[0], out)),
             Op::Dropout(d) => Some(d.kernel(out.numel())),
             Op::CrossEntropyBackward(c) => Some(c.kernel(inputs[0])),
             Op::OptimStep(o) => Some(o.kernel(out)),
@@ -284,11 +348,19 @@ impl Op {
             Op::AvgPool2dBackward(p) => vec![Some(p.backward(g, dy)?)],
             Op::CrossEntropy(c) => c.backward(g, x[0], x[1], dy)?.to_vec(),
             Op::LstmForward(l) => l.backward(g, x, y, dy)?,
+            Op::GruForward(l) => l.backward(g, x, y, dy)?,
+            Op::RnnForward(l) => l.backward(g, x, y, dy)?,
+            Op::Embedding(e) => e.backward(g, x, dy)?,
             Op::Dropout(d) => vec![Some(d.backward(g, x[1], dy)?), None],
             Op::CrossEntropyBackward(_)
             | Op::OptimStep(_)
             | Op::LstmBackward(_)
-            | Op::LstmWeightGrad(_) => {
+            | Op::LstmWeightGrad(_)
+            | Op::GruBackward(_)
+            | Op::GruWeightGrad(_)
+            | Op::RnnBackward(_)
+            | Op::RnnWeightGrad(_)
+            | Op::EmbeddingBackward(_) => {
                 return Err(crate::error::Error::Unsupported(format!(
                     "gradients through {}",
                     self.name()
@@ -308,6 +380,13 @@ impl Op {
             | Op::LstmForward(_)
             | Op::LstmBackward(_)
             | Op::LstmWeightGrad(_) => TOL_REDUCTION,
+            Op::GruForward(_)
+            | Op::GruBackward(_)
+            | Op::GruWeightGrad(_)
+            | Op::RnnForward(_)
+            | Op::RnnBackward(_)
+            | Op::RnnWeightGrad(_)
+            | Op::EmbeddingBackward(_) => TOL_REDUCTION,
             // sums of a few terms, in another order than the reference
             Op::Im2col(_)
             | Op::Col2im(_)
