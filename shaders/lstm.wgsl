@@ -7,6 +7,7 @@
 // Packed gradient Q [T + 1, B, 6H], rows t < T: dgates (pre-activation, 4H) | dc_t | dh_t;
 // row T: dh0 | dc0 | 0.
 //
+// Bindings (group 0), by entry point.
 // Entry `lstm_forward` (dispatched T times, step s = 0..T-1; t = s, or T-1-s when REVERSE):
 //   0  step     uniform, dynamic offset  vec4<u32>, x = s
 //   1  xw       storage, read            [T, B, 4H]

@@ -5,9 +5,12 @@
 //   0  a    storage, read        [OUTER, LEN, INNER] input
 //   1  out  storage, read_write  [OUTER, INNER] output
 // Overrides: LEN, INNER, ROWS; OP: 0 sum, 1 mean, 2 max.
-// Dispatch: ROWS workgroups of 64 threads, folded by the host into (x <= 65535, y). Workgroup r
-//           reduces output r: each thread folds a strided share of the LEN values, then a tree in
-//           workgroup memory combines the 64 partial results.
+// Dispatch, entry `main`: ROWS workgroups of 64 threads, folded by the host into (x <= 65535, y).
+//           Workgroup r reduces output r: each thread folds a strided share of the LEN values,
+//           then a tree in workgroup memory combines the 64 partial results.
+//           Entry `columns` (chosen when INNER is large, e.g. summing a batch axis): ceil(ROWS / 64)
+//           workgroups, one thread per output looping over LEN; neighbouring threads read
+//           neighbouring addresses.
 
 override LEN: u32 = 1u;
 override INNER: u32 = 1u;
@@ -58,4 +61,25 @@ fn main(
         }
         out[row] = r;
     }
+}
+
+@compute @workgroup_size(64)
+fn columns(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = (wid.y * nwg.x + wid.x) * WG + lid;
+    if row >= ROWS {
+        return;
+    }
+    let base = (row / INNER) * LEN * INNER + row % INNER;
+    var acc = a[base];
+    for (var j = 1u; j < LEN; j = j + 1u) {
+        acc = combine(acc, a[base + j * INNER]);
+    }
+    if OP == 1u {
+        acc = acc / f32(LEN);
+    }
+    out[row] = acc;
 }

@@ -71,7 +71,9 @@ impl Reduce {
         Tensor::new(out.clone(), data).expect("reduced shape")
     }
 
-    /// Kernel: one workgroup per output value.
+    /// Kernel: one workgroup per output value; or, when the reduced values are far apart in
+    /// memory (a large inner extent, as when summing over a batch axis), one thread per output
+    /// so that neighbouring threads read neighbouring addresses.
     pub fn kernel(&self, a: &Shape) -> KernelSpec {
         let (outer, len, inner) = split_at_axis(a, self.axis);
         let op = match self.kind {
@@ -79,16 +81,17 @@ impl Reduce {
             ReduceKind::Mean => 1,
             ReduceKind::Max => 2,
         };
+        let columns = inner >= 64;
         KernelSpec {
             family: "reduce",
-            entry: "main",
+            entry: if columns { "columns" } else { "main" },
             constants: vec![
                 ("LEN", len as f64),
                 ("INNER", inner as f64),
                 ("ROWS", (outer * inner) as f64),
                 ("OP", op as f64),
             ],
-            workgroups: (outer * inner) as u64,
+            workgroups: if columns { super::groups(outer * inner, 64) } else { (outer * inner) as u64 },
         }
     }
 
