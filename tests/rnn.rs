@@ -10,19 +10,14 @@ const TOL: (f64, f64) = (1e-5, 1e-4);
 
 /// An LSTM layer over (T, B, I) with hidden H; returns the graph, a scalar loss over all outputs
 /// and the nodes to differentiate, fed as inputs so central differences can perturb them.
-fn lstm_graph(
-    t: usize,
-    b: usize,
-    i: usize,
-    h: usize,
-    reverse: bool,
-    with_lengths: bool,
-) -> (
+type Case = (
     Graph,
     kiln::NodeId,
     Vec<(&'static str, kiln::NodeId)>,
     Vec<(&'static str, Tensor)>,
-) {
+);
+
+fn lstm_graph(t: usize, b: usize, i: usize, h: usize, reverse: bool, with_lengths: bool) -> Case {
     let g = Graph::new();
     let x = g.input("x", [t, b, i]);
     let w_ih = g.input("w_ih", [4 * h, i]);

@@ -6,6 +6,8 @@
 //!
 //! `KILN_SERVE_TEST_BACKEND=gpu|auto` serves on a GPU instead (no GPU needed by default).
 
+#![cfg(feature = "serve")]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

@@ -341,10 +341,19 @@ impl GpuPlan {
                 .steps
                 .iter()
                 .zip(secs)
-                .map(|(s, seconds)| OpTiming { label: s.label.clone(), seconds, flops: s.cost.0, bytes: s.cost.1 })
+                .map(|(s, seconds)| OpTiming {
+                    label: s.label.clone(),
+                    seconds,
+                    flops: s.cost.0,
+                    bytes: s.cost.1,
+                })
                 .collect();
             if ctx.profile_env {
-                eprintln!("[kiln profile] {}\n{}", ctx.info.name, profile::table(&self.last_profile));
+                eprintln!(
+                    "[kiln profile] {}\n{}",
+                    ctx.info.name,
+                    profile::table(&self.last_profile)
+                );
             }
         }
         if !readback {
@@ -365,7 +374,12 @@ impl GpuPlan {
     }
 
     fn with_env_profiling(mut self) -> Self {
-        if self.device.gpu_ctx().map(|c| c.profile_env).unwrap_or(false) {
+        if self
+            .device
+            .gpu_ctx()
+            .map(|c| c.profile_env)
+            .unwrap_or(false)
+        {
             if let Err(e) = self.set_profiling(true) {
                 log::warn!("KILN_PROFILE=1: {e}");
             }

@@ -37,7 +37,7 @@ impl std::fmt::Display for PlanInfo {
 }
 
 enum Backend {
-    Gpu(gpu::GpuPlan),
+    Gpu(Box<gpu::GpuPlan>),
     Cpu(CpuPlan),
 }
 
@@ -83,7 +83,12 @@ impl Device {
         let all: Vec<NodeId> = (0..nodes.len()).map(NodeId).collect();
         let graph_inputs = all.iter().filter_map(input_of).collect();
         let backend = match self.gpu_ctx() {
-            Some(_) => Backend::Gpu(gpu::GpuPlan::compile(self.clone(), nodes, order, outputs)?),
+            Some(_) => Backend::Gpu(Box::new(gpu::GpuPlan::compile(
+                self.clone(),
+                nodes,
+                order,
+                outputs,
+            )?)),
             None => Backend::Cpu(CpuPlan::compile(self.clone(), nodes, order, outputs)?),
         };
         Ok(Plan {

@@ -34,7 +34,10 @@ impl OpTiming {
 /// Formats timings as the table `KILN_PROFILE=1` prints.
 pub fn table(timings: &[OpTiming]) -> String {
     let total: f64 = timings.iter().map(|t| t.seconds).sum();
-    let mut s = format!("{:<48} {:>10} {:>7} {:>14}\n", "op", "time", "share", "rate");
+    let mut s = format!(
+        "{:<48} {:>10} {:>7} {:>14}\n",
+        "op", "time", "share", "rate"
+    );
     for t in timings {
         let (r, unit) = t.rate();
         s += &format!(
@@ -45,7 +48,11 @@ pub fn table(timings: &[OpTiming]) -> String {
             r
         );
     }
-    s += &format!("{:<48} {:>8.1}us\n", "total (GPU time of the ops)", total * 1e6);
+    s += &format!(
+        "{:<48} {:>8.1}us\n",
+        "total (GPU time of the ops)",
+        total * 1e6
+    );
     s
 }
 
@@ -61,7 +68,10 @@ pub(crate) struct Profiler {
 
 impl Profiler {
     pub(crate) fn new(ctx: &GpuContext, n_steps: usize) -> Result<Profiler> {
-        if !ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
+        if !ctx
+            .features
+            .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+        {
             return Err(Error::Unsupported(format!(
                 "profiling needs TIMESTAMP_QUERY_INSIDE_PASSES, which {} lacks",
                 ctx.info.name
@@ -74,9 +84,23 @@ impl Profiler {
             count: steps * 2,
         });
         let bytes = steps as u64 * 16;
-        let resolve = ctx.create_buffer("profile resolve", bytes, wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC)?;
-        let staging = ctx.create_buffer("profile staging", bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
-        Ok(Profiler { query_set, resolve, staging, steps, period_ns: ctx.queue.get_timestamp_period() as f64 })
+        let resolve = ctx.create_buffer(
+            "profile resolve",
+            bytes,
+            wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        )?;
+        let staging = ctx.create_buffer(
+            "profile staging",
+            bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        Ok(Profiler {
+            query_set,
+            resolve,
+            staging,
+            steps,
+            period_ns: ctx.queue.get_timestamp_period() as f64,
+        })
     }
 
     /// Records the copy of the timestamps (after the compute pass).
@@ -97,7 +121,10 @@ impl Profiler {
         rx.recv()
             .map_err(|_| Error::Device("profile readback never completed".into()))?
             .map_err(|e| Error::Device(format!("mapping profile timestamps: {e}")))?;
-        let view = self.staging.get_mapped_range(..).map_err(|e| Error::Device(format!("{e:?}")))?;
+        let view = self
+            .staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Device(format!("{e:?}")))?;
         let ticks: Vec<u64> = bytemuck::cast_slice::<u8, u64>(&view).to_vec();
         drop(view);
         self.staging.unmap();

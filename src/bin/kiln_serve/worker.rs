@@ -130,13 +130,9 @@ impl Worker {
         plans.insert(1, first);
         let names = model.param_names();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        checkpoint::load(&dev, &cfg.checkpoint, &names).map_err(|e| {
-            format!(
-                "cannot load the {} checkpoint {}: {e}",
-                cfg.model.name(),
-                cfg.checkpoint.display()
-            )
-        })?;
+        // kiln's message names the file
+        checkpoint::load(&dev, &cfg.checkpoint, &names)
+            .map_err(|e| format!("cannot load the {} checkpoint: {e}", cfg.model.name()))?;
         for &b in &buckets[1..] {
             let plan = compile(&dev, &model, b)
                 .map_err(|e| format!("compiling the model for batches of {b}: {e}"))?;
