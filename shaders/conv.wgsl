@@ -3,14 +3,15 @@
 // tiled matmul kernel (matmul.wgsl) multiplies the weight [O, C*KH*KW] with it, and col2im, the
 // adjoint of im2col, carries gradients back onto the image.
 //
-// Shapes: image [N, C, H, W]; cols [N, C*KH*KW, HO*WO], row (c*KH + i)*KW + j, column oh*WO + ow;
+// Shapes: image [N, C, H, W]; cols [C*KH*KW, N*HO*WO], row (c*KH + i)*KW + j, column
+//         (n*HO + oh)*WO + ow: the batch sits in the columns, so that conv2d is one large matmul;
 //         HO = (H + 2*PH - DH*(KH - 1) - 1) / SH + 1, WO likewise;
-//         cols[n, (c, i, j), (oh, ow)] = image[n, c, oh*SH - PH + i*DH, ow*SW - PW + j*DW],
+//         cols[(c, i, j), (n, oh, ow)] = image[n, c, oh*SH - PH + i*DH, ow*SW - PW + j*DW],
 //         zero where that falls in the padding.
 //
 // Bindings (group 0), the same for both entry points:
 //   0  src  storage, read        im2col: the image [N, C, H, W]; col2im: the columns
-//   1  out  storage, read_write  im2col: the columns [N, C*KH*KW, HO*WO]; col2im: the image
+//   1  out  storage, read_write  im2col: the columns [C*KH*KW, N*HO*WO]; col2im: the image
 // Overrides: N, C, H, W (image), KH, KW (kernel), SH, SW (stride), PH, PW (padding),
 //            DH, DW (dilation), HO, WO (output extents).
 // Dispatch: ceil(total / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
@@ -50,8 +51,8 @@ fn im2col(
         return;
     }
     let l = idx % l_len;
-    let row = (idx / l_len) % rows;
-    let n = idx / (l_len * rows);
+    let n = (idx / l_len) % N;
+    let row = idx / (l_len * N);
     let c = row / (KH * KW);
     let i = (row / KW) % KH;
     let j = row % KW;
@@ -81,7 +82,6 @@ fn col2im(
     let c = nc % C;
     let n = nc / C;
     let l_len = HO * WO;
-    let rows = C * KH * KW;
     var acc = 0.0;
     for (var i = 0u; i < KH; i = i + 1u) {
         // output row oh reads this image row through kernel row i when oh*SH = h + PH - i*DH
@@ -104,7 +104,7 @@ fn col2im(
                 continue;
             }
             let row = (c * KH + i) * KW + j;
-            acc = acc + src[(n * rows + row) * l_len + oh * WO + tw / SW];
+            acc = acc + src[(row * N + n) * l_len + oh * WO + tw / SW];
         }
     }
     out[idx] = acc;

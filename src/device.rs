@@ -382,7 +382,9 @@ impl GpuContext {
             lost,
             uncaptured,
             debug,
-            profile_env: std::env::var("KILN_PROFILE").map(|v| v == "1").unwrap_or(false),
+            profile_env: std::env::var("KILN_PROFILE")
+                .map(|v| v == "1")
+                .unwrap_or(false),
         })
     }
 

@@ -207,7 +207,10 @@ fn cpu_backend_runs_plans() {
 #[test]
 fn profiler_times_every_op() {
     let Some(dev) = gpu() else { return };
-    if !dev.features().contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
+    if !dev
+        .features()
+        .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+    {
         eprintln!("NOTICE: no TIMESTAMP_QUERY_INSIDE_PASSES; profiler test skipped");
         return;
     }
@@ -221,8 +224,17 @@ fn profiler_times_every_op() {
     let prof = plan.profile();
     assert_eq!(prof.len(), 2);
     assert!(prof[0].label.contains("matmul") && prof[0].flops == 2.0 * 64.0 * 64.0 * 64.0);
-    assert!(prof[1].label.contains("relu") && prof[1].flops == 0.0 && prof[1].bytes == 2.0 * 64.0 * 64.0 * 4.0);
-    assert!(prof.iter().all(|t| t.seconds >= 0.0 && t.seconds.is_finite()));
+    assert!(
+        prof[1].label.contains("relu")
+            && prof[1].flops == 0.0
+            && prof[1].bytes == 2.0 * 64.0 * 64.0 * 4.0
+    );
+    assert!(prof
+        .iter()
+        .all(|t| t.seconds >= 0.0 && t.seconds.is_finite()));
     let table = kiln::exec::profile::table(prof);
-    assert!(table.contains("GFLOP/s") && table.contains("GB/s"), "{table}");
+    assert!(
+        table.contains("GFLOP/s") && table.contains("GB/s"),
+        "{table}"
+    );
 }

@@ -724,7 +724,12 @@ impl Graph {
             geom.cols_shape(sx.dims()[0]),
         );
         let w2 = self.reshape(w, &[o, geom.rows() as isize])?;
-        let y = self.reshape(self.matmul(w2, cols)?, &[n, o, ho as isize, wo as isize])?;
+        // [O, N*Ho*Wo] -> (N, O, Ho, Wo)
+        let y = self.reshape(self.matmul(w2, cols)?, &[o, n, (ho * wo) as isize])?;
+        let y = self.reshape(
+            self.permute(y, &[1, 0, 2])?,
+            &[n, o, ho as isize, wo as isize],
+        )?;
         match bias {
             Some(b) => self.add(y, self.reshape(b, &[o, 1, 1])?),
             None => Ok(y),
@@ -732,7 +737,7 @@ impl Graph {
     }
 
     /// The receptive fields of `x` [N, C, H, W] for a `kernel` (kh, kw) as columns
-    /// [N, C*kh*kw, Ho*Wo] (row `(c*kh + i)*kw + j`, column `oh*Wo + ow`; zero in the padding),
+    /// [C*kh*kw, N*Ho*Wo] (row `(c*kh + i)*kw + j`, column `(n*Ho + oh)*Wo + ow`; zero in the padding),
     /// as `torch.nn.functional.unfold`.
     pub fn im2col(&self, x: NodeId, kernel: (usize, usize), opts: Conv2dOpts) -> Result<NodeId> {
         let sx = self.check_id("im2col", x)?;
@@ -741,7 +746,7 @@ impl Graph {
         Ok(self.push(Op::Im2col(crate::ops::conv::Im2col(geom)), vec![x], shape))
     }
 
-    /// The adjoint of [`Graph::im2col`] (`torch.nn.functional.fold`): columns [N, C*kh*kw, Ho*Wo]
+    /// The adjoint of [`Graph::im2col`] (`torch.nn.functional.fold`): columns [C*kh*kw, N*Ho*Wo]
     /// summed back onto the image [N, C, H, W] that `geom` describes.
     pub fn col2im(&self, cols: NodeId, geom: crate::ops::conv::ColGeometry) -> Result<NodeId> {
         let sc = self.check_id("col2im", cols)?;

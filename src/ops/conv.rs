@@ -2,9 +2,9 @@
 //! graph composition that reuses the tiled matmul kernel:
 //!
 //! ```text
-//! cols = im2col(x)                      [N, C*kh*kw, Ho*Wo]   (zeros where the window is in the padding)
-//! y    = reshape(w, [O, C*kh*kw]) x cols [N, O, Ho*Wo]         (matmul, weight broadcast over N)
-//! y    = reshape(y, [N, O, Ho, Wo]) (+ reshape(bias, [O, 1, 1]))
+//! cols = im2col(x)                      [C*kh*kw, N*Ho*Wo]   (zeros where the window is in the padding)
+//! y    = reshape(w, [O, C*kh*kw]) x cols [O, N*Ho*Wo]       (one large matmul for the whole batch)
+//! y    = permute(reshape(y, [O, N, Ho*Wo]), [1, 0, 2]) -> [N, O, Ho, Wo] (+ reshape(bias, [O, 1, 1]))
 //! ```
 //!
 //! `im2col` and `col2im` are adjoint linear maps, so each is the other's backward rule, and the
@@ -135,10 +135,18 @@ impl ColGeometry {
         self.channels * self.kernel.0 * self.kernel.1
     }
 
-    /// Shape of the column matrix for a batch of `n`: [N, C*kh*kw, Ho*Wo].
+    /// Shape of the column matrix for a batch of `n`: [C*kh*kw, N*Ho*Wo]. The batch sits in the
+    /// columns so that the convolution is one large matmul `W [O, C*kh*kw] x cols`, and the
+    /// weight gradient `dY [O, N*Ho*Wo] x cols^T` another, with no batch sum.
     pub fn cols_shape(&self, n: usize) -> Shape {
         let (ho, wo) = self.out_hw();
-        Shape(vec![n, self.rows(), ho * wo])
+        Shape(vec![self.rows(), n * ho * wo])
+    }
+
+    /// The batch size of a column matrix of this geometry.
+    fn batch_of(&self, cols: &Shape) -> usize {
+        let (ho, wo) = self.out_hw();
+        cols.dims()[1] / (ho * wo).max(1)
     }
 
     /// Shape of the image for a batch of `n`: [N, C, H, W].
@@ -146,20 +154,20 @@ impl ColGeometry {
         Shape(vec![n, self.channels, self.image.0, self.image.1])
     }
 
-    /// Shape rule of `col2im`: `cols` must be [N, C*kh*kw, Ho*Wo] for this geometry; gives the image.
+    /// Shape rule of `col2im`: `cols` must be [C*kh*kw, N*Ho*Wo] for this geometry; gives the image.
     pub fn col2im_infer(&self, cols: &Shape) -> Result<Shape> {
         let what = format!(
             "columns {cols} for image [C={}, H={}, W={}] and kernel {}x{}",
             self.channels, self.image.0, self.image.1, self.kernel.0, self.kernel.1
         );
         self.check("col2im", &what)?;
-        if cols.rank() != 3 {
+        if cols.rank() != 2 {
             return Err(shape_err(
                 "col2im",
-                format!("{what}: expected rank 3, got rank {}", cols.rank()),
+                format!("{what}: expected rank 2, got rank {}", cols.rank()),
             ));
         }
-        let n = cols.dims()[0];
+        let n = self.batch_of(cols).max(1);
         let want = self.cols_shape(n);
         if cols != &want {
             return Err(shape_err(
@@ -218,10 +226,10 @@ impl ColGeometry {
         let o = &self.opts;
         let xd = x.data();
         let mut data = Vec::with_capacity(out.numel());
-        for b in 0..n {
-            for ch in 0..c {
-                for i in 0..kh {
-                    for j in 0..kw {
+        for ch in 0..c {
+            for i in 0..kh {
+                for j in 0..kw {
+                    for b in 0..n {
                         for oh in 0..ho {
                             let ih = Self::source(oh, i, o.stride.0, o.padding.0, o.dilation.0, h);
                             for ow in 0..wo {
@@ -243,10 +251,10 @@ impl ColGeometry {
     /// CPU reference of `col2im`: every image element is the sum (f64) of the column entries that
     /// `im2col` would copy it to.
     pub fn col2im_cpu(&self, cols: &Tensor, out: &Shape) -> Tensor {
-        let n = cols.dims()[0];
+        let n = self.batch_of(cols.shape());
         let (c, (h, w), (kh, kw)) = (self.channels, self.image, self.kernel);
         let (ho, wo) = self.out_hw();
-        let (rows, l) = (self.rows(), ho * wo);
+        let l = ho * wo;
         let o = &self.opts;
         let cd = cols.data();
         let mut acc = vec![0f64; out.numel()];
@@ -268,7 +276,7 @@ impl ColGeometry {
                                     continue;
                                 };
                                 acc[((b * c + ch) * h + ih) * w + iw] +=
-                                    cd[(b * rows + row) * l + oh * wo + ow] as f64;
+                                    cd[(row * n + b) * l + oh * wo + ow] as f64;
                             }
                         }
                     }
@@ -293,7 +301,7 @@ impl ColGeometry {
         KernelSpec {
             family: "conv",
             entry: "col2im",
-            constants: self.constants(cols.dims()[0]),
+            constants: self.constants(self.batch_of(cols)),
             workgroups: groups(out.numel(), 256),
         }
     }

@@ -208,15 +208,45 @@ impl Op {
         let flops = match self {
             Op::MatMul(m) => {
                 let a = inputs[0].dims();
-                let k = if m.trans_a { a[a.len() - 2] } else { a[a.len() - 1] };
+                let k = if m.trans_a {
+                    a[a.len() - 2]
+                } else {
+                    a[a.len() - 1]
+                };
                 2.0 * out.numel() as f64 * k as f64
             }
             Op::LstmForward(_) | Op::LstmBackward(_) | Op::LstmWeightGrad(_) => {
                 // the recurrent products: T * B * 4H * H multiply-adds
                 let p = inputs[0].dims();
                 let (t, b) = (p[0], p[1]);
-                let h = if let Op::LstmForward(_) = self { p[2] / 4 } else { p[2] / 6 };
+                let h = if let Op::LstmForward(_) = self {
+                    p[2] / 4
+                } else {
+                    p[2] / 6
+                };
                 2.0 * (t * b * 4 * h * h) as f64
+            }
+            Op::GruForward(_)
+            | Op::GruBackward(_)
+            | Op::GruWeightGrad(_)
+            | Op::RnnForward(_)
+            | Op::RnnBackward(_)
+            | Op::RnnWeightGrad(_) => {
+                // the recurrent products: T * B * GH * H multiply-adds (G = 3 for the GRU, 1 for
+                // the RNN); input 0 is xw (T, B, GH) forward, the packed state (5H or H) otherwise
+                let p = inputs[0].dims();
+                let (t, b) = (p[0], p[1]);
+                let gru = matches!(
+                    self,
+                    Op::GruForward(_) | Op::GruBackward(_) | Op::GruWeightGrad(_)
+                );
+                let fwd = matches!(self, Op::GruForward(_) | Op::RnnForward(_));
+                let (g, h) = match (gru, fwd) {
+                    (true, true) => (3, p[2] / 3),
+                    (true, false) => (3, p[2] / 5),
+                    (false, _) => (1, p[2]),
+                };
+                2.0 * (t * b * g * h * h) as f64
             }
             _ => 0.0,
         };

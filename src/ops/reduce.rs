@@ -91,7 +91,11 @@ impl Reduce {
                 ("ROWS", (outer * inner) as f64),
                 ("OP", op as f64),
             ],
-            workgroups: if columns { super::groups(outer * inner, 64) } else { (outer * inner) as u64 },
+            workgroups: if columns {
+                super::groups(outer * inner, 64)
+            } else {
+                (outer * inner) as u64
+            },
         }
     }
 

@@ -1,0 +1,76 @@
+// embedding.wgsl: embedding lookup (torch.nn.functional.embedding) and its weight gradient.
+// Indices are whole numbers stored as f32; an index that is not an integer in [0, V) gives a row
+// of NaN (the read index is clamped first, so nothing is read out of bounds).
+//
+// Entry `embedding`: out[i, e] = weight[indices[i], e].
+// Entry `embedding_backward`: dw[v, e] = sum over i with indices[i] == v of dy[i, e], gathered by
+// one thread per (v, e) looping over all indices in order (no atomics, deterministic).
+//
+// Bindings
+// `embedding`:           0 indices (read) [N]; 1 weight (read) [V, E]; 2 out (read_write) [N, E]
+// `embedding_backward`:  0 indices (read) [N]; 1 dy (read) [N, E]; 2 dw (read_write) [V, E]
+// Overrides: N (number of indices), V (rows of the table), E (embedding width).
+// Dispatch: `embedding` ceil(N * E / 256) workgroups, one thread per output element;
+//           `embedding_backward` ceil(V * E / 256) workgroups, one thread per weight; both folded
+//           into (x <= 65535, y).
+
+override N: u32 = 1u;
+override V: u32 = 1u;
+override E: u32 = 1u;
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> indices: array<f32>;
+@group(0) @binding(1) var<storage, read> weight: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+@group(0) @binding(1) var<storage, read> dy: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dw: array<f32>;
+
+fn linear_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid;
+}
+
+// A quiet NaN made at run time (a constant NaN is a shader-creation error in WGSL).
+fn nan() -> f32 {
+    var bits = 0x7fc00000u;
+    return bitcast<f32>(bits);
+}
+
+@compute @workgroup_size(256)
+fn embedding(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let id = linear_id(wid, nwg, lid);
+    if id >= N * E {
+        return;
+    }
+    let i = id / E;
+    let e = id % E;
+    let idx = indices[i];
+    let valid = idx >= 0.0 && idx < f32(V) && idx == floor(idx);
+    let row = min(u32(select(0.0, idx, valid)), V - 1u);
+    out[id] = select(nan(), weight[row * E + e], valid);
+}
+
+@compute @workgroup_size(256)
+fn embedding_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let id = linear_id(wid, nwg, lid);
+    if id >= V * E {
+        return;
+    }
+    let v = f32(id / E);
+    let e = id % E;
+    var acc = 0.0;
+    for (var i = 0u; i < N; i = i + 1u) {
+        if indices[i] == v {
+            acc = acc + dy[i * E + e];
+        }
+    }
+    dw[id] = acc;
+}
