@@ -20,12 +20,9 @@
 // dh0, dc0):
 //   0 step; 1 p (read) [T, B, 6H]; 2 whh; 3 h0; 4 c0; 5 lengths; 6 dp (read) [T, B, 6H];
 //   7 q (read_write) [T + 1, B, 6H]
-// Entry `lstm_weight_grad` (once): 0 p (read); 1 h0 (read); 2 q (read); 3 dwhh (read_write) [4H, H]
-//   dW_hh[k, m] = sum over t, b of dgates[t, b, k] * h_prev[t, b, m].
 // Overrides: T, B, H, REVERSE.
-// Dispatch: forward/backward ceil(B * H / 256) workgroups per step, one thread per (b, j);
-//           weight grad ceil(4H * H / 256) workgroups, one thread per weight; all folded into
-//           (x <= 65535, y).
+// Dispatch: ceil(B * H / 256) workgroups per step, one thread per (b, j), folded into
+//           (x <= 65535, y). The recurrent weight's gradient is a tiled matmul in the graph.
 
 override T: u32 = 1u;
 override B: u32 = 1u;
@@ -45,12 +42,6 @@ const WG: u32 = 256u;
 @group(0) @binding(1) var<storage, read> p_in: array<f32>;
 @group(0) @binding(6) var<storage, read> dp: array<f32>;
 @group(0) @binding(7) var<storage, read_write> q: array<f32>;
-
-// weight-grad bindings (no step uniform)
-@group(0) @binding(0) var<storage, read> wp: array<f32>;
-@group(0) @binding(1) var<storage, read> wh0: array<f32>;
-@group(0) @binding(2) var<storage, read> wq: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dwhh: array<f32>;
 
 fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
@@ -207,28 +198,4 @@ fn lstm_backward(
     q[r + 3u * H + j] = dh * tc * go * (1.0 - go);
     q[r + 4u * H + j] = dc;
     q[r + 5u * H + j] = dh;
-}
-
-@compute @workgroup_size(256)
-fn lstm_weight_grad(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let id = linear_id(wid, nwg, lid);
-    if id >= 4u * H * H {
-        return;
-    }
-    let k = id / H;
-    let m = id % H;
-    var acc = 0.0;
-    for (var s = 0u; s < T; s = s + 1u) {
-        let t = select(s, T - 1u - s, REVERSE);
-        let tp = select(max(s, 1u) - 1u, T - max(s, 1u), REVERSE);
-        for (var b = 0u; b < B; b = b + 1u) {
-            let h = select(wp[(tp * B + b) * 6u * H + m], wh0[b * H + m], s == 0u);
-            acc = acc + wq[(t * B + b) * 6u * H + k] * h;
-        }
-    }
-    dwhh[id] = acc;
 }

@@ -5,7 +5,8 @@
 //! one matmul done before), `w_hh [4H, H]`, `h0 [B, H]`, `c0 [B, H]`, `lengths [B]` -> packed
 //! state `P [T, B, 6H]` (h | c | i | f | g | o). Steps at `t >= lengths[b]` carry the state.
 //! `LstmBackward`: `P, w_hh, h0, c0, lengths, dP` -> `Q [T + 1, B, 6H]` (pre-activation gate
-//! gradients | dc | dh per step; dh0 | dc0 in the last row). `LstmWeightGrad`: `P, h0, Q -> dW_hh`.
+//! gradients | dc | dh per step; dh0 | dc0 in the last row). The recurrent weight's gradient is
+//! one tiled matmul over all steps, `dgates^T h_prev`, built in the graph.
 
 use super::{groups, KernelSpec, Op};
 use crate::error::{Error, Result};
@@ -21,12 +22,6 @@ pub struct LstmForward {
 /// Backward through time of [`LstmForward`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LstmBackward {
-    pub reverse: bool,
-}
-
-/// The recurrent weight's gradient from the packed state and gradient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct LstmWeightGrad {
     pub reverse: bool,
 }
 
@@ -159,8 +154,8 @@ impl LstmForward {
         }
     }
 
-    /// Backward: the fused backward-through-time kernel, then the recurrent weight gradient;
-    /// the input projection's gradients follow from `dxw` through the graph.
+    /// Backward: the fused backward-through-time kernel, then the recurrent weight gradient as
+    /// one matmul; the input projection's gradients follow from `dxw` through the graph.
     pub fn backward(
         &self,
         g: &Graph,
@@ -180,14 +175,23 @@ impl LstmForward {
             inputs,
             Shape(vec![t + 1, b, 6 * h]),
         );
-        let dwhh = g.push_op(
-            Op::LstmWeightGrad(LstmWeightGrad {
-                reverse: self.reverse,
-            }),
-            vec![p, x[2], q],
-            Shape(vec![4 * h, h]),
-        );
         let dxw = g.narrow(g.narrow(q, 0, 0, t)?, 2, 0, 4 * h)?;
+        // dW_hh = sum over steps of dgates_t^T h_prev(t): one tiled matmul over all T*B rows,
+        // h_prev being the state each step started from (h0 first, in processing order)
+        let hs = g.narrow(p, 2, 0, h)?;
+        let h0r = g.reshape(x[2], &[1, b as isize, h as isize])?;
+        let hprev = match (t, self.reverse) {
+            (1, _) => h0r,
+            (_, false) => g.concat(&[h0r, g.narrow(hs, 0, 0, t - 1)?], 0)?,
+            (_, true) => g.concat(&[g.narrow(hs, 0, 1, t - 1)?, h0r], 0)?,
+        };
+        let rows = (t * b) as isize;
+        let dwhh = g.matmul_t(
+            g.reshape(dxw, &[rows, 4 * h as isize])?,
+            g.reshape(hprev, &[rows, h as isize])?,
+            true,
+            false,
+        )?;
         let last = g.narrow(q, 0, t, 1)?;
         let dh0 = g.reshape(g.narrow(last, 2, 0, h)?, &[b as isize, h as isize])?;
         let dc0 = g.reshape(g.narrow(last, 2, h, h)?, &[b as isize, h as isize])?;
@@ -287,43 +291,6 @@ impl LstmBackward {
             entry: "lstm_backward",
             constants: constants(t, b, h, self.reverse),
             workgroups: groups(b * h, 256),
-        }
-    }
-}
-
-impl LstmWeightGrad {
-    /// CPU reference, f64 accumulation.
-    pub fn cpu(&self, x: &[&Tensor], out: &Shape) -> Tensor {
-        let (p, h0, q) = (x[0].data(), x[1].data(), x[2].data());
-        let (tt, bb, h) = dims(x[0].shape());
-        let mut dw = vec![0f64; 4 * h * h];
-        for s in 0..tt {
-            let t = time_of(s, tt, self.reverse);
-            for b in 0..bb {
-                for k in 0..4 * h {
-                    let dg = q[(t * bb + b) * 6 * h + k] as f64;
-                    for m in 0..h {
-                        let hp = if s == 0 {
-                            h0[b * h + m]
-                        } else {
-                            p[(time_of(s - 1, tt, self.reverse) * bb + b) * 6 * h + m]
-                        };
-                        dw[k * h + m] += dg * hp as f64;
-                    }
-                }
-            }
-        }
-        Tensor::new(out.clone(), dw.into_iter().map(|v| v as f32).collect()).expect("weight shape")
-    }
-
-    /// Kernel: one thread per weight.
-    pub fn kernel(&self, p: &Shape) -> KernelSpec {
-        let (t, b, h) = dims(p);
-        KernelSpec {
-            family: "lstm",
-            entry: "lstm_weight_grad",
-            constants: constants(t, b, h, self.reverse),
-            workgroups: groups(4 * h * h, 256),
         }
     }
 }

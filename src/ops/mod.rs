@@ -99,7 +99,6 @@ pub enum Op {
     /// One LSTM layer's recurrence (see `ops::lstm`).
     LstmForward(lstm::LstmForward),
     LstmBackward(lstm::LstmBackward),
-    LstmWeightGrad(lstm::LstmWeightGrad),
     /// One GRU layer's recurrence (see `ops::gru`).
     GruForward(gru::GruForward),
     GruBackward(gru::GruBackward),
@@ -167,7 +166,6 @@ impl Op {
             Op::CrossEntropy(_) => "cross_entropy",
             Op::LstmForward(_) => "lstm",
             Op::LstmBackward(_) => "lstm_backward",
-            Op::LstmWeightGrad(_) => "lstm_weight_grad",
             Op::GruForward(_) => "gru",
             Op::GruBackward(_) => "gru_backward",
             Op::GruWeightGrad(_) => "gru_weight_grad",
@@ -215,7 +213,7 @@ impl Op {
                 };
                 2.0 * out.numel() as f64 * k as f64
             }
-            Op::LstmForward(_) | Op::LstmBackward(_) | Op::LstmWeightGrad(_) => {
+            Op::LstmForward(_) | Op::LstmBackward(_) => {
                 // the recurrent products: T * B * 4H * H multiply-adds
                 let p = inputs[0].dims();
                 let (t, b) = (p[0], p[1]);
@@ -292,7 +290,6 @@ impl Op {
             Op::CrossEntropy(c) => c.cpu(inputs[0], inputs[1]),
             Op::LstmForward(l) => l.cpu(inputs, out),
             Op::LstmBackward(l) => l.cpu(inputs, out),
-            Op::LstmWeightGrad(l) => l.cpu(inputs, out),
             Op::GruForward(l) => l.cpu(inputs, out),
             Op::GruBackward(l) => l.cpu(inputs, out),
             Op::GruWeightGrad(l) => l.cpu(inputs, out),
@@ -330,7 +327,6 @@ impl Op {
             Op::CrossEntropy(c) => Some(c.kernel(inputs[0])),
             Op::LstmForward(l) => Some(l.kernel(out)),
             Op::LstmBackward(l) => Some(l.kernel(inputs[0])),
-            Op::LstmWeightGrad(l) => Some(l.kernel(inputs[0])),
             Op::GruForward(l) => Some(l.kernel(out)),
             Op::GruBackward(l) => Some(l.kernel(inputs[0])),
             Op::GruWeightGrad(l) => Some(l.kernel(inputs[0])),
@@ -385,7 +381,6 @@ impl Op {
             Op::CrossEntropyBackward(_)
             | Op::OptimStep(_)
             | Op::LstmBackward(_)
-            | Op::LstmWeightGrad(_)
             | Op::GruBackward(_)
             | Op::GruWeightGrad(_)
             | Op::RnnBackward(_)
@@ -408,8 +403,7 @@ impl Op {
             | Op::CrossEntropy(_)
             | Op::CrossEntropyBackward(_)
             | Op::LstmForward(_)
-            | Op::LstmBackward(_)
-            | Op::LstmWeightGrad(_) => TOL_REDUCTION,
+            | Op::LstmBackward(_) => TOL_REDUCTION,
             Op::GruForward(_)
             | Op::GruBackward(_)
             | Op::GruWeightGrad(_)
