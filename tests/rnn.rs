@@ -163,3 +163,30 @@ fn stacked_bidirectional_lstm_module() {
         TOL,
     );
 }
+
+#[test]
+fn gru_rnn_and_embedding_modules() {
+    use kiln::nn::{Embedding, Init, Layer, Recurrent};
+    let mut init = Init::new(2);
+    let emb = Embedding::new("emb", 7, 3, &mut init);
+    let gru = Recurrent::gru("gru", 3, 4, 2, true, &mut init);
+    let rnn = Recurrent::rnn("rnn", 8, 5, 1, false, &mut init);
+    assert_eq!(gru.param_names()[1], "gru.weight_hh_l0");
+    assert_eq!(emb.param_names(), ["emb.weight"]);
+    let g = Graph::new();
+    let idx = g.input("idx", [4, 2]);
+    let (e, _) = emb.apply_layer(&g, idx).unwrap(); // (T, B, E)
+    let out = gru.apply(&g, e, None, None).unwrap();
+    assert_eq!(g.shape(out.output).dims(), &[4, 2, 8]);
+    assert_eq!(g.shape(out.h_n).dims(), &[4, 2, 4]);
+    let (y, _) = rnn.apply_layer(&g, out.output).unwrap();
+    assert_eq!(g.shape(y).dims(), &[4, 2, 5]);
+    let idx_v = Tensor::new([4, 2], vec![0., 6., 3., 3., 1., 2., 5., 4.]).unwrap();
+    check_gpu_vs_cpu(
+        "emb -> gru -> rnn",
+        &g,
+        &[y, out.h_n],
+        &[("idx", &idx_v)],
+        TOL,
+    );
+}

@@ -10,5 +10,5 @@ pub mod train;
 pub use init::Init;
 pub use layers::{dropout, Act, Conv2d, Layer, Linear, Sequential};
 pub use optim::{Optimizer, Schedule};
-pub use rnn::{Lstm, LstmOutput};
+pub use rnn::{Cell, Embedding, Lstm, LstmOutput, Recurrent, RecurrentOutput};
 pub use train::TrainStep;

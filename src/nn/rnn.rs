@@ -1,6 +1,7 @@
-//! Recurrent layers with PyTorch's parameter names and layouts, so torch LSTM weights load through
-//! safetensors: `<name>.weight_ih_l{k}[_reverse] [4H, I]`, `weight_hh_l{k} [4H, H]`,
-//! `bias_ih_l{k}`, `bias_hh_l{k} [4H]`; gates i, f, g, o; input `(T, B, I)` (batch_first = false).
+//! Recurrent layers with PyTorch's parameter names and layouts, so torch weights load through
+//! safetensors: `<name>.weight_ih_l{k}[_reverse] [G*H, I]`, `weight_hh_l{k} [G*H, H]`,
+//! `bias_ih_l{k}`, `bias_hh_l{k} [G*H]`, G = 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n) or 1 (tanh
+//! RNN); input `(T, B, I)` (batch_first = false). And `Embedding` (`<name>.weight [V, E]`).
 
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
@@ -8,9 +9,36 @@ use crate::nn::init::Init;
 use crate::nn::layers::Layer;
 use crate::tensor::Tensor;
 
-/// A (multi-layer, optionally bidirectional) LSTM, as `torch.nn.LSTM`.
+/// Which recurrent cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cell {
+    Lstm,
+    Gru,
+    /// `torch.nn.RNN` with tanh.
+    Rnn,
+}
+
+impl Cell {
+    fn gates(self) -> usize {
+        match self {
+            Cell::Lstm => 4,
+            Cell::Gru => 3,
+            Cell::Rnn => 1,
+        }
+    }
+    fn op(self) -> &'static str {
+        match self {
+            Cell::Lstm => "lstm",
+            Cell::Gru => "gru",
+            Cell::Rnn => "rnn",
+        }
+    }
+}
+
+/// A multi-layer, optionally bidirectional recurrent network (`torch.nn.LSTM`, `GRU`, `RNN`).
 #[derive(Debug, Clone)]
-pub struct Lstm {
+pub struct Recurrent {
+    pub cell: Cell,
     pub name: String,
     pub input_size: usize,
     pub hidden: usize,
@@ -19,21 +47,27 @@ pub struct Lstm {
     inits: Vec<(String, Tensor)>,
 }
 
-/// What an LSTM returns: all top-layer `h_t`, and the final states of every layer and direction.
+/// `torch.nn.LSTM`.
+pub type Lstm = Recurrent;
+
+/// What a recurrent network returns.
 #[derive(Debug, Clone)]
-pub struct LstmOutput {
-    /// `(T, B, D * H)`, D = 2 when bidirectional.
+pub struct RecurrentOutput {
+    /// All top-layer `h_t`: `(T, B, D * H)`, D = 2 when bidirectional.
     pub output: NodeId,
-    /// `(layers * D, B, H)`
+    /// Final hidden state of every layer and direction: `(layers * D, B, H)`.
     pub h_n: NodeId,
-    /// `(layers * D, B, H)`
+    /// Final cell state (LSTM only; equal to `h_n` for GRU and RNN): `(layers * D, B, H)`.
     pub c_n: NodeId,
     /// The parameter nodes, in `param_names` order.
     pub params: Vec<NodeId>,
 }
 
-impl Lstm {
-    /// A layer named `name`, initialised as torch: every weight and bias `U(-1/sqrt H, 1/sqrt H)`.
+/// The LSTM's output.
+pub type LstmOutput = RecurrentOutput;
+
+impl Recurrent {
+    /// An LSTM named `name`, initialised as torch: every weight and bias `U(-1/sqrt H, 1/sqrt H)`.
     pub fn new(
         name: &str,
         input_size: usize,
@@ -41,8 +75,69 @@ impl Lstm {
         layers: usize,
         bidirectional: bool,
         init: &mut Init,
-    ) -> Lstm {
+    ) -> Self {
+        Self::with_cell(
+            Cell::Lstm,
+            name,
+            input_size,
+            hidden,
+            layers,
+            bidirectional,
+            init,
+        )
+    }
+
+    /// A GRU (gates r, z, n), initialised as torch.
+    pub fn gru(
+        name: &str,
+        input_size: usize,
+        hidden: usize,
+        layers: usize,
+        bidirectional: bool,
+        init: &mut Init,
+    ) -> Self {
+        Self::with_cell(
+            Cell::Gru,
+            name,
+            input_size,
+            hidden,
+            layers,
+            bidirectional,
+            init,
+        )
+    }
+
+    /// A tanh RNN, initialised as torch.
+    pub fn rnn(
+        name: &str,
+        input_size: usize,
+        hidden: usize,
+        layers: usize,
+        bidirectional: bool,
+        init: &mut Init,
+    ) -> Self {
+        Self::with_cell(
+            Cell::Rnn,
+            name,
+            input_size,
+            hidden,
+            layers,
+            bidirectional,
+            init,
+        )
+    }
+
+    fn with_cell(
+        cell: Cell,
+        name: &str,
+        input_size: usize,
+        hidden: usize,
+        layers: usize,
+        bidirectional: bool,
+        init: &mut Init,
+    ) -> Self {
         let dirs = if bidirectional { 2 } else { 1 };
+        let gh = cell.gates() * hidden;
         let bound = 1.0 / (hidden as f32).sqrt();
         let mut inits = Vec::new();
         for l in 0..layers {
@@ -51,23 +146,24 @@ impl Lstm {
                 let sfx = if d == 1 { "_reverse" } else { "" };
                 inits.push((
                     format!("{name}.weight_ih_l{l}{sfx}"),
-                    init.uniform([4 * hidden, in_l], bound),
+                    init.uniform([gh, in_l], bound),
                 ));
                 inits.push((
                     format!("{name}.weight_hh_l{l}{sfx}"),
-                    init.uniform([4 * hidden, hidden], bound),
+                    init.uniform([gh, hidden], bound),
                 ));
                 inits.push((
                     format!("{name}.bias_ih_l{l}{sfx}"),
-                    init.uniform([4 * hidden], bound),
+                    init.uniform([gh], bound),
                 ));
                 inits.push((
                     format!("{name}.bias_hh_l{l}{sfx}"),
-                    init.uniform([4 * hidden], bound),
+                    init.uniform([gh], bound),
                 ));
             }
         }
-        Lstm {
+        Recurrent {
+            cell,
             name: name.to_string(),
             input_size,
             hidden,
@@ -82,20 +178,20 @@ impl Lstm {
         self.inits.iter().map(|(n, _)| n.clone()).collect()
     }
 
-    /// Runs the LSTM over `x (T, B, I)`. `state` is `(h0, c0)`, each `(layers * D, B, H)`
-    /// (zeros when `None`); `lengths (B)` gives each sequence's length (steps past it carry the
-    /// state, so `h_n` is the state at the last real step).
+    /// Runs the network over `x (T, B, I)`. `state` is `(h0, c0)`, each `(layers * D, B, H)`
+    /// (zeros when `None`; `c0` is ignored but for the LSTM); `lengths (B)` gives each sequence's
+    /// length (steps past it carry the state, so `h_n` is the state at the last real step).
     pub fn apply(
         &self,
         g: &Graph,
         x: NodeId,
         state: Option<(NodeId, NodeId)>,
         lengths: Option<NodeId>,
-    ) -> Result<LstmOutput> {
+    ) -> Result<RecurrentOutput> {
         let xs = g.shape(x);
         if xs.rank() != 3 || xs.dims()[2] != self.input_size {
             return Err(shape_err(
-                "lstm",
+                self.cell.op(),
                 format!("input {xs}: expected (T, B, {})", self.input_size),
             ));
         }
@@ -121,28 +217,81 @@ impl Lstm {
                     Some((h0, c0)) => (state_at(h0, k)?, state_at(c0, k)?),
                     None => (zeros, zeros),
                 };
-                let (hs, hl, cl) =
-                    g.lstm_layer(input, p[0], p[1], p[2], p[3], h0, c0, lengths, d == 1)?;
+                let rev = d == 1;
+                let (hs, hl, cl) = match self.cell {
+                    Cell::Lstm => {
+                        g.lstm_layer(input, p[0], p[1], p[2], p[3], h0, c0, lengths, rev)?
+                    }
+                    Cell::Gru => {
+                        let (hs, hl) =
+                            g.gru_layer(input, p[0], p[1], p[2], p[3], h0, lengths, rev)?;
+                        (hs, hl, hl)
+                    }
+                    Cell::Rnn => {
+                        let (hs, hl) =
+                            g.rnn_layer(input, p[0], p[1], p[2], p[3], h0, lengths, rev)?;
+                        (hs, hl, hl)
+                    }
+                };
                 outs.push(hs);
                 hn.push(g.reshape(hl, &[1, b as isize, h as isize])?);
                 cn.push(g.reshape(cl, &[1, b as isize, h as isize])?);
             }
             input = g.concat(&outs, 2)?;
         }
-        Ok(LstmOutput {
+        let h_n = g.concat(&hn, 0)?;
+        let c_n = if self.cell == Cell::Lstm {
+            g.concat(&cn, 0)?
+        } else {
+            h_n
+        };
+        Ok(RecurrentOutput {
             output: input,
-            h_n: g.concat(&hn, 0)?,
-            c_n: g.concat(&cn, 0)?,
+            h_n,
+            c_n,
             params,
         })
     }
 }
 
-impl Layer for Lstm {
+impl Layer for Recurrent {
     /// The top layer's outputs `(T, B, D * H)` from zero state.
     fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
         let o = self.apply(g, x, None, None)?;
         Ok((o.output, o.params))
+    }
+    fn names(&self) -> Vec<String> {
+        self.param_names()
+    }
+}
+
+/// A lookup table `<name>.weight [V, E]` (`torch.nn.Embedding`, initialised `N(0, 1)`-like as
+/// uniform with the same variance): indices of any shape (whole numbers as f32) -> `(.., E)`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub name: String,
+    weight_init: Tensor,
+}
+
+impl Embedding {
+    /// `vocab` rows of `dim` values.
+    pub fn new(name: &str, vocab: usize, dim: usize, init: &mut Init) -> Self {
+        // U(-sqrt 3, sqrt 3) has unit variance, as torch's N(0, 1)
+        Embedding {
+            name: name.to_string(),
+            weight_init: init.uniform([vocab, dim], 3f32.sqrt()),
+        }
+    }
+    /// The parameter name.
+    pub fn param_names(&self) -> Vec<String> {
+        vec![format!("{}.weight", self.name)]
+    }
+}
+
+impl Layer for Embedding {
+    fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
+        Ok((g.embedding(x, w)?, vec![w]))
     }
     fn names(&self) -> Vec<String> {
         self.param_names()
