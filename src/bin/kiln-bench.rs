@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kiln::graph::Conv2dOpts;
-use kiln::nn::{Init, Lstm, Linear, Optimizer, TrainStep};
+use kiln::nn::{Init, Linear, Lstm, Optimizer, TrainStep};
 use kiln::{Device, Graph, Plan, Tensor};
 
 #[derive(Parser, Debug)]
@@ -41,7 +41,13 @@ struct Case {
     run: Box<dyn FnMut() -> kiln::Result<()>>,
 }
 
-fn plan_case(name: String, work: f64, unit: &'static str, mut plan: Plan, feeds: Vec<(String, Tensor)>) -> Case {
+fn plan_case(
+    name: String,
+    work: f64,
+    unit: &'static str,
+    mut plan: Plan,
+    feeds: Vec<(String, Tensor)>,
+) -> Case {
     Case {
         name,
         work,
@@ -61,20 +67,46 @@ fn matmul(dev: &Device, n: usize) -> kiln::Result<Case> {
     let y = g.matmul(a, b)?;
     let probe = g.narrow(g.narrow(y, 0, 0, 1)?, 1, 0, 1)?;
     let plan = dev.compile(&g, &[probe])?;
-    let feeds = vec![("a".into(), Tensor::rand_uniform([n, n], -1.0, 1.0, 1)), ("b".into(), Tensor::rand_uniform([n, n], -1.0, 1.0, 2))];
-    Ok(plan_case(format!("matmul {n}^3"), 2.0 * (n as f64).powi(3), "GFLOP/s", plan, feeds))
+    let feeds = vec![
+        ("a".into(), Tensor::rand_uniform([n, n], -1.0, 1.0, 1)),
+        ("b".into(), Tensor::rand_uniform([n, n], -1.0, 1.0, 2)),
+    ];
+    Ok(plan_case(
+        format!("matmul {n}^3"),
+        2.0 * (n as f64).powi(3),
+        "GFLOP/s",
+        plan,
+        feeds,
+    ))
 }
 
 fn conv(dev: &Device, (n, c, h, o): (usize, usize, usize, usize)) -> kiln::Result<Case> {
     let g = Graph::new();
     let x = g.input("x", [n, c, h, h]);
     let w = g.input("w", [o, c, 3, 3]);
-    let y = g.conv2d(x, w, None, Conv2dOpts { padding: (1, 1), ..Default::default() })?;
+    let y = g.conv2d(
+        x,
+        w,
+        None,
+        Conv2dOpts {
+            padding: (1, 1),
+            ..Default::default()
+        },
+    )?;
     let probe = g.narrow(g.flatten(y)?, 1, 0, 1)?;
     let plan = dev.compile(&g, &[probe])?;
     let flops = 2.0 * (n * o * h * h * c * 9) as f64;
-    let feeds = vec![("x".into(), Tensor::rand_uniform([n, c, h, h], -1.0, 1.0, 3)), ("w".into(), Tensor::rand_uniform([o, c, 3, 3], -0.1, 0.1, 4))];
-    Ok(plan_case(format!("conv2d fwd {n}x{c}x{h}x{h} -> {o}, 3x3"), flops, "GFLOP/s", plan, feeds))
+    let feeds = vec![
+        ("x".into(), Tensor::rand_uniform([n, c, h, h], -1.0, 1.0, 3)),
+        ("w".into(), Tensor::rand_uniform([o, c, 3, 3], -0.1, 0.1, 4)),
+    ];
+    Ok(plan_case(
+        format!("conv2d fwd {n}x{c}x{h}x{h} -> {o}, 3x3"),
+        flops,
+        "GFLOP/s",
+        plan,
+        feeds,
+    ))
 }
 
 fn relu(dev: &Device, n: usize) -> kiln::Result<Case> {
@@ -84,7 +116,13 @@ fn relu(dev: &Device, n: usize) -> kiln::Result<Case> {
     let plan = dev.compile(&g, &[probe])?;
     // the input upload is part of a run: count it with the kernel's read and write
     let feeds = vec![("x".into(), Tensor::rand_uniform([n], -1.0, 1.0, 5))];
-    Ok(plan_case(format!("relu {}M floats (incl. upload)", n >> 20), 12.0 * n as f64, "GB/s", plan, feeds))
+    Ok(plan_case(
+        format!("relu {}M floats (incl. upload)", n >> 20),
+        12.0 * n as f64,
+        "GB/s",
+        plan,
+        feeds,
+    ))
 }
 
 fn cnn_step(dev: &Device) -> kiln::Result<Case> {
@@ -119,7 +157,14 @@ fn lstm_step(dev: &Device, hidden: usize) -> kiln::Result<Case> {
     let loss = g.cross_entropy(logits, y)?;
     let mut params = out.params.clone();
     params.extend(hp);
-    let mut step = TrainStep::new(dev, &g, loss, &params, Optimizer::adam(1e-3).clip_grad_norm(1.0), 0)?;
+    let mut step = TrainStep::new(
+        dev,
+        &g,
+        loss,
+        &params,
+        Optimizer::adam(1e-3).clip_grad_norm(1.0),
+        0,
+    )?;
     let xs = Tensor::rand_uniform([t, b, i], -1.0, 1.0, 7);
     let ys = Tensor::new([b], (0..b).map(|k| (k % 10) as f32).collect())?;
     Ok(Case {
@@ -147,9 +192,17 @@ fn time(case: &mut Case, reps: usize, budget: Duration) -> kiln::Result<f64> {
 fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Case>>> {
     // the CPU reference is plain loops: keep it to what finishes in seconds
     let mut v = vec![Some(matmul(dev, 256)?), Some(matmul(dev, 1024)?)];
-    v.push(if hardware && !cpu { Some(matmul(dev, 4096)?) } else { None });
+    v.push(if hardware && !cpu {
+        Some(matmul(dev, 4096)?)
+    } else {
+        None
+    });
     v.push(Some(conv(dev, (64, 32, 13, 64))?));
-    v.push(if hardware && !cpu { Some(conv(dev, (64, 64, 56, 64))?) } else { None });
+    v.push(if hardware && !cpu {
+        Some(conv(dev, (64, 64, 56, 64))?)
+    } else {
+        None
+    });
     v.push(Some(relu(dev, 16 << 20)?));
     v.push(Some(cnn_step(dev)?));
     v.push(Some(lstm_step(dev, 128)?));
@@ -166,21 +219,39 @@ fn main() {
 
 fn run(args: Args) -> kiln::Result<()> {
     let gpu = Device::gpu()?;
-    let hardware = gpu.adapter().map(|a| a.device_type != "Cpu").unwrap_or(false);
+    let hardware = gpu
+        .adapter()
+        .map(|a| a.device_type != "Cpu")
+        .unwrap_or(false);
     println!("GPU: {}", gpu.describe());
-    let (reps, budget) = if args.quick { (5, Duration::from_secs(5)) } else { (20, Duration::from_secs(20)) };
+    let (reps, budget) = if args.quick {
+        (5, Duration::from_secs(5))
+    } else {
+        (20, Duration::from_secs(20))
+    };
     let mut gpu_cases = cases(&gpu, hardware, false)?;
-    let mut cpu_cases = if args.no_cpu { Vec::new() } else { cases(&Device::cpu(), false, true)? };
+    let mut cpu_cases = if args.no_cpu {
+        Vec::new()
+    } else {
+        cases(&Device::cpu(), false, true)?
+    };
     let mut rows = Vec::new();
-    println!("{:<52} {:>14} {:>14} {:>10}", "case", "GPU", "CPU", "GPU/CPU");
+    println!(
+        "{:<52} {:>14} {:>14} {:>10}",
+        "case", "GPU", "CPU", "GPU/CPU"
+    );
     for k in 0..gpu_cases.len() {
-        let Some(g) = gpu_cases[k].as_mut() else { continue };
+        let Some(g) = gpu_cases[k].as_mut() else {
+            continue;
+        };
         let tg = time(g, reps, budget)?;
         let rate = |t: f64, c: &Case| c.work / t / if c.unit.starts_with('G') { 1e9 } else { 1.0 };
         let rg = rate(tg, g);
         // the CPU reference gets fewer repetitions: it is the slow side
         let tc = match cpu_cases.get_mut(k).and_then(|c| c.as_mut()) {
-            Some(c) if !c.name.contains("1024") && !c.name.contains("16M") => Some(time(c, 3, budget)?),
+            Some(c) if !c.name.contains("1024") && !c.name.contains("16M") => {
+                Some(time(c, 3, budget)?)
+            }
             _ => None,
         };
         let rc = tc.map(|t| rate(t, g));
@@ -190,16 +261,21 @@ fn run(args: Args) -> kiln::Result<()> {
             rg,
             g.unit,
             rc.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into()),
-            rc.map(|r| format!("{:.1}x", rg / r)).unwrap_or_else(|| "-".into())
+            rc.map(|r| format!("{:.1}x", rg / r))
+                .unwrap_or_else(|| "-".into())
         );
         rows.push(serde_json::json!({
             "case": g.name, "unit": g.unit, "gpu": rg, "gpu_seconds": tg, "cpu": rc, "cpu_seconds": tc,
         }));
     }
     if let Some(path) = args.json {
-        let doc = serde_json::json!({ "gpu": gpu.describe(), "hardware": hardware, "results": rows });
+        let doc =
+            serde_json::json!({ "gpu": gpu.describe(), "hardware": hardware, "results": rows });
         let json = serde_json::to_string_pretty(&doc).expect("plain JSON values");
-        std::fs::write(&path, json).map_err(|e| kiln::Error::Io { path: path.display().to_string(), source: e })?;
+        std::fs::write(&path, json).map_err(|e| kiln::Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
         println!("wrote {}", path.display());
     }
     Ok(())

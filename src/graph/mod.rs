@@ -697,7 +697,7 @@ impl Graph {
 
     // ---- convolution and pooling ----
 
-    /// 2-D convolution of `x` [N, C, H, W] with `w` [O, C, kh, kw] and an optional `bias` [O]
+    /// 2-D convolution of `x` [N, C, H, W] with `w` [O, C, kh, kw] and an optional `bias` `[O]`
     /// (`torch.nn.functional.conv2d`, groups = 1), giving [N, O, Ho, Wo] with
     /// `Ho = (H + 2*ph - dh*(kh - 1) - 1) / sh + 1`. Built as `im2col`, a matmul with the weight
     /// viewed as [O, C*kh*kw], a reshape and a broadcast add of the bias, so that its gradients

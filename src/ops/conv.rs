@@ -330,7 +330,7 @@ impl Col2im {
     }
 }
 
-/// Checks the operands of `conv2d`: input [N, C, H, W], weight [O, C, kh, kw], bias [O]; gives the
+/// Checks the operands of `conv2d`: input [N, C, H, W], weight [O, C, kh, kw], bias `[O]`; gives the
 /// im2col geometry.
 pub fn conv2d_geometry(
     x: &Shape,
