@@ -1,7 +1,9 @@
-//! Shared by the training examples (`linear_regression`, `logistic_regression`, `mlp`): the
-//! `--backend` choice, an error type that prints its message, seeded Gaussian samples, the epoch
-//! loop over a [`TrainStep`] with an indicatif progress bar, evaluation plans compiled once for a
-//! fixed batch size (plus one for the remainder), and checkpoint saving.
+//! Shared by the training examples (`linear_regression`, `logistic_regression`, `mlp`,
+//! `sequential_mnist`, `seq2seq`, `char_lm`): the `--backend` choice, an error type that prints
+//! its message, seeded Gaussian samples, the epoch loop over a [`TrainStep`] with an indicatif
+//! progress bar, evaluation plans compiled once for a fixed batch size (plus one for the
+//! remainder), checkpoint saving, and small host-side helpers for reading logits back (argmax,
+//! negative log-likelihood, one-hot rows, temperature sampling).
 #![allow(dead_code)]
 
 use std::fmt;
@@ -208,4 +210,55 @@ pub fn save_checkpoint(dev: &Device, names: &[String], path: &Path) -> kiln::Res
     kiln::nn::checkpoint::save(dev, &names, path)?;
     println!("saved {} to {}", names.join(", "), path.display());
     Ok(())
+}
+
+/// The index of the largest value of `row` (the first one on ties; 0 for an empty row).
+pub fn argmax(row: &[f32]) -> usize {
+    let (mut best, mut max) = (0, f32::NEG_INFINITY);
+    for (k, &v) in row.iter().enumerate() {
+        if v > max {
+            (best, max) = (k, v);
+        }
+    }
+    best
+}
+
+/// `-log softmax(row)[label]`, computed stably in f64 (the cross-entropy of one row of logits).
+pub fn nll(row: &[f32], label: usize) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let lse = f64::from(max)
+        + row
+            .iter()
+            .map(|&v| f64::from(v - max).exp())
+            .sum::<f64>()
+            .ln();
+    lse - f64::from(row[label])
+}
+
+/// Sets `data[row * width + index] = 1` (a one-hot row of a `(rows, width)` block); the caller
+/// starts from zeros.
+pub fn set_one_hot(data: &mut [f32], row: usize, width: usize, index: usize) {
+    data[row * width + index] = 1.0;
+}
+
+/// A sample from `softmax(row / temperature)` drawn with `rng` (the argmax when
+/// `temperature <= 0`).
+pub fn sample_logits(row: &[f32], temperature: f32, rng: &mut impl Rng) -> usize {
+    if temperature <= 0.0 || row.is_empty() {
+        return argmax(row);
+    }
+    let t = f64::from(temperature);
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let weights: Vec<f64> = row
+        .iter()
+        .map(|&v| (f64::from(v - max) / t).exp())
+        .collect();
+    let mut u = rng.random::<f64>() * weights.iter().sum::<f64>();
+    for (k, w) in weights.iter().enumerate() {
+        if u < *w {
+            return k;
+        }
+        u -= w;
+    }
+    row.len() - 1
 }

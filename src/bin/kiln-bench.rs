@@ -240,8 +240,8 @@ fn run(args: Args) -> kiln::Result<()> {
         "{:<52} {:>14} {:>14} {:>10}",
         "case", "GPU", "CPU", "GPU/CPU"
     );
-    for k in 0..gpu_cases.len() {
-        let Some(g) = gpu_cases[k].as_mut() else {
+    for (k, slot) in gpu_cases.iter_mut().enumerate() {
+        let Some(g) = slot.as_mut() else {
             continue;
         };
         let tg = time(g, reps, budget)?;

@@ -1,0 +1,263 @@
+//! Sequential MNIST: an LSTM (`lstm`, hidden 128, torch layout) reads each digit as a sequence of
+//! 28 rows of 28 pixels, top to bottom (the `(B, 1, 28, 28)` batch is permuted to time-major
+//! `(28, B, 28)` in the graph), and a Linear(128, 10) (`fc`) classifies its final hidden state.
+//! Softmax cross-entropy, Adam (lr 1e-3) with gradients clipped to a global norm of 1.0, batches
+//! of 64, the training digits reshuffled every epoch with a seeded permutation. It uses the digits
+//! bundled in `data/mnist` (8,000 training and 1,000 test images; `--data DIR` for a folder with
+//! the standard IDX files, `--limit N` to train on the first N). Each epoch prints the running
+//! training loss, the test loss and accuracy and its time.
+//!
+//! Expected: at least 94% on the 1,000 bundled test digits within the 20 default epochs (PyTorch
+//! with the same recipe reaches 94.9-95.2%); the example reports whether it did. With seed 0:
+//! 78.2%, 86.8%, 89.2%, 91.3% after epochs 1-4, 94.1% at epoch 9, 96.0% at epoch 20 (the GPU and
+//! the CPU reference give the same numbers). On a 2-core machine with no GPU, the CPU reference
+//! (`--backend cpu`, 0.4-0.6 s per step, about a minute per epoch) is several times faster than
+//! lavapipe (about 1.8 s per step, 4 minutes per epoch). The weights are
+//! saved to `checkpoints/sequential_mnist.safetensors` (`lstm.weight_ih_l0`, `lstm.weight_hh_l0`,
+//! `lstm.bias_ih_l0`, `lstm.bias_hh_l0`, `fc.weight`, `fc.bias`), loadable into
+//! `torch.nn.LSTM(28, 128)` and `torch.nn.Linear(128, 10)`.
+//!
+//!     cargo run --release --example sequential_mnist -- [--backend gpu|cpu] [--epochs 20] [--limit N]
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use common::{Backend, EvalPlans, Failure};
+use kiln::data::mnist::{self, Mnist, Split};
+use kiln::nn::{Init, Linear, Lstm, Optimizer, TrainStep};
+use kiln::{Graph, NodeId};
+
+/// Test accuracy the recipe should reach within 20 epochs.
+const TARGET: f64 = 0.94;
+/// Evaluation batch size.
+const EVAL_BATCH: usize = 500;
+/// Rows (time steps) and pixels per row (LSTM input size) of an MNIST digit.
+const ROWS: usize = 28;
+const COLS: usize = 28;
+
+#[derive(Parser, Debug)]
+#[command(about = "Classify MNIST digits read row by row with an LSTM (Adam, clipping)")]
+struct Args {
+    /// Where to train (default: Device::new(), which honours KILN_BACKEND).
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+    /// Passes over the training digits.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    epochs: u32,
+    /// Seeds the initial weights and the shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where to write the trained weights (safetensors).
+    #[arg(long, default_value = "checkpoints/sequential_mnist.safetensors")]
+    save: PathBuf,
+    /// Folder with the MNIST IDX files (train-images-idx3-ubyte[.gz], t10k-..., ...).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist"))]
+    data: PathBuf,
+    /// Train on the first N training digits only.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    limit: Option<u32>,
+    /// LSTM hidden size.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    hidden: u32,
+    /// Training batch size.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    batch_size: u32,
+    /// Adam's learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// Clip the gradients to this global L2 norm.
+    #[arg(long, default_value_t = 1.0)]
+    clip: f32,
+    /// Read the training loss back every N steps (each read waits for the device).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    log_every: u32,
+}
+
+/// The network: an LSTM over the rows and a linear classifier on its last hidden state.
+struct RowLstm {
+    lstm: Lstm,
+    fc: Linear,
+}
+
+impl RowLstm {
+    fn new(hidden: usize, init: &mut Init) -> RowLstm {
+        RowLstm {
+            lstm: Lstm::new("lstm", COLS, hidden, 1, false, init),
+            fc: Linear::new("fc", hidden, 10, init),
+        }
+    }
+
+    /// The logits `(B, 10)` of images `x (B, 1, 28, 28)`, and the parameter nodes.
+    fn forward(&self, g: &Graph, x: NodeId) -> kiln::Result<(NodeId, Vec<NodeId>)> {
+        let b = g.shape(x).dims()[0] as isize;
+        let h = self.lstm.hidden as isize;
+        // (B, 1, 28, 28) -> (B, 28, 28) -> time-major (28, B, 28): step t reads pixel row t
+        let rows = g.reshape(x, &[b, ROWS as isize, COLS as isize])?;
+        let seq = g.permute(rows, &[1, 0, 2])?;
+        let out = self.lstm.apply(g, seq, None, None)?;
+        let last = g.reshape(out.h_n, &[b, h])?;
+        let (logits, pf) = self.fc.apply(g, last)?;
+        let mut params = out.params;
+        params.extend(pf);
+        Ok((logits, params))
+    }
+
+    fn param_names(&self) -> Vec<String> {
+        let mut names = self.lstm.param_names();
+        names.extend(self.fc.param_names());
+        names
+    }
+}
+
+/// Test loss and accuracy.
+fn evaluate(eval: &mut EvalPlans, set: &Mnist) -> kiln::Result<(f64, f64)> {
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    eval.run(
+        |r| {
+            let idx: Vec<usize> = r.collect();
+            Ok(vec![("x", set.batch(&idx).0)])
+        },
+        |r, out| {
+            for (row, &label) in out[0].data().chunks_exact(10).zip(&set.labels[r]) {
+                loss += common::nll(row, usize::from(label));
+                correct += usize::from(common::argmax(row) == usize::from(label));
+            }
+        },
+    )?;
+    Ok((loss / set.n as f64, correct as f64 / set.n as f64))
+}
+
+fn main() -> Result<(), Failure> {
+    let args = Args::parse();
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        return Err(format!("--lr must be a finite number > 0, got {}", args.lr).into());
+    }
+    if !(args.clip.is_finite() && args.clip > 0.0) {
+        return Err(format!("--clip must be a finite number > 0, got {}", args.clip).into());
+    }
+    let mut train_set = mnist::load_split(&args.data, Split::Train)?;
+    if let Some(n) = args.limit {
+        train_set = train_set.limit(n as usize);
+    }
+    let test_set = mnist::load_split(&args.data, Split::Test)?;
+    for (name, set) in [("training", &train_set), ("test", &test_set)] {
+        if set.n == 0 || (set.rows, set.cols) != (ROWS, COLS) {
+            return Err(format!(
+                "the {name} set in {} has {} images of {}x{} pixels; the model reads 28x28 digits",
+                args.data.display(),
+                set.n,
+                set.rows,
+                set.cols
+            )
+            .into());
+        }
+    }
+    let batch = args.batch_size as usize;
+    if train_set.n < batch {
+        return Err(format!(
+            "{} training digits do not fill one batch of {batch} (lower --batch-size or raise --limit)",
+            train_set.n
+        )
+        .into());
+    }
+    let dev = common::device(args.backend)?;
+    let steps = train_set.n / batch;
+    println!(
+        "MNIST from {}: {} training digits ({steps} steps of {batch} per epoch{}), {} test digits",
+        args.data.display(),
+        train_set.n,
+        match train_set.n % batch {
+            0 => String::new(),
+            r => format!(", {r} left out in turn"),
+        },
+        test_set.n
+    );
+
+    let mut init = Init::new(args.seed);
+    let model = RowLstm::new(args.hidden as usize, &mut init);
+
+    // training: forward over 28 steps, cross-entropy, backward through time, clipping and Adam
+    let g = Graph::new();
+    let x = g.input("x", [batch, 1, ROWS, COLS]);
+    let y = g.input("y", [batch]);
+    let (logits, params) = model.forward(&g, x)?;
+    let loss = g.cross_entropy(logits, y)?;
+    let mut train = TrainStep::new(
+        &dev,
+        &g,
+        loss,
+        &params,
+        Optimizer::adam(args.lr).clip_grad_norm(args.clip),
+        args.seed.wrapping_add(2),
+    )?;
+    println!("training plan: {}", train.plan().info());
+
+    // evaluation: the same layers (weights shared on the device), compiled once
+    let mut eval = EvalPlans::new(&dev, test_set.n, EVAL_BATCH, |b| {
+        let g = Graph::new();
+        let x = g.input("x", [b, 1, ROWS, COLS]);
+        let (logits, _) = model.forward(&g, x)?;
+        Ok((g, vec![logits]))
+    })?;
+
+    let mut shuffle = Init::new(args.seed.wrapping_add(1));
+    let (mut best, mut reached) = (0.0f64, None);
+    let mut train_secs = Vec::new();
+    for epoch in 1..=args.epochs {
+        let t0 = Instant::now();
+        let order = shuffle.permutation(train_set.n);
+        let label = format!("epoch {epoch}/{}", args.epochs);
+        let running = common::train_epoch(
+            &mut train,
+            &order,
+            batch,
+            args.log_every as usize,
+            &label,
+            |idx| {
+                let (x, y) = train_set.batch(idx);
+                Ok(vec![("x", x), ("y", y)])
+            },
+        )?;
+        let t_train = t0.elapsed().as_secs_f64();
+        let (test_loss, acc) = evaluate(&mut eval, &test_set)?;
+        let t_all = t0.elapsed().as_secs_f64();
+        train_secs.push(t_train);
+        best = best.max(acc);
+        if acc >= TARGET && reached.is_none() {
+            reached = Some(epoch);
+        }
+        println!(
+            "epoch {epoch:>2}/{}: train loss {running:.4}, test loss {test_loss:.4}, \
+             test acc {:.2}% ({t_train:.1} s training, {:.1} s test)",
+            args.epochs,
+            100.0 * acc,
+            t_all - t_train
+        );
+    }
+    let mean_secs = train_secs.iter().sum::<f64>() / train_secs.len() as f64;
+    println!(
+        "{:.1} s per epoch of training on average ({:.0} ms per step)",
+        mean_secs,
+        1e3 * mean_secs / steps as f64
+    );
+    common::save_checkpoint(&dev, &model.param_names(), &args.save)?;
+    match reached {
+        Some(e) => println!(
+            "reached {:.0}% test accuracy at epoch {e} (best {:.2}%)",
+            100.0 * TARGET,
+            100.0 * best
+        ),
+        None => println!(
+            "did not reach {:.0}% test accuracy in {} epoch{} (best {:.2}%)",
+            100.0 * TARGET,
+            args.epochs,
+            if args.epochs == 1 { "" } else { "s" },
+            100.0 * best
+        ),
+    }
+    Ok(())
+}
