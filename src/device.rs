@@ -52,6 +52,8 @@ pub(crate) struct GpuContext {
     pub(crate) queue: wgpu::Queue,
     pub(crate) params: Mutex<HashMap<String, GpuParam>>,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    /// The driver's compiled-pipeline cache and the file it persists to (PIPELINE_CACHE adapters).
+    disk_cache: Option<DiskCache>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     layouts: Mutex<HashMap<BindingMode, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     /// Set by the device-lost callback.
@@ -309,6 +311,17 @@ impl Device {
         v
     }
 
+    /// Writes the driver's pipeline cache to disk now (it is also written when the device is
+    /// dropped), so that the next process compiles kiln's kernels faster. Returns the file, or
+    /// `None` where the adapter has no PIPELINE_CACHE or `KILN_PIPELINE_CACHE=0` turned it off.
+    /// The folder is `KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+    pub fn save_pipeline_cache(&self) -> Result<Option<std::path::PathBuf>> {
+        match self.inner.gpu.as_ref().and_then(|g| g.disk_cache.as_ref()) {
+            Some(c) => c.save().map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Number of distinct compiled pipelines (kernel + specialisation) cached on this device.
     pub fn pipeline_count(&self) -> usize {
         self.inner
@@ -369,7 +382,9 @@ impl GpuContext {
             info.name,
             info.backend
         );
+        let disk_cache = DiskCache::open(&device, &info, features);
         Ok(GpuContext {
+            disk_cache,
             info,
             features,
             limits,
@@ -668,10 +683,13 @@ impl GpuContext {
                     constants,
                     zero_initialize_workgroup_memory: false,
                 },
-                cache: None,
+                cache: self.disk_cache.as_ref().map(|c| &c.cache),
             });
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Device(format!("compiling {key}: {e}")));
+        }
+        if let Some(c) = &self.disk_cache {
+            c.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let pipeline = Arc::new(pipeline);
         self.pipelines
@@ -679,5 +697,87 @@ impl GpuContext {
             .expect("pipeline lock")
             .insert(key, pipeline.clone());
         Ok(pipeline)
+    }
+}
+
+/// The driver's pipeline cache, loaded from and saved to a file keyed by adapter and driver.
+pub(crate) struct DiskCache {
+    cache: wgpu::PipelineCache,
+    path: std::path::PathBuf,
+    /// Pipelines were compiled since the last save.
+    dirty: std::sync::atomic::AtomicBool,
+}
+
+impl DiskCache {
+    fn dir() -> Option<std::path::PathBuf> {
+        if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
+            return Some(d.into());
+        }
+        if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+            return Some(std::path::PathBuf::from(d).join("kiln"));
+        }
+        std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache").join("kiln"))
+    }
+
+    fn open(
+        device: &wgpu::Device,
+        info: &wgpu::AdapterInfo,
+        features: wgpu::Features,
+    ) -> Option<DiskCache> {
+        if !features.contains(wgpu::Features::PIPELINE_CACHE)
+            || std::env::var("KILN_PIPELINE_CACHE").is_ok_and(|v| v == "0")
+        {
+            return None;
+        }
+        let path = Self::dir()?.join(wgpu::util::pipeline_cache_key(info)?);
+        let data = std::fs::read(&path).ok();
+        // SAFETY: the data is only ever what `PipelineCache::get_data` of an adapter with this
+        // cache key wrote (the key names adapter, driver and wgpu's cache version); wgpu checks
+        // its header and, with `fallback`, starts an empty cache when the data does not fit.
+        let cache = unsafe {
+            device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                label: Some("kiln pipeline cache"),
+                data: data.as_deref(),
+                fallback: true,
+            })
+        };
+        Some(DiskCache {
+            cache,
+            path,
+            dirty: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Writes the cache through a temporary file, so a crash never leaves a torn one.
+    fn save(&self) -> Result<std::path::PathBuf> {
+        let io = |e: std::io::Error| Error::Io {
+            path: self.path.display().to_string(),
+            source: e,
+        };
+        if let Some(data) = self.cache.get_data() {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir).map_err(io)?;
+            }
+            let tmp = self
+                .path
+                .with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, data).map_err(io)?;
+            std::fs::rename(&tmp, &self.path).map_err(io)?;
+        }
+        self.dirty
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for GpuContext {
+    fn drop(&mut self) {
+        if let Some(c) = &self.disk_cache {
+            if c.dirty.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Err(e) = c.save() {
+                    log::warn!("kiln: could not save the pipeline cache: {e}");
+                }
+            }
+        }
     }
 }

@@ -238,3 +238,27 @@ fn profiler_times_every_op() {
         "{table}"
     );
 }
+
+#[test]
+fn pipeline_cache_persists_to_disk() {
+    let Some(dev) = gpu() else { return };
+    if !dev.features().contains(wgpu::Features::PIPELINE_CACHE) {
+        eprintln!("NOTICE: no PIPELINE_CACHE; pipeline cache test skipped");
+        return;
+    }
+    let (g, y) = chain();
+    dev.compile(&g, &[y]).unwrap();
+    match dev.save_pipeline_cache().unwrap() {
+        // KILN_PIPELINE_CACHE=0 or no cache folder
+        None => eprintln!("NOTICE: pipeline cache turned off"),
+        Some(path) => {
+            let bytes = std::fs::metadata(&path).unwrap().len();
+            assert!(bytes > 0, "{} is empty", path.display());
+            // a second device starts from that file and still computes correctly
+            let dev2 = Device::gpu().unwrap();
+            let mut plan = dev2.compile(&g, &[y]).unwrap();
+            let out = plan.run(&[("x", &Tensor::zeros([64, 64]))]).unwrap();
+            assert!(out[0].data().iter().all(|&v| v == 0.0));
+        }
+    }
+}
