@@ -17,11 +17,10 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use clap::Parser;
 use common::{Backend, EvalPlans, Failure};
-use kiln::data::mnist::{self, Mnist, Split};
+use kiln::data::mnist::{self, Split};
 use kiln::nn::{dropout, Init, Linear, Optimizer, TrainStep};
 use kiln::{Graph, NodeId};
 
@@ -105,36 +104,6 @@ impl Mlp {
     }
 }
 
-/// Test loss and accuracy.
-fn evaluate(eval: &mut EvalPlans, set: &Mnist) -> kiln::Result<(f64, f64)> {
-    let (mut loss, mut correct) = (0.0f64, 0usize);
-    eval.run(
-        |r| {
-            let idx: Vec<usize> = r.collect();
-            Ok(vec![("x", set.batch(&idx).0)])
-        },
-        |r, out| {
-            for (row, &label) in out[0].data().chunks_exact(10).zip(&set.labels[r]) {
-                let (mut best, mut max) = (0, f32::NEG_INFINITY);
-                for (k, &v) in row.iter().enumerate() {
-                    if v > max {
-                        (best, max) = (k, v);
-                    }
-                }
-                let lse = f64::from(max)
-                    + row
-                        .iter()
-                        .map(|&v| f64::from(v - max).exp())
-                        .sum::<f64>()
-                        .ln();
-                loss += lse - f64::from(row[usize::from(label)]);
-                correct += usize::from(best == usize::from(label));
-            }
-        },
-    )?;
-    Ok((loss / set.n as f64, correct as f64 / set.n as f64))
-}
-
 fn main() -> Result<(), Failure> {
     let args = Args::parse();
     if !(args.lr.is_finite() && args.lr > 0.0) {
@@ -205,60 +174,17 @@ fn main() -> Result<(), Failure> {
         Ok((g, vec![logits]))
     })?;
 
-    let mut shuffle = Init::new(args.seed.wrapping_add(1));
-    let (mut best, mut reached) = (0.0f64, None);
-    let mut train_secs = Vec::new();
-    for epoch in 1..=args.epochs {
-        let t0 = Instant::now();
-        let order = shuffle.permutation(train_set.n);
-        let label = format!("epoch {epoch}/{}", args.epochs);
-        let running = common::train_epoch(
-            &mut train,
-            &order,
-            batch,
-            args.log_every as usize,
-            &label,
-            |idx| {
-                let (x, y) = train_set.batch(idx);
-                Ok(vec![("x", x), ("y", y)])
-            },
-        )?;
-        let t_train = t0.elapsed().as_secs_f64();
-        let (test_loss, acc) = evaluate(&mut eval, &test_set)?;
-        let t_all = t0.elapsed().as_secs_f64();
-        train_secs.push(t_train);
-        best = best.max(acc);
-        if acc >= TARGET && reached.is_none() {
-            reached = Some(epoch);
-        }
-        println!(
-            "epoch {epoch:>2}/{}: train loss {running:.4}, test loss {test_loss:.4}, \
-             test acc {:.2}% ({t_train:.2} s training, {:.2} s test)",
-            args.epochs,
-            100.0 * acc,
-            t_all - t_train
-        );
-    }
-    let mean_secs = train_secs.iter().sum::<f64>() / train_secs.len() as f64;
-    println!(
-        "{:.2} s per epoch of training on average ({:.1} ms per step)",
-        mean_secs,
-        1e3 * mean_secs / steps as f64
-    );
+    common::mnist_fit(common::MnistFit {
+        train: &mut train,
+        eval: &mut eval,
+        train_set: &train_set,
+        test_set: &test_set,
+        batch,
+        log_every: args.log_every as usize,
+        epochs: args.epochs as usize,
+        seed: args.seed,
+        target: TARGET,
+    })?;
     common::save_checkpoint(&dev, &model.param_names(), &args.save)?;
-    match reached {
-        Some(e) => println!(
-            "reached {:.0}% test accuracy at epoch {e} (best {:.2}%)",
-            100.0 * TARGET,
-            100.0 * best
-        ),
-        None => println!(
-            "did not reach {:.0}% test accuracy in {} epoch{} (best {:.2}%)",
-            100.0 * TARGET,
-            args.epochs,
-            if args.epochs == 1 { "" } else { "s" },
-            100.0 * best
-        ),
-    }
     Ok(())
 }

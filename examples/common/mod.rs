@@ -262,3 +262,91 @@ pub fn sample_logits(row: &[f32], temperature: f32, rng: &mut impl Rng) -> usize
     }
     row.len() - 1
 }
+
+/// Test loss (mean NLL) and accuracy of a 10-class MNIST model over a whole set.
+pub fn mnist_evaluate(
+    eval: &mut EvalPlans,
+    set: &kiln::data::mnist::Mnist,
+) -> kiln::Result<(f64, f64)> {
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    eval.run(
+        |r| {
+            let idx: Vec<usize> = r.collect();
+            Ok(vec![("x", set.batch(&idx).0)])
+        },
+        |r, out| {
+            for (row, &label) in out[0].data().chunks_exact(10).zip(&set.labels[r]) {
+                loss += nll(row, usize::from(label));
+                correct += usize::from(argmax(row) == usize::from(label));
+            }
+        },
+    )?;
+    Ok((loss / set.n as f64, correct as f64 / set.n as f64))
+}
+
+/// Everything `mnist_fit` needs: the compiled step and evaluation plans, the data and the recipe.
+pub struct MnistFit<'a> {
+    pub train: &'a mut kiln::nn::TrainStep,
+    pub eval: &'a mut EvalPlans,
+    pub train_set: &'a kiln::data::mnist::Mnist,
+    pub test_set: &'a kiln::data::mnist::Mnist,
+    pub batch: usize,
+    pub log_every: usize,
+    pub epochs: usize,
+    pub seed: u64,
+    /// The test accuracy the example should reach (reported, not enforced).
+    pub target: f64,
+}
+
+/// The MNIST training loop shared by the classifiers: shuffle each epoch (seeded), train, test,
+/// print per-epoch loss, accuracy and time, and say whether and when `target` was reached.
+pub fn mnist_fit(f: MnistFit<'_>) -> kiln::Result<()> {
+    let steps = f.train_set.n / f.batch;
+    let mut shuffle = kiln::nn::Init::new(f.seed.wrapping_add(1));
+    let (mut best, mut reached) = (0.0f64, None);
+    let mut train_secs = Vec::new();
+    for epoch in 1..=f.epochs {
+        let t0 = std::time::Instant::now();
+        let order = shuffle.permutation(f.train_set.n);
+        let label = format!("epoch {epoch}/{}", f.epochs);
+        let running = train_epoch(f.train, &order, f.batch, f.log_every, &label, |idx| {
+            let (x, y) = f.train_set.batch(idx);
+            Ok(vec![("x", x), ("y", y)])
+        })?;
+        let t_train = t0.elapsed().as_secs_f64();
+        let (test_loss, acc) = mnist_evaluate(f.eval, f.test_set)?;
+        let t_all = t0.elapsed().as_secs_f64();
+        train_secs.push(t_train);
+        best = best.max(acc);
+        if acc >= f.target && reached.is_none() {
+            reached = Some(epoch);
+        }
+        println!(
+            "epoch {epoch:>2}/{}: train loss {running:.4}, test loss {test_loss:.4}, \
+             test acc {:.2}% ({t_train:.2} s training, {:.2} s test)",
+            f.epochs,
+            100.0 * acc,
+            t_all - t_train
+        );
+    }
+    let mean_secs = train_secs.iter().sum::<f64>() / train_secs.len().max(1) as f64;
+    println!(
+        "{mean_secs:.2} s per epoch of training on average ({:.1} ms per step)",
+        1e3 * mean_secs / steps.max(1) as f64
+    );
+    match reached {
+        Some(e) => println!(
+            "reached {:.0}% test accuracy at epoch {e} (best {:.2}%)",
+            100.0 * f.target,
+            100.0 * best
+        ),
+        None => println!(
+            "did not reach {:.0}% test accuracy in {} epoch{} (best {:.2}%)",
+            100.0 * f.target,
+            f.epochs,
+            if f.epochs == 1 { "" } else { "s" },
+            100.0 * best
+        ),
+    }
+    Ok(())
+}
