@@ -89,18 +89,19 @@ impl Cnn {
     /// Logits `(B, 10)` for images `x (B, 1, 28, 28)`, and the parameter nodes.
     fn forward(&self, g: &Graph, x: NodeId) -> kiln::Result<(NodeId, Vec<NodeId>)> {
         let mut params = Vec::new();
-        let (h, p) = self.conv1.apply(g, x)?; // (B, 32, 26, 26)
+        // each conv and the first dense layer run with bias and relu fused into their matmul
+        let (h, p) = self.conv1.apply_relu(g, x)?; // (B, 32, 26, 26)
         params.extend(p);
-        let h = g.max_pool2d(g.relu(h)?, (2, 2), (2, 2), (0, 0))?; // (B, 32, 13, 13)
-        let (h, p) = self.conv2.apply(g, h)?; // (B, 64, 11, 11)
+        let h = g.max_pool2d(h, (2, 2), (2, 2), (0, 0))?; // (B, 32, 13, 13)
+        let (h, p) = self.conv2.apply_relu(g, h)?; // (B, 64, 11, 11)
         params.extend(p);
-        let h = g.max_pool2d(g.relu(h)?, (2, 2), (2, 2), (0, 0))?; // (B, 64, 5, 5)
-        let (h, p) = self.conv3.apply(g, h)?; // (B, 64, 3, 3)
+        let h = g.max_pool2d(h, (2, 2), (2, 2), (0, 0))?; // (B, 64, 5, 5)
+        let (h, p) = self.conv3.apply_relu(g, h)?; // (B, 64, 3, 3)
         params.extend(p);
-        let h = g.flatten(g.relu(h)?)?; // (B, 576)
-        let (h, p) = self.fc1.apply(g, h)?;
+        let h = g.flatten(h)?; // (B, 576)
+        let (h, p) = self.fc1.apply_relu(g, h)?;
         params.extend(p);
-        let (logits, p) = self.fc2.apply(g, g.relu(h)?)?;
+        let (logits, p) = self.fc2.apply(g, h)?;
         params.extend(p);
         Ok((logits, params))
     }

@@ -1,13 +1,18 @@
 // matmul.wgsl: batched matrix product out[z] = op(a[z]) x op(b[z]), op = identity or transpose.
 //
-// Bindings (group 0):
+// Epilogue: out = relu?(op(a) x op(b) + bias?), the bias per row [M] or per column [N] and
+// broadcast over the batch, so a Linear or Conv layer with its activation is one kernel.
+//
+// Bindings (group 0), entry `main`:
 //   0  a    storage, read        [batch.., M, K] (TA: [batch.., K, M])
 //   1  b    storage, read        [batch.., K, N] (TB: [batch.., N, K])
 //   2  out  storage, read_write  [batch.., M, N], contiguous
+// Entry `main_bias`: 0 a, 1 b, 2 bias (read) [M] (BIAS_ROWS) or [N], 3 out_b (read_write).
 // Overrides: M, N, K; TA, TB transpose flags; the output batch shape left-padded to rank 4 as
 //            BD0..BD3 (BD0 implicit); SA0..SA3 / SB0..SB3 element strides of a's and b's
 //            matrices per batch axis (0 where that operand broadcasts);
-//            TILES_M = ceil(M / 64), TILES_N = ceil(N / 64), TOTAL = TILES_M * TILES_N * batch.
+//            TILES_M = ceil(M / 64), TILES_N = ceil(N / 64), TOTAL = TILES_M * TILES_N * batch;
+//            RELU applies max(x, 0) to the result; BIAS_ROWS puts the bias along M (else N).
 // Dispatch: TOTAL workgroups of 256 threads (16 x 16), folded by the host into (x <= 65535, y).
 //           Workgroup w computes the 64x64 output tile (w / TILES_N % TILES_M, w % TILES_N) of
 //           batch w / (TILES_M * TILES_N); each thread a 4x4 block held in four vec4 registers.
@@ -32,6 +37,8 @@ override SB0: u32 = 0u;
 override SB1: u32 = 0u;
 override SB2: u32 = 0u;
 override SB3: u32 = 0u;
+override RELU: bool = false;
+override BIAS_ROWS: bool = false;
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;
@@ -40,20 +47,57 @@ const TK: u32 = 16u;
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read> b: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out_b: array<f32>;
 
 // As[kk * TM + mm] = op(a)[row0 + mm, k0 + kk]; Bs[kk * TN + nn] = op(b)[k0 + kk, col0 + nn]
 var<workgroup> As: array<f32, 1024>;
 var<workgroup> Bs: array<f32, 1024>;
+
+// The 4x4 block of results one thread holds: rows r0..r0+3, columns c0..c0+3 of batch obase.
+struct Block {
+    acc0: vec4<f32>,
+    acc1: vec4<f32>,
+    acc2: vec4<f32>,
+    acc3: vec4<f32>,
+    obase: u32,
+    r0: u32,
+    c0: u32,
+}
+
+fn activate(v: vec4<f32>) -> vec4<f32> {
+    return select(v, max(v, vec4<f32>(0.0)), RELU);
+}
 
 fn store4(obase: u32, r: u32, c: u32, v: vec4<f32>) {
     if r >= M {
         return;
     }
     let o = obase + r * N + c;
-    if c < N { out[o] = v.x; }
-    if c + 1u < N { out[o + 1u] = v.y; }
-    if c + 2u < N { out[o + 2u] = v.z; }
-    if c + 3u < N { out[o + 3u] = v.w; }
+    let y = activate(v);
+    if c < N { out[o] = y.x; }
+    if c + 1u < N { out[o + 1u] = y.y; }
+    if c + 2u < N { out[o + 2u] = y.z; }
+    if c + 3u < N { out[o + 3u] = y.w; }
+}
+
+fn store4_bias(obase: u32, r: u32, c: u32, v: vec4<f32>) {
+    if r >= M {
+        return;
+    }
+    var bv: vec4<f32>;
+    if BIAS_ROWS {
+        bv = vec4<f32>(bias[r]);
+    } else {
+        // clamped in range; the values past N are never stored
+        bv = vec4<f32>(bias[min(c, N - 1u)], bias[min(c + 1u, N - 1u)], bias[min(c + 2u, N - 1u)], bias[min(c + 3u, N - 1u)]);
+    }
+    let o = obase + r * N + c;
+    let y = activate(v + bv);
+    if c < N { out_b[o] = y.x; }
+    if c + 1u < N { out_b[o + 1u] = y.y; }
+    if c + 2u < N { out_b[o + 2u] = y.z; }
+    if c + 3u < N { out_b[o + 3u] = y.w; }
 }
 
 @compute @workgroup_size(256)
@@ -66,6 +110,32 @@ fn main(
     if w >= TOTAL {
         return;
     }
+    let t = block(w, lid);
+    store4(t.obase, t.r0, t.c0, t.acc0);
+    store4(t.obase, t.r0 + 1u, t.c0, t.acc1);
+    store4(t.obase, t.r0 + 2u, t.c0, t.acc2);
+    store4(t.obase, t.r0 + 3u, t.c0, t.acc3);
+}
+
+@compute @workgroup_size(256)
+fn main_bias(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = wid.y * nwg.x + wid.x;
+    if w >= TOTAL {
+        return;
+    }
+    let t = block(w, lid);
+    store4_bias(t.obase, t.r0, t.c0, t.acc0);
+    store4_bias(t.obase, t.r0 + 1u, t.c0, t.acc1);
+    store4_bias(t.obase, t.r0 + 2u, t.c0, t.acc2);
+    store4_bias(t.obase, t.r0 + 3u, t.c0, t.acc3);
+}
+
+// The tiled product for workgroup w (uniform across the workgroup: it holds barriers).
+fn block(w: u32, lid: u32) -> Block {
     let tn = w % TILES_N;
     let tm = (w / TILES_N) % TILES_M;
     let z = w / (TILES_N * TILES_M);
@@ -130,10 +200,5 @@ fn main(
         workgroupBarrier();
     }
 
-    let r0 = row0 + ty * 4u;
-    let c0 = col0 + tx * 4u;
-    store4(obase, r0, c0, acc0);
-    store4(obase, r0 + 1u, c0, acc1);
-    store4(obase, r0 + 2u, c0, acc2);
-    store4(obase, r0 + 3u, c0, acc3);
+    return Block(acc0, acc1, acc2, acc3, obase, row0 + ty * 4u, col0 + tx * 4u);
 }

@@ -201,3 +201,32 @@ fn narrow_concat_gradients() {
         TOL_REDUCTION,
     );
 }
+
+#[test]
+fn fused_matmul_gradients() {
+    use kiln::ops::matmul::Bias;
+    for (bias, relu) in [(Bias::Cols, true), (Bias::Rows, true), (Bias::Cols, false)] {
+        let g = Graph::new();
+        let a = g.input("a", [2, 4, 5]);
+        let b = g.input("b", [5, 3]);
+        let blen = if bias == Bias::Rows { 4 } else { 3 };
+        let c = g.input("c", [blen]);
+        let y = g
+            .matmul_fused(a, b, false, false, Some((c, bias)), relu)
+            .unwrap();
+        let loss = random_projection(&g, y, 8);
+        // values away from relu's kink at the finite-difference step
+        let av = Tensor::rand_uniform(vec![2, 4, 5], 0.2, 1.0, 9);
+        let bv = rand(&[5, 3], 10);
+        let cv = rand(&[blen], 11);
+        gradcheck(
+            &format!("fused {bias:?} relu={relu}"),
+            &g,
+            loss,
+            &[("a", a), ("b", b), ("c", c)],
+            &[("a", &av), ("b", &bv), ("c", &cv)],
+            15,
+            TOL_REDUCTION,
+        );
+    }
+}

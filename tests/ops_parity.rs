@@ -354,3 +354,69 @@ fn narrow_and_concat() {
     assert!(g.narrow(a, 1, 4, 2).is_err());
     assert!(g.concat(&[a, g.input("z", [3, 5, 6])], 1).is_err());
 }
+
+#[test]
+fn matmul_with_fused_bias_and_relu() {
+    use kiln::ops::matmul::Bias;
+    for &(sa, sb, ta, tb, bias, relu) in &[
+        (
+            &[5usize, 7][..],
+            &[7usize, 3][..],
+            false,
+            false,
+            Bias::Cols,
+            true,
+        ),
+        (&[65, 9][..], &[9, 70][..], false, false, Bias::Rows, true),
+        (&[4, 13, 6][..], &[5, 6][..], false, true, Bias::Cols, false),
+        (
+            &[2, 8, 3][..],
+            &[2, 8, 11][..],
+            true,
+            false,
+            Bias::Rows,
+            false,
+        ),
+        (&[1, 1][..], &[1, 1][..], false, false, Bias::None, true),
+    ] {
+        let g = Graph::new();
+        let a = g.input("a", sa);
+        let b = g.input("b", sb);
+        let plain = g.matmul_t(a, b, ta, tb).unwrap();
+        let out = g.shape(plain);
+        let (m, n) = (out.dims()[out.rank() - 2], out.dims()[out.rank() - 1]);
+        let blen = if bias == Bias::Rows { m } else { n };
+        let c = g.input("c", [blen]);
+        let y = g.matmul_fused(a, b, ta, tb, Some((c, bias)), relu).unwrap();
+        let feeds = [
+            ("a", rand(sa, 1)),
+            ("b", rand(sb, 2)),
+            ("c", rand(&[blen], 3)),
+        ];
+        let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(k, v)| (*k, v)).collect();
+        check_gpu_vs_cpu(
+            &format!("fused {sa:?} {sb:?} {bias:?} relu={relu}"),
+            &g,
+            &[y],
+            &refs,
+            TOL_REDUCTION,
+        );
+        // against the unfused composition on the CPU
+        let cb = if bias == Bias::Rows {
+            g.reshape(c, &[m as isize, 1]).unwrap()
+        } else {
+            c
+        };
+        let mut z = if bias == Bias::None {
+            plain
+        } else {
+            g.add(plain, cb).unwrap()
+        };
+        if relu {
+            z = g.relu(z).unwrap();
+        }
+        let mut cpu = kiln::Device::cpu().compile(&g, &[y, z]).unwrap();
+        let out = cpu.run(&refs).unwrap();
+        common::assert_close("fused vs composed", &out[0], &out[1], 1e-6, 1e-5);
+    }
+}

@@ -152,10 +152,38 @@ impl Graph {
 
     /// Matrix product with either operand's last two axes transposed (`a^T b`, `a b^T`, ..).
     pub fn matmul_t(&self, a: NodeId, b: NodeId, trans_a: bool, trans_b: bool) -> Result<NodeId> {
+        self.matmul_fused(a, b, trans_a, trans_b, None, false)
+    }
+
+    /// `relu?(op(a) op(b) + bias?)` as one kernel: the bias (`[M]` along rows or `[N]` along
+    /// columns of the result, broadcast over batch axes) and the relu run in the matmul's
+    /// epilogue instead of as kernels of their own.
+    pub fn matmul_fused(
+        &self,
+        a: NodeId,
+        b: NodeId,
+        trans_a: bool,
+        trans_b: bool,
+        bias: Option<(NodeId, crate::ops::matmul::Bias)>,
+        relu: bool,
+    ) -> Result<NodeId> {
         let (sa, sb) = (self.check_id("matmul", a)?, self.check_id("matmul", b)?);
-        let m = MatMul { trans_a, trans_b };
+        let kind = bias.map(|(_, k)| k).unwrap_or_default();
+        let m = MatMul {
+            trans_a,
+            trans_b,
+            bias: kind,
+            relu,
+        };
         let shape = m.infer(&sa, &sb)?;
-        Ok(self.push(Op::MatMul(m), vec![a, b], shape))
+        let mut inputs = vec![a, b];
+        if let Some((bn, _)) = bias {
+            m.check_bias(&shape, &self.check_id("matmul", bn)?)?;
+            if kind != crate::ops::matmul::Bias::None {
+                inputs.push(bn);
+            }
+        }
+        Ok(self.push(Op::MatMul(m), inputs, shape))
     }
 
     // ---- elementwise ----
@@ -700,14 +728,26 @@ impl Graph {
     /// 2-D convolution of `x` [N, C, H, W] with `w` [O, C, kh, kw] and an optional `bias` `[O]`
     /// (`torch.nn.functional.conv2d`, groups = 1), giving [N, O, Ho, Wo] with
     /// `Ho = (H + 2*ph - dh*(kh - 1) - 1) / sh + 1`. Built as `im2col`, a matmul with the weight
-    /// viewed as [O, C*kh*kw], a reshape and a broadcast add of the bias, so that its gradients
-    /// follow from those ops.
+    /// viewed as [O, C*kh*kw] (the bias added in its epilogue), a reshape and a permute, so that
+    /// its gradients follow from those ops.
     pub fn conv2d(
         &self,
         x: NodeId,
         w: NodeId,
         bias: Option<NodeId>,
         opts: Conv2dOpts,
+    ) -> Result<NodeId> {
+        self.conv2d_fused(x, w, bias, opts, false)
+    }
+
+    /// `conv2d` followed by relu when `relu`, with the bias and the relu fused into the matmul.
+    pub fn conv2d_fused(
+        &self,
+        x: NodeId,
+        w: NodeId,
+        bias: Option<NodeId>,
+        opts: Conv2dOpts,
+        relu: bool,
     ) -> Result<NodeId> {
         let sx = self.check_id("conv2d", x)?;
         let sw = self.check_id("conv2d", w)?;
@@ -724,16 +764,15 @@ impl Graph {
             geom.cols_shape(sx.dims()[0]),
         );
         let w2 = self.reshape(w, &[o, geom.rows() as isize])?;
+        // bias per output channel (a row of [O, N*Ho*Wo]) and relu in the matmul's epilogue
+        let rows_bias = bias.map(|b| (b, crate::ops::matmul::Bias::Rows));
+        let y = self.matmul_fused(w2, cols, false, false, rows_bias, relu)?;
         // [O, N*Ho*Wo] -> (N, O, Ho, Wo)
-        let y = self.reshape(self.matmul(w2, cols)?, &[o, n, (ho * wo) as isize])?;
-        let y = self.reshape(
+        let y = self.reshape(y, &[o, n, (ho * wo) as isize])?;
+        self.reshape(
             self.permute(y, &[1, 0, 2])?,
             &[n, o, ho as isize, wo as isize],
-        )?;
-        match bias {
-            Some(b) => self.add(y, self.reshape(b, &[o, 1, 1])?),
-            None => Ok(y),
-        }
+        )
     }
 
     /// The receptive fields of `x` [N, C, H, W] for a `kernel` (kh, kw) as columns

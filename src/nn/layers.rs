@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::graph::{Graph, NodeId};
 use crate::nn::init::Init;
 use crate::ops::conv::Conv2dOpts;
+use crate::ops::matmul::Bias;
 
 /// A fully connected layer, `y = x W^T + b`, `x (N, in) -> y (N, out)`.
 #[derive(Debug, Clone)]
@@ -42,7 +43,15 @@ impl Linear {
     pub fn apply(&self, g: &Graph, x: NodeId) -> Result<(NodeId, [NodeId; 2])> {
         let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
         let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
-        let y = g.add(g.matmul_t(x, w, false, true)?, b)?;
+        let y = g.matmul_fused(x, w, false, true, Some((b, Bias::Cols)), false)?;
+        Ok((y, [w, b]))
+    }
+
+    /// `relu(apply(x))` as one kernel (bias and relu in the matmul's epilogue).
+    pub fn apply_relu(&self, g: &Graph, x: NodeId) -> Result<(NodeId, [NodeId; 2])> {
+        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
+        let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
+        let y = g.matmul_fused(x, w, false, true, Some((b, Bias::Cols)), true)?;
         Ok((y, [w, b]))
     }
 }
@@ -90,6 +99,14 @@ impl Conv2d {
         let y = g.conv2d(x, w, Some(b), self.opts)?;
         Ok((y, [w, b]))
     }
+
+    /// `relu(apply(x))`, the bias and relu fused into the convolution's matmul.
+    pub fn apply_relu(&self, g: &Graph, x: NodeId) -> Result<(NodeId, [NodeId; 2])> {
+        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
+        let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
+        let y = g.conv2d_fused(x, w, Some(b), self.opts, true)?;
+        Ok((y, [w, b]))
+    }
 }
 
 /// Dropout in training mode with the graph's shared seed input `dropout.seed` (created on first
@@ -109,6 +126,11 @@ pub const DROPOUT_SEED: &str = "dropout.seed";
 pub trait Layer {
     /// Applies the layer; returns the output and the parameter nodes it used.
     fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)>;
+    /// The layer followed by relu; layers that can fuse the relu into their kernel override it.
+    fn apply_layer_relu(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+        let (y, p) = self.apply_layer(g, x)?;
+        Ok((g.relu(y)?, p))
+    }
     /// Names of its parameters, as in a PyTorch state_dict.
     fn names(&self) -> Vec<String> {
         Vec::new()
@@ -119,6 +141,9 @@ impl Layer for Linear {
     fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
         self.apply(g, x).map(|(y, p)| (y, p.to_vec()))
     }
+    fn apply_layer_relu(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+        self.apply_relu(g, x).map(|(y, p)| (y, p.to_vec()))
+    }
     fn names(&self) -> Vec<String> {
         self.param_names()
     }
@@ -127,6 +152,9 @@ impl Layer for Linear {
 impl Layer for Conv2d {
     fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
         self.apply(g, x).map(|(y, p)| (y, p.to_vec()))
+    }
+    fn apply_layer_relu(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+        self.apply_relu(g, x).map(|(y, p)| (y, p.to_vec()))
     }
     fn names(&self) -> Vec<String> {
         self.param_names()
@@ -189,8 +217,16 @@ impl Sequential {
     pub fn apply(&self, g: &Graph, x: NodeId, train: bool) -> Result<(NodeId, Vec<NodeId>)> {
         let mut h = x;
         let mut params = Vec::new();
-        for s in &self.steps {
+        let mut steps = self.steps.iter().peekable();
+        while let Some(s) = steps.next() {
             h = match s {
+                // a layer followed by relu runs as one kernel where the layer can fuse it
+                Step::Layer(l) if matches!(steps.peek(), Some(Step::Act(Act::Relu))) => {
+                    steps.next();
+                    let (y, p) = l.apply_layer_relu(g, h)?;
+                    params.extend(p);
+                    y
+                }
                 Step::Layer(l) => {
                     let (y, p) = l.apply_layer(g, h)?;
                     params.extend(p);

@@ -10,11 +10,25 @@ use crate::tensor::{Shape, Tensor};
 /// Most batch axes the kernel addresses.
 pub const MAX_BATCH_RANK: usize = 4;
 
-/// `out = op(a) x op(b)`, where `op` transposes the last two axes when its flag is set.
+/// `out = relu?(op(a) x op(b) + bias?)`, where `op` transposes the last two axes when its flag is
+/// set; the optional bias (a third input) runs along the rows or the columns of the result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct MatMul {
     pub trans_a: bool,
     pub trans_b: bool,
+    pub bias: Bias,
+    pub relu: bool,
+}
+
+/// Where a fused bias goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Bias {
+    #[default]
+    None,
+    /// `[M]`: one value per row (a Conv layer's channels as `W x cols`).
+    Rows,
+    /// `[N]`: one value per column (a Linear layer's outputs as `x W^T`).
+    Cols,
 }
 
 /// The matrix extents and batch shapes of a product.
@@ -104,8 +118,41 @@ impl MatMul {
         (sa, sb)
     }
 
-    /// CPU reference, accumulating in f64.
-    pub fn cpu(&self, a: &Tensor, b: &Tensor, out: &Shape) -> Tensor {
+    /// Shape rule for the fused bias: `[M]` for `Rows`, `[N]` for `Cols`.
+    pub fn check_bias(&self, out: &Shape, bias: &Shape) -> Result<()> {
+        let (m, n) = (out.dims()[out.rank() - 2], out.dims()[out.rank() - 1]);
+        let want = match self.bias {
+            Bias::None => return Ok(()),
+            Bias::Rows => m,
+            Bias::Cols => n,
+        };
+        if bias.dims() != [want] {
+            return Err(shape_err(
+                "matmul",
+                format!("bias {bias} for a result {out}: expected [{want}]"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// CPU reference, accumulating in f64; then the bias and relu of the epilogue.
+    pub fn cpu(&self, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, out: &Shape) -> Tensor {
+        let mut t = self.cpu_product(a, b, out);
+        let n = out.dims()[out.rank() - 1];
+        let m = out.dims()[out.rank() - 2];
+        for (idx, v) in t.data_mut().iter_mut().enumerate() {
+            let add = match (self.bias, bias) {
+                (Bias::Rows, Some(bs)) => bs.data()[(idx / n) % m],
+                (Bias::Cols, Some(bs)) => bs.data()[idx % n],
+                _ => 0.0,
+            };
+            let y = *v + add;
+            *v = if self.relu { y.max(0.0) } else { y };
+        }
+        t
+    }
+
+    fn cpu_product(&self, a: &Tensor, b: &Tensor, out: &Shape) -> Tensor {
         let d = self
             .dims(a.shape(), b.shape())
             .expect("shape checked at build time");
@@ -161,8 +208,14 @@ impl MatMul {
         let total = tiles_m * tiles_n * d.batch.numel() as u64;
         KernelSpec {
             family: "matmul",
-            entry: "main",
+            entry: if self.bias == Bias::None {
+                "main"
+            } else {
+                "main_bias"
+            },
             constants: vec![
+                ("RELU", self.relu as u32 as f64),
+                ("BIAS_ROWS", (self.bias == Bias::Rows) as u32 as f64),
                 ("M", d.m as f64),
                 ("N", d.n as f64),
                 ("K", d.k as f64),
@@ -187,9 +240,42 @@ impl MatMul {
         }
     }
 
-    /// Backward of `C = op(A) op(B)`: each gradient is itself a (transposed) matmul, summed back
-    /// over batch axes the operand was broadcast along.
-    pub fn backward(&self, g: &Graph, a: NodeId, b: NodeId, dc: NodeId) -> Result<[NodeId; 2]> {
+    /// Backward of `Y = relu?(op(A) op(B) + bias)`: through relu with the output's sign, the
+    /// bias gradient as a sum, then each operand's gradient is itself a (transposed) matmul,
+    /// summed back over batch axes the operand was broadcast along.
+    pub fn backward(
+        &self,
+        g: &Graph,
+        x: &[NodeId],
+        y: NodeId,
+        dy: NodeId,
+    ) -> Result<Vec<Option<NodeId>>> {
+        // relu(z) > 0 exactly where z > 0, so the output decides the mask
+        let dz = if self.relu {
+            g.binary(super::binary::BinaryOp::ReluGrad, dy, y)?
+        } else {
+            dy
+        };
+        let plain = MatMul {
+            trans_a: self.trans_a,
+            trans_b: self.trans_b,
+            ..Default::default()
+        };
+        let [da, db] = plain.product_backward(g, x[0], x[1], dz)?;
+        let mut out = vec![Some(da), Some(db)];
+        if self.bias != Bias::None {
+            let ys = g.shape(y);
+            let (m, n) = (ys.dims()[ys.rank() - 2], ys.dims()[ys.rank() - 1]);
+            let dbias = match self.bias {
+                Bias::Rows => g.reshape(g.sum_to(dz, &Shape(vec![m, 1]))?, &[m as isize])?,
+                _ => g.sum_to(dz, &Shape(vec![n]))?,
+            };
+            out.push(Some(dbias));
+        }
+        Ok(out)
+    }
+
+    fn product_backward(&self, g: &Graph, a: NodeId, b: NodeId, dc: NodeId) -> Result<[NodeId; 2]> {
         let (da, db) = match (self.trans_a, self.trans_b) {
             (false, false) => (
                 g.matmul_t(dc, b, false, true)?,

@@ -271,7 +271,7 @@ impl Op {
     /// The CPU reference: computes this op from its input values. Sources are not evaluated here.
     pub fn cpu_forward(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
         match self {
-            Op::MatMul(m) => m.cpu(inputs[0], inputs[1], out),
+            Op::MatMul(m) => m.cpu(inputs[0], inputs[1], inputs.get(2).copied(), out),
             Op::Unary(u) => u.cpu(inputs[0]),
             Op::Binary(b) => b.cpu(inputs[0], inputs[1], out),
             Op::Softmax(s) => s.cpu(inputs[0]),
@@ -354,7 +354,7 @@ impl Op {
     ) -> Result<Vec<Option<NodeId>>> {
         Ok(match self {
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => vec![],
-            Op::MatMul(m) => m.backward(g, x[0], x[1], dy)?.map(Some).to_vec(),
+            Op::MatMul(m) => m.backward(g, x, y, dy)?,
             Op::Unary(u) => vec![Some(u.backward(g, x[0], y, dy)?)],
             Op::Binary(b) => b.backward(g, x[0], x[1], y, dy)?.to_vec(),
             Op::Softmax(s) => vec![Some(s.backward(g, y, dy)?)],
