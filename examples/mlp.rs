@@ -20,7 +20,6 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use common::{Backend, EvalPlans, Failure};
-use kiln::data::mnist::{self, Split};
 use kiln::nn::{dropout, Init, Linear, Optimizer, TrainStep};
 use kiln::{Graph, NodeId};
 
@@ -109,43 +108,10 @@ fn main() -> Result<(), Failure> {
     if !(args.lr.is_finite() && args.lr > 0.0) {
         return Err(format!("--lr must be a finite number > 0, got {}", args.lr).into());
     }
-    let mut train_set = mnist::load_split(&args.data, Split::Train)?;
-    if let Some(n) = args.limit {
-        train_set = train_set.limit(n as usize);
-    }
-    let test_set = mnist::load_split(&args.data, Split::Test)?;
-    for (name, set) in [("training", &train_set), ("test", &test_set)] {
-        if set.n == 0 || (set.rows, set.cols) != (28, 28) {
-            return Err(format!(
-                "the {name} set in {} has {} images of {}x{} pixels; the MLP needs 28x28 digits",
-                args.data.display(),
-                set.n,
-                set.rows,
-                set.cols
-            )
-            .into());
-        }
-    }
     let batch = args.batch_size as usize;
-    if train_set.n < batch {
-        return Err(format!(
-            "{} training digits do not fill one batch of {batch} (lower --batch-size or raise --limit)",
-            train_set.n
-        )
-        .into());
-    }
+    let (train_set, test_set) =
+        common::load_mnist(&args.data, args.limit.map(|n| n as usize), batch)?;
     let dev = common::device(args.backend)?;
-    let steps = train_set.n / batch;
-    println!(
-        "MNIST from {}: {} training digits ({steps} steps of {batch} per epoch{}), {} test digits",
-        args.data.display(),
-        train_set.n,
-        match train_set.n % batch {
-            0 => String::new(),
-            r => format!(", {r} left out in turn"),
-        },
-        test_set.n
-    );
 
     let mut init = Init::new(args.seed);
     let model = Mlp::new(&mut init);

@@ -350,3 +350,49 @@ pub fn mnist_fit(f: MnistFit<'_>) -> kiln::Result<()> {
     }
     Ok(())
 }
+
+/// Loads the MNIST train and test splits from `dir` (the first `limit` training digits when
+/// given), checks they are 28x28 digits that fill at least one batch, and prints what was loaded.
+pub fn load_mnist(
+    dir: &Path,
+    limit: Option<usize>,
+    batch: usize,
+) -> Result<(kiln::data::mnist::Mnist, kiln::data::mnist::Mnist), Failure> {
+    use kiln::data::mnist::{load_split, Split};
+    let mut train_set = load_split(dir, Split::Train)?;
+    if let Some(n) = limit {
+        train_set = train_set.limit(n);
+    }
+    let test_set = load_split(dir, Split::Test)?;
+    for (name, set) in [("training", &train_set), ("test", &test_set)] {
+        if set.n == 0 || (set.rows, set.cols) != (28, 28) {
+            return Err(format!(
+                "the {name} set in {} has {} images of {}x{} pixels; the model reads 28x28 digits",
+                dir.display(),
+                set.n,
+                set.rows,
+                set.cols
+            )
+            .into());
+        }
+    }
+    if train_set.n < batch {
+        return Err(format!(
+            "{} training digits do not fill one batch of {batch} (lower --batch-size or raise --limit)",
+            train_set.n
+        )
+        .into());
+    }
+    println!(
+        "MNIST from {}: {} training digits ({} steps of {batch} per epoch{}), {} test digits",
+        dir.display(),
+        train_set.n,
+        train_set.n / batch,
+        match train_set.n % batch {
+            0 => String::new(),
+            r => format!(", {r} left out in turn"),
+        },
+        test_set.n
+    );
+    Ok((train_set, test_set))
+}
