@@ -1,7 +1,8 @@
 // gru.wgsl: one GRU layer (PyTorch gate order r, z, n) and one vanilla tanh RNN layer
-// (torch.nn.RNN, nonlinearity tanh), each fused per time step, their backward through time, and
-// one recurrent weight-gradient kernel shared by both. The input projection x W_ih^T + b_ih of all
-// steps is one matmul done before (`xw`); each step adds the recurrent projection W_hh h + b_hh.
+// (torch.nn.RNN, nonlinearity tanh), each fused per time step, and their backward through time.
+// The input projection x W_ih^T + b_ih of all steps is one matmul done before (`xw`); each step
+// adds the recurrent projection W_hh h + b_hh. The gradients of W_hh and b_hh are a tiled matmul
+// and a sum over all steps, built in the graph.
 // Sequences shorter than T (lengths[b]) carry their state over the padding.
 //
 // GRU:  r = sigmoid(xw_r + W_hr h + b_hr), z = sigmoid(xw_z + W_hz h + b_hz),
@@ -27,23 +28,14 @@
 // k = T writes dh0):
 //   0 step; 1 p (read) P; 2 whh; 3 bhh (unused); 4 h0; 5 lengths; 6 dp (read) dP, P's shape;
 //   7 q (read_write) Q
-// Entry `weight_grad` (once, no step uniform): 0 p (read); 1 h0 (read); 2 q (read);
-//   3 dw (read_write) [GATES * H, H + 1]: columns 0..H are dW_hh, column H is db_hh:
-//   dw[k, m] = sum over t, b of g[t, b, k] * h_prev[t, b, m] (h_prev = 1 for m = H), where g is the
-//   gradient of W_hh h + b_hh: Q column k, or k + H for k >= 2H (the GRU's dhn, after da_n).
-// Overrides: T, B, H, REVERSE; weight_grad also GATES (3 GRU, 1 RNN), PW and QW (row widths of P
-// and Q in units of H: 5 and 5 for the GRU, 1 and 2 for the RNN).
-// Dispatch: forward/backward ceil(B * H / 256) workgroups per step, one thread per (b, j);
-//           weight_grad ceil(GATES * H * (H + 1) / 256) workgroups, one thread per entry; all
-//           folded into (x <= 65535, y).
+// Overrides: T, B, H, REVERSE.
+// Dispatch: ceil(B * H / 256) workgroups per step, one thread per (b, j), folded into
+//           (x <= 65535, y).
 
 override T: u32 = 1u;
 override B: u32 = 1u;
 override H: u32 = 1u;
 override REVERSE: bool = false;
-override GATES: u32 = 3u;
-override PW: u32 = 5u;
-override QW: u32 = 5u;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> step: vec4<u32>;
@@ -58,12 +50,6 @@ const WG: u32 = 256u;
 @group(0) @binding(1) var<storage, read> p_in: array<f32>;
 @group(0) @binding(6) var<storage, read> dp: array<f32>;
 @group(0) @binding(7) var<storage, read_write> q: array<f32>;
-
-// weight-grad bindings (no step uniform)
-@group(0) @binding(0) var<storage, read> wp: array<f32>;
-@group(0) @binding(1) var<storage, read> wh0: array<f32>;
-@group(0) @binding(2) var<storage, read> wq: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dw: array<f32>;
 
 fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
@@ -290,38 +276,4 @@ fn rnn_backward(
     }
     let y = p_in[(t * B + b) * H + j];
     q[r + j] = dh * (1.0 - y * y);
-}
-
-// ---- recurrent weight and bias gradient (both cells) ----
-
-@compute @workgroup_size(256)
-fn weight_grad(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let id = linear_id(wid, nwg, lid);
-    if id >= GATES * H * (H + 1u) {
-        return;
-    }
-    let k = id / (H + 1u);
-    let m = id % (H + 1u);
-    let col = select(k, k + H, k >= 2u * H);
-    var acc = 0.0;
-    for (var s = 0u; s < T; s = s + 1u) {
-        let t = select(s, T - 1u - s, REVERSE);
-        let tp = select(max(s, 1u) - 1u, T - max(s, 1u), REVERSE);
-        for (var b = 0u; b < B; b = b + 1u) {
-            var h = 1.0;
-            if m < H {
-                if s == 0u {
-                    h = wh0[b * H + m];
-                } else {
-                    h = wp[(tp * B + b) * PW * H + m];
-                }
-            }
-            acc = acc + wq[(t * B + b) * QW * H + col] * h;
-        }
-    }
-    dw[id] = acc;
 }

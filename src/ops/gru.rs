@@ -1,18 +1,18 @@
 //! One GRU layer (PyTorch gates r, z, n) and one vanilla tanh RNN layer (`torch.nn.RNN`), each as a
-//! fused recurrent kernel per time step, a fused backward through time and a recurrent
-//! weight-and-bias gradient shared by both. Kernel: `shaders/gru.wgsl`.
+//! fused recurrent kernel per time step and a fused backward through time. Kernel:
+//! `shaders/gru.wgsl`.
 //!
 //! `GruForward`: inputs `xw [T, B, 3H]` (the input projection `x W_ih^T + b_ih` of every step, one
 //! matmul done before), `w_hh [3H, H]`, `b_hh [3H]`, `h0 [B, H]`, `lengths [B]` -> packed state
 //! `P [T, B, 5H]` (h | r | z | n | hn, with `hn = W_hn h + b_hn`). Steps at `t >= lengths[b]`
 //! carry the state. `GruBackward`: `P, w_hh, b_hh, h0, lengths, dP` -> `Q [T + 1, B, 5H]`
-//! (da_r | da_z | da_n | dhn | dh per step; dh0 in the last row). `GruWeightGrad`: `P, h0, Q` ->
-//! `[3H, H + 1]` (dW_hh | db_hh; `b_hh` needs its own gradient because `b_hn` sits inside
-//! `r * (W_hn h + b_hn)`).
+//! (da_r | da_z | da_n | dhn | dh per step; dh0 in the last row). The recurrent weight and bias
+//! gradients are one tiled matmul and a column sum over all steps, built in the graph (`b_hh`
+//! needs its own gradient because `b_hn` sits inside `r * (W_hn h + b_hn)`).
 //!
 //! `RnnForward`: `xw [T, B, H]`, `w_hh [H, H]`, `b_hh [H]`, `h0 [B, H]`, `lengths [B]` ->
 //! `P [T, B, H]` (h). `RnnBackward`: the same inputs as the GRU's -> `Q [T + 1, B, 2H]`
-//! (da | dh; dh0 in the last row). `RnnWeightGrad`: `P, h0, Q -> [H, H + 1]`.
+//! (da | dh; dh0 in the last row).
 //!
 //! Only the `h` part of `dP` is read: the gate parts of `P` are internal (the layer builders
 //! expose `h` alone).
@@ -76,13 +76,6 @@ impl Cell {
             Cell::Rnn => Op::RnnBackward(RnnBackward { reverse }),
         }
     }
-
-    fn weight_grad_op(self, reverse: bool) -> Op {
-        match self {
-            Cell::Gru => Op::GruWeightGrad(GruWeightGrad { reverse }),
-            Cell::Rnn => Op::RnnWeightGrad(RnnWeightGrad { reverse }),
-        }
-    }
 }
 
 /// The GRU forward recurrence of one layer and direction.
@@ -97,12 +90,6 @@ pub struct GruBackward {
     pub reverse: bool,
 }
 
-/// The GRU's recurrent weight and bias gradient from the packed state and gradient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct GruWeightGrad {
-    pub reverse: bool,
-}
-
 /// The tanh RNN forward recurrence of one layer and direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RnnForward {
@@ -112,12 +99,6 @@ pub struct RnnForward {
 /// Backward through time of [`RnnForward`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RnnBackward {
-    pub reverse: bool,
-}
-
-/// The RNN's recurrent weight and bias gradient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RnnWeightGrad {
     pub reverse: bool,
 }
 
@@ -341,33 +322,6 @@ fn backward_cpu(cell: Cell, reverse: bool, x: &[&Tensor], out: &Shape) -> Tensor
     Tensor::new(out.clone(), q.into_iter().map(|v| v as f32).collect()).expect("packed gradient")
 }
 
-/// CPU reference of the recurrent weight and bias gradient, f64 accumulation.
-fn weight_grad_cpu(cell: Cell, reverse: bool, x: &[&Tensor], out: &Shape) -> Tensor {
-    let (p, h0, q) = (x[0].data(), x[1].data(), x[2].data());
-    let (tt, bb, h) = dims(cell, x[0].shape());
-    let (pw, qw, ng) = (cell.p_width() * h, cell.q_width() * h, cell.gates() * h);
-    let mut dw = vec![0f64; ng * (h + 1)];
-    for s in 0..tt {
-        let t = time_of(s, tt, reverse);
-        for b in 0..bb {
-            let hp: &[f32] = if s == 0 {
-                &h0[b * h..(b + 1) * h]
-            } else {
-                let r = (time_of(s - 1, tt, reverse) * bb + b) * pw;
-                &p[r..r + h]
-            };
-            for k in 0..ng {
-                let g = q[(t * bb + b) * qw + grad_col(k, h)] as f64;
-                for m in 0..h {
-                    dw[k * (h + 1) + m] += g * hp[m] as f64;
-                }
-                dw[k * (h + 1) + h] += g;
-            }
-        }
-    }
-    Tensor::new(out.clone(), dw.into_iter().map(|v| v as f32).collect()).expect("weight shape")
-}
-
 fn step_kernel(cell: Cell, reverse: bool, p: &Shape, entry: &'static str) -> KernelSpec {
     let (t, b, h) = dims(cell, p);
     KernelSpec {
@@ -378,25 +332,9 @@ fn step_kernel(cell: Cell, reverse: bool, p: &Shape, entry: &'static str) -> Ker
     }
 }
 
-fn weight_grad_kernel(cell: Cell, reverse: bool, p: &Shape) -> KernelSpec {
-    let (t, b, h) = dims(cell, p);
-    let mut constants = constants(t, b, h, reverse);
-    constants.extend([
-        ("GATES", cell.gates() as f64),
-        ("PW", cell.p_width() as f64),
-        ("QW", cell.q_width() as f64),
-    ]);
-    KernelSpec {
-        family: "gru",
-        entry: "weight_grad",
-        constants,
-        workgroups: groups(cell.gates() * h * (h + 1), 256),
-    }
-}
-
 /// Backward rule of the forward recurrence (inputs `xw, w_hh, b_hh, h0, lengths`): the fused
-/// backward-through-time kernel, then the recurrent weight and bias gradient; the input
-/// projection's gradients follow from `dxw` through the graph.
+/// backward-through-time kernel, then the recurrent weight and bias gradient as a matmul and a
+/// sum; the input projection's gradients follow from `dxw` through the graph.
 fn backward_rule(
     cell: Cell,
     reverse: bool,
@@ -415,15 +353,31 @@ fn backward_rule(
         inputs,
         Shape(vec![t + 1, b, cell.q_width() * h]),
     );
-    let wg = g.push_op(
-        cell.weight_grad_op(reverse),
-        vec![p, x[3], q],
-        Shape(vec![ng, h + 1]),
-    );
-    let dwhh = g.narrow(wg, 1, 0, h)?;
-    let dbhh = g.reshape(g.narrow(wg, 1, h, 1)?, &[ng as isize])?;
     // da_r | da_z | da_n (GRU) or da (RNN) lead each row: the gradient of xw
-    let dxw = g.narrow(g.narrow(q, 0, 0, t)?, 2, 0, ng)?;
+    let steps = g.narrow(q, 0, 0, t)?;
+    let dxw = g.narrow(steps, 2, 0, ng)?;
+    // the gradient of W_hh h + b_hh: da_r | da_z | dhn for the GRU (n's recurrent part sits
+    // inside r * (.)), da for the RNN
+    let dgh = match cell {
+        Cell::Gru => g.concat(
+            &[g.narrow(steps, 2, 0, 2 * h)?, g.narrow(steps, 2, 3 * h, h)?],
+            2,
+        )?,
+        Cell::Rnn => dxw,
+    };
+    // dW_hh = dgh^T h_prev over all T*B rows: one tiled matmul; db_hh = the column sums.
+    // h_prev is the state each step started from (h0 first, in processing order).
+    let hs = g.narrow(p, 2, 0, h)?;
+    let h0r = g.reshape(x[3], &[1, b as isize, h as isize])?;
+    let hprev = match (t, reverse) {
+        (1, _) => h0r,
+        (_, false) => g.concat(&[h0r, g.narrow(hs, 0, 0, t - 1)?], 0)?,
+        (_, true) => g.concat(&[g.narrow(hs, 0, 1, t - 1)?, h0r], 0)?,
+    };
+    let rows = (t * b) as isize;
+    let dgh = g.reshape(dgh, &[rows, ng as isize])?;
+    let dwhh = g.matmul_t(dgh, g.reshape(hprev, &[rows, h as isize])?, true, false)?;
+    let dbhh = g.sum(dgh, 0, false)?;
     let last = g.narrow(q, 0, t, 1)?;
     let dh0 = g.reshape(g.narrow(last, 2, 0, h)?, &[b as isize, h as isize])?;
     Ok(vec![Some(dxw), Some(dwhh), Some(dbhh), Some(dh0), None])
@@ -469,18 +423,6 @@ impl GruBackward {
     }
 }
 
-impl GruWeightGrad {
-    /// CPU reference, f64 accumulation.
-    pub fn cpu(&self, x: &[&Tensor], out: &Shape) -> Tensor {
-        weight_grad_cpu(Cell::Gru, self.reverse, x, out)
-    }
-
-    /// Kernel: one thread per entry of `[3H, H + 1]`.
-    pub fn kernel(&self, p: &Shape) -> KernelSpec {
-        weight_grad_kernel(Cell::Gru, self.reverse, p)
-    }
-}
-
 impl RnnForward {
     /// Shape rule.
     pub fn infer(xw: &Shape, whh: &Shape, bhh: &Shape, h0: &Shape, len: &Shape) -> Result<Shape> {
@@ -518,17 +460,5 @@ impl RnnBackward {
     /// Kernel: T + 1 dispatches, one thread per (b, j).
     pub fn kernel(&self, p: &Shape) -> KernelSpec {
         step_kernel(Cell::Rnn, self.reverse, p, "rnn_backward")
-    }
-}
-
-impl RnnWeightGrad {
-    /// CPU reference, f64 accumulation.
-    pub fn cpu(&self, x: &[&Tensor], out: &Shape) -> Tensor {
-        weight_grad_cpu(Cell::Rnn, self.reverse, x, out)
-    }
-
-    /// Kernel: one thread per entry of `[H, H + 1]`.
-    pub fn kernel(&self, p: &Shape) -> KernelSpec {
-        weight_grad_kernel(Cell::Rnn, self.reverse, p)
     }
 }

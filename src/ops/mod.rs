@@ -102,11 +102,9 @@ pub enum Op {
     /// One GRU layer's recurrence (see `ops::gru`).
     GruForward(gru::GruForward),
     GruBackward(gru::GruBackward),
-    GruWeightGrad(gru::GruWeightGrad),
     /// One vanilla tanh RNN layer's recurrence (see `ops::gru`).
     RnnForward(gru::RnnForward),
     RnnBackward(gru::RnnBackward),
-    RnnWeightGrad(gru::RnnWeightGrad),
     /// Rows of a table `(V, E)` (input 1) by index (input 0).
     Embedding(embedding::Embedding),
     /// Inputs `indices` and `dy`: the table's gradient `(V, E)`.
@@ -168,10 +166,8 @@ impl Op {
             Op::LstmBackward(_) => "lstm_backward",
             Op::GruForward(_) => "gru",
             Op::GruBackward(_) => "gru_backward",
-            Op::GruWeightGrad(_) => "gru_weight_grad",
             Op::RnnForward(_) => "rnn",
             Op::RnnBackward(_) => "rnn_backward",
-            Op::RnnWeightGrad(_) => "rnn_weight_grad",
             Op::Embedding(_) => "embedding",
             Op::EmbeddingBackward(_) => "embedding_backward",
             Op::Dropout(_) => "dropout",
@@ -224,20 +220,12 @@ impl Op {
                 };
                 2.0 * (t * b * 4 * h * h) as f64
             }
-            Op::GruForward(_)
-            | Op::GruBackward(_)
-            | Op::GruWeightGrad(_)
-            | Op::RnnForward(_)
-            | Op::RnnBackward(_)
-            | Op::RnnWeightGrad(_) => {
+            Op::GruForward(_) | Op::GruBackward(_) | Op::RnnForward(_) | Op::RnnBackward(_) => {
                 // the recurrent products: T * B * GH * H multiply-adds (G = 3 for the GRU, 1 for
                 // the RNN); input 0 is xw (T, B, GH) forward, the packed state (5H or H) otherwise
                 let p = inputs[0].dims();
                 let (t, b) = (p[0], p[1]);
-                let gru = matches!(
-                    self,
-                    Op::GruForward(_) | Op::GruBackward(_) | Op::GruWeightGrad(_)
-                );
+                let gru = matches!(self, Op::GruForward(_) | Op::GruBackward(_));
                 let fwd = matches!(self, Op::GruForward(_) | Op::RnnForward(_));
                 let (g, h) = match (gru, fwd) {
                     (true, true) => (3, p[2] / 3),
@@ -292,10 +280,8 @@ impl Op {
             Op::LstmBackward(l) => l.cpu(inputs, out),
             Op::GruForward(l) => l.cpu(inputs, out),
             Op::GruBackward(l) => l.cpu(inputs, out),
-            Op::GruWeightGrad(l) => l.cpu(inputs, out),
             Op::RnnForward(l) => l.cpu(inputs, out),
             Op::RnnBackward(l) => l.cpu(inputs, out),
-            Op::RnnWeightGrad(l) => l.cpu(inputs, out),
             Op::Embedding(e) => e.cpu(inputs[0], inputs[1], out),
             Op::EmbeddingBackward(e) => e.cpu(inputs[0], inputs[1], out),
             Op::Dropout(d) => d.cpu(inputs[0], inputs[1]),
@@ -329,10 +315,8 @@ impl Op {
             Op::LstmBackward(l) => Some(l.kernel(inputs[0])),
             Op::GruForward(l) => Some(l.kernel(out)),
             Op::GruBackward(l) => Some(l.kernel(inputs[0])),
-            Op::GruWeightGrad(l) => Some(l.kernel(inputs[0])),
             Op::RnnForward(l) => Some(l.kernel(out)),
             Op::RnnBackward(l) => Some(l.kernel(inputs[0])),
-            Op::RnnWeightGrad(l) => Some(l.kernel(inputs[0])),
             Op::Embedding(e) => Some(e.kernel(inputs[0], inputs[1])),
             Op::EmbeddingBackward(e) => Some(e.kernel(inputs[0], out)),
             Op::Dropout(d) => Some(d.kernel(out.numel())),
@@ -382,9 +366,7 @@ impl Op {
             | Op::OptimStep(_)
             | Op::LstmBackward(_)
             | Op::GruBackward(_)
-            | Op::GruWeightGrad(_)
             | Op::RnnBackward(_)
-            | Op::RnnWeightGrad(_)
             | Op::EmbeddingBackward(_) => {
                 return Err(crate::error::Error::Unsupported(format!(
                     "gradients through {}",
@@ -406,10 +388,8 @@ impl Op {
             | Op::LstmBackward(_) => TOL_REDUCTION,
             Op::GruForward(_)
             | Op::GruBackward(_)
-            | Op::GruWeightGrad(_)
             | Op::RnnForward(_)
             | Op::RnnBackward(_)
-            | Op::RnnWeightGrad(_)
             | Op::EmbeddingBackward(_) => TOL_REDUCTION,
             // sums of a few terms, in another order than the reference
             Op::Im2col(_)
