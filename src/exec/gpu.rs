@@ -46,10 +46,9 @@ struct Step {
     cost: (f64, f64),
 }
 
+/// Where a requested output lives; its staging buffer is at the same index of `GpuPlan::staging`.
 struct Readback {
     buffer: Arc<wgpu::Buffer>,
-    staging: wgpu::Buffer,
-    bytes: u64,
     shape: Shape,
 }
 
@@ -59,6 +58,8 @@ pub(crate) struct GpuPlan {
     /// input name -> its buffer
     inputs: HashMap<String, Arc<wgpu::Buffer>>,
     readbacks: Vec<Readback>,
+    /// mappable copies of the outputs, with their sizes (made once, mapped every run)
+    staging: Vec<(wgpu::Buffer, u64)>,
     /// buffers the plan writes, for `poison`
     slots: Vec<(Arc<wgpu::Buffer>, u64)>,
     pub(crate) info: PlanInfo,
@@ -233,7 +234,7 @@ impl GpuPlan {
         info.dispatches = steps.iter().map(|s| s.repeat.unwrap_or(1) as usize).sum();
 
         // staging buffers for the requested outputs only
-        let mut readbacks = Vec::new();
+        let (mut readbacks, mut staging_bufs) = (Vec::new(), Vec::new());
         for (k, &o) in outputs.iter().enumerate() {
             let bytes = bytes_of(o);
             let staging = ctx.create_buffer(
@@ -243,10 +244,9 @@ impl GpuPlan {
             )?;
             readbacks.push(Readback {
                 buffer: storage[&storage_root(&nodes, o)].clone(),
-                staging,
-                bytes,
                 shape: nodes[o.0].shape.clone(),
             });
+            staging_bufs.push((staging, bytes));
         }
 
         if ctx.debug {
@@ -267,6 +267,7 @@ impl GpuPlan {
             steps,
             inputs,
             readbacks,
+            staging: staging_bufs,
             slots,
             info,
             _step_buffer: step_buffer,
@@ -327,8 +328,8 @@ impl GpuPlan {
             p.resolve(&mut enc);
         }
         if readback {
-            for r in &self.readbacks {
-                enc.copy_buffer_to_buffer(&r.buffer, 0, &r.staging, 0, r.bytes);
+            for (r, (s, bytes)) in self.readbacks.iter().zip(&self.staging) {
+                enc.copy_buffer_to_buffer(&r.buffer, 0, s, 0, *bytes);
             }
         }
         ctx.queue.submit([enc.finish()]);
@@ -361,12 +362,7 @@ impl GpuPlan {
             let _ = ctx.device.poll(wgpu::PollType::Poll);
             return Ok(Vec::new());
         }
-        let staging: Vec<(wgpu::Buffer, u64)> = self
-            .readbacks
-            .iter()
-            .map(|r| (r.staging.clone(), r.bytes))
-            .collect();
-        let data = ctx.map_and_read(&staging)?;
+        let data = ctx.map_and_read(&self.staging)?;
         data.into_iter()
             .zip(&self.readbacks)
             .map(|(d, r)| Tensor::new(r.shape.clone(), d))

@@ -365,18 +365,9 @@ fn backward_rule(
         )?,
         Cell::Rnn => dxw,
     };
-    // dW_hh = dgh^T h_prev over all T*B rows: one tiled matmul; db_hh = the column sums.
-    // h_prev is the state each step started from (h0 first, in processing order).
-    let hs = g.narrow(p, 2, 0, h)?;
-    let h0r = g.reshape(x[3], &[1, b as isize, h as isize])?;
-    let hprev = match (t, reverse) {
-        (1, _) => h0r,
-        (_, false) => g.concat(&[h0r, g.narrow(hs, 0, 0, t - 1)?], 0)?,
-        (_, true) => g.concat(&[g.narrow(hs, 0, 1, t - 1)?, h0r], 0)?,
-    };
-    let rows = (t * b) as isize;
-    let dgh = g.reshape(dgh, &[rows, ng as isize])?;
-    let dwhh = g.matmul_t(dgh, g.reshape(hprev, &[rows, h as isize])?, true, false)?;
+    // dW_hh = dgh^T h_prev (one matmul over all steps); db_hh = the column sums
+    let dgh = g.reshape(dgh, &[(t * b) as isize, ng as isize])?;
+    let dwhh = super::lstm::recurrent_weight_grad(g, dgh, g.narrow(p, 2, 0, h)?, x[3], reverse)?;
     let dbhh = g.sum(dgh, 0, false)?;
     let last = g.narrow(q, 0, t, 1)?;
     let dh0 = g.reshape(g.narrow(last, 2, 0, h)?, &[b as isize, h as isize])?;

@@ -176,27 +176,41 @@ impl LstmForward {
             Shape(vec![t + 1, b, 6 * h]),
         );
         let dxw = g.narrow(g.narrow(q, 0, 0, t)?, 2, 0, 4 * h)?;
-        // dW_hh = sum over steps of dgates_t^T h_prev(t): one tiled matmul over all T*B rows,
-        // h_prev being the state each step started from (h0 first, in processing order)
-        let hs = g.narrow(p, 2, 0, h)?;
-        let h0r = g.reshape(x[2], &[1, b as isize, h as isize])?;
-        let hprev = match (t, self.reverse) {
-            (1, _) => h0r,
-            (_, false) => g.concat(&[h0r, g.narrow(hs, 0, 0, t - 1)?], 0)?,
-            (_, true) => g.concat(&[g.narrow(hs, 0, 1, t - 1)?, h0r], 0)?,
-        };
         let rows = (t * b) as isize;
-        let dwhh = g.matmul_t(
-            g.reshape(dxw, &[rows, 4 * h as isize])?,
-            g.reshape(hprev, &[rows, h as isize])?,
-            true,
-            false,
-        )?;
+        let dgates = g.reshape(dxw, &[rows, 4 * h as isize])?;
+        let dwhh = recurrent_weight_grad(g, dgates, g.narrow(p, 2, 0, h)?, x[2], self.reverse)?;
         let last = g.narrow(q, 0, t, 1)?;
         let dh0 = g.reshape(g.narrow(last, 2, 0, h)?, &[b as isize, h as isize])?;
         let dc0 = g.reshape(g.narrow(last, 2, h, h)?, &[b as isize, h as isize])?;
         Ok(vec![Some(dxw), Some(dwhh), Some(dh0), Some(dc0), None])
     }
+}
+
+/// The gradient of a recurrent weight, `sum over steps of dgates_t^T h_prev(t)`, as one tiled
+/// matmul over all `T * B` rows: `dgates [T*B, G*H]`, `hs (T, B, H)` the states the layer wrote,
+/// `h0 (B, H)`; `h_prev(t)` is the state step t started from (h0 first, in processing order).
+/// Shared by the LSTM, GRU and RNN backward rules.
+pub(crate) fn recurrent_weight_grad(
+    g: &Graph,
+    dgates: NodeId,
+    hs: NodeId,
+    h0: NodeId,
+    reverse: bool,
+) -> Result<NodeId> {
+    let s = g.shape(hs);
+    let (t, b, h) = (s.dims()[0], s.dims()[1], s.dims()[2]);
+    let h0r = g.reshape(h0, &[1, b as isize, h as isize])?;
+    let hprev = match (t, reverse) {
+        (1, _) => h0r,
+        (_, false) => g.concat(&[h0r, g.narrow(hs, 0, 0, t - 1)?], 0)?,
+        (_, true) => g.concat(&[g.narrow(hs, 0, 1, t - 1)?, h0r], 0)?,
+    };
+    g.matmul_t(
+        dgates,
+        g.reshape(hprev, &[(t * b) as isize, h as isize])?,
+        true,
+        false,
+    )
 }
 
 impl LstmBackward {
