@@ -8,6 +8,10 @@
 //   1  b    storage, read        [batch.., K, N] (TB: [batch.., N, K])
 //   2  out  storage, read_write  [batch.., M, N], contiguous
 // Entry `main_bias`: 0 a, 1 b, 2 bias (read) [M] (BIAS_ROWS) or [N], 3 out_b (read_write).
+// Entry `splitk_sum`: 0 a = partial sums (read) [SUM_SLICES, batch.., M, N], 1 sum_out
+//   (read_write) [batch.., M, N]; `splitk_sum_bias`: 0 partials, 1 b = bias, 2 out. They add up
+//   the slices of a split-K product (codegen/matmul.rs) and apply the epilogue; SUM_LEN =
+//   batch * M * N; one thread per output element, ceil(SUM_LEN / 256) workgroups (folded).
 // Overrides: M, N, K; TA, TB transpose flags; the output batch shape left-padded to rank 4 as
 //            BD0..BD3 (BD0 implicit); SA0..SA3 / SB0..SB3 element strides of a's and b's
 //            matrices per batch axis (0 where that operand broadcasts);
@@ -39,6 +43,8 @@ override SB2: u32 = 0u;
 override SB3: u32 = 0u;
 override RELU: bool = false;
 override BIAS_ROWS: bool = false;
+override SUM_SLICES: u32 = 1u;
+override SUM_LEN: u32 = 1u;
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;
@@ -49,6 +55,7 @@ const TK: u32 = 16u;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out_b: array<f32>;
+@group(0) @binding(1) var<storage, read_write> sum_out: array<f32>;
 
 // As[kk * TM + mm] = op(a)[row0 + mm, k0 + kk]; Bs[kk * TN + nn] = op(b)[k0 + kk, col0 + nn]
 var<workgroup> As: array<f32, 1024>;
@@ -201,4 +208,40 @@ fn block(w: u32, lid: u32) -> Block {
     }
 
     return Block(acc0, acc1, acc2, acc3, obase, row0 + ty * 4u, col0 + tx * 4u);
+}
+
+// The slices of element i of a split-K product, added in order.
+fn slice_sum(i: u32) -> f32 {
+    var acc = 0.0;
+    for (var s = 0u; s < SUM_SLICES; s = s + 1u) {
+        acc = acc + a[s * SUM_LEN + i];
+    }
+    return acc;
+}
+
+@compute @workgroup_size(256)
+fn splitk_sum(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = gid.y * nwg.x * 256u + gid.x;
+    if i >= SUM_LEN {
+        return;
+    }
+    let v = slice_sum(i);
+    sum_out[i] = select(v, max(v, 0.0), RELU);
+}
+
+@compute @workgroup_size(256)
+fn splitk_sum_bias(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = gid.y * nwg.x * 256u + gid.x;
+    if i >= SUM_LEN {
+        return;
+    }
+    let bi = select(i % N, (i / N) % M, BIAS_ROWS);
+    let v = slice_sum(i) + b[bi];
+    out[i] = select(v, max(v, 0.0), RELU);
 }

@@ -51,7 +51,12 @@ pub(crate) struct GpuContext {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     pub(crate) params: Mutex<HashMap<String, GpuParam>>,
-    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    /// Shader modules by file stem, or by generator and configuration for generated WGSL.
+    modules: Mutex<HashMap<String, wgpu::ShaderModule>>,
+    /// What kernel generators tailor their code to.
+    pub(crate) target: crate::codegen::Target,
+    /// How plans pick matmul kernels (KILN_GEMM, `Device::set_gemm_policy`).
+    pub(crate) gemm_policy: Mutex<GemmPolicy>,
     /// The driver's compiled-pipeline cache and the file it persists to (PIPELINE_CACHE adapters).
     disk_cache: Option<DiskCache>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
@@ -63,6 +68,37 @@ pub(crate) struct GpuContext {
     pub(crate) debug: bool,
     /// KILN_PROFILE=1: every plan times its ops and prints them after each run.
     pub(crate) profile_env: bool,
+}
+
+/// How plans compiled from now on pick their matmul kernels. `KILN_GEMM` sets it for a process:
+/// `auto`, `portable`, or a configuration such as `64x64x16/4x4` or `32x32x16/4x4/split4`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmPolicy {
+    /// The generated family, configuration chosen per shape and adapter (`codegen::matmul::choose`).
+    #[default]
+    Auto,
+    /// The portable 64x64 kernel of `shaders/matmul.wgsl` for every product.
+    Portable,
+    /// This generated configuration for every product (benchmarks and tests); its split-K
+    /// applies where K is deep enough to cut.
+    Fixed(crate::codegen::matmul::GemmConfig),
+}
+
+impl GemmPolicy {
+    /// Parses KILN_GEMM's forms.
+    pub fn parse(s: &str) -> Result<GemmPolicy> {
+        match s.trim() {
+            "auto" => Ok(GemmPolicy::Auto),
+            "portable" => Ok(GemmPolicy::Portable),
+            other => crate::codegen::matmul::GemmConfig::parse(other)
+                .map(GemmPolicy::Fixed)
+                .ok_or_else(|| {
+                    Error::Input(format!(
+                        "KILN_GEMM={other:?}: expected auto, portable or BMxBNxBK/TMxTN[/splitS]"
+                    ))
+                }),
+        }
+    }
 }
 
 /// A kernel's bindings: `n_inputs` storage buffers, those from index `rw_from` on read_write (updated
@@ -322,6 +358,34 @@ impl Device {
         }
     }
 
+    /// Sets how plans compiled from now on pick matmul kernels (see [`GemmPolicy`]); an error
+    /// for a fixed configuration this adapter cannot run. No effect on the CPU backend.
+    pub fn set_gemm_policy(&self, policy: GemmPolicy) -> Result<()> {
+        if let Some(g) = &self.inner.gpu {
+            if let GemmPolicy::Fixed(c) = policy {
+                if !c.fits(&g.target) {
+                    return Err(Error::Unsupported(format!(
+                        "GEMM configuration {} on {}: it needs {} threads and {} bytes of \
+                         workgroup memory (the adapter allows {} and {})",
+                        c.describe(),
+                        g.info.name,
+                        c.threads(),
+                        c.workgroup_bytes(),
+                        g.target.max_invocations,
+                        g.target.workgroup_storage
+                    )));
+                }
+            }
+            *g.gemm_policy.lock().expect("policy lock") = policy;
+        }
+        Ok(())
+    }
+
+    /// The adapter facts kernel generators use (`None` on the CPU backend).
+    pub fn target(&self) -> Option<crate::codegen::Target> {
+        self.inner.gpu.as_ref().map(|g| g.target.clone())
+    }
+
     /// Number of distinct compiled pipelines (kernel + specialisation) cached on this device.
     pub fn pipeline_count(&self) -> usize {
         self.inner
@@ -383,6 +447,11 @@ impl GpuContext {
             info.backend
         );
         let disk_cache = DiskCache::open(&device, &info, features);
+        let target = crate::codegen::Target::new(&info, &limits);
+        let gemm_policy = match std::env::var("KILN_GEMM") {
+            Ok(v) if !v.is_empty() => GemmPolicy::parse(&v)?,
+            _ => GemmPolicy::Auto,
+        };
         Ok(GpuContext {
             disk_cache,
             info,
@@ -392,6 +461,8 @@ impl GpuContext {
             queue,
             params: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
+            target,
+            gemm_policy: Mutex::new(gemm_policy),
             pipelines: Mutex::new(HashMap::new()),
             layouts: Mutex::new(HashMap::new()),
             lost,
@@ -644,28 +715,40 @@ impl GpuContext {
         entry: &'static str,
         constants: &[(&'static str, f64)],
         mode: BindingMode,
+        generated: Option<&crate::codegen::Generated>,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = format!("{family}:{entry}:{constants:?}:{mode:?}");
+        let module_key = match generated {
+            Some(g) => format!("{family}[{}]", g.key),
+            None => family.to_string(),
+        };
+        let key = format!("{module_key}:{entry}:{constants:?}:{mode:?}");
         if let Some(p) = self.pipelines.lock().expect("pipeline lock").get(&key) {
             return Ok(p.clone());
         }
-        let source = crate::ops::shader_source(family)
-            .ok_or_else(|| Error::Unsupported(format!("no shader family {family:?}")))?;
+        let source: &str = match generated {
+            Some(g) => &g.wgsl,
+            None => crate::ops::shader_source(family)
+                .ok_or_else(|| Error::Unsupported(format!("no shader family {family:?}")))?,
+        };
         let module = {
             let mut modules = self.modules.lock().expect("module lock");
-            modules
-                .entry(family)
-                .or_insert_with(|| {
-                    if self.debug {
-                        eprintln!("[kiln] compiling shaders/{family}.wgsl:\n{source}");
-                    }
-                    self.device
-                        .create_shader_module(wgpu::ShaderModuleDescriptor {
-                            label: Some(family),
-                            source: wgpu::ShaderSource::Wgsl(source.into()),
-                        })
-                })
-                .clone()
+            if !modules.contains_key(&module_key) {
+                if self.debug {
+                    eprintln!("[kiln] compiling {module_key}:\n{source}");
+                }
+                let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+                let m = self
+                    .device
+                    .create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(&module_key),
+                        source: wgpu::ShaderSource::Wgsl(source.into()),
+                    });
+                if let Some(e) = pollster::block_on(scope.pop()) {
+                    return Err(Error::Device(format!("compiling {module_key}: {e}")));
+                }
+                modules.insert(module_key.clone(), m);
+            }
+            modules[&module_key].clone()
         };
         if self.debug {
             eprintln!("[kiln] pipeline {family}::{entry} constants {constants:?}");

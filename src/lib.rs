@@ -19,6 +19,7 @@
 //! Every op has a CPU reference ([`Device::cpu`]), and [`Device::verify`] compares a GPU run with
 //! it node by node.
 
+pub mod codegen;
 pub mod cpu;
 pub mod data;
 pub mod device;
@@ -31,7 +32,7 @@ pub mod ops;
 pub mod tensor;
 pub mod verify;
 
-pub use device::{BackendKind, Device};
+pub use device::{BackendKind, Device, GemmPolicy};
 pub use error::{Error, Result};
 pub use exec::{Plan, PlanInfo};
 pub use graph::{Graph, NodeId};

@@ -49,3 +49,60 @@ fn every_shader_is_valid_wgsl() {
         "every registered shader has a file"
     );
 }
+
+/// Every generated GEMM configuration `choose` can pick (and each layout: transposes, vec4 or
+/// scalar access, epilogues, split-K partials) validates with naga.
+#[test]
+fn every_generated_matmul_is_valid_wgsl() {
+    use kiln::codegen::matmul::{wgsl, GemmConfig, Layout, TILINGS};
+    use kiln::ops::matmul::Bias;
+    let validate = |what: &str, src: &str| {
+        assert!(src.starts_with("// matmul_gen.wgsl"), "{what}: header");
+        assert!(
+            src.contains("Bindings") && src.contains("Dispatch"),
+            "{what}: header tables"
+        );
+        let module = naga::front::wgsl::parse_str(src)
+            .unwrap_or_else(|e| panic!("{what}: {}\n{src}", e.emit_to_string(src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
+    };
+    let mut count = 0;
+    for &(bm, bn, tm, tn) in TILINGS {
+        for bk in [8, 16] {
+            let cfg = GemmConfig {
+                bm,
+                bn,
+                bk,
+                tm,
+                tn,
+                split: 1,
+            };
+            for bits in 0..32u32 {
+                let bit = |i: u32| bits & (1 << i) != 0;
+                let partial = bit(4) && bit(3);
+                let lay = Layout {
+                    trans_a: bit(0),
+                    trans_b: bit(1),
+                    vec_a: bit(2),
+                    vec_b: bit(3),
+                    vec_out: bit(4),
+                    bias: if partial {
+                        Bias::None
+                    } else {
+                        [Bias::None, Bias::Rows, Bias::Cols][(bits % 3) as usize]
+                    },
+                    relu: !partial && bit(2),
+                    partial,
+                };
+                validate(&format!("{} {lay:?}", cfg.describe()), &wgsl(&cfg, &lay));
+                count += 1;
+            }
+        }
+    }
+    assert!(count >= 500);
+}

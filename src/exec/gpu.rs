@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::liveness::{assign_slots, lifetimes, storage_root};
+use super::lower;
 use super::profile::{self, OpTiming, Profiler};
 use super::PlanInfo;
 use crate::device::{BindingMode, Device};
@@ -73,13 +74,15 @@ pub(crate) struct GpuPlan {
 impl GpuPlan {
     pub(crate) fn compile(
         device: Device,
-        nodes: Vec<Node>,
-        order: Vec<NodeId>,
+        mut nodes: Vec<Node>,
+        mut order: Vec<NodeId>,
         outputs: &[NodeId],
     ) -> Result<GpuPlan> {
         let ctx = device
             .gpu_ctx()
             .ok_or_else(|| Error::Device("not a GPU device".into()))?;
+        let policy = *ctx.gemm_policy.lock().expect("policy lock");
+        lower::split_k(&mut nodes, &mut order, &ctx.target, policy);
         let bytes_of = |id: NodeId| (nodes[id.0].shape.numel() * 4) as u64;
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
@@ -170,7 +173,9 @@ impl GpuPlan {
         for &id in &order {
             let n = &nodes[id.0];
             let in_shapes: Vec<&Shape> = n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
-            let Some(spec) = n.op.kernel(&in_shapes, &n.shape) else {
+            let Some((spec, generated)) =
+                lower::select(&n.op, &in_shapes, &n.shape, &ctx.target, policy)
+            else {
                 continue;
             };
             let (rw_from, output) = n.op.binding_mode(n.inputs.len());
@@ -181,7 +186,13 @@ impl GpuPlan {
                 output,
                 step: repeat.is_some(),
             };
-            let pipeline = ctx.pipeline(spec.family, spec.entry, &spec.constants, mode)?;
+            let pipeline = ctx.pipeline(
+                spec.family,
+                spec.entry,
+                &spec.constants,
+                mode,
+                generated.as_ref(),
+            )?;
             let (layout, _) = ctx.layout(mode);
             let own = output.then_some(id);
             let bound: Vec<NodeId> = n.inputs.iter().copied().chain(own).collect();
@@ -211,7 +222,10 @@ impl GpuPlan {
                     },
                 );
             }
-            let label = format!("node {} {} {}", id.0, n.op.name(), n.shape);
+            let label = match &generated {
+                Some(g) => format!("node {} {} {} [{}]", id.0, n.op.name(), n.shape, g.key),
+                None => format!("node {} {} {}", id.0, n.op.name(), n.shape),
+            };
             let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(&label),
                 layout: &layout,

@@ -3,6 +3,7 @@
 
 pub mod gpu;
 pub mod liveness;
+pub(crate) mod lower;
 pub mod profile;
 
 use crate::cpu::CpuPlan;

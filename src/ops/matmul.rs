@@ -3,6 +3,7 @@
 
 use super::binary::{broadcast_shapes, broadcast_strides};
 use super::{groups, KernelSpec};
+use crate::codegen::{self, matmul::GemmConfig, Generated};
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
@@ -32,17 +33,49 @@ pub enum Bias {
 }
 
 /// The matrix extents and batch shapes of a product.
-struct Dims {
-    m: usize,
-    n: usize,
-    k: usize,
-    a_batch: Shape,
-    b_batch: Shape,
-    batch: Shape,
+#[derive(Debug, Clone)]
+pub struct ProductDims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a_batch: Shape,
+    pub b_batch: Shape,
+    /// The output's batch shape: both operands' broadcast together.
+    pub batch: Shape,
+}
+
+impl ProductDims {
+    /// The batch shape left-padded to rank 4 as `BD1..BD3` (BD0 implicit) and each operand's
+    /// element stride per batch axis as `SA0..SA3`, `SB0..SB3` (0 where it broadcasts).
+    pub fn batch_constants(&self) -> Vec<(&'static str, f64)> {
+        let (sa, sb) = MatMul::batch_strides(self);
+        let pad = MAX_BATCH_RANK - self.batch.rank();
+        let bd = |i: usize| {
+            if i < pad {
+                1
+            } else {
+                self.batch.dims()[i - pad]
+            }
+        };
+        let s = |v: &Vec<usize>, i: usize| if i < pad { 0 } else { v[i - pad] };
+        vec![
+            ("BD1", bd(1) as f64),
+            ("BD2", bd(2) as f64),
+            ("BD3", bd(3) as f64),
+            ("SA0", s(&sa, 0) as f64),
+            ("SA1", s(&sa, 1) as f64),
+            ("SA2", s(&sa, 2) as f64),
+            ("SA3", s(&sa, 3) as f64),
+            ("SB0", s(&sb, 0) as f64),
+            ("SB1", s(&sb, 1) as f64),
+            ("SB2", s(&sb, 2) as f64),
+            ("SB3", s(&sb, 3) as f64),
+        ]
+    }
 }
 
 impl MatMul {
-    fn dims(&self, a: &Shape, b: &Shape) -> Result<Dims> {
+    pub fn dims(&self, a: &Shape, b: &Shape) -> Result<ProductDims> {
         let t = |on: bool| if on { "^T" } else { "" };
         let shapes = format!("{a}{} x {b}{}", t(self.trans_a), t(self.trans_b));
         if a.rank() < 2 || b.rank() < 2 {
@@ -85,7 +118,7 @@ impl MatMul {
                 ),
             ));
         }
-        Ok(Dims {
+        Ok(ProductDims {
             m,
             n,
             k: ka,
@@ -104,7 +137,7 @@ impl MatMul {
     }
 
     /// Per-batch-axis element offsets of each operand's matrices, in the output's batch shape.
-    fn batch_strides(d: &Dims) -> (Vec<usize>, Vec<usize>) {
+    fn batch_strides(d: &ProductDims) -> (Vec<usize>, Vec<usize>) {
         let a_mat = d.m * d.k;
         let b_mat = d.k * d.n;
         let sa = broadcast_strides(&d.a_batch, &d.batch)
@@ -137,7 +170,11 @@ impl MatMul {
 
     /// CPU reference, accumulating in f64; then the bias and relu of the epilogue.
     pub fn cpu(&self, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, out: &Shape) -> Tensor {
-        let mut t = self.cpu_product(a, b, out);
+        let d = self
+            .dims(a.shape(), b.shape())
+            .expect("shape checked at build time");
+        let data = self.cpu_product(a, b, &d, 0..d.k);
+        let mut t = Tensor::new(out.clone(), data).expect("matmul shape");
         let n = out.dims()[out.rank() - 1];
         let m = out.dims()[out.rank() - 2];
         for (idx, v) in t.data_mut().iter_mut().enumerate() {
@@ -152,13 +189,17 @@ impl MatMul {
         t
     }
 
-    fn cpu_product(&self, a: &Tensor, b: &Tensor, out: &Shape) -> Tensor {
-        let d = self
-            .dims(a.shape(), b.shape())
-            .expect("shape checked at build time");
-        let (sa, sb) = Self::batch_strides(&d);
+    /// The products summed over `ks` only (all of K for a plain product), `[batch.., M, N]`.
+    fn cpu_product(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        d: &ProductDims,
+        ks: std::ops::Range<usize>,
+    ) -> Vec<f32> {
+        let (sa, sb) = Self::batch_strides(d);
         let (m, n, k) = (d.m, d.n, d.k);
-        let mut data = vec![0f32; out.numel()];
+        let mut data = vec![0f32; d.batch.numel() * m * n];
         let bdims = d.batch.dims();
         let mut coord = vec![0usize; bdims.len()];
         for z in 0..d.batch.numel() {
@@ -168,7 +209,7 @@ impl MatMul {
             for i in 0..m {
                 for j in 0..n {
                     let mut acc = 0f64;
-                    for p in 0..k {
+                    for p in ks.clone() {
                         let x = if self.trans_a {
                             ad[p * m + i]
                         } else {
@@ -192,20 +233,29 @@ impl MatMul {
                 coord[ax] = 0;
             }
         }
-        Tensor::new(out.clone(), data).expect("matmul shape")
+        data
     }
 
-    /// Kernel: 64x64 output tiles, one workgroup each.
+    /// The portable kernel (`shaders/matmul.wgsl`): 64x64 output tiles, one workgroup each. The
+    /// plan compiler prefers the generated family of `codegen::matmul` where the adapter fits it.
     pub fn kernel(&self, a: &Shape, b: &Shape, _out: &Shape) -> KernelSpec {
         let d = self.dims(a, b).expect("shape checked at build time");
-        let (sa, sb) = Self::batch_strides(&d);
-        // left-pad the batch to rank 4
-        let pad = MAX_BATCH_RANK - d.batch.rank();
-        let bd = |i: usize| if i < pad { 1 } else { d.batch.dims()[i - pad] };
-        let s = |v: &Vec<usize>, i: usize| if i < pad { 0 } else { v[i - pad] };
         let tiles_m = groups(d.m, 64);
         let tiles_n = groups(d.n, 64);
         let total = tiles_m * tiles_n * d.batch.numel() as u64;
+        let mut constants = vec![
+            ("RELU", self.relu as u32 as f64),
+            ("BIAS_ROWS", (self.bias == Bias::Rows) as u32 as f64),
+            ("M", d.m as f64),
+            ("N", d.n as f64),
+            ("K", d.k as f64),
+            ("TA", self.trans_a as u32 as f64),
+            ("TB", self.trans_b as u32 as f64),
+            ("TILES_M", tiles_m as f64),
+            ("TILES_N", tiles_n as f64),
+            ("TOTAL", total as f64),
+        ];
+        constants.extend(d.batch_constants());
         KernelSpec {
             family: "matmul",
             entry: if self.bias == Bias::None {
@@ -213,29 +263,7 @@ impl MatMul {
             } else {
                 "main_bias"
             },
-            constants: vec![
-                ("RELU", self.relu as u32 as f64),
-                ("BIAS_ROWS", (self.bias == Bias::Rows) as u32 as f64),
-                ("M", d.m as f64),
-                ("N", d.n as f64),
-                ("K", d.k as f64),
-                ("TA", self.trans_a as u32 as f64),
-                ("TB", self.trans_b as u32 as f64),
-                ("TILES_M", tiles_m as f64),
-                ("TILES_N", tiles_n as f64),
-                ("TOTAL", total as f64),
-                ("BD1", bd(1) as f64),
-                ("BD2", bd(2) as f64),
-                ("BD3", bd(3) as f64),
-                ("SA0", s(&sa, 0) as f64),
-                ("SA1", s(&sa, 1) as f64),
-                ("SA2", s(&sa, 2) as f64),
-                ("SA3", s(&sa, 3) as f64),
-                ("SB0", s(&sb, 0) as f64),
-                ("SB1", s(&sb, 1) as f64),
-                ("SB2", s(&sb, 2) as f64),
-                ("SB3", s(&sb, 3) as f64),
-            ],
+            constants,
             workgroups: total,
         }
     }
@@ -289,5 +317,107 @@ impl MatMul {
             ),
         };
         Ok([g.sum_to(da, &g.shape(a))?, g.sum_to(db, &g.shape(b))?])
+    }
+}
+
+/// One split-K pass of a product: slice `s` of K (`config.chunk(K)` deep) summed into
+/// `out[s]`, `[slices, batch.., M, N]`. Made by the plan compiler (never by graph builders) for
+/// products too small to fill the GPU but deep in K; [`SplitKSum`] adds the slices up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MatMulPartial {
+    /// Transposes only: the epilogue belongs to the sum.
+    pub product: MatMul,
+    pub config: GemmConfig,
+}
+
+impl MatMulPartial {
+    /// `[slices, batch.., M, N]`.
+    pub fn infer(&self, a: &Shape, b: &Shape) -> Result<Shape> {
+        let d = self.product.dims(a, b)?;
+        let mut out = vec![self.config.slices(d.k) as usize];
+        out.extend(self.product.infer(a, b)?.dims());
+        Ok(Shape(out))
+    }
+
+    /// CPU reference: each slice's sum in f64.
+    pub fn cpu(&self, a: &Tensor, b: &Tensor, out: &Shape) -> Tensor {
+        let d = self
+            .product
+            .dims(a.shape(), b.shape())
+            .expect("shape checked at build time");
+        let chunk = self.config.chunk(d.k);
+        let mut data = Vec::with_capacity(out.numel());
+        for s in 0..self.config.slices(d.k) as usize {
+            let ks = (s * chunk).min(d.k)..((s + 1) * chunk).min(d.k);
+            data.extend(self.product.cpu_product(a, b, &d, ks));
+        }
+        Tensor::new(out.clone(), data).expect("partial shape")
+    }
+
+    /// The generated GEMM in split-K mode.
+    pub fn kernel(&self, a: &Shape, b: &Shape) -> Generated {
+        let d = self
+            .product
+            .dims(a, b)
+            .expect("shape checked at build time");
+        codegen::matmul::kernel(&self.product, &d, &self.config)
+    }
+}
+
+/// Sum of split-K partial products `[S, batch.., M, N]` over S, then the product's epilogue:
+/// `relu?(sum + bias?)`. Input 1 is the bias when there is one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SplitKSum {
+    pub bias: Bias,
+    pub relu: bool,
+}
+
+impl SplitKSum {
+    /// CPU reference: the slices summed in f64, then bias and relu.
+    pub fn cpu(&self, partial: &Tensor, bias: Option<&Tensor>, out: &Shape) -> Tensor {
+        let len = out.numel();
+        let slices = partial.shape().dims()[0];
+        let (m, n) = (out.dims()[out.rank() - 2], out.dims()[out.rank() - 1]);
+        let p = partial.data();
+        let data = (0..len)
+            .map(|i| {
+                let sum: f64 = (0..slices).map(|s| p[s * len + i] as f64).sum();
+                let add = match (self.bias, bias) {
+                    (Bias::Rows, Some(bs)) => bs.data()[(i / n) % m],
+                    (Bias::Cols, Some(bs)) => bs.data()[i % n],
+                    _ => 0.0,
+                };
+                let y = sum as f32 + add;
+                if self.relu {
+                    y.max(0.0)
+                } else {
+                    y
+                }
+            })
+            .collect();
+        Tensor::new(out.clone(), data).expect("sum shape")
+    }
+
+    /// `splitk_sum` / `splitk_sum_bias` of matmul.wgsl: one thread per output element.
+    pub fn kernel(&self, partial: &Shape, out: &Shape) -> KernelSpec {
+        let len = out.numel();
+        let (m, n) = (out.dims()[out.rank() - 2], out.dims()[out.rank() - 1]);
+        KernelSpec {
+            family: "matmul",
+            entry: if self.bias == Bias::None {
+                "splitk_sum"
+            } else {
+                "splitk_sum_bias"
+            },
+            constants: vec![
+                ("RELU", self.relu as u32 as f64),
+                ("BIAS_ROWS", (self.bias == Bias::Rows) as u32 as f64),
+                ("M", m as f64),
+                ("N", n as f64),
+                ("SUM_SLICES", partial.dims()[0] as f64),
+                ("SUM_LEN", len as f64),
+            ],
+            workgroups: groups(len, 256),
+        }
     }
 }

@@ -73,6 +73,10 @@ pub enum Op {
         value: Arc<Tensor>,
     },
     MatMul(matmul::MatMul),
+    /// Split-K partial products `[S, batch.., M, N]` (made by the plan compiler).
+    MatMulPartial(matmul::MatMulPartial),
+    /// The split-K partials summed, with the product's bias and relu.
+    SplitKSum(matmul::SplitKSum),
     Unary(unary::UnaryOp),
     Binary(binary::BinaryOp),
     Softmax(softmax::Softmax),
@@ -147,6 +151,8 @@ impl Op {
             Op::Param { .. } => "param",
             Op::Const { .. } => "const",
             Op::MatMul(_) => "matmul",
+            Op::MatMulPartial(_) => "matmul_partial",
+            Op::SplitKSum(_) => "splitk_sum",
             Op::Unary(u) => u.name(),
             Op::Binary(b) => b.name(),
             Op::Softmax(s) => s.name(),
@@ -200,6 +206,15 @@ impl Op {
     pub fn cost(&self, inputs: &[&Shape], out: &Shape) -> (f64, f64) {
         let bytes = 4.0 * (inputs.iter().map(|s| s.numel()).sum::<usize>() + out.numel()) as f64;
         let flops = match self {
+            Op::MatMulPartial(p) => {
+                let a = inputs[0].dims();
+                let k = if p.product.trans_a {
+                    a[a.len() - 2]
+                } else {
+                    a[a.len() - 1]
+                };
+                2.0 * (out.numel() / out.dims()[0]) as f64 * k as f64
+            }
             Op::MatMul(m) => {
                 let a = inputs[0].dims();
                 let k = if m.trans_a {
@@ -260,6 +275,8 @@ impl Op {
     pub fn cpu_forward(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
         match self {
             Op::MatMul(m) => m.cpu(inputs[0], inputs[1], inputs.get(2).copied(), out),
+            Op::MatMulPartial(p) => p.cpu(inputs[0], inputs[1], out),
+            Op::SplitKSum(s) => s.cpu(inputs[0], inputs.get(1).copied(), out),
             Op::Unary(u) => u.cpu(inputs[0]),
             Op::Binary(b) => b.cpu(inputs[0], inputs[1], out),
             Op::Softmax(s) => s.cpu(inputs[0]),
@@ -297,6 +314,9 @@ impl Op {
     pub fn kernel(&self, inputs: &[&Shape], out: &Shape) -> Option<KernelSpec> {
         match self {
             Op::MatMul(m) => Some(m.kernel(inputs[0], inputs[1], out)),
+            // generated: see `Op::generated_kernel`
+            Op::MatMulPartial(p) => Some(p.kernel(inputs[0], inputs[1]).spec),
+            Op::SplitKSum(s) => Some(s.kernel(inputs[0], out)),
             Op::Unary(u) => Some(u.kernel(out)),
             Op::Binary(b) => Some(b.kernel(inputs[0], inputs[1], out)),
             Op::Softmax(s) => Some(s.kernel(inputs[0])),
@@ -363,6 +383,8 @@ impl Op {
             Op::Embedding(e) => e.backward(g, x, dy)?,
             Op::Dropout(d) => vec![Some(d.backward(g, x[1], dy)?), None],
             Op::CrossEntropyBackward(_)
+            | Op::MatMulPartial(_)
+            | Op::SplitKSum(_)
             | Op::OptimStep(_)
             | Op::LstmBackward(_)
             | Op::GruBackward(_)
@@ -380,6 +402,8 @@ impl Op {
     pub fn tolerance(&self) -> Tolerance {
         match self {
             Op::MatMul(_)
+            | Op::MatMulPartial(_)
+            | Op::SplitKSum(_)
             | Op::Reduce(_)
             | Op::Softmax(_)
             | Op::CrossEntropy(_)

@@ -1,0 +1,601 @@
+//! The register-tiled GEMM family: one WGSL module per configuration (workgroup tile `BM x BN`,
+//! depth step `BK`, per-thread tile `TM x TN`, vec4 or scalar global loads per operand, split-K),
+//! generated with every register index a constant. [`choose`] picks the configuration for a
+//! product on an adapter; shapes and batch strides stay `override` constants.
+//!
+//! Each workgroup computes one `BM x BN` output tile (of one batch, and with split-K of one slice
+//! of K): both operand tiles go through workgroup memory `BK` deep, k-major, as vec4 rows; each
+//! thread keeps `TM x TN` results in `TM * TN / 4` vec4 registers. A thread's rows are `TM / 4`
+//! groups of 4 spaced `4 * BM / TM` apart (likewise its columns), so neighbouring threads read
+//! neighbouring vec4s of workgroup memory.
+
+use std::fmt::Write;
+
+use super::{Generated, Target};
+use crate::ops::matmul::{Bias, MatMul, ProductDims};
+use crate::ops::{groups, KernelSpec};
+
+/// One configuration of the generated GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GemmConfig {
+    /// Output rows per workgroup.
+    pub bm: u32,
+    /// Output columns per workgroup.
+    pub bn: u32,
+    /// Depth of one step through K.
+    pub bk: u32,
+    /// Output rows per thread (4 or 8).
+    pub tm: u32,
+    /// Output columns per thread (4 or 8).
+    pub tn: u32,
+    /// Slices K is cut into (1: no split); each slice writes partial sums that a second kernel adds.
+    pub split: u32,
+}
+
+/// The tilings [`choose`] considers, as `(BM, BN, TM, TN)`, largest first.
+pub const TILINGS: &[(u32, u32, u32, u32)] = &[
+    (128, 128, 8, 8),
+    (64, 128, 4, 8),
+    (128, 64, 8, 4),
+    (64, 64, 4, 4),
+    (32, 64, 4, 4),
+    (64, 32, 4, 4),
+    (32, 32, 4, 4),
+    (16, 64, 4, 4),
+    (64, 16, 4, 4),
+];
+
+/// A slice of K is at least this deep, so that split-K's partial sums stay cheap next to the product.
+const MIN_SLICE: usize = 256;
+
+impl GemmConfig {
+    /// Threads per workgroup.
+    pub fn threads(&self) -> u32 {
+        (self.bm / self.tm) * (self.bn / self.tn)
+    }
+
+    /// Bytes of workgroup memory the two operand tiles take.
+    pub fn workgroup_bytes(&self) -> u32 {
+        4 * self.bk * (self.bm + self.bn)
+    }
+
+    /// Whether this configuration is well formed and fits `target`.
+    pub fn fits(&self, target: &Target) -> bool {
+        let t = self.threads();
+        matches!(self.tm, 4 | 8)
+            && matches!(self.tn, 4 | 8)
+            && self.bk.is_multiple_of(4)
+            && self.bk > 0
+            && self.bm.is_multiple_of(self.tm)
+            && self.bn.is_multiple_of(self.tn)
+            && self.split >= 1
+            && t <= target.max_invocations
+            && t <= target.max_workgroup_x
+            && self.workgroup_bytes() <= target.workgroup_storage
+            // every thread loads the same number of vec4s of each tile
+            && (self.bm * self.bk).is_multiple_of(4 * t)
+            && (self.bn * self.bk).is_multiple_of(4 * t)
+    }
+
+    /// `BMxBNxBK/TMxTN[/splitS]`, as in debug dumps and `KILN_GEMM`.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{}x{}x{}/{}x{}",
+            self.bm, self.bn, self.bk, self.tm, self.tn
+        );
+        if self.split > 1 {
+            let _ = write!(s, "/split{}", self.split);
+        }
+        s
+    }
+
+    /// Parses [`GemmConfig::describe`]'s form (`/splitS` optional).
+    pub fn parse(s: &str) -> Option<GemmConfig> {
+        let mut parts = s.trim().split('/');
+        let tile: Vec<u32> = parts
+            .next()?
+            .split('x')
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        let thread: Vec<u32> = parts
+            .next()?
+            .split('x')
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        let split = match parts.next() {
+            Some(p) => p.strip_prefix("split")?.parse().ok()?,
+            None => 1,
+        };
+        match (tile.as_slice(), thread.as_slice()) {
+            (&[bm, bn, bk], &[tm, tn]) => Some(GemmConfig {
+                bm,
+                bn,
+                bk,
+                tm,
+                tn,
+                split,
+            }),
+            _ => None,
+        }
+    }
+
+    /// K extent of one slice: a multiple of `bk`.
+    pub fn chunk(&self, k: usize) -> usize {
+        let per = k.div_ceil(self.split as usize).max(1);
+        per.div_ceil(self.bk as usize) * self.bk as usize
+    }
+
+    /// The slices actually used for depth `k` (the last ones may be empty otherwise).
+    pub fn slices(&self, k: usize) -> u32 {
+        k.div_ceil(self.chunk(k)).max(1) as u32
+    }
+}
+
+/// The configuration for an `M x N x K` product over `batch` matrices on `target`.
+///
+/// Model: the adapter runs `parallel_workgroups * 256` threads at once, so a tiling takes
+/// `waves = ceil(tiles * threads / capacity)` rounds. In each round a thread spends, per step of
+/// K, `TM*TN` multiply-adds, `(TM+TN)/4` vec4 reads of workgroup memory (weighed 2) and its share
+/// `(BM+BN)/threads` of the tile's global loads (weighed 8). The cheapest tiling wins; ties go to
+/// less padding, then to the larger tile. Split-K follows when the tiling keeps less than half
+/// of the adapter busy and K is deep.
+pub fn choose(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Option<GemmConfig> {
+    let capacity = target.parallel_workgroups.max(1) as u64 * 256;
+    let mut best: Option<(GemmConfig, f64, u64, u64)> = None;
+    for &(bm, bn, tm, tn) in TILINGS {
+        let bk = if 4 * 16 * (bm + bn) <= target.workgroup_storage {
+            16
+        } else {
+            8
+        };
+        let cfg = GemmConfig {
+            bm,
+            bn,
+            bk,
+            tm,
+            tn,
+            split: 1,
+        };
+        if !cfg.fits(target) {
+            continue;
+        }
+        let threads = cfg.threads() as u64;
+        let tiles = groups(m, bm as usize) * groups(n, bn as usize) * batch as u64;
+        let padded = tiles * (bm * bn) as u64;
+        let waves = (tiles * threads).div_ceil(capacity);
+        let per_step = (tm * tn) as f64
+            + 2.0 * (tm + tn) as f64 / 4.0
+            + 8.0 * (bm + bn) as f64 / threads as f64;
+        let time = waves as f64 * per_step;
+        let better = match &best {
+            None => true,
+            Some((b, bt, bp, _)) => {
+                time < *bt
+                    || (time == *bt && padded < *bp)
+                    || (time == *bt && padded == *bp && bm * bn > b.bm * b.bn)
+            }
+        };
+        if better {
+            best = Some((cfg, time, padded, (tiles * threads).min(capacity)));
+        }
+    }
+    let (mut cfg, _, _, busy) = best?;
+    if 2 * busy < capacity && k >= 2 * MIN_SLICE {
+        let want = capacity.div_ceil(busy) as usize;
+        cfg.split = want.min(k / MIN_SLICE).max(1) as u32;
+        cfg.split = cfg.slices(k);
+    }
+    Some(cfg)
+}
+
+/// The launch of `mm` with configuration `cfg`: its WGSL and constants. With `cfg.split > 1` the
+/// kernel writes partial sums `[split, batch.., M, N]` and leaves bias and relu to the sum.
+pub fn kernel(mm: &MatMul, d: &ProductDims, cfg: &GemmConfig) -> Generated {
+    let batch = d.batch.numel();
+    let split = cfg.slices(d.k);
+    let tiles_m = groups(d.m, cfg.bm as usize);
+    let tiles_n = groups(d.n, cfg.bn as usize);
+    let total = tiles_m * tiles_n * batch as u64 * split as u64;
+    let layout = Layout::of(mm, d, split > 1);
+    let mut constants = vec![
+        ("M", d.m as f64),
+        ("N", d.n as f64),
+        ("K", d.k as f64),
+        ("TILES_M", tiles_m as f64),
+        ("TILES_N", tiles_n as f64),
+        ("TOTAL", total as f64),
+        ("SPLIT", split as f64),
+        ("KCHUNK", cfg.chunk(d.k) as f64),
+        ("BATCH", batch as f64),
+    ];
+    constants.extend(d.batch_constants());
+    let key = format!("{}{}", cfg.describe(), layout.describe());
+    Generated {
+        spec: KernelSpec {
+            family: "matmul_gen",
+            entry: "main",
+            constants,
+            workgroups: total,
+        },
+        wgsl: wgsl(cfg, &layout).into(),
+        key,
+    }
+}
+
+/// What besides the tiling shapes the code: transposes, vec4 access, the epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Layout {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    /// `a`'s contiguous axis is a multiple of 4: bind it as vec4.
+    pub vec_a: bool,
+    pub vec_b: bool,
+    /// N is a multiple of 4: store vec4s.
+    pub vec_out: bool,
+    pub bias: Bias,
+    pub relu: bool,
+    /// Write split-K partial sums (no epilogue).
+    pub partial: bool,
+}
+
+impl Layout {
+    pub fn of(mm: &MatMul, d: &ProductDims, partial: bool) -> Layout {
+        let a_contig = if mm.trans_a { d.m } else { d.k };
+        let b_contig = if mm.trans_b { d.k } else { d.n };
+        Layout {
+            trans_a: mm.trans_a,
+            trans_b: mm.trans_b,
+            vec_a: a_contig % 4 == 0,
+            vec_b: b_contig % 4 == 0,
+            vec_out: d.n.is_multiple_of(4),
+            bias: if partial { Bias::None } else { mm.bias },
+            relu: mm.relu && !partial,
+            partial,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let f = |on: bool, s: &str| if on { s.to_string() } else { String::new() };
+        format!(
+            "{}{}{}{}{}{}{}{}",
+            f(self.trans_a, ",ta"),
+            f(self.trans_b, ",tb"),
+            f(self.vec_a, ",va"),
+            f(self.vec_b, ",vb"),
+            f(self.vec_out, ",vo"),
+            match self.bias {
+                Bias::None => "",
+                Bias::Rows => ",bias_rows",
+                Bias::Cols => ",bias_cols",
+            },
+            f(self.relu, ",relu"),
+            f(self.partial, ",partial"),
+        )
+    }
+}
+
+/// Which operand tile a load fills and how its memory is laid out.
+struct TileLoad {
+    /// `a` or `b`.
+    operand: &'static str,
+    /// `As` or `Bs`.
+    shared: &'static str,
+    /// The tile's non-K extent as a WGSL name (`M` or `N`) and its size (`BM` or `BN`).
+    ext_name: &'static str,
+    ext: u32,
+    /// The tile's first row (`row0`) or column (`col0`).
+    origin: &'static str,
+    /// K is the operand's contiguous axis.
+    k_contiguous: bool,
+    /// Load vec4s along the contiguous axis.
+    vec: bool,
+}
+
+/// One operand tile's loads into workgroup memory, unrolled: the same count per thread.
+fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
+    let TileLoad {
+        operand,
+        shared,
+        ext_name,
+        ext,
+        origin,
+        k_contiguous,
+        vec,
+    } = *tile;
+    let t = cfg.threads();
+    let bk = cfg.bk;
+    let ext4 = ext / 4;
+    let per = if vec { 4 } else { 1 };
+    let n_loads = ext * bk / (per * t);
+    let base = format!("{operand}base");
+    for l in 0..n_loads {
+        let e = format!("(lid + {}u)", l * t);
+        let _ = writeln!(s, "        {{");
+        match (k_contiguous, vec) {
+            (true, true) => {
+                let _ = writeln!(
+                    s,
+                    "            let x = {e} / {q}u;\n            let kk = ({e} % {q}u) * 4u;",
+                    q = bk / 4
+                );
+            }
+            (true, false) => {
+                let _ = writeln!(
+                    s,
+                    "            let x = {e} / {bk}u;\n            let kk = {e} % {bk}u;"
+                );
+            }
+            (false, true) => {
+                let _ = writeln!(
+                    s,
+                    "            let kk = {e} / {ext4}u;\n            let x = ({e} % {ext4}u) * 4u;"
+                );
+            }
+            (false, false) => {
+                let _ = writeln!(
+                    s,
+                    "            let kk = {e} / {ext}u;\n            let x = {e} % {ext}u;"
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "            let g = {origin} + x;\n            let k = k0 + kk;"
+        );
+        let index = if k_contiguous {
+            format!("{base} + g * K + k")
+        } else {
+            format!("{base} + k * {ext_name} + g")
+        };
+        if vec {
+            let _ = writeln!(
+                s,
+                "            var v = vec4<f32>(0.0);\n            if g < {ext_name} && k < kend {{ v = {operand}[({index}) / 4u]; }}"
+            );
+            if k_contiguous {
+                // four k values of one row: a column of the k-major tile
+                for q in 0..4 {
+                    let c = ["x", "y", "z", "w"][q];
+                    let _ = writeln!(
+                        s,
+                        "            {shared}[(kk + {q}u) * {ext4}u + x / 4u][x % 4u] = v.{c};"
+                    );
+                }
+            } else {
+                let _ = writeln!(s, "            {shared}[kk * {ext4}u + x / 4u] = v;");
+            }
+        } else {
+            let _ = writeln!(
+                s,
+                "            var v = 0.0;\n            if g < {ext_name} && k < kend {{ v = {operand}[{index}]; }}\n            {shared}[kk * {ext4}u + x / 4u][x % 4u] = v;"
+            );
+        }
+        let _ = writeln!(s, "        }}");
+    }
+}
+
+/// The WGSL of one configuration.
+pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
+    let (bm, bn, bk, tm, tn) = (cfg.bm, cfg.bn, cfg.bk, cfg.tm, cfg.tn);
+    let t = cfg.threads();
+    let tx_count = bn / tn;
+    let (rq, cq) = (tm / 4, tn / 4);
+    let (row_gap, col_gap) = (bm / rq, bn / cq);
+    let ty_ = |v: bool| if v { "vec4<f32>" } else { "f32" };
+    let mut s = String::new();
+    let bias_desc = match lay.bias {
+        Bias::None => "none",
+        Bias::Rows => "per row [M]",
+        Bias::Cols => "per column [N]",
+    };
+    let _ = writeln!(
+        s,
+        "// matmul_gen.wgsl: generated by src/codegen/matmul.rs, configuration {} {:?}.
+//
+// out[z] = relu?(op(a[z]) x op(b[z]) + bias?) with op = identity or transpose; with split-K
+// (SPLIT > 1) each workgroup sums one slice of K into partial sums that matmul.wgsl's
+// `splitk_sum` adds up with the epilogue.
+//
+// Bindings (group 0):
+//   0  a     storage, read        [batch.., M, K] (transposed: [batch.., K, M]) as {}
+//   1  b     storage, read        [batch.., K, N] (transposed: [batch.., N, K]) as {}{}
+//   {}  out   storage, read_write  {} as {}
+// Overrides: M, N, K; TILES_M/N = ceil(M / {bm}), ceil(N / {bn}); SPLIT slices of KCHUNK;
+//            BATCH matrices, batch shape BD0..BD3 and operand strides SA*/SB* as in matmul.wgsl;
+//            TOTAL = TILES_M * TILES_N * SPLIT * BATCH. Bias: {bias_desc}; relu: {}.
+// Dispatch: TOTAL workgroups of {t} threads, folded by the host into (x <= 65535, y); workgroup w
+//           computes tile (w / TILES_N % TILES_M, w % TILES_N) of slice w / (TILES_M * TILES_N)
+//           % SPLIT of batch w / (TILES_M * TILES_N * SPLIT); thread (lid % {tx_count},
+//           lid / {tx_count}) holds {tm}x{tn} results in vec4 registers.
+",
+        cfg.describe(),
+        lay,
+        ty_(lay.vec_a),
+        ty_(lay.vec_b),
+        if lay.bias == Bias::None {
+            ""
+        } else {
+            "\n//   2  bias  storage, read        [M] or [N]"
+        },
+        if lay.bias == Bias::None { 2 } else { 3 },
+        if lay.partial {
+            "[SPLIT, batch.., M, N] partial sums"
+        } else {
+            "[batch.., M, N]"
+        },
+        ty_(lay.vec_out),
+        lay.relu,
+    );
+    for c in [
+        "M", "N", "K", "TILES_M", "TILES_N", "TOTAL", "SPLIT", "KCHUNK", "BATCH", "BD1", "BD2",
+        "BD3", "SA0", "SA1", "SA2", "SA3", "SB0", "SB1", "SB2", "SB3",
+    ] {
+        let init = if c.starts_with("SA") || c.starts_with("SB") {
+            "0u"
+        } else {
+            "1u"
+        };
+        let _ = writeln!(s, "override {c}: u32 = {init};");
+    }
+    let out_binding = if lay.bias == Bias::None { 2 } else { 3 };
+    let _ = writeln!(
+        s,
+        "
+@group(0) @binding(0) var<storage, read> a: array<{}>;
+@group(0) @binding(1) var<storage, read> b: array<{}>;",
+        ty_(lay.vec_a),
+        ty_(lay.vec_b)
+    );
+    if lay.bias != Bias::None {
+        let _ = writeln!(
+            s,
+            "@group(0) @binding(2) var<storage, read> bias: array<f32>;"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "@group(0) @binding({out_binding}) var<storage, read_write> out: array<{}>;
+
+// k-major tiles: As[kk * {bm4} + i / 4][i % 4] = op(a)[row0 + i, k0 + kk], Bs likewise for op(b)
+var<workgroup> As: array<vec4<f32>, {}>;
+var<workgroup> Bs: array<vec4<f32>, {}>;
+
+@compute @workgroup_size({t})
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {{
+    let w = wid.y * nwg.x + wid.x;
+    if w >= TOTAL {{
+        return;
+    }}
+    let tn = w % TILES_N;
+    let tm = (w / TILES_N) % TILES_M;
+    let slice = (w / (TILES_N * TILES_M)) % SPLIT;
+    let z = w / (TILES_N * TILES_M * SPLIT);
+    var r = z;
+    let b3 = r % BD3; r = r / BD3;
+    let b2 = r % BD2; r = r / BD2;
+    let b1 = r % BD1;
+    let b0 = r / BD1;
+    let abase = b0 * SA0 + b1 * SA1 + b2 * SA2 + b3 * SA3;
+    let bbase = b0 * SB0 + b1 * SB1 + b2 * SB2 + b3 * SB3;
+    let obase = (slice * BATCH + z) * M * N;
+    let kbegin = slice * KCHUNK;
+    let kend = min(K, kbegin + KCHUNK);
+    let row0 = tm * {bm}u;
+    let col0 = tn * {bn}u;
+    let tx = lid % {tx_count}u;
+    let ty = lid / {tx_count}u;
+",
+        ty_(lay.vec_out),
+        bk * bm / 4,
+        bk * bn / 4,
+        bm4 = bm / 4,
+    );
+    for i in 0..tm {
+        for j in 0..cq {
+            let _ = writeln!(s, "    var acc{i}_{j} = vec4<f32>(0.0);");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "    for (var k0 = kbegin; k0 < kend; k0 = k0 + {bk}u) {{"
+    );
+    let a_tile = TileLoad {
+        operand: "a",
+        shared: "As",
+        ext_name: "M",
+        ext: bm,
+        origin: "row0",
+        k_contiguous: !lay.trans_a,
+        vec: lay.vec_a,
+    };
+    let b_tile = TileLoad {
+        operand: "b",
+        shared: "Bs",
+        ext_name: "N",
+        ext: bn,
+        origin: "col0",
+        k_contiguous: lay.trans_b,
+        vec: lay.vec_b,
+    };
+    emit_tile_load(&mut s, &a_tile, cfg);
+    emit_tile_load(&mut s, &b_tile, cfg);
+    let _ = writeln!(s, "        workgroupBarrier();");
+    for kk in 0..bk {
+        for q in 0..rq {
+            let _ = writeln!(
+                s,
+                "        let a{kk}_{q} = As[{}u + ty];",
+                kk * bm / 4 + q * row_gap / 4
+            );
+        }
+        for j in 0..cq {
+            let _ = writeln!(
+                s,
+                "        let b{kk}_{j} = Bs[{}u + tx];",
+                kk * bn / 4 + j * col_gap / 4
+            );
+        }
+        for i in 0..tm {
+            let comp = ["x", "y", "z", "w"][(i % 4) as usize];
+            for j in 0..cq {
+                let _ = writeln!(
+                    s,
+                    "        acc{i}_{j} = fma(vec4<f32>(a{kk}_{}.{comp}), b{kk}_{j}, acc{i}_{j});",
+                    i / 4
+                );
+            }
+        }
+    }
+    let _ = writeln!(s, "        workgroupBarrier();\n    }}");
+    // stores with the epilogue
+    for i in 0..tm {
+        let row = format!("row0 + {}u + ty * 4u", (i / 4) * row_gap + i % 4);
+        for j in 0..cq {
+            let col = format!("col0 + {}u + tx * 4u", j * col_gap);
+            let _ = writeln!(s, "    {{\n        let r = {row};\n        let c = {col};");
+            let mut v = format!("acc{i}_{j}");
+            match lay.bias {
+                Bias::None => {}
+                Bias::Rows => {
+                    let _ = writeln!(s, "        let bv = vec4<f32>(bias[min(r, M - 1u)]);");
+                    v = format!("({v} + bv)");
+                }
+                Bias::Cols => {
+                    let _ = writeln!(
+                        s,
+                        "        let bv = vec4<f32>(bias[min(c, N - 1u)], bias[min(c + 1u, N - 1u)], bias[min(c + 2u, N - 1u)], bias[min(c + 3u, N - 1u)]);"
+                    );
+                    v = format!("({v} + bv)");
+                }
+            }
+            if lay.relu {
+                v = format!("max({v}, vec4<f32>(0.0))");
+            }
+            let _ = writeln!(s, "        let y = {v};");
+            if lay.vec_out {
+                let _ = writeln!(
+                    s,
+                    "        if r < M && c < N {{ out[(obase + r * N + c) / 4u] = y; }}"
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "        if r < M {{
+            let o = obase + r * N + c;
+            if c < N {{ out[o] = y.x; }}
+            if c + 1u < N {{ out[o + 1u] = y.y; }}
+            if c + 2u < N {{ out[o + 2u] = y.z; }}
+            if c + 3u < N {{ out[o + 3u] = y.w; }}
+        }}"
+                );
+            }
+            let _ = writeln!(s, "    }}");
+        }
+    }
+    let _ = writeln!(s, "}}");
+    s
+}

@@ -1,0 +1,69 @@
+//! Rust-generated WGSL, in one place. Kernels whose *code* (not only their constants) depends on
+//! the shape and the adapter live here: the register-tiled GEMM family (`matmul`), with tile sizes
+//! chosen per adapter and per shape and its register tile unrolled with constant indices (loop-
+//! indexed local arrays ran 50x slower on an H100 under naga's bounds checks). Shapes still enter
+//! through `override` constants, so one generated module serves every shape of its configuration.
+//!
+//! tests/wgsl.rs validates a sweep of every generator's output with naga, without a GPU.
+
+pub mod matmul;
+
+use std::sync::Arc;
+
+use crate::ops::KernelSpec;
+
+/// What a generator needs to know of the adapter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// Smallest subgroup (warp, wave) the adapter runs: 32 on NVIDIA, 8 on lavapipe.
+    pub subgroup_size: u32,
+    /// Bytes of workgroup memory a kernel may use.
+    pub workgroup_storage: u32,
+    /// Most invocations in one workgroup.
+    pub max_invocations: u32,
+    /// Most invocations along x.
+    pub max_workgroup_x: u32,
+    /// About how many workgroups the adapter runs at once; sizes tiles and split-K so that a
+    /// product fills the machine. WebGPU does not tell the number of compute units, so this is a
+    /// guess from the device type (a discrete GPU: 2 workgroups on each of ~128 units).
+    pub parallel_workgroups: u32,
+}
+
+impl Target {
+    /// The target of a wgpu adapter with these limits.
+    pub fn new(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Target {
+        let parallel_workgroups = match info.device_type {
+            wgpu::DeviceType::DiscreteGpu => 256,
+            wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::VirtualGpu => 64,
+            wgpu::DeviceType::Cpu | wgpu::DeviceType::Other => 16,
+        };
+        Target {
+            subgroup_size: info.subgroup_min_size.max(1),
+            workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+            max_workgroup_x: limits.max_compute_workgroup_size_x,
+            parallel_workgroups,
+        }
+    }
+
+    /// WebGPU's default limits on a discrete GPU with 32-wide subgroups (as an H100 reports).
+    pub fn discrete() -> Target {
+        Target {
+            subgroup_size: 32,
+            workgroup_storage: 16_384,
+            max_invocations: 256,
+            max_workgroup_x: 256,
+            parallel_workgroups: 256,
+        }
+    }
+}
+
+/// A kernel launch whose WGSL was generated: `spec.family` names the generator, `key` tells its
+/// module apart from the generator's other modules.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub spec: KernelSpec,
+    /// Distinguishes this module among its generator's (the configuration, in words).
+    pub key: String,
+    pub wgsl: Arc<str>,
+}

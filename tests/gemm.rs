@@ -1,0 +1,209 @@
+//! The generated GEMM family (`codegen::matmul`): every tiling, forced through
+//! `Device::set_gemm_policy`, against the CPU reference on awkward shapes (1, primes, shapes off
+//! the tile and off vec4 alignment), transposed and batched operands, fused epilogues, and split-K
+//! (forced and chosen). Outputs are poisoned with NaN first, so a skipped element fails.
+
+mod common;
+
+use common::{assert_close, rand};
+use kiln::codegen::matmul::{choose, GemmConfig, TILINGS};
+use kiln::codegen::Target;
+use kiln::ops::matmul::Bias;
+use kiln::ops::TOL_REDUCTION;
+use kiln::{Device, GemmPolicy, Graph, Tensor};
+
+/// A device of its own (the policy is per device), or `None` where `common::gpu` skips.
+fn device() -> Option<Device> {
+    common::gpu()?;
+    Some(Device::gpu().expect("a GPU adapter"))
+}
+
+/// One product `relu?(op(a) op(b) + bias?)` on `dev` against the CPU reference.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    dev: &Device,
+    what: &str,
+    sa: &[usize],
+    sb: &[usize],
+    ta: bool,
+    tb: bool,
+    bias: Bias,
+    relu: bool,
+) -> kiln::PlanInfo {
+    let g = Graph::new();
+    let a = g.input("a", sa);
+    let b = g.input("b", sb);
+    let shape = g.shape(g.matmul_t(a, b, ta, tb).unwrap());
+    let (m, n) = (
+        shape.dims()[shape.rank() - 2],
+        shape.dims()[shape.rank() - 1],
+    );
+    let blen = if bias == Bias::Rows { m } else { n };
+    let c = g.input("c", [blen]);
+    let fused = (bias != Bias::None).then_some((c, bias));
+    let y = g.matmul_fused(a, b, ta, tb, fused, relu).unwrap();
+    let feeds = [
+        ("a", rand(sa, 11)),
+        ("b", rand(sb, 12)),
+        ("c", rand(&[blen], 13)),
+    ];
+    let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(k, v)| (*k, v)).collect();
+    let mut plan = dev
+        .compile(&g, &[y])
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    plan.poison(f32::NAN);
+    let got = plan.run(&refs).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let want = Device::cpu().compile(&g, &[y]).unwrap().run(&refs).unwrap();
+    assert_close(what, &got[0], &want[0], TOL_REDUCTION.0, TOL_REDUCTION.1);
+    plan.info()
+}
+
+#[test]
+fn every_tiling_on_awkward_shapes() {
+    let Some(dev) = device() else { return };
+    let target = dev.target().unwrap();
+    let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (7, 5, 13), (33, 70, 17), (64, 32, 20)];
+    for &(bm, bn, tm, tn) in TILINGS {
+        let cfg = GemmConfig {
+            bm,
+            bn,
+            bk: 16,
+            tm,
+            tn,
+            split: 1,
+        };
+        if !cfg.fits(&target) {
+            assert!(dev.set_gemm_policy(GemmPolicy::Fixed(cfg)).is_err());
+            continue;
+        }
+        dev.set_gemm_policy(GemmPolicy::Fixed(cfg)).unwrap();
+        for (i, &(m, n, k)) in shapes.iter().enumerate() {
+            // cycle transposes, epilogues and alignment over the shapes
+            let (ta, tb) = (i % 2 == 1, i / 2 % 2 == 1);
+            let sa = if ta { [k, m] } else { [m, k] };
+            let sb = if tb { [n, k] } else { [k, n] };
+            let bias = [Bias::None, Bias::Rows, Bias::Cols][i % 3];
+            let what = format!("{} {m}x{n}x{k} ta={ta} tb={tb} {bias:?}", cfg.describe());
+            check(&dev, &what, &sa, &sb, ta, tb, bias, i % 2 == 0);
+        }
+    }
+}
+
+#[test]
+fn batched_broadcast_and_vec4_layouts() {
+    let Some(dev) = device() else { return };
+    for policy in ["64x64x16/4x4", "32x32x8/4x4", "16x64x16/4x4"] {
+        dev.set_gemm_policy(GemmPolicy::parse(policy).unwrap())
+            .unwrap();
+        for &(sa, sb, ta, tb) in &[
+            (&[3usize, 8, 12][..], &[12usize, 20][..], false, false),
+            (&[2, 1, 12, 8][..], &[3, 12, 4][..], true, false),
+            (&[2, 5, 16][..], &[2, 24, 16][..], false, true),
+            (&[4, 9, 6][..], &[4, 7, 9][..], true, true),
+        ] {
+            let what = format!("{policy} {sa:?} x {sb:?} ta={ta} tb={tb}");
+            check(&dev, &what, sa, sb, ta, tb, Bias::None, false);
+        }
+    }
+}
+
+#[test]
+fn split_k_forced_and_chosen() {
+    let Some(dev) = device() else { return };
+    // forced: 3 slices of a deep product, each epilogue, transposes, off-alignment K
+    dev.set_gemm_policy(GemmPolicy::parse("32x32x16/4x4/split3").unwrap())
+        .unwrap();
+    for &(m, n, k, ta, tb, bias, relu) in &[
+        (5, 7, 100, false, false, Bias::None, false),
+        (33, 9, 301, true, false, Bias::Rows, true),
+        (16, 40, 96, false, true, Bias::Cols, true),
+        (3, 3, 1000, true, true, Bias::Cols, false),
+    ] {
+        let sa = if ta { [k, m] } else { [m, k] };
+        let sb = if tb { [n, k] } else { [k, n] };
+        let what = format!("split3 {m}x{n}x{k} ta={ta} tb={tb} {bias:?} relu={relu}");
+        let info = check(&dev, &what, &sa, &sb, ta, tb, bias, relu);
+        assert_eq!(
+            info.dispatches, 2,
+            "{what}: partial products, then their sum"
+        );
+    }
+    // too shallow to cut: one dispatch
+    let info = check(
+        &dev,
+        "split3 K=8",
+        &[4, 8],
+        &[8, 4],
+        false,
+        false,
+        Bias::None,
+        false,
+    );
+    assert_eq!(info.dispatches, 1);
+
+    // chosen: a small, deep product on this adapter splits K by itself
+    dev.set_gemm_policy(GemmPolicy::Auto).unwrap();
+    let target = dev.target().unwrap();
+    let (m, n, k) = (8, 12, 4096);
+    let cfg = choose(m, n, k, 1, &target).unwrap();
+    assert!(cfg.split > 1, "{} for {m}x{n}x{k}", cfg.describe());
+    let info = check(
+        &dev,
+        "auto split",
+        &[m, k],
+        &[k, n],
+        false,
+        false,
+        Bias::Cols,
+        true,
+    );
+    assert_eq!(info.dispatches, 2);
+}
+
+#[test]
+fn portable_kernel_still_matches() {
+    let Some(dev) = device() else { return };
+    dev.set_gemm_policy(GemmPolicy::Portable).unwrap();
+    check(
+        &dev,
+        "portable",
+        &[65, 9],
+        &[9, 70],
+        false,
+        false,
+        Bias::Rows,
+        true,
+    );
+    check(
+        &dev,
+        "portable t",
+        &[9, 13],
+        &[5, 9],
+        true,
+        true,
+        Bias::None,
+        false,
+    );
+}
+
+/// The choice on an H100-like target: big products get the largest tile, small deep ones split K,
+/// skinny ones get narrow tiles. (Pure logic; no GPU.)
+#[test]
+fn choices_on_a_discrete_gpu() {
+    let t = Target::discrete();
+    let big = choose(4096, 4096, 4096, 1, &t).unwrap();
+    assert_eq!((big.bm, big.bn, big.split), (128, 128, 1));
+    // the MNIST CNN's conv2 weight gradient: [64, 288] summed over 64*14*14 positions
+    let dw = choose(64, 288, 12_544, 1, &t).unwrap();
+    assert!(dw.split > 4, "{}", dw.describe());
+    assert!(dw.chunk(12_544) >= 256);
+    // one row (batch-1 inference): no 128-row tile, K cut to fill the adapter
+    let row = choose(1, 1000, 4096, 1, &t).unwrap();
+    assert!(row.bm <= 64 && row.split > 1, "{}", row.describe());
+    for cfg in [big, dw, row] {
+        assert!(cfg.fits(&t));
+        assert_eq!(GemmConfig::parse(&cfg.describe()), Some(cfg));
+    }
+    assert!(GemmPolicy::parse("64x64x16").is_err());
+    assert!(GemmPolicy::parse("auto").is_ok());
+}
