@@ -207,3 +207,89 @@ fn choices_on_a_discrete_gpu() {
     assert!(GemmPolicy::parse("64x64x16").is_err());
     assert!(GemmPolicy::parse("auto").is_ok());
 }
+
+/// Convolutions whose column matrix has only products as readers run as implicit GEMMs: the
+/// forward and the weight gradient read the image, no `im2col` dispatch remains, and the results
+/// (output and every gradient, split-K included) match the CPU reference.
+#[test]
+fn implicit_gemm_convolutions() {
+    use kiln::ops::conv::Conv2dOpts;
+    let Some(dev) = device() else { return };
+    // (input shape, output channels, kernel, options)
+    type Case = ([usize; 4], usize, (usize, usize), Conv2dOpts);
+    let cases: &[Case] = &[
+        (
+            [2, 3, 7, 9],
+            5,
+            (3, 2),
+            Conv2dOpts {
+                stride: (2, 1),
+                padding: (1, 0),
+                dilation: (1, 2),
+            },
+        ),
+        ([1, 1, 5, 5], 1, (1, 1), Conv2dOpts::default()),
+        (
+            [3, 4, 8, 8],
+            6,
+            (3, 3),
+            Conv2dOpts {
+                padding: (1, 1),
+                ..Default::default()
+            },
+        ),
+    ];
+    // the forced configuration cuts the weight gradient's K (N*Ho*Wo) in two: implicit split-K
+    for policy in ["auto", "16x64x16/4x4/split2"] {
+        dev.set_gemm_policy(GemmPolicy::parse(policy).unwrap())
+            .unwrap();
+        for &(xs, o, k, opts) in cases {
+            let what = format!("{policy} conv {xs:?} -> {o} k{k:?} {opts:?}");
+            let g = Graph::new();
+            let x = g.input("x", xs);
+            let w = g.input("w", [o, xs[1], k.0, k.1]);
+            let b = g.input("b", [o]);
+            let y = g.conv2d_fused(x, w, Some(b), opts, true).unwrap();
+            let loss = common::random_projection(&g, y, 5);
+            let grads = g.grad(loss, &[x, w, b]).unwrap();
+            let feeds = [
+                ("x", rand(&xs, 1)),
+                ("w", rand(&[o, xs[1], k.0, k.1], 2)),
+                ("b", rand(&[o], 3)),
+            ];
+            let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, v)| (*n, v)).collect();
+            let mut outs = vec![y];
+            outs.extend(&grads);
+            let mut plan = dev.compile(&g, &outs).unwrap();
+            plan.poison(f32::NAN);
+            let got = plan.run(&refs).unwrap();
+            let want = Device::cpu()
+                .compile(&g, &outs)
+                .unwrap()
+                .run(&refs)
+                .unwrap();
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_close(&format!("{what} output {i}"), a, b, 1e-4, 1e-3);
+            }
+            // forward alone: the product reads the image (no im2col), then the NCHW permute
+            let mut fwd = dev.compile(&g, &[y]).unwrap();
+            let got = fwd.run(&refs).unwrap();
+            assert_close(&what, &got[0], &want[0], 1e-4, 1e-3);
+            assert!(
+                fwd.info().dispatches <= 3,
+                "{what}: {} dispatches",
+                fwd.info().dispatches
+            );
+        }
+    }
+    // the portable kernel keeps its column matrix: one more dispatch
+    dev.set_gemm_policy(GemmPolicy::Portable).unwrap();
+    let g = Graph::new();
+    let x = g.input("x", [2, 3, 6, 6]);
+    let w = g.input("w", [4, 3, 3, 3]);
+    let y = g.conv2d(x, w, None, Conv2dOpts::default()).unwrap();
+    let portable = dev.compile(&g, &[y]).unwrap().info().dispatches;
+    dev.set_gemm_policy(GemmPolicy::Auto).unwrap();
+    let implicit = dev.compile(&g, &[y]).unwrap().info().dispatches;
+    assert_eq!(portable, implicit + 1, "im2col is gone from the plan");
+}

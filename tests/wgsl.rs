@@ -71,6 +71,16 @@ fn every_generated_matmul_is_valid_wgsl() {
         .validate(&module)
         .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
     };
+    let geom = kiln::ops::conv::ColGeometry {
+        channels: 3,
+        image: (7, 9),
+        kernel: (3, 2),
+        opts: kiln::ops::conv::Conv2dOpts {
+            stride: (2, 1),
+            padding: (1, 0),
+            dilation: (1, 2),
+        },
+    };
     let mut count = 0;
     for &(bm, bn, tm, tn) in TILINGS {
         for bk in [8, 16] {
@@ -98,6 +108,8 @@ fn every_generated_matmul_is_valid_wgsl() {
                     },
                     relu: !partial && bit(2),
                     partial,
+                    // every fifth scalar-b layout reads b as an image (implicit-GEMM conv)
+                    im2col: (!bit(3) && bits % 5 == 0).then_some(geom),
                 };
                 validate(&format!("{} {lay:?}", cfg.describe()), &wgsl(&cfg, &lay));
                 count += 1;

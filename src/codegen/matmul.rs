@@ -12,6 +12,7 @@
 use std::fmt::Write;
 
 use super::{Generated, Target};
+use crate::ops::conv::ColGeometry;
 use crate::ops::matmul::{Bias, MatMul, ProductDims};
 use crate::ops::{groups, KernelSpec};
 
@@ -191,12 +192,28 @@ pub fn choose(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Op
 /// The launch of `mm` with configuration `cfg`: its WGSL and constants. With `cfg.split > 1` the
 /// kernel writes partial sums `[split, batch.., M, N]` and leaves bias and relu to the sum.
 pub fn kernel(mm: &MatMul, d: &ProductDims, cfg: &GemmConfig) -> Generated {
+    kernel_with(mm, d, cfg, None)
+}
+
+/// [`kernel`], with `b` read as `im2col(x)` of this geometry straight from the image `x`
+/// (implicit GEMM: the column matrix is never stored). `d` describes the product with the
+/// column matrix `[C*kh*kw, N*Ho*Wo]` as `b`.
+pub fn kernel_with(
+    mm: &MatMul,
+    d: &ProductDims,
+    cfg: &GemmConfig,
+    im2col: Option<ColGeometry>,
+) -> Generated {
     let batch = d.batch.numel();
     let split = cfg.slices(d.k);
     let tiles_m = groups(d.m, cfg.bm as usize);
     let tiles_n = groups(d.n, cfg.bn as usize);
     let total = tiles_m * tiles_n * batch as u64 * split as u64;
-    let layout = Layout::of(mm, d, split > 1);
+    let mut layout = Layout::of(mm, d, split > 1);
+    if let Some(g) = im2col {
+        layout.im2col = Some(g);
+        layout.vec_b = false;
+    }
     let mut constants = vec![
         ("M", d.m as f64),
         ("N", d.n as f64),
@@ -236,6 +253,8 @@ pub struct Layout {
     pub relu: bool,
     /// Write split-K partial sums (no epilogue).
     pub partial: bool,
+    /// `b` is an NCHW image read as its column matrix `im2col(b)` (implicit-GEMM convolution).
+    pub im2col: Option<ColGeometry>,
 }
 
 impl Layout {
@@ -251,13 +270,28 @@ impl Layout {
             bias: if partial { Bias::None } else { mm.bias },
             relu: mm.relu && !partial,
             partial,
+            im2col: None,
         }
     }
 
     fn describe(&self) -> String {
         let f = |on: bool, s: &str| if on { s.to_string() } else { String::new() };
+        let im2col = match self.im2col {
+            Some(g) => format!(
+                ",im2col[c{} {}x{} k{}x{} s{:?} p{:?} d{:?}]",
+                g.channels,
+                g.image.0,
+                g.image.1,
+                g.kernel.0,
+                g.kernel.1,
+                g.opts.stride,
+                g.opts.padding,
+                g.opts.dilation
+            ),
+            None => String::new(),
+        };
         format!(
-            "{}{}{}{}{}{}{}{}",
+            "{}{}{}{}{}{}{}{}{im2col}",
             f(self.trans_a, ",ta"),
             f(self.trans_b, ",tb"),
             f(self.vec_a, ",va"),
@@ -289,6 +323,8 @@ struct TileLoad {
     k_contiguous: bool,
     /// Load vec4s along the contiguous axis.
     vec: bool,
+    /// Read through `cols(row, col)` (the operand is an image seen as its column matrix).
+    im2col: bool,
 }
 
 /// One operand tile's loads into workgroup memory, unrolled: the same count per thread.
@@ -301,6 +337,7 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
         origin,
         k_contiguous,
         vec,
+        im2col,
     } = *tile;
     let t = cfg.threads();
     let bk = cfg.bk;
@@ -347,6 +384,13 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
         } else {
             format!("{base} + k * {ext_name} + g")
         };
+        // the column matrix [C*kh*kw, N*Ho*Wo] is op(b) itself, or its transpose when k runs
+        // along its columns
+        let read = match (im2col, k_contiguous) {
+            (true, true) => "cols(g, k)".to_string(),
+            (true, false) => "cols(k, g)".to_string(),
+            (false, _) => format!("{operand}[{index}]"),
+        };
         if vec {
             let _ = writeln!(
                 s,
@@ -367,11 +411,52 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
         } else {
             let _ = writeln!(
                 s,
-                "            var v = 0.0;\n            if g < {ext_name} && k < kend {{ v = {operand}[{index}]; }}\n            {shared}[kk * {ext4}u + x / 4u][x % 4u] = v;"
+                "            var v = 0.0;\n            if g < {ext_name} && k < kend {{ v = {read}; }}\n            {shared}[kk * {ext4}u + x / 4u][x % 4u] = v;"
             );
         }
         let _ = writeln!(s, "        }}");
     }
+}
+
+/// `cols(r, p)`: element `[r, p]` of `im2col(b)` for this geometry, zero in the padding (the
+/// indexing of conv.wgsl's `im2col`, with the geometry as literals).
+fn cols_fn(g: ColGeometry) -> String {
+    let (ho, wo) = g.out_hw();
+    let o = g.opts;
+    format!(
+        "
+// element [r, p] of im2col(b): r = (c * KH + i) * KW + j, p = (n * HO + oh) * WO + ow
+fn cols(r: u32, p: u32) -> f32 {{
+    let j = r % {kw}u;
+    let i = (r / {kw}u) % {kh}u;
+    let c = r / {khkw}u;
+    let ow = p % {wo}u;
+    let oh = (p / {wo}u) % {ho}u;
+    let n = p / {howo}u;
+    let ih = i32(oh * {sh}u + i * {dh}u) - {ph};
+    let iw = i32(ow * {sw}u + j * {dw}u) - {pw};
+    if ih < 0 || iw < 0 || ih >= {h} || iw >= {w} {{
+        return 0.0;
+    }}
+    return b[((n * {c}u + c) * {h}u + u32(ih)) * {w}u + u32(iw)];
+}}
+",
+        kh = g.kernel.0,
+        kw = g.kernel.1,
+        khkw = g.kernel.0 * g.kernel.1,
+        ho = ho,
+        wo = wo,
+        howo = ho * wo,
+        sh = o.stride.0,
+        sw = o.stride.1,
+        dh = o.dilation.0,
+        dw = o.dilation.1,
+        ph = o.padding.0,
+        pw = o.padding.1,
+        h = g.image.0,
+        w = g.image.1,
+        c = g.channels,
+    )
 }
 
 /// The WGSL of one configuration.
@@ -426,6 +511,21 @@ pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
         ty_(lay.vec_out),
         lay.relu,
     );
+    if let Some(g) = lay.im2col {
+        let _ = writeln!(
+            s,
+            "// Implicit GEMM: b is an image [N, {}, {}, {}] read as its column matrix im2col(b)
+//   [C*kh*kw, N*Ho*Wo] (kernel {:?}, stride {:?}, padding {:?}, dilation {:?}) by `cols`.
+",
+            g.channels,
+            g.image.0,
+            g.image.1,
+            g.kernel,
+            g.opts.stride,
+            g.opts.padding,
+            g.opts.dilation
+        );
+    }
     for c in [
         "M", "N", "K", "TILES_M", "TILES_N", "TOTAL", "SPLIT", "KCHUNK", "BATCH", "BD1", "BD2",
         "BD3", "SA0", "SA1", "SA2", "SA3", "SB0", "SB1", "SB2", "SB3",
@@ -456,6 +556,7 @@ pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
         s,
         "@group(0) @binding({out_binding}) var<storage, read_write> out: array<{}>;
 
+{cols_fn}
 // k-major tiles: As[kk * {bm4} + i / 4][i % 4] = op(a)[row0 + i, k0 + kk], Bs likewise for op(b)
 var<workgroup> As: array<vec4<f32>, {}>;
 var<workgroup> Bs: array<vec4<f32>, {}>;
@@ -493,6 +594,7 @@ fn main(
         bk * bm / 4,
         bk * bn / 4,
         bm4 = bm / 4,
+        cols_fn = lay.im2col.map(cols_fn).unwrap_or_default(),
     );
     for i in 0..tm {
         for j in 0..cq {
@@ -511,6 +613,7 @@ fn main(
         origin: "row0",
         k_contiguous: !lay.trans_a,
         vec: lay.vec_a,
+        im2col: false,
     };
     let b_tile = TileLoad {
         operand: "b",
@@ -519,7 +622,8 @@ fn main(
         ext: bn,
         origin: "col0",
         k_contiguous: lay.trans_b,
-        vec: lay.vec_b,
+        vec: lay.vec_b && lay.im2col.is_none(),
+        im2col: lay.im2col.is_some(),
     };
     emit_tile_load(&mut s, &a_tile, cfg);
     emit_tile_load(&mut s, &b_tile, cfg);

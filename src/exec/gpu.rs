@@ -83,6 +83,7 @@ impl GpuPlan {
             .ok_or_else(|| Error::Device("not a GPU device".into()))?;
         let policy = *ctx.gemm_policy.lock().expect("policy lock");
         lower::split_k(&mut nodes, &mut order, &ctx.target, policy);
+        lower::implicit_im2col(&mut nodes, &mut order, outputs, &ctx.target, policy);
         let bytes_of = |id: NodeId| (nodes[id.0].shape.numel() * 4) as u64;
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC

@@ -7,6 +7,7 @@ use crate::codegen::matmul::{self as gemm, GemmConfig};
 use crate::codegen::{Generated, Target};
 use crate::device::GemmPolicy;
 use crate::graph::{Node, NodeId};
+use crate::ops::conv::ImplicitGemm;
 use crate::ops::matmul::{MatMul, MatMulPartial, ProductDims, SplitKSum};
 use crate::ops::{KernelSpec, Op};
 use crate::tensor::Shape;
@@ -82,6 +83,68 @@ pub(crate) fn split_k(
     }
 }
 
+/// Where every reader of an `im2col` node is a product taking it as `b` (the forward convolution,
+/// the weight gradient), lets those products read the image instead (`ImplicitGemm`) and drops the
+/// column matrix from the plan. Products of the portable kernel keep their columns.
+pub(crate) fn implicit_im2col(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+    target: &Target,
+    policy: GemmPolicy,
+) {
+    let mut dropped = Vec::new();
+    for &id in order.iter() {
+        let Op::Im2col(im) = nodes[id.0].op else {
+            continue;
+        };
+        if targets.contains(&id) {
+            continue;
+        }
+        let readers: Vec<NodeId> = order
+            .iter()
+            .copied()
+            .filter(|r| nodes[r.0].inputs.contains(&id))
+            .collect();
+        let rewritable = |r: &NodeId| {
+            let n = &nodes[r.0];
+            let as_b_only = n.inputs[1] == id && n.inputs[0] != id;
+            match &n.op {
+                Op::MatMulPartial(_) => as_b_only,
+                Op::MatMul(mm) => {
+                    as_b_only
+                        && mm
+                            .dims(&nodes[n.inputs[0].0].shape, &nodes[id.0].shape)
+                            .ok()
+                            .and_then(|d| gemm_config(&d, target, policy))
+                            .is_some()
+                }
+                _ => false,
+            }
+        };
+        if readers.is_empty() || !readers.iter().all(rewritable) {
+            continue;
+        }
+        let x = nodes[id.0].inputs[0];
+        for r in readers {
+            let n = &mut nodes[r.0];
+            let (product, partial) = match n.op {
+                Op::MatMul(mm) => (mm, None),
+                Op::MatMulPartial(p) => (p.product, Some(p.config)),
+                _ => unreachable!("checked above"),
+            };
+            n.op = Op::ImplicitGemm(ImplicitGemm {
+                product,
+                geom: im.0,
+                partial,
+            });
+            n.inputs[1] = x;
+        }
+        dropped.push(id);
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
 /// The kernel of a node on this adapter: generated where a generator covers it, else the op's
 /// kernel from `shaders/`; `None` for sources and views.
 pub(crate) fn select(
@@ -107,6 +170,23 @@ pub(crate) fn select(
         }
         Op::MatMulPartial(p) => {
             let g = p.kernel(inputs[0], inputs[1]);
+            Some((g.spec.clone(), Some(g)))
+        }
+        Op::ImplicitGemm(c) => {
+            let cols = c.cols_shape(inputs[1]);
+            let d = c
+                .product
+                .dims(inputs[0], &cols)
+                .expect("shape checked at build time");
+            let cfg = match c.partial {
+                Some(cfg) => cfg,
+                None => {
+                    let mut cfg = gemm_config(&d, target, policy)?;
+                    cfg.split = 1;
+                    cfg
+                }
+            };
+            let g = gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom));
             Some((g.spec.clone(), Some(g)))
         }
         _ => op.kernel(inputs, out).map(|k| (k, None)),

@@ -384,3 +384,39 @@ pub fn conv2d_geometry(
     geom.check("conv2d", &what)?;
     Ok(geom)
 }
+
+/// A product whose `b` operand is `im2col(x)` read straight from the image `x` (implicit GEMM):
+/// the plan compiler makes it from `matmul(w, im2col(x))` (the forward convolution) and
+/// `matmul_t(dy, im2col(x), false, true)` (the weight gradient) when the column matrix has no
+/// other reader, so that `[C*kh*kw, N*Ho*Wo]` is never stored. Inputs: `a`, `x` `[N, C, H, W]`,
+/// and the bias where the product has one. With `partial`, the split-K partial sums
+/// `[slices, M, N]` of that configuration (see `matmul::MatMulPartial`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ImplicitGemm {
+    pub product: crate::ops::matmul::MatMul,
+    pub geom: ColGeometry,
+    pub partial: Option<crate::codegen::matmul::GemmConfig>,
+}
+
+impl ImplicitGemm {
+    /// The column matrix's shape for the image `x`.
+    pub fn cols_shape(&self, x: &Shape) -> Shape {
+        self.geom.cols_shape(x.dims()[0])
+    }
+
+    /// CPU reference: the column matrix built, then the product (or its partial sums).
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let cols_shape = self.cols_shape(inputs[1].shape());
+        let cols = self.geom.im2col_cpu(inputs[1], &cols_shape);
+        match self.partial {
+            None => self
+                .product
+                .cpu(inputs[0], &cols, inputs.get(2).copied(), out),
+            Some(config) => crate::ops::matmul::MatMulPartial {
+                product: self.product,
+                config,
+            }
+            .cpu(inputs[0], &cols, out),
+        }
+    }
+}

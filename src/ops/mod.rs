@@ -77,6 +77,8 @@ pub enum Op {
     MatMulPartial(matmul::MatMulPartial),
     /// The split-K partials summed, with the product's bias and relu.
     SplitKSum(matmul::SplitKSum),
+    /// A product reading `im2col(x)` straight from the image (made by the plan compiler).
+    ImplicitGemm(conv::ImplicitGemm),
     Unary(unary::UnaryOp),
     Binary(binary::BinaryOp),
     Softmax(softmax::Softmax),
@@ -153,6 +155,7 @@ impl Op {
             Op::MatMul(_) => "matmul",
             Op::MatMulPartial(_) => "matmul_partial",
             Op::SplitKSum(_) => "splitk_sum",
+            Op::ImplicitGemm(_) => "implicit_gemm",
             Op::Unary(u) => u.name(),
             Op::Binary(b) => b.name(),
             Op::Softmax(s) => s.name(),
@@ -206,6 +209,19 @@ impl Op {
     pub fn cost(&self, inputs: &[&Shape], out: &Shape) -> (f64, f64) {
         let bytes = 4.0 * (inputs.iter().map(|s| s.numel()).sum::<usize>() + out.numel()) as f64;
         let flops = match self {
+            Op::ImplicitGemm(c) => {
+                let cols = c.cols_shape(inputs[1]);
+                let k = if c.product.trans_b {
+                    cols.dims()[1]
+                } else {
+                    cols.dims()[0]
+                };
+                let per_slice = match c.partial {
+                    Some(_) => out.numel() / out.dims()[0],
+                    None => out.numel(),
+                };
+                2.0 * per_slice as f64 * k as f64
+            }
             Op::MatMulPartial(p) => {
                 let a = inputs[0].dims();
                 let k = if p.product.trans_a {
@@ -277,6 +293,7 @@ impl Op {
             Op::MatMul(m) => m.cpu(inputs[0], inputs[1], inputs.get(2).copied(), out),
             Op::MatMulPartial(p) => p.cpu(inputs[0], inputs[1], out),
             Op::SplitKSum(s) => s.cpu(inputs[0], inputs.get(1).copied(), out),
+            Op::ImplicitGemm(c) => c.cpu(inputs, out),
             Op::Unary(u) => u.cpu(inputs[0]),
             Op::Binary(b) => b.cpu(inputs[0], inputs[1], out),
             Op::Softmax(s) => s.cpu(inputs[0]),
@@ -317,6 +334,8 @@ impl Op {
             // generated: see `Op::generated_kernel`
             Op::MatMulPartial(p) => Some(p.kernel(inputs[0], inputs[1]).spec),
             Op::SplitKSum(s) => Some(s.kernel(inputs[0], out)),
+            // generated for the adapter only: see `exec::lower::select`
+            Op::ImplicitGemm(_) => None,
             Op::Unary(u) => Some(u.kernel(out)),
             Op::Binary(b) => Some(b.kernel(inputs[0], inputs[1], out)),
             Op::Softmax(s) => Some(s.kernel(inputs[0])),
@@ -385,6 +404,7 @@ impl Op {
             Op::CrossEntropyBackward(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
+            | Op::ImplicitGemm(_)
             | Op::OptimStep(_)
             | Op::LstmBackward(_)
             | Op::GruBackward(_)
@@ -404,6 +424,7 @@ impl Op {
             Op::MatMul(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
+            | Op::ImplicitGemm(_)
             | Op::Reduce(_)
             | Op::Softmax(_)
             | Op::CrossEntropy(_)
