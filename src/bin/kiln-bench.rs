@@ -6,10 +6,13 @@
 //! Cases: square f32 matmuls (256, 1024; 4096 on a hardware GPU), conv2d forward (batch 64,
 //! 32 -> 64 channels, 13x13, 3x3; and the issue-6 shape, batch 64, 64 -> 64, 56x56, on a hardware
 //! GPU), relu over 16M floats, the MNIST CNN training step (batch 64, Adam) and an LSTM training
-//! step (batch 64, 32 steps, hidden 128). Each case is compiled once, warmed up, then timed over
-//! repeated runs that each wait for the GPU (a readback of one small output), so the times are
-//! end-to-end wall clock per run, submission and synchronisation included. The CPU reference is
-//! skipped where it would take minutes (marked "-").
+//! step (batch 64, 32 steps, hidden 128), and a chain of five elementwise ops (the plan compiler's
+//! fusion). Operands of the kernel cases live on the device (as weights do). Each case is compiled
+//! once, warmed up, then timed two ways: "per run" is wall clock per run that waits for the GPU (a
+//! readback of one small output), submission and synchronisation included; "kernels" is the GPU
+//! time of the plan's ops from timestamp queries (where the adapter has
+//! TIMESTAMP_QUERY_INSIDE_PASSES). The CPU reference is skipped where it would take minutes
+//! (marked "-"). `KILN_GEMM` picks the matmul kernels (see `kiln::GemmPolicy`).
 
 use std::time::{Duration, Instant};
 
@@ -32,58 +35,130 @@ struct Args {
     no_cpu: bool,
 }
 
-/// A compiled case: a closure running it once (waiting for the result), its work, its unit.
+/// What a case runs: a plan with its feeds, or a training step.
+enum Runner {
+    Plan(Plan, Vec<(String, Tensor)>),
+    Train(Box<TrainStep>, Vec<(String, Tensor)>),
+}
+
+/// A compiled case: its runner, its work per run and the unit of its rate.
 struct Case {
     name: String,
-    /// FLOPs (or bytes for memory-bound cases) per run.
+    /// FLOPs (or bytes, or images) per run.
     work: f64,
     unit: &'static str,
-    run: Box<dyn FnMut() -> kiln::Result<()>>,
+    runner: Runner,
+}
+
+impl Case {
+    /// One run, waiting for its (small) result.
+    fn run(&mut self) -> kiln::Result<()> {
+        match &mut self.runner {
+            Runner::Plan(p, feeds) => {
+                let f: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t)).collect();
+                p.run(&f).map(|_| ())
+            }
+            Runner::Train(step, feeds) => {
+                let f: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t)).collect();
+                step.step(&f, true).map(|_| ())
+            }
+        }
+    }
+
+    fn plan_mut(&mut self) -> &mut Plan {
+        match &mut self.runner {
+            Runner::Plan(p, _) => p,
+            Runner::Train(s, _) => s.plan_mut(),
+        }
+    }
+
+    /// GPU time of the ops of one run from timestamp queries (median of a few runs), or `None`
+    /// where the adapter cannot time inside a pass.
+    fn kernel_seconds(&mut self, reps: usize) -> kiln::Result<Option<f64>> {
+        if self.plan_mut().set_profiling(true).is_err() {
+            return Ok(None);
+        }
+        let mut times = Vec::new();
+        for _ in 0..reps.max(1) {
+            self.run()?;
+            times.push(
+                self.plan_mut()
+                    .profile()
+                    .iter()
+                    .map(|t| t.seconds)
+                    .sum::<f64>(),
+            );
+        }
+        self.plan_mut().set_profiling(false)?;
+        times.sort_by(|a, b| a.total_cmp(b));
+        Ok(Some(times[times.len() / 2]))
+    }
 }
 
 fn plan_case(
     name: String,
     work: f64,
     unit: &'static str,
-    mut plan: Plan,
+    plan: Plan,
     feeds: Vec<(String, Tensor)>,
 ) -> Case {
     Case {
         name,
         work,
         unit,
-        run: Box::new(move || {
-            let f: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            plan.run(&f).map(|_| ())
-        }),
+        runner: Runner::Plan(plan, feeds),
     }
+}
+
+/// A parameter holding `value` on the device: operands that stay on the GPU between runs, as
+/// weights do, so that a run times the kernels rather than host uploads.
+fn resident(dev: &Device, g: &Graph, name: &str, value: Tensor) -> kiln::Result<kiln::NodeId> {
+    dev.set_param(name, &value)?;
+    Ok(g.param(name, value.shape().clone()))
 }
 
 fn matmul(dev: &Device, n: usize) -> kiln::Result<Case> {
     let g = Graph::new();
-    let a = g.input("a", [n, n]);
-    let b = g.input("b", [n, n]);
-    // read back one element only: the sum of a row would add work, so take a 1x1 slice
+    let a = resident(
+        dev,
+        &g,
+        &format!("bench.mm{n}.a"),
+        Tensor::rand_uniform([n, n], -1.0, 1.0, 1),
+    )?;
+    let b = resident(
+        dev,
+        &g,
+        &format!("bench.mm{n}.b"),
+        Tensor::rand_uniform([n, n], -1.0, 1.0, 2),
+    )?;
+    // read back one element only: take a 1x1 slice
     let y = g.matmul(a, b)?;
     let probe = g.narrow(g.narrow(y, 0, 0, 1)?, 1, 0, 1)?;
     let plan = dev.compile(&g, &[probe])?;
-    let feeds = vec![
-        ("a".into(), Tensor::rand_uniform([n, n], -1.0, 1.0, 1)),
-        ("b".into(), Tensor::rand_uniform([n, n], -1.0, 1.0, 2)),
-    ];
     Ok(plan_case(
         format!("matmul {n}^3"),
         2.0 * (n as f64).powi(3),
         "GFLOP/s",
         plan,
-        feeds,
+        Vec::new(),
     ))
 }
 
 fn conv(dev: &Device, (n, c, h, o): (usize, usize, usize, usize)) -> kiln::Result<Case> {
     let g = Graph::new();
-    let x = g.input("x", [n, c, h, h]);
-    let w = g.input("w", [o, c, 3, 3]);
+    let tag = format!("bench.conv{n}x{c}x{h}x{o}");
+    let x = resident(
+        dev,
+        &g,
+        &format!("{tag}.x"),
+        Tensor::rand_uniform([n, c, h, h], -1.0, 1.0, 3),
+    )?;
+    let w = resident(
+        dev,
+        &g,
+        &format!("{tag}.w"),
+        Tensor::rand_uniform([o, c, 3, 3], -0.1, 0.1, 4),
+    )?;
     let y = g.conv2d(
         x,
         w,
@@ -96,32 +171,57 @@ fn conv(dev: &Device, (n, c, h, o): (usize, usize, usize, usize)) -> kiln::Resul
     let probe = g.narrow(g.flatten(y)?, 1, 0, 1)?;
     let plan = dev.compile(&g, &[probe])?;
     let flops = 2.0 * (n * o * h * h * c * 9) as f64;
-    let feeds = vec![
-        ("x".into(), Tensor::rand_uniform([n, c, h, h], -1.0, 1.0, 3)),
-        ("w".into(), Tensor::rand_uniform([o, c, 3, 3], -0.1, 0.1, 4)),
-    ];
     Ok(plan_case(
         format!("conv2d fwd {n}x{c}x{h}x{h} -> {o}, 3x3"),
         flops,
         "GFLOP/s",
         plan,
-        feeds,
+        Vec::new(),
     ))
 }
 
 fn relu(dev: &Device, n: usize) -> kiln::Result<Case> {
     let g = Graph::new();
-    let x = g.input("x", [n]);
+    let x = resident(
+        dev,
+        &g,
+        &format!("bench.relu{n}"),
+        Tensor::rand_uniform([n], -1.0, 1.0, 5),
+    )?;
     let probe = g.narrow(g.relu(x)?, 0, 0, 1)?;
     let plan = dev.compile(&g, &[probe])?;
-    // the input upload is part of a run: count it with the kernel's read and write
-    let feeds = vec![("x".into(), Tensor::rand_uniform([n], -1.0, 1.0, 5))];
     Ok(plan_case(
-        format!("relu {}M floats (incl. upload)", n >> 20),
-        12.0 * n as f64,
+        format!("relu {}M floats", n >> 20),
+        8.0 * n as f64,
         "GB/s",
         plan,
-        feeds,
+        Vec::new(),
+    ))
+}
+
+/// `relu(x * s + t) * u - x` over `n` floats: five elementwise ops the plan compiler may fuse;
+/// bytes counted as one read of each input and one write (what a fused kernel moves).
+fn chain(dev: &Device, n: usize) -> kiln::Result<Case> {
+    let g = Graph::new();
+    let tag = format!("bench.chain{n}");
+    let t = |k: u64| {
+        resident(
+            dev,
+            &g,
+            &format!("{tag}.{k}"),
+            Tensor::rand_uniform([n], -1.0, 1.0, 10 + k),
+        )
+    };
+    let (x, s, b, u) = (t(0)?, t(1)?, t(2)?, t(3)?);
+    let y = g.sub(g.mul(g.relu(g.add(g.mul(x, s)?, b)?)?, u)?, x)?;
+    let probe = g.narrow(y, 0, 0, 1)?;
+    let plan = dev.compile(&g, &[probe])?;
+    Ok(plan_case(
+        format!("elementwise chain (5 ops) {}M floats", n >> 20),
+        20.0 * n as f64,
+        "GB/s",
+        plan,
+        Vec::new(),
     ))
 }
 
@@ -132,14 +232,14 @@ fn cnn_step(dev: &Device) -> kiln::Result<Case> {
     let y = g.input("y", [64]);
     let (logits, params) = model.apply(&g, x, true)?;
     let loss = g.cross_entropy(logits, y)?;
-    let mut step = TrainStep::new(dev, &g, loss, &params, Optimizer::adam(1e-3), 0)?;
+    let step = TrainStep::new(dev, &g, loss, &params, Optimizer::adam(1e-3), 0)?;
     let xs = Tensor::rand_uniform([64, 1, 28, 28], 0.0, 1.0, 6);
     let ys = Tensor::new([64], (0..64).map(|i| (i % 10) as f32).collect())?;
     Ok(Case {
         name: "mnist_cnn train step, batch 64".into(),
         work: 64.0,
         unit: "images/s",
-        run: Box::new(move || step.step(&[("x", &xs), ("y", &ys)], true).map(|_| ())),
+        runner: Runner::Train(Box::new(step), vec![("x".into(), xs), ("y".into(), ys)]),
     })
 }
 
@@ -157,7 +257,7 @@ fn lstm_step(dev: &Device, hidden: usize) -> kiln::Result<Case> {
     let loss = g.cross_entropy(logits, y)?;
     let mut params = out.params.clone();
     params.extend(hp);
-    let mut step = TrainStep::new(
+    let step = TrainStep::new(
         dev,
         &g,
         loss,
@@ -171,18 +271,18 @@ fn lstm_step(dev: &Device, hidden: usize) -> kiln::Result<Case> {
         name: format!("lstm train step, batch 64, 32 steps, hidden {hidden}"),
         work: 1.0,
         unit: "steps/s",
-        run: Box::new(move || step.step(&[("x", &xs), ("y", &ys)], true).map(|_| ())),
+        runner: Runner::Train(Box::new(step), vec![("x".into(), xs), ("y".into(), ys)]),
     })
 }
 
 /// Median seconds per run after a warm-up, within a time budget.
 fn time(case: &mut Case, reps: usize, budget: Duration) -> kiln::Result<f64> {
-    (case.run)()?;
+    case.run()?;
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < reps && (times.is_empty() || start.elapsed() < budget) {
         let t = Instant::now();
-        (case.run)()?;
+        case.run()?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));
@@ -204,6 +304,12 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
         None
     });
     v.push(Some(relu(dev, 16 << 20)?));
+    v.push(if hardware && !cpu {
+        Some(relu(dev, 64 << 20)?)
+    } else {
+        None
+    });
+    v.push(Some(chain(dev, if hardware { 64 << 20 } else { 4 << 20 })?));
     v.push(Some(cnn_step(dev)?));
     v.push(Some(lstm_step(dev, 128)?));
     Ok(v)
@@ -237,16 +343,18 @@ fn run(args: Args) -> kiln::Result<()> {
     };
     let mut rows = Vec::new();
     println!(
-        "{:<52} {:>14} {:>14} {:>10}",
-        "case", "GPU", "CPU", "GPU/CPU"
+        "{:<44} {:>20} {:>20} {:>14} {:>9}",
+        "case", "GPU (per run)", "GPU (kernels)", "CPU", "GPU/CPU"
     );
     for (k, slot) in gpu_cases.iter_mut().enumerate() {
         let Some(g) = slot.as_mut() else {
             continue;
         };
         let tg = time(g, reps, budget)?;
+        let tk = g.kernel_seconds(reps.min(5))?;
         let rate = |t: f64, c: &Case| c.work / t / if c.unit.starts_with('G') { 1e9 } else { 1.0 };
         let rg = rate(tg, g);
+        let rk = tk.map(|t| rate(t, g));
         // the CPU reference gets fewer repetitions: it is the slow side
         let tc = match cpu_cases.get_mut(k).and_then(|c| c.as_mut()) {
             Some(c) if !c.name.contains("1024") && !c.name.contains("16M") => {
@@ -256,21 +364,27 @@ fn run(args: Args) -> kiln::Result<()> {
         };
         let rc = tc.map(|t| rate(t, g));
         println!(
-            "{:<52} {:>7.2} {:<6} {:>14} {:>10}",
+            "{:<44} {:>10.2} {:<9} {:>10} {:<9} {:>14} {:>9}",
             g.name,
             rg,
             g.unit,
+            rk.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
+            if rk.is_some() { g.unit } else { "" },
             rc.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into()),
             rc.map(|r| format!("{:.1}x", rg / r))
                 .unwrap_or_else(|| "-".into())
         );
         rows.push(serde_json::json!({
-            "case": g.name, "unit": g.unit, "gpu": rg, "gpu_seconds": tg, "cpu": rc, "cpu_seconds": tc,
+            "case": g.name, "unit": g.unit, "gpu": rg, "gpu_seconds": tg,
+            "gpu_kernels": rk, "gpu_kernel_seconds": tk, "cpu": rc, "cpu_seconds": tc,
         }));
     }
     if let Some(path) = args.json {
-        let doc =
-            serde_json::json!({ "gpu": gpu.describe(), "hardware": hardware, "results": rows });
+        let doc = serde_json::json!({
+            "gpu": gpu.describe(), "hardware": hardware,
+            "gemm": std::env::var("KILN_GEMM").unwrap_or_else(|_| "auto".into()),
+            "results": rows,
+        });
         let json = serde_json::to_string_pretty(&doc).expect("plain JSON values");
         std::fs::write(&path, json).map_err(|e| kiln::Error::Io {
             path: path.display().to_string(),

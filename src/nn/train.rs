@@ -69,4 +69,9 @@ impl TrainStep {
     pub fn plan(&self) -> &Plan {
         &self.plan
     }
+
+    /// The compiled plan, to turn profiling on (`Plan::set_profiling`).
+    pub fn plan_mut(&mut self) -> &mut Plan {
+        &mut self.plan
+    }
 }
