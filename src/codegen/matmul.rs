@@ -44,6 +44,9 @@ pub const TILINGS: &[(u32, u32, u32, u32)] = &[
     (32, 32, 4, 4),
     (16, 64, 4, 4),
     (64, 16, 4, 4),
+    (32, 16, 4, 4),
+    (16, 32, 4, 4),
+    (16, 16, 4, 4),
 ];
 
 /// A slice of K is at least this deep, so that split-K's partial sums stay cheap next to the product.
@@ -134,22 +137,23 @@ impl GemmConfig {
 
 /// The configuration for an `M x N x K` product over `batch` matrices on `target`.
 ///
-/// Model: the adapter runs `parallel_workgroups * 256` threads at once, so a tiling takes
-/// `waves = ceil(tiles * threads / capacity)` rounds. In each round a thread spends, per step of
-/// K, `TM*TN` multiply-adds, `(TM+TN)/4` vec4 reads of workgroup memory (weighed 2) and its share
-/// `(BM+BN)/threads` of the tile's global loads (weighed 8). The cheapest tiling wins; ties go to
-/// less padding, then to the larger tile. Split-K follows when the tiling keeps less than half
-/// of the adapter busy and K is deep.
+/// Model: the adapter runs `parallel_workgroups * 256` threads at once. A tiling that keeps
+/// less than half of them busy cuts K into slices (split-K, each slice at least 256 deep) until
+/// it fills the adapter; then it takes `waves = ceil(tiles * slices * threads / capacity)` rounds.
+/// In each round a thread spends, per step of K, `TM*TN` multiply-adds, `(TM+TN)/4` vec4 reads
+/// of workgroup memory (weighed 2) and its share `(BM+BN)/threads` of the tile's global loads
+/// (weighed 8), over the depth of its slice. The cheapest tiling wins; ties go to less padding,
+/// then to the larger tile. Workgroups narrower than a subgroup are not considered.
 pub fn choose(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Option<GemmConfig> {
     let capacity = target.parallel_workgroups.max(1) as u64 * 256;
-    let mut best: Option<(GemmConfig, f64, u64, u64)> = None;
+    let mut best: Option<(GemmConfig, f64, u64)> = None;
     for &(bm, bn, tm, tn) in TILINGS {
         let bk = if 4 * 16 * (bm + bn) <= target.workgroup_storage {
             16
         } else {
             8
         };
-        let cfg = GemmConfig {
+        let mut cfg = GemmConfig {
             bm,
             bn,
             bk,
@@ -157,36 +161,36 @@ pub fn choose(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Op
             tn,
             split: 1,
         };
-        if !cfg.fits(target) {
+        if !cfg.fits(target) || cfg.threads() < target.subgroup_size {
             continue;
         }
         let threads = cfg.threads() as u64;
         let tiles = groups(m, bm as usize) * groups(n, bn as usize) * batch as u64;
+        let busy = (tiles * threads).min(capacity);
+        if 2 * busy < capacity && k >= 2 * MIN_SLICE {
+            let want = capacity.div_ceil(busy) as usize;
+            cfg.split = want.min(k / MIN_SLICE).max(1) as u32;
+            cfg.split = cfg.slices(k);
+        }
         let padded = tiles * (bm * bn) as u64;
-        let waves = (tiles * threads).div_ceil(capacity);
+        let waves = (tiles * cfg.split as u64 * threads).div_ceil(capacity);
         let per_step = (tm * tn) as f64
             + 2.0 * (tm + tn) as f64 / 4.0
             + 8.0 * (bm + bn) as f64 / threads as f64;
-        let time = waves as f64 * per_step;
+        let time = waves as f64 * per_step * cfg.chunk(k) as f64;
         let better = match &best {
             None => true,
-            Some((b, bt, bp, _)) => {
+            Some((b, bt, bp)) => {
                 time < *bt
                     || (time == *bt && padded < *bp)
                     || (time == *bt && padded == *bp && bm * bn > b.bm * b.bn)
             }
         };
         if better {
-            best = Some((cfg, time, padded, (tiles * threads).min(capacity)));
+            best = Some((cfg, time, padded));
         }
     }
-    let (mut cfg, _, _, busy) = best?;
-    if 2 * busy < capacity && k >= 2 * MIN_SLICE {
-        let want = capacity.div_ceil(busy) as usize;
-        cfg.split = want.min(k / MIN_SLICE).max(1) as u32;
-        cfg.split = cfg.slices(k);
-    }
-    Some(cfg)
+    best.map(|(cfg, _, _)| cfg)
 }
 
 /// The launch of `mm` with configuration `cfg`: its WGSL and constants. With `cfg.split > 1` the
