@@ -292,4 +292,13 @@ fn implicit_gemm_convolutions() {
     dev.set_gemm_policy(GemmPolicy::Auto).unwrap();
     let implicit = dev.compile(&g, &[y]).unwrap().info().dispatches;
     assert_eq!(portable, implicit + 1, "im2col is gone from the plan");
+    // gradients: the weight gradient reads the image, the input gradient is one implicit GEMM
+    // (no column matrix, no w^T x dy product, the col2im replaced)
+    let l = g.sum_all(y).unwrap();
+    let grads = g.grad(l, &[x, w]).unwrap();
+    dev.set_gemm_policy(GemmPolicy::Portable).unwrap();
+    let portable = dev.compile(&g, &grads).unwrap().info().dispatches;
+    dev.set_gemm_policy(GemmPolicy::Auto).unwrap();
+    let implicit = dev.compile(&g, &grads).unwrap().info().dispatches;
+    assert_eq!(portable, implicit + 2, "im2col and the dx product are gone");
 }

@@ -110,11 +110,30 @@ fn every_generated_matmul_is_valid_wgsl() {
                     partial,
                     // every fifth scalar-b layout reads b as an image (implicit-GEMM conv)
                     im2col: (!bit(3) && bits % 5 == 0).then_some(geom),
+                    dgrad: None,
                 };
                 validate(&format!("{} {lay:?}", cfg.describe()), &wgsl(&cfg, &lay));
                 count += 1;
             }
         }
+    }
+    // the implicit input gradient of every tiling
+    for &(bm, bn, tm, tn) in TILINGS {
+        let cfg = GemmConfig {
+            bm,
+            bn,
+            bk: 16,
+            tm,
+            tn,
+            split: 1,
+        };
+        let d = kiln::ops::conv::ImplicitDgrad { geom }.dims(
+            &kiln::Shape(vec![5, geom.rows()]),
+            &kiln::Shape(vec![2, 3, 7, 9]),
+        );
+        let src = &*kiln::codegen::matmul::dgrad_kernel(geom, &d, &cfg).wgsl;
+        validate(&format!("dgrad {}", cfg.describe()), src);
+        count += 1;
     }
     assert!(count >= 500);
 }

@@ -259,6 +259,10 @@ pub struct Layout {
     pub partial: bool,
     /// `b` is an NCHW image read as its column matrix `im2col(b)` (implicit-GEMM convolution).
     pub im2col: Option<ColGeometry>,
+    /// The input gradient of a convolution of this geometry as one implicit GEMM (see
+    /// [`dgrad_kernel`]): `a` is the weight `[O, C*kh*kw]`, `b` the output gradient
+    /// `[O, N*Ho*Wo]`, and the result is stored as the image `[N, C, H, W]`.
+    pub dgrad: Option<ColGeometry>,
 }
 
 impl Layout {
@@ -275,6 +279,7 @@ impl Layout {
             relu: mm.relu && !partial,
             partial,
             im2col: None,
+            dgrad: None,
         }
     }
 
@@ -294,8 +299,22 @@ impl Layout {
             ),
             None => String::new(),
         };
+        let dgrad = match self.dgrad {
+            Some(g) => format!(
+                ",dgrad[c{} {}x{} k{}x{} s{:?} p{:?} d{:?}]",
+                g.channels,
+                g.image.0,
+                g.image.1,
+                g.kernel.0,
+                g.kernel.1,
+                g.opts.stride,
+                g.opts.padding,
+                g.opts.dilation
+            ),
+            None => String::new(),
+        };
         format!(
-            "{}{}{}{}{}{}{}{}{im2col}",
+            "{}{}{}{}{}{}{}{}{im2col}{dgrad}",
             f(self.trans_a, ",ta"),
             f(self.trans_b, ",tb"),
             f(self.vec_a, ",va"),
@@ -327,8 +346,9 @@ struct TileLoad {
     k_contiguous: bool,
     /// Load vec4s along the contiguous axis.
     vec: bool,
-    /// Read through `cols(row, col)` (the operand is an image seen as its column matrix).
-    im2col: bool,
+    /// Read through this WGSL function of (tile row or column, k) instead of the operand's
+    /// memory: `Some((name, k_first))` calls `name(k, g)` when `k_first`, else `name(g, k)`.
+    gather: Option<(&'static str, bool)>,
 }
 
 /// One operand tile's loads into workgroup memory, unrolled: the same count per thread.
@@ -341,7 +361,7 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
         origin,
         k_contiguous,
         vec,
-        im2col,
+        gather,
     } = *tile;
     let t = cfg.threads();
     let bk = cfg.bk;
@@ -388,12 +408,10 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
         } else {
             format!("{base} + k * {ext_name} + g")
         };
-        // the column matrix [C*kh*kw, N*Ho*Wo] is op(b) itself, or its transpose when k runs
-        // along its columns
-        let read = match (im2col, k_contiguous) {
-            (true, true) => "cols(g, k)".to_string(),
-            (true, false) => "cols(k, g)".to_string(),
-            (false, _) => format!("{operand}[{index}]"),
+        let read = match gather {
+            Some((f, true)) => format!("{f}(k, g)"),
+            Some((f, false)) => format!("{f}(g, k)"),
+            None => format!("{operand}[{index}]"),
         };
         if vec {
             let _ = writeln!(
@@ -463,6 +481,77 @@ fn cols(r: u32, p: u32) -> f32 {{
     )
 }
 
+/// The gathers and the store index of the implicit input gradient (see [`Layout::dgrad`]).
+fn dgrad_fns(g: ColGeometry) -> String {
+    let (ho, wo) = g.out_hw();
+    let o = g.opts;
+    let (kh, kw) = g.kernel;
+    format!(
+        "
+// a[c, (o, i, j)] = w[o, c, i, j], w stored [O, C*kh*kw]
+fn weight_at(c: u32, k: u32) -> f32 {{
+    return a[(k / {khkw}u) * {rows}u + c * {khkw}u + k % {khkw}u];
+}}
+
+// b[(o, i, j), (n, h, w)] = dy[o, n, oh, ow] where the window (oh, ow) puts tap (i, j) on
+// (h, w); zero where no window does (stride gaps, borders)
+fn dy_at(k: u32, q: u32) -> f32 {{
+    let o = k / {khkw}u;
+    let i = (k / {kw}u) % {kh}u;
+    let j = k % {kw}u;
+    let w = q % {w}u;
+    let h = (q / {w}u) % {h}u;
+    let n = q / {hw}u;
+    let th = i32(h) + {ph} - i32(i * {dh}u);
+    let tw = i32(w) + {pw} - i32(j * {dw}u);
+    if th < 0 || tw < 0 {{
+        return 0.0;
+    }}
+    let oh = u32(th) / {sh}u;
+    let ow = u32(tw) / {sw}u;
+    if u32(th) % {sh}u != 0u || u32(tw) % {sw}u != 0u || oh >= {ho}u || ow >= {wo}u {{
+        return 0.0;
+    }}
+    return b[o * ((N / {hw}u) * {howo}u) + (n * {ho}u + oh) * {wo}u + ow];
+}}
+
+// where dx[n, c, h, w] lives for row c, column (n, h, w)
+fn dx_index(c: u32, q: u32) -> u32 {{
+    return ((q / {hw}u) * M + c) * {hw}u + q % {hw}u;
+}}
+",
+        khkw = kh * kw,
+        rows = g.rows(),
+        h = g.image.0,
+        w = g.image.1,
+        hw = g.image.0 * g.image.1,
+        howo = ho * wo,
+        ph = o.padding.0,
+        pw = o.padding.1,
+        sh = o.stride.0,
+        sw = o.stride.1,
+        dh = o.dilation.0,
+        dw = o.dilation.1,
+    )
+}
+
+/// The input gradient `dx [batch, C, H, W]` of a convolution of geometry `geom` from the weight
+/// `w [O, C*kh*kw]` and the output gradient `dy [O, batch*Ho*Wo]`, as one implicit GEMM with
+/// configuration `cfg` (no split-K): what `col2im(w^T x dy)` computes, without the column matrix.
+pub fn dgrad_kernel(geom: ColGeometry, d: &ProductDims, cfg: &GemmConfig) -> Generated {
+    let mut cfg = *cfg;
+    cfg.split = 1;
+    let mut g = kernel_with(&MatMul::default(), d, &cfg, None);
+    let mut lay = Layout::of(&MatMul::default(), d, false);
+    lay.vec_a = false;
+    lay.vec_b = false;
+    lay.vec_out = false;
+    lay.dgrad = Some(geom);
+    g.key = format!("{}{}", cfg.describe(), lay.describe());
+    g.wgsl = wgsl(&cfg, &lay).into();
+    g
+}
+
 /// The WGSL of one configuration.
 pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
     let (bm, bn, bk, tm, tn) = (cfg.bm, cfg.bn, cfg.bk, cfg.tm, cfg.tn);
@@ -515,6 +604,18 @@ pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
         ty_(lay.vec_out),
         lay.relu,
     );
+    if let Some(g) = lay.dgrad {
+        let _ = writeln!(
+            s,
+            "// Implicit GEMM, input gradient of a convolution: dx[n, c, h, w] = sum over (o, i, j) of
+//   w[o, c, i, j] * dy[o, n, oh, ow] where oh * SH = h + PH - i * DH (likewise ow), so M = C = {},
+//   N = batch * H * W ({} x {}), K = O * kh * kw; a = w [O, C*kh*kw] (read by `weight_at`),
+//   b = dy [O, batch*Ho*Wo] (read by `dy_at`), out = dx [batch, C, H, W] (stored by `dx_index`).
+//   Kernel {:?}, stride {:?}, padding {:?}, dilation {:?}.
+",
+            g.channels, g.image.0, g.image.1, g.kernel, g.opts.stride, g.opts.padding, g.opts.dilation
+        );
+    }
     if let Some(g) = lay.im2col {
         let _ = writeln!(
             s,
@@ -598,7 +699,11 @@ fn main(
         bk * bm / 4,
         bk * bn / 4,
         bm4 = bm / 4,
-        cols_fn = lay.im2col.map(cols_fn).unwrap_or_default(),
+        cols_fn = lay
+            .im2col
+            .map(cols_fn)
+            .or(lay.dgrad.map(dgrad_fns))
+            .unwrap_or_default(),
     );
     for i in 0..tm {
         for j in 0..cq {
@@ -616,8 +721,8 @@ fn main(
         ext: bm,
         origin: "row0",
         k_contiguous: !lay.trans_a,
-        vec: lay.vec_a,
-        im2col: false,
+        vec: lay.vec_a && lay.dgrad.is_none(),
+        gather: lay.dgrad.map(|_| ("weight_at", false)),
     };
     let b_tile = TileLoad {
         operand: "b",
@@ -626,8 +731,14 @@ fn main(
         ext: bn,
         origin: "col0",
         k_contiguous: lay.trans_b,
-        vec: lay.vec_b && lay.im2col.is_none(),
-        im2col: lay.im2col.is_some(),
+        vec: lay.vec_b && lay.im2col.is_none() && lay.dgrad.is_none(),
+        // the column matrix [C*kh*kw, N*Ho*Wo] is op(b) itself, or its transpose when k runs
+        // along its columns
+        gather: match (lay.im2col, lay.dgrad) {
+            (Some(_), _) => Some(("cols", !lay.trans_b)),
+            (_, Some(_)) => Some(("dy_at", true)),
+            _ => None,
+        },
     };
     emit_tile_load(&mut s, &a_tile, cfg);
     emit_tile_load(&mut s, &b_tile, cfg);
@@ -684,7 +795,17 @@ fn main(
                 v = format!("max({v}, vec4<f32>(0.0))");
             }
             let _ = writeln!(s, "        let y = {v};");
-            if lay.vec_out {
+            if lay.dgrad.is_some() {
+                let _ = writeln!(
+                    s,
+                    "        if r < M {{
+            if c < N {{ out[dx_index(r, c)] = y.x; }}
+            if c + 1u < N {{ out[dx_index(r, c + 1u)] = y.y; }}
+            if c + 2u < N {{ out[dx_index(r, c + 2u)] = y.z; }}
+            if c + 3u < N {{ out[dx_index(r, c + 3u)] = y.w; }}
+        }}"
+                );
+            } else if lay.vec_out {
                 let _ = writeln!(
                     s,
                     "        if r < M && c < N {{ out[(obase + r * N + c) / 4u] = y; }}"

@@ -82,6 +82,7 @@ impl GpuPlan {
             .gpu_ctx()
             .ok_or_else(|| Error::Device("not a GPU device".into()))?;
         let policy = *ctx.gemm_policy.lock().expect("policy lock");
+        lower::implicit_col2im(&mut nodes, &mut order, outputs, &ctx.target, policy);
         lower::split_k(&mut nodes, &mut order, &ctx.target, policy);
         lower::implicit_im2col(&mut nodes, &mut order, outputs, &ctx.target, policy);
         let bytes_of = |id: NodeId| (nodes[id.0].shape.numel() * 4) as u64;

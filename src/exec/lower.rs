@@ -7,7 +7,7 @@ use crate::codegen::matmul::{self as gemm, GemmConfig};
 use crate::codegen::{Generated, Target};
 use crate::device::GemmPolicy;
 use crate::graph::{Node, NodeId};
-use crate::ops::conv::ImplicitGemm;
+use crate::ops::conv::{ImplicitDgrad, ImplicitGemm};
 use crate::ops::matmul::{MatMul, MatMulPartial, ProductDims, SplitKSum};
 use crate::ops::{KernelSpec, Op};
 use crate::tensor::Shape;
@@ -145,6 +145,46 @@ pub(crate) fn implicit_im2col(
     order.retain(|id| !dropped.contains(id));
 }
 
+/// Where a `col2im` sums up the product `w^T x dy` (a convolution's input gradient) and nothing
+/// else reads that product, runs both as one implicit GEMM (`ImplicitDgrad`) and drops the product
+/// from the plan. Runs before `split_k`, which would otherwise cut the product.
+pub(crate) fn implicit_col2im(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+    target: &Target,
+    policy: GemmPolicy,
+) {
+    let mut dropped = Vec::new();
+    for &id in order.iter() {
+        let Op::Col2im(c) = nodes[id.0].op else {
+            continue;
+        };
+        let prod = nodes[id.0].inputs[0];
+        let Op::MatMul(mm) = nodes[prod.0].op else {
+            continue;
+        };
+        if mm != ImplicitDgrad::product() || targets.contains(&prod) {
+            continue;
+        }
+        let readers = order
+            .iter()
+            .filter(|r| nodes[r.0].inputs.contains(&prod))
+            .count();
+        let dgrad = ImplicitDgrad { geom: c.0 };
+        let (w, dy) = (nodes[prod.0].inputs[0], nodes[prod.0].inputs[1]);
+        let d = dgrad.dims(&nodes[w.0].shape, &nodes[id.0].shape);
+        if readers != 1 || gemm_config(&d, target, policy).is_none() {
+            continue;
+        }
+        let n = &mut nodes[id.0];
+        n.op = Op::ImplicitDgrad(dgrad);
+        n.inputs = vec![w, dy];
+        dropped.push(prod);
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
 /// The kernel of a node on this adapter: generated where a generator covers it, else the op's
 /// kernel from `shaders/`; `None` for sources and views.
 pub(crate) fn select(
@@ -187,6 +227,12 @@ pub(crate) fn select(
                 }
             };
             let g = gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom));
+            Some((g.spec.clone(), Some(g)))
+        }
+        Op::ImplicitDgrad(c) => {
+            let d = c.dims(inputs[0], out);
+            let cfg = gemm_config(&d, target, policy)?;
+            let g = gemm::dgrad_kernel(c.geom, &d, &cfg);
             Some((g.spec.clone(), Some(g)))
         }
         _ => op.kernel(inputs, out).map(|k| (k, None)),

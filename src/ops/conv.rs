@@ -420,3 +420,44 @@ impl ImplicitGemm {
         }
     }
 }
+
+/// The input gradient of a convolution as one implicit GEMM: `col2im(w^T x dy)` with neither the
+/// product `[C*kh*kw, N*Ho*Wo]` stored nor a `col2im` pass. The plan compiler makes it from a
+/// `col2im` whose input is that product and has no other reader. Inputs: the weight
+/// `[O, C*kh*kw]` and the output gradient `[O, N*Ho*Wo]`; output: the image `[N, C, H, W]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ImplicitDgrad {
+    pub geom: ColGeometry,
+}
+
+impl ImplicitDgrad {
+    /// The product `w^T x dy` it stands for.
+    pub fn product() -> crate::ops::matmul::MatMul {
+        crate::ops::matmul::MatMul {
+            trans_a: true,
+            ..Default::default()
+        }
+    }
+
+    /// The GEMM it runs: M = C, N = batch*H*W, K = O*kh*kw.
+    pub fn dims(&self, w: &Shape, out: &Shape) -> crate::ops::matmul::ProductDims {
+        crate::ops::matmul::ProductDims {
+            m: self.geom.channels,
+            n: out.numel() / self.geom.channels.max(1),
+            k: w.dims()[0] * self.geom.kernel.0 * self.geom.kernel.1,
+            a_batch: Shape(vec![]),
+            b_batch: Shape(vec![]),
+            batch: Shape(vec![]),
+        }
+    }
+
+    /// CPU reference: the product, then `col2im`.
+    pub fn cpu(&self, w: &Tensor, dy: &Tensor, out: &Shape) -> Tensor {
+        let mm = Self::product();
+        let cols_shape = mm
+            .infer(w.shape(), dy.shape())
+            .expect("checked when lowered");
+        let cols = mm.cpu(w, dy, None, &cols_shape);
+        self.geom.col2im_cpu(&cols, out)
+    }
+}

@@ -79,6 +79,8 @@ pub enum Op {
     SplitKSum(matmul::SplitKSum),
     /// A product reading `im2col(x)` straight from the image (made by the plan compiler).
     ImplicitGemm(conv::ImplicitGemm),
+    /// A convolution's input gradient as one implicit GEMM (made by the plan compiler).
+    ImplicitDgrad(conv::ImplicitDgrad),
     Unary(unary::UnaryOp),
     Binary(binary::BinaryOp),
     Softmax(softmax::Softmax),
@@ -156,6 +158,7 @@ impl Op {
             Op::MatMulPartial(_) => "matmul_partial",
             Op::SplitKSum(_) => "splitk_sum",
             Op::ImplicitGemm(_) => "implicit_gemm",
+            Op::ImplicitDgrad(_) => "implicit_dgrad",
             Op::Unary(u) => u.name(),
             Op::Binary(b) => b.name(),
             Op::Softmax(s) => s.name(),
@@ -221,6 +224,10 @@ impl Op {
                     None => out.numel(),
                 };
                 2.0 * per_slice as f64 * k as f64
+            }
+            Op::ImplicitDgrad(c) => {
+                let d = c.dims(inputs[0], out);
+                2.0 * (d.m * d.n * d.k) as f64
             }
             Op::MatMulPartial(p) => {
                 let a = inputs[0].dims();
@@ -294,6 +301,7 @@ impl Op {
             Op::MatMulPartial(p) => p.cpu(inputs[0], inputs[1], out),
             Op::SplitKSum(s) => s.cpu(inputs[0], inputs.get(1).copied(), out),
             Op::ImplicitGemm(c) => c.cpu(inputs, out),
+            Op::ImplicitDgrad(c) => c.cpu(inputs[0], inputs[1], out),
             Op::Unary(u) => u.cpu(inputs[0]),
             Op::Binary(b) => b.cpu(inputs[0], inputs[1], out),
             Op::Softmax(s) => s.cpu(inputs[0]),
@@ -335,7 +343,7 @@ impl Op {
             Op::MatMulPartial(p) => Some(p.kernel(inputs[0], inputs[1]).spec),
             Op::SplitKSum(s) => Some(s.kernel(inputs[0], out)),
             // generated for the adapter only: see `exec::lower::select`
-            Op::ImplicitGemm(_) => None,
+            Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) => None,
             Op::Unary(u) => Some(u.kernel(out)),
             Op::Binary(b) => Some(b.kernel(inputs[0], inputs[1], out)),
             Op::Softmax(s) => Some(s.kernel(inputs[0])),
@@ -405,6 +413,7 @@ impl Op {
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
             | Op::ImplicitGemm(_)
+            | Op::ImplicitDgrad(_)
             | Op::OptimStep(_)
             | Op::LstmBackward(_)
             | Op::GruBackward(_)
@@ -425,6 +434,7 @@ impl Op {
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
             | Op::ImplicitGemm(_)
+            | Op::ImplicitDgrad(_)
             | Op::Reduce(_)
             | Op::Softmax(_)
             | Op::CrossEntropy(_)
