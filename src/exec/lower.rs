@@ -1,8 +1,10 @@
 //! Lowering for one GPU: before buffers are planned, products too small to fill the adapter but
-//! deep in K become a split-K pair (partial products, then their sum with the epilogue); then
-//! each node gets its kernel, generated for the adapter (`codegen`) or from `shaders/`.
+//! deep in K become a split-K pair (partial products, then their sum with the epilogue), and
+//! chains of elementwise ops become one fused node (`exec::fuse`); then each node gets its
+//! kernel, generated for the adapter (`codegen`) or from `shaders/`.
 //! Node ids of the graph keep their meaning: a rewritten node still computes the same tensor.
 
+use crate::codegen::elementwise;
 use crate::codegen::matmul::{self as gemm, GemmConfig};
 use crate::codegen::{Generated, Target};
 use crate::device::GemmPolicy;
@@ -107,6 +109,10 @@ pub(crate) fn select(
         }
         Op::MatMulPartial(p) => {
             let g = p.kernel(inputs[0], inputs[1]);
+            Some((g.spec.clone(), Some(g)))
+        }
+        Op::Fused(f) => {
+            let g = elementwise::kernel(f, inputs, out);
             Some((g.spec.clone(), Some(g)))
         }
         _ => op.kernel(inputs, out).map(|k| (k, None)),

@@ -5,6 +5,7 @@ pub mod binary;
 pub mod conv;
 pub mod dropout;
 pub mod embedding;
+pub mod fused;
 pub mod gru;
 pub mod layout;
 pub mod loss;
@@ -79,6 +80,8 @@ pub enum Op {
     SplitKSum(matmul::SplitKSum),
     Unary(unary::UnaryOp),
     Binary(binary::BinaryOp),
+    /// A chain of unary and binary ops run as one generated kernel (made by the plan compiler).
+    Fused(fused::Fused),
     Softmax(softmax::Softmax),
     Reduce(reduce::Reduce),
     Permute(layout::Permute),
@@ -155,6 +158,7 @@ impl Op {
             Op::SplitKSum(_) => "splitk_sum",
             Op::Unary(u) => u.name(),
             Op::Binary(b) => b.name(),
+            Op::Fused(_) => "fused",
             Op::Softmax(s) => s.name(),
             Op::Reduce(r) => r.name(),
             Op::Permute(_) => "permute",
@@ -279,6 +283,7 @@ impl Op {
             Op::SplitKSum(s) => s.cpu(inputs[0], inputs.get(1).copied(), out),
             Op::Unary(u) => u.cpu(inputs[0]),
             Op::Binary(b) => b.cpu(inputs[0], inputs[1], out),
+            Op::Fused(f) => f.cpu(inputs, out),
             Op::Softmax(s) => s.cpu(inputs[0]),
             Op::Reduce(r) => r.cpu(inputs[0], out),
             Op::Permute(p) => p.cpu(inputs[0], out),
@@ -319,6 +324,8 @@ impl Op {
             Op::SplitKSum(s) => Some(s.kernel(inputs[0], out)),
             Op::Unary(u) => Some(u.kernel(out)),
             Op::Binary(b) => Some(b.kernel(inputs[0], inputs[1], out)),
+            // generated as well
+            Op::Fused(f) => Some(crate::codegen::elementwise::kernel(f, inputs, out).spec),
             Op::Softmax(s) => Some(s.kernel(inputs[0])),
             Op::Reduce(r) => Some(r.kernel(inputs[0])),
             Op::Permute(p) => Some(p.kernel(inputs[0], out)),
@@ -385,6 +392,7 @@ impl Op {
             Op::CrossEntropyBackward(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
+            | Op::Fused(_)
             | Op::OptimStep(_)
             | Op::LstmBackward(_)
             | Op::GruBackward(_)
