@@ -9,6 +9,9 @@
 //            OP selects f (codes in src/ops/binary.rs, BinaryOp::code).
 // Dispatch: ceil(N / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
 //           one element per thread; threads past N return.
+// The function between the `shared:` markers is pure and copied verbatim into generated fused
+// kernels (src/codegen/elementwise.rs), so each formula lives here only; those take erf_approx
+// from unary.wgsl's shared part.
 
 override N: u32 = 1u;
 override OP: u32 = 0u;
@@ -43,8 +46,10 @@ fn erf_approx(x: f32) -> f32 {
     return select(y, -y, x < 0.0);
 }
 
-fn apply(x: f32, y: f32) -> f32 {
-    switch OP {
+// shared: begin binary_op
+// f selected by `op` (BinaryOp::code).
+fn binary_op(op: u32, x: f32, y: f32) -> f32 {
+    switch op {
         case 0u: { return x + y; }
         case 1u: { return x - y; }
         case 2u: { return x * y; }
@@ -64,6 +69,7 @@ fn apply(x: f32, y: f32) -> f32 {
         default: { return x; }
     }
 }
+// shared: end binary_op
 
 @compute @workgroup_size(256)
 fn main(
@@ -85,5 +91,5 @@ fn main(
     let c0 = r;
     let ia = c0 * SA0 + c1 * SA1 + c2 * SA2 + c3 * SA3 + c4 * SA4 + c5 * SA5;
     let ib = c0 * SB0 + c1 * SB1 + c2 * SB2 + c3 * SB3 + c4 * SB4 + c5 * SB5;
-    out[i] = apply(a[ia], b[ib]);
+    out[i] = binary_op(OP, a[ia], b[ib]);
 }

@@ -7,6 +7,8 @@
 //            ALPHA the scalar operand of the scalar ops.
 // Dispatch: ceil(N / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
 //           one element per thread; threads past N return.
+// The functions between the `shared:` markers are pure and copied verbatim into generated fused
+// kernels (src/codegen/elementwise.rs), so each formula lives here only.
 
 override N: u32 = 1u;
 override OP: u32 = 0u;
@@ -16,6 +18,7 @@ const WG: u32 = 256u;
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
 
+// shared: begin unary_op
 // erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7); WGSL has no erf.
 fn erf_approx(x: f32) -> f32 {
     let t = 1.0 / (1.0 + 0.3275911 * abs(x));
@@ -24,8 +27,9 @@ fn erf_approx(x: f32) -> f32 {
     return select(y, -y, x < 0.0);
 }
 
-fn apply(x: f32) -> f32 {
-    switch OP {
+// f selected by `op` (UnaryOp::code); `alpha` is the scalar operand of the scalar ops.
+fn unary_op(op: u32, x: f32, alpha: f32) -> f32 {
+    switch op {
         case 0u: { return -x; }
         case 1u: { return exp(x); }
         case 2u: { return log(x); }
@@ -37,12 +41,12 @@ fn apply(x: f32) -> f32 {
         case 6u: { return tanh(clamp(x, -10.0, 10.0)); }
         // exact (erf) GELU, as torch.nn.GELU()
         case 7u: { return 0.5 * x * (1.0 + erf_approx(x * 0.70710678118654752)); }
-        case 8u: { return x + ALPHA; }
-        case 9u: { return x * ALPHA; }
-        case 10u: { return ALPHA - x; }
-        case 11u: { return x / ALPHA; }
-        case 12u: { return ALPHA / x; }
-        case 13u: { return pow(x, ALPHA); }
+        case 8u: { return x + alpha; }
+        case 9u: { return x * alpha; }
+        case 10u: { return alpha - x; }
+        case 11u: { return x / alpha; }
+        case 12u: { return alpha / x; }
+        case 13u: { return pow(x, alpha); }
         case 14u: { return abs(x); }
         case 15u: { return x * x; }
         case 16u: { return sign(x); }
@@ -51,6 +55,7 @@ fn apply(x: f32) -> f32 {
         default: { return x; }
     }
 }
+// shared: end unary_op
 
 @compute @workgroup_size(256)
 fn main(
@@ -62,5 +67,5 @@ fn main(
     if i >= N {
         return;
     }
-    out[i] = apply(a[i]);
+    out[i] = unary_op(OP, a[i], ALPHA);
 }

@@ -57,6 +57,8 @@ pub(crate) struct GpuContext {
     pub(crate) target: crate::codegen::Target,
     /// How plans pick matmul kernels (KILN_GEMM, `Device::set_gemm_policy`).
     pub(crate) gemm_policy: Mutex<GemmPolicy>,
+    /// Whether plans fuse elementwise chains (KILN_FUSE=0 turns it off, `Device::set_fusion`).
+    pub(crate) fusion: std::sync::atomic::AtomicBool,
     /// The driver's compiled-pipeline cache and the file it persists to (PIPELINE_CACHE adapters).
     disk_cache: Option<DiskCache>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
@@ -381,6 +383,24 @@ impl Device {
         Ok(())
     }
 
+    /// Turns elementwise fusion on or off for plans compiled from now on (on by default;
+    /// `KILN_FUSE=0` starts a process with it off). Off, every unary and binary node is its own
+    /// kernel, as when comparing against or debugging the fused kernels. No effect on the CPU
+    /// backend.
+    pub fn set_fusion(&self, on: bool) {
+        if let Some(g) = &self.inner.gpu {
+            g.fusion.store(on, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether plans compiled now fuse elementwise chains (false on the CPU backend).
+    pub fn fusion(&self) -> bool {
+        self.inner
+            .gpu
+            .as_ref()
+            .is_some_and(|g| g.fusion.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// The adapter facts kernel generators use (`None` on the CPU backend).
     pub fn target(&self) -> Option<crate::codegen::Target> {
         self.inner.gpu.as_ref().map(|g| g.target.clone())
@@ -452,6 +472,7 @@ impl GpuContext {
             Ok(v) if !v.is_empty() => GemmPolicy::parse(&v)?,
             _ => GemmPolicy::Auto,
         };
+        let fusion = std::env::var("KILN_FUSE").map(|v| v != "0").unwrap_or(true);
         Ok(GpuContext {
             disk_cache,
             info,
@@ -463,6 +484,7 @@ impl GpuContext {
             modules: Mutex::new(HashMap::new()),
             target,
             gemm_policy: Mutex::new(gemm_policy),
+            fusion: std::sync::atomic::AtomicBool::new(fusion),
             pipelines: Mutex::new(HashMap::new()),
             layouts: Mutex::new(HashMap::new()),
             lost,

@@ -22,7 +22,12 @@ fn chain() -> (Graph, kiln::NodeId) {
 
 #[test]
 fn buffers_are_reused_across_lifetimes() {
-    let Some(dev) = gpu() else { return };
+    if gpu().is_none() {
+        return;
+    }
+    // fusion would make the chain one kernel: this is about liveness, so a device without it
+    let dev = Device::gpu().unwrap();
+    dev.set_fusion(false);
     let (g, y) = chain();
     let plan = dev.compile(&g, &[y]).unwrap();
     let info = plan.info();
@@ -31,6 +36,13 @@ fn buffers_are_reused_across_lifetimes() {
     // input + 2 buffers instead of input + 12 tensors
     assert_eq!(info.peak_bytes, 3 * 64 * 64 * 4, "{info}");
     assert_eq!(info.tensor_bytes, 13 * 64 * 64 * 4, "{info}");
+    // fused (the default), the chain is one kernel and its one output the only computed tensor
+    dev.set_fusion(true);
+    let info = dev.compile(&g, &[y]).unwrap().info();
+    assert_eq!(info.dispatches, 1, "{info}");
+    assert_eq!(info.buffers, 1, "{info}");
+    assert_eq!(info.peak_bytes, 2 * 64 * 64 * 4, "{info}");
+    assert_eq!(info.tensor_bytes, 2 * 64 * 64 * 4, "{info}");
 }
 
 #[test]

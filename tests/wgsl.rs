@@ -1,4 +1,5 @@
-//! Every shaders/*.wgsl file parses and validates with naga, and opens with its header comment.
+//! Every shaders/*.wgsl file parses and validates with naga, and opens with its header comment;
+//! so do sweeps of every generator's output (GEMM configurations, fused elementwise programs).
 //! Needs no GPU.
 
 #[test]
@@ -136,4 +137,139 @@ fn every_generated_matmul_is_valid_wgsl() {
         count += 1;
     }
     assert!(count >= 500);
+}
+
+/// Generated fused elementwise kernels validate with naga: every unary op (scalar operands
+/// included, awkward ones too), every binary op, broadcasting inputs of every kind, a shared
+/// input, and the most inputs a fused kernel takes.
+#[test]
+fn every_generated_fused_kernel_is_valid_wgsl() {
+    use kiln::codegen::elementwise::{kernel, MAX_INPUTS};
+    use kiln::ops::binary::BinaryOp;
+    use kiln::ops::fused::{Fused, Operand, Step, StepOp};
+    use kiln::ops::unary::UnaryOp;
+    use kiln::tensor::Shape;
+    let validate = |what: &str, f: &Fused, inputs: &[&[usize]], out: &[usize]| {
+        let shapes: Vec<Shape> = inputs.iter().map(|d| Shape(d.to_vec())).collect();
+        let refs: Vec<&Shape> = shapes.iter().collect();
+        let g = kernel(f, &refs, &Shape(out.to_vec()));
+        let src: &str = &g.wgsl;
+        assert!(src.starts_with("// fused.wgsl"), "{what}: header");
+        assert!(
+            src.contains("Bindings") && src.contains("Dispatch"),
+            "{what}: header tables"
+        );
+        assert!(
+            g.key.starts_with(&f.describe()),
+            "{what}: the key {} names the ops",
+            g.key
+        );
+        let module = naga::front::wgsl::parse_str(src)
+            .unwrap_or_else(|e| panic!("{what}: {}\n{src}", e.emit_to_string(src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {}\n{src}", e.emit_to_string(src)));
+    };
+    let step = |op: StepOp, args: &[Operand], shape: &[usize]| Step {
+        op,
+        args: args.to_vec(),
+        shape: Shape(shape.to_vec()),
+    };
+    use Operand::{Input as I, Step as S};
+
+    // every unary op after a binary one, so that each program has two steps
+    let unary = [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Relu,
+        UnaryOp::Sigmoid,
+        UnaryOp::Tanh,
+        UnaryOp::Gelu,
+        UnaryOp::AddScalar(0.5),
+        UnaryOp::MulScalar(-1e-7),
+        UnaryOp::RSubScalar(3.0e38),
+        UnaryOp::DivScalar(1e-40),
+        UnaryOp::RDivScalar(-0.0),
+        UnaryOp::PowScalar(1.0 / 3.0),
+        UnaryOp::Abs,
+        UnaryOp::Square,
+        UnaryOp::Sign,
+        UnaryOp::Softplus,
+    ];
+    for u in unary {
+        let f = Fused {
+            steps: vec![
+                step(StepOp::Binary(BinaryOp::Add), &[I(0), I(1)], &[7, 3]),
+                step(StepOp::Unary(u), &[S(0)], &[7, 3]),
+            ],
+        };
+        validate(&format!("{u:?}"), &f, &[&[7, 3], &[7, 3]], &[7, 3]);
+    }
+    let binary = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Maximum,
+        BinaryOp::Minimum,
+        BinaryOp::GreaterEqual,
+        BinaryOp::Equal,
+        BinaryOp::ReluGrad,
+        BinaryOp::SigmoidGrad,
+        BinaryOp::TanhGrad,
+        BinaryOp::GeluGrad,
+    ];
+    // broadcasts: bias [N] over [M, N], a column [M, 1], a scalar [1], rank 6 with 1-extents
+    let layouts: [(&[usize], &[usize], &[usize]); 5] = [
+        (&[5, 11], &[11], &[5, 11]),
+        (&[5, 11], &[5, 1], &[5, 11]),
+        (&[1], &[13], &[13]),
+        (&[2, 1, 3, 1, 5, 2], &[3, 1, 1], &[2, 1, 3, 1, 5, 2]),
+        (&[4, 1], &[1, 6], &[4, 6]),
+    ];
+    for (k, b) in binary.into_iter().enumerate() {
+        let (sa, sb, out) = layouts[k % layouts.len()];
+        let f = Fused {
+            steps: vec![
+                step(StepOp::Binary(b), &[I(0), I(1)], out),
+                step(StepOp::Unary(UnaryOp::Relu), &[S(0)], out),
+            ],
+        };
+        validate(&format!("{b:?} {sa:?} {sb:?}"), &f, &[sa, sb], out);
+    }
+    // a shared input (x * x + x), then the most inputs one kernel takes, each broadcast its own way
+    let f = Fused {
+        steps: vec![
+            step(StepOp::Binary(BinaryOp::Mul), &[I(0), I(0)], &[9]),
+            step(StepOp::Binary(BinaryOp::Add), &[S(0), I(0)], &[9]),
+        ],
+    };
+    validate("x * x + x", &f, &[&[9]], &[9]);
+    let mut steps = vec![step(
+        StepOp::Binary(BinaryOp::Add),
+        &[I(0), I(1)],
+        &[3, 4, 5],
+    )];
+    for k in 2..MAX_INPUTS {
+        steps.push(step(
+            StepOp::Binary(BinaryOp::Mul),
+            &[S(k - 2), I(k)],
+            &[3, 4, 5],
+        ));
+    }
+    let ins: [&[usize]; MAX_INPUTS] = [
+        &[3, 4, 5],
+        &[5],
+        &[4, 1],
+        &[3, 1, 1],
+        &[1],
+        &[3, 4, 5],
+        &[1, 4, 5],
+    ];
+    validate("seven inputs", &Fused { steps }, &ins, &[3, 4, 5]);
 }

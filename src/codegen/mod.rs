@@ -3,9 +3,12 @@
 //! chosen per adapter and per shape and its register tile unrolled with constant indices (loop-
 //! indexed local arrays ran 50x slower on an H100 under naga's bounds checks). Shapes still enter
 //! through `override` constants, so one generated module serves every shape of its configuration.
+//! And fused elementwise chains (`elementwise`): one module per program and shapes, made of the
+//! unary and binary shaders' own op functions.
 //!
 //! tests/wgsl.rs validates a sweep of every generator's output with naga, without a GPU.
 
+pub mod elementwise;
 pub mod matmul;
 
 use std::sync::Arc;

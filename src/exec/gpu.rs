@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::fuse;
 use super::liveness::{assign_slots, lifetimes, storage_root};
 use super::lower;
 use super::profile::{self, OpTiming, Profiler};
@@ -72,19 +73,25 @@ pub(crate) struct GpuPlan {
 }
 
 impl GpuPlan {
+    /// Compiles `order` so that `run` reads back `outputs`; `targets` (the outputs and the
+    /// effects) are the nodes whose values the plan must produce, which fusion keeps.
     pub(crate) fn compile(
         device: Device,
         mut nodes: Vec<Node>,
         mut order: Vec<NodeId>,
         outputs: &[NodeId],
+        targets: &[NodeId],
     ) -> Result<GpuPlan> {
         let ctx = device
             .gpu_ctx()
             .ok_or_else(|| Error::Device("not a GPU device".into()))?;
         let policy = *ctx.gemm_policy.lock().expect("policy lock");
-        lower::implicit_col2im(&mut nodes, &mut order, outputs, &ctx.target, policy);
+        lower::implicit_col2im(&mut nodes, &mut order, targets, &ctx.target, policy);
         lower::split_k(&mut nodes, &mut order, &ctx.target, policy);
-        lower::implicit_im2col(&mut nodes, &mut order, outputs, &ctx.target, policy);
+        lower::implicit_im2col(&mut nodes, &mut order, targets, &ctx.target, policy);
+        if ctx.fusion.load(std::sync::atomic::Ordering::Relaxed) {
+            fuse::fuse_elementwise(&mut nodes, &mut order, targets);
+        }
         let bytes_of = |id: NodeId| (nodes[id.0].shape.numel() * 4) as u64;
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC

@@ -1,8 +1,11 @@
 //! Lowering for one GPU: before buffers are planned, products too small to fill the adapter but
-//! deep in K become a split-K pair (partial products, then their sum with the epilogue); then
-//! each node gets its kernel, generated for the adapter (`codegen`) or from `shaders/`.
+//! deep in K become a split-K pair (partial products, then their sum with the epilogue), and
+//! chains of elementwise ops become one fused node (`exec::fuse`); then each node gets its
+//! kernel, generated for the adapter (`codegen`) or from `shaders/`.
 //! Node ids of the graph keep their meaning: a rewritten node still computes the same tensor.
 
+use super::liveness::storage_root;
+use crate::codegen::elementwise;
 use crate::codegen::matmul::{self as gemm, GemmConfig};
 use crate::codegen::{Generated, Target};
 use crate::device::GemmPolicy;
@@ -83,6 +86,20 @@ pub(crate) fn split_k(
     }
 }
 
+/// Whether a node of `order` strictly between positions `from` and `to` writes the storage of
+/// `read` in place (an optimizer update): a rewrite that moves a read of `read` from `from` to
+/// `to` must not cross one.
+fn written_between(nodes: &[Node], order: &[NodeId], read: NodeId, from: usize, to: usize) -> bool {
+    let root = storage_root(nodes, read);
+    order[from.min(to) + 1..from.max(to)].iter().any(|id| {
+        let n = &nodes[id.0];
+        let (rw_from, _) = n.op.binding_mode(n.inputs.len());
+        n.inputs[rw_from..]
+            .iter()
+            .any(|&i| storage_root(nodes, i) == root)
+    })
+}
+
 /// Where every reader of an `im2col` node is a product taking it as `b` (the forward convolution,
 /// the weight gradient), lets those products read the image instead (`ImplicitGemm`) and drops the
 /// column matrix from the plan. Products of the portable kernel keep their columns.
@@ -106,6 +123,15 @@ pub(crate) fn implicit_im2col(
             .copied()
             .filter(|r| nodes[r.0].inputs.contains(&id))
             .collect();
+        // the readers will read the image at their own step rather than at im2col's
+        let x = nodes[id.0].inputs[0];
+        let at = |n: NodeId| order.iter().position(|&o| o == n).unwrap_or(0);
+        if readers
+            .iter()
+            .any(|&r| written_between(nodes, order, x, at(id), at(r)))
+        {
+            continue;
+        }
         let rewritable = |r: &NodeId| {
             let n = &nodes[r.0];
             let as_b_only = n.inputs[1] == id && n.inputs[0] != id;
@@ -125,7 +151,6 @@ pub(crate) fn implicit_im2col(
         if readers.is_empty() || !readers.iter().all(rewritable) {
             continue;
         }
-        let x = nodes[id.0].inputs[0];
         for r in readers {
             let n = &mut nodes[r.0];
             let (product, partial) = match n.op {
@@ -174,7 +199,12 @@ pub(crate) fn implicit_col2im(
         let dgrad = ImplicitDgrad { geom: c.0 };
         let (w, dy) = (nodes[prod.0].inputs[0], nodes[prod.0].inputs[1]);
         let d = dgrad.dims(&nodes[w.0].shape, &nodes[id.0].shape);
-        if readers != 1 || gemm_config(&d, target, policy).is_none() {
+        // the weight and dy will be read at col2im's step rather than at the product's
+        let at = |n: NodeId| order.iter().position(|&o| o == n).unwrap_or(0);
+        let moved = [w, dy]
+            .iter()
+            .any(|&r| written_between(nodes, order, r, at(prod), at(id)));
+        if readers != 1 || moved || gemm_config(&d, target, policy).is_none() {
             continue;
         }
         let n = &mut nodes[id.0];
@@ -233,6 +263,10 @@ pub(crate) fn select(
             let d = c.dims(inputs[0], out);
             let cfg = gemm_config(&d, target, policy)?;
             let g = gemm::dgrad_kernel(c.geom, &d, &cfg);
+            Some((g.spec.clone(), Some(g)))
+        }
+        Op::Fused(f) => {
+            let g = elementwise::kernel(f, inputs, out);
             Some((g.spec.clone(), Some(g)))
         }
         _ => op.kernel(inputs, out).map(|k| (k, None)),

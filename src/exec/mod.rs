@@ -1,6 +1,7 @@
 //! Plans: `compile(graph)` fixes the order, lifetimes, buffers, pipelines and bind groups once;
 //! `run(plan)` then records one encoder, submits once and reads back only the requested outputs.
 
+pub(crate) mod fuse;
 pub mod gpu;
 pub mod liveness;
 pub(crate) mod lower;
@@ -89,6 +90,7 @@ impl Device {
                 nodes,
                 order,
                 outputs,
+                &targets,
             )?)),
             None => Backend::Cpu(CpuPlan::compile(self.clone(), nodes, order, outputs)?),
         };

@@ -48,8 +48,9 @@ impl BinaryOp {
         }
     }
 
-    /// The selector `OP` in binary.wgsl.
-    fn code(&self) -> u32 {
+    /// The selector `OP` in binary.wgsl (also the argument of `binary_op` in generated fused
+    /// kernels).
+    pub(crate) fn code(&self) -> u32 {
         match self {
             BinaryOp::Add => 0,
             BinaryOp::Sub => 1,

@@ -5,6 +5,7 @@ pub mod binary;
 pub mod conv;
 pub mod dropout;
 pub mod embedding;
+pub mod fused;
 pub mod gru;
 pub mod layout;
 pub mod loss;
@@ -83,6 +84,8 @@ pub enum Op {
     ImplicitDgrad(conv::ImplicitDgrad),
     Unary(unary::UnaryOp),
     Binary(binary::BinaryOp),
+    /// A chain of unary and binary ops run as one generated kernel (made by the plan compiler).
+    Fused(fused::Fused),
     Softmax(softmax::Softmax),
     Reduce(reduce::Reduce),
     Permute(layout::Permute),
@@ -161,6 +164,7 @@ impl Op {
             Op::ImplicitDgrad(_) => "implicit_dgrad",
             Op::Unary(u) => u.name(),
             Op::Binary(b) => b.name(),
+            Op::Fused(_) => "fused",
             Op::Softmax(s) => s.name(),
             Op::Reduce(r) => r.name(),
             Op::Permute(_) => "permute",
@@ -304,6 +308,7 @@ impl Op {
             Op::ImplicitDgrad(c) => c.cpu(inputs[0], inputs[1], out),
             Op::Unary(u) => u.cpu(inputs[0]),
             Op::Binary(b) => b.cpu(inputs[0], inputs[1], out),
+            Op::Fused(f) => f.cpu(inputs, out),
             Op::Softmax(s) => s.cpu(inputs[0]),
             Op::Reduce(r) => r.cpu(inputs[0], out),
             Op::Permute(p) => p.cpu(inputs[0], out),
@@ -346,6 +351,8 @@ impl Op {
             Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) => None,
             Op::Unary(u) => Some(u.kernel(out)),
             Op::Binary(b) => Some(b.kernel(inputs[0], inputs[1], out)),
+            // generated as well
+            Op::Fused(f) => Some(crate::codegen::elementwise::kernel(f, inputs, out).spec),
             Op::Softmax(s) => Some(s.kernel(inputs[0])),
             Op::Reduce(r) => Some(r.kernel(inputs[0])),
             Op::Permute(p) => Some(p.kernel(inputs[0], out)),
@@ -414,6 +421,7 @@ impl Op {
             | Op::SplitKSum(_)
             | Op::ImplicitGemm(_)
             | Op::ImplicitDgrad(_)
+            | Op::Fused(_)
             | Op::OptimStep(_)
             | Op::LstmBackward(_)
             | Op::GruBackward(_)

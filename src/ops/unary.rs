@@ -64,8 +64,9 @@ impl UnaryOp {
         }
     }
 
-    /// The selector `OP` in unary.wgsl, and the scalar `ALPHA`.
-    fn code(&self) -> (u32, f32) {
+    /// The selector `OP` in unary.wgsl, and the scalar `ALPHA` (also the arguments of
+    /// `unary_op` in generated fused kernels).
+    pub(crate) fn code(&self) -> (u32, f32) {
         match *self {
             UnaryOp::Neg => (0, 0.0),
             UnaryOp::Exp => (1, 0.0),
@@ -85,6 +86,19 @@ impl UnaryOp {
             UnaryOp::Square => (15, 0.0),
             UnaryOp::Sign => (16, 0.0),
             UnaryOp::Softplus => (17, 0.0),
+        }
+    }
+
+    /// The scalar operand of the scalar ops.
+    pub fn scalar(&self) -> Option<f32> {
+        match *self {
+            UnaryOp::AddScalar(s)
+            | UnaryOp::MulScalar(s)
+            | UnaryOp::RSubScalar(s)
+            | UnaryOp::DivScalar(s)
+            | UnaryOp::RDivScalar(s)
+            | UnaryOp::PowScalar(s) => Some(s),
+            _ => None,
         }
     }
 

@@ -1,0 +1,270 @@
+//! Elementwise fusion, a lowering pass run before buffers are planned: a chain (a tree, really) of
+//! unary and binary nodes becomes one `Op::Fused` node computed by one generated kernel
+//! (`codegen::elementwise`), so its intermediates are neither written nor read back.
+//!
+//! A group grows from its root (the last node, which keeps its id and shape: it still computes the
+//! same tensor) towards its inputs. An input node joins the group when it is elementwise, read by
+//! no node of the plan but its consumer in the group (once or more), not a plan target (output or
+//! effect), and not a view's root (a view reading it would be a second consumer). Views are not
+//! fused through: a reshape's input is an ordinary external input of the group. Interior nodes
+//! leave `order`; the root's inputs become the group's external inputs, each once.
+
+use crate::codegen::elementwise::MAX_INPUTS;
+use crate::graph::{Node, NodeId};
+use crate::ops::fused::{Fused, Operand, Step, StepOp};
+use crate::ops::Op;
+
+use super::liveness::storage_root;
+
+/// Steps a fused kernel holds at most, to keep generated modules small.
+const MAX_STEPS: usize = 64;
+
+/// The node's op as a fusable step, or `None`.
+fn step_op(n: &Node) -> Option<StepOp> {
+    if n.shape.numel() == 0 {
+        return None;
+    }
+    match n.op {
+        // a non-finite scalar has no WGSL literal; such a node runs on its own
+        Op::Unary(u) if u.scalar().is_none_or(f32::is_finite) => Some(StepOp::Unary(u)),
+        Op::Binary(b) => Some(StepOp::Binary(b)),
+        _ => None,
+    }
+}
+
+/// Fuses the elementwise groups among `order`; `targets` (outputs and effects) keep their
+/// values. Groups of one node stay as they are.
+pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+    const NONE: usize = usize::MAX;
+    let mut pos = vec![NONE; nodes.len()];
+    for (p, id) in order.iter().enumerate() {
+        pos[id.0] = p;
+    }
+    // consumers among the plan's nodes, each counted once however often it reads the node
+    let mut consumers = vec![0usize; nodes.len()];
+    for id in order.iter() {
+        let ins = &nodes[id.0].inputs;
+        for (k, i) in ins.iter().enumerate() {
+            if !ins[..k].contains(i) {
+                consumers[i.0] += 1;
+            }
+        }
+    }
+    let mut target = vec![false; nodes.len()];
+    for t in targets {
+        target[t.0] = true;
+    }
+    // in-place writes (optimizer updates): (plan step, storage written). A fused kernel reads its
+    // inputs at the root's step, later than the interior nodes did, so no such write may fall
+    // between an interior node and the root on storage the node reads.
+    let mut writes: Vec<(usize, NodeId)> = Vec::new();
+    for (p, id) in order.iter().enumerate() {
+        let n = &nodes[id.0];
+        let (rw_from, _) = n.op.binding_mode(n.inputs.len());
+        for &i in &n.inputs[rw_from..] {
+            writes.push((p, storage_root(nodes, i)));
+        }
+    }
+
+    let mut done = vec![false; nodes.len()];
+    let mut removed = vec![false; nodes.len()];
+    for &root in order.iter().rev() {
+        if done[root.0] || step_op(&nodes[root.0]).is_none() {
+            continue;
+        }
+        done[root.0] = true;
+        let root_pos = pos[root.0];
+        let mut members = vec![root];
+        let mut frontier = vec![root];
+        while let Some(m) = frontier.pop() {
+            for &c in &nodes[m.0].inputs {
+                let joins = !members.contains(&c)
+                    && !done[c.0]
+                    && pos[c.0] != NONE
+                    && !target[c.0]
+                    && consumers[c.0] == 1
+                    && members.len() < MAX_STEPS
+                    && step_op(&nodes[c.0]).is_some()
+                    && !nodes[c.0].inputs.iter().any(|&i| {
+                        let r = storage_root(nodes, i);
+                        writes
+                            .iter()
+                            .any(|&(p, w)| w == r && p > pos[c.0] && p < root_pos)
+                    });
+                if !joins {
+                    continue;
+                }
+                members.push(c);
+                if externals(nodes, &members).len() > MAX_INPUTS {
+                    members.pop();
+                    continue;
+                }
+                done[c.0] = true;
+                frontier.push(c);
+            }
+        }
+        if members.len() < 2 {
+            continue;
+        }
+        members.sort_by_key(|m| pos[m.0]);
+        let inputs = externals(nodes, &members);
+        let steps = members
+            .iter()
+            .map(|m| {
+                let n = &nodes[m.0];
+                let args = n
+                    .inputs
+                    .iter()
+                    .map(|i| match members.iter().position(|x| x == i) {
+                        Some(j) => Operand::Step(j),
+                        None => {
+                            Operand::Input(inputs.iter().position(|x| x == i).expect("an external"))
+                        }
+                    })
+                    .collect();
+                Step {
+                    op: step_op(n).expect("members are elementwise"),
+                    args,
+                    shape: n.shape.clone(),
+                }
+            })
+            .collect();
+        for m in &members[..members.len() - 1] {
+            removed[m.0] = true;
+        }
+        let n = &mut nodes[root.0];
+        n.op = Op::Fused(Fused { steps });
+        n.inputs = inputs;
+    }
+    order.retain(|id| !removed[id.0]);
+}
+
+/// The inputs of `members` that are not members, each once, in order of first use.
+fn externals(nodes: &[Node], members: &[NodeId]) -> Vec<NodeId> {
+    let mut ext = Vec::new();
+    for m in members {
+        for i in &nodes[m.0].inputs {
+            if !members.contains(i) && !ext.contains(i) {
+                ext.push(*i);
+            }
+        }
+    }
+    ext
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::liveness::reachable;
+    use crate::graph::Graph;
+    use crate::ops::binary::BinaryOp;
+
+    /// The plan's nodes and order for `targets` after fusion.
+    fn fused(g: &Graph, targets: &[NodeId]) -> (Vec<Node>, Vec<NodeId>) {
+        let mut nodes = g.nodes();
+        let mut order = reachable(&nodes, targets);
+        fuse_elementwise(&mut nodes, &mut order, targets);
+        (nodes, order)
+    }
+
+    #[test]
+    fn a_chain_becomes_one_node_with_each_input_once() {
+        let g = Graph::new();
+        let x = g.input("x", [4, 3]);
+        let b = g.input("b", [3]);
+        let h = g.mul(x, x).unwrap();
+        let h = g.add(h, b).unwrap();
+        let y = g.relu(g.sub(h, x).unwrap()).unwrap();
+        let (nodes, order) = fused(&g, &[y]);
+        assert_eq!(order, vec![x, b, y]);
+        let Op::Fused(f) = &nodes[y.0].op else {
+            panic!("not fused: {:?}", nodes[y.0].op)
+        };
+        assert_eq!(f.describe(), "mul,add,sub,relu");
+        assert_eq!(nodes[y.0].inputs, vec![x, b]);
+        assert_eq!(f.steps[0].args, vec![Operand::Input(0), Operand::Input(0)]);
+        assert_eq!(f.steps[2].args, vec![Operand::Step(1), Operand::Input(0)]);
+        assert_eq!(f.steps[3].args, vec![Operand::Step(2)]);
+        assert_eq!(f.steps[1].op, StepOp::Binary(BinaryOp::Add));
+        assert_eq!(nodes[y.0].shape.dims(), &[4, 3]);
+    }
+
+    #[test]
+    fn targets_and_shared_nodes_end_groups() {
+        let g = Graph::new();
+        let x = g.input("x", [5]);
+        let m = g.exp(g.neg(x).unwrap()).unwrap();
+        let y = g.sqrt(g.abs(m).unwrap()).unwrap();
+        // m requested: two groups, m's and y's
+        let (nodes, order) = fused(&g, &[y, m]);
+        assert_eq!(order, vec![x, m, y]);
+        assert_eq!(nodes[y.0].inputs, vec![m]);
+        // m read twice: the same
+        let z = g.add(y, m).unwrap();
+        let (nodes, order) = fused(&g, &[z]);
+        assert_eq!(order, vec![x, m, z]);
+        assert_eq!(nodes[z.0].inputs, vec![m]);
+        // a node alone stays itself
+        let (nodes, order) = fused(&g, &[x, g.neg(x).unwrap()]);
+        assert_eq!(order.len(), 2);
+        assert!(matches!(nodes[order[1].0].op, Op::Unary(_)));
+    }
+
+    #[test]
+    fn views_and_other_ops_are_not_fused_through() {
+        let g = Graph::new();
+        let x = g.input("x", [2, 3]);
+        let r = g.reshape(g.exp(x).unwrap(), &[6]).unwrap();
+        let s = g.sum(g.neg(r).unwrap(), 0, false).unwrap();
+        let y = g.relu(g.mul_scalar(s, 2.0).unwrap()).unwrap();
+        let (nodes, order) = fused(&g, &[y]);
+        // exp, reshape, neg, sum, fused(mul_scalar, relu)
+        assert_eq!(order.len(), 6);
+        assert!(matches!(nodes[y.0].op, Op::Fused(_)));
+        assert_eq!(nodes[y.0].inputs, vec![s]);
+    }
+
+    #[test]
+    fn no_read_moves_past_an_in_place_update() {
+        use crate::ops::optim::OptimKind;
+        let g = Graph::new();
+        let w = g.param("w", [4]);
+        let hyper = g.input("hyper", [16]);
+        let scale = g.input("scale", [1]);
+        let grad = g.input("grad", [4]);
+        let a = g.mul_scalar(w, 2.0).unwrap();
+        let step = g
+            .optim_step(OptimKind::Sgd, hyper, scale, grad, w, &[])
+            .unwrap();
+        let y = g.add_scalar(a, 1.0).unwrap();
+        let (nodes, order) = fused(&g, &[y, step]);
+        assert!(order.contains(&a), "a reads w before the update");
+        assert!(matches!(nodes[y.0].op, Op::Unary(_)));
+        // built before the update, the whole chain fuses
+        let g = Graph::new();
+        let w = g.param("w", [4]);
+        let y = g.add_scalar(g.mul_scalar(w, 2.0).unwrap(), 1.0).unwrap();
+        let (hyper, scale, grad) = (g.input("h", [16]), g.input("s", [1]), g.input("g", [4]));
+        let step = g
+            .optim_step(OptimKind::Sgd, hyper, scale, grad, w, &[])
+            .unwrap();
+        let (nodes, _) = fused(&g, &[y, step]);
+        assert!(matches!(nodes[y.0].op, Op::Fused(_)));
+    }
+
+    #[test]
+    fn input_count_is_bounded() {
+        let g = Graph::new();
+        let xs: Vec<NodeId> = (0..10).map(|k| g.input(&format!("x{k}"), [3])).collect();
+        let mut h = xs[0];
+        for &x in &xs[1..] {
+            h = g.add(h, x).unwrap();
+        }
+        let (nodes, order) = fused(&g, &[h]);
+        for id in &order {
+            assert!(nodes[id.0].inputs.len() <= MAX_INPUTS);
+        }
+        // 10 inputs, and 2 kernels instead of 9
+        assert_eq!(order.len(), 12);
+    }
+}

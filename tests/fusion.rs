@@ -1,0 +1,362 @@
+//! Elementwise fusion in the plan compiler (`exec::fuse`, `codegen::elementwise`): fused chains
+//! against the CPU reference (outputs poisoned with NaN first) on awkward shapes, broadcasting
+//! inputs, shared inputs, scalar ops and transcendental chains; targets in the middle of a chain
+//! survive; chains around a matmul and through views; and the dispatch counts with fusion on and
+//! off (`Device::set_fusion`).
+
+mod common;
+
+use common::{assert_close, check_gpu_vs_cpu, rand};
+use kiln::ops::TOL_ELEMENTWISE;
+use kiln::{Device, Graph, NodeId, Tensor};
+
+/// A device of its own with fusion on (it is switched per device, and KILN_FUSE=0 may have
+/// turned it off), or `None` where `common::gpu` skips.
+fn device() -> Option<Device> {
+    common::gpu()?;
+    let dev = Device::gpu().expect("a GPU adapter");
+    dev.set_fusion(true);
+    Some(dev)
+}
+
+/// Feeds named `x0, x1, ..` of these shapes, seeded per input.
+fn feeds(shapes: &[&[usize]]) -> Vec<(String, Tensor)> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(k, s)| (format!("x{k}"), rand(s, 100 + k as u64)))
+        .collect()
+}
+
+fn refs(f: &[(String, Tensor)]) -> Vec<(&str, &Tensor)> {
+    f.iter().map(|(k, v)| (k.as_str(), v)).collect()
+}
+
+/// Runs `outputs` on `dev` (poisoned first) and on the CPU reference; returns the plan's info.
+fn check_on(
+    dev: &Device,
+    what: &str,
+    g: &Graph,
+    outputs: &[NodeId],
+    f: &[(String, Tensor)],
+    tol: (f64, f64),
+) -> kiln::PlanInfo {
+    let mut plan = dev
+        .compile(g, outputs)
+        .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
+    plan.poison(f32::NAN);
+    let got = plan
+        .run(&refs(f))
+        .unwrap_or_else(|e| panic!("{what}: run: {e}"));
+    let want = Device::cpu()
+        .compile(g, outputs)
+        .unwrap()
+        .run(&refs(f))
+        .unwrap();
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("{what} output {k}"), a, b, tol.0, tol.1);
+    }
+    plan.info()
+}
+
+/// `relu(tanh(x * 1.5 + bias) * x)`: five ops, a broadcast bias and `x` read twice.
+fn five_ops(g: &Graph, shape: &[usize]) -> NodeId {
+    let x = g.input("x0", shape);
+    let b = g.input("x1", [*shape.last().unwrap()]);
+    let h = g.mul_scalar(x, 1.5).unwrap();
+    let h = g.add(h, b).unwrap();
+    let h = g.tanh(h).unwrap();
+    let h = g.mul(h, x).unwrap();
+    g.relu(h).unwrap()
+}
+
+#[test]
+fn five_op_chain_is_one_dispatch_and_five_without_fusion() {
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let y = five_ops(&g, &[37, 29]);
+    let f = feeds(&[&[37, 29], &[29]]);
+    assert!(dev.fusion());
+    let on = check_on(&dev, "fused", &g, &[y], &f, TOL_ELEMENTWISE);
+    assert_eq!(on.dispatches, 1, "{on}");
+    assert_eq!(on.nodes, 3, "two inputs and the fused node: {on}");
+    assert_eq!(on.buffers, 1, "no intermediate is stored: {on}");
+    dev.set_fusion(false);
+    assert!(!dev.fusion());
+    let off = check_on(&dev, "unfused", &g, &[y], &f, TOL_ELEMENTWISE);
+    assert_eq!(off.dispatches, 5, "{off}");
+    assert_eq!(off.nodes, 7, "{off}");
+    dev.set_fusion(true);
+    assert_eq!(dev.compile(&g, &[y]).unwrap().info().dispatches, 1);
+}
+
+#[test]
+fn awkward_shapes() {
+    for shape in [
+        &[1][..],
+        &[1, 1],
+        &[7],
+        &[257],
+        &[3, 17, 5],
+        &[2, 3, 5, 7, 11],
+        &[1, 13, 1],
+    ] {
+        let g = Graph::new();
+        let y = five_ops(&g, shape);
+        let f = feeds(&[shape, &[*shape.last().unwrap()]]);
+        check_gpu_vs_cpu(&format!("{shape:?}"), &g, &[y], &refs(&f), TOL_ELEMENTWISE);
+    }
+}
+
+#[test]
+fn broadcasting_inputs() {
+    // (output shape, the other operand's shapes): a row bias, a column, a scalar, an outer
+    // product whose inputs are both smaller than the result, a middle axis
+    let cases: [(&[usize], &[&[usize]]); 5] = [
+        (&[19, 23], &[&[23], &[19, 1], &[1]]),
+        (&[4, 6], &[&[4, 1], &[1, 6], &[6]]),
+        (&[5, 3, 7], &[&[3, 1], &[5, 1, 7], &[1, 1, 1]]),
+        (
+            &[2, 1, 3, 1, 5, 2],
+            &[&[3, 1, 1, 2], &[2, 1, 1, 1, 5, 1], &[2]],
+        ),
+        (&[300], &[&[1], &[300], &[1]]),
+    ];
+    for (out, others) in cases {
+        let g = Graph::new();
+        let mut shapes: Vec<&[usize]> = vec![out];
+        shapes.extend(others);
+        // the first input broadcasts too where it is smaller than the result
+        let x = g.input("x0", out);
+        let (a, b, c) = (
+            g.input("x1", others[0]),
+            g.input("x2", others[1]),
+            g.input("x3", others[2]),
+        );
+        let h = g.mul(g.add(a, b).unwrap(), c).unwrap();
+        let h = g.sub(g.sigmoid(h).unwrap(), x).unwrap();
+        let y = g.maximum(h, g.neg(c).unwrap()).unwrap();
+        let f = feeds(&shapes);
+        check_gpu_vs_cpu(
+            &format!("{out:?} {others:?}"),
+            &g,
+            &[y],
+            &refs(&f),
+            TOL_ELEMENTWISE,
+        );
+    }
+    // an interior node smaller than the result: exp of a bias [N], then added to [M, N]
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let x = g.input("x0", [6, 10]);
+    let b = g.input("x1", [10]);
+    let y = g
+        .tanh(
+            g.add(x, g.exp(g.mul_scalar(b, 0.5).unwrap()).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+    let f = feeds(&[&[6, 10], &[10]]);
+    let info = check_on(&dev, "small interior", &g, &[y], &f, TOL_ELEMENTWISE);
+    assert_eq!(info.dispatches, 1, "{info}");
+}
+
+#[test]
+fn shared_inputs() {
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let x = g.input("x0", [11, 7]);
+    // x * x + x, and silu(x) = x * sigmoid(x): x is bound once per kernel
+    let sq = g.add(g.mul(x, x).unwrap(), x).unwrap();
+    let silu = g.mul(x, g.sigmoid(x).unwrap()).unwrap();
+    let y = g.sub(sq, silu).unwrap();
+    let f = feeds(&[&[11, 7]]);
+    let info = check_on(&dev, "shared", &g, &[y], &f, TOL_ELEMENTWISE);
+    assert_eq!(info.dispatches, 1, "{info}");
+}
+
+#[test]
+fn scalar_ops() {
+    let g = Graph::new();
+    let x = g.input("x0", [5, 41]);
+    // positive operands for pow and the reciprocal
+    let p = g.add_scalar(g.abs(x).unwrap(), 0.25).unwrap();
+    let h = g.pow_scalar(p, 1.5).unwrap();
+    let h = g.add(h, g.rdiv_scalar(p, 0.1).unwrap()).unwrap();
+    let h = g.div_scalar(h, 3.0).unwrap();
+    let h = g.rsub_scalar(h, 1.0 / 3.0).unwrap();
+    let h = g.mul_scalar(h, -1e-3).unwrap();
+    let h = g.add(h, g.sqrt(p).unwrap()).unwrap();
+    let h = g.add(h, g.log(p).unwrap()).unwrap();
+    let h = g.add(h, g.square(g.sign(x).unwrap()).unwrap()).unwrap();
+    let y = g.softplus(h).unwrap();
+    let f = feeds(&[&[5, 41]]);
+    check_gpu_vs_cpu("scalar ops", &g, &[y], &refs(&f), TOL_ELEMENTWISE);
+}
+
+#[test]
+fn transcendental_chains() {
+    let g = Graph::new();
+    let x = g.input("x0", [3, 97]);
+    let a = g
+        .gelu(
+            g.tanh(g.mul_scalar(g.sigmoid(x).unwrap(), 3.0).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+    let b = g
+        .sigmoid(g.gelu(g.mul_scalar(x, 4.0).unwrap()).unwrap())
+        .unwrap();
+    let c = g
+        .tanh(g.exp(g.neg(g.abs(x).unwrap()).unwrap()).unwrap())
+        .unwrap();
+    let y = g.add(g.mul(a, b).unwrap(), c).unwrap();
+    let f = feeds(&[&[3, 97]]);
+    check_gpu_vs_cpu("gelu sigmoid tanh", &g, &[y], &refs(&f), TOL_ELEMENTWISE);
+}
+
+#[test]
+fn a_requested_middle_node_is_kept() {
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let x = g.input("x0", [9, 31]);
+    let m = g.tanh(g.mul_scalar(x, 2.0).unwrap()).unwrap();
+    let y = g.relu(g.add_scalar(m, -0.25).unwrap()).unwrap();
+    let f = feeds(&[&[9, 31]]);
+    // both orders of the outputs; the middle node ends one group and reads into the next
+    for outs in [[y, m], [m, y]] {
+        let info = check_on(&dev, "middle output", &g, &outs, &f, TOL_ELEMENTWISE);
+        assert_eq!(info.dispatches, 2, "{info}");
+    }
+    // a node read twice is not fused away either: m feeds two chains
+    let z = g.sub(y, g.exp(m).unwrap()).unwrap();
+    let info = check_on(&dev, "two readers", &g, &[z], &f, TOL_ELEMENTWISE);
+    assert_eq!(info.dispatches, 2, "{info}");
+}
+
+#[test]
+fn chains_around_a_matmul() {
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let x = g.input("x0", [13, 24]);
+    let b = g.input("x1", [24]);
+    let w = g.input("x2", [24, 17]);
+    let h = g
+        .relu(g.add(g.mul_scalar(x, 0.5).unwrap(), b).unwrap())
+        .unwrap();
+    let mm = g.matmul(h, w).unwrap();
+    let y = g.mul_scalar(g.sigmoid(mm).unwrap(), 2.0).unwrap();
+    let f = feeds(&[&[13, 24], &[24], &[24, 17]]);
+    let tol = kiln::ops::TOL_REDUCTION;
+    let info = check_on(&dev, "around a matmul", &g, &[y], &f, tol);
+    assert_eq!(info.dispatches, 3, "fused, matmul, fused: {info}");
+}
+
+#[test]
+fn views_end_a_group() {
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let x = g.input("x0", [4, 6]);
+    let r = g
+        .reshape(g.exp(g.neg(x).unwrap()).unwrap(), &[2, 12])
+        .unwrap();
+    let b = g.input("x1", [12]);
+    let y = g.mul(g.add(r, b).unwrap(), r).unwrap();
+    let f = feeds(&[&[4, 6], &[12]]);
+    let info = check_on(&dev, "through a reshape", &g, &[y], &f, TOL_ELEMENTWISE);
+    assert_eq!(
+        info.dispatches, 2,
+        "neg+exp, then add+mul on the view: {info}"
+    );
+}
+
+#[test]
+fn many_inputs_split_into_several_kernels() {
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let n = 12;
+    let xs: Vec<NodeId> = (0..n).map(|k| g.input(&format!("x{k}"), [3, 5])).collect();
+    let mut h = xs[0];
+    for &x in &xs[1..] {
+        h = g.tanh(g.add(h, x).unwrap()).unwrap();
+    }
+    let shapes: Vec<&[usize]> = vec![&[3, 5]; n];
+    let f = feeds(&shapes);
+    let info = check_on(&dev, "twelve inputs", &g, &[h], &f, TOL_ELEMENTWISE);
+    assert!(
+        (2..=3).contains(&info.dispatches),
+        "at most 7 inputs per kernel: {info}"
+    );
+}
+
+#[test]
+fn gradients_and_training_steps_fuse_correctly() {
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let x = g.input("x0", [8, 12]);
+    let t = g.input("x1", [8, 5]);
+    let w = g.param_init("fusion.w", rand(&[12, 5], 7));
+    let b = g.param_init("fusion.b", rand(&[5], 8));
+    let h = g.add(g.matmul(x, w).unwrap(), b).unwrap();
+    let pred = g.mul(g.tanh(h).unwrap(), g.sigmoid(h).unwrap()).unwrap();
+    let loss = g.mse_loss(pred, t).unwrap();
+    let grads = g.grad(loss, &[w, b]).unwrap();
+    let f = feeds(&[&[8, 12], &[8, 5]]);
+    let mut outs = vec![loss];
+    outs.extend(&grads);
+    check_gpu_vs_cpu("gradients", &g, &outs, &refs(&f), kiln::ops::TOL_REDUCTION);
+    let fused = dev.compile(&g, &outs).unwrap().info();
+    let plain = {
+        let d = Device::gpu().unwrap();
+        d.set_fusion(false);
+        d.compile(&g, &outs).unwrap().info()
+    };
+    assert!(
+        fused.dispatches < plain.dispatches,
+        "fused {fused} vs unfused {plain}"
+    );
+}
+
+#[test]
+fn reads_stay_before_in_place_updates() {
+    use kiln::ops::optim::{Hyper, OptimKind};
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let w0 = rand(&[6], 21);
+    let w = g.param_init("w", w0.clone());
+    let hyper = g.input("hyper", [kiln::ops::optim::HYPER_LEN]);
+    let scale = g.constant(Tensor::full([1], 1.0));
+    let grad = g.input("grad", [6]);
+    // `a` reads w before the update, `y` (built after it) reads `a`: fusing them would move the
+    // read of w after the in-place write
+    let a = g.mul_scalar(w, 2.0).unwrap();
+    let step = g
+        .optim_step(OptimKind::Sgd, hyper, scale, grad, w, &[])
+        .unwrap();
+    let y = g.add_scalar(a, 1.0).unwrap();
+    let mut plan = dev.compile_with(&g, &[y], &[step]).unwrap();
+    let h = Hyper {
+        lr: 0.5,
+        ..Default::default()
+    }
+    .to_tensor();
+    let got = plan
+        .run(&[("hyper", &h), ("grad", &Tensor::full([6], 1.0))])
+        .unwrap();
+    let want: Vec<f32> = w0.data().iter().map(|v| v * 2.0 + 1.0).collect();
+    assert_close(
+        "the old w",
+        &got[0],
+        &Tensor::new([6], want).unwrap(),
+        1e-6,
+        1e-6,
+    );
+    let updated: Vec<f32> = w0.data().iter().map(|v| v - 0.5).collect();
+    assert_close(
+        "the update",
+        &dev.param("w").unwrap(),
+        &Tensor::new([6], updated).unwrap(),
+        1e-6,
+        1e-6,
+    );
+}
