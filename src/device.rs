@@ -59,6 +59,10 @@ pub(crate) struct GpuContext {
     pub(crate) gemm_policy: Mutex<GemmPolicy>,
     /// Whether plans fuse elementwise chains (KILN_FUSE=0 turns it off, `Device::set_fusion`).
     pub(crate) fusion: std::sync::atomic::AtomicBool,
+    /// How f32 products may be computed (KILN_MATMUL_PRECISION, `Device::set_matmul_precision`).
+    pub(crate) precision: Mutex<Precision>,
+    /// The tensor-core kernel's check against the CPU reference on this adapter.
+    pub(crate) coop_check: Mutex<CoopCheck>,
     /// The driver's compiled-pipeline cache and the file it persists to (PIPELINE_CACHE adapters).
     disk_cache: Option<DiskCache>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
@@ -101,6 +105,31 @@ impl GemmPolicy {
                 }),
         }
     }
+}
+
+/// How f32 matrix products may be computed, as PyTorch's `torch.set_float32_matmul_precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 inputs and accumulation (the default).
+    #[default]
+    Highest,
+    /// Products large enough to gain (M, N >= 64, K >= 32) may round their inputs to f16 and
+    /// accumulate in f32 on tensor cores (cooperative matrices), where the adapter offers 16x16x16
+    /// f16 matrices with 32-wide subgroups; results then differ from f32 by about `sqrt(K) *
+    /// 2^-11` of the operands' scale, and inputs beyond f16's range (65504) overflow. Elsewhere
+    /// the same as `Highest`.
+    Medium,
+}
+
+/// Where the tensor-core kernel stands on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CoopCheck {
+    Unchecked,
+    /// Its check is running: plans compiled now use it.
+    Checking,
+    Passed,
+    /// It disagreed with the CPU reference (why): products stay in f32.
+    Failed(String),
 }
 
 /// A kernel's bindings: `n_inputs` storage buffers, those from index `rw_from` on read_write (updated
@@ -238,12 +267,26 @@ impl Device {
             ))
         })?;
         let ctx = GpuContext::new(adapter)?;
-        Ok(Device {
+        let dev = Device {
             inner: Arc::new(DeviceInner {
                 gpu: Some(ctx),
                 cpu_params: Mutex::new(HashMap::new()),
             }),
-        })
+        };
+        match std::env::var("KILN_MATMUL_PRECISION").as_deref() {
+            Ok("medium") => {
+                if let Err(e) = dev.set_matmul_precision(Precision::Medium) {
+                    log::warn!("KILN_MATMUL_PRECISION=medium: {e}");
+                }
+            }
+            Ok("highest") | Ok("") | Err(_) => {}
+            Ok(other) => {
+                return Err(Error::Input(format!(
+                    "KILN_MATMUL_PRECISION={other:?}: expected highest or medium"
+                )))
+            }
+        }
+        Ok(dev)
     }
 
     /// Which backend this device computes on.
@@ -383,6 +426,89 @@ impl Device {
         Ok(())
     }
 
+    /// Sets how f32 products of plans compiled from now on may be computed (see [`Precision`];
+    /// `KILN_MATMUL_PRECISION=medium` starts a process with `Medium`). The first time `Medium`
+    /// is set on an adapter that has the tensor-core path, kiln runs that kernel once against the
+    /// CPU reference (bias, relu, ragged edges); if it disagrees, products stay in f32 and this
+    /// returns the error. On other adapters, and on the CPU backend, `Medium` computes as
+    /// `Highest`: see [`Device::tensor_cores`].
+    pub fn set_matmul_precision(&self, precision: Precision) -> Result<()> {
+        let Some(g) = &self.inner.gpu else {
+            return Ok(());
+        };
+        *g.precision.lock().expect("precision lock") = precision;
+        if precision != Precision::Medium || !g.target.coop_f16 {
+            return Ok(());
+        }
+        let state = g.coop_check.lock().expect("check lock").clone();
+        match state {
+            CoopCheck::Passed | CoopCheck::Checking => Ok(()),
+            CoopCheck::Failed(why) => Err(Error::Unsupported(why)),
+            CoopCheck::Unchecked => {
+                *g.coop_check.lock().expect("check lock") = CoopCheck::Checking;
+                let verdict = self.check_tensor_cores();
+                let next = match &verdict {
+                    Ok(()) => CoopCheck::Passed,
+                    Err(e) => CoopCheck::Failed(format!(
+                        "the tensor-core matmul on {} failed its check: {e}",
+                        g.info.name
+                    )),
+                };
+                if let CoopCheck::Failed(why) = &next {
+                    log::warn!("kiln: {why}; f32 products stay in f32");
+                }
+                *g.coop_check.lock().expect("check lock") = next.clone();
+                match next {
+                    CoopCheck::Failed(why) => Err(Error::Unsupported(why)),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Whether f32 products of plans compiled now may run on tensor cores (medium precision set,
+    /// the adapter able, the kernel checked).
+    pub fn tensor_cores(&self) -> bool {
+        self.inner.gpu.as_ref().is_some_and(|g| g.coop_active())
+    }
+
+    /// Runs the tensor-core kernel on a product off its tile edges (with bias and relu) and on a
+    /// transposed batched one, against the CPU reference at f16-input tolerance.
+    fn check_tensor_cores(&self) -> Result<()> {
+        use crate::ops::matmul::Bias;
+        let g = crate::Graph::new();
+        let a = g.input("a", [131, 70]);
+        let b = g.input("b", [70, 197]);
+        let c = g.input("c", [197]);
+        let y = g.matmul_fused(a, b, false, false, Some((c, Bias::Cols)), true)?;
+        let at = g.input("at", [2, 45, 67]);
+        let bt = g.input("bt", [2, 129, 45]);
+        let yt = g.matmul_t(at, bt, true, true)?;
+        let feeds = [
+            ("a", Tensor::rand_uniform([131, 70], -1.0, 1.0, 1)),
+            ("b", Tensor::rand_uniform([70, 197], -1.0, 1.0, 2)),
+            ("c", Tensor::rand_uniform([197], -1.0, 1.0, 3)),
+            ("at", Tensor::rand_uniform([2, 45, 67], -1.0, 1.0, 4)),
+            ("bt", Tensor::rand_uniform([2, 129, 45], -1.0, 1.0, 5)),
+        ];
+        let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, t)| (*n, t)).collect();
+        let mut plan = self.compile(&g, &[y, yt])?;
+        plan.poison(f32::NAN);
+        let got = plan.run(&refs)?;
+        let want = Device::cpu().compile(&g, &[y, yt])?.run(&refs)?;
+        for (k, (x, r)) in got.iter().zip(&want).enumerate() {
+            let (worst, i) = crate::tensor::max_violation(x.data(), r.data(), 2e-2, 2e-2);
+            if worst > 1.0 {
+                return Err(Error::Device(format!(
+                    "product {k}: element {i} is {} but the reference is {}",
+                    x.data()[i],
+                    r.data()[i]
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Turns elementwise fusion on or off for plans compiled from now on (on by default;
     /// `KILN_FUSE=0` starts a process with it off). Off, every unary and binary node is its own
     /// kernel, as when comparing against or debugging the fused kernels. No effect on the CPU
@@ -473,6 +599,18 @@ impl GpuContext {
             _ => GemmPolicy::Auto,
         };
         let fusion = std::env::var("KILN_FUSE").map(|v| v != "0").unwrap_or(true);
+        let mut target = target;
+        target.coop_f16 = features
+            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16)
+            && info.subgroup_min_size == 32
+            && info.subgroup_max_size == 32
+            && limits.max_compute_workgroup_storage_size >= crate::codegen::coop::WORKGROUP_BYTES
+            && limits.max_compute_invocations_per_workgroup >= crate::codegen::coop::THREADS
+            && adapter.cooperative_matrix_properties().iter().any(|p| {
+                (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
+                    && p.ab_type == wgpu::CooperativeScalarType::F16
+                    && p.cr_type == wgpu::CooperativeScalarType::F32
+            });
         Ok(GpuContext {
             disk_cache,
             info,
@@ -485,6 +623,8 @@ impl GpuContext {
             target,
             gemm_policy: Mutex::new(gemm_policy),
             fusion: std::sync::atomic::AtomicBool::new(fusion),
+            precision: Mutex::new(Precision::Highest),
+            coop_check: Mutex::new(CoopCheck::Unchecked),
             pipelines: Mutex::new(HashMap::new()),
             layouts: Mutex::new(HashMap::new()),
             lost,
@@ -494,6 +634,17 @@ impl GpuContext {
                 .map(|v| v == "1")
                 .unwrap_or(false),
         })
+    }
+
+    /// Whether products may run on the tensor-core kernel now: medium precision asked for, the
+    /// adapter able, and the kernel not failed its check (it runs during the check itself).
+    pub(crate) fn coop_active(&self) -> bool {
+        self.target.coop_f16
+            && *self.precision.lock().expect("precision lock") == Precision::Medium
+            && matches!(
+                *self.coop_check.lock().expect("check lock"),
+                CoopCheck::Checking | CoopCheck::Passed
+            )
     }
 
     /// Errors if the device was lost or an uncaught GPU error happened since the last check.

@@ -32,7 +32,7 @@ pub mod ops;
 pub mod tensor;
 pub mod verify;
 
-pub use device::{BackendKind, Device, GemmPolicy};
+pub use device::{BackendKind, Device, GemmPolicy, Precision};
 pub use error::{Error, Result};
 pub use exec::{Plan, PlanInfo};
 pub use graph::{Graph, NodeId};

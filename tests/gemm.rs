@@ -302,3 +302,82 @@ fn implicit_gemm_convolutions() {
     let implicit = dev.compile(&g, &grads).unwrap().info().dispatches;
     assert_eq!(portable, implicit + 2, "im2col and the dx product are gone");
 }
+
+/// `Precision::Medium`: on adapters with the tensor-core path (cooperative matrices) products
+/// run with f16 inputs and match the CPU within f16 tolerance, on ragged shapes, both transposes,
+/// batches and epilogues; elsewhere (lavapipe) nothing changes and results stay f32-exact.
+#[test]
+fn medium_precision_products() {
+    use kiln::Precision;
+    let Some(dev) = device() else { return };
+    dev.set_matmul_precision(Precision::Medium).unwrap();
+    let tensor_cores = dev.tensor_cores();
+    let target = dev.target().unwrap();
+    assert_eq!(tensor_cores, target.coop_f16);
+    let tol = if tensor_cores {
+        (2e-2, 2e-2)
+    } else {
+        TOL_REDUCTION
+    };
+    for &(sa, sb, ta, tb, bias, relu) in &[
+        (
+            &[64usize, 32][..],
+            &[32usize, 64][..],
+            false,
+            false,
+            Bias::None,
+            false,
+        ),
+        (
+            &[200, 77][..],
+            &[77, 129][..],
+            false,
+            false,
+            Bias::Cols,
+            true,
+        ),
+        (
+            &[3, 90, 65][..],
+            &[3, 150, 90][..],
+            true,
+            true,
+            Bias::Rows,
+            false,
+        ),
+        (
+            &[2, 1, 70, 100][..],
+            &[3, 100, 66][..],
+            false,
+            false,
+            Bias::None,
+            true,
+        ),
+    ] {
+        let g = Graph::new();
+        let a = g.input("a", sa);
+        let b = g.input("b", sb);
+        let shape = g.shape(g.matmul_t(a, b, ta, tb).unwrap());
+        let (m, n) = (
+            shape.dims()[shape.rank() - 2],
+            shape.dims()[shape.rank() - 1],
+        );
+        let blen = if bias == Bias::Rows { m } else { n };
+        let c = g.input("c", [blen]);
+        let fused = (bias != Bias::None).then_some((c, bias));
+        let y = g.matmul_fused(a, b, ta, tb, fused, relu).unwrap();
+        let feeds = [
+            ("a", rand(sa, 21)),
+            ("b", rand(sb, 22)),
+            ("c", rand(&[blen], 23)),
+        ];
+        let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(k, v)| (*k, v)).collect();
+        let mut plan = dev.compile(&g, &[y]).unwrap();
+        plan.poison(f32::NAN);
+        let got = plan.run(&refs).unwrap();
+        let want = Device::cpu().compile(&g, &[y]).unwrap().run(&refs).unwrap();
+        let what = format!("medium precision {sa:?} x {sb:?} (tensor cores: {tensor_cores})");
+        assert_close(&what, &got[0], &want[0], tol.0, tol.1);
+    }
+    dev.set_matmul_precision(Precision::Highest).unwrap();
+    assert!(!dev.tensor_cores());
+}

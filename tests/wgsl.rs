@@ -273,3 +273,45 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
     ];
     validate("seven inputs", &Fused { steps }, &ins, &[3, 4, 5]);
 }
+
+/// The tensor-core GEMM (cooperative matrices) validates with naga for every transpose and
+/// epilogue. (Running it needs an adapter with EXPERIMENTAL_COOPERATIVE_MATRIX.)
+#[test]
+fn every_coop_matmul_is_valid_wgsl() {
+    use kiln::ops::matmul::{Bias, MatMul};
+    for bits in 0..16u32 {
+        let mm = MatMul {
+            trans_a: bits & 1 != 0,
+            trans_b: bits & 2 != 0,
+            bias: [Bias::None, Bias::Rows, Bias::Cols][(bits % 3) as usize],
+            relu: bits & 4 != 0,
+        };
+        let src = kiln::codegen::coop::wgsl(&mm);
+        assert!(src.starts_with("// matmul_coop.wgsl"));
+        assert!(src.contains("Bindings") && src.contains("Dispatch"));
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{mm:?}: {}", e.emit_to_string(&src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{mm:?}: {}", e.emit_to_string(&src)));
+        // and it translates to SPIR-V, the form the Vulkan driver gets
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap();
+        let (module, info) = naga::back::pipeline_constants::process_overrides(
+            &module,
+            &info,
+            None,
+            &Default::default(),
+        )
+        .unwrap_or_else(|e| panic!("{mm:?}: overrides: {e}"));
+        naga::back::spv::write_vec(&module, &info, &Default::default(), None)
+            .unwrap_or_else(|e| panic!("{mm:?}: SPIR-V: {e}"));
+    }
+}

@@ -8,6 +8,7 @@
 //!
 //! tests/wgsl.rs validates a sweep of every generator's output with naga, without a GPU.
 
+pub mod coop;
 pub mod elementwise;
 pub mod matmul;
 
@@ -30,6 +31,9 @@ pub struct Target {
     /// product fills the machine. WebGPU does not tell the number of compute units, so this is a
     /// guess from the device type (a discrete GPU: 2 workgroups on each of ~128 units).
     pub parallel_workgroups: u32,
+    /// Cooperative 16x16x16 f16 matrices with f32 accumulation, 32-wide subgroups and room for
+    /// the tensor-core kernel (`codegen::coop`).
+    pub coop_f16: bool,
 }
 
 impl Target {
@@ -46,6 +50,7 @@ impl Target {
             max_invocations: limits.max_compute_invocations_per_workgroup,
             max_workgroup_x: limits.max_compute_workgroup_size_x,
             parallel_workgroups,
+            coop_f16: false,
         }
     }
 
@@ -57,6 +62,7 @@ impl Target {
             max_invocations: 256,
             max_workgroup_x: 256,
             parallel_workgroups: 256,
+            coop_f16: false,
         }
     }
 }

@@ -87,7 +87,8 @@ impl GpuPlan {
             .ok_or_else(|| Error::Device("not a GPU device".into()))?;
         let policy = *ctx.gemm_policy.lock().expect("policy lock");
         lower::implicit_col2im(&mut nodes, &mut order, targets, &ctx.target, policy);
-        lower::split_k(&mut nodes, &mut order, &ctx.target, policy);
+        let coop = ctx.coop_active();
+        lower::split_k(&mut nodes, &mut order, &ctx.target, policy, coop);
         lower::implicit_im2col(&mut nodes, &mut order, targets, &ctx.target, policy);
         if ctx.fusion.load(std::sync::atomic::Ordering::Relaxed) {
             fuse::fuse_elementwise(&mut nodes, &mut order, targets);
@@ -183,7 +184,7 @@ impl GpuPlan {
             let n = &nodes[id.0];
             let in_shapes: Vec<&Shape> = n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
             let Some((spec, generated)) =
-                lower::select(&n.op, &in_shapes, &n.shape, &ctx.target, policy)
+                lower::select(&n.op, &in_shapes, &n.shape, &ctx.target, policy, coop)
             else {
                 continue;
             };

@@ -28,6 +28,13 @@ pub(crate) fn gemm_config(
     }
 }
 
+/// Whether a product runs on the tensor-core kernel: the device allows f16 inputs
+/// (`Precision::Medium`, checked on this adapter), kernels are chosen automatically, and the
+/// product is large enough.
+pub(crate) fn uses_coop(d: &ProductDims, coop: bool, policy: GemmPolicy) -> bool {
+    coop && policy == GemmPolicy::Auto && crate::codegen::coop::applies(d)
+}
+
 /// Rewrites every product whose configuration splits K into `MatMulPartial` (a new node, placed
 /// just before it in `order`) and `SplitKSum` (the node itself, same id and shape).
 pub(crate) fn split_k(
@@ -35,6 +42,7 @@ pub(crate) fn split_k(
     order: &mut Vec<NodeId>,
     target: &Target,
     policy: GemmPolicy,
+    coop: bool,
 ) {
     let mut i = 0;
     while i < order.len() {
@@ -50,7 +58,7 @@ pub(crate) fn split_k(
             continue;
         };
         let cfg = match gemm_config(&d, target, policy) {
-            Some(c) if c.split > 1 && c.slices(d.k) > 1 => c,
+            Some(c) if c.split > 1 && c.slices(d.k) > 1 && !uses_coop(&d, coop, policy) => c,
             _ => {
                 i += 1;
                 continue;
@@ -223,12 +231,17 @@ pub(crate) fn select(
     out: &Shape,
     target: &Target,
     policy: GemmPolicy,
+    coop: bool,
 ) -> Option<(KernelSpec, Option<Generated>)> {
     match op {
         Op::MatMul(mm) => {
             let d = mm
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
+            if uses_coop(&d, coop, policy) {
+                let g = crate::codegen::coop::kernel(mm, &d);
+                return Some((g.spec.clone(), Some(g)));
+            }
             match gemm_config(&d, target, policy) {
                 Some(mut cfg) => {
                     cfg.split = 1;
