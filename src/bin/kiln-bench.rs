@@ -118,6 +118,10 @@ fn resident(dev: &Device, g: &Graph, name: &str, value: Tensor) -> kiln::Result<
 }
 
 fn matmul(dev: &Device, n: usize) -> kiln::Result<Case> {
+    matmul_named(dev, n, "")
+}
+
+fn matmul_named(dev: &Device, n: usize, note: &str) -> kiln::Result<Case> {
     let g = Graph::new();
     let a = resident(
         dev,
@@ -136,7 +140,7 @@ fn matmul(dev: &Device, n: usize) -> kiln::Result<Case> {
     let probe = g.narrow(g.narrow(y, 0, 0, 1)?, 1, 0, 1)?;
     let plan = dev.compile(&g, &[probe])?;
     Ok(plan_case(
-        format!("matmul {n}^3"),
+        format!("matmul {n}^3{note}"),
         2.0 * (n as f64).powi(3),
         "GFLOP/s",
         plan,
@@ -297,6 +301,22 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
     } else {
         None
     });
+    // f32 products with f16 inputs on tensor cores, where the adapter has them (two entries
+    // either way: the GPU and CPU lists stay aligned)
+    let mut tc = [None, None];
+    if hardware && !cpu && dev.target().is_some_and(|t| t.coop_f16) {
+        match dev.set_matmul_precision(kiln::Precision::Medium) {
+            Ok(()) => {
+                tc = [
+                    Some(matmul_named(dev, 4096, " (f16 tensor cores)")?),
+                    Some(matmul_named(dev, 8192, " (f16 tensor cores)")?),
+                ];
+            }
+            Err(e) => eprintln!("tensor cores skipped: {e}"),
+        }
+        dev.set_matmul_precision(kiln::Precision::Highest)?;
+    }
+    v.extend(tc);
     v.push(Some(conv(dev, (64, 32, 13, 64))?));
     v.push(if hardware && !cpu {
         Some(conv(dev, (64, 64, 56, 64))?)
