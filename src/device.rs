@@ -63,6 +63,10 @@ pub(crate) struct GpuContext {
     pub(crate) precision: Mutex<Precision>,
     /// The tensor-core kernel's check against the CPU reference on this adapter.
     pub(crate) coop_check: Mutex<CoopCheck>,
+    /// GEMM configurations timed on this adapter, by product extents (`exec::tune`).
+    pub(crate) tuned: Mutex<HashMap<String, crate::codegen::matmul::GemmConfig>>,
+    /// Where that table persists (beside the pipeline cache), if there is a cache folder.
+    tune_file: Option<std::path::PathBuf>,
     /// The driver's compiled-pipeline cache and the file it persists to (PIPELINE_CACHE adapters).
     disk_cache: Option<DiskCache>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
@@ -77,12 +81,15 @@ pub(crate) struct GpuContext {
 }
 
 /// How plans compiled from now on pick their matmul kernels. `KILN_GEMM` sets it for a process:
-/// `auto`, `portable`, or a configuration such as `64x64x16/4x4` or `32x32x16/4x4/split4`.
+/// `auto`, `tune`, `portable`, or a configuration such as `64x64x16/4x4` or `32x32x16/4x4/split4`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmPolicy {
     /// The generated family, configuration chosen per shape and adapter (`codegen::matmul::choose`).
     #[default]
     Auto,
+    /// The generated family, each product's configuration timed on the adapter the first time
+    /// its extents appear (`exec::tune`) and remembered in the cache folder.
+    Tune,
     /// The portable 64x64 kernel of `shaders/matmul.wgsl` for every product.
     Portable,
     /// This generated configuration for every product (benchmarks and tests); its split-K
@@ -95,12 +102,13 @@ impl GemmPolicy {
     pub fn parse(s: &str) -> Result<GemmPolicy> {
         match s.trim() {
             "auto" => Ok(GemmPolicy::Auto),
+            "tune" => Ok(GemmPolicy::Tune),
             "portable" => Ok(GemmPolicy::Portable),
             other => crate::codegen::matmul::GemmConfig::parse(other)
                 .map(GemmPolicy::Fixed)
                 .ok_or_else(|| {
                     Error::Input(format!(
-                        "KILN_GEMM={other:?}: expected auto, portable or BMxBNxBK/TMxTN[/splitS]"
+                        "KILN_GEMM={other:?}: expected auto, tune, portable or BMxBNxBK/TMxTN[/splitS]"
                     ))
                 }),
         }
@@ -527,6 +535,20 @@ impl Device {
             .is_some_and(|g| g.fusion.load(std::sync::atomic::Ordering::Relaxed))
     }
 
+    /// The GEMM configuration tuned on this adapter for an `M x N x K` product over `batch`
+    /// matrices (`GemmPolicy::Tune`), if one was timed here or loaded from the cache folder.
+    pub fn tuned_gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        batch: usize,
+    ) -> Option<crate::codegen::matmul::GemmConfig> {
+        let g = self.inner.gpu.as_ref()?;
+        let key = format!("{m}x{n}x{k}b{batch}");
+        g.tuned.lock().expect("tune lock").get(&key).copied()
+    }
+
     /// The adapter facts kernel generators use (`None` on the CPU backend).
     pub fn target(&self) -> Option<crate::codegen::Target> {
         self.inner.gpu.as_ref().map(|g| g.target.clone())
@@ -599,6 +621,13 @@ impl GpuContext {
             _ => GemmPolicy::Auto,
         };
         let fusion = std::env::var("KILN_FUSE").map(|v| v != "0").unwrap_or(true);
+        let tune_file = DiskCache::dir().map(|d| {
+            let id: String = format!("{} {} {:?}", info.name, info.driver_info, info.backend)
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            d.join(format!("gemm-tune-{id}.txt"))
+        });
         let mut target = target;
         target.coop_f16 = features
             .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16)
@@ -625,6 +654,8 @@ impl GpuContext {
             fusion: std::sync::atomic::AtomicBool::new(fusion),
             precision: Mutex::new(Precision::Highest),
             coop_check: Mutex::new(CoopCheck::Unchecked),
+            tuned: Mutex::new(load_tuned(tune_file.as_deref())),
+            tune_file,
             pipelines: Mutex::new(HashMap::new()),
             layouts: Mutex::new(HashMap::new()),
             lost,
@@ -634,6 +665,31 @@ impl GpuContext {
                 .map(|v| v == "1")
                 .unwrap_or(false),
         })
+    }
+
+    /// Writes the tuning table (`key config` per line) through a temporary file.
+    pub(crate) fn save_tuned(&self) -> Result<()> {
+        let Some(path) = &self.tune_file else {
+            return Ok(());
+        };
+        let io = |e: std::io::Error| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        };
+        let mut lines: Vec<String> = self
+            .tuned
+            .lock()
+            .expect("tune lock")
+            .iter()
+            .map(|(k, c)| format!("{k} {}", c.describe()))
+            .collect();
+        lines.sort();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, lines.join("\n") + "\n").map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
     }
 
     /// Whether products may run on the tensor-core kernel now: medium precision asked for, the
@@ -954,6 +1010,22 @@ impl GpuContext {
             .insert(key, pipeline.clone());
         Ok(pipeline)
     }
+}
+
+/// The tuning table saved by `GpuContext::save_tuned`; lines that do not parse are skipped (a
+/// table from another kiln version is only a hint).
+fn load_tuned(
+    path: Option<&std::path::Path>,
+) -> HashMap<String, crate::codegen::matmul::GemmConfig> {
+    let Some(text) = path.and_then(|p| std::fs::read_to_string(p).ok()) else {
+        return HashMap::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let (k, c) = l.split_once(' ')?;
+            Some((k.to_string(), crate::codegen::matmul::GemmConfig::parse(c)?))
+        })
+        .collect()
 }
 
 /// The driver's pipeline cache, loaded from and saved to a file keyed by adapter and driver.

@@ -381,3 +381,48 @@ fn medium_precision_products() {
     dev.set_matmul_precision(Precision::Highest).unwrap();
     assert!(!dev.tensor_cores());
 }
+
+/// `GemmPolicy::Tune` times candidate configurations on the adapter the first time a product's
+/// extents appear, computes correctly with the winner, and remembers it in the cache folder for
+/// the next device (process).
+#[test]
+fn tuning_times_candidates_and_remembers_the_winner() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-tune-test-{}", std::process::id()));
+    std::env::set_var("KILN_CACHE_DIR", &dir);
+    let dev = Device::gpu().unwrap();
+    dev.set_gemm_policy(GemmPolicy::Tune).unwrap();
+    assert_eq!(dev.tuned_gemm(33, 70, 600, 1), None);
+    check(
+        &dev,
+        "tuned",
+        &[33, 600],
+        &[600, 70],
+        false,
+        false,
+        Bias::Cols,
+        true,
+    );
+    let won = dev
+        .tuned_gemm(33, 70, 600, 1)
+        .expect("tuned on first compile");
+    assert!(won.fits(&dev.target().unwrap()));
+    let table = std::fs::read_to_string(
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.to_string_lossy().contains("gemm-tune-"))
+            .expect("the tuning table is saved"),
+    )
+    .unwrap();
+    assert!(
+        table.contains(&format!("33x70x600b1 {}", won.describe())),
+        "{table}"
+    );
+    // a new device (as a new process would) starts from the saved table
+    let again = Device::gpu().unwrap();
+    assert_eq!(again.tuned_gemm(33, 70, 600, 1), Some(won));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -145,8 +145,14 @@ impl GemmConfig {
 /// (weighed 8), over the depth of its slice. The cheapest tiling wins; ties go to less padding,
 /// then to the larger tile. Workgroups narrower than a subgroup are not considered.
 pub fn choose(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Option<GemmConfig> {
+    ranked(m, n, k, batch, target).into_iter().next()
+}
+
+/// Every configuration [`choose`] considers for the product that fits `target`, best first by
+/// its model (the candidates `GemmPolicy::Tune` times on the adapter).
+pub fn ranked(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Vec<GemmConfig> {
     let capacity = target.parallel_workgroups.max(1) as u64 * 256;
-    let mut best: Option<(GemmConfig, f64, u64)> = None;
+    let mut all: Vec<(GemmConfig, f64, u64)> = Vec::new();
     for &(bm, bn, tm, tn) in TILINGS {
         let bk = if 4 * 16 * (bm + bn) <= target.workgroup_storage {
             16
@@ -178,19 +184,15 @@ pub fn choose(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Op
             + 2.0 * (tm + tn) as f64 / 4.0
             + 8.0 * (bm + bn) as f64 / threads as f64;
         let time = waves as f64 * per_step * cfg.chunk(k) as f64;
-        let better = match &best {
-            None => true,
-            Some((b, bt, bp)) => {
-                time < *bt
-                    || (time == *bt && padded < *bp)
-                    || (time == *bt && padded == *bp && bm * bn > b.bm * b.bn)
-            }
-        };
-        if better {
-            best = Some((cfg, time, padded));
-        }
+        all.push((cfg, time, padded));
     }
-    best.map(|(cfg, _, _)| cfg)
+    // cheapest first; ties: less padding, then the larger tile
+    all.sort_by(|(a, at, ap), (b, bt, bp)| {
+        at.total_cmp(bt)
+            .then(ap.cmp(bp))
+            .then((b.bm * b.bn).cmp(&(a.bm * a.bn)))
+    });
+    all.into_iter().map(|(c, _, _)| c).collect()
 }
 
 /// The launch of `mm` with configuration `cfg`: its WGSL and constants. With `cfg.split > 1` the

@@ -9,7 +9,7 @@ use super::liveness::{assign_slots, lifetimes, storage_root};
 use super::lower;
 use super::profile::{self, OpTiming, Profiler};
 use super::PlanInfo;
-use crate::device::{BindingMode, Device};
+use crate::device::{BindingMode, Device, GemmPolicy};
 use crate::error::{Error, Result};
 use crate::graph::{Node, NodeId};
 use crate::ops::{Init, Op};
@@ -81,15 +81,25 @@ impl GpuPlan {
         mut order: Vec<NodeId>,
         outputs: &[NodeId],
         targets: &[NodeId],
+        policy: Option<GemmPolicy>,
     ) -> Result<GpuPlan> {
         let ctx = device
             .gpu_ctx()
             .ok_or_else(|| Error::Device("not a GPU device".into()))?;
-        let policy = *ctx.gemm_policy.lock().expect("policy lock");
-        lower::implicit_col2im(&mut nodes, &mut order, targets, &ctx.target, policy);
-        let coop = ctx.coop_active();
-        lower::split_k(&mut nodes, &mut order, &ctx.target, policy, coop);
-        lower::implicit_im2col(&mut nodes, &mut order, targets, &ctx.target, policy);
+        let policy = policy.unwrap_or(*ctx.gemm_policy.lock().expect("policy lock"));
+        if policy == GemmPolicy::Tune {
+            super::tune::tune_products(&device, &nodes, &order)?;
+        }
+        let tuned = ctx.tuned.lock().expect("tune lock").clone();
+        let ch = lower::Choice {
+            target: &ctx.target,
+            policy,
+            coop: ctx.coop_active(),
+            tuned: &tuned,
+        };
+        lower::implicit_col2im(&mut nodes, &mut order, targets, &ch);
+        lower::split_k(&mut nodes, &mut order, &ch);
+        lower::implicit_im2col(&mut nodes, &mut order, targets, &ch);
         if ctx.fusion.load(std::sync::atomic::Ordering::Relaxed) {
             fuse::fuse_elementwise(&mut nodes, &mut order, targets);
         }
@@ -183,9 +193,7 @@ impl GpuPlan {
         for &id in &order {
             let n = &nodes[id.0];
             let in_shapes: Vec<&Shape> = n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
-            let Some((spec, generated)) =
-                lower::select(&n.op, &in_shapes, &n.shape, &ctx.target, policy, coop)
-            else {
+            let Some((spec, generated)) = lower::select(&n.op, &in_shapes, &n.shape, &ch) else {
                 continue;
             };
             let (rw_from, output) = n.op.binding_mode(n.inputs.len());

@@ -5,6 +5,8 @@
 //! Node ids of the graph keep their meaning: a rewritten node still computes the same tensor.
 
 use super::liveness::storage_root;
+use std::collections::HashMap;
+
 use crate::codegen::elementwise;
 use crate::codegen::matmul::{self as gemm, GemmConfig};
 use crate::codegen::{Generated, Target};
@@ -15,35 +17,45 @@ use crate::ops::matmul::{MatMul, MatMulPartial, ProductDims, SplitKSum};
 use crate::ops::{KernelSpec, Op};
 use crate::tensor::Shape;
 
+/// What kernel choices depend on for one plan: the adapter, the GEMM policy, whether the
+/// tensor-core kernel may run, and the configurations tuned on this adapter.
+pub(crate) struct Choice<'a> {
+    pub target: &'a Target,
+    pub policy: GemmPolicy,
+    pub coop: bool,
+    pub tuned: &'a HashMap<String, GemmConfig>,
+}
+
+/// The key of a product in the tuning table: its extents and batch.
+pub(crate) fn tune_key(d: &ProductDims) -> String {
+    format!("{}x{}x{}b{}", d.m, d.n, d.k, d.batch.numel())
+}
+
 /// The generated GEMM configuration for a product, or `None` for the portable kernel.
-pub(crate) fn gemm_config(
-    d: &ProductDims,
-    target: &Target,
-    policy: GemmPolicy,
-) -> Option<GemmConfig> {
-    match policy {
+pub(crate) fn gemm_config(d: &ProductDims, ch: &Choice) -> Option<GemmConfig> {
+    match ch.policy {
         GemmPolicy::Portable => None,
-        GemmPolicy::Auto => gemm::choose(d.m, d.n, d.k, d.batch.numel(), target),
-        GemmPolicy::Fixed(c) => c.fits(target).then_some(c),
+        GemmPolicy::Auto => gemm::choose(d.m, d.n, d.k, d.batch.numel(), ch.target),
+        GemmPolicy::Tune => match ch.tuned.get(&tune_key(d)) {
+            Some(c) if c.fits(ch.target) => Some(*c),
+            _ => gemm::choose(d.m, d.n, d.k, d.batch.numel(), ch.target),
+        },
+        GemmPolicy::Fixed(c) => c.fits(ch.target).then_some(c),
     }
 }
 
 /// Whether a product runs on the tensor-core kernel: the device allows f16 inputs
 /// (`Precision::Medium`, checked on this adapter), kernels are chosen automatically, and the
 /// product is large enough.
-pub(crate) fn uses_coop(d: &ProductDims, coop: bool, policy: GemmPolicy) -> bool {
-    coop && policy == GemmPolicy::Auto && crate::codegen::coop::applies(d)
+pub(crate) fn uses_coop(d: &ProductDims, ch: &Choice) -> bool {
+    ch.coop
+        && matches!(ch.policy, GemmPolicy::Auto | GemmPolicy::Tune)
+        && crate::codegen::coop::applies(d)
 }
 
 /// Rewrites every product whose configuration splits K into `MatMulPartial` (a new node, placed
 /// just before it in `order`) and `SplitKSum` (the node itself, same id and shape).
-pub(crate) fn split_k(
-    nodes: &mut Vec<Node>,
-    order: &mut Vec<NodeId>,
-    target: &Target,
-    policy: GemmPolicy,
-    coop: bool,
-) {
+pub(crate) fn split_k(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, ch: &Choice) {
     let mut i = 0;
     while i < order.len() {
         let id = order[i];
@@ -57,8 +69,8 @@ pub(crate) fn split_k(
             i += 1;
             continue;
         };
-        let cfg = match gemm_config(&d, target, policy) {
-            Some(c) if c.split > 1 && c.slices(d.k) > 1 && !uses_coop(&d, coop, policy) => c,
+        let cfg = match gemm_config(&d, ch) {
+            Some(c) if c.split > 1 && c.slices(d.k) > 1 && !uses_coop(&d, ch) => c,
             _ => {
                 i += 1;
                 continue;
@@ -115,8 +127,7 @@ pub(crate) fn implicit_im2col(
     nodes: &mut [Node],
     order: &mut Vec<NodeId>,
     targets: &[NodeId],
-    target: &Target,
-    policy: GemmPolicy,
+    ch: &Choice,
 ) {
     let mut dropped = Vec::new();
     for &id in order.iter() {
@@ -150,7 +161,7 @@ pub(crate) fn implicit_im2col(
                         && mm
                             .dims(&nodes[n.inputs[0].0].shape, &nodes[id.0].shape)
                             .ok()
-                            .and_then(|d| gemm_config(&d, target, policy))
+                            .and_then(|d| gemm_config(&d, ch))
                             .is_some()
                 }
                 _ => false,
@@ -185,8 +196,7 @@ pub(crate) fn implicit_col2im(
     nodes: &mut [Node],
     order: &mut Vec<NodeId>,
     targets: &[NodeId],
-    target: &Target,
-    policy: GemmPolicy,
+    ch: &Choice,
 ) {
     let mut dropped = Vec::new();
     for &id in order.iter() {
@@ -212,7 +222,7 @@ pub(crate) fn implicit_col2im(
         let moved = [w, dy]
             .iter()
             .any(|&r| written_between(nodes, order, r, at(prod), at(id)));
-        if readers != 1 || moved || gemm_config(&d, target, policy).is_none() {
+        if readers != 1 || moved || gemm_config(&d, ch).is_none() {
             continue;
         }
         let n = &mut nodes[id.0];
@@ -229,20 +239,18 @@ pub(crate) fn select(
     op: &Op,
     inputs: &[&Shape],
     out: &Shape,
-    target: &Target,
-    policy: GemmPolicy,
-    coop: bool,
+    ch: &Choice,
 ) -> Option<(KernelSpec, Option<Generated>)> {
     match op {
         Op::MatMul(mm) => {
             let d = mm
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
-            if uses_coop(&d, coop, policy) {
+            if uses_coop(&d, ch) {
                 let g = crate::codegen::coop::kernel(mm, &d);
                 return Some((g.spec.clone(), Some(g)));
             }
-            match gemm_config(&d, target, policy) {
+            match gemm_config(&d, ch) {
                 Some(mut cfg) => {
                     cfg.split = 1;
                     let g = gemm::kernel(mm, &d, &cfg);
@@ -264,7 +272,7 @@ pub(crate) fn select(
             let cfg = match c.partial {
                 Some(cfg) => cfg,
                 None => {
-                    let mut cfg = gemm_config(&d, target, policy)?;
+                    let mut cfg = gemm_config(&d, ch)?;
                     cfg.split = 1;
                     cfg
                 }
@@ -274,7 +282,7 @@ pub(crate) fn select(
         }
         Op::ImplicitDgrad(c) => {
             let d = c.dims(inputs[0], out);
-            let cfg = gemm_config(&d, target, policy)?;
+            let cfg = gemm_config(&d, ch)?;
             let g = gemm::dgrad_kernel(c.geom, &d, &cfg);
             Some((g.spec.clone(), Some(g)))
         }

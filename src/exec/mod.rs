@@ -6,6 +6,7 @@ pub mod gpu;
 pub mod liveness;
 pub(crate) mod lower;
 pub mod profile;
+pub(crate) mod tune;
 
 use crate::cpu::CpuPlan;
 use crate::device::Device;
@@ -91,6 +92,7 @@ impl Device {
                 order,
                 outputs,
                 &targets,
+                None,
             )?)),
             None => Backend::Cpu(CpuPlan::compile(self.clone(), nodes, order, outputs)?),
         };
