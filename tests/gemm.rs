@@ -63,7 +63,7 @@ fn every_tiling_on_awkward_shapes() {
     let Some(dev) = device() else { return };
     let target = dev.target().unwrap();
     let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (7, 5, 13), (33, 70, 17), (64, 32, 20)];
-    for &(bm, bn, tm, tn) in TILINGS {
+    for (&(bm, bn, tm, tn), prefetch) in TILINGS.iter().flat_map(|t| [(t, false), (t, true)]) {
         let cfg = GemmConfig {
             bm,
             bn,
@@ -71,6 +71,7 @@ fn every_tiling_on_awkward_shapes() {
             tm,
             tn,
             split: 1,
+            prefetch,
         };
         if !cfg.fits(&target) {
             assert!(dev.set_gemm_policy(GemmPolicy::Fixed(cfg)).is_err());
@@ -92,7 +93,12 @@ fn every_tiling_on_awkward_shapes() {
 #[test]
 fn batched_broadcast_and_vec4_layouts() {
     let Some(dev) = device() else { return };
-    for policy in ["64x64x16/4x4", "32x32x8/4x4", "16x64x16/4x4"] {
+    for policy in [
+        "64x64x16/4x4",
+        "32x32x8/4x4/pf",
+        "16x64x16/4x4",
+        "128x128x8/8x8/pf",
+    ] {
         dev.set_gemm_policy(GemmPolicy::parse(policy).unwrap())
             .unwrap();
         for &(sa, sb, ta, tb) in &[
@@ -204,7 +210,11 @@ fn choices_on_a_discrete_gpu() {
         assert!(cfg.fits(&t));
         assert_eq!(GemmConfig::parse(&cfg.describe()), Some(cfg));
     }
+    let pf = GemmConfig::parse("128x64x8/8x4/split3/pf").unwrap();
+    assert!(pf.prefetch && pf.split == 3 && pf.bk == 8);
+    assert_eq!(GemmConfig::parse(&pf.describe()), Some(pf));
     assert!(GemmPolicy::parse("64x64x16").is_err());
+    assert!(GemmPolicy::parse("64x64x16/4x4/fast").is_err());
     assert!(GemmPolicy::parse("auto").is_ok());
 }
 
@@ -240,7 +250,7 @@ fn implicit_gemm_convolutions() {
         ),
     ];
     // the forced configuration cuts the weight gradient's K (N*Ho*Wo) in two: implicit split-K
-    for policy in ["auto", "16x64x16/4x4/split2"] {
+    for policy in ["auto", "16x64x16/4x4/split2", "32x32x16/4x4/split2/pf"] {
         dev.set_gemm_policy(GemmPolicy::parse(policy).unwrap())
             .unwrap();
         for &(xs, o, k, opts) in cases {

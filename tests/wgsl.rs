@@ -85,6 +85,7 @@ fn every_generated_matmul_is_valid_wgsl() {
     let mut count = 0;
     for &(bm, bn, tm, tn) in TILINGS {
         for bk in [8, 16] {
+            // prefetching (register double-buffering) on the 16-deep half
             let cfg = GemmConfig {
                 bm,
                 bn,
@@ -92,6 +93,7 @@ fn every_generated_matmul_is_valid_wgsl() {
                 tm,
                 tn,
                 split: 1,
+                prefetch: bk == 16,
             };
             for bits in 0..32u32 {
                 let bit = |i: u32| bits & (1 << i) != 0;
@@ -127,6 +129,7 @@ fn every_generated_matmul_is_valid_wgsl() {
             tm,
             tn,
             split: 1,
+            prefetch: bm == bn,
         };
         let d = kiln::ops::conv::ImplicitDgrad { geom }.dims(
             &kiln::Shape(vec![5, geom.rows()]),

@@ -31,6 +31,9 @@ pub struct GemmConfig {
     pub tn: u32,
     /// Slices K is cut into (1: no split); each slice writes partial sums that a second kernel adds.
     pub split: u32,
+    /// Fetch the next step's tiles into registers while multiplying the current ones (one
+    /// workgroup-memory buffer; the global loads' latency hides behind the arithmetic).
+    pub prefetch: bool,
 }
 
 /// The tilings [`choose`] considers, as `(BM, BN, TM, TN)`, largest first.
@@ -90,6 +93,9 @@ impl GemmConfig {
         if self.split > 1 {
             let _ = write!(s, "/split{}", self.split);
         }
+        if self.prefetch {
+            s.push_str("/pf");
+        }
         s
     }
 
@@ -106,10 +112,13 @@ impl GemmConfig {
             .split('x')
             .map(|v| v.parse().ok())
             .collect::<Option<_>>()?;
-        let split = match parts.next() {
-            Some(p) => p.strip_prefix("split")?.parse().ok()?,
-            None => 1,
-        };
+        let (mut split, mut prefetch) = (1, false);
+        for p in parts {
+            match p {
+                "pf" => prefetch = true,
+                _ => split = p.strip_prefix("split")?.parse().ok()?,
+            }
+        }
         match (tile.as_slice(), thread.as_slice()) {
             (&[bm, bn, bk], &[tm, tn]) => Some(GemmConfig {
                 bm,
@@ -118,6 +127,7 @@ impl GemmConfig {
                 tm,
                 tn,
                 split,
+                prefetch,
             }),
             _ => None,
         }
@@ -166,6 +176,7 @@ pub fn ranked(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Ve
             tm,
             tn,
             split: 1,
+            prefetch: false,
         };
         if !cfg.fits(target) || cfg.threads() < target.subgroup_size {
             continue;
@@ -353,8 +364,18 @@ struct TileLoad {
     gather: Option<(&'static str, bool)>,
 }
 
+/// Which part of a tile load to emit: both (through a local), or, with prefetching, the global
+/// loads into the registers `r{operand}{l}` for the step at `kn`, or their stores into
+/// workgroup memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Both,
+    Fetch,
+    Stash,
+}
+
 /// One operand tile's loads into workgroup memory, unrolled: the same count per thread.
-fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
+fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phase) {
     let TileLoad {
         operand,
         shared,
@@ -401,10 +422,15 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
                 );
             }
         }
+        let k_origin = if phase == Phase::Fetch { "kn" } else { "k0" };
         let _ = writeln!(
             s,
-            "            let g = {origin} + x;\n            let k = k0 + kk;"
+            "            let g = {origin} + x;\n            let k = {k_origin} + kk;"
         );
+        let (v, decl) = match phase {
+            Phase::Both => ("v".to_string(), "var v"),
+            _ => (format!("r{operand}{l}"), ""),
+        };
         let index = if k_contiguous {
             format!("{base} + g * K + k")
         } else {
@@ -415,28 +441,40 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
             Some((f, false)) => format!("{f}(g, k)"),
             None => format!("{operand}[{index}]"),
         };
-        if vec {
+        let assign = if decl.is_empty() {
+            v.clone()
+        } else {
+            decl.to_string()
+        };
+        if phase != Phase::Stash {
+            let (zero, load) = if vec {
+                ("vec4<f32>(0.0)", format!("{operand}[({index}) / 4u]"))
+            } else {
+                ("0.0", read.clone())
+            };
             let _ = writeln!(
                 s,
-                "            var v = vec4<f32>(0.0);\n            if g < {ext_name} && k < kend {{ v = {operand}[({index}) / 4u]; }}"
+                "            {assign} = {zero};\n            if g < {ext_name} && k < kend {{ {v} = {load}; }}"
             );
-            if k_contiguous {
+        }
+        if phase != Phase::Fetch {
+            if vec && k_contiguous {
                 // four k values of one row: a column of the k-major tile
                 for q in 0..4 {
                     let c = ["x", "y", "z", "w"][q];
                     let _ = writeln!(
                         s,
-                        "            {shared}[(kk + {q}u) * {ext4}u + x / 4u][x % 4u] = v.{c};"
+                        "            {shared}[(kk + {q}u) * {ext4}u + x / 4u][x % 4u] = {v}.{c};"
                     );
                 }
+            } else if vec {
+                let _ = writeln!(s, "            {shared}[kk * {ext4}u + x / 4u] = {v};");
             } else {
-                let _ = writeln!(s, "            {shared}[kk * {ext4}u + x / 4u] = v;");
+                let _ = writeln!(
+                    s,
+                    "            {shared}[kk * {ext4}u + x / 4u][x % 4u] = {v};"
+                );
             }
-        } else {
-            let _ = writeln!(
-                s,
-                "            var v = 0.0;\n            if g < {ext_name} && k < kend {{ v = {read}; }}\n            {shared}[kk * {ext4}u + x / 4u][x % 4u] = v;"
-            );
         }
         let _ = writeln!(s, "        }}");
     }
@@ -712,6 +750,22 @@ fn main(
             let _ = writeln!(s, "    var acc{i}_{j} = vec4<f32>(0.0);");
         }
     }
+    if cfg.prefetch {
+        // registers for the next step's tiles: its global loads are in flight during this
+        // step's multiply-adds
+        for (tile, ext) in [("a", bm), ("b", bn)] {
+            let vec = if tile == "a" {
+                lay.vec_a && lay.dgrad.is_none()
+            } else {
+                lay.vec_b && lay.im2col.is_none() && lay.dgrad.is_none()
+            };
+            let per = if vec { 4 } else { 1 };
+            for l in 0..ext * bk / (per * cfg.threads()) {
+                let ty = if vec { "vec4<f32>" } else { "f32" };
+                let _ = writeln!(s, "    var r{tile}{l}: {ty};");
+            }
+        }
+    }
     let _ = writeln!(
         s,
         "    for (var k0 = kbegin; k0 < kend; k0 = k0 + {bk}u) {{"
@@ -742,9 +796,27 @@ fn main(
             _ => None,
         },
     };
-    emit_tile_load(&mut s, &a_tile, cfg);
-    emit_tile_load(&mut s, &b_tile, cfg);
-    let _ = writeln!(s, "        workgroupBarrier();");
+    if cfg.prefetch {
+        // the first step's tiles come in before the loop; each step then fetches the next
+        let loop_head = s
+            .rfind("    for (var k0")
+            .expect("the loop was just written");
+        let mut prologue =
+            String::from("    {\n        let k0 = kbegin;\n        let kn = kbegin;\n");
+        emit_tile_load(&mut prologue, &a_tile, cfg, Phase::Fetch);
+        emit_tile_load(&mut prologue, &b_tile, cfg, Phase::Fetch);
+        emit_tile_load(&mut prologue, &a_tile, cfg, Phase::Stash);
+        emit_tile_load(&mut prologue, &b_tile, cfg, Phase::Stash);
+        prologue.push_str("    }\n    workgroupBarrier();\n");
+        s.insert_str(loop_head, &prologue);
+        let _ = writeln!(s, "        let kn = k0 + {bk}u;");
+        emit_tile_load(&mut s, &a_tile, cfg, Phase::Fetch);
+        emit_tile_load(&mut s, &b_tile, cfg, Phase::Fetch);
+    } else {
+        emit_tile_load(&mut s, &a_tile, cfg, Phase::Both);
+        emit_tile_load(&mut s, &b_tile, cfg, Phase::Both);
+        let _ = writeln!(s, "        workgroupBarrier();");
+    }
     for kk in 0..bk {
         for q in 0..rq {
             let _ = writeln!(
@@ -771,7 +843,13 @@ fn main(
             }
         }
     }
-    let _ = writeln!(s, "        workgroupBarrier();\n    }}");
+    let _ = writeln!(s, "        workgroupBarrier();");
+    if cfg.prefetch {
+        emit_tile_load(&mut s, &a_tile, cfg, Phase::Stash);
+        emit_tile_load(&mut s, &b_tile, cfg, Phase::Stash);
+        let _ = writeln!(s, "        workgroupBarrier();");
+    }
+    let _ = writeln!(s, "    }}");
     // stores with the epilogue
     for i in 0..tm {
         let row = format!("row0 + {}u + ty * 4u", (i / 4) * row_gap + i % 4);

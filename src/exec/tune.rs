@@ -1,6 +1,7 @@
 //! Autotuning of the generated GEMM (`KILN_GEMM=tune`, `GemmPolicy::Tune`): the first time a
 //! plan holds a product of some extents (M, N, K, batch), the best few configurations by the
-//! model of `codegen::matmul::ranked` (split-K variants included) are each compiled and timed on
+//! model of `codegen::matmul::ranked` (split-K included where the model splits), each with and
+//! without register prefetching, are compiled and timed on
 //! the adapter, with timestamp queries where it has them (else wall clock), and the fastest is
 //! kept for the device and in a file beside the pipeline cache, so later processes skip the
 //! timing. WebGPU does not tell how many compute units an adapter has or how its memory behaves;
@@ -18,7 +19,7 @@ use crate::graph::{Graph, Node, NodeId};
 use crate::ops::Op;
 use crate::tensor::Tensor;
 
-/// Configurations timed per product.
+/// Configurations timed per product (the model's best three, each with and without prefetch).
 pub const CANDIDATES: usize = 6;
 
 /// Timed runs per configuration (after one warm-up); the median counts.
@@ -60,9 +61,19 @@ fn fastest(device: &Device, m: usize, n: usize, k: usize, batch: usize) -> Resul
     let ctx = device
         .gpu_ctx()
         .ok_or_else(|| Error::Device("not a GPU device".into()))?;
+    // the model's leading tilings, each plain and with register prefetching
     let candidates: Vec<GemmConfig> = ranked(m, n, k, batch, &ctx.target)
         .into_iter()
-        .take(CANDIDATES)
+        .take(CANDIDATES / 2)
+        .flat_map(|c| {
+            [
+                c,
+                GemmConfig {
+                    prefetch: true,
+                    ..c
+                },
+            ]
+        })
         .collect();
     let Some(&first) = candidates.first() else {
         return Err(Error::Unsupported(format!(
