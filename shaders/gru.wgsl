@@ -23,7 +23,8 @@
 //   3  bhh      storage, read            [3H] / [H]
 //   4  h0       storage, read            [B, H]
 //   5  lengths  storage, read            [B] whole numbers in [0, T]
-//   6  p        storage, read_write      P
+//   6  whh_t    storage, read            [H, 3H] / [H, H], w_hh transposed (coalesced reads)
+//   7  p        storage, read_write      P
 // Entries `gru_backward`, `rnn_backward` (dispatched T + 1 times: the steps in reverse order, then
 // k = T writes dh0):
 //   0 step; 1 p (read) P; 2 whh; 3 bhh (unused); 4 h0; 5 lengths; 6 dp (read) dP, P's shape;
@@ -44,7 +45,8 @@ const WG: u32 = 256u;
 @group(0) @binding(3) var<storage, read> bhh: array<f32>;
 @group(0) @binding(4) var<storage, read> h0: array<f32>;
 @group(0) @binding(5) var<storage, read> lengths: array<f32>;
-@group(0) @binding(6) var<storage, read_write> p: array<f32>;
+@group(0) @binding(6) var<storage, read> whh_t: array<f32>;
+@group(0) @binding(7) var<storage, read_write> p: array<f32>;
 
 // backward bindings (binding 1 is P read-only there)
 @group(0) @binding(1) var<storage, read> p_in: array<f32>;
@@ -121,9 +123,10 @@ fn gru_forward(
     var hn = bhh[2u * H + j];
     for (var m = 0u; m < H; m = m + 1u) {
         let h = h_prev_fwd(s, b, m, 5u * H);
-        a_r = a_r + h * whh[j * H + m];
-        a_z = a_z + h * whh[(H + j) * H + m];
-        hn = hn + h * whh[(2u * H + j) * H + m];
+        let w = m * 3u * H + j;
+        a_r = a_r + h * whh_t[w];
+        a_z = a_z + h * whh_t[w + H];
+        hn = hn + h * whh_t[w + 2u * H];
     }
     let gr = sigmoid(a_r);
     let gz = sigmoid(a_z);
@@ -226,7 +229,7 @@ fn rnn_forward(
     }
     var a = xw[r + j] + bhh[j];
     for (var m = 0u; m < H; m = m + 1u) {
-        a = a + h_prev_fwd(s, b, m, H) * whh[j * H + m];
+        a = a + h_prev_fwd(s, b, m, H) * whh_t[m * H + j];
     }
     p[r + j] = tanh_safe(a);
 }

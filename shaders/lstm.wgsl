@@ -15,7 +15,8 @@
 //   3  h0       storage, read            [B, H]
 //   4  c0       storage, read            [B, H]
 //   5  lengths  storage, read            [B] whole numbers in [1, T]
-//   6  p        storage, read_write      [T, B, 6H]
+//   6  whh_t    storage, read            [H, 4H], w_hh transposed (coalesced reads per step)
+//   7  p        storage, read_write      [T, B, 6H]
 // Entry `lstm_backward` (dispatched T + 1 times: the steps in reverse order, then s = T writes
 // dh0, dc0):
 //   0 step; 1 p (read) [T, B, 6H]; 2 whh; 3 h0; 4 c0; 5 lengths; 6 dp (read) [T, B, 6H];
@@ -36,7 +37,8 @@ const WG: u32 = 256u;
 @group(0) @binding(3) var<storage, read> h0: array<f32>;
 @group(0) @binding(4) var<storage, read> c0: array<f32>;
 @group(0) @binding(5) var<storage, read> lengths: array<f32>;
-@group(0) @binding(6) var<storage, read_write> p: array<f32>;
+@group(0) @binding(6) var<storage, read> whh_t: array<f32>;
+@group(0) @binding(7) var<storage, read_write> p: array<f32>;
 
 // backward bindings (binding 1 is P read-only there)
 @group(0) @binding(1) var<storage, read> p_in: array<f32>;
@@ -100,10 +102,11 @@ fn lstm_forward(
     let hp = row(tp, b);
     for (var m = 0u; m < H; m = m + 1u) {
         let h = select(p[hp + m], h0[b * H + m], first);
-        a_i = a_i + h * whh[j * H + m];
-        a_f = a_f + h * whh[(H + j) * H + m];
-        a_g = a_g + h * whh[(2u * H + j) * H + m];
-        a_o = a_o + h * whh[(3u * H + j) * H + m];
+        let w = m * 4u * H + j;
+        a_i = a_i + h * whh_t[w];
+        a_f = a_f + h * whh_t[w + H];
+        a_g = a_g + h * whh_t[w + 2u * H];
+        a_o = a_o + h * whh_t[w + 3u * H];
     }
     let gi = sigmoid(a_i);
     let gf = sigmoid(a_f);
@@ -125,11 +128,18 @@ fn dh_before(t: u32, b: u32, j: u32) -> f32 {
     if f32(t) >= lengths[b] {
         return q[r + 5u * H + j];
     }
-    var acc = 0.0;
-    for (var k = 0u; k < 4u * H; k = k + 1u) {
-        acc = acc + q[r + k] * whh[k * H + j];
+    // one accumulator per gate: four independent chains instead of one 4H long
+    var a0 = 0.0;
+    var a1 = 0.0;
+    var a2 = 0.0;
+    var a3 = 0.0;
+    for (var m = 0u; m < H; m = m + 1u) {
+        a0 = a0 + q[r + m] * whh[m * H + j];
+        a1 = a1 + q[r + H + m] * whh[(H + m) * H + j];
+        a2 = a2 + q[r + 2u * H + m] * whh[(2u * H + m) * H + j];
+        a3 = a3 + q[r + 3u * H + m] * whh[(3u * H + m) * H + j];
     }
-    return acc;
+    return (a0 + a1) + (a2 + a3);
 }
 
 fn dc_before(t: u32, b: u32, j: u32) -> f32 {

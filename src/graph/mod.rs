@@ -701,9 +701,12 @@ impl Graph {
             &self.check_id("lstm", lengths)?,
         )?;
         let h = h4 / 4;
+        // the step kernel reads w_hh^T [H, 4H]: neighbouring threads (hidden units) then read
+        // neighbouring weights; one small transpose per run instead of strided reads every step
+        let w_hh_t = self.permute(w_hh, &[1, 0])?;
         let p = self.push(
             Op::LstmForward(crate::ops::lstm::LstmForward { reverse }),
-            vec![xw, w_hh, h0, c0, lengths],
+            vec![xw, w_hh, h0, c0, lengths, w_hh_t],
             shape,
         );
         let hs = self.narrow(p, 2, 0, h)?;
@@ -966,9 +969,11 @@ impl Graph {
             &self.check_id(name, h0)?,
             &self.check_id(name, lengths)?,
         )?;
+        // the step kernel reads w_hh^T [H, G*H] (coalesced), as the LSTM's does
+        let w_hh_t = self.permute(w_hh, &[1, 0])?;
         let p = self.push(
             cell.forward_op(reverse),
-            vec![xw, w_hh, b_hh, h0, lengths],
+            vec![xw, w_hh, b_hh, h0, lengths, w_hh_t],
             shape,
         );
         let hs = self.narrow(p, 2, 0, h)?;

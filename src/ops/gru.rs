@@ -3,14 +3,15 @@
 //! `shaders/gru.wgsl`.
 //!
 //! `GruForward`: inputs `xw [T, B, 3H]` (the input projection `x W_ih^T + b_ih` of every step, one
-//! matmul done before), `w_hh [3H, H]`, `b_hh [3H]`, `h0 [B, H]`, `lengths [B]` -> packed state
+//! matmul done before), `w_hh [3H, H]`, `b_hh [3H]`, `h0 [B, H]`, `lengths [B]`, `w_hh^T [H, 3H]`
+//! (what the step kernel reads, coalesced) -> packed state
 //! `P [T, B, 5H]` (h | r | z | n | hn, with `hn = W_hn h + b_hn`). Steps at `t >= lengths[b]`
 //! carry the state. `GruBackward`: `P, w_hh, b_hh, h0, lengths, dP` -> `Q [T + 1, B, 5H]`
 //! (da_r | da_z | da_n | dhn | dh per step; dh0 in the last row). The recurrent weight and bias
 //! gradients are one tiled matmul and a column sum over all steps, built in the graph (`b_hh`
 //! needs its own gradient because `b_hn` sits inside `r * (W_hn h + b_hn)`).
 //!
-//! `RnnForward`: `xw [T, B, H]`, `w_hh [H, H]`, `b_hh [H]`, `h0 [B, H]`, `lengths [B]` ->
+//! `RnnForward`: `xw [T, B, H]`, `w_hh [H, H]`, `b_hh [H]`, `h0 [B, H]`, `lengths [B]`, `w_hh^T` ->
 //! `P [T, B, H]` (h). `RnnBackward`: the same inputs as the GRU's -> `Q [T + 1, B, 2H]`
 //! (da | dh; dh0 in the last row).
 //!
@@ -371,7 +372,15 @@ fn backward_rule(
     let dbhh = g.sum(dgh, 0, false)?;
     let last = g.narrow(q, 0, t, 1)?;
     let dh0 = g.reshape(g.narrow(last, 2, 0, h)?, &[b as isize, h as isize])?;
-    Ok(vec![Some(dxw), Some(dwhh), Some(dbhh), Some(dh0), None])
+    // lengths and w_hh^T (the forward kernel's copy of w_hh) take no gradient here
+    Ok(vec![
+        Some(dxw),
+        Some(dwhh),
+        Some(dbhh),
+        Some(dh0),
+        None,
+        None,
+    ])
 }
 
 impl GruForward {

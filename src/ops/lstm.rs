@@ -2,8 +2,9 @@
 //! fused backward through time. Kernel: `shaders/lstm.wgsl`.
 //!
 //! `LstmForward`: inputs `xw [T, B, 4H]` (the input projection of every step plus both biases,
-//! one matmul done before), `w_hh [4H, H]`, `h0 [B, H]`, `c0 [B, H]`, `lengths [B]` -> packed
-//! state `P [T, B, 6H]` (h | c | i | f | g | o). Steps at `t >= lengths[b]` carry the state.
+//! one matmul done before), `w_hh [4H, H]`, `h0 [B, H]`, `c0 [B, H]`, `lengths [B]`, `w_hh^T
+//! [H, 4H]` (what the step kernel reads: coalesced) -> packed state `P [T, B, 6H]` (h | c | i |
+//! f | g | o). Steps at `t >= lengths[b]` carry the state.
 //! `LstmBackward`: `P, w_hh, h0, c0, lengths, dP` -> `Q [T + 1, B, 6H]` (pre-activation gate
 //! gradients | dc | dh per step; dh0 | dc0 in the last row). The recurrent weight's gradient is
 //! one tiled matmul over all steps, `dgates^T h_prev`, built in the graph.
@@ -182,7 +183,16 @@ impl LstmForward {
         let last = g.narrow(q, 0, t, 1)?;
         let dh0 = g.reshape(g.narrow(last, 2, 0, h)?, &[b as isize, h as isize])?;
         let dc0 = g.reshape(g.narrow(last, 2, h, h)?, &[b as isize, h as isize])?;
-        Ok(vec![Some(dxw), Some(dwhh), Some(dh0), Some(dc0), None])
+        // lengths and w_hh^T (a copy of w_hh for the kernel's reads) take no gradient here:
+        // w_hh's whole gradient is dwhh
+        Ok(vec![
+            Some(dxw),
+            Some(dwhh),
+            Some(dh0),
+            Some(dc0),
+            None,
+            None,
+        ])
     }
 }
 
