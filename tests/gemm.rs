@@ -292,25 +292,34 @@ fn implicit_gemm_convolutions() {
             );
         }
     }
-    // the portable kernel keeps its column matrix: one more dispatch
-    dev.set_gemm_policy(GemmPolicy::Portable).unwrap();
-    let g = Graph::new();
-    let x = g.input("x", [2, 3, 6, 6]);
-    let w = g.input("w", [4, 3, 3, 3]);
-    let y = g.conv2d(x, w, None, Conv2dOpts::default()).unwrap();
-    let portable = dev.compile(&g, &[y]).unwrap().info().dispatches;
-    dev.set_gemm_policy(GemmPolicy::Auto).unwrap();
-    let implicit = dev.compile(&g, &[y]).unwrap().info().dispatches;
-    assert_eq!(portable, implicit + 1, "im2col is gone from the plan");
-    // gradients: the weight gradient reads the image, the input gradient is one implicit GEMM
-    // (no column matrix, no w^T x dy product, the col2im replaced)
-    let l = g.sum_all(y).unwrap();
-    let grads = g.grad(l, &[x, w]).unwrap();
-    dev.set_gemm_policy(GemmPolicy::Portable).unwrap();
-    let portable = dev.compile(&g, &grads).unwrap().info().dispatches;
-    dev.set_gemm_policy(GemmPolicy::Auto).unwrap();
-    let implicit = dev.compile(&g, &grads).unwrap().info().dispatches;
-    assert_eq!(portable, implicit + 2, "im2col and the dx product are gone");
+    // dispatches of a plan under the portable and the automatic policy
+    let count = |g: &Graph, outs: &[kiln::NodeId]| {
+        dev.set_gemm_policy(GemmPolicy::Portable).unwrap();
+        let portable = dev.compile(g, outs).unwrap().info().dispatches;
+        dev.set_gemm_policy(GemmPolicy::Auto).unwrap();
+        (portable, dev.compile(g, outs).unwrap().info().dispatches)
+    };
+    for (padding, implicit_dx) in [((1, 1), true), ((0, 0), false)] {
+        let g = Graph::new();
+        let x = g.input("x", [2, 3, 6, 6]);
+        let w = g.input("w", [4, 3, 3, 3]);
+        let opts = Conv2dOpts {
+            padding,
+            ..Default::default()
+        };
+        let y = g.conv2d(x, w, None, opts).unwrap();
+        // the portable kernel keeps its column matrix: one more dispatch
+        let (portable, implicit) = count(&g, &[y]);
+        assert_eq!(portable, implicit + 1, "im2col is gone from the plan");
+        // gradients: the weight gradient reads the image; the input gradient is one implicit
+        // GEMM (no w^T x dy product, no col2im) where padding keeps its zero taps few: an
+        // unpadded 3x3 on 6x6 would multiply 36 positions for 16 outputs, so it stays explicit
+        let l = g.sum_all(y).unwrap();
+        let grads = g.grad(l, &[x, w]).unwrap();
+        let (portable, implicit) = count(&g, &grads);
+        let gone = if implicit_dx { 2 } else { 1 };
+        assert_eq!(portable, implicit + gone, "padding {padding:?}");
+    }
 }
 
 /// `Precision::Medium`: on adapters with the tensor-core path (cooperative matrices) products

@@ -191,7 +191,9 @@ pub(crate) fn implicit_im2col(
 
 /// Where a `col2im` sums up the product `w^T x dy` (a convolution's input gradient) and nothing
 /// else reads that product, runs both as one implicit GEMM (`ImplicitDgrad`) and drops the product
-/// from the plan. Runs before `split_k`, which would otherwise cut the product.
+/// from the plan, unless the implicit form would multiply many more zeros (stride > 1, or an
+/// unpadded convolution on a small image). Runs before `split_k`, which would otherwise cut the
+/// product.
 pub(crate) fn implicit_col2im(
     nodes: &mut [Node],
     order: &mut Vec<NodeId>,
@@ -222,7 +224,13 @@ pub(crate) fn implicit_col2im(
         let moved = [w, dy]
             .iter()
             .any(|&r| written_between(nodes, order, r, at(prod), at(id)));
-        if readers != 1 || moved || gemm_config(&d, ch).is_none() {
+        // the implicit form multiplies over every input position and tap, zeros included (the
+        // border of an unpadded convolution, stride gaps); the explicit one over output
+        // positions only: take it only where that costs at most a quarter more
+        let (ho, wo) = c.0.out_hw();
+        let (s0, s1) = c.0.opts.stride;
+        let wasted = (c.0.image.0 * c.0.image.1) as f64 / (ho * wo * s0 * s1).max(1) as f64;
+        if readers != 1 || moved || wasted > 1.25 || gemm_config(&d, ch).is_none() {
             continue;
         }
         let n = &mut nodes[id.0];
