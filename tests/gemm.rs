@@ -308,9 +308,10 @@ fn implicit_gemm_convolutions() {
             ..Default::default()
         };
         let y = g.conv2d(x, w, None, opts).unwrap();
-        // the portable kernel keeps its column matrix: one more dispatch
+        // inference: the product reads the image and stores NCHW (no im2col, no permute)
         let (portable, implicit) = count(&g, &[y]);
-        assert_eq!(portable, implicit + 1, "im2col is gone from the plan");
+        assert_eq!(portable, implicit + 2, "im2col and the permute are gone");
+        assert_eq!(implicit, 1);
         // gradients: the weight gradient reads the image; the input gradient is one implicit
         // GEMM (no w^T x dy product, no col2im) where padding keeps its zero taps few: an
         // unpadded 3x3 on 6x6 would multiply 36 positions for 16 outputs, so it stays explicit

@@ -114,6 +114,8 @@ fn every_generated_matmul_is_valid_wgsl() {
                     // every fifth scalar-b layout reads b as an image (implicit-GEMM conv)
                     im2col: (!bit(3) && bits % 5 == 0).then_some(geom),
                     dgrad: None,
+                    // some store the result as an NCHW image
+                    nchw: (!bit(4) && bits % 7 == 3).then_some(9),
                 };
                 validate(&format!("{} {lay:?}", cfg.describe()), &wgsl(&cfg, &lay));
                 count += 1;

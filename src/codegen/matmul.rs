@@ -209,17 +209,19 @@ pub fn ranked(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Ve
 /// The launch of `mm` with configuration `cfg`: its WGSL and constants. With `cfg.split > 1` the
 /// kernel writes partial sums `[split, batch.., M, N]` and leaves bias and relu to the sum.
 pub fn kernel(mm: &MatMul, d: &ProductDims, cfg: &GemmConfig) -> Generated {
-    kernel_with(mm, d, cfg, None)
+    kernel_with(mm, d, cfg, None, None)
 }
 
 /// [`kernel`], with `b` read as `im2col(x)` of this geometry straight from the image `x`
 /// (implicit GEMM: the column matrix is never stored). `d` describes the product with the
-/// column matrix `[C*kh*kw, N*Ho*Wo]` as `b`.
+/// column matrix `[C*kh*kw, N*Ho*Wo]` as `b`. With `nchw = Some(HW)` the result `[M, N*HW]`
+/// is stored as `[N, M, HW]` (a convolution's output in NCHW, without a permute after it).
 pub fn kernel_with(
     mm: &MatMul,
     d: &ProductDims,
     cfg: &GemmConfig,
     im2col: Option<ColGeometry>,
+    nchw: Option<usize>,
 ) -> Generated {
     let batch = d.batch.numel();
     let split = cfg.slices(d.k);
@@ -230,6 +232,10 @@ pub fn kernel_with(
     if let Some(g) = im2col {
         layout.im2col = Some(g);
         layout.vec_b = false;
+    }
+    if nchw.is_some() {
+        layout.nchw = nchw;
+        layout.vec_out = false;
     }
     let mut constants = vec![
         ("M", d.m as f64),
@@ -276,6 +282,9 @@ pub struct Layout {
     /// [`dgrad_kernel`]): `a` is the weight `[O, C*kh*kw]`, `b` the output gradient
     /// `[O, N*Ho*Wo]`, and the result is stored as the image `[N, C, H, W]`.
     pub dgrad: Option<ColGeometry>,
+    /// Store the result `[M, N*HW]` as the image `[N, M, HW]` (this HW): a convolution's output
+    /// or input gradient straight in NCHW. Scalar stores.
+    pub nchw: Option<usize>,
 }
 
 impl Layout {
@@ -293,6 +302,7 @@ impl Layout {
             partial,
             im2col: None,
             dgrad: None,
+            nchw: None,
         }
     }
 
@@ -326,8 +336,9 @@ impl Layout {
             ),
             None => String::new(),
         };
+        let nchw = self.nchw.map(|hw| format!(",nchw{hw}")).unwrap_or_default();
         format!(
-            "{}{}{}{}{}{}{}{}{im2col}{dgrad}",
+            "{}{}{}{}{}{}{}{}{im2col}{dgrad}{nchw}",
             f(self.trans_a, ",ta"),
             f(self.trans_b, ",tb"),
             f(self.vec_a, ",va"),
@@ -554,11 +565,6 @@ fn dy_at(k: u32, q: u32) -> f32 {{
     }}
     return b[o * ((N / {hw}u) * {howo}u) + (n * {ho}u + oh) * {wo}u + ow];
 }}
-
-// where dx[n, c, h, w] lives for row c, column (n, h, w)
-fn dx_index(c: u32, q: u32) -> u32 {{
-    return ((q / {hw}u) * M + c) * {hw}u + q % {hw}u;
-}}
 ",
         khkw = kh * kw,
         rows = g.rows(),
@@ -581,12 +587,13 @@ fn dx_index(c: u32, q: u32) -> u32 {{
 pub fn dgrad_kernel(geom: ColGeometry, d: &ProductDims, cfg: &GemmConfig) -> Generated {
     let mut cfg = *cfg;
     cfg.split = 1;
-    let mut g = kernel_with(&MatMul::default(), d, &cfg, None);
+    let mut g = kernel_with(&MatMul::default(), d, &cfg, None, None);
     let mut lay = Layout::of(&MatMul::default(), d, false);
     lay.vec_a = false;
     lay.vec_b = false;
     lay.vec_out = false;
     lay.dgrad = Some(geom);
+    lay.nchw = Some(geom.image.0 * geom.image.1);
     g.key = format!("{}{}", cfg.describe(), lay.describe());
     g.wgsl = wgsl(&cfg, &lay).into();
     g
@@ -650,7 +657,7 @@ pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
             "// Implicit GEMM, input gradient of a convolution: dx[n, c, h, w] = sum over (o, i, j) of
 //   w[o, c, i, j] * dy[o, n, oh, ow] where oh * SH = h + PH - i * DH (likewise ow), so M = C = {},
 //   N = batch * H * W ({} x {}), K = O * kh * kw; a = w [O, C*kh*kw] (read by `weight_at`),
-//   b = dy [O, batch*Ho*Wo] (read by `dy_at`), out = dx [batch, C, H, W] (stored by `dx_index`).
+//   b = dy [O, batch*Ho*Wo] (read by `dy_at`), out = dx [batch, C, H, W] (`nchw_index`).
 //   Kernel {:?}, stride {:?}, padding {:?}, dilation {:?}.
 ",
             g.channels, g.image.0, g.image.1, g.kernel, g.opts.stride, g.opts.padding, g.opts.dilation
@@ -743,7 +750,18 @@ fn main(
             .im2col
             .map(cols_fn)
             .or(lay.dgrad.map(dgrad_fns))
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            + &lay
+                .nchw
+                .map(|hw| format!(
+                    "
+// where element [r, (n, p)] of the [M, N*{hw}] result lives in the image [N, M, {hw}]
+fn nchw_index(r: u32, q: u32) -> u32 {{
+    return ((q / {hw}u) * M + r) * {hw}u + q % {hw}u;
+}}
+"
+                ))
+                .unwrap_or_default(),
     );
     for i in 0..tm {
         for j in 0..cq {
@@ -875,14 +893,14 @@ fn main(
                 v = format!("max({v}, vec4<f32>(0.0))");
             }
             let _ = writeln!(s, "        let y = {v};");
-            if lay.dgrad.is_some() {
+            if lay.nchw.is_some() {
                 let _ = writeln!(
                     s,
                     "        if r < M {{
-            if c < N {{ out[dx_index(r, c)] = y.x; }}
-            if c + 1u < N {{ out[dx_index(r, c + 1u)] = y.y; }}
-            if c + 2u < N {{ out[dx_index(r, c + 2u)] = y.z; }}
-            if c + 3u < N {{ out[dx_index(r, c + 3u)] = y.w; }}
+            if c < N {{ out[nchw_index(r, c)] = y.x; }}
+            if c + 1u < N {{ out[nchw_index(r, c + 1u)] = y.y; }}
+            if c + 2u < N {{ out[nchw_index(r, c + 2u)] = y.z; }}
+            if c + 3u < N {{ out[nchw_index(r, c + 3u)] = y.w; }}
         }}"
                 );
             } else if lay.vec_out {

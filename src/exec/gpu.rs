@@ -100,6 +100,7 @@ impl GpuPlan {
         lower::implicit_col2im(&mut nodes, &mut order, targets, &ch);
         lower::split_k(&mut nodes, &mut order, &ch);
         lower::implicit_im2col(&mut nodes, &mut order, targets, &ch);
+        lower::nchw_conv_output(&mut nodes, &mut order, targets);
         if ctx.fusion.load(std::sync::atomic::Ordering::Relaxed) {
             fuse::fuse_elementwise(&mut nodes, &mut order, targets);
         }

@@ -181,10 +181,63 @@ pub(crate) fn implicit_im2col(
                 product,
                 geom: im.0,
                 partial,
+                nchw: false,
             });
             n.inputs[1] = x;
         }
         dropped.push(id);
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
+/// Where a forward convolution's implicit GEMM `y [O, N*Ho*Wo]` is read only through
+/// `permute(reshape(y, [O, N, Ho*Wo]), [1, 0, 2])` (inference: no backward pass reads `y`), lets
+/// the GEMM store `[N, O, Ho*Wo]` itself in place of the permute, and drops the permute's copy.
+pub(crate) fn nchw_conv_output(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+    let mut dropped = Vec::new();
+    let readers = |nodes: &[Node], order: &[NodeId], id: NodeId| {
+        order
+            .iter()
+            .filter(|r| nodes[r.0].inputs.contains(&id))
+            .count()
+    };
+    for &id in order.iter() {
+        let n = &nodes[id.0];
+        let Op::Permute(p) = &n.op else {
+            continue;
+        };
+        if p.perm != [1, 0, 2] {
+            continue;
+        }
+        let v = n.inputs[0];
+        if !matches!(nodes[v.0].op, Op::Reshape) {
+            continue;
+        }
+        let y = nodes[v.0].inputs[0];
+        let Op::ImplicitGemm(c) = nodes[y.0].op else {
+            continue;
+        };
+        let (ho, wo) = c.geom.out_hw();
+        let ys = &nodes[y.0].shape;
+        let conv_output = c.partial.is_none()
+            && !c.nchw
+            && !c.product.trans_a
+            && !c.product.trans_b
+            && ys.rank() == 2
+            && nodes[v.0].shape.dims() == [ys.dims()[0], ys.dims()[1] / (ho * wo), ho * wo];
+        if !conv_output
+            || targets.contains(&y)
+            || targets.contains(&v)
+            || readers(nodes, order, y) != 1
+            || readers(nodes, order, v) != 1
+        {
+            continue;
+        }
+        let inputs = nodes[y.0].inputs.clone();
+        let node = &mut nodes[id.0];
+        node.op = Op::ImplicitGemm(ImplicitGemm { nchw: true, ..c });
+        node.inputs = inputs;
+        dropped.extend([y, v]);
     }
     order.retain(|id| !dropped.contains(id));
 }
@@ -285,7 +338,9 @@ pub(crate) fn select(
                     cfg
                 }
             };
-            let g = gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom));
+            let (ho, wo) = c.geom.out_hw();
+            let nchw = c.nchw.then_some(ho * wo);
+            let g = gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom), nchw);
             Some((g.spec.clone(), Some(g)))
         }
         Op::ImplicitDgrad(c) => {

@@ -396,6 +396,9 @@ pub struct ImplicitGemm {
     pub product: crate::ops::matmul::MatMul,
     pub geom: ColGeometry,
     pub partial: Option<crate::codegen::matmul::GemmConfig>,
+    /// The result `[O, N*Ho*Wo]` stored as `[N, O, Ho*Wo]` (a forward convolution's output in
+    /// NCHW, where the permute after the product was folded in; never with `partial`).
+    pub nchw: bool,
 }
 
 impl ImplicitGemm {
@@ -409,6 +412,23 @@ impl ImplicitGemm {
         let cols_shape = self.cols_shape(inputs[1].shape());
         let cols = self.geom.im2col_cpu(inputs[1], &cols_shape);
         match self.partial {
+            None if self.nchw => {
+                // the product [O, N*HW], then its [O, N, HW] -> [N, O, HW] permute
+                let (n, o, hw) = (out.dims()[0], out.dims()[1], out.dims()[2]);
+                let flat = Shape(vec![o, n * hw]);
+                let y = self
+                    .product
+                    .cpu(inputs[0], &cols, inputs.get(2).copied(), &flat);
+                let yd = y.data();
+                let mut data = vec![0f32; out.numel()];
+                for b in 0..n {
+                    for c in 0..o {
+                        let src = &yd[c * n * hw + b * hw..c * n * hw + (b + 1) * hw];
+                        data[(b * o + c) * hw..(b * o + c + 1) * hw].copy_from_slice(src);
+                    }
+                }
+                Tensor::new(out.clone(), data).expect("nchw shape")
+            }
             None => self
                 .product
                 .cpu(inputs[0], &cols, inputs.get(2).copied(), out),
