@@ -356,3 +356,63 @@ pub(crate) fn select(
         _ => op.kernel(inputs, out).map(|k| (k, None)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::liveness::reachable;
+    use crate::graph::Graph;
+    use crate::ops::conv::Conv2dOpts;
+    use crate::ops::optim::OptimKind;
+
+    /// The nodes and order of `g` for `targets` after `implicit_im2col` on a discrete GPU.
+    fn lowered(g: &Graph, targets: &[NodeId]) -> (Vec<Node>, Vec<NodeId>) {
+        let mut nodes = g.nodes();
+        let mut order = reachable(&nodes, targets);
+        let target = Target::discrete();
+        let tuned = HashMap::new();
+        let ch = Choice {
+            target: &target,
+            policy: GemmPolicy::Auto,
+            coop: false,
+            tuned: &tuned,
+        };
+        implicit_im2col(&mut nodes, &mut order, targets, &ch);
+        (nodes, order)
+    }
+
+    #[test]
+    fn products_read_the_image_instead_of_im2col() {
+        let g = Graph::new();
+        let x = g.param("x", [1, 1, 4, 4]);
+        let cols = g.im2col(x, (3, 3), Conv2dOpts::default()).unwrap();
+        let w = g.input("w", [2, 9]);
+        let y = g.matmul(w, cols).unwrap();
+        let (nodes, order) = lowered(&g, &[y]);
+        assert!(!order.contains(&cols));
+        assert!(matches!(nodes[y.0].op, Op::ImplicitGemm(_)));
+        assert_eq!(nodes[y.0].inputs, vec![w, x]);
+        // a requested column matrix stays
+        let (nodes, order) = lowered(&g, &[y, cols]);
+        assert!(order.contains(&cols));
+        assert!(matches!(nodes[y.0].op, Op::MatMul(_)));
+    }
+
+    #[test]
+    fn no_image_read_moves_past_an_in_place_update() {
+        let g = Graph::new();
+        let x = g.param("x", [1, 1, 4, 4]);
+        let cols = g.im2col(x, (3, 3), Conv2dOpts::default()).unwrap();
+        let (hyper, scale) = (g.input("h", [16]), g.input("s", [1]));
+        let grad = g.input("g", [1, 1, 4, 4]);
+        let step = g
+            .optim_step(OptimKind::Sgd, hyper, scale, grad, x, &[])
+            .unwrap();
+        let w = g.input("w", [2, 9]);
+        let y = g.matmul(w, cols).unwrap();
+        // the product would read x after the update wrote it: the columns stay
+        let (nodes, order) = lowered(&g, &[y, step]);
+        assert!(order.contains(&cols));
+        assert!(matches!(nodes[y.0].op, Op::MatMul(_)));
+    }
+}
