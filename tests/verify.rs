@@ -60,3 +60,35 @@ fn verify_needs_a_gpu_device() {
         .verify(&g, &[y], &[("x", &Tensor::zeros([1]))])
         .is_err());
 }
+
+/// Verify also runs the outputs through the plan compiled for them alone, where the plan compiler
+/// rewrites (implicit-GEMM convolution and its gradients, split-K, fused elementwise chains), and
+/// compares them with the node-by-node run.
+#[test]
+fn verify_checks_the_lowered_plan_too() {
+    use kiln::graph::Conv2dOpts;
+    let Some(dev) = gpu() else { return };
+    let g = Graph::new();
+    let x = g.input("x", [2, 3, 9, 9]);
+    let w = g.param_init("verify.conv.w", rand(&[4, 3, 3, 3], 3));
+    let b = g.param_init("verify.conv.b", rand(&[4], 4));
+    let opts = Conv2dOpts {
+        padding: (1, 1),
+        ..Default::default()
+    };
+    let y = g.conv2d_fused(x, w, Some(b), opts, true).unwrap();
+    let z = g
+        .mul_scalar(g.add_scalar(g.tanh(y).unwrap(), 1.0).unwrap(), 0.5)
+        .unwrap();
+    let loss = g.mean_all(z).unwrap();
+    let grads = g.grad(loss, &[x, w, b]).unwrap();
+    let mut outs = vec![loss];
+    outs.extend(&grads);
+    let report = dev
+        .verify(&g, &outs, &[("x", &rand(&[2, 3, 9, 9], 5))])
+        .unwrap();
+    println!("{report}");
+    assert!(report.ok(), "{report}");
+    assert_eq!(report.plan_outputs.len(), outs.len());
+    assert!(report.to_string().contains("lowered"));
+}
