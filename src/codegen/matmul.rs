@@ -370,9 +370,22 @@ struct TileLoad {
     k_contiguous: bool,
     /// Load vec4s along the contiguous axis.
     vec: bool,
-    /// Read through this WGSL function of (tile row or column, k) instead of the operand's
-    /// memory: `Some((name, k_first))` calls `name(k, g)` when `k_first`, else `name(g, k)`.
-    gather: Option<(&'static str, bool)>,
+    /// Read through WGSL functions instead of the operand's memory:
+    /// `Some(Gather { ... })` (see [`Gather`]).
+    gather: Option<Gather>,
+}
+
+/// An operand read by index functions: `at(part_k, part_g)` (or `at(part_g, part_k)` when
+/// `!k_first`) with each index's part from its own function; the tile row or column `g` of a
+/// thread's load is fixed for the whole loop over K, so its part is computed once, before it.
+#[derive(Clone, Copy)]
+struct Gather {
+    /// Part of the K index.
+    k_part: &'static str,
+    /// Part of the row / column index.
+    g_part: &'static str,
+    at: &'static str,
+    k_first: bool,
 }
 
 /// Which part of a tile load to emit: both (through a local), or, with prefetching, the global
@@ -448,8 +461,16 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
             format!("{base} + k * {ext_name} + g")
         };
         let read = match gather {
-            Some((f, true)) => format!("{f}(k, g)"),
-            Some((f, false)) => format!("{f}(g, k)"),
+            Some(Gather {
+                k_part, at, k_first, ..
+            }) => {
+                let (kp, gp) = (format!("{k_part}(k)"), format!("g{operand}{l}"));
+                if k_first {
+                    format!("{at}({kp}, {gp})")
+                } else {
+                    format!("{at}({gp}, {kp})")
+                }
+            }
             None => format!("{operand}[{index}]"),
         };
         let assign = if decl.is_empty() {
@@ -491,6 +512,28 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
     }
 }
 
+/// For gathered operands: each load's fixed row or column part, `g{operand}{l}`, before the loop.
+fn emit_gather_parts(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
+    let Some(gather) = tile.gather else {
+        return;
+    };
+    let t = cfg.threads();
+    let n_loads = tile.ext * cfg.bk / t;
+    for l in 0..n_loads {
+        let e = format!("(lid + {}u)", l * t);
+        let x = if tile.k_contiguous {
+            format!("{e} / {}u", cfg.bk)
+        } else {
+            format!("{e} % {}u", tile.ext)
+        };
+        let _ = writeln!(
+            s,
+            "    let g{}{l} = {}({} + {x});",
+            tile.operand, gather.g_part, tile.origin
+        );
+    }
+}
+
 /// `cols(r, p)`: element `[r, p]` of `im2col(b)` for this geometry, zero in the padding (the
 /// indexing of conv.wgsl's `im2col`, with the geometry as literals).
 fn cols_fn(g: ColGeometry) -> String {
@@ -498,20 +541,30 @@ fn cols_fn(g: ColGeometry) -> String {
     let o = g.opts;
     format!(
         "
-// element [r, p] of im2col(b): r = (c * KH + i) * KW + j, p = (n * HO + oh) * WO + ow
-fn cols(r: u32, p: u32) -> f32 {{
+// element [r, p] of im2col(b): r = (c * KH + i) * KW + j, p = (n * HO + oh) * WO + ow, split in
+// the part of r and the part of p, so that a thread decomposes its fixed row or column once
+// (before the loop over K) and only the other index per load
+fn cols_r(r: u32) -> vec3<i32> {{
     let j = r % {kw}u;
     let i = (r / {kw}u) % {kh}u;
     let c = r / {khkw}u;
+    return vec3<i32>(i32(c * {hw}u), i32(i * {dh}u), i32(j * {dw}u));
+}}
+
+fn cols_p(p: u32) -> vec3<i32> {{
     let ow = p % {wo}u;
     let oh = (p / {wo}u) % {ho}u;
     let n = p / {howo}u;
-    let ih = i32(oh * {sh}u + i * {dh}u) - {ph};
-    let iw = i32(ow * {sw}u + j * {dw}u) - {pw};
+    return vec3<i32>(i32(n * {chw}u), i32(oh * {sh}u) - {ph}, i32(ow * {sw}u) - {pw});
+}}
+
+fn cols_at(pr: vec3<i32>, pp: vec3<i32>) -> f32 {{
+    let ih = pp.y + pr.y;
+    let iw = pp.z + pr.z;
     if ih < 0 || iw < 0 || ih >= {h} || iw >= {w} {{
         return 0.0;
     }}
-    return b[((n * {c}u + c) * {h}u + u32(ih)) * {w}u + u32(iw)];
+    return b[u32(pp.x + pr.x + ih * {w} + iw)];
 }}
 ",
         kh = g.kernel.0,
@@ -528,7 +581,8 @@ fn cols(r: u32, p: u32) -> f32 {{
         pw = o.padding.1,
         h = g.image.0,
         w = g.image.1,
-        c = g.channels,
+        hw = g.image.0 * g.image.1,
+        chw = g.channels * g.image.0 * g.image.1,
     )
 }
 
@@ -546,15 +600,24 @@ fn weight_at(c: u32, k: u32) -> f32 {{
 
 // b[(o, i, j), (n, h, w)] = dy[o, n, oh, ow] where the window (oh, ow) puts tap (i, j) on
 // (h, w); zero where no window does (stride gaps, borders)
-fn dy_at(k: u32, q: u32) -> f32 {{
+// (split as `cols` is: the part of k, the part of q, the element from both)
+fn dy_k(k: u32) -> vec3<i32> {{
     let o = k / {khkw}u;
     let i = (k / {kw}u) % {kh}u;
     let j = k % {kw}u;
+    return vec3<i32>(i32(o * ((N / {hw}u) * {howo}u)), i32(i * {dh}u), i32(j * {dw}u));
+}}
+
+fn dy_q(q: u32) -> vec3<i32> {{
     let w = q % {w}u;
     let h = (q / {w}u) % {h}u;
     let n = q / {hw}u;
-    let th = i32(h) + {ph} - i32(i * {dh}u);
-    let tw = i32(w) + {pw} - i32(j * {dw}u);
+    return vec3<i32>(i32(n * {howo}u), i32(h) + {ph}, i32(w) + {pw});
+}}
+
+fn dy_at(pk: vec3<i32>, pq: vec3<i32>) -> f32 {{
+    let th = pq.y - pk.y;
+    let tw = pq.z - pk.z;
     if th < 0 || tw < 0 {{
         return 0.0;
     }}
@@ -563,7 +626,7 @@ fn dy_at(k: u32, q: u32) -> f32 {{
     if u32(th) % {sh}u != 0u || u32(tw) % {sw}u != 0u || oh >= {ho}u || ow >= {wo}u {{
         return 0.0;
     }}
-    return b[o * ((N / {hw}u) * {howo}u) + (n * {ho}u + oh) * {wo}u + ow];
+    return b[u32(pk.x + pq.x) + oh * {wo}u + ow];
 }}
 ",
         khkw = kh * kw,
@@ -796,7 +859,12 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         origin: "row0",
         k_contiguous: !lay.trans_a,
         vec: lay.vec_a && lay.dgrad.is_none(),
-        gather: lay.dgrad.map(|_| ("weight_at", false)),
+        gather: lay.dgrad.map(|_| Gather {
+            k_part: "u32",
+            g_part: "u32",
+            at: "weight_at",
+            k_first: false,
+        }),
     };
     let b_tile = TileLoad {
         operand: "b",
@@ -808,14 +876,40 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         vec: lay.vec_b && lay.im2col.is_none() && lay.dgrad.is_none(),
         // the column matrix [C*kh*kw, N*Ho*Wo] is op(b) itself, or its transpose when k runs
         // along its columns
-        gather: match (lay.im2col, lay.dgrad) {
-            (Some(_), _) => Some(("cols", !lay.trans_b)),
-            (_, Some(_)) => Some(("dy_at", true)),
+        gather: match (lay.im2col, lay.dgrad, lay.trans_b) {
+            // op(b)[k, g] = cols[k, g]: k is the row r
+            (Some(_), _, false) => Some(Gather {
+                k_part: "cols_r",
+                g_part: "cols_p",
+                at: "cols_at",
+                k_first: true,
+            }),
+            // op(b)[k, g] = cols[g, k]: g is the row r
+            (Some(_), _, true) => Some(Gather {
+                k_part: "cols_p",
+                g_part: "cols_r",
+                at: "cols_at",
+                k_first: false,
+            }),
+            (_, Some(_), _) => Some(Gather {
+                k_part: "dy_k",
+                g_part: "dy_q",
+                at: "dy_at",
+                k_first: true,
+            }),
             _ => None,
         },
     };
+    // before the loop over K: the gathered operands' fixed index parts, then with prefetching
+    // the first step's tiles (each step then fetches the next)
+    let loop_head = s
+        .rfind("    for (var k0")
+        .expect("the loop was just written");
+    let mut before = String::new();
+    emit_gather_parts(&mut before, &a_tile, cfg);
+    emit_gather_parts(&mut before, &b_tile, cfg);
+    s.insert_str(loop_head, &before);
     if cfg.prefetch {
-        // the first step's tiles come in before the loop; each step then fetches the next
         let loop_head = s
             .rfind("    for (var k0")
             .expect("the loop was just written");
