@@ -249,7 +249,68 @@ fn chains_around_a_matmul() {
     let f = feeds(&[&[13, 24], &[24], &[24, 17]]);
     let tol = kiln::ops::TOL_REDUCTION;
     let info = check_on(&dev, "around a matmul", &g, &[y], &f, tol);
+    // the chain after the product runs in its epilogue
+    assert_eq!(info.dispatches, 2, "fused, matmul + epilogue: {info}");
+    dev.set_gemm_policy(kiln::GemmPolicy::Portable).unwrap();
+    let info = check_on(&dev, "around a portable matmul", &g, &[y], &f, tol);
     assert_eq!(info.dispatches, 3, "fused, matmul, fused: {info}");
+}
+
+/// A product whose only reader is an elementwise chain (or op) of its shape runs the chain in
+/// its epilogue: after its own bias and relu, with broadcast inputs, transposed and batched
+/// operands, vec4 and scalar stores; not when something else reads the product.
+#[test]
+fn products_take_elementwise_epilogues() {
+    use kiln::ops::matmul::Bias;
+    let Some(dev) = device() else { return };
+    let tol = kiln::ops::TOL_REDUCTION;
+    // [M, N] = [13, 20] (vec4 stores) and [13, 17] (scalar), bias and relu first
+    for n in [20usize, 17] {
+        let g = Graph::new();
+        let a = g.input("x0", [13, 9]);
+        let w = g.input("x1", [n, 9]);
+        let bias = g.input("x2", [n]);
+        let rows = g.input("x3", [13, 1]);
+        let y = g
+            .matmul_fused(a, w, false, true, Some((bias, Bias::Cols)), true)
+            .unwrap();
+        let z = g
+            .gelu(g.mul(g.add_scalar(y, 0.25).unwrap(), rows).unwrap())
+            .unwrap();
+        let f = feeds(&[&[13, 9], &[n, 9], &[n], &[13, 1]]);
+        let info = check_on(&dev, &format!("epilogue n={n}"), &g, &[z], &f, tol);
+        assert_eq!(info.dispatches, 1, "{info}");
+        // a single op after the product, the product as its second operand
+        let u = g.sub(rows, y).unwrap();
+        let info = check_on(&dev, "single op", &g, &[u], &f, tol);
+        assert_eq!(info.dispatches, 1, "{info}");
+        // read twice by one chain: still one reader, one kernel
+        let v = g.add(g.exp(y).unwrap(), y).unwrap();
+        let info = check_on(&dev, "read twice by a chain", &g, &[v], &f, tol);
+        assert_eq!(info.dispatches, 1, "{info}");
+        // read by the chain and a sum: the product keeps its own store
+        let total = g.sum(y, 1, false).unwrap();
+        let info = check_on(&dev, "two readers", &g, &[v, total], &f, tol);
+        assert_eq!(info.dispatches, 3, "{info}");
+    }
+    // batched, transposed, broadcast batch
+    let g = Graph::new();
+    let a = g.input("x0", [3, 8, 5]);
+    let b = g.input("x1", [6, 8]);
+    let c = g.input("x2", [3, 1, 6]);
+    let y = g.matmul_t(a, b, true, true).unwrap();
+    let z = g
+        .tanh(
+            g.div(y, g.add_scalar(g.abs(c).unwrap(), 1.0).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+    let f = feeds(&[&[3, 8, 5], &[6, 8], &[3, 1, 6]]);
+    let info = check_on(&dev, "batched epilogue", &g, &[z], &f, tol);
+    assert_eq!(
+        info.dispatches, 1,
+        "the whole chain, c's part included, in the epilogue: {info}"
+    );
 }
 
 #[test]

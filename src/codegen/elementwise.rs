@@ -69,7 +69,7 @@ fn f32_literal(v: f32) -> String {
 }
 
 /// 64-bit FNV-1a: a stable hash for module keys.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
     })
@@ -95,7 +95,6 @@ fn show_step(k: usize, op: &StepOp, args: &[Operand]) -> String {
 /// The WGSL of a fused program at these shapes.
 pub fn wgsl(f: &Fused, inputs: &[&Shape], out: &Shape) -> String {
     let n = out.numel();
-    let dims = out.dims();
     let n_in = inputs.len();
     // each input's element strides per output axis (0 where it broadcasts); an input with as many
     // elements as the output is the output's own contiguous order
@@ -103,13 +102,6 @@ pub fn wgsl(f: &Fused, inputs: &[&Shape], out: &Shape) -> String {
         .iter()
         .map(|s| (s.numel() != n).then(|| broadcast_strides(s, out)))
         .collect();
-    // coordinates are needed from the innermost axis out to the outermost one a broadcast input
-    // moves along (axes of extent 1 have coordinate 0 and are skipped)
-    let outermost = strides
-        .iter()
-        .flatten()
-        .filter_map(|st| (0..dims.len()).find(|&ax| st[ax] != 0 && dims[ax] > 1))
-        .min();
 
     let mut s = String::new();
     let _ = writeln!(
@@ -172,6 +164,36 @@ fn main(
         return;
     }}"
     );
+    let load = |k: usize, index: &str| format!("x{k}[{index}]");
+    let (body, result) = program_body(f, inputs, out, &load);
+    s.push_str(&body);
+    let _ = writeln!(s, "    out[i] = {result};\n}}");
+    s
+}
+
+/// The statements computing a fused program at output element `i` (a `u32` in scope), each input
+/// `k` read as `load(k, index)`: coordinates where broadcast inputs need them, one load per
+/// input, one `let` per step. Returns the statements and the name of the result.
+fn program_body(
+    f: &Fused,
+    inputs: &[&Shape],
+    out: &Shape,
+    load: &dyn Fn(usize, &str) -> String,
+) -> (String, String) {
+    let n = out.numel();
+    let dims = out.dims();
+    let strides: Vec<Option<Vec<usize>>> = inputs
+        .iter()
+        .map(|s| (s.numel() != n).then(|| broadcast_strides(s, out)))
+        .collect();
+    // coordinates are needed from the innermost axis out to the outermost one a broadcast input
+    // moves along (axes of extent 1 have coordinate 0 and are skipped)
+    let outermost = strides
+        .iter()
+        .flatten()
+        .filter_map(|st| (0..dims.len()).find(|&ax| st[ax] != 0 && dims[ax] > 1))
+        .min();
+    let mut s = String::new();
     if let Some(outer) = outermost {
         let _ = writeln!(
             s,
@@ -206,7 +228,7 @@ fn main(
                 }
             }
         };
-        let _ = writeln!(s, "    let a{k} = x{k}[{index}];");
+        let _ = writeln!(s, "    let a{k} = {};", load(k, &index));
     }
     let operand = |a: &Operand| match a {
         Operand::Input(i) => format!("a{i}"),
@@ -231,6 +253,65 @@ fn main(
         };
         let _ = writeln!(s, "    let v{k} = {call};");
     }
-    let _ = writeln!(s, "    out[i] = v{};\n}}", f.steps.len() - 1);
-    s
+    (s, format!("v{}", f.steps.len() - 1))
+}
+
+/// A fused program as a GEMM epilogue (`codegen::matmul`): input `product` of the program is
+/// the product's value `v`, the others are read from their own bindings, from
+/// `first_binding` on, at the product's output element `i`.
+#[derive(Debug, Clone)]
+pub struct Epilogue {
+    /// Binding declarations of the other inputs.
+    pub bindings: String,
+    /// `fn epilogue(v: f32, i: u32) -> f32` and the op functions it calls.
+    pub functions: String,
+    /// What it computes, for labels: `add,gelu`.
+    pub describe: String,
+    /// Bindings it takes (the program's inputs but the product).
+    pub extra: usize,
+}
+
+/// The epilogue of `f` after a product giving its input `product`; `inputs` are the shapes of
+/// all of the program's inputs, `out` the product's (and the program's) shape.
+pub fn epilogue(
+    f: &Fused,
+    product: usize,
+    inputs: &[&Shape],
+    out: &Shape,
+    first_binding: usize,
+) -> Epilogue {
+    let mut bindings = String::new();
+    for (slot, k) in (first_binding..).zip((0..inputs.len()).filter(|&k| k != product)) {
+        let _ = writeln!(
+            bindings,
+            "@group(0) @binding({slot}) var<storage, read> e{k}: array<f32>;"
+        );
+    }
+    let load = |k: usize, index: &str| {
+        if k == product {
+            "v".to_string()
+        } else {
+            format!("e{k}[{index}]")
+        }
+    };
+    let (body, result) = program_body(f, inputs, out, &load);
+    let mut functions = String::new();
+    functions.push_str(shared("unary", "unary_op"));
+    functions.push('\n');
+    functions.push_str(shared("binary", "binary_op"));
+    let _ = writeln!(
+        functions,
+        "
+// the fused elementwise ops [{}] on the product's element i (value v)
+fn epilogue(v: f32, i: u32) -> f32 {{
+{body}    return {result};
+}}",
+        f.describe()
+    );
+    Epilogue {
+        bindings,
+        functions,
+        describe: f.describe(),
+        extra: inputs.len() - 1,
+    }
 }

@@ -11,6 +11,7 @@
 
 use std::fmt::Write;
 
+use super::elementwise::Epilogue;
 use super::{Generated, Target};
 use crate::ops::conv::ColGeometry;
 use crate::ops::matmul::{Bias, MatMul, ProductDims};
@@ -209,7 +210,7 @@ pub fn ranked(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Ve
 /// The launch of `mm` with configuration `cfg`: its WGSL and constants. With `cfg.split > 1` the
 /// kernel writes partial sums `[split, batch.., M, N]` and leaves bias and relu to the sum.
 pub fn kernel(mm: &MatMul, d: &ProductDims, cfg: &GemmConfig) -> Generated {
-    kernel_with(mm, d, cfg, None, None)
+    kernel_with(mm, d, cfg, None, None, None)
 }
 
 /// [`kernel`], with `b` read as `im2col(x)` of this geometry straight from the image `x`
@@ -222,6 +223,7 @@ pub fn kernel_with(
     cfg: &GemmConfig,
     im2col: Option<ColGeometry>,
     nchw: Option<usize>,
+    epilogue: Option<&Epilogue>,
 ) -> Generated {
     let batch = d.batch.numel();
     let split = cfg.slices(d.k);
@@ -249,7 +251,18 @@ pub fn kernel_with(
         ("BATCH", batch as f64),
     ];
     constants.extend(d.batch_constants());
-    let key = format!("{}{}", cfg.describe(), layout.describe());
+    let src = wgsl_with(cfg, &layout, epilogue);
+    let key = match epilogue {
+        // the program's dataflow, scalars and shapes are in the text
+        Some(e) => format!(
+            "{}{},epilogue[{}@{:016x}]",
+            cfg.describe(),
+            layout.describe(),
+            e.describe,
+            super::elementwise::fnv1a(src.as_bytes())
+        ),
+        None => format!("{}{}", cfg.describe(), layout.describe()),
+    };
     Generated {
         spec: KernelSpec {
             family: "matmul_gen",
@@ -257,7 +270,7 @@ pub fn kernel_with(
             constants,
             workgroups: total,
         },
-        wgsl: wgsl(cfg, &layout).into(),
+        wgsl: src.into(),
         key,
     }
 }
@@ -462,7 +475,10 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
         };
         let read = match gather {
             Some(Gather {
-                k_part, at, k_first, ..
+                k_part,
+                at,
+                k_first,
+                ..
             }) => {
                 let (kp, gp) = (format!("{k_part}(k)"), format!("g{operand}{l}"));
                 if k_first {
@@ -650,7 +666,7 @@ fn dy_at(pk: vec3<i32>, pq: vec3<i32>) -> f32 {{
 pub fn dgrad_kernel(geom: ColGeometry, d: &ProductDims, cfg: &GemmConfig) -> Generated {
     let mut cfg = *cfg;
     cfg.split = 1;
-    let mut g = kernel_with(&MatMul::default(), d, &cfg, None, None);
+    let mut g = kernel_with(&MatMul::default(), d, &cfg, None, None, None);
     let mut lay = Layout::of(&MatMul::default(), d, false);
     lay.vec_a = false;
     lay.vec_b = false;
@@ -664,12 +680,20 @@ pub fn dgrad_kernel(geom: ColGeometry, d: &ProductDims, cfg: &GemmConfig) -> Gen
 
 /// The WGSL of one configuration.
 pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
+    wgsl_with(cfg, lay, None)
+}
+
+/// [`wgsl`] with a fused elementwise epilogue after the bias and relu (see
+/// `codegen::elementwise::epilogue`); its inputs bind after the bias, the output after them.
+pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) -> String {
     let (bm, bn, bk, tm, tn) = (cfg.bm, cfg.bn, cfg.bk, cfg.tm, cfg.tn);
     let t = cfg.threads();
     let tx_count = bn / tn;
     let (rq, cq) = (tm / 4, tn / 4);
     let (row_gap, col_gap) = (bm / rq, bn / cq);
     let ty_ = |v: bool| if v { "vec4<f32>" } else { "f32" };
+    let first_extra = if lay.bias == Bias::None { 2 } else { 3 };
+    let out_binding = first_extra + epilogue.map_or(0, |e| e.extra);
     let mut s = String::new();
     let bias_desc = match lay.bias {
         Bias::None => "none",
@@ -705,7 +729,7 @@ pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
         } else {
             "\n//   2  bias  storage, read        [M] or [N]"
         },
-        if lay.bias == Bias::None { 2 } else { 3 },
+        out_binding,
         if lay.partial {
             "[SPLIT, batch.., M, N] partial sums"
         } else {
@@ -714,6 +738,16 @@ pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
         ty_(lay.vec_out),
         lay.relu,
     );
+    if let Some(e) = epilogue {
+        let _ = writeln!(
+            s,
+            "// Epilogue: the fused elementwise ops [{}] on each result (after bias and relu), their
+//   other inputs at bindings {first_extra}..{out_binding} (storage, read), read at the result's
+//   element index; the output moves to binding {out_binding}.
+",
+            e.describe
+        );
+    }
     if let Some(g) = lay.dgrad {
         let _ = writeln!(
             s,
@@ -752,7 +786,6 @@ pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
         };
         let _ = writeln!(s, "override {c}: u32 = {init};");
     }
-    let out_binding = if lay.bias == Bias::None { 2 } else { 3 };
     let _ = writeln!(
         s,
         "
@@ -767,6 +800,9 @@ pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
             "@group(0) @binding(2) var<storage, read> bias: array<f32>;"
         );
     }
+    if let Some(e) = epilogue {
+        s.push_str(&e.bindings);
+    }
     let _ = writeln!(
         s,
         "@group(0) @binding({out_binding}) var<storage, read_write> out: array<{}>;
@@ -775,7 +811,7 @@ pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
 // k-major tiles: As[kk * {bm4} + i / 4][i % 4] = op(a)[row0 + i, k0 + kk], Bs likewise for op(b)
 var<workgroup> As: array<vec4<f32>, {}>;
 var<workgroup> Bs: array<vec4<f32>, {}>;
-
+{epilogue_fns}
 @compute @workgroup_size({t})
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -809,6 +845,7 @@ fn main(
         bk * bm / 4,
         bk * bn / 4,
         bm4 = bm / 4,
+        epilogue_fns = epilogue.map(|e| e.functions.as_str()).unwrap_or(""),
         cols_fn = lay
             .im2col
             .map(cols_fn)
@@ -997,21 +1034,37 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
             if c + 3u < N {{ out[nchw_index(r, c + 3u)] = y.w; }}
         }}"
                 );
+            } else if lay.vec_out && epilogue.is_some() {
+                let _ = writeln!(
+                    s,
+                    "        if r < M && c < N {{
+            let o = obase + r * N + c;
+            out[o / 4u] = vec4<f32>(epilogue(y.x, o), epilogue(y.y, o + 1u), epilogue(y.z, o + 2u), epilogue(y.w, o + 3u));
+        }}"
+                );
             } else if lay.vec_out {
                 let _ = writeln!(
                     s,
                     "        if r < M && c < N {{ out[(obase + r * N + c) / 4u] = y; }}"
                 );
             } else {
+                let e = |comp: &str, off: &str| match epilogue {
+                    Some(_) => format!("epilogue(y.{comp}, o{off})"),
+                    None => format!("y.{comp}"),
+                };
                 let _ = writeln!(
                     s,
                     "        if r < M {{
             let o = obase + r * N + c;
-            if c < N {{ out[o] = y.x; }}
-            if c + 1u < N {{ out[o + 1u] = y.y; }}
-            if c + 2u < N {{ out[o + 2u] = y.z; }}
-            if c + 3u < N {{ out[o + 3u] = y.w; }}
-        }}"
+            if c < N {{ out[o] = {}; }}
+            if c + 1u < N {{ out[o + 1u] = {}; }}
+            if c + 2u < N {{ out[o + 2u] = {}; }}
+            if c + 3u < N {{ out[o + 3u] = {}; }}
+        }}",
+                    e("x", ""),
+                    e("y", " + 1u"),
+                    e("z", " + 2u"),
+                    e("w", " + 3u")
                 );
             }
             let _ = writeln!(s, "    }}");

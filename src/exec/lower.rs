@@ -13,7 +13,8 @@ use crate::codegen::{Generated, Target};
 use crate::device::GemmPolicy;
 use crate::graph::{Node, NodeId};
 use crate::ops::conv::{ImplicitDgrad, ImplicitGemm};
-use crate::ops::matmul::{MatMul, MatMulPartial, ProductDims, SplitKSum};
+use crate::ops::fused::{Fused, Operand, Step, StepOp};
+use crate::ops::matmul::{MatMul, MatMulEpilogue, MatMulPartial, ProductDims, SplitKSum};
 use crate::ops::{KernelSpec, Op};
 use crate::tensor::Shape;
 
@@ -190,6 +191,92 @@ pub(crate) fn implicit_im2col(
     order.retain(|id| !dropped.contains(id));
 }
 
+/// Storage buffers a kernel may bind: WebGPU's guaranteed minimum per shader stage.
+const MAX_STORAGE_BINDINGS: usize = 8;
+
+/// Where a product's only reader is an elementwise node of the product's shape (a fused chain
+/// or a single unary or binary op), runs that program in the product's epilogue
+/// (`MatMulEpilogue`) and drops the product's own store and load. Runs after elementwise fusion,
+/// on products that kept the generated kernel (not split, not on tensor cores).
+pub(crate) fn fuse_matmul_epilogue(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+    ch: &Choice,
+) {
+    let mut dropped = Vec::new();
+    for (pos, &id) in order.iter().enumerate() {
+        let n = &nodes[id.0];
+        let single = |op: StepOp, arity: usize| Fused {
+            steps: vec![Step {
+                op,
+                args: (0..arity).map(Operand::Input).collect(),
+                shape: n.shape.clone(),
+            }],
+        };
+        let program = match &n.op {
+            Op::Fused(f) => f.clone(),
+            Op::Unary(u) => single(StepOp::Unary(*u), 1),
+            Op::Binary(b) => single(StepOp::Binary(*b), 2),
+            _ => continue,
+        };
+        let readers = |y: NodeId| {
+            order
+                .iter()
+                .filter(|r| nodes[r.0].inputs.contains(&y))
+                .count()
+        };
+        let Some(k) = n.inputs.iter().position(|&y| {
+            matches!(nodes[y.0].op, Op::MatMul(_))
+                && nodes[y.0].shape == n.shape
+                && !targets.contains(&y)
+                && readers(y) == 1
+                && n.inputs.iter().filter(|&&i| i == y).count() == 1
+        }) else {
+            continue;
+        };
+        let y = n.inputs[k];
+        let Op::MatMul(mm) = nodes[y.0].op else {
+            continue;
+        };
+        let product_inputs = nodes[y.0].inputs.clone();
+        let Ok(d) = mm.dims(
+            &nodes[product_inputs[0].0].shape,
+            &nodes[product_inputs[1].0].shape,
+        ) else {
+            continue;
+        };
+        let extras: Vec<NodeId> = n
+            .inputs
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != k)
+            .map(|(_, &i)| i)
+            .collect();
+        let y_pos = order.iter().position(|&o| o == y).unwrap_or(pos);
+        // the product's reads move from its own step to this node's
+        let moved = product_inputs
+            .iter()
+            .any(|&i| written_between(nodes, order, i, y_pos, pos));
+        if uses_coop(&d, ch)
+            || gemm_config(&d, ch).is_none()
+            || product_inputs.len() + extras.len() + 1 > MAX_STORAGE_BINDINGS
+            || moved
+        {
+            continue;
+        }
+        let node = &mut nodes[id.0];
+        node.op = Op::MatMulEpilogue(MatMulEpilogue {
+            product: mm,
+            program,
+            product_input: k,
+        });
+        node.inputs = product_inputs.into_iter().chain(extras).collect();
+        dropped.push(y);
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
 /// Where a forward convolution's implicit GEMM `y [O, N*Ho*Wo]` is read only through
 /// `permute(reshape(y, [O, N, Ho*Wo]), [1, 0, 2])` (inference: no backward pass reads `y`), lets
 /// the GEMM store `[N, O, Ho*Wo]` itself in place of the permute, and drops the permute's copy.
@@ -340,7 +427,21 @@ pub(crate) fn select(
             };
             let (ho, wo) = c.geom.out_hw();
             let nchw = c.nchw.then_some(ho * wo);
-            let g = gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom), nchw);
+            let g = gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom), nchw, None);
+            Some((g.spec.clone(), Some(g)))
+        }
+        Op::MatMulEpilogue(e) => {
+            let d = e
+                .product
+                .dims(inputs[0], inputs[1])
+                .expect("shape checked at build time");
+            let mut cfg = gemm_config(&d, ch)?;
+            cfg.split = 1;
+            let np = e.product_inputs();
+            let mut shapes: Vec<&Shape> = inputs[np..].to_vec();
+            shapes.insert(e.product_input, out);
+            let epi = elementwise::epilogue(&e.program, e.product_input, &shapes, out, np);
+            let g = gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi));
             Some((g.spec.clone(), Some(g)))
         }
         Op::ImplicitDgrad(c) => {

@@ -421,3 +421,31 @@ impl SplitKSum {
         }
     }
 }
+
+/// A product and the fused elementwise program that is its only reader, as one kernel (made by
+/// the plan compiler: the product's result goes through the program in registers instead of
+/// through memory). Inputs: `a`, `b`, the bias when the product has one, then the program's
+/// other inputs in order; the program's input `product_input` is the product.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MatMulEpilogue {
+    pub product: MatMul,
+    pub program: super::fused::Fused,
+    pub product_input: usize,
+}
+
+impl MatMulEpilogue {
+    /// Inputs that belong to the product: `a`, `b` and the bias if any.
+    pub fn product_inputs(&self) -> usize {
+        2 + (self.product.bias != Bias::None) as usize
+    }
+
+    /// CPU reference: the product with its own epilogue, then the program.
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let np = self.product_inputs();
+        let bias = (np == 3).then(|| inputs[2]);
+        let y = self.product.cpu(inputs[0], inputs[1], bias, out);
+        let mut args: Vec<&Tensor> = inputs[np..].to_vec();
+        args.insert(self.product_input, &y);
+        self.program.cpu(&args, out)
+    }
+}

@@ -78,6 +78,8 @@ pub enum Op {
     MatMulPartial(matmul::MatMulPartial),
     /// The split-K partials summed, with the product's bias and relu.
     SplitKSum(matmul::SplitKSum),
+    /// A product with a fused elementwise program as its epilogue (made by the plan compiler).
+    MatMulEpilogue(matmul::MatMulEpilogue),
     /// A product reading `im2col(x)` straight from the image (made by the plan compiler).
     ImplicitGemm(conv::ImplicitGemm),
     /// A convolution's input gradient as one implicit GEMM (made by the plan compiler).
@@ -160,6 +162,7 @@ impl Op {
             Op::MatMul(_) => "matmul",
             Op::MatMulPartial(_) => "matmul_partial",
             Op::SplitKSum(_) => "splitk_sum",
+            Op::MatMulEpilogue(_) => "matmul_epilogue",
             Op::ImplicitGemm(_) => "implicit_gemm",
             Op::ImplicitDgrad(_) => "implicit_dgrad",
             Op::Unary(u) => u.name(),
@@ -233,6 +236,15 @@ impl Op {
                 let d = c.dims(inputs[0], out);
                 2.0 * (d.m * d.n * d.k) as f64
             }
+            Op::MatMulEpilogue(e) => {
+                let a = inputs[0].dims();
+                let k = if e.product.trans_a {
+                    a[a.len() - 2]
+                } else {
+                    a[a.len() - 1]
+                };
+                2.0 * out.numel() as f64 * k as f64
+            }
             Op::MatMulPartial(p) => {
                 let a = inputs[0].dims();
                 let k = if p.product.trans_a {
@@ -304,6 +316,7 @@ impl Op {
             Op::MatMul(m) => m.cpu(inputs[0], inputs[1], inputs.get(2).copied(), out),
             Op::MatMulPartial(p) => p.cpu(inputs[0], inputs[1], out),
             Op::SplitKSum(s) => s.cpu(inputs[0], inputs.get(1).copied(), out),
+            Op::MatMulEpilogue(e) => e.cpu(inputs, out),
             Op::ImplicitGemm(c) => c.cpu(inputs, out),
             Op::ImplicitDgrad(c) => c.cpu(inputs[0], inputs[1], out),
             Op::Unary(u) => u.cpu(inputs[0]),
@@ -348,7 +361,7 @@ impl Op {
             Op::MatMulPartial(p) => Some(p.kernel(inputs[0], inputs[1]).spec),
             Op::SplitKSum(s) => Some(s.kernel(inputs[0], out)),
             // generated for the adapter only: see `exec::lower::select`
-            Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) => None,
+            Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) | Op::MatMulEpilogue(_) => None,
             Op::Unary(u) => Some(u.kernel(out)),
             Op::Binary(b) => Some(b.kernel(inputs[0], inputs[1], out)),
             // generated as well
@@ -419,6 +432,7 @@ impl Op {
             Op::CrossEntropyBackward(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
+            | Op::MatMulEpilogue(_)
             | Op::ImplicitGemm(_)
             | Op::ImplicitDgrad(_)
             | Op::Fused(_)
@@ -441,6 +455,7 @@ impl Op {
             Op::MatMul(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
+            | Op::MatMulEpilogue(_)
             | Op::ImplicitGemm(_)
             | Op::ImplicitDgrad(_)
             | Op::Reduce(_)
