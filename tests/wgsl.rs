@@ -320,3 +320,60 @@ fn every_coop_matmul_is_valid_wgsl() {
             .unwrap_or_else(|e| panic!("{mm:?}: SPIR-V: {e}"));
     }
 }
+
+/// A generated GEMM with a fused elementwise epilogue (broadcast input, unary after binary)
+/// validates with naga, with vec4 and scalar stores, with and without a bias.
+#[test]
+fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
+    use kiln::codegen::elementwise::epilogue;
+    use kiln::codegen::matmul::{wgsl_with, GemmConfig, Layout};
+    use kiln::ops::binary::BinaryOp;
+    use kiln::ops::fused::{Fused, Operand, Step, StepOp};
+    use kiln::ops::matmul::Bias;
+    use kiln::ops::unary::UnaryOp;
+    use kiln::Shape;
+    let out = Shape(vec![12, 20]);
+    let program = Fused {
+        steps: vec![
+            Step {
+                op: StepOp::Binary(BinaryOp::Add),
+                args: vec![Operand::Input(1), Operand::Input(0)],
+                shape: out.clone(),
+            },
+            Step {
+                op: StepOp::Unary(UnaryOp::Gelu),
+                args: vec![Operand::Step(0)],
+                shape: out.clone(),
+            },
+        ],
+    };
+    let row = Shape(vec![20]);
+    let cfg = GemmConfig::parse("64x64x16/4x4").unwrap();
+    for (vec_out, bias) in [(true, Bias::None), (false, Bias::Rows)] {
+        let first = if bias == Bias::None { 2 } else { 3 };
+        let epi = epilogue(&program, 1, &[&row, &out], &out, first);
+        let lay = Layout {
+            trans_a: false,
+            trans_b: true,
+            vec_a: true,
+            vec_b: true,
+            vec_out,
+            bias,
+            relu: true,
+            partial: false,
+            im2col: None,
+            dgrad: None,
+            nchw: None,
+        };
+        let src = wgsl_with(&cfg, &lay, Some(&epi));
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{}\n{src}", e.emit_to_string(&src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+        assert!(src.contains("Epilogue: the fused elementwise ops [add,gelu]"));
+    }
+}
