@@ -7,7 +7,7 @@
 //! training digits (PyTorch, same architecture and recipe: 96.6-97.4% over three seeds).
 //!
 //!     cargo run --release --example mnist_cnn                        # 10 epochs, bundled digits
-//!     cargo run --release --example mnist_cnn -- --limit 2000 --epochs 2   # a few minutes on lavapipe
+//!     cargo run --release --example mnist_cnn -- --limit 2000 --epochs 3   # under a minute on lavapipe
 //!     cargo run --release --example mnist_cnn -- --eval checkpoints/mnist_cnn.safetensors --data DIR
 //!     cargo run --release --example mnist_cnn -- --backend cpu --limit 500 --epochs 1
 
