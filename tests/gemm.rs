@@ -150,7 +150,8 @@ fn split_k_forced_and_chosen() {
     // chosen: a small, deep product on this adapter splits K by itself
     dev.set_gemm_policy(GemmPolicy::Auto).unwrap();
     let target = dev.target().unwrap();
-    let (m, n, k) = (8, 12, 4096);
+    // (16 rows: more than the skinny-product kernel takes)
+    let (m, n, k) = (16, 12, 4096);
     let cfg = choose(m, n, k, 1, &target).unwrap();
     assert!(cfg.split > 1, "{} for {m}x{n}x{k}", cfg.describe());
     let info = check(
@@ -445,4 +446,57 @@ fn tuning_times_candidates_and_remembers_the_winner() {
     let again = Device::gpu().unwrap();
     assert_eq!(again.tuned_gemm(33, 70, 600, 1), Some(won));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Products of at most 8 rows run on the skinny-product (GEMV) kernel: every transpose, batches,
+/// bias and relu, a fused epilogue, awkward K and N; more rows go back to the tiles.
+#[test]
+fn skinny_products_use_the_gemv_kernel() {
+    let Some(dev) = device() else { return };
+    dev.set_gemm_policy(GemmPolicy::Auto).unwrap();
+    let profiled = dev
+        .features()
+        .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
+    for &(m, k, n, ta, tb, bias, relu) in &[
+        (1usize, 1usize, 1usize, false, false, Bias::None, false),
+        (1, 300, 70, false, true, Bias::Cols, true),
+        (3, 37, 13, true, false, Bias::Rows, false),
+        (8, 64, 129, true, true, Bias::Cols, false),
+        (5, 257, 9, false, false, Bias::None, true),
+    ] {
+        let sa = if ta { [k, m] } else { [m, k] };
+        let sb = if tb { [n, k] } else { [k, n] };
+        let what = format!("gemv {m}x{k}x{n} ta={ta} tb={tb} {bias:?} relu={relu}");
+        let info = check(&dev, &what, &sa, &sb, ta, tb, bias, relu);
+        assert_eq!(info.dispatches, 1, "{what}");
+    }
+    // batched with broadcast, and a chain in the epilogue
+    let g = Graph::new();
+    let a = g.input("a", [2, 3, 1, 40]);
+    let w = g.input("w", [3, 40, 11]);
+    let c = g.input("c", [11]);
+    let y = g.matmul(a, w).unwrap();
+    let z = g.tanh(g.add(y, c).unwrap()).unwrap();
+    let feeds = [
+        ("a", rand(&[2, 3, 1, 40], 1)),
+        ("w", rand(&[3, 40, 11], 2)),
+        ("c", rand(&[11], 3)),
+    ];
+    let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(k, v)| (*k, v)).collect();
+    let mut plan = dev.compile(&g, &[z]).unwrap();
+    plan.poison(f32::NAN);
+    if profiled {
+        plan.set_profiling(true).unwrap();
+    }
+    let got = plan.run(&refs).unwrap();
+    let want = Device::cpu().compile(&g, &[z]).unwrap().run(&refs).unwrap();
+    assert_close("batched gemv + epilogue", &got[0], &want[0], 1e-5, 1e-4);
+    assert_eq!(plan.info().dispatches, 1);
+    if profiled {
+        let label = &plan.profile()[0].label;
+        assert!(
+            label.contains("gemv1") && label.contains("epilogue[add,tanh"),
+            "{label}"
+        );
+    }
 }

@@ -377,3 +377,32 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
         assert!(src.contains("Epilogue: the fused elementwise ops [add,gelu]"));
     }
 }
+
+/// The skinny-product (GEMV) kernel validates with naga for every row count, transpose and
+/// epilogue.
+#[test]
+fn every_gemv_is_valid_wgsl() {
+    use kiln::codegen::matmul::{gemv_wgsl, GEMV_MAX_ROWS};
+    use kiln::ops::matmul::{Bias, MatMul};
+    for rows in 1..=GEMV_MAX_ROWS {
+        for bits in 0..8u32 {
+            let mm = MatMul {
+                trans_a: bits & 1 != 0,
+                trans_b: bits & 2 != 0,
+                bias: [Bias::None, Bias::Rows, Bias::Cols][(bits + rows as u32) as usize % 3],
+                relu: bits & 4 != 0,
+            };
+            let src = gemv_wgsl(&mm, rows, None);
+            assert!(src.starts_with("// matmul_gemv.wgsl"));
+            assert!(src.contains("Bindings") && src.contains("Dispatch"));
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("{rows} {mm:?}: {}", e.emit_to_string(&src)));
+            naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{rows} {mm:?}: {}", e.emit_to_string(&src)));
+        }
+    }
+}

@@ -54,6 +54,14 @@ pub(crate) fn uses_coop(d: &ProductDims, ch: &Choice) -> bool {
         && crate::codegen::coop::applies(d)
 }
 
+/// Whether a product runs on the skinny-product kernel (`codegen::matmul::gemv_kernel`): at
+/// most 8 rows, kernels chosen automatically, not on tensor cores.
+pub(crate) fn uses_gemv(d: &ProductDims, ch: &Choice) -> bool {
+    matches!(ch.policy, GemmPolicy::Auto | GemmPolicy::Tune)
+        && !uses_coop(d, ch)
+        && gemm::gemv_applies(d, ch.target)
+}
+
 /// Rewrites every product whose configuration splits K into `MatMulPartial` (a new node, placed
 /// just before it in `order`) and `SplitKSum` (the node itself, same id and shape).
 pub(crate) fn split_k(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, ch: &Choice) {
@@ -71,7 +79,11 @@ pub(crate) fn split_k(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, ch: &Choic
             continue;
         };
         let cfg = match gemm_config(&d, ch) {
-            Some(c) if c.split > 1 && c.slices(d.k) > 1 && !uses_coop(&d, ch) => c,
+            Some(c)
+                if c.split > 1 && c.slices(d.k) > 1 && !uses_coop(&d, ch) && !uses_gemv(&d, ch) =>
+            {
+                c
+            }
             _ => {
                 i += 1;
                 continue;
@@ -398,6 +410,10 @@ pub(crate) fn select(
                 let g = crate::codegen::coop::kernel(mm, &d);
                 return Some((g.spec.clone(), Some(g)));
             }
+            if uses_gemv(&d, ch) {
+                let g = gemm::gemv_kernel(mm, &d, None);
+                return Some((g.spec.clone(), Some(g)));
+            }
             match gemm_config(&d, ch) {
                 Some(mut cfg) => {
                     cfg.split = 1;
@@ -435,13 +451,17 @@ pub(crate) fn select(
                 .product
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
-            let mut cfg = gemm_config(&d, ch)?;
-            cfg.split = 1;
             let np = e.product_inputs();
             let mut shapes: Vec<&Shape> = inputs[np..].to_vec();
             shapes.insert(e.product_input, out);
             let epi = elementwise::epilogue(&e.program, e.product_input, &shapes, out, np);
-            let g = gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi));
+            let g = if uses_gemv(&d, ch) {
+                gemm::gemv_kernel(&e.product, &d, Some(&epi))
+            } else {
+                let mut cfg = gemm_config(&d, ch)?;
+                cfg.split = 1;
+                gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi))
+            };
             Some((g.spec.clone(), Some(g)))
         }
         Op::ImplicitDgrad(c) => {
