@@ -421,3 +421,64 @@ fn reads_stay_before_in_place_updates() {
         1e-6,
     );
 }
+
+/// Transposes (`permute`, with reshapes around it) that only an elementwise kernel reads fold
+/// into that kernel's loads: the permute's copy leaves the plan.
+#[test]
+fn transposes_fold_into_elementwise_kernels() {
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let x = g.input("x0", [4, 6, 5]);
+    let y = g.relu(g.permute(x, &[1, 0, 2]).unwrap()).unwrap();
+    let f = feeds(&[&[4, 6, 5]]);
+    let info = check_on(&dev, "relu(permute)", &g, &[y], &f, TOL_ELEMENTWISE);
+    assert_eq!(info.dispatches, 1, "{info}");
+
+    // the conv-backward idiom: NCHW -> [C, N*HW] through reshape, permute, reshape, then a mask
+    let g = Graph::new();
+    let x = g.input("x0", [2, 3, 4, 5]);
+    let m = g.input("x1", [3, 40]);
+    let t = g.reshape(x, &[2, 3, 20]).unwrap();
+    let t = g
+        .reshape(g.permute(t, &[1, 0, 2]).unwrap(), &[3, 40])
+        .unwrap();
+    let y = g
+        .binary(kiln::ops::binary::BinaryOp::ReluGrad, t, m)
+        .unwrap();
+    let z = g.mul_scalar(y, 3.0).unwrap();
+    let f = feeds(&[&[2, 3, 4, 5], &[3, 40]]);
+    let info = check_on(
+        &dev,
+        "relu_grad(reshape(permute))",
+        &g,
+        &[z],
+        &f,
+        TOL_ELEMENTWISE,
+    );
+    assert_eq!(info.dispatches, 1, "{info}");
+    // a 4-axis permutation with extents of 1, and both operands permuted
+    let g = Graph::new();
+    let a = g.input("x0", [3, 1, 7, 2]);
+    let b = g.input("x1", [2, 7, 1, 3]);
+    let pa = g.permute(a, &[3, 2, 1, 0]).unwrap();
+    let y = g.sub(pa, b).unwrap();
+    let pb = g.permute(y, &[2, 0, 3, 1]).unwrap();
+    let z = g.exp(pb).unwrap();
+    let f = feeds(&[&[3, 1, 7, 2], &[2, 7, 1, 3]]);
+    let info = check_on(&dev, "4-d permutes", &g, &[z], &f, TOL_ELEMENTWISE);
+    assert_eq!(
+        info.dispatches, 2,
+        "sub with a folded permute, exp with another: {info}"
+    );
+
+    // a permute with a second reader keeps its copy
+    let g = Graph::new();
+    let x = g.input("x0", [4, 6]);
+    let p = g.permute(x, &[1, 0]).unwrap();
+    let y = g
+        .add(g.relu(p).unwrap(), g.sum(p, 0, true).unwrap())
+        .unwrap();
+    let f = feeds(&[&[4, 6]]);
+    let info = check_on(&dev, "two readers", &g, &[y], &f, TOL_ELEMENTWISE);
+    assert_eq!(info.dispatches, 3, "permute, sum, fused relu+add: {info}");
+}

@@ -212,6 +212,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
                 step(StepOp::Binary(BinaryOp::Add), &[I(0), I(1)], &[7, 3]),
                 step(StepOp::Unary(u), &[S(0)], &[7, 3]),
             ],
+            permuted: Vec::new(),
         };
         validate(&format!("{u:?}"), &f, &[&[7, 3], &[7, 3]], &[7, 3]);
     }
@@ -244,6 +245,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
                 step(StepOp::Binary(b), &[I(0), I(1)], out),
                 step(StepOp::Unary(UnaryOp::Relu), &[S(0)], out),
             ],
+            permuted: Vec::new(),
         };
         validate(&format!("{b:?} {sa:?} {sb:?}"), &f, &[sa, sb], out);
     }
@@ -253,6 +255,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
             step(StepOp::Binary(BinaryOp::Mul), &[I(0), I(0)], &[9]),
             step(StepOp::Binary(BinaryOp::Add), &[S(0), I(0)], &[9]),
         ],
+        permuted: Vec::new(),
     };
     validate("x * x + x", &f, &[&[9]], &[9]);
     let mut steps = vec![step(
@@ -276,7 +279,15 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         &[3, 4, 5],
         &[1, 4, 5],
     ];
-    validate("seven inputs", &Fused { steps }, &ins, &[3, 4, 5]);
+    validate(
+        "seven inputs",
+        &Fused {
+            steps,
+            permuted: Vec::new(),
+        },
+        &ins,
+        &[3, 4, 5],
+    );
 }
 
 /// The tensor-core GEMM (cooperative matrices) validates with naga for every transpose and
@@ -346,6 +357,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
                 shape: out.clone(),
             },
         ],
+        permuted: Vec::new(),
     };
     let row = Shape(vec![20]);
     let cfg = GemmConfig::parse("64x64x16/4x4").unwrap();

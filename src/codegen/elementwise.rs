@@ -13,7 +13,7 @@ use std::fmt::Write;
 
 use super::Generated;
 use crate::ops::binary::broadcast_strides;
-use crate::ops::fused::{Fused, Operand, StepOp};
+use crate::ops::fused::{Fused, Operand, PermutedRead, StepOp};
 use crate::ops::{groups, shader_source, KernelSpec};
 use crate::tensor::Shape;
 
@@ -117,9 +117,13 @@ pub fn wgsl(f: &Fused, inputs: &[&Shape], out: &Shape) -> String {
     }
     let _ = writeln!(s, "//\n// Bindings (group 0):");
     for (k, (shape, st)) in inputs.iter().zip(&strides).enumerate() {
-        let how = match st {
-            None => "contiguous".to_string(),
-            Some(st) => format!("element strides {st:?} per output axis"),
+        let how = match (f.permuted_read(k), st) {
+            (Some(p), _) => format!(
+                "read as permute({:?}, {:?}) (a folded transpose)",
+                p.in_dims, p.perm
+            ),
+            (None, None) => "contiguous".to_string(),
+            (None, Some(st)) => format!("element strides {st:?} per output axis"),
         };
         let _ = writeln!(
             s,
@@ -228,6 +232,10 @@ fn program_body(
                 }
             }
         };
+        let index = match f.permuted_read(k) {
+            Some(p) => permuted_index(p),
+            None => index,
+        };
         let _ = writeln!(s, "    let a{k} = {};", load(k, &index));
     }
     let operand = |a: &Operand| match a {
@@ -254,6 +262,30 @@ fn program_body(
         let _ = writeln!(s, "    let v{k} = {call};");
     }
     (s, format!("v{}", f.steps.len() - 1))
+}
+
+/// The input element a folded transpose reads for element `i`: `i`'s coordinates in the
+/// permuted extents, each times its stride in the input (constants).
+fn permuted_index(p: &PermutedRead) -> String {
+    let (dims, strides) = (p.out_dims(), p.strides());
+    let mut terms = Vec::new();
+    let mut inner = 1usize;
+    for j in (0..dims.len()).rev() {
+        if dims[j] > 1 {
+            let coord = if j == 0 {
+                format!("(i / {inner}u)")
+            } else {
+                format!("((i / {inner}u) % {}u)", dims[j])
+            };
+            terms.push(format!("{coord} * {}u", strides[j]));
+        }
+        inner *= dims[j];
+    }
+    if terms.is_empty() {
+        "0u".to_string()
+    } else {
+        terms.join(" + ")
+    }
 }
 
 /// A fused program as a GEMM epilogue (`codegen::matmul`): input `product` of the program is

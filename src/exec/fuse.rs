@@ -11,7 +11,7 @@
 
 use crate::codegen::elementwise::MAX_INPUTS;
 use crate::graph::{Node, NodeId};
-use crate::ops::fused::{Fused, Operand, Step, StepOp};
+use crate::ops::fused::{Fused, Operand, PermutedRead, Step, StepOp};
 use crate::ops::Op;
 
 use super::liveness::storage_root;
@@ -133,10 +133,95 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
             removed[m.0] = true;
         }
         let n = &mut nodes[root.0];
-        n.op = Op::Fused(Fused { steps });
+        n.op = Op::Fused(Fused {
+            steps,
+            permuted: Vec::new(),
+        });
         n.inputs = inputs;
     }
     order.retain(|id| !removed[id.0]);
+}
+
+/// Folds transposes into elementwise kernels: where an elementwise node (fused or single) reads
+/// `reshape*(permute(x))` of its own element count and nothing else reads the permute or those
+/// reshapes, the kernel reads `x` through the permutation (`PermutedRead`) and the permute's copy
+/// leaves the plan. (A convolution's backward turns NCHW gradients into its column layout this
+/// way before the relu mask.)
+pub(crate) fn fold_permutes(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let id = order[pos];
+        let n = &nodes[id.0];
+        let single = step_op(n);
+        if !matches!(n.op, Op::Fused(_)) && single.is_none() {
+            continue;
+        }
+        let readers = |x: NodeId| {
+            order
+                .iter()
+                .filter(|r| !dropped.contains(r) && nodes[r.0].inputs.contains(&x))
+                .count()
+        };
+        let mut folds = Vec::new();
+        for (k, &e) in n.inputs.iter().enumerate() {
+            if n.inputs.iter().filter(|&&i| i == e).count() != 1
+                || nodes[e.0].shape.numel() != n.shape.numel()
+            {
+                continue;
+            }
+            let mut chain = Vec::new();
+            let mut v = e;
+            while matches!(nodes[v.0].op, Op::Reshape) {
+                chain.push(v);
+                v = nodes[v.0].inputs[0];
+            }
+            let Op::Permute(p) = &nodes[v.0].op else {
+                continue;
+            };
+            chain.push(v);
+            let src = nodes[v.0].inputs[0];
+            let p_pos = order.iter().position(|&o| o == v).unwrap_or(pos);
+            if chain
+                .iter()
+                .any(|&c| targets.contains(&c) || readers(c) != 1)
+                || super::lower::written_between(nodes, order, src, p_pos, pos)
+            {
+                continue;
+            }
+            let read = PermutedRead {
+                input: k,
+                in_dims: nodes[src.0].shape.dims().to_vec(),
+                perm: p.perm.clone(),
+                shape: nodes[e.0].shape.clone(),
+            };
+            folds.push((k, read, src, chain));
+        }
+        if folds.is_empty() {
+            continue;
+        }
+        let mut program = match (&n.op, single) {
+            (Op::Fused(f), _) => f.clone(),
+            (_, Some(op)) => Fused {
+                steps: vec![Step {
+                    op,
+                    args: (0..n.inputs.len()).map(Operand::Input).collect(),
+                    shape: n.shape.clone(),
+                }],
+                permuted: Vec::new(),
+            },
+            _ => continue,
+        };
+        let mut inputs = n.inputs.clone();
+        for (k, read, src, chain) in folds {
+            program.permuted.push(read);
+            inputs[k] = src;
+            dropped.extend(chain);
+        }
+        let node = &mut nodes[id.0];
+        node.op = Op::Fused(program);
+        node.inputs = inputs;
+    }
+    order.retain(|id| !dropped.contains(id));
 }
 
 /// The inputs of `members` that are not members, each once, in order of first use.

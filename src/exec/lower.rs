@@ -122,7 +122,13 @@ pub(crate) fn split_k(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, ch: &Choic
 /// Whether a node of `order` strictly between positions `from` and `to` writes the storage of
 /// `read` in place (an optimizer update): a rewrite that moves a read of `read` from `from` to
 /// `to` must not cross one.
-fn written_between(nodes: &[Node], order: &[NodeId], read: NodeId, from: usize, to: usize) -> bool {
+pub(crate) fn written_between(
+    nodes: &[Node],
+    order: &[NodeId],
+    read: NodeId,
+    from: usize,
+    to: usize,
+) -> bool {
     let root = storage_root(nodes, read);
     order[from.min(to) + 1..from.max(to)].iter().any(|id| {
         let n = &nodes[id.0];
@@ -225,6 +231,7 @@ pub(crate) fn fuse_matmul_epilogue(
                 args: (0..arity).map(Operand::Input).collect(),
                 shape: n.shape.clone(),
             }],
+            permuted: Vec::new(),
         };
         let program = match &n.op {
             Op::Fused(f) => f.clone(),

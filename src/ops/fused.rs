@@ -51,11 +51,52 @@ pub struct Step {
     pub shape: Shape,
 }
 
+/// An input read through a transpose folded into the kernel: the node bound is the permute's
+/// input (`in_dims`, contiguous), and the program sees `permute(input, perm)` reshaped to
+/// `shape` (same element count), as the graph's permute and reshapes computed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PermutedRead {
+    pub input: usize,
+    pub in_dims: Vec<usize>,
+    pub perm: Vec<usize>,
+    pub shape: Shape,
+}
+
+impl PermutedRead {
+    /// Extents of the permuted tensor: `in_dims[perm[j]]`.
+    pub fn out_dims(&self) -> Vec<usize> {
+        self.perm.iter().map(|&p| self.in_dims[p]).collect()
+    }
+
+    /// Element stride in the input of each permuted axis.
+    pub fn strides(&self) -> Vec<usize> {
+        let mut inner = vec![1usize; self.in_dims.len()];
+        for a in (0..self.in_dims.len().saturating_sub(1)).rev() {
+            inner[a] = inner[a + 1] * self.in_dims[a + 1];
+        }
+        self.perm.iter().map(|&p| inner[p]).collect()
+    }
+
+    /// The input's element read for element `i` of the program's view.
+    pub fn source(&self, i: usize) -> usize {
+        let (dims, strides) = (self.out_dims(), self.strides());
+        let mut r = i;
+        let mut at = 0;
+        for j in (0..dims.len()).rev() {
+            at += (r % dims[j]) * strides[j];
+            r /= dims[j];
+        }
+        at
+    }
+}
+
 /// A fused elementwise program; its value is the last step's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fused {
     /// In evaluation order; operands refer only to inputs and earlier steps.
     pub steps: Vec<Step>,
+    /// Inputs read through a folded transpose (the others are read as they are).
+    pub permuted: Vec<PermutedRead>,
 }
 
 impl Fused {
@@ -68,9 +109,30 @@ impl Fused {
             .join(",")
     }
 
+    /// How input `k` is read, if through a folded transpose.
+    pub fn permuted_read(&self, k: usize) -> Option<&PermutedRead> {
+        self.permuted.iter().find(|p| p.input == k)
+    }
+
     /// CPU reference: the steps one by one with the unfused ops' own twins, at each step's own
     /// shape, so that the result is exactly the unfused graph's.
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        // folded transposes first, as the graph's permute computed them
+        let views: Vec<Tensor> = self
+            .permuted
+            .iter()
+            .map(|p| {
+                let src = inputs[p.input].data();
+                let data = (0..p.shape.numel()).map(|i| src[p.source(i)]).collect();
+                Tensor::new(p.shape.clone(), data).expect("a permuted view")
+            })
+            .collect();
+        let inputs: Vec<&Tensor> = (0..inputs.len())
+            .map(|k| match self.permuted.iter().position(|p| p.input == k) {
+                Some(j) => &views[j],
+                None => inputs[k],
+            })
+            .collect();
         let mut values: Vec<Tensor> = Vec::with_capacity(self.steps.len());
         for s in &self.steps {
             let v = {
