@@ -5,6 +5,9 @@
 //   0  a    storage, read        [OUTER, LEN, INNER] input
 //   1  out  storage, read_write  [OUTER, INNER] output
 // Overrides: LEN, INNER, ROWS; OP: 0 sum, 1 mean, 2 max.
+// Every input value goes through `load`: src/codegen/elementwise.rs generates variants of this file
+// whose `load` computes a fused elementwise program (the blocks between the `generated:` markers
+// are replaced), so that e.g. sum(x * x) reads x once and writes nothing in between.
 // Dispatch, entry `main`: ROWS workgroups of 64 threads, folded by the host into (x <= 65535, y).
 //           Workgroup r reduces output r: each thread folds a strided share of the LEN values,
 //           then a tree in workgroup memory combines the 64 partial results.
@@ -18,8 +21,16 @@ override ROWS: u32 = 1u;
 override OP: u32 = 0u;
 const WG: u32 = 64u;
 
+// generated: begin bindings
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
+// generated: end bindings
+
+// generated: begin load
+fn load(i: u32) -> f32 {
+    return a[i];
+}
+// generated: end load
 
 var<workgroup> part: array<f32, 64>;
 
@@ -42,9 +53,9 @@ fn main(
     }
     let base = (row / INNER) * LEN * INNER + row % INNER;
     // max starts from a real element so that threads without a share hold a neutral value
-    var acc = select(0.0, a[base], OP == 2u);
+    var acc = select(0.0, load(base), OP == 2u);
     for (var j = lid; j < LEN; j = j + WG) {
-        acc = combine(acc, a[base + j * INNER]);
+        acc = combine(acc, load(base + j * INNER));
     }
     part[lid] = acc;
     workgroupBarrier();
@@ -74,9 +85,9 @@ fn columns(
         return;
     }
     let base = (row / INNER) * LEN * INNER + row % INNER;
-    var acc = a[base];
+    var acc = load(base);
     for (var j = 1u; j < LEN; j = j + 1u) {
-        acc = combine(acc, a[base + j * INNER]);
+        acc = combine(acc, load(base + j * INNER));
     }
     if OP == 1u {
         acc = acc / f32(LEN);

@@ -482,3 +482,65 @@ fn transposes_fold_into_elementwise_kernels() {
     let info = check_on(&dev, "two readers", &g, &[y], &f, TOL_ELEMENTWISE);
     assert_eq!(info.dispatches, 3, "permute, sum, fused relu+add: {info}");
 }
+
+/// Reductions compute their input's elementwise program in their loads: sum of squares, a mean
+/// squared error, a max over a broadcast product (the `columns` entry), a transposed input.
+#[test]
+fn reductions_take_elementwise_prologues() {
+    let Some(dev) = device() else { return };
+    let tol = kiln::ops::TOL_REDUCTION;
+    // sum(x * x) over each axis (one dispatch each)
+    for axis in 0..3 {
+        let g = Graph::new();
+        let x = g.input("x0", [5, 70, 3]);
+        let y = g.sum(g.square(x).unwrap(), axis, false).unwrap();
+        let f = feeds(&[&[5, 70, 3]]);
+        let info = check_on(
+            &dev,
+            &format!("sum of squares axis {axis}"),
+            &g,
+            &[y],
+            &f,
+            tol,
+        );
+        assert_eq!(info.dispatches, 1, "axis {axis}: {info}");
+    }
+    // mean((a - b)^2): the fused sub+square, then the mean, one kernel
+    let g = Graph::new();
+    let a = g.input("x0", [33, 7]);
+    let b = g.input("x1", [33, 7]);
+    let y = g.mse_loss(a, b).unwrap();
+    let f = feeds(&[&[33, 7], &[33, 7]]);
+    let info = check_on(&dev, "mse", &g, &[y], &f, tol);
+    assert_eq!(
+        info.dispatches, 1,
+        "through the flattening reshape too: {info}"
+    );
+    // max over a batch axis of relu(x) * c, c broadcast: wide rows take the `columns` entry
+    let g = Graph::new();
+    let x = g.input("x0", [9, 130]);
+    let c = g.input("x1", [130]);
+    let y = g
+        .max(g.mul(g.relu(x).unwrap(), c).unwrap(), 0, true)
+        .unwrap();
+    let f = feeds(&[&[9, 130], &[130]]);
+    let info = check_on(&dev, "max of a product", &g, &[y], &f, tol);
+    assert_eq!(info.dispatches, 1, "{info}");
+    // a transposed input: the permute folds into the square, the square into the sum
+    let g = Graph::new();
+    let x = g.input("x0", [6, 11]);
+    let y = g
+        .sum(g.square(g.permute(x, &[1, 0]).unwrap()).unwrap(), 1, false)
+        .unwrap();
+    let f = feeds(&[&[6, 11]]);
+    let info = check_on(&dev, "sum of squares of a transpose", &g, &[y], &f, tol);
+    assert_eq!(info.dispatches, 1, "{info}");
+    // the program's value also requested: it keeps its own kernel
+    let g = Graph::new();
+    let x = g.input("x0", [4, 9]);
+    let s = g.square(x).unwrap();
+    let y = g.sum(s, 1, false).unwrap();
+    let f = feeds(&[&[4, 9]]);
+    let info = check_on(&dev, "requested program", &g, &[y, s], &f, tol);
+    assert_eq!(info.dispatches, 2, "{info}");
+}

@@ -418,3 +418,53 @@ fn every_gemv_is_valid_wgsl() {
         }
     }
 }
+
+/// Reductions with a fused prologue (reduce.wgsl with its `load` generated) validate with naga.
+#[test]
+fn reductions_with_prologues_are_valid_wgsl() {
+    use kiln::codegen::elementwise::reduce_with_prologue;
+    use kiln::ops::binary::BinaryOp;
+    use kiln::ops::fused::{Fused, Operand, Step, StepOp};
+    use kiln::ops::reduce::{Reduce, ReduceKind};
+    use kiln::ops::unary::UnaryOp;
+    use kiln::Shape;
+    let x = Shape(vec![5, 70, 3]);
+    let program = Fused {
+        steps: vec![
+            Step {
+                op: StepOp::Binary(BinaryOp::Sub),
+                args: vec![Operand::Input(0), Operand::Input(1)],
+                shape: x.clone(),
+            },
+            Step {
+                op: StepOp::Unary(UnaryOp::Square),
+                args: vec![Operand::Step(0)],
+                shape: x.clone(),
+            },
+        ],
+        permuted: Vec::new(),
+    };
+    let col = Shape(vec![5, 1, 3]);
+    for (axis, kind) in [
+        (0, ReduceKind::Sum),
+        (1, ReduceKind::Mean),
+        (2, ReduceKind::Max),
+    ] {
+        let r = Reduce {
+            kind,
+            axis,
+            keepdim: false,
+        };
+        let g = reduce_with_prologue(&program, &[&x, &col], &x, r.kernel(&x));
+        let src = &*g.wgsl;
+        assert!(src.starts_with("// reduce_fused.wgsl"));
+        let module = naga::front::wgsl::parse_str(src)
+            .unwrap_or_else(|e| panic!("{}\n{src}", e.emit_to_string(src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));
+    }
+}

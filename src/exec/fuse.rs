@@ -12,6 +12,7 @@
 use crate::codegen::elementwise::MAX_INPUTS;
 use crate::graph::{Node, NodeId};
 use crate::ops::fused::{Fused, Operand, PermutedRead, Step, StepOp};
+use crate::ops::reduce::ReducePrologue;
 use crate::ops::Op;
 
 use super::liveness::storage_root;
@@ -220,6 +221,76 @@ pub(crate) fn fold_permutes(nodes: &mut [Node], order: &mut Vec<NodeId>, targets
         let node = &mut nodes[id.0];
         node.op = Op::Fused(program);
         node.inputs = inputs;
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
+/// Reductions take their input's elementwise program as a prologue: where a reduction's input is
+/// an elementwise node (fused or single) that nothing else reads, the reduction computes that
+/// program inside its loads (`ReducePrologue`) and the node leaves the plan (`sum(x * x)` of
+/// gradient clipping, the squared error of an MSE loss).
+pub(crate) fn fuse_reduce_prologue(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let id = order[pos];
+        let Op::Reduce(reduce) = nodes[id.0].op else {
+            continue;
+        };
+        // the reduced tensor, or the node under a reshape of it (same element order)
+        let input = nodes[id.0].inputs[0];
+        let mut chain = Vec::new();
+        let mut x = input;
+        while matches!(nodes[x.0].op, Op::Reshape) {
+            chain.push(x);
+            x = nodes[x.0].inputs[0];
+        }
+        let xn = &nodes[x.0];
+        let program = match (&xn.op, step_op(xn)) {
+            (Op::Fused(f), _) => f.clone(),
+            (_, Some(op)) => Fused {
+                steps: vec![Step {
+                    op,
+                    args: (0..xn.inputs.len()).map(Operand::Input).collect(),
+                    shape: xn.shape.clone(),
+                }],
+                permuted: Vec::new(),
+            },
+            _ => continue,
+        };
+        let readers = |v: NodeId| {
+            order
+                .iter()
+                .filter(|r| nodes[r.0].inputs.contains(&v))
+                .count()
+        };
+        let sole = readers(x) == 1
+            && chain
+                .iter()
+                .all(|&c| readers(c) == 1 && !targets.contains(&c));
+        let x_pos = order.iter().position(|&o| o == x).unwrap_or(pos);
+        // the program's inputs are now read at the reduction's step
+        let moved = xn
+            .inputs
+            .iter()
+            .any(|&i| super::lower::written_between(nodes, order, i, x_pos, pos));
+        if !sole || targets.contains(&x) || moved || xn.inputs.len() > MAX_INPUTS {
+            continue;
+        }
+        let inputs = xn.inputs.clone();
+        let input_shape = nodes[input.0].shape.clone();
+        let node = &mut nodes[id.0];
+        node.op = Op::ReducePrologue(ReducePrologue {
+            reduce,
+            program,
+            input_shape,
+        });
+        node.inputs = inputs;
+        dropped.push(x);
+        dropped.extend(chain);
     }
     order.retain(|id| !dropped.contains(id));
 }

@@ -104,6 +104,7 @@ impl GpuPlan {
         if ctx.fusion.load(std::sync::atomic::Ordering::Relaxed) {
             fuse::fuse_elementwise(&mut nodes, &mut order, targets);
             fuse::fold_permutes(&mut nodes, &mut order, targets);
+            fuse::fuse_reduce_prologue(&mut nodes, &mut order, targets);
             lower::fuse_matmul_epilogue(&mut nodes, &mut order, targets, &ch);
         }
         let bytes_of = |id: NodeId| (nodes[id.0].shape.numel() * 4) as u64;

@@ -471,6 +471,11 @@ pub(crate) fn select(
             };
             Some((g.spec.clone(), Some(g)))
         }
+        Op::ReducePrologue(r) => {
+            let spec = r.reduce.kernel(&r.input_shape);
+            let g = elementwise::reduce_with_prologue(&r.program, inputs, r.program_shape(), spec);
+            Some((g.spec.clone(), Some(g)))
+        }
         Op::ImplicitDgrad(c) => {
             let d = c.dims(inputs[0], out);
             let cfg = gemm_config(&d, ch)?;

@@ -90,6 +90,8 @@ pub enum Op {
     Fused(fused::Fused),
     Softmax(softmax::Softmax),
     Reduce(reduce::Reduce),
+    /// A reduction of a fused elementwise program's result (made by the plan compiler).
+    ReducePrologue(reduce::ReducePrologue),
     Permute(layout::Permute),
     /// Broadcast to the node's (larger) shape.
     Expand(layout::Expand),
@@ -170,6 +172,7 @@ impl Op {
             Op::Fused(_) => "fused",
             Op::Softmax(s) => s.name(),
             Op::Reduce(r) => r.name(),
+            Op::ReducePrologue(r) => r.reduce.name(),
             Op::Permute(_) => "permute",
             Op::Expand(_) => "expand",
             Op::AxisCopy(a) => a.name(),
@@ -324,6 +327,7 @@ impl Op {
             Op::Fused(f) => f.cpu(inputs, out),
             Op::Softmax(s) => s.cpu(inputs[0]),
             Op::Reduce(r) => r.cpu(inputs[0], out),
+            Op::ReducePrologue(r) => r.cpu(inputs, out),
             Op::Permute(p) => p.cpu(inputs[0], out),
             Op::Expand(e) => e.cpu(inputs[0], out),
             Op::AxisCopy(a) => a.cpu(inputs, out),
@@ -361,7 +365,10 @@ impl Op {
             Op::MatMulPartial(p) => Some(p.kernel(inputs[0], inputs[1]).spec),
             Op::SplitKSum(s) => Some(s.kernel(inputs[0], out)),
             // generated for the adapter only: see `exec::lower::select`
-            Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) | Op::MatMulEpilogue(_) => None,
+            Op::ImplicitGemm(_)
+            | Op::ImplicitDgrad(_)
+            | Op::MatMulEpilogue(_)
+            | Op::ReducePrologue(_) => None,
             Op::Unary(u) => Some(u.kernel(out)),
             Op::Binary(b) => Some(b.kernel(inputs[0], inputs[1], out)),
             // generated as well
@@ -433,6 +440,7 @@ impl Op {
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
             | Op::MatMulEpilogue(_)
+            | Op::ReducePrologue(_)
             | Op::ImplicitGemm(_)
             | Op::ImplicitDgrad(_)
             | Op::Fused(_)
@@ -456,6 +464,7 @@ impl Op {
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
             | Op::MatMulEpilogue(_)
+            | Op::ReducePrologue(_)
             | Op::ImplicitGemm(_)
             | Op::ImplicitDgrad(_)
             | Op::Reduce(_)

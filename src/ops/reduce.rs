@@ -118,3 +118,33 @@ impl Reduce {
         }
     }
 }
+
+/// A reduction whose input is a fused elementwise program's result, computed inside the
+/// reduction's loads (made by the plan compiler: `sum(x * x)` reads `x` once). Inputs: the
+/// program's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReducePrologue {
+    pub reduce: Reduce,
+    pub program: super::fused::Fused,
+    /// The reduction's input: the program's result, or a reshape of it (same element order).
+    pub input_shape: Shape,
+}
+
+impl ReducePrologue {
+    /// The shape the program computes.
+    pub fn program_shape(&self) -> &Shape {
+        &self
+            .program
+            .steps
+            .last()
+            .expect("a fused program has steps")
+            .shape
+    }
+
+    /// CPU reference: the program, then the reduction.
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let x = self.program.cpu(inputs, self.program_shape());
+        let x = Tensor::new(self.input_shape.clone(), x.data().to_vec()).expect("a reshape");
+        self.reduce.cpu(&x, out)
+    }
+}
