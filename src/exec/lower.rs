@@ -1,8 +1,17 @@
-//! Lowering for one GPU: before buffers are planned, products too small to fill the adapter but
-//! deep in K become a split-K pair (partial products, then their sum with the epilogue), and
-//! chains of elementwise ops become one fused node (`exec::fuse`); then each node gets its
-//! kernel, generated for the adapter (`codegen`) or from `shaders/`.
-//! Node ids of the graph keep their meaning: a rewritten node still computes the same tensor.
+//! Lowering for one GPU: rewrites of the plan's nodes before buffers are planned, then each
+//! node's kernel. `GpuPlan::compile` runs the rewrites in this order:
+//! 1. [`implicit_col2im`]: `col2im(w^T x dy)` (a convolution's input gradient) as one implicit GEMM;
+//! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
+//!    and their sum with the epilogue;
+//! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
+//! 4. [`nchw_conv_output`]: inference convolutions store NCHW from the GEMM;
+//! 5. with fusion on (`exec::fuse`): elementwise chains become one node, transposes fold into
+//!    them, reductions take their input's chain as a prologue, and products their reader's chain
+//!    as an epilogue ([`fuse_matmul_epilogue`]).
+//!
+//! [`select`] then gives each node its kernel, generated for the adapter (`codegen`) or from
+//! `shaders/`. Node ids keep their meaning: a rewritten node still computes the same tensor, and
+//! no rewrite moves a read past an in-place update ([`written_between`]).
 
 use super::liveness::storage_root;
 use std::collections::HashMap;
