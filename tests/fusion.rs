@@ -544,3 +544,29 @@ fn reductions_take_elementwise_prologues() {
     let info = check_on(&dev, "requested program", &g, &[y, s], &f, tol);
     assert_eq!(info.dispatches, 2, "{info}");
 }
+
+/// A product read through a transpose is not taken as an epilogue's operand (the epilogue sees
+/// each result at its own index): relu(transpose(a b)) with a square result stays right.
+#[test]
+fn a_transposed_product_is_no_epilogue_operand() {
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let a = g.input("x0", [12, 5]);
+    let b = g.input("x1", [5, 12]);
+    let y = g
+        .relu(g.permute(g.matmul(a, b).unwrap(), &[1, 0]).unwrap())
+        .unwrap();
+    let f = feeds(&[&[12, 5], &[5, 12]]);
+    let info = check_on(
+        &dev,
+        "relu(transpose(a b))",
+        &g,
+        &[y],
+        &f,
+        kiln::ops::TOL_REDUCTION,
+    );
+    assert_eq!(
+        info.dispatches, 2,
+        "the product, then relu reading it transposed: {info}"
+    );
+}

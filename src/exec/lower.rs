@@ -254,12 +254,15 @@ pub(crate) fn fuse_matmul_epilogue(
                 .filter(|r| nodes[r.0].inputs.contains(&y))
                 .count()
         };
-        let Some(k) = n.inputs.iter().position(|&y| {
+        // the product, read as it is (not through a folded transpose: the epilogue sees each
+        // result at its own index)
+        let Some(k) = n.inputs.iter().enumerate().position(|(j, &y)| {
             matches!(nodes[y.0].op, Op::MatMul(_))
                 && nodes[y.0].shape == n.shape
                 && !targets.contains(&y)
                 && readers(y) == 1
                 && n.inputs.iter().filter(|&&i| i == y).count() == 1
+                && program.permuted_read(j).is_none()
         }) else {
             continue;
         };
