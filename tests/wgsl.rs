@@ -2,6 +2,19 @@
 //! so do sweeps of every generator's output (GEMM configurations, fused elementwise programs).
 //! Needs no GPU.
 
+/// Parses and validates `src` with naga (every capability on), naming `what` on failure.
+fn validate_wgsl(what: &str, src: &str) -> naga::Module {
+    let module = naga::front::wgsl::parse_str(src)
+        .unwrap_or_else(|e| panic!("{what}: {}\n{src}", e.emit_to_string(src)));
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
+    module
+}
+
 #[test]
 fn every_shader_is_valid_wgsl() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
@@ -28,14 +41,7 @@ fn every_shader_is_valid_wgsl() {
             src.contains("Dispatch"),
             "{stem}.wgsl: the header must state its dispatch geometry"
         );
-        let module = naga::front::wgsl::parse_str(&src)
-            .unwrap_or_else(|e| panic!("{stem}.wgsl: {}", e.emit_to_string(&src)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{stem}.wgsl: {}", e.emit_to_string(&src)));
+        validate_wgsl(&format!("{stem}.wgsl"), &src);
         // the engine compiles the same text it finds here
         assert_eq!(
             kiln::ops::shader_source(stem),
@@ -63,14 +69,7 @@ fn every_generated_matmul_is_valid_wgsl() {
             src.contains("Bindings") && src.contains("Dispatch"),
             "{what}: header tables"
         );
-        let module = naga::front::wgsl::parse_str(src)
-            .unwrap_or_else(|e| panic!("{what}: {}\n{src}", e.emit_to_string(src)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
+        validate_wgsl(what, src);
     };
     let geom = kiln::ops::conv::ColGeometry {
         channels: 3,
@@ -169,14 +168,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
             "{what}: the key {} names the ops",
             g.key
         );
-        let module = naga::front::wgsl::parse_str(src)
-            .unwrap_or_else(|e| panic!("{what}: {}\n{src}", e.emit_to_string(src)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{what}: {}\n{src}", e.emit_to_string(src)));
+        validate_wgsl(what, src);
     };
     let step = |op: StepOp, args: &[Operand], shape: &[usize]| Step {
         op,
@@ -305,14 +297,7 @@ fn every_coop_matmul_is_valid_wgsl() {
         let src = kiln::codegen::coop::wgsl(&mm);
         assert!(src.starts_with("// matmul_coop.wgsl"));
         assert!(src.contains("Bindings") && src.contains("Dispatch"));
-        let module = naga::front::wgsl::parse_str(&src)
-            .unwrap_or_else(|e| panic!("{mm:?}: {}", e.emit_to_string(&src)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{mm:?}: {}", e.emit_to_string(&src)));
+        let module = validate_wgsl(&format!("{mm:?}"), &src);
         // and it translates to SPIR-V, the form the Vulkan driver gets
         let info = naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),
@@ -378,14 +363,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             nchw: None,
         };
         let src = wgsl_with(&cfg, &lay, Some(&epi));
-        let module = naga::front::wgsl::parse_str(&src)
-            .unwrap_or_else(|e| panic!("{}\n{src}", e.emit_to_string(&src)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+        validate_wgsl(&format!("epilogue, vec_out={vec_out}, {bias:?}"), &src);
         assert!(src.contains("Epilogue: the fused elementwise ops [add,gelu]"));
     }
 }
@@ -407,14 +385,7 @@ fn every_gemv_is_valid_wgsl() {
             let src = gemv_wgsl(&mm, rows, None);
             assert!(src.starts_with("// matmul_gemv.wgsl"));
             assert!(src.contains("Bindings") && src.contains("Dispatch"));
-            let module = naga::front::wgsl::parse_str(&src)
-                .unwrap_or_else(|e| panic!("{rows} {mm:?}: {}", e.emit_to_string(&src)));
-            naga::valid::Validator::new(
-                naga::valid::ValidationFlags::all(),
-                naga::valid::Capabilities::all(),
-            )
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{rows} {mm:?}: {}", e.emit_to_string(&src)));
+            validate_wgsl(&format!("{rows} {mm:?}"), &src);
         }
     }
 }
@@ -458,13 +429,6 @@ fn reductions_with_prologues_are_valid_wgsl() {
         let g = reduce_with_prologue(&program, &[&x, &col], &x, r.kernel(&x));
         let src = &*g.wgsl;
         assert!(src.starts_with("// reduce_fused.wgsl"));
-        let module = naga::front::wgsl::parse_str(src)
-            .unwrap_or_else(|e| panic!("{}\n{src}", e.emit_to_string(src)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));
+        validate_wgsl(&format!("{kind:?} over axis {axis}"), src);
     }
 }

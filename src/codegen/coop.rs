@@ -110,17 +110,11 @@ enable wgpu_cooperative_matrix;
             "\n//   2  bias  storage, read        [M] or [N], f32"
         },
     );
-    for c in [
+    s.push_str(&super::overrides(&[
         "M", "N", "K", "TILES_M", "TILES_N", "TOTAL", "BD1", "BD2", "BD3", "SA0", "SA1", "SA2",
         "SA3", "SB0", "SB1", "SB2", "SB3",
-    ] {
-        let init = if c.starts_with("SA") || c.starts_with("SB") {
-            "0u"
-        } else {
-            "1u"
-        };
-        let _ = writeln!(s, "override {c}: u32 = {init};");
-    }
+    ]));
+    let batch_bases = super::BATCH_BASES;
     let _ = writeln!(
         s,
         "
@@ -158,14 +152,7 @@ fn main(
     let tn = w % TILES_N;
     let tm = (w / TILES_N) % TILES_M;
     let z = w / (TILES_N * TILES_M);
-    var r = z;
-    let b3 = r % BD3; r = r / BD3;
-    let b2 = r % BD2; r = r / BD2;
-    let b1 = r % BD1;
-    let b0 = r / BD1;
-    let abase = b0 * SA0 + b1 * SA1 + b2 * SA2 + b3 * SA3;
-    let bbase = b0 * SB0 + b1 * SB1 + b2 * SB2 + b3 * SB3;
-    let obase = z * M * N;
+{batch_bases}    let obase = z * M * N;
     let row0 = tm * {tile}u;
     let col0 = tn * {tile}u;
     let wm = sid / 2u;

@@ -321,9 +321,10 @@ impl Layout {
 
     fn describe(&self) -> String {
         let f = |on: bool, s: &str| if on { s.to_string() } else { String::new() };
-        let im2col = match self.im2col {
+        // a convolution's geometry, as far as it shapes the code
+        let geom = |kind: &str, g: Option<ColGeometry>| match g {
             Some(g) => format!(
-                ",im2col[c{} {}x{} k{}x{} s{:?} p{:?} d{:?}]",
+                ",{kind}[c{} {}x{} k{}x{} s{:?} p{:?} d{:?}]",
                 g.channels,
                 g.image.0,
                 g.image.1,
@@ -335,20 +336,7 @@ impl Layout {
             ),
             None => String::new(),
         };
-        let dgrad = match self.dgrad {
-            Some(g) => format!(
-                ",dgrad[c{} {}x{} k{}x{} s{:?} p{:?} d{:?}]",
-                g.channels,
-                g.image.0,
-                g.image.1,
-                g.kernel.0,
-                g.kernel.1,
-                g.opts.stride,
-                g.opts.padding,
-                g.opts.dilation
-            ),
-            None => String::new(),
-        };
+        let (im2col, dgrad) = (geom("im2col", self.im2col), geom("dgrad", self.dgrad));
         let nchw = self.nchw.map(|hw| format!(",nchw{hw}")).unwrap_or_default();
         format!(
             "{}{}{}{}{}{}{}{}{im2col}{dgrad}{nchw}",
@@ -775,17 +763,11 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
             g.opts.dilation
         );
     }
-    for c in [
+    s.push_str(&super::overrides(&[
         "M", "N", "K", "TILES_M", "TILES_N", "TOTAL", "SPLIT", "KCHUNK", "BATCH", "BD1", "BD2",
         "BD3", "SA0", "SA1", "SA2", "SA3", "SB0", "SB1", "SB2", "SB3",
-    ] {
-        let init = if c.starts_with("SA") || c.starts_with("SB") {
-            "0u"
-        } else {
-            "1u"
-        };
-        let _ = writeln!(s, "override {c}: u32 = {init};");
-    }
+    ]));
+    let batch_bases = super::BATCH_BASES;
     let _ = writeln!(
         s,
         "
@@ -826,14 +808,7 @@ fn main(
     let tm = (w / TILES_N) % TILES_M;
     let slice = (w / (TILES_N * TILES_M)) % SPLIT;
     let z = w / (TILES_N * TILES_M * SPLIT);
-    var r = z;
-    let b3 = r % BD3; r = r / BD3;
-    let b2 = r % BD2; r = r / BD2;
-    let b1 = r % BD1;
-    let b0 = r / BD1;
-    let abase = b0 * SA0 + b1 * SA1 + b2 * SA2 + b3 * SA3;
-    let bbase = b0 * SB0 + b1 * SB1 + b2 * SB2 + b3 * SB3;
-    let obase = (slice * BATCH + z) * M * N;
+{batch_bases}    let obase = (slice * BATCH + z) * M * N;
     let kbegin = slice * KCHUNK;
     let kend = min(K, kbegin + KCHUNK);
     let row0 = tm * {bm}u;
@@ -1183,17 +1158,11 @@ pub fn gemv_wgsl(mm: &MatMul, rows: usize, epilogue: Option<&Epilogue>) -> Strin
             e.describe
         );
     }
-    for c in [
+    s.push_str(&super::overrides(&[
         "M", "N", "K", "TILES_N", "TOTAL", "BD1", "BD2", "BD3", "SA0", "SA1", "SA2", "SA3", "SB0",
         "SB1", "SB2", "SB3",
-    ] {
-        let init = if c.starts_with("SA") || c.starts_with("SB") {
-            "0u"
-        } else {
-            "1u"
-        };
-        let _ = writeln!(s, "override {c}: u32 = {init};");
-    }
+    ]));
+    let batch_bases = super::BATCH_BASES;
     let _ = writeln!(
         s,
         "
@@ -1227,14 +1196,7 @@ fn main(
         return;
     }}
     let z = w / TILES_N;
-    var r = z;
-    let b3 = r % BD3; r = r / BD3;
-    let b2 = r % BD2; r = r / BD2;
-    let b1 = r % BD1;
-    let b0 = r / BD1;
-    let abase = b0 * SA0 + b1 * SA1 + b2 * SA2 + b3 * SA3;
-    let bbase = b0 * SB0 + b1 * SB1 + b2 * SB2 + b3 * SB3;
-    let obase = z * M * N;",
+{batch_bases}    let obase = z * M * N;",
         rows * 256,
         epilogue.map(|e| e.functions.as_str()).unwrap_or(""),
     );

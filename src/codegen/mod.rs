@@ -67,6 +67,33 @@ impl Target {
     }
 }
 
+/// `override` declarations for a generated kernel's shape constants: `1u` defaults, `0u` for the
+/// operand batch strides `SA*`/`SB*` (which broadcast when 0).
+pub(crate) fn overrides(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|c| {
+            let init = if c.starts_with("SA") || c.starts_with("SB") {
+                "0u"
+            } else {
+                "1u"
+            };
+            format!("override {c}: u32 = {init};\n")
+        })
+        .collect()
+}
+
+/// WGSL computing `abase` and `bbase`, the operands' element offsets for the batch index `z` (in
+/// scope), from the batch overrides of `ops::matmul::ProductDims::batch_constants`.
+pub(crate) const BATCH_BASES: &str = "    var r = z;
+    let b3 = r % BD3; r = r / BD3;
+    let b2 = r % BD2; r = r / BD2;
+    let b1 = r % BD1;
+    let b0 = r / BD1;
+    let abase = b0 * SA0 + b1 * SA1 + b2 * SA2 + b3 * SA3;
+    let bbase = b0 * SB0 + b1 * SB1 + b2 * SB2 + b3 * SB3;
+";
+
 /// A kernel launch whose WGSL was generated: `spec.family` names the generator, `key` tells its
 /// module apart from the generator's other modules.
 #[derive(Debug, Clone)]
