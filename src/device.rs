@@ -615,7 +615,7 @@ impl GpuContext {
             info.backend
         );
         let disk_cache = DiskCache::open(&device, &info, features);
-        let target = crate::codegen::Target::new(&info, &limits);
+        let mut target = crate::codegen::Target::new(&info, &limits);
         let gemm_policy = match std::env::var("KILN_GEMM") {
             Ok(v) if !v.is_empty() => GemmPolicy::parse(&v)?,
             _ => GemmPolicy::Auto,
@@ -628,7 +628,6 @@ impl GpuContext {
                 .collect();
             d.join(format!("gemm-tune-{id}.txt"))
         });
-        let mut target = target;
         target.coop_f16 = features
             .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16)
             && info.subgroup_min_size == 32

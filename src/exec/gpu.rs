@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::fuse;
 use super::liveness::{assign_slots, lifetimes, storage_root};
 use super::lower;
 use super::profile::{self, OpTiming, Profiler};
@@ -97,16 +96,8 @@ impl GpuPlan {
             coop: ctx.coop_active(),
             tuned: &tuned,
         };
-        lower::implicit_col2im(&mut nodes, &mut order, targets, &ch);
-        lower::split_k(&mut nodes, &mut order, &ch);
-        lower::implicit_im2col(&mut nodes, &mut order, targets, &ch);
-        lower::nchw_conv_output(&mut nodes, &mut order, targets);
-        if ctx.fusion.load(std::sync::atomic::Ordering::Relaxed) {
-            fuse::fuse_elementwise(&mut nodes, &mut order, targets);
-            fuse::fold_permutes(&mut nodes, &mut order, targets);
-            fuse::fuse_reduce_prologue(&mut nodes, &mut order, targets);
-            lower::fuse_matmul_epilogue(&mut nodes, &mut order, targets, &ch);
-        }
+        let fusion = ctx.fusion.load(std::sync::atomic::Ordering::Relaxed);
+        lower::lower(&mut nodes, &mut order, targets, &ch, fusion);
         let bytes_of = |id: NodeId| (nodes[id.0].shape.numel() * 4) as u64;
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC

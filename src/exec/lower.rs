@@ -1,5 +1,5 @@
 //! Lowering for one GPU: rewrites of the plan's nodes before buffers are planned, then each
-//! node's kernel. `GpuPlan::compile` runs the rewrites in this order:
+//! node's kernel. [`lower`] runs the rewrites in this order:
 //! 1. [`implicit_col2im`]: `col2im(w^T x dy)` (a convolution's input gradient) as one implicit GEMM;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
@@ -39,6 +39,27 @@ pub(crate) struct Choice<'a> {
 /// The key of a product in the tuning table: its extents and batch.
 pub(crate) fn tune_key(d: &ProductDims) -> String {
     format!("{}x{}x{}b{}", d.m, d.n, d.k, d.batch.numel())
+}
+
+/// Every rewrite, in the order the module documentation gives (the fusion ones only with
+/// `fusion` on).
+pub(crate) fn lower(
+    nodes: &mut Vec<Node>,
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+    ch: &Choice,
+    fusion: bool,
+) {
+    implicit_col2im(nodes, order, targets, ch);
+    split_k(nodes, order, ch);
+    implicit_im2col(nodes, order, targets, ch);
+    nchw_conv_output(nodes, order, targets);
+    if fusion {
+        super::fuse::fuse_elementwise(nodes, order, targets);
+        super::fuse::fold_permutes(nodes, order, targets);
+        super::fuse::fuse_reduce_prologue(nodes, order, targets);
+        fuse_matmul_epilogue(nodes, order, targets, ch);
+    }
 }
 
 /// The generated GEMM configuration for a product, or `None` for the portable kernel.
