@@ -1,7 +1,7 @@
 //! `kiln-bench`: a fixed benchmark suite run on the GPU and on the CPU reference, printed as a
 //! table with the GPU/CPU ratio and written as JSON.
 //!
-//!     kiln-bench [--json PATH] [--quick] [--no-cpu]
+//!     kiln-bench [--json PATH] [--quick] [--no-cpu] [--only SUBSTRING]...
 //!
 //! Cases: square f32 matmuls (256, 1024; 4096 on a hardware GPU), conv2d forward (batch 64,
 //! 32 -> 64 channels, 13x13, 3x3; and the issue-6 shape, batch 64, 64 -> 64, 56x56, on a hardware
@@ -33,6 +33,9 @@ struct Args {
     /// Skip the CPU reference
     #[arg(long)]
     no_cpu: bool,
+    /// Run only the cases whose name contains one of these (repeatable), e.g. `--only matmul`
+    #[arg(long)]
+    only: Vec<String>,
 }
 
 /// What a case runs: a plan with its feeds, or a training step.
@@ -369,6 +372,9 @@ fn run(args: Args) -> kiln::Result<()> {
         let Some(g) = slot.as_mut() else {
             continue;
         };
+        if !args.only.is_empty() && !args.only.iter().any(|o| g.name.contains(o.as_str())) {
+            continue;
+        }
         // a case that fails (out of memory, a lost device) is reported and skipped
         let tg = match time(g, reps, budget) {
             Ok(t) => t,
