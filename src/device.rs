@@ -628,9 +628,11 @@ impl GpuContext {
                 .collect();
             d.join(format!("gemm-tune-{id}.txt"))
         });
-        target.coop_f16 = features
-            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16)
-            && info.subgroup_min_size == 32
+        target.coop_f16 = features.contains(
+            wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+                | wgpu::Features::SHADER_F16
+                | wgpu::Features::SUBGROUP,
+        ) && info.subgroup_min_size == 32
             && info.subgroup_max_size == 32
             && limits.max_compute_workgroup_storage_size >= crate::codegen::coop::WORKGROUP_BYTES
             && limits.max_compute_invocations_per_workgroup >= crate::codegen::coop::THREADS
