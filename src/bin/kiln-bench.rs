@@ -2,6 +2,7 @@
 //! table with the GPU/CPU ratio and written as JSON.
 //!
 //!     kiln-bench [--json PATH] [--quick] [--no-cpu] [--only SUBSTRING]...
+//!     kiln-bench --sweep N [--quick]      # every GEMM configuration on an N^3 product
 //!
 //! Cases: square f32 matmuls (256, 1024; 4096 on a hardware GPU), conv2d forward (batch 64,
 //! 32 -> 64 channels, 13x13, 3x3; and the issue-6 shape, batch 64, 64 -> 64, 56x56, on a hardware
@@ -36,6 +37,52 @@ struct Args {
     /// Run only the cases whose name contains one of these (repeatable), e.g. `--only matmul`
     #[arg(long)]
     only: Vec<String>,
+    /// Instead of the suite: time an N x N x N matmul with every GEMM configuration that fits
+    /// the adapter (each tiling, BK 8 and 16, with and without prefetch), best first
+    #[arg(long, value_name = "N")]
+    sweep: Option<usize>,
+}
+
+/// `--sweep N`: every fitting configuration of the generated GEMM on an `n`^3 product, by GPU
+/// kernel time (wall clock where the adapter cannot time inside a pass).
+fn sweep(gpu: &Device, n: usize, reps: usize) -> kiln::Result<()> {
+    use kiln::codegen::matmul::{GemmConfig, TILINGS};
+    let target = gpu
+        .target()
+        .ok_or_else(|| kiln::Error::Device("not a GPU".into()))?;
+    let mut results = Vec::new();
+    for &(bm, bn, tm, tn) in TILINGS {
+        for bk in [8, 16] {
+            for prefetch in [false, true] {
+                let cfg = GemmConfig {
+                    bm,
+                    bn,
+                    bk,
+                    tm,
+                    tn,
+                    split: 1,
+                    prefetch,
+                };
+                if !cfg.fits(&target) {
+                    continue;
+                }
+                gpu.set_gemm_policy(kiln::GemmPolicy::Fixed(cfg))?;
+                let mut case = matmul(gpu, n)?;
+                let wall = time(&mut case, reps, Duration::from_secs(10))?;
+                let t = case.kernel_seconds(reps.min(5))?.unwrap_or(wall);
+                let rate = case.work / t / 1e9;
+                println!("{:<24} {rate:>10.2} GFLOP/s", cfg.describe());
+                results.push((rate, cfg.describe()));
+            }
+        }
+    }
+    gpu.set_gemm_policy(kiln::GemmPolicy::Auto)?;
+    results.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!("best for {n}^3:");
+    for (rate, name) in results.iter().take(5) {
+        println!("  {name:<24} {rate:>10.2} GFLOP/s");
+    }
+    Ok(())
 }
 
 /// What a case runs: a plan with its feeds, or a training step.
@@ -357,6 +404,9 @@ fn run(args: Args) -> kiln::Result<()> {
     } else {
         (20, Duration::from_secs(20))
     };
+    if let Some(n) = args.sweep {
+        return sweep(&gpu, n, reps);
+    }
     let mut gpu_cases = cases(&gpu, hardware, false)?;
     let mut cpu_cases = if args.no_cpu {
         Vec::new()

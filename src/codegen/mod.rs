@@ -29,7 +29,8 @@ pub struct Target {
     pub max_workgroup_x: u32,
     /// About how many workgroups the adapter runs at once; sizes tiles and split-K so that a
     /// product fills the machine. WebGPU does not tell the number of compute units, so this is a
-    /// guess from the device type (a discrete GPU: 2 workgroups on each of ~128 units).
+    /// guess from the device type (a discrete GPU: 2 workgroups on each of ~128 units; a
+    /// software adapter: the host's cores).
     pub parallel_workgroups: u32,
     /// Cooperative 16x16x16 f16 matrices with f32 accumulation, 32-wide subgroups and room for
     /// the tensor-core kernel (`codegen::coop`).
@@ -42,7 +43,10 @@ impl Target {
         let parallel_workgroups = match info.device_type {
             wgpu::DeviceType::DiscreteGpu => 256,
             wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::VirtualGpu => 64,
-            wgpu::DeviceType::Cpu | wgpu::DeviceType::Other => 16,
+            // a software adapter (lavapipe) runs about one workgroup per host core at a time
+            wgpu::DeviceType::Cpu | wgpu::DeviceType::Other => {
+                std::thread::available_parallelism().map_or(4, |n| n.get() as u32)
+            }
         };
         Target {
             subgroup_size: info.subgroup_min_size.max(1),
