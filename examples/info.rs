@@ -1,5 +1,5 @@
 //! Prints every adapter wgpu can see, the one kiln picks (KILN_BACKEND / KILN_ADAPTER apply),
-//! its granted features and its limits.
+//! its granted features, what kiln's kernel generators see of it, and its limits.
 //!
 //! Expected: on a machine without a GPU but with Mesa's lavapipe, an adapter named like
 //! "llvmpipe (LLVM 15.0.6, 256 bits)" on Vulkan, device type Cpu, chosen.
@@ -38,6 +38,15 @@ fn main() -> kiln::Result<()> {
         kiln::device::WANTED_FEATURES
     );
     println!("granted: {:?}", dev.features());
+    if let Some(t) = dev.target() {
+        println!(
+            "kernel target: subgroup {}, {} B workgroup memory, {} invocations, ~{} workgroups at once, tensor cores (16x16x16 f16): {}",
+            t.subgroup_size, t.workgroup_storage, t.max_invocations, t.parallel_workgroups, t.coop_f16
+        );
+        if let Some(c) = kiln::codegen::matmul::choose(4096, 4096, 4096, 1, &t) {
+            println!("GEMM for 4096^3 by the model: {}", c.describe());
+        }
+    }
     if let Some(l) = dev.limits() {
         println!("limits: {l:#?}");
     }
