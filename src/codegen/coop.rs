@@ -161,9 +161,22 @@ fn main(
         asz = tile * BK,
         bsz = tile * BK,
     );
+    // the accumulators start from a zeroed staging tile (a load, as cooperative matrices are
+    // made everywhere, rather than a null constant of the matrix type)
+    let _ = writeln!(
+        s,
+        "    let cs = sid * 256u;
+    for (var q = 0u; q < 8u; q = q + 1u) {{
+        Cs[cs + lane + q * 32u] = 0.0;
+    }}
+    workgroupBarrier();"
+    );
     for i in 0..4 {
         for j in 0..4 {
-            let _ = writeln!(s, "    var c{i}{j} = coop_mat16x16<f32, C>();");
+            let _ = writeln!(
+                s,
+                "    var c{i}{j} = coopLoadT<coop_mat16x16<f32, C>>(&Cs[cs], 16u);"
+            );
         }
     }
     let _ = writeln!(s, "    for (var k0 = 0u; k0 < K; k0 = k0 + {BK}u) {{");
@@ -247,7 +260,7 @@ fn main(
     }
     let _ = writeln!(s, "        workgroupBarrier();\n    }}");
     // epilogue through the staging tile
-    let _ = writeln!(s, "    let cs = sid * 256u;");
+
     for i in 0..4 {
         for j in 0..4 {
             let _ = writeln!(
