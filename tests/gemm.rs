@@ -30,6 +30,22 @@ fn check(
     bias: Bias,
     relu: bool,
 ) -> kiln::PlanInfo {
+    check_with(dev, what, sa, sb, ta, tb, bias, relu, TOL_REDUCTION)
+}
+
+/// [`check`] at tolerance `tol` (atol, rtol).
+#[allow(clippy::too_many_arguments)]
+fn check_with(
+    dev: &Device,
+    what: &str,
+    sa: &[usize],
+    sb: &[usize],
+    ta: bool,
+    tb: bool,
+    bias: Bias,
+    relu: bool,
+    tol: (f64, f64),
+) -> kiln::PlanInfo {
     let g = Graph::new();
     let a = g.input("a", sa);
     let b = g.input("b", sb);
@@ -54,7 +70,7 @@ fn check(
     plan.poison(f32::NAN);
     let got = plan.run(&refs).unwrap_or_else(|e| panic!("{what}: {e}"));
     let want = Device::cpu().compile(&g, &[y]).unwrap().run(&refs).unwrap();
-    assert_close(what, &got[0], &want[0], TOL_REDUCTION.0, TOL_REDUCTION.1);
+    assert_close(what, &got[0], &want[0], tol.0, tol.1);
     plan.info()
 }
 
@@ -374,30 +390,8 @@ fn medium_precision_products() {
             true,
         ),
     ] {
-        let g = Graph::new();
-        let a = g.input("a", sa);
-        let b = g.input("b", sb);
-        let shape = g.shape(g.matmul_t(a, b, ta, tb).unwrap());
-        let (m, n) = (
-            shape.dims()[shape.rank() - 2],
-            shape.dims()[shape.rank() - 1],
-        );
-        let blen = if bias == Bias::Rows { m } else { n };
-        let c = g.input("c", [blen]);
-        let fused = (bias != Bias::None).then_some((c, bias));
-        let y = g.matmul_fused(a, b, ta, tb, fused, relu).unwrap();
-        let feeds = [
-            ("a", rand(sa, 21)),
-            ("b", rand(sb, 22)),
-            ("c", rand(&[blen], 23)),
-        ];
-        let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(k, v)| (*k, v)).collect();
-        let mut plan = dev.compile(&g, &[y]).unwrap();
-        plan.poison(f32::NAN);
-        let got = plan.run(&refs).unwrap();
-        let want = Device::cpu().compile(&g, &[y]).unwrap().run(&refs).unwrap();
         let what = format!("medium precision {sa:?} x {sb:?} (tensor cores: {tensor_cores})");
-        assert_close(&what, &got[0], &want[0], tol.0, tol.1);
+        check_with(&dev, &what, sa, sb, ta, tb, bias, relu, tol);
     }
     dev.set_matmul_precision(Precision::Highest).unwrap();
     assert!(!dev.tensor_cores());

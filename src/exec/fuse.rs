@@ -33,6 +33,23 @@ fn step_op(n: &Node) -> Option<StepOp> {
     }
 }
 
+/// The elementwise program a node computes: its own if fused, a one-step program for a fusable
+/// unary or binary node, else `None`.
+pub(crate) fn program_of(n: &Node) -> Option<Fused> {
+    match (&n.op, step_op(n)) {
+        (Op::Fused(f), _) => Some(f.clone()),
+        (_, Some(op)) => Some(Fused {
+            steps: vec![Step {
+                op,
+                args: (0..n.inputs.len()).map(Operand::Input).collect(),
+                shape: n.shape.clone(),
+            }],
+            permuted: Vec::new(),
+        }),
+        _ => None,
+    }
+}
+
 /// Fuses the elementwise groups among `order`; `targets` (outputs and effects) keep their
 /// values. Groups of one node stay as they are.
 pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
@@ -153,10 +170,9 @@ pub(crate) fn fold_permutes(nodes: &mut [Node], order: &mut Vec<NodeId>, targets
     for pos in 0..order.len() {
         let id = order[pos];
         let n = &nodes[id.0];
-        let single = step_op(n);
-        if !matches!(n.op, Op::Fused(_)) && single.is_none() {
+        let Some(mut program) = program_of(n) else {
             continue;
-        }
+        };
         let readers = |x: NodeId| {
             order
                 .iter()
@@ -200,18 +216,6 @@ pub(crate) fn fold_permutes(nodes: &mut [Node], order: &mut Vec<NodeId>, targets
         if folds.is_empty() {
             continue;
         }
-        let mut program = match (&n.op, single) {
-            (Op::Fused(f), _) => f.clone(),
-            (_, Some(op)) => Fused {
-                steps: vec![Step {
-                    op,
-                    args: (0..n.inputs.len()).map(Operand::Input).collect(),
-                    shape: n.shape.clone(),
-                }],
-                permuted: Vec::new(),
-            },
-            _ => continue,
-        };
         let mut inputs = n.inputs.clone();
         for (k, read, src, chain) in folds {
             program.permuted.push(read);
@@ -249,17 +253,8 @@ pub(crate) fn fuse_reduce_prologue(
             x = nodes[x.0].inputs[0];
         }
         let xn = &nodes[x.0];
-        let program = match (&xn.op, step_op(xn)) {
-            (Op::Fused(f), _) => f.clone(),
-            (_, Some(op)) => Fused {
-                steps: vec![Step {
-                    op,
-                    args: (0..xn.inputs.len()).map(Operand::Input).collect(),
-                    shape: xn.shape.clone(),
-                }],
-                permuted: Vec::new(),
-            },
-            _ => continue,
+        let Some(program) = program_of(xn) else {
+            continue;
         };
         let readers = |v: NodeId| {
             order

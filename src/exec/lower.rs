@@ -22,7 +22,6 @@ use crate::codegen::{Generated, Target};
 use crate::device::GemmPolicy;
 use crate::graph::{Node, NodeId};
 use crate::ops::conv::{ImplicitDgrad, ImplicitGemm};
-use crate::ops::fused::{Fused, Operand, Step, StepOp};
 use crate::ops::matmul::{MatMul, MatMulEpilogue, MatMulPartial, ProductDims, SplitKSum};
 use crate::ops::{KernelSpec, Op};
 use crate::tensor::Shape;
@@ -255,19 +254,8 @@ pub(crate) fn fuse_matmul_epilogue(
     let mut dropped = Vec::new();
     for (pos, &id) in order.iter().enumerate() {
         let n = &nodes[id.0];
-        let single = |op: StepOp, arity: usize| Fused {
-            steps: vec![Step {
-                op,
-                args: (0..arity).map(Operand::Input).collect(),
-                shape: n.shape.clone(),
-            }],
-            permuted: Vec::new(),
-        };
-        let program = match &n.op {
-            Op::Fused(f) => f.clone(),
-            Op::Unary(u) => single(StepOp::Unary(*u), 1),
-            Op::Binary(b) => single(StepOp::Binary(*b), 2),
-            _ => continue,
+        let Some(program) = super::fuse::program_of(n) else {
+            continue;
         };
         let readers = |y: NodeId| {
             order
