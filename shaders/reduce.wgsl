@@ -7,7 +7,8 @@
 // Overrides: LEN, INNER, ROWS; OP: 0 sum, 1 mean, 2 max.
 // Every input value goes through `load`: src/codegen/elementwise.rs generates variants of this file
 // whose `load` computes a fused elementwise program (the blocks between the `generated:` markers
-// are replaced), so that e.g. sum(x * x) reads x once and writes nothing in between.
+// are replaced), so that e.g. sum(x * x) reads x once and writes nothing in between, and whose
+// bindings, `load` and `store` read and write f16 storage for f16 tensors.
 // Dispatch, entry `main`: ROWS workgroups of 64 threads, folded by the host into (x <= 65535, y).
 //           Workgroup r reduces output r: each thread folds a strided share of the LEN values,
 //           then a tree in workgroup memory combines the 64 partial results.
@@ -31,6 +32,12 @@ fn load(i: u32) -> f32 {
     return a[i];
 }
 // generated: end load
+
+// generated: begin store
+fn store(i: u32, v: f32) {
+    out[i] = v;
+}
+// generated: end store
 
 var<workgroup> part: array<f32, 64>;
 
@@ -70,7 +77,7 @@ fn main(
         if OP == 1u {
             r = r / f32(LEN);
         }
-        out[row] = r;
+        store(row, r);
     }
 }
 
@@ -92,5 +99,5 @@ fn columns(
     if OP == 1u {
         acc = acc / f32(LEN);
     }
-    out[row] = acc;
+    store(row, acc);
 }

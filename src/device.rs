@@ -445,7 +445,20 @@ impl Device {
             return Ok(());
         };
         *g.precision.lock().expect("precision lock") = precision;
-        if precision != Precision::Medium || !g.target.coop_f16 {
+        if precision != Precision::Medium {
+            return Ok(());
+        }
+        self.check_tensor_cores_once()
+    }
+
+    /// On an adapter with the tensor-core path, checks it the first time (see
+    /// [`Device::set_matmul_precision`]; f16 products use it too) and errors if it failed; a
+    /// no-op elsewhere.
+    pub(crate) fn check_tensor_cores_once(&self) -> Result<()> {
+        let Some(g) = &self.inner.gpu else {
+            return Ok(());
+        };
+        if !g.target.coop_f16 {
             return Ok(());
         }
         let state = g.coop_check.lock().expect("check lock").clone();
@@ -454,7 +467,13 @@ impl Device {
             CoopCheck::Failed(why) => Err(Error::Unsupported(why)),
             CoopCheck::Unchecked => {
                 *g.coop_check.lock().expect("check lock") = CoopCheck::Checking;
+                // the check runs f32 products at medium precision, whatever was asked for
+                let asked = std::mem::replace(
+                    &mut *g.precision.lock().expect("precision lock"),
+                    Precision::Medium,
+                );
                 let verdict = self.check_tensor_cores();
+                *g.precision.lock().expect("precision lock") = asked;
                 let next = match &verdict {
                     Ok(()) => CoopCheck::Passed,
                     Err(e) => CoopCheck::Failed(format!(
@@ -463,7 +482,7 @@ impl Device {
                     )),
                 };
                 if let CoopCheck::Failed(why) = &next {
-                    log::warn!("kiln: {why}; f32 products stay in f32");
+                    log::warn!("kiln: {why}; products stay off tensor cores");
                 }
                 *g.coop_check.lock().expect("check lock") = next.clone();
                 match next {
@@ -480,10 +499,12 @@ impl Device {
         self.inner.gpu.as_ref().is_some_and(|g| g.coop_active())
     }
 
-    /// Runs the tensor-core kernel on a product off its tile edges (with bias and relu) and on a
-    /// transposed batched one, against the CPU reference at f16-input tolerance.
+    /// Runs the tensor-core kernel on a product off its tile edges (with bias and relu), on a
+    /// transposed batched one, and on an f16 one (f16 storage), against the CPU reference at
+    /// f16 tolerance.
     fn check_tensor_cores(&self) -> Result<()> {
         use crate::ops::matmul::Bias;
+        use crate::tensor::DType;
         let g = crate::Graph::new();
         let a = g.input("a", [131, 70]);
         let b = g.input("b", [70, 197]);
@@ -492,18 +513,25 @@ impl Device {
         let at = g.input("at", [2, 45, 67]);
         let bt = g.input("bt", [2, 129, 45]);
         let yt = g.matmul_t(at, bt, true, true)?;
+        let ah = g.input_as("ah", [96, 80], DType::F16);
+        let bh = g.input_as("bh", [80, 130], DType::F16);
+        let ch = g.input_as("ch", [96], DType::F16);
+        let yh = g.matmul_fused(ah, bh, false, false, Some((ch, Bias::Rows)), false)?;
         let feeds = [
             ("a", Tensor::rand_uniform([131, 70], -1.0, 1.0, 1)),
             ("b", Tensor::rand_uniform([70, 197], -1.0, 1.0, 2)),
             ("c", Tensor::rand_uniform([197], -1.0, 1.0, 3)),
             ("at", Tensor::rand_uniform([2, 45, 67], -1.0, 1.0, 4)),
             ("bt", Tensor::rand_uniform([2, 129, 45], -1.0, 1.0, 5)),
+            ("ah", Tensor::rand_uniform([96, 80], -1.0, 1.0, 6)),
+            ("bh", Tensor::rand_uniform([80, 130], -1.0, 1.0, 7)),
+            ("ch", Tensor::rand_uniform([96], -1.0, 1.0, 8)),
         ];
         let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, t)| (*n, t)).collect();
-        let mut plan = self.compile(&g, &[y, yt])?;
+        let mut plan = self.compile(&g, &[y, yt, yh])?;
         plan.poison(f32::NAN);
         let got = plan.run(&refs)?;
-        let want = Device::cpu().compile(&g, &[y, yt])?.run(&refs)?;
+        let want = Device::cpu().compile(&g, &[y, yt, yh])?.run(&refs)?;
         for (k, (x, r)) in got.iter().zip(&want).enumerate() {
             let (worst, i) = crate::tensor::max_violation(x.data(), r.data(), 2e-2, 2e-2);
             if worst > 1.0 {
@@ -693,6 +721,16 @@ impl GpuContext {
         std::fs::rename(&tmp, path).map_err(io)
     }
 
+    /// Whether f16 products may run on the tensor-core kernel now: the adapter able and the
+    /// kernel checked (or being checked).
+    pub(crate) fn coop_f16_active(&self) -> bool {
+        self.target.coop_f16
+            && matches!(
+                *self.coop_check.lock().expect("check lock"),
+                CoopCheck::Checking | CoopCheck::Passed
+            )
+    }
+
     /// Whether products may run on the tensor-core kernel now: medium precision asked for, the
     /// adapter able, and the kernel not failed its check (it runs during the check itself).
     pub(crate) fn coop_active(&self) -> bool {
@@ -848,6 +886,18 @@ impl GpuContext {
 
     /// Maps staging buffers (already filled by a submitted copy) and reads them as f32.
     pub(crate) fn map_and_read(&self, staging: &[(wgpu::Buffer, u64)]) -> Result<Vec<Vec<f32>>> {
+        Ok(self
+            .map_and_read_bytes(staging)?
+            .into_iter()
+            .map(|b| bytemuck::cast_slice::<u8, f32>(&b).to_vec())
+            .collect())
+    }
+
+    /// [`Self::map_and_read`] as raw bytes (for f16 outputs).
+    pub(crate) fn map_and_read_bytes(
+        &self,
+        staging: &[(wgpu::Buffer, u64)],
+    ) -> Result<Vec<Vec<u8>>> {
         let (tx, rx) = std::sync::mpsc::channel();
         for (i, (s, bytes)) in staging.iter().enumerate() {
             let tx = tx.clone();
@@ -870,7 +920,7 @@ impl GpuContext {
             let view = s
                 .get_mapped_range(0..*bytes)
                 .map_err(|e| Error::Device(format!("reading a mapped buffer: {e:?}")))?;
-            out.push(bytemuck::cast_slice::<u8, f32>(&view).to_vec());
+            out.push(view.to_vec());
             drop(view);
             s.unmap();
         }

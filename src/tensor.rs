@@ -2,9 +2,12 @@
 
 use crate::error::{Error, Result};
 
-/// Element type of a tensor. Kernels run in f32; f16 is used where the adapter has SHADER_F16.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Element type of a graph node's values. Host [`Tensor`]s always hold f32; an f16 node stores
+/// IEEE half floats on the GPU (the adapter needs SHADER_F16) and its kernels compute in f32,
+/// rounding each stored result to f16 (as PyTorch's CUDA kernels do for `torch.half`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DType {
+    #[default]
     F32,
     F16,
 }
@@ -16,6 +19,34 @@ impl DType {
             DType::F32 => 4,
             DType::F16 => 2,
         }
+    }
+
+    /// `f32` or `f16`, as WGSL names the scalar.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+        }
+    }
+
+    /// `v` as this type stores it, back in f32 (f16: rounded to nearest even, overflow to inf).
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            DType::F32 => v,
+            DType::F16 => half::f16::from_f32(v).to_f32(),
+        }
+    }
+
+    /// Bytes of a buffer holding `numel` elements: rounded up to 4, as WebGPU sizes storage
+    /// bindings and copies in whole words.
+    pub fn buffer_bytes(self, numel: usize) -> u64 {
+        ((numel * self.size()) as u64).div_ceil(4) * 4
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -167,6 +198,50 @@ impl Tensor {
     /// The bytes of the f32 elements, as uploaded to the GPU.
     pub fn as_bytes(&self) -> &[u8] {
         bytemuck::cast_slice(&self.data)
+    }
+    /// The elements stored as `dtype`, padded with zeros to whole 4-byte words
+    /// ([`DType::buffer_bytes`]).
+    pub fn to_bytes(&self, dtype: DType) -> std::borrow::Cow<'_, [u8]> {
+        match dtype {
+            DType::F32 => std::borrow::Cow::Borrowed(self.as_bytes()),
+            DType::F16 => {
+                let mut halves = self.to_f16();
+                if halves.len() % 2 == 1 {
+                    halves.push(half::f16::ZERO);
+                }
+                std::borrow::Cow::Owned(bytemuck::cast_slice(&halves).to_vec())
+            }
+        }
+    }
+    /// A tensor of `shape` from `bytes` holding its elements as `dtype` (trailing padding
+    /// ignored); errors when there are too few bytes.
+    pub fn from_bytes(shape: impl Into<Shape>, dtype: DType, bytes: &[u8]) -> Result<Self> {
+        let shape = shape.into();
+        let n = shape.numel();
+        if bytes.len() < n * dtype.size() {
+            return Err(Error::Tensor(format!(
+                "{} bytes cannot hold {n} {dtype} elements",
+                bytes.len()
+            )));
+        }
+        let data = match dtype {
+            DType::F32 => bytes[..n * 4]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::F16 => bytes[..n * 2]
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        };
+        Tensor::new(shape, data)
+    }
+    /// The elements rounded to what `dtype` can hold (f16: nearest even).
+    pub fn rounded(mut self, dtype: DType) -> Self {
+        if dtype != DType::F32 {
+            self.data.iter_mut().for_each(|v| *v = dtype.round(*v));
+        }
+        self
     }
 }
 

@@ -115,6 +115,15 @@ fn every_generated_matmul_is_valid_wgsl() {
                     dgrad: None,
                     // some store the result as an NCHW image
                     nchw: (!bit(4) && bits % 7 == 3).then_some(9),
+                    dtype: kiln::DType::F32,
+                };
+                // f16 storage where the layout allows it (plain products)
+                let lay = match lay.partial || lay.im2col.is_some() || lay.nchw.is_some() {
+                    false if bits % 2 == 1 => Layout {
+                        dtype: kiln::DType::F16,
+                        ..lay
+                    },
+                    _ => lay,
                 };
                 validate(&format!("{} {lay:?}", cfg.describe()), &wgsl(&cfg, &lay));
                 count += 1;
@@ -156,7 +165,10 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
     let validate = |what: &str, f: &Fused, inputs: &[&[usize]], out: &[usize]| {
         let shapes: Vec<Shape> = inputs.iter().map(|d| Shape(d.to_vec())).collect();
         let refs: Vec<&Shape> = shapes.iter().collect();
-        let g = kernel(f, &refs, &Shape(out.to_vec()));
+        // f16 storage too: the same program with f16 loads and stores
+        let half = kernel(f, &refs, &Shape(out.to_vec()), kiln::DType::F16);
+        validate_wgsl(&format!("{what} (f16)"), &half.wgsl);
+        let g = kernel(f, &refs, &Shape(out.to_vec()), kiln::DType::F32);
         let src: &str = &g.wgsl;
         assert!(src.starts_with("// fused.wgsl"), "{what}: header");
         assert!(
@@ -294,7 +306,8 @@ fn every_coop_matmul_is_valid_wgsl() {
             bias: [Bias::None, Bias::Rows, Bias::Cols][(bits % 3) as usize],
             relu: bits & 4 != 0,
         };
-        let src = kiln::codegen::coop::wgsl(&mm);
+        let dtype = [kiln::DType::F32, kiln::DType::F16][(bits / 8) as usize];
+        let src = kiln::codegen::coop::wgsl(&mm, dtype);
         assert!(src.starts_with("// matmul_coop.wgsl"));
         assert!(src.contains("Bindings") && src.contains("Dispatch"));
         let module = validate_wgsl(&format!("{mm:?}"), &src);
@@ -346,9 +359,14 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
     };
     let row = Shape(vec![20]);
     let cfg = GemmConfig::parse("64x64x16/4x4").unwrap();
-    for (vec_out, bias) in [(true, Bias::None), (false, Bias::Rows)] {
+    for (vec_out, bias, dtype) in [
+        (true, Bias::None, kiln::DType::F32),
+        (false, Bias::Rows, kiln::DType::F32),
+        (true, Bias::Cols, kiln::DType::F16),
+        (false, Bias::None, kiln::DType::F16),
+    ] {
         let first = if bias == Bias::None { 2 } else { 3 };
-        let epi = epilogue(&program, 1, &[&row, &out], &out, first);
+        let epi = epilogue(&program, 1, &[&row, &out], &out, first, dtype);
         let lay = Layout {
             trans_a: false,
             trans_b: true,
@@ -361,6 +379,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             im2col: None,
             dgrad: None,
             nchw: None,
+            dtype,
         };
         let src = wgsl_with(&cfg, &lay, Some(&epi));
         validate_wgsl(&format!("epilogue, vec_out={vec_out}, {bias:?}"), &src);
@@ -426,9 +445,15 @@ fn reductions_with_prologues_are_valid_wgsl() {
             axis,
             keepdim: false,
         };
-        let g = reduce_with_prologue(&program, &[&x, &col], &x, r.kernel(&x));
-        let src = &*g.wgsl;
-        assert!(src.starts_with("// reduce_fused.wgsl"));
-        validate_wgsl(&format!("{kind:?} over axis {axis}"), src);
+        for dtype in [kiln::DType::F32, kiln::DType::F16] {
+            let g = reduce_with_prologue(&program, &[&x, &col], &x, r.kernel(&x), dtype);
+            let src = &*g.wgsl;
+            assert!(src.starts_with("// reduce_fused.wgsl"));
+            validate_wgsl(&format!("{kind:?} over axis {axis}, {dtype}"), src);
+        }
+        // a plain f16 reduction: the program without steps
+        let plain = Fused::identity();
+        let g = reduce_with_prologue(&plain, &[&x], &x, r.kernel(&x), kiln::DType::F16);
+        validate_wgsl(&format!("plain f16 {kind:?}"), &g.wgsl);
     }
 }

@@ -98,6 +98,9 @@ struct Case {
     work: f64,
     unit: &'static str,
     runner: Runner,
+    /// Count only the kernels whose profiler label contains this (f16 cases: the casts of their
+    /// f32-resident operands are not the work measured).
+    kernels: Option<&'static str>,
 }
 
 impl Case {
@@ -131,10 +134,12 @@ impl Case {
         let mut times = Vec::new();
         for _ in 0..reps.max(1) {
             self.run()?;
+            let only = self.kernels;
             times.push(
                 self.plan_mut()
                     .profile()
                     .iter()
+                    .filter(|t| only.is_none_or(|o| t.label.contains(o)))
                     .map(|t| t.seconds)
                     .sum::<f64>(),
             );
@@ -157,6 +162,7 @@ fn plan_case(
         work,
         unit,
         runner: Runner::Plan(plan, feeds),
+        kernels: None,
     }
 }
 
@@ -294,6 +300,7 @@ fn cnn_step(dev: &Device) -> kiln::Result<Case> {
         work: 64.0,
         unit: "images/s",
         runner: Runner::Train(Box::new(step), vec![("x".into(), xs), ("y".into(), ys)]),
+        kernels: None,
     })
 }
 
@@ -326,7 +333,61 @@ fn lstm_step(dev: &Device, hidden: usize) -> kiln::Result<Case> {
         work: 1.0,
         unit: "steps/s",
         runner: Runner::Train(Box::new(step), vec![("x".into(), xs), ("y".into(), ys)]),
+        kernels: None,
     })
+}
+
+/// An f16 graph's `n`^3 product: the operands are resident in f32 and cast to f16 in the plan;
+/// the kernel column times the product alone (on tensor cores where the adapter has them, the
+/// tiled kernels with f16 loads elsewhere).
+fn matmul_f16(dev: &Device, n: usize) -> kiln::Result<Case> {
+    let g = Graph::new();
+    let f16 = |name: &str, seed| -> kiln::Result<kiln::NodeId> {
+        let v = Tensor::rand_uniform([n, n], -1.0, 1.0, seed);
+        g.cast(
+            resident(dev, &g, &format!("bench.mm{n}.{name}"), v)?,
+            kiln::DType::F16,
+        )
+    };
+    let y = g.matmul(f16("a", 1)?, f16("b", 2)?)?;
+    let probe = g.narrow(g.narrow(g.cast(y, kiln::DType::F32)?, 0, 0, 1)?, 1, 0, 1)?;
+    let plan = dev.compile(&g, &[probe])?;
+    let mut case = plan_case(
+        format!("matmul {n}^3 (f16 graph)"),
+        2.0 * (n as f64).powi(3),
+        "GFLOP/s",
+        plan,
+        Vec::new(),
+    );
+    case.kernels = Some("matmul");
+    Ok(case)
+}
+
+/// The five-op chain of [`chain`] on f16 tensors (cast from f32-resident ones in the plan): the
+/// kernel column times the fused chain alone, bytes counted at 2 per element.
+fn chain_f16(dev: &Device, n: usize) -> kiln::Result<Case> {
+    let g = Graph::new();
+    let tag = format!("bench.chain{n}");
+    let t = |k: u64| -> kiln::Result<kiln::NodeId> {
+        let v = Tensor::rand_uniform([n], -1.0, 1.0, 10 + k);
+        g.cast(
+            resident(dev, &g, &format!("{tag}.{k}"), v)?,
+            kiln::DType::F16,
+        )
+    };
+    let (x, s, b, u) = (t(0)?, t(1)?, t(2)?, t(3)?);
+    let y = g.sub(g.mul(g.relu(g.add(g.mul(x, s)?, b)?)?, u)?, x)?;
+    let probe = g.narrow(g.cast(y, kiln::DType::F32)?, 0, 0, 1)?;
+    let plan = dev.compile(&g, &[probe])?;
+    let mut case = plan_case(
+        format!("elementwise chain (5 ops, f16) {}M", n >> 20),
+        10.0 * n as f64,
+        "GB/s",
+        plan,
+        Vec::new(),
+    );
+    case.kernels = Some("fused");
+    Ok(case)
 }
 
 /// Median seconds per run after a warm-up, within a time budget.
@@ -379,6 +440,28 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
         None
     });
     v.push(Some(chain(dev, if hardware { 64 << 20 } else { 4 << 20 })?));
+    // f16 graphs, on adapters with SHADER_F16 (GPU only: the entries stay aligned)
+    let half = !cpu && dev.features().contains(wgpu::Features::SHADER_F16);
+    v.push(if half {
+        matmul_f16(dev, 1024).ok()
+    } else {
+        None
+    });
+    v.push(if half && hardware {
+        matmul_f16(dev, 4096).ok()
+    } else {
+        None
+    });
+    v.push(if half && hardware {
+        matmul_f16(dev, 8192).ok()
+    } else {
+        None
+    });
+    v.push(if half {
+        chain_f16(dev, if hardware { 64 << 20 } else { 4 << 20 }).ok()
+    } else {
+        None
+    });
     v.push(Some(cnn_step(dev)?));
     v.push(Some(lstm_step(dev, 128)?));
     Ok(v)

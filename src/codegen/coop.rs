@@ -17,9 +17,10 @@
 
 use std::fmt::Write;
 
-use super::Generated;
+use super::{narrow, widen, Generated};
 use crate::ops::matmul::{Bias, MatMul, ProductDims};
 use crate::ops::{groups, KernelSpec};
+use crate::tensor::DType;
 
 /// Output tile of one workgroup (square).
 pub const TILE: usize = 128;
@@ -36,8 +37,9 @@ pub fn applies(d: &ProductDims) -> bool {
     d.m >= 64 && d.n >= 64 && d.k >= 32
 }
 
-/// The launch of `mm` as the tensor-core kernel.
-pub fn kernel(mm: &MatMul, d: &ProductDims) -> Generated {
+/// The launch of `mm` as the tensor-core kernel, operands, bias and result stored as `dtype`
+/// (f32: rounded to f16 when staged; f16: staged as they are).
+pub fn kernel(mm: &MatMul, d: &ProductDims, dtype: DType) -> Generated {
     let batch = d.batch.numel();
     let tiles_m = groups(d.m, TILE);
     let tiles_n = groups(d.n, TILE);
@@ -52,7 +54,7 @@ pub fn kernel(mm: &MatMul, d: &ProductDims) -> Generated {
     ];
     constants.extend(d.batch_constants());
     let key = format!(
-        "coop16{}{}{}{}",
+        "coop16{}{}{}{}{}",
         if mm.trans_a { ",ta" } else { "" },
         if mm.trans_b { ",tb" } else { "" },
         match mm.bias {
@@ -60,7 +62,8 @@ pub fn kernel(mm: &MatMul, d: &ProductDims) -> Generated {
             Bias::Rows => ",bias_rows",
             Bias::Cols => ",bias_cols",
         },
-        if mm.relu { ",relu" } else { "" }
+        if mm.relu { ",relu" } else { "" },
+        if dtype == DType::F16 { ",f16" } else { "" }
     );
     Generated {
         spec: KernelSpec {
@@ -70,13 +73,14 @@ pub fn kernel(mm: &MatMul, d: &ProductDims) -> Generated {
             workgroups: total,
         },
         key,
-        wgsl: wgsl(mm).into(),
+        wgsl: wgsl(mm, dtype).into(),
     }
 }
 
-/// The WGSL for one combination of transposes and epilogue.
-pub fn wgsl(mm: &MatMul) -> String {
+/// The WGSL for one combination of transposes, epilogue and storage type.
+pub fn wgsl(mm: &MatMul, dtype: DType) -> String {
     let tile = TILE as u32;
+    let dt = dtype;
     let mut s = String::new();
     let out_binding = if mm.bias == Bias::None { 2 } else { 3 };
     let _ = writeln!(
@@ -87,9 +91,9 @@ pub fn wgsl(mm: &MatMul) -> String {
 // cores: cooperative 16x16x16 matrices, operands staged through workgroup memory as f16.
 //
 // Bindings (group 0):
-//   0  a     storage, read        [batch.., M, K] (transposed: [batch.., K, M]), f32
-//   1  b     storage, read        [batch.., K, N] (transposed: [batch.., N, K]), f32{}
-//   {out_binding}  out   storage, read_write  [batch.., M, N], f32
+//   0  a     storage, read        [batch.., M, K] (transposed: [batch.., K, M]), {dt}
+//   1  b     storage, read        [batch.., K, N] (transposed: [batch.., N, K]), {dt}{}
+//   {out_binding}  out   storage, read_write  [batch.., M, N], {dt}
 // Overrides: M, N, K; TILES_M/N = ceil(M / 128), ceil(N / 128); batch shape BD1..BD3 and operand
 //            strides SA*/SB* as in matmul.wgsl; TOTAL = TILES_M * TILES_N * batch.
 // Dispatch: TOTAL workgroups of 128 threads (four 32-wide subgroups; the host only picks this
@@ -107,7 +111,7 @@ enable wgpu_cooperative_matrix;
         if mm.bias == Bias::None {
             ""
         } else {
-            "\n//   2  bias  storage, read        [M] or [N], f32"
+            "\n//   2  bias  storage, read        [M] or [N], same type"
         },
     );
     s.push_str(&super::overrides(&[
@@ -118,18 +122,18 @@ enable wgpu_cooperative_matrix;
     let _ = writeln!(
         s,
         "
-@group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read> b: array<f32>;"
+@group(0) @binding(0) var<storage, read> a: array<{dt}>;
+@group(0) @binding(1) var<storage, read> b: array<{dt}>;"
     );
     if mm.bias != Bias::None {
         let _ = writeln!(
             s,
-            "@group(0) @binding(2) var<storage, read> bias: array<f32>;"
+            "@group(0) @binding(2) var<storage, read> bias: array<{dt}>;"
         );
     }
     let _ = writeln!(
         s,
-        "@group(0) @binding({out_binding}) var<storage, read_write> out: array<f32>;
+        "@group(0) @binding({out_binding}) var<storage, read_write> out: array<{dt}>;
 
 // As[m * {BK} + k] = op(a)[row0 + m, k0 + k]; Bs[k * {tile} + n] = op(b)[k0 + k, col0 + n]
 var<workgroup> As: array<f16, {asz}>;
@@ -203,9 +207,10 @@ fn main(
             let m = row0 + mm;
             let k = k0 + kk;
             var v = 0.0;
-            if m < M && k < K {{ v = a[{a_index}]; }}
+            if m < M && k < K {{ v = {}; }}
             As[mm * {BK}u + kk] = f16(v);
-        }}"
+        }}",
+            widen(dt, format!("a[{a_index}]"))
         );
         let (nn_, kb_) = if mm.trans_b {
             (format!("{e} / {BK}u"), format!("{e} % {BK}u"))
@@ -225,9 +230,10 @@ fn main(
             let n = col0 + nn;
             let k = k0 + kk;
             var v = 0.0;
-            if n < N && k < K {{ v = b[{b_index}]; }}
+            if n < N && k < K {{ v = {}; }}
             Bs[kk * {tile}u + nn] = f16(v);
-        }}"
+        }}",
+            widen(dt, format!("b[{b_index}]"))
         );
     }
     let _ = writeln!(s, "        workgroupBarrier();");
@@ -273,17 +279,20 @@ fn main(
         let col = col0 + wn * 64u + {ci}u + e % 16u;
         if row < M && col < N {{
             var v = Cs[cs + e];{bias}{relu}
-            out[obase + row * N + col] = v;
+            out[obase + row * N + col] = {store};
         }}
     }}
     workgroupBarrier();",
                 ri = i * 16,
                 ci = j * 16,
                 bias = match mm.bias {
-                    Bias::None => "",
-                    Bias::Rows => "\n            v = v + bias[row];",
-                    Bias::Cols => "\n            v = v + bias[col];",
+                    Bias::None => String::new(),
+                    Bias::Rows =>
+                        format!("\n            v = v + {};", widen(dt, "bias[row]".into())),
+                    Bias::Cols =>
+                        format!("\n            v = v + {};", widen(dt, "bias[col]".into())),
                 },
+                store = narrow(dt, "v"),
                 relu = if mm.relu {
                     "\n            v = max(v, 0.0);"
                 } else {

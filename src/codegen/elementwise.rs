@@ -11,11 +11,11 @@
 
 use std::fmt::Write;
 
-use super::Generated;
+use super::{narrow, widen, Generated};
 use crate::ops::binary::broadcast_strides;
 use crate::ops::fused::{Fused, Operand, PermutedRead, StepOp};
 use crate::ops::{groups, shader_source, KernelSpec};
-use crate::tensor::Shape;
+use crate::tensor::{DType, Shape};
 
 /// Threads per workgroup (one output element each).
 const WG: usize = 256;
@@ -25,9 +25,34 @@ const WG: usize = 256;
 pub const MAX_INPUTS: usize = 7;
 
 /// The launch and module of a fused program whose inputs have shapes `inputs` and whose result
-/// has shape `out` (every input broadcasts to `out`).
-pub fn kernel(f: &Fused, inputs: &[&Shape], out: &Shape) -> Generated {
-    let src = wgsl(f, inputs, out);
+/// has shape `out` (every input broadcasts to `out`), every binding stored as `dtype` (the
+/// program computes in f32 either way).
+pub fn kernel(f: &Fused, inputs: &[&Shape], out: &Shape, dtype: DType) -> Generated {
+    kernel_as(f, inputs, out, dtype, dtype)
+}
+
+/// A cast of a tensor of `shape` from `from` to `to` (one element per thread).
+pub fn cast_kernel(shape: &Shape, from: DType, to: DType) -> Generated {
+    kernel_as(&Fused::identity(), &[shape], shape, from, to)
+}
+
+/// A copy of `x` (shape `x`) into `out` by a program without steps: a transpose where
+/// `permuted` says so, a broadcast where `x` has fewer elements (`Graph::expand`).
+pub fn copy_kernel(
+    x: &Shape,
+    out: &Shape,
+    permuted: Option<PermutedRead>,
+    dtype: DType,
+) -> Generated {
+    let f = Fused {
+        steps: Vec::new(),
+        permuted: permuted.into_iter().collect(),
+    };
+    kernel_as(&f, &[x], out, dtype, dtype)
+}
+
+fn kernel_as(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) -> Generated {
+    let src = wgsl_as(f, inputs, out, from, to);
     // The op list says what was fused (labels, KILN_DEBUG); the hash of the text tells apart
     // programs with the same ops but other dataflow, scalars or shapes, which are baked in.
     let key = format!("{}@{:016x}", f.describe(), fnv1a(src.as_bytes()));
@@ -92,8 +117,22 @@ fn show_step(k: usize, op: &StepOp, args: &[Operand]) -> String {
     format!("v{k} = {}({})", op.name(), parts.join(", "))
 }
 
-/// The WGSL of a fused program at these shapes.
-pub fn wgsl(f: &Fused, inputs: &[&Shape], out: &Shape) -> String {
+/// The WGSL of a fused program at these shapes, every binding stored as `dtype`.
+pub fn wgsl(f: &Fused, inputs: &[&Shape], out: &Shape, dtype: DType) -> String {
+    wgsl_as(f, inputs, out, dtype, dtype)
+}
+
+/// `enable f16;` where a module declares f16 storage (it must precede every declaration).
+fn enable(types: &[DType]) -> &'static str {
+    if types.contains(&DType::F16) {
+        "enable f16;\n"
+    } else {
+        ""
+    }
+}
+
+/// [`wgsl`] with inputs stored as `from` and the output as `to`.
+fn wgsl_as(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) -> String {
     let n = out.numel();
     let n_in = inputs.len();
     // each input's element strides per output axis (0 where it broadcasts); an input with as many
@@ -127,29 +166,31 @@ pub fn wgsl(f: &Fused, inputs: &[&Shape], out: &Shape) -> String {
         };
         let _ = writeln!(
             s,
-            "//   {k}  x{k}   storage, read        {shape} input, {how}"
+            "//   {k}  x{k}   storage, read        {shape} {from} input, {how}"
         );
     }
     let _ = writeln!(
         s,
-        "//   {n_in}  out  storage, read_write  {out} output, contiguous
+        "//   {n_in}  out  storage, read_write  {out} {to} output, contiguous
 // Dispatch: ceil(N / {WG}) workgroups of {WG} threads, folded by the host into (x <= 65535, y);
 //           one element per thread; threads past N return.
 // unary_op and erf_approx are copied from shaders/unary.wgsl, binary_op from shaders/binary.wgsl.
+// Values are computed in f32 whatever the storage type.
 
-const N: u32 = {n}u;
+{}const N: u32 = {n}u;
 const WG: u32 = {WG}u;
-"
+",
+        enable(&[from, to])
     );
     for k in 0..n_in {
         let _ = writeln!(
             s,
-            "@group(0) @binding({k}) var<storage, read> x{k}: array<f32>;"
+            "@group(0) @binding({k}) var<storage, read> x{k}: array<{from}>;"
         );
     }
     let _ = writeln!(
         s,
-        "@group(0) @binding({n_in}) var<storage, read_write> out: array<f32>;\n"
+        "@group(0) @binding({n_in}) var<storage, read_write> out: array<{to}>;\n"
     );
     s.push_str(shared("unary", "unary_op"));
     s.push('\n');
@@ -168,10 +209,10 @@ fn main(
         return;
     }}"
     );
-    let load = |k: usize, index: &str| format!("x{k}[{index}]");
+    let load = |k: usize, index: &str| widen(from, format!("x{k}[{index}]"));
     let (body, result) = program_body(f, inputs, out, &load);
     s.push_str(&body);
-    let _ = writeln!(s, "    out[i] = {result};\n}}");
+    let _ = writeln!(s, "    out[i] = {};\n}}", narrow(to, &result));
     s
 }
 
@@ -261,7 +302,12 @@ fn program_body(
         };
         let _ = writeln!(s, "    let v{k} = {call};");
     }
-    (s, format!("v{}", f.steps.len() - 1))
+    // a program without steps copies its input
+    let result = match f.steps.len() {
+        0 => "a0".to_string(),
+        n => format!("v{}", n - 1),
+    };
+    (s, result)
 }
 
 /// The input element a folded transpose reads for element `i`: `i`'s coordinates in the
@@ -304,26 +350,28 @@ pub struct Epilogue {
 }
 
 /// The epilogue of `f` after a product giving its input `product`; `inputs` are the shapes of
-/// all of the program's inputs, `out` the product's (and the program's) shape.
+/// all of the program's inputs, `out` the product's (and the program's) shape; the other inputs
+/// are stored as `dtype`.
 pub fn epilogue(
     f: &Fused,
     product: usize,
     inputs: &[&Shape],
     out: &Shape,
     first_binding: usize,
+    dtype: DType,
 ) -> Epilogue {
     let mut bindings = String::new();
     for (slot, k) in (first_binding..).zip((0..inputs.len()).filter(|&k| k != product)) {
         let _ = writeln!(
             bindings,
-            "@group(0) @binding({slot}) var<storage, read> e{k}: array<f32>;"
+            "@group(0) @binding({slot}) var<storage, read> e{k}: array<{dtype}>;"
         );
     }
     let load = |k: usize, index: &str| {
         if k == product {
             "v".to_string()
         } else {
-            format!("e{k}[{index}]")
+            widen(dtype, format!("e{k}[{index}]"))
         }
     };
     let (body, result) = program_body(f, inputs, out, &load);
@@ -365,27 +413,29 @@ fn replace_block(src: &str, name: &str, with: &str) -> String {
 /// `shaders/reduce.wgsl` with every input value computed by the fused program `f` (inputs of
 /// shapes `inputs`, result of shape `x`, the tensor reduced) instead of read: its `load` becomes
 /// the program at that element, its inputs bind at 0.., the output after them. `spec` is the
-/// plain reduction's launch (entry, constants, workgroups), which does not change.
+/// plain reduction's launch (entry, constants, workgroups), which does not change. Every
+/// binding is stored as `dtype` (a program without steps: a plain reduction of that type).
 pub fn reduce_with_prologue(
     f: &Fused,
     inputs: &[&Shape],
     x: &Shape,
     spec: KernelSpec,
+    dtype: DType,
 ) -> Generated {
     let base = shader_source("reduce").expect("reduce.wgsl is registered");
     let mut bindings = String::new();
     for k in 0..inputs.len() {
         let _ = writeln!(
             bindings,
-            "@group(0) @binding({k}) var<storage, read> x{k}: array<f32>;"
+            "@group(0) @binding({k}) var<storage, read> x{k}: array<{dtype}>;"
         );
     }
     let _ = writeln!(
         bindings,
-        "@group(0) @binding({}) var<storage, read_write> out: array<f32>;",
+        "@group(0) @binding({}) var<storage, read_write> out: array<{dtype}>;",
         inputs.len()
     );
-    let load = |k: usize, index: &str| format!("x{k}[{index}]");
+    let load = |k: usize, index: &str| widen(dtype, format!("x{k}[{index}]"));
     let (body, result) = program_body(f, inputs, x, &load);
     let mut prologue = String::new();
     prologue.push_str(shared("unary", "unary_op"));
@@ -400,19 +450,30 @@ fn load(i: u32) -> f32 {{
 }}",
         f.describe()
     );
+    let store = format!(
+        "fn store(i: u32, v: f32) {{\n    out[i] = {};\n}}\n",
+        narrow(dtype, "v")
+    );
     let mut src = format!(
         "// reduce_fused.wgsl: generated by src/codegen/elementwise.rs from shaders/reduce.wgsl: the
-// reduction of the fused elementwise ops [{}]; bindings 0..{} are the program's inputs, {} the output.
+// reduction of the fused elementwise ops [{}]; bindings 0..{} are the program's inputs, {} the
+// output, stored as {dtype} (computed in f32).
 //
 ",
         f.describe(),
         inputs.len(),
         inputs.len()
     );
+    // `enable` must precede the module's declarations
+    src.push_str(enable(&[dtype]));
     src.push_str(&replace_block(
-        &replace_block(base, "bindings", &bindings),
-        "load",
-        &prologue,
+        &replace_block(
+            &replace_block(base, "bindings", &bindings),
+            "load",
+            &prologue,
+        ),
+        "store",
+        &store,
     ));
     let key = format!("{}@{:016x}", f.describe(), fnv1a(src.as_bytes()));
     Generated {

@@ -12,10 +12,11 @@
 use std::fmt::Write;
 
 use super::elementwise::Epilogue;
-use super::{Generated, Target};
+use super::{narrow, widen, widen4, Generated, Target};
 use crate::ops::conv::ColGeometry;
 use crate::ops::matmul::{Bias, MatMul, ProductDims};
 use crate::ops::{groups, KernelSpec};
+use crate::tensor::DType;
 
 /// One configuration of the generated GEMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,6 +53,18 @@ pub const TILINGS: &[(u32, u32, u32, u32)] = &[
     (16, 32, 4, 4),
     (16, 16, 4, 4),
 ];
+
+/// The smallest configuration: 16 threads and 2 KiB of workgroup memory, within every WebGPU
+/// adapter's limits (f16 products take it where the model finds nothing larger).
+pub const SMALLEST: GemmConfig = GemmConfig {
+    bm: 16,
+    bn: 16,
+    bk: 16,
+    tm: 4,
+    tn: 4,
+    split: 1,
+    prefetch: false,
+};
 
 /// A slice of K is at least this deep, so that split-K's partial sums stay cheap next to the product.
 const MIN_SLICE: usize = 256;
@@ -210,13 +223,15 @@ pub fn ranked(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Ve
 /// The launch of `mm` with configuration `cfg`: its WGSL and constants. With `cfg.split > 1` the
 /// kernel writes partial sums `[split, batch.., M, N]` and leaves bias and relu to the sum.
 pub fn kernel(mm: &MatMul, d: &ProductDims, cfg: &GemmConfig) -> Generated {
-    kernel_with(mm, d, cfg, None, None, None)
+    kernel_with(mm, d, cfg, None, None, None, DType::F32)
 }
 
 /// [`kernel`], with `b` read as `im2col(x)` of this geometry straight from the image `x`
 /// (implicit GEMM: the column matrix is never stored). `d` describes the product with the
 /// column matrix `[C*kh*kw, N*Ho*Wo]` as `b`. With `nchw = Some(HW)` the result `[M, N*HW]`
 /// is stored as `[N, M, HW]` (a convolution's output in NCHW, without a permute after it).
+/// `dtype` is the storage type of the operands, bias and result (f16: loads widen to f32, the
+/// products accumulate in f32, stores round; not with `im2col`, `nchw` or split-K).
 pub fn kernel_with(
     mm: &MatMul,
     d: &ProductDims,
@@ -224,6 +239,7 @@ pub fn kernel_with(
     im2col: Option<ColGeometry>,
     nchw: Option<usize>,
     epilogue: Option<&Epilogue>,
+    dtype: DType,
 ) -> Generated {
     let batch = d.batch.numel();
     let split = cfg.slices(d.k);
@@ -231,6 +247,11 @@ pub fn kernel_with(
     let tiles_n = groups(d.n, cfg.bn as usize);
     let total = tiles_m * tiles_n * batch as u64 * split as u64;
     let mut layout = Layout::of(mm, d, split > 1);
+    layout.dtype = dtype;
+    assert!(
+        dtype == DType::F32 || (split == 1 && im2col.is_none() && nchw.is_none()),
+        "f16 products are plain GEMMs"
+    );
     if let Some(g) = im2col {
         layout.im2col = Some(g);
         layout.vec_b = false;
@@ -298,6 +319,8 @@ pub struct Layout {
     /// Store the result `[M, N*HW]` as the image `[N, M, HW]` (this HW): a convolution's output
     /// or input gradient straight in NCHW. Scalar stores.
     pub nchw: Option<usize>,
+    /// Storage type of `a`, `b`, the bias and the result (arithmetic is f32 either way).
+    pub dtype: DType,
 }
 
 impl Layout {
@@ -316,6 +339,7 @@ impl Layout {
             im2col: None,
             dgrad: None,
             nchw: None,
+            dtype: DType::F32,
         }
     }
 
@@ -338,8 +362,9 @@ impl Layout {
         };
         let (im2col, dgrad) = (geom("im2col", self.im2col), geom("dgrad", self.dgrad));
         let nchw = self.nchw.map(|hw| format!(",nchw{hw}")).unwrap_or_default();
+        let half = f(self.dtype == DType::F16, ",f16");
         format!(
-            "{}{}{}{}{}{}{}{}{im2col}{dgrad}{nchw}",
+            "{}{}{}{}{}{}{}{}{im2col}{dgrad}{nchw}{half}",
             f(self.trans_a, ",ta"),
             f(self.trans_b, ",tb"),
             f(self.vec_a, ",va"),
@@ -374,6 +399,8 @@ struct TileLoad {
     /// Read through WGSL functions instead of the operand's memory:
     /// `Some(Gather { ... })` (see [`Gather`]).
     gather: Option<Gather>,
+    /// The operand's storage type (loads widen to f32).
+    dtype: DType,
 }
 
 /// An operand read by index functions: `at(part_k, part_g)` (or `at(part_g, part_k)` when
@@ -410,6 +437,7 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
         k_contiguous,
         vec,
         gather,
+        dtype,
     } = *tile;
     let t = cfg.threads();
     let bk = cfg.bk;
@@ -475,7 +503,7 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
                     format!("{at}({gp}, {kp})")
                 }
             }
-            None => format!("{operand}[{index}]"),
+            None => widen(dtype, format!("{operand}[{index}]")),
         };
         let assign = if decl.is_empty() {
             v.clone()
@@ -484,7 +512,10 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
         };
         if phase != Phase::Stash {
             let (zero, load) = if vec {
-                ("vec4<f32>(0.0)", format!("{operand}[({index}) / 4u]"))
+                (
+                    "vec4<f32>(0.0)",
+                    widen4(dtype, format!("{operand}[({index}) / 4u]")),
+                )
             } else {
                 ("0.0", read.clone())
             };
@@ -654,7 +685,7 @@ fn dy_at(pk: vec3<i32>, pq: vec3<i32>) -> f32 {{
 pub fn dgrad_kernel(geom: ColGeometry, d: &ProductDims, cfg: &GemmConfig) -> Generated {
     let mut cfg = *cfg;
     cfg.split = 1;
-    let mut g = kernel_with(&MatMul::default(), d, &cfg, None, None, None);
+    let mut g = kernel_with(&MatMul::default(), d, &cfg, None, None, None, DType::F32);
     let mut lay = Layout::of(&MatMul::default(), d, false);
     lay.vec_a = false;
     lay.vec_b = false;
@@ -679,7 +710,14 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
     let tx_count = bn / tn;
     let (rq, cq) = (tm / 4, tn / 4);
     let (row_gap, col_gap) = (bm / rq, bn / cq);
-    let ty_ = |v: bool| if v { "vec4<f32>" } else { "f32" };
+    let dt = lay.dtype;
+    let ty_ = |v: bool| {
+        if v {
+            format!("vec4<{dt}>")
+        } else {
+            dt.to_string()
+        }
+    };
     let first_extra = if lay.bias == Bias::None { 2 } else { 3 };
     let out_binding = first_extra + epilogue.map_or(0, |e| e.extra);
     let mut s = String::new();
@@ -763,6 +801,9 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
             g.opts.dilation
         );
     }
+    if dt == DType::F16 {
+        s.push_str("enable f16;\n\n");
+    }
     s.push_str(&super::overrides(&[
         "M", "N", "K", "TILES_M", "TILES_N", "TOTAL", "SPLIT", "KCHUNK", "BATCH", "BD1", "BD2",
         "BD3", "SA0", "SA1", "SA2", "SA3", "SB0", "SB1", "SB2", "SB3",
@@ -779,7 +820,7 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
     if lay.bias != Bias::None {
         let _ = writeln!(
             s,
-            "@group(0) @binding(2) var<storage, read> bias: array<f32>;"
+            "@group(0) @binding(2) var<storage, read> bias: array<{dt}>;"
         );
     }
     if let Some(e) = epilogue {
@@ -871,6 +912,7 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         origin: "row0",
         k_contiguous: !lay.trans_a,
         vec: lay.vec_a && lay.dgrad.is_none(),
+        dtype: dt,
         gather: lay.dgrad.map(|_| Gather {
             k_part: "u32",
             g_part: "u32",
@@ -886,6 +928,7 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         origin: "col0",
         k_contiguous: lay.trans_b,
         vec: lay.vec_b && lay.im2col.is_none() && lay.dgrad.is_none(),
+        dtype: dt,
         // the column matrix [C*kh*kw, N*Ho*Wo] is op(b) itself, or its transpose when k runs
         // along its columns
         gather: match (lay.im2col, lay.dgrad, lay.trans_b) {
@@ -984,13 +1027,22 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
             match lay.bias {
                 Bias::None => {}
                 Bias::Rows => {
-                    let _ = writeln!(s, "        let bv = vec4<f32>(bias[min(r, M - 1u)]);");
+                    let _ = writeln!(
+                        s,
+                        "        let bv = vec4<f32>({});",
+                        widen(dt, "bias[min(r, M - 1u)]".into())
+                    );
                     v = format!("({v} + bv)");
                 }
                 Bias::Cols => {
+                    let at = |c: &str| widen(dt, format!("bias[min({c}, N - 1u)]"));
                     let _ = writeln!(
                         s,
-                        "        let bv = vec4<f32>(bias[min(c, N - 1u)], bias[min(c + 1u, N - 1u)], bias[min(c + 2u, N - 1u)], bias[min(c + 3u, N - 1u)]);"
+                        "        let bv = vec4<f32>({}, {}, {}, {});",
+                        at("c"),
+                        at("c + 1u"),
+                        at("c + 2u"),
+                        at("c + 3u")
                     );
                     v = format!("({v} + bv)");
                 }
@@ -1014,18 +1066,26 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
                     s,
                     "        if r < M && c < N {{
             let o = obase + r * N + c;
-            out[o / 4u] = vec4<f32>(epilogue(y.x, o), epilogue(y.y, o + 1u), epilogue(y.z, o + 2u), epilogue(y.w, o + 3u));
+            out[o / 4u] = vec4<{dt}>(vec4<f32>(epilogue(y.x, o), epilogue(y.y, o + 1u), epilogue(y.z, o + 2u), epilogue(y.w, o + 3u)));
         }}"
                 );
             } else if lay.vec_out {
                 let _ = writeln!(
                     s,
-                    "        if r < M && c < N {{ out[(obase + r * N + c) / 4u] = y; }}"
+                    "        if r < M && c < N {{ out[(obase + r * N + c) / 4u] = {}; }}",
+                    if dt == DType::F16 {
+                        "vec4<f16>(y)"
+                    } else {
+                        "y"
+                    }
                 );
             } else {
-                let e = |comp: &str, off: &str| match epilogue {
-                    Some(_) => format!("epilogue(y.{comp}, o{off})"),
-                    None => format!("y.{comp}"),
+                let e = |comp: &str, off: &str| {
+                    let v = match epilogue {
+                        Some(_) => format!("epilogue(y.{comp}, o{off})"),
+                        None => format!("y.{comp}"),
+                    };
+                    narrow(dt, &v)
                 };
                 let _ = writeln!(
                     s,

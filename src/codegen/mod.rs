@@ -15,6 +15,7 @@ pub mod matmul;
 use std::sync::Arc;
 
 use crate::ops::KernelSpec;
+use crate::tensor::DType;
 
 /// What a generator needs to know of the adapter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -106,4 +107,28 @@ pub struct Generated {
     /// Distinguishes this module among its generator's (the configuration, in words).
     pub key: String,
     pub wgsl: Arc<str>,
+}
+
+/// `x` (an element of a binding stored as `dtype`) as f32.
+pub(crate) fn widen(dtype: DType, x: String) -> String {
+    match dtype {
+        DType::F32 => x,
+        DType::F16 => format!("f32({x})"),
+    }
+}
+
+/// `x` (a vec4 of a binding stored as `dtype`) as `vec4<f32>`.
+pub(crate) fn widen4(dtype: DType, x: String) -> String {
+    match dtype {
+        DType::F32 => x,
+        DType::F16 => format!("vec4<f32>({x})"),
+    }
+}
+
+/// The f32 value `v` as a binding of `dtype` stores it.
+pub(crate) fn narrow(dtype: DType, v: &str) -> String {
+    match dtype {
+        DType::F32 => v.to_string(),
+        DType::F16 => format!("f16({v})"),
+    }
 }

@@ -56,7 +56,8 @@ pub fn evaluate(
                 _ => n.op.cpu_forward(&ins, &n.shape),
             }
         };
-        values[id.0] = Some(v);
+        // an f16 node holds what f16 storage holds
+        values[id.0] = Some(v.rounded(n.dtype));
     }
     Ok(values)
 }
@@ -104,7 +105,7 @@ impl CpuPlan {
         let bytes: u64 = order
             .iter()
             .filter(|id| !matches!(nodes[id.0].op, Op::Reshape))
-            .map(|id| (nodes[id.0].shape.numel() * 4) as u64)
+            .map(|id| nodes[id.0].dtype.buffer_bytes(nodes[id.0].shape.numel()))
             .sum();
         let info = PlanInfo {
             nodes: order.len(),

@@ -12,7 +12,7 @@ use crate::device::{BindingMode, Device, GemmPolicy};
 use crate::error::{Error, Result};
 use crate::graph::{Node, NodeId};
 use crate::ops::{Init, Op};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::{DType, Shape, Tensor};
 
 /// Largest workgroup count of one dispatch dimension (WebGPU's default limit).
 const MAX_GROUPS_PER_DIM: u64 = 65_535;
@@ -51,13 +51,14 @@ struct Step {
 struct Readback {
     buffer: Arc<wgpu::Buffer>,
     shape: Shape,
+    dtype: DType,
 }
 
 pub(crate) struct GpuPlan {
     device: Device,
     steps: Vec<Step>,
-    /// input name -> its buffer
-    inputs: HashMap<String, Arc<wgpu::Buffer>>,
+    /// input name -> its buffer and element type
+    inputs: HashMap<String, (Arc<wgpu::Buffer>, DType)>,
     readbacks: Vec<Readback>,
     /// mappable copies of the outputs, with their sizes (made once, mapped every run)
     staging: Vec<(wgpu::Buffer, u64)>,
@@ -90,15 +91,34 @@ impl GpuPlan {
             super::tune::tune_products(&device, &nodes, &order)?;
         }
         let tuned = ctx.tuned.lock().expect("tune lock").clone();
+        let f16_products = order
+            .iter()
+            .any(|id| matches!(nodes[id.0].op, Op::MatMul(_)) && nodes[id.0].dtype == DType::F16);
+        if f16_products {
+            // the tensor-core kernel is checked once before f16 products use it; a failed check
+            // leaves them on the tiled kernels (and was logged)
+            let _ = device.check_tensor_cores_once();
+        }
         let ch = lower::Choice {
             target: &ctx.target,
             policy,
             coop: ctx.coop_active(),
+            coop_f16: ctx.coop_f16_active(),
             tuned: &tuned,
         };
         let fusion = ctx.fusion.load(std::sync::atomic::Ordering::Relaxed);
         lower::lower(&mut nodes, &mut order, targets, &ch, fusion);
-        let bytes_of = |id: NodeId| (nodes[id.0].shape.numel() * 4) as u64;
+        if let Some(id) = order.iter().find(|id| nodes[id.0].dtype == DType::F16) {
+            if !ctx.features.contains(wgpu::Features::SHADER_F16) {
+                return Err(Error::Unsupported(format!(
+                    "node {} ({}) is f16, but {} lacks SHADER_F16: keep the graph in f32",
+                    id.0,
+                    nodes[id.0].op.name(),
+                    ctx.info.name
+                )));
+            }
+        }
+        let bytes_of = |id: NodeId| nodes[id.0].dtype.buffer_bytes(nodes[id.0].shape.numel());
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
             | wgpu::BufferUsages::COPY_DST;
@@ -120,7 +140,7 @@ impl GpuPlan {
                         bytes_of(id),
                         usage,
                     )?);
-                    inputs.insert(name.clone(), b.clone());
+                    inputs.insert(name.clone(), (b.clone(), n.dtype));
                     b
                 }
                 Op::Const { value } => {
@@ -188,7 +208,10 @@ impl GpuPlan {
         for &id in &order {
             let n = &nodes[id.0];
             let in_shapes: Vec<&Shape> = n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
-            let Some((spec, generated)) = lower::select(&n.op, &in_shapes, &n.shape, &ch) else {
+            let in_dtypes: Vec<DType> = n.inputs.iter().map(|i| nodes[i.0].dtype).collect();
+            let Some((spec, generated)) =
+                lower::select(&n.op, &in_shapes, &in_dtypes, &n.shape, n.dtype, &ch)
+            else {
                 continue;
             };
             let (rw_from, output) = n.op.binding_mode(n.inputs.len());
@@ -272,6 +295,7 @@ impl GpuPlan {
             readbacks.push(Readback {
                 buffer: storage[&storage_root(&nodes, o)].clone(),
                 shape: nodes[o.0].shape.clone(),
+                dtype: nodes[o.0].dtype,
             });
             staging_bufs.push((staging, bytes));
         }
@@ -313,8 +337,8 @@ impl GpuPlan {
         ctx.check_health()?;
         for (name, t) in given {
             // inputs the outputs do not depend on have no buffer and are ignored
-            if let Some(b) = self.inputs.get(*name) {
-                ctx.queue.write_buffer(b, 0, t.as_bytes());
+            if let Some((b, dtype)) = self.inputs.get(*name) {
+                ctx.queue.write_buffer(b, 0, &t.to_bytes(*dtype));
             }
         }
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -389,10 +413,10 @@ impl GpuPlan {
             let _ = ctx.device.poll(wgpu::PollType::Poll);
             return Ok(Vec::new());
         }
-        let data = ctx.map_and_read(&self.staging)?;
+        let data = ctx.map_and_read_bytes(&self.staging)?;
         data.into_iter()
             .zip(&self.readbacks)
-            .map(|(d, r)| Tensor::new(r.shape.clone(), d))
+            .map(|(d, r)| Tensor::from_bytes(r.shape.clone(), r.dtype, &d))
             .collect()
     }
 
@@ -420,8 +444,15 @@ impl GpuPlan {
 
     pub(crate) fn poison(&mut self, value: f32) {
         if let Some(ctx) = self.device.gpu_ctx() {
+            // a NaN whose two halves are f16 NaNs as well, so that f16 tensors sharing the
+            // slots are poisoned too
+            let word = if value.is_nan() {
+                f32::from_bits(0x7fc0_7fc0)
+            } else {
+                value
+            };
             for (b, bytes) in &self.slots {
-                let fill = vec![value; (*bytes / 4) as usize];
+                let fill = vec![word; (*bytes / 4) as usize];
                 ctx.queue.write_buffer(b, 0, bytemuck::cast_slice(&fill));
             }
         }

@@ -53,7 +53,7 @@ pub fn lifetimes(nodes: &[Node], order: &[NodeId], outputs: &[NodeId]) -> Vec<(N
             Lifetime {
                 def: s,
                 last: s,
-                bytes: (n.shape.numel() * 4) as u64,
+                bytes: n.dtype.buffer_bytes(n.shape.numel()),
             },
         );
     }

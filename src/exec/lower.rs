@@ -22,16 +22,19 @@ use crate::codegen::{Generated, Target};
 use crate::device::GemmPolicy;
 use crate::graph::{Node, NodeId};
 use crate::ops::conv::{ImplicitDgrad, ImplicitGemm};
+use crate::ops::fused::{Fused, Operand, PermutedRead, Step, StepOp};
 use crate::ops::matmul::{MatMul, MatMulEpilogue, MatMulPartial, ProductDims, SplitKSum};
 use crate::ops::{KernelSpec, Op};
-use crate::tensor::Shape;
+use crate::tensor::{DType, Shape};
 
 /// What kernel choices depend on for one plan: the adapter, the GEMM policy, whether the
-/// tensor-core kernel may run, and the configurations tuned on this adapter.
+/// tensor-core kernel may run (for f32 products: medium precision; for f16 ones: the adapter
+/// has it and it passed its check), and the configurations tuned on this adapter.
 pub(crate) struct Choice<'a> {
     pub target: &'a Target,
     pub policy: GemmPolicy,
     pub coop: bool,
+    pub coop_f16: bool,
     pub tuned: &'a HashMap<String, GemmConfig>,
 }
 
@@ -102,6 +105,11 @@ pub(crate) fn split_k(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, ch: &Choic
             i += 1;
             continue;
         };
+        if n.dtype != DType::F32 {
+            // f16 products run whole (the partial sums would be f32 tensors of their own)
+            i += 1;
+            continue;
+        }
         let (a, b) = (n.inputs[0], n.inputs[1]);
         let Ok(d) = mm.dims(&nodes[a.0].shape, &nodes[b.0].shape) else {
             i += 1;
@@ -135,6 +143,7 @@ pub(crate) fn split_k(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, ch: &Choic
             op: Op::MatMulPartial(partial),
             inputs: vec![a, b],
             shape,
+            dtype: nodes[id.0].dtype,
         });
         let node = &mut nodes[id.0];
         let bias = node.inputs.get(2).copied();
@@ -298,8 +307,12 @@ pub(crate) fn fuse_matmul_epilogue(
         let moved = product_inputs
             .iter()
             .any(|&i| written_between(nodes, order, i, y_pos, pos));
-        if uses_coop(&d, ch)
-            || gemm_config(&d, ch).is_none()
+        let half = nodes[y.0].dtype == DType::F16;
+        if (if half {
+            ch.coop_f16 && crate::codegen::coop::applies(&d)
+        } else {
+            uses_coop(&d, ch)
+        }) || (!half && gemm_config(&d, ch).is_none())
             || product_inputs.len() + extras.len() + 1 > MAX_STORAGE_BINDINGS
             || moved
         {
@@ -422,20 +435,26 @@ pub(crate) fn implicit_col2im(
 }
 
 /// The kernel of a node on this adapter: generated where a generator covers it, else the op's
-/// kernel from `shaders/`; `None` for sources and views.
+/// kernel from `shaders/`; `None` for sources and views. `in_dtypes` are the inputs' element
+/// types, `dtype` the node's: nodes touching f16 take [`select_f16`].
 pub(crate) fn select(
     op: &Op,
     inputs: &[&Shape],
+    in_dtypes: &[DType],
     out: &Shape,
+    dtype: DType,
     ch: &Choice,
 ) -> Option<(KernelSpec, Option<Generated>)> {
+    if dtype == DType::F16 || in_dtypes.contains(&DType::F16) {
+        return select_f16(op, inputs, in_dtypes, out, dtype, ch);
+    }
     match op {
         Op::MatMul(mm) => {
             let d = mm
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
             if uses_coop(&d, ch) {
-                let g = crate::codegen::coop::kernel(mm, &d);
+                let g = crate::codegen::coop::kernel(mm, &d, DType::F32);
                 return Some((g.spec.clone(), Some(g)));
             }
             if uses_gemv(&d, ch) {
@@ -471,7 +490,7 @@ pub(crate) fn select(
             };
             let (ho, wo) = c.geom.out_hw();
             let nchw = c.nchw.then_some(ho * wo);
-            let g = gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom), nchw, None);
+            let g = gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom), nchw, None, DType::F32);
             Some((g.spec.clone(), Some(g)))
         }
         Op::MatMulEpilogue(e) => {
@@ -482,19 +501,26 @@ pub(crate) fn select(
             let np = e.product_inputs();
             let mut shapes: Vec<&Shape> = inputs[np..].to_vec();
             shapes.insert(e.product_input, out);
-            let epi = elementwise::epilogue(&e.program, e.product_input, &shapes, out, np);
+            let epi =
+                elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, DType::F32);
             let g = if uses_gemv(&d, ch) {
                 gemm::gemv_kernel(&e.product, &d, Some(&epi))
             } else {
                 let mut cfg = gemm_config(&d, ch)?;
                 cfg.split = 1;
-                gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi))
+                gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi), DType::F32)
             };
             Some((g.spec.clone(), Some(g)))
         }
         Op::ReducePrologue(r) => {
             let spec = r.reduce.kernel(&r.input_shape);
-            let g = elementwise::reduce_with_prologue(&r.program, inputs, r.program_shape(), spec);
+            let g = elementwise::reduce_with_prologue(
+                &r.program,
+                inputs,
+                r.program_shape(),
+                spec,
+                DType::F32,
+            );
             Some((g.spec.clone(), Some(g)))
         }
         Op::ImplicitDgrad(c) => {
@@ -504,11 +530,106 @@ pub(crate) fn select(
             Some((g.spec.clone(), Some(g)))
         }
         Op::Fused(f) => {
-            let g = elementwise::kernel(f, inputs, out);
+            let g = elementwise::kernel(f, inputs, out, DType::F32);
+            Some((g.spec.clone(), Some(g)))
+        }
+        Op::Cast(_) => {
+            let g = elementwise::cast_kernel(out, in_dtypes[0], dtype);
             Some((g.spec.clone(), Some(g)))
         }
         _ => op.kernel(inputs, out).map(|k| (k, None)),
     }
+}
+
+/// The GEMM configuration of an f16 product: as for f32 (f16 halves the operand traffic but
+/// tiles stay f32 in workgroup memory), the model's choice where the policy names none.
+fn gemm_config_f16(d: &ProductDims, ch: &Choice) -> GemmConfig {
+    let mut cfg = gemm_config(d, ch)
+        .or_else(|| gemm::choose(d.m, d.n, d.k, d.batch.numel(), ch.target))
+        .unwrap_or(gemm::SMALLEST);
+    cfg.split = 1;
+    cfg
+}
+
+/// Kernels of nodes that read or write f16: every one generated, storing f16 and computing in
+/// f32. Products run on tensor cores where the adapter has them (f16 inputs need no precision
+/// flag), else the tiled family; elementwise ops, transposes and broadcasts run as
+/// (step-less) fused programs; reductions as `reduce.wgsl` with f16 loads and stores.
+fn select_f16(
+    op: &Op,
+    inputs: &[&Shape],
+    in_dtypes: &[DType],
+    out: &Shape,
+    dtype: DType,
+    ch: &Choice,
+) -> Option<(KernelSpec, Option<Generated>)> {
+    let single = |op: StepOp| Fused {
+        steps: vec![Step {
+            op,
+            args: (0..inputs.len()).map(Operand::Input).collect(),
+            shape: out.clone(),
+        }],
+        permuted: Vec::new(),
+    };
+    let g = match op {
+        Op::Reshape | Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => return None,
+        Op::Cast(_) => elementwise::cast_kernel(out, in_dtypes[0], dtype),
+        Op::Unary(u) => elementwise::kernel(&single(StepOp::Unary(*u)), inputs, out, dtype),
+        Op::Binary(b) => elementwise::kernel(&single(StepOp::Binary(*b)), inputs, out, dtype),
+        Op::Fused(f) => elementwise::kernel(f, inputs, out, dtype),
+        Op::Permute(p) => {
+            let read = PermutedRead {
+                input: 0,
+                in_dims: inputs[0].dims().to_vec(),
+                perm: p.perm.clone(),
+                shape: out.clone(),
+            };
+            elementwise::copy_kernel(inputs[0], out, Some(read), dtype)
+        }
+        Op::Expand(_) => elementwise::copy_kernel(inputs[0], out, None, dtype),
+        Op::Reduce(r) => elementwise::reduce_with_prologue(
+            &Fused::identity(),
+            inputs,
+            inputs[0],
+            r.kernel(inputs[0]),
+            dtype,
+        ),
+        Op::ReducePrologue(r) => elementwise::reduce_with_prologue(
+            &r.program,
+            inputs,
+            r.program_shape(),
+            r.reduce.kernel(&r.input_shape),
+            dtype,
+        ),
+        Op::MatMul(mm) => {
+            let d = mm
+                .dims(inputs[0], inputs[1])
+                .expect("shape checked at build time");
+            if ch.coop_f16 && crate::codegen::coop::applies(&d) {
+                crate::codegen::coop::kernel(mm, &d, dtype)
+            } else {
+                let cfg = gemm_config_f16(&d, ch);
+                gemm::kernel_with(mm, &d, &cfg, None, None, None, dtype)
+            }
+        }
+        Op::MatMulEpilogue(e) => {
+            let d = e
+                .product
+                .dims(inputs[0], inputs[1])
+                .expect("shape checked at build time");
+            let np = e.product_inputs();
+            let mut shapes: Vec<&Shape> = inputs[np..].to_vec();
+            shapes.insert(e.product_input, out);
+            let epi = elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, dtype);
+            let cfg = gemm_config_f16(&d, ch);
+            gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi), dtype)
+        }
+        other => unreachable!(
+            "{} never touches f16: the graph's dtype rule refuses it",
+            other.name()
+        ),
+    };
+    Some((g.spec.clone(), Some(g)))
 }
 
 #[cfg(test)]
@@ -529,6 +650,7 @@ mod tests {
             target: &target,
             policy: GemmPolicy::Auto,
             coop: false,
+            coop_f16: false,
             tuned: &tuned,
         };
         implicit_im2col(&mut nodes, &mut order, targets, &ch);

@@ -39,7 +39,8 @@ impl Graph {
         }
         let mut grads: HashMap<usize, NodeId> = HashMap::new();
         if depends[loss.0] {
-            grads.insert(loss.0, self.constant(Tensor::full(loss_shape, 1.0)));
+            let seed = self.constant(Tensor::full(loss_shape, 1.0));
+            grads.insert(loss.0, self.cast(seed, self.dtype(loss))?);
         }
         for i in (0..n_fwd).rev() {
             let Some(&dy) = grads.get(&i) else { continue };
@@ -63,7 +64,7 @@ impl Graph {
         wrt.iter()
             .map(|w| match grads.get(&w.0) {
                 Some(&g) => Ok(g),
-                None => Ok(self.constant(Tensor::zeros(self.shape(*w)))),
+                None => self.cast(self.constant(Tensor::zeros(self.shape(*w))), self.dtype(*w)),
             })
             .collect()
     }

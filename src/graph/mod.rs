@@ -18,7 +18,7 @@ use crate::ops::reduce::{Reduce, ReduceKind};
 use crate::ops::softmax::Softmax;
 use crate::ops::unary::UnaryOp;
 use crate::ops::{Init, Op};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::{DType, Shape, Tensor};
 
 pub use crate::ops::conv::Conv2dOpts;
 
@@ -26,12 +26,13 @@ pub use crate::ops::conv::Conv2dOpts;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(pub usize);
 
-/// One node: its op, its inputs and its (inferred) output shape.
+/// One node: its op, its inputs, and its (inferred) output shape and element type.
 #[derive(Debug, Clone)]
 pub struct Node {
     pub op: Op,
     pub inputs: Vec<NodeId>,
     pub shape: Shape,
+    pub dtype: DType,
 }
 
 /// A computation graph under construction.
@@ -74,14 +75,34 @@ impl Graph {
         self.nodes.borrow()[id.0].shape.clone()
     }
 
-    /// Appends a node whose shape the caller has already checked (for backward rules).
-    pub(crate) fn push_op(&self, op: Op, inputs: Vec<NodeId>, shape: Shape) -> NodeId {
+    /// The element type of a node. Panics only on a `NodeId` from another graph.
+    pub fn dtype(&self, id: NodeId) -> DType {
+        self.nodes.borrow()[id.0].dtype
+    }
+
+    /// Appends a node whose shape the caller has already checked (for backward rules); its
+    /// element type follows from its inputs' (`Op::result_dtype`).
+    pub(crate) fn push_op(&self, op: Op, inputs: Vec<NodeId>, shape: Shape) -> Result<NodeId> {
         self.push(op, inputs, shape)
     }
 
-    fn push(&self, op: Op, inputs: Vec<NodeId>, shape: Shape) -> NodeId {
+    fn push(&self, op: Op, inputs: Vec<NodeId>, shape: Shape) -> Result<NodeId> {
+        let dtypes: Vec<DType> = {
+            let nodes = self.nodes.borrow();
+            inputs.iter().map(|i| nodes[i.0].dtype).collect()
+        };
+        let dtype = op.result_dtype(&dtypes)?;
+        Ok(self.push_typed(op, inputs, shape, dtype))
+    }
+
+    fn push_typed(&self, op: Op, inputs: Vec<NodeId>, shape: Shape, dtype: DType) -> NodeId {
         let mut nodes = self.nodes.borrow_mut();
-        nodes.push(Node { op, inputs, shape });
+        nodes.push(Node {
+            op,
+            inputs,
+            shape,
+            dtype,
+        });
         NodeId(nodes.len() - 1)
     }
 
@@ -96,50 +117,72 @@ impl Graph {
     /// A named input of shape `shape`, fed to every `Plan::run`. Zero-sized extents are not allowed
     /// and surface as an error when the plan is compiled.
     pub fn input(&self, name: &str, shape: impl Into<Shape>) -> NodeId {
-        self.push(
+        self.input_as(name, shape, DType::F32)
+    }
+
+    /// A named input stored as `dtype` on the GPU: `Plan::run` takes it as an f32 tensor and
+    /// rounds its values to `dtype` on upload (f16 needs an adapter with SHADER_F16).
+    pub fn input_as(&self, name: &str, shape: impl Into<Shape>, dtype: DType) -> NodeId {
+        self.push_typed(
             Op::Input {
                 name: name.to_string(),
             },
             vec![],
             shape.into(),
+            dtype,
         )
+    }
+
+    /// `x`'s values as `to` (f32 <-> f16; a no-op when `x` already is `to`). f16 nodes store
+    /// half floats and compute in f32: products, elementwise ops, reductions and layout ops take
+    /// f16; the other ops (softmax, losses, convolutions, recurrent layers, ...) take f32, so
+    /// mixed-precision graphs cast around them, as PyTorch's autocast does.
+    pub fn cast(&self, x: NodeId, to: DType) -> Result<NodeId> {
+        let shape = self.check_id("cast", x)?;
+        if self.dtype(x) == to {
+            return Ok(x);
+        }
+        self.push(Op::Cast(crate::ops::cast::Cast { to }), vec![x], shape)
     }
 
     /// A named trainable parameter, zero-initialised unless the device already holds a value under
     /// this name (see `Device::set_param`).
     pub fn param(&self, name: &str, shape: impl Into<Shape>) -> NodeId {
-        self.push(
+        self.push_typed(
             Op::Param {
                 name: name.to_string(),
                 init: Init::Zeros,
             },
             vec![],
             shape.into(),
+            DType::F32,
         )
     }
 
     /// A named trainable parameter whose first value is `init` (unless the device already holds one).
     pub fn param_init(&self, name: &str, init: Tensor) -> NodeId {
         let shape = init.shape().clone();
-        self.push(
+        self.push_typed(
             Op::Param {
                 name: name.to_string(),
                 init: Init::Value(Arc::new(init)),
             },
             vec![],
             shape,
+            DType::F32,
         )
     }
 
     /// A constant, uploaded once when a plan is compiled.
     pub fn constant(&self, value: Tensor) -> NodeId {
         let shape = value.shape().clone();
-        self.push(
+        self.push_typed(
             Op::Const {
                 value: Arc::new(value),
             },
             vec![],
             shape,
+            DType::F32,
         )
     }
 
@@ -183,7 +226,7 @@ impl Graph {
                 inputs.push(bn);
             }
         }
-        Ok(self.push(Op::MatMul(m), inputs, shape))
+        self.push(Op::MatMul(m), inputs, shape)
     }
 
     // ---- elementwise ----
@@ -192,7 +235,7 @@ impl Graph {
     pub fn binary(&self, op: BinaryOp, a: NodeId, b: NodeId) -> Result<NodeId> {
         let (sa, sb) = (self.check_id(op.name(), a)?, self.check_id(op.name(), b)?);
         let shape = op.infer(&sa, &sb)?;
-        Ok(self.push(Op::Binary(op), vec![a, b], shape))
+        self.push(Op::Binary(op), vec![a, b], shape)
     }
 
     /// `a + b`, broadcasting.
@@ -241,7 +284,7 @@ impl Graph {
                 ));
             }
         }
-        Ok(self.push(Op::Unary(op), vec![a], shape))
+        self.push(Op::Unary(op), vec![a], shape)
     }
 
     /// `-a`
@@ -337,11 +380,11 @@ impl Graph {
                 format!("the seed must have one element, its shape is {ss}"),
             ));
         }
-        Ok(self.push(
+        self.push(
             Op::Dropout(crate::ops::dropout::Dropout { p, salt }),
             vec![x, seed],
             shape,
-        ))
+        )
     }
 
     /// The input node named `name`, if the graph has one.
@@ -364,11 +407,11 @@ impl Graph {
             self.check_id("cross_entropy", labels)?,
         );
         let shape = crate::ops::loss::CrossEntropy::infer(&sl, &sy)?;
-        Ok(self.push(
+        self.push(
             Op::CrossEntropy(crate::ops::loss::CrossEntropy),
             vec![logits, labels],
             shape,
-        ))
+        )
     }
 
     /// Mean squared error (`torch.nn.functional.mse_loss`), shape `[1]`.
@@ -436,11 +479,11 @@ impl Graph {
         }
         let mut inputs = vec![hyper, scale, grad, param];
         inputs.extend(states);
-        Ok(self.push(
+        self.push(
             Op::OptimStep(crate::ops::optim::OptimStep { kind }),
             inputs,
             shape,
-        ))
+        )
     }
 
     // ---- softmax and reductions ----
@@ -460,7 +503,7 @@ impl Graph {
         let s = self.check_id(name, a)?;
         let axis = s.axis(name, axis)?;
         let shape = crate::ops::softmax::infer(&s);
-        Ok(self.push(Op::Softmax(Softmax { axis, log }), vec![a], shape))
+        self.push(Op::Softmax(Softmax { axis, log }), vec![a], shape)
     }
 
     fn reduce(&self, kind: ReduceKind, a: NodeId, axis: isize, keepdim: bool) -> Result<NodeId> {
@@ -476,7 +519,7 @@ impl Graph {
             keepdim,
         };
         let shape = r.infer(&s)?;
-        Ok(self.push(Op::Reduce(r), vec![a], shape))
+        self.push(Op::Reduce(r), vec![a], shape)
     }
 
     /// Sum over `axis`; `keepdim` keeps it with extent 1.
@@ -511,7 +554,7 @@ impl Graph {
             perm: perm.to_vec(),
         };
         let shape = p.infer(&s)?;
-        Ok(self.push(Op::Permute(p), vec![a], shape))
+        self.push(Op::Permute(p), vec![a], shape)
     }
 
     /// Swaps two axes (negative counts from the end).
@@ -527,7 +570,7 @@ impl Graph {
     pub fn reshape(&self, a: NodeId, shape: &[isize]) -> Result<NodeId> {
         let s = self.check_id("reshape", a)?;
         let shape = reshape_infer(&s, shape)?;
-        Ok(self.push(Op::Reshape, vec![a], shape))
+        self.push(Op::Reshape, vec![a], shape)
     }
 
     /// Broadcasts `a` to `shape` (axes aligned on the right; extents equal or 1), copying.
@@ -540,11 +583,11 @@ impl Graph {
         if &s == shape {
             return Ok(a);
         }
-        Ok(self.push(
+        self.push(
             Op::Expand(crate::ops::layout::Expand),
             vec![a],
             shape.clone(),
-        ))
+        )
     }
 
     /// Sums `a` over the axes along which `shape` was broadcast to `a`'s shape (the adjoint of
@@ -616,7 +659,7 @@ impl Graph {
             a_start,
             b_start: None,
         };
-        Ok(self.push(Op::AxisCopy(op), vec![a], Shape(d)))
+        self.push(Op::AxisCopy(op), vec![a], Shape(d))
     }
 
     /// Concatenates tensors along `axis`; all other extents must agree.
@@ -648,7 +691,7 @@ impl Graph {
                 a_start: 0,
                 b_start: Some(sa.dims()[ax] as isize),
             };
-            acc = self.push(Op::AxisCopy(op), vec![acc, x], Shape(d));
+            acc = self.push(Op::AxisCopy(op), vec![acc, x], Shape(d))?;
         }
         Ok(acc)
     }
@@ -708,7 +751,7 @@ impl Graph {
             Op::LstmForward(crate::ops::lstm::LstmForward { reverse }),
             vec![xw, w_hh, h0, c0, lengths, w_hh_t],
             shape,
-        );
+        )?;
         let hs = self.narrow(p, 2, 0, h)?;
         // the last step processed holds the final state (padding carried it there)
         let last = self.narrow(p, 0, if reverse { 0 } else { t - 1 }, 1)?;
@@ -765,7 +808,7 @@ impl Graph {
             Op::Im2col(crate::ops::conv::Im2col(geom)),
             vec![x],
             geom.cols_shape(sx.dims()[0]),
-        );
+        )?;
         let w2 = self.reshape(w, &[o, geom.rows() as isize])?;
         // bias per output channel (a row of [O, N*Ho*Wo]) and relu in the matmul's epilogue
         let rows_bias = bias.map(|b| (b, crate::ops::matmul::Bias::Rows));
@@ -785,7 +828,7 @@ impl Graph {
         let sx = self.check_id("im2col", x)?;
         let geom = crate::ops::conv::ColGeometry::new("im2col", &sx, kernel, opts)?;
         let shape = geom.cols_shape(sx.dims()[0]);
-        Ok(self.push(Op::Im2col(crate::ops::conv::Im2col(geom)), vec![x], shape))
+        self.push(Op::Im2col(crate::ops::conv::Im2col(geom)), vec![x], shape)
     }
 
     /// The adjoint of [`Graph::im2col`] (`torch.nn.functional.fold`): columns [C*kh*kw, N*Ho*Wo]
@@ -793,11 +836,11 @@ impl Graph {
     pub fn col2im(&self, cols: NodeId, geom: crate::ops::conv::ColGeometry) -> Result<NodeId> {
         let sc = self.check_id("col2im", cols)?;
         let shape = geom.col2im_infer(&sc)?;
-        Ok(self.push(
+        self.push(
             Op::Col2im(crate::ops::conv::Col2im(geom)),
             vec![cols],
             shape,
-        ))
+        )
     }
 
     fn pool2d(
@@ -821,7 +864,7 @@ impl Graph {
         } else {
             Op::AvgPool2d(p)
         };
-        Ok(self.push(op, vec![x], shape))
+        self.push(op, vec![x], shape)
     }
 
     /// 2-D max pooling of `x` [N, C, H, W] (`torch.nn.functional.max_pool2d`, floor mode): the
@@ -858,7 +901,7 @@ impl Graph {
         let name = "max_pool2d_backward";
         let (sx, sd) = (self.check_id(name, x)?, self.check_id(name, dy)?);
         pool.check_dy(name, &sx, &sd)?;
-        Ok(self.push(Op::MaxPool2dBackward(pool), vec![x, dy], sx))
+        self.push(Op::MaxPool2dBackward(pool), vec![x, dy], sx)
     }
 
     /// The gradient of `avg_pool2d` for an input of extents `input` (H, W), from `dy`.
@@ -871,7 +914,7 @@ impl Graph {
         let sd = self.check_id("avg_pool2d_backward", dy)?;
         let op = crate::ops::pool::AvgPool2dBackward { pool, input };
         let shape = op.infer(&sd)?;
-        Ok(self.push(Op::AvgPool2dBackward(op), vec![dy], shape))
+        self.push(Op::AvgPool2dBackward(op), vec![dy], shape)
     }
 
     // ---- GRU, RNN, embedding ----
@@ -975,7 +1018,7 @@ impl Graph {
             cell.forward_op(reverse),
             vec![xw, w_hh, b_hh, h0, lengths, w_hh_t],
             shape,
-        );
+        )?;
         let hs = self.narrow(p, 2, 0, h)?;
         // the last step processed holds the final state (padding carried it there)
         let last = self.narrow(hs, 0, if reverse { 0 } else { t - 1 }, 1)?;
@@ -991,11 +1034,11 @@ impl Graph {
         let si = self.check_id("embedding", indices)?;
         let sw = self.check_id("embedding", weight)?;
         let shape = crate::ops::embedding::Embedding::infer(&si, &sw)?;
-        Ok(self.push(
+        self.push(
             Op::Embedding(crate::ops::embedding::Embedding),
             vec![indices, weight],
             shape,
-        ))
+        )
     }
 }
 

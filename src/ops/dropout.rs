@@ -71,6 +71,6 @@ impl Dropout {
     /// Backward: the same mask and scale applied to the gradient.
     pub fn backward(&self, g: &Graph, seed: NodeId, dy: NodeId) -> Result<NodeId> {
         let shape = g.shape(dy);
-        Ok(g.push_op(super::Op::Dropout(*self), vec![dy, seed], shape))
+        g.push_op(super::Op::Dropout(*self), vec![dy, seed], shape)
     }
 }

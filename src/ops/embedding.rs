@@ -74,7 +74,7 @@ impl Embedding {
             Op::EmbeddingBackward(EmbeddingBackward),
             vec![x[0], dy],
             g.shape(x[1]),
-        );
+        )?;
         Ok(vec![None, Some(dw)])
     }
 }

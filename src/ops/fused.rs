@@ -100,8 +100,19 @@ pub struct Fused {
 }
 
 impl Fused {
-    /// What was fused, in evaluation order: `mul,add,relu`.
+    /// The program without steps: its value is its input 0 (a copy, a cast, a transpose read).
+    pub fn identity() -> Fused {
+        Fused {
+            steps: Vec::new(),
+            permuted: Vec::new(),
+        }
+    }
+
+    /// What was fused, in evaluation order: `mul,add,relu` (`copy` without steps).
     pub fn describe(&self) -> String {
+        if self.steps.is_empty() {
+            return "copy".to_string();
+        }
         self.steps
             .iter()
             .map(|s| s.op.name())

@@ -353,7 +353,7 @@ fn backward_rule(
         cell.backward_op(reverse),
         inputs,
         Shape(vec![t + 1, b, cell.q_width() * h]),
-    );
+    )?;
     // da_r | da_z | da_n (GRU) or da (RNN) lead each row: the gradient of xw
     let steps = g.narrow(q, 0, 0, t)?;
     let dxw = g.narrow(steps, 2, 0, ng)?;

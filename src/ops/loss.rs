@@ -81,7 +81,7 @@ impl CrossEntropy {
                 super::Op::CrossEntropyBackward(CrossEntropyBackward),
                 vec![logits, labels, dy],
                 shape,
-            )),
+            )?),
             None,
         ])
     }

@@ -175,7 +175,7 @@ impl LstmForward {
             }),
             inputs,
             Shape(vec![t + 1, b, 6 * h]),
-        );
+        )?;
         let dxw = g.narrow(g.narrow(q, 0, 0, t)?, 2, 0, 4 * h)?;
         let rows = (t * b) as isize;
         let dgates = g.reshape(dxw, &[rows, 4 * h as isize])?;

@@ -2,6 +2,7 @@
 //! GPU is checked against) and the binding of its WGSL kernel (`shaders/<family>.wgsl`).
 
 pub mod binary;
+pub mod cast;
 pub mod conv;
 pub mod dropout;
 pub mod embedding;
@@ -21,7 +22,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::graph::{Graph, NodeId};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::{DType, Shape, Tensor};
 
 /// The WGSL source of every op family, by file stem; the executor compiles from here and a test
 /// validates every entry with naga.
@@ -86,6 +87,8 @@ pub enum Op {
     ImplicitDgrad(conv::ImplicitDgrad),
     Unary(unary::UnaryOp),
     Binary(binary::BinaryOp),
+    /// The input's values as another element type.
+    Cast(cast::Cast),
     /// A chain of unary and binary ops run as one generated kernel (made by the plan compiler).
     Fused(fused::Fused),
     Softmax(softmax::Softmax),
@@ -153,6 +156,8 @@ pub type Tolerance = (f64, f64);
 pub const TOL_ELEMENTWISE: Tolerance = (1e-6, 1e-5);
 /// Reductions and matmul in f32: rtol 1e-4.
 pub const TOL_REDUCTION: Tolerance = (1e-5, 1e-4);
+/// Anything stored in f16 (10-bit mantissa): rtol 1e-2.
+pub const TOL_F16: Tolerance = (1e-3, 1e-2);
 
 impl Op {
     /// Short op name used in shape errors, debug dumps and verify reports.
@@ -169,6 +174,7 @@ impl Op {
             Op::ImplicitDgrad(_) => "implicit_dgrad",
             Op::Unary(u) => u.name(),
             Op::Binary(b) => b.name(),
+            Op::Cast(_) => "cast",
             Op::Fused(_) => "fused",
             Op::Softmax(s) => s.name(),
             Op::Reduce(r) => r.name(),
@@ -324,6 +330,7 @@ impl Op {
             Op::ImplicitDgrad(c) => c.cpu(inputs[0], inputs[1], out),
             Op::Unary(u) => u.cpu(inputs[0]),
             Op::Binary(b) => b.cpu(inputs[0], inputs[1], out),
+            Op::Cast(c) => c.cpu(inputs[0]),
             Op::Fused(f) => f.cpu(inputs, out),
             Op::Softmax(s) => s.cpu(inputs[0]),
             Op::Reduce(r) => r.cpu(inputs[0], out),
@@ -368,11 +375,14 @@ impl Op {
             Op::ImplicitGemm(_)
             | Op::ImplicitDgrad(_)
             | Op::MatMulEpilogue(_)
-            | Op::ReducePrologue(_) => None,
+            | Op::ReducePrologue(_)
+            | Op::Cast(_) => None,
             Op::Unary(u) => Some(u.kernel(out)),
             Op::Binary(b) => Some(b.kernel(inputs[0], inputs[1], out)),
             // generated as well
-            Op::Fused(f) => Some(crate::codegen::elementwise::kernel(f, inputs, out).spec),
+            Op::Fused(f) => {
+                Some(crate::codegen::elementwise::kernel(f, inputs, out, DType::F32).spec)
+            }
             Op::Softmax(s) => Some(s.kernel(inputs[0])),
             Op::Reduce(r) => Some(r.kernel(inputs[0])),
             Op::Permute(p) => Some(p.kernel(inputs[0], out)),
@@ -415,6 +425,7 @@ impl Op {
             Op::MatMul(m) => m.backward(g, x, y, dy)?,
             Op::Unary(u) => vec![Some(u.backward(g, x[0], y, dy)?)],
             Op::Binary(b) => b.backward(g, x[0], x[1], y, dy)?.to_vec(),
+            Op::Cast(c) => vec![Some(c.backward(g, g.dtype(x[0]), dy)?)],
             Op::Softmax(s) => vec![Some(s.backward(g, y, dy)?)],
             Op::Reduce(r) => vec![Some(r.backward(g, x[0], y, dy)?)],
             Op::Permute(p) => vec![Some(p.backward(g, dy)?)],
@@ -455,6 +466,41 @@ impl Op {
                 )))
             }
         })
+    }
+
+    /// The element type of this op's result given its inputs' types, or an error naming the op:
+    /// casts give their target type; products, elementwise ops, reductions and layout ops take
+    /// and give one type (f32 or f16, all inputs alike); every other op takes f32 only.
+    pub fn result_dtype(&self, inputs: &[DType]) -> Result<DType> {
+        let first = inputs.first().copied().unwrap_or_default();
+        let err = |why: String| Err(crate::error::shape_err(self.name(), why));
+        match self {
+            Op::Cast(c) => Ok(c.to),
+            Op::MatMul(_)
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Reduce(_)
+            | Op::Permute(_)
+            | Op::Expand(_)
+            | Op::Reshape
+            | Op::Fused(_)
+            | Op::MatMulEpilogue(_)
+            | Op::ReducePrologue(_) => match inputs.iter().find(|&&d| d != first) {
+                Some(other) => err(format!(
+                    "its inputs must have one element type, got {first} and {other}; cast one \
+                     (Graph::cast)"
+                )),
+                None => Ok(first),
+            },
+            _ => match inputs.iter().position(|&d| d != DType::F32) {
+                Some(k) => err(format!(
+                    "it takes f32 tensors only, input {k} is {}; cast it to f32 first \
+                     (Graph::cast)",
+                    inputs[k]
+                )),
+                None => Ok(DType::F32),
+            },
+        }
     }
 
     /// How closely the GPU must match the CPU reference for this op alone.

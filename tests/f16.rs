@@ -1,0 +1,396 @@
+//! f16 graphs: tensors stored as IEEE half floats on the GPU (`Graph::input_as`, `Graph::cast`),
+//! computed in f32 and rounded when stored, against the CPU reference (which rounds every f16
+//! node's value the same way) at f16 tolerance, outputs poisoned with NaN first: casts (odd
+//! lengths, values between f16 steps), every elementwise op (fused and not), products on awkward
+//! shapes (transposes, batches, bias, relu, vec4 and scalar paths, every GEMM policy), reductions
+//! and layout ops, fused chains, epilogues and prologues; gradients of a mixed-precision network
+//! against the f32 network's; `verify`; and the errors for ops that take f32 only.
+
+mod common;
+
+use common::{assert_close, rand};
+use kiln::ops::matmul::Bias;
+use kiln::ops::TOL_F16;
+use kiln::{DType, Device, Graph, NodeId, Tensor};
+
+/// A device of its own (fusion and the GEMM policy are set per device), or `None` where
+/// `common::gpu` skips.
+fn device(fusion: bool) -> Option<Device> {
+    common::gpu()?;
+    let dev = Device::gpu().expect("a GPU adapter");
+    dev.set_fusion(fusion);
+    Some(dev)
+}
+
+fn refs(f: &[(String, Tensor)]) -> Vec<(&str, &Tensor)> {
+    f.iter().map(|(k, v)| (k.as_str(), v)).collect()
+}
+
+/// Runs `outputs` on `dev` (poisoned first) and on the CPU reference, within `tol`; returns the
+/// plan's dispatch count.
+fn check(
+    dev: &Device,
+    what: &str,
+    g: &Graph,
+    outputs: &[NodeId],
+    f: &[(String, Tensor)],
+    tol: (f64, f64),
+) -> usize {
+    let mut plan = dev
+        .compile(g, outputs)
+        .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
+    plan.poison(f32::NAN);
+    let got = plan
+        .run(&refs(f))
+        .unwrap_or_else(|e| panic!("{what}: run: {e}"));
+    let want = Device::cpu()
+        .compile(g, outputs)
+        .unwrap()
+        .run(&refs(f))
+        .unwrap();
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("{what} output {k}"), a, b, tol.0, tol.1);
+    }
+    plan.info().dispatches
+}
+
+#[test]
+fn casts_round_to_f16_and_back() {
+    // values between f16 steps, beyond its range, subnormal in f16, and an odd count (the
+    // buffer is padded to whole words)
+    let data = vec![
+        1.0,
+        1.0 + 1.0 / 4096.0,
+        -2.6093,
+        65504.0,
+        1e6,
+        -1e-6,
+        3.0e-5,
+        0.1,
+        -0.0,
+    ];
+    let n = data.len();
+    let x = Tensor::new([n], data.clone()).unwrap();
+    let f = vec![("x".to_string(), x)];
+    let g = Graph::new();
+    let xi = g.input("x", [n]);
+    let h = g.cast(xi, DType::F16).unwrap();
+    assert_eq!(g.dtype(h), DType::F16);
+    let back = g.cast(h, DType::F32).unwrap();
+    assert_eq!(
+        g.cast(back, DType::F32).unwrap(),
+        back,
+        "a cast to its own type is a no-op"
+    );
+    // the CPU reference rounds as `half` does
+    let want: Vec<f32> = data
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_f32())
+        .collect();
+    let cpu = Device::cpu()
+        .compile(&g, &[h, back])
+        .unwrap()
+        .run(&refs(&f))
+        .unwrap();
+    assert_eq!(cpu[0].data(), &want[..]);
+    assert_eq!(cpu[1].data(), &want[..]);
+    assert!(cpu[0].data()[4].is_infinite(), "1e6 overflows f16");
+    let Some(dev) = device(true) else { return };
+    // f16 outputs read back (h) and f32 ones (back), both exact
+    check(&dev, "cast", &g, &[h, back], &f, (0.0, 0.0));
+    // an f16 input is rounded on upload, and read back as it is stored
+    let g = Graph::new();
+    let xh = g.input_as("x", [n], DType::F16);
+    let y = g.cast(xh, DType::F32).unwrap();
+    let got = dev.compile(&g, &[xh, y]).unwrap().run(&refs(&f)).unwrap();
+    assert_eq!(got[0].data(), &want[..]);
+    assert_eq!(got[1].data(), &want[..]);
+}
+
+/// Every elementwise op on f16 tensors, broadcasting, each op alone and the chain fused.
+#[test]
+fn elementwise_ops_in_f16() {
+    for fusion in [false, true] {
+        let Some(dev) = device(fusion) else { return };
+        let g = Graph::new();
+        let (a, b, c) = (
+            g.input_as("a", [3, 7, 5], DType::F16),
+            g.input_as("b", [7, 1], DType::F16),
+            g.input_as("c", [5], DType::F16),
+        );
+        let mut outs = vec![
+            g.add(a, b).unwrap(),
+            g.sub(a, c).unwrap(),
+            g.mul(a, b).unwrap(),
+            g.div(a, g.add_scalar(g.abs(c).unwrap(), 0.5).unwrap())
+                .unwrap(),
+            g.maximum(a, c).unwrap(),
+            g.minimum(b, a).unwrap(),
+        ];
+        for op in [
+            Graph::neg,
+            Graph::exp,
+            Graph::relu,
+            Graph::sigmoid,
+            Graph::tanh,
+            Graph::gelu,
+            Graph::abs,
+            Graph::square,
+            Graph::sign,
+            Graph::softplus,
+        ] {
+            outs.push(op(&g, a).unwrap());
+        }
+        let pos = g.add_scalar(g.abs(a).unwrap(), 0.25).unwrap();
+        outs.push(g.log(pos).unwrap());
+        outs.push(g.sqrt(pos).unwrap());
+        outs.push(g.pow_scalar(pos, 1.5).unwrap());
+        outs.push(g.rdiv_scalar(pos, 2.0).unwrap());
+        outs.push(g.mul_scalar(a, 3.0).unwrap());
+        // a chain: one kernel with fusion on
+        let chain = g
+            .tanh(g.mul(g.add(a, b).unwrap(), c).unwrap())
+            .and_then(|v| g.add_scalar(v, 1.0))
+            .unwrap();
+        for &o in &outs {
+            assert_eq!(g.dtype(o), DType::F16);
+        }
+        let f = vec![
+            ("a".to_string(), rand(&[3, 7, 5], 1)),
+            ("b".to_string(), rand(&[7, 1], 2)),
+            ("c".to_string(), rand(&[5], 3)),
+        ];
+        check(
+            &dev,
+            &format!("elementwise, fusion {fusion}"),
+            &g,
+            &outs,
+            &f,
+            TOL_F16,
+        );
+        let dispatches = check(&dev, "chain", &g, &[chain], &f, TOL_F16);
+        assert_eq!(dispatches, if fusion { 1 } else { 4 }, "fusion {fusion}");
+    }
+}
+
+/// f16 products on awkward shapes: every transpose, ragged tiles, vec4 and scalar paths,
+/// batches with broadcasting, bias along rows and columns with relu.
+#[test]
+fn products_in_f16() {
+    let Some(dev) = device(true) else { return };
+    /// `a`'s shape, `b`'s, whether each is transposed, and what the case is.
+    type Case<'a> = (&'a [usize], &'a [usize], bool, bool, &'a str);
+    let cases: &[Case] = &[
+        (&[1, 1], &[1, 1], false, false, "1x1x1"),
+        (&[7, 13], &[13, 5], false, false, "primes"),
+        (&[17, 33], &[65, 17], true, true, "both transposed"),
+        (&[64, 64], &[64, 64], false, false, "vec4"),
+        (&[36, 20], &[36, 44], true, false, "a transposed, vec4"),
+        (
+            &[2, 3, 9, 12],
+            &[12, 16],
+            false,
+            false,
+            "batched, broadcast b",
+        ),
+        (
+            &[3, 5, 8],
+            &[3, 11, 8],
+            false,
+            true,
+            "batched, b transposed",
+        ),
+        (&[130, 67], &[67, 129], false, false, "past 128 tiles"),
+    ];
+    for (k, &(sa, sb, ta, tb, what)) in cases.iter().enumerate() {
+        let g = Graph::new();
+        let a = g.input_as("a", sa, DType::F16);
+        let b = g.input_as("b", sb, DType::F16);
+        let y = g.matmul_t(a, b, ta, tb).unwrap();
+        assert_eq!(g.dtype(y), DType::F16);
+        let f = vec![
+            ("a".to_string(), rand(sa, 10 + k as u64)),
+            ("b".to_string(), rand(sb, 20 + k as u64)),
+        ];
+        check(&dev, what, &g, &[y], &f, TOL_F16);
+    }
+    // bias and relu in the product's epilogue
+    for (bias, len) in [(Bias::Rows, 19), (Bias::Cols, 23)] {
+        let g = Graph::new();
+        let a = g.input_as("a", [19, 30], DType::F16);
+        let b = g.input_as("b", [30, 23], DType::F16);
+        let c = g.input_as("c", [len], DType::F16);
+        let y = g
+            .matmul_fused(a, b, false, false, Some((c, bias)), true)
+            .unwrap();
+        let f = vec![
+            ("a".to_string(), rand(&[19, 30], 31)),
+            ("b".to_string(), rand(&[30, 23], 32)),
+            ("c".to_string(), rand(&[len], 33)),
+        ];
+        check(&dev, &format!("bias {bias:?}, relu"), &g, &[y], &f, TOL_F16);
+    }
+    // every GEMM policy gives f16 products a generated kernel (the portable shader is f32)
+    for policy in ["portable", "32x32x8/4x4", "tune"] {
+        let dev = device(true).unwrap();
+        dev.set_gemm_policy(kiln::GemmPolicy::parse(policy).unwrap())
+            .unwrap();
+        let g = Graph::new();
+        let a = g.input_as("a", [24, 40], DType::F16);
+        let b = g.input_as("b", [40, 36], DType::F16);
+        let y = g.matmul(a, b).unwrap();
+        let f = vec![
+            ("a".to_string(), rand(&[24, 40], 41)),
+            ("b".to_string(), rand(&[40, 36], 42)),
+        ];
+        check(&dev, policy, &g, &[y], &f, TOL_F16);
+    }
+}
+
+/// Reductions, transposes, broadcasts and reshapes of f16 tensors.
+#[test]
+fn reductions_and_layout_in_f16() {
+    let Some(dev) = device(false) else { return };
+    let g = Graph::new();
+    let x = g.input_as("x", [4, 37, 6], DType::F16);
+    let outs = vec![
+        g.sum(x, 1, false).unwrap(),
+        g.mean(x, 0, true).unwrap(),
+        g.max(x, 2, false).unwrap(),
+        g.sum_all(x).unwrap(),
+        g.permute(x, &[2, 0, 1]).unwrap(),
+        g.transpose(x, 0, 1).unwrap(),
+        g.expand(g.sum(x, 0, true).unwrap(), &kiln::Shape(vec![3, 4, 37, 6]))
+            .unwrap(),
+        g.reshape(g.transpose(x, 1, 2).unwrap(), &[24, -1]).unwrap(),
+    ];
+    for &o in &outs {
+        assert_eq!(g.dtype(o), DType::F16);
+    }
+    let f = vec![("x".to_string(), rand(&[4, 37, 6], 7))];
+    // sums of 37 f16 values rounded once, in another order than the reference
+    check(&dev, "reductions and layout", &g, &outs, &f, TOL_F16);
+}
+
+/// With fusion on, f16 chains fuse into products (epilogue) and reductions (prologue), and
+/// transposes fold into fused reads, as in f32.
+#[test]
+fn fusion_in_f16() {
+    let Some(dev) = device(true) else { return };
+    let g = Graph::new();
+    let x = g.input_as("x", [33, 20], DType::F16);
+    let w = g.input_as("w", [20, 28], DType::F16);
+    let b = g.input_as("b", [28], DType::F16);
+    // gelu(x w + b): one generated GEMM with the epilogue
+    let y = g.gelu(g.add(g.matmul(x, w).unwrap(), b).unwrap()).unwrap();
+    let f = vec![
+        ("x".to_string(), rand(&[33, 20], 51)),
+        ("w".to_string(), rand(&[20, 28], 52)),
+        ("b".to_string(), rand(&[28], 53)),
+    ];
+    assert_eq!(check(&dev, "epilogue", &g, &[y], &f, TOL_F16), 1);
+    // sum((x - 0.5)^2): one reduction with its prologue
+    let s = g
+        .sum_all(g.square(g.add_scalar(x, -0.5).unwrap()).unwrap())
+        .unwrap();
+    assert_eq!(check(&dev, "prologue", &g, &[s], &f, TOL_F16), 1);
+    // transpose(x) * 2 + 1: the transpose read inside the fused kernel
+    let t = g
+        .add_scalar(
+            g.mul_scalar(g.transpose(x, 0, 1).unwrap(), 2.0).unwrap(),
+            1.0,
+        )
+        .unwrap();
+    assert_eq!(check(&dev, "folded transpose", &g, &[t], &f, TOL_F16), 1);
+}
+
+/// A two-layer network whose products and activations run in f16 from f32 parameters (cast in,
+/// cast out, loss in f32, as under autocast): its gradients are f32 and agree with the f32
+/// network's to f16 precision, on the CPU reference and on the GPU; `verify` passes.
+#[test]
+fn mixed_precision_gradients() {
+    let net = |half: bool| {
+        let g = Graph::new();
+        let x = g.input("x", [16, 12]);
+        let t = g.input("t", [16, 5]);
+        let w1 = g.param_init("w1", Tensor::rand_uniform([12, 24], -0.5, 0.5, 61));
+        let b1 = g.param_init("b1", Tensor::rand_uniform([24], -0.5, 0.5, 62));
+        let w2 = g.param_init("w2", Tensor::rand_uniform([24, 5], -0.5, 0.5, 63));
+        let dt = if half { DType::F16 } else { DType::F32 };
+        let c = |v: NodeId| g.cast(v, dt).unwrap();
+        let h = g
+            .relu(g.add(g.matmul(c(x), c(w1)).unwrap(), c(b1)).unwrap())
+            .unwrap();
+        let y = g.matmul(h, c(w2)).unwrap();
+        let loss = g.mse_loss(g.cast(y, DType::F32).unwrap(), t).unwrap();
+        let grads = g.grad(loss, &[w1, b1, w2]).unwrap();
+        for &d in &grads {
+            assert_eq!(g.dtype(d), DType::F32, "parameters' gradients are f32");
+        }
+        let mut outs = vec![loss];
+        outs.extend(grads);
+        (g, outs)
+    };
+    let f = vec![
+        ("x".to_string(), rand(&[16, 12], 64)),
+        ("t".to_string(), rand(&[16, 5], 65)),
+    ];
+    let (g32, o32) = net(false);
+    let (g16, o16) = net(true);
+    let want = Device::cpu()
+        .compile(&g32, &o32)
+        .unwrap()
+        .run(&refs(&f))
+        .unwrap();
+    let cpu16 = Device::cpu()
+        .compile(&g16, &o16)
+        .unwrap()
+        .run(&refs(&f))
+        .unwrap();
+    for (k, (a, b)) in cpu16.iter().zip(&want).enumerate() {
+        assert_close(&format!("f16 network vs f32, output {k}"), a, b, 5e-3, 3e-2);
+    }
+    for fusion in [false, true] {
+        let Some(dev) = device(fusion) else { return };
+        check(
+            &dev,
+            &format!("mixed precision, fusion {fusion}"),
+            &g16,
+            &o16,
+            &f,
+            (1e-3, 2e-2),
+        );
+        let report = dev.verify(&g16, &o16, &refs(&f)).unwrap();
+        assert!(report.ok(), "{report}");
+    }
+}
+
+/// Ops without f16 kernels refuse f16 inputs at build time, naming the op and the type; mixed
+/// operand types are refused; the CPU backend runs f16 graphs too.
+#[test]
+fn f16_errors_name_the_op() {
+    let g = Graph::new();
+    let x = g.input_as("x", [2, 3], DType::F16);
+    let y = g.input("y", [2, 3]);
+    let e = g.softmax(x, -1).unwrap_err().to_string();
+    assert!(e.contains("softmax") && e.contains("f16"), "{e}");
+    let e = g.add(x, y).unwrap_err().to_string();
+    assert!(
+        e.contains("add") && e.contains("f16") && e.contains("f32"),
+        "{e}"
+    );
+    let img = g.input_as("img", [1, 1, 4, 4], DType::F16);
+    let w = g.input("w", [1, 1, 3, 3]);
+    assert!(g.conv2d(img, w, None, Default::default()).is_err());
+    let labels = g.input("labels", [2]);
+    let e = g.cross_entropy(x, labels).unwrap_err().to_string();
+    assert!(e.contains("cast"), "{e}");
+    // fine once cast
+    let p = g.softmax(g.cast(x, DType::F32).unwrap(), -1).unwrap();
+    let out = Device::cpu()
+        .compile(&g, &[p])
+        .unwrap()
+        .run(&[("x", &rand(&[2, 3], 1))])
+        .unwrap();
+    assert_eq!(out[0].dims(), &[2, 3]);
+}
