@@ -1,5 +1,7 @@
 // optim.wgsl: fused optimizer updates, in place, with torch.optim's exact arithmetic.
-// One kernel per parameter tensor; hyperparameters that change between steps (learning rate,
+// One kernel per parameter tensor (the plan compiler merges a step's updates into one generated
+// kernel, src/codegen/optim.rs, which calls the same per-element functions: the block between
+// the `shared:` markers); hyperparameters that change between steps (learning rate,
 // bias corrections, first-step flag) come in a small storage buffer fed with each run, so a
 // schedule never recompiles anything.
 //
@@ -20,6 +22,14 @@ override NESTEROV: bool = false;
 override DECOUPLED: bool = false;
 const WG: u32 = 256u;
 
+@group(0) @binding(0) var<storage, read> hyper: array<f32>;
+@group(0) @binding(1) var<storage, read> scale: array<f32>;
+@group(0) @binding(2) var<storage, read> grad: array<f32>;
+@group(0) @binding(3) var<storage, read_write> param: array<f32>;
+@group(0) @binding(4) var<storage, read_write> state1: array<f32>;
+@group(0) @binding(5) var<storage, read_write> state2: array<f32>;
+
+// shared: begin optim_math
 const HYPER_LR: u32 = 0u;
 const HYPER_WEIGHT_DECAY: u32 = 1u;
 const HYPER_MOMENTUM: u32 = 2u;
@@ -31,12 +41,51 @@ const HYPER_EPS: u32 = 7u;
 const HYPER_BIAS_CORRECTION1: u32 = 8u;
 const HYPER_BIAS_CORRECTION2_SQRT: u32 = 9u;
 
-@group(0) @binding(0) var<storage, read> hyper: array<f32>;
-@group(0) @binding(1) var<storage, read> scale: array<f32>;
-@group(0) @binding(2) var<storage, read> grad: array<f32>;
-@group(0) @binding(3) var<storage, read_write> param: array<f32>;
-@group(0) @binding(4) var<storage, read_write> state1: array<f32>;
-@group(0) @binding(5) var<storage, read_write> state2: array<f32>;
+// One element's update from its parameter value p and gradient gr (and states); every optimizer
+// kernel binds `hyper` and `scale` at 0 and 1 and defines NESTEROV and DECOUPLED.
+
+fn sgd_update(p: f32, gr: f32) -> f32 {
+    let g = gr * scale[0] + hyper[HYPER_WEIGHT_DECAY] * p;
+    return p - hyper[HYPER_LR] * g;
+}
+
+// returns (param, momentum_buffer)
+fn sgd_momentum_update(p: f32, gr: f32, buf: f32) -> vec2<f32> {
+    var g = gr * scale[0] + hyper[HYPER_WEIGHT_DECAY] * p;
+    let mu = hyper[HYPER_MOMENTUM];
+    // torch: the buffer starts as the first gradient, undamped
+    var b = g;
+    if hyper[HYPER_FIRST_STEP] == 0.0 {
+        b = mu * buf + (1.0 - hyper[HYPER_DAMPENING]) * g;
+    }
+    if NESTEROV {
+        g = g + mu * b;
+    } else {
+        g = b;
+    }
+    return vec2<f32>(p - hyper[HYPER_LR] * g, b);
+}
+
+// returns (param, exp_avg, exp_avg_sq)
+fn adam_update(p0: f32, gr: f32, m0: f32, v0: f32) -> vec3<f32> {
+    let lr = hyper[HYPER_LR];
+    let wd = hyper[HYPER_WEIGHT_DECAY];
+    var p = p0;
+    var g = gr * scale[0];
+    if DECOUPLED {
+        p = p * (1.0 - lr * wd);
+    } else {
+        g = g + wd * p;
+    }
+    let b1 = hyper[HYPER_BETA1];
+    let b2 = hyper[HYPER_BETA2];
+    let m = b1 * m0 + (1.0 - b1) * g;
+    let v = b2 * v0 + (1.0 - b2) * g * g;
+    let step_size = lr / hyper[HYPER_BIAS_CORRECTION1];
+    let denom = sqrt(v) / hyper[HYPER_BIAS_CORRECTION2_SQRT] + hyper[HYPER_EPS];
+    return vec3<f32>(p - step_size * m / denom, m, v);
+}
+// shared: end optim_math
 
 fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * WG + lid;
@@ -52,9 +101,7 @@ fn sgd(
     if i >= N {
         return;
     }
-    let p = param[i];
-    let g = grad[i] * scale[0] + hyper[HYPER_WEIGHT_DECAY] * p;
-    param[i] = p - hyper[HYPER_LR] * g;
+    param[i] = sgd_update(param[i], grad[i]);
 }
 
 @compute @workgroup_size(256)
@@ -67,21 +114,9 @@ fn sgd_momentum(
     if i >= N {
         return;
     }
-    let p = param[i];
-    var g = grad[i] * scale[0] + hyper[HYPER_WEIGHT_DECAY] * p;
-    let mu = hyper[HYPER_MOMENTUM];
-    // torch: the buffer starts as the first gradient, undamped
-    var b = g;
-    if hyper[HYPER_FIRST_STEP] == 0.0 {
-        b = mu * state1[i] + (1.0 - hyper[HYPER_DAMPENING]) * g;
-    }
-    state1[i] = b;
-    if NESTEROV {
-        g = g + mu * b;
-    } else {
-        g = b;
-    }
-    param[i] = p - hyper[HYPER_LR] * g;
+    let r = sgd_momentum_update(param[i], grad[i], state1[i]);
+    param[i] = r.x;
+    state1[i] = r.y;
 }
 
 @compute @workgroup_size(256)
@@ -94,22 +129,8 @@ fn adam(
     if i >= N {
         return;
     }
-    let lr = hyper[HYPER_LR];
-    let wd = hyper[HYPER_WEIGHT_DECAY];
-    var p = param[i];
-    var g = grad[i] * scale[0];
-    if DECOUPLED {
-        p = p * (1.0 - lr * wd);
-    } else {
-        g = g + wd * p;
-    }
-    let b1 = hyper[HYPER_BETA1];
-    let b2 = hyper[HYPER_BETA2];
-    let m = b1 * state1[i] + (1.0 - b1) * g;
-    let v = b2 * state2[i] + (1.0 - b2) * g * g;
-    state1[i] = m;
-    state2[i] = v;
-    let step_size = lr / hyper[HYPER_BIAS_CORRECTION1];
-    let denom = sqrt(v) / hyper[HYPER_BIAS_CORRECTION2_SQRT] + hyper[HYPER_EPS];
-    param[i] = p - step_size * m / denom;
+    let r = adam_update(param[i], grad[i], state1[i], state2[i]);
+    param[i] = r.x;
+    state1[i] = r.y;
+    state2[i] = r.z;
 }

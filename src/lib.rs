@@ -18,6 +18,10 @@
 //!
 //! Every op has a CPU reference ([`Device::cpu`]), and [`Device::verify`] compares a GPU run with
 //! it node by node.
+//!
+//! Tensors are f32 unless made f16 with [`Graph::input_as`] or [`Graph::cast`] (adapters with
+//! SHADER_F16): products, elementwise ops, reductions and layout ops then store half floats and
+//! compute in f32 (on tensor cores where the adapter has them); see [`DType`].
 
 pub mod codegen;
 pub mod cpu;

@@ -394,3 +394,63 @@ fn f16_errors_name_the_op() {
         .unwrap();
     assert_eq!(out[0].dims(), &[2, 3]);
 }
+
+/// Mixed-precision training: `Linear` layers follow their input's type (f32 parameters cast to
+/// f16 in the graph), the loss is taken in f32, and a training step (one plan, SGD) lowers the
+/// loss on the GPU as on the CPU reference, step for step within f16 precision.
+#[test]
+fn mixed_precision_training_steps() {
+    use kiln::nn::{Init, Linear, Optimizer, TrainStep};
+    let train = |dev: &Device| -> Vec<f32> {
+        let g = Graph::new();
+        let x = g.input("x", [32, 8]);
+        let t = g.input("t", [32, 4]);
+        let mut init = Init::new(3);
+        let fc1 = Linear::new("fc1", 8, 16, &mut init);
+        let fc2 = Linear::new("fc2", 16, 4, &mut init);
+        let (h, p1) = fc1.apply_relu(&g, g.cast(x, DType::F16).unwrap()).unwrap();
+        assert_eq!(g.dtype(h), DType::F16, "the layer follows its input");
+        let (y, p2) = fc2.apply(&g, h).unwrap();
+        let loss = g.mse_loss(g.cast(y, DType::F32).unwrap(), t).unwrap();
+        let params: Vec<NodeId> = p1.iter().chain(&p2).copied().collect();
+        let mut step = TrainStep::new(dev, &g, loss, &params, Optimizer::sgd(0.2), 0).unwrap();
+        // a fixed target map: t = tanh(x A)
+        let xv = rand(&[32, 8], 71);
+        let a = rand(&[8, 4], 72);
+        let tv = Tensor::new(
+            [32, 4],
+            (0..32 * 4)
+                .map(|e| {
+                    let (i, j) = (e / 4, e % 4);
+                    let s: f32 = (0..8)
+                        .map(|k| xv.data()[i * 8 + k] * a.data()[k * 4 + j])
+                        .sum();
+                    s.tanh()
+                })
+                .collect(),
+        )
+        .unwrap();
+        (0..30)
+            .map(|_| {
+                step.step(&[("x", &xv), ("t", &tv)], true)
+                    .unwrap()
+                    .expect("the loss was asked for")
+            })
+            .collect()
+    };
+    let want = train(&Device::cpu());
+    assert!(
+        want[29] < 0.6 * want[0],
+        "the loss goes down: {} -> {}",
+        want[0],
+        want[29]
+    );
+    let Some(dev) = device(true) else { return };
+    let got = train(&dev);
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-3 + 2e-2 * b.abs(),
+            "step {k}: loss {a} on the GPU, {b} on the CPU"
+        );
+    }
+}

@@ -196,6 +196,77 @@ fn optimizer_steps_match_between_gpu_and_cpu() {
     }
 }
 
+/// A step's parameter updates run as multi-tensor kernels (as many parameters per kernel as the
+/// adapter's storage-buffer limit allows), and give what the CPU reference's one update per
+/// parameter gives: every parameter and both Adam states of a 12-parameter network.
+#[test]
+fn updates_of_many_parameters_are_one_kernel() {
+    let Some(dev0) = gpu() else { return };
+    let limit = dev0
+        .limits()
+        .expect("a GPU")
+        .max_storage_buffers_per_shader_stage as usize;
+    let run = |dev: &Device| -> (Vec<Tensor>, Vec<String>) {
+        let g = Graph::new();
+        let x = g.input("x", [4, 3]);
+        let mut init = Init::new(5);
+        let mut h = x;
+        let mut params = Vec::new();
+        for l in 0..6 {
+            let fc = Linear::new(&format!("fc{l}"), 3, 3, &mut init);
+            let (y, p) = fc.apply(&g, h).unwrap();
+            h = g.tanh(y).unwrap();
+            params.extend(p);
+        }
+        let loss = g.mean_all(g.square(h).unwrap()).unwrap();
+        let mut step = TrainStep::new(dev, &g, loss, &params, Optimizer::adam(1e-2), 0).unwrap();
+        let mut labels = Vec::new();
+        for i in 0..3 {
+            let xv = rand(&[4, 3], 300 + i);
+            let profiling = i == 2 && step.plan_mut().set_profiling(true).is_ok();
+            step.step(&[("x", &xv)], false).unwrap();
+            if profiling {
+                labels = step
+                    .plan_mut()
+                    .profile()
+                    .iter()
+                    .map(|t| t.label.clone())
+                    .collect();
+            }
+        }
+        let mut values = Vec::new();
+        for l in 0..6 {
+            for p in ["weight", "bias"] {
+                let name = format!("fc{l}.{p}");
+                values.push(dev.param(&name).unwrap());
+                for s in ["exp_avg", "exp_avg_sq"] {
+                    values.push(dev.param(&format!("optim.{name}.{s}")).unwrap());
+                }
+            }
+        }
+        (values, labels)
+    };
+    let (got, labels) = run(&Device::gpu().unwrap());
+    let (want, _) = run(&Device::cpu());
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("parameter or state {k}"), a, b, 1e-5, 1e-4);
+    }
+    let timed = dev0
+        .features()
+        .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
+    assert_eq!(!labels.is_empty(), timed, "profiled where the adapter can");
+    if timed {
+        // Adam binds 4 buffers per parameter besides hyper and scale
+        let per = (limit - 2) / 4;
+        let groups = labels.iter().filter(|l| l.contains("adam_group")).count();
+        assert_eq!(groups, 12usize.div_ceil(per), "{labels:?}");
+        assert!(
+            !labels.iter().any(|l| l.contains(" adam ")),
+            "no update runs alone: {labels:?}"
+        );
+    }
+}
+
 #[test]
 fn update_rules_follow_torch_optim() {
     // one parameter vector, gradient of 0.5 * |p|^2 is p itself: compare 3 steps with the

@@ -457,3 +457,30 @@ fn reductions_with_prologues_are_valid_wgsl() {
         validate_wgsl(&format!("plain f16 {kind:?}"), &g.wgsl);
     }
 }
+
+/// Multi-tensor optimizer kernels (`codegen::optim`) validate with naga for every update rule,
+/// one member and many, and reuse optim.wgsl's per-element functions.
+#[test]
+fn every_optimizer_group_is_valid_wgsl() {
+    use kiln::ops::optim::{OptimGroup, OptimKind};
+    let kinds = [
+        OptimKind::Sgd,
+        OptimKind::SgdMomentum { nesterov: true },
+        OptimKind::Adam { decoupled: false },
+        OptimKind::Adam { decoupled: true },
+    ];
+    for kind in kinds {
+        for sizes in [vec![7usize], vec![1, 300, 256, 70_000, 3]] {
+            let group = OptimGroup {
+                kind,
+                members: sizes.len(),
+            };
+            let g = kiln::codegen::optim::group_kernel(&group, &sizes);
+            assert!(g.wgsl.starts_with("// optim_group.wgsl"));
+            assert!(g.wgsl.contains("fn adam_update"), "the shared functions");
+            validate_wgsl(&format!("{kind:?} {sizes:?}"), &g.wgsl);
+            let expected: u64 = sizes.iter().map(|&n| n.div_ceil(256) as u64).sum();
+            assert_eq!(g.spec.workgroups, expected);
+        }
+    }
+}

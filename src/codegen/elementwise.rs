@@ -69,7 +69,7 @@ fn kernel_as(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) 
 }
 
 /// The text between `// shared: begin <name>` and `// shared: end <name>` in a family's shader.
-fn shared(family: &str, name: &str) -> &'static str {
+pub(crate) fn shared(family: &str, name: &str) -> &'static str {
     let src = shader_source(family).expect("a registered shader family");
     let begin = format!("// shared: begin {name}\n");
     let end = format!("// shared: end {name}\n");

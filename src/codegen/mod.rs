@@ -11,6 +11,7 @@
 pub mod coop;
 pub mod elementwise;
 pub mod matmul;
+pub mod optim;
 
 use std::sync::Arc;
 
@@ -36,6 +37,8 @@ pub struct Target {
     /// Cooperative 16x16x16 f16 matrices with f32 accumulation, 32-wide subgroups and room for
     /// the tensor-core kernel (`codegen::coop`).
     pub coop_f16: bool,
+    /// Storage buffers one kernel may bind (multi-tensor optimizer updates: `codegen::optim`).
+    pub max_storage_buffers: u32,
 }
 
 impl Target {
@@ -56,6 +59,10 @@ impl Target {
             max_workgroup_x: limits.max_compute_workgroup_size_x,
             parallel_workgroups,
             coop_f16: false,
+            // a bind group holds them all
+            max_storage_buffers: limits
+                .max_storage_buffers_per_shader_stage
+                .min(limits.max_bindings_per_bind_group),
         }
     }
 
@@ -68,6 +75,7 @@ impl Target {
             max_workgroup_x: 256,
             parallel_workgroups: 256,
             coop_f16: false,
+            max_storage_buffers: 8,
         }
     }
 }

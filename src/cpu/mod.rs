@@ -53,6 +53,21 @@ pub fn evaluate(
                     }
                     updated.swap_remove(0)
                 }
+                Op::OptimGroup(o) => {
+                    let mut first = None;
+                    for (j, updated) in o.cpu_update(&ins).into_iter().enumerate() {
+                        let p = o.param(j);
+                        for (k, t) in updated.into_iter().enumerate() {
+                            if let Op::Param { name, .. } = &nodes[n.inputs[p + k].0].op {
+                                store(name, t.clone())?;
+                            }
+                            if first.is_none() {
+                                first = Some(t);
+                            }
+                        }
+                    }
+                    first.expect("a group has members")
+                }
                 _ => n.op.cpu_forward(&ins, &n.shape),
             }
         };

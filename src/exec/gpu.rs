@@ -107,7 +107,7 @@ impl GpuPlan {
             tuned: &tuned,
         };
         let fusion = ctx.fusion.load(std::sync::atomic::Ordering::Relaxed);
-        lower::lower(&mut nodes, &mut order, targets, &ch, fusion);
+        lower::lower(&mut nodes, &mut order, outputs, targets, &ch, fusion);
         if let Some(id) = order.iter().find(|id| nodes[id.0].dtype == DType::F16) {
             if !ctx.features.contains(wgpu::Features::SHADER_F16) {
                 return Err(Error::Unsupported(format!(

@@ -7,7 +7,9 @@
 //! 4. [`nchw_conv_output`]: inference convolutions store NCHW from the GEMM;
 //! 5. with fusion on (`exec::fuse`): elementwise chains become one node, transposes fold into
 //!    them, reductions take their input's chain as a prologue, and products their reader's chain
-//!    as an epilogue ([`fuse_matmul_epilogue`]).
+//!    as an epilogue ([`fuse_matmul_epilogue`]);
+//! 6. [`group_optimizer_updates`]: a step's parameter updates become one kernel (or a few, as
+//!    the adapter's storage-buffer limit allows).
 //!
 //! [`select`] then gives each node its kernel, generated for the adapter (`codegen`) or from
 //! `shaders/`. Node ids keep their meaning: a rewritten node still computes the same tensor, and
@@ -48,6 +50,7 @@ pub(crate) fn tune_key(d: &ProductDims) -> String {
 pub(crate) fn lower(
     nodes: &mut Vec<Node>,
     order: &mut Vec<NodeId>,
+    outputs: &[NodeId],
     targets: &[NodeId],
     ch: &Choice,
     fusion: bool,
@@ -61,6 +64,95 @@ pub(crate) fn lower(
         super::fuse::fold_permutes(nodes, order, targets);
         super::fuse::fuse_reduce_prologue(nodes, order, targets);
         fuse_matmul_epilogue(nodes, order, targets, ch);
+    }
+    group_optimizer_updates(
+        nodes,
+        order,
+        outputs,
+        ch.target.max_storage_buffers as usize,
+    );
+}
+
+/// Most parameters one multi-tensor update kernel takes (its WGSL has a branch per parameter;
+/// beyond this, more kernels are cheaper than one huge module to compile).
+const MAX_GROUP_MEMBERS: usize = 64;
+
+/// Merges the optimizer updates of `order` that share their kind, `hyper` and `scale` (a
+/// training step's) into `OptimGroup` nodes: one dispatch for every parameter, or for as many
+/// as `max_bindings` storage buffers allow. Updates read back (`outputs`) or read by another node
+/// stay as they are; each group takes the place (and id) of its last member, and a member whose
+/// parameter, states or gradient some node between it and that place touches stays alone.
+pub(crate) fn group_optimizer_updates(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    outputs: &[NodeId],
+    max_bindings: usize,
+) {
+    use crate::ops::optim::{OptimGroup, OptimKind};
+    let read: std::collections::HashSet<NodeId> = order
+        .iter()
+        .flat_map(|id| nodes[id.0].inputs.iter().copied())
+        .collect();
+    // (kind, hyper, scale, members in order)
+    let mut buckets: Vec<(OptimKind, NodeId, NodeId, Vec<NodeId>)> = Vec::new();
+    for &id in order.iter() {
+        let n = &nodes[id.0];
+        let Op::OptimStep(step) = n.op else {
+            continue;
+        };
+        if outputs.contains(&id) || read.contains(&id) {
+            continue;
+        }
+        let key = (step.kind, n.inputs[0], n.inputs[1]);
+        match buckets.iter_mut().find(|b| (b.0, b.1, b.2) == key) {
+            Some(b) => b.3.push(id),
+            None => buckets.push((key.0, key.1, key.2, vec![id])),
+        }
+    }
+    let at = |order: &[NodeId], id: NodeId| order.iter().position(|&o| o == id);
+    for (kind, hyper, scale, members) in buckets {
+        let per = (max_bindings.saturating_sub(2) / (2 + kind.n_states())).min(MAX_GROUP_MEMBERS);
+        if per < 2 {
+            continue;
+        }
+        for chunk in members.chunks(per) {
+            let Some(&last) = chunk.last() else { continue };
+            let Some(q) = at(order, last) else { continue };
+            // the members' storage, which no node between a member and the group may touch
+            let touched = |m: NodeId| {
+                let Some(p) = at(order, m) else { return true };
+                if p >= q {
+                    return false;
+                }
+                let mine: Vec<NodeId> = nodes[m.0].inputs[3..]
+                    .iter()
+                    .map(|&i| storage_root(nodes, i))
+                    .collect();
+                order[p + 1..q].iter().any(|r| {
+                    nodes[r.0]
+                        .inputs
+                        .iter()
+                        .any(|&i| mine.contains(&storage_root(nodes, i)))
+                }) || written_between(nodes, order, nodes[m.0].inputs[2], p, q)
+            };
+            let kept: Vec<NodeId> = chunk.iter().copied().filter(|&m| !touched(m)).collect();
+            if kept.len() < 2 {
+                continue;
+            }
+            let group = OptimGroup {
+                kind,
+                members: kept.len(),
+            };
+            let mut inputs = vec![hyper, scale];
+            inputs.extend(kept.iter().map(|m| nodes[m.0].inputs[2]));
+            for m in &kept {
+                inputs.extend_from_slice(&nodes[m.0].inputs[3..]);
+            }
+            let host = *kept.last().expect("at least two members");
+            nodes[host.0].op = Op::OptimGroup(group);
+            nodes[host.0].inputs = inputs;
+            order.retain(|id| *id == host || !kept.contains(id));
+        }
     }
 }
 
@@ -537,6 +629,11 @@ pub(crate) fn select(
             let g = elementwise::cast_kernel(out, in_dtypes[0], dtype);
             Some((g.spec.clone(), Some(g)))
         }
+        Op::OptimGroup(o) => {
+            let sizes: Vec<usize> = (0..o.members).map(|j| inputs[o.grad(j)].numel()).collect();
+            let g = crate::codegen::optim::group_kernel(o, &sizes);
+            Some((g.spec.clone(), Some(g)))
+        }
         _ => op.kernel(inputs, out).map(|k| (k, None)),
     }
 }
@@ -655,6 +752,69 @@ mod tests {
         };
         implicit_im2col(&mut nodes, &mut order, targets, &ch);
         (nodes, order)
+    }
+
+    #[test]
+    fn a_steps_updates_become_one_group() {
+        use crate::ops::optim::OptimGroup;
+        let g = Graph::new();
+        let (hyper, scale) = (g.input("h", [16]), g.input("s", [1]));
+        let other_hyper = g.input("h2", [16]);
+        let mut updates = Vec::new();
+        for k in 0..5 {
+            let p = g.param(&format!("p{k}"), [k + 1]);
+            let grad = g.input(&format!("g{k}"), [k + 1]);
+            let h = if k == 4 { other_hyper } else { hyper };
+            updates.push(
+                g.optim_step(OptimKind::Sgd, h, scale, grad, p, &[])
+                    .unwrap(),
+            );
+        }
+        let nodes0 = g.nodes();
+        let order0 = reachable(&nodes0, &updates);
+        // plenty of bindings: p0..p3 share hyper and scale, p4 does not
+        let (mut nodes, mut order) = (nodes0.clone(), order0.clone());
+        group_optimizer_updates(&mut nodes, &mut order, &[], 64);
+        let group = updates[3];
+        let Op::OptimGroup(o) = nodes[group.0].op else {
+            panic!("the last member hosts the group: {:?}", nodes[group.0].op);
+        };
+        assert_eq!(
+            o,
+            OptimGroup {
+                kind: OptimKind::Sgd,
+                members: 4
+            }
+        );
+        for u in &updates[..3] {
+            assert!(!order.contains(u), "members leave the plan");
+        }
+        assert!(order.contains(&updates[4]) && matches!(nodes[updates[4].0].op, Op::OptimStep(_)));
+        // [hyper, scale, grads.., params..]
+        assert_eq!(nodes[group.0].inputs.len(), 2 + 4 * 2);
+        assert_eq!(
+            nodes[group.0].inputs[o.param(2)],
+            nodes0[updates[2].0].inputs[3]
+        );
+        // 8 bindings: three SGD members per kernel
+        let (mut nodes, mut order) = (nodes0.clone(), order0.clone());
+        group_optimizer_updates(&mut nodes, &mut order, &[], 8);
+        assert!(matches!(
+            nodes[updates[2].0].op,
+            Op::OptimGroup(OptimGroup { members: 3, .. })
+        ));
+        assert!(
+            matches!(nodes[updates[3].0].op, Op::OptimStep(_)),
+            "a group of one stays"
+        );
+        // an update read back stays alone
+        let (mut nodes, mut order) = (nodes0.clone(), order0.clone());
+        group_optimizer_updates(&mut nodes, &mut order, &[updates[3]], 64);
+        assert!(matches!(
+            nodes[updates[2].0].op,
+            Op::OptimGroup(OptimGroup { members: 3, .. })
+        ));
+        assert!(matches!(nodes[updates[3].0].op, Op::OptimStep(_)));
     }
 
     #[test]

@@ -40,18 +40,23 @@ impl Linear {
     }
 
     /// Applies the layer in `g`; returns the output and the parameter nodes `[weight, bias]`.
+    /// The product runs in `x`'s element type: for an f16 `x` the (f32) parameters are cast to
+    /// f16 in the graph, as under PyTorch's autocast, and their gradients come back f32.
     pub fn apply(&self, g: &Graph, x: NodeId) -> Result<(NodeId, [NodeId; 2])> {
-        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
-        let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
-        let y = g.matmul_fused(x, w, false, true, Some((b, Bias::Cols)), false)?;
-        Ok((y, [w, b]))
+        self.apply_with(g, x, false)
     }
 
     /// `relu(apply(x))` as one kernel (bias and relu in the matmul's epilogue).
     pub fn apply_relu(&self, g: &Graph, x: NodeId) -> Result<(NodeId, [NodeId; 2])> {
+        self.apply_with(g, x, true)
+    }
+
+    fn apply_with(&self, g: &Graph, x: NodeId, relu: bool) -> Result<(NodeId, [NodeId; 2])> {
         let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
         let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
-        let y = g.matmul_fused(x, w, false, true, Some((b, Bias::Cols)), true)?;
+        let dt = g.dtype(x);
+        let (wc, bc) = (g.cast(w, dt)?, g.cast(b, dt)?);
+        let y = g.matmul_fused(x, wc, false, true, Some((bc, Bias::Cols)), relu)?;
         Ok((y, [w, b]))
     }
 }

@@ -133,6 +133,8 @@ pub enum Op {
     CrossEntropyBackward(loss::CrossEntropyBackward),
     /// An in-place optimizer update of a parameter and its state (no buffer of its own).
     OptimStep(optim::OptimStep),
+    /// Several parameters' updates as one kernel (made by the plan compiler).
+    OptimGroup(optim::OptimGroup),
 }
 
 /// A specialised kernel launch: which WGSL entry point, with which override constants, over how many
@@ -201,6 +203,7 @@ impl Op {
             Op::Dropout(_) => "dropout",
             Op::CrossEntropyBackward(_) => "cross_entropy_backward",
             Op::OptimStep(o) => o.name(),
+            Op::OptimGroup(o) => o.name(),
         }
     }
 
@@ -210,6 +213,7 @@ impl Op {
         match self {
             Op::Reshape => Some(0),
             Op::OptimStep(_) => Some(3),
+            Op::OptimGroup(o) => Some(o.param(0)),
             _ => None,
         }
     }
@@ -219,6 +223,7 @@ impl Op {
     pub fn binding_mode(&self, n_inputs: usize) -> (usize, bool) {
         match self {
             Op::OptimStep(_) => (3, false),
+            Op::OptimGroup(o) => (o.param(0), false),
             _ => (n_inputs, true),
         }
     }
@@ -358,6 +363,7 @@ impl Op {
             Op::Dropout(d) => d.cpu(inputs[0], inputs[1]),
             Op::CrossEntropyBackward(c) => c.cpu(inputs[0], inputs[1], inputs[2]),
             Op::OptimStep(o) => o.cpu_update(inputs).swap_remove(0),
+            Op::OptimGroup(o) => o.cpu_update(inputs).swap_remove(0).swap_remove(0),
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => {
                 unreachable!("source nodes are not evaluated")
             }
@@ -376,6 +382,7 @@ impl Op {
             | Op::ImplicitDgrad(_)
             | Op::MatMulEpilogue(_)
             | Op::ReducePrologue(_)
+            | Op::OptimGroup(_)
             | Op::Cast(_) => None,
             Op::Unary(u) => Some(u.kernel(out)),
             Op::Binary(b) => Some(b.kernel(inputs[0], inputs[1], out)),
@@ -456,6 +463,7 @@ impl Op {
             | Op::ImplicitDgrad(_)
             | Op::Fused(_)
             | Op::OptimStep(_)
+            | Op::OptimGroup(_)
             | Op::LstmBackward(_)
             | Op::GruBackward(_)
             | Op::RnnBackward(_)

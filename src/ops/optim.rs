@@ -188,3 +188,58 @@ impl OptimStep {
         }
     }
 }
+
+/// Several parameters' in-place updates of one kind as one kernel (`codegen::optim`), made by
+/// the plan compiler from a step's `OptimStep` nodes that share their `hyper` and `scale`:
+/// one dispatch instead of one per parameter. Inputs: `[hyper, scale, grad_0 .. grad_{k-1},
+/// param_0, states_0.., param_1, states_1.., ..]` (the read-only ones first, then the ones
+/// written in place); like an update, no buffer of its own: its value is `param_0`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimGroup {
+    pub kind: OptimKind,
+    /// Parameters updated.
+    pub members: usize,
+}
+
+impl OptimGroup {
+    /// Name in reports.
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            OptimKind::Sgd => "sgd_group",
+            OptimKind::SgdMomentum { .. } => "sgd_momentum_group",
+            OptimKind::Adam { decoupled: false } => "adam_group",
+            OptimKind::Adam { decoupled: true } => "adamw_group",
+        }
+    }
+
+    /// Input index of member `j`'s gradient.
+    pub fn grad(&self, j: usize) -> usize {
+        2 + j
+    }
+
+    /// Input index of member `j`'s parameter (its states follow it).
+    pub fn param(&self, j: usize) -> usize {
+        2 + self.members + j * (1 + self.kind.n_states())
+    }
+
+    /// Bindings the kernel takes for `members` parameters of `kind`.
+    pub fn bindings(kind: OptimKind, members: usize) -> usize {
+        2 + members * (2 + kind.n_states())
+    }
+
+    /// Member `j`'s inputs in `OptimStep`'s order: `[hyper, scale, grad, param, states..]`.
+    pub fn member_inputs<T: Copy>(&self, inputs: &[T], j: usize) -> Vec<T> {
+        let p = self.param(j);
+        let mut v = vec![inputs[0], inputs[1], inputs[self.grad(j)]];
+        v.extend_from_slice(&inputs[p..p + 1 + self.kind.n_states()]);
+        v
+    }
+
+    /// CPU reference: every member's update (`OptimStep::cpu_update`), in member order.
+    pub fn cpu_update(&self, inputs: &[&Tensor]) -> Vec<Vec<Tensor>> {
+        let step = OptimStep { kind: self.kind };
+        (0..self.members)
+            .map(|j| step.cpu_update(&self.member_inputs(inputs, j)))
+            .collect()
+    }
+}
