@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The issue-6 measurements on a lent GPU machine (H100/H200), one stage per `run` call (each
+# stays under the device tool's 10-minute limit; all of them under its 30 device-minutes).
+#
+# Here, first:   bash ../shared/gpu/prepare.sh --bin kiln-bench --example mnist_cnn
+# Then, through the device tool's `run` with carry [".gl", ".device-bin"], one call per stage:
+#   bash benches/device.sh suite     # the suite with model-chosen kernels (incl. f16, tensor cores)
+#   bash benches/device.sh tune      # the suite's products and steps with GEMMs timed per shape
+#   bash benches/device.sh sweep     # every GEMM configuration on 4096^3
+#   bash benches/device.sh profile   # per-op GPU times of every plan of the suite
+#   bash benches/device.sh train     # the README's MNIST command, timed
+# Results land in $OUT (JSON, logs); copy the numbers into BENCHMARKS.md with the command.
+set -euo pipefail
+stage=${1:?usage: bash benches/device.sh suite|tune|sweep|profile|train}
+out=${OUT:-/tmp/kiln-out}
+mkdir -p "$out"
+# the machine has the driver but no Vulkan loader: unpack the carried packages once
+if ! ldconfig -p | grep -q libvulkan.so.1; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > "$out/gpu.txt" 2>&1 || true
+export KILN_CACHE_DIR="$out/cache"
+case "$stage" in
+  suite)
+    .device-bin/kiln-bench --quick --no-cpu --json "$out/auto.json" 2>&1 | tee "$out/auto.txt" ;;
+  tune)
+    KILN_GEMM=tune .device-bin/kiln-bench --quick --no-cpu --only matmul --only conv --only cnn --only lstm \
+      --json "$out/tune.json" 2>&1 | tee "$out/tune.txt"
+    cp "$KILN_CACHE_DIR"/gemm-tune-*.txt "$out/" 2>/dev/null || true ;;
+  sweep)
+    .device-bin/kiln-bench --sweep 4096 --quick 2>&1 | tee "$out/sweep.txt" ;;
+  profile)
+    KILN_PROFILE=1 .device-bin/kiln-bench --quick --no-cpu > "$out/profile.txt" 2>&1 ;;
+  train)
+    { time .device-bin/mnist_cnn --data data/mnist --limit 2000 --epochs 3; } > "$out/train.txt" 2>&1 ;;
+  *)
+    echo "unknown stage $stage" >&2; exit 2 ;;
+esac
