@@ -10,6 +10,12 @@
 //!     cargo run --release --example mnist_cnn -- --limit 2000 --epochs 3   # under a minute on lavapipe
 //!     cargo run --release --example mnist_cnn -- --eval checkpoints/mnist_cnn.safetensors --data DIR
 //!     cargo run --release --example mnist_cnn -- --backend cpu --limit 500 --epochs 1
+//!     cargo run --release --example mnist_cnn -- --f16 --limit 2000 --epochs 3   # mixed precision
+//!
+//! With `--f16` (adapters with SHADER_F16) the convolutions, pooling and dense layers run on f16
+//! activations from f32 parameters cast in the graph; the loss, the gradients that reach the
+//! parameters and Adam stay f32, as under `torch.autocast`. Expected: the f32 run's accuracy
+//! within a few tenths of a percent.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -19,7 +25,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln::data::mnist::{self, Mnist, Split};
 use kiln::graph::Conv2dOpts;
 use kiln::nn::{checkpoint, Conv2d, Init, Linear, Optimizer, TrainStep};
-use kiln::{Device, Graph, NodeId, Plan};
+use kiln::{DType, Device, Graph, NodeId, Plan};
 
 #[derive(Parser, Debug)]
 #[command(about = "Train (or evaluate) the MNIST CNN with kiln")]
@@ -53,10 +59,15 @@ struct Args {
     /// With --eval: an IDX label file
     #[arg(long)]
     labels: Option<PathBuf>,
+    /// Mixed precision: f16 activations and products, f32 parameters, loss and optimizer
+    #[arg(long)]
+    f16: bool,
 }
 
 /// The model's layers (parameters are created on the device the first time a graph uses them).
 struct Cnn {
+    /// The activations' element type (the layers follow their input's).
+    dtype: DType,
     conv1: Conv2d,
     conv2: Conv2d,
     conv3: Conv2d,
@@ -65,10 +76,11 @@ struct Cnn {
 }
 
 impl Cnn {
-    fn new(seed: u64) -> Cnn {
+    fn new(seed: u64, dtype: DType) -> Cnn {
         let mut init = Init::new(seed);
         let o = Conv2dOpts::default();
         Cnn {
+            dtype,
             conv1: Conv2d::new("conv1", 1, 32, (3, 3), o, &mut init),
             conv2: Conv2d::new("conv2", 32, 64, (3, 3), o, &mut init),
             conv3: Conv2d::new("conv3", 64, 64, (3, 3), o, &mut init),
@@ -86,9 +98,10 @@ impl Cnn {
             .collect()
     }
 
-    /// Logits `(B, 10)` for images `x (B, 1, 28, 28)`, and the parameter nodes.
+    /// Logits `(B, 10)` (f32) for images `x (B, 1, 28, 28)`, and the parameter nodes.
     fn forward(&self, g: &Graph, x: NodeId) -> kiln::Result<(NodeId, Vec<NodeId>)> {
         let mut params = Vec::new();
+        let x = g.cast(x, self.dtype)?;
         // each conv and the first dense layer run with bias and relu fused into their matmul
         let (h, p) = self.conv1.apply_relu(g, x)?; // (B, 32, 26, 26)
         params.extend(p);
@@ -103,7 +116,7 @@ impl Cnn {
         params.extend(p);
         let (logits, p) = self.fc2.apply(g, h)?;
         params.extend(p);
-        Ok((logits, params))
+        Ok((g.cast(logits, DType::F32)?, params))
     }
 }
 
@@ -175,7 +188,8 @@ fn run(args: Args) -> kiln::Result<()> {
         .data
         .clone()
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist"));
-    let model = Cnn::new(args.seed);
+    let dtype = if args.f16 { DType::F16 } else { DType::F32 };
+    let model = Cnn::new(args.seed, dtype);
 
     if let Some(ckpt) = &args.eval {
         let test = match (&args.images, &args.labels) {

@@ -35,8 +35,14 @@ override HO: u32 = 1u;
 override WO: u32 = 1u;
 const WG: u32 = 256u;
 
+// Every global read and write goes through ld_*/st_*: src/codegen/storage.rs generates the f16
+// variant of this file (f16 tensors) by rewriting the block between the `generated:` markers.
+// generated: begin storage
 @group(0) @binding(0) var<storage, read> src: array<f32>;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
+fn ld_src(i: u32) -> f32 { return src[i]; }
+fn st_out(i: u32, v: f32) { out[i] = v; }
+// generated: end storage
 
 @compute @workgroup_size(256)
 fn im2col(
@@ -61,9 +67,9 @@ fn im2col(
     let wp = (l % WO) * SW + j * DW;
     var v = 0.0;
     if hp >= PH && hp - PH < H && wp >= PW && wp - PW < W {
-        v = src[((n * C + c) * H + (hp - PH)) * W + (wp - PW)];
+        v = ld_src(((n * C + c) * H + (hp - PH)) * W + (wp - PW));
     }
-    out[idx] = v;
+    st_out(idx, v);
 }
 
 @compute @workgroup_size(256)
@@ -104,8 +110,8 @@ fn col2im(
                 continue;
             }
             let row = (c * KH + i) * KW + j;
-            acc = acc + src[(row * N + n) * l_len + oh * WO + tw / SW];
+            acc = acc + ld_src((row * N + n) * l_len + oh * WO + tw / SW);
         }
     }
-    out[idx] = acc;
+    st_out(idx, acc);
 }

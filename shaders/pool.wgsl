@@ -36,10 +36,18 @@ override PH: u32 = 0u;
 override PW: u32 = 0u;
 const WG: u32 = 256u;
 
+// Every global read and write goes through ld_*/st_*: src/codegen/storage.rs generates the f16
+// variant of this file (f16 tensors) by rewriting the block between the `generated:` markers.
+// generated: begin storage
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
 @group(0) @binding(1) var<storage, read> dy: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dx: array<f32>;
+fn ld_a(i: u32) -> f32 { return a[i]; }
+fn st_out(i: u32, v: f32) { out[i] = v; }
+fn ld_dy(i: u32) -> f32 { return dy[i]; }
+fn st_dx(i: u32, v: f32) { dx[i] = v; }
+// generated: end storage
 
 fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * WG + lid;
@@ -62,7 +70,7 @@ fn window_argmax(plane: u32, oh: u32, ow: u32) -> u32 {
                 continue;
             }
             let p = (hp - PH) * W + (wp - PW);
-            let v = a[plane + p];
+            let v = ld_a(plane + p);
             if !found || v > best {
                 best = v;
                 at = p;
@@ -86,7 +94,7 @@ fn window_sum(plane: u32, oh: u32, ow: u32) -> f32 {
             if wp < PW || wp - PW >= W {
                 continue;
             }
-            s = s + a[plane + (hp - PH) * W + (wp - PW)];
+            s = s + ld_a(plane + (hp - PH) * W + (wp - PW));
         }
     }
     return s;
@@ -115,7 +123,7 @@ fn max_pool(
     let ow = idx % WO;
     let oh = (idx / WO) % HO;
     let plane = (idx / (WO * HO)) * H * W;
-    out[idx] = a[plane + window_argmax(plane, oh, ow)];
+    st_out(idx, ld_a(plane + window_argmax(plane, oh, ow)));
 }
 
 @compute @workgroup_size(256)
@@ -131,7 +139,7 @@ fn avg_pool(
     let ow = idx % WO;
     let oh = (idx / WO) % HO;
     let plane = (idx / (WO * HO)) * H * W;
-    out[idx] = window_sum(plane, oh, ow) / f32(KH * KW);
+    st_out(idx, window_sum(plane, oh, ow) / f32(KH * KW));
 }
 
 @compute @workgroup_size(256)
@@ -155,11 +163,11 @@ fn max_pool_backward(
     for (var oh = rows.x; oh < rows.y; oh = oh + 1u) {
         for (var ow = cols.x; ow < cols.y; ow = ow + 1u) {
             if window_argmax(plane, oh, ow) == here {
-                acc = acc + dy[(nc * HO + oh) * WO + ow];
+                acc = acc + ld_dy((nc * HO + oh) * WO + ow);
             }
         }
     }
-    dx[idx] = acc;
+    st_dx(idx, acc);
 }
 
 @compute @workgroup_size(256)
@@ -180,8 +188,8 @@ fn avg_pool_backward(
     var acc = 0.0;
     for (var oh = rows.x; oh < rows.y; oh = oh + 1u) {
         for (var ow = cols.x; ow < cols.y; ow = ow + 1u) {
-            acc = acc + a[(nc * HO + oh) * WO + ow];
+            acc = acc + ld_a((nc * HO + oh) * WO + ow);
         }
     }
-    out[idx] = acc / f32(KH * KW);
+    st_out(idx, acc / f32(KH * KW));
 }

@@ -365,6 +365,160 @@ fn mixed_precision_gradients() {
     }
 }
 
+/// f16 convolutions (implicit GEMMs; strided, padded, dilated; bias and relu) and pooling,
+/// forward and backward, against the CPU reference, with every GEMM policy (the portable one
+/// keeps explicit im2col / col2im kernels: their f16 variants).
+#[test]
+fn convolutions_and_pooling_in_f16() {
+    use kiln::graph::Conv2dOpts;
+    let cases = [
+        (
+            (2, 3, 9, 7),
+            5,
+            (3, 3),
+            Conv2dOpts {
+                padding: (1, 1),
+                ..Default::default()
+            },
+        ),
+        (
+            (1, 2, 11, 10),
+            4,
+            (3, 2),
+            Conv2dOpts {
+                stride: (2, 1),
+                padding: (1, 0),
+                dilation: (1, 2),
+            },
+        ),
+        ((3, 1, 6, 6), 7, (1, 1), Conv2dOpts::default()),
+        // stride gaps: the input gradient runs as a product and the f16 col2im kernel
+        (
+            (1, 2, 9, 9),
+            3,
+            (3, 3),
+            Conv2dOpts {
+                stride: (2, 2),
+                ..Default::default()
+            },
+        ),
+    ];
+    for policy in ["auto", "portable"] {
+        let dev = match device(true) {
+            Some(d) => d,
+            None => return,
+        };
+        dev.set_gemm_policy(kiln::GemmPolicy::parse(policy).unwrap())
+            .unwrap();
+        for (k, &((n, c, h, w), o, kernel, opts)) in cases.iter().enumerate() {
+            let g = Graph::new();
+            let x = g.input_as("x", [n, c, h, w], DType::F16);
+            let wt = g.input_as("w", [o, c, kernel.0, kernel.1], DType::F16);
+            let b = g.input_as("b", [o], DType::F16);
+            let y = g.conv2d_fused(x, wt, Some(b), opts, k == 0).unwrap();
+            assert_eq!(g.dtype(y), DType::F16);
+            let pooled = g.max_pool2d(y, (2, 2), (2, 2), (0, 0)).unwrap();
+            let avg = g.avg_pool2d(y, (2, 2), (1, 1), (1, 1)).unwrap();
+            let loss = g
+                .add(
+                    g.sum_all(g.mul(pooled, pooled).unwrap()).unwrap(),
+                    g.sum_all(avg).unwrap(),
+                )
+                .unwrap();
+            let grads = g.grad(loss, &[x, wt, b]).unwrap();
+            // a requested column matrix runs the f16 variant of the explicit im2col kernel
+            let cols = g.im2col(x, kernel, opts).unwrap();
+            let mut outs = vec![y, pooled, avg, cols];
+            outs.extend(&grads);
+            for &o in &outs {
+                assert_eq!(g.dtype(o), DType::F16);
+            }
+            let f = vec![
+                ("x".to_string(), rand(&[n, c, h, w], 80 + k as u64)),
+                (
+                    "w".to_string(),
+                    rand(&[o, c, kernel.0, kernel.1], 90 + k as u64),
+                ),
+                ("b".to_string(), rand(&[o], 100 + k as u64)),
+            ];
+            // gradients sum many f16 products: f16 tolerance with a little more headroom
+            check(
+                &dev,
+                &format!("{policy} case {k}"),
+                &g,
+                &outs,
+                &f,
+                (2e-3, 2e-2),
+            );
+        }
+    }
+}
+
+/// A small CNN in mixed precision (`nn::Conv2d` and `nn::Linear` follow their f16 input):
+/// its f32 parameter gradients agree with the f32 network's within f16 precision.
+#[test]
+fn mixed_precision_cnn_gradients() {
+    use kiln::graph::Conv2dOpts;
+    use kiln::nn::{Conv2d, Init, Linear};
+    let net = |dt: DType| {
+        let g = Graph::new();
+        let x = g.input("x", [4, 1, 8, 8]);
+        let labels = g.input("y", [4]);
+        let mut init = Init::new(9);
+        let conv = Conv2d::new(
+            "conv",
+            1,
+            6,
+            (3, 3),
+            Conv2dOpts {
+                padding: (1, 1),
+                ..Default::default()
+            },
+            &mut init,
+        );
+        let fc = Linear::new("fc", 6 * 4 * 4, 10, &mut init);
+        let (h, pc) = conv.apply_relu(&g, g.cast(x, dt).unwrap()).unwrap();
+        let h = g.max_pool2d(h, (2, 2), (2, 2), (0, 0)).unwrap();
+        let (logits, pf) = fc.apply(&g, g.flatten(h).unwrap()).unwrap();
+        let loss = g
+            .cross_entropy(g.cast(logits, DType::F32).unwrap(), labels)
+            .unwrap();
+        let params: Vec<NodeId> = pc.iter().chain(&pf).copied().collect();
+        let mut outs = vec![loss];
+        outs.extend(g.grad(loss, &params).unwrap());
+        (g, outs)
+    };
+    let f = vec![
+        (
+            "x".to_string(),
+            Tensor::rand_uniform([4, 1, 8, 8], 0.0, 1.0, 5),
+        ),
+        (
+            "y".to_string(),
+            Tensor::new([4], vec![3.0, 1.0, 7.0, 0.0]).unwrap(),
+        ),
+    ];
+    let (g32, o32) = net(DType::F32);
+    let (g16, o16) = net(DType::F16);
+    let want = Device::cpu()
+        .compile(&g32, &o32)
+        .unwrap()
+        .run(&refs(&f))
+        .unwrap();
+    let cpu16 = Device::cpu()
+        .compile(&g16, &o16)
+        .unwrap()
+        .run(&refs(&f))
+        .unwrap();
+    for (k, (a, b)) in cpu16.iter().zip(&want).enumerate() {
+        assert_close(&format!("f16 CNN vs f32, output {k}"), a, b, 5e-3, 3e-2);
+    }
+    let Some(dev) = device(true) else { return };
+    check(&dev, "mixed-precision CNN", &g16, &o16, &f, (1e-3, 2e-2));
+    let report = dev.verify(&g16, &o16, &refs(&f)).unwrap();
+    assert!(report.ok(), "{report}");
+}
+
 /// Ops without f16 kernels refuse f16 inputs at build time, naming the op and the type; mixed
 /// operand types are refused; the CPU backend runs f16 graphs too.
 #[test]
@@ -379,9 +533,12 @@ fn f16_errors_name_the_op() {
         e.contains("add") && e.contains("f16") && e.contains("f32"),
         "{e}"
     );
+    // a convolution's operands must agree
     let img = g.input_as("img", [1, 1, 4, 4], DType::F16);
     let w = g.input("w", [1, 1, 3, 3]);
     assert!(g.conv2d(img, w, None, Default::default()).is_err());
+    let e = g.log_softmax(x, -1).unwrap_err().to_string();
+    assert!(e.contains("f16"), "{e}");
     let labels = g.input("labels", [2]);
     let e = g.cross_entropy(x, labels).unwrap_err().to_string();
     assert!(e.contains("cast"), "{e}");

@@ -117,8 +117,8 @@ fn every_generated_matmul_is_valid_wgsl() {
                     nchw: (!bit(4) && bits % 7 == 3).then_some(9),
                     dtype: kiln::DType::F32,
                 };
-                // f16 storage where the layout allows it (plain products)
-                let lay = match lay.partial || lay.im2col.is_some() || lay.nchw.is_some() {
+                // f16 storage where the layout allows it (not split-K partial sums)
+                let lay = match lay.partial {
                     false if bits % 2 == 1 => Layout {
                         dtype: kiln::DType::F16,
                         ..lay
@@ -145,7 +145,9 @@ fn every_generated_matmul_is_valid_wgsl() {
             &kiln::Shape(vec![5, geom.rows()]),
             &kiln::Shape(vec![2, 3, 7, 9]),
         );
-        let src = &*kiln::codegen::matmul::dgrad_kernel(geom, &d, &cfg).wgsl;
+        // f16 storage on every other tiling
+        let dtype = [kiln::DType::F32, kiln::DType::F16][count % 2];
+        let src = &*kiln::codegen::matmul::dgrad_kernel(geom, &d, &cfg, dtype).wgsl;
         validate(&format!("dgrad {}", cfg.describe()), src);
         count += 1;
     }
@@ -483,4 +485,22 @@ fn every_optimizer_group_is_valid_wgsl() {
             assert_eq!(g.spec.workgroups, expected);
         }
     }
+}
+
+/// The f16 variants of the hand-written kernels with a storage block (conv.wgsl, pool.wgsl)
+/// validate with naga.
+#[test]
+fn f16_variants_of_shaders_are_valid_wgsl() {
+    use kiln::codegen::storage::{f16_family, f16_wgsl};
+    for family in ["conv", "pool"] {
+        assert!(f16_family(family).is_some());
+        let src = f16_wgsl(family);
+        assert!(
+            src.starts_with(&format!("// {family}.wgsl")),
+            "the header stays first"
+        );
+        assert!(src.contains("enable f16;") && src.contains("array<f16>"));
+        validate_wgsl(&format!("{family} (f16)"), &src);
+    }
+    assert!(f16_family("softmax").is_none());
 }

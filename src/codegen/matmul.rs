@@ -249,8 +249,8 @@ pub fn kernel_with(
     let mut layout = Layout::of(mm, d, split > 1);
     layout.dtype = dtype;
     assert!(
-        dtype == DType::F32 || (split == 1 && im2col.is_none() && nchw.is_none()),
-        "f16 products are plain GEMMs"
+        dtype == DType::F32 || split == 1,
+        "f16 products are not split along K"
     );
     if let Some(g) = im2col {
         layout.im2col = Some(g);
@@ -571,7 +571,7 @@ fn emit_gather_parts(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
 
 /// `cols(r, p)`: element `[r, p]` of `im2col(b)` for this geometry, zero in the padding (the
 /// indexing of conv.wgsl's `im2col`, with the geometry as literals).
-fn cols_fn(g: ColGeometry) -> String {
+fn cols_fn(g: ColGeometry, dtype: DType) -> String {
     let (ho, wo) = g.out_hw();
     let o = g.opts;
     format!(
@@ -599,9 +599,13 @@ fn cols_at(pr: vec3<i32>, pp: vec3<i32>) -> f32 {{
     if ih < 0 || iw < 0 || ih >= {h} || iw >= {w} {{
         return 0.0;
     }}
-    return b[u32(pp.x + pr.x + ih * {w} + iw)];
+    return {load};
 }}
 ",
+        load = widen(
+            dtype,
+            "b[u32(pp.x + pr.x + ih * {w} + iw)]".replace("{w}", &g.image.1.to_string())
+        ),
         kh = g.kernel.0,
         kw = g.kernel.1,
         khkw = g.kernel.0 * g.kernel.1,
@@ -622,7 +626,7 @@ fn cols_at(pr: vec3<i32>, pp: vec3<i32>) -> f32 {{
 }
 
 /// The gathers and the store index of the implicit input gradient (see [`Layout::dgrad`]).
-fn dgrad_fns(g: ColGeometry) -> String {
+fn dgrad_fns(g: ColGeometry, dtype: DType) -> String {
     let (ho, wo) = g.out_hw();
     let o = g.opts;
     let (kh, kw) = g.kernel;
@@ -630,7 +634,7 @@ fn dgrad_fns(g: ColGeometry) -> String {
         "
 // a[c, (o, i, j)] = w[o, c, i, j], w stored [O, C*kh*kw]
 fn weight_at(c: u32, k: u32) -> f32 {{
-    return a[(k / {khkw}u) * {rows}u + c * {khkw}u + k % {khkw}u];
+    return {weight};
 }}
 
 // b[(o, i, j), (n, h, w)] = dy[o, n, oh, ow] where the window (oh, ow) puts tap (i, j) on
@@ -661,11 +665,19 @@ fn dy_at(pk: vec3<i32>, pq: vec3<i32>) -> f32 {{
     if u32(th) % {sh}u != 0u || u32(tw) % {sw}u != 0u || oh >= {ho}u || ow >= {wo}u {{
         return 0.0;
     }}
-    return b[u32(pk.x + pq.x) + oh * {wo}u + ow];
+    return {dy};
 }}
 ",
+        weight = widen(
+            dtype,
+            format!(
+                "a[(k / {khkw}u) * {rows}u + c * {khkw}u + k % {khkw}u]",
+                khkw = kh * kw,
+                rows = g.rows()
+            )
+        ),
+        dy = widen(dtype, format!("b[u32(pk.x + pq.x) + oh * {}u + ow]", wo)),
         khkw = kh * kw,
-        rows = g.rows(),
         h = g.image.0,
         w = g.image.1,
         hw = g.image.0 * g.image.1,
@@ -682,11 +694,18 @@ fn dy_at(pk: vec3<i32>, pq: vec3<i32>) -> f32 {{
 /// The input gradient `dx [batch, C, H, W]` of a convolution of geometry `geom` from the weight
 /// `w [O, C*kh*kw]` and the output gradient `dy [O, batch*Ho*Wo]`, as one implicit GEMM with
 /// configuration `cfg` (no split-K): what `col2im(w^T x dy)` computes, without the column matrix.
-pub fn dgrad_kernel(geom: ColGeometry, d: &ProductDims, cfg: &GemmConfig) -> Generated {
+/// `dtype`: the storage type of the weight, `dy` and `dx`.
+pub fn dgrad_kernel(
+    geom: ColGeometry,
+    d: &ProductDims,
+    cfg: &GemmConfig,
+    dtype: DType,
+) -> Generated {
     let mut cfg = *cfg;
     cfg.split = 1;
-    let mut g = kernel_with(&MatMul::default(), d, &cfg, None, None, None, DType::F32);
+    let mut g = kernel_with(&MatMul::default(), d, &cfg, None, None, None, dtype);
     let mut lay = Layout::of(&MatMul::default(), d, false);
+    lay.dtype = dtype;
     lay.vec_a = false;
     lay.vec_b = false;
     lay.vec_out = false;
@@ -864,8 +883,8 @@ fn main(
         epilogue_fns = epilogue.map(|e| e.functions.as_str()).unwrap_or(""),
         cols_fn = lay
             .im2col
-            .map(cols_fn)
-            .or(lay.dgrad.map(dgrad_fns))
+            .map(|g| cols_fn(g, dt))
+            .or(lay.dgrad.map(|g| dgrad_fns(g, dt)))
             .unwrap_or_default()
             + &lay
                 .nchw
@@ -1055,11 +1074,15 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
                 let _ = writeln!(
                     s,
                     "        if r < M {{
-            if c < N {{ out[nchw_index(r, c)] = y.x; }}
-            if c + 1u < N {{ out[nchw_index(r, c + 1u)] = y.y; }}
-            if c + 2u < N {{ out[nchw_index(r, c + 2u)] = y.z; }}
-            if c + 3u < N {{ out[nchw_index(r, c + 3u)] = y.w; }}
-        }}"
+            if c < N {{ out[nchw_index(r, c)] = {}; }}
+            if c + 1u < N {{ out[nchw_index(r, c + 1u)] = {}; }}
+            if c + 2u < N {{ out[nchw_index(r, c + 2u)] = {}; }}
+            if c + 3u < N {{ out[nchw_index(r, c + 3u)] = {}; }}
+        }}",
+                    narrow(dt, "y.x"),
+                    narrow(dt, "y.y"),
+                    narrow(dt, "y.z"),
+                    narrow(dt, "y.w")
                 );
             } else if lay.vec_out && epilogue.is_some() {
                 let _ = writeln!(

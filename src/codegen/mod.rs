@@ -12,6 +12,7 @@ pub mod coop;
 pub mod elementwise;
 pub mod matmul;
 pub mod optim;
+pub mod storage;
 
 use std::sync::Arc;
 

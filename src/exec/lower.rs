@@ -305,13 +305,13 @@ pub(crate) fn implicit_im2col(
             let as_b_only = n.inputs[1] == id && n.inputs[0] != id;
             match &n.op {
                 Op::MatMulPartial(_) => as_b_only,
+                // f16 products always run generated kernels (`gemm_config_f16`)
                 Op::MatMul(mm) => {
                     as_b_only
                         && mm
                             .dims(&nodes[n.inputs[0].0].shape, &nodes[id.0].shape)
                             .ok()
-                            .and_then(|d| gemm_config(&d, ch))
-                            .is_some()
+                            .is_some_and(|d| n.dtype == DType::F16 || gemm_config(&d, ch).is_some())
                 }
                 _ => false,
             }
@@ -515,7 +515,8 @@ pub(crate) fn implicit_col2im(
         let (ho, wo) = c.0.out_hw();
         let (s0, s1) = c.0.opts.stride;
         let wasted = (c.0.image.0 * c.0.image.1) as f64 / (ho * wo * s0 * s1).max(1) as f64;
-        if readers != 1 || moved || wasted > 1.25 || gemm_config(&d, ch).is_none() {
+        let generated = nodes[id.0].dtype == DType::F16 || gemm_config(&d, ch).is_some();
+        if readers != 1 || moved || wasted > 1.25 || !generated {
             continue;
         }
         let n = &mut nodes[id.0];
@@ -618,7 +619,7 @@ pub(crate) fn select(
         Op::ImplicitDgrad(c) => {
             let d = c.dims(inputs[0], out);
             let cfg = gemm_config(&d, ch)?;
-            let g = gemm::dgrad_kernel(c.geom, &d, &cfg);
+            let g = gemm::dgrad_kernel(c.geom, &d, &cfg, DType::F32);
             Some((g.spec.clone(), Some(g)))
         }
         Op::Fused(f) => {
@@ -721,6 +722,28 @@ fn select_f16(
             let cfg = gemm_config_f16(&d, ch);
             gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi), dtype)
         }
+        Op::ImplicitGemm(c) => {
+            let cols = c.cols_shape(inputs[1]);
+            let d = c
+                .product
+                .dims(inputs[0], &cols)
+                .expect("shape checked at build time");
+            let cfg = gemm_config_f16(&d, ch);
+            let (ho, wo) = c.geom.out_hw();
+            let nchw = c.nchw.then_some(ho * wo);
+            gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom), nchw, None, dtype)
+        }
+        Op::ImplicitDgrad(c) => {
+            let d = c.dims(inputs[0], out);
+            gemm::dgrad_kernel(c.geom, &d, &gemm_config_f16(&d, ch), dtype)
+        }
+        // hand-written kernels with a storage block: their f16 variants
+        Op::Im2col(_)
+        | Op::Col2im(_)
+        | Op::MaxPool2d(_)
+        | Op::AvgPool2d(_)
+        | Op::MaxPool2dBackward(_)
+        | Op::AvgPool2dBackward(_) => crate::codegen::storage::f16_kernel(op.kernel(inputs, out)?),
         other => unreachable!(
             "{} never touches f16: the graph's dtype rule refuses it",
             other.name()

@@ -98,18 +98,22 @@ impl Conv2d {
     }
 
     /// Applies the layer in `g`; returns the output and the parameter nodes `[weight, bias]`.
+    /// Like [`Linear::apply`], it runs in `x`'s element type (f32 parameters cast for f16).
     pub fn apply(&self, g: &Graph, x: NodeId) -> Result<(NodeId, [NodeId; 2])> {
-        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
-        let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
-        let y = g.conv2d(x, w, Some(b), self.opts)?;
-        Ok((y, [w, b]))
+        self.apply_with(g, x, false)
     }
 
     /// `relu(apply(x))`, the bias and relu fused into the convolution's matmul.
     pub fn apply_relu(&self, g: &Graph, x: NodeId) -> Result<(NodeId, [NodeId; 2])> {
+        self.apply_with(g, x, true)
+    }
+
+    fn apply_with(&self, g: &Graph, x: NodeId, relu: bool) -> Result<(NodeId, [NodeId; 2])> {
         let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
         let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
-        let y = g.conv2d_fused(x, w, Some(b), self.opts, true)?;
+        let dt = g.dtype(x);
+        let (wc, bc) = (g.cast(w, dt)?, g.cast(b, dt)?);
+        let y = g.conv2d_fused(x, wc, Some(bc), self.opts, relu)?;
         Ok((y, [w, b]))
     }
 }

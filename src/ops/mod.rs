@@ -477,8 +477,9 @@ impl Op {
     }
 
     /// The element type of this op's result given its inputs' types, or an error naming the op:
-    /// casts give their target type; products, elementwise ops, reductions and layout ops take
-    /// and give one type (f32 or f16, all inputs alike); every other op takes f32 only.
+    /// casts give their target type; products, convolutions, pooling, elementwise ops,
+    /// reductions and layout ops take and give one type (f32 or f16, all inputs alike); every
+    /// other op takes f32 only.
     pub fn result_dtype(&self, inputs: &[DType]) -> Result<DType> {
         let first = inputs.first().copied().unwrap_or_default();
         let err = |why: String| Err(crate::error::shape_err(self.name(), why));
@@ -493,7 +494,15 @@ impl Op {
             | Op::Reshape
             | Op::Fused(_)
             | Op::MatMulEpilogue(_)
-            | Op::ReducePrologue(_) => match inputs.iter().find(|&&d| d != first) {
+            | Op::ReducePrologue(_)
+            | Op::Im2col(_)
+            | Op::Col2im(_)
+            | Op::ImplicitGemm(_)
+            | Op::ImplicitDgrad(_)
+            | Op::MaxPool2d(_)
+            | Op::AvgPool2d(_)
+            | Op::MaxPool2dBackward(_)
+            | Op::AvgPool2dBackward(_) => match inputs.iter().find(|&&d| d != first) {
                 Some(other) => err(format!(
                     "its inputs must have one element type, got {first} and {other}; cast one \
                      (Graph::cast)"

@@ -1,0 +1,74 @@
+//! f16 variants of hand-written kernels. A shader family whose global reads and writes all go
+//! through `ld_<name>(i) -> f32` / `st_<name>(i, v: f32)` functions, declared with its bindings
+//! between `// generated: begin storage` and `// generated: end storage` (today `conv.wgsl` and
+//! `pool.wgsl`), gets its f16 variant here: the same file with that block rewritten so every
+//! binding is `array<f16>`, loads widen to f32 and stores round to f16, and `enable f16;` in
+//! front. The kernels' arithmetic is untouched: f16 tensors compute in f32.
+
+use super::Generated;
+use crate::ops::{shader_source, KernelSpec};
+
+/// The f16 family name of a family with a storage block, or `None` for the others.
+pub fn f16_family(family: &str) -> Option<&'static str> {
+    match family {
+        "conv" => Some("conv_f16"),
+        "pool" => Some("pool_f16"),
+        _ => None,
+    }
+}
+
+/// The f16 variant of `family`'s WGSL. Panics where the family has no storage block (a bug:
+/// [`f16_family`] names the ones that have).
+pub fn f16_wgsl(family: &str) -> String {
+    let src = shader_source(family).expect("a registered shader family");
+    let begin = "// generated: begin storage\n";
+    let end = "// generated: end storage\n";
+    let a = src
+        .find(begin)
+        .unwrap_or_else(|| panic!("shaders/{family}.wgsl has no storage block"))
+        + begin.len();
+    let b = a + src[a..].find(end).expect("the storage block ends");
+    let mut block = String::new();
+    for line in src[a..b].lines() {
+        // `@group(0) @binding(k) var<storage, ACCESS> NAME: array<f32>;`
+        if let Some(decl) = line.strip_suffix(": array<f32>;") {
+            let name = decl
+                .rsplit(' ')
+                .next()
+                .expect("a declaration names its variable");
+            block.push_str(decl);
+            block.push_str(": array<f16>;\n");
+            block.push_str(&format!(
+                "fn ld_{name}(i: u32) -> f32 {{ return f32({name}[i]); }}\n"
+            ));
+            if decl.contains("read_write") {
+                block.push_str(&format!(
+                    "fn st_{name}(i: u32, v: f32) {{ {name}[i] = f16(v); }}\n"
+                ));
+            }
+        }
+    }
+    // the header comment stays first; `enable` must precede every declaration
+    let first_decl = src
+        .find("\noverride ")
+        .or_else(|| src.find("\nconst "))
+        .map_or(0, |i| i + 1);
+    format!(
+        "{}enable f16;\n\n{}{block}{}",
+        &src[..first_decl],
+        &src[first_decl..a],
+        &src[b..]
+    )
+}
+
+/// `spec` (a kernel of a family with a storage block) as its f16 variant.
+pub fn f16_kernel(spec: KernelSpec) -> Generated {
+    let family = f16_family(spec.family)
+        .unwrap_or_else(|| panic!("shaders/{}.wgsl has no f16 variant", spec.family));
+    let wgsl = f16_wgsl(spec.family);
+    Generated {
+        spec: KernelSpec { family, ..spec },
+        key: "f16".to_string(),
+        wgsl: wgsl.into(),
+    }
+}
