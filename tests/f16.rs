@@ -587,13 +587,36 @@ fn mixed_precision_training_steps() {
                 .collect(),
         )
         .unwrap();
-        (0..30)
+        let losses = (0..30)
             .map(|_| {
                 step.step(&[("x", &xv), ("t", &tv)], true)
                     .unwrap()
                     .expect("the loss was asked for")
             })
-            .collect()
+            .collect();
+        if dev
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+        {
+            // casts in: x and the 4 parameters; out: the prediction, and its gradient back to
+            // f16. The parameter gradients' casts back to f32 are folded into the
+            // (multi-tensor) update, which reads them as f16.
+            step.plan_mut().set_profiling(true).unwrap();
+            step.step(&[("x", &xv), ("t", &tv)], false).unwrap();
+            let labels: Vec<String> = step
+                .plan_mut()
+                .profile()
+                .iter()
+                .map(|t| t.label.clone())
+                .collect();
+            let casts = labels.iter().filter(|l| l.contains(" cast ")).count();
+            assert_eq!(casts, 7, "{labels:#?}");
+            assert!(
+                labels.iter().any(|l| l.contains("sgd_group")),
+                "{labels:#?}"
+            );
+        }
+        losses
     };
     let want = train(&Device::cpu());
     assert!(

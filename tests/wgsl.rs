@@ -477,7 +477,17 @@ fn every_optimizer_group_is_valid_wgsl() {
                 kind,
                 members: sizes.len(),
             };
-            let g = kiln::codegen::optim::group_kernel(&group, &sizes);
+            // the first gradient f16 (a folded mixed-precision cast) in the larger groups
+            let grads: Vec<kiln::DType> = (0..sizes.len())
+                .map(|j| {
+                    if j == 0 && sizes.len() > 1 {
+                        kiln::DType::F16
+                    } else {
+                        kiln::DType::F32
+                    }
+                })
+                .collect();
+            let g = kiln::codegen::optim::group_kernel(&group, &sizes, &grads);
             assert!(g.wgsl.starts_with("// optim_group.wgsl"));
             assert!(g.wgsl.contains("fn adam_update"), "the shared functions");
             validate_wgsl(&format!("{kind:?} {sizes:?}"), &g.wgsl);

@@ -11,16 +11,19 @@
 use std::fmt::Write;
 
 use super::elementwise::shared;
-use super::Generated;
+use super::{widen, Generated};
 use crate::ops::optim::{OptimGroup, OptimKind};
 use crate::ops::{groups, KernelSpec};
+use crate::tensor::DType;
 
 /// Threads per workgroup (one element each).
 const WG: usize = 256;
 
-/// The launch and module of `group` over parameters of `sizes` elements.
-pub fn group_kernel(group: &OptimGroup, sizes: &[usize]) -> Generated {
-    let src = wgsl(group, sizes);
+/// The launch and module of `group` over parameters of `sizes` elements whose gradients are
+/// stored as `grads` (f16: a mixed-precision gradient read without a cast kernel; parameters
+/// and states are f32).
+pub fn group_kernel(group: &OptimGroup, sizes: &[usize], grads: &[DType]) -> Generated {
+    let src = wgsl(group, sizes, grads);
     let total: u64 = sizes.iter().map(|&n| groups(n, WG)).sum();
     Generated {
         spec: KernelSpec {
@@ -39,9 +42,10 @@ pub fn group_kernel(group: &OptimGroup, sizes: &[usize]) -> Generated {
     }
 }
 
-/// The WGSL of `group` over parameters of `sizes` elements.
-pub fn wgsl(group: &OptimGroup, sizes: &[usize]) -> String {
+/// The WGSL of `group` over parameters of `sizes` elements, gradients stored as `grads`.
+pub fn wgsl(group: &OptimGroup, sizes: &[usize], grads: &[DType]) -> String {
     assert_eq!(sizes.len(), group.members, "one size per member");
+    assert_eq!(grads.len(), group.members, "one gradient type per member");
     let k = sizes.len();
     let ns = group.kind.n_states();
     let (nesterov, decoupled) = match group.kind {
@@ -64,8 +68,9 @@ pub fn wgsl(group: &OptimGroup, sizes: &[usize]) -> String {
     for (j, n) in sizes.iter().enumerate() {
         let _ = writeln!(
             s,
-            "//   {}  g{j}      storage, read        [{n}] gradient of parameter {j}",
-            group.grad(j)
+            "//   {}  g{j}      storage, read        [{n}] gradient of parameter {j} ({})",
+            group.grad(j),
+            grads[j]
         );
     }
     for (j, n) in sizes.iter().enumerate() {
@@ -92,19 +97,24 @@ pub fn wgsl(group: &OptimGroup, sizes: &[usize]) -> String {
 //           workgroups {starts:?} (cumulative) start each parameter's share; one element per
 //           thread.
 
-const NESTEROV: bool = {nesterov};
+{}const NESTEROV: bool = {nesterov};
 const DECOUPLED: bool = {decoupled};
 const WG: u32 = {WG}u;
 
 @group(0) @binding(0) var<storage, read> hyper: array<f32>;
 @group(0) @binding(1) var<storage, read> scale: array<f32>;",
         starts[k],
+        if grads.contains(&DType::F16) {
+            "enable f16;\n\n"
+        } else {
+            ""
+        },
     );
-    for j in 0..k {
+    for (j, dtype) in grads.iter().enumerate() {
         let _ = writeln!(
             s,
-            "@group(0) @binding({}) var<storage, read> g{j}: array<f32>;",
-            group.grad(j)
+            "@group(0) @binding({}) var<storage, read> g{j}: array<{dtype}>;",
+            group.grad(j),
         );
     }
     for j in 0..k {
@@ -135,15 +145,16 @@ fn main(
     let w = wid.y * nwg.x + wid.x;"
     );
     for (j, &n) in sizes.iter().enumerate() {
+        let gr = widen(grads[j], format!("g{j}[i]"));
         let update = match group.kind {
-            OptimKind::Sgd => format!("        p{j}[i] = sgd_update(p{j}[i], g{j}[i]);"),
+            OptimKind::Sgd => format!("        p{j}[i] = sgd_update(p{j}[i], {gr});"),
             OptimKind::SgdMomentum { .. } => format!(
-                "        let r = sgd_momentum_update(p{j}[i], g{j}[i], s{j}_0[i]);
+                "        let r = sgd_momentum_update(p{j}[i], {gr}, s{j}_0[i]);
         p{j}[i] = r.x;
         s{j}_0[i] = r.y;"
             ),
             OptimKind::Adam { .. } => format!(
-                "        let r = adam_update(p{j}[i], g{j}[i], s{j}_0[i], s{j}_1[i]);
+                "        let r = adam_update(p{j}[i], {gr}, s{j}_0[i], s{j}_1[i]);
         p{j}[i] = r.x;
         s{j}_0[i] = r.y;
         s{j}_1[i] = r.z;"

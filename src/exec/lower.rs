@@ -143,15 +143,45 @@ pub(crate) fn group_optimizer_updates(
                 kind,
                 members: kept.len(),
             };
+            // a gradient cast from f16 (mixed precision) that only this update reads is read
+            // as f16 by the group itself: the cast's kernel goes
+            let mut casts = Vec::new();
+            let grads: Vec<NodeId> = kept
+                .iter()
+                .map(|m| {
+                    let grad = nodes[m.0].inputs[2];
+                    let half = match nodes[grad.0].op {
+                        Op::Cast(c) if c.to == DType::F32 => Some(nodes[grad.0].inputs[0]),
+                        _ => None,
+                    };
+                    let readers = order
+                        .iter()
+                        .filter(|r| nodes[r.0].inputs.contains(&grad))
+                        .count();
+                    match half {
+                        Some(h)
+                            if nodes[h.0].dtype == DType::F16
+                                && readers == 1
+                                && !outputs.contains(&grad)
+                                && at(order, grad)
+                                    .is_some_and(|p| !written_between(nodes, order, h, p, q)) =>
+                        {
+                            casts.push(grad);
+                            h
+                        }
+                        _ => grad,
+                    }
+                })
+                .collect();
             let mut inputs = vec![hyper, scale];
-            inputs.extend(kept.iter().map(|m| nodes[m.0].inputs[2]));
+            inputs.extend(grads);
             for m in &kept {
                 inputs.extend_from_slice(&nodes[m.0].inputs[3..]);
             }
             let host = *kept.last().expect("at least two members");
             nodes[host.0].op = Op::OptimGroup(group);
             nodes[host.0].inputs = inputs;
-            order.retain(|id| *id == host || !kept.contains(id));
+            order.retain(|id| *id == host || !(kept.contains(id) || casts.contains(id)));
         }
     }
 }
@@ -538,6 +568,13 @@ pub(crate) fn select(
     dtype: DType,
     ch: &Choice,
 ) -> Option<(KernelSpec, Option<Generated>)> {
+    if let Op::OptimGroup(o) = op {
+        // f32 parameters and states; gradients f32, or f16 where a cast was folded in
+        let sizes: Vec<usize> = (0..o.members).map(|j| inputs[o.grad(j)].numel()).collect();
+        let grads: Vec<DType> = (0..o.members).map(|j| in_dtypes[o.grad(j)]).collect();
+        let g = crate::codegen::optim::group_kernel(o, &sizes, &grads);
+        return Some((g.spec.clone(), Some(g)));
+    }
     if dtype == DType::F16 || in_dtypes.contains(&DType::F16) {
         return select_f16(op, inputs, in_dtypes, out, dtype, ch);
     }
@@ -628,11 +665,6 @@ pub(crate) fn select(
         }
         Op::Cast(_) => {
             let g = elementwise::cast_kernel(out, in_dtypes[0], dtype);
-            Some((g.spec.clone(), Some(g)))
-        }
-        Op::OptimGroup(o) => {
-            let sizes: Vec<usize> = (0..o.members).map(|j| inputs[o.grad(j)].numel()).collect();
-            let g = crate::codegen::optim::group_kernel(o, &sizes);
             Some((g.spec.clone(), Some(g)))
         }
         _ => op.kernel(inputs, out).map(|k| (k, None)),
