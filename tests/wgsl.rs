@@ -297,10 +297,24 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
 }
 
 /// The tensor-core GEMM (cooperative matrices) validates with naga for every transpose and
-/// epilogue. (Running it needs an adapter with EXPERIMENTAL_COOPERATIVE_MATRIX.)
+/// epilogue, and as implicit-GEMM convolutions (forward with NCHW store, weight gradient, input
+/// gradient), in f32 and f16. (Running it needs an adapter with EXPERIMENTAL_COOPERATIVE_MATRIX.)
 #[test]
 fn every_coop_matmul_is_valid_wgsl() {
+    use kiln::codegen::coop::Operands;
+    use kiln::ops::conv::{ColGeometry, Conv2dOpts};
     use kiln::ops::matmul::{Bias, MatMul};
+    let geom = ColGeometry {
+        channels: 5,
+        image: (9, 11),
+        kernel: (3, 3),
+        opts: Conv2dOpts {
+            stride: (2, 1),
+            padding: (1, 1),
+            dilation: (1, 2),
+        },
+    };
+    let mut cases = Vec::new();
     for bits in 0..16u32 {
         let mm = MatMul {
             trans_a: bits & 1 != 0,
@@ -309,10 +323,25 @@ fn every_coop_matmul_is_valid_wgsl() {
             relu: bits & 4 != 0,
         };
         let dtype = [kiln::DType::F32, kiln::DType::F16][(bits / 8) as usize];
-        let src = kiln::codegen::coop::wgsl(&mm, dtype);
+        cases.push((mm, dtype, Operands::Matrices));
+        if !mm.trans_a {
+            // forward (b = image) and weight gradient (b = image, transposed)
+            let nchw = (!mm.trans_b).then_some(geom.out_hw().0 * geom.out_hw().1);
+            cases.push((mm, dtype, Operands::Im2col { geom, nchw }));
+        }
+    }
+    for dtype in [kiln::DType::F32, kiln::DType::F16] {
+        let dgrad = MatMul {
+            trans_a: true,
+            ..Default::default()
+        };
+        cases.push((dgrad, dtype, Operands::Dgrad(geom)));
+    }
+    for (mm, dtype, operands) in cases {
+        let src = kiln::codegen::coop::wgsl_with(&mm, dtype, operands);
         assert!(src.starts_with("// matmul_coop.wgsl"));
         assert!(src.contains("Bindings") && src.contains("Dispatch"));
-        let module = validate_wgsl(&format!("{mm:?}"), &src);
+        let module = validate_wgsl(&format!("{mm:?} {dtype} {operands:?}"), &src);
         // and it translates to SPIR-V, the form the Vulkan driver gets
         let info = naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),

@@ -363,6 +363,45 @@ fn matmul_f16(dev: &Device, n: usize) -> kiln::Result<Case> {
     Ok(case)
 }
 
+/// The convolution of [`conv`] in an f16 graph (operands resident in f32, cast in the plan):
+/// the kernel column times the implicit GEMM alone (tensor cores where the adapter has them).
+fn conv_f16(dev: &Device, (n, c, h, o): (usize, usize, usize, usize)) -> kiln::Result<Case> {
+    let g = Graph::new();
+    let tag = format!("bench.conv{n}x{c}x{h}x{o}");
+    let x = resident(
+        dev,
+        &g,
+        &format!("{tag}.x"),
+        Tensor::rand_uniform([n, c, h, h], -1.0, 1.0, 3),
+    )?;
+    let w = resident(
+        dev,
+        &g,
+        &format!("{tag}.w"),
+        Tensor::rand_uniform([o, c, 3, 3], -0.1, 0.1, 4),
+    )?;
+    let y = g.conv2d(
+        g.cast(x, kiln::DType::F16)?,
+        g.cast(w, kiln::DType::F16)?,
+        None,
+        Conv2dOpts {
+            padding: (1, 1),
+            ..Default::default()
+        },
+    )?;
+    let probe = g.narrow(g.cast(g.flatten(y)?, kiln::DType::F32)?, 1, 0, 1)?;
+    let plan = dev.compile(&g, &[probe])?;
+    let mut case = plan_case(
+        format!("conv2d fwd {n}x{c}x{h}x{h} -> {o}, 3x3 (f16 graph)"),
+        2.0 * (n * o * h * h * c * 9) as f64,
+        "GFLOP/s",
+        plan,
+        Vec::new(),
+    );
+    case.kernels = Some("implicit_gemm");
+    Ok(case)
+}
+
 /// The five-op chain of [`chain`] on f16 tensors (cast from f32-resident ones in the plan): the
 /// kernel column times the fused chain alone, bytes counted at 2 per element.
 fn chain_f16(dev: &Device, n: usize) -> kiln::Result<Case> {
@@ -459,6 +498,19 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
     });
     v.push(if half {
         chain_f16(dev, if hardware { 64 << 20 } else { 4 << 20 }).ok()
+    } else {
+        None
+    });
+    v.push(if half {
+        conv_f16(
+            dev,
+            if hardware {
+                (64, 64, 56, 64)
+            } else {
+                (64, 32, 13, 64)
+            },
+        )
+        .ok()
     } else {
         None
     });

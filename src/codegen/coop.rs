@@ -18,6 +18,7 @@
 use std::fmt::Write;
 
 use super::{narrow, widen, Generated};
+use crate::ops::conv::ColGeometry;
 use crate::ops::matmul::{Bias, MatMul, ProductDims};
 use crate::ops::{groups, KernelSpec};
 use crate::tensor::DType;
@@ -37,9 +38,31 @@ pub fn applies(d: &ProductDims) -> bool {
     d.m >= 64 && d.n >= 64 && d.k >= 32
 }
 
+/// How the tensor-core kernel reads its operands and stores its result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Operands {
+    /// `a` and `b` are matrices (with batch strides), the result `[batch.., M, N]`.
+    Matrices,
+    /// A convolution as an implicit GEMM: `b` is an NCHW image read as its column matrix
+    /// `im2col(b)` (`codegen::matmul::cols_fn`); with `nchw = Some(HW)` the result `[M, N*HW]`
+    /// is stored as the image `[N, M, HW]`.
+    Im2col {
+        geom: ColGeometry,
+        nchw: Option<usize>,
+    },
+    /// A convolution's input gradient as one implicit GEMM (`codegen::matmul::dgrad_kernel`):
+    /// `a` is the weight, `b` the output gradient, the result the image gradient in NCHW.
+    Dgrad(ColGeometry),
+}
+
 /// The launch of `mm` as the tensor-core kernel, operands, bias and result stored as `dtype`
 /// (f32: rounded to f16 when staged; f16: staged as they are).
 pub fn kernel(mm: &MatMul, d: &ProductDims, dtype: DType) -> Generated {
+    kernel_with(mm, d, dtype, Operands::Matrices)
+}
+
+/// [`kernel`] reading and storing as `operands` says (implicit-GEMM convolutions).
+pub fn kernel_with(mm: &MatMul, d: &ProductDims, dtype: DType, operands: Operands) -> Generated {
     let batch = d.batch.numel();
     let tiles_m = groups(d.m, TILE);
     let tiles_n = groups(d.n, TILE);
@@ -65,6 +88,15 @@ pub fn kernel(mm: &MatMul, d: &ProductDims, dtype: DType) -> Generated {
         if mm.relu { ",relu" } else { "" },
         if dtype == DType::F16 { ",f16" } else { "" }
     );
+    let src = wgsl_with(mm, dtype, operands);
+    let key = match operands {
+        Operands::Matrices => key,
+        // the geometry is in the text
+        _ => format!(
+            "{key},conv@{:016x}",
+            super::elementwise::fnv1a(src.as_bytes())
+        ),
+    };
     Generated {
         spec: KernelSpec {
             family: "matmul_coop",
@@ -73,12 +105,17 @@ pub fn kernel(mm: &MatMul, d: &ProductDims, dtype: DType) -> Generated {
             workgroups: total,
         },
         key,
-        wgsl: wgsl(mm, dtype).into(),
+        wgsl: src.into(),
     }
 }
 
 /// The WGSL for one combination of transposes, epilogue and storage type.
 pub fn wgsl(mm: &MatMul, dtype: DType) -> String {
+    wgsl_with(mm, dtype, Operands::Matrices)
+}
+
+/// [`wgsl`] reading and storing as `operands` says.
+pub fn wgsl_with(mm: &MatMul, dtype: DType, operands: Operands) -> String {
     let tile = TILE as u32;
     let dt = dtype;
     let mut s = String::new();
@@ -131,10 +168,43 @@ enable wgpu_cooperative_matrix;
             "@group(0) @binding(2) var<storage, read> bias: array<{dt}>;"
         );
     }
+    // a convolution's gathers (they read `a` and `b`) and NCHW store index
+    let (conv_fns, nchw) = match operands {
+        Operands::Matrices => (String::new(), None),
+        Operands::Im2col { geom, nchw } => (super::matmul::cols_fn(geom, dt), nchw),
+        Operands::Dgrad(geom) => (
+            super::matmul::dgrad_fns(geom, dt),
+            Some(geom.image.0 * geom.image.1),
+        ),
+    };
+    let nchw_fn = nchw
+        .map(|hw| {
+            format!(
+                "
+// where element [r, (n, p)] of the [M, N*{hw}] result lives in the image [N, M, {hw}]
+fn nchw_index(r: u32, q: u32) -> u32 {{
+    return ((q / {hw}u) * M + r) * {hw}u + q % {hw}u;
+}}
+"
+            )
+        })
+        .unwrap_or_default();
+    if operands != Operands::Matrices {
+        let _ = writeln!(
+            s,
+            "// Implicit GEMM ({operands:?}): the operands are gathered by the functions below
+// (as in src/codegen/matmul.rs), the result stored {}.",
+            if nchw.is_some() {
+                "as an NCHW image (nchw_index)"
+            } else {
+                "as [M, N]"
+            }
+        );
+    }
     let _ = writeln!(
         s,
         "@group(0) @binding({out_binding}) var<storage, read_write> out: array<{dt}>;
-
+{conv_fns}{nchw_fn}
 // As[m * {BK} + k] = op(a)[row0 + m, k0 + k]; Bs[k * {tile} + n] = op(b)[k0 + k, col0 + n]
 var<workgroup> As: array<f16, {asz}>;
 var<workgroup> Bs: array<f16, {bsz}>;
@@ -183,6 +253,17 @@ fn main(
             );
         }
     }
+    // a thread's staged column of b is the same at every step through K (b not transposed:
+    // element lid + l * 128 of the tile is column lid): its part of the gather, once
+    match operands {
+        Operands::Im2col { .. } if !mm.trans_b => {
+            let _ = writeln!(s, "    let pcol = cols_p(col0 + lid);");
+        }
+        Operands::Dgrad(_) => {
+            let _ = writeln!(s, "    let pcol = dy_q(col0 + lid);");
+        }
+        _ => {}
+    }
     let _ = writeln!(s, "    for (var k0 = 0u; k0 < K; k0 = k0 + {BK}u) {{");
     // staging loads: 4096 elements of each tile, 32 per thread, consecutive threads on
     // consecutive addresses of the operand
@@ -210,7 +291,10 @@ fn main(
             if m < M && k < K {{ v = {}; }}
             As[mm * {BK}u + kk] = f16(v);
         }}",
-            widen(dt, format!("a[{a_index}]"))
+            match operands {
+                Operands::Dgrad(_) => "weight_at(m, k)".to_string(),
+                _ => widen(dt, format!("a[{a_index}]")),
+            }
         );
         let (nn_, kb_) = if mm.trans_b {
             (format!("{e} / {BK}u"), format!("{e} % {BK}u"))
@@ -233,7 +317,12 @@ fn main(
             if n < N && k < K {{ v = {}; }}
             Bs[kk * {tile}u + nn] = f16(v);
         }}",
-            widen(dt, format!("b[{b_index}]"))
+            match operands {
+                Operands::Matrices => widen(dt, format!("b[{b_index}]")),
+                Operands::Im2col { .. } if mm.trans_b => "cols_at(cols_r(n), cols_p(k))".into(),
+                Operands::Im2col { .. } => "cols_at(cols_r(k), pcol)".into(),
+                Operands::Dgrad(_) => "dy_at(dy_k(k), pcol)".into(),
+            }
         );
     }
     let _ = writeln!(s, "        workgroupBarrier();");
@@ -279,7 +368,7 @@ fn main(
         let col = col0 + wn * 64u + {ci}u + e % 16u;
         if row < M && col < N {{
             var v = Cs[cs + e];{bias}{relu}
-            out[obase + row * N + col] = {store};
+            out[{at}] = {store};
         }}
     }}
     workgroupBarrier();",
@@ -293,6 +382,11 @@ fn main(
                         format!("\n            v = v + {};", widen(dt, "bias[col]".into())),
                 },
                 store = narrow(dt, "v"),
+                at = if nchw.is_some() {
+                    "nchw_index(row, col)"
+                } else {
+                    "obase + row * N + col"
+                },
                 relu = if mm.relu {
                     "\n            v = max(v, 0.0);"
                 } else {

@@ -571,7 +571,7 @@ fn emit_gather_parts(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
 
 /// `cols(r, p)`: element `[r, p]` of `im2col(b)` for this geometry, zero in the padding (the
 /// indexing of conv.wgsl's `im2col`, with the geometry as literals).
-fn cols_fn(g: ColGeometry, dtype: DType) -> String {
+pub(crate) fn cols_fn(g: ColGeometry, dtype: DType) -> String {
     let (ho, wo) = g.out_hw();
     let o = g.opts;
     format!(
@@ -626,7 +626,7 @@ fn cols_at(pr: vec3<i32>, pp: vec3<i32>) -> f32 {{
 }
 
 /// The gathers and the store index of the implicit input gradient (see [`Layout::dgrad`]).
-fn dgrad_fns(g: ColGeometry, dtype: DType) -> String {
+pub(crate) fn dgrad_fns(g: ColGeometry, dtype: DType) -> String {
     let (ho, wo) = g.out_hw();
     let o = g.opts;
     let (kh, kw) = g.kernel;

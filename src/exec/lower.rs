@@ -610,6 +610,11 @@ pub(crate) fn select(
                 .product
                 .dims(inputs[0], &cols)
                 .expect("shape checked at build time");
+            if c.partial.is_none() && uses_coop(&d, ch) {
+                let g =
+                    crate::codegen::coop::kernel_with(&c.product, &d, DType::F32, conv_operands(c));
+                return Some((g.spec.clone(), Some(g)));
+            }
             let cfg = match c.partial {
                 Some(cfg) => cfg,
                 None => {
@@ -655,6 +660,15 @@ pub(crate) fn select(
         }
         Op::ImplicitDgrad(c) => {
             let d = c.dims(inputs[0], out);
+            if uses_coop(&d, ch) {
+                let g = crate::codegen::coop::kernel_with(
+                    &ImplicitDgrad::product(),
+                    &d,
+                    DType::F32,
+                    crate::codegen::coop::Operands::Dgrad(c.geom),
+                );
+                return Some((g.spec.clone(), Some(g)));
+            }
             let cfg = gemm_config(&d, ch)?;
             let g = gemm::dgrad_kernel(c.geom, &d, &cfg, DType::F32);
             Some((g.spec.clone(), Some(g)))
@@ -668,6 +682,15 @@ pub(crate) fn select(
             Some((g.spec.clone(), Some(g)))
         }
         _ => op.kernel(inputs, out).map(|k| (k, None)),
+    }
+}
+
+/// How the tensor-core kernel reads an implicit-GEMM convolution's operands.
+fn conv_operands(c: &ImplicitGemm) -> crate::codegen::coop::Operands {
+    let (ho, wo) = c.geom.out_hw();
+    crate::codegen::coop::Operands::Im2col {
+        geom: c.geom,
+        nchw: c.nchw.then_some(ho * wo),
     }
 }
 
@@ -760,14 +783,27 @@ fn select_f16(
                 .product
                 .dims(inputs[0], &cols)
                 .expect("shape checked at build time");
-            let cfg = gemm_config_f16(&d, ch);
-            let (ho, wo) = c.geom.out_hw();
-            let nchw = c.nchw.then_some(ho * wo);
-            gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom), nchw, None, dtype)
+            if ch.coop_f16 && crate::codegen::coop::applies(&d) {
+                crate::codegen::coop::kernel_with(&c.product, &d, dtype, conv_operands(c))
+            } else {
+                let cfg = gemm_config_f16(&d, ch);
+                let (ho, wo) = c.geom.out_hw();
+                let nchw = c.nchw.then_some(ho * wo);
+                gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom), nchw, None, dtype)
+            }
         }
         Op::ImplicitDgrad(c) => {
             let d = c.dims(inputs[0], out);
-            gemm::dgrad_kernel(c.geom, &d, &gemm_config_f16(&d, ch), dtype)
+            if ch.coop_f16 && crate::codegen::coop::applies(&d) {
+                crate::codegen::coop::kernel_with(
+                    &ImplicitDgrad::product(),
+                    &d,
+                    dtype,
+                    crate::codegen::coop::Operands::Dgrad(c.geom),
+                )
+            } else {
+                gemm::dgrad_kernel(c.geom, &d, &gemm_config_f16(&d, ch), dtype)
+            }
         }
         // hand-written kernels with a storage block: their f16 variants
         Op::Im2col(_)
