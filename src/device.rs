@@ -108,7 +108,7 @@ impl GemmPolicy {
                 .map(GemmPolicy::Fixed)
                 .ok_or_else(|| {
                     Error::Input(format!(
-                        "KILN_GEMM={other:?}: expected auto, tune, portable or BMxBNxBK/TMxTN[/splitS]"
+                        "KILN_GEMM={other:?}: expected auto, tune, portable or BMxBNxBK/TMxTN[/splitS][/pf|/db]"
                     ))
                 }),
         }

@@ -78,8 +78,14 @@ fn check_with(
 fn every_tiling_on_awkward_shapes() {
     let Some(dev) = device() else { return };
     let target = dev.target().unwrap();
-    let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (7, 5, 13), (33, 70, 17), (64, 32, 20)];
-    for (&(bm, bn, tm, tn), prefetch) in TILINGS.iter().flat_map(|t| [(t, false), (t, true)]) {
+    let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (7, 5, 13), (33, 70, 17), (64, 32, 70)];
+    // plain, register prefetch, prefetch into a second workgroup buffer (K up to 70: several
+    // steps through both buffers)
+    let variants = [(false, false), (true, false), (true, true)];
+    for (&(bm, bn, tm, tn), (prefetch, double_buffer)) in TILINGS
+        .iter()
+        .flat_map(|t| variants.iter().map(move |&v| (t, v)))
+    {
         let cfg = GemmConfig {
             bm,
             bn,
@@ -88,6 +94,7 @@ fn every_tiling_on_awkward_shapes() {
             tn,
             split: 1,
             prefetch,
+            double_buffer,
         };
         if !cfg.fits(&target) {
             assert!(dev.set_gemm_policy(GemmPolicy::Fixed(cfg)).is_err());

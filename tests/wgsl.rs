@@ -83,8 +83,14 @@ fn every_generated_matmul_is_valid_wgsl() {
     };
     let mut count = 0;
     for &(bm, bn, tm, tn) in TILINGS {
-        for bk in [8, 16] {
-            // prefetching (register double-buffering) on the 16-deep half
+        // 8 deep: plain; 16 deep: plain, register prefetch, and prefetch into a second buffer
+        let variants = [
+            (8, false, false),
+            (16, false, false),
+            (16, true, false),
+            (16, true, true),
+        ];
+        for (bk, prefetch, double_buffer) in variants {
             let cfg = GemmConfig {
                 bm,
                 bn,
@@ -92,7 +98,8 @@ fn every_generated_matmul_is_valid_wgsl() {
                 tm,
                 tn,
                 split: 1,
-                prefetch: bk == 16,
+                prefetch,
+                double_buffer,
             };
             for bits in 0..32u32 {
                 let bit = |i: u32| bits & (1 << i) != 0;
@@ -140,6 +147,7 @@ fn every_generated_matmul_is_valid_wgsl() {
             tn,
             split: 1,
             prefetch: bm == bn,
+            double_buffer: bm == bn && bm <= 32,
         };
         let d = kiln::ops::conv::ImplicitDgrad { geom }.dims(
             &kiln::Shape(vec![5, geom.rows()]),

@@ -38,7 +38,7 @@ struct Args {
     #[arg(long)]
     only: Vec<String>,
     /// Instead of the suite: time an N x N x N matmul with every GEMM configuration that fits
-    /// the adapter (each tiling, BK 8 and 16, with and without prefetch), best first
+    /// the adapter (each tiling, BK 8 and 16, plain, prefetching, double-buffered), best first
     #[arg(long, value_name = "N")]
     sweep: Option<usize>,
 }
@@ -53,7 +53,7 @@ fn sweep(gpu: &Device, n: usize, reps: usize) -> kiln::Result<()> {
     let mut results = Vec::new();
     for &(bm, bn, tm, tn) in TILINGS {
         for bk in [8, 16] {
-            for prefetch in [false, true] {
+            for (prefetch, double_buffer) in [(false, false), (true, false), (true, true)] {
                 let cfg = GemmConfig {
                     bm,
                     bn,
@@ -62,6 +62,7 @@ fn sweep(gpu: &Device, n: usize, reps: usize) -> kiln::Result<()> {
                     tn,
                     split: 1,
                     prefetch,
+                    double_buffer,
                 };
                 if !cfg.fits(&target) {
                     continue;

@@ -36,6 +36,9 @@ pub struct GemmConfig {
     /// Fetch the next step's tiles into registers while multiplying the current ones (one
     /// workgroup-memory buffer; the global loads' latency hides behind the arithmetic).
     pub prefetch: bool,
+    /// With `prefetch`: two workgroup-memory buffers, the registers stored into the one not
+    /// being multiplied, so that a step needs one barrier instead of two (twice the memory).
+    pub double_buffer: bool,
 }
 
 /// The tilings [`choose`] considers, as `(BM, BN, TM, TN)`, largest first.
@@ -64,6 +67,7 @@ pub const SMALLEST: GemmConfig = GemmConfig {
     tn: 4,
     split: 1,
     prefetch: false,
+    double_buffer: false,
 };
 
 /// A slice of K is at least this deep, so that split-K's partial sums stay cheap next to the product.
@@ -75,9 +79,9 @@ impl GemmConfig {
         (self.bm / self.tm) * (self.bn / self.tn)
     }
 
-    /// Bytes of workgroup memory the two operand tiles take.
+    /// Bytes of workgroup memory the two operand tiles take (twice that double-buffered).
     pub fn workgroup_bytes(&self) -> u32 {
-        4 * self.bk * (self.bm + self.bn)
+        4 * self.bk * (self.bm + self.bn) * if self.double_buffer { 2 } else { 1 }
     }
 
     /// Whether this configuration is well formed and fits `target`.
@@ -90,6 +94,7 @@ impl GemmConfig {
             && self.bm.is_multiple_of(self.tm)
             && self.bn.is_multiple_of(self.tn)
             && self.split >= 1
+            && (self.prefetch || !self.double_buffer)
             && t <= target.max_invocations
             && t <= target.max_workgroup_x
             && self.workgroup_bytes() <= target.workgroup_storage
@@ -98,7 +103,8 @@ impl GemmConfig {
             && (self.bn * self.bk).is_multiple_of(4 * t)
     }
 
-    /// `BMxBNxBK/TMxTN[/splitS]`, as in debug dumps and `KILN_GEMM`.
+    /// `BMxBNxBK/TMxTN[/splitS][/pf|/db]`, as in debug dumps and `KILN_GEMM` (`db`: register
+    /// prefetch into a second workgroup-memory buffer).
     pub fn describe(&self) -> String {
         let mut s = format!(
             "{}x{}x{}/{}x{}",
@@ -107,7 +113,9 @@ impl GemmConfig {
         if self.split > 1 {
             let _ = write!(s, "/split{}", self.split);
         }
-        if self.prefetch {
+        if self.double_buffer {
+            s.push_str("/db");
+        } else if self.prefetch {
             s.push_str("/pf");
         }
         s
@@ -126,10 +134,11 @@ impl GemmConfig {
             .split('x')
             .map(|v| v.parse().ok())
             .collect::<Option<_>>()?;
-        let (mut split, mut prefetch) = (1, false);
+        let (mut split, mut prefetch, mut double_buffer) = (1, false, false);
         for p in parts {
             match p {
                 "pf" => prefetch = true,
+                "db" => (prefetch, double_buffer) = (true, true),
                 _ => split = p.strip_prefix("split")?.parse().ok()?,
             }
         }
@@ -142,6 +151,7 @@ impl GemmConfig {
                 tn,
                 split,
                 prefetch,
+                double_buffer,
             }),
             _ => None,
         }
@@ -191,6 +201,7 @@ pub fn ranked(m: usize, n: usize, k: usize, batch: usize, target: &Target) -> Ve
             tn,
             split: 1,
             prefetch: false,
+            double_buffer: false,
         };
         if !cfg.fits(target) || cfg.threads() < target.subgroup_size {
             continue;
@@ -427,7 +438,9 @@ enum Phase {
 }
 
 /// One operand tile's loads into workgroup memory, unrolled: the same count per thread.
-fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phase) {
+/// `off` is a WGSL offset (a `let` in scope, with ` + `) into the workgroup tile where the
+/// stores of [`Phase::Stash`] go (double buffering), or empty.
+fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phase, off: &str) {
     let TileLoad {
         operand,
         shared,
@@ -531,15 +544,15 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
                     let c = ["x", "y", "z", "w"][q];
                     let _ = writeln!(
                         s,
-                        "            {shared}[(kk + {q}u) * {ext4}u + x / 4u][x % 4u] = {v}.{c};"
+                        "            {shared}[{off}(kk + {q}u) * {ext4}u + x / 4u][x % 4u] = {v}.{c};"
                     );
                 }
             } else if vec {
-                let _ = writeln!(s, "            {shared}[kk * {ext4}u + x / 4u] = {v};");
+                let _ = writeln!(s, "            {shared}[{off}kk * {ext4}u + x / 4u] = {v};");
             } else {
                 let _ = writeln!(
                     s,
-                    "            {shared}[kk * {ext4}u + x / 4u][x % 4u] = {v};"
+                    "            {shared}[{off}kk * {ext4}u + x / 4u][x % 4u] = {v};"
                 );
             }
         }
@@ -730,6 +743,8 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
     let (rq, cq) = (tm / 4, tn / 4);
     let (row_gap, col_gap) = (bm / rq, bn / cq);
     let dt = lay.dtype;
+    // workgroup-memory buffers per operand tile
+    let stages = if cfg.double_buffer { 2 } else { 1 };
     let ty_ = |v: bool| {
         if v {
             format!("vec4<{dt}>")
@@ -877,8 +892,8 @@ fn main(
     let ty = lid / {tx_count}u;
 ",
         ty_(lay.vec_out),
-        bk * bm / 4,
-        bk * bn / 4,
+        bk * bm / 4 * stages,
+        bk * bn / 4 * stages,
         bm4 = bm / 4,
         epilogue_fns = epilogue.map(|e| e.functions.as_str()).unwrap_or(""),
         cols_fn = lay
@@ -989,32 +1004,50 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
             .expect("the loop was just written");
         let mut prologue =
             String::from("    {\n        let k0 = kbegin;\n        let kn = kbegin;\n");
-        emit_tile_load(&mut prologue, &a_tile, cfg, Phase::Fetch);
-        emit_tile_load(&mut prologue, &b_tile, cfg, Phase::Fetch);
-        emit_tile_load(&mut prologue, &a_tile, cfg, Phase::Stash);
-        emit_tile_load(&mut prologue, &b_tile, cfg, Phase::Stash);
+        emit_tile_load(&mut prologue, &a_tile, cfg, Phase::Fetch, "");
+        emit_tile_load(&mut prologue, &b_tile, cfg, Phase::Fetch, "");
+        emit_tile_load(&mut prologue, &a_tile, cfg, Phase::Stash, "");
+        emit_tile_load(&mut prologue, &b_tile, cfg, Phase::Stash, "");
         prologue.push_str("    }\n    workgroupBarrier();\n");
         s.insert_str(loop_head, &prologue);
+        if cfg.double_buffer {
+            // step i multiplies buffer i % 2 and stores the next tiles into the other one
+            let _ = writeln!(
+                s,
+                "        let cur = ((k0 - kbegin) / {bk}u) % 2u;
+        let ca = cur * {asz}u;
+        let cb = cur * {bsz}u;
+        let na = {asz}u - ca;
+        let nb = {bsz}u - cb;",
+                asz = bk * bm / 4,
+                bsz = bk * bn / 4
+            );
+        }
         let _ = writeln!(s, "        let kn = k0 + {bk}u;");
-        emit_tile_load(&mut s, &a_tile, cfg, Phase::Fetch);
-        emit_tile_load(&mut s, &b_tile, cfg, Phase::Fetch);
+        emit_tile_load(&mut s, &a_tile, cfg, Phase::Fetch, "");
+        emit_tile_load(&mut s, &b_tile, cfg, Phase::Fetch, "");
     } else {
-        emit_tile_load(&mut s, &a_tile, cfg, Phase::Both);
-        emit_tile_load(&mut s, &b_tile, cfg, Phase::Both);
+        emit_tile_load(&mut s, &a_tile, cfg, Phase::Both, "");
+        emit_tile_load(&mut s, &b_tile, cfg, Phase::Both, "");
         let _ = writeln!(s, "        workgroupBarrier();");
     }
+    let (ca, cb) = if cfg.double_buffer {
+        ("ca + ", "cb + ")
+    } else {
+        ("", "")
+    };
     for kk in 0..bk {
         for q in 0..rq {
             let _ = writeln!(
                 s,
-                "        let a{kk}_{q} = As[{}u + ty];",
+                "        let a{kk}_{q} = As[{ca}{}u + ty];",
                 kk * bm / 4 + q * row_gap / 4
             );
         }
         for j in 0..cq {
             let _ = writeln!(
                 s,
-                "        let b{kk}_{j} = Bs[{}u + tx];",
+                "        let b{kk}_{j} = Bs[{cb}{}u + tx];",
                 kk * bn / 4 + j * col_gap / 4
             );
         }
@@ -1029,11 +1062,18 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
             }
         }
     }
-    let _ = writeln!(s, "        workgroupBarrier();");
-    if cfg.prefetch {
-        emit_tile_load(&mut s, &a_tile, cfg, Phase::Stash);
-        emit_tile_load(&mut s, &b_tile, cfg, Phase::Stash);
+    if cfg.double_buffer {
+        // the other buffer: nobody reads it until after the barrier
+        emit_tile_load(&mut s, &a_tile, cfg, Phase::Stash, "na + ");
+        emit_tile_load(&mut s, &b_tile, cfg, Phase::Stash, "nb + ");
         let _ = writeln!(s, "        workgroupBarrier();");
+    } else {
+        let _ = writeln!(s, "        workgroupBarrier();");
+        if cfg.prefetch {
+            emit_tile_load(&mut s, &a_tile, cfg, Phase::Stash, "");
+            emit_tile_load(&mut s, &b_tile, cfg, Phase::Stash, "");
+            let _ = writeln!(s, "        workgroupBarrier();");
+        }
     }
     let _ = writeln!(s, "    }}");
     // stores with the epilogue

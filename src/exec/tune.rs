@@ -1,7 +1,8 @@
 //! Autotuning of the generated GEMM (`KILN_GEMM=tune`, `GemmPolicy::Tune`): the first time a
 //! plan holds a product of some extents (M, N, K, batch), the best few configurations by the
-//! model of `codegen::matmul::ranked` (split-K included where the model splits), each with and
-//! without register prefetching, are compiled and timed on
+//! model of `codegen::matmul::ranked` (split-K included where the model splits), each plain,
+//! with register prefetching and with prefetching into a second workgroup buffer, are compiled
+//! and timed on
 //! the adapter, with timestamp queries where it has them (else wall clock), and the fastest is
 //! kept for the device and in a file beside the pipeline cache, so later processes skip the
 //! timing. WebGPU does not tell how many compute units an adapter has or how its memory behaves;
@@ -19,8 +20,9 @@ use crate::graph::{Graph, Node, NodeId};
 use crate::ops::Op;
 use crate::tensor::Tensor;
 
-/// Configurations timed per product (the model's best three, each with and without prefetch).
-pub const CANDIDATES: usize = 6;
+/// Configurations timed per product (the model's best three tilings, each plain, prefetching
+/// and double-buffered).
+pub const CANDIDATES: usize = 9;
 
 /// Timed runs per configuration (after one warm-up); the median counts.
 const RUNS: usize = 3;
@@ -61,10 +63,12 @@ fn fastest(device: &Device, m: usize, n: usize, k: usize, batch: usize) -> Resul
     let ctx = device
         .gpu_ctx()
         .ok_or_else(|| Error::Device("not a GPU device".into()))?;
-    // the model's leading tilings, each plain and with register prefetching
-    let candidates: Vec<GemmConfig> = ranked(m, n, k, batch, &ctx.target)
+    // the model's leading tilings, each plain, with register prefetching, and prefetching into
+    // a second workgroup buffer (where the memory allows)
+    let target = &ctx.target;
+    let candidates: Vec<GemmConfig> = ranked(m, n, k, batch, target)
         .into_iter()
-        .take(CANDIDATES / 2)
+        .take(CANDIDATES / 3)
         .flat_map(|c| {
             [
                 c,
@@ -72,8 +76,14 @@ fn fastest(device: &Device, m: usize, n: usize, k: usize, batch: usize) -> Resul
                     prefetch: true,
                     ..c
                 },
+                GemmConfig {
+                    prefetch: true,
+                    double_buffer: true,
+                    ..c
+                },
             ]
         })
+        .filter(|c| c.fits(target))
         .collect();
     let Some(&first) = candidates.first() else {
         return Err(Error::Unsupported(format!(
