@@ -17,9 +17,16 @@ override SCALE: f32 = 1.0;
 override SALT: u32 = 0u;
 const WG: u32 = 256u;
 
+// Every global read and write goes through ld_*/st_*: src/codegen/storage.rs generates the f16
+// variant of this file (f16 tensors) by rewriting the block between the `generated:` markers.
+// The seed stays f32 (a whole number up to 2^24).
+// generated: begin storage
 @group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> seed: array<f32>;
+@group(0) @binding(1) var<storage, read> seed: array<f32>; // always f32
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
+fn ld_x(i: u32) -> f32 { return x[i]; }
+fn st_out(i: u32, v: f32) { out[i] = v; }
+// generated: end storage
 
 // lowbias32 (Chris Wellons): a fast integer hash with good avalanche.
 fn hash(v: u32) -> u32 {
@@ -44,5 +51,5 @@ fn main(
     }
     let key = hash(u32(seed[0]) ^ hash(SALT));
     let keep = hash(i ^ key) >= THRESHOLD;
-    out[i] = select(0.0, x[i] * SCALE, keep);
+    st_out(i, select(0.0, ld_x(i) * SCALE, keep));
 }

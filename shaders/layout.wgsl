@@ -24,8 +24,19 @@ override S4: u32 = 0u;
 override S5: u32 = 0u;
 const WG: u32 = 256u;
 
+// Every global read and write goes through ld_*/st_*: src/codegen/storage.rs generates the f16
+// variant of this file (f16 tensors) by rewriting the block between the `generated:` markers.
+// Entries `gather` and `axis_copy1` bind a and out; `axis_copy2` a, b and out2.
+// generated: begin storage
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out2: array<f32>;
+fn ld_a(i: u32) -> f32 { return a[i]; }
+fn st_out(i: u32, v: f32) { out[i] = v; }
+fn ld_b(i: u32) -> f32 { return b[i]; }
+fn st_out2(i: u32, v: f32) { out2[i] = v; }
+// generated: end storage
 
 @compute @workgroup_size(256)
 fn gather(
@@ -44,7 +55,7 @@ fn gather(
     let c2 = r % D2; r = r / D2;
     let c1 = r % D1; r = r / D1;
     let c0 = r;
-    out[i] = a[c0 * S0 + c1 * S1 + c2 * S2 + c3 * S3 + c4 * S4 + c5 * S5];
+    st_out(i, ld_a(c0 * S0 + c1 * S1 + c2 * S2 + c3 * S3 + c4 * S4 + c5 * S5));
 }
 
 // ---- axis_copy: narrow, pad and concat along one axis ----
@@ -62,9 +73,6 @@ override AX_B: u32 = 1u;
 override A_START: i32 = 0;
 override B_START: i32 = 0;
 
-@group(0) @binding(1) var<storage, read> b: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out2: array<f32>;
-
 struct AxisPos {
     outer: u32,
     c: i32,
@@ -78,7 +86,7 @@ fn axis_pos(i: u32) -> AxisPos {
 fn from_a(p: AxisPos) -> f32 {
     let ca = p.c - A_START;
     if ca >= 0 && ca < i32(AX_A) {
-        return a[(p.outer * AX_A + u32(ca)) * INNER + p.inner];
+        return ld_a((p.outer * AX_A + u32(ca)) * INNER + p.inner);
     }
     return 0.0;
 }
@@ -93,7 +101,7 @@ fn axis_copy1(
     if i >= N {
         return;
     }
-    out[i] = from_a(axis_pos(i));
+    st_out(i, from_a(axis_pos(i)));
 }
 
 @compute @workgroup_size(256)
@@ -109,8 +117,8 @@ fn axis_copy2(
     let p = axis_pos(i);
     let cb = p.c - B_START;
     if cb >= 0 && cb < i32(AX_B) {
-        out2[i] = b[(p.outer * AX_B + u32(cb)) * INNER + p.inner];
+        st_out2(i, ld_b((p.outer * AX_B + u32(cb)) * INNER + p.inner));
     } else {
-        out2[i] = from_a(p);
+        st_out2(i, from_a(p));
     }
 }

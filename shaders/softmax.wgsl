@@ -15,8 +15,14 @@ override ROWS: u32 = 1u;
 override LOG: bool = false;
 const WG: u32 = 64u;
 
+// Every global read and write goes through ld_*/st_*: src/codegen/storage.rs generates the f16
+// variant of this file (f16 tensors) by rewriting the block between the `generated:` markers.
+// generated: begin storage
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
+fn ld_a(i: u32) -> f32 { return a[i]; }
+fn st_out(i: u32, v: f32) { out[i] = v; }
+// generated: end storage
 
 var<workgroup> part: array<f32, 64>;
 
@@ -32,9 +38,9 @@ fn main(
     }
     let base = (row / INNER) * LEN * INNER + row % INNER;
 
-    var m = a[base];
+    var m = ld_a(base);
     for (var j = lid; j < LEN; j = j + WG) {
-        m = max(m, a[base + j * INNER]);
+        m = max(m, ld_a(base + j * INNER));
     }
     part[lid] = m;
     workgroupBarrier();
@@ -49,7 +55,7 @@ fn main(
 
     var sum = 0.0;
     for (var j = lid; j < LEN; j = j + WG) {
-        sum = sum + exp(a[base + j * INNER] - row_max);
+        sum = sum + exp(ld_a(base + j * INNER) - row_max);
     }
     part[lid] = sum;
     workgroupBarrier();
@@ -64,11 +70,11 @@ fn main(
     let log_total = log(total);
     let inv_total = 1.0 / total;
     for (var j = lid; j < LEN; j = j + WG) {
-        let x = a[base + j * INNER] - row_max;
+        let x = ld_a(base + j * INNER) - row_max;
         if LOG {
-            out[base + j * INNER] = x - log_total;
+            st_out(base + j * INNER, x - log_total);
         } else {
-            out[base + j * INNER] = exp(x) * inv_total;
+            st_out(base + j * INNER, exp(x) * inv_total);
         }
     }
 }

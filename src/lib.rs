@@ -20,8 +20,9 @@
 //! it node by node.
 //!
 //! Tensors are f32 unless made f16 with [`Graph::input_as`] or [`Graph::cast`] (adapters with
-//! SHADER_F16): products, elementwise ops, reductions and layout ops then store half floats and
-//! compute in f32 (on tensor cores where the adapter has them); see [`DType`].
+//! SHADER_F16): products, convolutions, pooling, elementwise ops, softmax, dropout, reductions
+//! and layout ops then store half floats and compute in f32 (on tensor cores where the adapter
+//! has them); losses and recurrent layers take f32. See [`DType`] and [`Graph::cast`].
 
 pub mod codegen;
 pub mod cpu;

@@ -526,8 +526,12 @@ fn f16_errors_name_the_op() {
     let g = Graph::new();
     let x = g.input_as("x", [2, 3], DType::F16);
     let y = g.input("y", [2, 3]);
-    let e = g.softmax(x, -1).unwrap_err().to_string();
-    assert!(e.contains("softmax") && e.contains("f16"), "{e}");
+    let labels = g.input("labels", [2]);
+    let e = g.cross_entropy(x, labels).unwrap_err().to_string();
+    assert!(
+        e.contains("cross_entropy") && e.contains("f16") && e.contains("cast"),
+        "{e}"
+    );
     let e = g.add(x, y).unwrap_err().to_string();
     assert!(
         e.contains("add") && e.contains("f16") && e.contains("f32"),
@@ -537,19 +541,70 @@ fn f16_errors_name_the_op() {
     let img = g.input_as("img", [1, 1, 4, 4], DType::F16);
     let w = g.input("w", [1, 1, 3, 3]);
     assert!(g.conv2d(img, w, None, Default::default()).is_err());
-    let e = g.log_softmax(x, -1).unwrap_err().to_string();
-    assert!(e.contains("f16"), "{e}");
-    let labels = g.input("labels", [2]);
-    let e = g.cross_entropy(x, labels).unwrap_err().to_string();
-    assert!(e.contains("cast"), "{e}");
+    // a table of embeddings is f32
+    let table = g.input_as("table", [5, 3], DType::F16);
+    let e = g.embedding(labels, table).unwrap_err().to_string();
+    assert!(e.contains("embedding") && e.contains("f16"), "{e}");
     // fine once cast
-    let p = g.softmax(g.cast(x, DType::F32).unwrap(), -1).unwrap();
-    let out = Device::cpu()
-        .compile(&g, &[p])
-        .unwrap()
-        .run(&[("x", &rand(&[2, 3], 1))])
+    let loss = g
+        .cross_entropy(g.cast(x, DType::F32).unwrap(), labels)
         .unwrap();
-    assert_eq!(out[0].dims(), &[2, 3]);
+    let out = Device::cpu()
+        .compile(&g, &[loss])
+        .unwrap()
+        .run(&[
+            ("x", &rand(&[2, 3], 1)),
+            ("labels", &Tensor::new([2], vec![0.0, 2.0]).unwrap()),
+        ])
+        .unwrap();
+    assert_eq!(out[0].numel(), 1);
+}
+
+/// Softmax and log-softmax (any axis), dropout (its seed f32) and narrow / pad / concat on f16
+/// tensors, forward and backward, against the CPU reference.
+#[test]
+fn softmax_dropout_and_axis_copies_in_f16() {
+    let Some(dev) = device(true) else { return };
+    let g = Graph::new();
+    let x = g.input_as("x", [3, 37, 5], DType::F16);
+    let z = g.input_as("z", [3, 4, 5], DType::F16);
+    let seed = g.input("seed", [1]);
+    let sm = g.softmax(x, 1).unwrap();
+    let lsm = g.log_softmax(x, -1).unwrap();
+    let dropped = g.dropout(x, 0.3, seed, 7).unwrap();
+    let cut = g.narrow(x, 1, 3, 11).unwrap();
+    let joined = g.concat(&[cut, z], 1).unwrap();
+    let outs = [sm, lsm, dropped, cut, joined];
+    for &o in &outs {
+        assert_eq!(g.dtype(o), DType::F16);
+    }
+    let r = g.constant(Tensor::rand_uniform([3, 37, 5], -1.0, 1.0, 3));
+    let r = g.cast(r, DType::F16).unwrap();
+    let loss = [sm, lsm, dropped]
+        .iter()
+        .map(|&o| g.sum_all(g.mul(o, r).unwrap()).unwrap())
+        .chain([g.sum_all(g.square(joined).unwrap()).unwrap()])
+        .reduce(|a, b| g.add(a, b).unwrap())
+        .unwrap();
+    let grads = g.grad(loss, &[x, z]).unwrap();
+    let mut all: Vec<NodeId> = outs.to_vec();
+    all.extend(&grads);
+    let f = vec![
+        (
+            "x".to_string(),
+            Tensor::rand_uniform([3, 37, 5], -3.0, 3.0, 1),
+        ),
+        ("z".to_string(), rand(&[3, 4, 5], 2)),
+        ("seed".to_string(), Tensor::new([1], vec![1234.0]).unwrap()),
+    ];
+    check(
+        &dev,
+        "softmax, dropout, axis copies",
+        &g,
+        &all,
+        &f,
+        (2e-3, 2e-2),
+    );
 }
 
 /// Mixed-precision training: `Linear` layers follow their input's type (f32 parameters cast to

@@ -534,12 +534,12 @@ fn every_optimizer_group_is_valid_wgsl() {
     }
 }
 
-/// The f16 variants of the hand-written kernels with a storage block (conv.wgsl, pool.wgsl)
-/// validate with naga.
+/// The f16 variants of the hand-written kernels with a storage block (conv, pool, softmax,
+/// dropout, layout) validate with naga; dropout's seed stays f32.
 #[test]
 fn f16_variants_of_shaders_are_valid_wgsl() {
     use kiln::codegen::storage::{f16_family, f16_wgsl};
-    for family in ["conv", "pool"] {
+    for family in ["conv", "pool", "softmax", "dropout", "layout"] {
         assert!(f16_family(family).is_some());
         let src = f16_wgsl(family);
         assert!(
@@ -549,5 +549,6 @@ fn f16_variants_of_shaders_are_valid_wgsl() {
         assert!(src.contains("enable f16;") && src.contains("array<f16>"));
         validate_wgsl(&format!("{family} (f16)"), &src);
     }
-    assert!(f16_family("softmax").is_none());
+    assert!(f16_wgsl("dropout").contains("seed: array<f32>; // always f32"));
+    assert!(f16_family("loss").is_none());
 }

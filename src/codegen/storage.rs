@@ -3,7 +3,8 @@
 //! between `// generated: begin storage` and `// generated: end storage` (today `conv.wgsl` and
 //! `pool.wgsl`), gets its f16 variant here: the same file with that block rewritten so every
 //! binding is `array<f16>`, loads widen to f32 and stores round to f16, and `enable f16;` in
-//! front. The kernels' arithmetic is untouched: f16 tensors compute in f32.
+//! front. A declaration marked `// always f32` (dropout's seed) is kept as it is. The kernels'
+//! arithmetic is untouched: f16 tensors compute in f32.
 
 use super::Generated;
 use crate::ops::{shader_source, KernelSpec};
@@ -13,6 +14,9 @@ pub fn f16_family(family: &str) -> Option<&'static str> {
     match family {
         "conv" => Some("conv_f16"),
         "pool" => Some("pool_f16"),
+        "softmax" => Some("softmax_f16"),
+        "dropout" => Some("dropout_f16"),
+        "layout" => Some("layout_f16"),
         _ => None,
     }
 }
@@ -31,7 +35,10 @@ pub fn f16_wgsl(family: &str) -> String {
     let mut block = String::new();
     for line in src[a..b].lines() {
         // `@group(0) @binding(k) var<storage, ACCESS> NAME: array<f32>;`
-        if let Some(decl) = line.strip_suffix(": array<f32>;") {
+        if line.starts_with("@group") && line.ends_with("// always f32") {
+            block.push_str(line);
+            block.push('\n');
+        } else if let Some(decl) = line.strip_suffix(": array<f32>;") {
             let name = decl
                 .rsplit(' ')
                 .next()

@@ -811,7 +811,10 @@ fn select_f16(
         | Op::MaxPool2d(_)
         | Op::AvgPool2d(_)
         | Op::MaxPool2dBackward(_)
-        | Op::AvgPool2dBackward(_) => crate::codegen::storage::f16_kernel(op.kernel(inputs, out)?),
+        | Op::AvgPool2dBackward(_)
+        | Op::Softmax(_)
+        | Op::Dropout(_)
+        | Op::AxisCopy(_) => crate::codegen::storage::f16_kernel(op.kernel(inputs, out)?),
         other => unreachable!(
             "{} never touches f16: the graph's dtype rule refuses it",
             other.name()

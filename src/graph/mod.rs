@@ -134,9 +134,10 @@ impl Graph {
     }
 
     /// `x`'s values as `to` (f32 <-> f16; a no-op when `x` already is `to`). f16 nodes store
-    /// half floats and compute in f32: products, elementwise ops, reductions and layout ops take
-    /// f16; the other ops (softmax, losses, convolutions, recurrent layers, ...) take f32, so
-    /// mixed-precision graphs cast around them, as PyTorch's autocast does.
+    /// half floats and compute in f32: products, convolutions, pooling, elementwise ops,
+    /// softmax, dropout, reductions and layout ops take f16; the others (losses, recurrent
+    /// layers, embeddings) take f32, so mixed-precision graphs cast around them, as PyTorch's
+    /// autocast does.
     pub fn cast(&self, x: NodeId, to: DType) -> Result<NodeId> {
         let shape = self.check_id("cast", x)?;
         if self.dtype(x) == to {

@@ -477,9 +477,9 @@ impl Op {
     }
 
     /// The element type of this op's result given its inputs' types, or an error naming the op:
-    /// casts give their target type; products, convolutions, pooling, elementwise ops,
-    /// reductions and layout ops take and give one type (f32 or f16, all inputs alike); every
-    /// other op takes f32 only.
+    /// casts give their target type; products, convolutions, pooling, elementwise ops, softmax,
+    /// reductions and layout ops take and give one type (f32 or f16, all inputs alike); dropout
+    /// gives its input's (its seed is f32); every other op takes f32 only.
     pub fn result_dtype(&self, inputs: &[DType]) -> Result<DType> {
         let first = inputs.first().copied().unwrap_or_default();
         let err = |why: String| Err(crate::error::shape_err(self.name(), why));
@@ -502,13 +502,17 @@ impl Op {
             | Op::MaxPool2d(_)
             | Op::AvgPool2d(_)
             | Op::MaxPool2dBackward(_)
-            | Op::AvgPool2dBackward(_) => match inputs.iter().find(|&&d| d != first) {
+            | Op::AvgPool2dBackward(_)
+            | Op::Softmax(_)
+            | Op::AxisCopy(_) => match inputs.iter().find(|&&d| d != first) {
                 Some(other) => err(format!(
                     "its inputs must have one element type, got {first} and {other}; cast one \
                      (Graph::cast)"
                 )),
                 None => Ok(first),
             },
+            // the seed is a whole number: f32
+            Op::Dropout(_) if inputs.get(1) == Some(&DType::F32) => Ok(first),
             _ => match inputs.iter().position(|&d| d != DType::F32) {
                 Some(k) => err(format!(
                     "it takes f32 tensors only, input {k} is {}; cast it to f32 first \
