@@ -286,18 +286,25 @@ fn chain(dev: &Device, n: usize) -> kiln::Result<Case> {
     ))
 }
 
-fn cnn_step(dev: &Device) -> kiln::Result<Case> {
+/// The MNIST CNN's training step at batch 64 (Adam); with `dtype` f16 in mixed precision (the
+/// layers on f16 activations, loss and update in f32).
+fn cnn_step(dev: &Device, dtype: kiln::DType) -> kiln::Result<Case> {
     let model = kiln::models::mnist_cnn(0);
     let g = Graph::new();
     let x = g.input("x", [64, 1, 28, 28]);
     let y = g.input("y", [64]);
-    let (logits, params) = model.apply(&g, x, true)?;
-    let loss = g.cross_entropy(logits, y)?;
+    let (logits, params) = model.apply(&g, g.cast(x, dtype)?, true)?;
+    let loss = g.cross_entropy(g.cast(logits, kiln::DType::F32)?, y)?;
     let step = TrainStep::new(dev, &g, loss, &params, Optimizer::adam(1e-3), 0)?;
     let xs = Tensor::rand_uniform([64, 1, 28, 28], 0.0, 1.0, 6);
     let ys = Tensor::new([64], (0..64).map(|i| (i % 10) as f32).collect())?;
+    let note = if dtype == kiln::DType::F16 {
+        " (mixed f16)"
+    } else {
+        ""
+    };
     Ok(Case {
-        name: "mnist_cnn train step, batch 64".into(),
+        name: format!("mnist_cnn train step, batch 64{note}"),
         work: 64.0,
         unit: "images/s",
         runner: Runner::Train(Box::new(step), vec![("x".into(), xs), ("y".into(), ys)]),
@@ -515,7 +522,12 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
     } else {
         None
     });
-    v.push(Some(cnn_step(dev)?));
+    v.push(if half {
+        cnn_step(dev, kiln::DType::F16).ok()
+    } else {
+        None
+    });
+    v.push(Some(cnn_step(dev, kiln::DType::F32)?));
     v.push(Some(lstm_step(dev, 128)?));
     Ok(v)
 }
