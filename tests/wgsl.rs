@@ -122,12 +122,31 @@ fn every_generated_matmul_is_valid_wgsl() {
                     dgrad: None,
                     // some store the result as an NCHW image
                     nchw: (!bit(4) && bits % 7 == 3).then_some(9),
-                    dtype: kiln::DType::F32,
+                    storage: kiln::DType::F32.into(),
                 };
-                // f16 storage where the layout allows it (not split-K partial sums)
+                // f16 storage where the layout allows it (not split-K partial sums); some with
+                // f32 operands read rounded (folded casts of parameters)
+                let half = kiln::DType::F16;
                 let lay = match lay.partial {
                     false if bits % 2 == 1 => Layout {
-                        dtype: kiln::DType::F16,
+                        storage: kiln::codegen::Storage {
+                            a: if bits % 4 == 1 {
+                                kiln::DType::F32
+                            } else {
+                                half
+                            },
+                            b: if bits % 8 == 3 {
+                                kiln::DType::F32
+                            } else {
+                                half
+                            },
+                            bias: if bits % 3 == 1 {
+                                kiln::DType::F32
+                            } else {
+                                half
+                            },
+                            out: half,
+                        },
                         ..lay
                     },
                     _ => lay,
@@ -345,11 +364,34 @@ fn every_coop_matmul_is_valid_wgsl() {
         };
         cases.push((dgrad, dtype, Operands::Dgrad(geom)));
     }
+    let mut cases: Vec<(MatMul, kiln::codegen::Storage, Operands)> = cases
+        .into_iter()
+        .map(|(mm, d, o)| (mm, d.into(), o))
+        .collect();
+    // an f16 product reading an f32 weight and bias (folded casts)
+    let mixed = kiln::codegen::Storage {
+        a: kiln::DType::F32,
+        bias: kiln::DType::F32,
+        ..kiln::DType::F16.into()
+    };
+    let biased = MatMul {
+        bias: Bias::Rows,
+        ..Default::default()
+    };
+    cases.push((biased, mixed, Operands::Matrices));
+    cases.push((
+        biased,
+        mixed,
+        Operands::Im2col {
+            geom,
+            nchw: Some(15),
+        },
+    ));
     for (mm, dtype, operands) in cases {
         let src = kiln::codegen::coop::wgsl_with(&mm, dtype, operands);
         assert!(src.starts_with("// matmul_coop.wgsl"));
         assert!(src.contains("Bindings") && src.contains("Dispatch"));
-        let module = validate_wgsl(&format!("{mm:?} {dtype} {operands:?}"), &src);
+        let module = validate_wgsl(&format!("{mm:?} {dtype:?} {operands:?}"), &src);
         // and it translates to SPIR-V, the form the Vulkan driver gets
         let info = naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),
@@ -418,7 +460,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             im2col: None,
             dgrad: None,
             nchw: None,
-            dtype,
+            storage: dtype.into(),
         };
         let src = wgsl_with(&cfg, &lay, Some(&epi));
         validate_wgsl(&format!("epilogue, vec_out={vec_out}, {bias:?}"), &src);

@@ -17,11 +17,10 @@
 
 use std::fmt::Write;
 
-use super::{narrow, widen, Generated};
+use super::{load, narrow, widen, Generated, Storage};
 use crate::ops::conv::ColGeometry;
 use crate::ops::matmul::{Bias, MatMul, ProductDims};
 use crate::ops::{groups, KernelSpec};
-use crate::tensor::DType;
 
 /// Output tile of one workgroup (square).
 pub const TILE: usize = 128;
@@ -55,14 +54,21 @@ pub enum Operands {
     Dgrad(ColGeometry),
 }
 
-/// The launch of `mm` as the tensor-core kernel, operands, bias and result stored as `dtype`
-/// (f32: rounded to f16 when staged; f16: staged as they are).
-pub fn kernel(mm: &MatMul, d: &ProductDims, dtype: DType) -> Generated {
-    kernel_with(mm, d, dtype, Operands::Matrices)
+/// The launch of `mm` as the tensor-core kernel, operands, bias and result stored as `storage`
+/// says (a `DType` for all alike; f32 operands are rounded to f16 when staged, f16 ones staged
+/// as they are).
+pub fn kernel(mm: &MatMul, d: &ProductDims, storage: impl Into<Storage>) -> Generated {
+    kernel_with(mm, d, storage, Operands::Matrices)
 }
 
 /// [`kernel`] reading and storing as `operands` says (implicit-GEMM convolutions).
-pub fn kernel_with(mm: &MatMul, d: &ProductDims, dtype: DType, operands: Operands) -> Generated {
+pub fn kernel_with(
+    mm: &MatMul,
+    d: &ProductDims,
+    storage: impl Into<Storage>,
+    operands: Operands,
+) -> Generated {
+    let storage = storage.into();
     let batch = d.batch.numel();
     let tiles_m = groups(d.m, TILE);
     let tiles_n = groups(d.n, TILE);
@@ -86,9 +92,9 @@ pub fn kernel_with(mm: &MatMul, d: &ProductDims, dtype: DType, operands: Operand
             Bias::Cols => ",bias_cols",
         },
         if mm.relu { ",relu" } else { "" },
-        if dtype == DType::F16 { ",f16" } else { "" }
+        storage.describe()
     );
-    let src = wgsl_with(mm, dtype, operands);
+    let src = wgsl_with(mm, storage, operands);
     let key = match operands {
         Operands::Matrices => key,
         // the geometry is in the text
@@ -110,14 +116,16 @@ pub fn kernel_with(mm: &MatMul, d: &ProductDims, dtype: DType, operands: Operand
 }
 
 /// The WGSL for one combination of transposes, epilogue and storage type.
-pub fn wgsl(mm: &MatMul, dtype: DType) -> String {
-    wgsl_with(mm, dtype, Operands::Matrices)
+pub fn wgsl(mm: &MatMul, storage: impl Into<Storage>) -> String {
+    wgsl_with(mm, storage, Operands::Matrices)
 }
 
 /// [`wgsl`] reading and storing as `operands` says.
-pub fn wgsl_with(mm: &MatMul, dtype: DType, operands: Operands) -> String {
+pub fn wgsl_with(mm: &MatMul, storage: impl Into<Storage>, operands: Operands) -> String {
     let tile = TILE as u32;
-    let dt = dtype;
+    let st = storage.into();
+    let dt = st.out;
+    let (sa, sb, sbias) = (st.a, st.b, st.bias);
     let mut s = String::new();
     let out_binding = if mm.bias == Bias::None { 2 } else { 3 };
     let _ = writeln!(
@@ -128,8 +136,8 @@ pub fn wgsl_with(mm: &MatMul, dtype: DType, operands: Operands) -> String {
 // cores: cooperative 16x16x16 matrices, operands staged through workgroup memory as f16.
 //
 // Bindings (group 0):
-//   0  a     storage, read        [batch.., M, K] (transposed: [batch.., K, M]), {dt}
-//   1  b     storage, read        [batch.., K, N] (transposed: [batch.., N, K]), {dt}{}
+//   0  a     storage, read        [batch.., M, K] (transposed: [batch.., K, M]), {sa}
+//   1  b     storage, read        [batch.., K, N] (transposed: [batch.., N, K]), {sb}{}
 //   {out_binding}  out   storage, read_write  [batch.., M, N], {dt}
 // Overrides: M, N, K; TILES_M/N = ceil(M / 128), ceil(N / 128); batch shape BD1..BD3 and operand
 //            strides SA*/SB* as in matmul.wgsl; TOTAL = TILES_M * TILES_N * batch.
@@ -159,21 +167,21 @@ enable wgpu_cooperative_matrix;
     let _ = writeln!(
         s,
         "
-@group(0) @binding(0) var<storage, read> a: array<{dt}>;
-@group(0) @binding(1) var<storage, read> b: array<{dt}>;"
+@group(0) @binding(0) var<storage, read> a: array<{sa}>;
+@group(0) @binding(1) var<storage, read> b: array<{sb}>;"
     );
     if mm.bias != Bias::None {
         let _ = writeln!(
             s,
-            "@group(0) @binding(2) var<storage, read> bias: array<{dt}>;"
+            "@group(0) @binding(2) var<storage, read> bias: array<{sbias}>;"
         );
     }
     // a convolution's gathers (they read `a` and `b`) and NCHW store index
     let (conv_fns, nchw) = match operands {
         Operands::Matrices => (String::new(), None),
-        Operands::Im2col { geom, nchw } => (super::matmul::cols_fn(geom, dt), nchw),
+        Operands::Im2col { geom, nchw } => (super::matmul::cols_fn(geom, sb, dt), nchw),
         Operands::Dgrad(geom) => (
-            super::matmul::dgrad_fns(geom, dt),
+            super::matmul::dgrad_fns(geom, sa, sb, dt),
             Some(geom.image.0 * geom.image.1),
         ),
     };
@@ -293,7 +301,7 @@ fn main(
         }}",
             match operands {
                 Operands::Dgrad(_) => "weight_at(m, k)".to_string(),
-                _ => widen(dt, format!("a[{a_index}]")),
+                _ => widen(sa, format!("a[{a_index}]")),
             }
         );
         let (nn_, kb_) = if mm.trans_b {
@@ -318,7 +326,7 @@ fn main(
             Bs[kk * {tile}u + nn] = f16(v);
         }}",
             match operands {
-                Operands::Matrices => widen(dt, format!("b[{b_index}]")),
+                Operands::Matrices => widen(sb, format!("b[{b_index}]")),
                 Operands::Im2col { .. } if mm.trans_b => "cols_at(cols_r(n), cols_p(k))".into(),
                 Operands::Im2col { .. } => "cols_at(cols_r(k), pcol)".into(),
                 Operands::Dgrad(_) => "dy_at(dy_k(k), pcol)".into(),
@@ -376,10 +384,14 @@ fn main(
                 ci = j * 16,
                 bias = match mm.bias {
                     Bias::None => String::new(),
-                    Bias::Rows =>
-                        format!("\n            v = v + {};", widen(dt, "bias[row]".into())),
-                    Bias::Cols =>
-                        format!("\n            v = v + {};", widen(dt, "bias[col]".into())),
+                    Bias::Rows => format!(
+                        "\n            v = v + {};",
+                        load(sbias, dt, "bias[row]".into())
+                    ),
+                    Bias::Cols => format!(
+                        "\n            v = v + {};",
+                        load(sbias, dt, "bias[col]".into())
+                    ),
                 },
                 store = narrow(dt, "v"),
                 at = if nchw.is_some() {

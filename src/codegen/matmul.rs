@@ -12,7 +12,7 @@
 use std::fmt::Write;
 
 use super::elementwise::Epilogue;
-use super::{narrow, widen, widen4, Generated, Target};
+use super::{load, load4, narrow, Generated, Storage, Target};
 use crate::ops::conv::ColGeometry;
 use crate::ops::matmul::{Bias, MatMul, ProductDims};
 use crate::ops::{groups, KernelSpec};
@@ -241,8 +241,8 @@ pub fn kernel(mm: &MatMul, d: &ProductDims, cfg: &GemmConfig) -> Generated {
 /// (implicit GEMM: the column matrix is never stored). `d` describes the product with the
 /// column matrix `[C*kh*kw, N*Ho*Wo]` as `b`. With `nchw = Some(HW)` the result `[M, N*HW]`
 /// is stored as `[N, M, HW]` (a convolution's output in NCHW, without a permute after it).
-/// `dtype` is the storage type of the operands, bias and result (f16: loads widen to f32, the
-/// products accumulate in f32, stores round; not with `im2col`, `nchw` or split-K).
+/// `storage` gives the storage types of the operands, bias and result (f16: loads widen to f32,
+/// the products accumulate in f32, stores round; no split-K); a `DType` converts for all alike.
 pub fn kernel_with(
     mm: &MatMul,
     d: &ProductDims,
@@ -250,17 +250,18 @@ pub fn kernel_with(
     im2col: Option<ColGeometry>,
     nchw: Option<usize>,
     epilogue: Option<&Epilogue>,
-    dtype: DType,
+    storage: impl Into<Storage>,
 ) -> Generated {
+    let storage = storage.into();
     let batch = d.batch.numel();
     let split = cfg.slices(d.k);
     let tiles_m = groups(d.m, cfg.bm as usize);
     let tiles_n = groups(d.n, cfg.bn as usize);
     let total = tiles_m * tiles_n * batch as u64 * split as u64;
     let mut layout = Layout::of(mm, d, split > 1);
-    layout.dtype = dtype;
+    layout.storage = storage;
     assert!(
-        dtype == DType::F32 || split == 1,
+        storage == Storage::all(DType::F32) || split == 1,
         "f16 products are not split along K"
     );
     if let Some(g) = im2col {
@@ -330,8 +331,8 @@ pub struct Layout {
     /// Store the result `[M, N*HW]` as the image `[N, M, HW]` (this HW): a convolution's output
     /// or input gradient straight in NCHW. Scalar stores.
     pub nchw: Option<usize>,
-    /// Storage type of `a`, `b`, the bias and the result (arithmetic is f32 either way).
-    pub dtype: DType,
+    /// Storage types of `a`, `b`, the bias and the result (arithmetic is f32 either way).
+    pub storage: Storage,
 }
 
 impl Layout {
@@ -350,7 +351,7 @@ impl Layout {
             im2col: None,
             dgrad: None,
             nchw: None,
-            dtype: DType::F32,
+            storage: Storage::all(DType::F32),
         }
     }
 
@@ -373,7 +374,7 @@ impl Layout {
         };
         let (im2col, dgrad) = (geom("im2col", self.im2col), geom("dgrad", self.dgrad));
         let nchw = self.nchw.map(|hw| format!(",nchw{hw}")).unwrap_or_default();
-        let half = f(self.dtype == DType::F16, ",f16");
+        let half = self.storage.describe();
         format!(
             "{}{}{}{}{}{}{}{}{im2col}{dgrad}{nchw}{half}",
             f(self.trans_a, ",ta"),
@@ -410,8 +411,9 @@ struct TileLoad {
     /// Read through WGSL functions instead of the operand's memory:
     /// `Some(Gather { ... })` (see [`Gather`]).
     gather: Option<Gather>,
-    /// The operand's storage type (loads widen to f32).
-    dtype: DType,
+    /// The operand's storage type and the result's (see `codegen::load`).
+    stored: DType,
+    result: DType,
 }
 
 /// An operand read by index functions: `at(part_k, part_g)` (or `at(part_g, part_k)` when
@@ -450,7 +452,8 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
         k_contiguous,
         vec,
         gather,
-        dtype,
+        stored,
+        result,
     } = *tile;
     let t = cfg.threads();
     let bk = cfg.bk;
@@ -516,7 +519,7 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
                     format!("{at}({gp}, {kp})")
                 }
             }
-            None => widen(dtype, format!("{operand}[{index}]")),
+            None => load(stored, result, format!("{operand}[{index}]")),
         };
         let assign = if decl.is_empty() {
             v.clone()
@@ -527,7 +530,7 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
             let (zero, load) = if vec {
                 (
                     "vec4<f32>(0.0)",
-                    widen4(dtype, format!("{operand}[({index}) / 4u]")),
+                    load4(stored, result, format!("{operand}[({index}) / 4u]")),
                 )
             } else {
                 ("0.0", read.clone())
@@ -584,7 +587,8 @@ fn emit_gather_parts(s: &mut String, tile: &TileLoad, cfg: &GemmConfig) {
 
 /// `cols(r, p)`: element `[r, p]` of `im2col(b)` for this geometry, zero in the padding (the
 /// indexing of conv.wgsl's `im2col`, with the geometry as literals).
-pub(crate) fn cols_fn(g: ColGeometry, dtype: DType) -> String {
+/// `b` (the image) is stored as `stored`, the result as `result` (see `codegen::load`).
+pub(crate) fn cols_fn(g: ColGeometry, stored: DType, result: DType) -> String {
     let (ho, wo) = g.out_hw();
     let o = g.opts;
     format!(
@@ -615,8 +619,9 @@ fn cols_at(pr: vec3<i32>, pp: vec3<i32>) -> f32 {{
     return {load};
 }}
 ",
-        load = widen(
-            dtype,
+        load = load(
+            stored,
+            result,
             "b[u32(pp.x + pr.x + ih * {w} + iw)]".replace("{w}", &g.image.1.to_string())
         ),
         kh = g.kernel.0,
@@ -639,7 +644,8 @@ fn cols_at(pr: vec3<i32>, pp: vec3<i32>) -> f32 {{
 }
 
 /// The gathers and the store index of the implicit input gradient (see [`Layout::dgrad`]).
-pub(crate) fn dgrad_fns(g: ColGeometry, dtype: DType) -> String {
+/// `a` (the weight) is stored as `sa`, `b` (the output gradient) as `sb`, the result as `result`.
+pub(crate) fn dgrad_fns(g: ColGeometry, sa: DType, sb: DType, result: DType) -> String {
     let (ho, wo) = g.out_hw();
     let o = g.opts;
     let (kh, kw) = g.kernel;
@@ -681,15 +687,20 @@ fn dy_at(pk: vec3<i32>, pq: vec3<i32>) -> f32 {{
     return {dy};
 }}
 ",
-        weight = widen(
-            dtype,
+        weight = load(
+            sa,
+            result,
             format!(
                 "a[(k / {khkw}u) * {rows}u + c * {khkw}u + k % {khkw}u]",
                 khkw = kh * kw,
                 rows = g.rows()
             )
         ),
-        dy = widen(dtype, format!("b[u32(pk.x + pq.x) + oh * {}u + ow]", wo)),
+        dy = load(
+            sb,
+            result,
+            format!("b[u32(pk.x + pq.x) + oh * {}u + ow]", wo)
+        ),
         khkw = kh * kw,
         h = g.image.0,
         w = g.image.1,
@@ -707,18 +718,19 @@ fn dy_at(pk: vec3<i32>, pq: vec3<i32>) -> f32 {{
 /// The input gradient `dx [batch, C, H, W]` of a convolution of geometry `geom` from the weight
 /// `w [O, C*kh*kw]` and the output gradient `dy [O, batch*Ho*Wo]`, as one implicit GEMM with
 /// configuration `cfg` (no split-K): what `col2im(w^T x dy)` computes, without the column matrix.
-/// `dtype`: the storage type of the weight, `dy` and `dx`.
+/// `storage`: the storage types of the weight (`a`), `dy` (`b`) and `dx`.
 pub fn dgrad_kernel(
     geom: ColGeometry,
     d: &ProductDims,
     cfg: &GemmConfig,
-    dtype: DType,
+    storage: impl Into<Storage>,
 ) -> Generated {
+    let storage = storage.into();
     let mut cfg = *cfg;
     cfg.split = 1;
-    let mut g = kernel_with(&MatMul::default(), d, &cfg, None, None, None, dtype);
+    let mut g = kernel_with(&MatMul::default(), d, &cfg, None, None, None, storage);
     let mut lay = Layout::of(&MatMul::default(), d, false);
-    lay.dtype = dtype;
+    lay.storage = storage;
     lay.vec_a = false;
     lay.vec_b = false;
     lay.vec_out = false;
@@ -742,7 +754,8 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
     let tx_count = bn / tn;
     let (rq, cq) = (tm / 4, tn / 4);
     let (row_gap, col_gap) = (bm / rq, bn / cq);
-    let dt = lay.dtype;
+    let st = lay.storage;
+    let dt = st.out;
     // workgroup-memory buffers per operand tile
     let stages = if cfg.double_buffer { 2 } else { 1 };
     let ty_ = |v: bool| {
@@ -835,7 +848,7 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
             g.opts.dilation
         );
     }
-    if dt == DType::F16 {
+    if [st.a, st.b, st.bias, st.out].contains(&DType::F16) {
         s.push_str("enable f16;\n\n");
     }
     s.push_str(&super::overrides(&[
@@ -843,18 +856,26 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
         "BD3", "SA0", "SA1", "SA2", "SA3", "SB0", "SB1", "SB2", "SB3",
     ]));
     let batch_bases = super::BATCH_BASES;
+    let decl = |d: DType, v: bool| {
+        if v {
+            format!("vec4<{d}>")
+        } else {
+            d.to_string()
+        }
+    };
     let _ = writeln!(
         s,
         "
 @group(0) @binding(0) var<storage, read> a: array<{}>;
 @group(0) @binding(1) var<storage, read> b: array<{}>;",
-        ty_(lay.vec_a),
-        ty_(lay.vec_b)
+        decl(st.a, lay.vec_a),
+        decl(st.b, lay.vec_b)
     );
     if lay.bias != Bias::None {
         let _ = writeln!(
             s,
-            "@group(0) @binding(2) var<storage, read> bias: array<{dt}>;"
+            "@group(0) @binding(2) var<storage, read> bias: array<{}>;",
+            st.bias
         );
     }
     if let Some(e) = epilogue {
@@ -898,8 +919,8 @@ fn main(
         epilogue_fns = epilogue.map(|e| e.functions.as_str()).unwrap_or(""),
         cols_fn = lay
             .im2col
-            .map(|g| cols_fn(g, dt))
-            .or(lay.dgrad.map(|g| dgrad_fns(g, dt)))
+            .map(|g| cols_fn(g, st.b, dt))
+            .or(lay.dgrad.map(|g| dgrad_fns(g, st.a, st.b, dt)))
             .unwrap_or_default()
             + &lay
                 .nchw
@@ -946,7 +967,8 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         origin: "row0",
         k_contiguous: !lay.trans_a,
         vec: lay.vec_a && lay.dgrad.is_none(),
-        dtype: dt,
+        stored: st.a,
+        result: dt,
         gather: lay.dgrad.map(|_| Gather {
             k_part: "u32",
             g_part: "u32",
@@ -962,7 +984,8 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         origin: "col0",
         k_contiguous: lay.trans_b,
         vec: lay.vec_b && lay.im2col.is_none() && lay.dgrad.is_none(),
-        dtype: dt,
+        stored: st.b,
+        result: dt,
         // the column matrix [C*kh*kw, N*Ho*Wo] is op(b) itself, or its transpose when k runs
         // along its columns
         gather: match (lay.im2col, lay.dgrad, lay.trans_b) {
@@ -1089,12 +1112,12 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
                     let _ = writeln!(
                         s,
                         "        let bv = vec4<f32>({});",
-                        widen(dt, "bias[min(r, M - 1u)]".into())
+                        load(st.bias, dt, "bias[min(r, M - 1u)]".into())
                     );
                     v = format!("({v} + bv)");
                 }
                 Bias::Cols => {
-                    let at = |c: &str| widen(dt, format!("bias[min({c}, N - 1u)]"));
+                    let at = |c: &str| load(st.bias, dt, format!("bias[min({c}, N - 1u)]"));
                     let _ = writeln!(
                         s,
                         "        let bv = vec4<f32>({}, {}, {}, {});",

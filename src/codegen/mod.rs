@@ -126,18 +126,73 @@ pub(crate) fn widen(dtype: DType, x: String) -> String {
     }
 }
 
-/// `x` (a vec4 of a binding stored as `dtype`) as `vec4<f32>`.
-pub(crate) fn widen4(dtype: DType, x: String) -> String {
-    match dtype {
-        DType::F32 => x,
-        DType::F16 => format!("vec4<f32>({x})"),
-    }
-}
-
 /// The f32 value `v` as a binding of `dtype` stores it.
 pub(crate) fn narrow(dtype: DType, v: &str) -> String {
     match dtype {
         DType::F32 => v.to_string(),
         DType::F16 => format!("f16({v})"),
+    }
+}
+
+/// An operand element `x` stored as `stored`, as the f32 value a kernel whose result is stored
+/// as `result` computes with: f16 widened; an f32 operand of an f16 kernel rounded to f16 first
+/// (a cast the plan compiler folded into the load: the same value the cast would store).
+pub(crate) fn load(stored: DType, result: DType, x: String) -> String {
+    match (stored, result) {
+        (DType::F16, _) => format!("f32({x})"),
+        (DType::F32, DType::F16) => format!("f32(f16({x}))"),
+        (DType::F32, DType::F32) => x,
+    }
+}
+
+/// [`load`] for a vec4.
+pub(crate) fn load4(stored: DType, result: DType, x: String) -> String {
+    match (stored, result) {
+        (DType::F16, _) => format!("vec4<f32>({x})"),
+        (DType::F32, DType::F16) => format!("vec4<f32>(vec4<f16>({x}))"),
+        (DType::F32, DType::F32) => x,
+    }
+}
+
+/// Storage types of a product's bindings: operands `a` and `b`, the bias, and the result (with
+/// any epilogue inputs). Arithmetic is f32; an f32 operand of an f16 result is read rounded to
+/// f16 ([`load`]): a cast of a parameter folded into the product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Storage {
+    pub a: DType,
+    pub b: DType,
+    pub bias: DType,
+    pub out: DType,
+}
+
+impl Storage {
+    /// Every binding stored as `dtype`.
+    pub fn all(dtype: DType) -> Storage {
+        Storage {
+            a: dtype,
+            b: dtype,
+            bias: dtype,
+            out: dtype,
+        }
+    }
+
+    /// `,f16` and marks for operands stored otherwise (`,a32`), for kernel keys.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        if self.out == DType::F16 {
+            s.push_str(",f16");
+        }
+        for (name, d) in [("a", self.a), ("b", self.b), ("bias", self.bias)] {
+            if d != self.out {
+                s.push_str(&format!(",{name}{}", &d.name()[1..]));
+            }
+        }
+        s
+    }
+}
+
+impl From<DType> for Storage {
+    fn from(d: DType) -> Storage {
+        Storage::all(d)
     }
 }

@@ -4,7 +4,8 @@
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
-//! 4. [`nchw_conv_output`]: inference convolutions store NCHW from the GEMM;
+//! 4. [`nchw_conv_output`]: inference convolutions store NCHW from the GEMM; [`fold_operand_casts`]:
+//!    f16 products read f32 operands cast to f16 (mixed precision's parameters) themselves;
 //! 5. with fusion on (`exec::fuse`): elementwise chains become one node, transposes fold into
 //!    them, reductions take their input's chain as a prologue, and products their reader's chain
 //!    as an epilogue ([`fuse_matmul_epilogue`]);
@@ -59,6 +60,7 @@ pub(crate) fn lower(
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
     nchw_conv_output(nodes, order, targets);
+    fold_operand_casts(nodes, order, targets);
     if fusion {
         super::fuse::fuse_elementwise(nodes, order, targets);
         super::fuse::fold_permutes(nodes, order, targets);
@@ -71,6 +73,93 @@ pub(crate) fn lower(
         outputs,
         ch.target.max_storage_buffers as usize,
     );
+}
+
+/// Where an f16 product (or implicit-GEMM convolution) reads an operand or its bias as
+/// `cast(x, f16)` of an f32 `x`, possibly through a reshape (a convolution's weight), lets the
+/// product read `x` and round it on load (`codegen::load`: the value the cast stores), and drops
+/// the cast where nothing else reads it: mixed precision's f32 parameters then cost no kernel
+/// of their own. Reads move from the cast's step to the product's, so no in-place update of `x`
+/// may lie between ([`written_between`]).
+pub(crate) fn fold_operand_casts(
+    nodes: &mut Vec<Node>,
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    let at = |order: &[NodeId], id: NodeId| order.iter().position(|&o| o == id);
+    let mut i = 0;
+    while i < order.len() {
+        let id = order[i];
+        let n = &nodes[id.0];
+        // the operand slots: a, b and (plain products) the bias
+        let slots = match n.op {
+            Op::MatMul(_) => n.inputs.len(),
+            Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) => 2,
+            _ => 0,
+        };
+        if n.dtype != DType::F16 {
+            i += 1;
+            continue;
+        }
+        for k in 0..slots {
+            let operand = nodes[id.0].inputs[k];
+            // cast(x) or reshape(cast(x))
+            let (cast, view) = match nodes[operand.0].op {
+                Op::Reshape => (nodes[operand.0].inputs[0], Some(operand)),
+                _ => (operand, None),
+            };
+            let Op::Cast(c) = nodes[cast.0].op else {
+                continue;
+            };
+            let x = nodes[cast.0].inputs[0];
+            if c.to != DType::F16 || nodes[x.0].dtype != DType::F32 || targets.contains(&cast) {
+                continue;
+            }
+            let Some(from) = at(order, cast) else {
+                continue;
+            };
+            if written_between(nodes, order, x, from, i) {
+                continue;
+            }
+            let source = match view {
+                None => x,
+                Some(v) => {
+                    // the same reshape of x itself (a view: no kernel)
+                    let r = NodeId(nodes.len());
+                    nodes.push(Node {
+                        op: Op::Reshape,
+                        inputs: vec![x],
+                        shape: nodes[v.0].shape.clone(),
+                        dtype: DType::F32,
+                    });
+                    order.insert(i, r);
+                    i += 1;
+                    r
+                }
+            };
+            nodes[id.0].inputs[k] = source;
+        }
+        i += 1;
+    }
+    // casts (and their views) nothing reads any more
+    loop {
+        let unread: Vec<NodeId> = order
+            .iter()
+            .copied()
+            .filter(|&c| {
+                let n = &nodes[c.0];
+                let dead_kind = matches!(n.op, Op::Cast(_))
+                    || (matches!(n.op, Op::Reshape) && n.dtype == DType::F16);
+                dead_kind
+                    && !targets.contains(&c)
+                    && !order.iter().any(|r| nodes[r.0].inputs.contains(&c))
+            })
+            .collect();
+        if unread.is_empty() {
+            break;
+        }
+        order.retain(|id| !unread.contains(id));
+    }
 }
 
 /// Most parameters one multi-tensor update kernel takes (its WGSL has a branch per parameter;
@@ -716,6 +805,13 @@ fn select_f16(
     dtype: DType,
     ch: &Choice,
 ) -> Option<(KernelSpec, Option<Generated>)> {
+    // operands read as stored: f16, or f32 rounded on load where a cast was folded in
+    let storage = |n_operands: usize| crate::codegen::Storage {
+        a: in_dtypes[0],
+        b: in_dtypes[1],
+        bias: if n_operands > 2 { in_dtypes[2] } else { dtype },
+        out: dtype,
+    };
     let single = |op: StepOp| Fused {
         steps: vec![Step {
             op,
@@ -758,11 +854,12 @@ fn select_f16(
             let d = mm
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
+            let st = storage(inputs.len());
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
-                crate::codegen::coop::kernel(mm, &d, dtype)
+                crate::codegen::coop::kernel(mm, &d, st)
             } else {
                 let cfg = gemm_config_f16(&d, ch);
-                gemm::kernel_with(mm, &d, &cfg, None, None, None, dtype)
+                gemm::kernel_with(mm, &d, &cfg, None, None, None, st)
             }
         }
         Op::MatMulEpilogue(e) => {
@@ -775,7 +872,7 @@ fn select_f16(
             shapes.insert(e.product_input, out);
             let epi = elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, dtype);
             let cfg = gemm_config_f16(&d, ch);
-            gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi), dtype)
+            gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi), storage(np))
         }
         Op::ImplicitGemm(c) => {
             let cols = c.cols_shape(inputs[1]);
@@ -783,13 +880,14 @@ fn select_f16(
                 .product
                 .dims(inputs[0], &cols)
                 .expect("shape checked at build time");
+            let st = storage(2);
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
-                crate::codegen::coop::kernel_with(&c.product, &d, dtype, conv_operands(c))
+                crate::codegen::coop::kernel_with(&c.product, &d, st, conv_operands(c))
             } else {
                 let cfg = gemm_config_f16(&d, ch);
                 let (ho, wo) = c.geom.out_hw();
                 let nchw = c.nchw.then_some(ho * wo);
-                gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom), nchw, None, dtype)
+                gemm::kernel_with(&c.product, &d, &cfg, Some(c.geom), nchw, None, st)
             }
         }
         Op::ImplicitDgrad(c) => {
@@ -798,11 +896,11 @@ fn select_f16(
                 crate::codegen::coop::kernel_with(
                     &ImplicitDgrad::product(),
                     &d,
-                    dtype,
+                    storage(2),
                     crate::codegen::coop::Operands::Dgrad(c.geom),
                 )
             } else {
-                gemm::dgrad_kernel(c.geom, &d, &gemm_config_f16(&d, ch), dtype)
+                gemm::dgrad_kernel(c.geom, &d, &gemm_config_f16(&d, ch), storage(2))
             }
         }
         // hand-written kernels with a storage block: their f16 variants
