@@ -947,6 +947,41 @@ mod tests {
     }
 
     #[test]
+    fn casts_of_operands_fold_into_f16_products() {
+        use crate::ops::matmul::Bias;
+        use crate::tensor::DType;
+        let g = Graph::new();
+        let x = g.input_as("x", [4, 6], DType::F16);
+        let w = g.param("w", [3, 2, 1, 3]);
+        let b = g.param("b", [3]);
+        // a reshape of a cast weight (as a convolution's), a cast bias that relu reads too
+        let w16 = g.reshape(g.cast(w, DType::F16).unwrap(), &[3, 6]).unwrap();
+        let b16 = g.cast(b, DType::F16).unwrap();
+        let y = g
+            .matmul_fused(x, w16, false, true, Some((b16, Bias::Cols)), false)
+            .unwrap();
+        let also = g.relu(b16).unwrap();
+        let mut nodes = g.nodes();
+        let mut order = reachable(&nodes, &[y, also]);
+        fold_operand_casts(&mut nodes, &mut order, &[y, also]);
+        let ins = nodes[y.0].inputs.clone();
+        assert_eq!(ins[0], x, "x is f16 already");
+        // the weight: a new f32 view of w itself
+        assert!(matches!(nodes[ins[1].0].op, Op::Reshape));
+        assert_eq!(nodes[ins[1].0].inputs, vec![w]);
+        assert_eq!(nodes[ins[1].0].dtype, DType::F32);
+        assert_eq!(ins[2], b, "the bias read in f32");
+        // the weight's cast and its f16 view are gone; the bias's cast stays for relu
+        let casts_of_w = order
+            .iter()
+            .filter(|id| matches!(nodes[id.0].op, Op::Cast(_)) && nodes[id.0].inputs == [w])
+            .count();
+        assert_eq!(casts_of_w, 0);
+        assert!(!order.contains(&w16));
+        assert!(order.contains(&b16));
+    }
+
+    #[test]
     fn a_steps_updates_become_one_group() {
         use crate::ops::optim::OptimGroup;
         let g = Graph::new();
