@@ -41,9 +41,16 @@ pub struct GemmConfig {
     pub double_buffer: bool,
 }
 
-/// The tilings [`choose`] considers, as `(BM, BN, TM, TN)`, largest first.
+/// The tilings [`choose`] considers, as `(BM, BN, TM, TN)`, largest first. The 512-thread ones
+/// (128x256, 256x128) need an adapter that allows them (an H100 does, WebGPU's defaults do not);
+/// 64x256 and 256x64 keep 8x8 results per thread where one extent is 64 (a convolution with 64
+/// filters).
 pub const TILINGS: &[(u32, u32, u32, u32)] = &[
+    (128, 256, 8, 8),
+    (256, 128, 8, 8),
     (128, 128, 8, 8),
+    (64, 256, 8, 8),
+    (256, 64, 8, 8),
     (64, 128, 4, 8),
     (128, 64, 8, 4),
     (64, 64, 4, 4),
