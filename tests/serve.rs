@@ -406,6 +406,38 @@ fn health_metrics_and_predictions_match_one_at_a_time_inference() {
     }
 }
 
+/// `--f16` serves both models in mixed precision: probabilities within f16 precision of the f32
+/// one-at-a-time inference (absolute 2e-2), summing to 1.
+#[test]
+fn f16_serving_matches_f32_inference_to_f16_precision() {
+    let _g = serial();
+    for name in ["mlp", "mnist_cnn"] {
+        let ckpt = write_checkpoint(name, 11);
+        let mut reference = Reference::new(name, &ckpt);
+        let server = Server::start(name, &ckpt, &["--max-batch", "4", "--f16"]);
+        let imgs: Vec<Vec<f32>> = (30..36).map(image).collect();
+        let inputs: Vec<Value> = imgs.iter().map(|x| json!(x)).collect();
+        let p = predictions(&post(server.addr, &json!({ "inputs": inputs })), imgs.len());
+        for (i, x) in imgs.iter().enumerate() {
+            let want = reference.predict(x);
+            let probs: Vec<f64> = p[i]["probabilities"]
+                .as_array()
+                .expect("probabilities")
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            for (k, (&got, &w)) in probs.iter().zip(&want).enumerate() {
+                assert!(
+                    (got - w as f64).abs() <= 2e-2,
+                    "{name} input {i}: probability {k} is {got} in f16, {w} in f32"
+                );
+            }
+            assert!((probs.iter().sum::<f64>() - 1.0).abs() <= 1e-5);
+        }
+        drop(server);
+    }
+}
+
 #[test]
 fn bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving() {
     let _g = serial();

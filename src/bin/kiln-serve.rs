@@ -131,6 +131,10 @@ struct Args {
     /// Run every request alone.
     #[arg(long)]
     no_batching: bool,
+    /// Mixed precision: f16 activations, products and convolutions (tensor cores where the
+    /// adapter has them; the f32 weights rounded as they are read), probabilities in f32.
+    #[arg(long)]
+    f16: bool,
     /// Testing only: a batch holding an input whose first value equals this fails its plan run.
     #[arg(long, hide = true, allow_negative_numbers = true)]
     inject_fault_marker: Option<f32>,
@@ -163,6 +167,11 @@ fn run(args: Args) -> Result<(), String> {
         window: Duration::from_millis(args.batch_window_ms),
         batching,
         fault_marker: args.inject_fault_marker,
+        dtype: if args.f16 {
+            kiln::DType::F16
+        } else {
+            kiln::DType::F32
+        },
     };
     let (ready, worker) = worker::spawn(cfg, rx, metrics.clone(), healthy.clone())?;
     println!(

@@ -43,6 +43,8 @@ pub struct Config {
     /// Testing only: a batch holding an input whose first value equals this is fed to its plan
     /// with a malformed input tensor, so that the plan run fails (the 500 path).
     pub fault_marker: Option<f32>,
+    /// The activations' type: f16 runs the model in mixed precision (`--f16`).
+    pub dtype: kiln::DType,
 }
 
 /// What the worker reports once the model is loaded and its plans compiled.
@@ -104,12 +106,18 @@ struct Worker {
     healthy: Arc<AtomicBool>,
 }
 
-/// A plan computing softmax probabilities `(bucket, CLASSES)` from images `x (bucket, 1, 28, 28)`.
-fn compile(dev: &Device, model: &Sequential, bucket: usize) -> kiln::Result<Plan> {
+/// A plan computing softmax probabilities `(bucket, CLASSES)` from images `x (bucket, 1, 28, 28)`,
+/// the layers on activations of `dtype` (the probabilities in f32).
+fn compile(
+    dev: &Device,
+    model: &Sequential,
+    bucket: usize,
+    dtype: kiln::DType,
+) -> kiln::Result<Plan> {
     let g = Graph::new();
     let x = g.input("x", [bucket, 1, 28, 28]);
-    let (logits, _) = model.apply(&g, x, false)?;
-    let probs = g.softmax(logits, -1)?;
+    let (logits, _) = model.apply(&g, g.cast(x, dtype)?, false)?;
+    let probs = g.softmax(g.cast(logits, kiln::DType::F32)?, -1)?;
     dev.compile(&g, &[probs])
 }
 
@@ -126,7 +134,8 @@ impl Worker {
         let mut plans = HashMap::new();
         // The first plan creates the parameters (freshly initialised), so that loading the
         // checkpoint then checks every tensor's shape against the model's.
-        let first = compile(&dev, &model, 1).map_err(|e| format!("compiling the model: {e}"))?;
+        let first =
+            compile(&dev, &model, 1, cfg.dtype).map_err(|e| format!("compiling the model: {e}"))?;
         plans.insert(1, first);
         let names = model.param_names();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -134,7 +143,7 @@ impl Worker {
         checkpoint::load(&dev, &cfg.checkpoint, &names)
             .map_err(|e| format!("cannot load the {} checkpoint: {e}", cfg.model.name()))?;
         for &b in &buckets[1..] {
-            let plan = compile(&dev, &model, b)
+            let plan = compile(&dev, &model, b, cfg.dtype)
                 .map_err(|e| format!("compiling the model for batches of {b}: {e}"))?;
             plans.insert(b, plan);
         }
@@ -256,7 +265,7 @@ impl Worker {
         let plan = match self.plans.entry(bucket) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let plan = compile(&self.dev, &self.model, bucket)
+                let plan = compile(&self.dev, &self.model, bucket, self.cfg.dtype)
                     .map_err(|e| format!("compiling the model for batches of {bucket}: {e}"))?;
                 e.insert(plan)
             }
