@@ -282,3 +282,36 @@ fn pipeline_cache_persists_to_disk() {
         }
     }
 }
+
+/// A narrow that keeps a prefix of its input's memory (start 0, every axis before it of
+/// extent one) is a view: no kernel, the consumer binds the front of the input's buffer; other
+/// narrows and concatenations copy. Values as the CPU reference, read back directly too.
+#[test]
+fn prefix_narrows_are_views() {
+    let Some(dev) = gpu() else { return };
+    let g = Graph::new();
+    let x = g.input("x", [1, 5, 3]);
+    let prefix = g.narrow(x, 1, 0, 2).unwrap(); // the first 6 elements
+    let y = g.relu(prefix).unwrap();
+    let inner = g.narrow(x, 2, 0, 2).unwrap(); // strided: a copy
+    let joined = g.concat(&[prefix, x], 1).unwrap(); // reads the view, copies
+    let f = rand(&[1, 5, 3], 3);
+    let feeds = [("x", &f)];
+    for (outs, dispatches) in [
+        (vec![y], 1),
+        (vec![prefix], 0),
+        (vec![inner], 1),
+        (vec![joined], 1),
+    ] {
+        let mut plan = dev.compile(&g, &outs).unwrap();
+        plan.poison(f32::NAN);
+        assert_eq!(plan.info().dispatches, dispatches, "{outs:?}");
+        let got = plan.run(&feeds).unwrap();
+        let want = Device::cpu()
+            .compile(&g, &outs)
+            .unwrap()
+            .run(&feeds)
+            .unwrap();
+        assert_close("prefix view", &got[0], &want[0], 0.0, 0.0);
+    }
+}

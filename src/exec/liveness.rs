@@ -22,10 +22,17 @@ pub fn reachable(nodes: &[Node], outputs: &[NodeId]) -> Vec<NodeId> {
 /// The node whose storage `id` uses: itself, or for a view (reshape, in-place update) the
 /// storage of the input it views.
 pub fn storage_root(nodes: &[Node], mut id: NodeId) -> NodeId {
-    while let Some(k) = nodes[id.0].op.view_of() {
+    while let Some(k) = view_of(nodes, id) {
         id = nodes[id.0].inputs[k];
     }
     id
+}
+
+/// `Op::view_of` of a node, from its inputs' shapes.
+pub fn view_of(nodes: &[Node], id: NodeId) -> Option<usize> {
+    let n = &nodes[id.0];
+    let shapes: Vec<&crate::tensor::Shape> = n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
+    n.op.view_of(&shapes, &n.shape)
 }
 
 /// One computed tensor's lifetime in plan steps: written at `def`, last read at `last`
@@ -44,7 +51,7 @@ pub fn lifetimes(nodes: &[Node], order: &[NodeId], outputs: &[NodeId]) -> Vec<(N
     let mut life: HashMap<NodeId, Lifetime> = HashMap::new();
     for &id in order {
         let n = &nodes[id.0];
-        if n.op.is_source() || n.op.view_of().is_some() {
+        if n.op.is_source() || view_of(nodes, id).is_some() {
             continue;
         }
         let s = step[&id];

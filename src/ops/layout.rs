@@ -194,6 +194,17 @@ impl AxisCopy {
         }
     }
 
+    /// Whether this is a narrow from position 0 (to `out`, no longer than `a` along `axis`) of
+    /// an input `a` whose axes before `axis` all have extent 1 (`narrow(q, 0, 0, t)`): its
+    /// result is the first elements of `a`'s memory, so the plan binds a prefix of `a`'s buffer
+    /// instead of copying (a view, like a reshape).
+    pub fn is_prefix(&self, a: &Shape, out: &Shape) -> bool {
+        self.b_start.is_none()
+            && self.a_start == 0
+            && out.dims()[self.axis] <= a.dims()[self.axis]
+            && a.dims()[..self.axis].iter().all(|&d| d == 1)
+    }
+
     /// CPU reference.
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
         let (outer, ax_out, inner) = super::reduce::split_at_axis(out, self.axis);

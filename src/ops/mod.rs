@@ -207,11 +207,14 @@ impl Op {
         }
     }
 
-    /// For nodes without storage of their own, the input whose storage they use: a reshape views
-    /// its input, an optimizer update writes its parameter (input 3) in place.
-    pub fn view_of(&self) -> Option<usize> {
+    /// For nodes without storage of their own, the input whose storage they use (`inputs` are
+    /// the input shapes, `out` its own): a reshape views its input, a narrow that keeps a prefix of its input's
+    /// memory views it too ([`layout::AxisCopy::is_prefix`]), an optimizer update writes its
+    /// parameter (input 3) in place.
+    pub fn view_of(&self, inputs: &[&Shape], out: &Shape) -> Option<usize> {
         match self {
             Op::Reshape => Some(0),
+            Op::AxisCopy(a) if a.is_prefix(inputs[0], out) => Some(0),
             Op::OptimStep(_) => Some(3),
             Op::OptimGroup(o) => Some(o.param(0)),
             _ => None,
@@ -394,6 +397,8 @@ impl Op {
             Op::Reduce(r) => Some(r.kernel(inputs[0])),
             Op::Permute(p) => Some(p.kernel(inputs[0], out)),
             Op::Expand(e) => Some(e.kernel(inputs[0], out)),
+            // a prefix of its input's memory: a view
+            Op::AxisCopy(a) if a.is_prefix(inputs[0], out) => None,
             Op::AxisCopy(a) => Some(a.kernel(inputs, out)),
             Op::Im2col(c) => Some(c.0.im2col_kernel(inputs[0], out)),
             Op::Col2im(c) => Some(c.0.col2im_kernel(inputs[0], out)),
