@@ -258,9 +258,14 @@ impl GpuPlan {
                     },
                 );
             }
+            // f16 nodes say so (f32 is the default)
+            let shape = match n.dtype {
+                DType::F32 => n.shape.to_string(),
+                other => format!("{} {other}", n.shape),
+            };
             let label = match &generated {
-                Some(g) => format!("node {} {} {} [{}]", id.0, n.op.name(), n.shape, g.key),
-                None => format!("node {} {} {}", id.0, n.op.name(), n.shape),
+                Some(g) => format!("node {} {} {shape} [{}]", id.0, n.op.name(), g.key),
+                None => format!("node {} {} {shape}", id.0, n.op.name()),
             };
             let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(&label),
