@@ -201,6 +201,9 @@ fn products_in_f16() {
             "batched, b transposed",
         ),
         (&[130, 67], &[67, 129], false, false, "past 128 tiles"),
+        // skinny: the GEMV kernel (batch-1 inference)
+        (&[1, 40], &[40, 33], false, false, "one row"),
+        (&[3, 64], &[50, 64], false, true, "three rows, b transposed"),
     ];
     for (k, &(sa, sb, ta, tb, what)) in cases.iter().enumerate() {
         let g = Graph::new();

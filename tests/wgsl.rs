@@ -482,7 +482,16 @@ fn every_gemv_is_valid_wgsl() {
                 bias: [Bias::None, Bias::Rows, Bias::Cols][(bits + rows as u32) as usize % 3],
                 relu: bits & 4 != 0,
             };
-            let src = gemv_wgsl(&mm, rows, None);
+            // f32, f16, and f16 reading an f32 weight (a folded cast)
+            let storage = match bits % 3 {
+                0 => kiln::DType::F32.into(),
+                1 => kiln::DType::F16.into(),
+                _ => kiln::codegen::Storage {
+                    b: kiln::DType::F32,
+                    ..kiln::DType::F16.into()
+                },
+            };
+            let src = gemv_wgsl(&mm, rows, None, storage);
             assert!(src.starts_with("// matmul_gemv.wgsl"));
             assert!(src.contains("Bindings") && src.contains("Dispatch"));
             validate_wgsl(&format!("{rows} {mm:?}"), &src);

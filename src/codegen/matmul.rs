@@ -1221,7 +1221,14 @@ pub fn gemv_applies(d: &ProductDims, target: &Target) -> bool {
 /// contiguous K (8 columns per workgroup); otherwise 64 neighbouring columns are read together,
 /// K split 4 ways. Rows are unrolled (one register each). Bias, relu and a fused epilogue apply
 /// as in the tiled family.
-pub fn gemv_kernel(mm: &MatMul, d: &ProductDims, epilogue: Option<&Epilogue>) -> Generated {
+/// `storage`: the bindings' storage types (a `DType` for all alike).
+pub fn gemv_kernel(
+    mm: &MatMul,
+    d: &ProductDims,
+    epilogue: Option<&Epilogue>,
+    storage: impl Into<Storage>,
+) -> Generated {
+    let storage = storage.into();
     let cols = if mm.trans_b { 8 } else { 64 };
     let batch = d.batch.numel();
     let col_groups = groups(d.n, cols);
@@ -1234,10 +1241,11 @@ pub fn gemv_kernel(mm: &MatMul, d: &ProductDims, epilogue: Option<&Epilogue>) ->
         ("TOTAL", total as f64),
     ];
     constants.extend(d.batch_constants());
-    let src = gemv_wgsl(mm, d.m, epilogue);
+    let src = gemv_wgsl(mm, d.m, epilogue, storage);
     let key = format!(
-        "gemv{}x{cols}{}{}{}{}{}",
+        "gemv{}x{cols}{}{}{}{}{}{}",
         d.m,
+        storage.describe(),
         if mm.trans_a { ",ta" } else { "" },
         if mm.trans_b { ",tb" } else { "" },
         match mm.bias {
@@ -1267,8 +1275,15 @@ pub fn gemv_kernel(mm: &MatMul, d: &ProductDims, epilogue: Option<&Epilogue>) ->
     }
 }
 
-/// The WGSL of the skinny-product kernel for `rows` rows.
-pub fn gemv_wgsl(mm: &MatMul, rows: usize, epilogue: Option<&Epilogue>) -> String {
+/// The WGSL of the skinny-product kernel for `rows` rows, bindings stored as `storage` says.
+pub fn gemv_wgsl(
+    mm: &MatMul,
+    rows: usize,
+    epilogue: Option<&Epilogue>,
+    storage: impl Into<Storage>,
+) -> String {
+    let st = storage.into();
+    let dt = st.out;
     let (cols, lanes) = if mm.trans_b { (8u32, 32u32) } else { (64, 4) };
     let first_extra = if mm.bias == Bias::None { 2 } else { 3 };
     let out_binding = first_extra + epilogue.map_or(0, |e| e.extra);
@@ -1311,6 +1326,9 @@ pub fn gemv_wgsl(mm: &MatMul, rows: usize, epilogue: Option<&Epilogue>) -> Strin
             e.describe
         );
     }
+    if [st.a, st.b, st.bias, st.out].contains(&DType::F16) {
+        s.push_str("enable f16;\n\n");
+    }
     s.push_str(&super::overrides(&[
         "M", "N", "K", "TILES_N", "TOTAL", "BD1", "BD2", "BD3", "SA0", "SA1", "SA2", "SA3", "SB0",
         "SB1", "SB2", "SB3",
@@ -1319,13 +1337,15 @@ pub fn gemv_wgsl(mm: &MatMul, rows: usize, epilogue: Option<&Epilogue>) -> Strin
     let _ = writeln!(
         s,
         "
-@group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read> b: array<f32>;"
+@group(0) @binding(0) var<storage, read> a: array<{}>;
+@group(0) @binding(1) var<storage, read> b: array<{}>;",
+        st.a, st.b
     );
     if mm.bias != Bias::None {
         let _ = writeln!(
             s,
-            "@group(0) @binding(2) var<storage, read> bias: array<f32>;"
+            "@group(0) @binding(2) var<storage, read> bias: array<{}>;",
+            st.bias
         );
     }
     if let Some(e) = epilogue {
@@ -1333,7 +1353,7 @@ pub fn gemv_wgsl(mm: &MatMul, rows: usize, epilogue: Option<&Epilogue>) -> Strin
     }
     let _ = writeln!(
         s,
-        "@group(0) @binding({out_binding}) var<storage, read_write> out: array<f32>;
+        "@group(0) @binding({out_binding}) var<storage, read_write> out: array<{dt}>;
 
 // red[m * 256 + thread]: each thread's partial sum of row m
 var<workgroup> red: array<f32, {}>;
@@ -1368,11 +1388,16 @@ fn main(
     for m in 0..rows {
         let _ = writeln!(s, "    var acc{m} = 0.0;");
     }
-    let b_read = if mm.trans_b {
-        "b[bbase + n * K + k]"
-    } else {
-        "b[bbase + k * N + n]"
-    };
+    let b_read = load(
+        st.b,
+        dt,
+        if mm.trans_b {
+            "b[bbase + n * K + k]"
+        } else {
+            "b[bbase + k * N + n]"
+        }
+        .into(),
+    );
     let _ = writeln!(
         s,
         "    if n < N {{
@@ -1381,9 +1406,9 @@ fn main(
     );
     for m in 0..rows {
         let a_read = if mm.trans_a {
-            format!("a[abase + k * M + {m}u]")
+            load(st.a, dt, format!("a[abase + k * M + {m}u]"))
         } else {
-            format!("a[abase + {m}u * K + k]")
+            load(st.a, dt, format!("a[abase + {m}u * K + k]"))
         };
         let _ = writeln!(s, "            acc{m} = fma({a_read}, bv, acc{m});");
     }
@@ -1404,8 +1429,8 @@ fn main(
     for m in 0..rows {
         let bias = match mm.bias {
             Bias::None => String::new(),
-            Bias::Rows => format!(" + bias[{m}u]"),
-            Bias::Cols => " + bias[n]".to_string(),
+            Bias::Rows => format!(" + {}", load(st.bias, dt, format!("bias[{m}u]"))),
+            Bias::Cols => format!(" + {}", load(st.bias, dt, "bias[n]".into())),
         };
         let mut v = format!("sum{m}{bias}");
         if mm.relu {
@@ -1421,8 +1446,9 @@ fn main(
     for (var l = 0u; l < {lanes}u; l = l + 1u) {{
         sum{m} = sum{m} + red[{}u + {lane_index}];
     }}
-    out[{o}] = {v};",
-            m * 256
+    out[{o}] = {};",
+            m * 256,
+            narrow(dt, &v)
         );
     }
     let _ = writeln!(s, "}}");

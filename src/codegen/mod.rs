@@ -4,7 +4,10 @@
 //! indexed local arrays ran 50x slower on an H100 under naga's bounds checks). Shapes still enter
 //! through `override` constants, so one generated module serves every shape of its configuration.
 //! And fused elementwise chains (`elementwise`): one module per program and shapes, made of the
-//! unary and binary shaders' own op functions.
+//! unary and binary shaders' own op functions. The tensor-core GEMM (`coop`), multi-tensor
+//! optimizer updates (`optim`), and the f16 variants of hand-written shaders (`storage`).
+//! Every generator takes the storage types of its bindings (f32 or f16; arithmetic is f32):
+//! [`load`], [`narrow`] and [`Storage`] say how values are read and written.
 //!
 //! tests/wgsl.rs validates a sweep of every generator's output with naga, without a GPU.
 

@@ -677,7 +677,7 @@ pub(crate) fn select(
                 return Some((g.spec.clone(), Some(g)));
             }
             if uses_gemv(&d, ch) {
-                let g = gemm::gemv_kernel(mm, &d, None);
+                let g = gemm::gemv_kernel(mm, &d, None, DType::F32);
                 return Some((g.spec.clone(), Some(g)));
             }
             match gemm_config(&d, ch) {
@@ -728,7 +728,7 @@ pub(crate) fn select(
             let epi =
                 elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, DType::F32);
             let g = if uses_gemv(&d, ch) {
-                gemm::gemv_kernel(&e.product, &d, Some(&epi))
+                gemm::gemv_kernel(&e.product, &d, Some(&epi), DType::F32)
             } else {
                 let mut cfg = gemm_config(&d, ch)?;
                 cfg.split = 1;
@@ -857,6 +857,8 @@ fn select_f16(
             let st = storage(inputs.len());
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
                 crate::codegen::coop::kernel(mm, &d, st)
+            } else if uses_gemv(&d, ch) {
+                gemm::gemv_kernel(mm, &d, None, st)
             } else {
                 let cfg = gemm_config_f16(&d, ch);
                 gemm::kernel_with(mm, &d, &cfg, None, None, None, st)
@@ -871,8 +873,12 @@ fn select_f16(
             let mut shapes: Vec<&Shape> = inputs[np..].to_vec();
             shapes.insert(e.product_input, out);
             let epi = elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, dtype);
-            let cfg = gemm_config_f16(&d, ch);
-            gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi), storage(np))
+            if uses_gemv(&d, ch) {
+                gemm::gemv_kernel(&e.product, &d, Some(&epi), storage(np))
+            } else {
+                let cfg = gemm_config_f16(&d, ch);
+                gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi), storage(np))
+            }
         }
         Op::ImplicitGemm(c) => {
             let cols = c.cols_shape(inputs[1]);
