@@ -91,10 +91,9 @@ pub(crate) fn fold_operand_casts(
     while i < order.len() {
         let id = order[i];
         let n = &nodes[id.0];
-        // the operand slots: a, b and (plain products) the bias
+        // the operand slots: a, b and the bias where there is one
         let slots = match n.op {
-            Op::MatMul(_) => n.inputs.len(),
-            Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) => 2,
+            Op::MatMul(_) | Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) => n.inputs.len(),
             _ => 0,
         };
         if n.dtype != DType::F16 {
@@ -886,7 +885,7 @@ fn select_f16(
                 .product
                 .dims(inputs[0], &cols)
                 .expect("shape checked at build time");
-            let st = storage(2);
+            let st = storage(inputs.len());
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
                 crate::codegen::coop::kernel_with(&c.product, &d, st, conv_operands(c))
             } else {
