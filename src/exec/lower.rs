@@ -540,18 +540,25 @@ pub(crate) fn fuse_matmul_epilogue(
     order.retain(|id| !dropped.contains(id));
 }
 
-/// Where a forward convolution's implicit GEMM `y [O, N*Ho*Wo]` is read only through
-/// `permute(reshape(y, [O, N, Ho*Wo]), [1, 0, 2])` (inference: no backward pass reads `y`), lets
-/// the GEMM store `[N, O, Ho*Wo]` itself in place of the permute, and drops the permute's copy.
-pub(crate) fn nchw_conv_output(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+/// Where a forward convolution's implicit GEMM `y [O, N*Ho*Wo]` is read through
+/// `permute(reshape(y, [O, N, Ho*Wo]), [1, 0, 2])`, lets the GEMM store `[N, O, Ho*Wo]` itself in
+/// place of the permute, and drops the permute's copy. Inference reads `y` only so; in training
+/// the backward pass's relu mask reads `y` too: such elementwise readers then read the NCHW
+/// result through the inverse transpose (a new permute that `fuse::fold_permutes` folds into
+/// their kernels), so the forward permute goes either way.
+pub(crate) fn nchw_conv_output(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, targets: &[NodeId]) {
     let mut dropped = Vec::new();
-    let readers = |nodes: &[Node], order: &[NodeId], id: NodeId| {
+    let readers = |nodes: &[Node], order: &[NodeId], id: NodeId| -> Vec<NodeId> {
         order
             .iter()
+            .copied()
             .filter(|r| nodes[r.0].inputs.contains(&id))
-            .count()
+            .collect()
     };
-    for &id in order.iter() {
+    let mut i = 0;
+    while i < order.len() {
+        let id = order[i];
+        i += 1;
         let n = &nodes[id.0];
         let Op::Permute(p) = &n.op else {
             continue;
@@ -568,26 +575,68 @@ pub(crate) fn nchw_conv_output(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
             continue;
         };
         let (ho, wo) = c.geom.out_hw();
-        let ys = &nodes[y.0].shape;
+        let ys = nodes[y.0].shape.clone();
         let conv_output = c.partial.is_none()
             && !c.nchw
             && !c.product.trans_a
             && !c.product.trans_b
             && ys.rank() == 2
             && nodes[v.0].shape.dims() == [ys.dims()[0], ys.dims()[1] / (ho * wo), ho * wo];
+        let others: Vec<NodeId> = readers(nodes, order, y)
+            .into_iter()
+            .filter(|&r| r != v)
+            .collect();
+        // the other readers must be elementwise kernels of y's shape, after the permute
+        let at = |order: &[NodeId], x: NodeId| order.iter().position(|&o| o == x);
+        let foldable = others.iter().all(|&r| {
+            matches!(nodes[r.0].op, Op::Unary(_) | Op::Binary(_))
+                && nodes[r.0].shape == ys
+                && at(order, r) > at(order, id)
+        });
         if !conv_output
             || targets.contains(&y)
             || targets.contains(&v)
-            || readers(nodes, order, y) != 1
-            || readers(nodes, order, v) != 1
+            || !foldable
+            || readers(nodes, order, v).len() != 1
         {
             continue;
         }
         let inputs = nodes[y.0].inputs.clone();
+        let dtype = nodes[y.0].dtype;
+        let nchw_shape = nodes[id.0].shape.clone();
         let node = &mut nodes[id.0];
         node.op = Op::ImplicitGemm(ImplicitGemm { nchw: true, ..c });
         node.inputs = inputs;
         dropped.extend([y, v]);
+        if !others.is_empty() {
+            // y for the other readers: permute(NCHW, [1, 0, 2]) reshaped to [O, N*Ho*Wo]
+            let d = nchw_shape.dims();
+            let pm = NodeId(nodes.len());
+            nodes.push(Node {
+                op: Op::Permute(crate::ops::layout::Permute {
+                    perm: vec![1, 0, 2],
+                }),
+                inputs: vec![id],
+                shape: Shape(vec![d[1], d[0], d[2]]),
+                dtype,
+            });
+            let rs = NodeId(nodes.len());
+            nodes.push(Node {
+                op: Op::Reshape,
+                inputs: vec![pm],
+                shape: ys.clone(),
+                dtype,
+            });
+            order.splice(i..i, [pm, rs]);
+            i += 2;
+            for r in others {
+                for x in nodes[r.0].inputs.iter_mut() {
+                    if *x == y {
+                        *x = rs;
+                    }
+                }
+            }
+        }
     }
     order.retain(|id| !dropped.contains(id));
 }
@@ -949,6 +998,48 @@ mod tests {
         };
         implicit_im2col(&mut nodes, &mut order, targets, &ch);
         (nodes, order)
+    }
+
+    #[test]
+    fn training_convolutions_store_nchw_and_the_mask_reads_it_transposed() {
+        let g = Graph::new();
+        let x = g.input("x", [2, 3, 8, 8]);
+        let w = g.param("w", [4, 3, 3, 3]);
+        let b = g.param("b", [4]);
+        let y = g
+            .conv2d_fused(x, w, Some(b), Conv2dOpts::default(), true)
+            .unwrap();
+        let loss = g
+            .sum_all(g.max_pool2d(y, (2, 2), (2, 2), (0, 0)).unwrap())
+            .unwrap();
+        let grads = g.grad(loss, &[w, b]).unwrap();
+        let mut nodes = g.nodes();
+        let mut order = reachable(&nodes, &grads);
+        let target = Target::discrete();
+        let tuned = HashMap::new();
+        let ch = Choice {
+            target: &target,
+            policy: GemmPolicy::Auto,
+            coop: false,
+            coop_f16: false,
+            tuned: &tuned,
+        };
+        lower(&mut nodes, &mut order, &grads, &grads, &ch, true);
+        let nchw = order
+            .iter()
+            .filter(|id| matches!(nodes[id.0].op, Op::ImplicitGemm(c) if c.nchw))
+            .count();
+        assert_eq!(nchw, 1, "the forward product stores NCHW");
+        // no permute kernel is left: the relu mask reads the NCHW result through a folded read
+        let permutes = order
+            .iter()
+            .filter(|id| matches!(nodes[id.0].op, Op::Permute(_)))
+            .count();
+        assert_eq!(permutes, 0);
+        assert!(order.iter().any(|id| matches!(
+            &nodes[id.0].op,
+            Op::Fused(f) if !f.permuted.is_empty()
+        )));
     }
 
     #[test]
