@@ -1,8 +1,10 @@
-//! The tensor-core GEMM: f32 products computed with f16 inputs and f32 accumulation through
-//! cooperative matrices (`enable wgpu_cooperative_matrix;`, 16x16x16 f16 -> f32), used for f32
-//! graphs when the device's matmul precision is `Precision::Medium` (as PyTorch's
-//! `torch.set_float32_matmul_precision("medium")`) and the adapter offers that matrix shape with
-//! 32-wide subgroups.
+//! The tensor-core GEMM: products computed with f16 inputs and f32 accumulation through
+//! cooperative matrices (`enable wgpu_cooperative_matrix;`, 16x16x16 f16 -> f32), used for f16
+//! graphs, and for f32 graphs when the device's matmul precision is `Precision::Medium` (as
+//! PyTorch's `torch.set_float32_matmul_precision("medium")`), where the adapter offers that
+//! matrix shape with 32-wide subgroups. Plain products and implicit-GEMM convolutions
+//! ([`Operands`]: forward, weight gradient, input gradient) alike; bindings stored as
+//! [`Storage`] says.
 //!
 //! A workgroup of 128 threads (four subgroups, 2 x 2) computes a 128 x 128 output tile, each
 //! subgroup a 64 x 64 block as 4 x 4 accumulators. Both operand tiles are staged through
@@ -13,7 +15,8 @@
 //!
 //! Inputs are rounded to f16 (10-bit mantissa, |x| <= 65504): results differ from f32 by about
 //! `sqrt(K) * 2^-11` relative to the operands' scale. The device checks the kernel once against
-//! the CPU reference before using it (`Device::set_matmul_precision`).
+//! the CPU reference before using it (`Device::set_matmul_precision`, or the first plan with an
+//! f16 product).
 
 use std::fmt::Write;
 

@@ -7,7 +7,7 @@
 //! unary and binary shaders' own op functions. The tensor-core GEMM (`coop`), multi-tensor
 //! optimizer updates (`optim`), and the f16 variants of hand-written shaders (`storage`).
 //! Every generator takes the storage types of its bindings (f32 or f16; arithmetic is f32):
-//! [`load`], [`narrow`] and [`Storage`] say how values are read and written.
+//! `load`, `narrow` and [`Storage`] say how values are read and written.
 //!
 //! tests/wgsl.rs validates a sweep of every generator's output with naga, without a GPU.
 
@@ -159,7 +159,7 @@ pub(crate) fn load4(stored: DType, result: DType, x: String) -> String {
 
 /// Storage types of a product's bindings: operands `a` and `b`, the bias, and the result (with
 /// any epilogue inputs). Arithmetic is f32; an f32 operand of an f16 result is read rounded to
-/// f16 ([`load`]): a cast of a parameter folded into the product.
+/// f16 (see `load`): a cast of a parameter folded into the product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Storage {
     pub a: DType,

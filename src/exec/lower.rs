@@ -4,8 +4,9 @@
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
-//! 4. [`nchw_conv_output`]: inference convolutions store NCHW from the GEMM; [`fold_operand_casts`]:
-//!    f16 products read f32 operands cast to f16 (mixed precision's parameters) themselves;
+//! 4. [`nchw_conv_output`]: forward convolutions store NCHW from the GEMM (in training the relu
+//!    mask reads that through a transpose step 5 folds); [`fold_operand_casts`]: f16 products
+//!    read f32 operands cast to f16 (mixed precision's parameters) themselves;
 //! 5. with fusion on (`exec::fuse`): elementwise chains become one node, transposes fold into
 //!    them, reductions take their input's chain as a prologue, and products their reader's chain
 //!    as an epilogue ([`fuse_matmul_epilogue`]);
