@@ -147,7 +147,8 @@ impl Graph {
     }
 
     /// A named trainable parameter, zero-initialised unless the device already holds a value under
-    /// this name (see `Device::set_param`).
+    /// this name (see `Device::set_param`). Parameters (and constants) are f32; an f16 network
+    /// casts them ([`Graph::cast`]), which the plan compiler folds into the products reading them.
     pub fn param(&self, name: &str, shape: impl Into<Shape>) -> NodeId {
         self.push_typed(
             Op::Param {
