@@ -174,51 +174,88 @@ fn resident(dev: &Device, g: &Graph, name: &str, value: Tensor) -> kiln::Result<
     Ok(g.param(name, value.shape().clone()))
 }
 
-fn matmul(dev: &Device, n: usize) -> kiln::Result<Case> {
-    matmul_named(dev, n, "")
+/// An operand of `shape` resident in f32 (as weights are) and, for an f16 case, cast in the
+/// plan (f16 cases count only their main kernels: see [`Case::kernels`]).
+fn operand(
+    dev: &Device,
+    g: &Graph,
+    name: &str,
+    value: Tensor,
+    dtype: kiln::DType,
+) -> kiln::Result<kiln::NodeId> {
+    g.cast(resident(dev, g, name, value)?, dtype)
 }
 
-fn matmul_named(dev: &Device, n: usize, note: &str) -> kiln::Result<Case> {
+/// One element of `y` as f32: what a case reads back.
+fn probe(g: &Graph, y: kiln::NodeId) -> kiln::Result<kiln::NodeId> {
+    let flat = g.cast(g.reshape(y, &[-1])?, kiln::DType::F32)?;
+    g.narrow(flat, 0, 0, 1)
+}
+
+/// " (f16 graph)" for f16 cases, with the kernels they count.
+fn half_case(mut case: Case, dtype: kiln::DType, kernels: &'static str) -> Case {
+    if dtype == kiln::DType::F16 {
+        case.name.push_str(" (f16 graph)");
+        case.kernels = Some(kernels);
+    }
+    case
+}
+
+fn matmul(dev: &Device, n: usize) -> kiln::Result<Case> {
+    matmul_as(dev, n, "", kiln::DType::F32)
+}
+
+/// An `n`^3 product of `dtype` operands (f16: on tensor cores where the adapter has them, else
+/// the tiled kernels with f16 loads; the kernel column times the product alone).
+fn matmul_as(dev: &Device, n: usize, note: &str, dtype: kiln::DType) -> kiln::Result<Case> {
     let g = Graph::new();
-    let a = resident(
+    let a = operand(
         dev,
         &g,
         &format!("bench.mm{n}.a"),
         Tensor::rand_uniform([n, n], -1.0, 1.0, 1),
+        dtype,
     )?;
-    let b = resident(
+    let b = operand(
         dev,
         &g,
         &format!("bench.mm{n}.b"),
         Tensor::rand_uniform([n, n], -1.0, 1.0, 2),
+        dtype,
     )?;
-    // read back one element only: take a 1x1 slice
     let y = g.matmul(a, b)?;
-    let probe = g.narrow(g.narrow(y, 0, 0, 1)?, 1, 0, 1)?;
-    let plan = dev.compile(&g, &[probe])?;
-    Ok(plan_case(
+    let plan = dev.compile(&g, &[probe(&g, y)?])?;
+    let case = plan_case(
         format!("matmul {n}^3{note}"),
         2.0 * (n as f64).powi(3),
         "GFLOP/s",
         plan,
         Vec::new(),
-    ))
+    );
+    Ok(half_case(case, dtype, "matmul"))
 }
 
-fn conv(dev: &Device, (n, c, h, o): (usize, usize, usize, usize)) -> kiln::Result<Case> {
+/// A 3x3 padded convolution of a batch `n` of `c`-channel `h`x`h` images to `o` channels.
+fn conv(
+    dev: &Device,
+    (n, c, h, o): (usize, usize, usize, usize),
+    dtype: kiln::DType,
+) -> kiln::Result<Case> {
     let g = Graph::new();
     let tag = format!("bench.conv{n}x{c}x{h}x{o}");
-    let x = resident(
+    let x = operand(
         dev,
         &g,
         &format!("{tag}.x"),
         Tensor::rand_uniform([n, c, h, h], -1.0, 1.0, 3),
+        dtype,
     )?;
-    let w = resident(
+    let w = operand(
         dev,
         &g,
         &format!("{tag}.w"),
         Tensor::rand_uniform([o, c, 3, 3], -0.1, 0.1, 4),
+        dtype,
     )?;
     let y = g.conv2d(
         x,
@@ -229,16 +266,42 @@ fn conv(dev: &Device, (n, c, h, o): (usize, usize, usize, usize)) -> kiln::Resul
             ..Default::default()
         },
     )?;
-    let probe = g.narrow(g.flatten(y)?, 1, 0, 1)?;
-    let plan = dev.compile(&g, &[probe])?;
-    let flops = 2.0 * (n * o * h * h * c * 9) as f64;
-    Ok(plan_case(
+    let plan = dev.compile(&g, &[probe(&g, y)?])?;
+    let case = plan_case(
         format!("conv2d fwd {n}x{c}x{h}x{h} -> {o}, 3x3"),
-        flops,
+        2.0 * (n * o * h * h * c * 9) as f64,
         "GFLOP/s",
         plan,
         Vec::new(),
-    ))
+    );
+    Ok(half_case(case, dtype, "implicit_gemm"))
+}
+
+/// `relu(x * s + t) * u - x` over `n` values of `dtype`: five elementwise ops the plan compiler
+/// may fuse; bytes counted as one read of each input and one write (what a fused kernel moves).
+fn chain(dev: &Device, n: usize, dtype: kiln::DType) -> kiln::Result<Case> {
+    let g = Graph::new();
+    let tag = format!("bench.chain{n}");
+    let t = |k: u64| {
+        operand(
+            dev,
+            &g,
+            &format!("{tag}.{k}"),
+            Tensor::rand_uniform([n], -1.0, 1.0, 10 + k),
+            dtype,
+        )
+    };
+    let (x, s, b, u) = (t(0)?, t(1)?, t(2)?, t(3)?);
+    let y = g.sub(g.mul(g.relu(g.add(g.mul(x, s)?, b)?)?, u)?, x)?;
+    let plan = dev.compile(&g, &[probe(&g, y)?])?;
+    let case = plan_case(
+        format!("elementwise chain (5 ops) {}M values", n >> 20),
+        5.0 * (dtype.size() * n) as f64,
+        "GB/s",
+        plan,
+        Vec::new(),
+    );
+    Ok(half_case(case, dtype, "fused"))
 }
 
 fn relu(dev: &Device, n: usize) -> kiln::Result<Case> {
@@ -254,32 +317,6 @@ fn relu(dev: &Device, n: usize) -> kiln::Result<Case> {
     Ok(plan_case(
         format!("relu {}M floats", n >> 20),
         8.0 * n as f64,
-        "GB/s",
-        plan,
-        Vec::new(),
-    ))
-}
-
-/// `relu(x * s + t) * u - x` over `n` floats: five elementwise ops the plan compiler may fuse;
-/// bytes counted as one read of each input and one write (what a fused kernel moves).
-fn chain(dev: &Device, n: usize) -> kiln::Result<Case> {
-    let g = Graph::new();
-    let tag = format!("bench.chain{n}");
-    let t = |k: u64| {
-        resident(
-            dev,
-            &g,
-            &format!("{tag}.{k}"),
-            Tensor::rand_uniform([n], -1.0, 1.0, 10 + k),
-        )
-    };
-    let (x, s, b, u) = (t(0)?, t(1)?, t(2)?, t(3)?);
-    let y = g.sub(g.mul(g.relu(g.add(g.mul(x, s)?, b)?)?, u)?, x)?;
-    let probe = g.narrow(y, 0, 0, 1)?;
-    let plan = dev.compile(&g, &[probe])?;
-    Ok(plan_case(
-        format!("elementwise chain (5 ops) {}M floats", n >> 20),
-        20.0 * n as f64,
         "GB/s",
         plan,
         Vec::new(),
@@ -345,98 +382,6 @@ fn lstm_step(dev: &Device, hidden: usize) -> kiln::Result<Case> {
     })
 }
 
-/// An f16 graph's `n`^3 product: the operands are resident in f32 and cast to f16 in the plan;
-/// the kernel column times the product alone (on tensor cores where the adapter has them, the
-/// tiled kernels with f16 loads elsewhere).
-fn matmul_f16(dev: &Device, n: usize) -> kiln::Result<Case> {
-    let g = Graph::new();
-    let f16 = |name: &str, seed| -> kiln::Result<kiln::NodeId> {
-        let v = Tensor::rand_uniform([n, n], -1.0, 1.0, seed);
-        g.cast(
-            resident(dev, &g, &format!("bench.mm{n}.{name}"), v)?,
-            kiln::DType::F16,
-        )
-    };
-    let y = g.matmul(f16("a", 1)?, f16("b", 2)?)?;
-    let probe = g.narrow(g.narrow(g.cast(y, kiln::DType::F32)?, 0, 0, 1)?, 1, 0, 1)?;
-    let plan = dev.compile(&g, &[probe])?;
-    let mut case = plan_case(
-        format!("matmul {n}^3 (f16 graph)"),
-        2.0 * (n as f64).powi(3),
-        "GFLOP/s",
-        plan,
-        Vec::new(),
-    );
-    case.kernels = Some("matmul");
-    Ok(case)
-}
-
-/// The convolution of [`conv`] in an f16 graph (operands resident in f32, cast in the plan):
-/// the kernel column times the implicit GEMM alone (tensor cores where the adapter has them).
-fn conv_f16(dev: &Device, (n, c, h, o): (usize, usize, usize, usize)) -> kiln::Result<Case> {
-    let g = Graph::new();
-    let tag = format!("bench.conv{n}x{c}x{h}x{o}");
-    let x = resident(
-        dev,
-        &g,
-        &format!("{tag}.x"),
-        Tensor::rand_uniform([n, c, h, h], -1.0, 1.0, 3),
-    )?;
-    let w = resident(
-        dev,
-        &g,
-        &format!("{tag}.w"),
-        Tensor::rand_uniform([o, c, 3, 3], -0.1, 0.1, 4),
-    )?;
-    let y = g.conv2d(
-        g.cast(x, kiln::DType::F16)?,
-        g.cast(w, kiln::DType::F16)?,
-        None,
-        Conv2dOpts {
-            padding: (1, 1),
-            ..Default::default()
-        },
-    )?;
-    let probe = g.narrow(g.cast(g.flatten(y)?, kiln::DType::F32)?, 1, 0, 1)?;
-    let plan = dev.compile(&g, &[probe])?;
-    let mut case = plan_case(
-        format!("conv2d fwd {n}x{c}x{h}x{h} -> {o}, 3x3 (f16 graph)"),
-        2.0 * (n * o * h * h * c * 9) as f64,
-        "GFLOP/s",
-        plan,
-        Vec::new(),
-    );
-    case.kernels = Some("implicit_gemm");
-    Ok(case)
-}
-
-/// The five-op chain of [`chain`] on f16 tensors (cast from f32-resident ones in the plan): the
-/// kernel column times the fused chain alone, bytes counted at 2 per element.
-fn chain_f16(dev: &Device, n: usize) -> kiln::Result<Case> {
-    let g = Graph::new();
-    let tag = format!("bench.chain{n}");
-    let t = |k: u64| -> kiln::Result<kiln::NodeId> {
-        let v = Tensor::rand_uniform([n], -1.0, 1.0, 10 + k);
-        g.cast(
-            resident(dev, &g, &format!("{tag}.{k}"), v)?,
-            kiln::DType::F16,
-        )
-    };
-    let (x, s, b, u) = (t(0)?, t(1)?, t(2)?, t(3)?);
-    let y = g.sub(g.mul(g.relu(g.add(g.mul(x, s)?, b)?)?, u)?, x)?;
-    let probe = g.narrow(g.cast(y, kiln::DType::F32)?, 0, 0, 1)?;
-    let plan = dev.compile(&g, &[probe])?;
-    let mut case = plan_case(
-        format!("elementwise chain (5 ops, f16) {}M", n >> 20),
-        10.0 * n as f64,
-        "GB/s",
-        plan,
-        Vec::new(),
-    );
-    case.kernels = Some("fused");
-    Ok(case)
-}
-
 /// Median seconds per run after a warm-up, within a time budget.
 fn time(case: &mut Case, reps: usize, budget: Duration) -> kiln::Result<f64> {
     case.run()?;
@@ -467,16 +412,16 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
         let tc_dev = Device::gpu()?;
         match tc_dev.set_matmul_precision(kiln::Precision::Medium) {
             Ok(()) => {
-                let tc_case = |n| matmul_named(&tc_dev, n, " (f16 tensor cores)");
+                let tc_case = |n| matmul_as(&tc_dev, n, " (f16 tensor cores)", kiln::DType::F32);
                 tc = [tc_case(4096).ok(), tc_case(8192).ok()];
             }
             Err(e) => eprintln!("tensor cores skipped: {e}"),
         }
     }
     v.extend(tc);
-    v.push(Some(conv(dev, (64, 32, 13, 64))?));
+    v.push(Some(conv(dev, (64, 32, 13, 64), kiln::DType::F32)?));
     v.push(if hardware && !cpu {
-        Some(conv(dev, (64, 64, 56, 64))?)
+        Some(conv(dev, (64, 64, 56, 64), kiln::DType::F32)?)
     } else {
         None
     });
@@ -486,47 +431,31 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
     } else {
         None
     });
-    v.push(Some(chain(dev, if hardware { 64 << 20 } else { 4 << 20 })?));
+    let f16 = kiln::DType::F16;
+    v.push(Some(chain(
+        dev,
+        if hardware { 64 << 20 } else { 4 << 20 },
+        kiln::DType::F32,
+    )?));
     // f16 graphs, on adapters with SHADER_F16 (GPU only: the entries stay aligned)
     let half = !cpu && dev.features().contains(wgpu::Features::SHADER_F16);
-    v.push(if half {
-        matmul_f16(dev, 1024).ok()
+    let big = if hardware { 64 << 20 } else { 4 << 20 };
+    let conv_shape = if hardware {
+        (64, 64, 56, 64)
     } else {
-        None
-    });
-    v.push(if half && hardware {
-        matmul_f16(dev, 4096).ok()
-    } else {
-        None
-    });
-    v.push(if half && hardware {
-        matmul_f16(dev, 8192).ok()
-    } else {
-        None
-    });
-    v.push(if half {
-        chain_f16(dev, if hardware { 64 << 20 } else { 4 << 20 }).ok()
-    } else {
-        None
-    });
-    v.push(if half {
-        conv_f16(
-            dev,
-            if hardware {
-                (64, 64, 56, 64)
-            } else {
-                (64, 32, 13, 64)
-            },
-        )
-        .ok()
-    } else {
-        None
-    });
-    v.push(if half {
-        cnn_step(dev, kiln::DType::F16).ok()
-    } else {
-        None
-    });
+        (64, 32, 13, 64)
+    };
+    v.push(half.then(|| matmul_as(dev, 1024, "", f16).ok()).flatten());
+    for n in [4096, 8192] {
+        v.push(
+            (half && hardware)
+                .then(|| matmul_as(dev, n, "", f16).ok())
+                .flatten(),
+        );
+    }
+    v.push(half.then(|| chain(dev, big, f16).ok()).flatten());
+    v.push(half.then(|| conv(dev, conv_shape, f16).ok()).flatten());
+    v.push(half.then(|| cnn_step(dev, f16).ok()).flatten());
     v.push(Some(cnn_step(dev, kiln::DType::F32)?));
     v.push(Some(lstm_step(dev, 128)?));
     Ok(v)
