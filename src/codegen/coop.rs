@@ -167,18 +167,6 @@ enable wgpu_cooperative_matrix;
         "SA3", "SB0", "SB1", "SB2", "SB3",
     ]));
     let batch_bases = super::BATCH_BASES;
-    let _ = writeln!(
-        s,
-        "
-@group(0) @binding(0) var<storage, read> a: array<{sa}>;
-@group(0) @binding(1) var<storage, read> b: array<{sb}>;"
-    );
-    if mm.bias != Bias::None {
-        let _ = writeln!(
-            s,
-            "@group(0) @binding(2) var<storage, read> bias: array<{sbias}>;"
-        );
-    }
     // a convolution's gathers (they read `a` and `b`) and NCHW store index
     let (conv_fns, nchw) = match operands {
         Operands::Matrices => (String::new(), None),
@@ -212,10 +200,17 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
             }
         );
     }
+    s.push('\n');
+    s.push_str(&super::matmul::product_bindings(
+        st,
+        [false; 3],
+        mm.bias != Bias::None,
+        None,
+        out_binding,
+    ));
     let _ = writeln!(
         s,
-        "@group(0) @binding({out_binding}) var<storage, read_write> out: array<{dt}>;
-{conv_fns}{nchw_fn}
+        "{conv_fns}{nchw_fn}
 // As[m * {BK} + k] = op(a)[row0 + m, k0 + k]; Bs[k * {tile} + n] = op(b)[k0 + k, col0 + n]
 var<workgroup> As: array<f16, {asz}>;
 var<workgroup> Bs: array<f16, {bsz}>;

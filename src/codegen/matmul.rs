@@ -748,6 +748,48 @@ pub fn dgrad_kernel(
     g
 }
 
+/// The bindings of a product kernel, in kiln's order: `a` (0), `b` (1), the bias (2, where
+/// there is one), an epilogue's inputs, then the output at `out_binding`; each an array of its
+/// storage type (`vec4` where `vec` says so: a, b, out).
+pub(crate) fn product_bindings(
+    st: Storage,
+    vec: [bool; 3],
+    bias: bool,
+    epilogue: Option<&Epilogue>,
+    out_binding: usize,
+) -> String {
+    let ty = |d: DType, v: bool| {
+        if v {
+            format!("vec4<{d}>")
+        } else {
+            d.to_string()
+        }
+    };
+    let mut s = format!(
+        "@group(0) @binding(0) var<storage, read> a: array<{}>;
+@group(0) @binding(1) var<storage, read> b: array<{}>;
+",
+        ty(st.a, vec[0]),
+        ty(st.b, vec[1])
+    );
+    if bias {
+        let _ = writeln!(
+            s,
+            "@group(0) @binding(2) var<storage, read> bias: array<{}>;",
+            st.bias
+        );
+    }
+    if let Some(e) = epilogue {
+        s.push_str(&e.bindings);
+    }
+    let _ = writeln!(
+        s,
+        "@group(0) @binding({out_binding}) var<storage, read_write> out: array<{}>;",
+        ty(st.out, vec[2])
+    );
+    s
+}
+
 /// The WGSL of one configuration.
 pub fn wgsl(cfg: &GemmConfig, lay: &Layout) -> String {
     wgsl_with(cfg, lay, None)
@@ -863,35 +905,17 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
         "BD3", "SA0", "SA1", "SA2", "SA3", "SB0", "SB1", "SB2", "SB3",
     ]));
     let batch_bases = super::BATCH_BASES;
-    let decl = |d: DType, v: bool| {
-        if v {
-            format!("vec4<{d}>")
-        } else {
-            d.to_string()
-        }
-    };
+    s.push('\n');
+    s.push_str(&product_bindings(
+        st,
+        [lay.vec_a, lay.vec_b, lay.vec_out],
+        lay.bias != Bias::None,
+        epilogue,
+        out_binding,
+    ));
     let _ = writeln!(
         s,
         "
-@group(0) @binding(0) var<storage, read> a: array<{}>;
-@group(0) @binding(1) var<storage, read> b: array<{}>;",
-        decl(st.a, lay.vec_a),
-        decl(st.b, lay.vec_b)
-    );
-    if lay.bias != Bias::None {
-        let _ = writeln!(
-            s,
-            "@group(0) @binding(2) var<storage, read> bias: array<{}>;",
-            st.bias
-        );
-    }
-    if let Some(e) = epilogue {
-        s.push_str(&e.bindings);
-    }
-    let _ = writeln!(
-        s,
-        "@group(0) @binding({out_binding}) var<storage, read_write> out: array<{}>;
-
 {cols_fn}
 // k-major tiles: As[kk * {bm4} + i / 4][i % 4] = op(a)[row0 + i, k0 + kk], Bs likewise for op(b)
 var<workgroup> As: array<vec4<f32>, {}>;
@@ -919,7 +943,6 @@ fn main(
     let tx = lid % {tx_count}u;
     let ty = lid / {tx_count}u;
 ",
-        ty_(lay.vec_out),
         bk * bm / 4 * stages,
         bk * bn / 4 * stages,
         bm4 = bm / 4,
@@ -1334,27 +1357,17 @@ pub fn gemv_wgsl(
         "SB1", "SB2", "SB3",
     ]));
     let batch_bases = super::BATCH_BASES;
+    s.push('\n');
+    s.push_str(&product_bindings(
+        st,
+        [false; 3],
+        mm.bias != Bias::None,
+        epilogue,
+        out_binding,
+    ));
     let _ = writeln!(
         s,
         "
-@group(0) @binding(0) var<storage, read> a: array<{}>;
-@group(0) @binding(1) var<storage, read> b: array<{}>;",
-        st.a, st.b
-    );
-    if mm.bias != Bias::None {
-        let _ = writeln!(
-            s,
-            "@group(0) @binding(2) var<storage, read> bias: array<{}>;",
-            st.bias
-        );
-    }
-    if let Some(e) = epilogue {
-        s.push_str(&e.bindings);
-    }
-    let _ = writeln!(
-        s,
-        "@group(0) @binding({out_binding}) var<storage, read_write> out: array<{dt}>;
-
 // red[m * 256 + thread]: each thread's partial sum of row m
 var<workgroup> red: array<f32, {}>;
 {}
