@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{assert_close, rand};
+use common::{assert_close, check_on, rand, refs};
 use kiln::ops::matmul::Bias;
 use kiln::ops::TOL_F16;
 use kiln::{DType, Device, Graph, NodeId, Tensor};
@@ -22,12 +22,7 @@ fn device(fusion: bool) -> Option<Device> {
     Some(dev)
 }
 
-fn refs(f: &[(String, Tensor)]) -> Vec<(&str, &Tensor)> {
-    f.iter().map(|(k, v)| (k.as_str(), v)).collect()
-}
-
-/// Runs `outputs` on `dev` (poisoned first) and on the CPU reference, within `tol`; returns the
-/// plan's dispatch count.
+/// `common::check_on`, giving the plan's dispatch count.
 fn check(
     dev: &Device,
     what: &str,
@@ -36,22 +31,7 @@ fn check(
     f: &[(String, Tensor)],
     tol: (f64, f64),
 ) -> usize {
-    let mut plan = dev
-        .compile(g, outputs)
-        .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
-    plan.poison(f32::NAN);
-    let got = plan
-        .run(&refs(f))
-        .unwrap_or_else(|e| panic!("{what}: run: {e}"));
-    let want = Device::cpu()
-        .compile(g, outputs)
-        .unwrap()
-        .run(&refs(f))
-        .unwrap();
-    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert_close(&format!("{what} output {k}"), a, b, tol.0, tol.1);
-    }
-    plan.info().dispatches
+    check_on(dev, what, g, outputs, f, tol).dispatches
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_close, check_gpu_vs_cpu, rand};
+use common::{assert_close, check_gpu_vs_cpu, check_on, rand, refs};
 use kiln::ops::TOL_ELEMENTWISE;
 use kiln::{Device, Graph, NodeId, Tensor};
 
@@ -26,37 +26,6 @@ fn feeds(shapes: &[&[usize]]) -> Vec<(String, Tensor)> {
         .enumerate()
         .map(|(k, s)| (format!("x{k}"), rand(s, 100 + k as u64)))
         .collect()
-}
-
-fn refs(f: &[(String, Tensor)]) -> Vec<(&str, &Tensor)> {
-    f.iter().map(|(k, v)| (k.as_str(), v)).collect()
-}
-
-/// Runs `outputs` on `dev` (poisoned first) and on the CPU reference; returns the plan's info.
-fn check_on(
-    dev: &Device,
-    what: &str,
-    g: &Graph,
-    outputs: &[NodeId],
-    f: &[(String, Tensor)],
-    tol: (f64, f64),
-) -> kiln::PlanInfo {
-    let mut plan = dev
-        .compile(g, outputs)
-        .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
-    plan.poison(f32::NAN);
-    let got = plan
-        .run(&refs(f))
-        .unwrap_or_else(|e| panic!("{what}: run: {e}"));
-    let want = Device::cpu()
-        .compile(g, outputs)
-        .unwrap()
-        .run(&refs(f))
-        .unwrap();
-    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert_close(&format!("{what} output {k}"), a, b, tol.0, tol.1);
-    }
-    plan.info()
 }
 
 /// `relu(tanh(x * 1.5 + bias) * x)`: five ops, a broadcast bias and `x` read twice.

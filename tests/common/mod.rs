@@ -131,3 +131,36 @@ pub fn gradcheck(
     }
     check_gpu_vs_cpu(&format!("{what} gradients"), g, &grads, feeds, gpu_tol);
 }
+
+/// Named feeds as `Plan::run` takes them.
+pub fn refs(f: &[(String, Tensor)]) -> Vec<(&str, &Tensor)> {
+    f.iter().map(|(k, v)| (k.as_str(), v)).collect()
+}
+
+/// Runs `outputs` on `dev` (poisoned with NaN first) and on the CPU reference with the same
+/// feeds, checks every output within `tol`, and returns the plan's info.
+pub fn check_on(
+    dev: &Device,
+    what: &str,
+    g: &Graph,
+    outputs: &[NodeId],
+    f: &[(String, Tensor)],
+    tol: (f64, f64),
+) -> kiln::PlanInfo {
+    let mut plan = dev
+        .compile(g, outputs)
+        .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
+    plan.poison(f32::NAN);
+    let got = plan
+        .run(&refs(f))
+        .unwrap_or_else(|e| panic!("{what}: run: {e}"));
+    let want = Device::cpu()
+        .compile(g, outputs)
+        .unwrap()
+        .run(&refs(f))
+        .unwrap();
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("{what} output {k}"), a, b, tol.0, tol.1);
+    }
+    plan.info()
+}
