@@ -14,8 +14,8 @@
 //!
 //! With `--f16` (adapters with SHADER_F16) the convolutions, pooling and dense layers run on f16
 //! activations from f32 parameters cast in the graph; the loss, the gradients that reach the
-//! parameters and Adam stay f32, as under `torch.autocast`. Expected: the f32 run's accuracy
-//! within a few tenths of a percent.
+//! parameters and Adam stay f32, as under `torch.autocast`. Expected: about the f32 run's
+//! accuracy (full recipe on lavapipe: best 97.0%, 96.6% at epoch 10; f32 97.3%).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
