@@ -1,5 +1,8 @@
 //! Lowering for one GPU: rewrites of the plan's nodes before buffers are planned, then each
 //! node's kernel. [`lower`] runs the rewrites in this order:
+//! 0. [`common_subexpressions`]: a node computing what an earlier one computes (the same op on
+//!    the same inputs: autodiff gives an LSTM's two biases one gradient, summed twice) reads that
+//!    one instead;
 //! 1. [`implicit_col2im`]: `col2im(w^T x dy)` (a convolution's input gradient) as one implicit GEMM;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
@@ -57,6 +60,7 @@ pub(crate) fn lower(
     ch: &Choice,
     fusion: bool,
 ) {
+    common_subexpressions(nodes, order, targets);
     implicit_col2im(nodes, order, targets, ch);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
@@ -160,6 +164,52 @@ pub(crate) fn fold_operand_casts(
         }
         order.retain(|id| !unread.contains(id));
     }
+}
+
+/// Drops every node of `order` that computes exactly what an earlier node computes (the same op
+/// with the same parameters, on the same inputs, of the same shape and type), pointing its
+/// readers at the earlier one; in order, so that whole duplicated chains collapse. Sources,
+/// in-place updates and targets (whose own storage is asked for) stay, and so does a node whose
+/// inputs an in-place update writes between the two (the same op would read other values).
+pub(crate) fn common_subexpressions(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    let mut seen: HashMap<String, (NodeId, usize)> = HashMap::new();
+    let mut same: HashMap<NodeId, NodeId> = HashMap::new();
+    for pos in 0..order.len() {
+        let id = order[pos];
+        // read what duplicates stood for
+        for x in nodes[id.0].inputs.iter_mut() {
+            if let Some(&first) = same.get(x) {
+                *x = first;
+            }
+        }
+        let n = &nodes[id.0];
+        let (rw_from, _) = n.op.binding_mode(n.inputs.len());
+        if n.op.is_source() || rw_from < n.inputs.len() {
+            continue;
+        }
+        // the op's parameters are all in its Debug form (no tensors: sources are skipped)
+        let key = format!("{:?}|{:?}|{}|{}", n.op, n.inputs, n.shape, n.dtype);
+        match seen.get(&key) {
+            Some(&(first, at))
+                if !targets.contains(&id)
+                    && !n
+                        .inputs
+                        .iter()
+                        .any(|&x| written_between(nodes, order, x, at, pos)) =>
+            {
+                same.insert(id, first);
+            }
+            Some(_) => {}
+            None => {
+                seen.insert(key, (id, pos));
+            }
+        }
+    }
+    order.retain(|id| !same.contains_key(id));
 }
 
 /// Most parameters one multi-tensor update kernel takes (its WGSL has a branch per parameter;
@@ -999,6 +1049,38 @@ mod tests {
         };
         implicit_im2col(&mut nodes, &mut order, targets, &ch);
         (nodes, order)
+    }
+
+    #[test]
+    fn common_subexpressions_collapse_but_not_across_updates() {
+        let g = Graph::new();
+        let x = g.input("x", [3, 4]);
+        let p = g.param("p", [3, 4]);
+        // the same chain twice: both collapse into the first
+        let a = g.sum(g.mul(x, p).unwrap(), 0, false).unwrap();
+        let b = g.sum(g.mul(x, p).unwrap(), 0, false).unwrap();
+        let y = g.add(a, b).unwrap();
+        // p updated in place, then the same product again: it reads the new p, so it stays
+        let (hyper, scale) = (g.input("h", [16]), g.input("s", [1]));
+        let grad = g.input("g", [3, 4]);
+        let step = g
+            .optim_step(OptimKind::Sgd, hyper, scale, grad, p, &[])
+            .unwrap();
+        let after = g.mul(x, p).unwrap();
+        let targets = [y, step, after];
+        let mut nodes = g.nodes();
+        let mut order = reachable(&nodes, &targets);
+        // run the update before `after`, as a plan would
+        order.retain(|&id| id != after);
+        order.push(after);
+        let before = order.len();
+        common_subexpressions(&mut nodes, &mut order, &targets);
+        assert_eq!(order.len(), before - 2, "the second mul and sum went");
+        assert_eq!(nodes[y.0].inputs, vec![a, a]);
+        assert!(
+            order.contains(&after),
+            "a read after the update is not the same value"
+        );
     }
 
     #[test]
