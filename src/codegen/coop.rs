@@ -86,15 +86,8 @@ pub fn kernel_with(
     ];
     constants.extend(d.batch_constants());
     let key = format!(
-        "coop16{}{}{}{}{}",
-        if mm.trans_a { ",ta" } else { "" },
-        if mm.trans_b { ",tb" } else { "" },
-        match mm.bias {
-            Bias::None => "",
-            Bias::Rows => ",bias_rows",
-            Bias::Cols => ",bias_cols",
-        },
-        if mm.relu { ",relu" } else { "" },
+        "coop16{}{}",
+        super::matmul::product_flags(mm),
         storage.describe()
     );
     let src = wgsl_with(mm, storage, operands);

@@ -748,6 +748,21 @@ pub fn dgrad_kernel(
     g
 }
 
+/// A product's transposes, bias and relu as kernel keys name them: `,ta,tb,bias_rows,relu`.
+pub(crate) fn product_flags(mm: &MatMul) -> String {
+    let bias = match mm.bias {
+        Bias::None => "",
+        Bias::Rows => ",bias_rows",
+        Bias::Cols => ",bias_cols",
+    };
+    format!(
+        "{}{}{bias}{}",
+        if mm.trans_a { ",ta" } else { "" },
+        if mm.trans_b { ",tb" } else { "" },
+        if mm.relu { ",relu" } else { "" }
+    )
+}
+
 /// The bindings of a product kernel, in kiln's order: `a` (0), `b` (1), the bias (2, where
 /// there is one), an epilogue's inputs, then the output at `out_binding`; each an array of its
 /// storage type (`vec4` where `vec` says so: a, b, out).
@@ -1266,17 +1281,10 @@ pub fn gemv_kernel(
     constants.extend(d.batch_constants());
     let src = gemv_wgsl(mm, d.m, epilogue, storage);
     let key = format!(
-        "gemv{}x{cols}{}{}{}{}{}{}",
+        "gemv{}x{cols}{}{}{}",
         d.m,
         storage.describe(),
-        if mm.trans_a { ",ta" } else { "" },
-        if mm.trans_b { ",tb" } else { "" },
-        match mm.bias {
-            Bias::None => "",
-            Bias::Rows => ",bias_rows",
-            Bias::Cols => ",bias_cols",
-        },
-        if mm.relu { ",relu" } else { "" },
+        product_flags(mm),
         match epilogue {
             Some(e) => format!(
                 ",epilogue[{}@{:016x}]",
