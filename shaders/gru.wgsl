@@ -280,3 +280,316 @@ fn rnn_backward(
     let y = p_in[(t * B + b) * H + j];
     q[r + j] = dh * (1.0 - y * y);
 }
+
+// ---- whole-sequence kernels: one dispatch per layer and direction ----
+// Batch rows never exchange data, so a workgroup can run its rows through all T steps with only
+// workgroup barriers between steps: no dispatch per step. Each workgroup owns 4 batch rows
+// b0..b0+3 (one vec4 lane per row; lanes past B stay idle); thread j owns cell j of the four
+// rows and keeps h in registers; h_prev (or the step's gate gradients) is shared through
+// workgroup memory. Used while H <= 256 and, backward, G*H <= 512 (G = 3 GRU, 1 RNN), else the
+// per-step kernels above.
+// Entries `gru_forward_seq`, `rnn_forward_seq`: bindings as the per-step forward entries
+// (binding 0 unused, offset 0); `gru_backward_seq`, `rnn_backward_seq`: as the backward ones.
+// Overrides: T, B, H, REVERSE, SEQ_WG (threads per workgroup, >= H).
+// Dispatch: ceil(B / 4) workgroups of SEQ_WG threads, folded into (x <= 65535, y).
+
+override SEQ_WG: u32 = 64u;
+
+// h_prev of the 4 rows, [m] = vec4(rows)
+var<workgroup> h_rows: array<vec4<f32>, 256>;
+// the step's gate gradients of the 4 rows, [k * H + m]
+var<workgroup> g_rows: array<vec4<f32>, 512>;
+
+fn quad_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return (wid.y * nwg.x + wid.x) * 4u;
+}
+
+// Which of the 4 rows exist and run a real step at time t.
+fn live4(t: u32, b0: u32) -> vec4<bool> {
+    let tf = f32(t);
+    return vec4<bool>(
+        b0 < B && tf < lengths[min(b0, B - 1u)],
+        b0 + 1u < B && tf < lengths[min(b0 + 1u, B - 1u)],
+        b0 + 2u < B && tf < lengths[min(b0 + 2u, B - 1u)],
+        b0 + 3u < B && tf < lengths[min(b0 + 3u, B - 1u)],
+    );
+}
+
+// Element `col` of row (t, b) of a [T, B, width] buffer, for the 4 rows (0 past B).
+fn xw4(t: u32, b0: u32, col: u32, width: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if b0 < B { v.x = xw[(t * B + b0) * width + col]; }
+    if b0 + 1u < B { v.y = xw[(t * B + b0 + 1u) * width + col]; }
+    if b0 + 2u < B { v.z = xw[(t * B + b0 + 2u) * width + col]; }
+    if b0 + 3u < B { v.w = xw[(t * B + b0 + 3u) * width + col]; }
+    return v;
+}
+
+fn p4(t: u32, b0: u32, col: u32, width: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if b0 < B { v.x = p_in[(t * B + b0) * width + col]; }
+    if b0 + 1u < B { v.y = p_in[(t * B + b0 + 1u) * width + col]; }
+    if b0 + 2u < B { v.z = p_in[(t * B + b0 + 2u) * width + col]; }
+    if b0 + 3u < B { v.w = p_in[(t * B + b0 + 3u) * width + col]; }
+    return v;
+}
+
+fn dp4(t: u32, b0: u32, col: u32, width: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if b0 < B { v.x = dp[(t * B + b0) * width + col]; }
+    if b0 + 1u < B { v.y = dp[(t * B + b0 + 1u) * width + col]; }
+    if b0 + 2u < B { v.z = dp[(t * B + b0 + 2u) * width + col]; }
+    if b0 + 3u < B { v.w = dp[(t * B + b0 + 3u) * width + col]; }
+    return v;
+}
+
+fn h0_4(b0: u32, j: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if b0 < B { v.x = h0[b0 * H + j]; }
+    if b0 + 1u < B { v.y = h0[(b0 + 1u) * H + j]; }
+    if b0 + 2u < B { v.z = h0[(b0 + 2u) * H + j]; }
+    if b0 + 3u < B { v.w = h0[(b0 + 3u) * H + j]; }
+    return v;
+}
+
+fn tanh4(x: vec4<f32>) -> vec4<f32> {
+    return tanh(clamp(x, vec4<f32>(-10.0), vec4<f32>(10.0)));
+}
+
+fn sigmoid4(x: vec4<f32>) -> vec4<f32> {
+    return 1.0 / (1.0 + exp(-x));
+}
+
+// GRU: writes h | r | z | n | hn of cell j of row (t, b).
+fn gru_put_state(t: u32, b: u32, j: u32, h: f32, g: vec4<f32>) {
+    if b >= B {
+        return;
+    }
+    let r = (t * B + b) * 5u * H;
+    p[r + j] = h;
+    p[r + H + j] = g.x;
+    p[r + 2u * H + j] = g.y;
+    p[r + 3u * H + j] = g.z;
+    p[r + 4u * H + j] = g.w;
+}
+
+// GRU: writes da_r | da_z | da_n | dhn | dh of cell j of row t (< T) of Q, or dh0 | 0 (t = T).
+fn gru_put_grad(t: u32, b: u32, j: u32, g: vec4<f32>, dh: f32) {
+    if b >= B {
+        return;
+    }
+    let r = (t * B + b) * 5u * H;
+    if t == T {
+        q[r + j] = dh;
+        q[r + H + j] = 0.0;
+        q[r + 2u * H + j] = 0.0;
+        q[r + 3u * H + j] = 0.0;
+        q[r + 4u * H + j] = 0.0;
+        return;
+    }
+    q[r + j] = g.x;
+    q[r + H + j] = g.y;
+    q[r + 2u * H + j] = g.z;
+    q[r + 3u * H + j] = g.w;
+    q[r + 4u * H + j] = dh;
+}
+
+@compute @workgroup_size(SEQ_WG)
+fn gru_forward_seq(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) j: u32,
+) {
+    let b0 = quad_of(wid, nwg);
+    let cell = j < H;
+    var h = h0_4(b0, min(j, H - 1u));
+    let zero = vec4<f32>(0.0);
+    for (var s = 0u; s < T; s = s + 1u) {
+        let t = time_of(s);
+        if cell {
+            h_rows[j] = h;
+        }
+        workgroupBarrier();
+        if cell {
+            let x = 3u * H;
+            var a_r = xw4(t, b0, j, x) + bhh[j];
+            var a_z = xw4(t, b0, H + j, x) + bhh[H + j];
+            var hn = vec4<f32>(bhh[2u * H + j]);
+            for (var m = 0u; m < H; m = m + 1u) {
+                let hm = h_rows[m];
+                let w = m * x + j;
+                a_r = a_r + hm * whh_t[w];
+                a_z = a_z + hm * whh_t[w + H];
+                hn = hn + hm * whh_t[w + 2u * H];
+            }
+            let live = live4(t, b0);
+            let gr = sigmoid4(a_r);
+            let gz = sigmoid4(a_z);
+            let n = tanh4(xw4(t, b0, 2u * H + j, x) + gr * hn);
+            // padded steps carry the state and write no gates
+            h = select(h, (1.0 - gz) * n + gz * h, live);
+            let r4 = select(zero, gr, live);
+            let z4 = select(zero, gz, live);
+            let n4 = select(zero, n, live);
+            let hn4 = select(zero, hn, live);
+            gru_put_state(t, b0, j, h.x, vec4<f32>(r4.x, z4.x, n4.x, hn4.x));
+            gru_put_state(t, b0 + 1u, j, h.y, vec4<f32>(r4.y, z4.y, n4.y, hn4.y));
+            gru_put_state(t, b0 + 2u, j, h.z, vec4<f32>(r4.z, z4.z, n4.z, hn4.z));
+            gru_put_state(t, b0 + 3u, j, h.w, vec4<f32>(r4.w, z4.w, n4.w, hn4.w));
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(SEQ_WG)
+fn gru_backward_seq(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) j: u32,
+) {
+    let b0 = quad_of(wid, nwg);
+    let cell = j < H;
+    let zero = vec4<f32>(0.0);
+    // gradient reaching the state before the step processed last
+    var dh_next = zero;
+    for (var k = 0u; k < T; k = k + 1u) {
+        let s = T - 1u - k;
+        let t = time_of(s);
+        let live = live4(t, b0);
+        var dh = zero;
+        var gz = zero;
+        if cell {
+            let w = 5u * H;
+            dh = dp4(t, b0, j, w) + dh_next;
+            var h_prev = h0_4(b0, j);
+            if s > 0u {
+                h_prev = p4(time_of(s - 1u), b0, j, w);
+            }
+            let gr = p4(t, b0, H + j, w);
+            gz = p4(t, b0, 2u * H + j, w);
+            let n = p4(t, b0, 3u * H + j, w);
+            let hn = p4(t, b0, 4u * H + j, w);
+            let da_n = dh * (1.0 - gz) * (1.0 - n * n);
+            let d_r = select(zero, da_n * hn * gr * (1.0 - gr), live);
+            let d_z = select(zero, dh * (h_prev - n) * gz * (1.0 - gz), live);
+            let d_n = select(zero, da_n, live);
+            let d_hn = select(zero, da_n * gr, live);
+            g_rows[j] = d_r;
+            g_rows[H + j] = d_z;
+            g_rows[2u * H + j] = d_hn;
+            gru_put_grad(t, b0, j, vec4<f32>(d_r.x, d_z.x, d_n.x, d_hn.x), dh.x);
+            gru_put_grad(t, b0 + 1u, j, vec4<f32>(d_r.y, d_z.y, d_n.y, d_hn.y), dh.y);
+            gru_put_grad(t, b0 + 2u, j, vec4<f32>(d_r.z, d_z.z, d_n.z, d_hn.z), dh.z);
+            gru_put_grad(t, b0 + 3u, j, vec4<f32>(d_r.w, d_z.w, d_n.w, d_hn.w), dh.w);
+        }
+        workgroupBarrier();
+        if cell {
+            // through z and the recurrent projection for real steps, straight through for padding
+            var a0 = dh * gz;
+            var a1 = zero;
+            var a2 = zero;
+            for (var m = 0u; m < H; m = m + 1u) {
+                a0 = a0 + g_rows[m] * whh[m * H + j];
+                a1 = a1 + g_rows[H + m] * whh[(H + m) * H + j];
+                a2 = a2 + g_rows[2u * H + m] * whh[(2u * H + m) * H + j];
+            }
+            dh_next = select(dh, a0 + a1 + a2, live);
+        }
+        workgroupBarrier();
+    }
+    if cell {
+        gru_put_grad(T, b0, j, zero, dh_next.x);
+        gru_put_grad(T, b0 + 1u, j, zero, dh_next.y);
+        gru_put_grad(T, b0 + 2u, j, zero, dh_next.z);
+        gru_put_grad(T, b0 + 3u, j, zero, dh_next.w);
+    }
+}
+
+// RNN: writes h of cell j of row (t, b).
+fn rnn_put_state(t: u32, b: u32, j: u32, h: f32) {
+    if b < B {
+        p[(t * B + b) * H + j] = h;
+    }
+}
+
+// RNN: writes da | dh of cell j of row t (< T) of Q, or dh0 | 0 (t = T, da = dh0 there).
+fn rnn_put_grad(t: u32, b: u32, j: u32, da: f32, dh: f32) {
+    if b < B {
+        let r = (t * B + b) * 2u * H;
+        q[r + j] = da;
+        q[r + H + j] = dh;
+    }
+}
+
+@compute @workgroup_size(SEQ_WG)
+fn rnn_forward_seq(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) j: u32,
+) {
+    let b0 = quad_of(wid, nwg);
+    let cell = j < H;
+    var h = h0_4(b0, min(j, H - 1u));
+    for (var s = 0u; s < T; s = s + 1u) {
+        let t = time_of(s);
+        if cell {
+            h_rows[j] = h;
+        }
+        workgroupBarrier();
+        if cell {
+            var a = xw4(t, b0, j, H) + bhh[j];
+            for (var m = 0u; m < H; m = m + 1u) {
+                a = a + h_rows[m] * whh_t[m * H + j];
+            }
+            h = select(h, tanh4(a), live4(t, b0));
+            rnn_put_state(t, b0, j, h.x);
+            rnn_put_state(t, b0 + 1u, j, h.y);
+            rnn_put_state(t, b0 + 2u, j, h.z);
+            rnn_put_state(t, b0 + 3u, j, h.w);
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(SEQ_WG)
+fn rnn_backward_seq(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) j: u32,
+) {
+    let b0 = quad_of(wid, nwg);
+    let cell = j < H;
+    let zero = vec4<f32>(0.0);
+    var dh_next = zero;
+    for (var k = 0u; k < T; k = k + 1u) {
+        let s = T - 1u - k;
+        let t = time_of(s);
+        let live = live4(t, b0);
+        var dh = zero;
+        if cell {
+            dh = dp4(t, b0, j, H) + dh_next;
+            let y = p4(t, b0, j, H);
+            let da = select(zero, dh * (1.0 - y * y), live);
+            g_rows[j] = da;
+            rnn_put_grad(t, b0, j, da.x, dh.x);
+            rnn_put_grad(t, b0 + 1u, j, da.y, dh.y);
+            rnn_put_grad(t, b0 + 2u, j, da.z, dh.z);
+            rnn_put_grad(t, b0 + 3u, j, da.w, dh.w);
+        }
+        workgroupBarrier();
+        if cell {
+            var acc = zero;
+            for (var m = 0u; m < H; m = m + 1u) {
+                acc = acc + g_rows[m] * whh[m * H + j];
+            }
+            dh_next = select(dh, acc, live);
+        }
+        workgroupBarrier();
+    }
+    if cell {
+        rnn_put_grad(T, b0, j, dh_next.x, 0.0);
+        rnn_put_grad(T, b0 + 1u, j, dh_next.y, 0.0);
+        rnn_put_grad(T, b0 + 2u, j, dh_next.z, 0.0);
+        rnn_put_grad(T, b0 + 3u, j, dh_next.w, 0.0);
+    }
+}

@@ -209,3 +209,250 @@ fn lstm_backward(
     q[r + 4u * H + j] = dc;
     q[r + 5u * H + j] = dh;
 }
+
+// ---- whole-sequence kernels: one dispatch per layer and direction ----
+// Batch rows never exchange data, so a workgroup can run its rows through all T steps with only
+// workgroup barriers between steps: no dispatch per step. Each workgroup owns 4 batch rows
+// b0..b0+3 (one vec4 lane per row; lanes past B stay idle); thread j owns cell j of the four
+// rows and keeps h and c in registers; h_prev (or the step's gate gradients) is shared through
+// workgroup memory. Used while H <= 256 (forward) and 4H <= 512 (backward), else the per-step
+// kernels above.
+// Entry `lstm_forward_seq`: bindings as `lstm_forward` (binding 0 unused, offset 0);
+// Entry `lstm_backward_seq`: bindings as `lstm_backward`.
+// Overrides: T, B, H, REVERSE, SEQ_WG (threads per workgroup, >= H).
+// Dispatch: ceil(B / 4) workgroups of SEQ_WG threads, folded into (x <= 65535, y).
+
+override SEQ_WG: u32 = 64u;
+
+// h_prev of the 4 rows, [m] = vec4(rows)
+var<workgroup> h_rows: array<vec4<f32>, 256>;
+// the step's pre-activation gate gradients of the 4 rows, [k * H + m]
+var<workgroup> g_rows: array<vec4<f32>, 512>;
+
+fn quad_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return (wid.y * nwg.x + wid.x) * 4u;
+}
+
+// Which of the 4 rows exist and run a real step at time t.
+fn live4(t: u32, b0: u32) -> vec4<bool> {
+    let tf = f32(t);
+    return vec4<bool>(
+        b0 < B && tf < lengths[min(b0, B - 1u)],
+        b0 + 1u < B && tf < lengths[min(b0 + 1u, B - 1u)],
+        b0 + 2u < B && tf < lengths[min(b0 + 2u, B - 1u)],
+        b0 + 3u < B && tf < lengths[min(b0 + 3u, B - 1u)],
+    );
+}
+
+// Element `col` of row (t, b) of a [T, B, width] buffer for the 4 rows (0 past B).
+fn xw4(t: u32, b0: u32, col: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    let w = 4u * H;
+    if b0 < B { v.x = xw[(t * B + b0) * w + col]; }
+    if b0 + 1u < B { v.y = xw[(t * B + b0 + 1u) * w + col]; }
+    if b0 + 2u < B { v.z = xw[(t * B + b0 + 2u) * w + col]; }
+    if b0 + 3u < B { v.w = xw[(t * B + b0 + 3u) * w + col]; }
+    return v;
+}
+
+fn h0_4(b0: u32, j: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if b0 < B { v.x = h0[b0 * H + j]; }
+    if b0 + 1u < B { v.y = h0[(b0 + 1u) * H + j]; }
+    if b0 + 2u < B { v.z = h0[(b0 + 2u) * H + j]; }
+    if b0 + 3u < B { v.w = h0[(b0 + 3u) * H + j]; }
+    return v;
+}
+
+fn c0_4(b0: u32, j: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if b0 < B { v.x = c0[b0 * H + j]; }
+    if b0 + 1u < B { v.y = c0[(b0 + 1u) * H + j]; }
+    if b0 + 2u < B { v.z = c0[(b0 + 2u) * H + j]; }
+    if b0 + 3u < B { v.w = c0[(b0 + 3u) * H + j]; }
+    return v;
+}
+
+// Writes h | c | i | f | g | o of cell j of row (t, b).
+fn put_state(t: u32, b: u32, j: u32, h: f32, c: f32, g: vec4<f32>) {
+    if b >= B {
+        return;
+    }
+    let r = row(t, b);
+    p[r + j] = h;
+    p[r + H + j] = c;
+    p[r + 2u * H + j] = g.x;
+    p[r + 3u * H + j] = g.y;
+    p[r + 4u * H + j] = g.z;
+    p[r + 5u * H + j] = g.w;
+}
+
+@compute @workgroup_size(SEQ_WG)
+fn lstm_forward_seq(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) j: u32,
+) {
+    let b0 = quad_of(wid, nwg);
+    let cell = j < H;
+    let jj = min(j, H - 1u);
+    var h = h0_4(b0, jj);
+    var c = c0_4(b0, jj);
+    for (var s = 0u; s < T; s = s + 1u) {
+        let t = time_of(s);
+        if cell {
+            h_rows[j] = h;
+        }
+        workgroupBarrier();
+        if cell {
+            let x = 4u * H;
+            var a_i = xw4(t, b0, j);
+            var a_f = xw4(t, b0, H + j);
+            var a_g = xw4(t, b0, 2u * H + j);
+            var a_o = xw4(t, b0, 3u * H + j);
+            for (var m = 0u; m < H; m = m + 1u) {
+                let hm = h_rows[m];
+                let w = m * x + j;
+                a_i = a_i + hm * whh_t[w];
+                a_f = a_f + hm * whh_t[w + H];
+                a_g = a_g + hm * whh_t[w + 2u * H];
+                a_o = a_o + hm * whh_t[w + 3u * H];
+            }
+            let live = live4(t, b0);
+            let zero = vec4<f32>(0.0);
+            let gi = select(zero, 1.0 / (1.0 + exp(-a_i)), live);
+            let gf = select(zero, 1.0 / (1.0 + exp(-a_f)), live);
+            let gg = select(zero, tanh(clamp(a_g, vec4<f32>(-10.0), vec4<f32>(10.0))), live);
+            let go = select(zero, 1.0 / (1.0 + exp(-a_o)), live);
+            let c_new = gf * c + gi * gg;
+            // padded steps carry the state
+            c = select(c, c_new, live);
+            h = select(h, go * tanh(clamp(c_new, vec4<f32>(-10.0), vec4<f32>(10.0))), live);
+            put_state(t, b0, j, h.x, c.x, vec4<f32>(gi.x, gf.x, gg.x, go.x));
+            put_state(t, b0 + 1u, j, h.y, c.y, vec4<f32>(gi.y, gf.y, gg.y, go.y));
+            put_state(t, b0 + 2u, j, h.z, c.z, vec4<f32>(gi.z, gf.z, gg.z, go.z));
+            put_state(t, b0 + 3u, j, h.w, c.w, vec4<f32>(gi.w, gf.w, gg.w, go.w));
+        }
+        workgroupBarrier();
+    }
+}
+
+// Element `col` of row (t, b) of P (read during backward) for the 4 rows (0 past B).
+fn p4(t: u32, b0: u32, col: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if b0 < B { v.x = p_in[row(t, b0) + col]; }
+    if b0 + 1u < B { v.y = p_in[row(t, b0 + 1u) + col]; }
+    if b0 + 2u < B { v.z = p_in[row(t, b0 + 2u) + col]; }
+    if b0 + 3u < B { v.w = p_in[row(t, b0 + 3u) + col]; }
+    return v;
+}
+
+fn dp4(t: u32, b0: u32, col: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if b0 < B { v.x = dp[row(t, b0) + col]; }
+    if b0 + 1u < B { v.y = dp[row(t, b0 + 1u) + col]; }
+    if b0 + 2u < B { v.z = dp[row(t, b0 + 2u) + col]; }
+    if b0 + 3u < B { v.w = dp[row(t, b0 + 3u) + col]; }
+    return v;
+}
+
+// Writes the 6 values of cell j of row `t` (T: the initial-state row) of Q, batch row b.
+fn put_grad(t: u32, b: u32, j: u32, gates: vec4<f32>, dc: f32, dh: f32) {
+    if b >= B {
+        return;
+    }
+    let r = row(t, b);
+    q[r + j] = gates.x;
+    q[r + H + j] = gates.y;
+    q[r + 2u * H + j] = gates.z;
+    q[r + 3u * H + j] = gates.w;
+    q[r + 4u * H + j] = dc;
+    q[r + 5u * H + j] = dh;
+}
+
+// Row T of Q for batch row b: dh0 | dc0 | 0.
+fn put_initial(b: u32, j: u32, dh: f32, dc: f32) {
+    if b >= B {
+        return;
+    }
+    let r = row(T, b);
+    q[r + j] = dh;
+    q[r + H + j] = dc;
+    q[r + 2u * H + j] = 0.0;
+    q[r + 3u * H + j] = 0.0;
+    q[r + 4u * H + j] = 0.0;
+    q[r + 5u * H + j] = 0.0;
+}
+
+@compute @workgroup_size(SEQ_WG)
+fn lstm_backward_seq(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) j: u32,
+) {
+    let b0 = quad_of(wid, nwg);
+    let cell = j < H;
+    let zero = vec4<f32>(0.0);
+    // gradient reaching the state before the step processed last (dh, dc)
+    var dh_next = zero;
+    var dc_next = zero;
+    for (var k = 0u; k < T; k = k + 1u) {
+        let s = T - 1u - k;
+        let t = time_of(s);
+        let live = live4(t, b0);
+        var dc_out = zero;
+        var gf = zero;
+        var dh = zero;
+        if cell {
+            dh = dp4(t, b0, j) + dh_next;
+            let dc = dp4(t, b0, H + j) + dc_next;
+            var c_prev = c0_4(b0, j);
+            if s > 0u {
+                c_prev = p4(time_of(s - 1u), b0, H + j);
+            }
+            let c = p4(t, b0, H + j);
+            let gi = p4(t, b0, 2u * H + j);
+            gf = p4(t, b0, 3u * H + j);
+            let gg = p4(t, b0, 4u * H + j);
+            let go = p4(t, b0, 5u * H + j);
+            let tc = tanh(clamp(c, vec4<f32>(-10.0), vec4<f32>(10.0)));
+            let dc2 = dc + dh * go * (1.0 - tc * tc);
+            let d_i = select(zero, dc2 * gg * gi * (1.0 - gi), live);
+            let d_f = select(zero, dc2 * c_prev * gf * (1.0 - gf), live);
+            let d_g = select(zero, dc2 * gi * (1.0 - gg * gg), live);
+            let d_o = select(zero, dh * tc * go * (1.0 - go), live);
+            dc_out = select(dc, dc2, live);
+            g_rows[j] = d_i;
+            g_rows[H + j] = d_f;
+            g_rows[2u * H + j] = d_g;
+            g_rows[3u * H + j] = d_o;
+            put_grad(t, b0, j, vec4<f32>(d_i.x, d_f.x, d_g.x, d_o.x), dc_out.x, dh.x);
+            put_grad(t, b0 + 1u, j, vec4<f32>(d_i.y, d_f.y, d_g.y, d_o.y), dc_out.y, dh.y);
+            put_grad(t, b0 + 2u, j, vec4<f32>(d_i.z, d_f.z, d_g.z, d_o.z), dc_out.z, dh.z);
+            put_grad(t, b0 + 3u, j, vec4<f32>(d_i.w, d_f.w, d_g.w, d_o.w), dc_out.w, dh.w);
+        }
+        workgroupBarrier();
+        if cell {
+            // through the gates for real steps, straight through for padding
+            var a0 = zero;
+            var a1 = zero;
+            var a2 = zero;
+            var a3 = zero;
+            for (var m = 0u; m < H; m = m + 1u) {
+                a0 = a0 + g_rows[m] * whh[m * H + j];
+                a1 = a1 + g_rows[H + m] * whh[(H + m) * H + j];
+                a2 = a2 + g_rows[2u * H + m] * whh[(2u * H + m) * H + j];
+                a3 = a3 + g_rows[3u * H + m] * whh[(3u * H + m) * H + j];
+            }
+            dh_next = select(dh, (a0 + a1) + (a2 + a3), live);
+            dc_next = select(dc_out, dc_out * gf, live);
+        }
+        workgroupBarrier();
+    }
+    if cell {
+        put_initial(b0, j, dh_next.x, dc_next.x);
+        put_initial(b0 + 1u, j, dh_next.y, dc_next.y);
+        put_initial(b0 + 2u, j, dh_next.z, dc_next.z);
+        put_initial(b0 + 3u, j, dh_next.w, dc_next.w);
+    }
+}

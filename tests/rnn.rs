@@ -71,6 +71,8 @@ fn lstm_forward_and_gradients_match_the_reference() {
         (6, 3, 2, 3, false, true),
         (6, 4, 3, 2, true, true),
         (3, 7, 5, 67, false, false), // more than 256 threads per step
+        (3, 5, 3, 130, true, true),  // backward per step (4H > 512), forward whole-sequence
+        (2, 2, 2, 260, false, true), // H > 256: per-step kernels both ways
     ] {
         let what = format!("lstm T={t} B={b} I={i} H={h} reverse={reverse} lengths={lengths}");
         let (g, loss, wrt, feeds) = lstm_graph(t, b, i, h, reverse, lengths);
@@ -189,4 +191,27 @@ fn gru_rnn_and_embedding_modules() {
         &[("idx", &idx_v)],
         TOL,
     );
+}
+
+/// Dispatches of the plan for an LSTM layer's loss and every gradient.
+fn lstm_step_dispatches(dev: &kiln::Device, t: usize, h: usize) -> usize {
+    let (g, loss, wrt, _) = lstm_graph(t, 3, 2, h, false, true);
+    let ids: Vec<kiln::NodeId> = wrt.iter().map(|(_, id)| *id).collect();
+    let mut outs = vec![loss];
+    outs.extend(g.grad(loss, &ids).unwrap());
+    dev.compile(&g, &outs).unwrap().info().dispatches
+}
+
+#[test]
+fn whole_sequence_kernels_dispatch_once_per_layer() {
+    let Some(dev) = common::gpu() else { return };
+    // H <= 128: forward and backward each run all steps in one dispatch, whatever T
+    assert_eq!(
+        lstm_step_dispatches(&dev, 2, 8),
+        lstm_step_dispatches(&dev, 9, 8)
+    );
+    // H > 256: one dispatch per step forward, one per step plus one backward (at least: the
+    // weight gradients' matmuls over T * B rows may split K too)
+    let more = lstm_step_dispatches(&dev, 9, 260) - lstm_step_dispatches(&dev, 2, 260);
+    assert!(more >= 2 * (9 - 2), "{more}");
 }

@@ -18,7 +18,7 @@
 //! Only the `h` part of `dP` is read: the gate parts of `P` are internal (the layer builders
 //! expose `h` alone).
 
-use super::{groups, KernelSpec, Op};
+use super::{KernelSpec, Op};
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
@@ -128,15 +128,6 @@ fn grad_col(k: usize, h: usize) -> usize {
     } else {
         k
     }
-}
-
-fn constants(t: usize, b: usize, h: usize, reverse: bool) -> Vec<(&'static str, f64)> {
-    vec![
-        ("T", t as f64),
-        ("B", b as f64),
-        ("H", h as f64),
-        ("REVERSE", reverse as u8 as f64),
-    ]
 }
 
 /// Shape rule of the forward recurrence: `xw (T, B, G*H)`, `w_hh (G*H, H)`, `b_hh (G*H)`,
@@ -323,14 +314,33 @@ fn backward_cpu(cell: Cell, reverse: bool, x: &[&Tensor], out: &Shape) -> Tensor
     Tensor::new(out.clone(), q.into_iter().map(|v| v as f32).collect()).expect("packed gradient")
 }
 
-fn step_kernel(cell: Cell, reverse: bool, p: &Shape, entry: &'static str) -> KernelSpec {
-    let (t, b, h) = dims(cell, p);
-    KernelSpec {
-        family: "gru",
-        entry,
-        constants: constants(t, b, h, reverse),
-        workgroups: groups(b * h, 256),
+/// Values per batch row the whole-sequence kernel shares each step: h_prev forward, the gate
+/// gradients backward (the GRU's da_r, da_z, dhn).
+fn shared_per_row(cell: Cell, h: usize, backward: bool) -> usize {
+    if backward {
+        cell.gates() * h
+    } else {
+        h
     }
+}
+
+/// The recurrent kernel over packed state `p`: whole sequence in one dispatch where H allows,
+/// else one dispatch per step (`entries`: per step, whole sequence).
+fn recurrent_kernel(
+    cell: Cell,
+    reverse: bool,
+    p: &Shape,
+    entries: (&'static str, &'static str),
+    backward: bool,
+) -> KernelSpec {
+    let (t, b, h) = dims(cell, p);
+    super::lstm::recurrent_kernel(
+        "gru",
+        entries,
+        (t, b, h),
+        reverse,
+        shared_per_row(cell, h, backward),
+    )
 }
 
 /// Backward rule of the forward recurrence (inputs `xw, w_hh, b_hh, h0, lengths`): the fused
@@ -394,9 +404,16 @@ impl GruForward {
         forward_cpu(Cell::Gru, self.reverse, x, out)
     }
 
-    /// Kernel: T dispatches, one thread per (b, j).
+    /// Kernel: one dispatch over the whole sequence (H <= 256), else T dispatches with one
+    /// thread per (b, j).
     pub fn kernel(&self, out: &Shape) -> KernelSpec {
-        step_kernel(Cell::Gru, self.reverse, out, "gru_forward")
+        recurrent_kernel(
+            Cell::Gru,
+            self.reverse,
+            out,
+            ("gru_forward", "gru_forward_seq"),
+            false,
+        )
     }
 
     /// Backward: fused backward through time, then dW_hh and db_hh.
@@ -417,9 +434,16 @@ impl GruBackward {
         backward_cpu(Cell::Gru, self.reverse, x, out)
     }
 
-    /// Kernel: T + 1 dispatches, one thread per (b, j).
+    /// Kernel: one dispatch over the whole sequence (3H <= 512), else T + 1 dispatches with
+    /// one thread per (b, j).
     pub fn kernel(&self, p: &Shape) -> KernelSpec {
-        step_kernel(Cell::Gru, self.reverse, p, "gru_backward")
+        recurrent_kernel(
+            Cell::Gru,
+            self.reverse,
+            p,
+            ("gru_backward", "gru_backward_seq"),
+            true,
+        )
     }
 }
 
@@ -434,9 +458,16 @@ impl RnnForward {
         forward_cpu(Cell::Rnn, self.reverse, x, out)
     }
 
-    /// Kernel: T dispatches, one thread per (b, j).
+    /// Kernel: one dispatch over the whole sequence (H <= 256), else T dispatches with one
+    /// thread per (b, j).
     pub fn kernel(&self, out: &Shape) -> KernelSpec {
-        step_kernel(Cell::Rnn, self.reverse, out, "rnn_forward")
+        recurrent_kernel(
+            Cell::Rnn,
+            self.reverse,
+            out,
+            ("rnn_forward", "rnn_forward_seq"),
+            false,
+        )
     }
 
     /// Backward: fused backward through time, then dW_hh and db_hh.
@@ -457,8 +488,15 @@ impl RnnBackward {
         backward_cpu(Cell::Rnn, self.reverse, x, out)
     }
 
-    /// Kernel: T + 1 dispatches, one thread per (b, j).
+    /// Kernel: one dispatch over the whole sequence (H <= 256), else T + 1 dispatches with one
+    /// thread per (b, j).
     pub fn kernel(&self, p: &Shape) -> KernelSpec {
-        step_kernel(Cell::Rnn, self.reverse, p, "rnn_backward")
+        recurrent_kernel(
+            Cell::Rnn,
+            self.reverse,
+            p,
+            ("rnn_backward", "rnn_backward_seq"),
+            true,
+        )
     }
 }

@@ -1,5 +1,7 @@
-//! One LSTM layer (PyTorch gates i, f, g, o) as a fused recurrent kernel per time step and its
-//! fused backward through time. Kernel: `shaders/lstm.wgsl`.
+//! One LSTM layer (PyTorch gates i, f, g, o) as a fused recurrent kernel and its fused backward
+//! through time. Kernel: `shaders/lstm.wgsl`. While H allows (see [`sequence_threads`]) one
+//! dispatch runs the whole sequence (workgroups own batch rows, which never exchange data, so
+//! workgroup barriers between steps suffice); otherwise one dispatch per step.
 //!
 //! `LstmForward`: inputs `xw [T, B, 4H]` (the input projection of every step plus both biases,
 //! one matmul done before), `w_hh [4H, H]`, `h0 [B, H]`, `c0 [B, H]`, `lengths [B]`, `w_hh^T
@@ -41,6 +43,59 @@ fn time_of(s: usize, t: usize, reverse: bool) -> usize {
         t - 1 - s
     } else {
         s
+    }
+}
+
+/// Batch rows per workgroup of the whole-sequence kernels (one vec4 lane each).
+pub(crate) const SEQUENCE_ROWS: usize = 4;
+
+/// Threads per workgroup of a whole-sequence recurrent kernel (LSTM, GRU, RNN), or `None` when
+/// the per-step kernels run instead. Thread j owns cell j of its workgroup's rows, so H <= 256;
+/// `shared` values per row go through workgroup memory each step (h_prev forward, the gate
+/// gradients backward), and the WGSL's arrays hold 512 of them. `KILN_RNN_STEPS=1` forces the
+/// per-step kernels (for comparisons).
+pub(crate) fn sequence_threads(h: usize, shared: usize) -> Option<u32> {
+    static PER_STEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let per_step =
+        *PER_STEP.get_or_init(|| std::env::var("KILN_RNN_STEPS").is_ok_and(|v| v == "1"));
+    (!per_step && h <= 256 && shared <= 512).then(|| h.next_multiple_of(32) as u32)
+}
+
+/// The recurrent kernel for `(T, B, H)`: `(entry, constants, workgroups)`, the whole-sequence
+/// entry (`entries.1`) when `shared` allows, else `entries.0` per step.
+pub(crate) fn recurrent_kernel(
+    family: &'static str,
+    entries: (&'static str, &'static str),
+    (t, b, h): (usize, usize, usize),
+    reverse: bool,
+    shared: usize,
+) -> KernelSpec {
+    let mut constants = constants(t, b, h, reverse);
+    match sequence_threads(h, shared) {
+        Some(threads) => {
+            constants.push(("SEQ_WG", threads as f64));
+            KernelSpec {
+                family,
+                entry: entries.1,
+                constants,
+                workgroups: groups(b, SEQUENCE_ROWS),
+            }
+        }
+        None => KernelSpec {
+            family,
+            entry: entries.0,
+            constants,
+            workgroups: groups(b * h, 256),
+        },
+    }
+}
+
+/// Dispatches of a recurrent kernel over T steps with hidden size H: 1 for the whole-sequence
+/// kernel, else one per step (and one more backward, for the initial state's gradient).
+pub(crate) fn recurrent_dispatches(t: usize, h: usize, shared: usize, backward: bool) -> u32 {
+    match sequence_threads(h, shared) {
+        Some(_) => 1,
+        None => t as u32 + backward as u32,
     }
 }
 
@@ -144,15 +199,17 @@ impl LstmForward {
         Tensor::new(out.clone(), p).expect("packed state")
     }
 
-    /// Kernel: T dispatches, one thread per (b, j).
+    /// Kernel: one dispatch over the whole sequence (H <= 256), else T dispatches with one
+    /// thread per (b, j).
     pub fn kernel(&self, out: &Shape) -> KernelSpec {
         let (t, b, h) = dims(out);
-        KernelSpec {
-            family: "lstm",
-            entry: "lstm_forward",
-            constants: constants(t, b, h, self.reverse),
-            workgroups: groups(b * h, 256),
-        }
+        recurrent_kernel(
+            "lstm",
+            ("lstm_forward", "lstm_forward_seq"),
+            (t, b, h),
+            self.reverse,
+            h,
+        )
     }
 
     /// Backward: the fused backward-through-time kernel, then the recurrent weight gradient as
@@ -307,14 +364,16 @@ impl LstmBackward {
             .expect("packed gradient")
     }
 
-    /// Kernel: T + 1 dispatches, one thread per (b, j).
+    /// Kernel: one dispatch over the whole sequence (4H <= 512), else T + 1 dispatches with one
+    /// thread per (b, j).
     pub fn kernel(&self, p: &Shape) -> KernelSpec {
         let (t, b, h) = dims(p);
-        KernelSpec {
-            family: "lstm",
-            entry: "lstm_backward",
-            constants: constants(t, b, h, self.reverse),
-            workgroups: groups(b * h, 256),
-        }
+        recurrent_kernel(
+            "lstm",
+            ("lstm_backward", "lstm_backward_seq"),
+            (t, b, h),
+            self.reverse,
+            4 * h,
+        )
     }
 }

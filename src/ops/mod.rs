@@ -314,10 +314,22 @@ impl Op {
     /// reads its index from a step uniform at binding 0); `None` for single-dispatch kernels.
     pub fn repeat(&self, inputs: &[&Shape]) -> Option<u32> {
         match self {
-            Op::LstmForward(_) => Some(inputs[0].dims()[0] as u32),
-            Op::LstmBackward(_) => Some(inputs[0].dims()[0] as u32 + 1),
-            Op::GruForward(_) | Op::RnnForward(_) => Some(inputs[0].dims()[0] as u32),
-            Op::GruBackward(_) | Op::RnnBackward(_) => Some(inputs[0].dims()[0] as u32 + 1),
+            Op::LstmForward(_)
+            | Op::LstmBackward(_)
+            | Op::GruForward(_)
+            | Op::GruBackward(_)
+            | Op::RnnForward(_)
+            | Op::RnnBackward(_) => {
+                // inputs: xw (or P) first, w_hh (G*H, H) second
+                let (t, h) = (inputs[0].dims()[0], inputs[1].dims()[1]);
+                let (shared, backward) = match self {
+                    Op::LstmBackward(_) => (4 * h, true),
+                    Op::GruBackward(_) => (3 * h, true),
+                    Op::RnnBackward(_) => (h, true),
+                    _ => (h, false),
+                };
+                Some(lstm::recurrent_dispatches(t, h, shared, backward))
+            }
             _ => None,
         }
     }
