@@ -23,7 +23,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv 
 export KILN_CACHE_DIR="$out/cache"
 case "$stage" in
   suite)
-    .device-bin/kiln-bench --quick --no-cpu --json "$out/auto.json" 2>&1 | tee "$out/auto.txt" ;;
+    .device-bin/kiln-bench --quick --no-cpu --json "$out/auto.json" 2>&1 | tee "$out/auto.txt"
+    # the recurrent layers one dispatch per step, against the whole-sequence kernels above
+    KILN_RNN_STEPS=1 .device-bin/kiln-bench --quick --no-cpu --only lstm 2>&1 | tee "$out/lstm-steps.txt" ;;
   tune)
     KILN_GEMM=tune .device-bin/kiln-bench --quick --no-cpu --only matmul --only conv --only cnn --only lstm \
       --json "$out/tune.json" 2>&1 | tee "$out/tune.txt"

@@ -11,6 +11,8 @@
 //   1  labels  storage, read        [N]
 //   2  dy      storage, read        [1] gradient of the loss
 //   3  dx      storage, read_write  [N, C] (softmax(logits) - onehot(labels)) * dy / N
+// f16 variant (`loss_f16`, generated from the storage block): logits and dx f16, computed in
+// f32; labels, the loss and dy stay f32.
 // Overrides: N rows, C classes. A label that is not an integer in [0, C) gives NaN.
 // Dispatch: `cross_entropy`: 1 workgroup of 256 threads; each thread folds rows i, i + 256, ..
 //           and a tree in workgroup memory sums the row losses.
@@ -21,18 +23,22 @@ override N: u32 = 1u;
 override C: u32 = 1u;
 const WG: u32 = 256u;
 
+// generated: begin storage
 @group(0) @binding(0) var<storage, read> logits: array<f32>;
-@group(0) @binding(1) var<storage, read> labels: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
-@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(1) var<storage, read> labels: array<f32>; // always f32
+@group(0) @binding(2) var<storage, read_write> out: array<f32>; // always f32
+@group(0) @binding(2) var<storage, read> dy: array<f32>; // always f32
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
+fn ld_logits(i: u32) -> f32 { return logits[i]; }
+fn st_dx(i: u32, v: f32) { dx[i] = v; }
+// generated: end storage
 
 var<workgroup> part: array<f32, 256>;
 
 fn row_max(base: u32) -> f32 {
-    var m = logits[base];
+    var m = ld_logits(base);
     for (var c = 1u; c < C; c = c + 1u) {
-        m = max(m, logits[base + c]);
+        m = max(m, ld_logits(base + c));
     }
     return m;
 }
@@ -40,7 +46,7 @@ fn row_max(base: u32) -> f32 {
 fn row_sum_exp(base: u32, m: f32) -> f32 {
     var s = 0.0;
     for (var c = 0u; c < C; c = c + 1u) {
-        s = s + exp(logits[base + c] - m);
+        s = s + exp(ld_logits(base + c) - m);
     }
     return s;
 }
@@ -69,7 +75,7 @@ fn cross_entropy(@builtin(local_invocation_index) lid: u32) {
         let lse = m + log(row_sum_exp(base, m));
         let k = class_of(i);
         if k < C {
-            acc = acc + (lse - logits[base + k]);
+            acc = acc + (lse - ld_logits(base + k));
         } else {
             acc = acc + nan();
         }
@@ -104,8 +110,8 @@ fn cross_entropy_backward(
     let scale = dy[0] / f32(N);
     let bad = select(0.0, nan(), k >= C);
     for (var c = 0u; c < C; c = c + 1u) {
-        let p = exp(logits[base + c] - m) * inv;
+        let p = exp(ld_logits(base + c) - m) * inv;
         let onehot = select(0.0, 1.0, c == k);
-        dx[base + c] = (p - onehot) * scale + bad;
+        st_dx(base + c, (p - onehot) * scale + bad);
     }
 }

@@ -463,9 +463,9 @@ fn mixed_precision_cnn_gradients() {
         let (h, pc) = conv.apply_relu(&g, g.cast(x, dt).unwrap()).unwrap();
         let h = g.max_pool2d(h, (2, 2), (2, 2), (0, 0)).unwrap();
         let (logits, pf) = fc.apply(&g, g.flatten(h).unwrap()).unwrap();
-        let loss = g
-            .cross_entropy(g.cast(logits, DType::F32).unwrap(), labels)
-            .unwrap();
+        // f16 logits straight into the loss (computed in f32, the loss f32)
+        let loss = g.cross_entropy(logits, labels).unwrap();
+        assert_eq!(g.dtype(loss), DType::F32);
         let params: Vec<NodeId> = pc.iter().chain(&pf).copied().collect();
         let mut outs = vec![loss];
         outs.extend(g.grad(loss, &params).unwrap());
@@ -510,7 +510,9 @@ fn f16_errors_name_the_op() {
     let x = g.input_as("x", [2, 3], DType::F16);
     let y = g.input("y", [2, 3]);
     let labels = g.input("labels", [2]);
-    let e = g.cross_entropy(x, labels).unwrap_err().to_string();
+    // labels are f32 (f16 logits are fine)
+    let labels16 = g.input_as("labels16", [2], DType::F16);
+    let e = g.cross_entropy(x, labels16).unwrap_err().to_string();
     assert!(
         e.contains("cross_entropy") && e.contains("f16") && e.contains("cast"),
         "{e}"
@@ -528,10 +530,9 @@ fn f16_errors_name_the_op() {
     let table = g.input_as("table", [5, 3], DType::F16);
     let e = g.embedding(labels, table).unwrap_err().to_string();
     assert!(e.contains("embedding") && e.contains("f16"), "{e}");
-    // fine once cast
-    let loss = g
-        .cross_entropy(g.cast(x, DType::F32).unwrap(), labels)
-        .unwrap();
+    // f16 logits, f32 labels: an f32 loss
+    let loss = g.cross_entropy(x, labels).unwrap();
+    assert_eq!(g.dtype(loss), DType::F32);
     let out = Device::cpu()
         .compile(&g, &[loss])
         .unwrap()

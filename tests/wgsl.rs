@@ -586,11 +586,11 @@ fn every_optimizer_group_is_valid_wgsl() {
 }
 
 /// The f16 variants of the hand-written kernels with a storage block (conv, pool, softmax,
-/// dropout, layout) validate with naga; dropout's seed stays f32.
+/// dropout, layout, loss) validate with naga; dropout's seed and the loss's labels stay f32.
 #[test]
 fn f16_variants_of_shaders_are_valid_wgsl() {
     use kiln::codegen::storage::{f16_family, f16_wgsl};
-    for family in ["conv", "pool", "softmax", "dropout", "layout"] {
+    for family in ["conv", "pool", "softmax", "dropout", "layout", "loss"] {
         assert!(f16_family(family).is_some());
         let src = f16_wgsl(family);
         assert!(
@@ -601,5 +601,6 @@ fn f16_variants_of_shaders_are_valid_wgsl() {
         validate_wgsl(&format!("{family} (f16)"), &src);
     }
     assert!(f16_wgsl("dropout").contains("seed: array<f32>; // always f32"));
-    assert!(f16_family("loss").is_none());
+    assert!(f16_wgsl("loss").contains("labels: array<f32>; // always f32"));
+    assert!(f16_family("lstm").is_none());
 }

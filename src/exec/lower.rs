@@ -1017,7 +1017,11 @@ fn select_f16(
         | Op::AvgPool2dBackward(_)
         | Op::Softmax(_)
         | Op::Dropout(_)
-        | Op::AxisCopy(_) => crate::codegen::storage::f16_kernel(op.kernel(inputs, out)?),
+        | Op::AxisCopy(_)
+        | Op::CrossEntropy(_)
+        | Op::CrossEntropyBackward(_) => {
+            crate::codegen::storage::f16_kernel(op.kernel(inputs, out)?)
+        }
         other => unreachable!(
             "{} never touches f16: the graph's dtype rule refuses it",
             other.name()

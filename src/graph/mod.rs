@@ -135,9 +135,9 @@ impl Graph {
 
     /// `x`'s values as `to` (f32 <-> f16; a no-op when `x` already is `to`). f16 nodes store
     /// half floats and compute in f32: products, convolutions, pooling, elementwise ops,
-    /// softmax, dropout, reductions and layout ops take f16; the others (losses, recurrent
-    /// layers, embeddings) take f32, so mixed-precision graphs cast around them, as PyTorch's
-    /// autocast does.
+    /// softmax, dropout, reductions and layout ops take f16, and cross-entropy f16 logits (an
+    /// f32 loss); the others (MSE and BCE against f32 targets, recurrent layers, embeddings)
+    /// take f32, so mixed-precision graphs cast around them, as PyTorch's autocast does.
     pub fn cast(&self, x: NodeId, to: DType) -> Result<NodeId> {
         let shape = self.check_id("cast", x)?;
         if self.dtype(x) == to {
@@ -402,7 +402,8 @@ impl Graph {
 
     /// Softmax cross-entropy of `logits (N, C)` against integer class `labels (N)` stored as f32,
     /// mean over the batch, fused and numerically stable (`torch.nn.functional.cross_entropy`).
-    /// A label outside `[0, C)` or not an integer makes the loss NaN.
+    /// A label outside `[0, C)` or not an integer makes the loss NaN. f16 logits are read as
+    /// stored and the loss computed in f32 (an f32 loss; the logits' gradient is f16).
     pub fn cross_entropy(&self, logits: NodeId, labels: NodeId) -> Result<NodeId> {
         let (sl, sy) = (
             self.check_id("cross_entropy", logits)?,

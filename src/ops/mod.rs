@@ -496,7 +496,8 @@ impl Op {
     /// The element type of this op's result given its inputs' types, or an error naming the op:
     /// casts give their target type; products, convolutions, pooling, elementwise ops, softmax,
     /// reductions and layout ops take and give one type (f32 or f16, all inputs alike); dropout
-    /// gives its input's (its seed is f32); every other op takes f32 only.
+    /// gives its input's (its seed is f32); cross-entropy takes f16 logits (f32 labels) and gives
+    /// an f32 loss, its backward the logits' type; every other op takes f32 only.
     pub fn result_dtype(&self, inputs: &[DType]) -> Result<DType> {
         let first = inputs.first().copied().unwrap_or_default();
         let err = |why: String| Err(crate::error::shape_err(self.name(), why));
@@ -530,6 +531,12 @@ impl Op {
             },
             // the seed is a whole number: f32
             Op::Dropout(_) if inputs.get(1) == Some(&DType::F32) => Ok(first),
+            // f16 logits: the loss (a mean over the batch) stays f32, the logits' gradient
+            // follows the logits; labels and the loss's gradient are f32
+            Op::CrossEntropy(_) if inputs[1..].iter().all(|&d| d == DType::F32) => Ok(DType::F32),
+            Op::CrossEntropyBackward(_) if inputs[1..].iter().all(|&d| d == DType::F32) => {
+                Ok(first)
+            }
             _ => match inputs.iter().position(|&d| d != DType::F32) {
                 Some(k) => err(format!(
                     "it takes f32 tensors only, input {k} is {}; cast it to f32 first \
