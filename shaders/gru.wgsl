@@ -1,5 +1,6 @@
 // gru.wgsl: one GRU layer (PyTorch gate order r, z, n) and one vanilla tanh RNN layer
-// (torch.nn.RNN, nonlinearity tanh), each fused per time step, and their backward through time.
+// (torch.nn.RNN, nonlinearity tanh), each fused per time step (or over the whole sequence, below),
+// and their backward through time.
 // The input projection x W_ih^T + b_ih of all steps is one matmul done before (`xw`); each step
 // adds the recurrent projection W_hh h + b_hh. The gradients of W_hh and b_hh are a tiled matmul
 // and a sum over all steps, built in the graph.

@@ -1,5 +1,6 @@
 //! One GRU layer (PyTorch gates r, z, n) and one vanilla tanh RNN layer (`torch.nn.RNN`), each as a
-//! fused recurrent kernel per time step and a fused backward through time. Kernel:
+//! fused recurrent kernel and a fused backward through time, each one dispatch for the whole
+//! sequence where H allows (see `lstm::sequence_threads`), else one per time step. Kernel:
 //! `shaders/gru.wgsl`.
 //!
 //! `GruForward`: inputs `xw [T, B, 3H]` (the input projection `x W_ih^T + b_ih` of every step, one
