@@ -1,7 +1,8 @@
 // lstm.wgsl: one LSTM layer (PyTorch gate order i, f, g, o), fused per time step (or over the
 // whole sequence, below), and its backward through time. The input projection
-// x W_ih^T + b_ih + b_hh for all steps is one matmul done before (`xw`); each step adds the recurrent projection h W_hh^T, applies the gates and
-// writes h_t and c_t. Sequences shorter than T (lengths[b]) carry their state over the padding.
+// x W_ih^T + b_ih + b_hh for all steps is one matmul done before (`xw`); each step adds the
+// recurrent projection h W_hh^T, applies the gates and writes h_t and c_t. Sequences shorter
+// than T (lengths[b]) carry their state over the padding.
 //
 // Packed state P [T, B, 6H], per (t, b): h | c | i | f | g | o (gate activations, for backward).
 // Packed gradient Q [T + 1, B, 6H], rows t < T: dgates (pre-activation, 4H) | dc_t | dh_t;
