@@ -9,6 +9,8 @@
 // Bindings
 // `embedding`:           0 indices (read) [N]; 1 weight (read) [V, E]; 2 out (read_write) [N, E]
 // `embedding_backward`:  0 indices (read) [N]; 1 dy (read) [N, E]; 2 dw (read_write) [V, E]
+// f16 variant (`embedding_f16`, generated from the storage block): weight, out, dy and dw f16,
+// computed (and the gradient accumulated) in f32; indices stay f32.
 // Overrides: N (number of indices), V (rows of the table), E (embedding width).
 // Dispatch: `embedding` ceil(N * E / 256) workgroups, one thread per output element;
 //           `embedding_backward` ceil(V * E / 256) workgroups, one thread per weight; both folded
@@ -19,12 +21,17 @@ override V: u32 = 1u;
 override E: u32 = 1u;
 const WG: u32 = 256u;
 
-@group(0) @binding(0) var<storage, read> indices: array<f32>;
+// generated: begin storage
+@group(0) @binding(0) var<storage, read> indices: array<f32>; // always f32
 @group(0) @binding(1) var<storage, read> weight: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
-
 @group(0) @binding(1) var<storage, read> dy: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dw: array<f32>;
+fn ld_weight(i: u32) -> f32 { return weight[i]; }
+fn st_out(i: u32, v: f32) { out[i] = v; }
+fn ld_dy(i: u32) -> f32 { return dy[i]; }
+fn st_dw(i: u32, v: f32) { dw[i] = v; }
+// generated: end storage
 
 fn linear_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * WG + lid;
@@ -51,7 +58,7 @@ fn embedding(
     let idx = indices[i];
     let valid = idx >= 0.0 && idx < f32(V) && idx == floor(idx);
     let row = min(u32(select(0.0, idx, valid)), V - 1u);
-    out[id] = select(nan(), weight[row * E + e], valid);
+    st_out(id, select(nan(), ld_weight(row * E + e), valid));
 }
 
 @compute @workgroup_size(256)
@@ -69,8 +76,8 @@ fn embedding_backward(
     var acc = 0.0;
     for (var i = 0u; i < N; i = i + 1u) {
         if indices[i] == v {
-            acc = acc + dy[i * E + e];
+            acc = acc + ld_dy(i * E + e);
         }
     }
-    dw[id] = acc;
+    st_dw(id, acc);
 }

@@ -526,10 +526,11 @@ fn f16_errors_name_the_op() {
     let img = g.input_as("img", [1, 1, 4, 4], DType::F16);
     let w = g.input("w", [1, 1, 3, 3]);
     assert!(g.conv2d(img, w, None, Default::default()).is_err());
-    // a table of embeddings is f32
+    // embedding indices are f32 (an f16 table is fine)
     let table = g.input_as("table", [5, 3], DType::F16);
-    let e = g.embedding(labels, table).unwrap_err().to_string();
+    let e = g.embedding(labels16, table).unwrap_err().to_string();
     assert!(e.contains("embedding") && e.contains("f16"), "{e}");
+    assert_eq!(g.dtype(g.embedding(labels, table).unwrap()), DType::F16);
     // f16 logits, f32 labels: an f32 loss
     let loss = g.cross_entropy(x, labels).unwrap();
     assert_eq!(g.dtype(loss), DType::F32);
@@ -589,6 +590,54 @@ fn softmax_dropout_and_axis_copies_in_f16() {
         &f,
         (2e-3, 2e-2),
     );
+}
+
+/// An f16 embedding table: the lookup gives f16 rows (a NaN row for a bad index), and its
+/// gradient, summed in f32 over repeated indices, is f16; against the CPU reference, through a
+/// cast from an f32 table as mixed-precision models hold it.
+#[test]
+fn embedding_in_f16() {
+    let Some(dev) = device(true) else { return };
+    let g = Graph::new();
+    let idx = g.input("idx", [2, 9]);
+    let table = g.input("table", [13, 7]);
+    let rows = g
+        .embedding(idx, g.cast(table, DType::F16).unwrap())
+        .unwrap();
+    assert_eq!(g.dtype(rows), DType::F16);
+    let r = g.cast(
+        g.constant(Tensor::rand_uniform([2, 9, 7], -1.0, 1.0, 4)),
+        DType::F16,
+    );
+    let loss = g.sum_all(g.mul(rows, r.unwrap()).unwrap()).unwrap();
+    let grads = g.grad(loss, &[table]).unwrap();
+    assert_eq!(g.dtype(grads[0]), DType::F32, "back through the cast");
+    let mut all = vec![rows, loss];
+    all.extend(&grads);
+    // repeated indices (3 and 12 several times), the last row, index 0
+    let picks = [3.0, 12.0, 0.0, 3.0, 5.0, 12.0, 3.0, 7.0, 1.0];
+    let f = vec![
+        (
+            "idx".to_string(),
+            Tensor::new(
+                [2, 9],
+                picks.iter().chain(picks.iter().rev()).copied().collect(),
+            )
+            .unwrap(),
+        ),
+        ("table".to_string(), rand(&[13, 7], 5)),
+    ];
+    check(&dev, "f16 embedding", &g, &all, &f, (2e-3, 2e-2));
+    // a bad index gives a NaN row in f16 too
+    let bad = vec![
+        (
+            "idx".to_string(),
+            Tensor::new([2, 9], vec![13.0; 18]).unwrap(),
+        ),
+        ("table".to_string(), rand(&[13, 7], 5)),
+    ];
+    let out = dev.compile(&g, &[rows]).unwrap().run(&refs(&bad)).unwrap();
+    assert!(out[0].data().iter().all(|v| v.is_nan()));
 }
 
 /// Mixed-precision training: `Linear` layers follow their input's type (f32 parameters cast to

@@ -586,11 +586,20 @@ fn every_optimizer_group_is_valid_wgsl() {
 }
 
 /// The f16 variants of the hand-written kernels with a storage block (conv, pool, softmax,
-/// dropout, layout, loss) validate with naga; dropout's seed and the loss's labels stay f32.
+/// dropout, layout, loss, embedding) validate with naga; dropout's seed, the loss's labels and
+/// embedding indices stay f32.
 #[test]
 fn f16_variants_of_shaders_are_valid_wgsl() {
     use kiln::codegen::storage::{f16_family, f16_wgsl};
-    for family in ["conv", "pool", "softmax", "dropout", "layout", "loss"] {
+    for family in [
+        "conv",
+        "pool",
+        "softmax",
+        "dropout",
+        "layout",
+        "loss",
+        "embedding",
+    ] {
         assert!(f16_family(family).is_some());
         let src = f16_wgsl(family);
         assert!(

@@ -1019,9 +1019,9 @@ fn select_f16(
         | Op::Dropout(_)
         | Op::AxisCopy(_)
         | Op::CrossEntropy(_)
-        | Op::CrossEntropyBackward(_) => {
-            crate::codegen::storage::f16_kernel(op.kernel(inputs, out)?)
-        }
+        | Op::CrossEntropyBackward(_)
+        | Op::Embedding(_)
+        | Op::EmbeddingBackward(_) => crate::codegen::storage::f16_kernel(op.kernel(inputs, out)?),
         other => unreachable!(
             "{} never touches f16: the graph's dtype rule refuses it",
             other.name()

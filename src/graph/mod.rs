@@ -135,9 +135,9 @@ impl Graph {
 
     /// `x`'s values as `to` (f32 <-> f16; a no-op when `x` already is `to`). f16 nodes store
     /// half floats and compute in f32: products, convolutions, pooling, elementwise ops,
-    /// softmax, dropout, reductions and layout ops take f16, and cross-entropy f16 logits (an
-    /// f32 loss); the others (MSE and BCE against f32 targets, recurrent layers, embeddings)
-    /// take f32, so mixed-precision graphs cast around them, as PyTorch's autocast does.
+    /// softmax, dropout, reductions and layout ops take f16, cross-entropy f16 logits (an f32
+    /// loss) and the embedding lookup an f16 table; the others (MSE and BCE against f32
+    /// targets, recurrent layers) take f32, so mixed-precision graphs cast around them, as PyTorch's autocast does.
     pub fn cast(&self, x: NodeId, to: DType) -> Result<NodeId> {
         let shape = self.check_id("cast", x)?;
         if self.dtype(x) == to {
@@ -1032,7 +1032,8 @@ impl Graph {
     /// Embedding lookup (`torch.nn.functional.embedding`): `indices` of any shape holding whole
     /// numbers as f32, `weight (V, E)` -> `(indices.., E)`. An index that is not an integer in
     /// `[0, V)` gives a row of NaN. The weight's gradient comes from a dedicated gather kernel;
-    /// the indices take none.
+    /// the indices take none. An f16 `weight` gives f16 rows (the gradient summed in f32,
+    /// stored f16); the indices are f32.
     pub fn embedding(&self, indices: NodeId, weight: NodeId) -> Result<NodeId> {
         let si = self.check_id("embedding", indices)?;
         let sw = self.check_id("embedding", weight)?;

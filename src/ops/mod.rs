@@ -497,7 +497,8 @@ impl Op {
     /// casts give their target type; products, convolutions, pooling, elementwise ops, softmax,
     /// reductions and layout ops take and give one type (f32 or f16, all inputs alike); dropout
     /// gives its input's (its seed is f32); cross-entropy takes f16 logits (f32 labels) and gives
-    /// an f32 loss, its backward the logits' type; every other op takes f32 only.
+    /// an f32 loss, its backward the logits' type; the embedding lookup and its gradient take f32
+    /// indices and give the table's (dy's) type; every other op takes f32 only.
     pub fn result_dtype(&self, inputs: &[DType]) -> Result<DType> {
         let first = inputs.first().copied().unwrap_or_default();
         let err = |why: String| Err(crate::error::shape_err(self.name(), why));
@@ -537,6 +538,8 @@ impl Op {
             Op::CrossEntropyBackward(_) if inputs[1..].iter().all(|&d| d == DType::F32) => {
                 Ok(first)
             }
+            // indices f32; the table (its gradient: dy) f16 or f32
+            Op::Embedding(_) | Op::EmbeddingBackward(_) if first == DType::F32 => Ok(inputs[1]),
             _ => match inputs.iter().position(|&d| d != DType::F32) {
                 Some(k) => err(format!(
                     "it takes f32 tensors only, input {k} is {}; cast it to f32 first \
