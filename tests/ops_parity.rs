@@ -238,6 +238,65 @@ fn reductions_over_each_axis() {
     }
 }
 
+/// The multi-tensor sum of squares (gradient clipping's squared norm): partial sums per chunk
+/// of 4096 elements and their total, on one tensor, on 7 (one kernel) and on 9 (two kernels
+/// and a concat), with sizes around the chunk; the total equals the per-tensor composition.
+#[test]
+fn sum_of_squares_of_many_tensors() {
+    let sizes: [&[usize]; 9] = [
+        &[1],
+        &[4096],
+        &[4097],
+        &[3, 37],
+        &[2, 5000],
+        &[256],
+        &[7, 11, 13],
+        &[1, 4095],
+        &[9000],
+    ];
+    for n in [1, 7, 9] {
+        let g = Graph::new();
+        let xs: Vec<kiln::NodeId> = (0..n)
+            .map(|j| g.input(&format!("x{j}"), sizes[j]))
+            .collect();
+        let total = g.sum_squares(&xs).unwrap();
+        assert_eq!(g.shape(total).dims(), [1]);
+        let composed = xs
+            .iter()
+            .map(|&x| g.sum_all(g.square(x).unwrap()).unwrap())
+            .reduce(|a, b| g.add(a, b).unwrap())
+            .unwrap();
+        // the partial sums themselves: the node the total reduces
+        let values: Vec<Tensor> = (0..n).map(|j| rand(sizes[j], 40 + j as u64)).collect();
+        let names: Vec<String> = (0..n).map(|j| format!("x{j}")).collect();
+        let feeds: Vec<(&str, &Tensor)> = names.iter().map(|s| s.as_str()).zip(&values).collect();
+        check_gpu_vs_cpu(
+            &format!("sum_squares of {n}"),
+            &g,
+            &[total, composed],
+            &feeds,
+            TOL_REDUCTION,
+        );
+        let out = kiln::Device::cpu()
+            .compile(&g, &[total, composed])
+            .unwrap()
+            .run(&feeds)
+            .unwrap();
+        let (a, b) = (out[0].data()[0] as f64, out[1].data()[0] as f64);
+        assert!((a - b).abs() <= 1e-4 * b.abs(), "{a} vs {b}");
+    }
+    // an empty list and f16 tensors are refused, naming the op
+    let g = Graph::new();
+    assert!(g
+        .sum_squares(&[])
+        .unwrap_err()
+        .to_string()
+        .contains("sum_squares"));
+    let h = g.input_as("h", [3], kiln::DType::F16);
+    let e = g.sum_squares(&[h]).unwrap_err().to_string();
+    assert!(e.contains("sum_squares") && e.contains("f16"), "{e}");
+}
+
 #[test]
 fn permute_transpose_reshape() {
     let g = Graph::new();

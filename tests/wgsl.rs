@@ -550,6 +550,19 @@ fn reductions_with_prologues_are_valid_wgsl() {
 
 /// Multi-tensor optimizer kernels (`codegen::optim`) validate with naga for every update rule,
 /// one member and many, and reuse optim.wgsl's per-element functions.
+/// The generated multi-tensor sums of squares validate with naga, one workgroup per chunk.
+#[test]
+fn every_sum_of_squares_is_valid_wgsl() {
+    use kiln::codegen::reduce_group::sum_squares_kernel;
+    for sizes in [vec![1usize], vec![4096, 4097, 1, 300, 70_000, 3, 8191]] {
+        let g = sum_squares_kernel(&sizes);
+        assert!(g.wgsl.starts_with("// sum_squares.wgsl"));
+        validate_wgsl(&format!("sum_squares {sizes:?}"), &g.wgsl);
+        let expected: u64 = sizes.iter().map(|&n| n.div_ceil(4096) as u64).sum();
+        assert_eq!(g.spec.workgroups, expected);
+    }
+}
+
 #[test]
 fn every_optimizer_group_is_valid_wgsl() {
     use kiln::ops::optim::{OptimGroup, OptimKind};

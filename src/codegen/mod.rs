@@ -15,6 +15,7 @@ pub mod coop;
 pub mod elementwise;
 pub mod matmul;
 pub mod optim;
+pub mod reduce_group;
 pub mod storage;
 
 use std::sync::Arc;

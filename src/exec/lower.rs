@@ -763,6 +763,11 @@ pub(crate) fn select(
         let g = crate::codegen::optim::group_kernel(o, &sizes, &grads);
         return Some((g.spec.clone(), Some(g)));
     }
+    if let Op::SumSquares(_) = op {
+        let sizes: Vec<usize> = inputs.iter().map(|s| s.numel()).collect();
+        let g = crate::codegen::reduce_group::sum_squares_kernel(&sizes);
+        return Some((g.spec.clone(), Some(g)));
+    }
     if dtype == DType::F16 || in_dtypes.contains(&DType::F16) {
         return select_f16(op, inputs, in_dtypes, out, dtype, ch);
     }

@@ -542,6 +542,34 @@ impl Graph {
         let flat = self.reshape(a, &[-1])?;
         self.sum(flat, 0, true)
     }
+    /// Sum of the squares of every element of every tensor in `xs` (f32, any shapes), shape
+    /// `[1]`: the squared global L2 norm that gradient clipping takes. One multi-tensor kernel
+    /// per 7 tensors writes partial sums (`ops::reduce::SumSquares`), one reduction adds them,
+    /// instead of a reduction per tensor. No gradient flows through it.
+    pub fn sum_squares(&self, xs: &[NodeId]) -> Result<NodeId> {
+        if xs.is_empty() {
+            return Err(shape_err("sum_squares", "no tensors"));
+        }
+        let mut parts = Vec::new();
+        for members in xs.chunks(crate::ops::reduce::SUM_SQUARES_MEMBERS) {
+            let shapes = members
+                .iter()
+                .map(|&x| self.check_id("sum_squares", x))
+                .collect::<Result<Vec<_>>>()?;
+            let shape = crate::ops::reduce::SumSquares::infer(&shapes)?;
+            parts.push(self.push(
+                Op::SumSquares(crate::ops::reduce::SumSquares),
+                members.to_vec(),
+                shape,
+            )?);
+        }
+        let all = match parts[..] {
+            [one] => one,
+            _ => self.concat(&parts, 0)?,
+        };
+        self.sum_all(all)
+    }
+
     /// Mean of every element, as a tensor of shape `[1]`.
     pub fn mean_all(&self, a: NodeId) -> Result<NodeId> {
         let flat = self.reshape(a, &[-1])?;

@@ -226,16 +226,11 @@ impl Optimizer {
             None => g.constant(Tensor::full([1], 1.0)),
             Some(max_norm) => {
                 // coefficient = min(1, max_norm / (norm + 1e-6)), as clip_grad_norm_
-                let mut total: Option<NodeId> = None;
-                for &gr in &grads {
-                    let s = g.sum_all(g.square(gr)?)?;
-                    total = Some(match total {
-                        Some(t) => g.add(t, s)?,
-                        None => s,
-                    });
+                if grads.is_empty() {
+                    return Err(Error::Param("minimize: no parameters".into()));
                 }
-                let norm =
-                    g.sqrt(total.ok_or_else(|| Error::Param("minimize: no parameters".into()))?)?;
+                // one multi-tensor kernel of partial sums, one reduction
+                let norm = g.sqrt(g.sum_squares(&grads)?)?;
                 let coef = g.rdiv_scalar(g.add_scalar(norm, 1e-6)?, max_norm)?;
                 g.minimum(coef, g.constant(Tensor::full([1], 1.0)))?
             }

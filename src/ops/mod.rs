@@ -135,6 +135,8 @@ pub enum Op {
     OptimStep(optim::OptimStep),
     /// Several parameters' updates as one kernel (made by the plan compiler).
     OptimGroup(optim::OptimGroup),
+    /// Partial sums of squares of several tensors (see `ops::reduce::SumSquares`).
+    SumSquares(reduce::SumSquares),
 }
 
 /// A specialised kernel launch: which WGSL entry point, with which override constants, over how many
@@ -204,6 +206,7 @@ impl Op {
             Op::CrossEntropyBackward(_) => "cross_entropy_backward",
             Op::OptimStep(o) => o.name(),
             Op::OptimGroup(o) => o.name(),
+            Op::SumSquares(_) => "sum_squares",
         }
     }
 
@@ -379,6 +382,7 @@ impl Op {
             Op::CrossEntropyBackward(c) => c.cpu(inputs[0], inputs[1], inputs[2]),
             Op::OptimStep(o) => o.cpu_update(inputs).swap_remove(0),
             Op::OptimGroup(o) => o.cpu_update(inputs).swap_remove(0).swap_remove(0),
+            Op::SumSquares(s) => s.cpu(inputs, out),
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => {
                 unreachable!("source nodes are not evaluated")
             }
@@ -398,6 +402,7 @@ impl Op {
             | Op::MatMulEpilogue(_)
             | Op::ReducePrologue(_)
             | Op::OptimGroup(_)
+            | Op::SumSquares(_)
             | Op::Cast(_) => None,
             Op::Unary(u) => Some(u.kernel(out)),
             Op::Binary(b) => Some(b.kernel(inputs[0], inputs[1], out)),
@@ -481,6 +486,7 @@ impl Op {
             | Op::Fused(_)
             | Op::OptimStep(_)
             | Op::OptimGroup(_)
+            | Op::SumSquares(_)
             | Op::LstmBackward(_)
             | Op::GruBackward(_)
             | Op::RnnBackward(_)
@@ -562,6 +568,7 @@ impl Op {
             | Op::ImplicitGemm(_)
             | Op::ImplicitDgrad(_)
             | Op::Reduce(_)
+            | Op::SumSquares(_)
             | Op::Softmax(_)
             | Op::CrossEntropy(_)
             | Op::CrossEntropyBackward(_)

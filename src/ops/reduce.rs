@@ -148,3 +148,50 @@ impl ReducePrologue {
         self.reduce.cpu(&x, out)
     }
 }
+
+/// Elements per workgroup (and per partial sum) of [`SumSquares`].
+pub const SUM_SQUARES_CHUNK: usize = 4096;
+
+/// Tensors per [`SumSquares`] node: WebGPU guarantees 8 storage buffers per kernel, and the
+/// partial sums take one.
+pub const SUM_SQUARES_MEMBERS: usize = 7;
+
+/// Partial sums of squares of several tensors in one kernel: `x_0 .. x_{k-1}` (any shapes, f32)
+/// -> `(W)`, `W = sum_j ceil(n_j / SUM_SQUARES_CHUNK)`: one entry per chunk of each tensor in
+/// order, the sum of its elements' squares. `Graph::sum_squares` adds them up (the squared
+/// global norm of gradient clipping). Kernel: generated per member sizes by
+/// `codegen::reduce_group` (WGSL cannot index bindings at run time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SumSquares;
+
+impl SumSquares {
+    /// Shape rule.
+    pub fn infer(xs: &[Shape]) -> Result<Shape> {
+        if xs.is_empty() || xs.len() > SUM_SQUARES_MEMBERS {
+            return Err(crate::error::shape_err(
+                "sum_squares",
+                format!(
+                    "{} tensors: expected 1 to {SUM_SQUARES_MEMBERS} per node",
+                    xs.len()
+                ),
+            ));
+        }
+        Ok(Shape(vec![xs
+            .iter()
+            .map(|s| s.numel().div_ceil(SUM_SQUARES_CHUNK))
+            .sum()]))
+    }
+
+    /// CPU reference: each chunk's sum in f64.
+    pub fn cpu(&self, xs: &[&Tensor], out: &Shape) -> Tensor {
+        let sums: Vec<f32> = xs
+            .iter()
+            .flat_map(|x| {
+                x.data()
+                    .chunks(SUM_SQUARES_CHUNK)
+                    .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>() as f32)
+            })
+            .collect();
+        Tensor::new(out.clone(), sums).expect("one sum per chunk")
+    }
+}
