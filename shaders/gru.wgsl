@@ -30,6 +30,8 @@
 // k = T writes dh0):
 //   0 step; 1 p (read) P; 2 whh; 3 bhh (unused); 4 h0; 5 lengths; 6 dp (read) dP, P's shape;
 //   7 q (read_write) Q
+// f16 variant (`gru_f16`, generated from the storage block): every tensor f16 but the f32
+// lengths; each step computes in f32 (the whole-sequence kernels keep the state in f32 registers).
 // Overrides: T, B, H, REVERSE.
 // Dispatch: ceil(B * H / 256) workgroups per step, one thread per (b, j), folded into
 //           (x <= 65535, y).
@@ -41,18 +43,29 @@ override REVERSE: bool = false;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> step: vec4<u32>;
+// generated: begin storage
 @group(0) @binding(1) var<storage, read> xw: array<f32>;
 @group(0) @binding(2) var<storage, read> whh: array<f32>;
 @group(0) @binding(3) var<storage, read> bhh: array<f32>;
 @group(0) @binding(4) var<storage, read> h0: array<f32>;
-@group(0) @binding(5) var<storage, read> lengths: array<f32>;
+@group(0) @binding(5) var<storage, read> lengths: array<f32>; // always f32
 @group(0) @binding(6) var<storage, read> whh_t: array<f32>;
 @group(0) @binding(7) var<storage, read_write> p: array<f32>;
-
-// backward bindings (binding 1 is P read-only there)
 @group(0) @binding(1) var<storage, read> p_in: array<f32>;
 @group(0) @binding(6) var<storage, read> dp: array<f32>;
 @group(0) @binding(7) var<storage, read_write> q: array<f32>;
+fn ld_xw(i: u32) -> f32 { return xw[i]; }
+fn ld_whh(i: u32) -> f32 { return whh[i]; }
+fn ld_bhh(i: u32) -> f32 { return bhh[i]; }
+fn ld_h0(i: u32) -> f32 { return h0[i]; }
+fn ld_whh_t(i: u32) -> f32 { return whh_t[i]; }
+fn ld_p(i: u32) -> f32 { return p[i]; }
+fn st_p(i: u32, v: f32) { p[i] = v; }
+fn ld_p_in(i: u32) -> f32 { return p_in[i]; }
+fn ld_dp(i: u32) -> f32 { return dp[i]; }
+fn ld_q(i: u32) -> f32 { return q[i]; }
+fn st_q(i: u32, v: f32) { q[i] = v; }
+// generated: end storage
 
 fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
@@ -78,17 +91,17 @@ fn masked(t: u32, b: u32) -> bool {
 // Element m of the state before forward step s, during the forward pass.
 fn h_prev_fwd(s: u32, b: u32, m: u32, width: u32) -> f32 {
     if s == 0u {
-        return h0[b * H + m];
+        return ld_h0(b * H + m);
     }
-    return p[(time_of(s - 1u) * B + b) * width + m];
+    return ld_p((time_of(s - 1u) * B + b) * width + m);
 }
 
 // The same during the backward pass.
 fn h_prev_bwd(s: u32, b: u32, m: u32, width: u32) -> f32 {
     if s == 0u {
-        return h0[b * H + m];
+        return ld_h0(b * H + m);
     }
-    return p_in[(time_of(s - 1u) * B + b) * width + m];
+    return ld_p_in((time_of(s - 1u) * B + b) * width + m);
 }
 
 // ---- GRU ----
@@ -111,47 +124,47 @@ fn gru_forward(
     let hj = h_prev_fwd(s, b, j, 5u * H);
     if masked(t, b) {
         // padding: carry the state, no gates
-        p[r + j] = hj;
-        p[r + H + j] = 0.0;
-        p[r + 2u * H + j] = 0.0;
-        p[r + 3u * H + j] = 0.0;
-        p[r + 4u * H + j] = 0.0;
+        st_p(r + j, hj);
+        st_p(r + H + j, 0.0);
+        st_p(r + 2u * H + j, 0.0);
+        st_p(r + 3u * H + j, 0.0);
+        st_p(r + 4u * H + j, 0.0);
         return;
     }
     let x = (t * B + b) * 3u * H;
-    var a_r = xw[x + j] + bhh[j];
-    var a_z = xw[x + H + j] + bhh[H + j];
-    var hn = bhh[2u * H + j];
+    var a_r = ld_xw(x + j) + ld_bhh(j);
+    var a_z = ld_xw(x + H + j) + ld_bhh(H + j);
+    var hn = ld_bhh(2u * H + j);
     for (var m = 0u; m < H; m = m + 1u) {
         let h = h_prev_fwd(s, b, m, 5u * H);
         let w = m * 3u * H + j;
-        a_r = a_r + h * whh_t[w];
-        a_z = a_z + h * whh_t[w + H];
-        hn = hn + h * whh_t[w + 2u * H];
+        a_r = a_r + h * ld_whh_t(w);
+        a_z = a_z + h * ld_whh_t(w + H);
+        hn = hn + h * ld_whh_t(w + 2u * H);
     }
     let gr = sigmoid(a_r);
     let gz = sigmoid(a_z);
-    let n = tanh_safe(xw[x + 2u * H + j] + gr * hn);
-    p[r + j] = (1.0 - gz) * n + gz * hj;
-    p[r + H + j] = gr;
-    p[r + 2u * H + j] = gz;
-    p[r + 3u * H + j] = n;
-    p[r + 4u * H + j] = hn;
+    let n = tanh_safe(ld_xw(x + 2u * H + j) + gr * hn);
+    st_p(r + j, (1.0 - gz) * n + gz * hj);
+    st_p(r + H + j, gr);
+    st_p(r + 2u * H + j, gz);
+    st_p(r + 3u * H + j, n);
+    st_p(r + 4u * H + j, hn);
 }
 
 // Gradient reaching the state before time t from step t (already computed): through z and the
 // recurrent projection when t was a real step, straight through when it was padding.
 fn gru_dh_before(t: u32, b: u32, j: u32) -> f32 {
     let r = (t * B + b) * 5u * H;
-    let dh = q[r + 4u * H + j];
+    let dh = ld_q(r + 4u * H + j);
     if masked(t, b) {
         return dh;
     }
-    var acc = dh * p_in[r + 2u * H + j];
+    var acc = dh * ld_p_in(r + 2u * H + j);
     for (var k = 0u; k < H; k = k + 1u) {
-        acc = acc + q[r + k] * whh[k * H + j];
-        acc = acc + q[r + H + k] * whh[(H + k) * H + j];
-        acc = acc + q[r + 3u * H + k] * whh[(2u * H + k) * H + j];
+        acc = acc + ld_q(r + k) * ld_whh(k * H + j);
+        acc = acc + ld_q(r + H + k) * ld_whh((H + k) * H + j);
+        acc = acc + ld_q(r + 3u * H + k) * ld_whh((2u * H + k) * H + j);
     }
     return acc;
 }
@@ -172,39 +185,39 @@ fn gru_backward(
     if k == T {
         // the gradient for the initial state, from the first forward step
         let out = (T * B + b) * 5u * H;
-        q[out + j] = gru_dh_before(time_of(0u), b, j);
-        q[out + H + j] = 0.0;
-        q[out + 2u * H + j] = 0.0;
-        q[out + 3u * H + j] = 0.0;
-        q[out + 4u * H + j] = 0.0;
+        st_q(out + j, gru_dh_before(time_of(0u), b, j));
+        st_q(out + H + j, 0.0);
+        st_q(out + 2u * H + j, 0.0);
+        st_q(out + 3u * H + j, 0.0);
+        st_q(out + 4u * H + j, 0.0);
         return;
     }
     // backward step k handles forward step s = T-1-k
     let s = T - 1u - k;
     let t = time_of(s);
     let r = (t * B + b) * 5u * H;
-    var dh = dp[r + j];
+    var dh = ld_dp(r + j);
     if k > 0u {
         dh = dh + gru_dh_before(time_of(s + 1u), b, j);
     }
-    q[r + 4u * H + j] = dh;
+    st_q(r + 4u * H + j, dh);
     if masked(t, b) {
-        q[r + j] = 0.0;
-        q[r + H + j] = 0.0;
-        q[r + 2u * H + j] = 0.0;
-        q[r + 3u * H + j] = 0.0;
+        st_q(r + j, 0.0);
+        st_q(r + H + j, 0.0);
+        st_q(r + 2u * H + j, 0.0);
+        st_q(r + 3u * H + j, 0.0);
         return;
     }
     let hj = h_prev_bwd(s, b, j, 5u * H);
-    let gr = p_in[r + H + j];
-    let gz = p_in[r + 2u * H + j];
-    let n = p_in[r + 3u * H + j];
-    let hn = p_in[r + 4u * H + j];
+    let gr = ld_p_in(r + H + j);
+    let gz = ld_p_in(r + 2u * H + j);
+    let n = ld_p_in(r + 3u * H + j);
+    let hn = ld_p_in(r + 4u * H + j);
     let da_n = dh * (1.0 - gz) * (1.0 - n * n);
-    q[r + j] = da_n * hn * gr * (1.0 - gr);
-    q[r + H + j] = dh * (hj - n) * gz * (1.0 - gz);
-    q[r + 2u * H + j] = da_n;
-    q[r + 3u * H + j] = da_n * gr;
+    st_q(r + j, da_n * hn * gr * (1.0 - gr));
+    st_q(r + H + j, dh * (hj - n) * gz * (1.0 - gz));
+    st_q(r + 2u * H + j, da_n);
+    st_q(r + 3u * H + j, da_n * gr);
 }
 
 // ---- vanilla tanh RNN ----
@@ -225,24 +238,24 @@ fn rnn_forward(
     let t = time_of(s);
     let r = (t * B + b) * H;
     if masked(t, b) {
-        p[r + j] = h_prev_fwd(s, b, j, H);
+        st_p(r + j, h_prev_fwd(s, b, j, H));
         return;
     }
-    var a = xw[r + j] + bhh[j];
+    var a = ld_xw(r + j) + ld_bhh(j);
     for (var m = 0u; m < H; m = m + 1u) {
-        a = a + h_prev_fwd(s, b, m, H) * whh_t[m * H + j];
+        a = a + h_prev_fwd(s, b, m, H) * ld_whh_t(m * H + j);
     }
-    p[r + j] = tanh_safe(a);
+    st_p(r + j, tanh_safe(a));
 }
 
 fn rnn_dh_before(t: u32, b: u32, j: u32) -> f32 {
     let r = (t * B + b) * 2u * H;
     if masked(t, b) {
-        return q[r + H + j];
+        return ld_q(r + H + j);
     }
     var acc = 0.0;
     for (var k = 0u; k < H; k = k + 1u) {
-        acc = acc + q[r + k] * whh[k * H + j];
+        acc = acc + ld_q(r + k) * ld_whh(k * H + j);
     }
     return acc;
 }
@@ -262,24 +275,24 @@ fn rnn_backward(
     let k = step.x;
     if k == T {
         let out = (T * B + b) * 2u * H;
-        q[out + j] = rnn_dh_before(time_of(0u), b, j);
-        q[out + H + j] = 0.0;
+        st_q(out + j, rnn_dh_before(time_of(0u), b, j));
+        st_q(out + H + j, 0.0);
         return;
     }
     let s = T - 1u - k;
     let t = time_of(s);
     let r = (t * B + b) * 2u * H;
-    var dh = dp[(t * B + b) * H + j];
+    var dh = ld_dp((t * B + b) * H + j);
     if k > 0u {
         dh = dh + rnn_dh_before(time_of(s + 1u), b, j);
     }
-    q[r + H + j] = dh;
+    st_q(r + H + j, dh);
     if masked(t, b) {
-        q[r + j] = 0.0;
+        st_q(r + j, 0.0);
         return;
     }
-    let y = p_in[(t * B + b) * H + j];
-    q[r + j] = dh * (1.0 - y * y);
+    let y = ld_p_in((t * B + b) * H + j);
+    st_q(r + j, dh * (1.0 - y * y));
 }
 
 // ---- whole-sequence kernels: one dispatch per layer and direction ----
@@ -319,37 +332,37 @@ fn live4(t: u32, b0: u32) -> vec4<bool> {
 // Element `col` of row (t, b) of a [T, B, width] buffer, for the 4 rows (0 past B).
 fn xw4(t: u32, b0: u32, col: u32, width: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = xw[(t * B + b0) * width + col]; }
-    if b0 + 1u < B { v.y = xw[(t * B + b0 + 1u) * width + col]; }
-    if b0 + 2u < B { v.z = xw[(t * B + b0 + 2u) * width + col]; }
-    if b0 + 3u < B { v.w = xw[(t * B + b0 + 3u) * width + col]; }
+    if b0 < B { v.x = ld_xw((t * B + b0) * width + col); }
+    if b0 + 1u < B { v.y = ld_xw((t * B + b0 + 1u) * width + col); }
+    if b0 + 2u < B { v.z = ld_xw((t * B + b0 + 2u) * width + col); }
+    if b0 + 3u < B { v.w = ld_xw((t * B + b0 + 3u) * width + col); }
     return v;
 }
 
 fn p4(t: u32, b0: u32, col: u32, width: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = p_in[(t * B + b0) * width + col]; }
-    if b0 + 1u < B { v.y = p_in[(t * B + b0 + 1u) * width + col]; }
-    if b0 + 2u < B { v.z = p_in[(t * B + b0 + 2u) * width + col]; }
-    if b0 + 3u < B { v.w = p_in[(t * B + b0 + 3u) * width + col]; }
+    if b0 < B { v.x = ld_p_in((t * B + b0) * width + col); }
+    if b0 + 1u < B { v.y = ld_p_in((t * B + b0 + 1u) * width + col); }
+    if b0 + 2u < B { v.z = ld_p_in((t * B + b0 + 2u) * width + col); }
+    if b0 + 3u < B { v.w = ld_p_in((t * B + b0 + 3u) * width + col); }
     return v;
 }
 
 fn dp4(t: u32, b0: u32, col: u32, width: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = dp[(t * B + b0) * width + col]; }
-    if b0 + 1u < B { v.y = dp[(t * B + b0 + 1u) * width + col]; }
-    if b0 + 2u < B { v.z = dp[(t * B + b0 + 2u) * width + col]; }
-    if b0 + 3u < B { v.w = dp[(t * B + b0 + 3u) * width + col]; }
+    if b0 < B { v.x = ld_dp((t * B + b0) * width + col); }
+    if b0 + 1u < B { v.y = ld_dp((t * B + b0 + 1u) * width + col); }
+    if b0 + 2u < B { v.z = ld_dp((t * B + b0 + 2u) * width + col); }
+    if b0 + 3u < B { v.w = ld_dp((t * B + b0 + 3u) * width + col); }
     return v;
 }
 
 fn h0_4(b0: u32, j: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = h0[b0 * H + j]; }
-    if b0 + 1u < B { v.y = h0[(b0 + 1u) * H + j]; }
-    if b0 + 2u < B { v.z = h0[(b0 + 2u) * H + j]; }
-    if b0 + 3u < B { v.w = h0[(b0 + 3u) * H + j]; }
+    if b0 < B { v.x = ld_h0(b0 * H + j); }
+    if b0 + 1u < B { v.y = ld_h0((b0 + 1u) * H + j); }
+    if b0 + 2u < B { v.z = ld_h0((b0 + 2u) * H + j); }
+    if b0 + 3u < B { v.w = ld_h0((b0 + 3u) * H + j); }
     return v;
 }
 
@@ -367,11 +380,11 @@ fn gru_put_state(t: u32, b: u32, j: u32, h: f32, g: vec4<f32>) {
         return;
     }
     let r = (t * B + b) * 5u * H;
-    p[r + j] = h;
-    p[r + H + j] = g.x;
-    p[r + 2u * H + j] = g.y;
-    p[r + 3u * H + j] = g.z;
-    p[r + 4u * H + j] = g.w;
+    st_p(r + j, h);
+    st_p(r + H + j, g.x);
+    st_p(r + 2u * H + j, g.y);
+    st_p(r + 3u * H + j, g.z);
+    st_p(r + 4u * H + j, g.w);
 }
 
 // GRU: writes da_r | da_z | da_n | dhn | dh of cell j of row t (< T) of Q, or dh0 | 0 (t = T).
@@ -381,18 +394,18 @@ fn gru_put_grad(t: u32, b: u32, j: u32, g: vec4<f32>, dh: f32) {
     }
     let r = (t * B + b) * 5u * H;
     if t == T {
-        q[r + j] = dh;
-        q[r + H + j] = 0.0;
-        q[r + 2u * H + j] = 0.0;
-        q[r + 3u * H + j] = 0.0;
-        q[r + 4u * H + j] = 0.0;
+        st_q(r + j, dh);
+        st_q(r + H + j, 0.0);
+        st_q(r + 2u * H + j, 0.0);
+        st_q(r + 3u * H + j, 0.0);
+        st_q(r + 4u * H + j, 0.0);
         return;
     }
-    q[r + j] = g.x;
-    q[r + H + j] = g.y;
-    q[r + 2u * H + j] = g.z;
-    q[r + 3u * H + j] = g.w;
-    q[r + 4u * H + j] = dh;
+    st_q(r + j, g.x);
+    st_q(r + H + j, g.y);
+    st_q(r + 2u * H + j, g.z);
+    st_q(r + 3u * H + j, g.w);
+    st_q(r + 4u * H + j, dh);
 }
 
 @compute @workgroup_size(SEQ_WG)
@@ -413,15 +426,15 @@ fn gru_forward_seq(
         workgroupBarrier();
         if cell {
             let x = 3u * H;
-            var a_r = xw4(t, b0, j, x) + bhh[j];
-            var a_z = xw4(t, b0, H + j, x) + bhh[H + j];
-            var hn = vec4<f32>(bhh[2u * H + j]);
+            var a_r = xw4(t, b0, j, x) + ld_bhh(j);
+            var a_z = xw4(t, b0, H + j, x) + ld_bhh(H + j);
+            var hn = vec4<f32>(ld_bhh(2u * H + j));
             for (var m = 0u; m < H; m = m + 1u) {
                 let hm = h_rows[m];
                 let w = m * x + j;
-                a_r = a_r + hm * whh_t[w];
-                a_z = a_z + hm * whh_t[w + H];
-                hn = hn + hm * whh_t[w + 2u * H];
+                a_r = a_r + hm * ld_whh_t(w);
+                a_z = a_z + hm * ld_whh_t(w + H);
+                hn = hn + hm * ld_whh_t(w + 2u * H);
             }
             let live = live4(t, b0);
             let gr = sigmoid4(a_r);
@@ -490,9 +503,9 @@ fn gru_backward_seq(
             var a1 = zero;
             var a2 = zero;
             for (var m = 0u; m < H; m = m + 1u) {
-                a0 = a0 + g_rows[m] * whh[m * H + j];
-                a1 = a1 + g_rows[H + m] * whh[(H + m) * H + j];
-                a2 = a2 + g_rows[2u * H + m] * whh[(2u * H + m) * H + j];
+                a0 = a0 + g_rows[m] * ld_whh(m * H + j);
+                a1 = a1 + g_rows[H + m] * ld_whh((H + m) * H + j);
+                a2 = a2 + g_rows[2u * H + m] * ld_whh((2u * H + m) * H + j);
             }
             dh_next = select(dh, a0 + a1 + a2, live);
         }
@@ -509,7 +522,7 @@ fn gru_backward_seq(
 // RNN: writes h of cell j of row (t, b).
 fn rnn_put_state(t: u32, b: u32, j: u32, h: f32) {
     if b < B {
-        p[(t * B + b) * H + j] = h;
+        st_p((t * B + b) * H + j, h);
     }
 }
 
@@ -517,8 +530,8 @@ fn rnn_put_state(t: u32, b: u32, j: u32, h: f32) {
 fn rnn_put_grad(t: u32, b: u32, j: u32, da: f32, dh: f32) {
     if b < B {
         let r = (t * B + b) * 2u * H;
-        q[r + j] = da;
-        q[r + H + j] = dh;
+        st_q(r + j, da);
+        st_q(r + H + j, dh);
     }
 }
 
@@ -538,9 +551,9 @@ fn rnn_forward_seq(
         }
         workgroupBarrier();
         if cell {
-            var a = xw4(t, b0, j, H) + bhh[j];
+            var a = xw4(t, b0, j, H) + ld_bhh(j);
             for (var m = 0u; m < H; m = m + 1u) {
-                a = a + h_rows[m] * whh_t[m * H + j];
+                a = a + h_rows[m] * ld_whh_t(m * H + j);
             }
             h = select(h, tanh4(a), live4(t, b0));
             rnn_put_state(t, b0, j, h.x);
@@ -581,7 +594,7 @@ fn rnn_backward_seq(
         if cell {
             var acc = zero;
             for (var m = 0u; m < H; m = m + 1u) {
-                acc = acc + g_rows[m] * whh[m * H + j];
+                acc = acc + g_rows[m] * ld_whh(m * H + j);
             }
             dh_next = select(dh, acc, live);
         }

@@ -22,6 +22,8 @@
 // dh0, dc0):
 //   0 step; 1 p (read) [T, B, 6H]; 2 whh; 3 h0; 4 c0; 5 lengths; 6 dp (read) [T, B, 6H];
 //   7 q (read_write) [T + 1, B, 6H]
+// f16 variant (`lstm_f16`, generated from the storage block): every tensor f16 but the f32
+// lengths; each step computes in f32 (the whole-sequence kernels keep the state in f32 registers).
 // Overrides: T, B, H, REVERSE.
 // Dispatch: ceil(B * H / 256) workgroups per step, one thread per (b, j), folded into
 //           (x <= 65535, y). The recurrent weight's gradient is a tiled matmul in the graph.
@@ -33,18 +35,29 @@ override REVERSE: bool = false;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> step: vec4<u32>;
+// generated: begin storage
 @group(0) @binding(1) var<storage, read> xw: array<f32>;
 @group(0) @binding(2) var<storage, read> whh: array<f32>;
 @group(0) @binding(3) var<storage, read> h0: array<f32>;
 @group(0) @binding(4) var<storage, read> c0: array<f32>;
-@group(0) @binding(5) var<storage, read> lengths: array<f32>;
+@group(0) @binding(5) var<storage, read> lengths: array<f32>; // always f32
 @group(0) @binding(6) var<storage, read> whh_t: array<f32>;
 @group(0) @binding(7) var<storage, read_write> p: array<f32>;
-
-// backward bindings (binding 1 is P read-only there)
 @group(0) @binding(1) var<storage, read> p_in: array<f32>;
 @group(0) @binding(6) var<storage, read> dp: array<f32>;
 @group(0) @binding(7) var<storage, read_write> q: array<f32>;
+fn ld_xw(i: u32) -> f32 { return xw[i]; }
+fn ld_whh(i: u32) -> f32 { return whh[i]; }
+fn ld_h0(i: u32) -> f32 { return h0[i]; }
+fn ld_c0(i: u32) -> f32 { return c0[i]; }
+fn ld_whh_t(i: u32) -> f32 { return whh_t[i]; }
+fn ld_p(i: u32) -> f32 { return p[i]; }
+fn st_p(i: u32, v: f32) { p[i] = v; }
+fn ld_p_in(i: u32) -> f32 { return p_in[i]; }
+fn ld_dp(i: u32) -> f32 { return dp[i]; }
+fn ld_q(i: u32) -> f32 { return q[i]; }
+fn st_q(i: u32, v: f32) { q[i] = v; }
+// generated: end storage
 
 fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
@@ -83,43 +96,43 @@ fn lstm_forward(
     let t = time_of(s);
     let first = s == 0u;
     let tp = time_of(max(s, 1u) - 1u);
-    let c_prev = select(p[row(tp, b) + H + j], c0[b * H + j], first);
+    let c_prev = select(ld_p(row(tp, b) + H + j), ld_c0(b * H + j), first);
     let r = row(t, b);
     if f32(t) >= lengths[b] {
         // padding: carry the state, no gates
-        p[r + j] = select(p[row(tp, b) + j], h0[b * H + j], first);
-        p[r + H + j] = c_prev;
-        p[r + 2u * H + j] = 0.0;
-        p[r + 3u * H + j] = 0.0;
-        p[r + 4u * H + j] = 0.0;
-        p[r + 5u * H + j] = 0.0;
+        st_p(r + j, select(ld_p(row(tp, b) + j), ld_h0(b * H + j), first));
+        st_p(r + H + j, c_prev);
+        st_p(r + 2u * H + j, 0.0);
+        st_p(r + 3u * H + j, 0.0);
+        st_p(r + 4u * H + j, 0.0);
+        st_p(r + 5u * H + j, 0.0);
         return;
     }
     let x = (t * B + b) * 4u * H;
-    var a_i = xw[x + j];
-    var a_f = xw[x + H + j];
-    var a_g = xw[x + 2u * H + j];
-    var a_o = xw[x + 3u * H + j];
+    var a_i = ld_xw(x + j);
+    var a_f = ld_xw(x + H + j);
+    var a_g = ld_xw(x + 2u * H + j);
+    var a_o = ld_xw(x + 3u * H + j);
     let hp = row(tp, b);
     for (var m = 0u; m < H; m = m + 1u) {
-        let h = select(p[hp + m], h0[b * H + m], first);
+        let h = select(ld_p(hp + m), ld_h0(b * H + m), first);
         let w = m * 4u * H + j;
-        a_i = a_i + h * whh_t[w];
-        a_f = a_f + h * whh_t[w + H];
-        a_g = a_g + h * whh_t[w + 2u * H];
-        a_o = a_o + h * whh_t[w + 3u * H];
+        a_i = a_i + h * ld_whh_t(w);
+        a_f = a_f + h * ld_whh_t(w + H);
+        a_g = a_g + h * ld_whh_t(w + 2u * H);
+        a_o = a_o + h * ld_whh_t(w + 3u * H);
     }
     let gi = sigmoid(a_i);
     let gf = sigmoid(a_f);
     let gg = tanh_safe(a_g);
     let go = sigmoid(a_o);
     let c = gf * c_prev + gi * gg;
-    p[r + j] = go * tanh_safe(c);
-    p[r + H + j] = c;
-    p[r + 2u * H + j] = gi;
-    p[r + 3u * H + j] = gf;
-    p[r + 4u * H + j] = gg;
-    p[r + 5u * H + j] = go;
+    st_p(r + j, go * tanh_safe(c));
+    st_p(r + H + j, c);
+    st_p(r + 2u * H + j, gi);
+    st_p(r + 3u * H + j, gf);
+    st_p(r + 4u * H + j, gg);
+    st_p(r + 5u * H + j, go);
 }
 
 // Gradient reaching the state before time t from step t (already computed): through the gates
@@ -127,7 +140,7 @@ fn lstm_forward(
 fn dh_before(t: u32, b: u32, j: u32) -> f32 {
     let r = row(t, b);
     if f32(t) >= lengths[b] {
-        return q[r + 5u * H + j];
+        return ld_q(r + 5u * H + j);
     }
     // one accumulator per gate: four independent chains instead of one 4H long
     var a0 = 0.0;
@@ -135,21 +148,21 @@ fn dh_before(t: u32, b: u32, j: u32) -> f32 {
     var a2 = 0.0;
     var a3 = 0.0;
     for (var m = 0u; m < H; m = m + 1u) {
-        a0 = a0 + q[r + m] * whh[m * H + j];
-        a1 = a1 + q[r + H + m] * whh[(H + m) * H + j];
-        a2 = a2 + q[r + 2u * H + m] * whh[(2u * H + m) * H + j];
-        a3 = a3 + q[r + 3u * H + m] * whh[(3u * H + m) * H + j];
+        a0 = a0 + ld_q(r + m) * ld_whh(m * H + j);
+        a1 = a1 + ld_q(r + H + m) * ld_whh((H + m) * H + j);
+        a2 = a2 + ld_q(r + 2u * H + m) * ld_whh((2u * H + m) * H + j);
+        a3 = a3 + ld_q(r + 3u * H + m) * ld_whh((3u * H + m) * H + j);
     }
     return (a0 + a1) + (a2 + a3);
 }
 
 fn dc_before(t: u32, b: u32, j: u32) -> f32 {
     let r = row(t, b);
-    let dc = q[r + 4u * H + j];
+    let dc = ld_q(r + 4u * H + j);
     if f32(t) >= lengths[b] {
         return dc;
     }
-    return dc * p_in[r + 3u * H + j];
+    return dc * ld_p_in(r + 3u * H + j);
 }
 
 @compute @workgroup_size(256)
@@ -169,46 +182,46 @@ fn lstm_backward(
         // the gradient for the initial state, from the first forward step
         let t0 = time_of(0u);
         let out = (T * B + b) * 6u * H;
-        q[out + j] = dh_before(t0, b, j);
-        q[out + H + j] = dc_before(t0, b, j);
+        st_q(out + j, dh_before(t0, b, j));
+        st_q(out + H + j, dc_before(t0, b, j));
         return;
     }
     // backward step k handles forward step s = T-1-k
     let s = T - 1u - k;
     let t = time_of(s);
     let r = row(t, b);
-    var dh = dp[r + j];
-    var dc = dp[r + H + j];
+    var dh = ld_dp(r + j);
+    var dc = ld_dp(r + H + j);
     if k > 0u {
         let tn = time_of(s + 1u);
         dh = dh + dh_before(tn, b, j);
         dc = dc + dc_before(tn, b, j);
     }
     if f32(t) >= lengths[b] {
-        q[r + j] = 0.0;
-        q[r + H + j] = 0.0;
-        q[r + 2u * H + j] = 0.0;
-        q[r + 3u * H + j] = 0.0;
-        q[r + 4u * H + j] = dc;
-        q[r + 5u * H + j] = dh;
+        st_q(r + j, 0.0);
+        st_q(r + H + j, 0.0);
+        st_q(r + 2u * H + j, 0.0);
+        st_q(r + 3u * H + j, 0.0);
+        st_q(r + 4u * H + j, dc);
+        st_q(r + 5u * H + j, dh);
         return;
     }
     let first = s == 0u;
     let tp = time_of(max(s, 1u) - 1u);
-    let c_prev = select(p_in[row(tp, b) + H + j], c0[b * H + j], first);
-    let c = p_in[r + H + j];
-    let gi = p_in[r + 2u * H + j];
-    let gf = p_in[r + 3u * H + j];
-    let gg = p_in[r + 4u * H + j];
-    let go = p_in[r + 5u * H + j];
+    let c_prev = select(ld_p_in(row(tp, b) + H + j), ld_c0(b * H + j), first);
+    let c = ld_p_in(r + H + j);
+    let gi = ld_p_in(r + 2u * H + j);
+    let gf = ld_p_in(r + 3u * H + j);
+    let gg = ld_p_in(r + 4u * H + j);
+    let go = ld_p_in(r + 5u * H + j);
     let tc = tanh_safe(c);
     dc = dc + dh * go * (1.0 - tc * tc);
-    q[r + j] = dc * gg * gi * (1.0 - gi);
-    q[r + H + j] = dc * c_prev * gf * (1.0 - gf);
-    q[r + 2u * H + j] = dc * gi * (1.0 - gg * gg);
-    q[r + 3u * H + j] = dh * tc * go * (1.0 - go);
-    q[r + 4u * H + j] = dc;
-    q[r + 5u * H + j] = dh;
+    st_q(r + j, dc * gg * gi * (1.0 - gi));
+    st_q(r + H + j, dc * c_prev * gf * (1.0 - gf));
+    st_q(r + 2u * H + j, dc * gi * (1.0 - gg * gg));
+    st_q(r + 3u * H + j, dh * tc * go * (1.0 - go));
+    st_q(r + 4u * H + j, dc);
+    st_q(r + 5u * H + j, dh);
 }
 
 // ---- whole-sequence kernels: one dispatch per layer and direction ----
@@ -249,28 +262,28 @@ fn live4(t: u32, b0: u32) -> vec4<bool> {
 fn xw4(t: u32, b0: u32, col: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
     let w = 4u * H;
-    if b0 < B { v.x = xw[(t * B + b0) * w + col]; }
-    if b0 + 1u < B { v.y = xw[(t * B + b0 + 1u) * w + col]; }
-    if b0 + 2u < B { v.z = xw[(t * B + b0 + 2u) * w + col]; }
-    if b0 + 3u < B { v.w = xw[(t * B + b0 + 3u) * w + col]; }
+    if b0 < B { v.x = ld_xw((t * B + b0) * w + col); }
+    if b0 + 1u < B { v.y = ld_xw((t * B + b0 + 1u) * w + col); }
+    if b0 + 2u < B { v.z = ld_xw((t * B + b0 + 2u) * w + col); }
+    if b0 + 3u < B { v.w = ld_xw((t * B + b0 + 3u) * w + col); }
     return v;
 }
 
 fn h0_4(b0: u32, j: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = h0[b0 * H + j]; }
-    if b0 + 1u < B { v.y = h0[(b0 + 1u) * H + j]; }
-    if b0 + 2u < B { v.z = h0[(b0 + 2u) * H + j]; }
-    if b0 + 3u < B { v.w = h0[(b0 + 3u) * H + j]; }
+    if b0 < B { v.x = ld_h0(b0 * H + j); }
+    if b0 + 1u < B { v.y = ld_h0((b0 + 1u) * H + j); }
+    if b0 + 2u < B { v.z = ld_h0((b0 + 2u) * H + j); }
+    if b0 + 3u < B { v.w = ld_h0((b0 + 3u) * H + j); }
     return v;
 }
 
 fn c0_4(b0: u32, j: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = c0[b0 * H + j]; }
-    if b0 + 1u < B { v.y = c0[(b0 + 1u) * H + j]; }
-    if b0 + 2u < B { v.z = c0[(b0 + 2u) * H + j]; }
-    if b0 + 3u < B { v.w = c0[(b0 + 3u) * H + j]; }
+    if b0 < B { v.x = ld_c0(b0 * H + j); }
+    if b0 + 1u < B { v.y = ld_c0((b0 + 1u) * H + j); }
+    if b0 + 2u < B { v.z = ld_c0((b0 + 2u) * H + j); }
+    if b0 + 3u < B { v.w = ld_c0((b0 + 3u) * H + j); }
     return v;
 }
 
@@ -280,12 +293,12 @@ fn put_state(t: u32, b: u32, j: u32, h: f32, c: f32, g: vec4<f32>) {
         return;
     }
     let r = row(t, b);
-    p[r + j] = h;
-    p[r + H + j] = c;
-    p[r + 2u * H + j] = g.x;
-    p[r + 3u * H + j] = g.y;
-    p[r + 4u * H + j] = g.z;
-    p[r + 5u * H + j] = g.w;
+    st_p(r + j, h);
+    st_p(r + H + j, c);
+    st_p(r + 2u * H + j, g.x);
+    st_p(r + 3u * H + j, g.y);
+    st_p(r + 4u * H + j, g.z);
+    st_p(r + 5u * H + j, g.w);
 }
 
 @compute @workgroup_size(SEQ_WG)
@@ -314,10 +327,10 @@ fn lstm_forward_seq(
             for (var m = 0u; m < H; m = m + 1u) {
                 let hm = h_rows[m];
                 let w = m * x + j;
-                a_i = a_i + hm * whh_t[w];
-                a_f = a_f + hm * whh_t[w + H];
-                a_g = a_g + hm * whh_t[w + 2u * H];
-                a_o = a_o + hm * whh_t[w + 3u * H];
+                a_i = a_i + hm * ld_whh_t(w);
+                a_f = a_f + hm * ld_whh_t(w + H);
+                a_g = a_g + hm * ld_whh_t(w + 2u * H);
+                a_o = a_o + hm * ld_whh_t(w + 3u * H);
             }
             let live = live4(t, b0);
             let zero = vec4<f32>(0.0);
@@ -341,19 +354,19 @@ fn lstm_forward_seq(
 // Element `col` of row (t, b) of P (read during backward) for the 4 rows (0 past B).
 fn p4(t: u32, b0: u32, col: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = p_in[row(t, b0) + col]; }
-    if b0 + 1u < B { v.y = p_in[row(t, b0 + 1u) + col]; }
-    if b0 + 2u < B { v.z = p_in[row(t, b0 + 2u) + col]; }
-    if b0 + 3u < B { v.w = p_in[row(t, b0 + 3u) + col]; }
+    if b0 < B { v.x = ld_p_in(row(t, b0) + col); }
+    if b0 + 1u < B { v.y = ld_p_in(row(t, b0 + 1u) + col); }
+    if b0 + 2u < B { v.z = ld_p_in(row(t, b0 + 2u) + col); }
+    if b0 + 3u < B { v.w = ld_p_in(row(t, b0 + 3u) + col); }
     return v;
 }
 
 fn dp4(t: u32, b0: u32, col: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = dp[row(t, b0) + col]; }
-    if b0 + 1u < B { v.y = dp[row(t, b0 + 1u) + col]; }
-    if b0 + 2u < B { v.z = dp[row(t, b0 + 2u) + col]; }
-    if b0 + 3u < B { v.w = dp[row(t, b0 + 3u) + col]; }
+    if b0 < B { v.x = ld_dp(row(t, b0) + col); }
+    if b0 + 1u < B { v.y = ld_dp(row(t, b0 + 1u) + col); }
+    if b0 + 2u < B { v.z = ld_dp(row(t, b0 + 2u) + col); }
+    if b0 + 3u < B { v.w = ld_dp(row(t, b0 + 3u) + col); }
     return v;
 }
 
@@ -363,12 +376,12 @@ fn put_grad(t: u32, b: u32, j: u32, gates: vec4<f32>, dc: f32, dh: f32) {
         return;
     }
     let r = row(t, b);
-    q[r + j] = gates.x;
-    q[r + H + j] = gates.y;
-    q[r + 2u * H + j] = gates.z;
-    q[r + 3u * H + j] = gates.w;
-    q[r + 4u * H + j] = dc;
-    q[r + 5u * H + j] = dh;
+    st_q(r + j, gates.x);
+    st_q(r + H + j, gates.y);
+    st_q(r + 2u * H + j, gates.z);
+    st_q(r + 3u * H + j, gates.w);
+    st_q(r + 4u * H + j, dc);
+    st_q(r + 5u * H + j, dh);
 }
 
 // Row T of Q for batch row b: dh0 | dc0 | 0.
@@ -377,12 +390,12 @@ fn put_initial(b: u32, j: u32, dh: f32, dc: f32) {
         return;
     }
     let r = row(T, b);
-    q[r + j] = dh;
-    q[r + H + j] = dc;
-    q[r + 2u * H + j] = 0.0;
-    q[r + 3u * H + j] = 0.0;
-    q[r + 4u * H + j] = 0.0;
-    q[r + 5u * H + j] = 0.0;
+    st_q(r + j, dh);
+    st_q(r + H + j, dc);
+    st_q(r + 2u * H + j, 0.0);
+    st_q(r + 3u * H + j, 0.0);
+    st_q(r + 4u * H + j, 0.0);
+    st_q(r + 5u * H + j, 0.0);
 }
 
 @compute @workgroup_size(SEQ_WG)
@@ -440,10 +453,10 @@ fn lstm_backward_seq(
             var a2 = zero;
             var a3 = zero;
             for (var m = 0u; m < H; m = m + 1u) {
-                a0 = a0 + g_rows[m] * whh[m * H + j];
-                a1 = a1 + g_rows[H + m] * whh[(H + m) * H + j];
-                a2 = a2 + g_rows[2u * H + m] * whh[(2u * H + m) * H + j];
-                a3 = a3 + g_rows[3u * H + m] * whh[(3u * H + m) * H + j];
+                a0 = a0 + g_rows[m] * ld_whh(m * H + j);
+                a1 = a1 + g_rows[H + m] * ld_whh((H + m) * H + j);
+                a2 = a2 + g_rows[2u * H + m] * ld_whh((2u * H + m) * H + j);
+                a3 = a3 + g_rows[3u * H + m] * ld_whh((3u * H + m) * H + j);
             }
             dh_next = select(dh, (a0 + a1) + (a2 + a3), live);
             dc_next = select(dc_out, dc_out * gf, live);

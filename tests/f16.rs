@@ -640,6 +640,63 @@ fn embedding_in_f16() {
     assert!(out[0].data().iter().all(|v| v.is_nan()));
 }
 
+/// Recurrent layers on f16 inputs (`nn::Recurrent` casts its f32 parameters and states, as
+/// `Linear` does): LSTM, GRU and RNN, bidirectional, with lengths, on the whole-sequence
+/// kernels and (H > 256) the per-step ones; outputs and parameter gradients against the CPU
+/// reference (which rounds each f16 node the same way) within f16 precision.
+#[test]
+fn recurrent_layers_in_f16() {
+    use kiln::nn::{Init, Recurrent};
+    let Some(dev) = device(true) else { return };
+    for &(t, b, i, h, bidir) in &[(5, 3, 4, 6, true), (3, 2, 3, 260, false)] {
+        for cell in ["lstm", "gru", "rnn"] {
+            let g = Graph::new();
+            let x = g.input("x", [t, b, i]);
+            let len = g.input("len", [b]);
+            let mut init = Init::new(21);
+            // parameters live on the device by name: one name per cell and size
+            let name = format!("{cell}{h}");
+            let layer = match cell {
+                "lstm" => Recurrent::new(&name, i, h, 1, bidir, &mut init),
+                "gru" => Recurrent::gru(&name, i, h, 1, bidir, &mut init),
+                _ => Recurrent::rnn(&name, i, h, 1, bidir, &mut init),
+            };
+            let out = layer
+                .apply(&g, g.cast(x, DType::F16).unwrap(), None, Some(len))
+                .unwrap();
+            assert_eq!(g.dtype(out.output), DType::F16, "{cell}: follows its input");
+            let r = g.constant(Tensor::rand_uniform(
+                g.shape(out.output).dims().to_vec(),
+                -1.0,
+                1.0,
+                8,
+            ));
+            let y = g.cast(out.output, DType::F32).unwrap();
+            let loss = g
+                .add(
+                    g.sum_all(g.mul(y, r).unwrap()).unwrap(),
+                    g.sum_all(g.cast(out.h_n, DType::F32).unwrap()).unwrap(),
+                )
+                .unwrap();
+            let mut all = vec![out.output, out.h_n, loss];
+            all.extend(g.grad(loss, &out.params).unwrap());
+            let lengths: Vec<f32> = (0..b).map(|k| [t, 1, t - 1][k % 3] as f32).collect();
+            let f = vec![
+                ("x".to_string(), rand(&[t, b, i], 22)),
+                ("len".to_string(), Tensor::new([b], lengths).unwrap()),
+            ];
+            check(
+                &dev,
+                &format!("f16 {cell} T={t} B={b} H={h}"),
+                &g,
+                &all,
+                &f,
+                (3e-3, 3e-2),
+            );
+        }
+    }
+}
+
 /// Mixed-precision training: `Linear` layers follow their input's type (f32 parameters cast to
 /// f16 in the graph), the loss is taken in f32, and a training step (one plan, SGD) lowers the
 /// loss on the GPU as on the CPU reference, step for step within f16 precision.

@@ -1026,7 +1026,13 @@ fn select_f16(
         | Op::CrossEntropy(_)
         | Op::CrossEntropyBackward(_)
         | Op::Embedding(_)
-        | Op::EmbeddingBackward(_) => crate::codegen::storage::f16_kernel(op.kernel(inputs, out)?),
+        | Op::EmbeddingBackward(_)
+        | Op::LstmForward(_)
+        | Op::LstmBackward(_)
+        | Op::GruForward(_)
+        | Op::GruBackward(_)
+        | Op::RnnForward(_)
+        | Op::RnnBackward(_) => crate::codegen::storage::f16_kernel(op.kernel(inputs, out)?),
         other => unreachable!(
             "{} never touches f16: the graph's dtype rule refuses it",
             other.name()

@@ -136,8 +136,8 @@ impl Graph {
     /// `x`'s values as `to` (f32 <-> f16; a no-op when `x` already is `to`). f16 nodes store
     /// half floats and compute in f32: products, convolutions, pooling, elementwise ops,
     /// softmax, dropout, reductions and layout ops take f16, cross-entropy f16 logits (an f32
-    /// loss) and the embedding lookup an f16 table; the others (MSE and BCE against f32
-    /// targets, recurrent layers) take f32, so mixed-precision graphs cast around them, as PyTorch's autocast does.
+    /// loss), the embedding lookup an f16 table and the recurrent layers f16 throughout (f32
+    /// lengths); the others (MSE and BCE against f32 targets) take f32, so mixed-precision graphs cast around them, as PyTorch's autocast does.
     pub fn cast(&self, x: NodeId, to: DType) -> Result<NodeId> {
         let shape = self.check_id("cast", x)?;
         if self.dtype(x) == to {

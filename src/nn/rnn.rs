@@ -181,6 +181,8 @@ impl Recurrent {
     /// Runs the network over `x (T, B, I)`. `state` is `(h0, c0)`, each `(layers * D, B, H)`
     /// (zeros when `None`; `c0` is ignored but for the LSTM); `lengths (B)` gives each sequence's
     /// length (steps past it carry the state, so `h_n` is the state at the last real step).
+    /// An f16 `x` runs the layers in f16 (parameters and states cast in the graph, their
+    /// gradients back in f32), as `nn::Linear` does.
     pub fn apply(
         &self,
         g: &Graph,
@@ -202,17 +204,27 @@ impl Recurrent {
             .iter()
             .map(|(n, t)| g.param_init(n, t.clone()))
             .collect();
+        // the layer follows its input's type: f32 parameters and states cast to f16 for f16
+        // inputs (a no-op for f32), gradients back in f32
+        let dt = g.dtype(x);
+        let cast_params = params
+            .iter()
+            .map(|&p| g.cast(p, dt))
+            .collect::<Result<Vec<_>>>()?;
         let state_at = |s: NodeId, k: usize| -> Result<NodeId> {
-            g.reshape(g.narrow(s, 0, k, 1)?, &[b as isize, h as isize])
+            g.cast(
+                g.reshape(g.narrow(s, 0, k, 1)?, &[b as isize, h as isize])?,
+                dt,
+            )
         };
-        let zeros = g.constant(Tensor::zeros([b, h]));
+        let zeros = g.cast(g.constant(Tensor::zeros([b, h])), dt)?;
         let mut input = x;
         let (mut hn, mut cn) = (Vec::new(), Vec::new());
         for l in 0..self.layers {
             let mut outs = Vec::new();
             for d in 0..dirs {
                 let k = l * dirs + d;
-                let p = &params[4 * k..4 * k + 4];
+                let p = &cast_params[4 * k..4 * k + 4];
                 let (h0, c0) = match state {
                     Some((h0, c0)) => (state_at(h0, k)?, state_at(c0, k)?),
                     None => (zeros, zeros),

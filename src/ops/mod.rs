@@ -504,7 +504,8 @@ impl Op {
     /// reductions and layout ops take and give one type (f32 or f16, all inputs alike); dropout
     /// gives its input's (its seed is f32); cross-entropy takes f16 logits (f32 labels) and gives
     /// an f32 loss, its backward the logits' type; the embedding lookup and its gradient take f32
-    /// indices and give the table's (dy's) type; every other op takes f32 only.
+    /// indices and give the table's (dy's) type; recurrences take one type (f32 or f16) but for
+    /// their f32 lengths; every other op takes f32 only.
     pub fn result_dtype(&self, inputs: &[DType]) -> Result<DType> {
         let first = inputs.first().copied().unwrap_or_default();
         let err = |why: String| Err(crate::error::shape_err(self.name(), why));
@@ -546,6 +547,25 @@ impl Op {
             }
             // indices f32; the table (its gradient: dy) f16 or f32
             Op::Embedding(_) | Op::EmbeddingBackward(_) if first == DType::F32 => Ok(inputs[1]),
+            // recurrences: input 4 is the lengths (f32), the others share one type
+            Op::LstmForward(_)
+            | Op::LstmBackward(_)
+            | Op::GruForward(_)
+            | Op::GruBackward(_)
+            | Op::RnnForward(_)
+            | Op::RnnBackward(_) => {
+                let mut others = inputs.iter().enumerate().filter(|&(k, _)| k != 4);
+                match others.find(|&(_, &d)| d != first) {
+                    Some((k, other)) => err(format!(
+                        "its inputs (but the f32 lengths) must have one element type, got \
+                         {first} and {other} (input {k}); cast one (Graph::cast)"
+                    )),
+                    None if inputs.get(4).is_some_and(|&d| d != DType::F32) => {
+                        err("its lengths must be f32".into())
+                    }
+                    None => Ok(first),
+                }
+            }
             _ => match inputs.iter().position(|&d| d != DType::F32) {
                 Some(k) => err(format!(
                     "it takes f32 tensors only, input {k} is {}; cast it to f32 first \
