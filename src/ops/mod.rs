@@ -317,12 +317,7 @@ impl Op {
     /// reads its index from a step uniform at binding 0); `None` for single-dispatch kernels.
     pub fn repeat(&self, inputs: &[&Shape]) -> Option<u32> {
         match self {
-            Op::LstmForward(_)
-            | Op::LstmBackward(_)
-            | Op::GruForward(_)
-            | Op::GruBackward(_)
-            | Op::RnnForward(_)
-            | Op::RnnBackward(_) => {
+            _ if self.is_recurrent() => {
                 // inputs: xw (or P) first, w_hh (G*H, H) second
                 let (t, h) = (inputs[0].dims()[0], inputs[1].dims()[1]);
                 let (shared, backward) = match self {
@@ -335,6 +330,20 @@ impl Op {
             }
             _ => None,
         }
+    }
+
+    /// True for the recurrences (LSTM, GRU, RNN; forward and backward), whose input 1 is `w_hh`
+    /// and input 4 the f32 lengths.
+    pub fn is_recurrent(&self) -> bool {
+        matches!(
+            self,
+            Op::LstmForward(_)
+                | Op::LstmBackward(_)
+                | Op::GruForward(_)
+                | Op::GruBackward(_)
+                | Op::RnnForward(_)
+                | Op::RnnBackward(_)
+        )
     }
 
     /// True for nodes whose value is given rather than computed.
@@ -548,12 +557,7 @@ impl Op {
             // indices f32; the table (its gradient: dy) f16 or f32
             Op::Embedding(_) | Op::EmbeddingBackward(_) if first == DType::F32 => Ok(inputs[1]),
             // recurrences: input 4 is the lengths (f32), the others share one type
-            Op::LstmForward(_)
-            | Op::LstmBackward(_)
-            | Op::GruForward(_)
-            | Op::GruBackward(_)
-            | Op::RnnForward(_)
-            | Op::RnnBackward(_) => {
+            _ if self.is_recurrent() => {
                 let mut others = inputs.iter().enumerate().filter(|&(k, _)| k != 4);
                 match others.find(|&(_, &d)| d != first) {
                     Some((k, other)) => err(format!(
