@@ -61,8 +61,9 @@ pub(crate) fn sequence_threads(h: usize, shared: usize) -> Option<u32> {
     (!per_step && h <= 256 && shared <= 512).then(|| h.next_multiple_of(32) as u32)
 }
 
-/// The recurrent kernel for `(T, B, H)`: `(entry, constants, workgroups)`, the whole-sequence
-/// entry (`entries.1`) when `shared` allows, else `entries.0` per step.
+/// The recurrent kernel of `family` for `(T, B, H)`: the whole-sequence entry (`entries.1`,
+/// ceil(B / 4) workgroups) when `shared` allows, else `entries.0`, dispatched once per step
+/// (one thread per (b, j)). Shared by the LSTM, GRU and RNN.
 pub(crate) fn recurrent_kernel(
     family: &'static str,
     entries: (&'static str, &'static str),
