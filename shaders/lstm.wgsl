@@ -229,8 +229,8 @@ fn lstm_backward(
 // workgroup barriers between steps: no dispatch per step. Each workgroup owns 4 batch rows
 // b0..b0+3 (one vec4 lane per row; lanes past B stay idle); thread j owns cell j of the four
 // rows and keeps h and c in registers; h_prev (or the step's gate gradients) is shared through
-// workgroup memory. Used while H <= 256 (forward) and 4H <= 512 (backward), else the per-step
-// kernels above.
+// workgroup memory (backward: 4H vec4s, 16 KB at H = 256, WebGPU's guaranteed minimum). Used
+// while H <= 256, else the per-step kernels above.
 // Entry `lstm_forward_seq`: bindings as `lstm_forward` (binding 0 unused, offset 0);
 // Entry `lstm_backward_seq`: bindings as `lstm_backward`.
 // Overrides: T, B, H, REVERSE, SEQ_WG (threads per workgroup, >= H).
@@ -241,7 +241,7 @@ override SEQ_WG: u32 = 64u;
 // h_prev of the 4 rows, [m] = vec4(rows)
 var<workgroup> h_rows: array<vec4<f32>, 256>;
 // the step's pre-activation gate gradients of the 4 rows, [k * H + m]
-var<workgroup> g_rows: array<vec4<f32>, 512>;
+var<workgroup> g_rows: array<vec4<f32>, 1024>;
 
 fn quad_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return (wid.y * nwg.x + wid.x) * 4u;

@@ -85,7 +85,7 @@ const SHAPES: &[(usize, usize, usize, usize, bool, bool)] = &[
     (7, 5, 3, 2, true, true),
     (3, 5, 3, 53, false, false), // B * H = 265: more than one 256-thread workgroup per step
     (2, 3, 2, 37, true, true),   // 3H * (H + 1) > 256 weight-gradient entries, masked, reverse
-    (3, 6, 2, 180, true, true),  // GRU backward per step (3H > 512), forward whole-sequence
+    (2, 6, 2, 256, true, true),  // H = 256: the largest whole-sequence kernels
     (2, 2, 2, 260, false, true), // H > 256: per-step kernels both ways
 ];
 

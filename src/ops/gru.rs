@@ -315,16 +315,6 @@ fn backward_cpu(cell: Cell, reverse: bool, x: &[&Tensor], out: &Shape) -> Tensor
     Tensor::new(out.clone(), q.into_iter().map(|v| v as f32).collect()).expect("packed gradient")
 }
 
-/// Values per batch row the whole-sequence kernel shares each step: h_prev forward, the gate
-/// gradients backward (the GRU's da_r, da_z, dhn).
-fn shared_per_row(cell: Cell, h: usize, backward: bool) -> usize {
-    if backward {
-        cell.gates() * h
-    } else {
-        h
-    }
-}
-
 /// The recurrent kernel over packed state `p`: whole sequence in one dispatch where H allows,
 /// else one dispatch per step (`entries`: per step, whole sequence).
 fn recurrent_kernel(
@@ -332,16 +322,9 @@ fn recurrent_kernel(
     reverse: bool,
     p: &Shape,
     entries: (&'static str, &'static str),
-    backward: bool,
 ) -> KernelSpec {
     let (t, b, h) = dims(cell, p);
-    super::lstm::recurrent_kernel(
-        "gru",
-        entries,
-        (t, b, h),
-        reverse,
-        shared_per_row(cell, h, backward),
-    )
+    super::lstm::recurrent_kernel("gru", entries, (t, b, h), reverse)
 }
 
 /// Backward rule of the forward recurrence (inputs `xw, w_hh, b_hh, h0, lengths`): the fused
@@ -413,7 +396,6 @@ impl GruForward {
             self.reverse,
             out,
             ("gru_forward", "gru_forward_seq"),
-            false,
         )
     }
 
@@ -435,7 +417,7 @@ impl GruBackward {
         backward_cpu(Cell::Gru, self.reverse, x, out)
     }
 
-    /// Kernel: one dispatch over the whole sequence (3H <= 512), else T + 1 dispatches with
+    /// Kernel: one dispatch over the whole sequence (H <= 256), else T + 1 dispatches with
     /// one thread per (b, j).
     pub fn kernel(&self, p: &Shape) -> KernelSpec {
         recurrent_kernel(
@@ -443,7 +425,6 @@ impl GruBackward {
             self.reverse,
             p,
             ("gru_backward", "gru_backward_seq"),
-            true,
         )
     }
 }
@@ -467,7 +448,6 @@ impl RnnForward {
             self.reverse,
             out,
             ("rnn_forward", "rnn_forward_seq"),
-            false,
         )
     }
 
@@ -497,7 +477,6 @@ impl RnnBackward {
             self.reverse,
             p,
             ("rnn_backward", "rnn_backward_seq"),
-            true,
         )
     }
 }

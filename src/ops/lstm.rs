@@ -51,28 +51,27 @@ pub(crate) const SEQUENCE_ROWS: usize = 4;
 
 /// Threads per workgroup of a whole-sequence recurrent kernel (LSTM, GRU, RNN), or `None` when
 /// the per-step kernels run instead. Thread j owns cell j of its workgroup's rows, so H <= 256;
-/// `shared` values per row go through workgroup memory each step (h_prev forward, the gate
-/// gradients backward), and the WGSL's arrays hold 512 of them. `KILN_RNN_STEPS=1` forces the
-/// per-step kernels (for comparisons).
-pub(crate) fn sequence_threads(h: usize, shared: usize) -> Option<u32> {
+/// the WGSL's workgroup arrays hold what a step shares at that size (h_prev forward, the gate
+/// gradients backward: 4H vec4s for the LSTM, 16 KB). `KILN_RNN_STEPS=1` forces the per-step
+/// kernels (for comparisons).
+pub(crate) fn sequence_threads(h: usize) -> Option<u32> {
     static PER_STEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let per_step =
         *PER_STEP.get_or_init(|| std::env::var("KILN_RNN_STEPS").is_ok_and(|v| v == "1"));
-    (!per_step && h <= 256 && shared <= 512).then(|| h.next_multiple_of(32) as u32)
+    (!per_step && h <= 256).then(|| h.next_multiple_of(32) as u32)
 }
 
 /// The recurrent kernel of `family` for `(T, B, H)`: the whole-sequence entry (`entries.1`,
-/// ceil(B / 4) workgroups) when `shared` allows, else `entries.0`, dispatched once per step
+/// ceil(B / 4) workgroups) when H allows, else `entries.0`, dispatched once per step
 /// (one thread per (b, j)). Shared by the LSTM, GRU and RNN.
 pub(crate) fn recurrent_kernel(
     family: &'static str,
     entries: (&'static str, &'static str),
     (t, b, h): (usize, usize, usize),
     reverse: bool,
-    shared: usize,
 ) -> KernelSpec {
     let mut constants = constants(t, b, h, reverse);
-    match sequence_threads(h, shared) {
+    match sequence_threads(h) {
         Some(threads) => {
             constants.push(("SEQ_WG", threads as f64));
             KernelSpec {
@@ -93,8 +92,8 @@ pub(crate) fn recurrent_kernel(
 
 /// Dispatches of a recurrent kernel over T steps with hidden size H: 1 for the whole-sequence
 /// kernel, else one per step (and one more backward, for the initial state's gradient).
-pub(crate) fn recurrent_dispatches(t: usize, h: usize, shared: usize, backward: bool) -> u32 {
-    match sequence_threads(h, shared) {
+pub(crate) fn recurrent_dispatches(t: usize, h: usize, backward: bool) -> u32 {
+    match sequence_threads(h) {
         Some(_) => 1,
         None => t as u32 + backward as u32,
     }
@@ -209,7 +208,6 @@ impl LstmForward {
             ("lstm_forward", "lstm_forward_seq"),
             (t, b, h),
             self.reverse,
-            h,
         )
     }
 
@@ -365,7 +363,7 @@ impl LstmBackward {
             .expect("packed gradient")
     }
 
-    /// Kernel: one dispatch over the whole sequence (4H <= 512), else T + 1 dispatches with one
+    /// Kernel: one dispatch over the whole sequence (H <= 256), else T + 1 dispatches with one
     /// thread per (b, j).
     pub fn kernel(&self, p: &Shape) -> KernelSpec {
         let (t, b, h) = dims(p);
@@ -374,7 +372,6 @@ impl LstmBackward {
             ("lstm_backward", "lstm_backward_seq"),
             (t, b, h),
             self.reverse,
-            4 * h,
         )
     }
 }

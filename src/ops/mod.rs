@@ -320,13 +320,11 @@ impl Op {
             _ if self.is_recurrent() => {
                 // inputs: xw (or P) first, w_hh (G*H, H) second
                 let (t, h) = (inputs[0].dims()[0], inputs[1].dims()[1]);
-                let (shared, backward) = match self {
-                    Op::LstmBackward(_) => (4 * h, true),
-                    Op::GruBackward(_) => (3 * h, true),
-                    Op::RnnBackward(_) => (h, true),
-                    _ => (h, false),
-                };
-                Some(lstm::recurrent_dispatches(t, h, shared, backward))
+                let backward = matches!(
+                    self,
+                    Op::LstmBackward(_) | Op::GruBackward(_) | Op::RnnBackward(_)
+                );
+                Some(lstm::recurrent_dispatches(t, h, backward))
             }
             _ => None,
         }
