@@ -263,9 +263,13 @@ impl GpuPlan {
                 DType::F32 => n.shape.to_string(),
                 other => format!("{} {other}", n.shape),
             };
+            let name = match &n.op {
+                Op::AxisCopy(a) => a.label(in_shapes[0], &n.shape),
+                op => op.name(),
+            };
             let label = match &generated {
-                Some(g) => format!("node {} {} {shape} [{}]", id.0, n.op.name(), g.key),
-                None => format!("node {} {} {shape}", id.0, n.op.name()),
+                Some(g) => format!("node {} {name} {shape} [{}]", id.0, g.key),
+                None => format!("node {} {name} {shape}", id.0),
             };
             let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(&label),

@@ -194,6 +194,15 @@ impl AxisCopy {
         }
     }
 
+    /// Name in plan labels, which know the shapes: a copy from position 0 to something no
+    /// longer than `a` is a narrow (`name` calls it a pad).
+    pub fn label(&self, a: &Shape, out: &Shape) -> &'static str {
+        match (self.b_start, self.a_start) {
+            (None, 0) if out.dims()[self.axis] <= a.dims()[self.axis] => "narrow",
+            _ => self.name(),
+        }
+    }
+
     /// Whether this is a narrow from position 0 (to `out`, no longer than `a` along `axis`) of
     /// an input `a` whose axes before `axis` all have extent 1 (`narrow(q, 0, 0, t)`): its
     /// result is the first elements of `a`'s memory, so the plan binds a prefix of `a`'s buffer
