@@ -285,8 +285,12 @@ fn sum_of_squares_of_many_tensors() {
         let (a, b) = (out[0].data()[0] as f64, out[1].data()[0] as f64);
         assert!((a - b).abs() <= 1e-4 * b.abs(), "{a} vs {b}");
     }
-    // an empty list and f16 tensors are refused, naming the op
+    // an empty list, f16 tensors and gradients through it are refused, naming the op
     let g = Graph::new();
+    let x = g.input("x", [5]);
+    let norm2 = g.sum_squares(&[x]).unwrap();
+    let e = g.grad(norm2, &[x]).unwrap_err().to_string();
+    assert!(e.contains("sum_squares"), "{e}");
     assert!(g
         .sum_squares(&[])
         .unwrap_err()
