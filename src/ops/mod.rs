@@ -483,6 +483,7 @@ impl Op {
             Op::RnnForward(l) => l.backward(g, x, y, dy)?,
             Op::Embedding(e) => e.backward(g, x, dy)?,
             Op::Dropout(d) => vec![Some(d.backward(g, x[1], dy)?), None],
+            Op::SumSquares(s) => s.backward(g, x, dy)?,
             Op::CrossEntropyBackward(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
@@ -493,7 +494,6 @@ impl Op {
             | Op::Fused(_)
             | Op::OptimStep(_)
             | Op::OptimGroup(_)
-            | Op::SumSquares(_)
             | Op::LstmBackward(_)
             | Op::GruBackward(_)
             | Op::RnnBackward(_)

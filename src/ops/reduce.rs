@@ -182,6 +182,28 @@ impl SumSquares {
             .sum()]))
     }
 
+    /// Backward: member j's gradient is `2 x_j` times the gradient of each of its chunks'
+    /// sums, repeated over the chunk (expand, then cut to the member's length).
+    pub fn backward(&self, g: &Graph, x: &[NodeId], dy: NodeId) -> Result<Vec<Option<NodeId>>> {
+        let mut start = 0;
+        let mut grads = Vec::new();
+        for &xj in x {
+            let s = g.shape(xj);
+            let (n, chunks) = (s.numel(), s.numel().div_ceil(SUM_SQUARES_CHUNK));
+            if n == 0 {
+                grads.push(None);
+                continue;
+            }
+            let d = g.reshape(g.narrow(dy, 0, start, chunks)?, &[chunks as isize, 1])?;
+            let d = g.expand(d, &Shape(vec![chunks, SUM_SQUARES_CHUNK]))?;
+            let d = g.narrow(g.reshape(d, &[-1])?, 0, 0, n)?;
+            let dims: Vec<isize> = s.dims().iter().map(|&v| v as isize).collect();
+            grads.push(Some(g.mul(g.mul_scalar(xj, 2.0)?, g.reshape(d, &dims)?)?));
+            start += chunks;
+        }
+        Ok(grads)
+    }
+
     /// CPU reference: each chunk's sum in f64.
     pub fn cpu(&self, xs: &[&Tensor], out: &Shape) -> Tensor {
         let sums: Vec<f32> = xs
@@ -193,5 +215,62 @@ impl SumSquares {
             })
             .collect();
         Tensor::new(out.clone(), sums).expect("one sum per chunk")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::Op;
+
+    /// The partial sums' gradient reaches each member's elements through its own chunk: with a
+    /// different weight per partial sum, d(sum_w weight_w * partial_w) / dx = 2 x weight_chunk.
+    #[test]
+    fn sum_squares_gradient_follows_the_chunks() {
+        let g = Graph::new();
+        let sizes = [3usize, 4097, 10];
+        let xs: Vec<NodeId> = sizes
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| g.input(&format!("x{j}"), [n]))
+            .collect();
+        let shapes: Vec<Shape> = xs.iter().map(|&x| g.shape(x)).collect();
+        let partials = g
+            .push_op(
+                Op::SumSquares(SumSquares),
+                xs.clone(),
+                SumSquares::infer(&shapes).unwrap(),
+            )
+            .unwrap();
+        // partial sums: x0 (1 chunk), x1 (2 chunks), x2 (1 chunk)
+        let weights = Tensor::new([4], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let loss = g
+            .sum_all(g.mul(partials, g.constant(weights)).unwrap())
+            .unwrap();
+        let grads = g.grad(loss, &xs).unwrap();
+        let vals: Vec<Tensor> = sizes
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| Tensor::rand_uniform([n], -1.0, 1.0, j as u64))
+            .collect();
+        let names: Vec<String> = (0..3).map(|j| format!("x{j}")).collect();
+        let feeds: Vec<(&str, &Tensor)> = names.iter().map(|s| s.as_str()).zip(&vals).collect();
+        let out = crate::Device::cpu()
+            .compile(&g, &grads)
+            .unwrap()
+            .run(&feeds)
+            .unwrap();
+        let weight_of = |j: usize, i: usize| match j {
+            0 => 1.0,
+            1 if i < SUM_SQUARES_CHUNK => 2.0,
+            1 => 3.0,
+            _ => 4.0,
+        };
+        for (j, (got, x)) in out.iter().zip(&vals).enumerate() {
+            for (i, (&d, &v)) in got.data().iter().zip(x.data()).enumerate() {
+                let want = 2.0 * v * weight_of(j, i);
+                assert!((d - want).abs() <= 1e-6, "x{j}[{i}]: {d} != {want}");
+            }
+        }
     }
 }
