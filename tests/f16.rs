@@ -531,6 +531,9 @@ fn f16_errors_name_the_op() {
     let e = g.embedding(labels16, table).unwrap_err().to_string();
     assert!(e.contains("embedding") && e.contains("f16"), "{e}");
     assert_eq!(g.dtype(g.embedding(labels, table).unwrap()), DType::F16);
+    // MSE and BCE cast an f16 operand to f32 themselves
+    assert_eq!(g.dtype(g.mse_loss(x, y).unwrap()), DType::F32);
+    assert_eq!(g.dtype(g.bce_with_logits(x, y).unwrap()), DType::F32);
     // f16 logits, f32 labels: an f32 loss
     let loss = g.cross_entropy(x, labels).unwrap();
     assert_eq!(g.dtype(loss), DType::F32);
@@ -713,7 +716,9 @@ fn mixed_precision_training_steps() {
         let (h, p1) = fc1.apply_relu(&g, g.cast(x, DType::F16).unwrap()).unwrap();
         assert_eq!(g.dtype(h), DType::F16, "the layer follows its input");
         let (y, p2) = fc2.apply(&g, h).unwrap();
-        let loss = g.mse_loss(g.cast(y, DType::F32).unwrap(), t).unwrap();
+        // an f16 prediction against an f32 target: the loss casts it (autocast's f32 losses)
+        let loss = g.mse_loss(y, t).unwrap();
+        assert_eq!(g.dtype(loss), DType::F32);
         let params: Vec<NodeId> = p1.iter().chain(&p2).copied().collect();
         let mut step = TrainStep::new(dev, &g, loss, &params, Optimizer::sgd(0.2), 0).unwrap();
         // a fixed target map: t = tanh(x A)

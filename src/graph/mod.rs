@@ -137,7 +137,8 @@ impl Graph {
     /// half floats and compute in f32: products, convolutions, pooling, elementwise ops,
     /// softmax, dropout, reductions and layout ops take f16, cross-entropy f16 logits (an f32
     /// loss), the embedding lookup an f16 table and the recurrent layers f16 throughout (f32
-    /// lengths); the others (MSE and BCE against f32 targets) take f32, so mixed-precision graphs cast around them, as PyTorch's autocast does.
+    /// lengths); MSE and BCE cast f16 operands to f32 themselves (as PyTorch's autocast runs
+    /// losses in f32); the optimizer updates take f32.
     pub fn cast(&self, x: NodeId, to: DType) -> Result<NodeId> {
         let shape = self.check_id("cast", x)?;
         if self.dtype(x) == to {
@@ -417,7 +418,9 @@ impl Graph {
         )
     }
 
-    /// Mean squared error (`torch.nn.functional.mse_loss`), shape `[1]`.
+    /// Mean squared error (`torch.nn.functional.mse_loss`), shape `[1]`. f16 operands are cast
+    /// to f32 first (as autocast runs losses in f32): the loss is f32, the gradient of an f16
+    /// prediction f16.
     pub fn mse_loss(&self, pred: NodeId, target: NodeId) -> Result<NodeId> {
         let (a, b) = (
             self.check_id("mse_loss", pred)?,
@@ -429,11 +432,13 @@ impl Graph {
                 format!("prediction {a} and target {b} differ"),
             ));
         }
+        let (pred, target) = (self.cast(pred, DType::F32)?, self.cast(target, DType::F32)?);
         self.mean_all(self.square(self.sub(pred, target)?)?)
     }
 
     /// Binary cross-entropy on logits (`binary_cross_entropy_with_logits`), mean, shape `[1]`:
-    /// `softplus(x) - x y`, stable for any logit.
+    /// `softplus(x) - x y`, stable for any logit. f16 operands are cast to f32 first, as in
+    /// [`Graph::mse_loss`].
     pub fn bce_with_logits(&self, logits: NodeId, target: NodeId) -> Result<NodeId> {
         let (a, b) = (
             self.check_id("bce_with_logits", logits)?,
@@ -445,6 +450,10 @@ impl Graph {
                 format!("logits {a} and target {b} differ"),
             ));
         }
+        let (logits, target) = (
+            self.cast(logits, DType::F32)?,
+            self.cast(target, DType::F32)?,
+        );
         self.mean_all(self.sub(self.softplus(logits)?, self.mul(logits, target)?)?)
     }
 
