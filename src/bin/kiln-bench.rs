@@ -349,7 +349,9 @@ fn cnn_step(dev: &Device, dtype: kiln::DType) -> kiln::Result<Case> {
     })
 }
 
-fn lstm_step(dev: &Device, hidden: usize) -> kiln::Result<Case> {
+/// An LSTM training step (batch 64, 32 steps, Adam with clipping); with `dtype` f16 in mixed
+/// precision (LSTM and head on f16 activations and states, loss and update in f32).
+fn lstm_step(dev: &Device, hidden: usize, dtype: kiln::DType) -> kiln::Result<Case> {
     let (t, b, i) = (32, 64, 32);
     let mut init = Init::new(0);
     let lstm = Lstm::new("lstm", i, hidden, 1, false, &mut init);
@@ -357,7 +359,7 @@ fn lstm_step(dev: &Device, hidden: usize) -> kiln::Result<Case> {
     let g = Graph::new();
     let x = g.input("x", [t, b, i]);
     let y = g.input("y", [b]);
-    let out = lstm.apply(&g, x, None, None)?;
+    let out = lstm.apply(&g, g.cast(x, dtype)?, None, None)?;
     let hn = g.reshape(out.h_n, &[b as isize, hidden as isize])?;
     let (logits, hp) = head.apply(&g, hn)?;
     let loss = g.cross_entropy(logits, y)?;
@@ -374,7 +376,14 @@ fn lstm_step(dev: &Device, hidden: usize) -> kiln::Result<Case> {
     let xs = Tensor::rand_uniform([t, b, i], -1.0, 1.0, 7);
     let ys = Tensor::new([b], (0..b).map(|k| (k % 10) as f32).collect())?;
     Ok(Case {
-        name: format!("lstm train step, batch 64, 32 steps, hidden {hidden}"),
+        name: format!(
+            "lstm train step, batch 64, 32 steps, hidden {hidden}{}",
+            if dtype == kiln::DType::F16 {
+                " (mixed f16)"
+            } else {
+                ""
+            }
+        ),
         work: 1.0,
         unit: "steps/s",
         runner: Runner::Train(Box::new(step), vec![("x".into(), xs), ("y".into(), ys)]),
@@ -456,8 +465,9 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
     v.push(half.then(|| chain(dev, big, f16).ok()).flatten());
     v.push(half.then(|| conv(dev, conv_shape, f16).ok()).flatten());
     v.push(half.then(|| cnn_step(dev, f16).ok()).flatten());
+    v.push(half.then(|| lstm_step(dev, 128, f16).ok()).flatten());
     v.push(Some(cnn_step(dev, kiln::DType::F32)?));
-    v.push(Some(lstm_step(dev, 128)?));
+    v.push(Some(lstm_step(dev, 128, kiln::DType::F32)?));
     Ok(v)
 }
 
