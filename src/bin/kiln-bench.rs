@@ -8,7 +8,8 @@
 //! 32 -> 64 channels, 13x13, 3x3; and the issue-6 shape, batch 64, 64 -> 64, 56x56, on a hardware
 //! GPU), relu over 16M floats, the MNIST CNN training step (batch 64, Adam) and an LSTM training
 //! step (batch 64, 32 steps, hidden 128), and a chain of five elementwise ops (the plan compiler's
-//! fusion). Operands of the kernel cases live on the device (as weights do). Each case is compiled
+//! fusion); with SHADER_F16 also f16 matmuls, chain and conv, and the two training steps in
+//! mixed precision. Operands of the kernel cases live on the device (as weights do). Each case is compiled
 //! once, warmed up, then timed two ways: "per run" is wall clock per run that waits for the GPU (a
 //! readback of one small output), submission and synchronisation included; "kernels" is the GPU
 //! time of the plan's ops from timestamp queries (where the adapter has
