@@ -720,7 +720,9 @@ fn mixed_precision_training_steps() {
         let loss = g.mse_loss(y, t).unwrap();
         assert_eq!(g.dtype(loss), DType::F32);
         let params: Vec<NodeId> = p1.iter().chain(&p2).copied().collect();
-        let mut step = TrainStep::new(dev, &g, loss, &params, Optimizer::sgd(0.2), 0).unwrap();
+        // clipping far above the gradients' norm: the same steps, plus the norm's kernel
+        let opt = Optimizer::sgd(0.2).clip_grad_norm(1e3);
+        let mut step = TrainStep::new(dev, &g, loss, &params, opt, 0).unwrap();
         // a fixed target map: t = tanh(x A)
         let xv = rand(&[32, 8], 71);
         let a = rand(&[8, 4], 72);
@@ -751,7 +753,8 @@ fn mixed_precision_training_steps() {
             // what is left of the casts: the prediction to f32 and its gradient back to f16
             // (the bias gradient's sum reads it). The products read x, the parameters and that
             // gradient in f32 and round on load; the parameter gradients' casts back to f32
-            // fold into the (multi-tensor) update, which reads them as f16.
+            // fold into the (multi-tensor) update and the clipping norm's sum of squares,
+            // which read them as f16.
             step.plan_mut().set_profiling(true).unwrap();
             step.step(&[("x", &xv), ("t", &tv)], false).unwrap();
             let labels: Vec<String> = step
@@ -765,6 +768,10 @@ fn mixed_precision_training_steps() {
             assert!(labels.iter().any(|l| l.contains("a32")), "{labels:#?}");
             assert!(
                 labels.iter().any(|l| l.contains("sgd_group")),
+                "{labels:#?}"
+            );
+            assert!(
+                labels.iter().any(|l| l.contains("sum_squares")),
                 "{labels:#?}"
             );
         }

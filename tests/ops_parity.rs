@@ -303,16 +303,26 @@ fn sum_of_squares_of_many_tensors() {
     let feeds = [("a", &vals[0]), ("b", &vals[1]), ("c", &vals[2])];
     let wrt = [("a", xs[0]), ("b", xs[1]), ("c", xs[2])];
     common::gradcheck("sum_squares", &g, total, &wrt, &feeds, 4097, TOL_REDUCTION);
-    // an empty list and f16 tensors are refused, naming the op
+    // an empty list is refused, naming the op
     let g = Graph::new();
     assert!(g
         .sum_squares(&[])
         .unwrap_err()
         .to_string()
         .contains("sum_squares"));
-    let h = g.input_as("h", [3], kiln::DType::F16);
-    let e = g.sum_squares(&[h]).unwrap_err().to_string();
-    assert!(e.contains("sum_squares") && e.contains("f16"), "{e}");
+    // f16 tensors are read as stored (next to f32 ones), the sum is f32
+    let h = g.input_as("h", [5000], kiln::DType::F16);
+    let f = g.input("f", [37]);
+    let total = g.sum_squares(&[h, f]).unwrap();
+    assert_eq!(g.dtype(total), kiln::DType::F32);
+    let (hv, fv) = (rand(&[5000], 61).rounded(kiln::DType::F16), rand(&[37], 62));
+    check_gpu_vs_cpu(
+        "sum_squares of f16 and f32",
+        &g,
+        &[total],
+        &[("h", &hv), ("f", &fv)],
+        TOL_REDUCTION,
+    );
 }
 
 #[test]

@@ -555,7 +555,17 @@ fn reductions_with_prologues_are_valid_wgsl() {
 fn every_sum_of_squares_is_valid_wgsl() {
     use kiln::codegen::reduce_group::sum_squares_kernel;
     for sizes in [vec![1usize], vec![4096, 4097, 1, 300, 70_000, 3, 8191]] {
-        let g = sum_squares_kernel(&sizes);
+        // all f32, or every other member f16 (a mixed-precision gradient read as stored)
+        let dtypes: Vec<kiln::DType> = (0..sizes.len())
+            .map(|j| {
+                if j % 2 == 1 {
+                    kiln::DType::F16
+                } else {
+                    kiln::DType::F32
+                }
+            })
+            .collect();
+        let g = sum_squares_kernel(&sizes, &dtypes);
         assert!(g.wgsl.starts_with("// sum_squares.wgsl"));
         validate_wgsl(&format!("sum_squares {sizes:?}"), &g.wgsl);
         let expected: u64 = sizes.iter().map(|&n| n.div_ceil(4096) as u64).sum();

@@ -10,13 +10,15 @@ use std::fmt::Write;
 use super::Generated;
 use crate::ops::reduce::SUM_SQUARES_CHUNK;
 use crate::ops::KernelSpec;
+use crate::tensor::DType;
 
 /// Threads per workgroup.
 const WG: usize = 256;
 
-/// The launch and module of the partial sums of squares of members of `sizes` elements.
-pub fn sum_squares_kernel(sizes: &[usize]) -> Generated {
-    let src = sum_squares_wgsl(sizes);
+/// The launch and module of the partial sums of squares of members of `sizes` elements, stored
+/// as `dtypes` (f16 members widen on load).
+pub fn sum_squares_kernel(sizes: &[usize], dtypes: &[DType]) -> Generated {
+    let src = sum_squares_wgsl(sizes, dtypes);
     let total: usize = sizes.iter().map(|n| n.div_ceil(SUM_SQUARES_CHUNK)).sum();
     Generated {
         spec: KernelSpec {
@@ -34,8 +36,9 @@ pub fn sum_squares_kernel(sizes: &[usize]) -> Generated {
     }
 }
 
-/// The WGSL of the partial sums of squares of members of `sizes` elements.
-pub fn sum_squares_wgsl(sizes: &[usize]) -> String {
+/// The WGSL of the partial sums of squares of members of `sizes` elements stored as `dtypes`.
+pub fn sum_squares_wgsl(sizes: &[usize], dtypes: &[DType]) -> String {
+    assert_eq!(sizes.len(), dtypes.len(), "one type per member");
     let k = sizes.len();
     let chunks: Vec<usize> = sizes
         .iter()
@@ -53,7 +56,8 @@ pub fn sum_squares_wgsl(sizes: &[usize]) -> String {
     for (j, n) in sizes.iter().enumerate() {
         let _ = writeln!(
             s,
-            "//   {j}  x{j}   storage, read        [{n}] member {j} ({} chunks)",
+            "//   {j}  x{j}   storage, read        [{n}] member {j}, {} ({} chunks)",
+            dtypes[j].name(),
             chunks[j]
         );
     }
@@ -62,15 +66,21 @@ pub fn sum_squares_wgsl(sizes: &[usize]) -> String {
         "//   {k}  out  storage, read_write  [{total}] the chunks' sums of squares, members in order
 // Dispatch: {total} workgroups of {WG} threads, folded into (x <= 65535, y); a workgroup strides
 // its threads over one chunk of one member and adds their sums with a tree in workgroup memory.
-
+{}
 const CHUNK: u32 = {SUM_SQUARES_CHUNK}u;
 const W: u32 = {total}u;
-"
+",
+        if dtypes.contains(&DType::F16) {
+            "\nenable f16;"
+        } else {
+            ""
+        }
     );
-    for j in 0..k {
+    for (j, d) in dtypes.iter().enumerate() {
         let _ = writeln!(
             s,
-            "@group(0) @binding({j}) var<storage, read> x{j}: array<f32>;"
+            "@group(0) @binding({j}) var<storage, read> x{j}: array<{}>;",
+            d.name()
         );
     }
     let _ = writeln!(
@@ -88,7 +98,7 @@ fn squares{j}(c: u32, lid: u32) -> f32 {{
     var acc = 0.0;
     let end = min((c + 1u) * CHUNK, {n}u);
     for (var i = c * CHUNK + lid; i < end; i = i + {WG}u) {{
-        let v = x{j}[i];
+        let v = f32(x{j}[i]);
         acc = acc + v * v;
     }}
     return acc;

@@ -146,7 +146,7 @@ impl GpuPlan {
                 Op::Const { value } => {
                     let b =
                         ctx.create_buffer(&format!("const node {}", id.0), bytes_of(id), usage)?;
-                    ctx.queue.write_buffer(&b, 0, value.as_bytes());
+                    ctx.queue.write_buffer(&b, 0, &value.to_bytes(n.dtype));
                     Arc::new(b)
                 }
                 Op::Param { name, init } => ctx.param_buffer(name, &n.shape, || match init {

@@ -60,6 +60,7 @@ pub(crate) fn lower(
     ch: &Choice,
     fusion: bool,
 ) {
+    fold_constant_casts(nodes, order, targets);
     common_subexpressions(nodes, order, targets);
     implicit_col2im(nodes, order, targets, ch);
     split_k(nodes, order, ch);
@@ -80,12 +81,42 @@ pub(crate) fn lower(
     );
 }
 
+/// A cast of a constant becomes a constant of the cast's type (rounded now, uploaded once): a
+/// mixed-precision recurrent layer's zero state costs no kernel. Constants nothing reads any
+/// more are dropped.
+pub(crate) fn fold_constant_casts(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+    let mut folded = false;
+    for &id in order.iter() {
+        let Op::Cast(c) = nodes[id.0].op else {
+            continue;
+        };
+        let Op::Const { value } = &nodes[nodes[id.0].inputs[0].0].op else {
+            continue;
+        };
+        let value = std::sync::Arc::new((**value).clone().rounded(c.to));
+        nodes[id.0].op = Op::Const { value };
+        nodes[id.0].inputs.clear();
+        folded = true;
+    }
+    if folded {
+        let read: Vec<NodeId> = order
+            .iter()
+            .flat_map(|r| nodes[r.0].inputs.iter().copied())
+            .collect();
+        order.retain(|id| {
+            !matches!(nodes[id.0].op, Op::Const { .. }) || targets.contains(id) || read.contains(id)
+        });
+    }
+}
+
 /// Where an f16 product (or implicit-GEMM convolution) reads an operand or its bias as
 /// `cast(x, f16)` of an f32 `x`, possibly through a reshape (a convolution's weight), lets the
 /// product read `x` and round it on load (`codegen::load`: the value the cast stores), and drops
 /// the cast where nothing else reads it: mixed precision's f32 parameters then cost no kernel
 /// of their own. Reads move from the cast's step to the product's, so no in-place update of `x`
-/// may lie between ([`written_between`]).
+/// may lie between ([`written_between`]). Likewise a sum of squares (gradient clipping's norm)
+/// reads `cast(g, f32)` of an f16 `g` as `g` itself (widening is exact), so the gradients'
+/// casts of a mixed-precision step can fold into the optimizer's update kernels.
 pub(crate) fn fold_operand_casts(
     nodes: &mut Vec<Node>,
     order: &mut Vec<NodeId>,
@@ -96,6 +127,25 @@ pub(crate) fn fold_operand_casts(
     while i < order.len() {
         let id = order[i];
         let n = &nodes[id.0];
+        if let Op::SumSquares(_) = n.op {
+            for k in 0..n.inputs.len() {
+                let cast = nodes[id.0].inputs[k];
+                let Op::Cast(c) = nodes[cast.0].op else {
+                    continue;
+                };
+                let g16 = nodes[cast.0].inputs[0];
+                let from = at(order, cast);
+                if c.to == DType::F32
+                    && nodes[g16.0].dtype == DType::F16
+                    && !targets.contains(&cast)
+                    && from.is_some_and(|f| !written_between(nodes, order, g16, f, i))
+                {
+                    nodes[id.0].inputs[k] = g16;
+                }
+            }
+            i += 1;
+            continue;
+        }
         // the operand slots: a, b and the bias where there is one
         let slots = match n.op {
             Op::MatMul(_) | Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) => n.inputs.len(),
@@ -765,7 +815,7 @@ pub(crate) fn select(
     }
     if let Op::SumSquares(_) = op {
         let sizes: Vec<usize> = inputs.iter().map(|s| s.numel()).collect();
-        let g = crate::codegen::reduce_group::sum_squares_kernel(&sizes);
+        let g = crate::codegen::reduce_group::sum_squares_kernel(&sizes, in_dtypes);
         return Some((g.spec.clone(), Some(g)));
     }
     if dtype == DType::F16 || in_dtypes.contains(&DType::F16) {
@@ -1173,6 +1223,37 @@ mod tests {
         assert_eq!(casts_of_w, 0);
         assert!(!order.contains(&w16));
         assert!(order.contains(&b16));
+    }
+
+    #[test]
+    fn casts_of_constants_and_of_norm_inputs_fold() {
+        use crate::tensor::{DType, Tensor};
+        let g = Graph::new();
+        let x = g.input_as("x", [2, 3], DType::F16);
+        let zeros = g.constant(Tensor::full([2, 3], 0.1));
+        let z16 = g.cast(zeros, DType::F16).unwrap();
+        let y = g.add(x, z16).unwrap();
+        // a norm over an f16 tensor widened to f32 first
+        let norm = g.sum_squares(&[g.cast(y, DType::F32).unwrap()]).unwrap();
+        let mut nodes = g.nodes();
+        let mut order = reachable(&nodes, &[y, norm]);
+        fold_constant_casts(&mut nodes, &mut order, &[y, norm]);
+        fold_operand_casts(&mut nodes, &mut order, &[y, norm]);
+        // the constant's cast is an f16 constant, rounded; the f32 constant is gone
+        match &nodes[z16.0].op {
+            Op::Const { value } => assert_eq!(value.data()[0], DType::F16.round(0.1)),
+            other => panic!("{}", other.name()),
+        }
+        assert_eq!(nodes[z16.0].dtype, DType::F16);
+        assert!(!order.contains(&zeros));
+        // the sum of squares reads y (f16) itself; the widening cast is dropped
+        let partials = order
+            .iter()
+            .find(|id| matches!(nodes[id.0].op, Op::SumSquares(_)))
+            .copied()
+            .expect("the partial sums");
+        assert_eq!(nodes[partials.0].inputs, vec![y]);
+        assert!(!order.iter().any(|id| matches!(nodes[id.0].op, Op::Cast(_))));
     }
 
     #[test]

@@ -554,6 +554,8 @@ impl Op {
             }
             // indices f32; the table (its gradient: dy) f16 or f32
             Op::Embedding(_) | Op::EmbeddingBackward(_) if first == DType::F32 => Ok(inputs[1]),
+            // f32 or f16 tensors (read as stored), an f32 sum
+            Op::SumSquares(_) => Ok(DType::F32),
             // recurrences: input 4 is the lengths (f32), the others share one type
             _ if self.is_recurrent() => {
                 let mut others = inputs.iter().enumerate().filter(|&(k, _)| k != 4);
