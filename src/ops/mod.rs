@@ -316,18 +316,15 @@ impl Op {
     /// For recurrent kernels: how many times the kernel is dispatched in a row (each dispatch
     /// reads its index from a step uniform at binding 0); `None` for single-dispatch kernels.
     pub fn repeat(&self, inputs: &[&Shape]) -> Option<u32> {
-        match self {
-            _ if self.is_recurrent() => {
-                // inputs: xw (or P) first, w_hh (G*H, H) second
-                let (t, h) = (inputs[0].dims()[0], inputs[1].dims()[1]);
-                let backward = matches!(
-                    self,
-                    Op::LstmBackward(_) | Op::GruBackward(_) | Op::RnnBackward(_)
-                );
-                Some(lstm::recurrent_dispatches(t, h, backward))
-            }
-            _ => None,
-        }
+        self.is_recurrent().then(|| {
+            // inputs: xw (or P) first, w_hh (G*H, H) second
+            let (t, h) = (inputs[0].dims()[0], inputs[1].dims()[1]);
+            let backward = matches!(
+                self,
+                Op::LstmBackward(_) | Op::GruBackward(_) | Op::RnnBackward(_)
+            );
+            lstm::recurrent_dispatches(t, h, backward)
+        })
     }
 
     /// True for the recurrences (LSTM, GRU, RNN; forward and backward), whose input 1 is `w_hh`
