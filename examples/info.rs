@@ -41,7 +41,8 @@ fn main() -> kiln::Result<()> {
     if let Some(t) = dev.target() {
         println!(
             "kernel target: subgroup {}, {} B workgroup memory, {} invocations, ~{} workgroups at once, tensor cores (16x16x16 f16): {}",
-            t.subgroup_size, t.workgroup_storage, t.max_invocations, t.parallel_workgroups, t.coop_f16
+            t.subgroup_size, t.workgroup_storage, t.max_invocations, t.parallel_workgroups,
+            if t.coop_emulated { "emulated" } else if t.coop_f16 { "true" } else { "false" }
         );
         if let Some(c) = kiln::codegen::matmul::choose(4096, 4096, 4096, 1, &t) {
             println!("GEMM for 4096^3 by the model: {}", c.describe());

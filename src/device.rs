@@ -63,6 +63,8 @@ pub(crate) struct GpuContext {
     pub(crate) precision: Mutex<Precision>,
     /// The tensor-core kernel's check against the CPU reference on this adapter.
     pub(crate) coop_check: Mutex<CoopCheck>,
+    /// Signalled when a tensor-core check ends.
+    pub(crate) coop_checked: std::sync::Condvar,
     /// GEMM configurations timed on this adapter, by product extents (`exec::tune`).
     pub(crate) tuned: Mutex<HashMap<String, crate::codegen::matmul::GemmConfig>>,
     /// Where that table persists (beside the pipeline cache), if there is a cache folder.
@@ -133,8 +135,9 @@ pub enum Precision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum CoopCheck {
     Unchecked,
-    /// Its check is running: plans compiled now use it.
-    Checking,
+    /// Its check is running on this thread: plans the check compiles use it; other threads
+    /// wait for the verdict before they use it (`check_tensor_cores_once`).
+    Checking(std::thread::ThreadId),
     Passed,
     /// It disagreed with the CPU reference (why): products stay in f32.
     Failed(String),
@@ -461,35 +464,59 @@ impl Device {
         if !g.target.coop_f16 {
             return Ok(());
         }
-        let state = g.coop_check.lock().expect("check lock").clone();
-        match state {
-            CoopCheck::Passed | CoopCheck::Checking => Ok(()),
-            CoopCheck::Failed(why) => Err(Error::Unsupported(why)),
-            CoopCheck::Unchecked => {
-                *g.coop_check.lock().expect("check lock") = CoopCheck::Checking;
-                // the check runs f32 products at medium precision, whatever was asked for
-                let asked = std::mem::replace(
-                    &mut *g.precision.lock().expect("precision lock"),
-                    Precision::Medium,
-                );
-                let verdict = self.check_tensor_cores();
-                *g.precision.lock().expect("precision lock") = asked;
-                let next = match &verdict {
-                    Ok(()) => CoopCheck::Passed,
-                    Err(e) => CoopCheck::Failed(format!(
-                        "the tensor-core matmul on {} failed its check: {e}",
-                        g.info.name
-                    )),
-                };
-                if let CoopCheck::Failed(why) = &next {
-                    log::warn!("kiln: {why}; products stay off tensor cores");
+        let me = std::thread::current().id();
+        let mut state = g.coop_check.lock().expect("check lock");
+        loop {
+            match &*state {
+                CoopCheck::Passed => return Ok(()),
+                CoopCheck::Checking(id) if *id == me => return Ok(()),
+                CoopCheck::Failed(why) => return Err(Error::Unsupported(why.clone())),
+                // another thread is checking: its verdict holds for this one too
+                CoopCheck::Checking(_) => {
+                    state = g.coop_checked.wait(state).expect("check lock");
                 }
-                *g.coop_check.lock().expect("check lock") = next.clone();
-                match next {
-                    CoopCheck::Failed(why) => Err(Error::Unsupported(why)),
-                    _ => Ok(()),
-                }
+                CoopCheck::Unchecked => break,
             }
+        }
+        *state = CoopCheck::Checking(me);
+        drop(state);
+        // the verdict is recorded even if the check panics, so that no thread waits forever
+        struct Verdict<'a>(&'a GpuContext, Option<CoopCheck>);
+        impl Drop for Verdict<'_> {
+            fn drop(&mut self) {
+                let next = self
+                    .1
+                    .take()
+                    .unwrap_or_else(|| CoopCheck::Failed("the tensor-core check panicked".into()));
+                if let Ok(mut s) = self.0.coop_check.lock() {
+                    *s = next;
+                }
+                self.0.coop_checked.notify_all();
+            }
+        }
+        let mut verdict_guard = Verdict(g, None);
+        // the check runs f32 products at medium precision, whatever was asked for
+        let asked = std::mem::replace(
+            &mut *g.precision.lock().expect("precision lock"),
+            Precision::Medium,
+        );
+        let verdict = self.check_tensor_cores();
+        *g.precision.lock().expect("precision lock") = asked;
+        let next = match &verdict {
+            Ok(()) => CoopCheck::Passed,
+            Err(e) => CoopCheck::Failed(format!(
+                "the tensor-core matmul on {} failed its check: {e}",
+                g.info.name
+            )),
+        };
+        if let CoopCheck::Failed(why) = &next {
+            log::warn!("kiln: {why}; products stay off tensor cores");
+        }
+        verdict_guard.1 = Some(next.clone());
+        drop(verdict_guard);
+        match next {
+            CoopCheck::Failed(why) => Err(Error::Unsupported(why)),
+            _ => Ok(()),
         }
     }
 
@@ -695,6 +722,21 @@ impl GpuContext {
                     && p.ab_type == wgpu::CooperativeScalarType::F16
                     && p.cr_type == wgpu::CooperativeScalarType::F32
             });
+        // a test path: the same kernel with its matrix operations in plain WGSL, on adapters
+        // without cooperative matrices (lavapipe), to check its data movement there
+        if !target.coop_f16
+            && std::env::var("KILN_EMULATE_TENSOR_CORES").is_ok_and(|v| v == "1")
+            && features.contains(wgpu::Features::SHADER_F16)
+            && limits.max_compute_workgroup_storage_size >= crate::codegen::coop::WORKGROUP_BYTES
+            && limits.max_compute_invocations_per_workgroup >= crate::codegen::coop::THREADS
+        {
+            log::warn!(
+                "kiln: KILN_EMULATE_TENSOR_CORES=1: the tensor-core kernel runs emulated on {} (slow)",
+                info.name
+            );
+            target.coop_f16 = true;
+            target.coop_emulated = true;
+        }
         Ok(GpuContext {
             disk_cache,
             info,
@@ -709,6 +751,7 @@ impl GpuContext {
             fusion: std::sync::atomic::AtomicBool::new(fusion),
             precision: Mutex::new(Precision::Highest),
             coop_check: Mutex::new(CoopCheck::Unchecked),
+            coop_checked: std::sync::Condvar::new(),
             tuned: Mutex::new(load_tuned(tune_file.as_deref())),
             tune_file,
             pipelines: Mutex::new(HashMap::new()),
@@ -748,24 +791,26 @@ impl GpuContext {
     }
 
     /// Whether f16 products may run on the tensor-core kernel now: the adapter able and the
-    /// kernel checked (or being checked).
+    /// kernel checked (or being checked on this thread).
     pub(crate) fn coop_f16_active(&self) -> bool {
-        self.target.coop_f16
-            && matches!(
-                *self.coop_check.lock().expect("check lock"),
-                CoopCheck::Checking | CoopCheck::Passed
-            )
+        self.target.coop_f16 && self.coop_usable()
+    }
+
+    /// The kernel passed its check, or this thread is running that check.
+    fn coop_usable(&self) -> bool {
+        match &*self.coop_check.lock().expect("check lock") {
+            CoopCheck::Passed => true,
+            CoopCheck::Checking(id) => *id == std::thread::current().id(),
+            _ => false,
+        }
     }
 
     /// Whether products may run on the tensor-core kernel now: medium precision asked for, the
-    /// adapter able, and the kernel not failed its check (it runs during the check itself).
+    /// adapter able, and the kernel checked (it runs during the check itself, on that thread).
     pub(crate) fn coop_active(&self) -> bool {
         self.target.coop_f16
             && *self.precision.lock().expect("precision lock") == Precision::Medium
-            && matches!(
-                *self.coop_check.lock().expect("check lock"),
-                CoopCheck::Checking | CoopCheck::Passed
-            )
+            && self.coop_usable()
     }
 
     /// Errors if the device was lost or an uncaught GPU error happened since the last check.

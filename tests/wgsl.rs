@@ -325,10 +325,11 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
 
 /// The tensor-core GEMM (cooperative matrices) validates with naga for every transpose and
 /// epilogue, and as implicit-GEMM convolutions (forward with NCHW store, weight gradient, input
-/// gradient), in f32 and f16. (Running it needs an adapter with EXPERIMENTAL_COOPERATIVE_MATRIX.)
+/// gradient), in f32 and f16; so does its emulated form. (Running the real one needs an adapter
+/// with EXPERIMENTAL_COOPERATIVE_MATRIX.)
 #[test]
 fn every_coop_matmul_is_valid_wgsl() {
-    use kiln::codegen::coop::Operands;
+    use kiln::codegen::coop::{Cores, Operands};
     use kiln::ops::conv::{ColGeometry, Conv2dOpts};
     use kiln::ops::matmul::{Bias, MatMul};
     let geom = ColGeometry {
@@ -388,7 +389,26 @@ fn every_coop_matmul_is_valid_wgsl() {
         },
     ));
     for (mm, dtype, operands) in cases {
-        let src = kiln::codegen::coop::wgsl_with(&mm, dtype, operands);
+        // the emulated form (tests/tensor_cores.rs runs it) is the same kernel but for the
+        // matrix operations
+        let emulated = kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Emulated);
+        assert!(!emulated.contains("coop_mat16x16") && !emulated.contains("enable wgpu_coop"));
+        validate_wgsl(
+            &format!("emulated {mm:?} {dtype:?} {operands:?}"),
+            &emulated,
+        );
+        let src = kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Tensor);
+        // every line of the real kernel missing from the emulated one is a matrix operation
+        let emulated_lines: std::collections::HashSet<&str> = emulated.lines().collect();
+        for line in src.lines().filter(|l| !emulated_lines.contains(l)) {
+            assert!(
+                line.contains("coop")
+                    || line.contains("@builtin(subgroup_")
+                    || line.trim_start().starts_with("let ia")
+                    || line.trim_start().starts_with("let ib"),
+                "{mm:?}: the emulated kernel lacks {line:?}"
+            );
+        }
         assert!(src.starts_with("// matmul_coop.wgsl"));
         assert!(src.contains("Bindings") && src.contains("Dispatch"));
         let module = validate_wgsl(&format!("{mm:?} {dtype:?} {operands:?}"), &src);

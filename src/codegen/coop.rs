@@ -13,6 +13,13 @@
 //! per 16 of K. The epilogue passes each accumulator through a per-subgroup 16 x 16 f32 staging
 //! tile so that the bias, relu and edge checks apply per element.
 //!
+//! [`Cores::Emulated`] writes the same kernel with the four cooperative-matrix operations
+//! (`coopLoadT`, `coopMultiplyAdd`, `coopStoreT`, the subgroup builtins) replaced by plain WGSL
+//! over virtual 32-lane subgroups (`lid / 32`), every other line identical: slow, but it runs on
+//! any adapter with SHADER_F16, so the staging, gathers, batch bases and epilogue are tested on
+//! lavapipe (`KILN_EMULATE_TENSOR_CORES=1`, tests/tensor_cores.rs). Only the hardware's
+//! fragment layout and the driver's translation remain for a GPU to show.
+//!
 //! Inputs are rounded to f16 (10-bit mantissa, |x| <= 65504): results differ from f32 by about
 //! `sqrt(K) * 2^-11` relative to the operands' scale. The device checks the kernel once against
 //! the CPU reference before using it (`Device::set_matmul_precision`, or the first plan with an
@@ -33,6 +40,26 @@ pub const THREADS: u32 = 128;
 const BK: u32 = 32;
 /// Bytes of workgroup memory: both f16 tiles and four f32 16x16 staging tiles.
 pub const WORKGROUP_BYTES: u32 = 2 * (TILE as u32 * BK * 2) + 4 * 256 * 4;
+
+/// Whether the kernel runs on tensor cores or emulates them (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cores {
+    /// Cooperative-matrix operations, on the adapter's matrix units.
+    Tensor,
+    /// The same kernel with those operations in plain WGSL (a test path).
+    Emulated,
+}
+
+impl Cores {
+    /// What a target runs: emulated where `KILN_EMULATE_TENSOR_CORES=1` enabled it.
+    pub fn of(target: &super::Target) -> Cores {
+        if target.coop_emulated {
+            Cores::Emulated
+        } else {
+            Cores::Tensor
+        }
+    }
+}
 
 /// Whether the tensor-core kernel is worth it for a product: enough rows, columns and depth to
 /// fill at least a good part of its 128 x 128 tile.
@@ -60,8 +87,13 @@ pub enum Operands {
 /// The launch of `mm` as the tensor-core kernel, operands, bias and result stored as `storage`
 /// says (a `DType` for all alike; f32 operands are rounded to f16 when staged, f16 ones staged
 /// as they are).
-pub fn kernel(mm: &MatMul, d: &ProductDims, storage: impl Into<Storage>) -> Generated {
-    kernel_with(mm, d, storage, Operands::Matrices)
+pub fn kernel(
+    mm: &MatMul,
+    d: &ProductDims,
+    storage: impl Into<Storage>,
+    cores: Cores,
+) -> Generated {
+    kernel_with(mm, d, storage, Operands::Matrices, cores)
 }
 
 /// [`kernel`] reading and storing as `operands` says (implicit-GEMM convolutions).
@@ -70,6 +102,7 @@ pub fn kernel_with(
     d: &ProductDims,
     storage: impl Into<Storage>,
     operands: Operands,
+    cores: Cores,
 ) -> Generated {
     let storage = storage.into();
     let batch = d.batch.numel();
@@ -86,11 +119,16 @@ pub fn kernel_with(
     ];
     constants.extend(d.batch_constants());
     let key = format!(
-        "coop16{}{}",
+        "coop16{}{}{}",
         super::matmul::product_flags(mm),
-        storage.describe()
+        storage.describe(),
+        if cores == Cores::Emulated {
+            ",emulated"
+        } else {
+            ""
+        }
     );
-    let src = wgsl_with(mm, storage, operands);
+    let src = wgsl_with(mm, storage, operands, cores);
     let key = match operands {
         Operands::Matrices => key,
         // the geometry is in the text
@@ -112,13 +150,19 @@ pub fn kernel_with(
 }
 
 /// The WGSL for one combination of transposes, epilogue and storage type.
-pub fn wgsl(mm: &MatMul, storage: impl Into<Storage>) -> String {
-    wgsl_with(mm, storage, Operands::Matrices)
+pub fn wgsl(mm: &MatMul, storage: impl Into<Storage>, cores: Cores) -> String {
+    wgsl_with(mm, storage, Operands::Matrices, cores)
 }
 
 /// [`wgsl`] reading and storing as `operands` says.
-pub fn wgsl_with(mm: &MatMul, storage: impl Into<Storage>, operands: Operands) -> String {
+pub fn wgsl_with(
+    mm: &MatMul,
+    storage: impl Into<Storage>,
+    operands: Operands,
+    cores: Cores,
+) -> String {
     let tile = TILE as u32;
+    let emulated = cores == Cores::Emulated;
     let st = storage.into();
     let dt = st.out;
     let (sa, sb, sbias) = (st.a, st.b, st.bias);
@@ -141,10 +185,9 @@ pub fn wgsl_with(mm: &MatMul, storage: impl Into<Storage>, operands: Operands) -
 //           kernel where the adapter's subgroups are exactly 32 wide), folded into (x <= 65535, y).
 //           Workgroup w computes the 128x128 tile (w / TILES_N % TILES_M, w % TILES_N) of batch
 //           w / (TILES_M * TILES_N); subgroup s the 64x64 block (s / 2, s % 2) of it.
-
+{}
 enable f16;
-enable wgpu_cooperative_matrix;
-",
+{}",
         mm.trans_a,
         mm.trans_b,
         mm.bias,
@@ -153,6 +196,18 @@ enable wgpu_cooperative_matrix;
             ""
         } else {
             "\n//   2  bias  storage, read        [M] or [N], same type"
+        },
+        if emulated {
+            "// EMULATED (src/codegen/coop.rs, Cores::Emulated): the cooperative-matrix operations are
+// the emu_* functions below, over virtual 32-lane subgroups; a test path, not a fast one.
+"
+        } else {
+            ""
+        },
+        if emulated {
+            ""
+        } else {
+            "enable wgpu_cooperative_matrix;\n"
         },
     );
     s.push_str(&super::overrides(&[
@@ -209,15 +264,13 @@ var<workgroup> As: array<f16, {asz}>;
 var<workgroup> Bs: array<f16, {bsz}>;
 // one 16x16 f32 tile per subgroup for the epilogue
 var<workgroup> Cs: array<f32, 1024>;
-
+{emu_fns}
 @compute @workgroup_size({THREADS})
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(subgroup_id) sid: u32,
-    @builtin(subgroup_invocation_id) lane: u32,
-) {{
+    @builtin(local_invocation_index) lid: u32,{builtins}
+) {{{lanes}
     let w = wid.y * nwg.x + wid.x;
     if w >= TOTAL {{
         return;
@@ -231,8 +284,28 @@ fn main(
     let wm = sid / 2u;
     let wn = sid % 2u;
 ",
+        emu_fns = if emulated {
+            emulation_fns()
+        } else {
+            String::new()
+        },
         asz = tile * BK,
         bsz = tile * BK,
+        builtins = if emulated {
+            ""
+        } else {
+            "
+    @builtin(subgroup_id) sid: u32,
+    @builtin(subgroup_invocation_id) lane: u32,"
+        },
+        lanes = if emulated {
+            "
+    // virtual 32-lane subgroups
+    let sid = lid / 32u;
+    let lane = lid % 32u;"
+        } else {
+            ""
+        },
     );
     // the accumulators start from a zeroed staging tile (a load, as cooperative matrices are
     // made everywhere, rather than a null constant of the matrix type)
@@ -244,12 +317,23 @@ fn main(
     }}
     workgroupBarrier();"
     );
-    for i in 0..4 {
-        for j in 0..4 {
-            let _ = writeln!(
-                s,
-                "    var c{i}{j} = coopLoadT<coop_mat16x16<f32, C>>(&Cs[cs], 16u);"
-            );
+    if emulated {
+        // accumulator (i, j) is acc[(4 i + j) * 8 ..][..8]; one loop keeps the code small
+        let _ = writeln!(
+            s,
+            "    var acc: array<f32, 128>;
+    for (var ij = 0u; ij < 16u; ij = ij + 1u) {{
+        emu_load_c(&acc, ij * 8u, cs, lane);
+    }}"
+        );
+    } else {
+        for i in 0..4 {
+            for j in 0..4 {
+                let _ = writeln!(
+                    s,
+                    "    var c{i}{j} = coopLoadT<coop_mat16x16<f32, C>>(&Cs[cs], 16u);"
+                );
+            }
         }
     }
     // a thread's staged column of b is the same at every step through K (b not transposed:
@@ -325,7 +409,19 @@ fn main(
         );
     }
     let _ = writeln!(s, "        workgroupBarrier();");
-    for kk in (0..BK).step_by(16) {
+    if emulated {
+        let _ = writeln!(
+            s,
+            "        for (var kk = 0u; kk < {BK}u; kk = kk + 16u) {{
+            for (var ij = 0u; ij < 16u; ij = ij + 1u) {{
+                let ia = (wm * 64u + (ij / 4u) * 16u) * {BK}u + kk;
+                let ib = kk * {tile}u + wn * 64u + (ij % 4u) * 16u;
+                emu_multiply_add(&acc, ij * 8u, ia, ib, lane);
+            }}
+        }}"
+        );
+    }
+    for kk in (0..BK).step_by(16).filter(|_| !emulated) {
         // naga needs every coopLoad index bound to a `let`
         for i in 0..4 {
             let _ = writeln!(
@@ -359,7 +455,7 @@ fn main(
         for j in 0..4 {
             let _ = writeln!(
                 s,
-                "    coopStoreT(c{i}{j}, &Cs[cs], 16u);
+                "    {store_c}
     workgroupBarrier();
     for (var q = 0u; q < 8u; q = q + 1u) {{
         let e = lane + q * 32u;
@@ -371,6 +467,11 @@ fn main(
         }}
     }}
     workgroupBarrier();",
+                store_c = if emulated {
+                    format!("emu_store_c(&acc, {}u, cs, lane);", (i * 4 + j) * 8)
+                } else {
+                    format!("coopStoreT(c{i}{j}, &Cs[cs], 16u);")
+                },
                 ri = i * 16,
                 ci = j * 16,
                 bias = match mm.bias {
@@ -400,4 +501,44 @@ fn main(
     }
     let _ = writeln!(s, "}}");
     s
+}
+
+/// The cooperative-matrix operations of [`Cores::Emulated`]: a 16 x 16 matrix of a subgroup is
+/// 8 values per lane (element e = lane + 32 q at row e / 16, column e % 16; a thread's 16
+/// accumulators are one array), an A or B fragment read where the kernel loads it from
+/// (`As` / `Bs`);
+/// products of f16 values are exact in f32, as on tensor cores.
+fn emulation_fns() -> String {
+    format!(
+        "
+// coopLoadT of accumulator acc[c..c + 8] from Cs (row-major, 16 wide)
+fn emu_load_c(acc: ptr<function, array<f32, 128>>, c: u32, at: u32, lane: u32) {{
+    for (var q = 0u; q < 8u; q = q + 1u) {{
+        (*acc)[c + q] = Cs[at + lane + q * 32u];
+    }}
+}}
+
+// coopStoreT of accumulator acc[c..c + 8] to Cs
+fn emu_store_c(acc: ptr<function, array<f32, 128>>, c: u32, at: u32, lane: u32) {{
+    for (var q = 0u; q < 8u; q = q + 1u) {{
+        Cs[at + lane + q * 32u] = (*acc)[c + q];
+    }}
+}}
+
+// acc[c..c + 8] = coopMultiplyAdd(the A fragment at As[ia] (stride {BK}), the B fragment at
+// Bs[ib] (stride {TILE}), acc[c..c + 8])
+fn emu_multiply_add(acc: ptr<function, array<f32, 128>>, c: u32, ia: u32, ib: u32, lane: u32) {{
+    for (var q = 0u; q < 8u; q = q + 1u) {{
+        let e = lane + q * 32u;
+        let r = e / 16u;
+        let n = e % 16u;
+        var v = (*acc)[c + q];
+        for (var k = 0u; k < 16u; k = k + 1u) {{
+            v = v + f32(As[ia + r * {BK}u + k]) * f32(Bs[ib + k * {TILE}u + n]);
+        }}
+        (*acc)[c + q] = v;
+    }}
+}}
+"
+    )
 }

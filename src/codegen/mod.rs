@@ -42,6 +42,10 @@ pub struct Target {
     /// Cooperative 16x16x16 f16 matrices with f32 accumulation, 32-wide subgroups and room for
     /// the tensor-core kernel (`codegen::coop`).
     pub coop_f16: bool,
+    /// The tensor-core kernel runs with its cooperative-matrix operations emulated in plain WGSL
+    /// (`KILN_EMULATE_TENSOR_CORES=1` on an adapter without them; `coop::Cores::Emulated`): a test
+    /// path, set together with `coop_f16`.
+    pub coop_emulated: bool,
     /// Storage buffers one kernel may bind (multi-tensor optimizer updates: `codegen::optim`).
     pub max_storage_buffers: u32,
 }
@@ -64,6 +68,7 @@ impl Target {
             max_workgroup_x: limits.max_compute_workgroup_size_x,
             parallel_workgroups,
             coop_f16: false,
+            coop_emulated: false,
             // a bind group holds them all
             max_storage_buffers: limits
                 .max_storage_buffers_per_shader_stage
@@ -80,6 +85,7 @@ impl Target {
             max_workgroup_x: 256,
             parallel_workgroups: 256,
             coop_f16: false,
+            coop_emulated: false,
             max_storage_buffers: 8,
         }
     }

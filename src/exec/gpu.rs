@@ -451,6 +451,10 @@ impl GpuPlan {
         Ok(())
     }
 
+    pub(crate) fn kernel_labels(&self) -> Vec<&str> {
+        self.steps.iter().map(|s| s.label.as_str()).collect()
+    }
+
     pub(crate) fn poison(&mut self, value: f32) {
         if let Some(ctx) = self.device.gpu_ctx() {
             // a NaN whose two halves are f16 NaNs as well, so that f16 tensors sharing the

@@ -827,7 +827,7 @@ pub(crate) fn select(
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
             if uses_coop(&d, ch) {
-                let g = crate::codegen::coop::kernel(mm, &d, DType::F32);
+                let g = crate::codegen::coop::kernel(mm, &d, DType::F32, cores(ch));
                 return Some((g.spec.clone(), Some(g)));
             }
             if uses_gemv(&d, ch) {
@@ -854,8 +854,13 @@ pub(crate) fn select(
                 .dims(inputs[0], &cols)
                 .expect("shape checked at build time");
             if c.partial.is_none() && uses_coop(&d, ch) {
-                let g =
-                    crate::codegen::coop::kernel_with(&c.product, &d, DType::F32, conv_operands(c));
+                let g = crate::codegen::coop::kernel_with(
+                    &c.product,
+                    &d,
+                    DType::F32,
+                    conv_operands(c),
+                    cores(ch),
+                );
                 return Some((g.spec.clone(), Some(g)));
             }
             let cfg = match c.partial {
@@ -909,6 +914,7 @@ pub(crate) fn select(
                     &d,
                     DType::F32,
                     crate::codegen::coop::Operands::Dgrad(c.geom),
+                    cores(ch),
                 );
                 return Some((g.spec.clone(), Some(g)));
             }
@@ -926,6 +932,11 @@ pub(crate) fn select(
         }
         _ => op.kernel(inputs, out).map(|k| (k, None)),
     }
+}
+
+/// Whether the tensor-core kernel runs on the matrix units or emulates them (a test path).
+fn cores(ch: &Choice) -> crate::codegen::coop::Cores {
+    crate::codegen::coop::Cores::of(ch.target)
 }
 
 /// How the tensor-core kernel reads an implicit-GEMM convolution's operands.
@@ -1010,7 +1021,7 @@ fn select_f16(
                 .expect("shape checked at build time");
             let st = storage(inputs.len());
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
-                crate::codegen::coop::kernel(mm, &d, st)
+                crate::codegen::coop::kernel(mm, &d, st, cores(ch))
             } else if uses_gemv(&d, ch) {
                 gemm::gemv_kernel(mm, &d, None, st)
             } else {
@@ -1042,7 +1053,7 @@ fn select_f16(
                 .expect("shape checked at build time");
             let st = storage(inputs.len());
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
-                crate::codegen::coop::kernel_with(&c.product, &d, st, conv_operands(c))
+                crate::codegen::coop::kernel_with(&c.product, &d, st, conv_operands(c), cores(ch))
             } else {
                 let cfg = gemm_config_f16(&d, ch);
                 let (ho, wo) = c.geom.out_hw();
@@ -1058,6 +1069,7 @@ fn select_f16(
                     &d,
                     storage(2),
                     crate::codegen::coop::Operands::Dgrad(c.geom),
+                    cores(ch),
                 )
             } else {
                 gemm::dgrad_kernel(c.geom, &d, &gemm_config_f16(&d, ch), storage(2))

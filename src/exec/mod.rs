@@ -160,6 +160,16 @@ impl Plan {
         }
     }
 
+    /// The kernels one run dispatches, in order, by label: `node <id> <op> <shape>`, with the
+    /// generated kernel's key in brackets (`[coop16...]` for the tensor-core GEMM, `[gemv...]`,
+    /// ...). Empty on the CPU backend.
+    pub fn kernels(&self) -> Vec<&str> {
+        match &self.backend {
+            Backend::Gpu(p) => p.kernel_labels(),
+            Backend::Cpu(_) => Vec::new(),
+        }
+    }
+
     /// The graph inputs the plan needs, with their shapes.
     pub fn inputs(&self) -> &[(String, Shape)] {
         &self.inputs

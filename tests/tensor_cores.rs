@@ -1,0 +1,185 @@
+//! The tensor-core GEMM (`src/codegen/coop.rs`) run on an adapter without cooperative matrices,
+//! through its emulated form: this test binary sets `KILN_EMULATE_TENSOR_CORES=1` before making
+//! its device, so the kernel's staging, gathers, batch strides and epilogue run everywhere the
+//! real one would (medium-precision f32 products, f16 graphs, convolutions and their gradients),
+//! checked against the CPU reference at f16 tolerance with outputs poisoned by NaN. Only the
+//! matrix instructions themselves (and the driver's translation) need a GPU with them.
+
+mod common;
+
+use common::{assert_close, rand, refs};
+use kiln::device::Precision;
+use kiln::graph::Conv2dOpts;
+use kiln::ops::matmul::Bias;
+use kiln::{DType, Device, Graph, NodeId, Tensor};
+
+/// The shared device with the emulated tensor-core kernel on (every test here goes through this
+/// before anything reads the environment), checked once at medium precision.
+fn emulated() -> Option<Device> {
+    static SET: std::sync::Once = std::sync::Once::new();
+    SET.call_once(|| std::env::set_var("KILN_EMULATE_TENSOR_CORES", "1"));
+    let dev = common::gpu()?;
+    if !dev.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("NOTICE: the adapter lacks SHADER_F16; the tensor-core kernel is not emulated");
+        return None;
+    }
+    // the device's own check (products off the tile edges, transposes, f16 storage, convolutions
+    // and an input gradient against the CPU) must pass for the kernel to be used at all
+    dev.set_matmul_precision(Precision::Medium)
+        .expect("the emulated tensor-core kernel passes the device's check");
+    assert!(dev.tensor_cores());
+    Some(dev)
+}
+
+/// Runs `outputs` on `dev` (poisoned with NaN) and on the CPU, compares them within `tol`, and
+/// returns how many of the plan's kernels are the (emulated) tensor-core GEMM.
+fn check(
+    dev: &Device,
+    what: &str,
+    g: &Graph,
+    outputs: &[NodeId],
+    feeds: &[(String, Tensor)],
+    tol: (f64, f64),
+) -> Vec<String> {
+    let mut plan = dev
+        .compile(g, outputs)
+        .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
+    plan.poison(f32::NAN);
+    let got = plan
+        .run(&refs(feeds))
+        .unwrap_or_else(|e| panic!("{what}: run: {e}"));
+    let want = Device::cpu()
+        .compile(g, outputs)
+        .unwrap()
+        .run(&refs(feeds))
+        .unwrap();
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("{what} output {k}"), a, b, tol.0, tol.1);
+    }
+    let kernels: Vec<String> = plan.kernels().iter().map(|l| l.to_string()).collect();
+    assert!(
+        kernels
+            .iter()
+            .filter(|l| l.contains("[coop16"))
+            .all(|l| l.contains("emulated")),
+        "{what}: {kernels:?}"
+    );
+    kernels
+}
+
+/// How many of `kernels` are the tensor-core GEMM.
+fn coop_count(kernels: &[String]) -> usize {
+    kernels.iter().filter(|l| l.contains("[coop16")).count()
+}
+
+/// f16 rounding of the operands: about sqrt(K) * 2^-11 of the operands' scale.
+const F16_TOL: (f64, f64) = (2e-2, 1e-2);
+
+#[test]
+fn products_at_medium_precision() {
+    let Some(dev) = emulated() else { return };
+    let g = Graph::new();
+    // every transpose, bias on rows and on columns, relu, edges off the 128 tile and the 32 depth
+    let mut outputs = Vec::new();
+    let mut feeds = Vec::new();
+    for (k, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let (m, n, kd) = (129 + k, 67 + 3 * k, 33 + 5 * k);
+        let a_shape = if ta { [kd, m] } else { [m, kd] };
+        let b_shape = if tb { [n, kd] } else { [kd, n] };
+        let a = g.input(&format!("a{k}"), a_shape);
+        let b = g.input(&format!("b{k}"), b_shape);
+        let (bias, len) = if k % 2 == 0 {
+            (Bias::Cols, n)
+        } else {
+            (Bias::Rows, m)
+        };
+        let c = g.input(&format!("c{k}"), [len]);
+        outputs.push(
+            g.matmul_fused(a, b, ta, tb, Some((c, bias)), k >= 2)
+                .unwrap(),
+        );
+        feeds.push((format!("a{k}"), rand(&a_shape, 10 + k as u64)));
+        feeds.push((format!("b{k}"), rand(&b_shape, 20 + k as u64)));
+        feeds.push((format!("c{k}"), rand(&[len], 30 + k as u64)));
+    }
+    // a batched product broadcasting its right operand over the leading batch dimension
+    let a = g.input("ba", [2, 3, 65, 40]);
+    let b = g.input("bb", [3, 40, 131]);
+    outputs.push(g.matmul(a, b).unwrap());
+    feeds.push(("ba".into(), rand(&[2, 3, 65, 40], 40)));
+    feeds.push(("bb".into(), rand(&[3, 40, 131], 41)));
+    let kernels = check(&dev, "products", &g, &outputs, &feeds, F16_TOL);
+    assert_eq!(coop_count(&kernels), 5, "{kernels:#?}");
+}
+
+#[test]
+fn convolution_gradients_at_medium_precision() {
+    let Some(dev) = emulated() else { return };
+    let g = Graph::new();
+    let (n, c, h, w, o) = (3, 64, 12, 10, 70);
+    let x = g.input("x", [n, c, h, w]);
+    let k = g.input("k", [o, c, 3, 3]);
+    let bias = g.input("bias", [o]);
+    let opts = Conv2dOpts {
+        padding: (1, 1),
+        ..Default::default()
+    };
+    let y = g.conv2d(x, k, Some(bias), opts).unwrap();
+    // no relu: f16 rounding would flip the sign of outputs near 0 and with it their gradients
+    let loss = common::random_projection(&g, y, 7);
+    let grads = g.grad(loss, &[x, k, bias]).unwrap();
+    let feeds = vec![
+        ("x".to_string(), rand(&[n, c, h, w], 1)),
+        (
+            "k".to_string(),
+            Tensor::rand_uniform([o, c, 3, 3], -0.3, 0.3, 2),
+        ),
+        ("bias".to_string(), rand(&[o], 3)),
+    ];
+    let mut outputs = vec![y];
+    outputs.extend(&grads);
+    let kernels = check(&dev, "conv2d", &g, &outputs, &feeds, (3e-2, 1e-2));
+    // forward (M = 70, N = 360, K = 576), weight gradient (70 x 576 x 360), input gradient
+    // (64 x 360 x 630)
+    assert_eq!(coop_count(&kernels), 3, "{kernels:#?}");
+}
+
+#[test]
+fn f16_graphs_use_the_kernel() {
+    let Some(dev) = emulated() else { return };
+    let g = Graph::new();
+    let a = g.input_as("a", [100, 90], DType::F16);
+    let b = g.input_as("b", [90, 150], DType::F16);
+    let y = g.matmul(a, b).unwrap();
+    let x = g.input_as("x", [2, 6, 9, 11], DType::F16);
+    let k = g.input_as("k", [66, 6, 3, 3], DType::F16);
+    let conv = g
+        .conv2d(
+            x,
+            k,
+            None,
+            Conv2dOpts {
+                padding: (1, 1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let outputs = [
+        g.cast(y, DType::F32).unwrap(),
+        g.cast(conv, DType::F32).unwrap(),
+    ];
+    let feeds = vec![
+        ("a".to_string(), rand(&[100, 90], 1)),
+        ("b".to_string(), rand(&[90, 150], 2)),
+        ("x".to_string(), rand(&[2, 6, 9, 11], 3)),
+        (
+            "k".to_string(),
+            Tensor::rand_uniform([66, 6, 3, 3], -0.3, 0.3, 4),
+        ),
+    ];
+    let kernels = check(&dev, "f16 graph", &g, &outputs, &feeds, F16_TOL);
+    assert_eq!(coop_count(&kernels), 2, "{kernels:#?}");
+}
