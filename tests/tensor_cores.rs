@@ -183,3 +183,45 @@ fn f16_graphs_use_the_kernel() {
     let kernels = check(&dev, "f16 graph", &g, &outputs, &feeds, F16_TOL);
     assert_eq!(coop_count(&kernels), 2, "{kernels:#?}");
 }
+
+#[test]
+fn products_with_fused_epilogues() {
+    let Some(dev) = emulated() else { return };
+    // y = gelu(a b + r) * s: the elementwise ops after the product run in its kernel, in f32 at
+    // medium precision and in an f16 graph
+    for dtype in [DType::F32, DType::F16] {
+        let g = Graph::new();
+        let a = g.input_as("a", [130, 40], dtype);
+        let b = g.input_as("b", [70, 40], dtype);
+        let r = g.input_as("r", [70], dtype);
+        let s = g.input_as("s", [130, 70], dtype);
+        let p = g.matmul_t(a, b, false, true).unwrap();
+        let y = g.mul(g.gelu(g.add(p, r).unwrap()).unwrap(), s).unwrap();
+        let y = g.cast(y, DType::F32).unwrap();
+        let feeds = vec![
+            ("a".to_string(), rand(&[130, 40], 1)),
+            ("b".to_string(), rand(&[70, 40], 2)),
+            ("r".to_string(), rand(&[70], 3)),
+            ("s".to_string(), rand(&[130, 70], 4)),
+        ];
+        let kernels = check(
+            &dev,
+            &format!("{dtype:?} epilogue"),
+            &g,
+            &[y],
+            &feeds,
+            F16_TOL,
+        );
+        let fused: Vec<&String> = kernels
+            .iter()
+            .filter(|l| l.contains("[coop16") && l.contains("epilogue["))
+            .collect();
+        assert_eq!(fused.len(), 1, "{kernels:#?}");
+        // nothing else but the f16 result's cast to f32
+        assert_eq!(
+            kernels.len(),
+            1 + (dtype == DType::F16) as usize,
+            "{kernels:#?}"
+        );
+    }
+}

@@ -391,13 +391,13 @@ fn every_coop_matmul_is_valid_wgsl() {
     for (mm, dtype, operands) in cases {
         // the emulated form (tests/tensor_cores.rs runs it) is the same kernel but for the
         // matrix operations
-        let emulated = kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Emulated);
+        let emulated = kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Emulated, None);
         assert!(!emulated.contains("coop_mat16x16") && !emulated.contains("enable wgpu_coop"));
         validate_wgsl(
             &format!("emulated {mm:?} {dtype:?} {operands:?}"),
             &emulated,
         );
-        let src = kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Tensor);
+        let src = kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Tensor, None);
         // every line of the real kernel missing from the emulated one is a matrix operation
         let emulated_lines: std::collections::HashSet<&str> = emulated.lines().collect();
         for line in src.lines().filter(|l| !emulated_lines.contains(l)) {
@@ -432,9 +432,11 @@ fn every_coop_matmul_is_valid_wgsl() {
 }
 
 /// A generated GEMM with a fused elementwise epilogue (broadcast input, unary after binary)
-/// validates with naga, with vec4 and scalar stores, with and without a bias.
+/// validates with naga, with vec4 and scalar stores, with and without a bias; so does the
+/// tensor-core GEMM with it.
 #[test]
 fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
+    use kiln::codegen::coop::Cores;
     use kiln::codegen::elementwise::epilogue;
     use kiln::codegen::matmul::{wgsl_with, GemmConfig, Layout};
     use kiln::ops::binary::BinaryOp;
@@ -485,6 +487,28 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
         let src = wgsl_with(&cfg, &lay, Some(&epi));
         validate_wgsl(&format!("epilogue, vec_out={vec_out}, {bias:?}"), &src);
         assert!(src.contains("Epilogue: the fused elementwise ops [add,gelu]"));
+        // the tensor-core kernel takes the same epilogue (and its emulated form)
+        let mm = kiln::ops::matmul::MatMul {
+            trans_a: false,
+            trans_b: true,
+            bias,
+            relu: true,
+        };
+        for cores in [Cores::Tensor, Cores::Emulated] {
+            let src = kiln::codegen::coop::wgsl_with(
+                &mm,
+                dtype,
+                kiln::codegen::coop::Operands::Matrices,
+                cores,
+                Some(&epi),
+            );
+            validate_wgsl(
+                &format!("coop epilogue, {bias:?} {dtype:?} {cores:?}"),
+                &src,
+            );
+            assert!(src.contains("Epilogue: the fused elementwise ops [add,gelu]"));
+            assert!(src.contains("v = epilogue(v, o);"));
+        }
     }
 }
 

@@ -619,11 +619,12 @@ pub(crate) fn fuse_matmul_epilogue(
             .iter()
             .any(|&i| written_between(nodes, order, i, y_pos, pos));
         let half = nodes[y.0].dtype == DType::F16;
-        if (if half {
+        let coop = if half {
             ch.coop_f16 && crate::codegen::coop::applies(&d)
         } else {
             uses_coop(&d, ch)
-        }) || (!half && gemm_config(&d, ch).is_none())
+        };
+        if (!half && !coop && gemm_config(&d, ch).is_none())
             || product_inputs.len() + extras.len() + 1 > MAX_STORAGE_BINDINGS
             || moved
         {
@@ -860,6 +861,7 @@ pub(crate) fn select(
                     DType::F32,
                     conv_operands(c),
                     cores(ch),
+                    None,
                 );
                 return Some((g.spec.clone(), Some(g)));
             }
@@ -886,7 +888,16 @@ pub(crate) fn select(
             shapes.insert(e.product_input, out);
             let epi =
                 elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, DType::F32);
-            let g = if uses_gemv(&d, ch) {
+            let g = if uses_coop(&d, ch) {
+                crate::codegen::coop::kernel_with(
+                    &e.product,
+                    &d,
+                    DType::F32,
+                    crate::codegen::coop::Operands::Matrices,
+                    cores(ch),
+                    Some(&epi),
+                )
+            } else if uses_gemv(&d, ch) {
                 gemm::gemv_kernel(&e.product, &d, Some(&epi), DType::F32)
             } else {
                 let mut cfg = gemm_config(&d, ch)?;
@@ -915,6 +926,7 @@ pub(crate) fn select(
                     DType::F32,
                     crate::codegen::coop::Operands::Dgrad(c.geom),
                     cores(ch),
+                    None,
                 );
                 return Some((g.spec.clone(), Some(g)));
             }
@@ -1038,7 +1050,16 @@ fn select_f16(
             let mut shapes: Vec<&Shape> = inputs[np..].to_vec();
             shapes.insert(e.product_input, out);
             let epi = elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, dtype);
-            if uses_gemv(&d, ch) {
+            if ch.coop_f16 && crate::codegen::coop::applies(&d) {
+                crate::codegen::coop::kernel_with(
+                    &e.product,
+                    &d,
+                    storage(np),
+                    crate::codegen::coop::Operands::Matrices,
+                    cores(ch),
+                    Some(&epi),
+                )
+            } else if uses_gemv(&d, ch) {
                 gemm::gemv_kernel(&e.product, &d, Some(&epi), storage(np))
             } else {
                 let cfg = gemm_config_f16(&d, ch);
@@ -1053,7 +1074,14 @@ fn select_f16(
                 .expect("shape checked at build time");
             let st = storage(inputs.len());
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
-                crate::codegen::coop::kernel_with(&c.product, &d, st, conv_operands(c), cores(ch))
+                crate::codegen::coop::kernel_with(
+                    &c.product,
+                    &d,
+                    st,
+                    conv_operands(c),
+                    cores(ch),
+                    None,
+                )
             } else {
                 let cfg = gemm_config_f16(&d, ch);
                 let (ho, wo) = c.geom.out_hw();
@@ -1070,6 +1098,7 @@ fn select_f16(
                     storage(2),
                     crate::codegen::coop::Operands::Dgrad(c.geom),
                     cores(ch),
+                    None,
                 )
             } else {
                 gemm::dgrad_kernel(c.geom, &d, &gemm_config_f16(&d, ch), storage(2))
