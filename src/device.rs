@@ -526,10 +526,11 @@ impl Device {
         self.inner.gpu.as_ref().is_some_and(|g| g.coop_active())
     }
 
-    /// Runs the tensor-core kernel on a product off its tile edges (with bias and relu), on a
-    /// transposed batched one, on an f16 one (f16 storage), and on convolutions (an implicit
-    /// GEMM storing NCHW with bias and relu, in f32 and in f16, and an input gradient), against
-    /// the CPU reference at f16 tolerance.
+    /// Runs the tensor-core kernel on a product off its tile edges (with bias and relu), on one
+    /// with a fused elementwise epilogue, on a transposed batched one, on an f16 one (f16
+    /// storage), and on convolutions (an implicit GEMM storing NCHW with bias and relu, in f32
+    /// and in f16, an input gradient and a weight gradient), against the CPU reference at f16
+    /// tolerance.
     fn check_tensor_cores(&self) -> Result<()> {
         use crate::ops::matmul::Bias;
         use crate::tensor::DType;
@@ -564,6 +565,12 @@ impl Device {
         let w2 = g.input("w2", [8, 64, 3, 3]);
         let y2 = g.conv2d(x2, w2, None, pad)?;
         let dx2 = g.grad(g.sum_all(g.square(y2)?)?, &[x2])?[0];
+        let x3 = g.input("x3", [2, 8, 10, 10]);
+        let w3 = g.input("w3", [64, 8, 3, 3]);
+        let y3 = g.conv2d(x3, w3, None, pad)?;
+        let dw3 = g.grad(g.sum_all(g.square(y3)?)?, &[w3])?[0];
+        let s = g.input("s", [131, 197]);
+        let ye = g.sigmoid(g.mul(g.matmul(a, b)?, s)?)?;
         let feeds = [
             ("a", Tensor::rand_uniform([131, 70], -1.0, 1.0, 1)),
             ("b", Tensor::rand_uniform([70, 197], -1.0, 1.0, 2)),
@@ -578,9 +585,12 @@ impl Device {
             ("bw", Tensor::rand_uniform([66], -1.0, 1.0, 11)),
             ("x2", Tensor::rand_uniform([2, 64, 6, 6], -1.0, 1.0, 12)),
             ("w2", Tensor::rand_uniform([8, 64, 3, 3], -0.2, 0.2, 13)),
+            ("x3", Tensor::rand_uniform([2, 8, 10, 10], -1.0, 1.0, 14)),
+            ("w3", Tensor::rand_uniform([64, 8, 3, 3], -0.3, 0.3, 15)),
+            ("s", Tensor::rand_uniform([131, 197], -1.0, 1.0, 16)),
         ];
         let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, t)| (*n, t)).collect();
-        let outputs = [y, yt, yh, yc, yc16, dx2];
+        let outputs = [y, yt, yh, yc, yc16, dx2, dw3, ye];
         let mut plan = self.compile(&g, &outputs)?;
         plan.poison(f32::NAN);
         let got = plan.run(&refs)?;
