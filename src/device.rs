@@ -527,7 +527,8 @@ impl Device {
     }
 
     /// Runs the tensor-core kernel on a product off its tile edges (with bias and relu), on one
-    /// with a fused elementwise epilogue, on a transposed batched one, on an f16 one (f16
+    /// with a fused elementwise epilogue, on transposed batched ones (operands read as scalars,
+    /// and as vec4s), on an f16 one (f16
     /// storage), and on convolutions (an implicit GEMM storing NCHW with bias and relu, in f32
     /// and in f16, an input gradient and a weight gradient), against the CPU reference at f16
     /// tolerance.
@@ -570,6 +571,10 @@ impl Device {
         let y3 = g.conv2d(x3, w3, None, pad)?;
         let dw3 = g.grad(g.sum_all(g.square(y3)?)?, &[w3])?[0];
         let s = g.input("s", [131, 197]);
+        // extents that are multiples of 4: the operands are staged as vec4s
+        let av = g.input("av", [2, 36, 132]);
+        let bv = g.input("bv", [2, 68, 36]);
+        let yv = g.matmul_t(av, bv, true, true)?;
         let ye = g.sigmoid(g.mul(g.matmul(a, b)?, s)?)?;
         let feeds = [
             ("a", Tensor::rand_uniform([131, 70], -1.0, 1.0, 1)),
@@ -588,9 +593,11 @@ impl Device {
             ("x3", Tensor::rand_uniform([2, 8, 10, 10], -1.0, 1.0, 14)),
             ("w3", Tensor::rand_uniform([64, 8, 3, 3], -0.3, 0.3, 15)),
             ("s", Tensor::rand_uniform([131, 197], -1.0, 1.0, 16)),
+            ("av", Tensor::rand_uniform([2, 36, 132], -1.0, 1.0, 17)),
+            ("bv", Tensor::rand_uniform([2, 68, 36], -1.0, 1.0, 18)),
         ];
         let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, t)| (*n, t)).collect();
-        let outputs = [y, yt, yh, yc, yc16, dx2, dw3, ye];
+        let outputs = [y, yt, yh, yc, yc16, dx2, dw3, ye, yv];
         let mut plan = self.compile(&g, &outputs)?;
         plan.poison(f32::NAN);
         let got = plan.run(&refs)?;

@@ -82,11 +82,15 @@ fn products_at_medium_precision() {
     // every transpose, bias on rows and on columns, relu, edges off the 128 tile and the 32 depth
     let mut outputs = Vec::new();
     let mut feeds = Vec::new();
-    for (k, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)]
-        .into_iter()
-        .enumerate()
-    {
-        let (m, n, kd) = (129 + k, 67 + 3 * k, 33 + 5 * k);
+    // (the first four odd-sized, read as scalars; the next four with every extent a multiple of 4,
+    // read as vec4s)
+    let transposes = [(false, false), (true, false), (false, true), (true, true)];
+    for (k, (ta, tb)) in transposes.into_iter().chain(transposes).enumerate() {
+        let (m, n, kd) = if k < 4 {
+            (129 + k, 67 + 3 * k, 33 + 5 * k)
+        } else {
+            (132, 68 + 4 * k, 36)
+        };
         let a_shape = if ta { [kd, m] } else { [m, kd] };
         let b_shape = if tb { [n, kd] } else { [kd, n] };
         let a = g.input(&format!("a{k}"), a_shape);
@@ -112,7 +116,9 @@ fn products_at_medium_precision() {
     feeds.push(("ba".into(), rand(&[2, 3, 65, 40], 40)));
     feeds.push(("bb".into(), rand(&[3, 40, 131], 41)));
     let kernels = check(&dev, "products", &g, &outputs, &feeds, F16_TOL);
-    assert_eq!(coop_count(&kernels), 5, "{kernels:#?}");
+    assert_eq!(coop_count(&kernels), 9, "{kernels:#?}");
+    let vec4 = kernels.iter().filter(|l| l.contains(",va,vb")).count();
+    assert!(vec4 >= 4, "{kernels:#?}");
 }
 
 #[test]

@@ -391,13 +391,27 @@ fn every_coop_matmul_is_valid_wgsl() {
     for (mm, dtype, operands) in cases {
         // the emulated form (tests/tensor_cores.rs runs it) is the same kernel but for the
         // matrix operations
-        let emulated = kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Emulated, None);
+        // vec4 staging loads where the operands are read as matrices (the tests' products are
+        // too small to check the real kernel's vec4 path: it is the emulated one's too)
+        let vec = [
+            !matches!(operands, Operands::Dgrad(_)),
+            operands == Operands::Matrices,
+        ];
+        for v in [vec, [vec[0], false], [false, vec[1]]] {
+            let src = kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Tensor, None, v);
+            assert_eq!(src.contains("vec4<f16>(a["), v[0]);
+            assert_eq!(src.contains("vec4<f16>(b["), v[1]);
+            validate_wgsl(&format!("{mm:?} {dtype:?} {operands:?} vec {v:?}"), &src);
+        }
+        let emulated =
+            kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Emulated, None, [false; 2]);
         assert!(!emulated.contains("coop_mat16x16") && !emulated.contains("enable wgpu_coop"));
         validate_wgsl(
             &format!("emulated {mm:?} {dtype:?} {operands:?}"),
             &emulated,
         );
-        let src = kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Tensor, None);
+        let src =
+            kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Tensor, None, [false; 2]);
         // every line of the real kernel missing from the emulated one is a matrix operation
         let emulated_lines: std::collections::HashSet<&str> = emulated.lines().collect();
         for line in src.lines().filter(|l| !emulated_lines.contains(l)) {
@@ -501,6 +515,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
                 kiln::codegen::coop::Operands::Matrices,
                 cores,
                 Some(&epi),
+                [true; 2],
             );
             validate_wgsl(
                 &format!("coop epilogue, {bias:?} {dtype:?} {cores:?}"),

@@ -33,6 +33,7 @@ use super::{load, narrow, widen, Generated, Storage};
 use crate::ops::conv::ColGeometry;
 use crate::ops::matmul::{Bias, MatMul, ProductDims};
 use crate::ops::{groups, KernelSpec};
+use crate::tensor::DType;
 
 /// Output tile of one workgroup (square).
 pub const TILE: usize = 128;
@@ -123,17 +124,20 @@ pub fn kernel_with(
         ("TOTAL", total as f64),
     ];
     constants.extend(d.batch_constants());
+    let vec = vec_operands(mm, d, operands);
     let key = format!(
-        "coop16{}{}{}",
+        "coop16{}{}{}{}{}",
         super::matmul::product_flags(mm),
         storage.describe(),
+        if vec[0] { ",va" } else { "" },
+        if vec[1] { ",vb" } else { "" },
         if cores == Cores::Emulated {
             ",emulated"
         } else {
             ""
         }
     );
-    let src = wgsl_with(mm, storage, operands, cores, epilogue);
+    let src = wgsl_with(mm, storage, operands, cores, epilogue, vec);
     let key = match (operands, epilogue) {
         (Operands::Matrices, None) => key,
         // the program (its dataflow, scalars and shapes) is in the text
@@ -160,23 +164,42 @@ pub fn kernel_with(
     }
 }
 
-/// The WGSL for one combination of transposes, epilogue and storage type.
+/// Which operands the staging reads as `vec4`s: those read as plain matrices (`a` of a
+/// convolution too, the weight) whose contiguous axis is a multiple of 4, so that every vec4 of a
+/// row lies inside it (batch strides are multiples of that axis).
+pub fn vec_operands(mm: &MatMul, d: &ProductDims, operands: Operands) -> [bool; 2] {
+    let a_axis = if mm.trans_a { d.m } else { d.k };
+    let b_axis = if mm.trans_b { d.k } else { d.n };
+    [
+        !matches!(operands, Operands::Dgrad(_)) && a_axis % 4 == 0,
+        operands == Operands::Matrices && b_axis % 4 == 0,
+    ]
+}
+
+/// The WGSL for one combination of transposes, epilogue and storage type (scalar loads).
 pub fn wgsl(mm: &MatMul, storage: impl Into<Storage>, cores: Cores) -> String {
-    wgsl_with(mm, storage, Operands::Matrices, cores, None)
+    wgsl_with(mm, storage, Operands::Matrices, cores, None, [false; 2])
 }
 
 /// [`wgsl`] reading and storing as `operands` says, with an optional fused `epilogue` (plain
-/// products only: it reads its other inputs at the result's index `obase + row * N + col`).
+/// products only: it reads its other inputs at the result's index `obase + row * N + col`),
+/// `a` and `b` bound and staged as vec4s where `vec` says (see [`vec_operands`]).
 pub fn wgsl_with(
     mm: &MatMul,
     storage: impl Into<Storage>,
     operands: Operands,
     cores: Cores,
     epilogue: Option<&Epilogue>,
+    vec: [bool; 2],
 ) -> String {
     assert!(
         epilogue.is_none() || operands == Operands::Matrices,
         "the tensor-core kernel fuses epilogues into plain products only"
+    );
+    assert!(
+        (!vec[0] || !matches!(operands, Operands::Dgrad(_)))
+            && (!vec[1] || operands == Operands::Matrices),
+        "gathered operands are read as scalars"
     );
     let tile = TILE as u32;
     let emulated = cores == Cores::Emulated;
@@ -279,7 +302,7 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
     s.push('\n');
     s.push_str(&super::matmul::product_bindings(
         st,
-        [false; 3],
+        [vec[0], vec[1], false],
         mm.bias != Bias::None,
         epilogue,
         out_binding,
@@ -377,66 +400,10 @@ fn main(
         _ => {}
     }
     let _ = writeln!(s, "    for (var k0 = 0u; k0 < K; k0 = k0 + {BK}u) {{");
-    // staging loads: 4096 elements of each tile, 32 per thread, consecutive threads on
-    // consecutive addresses of the operand
-    let per = tile * BK / THREADS;
-    for l in 0..per {
-        let e = format!("(lid + {}u)", l * THREADS);
-        let (mm_, kk_) = if mm.trans_a {
-            (format!("{e} % {tile}u"), format!("{e} / {tile}u"))
-        } else {
-            (format!("{e} / {BK}u"), format!("{e} % {BK}u"))
-        };
-        let a_index = if mm.trans_a {
-            "abase + k * M + m"
-        } else {
-            "abase + m * K + k"
-        };
-        let _ = writeln!(
-            s,
-            "        {{
-            let mm = {mm_};
-            let kk = {kk_};
-            let m = row0 + mm;
-            let k = k0 + kk;
-            var v = 0.0;
-            if m < M && k < K {{ v = {}; }}
-            As[mm * {BK}u + kk] = f16(v);
-        }}",
-            match operands {
-                Operands::Dgrad(_) => "weight_at(m, k)".to_string(),
-                _ => widen(sa, format!("a[{a_index}]")),
-            }
-        );
-        let (nn_, kb_) = if mm.trans_b {
-            (format!("{e} / {BK}u"), format!("{e} % {BK}u"))
-        } else {
-            (format!("{e} % {tile}u"), format!("{e} / {tile}u"))
-        };
-        let b_index = if mm.trans_b {
-            "bbase + n * K + k"
-        } else {
-            "bbase + k * N + n"
-        };
-        let _ = writeln!(
-            s,
-            "        {{
-            let nn = {nn_};
-            let kk = {kb_};
-            let n = col0 + nn;
-            let k = k0 + kk;
-            var v = 0.0;
-            if n < N && k < K {{ v = {}; }}
-            Bs[kk * {tile}u + nn] = f16(v);
-        }}",
-            match operands {
-                Operands::Matrices => widen(sb, format!("b[{b_index}]")),
-                Operands::Im2col { .. } if mm.trans_b => "cols_at(cols_r(n), cols_p(k))".into(),
-                Operands::Im2col { .. } => "cols_at(cols_r(k), pcol)".into(),
-                Operands::Dgrad(_) => "dy_at(dy_k(k), pcol)".into(),
-            }
-        );
-    }
+    // staging loads: 4096 elements of each tile, 32 per thread (8 vec4s where the operand's
+    // contiguous axis allows), consecutive threads on consecutive addresses of the operand
+    stage_a(&mut s, mm, operands, sa, vec[0]);
+    stage_b(&mut s, mm, operands, sb, vec[1]);
     let _ = writeln!(s, "        workgroupBarrier();");
     if emulated {
         let _ = writeln!(
@@ -536,6 +503,162 @@ fn main(
     }
     let _ = writeln!(s, "}}");
     s
+}
+
+/// The staging of `a`'s tile into `As` (f16, `As[m * BK + k]`) for one step through K.
+fn stage_a(s: &mut String, mm: &MatMul, operands: Operands, sa: DType, vec: bool) {
+    let tile = TILE as u32;
+    if vec {
+        // 1,024 vec4s of the tile, 8 per thread, along the contiguous axis (k, or m transposed)
+        for l in 0..tile * BK / 4 / THREADS {
+            let e = format!("(lid + {}u)", l * THREADS);
+            let (mm_, kk_, index, at) = if mm.trans_a {
+                (
+                    format!("{e} % {}u * 4u", tile / 4),
+                    format!("{e} / {}u", tile / 4),
+                    "(abase + k * M + m) / 4u",
+                    "(mm + {c}u) * BKu + kk",
+                )
+            } else {
+                (
+                    format!("{e} / {}u", BK / 4),
+                    format!("{e} % {}u * 4u", BK / 4),
+                    "(abase + m * K + k) / 4u",
+                    "mm * BKu + kk + {c}u",
+                )
+            };
+            let stores: String = ["x", "y", "z", "w"]
+                .iter()
+                .enumerate()
+                .map(|(c, comp)| {
+                    let at = at
+                        .replace("{c}", &c.to_string())
+                        .replace("BK", &BK.to_string());
+                    format!("\n            As[{at}] = v.{comp};")
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "        {{
+            let mm = {mm_};
+            let kk = {kk_};
+            let m = row0 + mm;
+            let k = k0 + kk;
+            var v = vec4<f16>();
+            if m < M && k < K {{ v = vec4<f16>(a[{index}]); }}{stores}
+        }}"
+            );
+        }
+        return;
+    }
+    for l in 0..tile * BK / THREADS {
+        let e = format!("(lid + {}u)", l * THREADS);
+        let (mm_, kk_) = if mm.trans_a {
+            (format!("{e} % {tile}u"), format!("{e} / {tile}u"))
+        } else {
+            (format!("{e} / {BK}u"), format!("{e} % {BK}u"))
+        };
+        let a_index = if mm.trans_a {
+            "abase + k * M + m"
+        } else {
+            "abase + m * K + k"
+        };
+        let _ = writeln!(
+            s,
+            "        {{
+            let mm = {mm_};
+            let kk = {kk_};
+            let m = row0 + mm;
+            let k = k0 + kk;
+            var v = 0.0;
+            if m < M && k < K {{ v = {}; }}
+            As[mm * {BK}u + kk] = f16(v);
+        }}",
+            match operands {
+                Operands::Dgrad(_) => "weight_at(m, k)".to_string(),
+                _ => widen(sa, format!("a[{a_index}]")),
+            }
+        );
+    }
+}
+
+/// The staging of `b`'s tile into `Bs` (f16, `Bs[k * TILE + n]`) for one step through K.
+fn stage_b(s: &mut String, mm: &MatMul, operands: Operands, sb: DType, vec: bool) {
+    let tile = TILE as u32;
+    if vec {
+        // 1,024 vec4s of the tile, 8 per thread, along the contiguous axis (n, or k transposed)
+        for l in 0..tile * BK / 4 / THREADS {
+            let e = format!("(lid + {}u)", l * THREADS);
+            let (nn_, kk_, index, at) = if mm.trans_b {
+                (
+                    format!("{e} / {}u", BK / 4),
+                    format!("{e} % {}u * 4u", BK / 4),
+                    "(bbase + n * K + k) / 4u",
+                    "(kk + {c}u) * TILEu + nn",
+                )
+            } else {
+                (
+                    format!("{e} % {}u * 4u", tile / 4),
+                    format!("{e} / {}u", tile / 4),
+                    "(bbase + k * N + n) / 4u",
+                    "kk * TILEu + nn + {c}u",
+                )
+            };
+            let stores: String = ["x", "y", "z", "w"]
+                .iter()
+                .enumerate()
+                .map(|(c, comp)| {
+                    let at = at
+                        .replace("{c}", &c.to_string())
+                        .replace("TILE", &tile.to_string());
+                    format!("\n            Bs[{at}] = v.{comp};")
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "        {{
+            let nn = {nn_};
+            let kk = {kk_};
+            let n = col0 + nn;
+            let k = k0 + kk;
+            var v = vec4<f16>();
+            if n < N && k < K {{ v = vec4<f16>(b[{index}]); }}{stores}
+        }}"
+            );
+        }
+        return;
+    }
+    for l in 0..tile * BK / THREADS {
+        let e = format!("(lid + {}u)", l * THREADS);
+        let (nn_, kb_) = if mm.trans_b {
+            (format!("{e} / {BK}u"), format!("{e} % {BK}u"))
+        } else {
+            (format!("{e} % {tile}u"), format!("{e} / {tile}u"))
+        };
+        let b_index = if mm.trans_b {
+            "bbase + n * K + k"
+        } else {
+            "bbase + k * N + n"
+        };
+        let _ = writeln!(
+            s,
+            "        {{
+            let nn = {nn_};
+            let kk = {kb_};
+            let n = col0 + nn;
+            let k = k0 + kk;
+            var v = 0.0;
+            if n < N && k < K {{ v = {}; }}
+            Bs[kk * {tile}u + nn] = f16(v);
+        }}",
+            match operands {
+                Operands::Matrices => widen(sb, format!("b[{b_index}]")),
+                Operands::Im2col { .. } if mm.trans_b => "cols_at(cols_r(n), cols_p(k))".into(),
+                Operands::Im2col { .. } => "cols_at(cols_r(k), pcol)".into(),
+                Operands::Dgrad(_) => "dy_at(dy_k(k), pcol)".into(),
+            }
+        );
+    }
 }
 
 /// The cooperative-matrix operations of [`Cores::Emulated`]: a 16 x 16 matrix of a subgroup is
