@@ -9,7 +9,8 @@
 //! A workgroup of 128 threads (four subgroups, 2 x 2) computes a 128 x 128 output tile, each
 //! subgroup a 64 x 64 block as 4 x 4 accumulators. Both operand tiles are staged through
 //! workgroup memory 32 deep, converted to f16 on the way (bounds-checked, zero-filled, so any
-//! M, N, K and either transpose work); each subgroup loads its 4 A and 4 B fragments from there
+//! M, N, K and either transpose work; read as vec4s where an operand's contiguous axis is a
+//! multiple of 4, [`vec_operands`]); each subgroup loads its 4 A and 4 B fragments from there
 //! per 16 of K. The epilogue passes each accumulator through a per-subgroup 16 x 16 f32 staging
 //! tile so that the bias, relu, a fused elementwise epilogue (the plan's `MatMulEpilogue`) and
 //! edge checks apply per element.
