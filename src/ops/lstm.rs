@@ -1,5 +1,5 @@
 //! One LSTM layer (PyTorch gates i, f, g, o) as a fused recurrent kernel and its fused backward
-//! through time. Kernel: `shaders/lstm.wgsl`. While H allows (see [`sequence_threads`]) one
+//! through time. Kernel: `shaders/lstm.wgsl`. While H allows (see `sequence_threads`) one
 //! dispatch runs the whole sequence (workgroups own batch rows, which never exchange data, so
 //! workgroup barriers between steps suffice); otherwise one dispatch per step.
 //!
