@@ -446,18 +446,17 @@ fn main(
         }
     }
     let _ = writeln!(s, "        workgroupBarrier();\n    }}");
-    // epilogue through the staging tile
-
-    for i in 0..4 {
-        for j in 0..4 {
-            let _ = writeln!(
-                s,
-                "    {store_c}
+    // epilogue through the staging tile, one accumulator at a time: unrolled on tensor cores;
+    // a loop over the accumulators when emulated (the same text with the offsets computed, so
+    // that lavapipe compiles 2 barriers rather than 32)
+    let block = |store_c: &str, ri: &str, ci: &str| {
+        format!(
+            "    {store_c}
     workgroupBarrier();
     for (var q = 0u; q < 8u; q = q + 1u) {{
         let e = lane + q * 32u;
-        let row = row0 + wm * 64u + {ri}u + e / 16u;
-        let col = col0 + wn * 64u + {ci}u + e % 16u;
+        let row = row0 + wm * 64u + {ri} + e / 16u;
+        let col = col0 + wn * 64u + {ci} + e % 16u;
         if row < M && col < N {{
             let o = {at};
             var v = Cs[cs + e];{bias}{relu}{epi}
@@ -465,41 +464,59 @@ fn main(
         }}
     }}
     workgroupBarrier();",
-                store_c = if emulated {
-                    format!("emu_store_c(&acc, {}u, cs, lane);", (i * 4 + j) * 8)
-                } else {
-                    format!("coopStoreT(c{i}{j}, &Cs[cs], 16u);")
-                },
-                ri = i * 16,
-                ci = j * 16,
-                bias = match mm.bias {
-                    Bias::None => String::new(),
-                    Bias::Rows => format!(
-                        "\n            v = v + {};",
-                        load(sbias, dt, "bias[row]".into())
-                    ),
-                    Bias::Cols => format!(
-                        "\n            v = v + {};",
-                        load(sbias, dt, "bias[col]".into())
-                    ),
-                },
-                store = narrow(dt, "v"),
-                at = if nchw.is_some() {
-                    "nchw_index(row, col)"
-                } else {
-                    "obase + row * N + col"
-                },
-                epi = if epilogue.is_some() {
-                    "\n            v = epilogue(v, o);"
-                } else {
-                    ""
-                },
-                relu = if mm.relu {
-                    "\n            v = max(v, 0.0);"
-                } else {
-                    ""
-                },
-            );
+            bias = match mm.bias {
+                Bias::None => String::new(),
+                Bias::Rows => format!(
+                    "\n            v = v + {};",
+                    load(sbias, dt, "bias[row]".into())
+                ),
+                Bias::Cols => format!(
+                    "\n            v = v + {};",
+                    load(sbias, dt, "bias[col]".into())
+                ),
+            },
+            store = narrow(dt, "v"),
+            at = if nchw.is_some() {
+                "nchw_index(row, col)"
+            } else {
+                "obase + row * N + col"
+            },
+            epi = if epilogue.is_some() {
+                "\n            v = epilogue(v, o);"
+            } else {
+                ""
+            },
+            relu = if mm.relu {
+                "\n            v = max(v, 0.0);"
+            } else {
+                ""
+            },
+        )
+    };
+    if emulated {
+        let body = block(
+            "emu_store_c(&acc, ij * 8u, cs, lane);",
+            "ij / 4u * 16u",
+            "ij % 4u * 16u",
+        );
+        let _ = writeln!(
+            s,
+            "    for (var ij = 0u; ij < 16u; ij = ij + 1u) {{\n{}\n    }}",
+            body.replace("\n", "\n    ").replacen("    ", "        ", 1)
+        );
+    } else {
+        for i in 0..4 {
+            for j in 0..4 {
+                let _ = writeln!(
+                    s,
+                    "{}",
+                    block(
+                        &format!("coopStoreT(c{i}{j}, &Cs[cs], 16u);"),
+                        &format!("{}u", i * 16),
+                        &format!("{}u", j * 16),
+                    )
+                );
+            }
         }
     }
     let _ = writeln!(s, "}}");
