@@ -208,6 +208,8 @@ pub fn wgsl_with(
     let dt = st.out;
     let (sa, sb, sbias) = (st.a, st.b, st.bias);
     let mut s = String::new();
+    let va = if vec[0] { " as vec4s" } else { "" };
+    let vb = if vec[1] { " as vec4s" } else { "" };
     let first_extra = if mm.bias == Bias::None { 2 } else { 3 };
     let out_binding = first_extra + epilogue.map_or(0, |e| e.extra);
     let _ = writeln!(
@@ -218,8 +220,8 @@ pub fn wgsl_with(
 // cores: cooperative 16x16x16 matrices, operands staged through workgroup memory as f16.
 //
 // Bindings (group 0):
-//   0  a     storage, read        [batch.., M, K] (transposed: [batch.., K, M]), {sa}
-//   1  b     storage, read        [batch.., K, N] (transposed: [batch.., N, K]), {sb}{}
+//   0  a     storage, read        [batch.., M, K] (transposed: [batch.., K, M]), {sa}{va}
+//   1  b     storage, read        [batch.., K, N] (transposed: [batch.., N, K]), {sb}{vb}{}
 //   {out_binding}  out   storage, read_write  [batch.., M, N], {dt}
 // Overrides: M, N, K; TILES_M/N = ceil(M / 128), ceil(N / 128); batch shape BD1..BD3 and operand
 //            strides SA*/SB* as in matmul.wgsl; TOTAL = TILES_M * TILES_N * batch.
