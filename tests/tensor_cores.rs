@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_close, rand, refs};
+use common::rand;
 use kiln::device::Precision;
 use kiln::graph::Conv2dOpts;
 use kiln::ops::matmul::Bias;
@@ -31,8 +31,8 @@ fn emulated() -> Option<Device> {
     Some(dev)
 }
 
-/// Runs `outputs` on `dev` (poisoned with NaN) and on the CPU, compares them within `tol`, and
-/// returns how many of the plan's kernels are the (emulated) tensor-core GEMM.
+/// `common::check_plan`, giving the plan's kernels (and checking that every tensor-core one is
+/// the emulated kernel).
 fn check(
     dev: &Device,
     what: &str,
@@ -41,28 +41,14 @@ fn check(
     feeds: &[(String, Tensor)],
     tol: (f64, f64),
 ) -> Vec<String> {
-    let mut plan = dev
-        .compile(g, outputs)
-        .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
-    plan.poison(f32::NAN);
-    let got = plan
-        .run(&refs(feeds))
-        .unwrap_or_else(|e| panic!("{what}: run: {e}"));
-    let want = Device::cpu()
-        .compile(g, outputs)
-        .unwrap()
-        .run(&refs(feeds))
-        .unwrap();
-    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert_close(&format!("{what} output {k}"), a, b, tol.0, tol.1);
-    }
+    let plan = common::check_plan(dev, what, g, outputs, feeds, tol);
     let kernels: Vec<String> = plan.kernels().iter().map(|l| l.to_string()).collect();
     assert!(
         kernels
             .iter()
             .filter(|l| l.contains("[coop16"))
             .all(|l| l.contains("emulated")),
-        "{what}: {kernels:?}"
+        "{what}: {kernels:#?}"
     );
     kernels
 }

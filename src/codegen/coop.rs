@@ -405,8 +405,8 @@ fn main(
     let _ = writeln!(s, "    for (var k0 = 0u; k0 < K; k0 = k0 + {BK}u) {{");
     // staging loads: 4096 elements of each tile, 32 per thread (8 vec4s where the operand's
     // contiguous axis allows), consecutive threads on consecutive addresses of the operand
-    stage_a(&mut s, mm, operands, sa, vec[0]);
-    stage_b(&mut s, mm, operands, sb, vec[1]);
+    Staged::a(mm, operands, sa).write(&mut s, vec[0]);
+    Staged::b(mm, operands, sb).write(&mut s, vec[1]);
     let _ = writeln!(s, "        workgroupBarrier();");
     if emulated {
         let _ = writeln!(
@@ -525,159 +525,129 @@ fn main(
     s
 }
 
-/// The staging of `a`'s tile into `As` (f16, `As[m * BK + k]`) for one step through K.
-fn stage_a(s: &mut String, mm: &MatMul, operands: Operands, sa: DType, vec: bool) {
-    let tile = TILE as u32;
-    if vec {
-        // 1,024 vec4s of the tile, 8 per thread, along the contiguous axis (k, or m transposed)
-        for l in 0..tile * BK / 4 / THREADS {
-            let e = format!("(lid + {}u)", l * THREADS);
-            let (mm_, kk_, index, at) = if mm.trans_a {
-                (
-                    format!("{e} % {}u * 4u", tile / 4),
-                    format!("{e} / {}u", tile / 4),
-                    "(abase + k * M + m) / 4u",
-                    "(mm + {c}u) * BKu + kk",
-                )
-            } else {
-                (
-                    format!("{e} / {}u", BK / 4),
-                    format!("{e} % {}u * 4u", BK / 4),
-                    "(abase + m * K + k) / 4u",
-                    "mm * BKu + kk + {c}u",
-                )
-            };
-            let stores: String = ["x", "y", "z", "w"]
-                .iter()
-                .enumerate()
-                .map(|(c, comp)| {
-                    let at = at
-                        .replace("{c}", &c.to_string())
-                        .replace("BK", &BK.to_string());
-                    format!("\n            As[{at}] = v.{comp};")
-                })
-                .collect();
-            let _ = writeln!(
-                s,
-                "        {{
-            let mm = {mm_};
-            let kk = {kk_};
-            let m = row0 + mm;
-            let k = k0 + kk;
-            var v = vec4<f16>();
-            if m < M && k < K {{ v = vec4<f16>(a[{index}]); }}{stores}
-        }}"
-            );
-        }
-        return;
-    }
-    for l in 0..tile * BK / THREADS {
-        let e = format!("(lid + {}u)", l * THREADS);
-        let (mm_, kk_) = if mm.trans_a {
-            (format!("{e} % {tile}u"), format!("{e} / {tile}u"))
-        } else {
-            (format!("{e} / {BK}u"), format!("{e} % {BK}u"))
-        };
-        let a_index = if mm.trans_a {
-            "abase + k * M + m"
-        } else {
-            "abase + m * K + k"
-        };
-        let _ = writeln!(
-            s,
-            "        {{
-            let mm = {mm_};
-            let kk = {kk_};
-            let m = row0 + mm;
-            let k = k0 + kk;
-            var v = 0.0;
-            if m < M && k < K {{ v = {}; }}
-            As[mm * {BK}u + kk] = f16(v);
-        }}",
-            match operands {
-                Operands::Dgrad(_) => "weight_at(m, k)".to_string(),
-                _ => widen(sa, format!("a[{a_index}]")),
-            }
-        );
-    }
+/// One operand's staging into its workgroup tile: `a` into `As[m * BK + k]`, `b` into
+/// `Bs[k * TILE + n]` (f16), for one step through K.
+struct Staged {
+    /// The binding (`a`, `b`) and its tile (`As`, `Bs`).
+    name: char,
+    /// The operand's other index: `m` for `a`, `n` for `b`.
+    outer: char,
+    /// Whether K is its contiguous axis (`a` as is, `b` transposed).
+    k_contiguous: bool,
+    /// Its storage type.
+    dtype: DType,
+    /// The scalar load of element (outer, k) where it is gathered (convolutions), else `None`.
+    gather: Option<String>,
 }
 
-/// The staging of `b`'s tile into `Bs` (f16, `Bs[k * TILE + n]`) for one step through K.
-fn stage_b(s: &mut String, mm: &MatMul, operands: Operands, sb: DType, vec: bool) {
-    let tile = TILE as u32;
-    if vec {
-        // 1,024 vec4s of the tile, 8 per thread, along the contiguous axis (n, or k transposed)
-        for l in 0..tile * BK / 4 / THREADS {
+impl Staged {
+    fn a(mm: &MatMul, operands: Operands, dtype: DType) -> Staged {
+        Staged {
+            name: 'a',
+            outer: 'm',
+            k_contiguous: !mm.trans_a,
+            dtype,
+            gather: matches!(operands, Operands::Dgrad(_)).then(|| "weight_at(m, k)".into()),
+        }
+    }
+
+    fn b(mm: &MatMul, operands: Operands, dtype: DType) -> Staged {
+        Staged {
+            name: 'b',
+            outer: 'n',
+            k_contiguous: mm.trans_b,
+            dtype,
+            gather: match operands {
+                Operands::Matrices => None,
+                Operands::Im2col { .. } if mm.trans_b => {
+                    Some("cols_at(cols_r(n), cols_p(k))".into())
+                }
+                Operands::Im2col { .. } => Some("cols_at(cols_r(k), pcol)".into()),
+                Operands::Dgrad(_) => Some("dy_at(dy_k(k), pcol)".into()),
+            },
+        }
+    }
+
+    /// Where element (outer, k) of the tile lives in its workgroup array.
+    fn tile_at(&self, outer: &str, k: &str) -> String {
+        if self.name == 'a' {
+            format!("As[({outer}) * {BK}u + {k}]")
+        } else {
+            format!("Bs[({k}) * {TILE}u + {outer}]")
+        }
+    }
+
+    /// The staging code: 4,096 elements, 32 scalars per thread, or 8 vec4s where `vec` (along
+    /// the contiguous axis); consecutive threads on consecutive addresses of the operand.
+    fn write(&self, s: &mut String, vec: bool) {
+        let tile = TILE as u32;
+        let (name, o) = (self.name, self.outer);
+        let (extent, origin) = if name == 'a' {
+            ("M", "row0")
+        } else {
+            ("N", "col0")
+        };
+        let index = if self.k_contiguous {
+            format!("{name}base + {o} * K + k")
+        } else {
+            format!("{name}base + k * {extent} + {o}")
+        };
+        let width = if vec { 4 } else { 1 };
+        for l in 0..tile * BK / width / THREADS {
             let e = format!("(lid + {}u)", l * THREADS);
-            let (nn_, kk_, index, at) = if mm.trans_b {
+            // the tile index along the contiguous axis runs fastest
+            let along = |n: u32| match width {
+                1 => format!("{e} % {n}u"),
+                _ => format!("{e} % {}u * {width}u", n / width),
+            };
+            let across = |n: u32| format!("{e} / {}u", n / width);
+            let (outer_, k_) = if self.k_contiguous {
+                (across(BK), along(BK))
+            } else {
+                (along(tile), across(tile))
+            };
+            let (zero, load, stores) = if vec {
+                let stores: String = ["x", "y", "z", "w"]
+                    .iter()
+                    .enumerate()
+                    .map(|(c, comp)| {
+                        let at = if self.k_contiguous {
+                            self.tile_at(&format!("{o}{o}"), &format!("kk + {c}u"))
+                        } else {
+                            self.tile_at(&format!("{o}{o} + {c}u"), "kk")
+                        };
+                        format!("\n            {at} = v.{comp};")
+                    })
+                    .collect();
                 (
-                    format!("{e} / {}u", BK / 4),
-                    format!("{e} % {}u * 4u", BK / 4),
-                    "(bbase + n * K + k) / 4u",
-                    "(kk + {c}u) * TILEu + nn",
+                    "vec4<f16>()".to_string(),
+                    format!("vec4<f16>({name}[({index}) / 4u])"),
+                    stores,
                 )
             } else {
+                let load = match &self.gather {
+                    Some(g) => g.clone(),
+                    None => widen(self.dtype, format!("{name}[{index}]")),
+                };
+                let at = self.tile_at(&format!("{o}{o}"), "kk");
                 (
-                    format!("{e} % {}u * 4u", tile / 4),
-                    format!("{e} / {}u", tile / 4),
-                    "(bbase + k * N + n) / 4u",
-                    "kk * TILEu + nn + {c}u",
+                    "0.0".to_string(),
+                    load,
+                    format!("\n            {at} = f16(v);"),
                 )
             };
-            let stores: String = ["x", "y", "z", "w"]
-                .iter()
-                .enumerate()
-                .map(|(c, comp)| {
-                    let at = at
-                        .replace("{c}", &c.to_string())
-                        .replace("TILE", &tile.to_string());
-                    format!("\n            Bs[{at}] = v.{comp};")
-                })
-                .collect();
             let _ = writeln!(
                 s,
                 "        {{
-            let nn = {nn_};
-            let kk = {kk_};
-            let n = col0 + nn;
+            let {o}{o} = {outer_};
+            let kk = {k_};
+            let {o} = {origin} + {o}{o};
             let k = k0 + kk;
-            var v = vec4<f16>();
-            if n < N && k < K {{ v = vec4<f16>(b[{index}]); }}{stores}
+            var v = {zero};
+            if {o} < {extent} && k < K {{ v = {load}; }}{stores}
         }}"
             );
         }
-        return;
-    }
-    for l in 0..tile * BK / THREADS {
-        let e = format!("(lid + {}u)", l * THREADS);
-        let (nn_, kb_) = if mm.trans_b {
-            (format!("{e} / {BK}u"), format!("{e} % {BK}u"))
-        } else {
-            (format!("{e} % {tile}u"), format!("{e} / {tile}u"))
-        };
-        let b_index = if mm.trans_b {
-            "bbase + n * K + k"
-        } else {
-            "bbase + k * N + n"
-        };
-        let _ = writeln!(
-            s,
-            "        {{
-            let nn = {nn_};
-            let kk = {kb_};
-            let n = col0 + nn;
-            let k = k0 + kk;
-            var v = 0.0;
-            if n < N && k < K {{ v = {}; }}
-            Bs[kk * {tile}u + nn] = f16(v);
-        }}",
-            match operands {
-                Operands::Matrices => widen(sb, format!("b[{b_index}]")),
-                Operands::Im2col { .. } if mm.trans_b => "cols_at(cols_r(n), cols_p(k))".into(),
-                Operands::Im2col { .. } => "cols_at(cols_r(k), pcol)".into(),
-                Operands::Dgrad(_) => "dy_at(dy_k(k), pcol)".into(),
-            }
-        );
     }
 }
 

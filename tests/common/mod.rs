@@ -147,6 +147,18 @@ pub fn check_on(
     f: &[(String, Tensor)],
     tol: (f64, f64),
 ) -> kiln::PlanInfo {
+    check_plan(dev, what, g, outputs, f, tol).info()
+}
+
+/// [`check_on`], returning the plan (its info, its kernels).
+pub fn check_plan(
+    dev: &Device,
+    what: &str,
+    g: &Graph,
+    outputs: &[NodeId],
+    f: &[(String, Tensor)],
+    tol: (f64, f64),
+) -> kiln::Plan {
     let mut plan = dev
         .compile(g, outputs)
         .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
@@ -162,5 +174,5 @@ pub fn check_on(
     for (k, (a, b)) in got.iter().zip(&want).enumerate() {
         assert_close(&format!("{what} output {k}"), a, b, tol.0, tol.1);
     }
-    plan.info()
+    plan
 }
