@@ -5,6 +5,9 @@
 # time limit, most important first, so that what finished comes back even if the call is cut.
 #
 # Here, first:   bash ../shared/gpu/prepare.sh --bin kiln-bench --example mnist_cnn
+#                find .device-bin -type f ! -name kiln-bench ! -name mnist_cnn -delete
+# (prepare.sh copies every binary ever built into .device-bin: 102 MB here, over the 64 MiB
+# that `run` carries; these two are 24 MB)
 # Then, through the device tool's `run` with carry [".gl", ".device-bin"] (timeout_s 560):
 #   bash benches/device.sh all       # suite, train, profile, sweep (about 8 minutes at most)
 # or one call per stage:
