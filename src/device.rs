@@ -480,28 +480,39 @@ impl Device {
         }
         *state = CoopCheck::Checking(me);
         drop(state);
-        // the verdict is recorded even if the check panics, so that no thread waits forever
-        struct Verdict<'a>(&'a GpuContext, Option<CoopCheck>);
+        // the check runs f32 products at medium precision, whatever was asked for; the asked
+        // precision and the verdict are restored / recorded even if the check panics, so that
+        // no thread waits forever
+        struct Verdict<'a> {
+            ctx: &'a GpuContext,
+            asked: Precision,
+            next: Option<CoopCheck>,
+        }
         impl Drop for Verdict<'_> {
             fn drop(&mut self) {
+                if let Ok(mut p) = self.ctx.precision.lock() {
+                    *p = self.asked;
+                }
                 let next = self
-                    .1
+                    .next
                     .take()
                     .unwrap_or_else(|| CoopCheck::Failed("the tensor-core check panicked".into()));
-                if let Ok(mut s) = self.0.coop_check.lock() {
+                if let Ok(mut s) = self.ctx.coop_check.lock() {
                     *s = next;
                 }
-                self.0.coop_checked.notify_all();
+                self.ctx.coop_checked.notify_all();
             }
         }
-        let mut verdict_guard = Verdict(g, None);
-        // the check runs f32 products at medium precision, whatever was asked for
         let asked = std::mem::replace(
             &mut *g.precision.lock().expect("precision lock"),
             Precision::Medium,
         );
+        let mut verdict_guard = Verdict {
+            ctx: g,
+            asked,
+            next: None,
+        };
         let verdict = self.check_tensor_cores();
-        *g.precision.lock().expect("precision lock") = asked;
         let next = match &verdict {
             Ok(()) => CoopCheck::Passed,
             Err(e) => CoopCheck::Failed(format!(
@@ -512,7 +523,7 @@ impl Device {
         if let CoopCheck::Failed(why) = &next {
             log::warn!("kiln: {why}; products stay off tensor cores");
         }
-        verdict_guard.1 = Some(next.clone());
+        verdict_guard.next = Some(next.clone());
         drop(verdict_guard);
         match next {
             CoopCheck::Failed(why) => Err(Error::Unsupported(why)),
@@ -528,10 +539,9 @@ impl Device {
 
     /// Runs the tensor-core kernel on a product off its tile edges (with bias and relu), on one
     /// with a fused elementwise epilogue, on transposed batched ones (operands read as scalars,
-    /// and as vec4s), on an f16 one (f16
-    /// storage), and on convolutions (an implicit GEMM storing NCHW with bias and relu, in f32
-    /// and in f16, an input gradient and a weight gradient), against the CPU reference at f16
-    /// tolerance.
+    /// and as vec4s), on an f16 one (f16 storage), and on convolutions (an implicit GEMM storing
+    /// NCHW with bias and relu, in f32 and in f16, an input gradient and a weight gradient),
+    /// against the CPU reference at f16 tolerance.
     fn check_tensor_cores(&self) -> Result<()> {
         use crate::ops::matmul::Bias;
         use crate::tensor::DType;
@@ -570,12 +580,13 @@ impl Device {
         let w3 = g.input("w3", [64, 8, 3, 3]);
         let y3 = g.conv2d(x3, w3, None, pad)?;
         let dw3 = g.grad(g.sum_all(g.square(y3)?)?, &[w3])?[0];
+        // an elementwise epilogue fused into the product
         let s = g.input("s", [131, 197]);
+        let ye = g.sigmoid(g.mul(g.matmul(a, b)?, s)?)?;
         // extents that are multiples of 4: the operands are staged as vec4s
         let av = g.input("av", [2, 36, 132]);
         let bv = g.input("bv", [2, 68, 36]);
         let yv = g.matmul_t(av, bv, true, true)?;
-        let ye = g.sigmoid(g.mul(g.matmul(a, b)?, s)?)?;
         let feeds = [
             ("a", Tensor::rand_uniform([131, 70], -1.0, 1.0, 1)),
             ("b", Tensor::rand_uniform([70, 197], -1.0, 1.0, 2)),

@@ -17,7 +17,8 @@
 //!
 //! [`Cores::Emulated`] writes the same kernel with the four cooperative-matrix operations
 //! (`coopLoadT`, `coopMultiplyAdd`, `coopStoreT`, the subgroup builtins) replaced by plain WGSL
-//! over virtual 32-lane subgroups (`lid / 32`), the rest identical: slow, but it runs on
+//! over virtual 32-lane subgroups (`lid / 32`), the rest the same text (its epilogue a loop
+//! over the accumulators rather than unrolled): slow, but it runs on
 //! any adapter with SHADER_F16, so the staging, gathers, batch bases and epilogue are tested on
 //! lavapipe (`KILN_EMULATE_TENSOR_CORES=1`, tests/tensor_cores.rs). Only the hardware's
 //! fragment layout and the driver's translation remain for a GPU to show.

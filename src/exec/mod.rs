@@ -162,7 +162,8 @@ impl Plan {
 
     /// The kernels one run dispatches, in order, by label: `node <id> <op> <shape>`, with the
     /// generated kernel's key in brackets (`[coop16...]` for the tensor-core GEMM, `[gemv...]`,
-    /// ...). Empty on the CPU backend.
+    /// ...); a per-step recurrent kernel appears once (`info().dispatches` counts its steps).
+    /// Empty on the CPU backend.
     pub fn kernels(&self) -> Vec<&str> {
         match &self.backend {
             Backend::Gpu(p) => p.kernel_labels(),
