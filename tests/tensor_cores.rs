@@ -217,3 +217,27 @@ fn products_with_fused_epilogues() {
         );
     }
 }
+
+/// Threads that ask for medium precision at once on a fresh device: one runs the tensor-core
+/// check, the others wait for its verdict (rather than use the kernel unchecked) and all get
+/// it, without a deadlock.
+#[test]
+fn concurrent_checks_share_one_verdict() {
+    if emulated().is_none() {
+        return;
+    }
+    // a device of its own, not checked yet
+    let dev = Device::gpu().expect("a GPU adapter");
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                dev.set_matmul_precision(Precision::Medium)
+                    .map(|()| dev.tensor_cores())
+            })
+        })
+        .collect();
+    for t in threads {
+        assert!(t.join().expect("no panic").expect("the check passes"));
+    }
+}
