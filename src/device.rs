@@ -752,18 +752,25 @@ impl GpuContext {
             });
         // a test path: the same kernel with its matrix operations in plain WGSL, on adapters
         // without cooperative matrices (lavapipe), to check its data movement there
-        if !target.coop_f16
-            && std::env::var("KILN_EMULATE_TENSOR_CORES").is_ok_and(|v| v == "1")
-            && features.contains(wgpu::Features::SHADER_F16)
-            && limits.max_compute_workgroup_storage_size >= crate::codegen::coop::WORKGROUP_BYTES
-            && limits.max_compute_invocations_per_workgroup >= crate::codegen::coop::THREADS
-        {
-            log::warn!(
-                "kiln: KILN_EMULATE_TENSOR_CORES=1: the tensor-core kernel runs emulated on {} (slow)",
-                info.name
-            );
-            target.coop_f16 = true;
-            target.coop_emulated = true;
+        if !target.coop_f16 && std::env::var("KILN_EMULATE_TENSOR_CORES").is_ok_and(|v| v == "1") {
+            if features.contains(wgpu::Features::SHADER_F16)
+                && limits.max_compute_workgroup_storage_size
+                    >= crate::codegen::coop::WORKGROUP_BYTES
+                && limits.max_compute_invocations_per_workgroup >= crate::codegen::coop::THREADS
+            {
+                log::warn!(
+                    "kiln: KILN_EMULATE_TENSOR_CORES=1: the tensor-core kernel runs emulated on {} (slow)",
+                    info.name
+                );
+                target.coop_f16 = true;
+                target.coop_emulated = true;
+            } else {
+                log::warn!(
+                    "kiln: KILN_EMULATE_TENSOR_CORES=1 ignored: {} lacks SHADER_F16 or the \
+                     workgroup size/memory the kernel needs",
+                    info.name
+                );
+            }
         }
         Ok(GpuContext {
             disk_cache,
