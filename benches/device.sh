@@ -13,7 +13,7 @@
 # or one call per stage:
 #   bash benches/device.sh suite     # the suite with model-chosen kernels (incl. f16, tensor cores)
 #   bash benches/device.sh tune      # the suite's products and steps with GEMMs timed per shape
-#   bash benches/device.sh sweep     # every GEMM configuration on 4096^3
+#   bash benches/device.sh sweep     # every tensor-core (f16) and GEMM (f32) configuration on 4096^3
 #   bash benches/device.sh profile   # per-op GPU times of every plan of the suite
 #   bash benches/device.sh train     # the README's MNIST command, timed
 # Results land in $OUT (JSON, logs); copy the numbers into BENCHMARKS.md with the command.

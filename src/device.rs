@@ -2,6 +2,7 @@
 //! parameter store that keeps trained tensors on the device across runs, and the pipeline cache
 //! shared by every plan compiled on it.
 
+use crate::codegen::coop::CoopConfig;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -67,6 +68,11 @@ pub(crate) struct GpuContext {
     pub(crate) coop_checked: std::sync::Condvar,
     /// GEMM configurations timed on this adapter, by product extents (`exec::tune`).
     pub(crate) tuned: Mutex<HashMap<String, crate::codegen::matmul::GemmConfig>>,
+    /// The tensor-core kernel's configuration if one was fixed (KILN_COOP,
+    /// `Device::set_coop_config`).
+    pub(crate) coop_config: Mutex<Option<CoopConfig>>,
+    /// Tensor-core configurations timed on this adapter (`exec::tune`), by `coop_tune_key`.
+    pub(crate) coop_tuned: Mutex<HashMap<String, CoopConfig>>,
     /// Where that table persists (beside the pipeline cache), if there is a cache folder.
     tune_file: Option<std::path::PathBuf>,
     /// The driver's compiled-pipeline cache and the file it persists to (PIPELINE_CACHE adapters).
@@ -658,6 +664,71 @@ impl Device {
         g.tuned.lock().expect("tune lock").get(&key).copied()
     }
 
+    /// The tensor-core configuration tuned on this adapter for an `M x N x K` product over
+    /// `batch` matrices with operands stored as `dtype` (`GemmPolicy::Tune`), if one was timed
+    /// here or loaded from the cache folder.
+    pub fn tuned_coop(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        batch: usize,
+        dtype: crate::tensor::DType,
+    ) -> Option<CoopConfig> {
+        let g = self.inner.gpu.as_ref()?;
+        let half = if dtype == crate::tensor::DType::F16 {
+            ",f16"
+        } else {
+            ""
+        };
+        let key = format!("coop:{m}x{n}x{k}b{batch}{half}");
+        g.coop_tuned.lock().expect("tune lock").get(&key).copied()
+    }
+
+    /// Fixes the tensor-core kernel's configuration for plans compiled from now on (`None`:
+    /// tuned or chosen per adapter again; `KILN_COOP` sets it for a process). On an adapter
+    /// with the tensor-core path the kernel is checked again against the CPU reference in that
+    /// configuration (see [`Device::set_matmul_precision`]): an error if it disagrees (products
+    /// then stay off tensor cores) or if the configuration does not fit the adapter. No effect
+    /// on other adapters and the CPU backend.
+    pub fn set_coop_config(&self, config: Option<CoopConfig>) -> Result<()> {
+        let Some(g) = &self.inner.gpu else {
+            return Ok(());
+        };
+        if !g.target.coop_f16 {
+            return Ok(());
+        }
+        if let Some(c) = config.filter(|c| !c.fits(&g.target)) {
+            return Err(Error::Unsupported(format!(
+                "tensor-core configuration {} on {}: it needs {} bytes of workgroup memory (the \
+                 adapter allows {})",
+                c.describe(),
+                g.info.name,
+                c.workgroup_bytes(),
+                g.target.workgroup_storage
+            )));
+        }
+        *g.coop_config.lock().expect("coop lock") = config;
+        {
+            let mut state = g.coop_check.lock().expect("check lock");
+            // a check in progress on another thread finishes in the configuration it started in
+            while matches!(&*state, CoopCheck::Checking(id) if *id != std::thread::current().id()) {
+                state = g.coop_checked.wait(state).expect("check lock");
+            }
+            *state = CoopCheck::Unchecked;
+        }
+        self.check_tensor_cores_once()
+    }
+
+    /// The tensor-core kernel's configuration fixed on this device, if any (see
+    /// [`Device::set_coop_config`]).
+    pub fn coop_config(&self) -> Option<CoopConfig> {
+        self.inner
+            .gpu
+            .as_ref()
+            .and_then(|g| *g.coop_config.lock().expect("coop lock"))
+    }
+
     /// The adapter facts kernel generators use (`None` on the CPU backend).
     pub fn target(&self) -> Option<crate::codegen::Target> {
         self.inner.gpu.as_ref().map(|g| g.target.clone())
@@ -730,6 +801,14 @@ impl GpuContext {
             _ => GemmPolicy::Auto,
         };
         let fusion = std::env::var("KILN_FUSE").map(|v| v != "0").unwrap_or(true);
+        let coop_config = match std::env::var("KILN_COOP") {
+            Ok(v) if !v.is_empty() => Some(CoopConfig::parse(&v).ok_or_else(|| {
+                Error::Input(format!(
+                    "KILN_COOP={v:?}: expected bk32 or bk64, then optionally /pad, then /pf or /db"
+                ))
+            })?),
+            _ => None,
+        };
         let tune_file = DiskCache::dir().map(|d| {
             let id: String = format!("{} {} {:?}", info.name, info.driver_info, info.backend)
                 .chars()
@@ -772,6 +851,15 @@ impl GpuContext {
                 );
             }
         }
+        if let Some(c) = coop_config.filter(|c| target.coop_f16 && !c.fits(&target)) {
+            log::warn!(
+                "kiln: KILN_COOP={} ignored: it needs {} bytes of workgroup memory, {} has {}",
+                c.describe(),
+                c.workgroup_bytes(),
+                info.name,
+                target.workgroup_storage
+            );
+        }
         Ok(GpuContext {
             disk_cache,
             info,
@@ -788,6 +876,8 @@ impl GpuContext {
             coop_check: Mutex::new(CoopCheck::Unchecked),
             coop_checked: std::sync::Condvar::new(),
             tuned: Mutex::new(load_tuned(tune_file.as_deref())),
+            coop_config: Mutex::new(coop_config),
+            coop_tuned: Mutex::new(load_coop_tuned(tune_file.as_deref())),
             tune_file,
             pipelines: Mutex::new(HashMap::new()),
             layouts: Mutex::new(HashMap::new()),
@@ -816,6 +906,13 @@ impl GpuContext {
             .iter()
             .map(|(k, c)| format!("{k} {}", c.describe()))
             .collect();
+        lines.extend(
+            self.coop_tuned
+                .lock()
+                .expect("tune lock")
+                .iter()
+                .map(|(k, c)| format!("{k} {}", c.describe())),
+        );
         lines.sort();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
@@ -1181,6 +1278,20 @@ fn load_tuned(
         .filter_map(|l| {
             let (k, c) = l.split_once(' ')?;
             Some((k.to_string(), crate::codegen::matmul::GemmConfig::parse(c)?))
+        })
+        .collect()
+}
+
+/// The tensor-core lines (`coop:` keys) of the tuning table.
+fn load_coop_tuned(path: Option<&std::path::Path>) -> HashMap<String, CoopConfig> {
+    let Some(text) = path.and_then(|p| std::fs::read_to_string(p).ok()) else {
+        return HashMap::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let (k, c) = l.split_once(' ')?;
+            k.starts_with("coop:")
+                .then(|| Some((k.to_string(), CoopConfig::parse(c)?)))?
         })
         .collect()
 }

@@ -241,3 +241,114 @@ fn concurrent_checks_share_one_verdict() {
         assert!(t.join().expect("no panic").expect("the check passes"));
     }
 }
+
+/// The kernel's configurations (see `CoopConfig::all`) pass the device's check when fixed
+/// (`Device::set_coop_config`), and then compute products spanning several steps through K
+/// with a ragged last one, scalar and vec4 staging, and a convolution's forward and input
+/// gradient as the CPU does. The other tests run the adapter's default (lavapipe:
+/// `bk32/pad/pf`); this one double buffering (`bk32/db`) and 64-deep steps (`bk64/pf`), or,
+/// with `KILN_TEST_ALL_COOP=1`, all that fit (lavapipe: 7 of 12, about 5 minutes cold on the
+/// 2-core machine; emulated kernels compile slowly).
+#[test]
+fn configurations_match_the_cpu() {
+    use kiln::codegen::coop::CoopConfig;
+    if emulated().is_none() {
+        return;
+    }
+    // a device of its own: fixing a configuration re-runs the check
+    let dev = Device::gpu().expect("a GPU adapter");
+    dev.set_matmul_precision(Precision::Medium)
+        .expect("the default configuration passes");
+    let target = dev.target().expect("a GPU");
+    let fitting = CoopConfig::all(&target);
+    // lavapipe's 32 KiB of workgroup memory hold 7 of the 12
+    assert!(fitting.len() >= 7, "{fitting:?}");
+    let configs: Vec<CoopConfig> = if std::env::var("KILN_TEST_ALL_COOP").is_ok_and(|v| v == "1") {
+        fitting
+    } else {
+        ["bk32/db", "bk64/pf"]
+            .iter()
+            .map(|s| CoopConfig::parse(s).expect("a configuration"))
+            .inspect(|c| assert!(fitting.contains(c), "{c:?} fits lavapipe"))
+            .collect()
+    };
+    let g = Graph::new();
+    // K = 230: 8 steps of 32 (4 of 64), the last ragged; scalar (odd) and vec4 (x4) operands
+    let a = g.input("a", [131, 230]);
+    let b = g.input("b", [230, 77]);
+    let at = g.input("at", [2, 228, 132]);
+    let bt = g.input("bt", [2, 68, 228]);
+    let x = g.input("x", [2, 24, 7, 9]);
+    let w = g.input("w", [65, 24, 3, 3]);
+    let pad = Conv2dOpts {
+        padding: (1, 1),
+        ..Default::default()
+    };
+    let y = g.conv2d(x, w, None, pad).unwrap();
+    let dx = g
+        .grad(g.sum_all(g.square(y).unwrap()).unwrap(), &[x])
+        .unwrap()[0];
+    let outputs = [
+        g.matmul(a, b).unwrap(),
+        g.matmul_t(at, bt, true, true).unwrap(),
+        y,
+        dx,
+    ];
+    let feeds = vec![
+        ("a".to_string(), rand(&[131, 230], 1)),
+        ("b".to_string(), rand(&[230, 77], 2)),
+        ("at".to_string(), rand(&[2, 228, 132], 3)),
+        ("bt".to_string(), rand(&[2, 68, 228], 4)),
+        ("x".to_string(), rand(&[2, 24, 7, 9], 5)),
+        (
+            "w".to_string(),
+            Tensor::rand_uniform(vec![65, 24, 3, 3], -0.3, 0.3, 6),
+        ),
+    ];
+    for c in configs {
+        let name = c.describe();
+        dev.set_coop_config(Some(c))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(dev.coop_config(), Some(c));
+        let kernels = check(&dev, &name, &g, &outputs, &feeds, F16_TOL);
+        // the configuration is one of the comma-separated parts of the kernel's key
+        let ours = kernels
+            .iter()
+            .filter(|l| l.contains("[coop16") && l.split([',', '[', ']']).any(|p| p == name))
+            .count();
+        assert!(ours >= 3, "{name}: {kernels:#?}");
+    }
+    // and back to the adapter's default
+    dev.set_coop_config(None).expect("the default passes");
+    assert_eq!(dev.coop_config(), None);
+}
+
+/// `GemmPolicy::Tune` times the tensor-core configurations (not the tiled GEMM's) for a product
+/// that runs on tensor cores, checks each against the default's result, and the plan then uses
+/// the winner.
+#[test]
+fn tuning_picks_a_tensor_core_configuration() {
+    if emulated().is_none() {
+        return;
+    }
+    let dev = Device::gpu().expect("a GPU adapter");
+    dev.set_gemm_policy(kiln::GemmPolicy::Tune).unwrap();
+    let g = Graph::new();
+    let a = g.input_as("a", [97, 72], DType::F16);
+    let b = g.input_as("b", [72, 66], DType::F16);
+    let y = g.cast(g.matmul(a, b).unwrap(), DType::F32).unwrap();
+    let feeds = vec![
+        ("a".to_string(), rand(&[97, 72], 1)),
+        ("b".to_string(), rand(&[72, 66], 2)),
+    ];
+    let kernels = check(&dev, "tuned f16 product", &g, &[y], &feeds, F16_TOL);
+    let best = dev
+        .tuned_coop(97, 66, 72, 1, DType::F16)
+        .expect("a tuned tensor-core configuration");
+    assert!(
+        kernels.iter().any(
+            |l| l.contains("[coop16") && l.split([',', '[', ']']).any(|p| p == best.describe())
+        ),
+        "{best:?}: {kernels:#?}"
+    );
+}

@@ -323,13 +323,24 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
     );
 }
 
+/// Every well-formed configuration of the tensor-core kernel, whatever memory it needs.
+fn every_coop_config() -> Vec<kiln::codegen::coop::CoopConfig> {
+    let roomy = kiln::codegen::Target {
+        workgroup_storage: 1 << 20,
+        ..kiln::codegen::Target::discrete()
+    };
+    let all = kiln::codegen::coop::CoopConfig::all(&roomy);
+    assert_eq!(all.len(), 12, "bk 32/64 x pad x plain/pf/db");
+    all
+}
+
 /// The tensor-core GEMM (cooperative matrices) validates with naga for every transpose and
 /// epilogue, and as implicit-GEMM convolutions (forward with NCHW store, weight gradient, input
-/// gradient), in f32 and f16; so does its emulated form. (Running the real one needs an adapter
-/// with EXPERIMENTAL_COOPERATIVE_MATRIX.)
+/// gradient), in f32 and f16, in every configuration; so does its emulated form. (Running the
+/// real one needs an adapter with EXPERIMENTAL_COOPERATIVE_MATRIX.)
 #[test]
 fn every_coop_matmul_is_valid_wgsl() {
-    use kiln::codegen::coop::{Cores, Operands};
+    use kiln::codegen::coop::{CoopConfig, Cores, Operands};
     use kiln::ops::conv::{ColGeometry, Conv2dOpts};
     use kiln::ops::matmul::{Bias, MatMul};
     let geom = ColGeometry {
@@ -389,6 +400,9 @@ fn every_coop_matmul_is_valid_wgsl() {
         },
     ));
     for (mm, dtype, operands) in cases {
+        let generate = |cores, vec, cfg| {
+            kiln::codegen::coop::wgsl_with(&mm, dtype, operands, cores, None, vec, cfg)
+        };
         // the emulated form (tests/tensor_cores.rs runs it) is the same kernel but for the
         // matrix operations
         // vec4 staging loads where the operands are read as matrices (the tests' products are
@@ -398,36 +412,47 @@ fn every_coop_matmul_is_valid_wgsl() {
             operands == Operands::Matrices,
         ];
         for v in [vec, [vec[0], false], [false, vec[1]]] {
-            let src = kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Tensor, None, v);
-            assert_eq!(src.contains("vec4<f16>(a["), v[0]);
-            assert_eq!(src.contains("vec4<f16>(b["), v[1]);
-            validate_wgsl(&format!("{mm:?} {dtype:?} {operands:?} vec {v:?}"), &src);
+            for cfg in every_coop_config() {
+                let src = generate(Cores::Tensor, v, cfg);
+                assert_eq!(src.contains("vec4<f16>(a["), v[0]);
+                assert_eq!(src.contains("vec4<f16>(b["), v[1]);
+                validate_wgsl(
+                    &format!("{mm:?} {dtype:?} {operands:?} vec {v:?} {}", cfg.describe()),
+                    &src,
+                );
+            }
         }
-        let emulated =
-            kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Emulated, None, [false; 2]);
-        assert!(!emulated.contains("coop_mat16x16") && !emulated.contains("enable wgpu_coop"));
-        validate_wgsl(
-            &format!("emulated {mm:?} {dtype:?} {operands:?}"),
-            &emulated,
-        );
-        let src =
-            kiln::codegen::coop::wgsl_with(&mm, dtype, operands, Cores::Tensor, None, [false; 2]);
-        // every line of the real kernel missing from the emulated one is a matrix operation (or
-        // an unrolled offset)
-        let emulated_lines: std::collections::HashSet<&str> =
-            emulated.lines().map(str::trim).collect();
-        for line in src.lines().filter(|l| !emulated_lines.contains(l.trim())) {
-            assert!(
-                line.contains("coop")
-                    || line.contains("@builtin(subgroup_")
-                    || line.trim_start().starts_with("let ia")
-                    || line.trim_start().starts_with("let ib")
-                    // the epilogue is a loop over the accumulators there, not unrolled
-                    || line.trim_start().starts_with("let row = ")
-                    || line.trim_start().starts_with("let col = "),
-                "{mm:?}: the emulated kernel lacks {line:?}"
+        for cfg in every_coop_config() {
+            let emulated = generate(Cores::Emulated, [false; 2], cfg);
+            assert!(!emulated.contains("coop_mat16x16") && !emulated.contains("enable wgpu_coop"));
+            validate_wgsl(
+                &format!("emulated {mm:?} {dtype:?} {operands:?} {}", cfg.describe()),
+                &emulated,
             );
+            let src = generate(Cores::Tensor, [false; 2], cfg);
+            // every line of the real kernel missing from the emulated one is a matrix operation
+            // (or an unrolled offset)
+            let emulated_lines: std::collections::HashSet<&str> =
+                emulated.lines().map(str::trim).collect();
+            for line in src.lines().filter(|l| !emulated_lines.contains(l.trim())) {
+                assert!(
+                    line.contains("coop")
+                        || line.contains("@builtin(subgroup_")
+                        // the emulation reads its accumulators without the staging tile
+                        || line.contains("Cs")
+                        || line.contains("let cs = ")
+                        || line.contains("16x16 f32 tile per subgroup")
+                        || line.trim_start().starts_with("let ia")
+                        || line.trim_start().starts_with("let ib")
+                        // the epilogue is a loop over the accumulators there, not unrolled
+                        || line.trim_start().starts_with("let row = ")
+                        || line.trim_start().starts_with("let col = "),
+                    "{mm:?} {}: the emulated kernel lacks {line:?}",
+                    cfg.describe()
+                );
+            }
         }
+        let src = generate(Cores::Tensor, [false; 2], CoopConfig::PLAIN);
         assert!(src.starts_with("// matmul_coop.wgsl"));
         assert!(src.contains("Bindings") && src.contains("Dispatch"));
         let module = validate_wgsl(&format!("{mm:?} {dtype:?} {operands:?}"), &src);
@@ -521,6 +546,12 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
                 cores,
                 Some(&epi),
                 [true; 2],
+                kiln::codegen::coop::CoopConfig {
+                    bk: 64,
+                    pad: true,
+                    prefetch: true,
+                    double_buffer: false,
+                },
             );
             validate_wgsl(
                 &format!("coop epilogue, {bias:?} {dtype:?} {cores:?}"),

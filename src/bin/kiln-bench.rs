@@ -2,7 +2,7 @@
 //! table with the GPU/CPU ratio and written as JSON.
 //!
 //!     kiln-bench [--json PATH] [--quick] [--no-cpu] [--only SUBSTRING]...
-//!     kiln-bench --sweep N [--quick]      # every GEMM configuration on an N^3 product
+//!     kiln-bench --sweep N [--quick]      # every GEMM (and tensor-core) configuration on an N^3 product
 //!
 //! Cases: square f32 matmuls (256, 1024; 4096 on a hardware GPU), conv2d forward (batch 64,
 //! 32 -> 64 channels, 13x13, 3x3; and the issue-6 shape, batch 64, 64 -> 64, 56x56, on a hardware
@@ -39,19 +39,41 @@ struct Args {
     #[arg(long)]
     only: Vec<String>,
     /// Instead of the suite: time an N x N x N matmul with every GEMM configuration that fits
-    /// the adapter (each tiling, BK 8 and 16, plain, prefetching, double-buffered), best first
+    /// the adapter (each tiling, BK 8 and 16, plain, prefetching, double-buffered), and an f16
+    /// one with every tensor-core configuration where the adapter has them, best first
     #[arg(long, value_name = "N")]
     sweep: Option<usize>,
 }
 
-/// `--sweep N`: every fitting configuration of the generated GEMM on an `n`^3 product, by GPU
-/// kernel time (wall clock where the adapter cannot time inside a pass).
+/// `--sweep N`: every fitting configuration of the tensor-core kernel (f16) and of the
+/// generated GEMM (f32) on an `n`^3 product, by GPU kernel time (wall clock where the adapter
+/// cannot time inside a pass).
 fn sweep(gpu: &Device, n: usize, reps: usize) -> kiln::Result<()> {
     use kiln::codegen::matmul::{GemmConfig, TILINGS};
     let target = gpu
         .target()
         .ok_or_else(|| kiln::Error::Device("not a GPU".into()))?;
     let mut results = Vec::new();
+    // first (the least known) the tensor-core kernel's configurations on an f16 product, where
+    // the adapter has it; each passes the device's check when fixed, or is reported and skipped
+    if target.coop_f16 {
+        for c in kiln::codegen::coop::CoopConfig::all(&target) {
+            let name = format!("tensor cores {}", c.describe());
+            if let Err(e) = gpu.set_coop_config(Some(c)) {
+                println!("{name:<24} skipped: {e}");
+                continue;
+            }
+            let mut case = matmul_as(gpu, n, "", kiln::DType::F16)?;
+            let wall = time(&mut case, reps, Duration::from_secs(10))?;
+            let t = case.kernel_seconds(reps.min(5))?.unwrap_or(wall);
+            let rate = case.work / t / 1e9;
+            println!("{name:<24} {rate:>10.2} GFLOP/s (f16)");
+            results.push((rate, name));
+        }
+        if let Err(e) = gpu.set_coop_config(None) {
+            println!("tensor cores, default configuration: {e}");
+        }
+    }
     for &(bm, bn, tm, tn) in TILINGS {
         for bk in [8, 16] {
             for (prefetch, double_buffer) in [(false, false), (true, false), (true, true)] {

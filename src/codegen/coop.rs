@@ -8,17 +8,21 @@
 //!
 //! A workgroup of 128 threads (four subgroups, 2 x 2) computes a 128 x 128 output tile, each
 //! subgroup a 64 x 64 block as 4 x 4 accumulators. Both operand tiles are staged through
-//! workgroup memory 32 deep, converted to f16 on the way (bounds-checked, zero-filled, so any
-//! M, N, K and either transpose work; read as vec4s where an operand's contiguous axis is a
+//! workgroup memory 32 or 64 deep, converted to f16 on the way (bounds-checked, zero-filled, so
+//! any M, N, K and either transpose work; read as vec4s where an operand's contiguous axis is a
 //! multiple of 4, [`vec_operands`]); each subgroup loads its 4 A and 4 B fragments from there
-//! per 16 of K. The epilogue passes each accumulator through a per-subgroup 16 x 16 f32 staging
+//! per 16 of K. [`CoopConfig`] says how: the staging depth, rows padded against memory-bank
+//! conflicts, and the next step's loads issued before this step's products (register
+//! prefetch, optionally into a second buffer); `KILN_GEMM=tune` and `kiln-bench --sweep` time
+//! them on the adapter. The epilogue passes each accumulator through a per-subgroup 16 x 16 f32 staging
 //! tile so that the bias, relu, a fused elementwise epilogue (the plan's `MatMulEpilogue`) and
 //! edge checks apply per element.
 //!
 //! [`Cores::Emulated`] writes the same kernel with the four cooperative-matrix operations
 //! (`coopLoadT`, `coopMultiplyAdd`, `coopStoreT`, the subgroup builtins) replaced by plain WGSL
 //! over virtual 32-lane subgroups (`lid / 32`), the rest the same text (its epilogue a loop
-//! over the accumulators rather than unrolled): slow, but it runs on
+//! reading the accumulators straight rather than unrolled through the staging tile, which the
+//! emulation does without): slow, but it runs on
 //! any adapter with SHADER_F16, so the staging, gathers, batch bases and epilogue are tested on
 //! lavapipe (`KILN_EMULATE_TENSOR_CORES=1`, tests/tensor_cores.rs). Only the hardware's
 //! fragment layout and the driver's translation remain for a GPU to show.
@@ -41,10 +45,170 @@ use crate::tensor::DType;
 pub const TILE: usize = 128;
 /// Threads per workgroup: four 32-wide subgroups.
 pub const THREADS: u32 = 128;
-/// Depth of one staging step through K.
-const BK: u32 = 32;
-/// Bytes of workgroup memory: both f16 tiles and four f32 16x16 staging tiles.
-pub const WORKGROUP_BYTES: u32 = 2 * (TILE as u32 * BK * 2) + 4 * 256 * 4;
+/// Bytes of workgroup memory the least demanding configuration ([`CoopConfig::PLAIN`]) needs.
+pub const WORKGROUP_BYTES: u32 = CoopConfig::PLAIN.workgroup_bytes();
+
+/// One configuration of the tensor-core kernel (its tile is always 128 x 128 on four
+/// subgroups). [`CoopConfig::choose`] picks one per adapter; `KILN_COOP` or
+/// `Device::set_coop_config` fixes one; `KILN_GEMM=tune` times them per product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CoopConfig {
+    /// Depth of one staging step through K: 32, or 64 (half the barriers, twice the memory).
+    pub bk: u32,
+    /// Rows of both staged tiles padded by 8 halves (16 bytes). Unpadded, the b tile's rows
+    /// (256 bytes) all start in the same memory bank and the a tile's (64 or 128 bytes) in two
+    /// or one, so the 16 rows a fragment load reads collide; padded, each row of 8 starts 16
+    /// bytes further round the banks.
+    pub pad: bool,
+    /// The next step's operands loaded into registers before this step's products and stored
+    /// after them, so that the global loads' latency hides behind the matrix work.
+    pub prefetch: bool,
+    /// With `prefetch`: two buffers of each tile, the registers stored into the one not being
+    /// read (one barrier per step instead of two).
+    pub double_buffer: bool,
+}
+
+impl CoopConfig {
+    /// 32 deep, unpadded, load-then-compute: the first form of the kernel.
+    pub const PLAIN: CoopConfig = CoopConfig {
+        bk: 32,
+        pad: false,
+        prefetch: false,
+        double_buffer: false,
+    };
+
+    /// Row stride of the staged a tile (`As[m * a_stride + k]`), in halves.
+    pub const fn a_stride(&self) -> u32 {
+        self.bk + if self.pad { 8 } else { 0 }
+    }
+
+    /// Row stride of the staged b tile (`Bs[k * b_stride + n]`), in halves.
+    pub const fn b_stride(&self) -> u32 {
+        TILE as u32 + if self.pad { 8 } else { 0 }
+    }
+
+    /// Halves of one buffer of the a and the b tile.
+    const fn tile_halves(&self) -> (u32, u32) {
+        (TILE as u32 * self.a_stride(), self.bk * self.b_stride())
+    }
+
+    /// Buffers of each tile: 2 double-buffered, else 1.
+    const fn stages(&self) -> u32 {
+        if self.double_buffer {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Bytes of workgroup memory: the f16 tiles and four f32 16x16 staging tiles.
+    pub const fn workgroup_bytes(&self) -> u32 {
+        self.tile_bytes() + 4 * 256 * 4
+    }
+
+    /// Bytes of workgroup memory of the f16 tiles alone (all the emulated kernel has).
+    const fn tile_bytes(&self) -> u32 {
+        let (a, b) = self.tile_halves();
+        self.stages() * (a + b) * 2
+    }
+
+    /// Whether the configuration is well formed and fits the adapter's workgroup memory (as
+    /// the kernel runs there: tensor cores or emulated).
+    pub fn fits(&self, target: &super::Target) -> bool {
+        let bytes = if target.coop_emulated {
+            self.tile_bytes()
+        } else {
+            self.workgroup_bytes()
+        };
+        (self.bk == 32 || self.bk == 64)
+            && (self.prefetch || !self.double_buffer)
+            && bytes <= target.workgroup_storage
+            && THREADS <= target.max_invocations
+    }
+
+    /// Every well-formed configuration that fits the adapter.
+    pub fn all(target: &super::Target) -> Vec<CoopConfig> {
+        let mut v = Vec::new();
+        for bk in [32, 64] {
+            for pad in [false, true] {
+                for (prefetch, double_buffer) in [(false, false), (true, false), (true, true)] {
+                    let c = CoopConfig {
+                        bk,
+                        pad,
+                        prefetch,
+                        double_buffer,
+                    };
+                    if c.fits(target) {
+                        v.push(c);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// The configuration plans use unless one was fixed or tuned: the first that fits of
+    /// padded and double-buffered 32 deep (what fast GEMMs do: conflict-free fragment loads,
+    /// global loads in flight during the products, one barrier per step), padded with register
+    /// prefetch 64 or 32 deep, padded, plain.
+    pub fn choose(target: &super::Target) -> CoopConfig {
+        let pad = CoopConfig {
+            pad: true,
+            ..CoopConfig::PLAIN
+        };
+        let pf = CoopConfig {
+            prefetch: true,
+            ..pad
+        };
+        [
+            CoopConfig {
+                double_buffer: true,
+                ..pf
+            },
+            CoopConfig { bk: 64, ..pf },
+            pf,
+            pad,
+        ]
+        .into_iter()
+        .find(|c| c.fits(target))
+        .unwrap_or(CoopConfig::PLAIN)
+    }
+
+    /// The form `KILN_COOP` takes and the kernel's label shows, e.g. `bk32/pad/db`.
+    pub fn describe(&self) -> String {
+        format!(
+            "bk{}{}{}",
+            self.bk,
+            if self.pad { "/pad" } else { "" },
+            if self.double_buffer {
+                "/db"
+            } else if self.prefetch {
+                "/pf"
+            } else {
+                ""
+            }
+        )
+    }
+
+    /// Parses [`CoopConfig::describe`]'s form (not checking that it fits an adapter).
+    pub fn parse(s: &str) -> Option<CoopConfig> {
+        let mut parts = s.trim().split('/');
+        let bk = parts.next()?.strip_prefix("bk")?.parse().ok()?;
+        let mut c = CoopConfig {
+            bk,
+            ..CoopConfig::PLAIN
+        };
+        for p in parts {
+            match p {
+                "pad" => c.pad = true,
+                "pf" => c.prefetch = true,
+                "db" => (c.prefetch, c.double_buffer) = (true, true),
+                _ => return None,
+            }
+        }
+        (bk == 32 || bk == 64).then_some(c)
+    }
+}
 
 /// Whether the kernel runs on tensor cores or emulates them (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,8 +261,9 @@ pub fn kernel(
     d: &ProductDims,
     storage: impl Into<Storage>,
     cores: Cores,
+    cfg: CoopConfig,
 ) -> Generated {
-    kernel_with(mm, d, storage, Operands::Matrices, cores, None)
+    kernel_with(mm, d, storage, Operands::Matrices, cores, None, cfg)
 }
 
 /// [`kernel`] reading and storing as `operands` says (implicit-GEMM convolutions), with a fused
@@ -111,6 +276,7 @@ pub fn kernel_with(
     operands: Operands,
     cores: Cores,
     epilogue: Option<&Epilogue>,
+    cfg: CoopConfig,
 ) -> Generated {
     let storage = storage.into();
     let batch = d.batch.numel();
@@ -128,7 +294,7 @@ pub fn kernel_with(
     constants.extend(d.batch_constants());
     let vec = vec_operands(mm, d, operands);
     let key = format!(
-        "coop16{}{}{}{}{}",
+        "coop16{}{}{}{}{},{}",
         super::matmul::product_flags(mm),
         storage.describe(),
         if vec[0] { ",va" } else { "" },
@@ -137,9 +303,10 @@ pub fn kernel_with(
             ",emulated"
         } else {
             ""
-        }
+        },
+        cfg.describe()
     );
-    let src = wgsl_with(mm, storage, operands, cores, epilogue, vec);
+    let src = wgsl_with(mm, storage, operands, cores, epilogue, vec, cfg);
     let key = match (operands, epilogue) {
         (Operands::Matrices, None) => key,
         // the program (its dataflow, scalars and shapes) is in the text
@@ -179,13 +346,22 @@ pub fn vec_operands(mm: &MatMul, d: &ProductDims, operands: Operands) -> [bool; 
 }
 
 /// The WGSL for one combination of transposes, epilogue and storage type (scalar loads).
-pub fn wgsl(mm: &MatMul, storage: impl Into<Storage>, cores: Cores) -> String {
-    wgsl_with(mm, storage, Operands::Matrices, cores, None, [false; 2])
+pub fn wgsl(mm: &MatMul, storage: impl Into<Storage>, cores: Cores, cfg: CoopConfig) -> String {
+    wgsl_with(
+        mm,
+        storage,
+        Operands::Matrices,
+        cores,
+        None,
+        [false; 2],
+        cfg,
+    )
 }
 
 /// [`wgsl`] reading and storing as `operands` says, with an optional fused `epilogue` (plain
 /// products only: it reads its other inputs at the result's index `obase + row * N + col`),
-/// `a` and `b` bound and staged as vec4s where `vec` says (see [`vec_operands`]).
+/// `a` and `b` bound and staged as vec4s where `vec` says (see [`vec_operands`]), staged as
+/// `cfg` says.
 pub fn wgsl_with(
     mm: &MatMul,
     storage: impl Into<Storage>,
@@ -193,6 +369,7 @@ pub fn wgsl_with(
     cores: Cores,
     epilogue: Option<&Epilogue>,
     vec: [bool; 2],
+    cfg: CoopConfig,
 ) -> String {
     assert!(
         epilogue.is_none() || operands == Operands::Matrices,
@@ -204,6 +381,9 @@ pub fn wgsl_with(
         "gathered operands are read as scalars"
     );
     let tile = TILE as u32;
+    let bk = cfg.bk;
+    let (sta, stb) = (cfg.a_stride(), cfg.b_stride());
+    let (asz, bsz) = cfg.tile_halves();
     let emulated = cores == Cores::Emulated;
     let st = storage.into();
     let dt = st.out;
@@ -230,6 +410,8 @@ pub fn wgsl_with(
 //           kernel where the adapter's subgroups are exactly 32 wide), folded into (x <= 65535, y).
 //           Workgroup w computes the 128x128 tile (w / TILES_N % TILES_M, w % TILES_N) of batch
 //           w / (TILES_M * TILES_N); subgroup s the 64x64 block (s / 2, s % 2) of it.
+// Configuration {cfgd}: tiles staged {bk} deep through K, rows {pad};
+// {pipe}.
 {}
 enable f16;
 {}",
@@ -253,6 +435,19 @@ enable f16;
             ""
         } else {
             "enable wgpu_cooperative_matrix;\n"
+        },
+        cfgd = cfg.describe(),
+        pad = if cfg.pad {
+            "padded by 8 halves against memory-bank conflicts"
+        } else {
+            "unpadded"
+        },
+        pipe = if cfg.double_buffer {
+            "the next step's operands loaded into registers during this step's products and stored\n// into the other of two buffers (one barrier per step)"
+        } else if cfg.prefetch {
+            "the next step's operands loaded into registers during this step's products"
+        } else {
+            "each step loads, then multiplies"
         },
     );
     if let Some(e) = epilogue {
@@ -314,12 +509,10 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
     let _ = writeln!(
         s,
         "{conv_fns}{nchw_fn}{epi_fns}
-// As[m * {BK} + k] = op(a)[row0 + m, k0 + k]; Bs[k * {tile} + n] = op(b)[k0 + k, col0 + n]
-var<workgroup> As: array<f16, {asz}>;
-var<workgroup> Bs: array<f16, {bsz}>;
-// one 16x16 f32 tile per subgroup for the epilogue
-var<workgroup> Cs: array<f32, 1024>;
-{emu_fns}
+// As[m * {sta} + k] = op(a)[row0 + m, k0 + k]; Bs[k * {stb} + n] = op(b)[k0 + k, col0 + n]{halves}
+var<workgroup> As: array<f16, {as_all}>;
+var<workgroup> Bs: array<f16, {bs_all}>;
+{cs_decl}{emu_fns}
 @compute @workgroup_size({THREADS})
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -340,13 +533,23 @@ fn main(
     let wn = sid % 2u;
 ",
         emu_fns = if emulated {
-            emulation_fns()
+            emulation_fns(cfg)
         } else {
             String::new()
         },
         epi_fns = epilogue.map_or(String::new(), |e| e.functions.clone()),
-        asz = tile * BK,
-        bsz = tile * BK,
+        halves = if cfg.double_buffer {
+            format!("\n// (two buffers: step s through K uses As[(s % 2) * {asz} ..], Bs[(s % 2) * {bsz} ..])")
+        } else {
+            String::new()
+        },
+        as_all = asz * cfg.stages(),
+        cs_decl = if emulated {
+            ""
+        } else {
+            "// one 16x16 f32 tile per subgroup for the epilogue\nvar<workgroup> Cs: array<f32, 1024>;\n"
+        },
+        bs_all = bsz * cfg.stages(),
         builtins = if emulated {
             ""
         } else {
@@ -365,24 +568,20 @@ fn main(
     );
     // the accumulators start from a zeroed staging tile (a load, as cooperative matrices are
     // made everywhere, rather than a null constant of the matrix type)
-    let _ = writeln!(
-        s,
-        "    let cs = sid * 256u;
+    if emulated {
+        // accumulator (i, j) is acc[(4 i + j) * 8 ..][..8], zeroed as declared; the
+        // emulation needs no staging tile for it (4 KiB of workgroup memory left for the
+        // operand tiles: lavapipe's 32 KiB then hold the double-buffered configuration)
+        let _ = writeln!(s, "    var acc: array<f32, 128>;");
+    } else {
+        let _ = writeln!(
+            s,
+            "    let cs = sid * 256u;
     for (var q = 0u; q < 8u; q = q + 1u) {{
         Cs[cs + lane + q * 32u] = 0.0;
     }}
     workgroupBarrier();"
-    );
-    if emulated {
-        // accumulator (i, j) is acc[(4 i + j) * 8 ..][..8]; one loop keeps the code small
-        let _ = writeln!(
-            s,
-            "    var acc: array<f32, 128>;
-    for (var ij = 0u; ij < 16u; ij = ij + 1u) {{
-        emu_load_c(&acc, ij * 8u, cs, lane);
-    }}"
         );
-    } else {
         for i in 0..4 {
             for j in 0..4 {
                 let _ = writeln!(
@@ -403,70 +602,112 @@ fn main(
         }
         _ => {}
     }
-    let _ = writeln!(s, "    for (var k0 = 0u; k0 < K; k0 = k0 + {BK}u) {{");
-    // staging loads: 4096 elements of each tile, 32 per thread (8 vec4s where the operand's
-    // contiguous axis allows), consecutive threads on consecutive addresses of the operand
-    Staged::a(mm, operands, sa).write(&mut s, vec[0]);
-    Staged::b(mm, operands, sb).write(&mut s, vec[1]);
-    let _ = writeln!(s, "        workgroupBarrier();");
-    if emulated {
-        let _ = writeln!(
-            s,
-            "        for (var kk = 0u; kk < {BK}u; kk = kk + 16u) {{
+    // staging: 128 x BK elements of each tile, BK / 4 per thread (BK / 16 vec4s where the
+    // operand's contiguous axis allows), consecutive threads on consecutive addresses
+    let (stage_a, stage_b) = (Staged::a(mm, operands, sa), Staged::b(mm, operands, sb));
+    let stage = |s: &mut String, phase: Phase, k: &str, offs: [&str; 2]| {
+        stage_a.write(s, vec[0], bk, sta, phase, k, offs[0]);
+        stage_b.write(s, vec[1], bk, stb, phase, k, offs[1]);
+    };
+    // one step's products from the buffers at these offsets
+    let products = |s: &mut String, ao: &str, bo: &str| {
+        if emulated {
+            let _ = writeln!(
+                s,
+                "        for (var kk = 0u; kk < {bk}u; kk = kk + 16u) {{
             for (var ij = 0u; ij < 16u; ij = ij + 1u) {{
-                let ia = (wm * 64u + (ij / 4u) * 16u) * {BK}u + kk;
-                let ib = kk * {tile}u + wn * 64u + (ij % 4u) * 16u;
+                let ia = {ao} + (wm * 64u + (ij / 4u) * 16u) * {sta}u + kk;
+                let ib = {bo} + kk * {stb}u + wn * 64u + (ij % 4u) * 16u;
                 emu_multiply_add(&acc, ij * 8u, ia, ib, lane);
             }}
         }}"
-        );
-    }
-    for kk in (0..BK).step_by(16).filter(|_| !emulated) {
-        // naga needs every coopLoad index bound to a `let`
-        for i in 0..4 {
-            let _ = writeln!(
-                s,
-                "        let ia{kk}_{i} = (wm * 64u + {}u) * {BK}u + {kk}u;
-        let fa{kk}_{i} = coopLoadT<coop_mat16x16<f16, A>>(&As[ia{kk}_{i}], {BK}u);",
-                i * 16
             );
+            return;
         }
-        for j in 0..4 {
-            let _ = writeln!(
-                s,
-                "        let ib{kk}_{j} = {kk}u * {tile}u + wn * 64u + {}u;
-        let fb{kk}_{j} = coopLoadT<coop_mat16x16<f16, B>>(&Bs[ib{kk}_{j}], {tile}u);",
-                j * 16
-            );
-        }
-        for i in 0..4 {
+        for kk in (0..bk).step_by(16) {
+            // naga needs every coopLoad index bound to a `let`
+            for i in 0..4 {
+                let _ = writeln!(
+                    s,
+                    "        let ia{kk}_{i} = {ao} + (wm * 64u + {}u) * {sta}u + {kk}u;
+        let fa{kk}_{i} = coopLoadT<coop_mat16x16<f16, A>>(&As[ia{kk}_{i}], {sta}u);",
+                    i * 16
+                );
+            }
             for j in 0..4 {
                 let _ = writeln!(
                     s,
-                    "        c{i}{j} = coopMultiplyAdd(fa{kk}_{i}, fb{kk}_{j}, c{i}{j});"
+                    "        let ib{kk}_{j} = {bo} + {kk}u * {stb}u + wn * 64u + {}u;
+        let fb{kk}_{j} = coopLoadT<coop_mat16x16<f16, B>>(&Bs[ib{kk}_{j}], {stb}u);",
+                    j * 16
                 );
             }
+            for i in 0..4 {
+                for j in 0..4 {
+                    let _ = writeln!(
+                        s,
+                        "        c{i}{j} = coopMultiplyAdd(fa{kk}_{i}, fb{kk}_{j}, c{i}{j});"
+                    );
+                }
+            }
         }
+    };
+    let next = format!("k0 + {bk}u");
+    if cfg.prefetch {
+        // the registers, and the first step's operands in them
+        stage(&mut s, Phase::Declare, "", ["", ""]);
+        stage(&mut s, Phase::Load, "0u", ["", ""]);
+    }
+    if cfg.double_buffer {
+        stage(&mut s, Phase::Store, "", ["0u", "0u"]);
+        let _ = writeln!(
+            s,
+            "    workgroupBarrier();
+    for (var k0 = 0u; k0 < K; k0 = k0 + {bk}u) {{
+        // this step's buffers, and the other ones, which the next step's operands go to
+        let ao = (k0 / {bk}u) % 2u * {asz}u;
+        let bo = (k0 / {bk}u) % 2u * {bsz}u;
+        let an = {asz}u - ao;
+        let bn = {bsz}u - bo;"
+        );
+        stage(&mut s, Phase::Load, &next, ["", ""]);
+        products(&mut s, "ao", "bo");
+        stage(&mut s, Phase::Store, "", ["an", "bn"]);
+    } else if cfg.prefetch {
+        let _ = writeln!(s, "    for (var k0 = 0u; k0 < K; k0 = k0 + {bk}u) {{");
+        stage(&mut s, Phase::Store, "", ["0u", "0u"]);
+        let _ = writeln!(s, "        workgroupBarrier();");
+        stage(&mut s, Phase::Load, &next, ["", ""]);
+        products(&mut s, "0u", "0u");
+    } else {
+        let _ = writeln!(s, "    for (var k0 = 0u; k0 < K; k0 = k0 + {bk}u) {{");
+        stage(&mut s, Phase::Both, "k0", ["0u", "0u"]);
+        let _ = writeln!(s, "        workgroupBarrier();");
+        products(&mut s, "0u", "0u");
     }
     let _ = writeln!(s, "        workgroupBarrier();\n    }}");
     // epilogue through the staging tile, one accumulator at a time: unrolled on tensor cores;
-    // a loop over the accumulators when emulated (the same text with the offsets computed, so
-    // that lavapipe compiles 2 barriers rather than 32)
-    let block = |store_c: &str, ri: &str, ci: &str| {
+    // a loop over the accumulators, reading them straight, when emulated (the same text with
+    // the offsets computed, so that lavapipe compiles one loop rather than 16)
+    let block = |store_c: Option<&str>, value: &str, ri: &str, ci: &str| {
+        let (before, after) = match store_c {
+            Some(st) => (
+                format!("    {st}\n    workgroupBarrier();\n"),
+                "\n    workgroupBarrier();",
+            ),
+            None => (String::new(), ""),
+        };
         format!(
-            "    {store_c}
-    workgroupBarrier();
-    for (var q = 0u; q < 8u; q = q + 1u) {{
+            "{before}    for (var q = 0u; q < 8u; q = q + 1u) {{
         let e = lane + q * 32u;
         let row = row0 + wm * 64u + {ri} + e / 16u;
         let col = col0 + wn * 64u + {ci} + e % 16u;
         if row < M && col < N {{
             let o = {at};
-            var v = Cs[cs + e];{bias}{relu}{epi}
+            var v = {value};{bias}{relu}{epi}
             out[o] = {store};
         }}
-    }}
-    workgroupBarrier();",
+    }}{after}",
             bias = match mm.bias {
                 Bias::None => String::new(),
                 Bias::Rows => format!(
@@ -497,11 +738,7 @@ fn main(
         )
     };
     if emulated {
-        let body = block(
-            "emu_store_c(&acc, ij * 8u, cs, lane);",
-            "ij / 4u * 16u",
-            "ij % 4u * 16u",
-        );
+        let body = block(None, "acc[ij * 8u + q]", "ij / 4u * 16u", "ij % 4u * 16u");
         let _ = writeln!(
             s,
             "    for (var ij = 0u; ij < 16u; ij = ij + 1u) {{\n{}\n    }}",
@@ -514,7 +751,8 @@ fn main(
                     s,
                     "{}",
                     block(
-                        &format!("coopStoreT(c{i}{j}, &Cs[cs], 16u);"),
+                        Some(&format!("coopStoreT(c{i}{j}, &Cs[cs], 16u);")),
+                        "Cs[cs + e]",
                         &format!("{}u", i * 16),
                         &format!("{}u", j * 16),
                     )
@@ -526,8 +764,21 @@ fn main(
     s
 }
 
-/// One operand's staging into its workgroup tile: `a` into `As[m * BK + k]`, `b` into
-/// `Bs[k * TILE + n]` (f16), for one step through K.
+/// Which part of one step's staging [`Staged::write`] emits.
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    /// Load and store through a local (no prefetching).
+    Both,
+    /// Declare the prefetch registers (before the loop over K).
+    Declare,
+    /// Load into the registers.
+    Load,
+    /// Store the registers into the tile.
+    Store,
+}
+
+/// One operand's staging into its workgroup tile: `a` into `As[m * SA + k]`, `b` into
+/// `Bs[k * SB + n]` (f16; SA, SB the configuration's row strides), for one step through K.
 struct Staged {
     /// The binding (`a`, `b`) and its tile (`As`, `Bs`).
     name: char,
@@ -569,18 +820,31 @@ impl Staged {
         }
     }
 
-    /// Where element (outer, k) of the tile lives in its workgroup array.
-    fn tile_at(&self, outer: &str, k: &str) -> String {
+    /// Where element (outer, k) of the tile lives in its workgroup array, `stride` its row
+    /// stride, `off` the buffer's offset.
+    fn tile_at(&self, outer: &str, k: &str, stride: u32, off: &str) -> String {
         if self.name == 'a' {
-            format!("As[({outer}) * {BK}u + {k}]")
+            format!("As[{off} + ({outer}) * {stride}u + {k}]")
         } else {
-            format!("Bs[({k}) * {TILE}u + {outer}]")
+            format!("Bs[{off} + ({k}) * {stride}u + {outer}]")
         }
     }
 
-    /// The staging code: 4,096 elements, 32 scalars per thread, or 8 vec4s where `vec` (along
-    /// the contiguous axis); consecutive threads on consecutive addresses of the operand.
-    fn write(&self, s: &mut String, vec: bool) {
+    /// The staging code of `phase` for a tile `bk` deep with rows `stride` apart: 128 x `bk`
+    /// elements, `bk / 4` scalars per thread, or `bk / 16` vec4s where `vec` (along the
+    /// contiguous axis); consecutive threads on consecutive addresses of the operand. Loads
+    /// read step `k` (its first index), stores go to the buffer at offset `off`.
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        s: &mut String,
+        vec: bool,
+        bk: u32,
+        stride: u32,
+        phase: Phase,
+        k: &str,
+        off: &str,
+    ) {
         let tile = TILE as u32;
         let (name, o) = (self.name, self.outer);
         let (extent, origin) = if name == 'a' {
@@ -594,7 +858,14 @@ impl Staged {
             format!("{name}base + k * {extent} + {o}")
         };
         let width = if vec { 4 } else { 1 };
-        for l in 0..tile * BK / width / THREADS {
+        for l in 0..tile * bk / width / THREADS {
+            // the prefetch register of this load
+            let reg = format!("p{name}{l}");
+            if phase == Phase::Declare {
+                let ty = if vec { "vec4<f16>" } else { "f16" };
+                let _ = writeln!(s, "    var {reg}: {ty};");
+                continue;
+            }
             let e = format!("(lid + {}u)", l * THREADS);
             // the tile index along the contiguous axis runs fastest
             let along = |n: u32| match width {
@@ -603,79 +874,97 @@ impl Staged {
             };
             let across = |n: u32| format!("{e} / {}u", n / width);
             let (outer_, k_) = if self.k_contiguous {
-                (across(BK), along(BK))
+                (across(bk), along(bk))
             } else {
                 (along(tile), across(tile))
             };
-            let (zero, load, stores) = if vec {
-                let stores: String = ["x", "y", "z", "w"]
+            // the value stored: the local `v` (converted to f16), or the register
+            let value = if phase == Phase::Both {
+                "v"
+            } else {
+                reg.as_str()
+            };
+            let stores: String = if vec {
+                ["x", "y", "z", "w"]
                     .iter()
                     .enumerate()
                     .map(|(c, comp)| {
                         let at = if self.k_contiguous {
-                            self.tile_at(&format!("{o}{o}"), &format!("kk + {c}u"))
+                            self.tile_at(&format!("{o}{o}"), &format!("kk + {c}u"), stride, off)
                         } else {
-                            self.tile_at(&format!("{o}{o} + {c}u"), "kk")
+                            self.tile_at(&format!("{o}{o} + {c}u"), "kk", stride, off)
                         };
-                        format!("\n            {at} = v.{comp};")
+                        format!("\n            {at} = {value}.{comp};")
                     })
-                    .collect();
+                    .collect()
+            } else {
+                let at = self.tile_at(&format!("{o}{o}"), "kk", stride, off);
+                let v = if phase == Phase::Both {
+                    "f16(v)".to_string()
+                } else {
+                    reg.clone()
+                };
+                format!("\n            {at} = {v};")
+            };
+            let (zero, load) = if vec {
                 (
                     "vec4<f16>()".to_string(),
                     format!("vec4<f16>({name}[({index}) / 4u])"),
-                    stores,
                 )
             } else {
                 let load = match &self.gather {
                     Some(g) => g.clone(),
                     None => widen(self.dtype, format!("{name}[{index}]")),
                 };
-                let at = self.tile_at(&format!("{o}{o}"), "kk");
-                (
-                    "0.0".to_string(),
-                    load,
-                    format!("\n            {at} = f16(v);"),
-                )
+                ("0.0".to_string(), load)
+            };
+            let body = match phase {
+                Phase::Both => format!(
+                    "
+            let {o} = {origin} + {o}{o};
+            let k = {k} + kk;
+            var v = {zero};
+            if {o} < {extent} && k < K {{ v = {load}; }}{stores}"
+                ),
+                Phase::Load => {
+                    let (zero, load) = if vec {
+                        (zero, load)
+                    } else {
+                        ("f16(0.0)".to_string(), format!("f16({load})"))
+                    };
+                    format!(
+                        "
+            let {o} = {origin} + {o}{o};
+            let k = {k} + kk;
+            {reg} = {zero};
+            if {o} < {extent} && k < K {{ {reg} = {load}; }}"
+                    )
+                }
+                Phase::Store => stores,
+                Phase::Declare => unreachable!("declared above"),
             };
             let _ = writeln!(
                 s,
                 "        {{
             let {o}{o} = {outer_};
-            let kk = {k_};
-            let {o} = {origin} + {o}{o};
-            let k = k0 + kk;
-            var v = {zero};
-            if {o} < {extent} && k < K {{ v = {load}; }}{stores}
+            let kk = {k_};{body}
         }}"
             );
         }
     }
 }
 
-/// The cooperative-matrix operations of [`Cores::Emulated`]: a 16 x 16 matrix of a subgroup is
+/// The cooperative-matrix operation of [`Cores::Emulated`]: a 16 x 16 matrix of a subgroup is
 /// 8 values per lane (element e = lane + 32 q at row e / 16, column e % 16; a thread's 16
-/// accumulators are one array), an A or B fragment read where the kernel loads it from
-/// (`As` / `Bs`);
+/// accumulators are one array, read straight by the epilogue), an A or B fragment read where
+/// the kernel loads it from (`As` / `Bs`, rows as `cfg` strides them);
 /// products of f16 values are exact in f32, as on tensor cores.
-fn emulation_fns() -> String {
+fn emulation_fns(cfg: CoopConfig) -> String {
+    let (sta, stb) = (cfg.a_stride(), cfg.b_stride());
     format!(
         "
-// coopLoadT of accumulator acc[c..c + 8] from Cs (row-major, 16 wide)
-fn emu_load_c(acc: ptr<function, array<f32, 128>>, c: u32, at: u32, lane: u32) {{
-    for (var q = 0u; q < 8u; q = q + 1u) {{
-        (*acc)[c + q] = Cs[at + lane + q * 32u];
-    }}
-}}
-
-// coopStoreT of accumulator acc[c..c + 8] to Cs
-fn emu_store_c(acc: ptr<function, array<f32, 128>>, c: u32, at: u32, lane: u32) {{
-    for (var q = 0u; q < 8u; q = q + 1u) {{
-        Cs[at + lane + q * 32u] = (*acc)[c + q];
-    }}
-}}
-
-// acc[c..c + 8] = coopMultiplyAdd(the A fragment at As[ia] (stride {BK}), the B fragment at
-// Bs[ib] (stride {TILE}), acc[c..c + 8])
+// acc[c..c + 8] = coopMultiplyAdd(the A fragment at As[ia] (stride {sta}), the B fragment at
+// Bs[ib] (stride {stb}), acc[c..c + 8])
 fn emu_multiply_add(acc: ptr<function, array<f32, 128>>, c: u32, ia: u32, ib: u32, lane: u32) {{
     for (var q = 0u; q < 8u; q = q + 1u) {{
         let e = lane + q * 32u;
@@ -683,7 +972,7 @@ fn emu_multiply_add(acc: ptr<function, array<f32, 128>>, c: u32, ia: u32, ib: u3
         let n = e % 16u;
         var v = (*acc)[c + q];
         for (var k = 0u; k < 16u; k = k + 1u) {{
-            v = v + f32(As[ia + r * {BK}u + k]) * f32(Bs[ib + k * {TILE}u + n]);
+            v = v + f32(As[ia + r * {sta}u + k]) * f32(Bs[ib + k * {stb}u + n]);
         }}
         (*acc)[c + q] = v;
     }}

@@ -72,6 +72,16 @@ pub(crate) struct GpuPlan {
     step_align: u32,
 }
 
+/// A kernel choice a plan makes regardless of the device's settings (`exec::tune` timing
+/// candidates).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Forced {
+    /// This GEMM policy.
+    Gemm(GemmPolicy),
+    /// This tensor-core configuration (GEMMs chosen automatically).
+    Coop(crate::codegen::coop::CoopConfig),
+}
+
 impl GpuPlan {
     /// Compiles `order` so that `run` reads back `outputs`; `targets` (the outputs and the
     /// effects) are the nodes whose values the plan must produce, which fusion keeps.
@@ -81,16 +91,25 @@ impl GpuPlan {
         mut order: Vec<NodeId>,
         outputs: &[NodeId],
         targets: &[NodeId],
-        policy: Option<GemmPolicy>,
+        forced: Option<Forced>,
     ) -> Result<GpuPlan> {
         let ctx = device
             .gpu_ctx()
             .ok_or_else(|| Error::Device("not a GPU device".into()))?;
-        let policy = policy.unwrap_or(*ctx.gemm_policy.lock().expect("policy lock"));
+        let policy = match forced {
+            Some(Forced::Gemm(p)) => p,
+            Some(Forced::Coop(_)) => GemmPolicy::Auto,
+            None => *ctx.gemm_policy.lock().expect("policy lock"),
+        };
         if policy == GemmPolicy::Tune {
             super::tune::tune_products(&device, &nodes, &order)?;
         }
         let tuned = ctx.tuned.lock().expect("tune lock").clone();
+        let coop_tuned = ctx.coop_tuned.lock().expect("tune lock").clone();
+        let coop_fixed = match forced {
+            Some(Forced::Coop(c)) => Some(c),
+            _ => *ctx.coop_config.lock().expect("coop lock"),
+        };
         let f16_products = order
             .iter()
             .any(|id| matches!(nodes[id.0].op, Op::MatMul(_)) && nodes[id.0].dtype == DType::F16);
@@ -104,7 +123,9 @@ impl GpuPlan {
             policy,
             coop: ctx.coop_active(),
             coop_f16: ctx.coop_f16_active(),
+            coop_fixed,
             tuned: &tuned,
+            coop_tuned: &coop_tuned,
         };
         let fusion = ctx.fusion.load(std::sync::atomic::Ordering::Relaxed);
         lower::lower(&mut nodes, &mut order, outputs, targets, &ch, fusion);

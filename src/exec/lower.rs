@@ -23,6 +23,7 @@
 use super::liveness::storage_root;
 use std::collections::HashMap;
 
+use crate::codegen::coop::CoopConfig;
 use crate::codegen::elementwise;
 use crate::codegen::matmul::{self as gemm, GemmConfig};
 use crate::codegen::{Generated, Target};
@@ -36,18 +37,37 @@ use crate::tensor::{DType, Shape};
 
 /// What kernel choices depend on for one plan: the adapter, the GEMM policy, whether the
 /// tensor-core kernel may run (for f32 products: medium precision; for f16 ones: the adapter
-/// has it and it passed its check), and the configurations tuned on this adapter.
+/// has it and it passed its check) and in which configuration if one was fixed, and the
+/// configurations tuned on this adapter.
 pub(crate) struct Choice<'a> {
     pub target: &'a Target,
     pub policy: GemmPolicy,
     pub coop: bool,
     pub coop_f16: bool,
+    pub coop_fixed: Option<CoopConfig>,
     pub tuned: &'a HashMap<String, GemmConfig>,
+    pub coop_tuned: &'a HashMap<String, CoopConfig>,
 }
 
 /// The key of a product in the tuning table: its extents and batch.
 pub(crate) fn tune_key(d: &ProductDims) -> String {
     format!("{}x{}x{}b{}", d.m, d.n, d.k, d.batch.numel())
+}
+
+/// The key of a tensor-core product in the tuning table: `coop:`, its extents and batch, and
+/// `,f16` where its operands are stored as f16 (f32 ones are converted while staged).
+pub(crate) fn coop_tune_key(d: &ProductDims, dtype: DType) -> String {
+    let half = if dtype == DType::F16 { ",f16" } else { "" };
+    format!("coop:{}{half}", tune_key(d))
+}
+
+/// The tensor-core kernel's configuration for a product: the one fixed on the device, else
+/// the one tuned for its extents, else the adapter's default (`CoopConfig::choose`).
+pub(crate) fn coop_config(d: &ProductDims, ch: &Choice, dtype: DType) -> CoopConfig {
+    ch.coop_fixed
+        .filter(|c| c.fits(ch.target))
+        .or_else(|| ch.coop_tuned.get(&coop_tune_key(d, dtype)).copied())
+        .unwrap_or_else(|| CoopConfig::choose(ch.target))
 }
 
 /// Every rewrite, in the order the module documentation gives (the fusion ones only with
@@ -828,7 +848,13 @@ pub(crate) fn select(
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
             if uses_coop(&d, ch) {
-                let g = crate::codegen::coop::kernel(mm, &d, DType::F32, cores(ch));
+                let g = crate::codegen::coop::kernel(
+                    mm,
+                    &d,
+                    DType::F32,
+                    cores(ch),
+                    coop_config(&d, ch, DType::F32),
+                );
                 return Some((g.spec.clone(), Some(g)));
             }
             if uses_gemv(&d, ch) {
@@ -862,6 +888,7 @@ pub(crate) fn select(
                     conv_operands(c),
                     cores(ch),
                     None,
+                    coop_config(&d, ch, DType::F32),
                 );
                 return Some((g.spec.clone(), Some(g)));
             }
@@ -896,6 +923,7 @@ pub(crate) fn select(
                     crate::codegen::coop::Operands::Matrices,
                     cores(ch),
                     Some(&epi),
+                    coop_config(&d, ch, DType::F32),
                 )
             } else if uses_gemv(&d, ch) {
                 gemm::gemv_kernel(&e.product, &d, Some(&epi), DType::F32)
@@ -927,6 +955,7 @@ pub(crate) fn select(
                     crate::codegen::coop::Operands::Dgrad(c.geom),
                     cores(ch),
                     None,
+                    coop_config(&d, ch, DType::F32),
                 );
                 return Some((g.spec.clone(), Some(g)));
             }
@@ -1033,7 +1062,7 @@ fn select_f16(
                 .expect("shape checked at build time");
             let st = storage(inputs.len());
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
-                crate::codegen::coop::kernel(mm, &d, st, cores(ch))
+                crate::codegen::coop::kernel(mm, &d, st, cores(ch), coop_config(&d, ch, DType::F16))
             } else if uses_gemv(&d, ch) {
                 gemm::gemv_kernel(mm, &d, None, st)
             } else {
@@ -1058,6 +1087,7 @@ fn select_f16(
                     crate::codegen::coop::Operands::Matrices,
                     cores(ch),
                     Some(&epi),
+                    coop_config(&d, ch, DType::F16),
                 )
             } else if uses_gemv(&d, ch) {
                 gemm::gemv_kernel(&e.product, &d, Some(&epi), storage(np))
@@ -1081,6 +1111,7 @@ fn select_f16(
                     conv_operands(c),
                     cores(ch),
                     None,
+                    coop_config(&d, ch, DType::F16),
                 )
             } else {
                 let cfg = gemm_config_f16(&d, ch);
@@ -1099,6 +1130,7 @@ fn select_f16(
                     crate::codegen::coop::Operands::Dgrad(c.geom),
                     cores(ch),
                     None,
+                    coop_config(&d, ch, DType::F16),
                 )
             } else {
                 gemm::dgrad_kernel(c.geom, &d, &gemm_config_f16(&d, ch), storage(2))
@@ -1130,7 +1162,9 @@ mod tests {
             policy: GemmPolicy::Auto,
             coop: false,
             coop_f16: false,
+            coop_fixed: None,
             tuned: &tuned,
+            coop_tuned: &HashMap::new(),
         };
         implicit_im2col(&mut nodes, &mut order, targets, &ch);
         (nodes, order)
@@ -1190,7 +1224,9 @@ mod tests {
             policy: GemmPolicy::Auto,
             coop: false,
             coop_f16: false,
+            coop_fixed: None,
             tuned: &tuned,
+            coop_tuned: &HashMap::new(),
         };
         lower(&mut nodes, &mut order, &grads, &grads, &ch, true);
         let nchw = order
