@@ -73,6 +73,9 @@ pub(crate) struct GpuContext {
     pub(crate) coop_config: Mutex<Option<CoopConfig>>,
     /// Tensor-core configurations timed on this adapter (`exec::tune`), by `coop_tune_key`.
     pub(crate) coop_tuned: Mutex<HashMap<String, CoopConfig>>,
+    /// The configuration products use when none is fixed or tuned: `CoopConfig::choose`, or
+    /// `CoopConfig::PLAIN` if that failed the device's check.
+    pub(crate) coop_default: Mutex<CoopConfig>,
     /// Where that table persists (beside the pipeline cache), if there is a cache folder.
     tune_file: Option<std::path::PathBuf>,
     /// The driver's compiled-pipeline cache and the file it persists to (PIPELINE_CACHE adapters).
@@ -518,7 +521,23 @@ impl Device {
             asked,
             next: None,
         };
-        let verdict = self.check_tensor_cores();
+        let mut verdict = self.check_tensor_cores();
+        // the adapter's default configuration failed but none was fixed: the first form of the
+        // kernel (unpadded, load then multiply) may still pass, and is then the default
+        let default = *g.coop_default.lock().expect("coop lock");
+        if let Err(e) = &verdict {
+            if g.coop_config.lock().expect("coop lock").is_none() && default != CoopConfig::PLAIN {
+                log::warn!(
+                    "kiln: the tensor-core matmul on {} failed its check in configuration {} \
+                     ({e}); trying {}",
+                    g.info.name,
+                    default.describe(),
+                    CoopConfig::PLAIN.describe()
+                );
+                *g.coop_default.lock().expect("coop lock") = CoopConfig::PLAIN;
+                verdict = self.check_tensor_cores();
+            }
+        }
         let next = match &verdict {
             Ok(()) => CoopCheck::Passed,
             Err(e) => CoopCheck::Failed(format!(
@@ -709,6 +728,10 @@ impl Device {
             )));
         }
         *g.coop_config.lock().expect("coop lock") = config;
+        if config.is_none() {
+            // the adapter's choice again (even if it had fallen back to the plain form)
+            *g.coop_default.lock().expect("coop lock") = CoopConfig::choose(&g.target);
+        }
         {
             let mut state = g.coop_check.lock().expect("check lock");
             // a check in progress on another thread finishes in the configuration it started in
@@ -860,6 +883,7 @@ impl GpuContext {
                 target.workgroup_storage
             );
         }
+        let coop_default = CoopConfig::choose(&target);
         Ok(GpuContext {
             disk_cache,
             info,
@@ -878,6 +902,7 @@ impl GpuContext {
             tuned: Mutex::new(load_tuned(tune_file.as_deref())),
             coop_config: Mutex::new(coop_config),
             coop_tuned: Mutex::new(load_coop_tuned(tune_file.as_deref())),
+            coop_default: Mutex::new(coop_default),
             tune_file,
             pipelines: Mutex::new(HashMap::new()),
             layouts: Mutex::new(HashMap::new()),

@@ -330,7 +330,7 @@ fn every_coop_config() -> Vec<kiln::codegen::coop::CoopConfig> {
         ..kiln::codegen::Target::discrete()
     };
     let all = kiln::codegen::coop::CoopConfig::all(&roomy);
-    assert_eq!(all.len(), 12, "bk 32/64 x pad x plain/pf/db");
+    assert_eq!(all.len(), 24, "128/256 wide x bk 32/64 x pad x plain/pf/db");
     all
 }
 
@@ -411,16 +411,17 @@ fn every_coop_matmul_is_valid_wgsl() {
             !matches!(operands, Operands::Dgrad(_)),
             operands == Operands::Matrices,
         ];
-        for v in [vec, [vec[0], false], [false, vec[1]]] {
-            for cfg in every_coop_config() {
-                let src = generate(Cores::Tensor, v, cfg);
-                assert_eq!(src.contains("vec4<f16>(a["), v[0]);
-                assert_eq!(src.contains("vec4<f16>(b["), v[1]);
-                validate_wgsl(
-                    &format!("{mm:?} {dtype:?} {operands:?} vec {v:?} {}", cfg.describe()),
-                    &src,
-                );
-            }
+        // each configuration with one of the staging variants, in turn (the scalar one below)
+        let variants = [vec, [vec[0], false], [false, vec[1]]];
+        for (i, cfg) in every_coop_config().into_iter().enumerate() {
+            let v = variants[i % 3];
+            let src = generate(Cores::Tensor, v, cfg);
+            assert_eq!(src.contains("vec4<f16>(a["), v[0]);
+            assert_eq!(src.contains("vec4<f16>(b["), v[1]);
+            validate_wgsl(
+                &format!("{mm:?} {dtype:?} {operands:?} vec {v:?} {}", cfg.describe()),
+                &src,
+            );
         }
         for cfg in every_coop_config() {
             let emulated = generate(Cores::Emulated, [false; 2], cfg);
@@ -551,6 +552,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
                     pad: true,
                     prefetch: true,
                     double_buffer: false,
+                    wide: true,
                 },
             );
             validate_wgsl(

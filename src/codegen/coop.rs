@@ -41,9 +41,10 @@ use crate::ops::matmul::{Bias, MatMul, ProductDims};
 use crate::ops::{groups, KernelSpec};
 use crate::tensor::DType;
 
-/// Output tile of one workgroup (square).
+/// Output rows of one workgroup's tile (its columns: 128, or 256 for [`CoopConfig::wide`]).
 pub const TILE: usize = 128;
-/// Threads per workgroup: four 32-wide subgroups.
+/// Threads per workgroup of the narrowest configuration: four 32-wide subgroups (eight for
+/// [`CoopConfig::wide`]).
 pub const THREADS: u32 = 128;
 /// Bytes of workgroup memory the least demanding configuration ([`CoopConfig::PLAIN`]) needs.
 pub const WORKGROUP_BYTES: u32 = CoopConfig::PLAIN.workgroup_bytes();
@@ -66,6 +67,10 @@ pub struct CoopConfig {
     /// With `prefetch`: two buffers of each tile, the registers stored into the one not being
     /// read (one barrier per step instead of two).
     pub double_buffer: bool,
+    /// A 128 x 256 tile on eight subgroups (2 x 4) instead of 128 x 128 on four: a quarter
+    /// less operand traffic per product from L2 (what bounds a 128 x 128 tile on an H100 once
+    /// the tensor cores are fed: about 4.6 TB/s at 300 TFLOP/s with f16 operands).
+    pub wide: bool,
 }
 
 impl CoopConfig {
@@ -75,7 +80,27 @@ impl CoopConfig {
         pad: false,
         prefetch: false,
         double_buffer: false,
+        wide: false,
     };
+
+    /// Output columns of one workgroup's tile: 128, or 256 wide.
+    pub const fn tile_n(&self) -> u32 {
+        if self.wide {
+            256
+        } else {
+            128
+        }
+    }
+
+    /// Threads per workgroup (one per column of the tile): 128, or 256 wide.
+    pub const fn threads(&self) -> u32 {
+        self.tile_n()
+    }
+
+    /// Subgroups (64 x 64 blocks) across the tile's columns: 2, or 4 wide.
+    const fn subgroup_cols(&self) -> u32 {
+        self.tile_n() / 64
+    }
 
     /// Row stride of the staged a tile (`As[m * a_stride + k]`), in halves.
     pub const fn a_stride(&self) -> u32 {
@@ -84,7 +109,7 @@ impl CoopConfig {
 
     /// Row stride of the staged b tile (`Bs[k * b_stride + n]`), in halves.
     pub const fn b_stride(&self) -> u32 {
-        TILE as u32 + if self.pad { 8 } else { 0 }
+        self.tile_n() + if self.pad { 8 } else { 0 }
     }
 
     /// Halves of one buffer of the a and the b tile.
@@ -101,9 +126,9 @@ impl CoopConfig {
         }
     }
 
-    /// Bytes of workgroup memory: the f16 tiles and four f32 16x16 staging tiles.
+    /// Bytes of workgroup memory: the f16 tiles and one f32 16x16 staging tile per subgroup.
     pub const fn workgroup_bytes(&self) -> u32 {
-        self.tile_bytes() + 4 * 256 * 4
+        self.tile_bytes() + self.threads() / 32 * 256 * 4
     }
 
     /// Bytes of workgroup memory of the f16 tiles alone (all the emulated kernel has).
@@ -123,23 +148,26 @@ impl CoopConfig {
         (self.bk == 32 || self.bk == 64)
             && (self.prefetch || !self.double_buffer)
             && bytes <= target.workgroup_storage
-            && THREADS <= target.max_invocations
+            && self.threads() <= target.max_invocations
     }
 
     /// Every well-formed configuration that fits the adapter.
     pub fn all(target: &super::Target) -> Vec<CoopConfig> {
         let mut v = Vec::new();
-        for bk in [32, 64] {
-            for pad in [false, true] {
-                for (prefetch, double_buffer) in [(false, false), (true, false), (true, true)] {
-                    let c = CoopConfig {
-                        bk,
-                        pad,
-                        prefetch,
-                        double_buffer,
-                    };
-                    if c.fits(target) {
-                        v.push(c);
+        for wide in [false, true] {
+            for bk in [32, 64] {
+                for pad in [false, true] {
+                    for (prefetch, double_buffer) in [(false, false), (true, false), (true, true)] {
+                        let c = CoopConfig {
+                            bk,
+                            pad,
+                            prefetch,
+                            double_buffer,
+                            wide,
+                        };
+                        if c.fits(target) {
+                            v.push(c);
+                        }
                     }
                 }
             }
@@ -174,11 +202,13 @@ impl CoopConfig {
         .unwrap_or(CoopConfig::PLAIN)
     }
 
-    /// The form `KILN_COOP` takes and the kernel's label shows, e.g. `bk32/pad/db`.
+    /// The form `KILN_COOP` takes and the kernel's label shows, e.g. `bk32/pad/db`,
+    /// `bk32/wide/pad/pf`.
     pub fn describe(&self) -> String {
         format!(
-            "bk{}{}{}",
+            "bk{}{}{}{}",
             self.bk,
+            if self.wide { "/wide" } else { "" },
             if self.pad { "/pad" } else { "" },
             if self.double_buffer {
                 "/db"
@@ -201,6 +231,7 @@ impl CoopConfig {
         for p in parts {
             match p {
                 "pad" => c.pad = true,
+                "wide" => c.wide = true,
                 "pf" => c.prefetch = true,
                 "db" => (c.prefetch, c.double_buffer) = (true, true),
                 _ => return None,
@@ -281,7 +312,7 @@ pub fn kernel_with(
     let storage = storage.into();
     let batch = d.batch.numel();
     let tiles_m = groups(d.m, TILE);
-    let tiles_n = groups(d.n, TILE);
+    let tiles_n = groups(d.n, cfg.tile_n() as usize);
     let total = tiles_m * tiles_n * batch as u64;
     let mut constants = vec![
         ("M", d.m as f64),
@@ -380,7 +411,8 @@ pub fn wgsl_with(
             && (!vec[1] || operands == Operands::Matrices),
         "gathered operands are read as scalars"
     );
-    let tile = TILE as u32;
+    let (tile, tile_n, threads) = (TILE as u32, cfg.tile_n(), cfg.threads());
+    let (subgroups, sg_cols) = (threads / 32, cfg.subgroup_cols());
     let bk = cfg.bk;
     let (sta, stb) = (cfg.a_stride(), cfg.b_stride());
     let (asz, bsz) = cfg.tile_halves();
@@ -404,12 +436,13 @@ pub fn wgsl_with(
 //   0  a     storage, read        [batch.., M, K] (transposed: [batch.., K, M]), {sa}{va}
 //   1  b     storage, read        [batch.., K, N] (transposed: [batch.., N, K]), {sb}{vb}{}
 //   {out_binding}  out   storage, read_write  [batch.., M, N], {dt}
-// Overrides: M, N, K; TILES_M/N = ceil(M / 128), ceil(N / 128); batch shape BD1..BD3 and operand
-//            strides SA*/SB* as in matmul.wgsl; TOTAL = TILES_M * TILES_N * batch.
-// Dispatch: TOTAL workgroups of 128 threads (four 32-wide subgroups; the host only picks this
-//           kernel where the adapter's subgroups are exactly 32 wide), folded into (x <= 65535, y).
-//           Workgroup w computes the 128x128 tile (w / TILES_N % TILES_M, w % TILES_N) of batch
-//           w / (TILES_M * TILES_N); subgroup s the 64x64 block (s / 2, s % 2) of it.
+// Overrides: M, N, K; TILES_M/N = ceil(M / 128), ceil(N / {tile_n}); batch shape BD1..BD3 and
+//            operand strides SA*/SB* as in matmul.wgsl; TOTAL = TILES_M * TILES_N * batch.
+// Dispatch: TOTAL workgroups of {threads} threads ({subgroups} 32-wide subgroups; the host only picks
+//           this kernel where the adapter's subgroups are exactly 32 wide), folded into
+//           (x <= 65535, y). Workgroup w computes the 128x{tile_n} tile (w / TILES_N % TILES_M,
+//           w % TILES_N) of batch w / (TILES_M * TILES_N); subgroup s the 64x64 block
+//           (s / {sg_cols}, s % {sg_cols}) of it.
 // Configuration {cfgd}: tiles staged {bk} deep through K, rows {pad};
 // {pipe}.
 {}
@@ -513,7 +546,7 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
 var<workgroup> As: array<f16, {as_all}>;
 var<workgroup> Bs: array<f16, {bs_all}>;
 {cs_decl}{emu_fns}
-@compute @workgroup_size({THREADS})
+@compute @workgroup_size({threads})
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -528,9 +561,9 @@ fn main(
     let z = w / (TILES_N * TILES_M);
 {batch_bases}    let obase = z * M * N;
     let row0 = tm * {tile}u;
-    let col0 = tn * {tile}u;
-    let wm = sid / 2u;
-    let wn = sid % 2u;
+    let col0 = tn * {tile_n}u;
+    let wm = sid / {sg_cols}u;
+    let wn = sid % {sg_cols}u;
 ",
         emu_fns = if emulated {
             emulation_fns(cfg)
@@ -545,9 +578,12 @@ fn main(
         },
         as_all = asz * cfg.stages(),
         cs_decl = if emulated {
-            ""
+            String::new()
         } else {
-            "// one 16x16 f32 tile per subgroup for the epilogue\nvar<workgroup> Cs: array<f32, 1024>;\n"
+            format!(
+                "// one 16x16 f32 tile per subgroup for the epilogue\nvar<workgroup> Cs: array<f32, {}>;\n",
+                subgroups * 256
+            )
         },
         bs_all = bsz * cfg.stages(),
         builtins = if emulated {
@@ -592,7 +628,8 @@ fn main(
         }
     }
     // a thread's staged column of b is the same at every step through K (b not transposed:
-    // element lid + l * 128 of the tile is column lid): its part of the gather, once
+    // element lid + l * threads of the tile is column lid, as there are as many threads as
+    // columns): its part of the gather, once
     match operands {
         Operands::Im2col { .. } if !mm.trans_b => {
             let _ = writeln!(s, "    let pcol = cols_p(col0 + lid);");
@@ -606,8 +643,8 @@ fn main(
     // operand's contiguous axis allows), consecutive threads on consecutive addresses
     let (stage_a, stage_b) = (Staged::a(mm, operands, sa), Staged::b(mm, operands, sb));
     let stage = |s: &mut String, phase: Phase, k: &str, offs: [&str; 2]| {
-        stage_a.write(s, vec[0], bk, sta, phase, k, offs[0]);
-        stage_b.write(s, vec[1], bk, stb, phase, k, offs[1]);
+        stage_a.write(s, vec[0], cfg, phase, k, offs[0]);
+        stage_b.write(s, vec[1], cfg, phase, k, offs[1]);
     };
     // one step's products from the buffers at these offsets
     let products = |s: &mut String, ao: &str, bo: &str| {
@@ -830,22 +867,18 @@ impl Staged {
         }
     }
 
-    /// The staging code of `phase` for a tile `bk` deep with rows `stride` apart: 128 x `bk`
-    /// elements, `bk / 4` scalars per thread, or `bk / 16` vec4s where `vec` (along the
-    /// contiguous axis); consecutive threads on consecutive addresses of the operand. Loads
-    /// read step `k` (its first index), stores go to the buffer at offset `off`.
-    #[allow(clippy::too_many_arguments)]
-    fn write(
-        &self,
-        s: &mut String,
-        vec: bool,
-        bk: u32,
-        stride: u32,
-        phase: Phase,
-        k: &str,
-        off: &str,
-    ) {
-        let tile = TILE as u32;
+    /// The staging code of `phase` for a tile `cfg.bk` deep with rows as `cfg` strides them:
+    /// 128 (or, for b, `cfg.tile_n()`) x `bk` elements, as scalars, or as vec4s where `vec`
+    /// (along the contiguous axis); consecutive threads on consecutive addresses of the
+    /// operand. Loads read step `k` (its first index), stores go to the buffer at offset `off`.
+    fn write(&self, s: &mut String, vec: bool, cfg: CoopConfig, phase: Phase, k: &str, off: &str) {
+        let (bk, threads) = (cfg.bk, cfg.threads());
+        // the tile's extent along the operand's other index, and its row stride
+        let (tile, stride) = if self.name == 'a' {
+            (TILE as u32, cfg.a_stride())
+        } else {
+            (cfg.tile_n(), cfg.b_stride())
+        };
         let (name, o) = (self.name, self.outer);
         let (extent, origin) = if name == 'a' {
             ("M", "row0")
@@ -858,7 +891,7 @@ impl Staged {
             format!("{name}base + k * {extent} + {o}")
         };
         let width = if vec { 4 } else { 1 };
-        for l in 0..tile * bk / width / THREADS {
+        for l in 0..tile * bk / width / threads {
             // the prefetch register of this load
             let reg = format!("p{name}{l}");
             if phase == Phase::Declare {
@@ -866,7 +899,7 @@ impl Staged {
                 let _ = writeln!(s, "    var {reg}: {ty};");
                 continue;
             }
-            let e = format!("(lid + {}u)", l * THREADS);
+            let e = format!("(lid + {}u)", l * threads);
             // the tile index along the contiguous axis runs fastest
             let along = |n: u32| match width {
                 1 => format!("{e} % {n}u"),

@@ -110,6 +110,7 @@ impl GpuPlan {
             Some(Forced::Coop(c)) => Some(c),
             _ => *ctx.coop_config.lock().expect("coop lock"),
         };
+        let coop_default = *ctx.coop_default.lock().expect("coop lock");
         let f16_products = order
             .iter()
             .any(|id| matches!(nodes[id.0].op, Op::MatMul(_)) && nodes[id.0].dtype == DType::F16);
@@ -124,6 +125,7 @@ impl GpuPlan {
             coop: ctx.coop_active(),
             coop_f16: ctx.coop_f16_active(),
             coop_fixed,
+            coop_default,
             tuned: &tuned,
             coop_tuned: &coop_tuned,
         };

@@ -45,6 +45,7 @@ pub(crate) struct Choice<'a> {
     pub coop: bool,
     pub coop_f16: bool,
     pub coop_fixed: Option<CoopConfig>,
+    pub coop_default: CoopConfig,
     pub tuned: &'a HashMap<String, GemmConfig>,
     pub coop_tuned: &'a HashMap<String, CoopConfig>,
 }
@@ -62,12 +63,13 @@ pub(crate) fn coop_tune_key(d: &ProductDims, dtype: DType) -> String {
 }
 
 /// The tensor-core kernel's configuration for a product: the one fixed on the device, else
-/// the one tuned for its extents, else the adapter's default (`CoopConfig::choose`).
+/// the one tuned for its extents, else the device's default (`CoopConfig::choose`, unless that
+/// failed the device's check).
 pub(crate) fn coop_config(d: &ProductDims, ch: &Choice, dtype: DType) -> CoopConfig {
     ch.coop_fixed
         .filter(|c| c.fits(ch.target))
         .or_else(|| ch.coop_tuned.get(&coop_tune_key(d, dtype)).copied())
-        .unwrap_or_else(|| CoopConfig::choose(ch.target))
+        .unwrap_or(ch.coop_default)
 }
 
 /// Every rewrite, in the order the module documentation gives (the fusion ones only with
@@ -1163,6 +1165,7 @@ mod tests {
             coop: false,
             coop_f16: false,
             coop_fixed: None,
+            coop_default: CoopConfig::PLAIN,
             tuned: &tuned,
             coop_tuned: &HashMap::new(),
         };
@@ -1225,6 +1228,7 @@ mod tests {
             coop: false,
             coop_f16: false,
             coop_fixed: None,
+            coop_default: CoopConfig::PLAIN,
             tuned: &tuned,
             coop_tuned: &HashMap::new(),
         };

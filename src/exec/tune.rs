@@ -217,7 +217,7 @@ fn fastest_coop(device: &Device, d: &ProductDims, dtype: DType) -> Result<CoopCo
     let ctx = device
         .gpu_ctx()
         .ok_or_else(|| Error::Device("not a GPU device".into()))?;
-    let first = CoopConfig::choose(&ctx.target);
+    let first = *ctx.coop_default.lock().expect("coop lock");
     let mut candidates = CoopConfig::all(&ctx.target);
     candidates.retain(|&c| c != first);
     candidates.insert(0, first);
