@@ -47,6 +47,14 @@ fn main() -> kiln::Result<()> {
         if let Some(c) = kiln::codegen::matmul::choose(4096, 4096, 4096, 1, &t) {
             println!("GEMM for 4096^3 by the model: {}", c.describe());
         }
+        if t.coop_f16 {
+            let fitting = kiln::codegen::coop::CoopConfig::all(&t);
+            println!(
+                "tensor-core configuration by default: {} ({} of 24 fit)",
+                kiln::codegen::coop::CoopConfig::choose(&t).describe(),
+                fitting.len()
+            );
+        }
     }
     if let Some(l) = dev.limits() {
         println!("limits: {l:#?}");

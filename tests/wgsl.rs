@@ -738,3 +738,40 @@ fn f16_variants_of_shaders_are_valid_wgsl() {
         "generated per shape instead"
     );
 }
+
+/// Which tensor-core configurations fit where: 14 of 24 in an H100's 48 KiB of workgroup
+/// memory (default `bk32/pad/db`), 11 in lavapipe's 32 KiB when emulated (no epilogue tile;
+/// default `bk32/pad/pf`); every form reads back as itself.
+#[test]
+fn coop_configurations_fit_as_documented() {
+    use kiln::codegen::coop::CoopConfig;
+    use kiln::codegen::Target;
+    let h100 = Target {
+        workgroup_storage: 48 << 10,
+        max_invocations: 1024,
+        ..Target::discrete()
+    };
+    assert_eq!(CoopConfig::all(&h100).len(), 14);
+    assert_eq!(CoopConfig::choose(&h100).describe(), "bk32/pad/db");
+    let lavapipe = Target {
+        workgroup_storage: 32 << 10,
+        max_invocations: 1024,
+        coop_emulated: true,
+        ..Target::discrete()
+    };
+    assert_eq!(CoopConfig::all(&lavapipe).len(), 11);
+    assert_eq!(CoopConfig::choose(&lavapipe).describe(), "bk32/pad/pf");
+    // WebGPU's default 16 KiB: none fits, and the plain form is what a failed choice falls to
+    assert_eq!(CoopConfig::all(&Target::discrete()).len(), 0);
+    for c in every_coop_config() {
+        assert_eq!(
+            CoopConfig::parse(&c.describe()),
+            Some(c),
+            "{}",
+            c.describe()
+        );
+    }
+    for bad in ["bk16", "bk32/db/x", "32/pad", ""] {
+        assert_eq!(CoopConfig::parse(bad), None, "{bad}");
+    }
+}

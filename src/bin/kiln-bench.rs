@@ -60,14 +60,14 @@ fn sweep(gpu: &Device, n: usize, reps: usize) -> kiln::Result<()> {
         for c in kiln::codegen::coop::CoopConfig::all(&target) {
             let name = format!("tensor cores {}", c.describe());
             if let Err(e) = gpu.set_coop_config(Some(c)) {
-                println!("{name:<24} skipped: {e}");
+                println!("{name:<28} skipped: {e}");
                 continue;
             }
             let mut case = matmul_as(gpu, n, "", kiln::DType::F16)?;
             let wall = time(&mut case, reps, Duration::from_secs(10))?;
             let t = case.kernel_seconds(reps.min(5))?.unwrap_or(wall);
             let rate = case.work / t / 1e9;
-            println!("{name:<24} {rate:>10.2} GFLOP/s (f16)");
+            println!("{name:<28} {rate:>10.2} GFLOP/s (f16)");
             results.push((rate, name));
         }
         if let Err(e) = gpu.set_coop_config(None) {
@@ -95,7 +95,7 @@ fn sweep(gpu: &Device, n: usize, reps: usize) -> kiln::Result<()> {
                 let wall = time(&mut case, reps, Duration::from_secs(10))?;
                 let t = case.kernel_seconds(reps.min(5))?.unwrap_or(wall);
                 let rate = case.work / t / 1e9;
-                println!("{:<24} {rate:>10.2} GFLOP/s", cfg.describe());
+                println!("{:<28} {rate:>10.2} GFLOP/s", cfg.describe());
                 results.push((rate, cfg.describe()));
             }
         }
@@ -104,7 +104,7 @@ fn sweep(gpu: &Device, n: usize, reps: usize) -> kiln::Result<()> {
     results.sort_by(|a, b| b.0.total_cmp(&a.0));
     println!("best for {n}^3:");
     for (rate, name) in results.iter().take(5) {
-        println!("  {name:<24} {rate:>10.2} GFLOP/s");
+        println!("  {name:<28} {rate:>10.2} GFLOP/s");
     }
     Ok(())
 }

@@ -6,15 +6,16 @@
 //! ([`Operands`]: forward, weight gradient, input gradient) alike; bindings stored as
 //! [`Storage`] says.
 //!
-//! A workgroup of 128 threads (four subgroups, 2 x 2) computes a 128 x 128 output tile, each
-//! subgroup a 64 x 64 block as 4 x 4 accumulators. Both operand tiles are staged through
+//! A workgroup of 128 threads (four subgroups, 2 x 2) computes a 128 x 128 output tile (or of
+//! 256 threads, 2 x 4, a 128 x 256 one), each subgroup a 64 x 64 block as 4 x 4 accumulators. Both operand tiles are staged through
 //! workgroup memory 32 or 64 deep, converted to f16 on the way (bounds-checked, zero-filled, so
 //! any M, N, K and either transpose work; read as vec4s where an operand's contiguous axis is a
 //! multiple of 4, [`vec_operands`]); each subgroup loads its 4 A and 4 B fragments from there
-//! per 16 of K. [`CoopConfig`] says how: the staging depth, rows padded against memory-bank
-//! conflicts, and the next step's loads issued before this step's products (register
-//! prefetch, optionally into a second buffer); `KILN_GEMM=tune` and `kiln-bench --sweep` time
-//! them on the adapter. The epilogue passes each accumulator through a per-subgroup 16 x 16 f32 staging
+//! per 16 of K. [`CoopConfig`] says how: the tile's width, the staging depth, rows padded
+//! against memory-bank conflicts, and the next step's loads issued before this step's products
+//! (register prefetch, optionally into a second buffer); `KILN_GEMM=tune` and `kiln-bench
+//! --sweep` time them on the adapter. If the adapter's default fails the device's check, the
+//! plain form is checked and used instead. The epilogue passes each accumulator through a per-subgroup 16 x 16 f32 staging
 //! tile so that the bias, relu, a fused elementwise epilogue (the plan's `MatMulEpilogue`) and
 //! edge checks apply per element.
 //!
