@@ -47,7 +47,7 @@ case "$stage" in
     { time limited .device-bin/mnist_cnn --data data/mnist --limit 2000 --epochs 3; } > "$out/train.txt" 2>&1 ;;
   all)
     # seconds per program of each stage; a stage cut short keeps what it wrote
-    for s in suite:180 train:60 profile:80 sweep:90; do
+    for s in suite:180 train:60 profile:80 sweep:150; do
       STAGE_LIMIT=${s#*:} bash "$0" "${s%%:*}" || echo "[stage ${s%%:*} ended with $?]" | tee -a "$out/all.txt"
     done
     ls -l "$out" ;;

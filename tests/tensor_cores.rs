@@ -265,7 +265,7 @@ fn configurations_match_the_cpu() {
     // lavapipe's 32 KiB of workgroup memory hold 11 of the 24
     assert!(fitting.len() >= 11, "{fitting:?}");
     let configs: Vec<CoopConfig> = if std::env::var("KILN_TEST_ALL_COOP").is_ok_and(|v| v == "1") {
-        fitting
+        fitting.clone()
     } else {
         ["bk32/db", "bk64/pf", "bk32/wide/pad/pf"]
             .iter()
@@ -290,7 +290,7 @@ fn configurations_match_the_cpu() {
         ("at".to_string(), rand(&[2, 228, 132], 3)),
         ("bt".to_string(), rand(&[2, 68, 228], 4)),
     ];
-    for c in configs {
+    for &c in &configs {
         let name = c.describe();
         dev.set_coop_config(Some(c))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -303,6 +303,15 @@ fn configurations_match_the_cpu() {
             .count();
         assert_eq!(ours, 2, "{name}: {kernels:#?}");
     }
+    // one that does not fit is refused with the reason, and changes nothing
+    let roomy = CoopConfig::parse("bk64/pad/db").expect("a configuration");
+    assert!(!fitting.contains(&roomy));
+    let err = dev.set_coop_config(Some(roomy)).unwrap_err().to_string();
+    assert!(
+        err.contains("bk64/pad/db") && err.contains("workgroup memory"),
+        "{err}"
+    );
+    assert_eq!(dev.coop_config(), configs.last().copied());
     // and back to the adapter's default
     dev.set_coop_config(None).expect("the default passes");
     assert_eq!(dev.coop_config(), None);

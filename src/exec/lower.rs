@@ -69,6 +69,8 @@ pub(crate) fn coop_config(d: &ProductDims, ch: &Choice, dtype: DType) -> CoopCon
     ch.coop_fixed
         .filter(|c| c.fits(ch.target))
         .or_else(|| ch.coop_tuned.get(&coop_tune_key(d, dtype)).copied())
+        // a tuning file's entry is only as good as the adapter it was written on
+        .filter(|c| c.fits(ch.target))
         .unwrap_or(ch.coop_default)
 }
 
