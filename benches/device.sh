@@ -16,7 +16,8 @@
 #   bash benches/device.sh sweep     # every tensor-core (f16) and GEMM (f32) configuration on 4096^3
 #   bash benches/device.sh profile   # per-op GPU times of every plan of the suite
 #   bash benches/device.sh train     # the README's MNIST command, timed
-# Results land in $OUT (JSON, logs); copy the numbers into BENCHMARKS.md with the command.
+# Results land in $OUT (JSON, logs; targets.txt: the six issue-6 targets, met or not); copy the
+# numbers into BENCHMARKS.md with the command.
 set -euo pipefail
 stage=${1:?usage: bash benches/device.sh all|suite|tune|sweep|profile|train}
 out=${OUT:-/tmp/kiln-out}
@@ -33,12 +34,15 @@ limited() { if [ -n "${STAGE_LIMIT:-}" ]; then timeout -k 5 "$STAGE_LIMIT" "$@";
 case "$stage" in
   suite)
     limited .device-bin/kiln-bench --quick --no-cpu --json "$out/auto.json" 2>&1 | tee "$out/auto.txt"
+    # the six targets, met or not (benches/targets.py: standard-library Python)
+    python3 benches/targets.py "$out/auto.json" 2>&1 | tee "$out/targets.txt" || true
     # the recurrent layers one dispatch per step, against the whole-sequence kernels above
     KILN_RNN_STEPS=1 limited .device-bin/kiln-bench --quick --no-cpu --only lstm 2>&1 | tee "$out/lstm-steps.txt" ;;
   tune)
     KILN_GEMM=tune limited .device-bin/kiln-bench --quick --no-cpu --only matmul --only conv --only cnn --only lstm \
       --json "$out/tune.json" 2>&1 | tee "$out/tune.txt"
-    cp "$KILN_CACHE_DIR"/gemm-tune-*.txt "$out/" 2>/dev/null || true ;;
+    cp "$KILN_CACHE_DIR"/gemm-tune-*.txt "$out/" 2>/dev/null || true
+    python3 benches/targets.py "$out"/auto.json "$out/tune.json" 2>&1 | tee "$out/targets-tuned.txt" || true ;;
   sweep)
     limited .device-bin/kiln-bench --sweep 4096 --quick 2>&1 | tee "$out/sweep.txt" ;;
   profile)

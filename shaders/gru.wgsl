@@ -300,8 +300,9 @@ fn rnn_backward(
 // workgroup barriers between steps: no dispatch per step. Each workgroup owns 4 batch rows
 // b0..b0+3 (one vec4 lane per row; lanes past B stay idle); thread j owns cell j of the four
 // rows and keeps h in registers; h_prev (or the step's gate gradients) is shared through
-// workgroup memory (backward: 3H vec4s for the GRU, 12 KB at H = 256). Used while H <= 256, else
-// the per-step kernels above.
+// workgroup memory, sized by SEQ_WG (backward: 3 SEQ_WG vec4s for the GRU, 12 KB at H = 256).
+// Used while H fits the adapter's threads per workgroup and workgroup memory
+// (src/ops/lstm.rs, `sequence_limit`), else the per-step kernels above.
 // Entries `gru_forward_seq`, `rnn_forward_seq`: bindings as the per-step forward entries
 // (binding 0 unused, offset 0); `gru_backward_seq`, `rnn_backward_seq`: as the backward ones.
 // Overrides: T, B, H, REVERSE, SEQ_WG (threads per workgroup, >= H).
@@ -310,9 +311,9 @@ fn rnn_backward(
 override SEQ_WG: u32 = 64u;
 
 // h_prev of the 4 rows, [m] = vec4(rows)
-var<workgroup> h_rows: array<vec4<f32>, 256>;
+var<workgroup> h_rows: array<vec4<f32>, SEQ_WG>;
 // the step's gate gradients of the 4 rows, [k * H + m]
-var<workgroup> g_rows: array<vec4<f32>, 768>;
+var<workgroup> g_rows: array<vec4<f32>, 3u * SEQ_WG>;
 
 fn quad_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return (wid.y * nwg.x + wid.x) * 4u;

@@ -229,8 +229,10 @@ fn lstm_backward(
 // workgroup barriers between steps: no dispatch per step. Each workgroup owns 4 batch rows
 // b0..b0+3 (one vec4 lane per row; lanes past B stay idle); thread j owns cell j of the four
 // rows and keeps h and c in registers; h_prev (or the step's gate gradients) is shared through
-// workgroup memory (backward: 4H vec4s, 16 KB at H = 256, WebGPU's guaranteed minimum). Used
-// while H <= 256, else the per-step kernels above.
+// workgroup memory, sized by SEQ_WG (forward: SEQ_WG vec4s; backward: 4 SEQ_WG vec4s, 16 KB at
+// H = 256, WebGPU's guaranteed minimum). Used while H fits the adapter's threads per workgroup
+// and workgroup memory (src/ops/lstm.rs, `sequence_limit`: 256 with WebGPU's default limits,
+// 768 on an H100), else the per-step kernels above.
 // Entry `lstm_forward_seq`: bindings as `lstm_forward` (binding 0 unused, offset 0);
 // Entry `lstm_backward_seq`: bindings as `lstm_backward`.
 // Overrides: T, B, H, REVERSE, SEQ_WG (threads per workgroup, >= H).
@@ -239,9 +241,9 @@ fn lstm_backward(
 override SEQ_WG: u32 = 64u;
 
 // h_prev of the 4 rows, [m] = vec4(rows)
-var<workgroup> h_rows: array<vec4<f32>, 256>;
+var<workgroup> h_rows: array<vec4<f32>, SEQ_WG>;
 // the step's pre-activation gate gradients of the 4 rows, [k * H + m]
-var<workgroup> g_rows: array<vec4<f32>, 1024>;
+var<workgroup> g_rows: array<vec4<f32>, 4u * SEQ_WG>;
 
 fn quad_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return (wid.y * nwg.x + wid.x) * 4u;

@@ -645,13 +645,15 @@ fn embedding_in_f16() {
 
 /// Recurrent layers on f16 inputs (`nn::Recurrent` casts its f32 parameters and states, as
 /// `Linear` does): LSTM, GRU and RNN, bidirectional, with lengths, on the whole-sequence
-/// kernels and (H > 256) the per-step ones; outputs and parameter gradients against the CPU
+/// kernels and (H beyond the adapter's `sequence_limit`) the per-step ones; outputs and
+/// parameter gradients against the CPU
 /// reference (which rounds each f16 node the same way) within f16 precision.
 #[test]
 fn recurrent_layers_in_f16() {
     use kiln::nn::{Init, Recurrent};
     let Some(dev) = device(true) else { return };
-    for &(t, b, i, h, bidir) in &[(5, 3, 4, 6, true), (3, 2, 3, 260, false)] {
+    let beyond = common::sequence_limit() + 4;
+    for &(t, b, i, h, bidir) in &[(5, 3, 4, 6, true), (3, 2, 3, beyond, false)] {
         for cell in ["lstm", "gru", "rnn"] {
             let g = Graph::new();
             let x = g.input("x", [t, b, i]);

@@ -85,12 +85,16 @@ const SHAPES: &[(usize, usize, usize, usize, bool, bool)] = &[
     (7, 5, 3, 2, true, true),
     (3, 5, 3, 53, false, false), // B * H = 265: more than one 256-thread workgroup per step
     (2, 3, 2, 37, true, true),   // 3H * (H + 1) > 256 weight-gradient entries, masked, reverse
-    (2, 6, 2, 256, true, true),  // H = 256: the largest whole-sequence kernels
-    (2, 2, 2, 260, false, true), // H > 256: per-step kernels both ways
+    (2, 6, 2, 256, true, true),  // H = 256: whole-sequence with WebGPU's default limits
 ];
 
 fn check_layer(cell: Cell) {
-    for &(t, b, i, h, reverse, lengths) in SHAPES {
+    let limit = common::sequence_limit();
+    let edges = [
+        (2, 2, 2, limit, false, true), // the adapter's largest whole-sequence kernels
+        (2, 2, 2, limit + 4, true, true), // beyond them: per-step kernels both ways
+    ];
+    for &(t, b, i, h, reverse, lengths) in SHAPES.iter().chain(&edges) {
         let what = format!("{cell:?} T={t} B={b} I={i} H={h} reverse={reverse} lengths={lengths}");
         let (g, loss, wrt, feeds) = layer_graph(cell, t, b, i, h, reverse, lengths);
         let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, v)| (*n, v)).collect();

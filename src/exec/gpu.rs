@@ -206,7 +206,7 @@ impl GpuPlan {
             .filter_map(|id| {
                 let n = &nodes[id.0];
                 let shapes: Vec<&Shape> = n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
-                n.op.repeat(&shapes)
+                n.op.repeat(&shapes, &ctx.target)
             })
             .max()
             .unwrap_or(0) as u64;
@@ -238,7 +238,7 @@ impl GpuPlan {
                 continue;
             };
             let (rw_from, output) = n.op.binding_mode(n.inputs.len());
-            let repeat = n.op.repeat(&in_shapes);
+            let repeat = n.op.repeat(&in_shapes, &ctx.target);
             let mode = BindingMode {
                 n_inputs: n.inputs.len(),
                 rw_from,

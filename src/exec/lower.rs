@@ -871,7 +871,7 @@ pub(crate) fn select(
                     let g = gemm::kernel(mm, &d, &cfg);
                     Some((g.spec.clone(), Some(g)))
                 }
-                None => op.kernel(inputs, out).map(|k| (k, None)),
+                None => op.kernel(inputs, out, ch.target).map(|k| (k, None)),
             }
         }
         Op::MatMulPartial(p) => {
@@ -975,7 +975,7 @@ pub(crate) fn select(
             let g = elementwise::cast_kernel(out, in_dtypes[0], dtype);
             Some((g.spec.clone(), Some(g)))
         }
-        _ => op.kernel(inputs, out).map(|k| (k, None)),
+        _ => op.kernel(inputs, out, ch.target).map(|k| (k, None)),
     }
 }
 
@@ -1142,7 +1142,7 @@ fn select_f16(
         }
         // the others are hand-written kernels with a storage block: their f16 variants (the
         // graph's dtype rule lets only those families see f16; `f16_kernel` names a miss)
-        other => crate::codegen::storage::f16_kernel(other.kernel(inputs, out)?),
+        other => crate::codegen::storage::f16_kernel(other.kernel(inputs, out, ch.target)?),
     };
     Some((g.spec.clone(), Some(g)))
 }

@@ -49,16 +49,26 @@ fn time_of(s: usize, t: usize, reverse: bool) -> usize {
 /// Batch rows per workgroup of the whole-sequence kernels (one vec4 lane each).
 pub(crate) const SEQUENCE_ROWS: usize = 4;
 
-/// Threads per workgroup of a whole-sequence recurrent kernel (LSTM, GRU, RNN), or `None` when
-/// the per-step kernels run instead. Thread j owns cell j of its workgroup's rows, so H <= 256;
-/// the WGSL's workgroup arrays hold what a step shares at that size (h_prev forward, the gate
-/// gradients backward: 4H vec4s for the LSTM, 16 KB). `KILN_RNN_STEPS=1` forces the per-step
-/// kernels (for comparisons).
-pub(crate) fn sequence_threads(h: usize) -> Option<u32> {
+/// The largest hidden size H whose recurrences run as whole-sequence kernels on `target`.
+/// Thread j owns cell j of its workgroup's rows, so H is at most the adapter's threads per
+/// workgroup; the WGSL's workgroup arrays hold what a step shares (h_prev forward; the gate
+/// gradients backward: 4 vec4s per cell for the LSTM, 64 bytes, the most of the three cells).
+/// WebGPU's default limits (256 threads, 16 KiB) give 256; an H100 (1024, 48 KiB) 768;
+/// lavapipe (1024, 32 KiB) 512.
+pub fn sequence_limit(target: &crate::codegen::Target) -> usize {
+    let threads = target.max_invocations.min(target.workgroup_storage / 64);
+    (threads / 32 * 32) as usize
+}
+
+/// Threads per workgroup of a whole-sequence recurrent kernel (LSTM, GRU, RNN) for hidden size
+/// `h` on an adapter allowing H up to `limit` ([`sequence_limit`]), or `None` when the
+/// per-step kernels run instead. `KILN_RNN_STEPS=1` forces the per-step kernels (for
+/// comparisons).
+pub(crate) fn sequence_threads(h: usize, limit: usize) -> Option<u32> {
     static PER_STEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let per_step =
         *PER_STEP.get_or_init(|| std::env::var("KILN_RNN_STEPS").is_ok_and(|v| v == "1"));
-    (!per_step && h <= 256).then(|| h.next_multiple_of(32) as u32)
+    (!per_step && h <= limit).then(|| h.next_multiple_of(32) as u32)
 }
 
 /// The recurrent kernel of `family` for `(T, B, H)`: the whole-sequence entry (`entries.1`,
@@ -69,9 +79,10 @@ pub(crate) fn recurrent_kernel(
     entries: (&'static str, &'static str),
     (t, b, h): (usize, usize, usize),
     reverse: bool,
+    limit: usize,
 ) -> KernelSpec {
     let mut constants = constants(t, b, h, reverse);
-    match sequence_threads(h) {
+    match sequence_threads(h, limit) {
         Some(threads) => {
             constants.push(("SEQ_WG", threads as f64));
             KernelSpec {
@@ -92,8 +103,8 @@ pub(crate) fn recurrent_kernel(
 
 /// Dispatches of a recurrent kernel over T steps with hidden size H: 1 for the whole-sequence
 /// kernel, else one per step (and one more backward, for the initial state's gradient).
-pub(crate) fn recurrent_dispatches(t: usize, h: usize, backward: bool) -> u32 {
-    match sequence_threads(h) {
+pub(crate) fn recurrent_dispatches(t: usize, h: usize, backward: bool, limit: usize) -> u32 {
+    match sequence_threads(h, limit) {
         Some(_) => 1,
         None => t as u32 + backward as u32,
     }
@@ -199,15 +210,16 @@ impl LstmForward {
         Tensor::new(out.clone(), p).expect("packed state")
     }
 
-    /// Kernel: one dispatch over the whole sequence (H <= 256), else T dispatches with one
-    /// thread per (b, j).
-    pub fn kernel(&self, out: &Shape) -> KernelSpec {
+    /// Kernel: one dispatch over the whole sequence (H <= `limit`, [`sequence_limit`]), else
+    /// T dispatches with one thread per (b, j).
+    pub fn kernel(&self, out: &Shape, limit: usize) -> KernelSpec {
         let (t, b, h) = dims(out);
         recurrent_kernel(
             "lstm",
             ("lstm_forward", "lstm_forward_seq"),
             (t, b, h),
             self.reverse,
+            limit,
         )
     }
 
@@ -363,15 +375,16 @@ impl LstmBackward {
             .expect("packed gradient")
     }
 
-    /// Kernel: one dispatch over the whole sequence (H <= 256), else T + 1 dispatches with one
-    /// thread per (b, j).
-    pub fn kernel(&self, p: &Shape) -> KernelSpec {
+    /// Kernel: one dispatch over the whole sequence (H <= `limit`, [`sequence_limit`]), else
+    /// T + 1 dispatches with one thread per (b, j).
+    pub fn kernel(&self, p: &Shape, limit: usize) -> KernelSpec {
         let (t, b, h) = dims(p);
         recurrent_kernel(
             "lstm",
             ("lstm_backward", "lstm_backward_seq"),
             (t, b, h),
             self.reverse,
+            limit,
         )
     }
 }

@@ -313,9 +313,10 @@ impl Op {
         (flops, bytes)
     }
 
-    /// For recurrent kernels: how many times the kernel is dispatched in a row (each dispatch
-    /// reads its index from a step uniform at binding 0); `None` for single-dispatch kernels.
-    pub fn repeat(&self, inputs: &[&Shape]) -> Option<u32> {
+    /// For recurrent kernels: how many times the kernel is dispatched in a row on `target` (each
+    /// dispatch reads its index from a step uniform at binding 0); `None` for single-dispatch
+    /// kernels.
+    pub fn repeat(&self, inputs: &[&Shape], target: &crate::codegen::Target) -> Option<u32> {
         self.is_recurrent().then(|| {
             // inputs: xw (or P) first, w_hh (G*H, H) second
             let (t, h) = (inputs[0].dims()[0], inputs[1].dims()[1]);
@@ -323,7 +324,7 @@ impl Op {
                 self,
                 Op::LstmBackward(_) | Op::GruBackward(_) | Op::RnnBackward(_)
             );
-            lstm::recurrent_dispatches(t, h, backward)
+            lstm::recurrent_dispatches(t, h, backward, lstm::sequence_limit(target))
         })
     }
 
@@ -393,8 +394,14 @@ impl Op {
         }
     }
 
-    /// The GPU kernel for this op at these shapes; `None` for sources and views.
-    pub fn kernel(&self, inputs: &[&Shape], out: &Shape) -> Option<KernelSpec> {
+    /// The GPU kernel for this op at these shapes on `target`; `None` for sources and views.
+    pub fn kernel(
+        &self,
+        inputs: &[&Shape],
+        out: &Shape,
+        target: &crate::codegen::Target,
+    ) -> Option<KernelSpec> {
+        let seq = lstm::sequence_limit(target);
         match self {
             Op::MatMul(m) => Some(m.kernel(inputs[0], inputs[1], out)),
             // generated: see `Op::generated_kernel`
@@ -428,12 +435,12 @@ impl Op {
             Op::MaxPool2dBackward(p) => Some(p.max_backward_kernel(inputs[0])),
             Op::AvgPool2dBackward(p) => Some(p.kernel(out)),
             Op::CrossEntropy(c) => Some(c.kernel(inputs[0])),
-            Op::LstmForward(l) => Some(l.kernel(out)),
-            Op::LstmBackward(l) => Some(l.kernel(inputs[0])),
-            Op::GruForward(l) => Some(l.kernel(out)),
-            Op::GruBackward(l) => Some(l.kernel(inputs[0])),
-            Op::RnnForward(l) => Some(l.kernel(out)),
-            Op::RnnBackward(l) => Some(l.kernel(inputs[0])),
+            Op::LstmForward(l) => Some(l.kernel(out, seq)),
+            Op::LstmBackward(l) => Some(l.kernel(inputs[0], seq)),
+            Op::GruForward(l) => Some(l.kernel(out, seq)),
+            Op::GruBackward(l) => Some(l.kernel(inputs[0], seq)),
+            Op::RnnForward(l) => Some(l.kernel(out, seq)),
+            Op::RnnBackward(l) => Some(l.kernel(inputs[0], seq)),
             Op::Embedding(e) => Some(e.kernel(inputs[0], inputs[1])),
             Op::EmbeddingBackward(e) => Some(e.kernel(inputs[0], out)),
             Op::Dropout(d) => Some(d.kernel(out.numel())),

@@ -24,6 +24,15 @@ pub fn gpu() -> Option<Device> {
     }
 }
 
+/// The largest hidden size the shared GPU runs as whole-sequence recurrent kernels
+/// (`kiln::ops::lstm::sequence_limit`; 256, WebGPU's default, without a GPU): tests put one
+/// case at it and one just above it, on the per-step kernels.
+pub fn sequence_limit() -> usize {
+    gpu()
+        .and_then(|d| d.target())
+        .map_or(256, |t| kiln::ops::lstm::sequence_limit(&t))
+}
+
 /// Uniform values in [-1, 1) from a seed.
 pub fn rand(shape: &[usize], seed: u64) -> Tensor {
     Tensor::rand_uniform(shape.to_vec(), -1.0, 1.0, seed)
