@@ -301,8 +301,7 @@ fn rnn_backward(
 // b0..b0+3 (one vec4 lane per row; lanes past B stay idle); thread j owns cell j of the four
 // rows and keeps h in registers; h_prev (or the step's gate gradients) is shared through
 // workgroup memory, sized by SEQ_WG (backward: 3 SEQ_WG vec4s for the GRU, 12 KB at H = 256).
-// Used while H fits the adapter's threads per workgroup and workgroup memory
-// (src/ops/lstm.rs, `sequence_limit`), else the per-step kernels above.
+// Used where src/ops/lstm.rs's `whole_sequence` says, else the per-step kernels above.
 // Entries `gru_forward_seq`, `rnn_forward_seq`: bindings as the per-step forward entries
 // (binding 0 unused, offset 0); `gru_backward_seq`, `rnn_backward_seq`: as the backward ones.
 // Overrides: T, B, H, REVERSE, SEQ_WG (threads per workgroup, >= H).

@@ -230,9 +230,9 @@ fn lstm_backward(
 // b0..b0+3 (one vec4 lane per row; lanes past B stay idle); thread j owns cell j of the four
 // rows and keeps h and c in registers; h_prev (or the step's gate gradients) is shared through
 // workgroup memory, sized by SEQ_WG (forward: SEQ_WG vec4s; backward: 4 SEQ_WG vec4s, 16 KB at
-// H = 256, WebGPU's guaranteed minimum). Used while H fits the adapter's threads per workgroup
-// and workgroup memory (src/ops/lstm.rs, `sequence_limit`: 256 with WebGPU's default limits,
-// 768 on an H100), else the per-step kernels above.
+// H = 256, WebGPU's guaranteed minimum). Used where src/ops/lstm.rs's `whole_sequence` says (H
+// within the adapter's threads per workgroup and workgroup memory, and beyond 256 only where
+// the ceil(B / 4) workgroups fill the adapter), else the per-step kernels above.
 // Entry `lstm_forward_seq`: bindings as `lstm_forward` (binding 0 unused, offset 0);
 // Entry `lstm_backward_seq`: bindings as `lstm_backward`.
 // Overrides: T, B, H, REVERSE, SEQ_WG (threads per workgroup, >= H).

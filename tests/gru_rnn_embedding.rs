@@ -91,14 +91,16 @@ const SHAPES: &[(usize, usize, usize, usize, bool, bool)] = &[
 fn check_layer(cell: Cell) {
     let limit = common::sequence_limit();
     let edges = [
-        (2, 2, 2, limit, false, true), // the adapter's largest whole-sequence kernels
+        (2, 8, 2, limit, false, true), // the largest whole-sequence kernels (if 2 groups fill it)
         (2, 2, 2, limit + 4, true, true), // beyond them: per-step kernels both ways
     ];
     for &(t, b, i, h, reverse, lengths) in SHAPES.iter().chain(&edges) {
         let what = format!("{cell:?} T={t} B={b} I={i} H={h} reverse={reverse} lengths={lengths}");
         let (g, loss, wrt, feeds) = layer_graph(cell, t, b, i, h, reverse, lengths);
         let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, v)| (*n, v)).collect();
-        check_gpu_vs_cpu(&what, &g, &[loss], &refs, TOL);
+        // f32 sums over hundreds of cells per step: the absolute error grows with H
+        let tol = if h > 256 { (1e-4, TOL.1) } else { TOL };
+        check_gpu_vs_cpu(&what, &g, &[loss], &refs, tol);
         gradcheck(
             &what,
             &g,
@@ -106,7 +108,7 @@ fn check_layer(cell: Cell) {
             &wrt,
             &refs,
             if h > 10 { 6 } else { 12 },
-            TOL,
+            tol,
         );
     }
 }

@@ -71,15 +71,18 @@ fn lstm_forward_and_gradients_match_the_reference() {
         (4, 2, 3, 5, true, false),
         (6, 3, 2, 3, false, true),
         (6, 4, 3, 2, true, true),
-        (3, 7, 5, 67, false, false),  // more than 256 threads per step
-        (2, 5, 3, 256, true, true),   // H = 256: whole-sequence with WebGPU's default limits
-        (2, 2, 2, limit, true, true), // the adapter's largest whole-sequence kernels
+        (3, 7, 5, 67, false, false), // more than 256 threads per step
+        (2, 5, 3, 256, true, true),  // H = 256: whole-sequence with WebGPU's default limits
+        // the adapter's largest whole-sequence kernels (where 2 workgroups fill it: lavapipe)
+        (2, 8, 2, limit, true, true),
         (2, 2, 2, limit + 4, false, true), // beyond them: per-step kernels both ways
     ] {
         let what = format!("lstm T={t} B={b} I={i} H={h} reverse={reverse} lengths={lengths}");
         let (g, loss, wrt, feeds) = lstm_graph(t, b, i, h, reverse, lengths);
         let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(n, v)| (*n, v)).collect();
-        check_gpu_vs_cpu(&what, &g, &[loss], &refs, TOL);
+        // f32 sums over hundreds of cells per step: the absolute error grows with H
+        let tol = if h > 256 { (1e-4, TOL.1) } else { TOL };
+        check_gpu_vs_cpu(&what, &g, &[loss], &refs, tol);
         gradcheck(
             &what,
             &g,
@@ -87,7 +90,7 @@ fn lstm_forward_and_gradients_match_the_reference() {
             &wrt,
             &refs,
             if h > 10 { 6 } else { 12 },
-            TOL,
+            tol,
         );
     }
 }
@@ -212,12 +215,15 @@ fn whole_sequence_kernels_dispatch_once_per_layer() {
         lstm_step_dispatches(&dev, 2, 8),
         lstm_step_dispatches(&dev, 9, 8)
     );
-    // so beyond WebGPU's 256 where the adapter allows (lavapipe: 512, an H100: 768)
+    // so beyond WebGPU's 256 where the adapter allows and the batch fills it (give or take a
+    // weight gradient's matmul splitting K over the longer sequence)
     let limit = common::sequence_limit();
-    // (give or take a weight gradient's matmul splitting K over the longer sequence)
-    if limit >= 260 {
-        let more = lstm_step_dispatches(&dev, 9, 260) - lstm_step_dispatches(&dev, 2, 260);
+    let target = dev.target().expect("a GPU");
+    let more = lstm_step_dispatches(&dev, 9, 260) - lstm_step_dispatches(&dev, 2, 260);
+    if kiln::ops::lstm::whole_sequence(3, 260, &target) {
         assert!(more <= 2, "{more}");
+    } else {
+        assert!(more >= 2 * (9 - 2), "{more}");
     }
     // beyond the limit: one dispatch per step forward, one per step plus one backward (at
     // least: the weight gradients' matmuls over T * B rows may split K too)

@@ -322,10 +322,10 @@ fn recurrent_kernel(
     reverse: bool,
     p: &Shape,
     entries: (&'static str, &'static str),
-    limit: usize,
+    target: &crate::codegen::Target,
 ) -> KernelSpec {
     let (t, b, h) = dims(cell, p);
-    super::lstm::recurrent_kernel("gru", entries, (t, b, h), reverse, limit)
+    super::lstm::recurrent_kernel("gru", entries, (t, b, h), reverse, target)
 }
 
 /// Backward rule of the forward recurrence (inputs `xw, w_hh, b_hh, h0, lengths`): the fused
@@ -389,15 +389,15 @@ impl GruForward {
         forward_cpu(Cell::Gru, self.reverse, x, out)
     }
 
-    /// Kernel: one dispatch over the whole sequence (H <= `limit`, `lstm::sequence_limit`), else T dispatches with one
+    /// Kernel: one dispatch over the whole sequence where `lstm::whole_sequence` says, else T dispatches with one
     /// thread per (b, j).
-    pub fn kernel(&self, out: &Shape, limit: usize) -> KernelSpec {
+    pub fn kernel(&self, out: &Shape, target: &crate::codegen::Target) -> KernelSpec {
         recurrent_kernel(
             Cell::Gru,
             self.reverse,
             out,
             ("gru_forward", "gru_forward_seq"),
-            limit,
+            target,
         )
     }
 
@@ -419,15 +419,15 @@ impl GruBackward {
         backward_cpu(Cell::Gru, self.reverse, x, out)
     }
 
-    /// Kernel: one dispatch over the whole sequence (H <= `limit`, `lstm::sequence_limit`), else T + 1 dispatches with
+    /// Kernel: one dispatch over the whole sequence where `lstm::whole_sequence` says, else T + 1 dispatches with
     /// one thread per (b, j).
-    pub fn kernel(&self, p: &Shape, limit: usize) -> KernelSpec {
+    pub fn kernel(&self, p: &Shape, target: &crate::codegen::Target) -> KernelSpec {
         recurrent_kernel(
             Cell::Gru,
             self.reverse,
             p,
             ("gru_backward", "gru_backward_seq"),
-            limit,
+            target,
         )
     }
 }
@@ -443,15 +443,15 @@ impl RnnForward {
         forward_cpu(Cell::Rnn, self.reverse, x, out)
     }
 
-    /// Kernel: one dispatch over the whole sequence (H <= `limit`, `lstm::sequence_limit`), else T dispatches with one
+    /// Kernel: one dispatch over the whole sequence where `lstm::whole_sequence` says, else T dispatches with one
     /// thread per (b, j).
-    pub fn kernel(&self, out: &Shape, limit: usize) -> KernelSpec {
+    pub fn kernel(&self, out: &Shape, target: &crate::codegen::Target) -> KernelSpec {
         recurrent_kernel(
             Cell::Rnn,
             self.reverse,
             out,
             ("rnn_forward", "rnn_forward_seq"),
-            limit,
+            target,
         )
     }
 
@@ -473,15 +473,15 @@ impl RnnBackward {
         backward_cpu(Cell::Rnn, self.reverse, x, out)
     }
 
-    /// Kernel: one dispatch over the whole sequence (H <= `limit`, `lstm::sequence_limit`), else T + 1 dispatches with one
+    /// Kernel: one dispatch over the whole sequence where `lstm::whole_sequence` says, else T + 1 dispatches with one
     /// thread per (b, j).
-    pub fn kernel(&self, p: &Shape, limit: usize) -> KernelSpec {
+    pub fn kernel(&self, p: &Shape, target: &crate::codegen::Target) -> KernelSpec {
         recurrent_kernel(
             Cell::Rnn,
             self.reverse,
             p,
             ("rnn_backward", "rnn_backward_seq"),
-            limit,
+            target,
         )
     }
 }

@@ -60,15 +60,27 @@ pub fn sequence_limit(target: &crate::codegen::Target) -> usize {
     (threads / 32 * 32) as usize
 }
 
-/// Threads per workgroup of a whole-sequence recurrent kernel (LSTM, GRU, RNN) for hidden size
-/// `h` on an adapter allowing H up to `limit` ([`sequence_limit`]), or `None` when the
-/// per-step kernels run instead. `KILN_RNN_STEPS=1` forces the per-step kernels (for
+/// Whether a recurrence of batch `b` and hidden size `h` runs as whole-sequence kernels on
+/// `target`: while H <= [`sequence_limit`], and beyond H = 256 only where its ceil(B / 4)
+/// workgroups of H threads fill the adapter (`Target::parallel_workgroups` of 256 threads).
+/// Up to 256 a step's work is small and one dispatch per step costs more than the
+/// whole-sequence kernel's few workgroups lose; beyond, a step's work grows as H^2 and the
+/// per-step kernels spread it over B * H threads instead of B / 4 workgroups (a batch of 64
+/// makes 16: a fraction of an H100). `KILN_RNN_STEPS=1` forces the per-step kernels (for
 /// comparisons).
-pub(crate) fn sequence_threads(h: usize, limit: usize) -> Option<u32> {
+pub fn whole_sequence(b: usize, h: usize, target: &crate::codegen::Target) -> bool {
     static PER_STEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let per_step =
         *PER_STEP.get_or_init(|| std::env::var("KILN_RNN_STEPS").is_ok_and(|v| v == "1"));
-    (!per_step && h <= limit).then(|| h.next_multiple_of(32) as u32)
+    let fills = groups(b, SEQUENCE_ROWS) * h.next_multiple_of(32) as u64
+        >= target.parallel_workgroups as u64 * 256;
+    !per_step && h <= sequence_limit(target) && (h <= 256 || fills)
+}
+
+/// Threads per workgroup of the whole-sequence kernel for `(b, h)` on `target`, or `None` when
+/// the per-step kernels run instead ([`whole_sequence`]).
+fn sequence_threads(b: usize, h: usize, target: &crate::codegen::Target) -> Option<u32> {
+    whole_sequence(b, h, target).then(|| h.next_multiple_of(32) as u32)
 }
 
 /// The recurrent kernel of `family` for `(T, B, H)`: the whole-sequence entry (`entries.1`,
@@ -79,10 +91,10 @@ pub(crate) fn recurrent_kernel(
     entries: (&'static str, &'static str),
     (t, b, h): (usize, usize, usize),
     reverse: bool,
-    limit: usize,
+    target: &crate::codegen::Target,
 ) -> KernelSpec {
     let mut constants = constants(t, b, h, reverse);
-    match sequence_threads(h, limit) {
+    match sequence_threads(b, h, target) {
         Some(threads) => {
             constants.push(("SEQ_WG", threads as f64));
             KernelSpec {
@@ -103,8 +115,12 @@ pub(crate) fn recurrent_kernel(
 
 /// Dispatches of a recurrent kernel over T steps with hidden size H: 1 for the whole-sequence
 /// kernel, else one per step (and one more backward, for the initial state's gradient).
-pub(crate) fn recurrent_dispatches(t: usize, h: usize, backward: bool, limit: usize) -> u32 {
-    match sequence_threads(h, limit) {
+pub(crate) fn recurrent_dispatches(
+    (t, b, h): (usize, usize, usize),
+    backward: bool,
+    target: &crate::codegen::Target,
+) -> u32 {
+    match sequence_threads(b, h, target) {
         Some(_) => 1,
         None => t as u32 + backward as u32,
     }
@@ -210,16 +226,16 @@ impl LstmForward {
         Tensor::new(out.clone(), p).expect("packed state")
     }
 
-    /// Kernel: one dispatch over the whole sequence (H <= `limit`, [`sequence_limit`]), else
+    /// Kernel: one dispatch over the whole sequence where [`whole_sequence`] says, else
     /// T dispatches with one thread per (b, j).
-    pub fn kernel(&self, out: &Shape, limit: usize) -> KernelSpec {
+    pub fn kernel(&self, out: &Shape, target: &crate::codegen::Target) -> KernelSpec {
         let (t, b, h) = dims(out);
         recurrent_kernel(
             "lstm",
             ("lstm_forward", "lstm_forward_seq"),
             (t, b, h),
             self.reverse,
-            limit,
+            target,
         )
     }
 
@@ -375,16 +391,16 @@ impl LstmBackward {
             .expect("packed gradient")
     }
 
-    /// Kernel: one dispatch over the whole sequence (H <= `limit`, [`sequence_limit`]), else
+    /// Kernel: one dispatch over the whole sequence where [`whole_sequence`] says, else
     /// T + 1 dispatches with one thread per (b, j).
-    pub fn kernel(&self, p: &Shape, limit: usize) -> KernelSpec {
+    pub fn kernel(&self, p: &Shape, target: &crate::codegen::Target) -> KernelSpec {
         let (t, b, h) = dims(p);
         recurrent_kernel(
             "lstm",
             ("lstm_backward", "lstm_backward_seq"),
             (t, b, h),
             self.reverse,
-            limit,
+            target,
         )
     }
 }

@@ -318,13 +318,17 @@ impl Op {
     /// kernels.
     pub fn repeat(&self, inputs: &[&Shape], target: &crate::codegen::Target) -> Option<u32> {
         self.is_recurrent().then(|| {
-            // inputs: xw (or P) first, w_hh (G*H, H) second
-            let (t, h) = (inputs[0].dims()[0], inputs[1].dims()[1]);
+            // inputs: xw (or P) first, [T, B, ..], w_hh (G*H, H) second
+            let (t, b, h) = (
+                inputs[0].dims()[0],
+                inputs[0].dims()[1],
+                inputs[1].dims()[1],
+            );
             let backward = matches!(
                 self,
                 Op::LstmBackward(_) | Op::GruBackward(_) | Op::RnnBackward(_)
             );
-            lstm::recurrent_dispatches(t, h, backward, lstm::sequence_limit(target))
+            lstm::recurrent_dispatches((t, b, h), backward, target)
         })
     }
 
@@ -401,7 +405,6 @@ impl Op {
         out: &Shape,
         target: &crate::codegen::Target,
     ) -> Option<KernelSpec> {
-        let seq = lstm::sequence_limit(target);
         match self {
             Op::MatMul(m) => Some(m.kernel(inputs[0], inputs[1], out)),
             // generated: see `Op::generated_kernel`
@@ -435,12 +438,12 @@ impl Op {
             Op::MaxPool2dBackward(p) => Some(p.max_backward_kernel(inputs[0])),
             Op::AvgPool2dBackward(p) => Some(p.kernel(out)),
             Op::CrossEntropy(c) => Some(c.kernel(inputs[0])),
-            Op::LstmForward(l) => Some(l.kernel(out, seq)),
-            Op::LstmBackward(l) => Some(l.kernel(inputs[0], seq)),
-            Op::GruForward(l) => Some(l.kernel(out, seq)),
-            Op::GruBackward(l) => Some(l.kernel(inputs[0], seq)),
-            Op::RnnForward(l) => Some(l.kernel(out, seq)),
-            Op::RnnBackward(l) => Some(l.kernel(inputs[0], seq)),
+            Op::LstmForward(l) => Some(l.kernel(out, target)),
+            Op::LstmBackward(l) => Some(l.kernel(inputs[0], target)),
+            Op::GruForward(l) => Some(l.kernel(out, target)),
+            Op::GruBackward(l) => Some(l.kernel(inputs[0], target)),
+            Op::RnnForward(l) => Some(l.kernel(out, target)),
+            Op::RnnBackward(l) => Some(l.kernel(inputs[0], target)),
             Op::Embedding(e) => Some(e.kernel(inputs[0], inputs[1])),
             Op::EmbeddingBackward(e) => Some(e.kernel(inputs[0], out)),
             Op::Dropout(d) => Some(d.kernel(out.numel())),
