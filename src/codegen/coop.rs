@@ -7,26 +7,27 @@
 //! [`Storage`] says.
 //!
 //! A workgroup of 128 threads (four subgroups, 2 x 2) computes a 128 x 128 output tile (or of
-//! 256 threads, 2 x 4, a 128 x 256 one), each subgroup a 64 x 64 block as 4 x 4 accumulators. Both operand tiles are staged through
-//! workgroup memory 32 or 64 deep, converted to f16 on the way (bounds-checked, zero-filled, so
-//! any M, N, K and either transpose work; read as vec4s where an operand's contiguous axis is a
-//! multiple of 4, [`vec_operands`]); each subgroup loads its 4 A and 4 B fragments from there
-//! per 16 of K. [`CoopConfig`] says how: the tile's width, the staging depth, rows padded
-//! against memory-bank conflicts, and the next step's loads issued before this step's products
-//! (register prefetch, optionally into a second buffer); `KILN_GEMM=tune` and `kiln-bench
-//! --sweep` time them on the adapter. If the adapter's default fails the device's check, the
-//! plain form is checked and used instead. The epilogue passes each accumulator through a per-subgroup 16 x 16 f32 staging
-//! tile so that the bias, relu, a fused elementwise epilogue (the plan's `MatMulEpilogue`) and
-//! edge checks apply per element.
+//! 256 threads, 2 x 4, a 128 x 256 one), each subgroup a 64 x 64 block as 4 x 4 accumulators.
+//! Both operand tiles are staged through workgroup memory 32 or 64 deep, converted to f16 on
+//! the way (bounds-checked, zero-filled, so any M, N, K and either transpose work; read as
+//! vec4s where an operand's contiguous axis is a multiple of 4, [`vec_operands`]); each
+//! subgroup loads its 4 A and 4 B fragments from there per 16 of K. [`CoopConfig`] says how:
+//! the tile's width, the staging depth, rows padded against memory-bank conflicts, and the next
+//! step's loads issued before this step's products (register prefetch, optionally into a second
+//! buffer); `KILN_GEMM=tune` and `kiln-bench --sweep` time them on the adapter. If the
+//! adapter's default fails the device's check, the plain form is checked and used instead. The
+//! epilogue passes each accumulator through a per-subgroup 16 x 16 f32 staging tile so that
+//! the bias, relu, a fused elementwise epilogue (the plan's `MatMulEpilogue`) and edge checks
+//! apply per element.
 //!
 //! [`Cores::Emulated`] writes the same kernel with the four cooperative-matrix operations
 //! (`coopLoadT`, `coopMultiplyAdd`, `coopStoreT`, the subgroup builtins) replaced by plain WGSL
 //! over virtual 32-lane subgroups (`lid / 32`), the rest the same text (its epilogue a loop
 //! reading the accumulators straight rather than unrolled through the staging tile, which the
-//! emulation does without): slow, but it runs on
-//! any adapter with SHADER_F16, so the staging, gathers, batch bases and epilogue are tested on
-//! lavapipe (`KILN_EMULATE_TENSOR_CORES=1`, tests/tensor_cores.rs). Only the hardware's
-//! fragment layout and the driver's translation remain for a GPU to show.
+//! emulation does without): slow, but it runs on any adapter with SHADER_F16, so the staging,
+//! gathers, batch bases and epilogue are tested on lavapipe (`KILN_EMULATE_TENSOR_CORES=1`,
+//! tests/tensor_cores.rs). Only the hardware's fragment layout and the driver's translation
+//! remain for a GPU to show.
 //!
 //! Inputs are rounded to f16 (10-bit mantissa, |x| <= 65504): results differ from f32 by about
 //! `sqrt(K) * 2^-11` relative to the operands' scale. The device checks the kernel once against
@@ -50,8 +51,8 @@ pub const THREADS: u32 = 128;
 /// Bytes of workgroup memory the least demanding configuration ([`CoopConfig::PLAIN`]) needs.
 pub const WORKGROUP_BYTES: u32 = CoopConfig::PLAIN.workgroup_bytes();
 
-/// One configuration of the tensor-core kernel (its tile is always 128 x 128 on four
-/// subgroups). [`CoopConfig::choose`] picks one per adapter; `KILN_COOP` or
+/// One configuration of the tensor-core kernel (its tile 128 x 128 on four subgroups, or
+/// 128 x 256 on eight where `wide`). [`CoopConfig::choose`] picks one per adapter; `KILN_COOP` or
 /// `Device::set_coop_config` fixes one; `KILN_GEMM=tune` times them per product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CoopConfig {
@@ -640,8 +641,8 @@ fn main(
         }
         _ => {}
     }
-    // staging: 128 x BK elements of each tile, BK / 4 per thread (BK / 16 vec4s where the
-    // operand's contiguous axis allows), consecutive threads on consecutive addresses
+    // staging: 128 (b: the tile's width) x BK elements of each tile, as scalars or vec4s where
+    // the operand's contiguous axis allows, consecutive threads on consecutive addresses
     let (stage_a, stage_b) = (Staged::a(mm, operands, sa), Staged::b(mm, operands, sb));
     let stage = |s: &mut String, phase: Phase, k: &str, offs: [&str; 2]| {
         stage_a.write(s, vec[0], cfg, phase, k, offs[0]);
