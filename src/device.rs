@@ -695,12 +695,7 @@ impl Device {
         dtype: crate::tensor::DType,
     ) -> Option<CoopConfig> {
         let g = self.inner.gpu.as_ref()?;
-        let half = if dtype == crate::tensor::DType::F16 {
-            ",f16"
-        } else {
-            ""
-        };
-        let key = format!("coop:{m}x{n}x{k}b{batch}{half}");
+        let key = crate::exec::lower::coop_key(m, n, k, batch, dtype);
         g.coop_tuned.lock().expect("tune lock").get(&key).copied()
     }
 

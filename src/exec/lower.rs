@@ -58,19 +58,24 @@ pub(crate) fn tune_key(d: &ProductDims) -> String {
 /// The key of a tensor-core product in the tuning table: `coop:`, its extents and batch, and
 /// `,f16` where its operands are stored as f16 (f32 ones are converted while staged).
 pub(crate) fn coop_tune_key(d: &ProductDims, dtype: DType) -> String {
+    coop_key(d.m, d.n, d.k, d.batch.numel(), dtype)
+}
+
+/// [`coop_tune_key`] from the extents.
+pub(crate) fn coop_key(m: usize, n: usize, k: usize, batch: usize, dtype: DType) -> String {
     let half = if dtype == DType::F16 { ",f16" } else { "" };
-    format!("coop:{}{half}", tune_key(d))
+    format!("coop:{m}x{n}x{k}b{batch}{half}")
 }
 
 /// The tensor-core kernel's configuration for a product: the one fixed on the device, else
 /// the one tuned for its extents, else the device's default (`CoopConfig::choose`, unless that
 /// failed the device's check).
 pub(crate) fn coop_config(d: &ProductDims, ch: &Choice, dtype: DType) -> CoopConfig {
+    // (a tuning file's entry is only as good as the adapter it was written on)
     ch.coop_fixed
-        .filter(|c| c.fits(ch.target))
-        .or_else(|| ch.coop_tuned.get(&coop_tune_key(d, dtype)).copied())
-        // a tuning file's entry is only as good as the adapter it was written on
-        .filter(|c| c.fits(ch.target))
+        .into_iter()
+        .chain(ch.coop_tuned.get(&coop_tune_key(d, dtype)).copied())
+        .find(|c| c.fits(ch.target))
         .unwrap_or(ch.coop_default)
 }
 

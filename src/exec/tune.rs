@@ -142,14 +142,8 @@ fn fastest(device: &Device, m: usize, n: usize, k: usize, batch: usize) -> Resul
     let feeds = [("a", &ta), ("b", &tb)];
     let mut best = (f64::INFINITY, first);
     for c in candidates {
-        let mut plan = GpuPlan::compile(
-            device.clone(),
-            nodes.clone(),
-            order.clone(),
-            &[probe],
-            &[probe],
-            Some(Forced::Gemm(GemmPolicy::Fixed(c))),
-        )?;
+        let forced = Forced::Gemm(GemmPolicy::Fixed(c));
+        let mut plan = compile_forced(device, &nodes, &order, probe, forced)?;
         plan.run(&feeds, true)?;
         let what = format!("{m}x{n}x{k}b{batch} {}", c.describe());
         let t = median_time(&mut plan, &feeds, ctx.debug.then_some(what))?;
@@ -158,6 +152,24 @@ fn fastest(device: &Device, m: usize, n: usize, k: usize, batch: usize) -> Resul
         }
     }
     Ok(best.1)
+}
+
+/// A plan of `order` reading back `out`, with the kernel choice `forced` (a candidate).
+fn compile_forced(
+    device: &Device,
+    nodes: &[Node],
+    order: &[NodeId],
+    out: NodeId,
+    forced: Forced,
+) -> Result<GpuPlan> {
+    GpuPlan::compile(
+        device.clone(),
+        nodes.to_vec(),
+        order.to_vec(),
+        &[out],
+        &[out],
+        Some(forced),
+    )
 }
 
 /// An `M x N x K` product over `batch` matrices with operands stored as `dtype`: the graph
@@ -229,14 +241,7 @@ fn fastest_coop(device: &Device, d: &ProductDims, dtype: DType) -> Result<CoopCo
     let mut reference: Option<Tensor> = None;
     let mut best = (f64::INFINITY, first);
     for c in candidates {
-        let mut plan = GpuPlan::compile(
-            device.clone(),
-            nodes.clone(),
-            order.clone(),
-            &[y],
-            &[y],
-            Some(Forced::Coop(c)),
-        )?;
+        let mut plan = compile_forced(device, &nodes, &order, y, Forced::Coop(c))?;
         let out = plan.run(&feeds, true)?.remove(0);
         match &reference {
             None => reference = Some(out),
