@@ -11,11 +11,20 @@
 //!     cargo run --release --example mnist_cnn -- --eval checkpoints/mnist_cnn.safetensors --data DIR
 //!     cargo run --release --example mnist_cnn -- --backend cpu --limit 500 --epochs 1
 //!     cargo run --release --example mnist_cnn -- --f16 --limit 2000 --epochs 3   # mixed precision
+//!     cargo run --release --example mnist_cnn -- --batch-norm --limit 2000 --epochs 3
 //!
 //! With `--f16` (adapters with SHADER_F16) the convolutions, pooling and dense layers run on f16
 //! activations from f32 parameters cast in the graph; the loss, the gradients that reach the
 //! parameters and Adam stay f32, as under `torch.autocast`. Expected: about the f32 run's
 //! accuracy (full recipe on lavapipe: best 97.0%, 96.6% at epoch 10; f32 97.3%).
+//!
+//! With `--batch-norm` a BatchNorm2d (`bn1`..`bn3`, PyTorch's defaults) sits between each
+//! convolution and its relu: training steps normalize with the batch's statistics and move the
+//! running ones in the same submission; test accuracy is measured in evaluation mode, with the
+//! running statistics (`kiln::models::mnist_cnn_bn` is the same network, for `kiln-serve
+//! --model mnist_cnn_bn`). Expected: faster convergence; `--batch-norm --limit 2000 --epochs 3`
+//! reached 73.8%, 94.5%, 96.5% on lavapipe (without: 73.0%, 85.6%, 87.8%), its step 67
+//! dispatches (33 without).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,7 +33,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::data::mnist::{self, Mnist, Split};
 use kiln::graph::Conv2dOpts;
-use kiln::nn::{checkpoint, Conv2d, Init, Linear, Optimizer, TrainStep};
+use kiln::nn::{checkpoint, BatchNorm, Conv2d, Init, Linear, Optimizer, TrainStep};
 use kiln::{DType, Device, Graph, NodeId, Plan};
 
 #[derive(Parser, Debug)]
@@ -47,9 +56,10 @@ struct Args {
     /// Folder with train-/t10k- IDX files (raw or .gz); default: the bundled data/mnist
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Where to save the trained parameters
-    #[arg(long, default_value = "checkpoints/mnist_cnn.safetensors")]
-    save: PathBuf,
+    /// Where to save the trained parameters [default: checkpoints/mnist_cnn.safetensors, or
+    /// mnist_cnn_bn.safetensors with --batch-norm]
+    #[arg(long)]
+    save: Option<PathBuf>,
     /// Evaluate this checkpoint instead of training
     #[arg(long)]
     eval: Option<PathBuf>,
@@ -62,6 +72,9 @@ struct Args {
     /// Mixed precision: f16 activations and products, f32 parameters, loss and optimizer
     #[arg(long)]
     f16: bool,
+    /// A BatchNorm2d after each convolution (bn1..bn3), before its relu
+    #[arg(long)]
+    batch_norm: bool,
 }
 
 /// The model's layers (parameters are created on the device the first time a graph uses them).
@@ -71,12 +84,14 @@ struct Cnn {
     conv1: Conv2d,
     conv2: Conv2d,
     conv3: Conv2d,
+    /// With --batch-norm: one per convolution, between it and its relu.
+    bn: Option<[BatchNorm; 3]>,
     fc1: Linear,
     fc2: Linear,
 }
 
 impl Cnn {
-    fn new(seed: u64, dtype: DType) -> Cnn {
+    fn new(seed: u64, dtype: DType, batch_norm: bool) -> Cnn {
         let mut init = Init::new(seed);
         let o = Conv2dOpts::default();
         Cnn {
@@ -84,6 +99,9 @@ impl Cnn {
             conv1: Conv2d::new("conv1", 1, 32, (3, 3), o, &mut init),
             conv2: Conv2d::new("conv2", 32, 64, (3, 3), o, &mut init),
             conv3: Conv2d::new("conv3", 64, 64, (3, 3), o, &mut init),
+            bn: batch_norm.then(|| {
+                [("bn1", 32), ("bn2", 64), ("bn3", 64)].map(|(n, c)| BatchNorm::new(n, c))
+            }),
             fc1: Linear::new("fc1", 64 * 3 * 3, 64, &mut init),
             fc2: Linear::new("fc2", 64, 10, &mut init),
         }
@@ -93,24 +111,39 @@ impl Cnn {
         [&self.conv1, &self.conv2, &self.conv3]
             .iter()
             .flat_map(|c| c.param_names())
+            .chain(self.bn.iter().flatten().flat_map(|b| b.param_names()))
             .chain(self.fc1.param_names())
             .chain(self.fc2.param_names())
             .collect()
     }
 
-    /// Logits `(B, 10)` (f32; f16 with `--f16`) for images `x (B, 1, 28, 28)`, and the parameter nodes.
-    fn forward(&self, g: &Graph, x: NodeId) -> kiln::Result<(NodeId, Vec<NodeId>)> {
+    /// Logits `(B, 10)` (f32; f16 with `--f16`) for images `x (B, 1, 28, 28)`, and the trainable
+    /// parameter nodes; `train` makes batch norms use and update the batch's statistics.
+    fn forward(&self, g: &Graph, x: NodeId, train: bool) -> kiln::Result<(NodeId, Vec<NodeId>)> {
         let mut params = Vec::new();
         let x = g.cast(x, self.dtype)?;
-        // each conv and the first dense layer run with bias and relu fused into their matmul
-        let (h, p) = self.conv1.apply_relu(g, x)?; // (B, 32, 26, 26)
-        params.extend(p);
+        // conv -> relu with bias and relu fused into the matmul, or conv -> batch norm -> relu
+        let mut conv_relu = |conv: &Conv2d, k: usize, h: NodeId| -> kiln::Result<NodeId> {
+            Ok(match &self.bn {
+                None => {
+                    let (h, p) = conv.apply_relu(g, h)?;
+                    params.extend(p);
+                    h
+                }
+                Some(bn) => {
+                    let (h, p) = conv.apply(g, h)?;
+                    params.extend(p);
+                    let (h, p) = bn[k].apply(g, h, train)?;
+                    params.extend(p);
+                    g.relu(h)?
+                }
+            })
+        };
+        let h = conv_relu(&self.conv1, 0, x)?; // (B, 32, 26, 26)
         let h = g.max_pool2d(h, (2, 2), (2, 2), (0, 0))?; // (B, 32, 13, 13)
-        let (h, p) = self.conv2.apply_relu(g, h)?; // (B, 64, 11, 11)
-        params.extend(p);
+        let h = conv_relu(&self.conv2, 1, h)?; // (B, 64, 11, 11)
         let h = g.max_pool2d(h, (2, 2), (2, 2), (0, 0))?; // (B, 64, 5, 5)
-        let (h, p) = self.conv3.apply_relu(g, h)?; // (B, 64, 3, 3)
-        params.extend(p);
+        let h = conv_relu(&self.conv3, 2, h)?; // (B, 64, 3, 3)
         let h = g.flatten(h)?; // (B, 576)
         let (h, p) = self.fc1.apply_relu(g, h)?;
         params.extend(p);
@@ -125,7 +158,7 @@ impl Cnn {
 fn eval_plan(dev: &Device, model: &Cnn, size: usize) -> kiln::Result<Plan> {
     let g = Graph::new();
     let x = g.input("x", [size, 1, 28, 28]);
-    let (logits, _) = model.forward(&g, x)?;
+    let (logits, _) = model.forward(&g, x, false)?;
     dev.compile(&g, &[logits])
 }
 
@@ -190,7 +223,15 @@ fn run(args: Args) -> kiln::Result<()> {
         .clone()
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist"));
     let dtype = if args.f16 { DType::F16 } else { DType::F32 };
-    let model = Cnn::new(args.seed, dtype);
+    let model = Cnn::new(args.seed, dtype, args.batch_norm);
+    let save = args.save.clone().unwrap_or_else(|| {
+        let stem = if args.batch_norm {
+            "mnist_cnn_bn"
+        } else {
+            "mnist_cnn"
+        };
+        PathBuf::from(format!("checkpoints/{stem}.safetensors"))
+    });
 
     if let Some(ckpt) = &args.eval {
         let test = match (&args.images, &args.labels) {
@@ -231,7 +272,7 @@ fn run(args: Args) -> kiln::Result<()> {
     let g = Graph::new();
     let x = g.input("x", [args.batch, 1, 28, 28]);
     let y = g.input("y", [args.batch]);
-    let (logits, params) = model.forward(&g, x)?;
+    let (logits, params) = model.forward(&g, x, true)?;
     let loss = g.cross_entropy(logits, y)?;
     let mut step = TrainStep::new(&dev, &g, loss, &params, Optimizer::adam(args.lr), args.seed)?;
     println!("training step plan: {}", step.plan().info());
@@ -277,7 +318,7 @@ fn run(args: Args) -> kiln::Result<()> {
             (steps_per_epoch * args.batch) as f64 / secs
         );
     }
-    if let Some(dir) = args.save.parent() {
+    if let Some(dir) = save.parent() {
         std::fs::create_dir_all(dir).map_err(|e| kiln::Error::Io {
             path: dir.display().to_string(),
             source: e,
@@ -285,10 +326,10 @@ fn run(args: Args) -> kiln::Result<()> {
     }
     let names = model.param_names();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    checkpoint::save(&dev, &refs, &args.save)?;
+    checkpoint::save(&dev, &refs, &save)?;
     println!(
         "saved {} (best test accuracy {:.2}%)",
-        args.save.display(),
+        save.display(),
         best * 100.0
     );
     Ok(())

@@ -26,7 +26,7 @@
 //! ```
 
 use crate::graph::Conv2dOpts;
-use crate::nn::{Act, Conv2d, Init, Linear, Sequential};
+use crate::nn::{Act, BatchNorm, Conv2d, Init, Linear, Sequential};
 
 /// The MNIST CNN of `examples/mnist_cnn.rs`: images `(B, 1, 28, 28)` to logits `(B, 10)`.
 ///
@@ -52,6 +52,35 @@ pub fn mnist_cnn(seed: u64) -> Sequential {
         .act(Act::Relu)
         .act(Act::MaxPool(2)) // (B, 64, 5, 5)
         .layer(conv3) // (B, 64, 3, 3)
+        .act(Act::Relu)
+        .act(Act::Flatten) // (B, 576)
+        .layer(fc1)
+        .act(Act::Relu)
+        .layer(fc2)
+}
+
+/// The MNIST CNN of `examples/mnist_cnn.rs --batch-norm`: [`mnist_cnn`] with a BatchNorm2d
+/// (`bn1`, `bn2`, `bn3`: weight, bias, running_mean, running_var) between each convolution and
+/// its relu. Evaluation graphs (`apply(.., false)`) normalize with the running statistics.
+pub fn mnist_cnn_bn(seed: u64) -> Sequential {
+    let mut init = Init::new(seed);
+    let o = Conv2dOpts::default();
+    let conv1 = Conv2d::new("conv1", 1, 32, (3, 3), o, &mut init);
+    let conv2 = Conv2d::new("conv2", 32, 64, (3, 3), o, &mut init);
+    let conv3 = Conv2d::new("conv3", 64, 64, (3, 3), o, &mut init);
+    let fc1 = Linear::new("fc1", 64 * 3 * 3, 64, &mut init);
+    let fc2 = Linear::new("fc2", 64, 10, &mut init);
+    Sequential::new()
+        .layer(conv1) // (B, 32, 26, 26)
+        .layer(BatchNorm::new("bn1", 32))
+        .act(Act::Relu)
+        .act(Act::MaxPool(2)) // (B, 32, 13, 13)
+        .layer(conv2) // (B, 64, 11, 11)
+        .layer(BatchNorm::new("bn2", 64))
+        .act(Act::Relu)
+        .act(Act::MaxPool(2)) // (B, 64, 5, 5)
+        .layer(conv3) // (B, 64, 3, 3)
+        .layer(BatchNorm::new("bn3", 64))
         .act(Act::Relu)
         .act(Act::Flatten) // (B, 576)
         .layer(fc1)
@@ -91,15 +120,22 @@ mod tests {
 
     #[test]
     fn shapes_and_names() {
-        for (model, names) in [(mnist_cnn(0), 10usize), (mnist_mlp(0), 6)] {
-            let dev = Device::cpu(); // both name a layer fc1, with different shapes
+        // (model, state_dict names, trainable parameters): running statistics are not trained
+        for (model, names, trained) in [
+            (mnist_cnn(0), 10usize, 10usize),
+            (mnist_mlp(0), 6, 6),
+            (mnist_cnn_bn(0), 22, 16),
+        ] {
+            let dev = Device::cpu(); // they all name a layer fc1, with different shapes
             assert_eq!(model.param_names().len(), names);
-            let g = Graph::new();
-            let x = g.input("x", [2, 1, 28, 28]);
-            let (y, params) = model.apply(&g, x, false).unwrap();
-            assert_eq!(g.shape(y).dims(), &[2, 10]);
-            assert_eq!(params.len(), names);
-            dev.compile(&g, &[y]).unwrap();
+            for train in [false, true] {
+                let g = Graph::new();
+                let x = g.input("x", [2, 1, 28, 28]);
+                let (y, params) = model.apply(&g, x, train).unwrap();
+                assert_eq!(g.shape(y).dims(), &[2, 10]);
+                assert_eq!(params.len(), trained);
+                dev.compile(&g, &[y]).unwrap();
+            }
         }
         let g = Graph::new();
         let x = g.input("x", [3, 784]);

@@ -335,29 +335,71 @@ fn a_shape_that_differs_from_the_device_parameter_names_both_shapes() {
 }
 
 #[test]
-fn an_unsupported_dtype_is_named() {
+fn integer_tensors_load_where_f32_holds_them_and_other_dtypes_are_named() {
     let dir = TempDir::new("dtype");
+    // a torch batch norm's state_dict: num_batches_tracked is a 0-d I64 counter
     let path = dir.file("torch.safetensors");
-    let steps: Vec<u8> = [3i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let i64s = |v: &[i64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     torch_file(
         &path,
         &[
-            ("fc1.weight", Dtype::F32, vec![2], le_f32(&[1.0, 2.0])),
-            ("num_batches_tracked", Dtype::I64, vec![2], steps),
+            ("bn.weight", Dtype::F32, vec![2], le_f32(&[1.0, 2.0])),
+            ("bn.num_batches_tracked", Dtype::I64, vec![], i64s(&[3])),
+            (
+                "ids",
+                Dtype::I32,
+                vec![3],
+                [7i32, -1, 1 << 24]
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            ("mask", Dtype::U8, vec![2], vec![0, 255]),
         ],
     );
-    // the F32 tensor alone loads
     let dev = Device::cpu();
-    checkpoint::load(&dev, &path, &["fc1.weight"]).unwrap();
+    let names = checkpoint::load_all(&dev, &path).unwrap();
+    assert_eq!(names.len(), 4);
+    assert_eq!(dev.param("bn.num_batches_tracked").unwrap().data(), &[3.0]);
+    assert_eq!(dev.param("ids").unwrap().data(), &[7.0, -1.0, 16777216.0]);
+    assert_eq!(dev.param("mask").unwrap().data(), &[0.0, 255.0]);
 
-    for r in [
-        checkpoint::load(&Device::cpu(), &path, &["num_batches_tracked"]).map(|_| ()),
-        checkpoint::load_all(&Device::cpu(), &path).map(|_| ()),
-        checkpoint::read(&path).map(|_| ()),
+    // an integer f32 would round, and a dtype kiln does not convert, are named
+    let big = dir.file("big.safetensors");
+    torch_file(
+        &big,
+        &[
+            ("fc1.weight", Dtype::F32, vec![2], le_f32(&[1.0, 2.0])),
+            ("steps", Dtype::I64, vec![2], i64s(&[3, (1 << 24) + 1])),
+            ("flags", Dtype::BOOL, vec![1], vec![1]),
+        ],
+    );
+    checkpoint::load(&Device::cpu(), &big, &["fc1.weight"]).unwrap();
+    for (r, name, part) in [
+        (
+            checkpoint::load(&Device::cpu(), &big, &["steps"]).map(|_| ()),
+            "steps",
+            "16777217",
+        ),
+        (
+            checkpoint::load(&Device::cpu(), &big, &["flags"]).map(|_| ()),
+            "flags",
+            "BOOL",
+        ),
     ] {
         let msg = checkpoint_msg(r);
-        assert!(msg.contains("num_batches_tracked"), "{msg}");
-        assert!(msg.contains("I64"), "{msg}");
+        assert!(msg.contains(name) && msg.contains(part), "{msg}");
+    }
+    // reading the whole file stops at the first of the two
+    for r in [
+        checkpoint::read(&big).map(|_| ()),
+        checkpoint::load_all(&Device::cpu(), &big).map(|_| ()),
+    ] {
+        let msg = checkpoint_msg(r);
+        assert!(
+            msg.contains("\"steps\"") || msg.contains("\"flags\""),
+            "{msg}"
+        );
     }
 }
 

@@ -182,11 +182,11 @@ fn gru_rnn_and_embedding_modules() {
     assert_eq!(emb.param_names(), ["emb.weight"]);
     let g = Graph::new();
     let idx = g.input("idx", [4, 2]);
-    let (e, _) = emb.apply_layer(&g, idx).unwrap(); // (T, B, E)
+    let (e, _) = emb.apply_layer(&g, idx, false).unwrap(); // (T, B, E)
     let out = gru.apply(&g, e, None, None).unwrap();
     assert_eq!(g.shape(out.output).dims(), &[4, 2, 8]);
     assert_eq!(g.shape(out.h_n).dims(), &[4, 2, 4]);
-    let (y, _) = rnn.apply_layer(&g, out.output).unwrap();
+    let (y, _) = rnn.apply_layer(&g, out.output, false).unwrap();
     assert_eq!(g.shape(y).dims(), &[4, 2, 5]);
     let idx_v = Tensor::new([4, 2], vec![0., 6., 3., 3., 1., 2., 5., 4.]).unwrap();
     check_gpu_vs_cpu(

@@ -43,6 +43,7 @@ fn model(name: &str, seed: u64) -> Sequential {
     match name {
         "mlp" => kiln::models::mnist_mlp(seed),
         "mnist_cnn" => kiln::models::mnist_cnn(seed),
+        "mnist_cnn_bn" => kiln::models::mnist_cnn_bn(seed),
         other => panic!("no model {other}"),
     }
 }
@@ -82,6 +83,19 @@ fn write_checkpoint(name: &str, seed: u64) -> TempFile {
     let dev = Device::cpu();
     let m = model(name, seed);
     prob_plan(&dev, &m, 1);
+    // running statistics away from their (0, 1) start, so that serving must read them
+    for (k, n) in dev.param_names().iter().enumerate() {
+        let p = dev.param(n).unwrap();
+        let (lo, hi) = if n.ends_with("running_var") {
+            (0.5, 2.0)
+        } else {
+            (-0.5, 0.5)
+        };
+        if n.contains("running_") {
+            let t = Tensor::rand_uniform(p.dims().to_vec(), lo, hi, seed * 100 + k as u64);
+            dev.set_param(n, &t).unwrap();
+        }
+    }
     let names = m.param_names();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     checkpoint::save(&dev, &names, &path).unwrap();
@@ -354,7 +368,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[test]
 fn health_metrics_and_predictions_match_one_at_a_time_inference() {
     let _g = serial();
-    for name in ["mlp", "mnist_cnn"] {
+    for name in ["mlp", "mnist_cnn", "mnist_cnn_bn"] {
         let ckpt = write_checkpoint(name, 7);
         let mut reference = Reference::new(name, &ckpt);
         let server = Server::start(name, &ckpt, &["--max-batch", "8"]);

@@ -6,7 +6,7 @@
 //!
 //! Cases: square f32 matmuls (256, 1024; 4096 on a hardware GPU), conv2d forward (batch 64,
 //! 32 -> 64 channels, 13x13, 3x3; and the issue-6 shape, batch 64, 64 -> 64, 56x56, on a hardware
-//! GPU), relu over 16M floats, the MNIST CNN training step (batch 64, Adam) and an LSTM training
+//! GPU), relu over 16M floats, the MNIST CNN training step (batch 64, Adam; also with batch norms) and an LSTM training
 //! step (batch 64, 32 steps, hidden 128), and a chain of five elementwise ops (the plan compiler's
 //! fusion); with SHADER_F16 also f16 matmuls, chain and conv, and the two training steps in
 //! mixed precision. Operands of the kernel cases live on the device (as weights do). Each case is compiled
@@ -347,9 +347,14 @@ fn relu(dev: &Device, n: usize) -> kiln::Result<Case> {
 }
 
 /// The MNIST CNN's training step at batch 64 (Adam); with `dtype` f16 in mixed precision (the
-/// layers on f16 activations, loss and update in f32).
-fn cnn_step(dev: &Device, dtype: kiln::DType) -> kiln::Result<Case> {
-    let model = kiln::models::mnist_cnn(0);
+/// layers on f16 activations, loss and update in f32); with `batch_norm`, the CNN with a batch
+/// norm after each convolution (`models::mnist_cnn_bn`).
+fn cnn_step(dev: &Device, dtype: kiln::DType, batch_norm: bool) -> kiln::Result<Case> {
+    let model = if batch_norm {
+        kiln::models::mnist_cnn_bn(0)
+    } else {
+        kiln::models::mnist_cnn(0)
+    };
     let g = Graph::new();
     let x = g.input("x", [64, 1, 28, 28]);
     let y = g.input("y", [64]);
@@ -364,7 +369,10 @@ fn cnn_step(dev: &Device, dtype: kiln::DType) -> kiln::Result<Case> {
         ""
     };
     Ok(Case {
-        name: format!("mnist_cnn train step, batch 64{note}"),
+        name: format!(
+            "mnist_cnn{} train step, batch 64{note}",
+            if batch_norm { "_bn" } else { "" }
+        ),
         work: 64.0,
         unit: "images/s",
         runner: Runner::Train(Box::new(step), vec![("x".into(), xs), ("y".into(), ys)]),
@@ -487,9 +495,10 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
     }
     v.push(half.then(|| chain(dev, big, f16).ok()).flatten());
     v.push(half.then(|| conv(dev, conv_shape, f16).ok()).flatten());
-    v.push(half.then(|| cnn_step(dev, f16).ok()).flatten());
+    v.push(half.then(|| cnn_step(dev, f16, false).ok()).flatten());
     v.push(half.then(|| lstm_step(dev, 128, f16).ok()).flatten());
-    v.push(Some(cnn_step(dev, kiln::DType::F32)?));
+    v.push(Some(cnn_step(dev, kiln::DType::F32, false)?));
+    v.push(Some(cnn_step(dev, kiln::DType::F32, true)?));
     v.push(Some(lstm_step(dev, 128, kiln::DType::F32)?));
     Ok(v)
 }

@@ -1,11 +1,11 @@
 //! `kiln-serve`: an MNIST model as an HTTP service, with dynamic batching.
 //!
-//!     kiln-serve --model mnist_cnn|mlp --checkpoint PATH [--addr 127.0.0.1:8080]
+//!     kiln-serve --model mnist_cnn|mnist_cnn_bn|mlp --checkpoint PATH [--addr 127.0.0.1:8080]
 //!                [--backend gpu|cpu|auto] [--max-batch 64] [--batch-window-ms 2] [--queue 1024]
 //!                [--no-batching]
 //!
-//! It loads the safetensors checkpoint (the parameter names of `kiln::models::mnist_cnn` or
-//! `kiln::models::mnist_mlp`), prints `listening on ADDR` on stdout once it accepts connections
+//! It loads the safetensors checkpoint (the parameter names of `kiln::models::mnist_cnn`,
+//! `mnist_cnn_bn`, with its batch norms' running statistics, or `mnist_mlp`), prints `listening on ADDR` on stdout once it accepts connections
 //! (`--addr 127.0.0.1:0` asks the OS for a port), and answers:
 //!
 //! - `POST /v1/predict` with `{"input": IMAGE}` or `{"inputs": [IMAGE, ...]}`, an IMAGE being 784
@@ -62,6 +62,9 @@ pub enum ModelKind {
     /// The MLP of examples/mlp.rs (fc1, fc2, fc3).
     #[value(name = "mlp", alias = "mnist_mlp")]
     Mlp,
+    /// The CNN of examples/mnist_cnn.rs --batch-norm (conv1..conv3, bn1..bn3, fc1, fc2).
+    #[value(name = "mnist_cnn_bn")]
+    MnistCnnBn,
 }
 
 impl ModelKind {
@@ -69,6 +72,7 @@ impl ModelKind {
         match self {
             ModelKind::MnistCnn => "mnist_cnn",
             ModelKind::Mlp => "mlp",
+            ModelKind::MnistCnnBn => "mnist_cnn_bn",
         }
     }
     /// The layers (their initial values are replaced by the checkpoint's).
@@ -76,6 +80,7 @@ impl ModelKind {
         match self {
             ModelKind::MnistCnn => kiln::models::mnist_cnn(0),
             ModelKind::Mlp => kiln::models::mnist_mlp(0),
+            ModelKind::MnistCnnBn => kiln::models::mnist_cnn_bn(0),
         }
     }
 }

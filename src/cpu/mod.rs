@@ -12,8 +12,8 @@ use crate::ops::{Init, Op};
 use crate::tensor::Tensor;
 
 /// Evaluates `order` (a topological order). `source` gives the value of each input, parameter
-/// and constant node; `store` receives the new value of every parameter an optimizer update
-/// writes (by name), as the GPU writes them in place. Returns every evaluated node's value,
+/// and constant node; `store` receives the new value of every parameter an optimizer update or
+/// running average writes (by name), as the GPU writes them in place. Returns every evaluated node's value,
 /// indexed by node.
 pub fn evaluate(
     nodes: &[Node],
@@ -67,6 +67,15 @@ pub fn evaluate(
                         }
                     }
                     first.expect("a group has members")
+                }
+                Op::RunningUpdate(r) => {
+                    let mut updated = r.cpu(ins[0], &ins[1..]);
+                    for (k, t) in updated.iter().enumerate() {
+                        if let Op::Param { name, .. } = &nodes[n.inputs[1 + k].0].op {
+                            store(name, t.clone())?;
+                        }
+                    }
+                    updated.swap_remove(0)
                 }
                 _ => n.op.cpu_forward(&ins, &n.shape),
             }

@@ -76,8 +76,27 @@ impl Device {
         if outputs.is_empty() && effects.is_empty() {
             return Err(Error::Input("a plan needs at least one output".into()));
         }
-        let targets: Vec<NodeId> = outputs.iter().chain(effects).copied().collect();
-        let order = liveness::reachable(&nodes, &targets);
+        let mut targets: Vec<NodeId> = outputs.iter().chain(effects).copied().collect();
+        let mut order = liveness::reachable(&nodes, &targets);
+        // state updates (running statistics) run with every plan that computes their value (seen
+        // through reshapes, which only the update may read)
+        let computed: std::collections::HashSet<NodeId> = order.iter().copied().collect();
+        let value_of = |u: NodeId| {
+            let mut v = nodes[u.0].inputs[0];
+            while matches!(nodes[v.0].op, crate::ops::Op::Reshape) {
+                v = nodes[v.0].inputs[0];
+            }
+            v
+        };
+        let updates: Vec<NodeId> = graph
+            .state_updates()
+            .into_iter()
+            .filter(|&u| computed.contains(&value_of(u)) && !targets.contains(&u))
+            .collect();
+        if !updates.is_empty() {
+            targets.extend(updates);
+            order = liveness::reachable(&nodes, &targets);
+        }
         let input_of = |id: &NodeId| match &nodes[id.0].op {
             crate::ops::Op::Input { name } => Some((name.clone(), nodes[id.0].shape.clone())),
             _ => None,

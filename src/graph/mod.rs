@@ -39,12 +39,16 @@ pub struct Node {
 #[derive(Debug, Default)]
 pub struct Graph {
     nodes: RefCell<Vec<Node>>,
+    /// In-place state updates (running statistics) that run with every plan computing their
+    /// value; see [`Graph::running_update`].
+    updates: RefCell<Vec<NodeId>>,
 }
 
 impl Clone for Graph {
     fn clone(&self) -> Self {
         Graph {
             nodes: RefCell::new(self.nodes.borrow().clone()),
+            updates: RefCell::new(self.updates.borrow().clone()),
         }
     }
 }
@@ -106,7 +110,25 @@ impl Graph {
         NodeId(nodes.len() - 1)
     }
 
-    fn check_id(&self, op: &'static str, id: NodeId) -> Result<Shape> {
+    /// The in-place state updates of this graph ([`Graph::running_update`]), in creation order.
+    pub fn state_updates(&self) -> Vec<NodeId> {
+        self.updates.borrow().clone()
+    }
+
+    /// Records an in-place state update that plans computing its value run too.
+    pub(crate) fn register_update(&self, id: NodeId) {
+        self.updates.borrow_mut().push(id);
+    }
+
+    /// True when `id` is a parameter node of this graph.
+    pub(crate) fn is_param(&self, id: NodeId) -> bool {
+        self.nodes
+            .borrow()
+            .get(id.0)
+            .is_some_and(|n| matches!(n.op, Op::Param { .. }))
+    }
+
+    pub(crate) fn check_id(&self, op: &'static str, id: NodeId) -> Result<Shape> {
         self.nodes
             .borrow()
             .get(id.0)
@@ -498,6 +520,64 @@ impl Graph {
         )
     }
 
+    // ---- normalization (ops::norm) ----
+
+    /// Batch normalization of `x (N, C, *)` per channel, as `torch.nn.functional.batch_norm`:
+    /// `affine` is `(weight, bias)`, each `(C)`; with `training` the batch's statistics normalize
+    /// and update `running` in place (every plan that computes this node runs the update), else
+    /// the running statistics normalize. See [`crate::ops::norm`].
+    pub fn batch_norm(
+        &self,
+        x: NodeId,
+        affine: Option<(NodeId, NodeId)>,
+        running: Option<crate::ops::norm::RunningStats>,
+        training: bool,
+        eps: f32,
+    ) -> Result<NodeId> {
+        crate::ops::norm::batch_norm(self, x, affine, running, training, eps)
+    }
+
+    /// Layer normalization of `x` over its last `normalized` axes, as
+    /// `torch.nn.functional.layer_norm`; `affine` is `(weight, bias)` shaped like those axes.
+    pub fn layer_norm(
+        &self,
+        x: NodeId,
+        normalized: usize,
+        affine: Option<(NodeId, NodeId)>,
+        eps: f32,
+    ) -> Result<NodeId> {
+        crate::ops::norm::layer_norm(self, x, normalized, affine, eps)
+    }
+
+    /// Group normalization of `x (N, C, *)` over groups of `C / num_groups` channels per
+    /// sample, as `torch.nn.functional.group_norm`; `affine` is `(weight, bias)`, each `(C)`.
+    /// `num_groups = C` is instance normalization.
+    pub fn group_norm(
+        &self,
+        x: NodeId,
+        num_groups: usize,
+        affine: Option<(NodeId, NodeId)>,
+        eps: f32,
+    ) -> Result<NodeId> {
+        crate::ops::norm::group_norm(self, x, num_groups, affine, eps)
+    }
+
+    /// `running[j] := (1 - momentum) * running[j] + momentum * scales[j] * value[j]`, in place on
+    /// one or two parameters `running` (f32, of one shape `(C)`), from `value` `(C)` (one) or
+    /// `(2, C)` (two: a row each). The update is a state update of the graph
+    /// ([`Graph::state_updates`]): every plan that computes `value` runs it after `value`,
+    /// whether or not it is asked for, as PyTorch's training-mode forward updates a batch norm's
+    /// running statistics. Returns the node (its value is `running[0]`).
+    pub fn running_update(
+        &self,
+        running: &[NodeId],
+        value: NodeId,
+        momentum: f32,
+        scales: &[f32],
+    ) -> Result<NodeId> {
+        crate::ops::norm::running_update(self, running, value, momentum, scales)
+    }
+
     // ---- softmax and reductions ----
 
     /// Softmax along `axis` (negative counts from the end: -1 is the last axis).
@@ -645,15 +725,32 @@ impl Graph {
                 format!("{s} is not a broadcast of {shape}"),
             ));
         }
+        // adjacent axes that are all summed (or all kept) merge into one, so that a bias's
+        // gradient of (N, C, H, W) is two reductions, not three; extent-1 axes join either
         let lead = s.rank() - shape.rank();
-        let mut h = a;
+        let mut runs: Vec<(usize, bool)> = Vec::new(); // (extent, summed)
         for ax in 0..s.rank() {
+            let d = s.dims()[ax];
             let target = if ax < lead {
                 1
             } else {
                 shape.dims()[ax - lead]
             };
-            if s.dims()[ax] != target {
+            let summed = d != target;
+            match runs.last_mut() {
+                Some((e, r)) if *r == summed || d == 1 => *e *= d,
+                Some((e, r)) if *e == 1 => (*e, *r) = (d, summed),
+                _ => runs.push((d, summed)),
+            }
+        }
+        let merged: Vec<isize> = runs.iter().map(|&(e, _)| e as isize).collect();
+        let mut h = if merged.len() < s.rank() {
+            self.reshape(a, &merged)?
+        } else {
+            a
+        };
+        for (ax, &(_, summed)) in runs.iter().enumerate().rev() {
+            if summed {
                 h = self.sum(h, ax as isize, true)?;
             }
         }

@@ -7,8 +7,9 @@
 //! that way loads into the same kiln architecture, and a kiln checkpoint loads into torch with
 //! `safetensors.torch.load_file`.
 //!
-//! kiln writes F32 only. It reads F32, and converts F16 and BF16 to f32; any other dtype is an
-//! error. A file that is not valid safetensors (garbage, truncated, empty, a header whose sizes
+//! kiln writes F32 only. It reads F32, and converts F16 and BF16 to f32, and integer tensors
+//! (I8 to I64, U8 to U64: a batch norm's `num_batches_tracked` counter) whose every value f32
+//! holds exactly; any other dtype, or an integer beyond 2^24, is an error. A file that is not valid safetensors (garbage, truncated, empty, a header whose sizes
 //! do not add up) is an [`Error::Checkpoint`] naming the file and what the safetensors parser
 //! reported; a file that cannot be opened or written is an [`Error::Io`].
 //!
@@ -74,7 +75,7 @@ pub fn save_all(dev: &Device, path: &Path) -> Result<()> {
 /// ([`Device::set_param`]), creating the ones the device does not hold yet.
 ///
 /// Every named tensor must be in the file, and be F32, F16 or BF16 (the last two converted to
-/// f32); these are checked for all names before any parameter is set. A parameter the device
+/// f32), or integers that f32 holds exactly; these are checked for all names before any parameter is set. A parameter the device
 /// already holds keeps its shape: a tensor of another shape is an error naming the tensor and
 /// both shapes, and the parameters named before it have then already been set.
 ///
@@ -101,8 +102,8 @@ pub fn load_all(dev: &Device, path: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// The tensors of the safetensors file at `path`, sorted by name, without a device. F16 and BF16
-/// tensors are converted to f32; other dtypes than F32, F16 and BF16 are an error. Errors as for
+/// The tensors of the safetensors file at `path`, sorted by name, without a device. F16, BF16 and
+/// integer tensors are converted to f32 (see [`load`]); other dtypes are an error. Errors as for
 /// [`load`].
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bytes = read_bytes(path)?;
@@ -168,9 +169,29 @@ fn missing(path: &Path, st: &SafeTensors<'_>, name: &str) -> Error {
     ckpt_err(path, format!("no tensor named {name:?}; {list}"))
 }
 
-/// Converts a stored tensor to a host f32 tensor: F32 as is, F16 and BF16 widened.
+/// Converts a stored tensor to a host f32 tensor: F32 as is, F16 and BF16 widened, integers
+/// converted where f32 holds them exactly.
 fn decode(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor> {
     let bytes = view.data();
+    if let Some(ints) = integers(view.dtype(), bytes) {
+        let data = ints
+            .map(|v| {
+                if v.unsigned_abs() <= 1 << 24 {
+                    Ok(v as f32)
+                } else {
+                    Err(ckpt_err(
+                        path,
+                        format!(
+                            "tensor {name:?} ({:?}) holds {v}, which f32 does not hold exactly",
+                            view.dtype()
+                        ),
+                    ))
+                }
+            })
+            .collect::<Result<Vec<f32>>>()?;
+        return Tensor::new(view.shape().to_vec(), data)
+            .map_err(|e| ckpt_err(path, format!("tensor {name:?}: {e}")));
+    }
     let data: Vec<f32> = match view.dtype() {
         Dtype::F32 => bytes
             .chunks_exact(4)
@@ -188,13 +209,37 @@ fn decode(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor> {
             return Err(ckpt_err(
                 path,
                 format!(
-                    "tensor {name:?} has dtype {other:?}; kiln loads F32, F16 and BF16 tensors only"
+                    "tensor {name:?} has dtype {other:?}; kiln loads F32, F16, BF16 and integer \
+                     tensors only"
                 ),
             ))
         }
     };
     Tensor::new(view.shape().to_vec(), data)
         .map_err(|e| ckpt_err(path, format!("tensor {name:?}: {e}")))
+}
+
+/// The values of an integer tensor's little-endian bytes (U64 values beyond i64 saturate, which
+/// the exactness check then rejects), or `None` for other dtypes.
+fn integers(dtype: Dtype, bytes: &[u8]) -> Option<Box<dyn Iterator<Item = i64> + '_>> {
+    fn le<const W: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; W]> + '_ {
+        bytes
+            .chunks_exact(W)
+            .map(|b| b.try_into().expect("chunks of W bytes"))
+    }
+    Some(match dtype {
+        Dtype::I8 => Box::new(bytes.iter().map(|&b| b as i8 as i64)),
+        Dtype::U8 => Box::new(bytes.iter().map(|&b| b as i64)),
+        Dtype::I16 => Box::new(le::<2>(bytes).map(|b| i16::from_le_bytes(b) as i64)),
+        Dtype::U16 => Box::new(le::<2>(bytes).map(|b| u16::from_le_bytes(b) as i64)),
+        Dtype::I32 => Box::new(le::<4>(bytes).map(|b| i32::from_le_bytes(b) as i64)),
+        Dtype::U32 => Box::new(le::<4>(bytes).map(|b| u32::from_le_bytes(b) as i64)),
+        Dtype::I64 => Box::new(le::<8>(bytes).map(i64::from_le_bytes)),
+        Dtype::U64 => Box::new(
+            le::<8>(bytes).map(|b| i64::try_from(u64::from_le_bytes(b)).unwrap_or(i64::MAX)),
+        ),
+        _ => return None,
+    })
 }
 
 /// Sets each tensor as a parameter of `dev`; a shape mismatch names the tensor and both shapes.

@@ -133,11 +133,12 @@ pub const DROPOUT_SEED: &str = "dropout.seed";
 
 /// Anything that maps one tensor to another inside a graph, with named parameters.
 pub trait Layer {
-    /// Applies the layer; returns the output and the parameter nodes it used.
-    fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)>;
+    /// Applies the layer in a training (`train`) or evaluation graph; returns the output and the
+    /// trainable parameter nodes it used. Most layers act alike in both; batch norm does not.
+    fn apply_layer(&self, g: &Graph, x: NodeId, train: bool) -> Result<(NodeId, Vec<NodeId>)>;
     /// The layer followed by relu; layers that can fuse the relu into their kernel override it.
-    fn apply_layer_relu(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
-        let (y, p) = self.apply_layer(g, x)?;
+    fn apply_layer_relu(&self, g: &Graph, x: NodeId, train: bool) -> Result<(NodeId, Vec<NodeId>)> {
+        let (y, p) = self.apply_layer(g, x, train)?;
         Ok((g.relu(y)?, p))
     }
     /// Names of its parameters, as in a PyTorch state_dict.
@@ -147,10 +148,15 @@ pub trait Layer {
 }
 
 impl Layer for Linear {
-    fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+    fn apply_layer(&self, g: &Graph, x: NodeId, _train: bool) -> Result<(NodeId, Vec<NodeId>)> {
         self.apply(g, x).map(|(y, p)| (y, p.to_vec()))
     }
-    fn apply_layer_relu(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+    fn apply_layer_relu(
+        &self,
+        g: &Graph,
+        x: NodeId,
+        _train: bool,
+    ) -> Result<(NodeId, Vec<NodeId>)> {
         self.apply_relu(g, x).map(|(y, p)| (y, p.to_vec()))
     }
     fn names(&self) -> Vec<String> {
@@ -159,10 +165,15 @@ impl Layer for Linear {
 }
 
 impl Layer for Conv2d {
-    fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+    fn apply_layer(&self, g: &Graph, x: NodeId, _train: bool) -> Result<(NodeId, Vec<NodeId>)> {
         self.apply(g, x).map(|(y, p)| (y, p.to_vec()))
     }
-    fn apply_layer_relu(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+    fn apply_layer_relu(
+        &self,
+        g: &Graph,
+        x: NodeId,
+        _train: bool,
+    ) -> Result<(NodeId, Vec<NodeId>)> {
         self.apply_relu(g, x).map(|(y, p)| (y, p.to_vec()))
     }
     fn names(&self) -> Vec<String> {
@@ -222,7 +233,8 @@ impl Sequential {
             })
             .collect()
     }
-    /// Applies the chain; `train` turns dropout on. Returns the output and the parameter nodes.
+    /// Applies the chain; `train` turns dropout on and makes batch norms use (and update) the
+    /// batch's statistics. Returns the output and the trainable parameter nodes.
     pub fn apply(&self, g: &Graph, x: NodeId, train: bool) -> Result<(NodeId, Vec<NodeId>)> {
         let mut h = x;
         let mut params = Vec::new();
@@ -232,12 +244,12 @@ impl Sequential {
                 // a layer followed by relu runs as one kernel where the layer can fuse it
                 Step::Layer(l) if matches!(steps.peek(), Some(Step::Act(Act::Relu))) => {
                     steps.next();
-                    let (y, p) = l.apply_layer_relu(g, h)?;
+                    let (y, p) = l.apply_layer_relu(g, h, train)?;
                     params.extend(p);
                     y
                 }
                 Step::Layer(l) => {
-                    let (y, p) = l.apply_layer(g, h)?;
+                    let (y, p) = l.apply_layer(g, h, train)?;
                     params.extend(p);
                     y
                 }

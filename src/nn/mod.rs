@@ -1,14 +1,16 @@
-//! Layers, losses, optimizers, initialisation and checkpoints.
+//! Layers (normalization among them), losses, optimizers, initialisation and checkpoints.
 
 pub mod checkpoint;
 pub mod init;
 pub mod layers;
+pub mod norm;
 pub mod optim;
 pub mod rnn;
 pub mod train;
 
 pub use init::Init;
 pub use layers::{dropout, Act, Conv2d, Layer, Linear, Sequential};
+pub use norm::{BatchNorm, GroupNorm, LayerNorm};
 pub use optim::{Optimizer, Schedule};
 pub use rnn::{Cell, Embedding, Lstm, LstmOutput, Recurrent, RecurrentOutput};
 pub use train::TrainStep;

@@ -268,7 +268,7 @@ impl Recurrent {
 
 impl Layer for Recurrent {
     /// The top layer's outputs `(T, B, D * H)` from zero state.
-    fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+    fn apply_layer(&self, g: &Graph, x: NodeId, _train: bool) -> Result<(NodeId, Vec<NodeId>)> {
         let o = self.apply(g, x, None, None)?;
         Ok((o.output, o.params))
     }
@@ -301,7 +301,7 @@ impl Embedding {
 }
 
 impl Layer for Embedding {
-    fn apply_layer(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+    fn apply_layer(&self, g: &Graph, x: NodeId, _train: bool) -> Result<(NodeId, Vec<NodeId>)> {
         let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
         Ok((g.embedding(x, w)?, vec![w]))
     }

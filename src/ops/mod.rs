@@ -12,6 +12,7 @@ pub mod layout;
 pub mod loss;
 pub mod lstm;
 pub mod matmul;
+pub mod norm;
 pub mod optim;
 pub mod pool;
 pub mod reduce;
@@ -36,6 +37,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("lstm", include_str!("../../shaders/lstm.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("norm", include_str!("../../shaders/norm.wgsl")),
     ("optim", include_str!("../../shaders/optim.wgsl")),
     ("pool", include_str!("../../shaders/pool.wgsl")),
     ("reduce", include_str!("../../shaders/reduce.wgsl")),
@@ -137,6 +139,15 @@ pub enum Op {
     OptimGroup(optim::OptimGroup),
     /// Partial sums of squares of several tensors (see `ops::reduce::SumSquares`).
     SumSquares(reduce::SumSquares),
+    /// A running average (input 1, a parameter) moved towards input 0 in place (batch norm's
+    /// running statistics; see `ops::norm`).
+    RunningUpdate(norm::RunningUpdate),
+    /// The mean and variance of each group of `(OUTER, GROUPS, INNER)`: `(2, GROUPS)`.
+    GroupStats(norm::GroupStats),
+    /// Inputs `x` and its group statistics: `x` normalized (see `ops::norm::Normalize`).
+    Normalize(norm::Normalize),
+    /// Inputs `dxhat`, `xhat` and the statistics: the normalization's gradient for `x`.
+    NormalizeBackward(norm::NormalizeBackward),
 }
 
 /// A specialised kernel launch: which WGSL entry point, with which override constants, over how many
@@ -207,6 +218,10 @@ impl Op {
             Op::OptimStep(o) => o.name(),
             Op::OptimGroup(o) => o.name(),
             Op::SumSquares(_) => "sum_squares",
+            Op::RunningUpdate(_) => "running_update",
+            Op::GroupStats(_) => "group_stats",
+            Op::Normalize(_) => "normalize",
+            Op::NormalizeBackward(_) => "normalize_backward",
         }
     }
 
@@ -220,6 +235,7 @@ impl Op {
             Op::AxisCopy(a) if a.is_prefix(inputs[0], out) => Some(0),
             Op::OptimStep(_) => Some(3),
             Op::OptimGroup(o) => Some(o.param(0)),
+            Op::RunningUpdate(_) => Some(1),
             _ => None,
         }
     }
@@ -230,6 +246,7 @@ impl Op {
         match self {
             Op::OptimStep(_) => (3, false),
             Op::OptimGroup(o) => (o.param(0), false),
+            Op::RunningUpdate(_) => (1, false),
             _ => (n_inputs, true),
         }
     }
@@ -392,6 +409,10 @@ impl Op {
             Op::OptimStep(o) => o.cpu_update(inputs).swap_remove(0),
             Op::OptimGroup(o) => o.cpu_update(inputs).swap_remove(0).swap_remove(0),
             Op::SumSquares(s) => s.cpu(inputs, out),
+            Op::RunningUpdate(r) => r.cpu(inputs[0], &inputs[1..]).swap_remove(0),
+            Op::GroupStats(s) => s.cpu(inputs[0]),
+            Op::Normalize(n) => n.cpu(inputs[0], inputs[1]),
+            Op::NormalizeBackward(n) => n.cpu(inputs[0], inputs[1], inputs[2]),
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => {
                 unreachable!("source nodes are not evaluated")
             }
@@ -449,6 +470,10 @@ impl Op {
             Op::Dropout(d) => Some(d.kernel(out.numel())),
             Op::CrossEntropyBackward(c) => Some(c.kernel(inputs[0])),
             Op::OptimStep(o) => Some(o.kernel(out)),
+            Op::RunningUpdate(r) => Some(r.kernel(out.numel())),
+            Op::GroupStats(s) => Some(s.kernel(inputs[0])),
+            Op::Normalize(n) => Some(n.kernel(inputs[0])),
+            Op::NormalizeBackward(n) => Some(n.kernel(inputs[0])),
             Op::Reshape | Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => None,
         }
     }
@@ -491,6 +516,8 @@ impl Op {
             Op::Embedding(e) => e.backward(g, x, dy)?,
             Op::Dropout(d) => vec![Some(d.backward(g, x[1], dy)?), None],
             Op::SumSquares(s) => s.backward(g, x, dy)?,
+            Op::GroupStats(s) => vec![Some(s.backward(g, x[0], y, dy)?)],
+            Op::Normalize(n) => n.backward(g, x, y, dy)?,
             Op::CrossEntropyBackward(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
@@ -501,6 +528,8 @@ impl Op {
             | Op::Fused(_)
             | Op::OptimStep(_)
             | Op::OptimGroup(_)
+            | Op::RunningUpdate(_)
+            | Op::NormalizeBackward(_)
             | Op::LstmBackward(_)
             | Op::GruBackward(_)
             | Op::RnnBackward(_)
@@ -600,6 +629,8 @@ impl Op {
             | Op::ImplicitDgrad(_)
             | Op::Reduce(_)
             | Op::SumSquares(_)
+            | Op::GroupStats(_)
+            | Op::NormalizeBackward(_)
             | Op::Softmax(_)
             | Op::CrossEntropy(_)
             | Op::CrossEntropyBackward(_)

@@ -166,7 +166,9 @@ impl UnaryOp {
             UnaryOp::Exp => g.mul(dy, y),
             UnaryOp::Log => g.div(dy, x),
             UnaryOp::Sqrt => g.div(dy, g.mul_scalar(y, 2.0)?),
-            UnaryOp::Relu => g.binary(BinaryOp::ReluGrad, dy, x),
+            // from the output, as PyTorch's threshold_backward (y > 0 exactly where x > 0): the
+            // input then need not be stored, and a chain ending in relu fuses whole
+            UnaryOp::Relu => g.binary(BinaryOp::ReluGrad, dy, y),
             UnaryOp::Sigmoid => g.binary(BinaryOp::SigmoidGrad, dy, y),
             UnaryOp::Tanh => g.binary(BinaryOp::TanhGrad, dy, y),
             UnaryOp::Gelu => g.binary(BinaryOp::GeluGrad, dy, x),

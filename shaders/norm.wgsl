@@ -1,0 +1,177 @@
+// norm.wgsl: batch and layer normalization's kernels (src/ops/norm.rs). A tensor is viewed as
+// (OUTER, GROUPS, INNER); group g holds the OUTER * INNER elements (o, g, i), at index
+// (o * GROUPS + g) * INNER + i: a batch norm's channel of (N, C, S) (OUTER = N, INNER = S), a
+// layer norm's row of (1, R, D).
+//
+//   group_stats         stats[g] = mean of group g, stats[GROUPS + g] = mean of (x - mean)^2
+//                       (biased; two passes)                                        (GroupStats)
+//   normalize           out = (x - mean[g]) / sqrt(var[g] + EPS)                     (Normalize)
+//   normalize_backward  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), per group,
+//                       rstd = 1 / sqrt(var[g] + EPS): the gradient through the group's own
+//                       statistics                                          (NormalizeBackward)
+//   running_update      running0 = (1 - MOMENTUM) running0 + MOMENTUM (SCALE0 value[0..N]), in
+//                       place; running_update2 also running1 from value[N..2N] with SCALE1
+//                                                                           (RunningUpdate)
+//
+// Bindings (group 0), inputs read, the output read_write:
+//   group_stats:         0 x [OUTER*GROUPS*INNER]   1 stats [2*GROUPS] (means, then variances)
+//   normalize:           0 x [..]   1 stats [2*GROUPS]   2 out [..]
+//   normalize_backward:  0 dxhat [..]   1 xhat [..]   2 stats [2*GROUPS]   3 dx [..]
+//   running_update(2):   0 value [N] ([2N])   1 running0 [N]   (2 running1 [N]): parameters,
+//                        updated in place
+// Overrides: OUTER, GROUPS, INNER, EPS; N, MOMENTUM, SCALE0, SCALE1 (running_update).
+// Dispatch: group_stats, normalize_backward: one workgroup of 256 threads per group (GROUPS
+//           workgroups, folded into (x <= 65535, y)), f32 partial sums per thread reduced in
+//           workgroup memory; normalize and running_update: one thread per element,
+//           ceil(n / 256) workgroups, folded likewise.
+
+override OUTER: u32 = 1u;
+override GROUPS: u32 = 1u;
+override INNER: u32 = 1u;
+override EPS: f32 = 1e-5;
+override N: u32 = 1u;
+override MOMENTUM: f32 = 0.1;
+override SCALE0: f32 = 1.0;
+override SCALE1: f32 = 1.0;
+const WG: u32 = 256u;
+
+// each entry point uses the bindings of its line in the table above
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(0) var<storage, read> dxhat: array<f32>;
+@group(0) @binding(0) var<storage, read> value: array<f32>;
+@group(0) @binding(1) var<storage, read_write> stats_out: array<f32>;
+@group(0) @binding(1) var<storage, read> stats: array<f32>;
+@group(0) @binding(1) var<storage, read> xhat: array<f32>;
+@group(0) @binding(1) var<storage, read_write> running0: array<f32>;
+@group(0) @binding(2) var<storage, read_write> normalized: array<f32>;
+@group(0) @binding(2) var<storage, read> stats2: array<f32>;
+@group(0) @binding(2) var<storage, read_write> running1: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dx: array<f32>;
+
+var<workgroup> partial: array<vec2<f32>, 256>;
+
+// Index of element e (0 <= e < OUTER * INNER) of group g.
+fn at(g: u32, e: u32) -> u32 {
+    let o = e / INNER;
+    return (o * GROUPS + g) * INNER + (e - o * INNER);
+}
+
+// The workgroup's sum of every thread's `v` (both components), seen by every thread.
+fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    partial[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if lid < s {
+            partial[lid] = partial[lid] + partial[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = partial[0];
+    workgroupBarrier();
+    return total;
+}
+
+fn group_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.y * nwg.x + wid.x;
+}
+
+// The mean of group g of x (every thread gets it).
+fn mean_of(g: u32, lid: u32) -> f32 {
+    let count = OUTER * INNER;
+    var s = 0.0;
+    for (var e = lid; e < count; e = e + WG) {
+        s = s + x[at(g, e)];
+    }
+    return workgroup_sum(lid, vec2<f32>(s, 0.0)).x / f32(count);
+}
+
+@compute @workgroup_size(256)
+fn group_stats(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = group_of(wid, nwg);
+    if g >= GROUPS {
+        return;
+    }
+    // two passes: the squared deviations from the mean, not E[x^2] - E[x]^2, which cancels
+    let m = mean_of(g, lid);
+    let count = OUTER * INNER;
+    var s = 0.0;
+    for (var e = lid; e < count; e = e + WG) {
+        let d = x[at(g, e)] - m;
+        s = s + d * d;
+    }
+    let v = workgroup_sum(lid, vec2<f32>(s, 0.0)).x / f32(count);
+    if lid == 0u {
+        stats_out[g] = m;
+        stats_out[GROUPS + g] = v;
+    }
+}
+
+@compute @workgroup_size(256)
+fn normalize(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= OUTER * GROUPS * INNER {
+        return;
+    }
+    let g = (i / INNER) % GROUPS;
+    normalized[i] = (x[i] - stats[g]) / sqrt(stats[GROUPS + g] + EPS);
+}
+
+@compute @workgroup_size(256)
+fn normalize_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = group_of(wid, nwg);
+    if g >= GROUPS {
+        return;
+    }
+    let count = OUTER * INNER;
+    var s = vec2<f32>(0.0, 0.0);
+    for (var e = lid; e < count; e = e + WG) {
+        let k = at(g, e);
+        let d = dxhat[k];
+        s = s + vec2<f32>(d, d * xhat[k]);
+    }
+    let means = workgroup_sum(lid, s) / f32(count);
+    let rstd = 1.0 / sqrt(stats2[GROUPS + g] + EPS);
+    for (var e = lid; e < count; e = e + WG) {
+        let k = at(g, e);
+        dx[k] = rstd * (dxhat[k] - means.x - xhat[k] * means.y);
+    }
+}
+
+@compute @workgroup_size(256)
+fn running_update(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= N {
+        return;
+    }
+    running0[i] = (1.0 - MOMENTUM) * running0[i] + MOMENTUM * (SCALE0 * value[i]);
+}
+
+@compute @workgroup_size(256)
+fn running_update2(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= N {
+        return;
+    }
+    running0[i] = (1.0 - MOMENTUM) * running0[i] + MOMENTUM * (SCALE0 * value[i]);
+    running1[i] = (1.0 - MOMENTUM) * running1[i] + MOMENTUM * (SCALE1 * value[N + i]);
+}

@@ -1,0 +1,600 @@
+//! Batch, layer and group normalization, as `torch.nn.functional.batch_norm`, `layer_norm` and
+//! `group_norm` (instance normalization is the last with a group per channel).
+//! Kernels: `shaders/norm.wgsl`.
+//!
+//! Both view their input as `(OUTER, GROUPS, INNER)` and normalize each group (a batch norm's
+//! channel of `(N, C, S)`, a layer norm's row of `(1, R, D)`) with its own statistics:
+//! [`GroupStats`] (mean and biased variance, two passes over the group, one workgroup per
+//! group), [`Normalize`] (`xhat = (x - mean) / sqrt(var + eps)`, elementwise), and the scale and
+//! shift as broadcast graph ops in the input's own shape, which the plan compiler fuses with
+//! what follows (a relu). The backward of `Normalize` is one kernel per group
+//! ([`NormalizeBackward`]): the gradient through the group's own statistics,
+//! `rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))` (PyTorch's training-mode gradient;
+//! composed from graph ops, a batch norm's step took about five times the dispatches). The
+//! scale's and shift's gradients are autodiff's reductions. [`RunningUpdate`] moves both running
+//! statistics in place in one kernel. A batch norm in evaluation mode is elementwise,
+//! `(x - running_mean) / sqrt(running_var + eps) * weight + bias`: one fused kernel with what
+//! follows. Statistics are f32 also for f16 inputs (the output follows the input's type), as
+//! under `torch.autocast`.
+//!
+//! Batch normalization of `x (N, C, *)` over every axis but 1:
+//!
+//! ```text
+//! mean = mean(x)   var = mean((x - mean)^2)   (biased, per channel)
+//! y = (x - mean) / sqrt(var + eps) * weight + bias
+//! training: running_mean = (1 - momentum) running_mean + momentum mean
+//!           running_var  = (1 - momentum) running_var  + momentum var n / (n - 1)   (n = N * |*|)
+//! evaluation: mean and var are the running ones
+//! ```
+//!
+//! Layer normalization of `x (*, D1 .. Dk)` over its last `k` axes, per leading index, with
+//! `weight` and `bias` of shape `(D1 .. Dk)`. Group normalization of `x (N, C, *)` per sample and
+//! group of `C / G` channels (`(1, N G, C / G * |*|)`), with per-channel `weight` and `bias`;
+//! instance normalization is `G = C`.
+
+use super::{groups, KernelSpec, Op};
+use crate::error::{shape_err, Result};
+use crate::graph::{Graph, NodeId};
+use crate::tensor::{DType, Shape, Tensor};
+
+/// In-place exponential moving averages of one or two parameters (`running_0`, `running_1`,
+/// each `(C)`) towards the rows of `value` (`(C)` for one, `(2, C)` for two):
+/// `running_j = (1 - momentum) * running_j + momentum * scales[j] * value[j]`. Inputs
+/// `[value, running_0, (running_1)]`, the parameters (f32) written in place; the node's value is
+/// `running_0` (no buffer of its own). A batch norm moves its running mean (scale 1) and
+/// running variance (scale `n / (n - 1)`: PyTorch keeps the unbiased one) from its
+/// [`GroupStats`] in one kernel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunningUpdate {
+    pub momentum: f32,
+    /// Parameters moved: 1 or 2.
+    pub rows: usize,
+    pub scales: [f32; 2],
+}
+
+impl RunningUpdate {
+    /// CPU reference in f32, the kernel's arithmetic in its order: the new value of each
+    /// parameter.
+    pub fn cpu(&self, value: &Tensor, running: &[&Tensor]) -> Vec<Tensor> {
+        let m = self.momentum;
+        running
+            .iter()
+            .enumerate()
+            .map(|(j, r)| {
+                let c = r.numel();
+                let row = &value.data()[j * c..(j + 1) * c];
+                let data = r
+                    .data()
+                    .iter()
+                    .zip(row)
+                    .map(|(&r, &v)| (1.0 - m) * r + m * (self.scales[j] * v))
+                    .collect();
+                Tensor::new(r.shape().clone(), data).expect("same shape")
+            })
+            .collect()
+    }
+
+    /// Kernel: one thread per element of a parameter, each updating every row.
+    pub fn kernel(&self, c: usize) -> KernelSpec {
+        KernelSpec {
+            family: "norm",
+            entry: if self.rows == 2 {
+                "running_update2"
+            } else {
+                "running_update"
+            },
+            constants: vec![
+                ("N", c as f64),
+                ("MOMENTUM", self.momentum as f64),
+                ("SCALE0", self.scales[0] as f64),
+                ("SCALE1", self.scales[1] as f64),
+            ],
+            workgroups: groups(c, 256),
+        }
+    }
+}
+
+/// Adds the running averages of `running` (1 or 2 parameter nodes of one shape `(C)`) towards
+/// the rows of `value` (`(C)`, or `(2, C)` for two) to `g`, run in place by every plan that
+/// computes `value` (see [`Graph::running_update`]).
+pub(crate) fn running_update(
+    g: &Graph,
+    running: &[NodeId],
+    value: NodeId,
+    momentum: f32,
+    scales: &[f32],
+) -> Result<NodeId> {
+    const OP: &str = "running_update";
+    let vs = g.check_id(OP, value)?;
+    if running.is_empty() || running.len() > 2 || scales.len() != running.len() {
+        return Err(shape_err(
+            OP,
+            format!(
+                "one or two running tensors with a scale each, got {} and {} scales",
+                running.len(),
+                scales.len()
+            ),
+        ));
+    }
+    let rs = g.check_id(OP, running[0])?;
+    for &r in running {
+        if !g.is_param(r) {
+            return Err(shape_err(OP, "the running tensors must be parameter nodes"));
+        }
+        let s = g.check_id(OP, r)?;
+        if s != rs {
+            return Err(shape_err(
+                OP,
+                format!("running tensors {rs} and {s} differ"),
+            ));
+        }
+    }
+    let want = if running.len() == 1 {
+        rs.clone()
+    } else {
+        Shape::from(vec![2, rs.numel()])
+    };
+    if vs != want && !(running.len() == 1 && vs.numel() == rs.numel() && vs.rank() == 1) {
+        return Err(shape_err(
+            OP,
+            format!(
+                "value {vs} for {} running tensor(s) {rs}: it must be {want}",
+                running.len()
+            ),
+        ));
+    }
+    if !(0.0..=1.0).contains(&momentum) {
+        return Err(shape_err(
+            OP,
+            format!("momentum must be in [0, 1], got {momentum}"),
+        ));
+    }
+    let mut sc = [1.0f32; 2];
+    sc[..scales.len()].copy_from_slice(scales);
+    let mut inputs = vec![value];
+    inputs.extend_from_slice(running);
+    let id = g.push_op(
+        Op::RunningUpdate(RunningUpdate {
+            momentum,
+            rows: running.len(),
+            scales: sc,
+        }),
+        inputs,
+        rs,
+    )?;
+    g.register_update(id);
+    Ok(id)
+}
+
+/// Each group's mean and biased variance (divided by the group's size, from the squared
+/// deviations: two passes) of `x (OUTER, GROUPS, INNER)`: output `(2, GROUPS)`, the means in
+/// row 0 and the variances in row 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GroupStats;
+
+/// `(outer, groups, inner)` of a rank-3 shape.
+fn split3(s: &Shape) -> (usize, usize, usize) {
+    let d = s.dims();
+    (d[0], d[1], d[2])
+}
+
+/// The values of group `g` of a `(OUTER, GROUPS, INNER)` tensor with their indices, as f64.
+fn group(t: &Tensor, g: usize) -> impl Iterator<Item = (usize, f64)> + '_ {
+    let (outer, groups, inner) = split3(t.shape());
+    (0..outer).flat_map(move |o| {
+        (0..inner).map(move |i| {
+            let k = (o * groups + g) * inner + i;
+            (k, t.data()[k] as f64)
+        })
+    })
+}
+
+/// `1 / sqrt(var + eps)` in f64.
+fn rstd(var: f32, eps: f32) -> f64 {
+    1.0 / (var as f64 + eps as f64).sqrt()
+}
+
+impl GroupStats {
+    /// CPU reference in f64.
+    pub fn cpu(&self, x: &Tensor) -> Tensor {
+        let groups = x.dims()[1];
+        let n = (x.numel() / groups) as f64;
+        let mut data = vec![0f32; 2 * groups];
+        for g in 0..groups {
+            let mean = group(x, g).map(|(_, v)| v).sum::<f64>() / n;
+            let var = group(x, g).map(|(_, v)| (v - mean).powi(2)).sum::<f64>() / n;
+            data[g] = mean as f32;
+            data[groups + g] = var as f32;
+        }
+        Tensor::new([2, groups], data).expect("two rows of one value per group")
+    }
+
+    /// Kernel: one workgroup per group.
+    pub fn kernel(&self, x: &Shape) -> KernelSpec {
+        let (outer, groups, inner) = split3(x);
+        KernelSpec {
+            family: "norm",
+            entry: "group_stats",
+            constants: vec![
+                ("OUTER", outer as f64),
+                ("GROUPS", groups as f64),
+                ("INNER", inner as f64),
+            ],
+            workgroups: groups as u64,
+        }
+    }
+
+    /// Backward: the mean spreads `dmean / n` over its group, the variance gives
+    /// `dvar 2 (x - mean) / n`; `stats` is the node's output.
+    pub fn backward(&self, g: &Graph, x: NodeId, stats: NodeId, dy: NodeId) -> Result<NodeId> {
+        let shape = g.shape(x);
+        let (outer, groups, inner) = split3(&shape);
+        let n = (outer * inner) as f32;
+        let row = |t: NodeId, k: usize| -> Result<NodeId> {
+            g.reshape(g.narrow(t, 0, k, 1)?, &[1, groups as isize, 1])
+        };
+        let dmean = g.expand(g.mul_scalar(row(dy, 0)?, 1.0 / n)?, &shape)?;
+        let centered = g.sub(x, row(stats, 0)?)?;
+        let dvar = g.mul(centered, g.mul_scalar(row(dy, 1)?, 2.0 / n)?)?;
+        g.add(dmean, dvar)
+    }
+}
+
+/// `xhat = (x - mean[g]) / sqrt(var[g] + eps)` of `x (OUTER, GROUPS, INNER)` with `stats`
+/// `(2, GROUPS)` that are `x`'s own [`GroupStats`]: its backward differentiates through them
+/// (the gradient for `x` includes their dependence on `x`) and gives none to `stats`. Built by
+/// [`batch_norm`] (training) and [`layer_norm`] only.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalize {
+    pub eps: f32,
+}
+
+impl Normalize {
+    /// CPU reference in f64.
+    pub fn cpu(&self, x: &Tensor, stats: &Tensor) -> Tensor {
+        let (_, groups, inner) = split3(x.shape());
+        let data = x
+            .data()
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| {
+                let g = (k / inner) % groups;
+                let r = rstd(stats.data()[groups + g], self.eps);
+                ((v as f64 - stats.data()[g] as f64) * r) as f32
+            })
+            .collect();
+        Tensor::new(x.shape().clone(), data).expect("same shape")
+    }
+
+    /// Kernel: one thread per element.
+    pub fn kernel(&self, x: &Shape) -> KernelSpec {
+        let (outer, groups, inner) = split3(x);
+        KernelSpec {
+            family: "norm",
+            entry: "normalize",
+            constants: vec![
+                ("OUTER", outer as f64),
+                ("GROUPS", groups as f64),
+                ("INNER", inner as f64),
+                ("EPS", self.eps as f64),
+            ],
+            workgroups: super::groups(x.numel(), 256),
+        }
+    }
+
+    /// Backward: [`NormalizeBackward`] of `dy`, the output `xhat` and the statistics, for `x`;
+    /// none for the statistics (their dependence on `x` is in it).
+    pub fn backward(
+        &self,
+        g: &Graph,
+        x: &[NodeId],
+        xhat: NodeId,
+        dy: NodeId,
+    ) -> Result<Vec<Option<NodeId>>> {
+        let dx = g.push_op(
+            Op::NormalizeBackward(NormalizeBackward { eps: self.eps }),
+            vec![dy, xhat, x[1]],
+            g.shape(xhat),
+        )?;
+        Ok(vec![Some(dx), None])
+    }
+}
+
+/// The gradient of [`Normalize`] for `x`, through the group's statistics: inputs `dxhat`,
+/// `xhat` (`(OUTER, GROUPS, INNER)`) and the statistics `(2, GROUPS)`;
+/// `dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat))`, `rstd = 1 / sqrt(var + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormalizeBackward {
+    pub eps: f32,
+}
+
+impl NormalizeBackward {
+    /// CPU reference in f64.
+    pub fn cpu(&self, dxhat: &Tensor, xhat: &Tensor, stats: &Tensor) -> Tensor {
+        let groups = dxhat.dims()[1];
+        let n = (dxhat.numel() / groups) as f64;
+        let mut dx = vec![0f32; dxhat.numel()];
+        for g in 0..groups {
+            let (mut s1, mut s2) = (0f64, 0f64);
+            for ((_, d), (_, h)) in group(dxhat, g).zip(group(xhat, g)) {
+                s1 += d;
+                s2 += d * h;
+            }
+            let r = rstd(stats.data()[groups + g], self.eps);
+            for ((k, d), (_, h)) in group(dxhat, g).zip(group(xhat, g)) {
+                dx[k] = (r * (d - s1 / n - h * s2 / n)) as f32;
+            }
+        }
+        Tensor::new(dxhat.shape().clone(), dx).expect("same shape")
+    }
+
+    /// Kernel: one workgroup per group.
+    pub fn kernel(&self, dxhat: &Shape) -> KernelSpec {
+        let (outer, groups, inner) = split3(dxhat);
+        KernelSpec {
+            family: "norm",
+            entry: "normalize_backward",
+            constants: vec![
+                ("OUTER", outer as f64),
+                ("GROUPS", groups as f64),
+                ("INNER", inner as f64),
+                ("EPS", self.eps as f64),
+            ],
+            workgroups: groups as u64,
+        }
+    }
+}
+
+/// `xhat` of `x (OUTER, GROUPS, INNER)` (f32) normalized by its own group statistics, and those
+/// statistics `(2, GROUPS)` (means, biased variances).
+fn normalize_by_groups(g: &Graph, x: NodeId, eps: f32) -> Result<(NodeId, NodeId)> {
+    check_eps(eps)?;
+    let groups = g.shape(x).dims()[1];
+    let stats = g.push_op(
+        Op::GroupStats(GroupStats),
+        vec![x],
+        Shape::from(vec![2, groups]),
+    )?;
+    let xhat = g.push_op(Op::Normalize(Normalize { eps }), vec![x, stats], g.shape(x))?;
+    Ok((xhat, stats))
+}
+
+/// The running statistics of a batch normalization and how they move:
+/// `running_mean`, `running_var` (parameter nodes of shape `(C)`) and `momentum`
+/// (PyTorch's default 0.1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunningStats {
+    pub mean: NodeId,
+    pub var: NodeId,
+    pub momentum: f32,
+}
+
+/// Batch normalization of `x (N, C, *)` (rank 2 or more) per channel (axis 1), as
+/// `torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
+/// momentum, eps)`. `affine` is `(weight, bias)`, each `(C)`. With `training`, the batch's
+/// statistics normalize and, where `running` is given, update it in place; without, `running`
+/// (required) normalizes. Errors name `batch_norm` and the shapes.
+pub fn batch_norm(
+    g: &Graph,
+    x: NodeId,
+    affine: Option<(NodeId, NodeId)>,
+    running: Option<RunningStats>,
+    training: bool,
+    eps: f32,
+) -> Result<NodeId> {
+    const OP: &str = "batch_norm";
+    let shape = g.check_id(OP, x)?;
+    let dims = shape.dims().to_vec();
+    if dims.len() < 2 {
+        return Err(shape_err(
+            OP,
+            format!("input {shape} needs at least 2 axes (N, C, *)"),
+        ));
+    }
+    let (n, c) = (dims[0], dims[1]);
+    let s: usize = dims[2..].iter().product();
+    let channel = Shape::from(vec![c]);
+    for (what, id) in affine
+        .iter()
+        .flat_map(|&(w, b)| [("weight", w), ("bias", b)])
+        .chain(
+            running
+                .iter()
+                .flat_map(|r| [("running_mean", r.mean), ("running_var", r.var)]),
+        )
+    {
+        let sh = g.check_id(OP, id)?;
+        if sh != channel {
+            return Err(shape_err(
+                OP,
+                format!("{what} {sh} must be [{c}] for input {shape}"),
+            ));
+        }
+    }
+    if !training && running.is_none() {
+        return Err(shape_err(
+            OP,
+            "evaluation mode normalizes with running statistics: none were given",
+        ));
+    }
+    if training && n * s < 2 {
+        return Err(shape_err(
+            OP,
+            format!("training needs more than one value per channel, input {shape}"),
+        ));
+    }
+    let dt = g.dtype(x);
+    let x32 = g.cast(x, DType::F32)?;
+    // per-channel values broadcast against x's own shape (1, C, 1, ..): the elementwise tail
+    // stays in x's shape, so it fuses with what reads the output (a relu)
+    let mut per_channel_dims = vec![1isize; dims.len()];
+    per_channel_dims[1] = c as isize;
+    let per_channel = |t: NodeId| g.reshape(t, &per_channel_dims);
+    let mut y = if training {
+        let xr = g.reshape(x32, &[n as isize, c as isize, s as isize])?;
+        let (xhat, stats) = normalize_by_groups(g, xr, eps)?;
+        if let Some(r) = running {
+            let count = (n * s) as f32;
+            let scales = [1.0, count / (count - 1.0)];
+            running_update(g, &[r.mean, r.var], stats, r.momentum, &scales)?;
+        }
+        let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
+        g.reshape(xhat, &back)?
+    } else {
+        check_eps(eps)?;
+        let r = running.expect("checked above");
+        let rstd = g.pow_scalar(g.add_scalar(per_channel(r.var)?, eps)?, -0.5)?;
+        g.mul(g.sub(x32, per_channel(r.mean)?)?, rstd)?
+    };
+    if let Some((w, b)) = affine {
+        y = g.add(g.mul(y, per_channel(w)?)?, per_channel(b)?)?;
+    }
+    g.cast(y, dt)
+}
+
+/// Layer normalization of `x` over its last `normalized` axes, as
+/// `torch.nn.functional.layer_norm(x, x.shape[-normalized:], weight, bias, eps)`: each leading
+/// index's `D = prod(last axes)` values get mean 0 and (biased) variance 1, then `weight` and
+/// `bias` (shaped like those axes) scale and shift them.
+pub fn layer_norm(
+    g: &Graph,
+    x: NodeId,
+    normalized: usize,
+    affine: Option<(NodeId, NodeId)>,
+    eps: f32,
+) -> Result<NodeId> {
+    const OP: &str = "layer_norm";
+    let shape = g.check_id(OP, x)?;
+    let dims = shape.dims().to_vec();
+    if normalized == 0 || normalized > dims.len() {
+        return Err(shape_err(
+            OP,
+            format!(
+                "cannot normalize the last {normalized} axes of {shape} (1 to {} allowed)",
+                dims.len()
+            ),
+        ));
+    }
+    let lead = dims.len() - normalized;
+    let norm_shape = Shape::from(dims[lead..].to_vec());
+    for (what, id) in affine
+        .iter()
+        .flat_map(|&(w, b)| [("weight", w), ("bias", b)])
+    {
+        let sh = g.check_id(OP, id)?;
+        if sh != norm_shape {
+            return Err(shape_err(
+                OP,
+                format!("{what} {sh} must be {norm_shape} for input {shape}"),
+            ));
+        }
+    }
+    let rows: usize = dims[..lead].iter().product();
+    let d: usize = dims[lead..].iter().product();
+    let dt = g.dtype(x);
+    let xr = g.reshape(g.cast(x, DType::F32)?, &[1, rows as isize, d as isize])?;
+    let (xhat, _) = normalize_by_groups(g, xr, eps)?;
+    // the scale and shift in x's own shape (they broadcast over the leading axes), so that they
+    // fuse with what reads the output
+    let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
+    let mut y = g.reshape(xhat, &back)?;
+    if let Some((w, b)) = affine {
+        y = g.add(g.mul(y, w)?, b)?;
+    }
+    g.cast(y, dt)
+}
+
+/// Group normalization of `x (N, C, *)` as `torch.nn.functional.group_norm(x, num_groups,
+/// weight, bias, eps)`: the channels split into `num_groups` groups of `C / num_groups`, each
+/// sample's group normalized by its own mean and biased variance, then a per-channel `weight` and
+/// `bias` (`(C)`). `num_groups = C` is instance normalization (`InstanceNorm*d` without running
+/// statistics), `num_groups = 1` a layer norm over `(C, *)` with per-channel scale.
+pub fn group_norm(
+    g: &Graph,
+    x: NodeId,
+    num_groups: usize,
+    affine: Option<(NodeId, NodeId)>,
+    eps: f32,
+) -> Result<NodeId> {
+    const OP: &str = "group_norm";
+    let shape = g.check_id(OP, x)?;
+    let dims = shape.dims().to_vec();
+    if dims.len() < 2 {
+        return Err(shape_err(
+            OP,
+            format!("input {shape} needs at least 2 axes (N, C, *)"),
+        ));
+    }
+    let (n, c) = (dims[0], dims[1]);
+    if num_groups == 0 || c % num_groups != 0 {
+        return Err(shape_err(
+            OP,
+            format!("{c} channels of input {shape} do not split into {num_groups} groups"),
+        ));
+    }
+    let channel = Shape::from(vec![c]);
+    for (what, id) in affine
+        .iter()
+        .flat_map(|&(w, b)| [("weight", w), ("bias", b)])
+    {
+        let sh = g.check_id(OP, id)?;
+        if sh != channel {
+            return Err(shape_err(
+                OP,
+                format!("{what} {sh} must be [{c}] for input {shape}"),
+            ));
+        }
+    }
+    let per_group = shape.numel() / (n * num_groups);
+    let dt = g.dtype(x);
+    let xr = g.reshape(
+        g.cast(x, DType::F32)?,
+        &[1, (n * num_groups) as isize, per_group as isize],
+    )?;
+    let (xhat, _) = normalize_by_groups(g, xr, eps)?;
+    let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
+    let mut y = g.reshape(xhat, &back)?;
+    if let Some((w, b)) = affine {
+        let mut per_channel = vec![1isize; dims.len()];
+        per_channel[1] = c as isize;
+        y = g.add(
+            g.mul(y, g.reshape(w, &per_channel)?)?,
+            g.reshape(b, &per_channel)?,
+        )?;
+    }
+    g.cast(y, dt)
+}
+
+/// `eps` must be positive (a zero variance would divide by zero).
+fn check_eps(eps: f32) -> Result<()> {
+    if eps > 0.0 {
+        Ok(())
+    } else {
+        Err(shape_err(
+            "norm",
+            format!("eps must be positive, got {eps}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_update_moves_by_momentum() {
+        let r = RunningUpdate {
+            momentum: 0.1,
+            rows: 2,
+            scales: [1.0, 2.0],
+        };
+        let value = Tensor::new([2, 2], vec![5.0, 6.0, 1.0, -3.0]).unwrap();
+        let mean = Tensor::new([2], vec![0.0, 1.0]).unwrap();
+        let var = Tensor::new([2], vec![10.0, 0.0]).unwrap();
+        let out = r.cpu(&value, &[&mean, &var]);
+        // 0.9 * 0 + 0.1 * 5 = 0.5; 0.9 * 1 + 0.1 * 6 = 1.5
+        assert!((out[0].data()[0] - 0.5).abs() < 1e-6 && (out[0].data()[1] - 1.5).abs() < 1e-6);
+        // 0.9 * 10 + 0.1 * 2 * 1 = 9.2; 0.9 * 0 + 0.1 * 2 * -3 = -0.6
+        assert!((out[1].data()[0] - 9.2).abs() < 1e-6 && (out[1].data()[1] + 0.6).abs() < 1e-6);
+    }
+}
