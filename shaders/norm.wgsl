@@ -6,9 +6,16 @@
 //   group_stats         stats[g] = mean of group g, stats[GROUPS + g] = mean of (x - mean)^2
 //                       (biased; two passes)                                        (GroupStats)
 //   normalize           out = (x - mean[g]) / sqrt(var[g] + EPS)                     (Normalize)
+//   normalize_affine    out = normalize(x) * weight[g] + bias[g]          (Normalize, affine)
 //   normalize_backward  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), per group,
 //                       rstd = 1 / sqrt(var[g] + EPS): the gradient through the group's own
 //                       statistics                                          (NormalizeBackward)
+//   group_sums          sums[g] = sum(dy), sums[GROUPS + g] = sum(dy xhat) over group g, xhat
+//                       recomputed from x: the affine form's bias and weight gradients
+//                                                                                (GroupSums)
+//   normalize_affine_backward
+//                       dx = weight[g] rstd (dy - sums[g] / n - xhat sums[GROUPS + g] / n),
+//                       elementwise (n = OUTER * INNER)               (NormalizeAffineBackward)
 //   running_update      running0 = (1 - MOMENTUM) running0 + MOMENTUM (SCALE0 value[0..N]), in
 //                       place; running_update2 also running1 from value[N..2N] with SCALE1
 //                                                                           (RunningUpdate)
@@ -16,13 +23,20 @@
 // Bindings (group 0), inputs read, the output read_write:
 //   group_stats:         0 x [OUTER*GROUPS*INNER]   1 stats [2*GROUPS] (means, then variances)
 //   normalize:           0 x [..]   1 stats [2*GROUPS]   2 out [..]
+//   normalize_affine:    0 x [..]   1 stats [2*GROUPS]   2 weight [GROUPS]   3 bias [GROUPS]
+//                        4 out [..]
 //   normalize_backward:  0 dxhat [..]   1 xhat [..]   2 stats [2*GROUPS]   3 dx [..]
+//   group_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [2*GROUPS]
+//   normalize_affine_backward:
+//                        0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 weight [GROUPS]
+//                        4 sums [2*GROUPS]   5 dx [..]
 //   running_update(2):   0 value [N] ([2N])   1 running0 [N]   (2 running1 [N]): parameters,
 //                        updated in place
 // Overrides: OUTER, GROUPS, INNER, EPS; N, MOMENTUM, SCALE0, SCALE1 (running_update).
-// Dispatch: group_stats, normalize_backward: one workgroup of 256 threads per group (GROUPS
+// Dispatch: group_stats, normalize_backward, group_sums: one workgroup of 256 threads per group (GROUPS
 //           workgroups, folded into (x <= 65535, y)), f32 partial sums per thread reduced in
-//           workgroup memory; normalize and running_update: one thread per element,
+//           workgroup memory; normalize(_affine), normalize_affine_backward and
+//           running_update: one thread per element,
 //           ceil(n / 256) workgroups, folded likewise.
 
 override OUTER: u32 = 1u;
@@ -47,6 +61,17 @@ const WG: u32 = 256u;
 @group(0) @binding(2) var<storage, read> stats2: array<f32>;
 @group(0) @binding(2) var<storage, read_write> running1: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
+// normalize_affine
+@group(0) @binding(2) var<storage, read> weight2: array<f32>;
+@group(0) @binding(3) var<storage, read> bias3: array<f32>;
+@group(0) @binding(4) var<storage, read_write> affine_out: array<f32>;
+// group_sums and normalize_affine_backward
+@group(0) @binding(0) var<storage, read> dy: array<f32>;
+@group(0) @binding(1) var<storage, read> x1: array<f32>;
+@group(0) @binding(3) var<storage, read_write> sums_out: array<f32>;
+@group(0) @binding(3) var<storage, read> weight3: array<f32>;
+@group(0) @binding(4) var<storage, read> sums: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dx5: array<f32>;
 
 var<workgroup> partial: array<vec2<f32>, 256>;
 
@@ -122,6 +147,64 @@ fn normalize(
     }
     let g = (i / INNER) % GROUPS;
     normalized[i] = (x[i] - stats[g]) / sqrt(stats[GROUPS + g] + EPS);
+}
+
+@compute @workgroup_size(256)
+fn normalize_affine(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= OUTER * GROUPS * INNER {
+        return;
+    }
+    let g = (i / INNER) % GROUPS;
+    let xhat = (x[i] - stats[g]) / sqrt(stats[GROUPS + g] + EPS);
+    affine_out[i] = xhat * weight2[g] + bias3[g];
+}
+
+@compute @workgroup_size(256)
+fn group_sums(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = group_of(wid, nwg);
+    if g >= GROUPS {
+        return;
+    }
+    let mean = stats2[g];
+    let rstd = 1.0 / sqrt(stats2[GROUPS + g] + EPS);
+    let count = OUTER * INNER;
+    var s = vec2<f32>(0.0, 0.0);
+    for (var e = lid; e < count; e = e + WG) {
+        let k = at(g, e);
+        let d = dy[k];
+        s = s + vec2<f32>(d, d * ((x1[k] - mean) * rstd));
+    }
+    let total = workgroup_sum(lid, s);
+    if lid == 0u {
+        sums_out[g] = total.x;
+        sums_out[GROUPS + g] = total.y;
+    }
+}
+
+@compute @workgroup_size(256)
+fn normalize_affine_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= OUTER * GROUPS * INNER {
+        return;
+    }
+    let g = (i / INNER) % GROUPS;
+    let n = f32(OUTER * INNER);
+    let rstd = 1.0 / sqrt(stats2[GROUPS + g] + EPS);
+    let xhat = (x1[i] - stats2[g]) * rstd;
+    dx5[i] = weight3[g] * rstd * (dy[i] - sums[g] / n - xhat * (sums[GROUPS + g] / n));
 }
 
 @compute @workgroup_size(256)

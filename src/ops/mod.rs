@@ -148,6 +148,11 @@ pub enum Op {
     Normalize(norm::Normalize),
     /// Inputs `dxhat`, `xhat` and the statistics: the normalization's gradient for `x`.
     NormalizeBackward(norm::NormalizeBackward),
+    /// Inputs `dy`, `x` and its statistics: per group `sum(dy)` and `sum(dy * xhat)`, `(2, G)`.
+    GroupSums(norm::GroupSums),
+    /// Inputs `dy`, `x`, its statistics, the weight and their `GroupSums`: the affine
+    /// normalization's gradient for `x`, elementwise.
+    NormalizeAffineBackward(norm::NormalizeBackward),
 }
 
 /// A specialised kernel launch: which WGSL entry point, with which override constants, over how many
@@ -222,6 +227,8 @@ impl Op {
             Op::GroupStats(_) => "group_stats",
             Op::Normalize(_) => "normalize",
             Op::NormalizeBackward(_) => "normalize_backward",
+            Op::GroupSums(_) => "group_sums",
+            Op::NormalizeAffineBackward(_) => "normalize_affine_backward",
         }
     }
 
@@ -411,7 +418,13 @@ impl Op {
             Op::SumSquares(s) => s.cpu(inputs, out),
             Op::RunningUpdate(r) => r.cpu(inputs[0], &inputs[1..]).swap_remove(0),
             Op::GroupStats(s) => s.cpu(inputs[0]),
-            Op::Normalize(n) => n.cpu(inputs[0], inputs[1]),
+            Op::Normalize(n) => n.cpu(
+                inputs[0],
+                inputs[1],
+                n.affine.then(|| (inputs[2], inputs[3])),
+            ),
+            Op::GroupSums(s) => s.cpu(inputs[0], inputs[1], inputs[2]),
+            Op::NormalizeAffineBackward(n) => n.affine_cpu(inputs),
             Op::NormalizeBackward(n) => n.cpu(inputs[0], inputs[1], inputs[2]),
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => {
                 unreachable!("source nodes are not evaluated")
@@ -474,6 +487,8 @@ impl Op {
             Op::GroupStats(s) => Some(s.kernel(inputs[0])),
             Op::Normalize(n) => Some(n.kernel(inputs[0])),
             Op::NormalizeBackward(n) => Some(n.kernel(inputs[0])),
+            Op::GroupSums(s) => Some(s.kernel(inputs[0])),
+            Op::NormalizeAffineBackward(n) => Some(n.affine_kernel(inputs[0])),
             Op::Reshape | Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => None,
         }
     }
@@ -530,6 +545,8 @@ impl Op {
             | Op::OptimGroup(_)
             | Op::RunningUpdate(_)
             | Op::NormalizeBackward(_)
+            | Op::GroupSums(_)
+            | Op::NormalizeAffineBackward(_)
             | Op::LstmBackward(_)
             | Op::GruBackward(_)
             | Op::RnnBackward(_)
@@ -631,6 +648,7 @@ impl Op {
             | Op::SumSquares(_)
             | Op::GroupStats(_)
             | Op::NormalizeBackward(_)
+            | Op::GroupSums(_)
             | Op::Softmax(_)
             | Op::CrossEntropy(_)
             | Op::CrossEntropyBackward(_)

@@ -5,17 +5,24 @@
 //! Both view their input as `(OUTER, GROUPS, INNER)` and normalize each group (a batch norm's
 //! channel of `(N, C, S)`, a layer norm's row of `(1, R, D)`) with its own statistics:
 //! [`GroupStats`] (mean and biased variance, two passes over the group, one workgroup per
-//! group), [`Normalize`] (`xhat = (x - mean) / sqrt(var + eps)`, elementwise), and the scale and
-//! shift as broadcast graph ops in the input's own shape, which the plan compiler fuses with
-//! what follows (a relu). The backward of `Normalize` is one kernel per group
-//! ([`NormalizeBackward`]): the gradient through the group's own statistics,
-//! `rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))` (PyTorch's training-mode gradient;
-//! composed from graph ops, a batch norm's step took about five times the dispatches). The
-//! scale's and shift's gradients are autodiff's reductions. [`RunningUpdate`] moves both running
-//! statistics in place in one kernel. A batch norm in evaluation mode is elementwise,
-//! `(x - running_mean) / sqrt(running_var + eps) * weight + bias`: one fused kernel with what
-//! follows. Statistics are f32 also for f16 inputs (the output follows the input's type), as
-//! under `torch.autocast`.
+//! group) and [`Normalize`] (`xhat = (x - mean) / sqrt(var + eps)`, elementwise; PyTorch's
+//! training-mode gradient through the group's own statistics).
+//!
+//! - Batch norm (training): the per-channel scale and shift are inside `Normalize`; its
+//!   backward is [`GroupSums`] (per channel `sum(dy)` and `sum(dy xhat)`: the bias's and the
+//!   weight's gradients) and an elementwise input gradient. [`RunningUpdate`] moves both
+//!   running statistics in place in one kernel. Forward 4 kernels, backward 3 (and a copy of
+//!   the weight's gradient); composed from graph ops the step took about five times the
+//!   dispatches. In evaluation it is elementwise, `(x - running_mean) / sqrt(running_var + eps)
+//!   * weight + bias`: one fused kernel with what follows.
+//! - Layer and group norm: scale and shift are broadcast graph ops in the input's own shape
+//!   (fused with what follows, a relu), and `Normalize`'s backward is one kernel per group
+//!   ([`NormalizeBackward`]): `rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))`.
+//!
+//! Statistics are f32 also for f16 inputs (the output follows the input's type), as under
+//! `torch.autocast`. One workgroup per group is PyTorch's classic NCHW layout too; a few large
+//! groups (a batch norm of 64 channels over (64, 56, 56)) leave most of a big GPU idle, which a
+//! split reduction would fix (untimed: no GPU yet).
 //!
 //! Batch normalization of `x (N, C, *)` over every axis but 1:
 //!
@@ -241,17 +248,20 @@ impl GroupStats {
 }
 
 /// `xhat = (x - mean[g]) / sqrt(var[g] + eps)` of `x (OUTER, GROUPS, INNER)` with `stats`
-/// `(2, GROUPS)` that are `x`'s own [`GroupStats`]: its backward differentiates through them
-/// (the gradient for `x` includes their dependence on `x`) and gives none to `stats`. Built by
-/// [`batch_norm`] (training) and [`layer_norm`] only.
+/// `(2, GROUPS)` that are `x`'s own [`GroupStats`]; with `affine`, `y = xhat * weight[g] +
+/// bias[g]` (inputs `[x, stats, weight, bias]`, each `(GROUPS)`: a batch norm's per-channel
+/// scale and shift). Its backward differentiates through the statistics (the gradient for `x`
+/// includes their dependence on `x`) and gives none to `stats`. Built by [`batch_norm`]
+/// (training), [`layer_norm`] and [`group_norm`] only.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Normalize {
     pub eps: f32,
+    pub affine: bool,
 }
 
 impl Normalize {
-    /// CPU reference in f64.
-    pub fn cpu(&self, x: &Tensor, stats: &Tensor) -> Tensor {
+    /// CPU reference in f64; `affine` is `Some((weight, bias))` for the affine form.
+    pub fn cpu(&self, x: &Tensor, stats: &Tensor, affine: Option<(&Tensor, &Tensor)>) -> Tensor {
         let (_, groups, inner) = split3(x.shape());
         let data = x
             .data()
@@ -260,7 +270,11 @@ impl Normalize {
             .map(|(k, &v)| {
                 let g = (k / inner) % groups;
                 let r = rstd(stats.data()[groups + g], self.eps);
-                ((v as f64 - stats.data()[g] as f64) * r) as f32
+                let xhat = (v as f64 - stats.data()[g] as f64) * r;
+                match affine {
+                    Some((w, b)) => (xhat * w.data()[g] as f64 + b.data()[g] as f64) as f32,
+                    None => xhat as f32,
+                }
             })
             .collect();
         Tensor::new(x.shape().clone(), data).expect("same shape")
@@ -271,7 +285,11 @@ impl Normalize {
         let (outer, groups, inner) = split3(x);
         KernelSpec {
             family: "norm",
-            entry: "normalize",
+            entry: if self.affine {
+                "normalize_affine"
+            } else {
+                "normalize"
+            },
             constants: vec![
                 ("OUTER", outer as f64),
                 ("GROUPS", groups as f64),
@@ -282,33 +300,142 @@ impl Normalize {
         }
     }
 
-    /// Backward: [`NormalizeBackward`] of `dy`, the output `xhat` and the statistics, for `x`;
-    /// none for the statistics (their dependence on `x` is in it).
+    /// Backward. Without affine: [`NormalizeBackward`] of `dy`, the output `xhat` and the
+    /// statistics, for `x`. With: [`GroupSums`] of `dy` and `xhat` (recomputed from `x`) per
+    /// group, which are the bias's and the weight's gradients, then
+    /// `Op::NormalizeAffineBackward` ([`NormalizeBackward::affine_cpu`]) for `x`,
+    /// elementwise. None for the statistics (their dependence on `x` is in the gradient for
+    /// `x`).
     pub fn backward(
         &self,
         g: &Graph,
         x: &[NodeId],
-        xhat: NodeId,
+        y: NodeId,
         dy: NodeId,
     ) -> Result<Vec<Option<NodeId>>> {
-        let dx = g.push_op(
-            Op::NormalizeBackward(NormalizeBackward { eps: self.eps }),
-            vec![dy, xhat, x[1]],
-            g.shape(xhat),
+        let shape = g.shape(y);
+        if !self.affine {
+            let dx = g.push_op(
+                Op::NormalizeBackward(NormalizeBackward { eps: self.eps }),
+                vec![dy, y, x[1]],
+                shape,
+            )?;
+            return Ok(vec![Some(dx), None]);
+        }
+        let groups = shape.dims()[1];
+        let sums = g.push_op(
+            Op::GroupSums(GroupSums { eps: self.eps }),
+            vec![dy, x[0], x[1]],
+            Shape::from(vec![2, groups]),
         )?;
-        Ok(vec![Some(dx), None])
+        let dx = g.push_op(
+            Op::NormalizeAffineBackward(NormalizeBackward { eps: self.eps }),
+            vec![dy, x[0], x[1], x[2], sums],
+            shape,
+        )?;
+        let row = |k: usize| g.reshape(g.narrow(sums, 0, k, 1)?, &[groups as isize]);
+        Ok(vec![Some(dx), None, Some(row(1)?), Some(row(0)?)])
+    }
+}
+
+/// Per group of `dy` and `x (OUTER, GROUPS, INNER)` with `x`'s statistics `(2, GROUPS)`:
+/// `sum(dy)` (row 0) and `sum(dy * xhat)` (row 1), `xhat` recomputed from `x`: the affine
+/// normalization's bias and weight gradients, and what its input gradient needs. One workgroup
+/// per group.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupSums {
+    pub eps: f32,
+}
+
+impl GroupSums {
+    /// CPU reference in f64.
+    pub fn cpu(&self, dy: &Tensor, x: &Tensor, stats: &Tensor) -> Tensor {
+        let groups = dy.dims()[1];
+        let mut data = vec![0f32; 2 * groups];
+        for g in 0..groups {
+            let (mean, r) = (
+                stats.data()[g] as f64,
+                rstd(stats.data()[groups + g], self.eps),
+            );
+            let (mut s0, mut s1) = (0f64, 0f64);
+            for ((_, d), (_, v)) in group(dy, g).zip(group(x, g)) {
+                s0 += d;
+                s1 += d * (v - mean) * r;
+            }
+            data[g] = s0 as f32;
+            data[groups + g] = s1 as f32;
+        }
+        Tensor::new([2, groups], data).expect("two rows of one value per group")
+    }
+
+    /// Kernel: one workgroup per group.
+    pub fn kernel(&self, dy: &Shape) -> KernelSpec {
+        let (outer, groups, inner) = split3(dy);
+        KernelSpec {
+            family: "norm",
+            entry: "group_sums",
+            constants: vec![
+                ("OUTER", outer as f64),
+                ("GROUPS", groups as f64),
+                ("INNER", inner as f64),
+                ("EPS", self.eps as f64),
+            ],
+            workgroups: groups as u64,
+        }
     }
 }
 
 /// The gradient of [`Normalize`] for `x`, through the group's statistics: inputs `dxhat`,
 /// `xhat` (`(OUTER, GROUPS, INNER)`) and the statistics `(2, GROUPS)`;
-/// `dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat))`, `rstd = 1 / sqrt(var + eps)`.
+/// `dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat))`, `rstd = 1 / sqrt(var + eps)`,
+/// one workgroup per group. As `Op::NormalizeAffineBackward`, the affine form's, elementwise:
+/// inputs `dy`, `x`, the statistics, `weight` and the [`GroupSums`] of `dy`;
+/// `dx = weight rstd (dy - sum(dy) / n - xhat sum(dy xhat) / n)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NormalizeBackward {
     pub eps: f32,
 }
 
 impl NormalizeBackward {
+    /// CPU reference of the affine form in f64.
+    pub fn affine_cpu(&self, inputs: &[&Tensor]) -> Tensor {
+        let [dy, x, stats, w, sums] = inputs else {
+            unreachable!("five inputs")
+        };
+        let (outer, groups, inner) = split3(dy.shape());
+        let n = (outer * inner) as f64;
+        let data = dy
+            .data()
+            .iter()
+            .zip(x.data())
+            .enumerate()
+            .map(|(k, (&d, &v))| {
+                let g = (k / inner) % groups;
+                let r = rstd(stats.data()[groups + g], self.eps);
+                let xhat = (v as f64 - stats.data()[g] as f64) * r;
+                let (s0, s1) = (sums.data()[g] as f64, sums.data()[groups + g] as f64);
+                (w.data()[g] as f64 * r * (d as f64 - s0 / n - xhat * s1 / n)) as f32
+            })
+            .collect();
+        Tensor::new(dy.shape().clone(), data).expect("same shape")
+    }
+
+    /// Kernel of the affine form: one thread per element.
+    pub fn affine_kernel(&self, dy: &Shape) -> KernelSpec {
+        let (outer, groups, inner) = split3(dy);
+        KernelSpec {
+            family: "norm",
+            entry: "normalize_affine_backward",
+            constants: vec![
+                ("OUTER", outer as f64),
+                ("GROUPS", groups as f64),
+                ("INNER", inner as f64),
+                ("EPS", self.eps as f64),
+            ],
+            workgroups: super::groups(dy.numel(), 256),
+        }
+    }
+
     /// CPU reference in f64.
     pub fn cpu(&self, dxhat: &Tensor, xhat: &Tensor, stats: &Tensor) -> Tensor {
         let groups = dxhat.dims()[1];
@@ -345,9 +472,15 @@ impl NormalizeBackward {
     }
 }
 
-/// `xhat` of `x (OUTER, GROUPS, INNER)` (f32) normalized by its own group statistics, and those
-/// statistics `(2, GROUPS)` (means, biased variances).
-fn normalize_by_groups(g: &Graph, x: NodeId, eps: f32) -> Result<(NodeId, NodeId)> {
+/// `x (OUTER, GROUPS, INNER)` (f32) normalized by its own group statistics (then scaled and
+/// shifted per group by `affine`), and those statistics `(2, GROUPS)` (means, biased
+/// variances).
+fn normalize_by_groups(
+    g: &Graph,
+    x: NodeId,
+    eps: f32,
+    affine: Option<(NodeId, NodeId)>,
+) -> Result<(NodeId, NodeId)> {
     check_eps(eps)?;
     let groups = g.shape(x).dims()[1];
     let stats = g.push_op(
@@ -355,8 +488,14 @@ fn normalize_by_groups(g: &Graph, x: NodeId, eps: f32) -> Result<(NodeId, NodeId
         vec![x],
         Shape::from(vec![2, groups]),
     )?;
-    let xhat = g.push_op(Op::Normalize(Normalize { eps }), vec![x, stats], g.shape(x))?;
-    Ok((xhat, stats))
+    let mut inputs = vec![x, stats];
+    inputs.extend(affine.iter().flat_map(|&(w, b)| [w, b]));
+    let op = Op::Normalize(Normalize {
+        eps,
+        affine: affine.is_some(),
+    });
+    let y = g.push_op(op, inputs, g.shape(x))?;
+    Ok((y, stats))
 }
 
 /// The running statistics of a batch normalization and how they move:
@@ -430,25 +569,28 @@ pub fn batch_norm(
     let mut per_channel_dims = vec![1isize; dims.len()];
     per_channel_dims[1] = c as isize;
     let per_channel = |t: NodeId| g.reshape(t, &per_channel_dims);
-    let mut y = if training {
+    let y = if training {
+        // the scale and shift inside the normalization: their gradients are its per-channel
+        // sums, one kernel with what the input's gradient needs
         let xr = g.reshape(x32, &[n as isize, c as isize, s as isize])?;
-        let (xhat, stats) = normalize_by_groups(g, xr, eps)?;
+        let (y, stats) = normalize_by_groups(g, xr, eps, affine)?;
         if let Some(r) = running {
             let count = (n * s) as f32;
             let scales = [1.0, count / (count - 1.0)];
             running_update(g, &[r.mean, r.var], stats, r.momentum, &scales)?;
         }
         let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
-        g.reshape(xhat, &back)?
+        g.reshape(y, &back)?
     } else {
         check_eps(eps)?;
         let r = running.expect("checked above");
         let rstd = g.pow_scalar(g.add_scalar(per_channel(r.var)?, eps)?, -0.5)?;
-        g.mul(g.sub(x32, per_channel(r.mean)?)?, rstd)?
+        let y = g.mul(g.sub(x32, per_channel(r.mean)?)?, rstd)?;
+        match affine {
+            Some((w, b)) => g.add(g.mul(y, per_channel(w)?)?, per_channel(b)?)?,
+            None => y,
+        }
     };
-    if let Some((w, b)) = affine {
-        y = g.add(g.mul(y, per_channel(w)?)?, per_channel(b)?)?;
-    }
     g.cast(y, dt)
 }
 
@@ -493,7 +635,7 @@ pub fn layer_norm(
     let d: usize = dims[lead..].iter().product();
     let dt = g.dtype(x);
     let xr = g.reshape(g.cast(x, DType::F32)?, &[1, rows as isize, d as isize])?;
-    let (xhat, _) = normalize_by_groups(g, xr, eps)?;
+    let (xhat, _) = normalize_by_groups(g, xr, eps, None)?;
     // the scale and shift in x's own shape (they broadcast over the leading axes), so that they
     // fuse with what reads the output
     let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
@@ -551,7 +693,7 @@ pub fn group_norm(
         g.cast(x, DType::F32)?,
         &[1, (n * num_groups) as isize, per_group as isize],
     )?;
-    let (xhat, _) = normalize_by_groups(g, xr, eps)?;
+    let (xhat, _) = normalize_by_groups(g, xr, eps, None)?;
     let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
     let mut y = g.reshape(xhat, &back)?;
     if let Some((w, b)) = affine {
