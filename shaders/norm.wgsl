@@ -33,11 +33,10 @@
 //   running_update(2):   0 value [N] ([2N])   1 running0 [N]   (2 running1 [N]): parameters,
 //                        updated in place
 // Overrides: OUTER, GROUPS, INNER, EPS; N, MOMENTUM, SCALE0, SCALE1 (running_update).
-// Dispatch: group_stats, normalize_backward, group_sums: one workgroup of 256 threads per group (GROUPS
-//           workgroups, folded into (x <= 65535, y)), f32 partial sums per thread reduced in
-//           workgroup memory; normalize(_affine), normalize_affine_backward and
-//           running_update: one thread per element,
-//           ceil(n / 256) workgroups, folded likewise.
+// Dispatch: group_stats, normalize_backward, group_sums: one workgroup of 256 threads per
+//           group (GROUPS workgroups, folded into (x <= 65535, y)), f32 partial sums per thread
+//           reduced in workgroup memory; normalize(_affine), normalize_affine_backward and
+//           running_update: one thread per element, ceil(n / 256) workgroups, folded likewise.
 
 override OUTER: u32 = 1u;
 override GROUPS: u32 = 1u;
@@ -49,29 +48,41 @@ override SCALE0: f32 = 1.0;
 override SCALE1: f32 = 1.0;
 const WG: u32 = 256u;
 
-// each entry point uses the bindings of its line in the table above
+// Each entry point uses the bindings of its line in the table above. Tensors (x, dy, the
+// outputs) are read and written through ld_*/st_*: src/codegen/storage.rs generates the f16
+// variant (f16 tensors, mixed precision) by rewriting the block between the `generated:`
+// markers; statistics, weights, biases and running averages stay f32.
+// generated: begin storage
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(0) var<storage, read> dxhat: array<f32>;
-@group(0) @binding(0) var<storage, read> value: array<f32>;
-@group(0) @binding(1) var<storage, read_write> stats_out: array<f32>;
-@group(0) @binding(1) var<storage, read> stats: array<f32>;
+@group(0) @binding(0) var<storage, read> value: array<f32>; // always f32
+@group(0) @binding(1) var<storage, read_write> stats_out: array<f32>; // always f32
+@group(0) @binding(1) var<storage, read> stats: array<f32>; // always f32
 @group(0) @binding(1) var<storage, read> xhat: array<f32>;
-@group(0) @binding(1) var<storage, read_write> running0: array<f32>;
+@group(0) @binding(1) var<storage, read_write> running0: array<f32>; // always f32
 @group(0) @binding(2) var<storage, read_write> normalized: array<f32>;
-@group(0) @binding(2) var<storage, read> stats2: array<f32>;
-@group(0) @binding(2) var<storage, read_write> running1: array<f32>;
+@group(0) @binding(2) var<storage, read> stats2: array<f32>; // always f32
+@group(0) @binding(2) var<storage, read_write> running1: array<f32>; // always f32
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
-// normalize_affine
-@group(0) @binding(2) var<storage, read> weight2: array<f32>;
-@group(0) @binding(3) var<storage, read> bias3: array<f32>;
+@group(0) @binding(2) var<storage, read> weight2: array<f32>; // always f32
+@group(0) @binding(3) var<storage, read> bias3: array<f32>; // always f32
 @group(0) @binding(4) var<storage, read_write> affine_out: array<f32>;
-// group_sums and normalize_affine_backward
 @group(0) @binding(0) var<storage, read> dy: array<f32>;
 @group(0) @binding(1) var<storage, read> x1: array<f32>;
-@group(0) @binding(3) var<storage, read_write> sums_out: array<f32>;
-@group(0) @binding(3) var<storage, read> weight3: array<f32>;
-@group(0) @binding(4) var<storage, read> sums: array<f32>;
+@group(0) @binding(3) var<storage, read_write> sums_out: array<f32>; // always f32
+@group(0) @binding(3) var<storage, read> weight3: array<f32>; // always f32
+@group(0) @binding(4) var<storage, read> sums: array<f32>; // always f32
 @group(0) @binding(5) var<storage, read_write> dx5: array<f32>;
+fn ld_x(i: u32) -> f32 { return x[i]; }
+fn ld_dxhat(i: u32) -> f32 { return dxhat[i]; }
+fn ld_xhat(i: u32) -> f32 { return xhat[i]; }
+fn ld_dy(i: u32) -> f32 { return dy[i]; }
+fn ld_x1(i: u32) -> f32 { return x1[i]; }
+fn st_normalized(i: u32, v: f32) { normalized[i] = v; }
+fn st_dx(i: u32, v: f32) { dx[i] = v; }
+fn st_affine_out(i: u32, v: f32) { affine_out[i] = v; }
+fn st_dx5(i: u32, v: f32) { dx5[i] = v; }
+// generated: end storage
 
 var<workgroup> partial: array<vec2<f32>, 256>;
 
@@ -105,7 +116,7 @@ fn mean_of(g: u32, lid: u32) -> f32 {
     let count = OUTER * INNER;
     var s = 0.0;
     for (var e = lid; e < count; e = e + WG) {
-        s = s + x[at(g, e)];
+        s = s + ld_x(at(g, e));
     }
     return workgroup_sum(lid, vec2<f32>(s, 0.0)).x / f32(count);
 }
@@ -125,7 +136,7 @@ fn group_stats(
     let count = OUTER * INNER;
     var s = 0.0;
     for (var e = lid; e < count; e = e + WG) {
-        let d = x[at(g, e)] - m;
+        let d = ld_x(at(g, e)) - m;
         s = s + d * d;
     }
     let v = workgroup_sum(lid, vec2<f32>(s, 0.0)).x / f32(count);
@@ -146,7 +157,7 @@ fn normalize(
         return;
     }
     let g = (i / INNER) % GROUPS;
-    normalized[i] = (x[i] - stats[g]) / sqrt(stats[GROUPS + g] + EPS);
+    st_normalized(i, (ld_x(i) - stats[g]) / sqrt(stats[GROUPS + g] + EPS));
 }
 
 @compute @workgroup_size(256)
@@ -160,8 +171,8 @@ fn normalize_affine(
         return;
     }
     let g = (i / INNER) % GROUPS;
-    let xhat = (x[i] - stats[g]) / sqrt(stats[GROUPS + g] + EPS);
-    affine_out[i] = xhat * weight2[g] + bias3[g];
+    let xh = (ld_x(i) - stats[g]) / sqrt(stats[GROUPS + g] + EPS);
+    st_affine_out(i, xh * weight2[g] + bias3[g]);
 }
 
 @compute @workgroup_size(256)
@@ -180,8 +191,8 @@ fn group_sums(
     var s = vec2<f32>(0.0, 0.0);
     for (var e = lid; e < count; e = e + WG) {
         let k = at(g, e);
-        let d = dy[k];
-        s = s + vec2<f32>(d, d * ((x1[k] - mean) * rstd));
+        let d = ld_dy(k);
+        s = s + vec2<f32>(d, d * ((ld_x1(k) - mean) * rstd));
     }
     let total = workgroup_sum(lid, s);
     if lid == 0u {
@@ -203,8 +214,8 @@ fn normalize_affine_backward(
     let g = (i / INNER) % GROUPS;
     let n = f32(OUTER * INNER);
     let rstd = 1.0 / sqrt(stats2[GROUPS + g] + EPS);
-    let xhat = (x1[i] - stats2[g]) * rstd;
-    dx5[i] = weight3[g] * rstd * (dy[i] - sums[g] / n - xhat * (sums[GROUPS + g] / n));
+    let xh = (ld_x1(i) - stats2[g]) * rstd;
+    st_dx5(i, weight3[g] * rstd * (ld_dy(i) - sums[g] / n - xh * (sums[GROUPS + g] / n)));
 }
 
 @compute @workgroup_size(256)
@@ -221,14 +232,14 @@ fn normalize_backward(
     var s = vec2<f32>(0.0, 0.0);
     for (var e = lid; e < count; e = e + WG) {
         let k = at(g, e);
-        let d = dxhat[k];
-        s = s + vec2<f32>(d, d * xhat[k]);
+        let d = ld_dxhat(k);
+        s = s + vec2<f32>(d, d * ld_xhat(k));
     }
     let means = workgroup_sum(lid, s) / f32(count);
     let rstd = 1.0 / sqrt(stats2[GROUPS + g] + EPS);
     for (var e = lid; e < count; e = e + WG) {
         let k = at(g, e);
-        dx[k] = rstd * (dxhat[k] - means.x - xhat[k] * means.y);
+        st_dx(k, rstd * (ld_dxhat(k) - means.x - ld_xhat(k) * means.y));
     }
 }
 

@@ -336,6 +336,79 @@ fn f16_inputs_normalize_in_f32() {
     );
 }
 
+#[test]
+fn f16_training_and_evaluation_match_the_cpu() {
+    let Some(_) = gpu() else { return };
+    // mixed precision: f16 activations, f32 parameters, running statistics and loss; the
+    // kernels read and write f16 tensors as stored
+    let shape = [4usize, 3, 5, 5];
+    let g = Graph::new();
+    let xi = g.input_as("x", shape.to_vec(), DType::F16);
+    let (w, b) = (
+        g.param_init("h16.weight", rand(&[3], 1)),
+        g.param_init("h16.bias", rand(&[3], 2)),
+    );
+    let stats = RunningStats {
+        mean: g.param("h16.running_mean", [3]),
+        var: g.param_init("h16.running_var", Tensor::full([3], 1.0)),
+        momentum: 0.1,
+    };
+    let y = g
+        .batch_norm(xi, Some((w, b)), Some(stats), true, EPS)
+        .unwrap();
+    let (gw, gb) = (
+        g.param_init("g16.weight", rand(&[3], 3)),
+        g.param_init("g16.bias", rand(&[3], 4)),
+    );
+    let z = g
+        .group_norm(g.relu(y).unwrap(), 3, Some((gw, gb)), EPS)
+        .unwrap();
+    assert_eq!((g.dtype(y), g.dtype(z)), (DType::F16, DType::F16));
+    let loss = random_projection(&g, g.cast(z, DType::F32).unwrap(), 5);
+    let grads = g.grad(loss, &[xi, w, b, gw, gb]).unwrap();
+    assert_eq!(g.dtype(grads[0]), DType::F16);
+    assert!(grads[1..].iter().all(|&p| g.dtype(p) == DType::F32));
+    let x = skewed(&shape, 6).rounded(DType::F16);
+    let mut outs = vec![loss, z];
+    outs.extend(&grads);
+    check_gpu_vs_cpu("f16 batch and group norm", &g, &outs, &[("x", &x)], TOL_F16);
+
+    // evaluation: the running statistics in f32, the arithmetic on f16 tensors
+    let g = Graph::new();
+    let xi = g.input_as("x", shape.to_vec(), DType::F16);
+    let stats = RunningStats {
+        mean: g.param_init("e16.running_mean", rand(&[3], 7)),
+        var: g.param_init(
+            "e16.running_var",
+            Tensor::rand_uniform(vec![3], 0.5, 2.0, 8),
+        ),
+        momentum: 0.1,
+    };
+    let (w, b) = (rand(&[3], 9), rand(&[3], 10));
+    let (wi, bi) = (
+        g.param_init("e16.weight", w.clone()),
+        g.param_init("e16.bias", b.clone()),
+    );
+    let y = g
+        .batch_norm(xi, Some((wi, bi)), Some(stats), false, EPS)
+        .unwrap();
+    assert_eq!(g.dtype(y), DType::F16);
+    let dev = gpu().unwrap();
+    let got = dev.compile(&g, &[y]).unwrap().run(&[("x", &x)]).unwrap();
+    let (rm, rv) = (
+        dev.param("e16.running_mean").unwrap(),
+        dev.param("e16.running_var").unwrap(),
+    );
+    let (want, _, _) = batch_norm_ref(&x, w.data(), b.data(), Some((rm.data(), rv.data())));
+    assert_close(
+        "f16 evaluation",
+        &got[0],
+        &want.rounded(DType::F16),
+        TOL_F16.0,
+        TOL_F16.1,
+    );
+}
+
 /// A small CNN with batch norm: conv -> bn -> relu -> flatten -> linear.
 fn bn_model() -> Sequential {
     let mut init = kiln::nn::Init::new(0);

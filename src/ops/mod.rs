@@ -610,6 +610,34 @@ impl Op {
             // f32 or f16 tensors (read as stored), an f32 sum
             Op::SumSquares(_) => Ok(DType::F32),
             // recurrences: input 4 is the lengths (f32), the others share one type
+            // normalization: the tensors (input 0, and 1 where it is one too) in one type, f32
+            // or f16; statistics, weights, sums f32; statistics and sums come out f32
+            Op::GroupStats(_)
+            | Op::Normalize(_)
+            | Op::NormalizeBackward(_)
+            | Op::GroupSums(_)
+            | Op::NormalizeAffineBackward(_) => {
+                let tensors = match self {
+                    Op::GroupStats(_) | Op::Normalize(_) => 1,
+                    _ => 2,
+                };
+                if let Some(k) = (1..tensors).find(|&k| inputs[k] != first) {
+                    return err(format!(
+                        "its tensors must have one element type, got {first} and {} (input {k})",
+                        inputs[k]
+                    ));
+                }
+                if let Some(k) = (tensors..inputs.len()).find(|&k| inputs[k] != DType::F32) {
+                    return err(format!(
+                        "its statistics and parameters must be f32, input {k} is {}",
+                        inputs[k]
+                    ));
+                }
+                match self {
+                    Op::GroupStats(_) | Op::GroupSums(_) => Ok(DType::F32),
+                    _ => Ok(first),
+                }
+            }
             _ if self.is_recurrent() => {
                 let mut others = inputs.iter().enumerate().filter(|&(k, _)| k != 4);
                 match others.find(|&(_, &d)| d != first) {

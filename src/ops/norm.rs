@@ -19,8 +19,10 @@
 //!   (fused with what follows, a relu), and `Normalize`'s backward is one kernel per group
 //!   ([`NormalizeBackward`]): `rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))`.
 //!
-//! Statistics are f32 also for f16 inputs (the output follows the input's type), as under
-//! `torch.autocast`. One workgroup per group is PyTorch's classic NCHW layout too; a few large
+//! f16 tensors are read and written as stored (the kernels' f16 variants, `norm_f16`, from the
+//! storage block of `shaders/norm.wgsl`) and everything is computed in f32; statistics, sums,
+//! weights and running averages stay f32 (as cuDNN's batch norm under `torch.autocast`), the
+//! output and the input's gradient follow the input's type. One workgroup per group is PyTorch's classic NCHW layout too; a few large
 //! groups (a batch norm of 64 channels over (64, 56, 56)) leave most of a big GPU idle, which a
 //! split reduction would fix (untimed: no GPU yet).
 //!
@@ -42,7 +44,7 @@
 use super::{groups, KernelSpec, Op};
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
-use crate::tensor::{DType, Shape, Tensor};
+use crate::tensor::{Shape, Tensor};
 
 /// In-place exponential moving averages of one or two parameters (`running_0`, `running_1`,
 /// each `(C)`) towards the rows of `value` (`(C)` for one, `(2, C)` for two):
@@ -562,17 +564,17 @@ pub fn batch_norm(
             format!("training needs more than one value per channel, input {shape}"),
         ));
     }
+    // f16 inputs are read as stored (the kernels compute in f32); the output keeps x's type
     let dt = g.dtype(x);
-    let x32 = g.cast(x, DType::F32)?;
-    // per-channel values broadcast against x's own shape (1, C, 1, ..): the elementwise tail
-    // stays in x's shape, so it fuses with what reads the output (a relu)
+    // per-channel values broadcast against x's own shape (1, C, 1, ..), in x's type: the
+    // elementwise evaluation form stays in x's shape, so it fuses with what reads the output
     let mut per_channel_dims = vec![1isize; dims.len()];
     per_channel_dims[1] = c as isize;
-    let per_channel = |t: NodeId| g.reshape(t, &per_channel_dims);
+    let per_channel = |t: NodeId| g.cast(g.reshape(t, &per_channel_dims)?, dt);
     let y = if training {
         // the scale and shift inside the normalization: their gradients are its per-channel
         // sums, one kernel with what the input's gradient needs
-        let xr = g.reshape(x32, &[n as isize, c as isize, s as isize])?;
+        let xr = g.reshape(x, &[n as isize, c as isize, s as isize])?;
         let (y, stats) = normalize_by_groups(g, xr, eps, affine)?;
         if let Some(r) = running {
             let count = (n * s) as f32;
@@ -584,14 +586,16 @@ pub fn batch_norm(
     } else {
         check_eps(eps)?;
         let r = running.expect("checked above");
-        let rstd = g.pow_scalar(g.add_scalar(per_channel(r.var)?, eps)?, -0.5)?;
-        let y = g.mul(g.sub(x32, per_channel(r.mean)?)?, rstd)?;
+        // 1 / sqrt(running_var + eps) in f32, then in x's type
+        let var = g.reshape(r.var, &per_channel_dims)?;
+        let rstd = g.cast(g.pow_scalar(g.add_scalar(var, eps)?, -0.5)?, dt)?;
+        let y = g.mul(g.sub(x, per_channel(r.mean)?)?, rstd)?;
         match affine {
             Some((w, b)) => g.add(g.mul(y, per_channel(w)?)?, per_channel(b)?)?,
             None => y,
         }
     };
-    g.cast(y, dt)
+    Ok(y)
 }
 
 /// Layer normalization of `x` over its last `normalized` axes, as
@@ -634,16 +638,16 @@ pub fn layer_norm(
     let rows: usize = dims[..lead].iter().product();
     let d: usize = dims[lead..].iter().product();
     let dt = g.dtype(x);
-    let xr = g.reshape(g.cast(x, DType::F32)?, &[1, rows as isize, d as isize])?;
+    let xr = g.reshape(x, &[1, rows as isize, d as isize])?;
     let (xhat, _) = normalize_by_groups(g, xr, eps, None)?;
-    // the scale and shift in x's own shape (they broadcast over the leading axes), so that they
-    // fuse with what reads the output
+    // the scale and shift in x's own shape and type (they broadcast over the leading axes), so
+    // that they fuse with what reads the output
     let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
     let mut y = g.reshape(xhat, &back)?;
     if let Some((w, b)) = affine {
-        y = g.add(g.mul(y, w)?, b)?;
+        y = g.add(g.mul(y, g.cast(w, dt)?)?, g.cast(b, dt)?)?;
     }
-    g.cast(y, dt)
+    Ok(y)
 }
 
 /// Group normalization of `x (N, C, *)` as `torch.nn.functional.group_norm(x, num_groups,
@@ -689,22 +693,17 @@ pub fn group_norm(
     }
     let per_group = shape.numel() / (n * num_groups);
     let dt = g.dtype(x);
-    let xr = g.reshape(
-        g.cast(x, DType::F32)?,
-        &[1, (n * num_groups) as isize, per_group as isize],
-    )?;
+    let xr = g.reshape(x, &[1, (n * num_groups) as isize, per_group as isize])?;
     let (xhat, _) = normalize_by_groups(g, xr, eps, None)?;
     let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
     let mut y = g.reshape(xhat, &back)?;
     if let Some((w, b)) = affine {
         let mut per_channel = vec![1isize; dims.len()];
         per_channel[1] = c as isize;
-        y = g.add(
-            g.mul(y, g.reshape(w, &per_channel)?)?,
-            g.reshape(b, &per_channel)?,
-        )?;
+        let param = |t: NodeId| g.cast(g.reshape(t, &per_channel)?, dt);
+        y = g.add(g.mul(y, param(w)?)?, param(b)?)?;
     }
-    g.cast(y, dt)
+    Ok(y)
 }
 
 /// `eps` must be positive (a zero variance would divide by zero).
