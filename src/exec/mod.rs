@@ -63,7 +63,9 @@ impl Device {
 
     /// Compiles `graph` so that `run` computes and reads back `outputs`, and also runs `effects`
     /// (nodes such as optimizer updates whose work is writing parameters in place) without
-    /// reading them back. `Plan::step` runs it reading nothing back.
+    /// reading them back, and the graph's state updates whose value the plan computes (a
+    /// training-mode batch norm's running statistics: [`Graph::running_update`]). `Plan::step`
+    /// runs it reading nothing back.
     pub fn compile_with(
         &self,
         graph: &Graph,

@@ -44,7 +44,7 @@
 use super::{groups, KernelSpec, Op};
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::{DType, Shape, Tensor};
 
 /// In-place exponential moving averages of one or two parameters (`running_0`, `running_1`,
 /// each `(C)`) towards the rows of `value` (`(C)` for one, `(2, C)` for two):
@@ -243,9 +243,10 @@ impl GroupStats {
             g.reshape(g.narrow(t, 0, k, 1)?, &[1, groups as isize, 1])
         };
         let dmean = g.expand(g.mul_scalar(row(dy, 0)?, 1.0 / n)?, &shape)?;
-        let centered = g.sub(x, row(stats, 0)?)?;
+        // in f32 (the statistics' type), the result in x's
+        let centered = g.sub(g.cast(x, DType::F32)?, row(stats, 0)?)?;
         let dvar = g.mul(centered, g.mul_scalar(row(dy, 1)?, 2.0 / n)?)?;
-        g.add(dmean, dvar)
+        g.cast(g.add(dmean, dvar)?, g.dtype(x))
     }
 }
 
@@ -721,6 +722,39 @@ fn check_eps(eps: f32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The statistics' own backward (used where a gradient reaches them other than through
+    /// `Normalize`) against central differences, on the CPU reference.
+    #[test]
+    fn group_stats_gradient() {
+        use crate::Device;
+        let g = Graph::new();
+        let x = g.input("x", [3, 2, 4]);
+        let stats = g
+            .push_op(Op::GroupStats(GroupStats), vec![x], Shape::from(vec![2, 2]))
+            .unwrap();
+        let w = g.constant(Tensor::new([2, 2], vec![0.3, -1.2, 0.7, 2.0]).unwrap());
+        let loss = g.sum_all(g.mul(stats, w).unwrap()).unwrap();
+        let dx = g.grad(loss, &[x]).unwrap()[0];
+        let xv = Tensor::rand_uniform(vec![3, 2, 4], -1.0, 1.0, 3);
+        let dev = Device::cpu();
+        let analytic = dev.compile(&g, &[dx]).unwrap().run(&[("x", &xv)]).unwrap();
+        let mut plan = dev.compile(&g, &[loss]).unwrap();
+        let h = 1e-2f32;
+        for i in 0..xv.numel() {
+            let mut eval = |d: f32| {
+                let mut t = xv.clone();
+                t.data_mut()[i] += d;
+                plan.run(&[("x", &t)]).unwrap()[0].data()[0] as f64
+            };
+            let fd = (eval(h) - eval(-h)) / (2.0 * h as f64);
+            let an = analytic[0].data()[i] as f64;
+            assert!(
+                (fd - an).abs() <= 1e-3 + 1e-2 * fd.abs(),
+                "x[{i}]: {an} vs {fd}"
+            );
+        }
+    }
 
     #[test]
     fn running_update_moves_by_momentum() {
