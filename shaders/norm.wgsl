@@ -107,8 +107,14 @@ fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
     return total;
 }
 
-fn group_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+// The workgroup's index in the (folded) grid.
+fn workgroup_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;
+}
+
+// The group of element i of (OUTER, GROUPS, INNER).
+fn group_at(i: u32) -> u32 {
+    return (i / INNER) % GROUPS;
 }
 
 // The mean of group g of x (every thread gets it).
@@ -127,7 +133,7 @@ fn group_stats(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = group_of(wid, nwg);
+    let g = workgroup_index(wid, nwg);
     if g >= GROUPS {
         return;
     }
@@ -152,11 +158,11 @@ fn normalize(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    let i = workgroup_index(wid, nwg) * WG + lid;
     if i >= OUTER * GROUPS * INNER {
         return;
     }
-    let g = (i / INNER) % GROUPS;
+    let g = group_at(i);
     st_normalized(i, (ld_x(i) - stats[g]) / sqrt(stats[GROUPS + g] + EPS));
 }
 
@@ -166,11 +172,11 @@ fn normalize_affine(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    let i = workgroup_index(wid, nwg) * WG + lid;
     if i >= OUTER * GROUPS * INNER {
         return;
     }
-    let g = (i / INNER) % GROUPS;
+    let g = group_at(i);
     let xh = (ld_x(i) - stats[g]) / sqrt(stats[GROUPS + g] + EPS);
     st_affine_out(i, xh * weight2[g] + bias3[g]);
 }
@@ -181,7 +187,7 @@ fn group_sums(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = group_of(wid, nwg);
+    let g = workgroup_index(wid, nwg);
     if g >= GROUPS {
         return;
     }
@@ -207,11 +213,11 @@ fn normalize_affine_backward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    let i = workgroup_index(wid, nwg) * WG + lid;
     if i >= OUTER * GROUPS * INNER {
         return;
     }
-    let g = (i / INNER) % GROUPS;
+    let g = group_at(i);
     let n = f32(OUTER * INNER);
     let rstd = 1.0 / sqrt(stats2[GROUPS + g] + EPS);
     let xh = (ld_x1(i) - stats2[g]) * rstd;
@@ -224,7 +230,7 @@ fn normalize_backward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = group_of(wid, nwg);
+    let g = workgroup_index(wid, nwg);
     if g >= GROUPS {
         return;
     }
@@ -249,7 +255,7 @@ fn running_update(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    let i = workgroup_index(wid, nwg) * WG + lid;
     if i >= N {
         return;
     }
@@ -262,7 +268,7 @@ fn running_update2(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    let i = workgroup_index(wid, nwg) * WG + lid;
     if i >= N {
         return;
     }

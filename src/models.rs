@@ -37,32 +37,18 @@ use crate::nn::{Act, BatchNorm, Conv2d, Init, Linear, Sequential};
 /// `conv3.bias`, `fc1.weight [64, 576]`, `fc1.bias`, `fc2.weight [10, 64]`, `fc2.bias`, with
 /// PyTorch's default initialisation drawn from `seed` in that order (as the example does).
 pub fn mnist_cnn(seed: u64) -> Sequential {
-    let mut init = Init::new(seed);
-    let o = Conv2dOpts::default();
-    let conv1 = Conv2d::new("conv1", 1, 32, (3, 3), o, &mut init);
-    let conv2 = Conv2d::new("conv2", 32, 64, (3, 3), o, &mut init);
-    let conv3 = Conv2d::new("conv3", 64, 64, (3, 3), o, &mut init);
-    let fc1 = Linear::new("fc1", 64 * 3 * 3, 64, &mut init);
-    let fc2 = Linear::new("fc2", 64, 10, &mut init);
-    Sequential::new()
-        .layer(conv1) // (B, 32, 26, 26)
-        .act(Act::Relu)
-        .act(Act::MaxPool(2)) // (B, 32, 13, 13)
-        .layer(conv2) // (B, 64, 11, 11)
-        .act(Act::Relu)
-        .act(Act::MaxPool(2)) // (B, 64, 5, 5)
-        .layer(conv3) // (B, 64, 3, 3)
-        .act(Act::Relu)
-        .act(Act::Flatten) // (B, 576)
-        .layer(fc1)
-        .act(Act::Relu)
-        .layer(fc2)
+    cnn(seed, false)
 }
 
 /// The MNIST CNN of `examples/mnist_cnn.rs --batch-norm`: [`mnist_cnn`] with a BatchNorm2d
 /// (`bn1`, `bn2`, `bn3`: weight, bias, running_mean, running_var) between each convolution and
 /// its relu. Evaluation graphs (`apply(.., false)`) normalize with the running statistics.
 pub fn mnist_cnn_bn(seed: u64) -> Sequential {
+    cnn(seed, true)
+}
+
+/// The MNIST CNN, with a batch norm after each convolution when `batch_norm`.
+fn cnn(seed: u64, batch_norm: bool) -> Sequential {
     let mut init = Init::new(seed);
     let o = Conv2dOpts::default();
     let conv1 = Conv2d::new("conv1", 1, 32, (3, 3), o, &mut init);
@@ -70,18 +56,20 @@ pub fn mnist_cnn_bn(seed: u64) -> Sequential {
     let conv3 = Conv2d::new("conv3", 64, 64, (3, 3), o, &mut init);
     let fc1 = Linear::new("fc1", 64 * 3 * 3, 64, &mut init);
     let fc2 = Linear::new("fc2", 64, 10, &mut init);
-    Sequential::new()
-        .layer(conv1) // (B, 32, 26, 26)
-        .layer(BatchNorm::new("bn1", 32))
-        .act(Act::Relu)
-        .act(Act::MaxPool(2)) // (B, 32, 13, 13)
-        .layer(conv2) // (B, 64, 11, 11)
-        .layer(BatchNorm::new("bn2", 64))
-        .act(Act::Relu)
-        .act(Act::MaxPool(2)) // (B, 64, 5, 5)
-        .layer(conv3) // (B, 64, 3, 3)
-        .layer(BatchNorm::new("bn3", 64))
-        .act(Act::Relu)
+    let conv_relu = |s: Sequential, conv: Conv2d, bn: (&str, usize)| {
+        let s = s.layer(conv);
+        let s = if batch_norm {
+            s.layer(BatchNorm::new(bn.0, bn.1))
+        } else {
+            s
+        };
+        s.act(Act::Relu)
+    };
+    let s = conv_relu(Sequential::new(), conv1, ("bn1", 32)) // (B, 32, 26, 26)
+        .act(Act::MaxPool(2)); // (B, 32, 13, 13)
+    let s = conv_relu(s, conv2, ("bn2", 64)) // (B, 64, 11, 11)
+        .act(Act::MaxPool(2)); // (B, 64, 5, 5)
+    conv_relu(s, conv3, ("bn3", 64)) // (B, 64, 3, 3)
         .act(Act::Flatten) // (B, 576)
         .layer(fc1)
         .act(Act::Relu)

@@ -13,8 +13,8 @@ use crate::tensor::Tensor;
 
 /// Evaluates `order` (a topological order). `source` gives the value of each input, parameter
 /// and constant node; `store` receives the new value of every parameter an optimizer update or
-/// running average writes (by name), as the GPU writes them in place. Returns every evaluated node's value,
-/// indexed by node.
+/// running average writes (by name), as the GPU writes them in place. Returns every evaluated
+/// node's value, indexed by node.
 pub fn evaluate(
     nodes: &[Node],
     order: &[NodeId],

@@ -49,10 +49,7 @@ impl BatchNorm {
     /// The state_dict names: `weight`, `bias` (if affine), `running_mean`, `running_var` (if
     /// tracked), prefixed by the layer's name.
     pub fn param_names(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        if self.affine {
-            v.extend(["weight", "bias"].map(|s| format!("{}.{s}", self.name)));
-        }
+        let mut v = affine_names(&self.name, self.affine);
         if self.track_running_stats {
             v.extend(["running_mean", "running_var"].map(|s| format!("{}.{s}", self.name)));
         }
@@ -64,12 +61,7 @@ impl BatchNorm {
     pub fn apply(&self, g: &Graph, x: NodeId, train: bool) -> Result<(NodeId, Vec<NodeId>)> {
         let c = self.num_features;
         let param = |s: &str, t: Tensor| g.param_init(&format!("{}.{s}", self.name), t);
-        let affine = self.affine.then(|| {
-            (
-                param("weight", Tensor::full([c], 1.0)),
-                param("bias", Tensor::zeros([c])),
-            )
-        });
+        let affine = affine_params(g, &self.name, self.affine, &[c]);
         let running = self.track_running_stats.then(|| RunningStats {
             mean: param("running_mean", Tensor::zeros([c])),
             var: param("running_var", Tensor::full([c], 1.0)),
@@ -116,13 +108,7 @@ impl LayerNorm {
 
     /// `<name>.weight`, `<name>.bias` (if affine).
     pub fn param_names(&self) -> Vec<String> {
-        if self.elementwise_affine {
-            ["weight", "bias"]
-                .map(|s| format!("{}.{s}", self.name))
-                .to_vec()
-        } else {
-            Vec::new()
-        }
+        affine_names(&self.name, self.elementwise_affine)
     }
 
     /// Applies the layer to `x (*, normalized_shape)`; returns the output and the trainable
@@ -141,13 +127,7 @@ impl LayerNorm {
                 ),
             ));
         }
-        let param = |s: &str, t: Tensor| g.param_init(&format!("{}.{s}", self.name), t);
-        let affine = self.elementwise_affine.then(|| {
-            (
-                param("weight", Tensor::full(shape.clone(), 1.0)),
-                param("bias", Tensor::zeros(shape.clone())),
-            )
-        });
+        let affine = affine_params(g, &self.name, self.elementwise_affine, &shape);
         let y = g.layer_norm(x, k, affine, self.eps)?;
         Ok((y, affine.map(|(w, b)| vec![w, b]).unwrap_or_default()))
     }
@@ -199,13 +179,7 @@ impl GroupNorm {
 
     /// `<name>.weight`, `<name>.bias` (if affine).
     pub fn param_names(&self) -> Vec<String> {
-        if self.affine {
-            ["weight", "bias"]
-                .map(|s| format!("{}.{s}", self.name))
-                .to_vec()
-        } else {
-            Vec::new()
-        }
+        affine_names(&self.name, self.affine)
     }
 
     /// Applies the layer to `x (N, num_channels, *)`; returns the output and the trainable
@@ -219,13 +193,7 @@ impl GroupNorm {
                 format!("input {shape} does not have {c} channels (axis 1)"),
             ));
         }
-        let param = |s: &str, t: Tensor| g.param_init(&format!("{}.{s}", self.name), t);
-        let affine = self.affine.then(|| {
-            (
-                param("weight", Tensor::full([c], 1.0)),
-                param("bias", Tensor::zeros([c])),
-            )
-        });
+        let affine = affine_params(g, &self.name, self.affine, &[c]);
         let y = g.group_norm(x, self.num_groups, affine, self.eps)?;
         Ok((y, affine.map(|(w, b)| vec![w, b]).unwrap_or_default()))
     }
@@ -238,4 +206,24 @@ impl Layer for GroupNorm {
     fn names(&self) -> Vec<String> {
         self.param_names()
     }
+}
+
+/// `<name>.weight` and `<name>.bias` where the layer is affine.
+fn affine_names(name: &str, affine: bool) -> Vec<String> {
+    if affine {
+        vec![format!("{name}.weight"), format!("{name}.bias")]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The parameters `<name>.weight` (ones) and `<name>.bias` (zeros) of `shape` where the layer
+/// is affine.
+fn affine_params(g: &Graph, name: &str, affine: bool, shape: &[usize]) -> Option<(NodeId, NodeId)> {
+    affine.then(|| {
+        (
+            g.param_init(&format!("{name}.weight"), Tensor::full(shape.to_vec(), 1.0)),
+            g.param_init(&format!("{name}.bias"), Tensor::zeros(shape.to_vec())),
+        )
+    })
 }

@@ -181,6 +181,35 @@ pub(crate) fn running_update(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GroupStats;
 
+/// How a `norm.wgsl` kernel covers its tensor.
+enum Grid {
+    /// One workgroup per group (reductions).
+    PerGroup,
+    /// One thread per element.
+    PerElement,
+}
+
+/// A `norm.wgsl` kernel over a tensor `x (OUTER, GROUPS, INNER)`: the view's extents (and
+/// `eps`) as override constants.
+fn group_kernel(entry: &'static str, x: &Shape, eps: Option<f32>, grid: Grid) -> KernelSpec {
+    let (outer, groups, inner) = split3(x);
+    let mut constants = vec![
+        ("OUTER", outer as f64),
+        ("GROUPS", groups as f64),
+        ("INNER", inner as f64),
+    ];
+    constants.extend(eps.map(|e| ("EPS", e as f64)));
+    KernelSpec {
+        family: "norm",
+        entry,
+        constants,
+        workgroups: match grid {
+            Grid::PerGroup => groups as u64,
+            Grid::PerElement => super::groups(x.numel(), 256),
+        },
+    }
+}
+
 /// `(outer, groups, inner)` of a rank-3 shape.
 fn split3(s: &Shape) -> (usize, usize, usize) {
     let d = s.dims();
@@ -220,17 +249,7 @@ impl GroupStats {
 
     /// Kernel: one workgroup per group.
     pub fn kernel(&self, x: &Shape) -> KernelSpec {
-        let (outer, groups, inner) = split3(x);
-        KernelSpec {
-            family: "norm",
-            entry: "group_stats",
-            constants: vec![
-                ("OUTER", outer as f64),
-                ("GROUPS", groups as f64),
-                ("INNER", inner as f64),
-            ],
-            workgroups: groups as u64,
-        }
+        group_kernel("group_stats", x, None, Grid::PerGroup)
     }
 
     /// Backward: the mean spreads `dmean / n` over its group, the variance gives
@@ -285,22 +304,16 @@ impl Normalize {
 
     /// Kernel: one thread per element.
     pub fn kernel(&self, x: &Shape) -> KernelSpec {
-        let (outer, groups, inner) = split3(x);
-        KernelSpec {
-            family: "norm",
-            entry: if self.affine {
+        group_kernel(
+            if self.affine {
                 "normalize_affine"
             } else {
                 "normalize"
             },
-            constants: vec![
-                ("OUTER", outer as f64),
-                ("GROUPS", groups as f64),
-                ("INNER", inner as f64),
-                ("EPS", self.eps as f64),
-            ],
-            workgroups: super::groups(x.numel(), 256),
-        }
+            x,
+            Some(self.eps),
+            Grid::PerElement,
+        )
     }
 
     /// Backward. Without affine: [`NormalizeBackward`] of `dy`, the output `xhat` and the
@@ -373,18 +386,7 @@ impl GroupSums {
 
     /// Kernel: one workgroup per group.
     pub fn kernel(&self, dy: &Shape) -> KernelSpec {
-        let (outer, groups, inner) = split3(dy);
-        KernelSpec {
-            family: "norm",
-            entry: "group_sums",
-            constants: vec![
-                ("OUTER", outer as f64),
-                ("GROUPS", groups as f64),
-                ("INNER", inner as f64),
-                ("EPS", self.eps as f64),
-            ],
-            workgroups: groups as u64,
-        }
+        group_kernel("group_sums", dy, Some(self.eps), Grid::PerGroup)
     }
 }
 
@@ -425,18 +427,12 @@ impl NormalizeBackward {
 
     /// Kernel of the affine form: one thread per element.
     pub fn affine_kernel(&self, dy: &Shape) -> KernelSpec {
-        let (outer, groups, inner) = split3(dy);
-        KernelSpec {
-            family: "norm",
-            entry: "normalize_affine_backward",
-            constants: vec![
-                ("OUTER", outer as f64),
-                ("GROUPS", groups as f64),
-                ("INNER", inner as f64),
-                ("EPS", self.eps as f64),
-            ],
-            workgroups: super::groups(dy.numel(), 256),
-        }
+        group_kernel(
+            "normalize_affine_backward",
+            dy,
+            Some(self.eps),
+            Grid::PerElement,
+        )
     }
 
     /// CPU reference in f64.
@@ -460,18 +456,7 @@ impl NormalizeBackward {
 
     /// Kernel: one workgroup per group.
     pub fn kernel(&self, dxhat: &Shape) -> KernelSpec {
-        let (outer, groups, inner) = split3(dxhat);
-        KernelSpec {
-            family: "norm",
-            entry: "normalize_backward",
-            constants: vec![
-                ("OUTER", outer as f64),
-                ("GROUPS", groups as f64),
-                ("INNER", inner as f64),
-                ("EPS", self.eps as f64),
-            ],
-            workgroups: groups as u64,
-        }
+        group_kernel("normalize_backward", dxhat, Some(self.eps), Grid::PerGroup)
     }
 }
 
@@ -525,34 +510,15 @@ pub fn batch_norm(
     eps: f32,
 ) -> Result<NodeId> {
     const OP: &str = "batch_norm";
-    let shape = g.check_id(OP, x)?;
+    let (shape, n, c) = batch_channels(g, OP, x)?;
     let dims = shape.dims().to_vec();
-    if dims.len() < 2 {
-        return Err(shape_err(
-            OP,
-            format!("input {shape} needs at least 2 axes (N, C, *)"),
-        ));
-    }
-    let (n, c) = (dims[0], dims[1]);
     let s: usize = dims[2..].iter().product();
-    let channel = Shape::from(vec![c]);
-    for (what, id) in affine
-        .iter()
-        .flat_map(|&(w, b)| [("weight", w), ("bias", b)])
-        .chain(
-            running
-                .iter()
-                .flat_map(|r| [("running_mean", r.mean), ("running_var", r.var)]),
-        )
-    {
-        let sh = g.check_id(OP, id)?;
-        if sh != channel {
-            return Err(shape_err(
-                OP,
-                format!("{what} {sh} must be [{c}] for input {shape}"),
-            ));
-        }
-    }
+    let params = affine_named(affine).chain(
+        running
+            .iter()
+            .flat_map(|r| [("running_mean", r.mean), ("running_var", r.var)]),
+    );
+    check_shapes(g, OP, params, &Shape::from(vec![c]), &shape)?;
     if !training && running.is_none() {
         return Err(shape_err(
             OP,
@@ -624,18 +590,7 @@ pub fn layer_norm(
     }
     let lead = dims.len() - normalized;
     let norm_shape = Shape::from(dims[lead..].to_vec());
-    for (what, id) in affine
-        .iter()
-        .flat_map(|&(w, b)| [("weight", w), ("bias", b)])
-    {
-        let sh = g.check_id(OP, id)?;
-        if sh != norm_shape {
-            return Err(shape_err(
-                OP,
-                format!("{what} {sh} must be {norm_shape} for input {shape}"),
-            ));
-        }
-    }
+    check_shapes(g, OP, affine_named(affine), &norm_shape, &shape)?;
     let rows: usize = dims[..lead].iter().product();
     let d: usize = dims[lead..].iter().product();
     let dt = g.dtype(x);
@@ -664,34 +619,15 @@ pub fn group_norm(
     eps: f32,
 ) -> Result<NodeId> {
     const OP: &str = "group_norm";
-    let shape = g.check_id(OP, x)?;
+    let (shape, n, c) = batch_channels(g, OP, x)?;
     let dims = shape.dims().to_vec();
-    if dims.len() < 2 {
-        return Err(shape_err(
-            OP,
-            format!("input {shape} needs at least 2 axes (N, C, *)"),
-        ));
-    }
-    let (n, c) = (dims[0], dims[1]);
     if num_groups == 0 || c % num_groups != 0 {
         return Err(shape_err(
             OP,
             format!("{c} channels of input {shape} do not split into {num_groups} groups"),
         ));
     }
-    let channel = Shape::from(vec![c]);
-    for (what, id) in affine
-        .iter()
-        .flat_map(|&(w, b)| [("weight", w), ("bias", b)])
-    {
-        let sh = g.check_id(OP, id)?;
-        if sh != channel {
-            return Err(shape_err(
-                OP,
-                format!("{what} {sh} must be [{c}] for input {shape}"),
-            ));
-        }
-    }
+    check_shapes(g, OP, affine_named(affine), &Shape::from(vec![c]), &shape)?;
     let per_group = shape.numel() / (n * num_groups);
     let dt = g.dtype(x);
     let xr = g.reshape(x, &[1, (n * num_groups) as isize, per_group as isize])?;
@@ -705,6 +641,46 @@ pub fn group_norm(
         y = g.add(g.mul(y, param(w)?)?, param(b)?)?;
     }
     Ok(y)
+}
+
+/// The shape of `x (N, C, *)`, `N` and `C`; an error naming `op` for fewer than 2 axes.
+fn batch_channels(g: &Graph, op: &'static str, x: NodeId) -> Result<(Shape, usize, usize)> {
+    let shape = g.check_id(op, x)?;
+    match *shape.dims() {
+        [n, c, ..] => Ok((shape.clone(), n, c)),
+        _ => Err(shape_err(
+            op,
+            format!("input {shape} needs at least 2 axes (N, C, *)"),
+        )),
+    }
+}
+
+/// `("weight", w), ("bias", b)` of an affine pair.
+fn affine_named(affine: Option<(NodeId, NodeId)>) -> impl Iterator<Item = (&'static str, NodeId)> {
+    affine
+        .into_iter()
+        .flat_map(|(w, b)| [("weight", w), ("bias", b)])
+}
+
+/// Each named parameter must have the shape `want`; the error names it, both shapes and the
+/// input's.
+fn check_shapes(
+    g: &Graph,
+    op: &'static str,
+    named: impl Iterator<Item = (&'static str, NodeId)>,
+    want: &Shape,
+    input: &Shape,
+) -> Result<()> {
+    for (what, id) in named {
+        let sh = g.check_id(op, id)?;
+        if &sh != want {
+            return Err(shape_err(
+                op,
+                format!("{what} {sh} must be {want} for input {input}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `eps` must be positive (a zero variance would divide by zero).
