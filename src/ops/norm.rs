@@ -22,9 +22,11 @@
 //! f16 tensors are read and written as stored (the kernels' f16 variants, `norm_f16`, from the
 //! storage block of `shaders/norm.wgsl`) and everything is computed in f32; statistics, sums,
 //! weights and running averages stay f32 (as cuDNN's batch norm under `torch.autocast`), the
-//! output and the input's gradient follow the input's type. One workgroup per group is PyTorch's classic NCHW layout too; a few large
-//! groups (a batch norm of 64 channels over (64, 56, 56)) leave most of a big GPU idle, which a
-//! split reduction would fix (untimed: no GPU yet).
+//! output and the input's gradient follow the input's type.
+//!
+//! One workgroup per group is PyTorch's classic NCHW layout too; a few large groups (a batch
+//! norm of 64 channels over (64, 56, 56)) leave most of a big GPU idle, which a split reduction
+//! would fix (untimed: no GPU yet).
 //!
 //! Batch normalization of `x (N, C, *)` over every axis but 1:
 //!
