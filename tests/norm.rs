@@ -67,6 +67,21 @@ fn layer_norm_ref(x: &Tensor, k: usize, w: &[f32], b: &[f32]) -> Tensor {
     Tensor::new(d.to_vec(), y).unwrap()
 }
 
+/// Runs `y` on the CPU reference against the formula's `want` (within `tol`), then on the GPU
+/// (outputs poisoned with NaN) against the CPU reference.
+fn check_formula(
+    what: &str,
+    g: &Graph,
+    y: kiln::NodeId,
+    feeds: &[(&str, &Tensor)],
+    want: &Tensor,
+    tol: (f64, f64),
+) {
+    let cpu = Device::cpu().compile(g, &[y]).unwrap().run(feeds).unwrap();
+    assert_close(&format!("{what} on the cpu"), &cpu[0], want, tol.0, tol.1);
+    check_gpu_vs_cpu(what, g, &[y], feeds, TOL_REDUCTION);
+}
+
 /// Values with a per-channel offset and spread, so that normalization has work to do.
 fn skewed(shape: &[usize], seed: u64) -> Tensor {
     let mut t = rand(shape, seed);
@@ -179,13 +194,14 @@ fn batch_norm_evaluation_uses_the_running_statistics() {
             .unwrap();
         assert!(g.state_updates().is_empty(), "evaluation moves nothing");
         let feeds = [("x", &x), ("w", &w), ("b", &b)];
-        let cpu = Device::cpu()
-            .compile(&g, &[y])
-            .unwrap()
-            .run(&feeds)
-            .unwrap();
-        assert_close(&format!("eval {shape:?}"), &cpu[0], &want, 1e-6, 1e-5);
-        check_gpu_vs_cpu(&format!("eval {shape:?}"), &g, &[y], &feeds, TOL_REDUCTION);
+        check_formula(
+            &format!("eval {shape:?}"),
+            &g,
+            y,
+            &feeds,
+            &want,
+            (1e-6, 1e-5),
+        );
     }
 }
 
@@ -211,14 +227,14 @@ fn layer_norm_matches_the_formula() {
         let (wi, bi) = (g.input("w", tail.to_vec()), g.input("b", tail.to_vec()));
         let y = g.layer_norm(xi, normalized, Some((wi, bi)), EPS).unwrap();
         let feeds = [("x", &x), ("w", &w), ("b", &b)];
-        let cpu = Device::cpu()
-            .compile(&g, &[y])
-            .unwrap()
-            .run(&feeds)
-            .unwrap();
-        let what = format!("layer_norm {shape:?} over {normalized}");
-        assert_close(&what, &cpu[0], &want, 1e-5, 1e-5);
-        check_gpu_vs_cpu(&what, &g, &[y], &feeds, TOL_REDUCTION);
+        check_formula(
+            &format!("layer_norm {shape:?} over {normalized}"),
+            &g,
+            y,
+            &feeds,
+            &want,
+            (1e-5, 1e-5),
+        );
     }
 }
 
@@ -657,13 +673,7 @@ fn many_groups_fold_into_a_two_dimensional_grid() {
     let y = g.layer_norm(x, 1, None, EPS).unwrap();
     let xv = Tensor::rand_uniform(vec![70_000, 3], -2.0, 2.0, 4);
     let want = layer_norm_ref(&xv, 1, &[1.0; 3], &[0.0; 3]);
-    let cpu = Device::cpu()
-        .compile(&g, &[y])
-        .unwrap()
-        .run(&[("x", &xv)])
-        .unwrap();
-    assert_close("70,000 rows on the cpu", &cpu[0], &want, 1e-5, 1e-5);
-    check_gpu_vs_cpu("70,000 rows", &g, &[y], &[("x", &xv)], TOL_REDUCTION);
+    check_formula("70,000 rows", &g, y, &[("x", &xv)], &want, (1e-5, 1e-5));
 }
 
 /// PyTorch's group norm in f64: `x (N, C, *)`, `groups` groups of channels, per-channel affine.
@@ -709,14 +719,14 @@ fn group_and_instance_norm_match_the_formula() {
         let (wi, bi) = (g.input("w", [c]), g.input("b", [c]));
         let y = g.group_norm(xi, groups, Some((wi, bi)), EPS).unwrap();
         let feeds = [("x", &x), ("w", &w), ("b", &b)];
-        let cpu = Device::cpu()
-            .compile(&g, &[y])
-            .unwrap()
-            .run(&feeds)
-            .unwrap();
-        let what = format!("group_norm {shape:?} in {groups} groups");
-        assert_close(&what, &cpu[0], &want, 1e-5, 1e-5);
-        check_gpu_vs_cpu(&what, &g, &[y], &feeds, TOL_REDUCTION);
+        check_formula(
+            &format!("group_norm {shape:?} in {groups} groups"),
+            &g,
+            y,
+            &feeds,
+            &want,
+            (1e-5, 1e-5),
+        );
     }
     // the layers: GroupNorm's names; InstanceNorm has none and normalizes each channel
     let g = Graph::new();

@@ -81,19 +81,15 @@ impl Device {
         let mut targets: Vec<NodeId> = outputs.iter().chain(effects).copied().collect();
         let mut order = liveness::reachable(&nodes, &targets);
         // state updates (running statistics) run with every plan that computes their value (seen
-        // through reshapes, which only the update may read)
+        // through views such as reshapes, which only the update may read)
         let computed: std::collections::HashSet<NodeId> = order.iter().copied().collect();
-        let value_of = |u: NodeId| {
-            let mut v = nodes[u.0].inputs[0];
-            while matches!(nodes[v.0].op, crate::ops::Op::Reshape) {
-                v = nodes[v.0].inputs[0];
-            }
-            v
-        };
         let updates: Vec<NodeId> = graph
             .state_updates()
             .into_iter()
-            .filter(|&u| computed.contains(&value_of(u)) && !targets.contains(&u))
+            .filter(|&u| {
+                let value = liveness::storage_root(&nodes, nodes[u.0].inputs[0]);
+                computed.contains(&value) && !targets.contains(&u)
+            })
             .collect();
         if !updates.is_empty() {
             targets.extend(updates);
