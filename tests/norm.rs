@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{assert_close, check_gpu_vs_cpu, gpu, gradcheck, rand, random_projection};
+use common::{
+    assert_close, check_formula, check_gpu_vs_cpu, gpu, gradcheck, rand, random_projection,
+};
 use kiln::nn::{BatchNorm, GroupNorm, LayerNorm, Optimizer, Sequential, TrainStep};
 use kiln::ops::norm::RunningStats;
 use kiln::ops::{TOL_F16, TOL_REDUCTION};
@@ -65,21 +67,6 @@ fn layer_norm_ref(x: &Tensor, k: usize, w: &[f32], b: &[f32]) -> Tensor {
         }
     }
     Tensor::new(d.to_vec(), y).unwrap()
-}
-
-/// Runs `y` on the CPU reference against the formula's `want` (within `tol`), then on the GPU
-/// (outputs poisoned with NaN) against the CPU reference.
-fn check_formula(
-    what: &str,
-    g: &Graph,
-    y: kiln::NodeId,
-    feeds: &[(&str, &Tensor)],
-    want: &Tensor,
-    tol: (f64, f64),
-) {
-    let cpu = Device::cpu().compile(g, &[y]).unwrap().run(feeds).unwrap();
-    assert_close(&format!("{what} on the cpu"), &cpu[0], want, tol.0, tol.1);
-    check_gpu_vs_cpu(what, g, &[y], feeds, TOL_REDUCTION);
 }
 
 /// Values with a per-channel offset and spread, so that normalization has work to do.

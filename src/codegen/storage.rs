@@ -1,7 +1,8 @@
 //! f16 variants of hand-written kernels. A shader family whose global reads and writes all go
 //! through `ld_<name>(i) -> f32` / `st_<name>(i, v: f32)` functions, declared with its bindings
 //! between `// generated: begin storage` and `// generated: end storage` (conv, pool, softmax,
-//! dropout, layout, loss, embedding, lstm, gru, norm), gets its f16 variant here: the same file with
+//! dropout, layout, loss, embedding, lstm, gru, norm,
+//! attention), gets its f16 variant here: the same file with
 //! that block rewritten so every binding is `array<f16>`, loads widen to f32 and stores round to
 //! f16, and `enable f16;` in front. A declaration marked `// always f32` (dropout's seed, class
 //! labels, indices, sequence lengths, normalization statistics and parameters) is kept as it is. The kernels'
@@ -23,6 +24,7 @@ pub fn f16_family(family: &str) -> Option<&'static str> {
         "lstm" => Some("lstm_f16"),
         "gru" => Some("gru_f16"),
         "norm" => Some("norm_f16"),
+        "attention" => Some("attention_f16"),
         _ => None,
     }
 }

@@ -578,6 +578,27 @@ impl Graph {
         crate::ops::norm::running_update(self, running, value, momentum, scales)
     }
 
+    // ---- attention (ops::attention) ----
+
+    /// Scaled dot-product attention, as `torch.nn.functional.scaled_dot_product_attention`:
+    /// `softmax(q k^T * scale + mask, -1) v` for `q (*, Lq, D)`, `k (*, Lk, D)`, `v (*, Lk, Dv)`
+    /// with the same leading axes (batch, heads) -> `(*, Lq, Dv)`. `mask` is added to the scores
+    /// (f32, broadcastable to `(*, Lq, Lk)`; `-inf` hides a key); `causal` hides keys after the
+    /// query (`j > i`, top-left aligned as torch's `is_causal`); `scale` defaults to
+    /// `1 / sqrt(D)`. One fused kernel forward (the scores are never stored); see
+    /// [`crate::ops::attention`].
+    pub fn attention(
+        &self,
+        q: NodeId,
+        k: NodeId,
+        v: NodeId,
+        mask: Option<NodeId>,
+        causal: bool,
+        scale: Option<f32>,
+    ) -> Result<NodeId> {
+        crate::ops::attention::attention(self, q, k, v, mask, causal, scale)
+    }
+
     // ---- softmax and reductions ----
 
     /// Softmax along `axis` (negative counts from the end: -1 is the last axis).

@@ -31,6 +31,18 @@ impl Linear {
         }
     }
 
+    /// [`Linear::new`] with a zero bias (torch's `MultiheadAttention.out_proj`).
+    pub fn with_zero_bias(
+        name: &str,
+        in_features: usize,
+        out_features: usize,
+        init: &mut Init,
+    ) -> Linear {
+        let mut l = Linear::new(name, in_features, out_features, init);
+        l.bias_init = crate::Tensor::zeros([out_features]);
+        l
+    }
+
     /// The parameter names, as in a PyTorch state_dict.
     pub fn param_names(&self) -> Vec<String> {
         vec![

@@ -1,5 +1,6 @@
-//! Layers (normalization among them), losses, optimizers, initialisation and checkpoints.
+//! Layers (normalization and attention among them), losses, optimizers, initialisation and checkpoints.
 
+pub mod attention;
 pub mod checkpoint;
 pub mod init;
 pub mod layers;
@@ -8,6 +9,7 @@ pub mod optim;
 pub mod rnn;
 pub mod train;
 
+pub use attention::{FeedForwardAct, MultiheadAttention, TransformerEncoderLayer};
 pub use init::Init;
 pub use layers::{dropout, Act, Conv2d, Layer, Linear, Sequential};
 pub use norm::{BatchNorm, GroupNorm, LayerNorm};

@@ -1,6 +1,7 @@
 //! Op families. Each family keeps, side by side, its shape rule, its CPU reference (the "twin" the
 //! GPU is checked against) and the binding of its WGSL kernel (`shaders/<family>.wgsl`).
 
+pub mod attention;
 pub mod binary;
 pub mod cast;
 pub mod conv;
@@ -28,6 +29,7 @@ use crate::tensor::{DType, Shape, Tensor};
 /// The WGSL source of every op family, by file stem; the executor compiles from here and a test
 /// validates every entry with naga.
 pub const SHADERS: &[(&str, &str)] = &[
+    ("attention", include_str!("../../shaders/attention.wgsl")),
     ("binary", include_str!("../../shaders/binary.wgsl")),
     ("conv", include_str!("../../shaders/conv.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
@@ -153,6 +155,9 @@ pub enum Op {
     /// Inputs `dy`, `x`, its statistics, the weight and their `GroupSums`: the affine
     /// normalization's gradient for `x`, elementwise.
     NormalizeAffineBackward(norm::NormalizeBackward),
+    /// Scaled dot-product attention of inputs `q`, `k`, `v` and an additive mask (see
+    /// `ops::attention`).
+    Attention(attention::Attention),
 }
 
 /// A specialised kernel launch: which WGSL entry point, with which override constants, over how many
@@ -229,6 +234,7 @@ impl Op {
             Op::NormalizeBackward(_) => "normalize_backward",
             Op::GroupSums(_) => "group_sums",
             Op::NormalizeAffineBackward(_) => "normalize_affine_backward",
+            Op::Attention(_) => "attention",
         }
     }
 
@@ -317,6 +323,12 @@ impl Op {
                     p[2] / 6
                 };
                 2.0 * (t * b * 4 * h * h) as f64
+            }
+            Op::Attention(_) => {
+                // the scores and the weighted sum: Lq * Lk * (D + Dv) multiply-adds per slice
+                let k = inputs[1].dims();
+                let lk = k[k.len() - 2];
+                2.0 * (inputs[0].numel() + out.numel()) as f64 * lk as f64
             }
             Op::GruForward(_) | Op::GruBackward(_) | Op::RnnForward(_) | Op::RnnBackward(_) => {
                 // the recurrent products: T * B * GH * H multiply-adds (G = 3 for the GRU, 1 for
@@ -426,6 +438,7 @@ impl Op {
             Op::GroupSums(s) => s.cpu(inputs[0], inputs[1], inputs[2]),
             Op::NormalizeAffineBackward(n) => n.affine_cpu(inputs),
             Op::NormalizeBackward(n) => n.cpu(inputs[0], inputs[1], inputs[2]),
+            Op::Attention(a) => a.cpu(inputs, out),
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => {
                 unreachable!("source nodes are not evaluated")
             }
@@ -489,6 +502,7 @@ impl Op {
             Op::NormalizeBackward(n) => Some(n.kernel(inputs[0])),
             Op::GroupSums(s) => Some(s.kernel(inputs[0])),
             Op::NormalizeAffineBackward(n) => Some(n.affine_kernel(inputs[0])),
+            Op::Attention(a) => Some(a.kernel(inputs, target)),
             Op::Reshape | Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => None,
         }
     }
@@ -533,6 +547,7 @@ impl Op {
             Op::SumSquares(s) => s.backward(g, x, dy)?,
             Op::GroupStats(s) => vec![Some(s.backward(g, x[0], y, dy)?)],
             Op::Normalize(n) => n.backward(g, x, y, dy)?,
+            Op::Attention(a) => a.backward(g, x, dy)?,
             Op::CrossEntropyBackward(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
@@ -609,6 +624,19 @@ impl Op {
             Op::Embedding(_) | Op::EmbeddingBackward(_) if first == DType::F32 => Ok(inputs[1]),
             // f32 or f16 tensors (read as stored), an f32 sum
             Op::SumSquares(_) => Ok(DType::F32),
+            // q, k and v in one type (f32 or f16), the additive mask f32
+            Op::Attention(_) => {
+                if let Some(k) = (1..3).find(|&k| inputs[k] != first) {
+                    return err(format!(
+                        "q, k and v must have one element type, got {first} and {} (input {k})",
+                        inputs[k]
+                    ));
+                }
+                if inputs[3] != DType::F32 {
+                    return err(format!("its mask must be f32, got {}", inputs[3]));
+                }
+                Ok(first)
+            }
             // recurrences: input 4 is the lengths (f32), the others share one type
             // normalization: the tensors (input 0, and 1 where it is one too) in one type, f32
             // or f16; statistics, weights, sums f32; statistics and sums come out f32
@@ -681,7 +709,8 @@ impl Op {
             | Op::CrossEntropy(_)
             | Op::CrossEntropyBackward(_)
             | Op::LstmForward(_)
-            | Op::LstmBackward(_) => TOL_REDUCTION,
+            | Op::LstmBackward(_)
+            | Op::Attention(_) => TOL_REDUCTION,
             Op::GruForward(_)
             | Op::GruBackward(_)
             | Op::RnnForward(_)

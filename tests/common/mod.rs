@@ -185,3 +185,18 @@ pub fn check_plan(
     }
     plan
 }
+
+/// Runs `y` on the CPU reference against the formula's `want` (within `tol`), then on the GPU
+/// (outputs poisoned with NaN) against the CPU reference.
+pub fn check_formula(
+    what: &str,
+    g: &Graph,
+    y: NodeId,
+    feeds: &[(&str, &Tensor)],
+    want: &Tensor,
+    tol: (f64, f64),
+) {
+    let cpu = Device::cpu().compile(g, &[y]).unwrap().run(feeds).unwrap();
+    assert_close(&format!("{what} on the cpu"), &cpu[0], want, tol.0, tol.1);
+    check_gpu_vs_cpu(what, g, &[y], feeds, kiln::ops::TOL_REDUCTION);
+}

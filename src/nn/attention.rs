@@ -1,0 +1,309 @@
+//! Attention layers with PyTorch's names and layouts, batch first: `MultiheadAttention`
+//! (`torch.nn.MultiheadAttention(E, H, batch_first=True)`) and `TransformerEncoderLayer`
+//! (`torch.nn.TransformerEncoderLayer(..., batch_first=True)`), over [`Graph::attention`].
+
+use crate::error::{shape_err, Result};
+use crate::graph::{Graph, NodeId};
+use crate::nn::init::Init;
+use crate::nn::layers::{dropout, Layer, Linear};
+use crate::nn::norm::LayerNorm;
+use crate::ops::matmul::Bias;
+use crate::tensor::Tensor;
+
+/// Multi-head attention over `(N, L, E)` sequences: `query` projected by the first `E` rows of
+/// `in_proj_weight [3E, E]`, `key` by the next, `value` by the last (plus `in_proj_bias [3E]`),
+/// split into `num_heads` heads of `E / num_heads`, each attended by
+/// [`Graph::attention`], the heads concatenated and projected by `out_proj` (a [`Linear`]
+/// `E -> E`). Initialisation as torch: `in_proj_weight` Xavier-uniform, biases zero,
+/// `out_proj.weight` Linear's default.
+#[derive(Debug, Clone)]
+pub struct MultiheadAttention {
+    pub name: String,
+    pub embed_dim: usize,
+    pub num_heads: usize,
+    /// Dropout on the attention probabilities in training graphs (torch's `dropout`, default
+    /// 0). Above 0 a training graph computes the probabilities from graph ops (the fused kernel
+    /// never stores them).
+    pub dropout: f32,
+    in_proj_init: Tensor,
+    out_proj: Linear,
+}
+
+impl MultiheadAttention {
+    /// `torch.nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)` named `name`
+    /// (parameters `name.in_proj_weight`, `name.in_proj_bias`, `name.out_proj.weight`,
+    /// `name.out_proj.bias`). `embed_dim` must be a multiple of `num_heads`.
+    pub fn new(
+        name: &str,
+        embed_dim: usize,
+        num_heads: usize,
+        init: &mut Init,
+    ) -> Result<MultiheadAttention> {
+        if num_heads == 0 || embed_dim % num_heads != 0 {
+            return Err(shape_err(
+                "multihead_attention",
+                format!("embed_dim {embed_dim} is not a multiple of num_heads {num_heads}"),
+            ));
+        }
+        let e = embed_dim;
+        Ok(MultiheadAttention {
+            name: name.to_string(),
+            embed_dim,
+            num_heads,
+            dropout: 0.0,
+            in_proj_init: init.xavier_uniform([3 * e, e], e, 3 * e),
+            out_proj: Linear::with_zero_bias(&format!("{name}.out_proj"), e, e, init),
+        })
+    }
+
+    /// The parameter names, as in a PyTorch state_dict.
+    pub fn param_names(&self) -> Vec<String> {
+        let mut names = vec![
+            format!("{}.in_proj_weight", self.name),
+            format!("{}.in_proj_bias", self.name),
+        ];
+        names.extend(self.out_proj.param_names());
+        names
+    }
+
+    /// Attends `query (N, L, E)` to `key (N, S, E)` and `value (N, S, E)` -> `(N, L, E)`, with
+    /// an additive f32 `mask` broadcastable to `(N, H, L, S)` (a key padding mask as `(N, 1, 1,
+    /// S)` with `-inf` at padded keys; an `attn_mask` as `(L, S)`) and `causal` (torch's
+    /// `is_causal`). `train` turns on the probabilities' dropout. Returns the output and the
+    /// parameter nodes. Self-attention (`query == key == value`) projects with one product.
+    pub fn apply(
+        &self,
+        g: &Graph,
+        query: NodeId,
+        key: NodeId,
+        value: NodeId,
+        mask: Option<NodeId>,
+        causal: bool,
+        train: bool,
+    ) -> Result<(NodeId, Vec<NodeId>)> {
+        const OP: &str = "multihead_attention";
+        let (e, h) = (self.embed_dim, self.num_heads);
+        let hd = e / h;
+        for x in [query, key, value] {
+            let s = g.check_id(OP, x)?;
+            if s.rank() != 3 || s.dims()[2] != e {
+                return Err(shape_err(
+                    OP,
+                    format!("input {s}: expected (N, L, {e}) (batch first)"),
+                ));
+            }
+        }
+        let w = g.param_init(
+            &format!("{}.in_proj_weight", self.name),
+            self.in_proj_init.clone(),
+        );
+        let b = g.param_init(
+            &format!("{}.in_proj_bias", self.name),
+            Tensor::zeros([3 * e]),
+        );
+        let dt = g.dtype(query);
+        let (wc, bc) = (g.cast(w, dt)?, g.cast(b, dt)?);
+        // (N, L, k E) -> (k, N, H, L, hd)
+        let heads = |y: NodeId, k: isize| -> Result<NodeId> {
+            let d = g.shape(y).dims().to_vec();
+            let (n, l) = (d[0] as isize, d[1] as isize);
+            let y = g.reshape(y, &[n, l, k, h as isize, hd as isize])?;
+            g.permute(y, &[2, 0, 3, 1, 4])
+        };
+        let pick = |y: NodeId, i: usize| -> Result<NodeId> {
+            let d = g.shape(y).dims()[1..]
+                .iter()
+                .map(|&x| x as isize)
+                .collect::<Vec<_>>();
+            g.reshape(g.narrow(y, 0, i, 1)?, &d)
+        };
+        let (q, k, v) = if query == key && key == value {
+            let qkv = g.matmul_fused(query, wc, false, true, Some((bc, Bias::Cols)), false)?;
+            let qkv = heads(qkv, 3)?;
+            (pick(qkv, 0)?, pick(qkv, 1)?, pick(qkv, 2)?)
+        } else {
+            let project = |x: NodeId, i: usize| -> Result<NodeId> {
+                let wi = g.narrow(wc, 0, i * e, e)?;
+                let bi = g.narrow(bc, 0, i * e, e)?;
+                let y = g.matmul_fused(x, wi, false, true, Some((bi, Bias::Cols)), false)?;
+                pick(heads(y, 1)?, 0)
+            };
+            (project(query, 0)?, project(key, 1)?, project(value, 2)?)
+        };
+        let o = if train && self.dropout > 0.0 {
+            let p = crate::ops::attention::probabilities(
+                g,
+                q,
+                k,
+                mask,
+                causal,
+                1.0 / (hd as f32).sqrt(),
+            )?;
+            let p = dropout(g, p, self.dropout, salt(&self.name, 0))?;
+            g.matmul(p, v)?
+        } else {
+            g.attention(q, k, v, mask, causal, None)?
+        };
+        // (N, H, L, hd) -> (N, L, E)
+        let d = g.shape(o).dims().to_vec();
+        let o = g.reshape(
+            g.permute(o, &[0, 2, 1, 3])?,
+            &[d[0] as isize, d[2] as isize, e as isize],
+        )?;
+        let (y, p) = self.out_proj.apply(g, o)?;
+        let mut params = vec![w, b];
+        params.extend(p);
+        Ok((y, params))
+    }
+}
+
+/// A distinct dropout salt per layer name and site.
+fn salt(name: &str, site: u32) -> u32 {
+    // FNV-1a
+    let mut h: u32 = 0x811c_9dc5;
+    for byte in name.bytes().chain(site.to_le_bytes()) {
+        h = (h ^ byte as u32).wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// Activation between a transformer layer's two linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedForwardAct {
+    Relu,
+    Gelu,
+}
+
+/// `torch.nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout,
+/// batch_first=True)` over `(N, L, E)`: self-attention (`self_attn`), then a feed-forward
+/// block `linear2(dropout(act(linear1(x))))`, each with a residual connection and a layer norm
+/// (`norm1`, `norm2`): after the residual (default, `norm_first = false`) or before the block
+/// (`norm_first = true`, the pre-norm form of GPT-style decoders). Dropout (`dropout`, default
+/// 0.1 as torch) on the attention probabilities, after each block and inside the feed-forward
+/// block, in training graphs only.
+#[derive(Debug, Clone)]
+pub struct TransformerEncoderLayer {
+    pub name: String,
+    pub self_attn: MultiheadAttention,
+    pub linear1: Linear,
+    pub linear2: Linear,
+    pub norm1: LayerNorm,
+    pub norm2: LayerNorm,
+    pub dropout: f32,
+    pub activation: FeedForwardAct,
+    pub norm_first: bool,
+}
+
+impl TransformerEncoderLayer {
+    /// A layer named `name` with torch's defaults (dropout 0.1, relu, post-norm, eps 1e-5);
+    /// parameter names as torch's (`name.self_attn.in_proj_weight`, `name.linear1.weight`,
+    /// `name.norm1.weight`, ...).
+    pub fn new(
+        name: &str,
+        d_model: usize,
+        nhead: usize,
+        dim_feedforward: usize,
+        init: &mut Init,
+    ) -> Result<TransformerEncoderLayer> {
+        let mut self_attn =
+            MultiheadAttention::new(&format!("{name}.self_attn"), d_model, nhead, init)?;
+        self_attn.dropout = 0.1;
+        Ok(TransformerEncoderLayer {
+            name: name.to_string(),
+            self_attn,
+            linear1: Linear::new(&format!("{name}.linear1"), d_model, dim_feedforward, init),
+            linear2: Linear::new(&format!("{name}.linear2"), dim_feedforward, d_model, init),
+            norm1: LayerNorm::new(&format!("{name}.norm1"), &[d_model]),
+            norm2: LayerNorm::new(&format!("{name}.norm2"), &[d_model]),
+            dropout: 0.1,
+            activation: FeedForwardAct::Relu,
+            norm_first: false,
+        })
+    }
+
+    /// Sets the dropout of every site (the attention probabilities' too).
+    pub fn with_dropout(mut self, p: f32) -> Self {
+        self.dropout = p;
+        self.self_attn.dropout = p;
+        self
+    }
+
+    /// The parameter names, as in a PyTorch state_dict.
+    pub fn param_names(&self) -> Vec<String> {
+        let mut names = self.self_attn.param_names();
+        for l in [&self.linear1, &self.linear2] {
+            names.extend(l.param_names());
+        }
+        for n in [&self.norm1, &self.norm2] {
+            names.extend(n.param_names());
+        }
+        names
+    }
+
+    /// Applies the layer to `x (N, L, E)` with the attention's additive `mask` and `causal`
+    /// flag (see [`MultiheadAttention::apply`]); `train` turns dropout on. Returns the output
+    /// and the parameter nodes.
+    pub fn apply(
+        &self,
+        g: &Graph,
+        x: NodeId,
+        mask: Option<NodeId>,
+        causal: bool,
+        train: bool,
+    ) -> Result<(NodeId, Vec<NodeId>)> {
+        let mut params = Vec::new();
+        let mut keep = |(y, p): (NodeId, Vec<NodeId>)| {
+            params.extend(p);
+            y
+        };
+        let drop = |y: NodeId, site: u32| -> Result<NodeId> {
+            if train && self.dropout > 0.0 {
+                dropout(g, y, self.dropout, salt(&self.name, site))
+            } else {
+                Ok(y)
+            }
+        };
+        let attend = |x: NodeId, keep: &mut dyn FnMut((NodeId, Vec<NodeId>)) -> NodeId| {
+            let y = keep(self.self_attn.apply(g, x, x, x, mask, causal, train)?);
+            drop(y, 1)
+        };
+        let feed_forward = |x: NodeId, keep: &mut dyn FnMut((NodeId, Vec<NodeId>)) -> NodeId| {
+            let h = match self.activation {
+                FeedForwardAct::Relu => keep(
+                    self.linear1
+                        .apply_relu(g, x)
+                        .map(|(y, p)| (y, p.to_vec()))?,
+                ),
+                FeedForwardAct::Gelu => {
+                    let y = keep(self.linear1.apply(g, x).map(|(y, p)| (y, p.to_vec()))?);
+                    g.gelu(y)?
+                }
+            };
+            let h = drop(h, 2)?;
+            let y = keep(self.linear2.apply(g, h).map(|(y, p)| (y, p.to_vec()))?);
+            drop(y, 3)
+        };
+        let y = if self.norm_first {
+            let a = keep(self.norm1.apply(g, x)?);
+            let x = g.add(x, attend(a, &mut keep)?)?;
+            let f = keep(self.norm2.apply(g, x)?);
+            g.add(x, feed_forward(f, &mut keep)?)?
+        } else {
+            let x = g.add(x, attend(x, &mut keep)?)?;
+            let x = keep(self.norm1.apply(g, x)?);
+            let x = g.add(x, feed_forward(x, &mut keep)?)?;
+            keep(self.norm2.apply(g, x)?)
+        };
+        Ok((y, params))
+    }
+}
+
+impl Layer for TransformerEncoderLayer {
+    /// Without a mask, not causal.
+    fn apply_layer(&self, g: &Graph, x: NodeId, train: bool) -> Result<(NodeId, Vec<NodeId>)> {
+        self.apply(g, x, None, false, train)
+    }
+    fn names(&self) -> Vec<String> {
+        self.param_names()
+    }
+}

@@ -1,0 +1,329 @@
+//! Scaled dot-product attention, as `torch.nn.functional.scaled_dot_product_attention`.
+//! Kernel: `shaders/attention.wgsl`.
+//!
+//! ```text
+//! q (*, Lq, D), k (*, Lk, D), v (*, Lk, Dv)  ->  (*, Lq, Dv)
+//! s = q k^T * scale + mask        (scale 1 / sqrt(D) by default; mask additive, f32,
+//!                                  broadcastable to (*, Lq, Lk))
+//! causal: s_ij = -inf for j > i   (top-left aligned, torch's is_causal)
+//! out = softmax(s, -1) v
+//! ```
+//!
+//! Forward: one kernel in one pass over the keys with an online softmax (FlashAttention): the
+//! `(Lq, Lk)` scores are never stored, so memory stays linear in the sequence length. Each
+//! workgroup owns a block of query rows of one `(batch, head)` slice; tile sizes are chosen per
+//! adapter from its workgroup memory ([`tiles`]). Heads wider than [`MAX_HEAD_DIM`] compose the
+//! same formula from graph ops (products and a softmax).
+//!
+//! Backward: graph ops, recomputing the probabilities from `q` and `k` (as FlashAttention
+//! recomputes them rather than keeping them from the forward pass) and running the products on
+//! the generated GEMMs: `p = softmax(s)`, `dv = p^T dy`, `dp = dy v^T`,
+//! `ds = p (dp - sum(dp p)) * scale`, `dq = ds k`, `dk = ds^T q`. This stores `(*, Lq, Lk)` in
+//! the training step (PyTorch's math backend does too); the mask takes no gradient.
+//!
+//! f16 `q`, `k`, `v` are read and written as stored (the kernel's f16 variant, `attention_f16`)
+//! and computed in f32; the mask stays f32.
+
+use super::binary::broadcast_strides;
+use super::softmax::Softmax;
+use super::{KernelSpec, Op};
+use crate::error::{shape_err, Result};
+use crate::graph::{Graph, NodeId};
+use crate::tensor::{DType, Shape, Tensor};
+
+const OP: &str = "attention";
+
+/// Widest head (`D` and `Dv`) the fused kernel takes: its smallest tiles then fit WebGPU's
+/// default 16 KiB of workgroup memory. Wider heads compose the formula from graph ops.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Attention of `q`, `k`, `v` and an additive mask (inputs 0 to 3; the mask a `[1]` zero when
+/// `masked` is false).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Attention {
+    pub scale: f32,
+    pub causal: bool,
+    pub masked: bool,
+}
+
+/// `(slices, Lq, Lk, D, Dv)` of checked shapes.
+fn extents(q: &Shape, k: &Shape, v: &Shape) -> (usize, usize, usize, usize, usize) {
+    let r = q.rank();
+    let (lq, d) = (q.dims()[r - 2], q.dims()[r - 1]);
+    let (lk, dv) = (k.dims()[r - 2], v.dims()[r - 1]);
+    (q.numel() / (lq * d), lq, lk, d, dv)
+}
+
+/// The full score shape `(*, Lq, Lk)` of checked `q` and `k`.
+fn score_shape(q: &Shape, k: &Shape) -> Shape {
+    let r = q.rank();
+    let mut dims = q.dims().to_vec();
+    dims[r - 1] = k.dims()[r - 2];
+    Shape(dims)
+}
+
+/// Shape rule: `q (*, Lq, D)`, `k (*, Lk, D)`, `v (*, Lk, Dv)` with the same leading axes, and a
+/// mask broadcastable to `(*, Lq, Lk)` -> `(*, Lq, Dv)`.
+pub fn infer(q: &Shape, k: &Shape, v: &Shape, mask: Option<&Shape>) -> Result<Shape> {
+    let r = q.rank();
+    let err = |why: &str| Err(shape_err(OP, format!("q {q}, k {k}, v {v}: {why}")));
+    if r < 2 || k.rank() != r || v.rank() != r {
+        return err("expected q (*, Lq, D), k (*, Lk, D) and v (*, Lk, Dv) of one rank >= 2");
+    }
+    if k.dims()[..r - 2] != q.dims()[..r - 2] || v.dims()[..r - 2] != q.dims()[..r - 2] {
+        return err("their leading axes differ");
+    }
+    if k.dims()[r - 1] != q.dims()[r - 1] {
+        return err("q and k have different feature sizes D");
+    }
+    if v.dims()[r - 2] != k.dims()[r - 2] {
+        return err("k and v have different numbers of keys Lk");
+    }
+    if let Some(m) = mask {
+        let full = score_shape(q, k);
+        let fits = m.rank() <= r
+            && m.dims()
+                .iter()
+                .zip(&full.dims()[r - m.rank()..])
+                .all(|(&a, &b)| a == b || a == 1);
+        if !fits {
+            return Err(shape_err(
+                OP,
+                format!("mask {m} does not broadcast to the scores {full}"),
+            ));
+        }
+    }
+    let mut out = q.dims().to_vec();
+    out[r - 1] = v.dims()[r - 1];
+    Ok(Shape(out))
+}
+
+/// The mask's element strides as the kernel reads them: `(heads, outer, head, row, col)`, with
+/// slice `bh` at `(bh / heads) * outer + (bh % heads) * head`. `None` where the mask's leading
+/// axes do not fold that way (the graph then expands the mask to the scores' shape).
+fn mask_strides(q: &Shape, k: &Shape, mask: &Shape) -> Option<[usize; 5]> {
+    let full = score_shape(q, k);
+    let s = broadcast_strides(mask, &full);
+    let r = full.rank();
+    let (row, col) = (s[r - 2], s[r - 1]);
+    if r == 2 {
+        return Some([1, 0, 0, row, col]);
+    }
+    let lead = &full.dims()[..r - 2];
+    let (heads, head) = (lead[lead.len() - 1], s[r - 3]);
+    let outer = if r >= 4 { s[r - 4] } else { 0 };
+    // every outer axis must step by `outer` times the extents after it (or all be broadcast)
+    let mut step = outer;
+    for ax in (0..lead.len() - 1).rev() {
+        if s[ax] != step {
+            return None;
+        }
+        step *= lead[ax];
+    }
+    Some([heads, outer, head, row, col])
+}
+
+/// Query rows per workgroup and keys per tile for `(Lq, Lk, D, Dv)` on an adapter with
+/// `workgroup_storage` bytes of workgroup memory: the largest of a fixed list that fits, each
+/// capped at the sequence's next power of two.
+pub fn tiles(lq: usize, lk: usize, d: usize, dv: usize, workgroup_storage: u32) -> (usize, usize) {
+    const CANDIDATES: [(usize, usize); 9] = [
+        (32, 32),
+        (16, 32),
+        (16, 16),
+        (8, 16),
+        (8, 8),
+        (4, 8),
+        (2, 8),
+        (1, 8),
+        (1, 4),
+    ];
+    let bytes =
+        |bq: usize, bk: usize| 4 * (bq * d + bk * (d + 1).max(dv) + bq * bk + bq * dv + 3 * bq);
+    CANDIDATES
+        .iter()
+        .map(|&(bq, bk)| {
+            (
+                bq.min(lq.next_power_of_two()),
+                bk.min(lk.next_power_of_two()),
+            )
+        })
+        .find(|&(bq, bk)| bytes(bq, bk) <= workgroup_storage as usize)
+        .unwrap_or((1, 4))
+}
+
+impl Attention {
+    /// CPU reference in f64: the formula row by row, the whole softmax at once.
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let (q, k, v, m) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+        let (bh, lq, lk, d, dv) = extents(q.shape(), k.shape(), v.shape());
+        let strides = self
+            .masked
+            .then(|| mask_strides(q.shape(), k.shape(), m.shape()).expect("folded by the graph"));
+        let mut y = vec![0f32; out.numel()];
+        let mut s = vec![0f64; lk];
+        for b in 0..bh {
+            for i in 0..lq {
+                let qi = &q.data()[(b * lq + i) * d..][..d];
+                for (j, sj) in s.iter_mut().enumerate() {
+                    let kj = &k.data()[(b * lk + j) * d..][..d];
+                    let dot: f64 = qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum();
+                    *sj = dot * self.scale as f64;
+                    if let Some([heads, outer, head, row, col]) = strides {
+                        let at = (b / heads) * outer + (b % heads) * head + i * row + j * col;
+                        *sj += m.data()[at] as f64;
+                    }
+                    if self.causal && j > i {
+                        *sj = f64::NEG_INFINITY;
+                    }
+                }
+                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = s.iter().map(|&x| (x - mx).exp()).sum();
+                for c in 0..dv {
+                    let acc: f64 = (0..lk)
+                        .map(|j| (s[j] - mx).exp() * v.data()[(b * lk + j) * dv + c] as f64)
+                        .sum();
+                    y[(b * lq + i) * dv + c] = (acc / total) as f32;
+                }
+            }
+        }
+        Tensor::new(out.clone(), y).expect("attention shape")
+    }
+
+    /// Kernel: `shaders/attention.wgsl`, tiles sized for `target`.
+    pub fn kernel(&self, inputs: &[&Shape], target: &crate::codegen::Target) -> KernelSpec {
+        let (q, k, v, m) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+        let (bh, lq, lk, d, dv) = extents(q, k, v);
+        let (bq, bk) = tiles(lq, lk, d, dv, target.workgroup_storage);
+        let [heads, outer, head, row, col] = if self.masked {
+            mask_strides(q, k, m).expect("folded by the graph")
+        } else {
+            [1, 0, 0, 0, 0]
+        };
+        KernelSpec {
+            family: "attention",
+            entry: "attention",
+            constants: vec![
+                ("BH", bh as f64),
+                ("LQ", lq as f64),
+                ("LK", lk as f64),
+                ("D", d as f64),
+                ("DV", dv as f64),
+                ("SCALE", self.scale as f64),
+                ("CAUSAL", self.causal as u32 as f64),
+                ("HAS_MASK", self.masked as u32 as f64),
+                ("HEADS", heads as f64),
+                ("MS_OUTER", outer as f64),
+                ("MS_HEAD", head as f64),
+                ("MS_ROW", row as f64),
+                ("MS_COL", col as f64),
+                ("BQ", bq as f64),
+                ("BK", bk as f64),
+            ],
+            workgroups: (bh * lq.div_ceil(bq)) as u64,
+        }
+    }
+
+    /// Backward from graph ops (see the module docs): gradients for `q`, `k`, `v`; none for the
+    /// mask.
+    pub fn backward(&self, g: &Graph, x: &[NodeId], dy: NodeId) -> Result<Vec<Option<NodeId>>> {
+        let (q, k, v) = (x[0], x[1], x[2]);
+        let mask = self.masked.then_some(x[3]);
+        let p = probabilities(g, q, k, mask, self.causal, self.scale)?;
+        let dv = g.matmul_t(p, dy, true, false)?;
+        let dp = g.matmul_t(dy, v, false, true)?;
+        let last = g.shape(p).rank() - 1;
+        let ds = Softmax {
+            axis: last,
+            log: false,
+        }
+        .backward(g, p, dp)?;
+        let ds = g.mul_scalar(ds, self.scale)?;
+        let dq = g.matmul(ds, k)?;
+        let dk = g.matmul_t(ds, q, true, false)?;
+        Ok(vec![Some(dq), Some(dk), Some(dv), None])
+    }
+}
+
+/// `softmax(q k^T * scale + mask (+ causal -inf above the diagonal), -1)` from graph ops, in
+/// `q`'s element type.
+pub(crate) fn probabilities(
+    g: &Graph,
+    q: NodeId,
+    k: NodeId,
+    mask: Option<NodeId>,
+    causal: bool,
+    scale: f32,
+) -> Result<NodeId> {
+    let dtype = g.dtype(q);
+    let as_scores = |m: NodeId| -> Result<NodeId> {
+        match dtype {
+            DType::F32 => Ok(m),
+            other => g.cast(m, other),
+        }
+    };
+    let mut s = g.mul_scalar(g.matmul_t(q, k, false, true)?, scale)?;
+    if let Some(m) = mask {
+        s = g.add(s, as_scores(m)?)?;
+    }
+    if causal {
+        let full = g.shape(s);
+        let r = full.rank();
+        let (lq, lk) = (full.dims()[r - 2], full.dims()[r - 1]);
+        let data = (0..lq * lk)
+            .map(|e| {
+                if e % lk > e / lk {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let above = g.constant(Tensor::new([lq, lk], data)?);
+        s = g.add(s, as_scores(above)?)?;
+    }
+    g.softmax(s, -1)
+}
+
+/// Scaled dot-product attention (see the module docs); the graph entry point.
+pub(crate) fn attention(
+    g: &Graph,
+    q: NodeId,
+    k: NodeId,
+    v: NodeId,
+    mask: Option<NodeId>,
+    causal: bool,
+    scale: Option<f32>,
+) -> Result<NodeId> {
+    let (qs, ks, vs) = (g.check_id(OP, q)?, g.check_id(OP, k)?, g.check_id(OP, v)?);
+    let ms = mask.map(|m| g.check_id(OP, m)).transpose()?;
+    let out = infer(&qs, &ks, &vs, ms.as_ref())?;
+    if let Some(m) = mask {
+        if g.dtype(m) != DType::F32 {
+            return Err(shape_err(
+                OP,
+                format!("the mask must be f32 (additive scores), got {}", g.dtype(m)),
+            ));
+        }
+    }
+    let (_, _, _, d, dv) = extents(&qs, &ks, &vs);
+    let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
+    if !scale.is_finite() {
+        return Err(shape_err(OP, format!("scale {scale} is not finite")));
+    }
+    if d > MAX_HEAD_DIM || dv > MAX_HEAD_DIM {
+        let p = probabilities(g, q, k, mask, causal, scale)?;
+        return g.matmul(p, v);
+    }
+    let mask = match (mask, &ms) {
+        (Some(m), Some(s)) if mask_strides(&qs, &ks, s).is_some() => m,
+        (Some(m), _) => g.expand(m, &score_shape(&qs, &ks))?,
+        (None, _) => g.constant(Tensor::zeros([1])),
+    };
+    let op = Attention {
+        scale,
+        causal,
+        masked: ms.is_some(),
+    };
+    g.push_op(Op::Attention(op), vec![q, k, v, mask], out)
+}
