@@ -6,7 +6,10 @@
 //   attention   for each of the BH (batch, head) slices: out[i] = sum_j p_ij v[j],
 //               p_ij = exp(s_ij - max_j s_ij) / sum_j exp(s_ij - max_j s_ij),
 //               s_ij = SCALE q[i] . k[j] + mask(i, j); with CAUSAL only keys j <= i count
-//               (top-left aligned, as torch's is_causal)
+//               (top-left aligned, as torch's is_causal); with HAS_DROPOUT each p_ij is then
+//               dropped as dropout.wgsl drops element (bh * LQ + i) * LK + j of (BH, LQ, LK)
+//               with the seed and DROP_SALT (kept ones scaled by DROP_SCALE): the mask the
+//               graph's dropout op recomputes in the backward pass
 //
 // Bindings (group 0):
 //   0  q     storage, read        [BH, LQ, D]
@@ -15,8 +18,11 @@
 //   3  mask  storage, read        additive f32 scores, read only with HAS_MASK: element (bh, i, j)
 //                                 at (bh / HEADS) * MS_OUTER + (bh % HEADS) * MS_HEAD + i * MS_ROW
 //                                 + j * MS_COL (stride 0 along broadcast axes); a [1] zero without
-//   4  out   storage, read_write  [BH, LQ, DV]
+//   4  seed  storage, read        [1] the dropout seed, a whole number read as u32 (read only with
+//                                 HAS_DROPOUT; a [1] zero without)
+//   5  out   storage, read_write  [BH, LQ, DV]
 // Overrides: BH, LQ, LK, D, DV, SCALE, CAUSAL, HAS_MASK, HEADS, MS_OUTER, MS_HEAD, MS_ROW, MS_COL;
+//            HAS_DROPOUT, DROP_THRESHOLD, DROP_SCALE, DROP_SALT (as dropout.wgsl's);
 //            BQ (query rows per workgroup), BK (keys per tile): the host sizes them so that the
 //            workgroup arrays (4 * (BQ*D + BK*max(D+1, DV) + BQ*BK + BQ*DV + 3*BQ) bytes) fit.
 // Dispatch: BH * ceil(LQ / BQ) workgroups of 64 threads, folded by the host into (x <= 65535, y);
@@ -40,6 +46,10 @@ override MS_OUTER: u32 = 0u;
 override MS_HEAD: u32 = 0u;
 override MS_ROW: u32 = 0u;
 override MS_COL: u32 = 0u;
+override HAS_DROPOUT: bool = false;
+override DROP_THRESHOLD: u32 = 0u;
+override DROP_SCALE: f32 = 1.0;
+override DROP_SALT: u32 = 0u;
 override BQ: u32 = 16u;
 override BK: u32 = 16u;
 const WG: u32 = 64u;
@@ -52,7 +62,8 @@ const WG: u32 = 64u;
 @group(0) @binding(1) var<storage, read> k: array<f32>;
 @group(0) @binding(2) var<storage, read> v: array<f32>;
 @group(0) @binding(3) var<storage, read> mask: array<f32>; // always f32
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> seed: array<f32>; // always f32
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
 fn ld_q(i: u32) -> f32 { return q[i]; }
 fn ld_k(i: u32) -> f32 { return k[i]; }
 fn ld_v(i: u32) -> f32 { return v[i]; }
@@ -71,6 +82,17 @@ var<workgroup> o_s: array<f32, BQ * DV>;
 var<workgroup> row_m: array<f32, BQ>;
 var<workgroup> row_l: array<f32, BQ>;
 var<workgroup> row_a: array<f32, BQ>;
+
+// lowbias32 (Chris Wellons), as dropout.wgsl.
+fn hash(v: u32) -> u32 {
+    var h = v;
+    h = h ^ (h >> 16u);
+    h = h * 0x7feb352du;
+    h = h ^ (h >> 15u);
+    h = h * 0x846ca68bu;
+    h = h ^ (h >> 16u);
+    return h;
+}
 
 // Whether query i may attend key j (both in range).
 fn allowed(i: u32, j: u32) -> bool {
@@ -91,6 +113,10 @@ fn attention(
     let bh = w / qb_count;
     let q0 = (w % qb_count) * BQ;
     let mask_base = (bh / HEADS) * MS_OUTER + (bh % HEADS) * MS_HEAD;
+    var drop_key = 0u;
+    if HAS_DROPOUT {
+        drop_key = hash(u32(seed[0]) ^ hash(DROP_SALT));
+    }
 
     for (var e = lid; e < BQ * D; e = e + WG) {
         let i = q0 + e / D;
@@ -157,14 +183,19 @@ fn attention(
                     m_new = max(m_new, s_s[r * BK + j]);
                 }
             }
+            // the row's sum normalizes before dropout (torch drops the probabilities)
             var sum = 0.0;
             for (var j = 0u; j < BK; j = j + 1u) {
                 var p = 0.0;
                 if allowed(q0 + r, k0 + j) {
                     p = exp(s_s[r * BK + j] - m_new);
                 }
-                s_s[r * BK + j] = p;
                 sum = sum + p;
+                if HAS_DROPOUT {
+                    let at = ((bh * LQ + q0 + r) * LK + k0 + j) ^ drop_key;
+                    p = select(0.0, p * DROP_SCALE, hash(at) >= DROP_THRESHOLD);
+                }
+                s_s[r * BK + j] = p;
             }
             let alpha = exp(m_old - m_new);
             row_m[r] = m_new;

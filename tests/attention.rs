@@ -19,7 +19,7 @@ fn sdpa_ref(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &dyn Fn(usize, usize, usize) -> f64,
+    mask: &MaskFn<'_>,
     causal: bool,
     scale: f64,
 ) -> Tensor {
@@ -58,6 +58,9 @@ fn sdpa_ref(
     dims[r - 1] = dv;
     Tensor::new(dims, out).unwrap()
 }
+
+/// A mask's value at (slice, query, key).
+type MaskFn<'a> = dyn Fn(usize, usize, usize) -> f64 + 'a;
 
 fn no_mask(_: usize, _: usize, _: usize) -> f64 {
     0.0
@@ -135,7 +138,7 @@ fn attention_masks_broadcast_as_torch() {
     padding.data_mut()[lk + 3] = f32::NEG_INFINITY; // sample 1 its fourth
     let per_head = rand(&[h, 1, lk], 8);
     let square = rand(&[lq, lk], 9);
-    let cases: Vec<(&str, Tensor, Box<dyn Fn(usize, usize, usize) -> f64>)> = vec![
+    let cases: Vec<(&str, Tensor, Box<MaskFn<'_>>)> = vec![
         (
             "(Lq, Lk)",
             square.clone(),
@@ -492,12 +495,12 @@ fn transformer_encoder_layer_matches_torch_formula() {
     let (n, l, e, h, ff) = (2, 6, 8, 2, 16);
     let x = rand(&[n, l, e], 50);
     for norm_first in [false, true] {
-        let mut layer = TransformerEncoderLayer::new("enc", e, h, ff, &mut Init::new(1)).unwrap();
+        let mut layer = TransformerEncoderLayer::new("encf", e, h, ff, &mut Init::new(1)).unwrap();
         layer.norm_first = norm_first;
         let names = layer.param_names();
         assert_eq!(names.len(), 12);
-        assert_eq!(names[0], "enc.self_attn.in_proj_weight");
-        assert!(names.contains(&"enc.norm2.bias".to_string()));
+        assert_eq!(names[0], "encf.self_attn.in_proj_weight");
+        assert!(names.contains(&"encf.norm2.bias".to_string()));
         let g = Graph::new();
         let xi = g.input("x", [n, l, e]);
         // a training graph with dropout 0 computes what the evaluation graph does
@@ -513,7 +516,7 @@ fn transformer_encoder_layer_matches_torch_formula() {
             .run(&[("x", &x)])
             .unwrap()
             .remove(0);
-        let p = |k: &str| cpu.param(&format!("enc.{k}")).unwrap();
+        let p = |k: &str| cpu.param(&format!("encf.{k}")).unwrap();
         let sa = |k: &str| p(&format!("self_attn.{k}"));
         let attend = |v: &[f64]| mha_ref(&sa, h, v, v, (n, l, l, e), &|_, _, _, _| 0.0, true);
         let ffn = |v: &[f64]| {
@@ -641,4 +644,78 @@ fn transformer_learns_to_copy_the_previous_token() {
     let first = first.unwrap();
     assert!(first > 1.5, "starts near ln(7) = 1.95, got {first}");
     assert!(last < 0.3, "the loss fell from {first} to {last} only");
+}
+
+/// Dropout of the probabilities: the fused kernel (and its CPU twin) drops exactly what the
+/// graph's dropout op drops from the composed `softmax(q k^T * scale)` with the same seed and
+/// salt (the mask the backward pass recomputes); gradients against central differences.
+#[test]
+fn attention_dropout_matches_composed_dropout() {
+    let [qs, ks, vs] = shapes(&[2, 3], 9, 11, 5, 4);
+    let (tq, tk, tv) = (rand(&qs, 80), rand(&ks, 81), rand(&vs, 82));
+    let seed = Tensor::new([1], vec![12345.0]).unwrap();
+    for causal in [false, true] {
+        let g = Graph::new();
+        let (q, k, v) = (
+            g.input("q", qs.clone()),
+            g.input("k", ks.clone()),
+            g.input("v", vs.clone()),
+        );
+        let s = g.input("seed", [1]);
+        let y = g
+            .attention_dropout(q, k, v, None, causal, Some(0.4), 0.3, s, 77)
+            .unwrap();
+        // the same formula from graph ops
+        let mut scores = g
+            .mul_scalar(g.matmul_t(q, k, false, true).unwrap(), 0.4)
+            .unwrap();
+        if causal {
+            let data = (0..9 * 11)
+                .map(|e| {
+                    if e % 11 > e / 11 {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            scores = g
+                .add(scores, g.constant(Tensor::new([9, 11], data).unwrap()))
+                .unwrap();
+        }
+        let p = g
+            .dropout(g.softmax(scores, -1).unwrap(), 0.3, s, 77)
+            .unwrap();
+        let composed = g.matmul(p, v).unwrap();
+        let feeds = [("q", &tq), ("k", &tk), ("v", &tv), ("seed", &seed)];
+        let want = Device::cpu()
+            .compile(&g, &[composed])
+            .unwrap()
+            .run(&feeds)
+            .unwrap()
+            .remove(0);
+        let what = format!("attention dropout causal {causal}");
+        check_formula(&what, &g, y, &feeds, &want, TOL_REDUCTION);
+        let dropped = {
+            let plain = g.attention(q, k, v, None, causal, Some(0.4)).unwrap();
+            let out = Device::cpu()
+                .compile(&g, &[plain])
+                .unwrap()
+                .run(&feeds)
+                .unwrap()
+                .remove(0);
+            out.data() != want.data()
+        };
+        assert!(dropped, "{what}: dropout changed nothing");
+        let loss = random_projection(&g, y, 83);
+        gradcheck(
+            &what,
+            &g,
+            loss,
+            &[("q", q), ("k", k), ("v", v)],
+            &feeds,
+            30,
+            TOL_REDUCTION,
+        );
+    }
 }

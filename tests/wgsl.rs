@@ -706,8 +706,9 @@ fn every_optimizer_group_is_valid_wgsl() {
 }
 
 /// The f16 variants of the hand-written kernels with a storage block (conv, pool, softmax,
-/// dropout, layout, loss, embedding, lstm, gru, norm) validate with naga; dropout's seed, the
-/// loss's labels, embedding indices and normalization statistics stay f32.
+/// dropout, layout, loss, embedding, lstm, gru, norm, attention) validate with naga; dropout's
+/// seed, the loss's labels, embedding indices, normalization statistics and attention masks
+/// stay f32.
 #[test]
 fn f16_variants_of_shaders_are_valid_wgsl() {
     use kiln::codegen::storage::{f16_family, f16_wgsl};
@@ -722,6 +723,7 @@ fn f16_variants_of_shaders_are_valid_wgsl() {
         "lstm",
         "gru",
         "norm",
+        "attention",
     ] {
         assert!(f16_family(family).is_some());
         let src = f16_wgsl(family);
@@ -735,6 +737,7 @@ fn f16_variants_of_shaders_are_valid_wgsl() {
     assert!(f16_wgsl("dropout").contains("seed: array<f32>; // always f32"));
     assert!(f16_wgsl("loss").contains("labels: array<f32>; // always f32"));
     assert!(f16_wgsl("norm").contains("stats: array<f32>; // always f32"));
+    assert!(f16_wgsl("attention").contains("mask: array<f32>; // always f32"));
     assert!(
         f16_family("matmul").is_none(),
         "generated per shape instead"

@@ -596,7 +596,29 @@ impl Graph {
         causal: bool,
         scale: Option<f32>,
     ) -> Result<NodeId> {
-        crate::ops::attention::attention(self, q, k, v, mask, causal, scale)
+        crate::ops::attention::attention(self, q, k, v, mask, causal, scale, None)
+    }
+
+    /// [`Graph::attention`] with dropout of the probabilities (torch's `dropout_p`): each is
+    /// dropped with probability `p`, the kept ones scaled by `1 / (1 - p)`, with the counter-based
+    /// mask of [`Graph::dropout`] (`seed` a `[1]` input fed a new whole number each step,
+    /// `salt` distinct per dropout site). Still one kernel forward; the backward pass recomputes
+    /// the mask.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_dropout(
+        &self,
+        q: NodeId,
+        k: NodeId,
+        v: NodeId,
+        mask: Option<NodeId>,
+        causal: bool,
+        scale: Option<f32>,
+        p: f32,
+        seed: NodeId,
+        salt: u32,
+    ) -> Result<NodeId> {
+        let dropout = Some((p, seed, salt));
+        crate::ops::attention::attention(self, q, k, v, mask, causal, scale, dropout)
     }
 
     // ---- softmax and reductions ----

@@ -5,7 +5,7 @@
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
 use crate::nn::init::Init;
-use crate::nn::layers::{dropout, Layer, Linear};
+use crate::nn::layers::{dropout, dropout_seed, Layer, Linear};
 use crate::nn::norm::LayerNorm;
 use crate::ops::matmul::Bias;
 use crate::tensor::Tensor;
@@ -22,8 +22,7 @@ pub struct MultiheadAttention {
     pub embed_dim: usize,
     pub num_heads: usize,
     /// Dropout on the attention probabilities in training graphs (torch's `dropout`, default
-    /// 0). Above 0 a training graph computes the probabilities from graph ops (the fused kernel
-    /// never stores them).
+    /// 0), inside the fused kernel ([`Graph::attention_dropout`]).
     pub dropout: f32,
     in_proj_init: Tensor,
     out_proj: Linear,
@@ -39,7 +38,7 @@ impl MultiheadAttention {
         num_heads: usize,
         init: &mut Init,
     ) -> Result<MultiheadAttention> {
-        if num_heads == 0 || embed_dim % num_heads != 0 {
+        if num_heads == 0 || !embed_dim.is_multiple_of(num_heads) {
             return Err(shape_err(
                 "multihead_attention",
                 format!("embed_dim {embed_dim} is not a multiple of num_heads {num_heads}"),
@@ -71,6 +70,7 @@ impl MultiheadAttention {
     /// S)` with `-inf` at padded keys; an `attn_mask` as `(L, S)`) and `causal` (torch's
     /// `is_causal`). `train` turns on the probabilities' dropout. Returns the output and the
     /// parameter nodes. Self-attention (`query == key == value`) projects with one product.
+    #[allow(clippy::too_many_arguments)] // torch's forward takes as many
     pub fn apply(
         &self,
         g: &Graph,
@@ -131,16 +131,8 @@ impl MultiheadAttention {
             (project(query, 0)?, project(key, 1)?, project(value, 2)?)
         };
         let o = if train && self.dropout > 0.0 {
-            let p = crate::ops::attention::probabilities(
-                g,
-                q,
-                k,
-                mask,
-                causal,
-                1.0 / (hd as f32).sqrt(),
-            )?;
-            let p = dropout(g, p, self.dropout, salt(&self.name, 0))?;
-            g.matmul(p, v)?
+            let (p, seed, salt) = (self.dropout, dropout_seed(g), salt(&self.name, 0));
+            g.attention_dropout(q, k, v, mask, causal, None, p, seed, salt)?
         } else {
             g.attention(q, k, v, mask, causal, None)?
         };

@@ -134,10 +134,13 @@ impl Conv2d {
 /// use); feed it a new whole number every step (`nn::TrainStep` does). `salt` must differ
 /// between the dropout layers of one graph.
 pub fn dropout(g: &Graph, x: NodeId, p: f32, salt: u32) -> Result<NodeId> {
-    let seed = g
-        .find_input(DROPOUT_SEED)
-        .unwrap_or_else(|| g.input(DROPOUT_SEED, [1]));
-    g.dropout(x, p, seed, salt)
+    g.dropout(x, p, dropout_seed(g), salt)
+}
+
+/// The graph's shared dropout seed input `dropout.seed` `[1]`, created on first use.
+pub fn dropout_seed(g: &Graph) -> NodeId {
+    g.find_input(DROPOUT_SEED)
+        .unwrap_or_else(|| g.input(DROPOUT_SEED, [1]))
 }
 
 /// Name of the seed input that `dropout` layers share.

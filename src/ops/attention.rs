@@ -6,7 +6,7 @@
 //! s = q k^T * scale + mask        (scale 1 / sqrt(D) by default; mask additive, f32,
 //!                                  broadcastable to (*, Lq, Lk))
 //! causal: s_ij = -inf for j > i   (top-left aligned, torch's is_causal)
-//! out = softmax(s, -1) v
+//! out = dropout(softmax(s, -1)) v  (dropout_p > 0 in training graphs)
 //! ```
 //!
 //! Forward: one kernel in one pass over the keys with an online softmax (FlashAttention): the
@@ -19,12 +19,17 @@
 //! recomputes them rather than keeping them from the forward pass) and running the products on
 //! the generated GEMMs: `p = softmax(s)`, `dv = p^T dy`, `dp = dy v^T`,
 //! `ds = p (dp - sum(dp p)) * scale`, `dq = ds k`, `dk = ds^T q`. This stores `(*, Lq, Lk)` in
-//! the training step (PyTorch's math backend does too); the mask takes no gradient.
+//! the training step (PyTorch's math backend does too); the mask takes no gradient. Dropout of
+//! the probabilities is the graph's counter-based dropout (`ops::dropout`): the kernel drops
+//! element `(slice, i, j)` as the dropout op drops that element of `(*, Lq, Lk)` with the same
+//! seed and salt, so the backward pass applies the forward's mask to `p` and `dp` without
+//! storing it.
 //!
 //! f16 `q`, `k`, `v` are read and written as stored (the kernel's f16 variant, `attention_f16`)
 //! and computed in f32; the mask stays f32.
 
 use super::binary::broadcast_strides;
+use super::dropout::Dropout;
 use super::softmax::Softmax;
 use super::{KernelSpec, Op};
 use crate::error::{shape_err, Result};
@@ -37,13 +42,15 @@ const OP: &str = "attention";
 /// default 16 KiB of workgroup memory. Wider heads compose the formula from graph ops.
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// Attention of `q`, `k`, `v` and an additive mask (inputs 0 to 3; the mask a `[1]` zero when
-/// `masked` is false).
+/// Attention of `q`, `k`, `v`, an additive mask and the dropout seed (inputs 0 to 4; the mask
+/// and the seed a `[1]` zero where `masked` is false and `dropout` is `None`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Attention {
     pub scale: f32,
     pub causal: bool,
     pub masked: bool,
+    /// Dropout of the probabilities (its `p` and `salt`).
+    pub dropout: Option<Dropout>,
 }
 
 /// `(slices, Lq, Lk, D, Dv)` of checked shapes.
@@ -157,6 +164,9 @@ impl Attention {
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
         let (q, k, v, m) = (inputs[0], inputs[1], inputs[2], inputs[3]);
         let (bh, lq, lk, d, dv) = extents(q.shape(), k.shape(), v.shape());
+        let keeps = self
+            .dropout
+            .map(|d| (d.keeps(inputs[4].data()[0]), d.scale() as f64));
         let strides = self
             .masked
             .then(|| mask_strides(q.shape(), k.shape(), m.shape()).expect("folded by the graph"));
@@ -179,9 +189,16 @@ impl Attention {
                 }
                 let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let total: f64 = s.iter().map(|&x| (x - mx).exp()).sum();
+                let kept = |j: usize| match &keeps {
+                    Some((keep, scale)) if keep((b * lq + i) * lk + j) => *scale,
+                    Some(_) => 0.0,
+                    None => 1.0,
+                };
                 for c in 0..dv {
                     let acc: f64 = (0..lk)
-                        .map(|j| (s[j] - mx).exp() * v.data()[(b * lk + j) * dv + c] as f64)
+                        .map(|j| {
+                            (s[j] - mx).exp() * kept(j) * v.data()[(b * lk + j) * dv + c] as f64
+                        })
                         .sum();
                     y[(b * lq + i) * dv + c] = (acc / total) as f32;
                 }
@@ -217,6 +234,13 @@ impl Attention {
                 ("MS_HEAD", head as f64),
                 ("MS_ROW", row as f64),
                 ("MS_COL", col as f64),
+                ("HAS_DROPOUT", self.dropout.is_some() as u32 as f64),
+                (
+                    "DROP_THRESHOLD",
+                    self.dropout.map_or(0.0, |d| d.threshold() as f64),
+                ),
+                ("DROP_SCALE", self.dropout.map_or(1.0, |d| d.scale() as f64)),
+                ("DROP_SALT", self.dropout.map_or(0.0, |d| d.salt as f64)),
                 ("BQ", bq as f64),
                 ("BK", bk as f64),
             ],
@@ -225,13 +249,20 @@ impl Attention {
     }
 
     /// Backward from graph ops (see the module docs): gradients for `q`, `k`, `v`; none for the
-    /// mask.
+    /// mask and the seed.
     pub fn backward(&self, g: &Graph, x: &[NodeId], dy: NodeId) -> Result<Vec<Option<NodeId>>> {
-        let (q, k, v) = (x[0], x[1], x[2]);
+        let (q, k, v, seed) = (x[0], x[1], x[2], x[4]);
         let mask = self.masked.then_some(x[3]);
         let p = probabilities(g, q, k, mask, self.causal, self.scale)?;
-        let dv = g.matmul_t(p, dy, true, false)?;
-        let dp = g.matmul_t(dy, v, false, true)?;
+        // the forward's mask, recomputed: on p for dv, on the gradient for dp
+        let (pd, dp) = match self.dropout {
+            Some(d) => (
+                g.dropout(p, d.p, seed, d.salt)?,
+                d.backward(g, seed, g.matmul_t(dy, v, false, true)?)?,
+            ),
+            None => (p, g.matmul_t(dy, v, false, true)?),
+        };
+        let dv = g.matmul_t(pd, dy, true, false)?;
         let last = g.shape(p).rank() - 1;
         let ds = Softmax {
             axis: last,
@@ -241,13 +272,13 @@ impl Attention {
         let ds = g.mul_scalar(ds, self.scale)?;
         let dq = g.matmul(ds, k)?;
         let dk = g.matmul_t(ds, q, true, false)?;
-        Ok(vec![Some(dq), Some(dk), Some(dv), None])
+        Ok(vec![Some(dq), Some(dk), Some(dv), None, None])
     }
 }
 
 /// `softmax(q k^T * scale + mask (+ causal -inf above the diagonal), -1)` from graph ops, in
 /// `q`'s element type.
-pub(crate) fn probabilities(
+fn probabilities(
     g: &Graph,
     q: NodeId,
     k: NodeId,
@@ -285,7 +316,9 @@ pub(crate) fn probabilities(
     g.softmax(s, -1)
 }
 
-/// Scaled dot-product attention (see the module docs); the graph entry point.
+/// Scaled dot-product attention (see the module docs); the graph entry point. `dropout` is the
+/// probabilities' dropout: its probability, the seed node and the salt.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     g: &Graph,
     q: NodeId,
@@ -294,6 +327,7 @@ pub(crate) fn attention(
     mask: Option<NodeId>,
     causal: bool,
     scale: Option<f32>,
+    dropout: Option<(f32, NodeId, u32)>,
 ) -> Result<NodeId> {
     let (qs, ks, vs) = (g.check_id(OP, q)?, g.check_id(OP, k)?, g.check_id(OP, v)?);
     let ms = mask.map(|m| g.check_id(OP, m)).transpose()?;
@@ -311,19 +345,87 @@ pub(crate) fn attention(
     if !scale.is_finite() {
         return Err(shape_err(OP, format!("scale {scale} is not finite")));
     }
+    if let Some((p, seed, _)) = dropout {
+        if !(0.0..1.0).contains(&p) {
+            return Err(shape_err(
+                OP,
+                format!("dropout p must be in [0, 1), got {p}"),
+            ));
+        }
+        let s = g.check_id(OP, seed)?;
+        if s.numel() != 1 || g.dtype(seed) != DType::F32 {
+            return Err(shape_err(
+                OP,
+                format!("the dropout seed must be one f32 element, got {s}"),
+            ));
+        }
+    }
     if d > MAX_HEAD_DIM || dv > MAX_HEAD_DIM {
-        let p = probabilities(g, q, k, mask, causal, scale)?;
+        let mut p = probabilities(g, q, k, mask, causal, scale)?;
+        if let Some((pr, seed, salt)) = dropout {
+            p = g.dropout(p, pr, seed, salt)?;
+        }
         return g.matmul(p, v);
     }
+    let zero = || g.constant(Tensor::zeros([1]));
     let mask = match (mask, &ms) {
         (Some(m), Some(s)) if mask_strides(&qs, &ks, s).is_some() => m,
         (Some(m), _) => g.expand(m, &score_shape(&qs, &ks))?,
-        (None, _) => g.constant(Tensor::zeros([1])),
+        (None, _) => zero(),
     };
+    let seed = dropout.map_or_else(zero, |(_, seed, _)| seed);
     let op = Attention {
         scale,
         causal,
         masked: ms.is_some(),
+        dropout: dropout.map(|(p, _, salt)| Dropout { p, salt }),
     };
-    g.push_op(Op::Attention(op), vec![q, k, v, mask], out)
+    g.push_op(Op::Attention(op), vec![q, k, v, mask, seed], out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiles fit the workgroup memory they are chosen for, down to WebGPU's default 16 KiB
+    /// at the widest head, and never exceed the sequence's next power of two.
+    #[test]
+    fn tiles_fit_the_adapter() {
+        let bytes = |(bq, bk): (usize, usize), d: usize, dv: usize| {
+            4 * (bq * d + bk * (d + 1).max(dv) + bq * bk + bq * dv + 3 * bq)
+        };
+        for limit in [16384u32, 32768, 49152] {
+            for (d, dv) in [(1, 1), (8, 8), (64, 64), (13, 200), (128, 128), (256, 256)] {
+                let t = tiles(1000, 1000, d, dv, limit);
+                assert!(
+                    bytes(t, d, dv) <= limit as usize,
+                    "{t:?} for D {d}, Dv {dv}"
+                );
+            }
+        }
+        assert_eq!(tiles(1000, 1000, 64, 64, 49152), (32, 32));
+        assert_eq!(
+            tiles(1, 1000, 64, 64, 49152),
+            (1, 32),
+            "one query: one row per block"
+        );
+        assert_eq!(tiles(5, 3, 64, 64, 49152), (8, 4));
+    }
+
+    /// Masks whose leading axes fold into (outer, head) strides, and one that does not.
+    #[test]
+    fn mask_strides_fold_leading_axes() {
+        let (q, k) = (Shape(vec![2, 3, 4, 5]), Shape(vec![2, 3, 6, 5]));
+        let s = |d: &[usize]| mask_strides(&q, &k, &Shape(d.to_vec()));
+        assert_eq!(s(&[4, 6]), Some([3, 0, 0, 6, 1]));
+        assert_eq!(s(&[2, 1, 1, 6]), Some([3, 6, 0, 0, 1]));
+        assert_eq!(s(&[3, 4, 6]), Some([3, 0, 24, 6, 1]));
+        assert_eq!(s(&[2, 3, 4, 6]), Some([3, 72, 24, 6, 1]));
+        let (q5, k5) = (Shape(vec![2, 3, 2, 4, 5]), Shape(vec![2, 3, 2, 6, 5]));
+        assert_eq!(mask_strides(&q5, &k5, &Shape(vec![2, 1, 2, 4, 6])), None);
+        assert_eq!(
+            mask_strides(&q5, &k5, &Shape(vec![2, 3, 1, 4, 6])),
+            Some([2, 24, 0, 6, 1])
+        );
+    }
 }

@@ -15,7 +15,7 @@ pub struct Dropout {
 }
 
 /// lowbias32, as in dropout.wgsl.
-fn hash(v: u32) -> u32 {
+pub(crate) fn hash(v: u32) -> u32 {
     let mut h = v;
     h ^= h >> 16;
     h = h.wrapping_mul(0x7feb352d);
@@ -26,29 +26,32 @@ fn hash(v: u32) -> u32 {
 }
 
 impl Dropout {
-    fn threshold(&self) -> u32 {
+    /// Elements whose hash is below this are dropped.
+    pub(crate) fn threshold(&self) -> u32 {
         (self.p as f64 * 4294967296.0).min(4294967295.0) as u32
     }
 
-    fn scale(&self) -> f32 {
+    /// The kept elements' factor, `1 / (1 - p)`.
+    pub(crate) fn scale(&self) -> f32 {
         1.0 / (1.0 - self.p)
+    }
+
+    /// Whether element `i` of a tensor is kept under `seed`, as the kernels decide.
+    pub(crate) fn keeps(&self, seed: f32) -> impl Fn(usize) -> bool {
+        let key = hash((seed as u32) ^ hash(self.salt));
+        let t = self.threshold();
+        move |i| hash(i as u32 ^ key) >= t
     }
 
     /// CPU reference: the same integer hash, so the masks agree bit for bit.
     pub fn cpu(&self, x: &Tensor, seed: &Tensor) -> Tensor {
-        let key = hash((seed.data()[0] as u32) ^ hash(self.salt));
-        let (t, s) = (self.threshold(), self.scale());
+        let keep = self.keeps(seed.data()[0]);
+        let s = self.scale();
         let data = x
             .data()
             .iter()
             .enumerate()
-            .map(|(i, &v)| {
-                if hash(i as u32 ^ key) >= t {
-                    v * s
-                } else {
-                    0.0
-                }
-            })
+            .map(|(i, &v)| if keep(i) { v * s } else { 0.0 })
             .collect();
         Tensor::new(x.shape().clone(), data).expect("same shape")
     }

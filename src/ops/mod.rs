@@ -155,8 +155,8 @@ pub enum Op {
     /// Inputs `dy`, `x`, its statistics, the weight and their `GroupSums`: the affine
     /// normalization's gradient for `x`, elementwise.
     NormalizeAffineBackward(norm::NormalizeBackward),
-    /// Scaled dot-product attention of inputs `q`, `k`, `v` and an additive mask (see
-    /// `ops::attention`).
+    /// Scaled dot-product attention of inputs `q`, `k`, `v`, an additive mask and a dropout seed
+    /// (see `ops::attention`).
     Attention(attention::Attention),
 }
 
@@ -632,8 +632,11 @@ impl Op {
                         inputs[k]
                     ));
                 }
-                if inputs[3] != DType::F32 {
-                    return err(format!("its mask must be f32, got {}", inputs[3]));
+                if let Some(k) = (3..5).find(|&k| inputs[k] != DType::F32) {
+                    return err(format!(
+                        "its mask and dropout seed must be f32, input {k} is {}",
+                        inputs[k]
+                    ));
                 }
                 Ok(first)
             }
