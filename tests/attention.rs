@@ -719,3 +719,31 @@ fn attention_dropout_matches_composed_dropout() {
         );
     }
 }
+
+/// `verify` runs a transformer layer's forward and gradients (dropout on, a key padding mask)
+/// node by node on the GPU and the CPU reference and finds no divergence; a batch of one
+/// window takes the fused kernel with many query blocks.
+#[test]
+fn verify_finds_no_divergence_in_a_transformer_layer() {
+    use kiln::nn::{dropout_seed, Init, TransformerEncoderLayer};
+    let Some(dev) = gpu() else { return };
+    let layer = TransformerEncoderLayer::new("venc", 16, 4, 32, &mut Init::new(5)).unwrap();
+    let g = Graph::new();
+    let x = g.input("x", [2, 37, 16]);
+    let m = g.input("m", [2, 1, 1, 37]);
+    let (y, params) = layer.apply(&g, x, Some(m), false, true).unwrap();
+    assert!(g.find_input(kiln::nn::layers::DROPOUT_SEED) == Some(dropout_seed(&g)));
+    let loss = random_projection(&g, y, 90);
+    let grads = g.grad(loss, &params).unwrap();
+    let mut outs = vec![loss];
+    outs.extend(grads);
+    let mut mask = Tensor::zeros([2, 1, 1, 37]);
+    for j in 30..37 {
+        mask.data_mut()[37 + j] = f32::NEG_INFINITY; // the second window is 30 long
+    }
+    let xv = rand(&[2, 37, 16], 91);
+    let seed = Tensor::new([1], vec![7.0]).unwrap();
+    let feeds = [("x", &xv), ("m", &mask), ("dropout.seed", &seed)];
+    let report = dev.verify(&g, &outs, &feeds).unwrap();
+    assert!(report.ok(), "{report}");
+}

@@ -9,7 +9,10 @@
 //! GPU), relu over 16M floats, the MNIST CNN training step (batch 64, Adam; also with batch norms) and an LSTM training
 //! step (batch 64, 32 steps, hidden 128), and a chain of five elementwise ops (the plan compiler's
 //! fusion); with SHADER_F16 also f16 matmuls, chain and conv, and the two training steps in
-//! mixed precision. Operands of the kernel cases live on the device (as weights do). Each case is compiled
+//! mixed precision; causal attention forward (batch 2, 4 heads, 128 tokens, head 64; and 8 x 16
+//! heads x 1024 tokens on a hardware GPU, also f16) and a GPT-style transformer training step
+//! (2 layers of width 64, 16 windows of 64 tokens; 4 x 512 over 32 x 256 on a hardware GPU).
+//! Operands of the kernel cases live on the device (as weights do). Each case is compiled
 //! once, warmed up, then timed two ways: "per run" is wall clock per run that waits for the GPU (a
 //! readback of one small output), submission and synchronisation included; "kernels" is the GPU
 //! time of the plan's ops from timestamp queries (where the adapter has
@@ -20,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kiln::graph::Conv2dOpts;
-use kiln::nn::{Init, Linear, Lstm, Optimizer, TrainStep};
+use kiln::nn::{
+    Embedding, Init, Layer, LayerNorm, Linear, Lstm, Optimizer, TrainStep, TransformerEncoderLayer,
+};
 use kiln::{Device, Graph, Plan, Tensor};
 
 #[derive(Parser, Debug)]
@@ -422,6 +427,112 @@ fn lstm_step(dev: &Device, hidden: usize, dtype: kiln::DType) -> kiln::Result<Ca
     })
 }
 
+/// Causal self-attention forward (`Graph::attention`, the fused kernel) over `(b, h, l, d)`
+/// operands resident on the device; FLOPs counted as performed (the causal half of the score
+/// matrix: `2 b h l^2 d`, as FlashAttention's benchmarks count).
+fn attention(
+    dev: &Device,
+    (b, h, l, d): (usize, usize, usize, usize),
+    dtype: kiln::DType,
+) -> kiln::Result<Case> {
+    let g = Graph::new();
+    let tag = format!("bench.attn{b}x{h}x{l}x{d}");
+    let t = |k: u64| {
+        operand(
+            dev,
+            &g,
+            &format!("{tag}.{k}"),
+            Tensor::rand_uniform([b, h, l, d], -1.0, 1.0, 20 + k),
+            dtype,
+        )
+    };
+    let (q, k, v) = (t(0)?, t(1)?, t(2)?);
+    let y = g.attention(q, k, v, None, true, None)?;
+    let plan = dev.compile(&g, &[probe(&g, y)?])?;
+    let case = plan_case(
+        format!("causal attention {b}x{h}x{l}x{d}"),
+        2.0 * (b * h * l * l * d) as f64,
+        "GFLOP/s",
+        plan,
+        Vec::new(),
+    );
+    Ok(half_case(case, dtype, "attention"))
+}
+
+/// A GPT-style transformer's training step (AdamW, clipping): token and position embeddings,
+/// `layers` pre-norm encoder layers of width `e` with `e / 64` heads (at least 1) and causal
+/// self-attention, a layer norm and a vocabulary head; `batch` windows of `seq` tokens.
+fn transformer_step(
+    dev: &Device,
+    (layers, e, seq, batch): (usize, usize, usize, usize),
+) -> kiln::Result<Case> {
+    let vocab = 96;
+    let mut init = Init::new(0);
+    let tok = Embedding::new("bench.tok", vocab, e, &mut init);
+    let pos = Embedding::new("bench.pos", seq, e, &mut init);
+    let g = Graph::new();
+    let x = g.input("x", [batch, seq]);
+    let positions = g.input("positions", [seq]);
+    let y = g.input("y", [batch * seq]);
+    let (t, mut params) = tok.apply_layer(&g, x, true)?;
+    let (p, pp) = pos.apply_layer(&g, positions, true)?;
+    params.extend(pp);
+    let mut h = g.add(t, p)?;
+    for i in 0..layers {
+        let mut layer = TransformerEncoderLayer::new(
+            &format!("bench.layers.{i}"),
+            e,
+            (e / 64).max(1),
+            4 * e,
+            &mut init,
+        )?;
+        layer.norm_first = true;
+        let (out, lp) = layer.apply(&g, h, None, true, true)?;
+        params.extend(lp);
+        h = out;
+    }
+    let (h, lp) = LayerNorm::new("bench.ln_f", &[e]).apply(&g, h)?;
+    params.extend(lp);
+    let flat = g.reshape(h, &[(batch * seq) as isize, e as isize])?;
+    let (logits, lp) = Linear::new("bench.head", e, vocab, &mut init).apply(&g, flat)?;
+    params.extend(lp);
+    let loss = g.cross_entropy(logits, y)?;
+    let step = TrainStep::new(
+        dev,
+        &g,
+        loss,
+        &params,
+        Optimizer::adamw(3e-4, 0.01).clip_grad_norm(1.0),
+        0,
+    )?;
+    let ids = |seed| {
+        Tensor::new(
+            [batch * seq],
+            Tensor::rand_uniform([batch * seq], 0.0, vocab as f32, seed)
+                .data()
+                .iter()
+                .map(|v| v.floor())
+                .collect(),
+        )
+    };
+    let xs = ids(8)?.reshape([batch, seq])?;
+    let feeds = vec![
+        ("x".into(), xs),
+        (
+            "positions".into(),
+            Tensor::new([seq], (0..seq).map(|i| i as f32).collect())?,
+        ),
+        ("y".into(), ids(9)?),
+    ];
+    Ok(Case {
+        name: format!("transformer train step, {layers}x{e}, {batch}x{seq} tokens"),
+        work: 1.0,
+        unit: "steps/s",
+        runner: Runner::Train(Box::new(step), feeds),
+        kernels: None,
+    })
+}
+
 /// Median seconds per run after a warm-up, within a time budget.
 fn time(case: &mut Case, reps: usize, budget: Duration) -> kiln::Result<f64> {
     case.run()?;
@@ -500,6 +611,23 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
     v.push(Some(cnn_step(dev, kiln::DType::F32, false)?));
     v.push(Some(cnn_step(dev, kiln::DType::F32, true)?));
     v.push(Some(lstm_step(dev, 128, kiln::DType::F32)?));
+    v.push(Some(attention(dev, (2, 4, 128, 64), kiln::DType::F32)?));
+    v.push(if hardware && !cpu {
+        Some(attention(dev, (8, 16, 1024, 64), kiln::DType::F32)?)
+    } else {
+        None
+    });
+    v.push(
+        (half && hardware)
+            .then(|| attention(dev, (8, 16, 1024, 64), f16).ok())
+            .flatten(),
+    );
+    v.push(Some(transformer_step(dev, (2, 64, 64, 16))?));
+    v.push(if hardware && !cpu {
+        Some(transformer_step(dev, (4, 512, 256, 32))?)
+    } else {
+        None
+    });
     Ok(v)
 }
 
