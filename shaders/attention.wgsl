@@ -23,15 +23,18 @@
 //   5  out   storage, read_write  [BH, LQ, DV]
 // Overrides: BH, LQ, LK, D, DV, SCALE, CAUSAL, HAS_MASK, HEADS, MS_OUTER, MS_HEAD, MS_ROW, MS_COL;
 //            HAS_DROPOUT, DROP_THRESHOLD, DROP_SCALE, DROP_SALT (as dropout.wgsl's);
-//            BQ (query rows per workgroup), BK (keys per tile): the host sizes them so that the
-//            workgroup arrays (4 * (BQ*D + BK*max(D+1, DV) + BQ*BK + BQ*DV + 3*BQ) bytes) fit.
+//            BQ (query rows per workgroup), BK (keys per tile), both multiples of 4: the host
+//            sizes them so that the workgroup arrays (4 * (BQ*D + BK*max(D, DV4) + BQ*BK +
+//            BQ*DV4 + 3*BQ) bytes, DV4 = DV rounded up to a multiple of 4) fit.
 // Dispatch: BH * ceil(LQ / BQ) workgroups of 64 threads, folded by the host into (x <= 65535, y);
 //           workgroup w owns rows [(w % QB) * BQ, +BQ) of slice w / QB (QB = ceil(LQ / BQ)).
-//           Per tile of BK keys: the threads share the BQ x BK dot products, one thread per row
-//           moves the row's running maximum and sum and turns scores into probabilities, then
-//           the threads share the BQ x DV output accumulators (kept in workgroup memory).
-//           Keys are staged with a row stride of D + 1 (no bank conflicts between the
-//           threads of one row); with CAUSAL, tiles past a block's last row are skipped.
+//           Per tile of BK keys: the threads share the BQ x BK scores in blocks of 4 rows x 4
+//           keys (queries and keys staged transposed, so each step of the dot products is two
+//           vec4 loads for 16 multiply-adds), one thread per row adds the mask, moves the row's
+//           running maximum and sum and turns scores into probabilities, then the threads share
+//           the BQ x DV output accumulators (in workgroup memory) in blocks of 4 rows x 4
+//           columns (probabilities stored transposed: again two vec4 loads for 16
+//           multiply-adds). With CAUSAL, tiles past a block's last row are skipped.
 
 override BH: u32 = 1u;
 override LQ: u32 = 1u;
@@ -56,7 +59,7 @@ const WG: u32 = 64u;
 
 // Every global read and write of q, k, v and out goes through ld_*/st_*: src/codegen/storage.rs
 // generates the f16 variant of this file (f16 tensors) by rewriting the block between the
-// `generated:` markers; the mask stays f32.
+// `generated:` markers; the mask and the seed stay f32.
 // generated: begin storage
 @group(0) @binding(0) var<storage, read> q: array<f32>;
 @group(0) @binding(1) var<storage, read> k: array<f32>;
@@ -70,14 +73,23 @@ fn ld_v(i: u32) -> f32 { return v[i]; }
 fn st_out(i: u32, v: f32) { out[i] = v; }
 // generated: end storage
 
-// The block's queries, pre-scaled by SCALE (BQ rows of D).
-var<workgroup> q_s: array<f32, BQ * D>;
-// One tile of keys (BK rows of stride D + 1), then of values (BK rows of DV).
-var<workgroup> kv_s: array<f32, BK * max(D + 1u, DV)>;
-// The tile's scores, then its probabilities (BQ rows of BK).
-var<workgroup> s_s: array<f32, BQ * BK>;
-// The output accumulators (BQ rows of DV), scaled by the rows' running sums at the end.
-var<workgroup> o_s: array<f32, BQ * DV>;
+// Row blocks (of 4 queries), key blocks (of 4 keys) and column blocks (of 4 output features).
+override Q4: u32 = BQ / 4u;
+override K4: u32 = BK / 4u;
+override DV4: u32 = (DV + 3u) / 4u;
+
+// The block's queries, pre-scaled by SCALE, transposed: element [c * Q4 + b] holds feature c
+// of rows 4b .. 4b + 3.
+var<workgroup> q_t: array<vec4<f32>, D * Q4>;
+// One tile of keys, transposed ([c * BK / 4 + b]: feature c of keys 4b .. 4b + 3); then of
+// values, row-major ([j * DV4 + b]: features 4b .. 4b + 3 of key j).
+var<workgroup> kv: array<vec4<f32>, BK * max(D, 4u * DV4) / 4u>;
+// The tile's scores, then its probabilities, transposed ([j * BQ + r]: key j of row r). Scalar:
+// one thread per row writes them, and no two threads write parts of one vector.
+var<workgroup> p_t: array<f32, BK * BQ>;
+// The output accumulators ([r * DV4 + b]: features 4b .. 4b + 3 of row r), divided by the
+// rows' running sums at the end.
+var<workgroup> o_acc: array<vec4<f32>, BQ * DV4>;
 // Per row: running maximum, running sum, the factor this tile rescales the accumulators by.
 var<workgroup> row_m: array<f32, BQ>;
 var<workgroup> row_l: array<f32, BQ>;
@@ -118,16 +130,29 @@ fn attention(
         drop_key = hash(u32(seed[0]) ^ hash(DROP_SALT));
     }
 
-    for (var e = lid; e < BQ * D; e = e + WG) {
-        let i = q0 + e / D;
-        var x = 0.0;
+    // each thread writes whole vectors (4 rows of one feature), reading along the features
+    for (var e = lid; e < Q4 * D; e = e + WG) {
+        let rb = e / D;
+        let c = e - rb * D;
+        var x = vec4<f32>(0.0);
+        let i = q0 + 4u * rb;
+        let at = (bh * LQ + i) * D + c;
         if i < LQ {
-            x = ld_q((bh * LQ + i) * D + e % D) * SCALE;
+            x.x = ld_q(at);
         }
-        q_s[e] = x;
+        if i + 1u < LQ {
+            x.y = ld_q(at + D);
+        }
+        if i + 2u < LQ {
+            x.z = ld_q(at + 2u * D);
+        }
+        if i + 3u < LQ {
+            x.w = ld_q(at + 3u * D);
+        }
+        q_t[c * Q4 + rb] = x * SCALE;
     }
-    for (var e = lid; e < BQ * DV; e = e + WG) {
-        o_s[e] = 0.0;
+    for (var e = lid; e < BQ * DV4; e = e + WG) {
+        o_acc[e] = vec4<f32>(0.0);
     }
     if lid < BQ {
         row_m[lid] = -3.0e38;
@@ -139,63 +164,113 @@ fn attention(
         k_end = min(LK, q0 + BQ);
     }
     for (var k0 = 0u; k0 < k_end; k0 = k0 + BK) {
-        // the previous tile's values are no longer read
+        // the previous tile's values and probabilities are no longer read
         workgroupBarrier();
-        for (var e = lid; e < BK * D; e = e + WG) {
-            let j = e / D;
-            let c = e - j * D;
-            var x = 0.0;
-            if k0 + j < LK {
-                x = ld_k((bh * LK + k0 + j) * D + c);
+        for (var e = lid; e < K4 * D; e = e + WG) {
+            let jb = e / D;
+            let c = e - jb * D;
+            var x = vec4<f32>(0.0);
+            let j = k0 + 4u * jb;
+            let at = (bh * LK + j) * D + c;
+            if j < LK {
+                x.x = ld_k(at);
             }
-            kv_s[j * (D + 1u) + c] = x;
+            if j + 1u < LK {
+                x.y = ld_k(at + D);
+            }
+            if j + 2u < LK {
+                x.z = ld_k(at + 2u * D);
+            }
+            if j + 3u < LK {
+                x.w = ld_k(at + 3u * D);
+            }
+            kv[c * K4 + jb] = x;
         }
         workgroupBarrier();
-        for (var e = lid; e < BQ * BK; e = e + WG) {
-            let r = e / BK;
-            let j = e - r * BK;
-            var s = 0.0;
+        // scores in blocks of 4 rows x 4 keys
+        for (var e = lid; e < Q4 * K4; e = e + WG) {
+            let rb = e / K4;
+            let jb = e - rb * K4;
+            var s0 = vec4<f32>(0.0);
+            var s1 = vec4<f32>(0.0);
+            var s2 = vec4<f32>(0.0);
+            var s3 = vec4<f32>(0.0);
             for (var c = 0u; c < D; c = c + 1u) {
-                s = s + q_s[r * D + c] * kv_s[j * (D + 1u) + c];
+                let qv = q_t[c * Q4 + rb];
+                let kk = kv[c * K4 + jb];
+                s0 = s0 + qv.x * kk;
+                s1 = s1 + qv.y * kk;
+                s2 = s2 + qv.z * kk;
+                s3 = s3 + qv.w * kk;
             }
-            if HAS_MASK && allowed(q0 + r, k0 + j) {
-                s = s + mask[mask_base + (q0 + r) * MS_ROW + (k0 + j) * MS_COL];
-            }
-            s_s[e] = s;
+            let at = 4u * (jb * BQ + rb);
+            p_t[at] = s0.x;
+            p_t[at + 1u] = s1.x;
+            p_t[at + 2u] = s2.x;
+            p_t[at + 3u] = s3.x;
+            p_t[at + BQ] = s0.y;
+            p_t[at + BQ + 1u] = s1.y;
+            p_t[at + BQ + 2u] = s2.y;
+            p_t[at + BQ + 3u] = s3.y;
+            p_t[at + 2u * BQ] = s0.z;
+            p_t[at + 2u * BQ + 1u] = s1.z;
+            p_t[at + 2u * BQ + 2u] = s2.z;
+            p_t[at + 2u * BQ + 3u] = s3.z;
+            p_t[at + 3u * BQ] = s0.w;
+            p_t[at + 3u * BQ + 1u] = s1.w;
+            p_t[at + 3u * BQ + 2u] = s2.w;
+            p_t[at + 3u * BQ + 3u] = s3.w;
         }
         workgroupBarrier();
         // the values replace the keys while one thread per row turns its scores into
         // probabilities
-        for (var e = lid; e < BK * DV; e = e + WG) {
-            let j = e / DV;
-            var x = 0.0;
+        for (var e = lid; e < BK * DV4; e = e + WG) {
+            let j = e / DV4;
+            let c = 4u * (e - j * DV4);
+            var x = vec4<f32>(0.0);
+            let at = (bh * LK + k0 + j) * DV + c;
             if k0 + j < LK {
-                x = ld_v((bh * LK + k0) * DV + e);
+                x.x = ld_v(at);
+                if c + 1u < DV {
+                    x.y = ld_v(at + 1u);
+                }
+                if c + 2u < DV {
+                    x.z = ld_v(at + 2u);
+                }
+                if c + 3u < DV {
+                    x.w = ld_v(at + 3u);
+                }
             }
-            kv_s[e] = x;
+            kv[e] = x;
         }
         if lid < BQ {
             let r = lid;
+            let i = q0 + r;
             let m_old = row_m[r];
             var m_new = m_old;
             for (var j = 0u; j < BK; j = j + 1u) {
-                if allowed(q0 + r, k0 + j) {
-                    m_new = max(m_new, s_s[r * BK + j]);
+                if allowed(i, k0 + j) {
+                    var s = p_t[j * BQ + r];
+                    if HAS_MASK {
+                        s = s + mask[mask_base + i * MS_ROW + (k0 + j) * MS_COL];
+                        p_t[j * BQ + r] = s;
+                    }
+                    m_new = max(m_new, s);
                 }
             }
             // the row's sum normalizes before dropout (torch drops the probabilities)
             var sum = 0.0;
             for (var j = 0u; j < BK; j = j + 1u) {
                 var p = 0.0;
-                if allowed(q0 + r, k0 + j) {
-                    p = exp(s_s[r * BK + j] - m_new);
+                if allowed(i, k0 + j) {
+                    p = exp(p_t[j * BQ + r] - m_new);
                 }
                 sum = sum + p;
                 if HAS_DROPOUT {
-                    let at = ((bh * LQ + q0 + r) * LK + k0 + j) ^ drop_key;
+                    let at = ((bh * LQ + i) * LK + k0 + j) ^ drop_key;
                     p = select(0.0, p * DROP_SCALE, hash(at) >= DROP_THRESHOLD);
                 }
-                s_s[r * BK + j] = p;
+                p_t[j * BQ + r] = p;
             }
             let alpha = exp(m_old - m_new);
             row_m[r] = m_new;
@@ -203,21 +278,40 @@ fn attention(
             row_a[r] = alpha;
         }
         workgroupBarrier();
-        for (var e = lid; e < BQ * DV; e = e + WG) {
-            let r = e / DV;
-            let c = e - r * DV;
-            var acc = o_s[e] * row_a[r];
+        // accumulators in blocks of 4 rows x 4 features
+        for (var e = lid; e < Q4 * DV4; e = e + WG) {
+            let rb = e / DV4;
+            let cb = e - rb * DV4;
+            let at = 4u * rb * DV4 + cb;
+            var o0 = o_acc[at] * row_a[4u * rb];
+            var o1 = o_acc[at + DV4] * row_a[4u * rb + 1u];
+            var o2 = o_acc[at + 2u * DV4] * row_a[4u * rb + 2u];
+            var o3 = o_acc[at + 3u * DV4] * row_a[4u * rb + 3u];
             for (var j = 0u; j < BK; j = j + 1u) {
-                acc = acc + s_s[r * BK + j] * kv_s[j * DV + c];
+                let p = vec4<f32>(
+                    p_t[j * BQ + 4u * rb],
+                    p_t[j * BQ + 4u * rb + 1u],
+                    p_t[j * BQ + 4u * rb + 2u],
+                    p_t[j * BQ + 4u * rb + 3u],
+                );
+                let vv = kv[j * DV4 + cb];
+                o0 = o0 + p.x * vv;
+                o1 = o1 + p.y * vv;
+                o2 = o2 + p.z * vv;
+                o3 = o3 + p.w * vv;
             }
-            o_s[e] = acc;
+            o_acc[at] = o0;
+            o_acc[at + DV4] = o1;
+            o_acc[at + 2u * DV4] = o2;
+            o_acc[at + 3u * DV4] = o3;
         }
     }
     workgroupBarrier();
     for (var e = lid; e < BQ * DV; e = e + WG) {
-        let i = q0 + e / DV;
-        if i < LQ {
-            st_out((bh * LQ + q0) * DV + e, o_s[e] / row_l[e / DV]);
+        let r = e / DV;
+        let c = e - r * DV;
+        if q0 + r < LQ {
+            st_out((bh * LQ + q0 + r) * DV + c, o_acc[r * DV4 + c / 4u][c % 4u] / row_l[r]);
         }
     }
 }

@@ -130,33 +130,36 @@ fn mask_strides(q: &Shape, k: &Shape, mask: &Shape) -> Option<[usize; 5]> {
     Some([heads, outer, head, row, col])
 }
 
-/// Query rows per workgroup and keys per tile for `(Lq, Lk, D, Dv)` on an adapter with
-/// `workgroup_storage` bytes of workgroup memory: the largest of a fixed list that fits, each
-/// capped at the sequence's next power of two.
+/// Bytes of workgroup memory the kernel takes with tiles `(bq, bk)` for `(D, Dv)`.
+pub fn tile_bytes((bq, bk): (usize, usize), d: usize, dv: usize) -> usize {
+    let dv4 = dv.div_ceil(4) * 4;
+    4 * (bq * d + bk * d.max(dv4) + bk * bq + bq * dv4 + 3 * bq)
+}
+
+/// Query rows per workgroup and keys per tile (multiples of 4: the kernel's blocks) for
+/// `(Lq, Lk, D, Dv)` on an adapter with `workgroup_storage` bytes of workgroup memory: the
+/// largest of a fixed list that fits, each capped at the sequence's next power of two (at least
+/// 4).
 pub fn tiles(lq: usize, lk: usize, d: usize, dv: usize, workgroup_storage: u32) -> (usize, usize) {
-    const CANDIDATES: [(usize, usize); 9] = [
+    const CANDIDATES: [(usize, usize); 7] = [
         (32, 32),
         (16, 32),
         (16, 16),
         (8, 16),
         (8, 8),
         (4, 8),
-        (2, 8),
-        (1, 8),
-        (1, 4),
+        (4, 4),
     ];
-    let bytes =
-        |bq: usize, bk: usize| 4 * (bq * d + bk * (d + 1).max(dv) + bq * bk + bq * dv + 3 * bq);
     CANDIDATES
         .iter()
         .map(|&(bq, bk)| {
             (
-                bq.min(lq.next_power_of_two()),
-                bk.min(lk.next_power_of_two()),
+                bq.min(lq.next_power_of_two().max(4)),
+                bk.min(lk.next_power_of_two().max(4)),
             )
         })
-        .find(|&(bq, bk)| bytes(bq, bk) <= workgroup_storage as usize)
-        .unwrap_or((1, 4))
+        .find(|&t| tile_bytes(t, d, dv) <= workgroup_storage as usize)
+        .unwrap_or((4, 4))
 }
 
 impl Attention {
@@ -388,26 +391,25 @@ mod tests {
     use super::*;
 
     /// The tiles fit the workgroup memory they are chosen for, down to WebGPU's default 16 KiB
-    /// at the widest head, and never exceed the sequence's next power of two.
+    /// at the widest head, are whole 4 x 4 blocks and never exceed the sequence's next power of
+    /// two (at least 4).
     #[test]
     fn tiles_fit_the_adapter() {
-        let bytes = |(bq, bk): (usize, usize), d: usize, dv: usize| {
-            4 * (bq * d + bk * (d + 1).max(dv) + bq * bk + bq * dv + 3 * bq)
-        };
         for limit in [16384u32, 32768, 49152] {
             for (d, dv) in [(1, 1), (8, 8), (64, 64), (13, 200), (128, 128), (256, 256)] {
                 let t = tiles(1000, 1000, d, dv, limit);
                 assert!(
-                    bytes(t, d, dv) <= limit as usize,
-                    "{t:?} for D {d}, Dv {dv}"
+                    tile_bytes(t, d, dv) <= limit as usize,
+                    "{t:?}: D {d}, Dv {dv}"
                 );
+                assert!(t.0 % 4 == 0 && t.1 % 4 == 0, "{t:?}: whole 4 x 4 blocks");
             }
         }
         assert_eq!(tiles(1000, 1000, 64, 64, 49152), (32, 32));
         assert_eq!(
             tiles(1, 1000, 64, 64, 49152),
-            (1, 32),
-            "one query: one row per block"
+            (4, 32),
+            "one query: one row block"
         );
         assert_eq!(tiles(5, 3, 64, 64, 49152), (8, 4));
     }
