@@ -402,7 +402,10 @@ mod tests {
                     tile_bytes(t, d, dv) <= limit as usize,
                     "{t:?}: D {d}, Dv {dv}"
                 );
-                assert!(t.0 % 4 == 0 && t.1 % 4 == 0, "{t:?}: whole 4 x 4 blocks");
+                assert!(
+                    t.0.is_multiple_of(4) && t.1.is_multiple_of(4),
+                    "{t:?}: whole 4 x 4 blocks"
+                );
             }
         }
         assert_eq!(tiles(1000, 1000, 64, 64, 49152), (32, 32));
