@@ -52,6 +52,8 @@ fn unary_op(op: u32, x: f32, alpha: f32) -> f32 {
         case 16u: { return sign(x); }
         // softplus, stable for large |x|; log(1 + t) loses t below 1e-7 but stays within rtol
         case 17u: { return max(x, 0.0) + log(1.0 + exp(-abs(x))); }
+        // silu (swish): x * sigmoid(x), 0 for x < -88 as sigmoid is
+        case 18u: { return x / (1.0 + exp(-x)); }
         default: { return x; }
     }
 }

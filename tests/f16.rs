@@ -118,6 +118,7 @@ fn elementwise_ops_in_f16() {
             Graph::square,
             Graph::sign,
             Graph::softplus,
+            Graph::silu,
         ] {
             outs.push(op(&g, a).unwrap());
         }

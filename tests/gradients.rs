@@ -21,6 +21,8 @@ fn unary_gradients() {
         ("sigmoid", |g, x, _| g.sigmoid(x).unwrap()),
         ("tanh", |g, x, _| g.tanh(x).unwrap()),
         ("gelu", |g, x, _| g.gelu(x).unwrap()),
+        ("silu", |g, x, _| g.silu(x).unwrap()),
+        ("softplus", |g, x, _| g.softplus(x).unwrap()),
         ("abs", |g, x, _| g.abs(x).unwrap()),
         ("square", |g, x, _| g.square(x).unwrap()),
         ("scalars", |g, x, _| {

@@ -756,3 +756,88 @@ fn group_and_instance_norm_match_the_formula() {
         TOL_REDUCTION,
     );
 }
+
+/// RMS normalization (`torch.nn.RMSNorm`) against its formula in f64 over one and two trailing
+/// axes, torch's default eps; two kernels forward; gradients against central differences; f16.
+#[test]
+fn rms_norm_matches_torch_formula() {
+    use kiln::nn::RmsNorm;
+    for (shape, k) in [
+        (&[4usize, 7][..], 1usize),
+        (&[2, 3, 5, 4][..], 2),
+        (&[1, 257][..], 1),
+    ] {
+        let x = skewed_rows(shape, 11);
+        let d: usize = shape[shape.len() - k..].iter().product();
+        let w = rand(&shape[shape.len() - k..], 12);
+        let g = Graph::new();
+        let xi = g.input("x", shape.to_vec());
+        let wi = g.input("w", shape[shape.len() - k..].to_vec());
+        let y = g.rms_norm(xi, k, Some(wi), None).unwrap();
+        let want: Vec<f32> = x
+            .data()
+            .chunks(d)
+            .flat_map(|row| {
+                let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+                let r = 1.0 / (ms + f32::EPSILON as f64).sqrt();
+                row.iter()
+                    .zip(w.data())
+                    .map(move |(&v, &wj)| (v as f64 * r * wj as f64) as f32)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let want = Tensor::new(shape.to_vec(), want).unwrap();
+        let feeds = [("x", &x), ("w", &w)];
+        check_formula(
+            &format!("rms_norm {shape:?}"),
+            &g,
+            y,
+            &feeds,
+            &want,
+            TOL_REDUCTION,
+        );
+        let loss = random_projection(&g, y, 13);
+        gradcheck(
+            &format!("rms_norm {shape:?}"),
+            &g,
+            loss,
+            &[("x", xi), ("w", wi)],
+            &feeds,
+            40,
+            TOL_REDUCTION,
+        );
+    }
+    let layer = RmsNorm::new("rms", &[8]);
+    assert_eq!(layer.param_names(), ["rms.weight"]);
+    let g = Graph::new();
+    let x = g.input("x", [3, 8]);
+    let (y, params) = layer.apply(&g, x).unwrap();
+    assert_eq!(params.len(), 1);
+    if let Some(dev) = gpu() {
+        let plan = dev.compile(&g, &[y]).unwrap();
+        assert_eq!(plan.kernels().len(), 2, "{:?}", plan.kernels());
+        if dev.features().contains(wgpu::Features::SHADER_F16) {
+            let g = Graph::new();
+            let xh = g.input_as("x", [3, 8], DType::F16);
+            let (yh, _) = layer.apply(&g, xh).unwrap();
+            assert_eq!(g.dtype(yh), DType::F16);
+            let xv = rand(&[3, 8], 14);
+            check_gpu_vs_cpu("rms_norm f16", &g, &[yh], &[("x", &xv)], TOL_F16);
+        }
+    }
+    match layer.apply(&g, g.input("bad", [3, 7])) {
+        Err(Error::Shape { op, .. }) => assert_eq!(op, "rms_norm"),
+        other => panic!("expected a shape error, got {other:?}"),
+    }
+}
+
+/// Rows with their own offset and spread.
+fn skewed_rows(shape: &[usize], seed: u64) -> Tensor {
+    let mut t = rand(shape, seed);
+    let last = shape[shape.len() - 1];
+    for (k, v) in t.data_mut().iter_mut().enumerate() {
+        let row = (k / last) as f32;
+        *v = *v * (1.0 + row * 0.5) + 0.3 * row;
+    }
+    t
+}

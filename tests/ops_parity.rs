@@ -148,6 +148,7 @@ fn unary_and_scalar_ops() {
             g.square(x).unwrap(),
             g.sign(x).unwrap(),
             g.softplus(x).unwrap(),
+            g.silu(x).unwrap(),
             g.add_scalar(x, 0.5).unwrap(),
             g.mul_scalar(x, -3.0).unwrap(),
             g.rsub_scalar(x, 1.0).unwrap(),

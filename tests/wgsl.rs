@@ -238,6 +238,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         UnaryOp::Square,
         UnaryOp::Sign,
         UnaryOp::Softplus,
+        UnaryOp::Silu,
     ];
     for u in unary {
         let f = Fused {

@@ -381,7 +381,12 @@ impl Graph {
         self.unary(UnaryOp::PowScalar(s), a)
     }
 
-    /// `log(1 + exp(a))`, stable.
+    /// `a * sigmoid(a)` (SiLU, swish; `torch.nn.functional.silu`).
+    pub fn silu(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Silu, a)
+    }
+
+    /// `log(1 + exp(x))`, computed stably.
     pub fn softplus(&self, a: NodeId) -> Result<NodeId> {
         self.unary(UnaryOp::Softplus, a)
     }
@@ -547,6 +552,19 @@ impl Graph {
         eps: f32,
     ) -> Result<NodeId> {
         crate::ops::norm::layer_norm(self, x, normalized, affine, eps)
+    }
+
+    /// Root-mean-square normalization of `x` over its last `normalized` axes, as
+    /// `torch.nn.functional.rms_norm`: `x / sqrt(mean(x^2) + eps) * weight`, `weight` shaped
+    /// like those axes, `eps` `None` for torch's default (the machine epsilon of `x`'s type).
+    pub fn rms_norm(
+        &self,
+        x: NodeId,
+        normalized: usize,
+        weight: Option<NodeId>,
+        eps: Option<f32>,
+    ) -> Result<NodeId> {
+        crate::ops::norm::rms_norm(self, x, normalized, weight, eps)
     }
 
     /// Group normalization of `x (N, C, *)` over groups of `C / num_groups` channels per

@@ -203,6 +203,8 @@ pub enum Act {
     Sigmoid,
     Tanh,
     Gelu,
+    /// `x * sigmoid(x)` (`torch.nn.SiLU`).
+    Silu,
     Flatten,
     /// Max pooling with kernel = stride.
     MaxPool(usize),
@@ -272,6 +274,7 @@ impl Sequential {
                 Step::Act(Act::Sigmoid) => g.sigmoid(h)?,
                 Step::Act(Act::Tanh) => g.tanh(h)?,
                 Step::Act(Act::Gelu) => g.gelu(h)?,
+                Step::Act(Act::Silu) => g.silu(h)?,
                 Step::Act(Act::Flatten) => g.flatten(h)?,
                 Step::Act(Act::MaxPool(k)) => g.max_pool2d(h, (*k, *k), (*k, *k), (0, 0))?,
                 Step::Act(Act::Dropout(p, salt)) if train => dropout(g, h, *p, *salt)?,

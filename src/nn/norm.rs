@@ -142,6 +142,76 @@ impl Layer for LayerNorm {
     }
 }
 
+/// Root-mean-square normalization over the trailing `normalized_shape` axes
+/// (`torch.nn.RMSNorm`, as in LLaMA-style transformers): `x / sqrt(mean(x^2) + eps)`, then an
+/// elementwise `weight` (ones) of shape `normalized_shape`; no bias, no mean subtracted.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub name: String,
+    pub normalized_shape: Vec<usize>,
+    /// Added to the mean square; `None` (torch's default) is the machine epsilon of the input's
+    /// element type.
+    pub eps: Option<f32>,
+    /// A learnable `weight` (default true).
+    pub elementwise_affine: bool,
+}
+
+impl RmsNorm {
+    /// `torch.nn.RMSNorm(normalized_shape)` named `name`.
+    pub fn new(name: &str, normalized_shape: &[usize]) -> RmsNorm {
+        RmsNorm {
+            name: name.to_string(),
+            normalized_shape: normalized_shape.to_vec(),
+            eps: None,
+            elementwise_affine: true,
+        }
+    }
+
+    /// `<name>.weight` (if affine).
+    pub fn param_names(&self) -> Vec<String> {
+        if self.elementwise_affine {
+            vec![format!("{}.weight", self.name)]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Applies the layer to `x (*, normalized_shape)`; returns the output and the trainable
+    /// parameters. A shape error names `rms_norm` when `x` does not end in `normalized_shape`.
+    pub fn apply(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+        let shape = self.normalized_shape.clone();
+        let k = shape.len();
+        let dims = g.check_id("rms_norm", x)?.dims().to_vec();
+        if k == 0 || dims.len() < k || dims[dims.len() - k..] != shape[..] {
+            return Err(crate::error::shape_err(
+                "rms_norm",
+                format!(
+                    "input {} does not end in the normalized shape {:?}",
+                    g.shape(x),
+                    shape
+                ),
+            ));
+        }
+        let w = self.elementwise_affine.then(|| {
+            g.param_init(
+                &format!("{}.weight", self.name),
+                Tensor::full(shape.clone(), 1.0),
+            )
+        });
+        let y = g.rms_norm(x, k, w, self.eps)?;
+        Ok((y, w.into_iter().collect()))
+    }
+}
+
+impl Layer for RmsNorm {
+    fn apply_layer(&self, g: &Graph, x: NodeId, _train: bool) -> Result<(NodeId, Vec<NodeId>)> {
+        self.apply(g, x)
+    }
+    fn names(&self) -> Vec<String> {
+        self.param_names()
+    }
+}
+
 /// Group normalization (`torch.nn.GroupNorm(num_groups, num_channels)`): each sample's channels
 /// in `num_groups` groups normalized by the group's own statistics (in training and evaluation
 /// alike), then a per-channel `weight` (ones) and `bias` (zeros).

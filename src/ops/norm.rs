@@ -608,6 +608,59 @@ pub fn layer_norm(
     Ok(y)
 }
 
+/// Root-mean-square normalization of `x` over its last `normalized` axes, as
+/// `torch.nn.functional.rms_norm(x, shape, weight, eps)`: `x / sqrt(mean(x^2) + eps) * weight`
+/// (`weight` shaped like those axes; `eps` `None` is torch's default, the machine epsilon of
+/// `x`'s type). Composed from graph ops, which the plan compiler runs as two kernels (the mean
+/// of squares as a reduction with its prologue, then one fused elementwise kernel with the
+/// weight) and differentiates as any composition.
+pub fn rms_norm(
+    g: &Graph,
+    x: NodeId,
+    normalized: usize,
+    weight: Option<NodeId>,
+    eps: Option<f32>,
+) -> Result<NodeId> {
+    const OP: &str = "rms_norm";
+    let shape = g.check_id(OP, x)?;
+    let dims = shape.dims().to_vec();
+    if normalized == 0 || normalized > dims.len() {
+        return Err(shape_err(
+            OP,
+            format!(
+                "cannot normalize the last {normalized} axes of {shape} (1 to {} allowed)",
+                dims.len()
+            ),
+        ));
+    }
+    let lead = dims.len() - normalized;
+    let norm_shape = Shape::from(dims[lead..].to_vec());
+    check_shapes(
+        g,
+        OP,
+        weight.map(|w| ("weight", w)).into_iter(),
+        &norm_shape,
+        &shape,
+    )?;
+    let dt = g.dtype(x);
+    let eps = eps.unwrap_or(match dt {
+        DType::F16 => half::f16::EPSILON.to_f32(),
+        _ => f32::EPSILON,
+    });
+    check_eps(eps)?;
+    let rows: usize = dims[..lead].iter().product();
+    let d: usize = dims[lead..].iter().product();
+    let xr = g.reshape(x, &[rows as isize, d as isize])?;
+    let ms = g.mean(g.square(xr)?, -1, true)?;
+    let mut y = g.mul(xr, g.rdiv_scalar(g.sqrt(g.add_scalar(ms, eps)?)?, 1.0)?)?;
+    // the weight before the reshape back, so that one kernel computes the whole row
+    if let Some(w) = weight {
+        y = g.mul(y, g.reshape(g.cast(w, dt)?, &[d as isize])?)?;
+    }
+    let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
+    g.reshape(y, &back)
+}
+
 /// Group normalization of `x (N, C, *)` as `torch.nn.functional.group_norm(x, num_groups,
 /// weight, bias, eps)`: the channels split into `num_groups` groups of `C / num_groups`, each
 /// sample's group normalized by its own mean and biased variance, then a per-channel `weight` and

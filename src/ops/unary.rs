@@ -37,6 +37,8 @@ pub enum UnaryOp {
     Sign,
     /// `log(1 + exp(x))`, computed stably as `max(x, 0) + log(1 + exp(-|x|))`.
     Softplus,
+    /// `x * sigmoid(x)` (`torch.nn.SiLU`, swish).
+    Silu,
 }
 
 impl UnaryOp {
@@ -61,6 +63,7 @@ impl UnaryOp {
             UnaryOp::Square => "square",
             UnaryOp::Sign => "sign",
             UnaryOp::Softplus => "softplus",
+            UnaryOp::Silu => "silu",
         }
     }
 
@@ -86,6 +89,7 @@ impl UnaryOp {
             UnaryOp::Square => (15, 0.0),
             UnaryOp::Sign => (16, 0.0),
             UnaryOp::Softplus => (17, 0.0),
+            UnaryOp::Silu => (18, 0.0),
         }
     }
 
@@ -122,6 +126,7 @@ impl UnaryOp {
             UnaryOp::Abs => x.abs(),
             UnaryOp::Square => x * x,
             UnaryOp::Softplus => x.max(0.0) + (-x.abs()).exp().ln_1p(),
+            UnaryOp::Silu => x / (1.0 + (-x).exp()),
             UnaryOp::Sign => {
                 if x > 0.0 {
                     1.0
@@ -183,6 +188,11 @@ impl UnaryOp {
             UnaryOp::Square => g.mul(dy, g.mul_scalar(x, 2.0)?),
             UnaryOp::Sign => g.mul_scalar(dy, 0.0),
             UnaryOp::Softplus => g.mul(dy, g.sigmoid(x)?),
+            // d(x s) = s + x s (1 - s) = s (1 + x - y), s = sigmoid(x): one fused kernel
+            UnaryOp::Silu => {
+                let s = g.sigmoid(x)?;
+                g.mul(dy, g.mul(s, g.add_scalar(g.sub(x, y)?, 1.0)?)?)
+            }
         }
     }
 }
