@@ -747,3 +747,89 @@ fn verify_finds_no_divergence_in_a_transformer_layer() {
     let report = dev.verify(&g, &outs, &feeds).unwrap();
     assert!(report.ok(), "{report}");
 }
+
+/// A transformer layer's weights go through a safetensors checkpoint under torch's names and
+/// give the same outputs on another device (the CPU reference) after loading.
+#[test]
+fn transformer_layer_checkpoint_round_trip() {
+    use kiln::nn::{checkpoint, Init, TransformerEncoderLayer};
+    let layer = TransformerEncoderLayer::new("ckpt.enc", 8, 2, 16, &mut Init::new(6)).unwrap();
+    let build = |g: &Graph| {
+        let x = g.input("x", [2, 5, 8]);
+        layer.apply(g, x, None, true, false).unwrap().0
+    };
+    let dev = Device::cpu();
+    let g = Graph::new();
+    let y = build(&g);
+    dev.compile(&g, &[y]).unwrap();
+    let names = layer.param_names();
+    randomize(&dev, &names, 100);
+    let xv = rand(&[2, 5, 8], 101);
+    let want = dev
+        .compile(&g, &[y])
+        .unwrap()
+        .run(&[("x", &xv)])
+        .unwrap()
+        .remove(0);
+    let path = std::env::temp_dir().join(format!("kiln-enc-{}.safetensors", std::process::id()));
+    let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    checkpoint::save(&dev, &refs, &path).unwrap();
+    let stored: Vec<String> = checkpoint::read(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for torch_name in [
+        "ckpt.enc.self_attn.in_proj_weight",
+        "ckpt.enc.self_attn.in_proj_bias",
+        "ckpt.enc.self_attn.out_proj.weight",
+        "ckpt.enc.linear1.weight",
+        "ckpt.enc.linear2.bias",
+        "ckpt.enc.norm1.weight",
+        "ckpt.enc.norm2.bias",
+    ] {
+        assert!(
+            stored.iter().any(|s| s == torch_name),
+            "{torch_name} in {stored:?}"
+        );
+    }
+    let other = Device::cpu();
+    checkpoint::load(&other, &path, &refs).unwrap();
+    let g2 = Graph::new();
+    let y2 = build(&g2);
+    let got = other
+        .compile(&g2, &[y2])
+        .unwrap()
+        .run(&[("x", &xv)])
+        .unwrap()
+        .remove(0);
+    assert_close("after loading", &got, &want, 0.0, 0.0);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Multi-head attention and a transformer layer on f16 activations (f32 parameters cast in
+/// the graph, as under autocast): GPU against the CPU reference, gradients too.
+#[test]
+fn transformer_layer_f16() {
+    use kiln::nn::{Init, TransformerEncoderLayer};
+    let Some(dev) = gpu() else { return };
+    if !dev.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("NOTICE: adapter without SHADER_F16; f16 transformer skipped");
+        return;
+    }
+    let layer = TransformerEncoderLayer::new("h.enc", 16, 4, 32, &mut Init::new(7))
+        .unwrap()
+        .with_dropout(0.0);
+    let g = Graph::new();
+    let x = g.input_as("x", [2, 9, 16], DType::F16);
+    let (y, params) = layer.apply(&g, x, None, true, true).unwrap();
+    assert_eq!(g.dtype(y), DType::F16);
+    let loss = g.sum_all(g.cast(y, DType::F32).unwrap()).unwrap();
+    let grads = g.grad(loss, &params).unwrap();
+    let mut outs = vec![y];
+    outs.extend(grads);
+    let xv = rand(&[2, 9, 16], 110);
+    // parameter gradients are sums over 18 rows of f16 products (each rounded to 2^-11 of its
+    // size, about 1) that cancel to totals near 0.05: absolute error, not relative, bounds them
+    check_gpu_vs_cpu("transformer f16", &g, &outs, &[("x", &xv)], (1e-2, TOL_F16.1));
+}
