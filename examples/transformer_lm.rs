@@ -8,9 +8,10 @@
 //! (lr 3e-3, weight decay 0.01) with gradients clipped to a global norm of 1.0. An epoch is one
 //! pass over the text in non-overlapping windows (phase and order shuffled each epoch, seeded).
 //!
-//! Each epoch prints the training loss and a sample: an evaluation plan over one window
-//! (compiled once) fed the last `seq` characters, drawing the next one from
-//! `softmax(logits / --temperature)` at the last position.
+//! Each epoch prints the training loss and a sample: a decoding plan (compiled once) fed one
+//! character per run, each layer's keys and values kept in its cache
+//! (`nn::MultiheadAttention::apply_cached`), drawing the next character from
+//! `softmax(logits / --temperature)`.
 //!
 //! Expected: on the built-in README (about 17,000 characters, 88 distinct, 16 steps of 16
 //! windows per epoch when this was measured; the numbers move a little as the README changes)
@@ -106,12 +107,15 @@ struct Model {
 
 impl Model {
     /// Logits `(batch * seq, V)` for token indices `x (batch, seq)` and positions `(seq)`.
+    /// With `decode`, `x (1, 1)` is the token at `positions[0]` and each layer attends to its
+    /// key/value cache of `window` rows through `decode.1`, the `(1, window)` mask.
     fn apply(
         &self,
         g: &Graph,
         x: NodeId,
         positions: NodeId,
         train: bool,
+        decode: Option<(usize, NodeId)>,
     ) -> kiln::Result<(NodeId, Vec<NodeId>)> {
         let mut params = Vec::new();
         let (t, p) = self.tok.apply_layer(g, x, train)?;
@@ -120,7 +124,10 @@ impl Model {
         params.extend(p);
         let mut h = g.add(t, ps)?;
         for layer in &self.layers {
-            let (y, p) = layer.apply(g, h, None, true, train)?;
+            let (y, p) = match decode {
+                Some((window, mask)) => layer.apply_cached(g, h, positions, window, mask)?,
+                None => layer.apply(g, h, None, true, train)?,
+            };
             params.extend(p);
             h = y;
         }
@@ -228,7 +235,7 @@ fn main() -> Result<(), Failure> {
     let x = g.input("x", [batch, seq]);
     let pos = g.input("positions", [seq]);
     let y = g.input("y", [batch * seq]);
-    let (logits, params) = model.apply(&g, x, pos, true)?;
+    let (logits, params) = model.apply(&g, x, pos, true, None)?;
     let loss = g.cross_entropy(logits, y)?;
     let mut train = TrainStep::new(
         &dev,
@@ -240,29 +247,42 @@ fn main() -> Result<(), Failure> {
     )?;
     println!("training plan: {}", train.plan().info());
 
-    // sampling: one window, dropout off; the causal mask makes position i see 0..=i only, so
-    // a context shorter than the window sits at its start and the rest is ignored
+    // sampling: one token per run, dropout off, each layer's keys and values kept in its
+    // cache of `seq` rows (nn::MultiheadAttention::apply_cached); when the window is full the
+    // last half of it is fed again from position 0 (the position embeddings end at `seq`)
     let g = Graph::new();
-    let sx = g.input("x", [1, seq]);
-    let spos = g.input("positions", [seq]);
-    let (slogits, _) = model.apply(&g, sx, spos, false)?;
+    let sx = g.input("x", [1, 1]);
+    let spos = g.input("positions", [1]);
+    let smask = g.input("mask", [1, seq]);
+    let (slogits, _) = model.apply(&g, sx, spos, false, Some((seq, smask)))?;
     let mut sample_plan = dev.compile(&g, &[slogits])?;
     let mut sample_rng = StdRng::seed_from_u64(args.seed.wrapping_add(7));
     let mut sample = |rng: &mut StdRng| -> kiln::Result<String> {
         let mut context = vec![ids[0]];
-        for _ in 0..args.sample_len {
-            let start = context.len().saturating_sub(seq);
-            let window = &context[start..];
-            let mut xs = vec![0f32; seq];
-            for (k, &c) in window.iter().enumerate() {
-                xs[k] = c as f32;
-            }
+        // the tokens the caches hold, in order, and the next one's logits
+        let mut cached: Vec<usize> = Vec::new();
+        let mut feed = |token: usize, cached: &mut Vec<usize>| -> kiln::Result<Tensor> {
+            let p = cached.len();
             let out = sample_plan.run(&[
-                ("x", &Tensor::new([1, seq], xs)?),
-                ("positions", &positions),
+                ("x", &Tensor::new([1, 1], vec![token as f32])?),
+                ("positions", &Tensor::new([1], vec![p as f32])?),
+                ("mask", &kiln::nn::decode_mask(p, 1, seq)),
             ])?;
-            let row = &out[0].data()[(window.len() - 1) * v..window.len() * v];
-            context.push(common::sample_logits(row, args.temperature, rng));
+            cached.push(token);
+            Ok(out.into_iter().next().expect("logits"))
+        };
+        let mut logits = feed(ids[0], &mut cached)?;
+        for _ in 0..args.sample_len {
+            let next = common::sample_logits(logits.data(), args.temperature, rng);
+            context.push(next);
+            if cached.len() == seq {
+                let keep = cached[seq / 2..].to_vec();
+                cached.clear();
+                for t in keep {
+                    feed(t, &mut cached)?;
+                }
+            }
+            logits = feed(next, &mut cached)?;
         }
         Ok(context.iter().map(|&i| vocab[i]).collect())
     };

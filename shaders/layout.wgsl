@@ -7,6 +7,11 @@
 //   1  out  storage, read_write  [D0, .., D5] output, contiguous
 // Overrides: N = D0 * .. * D5; D1..D5 the output shape left-padded with 1 to rank 6;
 //            S0..S5 the input's element stride along each output axis (permuted, or 0 to broadcast).
+//
+// write_rows (WriteRows, a cache written in place, e.g. attention's keys and values while
+// decoding): value a [OUTER, ROWS, WIDTH] (N elements) into cache out2 [OUTER, CACHE_ROWS,
+// WIDTH] at rows position[0] .. position[0] + ROWS of each outer slice (position a whole number,
+// binding 1, always f32); rows past CACHE_ROWS are dropped. One thread per value element.
 // Dispatch: ceil(N / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
 //           one element per thread; threads past N return.
 
@@ -22,16 +27,21 @@ override S2: u32 = 0u;
 override S3: u32 = 0u;
 override S4: u32 = 0u;
 override S5: u32 = 0u;
+override ROWS: u32 = 1u;
+override CACHE_ROWS: u32 = 1u;
+override WIDTH: u32 = 1u;
 const WG: u32 = 256u;
 
 // Every global read and write goes through ld_*/st_*: src/codegen/storage.rs generates the f16
 // variant of this file (f16 tensors) by rewriting the block between the `generated:` markers.
-// Entries `gather` and `axis_copy1` bind a and out; `axis_copy2` a, b and out2.
+// Entries `gather` and `axis_copy1` bind a and out; `axis_copy2` a, b and out2; `write_rows` a,
+// position and out2.
 // generated: begin storage
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
 @group(0) @binding(1) var<storage, read> b: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out2: array<f32>;
+@group(0) @binding(1) var<storage, read> position: array<f32>; // always f32
 fn ld_a(i: u32) -> f32 { return a[i]; }
 fn st_out(i: u32, v: f32) { out[i] = v; }
 fn ld_b(i: u32) -> f32 { return b[i]; }
@@ -120,5 +130,23 @@ fn axis_copy2(
         st_out2(i, ld_b((p.outer * AX_B + u32(cb)) * INNER + p.inner));
     } else {
         st_out2(i, from_a(p));
+    }
+}
+
+@compute @workgroup_size(256)
+fn write_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid;
+    if i >= N {
+        return;
+    }
+    let c = i % WIDTH;
+    let rest = i / WIDTH;
+    let row = u32(position[0]) + rest % ROWS;
+    if row < CACHE_ROWS {
+        st_out2(((rest / ROWS) * CACHE_ROWS + row) * WIDTH + c, ld_a(i));
     }
 }

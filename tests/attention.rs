@@ -831,5 +831,105 @@ fn transformer_layer_f16() {
     let xv = rand(&[2, 9, 16], 110);
     // parameter gradients are sums over 18 rows of f16 products (each rounded to 2^-11 of its
     // size, about 1) that cancel to totals near 0.05: absolute error, not relative, bounds them
-    check_gpu_vs_cpu("transformer f16", &g, &outs, &[("x", &xv)], (1e-2, TOL_F16.1));
+    check_gpu_vs_cpu(
+        "transformer f16",
+        &g,
+        &outs,
+        &[("x", &xv)],
+        (1e-2, TOL_F16.1),
+    );
+}
+
+/// Decoding with a key/value cache: a prefill of 3 tokens, then one token per run, gives each
+/// position what the whole sequence's causal forward gives (two pre-norm layers, each with its
+/// own cache), on the CPU reference and on the GPU; `write_rows` alone against its formula.
+#[test]
+fn cached_decoding_matches_the_causal_forward() {
+    use kiln::nn::{decode_mask, Init, TransformerEncoderLayer};
+    let (n, l, e, max_len) = (2, 7, 16, 9);
+    let mut init = Init::new(8);
+    let layers: Vec<_> = (0..2)
+        .map(|i| {
+            let mut t = TransformerEncoderLayer::new(&format!("dec.{i}"), e, 4, 32, &mut init)
+                .unwrap()
+                .with_dropout(0.0);
+            t.norm_first = true;
+            t
+        })
+        .collect();
+    let xs = rand(&[n, l, e], 120);
+    let full = {
+        let g = Graph::new();
+        let mut h = g.input("x", [n, l, e]);
+        for t in &layers {
+            h = t.apply(&g, h, None, true, false).unwrap().0;
+        }
+        (g, h)
+    };
+    let step_graph = |s: usize| {
+        let g = Graph::new();
+        let mut h = g.input("x", [n, s, e]);
+        let pos = g.input("pos", [1]);
+        let mask = g.input("mask", [s, max_len]);
+        for t in &layers {
+            h = t.apply_cached(&g, h, pos, max_len, mask).unwrap().0;
+        }
+        (g, h)
+    };
+    let mut devices = vec![Device::cpu()];
+    devices.extend(gpu());
+    for dev in devices {
+        let want = dev
+            .compile(&full.0, &[full.1])
+            .unwrap()
+            .run(&[("x", &xs)])
+            .unwrap()
+            .remove(0);
+        let (g3, y3) = step_graph(3);
+        let (g1, y1) = step_graph(1);
+        let mut prefill = dev.compile(&g3, &[y3]).unwrap();
+        let mut step = dev.compile(&g1, &[y1]).unwrap();
+        let rows = |from: usize, s: usize, t: &Tensor| -> Tensor {
+            let mut d = Vec::new();
+            for b in 0..n {
+                d.extend_from_slice(&t.data()[(b * l + from) * e..(b * l + from + s) * e]);
+            }
+            Tensor::new([n, s, e], d).unwrap()
+        };
+        let mut run = |plan: &mut kiln::Plan, from: usize, s: usize| {
+            let pos = Tensor::new([1], vec![from as f32]).unwrap();
+            let mask = decode_mask(from, s, max_len);
+            let x = rows(from, s, &xs);
+            let got = plan
+                .run(&[("x", &x), ("pos", &pos), ("mask", &mask)])
+                .unwrap()
+                .remove(0);
+            let what = format!("{} positions {from}..{}", dev.describe(), from + s);
+            assert_close(&what, &got, &rows(from, s, &want), 1e-5, 1e-4);
+        };
+        run(&mut prefill, 0, 3);
+        for p in 3..l {
+            run(&mut step, p, 1);
+        }
+    }
+    // write_rows: rows at the position, rows past the cache's end dropped
+    let g = Graph::new();
+    let cache = g.param_init("wr.cache", Tensor::full([2, 4, 3], 9.0));
+    let value = g.input("v", [2, 2, 3]);
+    let pos = g.input("p", [1]);
+    let y = g.write_rows(cache, value, pos).unwrap();
+    let v = rand(&[2, 2, 3], 121);
+    let p = Tensor::new([1], vec![3.0]).unwrap();
+    let mut want = vec![9.0f32; 24];
+    want[9..12].copy_from_slice(&v.data()[0..3]);
+    want[21..24].copy_from_slice(&v.data()[6..9]);
+    let want = Tensor::new([2, 4, 3], want).unwrap();
+    check_formula(
+        "write_rows",
+        &g,
+        y,
+        &[("v", &v), ("p", &p)],
+        &want,
+        (0.0, 0.0),
+    );
 }

@@ -68,6 +68,13 @@ pub fn evaluate(
                     }
                     first.expect("a group has members")
                 }
+                Op::WriteRows(w) => {
+                    let updated = w.cpu(ins[0], ins[1], ins[2]);
+                    if let Op::Param { name, .. } = &nodes[n.inputs[2].0].op {
+                        store(name, updated.clone())?;
+                    }
+                    updated
+                }
                 Op::RunningUpdate(r) => {
                     let mut updated = r.cpu(ins[0], &ins[1..]);
                     for (k, t) in updated.iter().enumerate() {

@@ -639,6 +639,29 @@ impl Graph {
         crate::ops::attention::attention(self, q, k, v, mask, causal, scale, dropout)
     }
 
+    /// Writes the rows of `value (*, n, W)` in place into the parameter `cache (*, T, W)` at
+    /// rows `position .. position + n` (`position` a `[1]` node, fed a whole number each run;
+    /// rows past `T` are dropped) and returns the cache after the write: read this node, not
+    /// `cache`, to see the new rows. A key/value cache for decoding (see
+    /// [`crate::nn::MultiheadAttention::apply_cached`]).
+    pub fn write_rows(&self, cache: NodeId, value: NodeId, position: NodeId) -> Result<NodeId> {
+        const OP: &str = "write_rows";
+        let (vs, ps, cs) = (
+            self.check_id(OP, value)?,
+            self.check_id(OP, position)?,
+            self.check_id(OP, cache)?,
+        );
+        if !self.is_param(cache) {
+            return Err(shape_err(OP, "the cache must be a parameter node"));
+        }
+        let shape = crate::ops::layout::WriteRows::infer(&vs, &ps, &cs)?;
+        self.push(
+            Op::WriteRows(crate::ops::layout::WriteRows),
+            vec![value, position, cache],
+            shape,
+        )
+    }
+
     // ---- softmax and reductions ----
 
     /// Softmax along `axis` (negative counts from the end: -1 is the last axis).

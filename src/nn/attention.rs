@@ -81,6 +81,57 @@ impl MultiheadAttention {
         causal: bool,
         train: bool,
     ) -> Result<(NodeId, Vec<NodeId>)> {
+        let ([q, k, v], params) = self.project(g, query, key, value)?;
+        let o = if train && self.dropout > 0.0 {
+            let (p, seed, salt) = (self.dropout, dropout_seed(g), salt(&self.name, 0));
+            g.attention_dropout(q, k, v, mask, causal, None, p, seed, salt)?
+        } else {
+            g.attention(q, k, v, mask, causal, None)?
+        };
+        self.output(g, o, params)
+    }
+
+    /// Self-attention while decoding: `x (N, S, E)` holds the tokens at positions `position ..
+    /// position + S` (`position` a `[1]` node fed a whole number) of `N` sequences whose earlier
+    /// keys and values sit in the layer's cache, the parameters `<name>.k_cache` and
+    /// `<name>.v_cache` of `(N, H, max_len, E / H)` (zeros at first; not trained, not in
+    /// `param_names`). The new keys and values are written into the cache in place
+    /// ([`Graph::write_rows`]) and the queries attend to the whole cache through `mask`, an
+    /// additive `(S, max_len)` f32 input hiding the keys after each query ([`decode_mask`]).
+    /// Feeding the tokens of a sequence one run at a time gives what [`Self::apply`] with
+    /// `causal` gives for the whole sequence, at the cost of one row per token. Returns the
+    /// output `(N, S, E)` and the parameter nodes.
+    pub fn apply_cached(
+        &self,
+        g: &Graph,
+        x: NodeId,
+        position: NodeId,
+        max_len: usize,
+        mask: NodeId,
+    ) -> Result<(NodeId, Vec<NodeId>)> {
+        let ([q, k, v], params) = self.project(g, x, x, x)?;
+        let d = g.shape(k).dims().to_vec();
+        let cache = |which: &str| {
+            g.param_init(
+                &format!("{}.{which}_cache", self.name),
+                Tensor::zeros([d[0], d[1], max_len, d[3]]),
+            )
+        };
+        let kc = g.write_rows(cache("k"), k, position)?;
+        let vc = g.write_rows(cache("v"), v, position)?;
+        let o = g.attention(q, kc, vc, Some(mask), false, None)?;
+        self.output(g, o, params)
+    }
+
+    /// The projections of `query`, `key` and `value` split into heads, `(N, H, L, E / H)` each,
+    /// and the parameters `[in_proj_weight, in_proj_bias]`.
+    fn project(
+        &self,
+        g: &Graph,
+        query: NodeId,
+        key: NodeId,
+        value: NodeId,
+    ) -> Result<([NodeId; 3], Vec<NodeId>)> {
         const OP: &str = "multihead_attention";
         let (e, h) = (self.embed_dim, self.num_heads);
         let hd = e / h;
@@ -117,10 +168,10 @@ impl MultiheadAttention {
                 .collect::<Vec<_>>();
             g.reshape(g.narrow(y, 0, i, 1)?, &d)
         };
-        let (q, k, v) = if query == key && key == value {
+        let qkv = if query == key && key == value {
             let qkv = g.matmul_fused(query, wc, false, true, Some((bc, Bias::Cols)), false)?;
             let qkv = heads(qkv, 3)?;
-            (pick(qkv, 0)?, pick(qkv, 1)?, pick(qkv, 2)?)
+            [pick(qkv, 0)?, pick(qkv, 1)?, pick(qkv, 2)?]
         } else {
             let project = |x: NodeId, i: usize| -> Result<NodeId> {
                 let wi = g.narrow(wc, 0, i * e, e)?;
@@ -128,25 +179,43 @@ impl MultiheadAttention {
                 let y = g.matmul_fused(x, wi, false, true, Some((bi, Bias::Cols)), false)?;
                 pick(heads(y, 1)?, 0)
             };
-            (project(query, 0)?, project(key, 1)?, project(value, 2)?)
+            [project(query, 0)?, project(key, 1)?, project(value, 2)?]
         };
-        let o = if train && self.dropout > 0.0 {
-            let (p, seed, salt) = (self.dropout, dropout_seed(g), salt(&self.name, 0));
-            g.attention_dropout(q, k, v, mask, causal, None, p, seed, salt)?
-        } else {
-            g.attention(q, k, v, mask, causal, None)?
-        };
-        // (N, H, L, hd) -> (N, L, E)
+        Ok((qkv, vec![w, b]))
+    }
+
+    /// The heads `o (N, H, L, E / H)` concatenated and projected by `out_proj`; `params` gains
+    /// its parameters.
+    fn output(
+        &self,
+        g: &Graph,
+        o: NodeId,
+        mut params: Vec<NodeId>,
+    ) -> Result<(NodeId, Vec<NodeId>)> {
         let d = g.shape(o).dims().to_vec();
         let o = g.reshape(
             g.permute(o, &[0, 2, 1, 3])?,
-            &[d[0] as isize, d[2] as isize, e as isize],
+            &[d[0] as isize, d[2] as isize, self.embed_dim as isize],
         )?;
         let (y, p) = self.out_proj.apply(g, o)?;
-        let mut params = vec![w, b];
         params.extend(p);
         Ok((y, params))
     }
+}
+
+/// The additive mask of [`MultiheadAttention::apply_cached`] for `s` new tokens at `position`
+/// in a cache of `max_len` rows: `(s, max_len)`, 0 where key `j <= position + i`, `-inf` after.
+pub fn decode_mask(position: usize, s: usize, max_len: usize) -> Tensor {
+    let data = (0..s * max_len)
+        .map(|e| {
+            if e % max_len <= position + e / max_len {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    Tensor::new([s, max_len], data).expect("s * max_len values")
 }
 
 /// A distinct dropout salt per layer name and site.
@@ -243,6 +312,35 @@ impl TransformerEncoderLayer {
         causal: bool,
         train: bool,
     ) -> Result<(NodeId, Vec<NodeId>)> {
+        let attend = |a: NodeId| self.self_attn.apply(g, a, a, a, mask, causal, train);
+        self.forward(g, x, &attend, train)
+    }
+
+    /// The layer while decoding (evaluation, no dropout): `x (N, S, E)` holds the tokens at
+    /// `position ..` of sequences whose earlier tokens' keys and values sit in the attention's
+    /// cache (see [`MultiheadAttention::apply_cached`], `mask` from [`decode_mask`]). Feeding a
+    /// sequence's tokens one run at a time gives what [`Self::apply`] with `causal` gives for
+    /// the whole sequence.
+    pub fn apply_cached(
+        &self,
+        g: &Graph,
+        x: NodeId,
+        position: NodeId,
+        max_len: usize,
+        mask: NodeId,
+    ) -> Result<(NodeId, Vec<NodeId>)> {
+        let attend = |a: NodeId| self.self_attn.apply_cached(g, a, position, max_len, mask);
+        self.forward(g, x, &attend, false)
+    }
+
+    /// The residual blocks around `attend` (the self-attention) and the feed-forward block.
+    fn forward(
+        &self,
+        g: &Graph,
+        x: NodeId,
+        attend: &dyn Fn(NodeId) -> Result<(NodeId, Vec<NodeId>)>,
+        train: bool,
+    ) -> Result<(NodeId, Vec<NodeId>)> {
         let mut params = Vec::new();
         let mut keep = |(y, p): (NodeId, Vec<NodeId>)| {
             params.extend(p);
@@ -256,7 +354,7 @@ impl TransformerEncoderLayer {
             }
         };
         let attend = |x: NodeId, keep: &mut dyn FnMut((NodeId, Vec<NodeId>)) -> NodeId| {
-            let y = keep(self.self_attn.apply(g, x, x, x, mask, causal, train)?);
+            let y = keep(attend(x)?);
             drop(y, 1)
         };
         let feed_forward = |x: NodeId, keep: &mut dyn FnMut((NodeId, Vec<NodeId>)) -> NodeId| {

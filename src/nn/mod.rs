@@ -9,7 +9,7 @@ pub mod optim;
 pub mod rnn;
 pub mod train;
 
-pub use attention::{FeedForwardAct, MultiheadAttention, TransformerEncoderLayer};
+pub use attention::{decode_mask, FeedForwardAct, MultiheadAttention, TransformerEncoderLayer};
 pub use init::Init;
 pub use layers::{dropout, dropout_seed, Act, Conv2d, Layer, Linear, Sequential};
 pub use norm::{BatchNorm, GroupNorm, LayerNorm, RmsNorm};

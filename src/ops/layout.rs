@@ -290,3 +290,75 @@ impl AxisCopy {
         Ok(out)
     }
 }
+
+/// Rows of `value (*, n, W)` written in place into a cache parameter `(*, T, W)` at rows
+/// `position .. position + n` of each leading index (`position` a `[1]` input, a whole number;
+/// rows past `T` are dropped). Inputs `[value, position, cache]`; the node's value is the cache
+/// after the write (no buffer of its own), so what reads it reads the new rows: attention's keys
+/// and values while decoding one token at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WriteRows;
+
+impl WriteRows {
+    /// Shape rule: `value (*, n, W)` and `cache (*, T, W)` with the same leading axes, `n <= T`,
+    /// and a one-element position.
+    pub fn infer(value: &Shape, position: &Shape, cache: &Shape) -> Result<Shape> {
+        let (rv, rc) = (value.rank(), cache.rank());
+        let fits = rv >= 2
+            && rv == rc
+            && value.dims()[..rv - 2] == cache.dims()[..rc - 2]
+            && value.dims()[rv - 1] == cache.dims()[rc - 1]
+            && value.dims()[rv - 2] <= cache.dims()[rc - 2];
+        if !fits {
+            return Err(shape_err(
+                "write_rows",
+                format!("value {value} does not fit cache {cache}: expected (*, n, W) into (*, T, W), n <= T"),
+            ));
+        }
+        if position.numel() != 1 {
+            return Err(shape_err(
+                "write_rows",
+                format!("the position must have one element, its shape is {position}"),
+            ));
+        }
+        Ok(cache.clone())
+    }
+
+    /// `(outer, n, T, W)` of checked shapes.
+    fn extents(value: &Shape, cache: &Shape) -> (usize, usize, usize, usize) {
+        let r = value.rank();
+        let (n, w) = (value.dims()[r - 2], value.dims()[r - 1]);
+        (value.numel() / (n * w), n, cache.dims()[r - 2], w)
+    }
+
+    /// CPU reference: the cache with the rows written (the position converted as WGSL's `u32()`
+    /// does: truncated, negative to 0).
+    pub fn cpu(&self, value: &Tensor, position: &Tensor, cache: &Tensor) -> Tensor {
+        let (outer, n, t, w) = Self::extents(value.shape(), cache.shape());
+        let start = position.data()[0] as u32 as usize;
+        let mut data = cache.data().to_vec();
+        for o in 0..outer {
+            for r in (0..n).filter(|r| start + r < t) {
+                let dst = (o * t + start + r) * w;
+                data[dst..dst + w].copy_from_slice(&value.data()[(o * n + r) * w..][..w]);
+            }
+        }
+        Tensor::new(cache.shape().clone(), data).expect("same shape")
+    }
+
+    /// Kernel: `write_rows` of `shaders/layout.wgsl`, one thread per value element.
+    pub fn kernel(&self, value: &Shape, cache: &Shape) -> KernelSpec {
+        let (_, n, t, w) = Self::extents(value, cache);
+        KernelSpec {
+            family: "layout",
+            entry: "write_rows",
+            constants: vec![
+                ("N", value.numel() as f64),
+                ("ROWS", n as f64),
+                ("CACHE_ROWS", t as f64),
+                ("WIDTH", w as f64),
+            ],
+            workgroups: groups(value.numel(), 256),
+        }
+    }
+}

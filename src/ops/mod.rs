@@ -155,6 +155,9 @@ pub enum Op {
     /// Inputs `dy`, `x`, its statistics, the weight and their `GroupSums`: the affine
     /// normalization's gradient for `x`, elementwise.
     NormalizeAffineBackward(norm::NormalizeBackward),
+    /// Rows written in place into a cache parameter (input 2) at a fed position (see
+    /// `ops::layout::WriteRows`).
+    WriteRows(layout::WriteRows),
     /// Scaled dot-product attention of inputs `q`, `k`, `v`, an additive mask and a dropout seed
     /// (see `ops::attention`).
     Attention(attention::Attention),
@@ -235,6 +238,7 @@ impl Op {
             Op::GroupSums(_) => "group_sums",
             Op::NormalizeAffineBackward(_) => "normalize_affine_backward",
             Op::Attention(_) => "attention",
+            Op::WriteRows(_) => "write_rows",
         }
     }
 
@@ -249,6 +253,7 @@ impl Op {
             Op::OptimStep(_) => Some(3),
             Op::OptimGroup(o) => Some(o.param(0)),
             Op::RunningUpdate(_) => Some(1),
+            Op::WriteRows(_) => Some(2),
             _ => None,
         }
     }
@@ -260,6 +265,7 @@ impl Op {
             Op::OptimStep(_) => (3, false),
             Op::OptimGroup(o) => (o.param(0), false),
             Op::RunningUpdate(_) => (1, false),
+            Op::WriteRows(_) => (2, false),
             _ => (n_inputs, true),
         }
     }
@@ -439,6 +445,7 @@ impl Op {
             Op::NormalizeAffineBackward(n) => n.affine_cpu(inputs),
             Op::NormalizeBackward(n) => n.cpu(inputs[0], inputs[1], inputs[2]),
             Op::Attention(a) => a.cpu(inputs, out),
+            Op::WriteRows(w) => w.cpu(inputs[0], inputs[1], inputs[2]),
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => {
                 unreachable!("source nodes are not evaluated")
             }
@@ -503,6 +510,7 @@ impl Op {
             Op::GroupSums(s) => Some(s.kernel(inputs[0])),
             Op::NormalizeAffineBackward(n) => Some(n.affine_kernel(inputs[0])),
             Op::Attention(a) => Some(a.kernel(inputs, target)),
+            Op::WriteRows(w) => Some(w.kernel(inputs[0], inputs[2])),
             Op::Reshape | Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => None,
         }
     }
@@ -559,6 +567,7 @@ impl Op {
             | Op::OptimStep(_)
             | Op::OptimGroup(_)
             | Op::RunningUpdate(_)
+            | Op::WriteRows(_)
             | Op::NormalizeBackward(_)
             | Op::GroupSums(_)
             | Op::NormalizeAffineBackward(_)
@@ -624,6 +633,17 @@ impl Op {
             Op::Embedding(_) | Op::EmbeddingBackward(_) if first == DType::F32 => Ok(inputs[1]),
             // f32 or f16 tensors (read as stored), an f32 sum
             Op::SumSquares(_) => Ok(DType::F32),
+            // the value and the cache in one type (f32 or f16), the position f32
+            Op::WriteRows(_) => {
+                if inputs[2] != first || inputs[1] != DType::F32 {
+                    return err(format!(
+                        "value and cache must have one element type and the position f32, got \
+                         {first}, {} and {}",
+                        inputs[2], inputs[1]
+                    ));
+                }
+                Ok(first)
+            }
             // q, k and v in one type (f32 or f16), the additive mask f32
             Op::Attention(_) => {
                 if let Some(k) = (1..3).find(|&k| inputs[k] != first) {
