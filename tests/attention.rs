@@ -896,7 +896,7 @@ fn cached_decoding_matches_the_causal_forward() {
             }
             Tensor::new([n, s, e], d).unwrap()
         };
-        let mut run = |plan: &mut kiln::Plan, from: usize, s: usize| {
+        let run = |plan: &mut kiln::Plan, from: usize, s: usize| {
             let pos = Tensor::new([1], vec![from as f32]).unwrap();
             let mask = decode_mask(from, s, max_len);
             let x = rows(from, s, &xs);
