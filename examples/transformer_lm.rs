@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use common::{Backend, Failure};
+use common::{Backend, Corpus, Failure};
 use kiln::nn::{
     Embedding, FeedForwardAct, Init, Layer, LayerNorm, Linear, Optimizer, TrainStep,
     TransformerEncoderLayer,
@@ -167,42 +167,14 @@ fn main() -> Result<(), Failure> {
         )
         .into());
     }
-    let (source, text) = match &args.text {
-        Some(path) => (
-            path.display().to_string(),
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read --text {}: {e}", path.display()))?,
-        ),
-        None => ("the built-in README.md".to_string(), BUILT_IN.to_string()),
-    };
-    let chars: Vec<char> = text.chars().collect();
-    let mut vocab = chars.clone();
-    vocab.sort_unstable();
-    vocab.dedup();
-    let v = vocab.len();
-    let ids: Vec<usize> = chars
-        .iter()
-        .map(|&c| vocab.binary_search(&c).expect("in vocab"))
-        .collect();
+    let corpus = Corpus::load(args.text.as_deref(), BUILT_IN)?;
+    let (ids, v) = (&corpus.ids, corpus.vocab.len());
     let (seq, batch, e) = (
         args.seq as usize,
         args.batch_size as usize,
         args.d_model as usize,
     );
-    let windows = |phase: usize| (ids.len().saturating_sub(1 + phase)) / seq;
-    if windows(seq - 1) < batch {
-        return Err(format!(
-            "{source} has {} characters: too few for a batch of {batch} windows of {seq} \
-             (lower --batch-size or --seq, or use a longer --text)",
-            ids.len()
-        )
-        .into());
-    }
-    let steps = windows(0) / batch;
-    println!(
-        "{source}: {} characters, vocabulary of {v}, windows of {seq} ({steps} steps of {batch} per epoch)",
-        ids.len()
-    );
+    let steps = corpus.steps(seq, batch)?;
     let dev = common::device(args.backend)?;
 
     let mut init = Init::new(args.seed);
@@ -284,7 +256,7 @@ fn main() -> Result<(), Failure> {
             }
             logits = feed(next, &mut cached)?;
         }
-        Ok(context.iter().map(|&i| vocab[i]).collect())
+        Ok(corpus.text(&context))
     };
 
     let mut shuffle = Init::new(args.seed.wrapping_add(1));
@@ -292,13 +264,7 @@ fn main() -> Result<(), Failure> {
     let mut first_loss = None;
     for epoch in 1..=args.epochs {
         let t0 = Instant::now();
-        let phase = (shuffle.next_u32() as usize) % seq;
-        let starts: Vec<usize> = (0..windows(phase)).map(|k| phase + k * seq).collect();
-        let order: Vec<usize> = shuffle
-            .permutation(starts.len())
-            .into_iter()
-            .map(|k| starts[k])
-            .collect();
+        let order = corpus.epoch_starts(seq, &mut shuffle);
         let label = format!("epoch {epoch}/{}", args.epochs);
         let running = common::train_epoch(
             &mut train,
@@ -327,29 +293,17 @@ fn main() -> Result<(), Failure> {
         train_secs.push(t_train);
         first_loss.get_or_insert(running);
         let text = sample(&mut sample_rng)?;
-        println!(
-            "epoch {epoch:>2}/{}: train loss {running:.4} ({:.3} bits/char) ({t_train:.1} s training, {:.1} s sampling)",
-            args.epochs,
-            running / std::f32::consts::LN_2,
-            t0.elapsed().as_secs_f64() - t_train
-        );
-        println!(
-            "--- sample (temperature {}) ---\n{text}\n---",
-            args.temperature
+        let t_sample = t0.elapsed().as_secs_f64() - t_train;
+        let epochs = (epoch, args.epochs);
+        common::report_lm_epoch(
+            epochs,
+            running,
+            (t_train, t_sample),
+            args.temperature,
+            &text,
         );
     }
-    let mean_secs = train_secs.iter().sum::<f64>() / train_secs.len() as f64;
-    println!(
-        "{:.1} s per epoch of training on average ({:.0} ms per step); loss {:.4} in the first epoch, ln(V) = {:.4}",
-        mean_secs,
-        1e3 * mean_secs / steps.max(1) as f64,
-        first_loss.unwrap_or(f32::NAN),
-        (v as f32).ln()
-    );
-    let codes: Vec<f32> = vocab.iter().map(|&c| c as u32 as f32).collect();
-    dev.set_param("vocab", &Tensor::new([v], codes)?)?;
-    let mut names = model.param_names();
-    names.push("vocab".to_string());
-    common::save_checkpoint(&dev, &names, &args.save)?;
+    common::report_lm_training(&train_secs, steps, first_loss.unwrap_or(f32::NAN), v);
+    corpus.save(&dev, &model.param_names(), &args.save)?;
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! Shared by the training examples (`linear_regression`, `logistic_regression`, `mlp`,
-//! `sequential_mnist`, `seq2seq`, `char_lm`): the `--backend` choice, an error type that prints
-//! its message, seeded Gaussian samples, the epoch loop over a [`TrainStep`] with an indicatif
-//! progress bar, evaluation plans compiled once for a fixed batch size (plus one for the
-//! remainder), checkpoint saving, and small host-side helpers for reading logits back (argmax,
+//! `sequential_mnist`, `seq2seq`, `char_lm`, `transformer_lm`): the `--backend` choice, an
+//! error type that prints its message, seeded Gaussian samples, the epoch loop over a
+//! [`TrainStep`] with an indicatif progress bar, evaluation plans compiled once for a fixed
+//! batch size (plus one for the remainder), checkpoint saving, the language models' text
+//! ([`Corpus`]) and reports, and small host-side helpers for reading logits back (argmax,
 //! negative log-likelihood, one-hot rows, temperature sampling).
 #![allow(dead_code)]
 
@@ -395,4 +396,126 @@ pub fn load_mnist(
         test_set.n
     );
     Ok((train_set, test_set))
+}
+
+/// A text for the character-level language models (`char_lm`, `transformer_lm`): its
+/// characters as indices into its sorted vocabulary, cut into windows of `seq` characters whose
+/// phase and order change every epoch.
+pub struct Corpus {
+    /// Where the text came from, for messages.
+    pub source: String,
+    /// The distinct characters, sorted.
+    pub vocab: Vec<char>,
+    /// The text as vocabulary indices.
+    pub ids: Vec<usize>,
+}
+
+impl Corpus {
+    /// The text at `path`, or `built_in` (named `the built-in README.md`) without one.
+    pub fn load(path: Option<&Path>, built_in: &str) -> Result<Corpus, Failure> {
+        let (source, text) = match path {
+            Some(path) => (
+                path.display().to_string(),
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read --text {}: {e}", path.display()))?,
+            ),
+            None => ("the built-in README.md".to_string(), built_in.to_string()),
+        };
+        let chars: Vec<char> = text.chars().collect();
+        let mut vocab = chars.clone();
+        vocab.sort_unstable();
+        vocab.dedup();
+        let ids = chars
+            .iter()
+            .map(|&c| vocab.binary_search(&c).expect("in vocab"))
+            .collect();
+        Ok(Corpus { source, vocab, ids })
+    }
+
+    /// The vocabulary index of `c`, if the text has it.
+    pub fn index(&self, c: char) -> Option<usize> {
+        self.vocab.binary_search(&c).ok()
+    }
+
+    /// Whole windows of `seq` characters (each with its next character) from offset `phase`.
+    pub fn windows(&self, seq: usize, phase: usize) -> usize {
+        self.ids.len().saturating_sub(1 + phase) / seq
+    }
+
+    /// Training steps of `batch` windows per epoch (at phase 0), after checking that every
+    /// phase fills a batch; prints the corpus's summary.
+    pub fn steps(&self, seq: usize, batch: usize) -> Result<usize, Failure> {
+        if self.windows(seq, seq - 1) < batch {
+            return Err(format!(
+                "{} has {} characters: too few for a batch of {batch} windows of {seq} \
+                 (lower --batch-size or --seq, or use a longer --text)",
+                self.source,
+                self.ids.len()
+            )
+            .into());
+        }
+        let steps = self.windows(seq, 0) / batch;
+        println!(
+            "{}: {} characters, vocabulary of {}, windows of {seq} ({steps} steps of {batch} per epoch)",
+            self.source,
+            self.ids.len(),
+            self.vocab.len()
+        );
+        Ok(steps)
+    }
+
+    /// An epoch's window starts: a random phase, then the windows in a random order.
+    pub fn epoch_starts(&self, seq: usize, shuffle: &mut kiln::nn::Init) -> Vec<usize> {
+        let phase = (shuffle.next_u32() as usize) % seq;
+        let starts: Vec<usize> = (0..self.windows(seq, phase))
+            .map(|k| phase + k * seq)
+            .collect();
+        shuffle
+            .permutation(starts.len())
+            .into_iter()
+            .map(|k| starts[k])
+            .collect()
+    }
+
+    /// The characters of `ids`.
+    pub fn text(&self, ids: &[usize]) -> String {
+        ids.iter().map(|&i| self.vocab[i]).collect()
+    }
+
+    /// Saves the named parameters with `vocab`, the vocabulary as Unicode code points (f32).
+    pub fn save(&self, dev: &Device, names: &[String], path: &Path) -> kiln::Result<()> {
+        let codes: Vec<f32> = self.vocab.iter().map(|&c| c as u32 as f32).collect();
+        dev.set_param("vocab", &Tensor::new([self.vocab.len()], codes)?)?;
+        let mut names = names.to_vec();
+        names.push("vocab".to_string());
+        save_checkpoint(dev, &names, path)
+    }
+}
+
+/// A language model's epoch line and sample.
+pub fn report_lm_epoch(
+    (epoch, epochs): (u32, u32),
+    loss: f32,
+    (train_secs, sample_secs): (f64, f64),
+    temperature: f32,
+    sample: &str,
+) {
+    println!(
+        "epoch {epoch:>2}/{epochs}: train loss {loss:.4} ({:.3} bits/char) ({train_secs:.1} s training, {sample_secs:.1} s sampling)",
+        loss / std::f32::consts::LN_2,
+    );
+    println!("--- sample (temperature {temperature}) ---\n{sample}\n---");
+}
+
+/// A language model's closing line: mean seconds per epoch and step, the first epoch's loss
+/// against ln(V).
+pub fn report_lm_training(train_secs: &[f64], steps: usize, first_loss: f32, vocab: usize) {
+    let mean_secs = train_secs.iter().sum::<f64>() / train_secs.len().max(1) as f64;
+    println!(
+        "{:.1} s per epoch of training on average ({:.0} ms per step); loss {:.4} in the first epoch, ln(V) = {:.4}",
+        mean_secs,
+        1e3 * mean_secs / steps.max(1) as f64,
+        first_loss,
+        (vocab as f32).ln()
+    );
 }
