@@ -28,7 +28,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use clap::Parser;
 use common::{Backend, Corpus, Failure};
@@ -110,7 +109,7 @@ fn main() -> Result<(), Failure> {
     let (ids, vocab, v) = (&corpus.ids, &corpus.vocab, corpus.vocab.len());
     let (seq, batch) = (args.seq as usize, args.batch_size as usize);
     // window k of an epoch with phase p covers characters p + k*seq ..= p + (k+1)*seq
-    let steps = corpus.steps(seq, batch)?;
+    corpus.check_windows(seq, batch)?;
     let prompt: Vec<usize> = match &args.prompt {
         Some(p) if !p.is_empty() => p
             .chars()
@@ -186,50 +185,35 @@ fn main() -> Result<(), Failure> {
         Ok(text)
     };
 
-    let mut shuffle = Init::new(args.seed.wrapping_add(1));
-    let mut train_secs = Vec::new();
-    let mut first_loss = None;
-    for epoch in 1..=args.epochs {
-        let t0 = Instant::now();
-        let order = corpus.epoch_starts(seq, &mut shuffle);
-        let label = format!("epoch {epoch}/{}", args.epochs);
-        let running = common::train_epoch(
-            &mut train,
-            &order,
-            batch,
-            args.log_every as usize,
-            &label,
-            |idx| {
-                let b = idx.len();
-                let mut x = vec![0f32; seq * b * v];
-                let mut y = vec![0f32; seq * b];
-                for (k, &s) in idx.iter().enumerate() {
-                    for t in 0..seq {
-                        common::set_one_hot(&mut x, t * b + k, v, ids[s + t]);
-                        y[t * b + k] = ids[s + t + 1] as f32;
-                    }
+    let schedule = common::LmSchedule {
+        epochs: args.epochs,
+        seq,
+        batch,
+        log_every: args.log_every as usize,
+        temperature: args.temperature,
+        seed: args.seed.wrapping_add(1),
+    };
+    common::train_lm(
+        &mut train,
+        &corpus,
+        &schedule,
+        |idx| {
+            let b = idx.len();
+            let mut x = vec![0f32; seq * b * v];
+            let mut y = vec![0f32; seq * b];
+            for (k, &s) in idx.iter().enumerate() {
+                for t in 0..seq {
+                    common::set_one_hot(&mut x, t * b + k, v, ids[s + t]);
+                    y[t * b + k] = ids[s + t + 1] as f32;
                 }
-                Ok(vec![
-                    ("x", Tensor::new([seq, b, v], x)?),
-                    ("y", Tensor::new([seq * b], y)?),
-                ])
-            },
-        )?;
-        let t_train = t0.elapsed().as_secs_f64();
-        train_secs.push(t_train);
-        first_loss.get_or_insert(running);
-        let text = sample(&mut sample_rng)?;
-        let t_sample = t0.elapsed().as_secs_f64() - t_train;
-        let epochs = (epoch, args.epochs);
-        common::report_lm_epoch(
-            epochs,
-            running,
-            (t_train, t_sample),
-            args.temperature,
-            &text,
-        );
-    }
-    common::report_lm_training(&train_secs, steps, first_loss.unwrap_or(f32::NAN), v);
+            }
+            Ok(vec![
+                ("x", Tensor::new([seq, b, v], x)?),
+                ("y", Tensor::new([seq * b], y)?),
+            ])
+        },
+        || sample(&mut sample_rng),
+    )?;
     let mut names = lstm.param_names();
     names.extend(fc.param_names());
     corpus.save(&dev, &names, &args.save)?;

@@ -29,7 +29,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use clap::Parser;
 use common::{Backend, Corpus, Failure};
@@ -174,7 +173,7 @@ fn main() -> Result<(), Failure> {
         args.batch_size as usize,
         args.d_model as usize,
     );
-    let steps = corpus.steps(seq, batch)?;
+    corpus.check_windows(seq, batch)?;
     let dev = common::device(args.backend)?;
 
     let mut init = Init::new(args.seed);
@@ -259,51 +258,36 @@ fn main() -> Result<(), Failure> {
         Ok(corpus.text(&context))
     };
 
-    let mut shuffle = Init::new(args.seed.wrapping_add(1));
-    let mut train_secs = Vec::new();
-    let mut first_loss = None;
-    for epoch in 1..=args.epochs {
-        let t0 = Instant::now();
-        let order = corpus.epoch_starts(seq, &mut shuffle);
-        let label = format!("epoch {epoch}/{}", args.epochs);
-        let running = common::train_epoch(
-            &mut train,
-            &order,
-            batch,
-            args.log_every as usize,
-            &label,
-            |idx| {
-                let b = idx.len();
-                let mut xs = vec![0f32; b * seq];
-                let mut ys = vec![0f32; b * seq];
-                for (k, &s) in idx.iter().enumerate() {
-                    for t in 0..seq {
-                        xs[k * seq + t] = ids[s + t] as f32;
-                        ys[k * seq + t] = ids[s + t + 1] as f32;
-                    }
+    let schedule = common::LmSchedule {
+        epochs: args.epochs,
+        seq,
+        batch,
+        log_every: args.log_every as usize,
+        temperature: args.temperature,
+        seed: args.seed.wrapping_add(1),
+    };
+    common::train_lm(
+        &mut train,
+        &corpus,
+        &schedule,
+        |idx| {
+            let b = idx.len();
+            let mut xs = vec![0f32; b * seq];
+            let mut ys = vec![0f32; b * seq];
+            for (k, &s) in idx.iter().enumerate() {
+                for t in 0..seq {
+                    xs[k * seq + t] = ids[s + t] as f32;
+                    ys[k * seq + t] = ids[s + t + 1] as f32;
                 }
-                Ok(vec![
-                    ("x", Tensor::new([b, seq], xs)?),
-                    ("positions", positions.clone()),
-                    ("y", Tensor::new([b * seq], ys)?),
-                ])
-            },
-        )?;
-        let t_train = t0.elapsed().as_secs_f64();
-        train_secs.push(t_train);
-        first_loss.get_or_insert(running);
-        let text = sample(&mut sample_rng)?;
-        let t_sample = t0.elapsed().as_secs_f64() - t_train;
-        let epochs = (epoch, args.epochs);
-        common::report_lm_epoch(
-            epochs,
-            running,
-            (t_train, t_sample),
-            args.temperature,
-            &text,
-        );
-    }
-    common::report_lm_training(&train_secs, steps, first_loss.unwrap_or(f32::NAN), v);
+            }
+            Ok(vec![
+                ("x", Tensor::new([b, seq], xs)?),
+                ("positions", positions.clone()),
+                ("y", Tensor::new([b * seq], ys)?),
+            ])
+        },
+        || sample(&mut sample_rng),
+    )?;
     corpus.save(&dev, &model.param_names(), &args.save)?;
     Ok(())
 }

@@ -579,21 +579,13 @@ fn transformer_encoder_layer_gradients() {
 /// with dropout on and one submission per step.
 #[test]
 fn transformer_learns_to_copy_the_previous_token() {
-    use kiln::nn::{Embedding, Init, Layer, Linear, Optimizer, TrainStep, TransformerEncoderLayer};
+    use kiln::nn::{Embedding, Init, Layer, Linear, Optimizer, TrainStep};
     let Some(dev) = gpu() else { return };
     let (n, l, vocab, e) = (16, 8, 7, 16);
     let mut init = Init::new(3);
     let tok = Embedding::new("tok", vocab, e, &mut init);
     let pos = Embedding::new("pos", l, e, &mut init);
-    let layers: Vec<_> = (0..2)
-        .map(|i| {
-            let mut t = TransformerEncoderLayer::new(&format!("layers.{i}"), e, 2, 32, &mut init)
-                .unwrap()
-                .with_dropout(0.05);
-            t.norm_first = true;
-            t
-        })
-        .collect();
+    let layers = pre_norm_layers("layers", e, 2, 0.05, &mut init);
     let head = Linear::new("head", e, vocab, &mut init);
     let g = Graph::new();
     let x = g.input("x", [n, l]);
@@ -845,18 +837,10 @@ fn transformer_layer_f16() {
 /// own cache), on the CPU reference and on the GPU; `write_rows` alone against its formula.
 #[test]
 fn cached_decoding_matches_the_causal_forward() {
-    use kiln::nn::{decode_mask, Init, TransformerEncoderLayer};
+    use kiln::nn::{decode_mask, Init};
     let (n, l, e, max_len) = (2, 7, 16, 9);
     let mut init = Init::new(8);
-    let layers: Vec<_> = (0..2)
-        .map(|i| {
-            let mut t = TransformerEncoderLayer::new(&format!("dec.{i}"), e, 4, 32, &mut init)
-                .unwrap()
-                .with_dropout(0.0);
-            t.norm_first = true;
-            t
-        })
-        .collect();
+    let layers = pre_norm_layers("dec", e, 4, 0.0, &mut init);
     let xs = rand(&[n, l, e], 120);
     let full = {
         let g = Graph::new();
@@ -932,4 +916,24 @@ fn cached_decoding_matches_the_causal_forward() {
         &want,
         (0.0, 0.0),
     );
+}
+
+/// Two pre-norm encoder layers `<prefix>.0`, `<prefix>.1` of width `e` (feed-forward 32).
+fn pre_norm_layers(
+    prefix: &str,
+    e: usize,
+    heads: usize,
+    dropout: f32,
+    init: &mut kiln::nn::Init,
+) -> Vec<kiln::nn::TransformerEncoderLayer> {
+    (0..2)
+        .map(|i| {
+            let name = format!("{prefix}.{i}");
+            let mut t = kiln::nn::TransformerEncoderLayer::new(&name, e, heads, 32, init)
+                .unwrap()
+                .with_dropout(dropout);
+            t.norm_first = true;
+            t
+        })
+        .collect()
 }

@@ -442,9 +442,9 @@ impl Corpus {
         self.ids.len().saturating_sub(1 + phase) / seq
     }
 
-    /// Training steps of `batch` windows per epoch (at phase 0), after checking that every
-    /// phase fills a batch; prints the corpus's summary.
-    pub fn steps(&self, seq: usize, batch: usize) -> Result<usize, Failure> {
+    /// Checks that every phase fills a batch of `batch` windows; prints the corpus's summary
+    /// with the training steps per epoch.
+    pub fn check_windows(&self, seq: usize, batch: usize) -> Result<(), Failure> {
         if self.windows(seq, seq - 1) < batch {
             return Err(format!(
                 "{} has {} characters: too few for a batch of {batch} windows of {seq} \
@@ -461,7 +461,7 @@ impl Corpus {
             self.ids.len(),
             self.vocab.len()
         );
-        Ok(steps)
+        Ok(())
     }
 
     /// An epoch's window starts: a random phase, then the windows in a random order.
@@ -492,30 +492,68 @@ impl Corpus {
     }
 }
 
-/// A language model's epoch line and sample.
-pub fn report_lm_epoch(
-    (epoch, epochs): (u32, u32),
-    loss: f32,
-    (train_secs, sample_secs): (f64, f64),
-    temperature: f32,
-    sample: &str,
-) {
-    println!(
-        "epoch {epoch:>2}/{epochs}: train loss {loss:.4} ({:.3} bits/char) ({train_secs:.1} s training, {sample_secs:.1} s sampling)",
-        loss / std::f32::consts::LN_2,
-    );
-    println!("--- sample (temperature {temperature}) ---\n{sample}\n---");
+/// How a language model trains: epochs of `batch` windows of `seq` characters, the loss read
+/// back every `log_every` steps, samples drawn at `temperature`.
+pub struct LmSchedule {
+    pub epochs: u32,
+    pub seq: usize,
+    pub batch: usize,
+    pub log_every: usize,
+    pub temperature: f32,
+    /// Seeds the windows' phases and order.
+    pub seed: u64,
 }
 
-/// A language model's closing line: mean seconds per epoch and step, the first epoch's loss
-/// against ln(V).
-pub fn report_lm_training(train_secs: &[f64], steps: usize, first_loss: f32, vocab: usize) {
+/// Trains a character-level language model for `schedule.epochs` epochs over `corpus`
+/// (`make_batch` turns window starts into the step's feeds), printing each epoch's loss with a
+/// sample from `sample`, then the mean time per epoch and step.
+pub fn train_lm(
+    step: &mut TrainStep,
+    corpus: &Corpus,
+    schedule: &LmSchedule,
+    mut make_batch: impl FnMut(&[usize]) -> kiln::Result<Feed>,
+    mut sample: impl FnMut() -> kiln::Result<String>,
+) -> kiln::Result<()> {
+    let LmSchedule {
+        epochs, seq, batch, ..
+    } = *schedule;
+    let mut shuffle = kiln::nn::Init::new(schedule.seed);
+    let mut train_secs = Vec::new();
+    let mut first_loss = None;
+    for epoch in 1..=epochs {
+        let t0 = std::time::Instant::now();
+        let order = corpus.epoch_starts(seq, &mut shuffle);
+        let label = format!("epoch {epoch}/{epochs}");
+        let loss = train_epoch(
+            step,
+            &order,
+            batch,
+            schedule.log_every,
+            &label,
+            &mut make_batch,
+        )?;
+        let t_train = t0.elapsed().as_secs_f64();
+        train_secs.push(t_train);
+        first_loss.get_or_insert(loss);
+        let text = sample()?;
+        println!(
+            "epoch {epoch:>2}/{epochs}: train loss {loss:.4} ({:.3} bits/char) ({t_train:.1} s training, {:.1} s sampling)",
+            loss / std::f32::consts::LN_2,
+            t0.elapsed().as_secs_f64() - t_train
+        );
+        println!(
+            "--- sample (temperature {}) ---\n{text}\n---",
+            schedule.temperature
+        );
+    }
+    let steps = corpus.windows(seq, 0) / batch.max(1);
     let mean_secs = train_secs.iter().sum::<f64>() / train_secs.len().max(1) as f64;
     println!(
         "{:.1} s per epoch of training on average ({:.0} ms per step); loss {:.4} in the first epoch, ln(V) = {:.4}",
         mean_secs,
         1e3 * mean_secs / steps.max(1) as f64,
-        first_loss,
-        (vocab as f32).ln()
+        first_loss.unwrap_or(f32::NAN),
+        (corpus.vocab.len() as f32).ln()
     );
+    Ok(())
 }

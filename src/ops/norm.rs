@@ -579,18 +579,8 @@ pub fn layer_norm(
     eps: f32,
 ) -> Result<NodeId> {
     const OP: &str = "layer_norm";
-    let shape = g.check_id(OP, x)?;
+    let (shape, lead) = trailing_axes(g, OP, x, normalized)?;
     let dims = shape.dims().to_vec();
-    if normalized == 0 || normalized > dims.len() {
-        return Err(shape_err(
-            OP,
-            format!(
-                "cannot normalize the last {normalized} axes of {shape} (1 to {} allowed)",
-                dims.len()
-            ),
-        ));
-    }
-    let lead = dims.len() - normalized;
     let norm_shape = Shape::from(dims[lead..].to_vec());
     check_shapes(g, OP, affine_named(affine), &norm_shape, &shape)?;
     let rows: usize = dims[..lead].iter().product();
@@ -622,18 +612,8 @@ pub fn rms_norm(
     eps: Option<f32>,
 ) -> Result<NodeId> {
     const OP: &str = "rms_norm";
-    let shape = g.check_id(OP, x)?;
+    let (shape, lead) = trailing_axes(g, OP, x, normalized)?;
     let dims = shape.dims().to_vec();
-    if normalized == 0 || normalized > dims.len() {
-        return Err(shape_err(
-            OP,
-            format!(
-                "cannot normalize the last {normalized} axes of {shape} (1 to {} allowed)",
-                dims.len()
-            ),
-        ));
-    }
-    let lead = dims.len() - normalized;
     let norm_shape = Shape::from(dims[lead..].to_vec());
     check_shapes(
         g,
@@ -711,6 +691,25 @@ fn batch_channels(g: &Graph, op: &'static str, x: NodeId) -> Result<(Shape, usiz
 }
 
 /// `("weight", w), ("bias", b)` of an affine pair.
+/// `x`'s shape and the number of its leading axes, where its last `normalized` axes (1 to its
+/// rank) are normalized; else a shape error naming `op`.
+fn trailing_axes(
+    g: &Graph,
+    op: &'static str,
+    x: NodeId,
+    normalized: usize,
+) -> Result<(Shape, usize)> {
+    let shape = g.check_id(op, x)?;
+    let rank = shape.rank();
+    if normalized == 0 || normalized > rank {
+        return Err(shape_err(
+            op,
+            format!("cannot normalize the last {normalized} axes of {shape} (1 to {rank} allowed)"),
+        ));
+    }
+    Ok((shape, rank - normalized))
+}
+
 fn affine_named(affine: Option<(NodeId, NodeId)>) -> impl Iterator<Item = (&'static str, NodeId)> {
     affine
         .into_iter()
