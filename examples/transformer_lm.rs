@@ -23,7 +23,10 @@
 //! with torch's names (`layers.0.self_attn.in_proj_weight`, ...) and `vocab` (Unicode code
 //! points as f32).
 //!
-//!     cargo run --release --example transformer_lm -- [--text FILE] [--backend gpu|cpu] [--epochs 40]
+//! `--f16` runs the layers in mixed precision (f16 activations; f32 parameters, loss and
+//! AdamW).
+//!
+//!     cargo run --release --example transformer_lm -- [--text FILE] [--backend gpu|cpu] [--epochs 40] [--f16]
 
 #[path = "common/mod.rs"]
 mod common;
@@ -36,7 +39,7 @@ use kiln::nn::{
     Embedding, FeedForwardAct, Init, Layer, LayerNorm, Linear, Optimizer, TrainStep,
     TransformerEncoderLayer,
 };
-use kiln::{Graph, NodeId, Tensor};
+use kiln::{DType, Graph, NodeId, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -93,6 +96,10 @@ struct Args {
     /// Read the training loss back every N steps (each read waits for the device).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     log_every: u32,
+    /// Mixed precision: the layers on f16 activations (f32 parameters, embeddings, loss and
+    /// AdamW; the decoding caches f32), on adapters with SHADER_F16.
+    #[arg(long)]
+    f16: bool,
 }
 
 /// The model's layers, applied alike in the training and the sampling graph.
@@ -102,6 +109,8 @@ struct Model {
     layers: Vec<TransformerEncoderLayer>,
     ln_f: LayerNorm,
     head: Linear,
+    /// The layers' activation type.
+    dtype: DType,
 }
 
 impl Model {
@@ -121,7 +130,7 @@ impl Model {
         params.extend(p);
         let (ps, p) = self.pos.apply_layer(g, positions, train)?;
         params.extend(p);
-        let mut h = g.add(t, ps)?;
+        let mut h = g.cast(g.add(t, ps)?, self.dtype)?;
         for layer in &self.layers {
             let (y, p) = match decode {
                 Some((window, mask)) => layer.apply_cached(g, h, positions, window, mask)?,
@@ -198,6 +207,7 @@ fn main() -> Result<(), Failure> {
         layers,
         ln_f: LayerNorm::new("ln_f", &[e]),
         head: Linear::new("head", e, v, &mut init),
+        dtype: if args.f16 { DType::F16 } else { DType::F32 },
     };
     let positions = Tensor::new([seq], (0..seq).map(|i| i as f32).collect())?;
 

@@ -937,3 +937,45 @@ fn pre_norm_layers(
         })
         .collect()
 }
+
+/// Decoding an f16 network: the caches hold the keys and values widened to f32; one token per
+/// run matches the f16 causal forward within f16's tolerance.
+#[test]
+fn cached_decoding_in_f16() {
+    use kiln::nn::{decode_mask, Init};
+    let Some(dev) = gpu() else { return };
+    if !dev.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("NOTICE: adapter without SHADER_F16; f16 decoding skipped");
+        return;
+    }
+    let (l, e) = (5, 8);
+    let layers = pre_norm_layers("dec16", e, 2, 0.0, &mut Init::new(9));
+    let xs = rand(&[1, l, e], 130);
+    let g = Graph::new();
+    let mut h = g.input_as("x", [1, l, e], DType::F16);
+    for t in &layers {
+        h = t.apply(&g, h, None, true, false).unwrap().0;
+    }
+    let want = dev
+        .compile(&g, &[h])
+        .unwrap()
+        .run(&[("x", &xs)])
+        .unwrap()
+        .remove(0);
+    let g = Graph::new();
+    let mut h = g.input_as("x", [1, 1, e], DType::F16);
+    let (pos, mask) = (g.input("pos", [1]), g.input("mask", [1, l]));
+    for t in &layers {
+        h = t.apply_cached(&g, h, pos, l, mask).unwrap().0;
+    }
+    let mut step = dev.compile(&g, &[h]).unwrap();
+    for p in 0..l {
+        let x = Tensor::new([1, 1, e], xs.data()[p * e..(p + 1) * e].to_vec()).unwrap();
+        let position = Tensor::new([1], vec![p as f32]).unwrap();
+        let mask = decode_mask(p, 1, l);
+        let feeds = [("x", &x), ("pos", &position), ("mask", &mask)];
+        let got = step.run(&feeds).unwrap().remove(0);
+        let row = Tensor::new([1, 1, e], want.data()[p * e..(p + 1) * e].to_vec()).unwrap();
+        assert_close(&format!("f16 position {p}"), &got, &row, 2e-2, TOL_F16.1);
+    }
+}

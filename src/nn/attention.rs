@@ -8,7 +8,7 @@ use crate::nn::init::Init;
 use crate::nn::layers::{dropout, dropout_seed, Layer, Linear};
 use crate::nn::norm::LayerNorm;
 use crate::ops::matmul::Bias;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// Multi-head attention over `(N, L, E)` sequences: `query` projected by the first `E` rows of
 /// `in_proj_weight [3E, E]`, `key` by the next, `value` by the last (plus `in_proj_bias [3E]`),
@@ -117,10 +117,14 @@ impl MultiheadAttention {
                 Tensor::zeros([d[0], d[1], max_len, d[3]]),
             )
         };
-        let kc = g.write_rows(cache("k"), k, position)?;
-        let vc = g.write_rows(cache("v"), v, position)?;
-        let o = g.attention(q, kc, vc, Some(mask), false, None)?;
-        self.output(g, o, params)
+        // parameters are f32: f16 keys and values are stored widened, and the new tokens'
+        // attention runs in f32 (the rest of the layer stays in x's type)
+        let dt = g.dtype(x);
+        let f32 = |t: NodeId| g.cast(t, DType::F32);
+        let kc = g.write_rows(cache("k"), f32(k)?, position)?;
+        let vc = g.write_rows(cache("v"), f32(v)?, position)?;
+        let o = g.attention(f32(q)?, kc, vc, Some(mask), false, None)?;
+        self.output(g, g.cast(o, dt)?, params)
     }
 
     /// The projections of `query`, `key` and `value` split into heads, `(N, H, L, E / H)` each,
