@@ -979,3 +979,77 @@ fn cached_decoding_in_f16() {
         assert_close(&format!("f16 position {p}"), &got, &row, 2e-2, TOL_F16.1);
     }
 }
+
+/// The decoder layer (self-attention, cross-attention to a memory, feed-forward) against
+/// torch's formula, post-norm and pre-norm, with a causal target and a memory padding mask;
+/// gradients for the target and the memory against central differences.
+#[test]
+fn transformer_decoder_layer_matches_torch_formula() {
+    use kiln::nn::{FeedForwardAct, Init, TransformerDecoderLayer};
+    let (n, t, s, e, h, ff) = (2, 5, 4, 8, 2, 12);
+    let tgt = rand(&[n, t, e], 140);
+    let mem = rand(&[n, s, e], 141);
+    let mut pad = Tensor::zeros([n, 1, 1, s]);
+    pad.data_mut()[s + 3] = f32::NEG_INFINITY; // the second memory is 3 long
+    for norm_first in [false, true] {
+        let mut layer = TransformerDecoderLayer::new("decf", e, h, ff, &mut Init::new(10))
+            .unwrap()
+            .with_dropout(0.0);
+        layer.norm_first = norm_first;
+        layer.activation = FeedForwardAct::Gelu;
+        let names = layer.param_names();
+        assert_eq!(names.len(), 18);
+        assert!(names.contains(&"decf.multihead_attn.in_proj_weight".to_string()));
+        assert!(names.contains(&"decf.norm3.bias".to_string()));
+        let g = Graph::new();
+        let (ti, mi) = (g.input("t", [n, t, e]), g.input("m", [n, s, e]));
+        let pm = g.input("pad", [n, 1, 1, s]);
+        let (y, params) = layer.apply(&g, ti, mi, None, true, Some(pm), true).unwrap();
+        assert_eq!(params.len(), 18);
+        let feeds = [("t", &tgt), ("m", &mem), ("pad", &pad)];
+        let cpu = Device::cpu();
+        cpu.compile(&g, &[y]).unwrap();
+        randomize(&cpu, &names, 150);
+        let got = cpu
+            .compile(&g, &[y])
+            .unwrap()
+            .run(&feeds)
+            .unwrap()
+            .remove(0);
+        let p = |k: &str| cpu.param(&format!("decf.{k}")).unwrap();
+        let sa = |k: &str| p(&format!("self_attn.{k}"));
+        let ca = |k: &str| p(&format!("multihead_attn.{k}"));
+        let no_mask = |_: usize, _: usize, _: usize, _: usize| 0.0;
+        let pad_mask = |b: usize, _: usize, _: usize, j: usize| pad.data()[b * s + j] as f64;
+        let memv = to_f64(&mem);
+        let self_attend = |v: &[f64]| mha_ref(&sa, h, v, v, (n, t, t, e), &no_mask, true);
+        let cross = |v: &[f64]| mha_ref(&ca, h, v, &memv, (n, t, s, e), &pad_mask, false);
+        let ffn = |v: &[f64]| {
+            let hid: Vec<f64> = linear_ref(v, &p("linear1.weight"), &p("linear1.bias"))
+                .into_iter()
+                .map(|z| 0.5 * z * (1.0 + libm::erf(z / std::f64::consts::SQRT_2)))
+                .collect();
+            linear_ref(&hid, &p("linear2.weight"), &p("linear2.bias"))
+        };
+        let add = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<f64>>();
+        let norm = |k: &str, v: &[f64]| {
+            layer_norm_rows(v, e, &p(&format!("{k}.weight")), &p(&format!("{k}.bias")))
+        };
+        let xv = to_f64(&tgt);
+        let want = if norm_first {
+            let x1 = add(&xv, &self_attend(&norm("norm1", &xv)));
+            let x2 = add(&x1, &cross(&norm("norm2", &x1)));
+            add(&x2, &ffn(&norm("norm3", &x2)))
+        } else {
+            let x1 = norm("norm1", &add(&xv, &self_attend(&xv)));
+            let x2 = norm("norm2", &add(&x1, &cross(&x1)));
+            norm("norm3", &add(&x2, &ffn(&x2)))
+        };
+        let what = format!("decoder layer norm_first {norm_first}");
+        assert_close(&what, &got, &tensor(&[n, t, e], &want), 1e-5, 1e-4);
+        check_gpu_vs_cpu(&what, &g, &[y], &feeds, TOL_REDUCTION);
+        let loss = random_projection(&g, y, 151);
+        let wrt = [("t", ti), ("m", mi)];
+        gradcheck(&what, &g, loss, &wrt, &feeds, 24, TOL_REDUCTION);
+    }
+}

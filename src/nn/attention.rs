@@ -1,6 +1,8 @@
 //! Attention layers with PyTorch's names and layouts, batch first: `MultiheadAttention`
-//! (`torch.nn.MultiheadAttention(E, H, batch_first=True)`) and `TransformerEncoderLayer`
-//! (`torch.nn.TransformerEncoderLayer(..., batch_first=True)`), over [`Graph::attention`].
+//! (`torch.nn.MultiheadAttention(E, H, batch_first=True)`, with a key/value cache for
+//! decoding), `TransformerEncoderLayer` and `TransformerDecoderLayer`
+//! (`torch.nn.Transformer{Encoder,Decoder}Layer(..., batch_first=True)`), over
+//! [`Graph::attention`].
 
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
@@ -345,50 +347,202 @@ impl TransformerEncoderLayer {
         attend: &dyn Fn(NodeId) -> Result<(NodeId, Vec<NodeId>)>,
         train: bool,
     ) -> Result<(NodeId, Vec<NodeId>)> {
-        let mut params = Vec::new();
-        let mut keep = |(y, p): (NodeId, Vec<NodeId>)| {
-            params.extend(p);
-            y
+        let mut b = Blocks::new(g, &self.name, self.dropout, train);
+        let nf = self.norm_first;
+        let x = b.residual(x, &self.norm1, nf, 1, &mut |b, a| b.keep(attend(a)?))?;
+        let ff =
+            |b: &mut Blocks, a| b.feed_forward(a, &self.linear1, &self.linear2, self.activation);
+        let y = b.residual(x, &self.norm2, nf, 3, &mut |b, a| ff(b, a))?;
+        Ok((y, b.params))
+    }
+}
+
+/// `torch.nn.TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout,
+/// batch_first=True)` over `tgt (N, T, E)` and the encoder's `memory (N, S, E)`:
+/// self-attention (`self_attn`), cross-attention to the memory (`multihead_attn`), then the
+/// feed-forward block, each with a residual connection and a layer norm (`norm1`, `norm2`,
+/// `norm3`; after the residual, or before the block with `norm_first`). Dropout (default 0.1)
+/// as [`TransformerEncoderLayer`]'s.
+#[derive(Debug, Clone)]
+pub struct TransformerDecoderLayer {
+    pub name: String,
+    pub self_attn: MultiheadAttention,
+    pub multihead_attn: MultiheadAttention,
+    pub linear1: Linear,
+    pub linear2: Linear,
+    pub norm1: LayerNorm,
+    pub norm2: LayerNorm,
+    pub norm3: LayerNorm,
+    pub dropout: f32,
+    pub activation: FeedForwardAct,
+    pub norm_first: bool,
+}
+
+impl TransformerDecoderLayer {
+    /// A layer named `name` with torch's defaults (dropout 0.1, relu, post-norm, eps 1e-5) and
+    /// torch's parameter names (`name.self_attn.in_proj_weight`,
+    /// `name.multihead_attn.out_proj.weight`, `name.norm3.bias`, ...).
+    pub fn new(
+        name: &str,
+        d_model: usize,
+        nhead: usize,
+        dim_feedforward: usize,
+        init: &mut Init,
+    ) -> Result<TransformerDecoderLayer> {
+        let attn = |what: &str, init: &mut Init| -> Result<MultiheadAttention> {
+            let mut a = MultiheadAttention::new(&format!("{name}.{what}"), d_model, nhead, init)?;
+            a.dropout = 0.1;
+            Ok(a)
         };
-        let drop = |y: NodeId, site: u32| -> Result<NodeId> {
-            if train && self.dropout > 0.0 {
-                dropout(g, y, self.dropout, salt(&self.name, site))
-            } else {
-                Ok(y)
+        Ok(TransformerDecoderLayer {
+            name: name.to_string(),
+            self_attn: attn("self_attn", init)?,
+            multihead_attn: attn("multihead_attn", init)?,
+            linear1: Linear::new(&format!("{name}.linear1"), d_model, dim_feedforward, init),
+            linear2: Linear::new(&format!("{name}.linear2"), dim_feedforward, d_model, init),
+            norm1: LayerNorm::new(&format!("{name}.norm1"), &[d_model]),
+            norm2: LayerNorm::new(&format!("{name}.norm2"), &[d_model]),
+            norm3: LayerNorm::new(&format!("{name}.norm3"), &[d_model]),
+            dropout: 0.1,
+            activation: FeedForwardAct::Relu,
+            norm_first: false,
+        })
+    }
+
+    /// Sets the dropout of every site (both attentions' probabilities too).
+    pub fn with_dropout(mut self, p: f32) -> Self {
+        self.dropout = p;
+        self.self_attn.dropout = p;
+        self.multihead_attn.dropout = p;
+        self
+    }
+
+    /// The parameter names, as in a PyTorch state_dict.
+    pub fn param_names(&self) -> Vec<String> {
+        let mut names = self.self_attn.param_names();
+        names.extend(self.multihead_attn.param_names());
+        for l in [&self.linear1, &self.linear2] {
+            names.extend(l.param_names());
+        }
+        for n in [&self.norm1, &self.norm2, &self.norm3] {
+            names.extend(n.param_names());
+        }
+        names
+    }
+
+    /// Applies the layer to `tgt (N, T, E)` attending to `memory (N, S, E)`: `tgt_mask` and
+    /// `causal` for the self-attention (torch's `tgt_mask`, `tgt_is_causal`), `memory_mask` for
+    /// the cross-attention (additive f32, broadcastable to `(N, H, T, S)`: a memory key padding
+    /// mask as `(N, 1, 1, S)`); `train` turns dropout on. Returns the output and the parameter
+    /// nodes.
+    #[allow(clippy::too_many_arguments)] // torch's forward takes as many
+    pub fn apply(
+        &self,
+        g: &Graph,
+        tgt: NodeId,
+        memory: NodeId,
+        tgt_mask: Option<NodeId>,
+        causal: bool,
+        memory_mask: Option<NodeId>,
+        train: bool,
+    ) -> Result<(NodeId, Vec<NodeId>)> {
+        let mut b = Blocks::new(g, &self.name, self.dropout, train);
+        let nf = self.norm_first;
+        let sa = &self.self_attn;
+        let ca = &self.multihead_attn;
+        let x = b.residual(tgt, &self.norm1, nf, 1, &mut |b, a| {
+            b.keep(sa.apply(g, a, a, a, tgt_mask, causal, train)?)
+        })?;
+        let x = b.residual(x, &self.norm2, nf, 4, &mut |b, a| {
+            b.keep(ca.apply(g, a, memory, memory, memory_mask, false, train)?)
+        })?;
+        let y = b.residual(x, &self.norm3, nf, 3, &mut |b, a| {
+            b.feed_forward(a, &self.linear1, &self.linear2, self.activation)
+        })?;
+        Ok((y, b.params))
+    }
+}
+
+/// Builds a transformer layer's residual blocks, collecting their parameters.
+struct Blocks<'a> {
+    g: &'a Graph,
+    /// The layer's name: its dropout salts.
+    name: &'a str,
+    /// Dropout after each block and inside the feed-forward block, in training graphs.
+    dropout: f32,
+    train: bool,
+    params: Vec<NodeId>,
+}
+
+impl<'a> Blocks<'a> {
+    fn new(g: &'a Graph, name: &'a str, dropout: f32, train: bool) -> Self {
+        Blocks {
+            g,
+            name,
+            dropout,
+            train,
+            params: Vec::new(),
+        }
+    }
+
+    /// A sublayer's output, its parameters kept.
+    fn keep(&mut self, (y, p): (NodeId, Vec<NodeId>)) -> Result<NodeId> {
+        self.params.extend(p);
+        Ok(y)
+    }
+
+    /// Dropout at `site` (a salt per site) in training graphs.
+    fn drop(&self, y: NodeId, site: u32) -> Result<NodeId> {
+        if self.train && self.dropout > 0.0 {
+            dropout(self.g, y, self.dropout, salt(self.name, site))
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// `x + drop(f(norm(x)))` with `norm_first`, else `norm(x + drop(f(x)))`.
+    fn residual(
+        &mut self,
+        x: NodeId,
+        norm: &LayerNorm,
+        norm_first: bool,
+        site: u32,
+        f: &mut dyn FnMut(&mut Self, NodeId) -> Result<NodeId>,
+    ) -> Result<NodeId> {
+        let g = self.g;
+        if norm_first {
+            let a = self.keep(norm.apply(g, x)?)?;
+            let y = f(self, a)?;
+            g.add(x, self.drop(y, site)?)
+        } else {
+            let y = f(self, x)?;
+            let s = g.add(x, self.drop(y, site)?)?;
+            self.keep(norm.apply(g, s)?)
+        }
+    }
+
+    /// `linear2(drop(act(linear1(x))))` (the relu fused into linear1's product).
+    fn feed_forward(
+        &mut self,
+        x: NodeId,
+        linear1: &Linear,
+        linear2: &Linear,
+        act: FeedForwardAct,
+    ) -> Result<NodeId> {
+        let g = self.g;
+        let h = match act {
+            FeedForwardAct::Relu => {
+                let (y, p) = linear1.apply_relu(g, x)?;
+                self.keep((y, p.to_vec()))?
+            }
+            FeedForwardAct::Gelu => {
+                let (y, p) = linear1.apply(g, x)?;
+                g.gelu(self.keep((y, p.to_vec()))?)?
             }
         };
-        let attend = |x: NodeId, keep: &mut dyn FnMut((NodeId, Vec<NodeId>)) -> NodeId| {
-            let y = keep(attend(x)?);
-            drop(y, 1)
-        };
-        let feed_forward = |x: NodeId, keep: &mut dyn FnMut((NodeId, Vec<NodeId>)) -> NodeId| {
-            let h = match self.activation {
-                FeedForwardAct::Relu => keep(
-                    self.linear1
-                        .apply_relu(g, x)
-                        .map(|(y, p)| (y, p.to_vec()))?,
-                ),
-                FeedForwardAct::Gelu => {
-                    let y = keep(self.linear1.apply(g, x).map(|(y, p)| (y, p.to_vec()))?);
-                    g.gelu(y)?
-                }
-            };
-            let h = drop(h, 2)?;
-            let y = keep(self.linear2.apply(g, h).map(|(y, p)| (y, p.to_vec()))?);
-            drop(y, 3)
-        };
-        let y = if self.norm_first {
-            let a = keep(self.norm1.apply(g, x)?);
-            let x = g.add(x, attend(a, &mut keep)?)?;
-            let f = keep(self.norm2.apply(g, x)?);
-            g.add(x, feed_forward(f, &mut keep)?)?
-        } else {
-            let x = g.add(x, attend(x, &mut keep)?)?;
-            let x = keep(self.norm1.apply(g, x)?);
-            let x = g.add(x, feed_forward(x, &mut keep)?)?;
-            keep(self.norm2.apply(g, x)?)
-        };
-        Ok((y, params))
+        let h = self.drop(h, 2)?;
+        let (y, p) = linear2.apply(g, h)?;
+        self.keep((y, p.to_vec()))
     }
 }
 

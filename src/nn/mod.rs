@@ -1,4 +1,4 @@
-//! Layers (normalization and attention among them), losses, optimizers, initialisation and checkpoints.
+//! Layers (normalization, attention and transformer layers among them), losses, optimizers, initialisation and checkpoints.
 
 pub mod attention;
 pub mod checkpoint;
@@ -9,7 +9,10 @@ pub mod optim;
 pub mod rnn;
 pub mod train;
 
-pub use attention::{decode_mask, FeedForwardAct, MultiheadAttention, TransformerEncoderLayer};
+pub use attention::{
+    decode_mask, FeedForwardAct, MultiheadAttention, TransformerDecoderLayer,
+    TransformerEncoderLayer,
+};
 pub use init::Init;
 pub use layers::{dropout, dropout_seed, Act, Conv2d, Layer, Linear, Sequential};
 pub use norm::{BatchNorm, GroupNorm, LayerNorm, RmsNorm};
