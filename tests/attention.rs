@@ -729,10 +729,9 @@ fn verify_finds_no_divergence_in_a_transformer_layer() {
     let grads = g.grad(loss, &params).unwrap();
     let mut outs = vec![loss];
     outs.extend(grads);
-    let mut mask = Tensor::zeros([2, 1, 1, 37]);
-    for j in 30..37 {
-        mask.data_mut()[37 + j] = f32::NEG_INFINITY; // the second window is 30 long
-    }
+    let mask = kiln::nn::padding_mask(&[37, 30], 37); // the second window is 30 long
+    assert_eq!(mask.data()[37 + 29], 0.0);
+    assert_eq!(mask.data()[37 + 30], f32::NEG_INFINITY);
     let xv = rand(&[2, 37, 16], 91);
     let seed = Tensor::new([1], vec![7.0]).unwrap();
     let feeds = [("x", &xv), ("m", &mask), ("dropout.seed", &seed)];

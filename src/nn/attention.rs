@@ -209,6 +209,18 @@ impl MultiheadAttention {
     }
 }
 
+/// A key padding mask for sequences of `lengths` padded to `s` keys: `(N, 1, 1, s)` additive,
+/// 0 at the first `lengths[b]` keys of sequence `b`, `-inf` after (torch's `key_padding_mask`
+/// as the additive mask [`MultiheadAttention::apply`] takes). A length of 0 hides every key and
+/// gives NaN rows, as torch does.
+pub fn padding_mask(lengths: &[usize], s: usize) -> Tensor {
+    let data = lengths
+        .iter()
+        .flat_map(|&len| (0..s).map(move |j| if j < len { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::new([lengths.len(), 1, 1, s], data).expect("N * s values")
+}
+
 /// The additive mask of [`MultiheadAttention::apply_cached`] for `s` new tokens at `position`
 /// in a cache of `max_len` rows: `(s, max_len)`, 0 where key `j <= position + i`, `-inf` after.
 pub fn decode_mask(position: usize, s: usize, max_len: usize) -> Tensor {

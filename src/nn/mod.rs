@@ -10,7 +10,7 @@ pub mod rnn;
 pub mod train;
 
 pub use attention::{
-    decode_mask, FeedForwardAct, MultiheadAttention, TransformerDecoderLayer,
+    decode_mask, padding_mask, FeedForwardAct, MultiheadAttention, TransformerDecoderLayer,
     TransformerEncoderLayer,
 };
 pub use init::Init;
