@@ -289,13 +289,8 @@ fn probabilities(
     causal: bool,
     scale: f32,
 ) -> Result<NodeId> {
-    let dtype = g.dtype(q);
-    let as_scores = |m: NodeId| -> Result<NodeId> {
-        match dtype {
-            DType::F32 => Ok(m),
-            other => g.cast(m, other),
-        }
-    };
+    // f32 masks in the scores' type (a cast to the same type adds nothing)
+    let as_scores = |m: NodeId| g.cast(m, g.dtype(q));
     let mut s = g.mul_scalar(g.matmul_t(q, k, false, true)?, scale)?;
     if let Some(m) = mask {
         s = g.add(s, as_scores(m)?)?;
