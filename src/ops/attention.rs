@@ -412,6 +412,30 @@ mod tests {
         assert_eq!(tiles(5, 3, 64, 64, 49152), (8, 4));
     }
 
+    /// The profiler counts the pairs attended: all of them, or the causal triangle.
+    #[test]
+    fn cost_counts_attended_pairs() {
+        let (q, k, v) = (
+            Shape(vec![2, 4, 8]),
+            Shape(vec![2, 6, 8]),
+            Shape(vec![2, 6, 3]),
+        );
+        let out = Shape(vec![2, 4, 3]);
+        let one = Shape(vec![1]);
+        let shapes = [&q, &k, &v, &one, &one];
+        let op = |causal| {
+            Op::Attention(Attention {
+                scale: 1.0,
+                causal,
+                masked: false,
+                dropout: None,
+            })
+        };
+        // 2 slices x (8 + 3) multiply-adds per pair
+        assert_eq!(op(false).cost(&shapes, &out).0, 2.0 * 24.0 * 22.0);
+        assert_eq!(op(true).cost(&shapes, &out).0, 2.0 * 10.0 * 22.0);
+    }
+
     /// Masks whose leading axes fold into (outer, head) strides, and one that does not.
     #[test]
     fn mask_strides_fold_leading_axes() {

@@ -330,11 +330,18 @@ impl Op {
                 };
                 2.0 * (t * b * 4 * h * h) as f64
             }
-            Op::Attention(_) => {
-                // the scores and the weighted sum: Lq * Lk * (D + Dv) multiply-adds per slice
-                let k = inputs[1].dims();
-                let lk = k[k.len() - 2];
-                2.0 * (inputs[0].numel() + out.numel()) as f64 * lk as f64
+            Op::Attention(a) => {
+                // the scores and the weighted sum: (D + Dv) multiply-adds per attended pair,
+                // Lq * Lk pairs per slice (causal: key j <= query i only)
+                let (q, k) = (inputs[0].dims(), inputs[1].dims());
+                let (lq, lk) = (q[q.len() - 2], k[k.len() - 2]);
+                let pairs: usize = if a.causal {
+                    (0..lq).map(|i| (i + 1).min(lk)).sum()
+                } else {
+                    lq * lk
+                };
+                let per_pair = (inputs[0].numel() + out.numel()) / lq;
+                2.0 * (pairs * per_pair) as f64
             }
             Op::GruForward(_) | Op::GruBackward(_) | Op::RnnForward(_) | Op::RnnBackward(_) => {
                 // the recurrent products: T * B * GH * H multiply-adds (G = 3 for the GRU, 1 for
