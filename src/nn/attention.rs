@@ -3,6 +3,42 @@
 //! decoding), `TransformerEncoderLayer` and `TransformerDecoderLayer`
 //! (`torch.nn.Transformer{Encoder,Decoder}Layer(..., batch_first=True)`), over
 //! [`Graph::attention`].
+//!
+//! A causal layer trained one step, then fed one token at a time through its key/value cache
+//! (the CPU reference here; `Device::new()` picks the GPU):
+//!
+//! ```
+//! # fn main() -> kiln::Result<()> {
+//! use kiln::nn::{decode_mask, Init, Optimizer, TrainStep, TransformerEncoderLayer};
+//! use kiln::{Device, Graph, Tensor};
+//! let dev = Device::cpu();
+//! let (n, l, e) = (2, 6, 8);
+//! let layer = TransformerEncoderLayer::new("enc", e, 2, 16, &mut Init::new(0))?;
+//!
+//! // training: the whole sequence, causal, dropout on
+//! let g = Graph::new();
+//! let x = g.input("x", [n, l, e]);
+//! let (y, params) = layer.apply(&g, x, None, true, true)?;
+//! let loss = g.mse_loss(y, g.input("target", [n, l, e]))?;
+//! let mut step = TrainStep::new(&dev, &g, loss, &params, Optimizer::adamw(1e-3, 0.01), 0)?;
+//! let xs = Tensor::rand_uniform([n, l, e], -1.0, 1.0, 1);
+//! let loss = step.step(&[("x", &xs), ("target", &xs)], true)?;
+//! assert!(loss.is_some_and(f32::is_finite));
+//!
+//! // decoding: one token per run, keys and values kept on the device
+//! let g = Graph::new();
+//! let x = g.input("x", [n, 1, e]);
+//! let (pos, mask) = (g.input("pos", [1]), g.input("mask", [1, l]));
+//! let (y, _) = layer.apply_cached(&g, x, pos, l, mask)?;
+//! let mut decode = dev.compile(&g, &[y])?;
+//! for p in 0..l {
+//!     let token = Tensor::rand_uniform([n, 1, e], -1.0, 1.0, 2 + p as u64);
+//!     let position = Tensor::new([1], vec![p as f32])?;
+//!     let out = decode.run(&[("x", &token), ("pos", &position), ("mask", &decode_mask(p, 1, l))])?;
+//!     assert_eq!(out[0].dims(), &[n, 1, e]);
+//! }
+//! # Ok(()) }
+//! ```
 
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
