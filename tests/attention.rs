@@ -1052,3 +1052,17 @@ fn transformer_decoder_layer_matches_torch_formula() {
         gradcheck(&what, &g, loss, &wrt, &feeds, 24, TOL_REDUCTION);
     }
 }
+
+/// More (batch, head) slices than one grid axis holds (65,535 workgroups): the grid folds into
+/// two dimensions and every slice is still computed once.
+#[test]
+fn attention_over_many_slices_folds_its_grid() {
+    let [qs, ks, vs] = shapes(&[70_000], 1, 2, 3, 2);
+    let (tq, tk, tv) = (rand(&qs, 160), rand(&ks, 161), rand(&vs, 162));
+    let g = Graph::new();
+    let (q, k, v) = (g.input("q", qs), g.input("k", ks), g.input("v", vs));
+    let y = g.attention(q, k, v, None, false, None).unwrap();
+    let want = sdpa_ref(&tq, &tk, &tv, &no_mask, false, 1.0 / 3f64.sqrt());
+    let feeds = [("q", &tq), ("k", &tk), ("v", &tv)];
+    check_formula("70,000 slices", &g, y, &feeds, &want, TOL_REDUCTION);
+}
