@@ -117,6 +117,12 @@ fn group_at(i: u32) -> u32 {
     return (i / INNER) % GROUPS;
 }
 
+// Element i of x normalized by its group's statistics (the entries binding stats at 1).
+fn normalized_x(i: u32) -> f32 {
+    let g = group_at(i);
+    return (ld_x(i) - stats[g]) / sqrt(stats[GROUPS + g] + EPS);
+}
+
 // The mean of group g of x (every thread gets it).
 fn mean_of(g: u32, lid: u32) -> f32 {
     let count = OUTER * INNER;
@@ -162,8 +168,7 @@ fn normalize(
     if i >= OUTER * GROUPS * INNER {
         return;
     }
-    let g = group_at(i);
-    st_normalized(i, (ld_x(i) - stats[g]) / sqrt(stats[GROUPS + g] + EPS));
+    st_normalized(i, normalized_x(i));
 }
 
 @compute @workgroup_size(256)
@@ -177,8 +182,7 @@ fn normalize_affine(
         return;
     }
     let g = group_at(i);
-    let xh = (ld_x(i) - stats[g]) / sqrt(stats[GROUPS + g] + EPS);
-    st_affine_out(i, xh * weight2[g] + bias3[g]);
+    st_affine_out(i, normalized_x(i) * weight2[g] + bias3[g]);
 }
 
 @compute @workgroup_size(256)

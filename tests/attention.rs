@@ -477,6 +477,26 @@ fn multihead_attention_matches_torch_formula() {
 }
 
 /// torch's layer norm over the last axis (weight and bias given) in f64.
+/// A transformer layer's feed-forward block in f64: `linear2(act(linear1(v)))`, from its
+/// parameters `p`.
+fn ffn_ref(p: &dyn Fn(&str) -> Tensor, v: &[f64], act: impl Fn(f64) -> f64) -> Vec<f64> {
+    let hidden: Vec<f64> = linear_ref(v, &p("linear1.weight"), &p("linear1.bias"))
+        .into_iter()
+        .map(act)
+        .collect();
+    linear_ref(&hidden, &p("linear2.weight"), &p("linear2.bias"))
+}
+
+/// The layer norm `<k>` (width `e`) of a transformer layer in f64.
+fn norm_ref(p: &dyn Fn(&str) -> Tensor, k: &str, e: usize, v: &[f64]) -> Vec<f64> {
+    layer_norm_rows(v, e, &p(&format!("{k}.weight")), &p(&format!("{k}.bias")))
+}
+
+/// `a + b` elementwise.
+fn add(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
 fn layer_norm_rows(x: &[f64], e: usize, w: &Tensor, b: &Tensor) -> Vec<f64> {
     x.chunks(e)
         .flat_map(|row| {
@@ -519,17 +539,8 @@ fn transformer_encoder_layer_matches_torch_formula() {
         let p = |k: &str| cpu.param(&format!("encf.{k}")).unwrap();
         let sa = |k: &str| p(&format!("self_attn.{k}"));
         let attend = |v: &[f64]| mha_ref(&sa, h, v, v, (n, l, l, e), &|_, _, _, _| 0.0, true);
-        let ffn = |v: &[f64]| {
-            let hid: Vec<f64> = linear_ref(v, &p("linear1.weight"), &p("linear1.bias"))
-                .into_iter()
-                .map(|z| z.max(0.0))
-                .collect();
-            linear_ref(&hid, &p("linear2.weight"), &p("linear2.bias"))
-        };
-        let add = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<f64>>();
-        let norm = |k: &str, v: &[f64]| {
-            layer_norm_rows(v, e, &p(&format!("{k}.weight")), &p(&format!("{k}.bias")))
-        };
+        let ffn = |v: &[f64]| ffn_ref(&p, v, |z| z.max(0.0));
+        let norm = |k: &str, v: &[f64]| norm_ref(&p, k, e, v);
         let xv = to_f64(&x);
         let want = if norm_first {
             let x1 = add(&xv, &attend(&norm("norm1", &xv)));
@@ -1023,17 +1034,9 @@ fn transformer_decoder_layer_matches_torch_formula() {
         let memv = to_f64(&mem);
         let self_attend = |v: &[f64]| mha_ref(&sa, h, v, v, (n, t, t, e), &no_mask, true);
         let cross = |v: &[f64]| mha_ref(&ca, h, v, &memv, (n, t, s, e), &pad_mask, false);
-        let ffn = |v: &[f64]| {
-            let hid: Vec<f64> = linear_ref(v, &p("linear1.weight"), &p("linear1.bias"))
-                .into_iter()
-                .map(|z| 0.5 * z * (1.0 + libm::erf(z / std::f64::consts::SQRT_2)))
-                .collect();
-            linear_ref(&hid, &p("linear2.weight"), &p("linear2.bias"))
-        };
-        let add = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<f64>>();
-        let norm = |k: &str, v: &[f64]| {
-            layer_norm_rows(v, e, &p(&format!("{k}.weight")), &p(&format!("{k}.bias")))
-        };
+        let gelu = |z: f64| 0.5 * z * (1.0 + libm::erf(z / std::f64::consts::SQRT_2));
+        let ffn = |v: &[f64]| ffn_ref(&p, v, gelu);
+        let norm = |k: &str, v: &[f64]| norm_ref(&p, k, e, v);
         let xv = to_f64(&tgt);
         let want = if norm_first {
             let x1 = add(&xv, &self_attend(&norm("norm1", &xv)));

@@ -115,18 +115,7 @@ impl LayerNorm {
     /// parameters. A shape error names `layer_norm` when `x` does not end in `normalized_shape`.
     pub fn apply(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
         let shape = self.normalized_shape.clone();
-        let k = shape.len();
-        let dims = g.check_id("layer_norm", x)?.dims().to_vec();
-        if k == 0 || dims.len() < k || dims[dims.len() - k..] != shape[..] {
-            return Err(crate::error::shape_err(
-                "layer_norm",
-                format!(
-                    "input {} does not end in the normalized shape {:?}",
-                    g.shape(x),
-                    shape
-                ),
-            ));
-        }
+        let k = check_trailing(g, "layer_norm", x, &shape)?;
         let affine = affine_params(g, &self.name, self.elementwise_affine, &shape);
         let y = g.layer_norm(x, k, affine, self.eps)?;
         Ok((y, affine.map(|(w, b)| vec![w, b]).unwrap_or_default()))
@@ -180,18 +169,7 @@ impl RmsNorm {
     /// parameters. A shape error names `rms_norm` when `x` does not end in `normalized_shape`.
     pub fn apply(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
         let shape = self.normalized_shape.clone();
-        let k = shape.len();
-        let dims = g.check_id("rms_norm", x)?.dims().to_vec();
-        if k == 0 || dims.len() < k || dims[dims.len() - k..] != shape[..] {
-            return Err(crate::error::shape_err(
-                "rms_norm",
-                format!(
-                    "input {} does not end in the normalized shape {:?}",
-                    g.shape(x),
-                    shape
-                ),
-            ));
-        }
+        let k = check_trailing(g, "rms_norm", x, &shape)?;
         let w = self.elementwise_affine.then(|| {
             g.param_init(
                 &format!("{}.weight", self.name),
@@ -279,6 +257,23 @@ impl Layer for GroupNorm {
 }
 
 /// `<name>.weight` and `<name>.bias` where the layer is affine.
+/// The number of `normalized` axes, after checking that `x` ends in them; else a shape error
+/// naming `op`.
+fn check_trailing(g: &Graph, op: &'static str, x: NodeId, normalized: &[usize]) -> Result<usize> {
+    let dims = g.check_id(op, x)?.dims().to_vec();
+    let k = normalized.len();
+    if k == 0 || dims.len() < k || dims[dims.len() - k..] != normalized[..] {
+        return Err(crate::error::shape_err(
+            op,
+            format!(
+                "input {} does not end in the normalized shape {normalized:?}",
+                g.shape(x)
+            ),
+        ));
+    }
+    Ok(k)
+}
+
 fn affine_names(name: &str, affine: bool) -> Vec<String> {
     if affine {
         vec![format!("{name}.weight"), format!("{name}.bias")]
