@@ -3,8 +3,12 @@
 // of NaN (the read index is clamped first, so nothing is read out of bounds).
 //
 // Entry `embedding`: out[i, e] = weight[indices[i], e].
-// Entry `embedding_backward`: dw[v, e] = sum over i with indices[i] == v of dy[i, e], gathered by
-// one thread per (v, e) looping over all indices in order (no atomics, deterministic).
+// Entry `embedding_backward`: dw[v, e] = sum over i with indices[i] == v of dy[i, e], summed in
+// index order (deterministic, no float atomics). A workgroup owns row v and 256 of its columns:
+// it scans the indices 256 at a time (one read per thread), counts the chunk's matches and, where
+// there are any, lists their positions in order (a prefix sum over the workgroup), then each
+// thread adds its column of those rows of dy. Work: V * ceil(E / 256) * N index reads plus one
+// read of dy per used row and column, not V * E * N.
 //
 // Bindings
 // `embedding`:           0 indices (read) [N]; 1 weight (read) [V, E]; 2 out (read_write) [N, E]
@@ -13,8 +17,8 @@
 // computed (and the gradient accumulated) in f32; indices stay f32.
 // Overrides: N (number of indices), V (rows of the table), E (embedding width).
 // Dispatch: `embedding` ceil(N * E / 256) workgroups, one thread per output element;
-//           `embedding_backward` ceil(V * E / 256) workgroups, one thread per weight; both folded
-//           into (x <= 65535, y).
+//           `embedding_backward` V * ceil(E / 256) workgroups, workgroup w owns row w / ceil(E / 256),
+//           columns (w % ceil(E / 256)) * 256 + thread; both folded into (x <= 65535, y).
 
 override N: u32 = 1u;
 override V: u32 = 1u;
@@ -61,23 +65,65 @@ fn embedding(
     st_out(id, select(nan(), ld_weight(row * E + e), valid));
 }
 
+// The chunk's matches: their count, then an inclusive prefix sum of the match flags and the
+// matching positions in index order.
+var<workgroup> hits: atomic<u32>;
+var<workgroup> rank: array<u32, 256>;
+var<workgroup> rows: array<u32, 256>;
+
 @compute @workgroup_size(256)
 fn embedding_backward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let id = linear_id(wid, nwg, lid);
-    if id >= V * E {
+    let chunks = (E + WG - 1u) / WG;
+    let w = wid.y * nwg.x + wid.x;
+    if w >= V * chunks {
         return;
     }
-    let v = f32(id / E);
-    let e = id % E;
+    let v = w / chunks;
+    let e = (w % chunks) * WG + lid;
     var acc = 0.0;
-    for (var i = 0u; i < N; i = i + 1u) {
-        if indices[i] == v {
-            acc = acc + ld_dy(i * E + e);
+    for (var i0 = 0u; i0 < N; i0 = i0 + WG) {
+        let i = i0 + lid;
+        let hit = i < N && indices[i] == f32(v);
+        // the previous chunk's count, ranks and list are no longer read
+        workgroupBarrier();
+        if lid == 0u {
+            atomicStore(&hits, 0u);
+        }
+        workgroupBarrier();
+        if hit {
+            atomicAdd(&hits, 1u);
+        }
+        // most chunks hold no occurrence of a row: skip them together
+        let count = workgroupUniformLoad(&hits);
+        if count == 0u {
+            continue;
+        }
+        rank[lid] = select(0u, 1u, hit);
+        workgroupBarrier();
+        for (var s = 1u; s < WG; s = s * 2u) {
+            var add = 0u;
+            if lid >= s {
+                add = rank[lid - s];
+            }
+            workgroupBarrier();
+            rank[lid] = rank[lid] + add;
+            workgroupBarrier();
+        }
+        if hit {
+            rows[rank[lid] - 1u] = i;
+        }
+        workgroupBarrier();
+        if e < E {
+            for (var c = 0u; c < count; c = c + 1u) {
+                acc = acc + ld_dy(rows[c] * E + e);
+            }
         }
     }
-    st_dw(id, acc);
+    if e < E {
+        st_dw(v * E + e, acc);
+    }
 }

@@ -32,11 +32,15 @@
 //                        4 sums [2*GROUPS]   5 dx [..]
 //   running_update(2):   0 value [N] ([2N])   1 running0 [N]   (2 running1 [N]): parameters,
 //                        updated in place
-// Overrides: OUTER, GROUPS, INNER, EPS; N, MOMENTUM, SCALE0, SCALE1 (running_update).
-// Dispatch: group_stats, normalize_backward, group_sums: one workgroup of 256 threads per
-//           group (GROUPS workgroups, folded into (x <= 65535, y)), f32 partial sums per thread
-//           reduced in workgroup memory; normalize(_affine), normalize_affine_backward and
-//           running_update: one thread per element, ceil(n / 256) workgroups, folded likewise.
+// Overrides: OUTER, GROUPS, INNER, EPS; TPG (threads per group, a power of two <= 256); N,
+//            MOMENTUM, SCALE0, SCALE1 (running_update).
+// Dispatch: group_stats, normalize_backward, group_sums: TPG threads per group, 256 / TPG groups
+//           per workgroup of 256 threads (ceil(GROUPS * TPG / 256) workgroups, folded into
+//           (x <= 65535, y)), f32 partial sums per thread reduced in workgroup memory within
+//           each group's TPG threads (the host gives large groups, a batch norm's channels,
+//           the whole workgroup, and small ones, a layer norm's rows, a few threads);
+//           normalize(_affine), normalize_affine_backward and running_update: one thread per
+//           element, ceil(n / 256) workgroups, folded likewise.
 
 override OUTER: u32 = 1u;
 override GROUPS: u32 = 1u;
@@ -46,7 +50,10 @@ override N: u32 = 1u;
 override MOMENTUM: f32 = 0.1;
 override SCALE0: f32 = 1.0;
 override SCALE1: f32 = 1.0;
+override TPG: u32 = 256u;
 const WG: u32 = 256u;
+// Groups per workgroup.
+override GPW: u32 = WG / TPG;
 
 // Each entry point uses the bindings of its line in the table above. Tensors (x, dy, the
 // outputs) are read and written through ld_*/st_*: src/codegen/storage.rs generates the f16
@@ -92,17 +99,19 @@ fn at(g: u32, e: u32) -> u32 {
     return (o * GROUPS + g) * INNER + (e - o * INNER);
 }
 
-// The workgroup's sum of every thread's `v` (both components), seen by every thread.
-fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
+// The sum of `v` (both components) over the TPG threads of this thread's group, seen by each
+// of them. Every thread of the workgroup calls it (it has barriers).
+fn group_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
     partial[lid] = v;
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        if lid < s {
+    let t = lid % TPG;
+    for (var s = TPG / 2u; s > 0u; s = s / 2u) {
+        if t < s {
             partial[lid] = partial[lid] + partial[lid + s];
         }
         workgroupBarrier();
     }
-    let total = partial[0];
+    let total = partial[lid - t];
     workgroupBarrier();
     return total;
 }
@@ -110,6 +119,18 @@ fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
 // The workgroup's index in the (folded) grid.
 fn workgroup_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;
+}
+
+// This thread's group (may be >= GROUPS in the last workgroup) and its elements: none past
+// the last group, whose threads take part in the barriers only.
+struct Lane {
+    g: u32,
+    t: u32,
+    count: u32,
+}
+fn lane(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Lane {
+    let g = workgroup_index(wid, nwg) * GPW + lid / TPG;
+    return Lane(g, lid % TPG, select(0u, OUTER * INNER, g < GROUPS));
 }
 
 // The group of element i of (OUTER, GROUPS, INNER).
@@ -123,38 +144,32 @@ fn normalized_x(i: u32) -> f32 {
     return (ld_x(i) - stats[g]) / sqrt(stats[GROUPS + g] + EPS);
 }
 
-// The mean of group g of x (every thread gets it).
-fn mean_of(g: u32, lid: u32) -> f32 {
-    let count = OUTER * INNER;
-    var s = 0.0;
-    for (var e = lid; e < count; e = e + WG) {
-        s = s + ld_x(at(g, e));
-    }
-    return workgroup_sum(lid, vec2<f32>(s, 0.0)).x / f32(count);
-}
-
 @compute @workgroup_size(256)
 fn group_stats(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = workgroup_index(wid, nwg);
-    if g >= GROUPS {
+    if workgroup_index(wid, nwg) * GPW >= GROUPS {
         return;
     }
+    let l = lane(wid, nwg, lid);
+    let n = f32(OUTER * INNER);
     // two passes: the squared deviations from the mean, not E[x^2] - E[x]^2, which cancels
-    let m = mean_of(g, lid);
-    let count = OUTER * INNER;
     var s = 0.0;
-    for (var e = lid; e < count; e = e + WG) {
-        let d = ld_x(at(g, e)) - m;
+    for (var e = l.t; e < l.count; e = e + TPG) {
+        s = s + ld_x(at(l.g, e));
+    }
+    let m = group_sum(lid, vec2<f32>(s, 0.0)).x / n;
+    s = 0.0;
+    for (var e = l.t; e < l.count; e = e + TPG) {
+        let d = ld_x(at(l.g, e)) - m;
         s = s + d * d;
     }
-    let v = workgroup_sum(lid, vec2<f32>(s, 0.0)).x / f32(count);
-    if lid == 0u {
-        stats_out[g] = m;
-        stats_out[GROUPS + g] = v;
+    let v = group_sum(lid, vec2<f32>(s, 0.0)).x / n;
+    if l.t == 0u && l.count > 0u {
+        stats_out[l.g] = m;
+        stats_out[GROUPS + l.g] = v;
     }
 }
 
@@ -191,23 +206,24 @@ fn group_sums(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = workgroup_index(wid, nwg);
-    if g >= GROUPS {
+    if workgroup_index(wid, nwg) * GPW >= GROUPS {
         return;
     }
-    let mean = stats2[g];
-    let rstd = 1.0 / sqrt(stats2[GROUPS + g] + EPS);
-    let count = OUTER * INNER;
+    let l = lane(wid, nwg, lid);
     var s = vec2<f32>(0.0, 0.0);
-    for (var e = lid; e < count; e = e + WG) {
-        let k = at(g, e);
-        let d = ld_dy(k);
-        s = s + vec2<f32>(d, d * ((ld_x1(k) - mean) * rstd));
+    if l.count > 0u {
+        let mean = stats2[l.g];
+        let rstd = 1.0 / sqrt(stats2[GROUPS + l.g] + EPS);
+        for (var e = l.t; e < l.count; e = e + TPG) {
+            let k = at(l.g, e);
+            let d = ld_dy(k);
+            s = s + vec2<f32>(d, d * ((ld_x1(k) - mean) * rstd));
+        }
     }
-    let total = workgroup_sum(lid, s);
-    if lid == 0u {
-        sums_out[g] = total.x;
-        sums_out[GROUPS + g] = total.y;
+    let total = group_sum(lid, s);
+    if l.t == 0u && l.count > 0u {
+        sums_out[l.g] = total.x;
+        sums_out[GROUPS + l.g] = total.y;
     }
 }
 
@@ -234,22 +250,23 @@ fn normalize_backward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = workgroup_index(wid, nwg);
-    if g >= GROUPS {
+    if workgroup_index(wid, nwg) * GPW >= GROUPS {
         return;
     }
-    let count = OUTER * INNER;
+    let l = lane(wid, nwg, lid);
     var s = vec2<f32>(0.0, 0.0);
-    for (var e = lid; e < count; e = e + WG) {
-        let k = at(g, e);
+    for (var e = l.t; e < l.count; e = e + TPG) {
+        let k = at(l.g, e);
         let d = ld_dxhat(k);
         s = s + vec2<f32>(d, d * ld_xhat(k));
     }
-    let means = workgroup_sum(lid, s) / f32(count);
-    let rstd = 1.0 / sqrt(stats2[GROUPS + g] + EPS);
-    for (var e = lid; e < count; e = e + WG) {
-        let k = at(g, e);
-        st_dx(k, rstd * (ld_dxhat(k) - means.x - ld_xhat(k) * means.y));
+    let means = group_sum(lid, s) / f32(OUTER * INNER);
+    if l.count > 0u {
+        let rstd = 1.0 / sqrt(stats2[GROUPS + l.g] + EPS);
+        for (var e = l.t; e < l.count; e = e + TPG) {
+            let k = at(l.g, e);
+            st_dx(k, rstd * (ld_dxhat(k) - means.x - ld_xhat(k) * means.y));
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use common::{
     assert_close, check_formula, check_gpu_vs_cpu, gpu, gradcheck, rand, random_projection,
 };
 use kiln::ops::{TOL_F16, TOL_REDUCTION};
-use kiln::{DType, Device, Error, Graph, Tensor};
+use kiln::{DType, Device, Error, Graph, NodeId, Tensor};
 
 /// torch's `scaled_dot_product_attention` in f64: `q (*, Lq, D)`, `k (*, Lk, D)`, `v (*, Lk,
 /// Dv)`, `mask` as a function of (slice, i, j) (its broadcast done by the caller).
@@ -652,6 +652,147 @@ fn transformer_learns_to_copy_the_previous_token() {
 /// Dropout of the probabilities: the fused kernel (and its CPU twin) drops exactly what the
 /// graph's dropout op drops from the composed `softmax(q k^T * scale)` with the same seed and
 /// salt (the mask the backward pass recomputes); gradients against central differences.
+/// The attention formula from graph ops (products, a softmax, dropout): `qkv` of shapes
+/// `(*, L, D)`, an f32 mask broadcastable to the scores.
+fn composed_attention(
+    g: &Graph,
+    [q, k, v]: [NodeId; 3],
+    mask: Option<NodeId>,
+    causal: bool,
+    scale: f32,
+    dropout: Option<(f32, NodeId, u32)>,
+) -> NodeId {
+    let mut scores = g
+        .mul_scalar(g.matmul_t(q, k, false, true).unwrap(), scale)
+        .unwrap();
+    if let Some(m) = mask {
+        scores = g.add(scores, m).unwrap();
+    }
+    if causal {
+        let dims = g.shape(scores).dims().to_vec();
+        let (lq, lk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let data = (0..lq * lk)
+            .map(|e| {
+                if e % lk > e / lk {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let above = g.constant(Tensor::new([lq, lk], data).unwrap());
+        scores = g.add(scores, above).unwrap();
+    }
+    let mut p = g.softmax(scores, -1).unwrap();
+    if let Some((pr, seed, salt)) = dropout {
+        p = g.dropout(p, pr, seed, salt).unwrap();
+    }
+    g.matmul(p, v).unwrap()
+}
+
+/// The fused backward's three kernels (statistics, dk and dv, dq) give the gradients of the
+/// formula composed from graph ops, on the forward's awkward shapes, causal or not, with a mask
+/// and dropout, and at the widest head they take; wider heads compose their backward.
+#[test]
+fn attention_backward_matches_the_composed_formula() {
+    let widest = kiln::ops::attention::MAX_BACKWARD_HEAD_DIM;
+    let mut cases: Vec<_> = CASES
+        .iter()
+        .map(|&(lead, lq, lk, d, dv)| (lead, lq, lk, d, dv, false))
+        .collect();
+    cases.push((&[2, 3], 37, 41, 20, 9, true)); // a mask and dropout
+    cases.push((&[1], 6, 5, widest, widest, false));
+    cases.push((&[1], 6, 5, widest + 1, 3, false)); // composed
+    let seed = Tensor::new([1], vec![4242.0]).unwrap();
+    for (n, &(lead, lq, lk, d, dv, extras)) in cases.iter().enumerate() {
+        for causal in [false, true] {
+            let [qs, ks, vs] = shapes(lead, lq, lk, d, dv);
+            let (tq, tk, tv) = (rand(&qs, 90), rand(&ks, 91), rand(&vs, 92));
+            let tm = rand(&[lq, lk], 93);
+            let g = Graph::new();
+            let (q, k, v) = (
+                g.input("q", qs.clone()),
+                g.input("k", ks.clone()),
+                g.input("v", vs.clone()),
+            );
+            let (m, s) = (g.input("m", [lq, lk]), g.input("seed", [1]));
+            let (mask, drop) = match extras {
+                true => (Some(m), Some((0.25, s, 5))),
+                false => (None, None),
+            };
+            let scale = 0.3;
+            let fused = match drop {
+                Some((p, s, salt)) => {
+                    g.attention_dropout(q, k, v, mask, causal, Some(scale), p, s, salt)
+                }
+                None => g.attention(q, k, v, mask, causal, Some(scale)),
+            }
+            .unwrap();
+            let composed = composed_attention(&g, [q, k, v], mask, causal, scale, drop);
+            let grads = |y| g.grad(random_projection(&g, y, 94), &[q, k, v]).unwrap();
+            let (got, want) = (grads(fused), grads(composed));
+            let feeds = [
+                ("q", &tq),
+                ("k", &tk),
+                ("v", &tv),
+                ("m", &tm),
+                ("seed", &seed),
+            ];
+            let feeds = if extras { &feeds[..] } else { &feeds[..3] };
+            let reference = Device::cpu()
+                .compile(&g, &want)
+                .unwrap()
+                .run(feeds)
+                .unwrap();
+            for (name, (&gn, r)) in ["dq", "dk", "dv"].iter().zip(got.iter().zip(&reference)) {
+                let what = format!("case {n} {qs:?} {ks:?} {vs:?} causal {causal}: {name}");
+                check_formula(&what, &g, gn, feeds, r, TOL_REDUCTION);
+            }
+            if let Some(dev) = gpu() {
+                let plan = dev.compile(&g, &got).unwrap();
+                let fused_kernels = plan
+                    .kernels()
+                    .iter()
+                    .filter(|l| l.contains("attention_"))
+                    .count();
+                let expect = if d.max(dv) <= widest { 3 } else { 0 };
+                assert_eq!(fused_kernels, expect, "case {n}: {:?}", plan.kernels());
+            }
+        }
+    }
+}
+
+/// The fused backward never stores the `(L, L)` scores: a training step's plan for causal
+/// attention over 256 positions allocates less than one score matrix, where the composed
+/// backward stores several.
+#[test]
+fn attention_backward_memory_is_linear_in_the_sequence() {
+    let Some(dev) = gpu() else { return };
+    let [qs, ks, vs] = shapes(&[2], 256, 256, 16, 16);
+    let peak = |fused: bool| {
+        let g = Graph::new();
+        let (q, k, v) = (
+            g.input("q", qs.clone()),
+            g.input("k", ks.clone()),
+            g.input("v", vs.clone()),
+        );
+        let y = match fused {
+            true => g.attention(q, k, v, None, true, None).unwrap(),
+            false => composed_attention(&g, [q, k, v], None, true, 0.25, None),
+        };
+        let loss = g.sum_all(y).unwrap();
+        let grads = g.grad(loss, &[q, k, v]).unwrap();
+        dev.compile(&g, &grads).unwrap().info().peak_bytes
+    };
+    let scores = (2 * 256 * 256 * 4) as u64;
+    let (fused, composed) = (peak(true), peak(false));
+    assert!(
+        fused < scores,
+        "fused backward: {fused} bytes, one score matrix {scores}"
+    );
+    assert!(composed > 2 * scores, "composed backward: {composed} bytes");
+}
+
 #[test]
 fn attention_dropout_matches_composed_dropout() {
     let [qs, ks, vs] = shapes(&[2, 3], 9, 11, 5, 4);
@@ -668,28 +809,7 @@ fn attention_dropout_matches_composed_dropout() {
         let y = g
             .attention_dropout(q, k, v, None, causal, Some(0.4), 0.3, s, 77)
             .unwrap();
-        // the same formula from graph ops
-        let mut scores = g
-            .mul_scalar(g.matmul_t(q, k, false, true).unwrap(), 0.4)
-            .unwrap();
-        if causal {
-            let data = (0..9 * 11)
-                .map(|e| {
-                    if e % 11 > e / 11 {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            scores = g
-                .add(scores, g.constant(Tensor::new([9, 11], data).unwrap()))
-                .unwrap();
-        }
-        let p = g
-            .dropout(g.softmax(scores, -1).unwrap(), 0.3, s, 77)
-            .unwrap();
-        let composed = g.matmul(p, v).unwrap();
+        let composed = composed_attention(&g, [q, k, v], None, causal, 0.4, Some((0.3, s, 77)));
         let feeds = [("q", &tq), ("k", &tk), ("v", &tv), ("seed", &seed)];
         let want = Device::cpu()
             .compile(&g, &[composed])

@@ -96,9 +96,17 @@ fn binary_gradients_with_broadcasting() {
 
 #[test]
 fn matmul_gradients() {
-    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+    // a batched (rank 3 and 4) times a shared b: b's gradient one product over all rows
+    for (ta, tb, lead) in [
+        (false, false, &[2][..]),
+        (true, false, &[2]),
+        (false, true, &[2]),
+        (true, true, &[2]),
+        (false, false, &[2, 3]),
+        (false, true, &[3, 2]),
+    ] {
         let (m, k, n) = (3, 5, 4);
-        let sa = if ta { vec![2, k, m] } else { vec![2, m, k] };
+        let sa = [lead, &if ta { [k, m] } else { [m, k] }].concat();
         let sb = if tb { vec![n, k] } else { vec![k, n] };
         let g = Graph::new();
         let a = g.input("a", sa.clone());
@@ -106,7 +114,7 @@ fn matmul_gradients() {
         let y = g.matmul_t(a, b, ta, tb).unwrap();
         let loss = random_projection(&g, y, 7);
         gradcheck(
-            &format!("matmul ta={ta} tb={tb}"),
+            &format!("matmul {sa:?} ta={ta} tb={tb}"),
             &g,
             loss,
             &[("a", a), ("b", b)],

@@ -259,6 +259,7 @@ fn embedding_matches_the_reference_with_repeated_indices() {
         (vec![3, 4], 5, 3),     // 12 indices into 5 rows: repeats
         (vec![2, 3, 5], 7, 13), // rank 3, primes
         (vec![40, 9], 11, 29),  // more than 256 threads both ways
+        (vec![600], 7, 300),    // more than a chunk of indices, more than 256 columns
     ] {
         let what = format!("embedding {shape:?} V={v} E={e}");
         let (g, y, w, loss) = embedding_graph(shape, v, e);

@@ -652,9 +652,31 @@ fn verify_finds_no_divergence_in_a_batch_norm_step() {
     assert!(report.ok(), "{report}");
 }
 
+/// Rows of every width share workgroups (a few threads per small row, `threads_per_group`):
+/// one to many rows per workgroup, widths that are not multiples of the threads, a last
+/// workgroup with rows past the end; statistics and gradients against the CPU reference.
 #[test]
-fn many_groups_fold_into_a_two_dimensional_grid() {
-    // 70,000 rows: more workgroups than one grid axis holds (65,535)
+fn layer_norm_rows_share_workgroups() {
+    for width in [1usize, 3, 5, 13, 64, 100, 513, 1500] {
+        for rows in [1usize, 7, 300] {
+            let x = Tensor::rand_uniform(vec![rows, width], -3.0, 5.0, (width + rows) as u64);
+            let want = layer_norm_ref(&x, 1, &vec![1.0; width], &vec![0.0; width]);
+            let g = Graph::new();
+            let xi = g.input("x", [rows, width]);
+            let y = g.layer_norm(xi, 1, None, EPS).unwrap();
+            let what = format!("layer_norm of {rows} rows of {width}");
+            check_formula(&what, &g, y, &[("x", &x)], &want, (1e-5, 1e-5));
+            let loss = random_projection(&g, y, 7);
+            let dx = g.grad(loss, &[xi]).unwrap();
+            check_gpu_vs_cpu(&what, &g, &dx, &[("x", &x)], TOL_REDUCTION);
+        }
+    }
+}
+
+#[test]
+fn seventy_thousand_rows() {
+    // 70,000 rows of 3, 256 to a workgroup (a grid folded into two dimensions once took a
+    // workgroup per row; now only groups of 513 or more elements take a workgroup each)
     let g = Graph::new();
     let x = g.input("x", [70_000, 3]);
     let y = g.layer_norm(x, 1, None, EPS).unwrap();

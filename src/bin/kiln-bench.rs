@@ -9,8 +9,8 @@
 //! GPU), relu over 16M floats, the MNIST CNN training step (batch 64, Adam; also with batch norms) and an LSTM training
 //! step (batch 64, 32 steps, hidden 128), and a chain of five elementwise ops (the plan compiler's
 //! fusion); with SHADER_F16 also f16 matmuls, chain and conv, and the two training steps in
-//! mixed precision; causal attention forward (batch 2, 4 heads, 128 tokens, head 64; and 8 x 16
-//! heads x 1024 tokens on a hardware GPU, also f16) and a GPT-style transformer training step
+//! mixed precision; causal attention forward, and forward with backward (batch 2, 4 heads, 128
+//! tokens, head 64; and 8 x 16 heads x 1024 tokens on a hardware GPU, also f16) and a GPT-style transformer training step
 //! (2 layers of width 64, 16 windows of 64 tokens; 4 x 512 over 32 x 256 on a hardware GPU).
 //! Operands of the kernel cases live on the device (as weights do). Each case is compiled
 //! once, warmed up, then timed two ways: "per run" is wall clock per run that waits for the GPU (a
@@ -427,13 +427,15 @@ fn lstm_step(dev: &Device, hidden: usize, dtype: kiln::DType) -> kiln::Result<Ca
     })
 }
 
-/// Causal self-attention forward (`Graph::attention`, the fused kernel) over `(b, h, l, d)`
-/// operands resident on the device; FLOPs counted as performed (the causal half of the score
-/// matrix: `2 b h l^2 d`, as FlashAttention's benchmarks count).
+/// Causal self-attention (`Graph::attention`, the fused kernel) over `(b, h, l, d)` operands
+/// resident on the device, forward or (`backward`) forward and gradients; FLOPs counted as
+/// performed (the causal half of the score matrix: `2 b h l^2 d` forward, as FlashAttention's
+/// benchmarks count).
 fn attention(
     dev: &Device,
     (b, h, l, d): (usize, usize, usize, usize),
     dtype: kiln::DType,
+    backward: bool,
 ) -> kiln::Result<Case> {
     let g = Graph::new();
     let tag = format!("bench.attn{b}x{h}x{l}x{d}");
@@ -448,10 +450,31 @@ fn attention(
     };
     let (q, k, v) = (t(0)?, t(1)?, t(2)?);
     let y = g.attention(q, k, v, None, true, None)?;
-    let plan = dev.compile(&g, &[probe(&g, y)?])?;
+    if !backward {
+        let plan = dev.compile(&g, &[probe(&g, y)?])?;
+        let case = plan_case(
+            format!("causal attention {b}x{h}x{l}x{d}"),
+            2.0 * (b * h * l * l * d) as f64,
+            "GFLOP/s",
+            plan,
+            Vec::new(),
+        );
+        return Ok(half_case(case, dtype, "attention"));
+    }
+    // y and the gradients of sum(y), as a training step needs them (a backward that
+    // recomputes the probabilities would not need y); FLOPs as FlashAttention counts them, the
+    // backward 2.5 times the forward
+    let loss = g.sum_all(g.cast(y, kiln::DType::F32)?)?;
+    let mut outputs = vec![y];
+    outputs.extend(g.grad(loss, &[q, k, v])?);
+    let probes = outputs
+        .iter()
+        .map(|&d| probe(&g, d))
+        .collect::<kiln::Result<Vec<_>>>()?;
+    let plan = dev.compile(&g, &probes)?;
     let case = plan_case(
-        format!("causal attention {b}x{h}x{l}x{d}"),
-        2.0 * (b * h * l * l * d) as f64,
+        format!("causal attention forward + backward {b}x{h}x{l}x{d}"),
+        3.5 * 2.0 * (b * h * l * l * d) as f64,
         "GFLOP/s",
         plan,
         Vec::new(),
@@ -611,17 +634,29 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
     v.push(Some(cnn_step(dev, kiln::DType::F32, false)?));
     v.push(Some(cnn_step(dev, kiln::DType::F32, true)?));
     v.push(Some(lstm_step(dev, 128, kiln::DType::F32)?));
-    v.push(Some(attention(dev, (2, 4, 128, 64), kiln::DType::F32)?));
-    v.push(if hardware && !cpu {
-        Some(attention(dev, (8, 16, 1024, 64), kiln::DType::F32)?)
-    } else {
-        None
-    });
-    v.push(
-        (half && hardware)
-            .then(|| attention(dev, (8, 16, 1024, 64), f16).ok())
-            .flatten(),
-    );
+    for backward in [false, true] {
+        v.push(Some(attention(
+            dev,
+            (2, 4, 128, 64),
+            kiln::DType::F32,
+            backward,
+        )?));
+        v.push(if hardware && !cpu {
+            Some(attention(
+                dev,
+                (8, 16, 1024, 64),
+                kiln::DType::F32,
+                backward,
+            )?)
+        } else {
+            None
+        });
+        v.push(
+            (half && hardware)
+                .then(|| attention(dev, (8, 16, 1024, 64), f16, backward).ok())
+                .flatten(),
+        );
+    }
     v.push(Some(transformer_step(dev, (2, 64, 64, 16))?));
     v.push(if hardware && !cpu {
         Some(transformer_step(dev, (4, 512, 256, 32))?)

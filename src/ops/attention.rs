@@ -15,15 +15,19 @@
 //! adapter from its workgroup memory ([`tiles`]). Heads wider than [`MAX_HEAD_DIM`] compose the
 //! same formula from graph ops (products and a softmax).
 //!
-//! Backward: graph ops, recomputing the probabilities from `q` and `k` (as FlashAttention
-//! recomputes them rather than keeping them from the forward pass) and running the products on
-//! the generated GEMMs: `p = softmax(s)`, `dv = p^T dy`, `dp = dy v^T`,
-//! `ds = p (dp - sum(dp p)) * scale`, `dq = ds k`, `dk = ds^T q`. This stores `(*, Lq, Lk)` in
-//! the training step (PyTorch's math backend does too); the mask takes no gradient. Dropout of
-//! the probabilities is the graph's counter-based dropout (`ops::dropout`): the kernel drops
-//! element `(slice, i, j)` as the dropout op drops that element of `(*, Lq, Lk)` with the same
-//! seed and salt, so the backward pass applies the forward's mask to `p` and `dp` without
-//! storing it.
+//! Backward (FlashAttention-2's, [`AttentionGrad`]): three kernels that recompute the scores
+//! tile by tile and never store `(Lq, Lk)` either, so training memory stays linear in the
+//! sequence length too: `attention_stats` (per query row, the log-sum-exp `lse` of its scores
+//! and `delta = dy . y`), `attention_dkv` (a workgroup per block of keys, over all queries:
+//! `p = exp(s - lse)`, `dv = p^T dy`, `ds = p (dy v^T - delta) * scale`, `dk = ds^T q`) and
+//! `attention_dq` (a workgroup per block of queries: `dq = ds k`); dq has a kernel of its own
+//! because WGSL has no float atomics to accumulate it from the key blocks. Heads wider than
+//! [`MAX_BACKWARD_HEAD_DIM`] (whose tiles would not fit WebGPU's default 16 KiB of workgroup
+//! memory) take the same formula from graph ops and GEMMs, which store the probabilities. The
+//! mask takes no gradient. Dropout of the probabilities is the graph's counter-based dropout
+//! (`ops::dropout`): the kernels drop element `(slice, i, j)` as the dropout op drops that
+//! element of `(*, Lq, Lk)` with the same seed and salt, so the backward pass recomputes the
+//! forward's mask instead of storing it.
 //!
 //! f16 `q`, `k`, `v` are read and written as stored (the kernel's f16 variant, `attention_f16`)
 //! and computed in f32; the mask stays f32.
@@ -41,6 +45,10 @@ const OP: &str = "attention";
 /// Widest head (`D` and `Dv`) the fused kernel takes: its smallest tiles then fit WebGPU's
 /// default 16 KiB of workgroup memory. Wider heads compose the formula from graph ops.
 pub const MAX_HEAD_DIM: usize = 256;
+
+/// Widest head (`D` and `Dv`) whose gradients take the fused backward kernels: their smallest
+/// tiles then fit WebGPU's default 16 KiB of workgroup memory. Wider heads compose them.
+pub const MAX_BACKWARD_HEAD_DIM: usize = 128;
 
 /// Attention of `q`, `k`, `v`, an additive mask and the dropout seed (inputs 0 to 4; the mask
 /// and the seed a `[1]` zero where `masked` is false and `dropout` is `None`).
@@ -141,6 +149,14 @@ pub fn tile_bytes((bq, bk): (usize, usize), d: usize, dv: usize) -> usize {
 /// largest of a fixed list that fits, each capped at the sequence's next power of two (at least
 /// 4).
 pub fn tiles(lq: usize, lk: usize, d: usize, dv: usize, workgroup_storage: u32) -> (usize, usize) {
+    pick_tiles(lq, lk, |t| {
+        tile_bytes(t, d, dv) <= workgroup_storage as usize
+    })
+}
+
+/// The first of a fixed list of tiles `(rows, keys)`, each capped at the sequence's next power
+/// of two (at least 4), that `fits`; `(4, 4)` where none does.
+fn pick_tiles(lq: usize, lk: usize, fits: impl Fn((usize, usize)) -> bool) -> (usize, usize) {
     const CANDIDATES: [(usize, usize); 7] = [
         (32, 32),
         (16, 32),
@@ -158,49 +174,122 @@ pub fn tiles(lq: usize, lk: usize, d: usize, dv: usize, workgroup_storage: u32) 
                 bk.min(lk.next_power_of_two().max(4)),
             )
         })
-        .find(|&t| tile_bytes(t, d, dv) <= workgroup_storage as usize)
+        .find(|&t| fits(t))
         .unwrap_or((4, 4))
 }
 
+/// Which kernel of the fused backward a node runs (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradPart {
+    /// `(2, slices, Lq)` f32: each query row's log-sum-exp, then `delta = dy . y`.
+    Stats,
+    /// `[dk | dv]` flat: `(slices, Lk, D)` then `(slices, Lk, Dv)`.
+    KeyValue,
+    /// `dq`, shaped as `q`.
+    Query,
+}
+
+/// One kernel of attention's fused backward. Inputs: `q`, `k`, `v`, the mask and the seed (as
+/// the forward's), its output `y` and that output's gradient `dy`; `KeyValue` and `Query` also
+/// take the `Stats` node.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionGrad {
+    pub attention: Attention,
+    pub part: GradPart,
+}
+
+/// Workgroup bytes of a backward kernel with tiles `(bq, bk)` (as the shader's header says).
+pub fn grad_tile_bytes(part: GradPart, (bq, bk): (usize, usize), d: usize, dv: usize) -> usize {
+    let (d4, dv4, k4) = (d.div_ceil(4), dv.div_ceil(4), bk / 4);
+    match part {
+        GradPart::Stats => 16 * (bq * d4 + bk * d4 + bq * k4) + 12 * bq,
+        GradPart::Query => 16 * (2 * bq * d4 + bq * dv4 + bk * d4 + bk * dv4 + bq * k4) + 8 * bq,
+        GradPart::KeyValue => {
+            16 * (bq * d4 + bq * dv4 + 2 * bk * d4 + 2 * bk * dv4 + 2 * bq * k4) + 8 * bq
+        }
+    }
+}
+
+/// Tiles `(BQ, BK)` of a backward kernel on an adapter with `workgroup_storage` bytes.
+pub fn grad_tiles(
+    part: GradPart,
+    lq: usize,
+    lk: usize,
+    d: usize,
+    dv: usize,
+    workgroup_storage: u32,
+) -> (usize, usize) {
+    pick_tiles(lq, lk, |t| {
+        grad_tile_bytes(part, t, d, dv) <= workgroup_storage as usize
+    })
+}
+
+/// Scores of one query row in f64: `q[i] . k[j] * scale + mask`, `-inf` where causal hides a
+/// key. `x` are the op's inputs (q, k, v, mask, ...), `strides` the mask's (None: no mask).
+fn scores_row(
+    a: &Attention,
+    x: &[&Tensor],
+    strides: Option<[usize; 5]>,
+    b: usize,
+    i: usize,
+    s: &mut [f64],
+) {
+    let (q, k, m) = (x[0], x[1], x[3]);
+    let (_, lq, lk, d, _) = extents(q.shape(), k.shape(), x[2].shape());
+    let qi = &q.data()[(b * lq + i) * d..][..d];
+    for (j, sj) in s.iter_mut().enumerate() {
+        let kj = &k.data()[(b * lk + j) * d..][..d];
+        let dot: f64 = qi.iter().zip(kj).map(|(&u, &w)| u as f64 * w as f64).sum();
+        *sj = dot * a.scale as f64;
+        if let Some([heads, outer, head, row, col]) = strides {
+            let at = (b / heads) * outer + (b % heads) * head + i * row + j * col;
+            *sj += m.data()[at] as f64;
+        }
+        if a.causal && j > i {
+            *sj = f64::NEG_INFINITY;
+        }
+    }
+}
+
 impl Attention {
-    /// CPU reference in f64: the formula row by row, the whole softmax at once.
-    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
-        let (q, k, v, m) = (inputs[0], inputs[1], inputs[2], inputs[3]);
-        let (bh, lq, lk, d, dv) = extents(q.shape(), k.shape(), v.shape());
+    /// The mask's strides as the kernels read them (`None` without a mask).
+    fn strides(&self, q: &Shape, k: &Shape, m: &Shape) -> Option<[usize; 5]> {
+        self.masked
+            .then(|| mask_strides(q, k, m).expect("folded by the graph"))
+    }
+
+    /// The dropout factor of element `(b, i, j)` of the scores: `1 / (1 - p)` or 0 (1 without
+    /// dropout); `seed` is the seed input.
+    fn keep_factor(&self, seed: &Tensor) -> impl Fn(usize) -> f64 {
         let keeps = self
             .dropout
-            .map(|d| (d.keeps(inputs[4].data()[0]), d.scale() as f64));
-        let strides = self
-            .masked
-            .then(|| mask_strides(q.shape(), k.shape(), m.shape()).expect("folded by the graph"));
+            .map(|d| (d.keeps(seed.data()[0]), d.scale() as f64));
+        move |e| match &keeps {
+            Some((keep, scale)) if keep(e) => *scale,
+            Some(_) => 0.0,
+            None => 1.0,
+        }
+    }
+
+    /// CPU reference in f64: the formula row by row, the whole softmax at once.
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+        let (bh, lq, lk, _, dv) = extents(q.shape(), k.shape(), v.shape());
+        let kept = self.keep_factor(inputs[4]);
+        let strides = self.strides(q.shape(), k.shape(), inputs[3].shape());
         let mut y = vec![0f32; out.numel()];
         let mut s = vec![0f64; lk];
         for b in 0..bh {
             for i in 0..lq {
-                let qi = &q.data()[(b * lq + i) * d..][..d];
-                for (j, sj) in s.iter_mut().enumerate() {
-                    let kj = &k.data()[(b * lk + j) * d..][..d];
-                    let dot: f64 = qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum();
-                    *sj = dot * self.scale as f64;
-                    if let Some([heads, outer, head, row, col]) = strides {
-                        let at = (b / heads) * outer + (b % heads) * head + i * row + j * col;
-                        *sj += m.data()[at] as f64;
-                    }
-                    if self.causal && j > i {
-                        *sj = f64::NEG_INFINITY;
-                    }
-                }
+                scores_row(self, inputs, strides, b, i, &mut s);
                 let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let total: f64 = s.iter().map(|&x| (x - mx).exp()).sum();
-                let kept = |j: usize| match &keeps {
-                    Some((keep, scale)) if keep((b * lq + i) * lk + j) => *scale,
-                    Some(_) => 0.0,
-                    None => 1.0,
-                };
                 for c in 0..dv {
                     let acc: f64 = (0..lk)
                         .map(|j| {
-                            (s[j] - mx).exp() * kept(j) * v.data()[(b * lk + j) * dv + c] as f64
+                            (s[j] - mx).exp()
+                                * kept((b * lq + i) * lk + j)
+                                * v.data()[(b * lk + j) * dv + c] as f64
                         })
                         .sum();
                     y[(b * lq + i) * dv + c] = (acc / total) as f32;
@@ -210,50 +299,94 @@ impl Attention {
         Tensor::new(out.clone(), y).expect("attention shape")
     }
 
-    /// Kernel: `shaders/attention.wgsl`, tiles sized for `target`.
-    pub fn kernel(&self, inputs: &[&Shape], target: &crate::codegen::Target) -> KernelSpec {
+    /// The override constants every attention kernel takes, with tiles `(bq, bk)`.
+    fn constants(&self, inputs: &[&Shape], (bq, bk): (usize, usize)) -> Vec<(&'static str, f64)> {
         let (q, k, v, m) = (inputs[0], inputs[1], inputs[2], inputs[3]);
         let (bh, lq, lk, d, dv) = extents(q, k, v);
-        let (bq, bk) = tiles(lq, lk, d, dv, target.workgroup_storage);
-        let [heads, outer, head, row, col] = if self.masked {
-            mask_strides(q, k, m).expect("folded by the graph")
-        } else {
-            [1, 0, 0, 0, 0]
-        };
+        let [heads, outer, head, row, col] = self.strides(q, k, m).unwrap_or([1, 0, 0, 0, 0]);
+        vec![
+            ("BH", bh as f64),
+            ("LQ", lq as f64),
+            ("LK", lk as f64),
+            ("D", d as f64),
+            ("DV", dv as f64),
+            ("SCALE", self.scale as f64),
+            ("CAUSAL", self.causal as u32 as f64),
+            ("HAS_MASK", self.masked as u32 as f64),
+            ("HEADS", heads as f64),
+            ("MS_OUTER", outer as f64),
+            ("MS_HEAD", head as f64),
+            ("MS_ROW", row as f64),
+            ("MS_COL", col as f64),
+            ("HAS_DROPOUT", self.dropout.is_some() as u32 as f64),
+            (
+                "DROP_THRESHOLD",
+                self.dropout.map_or(0.0, |d| d.threshold() as f64),
+            ),
+            ("DROP_SCALE", self.dropout.map_or(1.0, |d| d.scale() as f64)),
+            ("DROP_SALT", self.dropout.map_or(0.0, |d| d.salt as f64)),
+            ("BQ", bq as f64),
+            ("BK", bk as f64),
+        ]
+    }
+
+    /// Kernel: `shaders/attention.wgsl`, tiles sized for `target`.
+    pub fn kernel(&self, inputs: &[&Shape], target: &crate::codegen::Target) -> KernelSpec {
+        let (bh, lq, lk, d, dv) = extents(inputs[0], inputs[1], inputs[2]);
+        let t = tiles(lq, lk, d, dv, target.workgroup_storage);
         KernelSpec {
             family: "attention",
             entry: "attention",
-            constants: vec![
-                ("BH", bh as f64),
-                ("LQ", lq as f64),
-                ("LK", lk as f64),
-                ("D", d as f64),
-                ("DV", dv as f64),
-                ("SCALE", self.scale as f64),
-                ("CAUSAL", self.causal as u32 as f64),
-                ("HAS_MASK", self.masked as u32 as f64),
-                ("HEADS", heads as f64),
-                ("MS_OUTER", outer as f64),
-                ("MS_HEAD", head as f64),
-                ("MS_ROW", row as f64),
-                ("MS_COL", col as f64),
-                ("HAS_DROPOUT", self.dropout.is_some() as u32 as f64),
-                (
-                    "DROP_THRESHOLD",
-                    self.dropout.map_or(0.0, |d| d.threshold() as f64),
-                ),
-                ("DROP_SCALE", self.dropout.map_or(1.0, |d| d.scale() as f64)),
-                ("DROP_SALT", self.dropout.map_or(0.0, |d| d.salt as f64)),
-                ("BQ", bq as f64),
-                ("BK", bk as f64),
-            ],
-            workgroups: (bh * lq.div_ceil(bq)) as u64,
+            constants: self.constants(inputs, t),
+            workgroups: (bh * lq.div_ceil(t.0)) as u64,
         }
     }
 
-    /// Backward from graph ops (see the module docs): gradients for `q`, `k`, `v`; none for the
-    /// mask and the seed.
-    pub fn backward(&self, g: &Graph, x: &[NodeId], dy: NodeId) -> Result<Vec<Option<NodeId>>> {
+    /// Gradients for `q`, `k`, `v` (none for the mask and the seed) given the inputs `x`, the
+    /// output `y` and its gradient `dy`: the fused kernels (see the module docs), or graph ops
+    /// for heads wider than [`MAX_BACKWARD_HEAD_DIM`].
+    pub fn backward(
+        &self,
+        g: &Graph,
+        x: &[NodeId],
+        y: NodeId,
+        dy: NodeId,
+    ) -> Result<Vec<Option<NodeId>>> {
+        let (qs, ks, vs) = (g.shape(x[0]), g.shape(x[1]), g.shape(x[2]));
+        let (bh, _, lk, d, dv) = extents(&qs, &ks, &vs);
+        if d > MAX_BACKWARD_HEAD_DIM || dv > MAX_BACKWARD_HEAD_DIM {
+            return self.composed_backward(g, x, dy);
+        }
+        let grad = |part, extra: Option<NodeId>, shape: Shape| {
+            let mut inputs = x.to_vec();
+            inputs.extend([y, dy]);
+            inputs.extend(extra);
+            let op = AttentionGrad {
+                attention: *self,
+                part,
+            };
+            g.push_op(Op::AttentionGrad(op), inputs, shape)
+        };
+        let lq = qs.dims()[qs.rank() - 2];
+        let stats = grad(GradPart::Stats, None, Shape(vec![2, bh, lq]))?;
+        let (nk, nv) = (bh * lk * d, bh * lk * dv);
+        let kv = grad(GradPart::KeyValue, Some(stats), Shape(vec![nk + nv]))?;
+        let as_shape = |s: &Shape| s.dims().iter().map(|&e| e as isize).collect::<Vec<_>>();
+        let dk = g.reshape(g.narrow(kv, 0, 0, nk)?, &as_shape(&ks))?;
+        let dv = g.reshape(g.narrow(kv, 0, nk, nv)?, &as_shape(&vs))?;
+        let dq = grad(GradPart::Query, Some(stats), qs)?;
+        Ok(vec![Some(dq), Some(dk), Some(dv), None, None])
+    }
+
+    /// The backward from graph ops: the probabilities recomputed from `q` and `k`, then GEMMs
+    /// (`dv = p^T dy`, `dp = dy v^T`, `ds = p (dp - sum(dp p)) * scale`, `dq = ds k`,
+    /// `dk = ds^T q`); stores `(*, Lq, Lk)`.
+    fn composed_backward(
+        &self,
+        g: &Graph,
+        x: &[NodeId],
+        dy: NodeId,
+    ) -> Result<Vec<Option<NodeId>>> {
         let (q, k, v, seed) = (x[0], x[1], x[2], x[4]);
         let mask = self.masked.then_some(x[3]);
         let p = probabilities(g, q, k, mask, self.causal, self.scale)?;
@@ -277,6 +410,111 @@ impl Attention {
         let dk = g.matmul_t(ds, q, true, false)?;
         Ok(vec![Some(dq), Some(dk), Some(dv), None, None])
     }
+}
+
+impl AttentionGrad {
+    /// The kernel's name, as plans and profiles show it.
+    pub fn entry(&self) -> &'static str {
+        match self.part {
+            GradPart::Stats => "attention_stats",
+            GradPart::KeyValue => "attention_dkv",
+            GradPart::Query => "attention_dq",
+        }
+    }
+
+    /// CPU reference in f64, query row by query row; `KeyValue` and `Query` read `lse` and
+    /// `delta` from their stats input, as the kernels do.
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let a = &self.attention;
+        let (q, k, v, y, dy) = (inputs[0], inputs[1], inputs[2], inputs[5], inputs[6]);
+        let (bh, lq, lk, d, dv) = extents(q.shape(), k.shape(), v.shape());
+        let kept = a.keep_factor(inputs[4]);
+        let strides = a.strides(q.shape(), k.shape(), inputs[3].shape());
+        let scale = a.scale as f64;
+        let f = |t: &Tensor, at: usize| t.data()[at] as f64;
+        let mut o = vec![0f64; out.numel()];
+        let mut s = vec![0f64; lk];
+        for b in 0..bh {
+            for i in 0..lq {
+                scores_row(a, inputs, strides, b, i, &mut s);
+                let row = b * lq + i;
+                let (lse, delta) = match self.part {
+                    GradPart::Stats => {
+                        let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let sum: f64 = s.iter().map(|&x| (x - mx).exp()).sum();
+                        o[row] = mx + sum.ln();
+                        o[bh * lq + row] = (0..dv)
+                            .map(|c| f(dy, row * dv + c) * f(y, row * dv + c))
+                            .sum();
+                        continue;
+                    }
+                    _ => (f(inputs[7], row), f(inputs[7], bh * lq + row)),
+                };
+                for (j, &sj) in s.iter().enumerate() {
+                    let p = (sj - lse).exp();
+                    let keep = kept(row * lk + j);
+                    let key = b * lk + j;
+                    let dp: f64 = (0..dv)
+                        .map(|c| f(dy, row * dv + c) * f(v, key * dv + c))
+                        .sum();
+                    let ds = p * (dp * keep - delta) * scale;
+                    for c in 0..d {
+                        match self.part {
+                            GradPart::KeyValue => o[key * d + c] += ds * f(q, row * d + c),
+                            _ => o[row * d + c] += ds * f(k, key * d + c),
+                        }
+                    }
+                    if self.part == GradPart::KeyValue {
+                        for c in 0..dv {
+                            o[bh * lk * d + key * dv + c] += p * keep * f(dy, row * dv + c);
+                        }
+                    }
+                }
+            }
+        }
+        let o = o.into_iter().map(|e| e as f32).collect();
+        Tensor::new(out.clone(), o).expect("attention gradient shape")
+    }
+
+    /// Kernel: `shaders/attention.wgsl`'s backward entries, tiles sized for `target`.
+    pub fn kernel(&self, inputs: &[&Shape], target: &crate::codegen::Target) -> KernelSpec {
+        let (bh, lq, lk, d, dv) = extents(inputs[0], inputs[1], inputs[2]);
+        let t = grad_tiles(self.part, lq, lk, d, dv, target.workgroup_storage);
+        let blocks = match self.part {
+            GradPart::KeyValue => lk.div_ceil(t.1),
+            _ => lq.div_ceil(t.0),
+        };
+        KernelSpec {
+            family: "attention",
+            entry: self.entry(),
+            constants: self.attention.constants(inputs, t),
+            workgroups: (bh * blocks) as u64,
+        }
+    }
+
+    /// Multiply-adds per attended pair: the scores (D) for the statistics; with the scores,
+    /// `dy v^T` (Dv), `dv` (Dv) and `dk` (D) for keys and values; `dy v^T` and `dq` for queries.
+    pub fn macs_per_pair(&self, d: usize, dv: usize) -> usize {
+        match self.part {
+            GradPart::Stats => d,
+            GradPart::KeyValue => 2 * (d + dv),
+            GradPart::Query => 2 * d + dv,
+        }
+    }
+}
+
+/// Query-key pairs attended in `(*, Lq, D)` x `(*, Lk, D)`: all of them, or the causal
+/// triangle.
+pub fn attended_pairs(q: &Shape, k: &Shape, causal: bool) -> usize {
+    let (q, k) = (q.dims(), k.dims());
+    let (lq, lk) = (q[q.len() - 2], k[k.len() - 2]);
+    let slices = q[..q.len() - 2].iter().product::<usize>();
+    let per_slice: usize = if causal {
+        (0..lq).map(|i| (i + 1).min(lk)).sum()
+    } else {
+        lq * lk
+    };
+    slices * per_slice
 }
 
 /// `softmax(q k^T * scale + mask (+ causal -inf above the diagonal), -1)` from graph ops, in
@@ -412,6 +650,40 @@ mod tests {
         assert_eq!(tiles(5, 3, 64, 64, 49152), (8, 4));
     }
 
+    /// The backward kernels' tiles fit the workgroup memory they are chosen for, down to WebGPU's
+    /// default 16 KiB at the widest head they take, and are whole 4 x 4 blocks.
+    #[test]
+    fn grad_tiles_fit_the_adapter() {
+        let widest = MAX_BACKWARD_HEAD_DIM;
+        for part in [GradPart::Stats, GradPart::KeyValue, GradPart::Query] {
+            assert!(grad_tile_bytes(part, (4, 4), widest, widest) <= 16384);
+            for limit in [16384u32, 32768, 49152] {
+                for (d, dv) in [(1, 1), (8, 8), (64, 64), (13, 100), (widest, widest)] {
+                    let t = grad_tiles(part, 1000, 1000, d, dv, limit);
+                    assert!(
+                        grad_tile_bytes(part, t, d, dv) <= limit as usize,
+                        "{part:?} {t:?}: D {d}, Dv {dv}"
+                    );
+                    assert!(t.0.is_multiple_of(4) && t.1.is_multiple_of(4));
+                }
+            }
+        }
+        // head 64 on 48 KiB: 32 x 32 tiles for the statistics and dq, 16 queries x 32 keys
+        // for dk and dv (their accumulators take the room)
+        assert_eq!(
+            grad_tiles(GradPart::Stats, 1000, 1000, 64, 64, 49152),
+            (32, 32)
+        );
+        assert_eq!(
+            grad_tiles(GradPart::Query, 1000, 1000, 64, 64, 49152),
+            (32, 32)
+        );
+        assert_eq!(
+            grad_tiles(GradPart::KeyValue, 1000, 1000, 64, 64, 49152),
+            (16, 32)
+        );
+    }
+
     /// The profiler counts the pairs attended: all of them, or the causal triangle.
     #[test]
     fn cost_counts_attended_pairs() {
@@ -434,6 +706,21 @@ mod tests {
         // 2 slices x (8 + 3) multiply-adds per pair
         assert_eq!(op(false).cost(&shapes, &out).0, 2.0 * 24.0 * 22.0);
         assert_eq!(op(true).cost(&shapes, &out).0, 2.0 * 10.0 * 22.0);
+        let grad = |part| {
+            let attention = Attention {
+                scale: 1.0,
+                causal: true,
+                masked: false,
+                dropout: None,
+            };
+            Op::AttentionGrad(AttentionGrad { attention, part })
+        };
+        // 20 pairs x 2 flops x the scores (8 multiply-adds); with dy v^T (3), dv (3) and dk
+        // (8); with dy v^T and dq (8)
+        let cost = |part| grad(part).cost(&shapes, &out).0;
+        assert_eq!(cost(GradPart::Stats), 20.0 * 2.0 * 8.0);
+        assert_eq!(cost(GradPart::KeyValue), 20.0 * 2.0 * 22.0);
+        assert_eq!(cost(GradPart::Query), 20.0 * 2.0 * 19.0);
     }
 
     /// Masks whose leading axes fold into (outer, head) strides, and one that does not.

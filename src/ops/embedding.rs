@@ -97,14 +97,15 @@ impl EmbeddingBackward {
         Tensor::new(out.clone(), dw.into_iter().map(|x| x as f32).collect()).expect("table shape")
     }
 
-    /// Kernel: one thread per weight, each looping over all indices.
+    /// Kernel: a workgroup per row and 256 columns, scanning the indices for that row's
+    /// occurrences (see `shaders/embedding.wgsl`).
     pub fn kernel(&self, indices: &Shape, out: &Shape) -> KernelSpec {
         let (n, v, e) = (indices.numel(), out.dims()[0], out.dims()[1]);
         KernelSpec {
             family: "embedding",
             entry: "embedding_backward",
             constants: constants(n, v, e),
-            workgroups: groups(v * e, 256),
+            workgroups: (v * e.div_ceil(256)) as u64,
         }
     }
 }

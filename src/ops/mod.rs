@@ -161,6 +161,8 @@ pub enum Op {
     /// Scaled dot-product attention of inputs `q`, `k`, `v`, an additive mask and a dropout seed
     /// (see `ops::attention`).
     Attention(attention::Attention),
+    /// One kernel of its backward (see `ops::attention::GradPart`).
+    AttentionGrad(attention::AttentionGrad),
 }
 
 /// A specialised kernel launch: which WGSL entry point, with which override constants, over how many
@@ -238,6 +240,7 @@ impl Op {
             Op::GroupSums(_) => "group_sums",
             Op::NormalizeAffineBackward(_) => "normalize_affine_backward",
             Op::Attention(_) => "attention",
+            Op::AttentionGrad(a) => a.entry(),
             Op::WriteRows(_) => "write_rows",
         }
     }
@@ -331,17 +334,17 @@ impl Op {
                 2.0 * (t * b * 4 * h * h) as f64
             }
             Op::Attention(a) => {
-                // the scores and the weighted sum: (D + Dv) multiply-adds per attended pair,
-                // Lq * Lk pairs per slice (causal: key j <= query i only)
-                let (q, k) = (inputs[0].dims(), inputs[1].dims());
-                let (lq, lk) = (q[q.len() - 2], k[k.len() - 2]);
-                let pairs: usize = if a.causal {
-                    (0..lq).map(|i| (i + 1).min(lk)).sum()
-                } else {
-                    lq * lk
-                };
-                let per_pair = (inputs[0].numel() + out.numel()) / lq;
-                2.0 * (pairs * per_pair) as f64
+                // the scores and the weighted sum: (D + Dv) multiply-adds per attended pair
+                // (causal: key j <= query i only)
+                let (d, dv) = (inputs[0].dims(), inputs[2].dims());
+                let macs = d[d.len() - 1] + dv[dv.len() - 1];
+                2.0 * (attention::attended_pairs(inputs[0], inputs[1], a.causal) * macs) as f64
+            }
+            Op::AttentionGrad(a) => {
+                let (d, dv) = (inputs[0].dims(), inputs[2].dims());
+                let macs = a.macs_per_pair(d[d.len() - 1], dv[dv.len() - 1]);
+                let pairs = attention::attended_pairs(inputs[0], inputs[1], a.attention.causal);
+                2.0 * (pairs * macs) as f64
             }
             Op::GruForward(_) | Op::GruBackward(_) | Op::RnnForward(_) | Op::RnnBackward(_) => {
                 // the recurrent products: T * B * GH * H multiply-adds (G = 3 for the GRU, 1 for
@@ -452,6 +455,7 @@ impl Op {
             Op::NormalizeAffineBackward(n) => n.affine_cpu(inputs),
             Op::NormalizeBackward(n) => n.cpu(inputs[0], inputs[1], inputs[2]),
             Op::Attention(a) => a.cpu(inputs, out),
+            Op::AttentionGrad(a) => a.cpu(inputs, out),
             Op::WriteRows(w) => w.cpu(inputs[0], inputs[1], inputs[2]),
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => {
                 unreachable!("source nodes are not evaluated")
@@ -517,6 +521,7 @@ impl Op {
             Op::GroupSums(s) => Some(s.kernel(inputs[0])),
             Op::NormalizeAffineBackward(n) => Some(n.affine_kernel(inputs[0])),
             Op::Attention(a) => Some(a.kernel(inputs, target)),
+            Op::AttentionGrad(a) => Some(a.kernel(inputs, target)),
             Op::WriteRows(w) => Some(w.kernel(inputs[0], inputs[2])),
             Op::Reshape | Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => None,
         }
@@ -552,6 +557,12 @@ impl Op {
             Op::MaxPool2d(p) => vec![Some(p.max_backward(g, x[0], dy)?)],
             Op::AvgPool2d(p) => vec![Some(p.avg_backward(g, x[0], dy)?)],
             Op::MaxPool2dBackward(_) => return Err(pool::max_backward_backward()),
+            Op::AttentionGrad(a) => {
+                return Err(crate::error::Error::Unsupported(format!(
+                    "the second derivative of attention (backward of {})",
+                    a.entry()
+                )))
+            }
             Op::AvgPool2dBackward(p) => vec![Some(p.backward(g, dy)?)],
             Op::CrossEntropy(c) => c.backward(g, x[0], x[1], dy)?.to_vec(),
             Op::LstmForward(l) => l.backward(g, x, y, dy)?,
@@ -562,7 +573,7 @@ impl Op {
             Op::SumSquares(s) => s.backward(g, x, dy)?,
             Op::GroupStats(s) => vec![Some(s.backward(g, x[0], y, dy)?)],
             Op::Normalize(n) => n.backward(g, x, y, dy)?,
-            Op::Attention(a) => a.backward(g, x, dy)?,
+            Op::Attention(a) => a.backward(g, x, y, dy)?,
             Op::CrossEntropyBackward(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
@@ -667,6 +678,25 @@ impl Op {
                 }
                 Ok(first)
             }
+            // as attention's, then y and dy in q's type too and the statistics f32; the
+            // statistics come out f32, the gradients in q's type
+            Op::AttentionGrad(a) => {
+                let expect = |k: usize| match k {
+                    3 | 4 | 7 => DType::F32,
+                    _ => first,
+                };
+                if let Some(k) = (1..inputs.len()).find(|&k| inputs[k] != expect(k)) {
+                    return err(format!(
+                        "input {k} must be {} (q is {first}), got {}",
+                        expect(k),
+                        inputs[k]
+                    ));
+                }
+                Ok(match a.part {
+                    attention::GradPart::Stats => DType::F32,
+                    _ => first,
+                })
+            }
             // recurrences: input 4 is the lengths (f32), the others share one type
             // normalization: the tensors (input 0, and 1 where it is one too) in one type, f32
             // or f16; statistics, weights, sums f32; statistics and sums come out f32
@@ -740,7 +770,8 @@ impl Op {
             | Op::CrossEntropyBackward(_)
             | Op::LstmForward(_)
             | Op::LstmBackward(_)
-            | Op::Attention(_) => TOL_REDUCTION,
+            | Op::Attention(_)
+            | Op::AttentionGrad(_) => TOL_REDUCTION,
             Op::GruForward(_)
             | Op::GruBackward(_)
             | Op::RnnForward(_)

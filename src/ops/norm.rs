@@ -4,8 +4,8 @@
 //!
 //! Both view their input as `(OUTER, GROUPS, INNER)` and normalize each group (a batch norm's
 //! channel of `(N, C, S)`, a layer norm's row of `(1, R, D)`) with its own statistics:
-//! [`GroupStats`] (mean and biased variance, two passes over the group, one workgroup per
-//! group) and [`Normalize`] (`xhat = (x - mean) / sqrt(var + eps)`, elementwise; PyTorch's
+//! [`GroupStats`] (mean and biased variance, two passes over the group, a few threads per
+//! small group and a workgroup per large one: [`threads_per_group`]) and [`Normalize`] (`xhat = (x - mean) / sqrt(var + eps)`, elementwise; PyTorch's
 //! training-mode gradient through the group's own statistics).
 //!
 //! - Batch norm (training): the per-channel scale and shift are inside `Normalize`; its
@@ -185,7 +185,7 @@ pub struct GroupStats;
 
 /// How a `norm.wgsl` kernel covers its tensor.
 enum Grid {
-    /// One workgroup per group (reductions).
+    /// [`threads_per_group`] threads per group (reductions).
     PerGroup,
     /// One thread per element.
     PerElement,
@@ -201,15 +201,28 @@ fn group_kernel(entry: &'static str, x: &Shape, eps: Option<f32>, grid: Grid) ->
         ("INNER", inner as f64),
     ];
     constants.extend(eps.map(|e| ("EPS", e as f64)));
+    let workgroups = match grid {
+        Grid::PerGroup => {
+            let tpg = threads_per_group(outer * inner);
+            constants.push(("TPG", tpg as f64));
+            super::groups(groups * tpg, 256)
+        }
+        Grid::PerElement => super::groups(x.numel(), 256),
+    };
     KernelSpec {
         family: "norm",
         entry,
         constants,
-        workgroups: match grid {
-            Grid::PerGroup => groups as u64,
-            Grid::PerElement => super::groups(x.numel(), 256),
-        },
+        workgroups,
     }
+}
+
+/// Threads that reduce a group of `count` elements: about 4 elements each, a power of two up
+/// to the whole workgroup (256). A layer norm's row of 64 takes 16 threads (16 rows per
+/// workgroup), not a workgroup whose threads mostly idle through its barriers; a batch norm's
+/// channel takes all 256.
+pub fn threads_per_group(count: usize) -> usize {
+    count.div_ceil(4).next_power_of_two().clamp(1, 256)
 }
 
 /// `(outer, groups, inner)` of a rank-3 shape.
