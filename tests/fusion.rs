@@ -280,6 +280,27 @@ fn products_take_elementwise_epilogues() {
         info.dispatches, 1,
         "the whole chain, c's part included, in the epilogue: {info}"
     );
+    // a linear layer on (B, L, E) is one [B*L, E] product read through a reshape: a residual
+    // add and a broadcast (L, N) operand still run in its epilogue
+    for n in [8usize, 7] {
+        let g = Graph::new();
+        let lin = kiln::nn::Linear::new(&format!("lin{n}"), 5, n, &mut kiln::nn::Init::new(3));
+        let x = g.input("x0", [3, 4, 5]);
+        let res = g.input("x1", [3, 4, n]);
+        let pos = g.input("x2", [4, n]);
+        let (y, _) = lin.apply(&g, x).unwrap();
+        let z = g.add(g.add(y, res).unwrap(), pos).unwrap();
+        let f = feeds(&[&[3, 4, 5], &[3, 4, n], &[4, n]]);
+        let info = check_on(
+            &dev,
+            &format!("linear on (B, L, E), N {n}"),
+            &g,
+            &[z],
+            &f,
+            tol,
+        );
+        assert_eq!(info.dispatches, 1, "{info}");
+    }
 }
 
 #[test]

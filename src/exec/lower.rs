@@ -591,7 +591,8 @@ pub(crate) fn implicit_im2col(
 const MAX_STORAGE_BINDINGS: usize = 8;
 
 /// Where a product's only reader is an elementwise node of the product's shape (a fused chain
-/// or a single unary or binary op), runs that program in the product's epilogue
+/// or a single unary or binary op; or of the shape of a reshape that is the product's only
+/// reader), runs that program in the product's epilogue
 /// (`MatMulEpilogue`) and drops the product's own store and load. Runs after elementwise fusion,
 /// on products that kept the generated kernel (not split, not on tensor cores).
 pub(crate) fn fuse_matmul_epilogue(
@@ -613,9 +614,19 @@ pub(crate) fn fuse_matmul_epilogue(
                 .count()
         };
         // the product, read as it is (not through a folded transpose: the epilogue sees each
-        // result at its own index)
+        // result at its own index), or through a reshape (same element order: a linear layer
+        // on (B, L, E) runs as one [B*L, E] product)
+        let product = |y: NodeId| match nodes[y.0].op {
+            Op::Reshape => {
+                let p = nodes[y.0].inputs[0];
+                (matches!(nodes[p.0].op, Op::MatMul(_)) && !targets.contains(&p) && readers(p) == 1)
+                    .then_some((p, Some(y)))
+            }
+            Op::MatMul(_) => Some((y, None)),
+            _ => None,
+        };
         let Some(k) = n.inputs.iter().enumerate().position(|(j, &y)| {
-            matches!(nodes[y.0].op, Op::MatMul(_))
+            product(y).is_some()
                 && nodes[y.0].shape == n.shape
                 && !targets.contains(&y)
                 && readers(y) == 1
@@ -624,7 +635,9 @@ pub(crate) fn fuse_matmul_epilogue(
         }) else {
             continue;
         };
-        let y = n.inputs[k];
+        let Some((y, view)) = product(n.inputs[k]) else {
+            continue;
+        };
         let Op::MatMul(mm) = nodes[y.0].op else {
             continue;
         };
@@ -667,6 +680,7 @@ pub(crate) fn fuse_matmul_epilogue(
         });
         node.inputs = product_inputs.into_iter().chain(extras).collect();
         dropped.push(y);
+        dropped.extend(view);
     }
     order.retain(|id| !dropped.contains(id));
 }

@@ -225,7 +225,9 @@ impl Graph {
 
     /// `relu?(op(a) op(b) + bias?)` as one kernel: the bias (`[M]` along rows or `[N]` along
     /// columns of the result, broadcast over batch axes) and the relu run in the matmul's
-    /// epilogue instead of as kernels of their own.
+    /// epilogue instead of as kernels of their own. A batched `a` (not transposed) times a
+    /// matrix `b` (a linear layer on `(B, L, E)`) is built as one `[B*L, E]` product between
+    /// two reshapes (views).
     pub fn matmul_fused(
         &self,
         a: NodeId,
@@ -244,6 +246,15 @@ impl Graph {
             relu,
         };
         let shape = m.infer(&sa, &sb)?;
+        if !trans_a && sa.rank() > 2 && sb.rank() == 2 && kind != crate::ops::matmul::Bias::Rows {
+            // a batched `a` times a shared matrix (a linear layer on `(B, L, E)`) is one product
+            // over all B * L rows: one GEMM with M = B * L, whose backward computes b's
+            // gradient as one product too instead of B products summed
+            let rows = self.reshape(a, &[-1, sa.dims()[sa.rank() - 1] as isize])?;
+            let y = self.matmul_fused(rows, b, false, trans_b, bias, relu)?;
+            let dims: Vec<isize> = shape.dims().iter().map(|&d| d as isize).collect();
+            return self.reshape(y, &dims);
+        }
         let mut inputs = vec![a, b];
         if let Some((bn, _)) = bias {
             m.check_bias(&shape, &self.check_id("matmul", bn)?)?;

@@ -4,8 +4,10 @@
 //! `Embedding`: inputs `indices` (any shape, whole numbers stored as f32) and `weight (V, E)` ->
 //! `(indices.., E)`. An index that is not an integer in `[0, V)` gives a row of NaN.
 //! `EmbeddingBackward`: `indices`, `dy (indices.., E)` -> `dW (V, E)`, each weight row the sum of
-//! the `dy` rows whose index names it (a gather over all indices, no atomics). Indices take no
-//! gradient.
+//! the `dy` rows whose index names it, summed in index order (deterministic, no atomics: a
+//! workgroup per row and 256 columns scans the indices for that row, then reads only its `dy`
+//! rows; `V * ceil(E / 256) * N` index reads, where a thread per weight looping over every
+//! index took `V * E * N`). Indices take no gradient.
 
 use super::{groups, KernelSpec, Op};
 use crate::error::{shape_err, Result};

@@ -304,27 +304,6 @@ impl MatMul {
     }
 
     fn product_backward(&self, g: &Graph, a: NodeId, b: NodeId, dc: NodeId) -> Result<[NodeId; 2]> {
-        let (sa, sb) = (g.shape(a), g.shape(b));
-        if !self.trans_a && sb.rank() == 2 && sa.rank() > 2 {
-            // a batched `a` times a shared matrix (a linear layer on `(B, L, E)`): b's gradient
-            // is one product over all B * L rows, not B products summed afterwards
-            let rows = |x: NodeId| {
-                let s = g.shape(x);
-                g.reshape(x, &[-1, s.dims()[s.rank() - 1] as isize])
-            };
-            let (a2, dc2) = (rows(a)?, rows(dc)?);
-            let db = if self.trans_b {
-                g.matmul_t(dc2, a2, true, false)?
-            } else {
-                g.matmul_t(a2, dc2, true, false)?
-            };
-            let da = if self.trans_b {
-                g.matmul(dc, b)?
-            } else {
-                g.matmul_t(dc, b, false, true)?
-            };
-            return Ok([g.sum_to(da, &sa)?, db]);
-        }
         let (da, db) = match (self.trans_a, self.trans_b) {
             (false, false) => (
                 g.matmul_t(dc, b, false, true)?,

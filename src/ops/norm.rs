@@ -262,7 +262,7 @@ impl GroupStats {
         Tensor::new([2, groups], data).expect("two rows of one value per group")
     }
 
-    /// Kernel: one workgroup per group.
+    /// Kernel: [`threads_per_group`] threads per group.
     pub fn kernel(&self, x: &Shape) -> KernelSpec {
         group_kernel("group_stats", x, None, Grid::PerGroup)
     }
@@ -399,7 +399,7 @@ impl GroupSums {
         Tensor::new([2, groups], data).expect("two rows of one value per group")
     }
 
-    /// Kernel: one workgroup per group.
+    /// Kernel: [`threads_per_group`] threads per group.
     pub fn kernel(&self, dy: &Shape) -> KernelSpec {
         group_kernel("group_sums", dy, Some(self.eps), Grid::PerGroup)
     }
@@ -408,7 +408,7 @@ impl GroupSums {
 /// The gradient of [`Normalize`] for `x`, through the group's statistics: inputs `dxhat`,
 /// `xhat` (`(OUTER, GROUPS, INNER)`) and the statistics `(2, GROUPS)`;
 /// `dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat))`, `rstd = 1 / sqrt(var + eps)`,
-/// one workgroup per group. As `Op::NormalizeAffineBackward`, the affine form's, elementwise:
+/// reduced by [`threads_per_group`] threads per group. As `Op::NormalizeAffineBackward`, the affine form's, elementwise:
 /// inputs `dy`, `x`, the statistics, `weight` and the [`GroupSums`] of `dy`;
 /// `dx = weight rstd (dy - sum(dy) / n - xhat sum(dy xhat) / n)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -469,7 +469,7 @@ impl NormalizeBackward {
         Tensor::new(dxhat.shape().clone(), dx).expect("same shape")
     }
 
-    /// Kernel: one workgroup per group.
+    /// Kernel: [`threads_per_group`] threads per group.
     pub fn kernel(&self, dxhat: &Shape) -> KernelSpec {
         group_kernel("normalize_backward", dxhat, Some(self.eps), Grid::PerGroup)
     }
