@@ -393,37 +393,25 @@ fn enter_slice(bh: u32) {
     }
 }
 
-// Features c .. c + 3 of a row starting at element `at` (zeros past the row's width).
-fn row4_q(at: u32, c: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    if c < D { x.x = ld_q(at + c); }
-    if c + 1u < D { x.y = ld_q(at + c + 1u); }
-    if c + 2u < D { x.z = ld_q(at + c + 2u); }
-    if c + 3u < D { x.w = ld_q(at + c + 3u); }
-    return x;
+// Element i of q, k, v or dy (`which` 0 to 3: a constant at every call, so compilers fold the
+// switch away).
+fn ld_operand(which: u32, i: u32) -> f32 {
+    switch which {
+        case 0u: { return ld_q(i); }
+        case 1u: { return ld_k(i); }
+        case 2u: { return ld_v(i); }
+        default: { return ld_dy(i); }
+    }
 }
-fn row4_k(at: u32, c: u32) -> vec4<f32> {
+// Features c .. c + 3 of a row of that operand starting at element `at` (zeros past the row's
+// width: D for q and k, DV for v and dy).
+fn row4(which: u32, at: u32, c: u32) -> vec4<f32> {
+    let width = select(D, DV, which >= 2u);
     var x = vec4<f32>(0.0);
-    if c < D { x.x = ld_k(at + c); }
-    if c + 1u < D { x.y = ld_k(at + c + 1u); }
-    if c + 2u < D { x.z = ld_k(at + c + 2u); }
-    if c + 3u < D { x.w = ld_k(at + c + 3u); }
-    return x;
-}
-fn row4_v(at: u32, c: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    if c < DV { x.x = ld_v(at + c); }
-    if c + 1u < DV { x.y = ld_v(at + c + 1u); }
-    if c + 2u < DV { x.z = ld_v(at + c + 2u); }
-    if c + 3u < DV { x.w = ld_v(at + c + 3u); }
-    return x;
-}
-fn row4_dy(at: u32, c: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    if c < DV { x.x = ld_dy(at + c); }
-    if c + 1u < DV { x.y = ld_dy(at + c + 1u); }
-    if c + 2u < DV { x.z = ld_dy(at + c + 2u); }
-    if c + 3u < DV { x.w = ld_dy(at + c + 3u); }
+    if c < width { x.x = ld_operand(which, at + c); }
+    if c + 1u < width { x.y = ld_operand(which, at + c + 1u); }
+    if c + 2u < width { x.z = ld_operand(which, at + c + 2u); }
+    if c + 3u < width { x.w = ld_operand(which, at + c + 3u); }
     return x;
 }
 
@@ -433,7 +421,7 @@ fn stage_queries(lid: u32, q0: u32) {
         let r = e / D4;
         var x = vec4<f32>(0.0);
         if q0 + r < LQ {
-            x = row4_q((s_bh * LQ + q0 + r) * D, 4u * (e - r * D4)) * SCALE;
+            x = row4(0u, (s_bh * LQ + q0 + r) * D, 4u * (e - r * D4)) * SCALE;
         }
         b_q[e] = x;
     }
@@ -444,7 +432,7 @@ fn stage_query_grads(lid: u32, q0: u32) {
         let r = e / DV4;
         var x = vec4<f32>(0.0);
         if q0 + r < LQ {
-            x = row4_dy((s_bh * LQ + q0 + r) * DV, 4u * (e - r * DV4));
+            x = row4(3u, (s_bh * LQ + q0 + r) * DV, 4u * (e - r * DV4));
         }
         b_dy[e] = x;
     }
@@ -465,7 +453,7 @@ fn stage_keys(lid: u32, k0: u32) {
         let j = e / D4;
         var x = vec4<f32>(0.0);
         if k0 + j < LK {
-            x = row4_k((s_bh * LK + k0 + j) * D, 4u * (e - j * D4));
+            x = row4(1u, (s_bh * LK + k0 + j) * D, 4u * (e - j * D4));
         }
         b_k[e] = x;
     }
@@ -476,7 +464,7 @@ fn stage_values(lid: u32, k0: u32) {
         let j = e / DV4;
         var x = vec4<f32>(0.0);
         if k0 + j < LK {
-            x = row4_v((s_bh * LK + k0 + j) * DV, 4u * (e - j * DV4));
+            x = row4(2u, (s_bh * LK + k0 + j) * DV, 4u * (e - j * DV4));
         }
         b_v[e] = x;
     }

@@ -28,8 +28,10 @@ fn ld_x(i: u32) -> f32 { return x[i]; }
 fn st_out(i: u32, v: f32) { out[i] = v; }
 // generated: end storage
 
+// The op as fused elementwise kernels call it too (src/codegen/elementwise.rs copies this block).
+// shared: begin dropout_op
 // lowbias32 (Chris Wellons): a fast integer hash with good avalanche.
-fn hash(v: u32) -> u32 {
+fn dropout_hash(v: u32) -> u32 {
     var h = v;
     h = h ^ (h >> 16u);
     h = h * 0x7feb352du;
@@ -38,6 +40,13 @@ fn hash(v: u32) -> u32 {
     h = h ^ (h >> 16u);
     return h;
 }
+// Element i of a tensor under inverted dropout: 0 where the hash of i keyed by the seed and the
+// salt is below `threshold`, else x * scale.
+fn dropout_op(x: f32, seed: f32, i: u32, threshold: u32, scale: f32, salt: u32) -> f32 {
+    let key = dropout_hash(u32(seed) ^ dropout_hash(salt));
+    return select(0.0, x * scale, dropout_hash(i ^ key) >= threshold);
+}
+// shared: end dropout_op
 
 @compute @workgroup_size(256)
 fn main(
@@ -49,7 +58,5 @@ fn main(
     if i >= N {
         return;
     }
-    let key = hash(u32(seed[0]) ^ hash(SALT));
-    let keep = hash(i ^ key) >= THRESHOLD;
-    st_out(i, select(0.0, ld_x(i) * SCALE, keep));
+    st_out(i, dropout_op(ld_x(i), seed[0], i, THRESHOLD, SCALE, SALT));
 }

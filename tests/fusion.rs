@@ -303,6 +303,51 @@ fn products_take_elementwise_epilogues() {
     }
 }
 
+/// Dropout is a step of fused chains, epilogues and prologues (its mask keyed by the element
+/// index, as the dropout kernel keys it): at the chain's own shape only; bit for bit the CPU
+/// reference's mask.
+#[test]
+fn dropout_fuses_at_the_programs_shape() {
+    let Some(dev) = device() else { return };
+    let tol = kiln::ops::TOL_REDUCTION;
+    let seed = Tensor::new([1], vec![1234.0]).unwrap();
+    let g = Graph::new();
+    let x = g.input("x0", [6, 37]);
+    let res = g.input("x1", [6, 37]);
+    let w = g.input("x2", [37, 37]);
+    let s = g.input("seed", [1]);
+    let mut f = feeds(&[&[6, 37], &[6, 37], &[37, 37]]);
+    f.push(("seed".into(), seed));
+    // residual block: add(dropout(relu(x)), res): one kernel
+    let y = g
+        .add(g.dropout(g.relu(x).unwrap(), 0.3, s, 11).unwrap(), res)
+        .unwrap();
+    let info = check_on(&dev, "chain", &g, &[y], &f, tol);
+    assert_eq!(info.dispatches, 1, "{info}");
+    // after a product: matmul -> dropout -> add in the product's epilogue
+    let z = g
+        .add(g.dropout(g.matmul(x, w).unwrap(), 0.5, s, 12).unwrap(), res)
+        .unwrap();
+    let info = check_on(&dev, "epilogue", &g, &[z], &f, tol);
+    assert_eq!(info.dispatches, 1, "{info}");
+    // before a reduction: sum(dropout(x) * x) as its prologue
+    let t = g
+        .sum(
+            g.mul(g.dropout(x, 0.2, s, 13).unwrap(), x).unwrap(),
+            1,
+            false,
+        )
+        .unwrap();
+    let info = check_on(&dev, "prologue", &g, &[t], &f, tol);
+    assert_eq!(info.dispatches, 1, "{info}");
+    // at a broadcast shape smaller than the chain's: its own kernel
+    let row = g.input("x3", [37]);
+    let b = g.mul(g.dropout(row, 0.4, s, 14).unwrap(), res).unwrap();
+    f.push(("x3".into(), rand(&[37], 5)));
+    let info = check_on(&dev, "broadcast dropout", &g, &[b], &f, tol);
+    assert_eq!(info.dispatches, 2, "{info}");
+}
+
 #[test]
 fn views_end_a_group() {
     let Some(dev) = device() else { return };

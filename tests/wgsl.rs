@@ -283,6 +283,17 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         };
         validate(&format!("{b:?} {sa:?} {sb:?}"), &f, &[sa, sb], out);
     }
+    // dropout between two ops, its seed a broadcast [1]
+    let drop = kiln::ops::dropout::Dropout { p: 0.25, salt: 9 };
+    let f = Fused {
+        steps: vec![
+            step(StepOp::Unary(UnaryOp::Relu), &[I(0)], &[4, 6]),
+            step(StepOp::Dropout(drop), &[S(0), I(1)], &[4, 6]),
+            step(StepOp::Binary(BinaryOp::Add), &[S(1), I(2)], &[4, 6]),
+        ],
+        permuted: Vec::new(),
+    };
+    validate("dropout", &f, &[&[4, 6], &[1], &[4, 6]], &[4, 6]);
     // a shared input (x * x + x), then the most inputs one kernel takes, each broadcast its own way
     let f = Fused {
         steps: vec![

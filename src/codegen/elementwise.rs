@@ -93,6 +93,20 @@ fn f32_literal(v: f32) -> String {
     }
 }
 
+/// The op functions a program's steps call: `unary_op`, `binary_op` (and `erf_approx`), and
+/// `dropout_op` where a step drops elements, copied from their shaders.
+fn op_functions(f: &Fused) -> String {
+    let mut s = String::new();
+    s.push_str(shared("unary", "unary_op"));
+    s.push('\n');
+    s.push_str(shared("binary", "binary_op"));
+    if f.has_dropout() {
+        s.push('\n');
+        s.push_str(shared("dropout", "dropout_op"));
+    }
+    s
+}
+
 /// 64-bit FNV-1a: a stable hash for module keys.
 pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
@@ -192,9 +206,7 @@ const WG: u32 = {WG}u;
         s,
         "@group(0) @binding({n_in}) var<storage, read_write> out: array<{to}>;\n"
     );
-    s.push_str(shared("unary", "unary_op"));
-    s.push('\n');
-    s.push_str(shared("binary", "binary_op"));
+    s.push_str(&op_functions(f));
     let _ = writeln!(
         s,
         "
@@ -299,6 +311,15 @@ fn program_body(
                 operand(&st.args[0]),
                 operand(&st.args[1])
             ),
+            // keyed by the element index: the fuser keeps dropout at the program's shape
+            StepOp::Dropout(d) => format!(
+                "dropout_op({}, {}, i, {}u, {}, {}u)",
+                operand(&st.args[0]),
+                operand(&st.args[1]),
+                d.threshold(),
+                f32_literal(d.scale()),
+                d.salt
+            ),
         };
         let _ = writeln!(s, "    let v{k} = {call};");
     }
@@ -376,9 +397,7 @@ pub fn epilogue(
     };
     let (body, result) = program_body(f, inputs, out, &load);
     let mut functions = String::new();
-    functions.push_str(shared("unary", "unary_op"));
-    functions.push('\n');
-    functions.push_str(shared("binary", "binary_op"));
+    functions.push_str(&op_functions(f));
     let _ = writeln!(
         functions,
         "
@@ -437,10 +456,7 @@ pub fn reduce_with_prologue(
     );
     let load = |k: usize, index: &str| widen(dtype, format!("x{k}[{index}]"));
     let (body, result) = program_body(f, inputs, x, &load);
-    let mut prologue = String::new();
-    prologue.push_str(shared("unary", "unary_op"));
-    prologue.push('\n');
-    prologue.push_str(shared("binary", "binary_op"));
+    let mut prologue = op_functions(f);
     let _ = writeln!(
         prologue,
         "

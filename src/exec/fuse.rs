@@ -29,6 +29,8 @@ fn step_op(n: &Node) -> Option<StepOp> {
         // a non-finite scalar has no WGSL literal; such a node runs on its own
         Op::Unary(u) if u.scalar().is_none_or(f32::is_finite) => Some(StepOp::Unary(u)),
         Op::Binary(b) => Some(StepOp::Binary(b)),
+        // f32 only: a fused kernel stores its inputs in one type, and the seed stays f32
+        Op::Dropout(d) if n.dtype == crate::tensor::DType::F32 => Some(StepOp::Dropout(d)),
         _ => None,
     }
 }
@@ -103,6 +105,9 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
                     && consumers[c.0] == 1
                     && members.len() < MAX_STEPS
                     && step_op(&nodes[c.0]).is_some()
+                    // dropout's mask is keyed by its own element index: the root's
+                    && (!matches!(nodes[c.0].op, Op::Dropout(_))
+                        || nodes[c.0].shape == nodes[root.0].shape)
                     && !nodes[c.0].inputs.iter().any(|&i| {
                         let r = storage_root(nodes, i);
                         writes

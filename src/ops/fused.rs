@@ -13,6 +13,9 @@ use crate::tensor::{Shape, Tensor};
 pub enum StepOp {
     Unary(UnaryOp),
     Binary(BinaryOp),
+    /// Operands `x` and the `[1]` seed; the step's element index keys the mask, so the fuser
+    /// takes it only at the program's own shape.
+    Dropout(super::dropout::Dropout),
 }
 
 impl StepOp {
@@ -21,6 +24,7 @@ impl StepOp {
         match self {
             StepOp::Unary(u) => u.name(),
             StepOp::Binary(b) => b.name(),
+            StepOp::Dropout(_) => "dropout",
         }
     }
 
@@ -28,7 +32,7 @@ impl StepOp {
     pub fn arity(&self) -> usize {
         match self {
             StepOp::Unary(_) => 1,
-            StepOp::Binary(_) => 2,
+            StepOp::Binary(_) | StepOp::Dropout(_) => 2,
         }
     }
 }
@@ -120,6 +124,13 @@ impl Fused {
             .join(",")
     }
 
+    /// Whether a step drops elements (the kernel then needs the dropout hash).
+    pub fn has_dropout(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s.op, StepOp::Dropout(_)))
+    }
+
     /// How input `k` is read, if through a folded transpose.
     pub fn permuted_read(&self, k: usize) -> Option<&PermutedRead> {
         self.permuted.iter().find(|p| p.input == k)
@@ -154,6 +165,7 @@ impl Fused {
                 match s.op {
                     StepOp::Unary(u) => u.cpu(arg(0)),
                     StepOp::Binary(b) => b.cpu(arg(0), arg(1), &s.shape),
+                    StepOp::Dropout(d) => d.cpu(arg(0), arg(1)),
                 }
             };
             values.push(v);
