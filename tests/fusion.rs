@@ -346,6 +346,18 @@ fn dropout_fuses_at_the_programs_shape() {
     f.push(("x3".into(), rand(&[37], 5)));
     let info = check_on(&dev, "broadcast dropout", &g, &[b], &f, tol);
     assert_eq!(info.dispatches, 2, "{info}");
+    // after a convolution stored as NCHW straight from its GEMM: the mask of the NCHW element
+    let img = g.input("x4", [2, 3, 5, 5]);
+    let k = g.input("x5", [4, 3, 3, 3]);
+    let c = g
+        .conv2d(img, k, None, kiln::graph::Conv2dOpts::default())
+        .unwrap();
+    let d = g
+        .add_scalar(g.dropout(c, 0.5, s, 15).unwrap(), 1.0)
+        .unwrap();
+    f.push(("x4".into(), rand(&[2, 3, 5, 5], 6)));
+    f.push(("x5".into(), rand(&[4, 3, 3, 3], 7)));
+    check_on(&dev, "dropout after a convolution", &g, &[d], &f, tol);
 }
 
 #[test]
