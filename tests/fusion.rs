@@ -360,6 +360,56 @@ fn dropout_fuses_at_the_programs_shape() {
     check_on(&dev, "dropout after a convolution", &g, &[d], &f, tol);
 }
 
+/// In f16 graphs too: the fused kernel stores f16 and reads the f32 seed as f32; an f32 chain
+/// computing the seed stays out of the f16 program.
+#[test]
+fn dropout_fuses_in_f16_graphs() {
+    let Some(dev) = device() else { return };
+    if !dev.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("NOTICE: adapter without SHADER_F16; f16 dropout fusion skipped");
+        return;
+    }
+    let f16 = kiln::DType::F16;
+    let g = Graph::new();
+    let x = g.input_as("x0", [6, 37], f16);
+    let res = g.input_as("x1", [6, 37], f16);
+    let w = g.input_as("x2", [37, 37], f16);
+    let s = g.input("seed", [1]);
+    let mut f = feeds(&[&[6, 37], &[6, 37], &[37, 37]]);
+    f.push(("seed".into(), Tensor::new([1], vec![4321.0]).unwrap()));
+    let as_f32 = |y| g.cast(y, kiln::DType::F32).unwrap();
+    let y = g
+        .add(g.dropout(g.relu(x).unwrap(), 0.3, s, 11).unwrap(), res)
+        .unwrap();
+    let info = check_on(&dev, "f16 chain", &g, &[as_f32(y)], &f, kiln::ops::TOL_F16);
+    assert_eq!(
+        info.dispatches, 2,
+        "the chain, then the cast to f32: {info}"
+    );
+    let z = g
+        .add(g.dropout(g.matmul(x, w).unwrap(), 0.5, s, 12).unwrap(), res)
+        .unwrap();
+    check_on(
+        &dev,
+        "f16 epilogue",
+        &g,
+        &[as_f32(z)],
+        &f,
+        kiln::ops::TOL_F16,
+    );
+    // the seed computed by an f32 op: its own kernel, then the f16 chain
+    let s2 = g.add_scalar(s, 1.0).unwrap();
+    let u = g.add(g.dropout(x, 0.2, s2, 13).unwrap(), res).unwrap();
+    check_on(
+        &dev,
+        "f16 chain, computed seed",
+        &g,
+        &[as_f32(u)],
+        &f,
+        kiln::ops::TOL_F16,
+    );
+}
+
 #[test]
 fn views_end_a_group() {
     let Some(dev) = device() else { return };

@@ -180,7 +180,8 @@ fn wgsl_as(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) ->
         };
         let _ = writeln!(
             s,
-            "//   {k}  x{k}   storage, read        {shape} {from} input, {how}"
+            "//   {k}  x{k}   storage, read        {shape} {} input, {how}",
+            f.input_dtype(k, from)
         );
     }
     let _ = writeln!(
@@ -199,7 +200,8 @@ const WG: u32 = {WG}u;
     for k in 0..n_in {
         let _ = writeln!(
             s,
-            "@group(0) @binding({k}) var<storage, read> x{k}: array<{from}>;"
+            "@group(0) @binding({k}) var<storage, read> x{k}: array<{}>;",
+            f.input_dtype(k, from)
         );
     }
     let _ = writeln!(
@@ -221,7 +223,7 @@ fn main(
         return;
     }}"
     );
-    let load = |k: usize, index: &str| widen(from, format!("x{k}[{index}]"));
+    let load = |k: usize, index: &str| widen(f.input_dtype(k, from), format!("x{k}[{index}]"));
     let (body, result) = program_body(f, inputs, out, &load);
     s.push_str(&body);
     let _ = writeln!(s, "    out[i] = {};\n}}", narrow(to, &result));
@@ -385,14 +387,15 @@ pub fn epilogue(
     for (slot, k) in (first_binding..).zip((0..inputs.len()).filter(|&k| k != product)) {
         let _ = writeln!(
             bindings,
-            "@group(0) @binding({slot}) var<storage, read> e{k}: array<{dtype}>;"
+            "@group(0) @binding({slot}) var<storage, read> e{k}: array<{}>;",
+            f.input_dtype(k, dtype)
         );
     }
     let load = |k: usize, index: &str| {
         if k == product {
             "v".to_string()
         } else {
-            widen(dtype, format!("e{k}[{index}]"))
+            widen(f.input_dtype(k, dtype), format!("e{k}[{index}]"))
         }
     };
     let (body, result) = program_body(f, inputs, out, &load);
@@ -446,7 +449,8 @@ pub fn reduce_with_prologue(
     for k in 0..inputs.len() {
         let _ = writeln!(
             bindings,
-            "@group(0) @binding({k}) var<storage, read> x{k}: array<{dtype}>;"
+            "@group(0) @binding({k}) var<storage, read> x{k}: array<{}>;",
+            f.input_dtype(k, dtype)
         );
     }
     let _ = writeln!(
@@ -454,7 +458,7 @@ pub fn reduce_with_prologue(
         "@group(0) @binding({}) var<storage, read_write> out: array<{dtype}>;",
         inputs.len()
     );
-    let load = |k: usize, index: &str| widen(dtype, format!("x{k}[{index}]"));
+    let load = |k: usize, index: &str| widen(f.input_dtype(k, dtype), format!("x{k}[{index}]"));
     let (body, result) = program_body(f, inputs, x, &load);
     let mut prologue = op_functions(f);
     let _ = writeln!(

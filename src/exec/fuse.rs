@@ -29,8 +29,8 @@ fn step_op(n: &Node) -> Option<StepOp> {
         // a non-finite scalar has no WGSL literal; such a node runs on its own
         Op::Unary(u) if u.scalar().is_none_or(f32::is_finite) => Some(StepOp::Unary(u)),
         Op::Binary(b) => Some(StepOp::Binary(b)),
-        // f32 only: a fused kernel stores its inputs in one type, and the seed stays f32
-        Op::Dropout(d) if n.dtype == crate::tensor::DType::F32 => Some(StepOp::Dropout(d)),
+        // its seed is read as f32 in kernels storing f16 (`Fused::input_dtype`)
+        Op::Dropout(d) => Some(StepOp::Dropout(d)),
         _ => None,
     }
 }
@@ -105,6 +105,9 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
                     && consumers[c.0] == 1
                     && members.len() < MAX_STEPS
                     && step_op(&nodes[c.0]).is_some()
+                    // one storage type per program (an f32 chain computing an f16 graph's
+                    // dropout seed stays apart)
+                    && nodes[c.0].dtype == nodes[root.0].dtype
                     // dropout's mask is keyed by its own element index: the root's
                     && (!matches!(nodes[c.0].op, Op::Dropout(_))
                         || nodes[c.0].shape == nodes[root.0].shape)

@@ -1,8 +1,8 @@
 //! Inverted dropout with a counter-based, seeded mask (no mask is stored: the backward pass
-//! recomputes it from the same seed). Kernel: `shaders/dropout.wgsl`; in f32 graphs the plan
-//! compiler also fuses it as a step of elementwise chains, product epilogues and reduction
-//! prologues (`dropout_op`, the mask keyed by the element index, so only at the fused
-//! program's own shape).
+//! recomputes it from the same seed). Kernel: `shaders/dropout.wgsl`; the plan compiler also
+//! fuses it as a step of elementwise chains, product epilogues and reduction prologues
+//! (`dropout_op`, the mask keyed by the element index, so only at the fused program's own
+//! shape; the seed read as f32 in kernels storing f16).
 
 use super::{groups, KernelSpec};
 use crate::error::Result;

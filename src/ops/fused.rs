@@ -6,7 +6,7 @@
 
 use super::binary::BinaryOp;
 use super::unary::UnaryOp;
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::{DType, Shape, Tensor};
 
 /// The op of one step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -129,6 +129,20 @@ impl Fused {
         self.steps
             .iter()
             .any(|s| matches!(s.op, StepOp::Dropout(_)))
+    }
+
+    /// The storage type of input `k` in a kernel storing the others as `dtype`: f32 for
+    /// dropout seeds (always f32, also in f16 graphs), else `dtype`.
+    pub fn input_dtype(&self, k: usize, dtype: DType) -> DType {
+        let seed = self
+            .steps
+            .iter()
+            .any(|s| matches!(s.op, StepOp::Dropout(_)) && s.args[1] == Operand::Input(k));
+        if seed {
+            DType::F32
+        } else {
+            dtype
+        }
     }
 
     /// How input `k` is read, if through a folded transpose.
