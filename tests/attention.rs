@@ -394,6 +394,21 @@ fn tensor(dims: &[usize], v: &[f64]) -> Tensor {
 
 /// Random values for every parameter of `names` on `dev` (biases too: the defaults are zeros),
 /// shaped by `g`'s parameter nodes after a compile.
+/// Runs `y` on `dev` (CPU) with the named parameters set to random values (seeded), after a
+/// first compile has created them.
+fn run_with_random_params(
+    dev: &Device,
+    g: &Graph,
+    y: NodeId,
+    names: &[String],
+    seed: u64,
+    feeds: &[(&str, &Tensor)],
+) -> Tensor {
+    dev.compile(g, &[y]).unwrap();
+    randomize(dev, names, seed);
+    dev.compile(g, &[y]).unwrap().run(feeds).unwrap().remove(0)
+}
+
 fn randomize(dev: &Device, names: &[String], seed: u64) {
     for (k, name) in names.iter().enumerate() {
         let shape = dev.param(name).unwrap().dims().to_vec();
@@ -448,14 +463,7 @@ fn multihead_attention_matches_torch_formula() {
         if masked {
             feeds.push(("m", &pad));
         }
-        cpu.compile(&g, &[y]).unwrap();
-        randomize(&cpu, &names, 40);
-        let got = cpu
-            .compile(&g, &[y])
-            .unwrap()
-            .run(&feeds)
-            .unwrap()
-            .remove(0);
+        let got = run_with_random_params(&cpu, &g, y, &names, 40, &feeds);
         let p = |k: &str| cpu.param(&format!("mha.{k}")).unwrap();
         let kv_data = if self_attention {
             to_f64(&xq)
@@ -528,14 +536,7 @@ fn transformer_encoder_layer_matches_torch_formula() {
         let (y, params) = layer.apply(&g, xi, None, true, true).unwrap();
         assert_eq!(params.len(), 12);
         let cpu = Device::cpu();
-        cpu.compile(&g, &[y]).unwrap();
-        randomize(&cpu, &names, 60);
-        let got = cpu
-            .compile(&g, &[y])
-            .unwrap()
-            .run(&[("x", &x)])
-            .unwrap()
-            .remove(0);
+        let got = run_with_random_params(&cpu, &g, y, &names, 60, &[("x", &x)]);
         let p = |k: &str| cpu.param(&format!("encf.{k}")).unwrap();
         let sa = |k: &str| p(&format!("self_attn.{k}"));
         let attend = |v: &[f64]| mha_ref(&sa, h, v, v, (n, l, l, e), &|_, _, _, _| 0.0, true);
@@ -883,16 +884,9 @@ fn transformer_layer_checkpoint_round_trip() {
     let dev = Device::cpu();
     let g = Graph::new();
     let y = build(&g);
-    dev.compile(&g, &[y]).unwrap();
     let names = layer.param_names();
-    randomize(&dev, &names, 100);
     let xv = rand(&[2, 5, 8], 101);
-    let want = dev
-        .compile(&g, &[y])
-        .unwrap()
-        .run(&[("x", &xv)])
-        .unwrap()
-        .remove(0);
+    let want = run_with_random_params(&dev, &g, y, &names, 100, &[("x", &xv)]);
     let path = std::env::temp_dir().join(format!("kiln-enc-{}.safetensors", std::process::id()));
     let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
     checkpoint::save(&dev, &refs, &path).unwrap();
@@ -1138,14 +1132,7 @@ fn transformer_decoder_layer_matches_torch_formula() {
         assert_eq!(params.len(), 18);
         let feeds = [("t", &tgt), ("m", &mem), ("pad", &pad)];
         let cpu = Device::cpu();
-        cpu.compile(&g, &[y]).unwrap();
-        randomize(&cpu, &names, 150);
-        let got = cpu
-            .compile(&g, &[y])
-            .unwrap()
-            .run(&feeds)
-            .unwrap()
-            .remove(0);
+        let got = run_with_random_params(&cpu, &g, y, &names, 150, &feeds);
         let p = |k: &str| cpu.param(&format!("decf.{k}")).unwrap();
         let sa = |k: &str| p(&format!("self_attn.{k}"));
         let ca = |k: &str| p(&format!("multihead_attn.{k}"));
