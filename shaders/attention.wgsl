@@ -14,7 +14,7 @@
 //               graph's dropout op recomputes in the backward pass
 //
 // Bindings (group 0):
-//   0  q     storage, read        [BH, LQ, D]
+//   0  q     storage, read        [BH, LQ, D] (as laid out below)
 //   1  k     storage, read        [BH, LK, D]
 //   2  v     storage, read        [BH, LK, DV]
 //   3  mask  storage, read        additive f32 scores, read only with HAS_MASK: element (bh, i, j)
@@ -40,7 +40,17 @@
 //   7  stats     storage, read_write  [2, BH, LQ] f32 (attention_stats: lse, then delta)
 //   7  stats_in  storage, read        the same, read by attention_dkv and attention_dq
 //   8  grad      storage, read_write  dk and dv, or dq
+// Operand layouts: row i of slice bh of q starts at element Q_OFF + q_at(bh, i), q_at(bh, i) =
+//   (bh / NH) * Q_SN + (bh % NH) * Q_SH + i * Q_SR; likewise K_ for k, V_ for v and O_ for out,
+//   y and dy (features contiguous). Contiguous (*, L, D) slices: NH 1, Q_SN LQ * D, Q_SH 0,
+//   Q_SR D. Self-attention's packed qkv (N, L, 3, H, D) (ops::attention::Layout::Packed): NH H,
+//   Q_SN L * 3HD, Q_SH D, Q_SR 3HD, offsets 0, HD and 2HD for q, k, v; out (N, L, H, D). The
+//   gradients are written with q's, k's and v's strides from GQ_OFF, GK_OFF and GV_OFF (contiguous:
+//   dk at 0 and dv at BH * LK * D of grad; packed: one (N, L, 3, H, D) tensor, where
+//   attention_dkv also zeroes dq's rows (ZERO_DQ; LQ = LK) and attention_dq then writes them in
+//   place).
 // Overrides: BH, LQ, LK, D, DV, SCALE, CAUSAL, HAS_MASK, HEADS, MS_OUTER, MS_HEAD, MS_ROW, MS_COL;
+//            NH, Q_OFF, Q_SN, Q_SH, Q_SR (and K_, V_, O_), GQ_OFF, GK_OFF, GV_OFF, ZERO_DQ;
 //            HAS_DROPOUT, DROP_THRESHOLD, DROP_SCALE, DROP_SALT (as dropout.wgsl's);
 //            BQ (query rows per workgroup), BK (keys per tile), both multiples of 4: the host
 //            sizes them so that the workgroup arrays (4 * (BQ*D + BK*max(D, DV4) + BQ*BK +
@@ -87,6 +97,40 @@ override DROP_SCALE: f32 = 1.0;
 override DROP_SALT: u32 = 0u;
 override BQ: u32 = 16u;
 override BK: u32 = 16u;
+override NH: u32 = 1u;
+override Q_OFF: u32 = 0u;
+override Q_SN: u32 = LQ * D;
+override Q_SH: u32 = 0u;
+override Q_SR: u32 = D;
+override K_OFF: u32 = 0u;
+override K_SN: u32 = LK * D;
+override K_SH: u32 = 0u;
+override K_SR: u32 = D;
+override V_OFF: u32 = 0u;
+override V_SN: u32 = LK * DV;
+override V_SH: u32 = 0u;
+override V_SR: u32 = DV;
+override O_SN: u32 = LQ * DV;
+override O_SH: u32 = 0u;
+override O_SR: u32 = DV;
+override GQ_OFF: u32 = 0u;
+override GK_OFF: u32 = 0u;
+override GV_OFF: u32 = BH * LK * D;
+override ZERO_DQ: bool = false;
+
+// Element offsets of row i of slice bh (see the layouts above).
+fn q_at(bh: u32, i: u32) -> u32 {
+    return (bh / NH) * Q_SN + (bh % NH) * Q_SH + i * Q_SR;
+}
+fn k_at(bh: u32, j: u32) -> u32 {
+    return (bh / NH) * K_SN + (bh % NH) * K_SH + j * K_SR;
+}
+fn v_at(bh: u32, j: u32) -> u32 {
+    return (bh / NH) * V_SN + (bh % NH) * V_SH + j * V_SR;
+}
+fn o_at(bh: u32, i: u32) -> u32 {
+    return (bh / NH) * O_SN + (bh % NH) * O_SH + i * O_SR;
+}
 const WG: u32 = 64u;
 
 // Every global read and write of q, k, v and out goes through ld_*/st_*: src/codegen/storage.rs
@@ -176,18 +220,18 @@ fn attention(
         let c = e - rb * D;
         var x = vec4<f32>(0.0);
         let i = q0 + 4u * rb;
-        let at = (bh * LQ + i) * D + c;
+        let at = Q_OFF + q_at(bh, i) + c;
         if i < LQ {
             x.x = ld_q(at);
         }
         if i + 1u < LQ {
-            x.y = ld_q(at + D);
+            x.y = ld_q(at + Q_SR);
         }
         if i + 2u < LQ {
-            x.z = ld_q(at + 2u * D);
+            x.z = ld_q(at + 2u * Q_SR);
         }
         if i + 3u < LQ {
-            x.w = ld_q(at + 3u * D);
+            x.w = ld_q(at + 3u * Q_SR);
         }
         q_t[c * Q4 + rb] = x * SCALE;
     }
@@ -211,18 +255,18 @@ fn attention(
             let c = e - jb * D;
             var x = vec4<f32>(0.0);
             let j = k0 + 4u * jb;
-            let at = (bh * LK + j) * D + c;
+            let at = K_OFF + k_at(bh, j) + c;
             if j < LK {
                 x.x = ld_k(at);
             }
             if j + 1u < LK {
-                x.y = ld_k(at + D);
+                x.y = ld_k(at + K_SR);
             }
             if j + 2u < LK {
-                x.z = ld_k(at + 2u * D);
+                x.z = ld_k(at + 2u * K_SR);
             }
             if j + 3u < LK {
-                x.w = ld_k(at + 3u * D);
+                x.w = ld_k(at + 3u * K_SR);
             }
             kv[c * K4 + jb] = x;
         }
@@ -268,7 +312,7 @@ fn attention(
             let j = e / DV4;
             let c = 4u * (e - j * DV4);
             var x = vec4<f32>(0.0);
-            let at = (bh * LK + k0 + j) * DV + c;
+            let at = V_OFF + v_at(bh, k0 + j) + c;
             if k0 + j < LK {
                 x.x = ld_v(at);
                 if c + 1u < DV {
@@ -351,7 +395,7 @@ fn attention(
         let r = e / DV;
         let c = e - r * DV;
         if q0 + r < LQ {
-            st_out((bh * LQ + q0 + r) * DV + c, o_acc[r * DV4 + c / 4u][c % 4u] / row_l[r]);
+            st_out(o_at(bh, q0 + r) + c, o_acc[r * DV4 + c / 4u][c % 4u] / row_l[r]);
         }
     }
 }
@@ -421,7 +465,7 @@ fn stage_queries(lid: u32, q0: u32) {
         let r = e / D4;
         var x = vec4<f32>(0.0);
         if q0 + r < LQ {
-            x = row4(0u, (s_bh * LQ + q0 + r) * D, 4u * (e - r * D4)) * SCALE;
+            x = row4(0u, Q_OFF + q_at(s_bh, q0 + r), 4u * (e - r * D4)) * SCALE;
         }
         b_q[e] = x;
     }
@@ -432,7 +476,7 @@ fn stage_query_grads(lid: u32, q0: u32) {
         let r = e / DV4;
         var x = vec4<f32>(0.0);
         if q0 + r < LQ {
-            x = row4(3u, (s_bh * LQ + q0 + r) * DV, 4u * (e - r * DV4));
+            x = row4(3u, o_at(s_bh, q0 + r), 4u * (e - r * DV4));
         }
         b_dy[e] = x;
     }
@@ -453,7 +497,7 @@ fn stage_keys(lid: u32, k0: u32) {
         let j = e / D4;
         var x = vec4<f32>(0.0);
         if k0 + j < LK {
-            x = row4(1u, (s_bh * LK + k0 + j) * D, 4u * (e - j * D4));
+            x = row4(1u, K_OFF + k_at(s_bh, k0 + j), 4u * (e - j * D4));
         }
         b_k[e] = x;
     }
@@ -464,7 +508,7 @@ fn stage_values(lid: u32, k0: u32) {
         let j = e / DV4;
         var x = vec4<f32>(0.0);
         if k0 + j < LK {
-            x = row4(2u, (s_bh * LK + k0 + j) * DV, 4u * (e - j * DV4));
+            x = row4(2u, V_OFF + v_at(s_bh, k0 + j), 4u * (e - j * DV4));
         }
         b_v[e] = x;
     }
@@ -575,7 +619,7 @@ fn attention_stats(
         // delta: one thread per row (DV multiply-adds against the tiles' D * LK)
         var delta = 0.0;
         if q0 + lid < LQ {
-            let at = (s_bh * LQ + q0 + lid) * DV;
+            let at = o_at(s_bh, q0 + lid);
             for (var c = 0u; c < DV; c = c + 1u) {
                 delta = delta + ld_dy(at + c) * ld_y(at + c);
             }
@@ -727,14 +771,18 @@ fn attention_dkv(
         let j = e / D;
         let c = e - j * D;
         if k0 + j < LK {
-            st_grad((s_bh * LK + k0 + j) * D + c, acc_k[j * D4 + c / 4u][c % 4u]);
+            st_grad(GK_OFF + k_at(s_bh, k0 + j) + c, acc_k[j * D4 + c / 4u][c % 4u]);
+            if ZERO_DQ {
+                // packed gradients: the same rows of dq (LQ = LK), which attention_dq writes next
+                st_grad(GQ_OFF + q_at(s_bh, k0 + j) + c, 0.0);
+            }
         }
     }
     for (var e = lid; e < BK * DV; e = e + WG) {
         let j = e / DV;
         let c = e - j * DV;
         if k0 + j < LK {
-            st_grad(BH * LK * D + (s_bh * LK + k0 + j) * DV + c, acc_v[j * DV4 + c / 4u][c % 4u]);
+            st_grad(GV_OFF + v_at(s_bh, k0 + j) + c, acc_v[j * DV4 + c / 4u][c % 4u]);
         }
     }
 }
@@ -801,7 +849,7 @@ fn attention_dq(
         let r = e / D;
         let c = e - r * D;
         if q0 + r < LQ {
-            st_grad((s_bh * LQ + q0 + r) * D + c, acc_q[r * D4 + c / 4u][c % 4u] * SCALE);
+            st_grad(GQ_OFF + q_at(s_bh, q0 + r) + c, acc_q[r * D4 + c / 4u][c % 4u] * SCALE);
         }
     }
 }

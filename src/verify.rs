@@ -36,6 +36,30 @@ pub struct NodeReport {
     pub ok: bool,
 }
 
+/// Computed nodes of `order` whose storage a later node writes in place (an input it binds
+/// read_write), so that reading them after the run gives the later node's value.
+fn overwritten(nodes: &[crate::graph::Node], order: &[NodeId]) -> Vec<NodeId> {
+    use crate::exec::liveness::{storage_root, view_of};
+    let mut found = Vec::new();
+    for (at, &y) in order.iter().enumerate() {
+        let n = &nodes[y.0];
+        let Some(k) = view_of(nodes, y) else { continue };
+        if n.op.binding_mode(n.inputs.len()).0 > k {
+            continue; // a view that does not write (a reshape)
+        }
+        let root = storage_root(nodes, n.inputs[k]);
+        found.extend(
+            order[..at]
+                .iter()
+                .copied()
+                .filter(|&z| !nodes[z.0].op.is_source() && storage_root(nodes, z) == root),
+        );
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
 /// The result of [`Device::verify`].
 #[derive(Debug, Clone)]
 pub struct VerifyReport {
@@ -182,8 +206,18 @@ impl Device {
             }
         }
         // every computed node is an output of the GPU plan, so every value comes back
-        let gpu_vals: HashMap<NodeId, Tensor> =
+        let mut gpu_vals: HashMap<NodeId, Tensor> =
             computed.iter().copied().zip(plan.run(inputs)?).collect();
+        // a node a later one writes in place (packed attention's dq into the dk/dv node) comes
+        // back as written: its own value comes from a plan that stops at it, from the same
+        // parameters
+        for id in overwritten(&nodes, &order) {
+            for (name, t) in &params {
+                self.set_param(name, t)?;
+            }
+            let value = self.compile(graph, &[id])?.run(inputs)?;
+            gpu_vals.extend(value.into_iter().map(|t| (id, t)));
+        }
 
         let feeds: HashMap<&str, &Tensor> = inputs.iter().copied().collect();
         let cpu_vals = evaluate(

@@ -1176,3 +1176,92 @@ fn attention_over_many_slices_folds_its_grid() {
     let feeds = [("q", &tq), ("k", &tk), ("v", &tv)];
     check_formula("70,000 slices", &g, y, &feeds, &want, TOL_REDUCTION);
 }
+
+/// The packed layout (`Graph::attention_packed`, qkv `(N, L, 3, H, D)` -> `(N, L, H, D)`) gives
+/// what attention of the heads split by graph ops gives (permute, narrow, attention, permute
+/// back), forward and gradient, causal or not, on awkward shapes (one position, one head, one
+/// feature, primes, more positions than a tile), with a mask and dropout, and at the widest head
+/// the backward kernels take; a wider head is unpacked by graph ops. Its training plan has the
+/// four attention kernels and no copies of heads.
+#[test]
+fn packed_attention_matches_split_heads() {
+    let widest = kiln::ops::attention::MAX_BACKWARD_HEAD_DIM;
+    let cases: &[(usize, usize, usize, usize, bool)] = &[
+        (1, 1, 1, 1, false),
+        (2, 7, 3, 5, false),
+        (1, 37, 2, 13, true), // a mask and dropout
+        (2, 70, 1, 8, false),
+        (1, 6, 1, widest, false),
+        (1, 5, 2, widest + 1, false), // unpacked by graph ops
+    ];
+    let seed = Tensor::new([1], vec![77.0]).unwrap();
+    for (n, &(b, l, h, d, extras)) in cases.iter().enumerate() {
+        for causal in [false, true] {
+            let shape = [b, l, 3, h, d];
+            let (tqkv, tm) = (rand(&shape, 60 + n as u64), rand(&[l, l], 61));
+            let g = Graph::new();
+            let qkv = g.input("qkv", shape);
+            let (m, s) = (g.input("m", [l, l]), g.input("seed", [1]));
+            let (mask, drop) = match extras {
+                true => (Some(m), Some((0.2, s, 9))),
+                false => (None, None),
+            };
+            let scale = Some(0.4);
+            let packed = match drop {
+                Some((p, s, salt)) => {
+                    g.attention_packed_dropout(qkv, mask, causal, scale, p, s, salt)
+                }
+                None => g.attention_packed(qkv, mask, causal, scale),
+            }
+            .unwrap();
+            let heads = g.permute(qkv, &[2, 0, 3, 1, 4]).unwrap();
+            let dims = [b as isize, h as isize, l as isize, d as isize];
+            let part = |i| g.reshape(g.narrow(heads, 0, i, 1).unwrap(), &dims).unwrap();
+            let (q, k, v) = (part(0), part(1), part(2));
+            let split = match drop {
+                Some((p, s, salt)) => g.attention_dropout(q, k, v, mask, causal, scale, p, s, salt),
+                None => g.attention(q, k, v, mask, causal, scale),
+            };
+            let split = g.permute(split.unwrap(), &[0, 2, 1, 3]).unwrap();
+            assert_eq!(g.shape(packed), g.shape(split));
+            let grad = |y| g.grad(random_projection(&g, y, 62), &[qkv]).unwrap()[0];
+            let (dgot, dwant) = (grad(packed), grad(split));
+            let feeds = [("qkv", &tqkv), ("m", &tm), ("seed", &seed)];
+            let feeds = if extras { &feeds[..] } else { &feeds[..1] };
+            let want = Device::cpu()
+                .compile(&g, &[split, dwant])
+                .unwrap()
+                .run(feeds)
+                .unwrap();
+            let what = format!("case {n} {shape:?} causal {causal}");
+            check_formula(
+                &format!("{what}: y"),
+                &g,
+                packed,
+                feeds,
+                &want[0],
+                TOL_REDUCTION,
+            );
+            check_formula(
+                &format!("{what}: dqkv"),
+                &g,
+                dgot,
+                feeds,
+                &want[1],
+                TOL_REDUCTION,
+            );
+            if let Some(dev) = gpu() {
+                let plan = dev.compile(&g, &[packed, dgot]).unwrap();
+                let kernels = plan.kernels();
+                let count = |s: &str| kernels.iter().filter(|l| l.contains(s)).count();
+                if d <= widest {
+                    assert_eq!(count(" attention"), 4, "case {n}: {kernels:?}");
+                    let copies = count("permute") + count("narrow") + count(" pad");
+                    assert_eq!(copies, 0, "case {n}: {kernels:?}");
+                } else {
+                    assert_eq!(count("attention_"), 0, "case {n}: {kernels:?}");
+                }
+            }
+        }
+    }
+}

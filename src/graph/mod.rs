@@ -650,6 +650,39 @@ impl Graph {
         crate::ops::attention::attention(self, q, k, v, mask, causal, scale, dropout)
     }
 
+    /// Self-attention of packed projections `qkv (N, L, 3, H, D)` -> `(N, L, H, D)`: q, k and v
+    /// of every position side by side, as a `(N, L, 3E)` in-projection's output viewed (torch's
+    /// `in_proj_weight` order). The same as [`Graph::attention`] of the heads `(N, H, L, D)` with
+    /// the output permuted back to `(N, L, H, D)`, but the kernels read and write the packed
+    /// layout, so multi-head attention needs no permutes or copies of its heads, and the
+    /// gradient is one `(N, L, 3, H, D)` tensor. The mask broadcasts to `(N, H, L, L)`.
+    pub fn attention_packed(
+        &self,
+        qkv: NodeId,
+        mask: Option<NodeId>,
+        causal: bool,
+        scale: Option<f32>,
+    ) -> Result<NodeId> {
+        crate::ops::attention::attention_packed(self, qkv, mask, causal, scale, None)
+    }
+
+    /// [`Graph::attention_packed`] with dropout of the probabilities, as
+    /// [`Graph::attention_dropout`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_packed_dropout(
+        &self,
+        qkv: NodeId,
+        mask: Option<NodeId>,
+        causal: bool,
+        scale: Option<f32>,
+        p: f32,
+        seed: NodeId,
+        salt: u32,
+    ) -> Result<NodeId> {
+        let dropout = Some((p, seed, salt));
+        crate::ops::attention::attention_packed(self, qkv, mask, causal, scale, dropout)
+    }
+
     /// Writes the rows of `value (*, n, W)` in place into the parameter `cache (*, T, W)` at
     /// rows `position .. position + n` (`position` a `[1]` node, fed a whole number each run;
     /// rows past `T` are dropped) and returns the cache after the write: read this node, not

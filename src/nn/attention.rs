@@ -119,12 +119,28 @@ impl MultiheadAttention {
         causal: bool,
         train: bool,
     ) -> Result<(NodeId, Vec<NodeId>)> {
+        let drop = (train && self.dropout > 0.0)
+            .then(|| (self.dropout, dropout_seed(g), salt(&self.name, 0)));
+        if query == key && key == value {
+            // one product (N, L, 3E), read by the kernels as (N, L, 3, H, E / H) and written as
+            // (N, L, H, E / H): no permutes or copies of heads, forward or backward
+            let (qkv, params) = self.in_projection(g, query)?;
+            let o = match drop {
+                Some((p, seed, salt)) => {
+                    g.attention_packed_dropout(qkv, mask, causal, None, p, seed, salt)?
+                }
+                None => g.attention_packed(qkv, mask, causal, None)?,
+            };
+            let d = g.shape(o).dims().to_vec();
+            let o = g.reshape(o, &[d[0] as isize, d[1] as isize, self.embed_dim as isize])?;
+            return self.out_projection(g, o, params);
+        }
         let ([q, k, v], params) = self.project(g, query, key, value)?;
-        let o = if train && self.dropout > 0.0 {
-            let (p, seed, salt) = (self.dropout, dropout_seed(g), salt(&self.name, 0));
-            g.attention_dropout(q, k, v, mask, causal, None, p, seed, salt)?
-        } else {
-            g.attention(q, k, v, mask, causal, None)?
+        let o = match drop {
+            Some((p, seed, salt)) => {
+                g.attention_dropout(q, k, v, mask, causal, None, p, seed, salt)?
+            }
+            None => g.attention(q, k, v, mask, causal, None)?,
         };
         self.output(g, o, params)
     }
@@ -174,28 +190,9 @@ impl MultiheadAttention {
         key: NodeId,
         value: NodeId,
     ) -> Result<([NodeId; 3], Vec<NodeId>)> {
-        const OP: &str = "multihead_attention";
         let (e, h) = (self.embed_dim, self.num_heads);
         let hd = e / h;
-        for x in [query, key, value] {
-            let s = g.check_id(OP, x)?;
-            if s.rank() != 3 || s.dims()[2] != e {
-                return Err(shape_err(
-                    OP,
-                    format!("input {s}: expected (N, L, {e}) (batch first)"),
-                ));
-            }
-        }
-        let w = g.param_init(
-            &format!("{}.in_proj_weight", self.name),
-            self.in_proj_init.clone(),
-        );
-        let b = g.param_init(
-            &format!("{}.in_proj_bias", self.name),
-            Tensor::zeros([3 * e]),
-        );
-        let dt = g.dtype(query);
-        let (wc, bc) = (g.cast(w, dt)?, g.cast(b, dt)?);
+        let ([w, b], [wc, bc]) = self.in_params(g, [query, key, value])?;
         // (N, L, k E) -> (k, N, H, L, hd)
         let heads = |y: NodeId, k: isize| -> Result<NodeId> {
             let d = g.shape(y).dims().to_vec();
@@ -226,19 +223,67 @@ impl MultiheadAttention {
         Ok((qkv, vec![w, b]))
     }
 
+    /// The in-projection's parameters `[in_proj_weight, in_proj_bias]` and their casts to the
+    /// inputs' type, after checking the inputs are `(N, L, E)`.
+    fn in_params(&self, g: &Graph, inputs: [NodeId; 3]) -> Result<([NodeId; 2], [NodeId; 2])> {
+        const OP: &str = "multihead_attention";
+        let e = self.embed_dim;
+        for x in inputs {
+            let s = g.check_id(OP, x)?;
+            if s.rank() != 3 || s.dims()[2] != e {
+                return Err(shape_err(
+                    OP,
+                    format!("input {s}: expected (N, L, {e}) (batch first)"),
+                ));
+            }
+        }
+        let w = g.param_init(
+            &format!("{}.in_proj_weight", self.name),
+            self.in_proj_init.clone(),
+        );
+        let b = g.param_init(
+            &format!("{}.in_proj_bias", self.name),
+            Tensor::zeros([3 * e]),
+        );
+        let dt = g.dtype(inputs[0]);
+        Ok(([w, b], [g.cast(w, dt)?, g.cast(b, dt)?]))
+    }
+
+    /// Self-attention's projections of `x (N, L, E)` as one product, viewed as the packed
+    /// `(N, L, 3, H, E / H)`, and the parameters `[in_proj_weight, in_proj_bias]`.
+    fn in_projection(&self, g: &Graph, x: NodeId) -> Result<(NodeId, Vec<NodeId>)> {
+        let ([w, b], [wc, bc]) = self.in_params(g, [x; 3])?;
+        let qkv = g.matmul_fused(x, wc, false, true, Some((bc, Bias::Cols)), false)?;
+        let d = g.shape(x).dims().to_vec();
+        let h = self.num_heads as isize;
+        let packed = [
+            d[0] as isize,
+            d[1] as isize,
+            3,
+            h,
+            (self.embed_dim / self.num_heads) as isize,
+        ];
+        Ok((g.reshape(qkv, &packed)?, vec![w, b]))
+    }
+
     /// The heads `o (N, H, L, E / H)` concatenated and projected by `out_proj`; `params` gains
     /// its parameters.
-    fn output(
-        &self,
-        g: &Graph,
-        o: NodeId,
-        mut params: Vec<NodeId>,
-    ) -> Result<(NodeId, Vec<NodeId>)> {
+    fn output(&self, g: &Graph, o: NodeId, params: Vec<NodeId>) -> Result<(NodeId, Vec<NodeId>)> {
         let d = g.shape(o).dims().to_vec();
         let o = g.reshape(
             g.permute(o, &[0, 2, 1, 3])?,
             &[d[0] as isize, d[2] as isize, self.embed_dim as isize],
         )?;
+        self.out_projection(g, o, params)
+    }
+
+    /// `o (N, L, E)` projected by `out_proj`; `params` gains its parameters.
+    fn out_projection(
+        &self,
+        g: &Graph,
+        o: NodeId,
+        mut params: Vec<NodeId>,
+    ) -> Result<(NodeId, Vec<NodeId>)> {
         let (y, p) = self.out_proj.apply(g, o)?;
         params.extend(p);
         Ok((y, params))

@@ -29,6 +29,12 @@
 //! element of `(*, Lq, Lk)` with the same seed and salt, so the backward pass recomputes the
 //! forward's mask instead of storing it.
 //!
+//! Layouts ([`Layout`]): `q`, `k` and `v` as `(*, L, D)` slices, or self-attention's packed
+//! projection `qkv (N, L, 3, H, D)` (the in-projection's output `(N, L, 3E)`, viewed) read
+//! straight by the kernels, with the output written as `(N, L, H, D)` (the out-projection's
+//! input `(N, L, E)`, viewed) and the gradient as one `(N, L, 3, H, D)` tensor: multi-head
+//! attention then needs no permutes and copies of heads around the kernels, forward or backward.
+//!
 //! f16 `q`, `k`, `v` are read and written as stored (the kernel's f16 variant, `attention_f16`)
 //! and computed in f32; the mask stays f32.
 
@@ -50,8 +56,22 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// tiles then fit WebGPU's default 16 KiB of workgroup memory. Wider heads compose them.
 pub const MAX_BACKWARD_HEAD_DIM: usize = 128;
 
+/// How attention's operands are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// `q (*, Lq, D)`, `k (*, Lk, D)`, `v (*, Lk, Dv)` -> `(*, Lq, Dv)`: each slice (a batch
+    /// and head) contiguous.
+    #[default]
+    Heads,
+    /// Self-attention's projections as one tensor `qkv (N, L, 3, H, D)` (q, k, v in torch's
+    /// order), bound as all three inputs -> `(N, L, H, D)`; its gradient is one `(N, L, 3, H,
+    /// D)` tensor. The slices are strided: `(N, H, L, D)` as the `Heads` layout sees them.
+    Packed,
+}
+
 /// Attention of `q`, `k`, `v`, an additive mask and the dropout seed (inputs 0 to 4; the mask
-/// and the seed a `[1]` zero where `masked` is false and `dropout` is `None`).
+/// and the seed a `[1]` zero where `masked` is false and `dropout` is `None`; with
+/// [`Layout::Packed`] inputs 0 to 2 are one node).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Attention {
     pub scale: f32,
@@ -59,6 +79,23 @@ pub struct Attention {
     pub masked: bool,
     /// Dropout of the probabilities (its `p` and `salt`).
     pub dropout: Option<Dropout>,
+    pub layout: Layout,
+}
+
+/// The `Heads` shape `(N, H, L, D)` of a packed `qkv (N, L, 3, H, D)`.
+fn unpacked_shape(qkv: &Shape) -> Shape {
+    let d = qkv.dims();
+    Shape(vec![d[0], d[3], d[1], d[4]])
+}
+
+/// Element offsets of an operand's rows: row `i` of slice `bh` starts at `off + (bh / nh) * sn
+/// + (bh % nh) * sh + i * sr` (the shader's `q_at` and friends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Strided {
+    off: usize,
+    sn: usize,
+    sh: usize,
+    sr: usize,
 }
 
 /// `(slices, Lq, Lk, D, Dv)` of checked shapes.
@@ -224,6 +261,40 @@ pub fn grad_tiles(
     })
 }
 
+/// Part `which` of `t (N, L, parts, H, W)` (or `(N, L, H, W)` where `parts` is 1) as a
+/// contiguous `(N, H, L, W)` tensor: the packed layout's operands for the CPU twins.
+fn tokens_to_heads(t: &Tensor, parts: usize, which: usize) -> Tensor {
+    let d = t.dims();
+    let (n, l, h, w) = (d[0], d[1], d[d.len() - 2], d[d.len() - 1]);
+    let mut out = vec![0f32; n * h * l * w];
+    for b in 0..n {
+        for i in 0..l {
+            for hh in 0..h {
+                let from = (((b * l + i) * parts + which) * h + hh) * w;
+                let to = ((b * h + hh) * l + i) * w;
+                out[to..to + w].copy_from_slice(&t.data()[from..from + w]);
+            }
+        }
+    }
+    Tensor::new([n, h, l, w], out).expect("unpacked shape")
+}
+
+/// Writes `src`, contiguous `(N, H, L, W)` as `heads` says, into part `which` of `dst (N, L,
+/// parts, H, W)`: the inverse of [`tokens_to_heads`].
+fn heads_into_tokens(src: &[f32], heads: &Shape, dst: &mut [f32], parts: usize, which: usize) {
+    let d = heads.dims();
+    let (n, h, l, w) = (d[0], d[1], d[2], d[3]);
+    for b in 0..n {
+        for i in 0..l {
+            for hh in 0..h {
+                let to = (((b * l + i) * parts + which) * h + hh) * w;
+                let from = ((b * h + hh) * l + i) * w;
+                dst[to..to + w].copy_from_slice(&src[from..from + w]);
+            }
+        }
+    }
+}
+
 /// Scores of one query row in f64: `q[i] . k[j] * scale + mask`, `-inf` where causal hides a
 /// key. `x` are the op's inputs (q, k, v, mask, ...), `strides` the mask's (None: no mask).
 fn scores_row(
@@ -252,7 +323,79 @@ fn scores_row(
 }
 
 impl Attention {
-    /// The mask's strides as the kernels read them (`None` without a mask).
+    /// `q`, `k` and `v` as the `Heads` layout's `(*, L, D)` slices, from the stored inputs'
+    /// shapes.
+    pub fn logical(&self, q: &Shape, k: &Shape, v: &Shape) -> (Shape, Shape, Shape) {
+        match self.layout {
+            Layout::Heads => (q.clone(), k.clone(), v.clone()),
+            Layout::Packed => {
+                let s = unpacked_shape(q);
+                (s.clone(), s.clone(), s)
+            }
+        }
+    }
+
+    /// This attention on the `Heads` layout (the CPU twins compute on it).
+    fn on_heads(&self) -> Attention {
+        Attention {
+            layout: Layout::Heads,
+            ..*self
+        }
+    }
+
+    /// The heads per batch element the layout's strides step over, then where the rows of q,
+    /// k, v and the output (also y and dy) start, and where dq, dk and dv are written (q's, k's
+    /// and v's strides from these offsets): `(nh, [q, k, v, out], [dq, dk, dv])`.
+    fn operand_layouts(
+        &self,
+        q: &Shape,
+        k: &Shape,
+        v: &Shape,
+    ) -> (usize, [Strided; 4], [usize; 3]) {
+        let (q, k, v) = self.logical(q, k, v);
+        let (bh, lq, lk, d, dv) = extents(&q, &k, &v);
+        let rows = |l: usize, w: usize, off: usize| Strided {
+            off,
+            sn: l * w,
+            sh: 0,
+            sr: w,
+        };
+        match self.layout {
+            Layout::Heads => (
+                1,
+                [
+                    rows(lq, d, 0),
+                    rows(lk, d, 0),
+                    rows(lk, dv, 0),
+                    rows(lq, dv, 0),
+                ],
+                [0, 0, bh * lk * d],
+            ),
+            Layout::Packed => {
+                let (h, l) = (q.dims()[1], lq);
+                let part = |off: usize, width: usize| Strided {
+                    off,
+                    sn: l * width * h,
+                    sh: d,
+                    sr: width * h,
+                };
+                let (hd, qkv) = (h * d, 3 * h * d);
+                let packed = |off: usize| Strided {
+                    sr: qkv,
+                    sn: l * qkv,
+                    ..part(off, d)
+                };
+                (
+                    h,
+                    [packed(0), packed(hd), packed(2 * hd), part(0, d)],
+                    [0, hd, 2 * hd],
+                )
+            }
+        }
+    }
+
+    /// The mask's strides as the kernels read them (`None` without a mask); `q` and `k` as
+    /// [`Self::logical`] gives them.
     fn strides(&self, q: &Shape, k: &Shape, m: &Shape) -> Option<[usize; 5]> {
         self.masked
             .then(|| mask_strides(q, k, m).expect("folded by the graph"))
@@ -271,8 +414,18 @@ impl Attention {
         }
     }
 
-    /// CPU reference in f64: the formula row by row, the whole softmax at once.
+    /// CPU reference in f64: the formula row by row, the whole softmax at once (packed
+    /// operands unpacked first).
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        if self.layout == Layout::Packed {
+            let [q, k, v] = [0, 1, 2].map(|i| tokens_to_heads(inputs[0], 3, i));
+            let y = self
+                .on_heads()
+                .cpu(&[&q, &k, &v, inputs[3], inputs[4]], q.shape());
+            let mut data = vec![0f32; out.numel()];
+            heads_into_tokens(y.data(), q.shape(), &mut data, 1, 0);
+            return Tensor::new(out.clone(), data).expect("attention shape");
+        }
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
         let (bh, lq, lk, _, dv) = extents(q.shape(), k.shape(), v.shape());
         let kept = self.keep_factor(inputs[4]);
@@ -301,10 +454,13 @@ impl Attention {
 
     /// The override constants every attention kernel takes, with tiles `(bq, bk)`.
     fn constants(&self, inputs: &[&Shape], (bq, bk): (usize, usize)) -> Vec<(&'static str, f64)> {
-        let (q, k, v, m) = (inputs[0], inputs[1], inputs[2], inputs[3]);
-        let (bh, lq, lk, d, dv) = extents(q, k, v);
-        let [heads, outer, head, row, col] = self.strides(q, k, m).unwrap_or([1, 0, 0, 0, 0]);
-        vec![
+        let (q, k, v) = self.logical(inputs[0], inputs[1], inputs[2]);
+        let (bh, lq, lk, d, dv) = extents(&q, &k, &v);
+        let [heads, outer, head, row, col] =
+            self.strides(&q, &k, inputs[3]).unwrap_or([1, 0, 0, 0, 0]);
+        let (nh, [sq, sk, sv, so], [gq, gk, gv]) =
+            self.operand_layouts(inputs[0], inputs[1], inputs[2]);
+        let mut c = vec![
             ("BH", bh as f64),
             ("LQ", lq as f64),
             ("LK", lk as f64),
@@ -327,12 +483,33 @@ impl Attention {
             ("DROP_SALT", self.dropout.map_or(0.0, |d| d.salt as f64)),
             ("BQ", bq as f64),
             ("BK", bk as f64),
-        ]
+            ("NH", nh as f64),
+            ("GQ_OFF", gq as f64),
+            ("GK_OFF", gk as f64),
+            ("GV_OFF", gv as f64),
+            ("ZERO_DQ", (self.layout == Layout::Packed) as u32 as f64),
+            ("O_SN", so.sn as f64),
+            ("O_SH", so.sh as f64),
+            ("O_SR", so.sr as f64),
+        ];
+        for (names, s) in [
+            (["Q_OFF", "Q_SN", "Q_SH", "Q_SR"], sq),
+            (["K_OFF", "K_SN", "K_SH", "K_SR"], sk),
+            (["V_OFF", "V_SN", "V_SH", "V_SR"], sv),
+        ] {
+            c.extend(
+                names
+                    .into_iter()
+                    .zip([s.off, s.sn, s.sh, s.sr].map(|x| x as f64)),
+            );
+        }
+        c
     }
 
     /// Kernel: `shaders/attention.wgsl`, tiles sized for `target`.
     pub fn kernel(&self, inputs: &[&Shape], target: &crate::codegen::Target) -> KernelSpec {
-        let (bh, lq, lk, d, dv) = extents(inputs[0], inputs[1], inputs[2]);
+        let (q, k, v) = self.logical(inputs[0], inputs[1], inputs[2]);
+        let (bh, lq, lk, d, dv) = extents(&q, &k, &v);
         let t = tiles(lq, lk, d, dv, target.workgroup_storage);
         KernelSpec {
             family: "attention",
@@ -352,9 +529,16 @@ impl Attention {
         y: NodeId,
         dy: NodeId,
     ) -> Result<Vec<Option<NodeId>>> {
-        let (qs, ks, vs) = (g.shape(x[0]), g.shape(x[1]), g.shape(x[2]));
+        let stored = g.shape(x[0]);
+        let (qs, ks, vs) = self.logical(&stored, &g.shape(x[1]), &g.shape(x[2]));
         let (bh, _, lk, d, dv) = extents(&qs, &ks, &vs);
         if d > MAX_BACKWARD_HEAD_DIM || dv > MAX_BACKWARD_HEAD_DIM {
+            if self.layout == Layout::Packed {
+                // `attention` builds packed attention for heads the kernels take only
+                return Err(crate::error::Error::Unsupported(format!(
+                    "packed attention with heads of {d} features (at most {MAX_BACKWARD_HEAD_DIM})"
+                )));
+            }
             return self.composed_backward(g, x, dy);
         }
         let grad = |part, extra: Option<NodeId>, shape: Shape| {
@@ -369,6 +553,19 @@ impl Attention {
         };
         let lq = qs.dims()[qs.rank() - 2];
         let stats = grad(GradPart::Stats, None, Shape(vec![2, bh, lq]))?;
+        if self.layout == Layout::Packed {
+            // dk and dv into their parts of one (N, L, 3, H, D) tensor (dq's part zeroed), then
+            // dq written into it in place
+            let kv = grad(GradPart::KeyValue, Some(stats), stored.clone())?;
+            let mut inputs = x.to_vec();
+            inputs.extend([y, dy, stats, kv]);
+            let op = AttentionGrad {
+                attention: *self,
+                part: GradPart::Query,
+            };
+            let dqkv = g.push_op(Op::AttentionGrad(op), inputs, stored)?;
+            return Ok(vec![Some(dqkv), None, None, None, None]);
+        }
         let (nk, nv) = (bh * lk * d, bh * lk * dv);
         let kv = grad(GradPart::KeyValue, Some(stats), Shape(vec![nk + nv]))?;
         let as_shape = |s: &Shape| s.dims().iter().map(|&e| e as isize).collect::<Vec<_>>();
@@ -425,6 +622,9 @@ impl AttentionGrad {
     /// CPU reference in f64, query row by query row; `KeyValue` and `Query` read `lse` and
     /// `delta` from their stats input, as the kernels do.
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        if self.attention.layout == Layout::Packed {
+            return self.packed_cpu(inputs, out);
+        }
         let a = &self.attention;
         let (q, k, v, y, dy) = (inputs[0], inputs[1], inputs[2], inputs[5], inputs[6]);
         let (bh, lq, lk, d, dv) = extents(q.shape(), k.shape(), v.shape());
@@ -476,9 +676,51 @@ impl AttentionGrad {
         Tensor::new(out.clone(), o).expect("attention gradient shape")
     }
 
+    /// [`Self::cpu`] of packed operands: unpacked, computed on the `Heads` layout and packed
+    /// again (`KeyValue`: dq's part zero; `Query`: dq written into a copy of input 8).
+    fn packed_cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let [q, k, v] = [0, 1, 2].map(|i| tokens_to_heads(inputs[0], 3, i));
+        let (y, dy) = (
+            tokens_to_heads(inputs[5], 1, 0),
+            tokens_to_heads(inputs[6], 1, 0),
+        );
+        let heads = AttentionGrad {
+            attention: self.attention.on_heads(),
+            part: self.part,
+        };
+        let mut x = vec![&q, &k, &v, inputs[3], inputs[4], &y, &dy];
+        x.extend(inputs.get(7).copied());
+        let logical = q.shape();
+        let data = match self.part {
+            GradPart::Stats => return heads.cpu(&x, out),
+            GradPart::KeyValue => {
+                let flat = heads.cpu(&x, &Shape(vec![2 * q.numel()]));
+                let (dk, dv) = flat.data().split_at(q.numel());
+                let mut data = vec![0f32; out.numel()];
+                heads_into_tokens(dk, logical, &mut data, 3, 1);
+                heads_into_tokens(dv, logical, &mut data, 3, 2);
+                data
+            }
+            GradPart::Query => {
+                let dq = heads.cpu(&x, logical);
+                let mut data = inputs[8].data().to_vec();
+                heads_into_tokens(dq.data(), logical, &mut data, 3, 0);
+                data
+            }
+        };
+        Tensor::new(out.clone(), data).expect("attention gradient shape")
+    }
+
+    /// Whether the kernel writes its result into its last input (packed `dq`, written into
+    /// the `(N, L, 3, H, D)` gradient `attention_dkv` made) rather than a tensor of its own.
+    pub fn in_place(&self) -> bool {
+        self.attention.layout == Layout::Packed && self.part == GradPart::Query
+    }
+
     /// Kernel: `shaders/attention.wgsl`'s backward entries, tiles sized for `target`.
     pub fn kernel(&self, inputs: &[&Shape], target: &crate::codegen::Target) -> KernelSpec {
-        let (bh, lq, lk, d, dv) = extents(inputs[0], inputs[1], inputs[2]);
+        let (q, k, v) = self.attention.logical(inputs[0], inputs[1], inputs[2]);
+        let (bh, lq, lk, d, dv) = extents(&q, &k, &v);
         let t = grad_tiles(self.part, lq, lk, d, dv, target.workgroup_storage);
         let blocks = match self.part {
             GradPart::KeyValue => lk.div_ceil(t.1),
@@ -552,6 +794,36 @@ fn probabilities(
     g.softmax(s, -1)
 }
 
+/// Self-attention of a packed `qkv (N, L, 3, H, D)` -> `(N, L, H, D)` (see [`Layout::Packed`]);
+/// the graph entry point. Heads wider than the backward kernels take ([`MAX_BACKWARD_HEAD_DIM`])
+/// are unpacked into `(N, H, L, D)` operands by graph ops (and the output packed back).
+pub(crate) fn attention_packed(
+    g: &Graph,
+    qkv: NodeId,
+    mask: Option<NodeId>,
+    causal: bool,
+    scale: Option<f32>,
+    dropout: Option<(f32, NodeId, u32)>,
+) -> Result<NodeId> {
+    let s = g.check_id(OP, qkv)?;
+    if s.rank() != 5 || s.dims()[2] != 3 {
+        return Err(shape_err(
+            OP,
+            format!("packed qkv {s}: expected (N, L, 3, H, D)"),
+        ));
+    }
+    if s.dims()[4] <= MAX_BACKWARD_HEAD_DIM {
+        return attention_with(g, [qkv; 3], mask, causal, scale, dropout, Layout::Packed);
+    }
+    let heads = g.permute(qkv, &[2, 0, 3, 1, 4])?;
+    let logical = unpacked_shape(&s);
+    let dims: Vec<isize> = logical.dims().iter().map(|&d| d as isize).collect();
+    let part = |i: usize| g.reshape(g.narrow(heads, 0, i, 1)?, &dims);
+    let ops = [part(0)?, part(1)?, part(2)?];
+    let y = attention_with(g, ops, mask, causal, scale, dropout, Layout::Heads)?;
+    g.permute(y, &[0, 2, 1, 3])
+}
+
 /// Scaled dot-product attention (see the module docs); the graph entry point. `dropout` is the
 /// probabilities' dropout: its probability, the seed node and the salt.
 #[allow(clippy::too_many_arguments)]
@@ -565,9 +837,34 @@ pub(crate) fn attention(
     scale: Option<f32>,
     dropout: Option<(f32, NodeId, u32)>,
 ) -> Result<NodeId> {
+    attention_with(g, [q, k, v], mask, causal, scale, dropout, Layout::Heads)
+}
+
+/// [`attention`] of operands stored as `layout` says (packed: `[qkv; 3]`).
+fn attention_with(
+    g: &Graph,
+    [q, k, v]: [NodeId; 3],
+    mask: Option<NodeId>,
+    causal: bool,
+    scale: Option<f32>,
+    dropout: Option<(f32, NodeId, u32)>,
+    layout: Layout,
+) -> Result<NodeId> {
     let (qs, ks, vs) = (g.check_id(OP, q)?, g.check_id(OP, k)?, g.check_id(OP, v)?);
+    let stored = qs.clone();
+    let (qs, ks, vs) = match layout {
+        Layout::Heads => (qs, ks, vs),
+        Layout::Packed => {
+            let s = unpacked_shape(&qs);
+            (s.clone(), s.clone(), s)
+        }
+    };
     let ms = mask.map(|m| g.check_id(OP, m)).transpose()?;
-    let out = infer(&qs, &ks, &vs, ms.as_ref())?;
+    let mut out = infer(&qs, &ks, &vs, ms.as_ref())?;
+    if layout == Layout::Packed {
+        let d = stored.dims();
+        out = Shape(vec![d[0], d[1], d[3], d[4]]);
+    }
     if let Some(m) = mask {
         if g.dtype(m) != DType::F32 {
             return Err(shape_err(
@@ -615,6 +912,7 @@ pub(crate) fn attention(
         causal,
         masked: ms.is_some(),
         dropout: dropout.map(|(p, _, salt)| Dropout { p, salt }),
+        layout,
     };
     g.push_op(Op::Attention(op), vec![q, k, v, mask, seed], out)
 }
@@ -701,6 +999,7 @@ mod tests {
                 causal,
                 masked: false,
                 dropout: None,
+                layout: Layout::Heads,
             })
         };
         // 2 slices x (8 + 3) multiply-adds per pair
@@ -712,6 +1011,7 @@ mod tests {
                 causal: true,
                 masked: false,
                 dropout: None,
+                layout: Layout::Heads,
             };
             Op::AttentionGrad(AttentionGrad { attention, part })
         };

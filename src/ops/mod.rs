@@ -248,7 +248,8 @@ impl Op {
     /// For nodes without storage of their own, the input whose storage they use (`inputs` are
     /// the input shapes, `out` its own): a reshape views its input, a narrow that keeps a prefix of its input's
     /// memory views it too ([`layout::AxisCopy::is_prefix`]), an optimizer update writes its
-    /// parameter (input 3) in place.
+    /// parameter (input 3) in place, packed attention's dq kernel writes into the gradient its
+    /// dk/dv kernel made (input 8; [`attention::AttentionGrad::in_place`]).
     pub fn view_of(&self, inputs: &[&Shape], out: &Shape) -> Option<usize> {
         match self {
             Op::Reshape => Some(0),
@@ -257,6 +258,7 @@ impl Op {
             Op::OptimGroup(o) => Some(o.param(0)),
             Op::RunningUpdate(_) => Some(1),
             Op::WriteRows(_) => Some(2),
+            Op::AttentionGrad(a) if a.in_place() => Some(8),
             _ => None,
         }
     }
@@ -269,6 +271,7 @@ impl Op {
             Op::OptimGroup(o) => (o.param(0), false),
             Op::RunningUpdate(_) => (1, false),
             Op::WriteRows(_) => (2, false),
+            Op::AttentionGrad(a) if a.in_place() => (8, false),
             _ => (n_inputs, true),
         }
     }
@@ -336,14 +339,14 @@ impl Op {
             Op::Attention(a) => {
                 // the scores and the weighted sum: (D + Dv) multiply-adds per attended pair
                 // (causal: key j <= query i only)
-                let (d, dv) = (inputs[0].dims(), inputs[2].dims());
-                let macs = d[d.len() - 1] + dv[dv.len() - 1];
-                2.0 * (attention::attended_pairs(inputs[0], inputs[1], a.causal) * macs) as f64
+                let (q, k, v) = a.logical(inputs[0], inputs[1], inputs[2]);
+                let macs = q.dims()[q.rank() - 1] + v.dims()[v.rank() - 1];
+                2.0 * (attention::attended_pairs(&q, &k, a.causal) * macs) as f64
             }
             Op::AttentionGrad(a) => {
-                let (d, dv) = (inputs[0].dims(), inputs[2].dims());
-                let macs = a.macs_per_pair(d[d.len() - 1], dv[dv.len() - 1]);
-                let pairs = attention::attended_pairs(inputs[0], inputs[1], a.attention.causal);
+                let (q, k, v) = a.attention.logical(inputs[0], inputs[1], inputs[2]);
+                let macs = a.macs_per_pair(q.dims()[q.rank() - 1], v.dims()[v.rank() - 1]);
+                let pairs = attention::attended_pairs(&q, &k, a.attention.causal);
                 2.0 * (pairs * macs) as f64
             }
             Op::GruForward(_) | Op::GruBackward(_) | Op::RnnForward(_) | Op::RnnBackward(_) => {
