@@ -6,16 +6,26 @@
 //   group_stats         stats[g] = mean of group g, stats[GROUPS + g] = mean of (x - mean)^2
 //                       (biased; two passes)                                        (GroupStats)
 //   normalize           out = (x - mean[g]) / sqrt(var[g] + EPS)                     (Normalize)
-//   normalize_affine    out = normalize(x) * weight[g] + bias[g]          (Normalize, affine)
+//   normalize_affine    out = normalize(x) * weight[a] + bias[a], a = g, or with AFFINE_INNER
+//                       the element's INNER position (a layer norm's feature) (Normalize, affine)
 //   normalize_backward  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), per group,
 //                       rstd = 1 / sqrt(var[g] + EPS): the gradient through the group's own
 //                       statistics                                          (NormalizeBackward)
-//   group_sums          sums[g] = sum(dy), sums[GROUPS + g] = sum(dy xhat) over group g, xhat
-//                       recomputed from x: the affine form's bias and weight gradients
-//                                                                                (GroupSums)
+//   group_sums          sums[g] = sum(dy), sums[SUMS_ROW + g] = sum(dy xhat) over group g, xhat
+//                       recomputed from x: the affine form's bias and weight gradients; rows
+//                       of SUMS_ROW (GROUPS rounded up to 128, zeros after) so that the second
+//                       row is a view at an aligned offset                        (GroupSums)
 //   normalize_affine_backward
-//                       dx = weight[g] rstd (dy - sums[g] / n - xhat sums[GROUPS + g] / n),
+//                       dx = weight[g] rstd (dy - sums[g] / n - xhat sums[SUMS_ROW + g] / n),
 //                       elementwise (n = OUTER * INNER)               (NormalizeAffineBackward)
+//   inner_sums          sums[c] = sum(dy), sums[SUMS_ROW + c] = sum(dy xhat) over the elements
+//                       at INNER position c of every group, xhat recomputed from x: a layer
+//                       norm's bias and weight gradients (rows of SUMS_ROW, INNER rounded up
+//                       to 128, zeros after)                            (GroupSums, inner)
+//   normalize_weighted_backward
+//                       normalize_backward of dxhat = dy * weight[c] (c: INNER position), xhat
+//                       recomputed from x: a layer norm's input gradient through its
+//                       features' scale                          (NormalizeBackward, weighted)
 //   running_update      running0 = (1 - MOMENTUM) running0 + MOMENTUM (SCALE0 value[0..N]), in
 //                       place; running_update2 also running1 from value[N..2N] with SCALE1
 //                                                                           (RunningUpdate)
@@ -26,21 +36,28 @@
 //   normalize_affine:    0 x [..]   1 stats [2*GROUPS]   2 weight [GROUPS]   3 bias [GROUPS]
 //                        4 out [..]
 //   normalize_backward:  0 dxhat [..]   1 xhat [..]   2 stats [2*GROUPS]   3 dx [..]
-//   group_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [2*GROUPS]
+//   group_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [2*SUMS_ROW]
+//   inner_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [2*SUMS_ROW]
+//   normalize_weighted_backward:
+//                        0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 weight [INNER]   4 dx [..]
 //   normalize_affine_backward:
 //                        0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 weight [GROUPS]
-//                        4 sums [2*GROUPS]   5 dx [..]
+//                        4 sums [2*SUMS_ROW]   5 dx [..]
 //   running_update(2):   0 value [N] ([2N])   1 running0 [N]   (2 running1 [N]): parameters,
 //                        updated in place
 // Overrides: OUTER, GROUPS, INNER, EPS; TPG (threads per group, a power of two <= 256); N,
-//            MOMENTUM, SCALE0, SCALE1 (running_update).
+//            MOMENTUM, SCALE0, SCALE1 (running_update); AFFINE_INNER (normalize_affine);
+//            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward).
 // Dispatch: group_stats, normalize_backward, group_sums: TPG threads per group, 256 / TPG groups
 //           per workgroup of 256 threads (ceil(GROUPS * TPG / 256) workgroups, folded into
 //           (x <= 65535, y)), f32 partial sums per thread reduced in workgroup memory within
 //           each group's TPG threads (the host gives large groups, a batch norm's channels,
 //           the whole workgroup, and small ones, a layer norm's rows, a few threads);
-//           normalize(_affine), normalize_affine_backward and running_update: one thread per
-//           element, ceil(n / 256) workgroups, folded likewise.
+//           normalize_weighted_backward as normalize_backward; normalize(_affine),
+//           normalize_affine_backward and running_update: one thread per element, ceil(n / 256)
+//           workgroups, folded likewise (group_sums: SUMS_ROW groups, the padding's without
+//           elements); inner_sums: a workgroup per 64 positions of a row (ceil(SUMS_ROW / 64)), 4 lanes of 64 threads striding over the OUTER * GROUPS rows, the
+//           lanes' sums added in workgroup memory.
 
 override OUTER: u32 = 1u;
 override GROUPS: u32 = 1u;
@@ -51,6 +68,8 @@ override MOMENTUM: f32 = 0.1;
 override SCALE0: f32 = 1.0;
 override SCALE1: f32 = 1.0;
 override TPG: u32 = 256u;
+override AFFINE_INNER: bool = false;
+override SUMS_ROW: u32 = GROUPS;
 const WG: u32 = 256u;
 // Groups per workgroup.
 override GPW: u32 = WG / TPG;
@@ -80,6 +99,7 @@ override GPW: u32 = WG / TPG;
 @group(0) @binding(3) var<storage, read> weight3: array<f32>; // always f32
 @group(0) @binding(4) var<storage, read> sums: array<f32>; // always f32
 @group(0) @binding(5) var<storage, read_write> dx5: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dx4: array<f32>;
 fn ld_x(i: u32) -> f32 { return x[i]; }
 fn ld_dxhat(i: u32) -> f32 { return dxhat[i]; }
 fn ld_xhat(i: u32) -> f32 { return xhat[i]; }
@@ -89,6 +109,7 @@ fn st_normalized(i: u32, v: f32) { normalized[i] = v; }
 fn st_dx(i: u32, v: f32) { dx[i] = v; }
 fn st_affine_out(i: u32, v: f32) { affine_out[i] = v; }
 fn st_dx5(i: u32, v: f32) { dx5[i] = v; }
+fn st_dx4(i: u32, v: f32) { dx4[i] = v; }
 // generated: end storage
 
 var<workgroup> partial: array<vec2<f32>, 256>;
@@ -196,8 +217,8 @@ fn normalize_affine(
     if i >= OUTER * GROUPS * INNER {
         return;
     }
-    let g = group_at(i);
-    st_affine_out(i, normalized_x(i) * weight2[g] + bias3[g]);
+    let a = select(group_at(i), i % INNER, AFFINE_INNER);
+    st_affine_out(i, normalized_x(i) * weight2[a] + bias3[a]);
 }
 
 @compute @workgroup_size(256)
@@ -206,7 +227,7 @@ fn group_sums(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    if workgroup_index(wid, nwg) * GPW >= GROUPS {
+    if workgroup_index(wid, nwg) * GPW >= SUMS_ROW {
         return;
     }
     let l = lane(wid, nwg, lid);
@@ -221,9 +242,10 @@ fn group_sums(
         }
     }
     let total = group_sum(lid, s);
-    if l.t == 0u && l.count > 0u {
+    // the rows' padding (groups GROUPS .. SUMS_ROW, no elements) gets zeros
+    if l.t == 0u && l.g < SUMS_ROW {
         sums_out[l.g] = total.x;
-        sums_out[GROUPS + l.g] = total.y;
+        sums_out[SUMS_ROW + l.g] = total.y;
     }
 }
 
@@ -241,7 +263,7 @@ fn normalize_affine_backward(
     let n = f32(OUTER * INNER);
     let rstd = 1.0 / sqrt(stats2[GROUPS + g] + EPS);
     let xh = (ld_x1(i) - stats2[g]) * rstd;
-    st_dx5(i, weight3[g] * rstd * (ld_dy(i) - sums[g] / n - xh * (sums[GROUPS + g] / n)));
+    st_dx5(i, weight3[g] * rstd * (ld_dy(i) - sums[g] / n - xh * (sums[SUMS_ROW + g] / n)));
 }
 
 @compute @workgroup_size(256)
@@ -267,6 +289,64 @@ fn normalize_backward(
             let k = at(l.g, e);
             st_dx(k, rstd * (ld_dxhat(k) - means.x - ld_xhat(k) * means.y));
         }
+    }
+}
+
+@compute @workgroup_size(256)
+fn normalize_weighted_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    if workgroup_index(wid, nwg) * GPW >= GROUPS {
+        return;
+    }
+    let l = lane(wid, nwg, lid);
+    var mean = 0.0;
+    var rstd = 0.0;
+    if l.count > 0u {
+        mean = stats2[l.g];
+        rstd = 1.0 / sqrt(stats2[GROUPS + l.g] + EPS);
+    }
+    var s = vec2<f32>(0.0, 0.0);
+    for (var e = l.t; e < l.count; e = e + TPG) {
+        let k = at(l.g, e);
+        let d = ld_dy(k) * weight3[k % INNER];
+        s = s + vec2<f32>(d, d * ((ld_x1(k) - mean) * rstd));
+    }
+    let means = group_sum(lid, s) / f32(OUTER * INNER);
+    for (var e = l.t; e < l.count; e = e + TPG) {
+        let k = at(l.g, e);
+        let d = ld_dy(k) * weight3[k % INNER];
+        let xh = (ld_x1(k) - mean) * rstd;
+        st_dx4(k, rstd * (d - means.x - xh * means.y));
+    }
+}
+
+@compute @workgroup_size(256)
+fn inner_sums(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = workgroup_index(wid, nwg) * 64u + lid % 64u;
+    let lane4 = lid / 64u;
+    var s = vec2<f32>(0.0, 0.0);
+    if c < INNER {
+        for (var r = lane4; r < OUTER * GROUPS; r = r + 4u) {
+            let g = r % GROUPS;
+            let k = r * INNER + c;
+            let d = ld_dy(k);
+            s = s + vec2<f32>(d, d * ((ld_x1(k) - stats2[g]) / sqrt(stats2[GROUPS + g] + EPS)));
+        }
+    }
+    partial[lid] = s;
+    workgroupBarrier();
+    // the rows' padding (c = INNER .. SUMS_ROW) gets zeros
+    if lane4 == 0u && c < SUMS_ROW {
+        let total = partial[lid] + partial[lid + 64u] + partial[lid + 128u] + partial[lid + 192u];
+        sums_out[c] = total.x;
+        sums_out[SUMS_ROW + c] = total.y;
     }
 }
 

@@ -654,21 +654,47 @@ fn verify_finds_no_divergence_in_a_batch_norm_step() {
 
 /// Rows of every width share workgroups (a few threads per small row, `threads_per_group`):
 /// one to many rows per workgroup, widths that are not multiples of the threads, a last
-/// workgroup with rows past the end; statistics and gradients against the CPU reference.
+/// workgroup with rows past the end; statistics and gradients against the CPU reference, with
+/// and without the per-feature scale and shift (inside the normalization: its gradients from
+/// one kernel of column sums, several workgroups of 64 columns for the wide rows).
 #[test]
 fn layer_norm_rows_share_workgroups() {
     for width in [1usize, 3, 5, 13, 64, 100, 513, 1500] {
         for rows in [1usize, 7, 300] {
-            let x = Tensor::rand_uniform(vec![rows, width], -3.0, 5.0, (width + rows) as u64);
-            let want = layer_norm_ref(&x, 1, &vec![1.0; width], &vec![0.0; width]);
-            let g = Graph::new();
-            let xi = g.input("x", [rows, width]);
-            let y = g.layer_norm(xi, 1, None, EPS).unwrap();
-            let what = format!("layer_norm of {rows} rows of {width}");
-            check_formula(&what, &g, y, &[("x", &x)], &want, (1e-5, 1e-5));
-            let loss = random_projection(&g, y, 7);
-            let dx = g.grad(loss, &[xi]).unwrap();
-            check_gpu_vs_cpu(&what, &g, &dx, &[("x", &x)], TOL_REDUCTION);
+            for affine in [false, true] {
+                let seed = (width + rows) as u64;
+                let x = Tensor::rand_uniform(vec![rows, width], -3.0, 5.0, seed);
+                let (w, b) = match affine {
+                    true => (rand(&[width], seed + 1), rand(&[width], seed + 2)),
+                    false => (Tensor::full([width], 1.0), Tensor::zeros([width])),
+                };
+                let want = layer_norm_ref(&x, 1, w.data(), b.data());
+                let g = Graph::new();
+                let xi = g.input("x", [rows, width]);
+                let (wi, bi) = (g.input("w", [width]), g.input("b", [width]));
+                let params = affine.then_some((wi, bi));
+                let y = g.layer_norm(xi, 1, params, EPS).unwrap();
+                let what = format!("layer_norm of {rows} rows of {width}, affine {affine}");
+                let feeds = [("x", &x), ("w", &w), ("b", &b)];
+                let feeds = if affine { &feeds[..] } else { &feeds[..1] };
+                check_formula(&what, &g, y, feeds, &want, (1e-5, 1e-5));
+                let loss = random_projection(&g, y, 7);
+                let wrt = if affine { vec![xi, wi, bi] } else { vec![xi] };
+                let grads = g.grad(loss, &wrt).unwrap();
+                check_gpu_vs_cpu(&what, &g, &grads, feeds, TOL_REDUCTION);
+                if let (Some(dev), true) = (gpu(), affine) {
+                    // statistics and the affine normalization; the column sums and the input's
+                    // gradient (besides the projection's gradient): no separate scale and
+                    // shift, forward or backward
+                    let plan = dev.compile(&g, &[&[y], &grads[..]].concat()).unwrap();
+                    let k = plan.kernels();
+                    let count = |s: &str| k.iter().filter(|l| l.contains(s)).count();
+                    assert_eq!(count("normalize "), 1, "{what}: {k:?}");
+                    assert_eq!(count("normalize_backward"), 1, "{what}: {k:?}");
+                    assert_eq!(count("inner_sums"), 1, "{what}: {k:?}");
+                    assert_eq!(count("sum [") + count("fused") + count("add"), 0, "{k:?}");
+                }
+            }
         }
     }
 }

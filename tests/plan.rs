@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_close, gpu, rand};
-use kiln::{Device, Error, Graph, Tensor};
+use kiln::{DType, Device, Error, Graph, Tensor};
 
 /// A chain of 12 elementwise ops on [64, 64]: liveness needs two buffers, not twelve.
 fn chain() -> (Graph, kiln::NodeId) {
@@ -313,5 +313,52 @@ fn prefix_narrows_are_views() {
             .run(&feeds)
             .unwrap();
         assert_close("prefix view", &got[0], &want[0], 0.0, 0.0);
+    }
+}
+
+/// A narrow of a contiguous run starting at a multiple of 128 elements (a binding offset every
+/// adapter takes) is a view too: of an input and of a computed tensor, read by a kernel and
+/// read back directly, in f32 and f16; one at an unaligned offset copies.
+#[test]
+fn aligned_narrows_are_views() {
+    let Some(dev) = gpu() else { return };
+    for dtype in [DType::F32, DType::F16] {
+        if dtype == DType::F16 && !dev.features().contains(wgpu::Features::SHADER_F16) {
+            continue;
+        }
+        let g = Graph::new();
+        let x = g.cast(g.input("x", [3, 128]), dtype).unwrap();
+        let rows = g.narrow(x, 0, 1, 2).unwrap(); // elements 128 .. 384
+        let y = g.relu(rows).unwrap();
+        let z = g.exp(x).unwrap();
+        let last = g
+            .narrow(g.reshape(z, &[384]).unwrap(), 0, 256, 128)
+            .unwrap();
+        let w = g.cast(g.input("w", [3, 100]), dtype).unwrap();
+        let unaligned = g.narrow(w, 0, 1, 1).unwrap(); // at element 100: a copy
+        let (fx, fw) = (rand(&[3, 128], 4), rand(&[3, 100], 5));
+        let feeds = [("x", &fx), ("w", &fw)];
+        // the casts are kernels in f16 graphs
+        let cast = usize::from(dtype == DType::F16);
+        for (outs, dispatches) in [
+            (vec![rows], cast),
+            (vec![y], cast + 1),
+            (vec![last], cast + 1),
+            (vec![y, last, rows], cast + 2),
+            (vec![unaligned], cast + 1),
+        ] {
+            let mut plan = dev.compile(&g, &outs).unwrap();
+            plan.poison(f32::NAN);
+            assert_eq!(plan.info().dispatches, dispatches, "{dtype} {outs:?}");
+            let got = plan.run(&feeds).unwrap();
+            let want = Device::cpu()
+                .compile(&g, &outs)
+                .unwrap()
+                .run(&feeds)
+                .unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert_close("offset view", a, b, 0.0, 1e-6);
+            }
+        }
     }
 }

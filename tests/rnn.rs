@@ -210,10 +210,12 @@ fn lstm_step_dispatches(dev: &kiln::Device, t: usize, h: usize) -> usize {
 #[test]
 fn whole_sequence_kernels_dispatch_once_per_layer() {
     let Some(dev) = common::gpu() else { return };
-    // H <= 128: forward and backward each run all steps in one dispatch, whatever T
+    // H <= 128: forward and backward each run all steps in one dispatch, whatever T (at T 9
+    // the last step's hidden state would start at element 128 of the outputs, an aligned
+    // offset: a view instead of a copy, one dispatch fewer)
     assert_eq!(
         lstm_step_dispatches(&dev, 2, 8),
-        lstm_step_dispatches(&dev, 9, 8)
+        lstm_step_dispatches(&dev, 7, 8)
     );
     // so beyond WebGPU's 256 where the adapter allows and the batch fills it (give or take a
     // weight gradient's matmul splitting K over the longer sequence)

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::liveness::{assign_slots, lifetimes, storage_root};
+use super::liveness::{assign_slots, lifetimes, storage_offset, storage_root};
 use super::lower;
 use super::profile::{self, OpTiming, Profiler};
 use super::PlanInfo;
@@ -50,6 +50,8 @@ struct Step {
 /// Where a requested output lives; its staging buffer is at the same index of `GpuPlan::staging`.
 struct Readback {
     buffer: Arc<wgpu::Buffer>,
+    /// Bytes into `buffer` (a view of part of it).
+    offset: u64,
     shape: Shape,
     dtype: DType,
 }
@@ -263,7 +265,7 @@ impl GpuPlan {
                     binding: b as u32 + shift,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer: &storage[&storage_root(&nodes, t)],
-                        offset: 0,
+                        offset: storage_offset(&nodes, t),
                         size: wgpu::BufferSize::new(bytes_of(t)),
                     }),
                 })
@@ -326,6 +328,7 @@ impl GpuPlan {
             )?;
             readbacks.push(Readback {
                 buffer: storage[&storage_root(&nodes, o)].clone(),
+                offset: storage_offset(&nodes, o),
                 shape: nodes[o.0].shape.clone(),
                 dtype: nodes[o.0].dtype,
             });
@@ -412,7 +415,7 @@ impl GpuPlan {
         }
         if readback {
             for (r, (s, bytes)) in self.readbacks.iter().zip(&self.staging) {
-                enc.copy_buffer_to_buffer(&r.buffer, 0, s, 0, *bytes);
+                enc.copy_buffer_to_buffer(&r.buffer, r.offset, s, 0, *bytes);
             }
         }
         ctx.queue.submit([enc.finish()]);

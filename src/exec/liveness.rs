@@ -28,6 +28,20 @@ pub fn storage_root(nodes: &[Node], mut id: NodeId) -> NodeId {
     id
 }
 
+/// Where `id`'s value starts in the storage of [`storage_root`], in bytes (a narrow viewing a
+/// contiguous run of its input starts past its offset).
+pub fn storage_offset(nodes: &[Node], mut id: NodeId) -> u64 {
+    let mut bytes = 0;
+    while let Some(k) = view_of(nodes, id) {
+        let n = &nodes[id.0];
+        let shapes: Vec<&crate::tensor::Shape> =
+            n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
+        bytes += n.dtype.buffer_bytes(n.op.view_offset(&shapes, &n.shape));
+        id = n.inputs[k];
+    }
+    bytes
+}
+
 /// `Op::view_of` of a node, from its inputs' shapes.
 pub fn view_of(nodes: &[Node], id: NodeId) -> Option<usize> {
     let n = &nodes[id.0];

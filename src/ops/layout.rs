@@ -174,6 +174,10 @@ pub fn reshape_infer(a: &Shape, target: &[isize]) -> Result<Shape> {
     Ok(out)
 }
 
+/// Element offsets a view may start at: 128 elements are 256 bytes of f16 (512 of f32), and
+/// WebGPU's `minStorageBufferOffsetAlignment` is at most 256 bytes on every adapter.
+pub const VIEW_ALIGN: usize = 128;
+
 /// Copies along one axis with an offset: narrow (a slice), pad (zeros around), concat (two
 /// inputs). Output position `c` along `axis` reads input `a` at `c - a_start` when in range,
 /// else input `b` (if any) at `c - b_start`, else 0. Kernel: `layout.wgsl`, `axis_copy1/2`.
@@ -203,15 +207,25 @@ impl AxisCopy {
         }
     }
 
-    /// Whether this is a narrow from position 0 (to `out`, no longer than `a` along `axis`) of
-    /// an input `a` whose axes before `axis` all have extent 1 (`narrow(q, 0, 0, t)`): its
-    /// result is the first elements of `a`'s memory, so the plan binds a prefix of `a`'s buffer
-    /// instead of copying (a view, like a reshape).
-    pub fn is_prefix(&self, a: &Shape, out: &Shape) -> bool {
-        self.b_start.is_none()
-            && self.a_start == 0
-            && out.dims()[self.axis] <= a.dims()[self.axis]
+    /// Where this copy is a view: a narrow (to `out`) of an input `a` whose axes before `axis`
+    /// all have extent 1 (`narrow(kv, 0, start, n)`) is a contiguous run of `a`'s memory, so the
+    /// plan binds that part of `a`'s buffer instead of copying, where it starts at 0 or at a
+    /// multiple of [`VIEW_ALIGN`] elements (a binding offset every adapter takes). The offset
+    /// in elements.
+    pub fn view_offset(&self, a: &Shape, out: &Shape) -> Option<usize> {
+        let start = usize::try_from(-self.a_start).ok()?;
+        let inner: usize = a.dims()[self.axis + 1..].iter().product();
+        let offset = start * inner;
+        (self.b_start.is_none()
+            && start + out.dims()[self.axis] <= a.dims()[self.axis]
             && a.dims()[..self.axis].iter().all(|&d| d == 1)
+            && offset % VIEW_ALIGN == 0)
+            .then_some(offset)
+    }
+
+    /// Whether this is a narrow from position 0 that is a view ([`Self::view_offset`] 0).
+    pub fn is_prefix(&self, a: &Shape, out: &Shape) -> bool {
+        self.view_offset(a, out) == Some(0)
     }
 
     /// CPU reference.

@@ -237,7 +237,7 @@ impl Op {
             Op::GroupStats(_) => "group_stats",
             Op::Normalize(_) => "normalize",
             Op::NormalizeBackward(_) => "normalize_backward",
-            Op::GroupSums(_) => "group_sums",
+            Op::GroupSums(s) => s.name(),
             Op::NormalizeAffineBackward(_) => "normalize_affine_backward",
             Op::Attention(_) => "attention",
             Op::AttentionGrad(a) => a.entry(),
@@ -246,20 +246,29 @@ impl Op {
     }
 
     /// For nodes without storage of their own, the input whose storage they use (`inputs` are
-    /// the input shapes, `out` its own): a reshape views its input, a narrow that keeps a prefix of its input's
-    /// memory views it too ([`layout::AxisCopy::is_prefix`]), an optimizer update writes its
+    /// the input shapes, `out` its own): a reshape views its input, a narrow that keeps a
+    /// contiguous run of its input's memory views it too ([`layout::AxisCopy::view_offset`]), an optimizer update writes its
     /// parameter (input 3) in place, packed attention's dq kernel writes into the gradient its
     /// dk/dv kernel made (input 8; [`attention::AttentionGrad::in_place`]).
     pub fn view_of(&self, inputs: &[&Shape], out: &Shape) -> Option<usize> {
         match self {
             Op::Reshape => Some(0),
-            Op::AxisCopy(a) if a.is_prefix(inputs[0], out) => Some(0),
+            Op::AxisCopy(a) if a.view_offset(inputs[0], out).is_some() => Some(0),
             Op::OptimStep(_) => Some(3),
             Op::OptimGroup(o) => Some(o.param(0)),
             Op::RunningUpdate(_) => Some(1),
             Op::WriteRows(_) => Some(2),
             Op::AttentionGrad(a) if a.in_place() => Some(8),
             _ => None,
+        }
+    }
+
+    /// Where a view ([`Self::view_of`]) starts in its input's storage, in elements: a narrow of
+    /// a contiguous run ([`layout::AxisCopy::view_offset`]); 0 for the other views.
+    pub fn view_offset(&self, inputs: &[&Shape], out: &Shape) -> usize {
+        match self {
+            Op::AxisCopy(a) => a.view_offset(inputs[0], out).unwrap_or(0),
+            _ => 0,
         }
     }
 
@@ -456,7 +465,7 @@ impl Op {
             ),
             Op::GroupSums(s) => s.cpu(inputs[0], inputs[1], inputs[2]),
             Op::NormalizeAffineBackward(n) => n.affine_cpu(inputs),
-            Op::NormalizeBackward(n) => n.cpu(inputs[0], inputs[1], inputs[2]),
+            Op::NormalizeBackward(n) => n.cpu(inputs),
             Op::Attention(a) => a.cpu(inputs, out),
             Op::AttentionGrad(a) => a.cpu(inputs, out),
             Op::WriteRows(w) => w.cpu(inputs[0], inputs[1], inputs[2]),
@@ -496,8 +505,8 @@ impl Op {
             Op::Reduce(r) => Some(r.kernel(inputs[0])),
             Op::Permute(p) => Some(p.kernel(inputs[0], out)),
             Op::Expand(e) => Some(e.kernel(inputs[0], out)),
-            // a prefix of its input's memory: a view
-            Op::AxisCopy(a) if a.is_prefix(inputs[0], out) => None,
+            // a contiguous run of its input's memory: a view
+            Op::AxisCopy(a) if a.view_offset(inputs[0], out).is_some() => None,
             Op::AxisCopy(a) => Some(a.kernel(inputs, out)),
             Op::Im2col(c) => Some(c.0.im2col_kernel(inputs[0], out)),
             Op::Col2im(c) => Some(c.0.col2im_kernel(inputs[0], out)),
@@ -522,7 +531,7 @@ impl Op {
             Op::Normalize(n) => Some(n.kernel(inputs[0])),
             Op::NormalizeBackward(n) => Some(n.kernel(inputs[0])),
             Op::GroupSums(s) => Some(s.kernel(inputs[0])),
-            Op::NormalizeAffineBackward(n) => Some(n.affine_kernel(inputs[0])),
+            Op::NormalizeAffineBackward(n) => Some(n.affine_kernel(inputs[0], inputs[4])),
             Op::Attention(a) => Some(a.kernel(inputs, target)),
             Op::AttentionGrad(a) => Some(a.kernel(inputs, target)),
             Op::WriteRows(w) => Some(w.kernel(inputs[0], inputs[2])),

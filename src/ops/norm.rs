@@ -11,12 +11,20 @@
 //! - Batch norm (training): the per-channel scale and shift are inside `Normalize`; its
 //!   backward is [`GroupSums`] (per channel `sum(dy)` and `sum(dy xhat)`: the bias's and the
 //!   weight's gradients) and an elementwise input gradient. [`RunningUpdate`] moves both
-//!   running statistics in place in one kernel. Forward 4 kernels, backward 3 (and a copy of
-//!   the weight's gradient); composed from graph ops the step took about five times the
-//!   dispatches. In evaluation it is elementwise, `(x - running_mean) / sqrt(running_var + eps)
+//!   running statistics in place in one kernel. Forward 3 kernels (statistics, normalization,
+//!   running statistics), backward 2; the sums' rows are padded ([`sums_row`]) so that both
+//!   parameters' gradients are views of them. Composed from graph ops the step took about
+//!   five times the dispatches. In evaluation it is elementwise, `(x - running_mean) / sqrt(running_var + eps)
 //!   * weight + bias`: one fused kernel with what follows.
-//! - Layer and group norm: scale and shift are broadcast graph ops in the input's own shape
-//!   (fused with what follows, a relu), and `Normalize`'s backward is one kernel per group
+//! - Layer norm: the per-feature scale and shift are inside `Normalize` too (indexed by the
+//!   INNER position); its backward is [`GroupSums`] per feature (column sums of `dy` and `dy
+//!   xhat`: the bias's and the weight's gradients, one kernel) and the weighted
+//!   [`NormalizeBackward`] (`dxhat = dy * weight` inside the per-row reduction). Forward 2
+//!   kernels, backward 2; as broadcast graph ops the scale and shift took a kernel forward
+//!   and three backward. The column sums take a thread per feature and 4 lanes over the rows
+//!   (a split over row blocks would fill a large GPU better for long sequences).
+//! - Group norm: scale and shift are broadcast graph ops in the input's own shape (fused with
+//!   what follows, a relu), and `Normalize`'s backward is one kernel per group
 //!   ([`NormalizeBackward`]): `rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))`.
 //!
 //! f16 tensors are read and written as stored (the kernels' f16 variants, `norm_f16`, from the
@@ -287,13 +295,17 @@ impl GroupStats {
 /// `xhat = (x - mean[g]) / sqrt(var[g] + eps)` of `x (OUTER, GROUPS, INNER)` with `stats`
 /// `(2, GROUPS)` that are `x`'s own [`GroupStats`]; with `affine`, `y = xhat * weight[g] +
 /// bias[g]` (inputs `[x, stats, weight, bias]`, each `(GROUPS)`: a batch norm's per-channel
-/// scale and shift). Its backward differentiates through the statistics (the gradient for `x`
-/// includes their dependence on `x`) and gives none to `stats`. Built by [`batch_norm`]
-/// (training), [`layer_norm`] and [`group_norm`] only.
+/// scale and shift), or with `inner` too `y = xhat * weight[i] + bias[i]` by the element's
+/// INNER position `i` (each `(INNER)`: a layer norm's per-feature scale and shift). Its
+/// backward differentiates through the statistics (the gradient for `x` includes their
+/// dependence on `x`) and gives none to `stats`. Built by [`batch_norm`] (training),
+/// [`layer_norm`] and [`group_norm`] only.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Normalize {
     pub eps: f32,
     pub affine: bool,
+    /// The affine parameters index the INNER position, not the group.
+    pub inner: bool,
 }
 
 impl Normalize {
@@ -308,8 +320,9 @@ impl Normalize {
                 let g = (k / inner) % groups;
                 let r = rstd(stats.data()[groups + g], self.eps);
                 let xhat = (v as f64 - stats.data()[g] as f64) * r;
+                let a = if self.inner { k % inner } else { g };
                 match affine {
-                    Some((w, b)) => (xhat * w.data()[g] as f64 + b.data()[g] as f64) as f32,
+                    Some((w, b)) => (xhat * w.data()[a] as f64 + b.data()[a] as f64) as f32,
                     None => xhat as f32,
                 }
             })
@@ -319,7 +332,7 @@ impl Normalize {
 
     /// Kernel: one thread per element.
     pub fn kernel(&self, x: &Shape) -> KernelSpec {
-        group_kernel(
+        let mut k = group_kernel(
             if self.affine {
                 "normalize_affine"
             } else {
@@ -328,15 +341,21 @@ impl Normalize {
             x,
             Some(self.eps),
             Grid::PerElement,
-        )
+        );
+        if self.affine && self.inner {
+            k.constants.push(("AFFINE_INNER", 1.0));
+        }
+        k
     }
 
     /// Backward. Without affine: [`NormalizeBackward`] of `dy`, the output `xhat` and the
     /// statistics, for `x`. With: [`GroupSums`] of `dy` and `xhat` (recomputed from `x`) per
     /// group, which are the bias's and the weight's gradients, then
     /// `Op::NormalizeAffineBackward` ([`NormalizeBackward::affine_cpu`]) for `x`,
-    /// elementwise. None for the statistics (their dependence on `x` is in the gradient for
-    /// `x`).
+    /// elementwise. With `inner`: [`GroupSums`] per INNER position (the parameters'
+    /// gradients) and the weighted [`NormalizeBackward`] for `x` (its reductions per group
+    /// need `dy * weight`, not sums the parameters' gradients share). None for the statistics
+    /// (their dependence on `x` is in the gradient for `x`).
     pub fn backward(
         &self,
         g: &Graph,
@@ -346,43 +365,94 @@ impl Normalize {
     ) -> Result<Vec<Option<NodeId>>> {
         let shape = g.shape(y);
         if !self.affine {
-            let dx = g.push_op(
-                Op::NormalizeBackward(NormalizeBackward { eps: self.eps }),
-                vec![dy, y, x[1]],
-                shape,
-            )?;
+            let op = NormalizeBackward {
+                eps: self.eps,
+                weighted: false,
+            };
+            let dx = g.push_op(Op::NormalizeBackward(op), vec![dy, y, x[1]], shape)?;
             return Ok(vec![Some(dx), None]);
         }
-        let groups = shape.dims()[1];
+        let (groups, inner) = (shape.dims()[1], shape.dims()[2]);
+        let per = if self.inner { inner } else { groups };
         let sums = g.push_op(
-            Op::GroupSums(GroupSums { eps: self.eps }),
+            Op::GroupSums(GroupSums {
+                eps: self.eps,
+                inner: self.inner,
+            }),
             vec![dy, x[0], x[1]],
-            Shape::from(vec![2, groups]),
+            Shape::from(vec![2, sums_row(per)]),
         )?;
-        let dx = g.push_op(
-            Op::NormalizeAffineBackward(NormalizeBackward { eps: self.eps }),
-            vec![dy, x[0], x[1], x[2], sums],
-            shape,
-        )?;
-        let row = |k: usize| g.reshape(g.narrow(sums, 0, k, 1)?, &[groups as isize]);
+        let dx = if self.inner {
+            let op = NormalizeBackward {
+                eps: self.eps,
+                weighted: true,
+            };
+            g.push_op(Op::NormalizeBackward(op), vec![dy, x[0], x[1], x[2]], shape)?
+        } else {
+            let op = NormalizeBackward {
+                eps: self.eps,
+                weighted: false,
+            };
+            g.push_op(
+                Op::NormalizeAffineBackward(op),
+                vec![dy, x[0], x[1], x[2], sums],
+                shape,
+            )?
+        };
+        // both rows are views (the second starts at an aligned offset)
+        let row = |k: usize| {
+            let r = g.narrow(g.narrow(sums, 0, k, 1)?, 1, 0, per)?;
+            g.reshape(r, &[per as isize])
+        };
         Ok(vec![Some(dx), None, Some(row(1)?), Some(row(0)?)])
     }
 }
 
+/// The length of [`GroupSums`]' rows for `per` sums: a multiple of
+/// [`super::layout::VIEW_ALIGN`], so that the second row (a parameter's gradient) is a view.
+pub fn sums_row(per: usize) -> usize {
+    per.next_multiple_of(super::layout::VIEW_ALIGN)
+}
+
 /// Per group of `dy` and `x (OUTER, GROUPS, INNER)` with `x`'s statistics `(2, GROUPS)`:
 /// `sum(dy)` (row 0) and `sum(dy * xhat)` (row 1), `xhat` recomputed from `x`: the affine
-/// normalization's bias and weight gradients, and what its input gradient needs. One workgroup
-/// per group.
+/// normalization's bias and weight gradients, and what its input gradient needs. With `inner`,
+/// the same sums per INNER position over every group: a layer norm's. Rows of [`sums_row`]
+/// (zeros after the sums): `(2, sums_row(GROUPS or INNER))`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GroupSums {
     pub eps: f32,
+    pub inner: bool,
 }
 
 impl GroupSums {
+    /// The kernel's name, as plans and profiles show it.
+    pub fn name(&self) -> &'static str {
+        if self.inner {
+            "inner_sums"
+        } else {
+            "group_sums"
+        }
+    }
+
     /// CPU reference in f64.
     pub fn cpu(&self, dy: &Tensor, x: &Tensor, stats: &Tensor) -> Tensor {
+        if self.inner {
+            let (_, groups, inner) = split3(dy.shape());
+            let row = sums_row(inner);
+            let mut acc = vec![0f64; 2 * row];
+            for (k, (&d, &v)) in dy.data().iter().zip(x.data()).enumerate() {
+                let (g, c) = ((k / inner) % groups, k % inner);
+                let r = rstd(stats.data()[groups + g], self.eps);
+                acc[c] += d as f64;
+                acc[row + c] += d as f64 * (v as f64 - stats.data()[g] as f64) * r;
+            }
+            let data = acc.into_iter().map(|s| s as f32).collect();
+            return Tensor::new([2, row], data).expect("two rows of sums");
+        }
         let groups = dy.dims()[1];
-        let mut data = vec![0f32; 2 * groups];
+        let row = sums_row(groups);
+        let mut data = vec![0f32; 2 * row];
         for g in 0..groups {
             let (mean, r) = (
                 stats.data()[g] as f64,
@@ -394,14 +464,28 @@ impl GroupSums {
                 s1 += d * (v - mean) * r;
             }
             data[g] = s0 as f32;
-            data[groups + g] = s1 as f32;
+            data[row + g] = s1 as f32;
         }
-        Tensor::new([2, groups], data).expect("two rows of one value per group")
+        Tensor::new([2, row], data).expect("two rows of sums")
     }
 
-    /// Kernel: [`threads_per_group`] threads per group.
+    /// Kernel: [`threads_per_group`] threads per group (and the padding's groups); with
+    /// `inner`, a workgroup per 64 positions of a row.
     pub fn kernel(&self, dy: &Shape) -> KernelSpec {
-        group_kernel("group_sums", dy, Some(self.eps), Grid::PerGroup)
+        let (_, groups, inner) = split3(dy);
+        if self.inner {
+            let row = sums_row(inner);
+            let mut k = group_kernel("inner_sums", dy, Some(self.eps), Grid::PerElement);
+            k.workgroups = super::groups(row, 64);
+            k.constants.push(("SUMS_ROW", row as f64));
+            return k;
+        }
+        let row = sums_row(groups);
+        let mut k = group_kernel("group_sums", dy, Some(self.eps), Grid::PerGroup);
+        let tpg = threads_per_group(split3(dy).0 * inner);
+        k.workgroups = super::groups(row * tpg, 256);
+        k.constants.push(("SUMS_ROW", row as f64));
+        k
     }
 }
 
@@ -410,10 +494,13 @@ impl GroupSums {
 /// `dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat))`, `rstd = 1 / sqrt(var + eps)`,
 /// reduced by [`threads_per_group`] threads per group. As `Op::NormalizeAffineBackward`, the affine form's, elementwise:
 /// inputs `dy`, `x`, the statistics, `weight` and the [`GroupSums`] of `dy`;
-/// `dx = weight rstd (dy - sum(dy) / n - xhat sum(dy xhat) / n)`.
+/// `dx = weight rstd (dy - sum(dy) / n - xhat sum(dy xhat) / n)`. `weighted` (a layer norm's
+/// per-feature scale): inputs `dy`, `x`, the statistics and `weight (INNER)`, `dxhat = dy *
+/// weight[i]` and `xhat` recomputed from `x`, reduced per group as the plain form.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NormalizeBackward {
     pub eps: f32,
+    pub weighted: bool,
 }
 
 impl NormalizeBackward {
@@ -433,45 +520,68 @@ impl NormalizeBackward {
                 let g = (k / inner) % groups;
                 let r = rstd(stats.data()[groups + g], self.eps);
                 let xhat = (v as f64 - stats.data()[g] as f64) * r;
-                let (s0, s1) = (sums.data()[g] as f64, sums.data()[groups + g] as f64);
+                let row = sums.dims()[1];
+                let (s0, s1) = (sums.data()[g] as f64, sums.data()[row + g] as f64);
                 (w.data()[g] as f64 * r * (d as f64 - s0 / n - xhat * s1 / n)) as f32
             })
             .collect();
         Tensor::new(dy.shape().clone(), data).expect("same shape")
     }
 
-    /// Kernel of the affine form: one thread per element.
-    pub fn affine_kernel(&self, dy: &Shape) -> KernelSpec {
-        group_kernel(
+    /// Kernel of the affine form: one thread per element; `sums` is the [`GroupSums`] input's
+    /// shape.
+    pub fn affine_kernel(&self, dy: &Shape, sums: &Shape) -> KernelSpec {
+        let mut k = group_kernel(
             "normalize_affine_backward",
             dy,
             Some(self.eps),
             Grid::PerElement,
-        )
+        );
+        k.constants.push(("SUMS_ROW", sums.dims()[1] as f64));
+        k
     }
 
-    /// CPU reference in f64.
-    pub fn cpu(&self, dxhat: &Tensor, xhat: &Tensor, stats: &Tensor) -> Tensor {
-        let groups = dxhat.dims()[1];
-        let n = (dxhat.numel() / groups) as f64;
-        let mut dx = vec![0f32; dxhat.numel()];
+    /// CPU reference in f64: `inputs` are `[dxhat, xhat, stats]`, or weighted `[dy, x, stats,
+    /// weight]`.
+    pub fn cpu(&self, inputs: &[&Tensor]) -> Tensor {
+        let (a, b, stats) = (inputs[0], inputs[1], inputs[2]);
+        let (_, groups, inner) = split3(a.shape());
+        let n = (a.numel() / groups) as f64;
+        // dxhat and xhat of element k (in f64 where the weighted form computes them)
+        let at = |k: usize, g: usize| -> (f64, f64) {
+            let (d, v) = (a.data()[k] as f64, b.data()[k] as f64);
+            if !self.weighted {
+                return (d, v);
+            }
+            let r = rstd(stats.data()[groups + g], self.eps);
+            let w = inputs[3].data()[k % inner] as f64;
+            (d * w, (v - stats.data()[g] as f64) * r)
+        };
+        let mut dx = vec![0f32; a.numel()];
         for g in 0..groups {
             let (mut s1, mut s2) = (0f64, 0f64);
-            for ((_, d), (_, h)) in group(dxhat, g).zip(group(xhat, g)) {
+            for (k, _) in group(a, g) {
+                let (d, h) = at(k, g);
                 s1 += d;
                 s2 += d * h;
             }
             let r = rstd(stats.data()[groups + g], self.eps);
-            for ((k, d), (_, h)) in group(dxhat, g).zip(group(xhat, g)) {
+            for (k, _) in group(a, g) {
+                let (d, h) = at(k, g);
                 dx[k] = (r * (d - s1 / n - h * s2 / n)) as f32;
             }
         }
-        Tensor::new(dxhat.shape().clone(), dx).expect("same shape")
+        Tensor::new(a.shape().clone(), dx).expect("same shape")
     }
 
     /// Kernel: [`threads_per_group`] threads per group.
     pub fn kernel(&self, dxhat: &Shape) -> KernelSpec {
-        group_kernel("normalize_backward", dxhat, Some(self.eps), Grid::PerGroup)
+        let entry = if self.weighted {
+            "normalize_weighted_backward"
+        } else {
+            "normalize_backward"
+        };
+        group_kernel(entry, dxhat, Some(self.eps), Grid::PerGroup)
     }
 }
 
@@ -483,6 +593,7 @@ fn normalize_by_groups(
     x: NodeId,
     eps: f32,
     affine: Option<(NodeId, NodeId)>,
+    inner: bool,
 ) -> Result<(NodeId, NodeId)> {
     check_eps(eps)?;
     let groups = g.shape(x).dims()[1];
@@ -496,6 +607,7 @@ fn normalize_by_groups(
     let op = Op::Normalize(Normalize {
         eps,
         affine: affine.is_some(),
+        inner,
     });
     let y = g.push_op(op, inputs, g.shape(x))?;
     Ok((y, stats))
@@ -557,7 +669,7 @@ pub fn batch_norm(
         // the scale and shift inside the normalization: their gradients are its per-channel
         // sums, one kernel with what the input's gradient needs
         let xr = g.reshape(x, &[n as isize, c as isize, s as isize])?;
-        let (y, stats) = normalize_by_groups(g, xr, eps, affine)?;
+        let (y, stats) = normalize_by_groups(g, xr, eps, affine, false)?;
         if let Some(r) = running {
             let count = (n * s) as f32;
             let scales = [1.0, count / (count - 1.0)];
@@ -598,17 +710,17 @@ pub fn layer_norm(
     check_shapes(g, OP, affine_named(affine), &norm_shape, &shape)?;
     let rows: usize = dims[..lead].iter().product();
     let d: usize = dims[lead..].iter().product();
-    let dt = g.dtype(x);
     let xr = g.reshape(x, &[1, rows as isize, d as isize])?;
-    let (xhat, _) = normalize_by_groups(g, xr, eps, None)?;
-    // the scale and shift in x's own shape and type (they broadcast over the leading axes), so
-    // that they fuse with what reads the output
+    // the scale and shift inside the normalization (f32, per feature): one kernel forward, and
+    // their gradients from one kernel of column sums
+    let flat = |t: NodeId| g.reshape(g.cast(t, DType::F32)?, &[d as isize]);
+    let affine = match affine {
+        Some((w, b)) => Some((flat(w)?, flat(b)?)),
+        None => None,
+    };
+    let (y, _) = normalize_by_groups(g, xr, eps, affine, true)?;
     let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
-    let mut y = g.reshape(xhat, &back)?;
-    if let Some((w, b)) = affine {
-        y = g.add(g.mul(y, g.cast(w, dt)?)?, g.cast(b, dt)?)?;
-    }
-    Ok(y)
+    g.reshape(y, &back)
 }
 
 /// Root-mean-square normalization of `x` over its last `normalized` axes, as
@@ -679,7 +791,7 @@ pub fn group_norm(
     let per_group = shape.numel() / (n * num_groups);
     let dt = g.dtype(x);
     let xr = g.reshape(x, &[1, (n * num_groups) as isize, per_group as isize])?;
-    let (xhat, _) = normalize_by_groups(g, xr, eps, None)?;
+    let (xhat, _) = normalize_by_groups(g, xr, eps, None, false)?;
     let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
     let mut y = g.reshape(xhat, &back)?;
     if let Some((w, b)) = affine {
