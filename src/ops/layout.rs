@@ -219,8 +219,8 @@ impl AxisCopy {
         (self.b_start.is_none()
             && start + out.dims()[self.axis] <= a.dims()[self.axis]
             && a.dims()[..self.axis].iter().all(|&d| d == 1)
-            && offset % VIEW_ALIGN == 0)
-            .then_some(offset)
+            && offset.is_multiple_of(VIEW_ALIGN))
+        .then_some(offset)
     }
 
     /// Whether this is a narrow from position 0 that is a view ([`Self::view_offset`] 0).
