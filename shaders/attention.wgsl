@@ -24,9 +24,13 @@
 //                                 HAS_DROPOUT; a [1] zero without)
 //   5  out   storage, read_write  [BH, LQ, DV]
 //
+//   attention   with WRITE_LSE also out[LSE_OFF + bh * LQ + i] = lse_i (below), past the output
+//               (LSE_OFF = BH * LQ * DV: the plan gives its buffer room for them)
 //   attention_stats  per query row i of each slice: stats[bh * LQ + i] = lse_i, the log of the
 //                    softmax's denominator (max_j s_ij + log sum_j exp(s_ij - max_j s_ij)), and
-//                    stats[(BH + bh) * LQ + i] = delta_i = sum_c dy[i, c] y[i, c]
+//                    stats[(BH + bh) * LQ + i] = delta_i = sum_c dy[i, c] y[i, c]; with
+//                    LSE_GIVEN lse_i is read from y[LSE_OFF + bh * LQ + i], where the forward
+//                    wrote it, instead of recomputing the scores
 //   attention_dkv    per key j: dk[j] = sum_i ds_ij q[i] * SCALE, dv[j] = sum_i pd_ij dy[i], with
 //                    p_ij = exp(s_ij - lse_i), pd_ij = p_ij * keep_ij (the forward's dropout:
 //                    DROP_SCALE or 0, 1 without dropout), dp_ij = (dy[i] . v[j]) * keep_ij and
@@ -51,6 +55,7 @@
 //   place).
 // Overrides: BH, LQ, LK, D, DV, SCALE, CAUSAL, HAS_MASK, HEADS, MS_OUTER, MS_HEAD, MS_ROW, MS_COL;
 //            NH, Q_OFF, Q_SN, Q_SH, Q_SR (and K_, V_, O_), GQ_OFF, GK_OFF, GV_OFF, ZERO_DQ;
+//            WRITE_LSE (attention), LSE_GIVEN (attention_stats), LSE_OFF;
 //            HAS_DROPOUT, DROP_THRESHOLD, DROP_SCALE, DROP_SALT (as dropout.wgsl's);
 //            BQ (query rows per workgroup), BK (keys per tile), both multiples of 4: the host
 //            sizes them so that the workgroup arrays (4 * (BQ*D + BK*max(D, DV4) + BQ*BK +
@@ -117,6 +122,9 @@ override GQ_OFF: u32 = 0u;
 override GK_OFF: u32 = 0u;
 override GV_OFF: u32 = BH * LK * D;
 override ZERO_DQ: bool = false;
+override WRITE_LSE: bool = false;
+override LSE_GIVEN: bool = false;
+override LSE_OFF: u32 = BH * LQ * DV;
 
 // Element offsets of row i of slice bh (see the layouts above).
 fn q_at(bh: u32, i: u32) -> u32 {
@@ -398,6 +406,10 @@ fn attention(
             st_out(o_at(bh, q0 + r) + c, o_acc[r * DV4 + c / 4u][c % 4u] / row_l[r]);
         }
     }
+    if WRITE_LSE && lid < BQ && q0 + lid < LQ {
+        // as attention_stats computes it (-inf for a row with no key allowed)
+        st_out(LSE_OFF + bh * LQ + q0 + lid, row_m[lid] + log(row_l[lid]));
+    }
 }
 
 // ---- backward ------------------------------------------------------------------------------
@@ -612,7 +624,9 @@ fn attention_stats(
     }
     enter_slice(w / qb_count);
     let q0 = (w % qb_count) * BQ;
-    stage_queries(lid, q0);
+    if !LSE_GIVEN {
+        stage_queries(lid, q0);
+    }
     if lid < BQ {
         row_m[lid] = -3.0e38;
         row_l[lid] = 0.0;
@@ -629,6 +643,10 @@ fn attention_stats(
     var k_end = LK;
     if CAUSAL {
         k_end = min(LK, q0 + BQ);
+    }
+    if LSE_GIVEN {
+        // the forward wrote lse past its output: no scores to recompute
+        k_end = 0u;
     }
     for (var k0 = 0u; k0 < k_end; k0 = k0 + BK) {
         workgroupBarrier();
@@ -677,7 +695,11 @@ fn attention_stats(
     workgroupBarrier();
     if lid < BQ && q0 + lid < LQ {
         // a row with no key allowed has lse -inf (log 0): its probabilities are NaN, as torch's
-        stats[s_bh * LQ + q0 + lid] = row_m[lid] + log(row_l[lid]);
+        var lse = row_m[lid] + log(row_l[lid]);
+        if LSE_GIVEN {
+            lse = ld_y(LSE_OFF + s_bh * LQ + q0 + lid);
+        }
+        stats[s_bh * LQ + q0 + lid] = lse;
         stats[(BH + s_bh) * LQ + q0 + lid] = row_delta[lid];
     }
 }

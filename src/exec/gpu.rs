@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::liveness::{assign_slots, lifetimes, storage_offset, storage_root};
+use super::liveness::{assign_slots, lifetimes, storage_bytes, storage_offset, storage_root};
 use super::lower;
 use super::profile::{self, OpTiming, Profiler};
 use super::PlanInfo;
@@ -266,7 +266,11 @@ impl GpuPlan {
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer: &storage[&storage_root(&nodes, t)],
                         offset: storage_offset(&nodes, t),
-                        size: wgpu::BufferSize::new(bytes_of(t)),
+                        // a node bound as itself includes the scratch its kernel writes
+                        size: wgpu::BufferSize::new(match storage_root(&nodes, t) == t {
+                            true if !nodes[t.0].op.is_source() => storage_bytes(&nodes, t),
+                            _ => bytes_of(t),
+                        }),
                     }),
                 })
                 .collect();

@@ -42,6 +42,15 @@ pub fn storage_offset(nodes: &[Node], mut id: NodeId) -> u64 {
     bytes
 }
 
+/// Bytes of the storage a computed node owns: its elements and the scratch its kernel writes
+/// past them ([`crate::ops::Op::scratch`]).
+pub fn storage_bytes(nodes: &[Node], id: NodeId) -> u64 {
+    let n = &nodes[id.0];
+    let shapes: Vec<&crate::tensor::Shape> = n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
+    n.dtype
+        .buffer_bytes(n.shape.numel() + n.op.scratch(&shapes))
+}
+
 /// `Op::view_of` of a node, from its inputs' shapes.
 pub fn view_of(nodes: &[Node], id: NodeId) -> Option<usize> {
     let n = &nodes[id.0];
@@ -74,7 +83,7 @@ pub fn lifetimes(nodes: &[Node], order: &[NodeId], outputs: &[NodeId]) -> Vec<(N
             Lifetime {
                 def: s,
                 last: s,
-                bytes: n.dtype.buffer_bytes(n.shape.numel()),
+                bytes: storage_bytes(nodes, id),
             },
         );
     }

@@ -91,6 +91,7 @@ pub(crate) fn lower(
 ) {
     fold_constant_casts(nodes, order, targets);
     common_subexpressions(nodes, order, targets);
+    attention_lse(nodes, order);
     implicit_col2im(nodes, order, targets, ch);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
@@ -108,6 +109,33 @@ pub(crate) fn lower(
         outputs,
         ch.target.max_storage_buffers as usize,
     );
+}
+
+/// Where attention's backward statistics kernel reads the forward node of the same operands
+/// (f32), the forward writes each row's log-sum-exp past its output and the statistics kernel
+/// reads it there ([`crate::ops::attention::Attention::lse`]) rather than recomputing the
+/// scores: an eighth of the backward's work. (f16 graphs would store it in f16.)
+pub(crate) fn attention_lse(nodes: &mut [Node], order: &[NodeId]) {
+    for &id in order {
+        let Op::AttentionGrad(mut grad) = nodes[id.0].op else {
+            continue;
+        };
+        let forward = nodes[id.0].inputs[5];
+        let Op::Attention(mut a) = nodes[forward.0].op else {
+            continue;
+        };
+        let same = a == grad.attention
+            && nodes[forward.0].inputs[..5] == nodes[id.0].inputs[..5]
+            && nodes[forward.0].dtype == DType::F32
+            && order.contains(&forward);
+        if grad.part != crate::ops::attention::GradPart::Stats || !same {
+            continue;
+        }
+        a.lse = true;
+        grad.attention.lse = true;
+        nodes[forward.0].op = Op::Attention(a);
+        nodes[id.0].op = Op::AttentionGrad(grad);
+    }
 }
 
 /// A cast of a constant becomes a constant of the cast's type (rounded now, uploaded once): a
@@ -1192,6 +1220,49 @@ mod tests {
         };
         implicit_im2col(&mut nodes, &mut order, targets, &ch);
         (nodes, order)
+    }
+
+    /// A training plan's attention writes its log-sum-exps for the backward's statistics kernel
+    /// (whose profiled work drops to none), and the plan gives the forward's buffer room for
+    /// them; an f16 attention keeps recomputing them.
+    #[test]
+    fn attention_backward_reads_the_forwards_log_sum_exps() {
+        for dtype in [DType::F32, DType::F16] {
+            let g = Graph::new();
+            let qkv = g.cast(g.input("qkv", [2, 5, 3, 2, 4]), dtype).unwrap();
+            let y = g.attention_packed(qkv, None, true, None).unwrap();
+            let loss = g.sum_all(g.cast(y, DType::F32).unwrap()).unwrap();
+            let dqkv = g.grad(loss, &[qkv]).unwrap()[0];
+            let mut nodes = g.nodes();
+            let order = reachable(&nodes, &[dqkv]);
+            attention_lse(&mut nodes, &order);
+            let find = |stats: bool| {
+                order.iter().copied().find(|id| match &nodes[id.0].op {
+                    Op::Attention(_) => !stats,
+                    Op::AttentionGrad(a) => {
+                        stats && a.part == crate::ops::attention::GradPart::Stats
+                    }
+                    _ => false,
+                })
+            };
+            let (f, s) = (find(false).unwrap(), find(true).unwrap());
+            let (Op::Attention(a), Op::AttentionGrad(sg)) = (&nodes[f.0].op, &nodes[s.0].op) else {
+                unreachable!()
+            };
+            let f32 = dtype == DType::F32;
+            assert_eq!((a.lse, sg.attention.lse), (f32, f32), "{dtype}");
+            // 2 batches x 2 heads x 5 rows of log-sum-exps past the output
+            let extra = crate::exec::liveness::storage_bytes(&nodes, f)
+                - dtype.buffer_bytes(nodes[f.0].shape.numel());
+            assert_eq!(extra, if f32 { 4 * 20 } else { 0 });
+            let shapes: Vec<&Shape> = nodes[s.0]
+                .inputs
+                .iter()
+                .map(|i| &nodes[i.0].shape)
+                .collect();
+            let flops = nodes[s.0].op.cost(&shapes, &nodes[s.0].shape).0;
+            assert_eq!(flops == 0.0, f32);
+        }
     }
 
     #[test]

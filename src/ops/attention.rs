@@ -21,7 +21,9 @@
 //! and `delta = dy . y`), `attention_dkv` (a workgroup per block of keys, over all queries:
 //! `p = exp(s - lse)`, `dv = p^T dy`, `ds = p (dy v^T - delta) * scale`, `dk = ds^T q`) and
 //! `attention_dq` (a workgroup per block of queries: `dq = ds k`); dq has a kernel of its own
-//! because WGSL has no float atomics to accumulate it from the key blocks. Heads wider than
+//! because WGSL has no float atomics to accumulate it from the key blocks. In f32 plans the
+//! forward kernel writes `lse` too (past its output, [`Attention::lse`]), so the statistics
+//! kernel computes only `delta`. Heads wider than
 //! [`MAX_BACKWARD_HEAD_DIM`] (whose tiles would not fit WebGPU's default 16 KiB of workgroup
 //! memory) take the same formula from graph ops and GEMMs, which store the probabilities. The
 //! mask takes no gradient. Dropout of the probabilities is the graph's counter-based dropout
@@ -80,6 +82,11 @@ pub struct Attention {
     /// Dropout of the probabilities (its `p` and `salt`).
     pub dropout: Option<Dropout>,
     pub layout: Layout,
+    /// The forward kernel also writes each query row's log-sum-exp past its output (in room
+    /// the plan adds to its buffer: [`Attention::scratch`]), and the statistics kernel of the
+    /// backward reads it there instead of recomputing the scores. Set by the plan compiler
+    /// (`exec::lower::attention_lse`, f32 graphs); the CPU twins recompute.
+    pub lse: bool,
 }
 
 /// The `Heads` shape `(N, H, L, D)` of a packed `qkv (N, L, 3, H, D)`.
@@ -335,6 +342,18 @@ impl Attention {
         }
     }
 
+    /// Elements the forward kernel writes past its output: each query row's log-sum-exp where
+    /// [`Attention::lse`] is set.
+    pub fn scratch(&self, q: &Shape, k: &Shape, v: &Shape) -> usize {
+        let (q, k, v) = self.logical(q, k, v);
+        let (bh, lq, ..) = extents(&q, &k, &v);
+        if self.lse {
+            bh * lq
+        } else {
+            0
+        }
+    }
+
     /// This attention on the `Heads` layout (the CPU twins compute on it).
     fn on_heads(&self) -> Attention {
         Attention {
@@ -488,6 +507,7 @@ impl Attention {
             ("GK_OFF", gk as f64),
             ("GV_OFF", gv as f64),
             ("ZERO_DQ", (self.layout == Layout::Packed) as u32 as f64),
+            ("LSE_OFF", (bh * lq * dv) as f64),
             ("O_SN", so.sn as f64),
             ("O_SH", so.sh as f64),
             ("O_SR", so.sr as f64),
@@ -511,10 +531,12 @@ impl Attention {
         let (q, k, v) = self.logical(inputs[0], inputs[1], inputs[2]);
         let (bh, lq, lk, d, dv) = extents(&q, &k, &v);
         let t = tiles(lq, lk, d, dv, target.workgroup_storage);
+        let mut constants = self.constants(inputs, t);
+        constants.push(("WRITE_LSE", self.lse as u32 as f64));
         KernelSpec {
             family: "attention",
             entry: "attention",
-            constants: self.constants(inputs, t),
+            constants,
             workgroups: (bh * lq.div_ceil(t.0)) as u64,
         }
     }
@@ -726,18 +748,23 @@ impl AttentionGrad {
             GradPart::KeyValue => lk.div_ceil(t.1),
             _ => lq.div_ceil(t.0),
         };
+        let mut constants = self.attention.constants(inputs, t);
+        let given = self.attention.lse && self.part == GradPart::Stats;
+        constants.push(("LSE_GIVEN", given as u32 as f64));
         KernelSpec {
             family: "attention",
             entry: self.entry(),
-            constants: self.attention.constants(inputs, t),
+            constants,
             workgroups: (bh * blocks) as u64,
         }
     }
 
-    /// Multiply-adds per attended pair: the scores (D) for the statistics; with the scores,
-    /// `dy v^T` (Dv), `dv` (Dv) and `dk` (D) for keys and values; `dy v^T` and `dq` for queries.
+    /// Multiply-adds per attended pair: the scores (D) for the statistics (none where the
+    /// forward wrote the log-sum-exps); with the scores, `dy v^T` (Dv), `dv` (Dv) and `dk` (D)
+    /// for keys and values; `dy v^T` and `dq` for queries.
     pub fn macs_per_pair(&self, d: usize, dv: usize) -> usize {
         match self.part {
+            GradPart::Stats if self.attention.lse => 0,
             GradPart::Stats => d,
             GradPart::KeyValue => 2 * (d + dv),
             GradPart::Query => 2 * d + dv,
@@ -913,6 +940,7 @@ fn attention_with(
         masked: ms.is_some(),
         dropout: dropout.map(|(p, _, salt)| Dropout { p, salt }),
         layout,
+        lse: false,
     };
     g.push_op(Op::Attention(op), vec![q, k, v, mask, seed], out)
 }
@@ -1000,6 +1028,7 @@ mod tests {
                 masked: false,
                 dropout: None,
                 layout: Layout::Heads,
+                lse: false,
             })
         };
         // 2 slices x (8 + 3) multiply-adds per pair
@@ -1012,6 +1041,7 @@ mod tests {
                 masked: false,
                 dropout: None,
                 layout: Layout::Heads,
+                lse: false,
             };
             Op::AttentionGrad(AttentionGrad { attention, part })
         };

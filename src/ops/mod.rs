@@ -263,6 +263,15 @@ impl Op {
         }
     }
 
+    /// Elements a kernel writes past its output, in room the plan adds to the node's buffer:
+    /// attention's log-sum-exps for its backward ([`attention::Attention::lse`]).
+    pub fn scratch(&self, inputs: &[&Shape]) -> usize {
+        match self {
+            Op::Attention(a) => a.scratch(inputs[0], inputs[1], inputs[2]),
+            _ => 0,
+        }
+    }
+
     /// Where a view ([`Self::view_of`]) starts in its input's storage, in elements: a narrow of
     /// a contiguous run ([`layout::AxisCopy::view_offset`]); 0 for the other views.
     pub fn view_offset(&self, inputs: &[&Shape], out: &Shape) -> usize {
