@@ -242,6 +242,11 @@ fn reductions_over_each_axis() {
 /// The multi-tensor sum of squares (gradient clipping's squared norm): partial sums per chunk
 /// of 4096 elements and their total, on one tensor, on 7 (one kernel) and on 9 (two kernels
 /// and a concat), with sizes around the chunk; the total equals the per-tensor composition.
+/// Lengths of the chained sum-of-squares gradient check's tensors: 2 to 10 by name.
+fn j_len(name: &str) -> usize {
+    name[1..].parse::<usize>().expect("t<j>") + 2
+}
+
 #[test]
 fn sum_of_squares_of_many_tensors() {
     let sizes: [&[usize]; 9] = [
@@ -255,10 +260,10 @@ fn sum_of_squares_of_many_tensors() {
         &[1, 4095],
         &[9000],
     ];
-    for n in [1, 7, 9] {
+    for n in [1, 7, 9, 16] {
         let g = Graph::new();
         let xs: Vec<kiln::NodeId> = (0..n)
-            .map(|j| g.input(&format!("x{j}"), sizes[j]))
+            .map(|j| g.input(&format!("x{j}"), sizes[j % 9]))
             .collect();
         let total = g.sum_squares(&xs).unwrap();
         assert_eq!(g.shape(total).dims(), [1]);
@@ -268,7 +273,7 @@ fn sum_of_squares_of_many_tensors() {
             .reduce(|a, b| g.add(a, b).unwrap())
             .unwrap();
         // the partial sums themselves: the node the total reduces
-        let values: Vec<Tensor> = (0..n).map(|j| rand(sizes[j], 40 + j as u64)).collect();
+        let values: Vec<Tensor> = (0..n).map(|j| rand(sizes[j % 9], 40 + j as u64)).collect();
         let names: Vec<String> = (0..n).map(|j| format!("x{j}")).collect();
         let feeds: Vec<(&str, &Tensor)> = names.iter().map(|s| s.as_str()).zip(&values).collect();
         check_gpu_vs_cpu(
@@ -285,6 +290,13 @@ fn sum_of_squares_of_many_tensors() {
             .unwrap();
         let (a, b) = (out[0].data()[0] as f64, out[1].data()[0] as f64);
         assert!((a - b).abs() <= 1e-4 * b.abs(), "{a} vs {b}");
+        if let Some(dev) = common::gpu() {
+            // a kernel per 7 tensors, all writing one buffer of partial sums, and one reduction
+            let plan = dev.compile(&g, &[total]).unwrap();
+            assert_eq!(plan.info().dispatches, n.div_ceil(7) + 1, "{n} tensors");
+            let report = dev.verify(&g, &[total], &feeds).unwrap();
+            assert!(report.ok(), "{report}");
+        }
     }
     // its gradient (2 x, through the chunks: a member of two) against central differences, on
     // small values so that the f32 loss resolves the differences; every element (the second
@@ -304,6 +316,27 @@ fn sum_of_squares_of_many_tensors() {
     let feeds = [("a", &vals[0]), ("b", &vals[1]), ("c", &vals[2])];
     let wrt = [("a", xs[0]), ("b", xs[1]), ("c", xs[2])];
     common::gradcheck("sum_squares", &g, total, &wrt, &feeds, 4097, TOL_REDUCTION);
+    // and through a chain of nodes (9 tensors: two)
+    let g = Graph::new();
+    let names: Vec<String> = (0..9).map(|j| format!("t{j}")).collect();
+    let xs: Vec<kiln::NodeId> = names.iter().map(|n| g.input(n, [j_len(n)])).collect();
+    let total = g.sum_squares(&xs).unwrap();
+    let vals: Vec<Tensor> = names
+        .iter()
+        .enumerate()
+        .map(|(j, n)| Tensor::rand_uniform([j_len(n)], -0.01, 0.01, 70 + j as u64))
+        .collect();
+    let feeds: Vec<(&str, &Tensor)> = names.iter().map(|s| s.as_str()).zip(&vals).collect();
+    let wrt: Vec<(&str, kiln::NodeId)> = names.iter().map(|s| s.as_str()).zip(xs).collect();
+    common::gradcheck(
+        "sum_squares chain",
+        &g,
+        total,
+        &wrt,
+        &feeds,
+        64,
+        TOL_REDUCTION,
+    );
     // an empty list is refused, naming the op
     let g = Graph::new();
     assert!(g

@@ -659,10 +659,12 @@ fn reductions_with_prologues_are_valid_wgsl() {
 
 /// Multi-tensor optimizer kernels (`codegen::optim`) validate with naga for every update rule,
 /// one member and many, and reuse optim.wgsl's per-element functions.
-/// The generated multi-tensor sums of squares validate with naga, one workgroup per chunk.
+/// The generated multi-tensor sums of squares validate with naga, one workgroup per chunk, as
+/// the first node of a chain (zeroing the rest of the buffer) and as a later one.
 #[test]
 fn every_sum_of_squares_is_valid_wgsl() {
     use kiln::codegen::reduce_group::sum_squares_kernel;
+    use kiln::ops::reduce::SumSquares;
     for sizes in [vec![1usize], vec![4096, 4097, 1, 300, 70_000, 3, 8191]] {
         // all f32, or every other member f16 (a mixed-precision gradient read as stored)
         let dtypes: Vec<kiln::DType> = (0..sizes.len())
@@ -674,11 +676,18 @@ fn every_sum_of_squares_is_valid_wgsl() {
                 }
             })
             .collect();
-        let g = sum_squares_kernel(&sizes, &dtypes);
-        assert!(g.wgsl.starts_with("// sum_squares.wgsl"));
-        validate_wgsl(&format!("sum_squares {sizes:?}"), &g.wgsl);
         let expected: u64 = sizes.iter().map(|&n| n.div_ceil(4096) as u64).sum();
-        assert_eq!(g.spec.workgroups, expected);
+        for (offset, chained) in [(0, false), (5, true)] {
+            let op = SumSquares {
+                offset,
+                total: offset + expected as usize + 3,
+                chained,
+            };
+            let g = sum_squares_kernel(&op, &sizes, &dtypes);
+            assert!(g.wgsl.starts_with("// sum_squares.wgsl"));
+            validate_wgsl(&format!("sum_squares {sizes:?} {op:?}"), &g.wgsl);
+            assert_eq!(g.spec.workgroups, expected);
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Multi-tensor reductions: partial sums of squares of several tensors in one kernel
 //! (`ops::reduce::SumSquares`, the squared global norm of gradient clipping), instead of one
-//! reduction kernel per tensor. Every member gets a whole number of workgroups: workgroups
+//! reduction kernel per tensor, written from the node's offset into the buffer a chain of such
+//! nodes shares (the first zeroes the rest). Every member gets a whole number of workgroups: workgroups
 //! `W_j .. W_{j+1}` sum member `j`'s chunks (`W_{j+1} - W_j = ceil(N_j / CHUNK)`), so each
 //! workgroup takes one branch, and a member's binding is named in its own function (WGSL cannot
 //! index bindings at run time).
@@ -8,17 +9,17 @@
 use std::fmt::Write;
 
 use super::Generated;
-use crate::ops::reduce::SUM_SQUARES_CHUNK;
+use crate::ops::reduce::{SumSquares, SUM_SQUARES_CHUNK};
 use crate::ops::KernelSpec;
 use crate::tensor::DType;
 
 /// Threads per workgroup.
 const WG: usize = 256;
 
-/// The launch and module of the partial sums of squares of members of `sizes` elements, stored
-/// as `dtypes` (f16 members widen on load).
-pub fn sum_squares_kernel(sizes: &[usize], dtypes: &[DType]) -> Generated {
-    let src = sum_squares_wgsl(sizes, dtypes);
+/// The launch and module of `op`'s partial sums of squares of members of `sizes` elements,
+/// stored as `dtypes` (f16 members widen on load).
+pub fn sum_squares_kernel(op: &SumSquares, sizes: &[usize], dtypes: &[DType]) -> Generated {
+    let src = sum_squares_wgsl(op, sizes, dtypes);
     let total: usize = sizes.iter().map(|n| n.div_ceil(SUM_SQUARES_CHUNK)).sum();
     Generated {
         spec: KernelSpec {
@@ -36,8 +37,12 @@ pub fn sum_squares_kernel(sizes: &[usize], dtypes: &[DType]) -> Generated {
     }
 }
 
-/// The WGSL of the partial sums of squares of members of `sizes` elements stored as `dtypes`.
-pub fn sum_squares_wgsl(sizes: &[usize], dtypes: &[DType]) -> String {
+/// The WGSL of `op`'s partial sums of squares of members of `sizes` elements stored as
+/// `dtypes`.
+pub fn sum_squares_wgsl(op: &SumSquares, sizes: &[usize], dtypes: &[DType]) -> String {
+    let (offset, size) = (op.offset, op.total);
+    // the first of a chain zeroes the sums after its own (workgroup 0's threads)
+    let zero_rest = !op.chained;
     assert_eq!(sizes.len(), dtypes.len(), "one type per member");
     let k = sizes.len();
     let chunks: Vec<usize> = sizes
@@ -63,13 +68,22 @@ pub fn sum_squares_wgsl(sizes: &[usize], dtypes: &[DType]) -> String {
     }
     let _ = writeln!(
         s,
-        "//   {k}  out  storage, read_write  [{total}] the chunks' sums of squares, members in order
+        "//   {k}  out  storage, read_write  [{size}] the chunks' sums of squares, members in order from
+//                               element {offset}{}
 // Dispatch: {total} workgroups of {WG} threads, folded into (x <= 65535, y); a workgroup strides
 // its threads over one chunk of one member and adds their sums with a tree in workgroup memory.
 {}
 const CHUNK: u32 = {SUM_SQUARES_CHUNK}u;
 const W: u32 = {total}u;
+const OFFSET: u32 = {offset}u;
+const SIZE: u32 = {size}u;
+const ZERO_REST: bool = {zero_rest};
 ",
+        if zero_rest {
+            " (zeros after them: the first of a chain)"
+        } else {
+            " (the chain's buffer, written in place)"
+        },
         if dtypes.contains(&DType::F16) {
             "\nenable f16;"
         } else {
@@ -118,6 +132,11 @@ fn main(
     if w >= W {{
         return;
     }}
+    if ZERO_REST && w == 0u {{
+        for (var i = OFFSET + W + lid; i < SIZE; i = i + {WG}u) {{
+            out[i] = 0.0;
+        }}
+    }}
     var acc = 0.0;"
     );
     let mut start = 0;
@@ -143,7 +162,7 @@ fn main(
         workgroupBarrier();
     }}
     if lid == 0u {{
-        out[w] = part[0];
+        out[OFFSET + w] = part[0];
     }}
 }}",
         WG / 2

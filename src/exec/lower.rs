@@ -885,9 +885,10 @@ pub(crate) fn select(
         let g = crate::codegen::optim::group_kernel(o, &sizes, &grads);
         return Some((g.spec.clone(), Some(g)));
     }
-    if let Op::SumSquares(_) = op {
-        let sizes: Vec<usize> = inputs.iter().map(|s| s.numel()).collect();
-        let g = crate::codegen::reduce_group::sum_squares_kernel(&sizes, in_dtypes);
+    if let Op::SumSquares(s) = op {
+        let members = s.members(inputs.len());
+        let sizes: Vec<usize> = inputs[..members].iter().map(|s| s.numel()).collect();
+        let g = crate::codegen::reduce_group::sum_squares_kernel(s, &sizes, &in_dtypes[..members]);
         return Some((g.spec.clone(), Some(g)));
     }
     if dtype == DType::F16 || in_dtypes.contains(&DType::F16) {

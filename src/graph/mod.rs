@@ -761,31 +761,35 @@ impl Graph {
     }
     /// Sum of the squares of every element of every tensor in `xs` (f32, any shapes), shape
     /// `[1]`: the squared global L2 norm that gradient clipping takes. One multi-tensor kernel
-    /// per 7 tensors writes partial sums (`ops::reduce::SumSquares`), one reduction adds them,
-    /// instead of a reduction per tensor. Differentiable (`2 x` for each tensor), so it also
+    /// per 7 tensors writes partial sums into one buffer (`ops::reduce::SumSquares`), one
+    /// reduction adds them, instead of a reduction per tensor. Differentiable (`2 x` for each tensor), so it also
     /// serves as an L2 penalty in a loss.
     pub fn sum_squares(&self, xs: &[NodeId]) -> Result<NodeId> {
         if xs.is_empty() {
             return Err(shape_err("sum_squares", "no tensors"));
         }
-        let mut parts = Vec::new();
-        for members in xs.chunks(crate::ops::reduce::SUM_SQUARES_MEMBERS) {
-            let shapes = members
-                .iter()
-                .map(|&x| self.check_id("sum_squares", x))
-                .collect::<Result<Vec<_>>>()?;
-            let shape = crate::ops::reduce::SumSquares::infer(&shapes)?;
-            parts.push(self.push(
-                Op::SumSquares(crate::ops::reduce::SumSquares),
-                members.to_vec(),
-                shape,
-            )?);
+        use crate::ops::reduce::{SumSquares, SUM_SQUARES_MEMBERS};
+        let shapes = xs
+            .iter()
+            .map(|&x| self.check_id("sum_squares", x))
+            .collect::<Result<Vec<_>>>()?;
+        let total = SumSquares::partials(&shapes);
+        let (mut offset, mut prev) = (0, None);
+        for (members, part) in xs
+            .chunks(SUM_SQUARES_MEMBERS)
+            .zip(shapes.chunks(SUM_SQUARES_MEMBERS))
+        {
+            let op = SumSquares {
+                offset,
+                total,
+                chained: prev.is_some(),
+            };
+            let shape = op.infer(part)?;
+            let inputs = members.iter().copied().chain(prev).collect();
+            prev = Some(self.push(Op::SumSquares(op), inputs, shape)?);
+            offset += SumSquares::partials(part);
         }
-        let all = match parts[..] {
-            [one] => one,
-            _ => self.concat(&parts, 0)?,
-        };
-        self.sum_all(all)
+        self.sum_all(prev.expect("at least one tensor"))
     }
 
     /// Mean of every element, as a tensor of shape `[1]`.

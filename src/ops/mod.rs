@@ -259,6 +259,7 @@ impl Op {
             Op::RunningUpdate(_) => Some(1),
             Op::WriteRows(_) => Some(2),
             Op::AttentionGrad(a) if a.in_place() => Some(8),
+            Op::SumSquares(s) if s.chained => Some(inputs.len() - 1),
             _ => None,
         }
     }
@@ -290,6 +291,7 @@ impl Op {
             Op::RunningUpdate(_) => (1, false),
             Op::WriteRows(_) => (2, false),
             Op::AttentionGrad(a) if a.in_place() => (8, false),
+            Op::SumSquares(s) if s.chained => (n_inputs - 1, false),
             _ => (n_inputs, true),
         }
     }

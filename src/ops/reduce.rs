@@ -156,38 +156,59 @@ pub const SUM_SQUARES_CHUNK: usize = 4096;
 /// partial sums take one.
 pub const SUM_SQUARES_MEMBERS: usize = 7;
 
-/// Partial sums of squares of several tensors in one kernel: `x_0 .. x_{k-1}` (any shapes, f32)
-/// -> `(W)`, `W = sum_j ceil(n_j / SUM_SQUARES_CHUNK)`: one entry per chunk of each tensor in
-/// order, the sum of its elements' squares. `Graph::sum_squares` adds them up (the squared
-/// global norm of gradient clipping). Kernel: generated per member sizes by
-/// `codegen::reduce_group` (WGSL cannot index bindings at run time).
+/// Partial sums of squares of several tensors in one kernel: `x_0 .. x_{k-1}` (any shapes, f32
+/// or f16) -> `(total)`: from `offset`, `W = sum_j ceil(n_j / SUM_SQUARES_CHUNK)` entries, one
+/// per chunk of each tensor in order, the sum of its elements' squares. More than
+/// [`SUM_SQUARES_MEMBERS`] tensors take a chain of nodes writing one buffer: the first writes
+/// its sums from 0 and zeros after them, each next one (`chained`: the previous node is its
+/// last input, written in place) its own from its offset, so that one reduction adds them all
+/// up (`Graph::sum_squares`: the squared global norm of gradient clipping) instead of a copy
+/// per part to concatenate them. Kernel: generated per member sizes by `codegen::reduce_group`
+/// (WGSL cannot index bindings at run time).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SumSquares;
+pub struct SumSquares {
+    pub offset: usize,
+    pub total: usize,
+    pub chained: bool,
+}
 
 impl SumSquares {
-    /// Shape rule.
-    pub fn infer(xs: &[Shape]) -> Result<Shape> {
+    /// Partial sums of members of these shapes: `ceil(n / SUM_SQUARES_CHUNK)` each.
+    pub fn partials(xs: &[Shape]) -> usize {
+        xs.iter()
+            .map(|s| s.numel().div_ceil(SUM_SQUARES_CHUNK))
+            .sum()
+    }
+
+    /// Shape rule: 1 to [`SUM_SQUARES_MEMBERS`] members whose sums fit from `offset` into
+    /// `(total)`.
+    pub fn infer(&self, xs: &[Shape]) -> Result<Shape> {
+        let err = |why: String| Err(crate::error::shape_err("sum_squares", why));
         if xs.is_empty() || xs.len() > SUM_SQUARES_MEMBERS {
-            return Err(crate::error::shape_err(
-                "sum_squares",
-                format!(
-                    "{} tensors: expected 1 to {SUM_SQUARES_MEMBERS} per node",
-                    xs.len()
-                ),
+            return err(format!(
+                "{} tensors: expected 1 to {SUM_SQUARES_MEMBERS} per node",
+                xs.len()
             ));
         }
-        Ok(Shape(vec![xs
-            .iter()
-            .map(|s| s.numel().div_ceil(SUM_SQUARES_CHUNK))
-            .sum()]))
+        let end = self.offset + Self::partials(xs);
+        if end > self.total {
+            return err(format!("sums up to {end} past the buffer's {}", self.total));
+        }
+        Ok(Shape(vec![self.total]))
+    }
+
+    /// Tensors summed (the inputs but the chain's previous node).
+    pub fn members(&self, n_inputs: usize) -> usize {
+        n_inputs - self.chained as usize
     }
 
     /// Backward: member j's gradient is `2 x_j` times the gradient of each of its chunks'
-    /// sums, repeated over the chunk (expand, then cut to the member's length).
+    /// sums, repeated over the chunk (expand, then cut to the member's length); the chain's
+    /// previous node gets `dy` as it is (its entries here were zeros, constants it ignores).
     pub fn backward(&self, g: &Graph, x: &[NodeId], dy: NodeId) -> Result<Vec<Option<NodeId>>> {
-        let mut start = 0;
+        let mut start = self.offset;
         let mut grads = Vec::new();
-        for &xj in x {
+        for &xj in &x[..self.members(x.len())] {
             let s = g.shape(xj);
             let (n, chunks) = (s.numel(), s.numel().div_ceil(SUM_SQUARES_CHUNK));
             if n == 0 {
@@ -201,20 +222,29 @@ impl SumSquares {
             grads.push(Some(g.mul(g.mul_scalar(xj, 2.0)?, g.reshape(d, &dims)?)?));
             start += chunks;
         }
+        if self.chained {
+            grads.push(Some(dy));
+        }
         Ok(grads)
     }
 
-    /// CPU reference: each chunk's sum in f64.
+    /// CPU reference: each chunk's sum in f64, written from `offset` into zeros (or into a
+    /// copy of the chain's previous node).
     pub fn cpu(&self, xs: &[&Tensor], out: &Shape) -> Tensor {
-        let sums: Vec<f32> = xs
-            .iter()
-            .flat_map(|x| {
-                x.data()
-                    .chunks(SUM_SQUARES_CHUNK)
-                    .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>() as f32)
-            })
-            .collect();
-        Tensor::new(out.clone(), sums).expect("one sum per chunk")
+        let members = self.members(xs.len());
+        let mut data = match self.chained {
+            true => xs[members].data().to_vec(),
+            false => vec![0f32; out.numel()],
+        };
+        let sums = xs[..members].iter().flat_map(|x| {
+            x.data()
+                .chunks(SUM_SQUARES_CHUNK)
+                .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>() as f32)
+        });
+        for (d, s) in data[self.offset..].iter_mut().zip(sums) {
+            *d = s;
+        }
+        Tensor::new(out.clone(), data).expect("one sum per chunk")
     }
 }
 
@@ -234,12 +264,15 @@ mod tests {
             .enumerate()
             .map(|(j, &n)| g.input(&format!("x{j}"), [n]))
             .collect();
-        let shapes: Vec<Shape> = xs.iter().map(|&x| g.shape(x)).collect();
         let partials = g
             .push_op(
-                Op::SumSquares(SumSquares),
+                Op::SumSquares(SumSquares {
+                    offset: 0,
+                    total: 4,
+                    chained: false,
+                }),
                 xs.clone(),
-                SumSquares::infer(&shapes).unwrap(),
+                Shape(vec![4]),
             )
             .unwrap();
         // partial sums: x0 (1 chunk), x1 (2 chunks), x2 (1 chunk)
