@@ -13,13 +13,13 @@
 //! (`nn::MultiheadAttention::apply_cached`), drawing the next character from
 //! `softmax(logits / --temperature)`.
 //!
-//! Expected: on the built-in README (about 19,500 characters, 88 distinct, 19 steps of 16
+//! Expected: on the built-in README (about 20,000 characters, 88 distinct, 19 steps of 16
 //! windows per epoch when this was measured; the numbers move a little as the README changes)
-//! the training loss falls from ln(88) = 4.48 nats per character to 3.61 in epoch 1, 2.66 in
-//! epoch 10, 2.43 in 20, 2.11 in 30 and 1.89 after the 40 default epochs (seed 0, lavapipe),
+//! the training loss falls from ln(88) = 4.48 nats per character to 3.61 in epoch 1, 2.67 in
+//! epoch 10, 2.42 in 20, 2.14 in 30 and 1.87 after the 40 default epochs (seed 0, lavapipe),
 //! and the samples go from noise to README words ("kernel", "group", "adapters"); a transformer
 //! this small learns more slowly per step than `char_lm`'s LSTM at first. On a 2-core machine
-//! without a GPU an epoch takes about 17 s (0.9 s per step). Weights go to `checkpoints/transformer_lm.safetensors`
+//! without a GPU an epoch takes about 16 s (0.85 s per step). Weights go to `checkpoints/transformer_lm.safetensors`
 //! with torch's names (`layers.0.self_attn.in_proj_weight`, ...) and `vocab` (Unicode code
 //! points as f32).
 //!

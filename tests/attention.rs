@@ -1265,3 +1265,101 @@ fn packed_attention_matches_split_heads() {
         }
     }
 }
+
+/// The tokens layout (`Graph::attention_tokens`, `(N, L, H, D)` operands, as FlashAttention's
+/// `flash_attn_func`) gives what attention of the permuted heads gives, forward and gradients,
+/// with Lq != Lk and Dv != D, causal or not, a mask and dropout, and a head too wide for the
+/// backward kernels (permuted by graph ops); its training plan permutes nothing.
+#[test]
+fn tokens_attention_matches_permuted_heads() {
+    let widest = kiln::ops::attention::MAX_BACKWARD_HEAD_DIM;
+    let cases: &[(usize, usize, usize, usize, usize, usize, bool)] = &[
+        (1, 1, 1, 1, 1, 1, false),
+        (2, 7, 11, 3, 5, 4, false),
+        (1, 37, 20, 2, 13, 9, true), // a mask and dropout
+        (2, 5, 70, 1, 8, 8, false),
+        (1, 3, 4, 2, widest + 1, 3, false), // permuted by graph ops
+    ];
+    let seed = Tensor::new([1], vec![78.0]).unwrap();
+    for (n, &(b, lq, lk, h, d, dv, extras)) in cases.iter().enumerate() {
+        for causal in [false, true] {
+            let (qs, ks, vs) = ([b, lq, h, d], [b, lk, h, d], [b, lk, h, dv]);
+            let t = n as u64;
+            let (tq, tk, tv) = (rand(&qs, 30 + t), rand(&ks, 31 + t), rand(&vs, 32 + t));
+            let tm = rand(&[lq, lk], 33);
+            let g = Graph::new();
+            let (q, k, v) = (g.input("q", qs), g.input("k", ks), g.input("v", vs));
+            let (m, s) = (g.input("m", [lq, lk]), g.input("seed", [1]));
+            let (mask, drop) = match extras {
+                true => (Some(m), Some((0.3, s, 4))),
+                false => (None, None),
+            };
+            let scale = Some(0.35);
+            let tokens = g
+                .attention_tokens(q, k, v, mask, causal, scale, drop)
+                .unwrap();
+            let heads = |x| g.permute(x, &[0, 2, 1, 3]).unwrap();
+            let permuted = match drop {
+                Some((p, s, salt)) => g.attention_dropout(
+                    heads(q),
+                    heads(k),
+                    heads(v),
+                    mask,
+                    causal,
+                    scale,
+                    p,
+                    s,
+                    salt,
+                ),
+                None => g.attention(heads(q), heads(k), heads(v), mask, causal, scale),
+            };
+            let permuted = heads(permuted.unwrap());
+            assert_eq!(g.shape(tokens).dims(), &[b, lq, h, dv]);
+            let grads = |y| g.grad(random_projection(&g, y, 34), &[q, k, v]).unwrap();
+            let (got, want) = (grads(tokens), grads(permuted));
+            let feeds = [
+                ("q", &tq),
+                ("k", &tk),
+                ("v", &tv),
+                ("m", &tm),
+                ("seed", &seed),
+            ];
+            let feeds = if extras { &feeds[..] } else { &feeds[..3] };
+            let mut outs = vec![permuted];
+            outs.extend(&want);
+            let reference = Device::cpu()
+                .compile(&g, &outs)
+                .unwrap()
+                .run(feeds)
+                .unwrap();
+            let what = format!("case {n} q {qs:?} k {ks:?} v {vs:?} causal {causal}");
+            check_formula(
+                &format!("{what}: y"),
+                &g,
+                tokens,
+                feeds,
+                &reference[0],
+                TOL_REDUCTION,
+            );
+            for (name, (&gn, r)) in ["dq", "dk", "dv"]
+                .iter()
+                .zip(got.iter().zip(&reference[1..]))
+            {
+                check_formula(&format!("{what}: {name}"), &g, gn, feeds, r, TOL_REDUCTION);
+            }
+            if let Some(dev) = gpu() {
+                let mut outs = vec![tokens];
+                outs.extend(&got);
+                let plan = dev.compile(&g, &outs).unwrap();
+                let kernels = plan.kernels();
+                let count = |s: &str| kernels.iter().filter(|l| l.contains(s)).count();
+                if d <= widest {
+                    assert_eq!(count(" attention"), 4, "case {n}: {kernels:?}");
+                    assert_eq!(count("permute"), 0, "case {n}: {kernels:?}");
+                } else {
+                    assert_eq!(count("attention_"), 0, "case {n}: {kernels:?}");
+                }
+            }
+        }
+    }
+}

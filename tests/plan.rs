@@ -303,16 +303,27 @@ fn prefix_narrows_are_views() {
         (vec![inner], 1),
         (vec![joined], 1),
     ] {
-        let mut plan = dev.compile(&g, &outs).unwrap();
-        plan.poison(f32::NAN);
-        assert_eq!(plan.info().dispatches, dispatches, "{outs:?}");
-        let got = plan.run(&feeds).unwrap();
-        let want = Device::cpu()
-            .compile(&g, &outs)
-            .unwrap()
-            .run(&feeds)
-            .unwrap();
-        assert_close("prefix view", &got[0], &want[0], 0.0, 0.0);
+        check_views("prefix view", &dev, &g, &outs, dispatches, &feeds);
+    }
+}
+
+/// Compiles `outs` (its buffers poisoned with NaN), checks its dispatch count and that its
+/// values are the CPU reference's.
+fn check_views(
+    what: &str,
+    dev: &Device,
+    g: &Graph,
+    outs: &[kiln::NodeId],
+    dispatches: usize,
+    feeds: &[(&str, &Tensor)],
+) {
+    let mut plan = dev.compile(g, outs).unwrap();
+    plan.poison(f32::NAN);
+    assert_eq!(plan.info().dispatches, dispatches, "{what}: {outs:?}");
+    let got = plan.run(feeds).unwrap();
+    let want = Device::cpu().compile(g, outs).unwrap().run(feeds).unwrap();
+    for (a, b) in got.iter().zip(&want) {
+        assert_close(what, a, b, 0.0, 1e-6);
     }
 }
 
@@ -347,18 +358,14 @@ fn aligned_narrows_are_views() {
             (vec![y, last, rows], cast + 2),
             (vec![unaligned], cast + 1),
         ] {
-            let mut plan = dev.compile(&g, &outs).unwrap();
-            plan.poison(f32::NAN);
-            assert_eq!(plan.info().dispatches, dispatches, "{dtype} {outs:?}");
-            let got = plan.run(&feeds).unwrap();
-            let want = Device::cpu()
-                .compile(&g, &outs)
-                .unwrap()
-                .run(&feeds)
-                .unwrap();
-            for (a, b) in got.iter().zip(&want) {
-                assert_close("offset view", a, b, 0.0, 1e-6);
-            }
+            check_views(
+                &format!("{dtype} view"),
+                &dev,
+                &g,
+                &outs,
+                dispatches,
+                &feeds,
+            );
         }
     }
 }

@@ -666,6 +666,26 @@ impl Graph {
         crate::ops::attention::attention_packed(self, qkv, mask, causal, scale, None)
     }
 
+    /// Attention of `q (N, Lq, H, D)`, `k (N, Lk, H, D)`, `v (N, Lk, H, Dv)` -> `(N, Lq, H, Dv)`
+    /// (the layout FlashAttention's `flash_attn_func` takes): [`Graph::attention`] of the heads
+    /// `(N, H, L, D)` with the output permuted back, but the kernels read and write this layout,
+    /// so projections `(N, L, E)` viewed as `(N, L, H, E / H)` need no permutes (cross-attention).
+    /// `dropout` as [`Graph::attention_dropout`]'s `(p, seed, salt)`. The mask broadcasts to
+    /// `(N, H, Lq, Lk)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_tokens(
+        &self,
+        q: NodeId,
+        k: NodeId,
+        v: NodeId,
+        mask: Option<NodeId>,
+        causal: bool,
+        scale: Option<f32>,
+        dropout: Option<(f32, NodeId, u32)>,
+    ) -> Result<NodeId> {
+        crate::ops::attention::attention_tokens(self, q, k, v, mask, causal, scale, dropout)
+    }
+
     /// [`Graph::attention_packed`] with dropout of the probabilities, as
     /// [`Graph::attention_dropout`].
     #[allow(clippy::too_many_arguments)]

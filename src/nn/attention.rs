@@ -1,8 +1,11 @@
 //! Attention layers with PyTorch's names and layouts, batch first: `MultiheadAttention`
 //! (`torch.nn.MultiheadAttention(E, H, batch_first=True)`, with a key/value cache for
 //! decoding), `TransformerEncoderLayer` and `TransformerDecoderLayer`
-//! (`torch.nn.Transformer{Encoder,Decoder}Layer(..., batch_first=True)`), over
-//! [`Graph::attention`].
+//! (`torch.nn.Transformer{Encoder,Decoder}Layer(..., batch_first=True)`), over the attention
+//! kernels: self-attention reads its one projection packed ([`Graph::attention_packed`]),
+//! cross-attention its three in the tokens layout ([`Graph::attention_tokens`]), so no heads are
+//! permuted or copied; decoding keeps its caches as `(N, H, max_len, E / H)`
+//! ([`Graph::attention`]).
 //!
 //! A causal layer trained one step, then fed one token at a time through its key/value cache
 //! (the CPU reference here; `Device::new()` picks the GPU):
@@ -107,7 +110,8 @@ impl MultiheadAttention {
     /// an additive f32 `mask` broadcastable to `(N, H, L, S)` (a key padding mask as `(N, 1, 1,
     /// S)` with `-inf` at padded keys; an `attn_mask` as `(L, S)`) and `causal` (torch's
     /// `is_causal`). `train` turns on the probabilities' dropout. Returns the output and the
-    /// parameter nodes. Self-attention (`query == key == value`) projects with one product.
+    /// parameter nodes. Self-attention (`query == key == value`) projects with one product and
+    /// attends to it packed ([`Graph::attention_packed`]: no permutes of heads).
     #[allow(clippy::too_many_arguments)] // torch's forward takes as many
     pub fn apply(
         &self,
@@ -135,14 +139,12 @@ impl MultiheadAttention {
             let o = g.reshape(o, &[d[0] as isize, d[1] as isize, self.embed_dim as isize])?;
             return self.out_projection(g, o, params);
         }
-        let ([q, k, v], params) = self.project(g, query, key, value)?;
-        let o = match drop {
-            Some((p, seed, salt)) => {
-                g.attention_dropout(q, k, v, mask, causal, None, p, seed, salt)?
-            }
-            None => g.attention(q, k, v, mask, causal, None)?,
-        };
-        self.output(g, o, params)
+        // three products viewed as (N, L, H, E / H), read and written so by the kernels
+        let ([q, k, v], params) = self.project_tokens(g, query, key, value)?;
+        let o = g.attention_tokens(q, k, v, mask, causal, None, drop)?;
+        let d = g.shape(o).dims().to_vec();
+        let o = g.reshape(o, &[d[0] as isize, d[1] as isize, self.embed_dim as isize])?;
+        self.out_projection(g, o, params)
     }
 
     /// Self-attention while decoding: `x (N, S, E)` holds the tokens at positions `position ..
@@ -163,7 +165,7 @@ impl MultiheadAttention {
         max_len: usize,
         mask: NodeId,
     ) -> Result<(NodeId, Vec<NodeId>)> {
-        let ([q, k, v], params) = self.project(g, x, x, x)?;
+        let ([q, k, v], params) = self.project_heads(g, x)?;
         let d = g.shape(k).dims().to_vec();
         let cache = |which: &str| {
             g.param_init(
@@ -181,9 +183,10 @@ impl MultiheadAttention {
         self.output(g, g.cast(o, dt)?, params)
     }
 
-    /// The projections of `query`, `key` and `value` split into heads, `(N, H, L, E / H)` each,
-    /// and the parameters `[in_proj_weight, in_proj_bias]`.
-    fn project(
+    /// The projections of `query`, `key` and `value` viewed as `(N, L, H, E / H)` (three
+    /// products, each with its rows of the in-projection, views of it), and the parameters
+    /// `[in_proj_weight, in_proj_bias]`.
+    fn project_tokens(
         &self,
         g: &Graph,
         query: NodeId,
@@ -191,36 +194,34 @@ impl MultiheadAttention {
         value: NodeId,
     ) -> Result<([NodeId; 3], Vec<NodeId>)> {
         let (e, h) = (self.embed_dim, self.num_heads);
-        let hd = e / h;
         let ([w, b], [wc, bc]) = self.in_params(g, [query, key, value])?;
-        // (N, L, k E) -> (k, N, H, L, hd)
-        let heads = |y: NodeId, k: isize| -> Result<NodeId> {
-            let d = g.shape(y).dims().to_vec();
-            let (n, l) = (d[0] as isize, d[1] as isize);
-            let y = g.reshape(y, &[n, l, k, h as isize, hd as isize])?;
-            g.permute(y, &[2, 0, 3, 1, 4])
+        let project = |x: NodeId, i: usize| -> Result<NodeId> {
+            let wi = g.narrow(wc, 0, i * e, e)?;
+            let bi = g.narrow(bc, 0, i * e, e)?;
+            let y = g.matmul_fused(x, wi, false, true, Some((bi, Bias::Cols)), false)?;
+            let d = g.shape(x).dims().to_vec();
+            g.reshape(
+                y,
+                &[d[0] as isize, d[1] as isize, h as isize, (e / h) as isize],
+            )
         };
-        let pick = |y: NodeId, i: usize| -> Result<NodeId> {
-            let d = g.shape(y).dims()[1..]
-                .iter()
-                .map(|&x| x as isize)
-                .collect::<Vec<_>>();
-            g.reshape(g.narrow(y, 0, i, 1)?, &d)
-        };
-        let qkv = if query == key && key == value {
-            let qkv = g.matmul_fused(query, wc, false, true, Some((bc, Bias::Cols)), false)?;
-            let qkv = heads(qkv, 3)?;
-            [pick(qkv, 0)?, pick(qkv, 1)?, pick(qkv, 2)?]
-        } else {
-            let project = |x: NodeId, i: usize| -> Result<NodeId> {
-                let wi = g.narrow(wc, 0, i * e, e)?;
-                let bi = g.narrow(bc, 0, i * e, e)?;
-                let y = g.matmul_fused(x, wi, false, true, Some((bi, Bias::Cols)), false)?;
-                pick(heads(y, 1)?, 0)
-            };
-            [project(query, 0)?, project(key, 1)?, project(value, 2)?]
-        };
-        Ok((qkv, vec![w, b]))
+        Ok((
+            [project(query, 0)?, project(key, 1)?, project(value, 2)?],
+            vec![w, b],
+        ))
+    }
+
+    /// Self-attention's projections of `x` split into heads `(N, H, L, E / H)` each (as the
+    /// decoding caches hold keys and values), and the parameters.
+    fn project_heads(&self, g: &Graph, x: NodeId) -> Result<([NodeId; 3], Vec<NodeId>)> {
+        let (qkv, params) = self.in_projection(g, x)?;
+        let heads = g.permute(qkv, &[2, 0, 3, 1, 4])?;
+        let d: Vec<isize> = g.shape(heads).dims()[1..]
+            .iter()
+            .map(|&x| x as isize)
+            .collect();
+        let pick = |i: usize| g.reshape(g.narrow(heads, 0, i, 1)?, &d);
+        Ok(([pick(0)?, pick(1)?, pick(2)?], params))
     }
 
     /// The in-projection's parameters `[in_proj_weight, in_proj_bias]` and their casts to the

@@ -31,11 +31,12 @@
 //! element of `(*, Lq, Lk)` with the same seed and salt, so the backward pass recomputes the
 //! forward's mask instead of storing it.
 //!
-//! Layouts ([`Layout`]): `q`, `k` and `v` as `(*, L, D)` slices, or self-attention's packed
+//! Layouts ([`Layout`]): `q`, `k` and `v` as `(*, L, D)` slices; self-attention's packed
 //! projection `qkv (N, L, 3, H, D)` (the in-projection's output `(N, L, 3E)`, viewed) read
 //! straight by the kernels, with the output written as `(N, L, H, D)` (the out-projection's
-//! input `(N, L, E)`, viewed) and the gradient as one `(N, L, 3, H, D)` tensor: multi-head
-//! attention then needs no permutes and copies of heads around the kernels, forward or backward.
+//! input `(N, L, E)`, viewed) and the gradient as one `(N, L, 3, H, D)` tensor; or separate
+//! `(N, L, H, D)` operands (cross-attention's projections, viewed). Multi-head attention then
+//! needs no permutes and copies of heads around the kernels, forward or backward.
 //!
 //! f16 `q`, `k`, `v` are read and written as stored (the kernel's f16 variant, `attention_f16`)
 //! and computed in f32; the mask stays f32.
@@ -69,6 +70,17 @@ pub enum Layout {
     /// order), bound as all three inputs -> `(N, L, H, D)`; its gradient is one `(N, L, 3, H,
     /// D)` tensor. The slices are strided: `(N, H, L, D)` as the `Heads` layout sees them.
     Packed,
+    /// `q (N, Lq, H, D)`, `k (N, Lk, H, D)`, `v (N, Lk, H, Dv)` -> `(N, Lq, H, Dv)`, as
+    /// FlashAttention's `flash_attn_func` takes them: each projection's `(N, L, E)` output
+    /// viewed, so cross-attention needs no permutes of heads either. Gradients in the same
+    /// layouts (dk and dv one after the other in one tensor, as for `Heads`).
+    Tokens,
+}
+
+/// The `Heads` shape `(N, H, L, D)` of a `Tokens` operand `(N, L, H, D)` (and back).
+fn swap_heads(s: &Shape) -> Shape {
+    let d = s.dims();
+    Shape(vec![d[0], d[2], d[1], d[3]])
 }
 
 /// Attention of `q`, `k`, `v`, an additive mask and the dropout seed (inputs 0 to 4; the mask
@@ -339,6 +351,7 @@ impl Attention {
                 let s = unpacked_shape(q);
                 (s.clone(), s.clone(), s)
             }
+            Layout::Tokens => (swap_heads(q), swap_heads(k), swap_heads(v)),
         }
     }
 
@@ -351,6 +364,15 @@ impl Attention {
             bh * lq
         } else {
             0
+        }
+    }
+
+    /// `q`, `k` and `v` of the inputs as contiguous `(N, H, L, D)` tensors (the CPU twins of the
+    /// packed and tokens layouts compute on them).
+    fn unpacked(&self, inputs: &[&Tensor]) -> [Tensor; 3] {
+        match self.layout {
+            Layout::Packed => [0, 1, 2].map(|i| tokens_to_heads(inputs[0], 3, i)),
+            _ => [0, 1, 2].map(|i| tokens_to_heads(inputs[i], 1, 0)),
         }
     }
 
@@ -410,6 +432,20 @@ impl Attention {
                     [0, hd, 2 * hd],
                 )
             }
+            Layout::Tokens => {
+                let h = q.dims()[1];
+                let tokens = |l: usize, w: usize| Strided {
+                    off: 0,
+                    sn: l * h * w,
+                    sh: w,
+                    sr: h * w,
+                };
+                (
+                    h,
+                    [tokens(lq, d), tokens(lk, d), tokens(lk, dv), tokens(lq, dv)],
+                    [0, 0, bh * lk * d],
+                )
+            }
         }
     }
 
@@ -436,13 +472,14 @@ impl Attention {
     /// CPU reference in f64: the formula row by row, the whole softmax at once (packed
     /// operands unpacked first).
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
-        if self.layout == Layout::Packed {
-            let [q, k, v] = [0, 1, 2].map(|i| tokens_to_heads(inputs[0], 3, i));
+        if self.layout != Layout::Heads {
+            let [q, k, v] = self.unpacked(inputs);
+            let logical = infer(q.shape(), k.shape(), v.shape(), None).expect("checked shapes");
             let y = self
                 .on_heads()
-                .cpu(&[&q, &k, &v, inputs[3], inputs[4]], q.shape());
+                .cpu(&[&q, &k, &v, inputs[3], inputs[4]], &logical);
             let mut data = vec![0f32; out.numel()];
-            heads_into_tokens(y.data(), q.shape(), &mut data, 1, 0);
+            heads_into_tokens(y.data(), &logical, &mut data, 1, 0);
             return Tensor::new(out.clone(), data).expect("attention shape");
         }
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
@@ -551,14 +588,15 @@ impl Attention {
         y: NodeId,
         dy: NodeId,
     ) -> Result<Vec<Option<NodeId>>> {
-        let stored = g.shape(x[0]);
-        let (qs, ks, vs) = self.logical(&stored, &g.shape(x[1]), &g.shape(x[2]));
+        let stored = [g.shape(x[0]), g.shape(x[1]), g.shape(x[2])];
+        let (qs, ks, vs) = self.logical(&stored[0], &stored[1], &stored[2]);
         let (bh, _, lk, d, dv) = extents(&qs, &ks, &vs);
         if d > MAX_BACKWARD_HEAD_DIM || dv > MAX_BACKWARD_HEAD_DIM {
-            if self.layout == Layout::Packed {
-                // `attention` builds packed attention for heads the kernels take only
+            if self.layout != Layout::Heads {
+                // the graph builds the other layouts for heads the kernels take only
                 return Err(crate::error::Error::Unsupported(format!(
-                    "packed attention with heads of {d} features (at most {MAX_BACKWARD_HEAD_DIM})"
+                    "{:?} attention with heads of {d} features (at most {MAX_BACKWARD_HEAD_DIM})",
+                    self.layout
                 )));
             }
             return self.composed_backward(g, x, dy);
@@ -578,16 +616,19 @@ impl Attention {
         if self.layout == Layout::Packed {
             // dk and dv into their parts of one (N, L, 3, H, D) tensor (dq's part zeroed), then
             // dq written into it in place
-            let kv = grad(GradPart::KeyValue, Some(stats), stored.clone())?;
+            let [packed, ..] = stored;
+            let kv = grad(GradPart::KeyValue, Some(stats), packed.clone())?;
             let mut inputs = x.to_vec();
             inputs.extend([y, dy, stats, kv]);
             let op = AttentionGrad {
                 attention: *self,
                 part: GradPart::Query,
             };
-            let dqkv = g.push_op(Op::AttentionGrad(op), inputs, stored)?;
+            let dqkv = g.push_op(Op::AttentionGrad(op), inputs, packed)?;
             return Ok(vec![Some(dqkv), None, None, None, None]);
         }
+        // dk and dv one after the other in one tensor, each in its operand's layout
+        let [qs, ks, vs] = stored;
         let (nk, nv) = (bh * lk * d, bh * lk * dv);
         let kv = grad(GradPart::KeyValue, Some(stats), Shape(vec![nk + nv]))?;
         let as_shape = |s: &Shape| s.dims().iter().map(|&e| e as isize).collect::<Vec<_>>();
@@ -644,7 +685,7 @@ impl AttentionGrad {
     /// CPU reference in f64, query row by query row; `KeyValue` and `Query` read `lse` and
     /// `delta` from their stats input, as the kernels do.
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
-        if self.attention.layout == Layout::Packed {
+        if self.attention.layout != Layout::Heads {
             return self.packed_cpu(inputs, out);
         }
         let a = &self.attention;
@@ -698,10 +739,11 @@ impl AttentionGrad {
         Tensor::new(out.clone(), o).expect("attention gradient shape")
     }
 
-    /// [`Self::cpu`] of packed operands: unpacked, computed on the `Heads` layout and packed
-    /// again (`KeyValue`: dq's part zero; `Query`: dq written into a copy of input 8).
+    /// [`Self::cpu`] of packed or tokens operands: unpacked, computed on the `Heads` layout and
+    /// laid out again (packed `KeyValue`: dq's part zero; packed `Query`: dq written into a copy
+    /// of input 8; tokens `KeyValue`: dk then dv, each as its operand).
     fn packed_cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
-        let [q, k, v] = [0, 1, 2].map(|i| tokens_to_heads(inputs[0], 3, i));
+        let [q, k, v] = self.attention.unpacked(inputs);
         let (y, dy) = (
             tokens_to_heads(inputs[5], 1, 0),
             tokens_to_heads(inputs[6], 1, 0),
@@ -713,8 +755,24 @@ impl AttentionGrad {
         let mut x = vec![&q, &k, &v, inputs[3], inputs[4], &y, &dy];
         x.extend(inputs.get(7).copied());
         let logical = q.shape();
+        let tokens = self.attention.layout == Layout::Tokens;
         let data = match self.part {
             GradPart::Stats => return heads.cpu(&x, out),
+            GradPart::KeyValue if tokens => {
+                let flat = heads.cpu(&x, &Shape(vec![k.numel() + v.numel()]));
+                let (dk, dv) = flat.data().split_at(k.numel());
+                let mut data = vec![0f32; out.numel()];
+                let (to_k, to_v) = data.split_at_mut(k.numel());
+                heads_into_tokens(dk, k.shape(), to_k, 1, 0);
+                heads_into_tokens(dv, v.shape(), to_v, 1, 0);
+                data
+            }
+            GradPart::Query if tokens => {
+                let dq = heads.cpu(&x, logical);
+                let mut data = vec![0f32; out.numel()];
+                heads_into_tokens(dq.data(), logical, &mut data, 1, 0);
+                data
+            }
             GradPart::KeyValue => {
                 let flat = heads.cpu(&x, &Shape(vec![2 * q.numel()]));
                 let (dk, dv) = flat.data().split_at(q.numel());
@@ -851,6 +909,37 @@ pub(crate) fn attention_packed(
     g.permute(y, &[0, 2, 1, 3])
 }
 
+/// Attention of `q (N, Lq, H, D)`, `k (N, Lk, H, D)`, `v (N, Lk, H, Dv)` -> `(N, Lq, H, Dv)`
+/// (see [`Layout::Tokens`]); the graph entry point. Heads wider than the backward kernels take
+/// are permuted into `(N, H, L, D)` operands by graph ops (and the output back).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_tokens(
+    g: &Graph,
+    q: NodeId,
+    k: NodeId,
+    v: NodeId,
+    mask: Option<NodeId>,
+    causal: bool,
+    scale: Option<f32>,
+    dropout: Option<(f32, NodeId, u32)>,
+) -> Result<NodeId> {
+    let shapes = [g.check_id(OP, q)?, g.check_id(OP, k)?, g.check_id(OP, v)?];
+    if let Some(s) = shapes.iter().find(|s| s.rank() != 4) {
+        return Err(shape_err(
+            OP,
+            format!("{s}: expected q (N, Lq, H, D), k (N, Lk, H, D), v (N, Lk, H, Dv)"),
+        ));
+    }
+    let widest = shapes[0].dims()[3].max(shapes[2].dims()[3]);
+    if widest <= MAX_BACKWARD_HEAD_DIM {
+        return attention_with(g, [q, k, v], mask, causal, scale, dropout, Layout::Tokens);
+    }
+    let heads = |t: NodeId| g.permute(t, &[0, 2, 1, 3]);
+    let ops = [heads(q)?, heads(k)?, heads(v)?];
+    let y = attention_with(g, ops, mask, causal, scale, dropout, Layout::Heads)?;
+    g.permute(y, &[0, 2, 1, 3])
+}
+
 /// Scaled dot-product attention (see the module docs); the graph entry point. `dropout` is the
 /// probabilities' dropout: its probability, the seed node and the salt.
 #[allow(clippy::too_many_arguments)]
@@ -885,12 +974,17 @@ fn attention_with(
             let s = unpacked_shape(&qs);
             (s.clone(), s.clone(), s)
         }
+        Layout::Tokens => (swap_heads(&qs), swap_heads(&ks), swap_heads(&vs)),
     };
     let ms = mask.map(|m| g.check_id(OP, m)).transpose()?;
     let mut out = infer(&qs, &ks, &vs, ms.as_ref())?;
-    if layout == Layout::Packed {
-        let d = stored.dims();
-        out = Shape(vec![d[0], d[1], d[3], d[4]]);
+    match layout {
+        Layout::Heads => {}
+        Layout::Packed => {
+            let d = stored.dims();
+            out = Shape(vec![d[0], d[1], d[3], d[4]]);
+        }
+        Layout::Tokens => out = swap_heads(&out),
     }
     if let Some(m) = mask {
         if g.dtype(m) != DType::F32 {
