@@ -297,7 +297,23 @@ fn attention_shape_errors_name_the_op() {
     let k2 = g.input("k2", [2, 6, 4]);
     let v2 = g.input("v2", [2, 7, 4]);
     let m = g.input("m", [3, 6]);
+    // packed (N, L, 3, H, D) and tokens (N, L, H, D) operands of the wrong shapes
+    let (qkv4, qkv2) = (
+        g.input("qkv4", [2, 5, 3, 4]),
+        g.input("qkv2", [2, 5, 2, 1, 4]),
+    );
+    let (tq, tk) = (g.input("tq", [2, 5, 1, 4]), g.input("tk", [2, 6, 2, 4]));
     for (what, r) in [
+        ("packed rank", g.attention_packed(qkv4, None, false, None)),
+        ("packed 2", g.attention_packed(qkv2, None, false, None)),
+        (
+            "tokens rank",
+            g.attention_tokens(tq, k2, k2, None, false, None, None),
+        ),
+        (
+            "tokens heads",
+            g.attention_tokens(tq, tk, tk, None, false, None, None),
+        ),
         ("D", g.attention(q, k, v, None, false, None)),
         ("Lk", g.attention(q, k2, v2, None, false, None)),
         ("mask", g.attention(q, k2, v, Some(m), false, None)),

@@ -261,17 +261,21 @@ impl GpuPlan {
             let mut entries: Vec<wgpu::BindGroupEntry> = bound
                 .iter()
                 .enumerate()
-                .map(|(b, &t)| wgpu::BindGroupEntry {
-                    binding: b as u32 + shift,
-                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &storage[&storage_root(&nodes, t)],
-                        offset: storage_offset(&nodes, t),
-                        // a node bound as itself includes the scratch its kernel writes
-                        size: wgpu::BufferSize::new(match storage_root(&nodes, t) == t {
-                            true if !nodes[t.0].op.is_source() => storage_bytes(&nodes, t),
-                            _ => bytes_of(t),
+                .map(|(b, &t)| {
+                    let root = storage_root(&nodes, t);
+                    // a computed node bound as itself includes the scratch its kernel writes
+                    let bytes = match root == t && !nodes[t.0].op.is_source() {
+                        true => storage_bytes(&nodes, t),
+                        false => bytes_of(t),
+                    };
+                    wgpu::BindGroupEntry {
+                        binding: b as u32 + shift,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &storage[&root],
+                            offset: storage_offset(&nodes, t),
+                            size: wgpu::BufferSize::new(bytes),
                         }),
-                    }),
+                    }
                 })
                 .collect();
             if let (Some(_), Some(sb)) = (repeat, &step_buffer) {

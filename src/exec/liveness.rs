@@ -34,9 +34,9 @@ pub fn storage_offset(nodes: &[Node], mut id: NodeId) -> u64 {
     let mut bytes = 0;
     while let Some(k) = view_of(nodes, id) {
         let n = &nodes[id.0];
-        let shapes: Vec<&crate::tensor::Shape> =
-            n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
-        bytes += n.dtype.buffer_bytes(n.op.view_offset(&shapes, &n.shape));
+        bytes += n
+            .dtype
+            .buffer_bytes(n.op.view_offset(&input_shapes(nodes, id), &n.shape));
         id = n.inputs[k];
     }
     bytes
@@ -46,16 +46,23 @@ pub fn storage_offset(nodes: &[Node], mut id: NodeId) -> u64 {
 /// past them ([`crate::ops::Op::scratch`]).
 pub fn storage_bytes(nodes: &[Node], id: NodeId) -> u64 {
     let n = &nodes[id.0];
-    let shapes: Vec<&crate::tensor::Shape> = n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
-    n.dtype
-        .buffer_bytes(n.shape.numel() + n.op.scratch(&shapes))
+    let scratch = n.op.scratch(&input_shapes(nodes, id));
+    n.dtype.buffer_bytes(n.shape.numel() + scratch)
+}
+
+/// The shapes of a node's inputs.
+fn input_shapes(nodes: &[Node], id: NodeId) -> Vec<&crate::tensor::Shape> {
+    nodes[id.0]
+        .inputs
+        .iter()
+        .map(|i| &nodes[i.0].shape)
+        .collect()
 }
 
 /// `Op::view_of` of a node, from its inputs' shapes.
 pub fn view_of(nodes: &[Node], id: NodeId) -> Option<usize> {
     let n = &nodes[id.0];
-    let shapes: Vec<&crate::tensor::Shape> = n.inputs.iter().map(|i| &nodes[i.0].shape).collect();
-    n.op.view_of(&shapes, &n.shape)
+    n.op.view_of(&input_shapes(nodes, id), &n.shape)
 }
 
 /// One computed tensor's lifetime in plan steps: written at `def`, last read at `last`
