@@ -410,6 +410,58 @@ fn dropout_fuses_in_f16_graphs() {
     );
 }
 
+/// A reshape of a chain's element count is read through: the chain before it and after it run
+/// as one kernel (dropout keyed by the shared element index), and a product read through
+/// reshapes takes the whole program as its epilogue (a linear layer's gradient on (B, L, E):
+/// dropout's mask on (B, L, F), relu's on [B*L, F]).
+#[test]
+fn full_size_reshapes_are_read_through() {
+    let Some(dev) = device() else { return };
+    let seed = Tensor::new([1], vec![77.0]).unwrap();
+    let g = Graph::new();
+    let x = g.input("x0", [6, 35]);
+    let y = g.input("x1", [210]);
+    let s = g.input("seed", [1]);
+    let mut f = feeds(&[&[6, 35], &[210]]);
+    f.push(("seed".into(), seed));
+    let h = g.reshape(g.mul_scalar(x, 1.5).unwrap(), &[3, 70]).unwrap();
+    let h = g.dropout(h, 0.3, s, 5).unwrap();
+    let z = g
+        .mul(g.reshape(g.exp(h).unwrap(), &[210]).unwrap(), y)
+        .unwrap();
+    let info = check_on(&dev, "chain", &g, &[z], &f, TOL_ELEMENTWISE);
+    assert_eq!(info.dispatches, 1, "{info}");
+
+    let tol = kiln::ops::TOL_REDUCTION;
+    for (b, l, e, n) in [
+        (2usize, 3usize, 5usize, 8usize),
+        (3, 7, 9, 13),
+        (1, 1, 1, 1),
+    ] {
+        let g = Graph::new();
+        let dy = g.input("x0", [b * l, e]);
+        let w = g.input("x1", [e, n]);
+        let act = g.input("x2", [b * l, n]);
+        let s = g.input("seed", [1]);
+        let mut f = feeds(&[&[b * l, e], &[e, n], &[b * l, n]]);
+        f.push(("seed".into(), Tensor::new([1], vec![91.0]).unwrap()));
+        let dh = g
+            .reshape(
+                g.matmul(dy, w).unwrap(),
+                &[b as isize, l as isize, n as isize],
+            )
+            .unwrap();
+        let dh = g.dropout(dh, 0.25, s, 9).unwrap();
+        let dh = g.reshape(dh, &[(b * l) as isize, n as isize]).unwrap();
+        let da = g
+            .binary(kiln::ops::binary::BinaryOp::ReluGrad, dh, act)
+            .unwrap();
+        let what = format!("epilogue through reshapes, {b}x{l}x{n}");
+        let info = check_on(&dev, &what, &g, &[da], &f, tol);
+        assert_eq!(info.dispatches, 1, "{what}: {info}");
+    }
+}
+
 #[test]
 fn views_end_a_group() {
     let Some(dev) = device() else { return };

@@ -501,3 +501,126 @@ fn skinny_products_use_the_gemv_kernel() {
         );
     }
 }
+
+/// Whether a plan dispatches a kernel of op `op` (labels read `node <id> <op> <shape> ..`).
+fn runs_op(plan: &kiln::Plan, op: &str) -> bool {
+    plan.kernels()
+        .iter()
+        .any(|k| k.split_whitespace().nth(2) == Some(op))
+}
+
+/// A bias gradient beside its weight gradient comes out of the weight gradient's kernel
+/// (`MatMul::row_sums`, written past the product and read as a view): a linear layer's (the sum
+/// of dy's rows beside `dy^T x`) and a convolution's (dy's columns beside `dy x cols^T`, an
+/// implicit GEMM), through plain, prefetching, double-buffered and split-K kernels and in f16,
+/// on awkward shapes; outputs poisoned with NaN, against the CPU reference.
+#[test]
+fn bias_gradients_come_from_the_weight_gradients_kernel() {
+    use kiln::{DType, Shape};
+    let Some(dev) = device() else { return };
+    let f16 = dev.features().contains(wgpu::Features::SHADER_F16);
+    for policy in [
+        "auto",
+        "64x64x16/4x4",
+        "32x32x8/4x4/pf",
+        "64x64x16/4x4/db",
+        "128x128x8/8x8/pf",
+        "32x32x16/4x4/split3",
+    ] {
+        dev.set_gemm_policy(GemmPolicy::parse(policy).unwrap())
+            .unwrap();
+        for dtype in [DType::F32, DType::F16] {
+            // f16 products are not split; `auto` may pick tensor cores or the skinny kernel
+            if dtype == DType::F16 && (!f16 || policy.contains("split")) {
+                continue;
+            }
+            let tol = match dtype {
+                DType::F16 => kiln::ops::TOL_F16,
+                _ => TOL_REDUCTION,
+            };
+            for &(t, i, o) in &[
+                (1usize, 1usize, 1usize),
+                (7, 5, 13),
+                (70, 33, 17),
+                (300, 8, 12),
+            ] {
+                let what = format!("{policy} {dtype} linear T={t} in={i} out={o}");
+                let g = Graph::new();
+                let x = g.input_as("x", [t, i], dtype);
+                let dy = g.input_as("dy", [t, o], dtype);
+                let dw = g.matmul_t(dy, x, true, false).unwrap();
+                let db = g.sum_to(dy, &Shape(vec![o])).unwrap();
+                let feeds = [("x", rand(&[t, i], 3)), ("dy", rand(&[t, o], 4))];
+                let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(k, v)| (*k, v)).collect();
+                let outs = [
+                    g.cast(dw, DType::F32).unwrap(),
+                    g.cast(db, DType::F32).unwrap(),
+                ];
+                let outs = if dtype == DType::F32 { [dw, db] } else { outs };
+                let mut plan = dev.compile(&g, &outs).unwrap();
+                plan.poison(f32::NAN);
+                let got = plan.run(&refs).unwrap();
+                let want = Device::cpu()
+                    .compile(&g, &outs)
+                    .unwrap()
+                    .run(&refs)
+                    .unwrap();
+                assert_close(&format!("{what} dW"), &got[0], &want[0], tol.0, tol.1);
+                assert_close(&format!("{what} db"), &got[1], &want[1], tol.0, tol.1);
+                let tiled = plan
+                    .kernels()
+                    .iter()
+                    .any(|k| k.contains("matmul") && k.contains("row_sums"));
+                // (one row: the sum is a reshape)
+                assert!(
+                    tiled || policy == "auto" || t == 1,
+                    "{what}: {:?}",
+                    plan.kernels()
+                );
+                if tiled {
+                    assert!(!runs_op(&plan, "sum"), "{what}: {:?}", plan.kernels());
+                }
+                if policy.contains("split") && t >= 70 {
+                    // the slices carry their row sums; their sum adds both up
+                    assert!(runs_op(&plan, "splitk_sum"), "{what}: {:?}", plan.kernels());
+                    assert_eq!(plan.info().dispatches, 2, "{what}");
+                }
+            }
+        }
+        // a convolution's weight and bias gradients: one implicit GEMM (and a sum of its
+        // split-K slices)
+        for &(n, c, hw, oc, pad) in &[(2usize, 3usize, 7usize, 5usize, 1usize), (3, 1, 9, 4, 0)] {
+            let what = format!("{policy} conv N={n} C={c} {hw}x{hw} O={oc} pad={pad}");
+            let g = Graph::new();
+            let x = g.input("x", [n, c, hw, hw]);
+            let w = g.input("w", [oc, c, 3, 3]);
+            let b = g.input("b", [oc]);
+            let opts = kiln::graph::Conv2dOpts {
+                padding: (pad, pad),
+                ..Default::default()
+            };
+            let y = g.conv2d(x, w, Some(b), opts).unwrap();
+            let loss = common::random_projection(&g, y, 9);
+            let grads = g.grad(loss, &[w, b]).unwrap();
+            let feeds = [
+                ("x", rand(&[n, c, hw, hw], 5)),
+                ("w", rand(&[oc, c, 3, 3], 6)),
+                ("b", rand(&[oc], 7)),
+            ];
+            let refs: Vec<(&str, &Tensor)> = feeds.iter().map(|(k, v)| (*k, v)).collect();
+            let mut plan = dev.compile(&g, &grads).unwrap();
+            plan.poison(f32::NAN);
+            let got = plan.run(&refs).unwrap();
+            let want = Device::cpu()
+                .compile(&g, &grads)
+                .unwrap()
+                .run(&refs)
+                .unwrap();
+            assert_close(&format!("{what} dW"), &got[0], &want[0], 1e-5, 1e-4);
+            assert_close(&format!("{what} db"), &got[1], &want[1], 1e-5, 1e-4);
+            if policy != "auto" {
+                assert!(!runs_op(&plan, "sum"), "{what}: {:?}", plan.kernels());
+            }
+        }
+    }
+}

@@ -104,6 +104,7 @@ fn every_generated_matmul_is_valid_wgsl() {
             for bits in 0..32u32 {
                 let bit = |i: u32| bits & (1 << i) != 0;
                 let partial = bit(4) && bit(3);
+                let nchw = !bit(4) && bits % 7 == 3;
                 let lay = Layout {
                     trans_a: bit(0),
                     trans_b: bit(1),
@@ -121,7 +122,9 @@ fn every_generated_matmul_is_valid_wgsl() {
                     im2col: (!bit(3) && bits % 5 == 0).then_some(geom),
                     dgrad: None,
                     // some store the result as an NCHW image
-                    nchw: (!bit(4) && bits % 7 == 3).then_some(9),
+                    nchw: nchw.then_some(9),
+                    // bias gradients' row sums beside products without a bias, stored [M, N]
+                    row_sums: bits % 3 == 0 && !nchw,
                     storage: kiln::DType::F32.into(),
                 };
                 // f16 storage where the layout allows it (not split-K partial sums); some with
@@ -372,6 +375,7 @@ fn every_coop_matmul_is_valid_wgsl() {
             trans_b: bits & 2 != 0,
             bias: [Bias::None, Bias::Rows, Bias::Cols][(bits % 3) as usize],
             relu: bits & 4 != 0,
+            row_sums: false,
         };
         let dtype = [kiln::DType::F32, kiln::DType::F16][(bits / 8) as usize];
         cases.push((mm, dtype, Operands::Matrices));
@@ -539,6 +543,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             im2col: None,
             dgrad: None,
             nchw: None,
+            row_sums: false,
             storage: dtype.into(),
         };
         let src = wgsl_with(&cfg, &lay, Some(&epi));
@@ -550,6 +555,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             trans_b: true,
             bias,
             relu: true,
+            row_sums: false,
         };
         for cores in [Cores::Tensor, Cores::Emulated] {
             let src = kiln::codegen::coop::wgsl_with(
@@ -590,6 +596,7 @@ fn every_gemv_is_valid_wgsl() {
                 trans_b: bits & 2 != 0,
                 bias: [Bias::None, Bias::Rows, Bias::Cols][(bits + rows as u32) as usize % 3],
                 relu: bits & 4 != 0,
+                row_sums: false,
             };
             // f32, f16, and f16 reading an f32 weight (a folded cast)
             let storage = match bits % 3 {

@@ -279,6 +279,10 @@ pub fn kernel_with(
         layout.nchw = nchw;
         layout.vec_out = false;
     }
+    assert!(
+        !layout.row_sums || (batch == 1 && nchw.is_none()),
+        "row sums of unbatched products stored as [M, N] only"
+    );
     let mut constants = vec![
         ("M", d.m as f64),
         ("N", d.n as f64),
@@ -291,6 +295,17 @@ pub fn kernel_with(
         ("BATCH", batch as f64),
     ];
     constants.extend(d.batch_constants());
+    if layout.row_sums {
+        // each slice's region: its product, then (aligned) its row sums
+        constants.push((
+            "RS_OFF",
+            crate::ops::matmul::row_sums_offset(d.m, d.n) as f64,
+        ));
+        constants.push((
+            "OSTRIDE",
+            crate::ops::matmul::with_row_sums_len(d.m, d.n) as f64,
+        ));
+    }
     let src = wgsl_with(cfg, &layout, epilogue);
     let key = match epilogue {
         // the program's dataflow, scalars and shapes are in the text
@@ -338,6 +353,9 @@ pub struct Layout {
     /// Store the result `[M, N*HW]` as the image `[N, M, HW]` (this HW): a convolution's output
     /// or input gradient straight in NCHW. Scalar stores.
     pub nchw: Option<usize>,
+    /// Also write the row sums of `op(a)` over K past the result (`MatMul::row_sums`): the
+    /// workgroups of the first tile column add up their `a` tiles as they go. Unbatched.
+    pub row_sums: bool,
     /// Storage types of `a`, `b`, the bias and the result (arithmetic is f32 either way).
     pub storage: Storage,
 }
@@ -358,6 +376,7 @@ impl Layout {
             im2col: None,
             dgrad: None,
             nchw: None,
+            row_sums: mm.row_sums,
             storage: Storage::all(DType::F32),
         }
     }
@@ -383,7 +402,7 @@ impl Layout {
         let nchw = self.nchw.map(|hw| format!(",nchw{hw}")).unwrap_or_default();
         let half = self.storage.describe();
         format!(
-            "{}{}{}{}{}{}{}{}{im2col}{dgrad}{nchw}{half}",
+            "{}{}{}{}{}{}{}{}{}{im2col}{dgrad}{nchw}{half}",
             f(self.trans_a, ",ta"),
             f(self.trans_b, ",tb"),
             f(self.vec_a, ",va"),
@@ -396,6 +415,7 @@ impl Layout {
             },
             f(self.relu, ",relu"),
             f(self.partial, ",partial"),
+            f(self.row_sums, ",row_sums"),
         )
     }
 }
@@ -885,6 +905,17 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
             e.describe
         );
     }
+    if lay.row_sums {
+        let _ = writeln!(
+            s,
+            "// Row sums: the workgroups of tile column 0 also add up op(a)'s rows over their slice of
+//   K from the a tiles in workgroup memory (thread i < {bm4} holds rows 4i..4i+3 of the tile
+//   as a vec4) and store them at RS_OFF + row of their slice's region; each slice's region
+//   (product, then row sums) is OSTRIDE elements long.
+",
+            bm4 = bm / 4
+        );
+    }
     if let Some(g) = lay.dgrad {
         let _ = writeln!(
             s,
@@ -915,10 +946,20 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
     if [st.a, st.b, st.bias, st.out].contains(&DType::F16) {
         s.push_str("enable f16;\n\n");
     }
-    s.push_str(&super::overrides(&[
+    let mut names = vec![
         "M", "N", "K", "TILES_M", "TILES_N", "TOTAL", "SPLIT", "KCHUNK", "BATCH", "BD1", "BD2",
         "BD3", "SA0", "SA1", "SA2", "SA3", "SB0", "SB1", "SB2", "SB3",
-    ]));
+    ];
+    if lay.row_sums {
+        names.extend(["RS_OFF", "OSTRIDE"]);
+    }
+    s.push_str(&super::overrides(&names));
+    // where this slice's (and batch's) results start
+    let obase = if lay.row_sums {
+        "slice * OSTRIDE"
+    } else {
+        "(slice * BATCH + z) * M * N"
+    };
     let batch_bases = super::BATCH_BASES;
     s.push('\n');
     s.push_str(&product_bindings(
@@ -950,7 +991,7 @@ fn main(
     let tm = (w / TILES_N) % TILES_M;
     let slice = (w / (TILES_N * TILES_M)) % SPLIT;
     let z = w / (TILES_N * TILES_M * SPLIT);
-{batch_bases}    let obase = (slice * BATCH + z) * M * N;
+{batch_bases}    let obase = {obase};
     let kbegin = slice * KCHUNK;
     let kend = min(K, kbegin + KCHUNK);
     let row0 = tm * {bm}u;
@@ -982,6 +1023,14 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
     for i in 0..tm {
         for j in 0..cq {
             let _ = writeln!(s, "    var acc{i}_{j} = vec4<f32>(0.0);");
+        }
+    }
+    // row sums: thread lid holds the tile's vec4 row groups lid, lid + t, ..
+    let groups = bm / 4;
+    let parts = groups.div_ceil(t);
+    if lay.row_sums {
+        for p in 0..parts {
+            let _ = writeln!(s, "    var rsum{p} = vec4<f32>(0.0);");
         }
     }
     if cfg.prefetch {
@@ -1104,6 +1153,25 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
     } else {
         ("", "")
     };
+    if lay.row_sums {
+        // this step's a tile is in As (the multiply-adds below read it too)
+        let _ = writeln!(s, "        if tn == 0u {{");
+        for p in 0..parts {
+            let terms: Vec<String> = (0..bk)
+                .map(|kk| format!("As[{ca}{}u + g]", kk * groups + p * t))
+                .collect();
+            let _ = writeln!(
+                s,
+                "            if lid + {}u < {groups}u {{
+                let g = lid;
+                rsum{p} = rsum{p} + {};
+            }}",
+                p * t,
+                terms.join(" + ")
+            );
+        }
+        let _ = writeln!(s, "        }}");
+    }
     for kk in 0..bk {
         for q in 0..rq {
             let _ = writeln!(
@@ -1144,6 +1212,43 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         }
     }
     let _ = writeln!(s, "    }}");
+    if lay.row_sums {
+        // rows past M are the tile's zero padding, inside the region's M rounded up to 4
+        let _ = writeln!(s, "    if tn == 0u {{");
+        for p in 0..parts {
+            let at = format!("obase + RS_OFF + row0 + (lid + {}u) * 4u", p * t);
+            let store = if lay.vec_out {
+                format!(
+                    "out[({at}) / 4u] = {};",
+                    if dt == DType::F16 {
+                        format!("vec4<f16>(rsum{p})")
+                    } else {
+                        format!("rsum{p}")
+                    }
+                )
+            } else {
+                ["x", "y", "z", "w"]
+                    .iter()
+                    .enumerate()
+                    .map(|(q, c)| {
+                        format!(
+                            "out[{at} + {q}u] = {};",
+                            narrow(dt, &format!("rsum{p}.{c}"))
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n            ")
+            };
+            let _ = writeln!(
+                s,
+                "        if lid + {pt}u < {groups}u && row0 + (lid + {pt}u) * 4u < M {{
+            {store}
+        }}",
+                pt = p * t
+            );
+        }
+        let _ = writeln!(s, "    }}");
+    }
     // stores with the epilogue
     for i in 0..tm {
         let row = format!("row0 + {}u + ty * 4u", (i / 4) * row_gap + i % 4);

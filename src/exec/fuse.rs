@@ -5,9 +5,12 @@
 //! A group grows from its root (the last node, which keeps its id and shape: it still computes the
 //! same tensor) towards its inputs. An input node joins the group when it is elementwise, read by
 //! no node of the plan but its consumer in the group (once or more), not a plan target (output or
-//! effect), and not a view's root (a view reading it would be a second consumer). Views are not
-//! fused through: a reshape's input is an ordinary external input of the group. Interior nodes
-//! leave `order`; the root's inputs become the group's external inputs, each once.
+//! effect), and not a view's root (a view reading it would be a second consumer). A reshape of
+//! the root's element count is the same elements in the same order, so the group reads through
+//! it when it is the node's only reader (the reshape leaves the plan with the node; a linear
+//! layer's gradient on (B, L, E) is a reshape of a `[B*L, E]` product); other views are not fused
+//! through. Interior nodes leave `order`; the root's inputs become the group's external inputs,
+//! each once.
 
 use crate::codegen::elementwise::MAX_INPUTS;
 use crate::graph::{Node, NodeId};
@@ -94,10 +97,25 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
         }
         done[root.0] = true;
         let root_pos = pos[root.0];
+        let numel = nodes[root.0].shape.numel();
         let mut members = vec![root];
+        // reshapes read through, each with the member it reshapes
+        let mut aliases: Vec<(NodeId, NodeId)> = Vec::new();
         let mut frontier = vec![root];
         while let Some(m) = frontier.pop() {
-            for &c in &nodes[m.0].inputs {
+            for &input in &nodes[m.0].inputs {
+                // a chain of full-size reshapes, each read by nothing else, and the node under it
+                let mut chain = Vec::new();
+                let mut c = input;
+                while matches!(nodes[c.0].op, Op::Reshape)
+                    && nodes[c.0].shape.numel() == numel
+                    && consumers[c.0] == 1
+                    && !target[c.0]
+                    && pos[c.0] != NONE
+                {
+                    chain.push(c);
+                    c = nodes[c.0].inputs[0];
+                }
                 let joins = !members.contains(&c)
                     && !done[c.0]
                     && pos[c.0] != NONE
@@ -108,9 +126,10 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
                     // one storage type per program (an f32 chain computing an f16 graph's
                     // dropout seed stays apart)
                     && nodes[c.0].dtype == nodes[root.0].dtype
-                    // dropout's mask is keyed by its own element index: the root's
+                    // dropout's mask is keyed by its own element index: the root's (the same
+                    // when the counts agree: broadcasting and reshapes keep the order)
                     && (!matches!(nodes[c.0].op, Op::Dropout(_))
-                        || nodes[c.0].shape == nodes[root.0].shape)
+                        || nodes[c.0].shape.numel() == numel)
                     && !nodes[c.0].inputs.iter().any(|&i| {
                         let r = storage_root(nodes, i);
                         writes
@@ -121,8 +140,11 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
                     continue;
                 }
                 members.push(c);
-                if externals(nodes, &members).len() > MAX_INPUTS {
+                let before = aliases.len();
+                aliases.extend(chain.iter().map(|&r| (r, c)));
+                if externals(nodes, &members, &aliases).len() > MAX_INPUTS {
                     members.pop();
+                    aliases.truncate(before);
                     continue;
                 }
                 done[c.0] = true;
@@ -133,7 +155,7 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
             continue;
         }
         members.sort_by_key(|m| pos[m.0]);
-        let inputs = externals(nodes, &members);
+        let inputs = externals(nodes, &members, &aliases);
         let steps = members
             .iter()
             .map(|m| {
@@ -141,12 +163,14 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
                 let args = n
                     .inputs
                     .iter()
-                    .map(|i| match members.iter().position(|x| x == i) {
-                        Some(j) => Operand::Step(j),
-                        None => {
-                            Operand::Input(inputs.iter().position(|x| x == i).expect("an external"))
-                        }
-                    })
+                    .map(
+                        |i| match members.iter().position(|x| *x == resolve(&aliases, *i)) {
+                            Some(j) => Operand::Step(j),
+                            None => Operand::Input(
+                                inputs.iter().position(|x| x == i).expect("an external"),
+                            ),
+                        },
+                    )
                     .collect();
                 Step {
                     op: step_op(n).expect("members are elementwise"),
@@ -157,6 +181,9 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
             .collect();
         for m in &members[..members.len() - 1] {
             removed[m.0] = true;
+        }
+        for (r, _) in &aliases {
+            removed[r.0] = true;
         }
         let n = &mut nodes[root.0];
         n.op = Op::Fused(Fused {
@@ -298,13 +325,22 @@ pub(crate) fn fuse_reduce_prologue(
     order.retain(|id| !dropped.contains(id));
 }
 
-/// The inputs of `members` that are not members, each once, in order of first use.
-fn externals(nodes: &[Node], members: &[NodeId]) -> Vec<NodeId> {
+/// The member a reshape read through stands for (`aliases`), or `i` itself.
+fn resolve(aliases: &[(NodeId, NodeId)], i: NodeId) -> NodeId {
+    aliases
+        .iter()
+        .find(|(r, _)| *r == i)
+        .map_or(i, |&(_, member)| member)
+}
+
+/// The inputs of `members` that are neither members nor reshapes of members read through
+/// (`aliases`), each once, in order of first use.
+fn externals(nodes: &[Node], members: &[NodeId], aliases: &[(NodeId, NodeId)]) -> Vec<NodeId> {
     let mut ext = Vec::new();
     for m in members {
-        for i in &nodes[m.0].inputs {
-            if !members.contains(i) && !ext.contains(i) {
-                ext.push(*i);
+        for &i in &nodes[m.0].inputs {
+            if !members.contains(&resolve(aliases, i)) && !ext.contains(&i) {
+                ext.push(i);
             }
         }
     }
@@ -370,17 +406,75 @@ mod tests {
     }
 
     #[test]
-    fn views_and_other_ops_are_not_fused_through() {
+    fn full_size_reshapes_are_fused_through_other_views_and_ops_not() {
+        let g = Graph::new();
+        let x = g.input("x", [2, 3]);
+        let e = g.exp(x).unwrap();
+        let r = g.reshape(g.reshape(e, &[3, 2]).unwrap(), &[6]).unwrap();
+        let n = g.neg(r).unwrap();
+        let s = g.sum(n, 0, false).unwrap();
+        let y = g.relu(g.mul_scalar(s, 2.0).unwrap()).unwrap();
+        let (nodes, order) = fused(&g, &[y]);
+        // fused(exp, neg) through both reshapes, sum, fused(mul_scalar, relu)
+        assert_eq!(order, vec![x, n, s, y]);
+        let Op::Fused(f) = &nodes[n.0].op else {
+            panic!("not fused: {:?}", nodes[n.0].op)
+        };
+        assert_eq!(f.describe(), "exp,neg");
+        assert_eq!(nodes[n.0].inputs, vec![x]);
+        assert_eq!(f.steps[1].args, vec![Operand::Step(0)]);
+        assert_eq!(nodes[y.0].inputs, vec![s]);
+
+        // a reshape to fewer elements than the group's (a broadcast operand) stays a view, as
+        // does one with a second reader
+        let g = Graph::new();
+        let b = g.input("b", [3]);
+        let x = g.input("x", [2, 3]);
+        let row = g.reshape(g.exp(b).unwrap(), &[1, 3]).unwrap();
+        let y = g.add(row, x).unwrap();
+        let (nodes, order) = fused(&g, &[y]);
+        assert_eq!(order.len(), 5);
+        assert_eq!(nodes[y.0].inputs, vec![row, x]);
         let g = Graph::new();
         let x = g.input("x", [2, 3]);
         let r = g.reshape(g.exp(x).unwrap(), &[6]).unwrap();
-        let s = g.sum(g.neg(r).unwrap(), 0, false).unwrap();
-        let y = g.relu(g.mul_scalar(s, 2.0).unwrap()).unwrap();
+        let y = g.mul(g.neg(r).unwrap(), r).unwrap();
         let (nodes, order) = fused(&g, &[y]);
-        // exp, reshape, neg, sum, fused(mul_scalar, relu)
-        assert_eq!(order.len(), 6);
-        assert!(matches!(nodes[y.0].op, Op::Fused(_)));
-        assert_eq!(nodes[y.0].inputs, vec![s]);
+        assert_eq!(order.len(), 4, "x, exp, its reshape, fused(neg, mul)");
+        assert_eq!(nodes[y.0].inputs, vec![r]);
+    }
+
+    /// The fused node's CPU twin takes operands read through reshapes at its steps' shapes: the
+    /// lowered plan evaluates to the graph's values.
+    #[test]
+    fn fused_through_reshapes_evaluates_as_the_graph() {
+        use crate::tensor::Tensor;
+        let g = Graph::new();
+        let x = g.input("x", [2, 6]);
+        let y = g.input("y", [3, 4]);
+        let s = g.input("s", [1]);
+        let h = g.reshape(g.tanh(x).unwrap(), &[4, 3]).unwrap();
+        let h = g.dropout(h, 0.5, s, 3).unwrap();
+        let z = g.sub(g.reshape(h, &[3, 4]).unwrap(), y).unwrap();
+        let z = g.exp(z).unwrap();
+        let feed = |id: NodeId, _: &Node| -> crate::Result<Tensor> {
+            Ok(if id == x {
+                Tensor::new([2, 6], (0..12).map(|i| i as f32 * 0.3 - 1.0).collect())?
+            } else if id == y {
+                Tensor::new([3, 4], (0..12).map(|i| i as f32 * -0.1).collect())?
+            } else {
+                Tensor::new([1], vec![5.0])?
+            })
+        };
+        let nodes = g.nodes();
+        let order = reachable(&nodes, &[z]);
+        let want = crate::cpu::evaluate(&nodes, &order, feed, |_, _| Ok(())).unwrap();
+        let (fused_nodes, fused_order) = fused(&g, &[z]);
+        assert_eq!(fused_order, vec![x, y, s, z]);
+        let got = crate::cpu::evaluate(&fused_nodes, &fused_order, feed, |_, _| Ok(())).unwrap();
+        let (a, b) = (got[z.0].as_ref().unwrap(), want[z.0].as_ref().unwrap());
+        assert_eq!(a.shape(), b.shape());
+        assert_eq!(a.data(), b.data());
     }
 
     #[test]

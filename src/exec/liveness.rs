@@ -46,7 +46,7 @@ pub fn storage_offset(nodes: &[Node], mut id: NodeId) -> u64 {
 /// past them ([`crate::ops::Op::scratch`]).
 pub fn storage_bytes(nodes: &[Node], id: NodeId) -> u64 {
     let n = &nodes[id.0];
-    let scratch = n.op.scratch(&input_shapes(nodes, id));
+    let scratch = n.op.scratch(&input_shapes(nodes, id), &n.shape);
     n.dtype.buffer_bytes(n.shape.numel() + scratch)
 }
 

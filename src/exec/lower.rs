@@ -4,6 +4,8 @@
 //!    the same inputs: autodiff gives an LSTM's two biases one gradient, summed twice) reads that
 //!    one instead;
 //! 1. [`implicit_col2im`]: `col2im(w^T x dy)` (a convolution's input gradient) as one implicit GEMM;
+//!    [`row_sums_in_products`]: a bias gradient, the sum of the operand a weight gradient's
+//!    product reads, comes out of that product's kernel;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
@@ -93,6 +95,7 @@ pub(crate) fn lower(
     common_subexpressions(nodes, order, targets);
     attention_lse(nodes, order);
     implicit_col2im(nodes, order, targets, ch);
+    row_sums_in_products(nodes, order, ch);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
     nchw_conv_output(nodes, order, targets);
@@ -462,6 +465,91 @@ pub(crate) fn uses_gemv(d: &ProductDims, ch: &Choice) -> bool {
         && gemm::gemv_applies(d, ch.target)
 }
 
+/// Whether a product of `d` computing `dtype` from operands of `in_dtypes` runs on the generated
+/// tiled kernel, as [`select`] and `select_f16` decide (not on tensor cores, not on the
+/// skinny-product kernel, not on the portable one).
+fn runs_tiled(d: &ProductDims, dtype: DType, in_dtypes: &[DType], ch: &Choice) -> bool {
+    if dtype == DType::F16 || in_dtypes.contains(&DType::F16) {
+        let coop = ch.coop_f16 && crate::codegen::coop::applies(d);
+        !coop && !uses_gemv(d, ch)
+    } else {
+        !uses_coop(d, ch) && !uses_gemv(d, ch) && gemm_config(d, ch).is_some()
+    }
+}
+
+/// Where a `sum` reduces the operand `a` of a product along the product's K axis (a bias
+/// gradient next to its weight gradient: `db = sum(dy, rows)` beside `dW = dy^T x` of a linear
+/// layer, `sum(dy, columns)` beside `dy x cols^T` of a convolution), the product's kernel writes
+/// those row sums of `op(a)` past its result (`MatMul::row_sums`) and the sum becomes a view of
+/// them (`RowSums`): one kernel and one pass over `dy` fewer per layer. Only for unbatched
+/// products on the generated tiled kernel whose sum is read after them.
+pub(crate) fn row_sums_in_products(nodes: &mut [Node], order: &mut Vec<NodeId>, ch: &Choice) {
+    use crate::ops::matmul::{Bias, RowSums};
+    use crate::ops::reduce::ReduceKind;
+    let mut moves: Vec<(NodeId, NodeId)> = Vec::new();
+    for s_pos in 0..order.len() {
+        let s = order[s_pos];
+        let Op::Reduce(r) = nodes[s.0].op else {
+            continue;
+        };
+        let x = nodes[s.0].inputs[0];
+        if r.kind != ReduceKind::Sum || nodes[x.0].shape.rank() != 2 || r.axis > 1 {
+            continue;
+        }
+        // a product reading x as `a`, with K along the reduced axis: op(a) = x^T for axis 0
+        let product = order.iter().enumerate().find(|&(_, &p)| {
+            let n = &nodes[p.0];
+            matches!(n.op, Op::MatMul(mm) if mm.bias == Bias::None
+                && !mm.relu
+                && !mm.row_sums
+                && mm.trans_a == (r.axis == 0))
+                && n.inputs.len() == 2
+                && n.inputs[0] == x
+                && nodes[n.inputs[1].0].shape.rank() == 2
+                && n.dtype == nodes[s.0].dtype
+        });
+        let Some((p_pos, &p)) = product else {
+            continue;
+        };
+        let Op::MatMul(mm) = nodes[p.0].op else {
+            continue;
+        };
+        let b = nodes[p.0].inputs[1];
+        let Ok(d) = mm.dims(&nodes[x.0].shape, &nodes[b.0].shape) else {
+            continue;
+        };
+        let in_dtypes = [nodes[x.0].dtype, nodes[b.0].dtype];
+        // the sum is now ready when the product is: every reader must come later, and x must
+        // not change in between
+        let read_before = order[..=p_pos]
+            .iter()
+            .any(|&o| nodes[o.0].inputs.contains(&s));
+        if read_before
+            || !runs_tiled(&d, nodes[p.0].dtype, &in_dtypes, ch)
+            || written_between(nodes, order, x, s_pos.min(p_pos), s_pos.max(p_pos))
+        {
+            continue;
+        }
+        nodes[p.0].op = Op::MatMul(MatMul {
+            row_sums: true,
+            ..mm
+        });
+        let n = &mut nodes[s.0];
+        n.op = Op::RowSums(RowSums(r));
+        n.inputs = vec![p, x];
+        moves.push((s, p));
+    }
+    // each view right after its product
+    for (s, p) in moves {
+        order.retain(|&o| o != s);
+        let at = order
+            .iter()
+            .position(|&o| o == p)
+            .map_or(order.len(), |i| i + 1);
+        order.insert(at, s);
+    }
+}
+
 /// Rewrites every product whose configuration splits K into `MatMulPartial` (a new node, placed
 /// just before it in `order`) and `SplitKSum` (the node itself, same id and shape).
 pub(crate) fn split_k(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, ch: &Choice) {
@@ -498,6 +586,7 @@ pub(crate) fn split_k(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, ch: &Choic
             product: MatMul {
                 trans_a: mm.trans_a,
                 trans_b: mm.trans_b,
+                row_sums: mm.row_sums,
                 ..Default::default()
             },
             config: cfg,
@@ -518,6 +607,7 @@ pub(crate) fn split_k(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, ch: &Choic
         node.op = Op::SplitKSum(SplitKSum {
             bias: mm.bias,
             relu: mm.relu,
+            row_sums: mm.row_sums,
         });
         node.inputs = std::iter::once(pid).chain(bias).collect();
         order.insert(i, pid);
@@ -618,9 +708,9 @@ pub(crate) fn implicit_im2col(
 /// Storage buffers a kernel may bind: WebGPU's guaranteed minimum per shader stage.
 const MAX_STORAGE_BINDINGS: usize = 8;
 
-/// Where a product's only reader is an elementwise node of the product's shape (a fused chain
-/// or a single unary or binary op; or of the shape of a reshape that is the product's only
-/// reader), runs that program in the product's epilogue
+/// Where a product's only reader is an elementwise node of the product's element count (a fused
+/// chain or a single unary or binary op, reading the product or a reshape that is the product's
+/// only reader: the same elements in the same order), runs that program in the product's epilogue
 /// (`MatMulEpilogue`) and drops the product's own store and load. Runs after elementwise fusion,
 /// on products that kept the generated kernel (not split, not on tensor cores).
 pub(crate) fn fuse_matmul_epilogue(
@@ -655,7 +745,7 @@ pub(crate) fn fuse_matmul_epilogue(
         };
         let Some(k) = n.inputs.iter().enumerate().position(|(j, &y)| {
             product(y).is_some()
-                && nodes[y.0].shape == n.shape
+                && nodes[y.0].shape.numel() == n.shape.numel()
                 && !targets.contains(&y)
                 && readers(y) == 1
                 && n.inputs.iter().filter(|&&i| i == y).count() == 1
@@ -899,7 +989,12 @@ pub(crate) fn select(
             let d = mm
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
+            // `row_sums_in_products` sets them only on products that run tiled
+            let tiled_only = |other: &str| {
+                assert!(!mm.row_sums, "row sums on the {other} kernel");
+            };
             if uses_coop(&d, ch) {
+                tiled_only("tensor-core");
                 let g = crate::codegen::coop::kernel(
                     mm,
                     &d,
@@ -910,6 +1005,7 @@ pub(crate) fn select(
                 return Some((g.spec.clone(), Some(g)));
             }
             if uses_gemv(&d, ch) {
+                tiled_only("skinny-product");
                 let g = gemm::gemv_kernel(mm, &d, None, DType::F32);
                 return Some((g.spec.clone(), Some(g)));
             }
@@ -919,7 +1015,10 @@ pub(crate) fn select(
                     let g = gemm::kernel(mm, &d, &cfg);
                     Some((g.spec.clone(), Some(g)))
                 }
-                None => op.kernel(inputs, out, ch.target).map(|k| (k, None)),
+                None => {
+                    tiled_only("portable");
+                    op.kernel(inputs, out, ch.target).map(|k| (k, None))
+                }
             }
         }
         Op::MatMulPartial(p) => {
@@ -933,6 +1032,7 @@ pub(crate) fn select(
                 .dims(inputs[0], &cols)
                 .expect("shape checked at build time");
             if c.partial.is_none() && uses_coop(&d, ch) {
+                assert!(!c.product.row_sums, "row sums on the tensor-core kernel");
                 let g = crate::codegen::coop::kernel_with(
                     &c.product,
                     &d,
@@ -1113,6 +1213,8 @@ fn select_f16(
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
             let st = storage(inputs.len());
+            let tiled = runs_tiled(&d, dtype, in_dtypes, ch);
+            assert!(tiled || !mm.row_sums, "row sums off the tiled kernel");
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
                 crate::codegen::coop::kernel(mm, &d, st, cores(ch), coop_config(&d, ch, DType::F16))
             } else if uses_gemv(&d, ch) {
@@ -1156,6 +1258,7 @@ fn select_f16(
                 .expect("shape checked at build time");
             let st = storage(inputs.len());
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
+                assert!(!c.product.row_sums, "row sums on the tensor-core kernel");
                 crate::codegen::coop::kernel_with(
                     &c.product,
                     &d,
@@ -1296,6 +1399,71 @@ mod tests {
             order.contains(&after),
             "a read after the update is not the same value"
         );
+    }
+
+    /// The lowering of `targets` on a discrete GPU, every pass, fusion on.
+    fn lowered_fully(g: &Graph, targets: &[NodeId]) -> (Vec<Node>, Vec<NodeId>) {
+        let mut nodes = g.nodes();
+        let mut order = reachable(&nodes, targets);
+        let target = Target::discrete();
+        let tuned = HashMap::new();
+        let ch = Choice {
+            target: &target,
+            policy: GemmPolicy::Auto,
+            coop: false,
+            coop_f16: false,
+            coop_fixed: None,
+            coop_default: CoopConfig::PLAIN,
+            tuned: &tuned,
+            coop_tuned: &HashMap::new(),
+        };
+        lower(&mut nodes, &mut order, targets, targets, &ch, true);
+        (nodes, order)
+    }
+
+    /// A linear layer's bias gradient is the row sums its weight gradient's product writes (a
+    /// view placed right after it), not a reduction; a sum read before the product stays one.
+    #[test]
+    fn bias_gradients_are_row_sums_of_the_weight_gradients_product() {
+        use crate::ops::matmul::Bias;
+        let g = Graph::new();
+        let x = g.input("x", [40, 24]);
+        let w = g.param("w", [16, 24]);
+        let b = g.param("b", [16]);
+        let y = g
+            .matmul_fused(x, w, false, true, Some((b, Bias::Cols)), true)
+            .unwrap();
+        let grads = g.grad(g.sum_all(y).unwrap(), &[w, b]).unwrap();
+        let (nodes, order) = lowered_fully(&g, &grads);
+        assert!(!order
+            .iter()
+            .any(|id| matches!(nodes[id.0].op, Op::Reduce(_))));
+        let s = order
+            .iter()
+            .position(|id| matches!(nodes[id.0].op, Op::RowSums(_)))
+            .expect("the bias gradient is a view of row sums");
+        let p = nodes[order[s].0].inputs[0];
+        assert!(matches!(nodes[p.0].op, Op::MatMul(mm) if mm.row_sums && mm.trans_a));
+        assert_eq!(order[s - 1], p, "right after its product");
+        assert_eq!(
+            crate::exec::liveness::storage_offset(&nodes, order[s]),
+            4 * crate::ops::matmul::row_sums_offset(16, 24) as u64
+        );
+
+        // read (by `t`) before the weight gradient's product: a reduction of its own
+        let g = Graph::new();
+        let dy = g.input("dy", [40, 16]);
+        let x = g.input("x", [40, 24]);
+        let db = g.sum_to(dy, &crate::tensor::Shape(vec![16])).unwrap();
+        let t = g.mul_scalar(db, 2.0).unwrap();
+        let dw = g.matmul_t(dy, x, true, false).unwrap();
+        let (nodes, order) = lowered_fully(&g, &[t, dw]);
+        assert!(order
+            .iter()
+            .any(|id| matches!(nodes[id.0].op, Op::Reduce(_))));
+        assert!(!order
+            .iter()
+            .any(|id| matches!(nodes[id.0].op, Op::RowSums(_))));
     }
 
     #[test]

@@ -151,7 +151,9 @@ impl Fused {
     }
 
     /// CPU reference: the steps one by one with the unfused ops' own twins, at each step's own
-    /// shape, so that the result is exactly the unfused graph's.
+    /// shape, so that the result is exactly the unfused graph's. An operand with as many
+    /// elements as its step but another shape was read through a reshape: it is taken at the
+    /// step's shape, as the graph's reshape gave it.
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
         // folded transposes first, as the graph's permute computed them
         let views: Vec<Tensor> = self
@@ -172,14 +174,28 @@ impl Fused {
         let mut values: Vec<Tensor> = Vec::with_capacity(self.steps.len());
         for s in &self.steps {
             let v = {
-                let arg = |k: usize| match s.args[k] {
-                    Operand::Input(i) => inputs[i],
-                    Operand::Step(j) => &values[j],
-                };
+                let args: Vec<std::borrow::Cow<Tensor>> = s
+                    .args
+                    .iter()
+                    .map(|a| {
+                        let t = match *a {
+                            Operand::Input(i) => inputs[i],
+                            Operand::Step(j) => &values[j],
+                        };
+                        if t.shape() != &s.shape && t.numel() == s.shape.numel() {
+                            let data = t.data().to_vec();
+                            std::borrow::Cow::Owned(
+                                Tensor::new(s.shape.clone(), data).expect("same element count"),
+                            )
+                        } else {
+                            std::borrow::Cow::Borrowed(t)
+                        }
+                    })
+                    .collect();
                 match s.op {
-                    StepOp::Unary(u) => u.cpu(arg(0)),
-                    StepOp::Binary(b) => b.cpu(arg(0), arg(1), &s.shape),
-                    StepOp::Dropout(d) => d.cpu(arg(0), arg(1)),
+                    StepOp::Unary(u) => u.cpu(&args[0]),
+                    StepOp::Binary(b) => b.cpu(&args[0], &args[1], &s.shape),
+                    StepOp::Dropout(d) => d.cpu(&args[0], &args[1]),
                 }
             };
             values.push(v);

@@ -19,6 +19,43 @@ pub struct MatMul {
     pub trans_b: bool,
     pub bias: Bias,
     pub relu: bool,
+    /// The kernel also writes the row sums of `op(a)` over K (`[M]`) past the result, at
+    /// [`row_sums_offset`]: set by the plan compiler where a bias gradient sums the operand that
+    /// the weight gradient's product reads (`exec::lower::row_sums_in_products`), so that the
+    /// sum is not a kernel of its own. Unbatched products only.
+    pub row_sums: bool,
+}
+
+/// Where a product's row sums (`MatMul::row_sums`) start past its `[M, N]` result: the next
+/// multiple of [`VIEW_ALIGN`](super::layout::VIEW_ALIGN) elements, so that they are a view at a
+/// binding offset every adapter takes.
+pub fn row_sums_offset(m: usize, n: usize) -> usize {
+    (m * n).next_multiple_of(super::layout::VIEW_ALIGN)
+}
+
+/// Elements of a product's storage with its row sums: [`row_sums_offset`], then `M` rounded up
+/// to 4 (the kernel stores them as vec4s). Also the stride of split-K's slices of such a product.
+pub fn with_row_sums_len(m: usize, n: usize) -> usize {
+    row_sums_offset(m, n) + m.next_multiple_of(4)
+}
+
+/// The row sums of a product's `op(a)` that its kernel writes (`MatMul::row_sums`), as a view of
+/// the product's storage: a `sum` reduction of `a` made by the plan compiler. Inputs: the
+/// product, then `a` (what the CPU reference reduces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RowSums(pub super::reduce::Reduce);
+
+impl RowSums {
+    /// Where the sums start in the product's storage (`[.., M, N]`), in elements.
+    pub fn offset(&self, product: &Shape) -> usize {
+        let d = product.dims();
+        row_sums_offset(d[d.len() - 2], d[d.len() - 1])
+    }
+
+    /// CPU reference: the reduction of `a` it replaced.
+    pub fn cpu(&self, a: &Tensor, out: &Shape) -> Tensor {
+        self.0.cpu(a, out)
+    }
 }
 
 /// Where a fused bias goes.
@@ -168,6 +205,15 @@ impl MatMul {
         Ok(())
     }
 
+    /// Elements the kernel writes past its `slices` results of `d` (split-K partials: one
+    /// region per slice): the row sums and the gap before them, where [`Self::row_sums`] is set.
+    pub fn scratch(&self, d: &ProductDims, slices: usize) -> usize {
+        match self.row_sums {
+            true => slices * (with_row_sums_len(d.m, d.n) - d.m * d.n),
+            false => 0,
+        }
+    }
+
     /// CPU reference, accumulating in f64; then the bias and relu of the epilogue.
     pub fn cpu(&self, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, out: &Shape) -> Tensor {
         let d = self
@@ -175,8 +221,8 @@ impl MatMul {
             .expect("shape checked at build time");
         let data = self.cpu_product(a, b, &d, 0..d.k);
         let mut t = Tensor::new(out.clone(), data).expect("matmul shape");
-        let n = out.dims()[out.rank() - 1];
-        let m = out.dims()[out.rank() - 2];
+        // the product's own extents: `out` may be a reshape of `[batch.., M, N]` (an epilogue's)
+        let (m, n) = (d.m, d.n);
         for (idx, v) in t.data_mut().iter_mut().enumerate() {
             let add = match (self.bias, bias) {
                 (Bias::Rows, Some(bs)) => bs.data()[(idx / n) % m],
@@ -370,6 +416,9 @@ impl MatMulPartial {
 pub struct SplitKSum {
     pub bias: Bias,
     pub relu: bool,
+    /// The slices carry the product's row sums (`MatMul::row_sums`): each slice is
+    /// [`with_row_sums_len`] long and the sum writes that much, row sums included.
+    pub row_sums: bool,
 }
 
 impl SplitKSum {
@@ -398,10 +447,20 @@ impl SplitKSum {
         Tensor::new(out.clone(), data).expect("sum shape")
     }
 
-    /// `splitk_sum` / `splitk_sum_bias` of matmul.wgsl: one thread per output element.
-    pub fn kernel(&self, partial: &Shape, out: &Shape) -> KernelSpec {
-        let len = out.numel();
+    /// Elements written past the `[M, N]` result: the row sums (and the gap before them).
+    pub fn scratch(&self, out: &Shape) -> usize {
         let (m, n) = (out.dims()[out.rank() - 2], out.dims()[out.rank() - 1]);
+        match self.row_sums {
+            true => with_row_sums_len(m, n) - m * n,
+            false => 0,
+        }
+    }
+
+    /// `splitk_sum` / `splitk_sum_bias` of matmul.wgsl: one thread per output element (and per
+    /// row sum).
+    pub fn kernel(&self, partial: &Shape, out: &Shape) -> KernelSpec {
+        let (m, n) = (out.dims()[out.rank() - 2], out.dims()[out.rank() - 1]);
+        let len = out.numel() + self.scratch(out);
         KernelSpec {
             family: "matmul",
             entry: if self.bias == Bias::None {

@@ -83,6 +83,8 @@ pub enum Op {
     MatMulPartial(matmul::MatMulPartial),
     /// The split-K partials summed, with the product's bias and relu.
     SplitKSum(matmul::SplitKSum),
+    /// A product's row sums of `op(a)`, written by its kernel: a view (made by the plan compiler).
+    RowSums(matmul::RowSums),
     /// A product with a fused elementwise program as its epilogue (made by the plan compiler).
     MatMulEpilogue(matmul::MatMulEpilogue),
     /// A product reading `im2col(x)` straight from the image (made by the plan compiler).
@@ -199,6 +201,7 @@ impl Op {
             Op::MatMul(_) => "matmul",
             Op::MatMulPartial(_) => "matmul_partial",
             Op::SplitKSum(_) => "splitk_sum",
+            Op::RowSums(_) => "row_sums",
             Op::MatMulEpilogue(_) => "matmul_epilogue",
             Op::ImplicitGemm(_) => "implicit_gemm",
             Op::ImplicitDgrad(_) => "implicit_dgrad",
@@ -260,15 +263,30 @@ impl Op {
             Op::WriteRows(_) => Some(2),
             Op::AttentionGrad(a) if a.in_place() => Some(8),
             Op::SumSquares(s) if s.chained => Some(inputs.len() - 1),
+            Op::RowSums(_) => Some(0),
             _ => None,
         }
     }
 
-    /// Elements a kernel writes past its output, in room the plan adds to the node's buffer:
-    /// attention's log-sum-exps for its backward ([`attention::Attention::lse`]).
-    pub fn scratch(&self, inputs: &[&Shape]) -> usize {
+    /// Elements a kernel writes past its output (`out`), in room the plan adds to the node's
+    /// buffer: attention's log-sum-exps for its backward ([`attention::Attention::lse`]), a
+    /// product's row sums ([`matmul::MatMul::row_sums`]).
+    pub fn scratch(&self, inputs: &[&Shape], out: &Shape) -> usize {
+        let dims = |mm: &matmul::MatMul, b: &Shape| mm.dims(inputs[0], b).ok();
         match self {
             Op::Attention(a) => a.scratch(inputs[0], inputs[1], inputs[2]),
+            Op::MatMul(mm) => dims(mm, inputs[1]).map_or(0, |d| mm.scratch(&d, 1)),
+            Op::MatMulPartial(p) => dims(&p.product, inputs[1])
+                .map_or(0, |d| p.product.scratch(&d, p.config.slices(d.k) as usize)),
+            Op::SplitKSum(s) => s.scratch(out),
+            Op::ImplicitGemm(c) => {
+                let cols = c.cols_shape(inputs[1]);
+                let slices = match c.partial {
+                    Some(_) => out.dims()[0],
+                    None => 1,
+                };
+                dims(&c.product, &cols).map_or(0, |d| c.product.scratch(&d, slices))
+            }
             _ => 0,
         }
     }
@@ -278,6 +296,7 @@ impl Op {
     pub fn view_offset(&self, inputs: &[&Shape], out: &Shape) -> usize {
         match self {
             Op::AxisCopy(a) => a.view_offset(inputs[0], out).unwrap_or(0),
+            Op::RowSums(r) => r.offset(inputs[0]),
             _ => 0,
         }
     }
@@ -432,6 +451,7 @@ impl Op {
             Op::MatMul(m) => m.cpu(inputs[0], inputs[1], inputs.get(2).copied(), out),
             Op::MatMulPartial(p) => p.cpu(inputs[0], inputs[1], out),
             Op::SplitKSum(s) => s.cpu(inputs[0], inputs.get(1).copied(), out),
+            Op::RowSums(r) => r.cpu(inputs[1], out),
             Op::MatMulEpilogue(e) => e.cpu(inputs, out),
             Op::ImplicitGemm(c) => c.cpu(inputs, out),
             Op::ImplicitDgrad(c) => c.cpu(inputs[0], inputs[1], out),
@@ -518,6 +538,8 @@ impl Op {
             Op::Expand(e) => Some(e.kernel(inputs[0], out)),
             // a contiguous run of its input's memory: a view
             Op::AxisCopy(a) if a.view_offset(inputs[0], out).is_some() => None,
+            // written by its product's kernel: a view
+            Op::RowSums(_) => None,
             Op::AxisCopy(a) => Some(a.kernel(inputs, out)),
             Op::Im2col(c) => Some(c.0.im2col_kernel(inputs[0], out)),
             Op::Col2im(c) => Some(c.0.col2im_kernel(inputs[0], out)),
@@ -600,6 +622,7 @@ impl Op {
             Op::CrossEntropyBackward(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
+            | Op::RowSums(_)
             | Op::MatMulEpilogue(_)
             | Op::ReducePrologue(_)
             | Op::ImplicitGemm(_)
@@ -779,6 +802,7 @@ impl Op {
             Op::MatMul(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
+            | Op::RowSums(_)
             | Op::MatMulEpilogue(_)
             | Op::ReducePrologue(_)
             | Op::ImplicitGemm(_)
