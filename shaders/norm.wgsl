@@ -8,6 +8,11 @@
 //   normalize           out = (x - mean[g]) / sqrt(var[g] + EPS)                     (Normalize)
 //   normalize_affine    out = normalize(x) * weight[a] + bias[a], a = g, or with AFFINE_INNER
 //                       the element's INNER position (a layer norm's feature) (Normalize, affine)
+//   stats_normalize(_affine)
+//                       group_stats and normalize(_affine) in one kernel: each group's threads
+//                       compute its statistics, write them past the output (at STATS_OFF) and
+//                       normalize its elements; for groups of a few thousand elements at most
+//                       (a layer norm's rows)                                (NormalizeStats)
 //   normalize_backward  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), per group,
 //                       rstd = 1 / sqrt(var[g] + EPS): the gradient through the group's own
 //                       statistics                                          (NormalizeBackward)
@@ -26,6 +31,9 @@
 //                       normalize_backward of dxhat = dy * weight[c] (c: INNER position), xhat
 //                       recomputed from x: a layer norm's input gradient through its
 //                       features' scale                          (NormalizeBackward, weighted)
+//   normalize_weighted_backward_add
+//                       the same plus res: the gradient arriving through a residual connection
+//                       around the layer norm                  (NormalizeBackward, residual)
 //   running_update      running0 = (1 - MOMENTUM) running0 + MOMENTUM (SCALE0 value[0..N]), in
 //                       place; running_update2 also running1 from value[N..2N] with SCALE1
 //                                                                           (RunningUpdate)
@@ -35,11 +43,16 @@
 //   normalize:           0 x [..]   1 stats [2*GROUPS]   2 out [..]
 //   normalize_affine:    0 x [..]   1 stats [2*GROUPS]   2 weight [GROUPS]   3 bias [GROUPS]
 //                        4 out [..]
+//   stats_normalize:     0 x [..]   1 out [STATS_OFF + 2*GROUPS]: the result, then the stats
+//   stats_normalize_affine:
+//                        0 x [..]   1 weight   2 bias   3 out [STATS_OFF + 2*GROUPS]
 //   normalize_backward:  0 dxhat [..]   1 xhat [..]   2 stats [2*GROUPS]   3 dx [..]
 //   group_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [2*SUMS_ROW]
 //   inner_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [2*SUMS_ROW]
 //   normalize_weighted_backward:
 //                        0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 weight [INNER]   4 dx [..]
+//   normalize_weighted_backward_add:
+//                        0 dy   1 x   2 stats   3 weight   4 res [..]   5 dx [..]
 //   normalize_affine_backward:
 //                        0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 weight [GROUPS]
 //                        4 sums [2*SUMS_ROW]   5 dx [..]
@@ -47,13 +60,15 @@
 //                        updated in place
 // Overrides: OUTER, GROUPS, INNER, EPS; TPG (threads per group, a power of two <= 256); N,
 //            MOMENTUM, SCALE0, SCALE1 (running_update); AFFINE_INNER (normalize_affine);
-//            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward).
-// Dispatch: group_stats, normalize_backward, group_sums: TPG threads per group, 256 / TPG groups
+//            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward); STATS_OFF
+//            (stats_normalize: the element count rounded up to 128).
+// Dispatch: group_stats, stats_normalize(_affine), normalize_backward, group_sums: TPG
+//           threads per group, 256 / TPG groups
 //           per workgroup of 256 threads (ceil(GROUPS * TPG / 256) workgroups, folded into
 //           (x <= 65535, y)), f32 partial sums per thread reduced in workgroup memory within
 //           each group's TPG threads (the host gives large groups, a batch norm's channels,
 //           the whole workgroup, and small ones, a layer norm's rows, a few threads);
-//           normalize_weighted_backward as normalize_backward; normalize(_affine),
+//           normalize_weighted_backward(_add) as normalize_backward; normalize(_affine),
 //           normalize_affine_backward and running_update: one thread per element, ceil(n / 256)
 //           workgroups, folded likewise (group_sums: SUMS_ROW groups, the padding's without
 //           elements); inner_sums: a workgroup per 64 positions of a row (ceil(SUMS_ROW / 64)), 4 lanes of 64 threads striding over the OUTER * GROUPS rows, the
@@ -70,6 +85,7 @@ override SCALE1: f32 = 1.0;
 override TPG: u32 = 256u;
 override AFFINE_INNER: bool = false;
 override SUMS_ROW: u32 = GROUPS;
+override STATS_OFF: u32 = 0u;
 const WG: u32 = 256u;
 // Groups per workgroup.
 override GPW: u32 = WG / TPG;
@@ -100,16 +116,24 @@ override GPW: u32 = WG / TPG;
 @group(0) @binding(4) var<storage, read> sums: array<f32>; // always f32
 @group(0) @binding(5) var<storage, read_write> dx5: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dx4: array<f32>;
+@group(0) @binding(1) var<storage, read_write> normalized1: array<f32>;
+@group(0) @binding(1) var<storage, read> weight1: array<f32>; // always f32
+@group(0) @binding(2) var<storage, read> bias2: array<f32>; // always f32
+@group(0) @binding(3) var<storage, read_write> affine_out3: array<f32>;
+@group(0) @binding(4) var<storage, read> res4: array<f32>;
 fn ld_x(i: u32) -> f32 { return x[i]; }
 fn ld_dxhat(i: u32) -> f32 { return dxhat[i]; }
 fn ld_xhat(i: u32) -> f32 { return xhat[i]; }
 fn ld_dy(i: u32) -> f32 { return dy[i]; }
 fn ld_x1(i: u32) -> f32 { return x1[i]; }
+fn ld_res4(i: u32) -> f32 { return res4[i]; }
 fn st_normalized(i: u32, v: f32) { normalized[i] = v; }
 fn st_dx(i: u32, v: f32) { dx[i] = v; }
 fn st_affine_out(i: u32, v: f32) { affine_out[i] = v; }
 fn st_dx5(i: u32, v: f32) { dx5[i] = v; }
 fn st_dx4(i: u32, v: f32) { dx4[i] = v; }
+fn st_normalized1(i: u32, v: f32) { normalized1[i] = v; }
+fn st_affine_out3(i: u32, v: f32) { affine_out3[i] = v; }
 // generated: end storage
 
 var<workgroup> partial: array<vec2<f32>, 256>;
@@ -165,18 +189,11 @@ fn normalized_x(i: u32) -> f32 {
     return (ld_x(i) - stats[g]) / sqrt(stats[GROUPS + g] + EPS);
 }
 
-@compute @workgroup_size(256)
-fn group_stats(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    if workgroup_index(wid, nwg) * GPW >= GROUPS {
-        return;
-    }
-    let l = lane(wid, nwg, lid);
+// The mean and biased variance of this lane's group, seen by each of its threads. Every thread
+// of the workgroup calls it (barriers). Two passes: the squared deviations from the mean, not
+// E[x^2] - E[x]^2, which cancels.
+fn lane_stats(l: Lane, lid: u32) -> vec2<f32> {
     let n = f32(OUTER * INNER);
-    // two passes: the squared deviations from the mean, not E[x^2] - E[x]^2, which cancels
     var s = 0.0;
     for (var e = l.t; e < l.count; e = e + TPG) {
         s = s + ld_x(at(l.g, e));
@@ -187,10 +204,68 @@ fn group_stats(
         let d = ld_x(at(l.g, e)) - m;
         s = s + d * d;
     }
-    let v = group_sum(lid, vec2<f32>(s, 0.0)).x / n;
+    return vec2<f32>(m, group_sum(lid, vec2<f32>(s, 0.0)).x / n);
+}
+
+@compute @workgroup_size(256)
+fn group_stats(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    if workgroup_index(wid, nwg) * GPW >= GROUPS {
+        return;
+    }
+    let l = lane(wid, nwg, lid);
+    let s = lane_stats(l, lid);
     if l.t == 0u && l.count > 0u {
-        stats_out[l.g] = m;
-        stats_out[GROUPS + l.g] = v;
+        stats_out[l.g] = s.x;
+        stats_out[GROUPS + l.g] = s.y;
+    }
+}
+
+@compute @workgroup_size(256)
+fn stats_normalize(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    if workgroup_index(wid, nwg) * GPW >= GROUPS {
+        return;
+    }
+    let l = lane(wid, nwg, lid);
+    let s = lane_stats(l, lid);
+    let d = sqrt(s.y + EPS);
+    for (var e = l.t; e < l.count; e = e + TPG) {
+        let i = at(l.g, e);
+        st_normalized1(i, (ld_x(i) - s.x) / d);
+    }
+    if l.t == 0u && l.count > 0u {
+        st_normalized1(STATS_OFF + l.g, s.x);
+        st_normalized1(STATS_OFF + GROUPS + l.g, s.y);
+    }
+}
+
+@compute @workgroup_size(256)
+fn stats_normalize_affine(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    if workgroup_index(wid, nwg) * GPW >= GROUPS {
+        return;
+    }
+    let l = lane(wid, nwg, lid);
+    let s = lane_stats(l, lid);
+    let d = sqrt(s.y + EPS);
+    for (var e = l.t; e < l.count; e = e + TPG) {
+        let i = at(l.g, e);
+        let a = select(l.g, i % INNER, AFFINE_INNER);
+        st_affine_out3(i, (ld_x(i) - s.x) / d * weight1[a] + bias2[a]);
+    }
+    if l.t == 0u && l.count > 0u {
+        st_affine_out3(STATS_OFF + l.g, s.x);
+        st_affine_out3(STATS_OFF + GROUPS + l.g, s.y);
     }
 }
 
@@ -292,16 +367,14 @@ fn normalize_backward(
     }
 }
 
-@compute @workgroup_size(256)
-fn normalize_weighted_backward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    if workgroup_index(wid, nwg) * GPW >= GROUPS {
-        return;
-    }
-    let l = lane(wid, nwg, lid);
+// What a lane's group's weighted backward needs: its mean and rstd, and the group means of
+// dxhat = dy * weight and of dxhat * xhat. Every thread of the workgroup calls it (barriers).
+struct Weighted {
+    mean: f32,
+    rstd: f32,
+    means: vec2<f32>,
+}
+fn weighted_means(l: Lane, lid: u32) -> Weighted {
     var mean = 0.0;
     var rstd = 0.0;
     if l.count > 0u {
@@ -314,12 +387,47 @@ fn normalize_weighted_backward(
         let d = ld_dy(k) * weight3[k % INNER];
         s = s + vec2<f32>(d, d * ((ld_x1(k) - mean) * rstd));
     }
-    let means = group_sum(lid, s) / f32(OUTER * INNER);
+    return Weighted(mean, rstd, group_sum(lid, s) / f32(OUTER * INNER));
+}
+
+// Element k's gradient from its group's `weighted_means`.
+fn weighted_dx(k: u32, w: Weighted) -> f32 {
+    let d = ld_dy(k) * weight3[k % INNER];
+    let xh = (ld_x1(k) - w.mean) * w.rstd;
+    return w.rstd * (d - w.means.x - xh * w.means.y);
+}
+
+@compute @workgroup_size(256)
+fn normalize_weighted_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    if workgroup_index(wid, nwg) * GPW >= GROUPS {
+        return;
+    }
+    let l = lane(wid, nwg, lid);
+    let w = weighted_means(l, lid);
     for (var e = l.t; e < l.count; e = e + TPG) {
         let k = at(l.g, e);
-        let d = ld_dy(k) * weight3[k % INNER];
-        let xh = (ld_x1(k) - mean) * rstd;
-        st_dx4(k, rstd * (d - means.x - xh * means.y));
+        st_dx4(k, weighted_dx(k, w));
+    }
+}
+
+@compute @workgroup_size(256)
+fn normalize_weighted_backward_add(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    if workgroup_index(wid, nwg) * GPW >= GROUPS {
+        return;
+    }
+    let l = lane(wid, nwg, lid);
+    let w = weighted_means(l, lid);
+    for (var e = l.t; e < l.count; e = e + TPG) {
+        let k = at(l.g, e);
+        st_dx5(k, weighted_dx(k, w) + ld_res4(k));
     }
 }
 

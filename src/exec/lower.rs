@@ -5,7 +5,10 @@
 //!    one instead;
 //! 1. [`implicit_col2im`]: `col2im(w^T x dy)` (a convolution's input gradient) as one implicit GEMM;
 //!    [`row_sums_in_products`]: a bias gradient, the sum of the operand a weight gradient's
-//!    product reads, comes out of that product's kernel;
+//!    product reads, comes out of that product's kernel; [`stats_inside_normalization`]: a layer
+//!    norm computes its row statistics inside its normalization's kernel;
+//!    [`residual_into_normalize_backward`]: a layer norm's input gradient adds the residual
+//!    connection's;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
@@ -96,6 +99,8 @@ pub(crate) fn lower(
     attention_lse(nodes, order);
     implicit_col2im(nodes, order, targets, ch);
     row_sums_in_products(nodes, order, ch);
+    stats_inside_normalization(nodes, order);
+    residual_into_normalize_backward(nodes, order, targets);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
     nchw_conv_output(nodes, order, targets);
@@ -548,6 +553,126 @@ pub(crate) fn row_sums_in_products(nodes: &mut [Node], order: &mut Vec<NodeId>, 
             .map_or(order.len(), |i| i + 1);
         order.insert(at, s);
     }
+}
+
+/// Where a normalization reads the `GroupStats` of its own input (f32) and its groups are small
+/// (`norm::stats_inside`: a layer norm's rows), its kernel computes them itself and writes them
+/// past its output (`Op::NormalizeStats`); the statistics node becomes a view of them
+/// (`Op::StatsOf`) for the backward's kernels: one kernel and one pass over `x` fewer.
+pub(crate) fn stats_inside_normalization(nodes: &mut [Node], order: &mut Vec<NodeId>) {
+    let mut moves: Vec<(NodeId, NodeId)> = Vec::new();
+    for y_pos in 0..order.len() {
+        let y = order[y_pos];
+        let Op::Normalize(norm) = nodes[y.0].op else {
+            continue;
+        };
+        let (x, stats) = (nodes[y.0].inputs[0], nodes[y.0].inputs[1]);
+        let read_before = order[..y_pos]
+            .iter()
+            .any(|&o| nodes[o.0].inputs.contains(&stats));
+        if !matches!(nodes[stats.0].op, Op::GroupStats(_))
+            || nodes[stats.0].inputs[0] != x
+            || nodes[y.0].dtype != DType::F32
+            || nodes[x.0].dtype != DType::F32
+            || !crate::ops::norm::stats_inside(&nodes[x.0].shape)
+            || read_before
+        {
+            continue;
+        }
+        let s_pos = order.iter().position(|&o| o == stats).unwrap_or(y_pos);
+        if written_between(nodes, order, x, s_pos, y_pos) {
+            continue;
+        }
+        let n = &mut nodes[y.0];
+        n.op = Op::NormalizeStats(norm);
+        n.inputs.remove(1);
+        let s = &mut nodes[stats.0];
+        s.op = Op::StatsOf(crate::ops::norm::GroupStats);
+        s.inputs = vec![y, x];
+        moves.push((stats, y));
+    }
+    // each view right after its normalization
+    for (s, y) in moves {
+        order.retain(|&o| o != s);
+        let at = order
+            .iter()
+            .position(|&o| o == y)
+            .map_or(order.len(), |i| i + 1);
+        order.insert(at, s);
+    }
+}
+
+/// Where a layer norm's input gradient (`NormalizeBackward`, weighted), possibly through
+/// reshapes, is one operand of an `add` of as many elements and nothing else reads it (the
+/// gradient of a residual block `x + f(layer_norm(x))` meeting the one that skips the block),
+/// the add becomes that kernel with the other operand added to its output
+/// (`NormalizeBackward::residual`): one kernel and one pass fewer per layer norm.
+pub(crate) fn residual_into_normalize_backward(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    use crate::ops::binary::BinaryOp;
+    let readers = |nodes: &[Node], order: &[NodeId], v: NodeId| {
+        order
+            .iter()
+            .filter(|r| nodes[r.0].inputs.contains(&v))
+            .count()
+    };
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let a = order[pos];
+        if !matches!(nodes[a.0].op, Op::Binary(BinaryOp::Add)) || nodes[a.0].inputs.len() != 2 {
+            continue;
+        }
+        let numel = nodes[a.0].shape.numel();
+        let found = (0..2).find_map(|k| {
+            let (u, v) = (nodes[a.0].inputs[k], nodes[a.0].inputs[1 - k]);
+            // the gradient under its reshapes, each read by nothing else
+            let mut chain = Vec::new();
+            let mut nb = u;
+            while matches!(nodes[nb.0].op, Op::Reshape) {
+                chain.push(nb);
+                nb = nodes[nb.0].inputs[0];
+            }
+            let sole = |n: NodeId| !targets.contains(&n) && readers(nodes, order, n) == 1;
+            let fits = matches!(nodes[nb.0].op, Op::NormalizeBackward(o) if o.weighted && !o.residual)
+                && nodes[nb.0].shape.numel() == numel
+                && nodes[v.0].shape.numel() == numel
+                && u != v
+                && nodes[v.0].dtype == nodes[a.0].dtype
+                && nodes[nb.0].dtype == nodes[a.0].dtype
+                && sole(nb)
+                && chain.iter().all(|&c| sole(c));
+            fits.then_some((nb, v, chain))
+        });
+        let Some((nb, v, chain)) = found else {
+            continue;
+        };
+        // the gradient's reads move from its own step to the add's
+        let nb_pos = order.iter().position(|&o| o == nb).unwrap_or(pos);
+        if nodes[nb.0]
+            .inputs
+            .iter()
+            .any(|&i| written_between(nodes, order, i, nb_pos, pos))
+        {
+            continue;
+        }
+        let Op::NormalizeBackward(o) = nodes[nb.0].op else {
+            continue;
+        };
+        let mut inputs = nodes[nb.0].inputs.clone();
+        inputs.push(v);
+        let n = &mut nodes[a.0];
+        n.op = Op::NormalizeBackward(crate::ops::norm::NormalizeBackward {
+            residual: true,
+            ..o
+        });
+        n.inputs = inputs;
+        dropped.push(nb);
+        dropped.extend(chain);
+    }
+    order.retain(|id| !dropped.contains(id));
 }
 
 /// Rewrites every product whose configuration splits K into `MatMulPartial` (a new node, placed

@@ -148,6 +148,12 @@ pub enum Op {
     RunningUpdate(norm::RunningUpdate),
     /// The mean and variance of each group of `(OUTER, GROUPS, INNER)`: `(2, GROUPS)`.
     GroupStats(norm::GroupStats),
+    /// A normalization that computes its statistics itself and writes them past its output:
+    /// inputs `[x, (weight, bias)]` (made by the plan compiler from `GroupStats` and `Normalize`).
+    NormalizeStats(norm::Normalize),
+    /// The statistics a `NormalizeStats` (input 0) wrote: a view; input 1 is `x`, which the CPU
+    /// reference reduces (made by the plan compiler).
+    StatsOf(norm::GroupStats),
     /// Inputs `x` and its group statistics: `x` normalized (see `ops::norm::Normalize`).
     Normalize(norm::Normalize),
     /// Inputs `dxhat`, `xhat` and the statistics: the normalization's gradient for `x`.
@@ -238,6 +244,8 @@ impl Op {
             Op::SumSquares(_) => "sum_squares",
             Op::RunningUpdate(_) => "running_update",
             Op::GroupStats(_) => "group_stats",
+            Op::NormalizeStats(_) => "normalize",
+            Op::StatsOf(_) => "group_stats",
             Op::Normalize(_) => "normalize",
             Op::NormalizeBackward(_) => "normalize_backward",
             Op::GroupSums(s) => s.name(),
@@ -263,7 +271,7 @@ impl Op {
             Op::WriteRows(_) => Some(2),
             Op::AttentionGrad(a) if a.in_place() => Some(8),
             Op::SumSquares(s) if s.chained => Some(inputs.len() - 1),
-            Op::RowSums(_) => Some(0),
+            Op::RowSums(_) | Op::StatsOf(_) => Some(0),
             _ => None,
         }
     }
@@ -279,6 +287,10 @@ impl Op {
             Op::MatMulPartial(p) => dims(&p.product, inputs[1])
                 .map_or(0, |d| p.product.scratch(&d, p.config.slices(d.k) as usize)),
             Op::SplitKSum(s) => s.scratch(out),
+            Op::NormalizeStats(_) => {
+                let groups = out.dims()[1];
+                norm::stats_offset(out.numel()) - out.numel() + 2 * groups
+            }
             Op::ImplicitGemm(c) => {
                 let cols = c.cols_shape(inputs[1]);
                 let slices = match c.partial {
@@ -297,6 +309,7 @@ impl Op {
         match self {
             Op::AxisCopy(a) => a.view_offset(inputs[0], out).unwrap_or(0),
             Op::RowSums(r) => r.offset(inputs[0]),
+            Op::StatsOf(_) => norm::stats_offset(inputs[0].numel()),
             _ => 0,
         }
     }
@@ -489,6 +502,8 @@ impl Op {
             Op::SumSquares(s) => s.cpu(inputs, out),
             Op::RunningUpdate(r) => r.cpu(inputs[0], &inputs[1..]).swap_remove(0),
             Op::GroupStats(s) => s.cpu(inputs[0]),
+            Op::NormalizeStats(n) => n.with_stats_cpu(inputs),
+            Op::StatsOf(s) => s.cpu(inputs[1]),
             Op::Normalize(n) => n.cpu(
                 inputs[0],
                 inputs[1],
@@ -496,7 +511,7 @@ impl Op {
             ),
             Op::GroupSums(s) => s.cpu(inputs[0], inputs[1], inputs[2]),
             Op::NormalizeAffineBackward(n) => n.affine_cpu(inputs),
-            Op::NormalizeBackward(n) => n.cpu(inputs),
+            Op::NormalizeBackward(n) => n.cpu(inputs, out),
             Op::Attention(a) => a.cpu(inputs, out),
             Op::AttentionGrad(a) => a.cpu(inputs, out),
             Op::WriteRows(w) => w.cpu(inputs[0], inputs[1], inputs[2]),
@@ -561,6 +576,9 @@ impl Op {
             Op::OptimStep(o) => Some(o.kernel(out)),
             Op::RunningUpdate(r) => Some(r.kernel(out.numel())),
             Op::GroupStats(s) => Some(s.kernel(inputs[0])),
+            Op::NormalizeStats(n) => Some(n.with_stats_kernel(inputs[0])),
+            // written by its normalization's kernel: a view
+            Op::StatsOf(_) => None,
             Op::Normalize(n) => Some(n.kernel(inputs[0])),
             Op::NormalizeBackward(n) => Some(n.kernel(inputs[0])),
             Op::GroupSums(s) => Some(s.kernel(inputs[0])),
@@ -623,6 +641,8 @@ impl Op {
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
             | Op::RowSums(_)
+            | Op::NormalizeStats(_)
+            | Op::StatsOf(_)
             | Op::MatMulEpilogue(_)
             | Op::ReducePrologue(_)
             | Op::ImplicitGemm(_)
@@ -810,6 +830,8 @@ impl Op {
             | Op::Reduce(_)
             | Op::SumSquares(_)
             | Op::GroupStats(_)
+            | Op::NormalizeStats(_)
+            | Op::StatsOf(_)
             | Op::NormalizeBackward(_)
             | Op::GroupSums(_)
             | Op::Softmax(_)

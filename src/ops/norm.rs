@@ -292,6 +292,22 @@ impl GroupStats {
     }
 }
 
+/// Where `Op::NormalizeStats` writes the statistics `(2, GROUPS)` past its `numel` results: the
+/// next multiple of [`VIEW_ALIGN`](super::layout::VIEW_ALIGN) elements, so that they are a
+/// view at an aligned offset (`Op::StatsOf`).
+pub fn stats_offset(numel: usize) -> usize {
+    numel.next_multiple_of(super::layout::VIEW_ALIGN)
+}
+
+/// Whether a normalization of `x (OUTER, GROUPS, INNER)` computes its statistics inside its own
+/// kernel (`Op::NormalizeStats`, made by the plan compiler): groups of at most 4096 elements
+/// (a layer norm's rows), whose [`threads_per_group`] threads then also normalize them, at most
+/// 16 elements each. Larger groups (a batch norm's channels) keep one thread per element.
+pub fn stats_inside(x: &Shape) -> bool {
+    let (outer, _, inner) = split3(x);
+    outer * inner <= 4096
+}
+
 /// `xhat = (x - mean[g]) / sqrt(var[g] + eps)` of `x (OUTER, GROUPS, INNER)` with `stats`
 /// `(2, GROUPS)` that are `x`'s own [`GroupStats`]; with `affine`, `y = xhat * weight[g] +
 /// bias[g]` (inputs `[x, stats, weight, bias]`, each `(GROUPS)`: a batch norm's per-channel
@@ -348,6 +364,31 @@ impl Normalize {
         k
     }
 
+    /// CPU reference of the form that computes its statistics itself (`Op::NormalizeStats`):
+    /// inputs `[x, (weight, bias)]`.
+    pub fn with_stats_cpu(&self, inputs: &[&Tensor]) -> Tensor {
+        let stats = GroupStats.cpu(inputs[0]);
+        let affine = (inputs.len() == 3).then(|| (inputs[1], inputs[2]));
+        self.cpu(inputs[0], &stats, affine)
+    }
+
+    /// Kernel of that form: [`threads_per_group`] threads per group, which compute the group's
+    /// statistics, write them at [`stats_offset`] past the output and normalize its elements.
+    pub fn with_stats_kernel(&self, x: &Shape) -> KernelSpec {
+        let entry = if self.affine {
+            "stats_normalize_affine"
+        } else {
+            "stats_normalize"
+        };
+        let mut k = group_kernel(entry, x, Some(self.eps), Grid::PerGroup);
+        k.constants
+            .push(("STATS_OFF", stats_offset(x.numel()) as f64));
+        if self.affine && self.inner {
+            k.constants.push(("AFFINE_INNER", 1.0));
+        }
+        k
+    }
+
     /// Backward. Without affine: [`NormalizeBackward`] of `dy`, the output `xhat` and the
     /// statistics, for `x`. With: [`GroupSums`] of `dy` and `xhat` (recomputed from `x`) per
     /// group, which are the bias's and the weight's gradients, then
@@ -368,6 +409,7 @@ impl Normalize {
             let op = NormalizeBackward {
                 eps: self.eps,
                 weighted: false,
+                residual: false,
             };
             let dx = g.push_op(Op::NormalizeBackward(op), vec![dy, y, x[1]], shape)?;
             return Ok(vec![Some(dx), None]);
@@ -386,12 +428,14 @@ impl Normalize {
             let op = NormalizeBackward {
                 eps: self.eps,
                 weighted: true,
+                residual: false,
             };
             g.push_op(Op::NormalizeBackward(op), vec![dy, x[0], x[1], x[2]], shape)?
         } else {
             let op = NormalizeBackward {
                 eps: self.eps,
                 weighted: false,
+                residual: false,
             };
             g.push_op(
                 Op::NormalizeAffineBackward(op),
@@ -496,11 +540,15 @@ impl GroupSums {
 /// inputs `dy`, `x`, the statistics, `weight` and the [`GroupSums`] of `dy`;
 /// `dx = weight rstd (dy - sum(dy) / n - xhat sum(dy xhat) / n)`. `weighted` (a layer norm's
 /// per-feature scale): inputs `dy`, `x`, the statistics and `weight (INNER)`, `dxhat = dy *
-/// weight[i]` and `xhat` recomputed from `x`, reduced per group as the plain form.
+/// weight[i]` and `xhat` recomputed from `x`, reduced per group as the plain form. `residual`
+/// (weighted only, made by the plan compiler): a fifth input `res` of as many elements is added
+/// to `dx` (the gradient that reaches a layer norm's input through the residual connection
+/// around it), so that the sum is not a kernel of its own.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NormalizeBackward {
     pub eps: f32,
     pub weighted: bool,
+    pub residual: bool,
 }
 
 impl NormalizeBackward {
@@ -542,8 +590,8 @@ impl NormalizeBackward {
     }
 
     /// CPU reference in f64: `inputs` are `[dxhat, xhat, stats]`, or weighted `[dy, x, stats,
-    /// weight]`.
-    pub fn cpu(&self, inputs: &[&Tensor]) -> Tensor {
+    /// weight]` (and `res` with `residual`); the result has the shape `out`.
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
         let (a, b, stats) = (inputs[0], inputs[1], inputs[2]);
         let (_, groups, inner) = split3(a.shape());
         let n = (a.numel() / groups) as f64;
@@ -571,15 +619,21 @@ impl NormalizeBackward {
                 dx[k] = (r * (d - s1 / n - h * s2 / n)) as f32;
             }
         }
-        Tensor::new(a.shape().clone(), dx).expect("same shape")
+        if self.residual {
+            // f32 addition, as the kernel adds
+            for (v, r) in dx.iter_mut().zip(inputs[4].data()) {
+                *v += r;
+            }
+        }
+        Tensor::new(out.clone(), dx).expect("same element count")
     }
 
     /// Kernel: [`threads_per_group`] threads per group.
     pub fn kernel(&self, dxhat: &Shape) -> KernelSpec {
-        let entry = if self.weighted {
-            "normalize_weighted_backward"
-        } else {
-            "normalize_backward"
+        let entry = match (self.weighted, self.residual) {
+            (true, true) => "normalize_weighted_backward_add",
+            (true, false) => "normalize_weighted_backward",
+            _ => "normalize_backward",
         };
         group_kernel(entry, dxhat, Some(self.eps), Grid::PerGroup)
     }
