@@ -237,6 +237,7 @@ fn main() -> Result<(), Failure> {
     let smask = g.input("mask", [1, seq]);
     let (slogits, _) = model.apply(&g, sx, spos, false, Some((seq, smask)))?;
     let mut sample_plan = dev.compile(&g, &[slogits])?;
+    println!("sampling plan (one token): {}", sample_plan.info());
     let mut sample_rng = StdRng::seed_from_u64(args.seed.wrapping_add(7));
     let mut sample = |rng: &mut StdRng| -> kiln::Result<String> {
         let mut context = vec![ids[0]];

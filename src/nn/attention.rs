@@ -150,10 +150,13 @@ impl MultiheadAttention {
     /// Self-attention while decoding: `x (N, S, E)` holds the tokens at positions `position ..
     /// position + S` (`position` a `[1]` node fed a whole number) of `N` sequences whose earlier
     /// keys and values sit in the layer's cache, the parameters `<name>.k_cache` and
-    /// `<name>.v_cache` of `(N, H, max_len, E / H)` (zeros at first; not trained, not in
-    /// `param_names`). The new keys and values are written into the cache in place
-    /// ([`Graph::write_rows`]) and the queries attend to the whole cache through `mask`, an
-    /// additive `(S, max_len)` f32 input hiding the keys after each query ([`decode_mask`]).
+    /// `<name>.v_cache` of `(N, max_len, E)` (each row a position's heads side by side, as the
+    /// in-projection gives them; zeros at first; not trained, not in `param_names`). The new
+    /// keys and values are written into the cache in place ([`Graph::write_rows`]) and the
+    /// queries attend to the whole cache through `mask`, an additive `(S, max_len)` f32 input
+    /// hiding the keys after each query ([`decode_mask`]). The attention reads the queries and
+    /// the caches as `(N, L, H, E / H)` and writes the output so ([`Graph::attention_tokens`]):
+    /// no permutes of heads.
     /// Feeding the tokens of a sequence one run at a time gives what [`Self::apply`] with
     /// `causal` gives for the whole sequence, at the cost of one row per token. Returns the
     /// output `(N, S, E)` and the parameter nodes.
@@ -165,22 +168,36 @@ impl MultiheadAttention {
         max_len: usize,
         mask: NodeId,
     ) -> Result<(NodeId, Vec<NodeId>)> {
-        let ([q, k, v], params) = self.project_heads(g, x)?;
-        let d = g.shape(k).dims().to_vec();
+        // (N, S, 3, H, D): q, k and v are its parts, each (N, S, H, D)
+        let (qkv, params) = self.in_projection(g, x)?;
+        let d = g.shape(qkv).dims().to_vec();
+        let (n, s, h, hd) = (d[0] as isize, d[1] as isize, d[3] as isize, d[4] as isize);
+        let e = self.embed_dim as isize;
         let cache = |which: &str| {
             g.param_init(
                 &format!("{}.{which}_cache", self.name),
-                Tensor::zeros([d[0], d[1], max_len, d[3]]),
+                Tensor::zeros([d[0], max_len, self.embed_dim]),
             )
         };
         // parameters are f32: f16 keys and values are stored widened, and the new tokens'
         // attention runs in f32 (the rest of the layer stays in x's type)
         let dt = g.dtype(x);
-        let f32 = |t: NodeId| g.cast(t, DType::F32);
-        let kc = g.write_rows(cache("k"), f32(k)?, position)?;
-        let vc = g.write_rows(cache("v"), f32(v)?, position)?;
-        let o = g.attention(f32(q)?, kc, vc, Some(mask), false, None)?;
-        self.output(g, g.cast(o, dt)?, params)
+        let part = |i: usize| g.cast(g.narrow(qkv, 2, i, 1)?, DType::F32);
+        let rows = |i: usize| g.reshape(part(i)?, &[n, s, e]);
+        let kc = g.write_rows(cache("k"), rows(1)?, position)?;
+        let vc = g.write_rows(cache("v"), rows(2)?, position)?;
+        let tokens = |t: NodeId| g.reshape(t, &[n, -1, h, hd]);
+        let o = g.attention_tokens(
+            tokens(part(0)?)?,
+            tokens(kc)?,
+            tokens(vc)?,
+            Some(mask),
+            false,
+            None,
+            None,
+        )?;
+        let o = g.reshape(g.cast(o, dt)?, &[n, s, e])?;
+        self.out_projection(g, o, params)
     }
 
     /// The projections of `query`, `key` and `value` viewed as `(N, L, H, E / H)` (three
@@ -209,19 +226,6 @@ impl MultiheadAttention {
             [project(query, 0)?, project(key, 1)?, project(value, 2)?],
             vec![w, b],
         ))
-    }
-
-    /// Self-attention's projections of `x` split into heads `(N, H, L, E / H)` each (as the
-    /// decoding caches hold keys and values), and the parameters.
-    fn project_heads(&self, g: &Graph, x: NodeId) -> Result<([NodeId; 3], Vec<NodeId>)> {
-        let (qkv, params) = self.in_projection(g, x)?;
-        let heads = g.permute(qkv, &[2, 0, 3, 1, 4])?;
-        let d: Vec<isize> = g.shape(heads).dims()[1..]
-            .iter()
-            .map(|&x| x as isize)
-            .collect();
-        let pick = |i: usize| g.reshape(g.narrow(heads, 0, i, 1)?, &d);
-        Ok(([pick(0)?, pick(1)?, pick(2)?], params))
     }
 
     /// The in-projection's parameters `[in_proj_weight, in_proj_bias]` and their casts to the
@@ -265,17 +269,6 @@ impl MultiheadAttention {
             (self.embed_dim / self.num_heads) as isize,
         ];
         Ok((g.reshape(qkv, &packed)?, vec![w, b]))
-    }
-
-    /// The heads `o (N, H, L, E / H)` concatenated and projected by `out_proj`; `params` gains
-    /// its parameters.
-    fn output(&self, g: &Graph, o: NodeId, params: Vec<NodeId>) -> Result<(NodeId, Vec<NodeId>)> {
-        let d = g.shape(o).dims().to_vec();
-        let o = g.reshape(
-            g.permute(o, &[0, 2, 1, 3])?,
-            &[d[0] as isize, d[2] as isize, self.embed_dim as isize],
-        )?;
-        self.out_projection(g, o, params)
     }
 
     /// `o (N, L, E)` projected by `out_proj`; `params` gains its parameters.
