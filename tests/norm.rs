@@ -7,7 +7,8 @@
 mod common;
 
 use common::{
-    assert_close, check_formula, check_gpu_vs_cpu, gpu, gradcheck, rand, random_projection,
+    assert_close, check_formula, check_gpu_vs_cpu, check_plan, gpu, gradcheck, rand,
+    random_projection,
 };
 use kiln::nn::{BatchNorm, GroupNorm, LayerNorm, Optimizer, Sequential, TrainStep};
 use kiln::ops::norm::RunningStats;
@@ -901,10 +902,6 @@ fn skewed_rows(shape: &[usize], seed: u64) -> Tensor {
 #[test]
 fn residual_gradients_add_inside_the_layer_norm_backward() {
     let Some(dev) = gpu() else { return };
-    let dev = {
-        let _ = dev;
-        Device::gpu().expect("a GPU adapter")
-    };
     let half = dev.features().contains(wgpu::Features::SHADER_F16);
     for dtype in [DType::F32, DType::F16] {
         if dtype == DType::F16 && !half {
@@ -924,25 +921,17 @@ fn residual_gradients_add_inside_the_layer_norm_backward() {
                 .iter()
                 .map(|&d| g.cast(d, DType::F32).unwrap())
                 .collect();
-            let xv = rand(&[b, l, e], 4);
-            let (wv, bv) = (rand(&[e], 5), rand(&[e], 6));
-            let feeds = [("x", &xv), ("w", &wv), ("b", &bv)];
-            let mut plan = dev.compile(&g, &outs).unwrap();
-            plan.poison(f32::NAN);
-            let got = plan.run(&feeds).unwrap();
-            let want = Device::cpu()
-                .compile(&g, &outs)
-                .unwrap()
-                .run(&feeds)
-                .unwrap();
+            let feeds = [
+                ("x".to_string(), rand(&[b, l, e], 4)),
+                ("w".to_string(), rand(&[e], 5)),
+                ("b".to_string(), rand(&[e], 6)),
+            ];
             let tol = if dtype == DType::F16 {
                 TOL_F16
             } else {
                 TOL_REDUCTION
             };
-            for (k, (a, c)) in got.iter().zip(&want).enumerate() {
-                assert_close(&format!("{what} grad {k}"), a, c, tol.0, tol.1);
-            }
+            let plan = check_plan(&dev, &what, &g, &outs, &feeds, tol);
             let k = plan.kernels();
             let count = |op: &str| {
                 k.iter()

@@ -1431,8 +1431,13 @@ mod tests {
     use crate::ops::conv::Conv2dOpts;
     use crate::ops::optim::OptimKind;
 
-    /// The nodes and order of `g` for `targets` after `implicit_im2col` on a discrete GPU.
-    fn lowered(g: &Graph, targets: &[NodeId]) -> (Vec<Node>, Vec<NodeId>) {
+    /// `pass` over the nodes and order of `g` for `targets`, with the choices of a discrete GPU
+    /// (automatic GEMMs, no tensor cores).
+    fn on_discrete(
+        g: &Graph,
+        targets: &[NodeId],
+        pass: impl FnOnce(&mut Vec<Node>, &mut Vec<NodeId>, &Choice),
+    ) -> (Vec<Node>, Vec<NodeId>) {
         let mut nodes = g.nodes();
         let mut order = reachable(&nodes, targets);
         let target = Target::discrete();
@@ -1447,8 +1452,15 @@ mod tests {
             tuned: &tuned,
             coop_tuned: &HashMap::new(),
         };
-        implicit_im2col(&mut nodes, &mut order, targets, &ch);
+        pass(&mut nodes, &mut order, &ch);
         (nodes, order)
+    }
+
+    /// The nodes and order of `g` for `targets` after `implicit_im2col` on a discrete GPU.
+    fn lowered(g: &Graph, targets: &[NodeId]) -> (Vec<Node>, Vec<NodeId>) {
+        on_discrete(g, targets, |nodes, order, ch| {
+            implicit_im2col(nodes, order, targets, ch)
+        })
     }
 
     /// A training plan's attention writes its log-sum-exps for the backward's statistics kernel
@@ -1528,22 +1540,9 @@ mod tests {
 
     /// The lowering of `targets` on a discrete GPU, every pass, fusion on.
     fn lowered_fully(g: &Graph, targets: &[NodeId]) -> (Vec<Node>, Vec<NodeId>) {
-        let mut nodes = g.nodes();
-        let mut order = reachable(&nodes, targets);
-        let target = Target::discrete();
-        let tuned = HashMap::new();
-        let ch = Choice {
-            target: &target,
-            policy: GemmPolicy::Auto,
-            coop: false,
-            coop_f16: false,
-            coop_fixed: None,
-            coop_default: CoopConfig::PLAIN,
-            tuned: &tuned,
-            coop_tuned: &HashMap::new(),
-        };
-        lower(&mut nodes, &mut order, targets, targets, &ch, true);
-        (nodes, order)
+        on_discrete(g, targets, |nodes, order, ch| {
+            lower(nodes, order, targets, targets, ch, true)
+        })
     }
 
     /// A linear layer's bias gradient is the row sums its weight gradient's product writes (a
@@ -1604,21 +1603,7 @@ mod tests {
             .sum_all(g.max_pool2d(y, (2, 2), (2, 2), (0, 0)).unwrap())
             .unwrap();
         let grads = g.grad(loss, &[w, b]).unwrap();
-        let mut nodes = g.nodes();
-        let mut order = reachable(&nodes, &grads);
-        let target = Target::discrete();
-        let tuned = HashMap::new();
-        let ch = Choice {
-            target: &target,
-            policy: GemmPolicy::Auto,
-            coop: false,
-            coop_f16: false,
-            coop_fixed: None,
-            coop_default: CoopConfig::PLAIN,
-            tuned: &tuned,
-            coop_tuned: &HashMap::new(),
-        };
-        lower(&mut nodes, &mut order, &grads, &grads, &ch, true);
+        let (nodes, order) = lowered_fully(&g, &grads);
         let nchw = order
             .iter()
             .filter(|id| matches!(nodes[id.0].op, Op::ImplicitGemm(c) if c.nchw))
