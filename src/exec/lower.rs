@@ -544,14 +544,19 @@ pub(crate) fn row_sums_in_products(nodes: &mut [Node], order: &mut Vec<NodeId>, 
         n.inputs = vec![p, x];
         moves.push((s, p));
     }
-    // each view right after its product
-    for (s, p) in moves {
-        order.retain(|&o| o != s);
+    place_after(order, &moves);
+}
+
+/// Moves each `(view, writer)`'s view right after its writer in `order`: a view of what a
+/// kernel writes past its output is ready only once that kernel ran.
+fn place_after(order: &mut Vec<NodeId>, moves: &[(NodeId, NodeId)]) {
+    for &(view, writer) in moves {
+        order.retain(|&o| o != view);
         let at = order
             .iter()
-            .position(|&o| o == p)
+            .position(|&o| o == writer)
             .map_or(order.len(), |i| i + 1);
-        order.insert(at, s);
+        order.insert(at, view);
     }
 }
 
@@ -591,15 +596,7 @@ pub(crate) fn stats_inside_normalization(nodes: &mut [Node], order: &mut Vec<Nod
         s.inputs = vec![y, x];
         moves.push((stats, y));
     }
-    // each view right after its normalization
-    for (s, y) in moves {
-        order.retain(|&o| o != s);
-        let at = order
-            .iter()
-            .position(|&o| o == y)
-            .map_or(order.len(), |i| i + 1);
-        order.insert(at, s);
-    }
+    place_after(order, &moves);
 }
 
 /// Where a layer norm's input gradient (`NormalizeBackward`, weighted), possibly through
