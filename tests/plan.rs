@@ -327,9 +327,10 @@ fn check_views(
     }
 }
 
-/// A narrow of a contiguous run starting at a multiple of 128 elements (a binding offset every
-/// adapter takes) is a view too: of an input and of a computed tensor, read by a kernel and
-/// read back directly, in f32 and f16; one at an unaligned offset copies.
+/// A narrow of a contiguous run starting at a multiple of 256 bytes (a binding offset every
+/// adapter takes: 64 f32 elements, 128 f16) is a view too: of an input and of a computed
+/// tensor, read by a kernel and read back directly, in f32 and f16; one at an unaligned offset
+/// copies.
 #[test]
 fn aligned_narrows_are_views() {
     let Some(dev) = gpu() else { return };
@@ -347,8 +348,11 @@ fn aligned_narrows_are_views() {
             .unwrap();
         let w = g.cast(g.input("w", [3, 100]), dtype).unwrap();
         let unaligned = g.narrow(w, 0, 1, 1).unwrap(); // at element 100: a copy
-        let (fx, fw) = (rand(&[3, 128], 4), rand(&[3, 100], 5));
-        let feeds = [("x", &fx), ("w", &fw)];
+                                                       // at element 64: 256 bytes of f32 (a view), 128 of f16 (a copy)
+        let v = g.cast(g.input("v", [2, 64]), dtype).unwrap();
+        let second = g.narrow(v, 0, 1, 1).unwrap();
+        let (fx, fw, fv) = (rand(&[3, 128], 4), rand(&[3, 100], 5), rand(&[2, 64], 6));
+        let feeds = [("x", &fx), ("w", &fw), ("v", &fv)];
         // the casts are kernels in f16 graphs
         let cast = usize::from(dtype == DType::F16);
         for (outs, dispatches) in [
@@ -357,6 +361,7 @@ fn aligned_narrows_are_views() {
             (vec![last], cast + 1),
             (vec![y, last, rows], cast + 2),
             (vec![unaligned], cast + 1),
+            (vec![second], cast + cast),
         ] {
             check_views(
                 &format!("{dtype} view"),

@@ -34,9 +34,9 @@ pub fn storage_offset(nodes: &[Node], mut id: NodeId) -> u64 {
     let mut bytes = 0;
     while let Some(k) = view_of(nodes, id) {
         let n = &nodes[id.0];
-        bytes += n
-            .dtype
-            .buffer_bytes(n.op.view_offset(&input_shapes(nodes, id), &n.shape));
+        bytes +=
+            n.dtype
+                .buffer_bytes(n.op.view_offset(&input_shapes(nodes, id), &n.shape, n.dtype));
         id = n.inputs[k];
     }
     bytes
@@ -62,7 +62,7 @@ fn input_shapes(nodes: &[Node], id: NodeId) -> Vec<&crate::tensor::Shape> {
 /// `Op::view_of` of a node, from its inputs' shapes.
 pub fn view_of(nodes: &[Node], id: NodeId) -> Option<usize> {
     let n = &nodes[id.0];
-    n.op.view_of(&input_shapes(nodes, id), &n.shape)
+    n.op.view_of(&input_shapes(nodes, id), &n.shape, n.dtype)
 }
 
 /// One computed tensor's lifetime in plan steps: written at `def`, last read at `last`

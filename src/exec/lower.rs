@@ -1090,6 +1090,12 @@ pub(crate) fn select(
     dtype: DType,
     ch: &Choice,
 ) -> Option<(KernelSpec, Option<Generated>)> {
+    if let Op::AxisCopy(a) = op {
+        if a.view_offset(inputs[0], out, dtype).is_some() {
+            // a view (`Op::view_of`): no kernel
+            return None;
+        }
+    }
     if let Op::OptimGroup(o) = op {
         // f32 parameters and states; gradients f32, or f16 where a cast was folded in
         let sizes: Vec<usize> = (0..o.members).map(|j| inputs[o.grad(j)].numel()).collect();

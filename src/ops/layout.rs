@@ -5,7 +5,7 @@ use super::binary::broadcast_strides;
 use super::{groups, pad_left, KernelSpec, MAX_RANK};
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::{DType, Shape, Tensor};
 
 /// The strided-gather CPU reference and kernel shared by permute and expand: output element at
 /// coordinates `c` reads input element `sum(c[i] * strides[i])`.
@@ -174,9 +174,21 @@ pub fn reshape_infer(a: &Shape, target: &[isize]) -> Result<Shape> {
     Ok(out)
 }
 
-/// Element offsets a view may start at: 128 elements are 256 bytes of f16 (512 of f32), and
-/// WebGPU's `minStorageBufferOffsetAlignment` is at most 256 bytes on every adapter.
+/// Element offsets a view may start at, in any element type: 128 elements are 256 bytes of f16
+/// (512 of f32), and WebGPU's `minStorageBufferOffsetAlignment` is at most 256 bytes on every
+/// adapter. Where kernels write past their output for a view to read (a product's row sums,
+/// normalization statistics and sums), they pad to this.
 pub const VIEW_ALIGN: usize = 128;
+
+/// Bytes a view's binding offset is a multiple of: WebGPU's largest
+/// `minStorageBufferOffsetAlignment`.
+pub const VIEW_ALIGN_BYTES: usize = 256;
+
+/// Element offsets a view of `dtype` elements may start at: [`VIEW_ALIGN_BYTES`] of them (64
+/// f32 elements, 128 f16).
+pub fn view_align(dtype: DType) -> usize {
+    VIEW_ALIGN_BYTES / dtype.size()
+}
 
 /// Copies along one axis with an offset: narrow (a slice), pad (zeros around), concat (two
 /// inputs). Output position `c` along `axis` reads input `a` at `c - a_start` when in range,
@@ -210,22 +222,17 @@ impl AxisCopy {
     /// Where this copy is a view: a narrow (to `out`) of an input `a` whose axes before `axis`
     /// all have extent 1 (`narrow(kv, 0, start, n)`) is a contiguous run of `a`'s memory, so the
     /// plan binds that part of `a`'s buffer instead of copying, where it starts at 0 or at a
-    /// multiple of [`VIEW_ALIGN`] elements (a binding offset every adapter takes). The offset
-    /// in elements.
-    pub fn view_offset(&self, a: &Shape, out: &Shape) -> Option<usize> {
+    /// multiple of [`view_align`] elements of `dtype` (a binding offset every adapter takes).
+    /// The offset in elements.
+    pub fn view_offset(&self, a: &Shape, out: &Shape, dtype: DType) -> Option<usize> {
         let start = usize::try_from(-self.a_start).ok()?;
         let inner: usize = a.dims()[self.axis + 1..].iter().product();
         let offset = start * inner;
         (self.b_start.is_none()
             && start + out.dims()[self.axis] <= a.dims()[self.axis]
             && a.dims()[..self.axis].iter().all(|&d| d == 1)
-            && offset.is_multiple_of(VIEW_ALIGN))
+            && offset.is_multiple_of(view_align(dtype)))
         .then_some(offset)
-    }
-
-    /// Whether this is a narrow from position 0 that is a view ([`Self::view_offset`] 0).
-    pub fn is_prefix(&self, a: &Shape, out: &Shape) -> bool {
-        self.view_offset(a, out) == Some(0)
     }
 
     /// CPU reference.

@@ -257,14 +257,15 @@ impl Op {
     }
 
     /// For nodes without storage of their own, the input whose storage they use (`inputs` are
-    /// the input shapes, `out` its own): a reshape views its input, a narrow that keeps a
+    /// the input shapes, `out` its own, `dtype` its element type): a reshape views its input, a
+    /// narrow that keeps a
     /// contiguous run of its input's memory views it too ([`layout::AxisCopy::view_offset`]), an optimizer update writes its
     /// parameter (input 3) in place, packed attention's dq kernel writes into the gradient its
     /// dk/dv kernel made (input 8; [`attention::AttentionGrad::in_place`]).
-    pub fn view_of(&self, inputs: &[&Shape], out: &Shape) -> Option<usize> {
+    pub fn view_of(&self, inputs: &[&Shape], out: &Shape, dtype: DType) -> Option<usize> {
         match self {
             Op::Reshape => Some(0),
-            Op::AxisCopy(a) if a.view_offset(inputs[0], out).is_some() => Some(0),
+            Op::AxisCopy(a) if a.view_offset(inputs[0], out, dtype).is_some() => Some(0),
             Op::OptimStep(_) => Some(3),
             Op::OptimGroup(o) => Some(o.param(0)),
             Op::RunningUpdate(_) => Some(1),
@@ -305,9 +306,9 @@ impl Op {
 
     /// Where a view ([`Self::view_of`]) starts in its input's storage, in elements: a narrow of
     /// a contiguous run ([`layout::AxisCopy::view_offset`]); 0 for the other views.
-    pub fn view_offset(&self, inputs: &[&Shape], out: &Shape) -> usize {
+    pub fn view_offset(&self, inputs: &[&Shape], out: &Shape, dtype: DType) -> usize {
         match self {
-            Op::AxisCopy(a) => a.view_offset(inputs[0], out).unwrap_or(0),
+            Op::AxisCopy(a) => a.view_offset(inputs[0], out, dtype).unwrap_or(0),
             Op::RowSums(r) => r.offset(inputs[0]),
             Op::StatsOf(_) => norm::stats_offset(inputs[0].numel()),
             _ => 0,
@@ -551,8 +552,9 @@ impl Op {
             Op::Reduce(r) => Some(r.kernel(inputs[0])),
             Op::Permute(p) => Some(p.kernel(inputs[0], out)),
             Op::Expand(e) => Some(e.kernel(inputs[0], out)),
-            // a contiguous run of its input's memory: a view
-            Op::AxisCopy(a) if a.view_offset(inputs[0], out).is_some() => None,
+            // a contiguous run of its input's memory: a view (`exec::lower::select` tells them
+            // by their element type first; this is the rule for any type)
+            Op::AxisCopy(a) if a.view_offset(inputs[0], out, DType::F16).is_some() => None,
             // written by its product's kernel: a view
             Op::RowSums(_) => None,
             Op::AxisCopy(a) => Some(a.kernel(inputs, out)),
