@@ -26,7 +26,9 @@
 //   inner_sums          sums[c] = sum(dy), sums[SUMS_ROW + c] = sum(dy xhat) over the elements
 //                       at INNER position c of every group, xhat recomputed from x: a layer
 //                       norm's bias and weight gradients (rows of SUMS_ROW, INNER rounded up
-//                       to 128, zeros after)                            (GroupSums, inner)
+//                       to 128, zeros after); with BLOCKS > 1 each block of BLOCK_ROWS rows
+//                       writes its own two rows of partial sums (BLOCKS x 2 rows), which a
+//                       reduction adds up                                (GroupSums, inner)
 //   normalize_weighted_backward
 //                       normalize_backward of dxhat = dy * weight[c] (c: INNER position), xhat
 //                       recomputed from x: a layer norm's input gradient through its
@@ -48,7 +50,7 @@
 //                        0 x [..]   1 weight   2 bias   3 out [STATS_OFF + 2*GROUPS]
 //   normalize_backward:  0 dxhat [..]   1 xhat [..]   2 stats [2*GROUPS]   3 dx [..]
 //   group_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [2*SUMS_ROW]
-//   inner_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [2*SUMS_ROW]
+//   inner_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [BLOCKS*2*SUMS_ROW]
 //   normalize_weighted_backward:
 //                        0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 weight [INNER]   4 dx [..]
 //   normalize_weighted_backward_add:
@@ -60,7 +62,8 @@
 //                        updated in place
 // Overrides: OUTER, GROUPS, INNER, EPS; TPG (threads per group, a power of two <= 256); N,
 //            MOMENTUM, SCALE0, SCALE1 (running_update); AFFINE_INNER (normalize_affine);
-//            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward); STATS_OFF
+//            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward); BLOCKS, BLOCK_ROWS
+//            (inner_sums: row blocks and the rows of each); STATS_OFF
 //            (stats_normalize: the element count rounded up to 128).
 // Dispatch: group_stats, stats_normalize(_affine), normalize_backward, group_sums: TPG
 //           threads per group, 256 / TPG groups
@@ -71,8 +74,9 @@
 //           normalize_weighted_backward(_add) as normalize_backward; normalize(_affine),
 //           normalize_affine_backward and running_update: one thread per element, ceil(n / 256)
 //           workgroups, folded likewise (group_sums: SUMS_ROW groups, the padding's without
-//           elements); inner_sums: a workgroup per 64 positions of a row (ceil(SUMS_ROW / 64)), 4 lanes of 64 threads striding over the OUTER * GROUPS rows, the
-//           lanes' sums added in workgroup memory.
+//           elements); inner_sums: a workgroup per 64 positions of a row and block of rows
+//           (ceil(SUMS_ROW / 64) * BLOCKS), 4 lanes of 64 threads striding over the block's
+//           rows, the lanes' sums added in workgroup memory.
 
 override OUTER: u32 = 1u;
 override GROUPS: u32 = 1u;
@@ -86,6 +90,8 @@ override TPG: u32 = 256u;
 override AFFINE_INNER: bool = false;
 override SUMS_ROW: u32 = GROUPS;
 override STATS_OFF: u32 = 0u;
+override BLOCKS: u32 = 1u;
+override BLOCK_ROWS: u32 = OUTER * GROUPS;
 const WG: u32 = 256u;
 // Groups per workgroup.
 override GPW: u32 = WG / TPG;
@@ -437,11 +443,19 @@ fn inner_sums(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = workgroup_index(wid, nwg) * 64u + lid % 64u;
+    let columns = (SUMS_ROW + 63u) / 64u;
+    let w = workgroup_index(wid, nwg);
+    if w >= columns * BLOCKS {
+        return;
+    }
+    let block = w / columns;
+    let c = (w % columns) * 64u + lid % 64u;
     let lane4 = lid / 64u;
+    let first = block * BLOCK_ROWS;
+    let end = min(OUTER * GROUPS, first + BLOCK_ROWS);
     var s = vec2<f32>(0.0, 0.0);
     if c < INNER {
-        for (var r = lane4; r < OUTER * GROUPS; r = r + 4u) {
+        for (var r = first + lane4; r < end; r = r + 4u) {
             let g = r % GROUPS;
             let k = r * INNER + c;
             let d = ld_dy(k);
@@ -453,8 +467,9 @@ fn inner_sums(
     // the rows' padding (c = INNER .. SUMS_ROW) gets zeros
     if lane4 == 0u && c < SUMS_ROW {
         let total = partial[lid] + partial[lid + 64u] + partial[lid + 128u] + partial[lid + 192u];
-        sums_out[c] = total.x;
-        sums_out[SUMS_ROW + c] = total.y;
+        let at = block * 2u * SUMS_ROW + c;
+        sums_out[at] = total.x;
+        sums_out[at + SUMS_ROW] = total.y;
     }
 }
 

@@ -943,3 +943,54 @@ fn residual_gradients_add_inside_the_layer_norm_backward() {
         }
     }
 }
+
+/// A layer norm over more than 1,024 rows sums its parameters' gradients in blocks of 512 rows
+/// (each block its own workgroups and partial sums), then adds the blocks up: the gradients of
+/// x, weight and bias against the CPU reference (f32 and f16 activations), and the plan's
+/// kernels.
+#[test]
+fn layer_norm_parameter_gradients_over_many_rows() {
+    let Some(dev) = gpu() else { return };
+    let half = dev.features().contains(wgpu::Features::SHADER_F16);
+    for dtype in [DType::F32, DType::F16] {
+        if dtype == DType::F16 && !half {
+            continue;
+        }
+        for (rows, width) in [(1025usize, 13usize), (3000, 70)] {
+            let what = format!("layer norm of {rows} rows of {width}, {dtype}");
+            let g = Graph::new();
+            let x = g.input_as("x", [rows, width], dtype);
+            let (w, b) = (g.input("w", [width]), g.input("b", [width]));
+            let y = g.layer_norm(x, 1, Some((w, b)), EPS).unwrap();
+            let loss = random_projection(&g, g.cast(y, DType::F32).unwrap(), 8);
+            let grads = g.grad(loss, &[x, w, b]).unwrap();
+            let outs: Vec<_> = grads
+                .iter()
+                .map(|&d| g.cast(d, DType::F32).unwrap())
+                .collect();
+            let feeds = [
+                ("x".to_string(), rand(&[rows, width], 1)),
+                ("w".to_string(), rand(&[width], 2)),
+                ("b".to_string(), rand(&[width], 3)),
+            ];
+            let tol = if dtype == DType::F16 {
+                TOL_F16
+            } else {
+                TOL_REDUCTION
+            };
+            let plan = check_plan(&dev, &what, &g, &outs, &feeds, tol);
+            let k = plan.kernels();
+            let count = |op: &str| {
+                k.iter()
+                    .filter(|s| s.split_whitespace().nth(2) == Some(op))
+                    .count()
+            };
+            assert_eq!(count("inner_sums"), 1, "{what}: {k:#?}");
+            assert!(
+                k.iter().any(|s| s.contains("inner_sums")
+                    && s.contains(&format!("[{}, 2, 128]", rows.div_ceil(512)))),
+                "{what}: blocks of 512 rows: {k:#?}"
+            );
+        }
+    }
+}

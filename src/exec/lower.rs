@@ -8,7 +8,8 @@
 //!    product reads, comes out of that product's kernel; [`stats_inside_normalization`]: a layer
 //!    norm computes its row statistics inside its normalization's kernel;
 //!    [`residual_into_normalize_backward`]: a layer norm's input gradient adds the residual
-//!    connection's;
+//!    connection's; [`split_inner_sums`]: a layer norm's parameter gradients over many rows
+//!    are summed in blocks of rows, then added up;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
@@ -101,6 +102,7 @@ pub(crate) fn lower(
     row_sums_in_products(nodes, order, ch);
     stats_inside_normalization(nodes, order);
     residual_into_normalize_backward(nodes, order, targets);
+    split_inner_sums(nodes, order);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
     nchw_conv_output(nodes, order, targets);
@@ -670,6 +672,50 @@ pub(crate) fn residual_into_normalize_backward(
         dropped.extend(chain);
     }
     order.retain(|id| !dropped.contains(id));
+}
+
+/// Where a layer norm's parameter gradients (`GroupSums`, inner) sum more than twice
+/// `norm::INNER_SUMS_BLOCK_ROWS` rows, each block of that many rows gets its own workgroups and
+/// partial sums (a new node, placed before it) and the node itself becomes their sum (a
+/// reduction, same id and shape): `ceil(features / 64)` workgroups alone would leave a large
+/// GPU mostly idle over a long batch of tokens.
+pub(crate) fn split_inner_sums(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>) {
+    use crate::ops::norm::INNER_SUMS_BLOCK_ROWS;
+    use crate::ops::reduce::{Reduce, ReduceKind};
+    let mut i = 0;
+    while i < order.len() {
+        let id = order[i];
+        let n = &nodes[id.0];
+        let Op::GroupSums(sums) = n.op else {
+            i += 1;
+            continue;
+        };
+        let dy = &nodes[n.inputs[0].0].shape;
+        let rows = dy.numel() / dy.dims()[dy.rank() - 1].max(1);
+        if !sums.inner || sums.blocks != 1 || rows <= 2 * INNER_SUMS_BLOCK_ROWS {
+            i += 1;
+            continue;
+        }
+        let blocks = rows.div_ceil(INNER_SUMS_BLOCK_ROWS);
+        let mut shape = vec![blocks];
+        shape.extend(n.shape.dims());
+        let pid = NodeId(nodes.len());
+        nodes.push(Node {
+            op: Op::GroupSums(crate::ops::norm::GroupSums { blocks, ..sums }),
+            inputs: nodes[id.0].inputs.clone(),
+            shape: Shape(shape),
+            dtype: nodes[id.0].dtype,
+        });
+        let node = &mut nodes[id.0];
+        node.op = Op::Reduce(Reduce {
+            kind: ReduceKind::Sum,
+            axis: 0,
+            keepdim: false,
+        });
+        node.inputs = vec![pid];
+        order.insert(i, pid);
+        i += 2;
+    }
 }
 
 /// Rewrites every product whose configuration splits K into `MatMulPartial` (a new node, placed

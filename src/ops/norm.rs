@@ -420,6 +420,7 @@ impl Normalize {
             Op::GroupSums(GroupSums {
                 eps: self.eps,
                 inner: self.inner,
+                blocks: 1,
             }),
             vec![dy, x[0], x[1]],
             Shape::from(vec![2, sums_row(per)]),
@@ -462,12 +463,21 @@ pub fn sums_row(per: usize) -> usize {
 /// `sum(dy)` (row 0) and `sum(dy * xhat)` (row 1), `xhat` recomputed from `x`: the affine
 /// normalization's bias and weight gradients, and what its input gradient needs. With `inner`,
 /// the same sums per INNER position over every group: a layer norm's. Rows of [`sums_row`]
-/// (zeros after the sums): `(2, sums_row(GROUPS or INNER))`.
+/// (zeros after the sums): `(2, sums_row(GROUPS or INNER))`. With `inner` and `blocks > 1`
+/// (made by the plan compiler, `exec::lower::split_inner_sums`): the partial sums of each of
+/// `blocks` blocks of [`GroupSums::block_rows`] rows, `(blocks, 2, sums_row(INNER))`, for a
+/// reduction to add up.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GroupSums {
     pub eps: f32,
     pub inner: bool,
+    pub blocks: usize,
 }
+
+/// Rows of a layer norm's gradient that one block of `inner_sums` takes where the plan compiler
+/// splits them ([`GroupSums::blocks`]): beyond this many rows the sums of a row of few features
+/// (ceil(features / 64) workgroups) would leave a large GPU mostly idle.
+pub const INNER_SUMS_BLOCK_ROWS: usize = 512;
 
 impl GroupSums {
     /// The kernel's name, as plans and profiles show it.
@@ -479,20 +489,32 @@ impl GroupSums {
         }
     }
 
-    /// CPU reference in f64.
+    /// Rows of `dy` one block of the split `inner_sums` takes.
+    pub fn block_rows(&self, dy: &Shape) -> usize {
+        let (outer, groups, _) = split3(dy);
+        (outer * groups).div_ceil(self.blocks.max(1))
+    }
+
+    /// CPU reference in f64 (each block's partial sums where `blocks > 1`).
     pub fn cpu(&self, dy: &Tensor, x: &Tensor, stats: &Tensor) -> Tensor {
         if self.inner {
             let (_, groups, inner) = split3(dy.shape());
             let row = sums_row(inner);
-            let mut acc = vec![0f64; 2 * row];
+            let per_block = self.block_rows(dy.shape());
+            let mut acc = vec![0f64; self.blocks * 2 * row];
             for (k, (&d, &v)) in dy.data().iter().zip(x.data()).enumerate() {
                 let (g, c) = ((k / inner) % groups, k % inner);
+                let at = (k / inner) / per_block * 2 * row + c;
                 let r = rstd(stats.data()[groups + g], self.eps);
-                acc[c] += d as f64;
-                acc[row + c] += d as f64 * (v as f64 - stats.data()[g] as f64) * r;
+                acc[at] += d as f64;
+                acc[at + row] += d as f64 * (v as f64 - stats.data()[g] as f64) * r;
             }
             let data = acc.into_iter().map(|s| s as f32).collect();
-            return Tensor::new([2, row], data).expect("two rows of sums");
+            let shape = match self.blocks {
+                1 => vec![2, row],
+                b => vec![b, 2, row],
+            };
+            return Tensor::new(shape, data).expect("two rows of sums per block");
         }
         let groups = dy.dims()[1];
         let row = sums_row(groups);
@@ -514,14 +536,18 @@ impl GroupSums {
     }
 
     /// Kernel: [`threads_per_group`] threads per group (and the padding's groups); with
-    /// `inner`, a workgroup per 64 positions of a row.
+    /// `inner`, a workgroup per 64 positions of a row and block of rows.
     pub fn kernel(&self, dy: &Shape) -> KernelSpec {
         let (_, groups, inner) = split3(dy);
         if self.inner {
             let row = sums_row(inner);
             let mut k = group_kernel("inner_sums", dy, Some(self.eps), Grid::PerElement);
-            k.workgroups = super::groups(row, 64);
+            k.workgroups = super::groups(row, 64) * self.blocks.max(1) as u64;
             k.constants.push(("SUMS_ROW", row as f64));
+            if self.blocks > 1 {
+                k.constants.push(("BLOCKS", self.blocks as f64));
+                k.constants.push(("BLOCK_ROWS", self.block_rows(dy) as f64));
+            }
             return k;
         }
         let row = sums_row(groups);
