@@ -1158,12 +1158,11 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         let _ = writeln!(s, "        if tn == 0u {{");
         for p in 0..parts {
             let terms: Vec<String> = (0..bk)
-                .map(|kk| format!("As[{ca}{}u + g]", kk * groups + p * t))
+                .map(|kk| format!("As[{ca}{}u + lid]", kk * groups + p * t))
                 .collect();
             let _ = writeln!(
                 s,
                 "            if lid + {}u < {groups}u {{
-                let g = lid;
                 rsum{p} = rsum{p} + {};
             }}",
                 p * t,
