@@ -19,7 +19,9 @@
 //   group_sums          sums[g] = sum(dy), sums[SUMS_ROW + g] = sum(dy xhat) over group g, xhat
 //                       recomputed from x: the affine form's bias and weight gradients; rows
 //                       of SUMS_ROW (GROUPS rounded up to 128, zeros after) so that the second
-//                       row is a view at an aligned offset                        (GroupSums)
+//                       row is a view at an aligned offset; with BLOCKS > 1 each block of
+//                       BLOCK_LEN elements of every group writes its own two rows of partial
+//                       sums (BLOCKS x 2 rows), which a reduction adds up         (GroupSums)
 //   normalize_affine_backward
 //                       dx = weight[g] rstd (dy - sums[g] / n - xhat sums[SUMS_ROW + g] / n),
 //                       elementwise (n = OUTER * INNER)               (NormalizeAffineBackward)
@@ -49,7 +51,7 @@
 //   stats_normalize_affine:
 //                        0 x [..]   1 weight   2 bias   3 out [STATS_OFF + 2*GROUPS]
 //   normalize_backward:  0 dxhat [..]   1 xhat [..]   2 stats [2*GROUPS]   3 dx [..]
-//   group_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [2*SUMS_ROW]
+//   group_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [BLOCKS*2*SUMS_ROW]
 //   inner_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [BLOCKS*2*SUMS_ROW]
 //   normalize_weighted_backward:
 //                        0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 weight [INNER]   4 dx [..]
@@ -62,11 +64,12 @@
 //                        updated in place
 // Overrides: OUTER, GROUPS, INNER, EPS; TPG (threads per group, a power of two <= 256); N,
 //            MOMENTUM, SCALE0, SCALE1 (running_update); AFFINE_INNER (normalize_affine);
-//            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward); BLOCKS, BLOCK_ROWS
-//            (inner_sums: row blocks and the rows of each); STATS_OFF
+//            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward); BLOCKS, BLOCK_LEN
+//            (group_sums: blocks of each group and their elements; inner_sums: blocks of rows
+//            and their rows); STATS_OFF
 //            (stats_normalize: the element count rounded up to 128).
 // Dispatch: group_stats, stats_normalize(_affine), normalize_backward, group_sums: TPG
-//           threads per group, 256 / TPG groups
+//           threads per group (group_sums: per group and block), 256 / TPG groups
 //           per workgroup of 256 threads (ceil(GROUPS * TPG / 256) workgroups, folded into
 //           (x <= 65535, y)), f32 partial sums per thread reduced in workgroup memory within
 //           each group's TPG threads (the host gives large groups, a batch norm's channels,
@@ -74,9 +77,9 @@
 //           normalize_weighted_backward(_add) as normalize_backward; normalize(_affine),
 //           normalize_affine_backward and running_update: one thread per element, ceil(n / 256)
 //           workgroups, folded likewise (group_sums: SUMS_ROW groups, the padding's without
-//           elements); inner_sums: a workgroup per 64 positions of a row and block of rows
-//           (ceil(SUMS_ROW / 64) * BLOCKS), 4 lanes of 64 threads striding over the block's
-//           rows, the lanes' sums added in workgroup memory.
+//           elements; times BLOCKS); inner_sums: a workgroup per 64 positions of a row and
+//           block of rows (ceil(SUMS_ROW / 64) * BLOCKS), 4 lanes of 64 threads striding over
+//           the block's rows, the lanes' sums added in workgroup memory.
 
 override OUTER: u32 = 1u;
 override GROUPS: u32 = 1u;
@@ -91,7 +94,7 @@ override AFFINE_INNER: bool = false;
 override SUMS_ROW: u32 = GROUPS;
 override STATS_OFF: u32 = 0u;
 override BLOCKS: u32 = 1u;
-override BLOCK_ROWS: u32 = OUTER * GROUPS;
+override BLOCK_LEN: u32 = 4294967295u;
 const WG: u32 = 256u;
 // Groups per workgroup.
 override GPW: u32 = WG / TPG;
@@ -308,25 +311,34 @@ fn group_sums(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    if workgroup_index(wid, nwg) * GPW >= SUMS_ROW {
+    // the workgroups of one block of every group's elements, then the next block's
+    let per_block = (SUMS_ROW + GPW - 1u) / GPW;
+    let w = workgroup_index(wid, nwg);
+    if w >= per_block * BLOCKS {
         return;
     }
-    let l = lane(wid, nwg, lid);
+    let block = w / per_block;
+    let g = (w % per_block) * GPW + lid / TPG;
+    let t = lid % TPG;
+    let n = OUTER * INNER;
+    let first = min(block * BLOCK_LEN, n);
+    let count = select(0u, min(n - first, BLOCK_LEN), g < GROUPS);
     var s = vec2<f32>(0.0, 0.0);
-    if l.count > 0u {
-        let mean = stats2[l.g];
-        let rstd = 1.0 / sqrt(stats2[GROUPS + l.g] + EPS);
-        for (var e = l.t; e < l.count; e = e + TPG) {
-            let k = at(l.g, e);
+    if g < GROUPS {
+        let mean = stats2[g];
+        let rstd = 1.0 / sqrt(stats2[GROUPS + g] + EPS);
+        for (var e = t; e < count; e = e + TPG) {
+            let k = at(g, first + e);
             let d = ld_dy(k);
             s = s + vec2<f32>(d, d * ((ld_x1(k) - mean) * rstd));
         }
     }
     let total = group_sum(lid, s);
     // the rows' padding (groups GROUPS .. SUMS_ROW, no elements) gets zeros
-    if l.t == 0u && l.g < SUMS_ROW {
-        sums_out[l.g] = total.x;
-        sums_out[SUMS_ROW + l.g] = total.y;
+    if t == 0u && g < SUMS_ROW {
+        let at = block * 2u * SUMS_ROW + g;
+        sums_out[at] = total.x;
+        sums_out[at + SUMS_ROW] = total.y;
     }
 }
 
@@ -451,8 +463,9 @@ fn inner_sums(
     let block = w / columns;
     let c = (w % columns) * 64u + lid % 64u;
     let lane4 = lid / 64u;
-    let first = block * BLOCK_ROWS;
-    let end = min(OUTER * GROUPS, first + BLOCK_ROWS);
+    let rows = OUTER * GROUPS;
+    let first = min(block * BLOCK_LEN, rows);
+    let end = min(rows, first + min(BLOCK_LEN, rows));
     var s = vec2<f32>(0.0, 0.0);
     if c < INNER {
         for (var r = first + lane4; r < end; r = r + 4u) {

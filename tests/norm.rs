@@ -994,3 +994,47 @@ fn layer_norm_parameter_gradients_over_many_rows() {
         }
     }
 }
+
+/// A batch norm whose channels hold more than 16,384 elements sums its parameters' gradients in
+/// blocks of up to 8,192 elements of every channel, then adds the blocks up: the gradients of x,
+/// weight and bias against the CPU reference (f32 and f16 activations), and the plan's kernels.
+#[test]
+fn batch_norm_parameter_gradients_over_large_channels() {
+    let Some(dev) = gpu() else { return };
+    let half = dev.features().contains(wgpu::Features::SHADER_F16);
+    for dtype in [DType::F32, DType::F16] {
+        if dtype == DType::F16 && !half {
+            continue;
+        }
+        let shape = [2usize, 3, 100, 99];
+        let what = format!("batch norm {shape:?}, {dtype}");
+        let g = Graph::new();
+        let x = g.input_as("x", shape, dtype);
+        let (w, b) = (g.input("w", [3]), g.input("b", [3]));
+        let y = g.batch_norm(x, Some((w, b)), None, true, EPS).unwrap();
+        let loss = random_projection(&g, g.cast(y, DType::F32).unwrap(), 9);
+        let grads = g.grad(loss, &[x, w, b]).unwrap();
+        let outs: Vec<_> = grads
+            .iter()
+            .map(|&d| g.cast(d, DType::F32).unwrap())
+            .collect();
+        let feeds = [
+            ("x".to_string(), skewed(&shape, 1)),
+            ("w".to_string(), rand(&[3], 2)),
+            ("b".to_string(), rand(&[3], 3)),
+        ];
+        let tol = if dtype == DType::F16 {
+            TOL_F16
+        } else {
+            TOL_REDUCTION
+        };
+        let plan = check_plan(&dev, &what, &g, &outs, &feeds, tol);
+        let k = plan.kernels();
+        // 19,800 elements per channel: 3 blocks
+        assert!(
+            k.iter()
+                .any(|s| s.contains("group_sums") && s.contains("[3, 2, 128]")),
+            "{what}: {k:#?}"
+        );
+    }
+}

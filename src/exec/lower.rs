@@ -8,8 +8,9 @@
 //!    product reads, comes out of that product's kernel; [`stats_inside_normalization`]: a layer
 //!    norm computes its row statistics inside its normalization's kernel;
 //!    [`residual_into_normalize_backward`]: a layer norm's input gradient adds the residual
-//!    connection's; [`split_inner_sums`]: a layer norm's parameter gradients over many rows
-//!    are summed in blocks of rows, then added up;
+//!    connection's; [`split_group_sums`]: normalization parameter gradients over many rows (a
+//!    layer norm's) or large groups (a batch norm's channels) are summed in blocks, then added
+//!    up;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
@@ -102,7 +103,7 @@ pub(crate) fn lower(
     row_sums_in_products(nodes, order, ch);
     stats_inside_normalization(nodes, order);
     residual_into_normalize_backward(nodes, order, targets);
-    split_inner_sums(nodes, order);
+    split_group_sums(nodes, order);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
     nchw_conv_output(nodes, order, targets);
@@ -674,13 +675,14 @@ pub(crate) fn residual_into_normalize_backward(
     order.retain(|id| !dropped.contains(id));
 }
 
-/// Where a layer norm's parameter gradients (`GroupSums`, inner) sum more than twice
-/// `norm::INNER_SUMS_BLOCK_ROWS` rows, each block of that many rows gets its own workgroups and
-/// partial sums (a new node, placed before it) and the node itself becomes their sum (a
-/// reduction, same id and shape): `ceil(features / 64)` workgroups alone would leave a large
-/// GPU mostly idle over a long batch of tokens.
-pub(crate) fn split_inner_sums(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>) {
-    use crate::ops::norm::INNER_SUMS_BLOCK_ROWS;
+/// Where a normalization's parameter gradients (`GroupSums`) sum more than twice
+/// `norm::INNER_SUMS_BLOCK_ROWS` rows (a layer norm's, per feature) or each group's sums more
+/// than twice `norm::GROUP_SUMS_BLOCK_LEN` elements (a batch norm's, per channel), each block
+/// of that many gets its own workgroups and partial sums (a new node, placed before it) and
+/// the node itself becomes their sum (a reduction, same id and shape): `ceil(features / 64)`
+/// workgroups, or one per channel, alone would leave a large GPU mostly idle.
+pub(crate) fn split_group_sums(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>) {
+    use crate::ops::norm::{GROUP_SUMS_BLOCK_LEN, INNER_SUMS_BLOCK_ROWS};
     use crate::ops::reduce::{Reduce, ReduceKind};
     let mut i = 0;
     while i < order.len() {
@@ -690,13 +692,21 @@ pub(crate) fn split_inner_sums(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>) {
             i += 1;
             continue;
         };
-        let dy = &nodes[n.inputs[0].0].shape;
-        let rows = dy.numel() / dy.dims()[dy.rank() - 1].max(1);
-        if !sums.inner || sums.blocks != 1 || rows <= 2 * INNER_SUMS_BLOCK_ROWS {
+        // (OUTER, GROUPS, INNER)
+        let d = nodes[n.inputs[0].0].shape.dims().to_vec();
+        if d.len() != 3 {
             i += 1;
             continue;
         }
-        let blocks = rows.div_ceil(INNER_SUMS_BLOCK_ROWS);
+        let (len, block) = match sums.inner {
+            true => (d[0] * d[1], INNER_SUMS_BLOCK_ROWS),
+            false => (d[0] * d[2], GROUP_SUMS_BLOCK_LEN),
+        };
+        if sums.blocks != 1 || len <= 2 * block {
+            i += 1;
+            continue;
+        }
+        let blocks = len.div_ceil(block);
         let mut shape = vec![blocks];
         shape.extend(n.shape.dims());
         let pid = NodeId(nodes.len());

@@ -463,10 +463,10 @@ pub fn sums_row(per: usize) -> usize {
 /// `sum(dy)` (row 0) and `sum(dy * xhat)` (row 1), `xhat` recomputed from `x`: the affine
 /// normalization's bias and weight gradients, and what its input gradient needs. With `inner`,
 /// the same sums per INNER position over every group: a layer norm's. Rows of [`sums_row`]
-/// (zeros after the sums): `(2, sums_row(GROUPS or INNER))`. With `inner` and `blocks > 1`
-/// (made by the plan compiler, `exec::lower::split_inner_sums`): the partial sums of each of
-/// `blocks` blocks of [`GroupSums::block_rows`] rows, `(blocks, 2, sums_row(INNER))`, for a
-/// reduction to add up.
+/// (zeros after the sums): `(2, sums_row(GROUPS or INNER))`. With `blocks > 1` (made by the
+/// plan compiler, `exec::lower::split_group_sums`): the partial sums of each of `blocks`
+/// blocks of [`GroupSums::block_len`] rows (with `inner`) or elements of every group,
+/// `(blocks, 2, sums_row(..))`, for a reduction to add up.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GroupSums {
     pub eps: f32,
@@ -475,9 +475,14 @@ pub struct GroupSums {
 }
 
 /// Rows of a layer norm's gradient that one block of `inner_sums` takes where the plan compiler
-/// splits them ([`GroupSums::blocks`]): beyond this many rows the sums of a row of few features
-/// (ceil(features / 64) workgroups) would leave a large GPU mostly idle.
+/// splits them ([`GroupSums::blocks`]): beyond twice this many rows the sums of a row of few
+/// features (ceil(features / 64) workgroups) would leave a large GPU mostly idle.
 pub const INNER_SUMS_BLOCK_ROWS: usize = 512;
+
+/// Elements of each group that one block of `group_sums` takes where the plan compiler splits
+/// them: beyond twice this many, a batch norm's channels (a workgroup each) would be too few
+/// workgroups for a large GPU.
+pub const GROUP_SUMS_BLOCK_LEN: usize = 8192;
 
 impl GroupSums {
     /// The kernel's name, as plans and profiles show it.
@@ -489,10 +494,16 @@ impl GroupSums {
         }
     }
 
-    /// Rows of `dy` one block of the split `inner_sums` takes.
-    pub fn block_rows(&self, dy: &Shape) -> usize {
-        let (outer, groups, _) = split3(dy);
-        (outer * groups).div_ceil(self.blocks.max(1))
+    /// What one block of the split kernel takes: rows of `dy` with `inner`, else elements of
+    /// each group.
+    pub fn block_len(&self, dy: &Shape) -> usize {
+        let (outer, groups, inner) = split3(dy);
+        let total = if self.inner {
+            outer * groups
+        } else {
+            outer * inner
+        };
+        total.div_ceil(self.blocks.max(1))
     }
 
     /// CPU reference in f64 (each block's partial sums where `blocks > 1`).
@@ -500,7 +511,7 @@ impl GroupSums {
         if self.inner {
             let (_, groups, inner) = split3(dy.shape());
             let row = sums_row(inner);
-            let per_block = self.block_rows(dy.shape());
+            let per_block = self.block_len(dy.shape());
             let mut acc = vec![0f64; self.blocks * 2 * row];
             for (k, (&d, &v)) in dy.data().iter().zip(x.data()).enumerate() {
                 let (g, c) = ((k / inner) % groups, k % inner);
@@ -518,21 +529,25 @@ impl GroupSums {
         }
         let groups = dy.dims()[1];
         let row = sums_row(groups);
-        let mut data = vec![0f32; 2 * row];
+        let per_block = self.block_len(dy.shape());
+        let mut acc = vec![0f64; self.blocks * 2 * row];
         for g in 0..groups {
             let (mean, r) = (
                 stats.data()[g] as f64,
                 rstd(stats.data()[groups + g], self.eps),
             );
-            let (mut s0, mut s1) = (0f64, 0f64);
-            for ((_, d), (_, v)) in group(dy, g).zip(group(x, g)) {
-                s0 += d;
-                s1 += d * (v - mean) * r;
+            for (e, ((_, d), (_, v))) in group(dy, g).zip(group(x, g)).enumerate() {
+                let at = e / per_block * 2 * row + g;
+                acc[at] += d;
+                acc[at + row] += d * (v - mean) * r;
             }
-            data[g] = s0 as f32;
-            data[row + g] = s1 as f32;
         }
-        Tensor::new([2, row], data).expect("two rows of sums")
+        let data = acc.into_iter().map(|s| s as f32).collect();
+        let shape = match self.blocks {
+            1 => vec![2, row],
+            b => vec![b, 2, row],
+        };
+        Tensor::new(shape, data).expect("two rows of sums per block")
     }
 
     /// Kernel: [`threads_per_group`] threads per group (and the padding's groups); with
@@ -544,18 +559,24 @@ impl GroupSums {
             let mut k = group_kernel("inner_sums", dy, Some(self.eps), Grid::PerElement);
             k.workgroups = super::groups(row, 64) * self.blocks.max(1) as u64;
             k.constants.push(("SUMS_ROW", row as f64));
-            if self.blocks > 1 {
-                k.constants.push(("BLOCKS", self.blocks as f64));
-                k.constants.push(("BLOCK_ROWS", self.block_rows(dy) as f64));
-            }
+            self.block_constants(dy, &mut k);
             return k;
         }
         let row = sums_row(groups);
         let mut k = group_kernel("group_sums", dy, Some(self.eps), Grid::PerGroup);
         let tpg = threads_per_group(split3(dy).0 * inner);
-        k.workgroups = super::groups(row * tpg, 256);
+        k.workgroups = super::groups(row * tpg, 256) * self.blocks.max(1) as u64;
         k.constants.push(("SUMS_ROW", row as f64));
+        self.block_constants(dy, &mut k);
         k
+    }
+
+    /// The split kernel's `BLOCKS` and `BLOCK_LEN`, where there are blocks.
+    fn block_constants(&self, dy: &Shape, k: &mut KernelSpec) {
+        if self.blocks > 1 {
+            k.constants.push(("BLOCKS", self.blocks as f64));
+            k.constants.push(("BLOCK_LEN", self.block_len(dy) as f64));
+        }
     }
 }
 
