@@ -895,6 +895,48 @@ fn skewed_rows(shape: &[usize], seed: u64) -> Tensor {
     t
 }
 
+/// Element types the GPU tests of f16 activations run in: f32, and f16 where the adapter has it.
+fn activation_types(dev: &Device) -> Vec<DType> {
+    let half = dev.features().contains(wgpu::Features::SHADER_F16);
+    [DType::F32, DType::F16]
+        .into_iter()
+        .filter(|&d| d == DType::F32 || half)
+        .collect()
+}
+
+/// The gradients of `loss` for `wrt` (cast to f32) on `dev`, outputs poisoned with NaN, against
+/// the CPU reference at the tolerance of activations of `dtype`; the plan's kernel labels.
+fn check_gradients(
+    dev: &Device,
+    what: &str,
+    g: &Graph,
+    loss: kiln::NodeId,
+    wrt: &[kiln::NodeId],
+    feeds: &[(String, Tensor)],
+    dtype: DType,
+) -> Vec<String> {
+    let grads = g.grad(loss, wrt).unwrap();
+    let outs: Vec<_> = grads
+        .iter()
+        .map(|&d| g.cast(d, DType::F32).unwrap())
+        .collect();
+    let tol = if dtype == DType::F16 {
+        TOL_F16
+    } else {
+        TOL_REDUCTION
+    };
+    let plan = check_plan(dev, what, g, &outs, feeds, tol);
+    plan.kernels().iter().map(|k| k.to_string()).collect()
+}
+
+/// Kernels of op `op` among a plan's labels (`node <id> <op> <shape> ..`).
+fn count_op(kernels: &[String], op: &str) -> usize {
+    kernels
+        .iter()
+        .filter(|s| s.split_whitespace().nth(2) == Some(op))
+        .count()
+}
+
 /// A pre-norm residual block `x + f(layer_norm(x))`: the layer norm's input gradient and the
 /// one through the residual connection add up inside the layer norm's backward kernel (no
 /// `add` kernel), in f32 and f16, on rows of 1, 13 and 64 features, reached through a reshape
@@ -902,11 +944,7 @@ fn skewed_rows(shape: &[usize], seed: u64) -> Tensor {
 #[test]
 fn residual_gradients_add_inside_the_layer_norm_backward() {
     let Some(dev) = gpu() else { return };
-    let half = dev.features().contains(wgpu::Features::SHADER_F16);
-    for dtype in [DType::F32, DType::F16] {
-        if dtype == DType::F16 && !half {
-            continue;
-        }
+    for dtype in activation_types(&dev) {
         for (b, l, e) in [(2usize, 3usize, 13usize), (1, 1, 1), (3, 5, 64)] {
             let what = format!("residual block ({b}, {l}, {e}) {dtype}");
             let g = Graph::new();
@@ -916,30 +954,14 @@ fn residual_gradients_add_inside_the_layer_norm_backward() {
             let h = g.tanh(g.mul_scalar(h, 0.5).unwrap()).unwrap();
             let y = g.add(x, h).unwrap();
             let loss = random_projection(&g, g.cast(y, DType::F32).unwrap(), 3);
-            let grads = g.grad(loss, &[x, w, bias]).unwrap();
-            let outs: Vec<_> = grads
-                .iter()
-                .map(|&d| g.cast(d, DType::F32).unwrap())
-                .collect();
             let feeds = [
                 ("x".to_string(), rand(&[b, l, e], 4)),
                 ("w".to_string(), rand(&[e], 5)),
                 ("b".to_string(), rand(&[e], 6)),
             ];
-            let tol = if dtype == DType::F16 {
-                TOL_F16
-            } else {
-                TOL_REDUCTION
-            };
-            let plan = check_plan(&dev, &what, &g, &outs, &feeds, tol);
-            let k = plan.kernels();
-            let count = |op: &str| {
-                k.iter()
-                    .filter(|s| s.split_whitespace().nth(2) == Some(op))
-                    .count()
-            };
-            assert_eq!(count("normalize_backward"), 1, "{what}: {k:#?}");
-            assert_eq!(count("add"), 0, "{what}: {k:#?}");
+            let k = check_gradients(&dev, &what, &g, loss, &[x, w, bias], &feeds, dtype);
+            assert_eq!(count_op(&k, "normalize_backward"), 1, "{what}: {k:#?}");
+            assert_eq!(count_op(&k, "add"), 0, "{what}: {k:#?}");
         }
     }
 }
@@ -951,11 +973,7 @@ fn residual_gradients_add_inside_the_layer_norm_backward() {
 #[test]
 fn layer_norm_parameter_gradients_over_many_rows() {
     let Some(dev) = gpu() else { return };
-    let half = dev.features().contains(wgpu::Features::SHADER_F16);
-    for dtype in [DType::F32, DType::F16] {
-        if dtype == DType::F16 && !half {
-            continue;
-        }
+    for dtype in activation_types(&dev) {
         for (rows, width) in [(1025usize, 13usize), (3000, 70)] {
             let what = format!("layer norm of {rows} rows of {width}, {dtype}");
             let g = Graph::new();
@@ -963,32 +981,17 @@ fn layer_norm_parameter_gradients_over_many_rows() {
             let (w, b) = (g.input("w", [width]), g.input("b", [width]));
             let y = g.layer_norm(x, 1, Some((w, b)), EPS).unwrap();
             let loss = random_projection(&g, g.cast(y, DType::F32).unwrap(), 8);
-            let grads = g.grad(loss, &[x, w, b]).unwrap();
-            let outs: Vec<_> = grads
-                .iter()
-                .map(|&d| g.cast(d, DType::F32).unwrap())
-                .collect();
             let feeds = [
                 ("x".to_string(), rand(&[rows, width], 1)),
                 ("w".to_string(), rand(&[width], 2)),
                 ("b".to_string(), rand(&[width], 3)),
             ];
-            let tol = if dtype == DType::F16 {
-                TOL_F16
-            } else {
-                TOL_REDUCTION
-            };
-            let plan = check_plan(&dev, &what, &g, &outs, &feeds, tol);
-            let k = plan.kernels();
-            let count = |op: &str| {
-                k.iter()
-                    .filter(|s| s.split_whitespace().nth(2) == Some(op))
-                    .count()
-            };
-            assert_eq!(count("inner_sums"), 1, "{what}: {k:#?}");
+            let k = check_gradients(&dev, &what, &g, loss, &[x, w, b], &feeds, dtype);
+            assert_eq!(count_op(&k, "inner_sums"), 1, "{what}: {k:#?}");
+            let blocks = format!("[{}, 2, 128]", rows.div_ceil(512));
             assert!(
-                k.iter().any(|s| s.contains("inner_sums")
-                    && s.contains(&format!("[{}, 2, 128]", rows.div_ceil(512)))),
+                k.iter()
+                    .any(|s| s.contains("inner_sums") && s.contains(&blocks)),
                 "{what}: blocks of 512 rows: {k:#?}"
             );
         }
@@ -1001,11 +1004,7 @@ fn layer_norm_parameter_gradients_over_many_rows() {
 #[test]
 fn batch_norm_parameter_gradients_over_large_channels() {
     let Some(dev) = gpu() else { return };
-    let half = dev.features().contains(wgpu::Features::SHADER_F16);
-    for dtype in [DType::F32, DType::F16] {
-        if dtype == DType::F16 && !half {
-            continue;
-        }
+    for dtype in activation_types(&dev) {
         let shape = [2usize, 3, 100, 99];
         let what = format!("batch norm {shape:?}, {dtype}");
         let g = Graph::new();
@@ -1013,23 +1012,12 @@ fn batch_norm_parameter_gradients_over_large_channels() {
         let (w, b) = (g.input("w", [3]), g.input("b", [3]));
         let y = g.batch_norm(x, Some((w, b)), None, true, EPS).unwrap();
         let loss = random_projection(&g, g.cast(y, DType::F32).unwrap(), 9);
-        let grads = g.grad(loss, &[x, w, b]).unwrap();
-        let outs: Vec<_> = grads
-            .iter()
-            .map(|&d| g.cast(d, DType::F32).unwrap())
-            .collect();
         let feeds = [
             ("x".to_string(), skewed(&shape, 1)),
             ("w".to_string(), rand(&[3], 2)),
             ("b".to_string(), rand(&[3], 3)),
         ];
-        let tol = if dtype == DType::F16 {
-            TOL_F16
-        } else {
-            TOL_REDUCTION
-        };
-        let plan = check_plan(&dev, &what, &g, &outs, &feeds, tol);
-        let k = plan.kernels();
+        let k = check_gradients(&dev, &what, &g, loss, &[x, w, b], &feeds, dtype);
         // 19,800 elements per channel: 3 blocks
         assert!(
             k.iter()
