@@ -974,68 +974,79 @@ fn transformer_layer_f16() {
 
 /// Decoding with a key/value cache: a prefill of 3 tokens, then one token per run, gives each
 /// position what the whole sequence's causal forward gives (two pre-norm layers, each with its
-/// own cache), on the CPU reference and on the GPU; `write_rows` alone against its formula.
+/// own cache), on the CPU reference and on the GPU, with heads of 4 features and of 160 (wider
+/// than the backward kernels take: decoding still reads the caches as they are, no permutes);
+/// `write_rows` alone against its formula.
 #[test]
 fn cached_decoding_matches_the_causal_forward() {
     use kiln::nn::{decode_mask, Init};
-    let (n, l, e, max_len) = (2, 7, 16, 9);
-    let mut init = Init::new(8);
-    let layers = pre_norm_layers("dec", e, 4, 0.0, &mut init);
-    let xs = rand(&[n, l, e], 120);
-    let full = {
-        let g = Graph::new();
-        let mut h = g.input("x", [n, l, e]);
-        for t in &layers {
-            h = t.apply(&g, h, None, true, false).unwrap().0;
-        }
-        (g, h)
-    };
-    let step_graph = |s: usize| {
-        let g = Graph::new();
-        let mut h = g.input("x", [n, s, e]);
-        let pos = g.input("pos", [1]);
-        let mask = g.input("mask", [s, max_len]);
-        for t in &layers {
-            h = t.apply_cached(&g, h, pos, max_len, mask).unwrap().0;
-        }
-        (g, h)
-    };
-    let mut devices = vec![Device::cpu()];
-    devices.extend(gpu());
-    for dev in devices {
-        let want = dev
-            .compile(&full.0, &[full.1])
-            .unwrap()
-            .run(&[("x", &xs)])
-            .unwrap()
-            .remove(0);
-        let (g3, y3) = step_graph(3);
-        let (g1, y1) = step_graph(1);
-        let mut prefill = dev.compile(&g3, &[y3]).unwrap();
-        let mut step = dev.compile(&g1, &[y1]).unwrap();
-        let rows = |from: usize, s: usize, t: &Tensor| -> Tensor {
-            let mut d = Vec::new();
-            for b in 0..n {
-                d.extend_from_slice(&t.data()[(b * l + from) * e..(b * l + from + s) * e]);
+    for (e, heads) in [(16usize, 4usize), (320, 2)] {
+        let (n, l, max_len) = (2, 7, 9);
+        let mut init = Init::new(8);
+        let layers = pre_norm_layers(&format!("cached{e}x{heads}"), e, heads, 0.0, &mut init);
+        let xs = rand(&[n, l, e], 120);
+        let full = {
+            let g = Graph::new();
+            let mut h = g.input("x", [n, l, e]);
+            for t in &layers {
+                h = t.apply(&g, h, None, true, false).unwrap().0;
             }
-            Tensor::new([n, s, e], d).unwrap()
+            (g, h)
         };
-        let run = |plan: &mut kiln::Plan, from: usize, s: usize| {
-            let pos = Tensor::new([1], vec![from as f32]).unwrap();
-            let mask = decode_mask(from, s, max_len);
-            let x = rows(from, s, &xs);
-            let got = plan
-                .run(&[("x", &x), ("pos", &pos), ("mask", &mask)])
+        let step_graph = |s: usize| {
+            let g = Graph::new();
+            let mut h = g.input("x", [n, s, e]);
+            let pos = g.input("pos", [1]);
+            let mask = g.input("mask", [s, max_len]);
+            for t in &layers {
+                h = t.apply_cached(&g, h, pos, max_len, mask).unwrap().0;
+            }
+            (g, h)
+        };
+        let mut devices = vec![Device::cpu()];
+        devices.extend(gpu());
+        for dev in devices {
+            let want = dev
+                .compile(&full.0, &[full.1])
+                .unwrap()
+                .run(&[("x", &xs)])
                 .unwrap()
                 .remove(0);
-            let what = format!("{} positions {from}..{}", dev.describe(), from + s);
-            assert_close(&what, &got, &rows(from, s, &want), 1e-5, 1e-4);
-        };
-        run(&mut prefill, 0, 3);
-        for p in 3..l {
-            run(&mut step, p, 1);
+            let (g3, y3) = step_graph(3);
+            let (g1, y1) = step_graph(1);
+            let mut prefill = dev.compile(&g3, &[y3]).unwrap();
+            let mut step = dev.compile(&g1, &[y1]).unwrap();
+            let permutes = step
+                .kernels()
+                .iter()
+                .filter(|k| k.contains("permute"))
+                .count();
+            assert_eq!(permutes, 0, "heads of {}: {:?}", e / heads, step.kernels());
+            let rows = |from: usize, s: usize, t: &Tensor| -> Tensor {
+                let mut d = Vec::new();
+                for b in 0..n {
+                    d.extend_from_slice(&t.data()[(b * l + from) * e..(b * l + from + s) * e]);
+                }
+                Tensor::new([n, s, e], d).unwrap()
+            };
+            let run = |plan: &mut kiln::Plan, from: usize, s: usize| {
+                let pos = Tensor::new([1], vec![from as f32]).unwrap();
+                let mask = decode_mask(from, s, max_len);
+                let x = rows(from, s, &xs);
+                let got = plan
+                    .run(&[("x", &x), ("pos", &pos), ("mask", &mask)])
+                    .unwrap()
+                    .remove(0);
+                let what = format!("{} positions {from}..{}", dev.describe(), from + s);
+                assert_close(&what, &got, &rows(from, s, &want), 1e-5, 1e-4);
+            };
+            run(&mut prefill, 0, 3);
+            for p in 3..l {
+                run(&mut step, p, 1);
+            }
         }
     }
+
     // write_rows: rows at the position, rows past the cache's end dropped
     let g = Graph::new();
     let cache = g.param_init("wr.cache", Tensor::full([2, 4, 3], 9.0));
@@ -1197,8 +1208,9 @@ fn attention_over_many_slices_folds_its_grid() {
 /// what attention of the heads split by graph ops gives (permute, narrow, attention, permute
 /// back), forward and gradient, causal or not, on awkward shapes (one position, one head, one
 /// feature, primes, more positions than a tile), with a mask and dropout, and at the widest head
-/// the backward kernels take; a wider head is unpacked by graph ops. Its training plan has the
-/// four attention kernels and no copies of heads.
+/// the backward kernels take; a wider head runs the packed forward kernel and a backward
+/// unpacked by graph ops, one wider than the forward kernel takes is unpacked for both. Its
+/// training plan has the four attention kernels and no copies of heads.
 #[test]
 fn packed_attention_matches_split_heads() {
     let widest = kiln::ops::attention::MAX_BACKWARD_HEAD_DIM;
@@ -1208,7 +1220,8 @@ fn packed_attention_matches_split_heads() {
         (1, 37, 2, 13, true), // a mask and dropout
         (2, 70, 1, 8, false),
         (1, 6, 1, widest, false),
-        (1, 5, 2, widest + 1, false), // unpacked by graph ops
+        (1, 5, 2, widest + 1, false), // the backward unpacked by graph ops
+        (1, 3, 1, 257, false),        // unpacked by graph ops
     ];
     let seed = Tensor::new([1], vec![77.0]).unwrap();
     for (n, &(b, l, h, d, extras)) in cases.iter().enumerate() {
@@ -1276,6 +1289,9 @@ fn packed_attention_matches_split_heads() {
                     assert_eq!(copies, 0, "case {n}: {kernels:?}");
                 } else {
                     assert_eq!(count("attention_"), 0, "case {n}: {kernels:?}");
+                    // the forward kernel where it takes the head, reading the packed layout
+                    let fused = usize::from(d <= kiln::ops::attention::MAX_HEAD_DIM);
+                    assert_eq!(count(" attention ["), fused, "case {n}: {kernels:?}");
                 }
             }
         }
@@ -1285,7 +1301,8 @@ fn packed_attention_matches_split_heads() {
 /// The tokens layout (`Graph::attention_tokens`, `(N, L, H, D)` operands, as FlashAttention's
 /// `flash_attn_func`) gives what attention of the permuted heads gives, forward and gradients,
 /// with Lq != Lk and Dv != D, causal or not, a mask and dropout, and a head too wide for the
-/// backward kernels (permuted by graph ops); its training plan permutes nothing.
+/// backward kernels (the forward kernel reads the layout, the backward is permuted by graph
+/// ops); its training plan permutes nothing.
 #[test]
 fn tokens_attention_matches_permuted_heads() {
     let widest = kiln::ops::attention::MAX_BACKWARD_HEAD_DIM;
@@ -1294,7 +1311,7 @@ fn tokens_attention_matches_permuted_heads() {
         (2, 7, 11, 3, 5, 4, false),
         (1, 37, 20, 2, 13, 9, true), // a mask and dropout
         (2, 5, 70, 1, 8, 8, false),
-        (1, 3, 4, 2, widest + 1, 3, false), // permuted by graph ops
+        (1, 3, 4, 2, widest + 1, 3, false), // the backward permuted by graph ops
     ];
     let seed = Tensor::new([1], vec![78.0]).unwrap();
     for (n, &(b, lq, lk, h, d, dv, extras)) in cases.iter().enumerate() {

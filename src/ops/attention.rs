@@ -592,14 +592,10 @@ impl Attention {
         let (qs, ks, vs) = self.logical(&stored[0], &stored[1], &stored[2]);
         let (bh, _, lk, d, dv) = extents(&qs, &ks, &vs);
         if d > MAX_BACKWARD_HEAD_DIM || dv > MAX_BACKWARD_HEAD_DIM {
-            if self.layout != Layout::Heads {
-                // the graph builds the other layouts for heads the kernels take only
-                return Err(crate::error::Error::Unsupported(format!(
-                    "{:?} attention with heads of {d} features (at most {MAX_BACKWARD_HEAD_DIM})",
-                    self.layout
-                )));
-            }
-            return self.composed_backward(g, x, dy);
+            return match self.layout {
+                Layout::Heads => self.composed_backward(g, x, dy),
+                _ => self.unpacked_backward(g, x, dy),
+            };
         }
         let grad = |part, extra: Option<NodeId>, shape: Shape| {
             let mut inputs = x.to_vec();
@@ -641,6 +637,46 @@ impl Attention {
     /// The backward from graph ops: the probabilities recomputed from `q` and `k`, then GEMMs
     /// (`dv = p^T dy`, `dp = dy v^T`, `ds = p (dp - sum(dp p)) * scale`, `dq = ds k`,
     /// `dk = ds^T q`); stores `(*, Lq, Lk)`.
+    /// The backward of the packed and tokens layouts for heads wider than the kernels take:
+    /// the operands and `dy` permuted into the heads layout by graph ops, the composed backward
+    /// there, its gradients permuted back (the packed one's parts into one `(N, L, 3, H, D)`).
+    /// Only training pays for the permutes; the forward reads the layout as it is.
+    fn unpacked_backward(
+        &self,
+        g: &Graph,
+        x: &[NodeId],
+        dy: NodeId,
+    ) -> Result<Vec<Option<NodeId>>> {
+        // (N, L, H, D) <-> (N, H, L, D)
+        let swap = |t: NodeId| g.permute(t, &[0, 2, 1, 3]);
+        let heads = self.on_heads();
+        if self.layout == Layout::Tokens {
+            let ops = [swap(x[0])?, swap(x[1])?, swap(x[2])?, x[3], x[4]];
+            return heads
+                .composed_backward(g, &ops, swap(dy)?)?
+                .into_iter()
+                .map(|d| d.map(swap).transpose())
+                .collect();
+        }
+        // packed: (N, L, 3, H, D) -> (3, N, H, L, D), split; the gradients stacked back
+        let split = g.permute(x[0], &[2, 0, 3, 1, 4])?;
+        let d = g.shape(split).dims().to_vec();
+        let part = |i: usize| {
+            let dims: Vec<isize> = d[1..].iter().map(|&e| e as isize).collect();
+            g.reshape(g.narrow(split, 0, i, 1)?, &dims)
+        };
+        let ops = [part(0)?, part(1)?, part(2)?, x[3], x[4]];
+        let grads = heads.composed_backward(g, &ops, swap(dy)?)?;
+        let one: Vec<isize> = d.iter().map(|&e| e as isize).skip(1).collect();
+        let one: Vec<isize> = std::iter::once(1).chain(one).collect();
+        let parts = grads[..3]
+            .iter()
+            .map(|&gr| g.reshape(gr.expect("q, k and v have gradients"), &one))
+            .collect::<Result<Vec<_>>>()?;
+        let dqkv = g.permute(g.concat(&parts, 0)?, &[1, 3, 0, 2, 4])?;
+        Ok(vec![Some(dqkv), None, None, None, None])
+    }
+
     fn composed_backward(
         &self,
         g: &Graph,
@@ -880,8 +916,9 @@ fn probabilities(
 }
 
 /// Self-attention of a packed `qkv (N, L, 3, H, D)` -> `(N, L, H, D)` (see [`Layout::Packed`]);
-/// the graph entry point. Heads wider than the backward kernels take ([`MAX_BACKWARD_HEAD_DIM`])
-/// are unpacked into `(N, H, L, D)` operands by graph ops (and the output packed back).
+/// the graph entry point. Heads wider than the forward kernel takes ([`MAX_HEAD_DIM`]) are
+/// unpacked into `(N, H, L, D)` operands by graph ops (and the output packed back); heads wider
+/// than the backward kernels take are unpacked by the backward rule only.
 pub(crate) fn attention_packed(
     g: &Graph,
     qkv: NodeId,
@@ -897,7 +934,7 @@ pub(crate) fn attention_packed(
             format!("packed qkv {s}: expected (N, L, 3, H, D)"),
         ));
     }
-    if s.dims()[4] <= MAX_BACKWARD_HEAD_DIM {
+    if s.dims()[4] <= MAX_HEAD_DIM {
         return attention_with(g, [qkv; 3], mask, causal, scale, dropout, Layout::Packed);
     }
     let heads = g.permute(qkv, &[2, 0, 3, 1, 4])?;
@@ -910,8 +947,10 @@ pub(crate) fn attention_packed(
 }
 
 /// Attention of `q (N, Lq, H, D)`, `k (N, Lk, H, D)`, `v (N, Lk, H, Dv)` -> `(N, Lq, H, Dv)`
-/// (see [`Layout::Tokens`]); the graph entry point. Heads wider than the backward kernels take
-/// are permuted into `(N, H, L, D)` operands by graph ops (and the output back).
+/// (see [`Layout::Tokens`]); the graph entry point. Heads wider than the forward kernel takes
+/// are permuted into `(N, H, L, D)` operands by graph ops (and the output back); heads wider
+/// than the backward kernels take are permuted by the backward rule only (decoding through
+/// `(N, max_len, H, D)` caches copies nothing).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_tokens(
     g: &Graph,
@@ -931,7 +970,7 @@ pub(crate) fn attention_tokens(
         ));
     }
     let widest = shapes[0].dims()[3].max(shapes[2].dims()[3]);
-    if widest <= MAX_BACKWARD_HEAD_DIM {
+    if widest <= MAX_HEAD_DIM {
         return attention_with(g, [q, k, v], mask, causal, scale, dropout, Layout::Tokens);
     }
     let heads = |t: NodeId| g.permute(t, &[0, 2, 1, 3]);
