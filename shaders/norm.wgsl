@@ -4,7 +4,15 @@
 // layer norm's row of (1, R, D).
 //
 //   group_stats         stats[g] = mean of group g, stats[GROUPS + g] = mean of (x - mean)^2
-//                       (biased; two passes)                                        (GroupStats)
+//                       (biased; two passes); with BLOCKS > 1 the same for each block of
+//                       BLOCK_LEN elements of every group (BLOCKS x 2 rows)          (GroupStats)
+//   merge_stats         each group's mean and variance from its blocks' (BLOCKS x 2 rows):
+//                       mean = sum(n_b mean_b) / N, var = sum(n_b (var_b + (mean_b - mean)^2))
+//                       / N (Chan et al.'s merge; N elements per group)             (MergeStats)
+//   group_stats_running, merge_stats_running
+//                       the same (whole groups), also moving the running statistics in place as
+//                       running_update2 would from the statistics they write
+//                                                           (GroupStats, MergeStats: running)
 //   normalize           out = (x - mean[g]) / sqrt(var[g] + EPS)                     (Normalize)
 //   normalize_affine    out = normalize(x) * weight[a] + bias[a], a = g, or with AFFINE_INNER
 //                       the element's INNER position (a layer norm's feature) (Normalize, affine)
@@ -13,6 +21,9 @@
 //                       compute its statistics, write them past the output (at STATS_OFF) and
 //                       normalize its elements; for groups of a few thousand elements at most
 //                       (a layer norm's rows)                                (NormalizeStats)
+//   stats_normalize_affine_running
+//                       stats_normalize_affine that also moves the running statistics in place
+//                       as running_update2 would              (NormalizeStats, running)
 //   normalize_backward  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), per group,
 //                       rstd = 1 / sqrt(var[g] + EPS): the gradient through the group's own
 //                       statistics                                          (NormalizeBackward)
@@ -43,13 +54,20 @@
 //                                                                           (RunningUpdate)
 //
 // Bindings (group 0), inputs read, the output read_write:
-//   group_stats:         0 x [OUTER*GROUPS*INNER]   1 stats [2*GROUPS] (means, then variances)
+//   group_stats:         0 x [OUTER*GROUPS*INNER]   1 stats [BLOCKS*2*GROUPS] (per block: means,
+//                        then variances)
+//   merge_stats:         0 block_stats [BLOCKS*2*GROUPS]   1 stats [2*GROUPS]
+//   group_stats_running: 0 x [..]   1 running0 [GROUPS]   2 running1 [GROUPS]   3 stats [2*GROUPS]
+//   merge_stats_running: 0 block_stats [..]   1 running0   2 running1   3 stats [2*GROUPS]
 //   normalize:           0 x [..]   1 stats [2*GROUPS]   2 out [..]
 //   normalize_affine:    0 x [..]   1 stats [2*GROUPS]   2 weight [GROUPS]   3 bias [GROUPS]
 //                        4 out [..]
 //   stats_normalize:     0 x [..]   1 out [STATS_OFF + 2*GROUPS]: the result, then the stats
 //   stats_normalize_affine:
 //                        0 x [..]   1 weight   2 bias   3 out [STATS_OFF + 2*GROUPS]
+//   stats_normalize_affine_running:
+//                        0 x   1 weight   2 bias   3 running0 [GROUPS]   4 running1 [GROUPS]
+//                        5 out [STATS_OFF + 2*GROUPS]
 //   normalize_backward:  0 dxhat [..]   1 xhat [..]   2 stats [2*GROUPS]   3 dx [..]
 //   group_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [BLOCKS*2*SUMS_ROW]
 //   inner_sums:          0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 sums [BLOCKS*2*SUMS_ROW]
@@ -63,19 +81,21 @@
 //   running_update(2):   0 value [N] ([2N])   1 running0 [N]   (2 running1 [N]): parameters,
 //                        updated in place
 // Overrides: OUTER, GROUPS, INNER, EPS; TPG (threads per group, a power of two <= 256); N,
-//            MOMENTUM, SCALE0, SCALE1 (running_update); AFFINE_INNER (normalize_affine);
+//            MOMENTUM, SCALE0, SCALE1 (running_update; N is merge_stats' elements per group);
+//            AFFINE_INNER (normalize_affine);
 //            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward); BLOCKS, BLOCK_LEN
-//            (group_sums: blocks of each group and their elements; inner_sums: blocks of rows
-//            and their rows); STATS_OFF
+//            (group_stats, merge_stats, group_sums: blocks of each group and their elements;
+//            inner_sums: blocks of rows and their rows); STATS_OFF
 //            (stats_normalize: the element count rounded up to 128).
 // Dispatch: group_stats, stats_normalize(_affine), normalize_backward, group_sums: TPG
-//           threads per group (group_sums: per group and block), 256 / TPG groups
+//           threads per group (group_stats, group_sums: per group and block), 256 / TPG groups
 //           per workgroup of 256 threads (ceil(GROUPS * TPG / 256) workgroups, folded into
 //           (x <= 65535, y)), f32 partial sums per thread reduced in workgroup memory within
 //           each group's TPG threads (the host gives large groups, a batch norm's channels,
 //           the whole workgroup, and small ones, a layer norm's rows, a few threads);
 //           normalize_weighted_backward(_add) as normalize_backward; normalize(_affine),
 //           normalize_affine_backward and running_update: one thread per element, ceil(n / 256)
+//           (merge_stats: one thread per group, ceil(GROUPS / 256))
 //           workgroups, folded likewise (group_sums: SUMS_ROW groups, the padding's without
 //           elements; times BLOCKS); inner_sums: a workgroup per 64 positions of a row and
 //           block of rows (ceil(SUMS_ROW / 64) * BLOCKS), 4 lanes of 64 threads striding over
@@ -130,6 +150,11 @@ override GPW: u32 = WG / TPG;
 @group(0) @binding(2) var<storage, read> bias2: array<f32>; // always f32
 @group(0) @binding(3) var<storage, read_write> affine_out3: array<f32>;
 @group(0) @binding(4) var<storage, read> res4: array<f32>;
+@group(0) @binding(3) var<storage, read_write> running3: array<f32>; // always f32
+@group(0) @binding(4) var<storage, read_write> running4: array<f32>; // always f32
+@group(0) @binding(5) var<storage, read_write> affine_out5: array<f32>;
+@group(0) @binding(0) var<storage, read> block_stats: array<f32>; // always f32
+@group(0) @binding(3) var<storage, read_write> stats_out3: array<f32>; // always f32
 fn ld_x(i: u32) -> f32 { return x[i]; }
 fn ld_dxhat(i: u32) -> f32 { return dxhat[i]; }
 fn ld_xhat(i: u32) -> f32 { return xhat[i]; }
@@ -143,6 +168,7 @@ fn st_dx5(i: u32, v: f32) { dx5[i] = v; }
 fn st_dx4(i: u32, v: f32) { dx4[i] = v; }
 fn st_normalized1(i: u32, v: f32) { normalized1[i] = v; }
 fn st_affine_out3(i: u32, v: f32) { affine_out3[i] = v; }
+fn st_affine_out5(i: u32, v: f32) { affine_out5[i] = v; }
 // generated: end storage
 
 var<workgroup> partial: array<vec2<f32>, 256>;
@@ -175,16 +201,34 @@ fn workgroup_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;
 }
 
-// This thread's group (may be >= GROUPS in the last workgroup) and its elements: none past
-// the last group, whose threads take part in the barriers only.
+// This thread's group (may be >= GROUPS in the last workgroup) and its elements, `count` from
+// the group's element `first`: none past the last group, whose threads take part in the
+// barriers only.
 struct Lane {
     g: u32,
     t: u32,
+    first: u32,
     count: u32,
 }
 fn lane(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Lane {
     let g = workgroup_index(wid, nwg) * GPW + lid / TPG;
-    return Lane(g, lid % TPG, select(0u, OUTER * INNER, g < GROUPS));
+    return Lane(g, lid % TPG, 0u, select(0u, OUTER * INNER, g < GROUPS));
+}
+
+// Workgroups per block of a split kernel: its GROUPS (or `groups`) at GPW per workgroup.
+fn per_block(groups: u32) -> u32 {
+    return (groups + GPW - 1u) / GPW;
+}
+
+// As `lane`, in the blocks of BLOCK_LEN elements of every group: the workgroups of the first
+// block, then the next block's (per_block(GROUPS) each).
+fn block_lane(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Lane {
+    let w = workgroup_index(wid, nwg);
+    let block = w / per_block(GROUPS);
+    let g = (w % per_block(GROUPS)) * GPW + lid / TPG;
+    let n = OUTER * INNER;
+    let first = min(block * BLOCK_LEN, n);
+    return Lane(g, lid % TPG, first, select(0u, min(n - first, BLOCK_LEN), g < GROUPS));
 }
 
 // The group of element i of (OUTER, GROUPS, INNER).
@@ -202,15 +246,15 @@ fn normalized_x(i: u32) -> f32 {
 // of the workgroup calls it (barriers). Two passes: the squared deviations from the mean, not
 // E[x^2] - E[x]^2, which cancels.
 fn lane_stats(l: Lane, lid: u32) -> vec2<f32> {
-    let n = f32(OUTER * INNER);
+    let n = f32(max(l.count, 1u));
     var s = 0.0;
     for (var e = l.t; e < l.count; e = e + TPG) {
-        s = s + ld_x(at(l.g, e));
+        s = s + ld_x(at(l.g, l.first + e));
     }
     let m = group_sum(lid, vec2<f32>(s, 0.0)).x / n;
     s = 0.0;
     for (var e = l.t; e < l.count; e = e + TPG) {
-        let d = ld_x(at(l.g, e)) - m;
+        let d = ld_x(at(l.g, l.first + e)) - m;
         s = s + d * d;
     }
     return vec2<f32>(m, group_sum(lid, vec2<f32>(s, 0.0)).x / n);
@@ -222,15 +266,90 @@ fn group_stats(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    if workgroup_index(wid, nwg) >= per_block(GROUPS) * BLOCKS {
+        return;
+    }
+    let l = block_lane(wid, nwg, lid);
+    let s = lane_stats(l, lid);
+    if l.t == 0u && l.count > 0u {
+        let row = l.first / BLOCK_LEN * 2u * GROUPS;
+        stats_out[row + l.g] = s.x;
+        stats_out[row + GROUPS + l.g] = s.y;
+    }
+}
+
+// running_update2 of group g from its new statistics s (mean, variance).
+fn move_running(g: u32, s: vec2<f32>) {
+    running0[g] = (1.0 - MOMENTUM) * running0[g] + MOMENTUM * (SCALE0 * s.x);
+    running1[g] = (1.0 - MOMENTUM) * running1[g] + MOMENTUM * (SCALE1 * s.y);
+}
+
+@compute @workgroup_size(256)
+fn group_stats_running(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
     if workgroup_index(wid, nwg) * GPW >= GROUPS {
         return;
     }
     let l = lane(wid, nwg, lid);
     let s = lane_stats(l, lid);
     if l.t == 0u && l.count > 0u {
-        stats_out[l.g] = s.x;
-        stats_out[GROUPS + l.g] = s.y;
+        stats_out3[l.g] = s.x;
+        stats_out3[GROUPS + l.g] = s.y;
+        move_running(l.g, s);
     }
+}
+
+// Group g's mean and variance from its blocks': each block weighs its elements' share of the
+// group's N.
+fn merged_stats(g: u32) -> vec2<f32> {
+    var mean = 0.0;
+    for (var b = 0u; b < BLOCKS; b = b + 1u) {
+        let first = min(b * BLOCK_LEN, N);
+        let share = f32(min(N - first, BLOCK_LEN)) / f32(N);
+        mean = mean + share * block_stats[b * 2u * GROUPS + g];
+    }
+    var var_ = 0.0;
+    for (var b = 0u; b < BLOCKS; b = b + 1u) {
+        let first = min(b * BLOCK_LEN, N);
+        let share = f32(min(N - first, BLOCK_LEN)) / f32(N);
+        let d = block_stats[b * 2u * GROUPS + g] - mean;
+        var_ = var_ + share * (block_stats[(b * 2u + 1u) * GROUPS + g] + d * d);
+    }
+    return vec2<f32>(mean, var_);
+}
+
+@compute @workgroup_size(256)
+fn merge_stats(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = workgroup_index(wid, nwg) * WG + lid;
+    if g >= GROUPS {
+        return;
+    }
+    let s = merged_stats(g);
+    stats_out[g] = s.x;
+    stats_out[GROUPS + g] = s.y;
+}
+
+@compute @workgroup_size(256)
+fn merge_stats_running(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = workgroup_index(wid, nwg) * WG + lid;
+    if g >= GROUPS {
+        return;
+    }
+    let s = merged_stats(g);
+    stats_out3[g] = s.x;
+    stats_out3[GROUPS + g] = s.y;
+    move_running(g, s);
 }
 
 @compute @workgroup_size(256)
@@ -279,6 +398,31 @@ fn stats_normalize_affine(
 }
 
 @compute @workgroup_size(256)
+fn stats_normalize_affine_running(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    if workgroup_index(wid, nwg) * GPW >= GROUPS {
+        return;
+    }
+    let l = lane(wid, nwg, lid);
+    let s = lane_stats(l, lid);
+    let d = sqrt(s.y + EPS);
+    for (var e = l.t; e < l.count; e = e + TPG) {
+        let i = at(l.g, e);
+        let a = select(l.g, i % INNER, AFFINE_INNER);
+        st_affine_out5(i, (ld_x(i) - s.x) / d * weight1[a] + bias2[a]);
+    }
+    if l.t == 0u && l.count > 0u {
+        st_affine_out5(STATS_OFF + l.g, s.x);
+        st_affine_out5(STATS_OFF + GROUPS + l.g, s.y);
+        running3[l.g] = (1.0 - MOMENTUM) * running3[l.g] + MOMENTUM * (SCALE0 * s.x);
+        running4[l.g] = (1.0 - MOMENTUM) * running4[l.g] + MOMENTUM * (SCALE1 * s.y);
+    }
+}
+
+@compute @workgroup_size(256)
 fn normalize(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -312,13 +456,12 @@ fn group_sums(
     @builtin(local_invocation_index) lid: u32,
 ) {
     // the workgroups of one block of every group's elements, then the next block's
-    let per_block = (SUMS_ROW + GPW - 1u) / GPW;
     let w = workgroup_index(wid, nwg);
-    if w >= per_block * BLOCKS {
+    if w >= per_block(SUMS_ROW) * BLOCKS {
         return;
     }
-    let block = w / per_block;
-    let g = (w % per_block) * GPW + lid / TPG;
+    let block = w / per_block(SUMS_ROW);
+    let g = (w % per_block(SUMS_ROW)) * GPW + lid / TPG;
     let t = lid % TPG;
     let n = OUTER * INNER;
     let first = min(block * BLOCK_LEN, n);

@@ -83,13 +83,14 @@ fn skewed(shape: &[usize], seed: u64) -> Tensor {
 }
 
 const SHAPES: &[&[usize]] = &[
-    &[7, 3],          // BatchNorm1d on (N, C)
-    &[5, 3, 4],       // BatchNorm1d on (N, C, L)
-    &[2, 3, 5, 7],    // BatchNorm2d
-    &[1, 4, 3, 3],    // one image
-    &[6, 5, 1, 1],    // one position
-    &[3, 2, 2, 3, 2], // BatchNorm3d
-    &[2, 2, 48, 48],  // channels of 4,608: statistics in a kernel of their own
+    &[7, 3],           // BatchNorm1d on (N, C)
+    &[5, 3, 4],        // BatchNorm1d on (N, C, L)
+    &[2, 3, 5, 7],     // BatchNorm2d
+    &[1, 4, 3, 3],     // one image
+    &[6, 5, 1, 1],     // one position
+    &[3, 2, 2, 3, 2],  // BatchNorm3d
+    &[2, 2, 48, 48],   // channels of 4,608: statistics in a kernel of their own
+    &[1, 2, 131, 131], // channels of 17,161: statistics of 3 blocks (the last shorter), merged
 ];
 
 #[test]
@@ -141,6 +142,16 @@ fn batch_norm_training_matches_the_formula_and_moves_running_stats() {
                 .unwrap()
                 .remove(0);
             assert_close(&what, &got, &want, 1e-5, 1e-4);
+            if which == "gpu" {
+                // more than 16,384 elements per channel: blocks of statistics, then a merge;
+                // more than 4,096: a statistics kernel of its own, else the normalization's;
+                // whichever computes the statistics moves the running ones too
+                let k: Vec<String> = plan.kernels().iter().map(|k| k.to_string()).collect();
+                let (merged, separate) = ((count > 16384) as usize, (count > 4096) as usize);
+                assert_eq!(count_op(&k, "merge_stats"), merged, "{what}: {k:#?}");
+                assert_eq!(count_op(&k, "group_stats"), separate, "{what}: {k:#?}");
+                assert_eq!(count_op(&k, "running_update"), 0, "{what}: {k:#?}");
+            }
             let rm = dev.param("bn.running_mean").unwrap();
             let rv = dev.param("bn.running_var").unwrap();
             assert_close(
@@ -470,9 +481,9 @@ fn layers_train_in_one_step_and_evaluate_with_running_statistics() {
         );
         if !step.plan().kernels().is_empty() {
             // the batch norm: the normalization with scale and shift (computing its
-            // statistics itself: groups this small), their per-channel gradient sums, the
-            // input's gradient and both running averages, one kernel each; the layer norm:
-            // normalization (with its statistics), its gradient
+            // statistics itself, groups this small, and moving the running averages), their
+            // per-channel gradient sums and the input's gradient, one kernel each; the layer
+            // norm: normalization (with its statistics), its gradient
             let labels = step.plan().kernels();
             let count = |name: &str| {
                 labels
@@ -486,7 +497,7 @@ fn layers_train_in_one_step_and_evaluate_with_running_statistics() {
                 ("group_sums", 1),
                 ("normalize_affine_backward", 1),
                 ("normalize_backward", 1),
-                ("running_update", 1),
+                ("running_update", 0),
             ] {
                 assert_eq!(count(name), want, "{name} in {labels:#?}");
             }
@@ -998,9 +1009,10 @@ fn layer_norm_parameter_gradients_over_many_rows() {
     }
 }
 
-/// A batch norm whose channels hold more than 16,384 elements sums its parameters' gradients in
-/// blocks of up to 8,192 elements of every channel, then adds the blocks up: the gradients of x,
-/// weight and bias against the CPU reference (f32 and f16 activations), and the plan's kernels.
+/// A batch norm whose channels hold more than 16,384 elements computes its statistics and sums
+/// its parameters' gradients in blocks of up to 8,192 elements of every channel, then merges
+/// the blocks' statistics and adds their sums up: the gradients of x, weight and bias against
+/// the CPU reference (f32 and f16 activations), and the plan's kernels.
 #[test]
 fn batch_norm_parameter_gradients_over_large_channels() {
     let Some(dev) = gpu() else { return };
@@ -1024,5 +1036,11 @@ fn batch_norm_parameter_gradients_over_large_channels() {
                 .any(|s| s.contains("group_sums") && s.contains("[3, 2, 128]")),
             "{what}: {k:#?}"
         );
+        assert!(
+            k.iter()
+                .any(|s| s.contains("group_stats") && s.contains("[3, 2, 3]")),
+            "{what}: {k:#?}"
+        );
+        assert_eq!(count_op(&k, "merge_stats"), 1, "{what}: {k:#?}");
     }
 }

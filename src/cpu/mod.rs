@@ -8,6 +8,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::exec::PlanInfo;
 use crate::graph::{Node, NodeId};
+use crate::ops::norm::{GroupStats, MergeStats, NormalizeStats};
 use crate::ops::{Init, Op};
 use crate::tensor::Tensor;
 
@@ -83,6 +84,35 @@ pub fn evaluate(
                         }
                     }
                     updated.swap_remove(0)
+                }
+                // statistics whose kernel also moves the running ones
+                Op::GroupStats(GroupStats {
+                    running: Some(r), ..
+                })
+                | Op::MergeStats(MergeStats {
+                    running: Some(r), ..
+                }) => {
+                    let stats = n.op.cpu_forward(&ins[..1], &n.shape);
+                    for (k, t) in r.cpu(&stats, &ins[1..]).into_iter().enumerate() {
+                        if let Op::Param { name, .. } = &nodes[n.inputs[1 + k].0].op {
+                            store(name, t)?;
+                        }
+                    }
+                    stats
+                }
+                // a normalization whose kernel also moves running statistics (the last two
+                // inputs) towards the ones it computes
+                Op::NormalizeStats(NormalizeStats {
+                    running: Some(r), ..
+                }) => {
+                    let stats = GroupStats::WHOLE.cpu(ins[0]);
+                    let at = ins.len() - 2;
+                    for (k, t) in r.cpu(&stats, &ins[at..]).into_iter().enumerate() {
+                        if let Op::Param { name, .. } = &nodes[n.inputs[at + k].0].op {
+                            store(name, t)?;
+                        }
+                    }
+                    n.op.cpu_forward(&ins, &n.shape)
                 }
                 _ => n.op.cpu_forward(&ins, &n.shape),
             }

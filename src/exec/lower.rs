@@ -8,9 +8,9 @@
 //!    product reads, comes out of that product's kernel; [`stats_inside_normalization`]: a layer
 //!    norm computes its row statistics inside its normalization's kernel;
 //!    [`residual_into_normalize_backward`]: a layer norm's input gradient adds the residual
-//!    connection's; [`split_group_sums`]: normalization parameter gradients over many rows (a
-//!    layer norm's) or large groups (a batch norm's channels) are summed in blocks, then added
-//!    up;
+//!    connection's; [`split_group_reductions`]: normalization statistics and parameter
+//!    gradients over large groups (a batch norm's channels) or many rows (a layer norm's) are
+//!    reduced in blocks, then merged or added up;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
@@ -103,7 +103,8 @@ pub(crate) fn lower(
     row_sums_in_products(nodes, order, ch);
     stats_inside_normalization(nodes, order);
     residual_into_normalize_backward(nodes, order, targets);
-    split_group_sums(nodes, order);
+    split_group_reductions(nodes, order);
+    running_update_in_stats(nodes, order, outputs);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
     nchw_conv_output(nodes, order, targets);
@@ -578,7 +579,7 @@ pub(crate) fn stats_inside_normalization(nodes: &mut [Node], order: &mut Vec<Nod
         let read_before = order[..y_pos]
             .iter()
             .any(|&o| nodes[o.0].inputs.contains(&stats));
-        if !matches!(nodes[stats.0].op, Op::GroupStats(_))
+        if !matches!(nodes[stats.0].op, Op::GroupStats(s) if s == crate::ops::norm::GroupStats::WHOLE)
             || nodes[stats.0].inputs[0] != x
             || nodes[y.0].dtype != DType::F32
             || nodes[x.0].dtype != DType::F32
@@ -592,10 +593,13 @@ pub(crate) fn stats_inside_normalization(nodes: &mut [Node], order: &mut Vec<Nod
             continue;
         }
         let n = &mut nodes[y.0];
-        n.op = Op::NormalizeStats(norm);
+        n.op = Op::NormalizeStats(crate::ops::norm::NormalizeStats {
+            norm,
+            running: None,
+        });
         n.inputs.remove(1);
         let s = &mut nodes[stats.0];
-        s.op = Op::StatsOf(crate::ops::norm::GroupStats);
+        s.op = Op::StatsOf(crate::ops::norm::GroupStats::WHOLE);
         s.inputs = vec![y, x];
         moves.push((stats, y));
     }
@@ -675,57 +679,148 @@ pub(crate) fn residual_into_normalize_backward(
     order.retain(|id| !dropped.contains(id));
 }
 
-/// Where a normalization's parameter gradients (`GroupSums`) sum more than twice
-/// `norm::INNER_SUMS_BLOCK_ROWS` rows (a layer norm's, per feature) or each group's sums more
-/// than twice `norm::GROUP_SUMS_BLOCK_LEN` elements (a batch norm's, per channel), each block
-/// of that many gets its own workgroups and partial sums (a new node, placed before it) and
-/// the node itself becomes their sum (a reduction, same id and shape): `ceil(features / 64)`
-/// workgroups, or one per channel, alone would leave a large GPU mostly idle.
-pub(crate) fn split_group_sums(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>) {
-    use crate::ops::norm::{GROUP_SUMS_BLOCK_LEN, INNER_SUMS_BLOCK_ROWS};
+/// Where a normalization's reductions over large groups would leave a large GPU mostly idle,
+/// each block of a group gets its own workgroups and results (a new node, placed before the
+/// node) and the node itself combines them (same id and shape):
+///
+/// - parameter gradients (`GroupSums`) over more than twice `norm::INNER_SUMS_BLOCK_ROWS` rows
+///   (a layer norm's, per feature: `ceil(features / 64)` workgroups) or each group's more than
+///   twice `norm::GROUP_SUMS_BLOCK_LEN` elements (a batch norm's, a workgroup per channel): the
+///   blocks' partial sums, added by a reduction;
+/// - statistics (`GroupStats`) of groups of more than twice `norm::GROUP_STATS_BLOCK_LEN`
+///   elements (a batch norm's channels): each block's mean and variance, merged by
+///   `MergeStats`.
+pub(crate) fn split_group_reductions(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>) {
+    use crate::ops::norm::{
+        GroupStats, GroupSums, MergeStats, GROUP_STATS_BLOCK_LEN, GROUP_SUMS_BLOCK_LEN,
+        INNER_SUMS_BLOCK_ROWS,
+    };
     use crate::ops::reduce::{Reduce, ReduceKind};
     let mut i = 0;
     while i < order.len() {
         let id = order[i];
         let n = &nodes[id.0];
-        let Op::GroupSums(sums) = n.op else {
+        // (OUTER, GROUPS, INNER) of the reduced tensor
+        let d = match n.op {
+            Op::GroupSums(_) | Op::GroupStats(_) => nodes[n.inputs[0].0].shape.dims().to_vec(),
+            _ => Vec::new(),
+        };
+        // elements (rows) per group and per block
+        let split = match n.op {
+            _ if d.len() != 3 => None,
+            Op::GroupSums(s) if s.blocks == 1 && s.inner => {
+                Some((d[0] * d[1], INNER_SUMS_BLOCK_ROWS))
+            }
+            Op::GroupSums(s) if s.blocks == 1 => Some((d[0] * d[2], GROUP_SUMS_BLOCK_LEN)),
+            Op::GroupStats(s) if s == GroupStats::WHOLE => {
+                Some((d[0] * d[2], GROUP_STATS_BLOCK_LEN))
+            }
+            _ => None,
+        };
+        let Some((len, block)) = split.filter(|&(len, block)| len > 2 * block) else {
             i += 1;
             continue;
         };
-        // (OUTER, GROUPS, INNER)
-        let d = nodes[n.inputs[0].0].shape.dims().to_vec();
-        if d.len() != 3 {
-            i += 1;
-            continue;
-        }
-        let (len, block) = match sums.inner {
-            true => (d[0] * d[1], INNER_SUMS_BLOCK_ROWS),
-            false => (d[0] * d[2], GROUP_SUMS_BLOCK_LEN),
-        };
-        if sums.blocks != 1 || len <= 2 * block {
-            i += 1;
-            continue;
-        }
         let blocks = len.div_ceil(block);
+        let (partial, combine) = match n.op {
+            Op::GroupSums(sums) => (
+                Op::GroupSums(GroupSums { blocks, ..sums }),
+                Op::Reduce(Reduce {
+                    kind: ReduceKind::Sum,
+                    axis: 0,
+                    keepdim: false,
+                }),
+            ),
+            _ => (
+                Op::GroupStats(GroupStats {
+                    blocks,
+                    running: None,
+                }),
+                Op::MergeStats(MergeStats {
+                    count: len,
+                    running: None,
+                }),
+            ),
+        };
         let mut shape = vec![blocks];
         shape.extend(n.shape.dims());
         let pid = NodeId(nodes.len());
         nodes.push(Node {
-            op: Op::GroupSums(crate::ops::norm::GroupSums { blocks, ..sums }),
+            op: partial,
             inputs: nodes[id.0].inputs.clone(),
             shape: Shape(shape),
             dtype: nodes[id.0].dtype,
         });
         let node = &mut nodes[id.0];
-        node.op = Op::Reduce(Reduce {
-            kind: ReduceKind::Sum,
-            axis: 0,
-            keepdim: false,
-        });
+        node.op = combine;
         node.inputs = vec![pid];
         order.insert(i, pid);
         i += 2;
     }
+}
+
+/// Where a running-statistics update (`RunningUpdate`, two rows: a batch norm's mean and
+/// variance) reads the statistics of a `GroupStats` kernel of whole groups, a `MergeStats`
+/// (which `split_group_reductions` made) or an affine `NormalizeStats` (through `StatsOf`),
+/// that kernel moves the running statistics itself as it computes the statistics
+/// (`running`: the parameters bound read_write after its other inputs) and the update's
+/// kernel goes: one dispatch fewer per batch norm in training. Not where the update's value is
+/// read or asked for, or where a node between the two touches the running statistics.
+pub(crate) fn running_update_in_stats(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    outputs: &[NodeId],
+) {
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let u = order[pos];
+        let Op::RunningUpdate(r) = nodes[u.0].op else {
+            continue;
+        };
+        // the kernel that computes the statistics
+        let mut stats = nodes[u.0].inputs[0];
+        if matches!(nodes[stats.0].op, Op::StatsOf(_)) {
+            stats = nodes[stats.0].inputs[0];
+        }
+        let fits = match nodes[stats.0].op {
+            Op::GroupStats(s) => s == crate::ops::norm::GroupStats::WHOLE,
+            Op::MergeStats(m) => m.running.is_none(),
+            Op::NormalizeStats(n) => n.norm.affine && n.running.is_none(),
+            _ => false,
+        };
+        let read = order.iter().any(|o| nodes[o.0].inputs.contains(&u));
+        if r.rows != 2 || !fits || outputs.contains(&u) || read {
+            continue;
+        }
+        let Some(s_pos) = order.iter().position(|&o| o == stats) else {
+            continue;
+        };
+        // the running statistics: nothing between may read or write them
+        let running: Vec<NodeId> = nodes[u.0].inputs[1..]
+            .iter()
+            .map(|&i| storage_root(nodes, i))
+            .collect();
+        let touched = order[s_pos + 1..pos].iter().any(|o| {
+            nodes[o.0]
+                .inputs
+                .iter()
+                .any(|&i| running.contains(&storage_root(nodes, i)))
+        });
+        if touched {
+            continue;
+        }
+        let extra = nodes[u.0].inputs[1..].to_vec();
+        let n = &mut nodes[stats.0];
+        match &mut n.op {
+            Op::GroupStats(s) => s.running = Some(r),
+            Op::MergeStats(m) => m.running = Some(r),
+            Op::NormalizeStats(s) => s.running = Some(r),
+            _ => continue,
+        }
+        n.inputs.extend(extra);
+        dropped.push(u);
+    }
+    order.retain(|id| !dropped.contains(id));
 }
 
 /// Rewrites every product whose configuration splits K into `MatMulPartial` (a new node, placed
@@ -1647,6 +1742,66 @@ mod tests {
         assert!(!order
             .iter()
             .any(|id| matches!(nodes[id.0].op, Op::RowSums(_))));
+    }
+
+    /// A training batch norm's statistics kernel moves the running statistics itself (no
+    /// `running_update` kernel): the merge of blocks where channels hold more than 16,384
+    /// elements, the statistics kernel where more than 4,096, else the normalization; asked
+    /// for as an output, the update keeps its kernel.
+    #[test]
+    fn batch_norm_statistics_move_the_running_ones() {
+        use crate::ops::norm::RunningStats;
+        // (shape, blocks of statistics: 0 for none, inside the normalization)
+        for (shape, blocks) in [
+            ([2usize, 4, 100, 99], 3usize),
+            ([2, 4, 50, 50], 1),
+            ([2, 4, 20, 20], 0),
+        ] {
+            let g = Graph::new();
+            let x = g.input("x", shape);
+            let running = RunningStats {
+                mean: g.param("m", [4]),
+                var: g.param("v", [4]),
+                momentum: 0.1,
+            };
+            let affine = (g.param("w", [4]), g.param("b", [4]));
+            let y = g
+                .batch_norm(x, Some(affine), Some(running), true, 1e-5)
+                .unwrap();
+            let mut targets = vec![y];
+            targets.extend(g.state_updates());
+            for asked in [false, true] {
+                let outputs = if asked { &targets[..] } else { &targets[..1] };
+                let (nodes, order) = on_discrete(&g, &targets, |nodes, order, ch| {
+                    lower(nodes, order, outputs, &targets, ch, true)
+                });
+                let ops: Vec<&Op> = order.iter().map(|id| &nodes[id.0].op).collect();
+                let updates = ops
+                    .iter()
+                    .filter(|o| matches!(o, Op::RunningUpdate(_)))
+                    .count();
+                assert_eq!(
+                    updates, asked as usize,
+                    "{shape:?}, asked {asked}: {ops:#?}"
+                );
+                let moving = ops.iter().any(|o| match o {
+                    Op::GroupStats(s) => s.running.is_some() && s.blocks == 1,
+                    Op::MergeStats(m) => m.running.is_some(),
+                    Op::NormalizeStats(n) => n.running.is_some(),
+                    _ => false,
+                });
+                assert_eq!(moving, !asked, "{shape:?}: {ops:#?}");
+                let stats = ops
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::GroupStats(s) => Some(s.blocks),
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                assert_eq!(stats, blocks, "{shape:?}: {ops:#?}");
+            }
+        }
     }
 
     #[test]

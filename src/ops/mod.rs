@@ -148,9 +148,12 @@ pub enum Op {
     RunningUpdate(norm::RunningUpdate),
     /// The mean and variance of each group of `(OUTER, GROUPS, INNER)`: `(2, GROUPS)`.
     GroupStats(norm::GroupStats),
+    /// Each group's mean and variance from a split `GroupStats`' blocks (input 0, `(BLOCKS, 2,
+    /// GROUPS)`): `(2, GROUPS)` (made by the plan compiler; see `ops::norm::MergeStats`).
+    MergeStats(norm::MergeStats),
     /// A normalization that computes its statistics itself and writes them past its output:
     /// inputs `[x, (weight, bias)]` (made by the plan compiler from `GroupStats` and `Normalize`).
-    NormalizeStats(norm::Normalize),
+    NormalizeStats(norm::NormalizeStats),
     /// The statistics a `NormalizeStats` (input 0) wrote: a view; input 1 is `x`, which the CPU
     /// reference reduces (made by the plan compiler).
     StatsOf(norm::GroupStats),
@@ -244,6 +247,7 @@ impl Op {
             Op::SumSquares(_) => "sum_squares",
             Op::RunningUpdate(_) => "running_update",
             Op::GroupStats(_) => "group_stats",
+            Op::MergeStats(_) => "merge_stats",
             Op::NormalizeStats(_) => "normalize",
             Op::StatsOf(_) => "group_stats",
             Op::Normalize(_) => "normalize",
@@ -322,6 +326,16 @@ impl Op {
             Op::OptimStep(_) => (3, false),
             Op::OptimGroup(o) => (o.param(0), false),
             Op::RunningUpdate(_) => (1, false),
+            // statistics that also move running ones (in place)
+            Op::GroupStats(norm::GroupStats {
+                running: Some(_), ..
+            })
+            | Op::MergeStats(norm::MergeStats {
+                running: Some(_), ..
+            }) => (1, true),
+            Op::NormalizeStats(norm::NormalizeStats {
+                running: Some(_), ..
+            }) => (n_inputs - 2, true),
             Op::WriteRows(_) => (2, false),
             Op::AttentionGrad(a) if a.in_place() => (8, false),
             Op::SumSquares(s) if s.chained => (n_inputs - 1, false),
@@ -503,7 +517,8 @@ impl Op {
             Op::SumSquares(s) => s.cpu(inputs, out),
             Op::RunningUpdate(r) => r.cpu(inputs[0], &inputs[1..]).swap_remove(0),
             Op::GroupStats(s) => s.cpu(inputs[0]),
-            Op::NormalizeStats(n) => n.with_stats_cpu(inputs),
+            Op::MergeStats(s) => s.cpu(inputs[0]),
+            Op::NormalizeStats(n) => n.cpu(inputs),
             Op::StatsOf(s) => s.cpu(inputs[1]),
             Op::Normalize(n) => n.cpu(
                 inputs[0],
@@ -578,7 +593,8 @@ impl Op {
             Op::OptimStep(o) => Some(o.kernel(out)),
             Op::RunningUpdate(r) => Some(r.kernel(out.numel())),
             Op::GroupStats(s) => Some(s.kernel(inputs[0])),
-            Op::NormalizeStats(n) => Some(n.with_stats_kernel(inputs[0])),
+            Op::MergeStats(s) => Some(s.kernel(inputs[0])),
+            Op::NormalizeStats(n) => Some(n.kernel(inputs[0])),
             // written by its normalization's kernel: a view
             Op::StatsOf(_) => None,
             Op::Normalize(n) => Some(n.kernel(inputs[0])),
@@ -645,6 +661,7 @@ impl Op {
             | Op::RowSums(_)
             | Op::NormalizeStats(_)
             | Op::StatsOf(_)
+            | Op::MergeStats(_)
             | Op::MatMulEpilogue(_)
             | Op::ReducePrologue(_)
             | Op::ImplicitGemm(_)
@@ -832,6 +849,7 @@ impl Op {
             | Op::Reduce(_)
             | Op::SumSquares(_)
             | Op::GroupStats(_)
+            | Op::MergeStats(_)
             | Op::NormalizeStats(_)
             | Op::StatsOf(_)
             | Op::NormalizeBackward(_)

@@ -95,6 +95,8 @@ impl RunningUpdate {
 
     /// Kernel: one thread per element of a parameter, each updating every row.
     pub fn kernel(&self, c: usize) -> KernelSpec {
+        let mut constants = vec![("N", c as f64)];
+        constants.extend(self.constants());
         KernelSpec {
             family: "norm",
             entry: if self.rows == 2 {
@@ -102,14 +104,18 @@ impl RunningUpdate {
             } else {
                 "running_update"
             },
-            constants: vec![
-                ("N", c as f64),
-                ("MOMENTUM", self.momentum as f64),
-                ("SCALE0", self.scales[0] as f64),
-                ("SCALE1", self.scales[1] as f64),
-            ],
+            constants,
             workgroups: groups(c, 256),
         }
+    }
+
+    /// The update's override constants (shared with the statistics kernels that make it).
+    fn constants(&self) -> [(&'static str, f64); 3] {
+        [
+            ("MOMENTUM", self.momentum as f64),
+            ("SCALE0", self.scales[0] as f64),
+            ("SCALE1", self.scales[1] as f64),
+        ]
     }
 }
 
@@ -187,9 +193,90 @@ pub(crate) fn running_update(
 
 /// Each group's mean and biased variance (divided by the group's size, from the squared
 /// deviations: two passes) of `x (OUTER, GROUPS, INNER)`: output `(2, GROUPS)`, the means in
-/// row 0 and the variances in row 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct GroupStats;
+/// row 0 and the variances in row 1. With `blocks > 1` (made by the plan compiler,
+/// `exec::lower::split_group_stats`): the mean and biased variance of each of `blocks` blocks
+/// of [`GroupStats::block_len`] elements of every group, `(blocks, 2, GROUPS)`, for
+/// [`MergeStats`] to combine. With `running` (whole groups only, made by the plan compiler,
+/// `exec::lower::running_update_in_stats`): inputs `[x, running_0, running_1]`, and the kernel
+/// also moves both running statistics towards the ones it computed, in place, as that
+/// [`RunningUpdate`] (two rows) would.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupStats {
+    pub blocks: usize,
+    pub running: Option<RunningUpdate>,
+}
+
+/// Elements of each group that one block of `group_stats` takes where the plan compiler splits
+/// them: beyond twice this many, a batch norm's channels (a workgroup each) would be too few
+/// workgroups for a large GPU (64 channels of `(64, 56, 56)`: 64 workgroups, split 1,600).
+pub const GROUP_STATS_BLOCK_LEN: usize = 8192;
+
+/// Combines the per-block means and variances of a split [`GroupStats`] (`(BLOCKS, 2,
+/// GROUPS)`, blocks of `ceil(count / BLOCKS)` elements, the last shorter) into each group's
+/// mean and biased variance over its `count` elements, `(2, GROUPS)`, as Chan et al.'s
+/// pairwise update: `mean = sum(n_b mean_b) / n`, `var = sum(n_b (var_b + (mean_b - mean)^2)) /
+/// n`; the squared deviations stay measured from each block's own mean, so no large sums of
+/// squares cancel. With `running`, inputs `[partial, running_0, running_1]` and the running
+/// statistics move in place as in [`GroupStats`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MergeStats {
+    /// Elements of each group (`OUTER * INNER`).
+    pub count: usize,
+    pub running: Option<RunningUpdate>,
+}
+
+impl MergeStats {
+    /// Elements of block `b` of `blocks`.
+    fn block_count(&self, blocks: usize, b: usize) -> usize {
+        let len = self.count.div_ceil(blocks);
+        self.count.saturating_sub(b * len).min(len)
+    }
+
+    /// CPU reference in f64 from the blocks' f32 statistics `(BLOCKS, 2, GROUPS)`.
+    pub fn cpu(&self, partial: &Tensor) -> Tensor {
+        let (blocks, groups) = (partial.dims()[0], partial.dims()[2]);
+        let p = partial.data();
+        let n = self.count as f64;
+        let mut data = vec![0f32; 2 * groups];
+        for g in 0..groups {
+            let nb = |b: usize| self.block_count(blocks, b) as f64;
+            let mean = (0..blocks)
+                .map(|b| nb(b) * p[b * 2 * groups + g] as f64)
+                .sum::<f64>()
+                / n;
+            let m2 = (0..blocks)
+                .map(|b| {
+                    let d = p[b * 2 * groups + g] as f64 - mean;
+                    nb(b) * (p[(b * 2 + 1) * groups + g] as f64 + d * d)
+                })
+                .sum::<f64>();
+            data[g] = mean as f32;
+            data[groups + g] = (m2 / n) as f32;
+        }
+        Tensor::new([2, groups], data).expect("two rows of one value per group")
+    }
+
+    /// Kernel: one thread per group, each over the blocks; `partial` is `(BLOCKS, 2, GROUPS)`.
+    pub fn kernel(&self, partial: &Shape) -> KernelSpec {
+        let (blocks, groups) = (partial.dims()[0], partial.dims()[2]);
+        let mut constants = vec![
+            ("GROUPS", groups as f64),
+            ("BLOCKS", blocks as f64),
+            ("BLOCK_LEN", self.count.div_ceil(blocks) as f64),
+            ("N", self.count as f64),
+        ];
+        constants.extend(self.running.iter().flat_map(|r| r.constants()));
+        KernelSpec {
+            family: "norm",
+            entry: match self.running {
+                Some(_) => "merge_stats_running",
+                None => "merge_stats",
+            },
+            constants,
+            workgroups: super::groups(groups, 256),
+        }
+    }
+}
 
 /// How a `norm.wgsl` kernel covers its tensor.
 enum Grid {
@@ -256,23 +343,62 @@ fn rstd(var: f32, eps: f32) -> f64 {
 }
 
 impl GroupStats {
-    /// CPU reference in f64.
-    pub fn cpu(&self, x: &Tensor) -> Tensor {
-        let groups = x.dims()[1];
-        let n = (x.numel() / groups) as f64;
-        let mut data = vec![0f32; 2 * groups];
-        for g in 0..groups {
-            let mean = group(x, g).map(|(_, v)| v).sum::<f64>() / n;
-            let var = group(x, g).map(|(_, v)| (v - mean).powi(2)).sum::<f64>() / n;
-            data[g] = mean as f32;
-            data[groups + g] = var as f32;
-        }
-        Tensor::new([2, groups], data).expect("two rows of one value per group")
+    /// The statistics of whole groups, `(2, GROUPS)`, as the graph builds them.
+    pub const WHOLE: GroupStats = GroupStats {
+        blocks: 1,
+        running: None,
+    };
+
+    /// Elements of each group that one block takes (the last block's may be fewer).
+    pub fn block_len(&self, x: &Shape) -> usize {
+        let (outer, _, inner) = split3(x);
+        (outer * inner).div_ceil(self.blocks.max(1))
     }
 
-    /// Kernel: [`threads_per_group`] threads per group.
+    /// CPU reference in f64 (each block's statistics where `blocks > 1`).
+    pub fn cpu(&self, x: &Tensor) -> Tensor {
+        let groups = x.dims()[1];
+        let blocks = self.blocks.max(1);
+        let len = self.block_len(x.shape());
+        let mut data = vec![0f32; blocks * 2 * groups];
+        for g in 0..groups {
+            let values: Vec<f64> = group(x, g).map(|(_, v)| v).collect();
+            for (b, block) in values.chunks(len).enumerate() {
+                let n = block.len() as f64;
+                let mean = block.iter().sum::<f64>() / n;
+                let var = block.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+                data[b * 2 * groups + g] = mean as f32;
+                data[(b * 2 + 1) * groups + g] = var as f32;
+            }
+        }
+        let shape = match blocks {
+            1 => vec![2, groups],
+            b => vec![b, 2, groups],
+        };
+        Tensor::new(shape, data).expect("two rows of one value per group and block")
+    }
+
+    /// Kernel: [`threads_per_group`] threads per group (and block).
     pub fn kernel(&self, x: &Shape) -> KernelSpec {
-        group_kernel("group_stats", x, None, Grid::PerGroup)
+        if let Some(r) = self.running {
+            let mut k = group_kernel("group_stats_running", x, None, Grid::PerGroup);
+            k.constants.extend(r.constants());
+            return k;
+        }
+        if self.blocks <= 1 {
+            return group_kernel("group_stats", x, None, Grid::PerGroup);
+        }
+        let len = self.block_len(x);
+        let mut k = group_kernel("group_stats", x, None, Grid::PerGroup);
+        let tpg = threads_per_group(len);
+        let groups = split3(x).1;
+        if let Some(c) = k.constants.iter_mut().find(|c| c.0 == "TPG") {
+            c.1 = tpg as f64;
+        }
+        k.workgroups = super::groups(groups * tpg, 256) * self.blocks as u64;
+        k.constants.push(("BLOCKS", self.blocks as f64));
+        k.constants.push(("BLOCK_LEN", len as f64));
+        k
     }
 
     /// Backward: the mean spreads `dmean / n` over its group, the variance gives
@@ -306,6 +432,46 @@ pub fn stats_offset(numel: usize) -> usize {
 pub fn stats_inside(x: &Shape) -> bool {
     let (outer, _, inner) = split3(x);
     outer * inner <= 4096
+}
+
+/// A [`Normalize`] of small groups that computes their statistics itself and writes them past
+/// its output, at [`stats_offset`] (made by the plan compiler,
+/// `exec::lower::stats_inside_normalization`; `Op::StatsOf` views them): inputs `[x, (weight,
+/// bias)]`. With `running` (affine only, `exec::lower::running_update_in_stats`): also
+/// `[running_0, running_1]`, moved in place towards the statistics as that [`RunningUpdate`]
+/// (two rows) would.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormalizeStats {
+    pub norm: Normalize,
+    pub running: Option<RunningUpdate>,
+}
+
+impl NormalizeStats {
+    /// CPU reference in f64 (the output; the statistics are `Op::StatsOf`'s).
+    pub fn cpu(&self, inputs: &[&Tensor]) -> Tensor {
+        let stats = GroupStats::WHOLE.cpu(inputs[0]);
+        let affine = self.norm.affine.then(|| (inputs[1], inputs[2]));
+        self.norm.cpu(inputs[0], &stats, affine)
+    }
+
+    /// Kernel: [`threads_per_group`] threads per group, which compute the group's statistics,
+    /// write them at [`stats_offset`] past the output and normalize its elements.
+    pub fn kernel(&self, x: &Shape) -> KernelSpec {
+        let entry = match (self.norm.affine, self.running.is_some()) {
+            (true, true) => "stats_normalize_affine_running",
+            (true, false) => "stats_normalize_affine",
+            (false, _) => "stats_normalize",
+        };
+        let mut k = group_kernel(entry, x, Some(self.norm.eps), Grid::PerGroup);
+        k.constants
+            .push(("STATS_OFF", stats_offset(x.numel()) as f64));
+        if self.norm.affine && self.norm.inner {
+            k.constants.push(("AFFINE_INNER", 1.0));
+        }
+        k.constants
+            .extend(self.running.iter().flat_map(|r| r.constants()));
+        k
+    }
 }
 
 /// `xhat = (x - mean[g]) / sqrt(var[g] + eps)` of `x (OUTER, GROUPS, INNER)` with `stats`
@@ -358,31 +524,6 @@ impl Normalize {
             Some(self.eps),
             Grid::PerElement,
         );
-        if self.affine && self.inner {
-            k.constants.push(("AFFINE_INNER", 1.0));
-        }
-        k
-    }
-
-    /// CPU reference of the form that computes its statistics itself (`Op::NormalizeStats`):
-    /// inputs `[x, (weight, bias)]`.
-    pub fn with_stats_cpu(&self, inputs: &[&Tensor]) -> Tensor {
-        let stats = GroupStats.cpu(inputs[0]);
-        let affine = (inputs.len() == 3).then(|| (inputs[1], inputs[2]));
-        self.cpu(inputs[0], &stats, affine)
-    }
-
-    /// Kernel of that form: [`threads_per_group`] threads per group, which compute the group's
-    /// statistics, write them at [`stats_offset`] past the output and normalize its elements.
-    pub fn with_stats_kernel(&self, x: &Shape) -> KernelSpec {
-        let entry = if self.affine {
-            "stats_normalize_affine"
-        } else {
-            "stats_normalize"
-        };
-        let mut k = group_kernel(entry, x, Some(self.eps), Grid::PerGroup);
-        k.constants
-            .push(("STATS_OFF", stats_offset(x.numel()) as f64));
         if self.affine && self.inner {
             k.constants.push(("AFFINE_INNER", 1.0));
         }
@@ -464,7 +605,7 @@ pub fn sums_row(per: usize) -> usize {
 /// normalization's bias and weight gradients, and what its input gradient needs. With `inner`,
 /// the same sums per INNER position over every group: a layer norm's. Rows of [`sums_row`]
 /// (zeros after the sums): `(2, sums_row(GROUPS or INNER))`. With `blocks > 1` (made by the
-/// plan compiler, `exec::lower::split_group_sums`): the partial sums of each of `blocks`
+/// plan compiler, `exec::lower::split_group_reductions`): the partial sums of each of `blocks`
 /// blocks of [`GroupSums::block_len`] rows (with `inner`) or elements of every group,
 /// `(blocks, 2, sums_row(..))`, for a reduction to add up.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -699,7 +840,7 @@ fn normalize_by_groups(
     check_eps(eps)?;
     let groups = g.shape(x).dims()[1];
     let stats = g.push_op(
-        Op::GroupStats(GroupStats),
+        Op::GroupStats(GroupStats::WHOLE),
         vec![x],
         Shape::from(vec![2, groups]),
     )?;
@@ -987,7 +1128,11 @@ mod tests {
         let g = Graph::new();
         let x = g.input("x", [3, 2, 4]);
         let stats = g
-            .push_op(Op::GroupStats(GroupStats), vec![x], Shape::from(vec![2, 2]))
+            .push_op(
+                Op::GroupStats(GroupStats::WHOLE),
+                vec![x],
+                Shape::from(vec![2, 2]),
+            )
             .unwrap();
         let w = g.constant(Tensor::new([2, 2], vec![0.3, -1.2, 0.7, 2.0]).unwrap());
         let loss = g.sum_all(g.mul(stats, w).unwrap()).unwrap();
