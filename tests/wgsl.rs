@@ -105,6 +105,8 @@ fn every_generated_matmul_is_valid_wgsl() {
                 let bit = |i: u32| bits & (1 << i) != 0;
                 let partial = bit(4) && bit(3);
                 let nchw = !bit(4) && bits % 7 == 3;
+                // every fifth scalar-b layout reads b as an image (implicit-GEMM conv)
+                let im2col = (!bit(3) && bits % 5 == 0).then_some(geom);
                 let lay = Layout {
                     trans_a: bit(0),
                     trans_b: bit(1),
@@ -118,14 +120,16 @@ fn every_generated_matmul_is_valid_wgsl() {
                     },
                     relu: !partial && bit(2),
                     partial,
-                    // every fifth scalar-b layout reads b as an image (implicit-GEMM conv)
-                    im2col: (!bit(3) && bits % 5 == 0).then_some(geom),
+                    im2col,
                     dgrad: None,
                     // some store the result as an NCHW image
                     nchw: nchw.then_some(9),
                     // bias gradients' row sums beside products without a bias, stored [M, N]
                     row_sums: bits % 3 == 0 && !nchw,
                     storage: kiln::DType::F32.into(),
+                    // operands read through a dropout (not an image read as its columns)
+                    drop_a: bits % 4 == 2 || bits % 9 == 0,
+                    drop_b: bits % 3 == 1 && im2col.is_none(),
                 };
                 // f16 storage where the layout allows it (not split-K partial sums); some with
                 // f32 operands read rounded (folded casts of parameters)
@@ -375,7 +379,7 @@ fn every_coop_matmul_is_valid_wgsl() {
             trans_b: bits & 2 != 0,
             bias: [Bias::None, Bias::Rows, Bias::Cols][(bits % 3) as usize],
             relu: bits & 4 != 0,
-            row_sums: false,
+            ..Default::default()
         };
         let dtype = [kiln::DType::F32, kiln::DType::F16][(bits / 8) as usize];
         cases.push((mm, dtype, Operands::Matrices));
@@ -529,7 +533,8 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
         (true, Bias::Cols, kiln::DType::F16),
         (false, Bias::None, kiln::DType::F16),
     ] {
-        let first = if bias == Bias::None { 2 } else { 3 };
+        // a reads through a dropout where the result is vec4: its seed binds after the bias
+        let first = if bias == Bias::None { 2 } else { 3 } + vec_out as usize;
         let epi = epilogue(&program, 1, &[&row, &out], &out, first, dtype);
         let lay = Layout {
             trans_a: false,
@@ -545,17 +550,21 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             nchw: None,
             row_sums: false,
             storage: dtype.into(),
+            drop_a: vec_out,
+            drop_b: false,
         };
         let src = wgsl_with(&cfg, &lay, Some(&epi));
         validate_wgsl(&format!("epilogue, vec_out={vec_out}, {bias:?}"), &src);
         assert!(src.contains("Epilogue: the fused elementwise ops [add,gelu]"));
-        // the tensor-core kernel takes the same epilogue (and its emulated form)
+        // the tensor-core kernel takes the same epilogue (and its emulated form; no dropout)
+        let first = if bias == Bias::None { 2 } else { 3 };
+        let epi = epilogue(&program, 1, &[&row, &out], &out, first, dtype);
         let mm = kiln::ops::matmul::MatMul {
             trans_a: false,
             trans_b: true,
             bias,
             relu: true,
-            row_sums: false,
+            ..Default::default()
         };
         for cores in [Cores::Tensor, Cores::Emulated] {
             let src = kiln::codegen::coop::wgsl_with(
@@ -596,7 +605,7 @@ fn every_gemv_is_valid_wgsl() {
                 trans_b: bits & 2 != 0,
                 bias: [Bias::None, Bias::Rows, Bias::Cols][(bits + rows as u32) as usize % 3],
                 relu: bits & 4 != 0,
-                row_sums: false,
+                ..Default::default()
             };
             // f32, f16, and f16 reading an f32 weight (a folded cast)
             let storage = match bits % 3 {

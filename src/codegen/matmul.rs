@@ -295,6 +295,9 @@ pub fn kernel_with(
         ("BATCH", batch as f64),
     ];
     constants.extend(d.batch_constants());
+    for (drop, name) in [(mm.drop_a, "A"), (mm.drop_b, "B")] {
+        constants.extend(drop.iter().flat_map(|d| d.constants(name)));
+    }
     if layout.row_sums {
         // each slice's region: its product, then (aligned) its row sums
         constants.push((
@@ -358,6 +361,11 @@ pub struct Layout {
     pub row_sums: bool,
     /// Storage types of `a`, `b`, the bias and the result (arithmetic is f32 either way).
     pub storage: Storage,
+    /// Operand `a` (`b`) is read through inverted dropout (`MatMul::drop_a`, `drop_b`): each
+    /// loaded element is kept (and scaled) or zeroed by the hash of its index in the operand,
+    /// as `shaders/dropout.wgsl` would have stored it.
+    pub drop_a: bool,
+    pub drop_b: bool,
 }
 
 impl Layout {
@@ -378,7 +386,14 @@ impl Layout {
             nchw: None,
             row_sums: mm.row_sums,
             storage: Storage::all(DType::F32),
+            drop_a: mm.drop_a.is_some(),
+            drop_b: mm.drop_b.is_some(),
         }
+    }
+
+    /// Bindings of the operands' dropout seeds (one per dropped operand, after the bias).
+    fn seeds(&self) -> usize {
+        self.drop_a as usize + self.drop_b as usize
     }
 
     fn describe(&self) -> String {
@@ -402,7 +417,7 @@ impl Layout {
         let nchw = self.nchw.map(|hw| format!(",nchw{hw}")).unwrap_or_default();
         let half = self.storage.describe();
         format!(
-            "{}{}{}{}{}{}{}{}{}{im2col}{dgrad}{nchw}{half}",
+            "{}{}{}{}{}{}{}{}{}{}{}{im2col}{dgrad}{nchw}{half}",
             f(self.trans_a, ",ta"),
             f(self.trans_b, ",tb"),
             f(self.vec_a, ",va"),
@@ -416,6 +431,8 @@ impl Layout {
             f(self.relu, ",relu"),
             f(self.partial, ",partial"),
             f(self.row_sums, ",row_sums"),
+            f(self.drop_a, ",drop_a"),
+            f(self.drop_b, ",drop_b"),
         )
     }
 }
@@ -441,6 +458,9 @@ struct TileLoad {
     /// The operand's storage type and the result's (see `codegen::load`).
     stored: DType,
     result: DType,
+    /// Read through the operand's dropout (`keep_{operand}`, `keep4_{operand}` with the key
+    /// `key_{operand}`).
+    drop: bool,
 }
 
 /// An operand read by index functions: `at(part_k, part_g)` (or `at(part_g, part_k)` when
@@ -481,6 +501,7 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
         gather,
         stored,
         result,
+        drop,
     } = *tile;
     let t = cfg.threads();
     let bk = cfg.bk;
@@ -554,7 +575,7 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
             decl.to_string()
         };
         if phase != Phase::Stash {
-            let (zero, load) = if vec {
+            let (zero, mut load) = if vec {
                 (
                     "vec4<f32>(0.0)",
                     load4(stored, result, format!("{operand}[({index}) / 4u]")),
@@ -562,6 +583,15 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
             } else {
                 ("0.0", read.clone())
             };
+            if drop {
+                // the four elements of a vec4 are consecutive in the operand's storage; an f16
+                // operand's masked values are rounded to f16 as the dropout kernel stores them
+                let keep = if vec { "keep4" } else { "keep" };
+                load = format!("{load} * {keep}_{operand}({index}, key_{operand})");
+                if stored == DType::F16 {
+                    load = load4_or_1(vec, DType::F32, DType::F16, load);
+                }
+            }
             let _ = writeln!(
                 s,
                 "            {assign} = {zero};\n            if g < {ext_name} && k < kend {{ {v} = {load}; }}"
@@ -587,6 +617,15 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
             }
         }
         let _ = writeln!(s, "        }}");
+    }
+}
+
+/// [`load4`] for a vec4, else [`load`].
+fn load4_or_1(vec: bool, stored: DType, result: DType, x: String) -> String {
+    if vec {
+        load4(stored, result, x)
+    } else {
+        load(stored, result, x)
     }
 }
 
@@ -849,7 +888,8 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
             dt.to_string()
         }
     };
-    let first_extra = if lay.bias == Bias::None { 2 } else { 3 };
+    let first_seed = if lay.bias == Bias::None { 2 } else { 3 };
+    let first_extra = first_seed + lay.seeds();
     let out_binding = first_extra + epilogue.map_or(0, |e| e.extra);
     let mut s = String::new();
     let bias_desc = match lay.bias {
@@ -905,6 +945,22 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
             e.describe
         );
     }
+    if lay.seeds() > 0 {
+        let dropped: Vec<&str> = [(lay.drop_a, "a"), (lay.drop_b, "b")]
+            .iter()
+            .filter(|p| p.0)
+            .map(|p| p.1)
+            .collect();
+        let _ = writeln!(
+            s,
+            "// Dropout: {} read through inverted dropout as loaded (the masked tensor is never
+//   stored): element i kept, times DROP_*_SCALE, where dropout_hash(i ^ key) >= DROP_*_THRESHOLD,
+//   key from the seed (binding {first_seed}.., [1], f32, one per dropped operand in order) and
+//   DROP_*_SALT, as shaders/dropout.wgsl; i is the element's index in the operand's storage.
+",
+            dropped.join(" and ")
+        );
+    }
     if lay.row_sums {
         let _ = writeln!(
             s,
@@ -954,6 +1010,36 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
         names.extend(["RS_OFF", "OSTRIDE"]);
     }
     s.push_str(&super::overrides(&names));
+    let mut drop_fns = String::new();
+    let mut drop_keys = String::new();
+    let dropped = [(lay.drop_a, "a", "A"), (lay.drop_b, "b", "B")];
+    for (slot, &(_, x, up)) in (first_seed..).zip(dropped.iter().filter(|p| p.0)) {
+        let _ = write!(
+            drop_fns,
+            "
+@group(0) @binding({slot}) var<storage, read> seed_{x}: array<f32>;
+override DROP_{up}_THRESHOLD: u32 = 0u;
+override DROP_{up}_SCALE: f32 = 1.0;
+override DROP_{up}_SALT: u32 = 0u;
+// element i of {x} kept (its scale) or dropped (0) under key
+fn keep_{x}(i: u32, key: u32) -> f32 {{
+    return select(0.0, DROP_{up}_SCALE, dropout_hash(i ^ key) >= DROP_{up}_THRESHOLD);
+}}
+fn keep4_{x}(i: u32, key: u32) -> vec4<f32> {{
+    return vec4<f32>(keep_{x}(i, key), keep_{x}(i + 1u, key), keep_{x}(i + 2u, key), keep_{x}(i + 3u, key));
+}}
+"
+        );
+        let _ = writeln!(
+            drop_keys,
+            "    let key_{x} = dropout_hash(u32(seed_{x}[0]) ^ dropout_hash(DROP_{up}_SALT));"
+        );
+    }
+    // the hash, unless an epilogue that drops elements brought it already
+    let hashed = epilogue.is_some_and(|e| e.functions.contains("fn dropout_hash"));
+    if lay.seeds() > 0 && !hashed {
+        drop_fns.push_str(super::elementwise::shared("dropout", "dropout_op"));
+    }
     // where this slice's (and batch's) results start
     let obase = if lay.row_sums {
         "slice * OSTRIDE"
@@ -976,7 +1062,7 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
 // k-major tiles: As[kk * {bm4} + i / 4][i % 4] = op(a)[row0 + i, k0 + kk], Bs likewise for op(b)
 var<workgroup> As: array<vec4<f32>, {}>;
 var<workgroup> Bs: array<vec4<f32>, {}>;
-{epilogue_fns}
+{epilogue_fns}{drop_fns}
 @compute @workgroup_size({t})
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -998,7 +1084,7 @@ fn main(
     let col0 = tn * {bn}u;
     let tx = lid % {tx_count}u;
     let ty = lid / {tx_count}u;
-",
+{drop_keys}",
         bk * bm / 4 * stages,
         bk * bn / 4 * stages,
         bm4 = bm / 4,
@@ -1063,6 +1149,7 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         vec: lay.vec_a && lay.dgrad.is_none(),
         stored: st.a,
         result: dt,
+        drop: lay.drop_a,
         gather: lay.dgrad.map(|_| Gather {
             k_part: "u32",
             g_part: "u32",
@@ -1080,6 +1167,7 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         vec: lay.vec_b && lay.im2col.is_none() && lay.dgrad.is_none(),
         stored: st.b,
         result: dt,
+        drop: lay.drop_b,
         // the column matrix [C*kh*kw, N*Ho*Wo] is op(b) itself, or its transpose when k runs
         // along its columns
         gather: match (lay.im2col, lay.dgrad, lay.trans_b) {

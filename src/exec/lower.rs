@@ -114,6 +114,7 @@ pub(crate) fn lower(
         super::fuse::fold_permutes(nodes, order, targets);
         super::fuse::fuse_reduce_prologue(nodes, order, targets);
         fuse_matmul_epilogue(nodes, order, targets, ch);
+        dropout_into_products(nodes, order, targets, ch);
     }
     group_optimizer_updates(
         nodes,
@@ -544,7 +545,7 @@ pub(crate) fn row_sums_in_products(nodes: &mut [Node], order: &mut Vec<NodeId>, 
             ..mm
         });
         let n = &mut nodes[s.0];
-        n.op = Op::RowSums(RowSums(r));
+        n.op = Op::RowSums(RowSums(r, None));
         n.inputs = vec![p, x];
         moves.push((s, p));
     }
@@ -1076,6 +1077,118 @@ pub(crate) fn fuse_matmul_epilogue(
     order.retain(|id| !dropped.contains(id));
 }
 
+/// Where only products read a dropout's result as an operand (directly or through reshapes of
+/// its size; a bias gradient's `RowSums` of it too), each product applies the dropout itself as
+/// it loads the operand (`MatMul::drop_a`, `drop_b`, the seed an input of its own) and the
+/// dropout's kernel goes: a transformer's feed-forward dropout before its second product
+/// (forward) and the gradients masked before the output projections' products (backward), one
+/// kernel and a tensor's store and loads each. Only where every such product runs on the
+/// generated tiled kernel (`runs_tiled`), whose tile loads apply it.
+pub(crate) fn dropout_into_products(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+    ch: &Choice,
+) {
+    use crate::ops::matmul::{Bias, OperandDropout};
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let dn = order[pos];
+        let Op::Dropout(dr) = nodes[dn.0].op else {
+            continue;
+        };
+        let (x, seed) = (nodes[dn.0].inputs[0], nodes[dn.0].inputs[1]);
+        if targets.contains(&dn) || nodes[x.0].dtype != nodes[dn.0].dtype {
+            continue;
+        }
+        // (reader, input) pairs reading the dropout, and the reshapes between
+        let reads = |v: NodeId| -> Vec<(NodeId, usize)> {
+            order
+                .iter()
+                .flat_map(|&r| {
+                    let ins = &nodes[r.0].inputs;
+                    (0..ins.len())
+                        .filter(move |&k| ins[k] == v)
+                        .map(move |k| (r, k))
+                })
+                .collect()
+        };
+        let mut views = Vec::new();
+        let mut uses = Vec::new();
+        for (r, k) in reads(dn) {
+            if matches!(nodes[r.0].op, Op::Reshape) {
+                views.push(r);
+                uses.extend(reads(r));
+            } else {
+                uses.push((r, k));
+            }
+        }
+        // a product's operand, free of a dropout of its own, on the tiled kernel
+        let operand = |mm: &MatMul, k: usize, r: NodeId| {
+            let free = match k {
+                0 => mm.drop_a.is_none(),
+                1 => mm.drop_b.is_none(),
+                _ => false,
+            };
+            let ins = &nodes[r.0].inputs;
+            let dtypes = [nodes[ins[0].0].dtype, nodes[ins[1].0].dtype];
+            free && mm
+                .dims(&nodes[ins[0].0].shape, &nodes[ins[1].0].shape)
+                .is_ok_and(|d| runs_tiled(&d, nodes[r.0].dtype, &dtypes, ch))
+        };
+        let fits = |(r, k): (NodeId, usize)| {
+            let at = order.iter().position(|&o| o == r).unwrap_or(pos);
+            let moved = written_between(nodes, order, x, pos, at)
+                || written_between(nodes, order, seed, pos, at);
+            !moved
+                && match &nodes[r.0].op {
+                    Op::MatMul(mm) => operand(mm, k, r),
+                    Op::MatMulEpilogue(e) => operand(&e.product, k, r),
+                    Op::MatMulPartial(p) => k < 2 && operand(&p.product, k, r),
+                    Op::RowSums(s) => k == 1 && s.1.is_none(),
+                    _ => false,
+                }
+        };
+        let views_free = views.iter().all(|v| !targets.contains(v));
+        if uses.is_empty() || !views_free || !uses.iter().all(|&u| fits(u)) {
+            continue;
+        }
+        let drop = Some(OperandDropout::of(&dr));
+        for &v in &views {
+            nodes[v.0].inputs[0] = x;
+        }
+        for (r, k) in uses {
+            let n = &mut nodes[r.0];
+            if n.inputs[k] == dn {
+                n.inputs[k] = x;
+            }
+            // the seed after the product's operands and bias, a's before b's
+            let set = |mm: &mut MatMul| {
+                let at =
+                    2 + (mm.bias != Bias::None) as usize + (k == 1 && mm.drop_a.is_some()) as usize;
+                match k {
+                    0 => mm.drop_a = drop,
+                    _ => mm.drop_b = drop,
+                }
+                at
+            };
+            let at = match &mut n.op {
+                Op::MatMul(mm) => set(mm),
+                Op::MatMulEpilogue(e) => set(&mut e.product),
+                Op::MatMulPartial(p) => set(&mut p.product),
+                Op::RowSums(s) => {
+                    s.1 = drop;
+                    n.inputs.len()
+                }
+                _ => unreachable!("checked above"),
+            };
+            n.inputs.insert(at, seed);
+        }
+        dropped.push(dn);
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
 /// Where a forward convolution's implicit GEMM `y [O, N*Ho*Wo]` is read through
 /// `permute(reshape(y, [O, N, Ho*Wo]), [1, 0, 2])`, lets the GEMM store `[N, O, Ho*Wo]` itself in
 /// place of the permute, and drops the permute's copy. Inference reads `y` only so; in training
@@ -1271,6 +1384,10 @@ pub(crate) fn select(
             // `row_sums_in_products` sets them only on products that run tiled
             let tiled_only = |other: &str| {
                 assert!(!mm.row_sums, "row sums on the {other} kernel");
+                assert!(
+                    mm.drop_a.is_none() && mm.drop_b.is_none(),
+                    "operand dropout on the {other} kernel"
+                );
             };
             if uses_coop(&d, ch) {
                 tiled_only("tensor-core");
@@ -1346,6 +1463,11 @@ pub(crate) fn select(
             shapes.insert(e.product_input, out);
             let epi =
                 elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, DType::F32);
+            let dropped = e.product.drop_a.is_some() || e.product.drop_b.is_some();
+            assert!(
+                !dropped || runs_tiled(&d, dtype, in_dtypes, ch),
+                "operand dropout off the tiled kernel"
+            );
             let g = if uses_coop(&d, ch) {
                 crate::codegen::coop::kernel_with(
                     &e.product,
@@ -1491,9 +1613,13 @@ fn select_f16(
             let d = mm
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
-            let st = storage(inputs.len());
+            let st = storage(2 + (mm.bias != crate::ops::matmul::Bias::None) as usize);
             let tiled = runs_tiled(&d, dtype, in_dtypes, ch);
             assert!(tiled || !mm.row_sums, "row sums off the tiled kernel");
+            assert!(
+                tiled || (mm.drop_a.is_none() && mm.drop_b.is_none()),
+                "operand dropout off the tiled kernel"
+            );
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
                 crate::codegen::coop::kernel(mm, &d, st, cores(ch), coop_config(&d, ch, DType::F16))
             } else if uses_gemv(&d, ch) {
@@ -1512,6 +1638,14 @@ fn select_f16(
             let mut shapes: Vec<&Shape> = inputs[np..].to_vec();
             shapes.insert(e.product_input, out);
             let epi = elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, dtype);
+            let dropped = e.product.drop_a.is_some() || e.product.drop_b.is_some();
+            assert!(
+                !dropped || runs_tiled(&d, dtype, in_dtypes, ch),
+                "operand dropout off the tiled kernel"
+            );
+            // the operands', bias's and result's types (the seeds after them are f32)
+            let storage =
+                |_| storage(2 + (e.product.bias != crate::ops::matmul::Bias::None) as usize);
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
                 crate::codegen::coop::kernel_with(
                     &e.product,

@@ -244,7 +244,7 @@ impl Graph {
             trans_b,
             bias: kind,
             relu,
-            row_sums: false,
+            ..Default::default()
         };
         let shape = m.infer(&sa, &sb)?;
         if !trans_a && sa.rank() > 2 && sb.rank() == 2 && kind != crate::ops::matmul::Bias::Rows {

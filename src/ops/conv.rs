@@ -436,7 +436,7 @@ impl ImplicitGemm {
                 product: self.product,
                 config,
             }
-            .cpu(inputs[0], &cols, out),
+            .cpu(&[inputs[0], &cols], out),
         }
     }
 }

@@ -24,6 +24,63 @@ pub struct MatMul {
     /// the weight gradient's product reads (`exec::lower::row_sums_in_products`), so that the
     /// sum is not a kernel of its own. Unbatched products only.
     pub row_sums: bool,
+    /// Operand `a` is read through inverted dropout (its seed an input after the bias): set by
+    /// the plan compiler where only products read a dropout's result
+    /// (`exec::lower::dropout_into_products`), so that the masked tensor is never stored.
+    pub drop_a: Option<OperandDropout>,
+    /// The same for operand `b` (its seed after `a`'s).
+    pub drop_b: Option<OperandDropout>,
+}
+
+/// A dropout (`ops::dropout::Dropout`) that a product applies to an operand as it loads it,
+/// keyed by the element's index in the operand's storage as the dropout kernel keys its
+/// output: `p` as bits, so that products stay `Eq` and `Hash`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OperandDropout {
+    pub p_bits: u32,
+    pub salt: u32,
+}
+
+impl OperandDropout {
+    pub fn of(d: &super::dropout::Dropout) -> OperandDropout {
+        OperandDropout {
+            p_bits: d.p.to_bits(),
+            salt: d.salt,
+        }
+    }
+
+    pub fn dropout(&self) -> super::dropout::Dropout {
+        super::dropout::Dropout {
+            p: f32::from_bits(self.p_bits),
+            salt: self.salt,
+        }
+    }
+
+    /// `x` through the dropout under `seed`, or `x` itself without one.
+    pub fn apply<'a>(
+        drop: Option<OperandDropout>,
+        x: &'a Tensor,
+        seed: Option<&Tensor>,
+    ) -> std::borrow::Cow<'a, Tensor> {
+        match (drop, seed) {
+            (Some(d), Some(s)) => std::borrow::Cow::Owned(d.dropout().cpu(x, s)),
+            _ => std::borrow::Cow::Borrowed(x),
+        }
+    }
+
+    /// The kernel's override constants for operand `name` (`A` or `B`).
+    pub fn constants(&self, name: &str) -> [(&'static str, f64); 3] {
+        let d = self.dropout();
+        let pick = |a: &'static str, b: &'static str| if name == "A" { a } else { b };
+        [
+            (
+                pick("DROP_A_THRESHOLD", "DROP_B_THRESHOLD"),
+                d.threshold() as f64,
+            ),
+            (pick("DROP_A_SCALE", "DROP_B_SCALE"), d.scale() as f64),
+            (pick("DROP_A_SALT", "DROP_B_SALT"), d.salt as f64),
+        ]
+    }
 }
 
 /// Where a product's row sums (`MatMul::row_sums`) start past its `[M, N]` result: the next
@@ -41,9 +98,10 @@ pub fn with_row_sums_len(m: usize, n: usize) -> usize {
 
 /// The row sums of a product's `op(a)` that its kernel writes (`MatMul::row_sums`), as a view of
 /// the product's storage: a `sum` reduction of `a` made by the plan compiler. Inputs: the
-/// product, then `a` (what the CPU reference reduces).
+/// product, then `a` (what the CPU reference reduces), then the dropout seed where the product
+/// reads `a` through one (the second field, as `MatMul::drop_a`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RowSums(pub super::reduce::Reduce);
+pub struct RowSums(pub super::reduce::Reduce, pub Option<OperandDropout>);
 
 impl RowSums {
     /// Where the sums start in the product's storage (`[.., M, N]`), in elements.
@@ -52,9 +110,11 @@ impl RowSums {
         row_sums_offset(d[d.len() - 2], d[d.len() - 1])
     }
 
-    /// CPU reference: the reduction of `a` it replaced.
-    pub fn cpu(&self, a: &Tensor, out: &Shape) -> Tensor {
-        self.0.cpu(a, out)
+    /// CPU reference: the reduction of `a` (through its dropout) it replaced; `inputs` are the
+    /// node's.
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let a = OperandDropout::apply(self.1, inputs[1], inputs.get(2).copied());
+        self.0.cpu(&a, out)
     }
 }
 
@@ -212,6 +272,25 @@ impl MatMul {
             true => slices * (with_row_sums_len(d.m, d.n) - d.m * d.n),
             false => 0,
         }
+    }
+
+    /// Inputs of the product's node: `a`, `b`, the bias if any, a seed per operand dropout.
+    pub fn n_inputs(&self) -> usize {
+        2 + (self.bias != Bias::None) as usize
+            + self.drop_a.is_some() as usize
+            + self.drop_b.is_some() as usize
+    }
+
+    /// CPU reference of the node from its inputs (`a`, `b`, the bias, the dropouts' seeds):
+    /// the operands through their dropouts, then [`Self::cpu`].
+    pub fn cpu_node(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let mut rest = inputs[2..].iter().copied();
+        let bias = (self.bias != Bias::None).then(|| rest.next()).flatten();
+        let seed_a = self.drop_a.and_then(|_| rest.next());
+        let seed_b = self.drop_b.and_then(|_| rest.next());
+        let a = OperandDropout::apply(self.drop_a, inputs[0], seed_a);
+        let b = OperandDropout::apply(self.drop_b, inputs[1], seed_b);
+        self.cpu(&a, &b, bias, out)
     }
 
     /// CPU reference, accumulating in f64; then the bias and relu of the epilogue.
@@ -385,8 +464,14 @@ impl MatMulPartial {
         Ok(Shape(out))
     }
 
-    /// CPU reference: each slice's sum in f64.
-    pub fn cpu(&self, a: &Tensor, b: &Tensor, out: &Shape) -> Tensor {
+    /// CPU reference: each slice's sum in f64; `inputs` are `a`, `b` and the operand dropouts'
+    /// seeds.
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let seed_a = self.product.drop_a.map(|_| inputs[2]);
+        let seed_b = self.product.drop_b.map(|_| inputs[inputs.len() - 1]);
+        let a = OperandDropout::apply(self.product.drop_a, inputs[0], seed_a);
+        let b = OperandDropout::apply(self.product.drop_b, inputs[1], seed_b);
+        let (a, b) = (a.as_ref(), b.as_ref());
         let d = self
             .product
             .dims(a.shape(), b.shape())
@@ -493,16 +578,16 @@ pub struct MatMulEpilogue {
 }
 
 impl MatMulEpilogue {
-    /// Inputs that belong to the product: `a`, `b` and the bias if any.
+    /// Inputs that belong to the product: `a`, `b`, the bias if any and the operand dropouts'
+    /// seeds.
     pub fn product_inputs(&self) -> usize {
-        2 + (self.product.bias != Bias::None) as usize
+        self.product.n_inputs()
     }
 
     /// CPU reference: the product with its own epilogue, then the program.
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
         let np = self.product_inputs();
-        let bias = (np == 3).then(|| inputs[2]);
-        let y = self.product.cpu(inputs[0], inputs[1], bias, out);
+        let y = self.product.cpu_node(&inputs[..np], out);
         let mut args: Vec<&Tensor> = inputs[np..].to_vec();
         args.insert(self.product_input, &y);
         self.program.cpu(&args, out)

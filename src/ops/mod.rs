@@ -476,10 +476,10 @@ impl Op {
     /// The CPU reference: computes this op from its input values. Sources are not evaluated here.
     pub fn cpu_forward(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
         match self {
-            Op::MatMul(m) => m.cpu(inputs[0], inputs[1], inputs.get(2).copied(), out),
-            Op::MatMulPartial(p) => p.cpu(inputs[0], inputs[1], out),
+            Op::MatMul(m) => m.cpu_node(inputs, out),
+            Op::MatMulPartial(p) => p.cpu(inputs, out),
             Op::SplitKSum(s) => s.cpu(inputs[0], inputs.get(1).copied(), out),
-            Op::RowSums(r) => r.cpu(inputs[1], out),
+            Op::RowSums(r) => r.cpu(inputs, out),
             Op::MatMulEpilogue(e) => e.cpu(inputs, out),
             Op::ImplicitGemm(c) => c.cpu(inputs, out),
             Op::ImplicitDgrad(c) => c.cpu(inputs[0], inputs[1], out),
