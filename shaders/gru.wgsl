@@ -28,11 +28,12 @@
 //   7  p        storage, read_write      P
 // Entries `gru_backward`, `rnn_backward` (dispatched T + 1 times: the steps in reverse order, then
 // k = T writes dh0):
-//   0 step; 1 p (read) P; 2 whh; 3 bhh (unused); 4 h0; 5 lengths; 6 dp (read) dP, P's shape;
-//   7 q (read_write) Q
+//   0 step; 1 p (read) P; 2 whh; 3 bhh (unused); 4 h0; 5 lengths; 6 dp (read) dP, P's shape,
+//   or only its window [DP_TL, B, DP_CL] at (DP_T0, DP_C0), zeros around it (the pads of the
+//   gradient of part of P, folded in by the plan compiler); 7 q (read_write) Q
 // f16 variant (`gru_f16`, generated from the storage block): every tensor f16 but the f32
 // lengths; each step computes in f32 (the whole-sequence kernels keep the state in f32 registers).
-// Overrides: T, B, H, REVERSE.
+// Overrides: T, B, H, REVERSE; DP_T0, DP_TL, DP_C0, DP_CL (dp's window; 0 extents: all of it).
 // Dispatch: ceil(B * H / 256) workgroups per step, one thread per (b, j), folded into
 //           (x <= 65535, y).
 
@@ -40,6 +41,10 @@ override T: u32 = 1u;
 override B: u32 = 1u;
 override H: u32 = 1u;
 override REVERSE: bool = false;
+override DP_T0: u32 = 0u;
+override DP_TL: u32 = 0u;
+override DP_C0: u32 = 0u;
+override DP_CL: u32 = 0u;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> step: vec4<u32>;
@@ -66,6 +71,17 @@ fn ld_dp(i: u32) -> f32 { return dp[i]; }
 fn ld_q(i: u32) -> f32 { return q[i]; }
 fn st_q(i: u32, v: f32) { q[i] = v; }
 // generated: end storage
+
+// Element `col` of row (t, b) of dP (rows of `width`): read from the window the graph computed
+// (all of dP where DP_TL and DP_CL are 0), 0 around it.
+fn dp_at(t: u32, b: u32, col: u32, width: u32) -> f32 {
+    let steps = select(DP_TL, T, DP_TL == 0u);
+    let cols = select(DP_CL, width, DP_CL == 0u);
+    if t < DP_T0 || t >= DP_T0 + steps || col < DP_C0 || col >= DP_C0 + cols {
+        return 0.0;
+    }
+    return ld_dp(((t - DP_T0) * B + b) * cols + col - DP_C0);
+}
 
 fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
@@ -196,7 +212,7 @@ fn gru_backward(
     let s = T - 1u - k;
     let t = time_of(s);
     let r = (t * B + b) * 5u * H;
-    var dh = ld_dp(r + j);
+    var dh = dp_at(t, b, j, 5u * H);
     if k > 0u {
         dh = dh + gru_dh_before(time_of(s + 1u), b, j);
     }
@@ -282,7 +298,7 @@ fn rnn_backward(
     let s = T - 1u - k;
     let t = time_of(s);
     let r = (t * B + b) * 2u * H;
-    var dh = ld_dp((t * B + b) * H + j);
+    var dh = dp_at(t, b, j, H);
     if k > 0u {
         dh = dh + rnn_dh_before(time_of(s + 1u), b, j);
     }
@@ -350,10 +366,10 @@ fn p4(t: u32, b0: u32, col: u32, width: u32) -> vec4<f32> {
 
 fn dp4(t: u32, b0: u32, col: u32, width: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = ld_dp((t * B + b0) * width + col); }
-    if b0 + 1u < B { v.y = ld_dp((t * B + b0 + 1u) * width + col); }
-    if b0 + 2u < B { v.z = ld_dp((t * B + b0 + 2u) * width + col); }
-    if b0 + 3u < B { v.w = ld_dp((t * B + b0 + 3u) * width + col); }
+    if b0 < B { v.x = dp_at(t, b0, col, width); }
+    if b0 + 1u < B { v.y = dp_at(t, b0 + 1u, col, width); }
+    if b0 + 2u < B { v.z = dp_at(t, b0 + 2u, col, width); }
+    if b0 + 3u < B { v.w = dp_at(t, b0 + 3u, col, width); }
     return v;
 }
 

@@ -20,11 +20,12 @@
 //   7  p        storage, read_write      [T, B, 6H]
 // Entry `lstm_backward` (dispatched T + 1 times: the steps in reverse order, then s = T writes
 // dh0, dc0):
-//   0 step; 1 p (read) [T, B, 6H]; 2 whh; 3 h0; 4 c0; 5 lengths; 6 dp (read) [T, B, 6H];
-//   7 q (read_write) [T + 1, B, 6H]
+//   0 step; 1 p (read) [T, B, 6H]; 2 whh; 3 h0; 4 c0; 5 lengths; 6 dp (read) [T, B, 6H], or
+//   only its window [DP_TL, B, DP_CL] at (DP_T0, DP_C0), zeros around it (the pads of the
+//   gradient of part of P, folded in by the plan compiler); 7 q (read_write) [T + 1, B, 6H]
 // f16 variant (`lstm_f16`, generated from the storage block): every tensor f16 but the f32
 // lengths; each step computes in f32 (the whole-sequence kernels keep the state in f32 registers).
-// Overrides: T, B, H, REVERSE.
+// Overrides: T, B, H, REVERSE; DP_T0, DP_TL, DP_C0, DP_CL (dp's window: all of it by default).
 // Dispatch: ceil(B * H / 256) workgroups per step, one thread per (b, j), folded into
 //           (x <= 65535, y). The recurrent weight's gradient is a tiled matmul in the graph.
 
@@ -32,6 +33,10 @@ override T: u32 = 1u;
 override B: u32 = 1u;
 override H: u32 = 1u;
 override REVERSE: bool = false;
+override DP_T0: u32 = 0u;
+override DP_TL: u32 = T;
+override DP_C0: u32 = 0u;
+override DP_CL: u32 = 6u * H;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> step: vec4<u32>;
@@ -58,6 +63,14 @@ fn ld_dp(i: u32) -> f32 { return dp[i]; }
 fn ld_q(i: u32) -> f32 { return q[i]; }
 fn st_q(i: u32, v: f32) { q[i] = v; }
 // generated: end storage
+
+// Element `col` of row (t, b) of dP: read from the window the graph computed, 0 around it.
+fn dp_at(t: u32, b: u32, col: u32) -> f32 {
+    if t < DP_T0 || t >= DP_T0 + DP_TL || col < DP_C0 || col >= DP_C0 + DP_CL {
+        return 0.0;
+    }
+    return ld_dp(((t - DP_T0) * B + b) * DP_CL + col - DP_C0);
+}
 
 fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
@@ -190,8 +203,8 @@ fn lstm_backward(
     let s = T - 1u - k;
     let t = time_of(s);
     let r = row(t, b);
-    var dh = ld_dp(r + j);
-    var dc = ld_dp(r + H + j);
+    var dh = dp_at(t, b, j);
+    var dc = dp_at(t, b, H + j);
     if k > 0u {
         let tn = time_of(s + 1u);
         dh = dh + dh_before(tn, b, j);
@@ -365,10 +378,10 @@ fn p4(t: u32, b0: u32, col: u32) -> vec4<f32> {
 
 fn dp4(t: u32, b0: u32, col: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = ld_dp(row(t, b0) + col); }
-    if b0 + 1u < B { v.y = ld_dp(row(t, b0 + 1u) + col); }
-    if b0 + 2u < B { v.z = ld_dp(row(t, b0 + 2u) + col); }
-    if b0 + 3u < B { v.w = ld_dp(row(t, b0 + 3u) + col); }
+    if b0 < B { v.x = dp_at(t, b0, col); }
+    if b0 + 1u < B { v.y = dp_at(t, b0 + 1u, col); }
+    if b0 + 2u < B { v.z = dp_at(t, b0 + 2u, col); }
+    if b0 + 3u < B { v.w = dp_at(t, b0 + 3u, col); }
     return v;
 }
 

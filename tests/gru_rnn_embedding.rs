@@ -417,3 +417,54 @@ fn shape_errors_name_the_op_and_shapes() {
     );
     assert!(g.embedding(idx, w_hh).is_ok());
 }
+
+/// Where the loss reads only the final h, or every h, of a GRU's or an RNN's state, the
+/// backward kernel reads that gradient as its window of the packed state's: no pad kernels;
+/// the loss and every gradient against the CPU reference (outputs poisoned with NaN), both
+/// directions, with and without lengths, whole-sequence and per-step kernels.
+#[test]
+fn gradients_of_part_of_the_state_need_no_pads() {
+    let Some(dev) = common::gpu() else { return };
+    let limit = common::sequence_limit();
+    for cell in [Cell::Gru, Cell::Rnn] {
+        for &(t, b, i, h, reverse, lengths) in &[
+            (5usize, 3usize, 4usize, 7usize, false, false),
+            (4, 2, 3, 5, true, true),
+            (1, 1, 1, 1, false, false),
+            (3, 2, 2, limit + 4, false, true),
+        ] {
+            for last in [true, false] {
+                let what = format!(
+                    "{cell:?} T={t} B={b} H={h} reverse={reverse} lengths={lengths}, last {last}"
+                );
+                let (g, _, wrt, feeds) = layer_graph(cell, t, b, i, h, reverse, lengths);
+                let w: Vec<NodeId> = wrt.iter().map(|(_, id)| *id).collect();
+                // a second layer over the same inputs (the first reads "len")
+                let len = lengths.then(|| g.input("len2", [b]));
+                let (hs, hn) = match cell {
+                    Cell::Gru => g.gru_layer(w[0], w[1], w[2], w[3], w[4], w[5], len, reverse),
+                    Cell::Rnn => g.rnn_layer(w[0], w[1], w[2], w[3], w[4], w[5], len, reverse),
+                }
+                .unwrap();
+                let loss = random_projection(&g, if last { hn } else { hs }, 7);
+                let mut outs = vec![loss];
+                outs.extend(g.grad(loss, &w).unwrap());
+                let mut f: Vec<(String, Tensor)> = feeds
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.clone()))
+                    .collect();
+                if let Some((_, l)) = feeds.iter().find(|(n, _)| *n == "len") {
+                    f.push(("len2".into(), l.clone()));
+                }
+                let tol = if h > 256 { (1e-4, TOL.1) } else { TOL };
+                let plan = common::check_plan(&dev, &what, &g, &outs, &f, tol);
+                let kernels = plan.kernels();
+                let pads = kernels
+                    .iter()
+                    .filter(|k| k.split_whitespace().nth(2) == Some("pad"))
+                    .count();
+                assert_eq!(pads, 0, "{what}: {kernels:#?}");
+            }
+        }
+    }
+}

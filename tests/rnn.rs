@@ -233,3 +233,58 @@ fn whole_sequence_kernels_dispatch_once_per_layer() {
     let more = lstm_step_dispatches(&dev, 9, h) - lstm_step_dispatches(&dev, 2, h);
     assert!(more >= 2 * (9 - 2), "{more}");
 }
+
+/// Where the loss reads only part of an LSTM's state (the final h, as a classifier does; the
+/// final c; every h), the backward kernel reads that part's gradient as its window of the
+/// packed state's gradient: no pad kernels; the loss and every gradient against the CPU
+/// reference (outputs poisoned with NaN), both directions, with and without lengths, on
+/// whole-sequence and per-step kernels.
+#[test]
+fn gradients_of_part_of_the_state_need_no_pads() {
+    let Some(dev) = common::gpu() else { return };
+    let limit = common::sequence_limit();
+    for &(t, b, i, h, reverse, lengths) in &[
+        (5usize, 3usize, 4usize, 6usize, false, false),
+        (4, 2, 3, 5, true, true),
+        (1, 1, 1, 1, false, false),
+        (3, 2, 2, limit + 4, false, true),
+    ] {
+        for part in ["h_n", "c_n", "hs"] {
+            let what =
+                format!("lstm T={t} B={b} H={h} reverse={reverse} lengths={lengths}: {part}");
+            let (g, _, wrt, feeds) = lstm_graph(t, b, i, h, reverse, lengths);
+            let x = wrt[0].1;
+            let (w_ih, w_hh, b_ih, b_hh, h0, c0) =
+                (wrt[1].1, wrt[2].1, wrt[3].1, wrt[4].1, wrt[5].1, wrt[6].1);
+            // lstm_graph's layer reads "len"; this one its own copy
+            let len = lengths.then(|| g.input("len2", [b]));
+            let (hs, hn, cn) = g
+                .lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, len, reverse)
+                .unwrap();
+            let read = match part {
+                "h_n" => hn,
+                "c_n" => cn,
+                _ => hs,
+            };
+            let loss = random_projection(&g, read, 7);
+            let ids: Vec<kiln::NodeId> = wrt.iter().map(|(_, id)| *id).collect();
+            let mut outs = vec![loss];
+            outs.extend(g.grad(loss, &ids).unwrap());
+            let mut f: Vec<(String, Tensor)> = feeds
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.clone()))
+                .collect();
+            if let Some((_, l)) = feeds.iter().find(|(n, _)| *n == "len") {
+                f.push(("len2".into(), l.clone()));
+            }
+            let tol = if h > 256 { (1e-4, TOL.1) } else { TOL };
+            let plan = common::check_plan(&dev, &what, &g, &outs, &f, tol);
+            let kernels = plan.kernels();
+            let pads = kernels
+                .iter()
+                .filter(|k| k.split_whitespace().nth(2) == Some("pad"))
+                .count();
+            assert_eq!(pads, 0, "{what}: {kernels:#?}");
+        }
+    }
+}

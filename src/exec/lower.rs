@@ -105,6 +105,7 @@ pub(crate) fn lower(
     residual_into_normalize_backward(nodes, order, targets);
     split_group_reductions(nodes, order);
     running_update_in_stats(nodes, order, outputs);
+    pads_into_lstm_backward(nodes, order, targets);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
     nchw_conv_output(nodes, order, targets);
@@ -820,6 +821,88 @@ pub(crate) fn running_update_in_stats(
         }
         n.inputs.extend(extra);
         dropped.push(u);
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
+/// Where a recurrence's backward (LSTM, GRU, RNN) reads a gradient of its packed state that pads
+/// (along the steps or the columns) made from a smaller tensor (a classifier reading an LSTM's
+/// last `h`: `[1, B, H]` padded to `[1, B, 6H]`, then to `[T, B, 6H]`), the kernel reads that
+/// tensor as its window of the gradient (`LstmBackward::dp_window`, zeros around it) and the
+/// pads go: up to two kernels and a `[T, B, 6H]` tensor of mostly zeros written and read per
+/// training step.
+pub(crate) fn pads_into_lstm_backward(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    use crate::ops::lstm::DpWindow;
+    let readers = |nodes: &[Node], v: NodeId| {
+        order
+            .iter()
+            .filter(|r| nodes[r.0].inputs.contains(&v))
+            .count()
+    };
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let l = order[pos];
+        let window = match nodes[l.0].op {
+            Op::LstmBackward(b) => b.dp_window,
+            Op::GruBackward(b) => b.dp_window,
+            Op::RnnBackward(b) => b.dp_window,
+            _ => continue,
+        };
+        let p = nodes[nodes[l.0].inputs[0].0].shape.dims().to_vec();
+        if window.is_some() || p.len() != 3 {
+            continue;
+        }
+        let mut win = DpWindow {
+            t0: 0,
+            steps: p[0],
+            c0: 0,
+            width: p[2],
+        };
+        let mut d = nodes[l.0].inputs[5];
+        let mut chain = Vec::new();
+        while let Op::AxisCopy(a) = nodes[d.0].op {
+            let src = nodes[d.0].inputs[0];
+            let s = nodes[src.0].shape.dims();
+            let sole = !targets.contains(&d) && readers(nodes, d) == 1;
+            if a.b_start.is_some() || a.a_start < 0 || s.len() != 3 || s[1] != p[1] || !sole {
+                break;
+            }
+            let (start, len) = (a.a_start as usize, s[a.axis]);
+            match a.axis {
+                0 if start + len <= win.steps => {
+                    win.t0 += start;
+                    win.steps = len;
+                }
+                2 if start + len <= win.width => {
+                    win.c0 += start;
+                    win.width = len;
+                }
+                _ => break,
+            }
+            chain.push(d);
+            d = src;
+        }
+        let Some(&first) = chain.last() else {
+            continue;
+        };
+        // the window's tensor is read at the backward's step instead of the first pad's
+        let from = order.iter().position(|&o| o == first).unwrap_or(pos);
+        if written_between(nodes, order, d, from, pos) {
+            continue;
+        }
+        let n = &mut nodes[l.0];
+        match &mut n.op {
+            Op::LstmBackward(b) => b.dp_window = Some(win),
+            Op::GruBackward(b) => b.dp_window = Some(win),
+            Op::RnnBackward(b) => b.dp_window = Some(win),
+            _ => continue,
+        }
+        n.inputs[5] = d;
+        dropped.extend(chain);
     }
     order.retain(|id| !dropped.contains(id));
 }

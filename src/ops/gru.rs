@@ -19,6 +19,7 @@
 //! Only the `h` part of `dP` is read: the gate parts of `P` are internal (the layer builders
 //! expose `h` alone).
 
+use super::lstm::DpWindow;
 use super::{KernelSpec, Op};
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
@@ -74,8 +75,14 @@ impl Cell {
 
     fn backward_op(self, reverse: bool) -> Op {
         match self {
-            Cell::Gru => Op::GruBackward(GruBackward { reverse }),
-            Cell::Rnn => Op::RnnBackward(RnnBackward { reverse }),
+            Cell::Gru => Op::GruBackward(GruBackward {
+                reverse,
+                dp_window: None,
+            }),
+            Cell::Rnn => Op::RnnBackward(RnnBackward {
+                reverse,
+                dp_window: None,
+            }),
         }
     }
 }
@@ -86,10 +93,11 @@ pub struct GruForward {
     pub reverse: bool,
 }
 
-/// Backward through time of [`GruForward`].
+/// Backward through time of [`GruForward`]; `dp_window` as `LstmBackward`'s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GruBackward {
     pub reverse: bool,
+    pub dp_window: Option<DpWindow>,
 }
 
 /// The tanh RNN forward recurrence of one layer and direction.
@@ -98,10 +106,11 @@ pub struct RnnForward {
     pub reverse: bool,
 }
 
-/// Backward through time of [`RnnForward`].
+/// Backward through time of [`RnnForward`]; `dp_window` as `LstmBackward`'s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RnnBackward {
     pub reverse: bool,
+    pub dp_window: Option<DpWindow>,
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -230,15 +239,16 @@ fn forward_cpu(cell: Cell, reverse: bool, x: &[&Tensor], out: &Shape) -> Tensor 
 }
 
 /// CPU reference of backward through time, the same recurrence as the kernel (f64 throughout).
-fn backward_cpu(cell: Cell, reverse: bool, x: &[&Tensor], out: &Shape) -> Tensor {
-    let (p, whh, h0, len, dp) = (
-        x[0].data(),
-        x[1].data(),
-        x[3].data(),
-        x[4].data(),
-        x[5].data(),
-    );
+fn backward_cpu(
+    cell: Cell,
+    reverse: bool,
+    window: Option<DpWindow>,
+    x: &[&Tensor],
+    out: &Shape,
+) -> Tensor {
     let (tt, bb, h) = dims(cell, x[0].shape());
+    let dp = DpWindow::dense(window, x[5], (tt, bb, cell.p_width() * h));
+    let (p, whh, h0, len, dp) = (x[0].data(), x[1].data(), x[3].data(), x[4].data(), &dp);
     let pw = cell.p_width() * h;
     let qw = cell.q_width() * h;
     let ng = cell.gates() * h;
@@ -416,19 +426,22 @@ impl GruForward {
 impl GruBackward {
     /// CPU reference, the same recurrence as the kernel.
     pub fn cpu(&self, x: &[&Tensor], out: &Shape) -> Tensor {
-        backward_cpu(Cell::Gru, self.reverse, x, out)
+        backward_cpu(Cell::Gru, self.reverse, self.dp_window, x, out)
     }
 
     /// Kernel: one dispatch over the whole sequence where `lstm::whole_sequence` says, else T + 1 dispatches with
     /// one thread per (b, j).
     pub fn kernel(&self, p: &Shape, target: &crate::codegen::Target) -> KernelSpec {
-        recurrent_kernel(
+        let mut k = recurrent_kernel(
             Cell::Gru,
             self.reverse,
             p,
             ("gru_backward", "gru_backward_seq"),
             target,
-        )
+        );
+        k.constants
+            .extend(self.dp_window.iter().flat_map(|w| w.constants()));
+        k
     }
 }
 
@@ -470,18 +483,21 @@ impl RnnForward {
 impl RnnBackward {
     /// CPU reference, the same recurrence as the kernel.
     pub fn cpu(&self, x: &[&Tensor], out: &Shape) -> Tensor {
-        backward_cpu(Cell::Rnn, self.reverse, x, out)
+        backward_cpu(Cell::Rnn, self.reverse, self.dp_window, x, out)
     }
 
     /// Kernel: one dispatch over the whole sequence where `lstm::whole_sequence` says, else T + 1 dispatches with one
     /// thread per (b, j).
     pub fn kernel(&self, p: &Shape, target: &crate::codegen::Target) -> KernelSpec {
-        recurrent_kernel(
+        let mut k = recurrent_kernel(
             Cell::Rnn,
             self.reverse,
             p,
             ("rnn_backward", "rnn_backward_seq"),
             target,
-        )
+        );
+        k.constants
+            .extend(self.dp_window.iter().flat_map(|w| w.constants()));
+        k
     }
 }

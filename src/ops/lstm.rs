@@ -22,10 +22,56 @@ pub struct LstmForward {
     pub reverse: bool,
 }
 
-/// Backward through time of [`LstmForward`].
+/// Backward through time of [`LstmForward`]. With `dp_window` (made by the plan compiler,
+/// `exec::lower::pads_into_lstm_backward`) its gradient input is only that window of `dP`, the
+/// rest zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LstmBackward {
     pub reverse: bool,
+    pub dp_window: Option<DpWindow>,
+}
+
+/// The part of a recurrence's packed state gradient `dP [T, B, W]` that is not zero (LSTM,
+/// GRU and RNN backward), steps `t0 .. t0 + steps` and columns `c0 .. c0 + width` of every
+/// batch row, given as a tensor `[steps, B, width]` (a classifier reading the last step's `h`
+/// gives `[1, B, H]` at `(T - 1, 0)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DpWindow {
+    pub t0: usize,
+    pub steps: usize,
+    pub c0: usize,
+    pub width: usize,
+}
+
+impl DpWindow {
+    /// `dP [t, b, w]` from a backward kernel's gradient input: itself without a window, else
+    /// the window's values with zeros around them.
+    pub(crate) fn dense(
+        window: Option<DpWindow>,
+        dp: &Tensor,
+        (t, b, w): (usize, usize, usize),
+    ) -> Vec<f32> {
+        let Some(win) = window else {
+            return dp.data().to_vec();
+        };
+        let mut dense = vec![0f32; t * b * w];
+        for (k, &v) in dp.data().iter().enumerate() {
+            let (row, col) = (k / win.width, k % win.width);
+            let (s, r) = (row / b, row % b);
+            dense[((win.t0 + s) * b + r) * w + win.c0 + col] = v;
+        }
+        dense
+    }
+
+    /// The backward kernels' override constants (`dp_at` in their shaders).
+    pub(crate) fn constants(&self) -> [(&'static str, f64); 4] {
+        [
+            ("DP_T0", self.t0 as f64),
+            ("DP_TL", self.steps as f64),
+            ("DP_C0", self.c0 as f64),
+            ("DP_CL", self.width as f64),
+        ]
+    }
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -256,6 +302,7 @@ impl LstmForward {
         let q = g.push_op(
             Op::LstmBackward(LstmBackward {
                 reverse: self.reverse,
+                dp_window: None,
             }),
             inputs,
             Shape(vec![t + 1, b, 6 * h]),
@@ -310,14 +357,9 @@ pub(crate) fn recurrent_weight_grad(
 impl LstmBackward {
     /// CPU reference, the same recurrence as the kernel.
     pub fn cpu(&self, x: &[&Tensor], out: &Shape) -> Tensor {
-        let (p, whh, c0, len, dp) = (
-            x[0].data(),
-            x[1].data(),
-            x[3].data(),
-            x[4].data(),
-            x[5].data(),
-        );
         let (tt, bb, h) = dims(x[0].shape());
+        let dp = DpWindow::dense(self.dp_window, x[5], (tt, bb, 6 * h));
+        let (p, whh, c0, len, dp) = (x[0].data(), x[1].data(), x[3].data(), x[4].data(), &dp);
         let mut q = vec![0f64; out.numel()];
         let row = |t: usize, b: usize| (t * bb + b) * 6 * h;
         let masked = |t: usize, b: usize| t as f32 >= len[b];
@@ -395,12 +437,15 @@ impl LstmBackward {
     /// T + 1 dispatches with one thread per (b, j).
     pub fn kernel(&self, p: &Shape, target: &crate::codegen::Target) -> KernelSpec {
         let (t, b, h) = dims(p);
-        recurrent_kernel(
+        let mut k = recurrent_kernel(
             "lstm",
             ("lstm_backward", "lstm_backward_seq"),
             (t, b, h),
             self.reverse,
             target,
-        )
+        );
+        k.constants
+            .extend(self.dp_window.iter().flat_map(|w| w.constants()));
+        k
     }
 }
