@@ -727,7 +727,8 @@ fn a_transposed_product_is_no_epilogue_operand() {
 /// too). No dropout kernel in the training graph; the outputs and every gradient against the
 /// CPU reference (outputs poisoned with NaN), in f32 and f16 (the residual block: f16 rounding
 /// moves a relu's pre-activations across its kink), on shapes whose K runs are multiples of 4
-/// (vec4 loads) and not, and prime ones.
+/// (vec4 loads) and not, prime ones, and weight gradients split along K (partial products
+/// reading both operands through dropouts, with the bias gradient's row sums).
 #[test]
 fn products_apply_the_dropout_only_they_read() {
     use kiln::ops::matmul::Bias;
@@ -747,6 +748,8 @@ fn products_apply_the_dropout_only_they_read() {
             (2usize, 9usize, 12usize, 20usize),
             (3, 11, 13, 17),
             (2, 16, 16, 64),
+            // weight gradients over 2,048 rows of 12 and 20 features: split along K
+            (4, 512, 12, 20),
         ] {
             let block = if feed_forward {
                 "feed-forward"
