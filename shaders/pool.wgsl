@@ -10,13 +10,16 @@
 // Bindings (group 0). Entry points with one input (max_pool, avg_pool, avg_pool_backward):
 //   0  a    storage, read        max_pool, avg_pool: x; avg_pool_backward: dy
 //   1  out  storage, read_write  max_pool, avg_pool: y; avg_pool_backward: dx
-// max_pool_backward, two inputs:
+// max_pool_backward, max_pool_backward_relu, two inputs:
 //   0  a    storage, read        x
 //   1  dy   storage, read        [N, C, HO, WO]
-//   2  dx   storage, read_write  [N, C, H, W]
+//   2  dx   storage, read_write  [N, C, H, W]; max_pool_backward_relu: dx where x > 0, else 0
+//                                (a relu's gradient mask: x is its output), stored as
+//                                [C, N, H*W] with CN_OUT (a convolution's GEMM layout)
 // `out` and `dy` share binding 1: naga validates bindings per entry point and no entry point uses
 // both (wgpu keeps only the chosen entry point's globals when it specialises a pipeline).
-// Overrides: N, C, H, W (input), HO, WO (output), KH, KW (kernel), SH, SW (stride), PH, PW (padding).
+// Overrides: N, C, H, W (input), HO, WO (output), KH, KW (kernel), SH, SW (stride), PH, PW (padding);
+//            CN_OUT (max_pool_backward_relu's layout).
 // Dispatch: ceil(total / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
 //           one output element per thread, threads past total return (total = N*C*HO*WO forward,
 //           N*C*H*W backward). The backward entry points are gathers: each input element loops over
@@ -34,6 +37,7 @@ override SH: u32 = 1u;
 override SW: u32 = 1u;
 override PH: u32 = 0u;
 override PW: u32 = 0u;
+override CN_OUT: bool = false;
 const WG: u32 = 256u;
 
 // Every global read and write goes through ld_*/st_*: src/codegen/storage.rs generates the f16
@@ -154,7 +158,11 @@ fn max_pool_backward(
     }
     let w = idx % W;
     let h = (idx / W) % H;
-    let nc = idx / (W * H);
+    st_dx(idx, max_gradient(idx / (W * H), h, w));
+}
+
+// dx of element (h, w) of plane nc: the dy of every window whose argmax it is.
+fn max_gradient(nc: u32, h: u32, w: u32) -> f32 {
     let plane = nc * H * W;
     let here = h * W + w;
     let rows = covering(h + PH, KH, SH, HO);
@@ -167,7 +175,25 @@ fn max_pool_backward(
             }
         }
     }
-    st_dx(idx, acc);
+    return acc;
+}
+
+@compute @workgroup_size(256)
+fn max_pool_backward_relu(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = linear_index(wid, nwg, lid);
+    if idx >= N * C * H * W {
+        return;
+    }
+    let hw = idx % (H * W);
+    let nc = idx / (W * H);
+    let g = select(0.0, max_gradient(nc, hw / W, hw % W), ld_a(idx) > 0.0);
+    // (n, c, hw) at (c, n, hw) with CN_OUT
+    let cn = ((nc % C) * N + nc / C) * H * W + hw;
+    st_dx(select(idx, cn, CN_OUT), g);
 }
 
 @compute @workgroup_size(256)

@@ -519,3 +519,77 @@ fn pooling_shape_errors() {
         "{m}"
     );
 }
+
+/// (x, output channels, pool kernel, stride, padding, a convolution first)
+type ReluPoolCase = ([usize; 4], usize, Pair, Pair, Pair, bool);
+
+/// A relu's gradient mask after a max-pooling backward runs inside the pooling backward: after
+/// a convolution with a fused relu (the mask's result stored straight in the convolution's
+/// `[C, N*H*W]` GEMM layout) and after a plain relu (NCHW), with windows that overlap, pad and
+/// leave elements out; no `relu_grad` or plain `max_pool2d_backward` kernel is left. The loss
+/// and every gradient against the CPU reference (outputs poisoned with NaN), f32 and f16.
+#[test]
+fn relu_masks_run_inside_the_max_pooling_backward() {
+    let Some(dev) = common::gpu() else { return };
+    let half = dev.features().contains(wgpu::Features::SHADER_F16);
+    for dtype in [kiln::DType::F32, kiln::DType::F16] {
+        if dtype == kiln::DType::F16 && !half {
+            continue;
+        }
+        let tol = match dtype {
+            kiln::DType::F16 => kiln::ops::TOL_F16,
+            _ => TOL_REDUCTION,
+        };
+        let cases: &[ReluPoolCase] = &[
+            ([2, 3, 11, 11], 5, (2, 2), (2, 2), (0, 0), true),
+            ([3, 2, 9, 7], 4, (3, 3), (2, 2), (1, 1), true),
+            ([2, 3, 7, 9], 3, (2, 3), (1, 2), (1, 1), false),
+            ([1, 1, 6, 6], 1, (2, 2), (2, 2), (0, 0), false),
+        ];
+        for (k, &(xs, o, kernel, stride, padding, conv)) in cases.iter().enumerate() {
+            let what = format!("{xs:?} conv {conv} pool {kernel:?} {stride:?} {padding:?} {dtype}");
+            let g = Graph::new();
+            let x = g.input_as("x", xs, dtype);
+            let w = g.input("w", [o, xs[1], 3, 3]);
+            let b = g.input("b", [o]);
+            let h = if conv {
+                let (w16, b16) = (g.cast(w, dtype).unwrap(), g.cast(b, dtype).unwrap());
+                g.conv2d_fused(x, w16, Some(b16), opts((1, 1), (1, 1), (1, 1)), true)
+                    .unwrap()
+            } else {
+                g.relu(x).unwrap()
+            };
+            let y = g.max_pool2d(h, kernel, stride, padding).unwrap();
+            let loss = random_projection(&g, g.cast(y, kiln::DType::F32).unwrap(), 1700 + k as u64);
+            let wrt = if conv { vec![x, w, b] } else { vec![x] };
+            let mut outs = vec![loss];
+            outs.extend(g.grad(loss, &wrt).unwrap());
+            let outs: Vec<NodeId> = outs
+                .into_iter()
+                .map(|t| g.cast(t, kiln::DType::F32).unwrap())
+                .collect();
+            let feeds = [
+                ("x".to_string(), spaced_permutation(&xs, 1710 + k as u64)),
+                ("w".to_string(), rand(&[o, xs[1], 3, 3], 1720 + k as u64)),
+                ("b".to_string(), rand(&[o], 1730 + k as u64)),
+            ];
+            let feeds: Vec<(String, Tensor)> = if conv {
+                feeds.to_vec()
+            } else {
+                feeds[..1].to_vec()
+            };
+            let plan = common::check_plan(&dev, &what, &g, &outs, &feeds, tol);
+            let kernels = plan.kernels();
+            let count = |op: &str| {
+                kernels
+                    .iter()
+                    .filter(|k| k.split_whitespace().nth(2) == Some(op))
+                    .count()
+            };
+            assert_eq!(count("max_pool2d_backward_relu"), 1, "{what}: {kernels:#?}");
+            assert_eq!(count("max_pool2d_backward"), 0, "{what}: {kernels:#?}");
+            let masks = kernels.iter().filter(|k| k.contains("relu_grad")).count();
+            assert_eq!(masks, 0, "{what}: {kernels:#?}");
+        }
+    }
+}

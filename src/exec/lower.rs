@@ -10,7 +10,9 @@
 //!    [`residual_into_normalize_backward`]: a layer norm's input gradient adds the residual
 //!    connection's; [`split_group_reductions`]: normalization statistics and parameter
 //!    gradients over large groups (a batch norm's channels) or many rows (a layer norm's) are
-//!    reduced in blocks, then merged or added up;
+//!    reduced in blocks, then merged or added up; [`running_update_in_stats`]: the kernel that
+//!    computes a batch norm's statistics moves its running ones; [`pads_into_lstm_backward`]:
+//!    a recurrence's backward reads the padded part of its state gradient as a window;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
@@ -19,7 +21,9 @@
 //!    read f32 operands cast to f16 (mixed precision's parameters) themselves;
 //! 5. with fusion on (`exec::fuse`): elementwise chains become one node, transposes fold into
 //!    them, reductions take their input's chain as a prologue, and products their reader's chain
-//!    as an epilogue ([`fuse_matmul_epilogue`]);
+//!    as an epilogue ([`fuse_matmul_epilogue`]); products apply a dropout only they read as
+//!    they load the operand ([`dropout_into_products`]); a max-pooling backward applies the
+//!    relu mask after it ([`relu_mask_into_max_pool_backward`]);
 //! 6. [`group_optimizer_updates`]: a step's parameter updates become one kernel (or a few, as
 //!    the adapter's storage-buffer limit allows).
 //!
@@ -116,6 +120,7 @@ pub(crate) fn lower(
         super::fuse::fuse_reduce_prologue(nodes, order, targets);
         fuse_matmul_epilogue(nodes, order, targets, ch);
         dropout_into_products(nodes, order, targets, ch);
+        relu_mask_into_max_pool_backward(nodes, order, targets);
     }
     group_optimizer_updates(
         nodes,
@@ -1272,6 +1277,94 @@ pub(crate) fn dropout_into_products(
     order.retain(|id| !dropped.contains(id));
 }
 
+/// Where a `relu_grad` (alone, or a fused program's only step) masks a max-pooling backward's
+/// result by the pooling's input (a relu's output), both read as they are or both through the
+/// transpose `[N, C, H*W] -> [C, N, H*W]` (into a convolution's GEMM layout), and nothing else
+/// reads the backward's result, the pooling backward applies the mask and stores that layout
+/// itself (`MaxPoolReluBackward`): one kernel and a pass over a conv-relu-pool block's largest
+/// gradient fewer.
+pub(crate) fn relu_mask_into_max_pool_backward(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    use crate::ops::binary::BinaryOp;
+    use crate::ops::fused::{Operand, StepOp};
+    use crate::ops::pool::MaxPoolReluBackward;
+    let readers = |nodes: &[Node], order: &[NodeId], v: NodeId| {
+        order
+            .iter()
+            .filter(|r| nodes[r.0].inputs.contains(&v))
+            .count()
+    };
+    // a node under its reshapes, and the reshapes
+    let under = |nodes: &[Node], mut id: NodeId| {
+        let mut chain = Vec::new();
+        while matches!(nodes[id.0].op, Op::Reshape) {
+            chain.push(id);
+            id = nodes[id.0].inputs[0];
+        }
+        (id, chain)
+    };
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let f = order[pos];
+        // a fused program, or a lone relu_grad as one
+        let Some(prog) = super::fuse::program_of(&nodes[f.0]) else {
+            continue;
+        };
+        let [step] = &prog.steps[..] else {
+            continue;
+        };
+        let (gi, ai) = match step.args[..] {
+            [Operand::Input(g), Operand::Input(a)] if g != a => (g, a),
+            _ => continue,
+        };
+        if step.op != StepOp::Binary(BinaryOp::ReluGrad) || nodes[f.0].inputs.len() != 2 {
+            continue;
+        }
+        let (p, chain) = under(nodes, nodes[f.0].inputs[gi]);
+        let Op::MaxPool2dBackward(pool) = nodes[p.0].op else {
+            continue;
+        };
+        let (x, dy) = (nodes[p.0].inputs[0], nodes[p.0].inputs[1]);
+        let d = nodes[x.0].shape.dims().to_vec();
+        let sole = |v: NodeId| !targets.contains(&v) && readers(nodes, order, v) == 1;
+        if under(nodes, nodes[f.0].inputs[ai]).0 != under(nodes, x).0
+            || d.len() != 4
+            || step.shape.numel() != nodes[x.0].shape.numel()
+            || nodes[f.0].shape.numel() != nodes[x.0].shape.numel()
+            || nodes[f.0].dtype != nodes[p.0].dtype
+            || !sole(p)
+            || !chain.iter().all(|&c| sole(c))
+        {
+            continue;
+        }
+        // both reads plain, or both through [N, C, HW] -> [C, N, HW]
+        let read = |k: usize| prog.permuted.iter().find(|r| r.input == k);
+        let conv_layout = |r: &crate::ops::fused::PermutedRead| {
+            r.in_dims == [d[0], d[1], d[2] * d[3]] && r.perm == [1, 0, 2]
+        };
+        let cn = match (read(gi), read(ai)) {
+            (None, None) => false,
+            (Some(a), Some(b)) if conv_layout(a) && conv_layout(b) => true,
+            _ => continue,
+        };
+        let p_pos = order.iter().position(|&o| o == p).unwrap_or(pos);
+        if written_between(nodes, order, x, p_pos, pos)
+            || written_between(nodes, order, dy, p_pos, pos)
+        {
+            continue;
+        }
+        let n = &mut nodes[f.0];
+        n.op = Op::MaxPoolReluBackward(MaxPoolReluBackward { pool, cn });
+        n.inputs = vec![x, dy];
+        dropped.push(p);
+        dropped.extend(chain);
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
 /// Where a forward convolution's implicit GEMM `y [O, N*Ho*Wo]` is read through
 /// `permute(reshape(y, [O, N, Ho*Wo]), [1, 0, 2])`, lets the GEMM store `[N, O, Ho*Wo]` itself in
 /// place of the permute, and drops the permute's copy. Inference reads `y` only so; in training
@@ -2040,12 +2133,21 @@ mod tests {
             .filter(|id| matches!(nodes[id.0].op, Op::ImplicitGemm(c) if c.nchw))
             .count();
         assert_eq!(nchw, 1, "the forward product stores NCHW");
-        // no permute kernel is left: the relu mask reads the NCHW result through a folded read
+        // no permute kernel is left: the relu mask reads the NCHW result through a folded read,
+        // which after a max pooling its backward does itself, storing the GEMM layout
         let permutes = order
             .iter()
             .filter(|id| matches!(nodes[id.0].op, Op::Permute(_)))
             .count();
         assert_eq!(permutes, 0);
+        assert!(order.iter().any(|id| matches!(
+            &nodes[id.0].op,
+            Op::MaxPoolReluBackward(p) if p.cn
+        )));
+        // without the pooling: a fused kernel reads the NCHW result transposed
+        let loss = g.sum_all(g.mul_scalar(y, 2.0).unwrap()).unwrap();
+        let grads = g.grad(loss, &[w, b]).unwrap();
+        let (nodes, order) = lowered_fully(&g, &grads);
         assert!(order.iter().any(|id| matches!(
             &nodes[id.0].op,
             Op::Fused(f) if !f.permuted.is_empty()

@@ -116,6 +116,9 @@ pub enum Op {
     AvgPool2d(pool::Pool2d),
     /// Inputs `x` and `dy`: each input element gathers `dy` of every window whose argmax it is.
     MaxPool2dBackward(pool::Pool2d),
+    /// A max-pooling backward times a relu's gradient mask, maybe stored as a convolution's
+    /// `[C, N*H*W]` (made by the plan compiler; see `ops::pool::MaxPoolReluBackward`).
+    MaxPoolReluBackward(pool::MaxPoolReluBackward),
     /// Input `dy`: each input element gathers `dy / (kh*kw)` of every window covering it.
     AvgPool2dBackward(pool::AvgPool2dBackward),
     /// Fused softmax cross-entropy of logits `(N, C)` and class labels `(N)`, mean over N.
@@ -230,6 +233,7 @@ impl Op {
             Op::MaxPool2d(_) => "max_pool2d",
             Op::AvgPool2d(_) => "avg_pool2d",
             Op::MaxPool2dBackward(_) => "max_pool2d_backward",
+            Op::MaxPoolReluBackward(_) => "max_pool2d_backward_relu",
             Op::AvgPool2dBackward(_) => "avg_pool2d_backward",
             Op::CrossEntropy(_) => "cross_entropy",
             Op::LstmForward(_) => "lstm",
@@ -500,6 +504,7 @@ impl Op {
             Op::MaxPool2d(p) => p.max_cpu(inputs[0], out),
             Op::AvgPool2d(p) => p.avg_cpu(inputs[0], out),
             Op::MaxPool2dBackward(p) => p.max_backward_cpu(inputs[0], inputs[1], out),
+            Op::MaxPoolReluBackward(p) => p.cpu(inputs[0], inputs[1], out),
             Op::AvgPool2dBackward(p) => p.cpu(inputs[0], out),
             Op::CrossEntropy(c) => c.cpu(inputs[0], inputs[1]),
             Op::LstmForward(l) => l.cpu(inputs, out),
@@ -578,6 +583,7 @@ impl Op {
             Op::MaxPool2d(p) => Some(p.kernel("max_pool", inputs[0], out)),
             Op::AvgPool2d(p) => Some(p.kernel("avg_pool", inputs[0], out)),
             Op::MaxPool2dBackward(p) => Some(p.max_backward_kernel(inputs[0])),
+            Op::MaxPoolReluBackward(p) => Some(p.kernel(inputs[0])),
             Op::AvgPool2dBackward(p) => Some(p.kernel(out)),
             Op::CrossEntropy(c) => Some(c.kernel(inputs[0])),
             Op::LstmForward(l) => Some(l.kernel(out, target)),
@@ -637,7 +643,9 @@ impl Op {
             Op::Col2im(c) => vec![Some(c.backward(g, dy)?)],
             Op::MaxPool2d(p) => vec![Some(p.max_backward(g, x[0], dy)?)],
             Op::AvgPool2d(p) => vec![Some(p.avg_backward(g, x[0], dy)?)],
-            Op::MaxPool2dBackward(_) => return Err(pool::max_backward_backward()),
+            Op::MaxPool2dBackward(_) | Op::MaxPoolReluBackward(_) => {
+                return Err(pool::max_backward_backward())
+            }
             Op::AttentionGrad(a) => {
                 return Err(crate::error::Error::Unsupported(format!(
                     "the second derivative of attention (backward of {})",
@@ -715,6 +723,7 @@ impl Op {
             | Op::MaxPool2d(_)
             | Op::AvgPool2d(_)
             | Op::MaxPool2dBackward(_)
+            | Op::MaxPoolReluBackward(_)
             | Op::AvgPool2dBackward(_)
             | Op::Softmax(_)
             | Op::AxisCopy(_) => match inputs.iter().find(|&&d| d != first) {
@@ -871,6 +880,7 @@ impl Op {
             | Op::Col2im(_)
             | Op::AvgPool2d(_)
             | Op::MaxPool2dBackward(_)
+            | Op::MaxPoolReluBackward(_)
             | Op::AvgPool2dBackward(_) => TOL_REDUCTION,
             _ => TOL_ELEMENTWISE,
         }

@@ -223,6 +223,44 @@ impl Pool2d {
     }
 }
 
+/// The max-pooling backward of `x [N, C, H, W]` (a relu's output) and `dy`, times the relu's
+/// gradient mask: `dx` where `x > 0`, else 0 (`relu_grad(max_pool2d_backward(x, dy), x)`, made
+/// by the plan compiler: `exec::lower::relu_mask_into_max_pool_backward`). With `cn` the
+/// result is stored as `[C, N, H*W]` (the `[C, N*H*W]` operand a convolution's weight and input
+/// gradient products read), without: `[N, C, H, W]`. Inputs `x`, `dy`; one kernel where the
+/// backward, the mask and the transpose took two and a tensor between them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaxPoolReluBackward {
+    pub pool: Pool2d,
+    pub cn: bool,
+}
+
+impl MaxPoolReluBackward {
+    /// CPU reference: the backward, the mask, then the layout; `out` is the node's shape.
+    pub fn cpu(&self, x: &Tensor, dy: &Tensor, out: &Shape) -> Tensor {
+        let dx = self.pool.max_backward_cpu(x, dy, x.shape());
+        let d = x.dims();
+        let (n, c, hw) = (d[0], d[1], d[2] * d[3]);
+        let mut data = vec![0f32; dx.numel()];
+        for (i, (&g, &v)) in dx.data().iter().zip(x.data()).enumerate() {
+            let at = match self.cn {
+                true => ((i / hw % c) * n + i / (c * hw)) * hw + i % hw,
+                false => i,
+            };
+            data[at] = if v > 0.0 { g } else { 0.0 };
+        }
+        Tensor::new(out.clone(), data).expect("the node's element count")
+    }
+
+    /// Kernel: one thread per element of `x`, as the plain backward's.
+    pub fn kernel(&self, x: &Shape) -> KernelSpec {
+        let mut k = self.pool.max_backward_kernel(x);
+        k.entry = "max_pool_backward_relu";
+        k.constants.push(("CN_OUT", self.cn as u32 as f64));
+        k
+    }
+}
+
 /// The backward of average pooling: input `dy` [N, C, Ho, Wo] -> `dx` [N, C, H, W], every input
 /// element gathering `dy / (kh*kw)` from each window that covers it. It needs the input extents,
 /// which the pooled shape does not determine.
