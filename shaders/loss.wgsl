@@ -6,21 +6,27 @@
 //   0  logits  storage, read        [N, C]
 //   1  labels  storage, read        [N] class indices stored as f32
 //   2  out     storage, read_write  [1] mean loss
-// Bindings (group 0), entry `cross_entropy_backward`:
+// Entry `cross_entropy_rows` (large losses, a mean after it): as `cross_entropy` but
+//   2  out     storage, read_write  [N] each row's loss
+// Bindings (group 0), entries `cross_entropy_backward`, `cross_entropy_backward_rows`:
 //   0  logits  storage, read        [N, C]
 //   1  labels  storage, read        [N]
 //   2  dy      storage, read        [1] gradient of the loss
 //   3  dx      storage, read_write  [N, C] (softmax(logits) - onehot(labels)) * dy / N
 // f16 variant (`loss_f16`, generated from the storage block): logits and dx f16, computed in
 // f32; labels, the loss and dy stay f32.
-// Overrides: N rows, C classes. A label that is not an integer in [0, C) gives NaN.
+// Overrides: N rows, C classes; TPR threads per row (the *_rows entries, a power of two <= 256).
+// A label that is not an integer in [0, C) gives NaN.
 // Dispatch: `cross_entropy`: 1 workgroup of 256 threads; each thread folds rows i, i + 256, ..
 //           and a tree in workgroup memory sums the row losses.
 //           `cross_entropy_backward`: ceil(N / 256) workgroups, folded into (x <= 65535, y);
-//           one thread per row.
+//           one thread per row. `cross_entropy_rows`, `cross_entropy_backward_rows`:
+//           ceil(N * TPR / 256) workgroups (folded likewise), TPR threads per row striding over
+//           its classes, their maximum and sum of exponentials reduced in workgroup memory.
 
 override N: u32 = 1u;
 override C: u32 = 1u;
+override TPR: u32 = 1u;
 const WG: u32 = 256u;
 
 // generated: begin storage
@@ -111,6 +117,91 @@ fn cross_entropy_backward(
     let bad = select(0.0, nan(), k >= C);
     for (var c = 0u; c < C; c = c + 1u) {
         let p = exp(ld_logits(base + c) - m) * inv;
+        let onehot = select(0.0, 1.0, c == k);
+        st_dx(base + c, (p - onehot) * scale + bad);
+    }
+}
+
+// The maximum (or sum) of `v` over the TPR threads of this thread's row, seen by each of them.
+// Every thread of the workgroup calls it (it has barriers).
+fn row_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
+    part[lid] = v;
+    workgroupBarrier();
+    let t = lid % TPR;
+    for (var s = TPR / 2u; s > 0u; s = s / 2u) {
+        if t < s {
+            let o = part[lid + s];
+            part[lid] = select(part[lid] + o, max(part[lid], o), is_max);
+        }
+        workgroupBarrier();
+    }
+    let r = part[lid - t];
+    workgroupBarrier();
+    return r;
+}
+
+// This thread's row (N or more past the last: no classes, barriers only), its first class and
+// the row's maximum logit and sum of exponentials.
+struct RowStats {
+    row: u32,
+    first: u32,
+    count: u32,
+    m: f32,
+    s: f32,
+}
+
+fn row_stats(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowStats {
+    let row = (wid.y * nwg.x + wid.x) * (WG / TPR) + lid / TPR;
+    let t = lid % TPR;
+    let count = select(0u, C, row < N);
+    let base = row * C;
+    var m = -3.4028235e38;
+    for (var c = t; c < count; c = c + TPR) {
+        m = max(m, ld_logits(base + c));
+    }
+    m = row_reduce(lid, m, true);
+    var s = 0.0;
+    for (var c = t; c < count; c = c + TPR) {
+        s = s + exp(ld_logits(base + c) - m);
+    }
+    s = row_reduce(lid, s, false);
+    return RowStats(row, t, count, m, s);
+}
+
+@compute @workgroup_size(256)
+fn cross_entropy_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let r = row_stats(wid, nwg, lid);
+    if r.first == 0u && r.count > 0u {
+        let k = class_of(r.row);
+        var loss = nan();
+        if k < C {
+            loss = r.m + log(r.s) - ld_logits(r.row * C + k);
+        }
+        out[r.row] = loss;
+    }
+}
+
+@compute @workgroup_size(256)
+fn cross_entropy_backward_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let r = row_stats(wid, nwg, lid);
+    if r.count == 0u {
+        return;
+    }
+    let base = r.row * C;
+    let inv = 1.0 / r.s;
+    let k = class_of(r.row);
+    let scale = dy[0] / f32(N);
+    let bad = select(0.0, nan(), k >= C);
+    for (var c = r.first; c < C; c = c + TPR) {
+        let p = exp(ld_logits(base + c) - r.m) * inv;
         let onehot = select(0.0, 1.0, c == k);
         st_dx(base + c, (p - onehot) * scale + bad);
     }

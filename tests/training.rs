@@ -47,6 +47,63 @@ fn cross_entropy_matches_and_differentiates() {
     }
 }
 
+/// Cross-entropy over many logits (a language model's tokens times its vocabulary) runs a few
+/// threads per row over the whole GPU, then a mean; its gradient too for rows of more than 16
+/// classes. Loss and gradient against the CPU reference (outputs poisoned with NaN) on rows of
+/// a prime 40,009 classes (a workgroup per row), 600 rows of 500 (rows past the last in the
+/// last workgroup) and a batch of rows of 37 (the one-workgroup loss, the per-row gradient);
+/// f16 logits; a bad label is NaN in the loss and in its row's gradient only.
+#[test]
+fn cross_entropy_over_large_vocabularies_runs_per_row() {
+    let Some(dev) = gpu() else { return };
+    let half = dev.features().contains(wgpu::Features::SHADER_F16);
+    for (n, c, dtype) in [
+        (7usize, 40_009usize, kiln::DType::F32),
+        (600, 500, kiln::DType::F32),
+        (13, 37, kiln::DType::F32),
+        (600, 500, kiln::DType::F16),
+    ] {
+        if dtype == kiln::DType::F16 && !half {
+            continue;
+        }
+        let what = format!("cross_entropy ({n}, {c}) {dtype}");
+        let g = Graph::new();
+        let x = g.input_as("x", [n, c], dtype);
+        let y = g.input("y", [n]);
+        let loss = g.cross_entropy(x, y).unwrap();
+        let dx = g
+            .cast(g.grad(loss, &[x]).unwrap()[0], kiln::DType::F32)
+            .unwrap();
+        let logits = Tensor::rand_uniform(vec![n, c], -4.0, 4.0, 5);
+        let labels: Vec<f32> = (0..n).map(|i| ((i * 7919) % c) as f32).collect();
+        let feeds = [
+            ("x".to_string(), logits.clone()),
+            ("y".to_string(), Tensor::new([n], labels.clone()).unwrap()),
+        ];
+        let tol = match dtype {
+            kiln::DType::F16 => kiln::ops::TOL_F16,
+            _ => TOL_REDUCTION,
+        };
+        let plan = common::check_plan(&dev, &what, &g, &[loss, dx], &feeds, tol);
+        let rows = plan
+            .kernels()
+            .iter()
+            .any(|k| k.contains("cross_entropy_rows"));
+        assert_eq!(rows, n * c > kiln::ops::loss::ONE_WORKGROUP_MAX, "{what}");
+        // a label out of range: the loss and that row's gradient are NaN, the others not
+        let mut bad = labels;
+        bad[n / 2] = c as f32;
+        let mut plan = dev.compile(&g, &[loss, dx]).unwrap();
+        let out = plan
+            .run(&[("x", &logits), ("y", &Tensor::new([n], bad).unwrap())])
+            .unwrap();
+        assert!(out[0].data()[0].is_nan(), "{what}");
+        let row = |i: usize| &out[1].data()[i * c..(i + 1) * c];
+        assert!(row(n / 2).iter().all(|v| v.is_nan()), "{what}");
+        assert!(row(0).iter().all(|v| v.is_finite()), "{what}");
+    }
+}
+
 #[test]
 fn mse_and_bce_losses() {
     let g = Graph::new();

@@ -13,6 +13,8 @@
 //!    reduced in blocks, then merged or added up; [`running_update_in_stats`]: the kernel that
 //!    computes a batch norm's statistics moves its running ones; [`pads_into_lstm_backward`]:
 //!    a recurrence's backward reads the padded part of its state gradient as a window;
+//!    [`split_cross_entropy`]: a loss over more logits than one workgroup should fold runs per
+//!    row over the GPU, then a mean;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
@@ -109,6 +111,7 @@ pub(crate) fn lower(
     residual_into_normalize_backward(nodes, order, targets);
     split_group_reductions(nodes, order);
     running_update_in_stats(nodes, order, outputs);
+    split_cross_entropy(nodes, order);
     pads_into_lstm_backward(nodes, order, targets);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
@@ -910,6 +913,42 @@ pub(crate) fn pads_into_lstm_backward(
         dropped.extend(chain);
     }
     order.retain(|id| !dropped.contains(id));
+}
+
+/// Where a cross-entropy loss has more logits than its one-workgroup kernel should fold
+/// (`loss::ONE_WORKGROUP_MAX`: a language model's tokens times its vocabulary), each row's loss
+/// runs on a few threads of its own over the whole GPU (`CrossEntropyRows`, a new node placed
+/// before it) and the node itself becomes their mean (a reduction, same id and shape).
+pub(crate) fn split_cross_entropy(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>) {
+    use crate::ops::loss::{CrossEntropyRows, ONE_WORKGROUP_MAX};
+    use crate::ops::reduce::{Reduce, ReduceKind};
+    let mut i = 0;
+    while i < order.len() {
+        let id = order[i];
+        let logits = nodes[id.0].inputs.first().copied();
+        let large = logits.is_some_and(|l| nodes[l.0].shape.numel() > ONE_WORKGROUP_MAX);
+        if !matches!(nodes[id.0].op, Op::CrossEntropy(_)) || !large {
+            i += 1;
+            continue;
+        }
+        let rows = nodes[nodes[id.0].inputs[0].0].shape.dims()[0];
+        let rid = NodeId(nodes.len());
+        nodes.push(Node {
+            op: Op::CrossEntropyRows(CrossEntropyRows),
+            inputs: nodes[id.0].inputs.clone(),
+            shape: Shape(vec![rows]),
+            dtype: DType::F32,
+        });
+        let node = &mut nodes[id.0];
+        node.op = Op::Reduce(Reduce {
+            kind: ReduceKind::Mean,
+            axis: 0,
+            keepdim: true,
+        });
+        node.inputs = vec![rid];
+        order.insert(i, rid);
+        i += 2;
+    }
 }
 
 /// Rewrites every product whose configuration splits K into `MatMulPartial` (a new node, placed

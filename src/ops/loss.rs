@@ -2,6 +2,12 @@
 //! `torch.nn.functional.cross_entropy(logits, labels)`, and its backward kernel.
 //! Kernel: `shaders/loss.wgsl`. MSE and binary cross-entropy with logits are compositions of
 //! graph ops (see `Graph::mse_loss`, `Graph::bce_with_logits`).
+//!
+//! Small losses (a classifier's batch) take one workgroup, whose threads each fold whole rows;
+//! large ones (a language model's tokens over its vocabulary: more than [`ONE_WORKGROUP_MAX`]
+//! logits) run as [`CrossEntropyRows`], [`rows_threads`] threads per row, and a mean (made by
+//! the plan compiler: `exec::lower::split_cross_entropy`). The backward gives each row
+//! [`rows_threads`] threads too, so that a row of 50,000 classes is not one thread's loop.
 
 use super::{groups, KernelSpec};
 use crate::error::{shape_err, Result};
@@ -15,6 +21,68 @@ pub struct CrossEntropy;
 /// `logits (N, C)`, `labels (N)`, `dy (1)` -> `dlogits (N, C)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CrossEntropyBackward;
+
+/// Each row's cross-entropy loss: `logits (N, C)`, `labels (N)` -> `(N)` (made by the plan
+/// compiler from a [`CrossEntropy`] too large for one workgroup; a mean follows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CrossEntropyRows;
+
+/// Logits that the one-workgroup [`CrossEntropy`] kernel takes: beyond them the loss runs
+/// a row per few threads over the whole GPU ([`CrossEntropyRows`]), then a mean.
+pub const ONE_WORKGROUP_MAX: usize = 1 << 18;
+
+/// Threads per row of the row kernels (the rows variant of the backward, [`CrossEntropyRows`]):
+/// about 8 classes each, a power of two up to a workgroup (256).
+pub fn rows_threads(classes: usize) -> usize {
+    classes.div_ceil(8).next_power_of_two().clamp(1, 256)
+}
+
+/// The row kernels' overrides and grid for `logits (N, C)`.
+fn rows_kernel(entry: &'static str, logits: &Shape) -> KernelSpec {
+    let (n, c) = (logits.dims()[0], logits.dims()[1]);
+    let tpr = rows_threads(c);
+    KernelSpec {
+        family: "loss",
+        entry,
+        constants: vec![("N", n as f64), ("C", c as f64), ("TPR", tpr as f64)],
+        workgroups: groups(n * tpr, 256),
+    }
+}
+
+/// The loss of each row in f64: `lse - logit[label]`, NaN for a bad label.
+fn row_losses(logits: &Tensor, labels: &Tensor) -> Vec<f64> {
+    let (n, c) = (logits.dims()[0], logits.dims()[1]);
+    (0..n)
+        .map(|i| {
+            let row = &logits.data()[i * c..(i + 1) * c];
+            let m = row
+                .iter()
+                .map(|&v| v as f64)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            match class_of(labels.data()[i], c) {
+                Some(k) => lse - row[k] as f64,
+                None => f64::NAN,
+            }
+        })
+        .collect()
+}
+
+impl CrossEntropyRows {
+    /// CPU reference in f64.
+    pub fn cpu(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
+        let data = row_losses(logits, labels)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        Tensor::new([logits.dims()[0]], data).expect("a loss per row")
+    }
+
+    /// Kernel: [`rows_threads`] threads per row.
+    pub fn kernel(&self, logits: &Shape) -> KernelSpec {
+        rows_kernel("cross_entropy_rows", logits)
+    }
+}
 
 /// The class of label `l`, or `None` if it is not an integer in `[0, c)` (the loss is then NaN).
 fn class_of(l: f32, c: usize) -> Option<usize> {
@@ -37,21 +105,9 @@ impl CrossEntropy {
 
     /// CPU reference in f64.
     pub fn cpu(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
-        let (n, c) = (logits.dims()[0], logits.dims()[1]);
-        let mut total = 0f64;
-        for i in 0..n {
-            let row: Vec<f64> = logits.data()[i * c..(i + 1) * c]
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
-            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
-            total += match class_of(labels.data()[i], c) {
-                Some(k) => lse - row[k],
-                None => f64::NAN,
-            };
-        }
-        Tensor::new([1], vec![(total / n as f64) as f32]).expect("scalar")
+        let losses = row_losses(logits, labels);
+        let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+        Tensor::new([1], vec![mean as f32]).expect("scalar")
     }
 
     /// Kernel: one workgroup for the whole batch.
@@ -116,6 +172,10 @@ impl CrossEntropyBackward {
 
     /// Kernel: one thread per row.
     pub fn kernel(&self, logits: &Shape) -> KernelSpec {
+        // rows of up to 16 classes: a thread each; longer ones: rows_threads per row
+        if logits.dims()[1] > 16 {
+            return rows_kernel("cross_entropy_backward_rows", logits);
+        }
         KernelSpec {
             family: "loss",
             entry: "cross_entropy_backward",

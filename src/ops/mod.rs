@@ -140,6 +140,9 @@ pub enum Op {
     Dropout(dropout::Dropout),
     /// Its gradient for the logits, from logits, labels and the loss gradient.
     CrossEntropyBackward(loss::CrossEntropyBackward),
+    /// Inputs logits and labels: each row's loss, `(N)` (made by the plan compiler; see
+    /// `ops::loss::CrossEntropyRows`).
+    CrossEntropyRows(loss::CrossEntropyRows),
     /// An in-place optimizer update of a parameter and its state (no buffer of its own).
     OptimStep(optim::OptimStep),
     /// Several parameters' updates as one kernel (made by the plan compiler).
@@ -246,6 +249,7 @@ impl Op {
             Op::EmbeddingBackward(_) => "embedding_backward",
             Op::Dropout(_) => "dropout",
             Op::CrossEntropyBackward(_) => "cross_entropy_backward",
+            Op::CrossEntropyRows(_) => "cross_entropy_rows",
             Op::OptimStep(o) => o.name(),
             Op::OptimGroup(o) => o.name(),
             Op::SumSquares(_) => "sum_squares",
@@ -517,6 +521,7 @@ impl Op {
             Op::EmbeddingBackward(e) => e.cpu(inputs[0], inputs[1], out),
             Op::Dropout(d) => d.cpu(inputs[0], inputs[1]),
             Op::CrossEntropyBackward(c) => c.cpu(inputs[0], inputs[1], inputs[2]),
+            Op::CrossEntropyRows(c) => c.cpu(inputs[0], inputs[1]),
             Op::OptimStep(o) => o.cpu_update(inputs).swap_remove(0),
             Op::OptimGroup(o) => o.cpu_update(inputs).swap_remove(0).swap_remove(0),
             Op::SumSquares(s) => s.cpu(inputs, out),
@@ -596,6 +601,7 @@ impl Op {
             Op::EmbeddingBackward(e) => Some(e.kernel(inputs[0], out)),
             Op::Dropout(d) => Some(d.kernel(out.numel())),
             Op::CrossEntropyBackward(c) => Some(c.kernel(inputs[0])),
+            Op::CrossEntropyRows(c) => Some(c.kernel(inputs[0])),
             Op::OptimStep(o) => Some(o.kernel(out)),
             Op::RunningUpdate(r) => Some(r.kernel(out.numel())),
             Op::GroupStats(s) => Some(s.kernel(inputs[0])),
@@ -664,6 +670,7 @@ impl Op {
             Op::Normalize(n) => n.backward(g, x, y, dy)?,
             Op::Attention(a) => a.backward(g, x, y, dy)?,
             Op::CrossEntropyBackward(_)
+            | Op::CrossEntropyRows(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)
             | Op::RowSums(_)
@@ -737,7 +744,11 @@ impl Op {
             Op::Dropout(_) if inputs.get(1) == Some(&DType::F32) => Ok(first),
             // f16 logits: the loss (a mean over the batch) stays f32, the logits' gradient
             // follows the logits; labels and the loss's gradient are f32
-            Op::CrossEntropy(_) if inputs[1..].iter().all(|&d| d == DType::F32) => Ok(DType::F32),
+            Op::CrossEntropy(_) | Op::CrossEntropyRows(_)
+                if inputs[1..].iter().all(|&d| d == DType::F32) =>
+            {
+                Ok(DType::F32)
+            }
             Op::CrossEntropyBackward(_) if inputs[1..].iter().all(|&d| d == DType::F32) => {
                 Ok(first)
             }
@@ -866,6 +877,7 @@ impl Op {
             | Op::Softmax(_)
             | Op::CrossEntropy(_)
             | Op::CrossEntropyBackward(_)
+            | Op::CrossEntropyRows(_)
             | Op::LstmForward(_)
             | Op::LstmBackward(_)
             | Op::Attention(_)
