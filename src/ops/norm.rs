@@ -11,8 +11,10 @@
 //! - Batch norm (training): the per-channel scale and shift are inside `Normalize`; its
 //!   backward is [`GroupSums`] (per channel `sum(dy)` and `sum(dy xhat)`: the bias's and the
 //!   weight's gradients) and an elementwise input gradient. [`RunningUpdate`] moves both
-//!   running statistics in place in one kernel. Forward 3 kernels (statistics, normalization,
-//!   running statistics), backward 2; the sums' rows are padded ([`sums_row`]) so that both
+//!   running statistics in place in one kernel, which the plan compiler folds into the kernel
+//!   that computes the statistics. Forward 2 kernels (statistics, normalization; channels of
+//!   more than 16,384 elements: statistics per block of 8,192 and their [`MergeStats`], 3),
+//!   backward 2; the sums' rows are padded ([`sums_row`]) so that both
 //!   parameters' gradients are views of them. Composed from graph ops the step took about
 //!   five times the dispatches. In evaluation it is elementwise, `(x - running_mean) / sqrt(running_var + eps)
 //!   * weight + bias`: one fused kernel with what follows.
@@ -21,8 +23,8 @@
 //!   xhat`: the bias's and the weight's gradients, one kernel) and the weighted
 //!   [`NormalizeBackward`] (`dxhat = dy * weight` inside the per-row reduction). Forward 2
 //!   kernels, backward 2; as broadcast graph ops the scale and shift took a kernel forward
-//!   and three backward. The column sums take a thread per feature and 4 lanes over the rows
-//!   (a split over row blocks would fill a large GPU better for long sequences).
+//!   and three backward. The column sums take a thread per feature and 4 lanes over the rows,
+//!   in blocks of 512 rows beyond 1,024 (the plan compiler's split, then a sum).
 //! - Group norm: scale and shift are broadcast graph ops in the input's own shape (fused with
 //!   what follows, a relu), and `Normalize`'s backward is one kernel per group
 //!   ([`NormalizeBackward`]): `rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))`.
@@ -33,8 +35,9 @@
 //! output and the input's gradient follow the input's type.
 //!
 //! One workgroup per group is PyTorch's classic NCHW layout too; a few large groups (a batch
-//! norm of 64 channels over (64, 56, 56)) leave most of a big GPU idle, which a split reduction
-//! would fix (untimed: no GPU yet).
+//! norm of 64 channels over (64, 56, 56)) would leave most of a big GPU idle, so the plan
+//! compiler splits their statistics and parameter gradients into blocks
+//! (`exec::lower::split_group_reductions`: 64 workgroups become 1,600; untimed: no GPU yet).
 //!
 //! Batch normalization of `x (N, C, *)` over every axis but 1:
 //!
