@@ -580,12 +580,7 @@ fn relu_masks_run_inside_the_max_pooling_backward() {
             };
             let plan = common::check_plan(&dev, &what, &g, &outs, &feeds, tol);
             let kernels = plan.kernels();
-            let count = |op: &str| {
-                kernels
-                    .iter()
-                    .filter(|k| k.split_whitespace().nth(2) == Some(op))
-                    .count()
-            };
+            let count = |op: &str| common::count_op(&kernels, op);
             assert_eq!(count("max_pool2d_backward_relu"), 1, "{what}: {kernels:#?}");
             assert_eq!(count("max_pool2d_backward"), 0, "{what}: {kernels:#?}");
             let masks = kernels.iter().filter(|k| k.contains("relu_grad")).count();

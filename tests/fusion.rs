@@ -791,12 +791,7 @@ fn products_apply_the_dropout_only_they_read() {
             f.push(("seed".into(), Tensor::new([1], vec![321.0]).unwrap()));
             let plan = common::check_plan(&dev, &what, &g, &outs, &f, tol);
             let kernels = plan.kernels();
-            let count = |op: &str| {
-                kernels
-                    .iter()
-                    .filter(|k| k.split_whitespace().nth(2) == Some(op))
-                    .count()
-            };
+            let count = |op: &str| common::count_op(&kernels, op);
             assert_eq!(count("dropout"), 0, "{what}: {kernels:#?}");
             let masked = kernels.iter().filter(|k| k.contains("drop_")).count();
             assert!(masked >= 2, "{what}: {kernels:#?}");

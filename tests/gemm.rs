@@ -504,9 +504,7 @@ fn skinny_products_use_the_gemv_kernel() {
 
 /// Whether a plan dispatches a kernel of op `op` (labels read `node <id> <op> <shape> ..`).
 fn runs_op(plan: &kiln::Plan, op: &str) -> bool {
-    plan.kernels()
-        .iter()
-        .any(|k| k.split_whitespace().nth(2) == Some(op))
+    common::count_op(&plan.kernels(), op) > 0
 }
 
 /// A bias gradient beside its weight gradient comes out of the weight gradient's kernel

@@ -449,21 +449,11 @@ fn gradients_of_part_of_the_state_need_no_pads() {
                 let loss = random_projection(&g, if last { hn } else { hs }, 7);
                 let mut outs = vec![loss];
                 outs.extend(g.grad(loss, &w).unwrap());
-                let mut f: Vec<(String, Tensor)> = feeds
-                    .iter()
-                    .map(|(n, v)| (n.to_string(), v.clone()))
-                    .collect();
-                if let Some((_, l)) = feeds.iter().find(|(n, _)| *n == "len") {
-                    f.push(("len2".into(), l.clone()));
-                }
+                let f = common::owned_feeds(&feeds, "len", "len2");
                 let tol = if h > 256 { (1e-4, TOL.1) } else { TOL };
                 let plan = common::check_plan(&dev, &what, &g, &outs, &f, tol);
                 let kernels = plan.kernels();
-                let pads = kernels
-                    .iter()
-                    .filter(|k| k.split_whitespace().nth(2) == Some("pad"))
-                    .count();
-                assert_eq!(pads, 0, "{what}: {kernels:#?}");
+                assert_eq!(common::count_op(&kernels, "pad"), 0, "{what}: {kernels:#?}");
             }
         }
     }

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{
-    assert_close, check_formula, check_gpu_vs_cpu, check_plan, gpu, gradcheck, rand,
+    assert_close, check_formula, check_gpu_vs_cpu, check_plan, count_op, gpu, gradcheck, rand,
     random_projection,
 };
 use kiln::nn::{BatchNorm, GroupNorm, LayerNorm, Optimizer, Sequential, TrainStep};
@@ -485,12 +485,7 @@ fn layers_train_in_one_step_and_evaluate_with_running_statistics() {
             // per-channel gradient sums and the input's gradient, one kernel each; the layer
             // norm: normalization (with its statistics), its gradient
             let labels = step.plan().kernels();
-            let count = |name: &str| {
-                labels
-                    .iter()
-                    .filter(|l| l.split_whitespace().nth(2) == Some(name))
-                    .count()
-            };
+            let count = |name: &str| count_op(&labels, name);
             for (name, want) in [
                 ("group_stats", 0),
                 ("normalize", 2),
@@ -938,14 +933,6 @@ fn check_gradients(
     };
     let plan = check_plan(dev, what, g, &outs, feeds, tol);
     plan.kernels().iter().map(|k| k.to_string()).collect()
-}
-
-/// Kernels of op `op` among a plan's labels (`node <id> <op> <shape> ..`).
-fn count_op(kernels: &[String], op: &str) -> usize {
-    kernels
-        .iter()
-        .filter(|s| s.split_whitespace().nth(2) == Some(op))
-        .count()
 }
 
 /// A pre-norm residual block `x + f(layer_norm(x))`: the layer norm's input gradient and the

@@ -561,6 +561,14 @@ pub(crate) fn row_sums_in_products(nodes: &mut [Node], order: &mut Vec<NodeId>, 
     place_after(order, &moves);
 }
 
+/// The nodes of `order` that read `v`, each counted once per node.
+fn readers(nodes: &[Node], order: &[NodeId], v: NodeId) -> usize {
+    order
+        .iter()
+        .filter(|r| nodes[r.0].inputs.contains(&v))
+        .count()
+}
+
 /// Moves each `(view, writer)`'s view right after its writer in `order`: a view of what a
 /// kernel writes past its output is ready only once that kernel ran.
 fn place_after(order: &mut Vec<NodeId>, moves: &[(NodeId, NodeId)]) {
@@ -627,12 +635,6 @@ pub(crate) fn residual_into_normalize_backward(
     targets: &[NodeId],
 ) {
     use crate::ops::binary::BinaryOp;
-    let readers = |nodes: &[Node], order: &[NodeId], v: NodeId| {
-        order
-            .iter()
-            .filter(|r| nodes[r.0].inputs.contains(&v))
-            .count()
-    };
     let mut dropped: Vec<NodeId> = Vec::new();
     for pos in 0..order.len() {
         let a = order[pos];
@@ -845,12 +847,6 @@ pub(crate) fn pads_into_lstm_backward(
     targets: &[NodeId],
 ) {
     use crate::ops::lstm::DpWindow;
-    let readers = |nodes: &[Node], v: NodeId| {
-        order
-            .iter()
-            .filter(|r| nodes[r.0].inputs.contains(&v))
-            .count()
-    };
     let mut dropped: Vec<NodeId> = Vec::new();
     for pos in 0..order.len() {
         let l = order[pos];
@@ -875,7 +871,7 @@ pub(crate) fn pads_into_lstm_backward(
         while let Op::AxisCopy(a) = nodes[d.0].op {
             let src = nodes[d.0].inputs[0];
             let s = nodes[src.0].shape.dims();
-            let sole = !targets.contains(&d) && readers(nodes, d) == 1;
+            let sole = !targets.contains(&d) && readers(nodes, order, d) == 1;
             if a.b_start.is_some() || a.a_start < 0 || s.len() != 3 || s[1] != p[1] || !sole {
                 break;
             }
@@ -1126,12 +1122,7 @@ pub(crate) fn fuse_matmul_epilogue(
         let Some(program) = super::fuse::program_of(n) else {
             continue;
         };
-        let readers = |y: NodeId| {
-            order
-                .iter()
-                .filter(|r| nodes[r.0].inputs.contains(&y))
-                .count()
-        };
+        let readers = |y: NodeId| readers(nodes, order, y);
         // the product, read as it is (not through a folded transpose: the epilogue sees each
         // result at its own index), or through a reshape (same element order: a linear layer
         // on (B, L, E) runs as one [B*L, E] product)
@@ -1330,12 +1321,6 @@ pub(crate) fn relu_mask_into_max_pool_backward(
     use crate::ops::binary::BinaryOp;
     use crate::ops::fused::{Operand, StepOp};
     use crate::ops::pool::MaxPoolReluBackward;
-    let readers = |nodes: &[Node], order: &[NodeId], v: NodeId| {
-        order
-            .iter()
-            .filter(|r| nodes[r.0].inputs.contains(&v))
-            .count()
-    };
     // a node under its reshapes, and the reshapes
     let under = |nodes: &[Node], mut id: NodeId| {
         let mut chain = Vec::new();

@@ -200,3 +200,24 @@ pub fn check_formula(
     assert_close(&format!("{what} on the cpu"), &cpu[0], want, tol.0, tol.1);
     check_gpu_vs_cpu(what, g, &[y], feeds, kiln::ops::TOL_REDUCTION);
 }
+
+/// Kernels of op `op` among a plan's labels (`node <id> <op> <shape> ..`, `Plan::kernels`).
+pub fn count_op<S: AsRef<str>>(kernels: &[S], op: &str) -> usize {
+    kernels
+        .iter()
+        .filter(|k| k.as_ref().split_whitespace().nth(2) == Some(op))
+        .count()
+}
+
+/// Feeds owned by name, with `alias` a copy of the feed named `name` where there is one (a
+/// second layer of a graph reading its own input of the same value).
+pub fn owned_feeds(feeds: &[(&str, Tensor)], name: &str, alias: &str) -> Vec<(String, Tensor)> {
+    let mut f: Vec<(String, Tensor)> = feeds
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.clone()))
+        .collect();
+    if let Some((_, v)) = feeds.iter().find(|(n, _)| *n == name) {
+        f.push((alias.to_string(), v.clone()));
+    }
+    f
+}
