@@ -652,6 +652,5 @@ fn running_update2(
     if i >= N {
         return;
     }
-    running0[i] = (1.0 - MOMENTUM) * running0[i] + MOMENTUM * (SCALE0 * value[i]);
-    running1[i] = (1.0 - MOMENTUM) * running1[i] + MOMENTUM * (SCALE1 * value[N + i]);
+    move_running(i, vec2<f32>(value[i], value[N + i]));
 }
