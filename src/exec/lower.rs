@@ -2078,6 +2078,229 @@ mod tests {
             .any(|id| matches!(nodes[id.0].op, Op::RowSums(_))));
     }
 
+    /// Evaluates `outputs` (and the graph's state updates) on the CPU twins of the graph's nodes
+    /// and of the nodes lowered for a discrete GPU (fusion on), `feeds` giving every input and
+    /// parameter by name, and checks that the outputs and the parameters written in place agree
+    /// (within f32 reductions' tolerance: the lowered twins sum in their kernels' order).
+    /// Returns the lowered nodes and order.
+    fn evaluates_as_the_graph(
+        g: &Graph,
+        outputs: &[NodeId],
+        feeds: &[(&str, crate::tensor::Tensor)],
+    ) -> (Vec<Node>, Vec<NodeId>) {
+        use crate::tensor::Tensor;
+        let mut targets = outputs.to_vec();
+        targets.extend(g.state_updates());
+        let run = |nodes: &[Node], order: &[NodeId]| {
+            let mut stored: HashMap<String, Tensor> = HashMap::new();
+            let feed = |_: NodeId, n: &Node| -> crate::Result<Tensor> {
+                match &n.op {
+                    Op::Input { name } | Op::Param { name, .. } => Ok(feeds
+                        .iter()
+                        .find(|(f, _)| f == name)
+                        .unwrap_or_else(|| panic!("no feed {name}"))
+                        .1
+                        .clone()),
+                    Op::Const { value } => Ok((**value).clone()),
+                    _ => unreachable!("only sources are fed"),
+                }
+            };
+            let values = crate::cpu::evaluate(nodes, order, feed, |name, t| {
+                stored.insert(name.to_string(), t);
+                Ok(())
+            })
+            .unwrap();
+            (values, stored)
+        };
+        let nodes = g.nodes();
+        let (want, want_stored) = run(&nodes, &reachable(&nodes, &targets));
+        let (lowered, order) = on_discrete(g, &targets, |nodes, order, ch| {
+            lower(nodes, order, outputs, &targets, ch, true)
+        });
+        let (got, got_stored) = run(&lowered, &order);
+        let close = |what: &str, a: &Tensor, b: &Tensor| {
+            assert_eq!(a.shape(), b.shape(), "{what}");
+            for (k, (&x, &y)) in a.data().iter().zip(b.data()).enumerate() {
+                let ok = (x - y).abs() as f64 <= 1e-5 + 1e-4 * y.abs() as f64;
+                assert!(ok || (x.is_nan() && y.is_nan()), "{what}[{k}]: {x} vs {y}");
+            }
+        };
+        for &o in outputs {
+            let (a, b) = (got[o.0].as_ref(), want[o.0].as_ref());
+            close(
+                &format!("node {}", o.0),
+                a.expect("lowered"),
+                b.expect("graph"),
+            );
+        }
+        assert_eq!(got_stored.len(), want_stored.len());
+        for (name, t) in &want_stored {
+            close(name, &got_stored[name], t);
+        }
+        (lowered, order)
+    }
+
+    /// The CPU twins of this session's lowered ops (batch norm statistics merged from blocks,
+    /// moving running statistics in the statistics and normalization kernels; products reading
+    /// operands through dropout, with row sums and split along K; the relu mask inside a
+    /// max-pooling backward, both layouts; an LSTM backward reading its gradient's window;
+    /// per-row cross-entropy) evaluate as the graph they replace.
+    #[test]
+    fn lowered_programs_evaluate_as_their_graphs() {
+        use crate::ops::matmul::Bias;
+        use crate::ops::norm::RunningStats;
+        use crate::tensor::Tensor;
+        let has = |nodes: &[Node], order: &[NodeId], pick: &dyn Fn(&Op) -> bool| {
+            order.iter().any(|id| pick(&nodes[id.0].op))
+        };
+        let rand = |s: &[usize], seed: u64| Tensor::rand_uniform(s.to_vec(), -1.0, 1.0, seed);
+        // batch norms: blocks and a merge, a statistics kernel, statistics inside the
+        // normalization; each moving its running statistics
+        for shape in [[1usize, 2, 131, 131], [2, 2, 48, 48], [2, 2, 5, 5]] {
+            let g = Graph::new();
+            let x = g.input("x", shape);
+            let running = RunningStats {
+                mean: g.param("m", [2]),
+                var: g.param("v", [2]),
+                momentum: 0.1,
+            };
+            let affine = (g.param("w", [2]), g.param("b", [2]));
+            let y = g
+                .batch_norm(x, Some(affine), Some(running), true, 1e-5)
+                .unwrap();
+            let loss = g
+                .sum_all(g.mul(y, g.constant(rand(&shape, 2))).unwrap())
+                .unwrap();
+            let mut outs = vec![y];
+            outs.extend(g.grad(loss, &[x, affine.0, affine.1]).unwrap());
+            let feeds = [
+                ("x", Tensor::rand_uniform(shape.to_vec(), -1.0, 5.0, 1)),
+                ("m", rand(&[2], 3)),
+                ("v", Tensor::rand_uniform(vec![2], 1.0, 3.0, 4)),
+                ("w", rand(&[2], 5)),
+                ("b", rand(&[2], 6)),
+            ];
+            let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
+            let moving = |op: &Op| match op {
+                Op::GroupStats(s) => s.running.is_some(),
+                Op::MergeStats(m) => m.running.is_some(),
+                Op::NormalizeStats(n) => n.running.is_some(),
+                _ => false,
+            };
+            assert!(has(&nodes, &order, &moving), "{shape:?}");
+        }
+        // a feed-forward block with dropout, its weight gradients split along K at 2,048 rows
+        for (rows, e, h) in [(32usize, 16usize, 64usize), (2048, 12, 20)] {
+            let g = Graph::new();
+            let x = g.input("x", [rows, e]);
+            let (w1, b1) = (g.input("w1", [h, e]), g.input("b1", [h]));
+            let (w2, b2) = (g.input("w2", [e, h]), g.input("b2", [e]));
+            let s = g.input("seed", [1]);
+            let hid = g
+                .matmul_fused(x, w1, false, true, Some((b1, Bias::Cols)), true)
+                .unwrap();
+            let hid = g.dropout(hid, 0.3, s, 1).unwrap();
+            let y = g
+                .matmul_fused(hid, w2, false, true, Some((b2, Bias::Cols)), false)
+                .unwrap();
+            let y = g.add(x, g.dropout(y, 0.2, s, 2).unwrap()).unwrap();
+            let loss = g
+                .sum_all(g.mul(y, g.constant(rand(&[rows, e], 7))).unwrap())
+                .unwrap();
+            let mut outs = vec![y];
+            outs.extend(g.grad(loss, &[x, w1, b1, w2, b2]).unwrap());
+            let feeds = [
+                ("x", rand(&[rows, e], 8)),
+                ("w1", rand(&[h, e], 9)),
+                ("b1", rand(&[h], 10)),
+                ("w2", rand(&[e, h], 11)),
+                ("b2", rand(&[e], 12)),
+                ("seed", Tensor::new([1], vec![77.0]).unwrap()),
+            ];
+            let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
+            let dropped = |op: &Op| match op {
+                Op::MatMul(m) => m.drop_a.is_some() || m.drop_b.is_some(),
+                Op::MatMulEpilogue(e) => e.product.drop_a.is_some(),
+                Op::MatMulPartial(p) => p.product.drop_a.is_some(),
+                _ => false,
+            };
+            assert!(has(&nodes, &order, &dropped), "{rows}");
+            let masked_sums = |op: &Op| matches!(op, Op::RowSums(r) if r.1.is_some());
+            assert!(has(&nodes, &order, &masked_sums), "{rows}");
+        }
+        // relu then max pooling, after a convolution (its GEMM layout) and alone (NCHW)
+        for conv in [true, false] {
+            let g = Graph::new();
+            let x = g.input("x", [2, 3, 9, 9]);
+            let (w, b) = (g.input("w", [4, 3, 3, 3]), g.input("b", [4]));
+            let h = match conv {
+                true => g
+                    .conv2d_fused(x, w, Some(b), Conv2dOpts::default(), true)
+                    .unwrap(),
+                false => g.relu(x).unwrap(),
+            };
+            let y = g.max_pool2d(h, (2, 2), (2, 2), (0, 0)).unwrap();
+            let loss = g
+                .sum_all(g.mul(y, g.constant(rand(&g.shape(y).0, 13))).unwrap())
+                .unwrap();
+            let outs = g
+                .grad(loss, &[x, w, b][..if conv { 3 } else { 1 }])
+                .unwrap();
+            let feeds = [
+                ("x", rand(&[2, 3, 9, 9], 14)),
+                ("w", rand(&[4, 3, 3, 3], 15)),
+                ("b", rand(&[4], 16)),
+            ];
+            let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
+            let masked = |op: &Op| matches!(op, Op::MaxPoolReluBackward(p) if p.cn == conv);
+            assert!(has(&nodes, &order, &masked), "conv {conv}");
+        }
+        // an LSTM whose loss reads the last h
+        let (t, b, i, h) = (4usize, 3usize, 2usize, 5usize);
+        let g = Graph::new();
+        let x = g.input("x", [t, b, i]);
+        let (w_ih, w_hh) = (g.input("w_ih", [4 * h, i]), g.input("w_hh", [4 * h, h]));
+        let (b_ih, b_hh) = (g.input("b_ih", [4 * h]), g.input("b_hh", [4 * h]));
+        let (h0, c0) = (g.input("h0", [b, h]), g.input("c0", [b, h]));
+        let (_, hn, _) = g
+            .lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, None, false)
+            .unwrap();
+        let loss = g
+            .sum_all(g.mul(hn, g.constant(rand(&[b, h], 17))).unwrap())
+            .unwrap();
+        let outs = g.grad(loss, &[x, w_ih, w_hh, b_ih, h0, c0]).unwrap();
+        let feeds = [
+            ("x", rand(&[t, b, i], 18)),
+            ("w_ih", rand(&[4 * h, i], 19)),
+            ("w_hh", rand(&[4 * h, h], 20)),
+            ("b_ih", rand(&[4 * h], 21)),
+            ("b_hh", rand(&[4 * h], 22)),
+            ("h0", rand(&[b, h], 23)),
+            ("c0", rand(&[b, h], 24)),
+        ];
+        let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
+        let windowed = |op: &Op| matches!(op, Op::LstmBackward(l) if l.dp_window.is_some());
+        assert!(has(&nodes, &order, &windowed));
+        // cross-entropy over more logits than one workgroup folds
+        let (n, c) = (9usize, 30_011usize);
+        let g = Graph::new();
+        let logits = g.input("x", [n, c]);
+        let labels = g.input("y", [n]);
+        let loss = g.cross_entropy(logits, labels).unwrap();
+        let mut outs = vec![loss];
+        outs.extend(g.grad(loss, &[logits]).unwrap());
+        let feeds = [
+            ("x", Tensor::rand_uniform(vec![n, c], -4.0, 4.0, 25)),
+            (
+                "y",
+                Tensor::new([n], (0..n).map(|k| (k * 3331 % c) as f32).collect()).unwrap(),
+            ),
+        ];
+        let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
+        let rows = |op: &Op| matches!(op, Op::CrossEntropyRows(_));
+        assert!(has(&nodes, &order, &rows));
+    }
+
     /// A training batch norm's statistics kernel moves the running statistics itself (no
     /// `running_update` kernel): the merge of blocks where channels hold more than 16,384
     /// elements, the statistics kernel where more than 4,096, else the normalization; asked
