@@ -7,6 +7,7 @@ use crate::codegen::{self, matmul::GemmConfig, Generated};
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
+use std::borrow::Cow;
 
 /// Most batch axes the kernel addresses.
 pub const MAX_BATCH_RANK: usize = 4;
@@ -61,10 +62,10 @@ impl OperandDropout {
         drop: Option<OperandDropout>,
         x: &'a Tensor,
         seed: Option<&Tensor>,
-    ) -> std::borrow::Cow<'a, Tensor> {
+    ) -> Cow<'a, Tensor> {
         match (drop, seed) {
-            (Some(d), Some(s)) => std::borrow::Cow::Owned(d.dropout().cpu(x, s)),
-            _ => std::borrow::Cow::Borrowed(x),
+            (Some(d), Some(s)) => Cow::Owned(d.dropout().cpu(x, s)),
+            _ => Cow::Borrowed(x),
         }
     }
 
@@ -281,15 +282,25 @@ impl MatMul {
             + self.drop_b.is_some() as usize
     }
 
-    /// CPU reference of the node from its inputs (`a`, `b`, the bias, the dropouts' seeds):
-    /// the operands through their dropouts, then [`Self::cpu`].
-    pub fn cpu_node(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+    /// The node's operands through their dropouts, and its bias, from its inputs (`a`, `b`, the
+    /// bias, the dropouts' seeds).
+    fn operands<'a>(
+        &self,
+        inputs: &[&'a Tensor],
+    ) -> (Cow<'a, Tensor>, Cow<'a, Tensor>, Option<&'a Tensor>) {
         let mut rest = inputs[2..].iter().copied();
         let bias = (self.bias != Bias::None).then(|| rest.next()).flatten();
         let seed_a = self.drop_a.and_then(|_| rest.next());
         let seed_b = self.drop_b.and_then(|_| rest.next());
         let a = OperandDropout::apply(self.drop_a, inputs[0], seed_a);
         let b = OperandDropout::apply(self.drop_b, inputs[1], seed_b);
+        (a, b, bias)
+    }
+
+    /// CPU reference of the node from its inputs (`a`, `b`, the bias, the dropouts' seeds):
+    /// the operands through their dropouts, then [`Self::cpu`].
+    pub fn cpu_node(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let (a, b, bias) = self.operands(inputs);
         self.cpu(&a, &b, bias, out)
     }
 
@@ -467,10 +478,8 @@ impl MatMulPartial {
     /// CPU reference: each slice's sum in f64; `inputs` are `a`, `b` and the operand dropouts'
     /// seeds.
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
-        let seed_a = self.product.drop_a.map(|_| inputs[2]);
-        let seed_b = self.product.drop_b.map(|_| inputs[inputs.len() - 1]);
-        let a = OperandDropout::apply(self.product.drop_a, inputs[0], seed_a);
-        let b = OperandDropout::apply(self.product.drop_b, inputs[1], seed_b);
+        // the product of a split has no bias: its seeds follow the operands
+        let (a, b, _) = self.product.operands(inputs);
         let (a, b) = (a.as_ref(), b.as_ref());
         let d = self
             .product
