@@ -18,9 +18,10 @@
 //                       the element's INNER position (a layer norm's feature) (Normalize, affine)
 //   stats_normalize(_affine)
 //                       group_stats and normalize(_affine) in one kernel: each group's threads
-//                       compute its statistics, write them past the output (at STATS_OFF) and
-//                       normalize its elements; for groups of a few thousand elements at most
-//                       (a layer norm's rows)                                (NormalizeStats)
+//                       compute its statistics, write them past the output (at STATS_OFF;
+//                       not with WRITE_STATS false: nothing reads them) and normalize its
+//                       elements; for groups of a few thousand elements at most (a layer
+//                       norm's rows)                                         (NormalizeStats)
 //   stats_normalize_affine_running
 //                       stats_normalize_affine that also moves the running statistics in place
 //                       as running_update2 would              (NormalizeStats, running)
@@ -85,8 +86,8 @@
 //            AFFINE_INNER (normalize_affine);
 //            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward); BLOCKS, BLOCK_LEN
 //            (group_stats, merge_stats, group_sums: blocks of each group and their elements;
-//            inner_sums: blocks of rows and their rows); STATS_OFF
-//            (stats_normalize: the element count rounded up to 128).
+//            inner_sums: blocks of rows and their rows); STATS_OFF, WRITE_STATS
+//            (stats_normalize: the element count rounded up to 128; whether to write them).
 // Dispatch: group_stats, stats_normalize(_affine), normalize_backward, group_sums: TPG
 //           threads per group (group_stats, group_sums: per group and block), 256 / TPG groups
 //           per workgroup of 256 threads (ceil(GROUPS * TPG / 256) workgroups, folded into
@@ -113,6 +114,7 @@ override TPG: u32 = 256u;
 override AFFINE_INNER: bool = false;
 override SUMS_ROW: u32 = GROUPS;
 override STATS_OFF: u32 = 0u;
+override WRITE_STATS: bool = true;
 override BLOCKS: u32 = 1u;
 override BLOCK_LEN: u32 = 4294967295u;
 const WG: u32 = 256u;
@@ -368,7 +370,7 @@ fn stats_normalize(
         let i = at(l.g, e);
         st_normalized1(i, (ld_x(i) - s.x) / d);
     }
-    if l.t == 0u && l.count > 0u {
+    if WRITE_STATS && l.t == 0u && l.count > 0u {
         st_normalized1(STATS_OFF + l.g, s.x);
         st_normalized1(STATS_OFF + GROUPS + l.g, s.y);
     }
@@ -391,7 +393,7 @@ fn stats_normalize_affine(
         let a = select(l.g, i % INNER, AFFINE_INNER);
         st_affine_out3(i, (ld_x(i) - s.x) / d * weight1[a] + bias2[a]);
     }
-    if l.t == 0u && l.count > 0u {
+    if WRITE_STATS && l.t == 0u && l.count > 0u {
         st_affine_out3(STATS_OFF + l.g, s.x);
         st_affine_out3(STATS_OFF + GROUPS + l.g, s.y);
     }
@@ -415,8 +417,10 @@ fn stats_normalize_affine_running(
         st_affine_out5(i, (ld_x(i) - s.x) / d * weight1[a] + bias2[a]);
     }
     if l.t == 0u && l.count > 0u {
-        st_affine_out5(STATS_OFF + l.g, s.x);
-        st_affine_out5(STATS_OFF + GROUPS + l.g, s.y);
+        if WRITE_STATS {
+            st_affine_out5(STATS_OFF + l.g, s.x);
+            st_affine_out5(STATS_OFF + GROUPS + l.g, s.y);
+        }
         running3[l.g] = (1.0 - MOMENTUM) * running3[l.g] + MOMENTUM * (SCALE0 * s.x);
         running4[l.g] = (1.0 - MOMENTUM) * running4[l.g] + MOMENTUM * (SCALE1 * s.y);
     }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::{DType, Shape, Tensor};
 
 /// Optional adapter features kiln asks for when the adapter has them.
 pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
@@ -34,13 +34,16 @@ pub struct Device {
 
 pub(crate) struct DeviceInner {
     pub(crate) gpu: Option<GpuContext>,
-    /// Host copies of parameters on the CPU backend (on the GPU they live in `GpuContext::params`).
-    pub(crate) cpu_params: Mutex<HashMap<String, Tensor>>,
+    /// Host copies of parameters on the CPU backend, each with the type it is stored as (its
+    /// values rounded to it); on the GPU they live in `GpuContext::params`.
+    pub(crate) cpu_params: Mutex<HashMap<String, (Tensor, DType)>>,
 }
 
-/// A parameter's GPU storage.
+/// A parameter's GPU storage: f32, or f16 for state a graph declares so (a key/value cache,
+/// [`crate::Graph::param_init_as`]).
 pub(crate) struct GpuParam {
     pub(crate) shape: Shape,
+    pub(crate) dtype: DType,
     pub(crate) buffer: Arc<wgpu::Buffer>,
 }
 
@@ -352,29 +355,55 @@ impl Device {
         self.inner.gpu.as_ref()
     }
 
-    /// Sets (creating if needed) the parameter `name` on the device. An existing parameter keeps
-    /// its shape: a tensor of another shape is an error.
+    /// Sets (creating an f32 one if needed) the parameter `name` on the device. An existing
+    /// parameter keeps its shape and type: a tensor of another shape is an error, the values
+    /// are rounded to an f16 parameter's type ([`crate::Graph::param_init_as`]).
     pub fn set_param(&self, name: &str, value: &Tensor) -> Result<()> {
         match &self.inner.gpu {
             Some(g) => g.set_param(name, value),
             None => {
                 let mut p = self.inner.cpu_params.lock().expect("param lock");
-                if let Some(old) = p.get(name) {
-                    if old.shape() != value.shape() {
+                let dtype = match p.get(name) {
+                    Some((old, _)) if old.shape() != value.shape() => {
                         return Err(Error::Param(format!(
                             "{name}: has shape {}, cannot set a tensor of shape {}",
                             old.shape(),
                             value.shape()
                         )));
                     }
-                }
-                p.insert(name.to_string(), value.clone());
+                    Some((_, dtype)) => *dtype,
+                    None => DType::F32,
+                };
+                p.insert(name.to_string(), (value.clone().rounded(dtype), dtype));
                 Ok(())
             }
         }
     }
 
-    /// Reads the parameter `name` back to the host.
+    /// Makes sure the CPU backend holds parameter `name` as `shape` and `dtype`, creating it from
+    /// `init` (rounded to `dtype`) when it does not: the CPU twin of the GPU's `param_buffer`.
+    pub(crate) fn declare_cpu_param(
+        &self,
+        name: &str,
+        shape: &Shape,
+        dtype: DType,
+        init: impl FnOnce() -> Tensor,
+    ) -> Result<()> {
+        let mut p = self.inner.cpu_params.lock().expect("param lock");
+        match p.get(name) {
+            Some((t, d)) if t.shape() != shape || *d != dtype => Err(Error::Param(format!(
+                "{name}: the device holds {d} {}, the graph declares {dtype} {shape}",
+                t.shape()
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                p.insert(name.to_string(), (init().rounded(dtype), dtype));
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads the parameter `name` back to the host (an f16 one widened to f32).
     pub fn param(&self, name: &str) -> Result<Tensor> {
         match &self.inner.gpu {
             Some(g) => g.read_param(name),
@@ -384,7 +413,7 @@ impl Device {
                 .lock()
                 .expect("param lock")
                 .get(name)
-                .cloned()
+                .map(|(t, _)| t.clone())
                 .ok_or_else(|| Error::Param(format!("no parameter named {name:?}"))),
         }
     }
@@ -1014,8 +1043,10 @@ impl GpuContext {
         Ok(buf)
     }
 
+    /// Writes `value` into parameter `name` as the parameter stores it, creating an f32 one when
+    /// the device has none.
     fn set_param(&self, name: &str, value: &Tensor) -> Result<()> {
-        let mut params = self.params.lock().expect("param lock");
+        let params = self.params.lock().expect("param lock");
         if let Some(p) = params.get(name) {
             if &p.shape != value.shape() {
                 return Err(Error::Param(format!(
@@ -1024,70 +1055,79 @@ impl GpuContext {
                     value.shape()
                 )));
             }
-            self.queue.write_buffer(&p.buffer, 0, value.as_bytes());
+            self.queue
+                .write_buffer(&p.buffer, 0, &value.to_bytes(p.dtype));
             return Ok(());
         }
-        let buffer = self.create_buffer(
+        drop(params);
+        self.create_param(name, value, DType::F32).map(|_| ())
+    }
+
+    /// A new parameter `name` holding `value` stored as `dtype`.
+    fn create_param(&self, name: &str, value: &Tensor, dtype: DType) -> Result<Arc<wgpu::Buffer>> {
+        let buffer = Arc::new(self.create_buffer(
             &format!("param {name}"),
-            (value.numel() * 4) as u64,
+            dtype.buffer_bytes(value.numel()),
             wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_DST
                 | wgpu::BufferUsages::COPY_SRC,
-        )?;
-        self.queue.write_buffer(&buffer, 0, value.as_bytes());
-        params.insert(
+        )?);
+        self.queue.write_buffer(&buffer, 0, &value.to_bytes(dtype));
+        self.params.lock().expect("param lock").insert(
             name.to_string(),
             GpuParam {
                 shape: value.shape().clone(),
-                buffer: Arc::new(buffer),
+                dtype,
+                buffer: buffer.clone(),
             },
         );
-        Ok(())
+        Ok(buffer)
     }
 
-    /// The buffer of parameter `name`, created from `init` when the device has none yet.
+    /// The buffer of parameter `name` (stored as `dtype`), created from `init` when the device
+    /// has none yet; one of another shape or type is an error.
     pub(crate) fn param_buffer(
         &self,
         name: &str,
         shape: &Shape,
+        dtype: DType,
         init: impl FnOnce() -> Tensor,
     ) -> Result<Arc<wgpu::Buffer>> {
         {
             let params = self.params.lock().expect("param lock");
             if let Some(p) = params.get(name) {
-                if &p.shape != shape {
+                if &p.shape != shape || p.dtype != dtype {
                     return Err(Error::Param(format!(
-                        "{name}: the device holds shape {}, the graph declares {shape}",
-                        p.shape
+                        "{name}: the device holds {} {}, the graph declares {dtype} {shape}",
+                        p.dtype, p.shape
                     )));
                 }
                 return Ok(p.buffer.clone());
             }
         }
-        self.set_param(name, &init())?;
-        Ok(self.params.lock().expect("param lock")[name].buffer.clone())
+        self.create_param(name, &init(), dtype)
     }
 
     fn read_param(&self, name: &str) -> Result<Tensor> {
-        let (shape, buffer) = {
+        let (shape, dtype, buffer) = {
             let params = self.params.lock().expect("param lock");
             let p = params
                 .get(name)
                 .ok_or_else(|| Error::Param(format!("no parameter named {name:?}")))?;
-            (p.shape.clone(), p.buffer.clone())
+            (p.shape.clone(), p.dtype, p.buffer.clone())
         };
-        let data = self
-            .read_buffers(&[(&buffer, 0, (shape.numel() * 4) as u64)])?
-            .pop()
-            .unwrap_or_default();
-        Tensor::new(shape, data)
+        let bytes = dtype.buffer_bytes(shape.numel());
+        let staging = self.read_buffers(&[(&buffer, 0, bytes)])?;
+        let data = self.map_and_read_bytes(&staging)?.pop().unwrap_or_default();
+        Tensor::from_bytes(shape, dtype, &data)
     }
 
-    /// Copies byte ranges of buffers back to the host in one submission.
+    /// Copies byte ranges of buffers into staging buffers in one submission; read them with
+    /// [`Self::map_and_read_bytes`].
     pub(crate) fn read_buffers(
         &self,
         ranges: &[(&wgpu::Buffer, u64, u64)],
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<(wgpu::Buffer, u64)>> {
         let mut enc = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -1104,19 +1144,10 @@ impl GpuContext {
             staging.push((s, *bytes));
         }
         self.queue.submit([enc.finish()]);
-        self.map_and_read(&staging)
+        Ok(staging)
     }
 
-    /// Maps staging buffers (already filled by a submitted copy) and reads them as f32.
-    pub(crate) fn map_and_read(&self, staging: &[(wgpu::Buffer, u64)]) -> Result<Vec<Vec<f32>>> {
-        Ok(self
-            .map_and_read_bytes(staging)?
-            .into_iter()
-            .map(|b| bytemuck::cast_slice::<u8, f32>(&b).to_vec())
-            .collect())
-    }
-
-    /// [`Self::map_and_read`] as raw bytes (for f16 outputs).
+    /// Maps staging buffers (already filled by a submitted copy) and reads their bytes.
     pub(crate) fn map_and_read_bytes(
         &self,
         staging: &[(wgpu::Buffer, u64)],

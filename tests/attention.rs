@@ -1089,8 +1089,9 @@ fn pre_norm_layers(
         .collect()
 }
 
-/// Decoding an f16 network: the caches hold the keys and values widened to f32; one token per
-/// run matches the f16 causal forward within f16's tolerance.
+/// Decoding an f16 network: the caches hold the keys and values in f16 (the step plan casts
+/// nothing, and its layer norms compute their statistics inside the normalization); one token
+/// per run matches the f16 causal forward within f16's tolerance.
 #[test]
 fn cached_decoding_in_f16() {
     use kiln::nn::{decode_mask, Init};
@@ -1120,6 +1121,10 @@ fn cached_decoding_in_f16() {
         h = t.apply_cached(&g, h, pos, l, mask).unwrap().0;
     }
     let mut step = dev.compile(&g, &[h]).unwrap();
+    let kernels = step.kernels();
+    for op in ["cast", "group_stats"] {
+        assert_eq!(common::count_op(&kernels, op), 0, "{op} in {kernels:#?}");
+    }
     for p in 0..l {
         let x = Tensor::new([1, 1, e], xs.data()[p * e..(p + 1) * e].to_vec()).unwrap();
         let position = Tensor::new([1], vec![p as f32]).unwrap();
@@ -1129,6 +1134,11 @@ fn cached_decoding_in_f16() {
         let row = Tensor::new([1, 1, e], want.data()[p * e..(p + 1) * e].to_vec()).unwrap();
         assert_close(&format!("f16 position {p}"), &got, &row, 2e-2, TOL_F16.1);
     }
+    // the keys of every position, as f16 holds them
+    let keys = dev.param("dec16.1.self_attn.k_cache").unwrap();
+    assert_eq!(keys.dims(), &[1, l, e]);
+    assert!(keys.data().iter().all(|&v| v == DType::F16.round(v)));
+    assert!((0..l).all(|p| keys.data()[p * e..(p + 1) * e].iter().any(|&v| v != 0.0)));
 }
 
 /// The decoder layer (self-attention, cross-attention to a memory, feed-forward) against

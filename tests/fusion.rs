@@ -360,8 +360,8 @@ fn dropout_fuses_at_the_programs_shape() {
     check_on(&dev, "dropout after a convolution", &g, &[d], &f, tol);
 }
 
-/// In f16 graphs too: the fused kernel stores f16 and reads the f32 seed as f32; an f32 chain
-/// computing the seed stays out of the f16 program.
+/// In f16 graphs too: the fused kernel stores f16 (or the f32 of a cast after it) and reads the
+/// f32 seed as f32; an f32 chain computing the seed stays out of the f16 program.
 #[test]
 fn dropout_fuses_in_f16_graphs() {
     let Some(dev) = device() else { return };
@@ -383,8 +383,8 @@ fn dropout_fuses_in_f16_graphs() {
         .unwrap();
     let info = check_on(&dev, "f16 chain", &g, &[as_f32(y)], &f, kiln::ops::TOL_F16);
     assert_eq!(
-        info.dispatches, 2,
-        "the chain, then the cast to f32: {info}"
+        info.dispatches, 1,
+        "the chain storing its cast to f32: {info}"
     );
     let z = g
         .add(g.dropout(g.matmul(x, w).unwrap(), 0.5, s, 12).unwrap(), res)
@@ -803,5 +803,65 @@ fn products_apply_the_dropout_only_they_read() {
                 assert_eq!(sums, 0, "{what}: bias gradients as row sums: {kernels:#?}");
             }
         }
+    }
+}
+
+/// Embedding lookups that only an elementwise kernel reads run inside it
+/// (`fuse::fold_embeddings`), and a cast of an elementwise result is stored by its kernel
+/// (`fuse::fuse_casts`): a transformer's token plus position embeddings, scaled and cast to
+/// f16 (or kept f32), are one kernel; bad indices (negative, fractional, past the table) give
+/// the lookup's NaN rows; a lookup that is also an output keeps its kernel; an f16 chain cast
+/// back to f32 is one kernel too.
+#[test]
+fn embedding_lookups_and_casts_run_inside_elementwise_kernels() {
+    use kiln::DType;
+    let Some(dev) = device() else { return };
+    let half = dev.features().contains(wgpu::Features::SHADER_F16);
+    let (b, l, v, e) = (3, 5, 7, 13);
+    let mut dtypes = vec![DType::F32];
+    if half {
+        dtypes.push(DType::F16);
+    }
+    let mut ids: Vec<f32> = (0..b * l).map(|k| (k * 3 % v) as f32).collect();
+    (ids[1], ids[7], ids[12]) = (-1.0, 2.5, v as f32);
+    let feeds = vec![
+        ("ids".to_string(), Tensor::new([b, l], ids).unwrap()),
+        (
+            "positions".to_string(),
+            Tensor::new([l], (0..l).map(|p| p as f32).collect()).unwrap(),
+        ),
+    ];
+    for &dtype in &dtypes {
+        for shared in [false, true] {
+            let what = format!("{dtype} lookups, shared {shared}");
+            let g = Graph::new();
+            let tok = g.param_init("fold.tok", rand(&[v, e], 5));
+            let pos = g.param_init("fold.pos", rand(&[l, e], 6));
+            let te = g.embedding(g.input("ids", [b, l]), tok).unwrap();
+            let pe = g.embedding(g.input("positions", [l]), pos).unwrap();
+            let x = g.mul_scalar(g.add(te, pe).unwrap(), 0.5).unwrap();
+            let y = g.cast(x, dtype).unwrap();
+            let outs = if shared { vec![y, te] } else { vec![y] };
+            let tol = match dtype {
+                DType::F32 => TOL_ELEMENTWISE,
+                DType::F16 => kiln::ops::TOL_F16,
+            };
+            let plan = common::check_plan(&dev, &what, &g, &outs, &feeds, tol);
+            let kernels = plan.kernels();
+            let count = |op: &str| common::count_op(&kernels, op);
+            assert_eq!(count("embedding"), shared as usize, "{what}: {kernels:#?}");
+            assert_eq!(count("cast") + count("add"), 0, "{what}: {kernels:#?}");
+            assert_eq!(plan.info().dispatches, 1 + shared as usize, "{what}");
+        }
+    }
+    if half {
+        // f16 activations cast back to f32 by their own kernel
+        let g = Graph::new();
+        let h = g.input_as("h", [b, l, e], DType::F16);
+        let y = g.mul_scalar(g.relu(h).unwrap(), 2.0).unwrap();
+        let y = g.cast(y, DType::F32).unwrap();
+        let f = vec![("h".to_string(), rand(&[b, l, e], 7))];
+        let plan = common::check_plan(&dev, "f16 to f32", &g, &[y], &f, kiln::ops::TOL_F16);
+        assert_eq!(plan.info().dispatches, 1, "{:#?}", plan.kernels());
     }
 }

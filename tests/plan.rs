@@ -121,6 +121,74 @@ fn parameters_stay_on_the_device_and_are_shared_by_plans() {
     assert!(matches!(dev.param("nope"), Err(Error::Param(_))));
 }
 
+/// A parameter declared f16 (`Graph::param_init_as`, a decoding cache) is stored, set and read
+/// back as f16 on the GPU and on the CPU backend; a plan declaring it in another type is an
+/// error, as one of another shape is.
+#[test]
+fn f16_parameters_keep_their_type() {
+    let mut devices = vec![Device::cpu()];
+    devices.extend(gpu().filter(|d| d.features().contains(wgpu::Features::SHADER_F16)));
+    for dev in devices {
+        let what = dev.describe();
+        let third = Tensor::new([3], vec![1.0 / 3.0, 70000.0, -2.5]).unwrap();
+        let g = Graph::new();
+        let state = g.param_init_as("half.state", third.clone(), DType::F16);
+        assert_eq!(g.dtype(state), DType::F16);
+        let x = g.input_as("x", [3], DType::F16);
+        let y = g.add(state, x).unwrap();
+        let mut plan = dev.compile(&g, &[y]).unwrap();
+        let stored = third.clone().rounded(DType::F16);
+        assert_eq!(
+            dev.param("half.state").unwrap().data(),
+            stored.data(),
+            "{what}"
+        );
+        assert_eq!(
+            stored.data()[1],
+            f32::INFINITY,
+            "70000 is past f16's largest"
+        );
+        let zeros = Tensor::zeros([3]);
+        let got = plan.run(&[("x", &zeros)]).unwrap().remove(0);
+        assert_eq!(got.data(), stored.data(), "{what}");
+        // set_param rounds to the type the device holds
+        dev.set_param(
+            "half.state",
+            &Tensor::new([3], vec![0.1, 2.0, 1e-8]).unwrap(),
+        )
+        .unwrap();
+        let want = Tensor::new([3], vec![0.1, 2.0, 1e-8])
+            .unwrap()
+            .rounded(DType::F16);
+        assert_eq!(
+            dev.param("half.state").unwrap().data(),
+            want.data(),
+            "{what}"
+        );
+        assert_eq!(
+            plan.run(&[("x", &zeros)]).unwrap()[0].data(),
+            want.data(),
+            "{what}"
+        );
+        // the same name declared f32, or f16 of another shape
+        let g = Graph::new();
+        let w = g
+            .exp(g.param_init("half.state", Tensor::zeros([3])))
+            .unwrap();
+        assert!(
+            matches!(dev.compile(&g, &[w]), Err(Error::Param(_))),
+            "{what}"
+        );
+        let g = Graph::new();
+        let w = g.param_init_as("half.state", Tensor::zeros([4]), DType::F16);
+        let w = g.exp(w).unwrap();
+        assert!(
+            matches!(dev.compile(&g, &[w]), Err(Error::Param(_))),
+            "{what}"
+        );
+    }
+}
+
 #[test]
 fn only_requested_outputs_come_back_and_reshape_is_free() {
     let Some(dev) = gpu() else { return };

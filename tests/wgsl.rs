@@ -193,9 +193,9 @@ fn every_generated_matmul_is_valid_wgsl() {
 /// input, and the most inputs a fused kernel takes.
 #[test]
 fn every_generated_fused_kernel_is_valid_wgsl() {
-    use kiln::codegen::elementwise::{kernel, MAX_INPUTS};
+    use kiln::codegen::elementwise::{kernel, kernel_from, MAX_INPUTS};
     use kiln::ops::binary::BinaryOp;
-    use kiln::ops::fused::{Fused, Operand, Step, StepOp};
+    use kiln::ops::fused::{Fused, GatheredRead, Operand, Step, StepOp};
     use kiln::ops::unary::UnaryOp;
     use kiln::tensor::Shape;
     let validate = |what: &str, f: &Fused, inputs: &[&[usize]], out: &[usize]| {
@@ -254,6 +254,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
                 step(StepOp::Unary(u), &[S(0)], &[7, 3]),
             ],
             permuted: Vec::new(),
+            gathered: Vec::new(),
         };
         validate(&format!("{u:?}"), &f, &[&[7, 3], &[7, 3]], &[7, 3]);
     }
@@ -287,6 +288,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
                 step(StepOp::Unary(UnaryOp::Relu), &[S(0)], out),
             ],
             permuted: Vec::new(),
+            gathered: Vec::new(),
         };
         validate(&format!("{b:?} {sa:?} {sb:?}"), &f, &[sa, sb], out);
     }
@@ -299,6 +301,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
             step(StepOp::Binary(BinaryOp::Add), &[S(1), I(2)], &[4, 6]),
         ],
         permuted: Vec::new(),
+        gathered: Vec::new(),
     };
     validate("dropout", &f, &[&[4, 6], &[1], &[4, 6]], &[4, 6]);
     // a shared input (x * x + x), then the most inputs one kernel takes, each broadcast its own way
@@ -308,6 +311,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
             step(StepOp::Binary(BinaryOp::Add), &[S(0), I(0)], &[9]),
         ],
         permuted: Vec::new(),
+        gathered: Vec::new(),
     };
     validate("x * x + x", &f, &[&[9]], &[9]);
     let mut steps = vec![step(
@@ -336,10 +340,41 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         &Fused {
             steps,
             permuted: Vec::new(),
+            gathered: Vec::new(),
         },
         &ins,
         &[3, 4, 5],
     );
+    // folded lookups: token rows (3, 5, 13) and position rows (5, 13) broadcast over the batch,
+    // a bias; and a lookup of one row from a one-row table; f32 tables stored as f16 results
+    let lookup = |input: usize, indices: usize, rows: usize, shape: &[usize]| GatheredRead {
+        input,
+        indices,
+        rows,
+        width: *shape.last().unwrap(),
+        shape: Shape(shape.to_vec()),
+    };
+    let f = Fused {
+        steps: vec![
+            step(StepOp::Binary(BinaryOp::Add), &[I(0), I(1)], &[3, 5, 13]),
+            step(StepOp::Binary(BinaryOp::Add), &[S(0), I(2)], &[3, 5, 13]),
+        ],
+        permuted: Vec::new(),
+        gathered: vec![lookup(0, 3, 7, &[3, 5, 13]), lookup(1, 4, 5, &[5, 13])],
+    };
+    let ins: [&[usize]; 5] = [&[7, 13], &[5, 13], &[13], &[3, 5], &[5]];
+    validate("token and position lookups", &f, &ins, &[3, 5, 13]);
+    let shapes: Vec<Shape> = ins.iter().map(|d| Shape(d.to_vec())).collect();
+    let refs: Vec<&Shape> = shapes.iter().collect();
+    let out = Shape(vec![3, 5, 13]);
+    let mixed = kernel_from(&f, &refs, &out, kiln::DType::F32, kiln::DType::F16);
+    validate_wgsl("lookups stored as f16", &mixed.wgsl);
+    let f = Fused {
+        steps: vec![step(StepOp::Unary(UnaryOp::Relu), &[I(0)], &[1, 4])],
+        permuted: Vec::new(),
+        gathered: vec![lookup(0, 1, 1, &[1, 4])],
+    };
+    validate("a one-row table", &f, &[&[1, 4], &[1]], &[1, 4]);
 }
 
 /// Every well-formed configuration of the tensor-core kernel, whatever memory it needs.
@@ -524,6 +559,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             },
         ],
         permuted: Vec::new(),
+        gathered: Vec::new(),
     };
     let row = Shape(vec![20]);
     let cfg = GemmConfig::parse("64x64x16/4x4").unwrap();
@@ -648,6 +684,7 @@ fn reductions_with_prologues_are_valid_wgsl() {
             },
         ],
         permuted: Vec::new(),
+        gathered: Vec::new(),
     };
     let col = Shape(vec![5, 1, 3]);
     for (axis, kind) in [

@@ -31,6 +31,12 @@ pub fn kernel(f: &Fused, inputs: &[&Shape], out: &Shape, dtype: DType) -> Genera
     kernel_as(f, inputs, out, dtype, dtype)
 }
 
+/// [`kernel`] with the inputs stored as `from` and the output as `to` (a program ending in a
+/// cast, `exec::fuse::fuse_casts`).
+pub fn kernel_from(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) -> Generated {
+    kernel_as(f, inputs, out, from, to)
+}
+
 /// A cast of a tensor of `shape` from `from` to `to` (one element per thread).
 pub fn cast_kernel(shape: &Shape, from: DType, to: DType) -> Generated {
     kernel_as(&Fused::identity(), &[shape], shape, from, to)
@@ -47,6 +53,7 @@ pub fn copy_kernel(
     let f = Fused {
         steps: Vec::new(),
         permuted: permuted.into_iter().collect(),
+        gathered: Vec::new(),
     };
     kernel_as(&f, &[x], out, dtype, dtype)
 }
@@ -149,12 +156,7 @@ fn enable(types: &[DType]) -> &'static str {
 fn wgsl_as(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) -> String {
     let n = out.numel();
     let n_in = inputs.len();
-    // each input's element strides per output axis (0 where it broadcasts); an input with as many
-    // elements as the output is the output's own contiguous order
-    let strides: Vec<Option<Vec<usize>>> = inputs
-        .iter()
-        .map(|s| (s.numel() != n).then(|| broadcast_strides(s, out)))
-        .collect();
+    let strides = input_strides(f, inputs, out);
 
     let mut s = String::new();
     let _ = writeln!(
@@ -170,13 +172,18 @@ fn wgsl_as(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) ->
     }
     let _ = writeln!(s, "//\n// Bindings (group 0):");
     for (k, (shape, st)) in inputs.iter().zip(&strides).enumerate() {
-        let how = match (f.permuted_read(k), st) {
-            (Some(p), _) => format!(
+        let how = match (f.permuted_read(k), f.gathered_read(k), st) {
+            (Some(p), _, _) => format!(
                 "read as permute({:?}, {:?}) (a folded transpose)",
                 p.in_dims, p.perm
             ),
-            (None, None) => "contiguous".to_string(),
-            (None, Some(st)) => format!("element strides {st:?} per output axis"),
+            (None, Some(g), _) => format!(
+                "a table read as embedding(x{}, x{k}) {} (a folded lookup)",
+                g.indices, g.shape
+            ),
+            (None, None, _) if f.only_indices(k) => "indices of a folded lookup".to_string(),
+            (None, None, None) => "contiguous".to_string(),
+            (None, None, Some(st)) => format!("element strides {st:?} per output axis"),
         };
         let _ = writeln!(
             s,
@@ -239,12 +246,8 @@ fn program_body(
     out: &Shape,
     load: &dyn Fn(usize, &str) -> String,
 ) -> (String, String) {
-    let n = out.numel();
     let dims = out.dims();
-    let strides: Vec<Option<Vec<usize>>> = inputs
-        .iter()
-        .map(|s| (s.numel() != n).then(|| broadcast_strides(s, out)))
-        .collect();
+    let strides = input_strides(f, inputs, out);
     // coordinates are needed from the innermost axis out to the outermost one a broadcast input
     // moves along (axes of extent 1 have coordinate 0 and are skipped)
     let outermost = strides
@@ -291,7 +294,35 @@ fn program_body(
             Some(p) => permuted_index(p),
             None => index,
         };
-        let _ = writeln!(s, "    let a{k} = {};", load(k, &index));
+        if f.only_indices(k) {
+            continue;
+        }
+        match f.gathered_read(k) {
+            // embedding.wgsl's lookup of the lookup's element m: the index clamped before the
+            // read, NaN where it names no row
+            Some(g) => {
+                let (w, rows) = (g.width, g.rows);
+                let _ = writeln!(
+                    s,
+                    "    let m{k} = {index};
+    let q{k} = {};
+    let ok{k} = q{k} >= 0.0 && q{k} < {rows}.0 && q{k} == floor(q{k});
+    let a{k} = select({}, {}, ok{k});",
+                    load(g.indices, &format!("m{k} / {w}u")),
+                    f32_literal(f32::NAN),
+                    load(
+                        k,
+                        &format!(
+                            "min(u32(select(0.0, q{k}, ok{k})), {}u) * {w}u + m{k} % {w}u",
+                            rows - 1
+                        )
+                    ),
+                );
+            }
+            None => {
+                let _ = writeln!(s, "    let a{k} = {};", load(k, &index));
+            }
+        }
     }
     let operand = |a: &Operand| match a {
         Operand::Input(i) => format!("a{i}"),
@@ -331,6 +362,20 @@ fn program_body(
         n => format!("v{}", n - 1),
     };
     (s, result)
+}
+
+/// Each input's element strides per output axis (0 where it broadcasts), `None` for an input
+/// with as many elements as the output (the output's own contiguous order) and for a folded
+/// lookup's indices (read at the lookup's element); a folded lookup broadcasts the lookup's
+/// shape, not its table's.
+fn input_strides(f: &Fused, inputs: &[&Shape], out: &Shape) -> Vec<Option<Vec<usize>>> {
+    (0..inputs.len())
+        .map(|k| {
+            let seen = f.gathered_read(k).map_or(inputs[k], |g| &g.shape);
+            (seen.numel() != out.numel() && !f.only_indices(k))
+                .then(|| broadcast_strides(seen, out))
+        })
+        .collect()
 }
 
 /// The input element a folded transpose reads for element `i`: `i`'s coordinates in the

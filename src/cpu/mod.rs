@@ -150,17 +150,8 @@ impl CpuPlan {
         // parameters exist (and keep their shapes) from compile time on, as on the GPU
         for &id in &order {
             if let Op::Param { name, init } = &nodes[id.0].op {
-                match device.param(name) {
-                    Ok(t) if t.shape() != &nodes[id.0].shape => {
-                        return Err(Error::Param(format!(
-                            "{name}: the device holds shape {}, the graph declares {}",
-                            t.shape(),
-                            nodes[id.0].shape
-                        )))
-                    }
-                    Ok(_) => {}
-                    Err(_) => device.set_param(name, &initial_value(&nodes[id.0], init))?,
-                }
+                let n = &nodes[id.0];
+                device.declare_cpu_param(name, &n.shape, n.dtype, || initial_value(n, init))?;
             }
         }
         let bytes: u64 = order

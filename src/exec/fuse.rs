@@ -11,10 +11,14 @@
 //! layer's gradient on (B, L, E) is a reshape of a `[B*L, E]` product); other views are not fused
 //! through. Interior nodes leave `order`; the root's inputs become the group's external inputs,
 //! each once.
+//!
+//! After the groups: transposes ([`fold_permutes`]) and embedding lookups ([`fold_embeddings`])
+//! only a group reads are read by its kernel, reductions and products take groups as prologues
+//! and epilogues, and a cast of a group's result is stored by its kernel ([`fuse_casts`]).
 
 use crate::codegen::elementwise::MAX_INPUTS;
 use crate::graph::{Node, NodeId};
-use crate::ops::fused::{Fused, Operand, PermutedRead, Step, StepOp};
+use crate::ops::fused::{Fused, GatheredRead, Operand, PermutedRead, Step, StepOp};
 use crate::ops::reduce::ReducePrologue;
 use crate::ops::Op;
 
@@ -50,6 +54,7 @@ pub(crate) fn program_of(n: &Node) -> Option<Fused> {
                 shape: n.shape.clone(),
             }],
             permuted: Vec::new(),
+            gathered: Vec::new(),
         }),
         _ => None,
     }
@@ -189,6 +194,7 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
         n.op = Op::Fused(Fused {
             steps,
             permuted: Vec::new(),
+            gathered: Vec::new(),
         });
         n.inputs = inputs;
     }
@@ -260,6 +266,109 @@ pub(crate) fn fold_permutes(nodes: &mut [Node], order: &mut Vec<NodeId>, targets
         let node = &mut nodes[id.0];
         node.op = Op::Fused(program);
         node.inputs = inputs;
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
+/// Elementwise kernels do embedding lookups themselves: where an input of an elementwise node
+/// (fused or single) is an `embedding` that nothing else reads, the kernel reads the table row
+/// its index names (`GatheredRead`; the indices become an input of their own) and the lookup
+/// leaves the plan. A transformer's `tok[ids] + pos[positions]` is one kernel instead of three
+/// (with [`fuse_casts`], also its cast to f16 activations).
+pub(crate) fn fold_embeddings(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let id = order[pos];
+        let n = &nodes[id.0];
+        let Some(mut program) = program_of(n) else {
+            continue;
+        };
+        let readers = |x: NodeId| {
+            order
+                .iter()
+                .filter(|r| !dropped.contains(r) && nodes[r.0].inputs.contains(&x))
+                .count()
+        };
+        let mut inputs = n.inputs.clone();
+        let mut folded = Vec::new();
+        for (k, &e) in n.inputs.iter().enumerate() {
+            if !matches!(nodes[e.0].op, Op::Embedding(_))
+                || n.inputs.iter().filter(|&&i| i == e).count() != 1
+                || targets.contains(&e)
+                || readers(e) != 1
+                || inputs.len() >= MAX_INPUTS
+                || program.permuted_read(k).is_some()
+                || program.always_f32(k)
+            {
+                continue;
+            }
+            let (indices, table) = (nodes[e.0].inputs[0], nodes[e.0].inputs[1]);
+            let dims = nodes[table.0].shape.dims();
+            let e_pos = order.iter().position(|&o| o == e).unwrap_or(pos);
+            if dims[0] == 0
+                || [indices, table]
+                    .iter()
+                    .any(|&t| super::lower::written_between(nodes, order, t, e_pos, pos))
+            {
+                continue;
+            }
+            program.gathered.push(GatheredRead {
+                input: k,
+                indices: inputs.len(),
+                rows: dims[0],
+                width: dims[1],
+                shape: nodes[e.0].shape.clone(),
+            });
+            inputs[k] = table;
+            inputs.push(indices);
+            folded.push(e);
+        }
+        if folded.is_empty() {
+            continue;
+        }
+        dropped.extend(folded);
+        let node = &mut nodes[id.0];
+        node.op = Op::Fused(program);
+        node.inputs = inputs;
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
+/// A cast of an elementwise node's result (fused or single) that nothing else reads is done by
+/// that node's kernel, which then stores its result in the cast's type: the casts of mixed
+/// precision between f32 sums and f16 activations cost no kernel of their own. (The program
+/// computes in f32 either way; the fused node's inputs keep their type.)
+pub(crate) fn fuse_casts(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let c = order[pos];
+        let Op::Cast(_) = nodes[c.0].op else {
+            continue;
+        };
+        let p = nodes[c.0].inputs[0];
+        let Some(program) = program_of(&nodes[p.0]) else {
+            continue;
+        };
+        let p_pos = order.iter().position(|&o| o == p).unwrap_or(pos);
+        let read_once = order
+            .iter()
+            .filter(|r| nodes[r.0].inputs.contains(&p))
+            .count()
+            == 1;
+        if targets.contains(&p)
+            || !read_once
+            || nodes[p.0]
+                .inputs
+                .iter()
+                .any(|&x| super::lower::written_between(nodes, order, x, p_pos, pos))
+        {
+            continue;
+        }
+        let inputs = nodes[p.0].inputs.clone();
+        let node = &mut nodes[c.0];
+        node.op = Op::Fused(program);
+        node.inputs = inputs;
+        dropped.push(p);
     }
     order.retain(|id| !dropped.contains(id));
 }

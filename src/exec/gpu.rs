@@ -174,10 +174,12 @@ impl GpuPlan {
                     ctx.queue.write_buffer(&b, 0, &value.to_bytes(n.dtype));
                     Arc::new(b)
                 }
-                Op::Param { name, init } => ctx.param_buffer(name, &n.shape, || match init {
-                    Init::Zeros => Tensor::zeros(n.shape.clone()),
-                    Init::Value(t) => (**t).clone(),
-                })?,
+                Op::Param { name, init } => {
+                    ctx.param_buffer(name, &n.shape, n.dtype, || match init {
+                        Init::Zeros => Tensor::zeros(n.shape.clone()),
+                        Init::Value(t) => (**t).clone(),
+                    })?
+                }
                 _ => continue,
             };
             info.peak_bytes += bytes_of(id);

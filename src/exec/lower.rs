@@ -6,7 +6,8 @@
 //! 1. [`implicit_col2im`]: `col2im(w^T x dy)` (a convolution's input gradient) as one implicit GEMM;
 //!    [`row_sums_in_products`]: a bias gradient, the sum of the operand a weight gradient's
 //!    product reads, comes out of that product's kernel; [`stats_inside_normalization`]: a layer
-//!    norm computes its row statistics inside its normalization's kernel;
+//!    norm computes its row statistics inside its normalization's kernel (f32, or in inference
+//!    f16 too);
 //!    [`residual_into_normalize_backward`]: a layer norm's input gradient adds the residual
 //!    connection's; [`split_group_reductions`]: normalization statistics and parameter
 //!    gradients over large groups (a batch norm's channels) or many rows (a layer norm's) are
@@ -25,7 +26,9 @@
 //!    them, reductions take their input's chain as a prologue, and products their reader's chain
 //!    as an epilogue ([`fuse_matmul_epilogue`]); products apply a dropout only they read as
 //!    they load the operand ([`dropout_into_products`]); a max-pooling backward applies the
-//!    relu mask after it ([`relu_mask_into_max_pool_backward`]);
+//!    relu mask after it ([`relu_mask_into_max_pool_backward`]); elementwise kernels do the
+//!    embedding lookups only they read and store a cast of their result
+//!    (`fuse::fold_embeddings`, `fuse::fuse_casts`);
 //! 6. [`group_optimizer_updates`]: a step's parameter updates become one kernel (or a few, as
 //!    the adapter's storage-buffer limit allows).
 //!
@@ -107,7 +110,7 @@ pub(crate) fn lower(
     attention_lse(nodes, order);
     implicit_col2im(nodes, order, targets, ch);
     row_sums_in_products(nodes, order, ch);
-    stats_inside_normalization(nodes, order);
+    stats_inside_normalization(nodes, order, targets);
     residual_into_normalize_backward(nodes, order, targets);
     split_group_reductions(nodes, order);
     running_update_in_stats(nodes, order, outputs);
@@ -124,6 +127,8 @@ pub(crate) fn lower(
         fuse_matmul_epilogue(nodes, order, targets, ch);
         dropout_into_products(nodes, order, targets, ch);
         relu_mask_into_max_pool_backward(nodes, order, targets);
+        super::fuse::fold_embeddings(nodes, order, targets);
+        super::fuse::fuse_casts(nodes, order, targets);
     }
     group_optimizer_updates(
         nodes,
@@ -582,12 +587,19 @@ fn place_after(order: &mut Vec<NodeId>, moves: &[(NodeId, NodeId)]) {
     }
 }
 
-/// Where a normalization reads the `GroupStats` of its own input (f32) and its groups are small
-/// (`norm::stats_inside`: a layer norm's rows), its kernel computes them itself and writes them
-/// past its output (`Op::NormalizeStats`); the statistics node becomes a view of them
-/// (`Op::StatsOf`) for the backward's kernels: one kernel and one pass over `x` fewer.
-pub(crate) fn stats_inside_normalization(nodes: &mut [Node], order: &mut Vec<NodeId>) {
+/// Where a normalization reads the `GroupStats` of its own input and its groups are small
+/// (`norm::stats_inside`: a layer norm's rows), its kernel computes them itself
+/// (`Op::NormalizeStats`): one kernel and one pass over `x` fewer. Statistics something else
+/// reads (the backward's kernels) are written past its output, f32 graphs only, and the
+/// statistics node becomes a view of them (`Op::StatsOf`); ones nothing else reads (inference,
+/// f32 or f16) stay in the kernel and their node goes.
+pub(crate) fn stats_inside_normalization(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
     let mut moves: Vec<(NodeId, NodeId)> = Vec::new();
+    let mut unread: Vec<NodeId> = Vec::new();
     for y_pos in 0..order.len() {
         let y = order[y_pos];
         let Op::Normalize(norm) = nodes[y.0].op else {
@@ -597,10 +609,14 @@ pub(crate) fn stats_inside_normalization(nodes: &mut [Node], order: &mut Vec<Nod
         let read_before = order[..y_pos]
             .iter()
             .any(|&o| nodes[o.0].inputs.contains(&stats));
+        let read_elsewhere = targets.contains(&stats)
+            || order
+                .iter()
+                .any(|&o| o != y && nodes[o.0].inputs.contains(&stats));
+        let f32 = nodes[y.0].dtype == DType::F32 && nodes[x.0].dtype == DType::F32;
         if !matches!(nodes[stats.0].op, Op::GroupStats(s) if s == crate::ops::norm::GroupStats::WHOLE)
             || nodes[stats.0].inputs[0] != x
-            || nodes[y.0].dtype != DType::F32
-            || nodes[x.0].dtype != DType::F32
+            || (read_elsewhere && !f32)
             || !crate::ops::norm::stats_inside(&nodes[x.0].shape)
             || read_before
         {
@@ -614,13 +630,19 @@ pub(crate) fn stats_inside_normalization(nodes: &mut [Node], order: &mut Vec<Nod
         n.op = Op::NormalizeStats(crate::ops::norm::NormalizeStats {
             norm,
             running: None,
+            stats: read_elsewhere,
         });
         n.inputs.remove(1);
-        let s = &mut nodes[stats.0];
-        s.op = Op::StatsOf(crate::ops::norm::GroupStats::WHOLE);
-        s.inputs = vec![y, x];
-        moves.push((stats, y));
+        if read_elsewhere {
+            let s = &mut nodes[stats.0];
+            s.op = Op::StatsOf(crate::ops::norm::GroupStats::WHOLE);
+            s.inputs = vec![y, x];
+            moves.push((stats, y));
+        } else {
+            unread.push(stats);
+        }
     }
+    order.retain(|o| !unread.contains(o));
     place_after(order, &moves);
 }
 
@@ -1778,13 +1800,27 @@ fn select_f16(
             shape: out.clone(),
         }],
         permuted: Vec::new(),
+        gathered: Vec::new(),
     };
     let g = match op {
         Op::Reshape | Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => return None,
         Op::Cast(_) => elementwise::cast_kernel(out, in_dtypes[0], dtype),
         Op::Unary(u) => elementwise::kernel(&single(StepOp::Unary(*u)), inputs, out, dtype),
         Op::Binary(b) => elementwise::kernel(&single(StepOp::Binary(*b)), inputs, out, dtype),
-        Op::Fused(f) => elementwise::kernel(f, inputs, out, dtype),
+        // stored as its inputs (f32 or f16, but for indices and seeds), its result as `dtype`:
+        // a cast done by the program's kernel (`fuse::fuse_casts`)
+        Op::Fused(f) => {
+            let values: Vec<DType> = (0..inputs.len())
+                .filter(|&k| !f.always_f32(k))
+                .map(|k| in_dtypes[k])
+                .collect();
+            let from = values.first().copied().unwrap_or(dtype);
+            assert!(
+                values.iter().all(|&d| d == from),
+                "a fused program's inputs share one type"
+            );
+            elementwise::kernel_from(f, inputs, out, from, dtype)
+        }
         Op::Permute(p) => {
             let read = PermutedRead {
                 input: 0,
@@ -2299,6 +2335,28 @@ mod tests {
         let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
         let rows = |op: &Op| matches!(op, Op::CrossEntropyRows(_));
         assert!(has(&nodes, &order, &rows));
+        // token and position lookups (a bad index among them), summed, scaled and cast to f16:
+        // one fused program reading both tables
+        let g = Graph::new();
+        let (ids, positions) = (g.input("ids", [2, 3]), g.input("positions", [3]));
+        let tok = g.embedding(ids, g.param("tok", [5, 4])).unwrap();
+        let pos = g.embedding(positions, g.param("pos", [3, 4])).unwrap();
+        let x = g.mul_scalar(g.add(tok, pos).unwrap(), 0.5).unwrap();
+        let y = g.cast(x, DType::F16).unwrap();
+        let feeds = [
+            (
+                "ids",
+                Tensor::new([2, 3], vec![0., 4., 2., 5., 1., 3.]).unwrap(),
+            ),
+            ("positions", Tensor::new([3], vec![0., 1., 2.]).unwrap()),
+            ("tok", rand(&[5, 4], 26)),
+            ("pos", rand(&[3, 4], 27)),
+        ];
+        let (nodes, order) = evaluates_as_the_graph(&g, &[y], &feeds);
+        let gathered = |op: &Op| matches!(op, Op::Fused(f) if f.gathered.len() == 2);
+        assert!(has(&nodes, &order, &gathered));
+        let looked_up = |op: &Op| matches!(op, Op::Embedding(_) | Op::Cast(_));
+        assert!(!has(&nodes, &order, &looked_up));
     }
 
     /// A training batch norm's statistics kernel moves the running statistics itself (no

@@ -186,6 +186,16 @@ impl Graph {
 
     /// A named trainable parameter whose first value is `init` (unless the device already holds one).
     pub fn param_init(&self, name: &str, init: Tensor) -> NodeId {
+        self.param_init_as(name, init, DType::F32)
+    }
+
+    /// A named parameter stored as `dtype` on the device, first `init` rounded to it: state kept
+    /// between runs in the activations' type, such as an f16 key/value cache
+    /// ([`crate::nn::MultiheadAttention::apply_cached`]). [`crate::Device::param`] reads it back
+    /// widened to f32, [`crate::Device::set_param`] rounds what it writes; a plan declaring a
+    /// parameter the device holds in another type is an error. Optimizers update f32 parameters
+    /// only.
+    pub fn param_init_as(&self, name: &str, init: Tensor, dtype: DType) -> NodeId {
         let shape = init.shape().clone();
         self.push_typed(
             Op::Param {
@@ -194,7 +204,7 @@ impl Graph {
             },
             vec![],
             shape,
-            DType::F32,
+            dtype,
         )
     }
 

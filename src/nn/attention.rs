@@ -49,7 +49,7 @@ use crate::nn::init::Init;
 use crate::nn::layers::{dropout, dropout_seed, Layer, Linear};
 use crate::nn::norm::LayerNorm;
 use crate::ops::matmul::Bias;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 
 /// Multi-head attention over `(N, L, E)` sequences: `query` projected by the first `E` rows of
 /// `in_proj_weight [3E, E]`, `key` by the next, `value` by the last (plus `in_proj_bias [3E]`),
@@ -151,7 +151,8 @@ impl MultiheadAttention {
     /// position + S` (`position` a `[1]` node fed a whole number) of `N` sequences whose earlier
     /// keys and values sit in the layer's cache, the parameters `<name>.k_cache` and
     /// `<name>.v_cache` of `(N, max_len, E)` (each row a position's heads side by side, as the
-    /// in-projection gives them; zeros at first; not trained, not in `param_names`). The new
+    /// in-projection gives them; in `x`'s type, f16 ones half the bytes a step reads; zeros at
+    /// first; not trained, not in `param_names`). The new
     /// keys and values are written into the cache in place ([`Graph::write_rows`]) and the
     /// queries attend to the whole cache through `mask`, an additive `(S, max_len)` f32 input
     /// hiding the keys after each query ([`decode_mask`]). The attention reads the queries and
@@ -173,16 +174,15 @@ impl MultiheadAttention {
         let d = g.shape(qkv).dims().to_vec();
         let (n, s, h, hd) = (d[0] as isize, d[1] as isize, d[3] as isize, d[4] as isize);
         let e = self.embed_dim as isize;
+        // the caches in the activations' type: no casts between them and the projections
         let cache = |which: &str| {
-            g.param_init(
+            g.param_init_as(
                 &format!("{}.{which}_cache", self.name),
                 Tensor::zeros([d[0], max_len, self.embed_dim]),
+                g.dtype(x),
             )
         };
-        // parameters are f32: f16 keys and values are stored widened, and the new tokens'
-        // attention runs in f32 (the rest of the layer stays in x's type)
-        let dt = g.dtype(x);
-        let part = |i: usize| g.cast(g.narrow(qkv, 2, i, 1)?, DType::F32);
+        let part = |i: usize| g.narrow(qkv, 2, i, 1);
         let rows = |i: usize| g.reshape(part(i)?, &[n, s, e]);
         let kc = g.write_rows(cache("k"), rows(1)?, position)?;
         let vc = g.write_rows(cache("v"), rows(2)?, position)?;
@@ -196,7 +196,7 @@ impl MultiheadAttention {
             None,
             None,
         )?;
-        let o = g.reshape(g.cast(o, dt)?, &[n, s, e])?;
+        let o = g.reshape(o, &[n, s, e])?;
         self.out_projection(g, o, params)
     }
 

@@ -94,6 +94,21 @@ impl PermutedRead {
     }
 }
 
+/// An input read through an embedding lookup folded into the kernel
+/// (`exec::fuse::fold_embeddings`): the node bound as input `input` is the table `(rows,
+/// width)`, input `indices` its indices (whole numbers stored as f32, read by no step), and
+/// the program sees `embedding(indices, table)` of `shape` (`(indices.., width)`) as the
+/// graph's op computed it ([`super::embedding::Embedding`]: a row of NaN for an index that is
+/// not an integer in `[0, rows)`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatheredRead {
+    pub input: usize,
+    pub indices: usize,
+    pub rows: usize,
+    pub width: usize,
+    pub shape: Shape,
+}
+
 /// A fused elementwise program; its value is the last step's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fused {
@@ -101,6 +116,8 @@ pub struct Fused {
     pub steps: Vec<Step>,
     /// Inputs read through a folded transpose (the others are read as they are).
     pub permuted: Vec<PermutedRead>,
+    /// Inputs read through a folded embedding lookup.
+    pub gathered: Vec<GatheredRead>,
 }
 
 impl Fused {
@@ -109,6 +126,7 @@ impl Fused {
         Fused {
             steps: Vec::new(),
             permuted: Vec::new(),
+            gathered: Vec::new(),
         }
     }
 
@@ -132,17 +150,37 @@ impl Fused {
     }
 
     /// The storage type of input `k` in a kernel storing the others as `dtype`: f32 for
-    /// dropout seeds (always f32, also in f16 graphs), else `dtype`.
+    /// dropout seeds and gathered reads' indices (always f32, also in f16 graphs), else
+    /// `dtype`.
     pub fn input_dtype(&self, k: usize, dtype: DType) -> DType {
-        let seed = self
-            .steps
-            .iter()
-            .any(|s| matches!(s.op, StepOp::Dropout(_)) && s.args[1] == Operand::Input(k));
-        if seed {
+        if self.always_f32(k) {
             DType::F32
         } else {
             dtype
         }
+    }
+
+    /// Whether input `k` is a dropout seed or a gathered read's indices: f32 whatever the
+    /// program's values are stored as.
+    pub fn always_f32(&self, k: usize) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s.op, StepOp::Dropout(_)) && s.args[1] == Operand::Input(k))
+            || self.gathered.iter().any(|g| g.indices == k)
+    }
+
+    /// How input `k` is read, if through a folded embedding lookup.
+    pub fn gathered_read(&self, k: usize) -> Option<&GatheredRead> {
+        self.gathered.iter().find(|g| g.input == k)
+    }
+
+    /// Whether input `k` is only a gathered read's indices (no step reads it as a value).
+    pub fn only_indices(&self, k: usize) -> bool {
+        self.gathered.iter().any(|g| g.indices == k)
+            && !self
+                .steps
+                .iter()
+                .any(|s| s.args.contains(&Operand::Input(k)))
     }
 
     /// How input `k` is read, if through a folded transpose.
@@ -165,10 +203,22 @@ impl Fused {
                 Tensor::new(p.shape.clone(), data).expect("a permuted view")
             })
             .collect();
+        // and folded lookups, as the graph's embedding computed them
+        let lookups: Vec<Tensor> = self
+            .gathered
+            .iter()
+            .map(|g| super::embedding::Embedding.cpu(inputs[g.indices], inputs[g.input], &g.shape))
+            .collect();
         let inputs: Vec<&Tensor> = (0..inputs.len())
-            .map(|k| match self.permuted.iter().position(|p| p.input == k) {
-                Some(j) => &views[j],
-                None => inputs[k],
+            .map(|k| {
+                match (
+                    self.permuted.iter().position(|p| p.input == k),
+                    self.gathered.iter().position(|g| g.input == k),
+                ) {
+                    (Some(j), _) => &views[j],
+                    (None, Some(j)) => &lookups[j],
+                    (None, None) => inputs[k],
+                }
             })
             .collect();
         let mut values: Vec<Tensor> = Vec::with_capacity(self.steps.len());

@@ -300,7 +300,7 @@ impl Op {
             Op::MatMulPartial(p) => dims(&p.product, inputs[1])
                 .map_or(0, |d| p.product.scratch(&d, p.config.slices(d.k) as usize)),
             Op::SplitKSum(s) => s.scratch(out),
-            Op::NormalizeStats(_) => {
+            Op::NormalizeStats(s) if s.stats => {
                 let groups = out.dims()[1];
                 norm::stats_offset(out.numel()) - out.numel() + 2 * groups
             }

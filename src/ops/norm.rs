@@ -437,8 +437,8 @@ pub fn stats_inside(x: &Shape) -> bool {
     outer * inner <= 4096
 }
 
-/// A [`Normalize`] of small groups that computes their statistics itself and writes them past
-/// its output, at [`stats_offset`] (made by the plan compiler,
+/// A [`Normalize`] of small groups that computes their statistics itself and, with `stats`,
+/// writes them past its output, at [`stats_offset`] (made by the plan compiler,
 /// `exec::lower::stats_inside_normalization`; `Op::StatsOf` views them): inputs `[x, (weight,
 /// bias)]`. With `running` (affine only, `exec::lower::running_update_in_stats`): also
 /// `[running_0, running_1]`, moved in place towards the statistics as that [`RunningUpdate`]
@@ -447,6 +447,10 @@ pub fn stats_inside(x: &Shape) -> bool {
 pub struct NormalizeStats {
     pub norm: Normalize,
     pub running: Option<RunningUpdate>,
+    /// The statistics are written past the output for `Op::StatsOf` to view; without, nothing
+    /// else reads them (inference) and they stay in the kernel, so the output may be f16
+    /// (f32 statistics cannot follow f16 elements in one binding).
+    pub stats: bool,
 }
 
 impl NormalizeStats {
@@ -458,7 +462,8 @@ impl NormalizeStats {
     }
 
     /// Kernel: [`threads_per_group`] threads per group, which compute the group's statistics,
-    /// write them at [`stats_offset`] past the output and normalize its elements.
+    /// write them at [`stats_offset`] past the output (with `stats`) and normalize its
+    /// elements.
     pub fn kernel(&self, x: &Shape) -> KernelSpec {
         let entry = match (self.norm.affine, self.running.is_some()) {
             (true, true) => "stats_normalize_affine_running",
@@ -466,8 +471,12 @@ impl NormalizeStats {
             (false, _) => "stats_normalize",
         };
         let mut k = group_kernel(entry, x, Some(self.norm.eps), Grid::PerGroup);
-        k.constants
-            .push(("STATS_OFF", stats_offset(x.numel()) as f64));
+        if self.stats {
+            k.constants
+                .push(("STATS_OFF", stats_offset(x.numel()) as f64));
+        } else {
+            k.constants.push(("WRITE_STATS", 0.0));
+        }
         if self.norm.affine && self.norm.inner {
             k.constants.push(("AFFINE_INNER", 1.0));
         }
