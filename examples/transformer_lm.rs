@@ -97,7 +97,7 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     log_every: u32,
     /// Mixed precision: the layers on f16 activations (f32 parameters, embeddings, loss and
-    /// AdamW; the decoding caches f32), on adapters with SHADER_F16.
+    /// AdamW; the decoding caches f16), on adapters with SHADER_F16.
     #[arg(long)]
     f16: bool,
 }
