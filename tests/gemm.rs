@@ -605,3 +605,94 @@ fn bias_gradients_come_from_the_weight_gradients_kernel() {
         }
     }
 }
+
+/// Products read a narrow of a tensor's last axis in place from its rows (`MatMul::rows_a`,
+/// `rows_b`, `exec::lower::strided_operands`) when only products read it: as `a` and `b`,
+/// transposed or not, through reshapes, with a bias gradient's row sums, vec4-aligned rows and
+/// not, through plain, prefetching and split-K kernels and in f16; no narrow kernel runs, and
+/// every output matches the CPU reference (poisoned with NaN first). A narrow something else
+/// reads keeps its kernel.
+#[test]
+fn products_read_narrowed_rows_in_place() {
+    use kiln::{DType, Shape};
+    let Some(dev) = device() else { return };
+    let f16 = dev.features().contains(wgpu::Features::SHADER_F16);
+    for policy in ["32x32x8/4x4/pf", "32x32x16/4x4/split3"] {
+        dev.set_gemm_policy(GemmPolicy::parse(policy).unwrap())
+            .unwrap();
+        for dtype in [DType::F32, DType::F16] {
+            if dtype == DType::F16 && (!f16 || policy.contains("split")) {
+                continue;
+            }
+            let tol = match dtype {
+                DType::F16 => kiln::ops::TOL_F16,
+                _ => TOL_REDUCTION,
+            };
+            // (rows of the narrowed tensor, its last axis, the narrow's start and width)
+            for (case, &(t, r, l, start, w)) in [
+                (3usize, 7usize, 13usize, 3usize, 7usize),
+                (2, 50, 16, 4, 8),
+                (1, 33, 20, 0, 12),
+            ]
+            .iter()
+            .enumerate()
+            {
+                for shared in [false, true] {
+                    if shared && case > 0 {
+                        continue;
+                    }
+                    let what =
+                        format!("{policy} {dtype} ({t}, {r}, {l})[{start}..+{w}] shared {shared}");
+                    let g = Graph::new();
+                    let x = g.input_as("x", [t, r, l], dtype);
+                    let part = g.narrow(x, 2, start, w).unwrap();
+                    let rows = g.reshape(part, &[(t * r) as isize, w as isize]).unwrap();
+                    let wt = g.input_as("w", [w, 6], dtype);
+                    let bias = g.input_as("bias", [6], dtype);
+                    let dy = g.input_as("dy", [t * r, 5], dtype);
+                    let left = g.input_as("left", [9, t * r], dtype);
+                    let right = g.input_as("right", [11, w], dtype);
+                    let prods = [
+                        // a, plain: (T*R, w) x (w, 6) + bias
+                        g.matmul_fused(rows, wt, false, false, Some((bias, Bias::Cols)), true)
+                            .unwrap(),
+                        // a, transposed: rows^T x dy, and its row sums (a bias gradient)
+                        g.matmul_t(rows, dy, true, false).unwrap(),
+                        g.sum_to(rows, &Shape(vec![w])).unwrap(),
+                        // b, plain and transposed
+                        g.matmul(left, rows).unwrap(),
+                        g.matmul_t(right, rows, false, true).unwrap(),
+                    ];
+                    let mut outs: Vec<_> = match dtype {
+                        DType::F32 => prods.to_vec(),
+                        _ => prods
+                            .iter()
+                            .map(|&o| g.cast(o, DType::F32).unwrap())
+                            .collect(),
+                    };
+                    if shared {
+                        outs.push(g.exp(part).unwrap());
+                    }
+                    let feeds = [
+                        ("x".to_string(), rand(&[t, r, l], 11)),
+                        ("w".to_string(), rand(&[w, 6], 12)),
+                        ("bias".to_string(), rand(&[6], 13)),
+                        ("dy".to_string(), rand(&[t * r, 5], 14)),
+                        ("left".to_string(), rand(&[9, t * r], 15)),
+                        ("right".to_string(), rand(&[11, w], 16)),
+                    ];
+                    let plan = check_plan(&dev, &what, &g, &outs, &feeds, tol);
+                    let kernels = plan.kernels();
+                    let strided = kernels.iter().filter(|k| k.contains("rows_")).count();
+                    if shared {
+                        assert!(runs_op(&plan, "narrow"), "{what}: {kernels:#?}");
+                        assert_eq!(strided, 0, "{what}: {kernels:#?}");
+                    } else {
+                        assert!(!runs_op(&plan, "narrow"), "{what}: {kernels:#?}");
+                        assert!(strided >= 4, "{what}: {kernels:#?}");
+                    }
+                }
+            }
+        }
+    }
+}

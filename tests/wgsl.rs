@@ -62,7 +62,7 @@ fn every_shader_is_valid_wgsl() {
 #[test]
 fn every_generated_matmul_is_valid_wgsl() {
     use kiln::codegen::matmul::{wgsl, GemmConfig, Layout, TILINGS};
-    use kiln::ops::matmul::Bias;
+    use kiln::ops::matmul::{Bias, OperandRows};
     let validate = |what: &str, src: &str| {
         assert!(src.starts_with("// matmul_gen.wgsl"), "{what}: header");
         assert!(
@@ -130,6 +130,15 @@ fn every_generated_matmul_is_valid_wgsl() {
                     // operands read through a dropout (not an image read as its columns)
                     drop_a: bits % 4 == 2 || bits % 9 == 0,
                     drop_b: bits % 3 == 1 && im2col.is_none(),
+                    // operands read from rows of a larger tensor, vec4-aligned or not
+                    rows_a: (bits % 5 == 1).then_some(OperandRows {
+                        ld: if bit(2) { 132 } else { 131 },
+                        offset: if bit(2) { 4 } else { 3 },
+                    }),
+                    rows_b: (bits % 6 == 2 && im2col.is_none()).then_some(OperandRows {
+                        ld: if bit(3) { 68 } else { 67 },
+                        offset: if bit(3) { 64 } else { 1 },
+                    }),
                 };
                 // f16 storage where the layout allows it (not split-K partial sums); some with
                 // f32 operands read rounded (folded casts of parameters)
@@ -541,7 +550,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
     use kiln::codegen::matmul::{wgsl_with, GemmConfig, Layout};
     use kiln::ops::binary::BinaryOp;
     use kiln::ops::fused::{Fused, Operand, Step, StepOp};
-    use kiln::ops::matmul::Bias;
+    use kiln::ops::matmul::{Bias, OperandRows};
     use kiln::ops::unary::UnaryOp;
     use kiln::Shape;
     let out = Shape(vec![12, 20]);
@@ -588,6 +597,8 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             storage: dtype.into(),
             drop_a: vec_out,
             drop_b: false,
+            rows_a: None,
+            rows_b: (!vec_out).then_some(OperandRows { ld: 96, offset: 8 }),
         };
         let src = wgsl_with(&cfg, &lay, Some(&epi));
         validate_wgsl(&format!("epilogue, vec_out={vec_out}, {bias:?}"), &src);

@@ -14,7 +14,7 @@ use std::fmt::Write;
 use super::elementwise::Epilogue;
 use super::{load, load4, narrow, Generated, Storage, Target};
 use crate::ops::conv::ColGeometry;
-use crate::ops::matmul::{Bias, MatMul, ProductDims};
+use crate::ops::matmul::{Bias, MatMul, OperandRows, ProductDims};
 use crate::ops::{groups, KernelSpec};
 use crate::tensor::DType;
 
@@ -366,17 +366,26 @@ pub struct Layout {
     /// as `shaders/dropout.wgsl` would have stored it.
     pub drop_a: bool,
     pub drop_b: bool,
+    /// Operand `a` (`b`) is read from rows of a larger tensor (`MatMul::rows_a`, `rows_b`):
+    /// the element at row `r` (along the operand's other axis) and position `c` of its
+    /// contiguous axis is at `offset + r * ld + c`. Unbatched products only.
+    pub rows_a: Option<OperandRows>,
+    pub rows_b: Option<OperandRows>,
 }
 
 impl Layout {
     pub fn of(mm: &MatMul, d: &ProductDims, partial: bool) -> Layout {
         let a_contig = if mm.trans_a { d.m } else { d.k };
         let b_contig = if mm.trans_b { d.k } else { d.n };
+        // vec4 loads of strided rows need every row to start on a multiple of 4 too
+        let aligned = |rows: Option<OperandRows>| {
+            rows.is_none_or(|r| r.ld.is_multiple_of(4) && r.offset.is_multiple_of(4))
+        };
         Layout {
             trans_a: mm.trans_a,
             trans_b: mm.trans_b,
-            vec_a: a_contig % 4 == 0,
-            vec_b: b_contig % 4 == 0,
+            vec_a: a_contig % 4 == 0 && aligned(mm.rows_a),
+            vec_b: b_contig % 4 == 0 && aligned(mm.rows_b),
             vec_out: d.n.is_multiple_of(4),
             bias: if partial { Bias::None } else { mm.bias },
             relu: mm.relu && !partial,
@@ -388,6 +397,8 @@ impl Layout {
             storage: Storage::all(DType::F32),
             drop_a: mm.drop_a.is_some(),
             drop_b: mm.drop_b.is_some(),
+            rows_a: mm.rows_a,
+            rows_b: mm.rows_b,
         }
     }
 
@@ -416,8 +427,13 @@ impl Layout {
         let (im2col, dgrad) = (geom("im2col", self.im2col), geom("dgrad", self.dgrad));
         let nchw = self.nchw.map(|hw| format!(",nchw{hw}")).unwrap_or_default();
         let half = self.storage.describe();
+        let rows = |r: Option<OperandRows>, o: &str| match r {
+            Some(r) => format!(",rows_{o}[{}+{}]", r.ld, r.offset),
+            None => String::new(),
+        };
+        let (rows_a, rows_b) = (rows(self.rows_a, "a"), rows(self.rows_b, "b"));
         format!(
-            "{}{}{}{}{}{}{}{}{}{}{}{im2col}{dgrad}{nchw}{half}",
+            "{}{}{}{}{}{}{}{}{}{}{}{rows_a}{rows_b}{im2col}{dgrad}{nchw}{half}",
             f(self.trans_a, ",ta"),
             f(self.trans_b, ",tb"),
             f(self.vec_a, ",va"),
@@ -458,6 +474,9 @@ struct TileLoad {
     /// The operand's storage type and the result's (see `codegen::load`).
     stored: DType,
     result: DType,
+    /// Rows of a larger tensor (`Layout::rows_a`): the row length and first element replace
+    /// the operand's own.
+    rows: Option<OperandRows>,
     /// Read through the operand's dropout (`keep_{operand}`, `keep4_{operand}` with the key
     /// `key_{operand}`).
     drop: bool,
@@ -502,6 +521,7 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
         stored,
         result,
         drop,
+        rows,
     } = *tile;
     let t = cfg.threads();
     let bk = cfg.bk;
@@ -548,10 +568,11 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
             Phase::Both => ("v".to_string(), "var v"),
             _ => (format!("r{operand}{l}"), ""),
         };
-        let index = if k_contiguous {
-            format!("{base} + g * K + k")
-        } else {
-            format!("{base} + k * {ext_name} + g")
+        let index = match (rows, k_contiguous) {
+            (Some(r), true) => format!("{base} + {}u + g * {}u + k", r.offset, r.ld),
+            (Some(r), false) => format!("{base} + {}u + k * {}u + g", r.offset, r.ld),
+            (None, true) => format!("{base} + g * K + k"),
+            (None, false) => format!("{base} + k * {ext_name} + g"),
         };
         let read = match gather {
             Some(Gather {
@@ -961,6 +982,18 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
             dropped.join(" and ")
         );
     }
+    for (rows, name) in [(lay.rows_a, "a"), (lay.rows_b, "b")] {
+        if let Some(r) = rows {
+            let _ = writeln!(
+                s,
+                "// Strided rows: {name} is part of each row of a larger tensor (a narrow of its last axis,
+//   never copied): the binding holds rows of {} elements and {name}'s rows start at element {}
+//   of each.
+",
+                r.ld, r.offset
+            );
+        }
+    }
     if lay.row_sums {
         let _ = writeln!(
             s,
@@ -1150,6 +1183,7 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         stored: st.a,
         result: dt,
         drop: lay.drop_a,
+        rows: lay.rows_a,
         gather: lay.dgrad.map(|_| Gather {
             k_part: "u32",
             g_part: "u32",
@@ -1168,6 +1202,7 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
         stored: st.b,
         result: dt,
         drop: lay.drop_b,
+        rows: lay.rows_b,
         // the column matrix [C*kh*kw, N*Ho*Wo] is op(b) itself, or its transpose when k runs
         // along its columns
         gather: match (lay.im2col, lay.dgrad, lay.trans_b) {

@@ -259,16 +259,31 @@ impl GpuPlan {
             let (layout, _) = ctx.layout(mode);
             let own = output.then_some(id);
             let bound: Vec<NodeId> = n.inputs.iter().copied().chain(own).collect();
+            // the tensor a strided narrow on `t`'s view chain reads the rows of
+            let strided_source = |mut t: NodeId| loop {
+                if let Op::AxisCopy(c) = nodes[t.0].op {
+                    if c.strided {
+                        return Some(nodes[t.0].inputs[0]);
+                    }
+                }
+                match super::liveness::view_of(&nodes, t) {
+                    Some(k) => t = nodes[t.0].inputs[k],
+                    None => return None,
+                }
+            };
             let shift = repeat.is_some() as u32;
             let mut entries: Vec<wgpu::BindGroupEntry> = bound
                 .iter()
                 .enumerate()
                 .map(|(b, &t)| {
                     let root = storage_root(&nodes, t);
-                    // a computed node bound as itself includes the scratch its kernel writes
-                    let bytes = match root == t && !nodes[t.0].op.is_source() {
-                        true => storage_bytes(&nodes, t),
-                        false => bytes_of(t),
+                    // a computed node bound as itself includes the scratch its kernel writes;
+                    // a strided narrow (or a reshape of one) is bound as the tensor whose rows
+                    // its readers read
+                    let bytes = match (root == t && !nodes[t.0].op.is_source(), strided_source(t)) {
+                        (true, _) => storage_bytes(&nodes, t),
+                        (false, Some(x)) => bytes_of(x),
+                        (false, None) => bytes_of(t),
                     };
                     wgpu::BindGroupEntry {
                         binding: b as u32 + shift,

@@ -25,7 +25,8 @@
 //! 5. with fusion on (`exec::fuse`): elementwise chains become one node, transposes fold into
 //!    them, reductions take their input's chain as a prologue, and products their reader's chain
 //!    as an epilogue ([`fuse_matmul_epilogue`]); products apply a dropout only they read as
-//!    they load the operand ([`dropout_into_products`]); a max-pooling backward applies the
+//!    they load the operand ([`dropout_into_products`]), and a narrow of rows only they read
+//!    in place ([`strided_operands`]); a max-pooling backward applies the
 //!    relu mask after it ([`relu_mask_into_max_pool_backward`]); elementwise kernels do the
 //!    embedding lookups only they read and store a cast of their result
 //!    (`fuse::fold_embeddings`, `fuse::fuse_casts`);
@@ -126,6 +127,7 @@ pub(crate) fn lower(
         super::fuse::fuse_reduce_prologue(nodes, order, targets);
         fuse_matmul_epilogue(nodes, order, targets, ch);
         dropout_into_products(nodes, order, targets, ch);
+        strided_operands(nodes, order, targets, ch);
         relu_mask_into_max_pool_backward(nodes, order, targets);
         super::fuse::fold_embeddings(nodes, order, targets);
         super::fuse::fuse_casts(nodes, order, targets);
@@ -1217,6 +1219,125 @@ pub(crate) fn fuse_matmul_epilogue(
     order.retain(|id| !dropped.contains(id));
 }
 
+/// Where only products read a narrow of a tensor's last axis that is no view (an LSTM's last
+/// `h` out of its `[T, B, 6H]` states, its gate gradients out of the backward's), directly or
+/// through reshapes that keep that axis last, each product reads its operand in place from the
+/// tensor's rows (`MatMul::rows_a`, `rows_b`) and the narrow becomes a view of the tensor
+/// (`AxisCopy::strided`): a kernel and a copy fewer. Only unbatched products on the generated
+/// tiled kernel (`runs_tiled`), whose tile loads take the rows' stride; a bias gradient's
+/// `RowSums` of the narrow reads the product's sums.
+pub(crate) fn strided_operands(
+    nodes: &mut [Node],
+    order: &mut [NodeId],
+    targets: &[NodeId],
+    ch: &Choice,
+) {
+    use crate::ops::matmul::OperandRows;
+    for pos in 0..order.len() {
+        let nw = order[pos];
+        let Op::AxisCopy(copy) = nodes[nw.0].op else {
+            continue;
+        };
+        let x = nodes[nw.0].inputs[0];
+        let (xs, out) = (&nodes[x.0].shape, &nodes[nw.0].shape);
+        let last = xs.rank() - 1;
+        let Ok(start) = usize::try_from(-copy.a_start) else {
+            continue;
+        };
+        let width = out.dims()[last];
+        let x_strided = matches!(nodes[x.0].op, Op::AxisCopy(c) if c.strided);
+        if copy.b_start.is_some()
+            || copy.strided
+            || copy.axis != last
+            || start + width > xs.dims()[last]
+            || copy.view_offset(xs, out, nodes[nw.0].dtype).is_some()
+            || targets.contains(&nw)
+            || x_strided
+        {
+            continue;
+        }
+        let rows = OperandRows {
+            ld: xs.dims()[last] as u32,
+            offset: start as u32,
+        };
+        // (reader, input) pairs reading the narrow, and the reshapes between
+        let reads = |v: NodeId| -> Vec<(NodeId, usize)> {
+            order
+                .iter()
+                .flat_map(|&r| {
+                    let ins = &nodes[r.0].inputs;
+                    (0..ins.len())
+                        .filter(move |&k| ins[k] == v)
+                        .map(move |k| (r, k))
+                })
+                .collect()
+        };
+        // through reshapes of reshapes (`h_n` of (1, B, H) as (B, H))
+        let mut views = Vec::new();
+        let mut uses = Vec::new();
+        let mut pending = reads(nw);
+        while let Some((r, k)) = pending.pop() {
+            if matches!(nodes[r.0].op, Op::Reshape) {
+                views.push(r);
+                pending.extend(reads(r));
+            } else {
+                uses.push((r, k));
+            }
+        }
+        // an unbatched product's operand whose contiguous axis is the narrowed one, read
+        // plainly, on the tiled kernel
+        let operand = |mm: &MatMul, k: usize, r: NodeId| {
+            let plain = match k {
+                0 => mm.drop_a.is_none() && mm.rows_a.is_none(),
+                1 => mm.drop_b.is_none() && mm.rows_b.is_none(),
+                _ => false,
+            };
+            let ins = &nodes[r.0].inputs;
+            let dtypes = [nodes[ins[0].0].dtype, nodes[ins[1].0].dtype];
+            let shape = &nodes[ins[k].0].shape;
+            plain
+                && shape.dims().last() == Some(&width)
+                && mm
+                    .dims(&nodes[ins[0].0].shape, &nodes[ins[1].0].shape)
+                    .is_ok_and(|d| {
+                        d.batch.numel() == 1 && runs_tiled(&d, nodes[r.0].dtype, &dtypes, ch)
+                    })
+        };
+        let fits = |(r, k): (NodeId, usize)| {
+            let at = order.iter().position(|&o| o == r).unwrap_or(pos);
+            !written_between(nodes, order, x, pos, at)
+                && match &nodes[r.0].op {
+                    Op::MatMul(mm) => operand(mm, k, r),
+                    Op::MatMulEpilogue(e) => operand(&e.product, k, r),
+                    Op::MatMulPartial(p) => operand(&p.product, k, r),
+                    Op::RowSums(_) => k == 1,
+                    _ => false,
+                }
+        };
+        let views_fit = views
+            .iter()
+            .all(|v| !targets.contains(v) && nodes[v.0].shape.dims().last() == Some(&width));
+        if uses.is_empty() || !views_fit || !uses.iter().all(|&u| fits(u)) {
+            continue;
+        }
+        for (r, k) in uses {
+            let set = |mm: &mut MatMul| match k {
+                0 => mm.rows_a = Some(rows),
+                _ => mm.rows_b = Some(rows),
+            };
+            match &mut nodes[r.0].op {
+                Op::MatMul(mm) => set(mm),
+                Op::MatMulEpilogue(e) => set(&mut e.product),
+                Op::MatMulPartial(p) => set(&mut p.product),
+                _ => {}
+            }
+        }
+        if let Op::AxisCopy(c) = &mut nodes[nw.0].op {
+            c.strided = true;
+        }
+    }
+}
+
 /// Where only products read a dropout's result as an operand (directly or through reshapes of
 /// its size; a bias gradient's `RowSums` of it too), each product applies the dropout itself as
 /// it loads the operand (`MatMul::drop_a`, `drop_b`, the seed an input of its own) and the
@@ -1577,7 +1698,7 @@ pub(crate) fn select(
     ch: &Choice,
 ) -> Option<(KernelSpec, Option<Generated>)> {
     if let Op::AxisCopy(a) = op {
-        if a.view_offset(inputs[0], out, dtype).is_some() {
+        if a.strided || a.view_offset(inputs[0], out, dtype).is_some() {
             // a view (`Op::view_of`): no kernel
             return None;
         }
@@ -1607,8 +1728,8 @@ pub(crate) fn select(
             let tiled_only = |other: &str| {
                 assert!(!mm.row_sums, "row sums on the {other} kernel");
                 assert!(
-                    mm.drop_a.is_none() && mm.drop_b.is_none(),
-                    "operand dropout on the {other} kernel"
+                    !mm.tiled_only(),
+                    "operand dropout or strided rows on the {other} kernel"
                 );
             };
             if uses_coop(&d, ch) {
@@ -1685,10 +1806,9 @@ pub(crate) fn select(
             shapes.insert(e.product_input, out);
             let epi =
                 elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, DType::F32);
-            let dropped = e.product.drop_a.is_some() || e.product.drop_b.is_some();
             assert!(
-                !dropped || runs_tiled(&d, dtype, in_dtypes, ch),
-                "operand dropout off the tiled kernel"
+                !e.product.tiled_only() || runs_tiled(&d, dtype, in_dtypes, ch),
+                "operand dropout or strided rows off the tiled kernel"
             );
             let g = if uses_coop(&d, ch) {
                 crate::codegen::coop::kernel_with(
@@ -1853,8 +1973,8 @@ fn select_f16(
             let tiled = runs_tiled(&d, dtype, in_dtypes, ch);
             assert!(tiled || !mm.row_sums, "row sums off the tiled kernel");
             assert!(
-                tiled || (mm.drop_a.is_none() && mm.drop_b.is_none()),
-                "operand dropout off the tiled kernel"
+                tiled || !mm.tiled_only(),
+                "operand dropout or strided rows off the tiled kernel"
             );
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
                 crate::codegen::coop::kernel(mm, &d, st, cores(ch), coop_config(&d, ch, DType::F16))
@@ -1874,10 +1994,9 @@ fn select_f16(
             let mut shapes: Vec<&Shape> = inputs[np..].to_vec();
             shapes.insert(e.product_input, out);
             let epi = elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, dtype);
-            let dropped = e.product.drop_a.is_some() || e.product.drop_b.is_some();
             assert!(
-                !dropped || runs_tiled(&d, dtype, in_dtypes, ch),
-                "operand dropout off the tiled kernel"
+                !e.product.tiled_only() || runs_tiled(&d, dtype, in_dtypes, ch),
+                "operand dropout or strided rows off the tiled kernel"
             );
             // the operands', bias's and result's types (the seeds after them are f32)
             let storage =

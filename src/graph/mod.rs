@@ -959,6 +959,7 @@ impl Graph {
             axis,
             a_start,
             b_start: None,
+            strided: false,
         };
         self.push(Op::AxisCopy(op), vec![a], Shape(d))
     }
@@ -991,6 +992,7 @@ impl Graph {
                 axis: ax,
                 a_start: 0,
                 b_start: Some(sa.dims()[ax] as isize),
+                strided: false,
             };
             acc = self.push(Op::AxisCopy(op), vec![acc, x], Shape(d))?;
         }

@@ -198,6 +198,10 @@ pub struct AxisCopy {
     pub axis: usize,
     pub a_start: isize,
     pub b_start: Option<isize>,
+    /// A narrow of the last axis that only products read, in place from the rows of its input
+    /// (`MatMul::rows_a`, `rows_b`; set by `exec::lower::strided_operands`): a view without a
+    /// kernel, bound as its input.
+    pub strided: bool,
 }
 
 impl AxisCopy {

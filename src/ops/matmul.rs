@@ -31,6 +31,21 @@ pub struct MatMul {
     pub drop_a: Option<OperandDropout>,
     /// The same for operand `b` (its seed after `a`'s).
     pub drop_b: Option<OperandDropout>,
+    /// Operand `a` is read in place from rows of the tensor it narrows (set by the plan
+    /// compiler, `exec::lower::strided_operands`, where only products read a narrow of a last
+    /// axis: an LSTM's last `h`, its gate gradients), so that the narrow is never copied.
+    pub rows_a: Option<OperandRows>,
+    /// The same for operand `b`.
+    pub rows_b: Option<OperandRows>,
+}
+
+/// Where a product reads an operand whose contiguous axis is part of each row of a larger
+/// tensor (`MatMul::rows_a`, `rows_b`): row `r` of the operand's storage starts at element
+/// `offset + r * ld` of the binding (the narrowed tensor's), not at `r` times its own length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OperandRows {
+    pub ld: u32,
+    pub offset: u32,
 }
 
 /// A dropout (`ops::dropout::Dropout`) that a product applies to an operand as it loads it,
@@ -273,6 +288,15 @@ impl MatMul {
             true => slices * (with_row_sums_len(d.m, d.n) - d.m * d.n),
             false => 0,
         }
+    }
+
+    /// Whether the product reads an operand in a way only the generated tiled kernel's loads
+    /// implement (through a dropout, or from strided rows); row sums are asserted apart.
+    pub fn tiled_only(&self) -> bool {
+        self.drop_a.is_some()
+            || self.drop_b.is_some()
+            || self.rows_a.is_some()
+            || self.rows_b.is_some()
     }
 
     /// Inputs of the product's node: `a`, `b`, the bias if any, a seed per operand dropout.

@@ -277,7 +277,9 @@ impl Op {
     pub fn view_of(&self, inputs: &[&Shape], out: &Shape, dtype: DType) -> Option<usize> {
         match self {
             Op::Reshape => Some(0),
-            Op::AxisCopy(a) if a.view_offset(inputs[0], out, dtype).is_some() => Some(0),
+            Op::AxisCopy(a) if a.strided || a.view_offset(inputs[0], out, dtype).is_some() => {
+                Some(0)
+            }
             Op::OptimStep(_) => Some(3),
             Op::OptimGroup(o) => Some(o.param(0)),
             Op::RunningUpdate(_) => Some(1),
@@ -320,6 +322,8 @@ impl Op {
     /// a contiguous run ([`layout::AxisCopy::view_offset`]); 0 for the other views.
     pub fn view_offset(&self, inputs: &[&Shape], out: &Shape, dtype: DType) -> usize {
         match self {
+            // a strided one is bound as its input: its readers add the offset
+            Op::AxisCopy(a) if a.strided => 0,
             Op::AxisCopy(a) => a.view_offset(inputs[0], out, dtype).unwrap_or(0),
             Op::RowSums(r) => r.offset(inputs[0]),
             Op::StatsOf(_) => norm::stats_offset(inputs[0].numel()),
@@ -579,7 +583,9 @@ impl Op {
             Op::Expand(e) => Some(e.kernel(inputs[0], out)),
             // a contiguous run of its input's memory: a view (`exec::lower::select` tells them
             // by their element type first; this is the rule for any type)
-            Op::AxisCopy(a) if a.view_offset(inputs[0], out, DType::F16).is_some() => None,
+            Op::AxisCopy(a) if a.strided || a.view_offset(inputs[0], out, DType::F16).is_some() => {
+                None
+            }
             // written by its product's kernel: a view
             Op::RowSums(_) => None,
             Op::AxisCopy(a) => Some(a.kernel(inputs, out)),
