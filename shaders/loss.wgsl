@@ -13,12 +13,16 @@
 //   1  labels  storage, read        [N]
 //   2  dy      storage, read        [1] gradient of the loss
 //   3  dx      storage, read_write  [N, C] (softmax(logits) - onehot(labels)) * dy / N
+// Entry `cross_entropy_with_grad` (small losses in training): both at once, bindings as the
+//   backward's, dx holding the mean loss at 0 and the gradient [N, C] from GRAD_OFF on.
 // f16 variant (`loss_f16`, generated from the storage block): logits and dx f16, computed in
 // f32; labels, the loss and dy stay f32.
-// Overrides: N rows, C classes; TPR threads per row (the *_rows entries, a power of two <= 256).
+// Overrides: N rows, C classes; TPR threads per row (the *_rows entries, a power of two <= 256);
+//            GRAD_OFF (cross_entropy_with_grad: where the gradient starts, past the loss).
 // A label that is not an integer in [0, C) gives NaN.
-// Dispatch: `cross_entropy`: 1 workgroup of 256 threads; each thread folds rows i, i + 256, ..
-//           and a tree in workgroup memory sums the row losses.
+// Dispatch: `cross_entropy`, `cross_entropy_with_grad`: 1 workgroup of 256 threads; each thread
+//           folds rows i, i + 256, .. (with_grad: and writes their gradients) and a tree in
+//           workgroup memory sums the row losses.
 //           `cross_entropy_backward`: ceil(N / 256) workgroups, folded into (x <= 65535, y);
 //           one thread per row. `cross_entropy_rows`, `cross_entropy_backward_rows`:
 //           ceil(N * TPR / 256) workgroups (folded likewise), TPR threads per row striding over
@@ -27,6 +31,7 @@
 override N: u32 = 1u;
 override C: u32 = 1u;
 override TPR: u32 = 1u;
+override GRAD_OFF: u32 = 0u;
 const WG: u32 = 256u;
 
 // generated: begin storage
@@ -86,6 +91,14 @@ fn cross_entropy(@builtin(local_invocation_index) lid: u32) {
             acc = acc + nan();
         }
     }
+    mean_loss(lid, acc);
+    if lid == 0u {
+        out[0] = part[0] / f32(N);
+    }
+}
+
+// The mean of the row losses the threads hold, in workgroup memory: the result in part[0].
+fn mean_loss(lid: u32, acc: f32) {
     part[lid] = acc;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s = s / 2u) {
@@ -94,8 +107,34 @@ fn cross_entropy(@builtin(local_invocation_index) lid: u32) {
         }
         workgroupBarrier();
     }
+}
+
+@compute @workgroup_size(256)
+fn cross_entropy_with_grad(@builtin(local_invocation_index) lid: u32) {
+    var acc = 0.0;
+    let scale = dy[0] / f32(N);
+    for (var i = lid; i < N; i = i + WG) {
+        let base = i * C;
+        let m = row_max(base);
+        let sum = row_sum_exp(base, m);
+        let k = class_of(i);
+        if k < C {
+            acc = acc + (m + log(sum) - ld_logits(base + k));
+        } else {
+            acc = acc + nan();
+        }
+        // as cross_entropy_backward
+        let inv = 1.0 / sum;
+        let bad = select(0.0, nan(), k >= C);
+        for (var c = 0u; c < C; c = c + 1u) {
+            let p = exp(ld_logits(base + c) - m) * inv;
+            let onehot = select(0.0, 1.0, c == k);
+            st_dx(GRAD_OFF + base + c, (p - onehot) * scale + bad);
+        }
+    }
+    mean_loss(lid, acc);
     if lid == 0u {
-        out[0] = part[0] / f32(N);
+        st_dx(0u, part[0] / f32(N));
     }
 }
 

@@ -299,7 +299,8 @@ fn program_body(
         }
         match f.gathered_read(k) {
             // embedding.wgsl's lookup of the lookup's element m: the index clamped before the
-            // read, NaN where it names no row
+            // read, NaN where it names no row (made at run time: a constant NaN is a
+            // shader-creation error in WGSL)
             Some(g) => {
                 let (w, rows) = (g.width, g.rows);
                 let _ = writeln!(
@@ -309,7 +310,7 @@ fn program_body(
     let ok{k} = q{k} >= 0.0 && q{k} < {rows}.0 && q{k} == floor(q{k});
     let a{k} = select({}, {}, ok{k});",
                     load(g.indices, &format!("m{k} / {w}u")),
-                    f32_literal(f32::NAN),
+                    format_args!("bitcast<f32>(0x7fc00000u | (m{k} & 0u))"),
                     load(
                         k,
                         &format!(

@@ -15,7 +15,8 @@
 //!    computes a batch norm's statistics moves its running ones; [`pads_into_lstm_backward`]:
 //!    a recurrence's backward reads the padded part of its state gradient as a window;
 //!    [`split_cross_entropy`]: a loss over more logits than one workgroup should fold runs per
-//!    row over the GPU, then a mean;
+//!    row over the GPU, then a mean; [`gradient_with_cross_entropy`]: a small one computes its
+//!    gradient too;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
@@ -116,6 +117,7 @@ pub(crate) fn lower(
     split_group_reductions(nodes, order);
     running_update_in_stats(nodes, order, outputs);
     split_cross_entropy(nodes, order);
+    gradient_with_cross_entropy(nodes, order);
     pads_into_lstm_backward(nodes, order, targets);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
@@ -969,6 +971,65 @@ pub(crate) fn split_cross_entropy(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>
         order.insert(i, rid);
         i += 2;
     }
+}
+
+/// Where a training step's cross-entropy is small enough for one workgroup to compute its
+/// gradient too (`loss::WITH_GRAD_MAX` logits, f32) and its backward node reads the same logits
+/// and labels with a loss gradient available before the loss (a constant, an input, a scale),
+/// the loss's kernel writes the gradient past the loss (`CrossEntropy::with_grad`) and the
+/// backward node becomes a view of it (`CrossEntropyBackward::written`): a classifier's step
+/// runs one kernel fewer.
+pub(crate) fn gradient_with_cross_entropy(nodes: &mut [Node], order: &mut Vec<NodeId>) {
+    use crate::ops::loss::{CrossEntropy, CrossEntropyBackward, WITH_GRAD_MAX};
+    let mut moves: Vec<(NodeId, NodeId)> = Vec::new();
+    let mut sources: Vec<(NodeId, NodeId)> = Vec::new();
+    for l_pos in 0..order.len() {
+        let l = order[l_pos];
+        let Op::CrossEntropy(CrossEntropy { with_grad: false }) = nodes[l.0].op else {
+            continue;
+        };
+        let (logits, labels) = (nodes[l.0].inputs[0], nodes[l.0].inputs[1]);
+        if nodes[logits.0].dtype != DType::F32 || nodes[logits.0].shape.numel() > WITH_GRAD_MAX {
+            continue;
+        }
+        let at = |n: NodeId| order.iter().position(|&o| o == n);
+        let backward = order.iter().copied().find(|&d| {
+            matches!(
+                nodes[d.0].op,
+                Op::CrossEntropyBackward(CrossEntropyBackward { written: false })
+            ) && nodes[d.0].inputs[..2] == [logits, labels]
+        });
+        let Some(d) = backward else {
+            continue;
+        };
+        let dy = nodes[d.0].inputs[2];
+        let d_pos = at(d).unwrap_or(l_pos);
+        // a source is bound before any kernel runs, wherever `order` lists it
+        let ready = nodes[dy.0].op.is_source() || at(dy).is_none_or(|p| p < l_pos);
+        if !ready
+            || d_pos < l_pos
+            || [logits, labels]
+                .iter()
+                .any(|&x| written_between(nodes, order, x, l_pos, d_pos))
+        {
+            continue;
+        }
+        nodes[l.0].op = Op::CrossEntropy(CrossEntropy { with_grad: true });
+        nodes[l.0].inputs.push(dy);
+        nodes[d.0].op = Op::CrossEntropyBackward(CrossEntropyBackward { written: true });
+        nodes[d.0].inputs.push(l);
+        moves.push((d, l));
+        if nodes[dy.0].op.is_source() && at(dy).is_some_and(|p| p > l_pos) {
+            sources.push((dy, l));
+        }
+    }
+    // a source `order` lists after the loss moves before it: inputs precede their readers
+    for (s, l) in sources {
+        order.retain(|&o| o != s);
+        let at = order.iter().position(|&o| o == l).unwrap_or(0);
+        order.insert(at, s);
+    }
+    place_after(order, &moves);
 }
 
 /// Rewrites every product whose configuration splits K into `MatMulPartial` (a new node, placed
@@ -2454,6 +2515,20 @@ mod tests {
         let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
         let rows = |op: &Op| matches!(op, Op::CrossEntropyRows(_));
         assert!(has(&nodes, &order, &rows));
+        // a small loss computing its gradient too, a bad label among them
+        let (n, c) = (5usize, 7usize);
+        let g = Graph::new();
+        let logits = g.input("x", [n, c]);
+        let loss = g.cross_entropy(logits, g.input("y", [n])).unwrap();
+        let mut outs = vec![loss];
+        outs.extend(g.grad(loss, &[logits]).unwrap());
+        let feeds = [
+            ("x", rand(&[n, c], 28)),
+            ("y", Tensor::new([n], vec![0., 6., 3., 7., 2.]).unwrap()),
+        ];
+        let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
+        let with_grad = |op: &Op| matches!(op, Op::CrossEntropy(c) if c.with_grad);
+        assert!(has(&nodes, &order, &with_grad));
         // token and position lookups (a bad index among them), summed, scaled and cast to f16:
         // one fused program reading both tables
         let g = Graph::new();

@@ -461,7 +461,7 @@ impl Graph {
         );
         let shape = crate::ops::loss::CrossEntropy::infer(&sl, &sy)?;
         self.push(
-            Op::CrossEntropy(crate::ops::loss::CrossEntropy),
+            Op::CrossEntropy(crate::ops::loss::CrossEntropy::default()),
             vec![logits, labels],
             shape,
         )

@@ -14,13 +14,29 @@ use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
 
-/// `logits (N, C)`, `labels (N)` (class indices as f32) -> mean loss `(1)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CrossEntropy;
+/// `logits (N, C)`, `labels (N)` (class indices as f32) -> mean loss `(1)`. With `with_grad`
+/// (made by the plan compiler, `exec::lower::gradient_with_cross_entropy`): input 2 is the
+/// loss's gradient `dy (1)`, and the kernel also writes the logits' gradient past the loss, at
+/// [`GRAD_OFF`], which the [`CrossEntropyBackward`] node then views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CrossEntropy {
+    pub with_grad: bool,
+}
 
-/// `logits (N, C)`, `labels (N)`, `dy (1)` -> `dlogits (N, C)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CrossEntropyBackward;
+/// `logits (N, C)`, `labels (N)`, `dy (1)` -> `dlogits (N, C)`. With `written`: input 3 is the
+/// [`CrossEntropy`] node whose kernel wrote it (a view, no kernel of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CrossEntropyBackward {
+    pub written: bool,
+}
+
+/// Where a loss kernel that also computes the gradient writes it past the loss: an aligned
+/// offset, so that the gradient is a view every adapter binds.
+pub const GRAD_OFF: usize = super::layout::VIEW_ALIGN;
+
+/// Logits of the losses whose one workgroup also computes their gradient (beyond them the
+/// gradient's own kernel, over the whole GPU, is faster than a dispatch saved).
+pub const WITH_GRAD_MAX: usize = 1 << 14;
 
 /// Each row's cross-entropy loss: `logits (N, C)`, `labels (N)` -> `(N)` (made by the plan
 /// compiler from a [`CrossEntropy`] too large for one workgroup; a mean follows).
@@ -110,16 +126,33 @@ impl CrossEntropy {
         Tensor::new([1], vec![mean as f32]).expect("scalar")
     }
 
-    /// Kernel: one workgroup for the whole batch.
+    /// Kernel: one workgroup for the whole batch (`cross_entropy`, or with the gradient
+    /// `cross_entropy_with_grad`).
     pub fn kernel(&self, logits: &Shape) -> KernelSpec {
+        let mut constants = vec![
+            ("N", logits.dims()[0] as f64),
+            ("C", logits.dims()[1] as f64),
+        ];
+        if self.with_grad {
+            constants.push(("GRAD_OFF", GRAD_OFF as f64));
+        }
         KernelSpec {
             family: "loss",
-            entry: "cross_entropy",
-            constants: vec![
-                ("N", logits.dims()[0] as f64),
-                ("C", logits.dims()[1] as f64),
-            ],
+            entry: if self.with_grad {
+                "cross_entropy_with_grad"
+            } else {
+                "cross_entropy"
+            },
+            constants,
             workgroups: 1,
+        }
+    }
+
+    /// Elements its kernel writes past the loss: the gradient at [`GRAD_OFF`], with it.
+    pub fn scratch(&self, logits: &Shape) -> usize {
+        match self.with_grad {
+            true => GRAD_OFF - 1 + logits.numel(),
+            false => 0,
         }
     }
 
@@ -134,7 +167,7 @@ impl CrossEntropy {
         let shape = g.shape(logits);
         Ok([
             Some(g.push_op(
-                super::Op::CrossEntropyBackward(CrossEntropyBackward),
+                super::Op::CrossEntropyBackward(CrossEntropyBackward::default()),
                 vec![logits, labels, dy],
                 shape,
             )?),

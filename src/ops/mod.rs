@@ -287,6 +287,7 @@ impl Op {
             Op::AttentionGrad(a) if a.in_place() => Some(8),
             Op::SumSquares(s) if s.chained => Some(inputs.len() - 1),
             Op::RowSums(_) | Op::StatsOf(_) => Some(0),
+            Op::CrossEntropyBackward(c) if c.written => Some(3),
             _ => None,
         }
     }
@@ -302,6 +303,7 @@ impl Op {
             Op::MatMulPartial(p) => dims(&p.product, inputs[1])
                 .map_or(0, |d| p.product.scratch(&d, p.config.slices(d.k) as usize)),
             Op::SplitKSum(s) => s.scratch(out),
+            Op::CrossEntropy(c) => c.scratch(inputs[0]),
             Op::NormalizeStats(s) if s.stats => {
                 let groups = out.dims()[1];
                 norm::stats_offset(out.numel()) - out.numel() + 2 * groups
@@ -327,6 +329,7 @@ impl Op {
             Op::AxisCopy(a) => a.view_offset(inputs[0], out, dtype).unwrap_or(0),
             Op::RowSums(r) => r.offset(inputs[0]),
             Op::StatsOf(_) => norm::stats_offset(inputs[0].numel()),
+            Op::CrossEntropyBackward(c) if c.written => loss::GRAD_OFF,
             _ => 0,
         }
     }
@@ -606,6 +609,8 @@ impl Op {
             Op::Embedding(e) => Some(e.kernel(inputs[0], inputs[1])),
             Op::EmbeddingBackward(e) => Some(e.kernel(inputs[0], out)),
             Op::Dropout(d) => Some(d.kernel(out.numel())),
+            // written by the loss's kernel: a view
+            Op::CrossEntropyBackward(c) if c.written => None,
             Op::CrossEntropyBackward(c) => Some(c.kernel(inputs[0])),
             Op::CrossEntropyRows(c) => Some(c.kernel(inputs[0])),
             Op::OptimStep(o) => Some(o.kernel(out)),
