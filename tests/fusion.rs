@@ -694,6 +694,67 @@ fn reductions_take_elementwise_prologues() {
     assert_eq!(info.dispatches, 2, "{info}");
 }
 
+/// Reductions apply their only reader's elementwise program to each result before storing it
+/// (`fuse::fuse_reduce_epilogue`): a sum over each axis then `sqrt(v) * w + 1` with `w`
+/// broadcast, a max then relu, gradient clipping's scale from a sum of squares (the epilogue
+/// reading a constant); one kernel each, against the CPU reference. A result something else
+/// reads, or that is an output, keeps its own kernel.
+#[test]
+fn reductions_store_through_elementwise_epilogues() {
+    let Some(dev) = device() else { return };
+    let tol = kiln::ops::TOL_REDUCTION;
+    for axis in 0..3 {
+        let g = Graph::new();
+        let x = g.input("x0", [5, 70, 3]);
+        let s = g.sum(g.exp(x).unwrap(), axis, false).unwrap();
+        let d = g.shape(s).dims().to_vec();
+        let w = g.input("x1", [*d.last().unwrap()]);
+        let y = g
+            .add_scalar(g.mul(g.sqrt(s).unwrap(), w).unwrap(), 1.0)
+            .unwrap();
+        let f = feeds(&[&[5, 70, 3], &[*d.last().unwrap()]]);
+        let info = check_on(&dev, &format!("sum axis {axis}, then"), &g, &[y], &f, tol);
+        // the exp inside the loads (a prologue), the sum, the rest before the store
+        assert_eq!(info.dispatches, 2, "axis {axis}: {info}");
+        let g = Graph::new();
+        let x = g.input("x0", [5, 70, 3]);
+        let y = g.relu(g.max(x, axis, true).unwrap()).unwrap();
+        let f = feeds(&[&[5, 70, 3]]);
+        let info = check_on(&dev, &format!("max axis {axis}, relu"), &g, &[y], &f, tol);
+        assert_eq!(info.dispatches, 1, "axis {axis}: {info}");
+    }
+    // gradient clipping's coefficient min(1, 0.5 / (sqrt(sum of squares) + 1e-6))
+    let g = Graph::new();
+    let a = g.input("x0", [300, 30]);
+    let b = g.input("x1", [77]);
+    let norm = g.sqrt(g.sum_squares(&[a, b]).unwrap()).unwrap();
+    let coef = g
+        .rdiv_scalar(g.add_scalar(norm, 1e-6).unwrap(), 0.5)
+        .unwrap();
+    let y = g.minimum(coef, g.constant(Tensor::full([1], 1.0))).unwrap();
+    let f = feeds(&[&[300, 30], &[77]]);
+    let info = check_on(&dev, "clipping coefficient", &g, &[y], &f, tol);
+    assert_eq!(
+        info.dispatches, 2,
+        "partial sums, then their sum and the rest: {info}"
+    );
+    // the sum also an output, or read twice: it keeps its kernel
+    let g = Graph::new();
+    let x = g.input("x0", [4, 9]);
+    let s = g.sum(x, 1, false).unwrap();
+    let y = g.sqrt(s).unwrap();
+    let f = feeds(&[&[4, 9]]);
+    let info = check_on(&dev, "requested sum", &g, &[y, s], &f, tol);
+    assert_eq!(info.dispatches, 2, "{info}");
+    let g = Graph::new();
+    let x = g.input("x0", [4, 9]);
+    let s = g.sum(x, 1, false).unwrap();
+    let y = g.add(g.sqrt(s).unwrap(), g.exp(s).unwrap()).unwrap();
+    let z = g.mul(s, s).unwrap();
+    let info = check_on(&dev, "sum read twice", &g, &[y, z], &f, tol);
+    assert_eq!(info.dispatches, 3, "{info}");
+}
+
 /// A product read through a transpose is not taken as an epilogue's operand (the epilogue sees
 /// each result at its own index): relu(transpose(a b)) with a square result stays right.
 #[test]

@@ -674,7 +674,7 @@ fn every_gemv_is_valid_wgsl() {
 /// Reductions with a fused prologue (reduce.wgsl with its `load` generated) validate with naga.
 #[test]
 fn reductions_with_prologues_are_valid_wgsl() {
-    use kiln::codegen::elementwise::reduce_with_prologue;
+    use kiln::codegen::elementwise::{epilogue, reduce_with_epilogue, reduce_with_prologue};
     use kiln::ops::binary::BinaryOp;
     use kiln::ops::fused::{Fused, Operand, Step, StepOp};
     use kiln::ops::reduce::{Reduce, ReduceKind};
@@ -718,6 +718,38 @@ fn reductions_with_prologues_are_valid_wgsl() {
         let plain = Fused::identity();
         let g = reduce_with_prologue(&plain, &[&x], &x, r.kernel(&x), kiln::DType::F16);
         validate_wgsl(&format!("plain f16 {kind:?}"), &g.wgsl);
+        // each result through `sqrt(v) * w + 1` before its store, w broadcast over the
+        // result's first axis
+        let out = r.infer(&x).unwrap();
+        let w = Shape(vec![*out.dims().last().unwrap()]);
+        let epi_program = Fused {
+            steps: vec![
+                Step {
+                    op: StepOp::Unary(UnaryOp::Sqrt),
+                    args: vec![Operand::Input(1)],
+                    shape: out.clone(),
+                },
+                Step {
+                    op: StepOp::Binary(BinaryOp::Mul),
+                    args: vec![Operand::Step(0), Operand::Input(0)],
+                    shape: out.clone(),
+                },
+                Step {
+                    op: StepOp::Unary(UnaryOp::AddScalar(1.0)),
+                    args: vec![Operand::Step(1)],
+                    shape: out.clone(),
+                },
+            ],
+            permuted: Vec::new(),
+            gathered: Vec::new(),
+        };
+        let epi = epilogue(&epi_program, 1, &[&w, &out], &out, 1, kiln::DType::F32);
+        let g = reduce_with_epilogue(&x, r.kernel(&x), &epi);
+        assert!(g.wgsl.starts_with("// reduce_epilogue.wgsl"));
+        validate_wgsl(
+            &format!("{kind:?} over axis {axis} with an epilogue"),
+            &g.wgsl,
+        );
     }
 }
 

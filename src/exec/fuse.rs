@@ -426,10 +426,80 @@ pub(crate) fn fuse_reduce_prologue(
             reduce,
             program,
             input_shape,
+            epilogue: None,
         });
         node.inputs = inputs;
         dropped.push(x);
         dropped.extend(chain);
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
+/// Reductions store their reader's elementwise program of their result: where the only reader
+/// of a plain reduction's result is an elementwise node (fused or single) of the same shape,
+/// the reduction's kernel applies that program before its store (`ReduceEpilogue`) and the
+/// node leaves the plan (gradient clipping's `min(1, max_norm / (sqrt(sum) + eps))`). f32 only.
+pub(crate) fn fuse_reduce_epilogue(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    use crate::ops::reduce::ReduceEpilogue;
+    use crate::tensor::DType;
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let id = order[pos];
+        let n = &nodes[id.0];
+        let Some(program) = program_of(n) else {
+            continue;
+        };
+        let reductions: Vec<usize> = (0..n.inputs.len())
+            .filter(|&k| matches!(nodes[n.inputs[k].0].op, Op::Reduce(_)))
+            .collect();
+        let Some(&k) = reductions.first() else {
+            continue;
+        };
+        let r = n.inputs[k];
+        let Op::Reduce(reduce) = nodes[r.0].op else {
+            continue;
+        };
+        let x = nodes[r.0].inputs[0];
+        let r_pos = order.iter().position(|&o| o == r).unwrap_or(pos);
+        let read_once = order
+            .iter()
+            .map(|o| nodes[o.0].inputs.iter().filter(|&&i| i == r).count())
+            .sum::<usize>()
+            == 1;
+        let f32_only = nodes[x.0].dtype == DType::F32
+            && n.dtype == DType::F32
+            && n.inputs.iter().all(|i| nodes[i.0].dtype == DType::F32);
+        if targets.contains(&r)
+            || !read_once
+            || nodes[r.0].shape != n.shape
+            || !f32_only
+            || program.permuted_read(k).is_some()
+            || program.gathered_read(k).is_some()
+            || n.inputs.len() > MAX_INPUTS
+            || super::lower::written_between(nodes, order, x, r_pos, pos)
+        {
+            continue;
+        }
+        let mut inputs = vec![x];
+        inputs.extend((0..n.inputs.len()).filter(|&j| j != k).map(|j| n.inputs[j]));
+        let input_shape = nodes[x.0].shape.clone();
+        let node = &mut nodes[id.0];
+        node.op = Op::ReducePrologue(ReducePrologue {
+            reduce,
+            program: Fused::identity(),
+            input_shape,
+            epilogue: Some(ReduceEpilogue {
+                program,
+                reduced: k,
+                prologue_inputs: 1,
+            }),
+        });
+        node.inputs = inputs;
+        dropped.push(r);
     }
     order.retain(|id| !dropped.contains(id));
 }

@@ -127,6 +127,7 @@ pub(crate) fn lower(
         super::fuse::fuse_elementwise(nodes, order, targets);
         super::fuse::fold_permutes(nodes, order, targets);
         super::fuse::fuse_reduce_prologue(nodes, order, targets);
+        super::fuse::fuse_reduce_epilogue(nodes, order, targets);
         fuse_matmul_epilogue(nodes, order, targets, ch);
         dropout_into_products(nodes, order, targets, ch);
         strided_operands(nodes, order, targets, ch);
@@ -1892,13 +1893,29 @@ pub(crate) fn select(
         }
         Op::ReducePrologue(r) => {
             let spec = r.reduce.kernel(&r.input_shape);
-            let g = elementwise::reduce_with_prologue(
-                &r.program,
-                inputs,
-                r.program_shape(),
-                spec,
-                DType::F32,
-            );
+            let g = match &r.epilogue {
+                None => elementwise::reduce_with_prologue(
+                    &r.program,
+                    inputs,
+                    r.program_shape(),
+                    spec,
+                    DType::F32,
+                ),
+                Some(e) => {
+                    // the epilogue's inputs: the reduction's result, then the node's others
+                    let mut shapes: Vec<&Shape> = inputs[e.prologue_inputs..].to_vec();
+                    shapes.insert(e.reduced, out);
+                    let epi = elementwise::epilogue(
+                        &e.program,
+                        e.reduced,
+                        &shapes,
+                        out,
+                        e.prologue_inputs,
+                        DType::F32,
+                    );
+                    elementwise::reduce_with_epilogue(inputs[0], spec, &epi)
+                }
+            };
             Some((g.spec.clone(), Some(g)))
         }
         Op::ImplicitDgrad(c) => {
@@ -2019,13 +2036,17 @@ fn select_f16(
             r.kernel(inputs[0]),
             dtype,
         ),
-        Op::ReducePrologue(r) => elementwise::reduce_with_prologue(
-            &r.program,
-            inputs,
-            r.program_shape(),
-            r.reduce.kernel(&r.input_shape),
-            dtype,
-        ),
+        Op::ReducePrologue(r) => {
+            // `fuse::fuse_reduce_epilogue` gives epilogues to f32 reductions only
+            assert!(r.epilogue.is_none(), "a reduction epilogue in f16");
+            elementwise::reduce_with_prologue(
+                &r.program,
+                inputs,
+                r.program_shape(),
+                r.reduce.kernel(&r.input_shape),
+                dtype,
+            )
+        }
         Op::MatMul(mm) => {
             let d = mm
                 .dims(inputs[0], inputs[1])
@@ -2515,6 +2536,18 @@ mod tests {
         let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
         let rows = |op: &Op| matches!(op, Op::CrossEntropyRows(_));
         assert!(has(&nodes, &order, &rows));
+        // gradient clipping's coefficient from a sum of squares, inside the sum's kernel
+        let g = Graph::new();
+        let (a, b) = (g.input("a", [9, 5]), g.input("b", [3]));
+        let norm = g.sqrt(g.sum_squares(&[a, b]).unwrap()).unwrap();
+        let coef = g
+            .rdiv_scalar(g.add_scalar(norm, 1e-6).unwrap(), 0.5)
+            .unwrap();
+        let y = g.minimum(coef, g.constant(Tensor::full([1], 1.0))).unwrap();
+        let feeds = [("a", rand(&[9, 5], 29)), ("b", rand(&[3], 30))];
+        let (nodes, order) = evaluates_as_the_graph(&g, &[y], &feeds);
+        let epilogue = |op: &Op| matches!(op, Op::ReducePrologue(r) if r.epilogue.is_some());
+        assert!(has(&nodes, &order, &epilogue));
         // a small loss computing its gradient too, a bad label among them
         let (n, c) = (5usize, 7usize);
         let g = Graph::new();

@@ -120,32 +120,58 @@ impl Reduce {
 }
 
 /// A reduction whose input is a fused elementwise program's result, computed inside the
-/// reduction's loads (made by the plan compiler: `sum(x * x)` reads `x` once). Inputs: the
-/// program's.
+/// reduction's loads (made by the plan compiler: `sum(x * x)` reads `x` once), and whose result
+/// may go through another program before it is stored (`epilogue`: the scale of gradient
+/// clipping from the sum of squares). Inputs: the program's (one, `x`, for a program without
+/// steps), then the epilogue's others.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReducePrologue {
     pub reduce: Reduce,
     pub program: super::fused::Fused,
     /// The reduction's input: the program's result, or a reshape of it (same element order).
     pub input_shape: Shape,
+    pub epilogue: Option<ReduceEpilogue>,
+}
+
+/// A fused elementwise program applied to a reduction's result (`exec::fuse::
+/// fuse_reduce_epilogue`): its input `reduced` is that result, of the program's own shape; the
+/// others are the node's inputs after the prologue's `prologue_inputs`, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReduceEpilogue {
+    pub program: super::fused::Fused,
+    pub reduced: usize,
+    pub prologue_inputs: usize,
 }
 
 impl ReducePrologue {
-    /// The shape the program computes.
+    /// The shape the program computes (the input's, for a program without steps).
     pub fn program_shape(&self) -> &Shape {
-        &self
-            .program
+        self.program
             .steps
             .last()
-            .expect("a fused program has steps")
-            .shape
+            .map_or(&self.input_shape, |s| &s.shape)
     }
 
-    /// CPU reference: the program, then the reduction.
+    /// CPU reference: the program, then the reduction, then the epilogue.
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
-        let x = self.program.cpu(inputs, self.program_shape());
+        let np = self
+            .epilogue
+            .as_ref()
+            .map_or(inputs.len(), |e| e.prologue_inputs);
+        let x = match self.program.steps.is_empty() {
+            true => inputs[0].clone(),
+            false => self.program.cpu(&inputs[..np], self.program_shape()),
+        };
         let x = Tensor::new(self.input_shape.clone(), x.data().to_vec()).expect("a reshape");
-        self.reduce.cpu(&x, out)
+        let reduced = self.reduce.cpu(&x, out);
+        match &self.epilogue {
+            None => reduced,
+            Some(e) => {
+                let mut ins: Vec<&Tensor> = inputs[np..].to_vec();
+                ins.insert(e.reduced, &reduced);
+                e.program.cpu(&ins, out)
+            }
+        }
     }
 }
 
