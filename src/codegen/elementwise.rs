@@ -494,11 +494,13 @@ pub fn reduce_with_epilogue(x: &Shape, spec: KernelSpec, epi: &Epilogue) -> Gene
         "store",
         &store,
     ));
-    let key = format!(
-        "reduce,epilogue[{}]@{:016x}",
-        epi.describe,
-        fnv1a(src.as_bytes())
-    );
+    reduce_module(src, &format!("reduce,epilogue[{}]", epi.describe), spec)
+}
+
+/// A generated variant of `shaders/reduce.wgsl` (`src`), keyed by what it fuses (`describe`)
+/// and the hash of its text, launched as the plain reduction (`spec`) is.
+fn reduce_module(src: String, describe: &str, spec: KernelSpec) -> Generated {
+    let key = format!("{describe}@{:016x}", fnv1a(src.as_bytes()));
     Generated {
         spec: KernelSpec {
             family: "reduce_fused",
@@ -586,13 +588,5 @@ fn load(i: u32) -> f32 {{
         "store",
         &store,
     ));
-    let key = format!("{}@{:016x}", f.describe(), fnv1a(src.as_bytes()));
-    Generated {
-        spec: KernelSpec {
-            family: "reduce_fused",
-            ..spec
-        },
-        key,
-        wgsl: src.into(),
-    }
+    reduce_module(src, &f.describe(), spec)
 }

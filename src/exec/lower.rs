@@ -579,6 +579,37 @@ fn readers(nodes: &[Node], order: &[NodeId], v: NodeId) -> usize {
         .count()
 }
 
+/// What reads `v` among `order`, looking through reshapes (and reshapes of those): the reshapes,
+/// and the `(reader, input)` pairs of the other readers.
+fn reads_through_reshapes(
+    nodes: &[Node],
+    order: &[NodeId],
+    v: NodeId,
+) -> (Vec<NodeId>, Vec<(NodeId, usize)>) {
+    let reads = |v: NodeId| -> Vec<(NodeId, usize)> {
+        order
+            .iter()
+            .flat_map(|&r| {
+                let ins = &nodes[r.0].inputs;
+                (0..ins.len())
+                    .filter(move |&k| ins[k] == v)
+                    .map(move |k| (r, k))
+            })
+            .collect()
+    };
+    let (mut views, mut uses) = (Vec::new(), Vec::new());
+    let mut pending = reads(v);
+    while let Some((r, k)) = pending.pop() {
+        if matches!(nodes[r.0].op, Op::Reshape) {
+            views.push(r);
+            pending.extend(reads(r));
+        } else {
+            uses.push((r, k));
+        }
+    }
+    (views, uses)
+}
+
 /// Moves each `(view, writer)`'s view right after its writer in `order`: a view of what a
 /// kernel writes past its output is ready only once that kernel ran.
 fn place_after(order: &mut Vec<NodeId>, moves: &[(NodeId, NodeId)]) {
@@ -1322,30 +1353,8 @@ pub(crate) fn strided_operands(
             ld: xs.dims()[last] as u32,
             offset: start as u32,
         };
-        // (reader, input) pairs reading the narrow, and the reshapes between
-        let reads = |v: NodeId| -> Vec<(NodeId, usize)> {
-            order
-                .iter()
-                .flat_map(|&r| {
-                    let ins = &nodes[r.0].inputs;
-                    (0..ins.len())
-                        .filter(move |&k| ins[k] == v)
-                        .map(move |k| (r, k))
-                })
-                .collect()
-        };
         // through reshapes of reshapes (`h_n` of (1, B, H) as (B, H))
-        let mut views = Vec::new();
-        let mut uses = Vec::new();
-        let mut pending = reads(nw);
-        while let Some((r, k)) = pending.pop() {
-            if matches!(nodes[r.0].op, Op::Reshape) {
-                views.push(r);
-                pending.extend(reads(r));
-            } else {
-                uses.push((r, k));
-            }
-        }
+        let (views, uses) = reads_through_reshapes(nodes, order, nw);
         // an unbatched product's operand whose contiguous axis is the narrowed one, read
         // plainly, on the tiled kernel
         let operand = |mm: &MatMul, k: usize, r: NodeId| {
@@ -1424,28 +1433,7 @@ pub(crate) fn dropout_into_products(
         if targets.contains(&dn) || nodes[x.0].dtype != nodes[dn.0].dtype {
             continue;
         }
-        // (reader, input) pairs reading the dropout, and the reshapes between
-        let reads = |v: NodeId| -> Vec<(NodeId, usize)> {
-            order
-                .iter()
-                .flat_map(|&r| {
-                    let ins = &nodes[r.0].inputs;
-                    (0..ins.len())
-                        .filter(move |&k| ins[k] == v)
-                        .map(move |k| (r, k))
-                })
-                .collect()
-        };
-        let mut views = Vec::new();
-        let mut uses = Vec::new();
-        for (r, k) in reads(dn) {
-            if matches!(nodes[r.0].op, Op::Reshape) {
-                views.push(r);
-                uses.extend(reads(r));
-            } else {
-                uses.push((r, k));
-            }
-        }
+        let (views, uses) = reads_through_reshapes(nodes, order, dn);
         // a product's operand, free of a dropout of its own, on the tiled kernel
         let operand = |mm: &MatMul, k: usize, r: NodeId| {
             let free = match k {
@@ -1478,7 +1466,10 @@ pub(crate) fn dropout_into_products(
         }
         let drop = Some(OperandDropout::of(&dr));
         for &v in &views {
-            nodes[v.0].inputs[0] = x;
+            // (a reshape of a reshape keeps reading its reshape)
+            if nodes[v.0].inputs[0] == dn {
+                nodes[v.0].inputs[0] = x;
+            }
         }
         for (r, k) in uses {
             let n = &mut nodes[r.0];
