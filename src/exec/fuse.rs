@@ -23,6 +23,7 @@ use crate::ops::reduce::ReducePrologue;
 use crate::ops::Op;
 
 use super::liveness::storage_root;
+use super::lower::readers;
 
 /// Steps a fused kernel holds at most, to keep generated modules small.
 const MAX_STEPS: usize = 64;
@@ -350,13 +351,8 @@ pub(crate) fn fuse_casts(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &
             continue;
         };
         let p_pos = order.iter().position(|&o| o == p).unwrap_or(pos);
-        let read_once = order
-            .iter()
-            .filter(|r| nodes[r.0].inputs.contains(&p))
-            .count()
-            == 1;
         if targets.contains(&p)
-            || !read_once
+            || readers(nodes, order, p) != 1
             || nodes[p.0]
                 .inputs
                 .iter()
@@ -400,12 +396,7 @@ pub(crate) fn fuse_reduce_prologue(
         let Some(program) = program_of(xn) else {
             continue;
         };
-        let readers = |v: NodeId| {
-            order
-                .iter()
-                .filter(|r| nodes[r.0].inputs.contains(&v))
-                .count()
-        };
+        let readers = |v: NodeId| readers(nodes, order, v);
         let sole = readers(x) == 1
             && chain
                 .iter()

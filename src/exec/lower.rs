@@ -572,7 +572,7 @@ pub(crate) fn row_sums_in_products(nodes: &mut [Node], order: &mut Vec<NodeId>, 
 }
 
 /// The nodes of `order` that read `v`, each counted once per node.
-fn readers(nodes: &[Node], order: &[NodeId], v: NodeId) -> usize {
+pub(crate) fn readers(nodes: &[Node], order: &[NodeId], v: NodeId) -> usize {
     order
         .iter()
         .filter(|r| nodes[r.0].inputs.contains(&v))
