@@ -3,18 +3,19 @@
 // and their backward through time.
 // The input projection x W_ih^T + b_ih of all steps is one matmul done before (`xw`); each step
 // adds the recurrent projection W_hh h + b_hh. The gradients of W_hh and b_hh are a tiled matmul
-// and a sum over all steps, built in the graph.
+// and a sum over all steps, built in the graph; they read their operands out of Q in place.
 // Sequences shorter than T (lengths[b]) carry their state over the padding.
 //
 // GRU:  r = sigmoid(xw_r + W_hr h + b_hr), z = sigmoid(xw_z + W_hz h + b_hz),
 //       hn = W_hn h + b_hn, n = tanh(xw_n + r * hn), h' = (1 - z) * n + z * h.
 //   Packed state P [T, B, 5H], per (t, b): h | r | z | n | hn (zeros past the gates when padded).
-//   Packed gradient Q [T + 1, B, 5H], rows t < T: da_r | da_z | da_n | dhn | dh_t, where da_* are
-//   pre-activation gradients (da_r, da_z, da_n is the gradient of xw) and dhn that of hn;
-//   row T: dh0 | 0 | 0 | 0 | 0.
+//   Packed gradient Q [T + 1, B, 8H], rows t < T: da_r | da_z | da_n | dh_t | da_r | da_z | dhn |
+//   h_prev, where da_* are pre-activation gradients (da_r | da_z | da_n is the gradient of xw),
+//   dhn that of hn (da_r | da_z | dhn, that of W_hh h + b_hh, is what the recurrent weight's
+//   gradient reads, hence the copies) and h_prev the state step t started from; row T: dh0 | 0.
 // RNN:  h' = tanh(xw + W_hh h + b_hh).
-//   Packed state P [T, B, H] (h). Packed gradient Q [T + 1, B, 2H], rows t < T: da | dh_t;
-//   row T: dh0 | 0.
+//   Packed state P [T, B, H] (h). Packed gradient Q [T + 1, B, 3H], rows t < T: da | dh_t |
+//   h_prev; row T: dh0 | 0 | 0.
 //
 // Bindings (the same for both cells; step index from the uniform, t = s, or T-1-s when REVERSE)
 // Entries `gru_forward`, `rnn_forward` (dispatched T times, step s = 0..T-1):
@@ -171,16 +172,16 @@ fn gru_forward(
 // Gradient reaching the state before time t from step t (already computed): through z and the
 // recurrent projection when t was a real step, straight through when it was padding.
 fn gru_dh_before(t: u32, b: u32, j: u32) -> f32 {
-    let r = (t * B + b) * 5u * H;
-    let dh = ld_q(r + 4u * H + j);
+    let r = (t * B + b) * 8u * H;
+    let dh = ld_q(r + 3u * H + j);
     if masked(t, b) {
         return dh;
     }
-    var acc = dh * ld_p_in(r + 2u * H + j);
+    var acc = dh * ld_p_in((t * B + b) * 5u * H + 2u * H + j);
     for (var k = 0u; k < H; k = k + 1u) {
-        acc = acc + ld_q(r + k) * ld_whh(k * H + j);
-        acc = acc + ld_q(r + H + k) * ld_whh((H + k) * H + j);
-        acc = acc + ld_q(r + 3u * H + k) * ld_whh((2u * H + k) * H + j);
+        acc = acc + ld_q(r + 4u * H + k) * ld_whh(k * H + j);
+        acc = acc + ld_q(r + 5u * H + k) * ld_whh((H + k) * H + j);
+        acc = acc + ld_q(r + 6u * H + k) * ld_whh((2u * H + k) * H + j);
     }
     return acc;
 }
@@ -200,40 +201,48 @@ fn gru_backward(
     let k = step.x;
     if k == T {
         // the gradient for the initial state, from the first forward step
-        let out = (T * B + b) * 5u * H;
-        st_q(out + j, gru_dh_before(time_of(0u), b, j));
-        st_q(out + H + j, 0.0);
-        st_q(out + 2u * H + j, 0.0);
-        st_q(out + 3u * H + j, 0.0);
-        st_q(out + 4u * H + j, 0.0);
+        let out = (T * B + b) * 8u * H;
+        let dh0 = gru_dh_before(time_of(0u), b, j);
+        st_q(out + j, dh0);
+        for (var col = 1u; col < 8u; col = col + 1u) {
+            st_q(out + col * H + j, 0.0);
+        }
         return;
     }
     // backward step k handles forward step s = T-1-k
     let s = T - 1u - k;
     let t = time_of(s);
     let r = (t * B + b) * 5u * H;
+    let rq = (t * B + b) * 8u * H;
     var dh = dp_at(t, b, j, 5u * H);
     if k > 0u {
         dh = dh + gru_dh_before(time_of(s + 1u), b, j);
     }
-    st_q(r + 4u * H + j, dh);
+    let hj = h_prev_bwd(s, b, j, 5u * H);
+    st_q(rq + 3u * H + j, dh);
+    st_q(rq + 7u * H + j, hj);
     if masked(t, b) {
-        st_q(r + j, 0.0);
-        st_q(r + H + j, 0.0);
-        st_q(r + 2u * H + j, 0.0);
-        st_q(r + 3u * H + j, 0.0);
+        st_q(rq + j, 0.0);
+        st_q(rq + H + j, 0.0);
+        st_q(rq + 2u * H + j, 0.0);
+        st_q(rq + 4u * H + j, 0.0);
+        st_q(rq + 5u * H + j, 0.0);
+        st_q(rq + 6u * H + j, 0.0);
         return;
     }
-    let hj = h_prev_bwd(s, b, j, 5u * H);
     let gr = ld_p_in(r + H + j);
     let gz = ld_p_in(r + 2u * H + j);
     let n = ld_p_in(r + 3u * H + j);
     let hn = ld_p_in(r + 4u * H + j);
     let da_n = dh * (1.0 - gz) * (1.0 - n * n);
-    st_q(r + j, da_n * hn * gr * (1.0 - gr));
-    st_q(r + H + j, dh * (hj - n) * gz * (1.0 - gz));
-    st_q(r + 2u * H + j, da_n);
-    st_q(r + 3u * H + j, da_n * gr);
+    let da_r = da_n * hn * gr * (1.0 - gr);
+    let da_z = dh * (hj - n) * gz * (1.0 - gz);
+    st_q(rq + j, da_r);
+    st_q(rq + H + j, da_z);
+    st_q(rq + 2u * H + j, da_n);
+    st_q(rq + 4u * H + j, da_r);
+    st_q(rq + 5u * H + j, da_z);
+    st_q(rq + 6u * H + j, da_n * gr);
 }
 
 // ---- vanilla tanh RNN ----
@@ -265,7 +274,7 @@ fn rnn_forward(
 }
 
 fn rnn_dh_before(t: u32, b: u32, j: u32) -> f32 {
-    let r = (t * B + b) * 2u * H;
+    let r = (t * B + b) * 3u * H;
     if masked(t, b) {
         return ld_q(r + H + j);
     }
@@ -290,19 +299,22 @@ fn rnn_backward(
     let j = id % H;
     let k = step.x;
     if k == T {
-        let out = (T * B + b) * 2u * H;
-        st_q(out + j, rnn_dh_before(time_of(0u), b, j));
+        let out = (T * B + b) * 3u * H;
+        let dh0 = rnn_dh_before(time_of(0u), b, j);
+        st_q(out + j, dh0);
         st_q(out + H + j, 0.0);
+        st_q(out + 2u * H + j, 0.0);
         return;
     }
     let s = T - 1u - k;
     let t = time_of(s);
-    let r = (t * B + b) * 2u * H;
+    let r = (t * B + b) * 3u * H;
     var dh = dp_at(t, b, j, H);
     if k > 0u {
         dh = dh + rnn_dh_before(time_of(s + 1u), b, j);
     }
     st_q(r + H + j, dh);
+    st_q(r + 2u * H + j, h_prev_bwd(s, b, j, H));
     if masked(t, b) {
         st_q(r + j, 0.0);
         return;
@@ -403,25 +415,28 @@ fn gru_put_state(t: u32, b: u32, j: u32, h: f32, g: vec4<f32>) {
     st_p(r + 4u * H + j, g.w);
 }
 
-// GRU: writes da_r | da_z | da_n | dhn | dh of cell j of row t (< T) of Q, or dh0 | 0 (t = T).
-fn gru_put_grad(t: u32, b: u32, j: u32, g: vec4<f32>, dh: f32) {
+// GRU: writes da_r | da_z | da_n | dh | da_r | da_z | dhn | h_prev of cell j of row t (< T) of
+// Q (g = da_r, da_z, da_n, dhn), or dh0 | 0 (t = T).
+fn gru_put_grad(t: u32, b: u32, j: u32, g: vec4<f32>, dh: f32, h_prev: f32) {
     if b >= B {
         return;
     }
-    let r = (t * B + b) * 5u * H;
+    let r = (t * B + b) * 8u * H;
     if t == T {
         st_q(r + j, dh);
-        st_q(r + H + j, 0.0);
-        st_q(r + 2u * H + j, 0.0);
-        st_q(r + 3u * H + j, 0.0);
-        st_q(r + 4u * H + j, 0.0);
+        for (var col = 1u; col < 8u; col = col + 1u) {
+            st_q(r + col * H + j, 0.0);
+        }
         return;
     }
     st_q(r + j, g.x);
     st_q(r + H + j, g.y);
     st_q(r + 2u * H + j, g.z);
-    st_q(r + 3u * H + j, g.w);
-    st_q(r + 4u * H + j, dh);
+    st_q(r + 3u * H + j, dh);
+    st_q(r + 4u * H + j, g.x);
+    st_q(r + 5u * H + j, g.y);
+    st_q(r + 6u * H + j, g.w);
+    st_q(r + 7u * H + j, h_prev);
 }
 
 @compute @workgroup_size(SEQ_WG)
@@ -507,10 +522,11 @@ fn gru_backward_seq(
             g_rows[j] = d_r;
             g_rows[H + j] = d_z;
             g_rows[2u * H + j] = d_hn;
-            gru_put_grad(t, b0, j, vec4<f32>(d_r.x, d_z.x, d_n.x, d_hn.x), dh.x);
-            gru_put_grad(t, b0 + 1u, j, vec4<f32>(d_r.y, d_z.y, d_n.y, d_hn.y), dh.y);
-            gru_put_grad(t, b0 + 2u, j, vec4<f32>(d_r.z, d_z.z, d_n.z, d_hn.z), dh.z);
-            gru_put_grad(t, b0 + 3u, j, vec4<f32>(d_r.w, d_z.w, d_n.w, d_hn.w), dh.w);
+            let hp = h_prev;
+            gru_put_grad(t, b0, j, vec4<f32>(d_r.x, d_z.x, d_n.x, d_hn.x), dh.x, hp.x);
+            gru_put_grad(t, b0 + 1u, j, vec4<f32>(d_r.y, d_z.y, d_n.y, d_hn.y), dh.y, hp.y);
+            gru_put_grad(t, b0 + 2u, j, vec4<f32>(d_r.z, d_z.z, d_n.z, d_hn.z), dh.z, hp.z);
+            gru_put_grad(t, b0 + 3u, j, vec4<f32>(d_r.w, d_z.w, d_n.w, d_hn.w), dh.w, hp.w);
         }
         workgroupBarrier();
         if cell {
@@ -528,10 +544,10 @@ fn gru_backward_seq(
         workgroupBarrier();
     }
     if cell {
-        gru_put_grad(T, b0, j, zero, dh_next.x);
-        gru_put_grad(T, b0 + 1u, j, zero, dh_next.y);
-        gru_put_grad(T, b0 + 2u, j, zero, dh_next.z);
-        gru_put_grad(T, b0 + 3u, j, zero, dh_next.w);
+        gru_put_grad(T, b0, j, zero, dh_next.x, 0.0);
+        gru_put_grad(T, b0 + 1u, j, zero, dh_next.y, 0.0);
+        gru_put_grad(T, b0 + 2u, j, zero, dh_next.z, 0.0);
+        gru_put_grad(T, b0 + 3u, j, zero, dh_next.w, 0.0);
     }
 }
 
@@ -542,12 +558,14 @@ fn rnn_put_state(t: u32, b: u32, j: u32, h: f32) {
     }
 }
 
-// RNN: writes da | dh of cell j of row t (< T) of Q, or dh0 | 0 (t = T, da = dh0 there).
-fn rnn_put_grad(t: u32, b: u32, j: u32, da: f32, dh: f32) {
+// RNN: writes da | dh | h_prev of cell j of row t (< T) of Q, or dh0 | 0 | 0 (t = T, da = dh0
+// there).
+fn rnn_put_grad(t: u32, b: u32, j: u32, da: f32, dh: f32, h_prev: f32) {
     if b < B {
-        let r = (t * B + b) * 2u * H;
+        let r = (t * B + b) * 3u * H;
         st_q(r + j, da);
         st_q(r + H + j, dh);
+        st_q(r + 2u * H + j, h_prev);
     }
 }
 
@@ -601,10 +619,14 @@ fn rnn_backward_seq(
             let y = p4(t, b0, j, H);
             let da = select(zero, dh * (1.0 - y * y), live);
             g_rows[j] = da;
-            rnn_put_grad(t, b0, j, da.x, dh.x);
-            rnn_put_grad(t, b0 + 1u, j, da.y, dh.y);
-            rnn_put_grad(t, b0 + 2u, j, da.z, dh.z);
-            rnn_put_grad(t, b0 + 3u, j, da.w, dh.w);
+            var hp = h0_4(b0, j);
+            if s > 0u {
+                hp = p4(time_of(s - 1u), b0, j, H);
+            }
+            rnn_put_grad(t, b0, j, da.x, dh.x, hp.x);
+            rnn_put_grad(t, b0 + 1u, j, da.y, dh.y, hp.y);
+            rnn_put_grad(t, b0 + 2u, j, da.z, dh.z, hp.z);
+            rnn_put_grad(t, b0 + 3u, j, da.w, dh.w, hp.w);
         }
         workgroupBarrier();
         if cell {
@@ -617,9 +639,9 @@ fn rnn_backward_seq(
         workgroupBarrier();
     }
     if cell {
-        rnn_put_grad(T, b0, j, dh_next.x, 0.0);
-        rnn_put_grad(T, b0 + 1u, j, dh_next.y, 0.0);
-        rnn_put_grad(T, b0 + 2u, j, dh_next.z, 0.0);
-        rnn_put_grad(T, b0 + 3u, j, dh_next.w, 0.0);
+        rnn_put_grad(T, b0, j, dh_next.x, 0.0, 0.0);
+        rnn_put_grad(T, b0 + 1u, j, dh_next.y, 0.0, 0.0);
+        rnn_put_grad(T, b0 + 2u, j, dh_next.z, 0.0, 0.0);
+        rnn_put_grad(T, b0 + 3u, j, dh_next.w, 0.0, 0.0);
     }
 }

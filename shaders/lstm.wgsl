@@ -5,8 +5,9 @@
 // than T (lengths[b]) carry their state over the padding.
 //
 // Packed state P [T, B, 6H], per (t, b): h | c | i | f | g | o (gate activations, for backward).
-// Packed gradient Q [T + 1, B, 6H], rows t < T: dgates (pre-activation, 4H) | dc_t | dh_t;
-// row T: dh0 | dc0 | 0.
+// Packed gradient Q [T + 1, B, 7H], rows t < T: dgates (pre-activation, 4H) | dc_t | dh_t |
+// h_prev (the state step t started from: h0 or the h of the step before it in processing
+// order, which the recurrent weight's gradient reads in place); row T: dh0 | dc0 | 0.
 //
 // Bindings (group 0), by entry point.
 // Entry `lstm_forward` (dispatched T times, step s = 0..T-1; t = s, or T-1-s when REVERSE):
@@ -22,7 +23,7 @@
 // dh0, dc0):
 //   0 step; 1 p (read) [T, B, 6H]; 2 whh; 3 h0; 4 c0; 5 lengths; 6 dp (read) [T, B, 6H], or
 //   only its window [DP_TL, B, DP_CL] at (DP_T0, DP_C0), zeros around it (the pads of the
-//   gradient of part of P, folded in by the plan compiler); 7 q (read_write) [T + 1, B, 6H]
+//   gradient of part of P, folded in by the plan compiler); 7 q (read_write) [T + 1, B, 7H]
 // f16 variant (`lstm_f16`, generated from the storage block): every tensor f16 but the f32
 // lengths; each step computes in f32 (the whole-sequence kernels keep the state in f32 registers).
 // Overrides: T, B, H, REVERSE; DP_T0, DP_TL, DP_C0, DP_CL (dp's window: all of it by default).
@@ -93,6 +94,11 @@ fn row(t: u32, b: u32) -> u32 {
     return (t * B + b) * 6u * H;
 }
 
+// Start of row (t, b) of Q.
+fn qrow(t: u32, b: u32) -> u32 {
+    return (t * B + b) * 7u * H;
+}
+
 @compute @workgroup_size(256)
 fn lstm_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -151,7 +157,7 @@ fn lstm_forward(
 // Gradient reaching the state before time t from step t (already computed): through the gates
 // when t was a real step, straight through when it was padding.
 fn dh_before(t: u32, b: u32, j: u32) -> f32 {
-    let r = row(t, b);
+    let r = qrow(t, b);
     if f32(t) >= lengths[b] {
         return ld_q(r + 5u * H + j);
     }
@@ -170,12 +176,11 @@ fn dh_before(t: u32, b: u32, j: u32) -> f32 {
 }
 
 fn dc_before(t: u32, b: u32, j: u32) -> f32 {
-    let r = row(t, b);
-    let dc = ld_q(r + 4u * H + j);
+    let dc = ld_q(qrow(t, b) + 4u * H + j);
     if f32(t) >= lengths[b] {
         return dc;
     }
-    return dc * ld_p_in(r + 3u * H + j);
+    return dc * ld_p_in(row(t, b) + 3u * H + j);
 }
 
 @compute @workgroup_size(256)
@@ -194,15 +199,21 @@ fn lstm_backward(
     if k == T {
         // the gradient for the initial state, from the first forward step
         let t0 = time_of(0u);
-        let out = (T * B + b) * 6u * H;
-        st_q(out + j, dh_before(t0, b, j));
-        st_q(out + H + j, dc_before(t0, b, j));
+        let out = qrow(T, b);
+        let dh0 = dh_before(t0, b, j);
+        let dc0 = dc_before(t0, b, j);
+        st_q(out + j, dh0);
+        st_q(out + H + j, dc0);
+        for (var col = 2u; col < 7u; col = col + 1u) {
+            st_q(out + col * H + j, 0.0);
+        }
         return;
     }
     // backward step k handles forward step s = T-1-k
     let s = T - 1u - k;
     let t = time_of(s);
     let r = row(t, b);
+    let rq = qrow(t, b);
     var dh = dp_at(t, b, j);
     var dc = dp_at(t, b, H + j);
     if k > 0u {
@@ -210,17 +221,18 @@ fn lstm_backward(
         dh = dh + dh_before(tn, b, j);
         dc = dc + dc_before(tn, b, j);
     }
-    if f32(t) >= lengths[b] {
-        st_q(r + j, 0.0);
-        st_q(r + H + j, 0.0);
-        st_q(r + 2u * H + j, 0.0);
-        st_q(r + 3u * H + j, 0.0);
-        st_q(r + 4u * H + j, dc);
-        st_q(r + 5u * H + j, dh);
-        return;
-    }
     let first = s == 0u;
     let tp = time_of(max(s, 1u) - 1u);
+    st_q(rq + 6u * H + j, select(ld_p_in(row(tp, b) + j), ld_h0(b * H + j), first));
+    if f32(t) >= lengths[b] {
+        st_q(rq + j, 0.0);
+        st_q(rq + H + j, 0.0);
+        st_q(rq + 2u * H + j, 0.0);
+        st_q(rq + 3u * H + j, 0.0);
+        st_q(rq + 4u * H + j, dc);
+        st_q(rq + 5u * H + j, dh);
+        return;
+    }
     let c_prev = select(ld_p_in(row(tp, b) + H + j), ld_c0(b * H + j), first);
     let c = ld_p_in(r + H + j);
     let gi = ld_p_in(r + 2u * H + j);
@@ -229,12 +241,12 @@ fn lstm_backward(
     let go = ld_p_in(r + 5u * H + j);
     let tc = tanh_safe(c);
     dc = dc + dh * go * (1.0 - tc * tc);
-    st_q(r + j, dc * gg * gi * (1.0 - gi));
-    st_q(r + H + j, dc * c_prev * gf * (1.0 - gf));
-    st_q(r + 2u * H + j, dc * gi * (1.0 - gg * gg));
-    st_q(r + 3u * H + j, dh * tc * go * (1.0 - go));
-    st_q(r + 4u * H + j, dc);
-    st_q(r + 5u * H + j, dh);
+    st_q(rq + j, dc * gg * gi * (1.0 - gi));
+    st_q(rq + H + j, dc * c_prev * gf * (1.0 - gf));
+    st_q(rq + 2u * H + j, dc * gi * (1.0 - gg * gg));
+    st_q(rq + 3u * H + j, dh * tc * go * (1.0 - go));
+    st_q(rq + 4u * H + j, dc);
+    st_q(rq + 5u * H + j, dh);
 }
 
 // ---- whole-sequence kernels: one dispatch per layer and direction ----
@@ -385,18 +397,19 @@ fn dp4(t: u32, b0: u32, col: u32) -> vec4<f32> {
     return v;
 }
 
-// Writes the 6 values of cell j of row `t` (T: the initial-state row) of Q, batch row b.
-fn put_grad(t: u32, b: u32, j: u32, gates: vec4<f32>, dc: f32, dh: f32) {
+// Writes the 7 values of cell j of row (t, b) of Q (t < T).
+fn put_grad(t: u32, b: u32, j: u32, gates: vec4<f32>, dc: f32, dh: f32, h_prev: f32) {
     if b >= B {
         return;
     }
-    let r = row(t, b);
+    let r = qrow(t, b);
     st_q(r + j, gates.x);
     st_q(r + H + j, gates.y);
     st_q(r + 2u * H + j, gates.z);
     st_q(r + 3u * H + j, gates.w);
     st_q(r + 4u * H + j, dc);
     st_q(r + 5u * H + j, dh);
+    st_q(r + 6u * H + j, h_prev);
 }
 
 // Row T of Q for batch row b: dh0 | dc0 | 0.
@@ -404,13 +417,12 @@ fn put_initial(b: u32, j: u32, dh: f32, dc: f32) {
     if b >= B {
         return;
     }
-    let r = row(T, b);
+    let r = qrow(T, b);
     st_q(r + j, dh);
     st_q(r + H + j, dc);
-    st_q(r + 2u * H + j, 0.0);
-    st_q(r + 3u * H + j, 0.0);
-    st_q(r + 4u * H + j, 0.0);
-    st_q(r + 5u * H + j, 0.0);
+    for (var col = 2u; col < 7u; col = col + 1u) {
+        st_q(r + col * H + j, 0.0);
+    }
 }
 
 @compute @workgroup_size(SEQ_WG)
@@ -436,8 +448,10 @@ fn lstm_backward_seq(
             dh = dp4(t, b0, j) + dh_next;
             let dc = dp4(t, b0, H + j) + dc_next;
             var c_prev = c0_4(b0, j);
+            var h_prev = h0_4(b0, j);
             if s > 0u {
                 c_prev = p4(time_of(s - 1u), b0, H + j);
+                h_prev = p4(time_of(s - 1u), b0, j);
             }
             let c = p4(t, b0, H + j);
             let gi = p4(t, b0, 2u * H + j);
@@ -455,10 +469,11 @@ fn lstm_backward_seq(
             g_rows[H + j] = d_f;
             g_rows[2u * H + j] = d_g;
             g_rows[3u * H + j] = d_o;
-            put_grad(t, b0, j, vec4<f32>(d_i.x, d_f.x, d_g.x, d_o.x), dc_out.x, dh.x);
-            put_grad(t, b0 + 1u, j, vec4<f32>(d_i.y, d_f.y, d_g.y, d_o.y), dc_out.y, dh.y);
-            put_grad(t, b0 + 2u, j, vec4<f32>(d_i.z, d_f.z, d_g.z, d_o.z), dc_out.z, dh.z);
-            put_grad(t, b0 + 3u, j, vec4<f32>(d_i.w, d_f.w, d_g.w, d_o.w), dc_out.w, dh.w);
+            let hp = h_prev;
+            put_grad(t, b0, j, vec4<f32>(d_i.x, d_f.x, d_g.x, d_o.x), dc_out.x, dh.x, hp.x);
+            put_grad(t, b0 + 1u, j, vec4<f32>(d_i.y, d_f.y, d_g.y, d_o.y), dc_out.y, dh.y, hp.y);
+            put_grad(t, b0 + 2u, j, vec4<f32>(d_i.z, d_f.z, d_g.z, d_o.z), dc_out.z, dh.z, hp.z);
+            put_grad(t, b0 + 3u, j, vec4<f32>(d_i.w, d_f.w, d_g.w, d_o.w), dc_out.w, dh.w, hp.w);
         }
         workgroupBarrier();
         if cell {

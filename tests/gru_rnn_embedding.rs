@@ -420,8 +420,10 @@ fn shape_errors_name_the_op_and_shapes() {
 
 /// Where the loss reads only the final h, or every h, of a GRU's or an RNN's state, the
 /// backward kernel reads that gradient as its window of the packed state's: no pad kernels;
-/// the loss and every gradient against the CPU reference (outputs poisoned with NaN), both
-/// directions, with and without lengths, whole-sequence and per-step kernels.
+/// and the recurrent weight's gradient reads its gate gradients and the states each step
+/// started from out of the backward's packed gradient: no concat kernels. The loss and every
+/// gradient against the CPU reference (outputs poisoned with NaN), both directions, with and
+/// without lengths, whole-sequence and per-step kernels.
 #[test]
 fn gradients_of_part_of_the_state_need_no_pads() {
     let Some(dev) = common::gpu() else { return };
@@ -454,6 +456,11 @@ fn gradients_of_part_of_the_state_need_no_pads() {
                 let plan = common::check_plan(&dev, &what, &g, &outs, &f, tol);
                 let kernels = plan.kernels();
                 assert_eq!(common::count_op(&kernels, "pad"), 0, "{what}: {kernels:#?}");
+                assert_eq!(
+                    common::count_op(&kernels, "concat"),
+                    0,
+                    "{what}: {kernels:#?}"
+                );
             }
         }
     }

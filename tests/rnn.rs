@@ -298,6 +298,11 @@ fn gradients_of_part_of_the_state_need_no_pads() {
             let plan = common::check_plan(&dev, &what, &g, &outs, &f, tol);
             let kernels = plan.kernels();
             assert_eq!(common::count_op(&kernels, "pad"), 0, "{what}: {kernels:#?}");
+            assert_eq!(
+                common::count_op(&kernels, "concat"),
+                0,
+                "{what}: {kernels:#?}"
+            );
         }
     }
 }

@@ -7,14 +7,16 @@
 //! matmul done before), `w_hh [3H, H]`, `b_hh [3H]`, `h0 [B, H]`, `lengths [B]`, `w_hh^T [H, 3H]`
 //! (what the step kernel reads, coalesced) -> packed state
 //! `P [T, B, 5H]` (h | r | z | n | hn, with `hn = W_hn h + b_hn`). Steps at `t >= lengths[b]`
-//! carry the state. `GruBackward`: `P, w_hh, b_hh, h0, lengths, dP` -> `Q [T + 1, B, 5H]`
-//! (da_r | da_z | da_n | dhn | dh per step; dh0 in the last row). The recurrent weight and bias
-//! gradients are one tiled matmul and a column sum over all steps, built in the graph (`b_hh`
-//! needs its own gradient because `b_hn` sits inside `r * (W_hn h + b_hn)`).
+//! carry the state. `GruBackward`: `P, w_hh, b_hh, h0, lengths, dP` -> `Q [T + 1, B, 8H]`
+//! (da_r | da_z | da_n | dh | da_r | da_z | dhn | h_prev per step, h_prev the state the step
+//! started from; dh0 in the last row). The recurrent weight and bias gradients are one tiled
+//! matmul and a column sum over all steps, built in the graph (`b_hh` needs its own gradient
+//! because `b_hn` sits inside `r * (W_hn h + b_hn)`); the product reads `da_r | da_z | dhn`
+//! (hence the copies of da_r and da_z) and h_prev out of Q in place.
 //!
 //! `RnnForward`: `xw [T, B, H]`, `w_hh [H, H]`, `b_hh [H]`, `h0 [B, H]`, `lengths [B]`, `w_hh^T` ->
-//! `P [T, B, H]` (h). `RnnBackward`: the same inputs as the GRU's -> `Q [T + 1, B, 2H]`
-//! (da | dh; dh0 in the last row).
+//! `P [T, B, H]` (h). `RnnBackward`: the same inputs as the GRU's -> `Q [T + 1, B, 3H]`
+//! (da | dh | h_prev; dh0 in the last row).
 //!
 //! Only the `h` part of `dP` is read: the gate parts of `P` are internal (the layer builders
 //! expose `h` alone).
@@ -60,8 +62,25 @@ impl Cell {
     /// Row width of the packed gradient, in units of H.
     fn q_width(self) -> usize {
         match self {
-            Cell::Gru => 5,
-            Cell::Rnn => 2,
+            Cell::Gru => 8,
+            Cell::Rnn => 3,
+        }
+    }
+
+    /// Where dh sits in a row of the packed gradient, in units of H.
+    fn dh_col(self) -> usize {
+        match self {
+            Cell::Gru => 3,
+            Cell::Rnn => 1,
+        }
+    }
+
+    /// Where the gradient of `W_hh h + b_hh` starts in a row of the packed gradient (G*H
+    /// wide), in units of H; `h_prev` is the last H.
+    fn recurrent_col(self) -> usize {
+        match self {
+            Cell::Gru => 4,
+            Cell::Rnn => 0,
         }
     }
 
@@ -128,15 +147,6 @@ fn time_of(s: usize, t: usize, reverse: bool) -> usize {
         t - 1 - s
     } else {
         s
-    }
-}
-
-/// Column of `Q` holding the gradient of row `k` of `W_hh h + b_hh` (the GRU's dhn follows da_n).
-fn grad_col(k: usize, h: usize) -> usize {
-    if k >= 2 * h {
-        k + h
-    } else {
-        k
     }
 }
 
@@ -252,7 +262,7 @@ fn backward_cpu(
     let pw = cell.p_width() * h;
     let qw = cell.q_width() * h;
     let ng = cell.gates() * h;
-    let dh_col = qw - h;
+    let (dh_col, rec_col, hprev_col) = (cell.dh_col() * h, cell.recurrent_col() * h, qw - h);
     let mut q = vec![0f64; out.numel()];
     let masked = |t: usize, b: usize| t as f32 >= len[b];
     // gradient reaching the state before time t from step t (already computed)
@@ -268,7 +278,7 @@ fn backward_cpu(
         };
         direct
             + (0..ng)
-                .map(|k| q[r + grad_col(k, h)] * whh[k * h + j] as f64)
+                .map(|k| q[r + rec_col + k] * whh[k * h + j] as f64)
                 .sum::<f64>()
     };
     for k in 0..tt {
@@ -282,17 +292,18 @@ fn backward_cpu(
                 if k > 0 {
                     dh += dh_before(&q, time_of(s + 1, tt, reverse), b, j);
                 }
+                let hprev = if s == 0 {
+                    h0[b * h + j]
+                } else {
+                    p[(time_of(s - 1, tt, reverse) * bb + b) * pw + j]
+                } as f64;
                 vals[dh_col + j] = dh;
+                vals[hprev_col + j] = hprev;
                 if masked(t, b) {
                     continue;
                 }
                 match cell {
                     Cell::Gru => {
-                        let hprev = if s == 0 {
-                            h0[b * h + j]
-                        } else {
-                            p[(time_of(s - 1, tt, reverse) * bb + b) * pw + j]
-                        } as f64;
                         let (gr, gz, n, hn) = (
                             p[pr + h + j] as f64,
                             p[pr + 2 * h + j] as f64,
@@ -303,7 +314,9 @@ fn backward_cpu(
                         vals[j] = da_n * hn * gr * (1.0 - gr);
                         vals[h + j] = dh * (hprev - n) * gz * (1.0 - gz);
                         vals[2 * h + j] = da_n;
-                        vals[3 * h + j] = da_n * gr;
+                        vals[rec_col + j] = vals[j];
+                        vals[rec_col + h + j] = vals[h + j];
+                        vals[rec_col + 2 * h + j] = da_n * gr;
                     }
                     Cell::Rnn => {
                         let y = p[pr + j] as f64;
@@ -362,19 +375,13 @@ fn backward_rule(
     // da_r | da_z | da_n (GRU) or da (RNN) lead each row: the gradient of xw
     let steps = g.narrow(q, 0, 0, t)?;
     let dxw = g.narrow(steps, 2, 0, ng)?;
-    // the gradient of W_hh h + b_hh: da_r | da_z | dhn for the GRU (n's recurrent part sits
-    // inside r * (.)), da for the RNN
-    let dgh = match cell {
-        Cell::Gru => g.concat(
-            &[g.narrow(steps, 2, 0, 2 * h)?, g.narrow(steps, 2, 3 * h, h)?],
-            2,
-        )?,
-        Cell::Rnn => dxw,
-    };
-    // dW_hh = dgh^T h_prev (one matmul over all steps); db_hh = the column sums
-    let dgh = g.reshape(dgh, &[(t * b) as isize, ng as isize])?;
-    let dwhh = super::lstm::recurrent_weight_grad(g, dgh, g.narrow(p, 2, 0, h)?, x[3], reverse)?;
-    let dbhh = g.sum(dgh, 0, false)?;
+    // dW_hh = dgh^T h_prev (one matmul over all steps), dgh the gradient of W_hh h + b_hh:
+    // da_r | da_z | dhn for the GRU (n's recurrent part sits inside r * (.)), da for the RNN;
+    // db_hh = its column sums, summed as the input projection's bias gradient is (the RNN's
+    // are the same sums of the same rows: one reduction)
+    let rec = (cell.recurrent_col() * h, ng);
+    let (dwhh, dgh) = super::lstm::recurrent_weight_grad(g, steps, rec, (cell.q_width() - 1) * h)?;
+    let dbhh = g.sum_to(dgh, &Shape(vec![ng]))?;
     let last = g.narrow(q, 0, t, 1)?;
     let dh0 = g.reshape(g.narrow(last, 2, 0, h)?, &[b as isize, h as isize])?;
     // lengths and w_hh^T (the forward kernel's copy of w_hh) take no gradient here

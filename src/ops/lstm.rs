@@ -7,9 +7,10 @@
 //! one matmul done before), `w_hh [4H, H]`, `h0 [B, H]`, `c0 [B, H]`, `lengths [B]`, `w_hh^T
 //! [H, 4H]` (what the step kernel reads: coalesced) -> packed state `P [T, B, 6H]` (h | c | i |
 //! f | g | o). Steps at `t >= lengths[b]` carry the state.
-//! `LstmBackward`: `P, w_hh, h0, c0, lengths, dP` -> `Q [T + 1, B, 6H]` (pre-activation gate
-//! gradients | dc | dh per step; dh0 | dc0 in the last row). The recurrent weight's gradient is
-//! one tiled matmul over all steps, `dgates^T h_prev`, built in the graph.
+//! `LstmBackward`: `P, w_hh, h0, c0, lengths, dP` -> `Q [T + 1, B, 7H]` (pre-activation gate
+//! gradients | dc | dh | h_prev per step, h_prev the state the step started from; dh0 | dc0 in
+//! the last row). The recurrent weight's gradient is one tiled matmul over all steps,
+//! `dgates^T h_prev`, built in the graph; it reads both operands out of Q in place.
 
 use super::{groups, KernelSpec, Op};
 use crate::error::{Error, Result};
@@ -305,12 +306,11 @@ impl LstmForward {
                 dp_window: None,
             }),
             inputs,
-            Shape(vec![t + 1, b, 6 * h]),
+            Shape(vec![t + 1, b, 7 * h]),
         )?;
-        let dxw = g.narrow(g.narrow(q, 0, 0, t)?, 2, 0, 4 * h)?;
-        let rows = (t * b) as isize;
-        let dgates = g.reshape(dxw, &[rows, 4 * h as isize])?;
-        let dwhh = recurrent_weight_grad(g, dgates, g.narrow(p, 2, 0, h)?, x[2], self.reverse)?;
+        let steps = g.narrow(q, 0, 0, t)?;
+        let dxw = g.narrow(steps, 2, 0, 4 * h)?;
+        let (dwhh, _) = recurrent_weight_grad(g, steps, (0, 4 * h), 6 * h)?;
         let last = g.narrow(q, 0, t, 1)?;
         let dh0 = g.reshape(g.narrow(last, 2, 0, h)?, &[b as isize, h as isize])?;
         let dc0 = g.reshape(g.narrow(last, 2, h, h)?, &[b as isize, h as isize])?;
@@ -328,30 +328,28 @@ impl LstmForward {
 }
 
 /// The gradient of a recurrent weight, `sum over steps of dgates_t^T h_prev(t)`, as one tiled
-/// matmul over all `T * B` rows: `dgates [T*B, G*H]`, `hs (T, B, H)` the states the layer wrote,
-/// `h0 (B, H)`; `h_prev(t)` is the state step t started from (h0 first, in processing order).
-/// Shared by the LSTM, GRU and RNN backward rules.
+/// matmul over all `T * B` rows of the backward kernel's packed gradient `steps (T, B, W)` (its
+/// rows but the initial state's): `dgates` are its columns `gates` (start, width), `h_prev(t)`
+/// (the state step t started from) its H columns from `h_prev`, which the kernel writes so
+/// that no copy of the states and h0 is needed. The product reads both in place
+/// (`exec::lower::strided_operands`). Returns the gradient `[width, H]` and `dgates [T*B,
+/// width]`. Shared by the LSTM, GRU and RNN backward rules.
 pub(crate) fn recurrent_weight_grad(
     g: &Graph,
-    dgates: NodeId,
-    hs: NodeId,
-    h0: NodeId,
-    reverse: bool,
-) -> Result<NodeId> {
-    let s = g.shape(hs);
-    let (t, b, h) = (s.dims()[0], s.dims()[1], s.dims()[2]);
-    let h0r = g.reshape(h0, &[1, b as isize, h as isize])?;
-    let hprev = match (t, reverse) {
-        (1, _) => h0r,
-        (_, false) => g.concat(&[h0r, g.narrow(hs, 0, 0, t - 1)?], 0)?,
-        (_, true) => g.concat(&[g.narrow(hs, 0, 1, t - 1)?, h0r], 0)?,
-    };
-    g.matmul_t(
-        dgates,
-        g.reshape(hprev, &[(t * b) as isize, h as isize])?,
-        true,
-        false,
-    )
+    steps: NodeId,
+    gates: (usize, usize),
+    h_prev: usize,
+) -> Result<(NodeId, NodeId)> {
+    let s = g.shape(steps);
+    let (t, b, w) = (s.dims()[0], s.dims()[1], s.dims()[2]);
+    let h = w - h_prev;
+    let rows = (t * b) as isize;
+    let dgates = g.reshape(
+        g.narrow(steps, 2, gates.0, gates.1)?,
+        &[rows, gates.1 as isize],
+    )?;
+    let hprev = g.reshape(g.narrow(steps, 2, h_prev, h)?, &[rows, h as isize])?;
+    Ok((g.matmul_t(dgates, hprev, true, false)?, dgates))
 }
 
 impl LstmBackward {
@@ -359,23 +357,31 @@ impl LstmBackward {
     pub fn cpu(&self, x: &[&Tensor], out: &Shape) -> Tensor {
         let (tt, bb, h) = dims(x[0].shape());
         let dp = DpWindow::dense(self.dp_window, x[5], (tt, bb, 6 * h));
-        let (p, whh, c0, len, dp) = (x[0].data(), x[1].data(), x[3].data(), x[4].data(), &dp);
+        let (p, whh, h0, c0, len, dp) = (
+            x[0].data(),
+            x[1].data(),
+            x[2].data(),
+            x[3].data(),
+            x[4].data(),
+            &dp,
+        );
         let mut q = vec![0f64; out.numel()];
         let row = |t: usize, b: usize| (t * bb + b) * 6 * h;
+        let qrow = |t: usize, b: usize| (t * bb + b) * 7 * h;
         let masked = |t: usize, b: usize| t as f32 >= len[b];
         let dh_before = |q: &Vec<f64>, t: usize, b: usize, j: usize| -> f64 {
-            let r = row(t, b);
+            let r = qrow(t, b);
             if masked(t, b) {
                 return q[r + 5 * h + j];
             }
             (0..4 * h).map(|k| q[r + k] * whh[k * h + j] as f64).sum()
         };
         let dc_before = |q: &Vec<f64>, t: usize, b: usize, j: usize| -> f64 {
-            let r = row(t, b);
+            let dc = q[qrow(t, b) + 4 * h + j];
             if masked(t, b) {
-                q[r + 4 * h + j]
+                dc
             } else {
-                q[r + 4 * h + j] * p[r + 3 * h + j] as f64
+                dc * p[row(t, b) + 3 * h + j] as f64
             }
         };
         for k in 0..tt {
@@ -383,8 +389,13 @@ impl LstmBackward {
             let t = time_of(s, tt, self.reverse);
             for b in 0..bb {
                 let r = row(t, b);
-                let mut vals = vec![0f64; 6 * h];
+                let mut vals = vec![0f64; 7 * h];
                 for j in 0..h {
+                    vals[6 * h + j] = if s == 0 {
+                        h0[b * h + j]
+                    } else {
+                        p[row(time_of(s - 1, tt, self.reverse), b) + j]
+                    } as f64;
                     let mut dh = dp[r + j] as f64;
                     let mut dc = dp[r + h + j] as f64;
                     if k > 0 {
@@ -418,12 +429,13 @@ impl LstmBackward {
                     vals[4 * h + j] = dc;
                     vals[5 * h + j] = dh;
                 }
-                q[r..r + 6 * h].copy_from_slice(&vals);
+                let rq = qrow(t, b);
+                q[rq..rq + 7 * h].copy_from_slice(&vals);
             }
         }
         let t0 = time_of(0, tt, self.reverse);
         for b in 0..bb {
-            let out_row = (tt * bb + b) * 6 * h;
+            let out_row = qrow(tt, b);
             for j in 0..h {
                 q[out_row + j] = dh_before(&q, t0, b, j);
                 q[out_row + h + j] = dc_before(&q, t0, b, j);
