@@ -41,17 +41,17 @@ const HYPER_EPS: u32 = 7u;
 const HYPER_BIAS_CORRECTION1: u32 = 8u;
 const HYPER_BIAS_CORRECTION2_SQRT: u32 = 9u;
 
-// One element's update from its parameter value p and gradient gr (and states); every optimizer
-// kernel binds `hyper` and `scale` at 0 and 1 and defines NESTEROV and DECOUPLED.
+// One element's update from its parameter value p, gradient gr and the gradient scale sc (and
+// states); every optimizer kernel binds `hyper` at 0 and defines NESTEROV and DECOUPLED.
 
-fn sgd_update(p: f32, gr: f32) -> f32 {
-    let g = gr * scale[0] + hyper[HYPER_WEIGHT_DECAY] * p;
+fn sgd_update(p: f32, gr: f32, sc: f32) -> f32 {
+    let g = gr * sc + hyper[HYPER_WEIGHT_DECAY] * p;
     return p - hyper[HYPER_LR] * g;
 }
 
 // returns (param, momentum_buffer)
-fn sgd_momentum_update(p: f32, gr: f32, buf: f32) -> vec2<f32> {
-    var g = gr * scale[0] + hyper[HYPER_WEIGHT_DECAY] * p;
+fn sgd_momentum_update(p: f32, gr: f32, sc: f32, buf: f32) -> vec2<f32> {
+    var g = gr * sc + hyper[HYPER_WEIGHT_DECAY] * p;
     let mu = hyper[HYPER_MOMENTUM];
     // torch: the buffer starts as the first gradient, undamped
     var b = g;
@@ -67,11 +67,11 @@ fn sgd_momentum_update(p: f32, gr: f32, buf: f32) -> vec2<f32> {
 }
 
 // returns (param, exp_avg, exp_avg_sq)
-fn adam_update(p0: f32, gr: f32, m0: f32, v0: f32) -> vec3<f32> {
+fn adam_update(p0: f32, gr: f32, sc: f32, m0: f32, v0: f32) -> vec3<f32> {
     let lr = hyper[HYPER_LR];
     let wd = hyper[HYPER_WEIGHT_DECAY];
     var p = p0;
-    var g = gr * scale[0];
+    var g = gr * sc;
     if DECOUPLED {
         p = p * (1.0 - lr * wd);
     } else {
@@ -101,7 +101,7 @@ fn sgd(
     if i >= N {
         return;
     }
-    param[i] = sgd_update(param[i], grad[i]);
+    param[i] = sgd_update(param[i], grad[i], scale[0]);
 }
 
 @compute @workgroup_size(256)
@@ -114,7 +114,7 @@ fn sgd_momentum(
     if i >= N {
         return;
     }
-    let r = sgd_momentum_update(param[i], grad[i], state1[i]);
+    let r = sgd_momentum_update(param[i], grad[i], scale[0], state1[i]);
     param[i] = r.x;
     state1[i] = r.y;
 }
@@ -129,7 +129,7 @@ fn adam(
     if i >= N {
         return;
     }
-    let r = adam_update(param[i], grad[i], state1[i], state2[i]);
+    let r = adam_update(param[i], grad[i], scale[0], state1[i], state2[i]);
     param[i] = r.x;
     state1[i] = r.y;
     state2[i] = r.z;

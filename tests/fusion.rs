@@ -755,30 +755,85 @@ fn reductions_store_through_elementwise_epilogues() {
     assert_eq!(info.dispatches, 3, "{info}");
 }
 
-/// A product read through a transpose is not taken as an epilogue's operand (the epilogue sees
-/// each result at its own index): relu(transpose(a b)) with a square result stays right.
+/// A product read through a transpose of its rows and (groups of) columns stores its results
+/// transposed and runs the reader's program there as its epilogue: `relu(transpose(a b))`
+/// (square and not), and a linear layer's input gradient `[N, C*HW]` going back into a
+/// convolution's `[C, N, HW]` layout through a relu's gradient (the MNIST CNN's flatten), f32
+/// and f16, odd sizes (scalar stores past vec4 tiles); other transposes (of a batched
+/// product, of the column groups) stay a product and a fused kernel. Against the CPU
+/// reference, outputs poisoned with NaN.
 #[test]
-fn a_transposed_product_is_no_epilogue_operand() {
+fn products_store_transposed_for_their_epilogue() {
     let Some(dev) = device() else { return };
+    let tol = kiln::ops::TOL_REDUCTION;
+    for (m, n) in [(12usize, 12usize), (13, 7)] {
+        let g = Graph::new();
+        let a = g.input("x0", [m, 5]);
+        let b = g.input("x1", [5, n]);
+        let y = g
+            .relu(g.permute(g.matmul(a, b).unwrap(), &[1, 0]).unwrap())
+            .unwrap();
+        let f = feeds(&[&[m, 5], &[5, n]]);
+        let what = format!("relu(transpose(a b)), [{m}, {n}]");
+        let info = check_on(&dev, &what, &g, &[y], &f, tol);
+        assert_eq!(info.dispatches, 1, "{what}: {info}");
+    }
+    let half = dev.features().contains(wgpu::Features::SHADER_F16);
+    for dtype in [kiln::DType::F32, kiln::DType::F16] {
+        if dtype == kiln::DType::F16 && !half {
+            eprintln!("NOTICE: adapter without SHADER_F16; f16 transposed stores skipped");
+            continue;
+        }
+        let tol = if half && dtype == kiln::DType::F16 {
+            kiln::ops::TOL_F16
+        } else {
+            tol
+        };
+        // (N, C, HW) = (9, 3, 7): dy [9, 11] times w [11, 21], back to [3, 9, 7] where the
+        // forward's relu output y lives
+        let g = Graph::new();
+        let dy = g.input_as("x0", [9, 11], dtype);
+        let w = g.input_as("x1", [11, 21], dtype);
+        let y = g.input_as("x2", [3, 9, 7], dtype);
+        let dx = g.matmul(dy, w).unwrap();
+        let back = g
+            .permute(g.reshape(dx, &[9, 3, 7]).unwrap(), &[1, 0, 2])
+            .unwrap();
+        let dz = g
+            .binary(kiln::ops::binary::BinaryOp::ReluGrad, back, y)
+            .unwrap();
+        let out = g.cast(dz, kiln::DType::F32).unwrap();
+        let f = feeds(&[&[9, 11], &[11, 21], &[3, 9, 7]]);
+        let what = format!("relu gradient through a flatten, {dtype}");
+        let plan = common::check_plan(&dev, &what, &g, &[out], &f, tol);
+        let kernels = plan.kernels();
+        // (f16: then the cast to f32, which only elementwise kernels take in)
+        let casts = usize::from(dtype == kiln::DType::F16);
+        assert_eq!(plan.info().dispatches, 1 + casts, "{what}: {kernels:#?}");
+        assert_eq!(
+            common::count_op(&kernels, "matmul_epilogue"),
+            1,
+            "{kernels:#?}"
+        );
+        // the column groups transposed instead: a product, then the chain reading it so
+        let other = g
+            .permute(g.reshape(dx, &[9, 3, 7]).unwrap(), &[0, 2, 1])
+            .unwrap();
+        let z = g.cast(g.relu(other).unwrap(), kiln::DType::F32).unwrap();
+        let what = format!("relu of [N, HW, C], {dtype}");
+        let info = check_on(&dev, &what, &g, &[z], &f, tol);
+        assert_eq!(info.dispatches, 2, "{what}: {info}");
+    }
+    // a batched product transposed within each matrix: no transposed store
     let g = Graph::new();
-    let a = g.input("x0", [12, 5]);
-    let b = g.input("x1", [5, 12]);
+    let a = g.input("x0", [2, 6, 5]);
+    let b = g.input("x1", [2, 5, 9]);
     let y = g
-        .relu(g.permute(g.matmul(a, b).unwrap(), &[1, 0]).unwrap())
+        .relu(g.permute(g.matmul(a, b).unwrap(), &[0, 2, 1]).unwrap())
         .unwrap();
-    let f = feeds(&[&[12, 5], &[5, 12]]);
-    let info = check_on(
-        &dev,
-        "relu(transpose(a b))",
-        &g,
-        &[y],
-        &f,
-        kiln::ops::TOL_REDUCTION,
-    );
-    assert_eq!(
-        info.dispatches, 2,
-        "the product, then relu reading it transposed: {info}"
-    );
+    let f = feeds(&[&[2, 6, 5], &[2, 5, 9]]);
+    let info = check_on(&dev, "batched", &g, &[y], &f, tol);
+    assert_eq!(info.dispatches, 2, "{info}");
 }
 
 /// A dropout that only products read is applied by the products as they load their operand:

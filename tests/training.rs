@@ -210,6 +210,11 @@ fn dropout_masks_agree_bit_for_bit() {
 
 /// A tiny regression model trained for a few steps with `opt` on `dev`; returns the parameters.
 fn train_tiny(dev: &Device, opt: Optimizer, steps: usize) -> Vec<Tensor> {
+    train_tiny_kernels(dev, opt, steps).0
+}
+
+/// [`train_tiny`], and the kernels of its step's plan.
+fn train_tiny_kernels(dev: &Device, opt: Optimizer, steps: usize) -> (Vec<Tensor>, Vec<String>) {
     let g = Graph::new();
     let x = g.input("x", [8, 5]);
     let t = g.input("t", [8, 3]);
@@ -226,7 +231,13 @@ fn train_tiny(dev: &Device, opt: Optimizer, steps: usize) -> Vec<Tensor> {
         let tv = rand(&[8, 3], 200 + i as u64);
         step.step(&[("x", &xv), ("t", &tv)], i % 2 == 0).unwrap();
     }
-    [
+    let kernels = step
+        .plan()
+        .kernels()
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    let params = [
         "fc1.weight",
         "fc1.bias",
         "fc2.weight",
@@ -235,7 +246,43 @@ fn train_tiny(dev: &Device, opt: Optimizer, steps: usize) -> Vec<Tensor> {
     ]
     .iter()
     .filter_map(|n| dev.param(n).ok())
-    .collect()
+    .collect();
+    (params, kernels)
+}
+
+/// Gradient clipping's coefficient is computed by the update kernels themselves from the sum
+/// of squares' partial sums (no reduction kernel between them), clipping or not (a norm far
+/// above the gradients'), for every rule: parameters and states after a few steps against the
+/// CPU reference's separate reduction and updates.
+#[test]
+fn clipping_scales_are_computed_by_the_updates() {
+    if gpu().is_none() {
+        return;
+    }
+    for max_norm in [0.05f32, 1e3] {
+        let opts = [
+            Optimizer::sgd(0.1),
+            Optimizer::sgd_momentum(0.05, 0.9, true).weight_decay(1e-2),
+            Optimizer::adam(1e-2),
+            Optimizer::adamw(1e-2, 0.1),
+        ];
+        for opt in opts {
+            let opt = opt.clip_grad_norm(max_norm);
+            let what = format!("{:?}, max norm {max_norm}", opt.rule);
+            let (a, kernels) = train_tiny_kernels(&Device::gpu().unwrap(), opt.clone(), 4);
+            let b = train_tiny(&Device::cpu(), opt, 4);
+            for (x, y) in a.iter().zip(&b) {
+                assert_close(&what, x, y, 1e-5, 1e-4);
+            }
+            assert_eq!(
+                common::count_op(&kernels, "sum_squares"),
+                1,
+                "{what}: {kernels:#?}"
+            );
+            let scale = kernels.iter().filter(|k| k.contains("reduce,epilogue"));
+            assert_eq!(scale.count(), 0, "{what}: {kernels:#?}");
+        }
+    }
 }
 
 #[test]

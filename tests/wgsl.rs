@@ -572,11 +572,14 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
     };
     let row = Shape(vec![20]);
     let cfg = GemmConfig::parse("64x64x16/4x4").unwrap();
-    for (vec_out, bias, dtype) in [
-        (true, Bias::None, kiln::DType::F32),
-        (false, Bias::Rows, kiln::DType::F32),
-        (true, Bias::Cols, kiln::DType::F16),
-        (false, Bias::None, kiln::DType::F16),
+    for (vec_out, bias, dtype, nchw) in [
+        (true, Bias::None, kiln::DType::F32, None),
+        (false, Bias::Rows, kiln::DType::F32, None),
+        (true, Bias::Cols, kiln::DType::F16, None),
+        (false, Bias::None, kiln::DType::F16, None),
+        // stored transposed (`MatMulEpilogue::transposed_store`), the epilogue there
+        (false, Bias::None, kiln::DType::F32, Some(5)),
+        (false, Bias::Rows, kiln::DType::F16, Some(1)),
     ] {
         // a reads through a dropout where the result is vec4: its seed binds after the bias
         let first = if bias == Bias::None { 2 } else { 3 } + vec_out as usize;
@@ -592,7 +595,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             partial: false,
             im2col: None,
             dgrad: None,
-            nchw: None,
+            nchw,
             row_sums: false,
             storage: dtype.into(),
             drop_a: vec_out,
@@ -601,8 +604,15 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             rows_b: (!vec_out).then_some(OperandRows { ld: 96, offset: 8 }),
         };
         let src = wgsl_with(&cfg, &lay, Some(&epi));
-        validate_wgsl(&format!("epilogue, vec_out={vec_out}, {bias:?}"), &src);
+        validate_wgsl(
+            &format!("epilogue, vec_out={vec_out}, {bias:?}, {nchw:?}"),
+            &src,
+        );
         assert!(src.contains("Epilogue: the fused elementwise ops [add,gelu]"));
+        assert_eq!(
+            src.contains("epilogue(y.x, nchw_index(r, c))"),
+            nchw.is_some()
+        );
         // the tensor-core kernel takes the same epilogue (and its emulated form; no dropout)
         let first = if bias == Bias::None { 2 } else { 3 };
         let epi = epilogue(&program, 1, &[&row, &out], &out, first, dtype);
@@ -787,9 +797,36 @@ fn every_sum_of_squares_is_valid_wgsl() {
     }
 }
 
+/// Optimizer groups of every kind over one and several parameters (f16 gradients among them),
+/// reading their scale or computing it from partial sums (through clipping's epilogue, whose
+/// other input binds after them, or plain).
 #[test]
 fn every_optimizer_group_is_valid_wgsl() {
+    use kiln::codegen::optim::Scale;
+    use kiln::ops::binary::BinaryOp;
+    use kiln::ops::fused::{Fused, Operand, Step, StepOp};
     use kiln::ops::optim::{OptimGroup, OptimKind};
+    use kiln::ops::unary::UnaryOp;
+    let one = kiln::Shape(vec![1]);
+    // min(sqrt(sum), limit)
+    let clip = Fused {
+        steps: vec![
+            Step {
+                op: StepOp::Unary(UnaryOp::Sqrt),
+                args: vec![Operand::Input(0)],
+                shape: one.clone(),
+            },
+            Step {
+                op: StepOp::Binary(BinaryOp::Minimum),
+                args: vec![Operand::Step(0), Operand::Input(1)],
+                shape: one.clone(),
+            },
+        ],
+        permuted: Vec::new(),
+        gathered: Vec::new(),
+    };
+    let epilogue =
+        kiln::codegen::elementwise::epilogue(&clip, 0, &[&one, &one], &one, 2, kiln::DType::F32);
     let kinds = [
         OptimKind::Sgd,
         OptimKind::SgdMomentum { nesterov: true },
@@ -798,10 +835,7 @@ fn every_optimizer_group_is_valid_wgsl() {
     ];
     for kind in kinds {
         for sizes in [vec![7usize], vec![1, 300, 256, 70_000, 3]] {
-            let group = OptimGroup {
-                kind,
-                members: sizes.len(),
-            };
+            let group = OptimGroup::new(kind, sizes.len());
             // the first gradient f16 (a folded mixed-precision cast) in the larger groups
             let grads: Vec<kiln::DType> = (0..sizes.len())
                 .map(|j| {
@@ -812,12 +846,36 @@ fn every_optimizer_group_is_valid_wgsl() {
                     }
                 })
                 .collect();
-            let g = kiln::codegen::optim::group_kernel(&group, &sizes, &grads);
-            assert!(g.wgsl.starts_with("// optim_group.wgsl"));
-            assert!(g.wgsl.contains("fn adam_update"), "the shared functions");
-            validate_wgsl(&format!("{kind:?} {sizes:?}"), &g.wgsl);
-            let expected: u64 = sizes.iter().map(|&n| n.div_ceil(256) as u64).sum();
-            assert_eq!(g.spec.workgroups, expected);
+            let scales = [
+                Scale::Read,
+                Scale::Sum {
+                    partials: 24,
+                    epilogue: Some(&epilogue),
+                },
+                Scale::Sum {
+                    partials: 1,
+                    epilogue: None,
+                },
+            ];
+            for scale in scales {
+                let mut group = group.clone();
+                if let Scale::Sum {
+                    epilogue: Some(e), ..
+                } = scale
+                {
+                    group.scale_inputs = 1 + e.extra;
+                }
+                let g = kiln::codegen::optim::group_kernel(&group, &sizes, &grads, scale);
+                assert!(g.wgsl.starts_with("// optim_group.wgsl"));
+                assert!(g.wgsl.contains("fn adam_update"), "the shared functions");
+                let what = format!(
+                    "{kind:?} {sizes:?}, scale summed: {}",
+                    g.wgsl.contains("sum = sum + scale[k]")
+                );
+                validate_wgsl(&what, &g.wgsl);
+                let expected: u64 = sizes.iter().map(|&n| n.div_ceil(256) as u64).sum();
+                assert_eq!(g.spec.workgroups, expected);
+            }
         }
     }
 }

@@ -247,7 +247,9 @@ pub fn kernel(mm: &MatMul, d: &ProductDims, cfg: &GemmConfig) -> Generated {
 /// [`kernel`], with `b` read as `im2col(x)` of this geometry straight from the image `x`
 /// (implicit GEMM: the column matrix is never stored). `d` describes the product with the
 /// column matrix `[C*kh*kw, N*Ho*Wo]` as `b`. With `nchw = Some(HW)` the result `[M, N*HW]`
-/// is stored as `[N, M, HW]` (a convolution's output in NCHW, without a permute after it).
+/// is stored as `[N, M, HW]` (a convolution's output in NCHW, without a permute after it; or
+/// a product whose epilogue reads it so transposed, `MatMulEpilogue::transposed_store`), the
+/// epilogue seeing each result at the index it is stored at.
 /// `storage` gives the storage types of the operands, bias and result (f16: loads widen to f32,
 /// the products accumulate in f32, stores round; no split-K); a `DType` converts for all alike.
 pub fn kernel_with(
@@ -1406,6 +1408,11 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
             }
             let _ = writeln!(s, "        let y = {v};");
             if lay.nchw.is_some() {
+                // an epilogue sees each result at the index it is stored at
+                let e = |comp: &str, col: &str| match epilogue {
+                    Some(_) => narrow(dt, &format!("epilogue(y.{comp}, nchw_index(r, {col}))")),
+                    None => narrow(dt, &format!("y.{comp}")),
+                };
                 let _ = writeln!(
                     s,
                     "        if r < M {{
@@ -1414,10 +1421,10 @@ fn nchw_index(r: u32, q: u32) -> u32 {{
             if c + 2u < N {{ out[nchw_index(r, c + 2u)] = {}; }}
             if c + 3u < N {{ out[nchw_index(r, c + 3u)] = {}; }}
         }}",
-                    narrow(dt, "y.x"),
-                    narrow(dt, "y.y"),
-                    narrow(dt, "y.z"),
-                    narrow(dt, "y.w")
+                    e("x", "c"),
+                    e("y", "c + 1u"),
+                    e("z", "c + 2u"),
+                    e("w", "c + 3u")
                 );
             } else if lay.vec_out && epilogue.is_some() {
                 let _ = writeln!(

@@ -10,7 +10,7 @@
 
 use std::fmt::Write;
 
-use super::elementwise::shared;
+use super::elementwise::{shared, Epilogue};
 use super::{widen, Generated};
 use crate::ops::optim::{OptimGroup, OptimKind};
 use crate::ops::{groups, KernelSpec};
@@ -19,11 +19,28 @@ use crate::tensor::DType;
 /// Threads per workgroup (one element each).
 const WG: usize = 256;
 
+/// How the kernel gets its gradient scale: read from binding 1, or summed from the `partials`
+/// entries bound there and put through `epilogue` (its other inputs bound from 2 on:
+/// `OptimGroup::scale_from`).
+#[derive(Clone, Copy)]
+pub enum Scale<'a> {
+    Read,
+    Sum {
+        partials: usize,
+        epilogue: Option<&'a Epilogue>,
+    },
+}
+
 /// The launch and module of `group` over parameters of `sizes` elements whose gradients are
 /// stored as `grads` (f16: a mixed-precision gradient read without a cast kernel; parameters
-/// and states are f32).
-pub fn group_kernel(group: &OptimGroup, sizes: &[usize], grads: &[DType]) -> Generated {
-    let src = wgsl(group, sizes, grads);
+/// and states are f32), its scale got as `scale` says.
+pub fn group_kernel(
+    group: &OptimGroup,
+    sizes: &[usize],
+    grads: &[DType],
+    scale: Scale,
+) -> Generated {
+    let src = wgsl(group, sizes, grads, scale);
     let total: u64 = sizes.iter().map(|&n| groups(n, WG)).sum();
     Generated {
         spec: KernelSpec {
@@ -42,10 +59,22 @@ pub fn group_kernel(group: &OptimGroup, sizes: &[usize], grads: &[DType]) -> Gen
     }
 }
 
-/// The WGSL of `group` over parameters of `sizes` elements, gradients stored as `grads`.
-pub fn wgsl(group: &OptimGroup, sizes: &[usize], grads: &[DType]) -> String {
+/// The WGSL of `group` over parameters of `sizes` elements, gradients stored as `grads`, its
+/// scale got as `scale` says.
+pub fn wgsl(group: &OptimGroup, sizes: &[usize], grads: &[DType], scale: Scale) -> String {
     assert_eq!(sizes.len(), group.members, "one size per member");
     assert_eq!(grads.len(), group.members, "one gradient type per member");
+    let extra = match scale {
+        Scale::Sum {
+            epilogue: Some(e), ..
+        } => e.extra,
+        _ => 0,
+    };
+    assert_eq!(
+        group.scale_inputs,
+        1 + extra,
+        "the scale's inputs bind before the gradients"
+    );
     let k = sizes.len();
     let ns = group.kind.n_states();
     let (nesterov, decoupled) = match group.kind {
@@ -61,10 +90,29 @@ pub fn wgsl(group: &OptimGroup, sizes: &[usize], grads: &[DType]) -> String {
 // one kernel, in place, with shaders/optim.wgsl's per-element functions.
 //
 // Bindings (group 0):
-//   0  hyper   storage, read        [16] as in optim.wgsl
-//   1  scale   storage, read        [1]  gradient scale",
+//   0  hyper   storage, read        [16] as in optim.wgsl",
         group.name()
     );
+    match scale {
+        Scale::Read => {
+            let _ = writeln!(
+                s,
+                "//   1  scale   storage, read        [1]  gradient scale"
+            );
+        }
+        Scale::Sum { partials, epilogue } => {
+            let _ = writeln!(
+                s,
+                "//   1  scale   storage, read        [{partials}] partial sums: each thread adds them up
+//                                        {} (gradient clipping's coefficient)",
+                epilogue.map_or("for the gradient scale".to_string(), |e| format!(
+                    "and puts the sum through [{}] (its other inputs at 2..{}) for the scale",
+                    e.describe,
+                    1 + e.extra
+                ))
+            );
+        }
+    }
     for (j, n) in sizes.iter().enumerate() {
         let _ = writeln!(
             s,
@@ -102,13 +150,20 @@ const DECOUPLED: bool = {decoupled};
 const WG: u32 = {WG}u;
 
 @group(0) @binding(0) var<storage, read> hyper: array<f32>;
-@group(0) @binding(1) var<storage, read> scale: array<f32>;",
+@group(0) @binding(1) var<storage, read> scale: array<f32>;
+{}",
         starts[k],
         if grads.contains(&DType::F16) {
             "enable f16;\n\n"
         } else {
             ""
         },
+        match scale {
+            Scale::Sum {
+                epilogue: Some(e), ..
+            } => e.bindings.as_str(),
+            _ => "",
+        }
     );
     for (j, dtype) in grads.iter().enumerate() {
         let _ = writeln!(
@@ -133,28 +188,54 @@ const WG: u32 = {WG}u;
     }
     s.push('\n');
     s.push_str(shared("optim", "optim_math"));
+    let scale_fn = match scale {
+        Scale::Read => "    return scale[0];".to_string(),
+        Scale::Sum { partials, epilogue } => {
+            if let Some(e) = epilogue {
+                let _ = writeln!(s, "{}", e.functions);
+            }
+            format!(
+                "    var sum = 0.0;
+    for (var k = 0u; k < {partials}u; k = k + 1u) {{
+        sum = sum + scale[k];
+    }}
+    return {};",
+                if epilogue.is_some() {
+                    "epilogue(sum, 0u)"
+                } else {
+                    "sum"
+                }
+            )
+        }
+    };
     let _ = writeln!(
         s,
         "
+// the gradient scale
+fn grad_scale() -> f32 {{
+{scale_fn}
+}}
+
 @compute @workgroup_size({WG})
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {{
-    let w = wid.y * nwg.x + wid.x;"
+    let w = wid.y * nwg.x + wid.x;
+    let sc = grad_scale();"
     );
     for (j, &n) in sizes.iter().enumerate() {
         let gr = widen(grads[j], format!("g{j}[i]"));
         let update = match group.kind {
-            OptimKind::Sgd => format!("        p{j}[i] = sgd_update(p{j}[i], {gr});"),
+            OptimKind::Sgd => format!("        p{j}[i] = sgd_update(p{j}[i], {gr}, sc);"),
             OptimKind::SgdMomentum { .. } => format!(
-                "        let r = sgd_momentum_update(p{j}[i], {gr}, s{j}_0[i]);
+                "        let r = sgd_momentum_update(p{j}[i], {gr}, sc, s{j}_0[i]);
         p{j}[i] = r.x;
         s{j}_0[i] = r.y;"
             ),
             OptimKind::Adam { .. } => format!(
-                "        let r = adam_update(p{j}[i], {gr}, s{j}_0[i], s{j}_1[i]);
+                "        let r = adam_update(p{j}[i], {gr}, sc, s{j}_0[i], s{j}_1[i]);
         p{j}[i] = r.x;
         s{j}_0[i] = r.y;
         s{j}_1[i] = r.z;"

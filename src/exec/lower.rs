@@ -388,8 +388,34 @@ pub(crate) fn group_optimizer_updates(
         }
     }
     let at = |order: &[NodeId], id: NodeId| order.iter().position(|&o| o == id);
+    let mut computed_scales = Vec::new();
     for (kind, hyper, scale, members) in buckets {
-        let per = (max_bindings.saturating_sub(2) / (2 + kind.n_states())).min(MAX_GROUP_MEMBERS);
+        // a scale that a small reduction makes (gradient clipping's coefficient from the partial
+        // sums of squares) is computed by the group's threads: each adds up the partial sums
+        // itself, and the reduction's kernel goes once nothing else reads its result
+        let scale_from = match &nodes[scale.0].op {
+            Op::ReducePrologue(r)
+                if r.program.steps.is_empty()
+                    && r.reduce.kind == crate::ops::reduce::ReduceKind::Sum
+                    && r.input_shape.numel() <= MAX_SCALE_PARTIALS
+                    && nodes[scale.0].shape.numel() == 1
+                    && nodes[scale.0].dtype == DType::F32
+                    && nodes[scale.0]
+                        .inputs
+                        .iter()
+                        .all(|&i| nodes[i.0].dtype == DType::F32)
+                    && !outputs.contains(&scale) =>
+            {
+                Some(r.clone())
+            }
+            _ => None,
+        };
+        let scale_inputs: Vec<NodeId> = match scale_from {
+            Some(_) => nodes[scale.0].inputs.clone(),
+            None => vec![scale],
+        };
+        let per = (max_bindings.saturating_sub(1 + scale_inputs.len()) / (2 + kind.n_states()))
+            .min(MAX_GROUP_MEMBERS);
         if per < 2 {
             continue;
         }
@@ -417,9 +443,17 @@ pub(crate) fn group_optimizer_updates(
             if kept.len() < 2 {
                 continue;
             }
+            // what makes the scale must hold the same values where the group runs
+            let scale_pos = at(order, scale).unwrap_or(0);
+            let computed = scale_from.is_some()
+                && !scale_inputs
+                    .iter()
+                    .any(|&i| written_between(nodes, order, i, scale_pos, q));
             let group = OptimGroup {
                 kind,
                 members: kept.len(),
+                scale_inputs: if computed { scale_inputs.len() } else { 1 },
+                scale_from: if computed { scale_from.clone() } else { None },
             };
             // a gradient cast from f16 (mixed precision) that only this update reads is read
             // as f16 by the group itself: the cast's kernel goes
@@ -451,7 +485,13 @@ pub(crate) fn group_optimizer_updates(
                     }
                 })
                 .collect();
-            let mut inputs = vec![hyper, scale];
+            let mut inputs = vec![hyper];
+            if computed {
+                inputs.extend(&scale_inputs);
+                computed_scales.push(scale);
+            } else {
+                inputs.push(scale);
+            }
             inputs.extend(grads);
             for m in &kept {
                 inputs.extend_from_slice(&nodes[m.0].inputs[3..]);
@@ -462,7 +502,17 @@ pub(crate) fn group_optimizer_updates(
             order.retain(|id| *id == host || !(kept.contains(id) || casts.contains(id)));
         }
     }
+    for scale in computed_scales {
+        if readers(nodes, order, scale) == 0 {
+            order.retain(|&id| id != scale);
+        }
+    }
 }
+
+/// Most partial sums an optimizer group adds up itself for its gradient scale
+/// (`OptimGroup::scale_from`): every thread reads them all, so only a few (a sum of squares
+/// has one per 4,096 gradient elements: 16 M parameters).
+const MAX_SCALE_PARTIALS: usize = 4096;
 
 /// The generated GEMM configuration for a product, or `None` for the portable kernel.
 pub(crate) fn gemm_config(d: &ProductDims, ch: &Choice) -> Option<GemmConfig> {
@@ -1223,10 +1273,13 @@ pub(crate) fn implicit_im2col(
 const MAX_STORAGE_BINDINGS: usize = 8;
 
 /// Where a product's only reader is an elementwise node of the product's element count (a fused
-/// chain or a single unary or binary op, reading the product or a reshape that is the product's
-/// only reader: the same elements in the same order), runs that program in the product's epilogue
-/// (`MatMulEpilogue`) and drops the product's own store and load. Runs after elementwise fusion,
-/// on products that kept the generated kernel (not split, not on tensor cores).
+/// chain or a single unary or binary op, reading the product or reshapes that are the product's
+/// only readers: the same elements in the same order), runs that program in the product's
+/// epilogue (`MatMulEpilogue`) and drops the product's own store and load. Runs after
+/// elementwise fusion, on products that kept the generated kernel (not split, not on tensor
+/// cores). A program reading the product transposed as `[M, B, HW] -> [B, M, HW]` (a folded
+/// permute) takes it too where the product runs tiled: the kernel stores each result at its
+/// transposed place (`MatMulEpilogue::transposed_store`).
 pub(crate) fn fuse_matmul_epilogue(
     nodes: &mut [Node],
     order: &mut Vec<NodeId>,
@@ -1240,41 +1293,64 @@ pub(crate) fn fuse_matmul_epilogue(
             continue;
         };
         let readers = |y: NodeId| readers(nodes, order, y);
-        // the product, read as it is (not through a folded transpose: the epilogue sees each
-        // result at its own index), or through a reshape (same element order: a linear layer
-        // on (B, L, E) runs as one [B*L, E] product)
-        let product = |y: NodeId| match nodes[y.0].op {
-            Op::Reshape => {
-                let p = nodes[y.0].inputs[0];
-                (matches!(nodes[p.0].op, Op::MatMul(_)) && !targets.contains(&p) && readers(p) == 1)
-                    .then_some((p, Some(y)))
+        // the product, read as it is or through reshapes (same element order: a linear layer
+        // on (B, L, E) runs as one [B*L, E] product), each read by nothing else
+        let product = |y: NodeId| {
+            let mut views = Vec::new();
+            let mut p = y;
+            while let Op::Reshape = nodes[p.0].op {
+                views.push(p);
+                p = nodes[p.0].inputs[0];
+                if targets.contains(&p) || readers(p) != 1 {
+                    return None;
+                }
             }
-            Op::MatMul(_) => Some((y, None)),
+            matches!(nodes[p.0].op, Op::MatMul(_)).then_some((p, views))
+        };
+        let dims = |p: NodeId| match nodes[p.0].op {
+            Op::MatMul(mm) => mm
+                .dims(
+                    &nodes[nodes[p.0].inputs[0].0].shape,
+                    &nodes[nodes[p.0].inputs[1].0].shape,
+                )
+                .ok(),
             _ => None,
         };
+        // not through a folded transpose (the epilogue sees each result at the index it is
+        // stored at), unless the generated kernel can store the product so transposed
+        let read_in_place = |j: usize, p: NodeId| match program.permuted_read(j) {
+            None => true,
+            Some(t) => {
+                let (Op::MatMul(mm), Some(d)) = (&nodes[p.0].op, dims(p)) else {
+                    return false;
+                };
+                let hw = t.in_dims.get(2).copied().unwrap_or(1);
+                let in_dtypes =
+                    [nodes[p.0].inputs[0], nodes[p.0].inputs[1]].map(|i| nodes[i.0].dtype);
+                matches!(t.perm.as_slice(), [1, 0] | [1, 0, 2])
+                    && t.in_dims[0] == d.m
+                    && t.in_dims[1] * hw == d.n
+                    && d.batch.numel() == 1
+                    && !mm.row_sums
+                    && runs_tiled(&d, nodes[p.0].dtype, &in_dtypes, ch)
+            }
+        };
         let Some(k) = n.inputs.iter().enumerate().position(|(j, &y)| {
-            product(y).is_some()
+            product(y).is_some_and(|(p, _)| read_in_place(j, p))
                 && nodes[y.0].shape.numel() == n.shape.numel()
                 && !targets.contains(&y)
                 && readers(y) == 1
                 && n.inputs.iter().filter(|&&i| i == y).count() == 1
-                && program.permuted_read(j).is_none()
         }) else {
             continue;
         };
         let Some((y, view)) = product(n.inputs[k]) else {
             continue;
         };
-        let Op::MatMul(mm) = nodes[y.0].op else {
+        let (&Op::MatMul(mm), Some(d)) = (&nodes[y.0].op, dims(y)) else {
             continue;
         };
         let product_inputs = nodes[y.0].inputs.clone();
-        let Ok(d) = mm.dims(
-            &nodes[product_inputs[0].0].shape,
-            &nodes[product_inputs[1].0].shape,
-        ) else {
-            continue;
-        };
         let extras: Vec<NodeId> = n
             .inputs
             .iter()
@@ -1760,7 +1836,25 @@ pub(crate) fn select(
         // f32 parameters and states; gradients f32, or f16 where a cast was folded in
         let sizes: Vec<usize> = (0..o.members).map(|j| inputs[o.grad(j)].numel()).collect();
         let grads: Vec<DType> = (0..o.members).map(|j| in_dtypes[o.grad(j)]).collect();
-        let g = crate::codegen::optim::group_kernel(o, &sizes, &grads);
+        let epilogue = o
+            .scale_from
+            .as_ref()
+            .and_then(|r| r.epilogue.as_ref())
+            .map(|e| {
+                // its inputs: the sum, then the reduction node's others (bound from 2 on)
+                let mut shapes: Vec<&Shape> = inputs[2..1 + o.scale_inputs].to_vec();
+                let one = Shape(vec![1]);
+                shapes.insert(e.reduced, &one);
+                elementwise::epilogue(&e.program, e.reduced, &shapes, &one, 2, DType::F32)
+            });
+        let scale = match &o.scale_from {
+            Some(_) => crate::codegen::optim::Scale::Sum {
+                partials: inputs[1].numel(),
+                epilogue: epilogue.as_ref(),
+            },
+            None => crate::codegen::optim::Scale::Read,
+        };
+        let g = crate::codegen::optim::group_kernel(o, &sizes, &grads, scale);
         return Some((g.spec.clone(), Some(g)));
     }
     if let Op::SumSquares(s) = op {
@@ -1859,9 +1953,11 @@ pub(crate) fn select(
             shapes.insert(e.product_input, out);
             let epi =
                 elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, DType::F32);
+            let transposed = e.transposed_store();
             assert!(
-                !e.product.tiled_only() || runs_tiled(&d, dtype, in_dtypes, ch),
-                "operand dropout or strided rows off the tiled kernel"
+                !(e.product.tiled_only() || transposed.is_some())
+                    || runs_tiled(&d, dtype, in_dtypes, ch),
+                "operand dropout, strided rows or a transposed store off the tiled kernel"
             );
             let g = if uses_coop(&d, ch) {
                 crate::codegen::coop::kernel_with(
@@ -1878,7 +1974,8 @@ pub(crate) fn select(
             } else {
                 let mut cfg = gemm_config(&d, ch)?;
                 cfg.split = 1;
-                gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi), DType::F32)
+                let epi = Some(&epi);
+                gemm::kernel_with(&e.product, &d, &cfg, None, transposed, epi, DType::F32)
             };
             Some((g.spec.clone(), Some(g)))
         }
@@ -2067,9 +2164,11 @@ fn select_f16(
             let mut shapes: Vec<&Shape> = inputs[np..].to_vec();
             shapes.insert(e.product_input, out);
             let epi = elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, dtype);
+            let transposed = e.transposed_store();
             assert!(
-                !e.product.tiled_only() || runs_tiled(&d, dtype, in_dtypes, ch),
-                "operand dropout or strided rows off the tiled kernel"
+                !(e.product.tiled_only() || transposed.is_some())
+                    || runs_tiled(&d, dtype, in_dtypes, ch),
+                "operand dropout, strided rows or a transposed store off the tiled kernel"
             );
             // the operands', bias's and result's types (the seeds after them are f32)
             let storage =
@@ -2088,7 +2187,8 @@ fn select_f16(
                 gemm::gemv_kernel(&e.product, &d, Some(&epi), storage(np))
             } else {
                 let cfg = gemm_config_f16(&d, ch);
-                gemm::kernel_with(&e.product, &d, &cfg, None, None, Some(&epi), storage(np))
+                let (epi, st) = (Some(&epi), storage(np));
+                gemm::kernel_with(&e.product, &d, &cfg, None, transposed, epi, st)
             }
         }
         Op::ImplicitGemm(c) => {
@@ -2316,8 +2416,20 @@ mod tests {
         outputs: &[NodeId],
         feeds: &[(&str, crate::tensor::Tensor)],
     ) -> (Vec<Node>, Vec<NodeId>) {
+        evaluates_with_effects(g, outputs, &[], feeds)
+    }
+
+    /// [`evaluates_as_the_graph`], `effects` run too (a training step's updates: compiled, not
+    /// read back).
+    fn evaluates_with_effects(
+        g: &Graph,
+        outputs: &[NodeId],
+        effects: &[NodeId],
+        feeds: &[(&str, crate::tensor::Tensor)],
+    ) -> (Vec<Node>, Vec<NodeId>) {
         use crate::tensor::Tensor;
         let mut targets = outputs.to_vec();
+        targets.extend(effects);
         targets.extend(g.state_updates());
         let run = |nodes: &[Node], order: &[NodeId]| {
             let mut stored: HashMap<String, Tensor> = HashMap::new();
@@ -2482,6 +2594,65 @@ mod tests {
             let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
             let masked = |op: &Op| matches!(op, Op::MaxPoolReluBackward(p) if p.cn == conv);
             assert!(has(&nodes, &order, &masked), "conv {conv}");
+        }
+        // a convolution, relu, flatten and linear layer (the MNIST CNN's head): the linear
+        // layer's input gradient stored transposed, into the convolution's layout, through the
+        // relu's gradient
+        let g = Graph::new();
+        let x = g.input("x", [9, 2, 5, 5]);
+        let (w, b) = (g.input("w", [3, 2, 3, 3]), g.input("b", [3]));
+        let w2 = g.input("w2", [4, 27]);
+        let h = g
+            .conv2d_fused(x, w, Some(b), Conv2dOpts::default(), true)
+            .unwrap();
+        let y = g
+            .matmul_t(g.reshape(h, &[9, 27]).unwrap(), w2, false, true)
+            .unwrap();
+        let loss = g
+            .sum_all(g.mul(y, g.constant(rand(&[9, 4], 17))).unwrap())
+            .unwrap();
+        let outs = g.grad(loss, &[x, w, b, w2]).unwrap();
+        let feeds = [
+            ("x", rand(&[9, 2, 5, 5], 18)),
+            ("w", rand(&[3, 2, 3, 3], 19)),
+            ("b", rand(&[3], 20)),
+            ("w2", rand(&[4, 27], 21)),
+        ];
+        let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
+        let transposed =
+            |op: &Op| matches!(op, Op::MatMulEpilogue(e) if e.transposed_store() == Some(9));
+        assert!(has(&nodes, &order, &transposed));
+        // a clipped training step, clipping and not: the update groups compute the coefficient
+        // from the partial sums of squares
+        for max_norm in [0.05f32, 1e3] {
+            let g = Graph::new();
+            let x = g.input("x", [6, 4]);
+            let w1 = g.param("w1", [5, 4]);
+            let w2 = g.param("w2", [3, 5]);
+            let y = g
+                .matmul_t(
+                    g.tanh(g.matmul_t(x, w1, false, true).unwrap()).unwrap(),
+                    w2,
+                    false,
+                    true,
+                )
+                .unwrap();
+            let loss = g.sum_all(g.square(y).unwrap()).unwrap();
+            // (SGD: two members fit the 8 bindings of WebGPU's minimum beside hyper, the
+            // partial sums and the clipping's constant)
+            let mut opt = crate::nn::Optimizer::sgd(0.1).clip_grad_norm(max_norm);
+            let updates = opt.minimize(&g, loss, &[w1, w2]).unwrap();
+            let feeds = [
+                ("x", rand(&[6, 4], 22)),
+                ("w1", rand(&[5, 4], 23)),
+                ("w2", rand(&[3, 5], 24)),
+                ("optim.hyper", opt.next_hyper()),
+            ];
+            let (nodes, order) = evaluates_with_effects(&g, &[loss], &updates, &feeds);
+            let computed = |op: &Op| matches!(op, Op::OptimGroup(o) if o.scale_from.is_some());
+            assert!(has(&nodes, &order, &computed), "max norm {max_norm}");
+            let reduced = |op: &Op| matches!(op, Op::ReducePrologue(r) if r.epilogue.is_some());
+            assert!(!has(&nodes, &order, &reduced), "max norm {max_norm}");
         }
         // an LSTM whose loss reads the last h
         let (t, b, i, h) = (4usize, 3usize, 2usize, 5usize);
@@ -2765,16 +2936,10 @@ mod tests {
         let (mut nodes, mut order) = (nodes0.clone(), order0.clone());
         group_optimizer_updates(&mut nodes, &mut order, &[], 64);
         let group = updates[3];
-        let Op::OptimGroup(o) = nodes[group.0].op else {
+        let Op::OptimGroup(o) = nodes[group.0].op.clone() else {
             panic!("the last member hosts the group: {:?}", nodes[group.0].op);
         };
-        assert_eq!(
-            o,
-            OptimGroup {
-                kind: OptimKind::Sgd,
-                members: 4
-            }
-        );
+        assert_eq!(o, OptimGroup::new(OptimKind::Sgd, 4));
         for u in &updates[..3] {
             assert!(!order.contains(u), "members leave the plan");
         }

@@ -617,6 +617,16 @@ impl MatMulEpilogue {
         self.product.n_inputs()
     }
 
+    /// Where the program reads the product transposed as `[A, B, HW] -> [B, A, HW]` (`A` the
+    /// product's rows, `B * HW` its columns: a linear layer's input gradient going back to a
+    /// convolution whose output was `[C, N, HW]`, read by a relu's gradient), the kernel stores
+    /// each result at its transposed place (the `HW` given) and the program runs there.
+    pub fn transposed_store(&self) -> Option<usize> {
+        self.program
+            .permuted_read(self.product_input)
+            .map(|p| p.in_dims.get(2).copied().unwrap_or(1))
+    }
+
     /// CPU reference: the product with its own epilogue, then the program.
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
         let np = self.product_inputs();

@@ -191,14 +191,23 @@ impl OptimStep {
 
 /// Several parameters' in-place updates of one kind as one kernel (`codegen::optim`), made by
 /// the plan compiler from a step's `OptimStep` nodes that share their `hyper` and `scale`:
-/// one dispatch instead of one per parameter. Inputs: `[hyper, scale, grad_0 .. grad_{k-1},
-/// param_0, states_0.., param_1, states_1.., ..]` (the read-only ones first, then the ones
-/// written in place); like an update, no buffer of its own: its value is `param_0`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// one dispatch instead of one per parameter. Inputs: `[hyper, scale (or what makes it:
+/// `scale_from`), grad_0 .. grad_{k-1}, param_0, states_0.., param_1, states_1.., ..]` (the
+/// read-only ones first, then the ones written in place); like an update, no buffer of its
+/// own: its value is `param_0`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct OptimGroup {
     pub kind: OptimKind,
     /// Parameters updated.
     pub members: usize,
+    /// Inputs that make the gradient scale: 1 (`scale` itself) unless `scale_from`.
+    pub scale_inputs: usize,
+    /// Where the kernel computes the scale itself: the small reduction (with its epilogue)
+    /// that made it, run by every thread over its input, which is bound in the scale's place,
+    /// its epilogue's other inputs after it (`scale_inputs` in all). Gradient clipping's
+    /// coefficient from the partial sums of squares: one kernel fewer per step
+    /// (`exec::lower::group_optimizer_updates`).
+    pub scale_from: Option<super::reduce::ReducePrologue>,
 }
 
 impl OptimGroup {
@@ -212,34 +221,51 @@ impl OptimGroup {
         }
     }
 
+    /// A group of `members` updates reading their scale.
+    pub fn new(kind: OptimKind, members: usize) -> OptimGroup {
+        OptimGroup {
+            kind,
+            members,
+            scale_inputs: 1,
+            scale_from: None,
+        }
+    }
+
     /// Input index of member `j`'s gradient.
     pub fn grad(&self, j: usize) -> usize {
-        2 + j
+        1 + self.scale_inputs + j
     }
 
     /// Input index of member `j`'s parameter (its states follow it).
     pub fn param(&self, j: usize) -> usize {
-        2 + self.members + j * (1 + self.kind.n_states())
+        1 + self.scale_inputs + self.members + j * (1 + self.kind.n_states())
     }
 
-    /// Bindings the kernel takes for `members` parameters of `kind`.
-    pub fn bindings(kind: OptimKind, members: usize) -> usize {
-        2 + members * (2 + kind.n_states())
+    /// Bindings the kernel takes for `members` parameters of `kind`, its scale made of
+    /// `scale_inputs` inputs.
+    pub fn bindings(kind: OptimKind, members: usize, scale_inputs: usize) -> usize {
+        1 + scale_inputs + members * (2 + kind.n_states())
     }
 
-    /// Member `j`'s inputs in `OptimStep`'s order: `[hyper, scale, grad, param, states..]`.
-    pub fn member_inputs<T: Copy>(&self, inputs: &[T], j: usize) -> Vec<T> {
+    /// Member `j`'s inputs in `OptimStep`'s order: `[hyper, scale, grad, param, states..]`,
+    /// `scale` given.
+    pub fn member_inputs<T: Copy>(&self, inputs: &[T], scale: T, j: usize) -> Vec<T> {
         let p = self.param(j);
-        let mut v = vec![inputs[0], inputs[1], inputs[self.grad(j)]];
+        let mut v = vec![inputs[0], scale, inputs[self.grad(j)]];
         v.extend_from_slice(&inputs[p..p + 1 + self.kind.n_states()]);
         v
     }
 
-    /// CPU reference: every member's update (`OptimStep::cpu_update`), in member order.
+    /// CPU reference: the scale (computed as its reduction's twin computes it, or read), then
+    /// every member's update (`OptimStep::cpu_update`), in member order.
     pub fn cpu_update(&self, inputs: &[&Tensor]) -> Vec<Vec<Tensor>> {
         let step = OptimStep { kind: self.kind };
+        let scale = match &self.scale_from {
+            Some(r) => r.cpu(&inputs[1..1 + self.scale_inputs], &Shape(vec![1])),
+            None => inputs[1].clone(),
+        };
         (0..self.members)
-            .map(|j| step.cpu_update(&self.member_inputs(inputs, j)))
+            .map(|j| step.cpu_update(&self.member_inputs(inputs, &scale, j)))
             .collect()
     }
 }
