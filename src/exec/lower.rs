@@ -2,7 +2,8 @@
 //! node's kernel. [`lower`] runs the rewrites in this order:
 //! 0. [`common_subexpressions`]: a node computing what an earlier one computes (the same op on
 //!    the same inputs: autodiff gives an LSTM's two biases one gradient, summed twice) reads that
-//!    one instead;
+//!    one instead; [`merge_sum_squares`]: a sum of squares over many tensors takes as few
+//!    kernels as the adapter's storage-buffer limit allows;
 //! 1. [`implicit_col2im`]: `col2im(w^T x dy)` (a convolution's input gradient) as one implicit GEMM;
 //!    [`row_sums_in_products`]: a bias gradient, the sum of the operand a weight gradient's
 //!    product reads, comes out of that product's kernel; [`stats_inside_normalization`]: a layer
@@ -109,6 +110,12 @@ pub(crate) fn lower(
 ) {
     fold_constant_casts(nodes, order, targets);
     common_subexpressions(nodes, order, targets);
+    merge_sum_squares(
+        nodes,
+        order,
+        targets,
+        ch.target.max_storage_buffers as usize,
+    );
     attention_lse(nodes, order);
     implicit_col2im(nodes, order, targets, ch);
     row_sums_in_products(nodes, order, ch);
@@ -349,6 +356,97 @@ pub(crate) fn common_subexpressions(
         }
     }
     order.retain(|id| !same.contains_key(id));
+}
+
+/// Most tensors one sum-of-squares kernel reads after [`merge_sum_squares`] (its WGSL has a
+/// branch per tensor).
+const MAX_SUM_SQUARES_MEMBERS: usize = 64;
+
+/// Where the adapter binds more storage buffers than WebGPU's minimum of 8, re-cuts a sum of
+/// squares' chain of `SumSquares` nodes (made 7 tensors per node by `Graph::sum_squares`, to run
+/// anywhere) into as few nodes as it allows: gradient clipping's norm over a transformer's
+/// parameters in one or two kernels instead of one per 7. The links keep their order (the
+/// partial sums land where they did) and run where the chain's last one ran, which every
+/// tensor is ready for; the last keeps its id (what the reduction reads).
+pub(crate) fn merge_sum_squares(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+    max_bindings: usize,
+) {
+    use crate::ops::reduce::{SumSquares, SUM_SQUARES_MEMBERS};
+    // members per node: the output (or the previous link, written in place) takes a binding
+    let per = max_bindings.saturating_sub(1).min(MAX_SUM_SQUARES_MEMBERS);
+    if per <= SUM_SQUARES_MEMBERS {
+        return;
+    }
+    let continued = |nodes: &[Node], order: &[NodeId], id: NodeId| {
+        order.iter().any(|&r| {
+            matches!(nodes[r.0].op, Op::SumSquares(s) if s.chained)
+                && nodes[r.0].inputs.last() == Some(&id)
+        })
+    };
+    let ends: Vec<NodeId> = order
+        .iter()
+        .copied()
+        .filter(|&id| matches!(nodes[id.0].op, Op::SumSquares(_)) && !continued(nodes, order, id))
+        .collect();
+    for end in ends {
+        // the chain, first link first
+        let mut chain = vec![end];
+        while let Op::SumSquares(SumSquares { chained: true, .. }) = nodes[chain[0].0].op {
+            let prev = *nodes[chain[0].0].inputs.last().expect("the previous link");
+            chain.insert(0, prev);
+        }
+        let links = &chain[..chain.len() - 1];
+        if chain.len() < 2
+            || links
+                .iter()
+                .any(|&c| targets.contains(&c) || readers(nodes, order, c) != 1)
+        {
+            continue;
+        }
+        let Some(end_pos) = order.iter().position(|&o| o == end) else {
+            continue;
+        };
+        // each link's tensors, read where the chain ends instead of where the link ran
+        let mut members = Vec::new();
+        let mut moved = false;
+        for &c in &chain {
+            let Op::SumSquares(s) = nodes[c.0].op else {
+                unreachable!("a link of the chain")
+            };
+            let at = order.iter().position(|&o| o == c).unwrap_or(end_pos);
+            for &m in &nodes[c.0].inputs[..s.members(nodes[c.0].inputs.len())] {
+                moved |= at < end_pos && written_between(nodes, order, m, at, end_pos);
+                members.push(m);
+            }
+        }
+        let Op::SumSquares(last) = nodes[end.0].op else {
+            continue;
+        };
+        let parts: Vec<Vec<NodeId>> = members.chunks(per).map(|p| p.to_vec()).collect();
+        if moved || parts.len() >= chain.len() {
+            continue;
+        }
+        let mut ids = chain[..parts.len() - 1].to_vec();
+        ids.push(end);
+        let (mut offset, mut prev) = (0, None);
+        for (part, &id) in parts.iter().zip(&ids) {
+            let shapes: Vec<Shape> = part.iter().map(|m| nodes[m.0].shape.clone()).collect();
+            nodes[id.0].op = Op::SumSquares(SumSquares {
+                offset,
+                total: last.total,
+                chained: prev.is_some(),
+            });
+            nodes[id.0].inputs = part.iter().copied().chain(prev).collect();
+            offset += SumSquares::partials(&shapes);
+            prev = Some(id);
+        }
+        order.retain(|id| id == &end || !chain.contains(id));
+        let at = order.iter().position(|&o| o == end).unwrap_or(0);
+        order.splice(at..at, ids[..ids.len() - 1].iter().copied());
+    }
 }
 
 /// Most parameters one multi-tensor update kernel takes (its WGSL has a branch per parameter;

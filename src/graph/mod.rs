@@ -792,8 +792,10 @@ impl Graph {
     }
     /// Sum of the squares of every element of every tensor in `xs` (f32, any shapes), shape
     /// `[1]`: the squared global L2 norm that gradient clipping takes. One multi-tensor kernel
-    /// per 7 tensors writes partial sums into one buffer (`ops::reduce::SumSquares`), one
-    /// reduction adds them, instead of a reduction per tensor. Differentiable (`2 x` for each tensor), so it also
+    /// per 7 tensors writes partial sums into one buffer (`ops::reduce::SumSquares`; a plan
+    /// merges them as far as the adapter's storage-buffer limit allows:
+    /// `exec::lower::merge_sum_squares`), one reduction adds them, instead of a reduction per
+    /// tensor. Differentiable (`2 x` for each tensor), so it also
     /// serves as an L2 penalty in a loss.
     pub fn sum_squares(&self, xs: &[NodeId]) -> Result<NodeId> {
         if xs.is_empty() {
