@@ -573,6 +573,62 @@ fn reads_stay_before_in_place_updates() {
 
 /// Transposes (`permute`, with reshapes around it) that only an elementwise kernel reads fold
 /// into that kernel's loads: the permute's copy leaves the plan.
+/// Elementwise kernels broadcast what an expand would copy for them (`fuse::fold_expands`): a
+/// mean's gradient (an MSE loss's), a unary step and a dropout straight on a broadcast input
+/// (the CPU twin expands it first), a binary one; an expand also requested, or read through a
+/// reshape that is no broadcast, keeps its kernel. Against the CPU reference, outputs poisoned
+/// with NaN.
+#[test]
+fn expands_fold_into_elementwise_kernels() {
+    let Some(dev) = device() else { return };
+    let tol = kiln::ops::TOL_REDUCTION;
+    // an MSE loss and its gradient: the mean's backward expands a single value
+    let g = Graph::new();
+    let x = g.input("x0", [8, 3]);
+    let t = g.input("x1", [8, 3]);
+    let loss = g.mse_loss(x, t).unwrap();
+    let dx = g.grad(loss, &[x]).unwrap()[0];
+    let f = feeds(&[&[8, 3], &[8, 3]]);
+    let plan = common::check_plan(&dev, "mse gradient", &g, &[loss, dx], &f, tol);
+    let kernels = plan.kernels();
+    assert_eq!(common::count_op(&kernels, "expand"), 0, "{kernels:#?}");
+    // the difference (which both read), the loss, its gradient
+    assert_eq!(plan.info().dispatches, 3, "{kernels:#?}");
+    // at the node's shape: unary, binary, dropout (keyed by the element index)
+    let g = Graph::new();
+    let x = g.input("x0", [4, 1, 5]);
+    let y = g.input("x1", [4, 3, 5]);
+    let s = g.input("seed", [1]);
+    let wide = kiln::Shape(vec![4, 3, 5]);
+    let e = |g: &Graph| g.expand(x, &wide).unwrap();
+    let u = g.tanh(e(&g)).unwrap();
+    let b = g.sub(y, e(&g)).unwrap();
+    let d = g
+        .mul_scalar(g.dropout(e(&g), 0.4, s, 3).unwrap(), 2.0)
+        .unwrap();
+    let mut f = feeds(&[&[4, 1, 5], &[4, 3, 5]]);
+    f.push(("seed".into(), Tensor::new([1], vec![99.0]).unwrap()));
+    for (what, out) in [("unary", u), ("binary", b), ("dropout", d)] {
+        let info = check_on(&dev, what, &g, &[out], &f, TOL_ELEMENTWISE);
+        assert_eq!(info.dispatches, 1, "{what}: {info}");
+    }
+    // the expand requested too; read through a reshape that is no broadcast
+    let ex = e(&g);
+    let info = check_on(
+        &dev,
+        "requested",
+        &g,
+        &[g.exp(ex).unwrap(), ex],
+        &f,
+        TOL_ELEMENTWISE,
+    );
+    assert_eq!(info.dispatches, 2, "{info}");
+    let flat = g.reshape(e(&g), &[12, 5]).unwrap();
+    let z = g.add(flat, g.reshape(y, &[12, 5]).unwrap()).unwrap();
+    let info = check_on(&dev, "through a reshape", &g, &[z], &f, TOL_ELEMENTWISE);
+    assert_eq!(info.dispatches, 2, "{info}");
+}
+
 #[test]
 fn transposes_fold_into_elementwise_kernels() {
     let Some(dev) = device() else { return };

@@ -271,6 +271,76 @@ pub(crate) fn fold_permutes(nodes: &mut [Node], order: &mut Vec<NodeId>, targets
     order.retain(|id| !dropped.contains(id));
 }
 
+/// Elementwise kernels broadcast what an `expand` only copies for them: where an input of an
+/// elementwise node (fused or single) is `expand(x)` at the node's own shape, or
+/// `reshape*(expand(x))` of a single-element `x`, and nothing else reads the expand or those
+/// reshapes, the kernel reads `x` with stride 0 along the broadcast axes and the expand's copy
+/// leaves the plan (the backward of a mean or sum: an MSE loss's gradient, a global average
+/// pooling's). After the other fusions: products and reductions take no such program.
+pub(crate) fn fold_expands(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let id = order[pos];
+        let n = &nodes[id.0];
+        let Some(program) = program_of(n) else {
+            continue;
+        };
+        let readers = |x: NodeId| {
+            order
+                .iter()
+                .filter(|r| !dropped.contains(r) && nodes[r.0].inputs.contains(&x))
+                .count()
+        };
+        let mut folds = Vec::new();
+        for (k, &e) in n.inputs.iter().enumerate() {
+            if n.inputs.iter().filter(|&&i| i == e).count() != 1
+                || nodes[e.0].shape.numel() != n.shape.numel()
+                || program.permuted_read(k).is_some()
+                || program.gathered_read(k).is_some()
+                || program.always_f32(k)
+            {
+                continue;
+            }
+            let mut chain = Vec::new();
+            let mut v = e;
+            while matches!(nodes[v.0].op, Op::Reshape) {
+                chain.push(v);
+                v = nodes[v.0].inputs[0];
+            }
+            if !matches!(nodes[v.0].op, Op::Expand(_)) {
+                continue;
+            }
+            let src = nodes[v.0].inputs[0];
+            // read at the node's shape with the expand's broadcast, or a single value
+            let broadcast = (chain.is_empty() && nodes[v.0].shape == n.shape)
+                || nodes[src.0].shape.numel() == 1;
+            chain.push(v);
+            let e_pos = order.iter().position(|&o| o == v).unwrap_or(pos);
+            if !broadcast
+                || chain
+                    .iter()
+                    .any(|&c| targets.contains(&c) || readers(c) != 1)
+                || super::lower::written_between(nodes, order, src, e_pos, pos)
+            {
+                continue;
+            }
+            folds.push((k, src, chain));
+        }
+        if folds.is_empty() {
+            continue;
+        }
+        let mut inputs = n.inputs.clone();
+        for (k, src, chain) in folds {
+            inputs[k] = src;
+            dropped.extend(chain);
+        }
+        let node = &mut nodes[id.0];
+        node.op = Op::Fused(program);
+        node.inputs = inputs;
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
 /// Elementwise kernels do embedding lookups themselves: where an input of an elementwise node
 /// (fused or single) is an `embedding` that nothing else reads, the kernel reads the table row
 /// its index names (`GatheredRead`; the indices become an input of their own) and the lookup

@@ -31,7 +31,8 @@
 //!    in place ([`strided_operands`]); a max-pooling backward applies the
 //!    relu mask after it ([`relu_mask_into_max_pool_backward`]); elementwise kernels do the
 //!    embedding lookups only they read and store a cast of their result
-//!    (`fuse::fold_embeddings`, `fuse::fuse_casts`);
+//!    (`fuse::fold_embeddings`, `fuse::fuse_casts`), and broadcast what an expand only copies
+//!    for them (`fuse::fold_expands`);
 //! 6. [`group_optimizer_updates`]: a step's parameter updates become one kernel (or a few, as
 //!    the adapter's storage-buffer limit allows).
 //!
@@ -141,6 +142,7 @@ pub(crate) fn lower(
         relu_mask_into_max_pool_backward(nodes, order, targets);
         super::fuse::fold_embeddings(nodes, order, targets);
         super::fuse::fuse_casts(nodes, order, targets);
+        super::fuse::fold_expands(nodes, order, targets);
     }
     group_optimizer_updates(
         nodes,
@@ -2720,6 +2722,28 @@ mod tests {
         let transposed =
             |op: &Op| matches!(op, Op::MatMulEpilogue(e) if e.transposed_store() == Some(9));
         assert!(has(&nodes, &order, &transposed));
+        // broadcast reads instead of expands: a unary step and a dropout on one (the twin
+        // expands first), an MSE gradient's single value
+        let g = Graph::new();
+        let x = g.input("x", [4, 1, 5]);
+        let s = g.input("seed", [1]);
+        let wide = Shape(vec![4, 3, 5]);
+        let u = g.tanh(g.expand(x, &wide).unwrap()).unwrap();
+        let x2 = g.input("x2", [4, 1, 5]);
+        let d = g.dropout(g.expand(x2, &wide).unwrap(), 0.4, s, 3).unwrap();
+        let t = g.input("t", [6, 2]);
+        let p = g.input("p", [6, 2]);
+        let dp = g.grad(g.mse_loss(p, t).unwrap(), &[p]).unwrap()[0];
+        let feeds = [
+            ("x", rand(&[4, 1, 5], 26)),
+            ("x2", rand(&[4, 1, 5], 29)),
+            ("seed", Tensor::new([1], vec![5.0]).unwrap()),
+            ("t", rand(&[6, 2], 27)),
+            ("p", rand(&[6, 2], 28)),
+        ];
+        let (nodes, order) = evaluates_as_the_graph(&g, &[u, d, dp], &feeds);
+        let expands = |op: &Op| matches!(op, Op::Expand(_));
+        assert!(!has(&nodes, &order, &expands));
         // a clipped training step, clipping and not: the update groups compute the coefficient
         // from the partial sums of squares
         for max_norm in [0.05f32, 1e3] {

@@ -237,6 +237,12 @@ impl Fused {
                             std::borrow::Cow::Owned(
                                 Tensor::new(s.shape.clone(), data).expect("same element count"),
                             )
+                        } else if t.numel() < s.shape.numel() && !matches!(s.op, StepOp::Binary(_))
+                        {
+                            // a broadcast input (a folded expand) of a unary step or a dropout
+                            // (keyed by the element index): at the step's shape first; binary
+                            // steps broadcast themselves
+                            std::borrow::Cow::Owned(super::layout::Expand.cpu(t, &s.shape))
                         } else {
                             std::borrow::Cow::Borrowed(t)
                         }
