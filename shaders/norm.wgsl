@@ -16,6 +16,8 @@
 //   normalize           out = (x - mean[g]) / sqrt(var[g] + EPS)                     (Normalize)
 //   normalize_affine    out = normalize(x) * weight[a] + bias[a], a = g, or with AFFINE_INNER
 //                       the element's INNER position (a layer norm's feature) (Normalize, affine)
+//                       (both, and stats_normalize(_affine)(_running): then max(out, 0) with
+//                       RELU, a relu the plan compiler fused)
 //   stats_normalize(_affine)
 //                       group_stats and normalize(_affine) in one kernel: each group's threads
 //                       compute its statistics, write them past the output (at STATS_OFF;
@@ -83,7 +85,7 @@
 //                        updated in place
 // Overrides: OUTER, GROUPS, INNER, EPS; TPG (threads per group, a power of two <= 256); N,
 //            MOMENTUM, SCALE0, SCALE1 (running_update; N is merge_stats' elements per group);
-//            AFFINE_INNER (normalize_affine);
+//            AFFINE_INNER (normalize_affine); RELU (normalize(_affine), stats_normalize*);
 //            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward); BLOCKS, BLOCK_LEN
 //            (group_stats, merge_stats, group_sums: blocks of each group and their elements;
 //            inner_sums: blocks of rows and their rows); STATS_OFF, WRITE_STATS
@@ -112,6 +114,7 @@ override SCALE0: f32 = 1.0;
 override SCALE1: f32 = 1.0;
 override TPG: u32 = 256u;
 override AFFINE_INNER: bool = false;
+override RELU: bool = false;
 override SUMS_ROW: u32 = GROUPS;
 override STATS_OFF: u32 = 0u;
 override WRITE_STATS: bool = true;
@@ -368,7 +371,7 @@ fn stats_normalize(
     let d = sqrt(s.y + EPS);
     for (var e = l.t; e < l.count; e = e + TPG) {
         let i = at(l.g, e);
-        st_normalized1(i, (ld_x(i) - s.x) / d);
+        st_normalized1(i, relu_if((ld_x(i) - s.x) / d));
     }
     if WRITE_STATS && l.t == 0u && l.count > 0u {
         st_normalized1(STATS_OFF + l.g, s.x);
@@ -391,7 +394,7 @@ fn stats_normalize_affine(
     for (var e = l.t; e < l.count; e = e + TPG) {
         let i = at(l.g, e);
         let a = select(l.g, i % INNER, AFFINE_INNER);
-        st_affine_out3(i, (ld_x(i) - s.x) / d * weight1[a] + bias2[a]);
+        st_affine_out3(i, relu_if((ld_x(i) - s.x) / d * weight1[a] + bias2[a]));
     }
     if WRITE_STATS && l.t == 0u && l.count > 0u {
         st_affine_out3(STATS_OFF + l.g, s.x);
@@ -414,7 +417,7 @@ fn stats_normalize_affine_running(
     for (var e = l.t; e < l.count; e = e + TPG) {
         let i = at(l.g, e);
         let a = select(l.g, i % INNER, AFFINE_INNER);
-        st_affine_out5(i, (ld_x(i) - s.x) / d * weight1[a] + bias2[a]);
+        st_affine_out5(i, relu_if((ld_x(i) - s.x) / d * weight1[a] + bias2[a]));
     }
     if l.t == 0u && l.count > 0u {
         if WRITE_STATS {
@@ -436,7 +439,13 @@ fn normalize(
     if i >= OUTER * GROUPS * INNER {
         return;
     }
-    st_normalized(i, normalized_x(i));
+    st_normalized(i, relu_if(normalized_x(i)));
+}
+
+// max(v, 0) where the plan compiler fused the relu after a normalization (RELU), as
+// unary.wgsl's relu computes it.
+fn relu_if(v: f32) -> f32 {
+    return select(v, max(v, 0.0), RELU);
 }
 
 @compute @workgroup_size(256)
@@ -450,7 +459,7 @@ fn normalize_affine(
         return;
     }
     let a = select(group_at(i), i % INNER, AFFINE_INNER);
-    st_affine_out(i, normalized_x(i) * weight2[a] + bias3[a]);
+    st_affine_out(i, relu_if(normalized_x(i) * weight2[a] + bias3[a]));
 }
 
 @compute @workgroup_size(256)

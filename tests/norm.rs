@@ -1036,3 +1036,78 @@ fn batch_norm_parameter_gradients_over_large_channels() {
         assert_eq!(count_op(&k, "merge_stats"), 1, "{what}: {k:#?}");
     }
 }
+
+/// conv-BN-ReLU: the relu after a batch norm runs in the normalization's kernel (statistics of
+/// their own: small channels; in blocks: large ones; inside the normalization: a few hundred
+/// elements; through the reshape back to NCHW), in training (the running statistics moving,
+/// the statistics viewed past the fused output by the backward) and in evaluation; f32 and
+/// f16 activations; a normalization something else reads too keeps its relu kernel. Outputs,
+/// gradients and running statistics against the CPU reference, outputs poisoned with NaN.
+#[test]
+fn batch_norm_relu_is_one_kernel() {
+    let Some(dev) = gpu() else { return };
+    for dtype in activation_types(&dev) {
+        for shape in [[4usize, 3, 5, 7], [2, 3, 100, 99], [3, 2, 1, 1]] {
+            for train in [true, false] {
+                let what = format!("bn-relu {shape:?}, {dtype}, train {train}");
+                let g = Graph::new();
+                let x = g.input_as("x", shape, dtype);
+                let (w, b) = (g.input("w", [shape[1]]), g.input("b", [shape[1]]));
+                // names of their own: a training plan moves them on the device
+                let c = shape[1];
+                let name = format!("bnr.{}.{}.{}", shape[2], dtype, train);
+                let running = RunningStats {
+                    mean: g.param_init(&format!("{name}.mean"), rand(&[c], 4)),
+                    var: g.param_init(
+                        &format!("{name}.var"),
+                        Tensor::rand_uniform(vec![c], 0.5, 3.0, 5),
+                    ),
+                    momentum: 0.1,
+                };
+                let y = g
+                    .batch_norm(x, Some((w, b)), Some(running), train, EPS)
+                    .unwrap();
+                let y = g.cast(g.relu(y).unwrap(), DType::F32).unwrap();
+                let feeds = [
+                    ("x".to_string(), skewed(&shape, 1)),
+                    ("w".to_string(), rand(&[shape[1]], 2)),
+                    ("b".to_string(), rand(&[shape[1]], 3)),
+                ];
+                let tol = if dtype == DType::F16 {
+                    TOL_F16
+                } else {
+                    TOL_REDUCTION
+                };
+                let mut outs = vec![y];
+                if train {
+                    let loss = random_projection(&g, y, 9);
+                    let grads = g.grad(loss, &[x, w, b]).unwrap();
+                    outs.extend(grads.iter().map(|&d| g.cast(d, DType::F32).unwrap()));
+                }
+                let plan = check_plan(&dev, &what, &g, &outs, &feeds, tol);
+                let k: Vec<String> = plan.kernels().iter().map(|s| s.to_string()).collect();
+                assert_eq!(count_op(&k, "relu"), 0, "{what}: {k:#?}");
+            }
+        }
+        // the normalization requested too: its relu stays a kernel
+        let g = Graph::new();
+        let x = g.input_as("x", [4, 3, 5, 7], dtype);
+        let (w, b) = (g.input("w", [3]), g.input("b", [3]));
+        let y = g.batch_norm(x, Some((w, b)), None, true, EPS).unwrap();
+        let r = g.relu(y).unwrap();
+        let outs = [
+            g.cast(r, DType::F32).unwrap(),
+            g.cast(y, DType::F32).unwrap(),
+        ];
+        let feeds = [
+            ("x".to_string(), skewed(&[4, 3, 5, 7], 1)),
+            ("w".to_string(), rand(&[3], 2)),
+            ("b".to_string(), rand(&[3], 3)),
+        ];
+        let plan = check_plan(&dev, "also requested", &g, &outs, &feeds, TOL_F16);
+        let k: Vec<String> = plan.kernels().iter().map(|s| s.to_string()).collect();
+        // (its own kernel, or fused with the cast after it)
+        let relus = k.iter().filter(|s| s.contains("relu")).count();
+        assert_eq!(relus, 1, "{k:#?}");
+    }
+}

@@ -17,7 +17,7 @@
 //!    a recurrence's backward reads the padded part of its state gradient as a window;
 //!    [`split_cross_entropy`]: a loss over more logits than one workgroup should fold runs per
 //!    row over the GPU, then a mean; [`gradient_with_cross_entropy`]: a small one computes its
-//!    gradient too;
+//!    gradient too; [`relu_into_normalize`]: a batch norm's relu runs in its kernel;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
@@ -127,6 +127,7 @@ pub(crate) fn lower(
     split_cross_entropy(nodes, order);
     gradient_with_cross_entropy(nodes, order);
     pads_into_lstm_backward(nodes, order, targets);
+    relu_into_normalize(nodes, order, targets);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
     nchw_conv_output(nodes, order, targets);
@@ -791,6 +792,9 @@ pub(crate) fn stats_inside_normalization(
         let Op::Normalize(norm) = nodes[y.0].op else {
             continue;
         };
+        if norm.relu {
+            continue;
+        }
         let (x, stats) = (nodes[y.0].inputs[0], nodes[y.0].inputs[1]);
         let read_before = order[..y_pos]
             .iter()
@@ -1277,6 +1281,78 @@ pub(crate) fn split_k(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, ch: &Choic
         order.insert(i, pid);
         i += 2;
     }
+}
+
+/// A relu that is a normalization's only reader (conv-BN-ReLU) runs in the normalization's
+/// kernel (`Normalize::relu`): one kernel and one pass over the activations fewer per layer. The
+/// relu's node takes the fused op (its readers, a max pooling and its backward's mask, read the
+/// same values) and the normalization's node goes. Batch norms (`Normalize`, statistics of
+/// their own); a layer norm computing its statistics inside (`NormalizeStats`) keeps its relu.
+pub(crate) fn relu_into_normalize(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+    use crate::ops::norm::{Normalize, NormalizeStats};
+    use crate::ops::unary::UnaryOp;
+    let mut dropped = Vec::new();
+    let mut moves: Vec<(NodeId, NodeId)> = Vec::new();
+    for r_pos in 0..order.len() {
+        let r = order[r_pos];
+        if !matches!(nodes[r.0].op, Op::Unary(UnaryOp::Relu)) {
+            continue;
+        }
+        // the normalization, or a reshape of it (a batch norm's (N, C, H*W) back to NCHW)
+        let mut chain = vec![nodes[r.0].inputs[0]];
+        while let Op::Reshape = nodes[chain[chain.len() - 1].0].op {
+            chain.push(nodes[chain[chain.len() - 1].0].inputs[0]);
+        }
+        let y = chain[chain.len() - 1];
+        let fused = match &nodes[y.0].op {
+            Op::Normalize(n) if !n.relu => Op::Normalize(Normalize { relu: true, ..*n }),
+            Op::NormalizeStats(s) if !s.norm.relu => Op::NormalizeStats(NormalizeStats {
+                norm: Normalize {
+                    relu: true,
+                    ..s.norm
+                },
+                ..*s
+            }),
+            _ => continue,
+        };
+        let Some(y_pos) = order.iter().position(|&o| o == y) else {
+            continue;
+        };
+        // statistics written past the normalization's output are viewed from the relu's now
+        let views: Vec<NodeId> = order
+            .iter()
+            .copied()
+            .filter(|&v| matches!(nodes[v.0].op, Op::StatsOf(_)) && nodes[v.0].inputs[0] == y)
+            .collect();
+        let inputs = nodes[y.0].inputs.clone();
+        // (nothing may read those statistics before the relu's step)
+        let read_early = views.iter().any(|&v| {
+            order[..=r_pos]
+                .iter()
+                .any(|o| nodes[o.0].inputs.contains(&v))
+        });
+        if read_early
+            || chain.iter().any(|&c| {
+                let others = if c == y { views.len() } else { 0 };
+                targets.contains(&c) || readers(nodes, order, c) != 1 + others
+            })
+            || nodes[y.0].dtype != nodes[r.0].dtype
+            || inputs
+                .iter()
+                .any(|&i| written_between(nodes, order, i, y_pos, r_pos))
+        {
+            continue;
+        }
+        nodes[r.0].op = fused;
+        nodes[r.0].inputs = inputs;
+        for &v in &views {
+            nodes[v.0].inputs[0] = r;
+            moves.push((v, r));
+        }
+        dropped.extend(chain);
+    }
+    order.retain(|id| !dropped.contains(id));
+    place_after(order, &moves);
 }
 
 /// Whether a node of `order` strictly between positions `from` and `to` writes the storage of
@@ -2722,6 +2798,32 @@ mod tests {
         let transposed =
             |op: &Op| matches!(op, Op::MatMulEpilogue(e) if e.transposed_store() == Some(9));
         assert!(has(&nodes, &order, &transposed));
+        // a batch norm's relu inside its normalization (statistics of their own, and inside
+        // it, viewed by the backward past the fused output)
+        for shape in [[2usize, 3, 9, 9], [2, 3, 2, 2]] {
+            let g = Graph::new();
+            let x = g.input("x", shape);
+            let affine = (g.input("w", [3]), g.input("b", [3]));
+            let y = g.batch_norm(x, Some(affine), None, true, 1e-5).unwrap();
+            let r = g.relu(g.reshape(y, &[2, 3, -1]).unwrap()).unwrap();
+            let loss = g
+                .sum_all(g.mul(r, g.constant(rand(&g.shape(r).0, 30))).unwrap())
+                .unwrap();
+            let mut outs = vec![r];
+            outs.extend(g.grad(loss, &[x, affine.0, affine.1]).unwrap());
+            let feeds = [
+                ("x", Tensor::rand_uniform(shape.to_vec(), -1.0, 5.0, 31)),
+                ("w", rand(&[3], 32)),
+                ("b", rand(&[3], 33)),
+            ];
+            let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
+            let fused = |op: &Op| match op {
+                Op::Normalize(n) => n.relu,
+                Op::NormalizeStats(s) => s.norm.relu,
+                _ => false,
+            };
+            assert!(has(&nodes, &order, &fused), "{shape:?}");
+        }
         // broadcast reads instead of expands: a unary step and a dropout on one (the twin
         // expands first), an MSE gradient's single value
         let g = Graph::new();

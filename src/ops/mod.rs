@@ -535,13 +535,20 @@ impl Op {
             Op::RunningUpdate(r) => r.cpu(inputs[0], &inputs[1..]).swap_remove(0),
             Op::GroupStats(s) => s.cpu(inputs[0]),
             Op::MergeStats(s) => s.cpu(inputs[0]),
-            Op::NormalizeStats(n) => n.cpu(inputs),
+            Op::NormalizeStats(n) => n
+                .cpu(inputs)
+                .reshape(out.clone())
+                .expect("as many elements"),
             Op::StatsOf(s) => s.cpu(inputs[1]),
-            Op::Normalize(n) => n.cpu(
-                inputs[0],
-                inputs[1],
-                n.affine.then(|| (inputs[2], inputs[3])),
-            ),
+            // (of the input's shape; a fused relu's node may have another of the same size)
+            Op::Normalize(n) => n
+                .cpu(
+                    inputs[0],
+                    inputs[1],
+                    n.affine.then(|| (inputs[2], inputs[3])),
+                )
+                .reshape(out.clone())
+                .expect("as many elements"),
             Op::GroupSums(s) => s.cpu(inputs[0], inputs[1], inputs[2]),
             Op::NormalizeAffineBackward(n) => n.affine_cpu(inputs),
             Op::NormalizeBackward(n) => n.cpu(inputs, out),

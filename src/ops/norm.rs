@@ -480,6 +480,9 @@ impl NormalizeStats {
         if self.norm.affine && self.norm.inner {
             k.constants.push(("AFFINE_INNER", 1.0));
         }
+        if self.norm.relu {
+            k.constants.push(("RELU", 1.0));
+        }
         k.constants
             .extend(self.running.iter().flat_map(|r| r.constants()));
         k
@@ -500,6 +503,9 @@ pub struct Normalize {
     pub affine: bool,
     /// The affine parameters index the INNER position, not the group.
     pub inner: bool,
+    /// A relu after it, in the same kernel (made by the plan compiler:
+    /// `exec::lower::relu_into_normalize`, a batch norm's conv-BN-ReLU).
+    pub relu: bool,
 }
 
 impl Normalize {
@@ -515,9 +521,14 @@ impl Normalize {
                 let r = rstd(stats.data()[groups + g], self.eps);
                 let xhat = (v as f64 - stats.data()[g] as f64) * r;
                 let a = if self.inner { k % inner } else { g };
-                match affine {
+                let y = match affine {
                     Some((w, b)) => (xhat * w.data()[a] as f64 + b.data()[a] as f64) as f32,
                     None => xhat as f32,
+                };
+                if self.relu {
+                    y.max(0.0)
+                } else {
+                    y
                 }
             })
             .collect();
@@ -538,6 +549,9 @@ impl Normalize {
         );
         if self.affine && self.inner {
             k.constants.push(("AFFINE_INNER", 1.0));
+        }
+        if self.relu {
+            k.constants.push(("RELU", 1.0));
         }
         k
     }
@@ -862,6 +876,7 @@ fn normalize_by_groups(
         eps,
         affine: affine.is_some(),
         inner,
+        relu: false,
     });
     let y = g.push_op(op, inputs, g.shape(x))?;
     Ok((y, stats))
