@@ -208,6 +208,54 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
 /// leaves the plan. (A convolution's backward turns NCHW gradients into its column layout this
 /// way before the relu mask.)
 pub(crate) fn fold_permutes(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+    fold_reads(nodes, order, targets, |nodes, _, _, k, e, v| {
+        let Op::Permute(p) = &nodes[v.0].op else {
+            return None;
+        };
+        let src = nodes[v.0].inputs[0];
+        Some(Some(PermutedRead {
+            input: k,
+            in_dims: nodes[src.0].shape.dims().to_vec(),
+            perm: p.perm.clone(),
+            shape: nodes[e.0].shape.clone(),
+        }))
+    });
+}
+
+/// Elementwise kernels broadcast what an `expand` only copies for them: where an input of an
+/// elementwise node (fused or single) is `expand(x)` at the node's own shape, or
+/// `reshape*(expand(x))` of a single-element `x`, and nothing else reads the expand or those
+/// reshapes, the kernel reads `x` with stride 0 along the broadcast axes and the expand's copy
+/// leaves the plan (the backward of a mean or sum: an MSE loss's gradient, a global average
+/// pooling's). After the other fusions: products and reductions take no such program.
+pub(crate) fn fold_expands(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+    fold_reads(nodes, order, targets, |nodes, node, program, k, e, v| {
+        if !matches!(nodes[v.0].op, Op::Expand(_))
+            || program.permuted_read(k).is_some()
+            || program.gathered_read(k).is_some()
+            || program.always_f32(k)
+        {
+            return None;
+        }
+        // read at the node's shape with the expand's broadcast, or a single value
+        let src = nodes[v.0].inputs[0];
+        ((e == v && nodes[v.0].shape == node.shape) || nodes[src.0].shape.numel() == 1)
+            .then_some(None)
+    });
+}
+
+/// The common part of [`fold_permutes`] and [`fold_expands`]: for each input `k` of an
+/// elementwise node that the node reads once at its own element count, `e` = `reshape*(v)`,
+/// `pick(nodes, node, program, k, e, v)` says whether the kernel reads `v`'s input instead
+/// (`Some`, with the transpose it reads it through, if any). The reshapes and `v` must be
+/// read by this node alone, and nothing may write that input in place in between; they leave
+/// the plan.
+fn fold_reads(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+    pick: impl Fn(&[Node], &Node, &Fused, usize, NodeId, NodeId) -> Option<Option<PermutedRead>>,
+) {
     let mut dropped: Vec<NodeId> = Vec::new();
     for pos in 0..order.len() {
         let id = order[pos];
@@ -234,25 +282,19 @@ pub(crate) fn fold_permutes(nodes: &mut [Node], order: &mut Vec<NodeId>, targets
                 chain.push(v);
                 v = nodes[v.0].inputs[0];
             }
-            let Op::Permute(p) = &nodes[v.0].op else {
+            let Some(read) = pick(nodes, n, &program, k, e, v) else {
                 continue;
             };
             chain.push(v);
             let src = nodes[v.0].inputs[0];
-            let p_pos = order.iter().position(|&o| o == v).unwrap_or(pos);
+            let v_pos = order.iter().position(|&o| o == v).unwrap_or(pos);
             if chain
                 .iter()
                 .any(|&c| targets.contains(&c) || readers(c) != 1)
-                || super::lower::written_between(nodes, order, src, p_pos, pos)
+                || super::lower::written_between(nodes, order, src, v_pos, pos)
             {
                 continue;
             }
-            let read = PermutedRead {
-                input: k,
-                in_dims: nodes[src.0].shape.dims().to_vec(),
-                perm: p.perm.clone(),
-                shape: nodes[e.0].shape.clone(),
-            };
             folds.push((k, read, src, chain));
         }
         if folds.is_empty() {
@@ -260,77 +302,7 @@ pub(crate) fn fold_permutes(nodes: &mut [Node], order: &mut Vec<NodeId>, targets
         }
         let mut inputs = n.inputs.clone();
         for (k, read, src, chain) in folds {
-            program.permuted.push(read);
-            inputs[k] = src;
-            dropped.extend(chain);
-        }
-        let node = &mut nodes[id.0];
-        node.op = Op::Fused(program);
-        node.inputs = inputs;
-    }
-    order.retain(|id| !dropped.contains(id));
-}
-
-/// Elementwise kernels broadcast what an `expand` only copies for them: where an input of an
-/// elementwise node (fused or single) is `expand(x)` at the node's own shape, or
-/// `reshape*(expand(x))` of a single-element `x`, and nothing else reads the expand or those
-/// reshapes, the kernel reads `x` with stride 0 along the broadcast axes and the expand's copy
-/// leaves the plan (the backward of a mean or sum: an MSE loss's gradient, a global average
-/// pooling's). After the other fusions: products and reductions take no such program.
-pub(crate) fn fold_expands(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
-    let mut dropped: Vec<NodeId> = Vec::new();
-    for pos in 0..order.len() {
-        let id = order[pos];
-        let n = &nodes[id.0];
-        let Some(program) = program_of(n) else {
-            continue;
-        };
-        let readers = |x: NodeId| {
-            order
-                .iter()
-                .filter(|r| !dropped.contains(r) && nodes[r.0].inputs.contains(&x))
-                .count()
-        };
-        let mut folds = Vec::new();
-        for (k, &e) in n.inputs.iter().enumerate() {
-            if n.inputs.iter().filter(|&&i| i == e).count() != 1
-                || nodes[e.0].shape.numel() != n.shape.numel()
-                || program.permuted_read(k).is_some()
-                || program.gathered_read(k).is_some()
-                || program.always_f32(k)
-            {
-                continue;
-            }
-            let mut chain = Vec::new();
-            let mut v = e;
-            while matches!(nodes[v.0].op, Op::Reshape) {
-                chain.push(v);
-                v = nodes[v.0].inputs[0];
-            }
-            if !matches!(nodes[v.0].op, Op::Expand(_)) {
-                continue;
-            }
-            let src = nodes[v.0].inputs[0];
-            // read at the node's shape with the expand's broadcast, or a single value
-            let broadcast = (chain.is_empty() && nodes[v.0].shape == n.shape)
-                || nodes[src.0].shape.numel() == 1;
-            chain.push(v);
-            let e_pos = order.iter().position(|&o| o == v).unwrap_or(pos);
-            if !broadcast
-                || chain
-                    .iter()
-                    .any(|&c| targets.contains(&c) || readers(c) != 1)
-                || super::lower::written_between(nodes, order, src, e_pos, pos)
-            {
-                continue;
-            }
-            folds.push((k, src, chain));
-        }
-        if folds.is_empty() {
-            continue;
-        }
-        let mut inputs = n.inputs.clone();
-        for (k, src, chain) in folds {
+            program.permuted.extend(read);
             inputs[k] = src;
             dropped.extend(chain);
         }
