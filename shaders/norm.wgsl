@@ -38,7 +38,8 @@
 //                       sums (BLOCKS x 2 rows), which a reduction adds up         (GroupSums)
 //   normalize_affine_backward
 //                       dx = weight[g] rstd (dy - sums[g] / n - xhat sums[SUMS_ROW + g] / n),
-//                       elementwise (n = OUTER * INNER)               (NormalizeAffineBackward)
+//                       elementwise (n = OUTER * INNER); with CHANNELS_FIRST stored as
+//                       (GROUPS, OUTER, INNER), a convolution's layout (NormalizeAffineBackward)
 //   inner_sums          sums[c] = sum(dy), sums[SUMS_ROW + c] = sum(dy xhat) over the elements
 //                       at INNER position c of every group, xhat recomputed from x: a layer
 //                       norm's bias and weight gradients (rows of SUMS_ROW, INNER rounded up
@@ -86,6 +87,7 @@
 // Overrides: OUTER, GROUPS, INNER, EPS; TPG (threads per group, a power of two <= 256); N,
 //            MOMENTUM, SCALE0, SCALE1 (running_update; N is merge_stats' elements per group);
 //            AFFINE_INNER (normalize_affine); RELU (normalize(_affine), stats_normalize*);
+//            CHANNELS_FIRST (normalize_affine_backward);
 //            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward); BLOCKS, BLOCK_LEN
 //            (group_stats, merge_stats, group_sums: blocks of each group and their elements;
 //            inner_sums: blocks of rows and their rows); STATS_OFF, WRITE_STATS
@@ -115,6 +117,7 @@ override SCALE1: f32 = 1.0;
 override TPG: u32 = 256u;
 override AFFINE_INNER: bool = false;
 override RELU: bool = false;
+override CHANNELS_FIRST: bool = false;
 override SUMS_ROW: u32 = GROUPS;
 override STATS_OFF: u32 = 0u;
 override WRITE_STATS: bool = true;
@@ -512,7 +515,16 @@ fn normalize_affine_backward(
     let n = f32(OUTER * INNER);
     let rstd = 1.0 / sqrt(stats2[GROUPS + g] + EPS);
     let xh = (ld_x1(i) - stats2[g]) * rstd;
-    st_dx5(i, weight3[g] * rstd * (ld_dy(i) - sums[g] / n - xh * (sums[SUMS_ROW + g] / n)));
+    let dx = weight3[g] * rstd * (ld_dy(i) - sums[g] / n - xh * (sums[SUMS_ROW + g] / n));
+    st_dx5(select(i, channels_first_index(i), CHANNELS_FIRST), dx);
+}
+
+// Where element i = (o, g, r) of (OUTER, GROUPS, INNER) lives in (GROUPS, OUTER, INNER).
+fn channels_first_index(i: u32) -> u32 {
+    let r = i % INNER;
+    let g = (i / INNER) % GROUPS;
+    let o = i / (INNER * GROUPS);
+    return (g * OUTER + o) * INNER + r;
 }
 
 @compute @workgroup_size(256)

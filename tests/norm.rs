@@ -1040,8 +1040,10 @@ fn batch_norm_parameter_gradients_over_large_channels() {
 /// conv-BN-ReLU: the relu after a batch norm runs in the normalization's kernel (statistics of
 /// their own: small channels; in blocks: large ones; inside the normalization: a few hundred
 /// elements; through the reshape back to NCHW), in training (the running statistics moving,
-/// the statistics viewed past the fused output by the backward) and in evaluation; f32 and
-/// f16 activations; a normalization something else reads too keeps its relu kernel. Outputs,
+/// the statistics viewed past the fused output by the backward) and in evaluation; after a
+/// convolution, the batch norm's input gradient is stored channels first for the
+/// convolution's backward (no permute); f32 and f16 activations; a normalization something
+/// else reads too keeps its relu kernel. Outputs,
 /// gradients and running statistics against the CPU reference, outputs poisoned with NaN.
 #[test]
 fn batch_norm_relu_is_one_kernel() {
@@ -1089,6 +1091,40 @@ fn batch_norm_relu_is_one_kernel() {
                 assert_eq!(count_op(&k, "relu"), 0, "{what}: {k:#?}");
             }
         }
+        // after a convolution (training): the input gradient stored channels first for the
+        // convolution's backward, no permute
+        let g = Graph::new();
+        let x = g.input_as("x", [3, 2, 7, 6], dtype);
+        let cw = g.cast(g.input("cw", [4, 2, 3, 3]), dtype).unwrap();
+        let h = g
+            .conv2d_fused(x, cw, None, kiln::ops::conv::Conv2dOpts::default(), false)
+            .unwrap();
+        let (w, b) = (g.input("w", [4]), g.input("b", [4]));
+        let y = g.batch_norm(h, Some((w, b)), None, true, EPS).unwrap();
+        let y = g.cast(g.relu(y).unwrap(), DType::F32).unwrap();
+        let loss = random_projection(&g, y, 10);
+        let grads = g.grad(loss, &[x, w, b]).unwrap();
+        let mut outs = vec![y];
+        outs.extend(grads.iter().map(|&d| g.cast(d, DType::F32).unwrap()));
+        let feeds = [
+            ("x".to_string(), skewed(&[3, 2, 7, 6], 6)),
+            ("cw".to_string(), rand(&[4, 2, 3, 3], 7)),
+            ("w".to_string(), rand(&[4], 8)),
+            ("b".to_string(), rand(&[4], 9)),
+        ];
+        let tol = if dtype == DType::F16 {
+            TOL_F16
+        } else {
+            TOL_REDUCTION
+        };
+        let what = format!("conv-bn-relu, {dtype}");
+        let plan = check_plan(&dev, &what, &g, &outs, &feeds, tol);
+        let k: Vec<String> = plan.kernels().iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            count_op(&k, "relu") + count_op(&k, "permute"),
+            0,
+            "{what}: {k:#?}"
+        );
         // the normalization requested too: its relu stays a kernel
         let g = Graph::new();
         let x = g.input_as("x", [4, 3, 5, 7], dtype);

@@ -17,7 +17,9 @@
 //!    a recurrence's backward reads the padded part of its state gradient as a window;
 //!    [`split_cross_entropy`]: a loss over more logits than one workgroup should fold runs per
 //!    row over the GPU, then a mean; [`gradient_with_cross_entropy`]: a small one computes its
-//!    gradient too; [`relu_into_normalize`]: a batch norm's relu runs in its kernel;
+//!    gradient too; [`relu_into_normalize`]: a batch norm's relu runs in its kernel, and
+//!    [`channels_first_normalize_backward`] its input gradient is stored in the layout the
+//!    convolution before it reads;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
 //!    and their sum with the epilogue;
 //! 3. [`implicit_im2col`]: products reading `im2col(x)` read the image instead;
@@ -128,6 +130,7 @@ pub(crate) fn lower(
     gradient_with_cross_entropy(nodes, order);
     pads_into_lstm_backward(nodes, order, targets);
     relu_into_normalize(nodes, order, targets);
+    channels_first_normalize_backward(nodes, order, targets);
     split_k(nodes, order, ch);
     implicit_im2col(nodes, order, targets, ch);
     nchw_conv_output(nodes, order, targets);
@@ -1353,6 +1356,61 @@ pub(crate) fn relu_into_normalize(nodes: &mut [Node], order: &mut Vec<NodeId>, t
     }
     order.retain(|id| !dropped.contains(id));
     place_after(order, &moves);
+}
+
+/// A batch norm's input gradient that only a transpose to channels first reads (`(N, C, HW)`
+/// to `(C, N, HW)`: the layout a convolution's backward reads its output gradient in) is stored
+/// so by its kernel (`NormalizeBackward::channels_first`): the transpose's node takes the
+/// gradient's op (its readers read the same values), the gradient's node and the reshapes
+/// between go. One kernel and one pass over the gradient fewer per conv-BN layer.
+pub(crate) fn channels_first_normalize_backward(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    let mut dropped = Vec::new();
+    for p_pos in 0..order.len() {
+        let p = order[p_pos];
+        let Op::Permute(perm) = &nodes[p.0].op else {
+            continue;
+        };
+        if perm.perm != [1, 0, 2] {
+            continue;
+        }
+        let mut chain = vec![nodes[p.0].inputs[0]];
+        while let Op::Reshape = nodes[chain[chain.len() - 1].0].op {
+            chain.push(nodes[chain[chain.len() - 1].0].inputs[0]);
+        }
+        let d = chain[chain.len() - 1];
+        let Op::NormalizeAffineBackward(nb) = nodes[d.0].op else {
+            continue;
+        };
+        let Some(d_pos) = order.iter().position(|&o| o == d) else {
+            continue;
+        };
+        // the transpose's input must be the gradient's (OUTER, GROUPS, INNER) itself
+        let dy = &nodes[nodes[d.0].inputs[0].0].shape;
+        let through = &nodes[nodes[p.0].inputs[0].0].shape;
+        let inputs = nodes[d.0].inputs.clone();
+        if nb.channels_first
+            || through.dims() != dy.dims()
+            || chain
+                .iter()
+                .any(|&c| targets.contains(&c) || readers(nodes, order, c) != 1)
+            || inputs
+                .iter()
+                .any(|&i| written_between(nodes, order, i, d_pos, p_pos))
+        {
+            continue;
+        }
+        nodes[p.0].op = Op::NormalizeAffineBackward(crate::ops::norm::NormalizeBackward {
+            channels_first: true,
+            ..nb
+        });
+        nodes[p.0].inputs = inputs;
+        dropped.extend(chain);
+    }
+    order.retain(|id| !dropped.contains(id));
 }
 
 /// Whether a node of `order` strictly between positions `from` and `to` writes the storage of
@@ -2799,7 +2857,8 @@ mod tests {
             |op: &Op| matches!(op, Op::MatMulEpilogue(e) if e.transposed_store() == Some(9));
         assert!(has(&nodes, &order, &transposed));
         // a batch norm's relu inside its normalization (statistics of their own, and inside
-        // it, viewed by the backward past the fused output)
+        // it, viewed by the backward past the fused output); after a convolution, its input
+        // gradient stored channels first
         for shape in [[2usize, 3, 9, 9], [2, 3, 2, 2]] {
             let g = Graph::new();
             let x = g.input("x", shape);
@@ -2824,6 +2883,29 @@ mod tests {
             };
             assert!(has(&nodes, &order, &fused), "{shape:?}");
         }
+        let g = Graph::new();
+        let x = g.input("x", [2, 3, 9, 9]);
+        let cw = g.input("cw", [4, 3, 3, 3]);
+        let h = g
+            .conv2d_fused(x, cw, None, Conv2dOpts::default(), false)
+            .unwrap();
+        let affine = (g.input("w", [4]), g.input("b", [4]));
+        let y = g
+            .relu(g.batch_norm(h, Some(affine), None, true, 1e-5).unwrap())
+            .unwrap();
+        let loss = g
+            .sum_all(g.mul(y, g.constant(rand(&g.shape(y).0, 34))).unwrap())
+            .unwrap();
+        let outs = g.grad(loss, &[x, cw, affine.0, affine.1]).unwrap();
+        let feeds = [
+            ("x", rand(&[2, 3, 9, 9], 35)),
+            ("cw", rand(&[4, 3, 3, 3], 36)),
+            ("w", rand(&[4], 37)),
+            ("b", rand(&[4], 38)),
+        ];
+        let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
+        let first = |op: &Op| matches!(op, Op::NormalizeAffineBackward(n) if n.channels_first);
+        assert!(has(&nodes, &order, &first));
         // broadcast reads instead of expands: a unary step and a dropout on one (the twin
         // expands first), an MSE gradient's single value
         let g = Graph::new();

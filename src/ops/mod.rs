@@ -550,7 +550,10 @@ impl Op {
                 .reshape(out.clone())
                 .expect("as many elements"),
             Op::GroupSums(s) => s.cpu(inputs[0], inputs[1], inputs[2]),
-            Op::NormalizeAffineBackward(n) => n.affine_cpu(inputs),
+            Op::NormalizeAffineBackward(n) => n
+                .affine_cpu(inputs)
+                .reshape(out.clone())
+                .expect("as many elements"),
             Op::NormalizeBackward(n) => n.cpu(inputs, out),
             Op::Attention(a) => a.cpu(inputs, out),
             Op::AttentionGrad(a) => a.cpu(inputs, out),

@@ -577,6 +577,7 @@ impl Normalize {
                 eps: self.eps,
                 weighted: false,
                 residual: false,
+                channels_first: false,
             };
             let dx = g.push_op(Op::NormalizeBackward(op), vec![dy, y, x[1]], shape)?;
             return Ok(vec![Some(dx), None]);
@@ -597,6 +598,7 @@ impl Normalize {
                 eps: self.eps,
                 weighted: true,
                 residual: false,
+                channels_first: false,
             };
             g.push_op(Op::NormalizeBackward(op), vec![dy, x[0], x[1], x[2]], shape)?
         } else {
@@ -604,6 +606,7 @@ impl Normalize {
                 eps: self.eps,
                 weighted: false,
                 residual: false,
+                channels_first: false,
             };
             g.push_op(
                 Op::NormalizeAffineBackward(op),
@@ -757,12 +760,16 @@ impl GroupSums {
 /// weight[i]` and `xhat` recomputed from `x`, reduced per group as the plain form. `residual`
 /// (weighted only, made by the plan compiler): a fifth input `res` of as many elements is added
 /// to `dx` (the gradient that reaches a layer norm's input through the residual connection
-/// around it), so that the sum is not a kernel of its own.
+/// around it), so that the sum is not a kernel of its own. `channels_first` (the affine form,
+/// made by the plan compiler: `exec::lower::channels_first_normalize_backward`): `dx` is stored
+/// as `(GROUPS, OUTER, INNER)`, the layout a convolution's backward reads its output gradient
+/// in, without a permute after it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NormalizeBackward {
     pub eps: f32,
     pub weighted: bool,
     pub residual: bool,
+    pub channels_first: bool,
 }
 
 impl NormalizeBackward {
@@ -771,6 +778,30 @@ impl NormalizeBackward {
         let [dy, x, stats, w, sums] = inputs else {
             unreachable!("five inputs")
         };
+        let (outer, groups, inner) = split3(dy.shape());
+        let dx = self.affine_cpu_nchw(dy, x, stats, w, sums);
+        if !self.channels_first {
+            return dx;
+        }
+        let data = (0..dx.numel())
+            .map(|k| {
+                // element k of (GROUPS, OUTER, INNER) is (o, g, i) of dx
+                let (g, o, i) = (k / (outer * inner), (k / inner) % outer, k % inner);
+                dx.data()[(o * groups + g) * inner + i]
+            })
+            .collect();
+        Tensor::new([groups, outer, inner], data).expect("as many elements")
+    }
+
+    /// [`Self::affine_cpu`] in `dy`'s layout.
+    fn affine_cpu_nchw(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        stats: &Tensor,
+        w: &Tensor,
+        sums: &Tensor,
+    ) -> Tensor {
         let (outer, groups, inner) = split3(dy.shape());
         let n = (outer * inner) as f64;
         let data = dy
@@ -800,6 +831,9 @@ impl NormalizeBackward {
             Grid::PerElement,
         );
         k.constants.push(("SUMS_ROW", sums.dims()[1] as f64));
+        if self.channels_first {
+            k.constants.push(("CHANNELS_FIRST", 1.0));
+        }
         k
     }
 
