@@ -23,7 +23,7 @@
 //! running ones in the same submission; test accuracy is measured in evaluation mode, with the
 //! running statistics (`kiln::models::mnist_cnn_bn` is the same network, for `kiln-serve
 //! --model mnist_cnn_bn`). Expected: faster convergence; `--batch-norm --limit 2000 --epochs 3`
-//! reached 73.8%, 94.4%, 96.5% on lavapipe (without: 73.0%, 85.6%, 87.7%), its step 38
+//! reached 73.3%, 94.3%, 96.4% on lavapipe (without: 73.0%, 85.6%, 87.7%), its step 38
 //! dispatches (24 without); with `--f16` too: 74.4%, 94.4%, 96.4%.
 
 use std::path::{Path, PathBuf};
