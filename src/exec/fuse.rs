@@ -276,12 +276,7 @@ fn fold_reads(
             {
                 continue;
             }
-            let mut chain = Vec::new();
-            let mut v = e;
-            while matches!(nodes[v.0].op, Op::Reshape) {
-                chain.push(v);
-                v = nodes[v.0].inputs[0];
-            }
+            let (mut chain, v) = super::lower::under_reshapes(nodes, e);
             let Some(read) = pick(nodes, n, &program, k, e, v) else {
                 continue;
             };

@@ -725,6 +725,17 @@ pub(crate) fn row_sums_in_products(nodes: &mut [Node], order: &mut Vec<NodeId>, 
     place_after(order, &moves);
 }
 
+/// The reshapes `x` is made of (`x` first, when it is one) and the node under them: what a
+/// rewrite that sees through views of the same elements reaches.
+pub(crate) fn under_reshapes(nodes: &[Node], mut x: NodeId) -> (Vec<NodeId>, NodeId) {
+    let mut views = Vec::new();
+    while let Op::Reshape = nodes[x.0].op {
+        views.push(x);
+        x = nodes[x.0].inputs[0];
+    }
+    (views, x)
+}
+
 /// The nodes of `order` that read `v`, each counted once per node.
 pub(crate) fn readers(nodes: &[Node], order: &[NodeId], v: NodeId) -> usize {
     order
@@ -1302,11 +1313,8 @@ pub(crate) fn relu_into_normalize(nodes: &mut [Node], order: &mut Vec<NodeId>, t
             continue;
         }
         // the normalization, or a reshape of it (a batch norm's (N, C, H*W) back to NCHW)
-        let mut chain = vec![nodes[r.0].inputs[0]];
-        while let Op::Reshape = nodes[chain[chain.len() - 1].0].op {
-            chain.push(nodes[chain[chain.len() - 1].0].inputs[0]);
-        }
-        let y = chain[chain.len() - 1];
+        let (mut chain, y) = under_reshapes(nodes, nodes[r.0].inputs[0]);
+        chain.push(y);
         let fused = match &nodes[y.0].op {
             Op::Normalize(n) if !n.relu => Op::Normalize(Normalize { relu: true, ..*n }),
             Op::NormalizeStats(s) if !s.norm.relu => Op::NormalizeStats(NormalizeStats {
@@ -1377,11 +1385,8 @@ pub(crate) fn channels_first_normalize_backward(
         if perm.perm != [1, 0, 2] {
             continue;
         }
-        let mut chain = vec![nodes[p.0].inputs[0]];
-        while let Op::Reshape = nodes[chain[chain.len() - 1].0].op {
-            chain.push(nodes[chain[chain.len() - 1].0].inputs[0]);
-        }
-        let d = chain[chain.len() - 1];
+        let (mut chain, d) = under_reshapes(nodes, nodes[p.0].inputs[0]);
+        chain.push(d);
         let Op::NormalizeAffineBackward(nb) = nodes[d.0].op else {
             continue;
         };
@@ -1530,16 +1535,15 @@ pub(crate) fn fuse_matmul_epilogue(
         // the product, read as it is or through reshapes (same element order: a linear layer
         // on (B, L, E) runs as one [B*L, E] product), each read by nothing else
         let product = |y: NodeId| {
-            let mut views = Vec::new();
-            let mut p = y;
-            while let Op::Reshape = nodes[p.0].op {
-                views.push(p);
-                p = nodes[p.0].inputs[0];
-                if targets.contains(&p) || readers(p) != 1 {
-                    return None;
-                }
-            }
-            matches!(nodes[p.0].op, Op::MatMul(_)).then_some((p, views))
+            let (views, p) = under_reshapes(nodes, y);
+            // what lies under the first view (`y`'s own readers are checked with it)
+            let mut under = views
+                .iter()
+                .skip(1)
+                .copied()
+                .chain(views.first().map(|_| p));
+            let alone = under.all(|v| !targets.contains(&v) && readers(v) == 1);
+            (alone && matches!(nodes[p.0].op, Op::MatMul(_))).then_some((p, views))
         };
         let dims = |p: NodeId| match nodes[p.0].op {
             Op::MatMul(mm) => mm
