@@ -288,6 +288,73 @@ fn fusion_in_f16() {
     assert_eq!(check(&dev, "folded transpose", &g, &[t], &f, TOL_F16), 1);
 }
 
+/// Casts of f32 tensors to f16 cost no kernel of their own where one elementwise kernel reads
+/// them (`fuse::fold_casts`: rounded on load) or a transpose is their only reader
+/// (`fuse::programs_into_permutes`), and a transpose runs the chain it alone reads. Compared
+/// exactly where the result is f32 (a missed rounding would show), else at f16 tolerance.
+#[test]
+fn casts_and_chains_fold_into_their_readers() {
+    let Some(dev) = device(true) else { return };
+    let exact = (0.0, 1e-7);
+    let g = Graph::new();
+    let x = g.input("x", [7, 5]);
+    let y = g.input_as("y", [7, 5], DType::F16);
+    let b = g.input("b", [5]);
+    let f = vec![
+        ("x".to_string(), rand(&[7, 5], 61)),
+        ("y".to_string(), rand(&[7, 5], 62)),
+        ("b".to_string(), rand(&[5], 63)),
+    ];
+    let half = |v: NodeId| g.cast(v, DType::F16).unwrap();
+    let cases: Vec<(&str, NodeId, (f64, f64))> = vec![
+        // the only value read rounded, the result cast back to f32: one kernel, exact
+        (
+            "f32(relu(f16(x)))",
+            g.cast(g.relu(half(x)).unwrap(), DType::F32).unwrap(),
+            exact,
+        ),
+        // beside f16 values, broadcast (a bias)
+        ("y + f16(b)", g.add(y, half(b)).unwrap(), TOL_F16),
+        (
+            "f16(x) * y + f16(b)",
+            {
+                let m = g.mul(half(x), y).unwrap();
+                g.add(m, half(b)).unwrap()
+            },
+            TOL_F16,
+        ),
+        // a transpose of a cast, both ways (exact: no arithmetic)
+        ("f16(x)^T", g.transpose(half(x), 0, 1).unwrap(), exact),
+        (
+            "f32(y)^T",
+            g.transpose(g.cast(y, DType::F32).unwrap(), 0, 1).unwrap(),
+            exact,
+        ),
+        // a transpose of a chain of two inputs, f16
+        (
+            "(f16(x) * y + 1)^T",
+            g.transpose(g.add_scalar(g.mul(half(x), y).unwrap(), 1.0).unwrap(), 0, 1)
+                .unwrap(),
+            TOL_F16,
+        ),
+    ];
+    for (what, out, tol) in cases {
+        let plan = common::check_plan(&dev, what, &g, &[out], &f, tol);
+        assert_eq!(plan.info().dispatches, 1, "{what}: {:#?}", plan.kernels());
+    }
+    // a cast also read by another kernel stays (one rounding, stored once)
+    let c = half(x);
+    let two = [g.add(c, y).unwrap(), g.transpose(c, 0, 1).unwrap()];
+    let plan = common::check_plan(&dev, "shared cast", &g, &two, &f, TOL_F16);
+    assert_eq!(
+        common::count_op(&plan.kernels(), "cast"),
+        1,
+        "{:#?}",
+        plan.kernels()
+    );
+    assert_eq!(plan.info().dispatches, 3, "{:#?}", plan.kernels());
+}
+
 /// A two-layer network whose products and activations run in f16 from f32 parameters (cast in,
 /// cast out, loss in f32, as under autocast): its gradients are f32 and agree with the f32
 /// network's to f16 precision, on the CPU reference and on the GPU; `verify` passes.
@@ -691,7 +758,7 @@ fn recurrent_layers_in_f16() {
                 ("x".to_string(), rand(&[t, b, i], 22)),
                 ("len".to_string(), Tensor::new([b], lengths).unwrap()),
             ];
-            check(
+            let plan = common::check_plan(
                 &dev,
                 &format!("f16 {cell} T={t} B={b} H={h}"),
                 &g,
@@ -699,6 +766,21 @@ fn recurrent_layers_in_f16() {
                 &f,
                 (3e-3, 3e-2),
             );
+            // the parameters are read as the f32 tensors they are, rounded on load: the biases
+            // by the input projection's epilogue (`fuse::fold_casts`) or the recurrence's
+            // kernels (the GRU's and RNN's b_hh), the recurrent weight by those kernels and
+            // its transpose (`Op::rounded_f16_inputs`): no cast kernel of theirs
+            let gates = g.shape(out.params[2]).numel();
+            let kernels = plan.kernels();
+            for cast in [
+                format!("cast [{gates}] f16"),
+                format!("cast [{gates}, {h}] f16"),
+            ] {
+                assert!(
+                    !kernels.iter().any(|k| k.contains(&cast)),
+                    "{cell}: {kernels:#?}"
+                );
+            }
         }
     }
 }
@@ -795,6 +877,69 @@ fn mixed_precision_training_steps() {
             "step {k}: loss {a} on the GPU, {b} on the CPU"
         );
     }
+}
+
+/// A mixed-precision LSTM classifier (f16 layer and head, f32 loss; Adam with clipping) trains
+/// step for step as on the CPU reference, with no cast kernel: the biases are rounded on load
+/// by the input projection's epilogue, the recurrent weight by the recurrence's kernels and its
+/// transpose, and the biases' shared f16 gradient is read by the update itself.
+#[test]
+fn mixed_precision_lstm_training_steps() {
+    use kiln::nn::{Init, Linear, Lstm, Optimizer, TrainStep};
+    let (t, b, i, h) = (5, 4, 3, 6);
+    let train = |dev: &Device| -> (Vec<f32>, Vec<String>) {
+        let mut init = Init::new(5);
+        let lstm = Lstm::new("lstm", i, h, 1, false, &mut init);
+        let head = Linear::new("head", h, 3, &mut init);
+        let g = Graph::new();
+        let x = g.input("x", [t, b, i]);
+        let y = g.input("y", [b]);
+        let out = lstm
+            .apply(&g, g.cast(x, DType::F16).unwrap(), None, None)
+            .unwrap();
+        let hn = g.reshape(out.h_n, &[b as isize, h as isize]).unwrap();
+        let (logits, hp) = head.apply(&g, hn).unwrap();
+        let loss = g.cross_entropy(logits, y).unwrap();
+        let mut params = out.params.clone();
+        params.extend(hp);
+        let opt = Optimizer::adam(0.05).clip_grad_norm(1.0);
+        let mut step = TrainStep::new(dev, &g, loss, &params, opt, 0).unwrap();
+        let xs = rand(&[t, b, i], 81);
+        let ys = Tensor::new([b], (0..b).map(|k| (k % 3) as f32).collect()).unwrap();
+        let losses = (0..8)
+            .map(|_| {
+                step.step(&[("x", &xs), ("y", &ys)], true)
+                    .unwrap()
+                    .expect("the loss was asked for")
+            })
+            .collect();
+        let kernels = step
+            .plan_mut()
+            .kernels()
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        (losses, kernels)
+    };
+    let (want, _) = train(&Device::cpu());
+    assert!(want[7] < want[0], "the loss goes down: {want:?}");
+    let Some(dev) = device(true) else { return };
+    let (got, kernels) = train(&dev);
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() <= 2e-3 + 2e-2 * b.abs(),
+            "step {k}: loss {a} on the GPU, {b} on the CPU"
+        );
+    }
+    assert!(
+        !kernels.iter().any(|k| k.contains(" cast ")),
+        "{kernels:#?}"
+    );
+    let transpose = format!("fused [{h}, {}] f16", 4 * h);
+    assert!(
+        kernels.iter().any(|k| k.contains(&transpose)),
+        "{kernels:#?}"
+    );
 }
 
 /// The gradient of a cast is the gradient cast back (straight through the rounding): checked

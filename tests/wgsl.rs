@@ -264,6 +264,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
             ],
             permuted: Vec::new(),
             gathered: Vec::new(),
+            rounded: Vec::new(),
         };
         validate(&format!("{u:?}"), &f, &[&[7, 3], &[7, 3]], &[7, 3]);
     }
@@ -298,6 +299,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
             ],
             permuted: Vec::new(),
             gathered: Vec::new(),
+            rounded: Vec::new(),
         };
         validate(&format!("{b:?} {sa:?} {sb:?}"), &f, &[sa, sb], out);
     }
@@ -311,6 +313,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         ],
         permuted: Vec::new(),
         gathered: Vec::new(),
+        rounded: Vec::new(),
     };
     validate("dropout", &f, &[&[4, 6], &[1], &[4, 6]], &[4, 6]);
     // a shared input (x * x + x), then the most inputs one kernel takes, each broadcast its own way
@@ -321,6 +324,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         ],
         permuted: Vec::new(),
         gathered: Vec::new(),
+        rounded: Vec::new(),
     };
     validate("x * x + x", &f, &[&[9]], &[9]);
     let mut steps = vec![step(
@@ -350,6 +354,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
             steps,
             permuted: Vec::new(),
             gathered: Vec::new(),
+            rounded: Vec::new(),
         },
         &ins,
         &[3, 4, 5],
@@ -370,6 +375,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         ],
         permuted: Vec::new(),
         gathered: vec![lookup(0, 3, 7, &[3, 5, 13]), lookup(1, 4, 5, &[5, 13])],
+        rounded: Vec::new(),
     };
     let ins: [&[usize]; 5] = [&[7, 13], &[5, 13], &[13], &[3, 5], &[5]];
     validate("token and position lookups", &f, &ins, &[3, 5, 13]);
@@ -382,8 +388,42 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         steps: vec![step(StepOp::Unary(UnaryOp::Relu), &[I(0)], &[1, 4])],
         permuted: Vec::new(),
         gathered: vec![lookup(0, 1, 1, &[1, 4])],
+        rounded: Vec::new(),
     };
     validate("a one-row table", &f, &[&[1, 4], &[1]], &[1, 4]);
+    // folded casts: f32 inputs rounded to f16 on load beside f16 ones (a broadcast bias, one
+    // read through a transpose), stored as f16 and as f32; and a program of rounded inputs alone
+    let f = Fused {
+        steps: vec![
+            step(StepOp::Binary(BinaryOp::Mul), &[I(0), I(1)], &[6, 4]),
+            step(StepOp::Binary(BinaryOp::Add), &[S(0), I(2)], &[6, 4]),
+        ],
+        permuted: vec![kiln::ops::fused::PermutedRead {
+            input: 1,
+            in_dims: vec![4, 6],
+            perm: vec![1, 0],
+            shape: Shape(vec![6, 4]),
+        }],
+        gathered: Vec::new(),
+        rounded: vec![1, 2],
+    };
+    let shapes = [Shape(vec![6, 4]), Shape(vec![4, 6]), Shape(vec![4])];
+    let refs: Vec<&Shape> = shapes.iter().collect();
+    let out = Shape(vec![6, 4]);
+    for to in [kiln::DType::F16, kiln::DType::F32] {
+        let k = kernel_from(&f, &refs, &out, kiln::DType::F16, to);
+        assert!(k.wgsl.contains("f32(f16(x2["), "{}", k.wgsl);
+        validate_wgsl(&format!("rounded inputs stored as {to:?}"), &k.wgsl);
+    }
+    let f = Fused {
+        steps: vec![step(StepOp::Unary(UnaryOp::Relu), &[I(0)], &[5])],
+        permuted: Vec::new(),
+        gathered: Vec::new(),
+        rounded: vec![0],
+    };
+    let five = Shape(vec![5]);
+    let k = kernel_from(&f, &[&five], &five, kiln::DType::F16, kiln::DType::F32);
+    validate_wgsl("a rounded input alone", &k.wgsl);
 }
 
 /// Every well-formed configuration of the tensor-core kernel, whatever memory it needs.
@@ -569,6 +609,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
         ],
         permuted: Vec::new(),
         gathered: Vec::new(),
+        rounded: Vec::new(),
     };
     let row = Shape(vec![20]);
     let cfg = GemmConfig::parse("64x64x16/4x4").unwrap();
@@ -706,6 +747,7 @@ fn reductions_with_prologues_are_valid_wgsl() {
         ],
         permuted: Vec::new(),
         gathered: Vec::new(),
+        rounded: Vec::new(),
     };
     let col = Shape(vec![5, 1, 3]);
     for (axis, kind) in [
@@ -752,6 +794,7 @@ fn reductions_with_prologues_are_valid_wgsl() {
             ],
             permuted: Vec::new(),
             gathered: Vec::new(),
+            rounded: Vec::new(),
         };
         let epi = epilogue(&epi_program, 1, &[&w, &out], &out, 1, kiln::DType::F32);
         let g = reduce_with_epilogue(&x, r.kernel(&x), &epi);
@@ -824,6 +867,7 @@ fn every_optimizer_group_is_valid_wgsl() {
         ],
         permuted: Vec::new(),
         gathered: Vec::new(),
+        rounded: Vec::new(),
     };
     let epilogue =
         kiln::codegen::elementwise::epilogue(&clip, 0, &[&one, &one], &one, 2, kiln::DType::F32);
@@ -913,6 +957,18 @@ fn f16_variants_of_shaders_are_valid_wgsl() {
     assert!(f16_wgsl("loss").contains("labels: array<f32>; // always f32"));
     assert!(f16_wgsl("norm").contains("stats: array<f32>; // always f32"));
     assert!(f16_wgsl("attention").contains("mask: array<f32>; // always f32"));
+    // recurrences reading their f32 weight (and bias) rounded on load: a folded cast
+    for (family, rounded) in [("lstm", &["whh"][..]), ("gru", &["whh", "bhh"][..])] {
+        let src = kiln::codegen::storage::f16_wgsl_rounding(family, rounded);
+        for name in rounded {
+            assert!(
+                src.contains(&format!("{name}: array<f32>;"))
+                    && src.contains(&format!("return f32(f16({name}[i]));")),
+                "{family}: {name}"
+            );
+        }
+        validate_wgsl(&format!("{family} (f16, {rounded:?} rounded)"), &src);
+    }
     assert!(
         f16_family("matmul").is_none(),
         "generated per shape instead"

@@ -54,6 +54,7 @@ pub fn copy_kernel(
         steps: Vec::new(),
         permuted: permuted.into_iter().collect(),
         gathered: Vec::new(),
+        rounded: Vec::new(),
     };
     kernel_as(&f, &[x], out, dtype, dtype)
 }
@@ -182,6 +183,7 @@ fn wgsl_as(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) ->
                 g.indices, g.shape
             ),
             (None, None, _) if f.only_indices(k) => "indices of a folded lookup".to_string(),
+            (None, None, _) if f.rounds(k) => "rounded to f16 on load (a folded cast)".to_string(),
             (None, None, None) => "contiguous".to_string(),
             (None, None, Some(st)) => format!("element strides {st:?} per output axis"),
         };
@@ -230,11 +232,22 @@ fn main(
         return;
     }}"
     );
-    let load = |k: usize, index: &str| widen(f.input_dtype(k, from), format!("x{k}[{index}]"));
+    let load = |k: usize, index: &str| load_input(f, k, from, format!("x{k}[{index}]"));
     let (body, result) = program_body(f, inputs, out, &load);
     s.push_str(&body);
     let _ = writeln!(s, "    out[i] = {};\n}}", narrow(to, &result));
     s
+}
+
+/// Input `k`'s element `x` as the f32 value the program computes with, in a kernel whose values
+/// are stored as `dtype`: widened, or rounded to f16 first where the input is read through a
+/// folded cast (`Fused::rounded`).
+fn load_input(f: &Fused, k: usize, dtype: DType, x: String) -> String {
+    if f.rounds(k) {
+        super::load(DType::F32, dtype, x)
+    } else {
+        widen(f.input_dtype(k, dtype), x)
+    }
 }
 
 /// The statements computing a fused program at output element `i` (a `u32` in scope), each input
@@ -441,7 +454,7 @@ pub fn epilogue(
         if k == product {
             "v".to_string()
         } else {
-            widen(f.input_dtype(k, dtype), format!("e{k}[{index}]"))
+            load_input(f, k, dtype, format!("e{k}[{index}]"))
         }
     };
     let (body, result) = program_body(f, inputs, out, &load);
@@ -551,7 +564,7 @@ pub fn reduce_with_prologue(
         "@group(0) @binding({}) var<storage, read_write> out: array<{dtype}>;",
         inputs.len()
     );
-    let load = |k: usize, index: &str| widen(f.input_dtype(k, dtype), format!("x{k}[{index}]"));
+    let load = |k: usize, index: &str| load_input(f, k, dtype, format!("x{k}[{index}]"));
     let (body, result) = program_body(f, inputs, x, &load);
     let mut prologue = op_functions(f);
     let _ = writeln!(

@@ -5,8 +5,10 @@
 //! attention), gets its f16 variant here: the same file with
 //! that block rewritten so every binding is `array<f16>`, loads widen to f32 and stores round to
 //! f16, and `enable f16;` in front. A declaration marked `// always f32` (dropout's seed, class
-//! labels, indices, sequence lengths, normalization statistics and parameters) is kept as it is. The kernels'
-//! arithmetic is untouched: f16 tensors compute in f32.
+//! labels, indices, sequence lengths, normalization statistics and parameters) is kept as it is, and
+//! so is one the plan compiler binds to an f32 tensor whose cast to f16 it folded in
+//! ([`f16_wgsl_rounding`]: each element rounded to f16 on load, the value the cast stores). The
+//! kernels' arithmetic is untouched: f16 tensors compute in f32.
 
 use super::Generated;
 use crate::ops::{shader_source, KernelSpec};
@@ -32,6 +34,13 @@ pub fn f16_family(family: &str) -> Option<&'static str> {
 /// The f16 variant of `family`'s WGSL. Panics where the family has no storage block (a bug:
 /// [`f16_family`] names the ones that have).
 pub fn f16_wgsl(family: &str) -> String {
+    f16_wgsl_rounding(family, &[])
+}
+
+/// [`f16_wgsl`] with the bindings named in `rounded` stored as f32 and rounded to f16 on load
+/// (`ld_<name>` gives `f32(f16(x))`): where the plan compiler folded a cast of an f32 tensor
+/// into the kernel (`Op::rounded_f16_inputs`).
+pub fn f16_wgsl_rounding(family: &str, rounded: &[&str]) -> String {
     let src = shader_source(family).expect("a registered shader family");
     let begin = "// generated: begin storage\n";
     let end = "// generated: end storage\n";
@@ -51,6 +60,18 @@ pub fn f16_wgsl(family: &str) -> String {
                 .rsplit(' ')
                 .next()
                 .expect("a declaration names its variable");
+            if rounded.contains(&name) {
+                assert!(
+                    !decl.contains("read_write"),
+                    "{name}: only inputs are rounded"
+                );
+                block.push_str(line);
+                block.push_str(" // f32, rounded to f16 on load (a folded cast)\n");
+                block.push_str(&format!(
+                    "fn ld_{name}(i: u32) -> f32 {{ return f32(f16({name}[i])); }}\n"
+                ));
+                continue;
+            }
             block.push_str(decl);
             block.push_str(": array<f16>;\n");
             block.push_str(&format!(
@@ -76,14 +97,19 @@ pub fn f16_wgsl(family: &str) -> String {
     )
 }
 
-/// `spec` (a kernel of a family with a storage block) as its f16 variant.
-pub fn f16_kernel(spec: KernelSpec) -> Generated {
+/// `spec` (a kernel of a family with a storage block) as its f16 variant, the bindings named in
+/// `rounded` read as f32 and rounded on load ([`f16_wgsl_rounding`]).
+pub fn f16_kernel(spec: KernelSpec, rounded: &[&str]) -> Generated {
     let family = f16_family(spec.family)
         .unwrap_or_else(|| panic!("shaders/{}.wgsl has no f16 variant", spec.family));
-    let wgsl = f16_wgsl(spec.family);
+    let wgsl = f16_wgsl_rounding(spec.family, rounded);
+    let key = match rounded {
+        [] => "f16".to_string(),
+        names => format!("f16,round[{}]", names.join(",")),
+    };
     Generated {
         spec: KernelSpec { family, ..spec },
-        key: "f16".to_string(),
+        key,
         wgsl: wgsl.into(),
     }
 }

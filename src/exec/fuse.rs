@@ -12,15 +12,18 @@
 //! through. Interior nodes leave `order`; the root's inputs become the group's external inputs,
 //! each once.
 //!
-//! After the groups: transposes ([`fold_permutes`]) and embedding lookups ([`fold_embeddings`])
-//! only a group reads are read by its kernel, reductions and products take groups as prologues
-//! and epilogues, and a cast of a group's result is stored by its kernel ([`fuse_casts`]).
+//! After the groups: transposes ([`fold_permutes`]), embedding lookups ([`fold_embeddings`]),
+//! broadcasts ([`fold_expands`]) and casts of f32 values to f16 ([`fold_casts`]) only a group
+//! reads are read by its kernel, a transpose runs the group it alone reads
+//! ([`programs_into_permutes`]), reductions and products take groups as prologues and
+//! epilogues, and a cast of a group's result is stored by its kernel ([`fuse_casts`]).
 
 use crate::codegen::elementwise::MAX_INPUTS;
 use crate::graph::{Node, NodeId};
 use crate::ops::fused::{Fused, GatheredRead, Operand, PermutedRead, Step, StepOp};
 use crate::ops::reduce::ReducePrologue;
 use crate::ops::Op;
+use crate::tensor::DType;
 
 use super::liveness::storage_root;
 use super::lower::readers;
@@ -56,6 +59,7 @@ pub(crate) fn program_of(n: &Node) -> Option<Fused> {
             }],
             permuted: Vec::new(),
             gathered: Vec::new(),
+            rounded: Vec::new(),
         }),
         _ => None,
     }
@@ -196,6 +200,7 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
             steps,
             permuted: Vec::new(),
             gathered: Vec::new(),
+            rounded: Vec::new(),
         });
         n.inputs = inputs;
     }
@@ -208,17 +213,103 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
 /// leaves the plan. (A convolution's backward turns NCHW gradients into its column layout this
 /// way before the relu mask.)
 pub(crate) fn fold_permutes(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
-    fold_reads(nodes, order, targets, |nodes, _, _, k, e, v| {
+    fold_reads(nodes, order, targets, |nodes, node, _, k, e, v| {
         let Op::Permute(p) = &nodes[v.0].op else {
             return None;
         };
+        if nodes[e.0].shape.numel() != node.shape.numel() {
+            return None;
+        }
         let src = nodes[v.0].inputs[0];
-        Some(Some(PermutedRead {
+        Some(Fold::Permuted(PermutedRead {
             input: k,
             in_dims: nodes[src.0].shape.dims().to_vec(),
             perm: p.perm.clone(),
             shape: nodes[e.0].shape.clone(),
         }))
+    });
+}
+
+/// Transposes run the elementwise program they alone read: where a permute's input is an
+/// elementwise node (fused or single, every step and input at its shape) or a cast that nothing
+/// else reads, the permute's kernel computes the program, reading its inputs through the
+/// permutation, and the producer's kernel and its pass over memory go. (A mixed-precision
+/// LSTM's `cast(w_hh)^T`, read by its recurrence, is one kernel.)
+pub(crate) fn programs_into_permutes(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    let mut dropped: Vec<NodeId> = Vec::new();
+    for pos in 0..order.len() {
+        let id = order[pos];
+        let Op::Permute(perm) = &nodes[id.0].op else {
+            continue;
+        };
+        let p = nodes[id.0].inputs[0];
+        let pn = &nodes[p.0];
+        let program = match &pn.op {
+            Op::Cast(_) => Some(Fused::identity()),
+            _ => program_of(pn),
+        };
+        let Some(mut program) = program else {
+            continue;
+        };
+        let p_pos = order.iter().position(|&o| o == p).unwrap_or(pos);
+        let plain = program.permuted.is_empty()
+            && program.gathered.is_empty()
+            && program.rounded.is_empty()
+            && !program.has_dropout()
+            && program.steps.iter().all(|s| s.shape == pn.shape)
+            && pn.inputs.iter().all(|&x| nodes[x.0].shape == pn.shape);
+        if !plain
+            || targets.contains(&p)
+            || readers(nodes, order, p) != 1
+            || pn
+                .inputs
+                .iter()
+                .any(|&x| super::lower::written_between(nodes, order, x, p_pos, pos))
+        {
+            continue;
+        }
+        let shape = nodes[id.0].shape.clone();
+        for s in &mut program.steps {
+            s.shape = shape.clone();
+        }
+        program.permuted = (0..pn.inputs.len())
+            .map(|k| PermutedRead {
+                input: k,
+                in_dims: pn.shape.dims().to_vec(),
+                perm: perm.perm.clone(),
+                shape: shape.clone(),
+            })
+            .collect();
+        let inputs = pn.inputs.clone();
+        let node = &mut nodes[id.0];
+        node.op = Op::Fused(program);
+        node.inputs = inputs;
+        dropped.push(p);
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
+/// Elementwise kernels of f16 values read f32 tensors that a cast only rounds for them: where an
+/// input of such a node is `cast(x, f16)` of an f32 `x` that nothing else reads, the kernel
+/// reads `x` and rounds each element on load (`Fused::rounded`: the value the cast stores) and
+/// the cast leaves the plan. A mixed-precision LSTM's biases added to its input projection (in
+/// the product's epilogue) are read as the f32 parameters they are.
+pub(crate) fn fold_casts(nodes: &mut [Node], order: &mut Vec<NodeId>, targets: &[NodeId]) {
+    fold_reads(nodes, order, targets, |nodes, _, program, k, e, v| {
+        let Op::Cast(c) = nodes[v.0].op else {
+            return None;
+        };
+        let x = nodes[v.0].inputs[0];
+        (e == v
+            && c.to == DType::F16
+            && nodes[x.0].dtype == DType::F32
+            && program.gathered_read(k).is_none()
+            && !program.always_f32(k))
+        .then_some(Fold::Rounded)
     });
 }
 
@@ -239,22 +330,32 @@ pub(crate) fn fold_expands(nodes: &mut [Node], order: &mut Vec<NodeId>, targets:
         }
         // read at the node's shape with the expand's broadcast, or a single value
         let src = nodes[v.0].inputs[0];
-        ((e == v && nodes[v.0].shape == node.shape) || nodes[src.0].shape.numel() == 1)
-            .then_some(None)
+        let whole = nodes[e.0].shape.numel() == node.shape.numel();
+        (whole && ((e == v && nodes[v.0].shape == node.shape) || nodes[src.0].shape.numel() == 1))
+            .then_some(Fold::Plain)
     });
 }
 
-/// The common part of [`fold_permutes`] and [`fold_expands`]: for each input `k` of an
-/// elementwise node that the node reads once at its own element count, `e` = `reshape*(v)`,
+/// How an elementwise kernel reads the input under a node [`fold_reads`] folds.
+enum Fold {
+    /// As it is (with the broadcast its shape gives).
+    Plain,
+    /// Through a transpose.
+    Permuted(PermutedRead),
+    /// Rounded to f16 on load.
+    Rounded,
+}
+
+/// The common part of [`fold_permutes`], [`fold_expands`] and [`fold_casts`]: for each input
+/// `k` of an elementwise node that the node reads once, `e` = `reshape*(v)`,
 /// `pick(nodes, node, program, k, e, v)` says whether the kernel reads `v`'s input instead
-/// (`Some`, with the transpose it reads it through, if any). The reshapes and `v` must be
-/// read by this node alone, and nothing may write that input in place in between; they leave
-/// the plan.
+/// (`Some`, with how it reads it). The reshapes and `v` must be read by this node alone, and
+/// nothing may write that input in place in between; they leave the plan.
 fn fold_reads(
     nodes: &mut [Node],
     order: &mut Vec<NodeId>,
     targets: &[NodeId],
-    pick: impl Fn(&[Node], &Node, &Fused, usize, NodeId, NodeId) -> Option<Option<PermutedRead>>,
+    pick: impl Fn(&[Node], &Node, &Fused, usize, NodeId, NodeId) -> Option<Fold>,
 ) {
     let mut dropped: Vec<NodeId> = Vec::new();
     for pos in 0..order.len() {
@@ -271,9 +372,7 @@ fn fold_reads(
         };
         let mut folds = Vec::new();
         for (k, &e) in n.inputs.iter().enumerate() {
-            if n.inputs.iter().filter(|&&i| i == e).count() != 1
-                || nodes[e.0].shape.numel() != n.shape.numel()
-            {
+            if n.inputs.iter().filter(|&&i| i == e).count() != 1 {
                 continue;
             }
             let (mut chain, v) = super::lower::under_reshapes(nodes, e);
@@ -297,7 +396,11 @@ fn fold_reads(
         }
         let mut inputs = n.inputs.clone();
         for (k, read, src, chain) in folds {
-            program.permuted.extend(read);
+            match read {
+                Fold::Plain => {}
+                Fold::Permuted(p) => program.permuted.push(p),
+                Fold::Rounded => program.rounded.push(k),
+            }
             inputs[k] = src;
             dropped.extend(chain);
         }

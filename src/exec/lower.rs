@@ -27,8 +27,10 @@
 //!    mask reads that through a transpose step 5 folds); [`fold_operand_casts`]: f16 products
 //!    read f32 operands cast to f16 (mixed precision's parameters) themselves;
 //! 5. with fusion on (`exec::fuse`): elementwise chains become one node, transposes fold into
-//!    them, reductions take their input's chain as a prologue, and products their reader's chain
-//!    as an epilogue ([`fuse_matmul_epilogue`]); products apply a dropout only they read as
+//!    them and run the chains they alone read (`fuse::programs_into_permutes`), reductions take
+//!    their input's chain as a prologue, chains of f16 values read f32 tensors that a cast only
+//!    rounds for them (`fuse::fold_casts`), and products their reader's chain as an epilogue
+//!    ([`fuse_matmul_epilogue`]); products apply a dropout only they read as
 //!    they load the operand ([`dropout_into_products`]), and a narrow of rows only they read
 //!    in place ([`strided_operands`]); a max-pooling backward applies the
 //!    relu mask after it ([`relu_mask_into_max_pool_backward`]); elementwise kernels do the
@@ -138,8 +140,10 @@ pub(crate) fn lower(
     if fusion {
         super::fuse::fuse_elementwise(nodes, order, targets);
         super::fuse::fold_permutes(nodes, order, targets);
+        super::fuse::programs_into_permutes(nodes, order, targets);
         super::fuse::fuse_reduce_prologue(nodes, order, targets);
         super::fuse::fuse_reduce_epilogue(nodes, order, targets);
+        super::fuse::fold_casts(nodes, order, targets);
         fuse_matmul_epilogue(nodes, order, targets, ch);
         dropout_into_products(nodes, order, targets, ch);
         strided_operands(nodes, order, targets, ch);
@@ -215,8 +219,10 @@ pub(crate) fn fold_constant_casts(nodes: &mut [Node], order: &mut Vec<NodeId>, t
 /// `cast(x, f16)` of an f32 `x`, possibly through a reshape (a convolution's weight), lets the
 /// product read `x` and round it on load (`codegen::load`: the value the cast stores), and drops
 /// the cast where nothing else reads it: mixed precision's f32 parameters then cost no kernel
-/// of their own. Reads move from the cast's step to the product's, so no in-place update of `x`
-/// may lie between ([`written_between`]). Likewise a sum of squares (gradient clipping's norm)
+/// of their own. A recurrence's f16 kernels read its recurrent weight (and the GRU's and RNN's
+/// recurrent bias) so too (`Op::rounded_f16_inputs`); the weight's transpose for the forward
+/// then runs the cast itself (`fuse::programs_into_permutes`). Reads move from the cast's step
+/// to the reader's, so no in-place update of `x` may lie between ([`written_between`]). Likewise a sum of squares (gradient clipping's norm)
 /// reads `cast(g, f32)` of an f16 `g` as `g` itself (widening is exact), so the gradients'
 /// casts of a mixed-precision step can fold into the optimizer's update kernels.
 pub(crate) fn fold_operand_casts(
@@ -248,16 +254,19 @@ pub(crate) fn fold_operand_casts(
             i += 1;
             continue;
         }
-        // the operand slots: a, b and the bias where there is one
-        let slots = match n.op {
-            Op::MatMul(_) | Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) => n.inputs.len(),
-            _ => 0,
+        // the operand slots: a, b and the bias where there is one; a recurrence's weight (and
+        // recurrent bias)
+        let slots: Vec<usize> = match n.op {
+            Op::MatMul(_) | Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) => {
+                (0..n.inputs.len()).collect()
+            }
+            _ => n.op.rounded_f16_inputs().iter().map(|&(k, _)| k).collect(),
         };
         if n.dtype != DType::F16 {
             i += 1;
             continue;
         }
-        for k in 0..slots {
+        for k in slots {
             let operand = nodes[id.0].inputs[k];
             // cast(x) or reshape(cast(x))
             let (cast, view) = match nodes[operand.0].op {
@@ -559,8 +568,9 @@ pub(crate) fn group_optimizer_updates(
                 scale_inputs: if computed { scale_inputs.len() } else { 1 },
                 scale_from: if computed { scale_from.clone() } else { None },
             };
-            // a gradient cast from f16 (mixed precision) that only this update reads is read
-            // as f16 by the group itself: the cast's kernel goes
+            // a gradient cast from f16 (mixed precision) that only this group's updates read
+            // (an LSTM's two biases share one gradient) is read as f16 by the group itself:
+            // the cast's kernel goes
             let mut casts = Vec::new();
             let grads: Vec<NodeId> = kept
                 .iter()
@@ -570,14 +580,13 @@ pub(crate) fn group_optimizer_updates(
                         Op::Cast(c) if c.to == DType::F32 => Some(nodes[grad.0].inputs[0]),
                         _ => None,
                     };
-                    let readers = order
+                    let others = order
                         .iter()
-                        .filter(|r| nodes[r.0].inputs.contains(&grad))
-                        .count();
+                        .any(|r| !kept.contains(r) && nodes[r.0].inputs.contains(&grad));
                     match half {
                         Some(h)
                             if nodes[h.0].dtype == DType::F16
-                                && readers == 1
+                                && !others
                                 && !outputs.contains(&grad)
                                 && at(order, grad)
                                     .is_some_and(|p| !written_between(nodes, order, h, p, q)) =>
@@ -2101,7 +2110,9 @@ pub(crate) fn select(
         let g = crate::codegen::reduce_group::sum_squares_kernel(s, &sizes, &in_dtypes[..members]);
         return Some((g.spec.clone(), Some(g)));
     }
-    if dtype == DType::F16 || in_dtypes.contains(&DType::F16) {
+    // (a program rounding inputs to f16 computes with f16 values whatever it stores)
+    let rounds = matches!(op, Op::Fused(f) if !f.rounded.is_empty());
+    if dtype == DType::F16 || in_dtypes.contains(&DType::F16) || rounds {
         return select_f16(op, inputs, in_dtypes, out, dtype, ch);
     }
     match op {
@@ -2325,23 +2336,33 @@ fn select_f16(
         }],
         permuted: Vec::new(),
         gathered: Vec::new(),
+        rounded: Vec::new(),
     };
     let g = match op {
         Op::Reshape | Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => return None,
         Op::Cast(_) => elementwise::cast_kernel(out, in_dtypes[0], dtype),
         Op::Unary(u) => elementwise::kernel(&single(StepOp::Unary(*u)), inputs, out, dtype),
         Op::Binary(b) => elementwise::kernel(&single(StepOp::Binary(*b)), inputs, out, dtype),
-        // stored as its inputs (f32 or f16, but for indices and seeds), its result as `dtype`:
-        // a cast done by the program's kernel (`fuse::fuse_casts`)
+        // stored as its inputs (f32 or f16, but for indices, seeds and inputs rounded on load:
+        // f16 values), its result as `dtype`: a cast done by the program's kernel
+        // (`fuse::fuse_casts`)
         Op::Fused(f) => {
             let values: Vec<DType> = (0..inputs.len())
-                .filter(|&k| !f.always_f32(k))
+                .filter(|&k| !f.always_f32(k) && !f.rounds(k))
                 .map(|k| in_dtypes[k])
                 .collect();
-            let from = values.first().copied().unwrap_or(dtype);
+            let from = match (values.first(), f.rounded.is_empty()) {
+                (Some(&d), _) => d,
+                (None, true) => dtype,
+                (None, false) => DType::F16,
+            };
             assert!(
                 values.iter().all(|&d| d == from),
                 "a fused program's inputs share one type"
+            );
+            assert!(
+                f.rounded.is_empty() || from == DType::F16,
+                "inputs rounded to f16 in a program of f16 values"
             );
             elementwise::kernel_from(f, inputs, out, from, dtype)
         }
@@ -2471,8 +2492,17 @@ fn select_f16(
             }
         }
         // the others are hand-written kernels with a storage block: their f16 variants (the
-        // graph's dtype rule lets only those families see f16; `f16_kernel` names a miss)
-        other => crate::codegen::storage::f16_kernel(other.kernel(inputs, out, ch.target)?),
+        // graph's dtype rule lets only those families see f16; `f16_kernel` names a miss),
+        // reading f32 where a cast was folded in
+        other => {
+            let rounded: Vec<&str> = other
+                .rounded_f16_inputs()
+                .iter()
+                .filter(|(k, _)| in_dtypes.get(*k) == Some(&DType::F32))
+                .map(|&(_, name)| name)
+                .collect();
+            crate::codegen::storage::f16_kernel(other.kernel(inputs, out, ch.target)?, &rounded)
+        }
     };
     Some((g.spec.clone(), Some(g)))
 }
@@ -2932,6 +2962,27 @@ mod tests {
         let (nodes, order) = evaluates_as_the_graph(&g, &[u, d, dp], &feeds);
         let expands = |op: &Op| matches!(op, Op::Expand(_));
         assert!(!has(&nodes, &order, &expands));
+        // casts to f16 rounded on load (broadcast, and through a transpose), transposes running
+        // the chains and casts they alone read
+        let g = Graph::new();
+        let half = |name: &str, s: &[usize]| g.cast(g.input(name, s.to_vec()), DType::F16).unwrap();
+        let sum = g.add(half("y", &[6, 5]), half("b", &[5])).unwrap();
+        let t = g.transpose(half("x", &[6, 5]), 0, 1).unwrap();
+        let chain = g.mul(half("x2", &[6, 5]), half("y2", &[6, 5])).unwrap();
+        // (one step: a fused chain of f16 values rounds only its result, unlike the graph)
+        let tc = g.transpose(chain, 0, 1).unwrap();
+        let feeds = ["y", "b", "x", "x2", "y2"]
+            .map(|n| (n, rand(if n == "b" { &[5] } else { &[6, 5] }, 40)));
+        let (nodes, order) = evaluates_as_the_graph(&g, &[sum, t, tc], &feeds);
+        let casts = |op: &Op| matches!(op, Op::Cast(_));
+        assert!(!has(&nodes, &order, &casts));
+        assert_eq!(
+            order
+                .iter()
+                .filter(|id| matches!(nodes[id.0].op, Op::Fused(_)))
+                .count(),
+            3
+        );
         // a clipped training step, clipping and not: the update groups compute the coefficient
         // from the partial sums of squares
         for max_norm in [0.05f32, 1e3] {

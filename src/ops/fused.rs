@@ -118,6 +118,10 @@ pub struct Fused {
     pub permuted: Vec<PermutedRead>,
     /// Inputs read through a folded embedding lookup.
     pub gathered: Vec<GatheredRead>,
+    /// Inputs read through a folded cast to f16 (`exec::fuse::fold_casts`): stored as f32 in a
+    /// kernel whose other values are f16, each rounded to f16 on load (the value the cast
+    /// stores), so that mixed precision's f32 parameters need no cast kernel.
+    pub rounded: Vec<usize>,
 }
 
 impl Fused {
@@ -127,6 +131,7 @@ impl Fused {
             steps: Vec::new(),
             permuted: Vec::new(),
             gathered: Vec::new(),
+            rounded: Vec::new(),
         }
     }
 
@@ -150,10 +155,10 @@ impl Fused {
     }
 
     /// The storage type of input `k` in a kernel storing the others as `dtype`: f32 for
-    /// dropout seeds and gathered reads' indices (always f32, also in f16 graphs), else
-    /// `dtype`.
+    /// dropout seeds, gathered reads' indices (always f32, also in f16 graphs) and inputs read
+    /// through a folded cast, else `dtype`.
     pub fn input_dtype(&self, k: usize, dtype: DType) -> DType {
-        if self.always_f32(k) {
+        if self.always_f32(k) || self.rounds(k) {
             DType::F32
         } else {
             dtype
@@ -167,6 +172,11 @@ impl Fused {
             .iter()
             .any(|s| matches!(s.op, StepOp::Dropout(_)) && s.args[1] == Operand::Input(k))
             || self.gathered.iter().any(|g| g.indices == k)
+    }
+
+    /// Whether input `k` is stored as f32 and rounded to f16 on load (a folded cast).
+    pub fn rounds(&self, k: usize) -> bool {
+        self.rounded.contains(&k)
     }
 
     /// How input `k` is read, if through a folded embedding lookup.
@@ -221,6 +231,23 @@ impl Fused {
                 }
             })
             .collect();
+        // and folded casts, as the graph's cast to f16 stored them
+        let rounded: Vec<Tensor> = self
+            .rounded
+            .iter()
+            .map(|&k| inputs[k].clone().rounded(DType::F16))
+            .collect();
+        let inputs: Vec<&Tensor> = (0..inputs.len())
+            .map(|k| match self.rounded.iter().position(|&r| r == k) {
+                Some(j) => &rounded[j],
+                None => inputs[k],
+            })
+            .collect();
+        if self.steps.is_empty() {
+            // a copy (a cast, a transpose): input 0 as the node's shape
+            let data = inputs[0].data().to_vec();
+            return Tensor::new(out.clone(), data).expect("a copy keeps the element count");
+        }
         let mut values: Vec<Tensor> = Vec::with_capacity(self.steps.len());
         for s in &self.steps {
             let v = {

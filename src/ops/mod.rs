@@ -207,6 +207,20 @@ pub const TOL_REDUCTION: Tolerance = (1e-5, 1e-4);
 pub const TOL_F16: Tolerance = (1e-3, 1e-2);
 
 impl Op {
+    /// Inputs that this op's f16 kernel (a storage-block variant) may read stored as f32,
+    /// rounding each element to f16 on load, by input index and binding name: the recurrent
+    /// weight, and the GRU's and RNN's recurrent bias, whose casts of mixed precision's f32
+    /// parameters the plan compiler folds in (`exec::lower::fold_operand_casts`).
+    pub fn rounded_f16_inputs(&self) -> &'static [(usize, &'static str)] {
+        match self {
+            Op::LstmForward(_) | Op::LstmBackward(_) => &[(1, "whh")],
+            Op::GruForward(_) | Op::GruBackward(_) | Op::RnnForward(_) | Op::RnnBackward(_) => {
+                &[(1, "whh"), (2, "bhh")]
+            }
+            _ => &[],
+        }
+    }
+
     /// Short op name used in shape errors, debug dumps and verify reports.
     pub fn name(&self) -> &'static str {
         match self {
