@@ -14,9 +14,12 @@
 //   2  dy      storage, read        [1] gradient of the loss
 //   3  dx      storage, read_write  [N, C] (softmax(logits) - onehot(labels)) * dy / N
 // Entry `cross_entropy_with_grad` (small losses in training): both at once, bindings as the
-//   backward's, dx holding the mean loss at 0 and the gradient [N, C] from GRAD_OFF on.
+//   backward's but for
+//   3  both    storage, read_write  f32: the mean loss at 0, the gradient [N, C] from GRAD_OFF on
+//   (f32 in the f16 variant too: the products that read an f16 graph's gradient round it to
+//   f16 as they load it, the value an f16 store would hold).
 // f16 variant (`loss_f16`, generated from the storage block): logits and dx f16, computed in
-// f32; labels, the loss and dy stay f32.
+// f32; labels, the loss, dy and `both` stay f32.
 // Overrides: N rows, C classes; TPR threads per row (the *_rows entries, a power of two <= 256);
 //            GRAD_OFF (cross_entropy_with_grad: where the gradient starts, past the loss).
 // A label that is not an integer in [0, C) gives NaN.
@@ -40,6 +43,7 @@ const WG: u32 = 256u;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>; // always f32
 @group(0) @binding(2) var<storage, read> dy: array<f32>; // always f32
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(3) var<storage, read_write> both: array<f32>; // always f32
 fn ld_logits(i: u32) -> f32 { return logits[i]; }
 fn st_dx(i: u32, v: f32) { dx[i] = v; }
 // generated: end storage
@@ -129,12 +133,12 @@ fn cross_entropy_with_grad(@builtin(local_invocation_index) lid: u32) {
         for (var c = 0u; c < C; c = c + 1u) {
             let p = exp(ld_logits(base + c) - m) * inv;
             let onehot = select(0.0, 1.0, c == k);
-            st_dx(GRAD_OFF + base + c, (p - onehot) * scale + bad);
+            both[GRAD_OFF + base + c] = (p - onehot) * scale + bad;
         }
     }
     mean_loss(lid, acc);
     if lid == 0u {
-        st_dx(0u, part[0] / f32(N));
+        both[0] = part[0] / f32(N);
     }
 }
 

@@ -879,6 +879,48 @@ fn mixed_precision_training_steps() {
     }
 }
 
+/// An f16 classifier's small cross-entropy computes its gradient in the loss's kernel, stored in
+/// f32 past the loss, where products alone read that gradient (they round it to f16 on load):
+/// no backward kernel, values as the CPU reference's (which stores the gradient in f16). A
+/// gradient also requested keeps its own f16 kernel.
+#[test]
+fn f16_classifier_gradients_come_with_the_loss() {
+    let Some(dev) = device(true) else { return };
+    let g = Graph::new();
+    let h = g.input_as("h", [13, 8], DType::F16);
+    let w = g.input_as("w", [8, 37], DType::F16);
+    let y = g.input("y", [13]);
+    let logits = g.matmul(h, w).unwrap();
+    let loss = g.cross_entropy(logits, y).unwrap();
+    let grads = g.grad(loss, &[h, w, logits]).unwrap();
+    let f32s: Vec<NodeId> = grads
+        .iter()
+        .map(|&d| g.cast(d, DType::F32).unwrap())
+        .collect();
+    let labels: Vec<f32> = (0..13).map(|i| ((i * 7) % 37) as f32).collect();
+    let f = vec![
+        ("h".to_string(), rand(&[13, 8], 91)),
+        ("w".to_string(), rand(&[8, 37], 92)),
+        ("y".to_string(), Tensor::new([13], labels).unwrap()),
+    ];
+    for (what, outs, backward) in [
+        ("products alone", vec![loss, f32s[0], f32s[1]], 0),
+        (
+            "gradient requested",
+            vec![loss, f32s[0], f32s[1], f32s[2]],
+            1,
+        ),
+    ] {
+        let plan = common::check_plan(&dev, what, &g, &outs, &f, TOL_F16);
+        let kernels = plan.kernels();
+        assert_eq!(
+            common::count_op(&kernels, "cross_entropy_backward"),
+            backward,
+            "{what}: {kernels:#?}"
+        );
+    }
+}
+
 /// A mixed-precision LSTM classifier (f16 layer and head, f32 loss; Adam with clipping) trains
 /// step for step as on the CPU reference, with no cast kernel: the biases are rounded on load
 /// by the input projection's epilogue, the recurrent weight by the recurrence's kernels and its
@@ -886,11 +928,13 @@ fn mixed_precision_training_steps() {
 #[test]
 fn mixed_precision_lstm_training_steps() {
     use kiln::nn::{Init, Linear, Lstm, Optimizer, TrainStep};
-    let (t, b, i, h) = (5, 4, 3, 6);
+    let (t, b, i, h) = (5, 12, 3, 6);
     let train = |dev: &Device| -> (Vec<f32>, Vec<String>) {
         let mut init = Init::new(5);
         let lstm = Lstm::new("lstm", i, h, 1, false, &mut init);
-        let head = Linear::new("head", h, 3, &mut init);
+        // (ten classes, more rows than the skinny-product kernel takes: the head's weight
+        // gradient runs on the tiled kernel, which sums the bias gradient as it goes)
+        let head = Linear::new("head", h, 10, &mut init);
         let g = Graph::new();
         let x = g.input("x", [t, b, i]);
         let y = g.input("y", [b]);
@@ -905,7 +949,7 @@ fn mixed_precision_lstm_training_steps() {
         let opt = Optimizer::adam(0.05).clip_grad_norm(1.0);
         let mut step = TrainStep::new(dev, &g, loss, &params, opt, 0).unwrap();
         let xs = rand(&[t, b, i], 81);
-        let ys = Tensor::new([b], (0..b).map(|k| (k % 3) as f32).collect()).unwrap();
+        let ys = Tensor::new([b], (0..b).map(|k| (k % 10) as f32).collect()).unwrap();
         let losses = (0..8)
             .map(|_| {
                 step.step(&[("x", &xs), ("y", &ys)], true)
@@ -933,6 +977,12 @@ fn mixed_precision_lstm_training_steps() {
     }
     assert!(
         !kernels.iter().any(|k| k.contains(" cast ")),
+        "{kernels:#?}"
+    );
+    // the loss's kernel computes its gradient (f32, rounded by the products that read it)
+    assert_eq!(
+        common::count_op(&kernels, "cross_entropy_backward"),
+        0,
         "{kernels:#?}"
     );
     let transpose = format!("fused [{h}, {}] f16", 4 * h);

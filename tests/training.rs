@@ -54,7 +54,8 @@ fn cross_entropy_matches_and_differentiates() {
 /// last workgroup) and a batch of rows of 37 (the one-workgroup loss, the per-row gradient);
 /// f16 logits; a bad label is NaN in the loss and in its row's gradient only. Small f32 losses
 /// (13 x 37, 300 x 10: threads folding two rows, 1 x 1) compute their gradient in the loss's
-/// kernel (`CrossEntropy::with_grad`): no backward kernel.
+/// kernel (`CrossEntropy::with_grad`): no backward kernel (f16 ones only where products alone
+/// read the gradient, not a cast as here: `tests/f16.rs`).
 #[test]
 fn cross_entropy_over_large_vocabularies_runs_per_row() {
     let Some(dev) = gpu() else { return };

@@ -214,10 +214,11 @@ fn operand(
     g.cast(resident(dev, g, name, value)?, dtype)
 }
 
-/// One element of `y` as f32: what a case reads back.
+/// One element of `y` as f32: what a case reads back (cut first, a view of `y`'s front, so that
+/// an f16 case casts one value, not the whole tensor).
 fn probe(g: &Graph, y: kiln::NodeId) -> kiln::Result<kiln::NodeId> {
-    let flat = g.cast(g.reshape(y, &[-1])?, kiln::DType::F32)?;
-    g.narrow(flat, 0, 0, 1)
+    let first = g.narrow(g.reshape(y, &[-1])?, 0, 0, 1)?;
+    g.cast(first, kiln::DType::F32)
 }
 
 /// " (f16 graph)" for f16 cases, with the kernels they count.

@@ -129,7 +129,7 @@ pub(crate) fn lower(
     split_group_reductions(nodes, order);
     running_update_in_stats(nodes, order, outputs);
     split_cross_entropy(nodes, order);
-    gradient_with_cross_entropy(nodes, order);
+    gradient_with_cross_entropy(nodes, order, targets);
     pads_into_lstm_backward(nodes, order, targets);
     relu_into_normalize(nodes, order, targets);
     channels_first_normalize_backward(nodes, order, targets);
@@ -1183,12 +1183,18 @@ pub(crate) fn split_cross_entropy(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>
 }
 
 /// Where a training step's cross-entropy is small enough for one workgroup to compute its
-/// gradient too (`loss::WITH_GRAD_MAX` logits, f32) and its backward node reads the same logits
+/// gradient too (`loss::WITH_GRAD_MAX` logits) and its backward node reads the same logits
 /// and labels with a loss gradient available before the loss (a constant, an input, a scale),
 /// the loss's kernel writes the gradient past the loss (`CrossEntropy::with_grad`) and the
 /// backward node becomes a view of it (`CrossEntropyBackward::written`): a classifier's step
-/// runs one kernel fewer.
-pub(crate) fn gradient_with_cross_entropy(nodes: &mut [Node], order: &mut Vec<NodeId>) {
+/// runs one kernel fewer. The kernel stores the f32 loss and so the gradient in f32: f16
+/// logits take this only where products alone read their gradient (no target), which then
+/// round it to f16 as they load it (the value an f16 gradient holds).
+pub(crate) fn gradient_with_cross_entropy(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
     use crate::ops::loss::{CrossEntropy, CrossEntropyBackward, WITH_GRAD_MAX};
     let mut moves: Vec<(NodeId, NodeId)> = Vec::new();
     let mut sources: Vec<(NodeId, NodeId)> = Vec::new();
@@ -1198,7 +1204,7 @@ pub(crate) fn gradient_with_cross_entropy(nodes: &mut [Node], order: &mut Vec<No
             continue;
         };
         let (logits, labels) = (nodes[l.0].inputs[0], nodes[l.0].inputs[1]);
-        if nodes[logits.0].dtype != DType::F32 || nodes[logits.0].shape.numel() > WITH_GRAD_MAX {
+        if nodes[logits.0].shape.numel() > WITH_GRAD_MAX {
             continue;
         }
         let at = |n: NodeId| order.iter().position(|&o| o == n);
@@ -1211,6 +1217,16 @@ pub(crate) fn gradient_with_cross_entropy(nodes: &mut [Node], order: &mut Vec<No
         let Some(d) = backward else {
             continue;
         };
+        let half = nodes[d.0].dtype == DType::F16;
+        // (a bias gradient's row sums, a view of its product, name `d` for the CPU twin)
+        let products_alone = order.iter().all(|r| {
+            !nodes[r.0].inputs.contains(&d)
+                || matches!(nodes[r.0].op, Op::MatMul(_) | Op::RowSums(_))
+                    && nodes[r.0].dtype == DType::F16
+        });
+        if half && (targets.contains(&d) || !products_alone) {
+            continue;
+        }
         let dy = nodes[d.0].inputs[2];
         let d_pos = at(d).unwrap_or(l_pos);
         // a source is bound before any kernel runs, wherever `order` lists it
@@ -1227,6 +1243,7 @@ pub(crate) fn gradient_with_cross_entropy(nodes: &mut [Node], order: &mut Vec<No
         nodes[l.0].inputs.push(dy);
         nodes[d.0].op = Op::CrossEntropyBackward(CrossEntropyBackward { written: true });
         nodes[d.0].inputs.push(l);
+        nodes[d.0].dtype = DType::F32;
         moves.push((d, l));
         if nodes[dy.0].op.is_source() && at(dy).is_some_and(|p| p > l_pos) {
             sources.push((dy, l));
