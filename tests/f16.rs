@@ -879,6 +879,69 @@ fn mixed_precision_training_steps() {
     }
 }
 
+/// Where an f16 result of a hand-written kernel is read only by its cast to f32 (a layer norm's
+/// input gradient flowing back to f32 embeddings, a softmax's), the kernel stores it as f32,
+/// rounded to f16 first (`exec::lower::casts_into_producers`): no cast kernel, values exactly
+/// the cast's (compared exactly, so a missed rounding would show). A result also read in f16
+/// keeps its cast.
+#[test]
+fn casts_to_f32_fold_into_their_producers() {
+    let Some(dev) = device(true) else { return };
+    let exact = (0.0, 1e-7);
+    let g = Graph::new();
+    let x = g.input("x", [6, 16]);
+    let w = g.input("w", [6, 16]);
+    let x16 = g.cast(x, DType::F16).unwrap();
+    let y = g.layer_norm(x16, 1, None, 1e-5).unwrap();
+    let loss = g
+        .sum_all(g.mul(g.cast(y, DType::F32).unwrap(), w).unwrap())
+        .unwrap();
+    let dx = g.grad(loss, &[x]).unwrap()[0];
+    // a residual connection around an affine norm (f32 parameters): its gradient added inside
+    // the norm's backward
+    let affine = (g.input("gamma", [16]), g.input("beta", [16]));
+    let h = g
+        .add(x16, g.layer_norm(x16, 1, Some(affine), 1e-5).unwrap())
+        .unwrap();
+    let loss2 = g
+        .sum_all(g.mul(g.cast(h, DType::F32).unwrap(), w).unwrap())
+        .unwrap();
+    let dx2 = g.grad(loss2, &[x]).unwrap()[0];
+    let s = g.softmax(x16, -1).unwrap();
+    let s32 = g.cast(s, DType::F32).unwrap();
+    let f = vec![
+        ("x".to_string(), rand(&[6, 16], 95)),
+        ("w".to_string(), rand(&[6, 16], 96)),
+        ("gamma".to_string(), rand(&[16], 97)),
+        ("beta".to_string(), rand(&[16], 98)),
+    ];
+    // (x's own cast to f16 stays: several kernels read it)
+    // (the residual's gradient is added before the one rounding, not after a first: f16
+    // tolerance there)
+    for (what, outs, producer, tol) in [
+        ("layer norm gradient", vec![dx], "normalize_backward", exact),
+        ("with a residual", vec![dx2], "normalize_backward", TOL_F16),
+        ("softmax", vec![s32], "softmax", exact),
+    ] {
+        let plan = common::check_plan(&dev, what, &g, &outs, &f, tol);
+        let kernels = plan.kernels();
+        assert_eq!(
+            common::count_op(&kernels, "cast"),
+            1,
+            "{what}: {kernels:#?}"
+        );
+        let f32out = |k: &&str| k.contains(producer) && k.contains("f32out");
+        assert!(kernels.iter().any(f32out), "{what}: {kernels:#?}");
+    }
+    let plan = common::check_plan(&dev, "also f16", &g, &[s32, s], &f, exact);
+    assert_eq!(
+        common::count_op(&plan.kernels(), "cast"),
+        2,
+        "{:#?}",
+        plan.kernels()
+    );
+}
+
 /// An f16 classifier's small cross-entropy computes its gradient in the loss's kernel, stored in
 /// f32 past the loss, where products alone read that gradient (they round it to f16 on load):
 /// no backward kernel, values as the CPU reference's (which stores the gradient in f16). A

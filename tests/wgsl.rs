@@ -952,6 +952,10 @@ fn f16_variants_of_shaders_are_valid_wgsl() {
         );
         assert!(src.contains("enable f16;") && src.contains("array<f16>"));
         validate_wgsl(&format!("{family} (f16)"), &src);
+        // results stored as f32, rounded to f16 first (a folded cast after the kernel)
+        let wide = kiln::codegen::storage::f16_wgsl_with(family, &[], true);
+        assert!(wide.contains("= f32(f16(v));"), "{family}");
+        validate_wgsl(&format!("{family} (f16, f32 results)"), &wide);
     }
     assert!(f16_wgsl("dropout").contains("seed: array<f32>; // always f32"));
     assert!(f16_wgsl("loss").contains("labels: array<f32>; // always f32"));
@@ -959,7 +963,7 @@ fn f16_variants_of_shaders_are_valid_wgsl() {
     assert!(f16_wgsl("attention").contains("mask: array<f32>; // always f32"));
     // recurrences reading their f32 weight (and bias) rounded on load: a folded cast
     for (family, rounded) in [("lstm", &["whh"][..]), ("gru", &["whh", "bhh"][..])] {
-        let src = kiln::codegen::storage::f16_wgsl_rounding(family, rounded);
+        let src = kiln::codegen::storage::f16_wgsl_with(family, rounded, false);
         for name in rounded {
             assert!(
                 src.contains(&format!("{name}: array<f32>;"))

@@ -6,9 +6,10 @@
 //! that block rewritten so every binding is `array<f16>`, loads widen to f32 and stores round to
 //! f16, and `enable f16;` in front. A declaration marked `// always f32` (dropout's seed, class
 //! labels, indices, sequence lengths, normalization statistics and parameters) is kept as it is, and
-//! so is one the plan compiler binds to an f32 tensor whose cast to f16 it folded in
-//! ([`f16_wgsl_rounding`]: each element rounded to f16 on load, the value the cast stores). The
-//! kernels' arithmetic is untouched: f16 tensors compute in f32.
+//! so is one the plan compiler binds to an f32 tensor whose cast to f16 it folded in, and the
+//! results where it folded in their cast to f32 ([`f16_wgsl_with`]: each element rounded to f16
+//! on load or before it is stored, the value the cast held). The kernels' arithmetic is
+//! untouched: f16 tensors compute in f32.
 
 use super::Generated;
 use crate::ops::{shader_source, KernelSpec};
@@ -34,13 +35,16 @@ pub fn f16_family(family: &str) -> Option<&'static str> {
 /// The f16 variant of `family`'s WGSL. Panics where the family has no storage block (a bug:
 /// [`f16_family`] names the ones that have).
 pub fn f16_wgsl(family: &str) -> String {
-    f16_wgsl_rounding(family, &[])
+    f16_wgsl_with(family, &[], false)
 }
 
 /// [`f16_wgsl`] with the bindings named in `rounded` stored as f32 and rounded to f16 on load
-/// (`ld_<name>` gives `f32(f16(x))`): where the plan compiler folded a cast of an f32 tensor
-/// into the kernel (`Op::rounded_f16_inputs`).
-pub fn f16_wgsl_rounding(family: &str, rounded: &[&str]) -> String {
+/// (`ld_<name>` gives `f32(f16(x))`: where the plan compiler folded a cast of an f32 tensor
+/// into the kernel, `Op::rounded_f16_inputs`), and with `f32_results` every result (each
+/// `read_write` binding not marked `// always f32`) stored as f32, rounded to f16 first
+/// (`st_<name>` stores `f32(f16(v))`: where the plan compiler folded the cast of the result to
+/// f32 into the kernel, `exec::lower::casts_into_producers`).
+pub fn f16_wgsl_with(family: &str, rounded: &[&str], f32_results: bool) -> String {
     let src = shader_source(family).expect("a registered shader family");
     let begin = "// generated: begin storage\n";
     let end = "// generated: end storage\n";
@@ -72,6 +76,17 @@ pub fn f16_wgsl_rounding(family: &str, rounded: &[&str]) -> String {
                 ));
                 continue;
             }
+            if f32_results && decl.contains("read_write") {
+                block.push_str(line);
+                block.push_str(" // f32, rounded to f16 before it is stored (a folded cast)\n");
+                block.push_str(&format!(
+                    "fn ld_{name}(i: u32) -> f32 {{ return {name}[i]; }}\n"
+                ));
+                block.push_str(&format!(
+                    "fn st_{name}(i: u32, v: f32) {{ {name}[i] = f32(f16(v)); }}\n"
+                ));
+                continue;
+            }
             block.push_str(decl);
             block.push_str(": array<f16>;\n");
             block.push_str(&format!(
@@ -98,15 +113,19 @@ pub fn f16_wgsl_rounding(family: &str, rounded: &[&str]) -> String {
 }
 
 /// `spec` (a kernel of a family with a storage block) as its f16 variant, the bindings named in
-/// `rounded` read as f32 and rounded on load ([`f16_wgsl_rounding`]).
-pub fn f16_kernel(spec: KernelSpec, rounded: &[&str]) -> Generated {
+/// `rounded` read as f32 and rounded on load, and with `f32_results` its results stored as
+/// f32 ([`f16_wgsl_with`]).
+pub fn f16_kernel(spec: KernelSpec, rounded: &[&str], f32_results: bool) -> Generated {
     let family = f16_family(spec.family)
         .unwrap_or_else(|| panic!("shaders/{}.wgsl has no f16 variant", spec.family));
-    let wgsl = f16_wgsl_rounding(spec.family, rounded);
-    let key = match rounded {
+    let wgsl = f16_wgsl_with(spec.family, rounded, f32_results);
+    let mut key = match rounded {
         [] => "f16".to_string(),
         names => format!("f16,round[{}]", names.join(",")),
     };
+    if f32_results {
+        key.push_str(",f32out");
+    }
     Generated {
         spec: KernelSpec { family, ..spec },
         key,

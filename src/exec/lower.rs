@@ -35,8 +35,9 @@
 //!    in place ([`strided_operands`]); a max-pooling backward applies the
 //!    relu mask after it ([`relu_mask_into_max_pool_backward`]); elementwise kernels do the
 //!    embedding lookups only they read and store a cast of their result
-//!    (`fuse::fold_embeddings`, `fuse::fuse_casts`), and broadcast what an expand only copies
-//!    for them (`fuse::fold_expands`);
+//!    (`fuse::fold_embeddings`, `fuse::fuse_casts`; hand-written kernels their result's cast to
+//!    f32, [`casts_into_producers`]), and broadcast what an expand only copies for them
+//!    (`fuse::fold_expands`);
 //! 6. [`group_optimizer_updates`]: a step's parameter updates become one kernel (or a few, as
 //!    the adapter's storage-buffer limit allows).
 //!
@@ -150,6 +151,7 @@ pub(crate) fn lower(
         relu_mask_into_max_pool_backward(nodes, order, targets);
         super::fuse::fold_embeddings(nodes, order, targets);
         super::fuse::fuse_casts(nodes, order, targets);
+        casts_into_producers(nodes, order, targets, ch);
         super::fuse::fold_expands(nodes, order, targets);
     }
     group_optimizer_updates(
@@ -619,6 +621,52 @@ pub(crate) fn group_optimizer_updates(
         if readers(nodes, order, scale) == 0 {
             order.retain(|&id| id != scale);
         }
+    }
+}
+
+/// Where the only reader of an f16 result of a hand-written kernel with a storage block (a layer
+/// norm's input gradient, an attention's) is its cast to f32 (mixed precision's gradients
+/// going back to f32 embeddings), the kernel stores the result as f32 itself, each value
+/// rounded to f16 first (the value the cast reads: `codegen::storage::f16_wgsl_with`), and the
+/// cast's kernel goes: the producer (and the reshapes between) become f32 and the cast a view
+/// of them. Not for views, layout copies (whose being a view depends on the element size),
+/// in-place updates or kernels that write past their result.
+pub(crate) fn casts_into_producers(
+    nodes: &mut [Node],
+    order: &[NodeId],
+    targets: &[NodeId],
+    ch: &Choice,
+) {
+    for &c in order {
+        let Op::Cast(cast) = nodes[c.0].op else {
+            continue;
+        };
+        let (views, p) = under_reshapes(nodes, nodes[c.0].inputs[0]);
+        let pn = &nodes[p.0];
+        let shapes: Vec<&Shape> = pn.inputs.iter().map(|i| &nodes[i.0].shape).collect();
+        let storage_block = pn
+            .op
+            .kernel(&shapes, &pn.shape, ch.target)
+            .is_some_and(|k| crate::codegen::storage::f16_family(k.family).is_some());
+        if cast.to != DType::F32
+            || pn.dtype != DType::F16
+            || !storage_block
+            || matches!(pn.op, Op::AxisCopy(_))
+            || pn.op.view_of(&shapes, &pn.shape, pn.dtype).is_some()
+            || pn.op.binding_mode(pn.inputs.len()).0 < pn.inputs.len()
+            || pn.op.scratch(&shapes, &pn.shape) != 0
+            || !pn.inputs.iter().any(|i| nodes[i.0].dtype == DType::F16)
+            || views
+                .iter()
+                .chain([&p])
+                .any(|&v| targets.contains(&v) || readers(nodes, order, v) != 1)
+        {
+            continue;
+        }
+        for v in views.into_iter().chain([p]) {
+            nodes[v.0].dtype = DType::F32;
+        }
+        nodes[c.0].op = Op::Reshape;
     }
 }
 
@@ -2518,7 +2566,14 @@ fn select_f16(
                 .filter(|(k, _)| in_dtypes.get(*k) == Some(&DType::F32))
                 .map(|&(_, name)| name)
                 .collect();
-            crate::codegen::storage::f16_kernel(other.kernel(inputs, out, ch.target)?, &rounded)
+            // an f32 result of f16 values: its cast folded in (`casts_into_producers`); results
+            // the kernels always store as f32 (a loss, statistics) are marked so and stay
+            let f32_results = dtype == DType::F32;
+            crate::codegen::storage::f16_kernel(
+                other.kernel(inputs, out, ch.target)?,
+                &rounded,
+                f32_results,
+            )
         }
     };
     Some((g.spec.clone(), Some(g)))
