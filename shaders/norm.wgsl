@@ -20,8 +20,10 @@
 //                       RELU, a relu the plan compiler fused)
 //   stats_normalize(_affine)
 //                       group_stats and normalize(_affine) in one kernel: each group's threads
-//                       compute its statistics, write them past the output (at STATS_OFF;
-//                       not with WRITE_STATS false: nothing reads them) and normalize its
+//                       compute its statistics, write them past the output (at STATS_OFF, in
+//                       f32 precision: st_*_f32, whose output is f32 in f32 graphs and where
+//                       the plan compiler stores an f16 graph's result as f32; not with
+//                       WRITE_STATS false: nothing reads them) and normalize its
 //                       elements; for groups of a few thousand elements at most (a layer
 //                       norm's rows)                                         (NormalizeStats)
 //   stats_normalize_affine_running
@@ -177,6 +179,9 @@ fn st_dx4(i: u32, v: f32) { dx4[i] = v; }
 fn st_normalized1(i: u32, v: f32) { normalized1[i] = v; }
 fn st_affine_out3(i: u32, v: f32) { affine_out3[i] = v; }
 fn st_affine_out5(i: u32, v: f32) { affine_out5[i] = v; }
+fn st_normalized1_f32(i: u32, v: f32) { normalized1[i] = v; }
+fn st_affine_out3_f32(i: u32, v: f32) { affine_out3[i] = v; }
+fn st_affine_out5_f32(i: u32, v: f32) { affine_out5[i] = v; }
 // generated: end storage
 
 var<workgroup> partial: array<vec2<f32>, 256>;
@@ -377,8 +382,8 @@ fn stats_normalize(
         st_normalized1(i, relu_if((ld_x(i) - s.x) / d));
     }
     if WRITE_STATS && l.t == 0u && l.count > 0u {
-        st_normalized1(STATS_OFF + l.g, s.x);
-        st_normalized1(STATS_OFF + GROUPS + l.g, s.y);
+        st_normalized1_f32(STATS_OFF + l.g, s.x);
+        st_normalized1_f32(STATS_OFF + GROUPS + l.g, s.y);
     }
 }
 
@@ -400,8 +405,8 @@ fn stats_normalize_affine(
         st_affine_out3(i, relu_if((ld_x(i) - s.x) / d * weight1[a] + bias2[a]));
     }
     if WRITE_STATS && l.t == 0u && l.count > 0u {
-        st_affine_out3(STATS_OFF + l.g, s.x);
-        st_affine_out3(STATS_OFF + GROUPS + l.g, s.y);
+        st_affine_out3_f32(STATS_OFF + l.g, s.x);
+        st_affine_out3_f32(STATS_OFF + GROUPS + l.g, s.y);
     }
 }
 
@@ -424,8 +429,8 @@ fn stats_normalize_affine_running(
     }
     if l.t == 0u && l.count > 0u {
         if WRITE_STATS {
-            st_affine_out5(STATS_OFF + l.g, s.x);
-            st_affine_out5(STATS_OFF + GROUPS + l.g, s.y);
+            st_affine_out5_f32(STATS_OFF + l.g, s.x);
+            st_affine_out5_f32(STATS_OFF + GROUPS + l.g, s.y);
         }
         running3[l.g] = (1.0 - MOMENTUM) * running3[l.g] + MOMENTUM * (SCALE0 * s.x);
         running4[l.g] = (1.0 - MOMENTUM) * running4[l.g] + MOMENTUM * (SCALE1 * s.y);

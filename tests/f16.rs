@@ -942,6 +942,60 @@ fn casts_to_f32_fold_into_their_producers() {
     );
 }
 
+/// An f16 layer norm in training whose result products alone read (a pre-norm block's
+/// projection and its weight gradient) computes its statistics itself and keeps them, in f32,
+/// past its result, which it then stores as f32 (rounded to f16 first; the products round it
+/// on load): no statistics kernel. Values and gradients as the CPU reference's; a result an
+/// elementwise op reads too keeps the statistics' kernel.
+#[test]
+fn f16_layer_norm_statistics_inside_in_training() {
+    let Some(dev) = device(true) else { return };
+    let g = Graph::new();
+    let x = g.input("x", [12, 32]);
+    let w = g.input_as("w", [32, 24], DType::F16);
+    let affine = (g.input("gamma", [32]), g.input("beta", [32]));
+    let r = g.input("r", [12, 24]);
+    let x16 = g.cast(x, DType::F16).unwrap();
+    let y = g.layer_norm(x16, 1, Some(affine), 1e-5).unwrap();
+    let head = |y: NodeId| {
+        let p = g.cast(g.matmul(y, w).unwrap(), DType::F32).unwrap();
+        g.sum_all(g.mul(p, r).unwrap()).unwrap()
+    };
+    let f = vec![
+        ("x".to_string(), rand(&[12, 32], 101)),
+        ("w".to_string(), rand(&[32, 24], 102)),
+        ("gamma".to_string(), rand(&[32], 103)),
+        ("beta".to_string(), rand(&[32], 104)),
+        ("r".to_string(), rand(&[12, 24], 105)),
+    ];
+    let loss = head(y);
+    // the same block with the norm's result also through a relu beside the product
+    let loss2 = g
+        .add(
+            loss,
+            g.sum_all(g.cast(g.relu(y).unwrap(), DType::F32).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+    for (what, loss, stats) in [("products alone", loss, 0), ("a relu too", loss2, 1)] {
+        let mut outs = vec![loss];
+        outs.extend(g.grad(loss, &[x, affine.0, affine.1]).unwrap());
+        let dw = g.grad(loss, &[w]).unwrap()[0];
+        outs.push(g.cast(dw, DType::F32).unwrap());
+        let plan = common::check_plan(&dev, what, &g, &outs, &f, (3e-3, 3e-2));
+        let kernels = plan.kernels();
+        assert_eq!(
+            common::count_op(&kernels, "group_stats"),
+            stats,
+            "{what}: {kernels:#?}"
+        );
+        let wide = kernels
+            .iter()
+            .any(|k| k.contains("normalize [") && k.contains("f32out"));
+        assert_eq!(wide, stats == 0, "{what}: {kernels:#?}");
+    }
+}
+
 /// An f16 classifier's small cross-entropy computes its gradient in the loss's kernel, stored in
 /// f32 past the loss, where products alone read that gradient (they round it to f16 on load):
 /// no backward kernel, values as the CPU reference's (which stores the gradient in f16). A

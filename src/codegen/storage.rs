@@ -54,9 +54,37 @@ pub fn f16_wgsl_with(family: &str, rounded: &[&str], f32_results: bool) -> Strin
         + begin.len();
     let b = a + src[a..].find(end).expect("the storage block ends");
     let mut block = String::new();
+    // the element type each declared binding keeps (f32: `always f32`, rounded or wide)
+    let mut stored_f32: Vec<&str> = Vec::new();
     for line in src[a..b].lines() {
+        // `fn st_<name>_f32(..)`: a store at f32 precision (statistics past a result), which
+        // an f16 binding rounds
+        if let Some(rest) = line.strip_prefix("fn st_") {
+            if let Some(name) = rest
+                .split("_f32(")
+                .next()
+                .filter(|_| rest.contains("_f32("))
+            {
+                let v = if stored_f32.contains(&name) {
+                    "v"
+                } else {
+                    "f16(v)"
+                };
+                block.push_str(&format!(
+                    "fn st_{name}_f32(i: u32, v: f32) {{ {name}[i] = {v}; }}\n"
+                ));
+            }
+            continue;
+        }
         // `@group(0) @binding(k) var<storage, ACCESS> NAME: array<f32>;`
         if line.starts_with("@group") && line.ends_with("// always f32") {
+            if let Some(name) = line
+                .split(": array<f32>")
+                .next()
+                .and_then(|d| d.rsplit(' ').next())
+            {
+                stored_f32.push(name);
+            }
             block.push_str(line);
             block.push('\n');
         } else if let Some(decl) = line.strip_suffix(": array<f32>;") {
@@ -77,6 +105,7 @@ pub fn f16_wgsl_with(family: &str, rounded: &[&str], f32_results: bool) -> Strin
                 continue;
             }
             if f32_results && decl.contains("read_write") {
+                stored_f32.push(name);
                 block.push_str(line);
                 block.push_str(" // f32, rounded to f16 before it is stored (a folded cast)\n");
                 block.push_str(&format!(

@@ -848,9 +848,13 @@ fn place_after(order: &mut Vec<NodeId>, moves: &[(NodeId, NodeId)]) {
 /// Where a normalization reads the `GroupStats` of its own input and its groups are small
 /// (`norm::stats_inside`: a layer norm's rows), its kernel computes them itself
 /// (`Op::NormalizeStats`): one kernel and one pass over `x` fewer. Statistics something else
-/// reads (the backward's kernels) are written past its output, f32 graphs only, and the
-/// statistics node becomes a view of them (`Op::StatsOf`); ones nothing else reads (inference,
-/// f32 or f16) stay in the kernel and their node goes.
+/// reads (the backward's kernels) are written past its output in f32, and the statistics node
+/// becomes a view of them (`Op::StatsOf`); ones nothing else reads (inference, f32 or f16) stay
+/// in the kernel and their node goes. An f16 normalization whose statistics are read so stores
+/// its result as f32 (rounded to f16 first, `codegen::storage::f16_wgsl_with`) where products
+/// alone read that result (a pre-norm transformer's projections and their weight gradients),
+/// which round it on load, and it is small (`F32_NORM_MAX` elements: the wider store costs
+/// less than the statistics' kernel).
 pub(crate) fn stats_inside_normalization(
     nodes: &mut [Node],
     order: &mut Vec<NodeId>,
@@ -875,9 +879,14 @@ pub(crate) fn stats_inside_normalization(
                 .iter()
                 .any(|&o| o != y && nodes[o.0].inputs.contains(&stats));
         let f32 = nodes[y.0].dtype == DType::F32 && nodes[x.0].dtype == DType::F32;
+        // an f16 result read by products alone (directly or through reshapes) can be stored f32
+        let widened = match read_elsewhere && !f32 {
+            true => f32_for_products(nodes, order, targets, y, stats),
+            false => None,
+        };
         if !matches!(nodes[stats.0].op, Op::GroupStats(s) if s == crate::ops::norm::GroupStats::WHOLE)
             || nodes[stats.0].inputs[0] != x
-            || (read_elsewhere && !f32)
+            || (read_elsewhere && !f32 && widened.is_none())
             || !crate::ops::norm::stats_inside(&nodes[x.0].shape)
             || read_before
         {
@@ -886,6 +895,9 @@ pub(crate) fn stats_inside_normalization(
         let s_pos = order.iter().position(|&o| o == stats).unwrap_or(y_pos);
         if written_between(nodes, order, x, s_pos, y_pos) {
             continue;
+        }
+        for v in widened.into_iter().flatten() {
+            nodes[v.0].dtype = DType::F32;
         }
         let n = &mut nodes[y.0];
         n.op = Op::NormalizeStats(crate::ops::norm::NormalizeStats {
@@ -905,6 +917,46 @@ pub(crate) fn stats_inside_normalization(
     }
     order.retain(|o| !unread.contains(o));
     place_after(order, &moves);
+}
+
+/// Most elements of an f16 normalization's result that [`stats_inside_normalization`] stores as
+/// f32 (4 MB) to keep its statistics past it.
+const F32_NORM_MAX: usize = 1 << 20;
+
+/// Where f16 products alone read the f16 node `y` (directly or through reshapes) but for
+/// `except`, and neither `y` nor those reshapes is a target, and `y` has at most
+/// [`F32_NORM_MAX`] elements: `y` and the reshapes, which may then be stored as f32 (the
+/// products round them on load).
+fn f32_for_products(
+    nodes: &[Node],
+    order: &[NodeId],
+    targets: &[NodeId],
+    y: NodeId,
+    except: NodeId,
+) -> Option<Vec<NodeId>> {
+    if nodes[y.0].dtype != DType::F16 || nodes[y.0].shape.numel() > F32_NORM_MAX {
+        return None;
+    }
+    let mut found = vec![y];
+    let mut k = 0;
+    while k < found.len() {
+        let v = found[k];
+        if targets.contains(&v) {
+            return None;
+        }
+        for &r in order {
+            if r == except || !nodes[r.0].inputs.contains(&v) {
+                continue;
+            }
+            match nodes[r.0].op {
+                Op::Reshape => found.push(r),
+                Op::MatMul(_) if nodes[r.0].dtype == DType::F16 => {}
+                _ => return None,
+            }
+        }
+        k += 1;
+    }
+    Some(found)
 }
 
 /// Where a layer norm's input gradient (`NormalizeBackward`, weighted), possibly through
@@ -2566,9 +2618,11 @@ fn select_f16(
                 .filter(|(k, _)| in_dtypes.get(*k) == Some(&DType::F32))
                 .map(|&(_, name)| name)
                 .collect();
-            // an f32 result of f16 values: its cast folded in (`casts_into_producers`); results
-            // the kernels always store as f32 (a loss, statistics) are marked so and stay
-            let f32_results = dtype == DType::F32;
+            // an f32 result of f16 values: its cast folded in (`casts_into_producers`), or a
+            // normalization's kept with its statistics (`stats_inside_normalization`); not
+            // for ops whose f32 results the kernels always store so (a loss, statistics)
+            let f32_results =
+                dtype == DType::F32 && !matches!(other.result_dtype(in_dtypes), Ok(DType::F32));
             crate::codegen::storage::f16_kernel(
                 other.kernel(inputs, out, ch.target)?,
                 &rounded,
