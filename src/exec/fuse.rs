@@ -526,12 +526,7 @@ pub(crate) fn fuse_reduce_prologue(
         };
         // the reduced tensor, or the node under a reshape of it (same element order)
         let input = nodes[id.0].inputs[0];
-        let mut chain = Vec::new();
-        let mut x = input;
-        while matches!(nodes[x.0].op, Op::Reshape) {
-            chain.push(x);
-            x = nodes[x.0].inputs[0];
-        }
+        let (chain, x) = super::lower::under_reshapes(nodes, input);
         let xn = &nodes[x.0];
         let Some(program) = program_of(xn) else {
             continue;

@@ -980,12 +980,7 @@ pub(crate) fn residual_into_normalize_backward(
         let found = (0..2).find_map(|k| {
             let (u, v) = (nodes[a.0].inputs[k], nodes[a.0].inputs[1 - k]);
             // the gradient under its reshapes, each read by nothing else
-            let mut chain = Vec::new();
-            let mut nb = u;
-            while matches!(nodes[nb.0].op, Op::Reshape) {
-                chain.push(nb);
-                nb = nodes[nb.0].inputs[0];
-            }
+            let (chain, nb) = under_reshapes(nodes, u);
             let sole = |n: NodeId| !targets.contains(&n) && readers(nodes, order, n) == 1;
             let fits = matches!(nodes[nb.0].op, Op::NormalizeBackward(o) if o.weighted && !o.residual)
                 && nodes[nb.0].shape.numel() == numel
@@ -1957,15 +1952,6 @@ pub(crate) fn relu_mask_into_max_pool_backward(
     use crate::ops::binary::BinaryOp;
     use crate::ops::fused::{Operand, StepOp};
     use crate::ops::pool::MaxPoolReluBackward;
-    // a node under its reshapes, and the reshapes
-    let under = |nodes: &[Node], mut id: NodeId| {
-        let mut chain = Vec::new();
-        while matches!(nodes[id.0].op, Op::Reshape) {
-            chain.push(id);
-            id = nodes[id.0].inputs[0];
-        }
-        (id, chain)
-    };
     let mut dropped: Vec<NodeId> = Vec::new();
     for pos in 0..order.len() {
         let f = order[pos];
@@ -1983,14 +1969,14 @@ pub(crate) fn relu_mask_into_max_pool_backward(
         if step.op != StepOp::Binary(BinaryOp::ReluGrad) || nodes[f.0].inputs.len() != 2 {
             continue;
         }
-        let (p, chain) = under(nodes, nodes[f.0].inputs[gi]);
+        let (chain, p) = under_reshapes(nodes, nodes[f.0].inputs[gi]);
         let Op::MaxPool2dBackward(pool) = nodes[p.0].op else {
             continue;
         };
         let (x, dy) = (nodes[p.0].inputs[0], nodes[p.0].inputs[1]);
         let d = nodes[x.0].shape.dims().to_vec();
         let sole = |v: NodeId| !targets.contains(&v) && readers(nodes, order, v) == 1;
-        if under(nodes, nodes[f.0].inputs[ai]).0 != under(nodes, x).0
+        if under_reshapes(nodes, nodes[f.0].inputs[ai]).1 != under_reshapes(nodes, x).1
             || d.len() != 4
             || step.shape.numel() != nodes[x.0].shape.numel()
             || nodes[f.0].shape.numel() != nodes[x.0].shape.numel()
