@@ -4,7 +4,8 @@
 //
 // Entry `embedding`: out[i, e] = weight[indices[i], e].
 // Entry `embedding_backward`: dw[v, e] = sum over i with indices[i] == v of dy[i, e], summed in
-// index order (deterministic, no float atomics). A workgroup owns row v and 256 of its columns:
+// index order (deterministic, no float atomics); with REPEAT > 1, dy holds REPEAT blocks of N
+// rows and each adds in (dy[b * N + i, e] for b in order: a lookup broadcast over a batch). A workgroup owns row v and 256 of its columns:
 // it scans the indices 256 at a time (one read per thread), counts the chunk's matches and, where
 // there are any, lists their positions in order (a prefix sum over the workgroup), then each
 // thread adds its column of those rows of dy. Work: V * ceil(E / 256) * N index reads plus one
@@ -12,10 +13,12 @@
 //
 // Bindings
 // `embedding`:           0 indices (read) [N]; 1 weight (read) [V, E]; 2 out (read_write) [N, E]
-// `embedding_backward`:  0 indices (read) [N]; 1 dy (read) [N, E]; 2 dw (read_write) [V, E]
+// `embedding_backward`:  0 indices (read) [N]; 1 dy (read) [REPEAT * N, E]; 2 dw (read_write)
+//                        [V, E]
 // f16 variant (`embedding_f16`, generated from the storage block): weight, out, dy and dw f16,
 // computed (and the gradient accumulated) in f32; indices stay f32.
-// Overrides: N (number of indices), V (rows of the table), E (embedding width).
+// Overrides: N (number of indices), V (rows of the table), E (embedding width), REPEAT (blocks
+// of dy, 1 by default).
 // Dispatch: `embedding` ceil(N * E / 256) workgroups, one thread per output element;
 //           `embedding_backward` V * ceil(E / 256) workgroups, workgroup w owns row w / ceil(E / 256),
 //           columns (w % ceil(E / 256)) * 256 + thread; both folded into (x <= 65535, y).
@@ -23,6 +26,7 @@
 override N: u32 = 1u;
 override V: u32 = 1u;
 override E: u32 = 1u;
+override REPEAT: u32 = 1u;
 const WG: u32 = 256u;
 
 // generated: begin storage
@@ -119,7 +123,9 @@ fn embedding_backward(
         workgroupBarrier();
         if e < E {
             for (var c = 0u; c < count; c = c + 1u) {
-                acc = acc + ld_dy(rows[c] * E + e);
+                for (var b = 0u; b < REPEAT; b = b + 1u) {
+                    acc = acc + ld_dy((b * N + rows[c]) * E + e);
+                }
             }
         }
     }

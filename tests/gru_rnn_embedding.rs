@@ -311,6 +311,57 @@ fn embedding_gradient_sums_repeated_rows() {
     check_gpu_vs_cpu("embedding repeated gradient", &g, &[dw], &feeds, TOL);
 }
 
+/// A lookup broadcast over a batch (a transformer's positions `[L]` added to every sequence's
+/// tokens `[B, L, E]`): the table's gradient kernel adds the batch's blocks itself
+/// (`EmbeddingBackward::repeat`), no sum kernel before it; both tables' gradients as the CPU
+/// reference's, at batches of 1, 3 and more than a workgroup of rows, a position table longer
+/// than the sequence, and repeated positions. A batch sum also requested keeps its kernel.
+#[test]
+fn broadcast_lookup_gradients_sum_the_batch_in_the_gather() {
+    let Some(dev) = common::gpu() else { return };
+    for &(b, l, v, e, repeats) in &[
+        (1usize, 5usize, 7usize, 3usize, false),
+        (3, 4, 6, 5, false),
+        (300, 2, 2, 3, false),
+        (2, 6, 4, 9, true),
+    ] {
+        let what = format!("positions B={b} L={l} V={v} E={e}");
+        let g = Graph::new();
+        let ids = g.input("ids", [b, l]);
+        let pos = g.input("pos", [l]);
+        let tok = g.input("tok", [11, e]);
+        let table = g.input("table", [v, e]);
+        let y = g
+            .add(
+                g.embedding(ids, tok).unwrap(),
+                g.embedding(pos, table).unwrap(),
+            )
+            .unwrap();
+        let loss = random_projection(&g, y, 9);
+        let grads = g.grad(loss, &[tok, table]).unwrap();
+        let positions: Vec<f32> = (0..l)
+            .map(|k| if repeats { (k % 3) as f32 } else { k as f32 })
+            .collect();
+        let feeds = vec![
+            (
+                "ids".to_string(),
+                Tensor::new([b, l], (0..b * l).map(|k| (k * 7 % 11) as f32).collect()).unwrap(),
+            ),
+            ("pos".to_string(), Tensor::new([l], positions).unwrap()),
+            ("tok".to_string(), rand(&[11, e], 10)),
+            ("table".to_string(), rand(&[v, e], 11)),
+        ];
+        let plan = common::check_plan(&dev, &what, &g, &grads, &feeds, TOL);
+        let kernels = plan.kernels();
+        assert_eq!(common::count_op(&kernels, "sum"), 0, "{what}: {kernels:#?}");
+        assert_eq!(
+            common::count_op(&kernels, "embedding_backward"),
+            2,
+            "{what}: {kernels:#?}"
+        );
+    }
+}
+
 #[test]
 fn embedding_bad_index_gives_a_nan_row() {
     let (v, e) = (4, 3);

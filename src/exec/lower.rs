@@ -6,7 +6,9 @@
 //!    kernels as the adapter's storage-buffer limit allows;
 //! 1. [`implicit_col2im`]: `col2im(w^T x dy)` (a convolution's input gradient) as one implicit GEMM;
 //!    [`row_sums_in_products`]: a bias gradient, the sum of the operand a weight gradient's
-//!    product reads, comes out of that product's kernel; [`stats_inside_normalization`]: a layer
+//!    product reads, comes out of that product's kernel; [`batch_sums_into_embedding_backward`]:
+//!    a lookup broadcast over a batch sums the batch inside its table's gradient kernel;
+//!    [`stats_inside_normalization`]: a layer
 //!    norm computes its row statistics inside its normalization's kernel (f32, or in inference
 //!    f16 too);
 //!    [`residual_into_normalize_backward`]: a layer norm's input gradient adds the residual
@@ -125,6 +127,7 @@ pub(crate) fn lower(
     attention_lse(nodes, order);
     implicit_col2im(nodes, order, targets, ch);
     row_sums_in_products(nodes, order, ch);
+    batch_sums_into_embedding_backward(nodes, order, targets);
     stats_inside_normalization(nodes, order, targets);
     residual_into_normalize_backward(nodes, order, targets);
     split_group_reductions(nodes, order);
@@ -957,6 +960,59 @@ fn f32_for_products(
         k += 1;
     }
     Some(found)
+}
+
+/// Where a table's gradient (`EmbeddingBackward`) reads, possibly through reshapes, the sum over
+/// the leading axis of `g` (`(B, M)`, `M` the gradient rows' elements: a lookup broadcast over a
+/// batch, a transformer's positions) and nothing else reads that sum, the gradient kernel reads
+/// `g` itself and adds its `B` blocks in (`EmbeddingBackward::repeat`): the sum's kernel and a
+/// pass go.
+pub(crate) fn batch_sums_into_embedding_backward(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    use crate::ops::embedding::EmbeddingBackward;
+    use crate::ops::reduce::{Reduce, ReduceKind};
+    let mut dropped = Vec::new();
+    for pos in 0..order.len() {
+        let id = order[pos];
+        let Op::EmbeddingBackward(EmbeddingBackward { repeat: 1 }) = nodes[id.0].op else {
+            continue;
+        };
+        let dy = nodes[id.0].inputs[1];
+        let (mut chain, s) = under_reshapes(nodes, dy);
+        let Op::Reduce(Reduce {
+            kind: ReduceKind::Sum,
+            axis: 0,
+            ..
+        }) = nodes[s.0].op
+        else {
+            continue;
+        };
+        let (_, g) = under_reshapes(nodes, nodes[s.0].inputs[0]);
+        let summed = &nodes[nodes[s.0].inputs[0].0].shape;
+        let batch = summed.dims()[0];
+        let s_pos = order.iter().position(|&o| o == s).unwrap_or(pos);
+        chain.push(s);
+        if summed.rank() != 2
+            || summed.dims()[1] != nodes[dy.0].shape.numel()
+            || nodes[g.0].dtype != nodes[dy.0].dtype
+            || chain
+                .iter()
+                .any(|&c| targets.contains(&c) || readers(nodes, order, c) != 1)
+            || written_between(nodes, order, g, s_pos, pos)
+        {
+            continue;
+        }
+        // the summed tensor (`g` or a reshape of it: a view)
+        let source = nodes[s.0].inputs[0];
+        let n = &mut nodes[id.0];
+        n.op = Op::EmbeddingBackward(EmbeddingBackward { repeat: batch });
+        n.inputs[1] = source;
+        dropped.extend(chain);
+    }
+    order.retain(|id| !dropped.contains(id));
 }
 
 /// Where a layer norm's input gradient (`NormalizeBackward`, weighted), possibly through
@@ -3095,6 +3151,25 @@ mod tests {
                 .count(),
             3
         );
+        // a position table's gradient adding the batch's blocks itself
+        let g = Graph::new();
+        let pos = g.input("pos", [4]);
+        let table = g.input("table", [6, 3]);
+        let x = g.input("x", [5, 4, 3]);
+        let y = g.add(x, g.embedding(pos, table).unwrap()).unwrap();
+        let loss = g
+            .sum_all(g.mul(y, g.constant(rand(&[5, 4, 3], 41))).unwrap())
+            .unwrap();
+        let dt = g.grad(loss, &[table]).unwrap()[0];
+        let positions = Tensor::new([4], vec![0.0, 2.0, 1.0, 2.0]).unwrap();
+        let feeds = [
+            ("pos", positions),
+            ("table", rand(&[6, 3], 42)),
+            ("x", rand(&[5, 4, 3], 43)),
+        ];
+        let (nodes, order) = evaluates_as_the_graph(&g, &[dt], &feeds);
+        let blocks = |op: &Op| matches!(op, Op::EmbeddingBackward(e) if e.repeat == 5);
+        assert!(has(&nodes, &order, &blocks));
         // a clipped training step, clipping and not: the update groups compute the coefficient
         // from the partial sums of squares
         for max_norm in [0.05f32, 1e3] {

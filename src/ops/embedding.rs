@@ -18,9 +18,20 @@ use crate::tensor::{Shape, Tensor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Embedding;
 
-/// The gradient of [`Embedding`] for its table.
+/// The gradient of [`Embedding`] for its table. With `repeat` > 1 (made by the plan compiler,
+/// `exec::lower::batch_sums_into_embedding_backward`), `dy` holds `repeat` blocks of the
+/// indices' rows, `(repeat, indices.., E)`, and each block adds in: the gradient of a lookup
+/// broadcast over a batch (a transformer's positions) without the batch's sum first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct EmbeddingBackward;
+pub struct EmbeddingBackward {
+    pub repeat: usize,
+}
+
+impl Default for EmbeddingBackward {
+    fn default() -> Self {
+        EmbeddingBackward { repeat: 1 }
+    }
+}
 
 /// The row named by index `x`, or `None` if it is not an integer in `[0, v)`.
 fn row_of(x: f32, v: usize) -> Option<usize> {
@@ -73,7 +84,7 @@ impl Embedding {
     /// Backward: `dW` from the dedicated gather kernel; none for the indices.
     pub fn backward(&self, g: &Graph, x: &[NodeId], dy: NodeId) -> Result<Vec<Option<NodeId>>> {
         let dw = g.push_op(
-            Op::EmbeddingBackward(EmbeddingBackward),
+            Op::EmbeddingBackward(EmbeddingBackward::default()),
             vec![x[0], dy],
             g.shape(x[1]),
         )?;
@@ -82,17 +93,21 @@ impl Embedding {
 }
 
 impl EmbeddingBackward {
-    /// CPU reference, f64 accumulation in index order.
+    /// CPU reference, f64 accumulation in index order (each index's blocks in order).
     pub fn cpu(&self, indices: &Tensor, dy: &Tensor, out: &Shape) -> Tensor {
         let (v, e) = (out.dims()[0], out.dims()[1]);
+        let n = indices.numel();
         let mut dw = vec![0f64; v * e];
         for (i, &x) in indices.data().iter().enumerate() {
             if let Some(r) = row_of(x, v) {
-                for (acc, &d) in dw[r * e..(r + 1) * e]
-                    .iter_mut()
-                    .zip(&dy.data()[i * e..(i + 1) * e])
-                {
-                    *acc += d as f64;
+                for b in 0..self.repeat {
+                    let row = (b * n + i) * e;
+                    for (acc, &d) in dw[r * e..(r + 1) * e]
+                        .iter_mut()
+                        .zip(&dy.data()[row..row + e])
+                    {
+                        *acc += d as f64;
+                    }
                 }
             }
         }
@@ -103,10 +118,12 @@ impl EmbeddingBackward {
     /// occurrences (see `shaders/embedding.wgsl`).
     pub fn kernel(&self, indices: &Shape, out: &Shape) -> KernelSpec {
         let (n, v, e) = (indices.numel(), out.dims()[0], out.dims()[1]);
+        let mut constants = constants(n, v, e);
+        constants.push(("REPEAT", self.repeat as f64));
         KernelSpec {
             family: "embedding",
             entry: "embedding_backward",
-            constants: constants(n, v, e),
+            constants,
             workgroups: (v * e.div_ceil(256)) as u64,
         }
     }
