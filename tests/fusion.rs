@@ -629,6 +629,40 @@ fn expands_fold_into_elementwise_kernels() {
     assert_eq!(info.dispatches, 2, "{info}");
 }
 
+/// The gradient of two narrows of one tensor (a sequence model's final `h` and `c` out of its
+/// recurrence's states) sums two pads: where their ranges do not overlap, one two-input copy
+/// (zeros around) instead of two pads and an add; overlapping ones still add. Along the last
+/// axis and a middle one, adjacent and with a gap.
+#[test]
+fn disjoint_pads_sum_as_one_copy() {
+    let Some(dev) = device() else { return };
+    let g = Graph::new();
+    let x = g.input("x0", [3, 10, 4]);
+    let f = feeds(&[&[3, 10, 4]]);
+    let weighted = |axis: isize, start: usize, len: usize, seed: u64| {
+        let part = g.narrow(x, axis, start, len).unwrap();
+        let r = g.constant(rand(g.shape(part).dims(), seed));
+        g.sum_all(g.mul(part, r).unwrap()).unwrap()
+    };
+    // (copies: concat, or pad and add kernels)
+    for (what, (a, b), one) in [
+        ("last axis, adjacent", ((2, 0, 2), (2, 2, 2)), true),
+        ("middle axis, a gap", ((1, 1, 3), (1, 6, 2)), true),
+        ("overlapping", ((1, 1, 4), (1, 3, 4)), false),
+    ] {
+        let loss = g
+            .add(weighted(a.0, a.1, a.2, 1), weighted(b.0, b.1, b.2, 2))
+            .unwrap();
+        let dx = g.grad(loss, &[x]).unwrap()[0];
+        let plan = common::check_plan(&dev, what, &g, &[dx], &f, TOL_ELEMENTWISE);
+        let kernels = plan.kernels();
+        let count = |op: &str| common::count_op(&kernels, op);
+        let copies = (count("concat"), count("pad"), count("add"));
+        let want = if one { (1, 0, 0) } else { (0, 2, 1) };
+        assert_eq!(copies, want, "{what}: {kernels:#?}");
+    }
+}
+
 #[test]
 fn transposes_fold_into_elementwise_kernels() {
     let Some(dev) = device() else { return };

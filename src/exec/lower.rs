@@ -16,7 +16,8 @@
 //!    gradients over large groups (a batch norm's channels) or many rows (a layer norm's) are
 //!    reduced in blocks, then merged or added up; [`running_update_in_stats`]: the kernel that
 //!    computes a batch norm's statistics moves its running ones; [`pads_into_lstm_backward`]:
-//!    a recurrence's backward reads the padded part of its state gradient as a window;
+//!    a recurrence's backward reads the padded part of its state gradient as a window, and
+//!    [`disjoint_pads_into_one_copy`] two pads it sums as one copy;
 //!    [`split_cross_entropy`]: a loss over more logits than one workgroup should fold runs per
 //!    row over the GPU, then a mean; [`gradient_with_cross_entropy`]: a small one computes its
 //!    gradient too; [`relu_into_normalize`]: a batch norm's relu runs in its kernel, and
@@ -135,6 +136,7 @@ pub(crate) fn lower(
     split_cross_entropy(nodes, order);
     gradient_with_cross_entropy(nodes, order, targets);
     pads_into_lstm_backward(nodes, order, targets);
+    disjoint_pads_into_one_copy(nodes, order, targets);
     relu_into_normalize(nodes, order, targets);
     channels_first_normalize_backward(nodes, order, targets);
     split_k(nodes, order, ch);
@@ -960,6 +962,72 @@ fn f32_for_products(
         k += 1;
     }
     Some(found)
+}
+
+/// Where an `add` sums two pads of its own shape along one axis whose copied ranges do not
+/// overlap (the gradients of two narrows of one tensor: a sequence model's final `h` and `c`
+/// taken from its recurrence's states), and nothing else reads the pads, the add becomes one
+/// two-input copy (`AxisCopy` with `b_start`: each range from its source, zeros around): one
+/// kernel where there were three. After [`pads_into_lstm_backward`], which takes single pads.
+pub(crate) fn disjoint_pads_into_one_copy(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    use crate::ops::binary::BinaryOp;
+    use crate::ops::layout::AxisCopy;
+    let mut dropped = Vec::new();
+    for pos in 0..order.len() {
+        let id = order[pos];
+        if !matches!(nodes[id.0].op, Op::Binary(BinaryOp::Add)) || nodes[id.0].inputs.len() != 2 {
+            continue;
+        }
+        let out = nodes[id.0].shape.clone();
+        // a single-input pad of `out`: (axis, start, extent, source)
+        let pad = |p: NodeId| match nodes[p.0].op {
+            Op::AxisCopy(AxisCopy {
+                axis,
+                a_start,
+                b_start: None,
+                strided: false,
+            }) => {
+                let src = nodes[p.0].inputs[0];
+                let extent = nodes[src.0].shape.dims()[axis] as isize;
+                let fits = nodes[p.0].shape == out
+                    && a_start >= 0
+                    && a_start + extent <= out.dims()[axis] as isize
+                    && nodes[src.0].dtype == nodes[id.0].dtype
+                    && !targets.contains(&p)
+                    && readers(nodes, order, p) == 1;
+                fits.then_some((axis, a_start, extent, src))
+            }
+            _ => None,
+        };
+        let (p, q) = (nodes[id.0].inputs[0], nodes[id.0].inputs[1]);
+        let (Some(a), Some(b)) = (pad(p), pad(q)) else {
+            continue;
+        };
+        let disjoint = a.1 + a.2 <= b.1 || b.1 + b.2 <= a.1;
+        let at = |n: NodeId| order.iter().position(|&o| o == n).unwrap_or(pos);
+        if p == q
+            || a.0 != b.0
+            || !disjoint
+            || written_between(nodes, order, a.3, at(p), pos)
+            || written_between(nodes, order, b.3, at(q), pos)
+        {
+            continue;
+        }
+        let n = &mut nodes[id.0];
+        n.op = Op::AxisCopy(AxisCopy {
+            axis: a.0,
+            a_start: a.1,
+            b_start: Some(b.1),
+            strided: false,
+        });
+        n.inputs = vec![a.3, b.3];
+        dropped.extend([p, q]);
+    }
+    order.retain(|id| !dropped.contains(id));
 }
 
 /// Where a table's gradient (`EmbeddingBackward`) reads, possibly through reshapes, the sum over
@@ -3170,6 +3238,19 @@ mod tests {
         let (nodes, order) = evaluates_as_the_graph(&g, &[dt], &feeds);
         let blocks = |op: &Op| matches!(op, Op::EmbeddingBackward(e) if e.repeat == 5);
         assert!(has(&nodes, &order, &blocks));
+        // two disjoint pads summed: one copy with a gap of zeros
+        let g = Graph::new();
+        let x = g.input("x", [2, 9]);
+        let part = |start: usize, len: usize, seed: u64| {
+            let p = g.narrow(x, 1, start, len).unwrap();
+            let r = g.constant(rand(&[2, len], seed));
+            g.sum_all(g.mul(p, r).unwrap()).unwrap()
+        };
+        let loss = g.add(part(1, 3, 44), part(6, 2, 45)).unwrap();
+        let dx = g.grad(loss, &[x]).unwrap()[0];
+        let (nodes, order) = evaluates_as_the_graph(&g, &[dx], &[("x", rand(&[2, 9], 46))]);
+        let two = |op: &Op| matches!(op, Op::AxisCopy(a) if a.b_start.is_some());
+        assert!(has(&nodes, &order, &two));
         // a clipped training step, clipping and not: the update groups compute the coefficient
         // from the partial sums of squares
         for max_norm in [0.05f32, 1e3] {
