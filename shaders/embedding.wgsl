@@ -5,10 +5,10 @@
 // Entry `embedding`: out[i, e] = weight[indices[i], e].
 // Entry `embedding_backward`: dw[v, e] = sum over i with indices[i] == v of dy[i, e], summed in
 // index order (deterministic, no float atomics); with REPEAT > 1, dy holds REPEAT blocks of N
-// rows and each adds in (dy[b * N + i, e] for b in order: a lookup broadcast over a batch). A workgroup owns row v and 256 of its columns:
-// it scans the indices 256 at a time (one read per thread), counts the chunk's matches and, where
-// there are any, lists their positions in order (a prefix sum over the workgroup), then each
-// thread adds its column of those rows of dy. Work: V * ceil(E / 256) * N index reads plus one
+// rows and each adds in (dy[b * N + i, e] for b in order: a lookup broadcast over a batch).
+// A workgroup owns row v and 256 of its columns: it scans the indices 256 at a time (one read
+// per thread), counts the chunk's matches and, where there are any, lists their positions in
+// order (a prefix sum over the workgroup), then each thread adds its column of those rows of dy. Work: V * ceil(E / 256) * N index reads plus one
 // read of dy per used row and column, not V * E * N.
 //
 // Bindings

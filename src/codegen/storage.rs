@@ -5,8 +5,8 @@
 //! attention), gets its f16 variant here: the same file with
 //! that block rewritten so every binding is `array<f16>`, loads widen to f32 and stores round to
 //! f16, and `enable f16;` in front. A declaration marked `// always f32` (dropout's seed, class
-//! labels, indices, sequence lengths, normalization statistics and parameters) is kept as it is, and
-//! so is one the plan compiler binds to an f32 tensor whose cast to f16 it folded in, and the
+//! labels, indices, sequence lengths, normalization statistics and parameters) is kept as it is,
+//! and so is one the plan compiler binds to an f32 tensor whose cast to f16 it folded in, and the
 //! results where it folded in their cast to f32 ([`f16_wgsl_with`]: each element rounded to f16
 //! on load or before it is stored, the value the cast held). The kernels' arithmetic is
 //! untouched: f16 tensors compute in f32.
@@ -60,11 +60,7 @@ pub fn f16_wgsl_with(family: &str, rounded: &[&str], f32_results: bool) -> Strin
         // `fn st_<name>_f32(..)`: a store at f32 precision (statistics past a result), which
         // an f16 binding rounds
         if let Some(rest) = line.strip_prefix("fn st_") {
-            if let Some(name) = rest
-                .split("_f32(")
-                .next()
-                .filter(|_| rest.contains("_f32("))
-            {
+            if let Some((name, _)) = rest.split_once("_f32(") {
                 let v = if stored_f32.contains(&name) {
                     "v"
                 } else {

@@ -229,9 +229,10 @@ pub(crate) fn fold_constant_casts(nodes: &mut [Node], order: &mut Vec<NodeId>, t
 /// of their own. A recurrence's f16 kernels read its recurrent weight (and the GRU's and RNN's
 /// recurrent bias) so too (`Op::rounded_f16_inputs`); the weight's transpose for the forward
 /// then runs the cast itself (`fuse::programs_into_permutes`). Reads move from the cast's step
-/// to the reader's, so no in-place update of `x` may lie between ([`written_between`]). Likewise a sum of squares (gradient clipping's norm)
-/// reads `cast(g, f32)` of an f16 `g` as `g` itself (widening is exact), so the gradients'
-/// casts of a mixed-precision step can fold into the optimizer's update kernels.
+/// to the reader's, so no in-place update of `x` may lie between ([`written_between`]).
+/// Likewise a sum of squares (gradient clipping's norm) reads `cast(g, f32)` of an f16 `g` as
+/// `g` itself (widening is exact), so the gradients' casts of a mixed-precision step can fold
+/// into the optimizer's update kernels.
 pub(crate) fn fold_operand_casts(
     nodes: &mut Vec<Node>,
     order: &mut Vec<NodeId>,
