@@ -516,3 +516,190 @@ fn gradients_of_part_of_the_state_need_no_pads() {
         }
     }
 }
+
+/// Token ids for `n` lookups into `v` rows: a quarter of them row 7 (runs of one row longer
+/// than a workgroup's chunk of indices), the rest spread over the table, with invalid ones
+/// (negative, fractional, `v`, NaN) that add to no row.
+fn skewed_ids(n: usize, v: usize, seed: u64) -> Vec<f32> {
+    let spread = Tensor::rand_uniform([n], 0.0, v as f32, seed);
+    (0..n)
+        .map(|k| match k % 97 {
+            13 => -1.0,
+            29 => 2.5,
+            41 => v as f32,
+            53 => f32::NAN,
+            _ if k % 4 == 0 => 7.0,
+            _ => spread.data()[k].floor(),
+        })
+        .collect()
+}
+
+/// The table's gradient as the kernels must sum it: each row's `dy` rows added in f32, in
+/// index order (each index's `repeat` blocks in order), from zero.
+fn in_order_sums(ids: &[f32], dy: &[f32], v: usize, e: usize, repeat: usize) -> Vec<f32> {
+    let n = ids.len();
+    let mut dw = vec![0f32; v * e];
+    for (i, &x) in ids.iter().enumerate() {
+        if !(x >= 0.0 && x < v as f32 && x.fract() == 0.0) {
+            continue;
+        }
+        let r = x as usize;
+        for b in 0..repeat {
+            for c in 0..e {
+                dw[r * e + c] += dy[(b * n + i) * e + c];
+            }
+        }
+    }
+    dw
+}
+
+/// Large tables (a language model's vocabulary: `ops::embedding::sorts_rows`) list each row's
+/// lookups first (`embedding_rows`, a stable counting sort in one workgroup) and their gradient
+/// reads that list: the same f32 sums in the same order as the scan small tables take, checked
+/// bit for bit against in-order sums (an unstable list or a lost lookup changes them), at widths
+/// of 1 (256 rows per workgroup), 100 (2, threads left over), 64 (4) and 300 (two workgroups per
+/// row), lookups not a multiple of 256, runs of one row across chunks and invalid ids; plus a
+/// small table that keeps the scan, the same sums. Outputs poisoned with NaN first.
+#[test]
+fn large_table_gradients_list_each_rows_lookups_first() {
+    let Some(dev) = common::gpu() else { return };
+    for &(v, e, ref shape, sorted) in &[
+        (5000usize, 64usize, vec![1000usize], true),
+        (4099, 1, vec![2000], true),
+        (4111, 100, vec![10, 150], true),
+        (2100, 300, vec![2100], true),
+        (40, 5, vec![700], false),
+    ] {
+        let what = format!("table gradient V={v} E={e} ids {shape:?}");
+        let n: usize = shape.iter().product();
+        assert_eq!(kiln::ops::embedding::sorts_rows(v, e, n), sorted, "{what}");
+        let g = Graph::new();
+        let idx = g.input("idx", shape.clone());
+        let w = g.input("w", [v, e]);
+        let mut ys = shape.clone();
+        ys.push(e);
+        // dy = r exactly (the gradient of sum(y * r)), of many magnitudes so that the order of
+        // the sums shows in their last bits
+        let r = Tensor::new(
+            ys.clone(),
+            rand(&[n * e], 5)
+                .data()
+                .iter()
+                .enumerate()
+                .map(|(k, x)| x * 10f32.powi((k % 3) as i32 - 1))
+                .collect(),
+        )
+        .unwrap();
+        let y = g.embedding(idx, w).unwrap();
+        let loss = g.sum_all(g.mul(y, g.constant(r.clone())).unwrap()).unwrap();
+        let dw = g.grad(loss, &[w]).unwrap()[0];
+        let ids = skewed_ids(n, v, 6);
+        let feeds = vec![
+            (
+                "idx".to_string(),
+                Tensor::new(shape.clone(), ids.clone()).unwrap(),
+            ),
+            ("w".to_string(), Tensor::zeros([v, e])),
+        ];
+        let mut plan = common::check_plan(&dev, &what, &g, &[dw], &feeds, TOL);
+        let kernels = plan.kernels();
+        assert_eq!(
+            common::count_op(&kernels, "embedding_rows"),
+            usize::from(sorted),
+            "{what}: {kernels:#?}"
+        );
+        plan.poison(f32::NAN);
+        let got = plan.run(&common::refs(&feeds)).unwrap();
+        let want = in_order_sums(&ids, r.data(), v, e, 1);
+        let diff = got[0]
+            .data()
+            .iter()
+            .zip(&want)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        assert_eq!(diff, None, "{what}: first element summed differently");
+    }
+}
+
+/// Lists of large tables' rows combine with the plan's other forms of the gradient: two tables
+/// of one size looked up by the same ids share one list; a large position table broadcast over
+/// a batch (`EmbeddingBackward::repeat`) reads its list and sums the batch; an f16 table's
+/// gradient (f16 `dy` and result) reads the same f32 list. All against the CPU reference.
+#[test]
+fn large_table_lists_are_shared_and_work_with_batches_and_f16() {
+    let Some(dev) = common::gpu() else { return };
+    let (v, e, n) = (4500usize, 8usize, 1200usize);
+    let ids = Tensor::new([n], skewed_ids(n, v, 7)).unwrap();
+
+    // two tables, one list
+    let g = Graph::new();
+    let idx = g.input("idx", [n]);
+    let (a, b) = (g.input("a", [v, e]), g.input("b", [v, e]));
+    let y = g
+        .mul(g.embedding(idx, a).unwrap(), g.embedding(idx, b).unwrap())
+        .unwrap();
+    let loss = random_projection(&g, y, 8);
+    let grads = g.grad(loss, &[a, b]).unwrap();
+    let feeds = vec![
+        ("idx".to_string(), ids.clone()),
+        ("a".to_string(), rand(&[v, e], 9)),
+        ("b".to_string(), rand(&[v, e], 10)),
+    ];
+    let plan = common::check_plan(&dev, "two tables", &g, &grads, &feeds, TOL);
+    let kernels = plan.kernels();
+    assert_eq!(
+        common::count_op(&kernels, "embedding_rows"),
+        1,
+        "{kernels:#?}"
+    );
+    assert_eq!(
+        common::count_op(&kernels, "embedding_backward"),
+        2,
+        "{kernels:#?}"
+    );
+
+    // positions broadcast over a batch of 3
+    let g = Graph::new();
+    let pos = g.input("pos", [n]);
+    let table = g.input("table", [v, e]);
+    let x = g.input("x", [3, n, e]);
+    let y = g.add(x, g.embedding(pos, table).unwrap()).unwrap();
+    let loss = random_projection(&g, y, 11);
+    let dw = g.grad(loss, &[table]).unwrap()[0];
+    let feeds = vec![
+        ("pos".to_string(), ids.clone()),
+        ("table".to_string(), rand(&[v, e], 12)),
+        ("x".to_string(), rand(&[3, n, e], 13)),
+    ];
+    let plan = common::check_plan(&dev, "broadcast positions", &g, &[dw], &feeds, TOL);
+    let kernels = plan.kernels();
+    assert_eq!(
+        common::count_op(&kernels, "embedding_rows"),
+        1,
+        "{kernels:#?}"
+    );
+    assert_eq!(common::count_op(&kernels, "sum"), 0, "{kernels:#?}");
+
+    // an f16 table
+    if !dev.features().contains(wgpu::Features::SHADER_F16) {
+        return;
+    }
+    let g = Graph::new();
+    let idx = g.input("idx", [n]);
+    let w = g.input("w", [v, e]);
+    let y = g
+        .embedding(idx, g.cast(w, kiln::DType::F16).unwrap())
+        .unwrap();
+    let loss = random_projection(&g, g.cast(y, kiln::DType::F32).unwrap(), 14);
+    let dw = g.grad(loss, &[w]).unwrap()[0];
+    let feeds = vec![
+        ("idx".to_string(), ids),
+        ("w".to_string(), rand(&[v, e], 15)),
+    ];
+    let plan = common::check_plan(&dev, "f16 table", &g, &[dw], &feeds, kiln::ops::TOL_F16);
+    let kernels = plan.kernels();
+    assert_eq!(
+        common::count_op(&kernels, "embedding_rows"),
+        1,
+        "{kernels:#?}"
+    );
+}

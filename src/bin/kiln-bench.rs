@@ -557,6 +557,43 @@ fn transformer_step(
     })
 }
 
+/// A table's gradient from `n` lookups of a `(v, e)` embedding (a language model's token
+/// table): the gradient of `sum(embedding(ids, table) * w)`, `w` resident; only the gradient
+/// kernels count (`embedding*`), bytes as `dy` read once and the table's gradient written once.
+fn embedding_grad(dev: &Device, (v, e, n): (usize, usize, usize)) -> kiln::Result<Case> {
+    let g = Graph::new();
+    let tag = format!("bench.emb{v}x{e}x{n}");
+    let table = resident(dev, &g, &format!("{tag}.table"), Tensor::zeros([v, e]))?;
+    let w = resident(
+        dev,
+        &g,
+        &format!("{tag}.w"),
+        Tensor::rand_uniform([n, e], -1.0, 1.0, 30),
+    )?;
+    let ids = g.input("ids", [n]);
+    let loss = g.sum_all(g.mul(g.embedding(ids, table)?, w)?)?;
+    let dw = g.grad(loss, &[table])?[0];
+    let plan = dev.compile(&g, &[probe(&g, dw)?])?;
+    // token ids drawn uniformly over the table (a trained model's are skewed: rarer rows)
+    let ids_value = Tensor::new(
+        [n],
+        Tensor::rand_uniform([n], 0.0, v as f32, 31)
+            .data()
+            .iter()
+            .map(|x| x.floor())
+            .collect(),
+    )?;
+    let mut case = plan_case(
+        format!("embedding gradient {v}x{e}, {n} lookups"),
+        4.0 * (n * e + v * e) as f64,
+        "GB/s",
+        plan,
+        vec![("ids".into(), ids_value)],
+    );
+    case.kernels = Some("embedding");
+    Ok(case)
+}
+
 /// Median seconds per run after a warm-up, within a time budget.
 fn time(case: &mut Case, reps: usize, budget: Duration) -> kiln::Result<f64> {
     case.run()?;
@@ -658,6 +695,12 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
                 .flatten(),
         );
     }
+    v.push(Some(embedding_grad(dev, (8192, 64, 2048))?));
+    v.push(if hardware && !cpu {
+        Some(embedding_grad(dev, (50257, 768, 8192))?)
+    } else {
+        None
+    });
     v.push(Some(transformer_step(dev, (2, 64, 64, 16))?));
     v.push(if hardware && !cpu {
         Some(transformer_step(dev, (4, 512, 256, 32))?)

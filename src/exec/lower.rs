@@ -7,7 +7,8 @@
 //! 1. [`implicit_col2im`]: `col2im(w^T x dy)` (a convolution's input gradient) as one implicit GEMM;
 //!    [`row_sums_in_products`]: a bias gradient, the sum of the operand a weight gradient's
 //!    product reads, comes out of that product's kernel; [`batch_sums_into_embedding_backward`]:
-//!    a lookup broadcast over a batch sums the batch inside its table's gradient kernel;
+//!    a lookup broadcast over a batch sums the batch inside its table's gradient kernel, and
+//!    [`sorted_embedding_backward`] a large table's lists each row's lookups first;
 //!    [`stats_inside_normalization`]: a layer
 //!    norm computes its row statistics inside its normalization's kernel (f32, or in inference
 //!    f16 too);
@@ -129,6 +130,7 @@ pub(crate) fn lower(
     implicit_col2im(nodes, order, targets, ch);
     row_sums_in_products(nodes, order, ch);
     batch_sums_into_embedding_backward(nodes, order, targets);
+    sorted_embedding_backward(nodes, order);
     stats_inside_normalization(nodes, order, targets);
     residual_into_normalize_backward(nodes, order, targets);
     split_group_reductions(nodes, order);
@@ -1046,7 +1048,13 @@ pub(crate) fn batch_sums_into_embedding_backward(
     let mut dropped = Vec::new();
     for pos in 0..order.len() {
         let id = order[pos];
-        let Op::EmbeddingBackward(EmbeddingBackward { repeat: 1 }) = nodes[id.0].op else {
+        let Op::EmbeddingBackward(
+            e @ EmbeddingBackward {
+                repeat: 1,
+                sorted: false,
+            },
+        ) = nodes[id.0].op
+        else {
             continue;
         };
         let dy = nodes[id.0].inputs[1];
@@ -1077,11 +1085,58 @@ pub(crate) fn batch_sums_into_embedding_backward(
         // the summed tensor (`g` or a reshape of it: a view)
         let source = nodes[s.0].inputs[0];
         let n = &mut nodes[id.0];
-        n.op = Op::EmbeddingBackward(EmbeddingBackward { repeat: batch });
+        n.op = Op::EmbeddingBackward(EmbeddingBackward { repeat: batch, ..e });
         n.inputs[1] = source;
         dropped.extend(chain);
     }
     order.retain(|id| !dropped.contains(id));
+}
+
+/// Where a table's gradient (`EmbeddingBackward`) would scan many indices for many rows
+/// (`ops::embedding::sorts_rows`: a language model's vocabulary), an `EmbeddingRows` node
+/// lists each row's occurrences first and the gradient reads that list
+/// (`EmbeddingBackward::sorted`): one small kernel more, and the gradient's work goes from
+/// `V * ceil(E / 256) * N` index reads to `N + V * E`. Gradients of tables of one size from
+/// the same indices share one list.
+pub(crate) fn sorted_embedding_backward(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>) {
+    use crate::ops::embedding::{sorts_rows, EmbeddingBackward, EmbeddingRows};
+    let mut lists: HashMap<(NodeId, usize), NodeId> = HashMap::new();
+    let mut i = 0;
+    while i < order.len() {
+        let id = order[i];
+        let n = &nodes[id.0];
+        let Op::EmbeddingBackward(e @ EmbeddingBackward { sorted: false, .. }) = n.op else {
+            i += 1;
+            continue;
+        };
+        let (v, width) = (n.shape.dims()[0], n.shape.dims()[1]);
+        let indices = n.inputs[0];
+        let lookups = nodes[indices.0].shape.numel();
+        if !sorts_rows(v, width, lookups) {
+            i += 1;
+            continue;
+        }
+        let list = match lists.get(&(indices, v)) {
+            Some(&l) => l,
+            None => {
+                let l = NodeId(nodes.len());
+                nodes.push(Node {
+                    op: Op::EmbeddingRows(EmbeddingRows { rows: v }),
+                    inputs: vec![indices],
+                    shape: Shape(vec![v + lookups]),
+                    dtype: DType::F32,
+                });
+                order.insert(i, l);
+                i += 1;
+                lists.insert((indices, v), l);
+                l
+            }
+        };
+        let n = &mut nodes[id.0];
+        n.op = Op::EmbeddingBackward(EmbeddingBackward { sorted: true, ..e });
+        n.inputs[0] = list;
+        i += 1;
+    }
 }
 
 /// Where a layer norm's input gradient (`NormalizeBackward`, weighted), possibly through
@@ -3239,6 +3294,38 @@ mod tests {
         let (nodes, order) = evaluates_as_the_graph(&g, &[dt], &feeds);
         let blocks = |op: &Op| matches!(op, Op::EmbeddingBackward(e) if e.repeat == 5);
         assert!(has(&nodes, &order, &blocks));
+        // a large table's gradient reading the list of its rows' lookups (and the batch's
+        // blocks), invalid and repeated ids among them
+        let (v, n) = (4200, 1500);
+        let g = Graph::new();
+        let pos = g.input("pos", [n]);
+        let table = g.input("table", [v, 3]);
+        let x = g.input("x", [2, n, 3]);
+        let y = g.add(x, g.embedding(pos, table).unwrap()).unwrap();
+        let loss = g
+            .sum_all(g.mul(y, g.constant(rand(&[2, n, 3], 47))).unwrap())
+            .unwrap();
+        let dt = g.grad(loss, &[table]).unwrap()[0];
+        let ids = (0..n)
+            .map(|k| match k % 10 {
+                3 => -1.0,
+                4 => v as f32,
+                5 => 0.5,
+                _ => (k * 7919 % (v + 1) / 2) as f32,
+            })
+            .collect();
+        let feeds = [
+            ("pos", Tensor::new([n], ids).unwrap()),
+            ("table", rand(&[v, 3], 48)),
+            ("x", rand(&[2, n, 3], 49)),
+        ];
+        let (nodes, order) = evaluates_as_the_graph(&g, &[dt], &feeds);
+        let listed = |op: &Op| matches!(op, Op::EmbeddingBackward(e) if e.repeat == 2 && e.sorted);
+        assert!(has(&nodes, &order, &listed));
+        assert!(has(&nodes, &order, &|op: &Op| matches!(
+            op,
+            Op::EmbeddingRows(_)
+        )));
         // two disjoint pads summed: one copy with a gap of zeros
         let g = Graph::new();
         let x = g.input("x", [2, 9]);

@@ -7,7 +7,9 @@
 //! the `dy` rows whose index names it, summed in index order (deterministic, no atomics: a
 //! workgroup per row and 256 columns scans the indices for that row, then reads only its `dy`
 //! rows; `V * ceil(E / 256) * N` index reads, where a thread per weight looping over every
-//! index took `V * E * N`). Indices take no gradient.
+//! index took `V * E * N`; for a large table the plan compiler lists each row's occurrences
+//! first, [`EmbeddingRows`], and the gradient reads that list: `N + V * E` reads). Indices take
+//! no gradient.
 
 use super::{groups, KernelSpec, Op};
 use crate::error::{shape_err, Result};
@@ -21,16 +23,52 @@ pub struct Embedding;
 /// The gradient of [`Embedding`] for its table. With `repeat` > 1 (made by the plan compiler,
 /// `exec::lower::batch_sums_into_embedding_backward`), `dy` holds `repeat` blocks of the
 /// indices' rows, `(repeat, indices.., E)`, and each block adds in: the gradient of a lookup
-/// broadcast over a batch (a transformer's positions) without the batch's sum first.
+/// broadcast over a batch (a transformer's positions) without the batch's sum first. With
+/// `sorted` (made by the plan compiler, `exec::lower::sorted_embedding_backward`), input 0 is
+/// the [`EmbeddingRows`] of the indices, `(V + N)`, and each row reads its occurrences from
+/// that list instead of scanning the indices: the same sums in the same order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EmbeddingBackward {
     pub repeat: usize,
+    pub sorted: bool,
 }
 
 impl Default for EmbeddingBackward {
     fn default() -> Self {
-        EmbeddingBackward { repeat: 1 }
+        EmbeddingBackward {
+            repeat: 1,
+            sorted: false,
+        }
     }
+}
+
+/// Each row's occurrences among `indices` (`N` elements, any shape) for a table of `rows` rows,
+/// for [`EmbeddingBackward`] `sorted`: `(V + N)` whole numbers stored as f32, first each row's
+/// end in the list, then the list: the positions of the valid indices ordered by row, in index
+/// order within a row (a stable counting sort), `-1` after them. Row `v`'s positions are
+/// `list[ends[v - 1] .. ends[v]]` (`ends[-1] = 0`). Made by the plan compiler where scanning the
+/// indices for every row would be the gradient's main work ([`sorts_rows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EmbeddingRows {
+    pub rows: usize,
+}
+
+/// Workgroups of the scanning gradient (`V * ceil(E / 256)`, each reading every index) from
+/// which a table's gradient lists each row's occurrences first ([`EmbeddingRows`]). Both
+/// passes over the indices take a time proportional to `N` per workgroup (the list's one
+/// workgroup about three times the scan's: 256 comparisons per chunk of indices against a
+/// prefix sum's barriers), but the scan takes it once per wave of workgroups the GPU holds at
+/// once (about a thousand of 256 threads on an H100: 132 SMs of 8), so beyond a few waves the
+/// list wins by the number of waves: 50 for a 50k-token vocabulary. On lavapipe the list wins
+/// at every size measured (`kiln-bench --only embedding`: 8192 rows, 2048 lookups, 458 -> 7
+/// ms).
+pub const SORTED_ROWS_MIN_WORKGROUPS: usize = 4096;
+
+/// Whether a table's gradient of `v` rows of `e` from `n` lookups lists its rows first: from
+/// [`SORTED_ROWS_MIN_WORKGROUPS`], where the list's whole numbers are exact in f32 (`v + n`
+/// below 2^24).
+pub fn sorts_rows(v: usize, e: usize, n: usize) -> bool {
+    v.saturating_mul(e.div_ceil(256)) >= SORTED_ROWS_MIN_WORKGROUPS && v + n < 1 << 24
 }
 
 /// The row named by index `x`, or `None` if it is not an integer in `[0, v)`.
@@ -92,10 +130,46 @@ impl Embedding {
     }
 }
 
+impl EmbeddingRows {
+    /// CPU reference: the ends, then the stable list.
+    pub fn cpu(&self, indices: &Tensor) -> Tensor {
+        let v = self.rows;
+        let mut lists = vec![Vec::new(); v];
+        for (i, &x) in indices.data().iter().enumerate() {
+            if let Some(r) = row_of(x, v) {
+                lists[r].push(i as f32);
+            }
+        }
+        let mut out = Vec::with_capacity(v + indices.numel());
+        let mut end = 0;
+        for l in &lists {
+            end += l.len();
+            out.push(end as f32);
+        }
+        out.extend(lists.into_iter().flatten());
+        out.resize(v + indices.numel(), -1.0);
+        Tensor::new([out.len()], out).expect("V + N entries")
+    }
+
+    /// Kernel: one workgroup (see `shaders/embedding.wgsl`).
+    pub fn kernel(&self, indices: &Shape) -> KernelSpec {
+        KernelSpec {
+            family: "embedding",
+            entry: "embedding_rows",
+            constants: constants(indices.numel(), self.rows, 1),
+            workgroups: 1,
+        }
+    }
+}
+
 impl EmbeddingBackward {
-    /// CPU reference, f64 accumulation in index order (each index's blocks in order).
+    /// CPU reference, f64 accumulation in index order (each index's blocks in order); `sorted`:
+    /// in the order the list of input 0 gives.
     pub fn cpu(&self, indices: &Tensor, dy: &Tensor, out: &Shape) -> Tensor {
         let (v, e) = (out.dims()[0], out.dims()[1]);
+        if self.sorted {
+            return self.sorted_cpu(indices, dy, out);
+        }
         let n = indices.numel();
         let mut dw = vec![0f64; v * e];
         for (i, &x) in indices.data().iter().enumerate() {
@@ -114,17 +188,52 @@ impl EmbeddingBackward {
         Tensor::new(out.clone(), dw.into_iter().map(|x| x as f32).collect()).expect("table shape")
     }
 
+    /// [`Self::cpu`] reading the rows' occurrences from [`EmbeddingRows`]' list (`rows`).
+    fn sorted_cpu(&self, rows: &Tensor, dy: &Tensor, out: &Shape) -> Tensor {
+        let (v, e) = (out.dims()[0], out.dims()[1]);
+        let (ends, list) = rows.data().split_at(v);
+        let n = list.len();
+        let mut dw = vec![0f64; v * e];
+        let mut start = 0;
+        for (r, &end) in ends.iter().enumerate() {
+            let end = end as usize;
+            for &i in &list[start..end] {
+                for b in 0..self.repeat {
+                    let row = (b * n + i as usize) * e;
+                    for (acc, &d) in dw[r * e..(r + 1) * e]
+                        .iter_mut()
+                        .zip(&dy.data()[row..row + e])
+                    {
+                        *acc += d as f64;
+                    }
+                }
+            }
+            start = end;
+        }
+        Tensor::new(out.clone(), dw.into_iter().map(|x| x as f32).collect()).expect("table shape")
+    }
+
     /// Kernel: a workgroup per row and 256 columns, scanning the indices for that row's
-    /// occurrences (see `shaders/embedding.wgsl`).
+    /// occurrences, or with `sorted` reading them from the list (see
+    /// `shaders/embedding.wgsl`).
     pub fn kernel(&self, indices: &Shape, out: &Shape) -> KernelSpec {
-        let (n, v, e) = (indices.numel(), out.dims()[0], out.dims()[1]);
+        let (v, e) = (out.dims()[0], out.dims()[1]);
+        // (sorted: input 0 is the ends, then the list of the N lookups)
+        let n = indices.numel() - if self.sorted { v } else { 0 };
         let mut constants = constants(n, v, e);
         constants.push(("REPEAT", self.repeat as f64));
         KernelSpec {
             family: "embedding",
-            entry: "embedding_backward",
+            entry: if self.sorted {
+                "embedding_backward_sorted"
+            } else {
+                "embedding_backward"
+            },
             constants,
-            workgroups: (v * e.div_ceil(256)) as u64,
+            workgroups: match 256 / e {
+                per if self.sorted && per > 1 => v.div_ceil(per),
+                _ => v * e.div_ceil(256),
+            } as u64,
         }
     }
 }

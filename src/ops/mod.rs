@@ -136,6 +136,9 @@ pub enum Op {
     Embedding(embedding::Embedding),
     /// Inputs `indices` and `dy`: the table's gradient `(V, E)`.
     EmbeddingBackward(embedding::EmbeddingBackward),
+    /// Input `indices`: each table row's occurrences, `(V + N)` (made by the plan compiler;
+    /// see `ops::embedding::EmbeddingRows`).
+    EmbeddingRows(embedding::EmbeddingRows),
     /// Seeded inverted dropout of input 0; input 1 is the `[1]` seed.
     Dropout(dropout::Dropout),
     /// Its gradient for the logits, from logits, labels and the loss gradient.
@@ -261,6 +264,7 @@ impl Op {
             Op::RnnBackward(_) => "rnn_backward",
             Op::Embedding(_) => "embedding",
             Op::EmbeddingBackward(_) => "embedding_backward",
+            Op::EmbeddingRows(_) => "embedding_rows",
             Op::Dropout(_) => "dropout",
             Op::CrossEntropyBackward(_) => "cross_entropy_backward",
             Op::CrossEntropyRows(_) => "cross_entropy_rows",
@@ -540,6 +544,7 @@ impl Op {
             Op::RnnBackward(l) => l.cpu(inputs, out),
             Op::Embedding(e) => e.cpu(inputs[0], inputs[1], out),
             Op::EmbeddingBackward(e) => e.cpu(inputs[0], inputs[1], out),
+            Op::EmbeddingRows(e) => e.cpu(inputs[0]),
             Op::Dropout(d) => d.cpu(inputs[0], inputs[1]),
             Op::CrossEntropyBackward(c) => c.cpu(inputs[0], inputs[1], inputs[2]),
             Op::CrossEntropyRows(c) => c.cpu(inputs[0], inputs[1]),
@@ -632,6 +637,7 @@ impl Op {
             Op::RnnBackward(l) => Some(l.kernel(inputs[0], target)),
             Op::Embedding(e) => Some(e.kernel(inputs[0], inputs[1])),
             Op::EmbeddingBackward(e) => Some(e.kernel(inputs[0], out)),
+            Op::EmbeddingRows(e) => Some(e.kernel(inputs[0])),
             Op::Dropout(d) => Some(d.kernel(out.numel())),
             // written by the loss's kernel: a view
             Op::CrossEntropyBackward(c) if c.written => None,
@@ -727,7 +733,8 @@ impl Op {
             | Op::LstmBackward(_)
             | Op::GruBackward(_)
             | Op::RnnBackward(_)
-            | Op::EmbeddingBackward(_) => {
+            | Op::EmbeddingBackward(_)
+            | Op::EmbeddingRows(_) => {
                 return Err(crate::error::Error::Unsupported(format!(
                     "gradients through {}",
                     self.name()
@@ -789,6 +796,7 @@ impl Op {
             }
             // indices f32; the table (its gradient: dy) f16 or f32
             Op::Embedding(_) | Op::EmbeddingBackward(_) if first == DType::F32 => Ok(inputs[1]),
+            Op::EmbeddingRows(_) if first == DType::F32 => Ok(DType::F32),
             // f32 or f16 tensors (read as stored), an f32 sum
             Op::SumSquares(_) => Ok(DType::F32),
             // the value and the cache in one type (f32 or f16), the position f32
