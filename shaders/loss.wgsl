@@ -16,6 +16,9 @@
 // Entry `cross_entropy_with_grad` (small losses in training): both at once, bindings as the
 //   backward's but for
 //   3  both    storage, read_write  f32: the mean loss at 0, the gradient [N, C] from GRAD_OFF on
+// Entry `cross_entropy_rows_with_grad` (large losses in training): as `cross_entropy_rows` and
+//   `cross_entropy_backward_rows` at once, bindings as `cross_entropy_with_grad`'s: each row's
+//   loss in both[0..N], the gradient from GRAD_OFF on
 //   (f32 in the f16 variant too: the products that read an f16 graph's gradient round it to
 //   f16 as they load it, the value an f16 store would hold).
 // f16 variant (`loss_f16`, generated from the storage block): logits and dx f16, computed in
@@ -27,9 +30,10 @@
 //           folds rows i, i + 256, .. (with_grad: and writes their gradients) and a tree in
 //           workgroup memory sums the row losses.
 //           `cross_entropy_backward`: ceil(N / 256) workgroups, folded into (x <= 65535, y);
-//           one thread per row. `cross_entropy_rows`, `cross_entropy_backward_rows`:
-//           ceil(N * TPR / 256) workgroups (folded likewise), TPR threads per row striding over
-//           its classes, their maximum and sum of exponentials reduced in workgroup memory.
+//           one thread per row. `cross_entropy_rows`, `cross_entropy_backward_rows`,
+//           `cross_entropy_rows_with_grad`: ceil(N * TPR / 256) workgroups (folded likewise), TPR
+//           threads per row striding over its classes, each thread's maximum and sum of
+//           exponentials (one pass, rescaled as the maximum grows) reduced in workgroup memory.
 
 override N: u32 = 1u;
 override C: u32 = 1u;
@@ -198,17 +202,22 @@ fn row_stats(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowStats {
     let t = lid % TPR;
     let count = select(0u, C, row < N);
     let base = row * C;
+    // one pass: each thread's maximum and its sum of exponentials relative to it, rescaled
+    // when the maximum grows (a row of 50,000 logits is read once, not twice)
     var m = -3.4028235e38;
-    for (var c = t; c < count; c = c + TPR) {
-        m = max(m, ld_logits(base + c));
-    }
-    m = row_reduce(lid, m, true);
     var s = 0.0;
     for (var c = t; c < count; c = c + TPR) {
-        s = s + exp(ld_logits(base + c) - m);
+        let x = ld_logits(base + c);
+        if x > m {
+            s = s * exp(m - x) + 1.0;
+            m = x;
+        } else {
+            s = s + exp(x - m);
+        }
     }
-    s = row_reduce(lid, s, false);
-    return RowStats(row, t, count, m, s);
+    let row_m = row_reduce(lid, m, true);
+    s = row_reduce(lid, s * exp(m - row_m), false);
+    return RowStats(row, t, count, row_m, s);
 }
 
 @compute @workgroup_size(256)
@@ -225,6 +234,38 @@ fn cross_entropy_rows(
             loss = r.m + log(r.s) - ld_logits(r.row * C + k);
         }
         out[r.row] = loss;
+    }
+}
+
+// Each row's loss at both[row] and its gradient at both[GRAD_OFF + ..], as
+// `cross_entropy_backward_rows` writes it: the row read once for its statistics, once for its
+// gradient.
+@compute @workgroup_size(256)
+fn cross_entropy_rows_with_grad(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let r = row_stats(wid, nwg, lid);
+    if r.count == 0u {
+        return;
+    }
+    let base = r.row * C;
+    let k = class_of(r.row);
+    if r.first == 0u {
+        var loss = nan();
+        if k < C {
+            loss = r.m + log(r.s) - ld_logits(base + k);
+        }
+        both[r.row] = loss;
+    }
+    let inv = 1.0 / r.s;
+    let scale = dy[0] / f32(N);
+    let bad = select(0.0, nan(), k >= C);
+    for (var c = r.first; c < C; c = c + TPR) {
+        let p = exp(ld_logits(base + c) - r.m) * inv;
+        let onehot = select(0.0, 1.0, c == k);
+        both[GRAD_OFF + base + c] = (p - onehot) * scale + bad;
     }
 }
 

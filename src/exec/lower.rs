@@ -1440,7 +1440,7 @@ pub(crate) fn split_cross_entropy(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>
         let rows = nodes[nodes[id.0].inputs[0].0].shape.dims()[0];
         let rid = NodeId(nodes.len());
         nodes.push(Node {
-            op: Op::CrossEntropyRows(CrossEntropyRows),
+            op: Op::CrossEntropyRows(CrossEntropyRows::default()),
             inputs: nodes[id.0].inputs.clone(),
             shape: Shape(vec![rows]),
             dtype: DType::F32,
@@ -1458,11 +1458,14 @@ pub(crate) fn split_cross_entropy(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>
 }
 
 /// Where a training step's cross-entropy is small enough for one workgroup to compute its
-/// gradient too (`loss::WITH_GRAD_MAX` logits) and its backward node reads the same logits
+/// gradient too (`loss::WITH_GRAD_MAX` logits), or runs per row (`CrossEntropyRows`, which
+/// [`split_cross_entropy`] made), and its backward node reads the same logits
 /// and labels with a loss gradient available before the loss (a constant, an input, a scale),
-/// the loss's kernel writes the gradient past the loss (`CrossEntropy::with_grad`) and the
+/// the loss's kernel writes the gradient past the loss (`CrossEntropy::with_grad`,
+/// `CrossEntropyRows::with_grad`) and the
 /// backward node becomes a view of it (`CrossEntropyBackward::written`): a classifier's step
-/// runs one kernel fewer. The kernel stores the f32 loss and so the gradient in f32: f16
+/// runs one kernel fewer, a language model's reads its logits twice rather than three times
+/// (the row statistics once). The kernel stores the f32 loss and so the gradient in f32: f16
 /// logits take this only where products alone read their gradient (no target), which then
 /// round it to f16 as they load it (the value an f16 gradient holds).
 pub(crate) fn gradient_with_cross_entropy(
@@ -1470,16 +1473,20 @@ pub(crate) fn gradient_with_cross_entropy(
     order: &mut Vec<NodeId>,
     targets: &[NodeId],
 ) {
-    use crate::ops::loss::{CrossEntropy, CrossEntropyBackward, WITH_GRAD_MAX};
+    use crate::ops::loss::{CrossEntropy, CrossEntropyBackward, CrossEntropyRows, WITH_GRAD_MAX};
     let mut moves: Vec<(NodeId, NodeId)> = Vec::new();
     let mut sources: Vec<(NodeId, NodeId)> = Vec::new();
     for l_pos in 0..order.len() {
         let l = order[l_pos];
-        let Op::CrossEntropy(CrossEntropy { with_grad: false }) = nodes[l.0].op else {
-            continue;
+        let (logits, labels) = match nodes[l.0].op {
+            Op::CrossEntropy(CrossEntropy { with_grad: false })
+            | Op::CrossEntropyRows(CrossEntropyRows { with_grad: false }) => {
+                (nodes[l.0].inputs[0], nodes[l.0].inputs[1])
+            }
+            _ => continue,
         };
-        let (logits, labels) = (nodes[l.0].inputs[0], nodes[l.0].inputs[1]);
-        if nodes[logits.0].shape.numel() > WITH_GRAD_MAX {
+        let rows = matches!(nodes[l.0].op, Op::CrossEntropyRows(_));
+        if !rows && nodes[logits.0].shape.numel() > WITH_GRAD_MAX {
             continue;
         }
         let at = |n: NodeId| order.iter().position(|&o| o == n);
@@ -1514,7 +1521,10 @@ pub(crate) fn gradient_with_cross_entropy(
         {
             continue;
         }
-        nodes[l.0].op = Op::CrossEntropy(CrossEntropy { with_grad: true });
+        nodes[l.0].op = match rows {
+            true => Op::CrossEntropyRows(CrossEntropyRows { with_grad: true }),
+            false => Op::CrossEntropy(CrossEntropy { with_grad: true }),
+        };
         nodes[l.0].inputs.push(dy);
         nodes[d.0].op = Op::CrossEntropyBackward(CrossEntropyBackward { written: true });
         nodes[d.0].inputs.push(l);

@@ -30,8 +30,8 @@ pub struct CrossEntropyBackward {
     pub written: bool,
 }
 
-/// Where a loss kernel that also computes the gradient writes it past the loss: an aligned
-/// offset, so that the gradient is a view every adapter binds.
+/// Where the one-workgroup loss kernel that also computes the gradient writes it past the
+/// loss: an aligned offset, so that the gradient is a view every adapter binds.
 pub const GRAD_OFF: usize = super::layout::VIEW_ALIGN;
 
 /// Logits of the losses whose one workgroup also computes their gradient (beyond them the
@@ -39,9 +39,22 @@ pub const GRAD_OFF: usize = super::layout::VIEW_ALIGN;
 pub const WITH_GRAD_MAX: usize = 1 << 14;
 
 /// Each row's cross-entropy loss: `logits (N, C)`, `labels (N)` -> `(N)` (made by the plan
-/// compiler from a [`CrossEntropy`] too large for one workgroup; a mean follows).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CrossEntropyRows;
+/// compiler from a [`CrossEntropy`] too large for one workgroup; a mean follows). With
+/// `with_grad` (made by the plan compiler, `exec::lower::gradient_with_cross_entropy`): input
+/// 2 is the loss's gradient `dy (1)`, and the kernel also writes the logits' gradient (f32)
+/// past the losses, at [`grad_offset`]`(N)`, which the [`CrossEntropyBackward`] node views:
+/// each row read twice (its statistics, its gradient), where the two kernels read it three
+/// times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CrossEntropyRows {
+    pub with_grad: bool,
+}
+
+/// Where a loss kernel that also computes the gradient writes it past `loss_len` losses (one
+/// mean, or a loss per row): the next aligned offset, so that the gradient is a view.
+pub fn grad_offset(loss_len: usize) -> usize {
+    loss_len.next_multiple_of(super::layout::VIEW_ALIGN)
+}
 
 /// Logits that the one-workgroup [`CrossEntropy`] kernel takes: beyond them the loss runs
 /// a row per few threads over the whole GPU ([`CrossEntropyRows`]), then a mean.
@@ -94,9 +107,25 @@ impl CrossEntropyRows {
         Tensor::new([logits.dims()[0]], data).expect("a loss per row")
     }
 
-    /// Kernel: [`rows_threads`] threads per row.
+    /// Kernel: [`rows_threads`] threads per row (`cross_entropy_rows`, or with the gradient
+    /// `cross_entropy_rows_with_grad`).
     pub fn kernel(&self, logits: &Shape) -> KernelSpec {
-        rows_kernel("cross_entropy_rows", logits)
+        if !self.with_grad {
+            return rows_kernel("cross_entropy_rows", logits);
+        }
+        let mut k = rows_kernel("cross_entropy_rows_with_grad", logits);
+        k.constants
+            .push(("GRAD_OFF", grad_offset(logits.dims()[0]) as f64));
+        k
+    }
+
+    /// Elements its kernel writes past the losses: the gradient at [`grad_offset`], with it.
+    pub fn scratch(&self, logits: &Shape) -> usize {
+        let n = logits.dims()[0];
+        match self.with_grad {
+            true => grad_offset(n) - n + logits.numel(),
+            false => 0,
+        }
     }
 }
 

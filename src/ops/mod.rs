@@ -322,6 +322,7 @@ impl Op {
                 .map_or(0, |d| p.product.scratch(&d, p.config.slices(d.k) as usize)),
             Op::SplitKSum(s) => s.scratch(out),
             Op::CrossEntropy(c) => c.scratch(inputs[0]),
+            Op::CrossEntropyRows(c) => c.scratch(inputs[0]),
             Op::NormalizeStats(s) if s.stats => {
                 let groups = out.dims()[1];
                 norm::stats_offset(out.numel()) - out.numel() + 2 * groups
@@ -347,7 +348,8 @@ impl Op {
             Op::AxisCopy(a) => a.view_offset(inputs[0], out, dtype).unwrap_or(0),
             Op::RowSums(r) => r.offset(inputs[0]),
             Op::StatsOf(_) => norm::stats_offset(inputs[0].numel()),
-            Op::CrossEntropyBackward(c) if c.written => loss::GRAD_OFF,
+            // past the mean, or past each row's loss
+            Op::CrossEntropyBackward(c) if c.written => loss::grad_offset(inputs[3].numel()),
             _ => 0,
         }
     }
