@@ -594,6 +594,31 @@ fn embedding_grad(dev: &Device, (v, e, n): (usize, usize, usize)) -> kiln::Resul
     Ok(case)
 }
 
+/// A language model's loss over `c` classes for `n` tokens and its logits' gradient, as a
+/// training step runs them (one kernel: `CrossEntropyRows::with_grad`); bytes as the logits
+/// read once and their gradient written once.
+fn cross_entropy_grad(dev: &Device, (n, c): (usize, usize)) -> kiln::Result<Case> {
+    let g = Graph::new();
+    let logits = resident(
+        dev,
+        &g,
+        &format!("bench.ce{n}x{c}"),
+        Tensor::rand_uniform([n, c], -4.0, 4.0, 32),
+    )?;
+    let labels = g.input("labels", [n]);
+    let loss = g.cross_entropy(logits, labels)?;
+    let dx = g.grad(loss, &[logits])?[0];
+    let plan = dev.compile(&g, &[loss, probe(&g, dx)?])?;
+    let labels_value = Tensor::new([n], (0..n).map(|i| (i * 7919 % c) as f32).collect())?;
+    Ok(plan_case(
+        format!("cross-entropy + gradient {n}x{c}"),
+        8.0 * (n * c) as f64,
+        "GB/s",
+        plan,
+        vec![("labels".into(), labels_value)],
+    ))
+}
+
 /// Median seconds per run after a warm-up, within a time budget.
 fn time(case: &mut Case, reps: usize, budget: Duration) -> kiln::Result<f64> {
     case.run()?;
@@ -695,6 +720,12 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
                 .flatten(),
         );
     }
+    v.push(Some(cross_entropy_grad(dev, (1024, 8192))?));
+    v.push(if hardware && !cpu {
+        Some(cross_entropy_grad(dev, (4096, 50257))?)
+    } else {
+        None
+    });
     v.push(Some(embedding_grad(dev, (8192, 64, 2048))?));
     v.push(if hardware && !cpu {
         Some(embedding_grad(dev, (50257, 768, 8192))?)
