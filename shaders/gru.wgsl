@@ -34,7 +34,11 @@
 //   gradient of part of P, folded in by the plan compiler); 7 q (read_write) Q
 // f16 variant (`gru_f16`, generated from the storage block): every tensor f16 but the f32
 // lengths; each step computes in f32 (the whole-sequence kernels keep the state in f32 registers).
-// Overrides: T, B, H, REVERSE; DP_T0, DP_TL, DP_C0, DP_CL (dp's window; 0 extents: all of it).
+// Overrides: T, B, H, REVERSE; DP_T0, DP_TL, DP_C0, DP_CL (dp's window; 0 extents: all of it),
+//            DP_LD, DP_OFF (its row r starts at element DP_OFF + r * DP_LD of the binding:
+//            rows of a wider tensor read in place; DP_LD 0: rows of the window's width);
+//            H0_LD, H0_OFF: h0's row b starts at element H0_OFF + b * H0_LD of its binding (a
+//            narrow of a wider tensor's last axis read in place; rows of H from 0 by default).
 // Dispatch: ceil(B * H / 256) workgroups per step, one thread per (b, j), folded into
 //           (x <= 65535, y).
 
@@ -46,6 +50,15 @@ override DP_T0: u32 = 0u;
 override DP_TL: u32 = 0u;
 override DP_C0: u32 = 0u;
 override DP_CL: u32 = 0u;
+override DP_LD: u32 = 0u;
+override DP_OFF: u32 = 0u;
+override H0_LD: u32 = H;
+override H0_OFF: u32 = 0u;
+
+// Element (b, j) of the initial state in its binding.
+fn h0_at(b: u32, j: u32) -> u32 {
+    return H0_OFF + b * H0_LD + j;
+}
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> step: vec4<u32>;
@@ -81,7 +94,7 @@ fn dp_at(t: u32, b: u32, col: u32, width: u32) -> f32 {
     if t < DP_T0 || t >= DP_T0 + steps || col < DP_C0 || col >= DP_C0 + cols {
         return 0.0;
     }
-    return ld_dp(((t - DP_T0) * B + b) * cols + col - DP_C0);
+    return ld_dp(DP_OFF + ((t - DP_T0) * B + b) * select(DP_LD, cols, DP_LD == 0u) + col - DP_C0);
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -108,7 +121,7 @@ fn masked(t: u32, b: u32) -> bool {
 // Element m of the state before forward step s, during the forward pass.
 fn h_prev_fwd(s: u32, b: u32, m: u32, width: u32) -> f32 {
     if s == 0u {
-        return ld_h0(b * H + m);
+        return ld_h0(h0_at(b, m));
     }
     return ld_p((time_of(s - 1u) * B + b) * width + m);
 }
@@ -116,7 +129,7 @@ fn h_prev_fwd(s: u32, b: u32, m: u32, width: u32) -> f32 {
 // The same during the backward pass.
 fn h_prev_bwd(s: u32, b: u32, m: u32, width: u32) -> f32 {
     if s == 0u {
-        return ld_h0(b * H + m);
+        return ld_h0(h0_at(b, m));
     }
     return ld_p_in((time_of(s - 1u) * B + b) * width + m);
 }
@@ -387,10 +400,10 @@ fn dp4(t: u32, b0: u32, col: u32, width: u32) -> vec4<f32> {
 
 fn h0_4(b0: u32, j: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = ld_h0(b0 * H + j); }
-    if b0 + 1u < B { v.y = ld_h0((b0 + 1u) * H + j); }
-    if b0 + 2u < B { v.z = ld_h0((b0 + 2u) * H + j); }
-    if b0 + 3u < B { v.w = ld_h0((b0 + 3u) * H + j); }
+    if b0 < B { v.x = ld_h0(h0_at(b0, j)); }
+    if b0 + 1u < B { v.y = ld_h0(h0_at(b0 + 1u, j)); }
+    if b0 + 2u < B { v.z = ld_h0(h0_at(b0 + 2u, j)); }
+    if b0 + 3u < B { v.w = ld_h0(h0_at(b0 + 3u, j)); }
     return v;
 }
 

@@ -23,10 +23,16 @@
 // dh0, dc0):
 //   0 step; 1 p (read) [T, B, 6H]; 2 whh; 3 h0; 4 c0; 5 lengths; 6 dp (read) [T, B, 6H], or
 //   only its window [DP_TL, B, DP_CL] at (DP_T0, DP_C0), zeros around it (the pads of the
-//   gradient of part of P, folded in by the plan compiler); 7 q (read_write) [T + 1, B, 7H]
+//   gradient of part of P, folded in by the plan compiler; the window's row r starts at
+//   element DP_OFF + r * DP_LD of the binding: rows of a wider tensor read in place where the
+//   plan compiler says); 7 q (read_write) [T + 1, B, 7H]
 // f16 variant (`lstm_f16`, generated from the storage block): every tensor f16 but the f32
 // lengths; each step computes in f32 (the whole-sequence kernels keep the state in f32 registers).
-// Overrides: T, B, H, REVERSE; DP_T0, DP_TL, DP_C0, DP_CL (dp's window: all of it by default).
+// Overrides: T, B, H, REVERSE; DP_T0, DP_TL, DP_C0, DP_CL (dp's window: all of it by default),
+//            DP_LD, DP_OFF (its rows: DP_CL apart from 0 by default);
+//            H0_LD, H0_OFF, C0_LD, C0_OFF: h0's (c0's) row b starts at element OFF + b * LD of
+//            its binding (a narrow of a wider tensor's last axis read in place: a decoder
+//            starting from its encoder's states; rows of H from 0 by default).
 // Dispatch: ceil(B * H / 256) workgroups per step, one thread per (b, j), folded into
 //           (x <= 65535, y). The recurrent weight's gradient is a tiled matmul in the graph.
 
@@ -38,7 +44,21 @@ override DP_T0: u32 = 0u;
 override DP_TL: u32 = T;
 override DP_C0: u32 = 0u;
 override DP_CL: u32 = 6u * H;
+override DP_LD: u32 = DP_CL;
+override DP_OFF: u32 = 0u;
+override H0_LD: u32 = H;
+override H0_OFF: u32 = 0u;
+override C0_LD: u32 = H;
+override C0_OFF: u32 = 0u;
 const WG: u32 = 256u;
+
+// Element (b, j) of the initial state in its binding.
+fn h0_at(b: u32, j: u32) -> u32 {
+    return H0_OFF + b * H0_LD + j;
+}
+fn c0_at(b: u32, j: u32) -> u32 {
+    return C0_OFF + b * C0_LD + j;
+}
 
 @group(0) @binding(0) var<uniform> step: vec4<u32>;
 // generated: begin storage
@@ -70,7 +90,7 @@ fn dp_at(t: u32, b: u32, col: u32) -> f32 {
     if t < DP_T0 || t >= DP_T0 + DP_TL || col < DP_C0 || col >= DP_C0 + DP_CL {
         return 0.0;
     }
-    return ld_dp(((t - DP_T0) * B + b) * DP_CL + col - DP_C0);
+    return ld_dp(DP_OFF + ((t - DP_T0) * B + b) * DP_LD + col - DP_C0);
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -115,11 +135,11 @@ fn lstm_forward(
     let t = time_of(s);
     let first = s == 0u;
     let tp = time_of(max(s, 1u) - 1u);
-    let c_prev = select(ld_p(row(tp, b) + H + j), ld_c0(b * H + j), first);
+    let c_prev = select(ld_p(row(tp, b) + H + j), ld_c0(c0_at(b, j)), first);
     let r = row(t, b);
     if f32(t) >= lengths[b] {
         // padding: carry the state, no gates
-        st_p(r + j, select(ld_p(row(tp, b) + j), ld_h0(b * H + j), first));
+        st_p(r + j, select(ld_p(row(tp, b) + j), ld_h0(h0_at(b, j)), first));
         st_p(r + H + j, c_prev);
         st_p(r + 2u * H + j, 0.0);
         st_p(r + 3u * H + j, 0.0);
@@ -134,7 +154,7 @@ fn lstm_forward(
     var a_o = ld_xw(x + 3u * H + j);
     let hp = row(tp, b);
     for (var m = 0u; m < H; m = m + 1u) {
-        let h = select(ld_p(hp + m), ld_h0(b * H + m), first);
+        let h = select(ld_p(hp + m), ld_h0(h0_at(b, m)), first);
         let w = m * 4u * H + j;
         a_i = a_i + h * ld_whh_t(w);
         a_f = a_f + h * ld_whh_t(w + H);
@@ -223,7 +243,7 @@ fn lstm_backward(
     }
     let first = s == 0u;
     let tp = time_of(max(s, 1u) - 1u);
-    st_q(rq + 6u * H + j, select(ld_p_in(row(tp, b) + j), ld_h0(b * H + j), first));
+    st_q(rq + 6u * H + j, select(ld_p_in(row(tp, b) + j), ld_h0(h0_at(b, j)), first));
     if f32(t) >= lengths[b] {
         st_q(rq + j, 0.0);
         st_q(rq + H + j, 0.0);
@@ -233,7 +253,7 @@ fn lstm_backward(
         st_q(rq + 5u * H + j, dh);
         return;
     }
-    let c_prev = select(ld_p_in(row(tp, b) + H + j), ld_c0(b * H + j), first);
+    let c_prev = select(ld_p_in(row(tp, b) + H + j), ld_c0(c0_at(b, j)), first);
     let c = ld_p_in(r + H + j);
     let gi = ld_p_in(r + 2u * H + j);
     let gf = ld_p_in(r + 3u * H + j);
@@ -298,19 +318,19 @@ fn xw4(t: u32, b0: u32, col: u32) -> vec4<f32> {
 
 fn h0_4(b0: u32, j: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = ld_h0(b0 * H + j); }
-    if b0 + 1u < B { v.y = ld_h0((b0 + 1u) * H + j); }
-    if b0 + 2u < B { v.z = ld_h0((b0 + 2u) * H + j); }
-    if b0 + 3u < B { v.w = ld_h0((b0 + 3u) * H + j); }
+    if b0 < B { v.x = ld_h0(h0_at(b0, j)); }
+    if b0 + 1u < B { v.y = ld_h0(h0_at(b0 + 1u, j)); }
+    if b0 + 2u < B { v.z = ld_h0(h0_at(b0 + 2u, j)); }
+    if b0 + 3u < B { v.w = ld_h0(h0_at(b0 + 3u, j)); }
     return v;
 }
 
 fn c0_4(b0: u32, j: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
-    if b0 < B { v.x = ld_c0(b0 * H + j); }
-    if b0 + 1u < B { v.y = ld_c0((b0 + 1u) * H + j); }
-    if b0 + 2u < B { v.z = ld_c0((b0 + 2u) * H + j); }
-    if b0 + 3u < B { v.w = ld_c0((b0 + 3u) * H + j); }
+    if b0 < B { v.x = ld_c0(c0_at(b0, j)); }
+    if b0 + 1u < B { v.y = ld_c0(c0_at(b0 + 1u, j)); }
+    if b0 + 2u < B { v.z = ld_c0(c0_at(b0 + 2u, j)); }
+    if b0 + 3u < B { v.w = ld_c0(c0_at(b0 + 3u, j)); }
     return v;
 }
 

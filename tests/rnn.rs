@@ -306,3 +306,97 @@ fn gradients_of_part_of_the_state_need_no_pads() {
         }
     }
 }
+
+/// An encoder-decoder (seq2seq): a decoder starting from its encoder's final state reads it in
+/// place from the encoder's packed states (`ops::lstm::InitialState`), forward and backward, so
+/// no narrow kernel copies it, and the encoder's backward reads the decoder's `dh0` (and `dc0`,
+/// adjacent: one window) in place from the decoder's backward (`DpWindow::rows`); LSTM (`h` and `c`), GRU and RNN, the
+/// encoder in both directions and with lengths; the loss and every gradient (both layers'
+/// weights, the inputs) against the CPU reference, outputs poisoned with NaN. (B * H a multiple
+/// of 64 here: the encoder's last step is then a view of its states; elsewhere that step is
+/// copied, the narrow of its columns still read in place.)
+#[test]
+fn decoders_read_their_encoders_final_state_in_place() {
+    let Some(dev) = common::gpu() else { return };
+    let (t1, t2, b, i, h) = (5usize, 4usize, 8usize, 4usize, 8usize);
+    for cell in ["lstm", "gru", "rnn"] {
+        for (reverse, lengths) in [(false, false), (true, false), (false, true)] {
+            let what = format!("{cell} encoder reverse={reverse} lengths={lengths}");
+            let gates = match cell {
+                "lstm" => 4,
+                "gru" => 3,
+                _ => 1,
+            };
+            let g = Graph::new();
+            let mut feeds: Vec<(String, Tensor)> = Vec::new();
+            let mut input = |name: String, shape: Vec<usize>, seed: u64| {
+                feeds.push((
+                    name.clone(),
+                    Tensor::rand_uniform(shape.clone(), -0.5, 0.5, seed),
+                ));
+                g.input(&name, shape)
+            };
+            let x = input("x".into(), vec![t1, b, i], 1);
+            let y = input("y".into(), vec![t2, b, i], 2);
+            let mut weights = |layer: &str, seed: u64| {
+                [
+                    input(format!("{layer}.w_ih"), vec![gates * h, i], seed),
+                    input(format!("{layer}.w_hh"), vec![gates * h, h], seed + 1),
+                    input(format!("{layer}.b_ih"), vec![gates * h], seed + 2),
+                    input(format!("{layer}.b_hh"), vec![gates * h], seed + 3),
+                ]
+            };
+            let enc = weights("enc", 10);
+            let dec = weights("dec", 20);
+            let zeros = g.constant(Tensor::zeros([b, h]));
+            let len = lengths.then(|| {
+                let l = (0..b).map(|k| [5.0, 2.0, 1.0][k % 3]).collect();
+                g.constant(Tensor::new([b], l).unwrap())
+            });
+            let out = match cell {
+                "lstm" => {
+                    let (_, hn, cn) = g
+                        .lstm_layer(
+                            x, enc[0], enc[1], enc[2], enc[3], zeros, zeros, len, reverse,
+                        )
+                        .unwrap();
+                    g.lstm_layer(y, dec[0], dec[1], dec[2], dec[3], hn, cn, None, false)
+                        .unwrap()
+                        .0
+                }
+                _ => {
+                    let layer = |x, w: &[kiln::NodeId; 4], h0, len, reverse| match cell {
+                        "gru" => g.gru_layer(x, w[0], w[1], w[2], w[3], h0, len, reverse),
+                        _ => g.rnn_layer(x, w[0], w[1], w[2], w[3], h0, len, reverse),
+                    };
+                    let (_, hn) = layer(x, &enc, zeros, len, reverse).unwrap();
+                    layer(y, &dec, hn, None, false).unwrap().0
+                }
+            };
+            let loss = random_projection(&g, out, 3);
+            let mut wrt = vec![x, y];
+            wrt.extend(enc);
+            wrt.extend(dec);
+            let mut outs = vec![loss];
+            outs.extend(g.grad(loss, &wrt).unwrap());
+            let plan = common::check_plan(&dev, &what, &g, &outs, &feeds, TOL);
+            let kernels = plan.kernels();
+            // (the decoder's `hs`, which the loss reads, is a narrow of its own)
+            let backward = kernels
+                .iter()
+                .position(|k| k.contains("_backward"))
+                .unwrap_or(kernels.len());
+            let state = format!("narrow [1, {b}, {h}]");
+            assert!(
+                !kernels[..backward].iter().any(|k| k.contains(&state)),
+                "{what}: {kernels:#?}"
+            );
+            // and the decoder's `dh0` (`| dc0`) goes back into the encoder's backward, read in
+            // place as its state gradient's window: no narrow, pad or concat of it
+            let copies = ["narrow", "pad", "concat"]
+                .map(|c| format!("{c} [1, {b}, "))
+                .map(|c| kernels.iter().filter(|k| k.contains(&c)).count());
+            assert_eq!(copies, [0, 0, 0], "{what}: {kernels:#?}");
+        }
+    }
+}

@@ -109,8 +109,8 @@ fn cross_entropy_over_large_vocabularies_runs_per_row() {
             .iter()
             .any(|k| k.contains("cross_entropy_rows"));
         assert_eq!(rows, n * c > kiln::ops::loss::ONE_WORKGROUP_MAX, "{what}");
-        let with_loss = dtype == kiln::DType::F32
-            && (n * c <= kiln::ops::loss::WITH_GRAD_MAX || rows);
+        let with_loss =
+            dtype == kiln::DType::F32 && (n * c <= kiln::ops::loss::WITH_GRAD_MAX || rows);
         let backward = common::count_op(&plan.kernels(), "cross_entropy_backward");
         assert_eq!(
             backward,

@@ -17,7 +17,8 @@
 //!    gradients over large groups (a batch norm's channels) or many rows (a layer norm's) are
 //!    reduced in blocks, then merged or added up; [`running_update_in_stats`]: the kernel that
 //!    computes a batch norm's statistics moves its running ones; [`pads_into_lstm_backward`]:
-//!    a recurrence's backward reads the padded part of its state gradient as a window, and
+//!    a recurrence's backward reads the padded part of its state gradient as a window (two
+//!    adjacent narrows padded and summed are one, [`adjacent_narrows_into_one_pad`]), and
 //!    [`disjoint_pads_into_one_copy`] two pads it sums as one copy;
 //!    [`split_cross_entropy`]: a loss over more logits than one workgroup should fold runs per
 //!    row over the GPU, then a mean; [`gradient_with_cross_entropy`]: a small one computes its
@@ -137,6 +138,7 @@ pub(crate) fn lower(
     running_update_in_stats(nodes, order, outputs);
     split_cross_entropy(nodes, order);
     gradient_with_cross_entropy(nodes, order, targets);
+    adjacent_narrows_into_one_pad(nodes, order, targets);
     pads_into_lstm_backward(nodes, order, targets);
     disjoint_pads_into_one_copy(nodes, order, targets);
     relu_into_normalize(nodes, order, targets);
@@ -967,6 +969,115 @@ fn f32_for_products(
     Some(found)
 }
 
+/// Where an `add` sums two pads of its own shape along one axis of two narrows of one tensor
+/// along that axis (possibly through reshapes that come back to the narrow's shape), adjacent
+/// in the tensor and placed side by side by the pads in the same order, and nothing else reads
+/// them (the gradients of an encoder's final `h` and `c`: its decoder's `dh0 | dc0`, cut from
+/// the decoder's backward and padded back into the encoder's states), the add becomes one pad
+/// of one narrow of both: two copies and a sum fewer. Before [`pads_into_lstm_backward`],
+/// which then reads that narrow as its window (and [`strided_operands`] the window in place).
+pub(crate) fn adjacent_narrows_into_one_pad(
+    nodes: &mut Vec<Node>,
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    use crate::ops::binary::BinaryOp;
+    use crate::ops::layout::AxisCopy;
+    let single = |a_start: isize| AxisCopy {
+        axis: 0,
+        a_start,
+        b_start: None,
+        strided: false,
+    };
+    let mut dropped = Vec::new();
+    let mut pos = 0;
+    while pos < order.len() {
+        let id = order[pos];
+        pos += 1;
+        if !matches!(nodes[id.0].op, Op::Binary(BinaryOp::Add)) || nodes[id.0].inputs.len() != 2 {
+            continue;
+        }
+        let out = nodes[id.0].shape.clone();
+        let sole = |n: NodeId| !targets.contains(&n) && readers(nodes, order, n) == 1;
+        // a pad of a narrow: (pad position, narrow start, extent, tensor, axis, its nodes)
+        let part = |p: NodeId| {
+            let Op::AxisCopy(pad) = nodes[p.0].op else {
+                return None;
+            };
+            let src = nodes[p.0].inputs[0];
+            let (mut chain, n) = under_reshapes(nodes, src);
+            let Op::AxisCopy(cut) = nodes[n.0].op else {
+                return None;
+            };
+            let axis = pad.axis;
+            let y = nodes[n.0].inputs[0];
+            let extent = nodes[n.0].shape.dims().get(axis).copied()? as isize;
+            chain.extend([p, n]);
+            let fits =
+                pad == AxisCopy {
+                    axis,
+                    ..single(pad.a_start)
+                } && cut
+                    == AxisCopy {
+                        axis,
+                        ..single(cut.a_start)
+                    }
+                    && nodes[p.0].shape == out
+                    && nodes[n.0].shape == nodes[src.0].shape
+                    && pad.a_start >= 0
+                    && cut.a_start <= 0
+                    && nodes[y.0].shape.rank() == out.rank()
+                    && -cut.a_start + extent <= nodes[y.0].shape.dims()[axis] as isize
+                    && nodes[y.0].dtype == nodes[id.0].dtype
+                    && chain.iter().all(|&c| sole(c));
+            fits.then_some((pad.a_start, -cut.a_start, extent, y, axis, chain))
+        };
+        let (Some(a), Some(b)) = (part(nodes[id.0].inputs[0]), part(nodes[id.0].inputs[1])) else {
+            continue;
+        };
+        let (a, b) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+        let first = |c: &[NodeId]| {
+            c.iter()
+                .filter_map(|n| order.iter().position(|o| o == n))
+                .min()
+                .unwrap_or(pos)
+        };
+        let from = first(&a.5).min(first(&b.5));
+        if a.3 != b.3
+            || a.4 != b.4
+            || a.0 + a.2 != b.0
+            || a.1 + a.2 != b.1
+            || written_between(nodes, order, a.3, from, pos - 1)
+        {
+            continue;
+        }
+        let (axis, y) = (a.4, a.3);
+        let mut dims = nodes[y.0].shape.dims().to_vec();
+        dims[axis] = (a.2 + b.2) as usize;
+        let both = NodeId(nodes.len());
+        nodes.push(Node {
+            op: Op::AxisCopy(AxisCopy {
+                axis,
+                ..single(-a.1)
+            }),
+            inputs: vec![y],
+            shape: Shape(dims),
+            dtype: nodes[id.0].dtype,
+        });
+        let n = &mut nodes[id.0];
+        n.op = Op::AxisCopy(AxisCopy {
+            axis,
+            ..single(a.0)
+        });
+        n.inputs = vec![both];
+        order.insert(pos - 1, both);
+        pos += 1;
+        dropped.extend(a.5);
+        dropped.extend(b.5);
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
 /// Where an `add` sums two pads of its own shape along one axis whose copied ranges do not
 /// overlap (the gradients of two narrows of one tensor: a sequence model's final `h` and `c`
 /// taken from its recurrence's states), and nothing else reads the pads, the add becomes one
@@ -1375,6 +1486,7 @@ pub(crate) fn pads_into_lstm_backward(
             steps: p[0],
             c0: 0,
             width: p[2],
+            rows: None,
         };
         let mut d = nodes[l.0].inputs[5];
         let mut chain = Vec::new();
@@ -1943,7 +2055,10 @@ pub(crate) fn fuse_matmul_epilogue(
 /// tensor's rows (`MatMul::rows_a`, `rows_b`) and the narrow becomes a view of the tensor
 /// (`AxisCopy::strided`): a kernel and a copy fewer. Only unbatched products on the generated
 /// tiled kernel (`runs_tiled`), whose tile loads take the rows' stride; a bias gradient's
-/// `RowSums` of the narrow reads the product's sums.
+/// `RowSums` of the narrow reads the product's sums; a recurrence's kernels read their initial
+/// state so too (`ops::lstm::InitialState`: a decoder starting from its encoder's last `h` and
+/// `c`, forward and backward), and a recurrence's backward its state gradient's window
+/// (`DpWindow::rows`: the decoder's `dh0 | dc0` going back into the encoder).
 pub(crate) fn strided_operands(
     nodes: &mut [Node],
     order: &mut [NodeId],
@@ -2007,7 +2122,10 @@ pub(crate) fn strided_operands(
                     Op::MatMulEpilogue(e) => operand(&e.product, k, r),
                     Op::MatMulPartial(p) => operand(&p.product, k, r),
                     Op::RowSums(_) => k == 1,
-                    _ => false,
+                    op => {
+                        initial_state_input(op, k).is_some()
+                            || dp_window_mut(&mut op.clone(), k).is_some_and(|w| w.width == width)
+                    }
                 }
         };
         let views_fit = views
@@ -2021,16 +2139,66 @@ pub(crate) fn strided_operands(
                 0 => mm.rows_a = Some(rows),
                 _ => mm.rows_b = Some(rows),
             };
+            let c0 = initial_state_input(&nodes[r.0].op, k);
             match &mut nodes[r.0].op {
                 Op::MatMul(mm) => set(mm),
                 Op::MatMulEpilogue(e) => set(&mut e.product),
                 Op::MatMulPartial(p) => set(&mut p.product),
-                _ => {}
+                op => {
+                    if let Some(w) = dp_window_mut(op, k) {
+                        w.rows = Some(rows);
+                    }
+                    if let (Some(state), Some(c0)) = (initial_state_mut(op), c0) {
+                        match c0 {
+                            true => state.c0 = Some(rows),
+                            false => state.h0 = Some(rows),
+                        }
+                    }
+                }
             }
         }
         if let Op::AxisCopy(c) = &mut nodes[nw.0].op {
             c.strided = true;
         }
+    }
+}
+
+/// Whether input `k` of a recurrence (LSTM, GRU, RNN, forward or backward) is its initial `c0`
+/// (`Some(true)`) or `h0` (`Some(false)`), which its kernels can read from a wider tensor's rows
+/// (`ops::lstm::InitialState`); `None` for other inputs and ops.
+fn initial_state_input(op: &Op, k: usize) -> Option<bool> {
+    match (op, k) {
+        (Op::LstmForward(_) | Op::LstmBackward(_), 2) => Some(false),
+        (Op::LstmForward(_) | Op::LstmBackward(_), 3) => Some(true),
+        (Op::GruForward(_) | Op::GruBackward(_) | Op::RnnForward(_) | Op::RnnBackward(_), 3) => {
+            Some(false)
+        }
+        _ => None,
+    }
+}
+
+/// The window of a recurrence's backward (`ops::lstm::DpWindow`) where input `k` is the tensor
+/// it reads as that window (the state gradient, input 5) and its rows are not read in place yet.
+fn dp_window_mut(op: &mut Op, k: usize) -> Option<&mut crate::ops::lstm::DpWindow> {
+    let w = match op {
+        Op::LstmBackward(l) => l.dp_window.as_mut(),
+        Op::GruBackward(l) => l.dp_window.as_mut(),
+        Op::RnnBackward(l) => l.dp_window.as_mut(),
+        _ => None,
+    };
+    w.filter(|w| k == 5 && w.rows.is_none())
+}
+
+/// A recurrence's [`crate::ops::lstm::InitialState`].
+fn initial_state_mut(op: &mut Op) -> Option<&mut crate::ops::lstm::InitialState> {
+    match op {
+        Op::LstmForward(l) => Some(&mut l.state),
+        Op::LstmBackward(l) => Some(&mut l.state),
+        Op::GruForward(l) => Some(&mut l.state),
+        Op::GruBackward(l) => Some(&mut l.state),
+        Op::RnnForward(l) => Some(&mut l.state),
+        Op::RnnBackward(l) => Some(&mut l.state),
+        _ => None,
     }
 }
 
@@ -3336,6 +3504,43 @@ mod tests {
             op,
             Op::EmbeddingRows(_)
         )));
+        // an encoder-decoder: the decoder's `dh0 | dc0` go back into the encoder as one narrow,
+        // the encoder's backward's window of its state gradient
+        let (t, b, i, h) = (3, 2, 2, 3);
+        let g = Graph::new();
+        let x = g.input("x", [t, b, i]);
+        let y = g.input("y", [t, b, i]);
+        let w = |name: &str, rows: usize, cols: usize| g.input(name, [rows, cols]);
+        let (w_ih, w_hh, v_ih, v_hh) = (
+            w("w_ih", 4 * h, i),
+            w("w_hh", 4 * h, h),
+            w("v_ih", 4 * h, i),
+            w("v_hh", 4 * h, h),
+        );
+        let bias = g.input("bias", [4 * h]);
+        let zeros = g.constant(Tensor::zeros([b, h]));
+        let (_, hn, cn) = g
+            .lstm_layer(x, w_ih, w_hh, bias, bias, zeros, zeros, None, false)
+            .unwrap();
+        let (out, _, _) = g
+            .lstm_layer(y, v_ih, v_hh, bias, bias, hn, cn, None, false)
+            .unwrap();
+        let loss = g
+            .sum_all(g.mul(out, g.constant(rand(&[t, b, h], 50))).unwrap())
+            .unwrap();
+        let grads = g.grad(loss, &[x, w_hh]).unwrap();
+        let feeds = [
+            ("x", rand(&[t, b, i], 51)),
+            ("y", rand(&[t, b, i], 52)),
+            ("w_ih", rand(&[4 * h, i], 53)),
+            ("w_hh", rand(&[4 * h, h], 54)),
+            ("v_ih", rand(&[4 * h, i], 55)),
+            ("v_hh", rand(&[4 * h, h], 56)),
+            ("bias", rand(&[4 * h], 57)),
+        ];
+        let (nodes, order) = evaluates_as_the_graph(&g, &grads, &feeds);
+        let window = |op: &Op| matches!(op, Op::LstmBackward(l) if l.dp_window.is_some_and(|w| w.width == 2 * h));
+        assert!(has(&nodes, &order, &window));
         // two disjoint pads summed: one copy with a gap of zeros
         let g = Graph::new();
         let x = g.input("x", [2, 9]);

@@ -1053,7 +1053,10 @@ impl Graph {
         // neighbouring weights; one small transpose per run instead of strided reads every step
         let w_hh_t = self.permute(w_hh, &[1, 0])?;
         let p = self.push(
-            Op::LstmForward(crate::ops::lstm::LstmForward { reverse }),
+            Op::LstmForward(crate::ops::lstm::LstmForward {
+                reverse,
+                state: Default::default(),
+            }),
             vec![xw, w_hh, h0, c0, lengths, w_hh_t],
             shape,
         )?;
@@ -1325,9 +1328,10 @@ impl Graph {
             shape,
         )?;
         let hs = self.narrow(p, 2, 0, h)?;
-        // the last step processed holds the final state (padding carried it there)
-        let last = self.narrow(hs, 0, if reverse { 0 } else { t - 1 }, 1)?;
-        let h_n = self.reshape(last, &[b as isize, h as isize])?;
+        // the last step processed holds the final state (padding carried it there); cut from
+        // the states, not from `hs`, so that h_n alone needs no copy of every step
+        let last = self.narrow(p, 0, if reverse { 0 } else { t - 1 }, 1)?;
+        let h_n = self.reshape(self.narrow(last, 2, 0, h)?, &[b as isize, h as isize])?;
         Ok((hs, h_n))
     }
 

@@ -21,7 +21,7 @@
 //! Only the `h` part of `dP` is read: the gate parts of `P` are internal (the layer builders
 //! expose `h` alone).
 
-use super::lstm::DpWindow;
+use super::lstm::{DpWindow, InitialState};
 use super::{KernelSpec, Op};
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
@@ -87,8 +87,14 @@ impl Cell {
     /// The forward recurrence's op (what the layer builders add).
     pub(crate) fn forward_op(self, reverse: bool) -> Op {
         match self {
-            Cell::Gru => Op::GruForward(GruForward { reverse }),
-            Cell::Rnn => Op::RnnForward(RnnForward { reverse }),
+            Cell::Gru => Op::GruForward(GruForward {
+                reverse,
+                state: InitialState::default(),
+            }),
+            Cell::Rnn => Op::RnnForward(RnnForward {
+                reverse,
+                state: InitialState::default(),
+            }),
         }
     }
 
@@ -97,10 +103,12 @@ impl Cell {
             Cell::Gru => Op::GruBackward(GruBackward {
                 reverse,
                 dp_window: None,
+                state: InitialState::default(),
             }),
             Cell::Rnn => Op::RnnBackward(RnnBackward {
                 reverse,
                 dp_window: None,
+                state: InitialState::default(),
             }),
         }
     }
@@ -110,6 +118,8 @@ impl Cell {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GruForward {
     pub reverse: bool,
+    /// Where its kernels read `h0` (`lstm::InitialState`; `c0` unused).
+    pub state: InitialState,
 }
 
 /// Backward through time of [`GruForward`]; `dp_window` as `LstmBackward`'s.
@@ -117,12 +127,15 @@ pub struct GruForward {
 pub struct GruBackward {
     pub reverse: bool,
     pub dp_window: Option<DpWindow>,
+    pub state: InitialState,
 }
 
 /// The tanh RNN forward recurrence of one layer and direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RnnForward {
     pub reverse: bool,
+    /// As [`GruForward::state`].
+    pub state: InitialState,
 }
 
 /// Backward through time of [`RnnForward`]; `dp_window` as `LstmBackward`'s.
@@ -130,6 +143,7 @@ pub struct RnnForward {
 pub struct RnnBackward {
     pub reverse: bool,
     pub dp_window: Option<DpWindow>,
+    pub state: InitialState,
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -409,13 +423,15 @@ impl GruForward {
     /// Kernel: one dispatch over the whole sequence where `lstm::whole_sequence` says, else T dispatches with one
     /// thread per (b, j).
     pub fn kernel(&self, out: &Shape, target: &crate::codegen::Target) -> KernelSpec {
-        recurrent_kernel(
+        let mut k = recurrent_kernel(
             Cell::Gru,
             self.reverse,
             out,
             ("gru_forward", "gru_forward_seq"),
             target,
-        )
+        );
+        k.constants.extend(self.state.constants());
+        k
     }
 
     /// Backward: fused backward through time, then dW_hh and db_hh.
@@ -448,6 +464,7 @@ impl GruBackward {
         );
         k.constants
             .extend(self.dp_window.iter().flat_map(|w| w.constants()));
+        k.constants.extend(self.state.constants());
         k
     }
 }
@@ -466,13 +483,15 @@ impl RnnForward {
     /// Kernel: one dispatch over the whole sequence where `lstm::whole_sequence` says, else T dispatches with one
     /// thread per (b, j).
     pub fn kernel(&self, out: &Shape, target: &crate::codegen::Target) -> KernelSpec {
-        recurrent_kernel(
+        let mut k = recurrent_kernel(
             Cell::Rnn,
             self.reverse,
             out,
             ("rnn_forward", "rnn_forward_seq"),
             target,
-        )
+        );
+        k.constants.extend(self.state.constants());
+        k
     }
 
     /// Backward: fused backward through time, then dW_hh and db_hh.
@@ -505,6 +524,7 @@ impl RnnBackward {
         );
         k.constants
             .extend(self.dp_window.iter().flat_map(|w| w.constants()));
+        k.constants.extend(self.state.constants());
         k
     }
 }

@@ -21,27 +21,58 @@ use crate::tensor::{Shape, Tensor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LstmForward {
     pub reverse: bool,
+    pub state: InitialState,
+}
+
+/// Where a recurrence's kernels read its initial state (LSTM, GRU and RNN, forward and
+/// backward): `h0` (`c0`) row `b` at element `offset + b * ld` of its binding, where the plan
+/// compiler found it to be a narrow of a wider tensor's last axis (`exec::lower::
+/// strided_operands`: a decoder starting from its encoder's last `h` and `c`, columns of the
+/// encoder's `[T, B, 6H]` states), which is then never copied; `None`: rows of `H` from 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct InitialState {
+    pub h0: Option<super::matmul::OperandRows>,
+    pub c0: Option<super::matmul::OperandRows>,
+}
+
+impl InitialState {
+    /// The kernels' override constants (`h0_at`, `c0_at` in their shaders).
+    pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
+        let mut k = Vec::new();
+        for (rows, ld, off) in [(self.h0, "H0_LD", "H0_OFF"), (self.c0, "C0_LD", "C0_OFF")] {
+            if let Some(r) = rows {
+                k.push((ld, r.ld as f64));
+                k.push((off, r.offset as f64));
+            }
+        }
+        k
+    }
 }
 
 /// Backward through time of [`LstmForward`]. With `dp_window` (made by the plan compiler,
 /// `exec::lower::pads_into_lstm_backward`) its gradient input is only that window of `dP`, the
-/// rest zeros.
+/// rest zeros. `state` as [`LstmForward`]'s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LstmBackward {
     pub reverse: bool,
     pub dp_window: Option<DpWindow>,
+    pub state: InitialState,
 }
 
 /// The part of a recurrence's packed state gradient `dP [T, B, W]` that is not zero (LSTM,
 /// GRU and RNN backward), steps `t0 .. t0 + steps` and columns `c0 .. c0 + width` of every
 /// batch row, given as a tensor `[steps, B, width]` (a classifier reading the last step's `h`
-/// gives `[1, B, H]` at `(T - 1, 0)`).
+/// gives `[1, B, H]` at `(T - 1, 0)`). With `rows` (set by the plan compiler,
+/// `exec::lower::strided_operands`, where that tensor is a narrow of a wider one's last axis:
+/// a decoder's `dh0 | dc0` going back into its encoder), the kernel reads the window's rows in
+/// place from the wider tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DpWindow {
     pub t0: usize,
     pub steps: usize,
     pub c0: usize,
     pub width: usize,
+    pub rows: Option<super::matmul::OperandRows>,
 }
 
 impl DpWindow {
@@ -65,13 +96,18 @@ impl DpWindow {
     }
 
     /// The backward kernels' override constants (`dp_at` in their shaders).
-    pub(crate) fn constants(&self) -> [(&'static str, f64); 4] {
-        [
+    pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
+        let mut k = vec![
             ("DP_T0", self.t0 as f64),
             ("DP_TL", self.steps as f64),
             ("DP_C0", self.c0 as f64),
             ("DP_CL", self.width as f64),
-        ]
+        ];
+        if let Some(r) = self.rows {
+            k.push(("DP_LD", r.ld as f64));
+            k.push(("DP_OFF", r.offset as f64));
+        }
+        k
     }
 }
 
@@ -277,13 +313,15 @@ impl LstmForward {
     /// T dispatches with one thread per (b, j).
     pub fn kernel(&self, out: &Shape, target: &crate::codegen::Target) -> KernelSpec {
         let (t, b, h) = dims(out);
-        recurrent_kernel(
+        let mut k = recurrent_kernel(
             "lstm",
             ("lstm_forward", "lstm_forward_seq"),
             (t, b, h),
             self.reverse,
             target,
-        )
+        );
+        k.constants.extend(self.state.constants());
+        k
     }
 
     /// Backward: the fused backward-through-time kernel, then the recurrent weight gradient as
@@ -304,6 +342,7 @@ impl LstmForward {
             Op::LstmBackward(LstmBackward {
                 reverse: self.reverse,
                 dp_window: None,
+                state: InitialState::default(),
             }),
             inputs,
             Shape(vec![t + 1, b, 7 * h]),
@@ -458,6 +497,7 @@ impl LstmBackward {
         );
         k.constants
             .extend(self.dp_window.iter().flat_map(|w| w.constants()));
+        k.constants.extend(self.state.constants());
         k
     }
 }
