@@ -1,6 +1,7 @@
 //! Sequential MNIST: an LSTM (`lstm`, hidden 128, torch layout) reads each digit as a sequence of
-//! 28 rows of 28 pixels, top to bottom (the `(B, 1, 28, 28)` batch is permuted to time-major
-//! `(28, B, 28)` in the graph), and a Linear(128, 10) (`fc`) classifies its final hidden state.
+//! 28 rows of 28 pixels, top to bottom (the `(B, 1, 28, 28)` batch read as batch-first
+//! `(B, 28, 28)` sequences, `batch_first=True`: the plan's products read its time-major rows in
+//! place), and a Linear(128, 10) (`fc`) classifies its final hidden state.
 //! Softmax cross-entropy, Adam (lr 1e-3) with gradients clipped to a global norm of 1.0, batches
 //! of 64, the training digits reshuffled every epoch with a seeded permutation. It uses the digits
 //! bundled in `data/mnist` (8,000 training and 1,000 test images; `--data DIR` for a folder with
@@ -84,7 +85,7 @@ struct RowLstm {
 impl RowLstm {
     fn new(hidden: usize, init: &mut Init) -> RowLstm {
         RowLstm {
-            lstm: Lstm::new("lstm", COLS, hidden, 1, false, init),
+            lstm: Lstm::new("lstm", COLS, hidden, 1, false, init).with_batch_first(true),
             fc: Linear::new("fc", hidden, 10, init),
         }
     }
@@ -93,10 +94,9 @@ impl RowLstm {
     fn forward(&self, g: &Graph, x: NodeId) -> kiln::Result<(NodeId, Vec<NodeId>)> {
         let b = g.shape(x).dims()[0] as isize;
         let h = self.lstm.hidden as isize;
-        // (B, 1, 28, 28) -> (B, 28, 28) -> time-major (28, B, 28): step t reads pixel row t
+        // (B, 1, 28, 28) -> batch-first (B, 28, 28): step t reads pixel row t
         let rows = g.reshape(x, &[b, ROWS as isize, COLS as isize])?;
-        let seq = g.permute(rows, &[1, 0, 2])?;
-        let out = self.lstm.apply(g, seq, None, None)?;
+        let out = self.lstm.apply(g, rows, None, None)?;
         let last = g.reshape(out.h_n, &[b, h])?;
         let (logits, pf) = self.fc.apply(g, last)?;
         let mut params = out.params;

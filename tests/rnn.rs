@@ -4,7 +4,7 @@
 mod common;
 
 use common::{check_gpu_vs_cpu, gradcheck, rand, random_projection};
-use kiln::{Graph, Tensor};
+use kiln::{Device, Graph, Tensor};
 
 const TOL: (f64, f64) = (1e-5, 1e-4);
 
@@ -398,5 +398,159 @@ fn decoders_read_their_encoders_final_state_in_place() {
                 .map(|c| kernels.iter().filter(|k| k.contains(&c)).count());
             assert_eq!(copies, [0, 0, 0], "{what}: {kernels:#?}");
         }
+    }
+}
+
+/// A batch-first sequence `(B, T, I)` swapped to time-major for an LSTM, and its output swapped
+/// back for a per-step classifier: the products read both swaps' rows in place
+/// (`OperandRows::swap`: the input projection and its weight gradient, the classifier and its
+/// weight gradient; 12 classes: more rows than the skinny-product kernel, which reads its
+/// operands plainly, takes), so no permute kernel copies either in the forward pass; the loss
+/// and every gradient (the
+/// input's too) against the CPU reference, outputs poisoned with NaN, at rows of 6 (scalar
+/// loads) and 8 (vec4 loads), and a long sequence whose weight gradient splits K.
+#[test]
+fn batch_first_sequences_are_read_in_place() {
+    let Some(dev) = common::gpu() else { return };
+    for &(b, t, i, h) in &[
+        (5usize, 7usize, 6usize, 5usize),
+        (8, 3, 8, 4),
+        (16, 64, 8, 8),
+    ] {
+        let what = format!("batch-first B={b} T={t} I={i} H={h}");
+        let g = Graph::new();
+        let x = g.input("x", [b, t, i]);
+        let w = |name: &str, shape: &[usize]| g.input(name, shape.to_vec());
+        let (w_ih, w_hh, b_ih, b_hh) = (
+            w("w_ih", &[4 * h, i]),
+            w("w_hh", &[4 * h, h]),
+            w("b_ih", &[4 * h]),
+            w("b_hh", &[4 * h]),
+        );
+        let fc = w("fc", &[12, h]);
+        let zeros = g.constant(Tensor::zeros([b, h]));
+        let time_major = g.permute(x, &[1, 0, 2]).unwrap();
+        let (hs, _, _) = g
+            .lstm_layer(
+                time_major, w_ih, w_hh, b_ih, b_hh, zeros, zeros, None, false,
+            )
+            .unwrap();
+        let batch_major = g.permute(hs, &[1, 0, 2]).unwrap();
+        let rows = g
+            .reshape(batch_major, &[(b * t) as isize, h as isize])
+            .unwrap();
+        let logits = g.matmul_t(rows, fc, false, true).unwrap();
+        let loss = random_projection(&g, logits, 4);
+        let wrt = [x, w_ih, w_hh, b_ih, b_hh, fc];
+        let mut outs = vec![loss];
+        outs.extend(g.grad(loss, &wrt).unwrap());
+        let feeds: Vec<(String, Tensor)> = [
+            ("x", vec![b, t, i]),
+            ("w_ih", vec![4 * h, i]),
+            ("w_hh", vec![4 * h, h]),
+            ("b_ih", vec![4 * h]),
+            ("b_hh", vec![4 * h]),
+            ("fc", vec![12, h]),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(k, (n, s))| {
+            (
+                n.to_string(),
+                Tensor::rand_uniform(s, -0.5, 0.5, 30 + k as u64),
+            )
+        })
+        .collect();
+        let plan = common::check_plan(&dev, &what, &g, &outs, &feeds, TOL);
+        let kernels = plan.kernels();
+        // (the backward pass, after the loss's sum, swaps the gradients back: the input's,
+        // asked for, and the output's, which the recurrence's backward reads)
+        let forward = kernels
+            .iter()
+            .position(|k| k.contains(" sum [1]"))
+            .unwrap_or(kernels.len());
+        for swapped in [
+            format!("permute [{t}, {b}, {i}]"),
+            format!("permute [{b}, {t}, {h}]"),
+        ] {
+            assert!(
+                !kernels[..forward].iter().any(|k| k.contains(&swapped)),
+                "{what}: {swapped}: {kernels:#?}"
+            );
+        }
+        let reads = kernels.iter().filter(|k| k.contains(",swap")).count();
+        assert!(reads >= 3, "{what}: {kernels:#?}");
+    }
+}
+
+/// `batch_first` modules (torch's `batch_first=True`): a stacked bidirectional LSTM and a GRU
+/// over `(B, T, I)` give exactly the time-major module's outputs swapped (CPU reference), their
+/// `h_n` unchanged; on the GPU a classifier over every step trains on them as on the CPU (every
+/// gradient), and a bad input shape names the batch-first layout.
+#[test]
+fn batch_first_modules_are_time_major_ones_swapped() {
+    use kiln::nn::{Init, Recurrent};
+    let (b, t, i, h) = (3usize, 5usize, 4usize, 6usize);
+    let x_bf = rand(&[b, t, i], 7);
+    let swap = |v: &Tensor, d: [usize; 3]| {
+        let mut out = vec![0f32; v.numel()];
+        for (k, &e) in v.data().iter().enumerate() {
+            let (p, q, r) = (k / (d[1] * d[2]), (k / d[2]) % d[1], k % d[2]);
+            out[(q * d[0] + p) * d[2] + r] = e;
+        }
+        Tensor::new([d[1], d[0], d[2]], out).unwrap()
+    };
+    let modules = [
+        Recurrent::new("bf_lstm", i, h, 2, true, &mut Init::new(3)),
+        Recurrent::gru("bf_gru", i, h, 1, false, &mut Init::new(4)),
+    ];
+    for module in modules {
+        let what = format!("{:?} batch first", module.cell);
+        let run = |m: &Recurrent, x: &Tensor| {
+            let g = Graph::new();
+            let xi = g.input("x", x.dims().to_vec());
+            let out = m.apply(&g, xi, None, None).unwrap();
+            Device::cpu()
+                .compile(&g, &[out.output, out.h_n])
+                .unwrap()
+                .run(&[("x", x)])
+                .unwrap()
+        };
+        let bf = module.clone().with_batch_first(true);
+        let tm = run(&module, &swap(&x_bf, [b, t, i]));
+        let got = run(&bf, &x_bf);
+        let d = tm[0].dims().to_vec();
+        assert_eq!(
+            got[0].data(),
+            swap(&tm[0], [d[0], d[1], d[2]]).data(),
+            "{what}"
+        );
+        assert_eq!(got[1].data(), tm[1].data(), "{what}: h_n");
+        // a classifier over every step, all gradients, on the GPU
+        let Some(dev) = common::gpu() else { continue };
+        let g = Graph::new();
+        let x = g.input("x", [b, t, i]);
+        let out = bf.apply(&g, x, None, None).unwrap();
+        let width = g.shape(out.output).dims()[2];
+        let fc = g.input("fc", [12, width]);
+        let rows = g
+            .reshape(out.output, &[(b * t) as isize, width as isize])
+            .unwrap();
+        let loss = random_projection(&g, g.matmul_t(rows, fc, false, true).unwrap(), 8);
+        let mut outs = vec![loss];
+        let mut wrt = vec![x, fc];
+        wrt.extend(&out.params);
+        outs.extend(g.grad(loss, &wrt).unwrap());
+        let feeds = vec![
+            ("x".to_string(), x_bf.clone()),
+            ("fc".to_string(), rand(&[12, width], 9)),
+        ];
+        common::check_plan(&dev, &what, &g, &outs, &feeds, TOL);
+        let bad = Graph::new();
+        let e = bf
+            .apply(&bad, bad.input("x", [b, t, i + 1]), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(B, T, 4)"), "{what}: {e}");
     }
 }

@@ -130,14 +130,17 @@ fn every_generated_matmul_is_valid_wgsl() {
                     // operands read through a dropout (not an image read as its columns)
                     drop_a: bits % 4 == 2 || bits % 9 == 0,
                     drop_b: bits % 3 == 1 && im2col.is_none(),
-                    // operands read from rows of a larger tensor, vec4-aligned or not
+                    // operands read from rows of a larger tensor, vec4-aligned or not, some
+                    // with their leading axes swapped
                     rows_a: (bits % 5 == 1).then_some(OperandRows {
                         ld: if bit(2) { 132 } else { 131 },
                         offset: if bit(2) { 4 } else { 3 },
+                        swap: bit(4).then_some((7, 9)),
                     }),
                     rows_b: (bits % 6 == 2 && im2col.is_none()).then_some(OperandRows {
                         ld: if bit(3) { 68 } else { 67 },
                         offset: if bit(3) { 64 } else { 1 },
+                        swap: bit(1).then_some((5, 3)),
                     }),
                 };
                 // f16 storage where the layout allows it (not split-K partial sums); some with
@@ -642,7 +645,11 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             drop_a: vec_out,
             drop_b: false,
             rows_a: None,
-            rows_b: (!vec_out).then_some(OperandRows { ld: 96, offset: 8 }),
+            rows_b: (!vec_out).then_some(OperandRows {
+                ld: 96,
+                offset: 8,
+                swap: None,
+            }),
         };
         let src = wgsl_with(&cfg, &lay, Some(&epi));
         validate_wgsl(

@@ -430,6 +430,11 @@ impl Layout {
         let nchw = self.nchw.map(|hw| format!(",nchw{hw}")).unwrap_or_default();
         let half = self.storage.describe();
         let rows = |r: Option<OperandRows>, o: &str| match r {
+            Some(OperandRows {
+                ld,
+                offset,
+                swap: Some((p, q)),
+            }) => format!(",rows_{o}[{ld}+{offset},swap{p}x{q}]"),
             Some(r) => format!(",rows_{o}[{}+{}]", r.ld, r.offset),
             None => String::new(),
         };
@@ -570,9 +575,15 @@ fn emit_tile_load(s: &mut String, tile: &TileLoad, cfg: &GemmConfig, phase: Phas
             Phase::Both => ("v".to_string(), "var v"),
             _ => (format!("r{operand}{l}"), ""),
         };
+        // the binding's row of the operand's storage row `x` (swapped leading axes: see
+        // `OperandRows::swap`)
+        let row = |x: &str| match rows.and_then(|r| r.swap) {
+            Some((p, q)) => format!("(({x} % {p}u) * {q}u + {x} / {p}u)"),
+            None => x.to_string(),
+        };
         let index = match (rows, k_contiguous) {
-            (Some(r), true) => format!("{base} + {}u + g * {}u + k", r.offset, r.ld),
-            (Some(r), false) => format!("{base} + {}u + k * {}u + g", r.offset, r.ld),
+            (Some(r), true) => format!("{base} + {}u + {} * {}u + k", r.offset, row("g"), r.ld),
+            (Some(r), false) => format!("{base} + {}u + {} * {}u + g", r.offset, row("k"), r.ld),
             (None, true) => format!("{base} + g * K + k"),
             (None, false) => format!("{base} + k * {ext_name} + g"),
         };
@@ -985,6 +996,18 @@ pub fn wgsl_with(cfg: &GemmConfig, lay: &Layout, epilogue: Option<&Epilogue>) ->
         );
     }
     for (rows, name) in [(lay.rows_a, "a"), (lay.rows_b, "b")] {
+        if let Some(OperandRows {
+            swap: Some((p, q)), ..
+        }) = rows
+        {
+            let _ = writeln!(
+                s,
+                "// Swapped rows: {name}'s rows are those of a ({p}, {q}, ..) tensor with its two leading
+//   axes swapped, read in place (never permuted): {name}'s row r is the binding's row
+//   (r % {p}) * {q} + r / {p}.
+"
+            );
+        }
         if let Some(r) = rows {
             let _ = writeln!(
                 s,

@@ -157,6 +157,7 @@ pub(crate) fn lower(
         fuse_matmul_epilogue(nodes, order, targets, ch);
         dropout_into_products(nodes, order, targets, ch);
         strided_operands(nodes, order, targets, ch);
+        swapped_operands(nodes, order, targets, ch);
         relu_mask_into_max_pool_backward(nodes, order, targets);
         super::fuse::fold_embeddings(nodes, order, targets);
         super::fuse::fuse_casts(nodes, order, targets);
@@ -2092,39 +2093,21 @@ pub(crate) fn strided_operands(
         let rows = OperandRows {
             ld: xs.dims()[last] as u32,
             offset: start as u32,
+            swap: None,
         };
         // through reshapes of reshapes (`h_n` of (1, B, H) as (B, H))
         let (views, uses) = reads_through_reshapes(nodes, order, nw);
-        // an unbatched product's operand whose contiguous axis is the narrowed one, read
-        // plainly, on the tiled kernel
-        let operand = |mm: &MatMul, k: usize, r: NodeId| {
-            let plain = match k {
-                0 => mm.drop_a.is_none() && mm.rows_a.is_none(),
-                1 => mm.drop_b.is_none() && mm.rows_b.is_none(),
-                _ => false,
-            };
-            let ins = &nodes[r.0].inputs;
-            let dtypes = [nodes[ins[0].0].dtype, nodes[ins[1].0].dtype];
-            let shape = &nodes[ins[k].0].shape;
-            plain
-                && shape.dims().last() == Some(&width)
-                && mm
-                    .dims(&nodes[ins[0].0].shape, &nodes[ins[1].0].shape)
-                    .is_ok_and(|d| {
-                        d.batch.numel() == 1 && runs_tiled(&d, nodes[r.0].dtype, &dtypes, ch)
-                    })
-        };
         let fits = |(r, k): (NodeId, usize)| {
             let at = order.iter().position(|&o| o == r).unwrap_or(pos);
             !written_between(nodes, order, x, pos, at)
                 && match &nodes[r.0].op {
-                    Op::MatMul(mm) => operand(mm, k, r),
-                    Op::MatMulEpilogue(e) => operand(&e.product, k, r),
-                    Op::MatMulPartial(p) => operand(&p.product, k, r),
+                    Op::MatMul(_) | Op::MatMulEpilogue(_) | Op::MatMulPartial(_) => {
+                        plain_tiled_operand(nodes, r, k, width, ch)
+                    }
                     Op::RowSums(_) => k == 1,
                     op => {
                         initial_state_input(op, k).is_some()
-                            || dp_window_mut(&mut op.clone(), k).is_some_and(|w| w.width == width)
+                            || dp_window(op, k).is_some_and(|w| w.width == width)
                     }
                 }
         };
@@ -2163,6 +2146,114 @@ pub(crate) fn strided_operands(
     }
 }
 
+/// The product of a product node (`MatMul`, `MatMulEpilogue`, `MatMulPartial`).
+fn product_of(op: &Op) -> Option<&MatMul> {
+    match op {
+        Op::MatMul(mm) => Some(mm),
+        Op::MatMulEpilogue(e) => Some(&e.product),
+        Op::MatMulPartial(p) => Some(&p.product),
+        _ => None,
+    }
+}
+
+/// [`product_of`], to change it.
+fn product_of_mut(op: &mut Op) -> Option<&mut MatMul> {
+    match op {
+        Op::MatMul(mm) => Some(mm),
+        Op::MatMulEpilogue(e) => Some(&mut e.product),
+        Op::MatMulPartial(p) => Some(&mut p.product),
+        _ => None,
+    }
+}
+
+/// Whether input `k` of product node `r` is an operand whose contiguous axis has `width`
+/// elements, read plainly (no dropout, no rows of another tensor yet) by an unbatched product
+/// on the generated tiled kernel (`runs_tiled`), whose tile loads can take rows elsewhere.
+fn plain_tiled_operand(nodes: &[Node], r: NodeId, k: usize, width: usize, ch: &Choice) -> bool {
+    let Some(mm) = product_of(&nodes[r.0].op) else {
+        return false;
+    };
+    let plain = match k {
+        0 => mm.drop_a.is_none() && mm.rows_a.is_none(),
+        1 => mm.drop_b.is_none() && mm.rows_b.is_none(),
+        _ => false,
+    };
+    let ins = &nodes[r.0].inputs;
+    let dtypes = [nodes[ins[0].0].dtype, nodes[ins[1].0].dtype];
+    plain
+        && nodes[ins[k].0].shape.dims().last() == Some(&width)
+        && mm
+            .dims(&nodes[ins[0].0].shape, &nodes[ins[1].0].shape)
+            .is_ok_and(|d| d.batch.numel() == 1 && runs_tiled(&d, nodes[r.0].dtype, &dtypes, ch))
+}
+
+/// Where only products read a swap of a tensor's two leading axes (`permute` of `(P, Q, ..)`
+/// by `[1, 0, ..]`: a batch-first sequence `(B, T, I)` turned time-major for a recurrence's
+/// input projection and its weight gradient, or a recurrence's output turned back), through
+/// reshapes that keep its last axis, each product reads its operand's rows in place
+/// (`OperandRows::swap`) and the permute becomes a view (`Permute::in_place`): a kernel and a
+/// copy of the sequence fewer. Products as [`strided_operands`] takes them.
+pub(crate) fn swapped_operands(
+    nodes: &mut [Node],
+    order: &mut [NodeId],
+    targets: &[NodeId],
+    ch: &Choice,
+) {
+    use crate::ops::matmul::OperandRows;
+    for pos in 0..order.len() {
+        let id = order[pos];
+        let Op::Permute(perm) = &nodes[id.0].op else {
+            continue;
+        };
+        let x = nodes[id.0].inputs[0];
+        let dims = nodes[x.0].shape.dims().to_vec();
+        let rank = dims.len();
+        let swap = rank >= 3
+            && perm.perm[..2] == [1, 0]
+            && perm.perm[2..].iter().copied().eq(2..rank)
+            && !perm.in_place;
+        // (views whose readers read them in place themselves cannot be read so twice)
+        let x_in_place = match &nodes[x.0].op {
+            Op::AxisCopy(c) => c.strided,
+            Op::Permute(p) => p.in_place,
+            _ => false,
+        };
+        if !swap || x_in_place || targets.contains(&id) {
+            continue;
+        }
+        let width: usize = dims[2..].iter().product();
+        let (views, uses) = reads_through_reshapes(nodes, order, id);
+        let views_fit = views
+            .iter()
+            .all(|v| !targets.contains(v) && nodes[v.0].shape.dims().last() == Some(&width));
+        let fits = |&(r, k): &(NodeId, usize)| {
+            let at = order.iter().position(|&o| o == r).unwrap_or(pos);
+            !written_between(nodes, order, x, pos, at)
+                && plain_tiled_operand(nodes, r, k, width, ch)
+                && nodes[nodes[r.0].inputs[k].0].shape.numel() == nodes[id.0].shape.numel()
+        };
+        if uses.is_empty() || !views_fit || !uses.iter().all(fits) {
+            continue;
+        }
+        let rows = OperandRows {
+            ld: width as u32,
+            offset: 0,
+            swap: Some((dims[0] as u32, dims[1] as u32)),
+        };
+        for (r, k) in uses {
+            if let Some(mm) = product_of_mut(&mut nodes[r.0].op) {
+                match k {
+                    0 => mm.rows_a = Some(rows),
+                    _ => mm.rows_b = Some(rows),
+                }
+            }
+        }
+        if let Op::Permute(p) = &mut nodes[id.0].op {
+            p.in_place = true;
+        }
+    }
+}
+
 /// Whether input `k` of a recurrence (LSTM, GRU, RNN, forward or backward) is its initial `c0`
 /// (`Some(true)`) or `h0` (`Some(false)`), which its kernels can read from a wider tensor's rows
 /// (`ops::lstm::InitialState`); `None` for other inputs and ops.
@@ -2179,6 +2270,17 @@ fn initial_state_input(op: &Op, k: usize) -> Option<bool> {
 
 /// The window of a recurrence's backward (`ops::lstm::DpWindow`) where input `k` is the tensor
 /// it reads as that window (the state gradient, input 5) and its rows are not read in place yet.
+fn dp_window(op: &Op, k: usize) -> Option<&crate::ops::lstm::DpWindow> {
+    let w = match op {
+        Op::LstmBackward(l) => l.dp_window.as_ref(),
+        Op::GruBackward(l) => l.dp_window.as_ref(),
+        Op::RnnBackward(l) => l.dp_window.as_ref(),
+        _ => None,
+    };
+    w.filter(|w| k == 5 && w.rows.is_none())
+}
+
+/// [`dp_window`], to change it.
 fn dp_window_mut(op: &mut Op, k: usize) -> Option<&mut crate::ops::lstm::DpWindow> {
     let w = match op {
         Op::LstmBackward(l) => l.dp_window.as_mut(),
@@ -2444,6 +2546,7 @@ pub(crate) fn nchw_conv_output(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>, t
             nodes.push(Node {
                 op: Op::Permute(crate::ops::layout::Permute {
                     perm: vec![1, 0, 2],
+                    in_place: false,
                 }),
                 inputs: vec![id],
                 shape: Shape(vec![d[1], d[0], d[2]]),
@@ -2539,6 +2642,10 @@ pub(crate) fn select(
             // a view (`Op::view_of`): no kernel
             return None;
         }
+    }
+    if matches!(op, Op::Permute(p) if p.in_place) {
+        // a view its readers read in place (`OperandRows::swap`)
+        return None;
     }
     if let Op::OptimGroup(o) = op {
         // f32 parameters and states; gradients f32, or f16 where a cast was folded in

@@ -838,6 +838,7 @@ impl Graph {
         let s = self.check_id("permute", a)?;
         let p = Permute {
             perm: perm.to_vec(),
+            in_place: false,
         };
         let shape = p.infer(&s)?;
         self.push(Op::Permute(p), vec![a], shape)

@@ -1,7 +1,8 @@
 //! Recurrent layers with PyTorch's parameter names and layouts, so torch weights load through
 //! safetensors: `<name>.weight_ih_l{k}[_reverse] [G*H, I]`, `weight_hh_l{k} [G*H, H]`,
 //! `bias_ih_l{k}`, `bias_hh_l{k} [G*H]`, G = 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n) or 1 (tanh
-//! RNN); input `(T, B, I)` (batch_first = false). And `Embedding` (`<name>.weight [V, E]`).
+//! RNN); input `(T, B, I)`, or `(B, T, I)` with [`Recurrent::batch_first`] (torch's
+//! `batch_first=True`). And `Embedding` (`<name>.weight [V, E]`).
 
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
@@ -44,6 +45,11 @@ pub struct Recurrent {
     pub hidden: usize,
     pub layers: usize,
     pub bidirectional: bool,
+    /// Input `(B, T, I)` and output `(B, T, D * H)` (torch's `batch_first=True`; `h_n` and
+    /// `c_n` stay `(layers * D, B, H)`). The swaps to and from the recurrences' time-major
+    /// layout cost no copy where products read them (the input projection, a classifier over
+    /// every step: `exec::lower::swapped_operands`).
+    pub batch_first: bool,
     inits: Vec<(String, Tensor)>,
 }
 
@@ -53,7 +59,8 @@ pub type Lstm = Recurrent;
 /// What a recurrent network returns.
 #[derive(Debug, Clone)]
 pub struct RecurrentOutput {
-    /// All top-layer `h_t`: `(T, B, D * H)`, D = 2 when bidirectional.
+    /// All top-layer `h_t`: `(T, B, D * H)`, D = 2 when bidirectional (`(B, T, D * H)` batch
+    /// first).
     pub output: NodeId,
     /// Final hidden state of every layer and direction: `(layers * D, B, H)`.
     pub h_n: NodeId,
@@ -169,8 +176,15 @@ impl Recurrent {
             hidden,
             layers,
             bidirectional,
+            batch_first: false,
             inits,
         }
+    }
+
+    /// The same network taking and giving batch-first sequences ([`Self::batch_first`]).
+    pub fn with_batch_first(mut self, batch_first: bool) -> Self {
+        self.batch_first = batch_first;
+        self
     }
 
     /// Parameter names in torch's state_dict order.
@@ -178,7 +192,8 @@ impl Recurrent {
         self.inits.iter().map(|(n, _)| n.clone()).collect()
     }
 
-    /// Runs the network over `x (T, B, I)`. `state` is `(h0, c0)`, each `(layers * D, B, H)`
+    /// Runs the network over `x (T, B, I)` (`(B, T, I)` with [`Self::batch_first`]; the output
+    /// then `(B, T, D * H)`). `state` is `(h0, c0)`, each `(layers * D, B, H)`
     /// (zeros when `None`; `c0` is ignored but for the LSTM); `lengths (B)` gives each sequence's
     /// length (steps past it carry the state, so `h_n` is the state at the last real step).
     /// An f16 `x` runs the layers in f16 (parameters and states cast in the graph, their
@@ -192,12 +207,18 @@ impl Recurrent {
     ) -> Result<RecurrentOutput> {
         let xs = g.shape(x);
         if xs.rank() != 3 || xs.dims()[2] != self.input_size {
+            let layout = if self.batch_first { "B, T" } else { "T, B" };
             return Err(shape_err(
                 self.cell.op(),
-                format!("input {xs}: expected (T, B, {})", self.input_size),
+                format!("input {xs}: expected ({layout}, {})", self.input_size),
             ));
         }
-        let (b, h) = (xs.dims()[1], self.hidden);
+        let x = match self.batch_first {
+            true => g.permute(x, &[1, 0, 2])?,
+            false => x,
+        };
+        let b = g.shape(x).dims()[1];
+        let h = self.hidden;
         let dirs = if self.bidirectional { 2 } else { 1 };
         let params: Vec<NodeId> = self
             .inits
@@ -257,8 +278,12 @@ impl Recurrent {
         } else {
             h_n
         };
+        let output = match self.batch_first {
+            true => g.permute(input, &[1, 0, 2])?,
+            false => input,
+        };
         Ok(RecurrentOutput {
-            output: input,
+            output,
             h_n,
             c_n,
             params,
@@ -267,7 +292,7 @@ impl Recurrent {
 }
 
 impl Layer for Recurrent {
-    /// The top layer's outputs `(T, B, D * H)` from zero state.
+    /// The top layer's outputs `(T, B, D * H)` (batch first: `(B, T, D * H)`) from zero state.
     fn apply_layer(&self, g: &Graph, x: NodeId, _train: bool) -> Result<(NodeId, Vec<NodeId>)> {
         let o = self.apply(g, x, None, None)?;
         Ok((o.output, o.params))

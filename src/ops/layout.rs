@@ -46,10 +46,14 @@ fn gather_kernel(strides: &[usize], out: &Shape) -> KernelSpec {
     }
 }
 
-/// Reorders axes: output axis `i` is input axis `perm[i]` (as `torch.permute`).
+/// Reorders axes: output axis `i` is input axis `perm[i]` (as `torch.permute`). `in_place`
+/// (set by the plan compiler, `exec::lower::swapped_operands`, where only products read a swap
+/// of a tensor's two leading axes): a view without a kernel, bound as its input, whose readers
+/// read its rows in place (`OperandRows::swap`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Permute {
     pub perm: Vec<usize>,
+    pub in_place: bool,
 }
 
 impl Permute {

@@ -42,10 +42,14 @@ pub struct MatMul {
 /// Where a product reads an operand whose contiguous axis is part of each row of a larger
 /// tensor (`MatMul::rows_a`, `rows_b`): row `r` of the operand's storage starts at element
 /// `offset + r * ld` of the binding (the narrowed tensor's), not at `r` times its own length.
+/// With `swap = Some((p, q))` the operand's rows are those of a `(p, q, ..)` tensor with its
+/// two leading axes swapped (a batch-first sequence read time-major), read in place: row `r`
+/// is the binding's row `(r % p) * q + r / p`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OperandRows {
     pub ld: u32,
     pub offset: u32,
+    pub swap: Option<(u32, u32)>,
 }
 
 /// A dropout (`ops::dropout::Dropout`) that a product applies to an operand as it loads it,

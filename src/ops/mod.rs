@@ -305,6 +305,7 @@ impl Op {
             Op::AttentionGrad(a) if a.in_place() => Some(8),
             Op::SumSquares(s) if s.chained => Some(inputs.len() - 1),
             Op::RowSums(_) | Op::StatsOf(_) => Some(0),
+            Op::Permute(p) if p.in_place => Some(0),
             Op::CrossEntropyBackward(c) if c.written => Some(3),
             _ => None,
         }
@@ -613,6 +614,8 @@ impl Op {
             }
             Op::Softmax(s) => Some(s.kernel(inputs[0])),
             Op::Reduce(r) => Some(r.kernel(inputs[0])),
+            // read in place by its readers: a view
+            Op::Permute(p) if p.in_place => None,
             Op::Permute(p) => Some(p.kernel(inputs[0], out)),
             Op::Expand(e) => Some(e.kernel(inputs[0], out)),
             // a contiguous run of its input's memory: a view (`exec::lower::select` tells them
