@@ -136,7 +136,7 @@ pub(crate) fn lower(
     residual_into_normalize_backward(nodes, order, targets);
     split_group_reductions(nodes, order);
     running_update_in_stats(nodes, order, outputs);
-    split_cross_entropy(nodes, order);
+    split_cross_entropy(nodes, order, targets);
     gradient_with_cross_entropy(nodes, order, targets);
     adjacent_narrows_into_one_pad(nodes, order, targets);
     pads_into_lstm_backward(nodes, order, targets);
@@ -1535,18 +1535,33 @@ pub(crate) fn pads_into_lstm_backward(
 }
 
 /// Where a cross-entropy loss has more logits than its one-workgroup kernel should fold
-/// (`loss::ONE_WORKGROUP_MAX`: a language model's tokens times its vocabulary), each row's loss
+/// (`loss::ONE_WORKGROUP_MAX`: a language model's tokens times its vocabulary), or in training
+/// more than that kernel computes with its gradient (`loss::WITH_GRAD_MAX`, where
+/// [`gradient_with_cross_entropy`] will have the row kernel compute it instead), each row's loss
 /// runs on a few threads of its own over the whole GPU (`CrossEntropyRows`, a new node placed
 /// before it) and the node itself becomes their mean (a reduction, same id and shape).
-pub(crate) fn split_cross_entropy(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>) {
-    use crate::ops::loss::{CrossEntropyRows, ONE_WORKGROUP_MAX};
+pub(crate) fn split_cross_entropy(
+    nodes: &mut Vec<Node>,
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    use crate::ops::loss::{CrossEntropyRows, ONE_WORKGROUP_MAX, WITH_GRAD_MAX};
     use crate::ops::reduce::{Reduce, ReduceKind};
     let mut i = 0;
     while i < order.len() {
         let id = order[i];
-        let logits = nodes[id.0].inputs.first().copied();
-        let large = logits.is_some_and(|l| nodes[l.0].shape.numel() > ONE_WORKGROUP_MAX);
-        if !matches!(nodes[id.0].op, Op::CrossEntropy(_)) || !large {
+        if !matches!(nodes[id.0].op, Op::CrossEntropy(_)) {
+            i += 1;
+            continue;
+        }
+        let (logits, labels) = (nodes[id.0].inputs[0], nodes[id.0].inputs[1]);
+        let numel = nodes[logits.0].shape.numel();
+        // in training, beyond what one workgroup computes with its gradient: the row kernel
+        // with the gradient and a mean, as many kernels as the loss and its backward but
+        // over the whole GPU, reading the logits twice rather than five times
+        let training = numel > WITH_GRAD_MAX
+            && gradient_for_loss_kernel(nodes, order, targets, i, (logits, labels)).is_some();
+        if numel <= ONE_WORKGROUP_MAX && !training {
             i += 1;
             continue;
         }
@@ -1581,6 +1596,46 @@ pub(crate) fn split_cross_entropy(nodes: &mut Vec<Node>, order: &mut Vec<NodeId>
 /// (the row statistics once). The kernel stores the f32 loss and so the gradient in f32: f16
 /// logits take this only where products alone read their gradient (no target), which then
 /// round it to f16 as they load it (the value an f16 gradient holds).
+/// The backward node of the cross-entropy at `order[l_pos]` of `(logits, labels)` whose gradient
+/// that loss's kernel can write instead ([`gradient_with_cross_entropy`]): one reading the same
+/// logits and labels, with its loss gradient available before the loss, the logits and labels
+/// not written in between, and for f16 logits read by products alone (they round the f32
+/// gradient the kernel stores as they load it) and not asked for.
+fn gradient_for_loss_kernel(
+    nodes: &[Node],
+    order: &[NodeId],
+    targets: &[NodeId],
+    l_pos: usize,
+    (logits, labels): (NodeId, NodeId),
+) -> Option<NodeId> {
+    use crate::ops::loss::CrossEntropyBackward;
+    let at = |n: NodeId| order.iter().position(|&o| o == n);
+    let d = order.iter().copied().find(|&d| {
+        matches!(
+            nodes[d.0].op,
+            Op::CrossEntropyBackward(CrossEntropyBackward { written: false })
+        ) && nodes[d.0].inputs[..2] == [logits, labels]
+    })?;
+    let half = nodes[d.0].dtype == DType::F16;
+    // (a bias gradient's row sums, a view of its product, name `d` for the CPU twin)
+    let products_alone = order.iter().all(|r| {
+        !nodes[r.0].inputs.contains(&d)
+            || matches!(nodes[r.0].op, Op::MatMul(_) | Op::RowSums(_))
+                && nodes[r.0].dtype == DType::F16
+    });
+    if half && (targets.contains(&d) || !products_alone) {
+        return None;
+    }
+    let dy = nodes[d.0].inputs[2];
+    let d_pos = at(d).unwrap_or(l_pos);
+    // a source is bound before any kernel runs, wherever `order` lists it
+    let ready = nodes[dy.0].op.is_source() || at(dy).is_none_or(|p| p < l_pos);
+    let written = [logits, labels]
+        .iter()
+        .any(|&x| written_between(nodes, order, x, l_pos, d_pos));
+    (ready && d_pos >= l_pos && !written).then_some(d)
+}
+
 pub(crate) fn gradient_with_cross_entropy(
     nodes: &mut [Node],
     order: &mut Vec<NodeId>,
@@ -1603,37 +1658,11 @@ pub(crate) fn gradient_with_cross_entropy(
             continue;
         }
         let at = |n: NodeId| order.iter().position(|&o| o == n);
-        let backward = order.iter().copied().find(|&d| {
-            matches!(
-                nodes[d.0].op,
-                Op::CrossEntropyBackward(CrossEntropyBackward { written: false })
-            ) && nodes[d.0].inputs[..2] == [logits, labels]
-        });
-        let Some(d) = backward else {
+        let Some(d) = gradient_for_loss_kernel(nodes, order, targets, l_pos, (logits, labels))
+        else {
             continue;
         };
-        let half = nodes[d.0].dtype == DType::F16;
-        // (a bias gradient's row sums, a view of its product, name `d` for the CPU twin)
-        let products_alone = order.iter().all(|r| {
-            !nodes[r.0].inputs.contains(&d)
-                || matches!(nodes[r.0].op, Op::MatMul(_) | Op::RowSums(_))
-                    && nodes[r.0].dtype == DType::F16
-        });
-        if half && (targets.contains(&d) || !products_alone) {
-            continue;
-        }
         let dy = nodes[d.0].inputs[2];
-        let d_pos = at(d).unwrap_or(l_pos);
-        // a source is bound before any kernel runs, wherever `order` lists it
-        let ready = nodes[dy.0].op.is_source() || at(dy).is_none_or(|p| p < l_pos);
-        if !ready
-            || d_pos < l_pos
-            || [logits, labels]
-                .iter()
-                .any(|&x| written_between(nodes, order, x, l_pos, d_pos))
-        {
-            continue;
-        }
         nodes[l.0].op = match rows {
             true => Op::CrossEntropyRows(CrossEntropyRows { with_grad: true }),
             false => Op::CrossEntropy(CrossEntropy { with_grad: true }),
