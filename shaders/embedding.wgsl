@@ -85,11 +85,27 @@ fn embedding(
     st_out(id, select(nan(), ld_weight(row * E + e), valid));
 }
 
-// The chunk's matches: their count, then an inclusive prefix sum of the match flags and the
-// matching positions in index order.
+// The chunk's matches: their count and the matching positions in index order.
 var<workgroup> hits: atomic<u32>;
-var<workgroup> rank: array<u32, 256>;
 var<workgroup> rows: array<u32, 256>;
+
+// Inclusive prefix sum of `v` over the workgroup's threads (a thread's own and those before
+// it) in workgroup memory (the total then in scan[WG - 1]); every thread calls it (barriers).
+var<workgroup> scan: array<u32, 256>;
+fn inclusive_scan(lid: u32, v: u32) -> u32 {
+    scan[lid] = v;
+    workgroupBarrier();
+    for (var s = 1u; s < WG; s = s * 2u) {
+        var add = 0u;
+        if lid >= s {
+            add = scan[lid - s];
+        }
+        workgroupBarrier();
+        scan[lid] = scan[lid] + add;
+        workgroupBarrier();
+    }
+    return scan[lid];
+}
 
 @compute @workgroup_size(256)
 fn embedding_backward(
@@ -122,19 +138,9 @@ fn embedding_backward(
         if count == 0u {
             continue;
         }
-        rank[lid] = select(0u, 1u, hit);
-        workgroupBarrier();
-        for (var s = 1u; s < WG; s = s * 2u) {
-            var add = 0u;
-            if lid >= s {
-                add = rank[lid - s];
-            }
-            workgroupBarrier();
-            rank[lid] = rank[lid] + add;
-            workgroupBarrier();
-        }
+        let rank = inclusive_scan(lid, select(0u, 1u, hit));
         if hit {
-            rows[rank[lid] - 1u] = i;
+            rows[rank - 1u] = i;
         }
         workgroupBarrier();
         if e < E {
@@ -156,8 +162,7 @@ fn row_of(x: f32) -> u32 {
     return select(NONE, u32(x), x >= 0.0 && x < f32(V) && x == floor(x));
 }
 
-// Each thread's span of rows' total, then their inclusive prefix sum; the rows of the chunk.
-var<workgroup> spans: array<u32, 256>;
+// The rows of the chunk.
 var<workgroup> chunk: array<u32, 256>;
 
 @compute @workgroup_size(256)
@@ -183,19 +188,8 @@ fn embedding_rows(@builtin(local_invocation_index) lid: u32) {
     for (var v = lo; v < hi; v = v + 1u) {
         total = total + atomicLoad(&sorted[v]);
     }
-    spans[lid] = total;
-    workgroupBarrier();
-    for (var s = 1u; s < WG; s = s * 2u) {
-        var add = 0u;
-        if lid >= s {
-            add = spans[lid - s];
-        }
-        workgroupBarrier();
-        spans[lid] = spans[lid] + add;
-        workgroupBarrier();
-    }
-    let listed = spans[WG - 1u];
-    var start = spans[lid] - total;
+    var start = inclusive_scan(lid, total) - total;
+    let listed = scan[WG - 1u];
     for (var v = lo; v < hi; v = v + 1u) {
         let count = atomicLoad(&sorted[v]);
         atomicStore(&sorted[v], start);

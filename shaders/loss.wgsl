@@ -220,6 +220,22 @@ fn row_stats(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowStats {
     return RowStats(row, t, count, row_m, s);
 }
 
+// The loss of the row of `r`, whose label is class k (NaN for a bad label: k = C).
+fn row_loss(r: RowStats, k: u32) -> f32 {
+    if k < C {
+        return r.m + log(r.s) - ld_logits(r.row * C + k);
+    }
+    return nan();
+}
+
+// The gradient for class c of the row of `r` (label class k): (softmax - onehot) * dy / N, NaN
+// for the whole row of a bad label.
+fn row_gradient(r: RowStats, k: u32, c: u32) -> f32 {
+    let p = exp(ld_logits(r.row * C + c) - r.m) / r.s;
+    let onehot = select(0.0, 1.0, c == k);
+    return (p - onehot) * (dy[0] / f32(N)) + select(0.0, nan(), k >= C);
+}
+
 @compute @workgroup_size(256)
 fn cross_entropy_rows(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -228,12 +244,7 @@ fn cross_entropy_rows(
 ) {
     let r = row_stats(wid, nwg, lid);
     if r.first == 0u && r.count > 0u {
-        let k = class_of(r.row);
-        var loss = nan();
-        if k < C {
-            loss = r.m + log(r.s) - ld_logits(r.row * C + k);
-        }
-        out[r.row] = loss;
+        out[r.row] = row_loss(r, class_of(r.row));
     }
 }
 
@@ -250,22 +261,12 @@ fn cross_entropy_rows_with_grad(
     if r.count == 0u {
         return;
     }
-    let base = r.row * C;
     let k = class_of(r.row);
     if r.first == 0u {
-        var loss = nan();
-        if k < C {
-            loss = r.m + log(r.s) - ld_logits(base + k);
-        }
-        both[r.row] = loss;
+        both[r.row] = row_loss(r, k);
     }
-    let inv = 1.0 / r.s;
-    let scale = dy[0] / f32(N);
-    let bad = select(0.0, nan(), k >= C);
     for (var c = r.first; c < C; c = c + TPR) {
-        let p = exp(ld_logits(base + c) - r.m) * inv;
-        let onehot = select(0.0, 1.0, c == k);
-        both[GRAD_OFF + base + c] = (p - onehot) * scale + bad;
+        both[GRAD_OFF + r.row * C + c] = row_gradient(r, k, c);
     }
 }
 
@@ -279,14 +280,8 @@ fn cross_entropy_backward_rows(
     if r.count == 0u {
         return;
     }
-    let base = r.row * C;
-    let inv = 1.0 / r.s;
     let k = class_of(r.row);
-    let scale = dy[0] / f32(N);
-    let bad = select(0.0, nan(), k >= C);
     for (var c = r.first; c < C; c = c + TPR) {
-        let p = exp(ld_logits(base + c) - r.m) * inv;
-        let onehot = select(0.0, 1.0, c == k);
-        st_dx(base + c, (p - onehot) * scale + bad);
+        st_dx(r.row * C + c, row_gradient(r, k, c));
     }
 }
