@@ -36,7 +36,9 @@
 // lengths; each step computes in f32 (the whole-sequence kernels keep the state in f32 registers).
 // Overrides: T, B, H, REVERSE; DP_T0, DP_TL, DP_C0, DP_CL (dp's window; 0 extents: all of it),
 //            DP_LD, DP_OFF (its row r starts at element DP_OFF + r * DP_LD of the binding:
-//            rows of a wider tensor read in place; DP_LD 0: rows of the window's width);
+//            rows of a wider tensor read in place; DP_LD 0: rows of the window's width),
+//            DP_SWAP_P, DP_SWAP_Q (its rows those of a (P, Q, ..) tensor with its leading axes
+//            swapped; 1: not);
 //            H0_LD, H0_OFF: h0's row b starts at element H0_OFF + b * H0_LD of its binding (a
 //            narrow of a wider tensor's last axis read in place; rows of H from 0 by default).
 // Dispatch: ceil(B * H / 256) workgroups per step, one thread per (b, j), folded into
@@ -52,6 +54,8 @@ override DP_C0: u32 = 0u;
 override DP_CL: u32 = 0u;
 override DP_LD: u32 = 0u;
 override DP_OFF: u32 = 0u;
+override DP_SWAP_P: u32 = 1u;
+override DP_SWAP_Q: u32 = 1u;
 override H0_LD: u32 = H;
 override H0_OFF: u32 = 0u;
 
@@ -86,6 +90,17 @@ fn ld_q(i: u32) -> f32 { return q[i]; }
 fn st_q(i: u32, v: f32) { q[i] = v; }
 // generated: end storage
 
+// The binding's row of the window's row r: r, or with DP_SWAP_P > 1 the row of a
+// (DP_SWAP_P, DP_SWAP_Q, ..) tensor whose two leading axes the window swaps (a batch-first
+// gradient read in place). (DP_SWAP_P is 1, not 0, when there is no swap: a divisor that
+// constants make 0 fails the pipeline's creation.)
+fn dp_row(r: u32) -> u32 {
+    if DP_SWAP_P == 1u {
+        return r;
+    }
+    return (r % DP_SWAP_P) * DP_SWAP_Q + r / DP_SWAP_P;
+}
+
 // Element `col` of row (t, b) of dP (rows of `width`): read from the window the graph computed
 // (all of dP where DP_TL and DP_CL are 0), 0 around it.
 fn dp_at(t: u32, b: u32, col: u32, width: u32) -> f32 {
@@ -94,7 +109,8 @@ fn dp_at(t: u32, b: u32, col: u32, width: u32) -> f32 {
     if t < DP_T0 || t >= DP_T0 + steps || col < DP_C0 || col >= DP_C0 + cols {
         return 0.0;
     }
-    return ld_dp(DP_OFF + ((t - DP_T0) * B + b) * select(DP_LD, cols, DP_LD == 0u) + col - DP_C0);
+    let row = dp_row((t - DP_T0) * B + b);
+    return ld_dp(DP_OFF + row * select(DP_LD, cols, DP_LD == 0u) + col - DP_C0);
 }
 
 fn sigmoid(x: f32) -> f32 {

@@ -29,7 +29,8 @@
 // f16 variant (`lstm_f16`, generated from the storage block): every tensor f16 but the f32
 // lengths; each step computes in f32 (the whole-sequence kernels keep the state in f32 registers).
 // Overrides: T, B, H, REVERSE; DP_T0, DP_TL, DP_C0, DP_CL (dp's window: all of it by default),
-//            DP_LD, DP_OFF (its rows: DP_CL apart from 0 by default);
+//            DP_LD, DP_OFF (its rows: DP_CL apart from 0 by default), DP_SWAP_P, DP_SWAP_Q
+//            (its rows those of a (P, Q, ..) tensor with its leading axes swapped; 1: not);
 //            H0_LD, H0_OFF, C0_LD, C0_OFF: h0's (c0's) row b starts at element OFF + b * LD of
 //            its binding (a narrow of a wider tensor's last axis read in place: a decoder
 //            starting from its encoder's states; rows of H from 0 by default).
@@ -46,6 +47,8 @@ override DP_C0: u32 = 0u;
 override DP_CL: u32 = 6u * H;
 override DP_LD: u32 = DP_CL;
 override DP_OFF: u32 = 0u;
+override DP_SWAP_P: u32 = 1u;
+override DP_SWAP_Q: u32 = 1u;
 override H0_LD: u32 = H;
 override H0_OFF: u32 = 0u;
 override C0_LD: u32 = H;
@@ -85,12 +88,23 @@ fn ld_q(i: u32) -> f32 { return q[i]; }
 fn st_q(i: u32, v: f32) { q[i] = v; }
 // generated: end storage
 
+// The binding's row of the window's row r: r, or with DP_SWAP_P > 1 the row of a
+// (DP_SWAP_P, DP_SWAP_Q, ..) tensor whose two leading axes the window swaps (a batch-first
+// gradient read in place). (DP_SWAP_P is 1, not 0, when there is no swap: a divisor that
+// constants make 0 fails the pipeline's creation.)
+fn dp_row(r: u32) -> u32 {
+    if DP_SWAP_P == 1u {
+        return r;
+    }
+    return (r % DP_SWAP_P) * DP_SWAP_Q + r / DP_SWAP_P;
+}
+
 // Element `col` of row (t, b) of dP: read from the window the graph computed, 0 around it.
 fn dp_at(t: u32, b: u32, col: u32) -> f32 {
     if t < DP_T0 || t >= DP_T0 + DP_TL || col < DP_C0 || col >= DP_C0 + DP_CL {
         return 0.0;
     }
-    return ld_dp(DP_OFF + ((t - DP_T0) * B + b) * DP_LD + col - DP_C0);
+    return ld_dp(DP_OFF + dp_row((t - DP_T0) * B + b) * DP_LD + col - DP_C0);
 }
 
 fn sigmoid(x: f32) -> f32 {

@@ -405,8 +405,9 @@ fn decoders_read_their_encoders_final_state_in_place() {
 /// back for a per-step classifier: the products read both swaps' rows in place
 /// (`OperandRows::swap`: the input projection and its weight gradient, the classifier and its
 /// weight gradient; 12 classes: more rows than the skinny-product kernel, which reads its
-/// operands plainly, takes), so no permute kernel copies either in the forward pass; the loss
-/// and every gradient (the
+/// operands plainly, takes), so no permute kernel copies either in the forward pass, nor the
+/// output's gradient for the recurrence's backward (`DpWindow::rows`); the loss and every
+/// gradient (the
 /// input's too) against the CPU reference, outputs poisoned with NaN, at rows of 6 (scalar
 /// loads) and 8 (vec4 loads), and a long sequence whose weight gradient splits K.
 #[test]
@@ -480,6 +481,13 @@ fn batch_first_sequences_are_read_in_place() {
         }
         let reads = kernels.iter().filter(|k| k.contains(",swap")).count();
         assert!(reads >= 3, "{what}: {kernels:#?}");
+        // nor in the backward pass for the output's gradient, which the recurrence's backward
+        // reads swapped (the input's gradient, asked for batch-first, is swapped back)
+        let dp = format!("permute [{t}, {b}, {h}]");
+        assert!(
+            !kernels.iter().any(|k| k.contains(&dp)),
+            "{what}: {kernels:#?}"
+        );
     }
 }
 

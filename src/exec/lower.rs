@@ -2221,7 +2221,9 @@ fn plain_tiled_operand(nodes: &[Node], r: NodeId, k: usize, width: usize, ch: &C
 /// input projection and its weight gradient, or a recurrence's output turned back), through
 /// reshapes that keep its last axis, each product reads its operand's rows in place
 /// (`OperandRows::swap`) and the permute becomes a view (`Permute::in_place`): a kernel and a
-/// copy of the sequence fewer. Products as [`strided_operands`] takes them.
+/// copy of the sequence fewer. Products as [`strided_operands`] takes them; a recurrence's
+/// backward reads the window of its state gradient so too (`DpWindow::rows`: the gradient of
+/// a batch-first output).
 pub(crate) fn swapped_operands(
     nodes: &mut [Node],
     order: &mut [NodeId],
@@ -2257,8 +2259,12 @@ pub(crate) fn swapped_operands(
             .all(|v| !targets.contains(v) && nodes[v.0].shape.dims().last() == Some(&width));
         let fits = |&(r, k): &(NodeId, usize)| {
             let at = order.iter().position(|&o| o == r).unwrap_or(pos);
+            // (a window's rows are (step, batch row) pairs: the swapped tensor's own shape)
+            let reads = plain_tiled_operand(nodes, r, k, width, ch)
+                || dp_window(&nodes[r.0].op, k).is_some_and(|w| w.width == width)
+                    && nodes[nodes[r.0].inputs[k].0].shape == nodes[id.0].shape;
             !written_between(nodes, order, x, pos, at)
-                && plain_tiled_operand(nodes, r, k, width, ch)
+                && reads
                 && nodes[nodes[r.0].inputs[k].0].shape.numel() == nodes[id.0].shape.numel()
         };
         if uses.is_empty() || !views_fit || !uses.iter().all(fits) {
@@ -2275,6 +2281,8 @@ pub(crate) fn swapped_operands(
                     0 => mm.rows_a = Some(rows),
                     _ => mm.rows_b = Some(rows),
                 }
+            } else if let Some(w) = dp_window_mut(&mut nodes[r.0].op, k) {
+                w.rows = Some(rows);
             }
         }
         if let Op::Permute(p) = &mut nodes[id.0].op {

@@ -64,8 +64,9 @@ pub struct LstmBackward {
 /// batch row, given as a tensor `[steps, B, width]` (a classifier reading the last step's `h`
 /// gives `[1, B, H]` at `(T - 1, 0)`). With `rows` (set by the plan compiler,
 /// `exec::lower::strided_operands`, where that tensor is a narrow of a wider one's last axis:
-/// a decoder's `dh0 | dc0` going back into its encoder), the kernel reads the window's rows in
-/// place from the wider tensor.
+/// a decoder's `dh0 | dc0` going back into its encoder; `swapped_operands`, where it swaps a
+/// tensor's two leading axes: a batch-first output's gradient), the kernel reads the window's
+/// rows in place from the wider or swapped tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DpWindow {
     pub t0: usize,
@@ -106,6 +107,10 @@ impl DpWindow {
         if let Some(r) = self.rows {
             k.push(("DP_LD", r.ld as f64));
             k.push(("DP_OFF", r.offset as f64));
+            if let Some((p, q)) = r.swap {
+                k.push(("DP_SWAP_P", p as f64));
+                k.push(("DP_SWAP_Q", q as f64));
+            }
         }
         k
     }
