@@ -970,6 +970,48 @@ fn f32_for_products(
     Some(found)
 }
 
+/// Input `p` of the `add` node `id`, if it is a pad of the add's shape and type along one
+/// axis (a single-input `AxisCopy` placing its source inside) that nothing else reads and
+/// nobody asked for: `(axis, position, extent, source)`.
+fn sole_pad(
+    nodes: &[Node],
+    order: &[NodeId],
+    targets: &[NodeId],
+    id: NodeId,
+    p: NodeId,
+) -> Option<(usize, isize, isize, NodeId)> {
+    use crate::ops::layout::AxisCopy;
+    let Op::AxisCopy(AxisCopy {
+        axis,
+        a_start,
+        b_start: None,
+        strided: false,
+    }) = nodes[p.0].op
+    else {
+        return None;
+    };
+    let (out, src) = (&nodes[id.0].shape, nodes[p.0].inputs[0]);
+    let extent = nodes[src.0].shape.dims()[axis] as isize;
+    let fits = nodes[p.0].shape == *out
+        && a_start >= 0
+        && a_start + extent <= out.dims()[axis] as isize
+        && nodes[src.0].dtype == nodes[id.0].dtype
+        && !targets.contains(&p)
+        && readers(nodes, order, p) == 1;
+    fits.then_some((axis, a_start, extent, src))
+}
+
+/// One side of [`adjacent_narrows_into_one_pad`]: a pad at `at` along `axis` of the narrow of
+/// `tensor` from `start`, `extent` long, made of `nodes` (the pad, reshapes, the narrow).
+struct PaddedNarrow {
+    at: isize,
+    start: isize,
+    extent: isize,
+    tensor: NodeId,
+    axis: usize,
+    nodes: Vec<NodeId>,
+}
+
 /// Where an `add` sums two pads of its own shape along one axis of two narrows of one tensor
 /// along that axis (possibly through reshapes that come back to the narrow's shape), adjacent
 /// in the tensor and placed side by side by the pads in the same order, and nothing else reads
@@ -984,8 +1026,8 @@ pub(crate) fn adjacent_narrows_into_one_pad(
 ) {
     use crate::ops::binary::BinaryOp;
     use crate::ops::layout::AxisCopy;
-    let single = |a_start: isize| AxisCopy {
-        axis: 0,
+    let single = |axis: usize, a_start: isize| AxisCopy {
+        axis,
         a_start,
         b_start: None,
         strided: false,
@@ -998,83 +1040,67 @@ pub(crate) fn adjacent_narrows_into_one_pad(
         if !matches!(nodes[id.0].op, Op::Binary(BinaryOp::Add)) || nodes[id.0].inputs.len() != 2 {
             continue;
         }
-        let out = nodes[id.0].shape.clone();
-        let sole = |n: NodeId| !targets.contains(&n) && readers(nodes, order, n) == 1;
-        // a pad of a narrow: (pad position, narrow start, extent, tensor, axis, its nodes)
         let part = |p: NodeId| {
-            let Op::AxisCopy(pad) = nodes[p.0].op else {
-                return None;
-            };
-            let src = nodes[p.0].inputs[0];
+            let (axis, at, extent, src) = sole_pad(nodes, order, targets, id, p)?;
+            // the narrow under reshapes back to its own shape
             let (mut chain, n) = under_reshapes(nodes, src);
             let Op::AxisCopy(cut) = nodes[n.0].op else {
                 return None;
             };
-            let axis = pad.axis;
-            let y = nodes[n.0].inputs[0];
-            let extent = nodes[n.0].shape.dims().get(axis).copied()? as isize;
+            let tensor = nodes[n.0].inputs[0];
             chain.extend([p, n]);
-            let fits =
-                pad == AxisCopy {
-                    axis,
-                    ..single(pad.a_start)
-                } && cut
-                    == AxisCopy {
-                        axis,
-                        ..single(cut.a_start)
-                    }
-                    && nodes[p.0].shape == out
-                    && nodes[n.0].shape == nodes[src.0].shape
-                    && pad.a_start >= 0
-                    && cut.a_start <= 0
-                    && nodes[y.0].shape.rank() == out.rank()
-                    && -cut.a_start + extent <= nodes[y.0].shape.dims()[axis] as isize
-                    && nodes[y.0].dtype == nodes[id.0].dtype
-                    && chain.iter().all(|&c| sole(c));
-            fits.then_some((pad.a_start, -cut.a_start, extent, y, axis, chain))
+            let fits = cut == single(axis, cut.a_start)
+                && cut.a_start <= 0
+                && nodes[n.0].shape == nodes[src.0].shape
+                && nodes[tensor.0].shape.rank() == nodes[n.0].shape.rank()
+                && -cut.a_start + extent <= nodes[tensor.0].shape.dims()[axis] as isize
+                && chain
+                    .iter()
+                    .all(|&c| !targets.contains(&c) && readers(nodes, order, c) == 1);
+            fits.then_some(PaddedNarrow {
+                at,
+                start: -cut.a_start,
+                extent,
+                tensor,
+                axis,
+                nodes: chain,
+            })
         };
         let (Some(a), Some(b)) = (part(nodes[id.0].inputs[0]), part(nodes[id.0].inputs[1])) else {
             continue;
         };
-        let (a, b) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+        let (a, b) = if a.at <= b.at { (a, b) } else { (b, a) };
         let first = |c: &[NodeId]| {
             c.iter()
                 .filter_map(|n| order.iter().position(|o| o == n))
                 .min()
                 .unwrap_or(pos)
         };
-        let from = first(&a.5).min(first(&b.5));
-        if a.3 != b.3
-            || a.4 != b.4
-            || a.0 + a.2 != b.0
-            || a.1 + a.2 != b.1
-            || written_between(nodes, order, a.3, from, pos - 1)
+        let from = first(&a.nodes).min(first(&b.nodes));
+        if a.tensor != b.tensor
+            || a.axis != b.axis
+            || a.at + a.extent != b.at
+            || a.start + a.extent != b.start
+            || written_between(nodes, order, a.tensor, from, pos - 1)
         {
             continue;
         }
-        let (axis, y) = (a.4, a.3);
-        let mut dims = nodes[y.0].shape.dims().to_vec();
-        dims[axis] = (a.2 + b.2) as usize;
+        let mut dims = nodes[a.tensor.0].shape.dims().to_vec();
+        dims[a.axis] = (a.extent + b.extent) as usize;
         let both = NodeId(nodes.len());
         nodes.push(Node {
-            op: Op::AxisCopy(AxisCopy {
-                axis,
-                ..single(-a.1)
-            }),
-            inputs: vec![y],
+            op: Op::AxisCopy(single(a.axis, -a.start)),
+            inputs: vec![a.tensor],
             shape: Shape(dims),
             dtype: nodes[id.0].dtype,
         });
         let n = &mut nodes[id.0];
-        n.op = Op::AxisCopy(AxisCopy {
-            axis,
-            ..single(a.0)
-        });
+        n.op = Op::AxisCopy(single(a.axis, a.at));
         n.inputs = vec![both];
         order.insert(pos - 1, both);
         pos += 1;
-        dropped.extend(a.5);
-        dropped.extend(b.5);
+        dropped.extend(a.nodes);
+        dropped.extend(b.nodes);
     }
     order.retain(|id| !dropped.contains(id));
 }
@@ -1097,27 +1123,7 @@ pub(crate) fn disjoint_pads_into_one_copy(
         if !matches!(nodes[id.0].op, Op::Binary(BinaryOp::Add)) || nodes[id.0].inputs.len() != 2 {
             continue;
         }
-        let out = nodes[id.0].shape.clone();
-        // a single-input pad of `out`: (axis, start, extent, source)
-        let pad = |p: NodeId| match nodes[p.0].op {
-            Op::AxisCopy(AxisCopy {
-                axis,
-                a_start,
-                b_start: None,
-                strided: false,
-            }) => {
-                let src = nodes[p.0].inputs[0];
-                let extent = nodes[src.0].shape.dims()[axis] as isize;
-                let fits = nodes[p.0].shape == out
-                    && a_start >= 0
-                    && a_start + extent <= out.dims()[axis] as isize
-                    && nodes[src.0].dtype == nodes[id.0].dtype
-                    && !targets.contains(&p)
-                    && readers(nodes, order, p) == 1;
-                fits.then_some((axis, a_start, extent, src))
-            }
-            _ => None,
-        };
+        let pad = |p: NodeId| sole_pad(nodes, order, targets, id, p);
         let (p, q) = (nodes[id.0].inputs[0], nodes[id.0].inputs[1]);
         let (Some(a), Some(b)) = (pad(p), pad(q)) else {
             continue;
@@ -2147,30 +2153,30 @@ pub(crate) fn strided_operands(
             continue;
         }
         for (r, k) in uses {
-            let set = |mm: &mut MatMul| match k {
-                0 => mm.rows_a = Some(rows),
-                _ => mm.rows_b = Some(rows),
-            };
-            let c0 = initial_state_input(&nodes[r.0].op, k);
-            match &mut nodes[r.0].op {
-                Op::MatMul(mm) => set(mm),
-                Op::MatMulEpilogue(e) => set(&mut e.product),
-                Op::MatMulPartial(p) => set(&mut p.product),
-                op => {
-                    if let Some(w) = dp_window_mut(op, k) {
-                        w.rows = Some(rows);
-                    }
-                    if let (Some(state), Some(c0)) = (initial_state_mut(op), c0) {
-                        match c0 {
-                            true => state.c0 = Some(rows),
-                            false => state.h0 = Some(rows),
-                        }
-                    }
-                }
-            }
+            read_rows_in_place(&mut nodes[r.0].op, k, rows);
         }
         if let Op::AxisCopy(c) = &mut nodes[nw.0].op {
             c.strided = true;
+        }
+    }
+}
+
+/// Input `k` of a node that [`strided_operands`] or [`swapped_operands`] found able to read its
+/// rows elsewhere (a product's operand, a recurrence's initial state or state gradient window)
+/// reads them from `rows`.
+fn read_rows_in_place(op: &mut Op, k: usize, rows: crate::ops::matmul::OperandRows) {
+    let c0 = initial_state_input(op, k);
+    if let Some(mm) = product_of_mut(op) {
+        match k {
+            0 => mm.rows_a = Some(rows),
+            _ => mm.rows_b = Some(rows),
+        }
+    } else if let Some(w) = dp_window_mut(op, k) {
+        w.rows = Some(rows);
+    } else if let (Some(state), Some(c0)) = (initial_state_mut(op), c0) {
+        match c0 {
+            true => state.c0 = Some(rows),
+            false => state.h0 = Some(rows),
         }
     }
 }
@@ -2276,14 +2282,7 @@ pub(crate) fn swapped_operands(
             swap: Some((dims[0] as u32, dims[1] as u32)),
         };
         for (r, k) in uses {
-            if let Some(mm) = product_of_mut(&mut nodes[r.0].op) {
-                match k {
-                    0 => mm.rows_a = Some(rows),
-                    _ => mm.rows_b = Some(rows),
-                }
-            } else if let Some(w) = dp_window_mut(&mut nodes[r.0].op, k) {
-                w.rows = Some(rows);
-            }
+            read_rows_in_place(&mut nodes[r.0].op, k, rows);
         }
         if let Op::Permute(p) = &mut nodes[id.0].op {
             p.in_place = true;
