@@ -55,6 +55,10 @@
 //   normalize_weighted_backward_add
 //                       the same plus res: the gradient arriving through a residual connection
 //                       around the layer norm                  (NormalizeBackward, residual)
+//   normalize_weighted_backward(_add)_sums
+//                       normalize_weighted_backward(_add) and, in workgroups after its own,
+//                       inner_sums of the same dy, x and statistics into the sums binding: a
+//                       layer norm's whole backward in one kernel     (NormalizeBackward, sums)
 //   running_update      running0 = (1 - MOMENTUM) running0 + MOMENTUM (SCALE0 value[0..N]), in
 //                       place; running_update2 also running1 from value[N..2N] with SCALE1
 //                                                                           (RunningUpdate)
@@ -81,6 +85,10 @@
 //                        0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 weight [INNER]   4 dx [..]
 //   normalize_weighted_backward_add:
 //                        0 dy   1 x   2 stats   3 weight   4 res [..]   5 dx [..]
+//   normalize_weighted_backward_sums:
+//                        0 dy   1 x   2 stats   3 weight   4 sums [BLOCKS*2*SUMS_ROW]   5 dx
+//   normalize_weighted_backward_add_sums:
+//                        0 dy   1 x   2 stats   3 weight   4 res   5 sums [..]   6 dx [..]
 //   normalize_affine_backward:
 //                        0 dy [..]   1 x [..]   2 stats [2*GROUPS]   3 weight [GROUPS]
 //                        4 sums [2*SUMS_ROW]   5 dx [..]
@@ -90,9 +98,9 @@
 //            MOMENTUM, SCALE0, SCALE1 (running_update; N is merge_stats' elements per group);
 //            AFFINE_INNER (normalize_affine); RELU (normalize(_affine), stats_normalize*);
 //            CHANNELS_FIRST (normalize_affine_backward);
-//            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward); BLOCKS, BLOCK_LEN
-//            (group_stats, merge_stats, group_sums: blocks of each group and their elements;
-//            inner_sums: blocks of rows and their rows); STATS_OFF, WRITE_STATS
+//            SUMS_ROW (group_sums, inner_sums, normalize_affine_backward, *_sums); BLOCKS,
+//            BLOCK_LEN (group_stats, merge_stats, group_sums: blocks of each group and their
+//            elements; inner_sums, *_sums: blocks of rows and their rows); STATS_OFF, WRITE_STATS
 //            (stats_normalize: the element count rounded up to 128; whether to write them).
 // Dispatch: group_stats, stats_normalize(_affine), normalize_backward, group_sums: TPG
 //           threads per group (group_stats, group_sums: per group and block), 256 / TPG groups
@@ -106,7 +114,9 @@
 //           workgroups, folded likewise (group_sums: SUMS_ROW groups, the padding's without
 //           elements; times BLOCKS); inner_sums: a workgroup per 64 positions of a row and
 //           block of rows (ceil(SUMS_ROW / 64) * BLOCKS), 4 lanes of 64 threads striding over
-//           the block's rows, the lanes' sums added in workgroup memory.
+//           the block's rows, the lanes' sums added in workgroup memory;
+//           normalize_weighted_backward(_add)_sums: normalize_weighted_backward's workgroups
+//           (ceil(GROUPS * TPG / 256)), then inner_sums' (the grid folded as one).
 
 override OUTER: u32 = 1u;
 override GROUPS: u32 = 1u;
@@ -165,6 +175,9 @@ override GPW: u32 = WG / TPG;
 @group(0) @binding(5) var<storage, read_write> affine_out5: array<f32>;
 @group(0) @binding(0) var<storage, read> block_stats: array<f32>; // always f32
 @group(0) @binding(3) var<storage, read_write> stats_out3: array<f32>; // always f32
+@group(0) @binding(4) var<storage, read_write> sums_out4: array<f32>; // always f32
+@group(0) @binding(5) var<storage, read_write> sums_out5: array<f32>; // always f32
+@group(0) @binding(6) var<storage, read_write> dx6: array<f32>;
 fn ld_x(i: u32) -> f32 { return x[i]; }
 fn ld_dxhat(i: u32) -> f32 { return dxhat[i]; }
 fn ld_xhat(i: u32) -> f32 { return xhat[i]; }
@@ -176,6 +189,7 @@ fn st_dx(i: u32, v: f32) { dx[i] = v; }
 fn st_affine_out(i: u32, v: f32) { affine_out[i] = v; }
 fn st_dx5(i: u32, v: f32) { dx5[i] = v; }
 fn st_dx4(i: u32, v: f32) { dx4[i] = v; }
+fn st_dx6(i: u32, v: f32) { dx6[i] = v; }
 fn st_normalized1(i: u32, v: f32) { normalized1[i] = v; }
 fn st_affine_out3(i: u32, v: f32) { affine_out3[i] = v; }
 fn st_affine_out5(i: u32, v: f32) { affine_out5[i] = v; }
@@ -622,16 +636,20 @@ fn normalize_weighted_backward_add(
     }
 }
 
-@compute @workgroup_size(256)
-fn inner_sums(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
+// inner_sums' work for its workgroup w (0 <= w < ceil(SUMS_ROW / 64) * BLOCKS): the sums of
+// dy and dy xhat over the block's rows at position c of each row, found by the threads of the
+// first lane (lid < 64, `store`) for the caller to store at `at` and `at + SUMS_ROW` (zeros
+// for the rows' padding, c = INNER .. SUMS_ROW). Every thread of the workgroup calls it
+// (barrier); w is the same for all of them.
+struct ColumnSums {
+    at: u32,
+    total: vec2<f32>,
+    store: bool,
+}
+fn column_sums(w: u32, lid: u32) -> ColumnSums {
     let columns = (SUMS_ROW + 63u) / 64u;
-    let w = workgroup_index(wid, nwg);
     if w >= columns * BLOCKS {
-        return;
+        return ColumnSums(0u, vec2<f32>(0.0, 0.0), false);
     }
     let block = w / columns;
     let c = (w % columns) * 64u + lid % 64u;
@@ -650,12 +668,70 @@ fn inner_sums(
     }
     partial[lid] = s;
     workgroupBarrier();
-    // the rows' padding (c = INNER .. SUMS_ROW) gets zeros
-    if lane4 == 0u && c < SUMS_ROW {
-        let total = partial[lid] + partial[lid + 64u] + partial[lid + 128u] + partial[lid + 192u];
-        let at = block * 2u * SUMS_ROW + c;
-        sums_out[at] = total.x;
-        sums_out[at + SUMS_ROW] = total.y;
+    var total = vec2<f32>(0.0, 0.0);
+    if lane4 == 0u {
+        total = partial[lid] + partial[lid + 64u] + partial[lid + 128u] + partial[lid + 192u];
+    }
+    return ColumnSums(block * 2u * SUMS_ROW + c, total, lane4 == 0u && c < SUMS_ROW);
+}
+
+@compute @workgroup_size(256)
+fn inner_sums(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let s = column_sums(workgroup_index(wid, nwg), lid);
+    if s.store {
+        sums_out[s.at] = s.total.x;
+        sums_out[s.at + SUMS_ROW] = s.total.y;
+    }
+}
+
+@compute @workgroup_size(256)
+fn normalize_weighted_backward_sums(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    // the groups' workgroups first, then inner_sums'
+    let w = workgroup_index(wid, nwg);
+    if w >= per_block(GROUPS) {
+        let s = column_sums(w - per_block(GROUPS), lid);
+        if s.store {
+            sums_out4[s.at] = s.total.x;
+            sums_out4[s.at + SUMS_ROW] = s.total.y;
+        }
+        return;
+    }
+    let l = lane(wid, nwg, lid);
+    let wm = weighted_means(l, lid);
+    for (var e = l.t; e < l.count; e = e + TPG) {
+        let k = at(l.g, e);
+        st_dx5(k, weighted_dx(k, wm));
+    }
+}
+
+@compute @workgroup_size(256)
+fn normalize_weighted_backward_add_sums(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = workgroup_index(wid, nwg);
+    if w >= per_block(GROUPS) {
+        let s = column_sums(w - per_block(GROUPS), lid);
+        if s.store {
+            sums_out5[s.at] = s.total.x;
+            sums_out5[s.at + SUMS_ROW] = s.total.y;
+        }
+        return;
+    }
+    let l = lane(wid, nwg, lid);
+    let wm = weighted_means(l, lid);
+    for (var e = l.t; e < l.count; e = e + TPG) {
+        let k = at(l.g, e);
+        st_dx6(k, weighted_dx(k, wm) + ld_res4(k));
     }
 }
 

@@ -483,7 +483,8 @@ fn layers_train_in_one_step_and_evaluate_with_running_statistics() {
             // the batch norm: the normalization with scale and shift (computing its
             // statistics itself, groups this small, and moving the running averages), their
             // per-channel gradient sums and the input's gradient, one kernel each; the layer
-            // norm: normalization (with its statistics), its gradient
+            // norm: normalization (with its statistics), its gradients (one kernel: the
+            // input's and its parameters' sums)
             let labels = step.plan().kernels();
             let count = |name: &str| count_op(&labels, name);
             for (name, want) in [
@@ -491,7 +492,9 @@ fn layers_train_in_one_step_and_evaluate_with_running_statistics() {
                 ("normalize", 2),
                 ("group_sums", 1),
                 ("normalize_affine_backward", 1),
-                ("normalize_backward", 1),
+                ("normalize_backward_sums", 1),
+                ("normalize_backward", 0),
+                ("inner_sums", 0),
                 ("running_update", 0),
             ] {
                 assert_eq!(count(name), want, "{name} in {labels:#?}");
@@ -665,7 +668,8 @@ fn verify_finds_no_divergence_in_a_batch_norm_step() {
 /// one to many rows per workgroup, widths that are not multiples of the threads, a last
 /// workgroup with rows past the end; statistics and gradients against the CPU reference, with
 /// and without the per-feature scale and shift (inside the normalization: its gradients from
-/// one kernel of column sums, several workgroups of 64 columns for the wide rows).
+/// column sums in the input gradient's kernel, several workgroups of 64 columns for the wide
+/// rows).
 #[test]
 fn layer_norm_rows_share_workgroups() {
     for width in [1usize, 3, 5, 13, 64, 100, 513, 1500] {
@@ -692,8 +696,8 @@ fn layer_norm_rows_share_workgroups() {
                 let grads = g.grad(loss, &wrt).unwrap();
                 check_gpu_vs_cpu(&what, &g, &grads, feeds, TOL_REDUCTION);
                 if let (Some(dev), true) = (gpu(), affine) {
-                    // statistics and the affine normalization; the column sums and the input's
-                    // gradient (besides the projection's gradient): no separate scale and
+                    // statistics and the affine normalization; the input's gradient with the
+                    // column sums (besides the projection's gradient): no separate scale and
                     // shift, forward or backward
                     let plan = dev.compile(&g, &[&[y], &grads[..]].concat()).unwrap();
                     let k = plan.kernels();
@@ -701,8 +705,9 @@ fn layer_norm_rows_share_workgroups() {
                     assert_eq!(count("normalize "), 1, "{what}: {k:?}");
                     // the rows' statistics inside the normalization's kernel
                     assert_eq!(count("group_stats"), 0, "{what}: {k:?}");
-                    assert_eq!(count("normalize_backward"), 1, "{what}: {k:?}");
-                    assert_eq!(count("inner_sums"), 1, "{what}: {k:?}");
+                    assert_eq!(count("normalize_backward_sums"), 1, "{what}: {k:?}");
+                    assert_eq!(count("normalize_backward "), 0, "{what}: {k:?}");
+                    assert_eq!(count("inner_sums"), 0, "{what}: {k:?}");
                     // (the projection's gradient, its weights times the loss's broadcast
                     // gradient, may be a kernel of its own: `fused [..] [mul@..]`)
                     let fused = k
@@ -942,8 +947,9 @@ fn check_gradients(
 
 /// A pre-norm residual block `x + f(layer_norm(x))`: the layer norm's input gradient and the
 /// one through the residual connection add up inside the layer norm's backward kernel (no
-/// `add` kernel), in f32 and f16, on rows of 1, 13 and 64 features, reached through a reshape
-/// of the (B, L, E) tensor; against the CPU reference, outputs poisoned with NaN.
+/// `add` kernel), which also sums the parameters' gradients (no `inner_sums` kernel), in f32
+/// and f16, on rows of 1, 13 and 64 features, reached through a reshape of the (B, L, E)
+/// tensor; against the CPU reference, outputs poisoned with NaN.
 #[test]
 fn residual_gradients_add_inside_the_layer_norm_backward() {
     let Some(dev) = gpu() else { return };
@@ -963,16 +969,17 @@ fn residual_gradients_add_inside_the_layer_norm_backward() {
                 ("b".to_string(), rand(&[e], 6)),
             ];
             let k = check_gradients(&dev, &what, &g, loss, &[x, w, bias], &feeds, dtype);
-            assert_eq!(count_op(&k, "normalize_backward"), 1, "{what}: {k:#?}");
+            assert_eq!(count_op(&k, "normalize_backward_sums"), 1, "{what}: {k:#?}");
+            assert_eq!(count_op(&k, "inner_sums"), 0, "{what}: {k:#?}");
             assert_eq!(count_op(&k, "add"), 0, "{what}: {k:#?}");
         }
     }
 }
 
 /// A layer norm over more than 1,024 rows sums its parameters' gradients in blocks of 512 rows
-/// (each block its own workgroups and partial sums), then adds the blocks up: the gradients of
-/// x, weight and bias against the CPU reference (f32 and f16 activations), and the plan's
-/// kernels.
+/// (each block its own workgroups and partial sums, after the input gradient's in its kernel),
+/// then adds the blocks up: the gradients of x, weight and bias against the CPU reference (f32
+/// and f16 activations), and the plan's kernels.
 #[test]
 fn layer_norm_parameter_gradients_over_many_rows() {
     let Some(dev) = gpu() else { return };
@@ -990,11 +997,17 @@ fn layer_norm_parameter_gradients_over_many_rows() {
                 ("b".to_string(), rand(&[width], 3)),
             ];
             let k = check_gradients(&dev, &what, &g, loss, &[x, w, b], &feeds, dtype);
-            assert_eq!(count_op(&k, "inner_sums"), 1, "{what}: {k:#?}");
-            let blocks = format!("[{}, 2, 128]", rows.div_ceil(512));
-            assert!(
+            assert_eq!(count_op(&k, "inner_sums"), 0, "{what}: {k:#?}");
+            assert_eq!(count_op(&k, "normalize_backward_sums"), 1, "{what}: {k:#?}");
+            // the blocks' partial sums (split: the plan has a sum of them), added up after the
+            // kernel that wrote them
+            let at = |name: &str| {
                 k.iter()
-                    .any(|s| s.contains("inner_sums") && s.contains(&blocks)),
+                    .position(|s| s.split_whitespace().nth(2) == Some(name))
+            };
+            assert_eq!(count_op(&k, "sum"), 1, "{what}: {k:#?}");
+            assert!(
+                at("normalize_backward_sums") < at("sum"),
                 "{what}: blocks of 512 rows: {k:#?}"
             );
         }

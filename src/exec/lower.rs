@@ -44,7 +44,9 @@
 //!    f32, [`casts_into_producers`]), and broadcast what an expand only copies for them
 //!    (`fuse::fold_expands`);
 //! 6. [`group_optimizer_updates`]: a step's parameter updates become one kernel (or a few, as
-//!    the adapter's storage-buffer limit allows).
+//!    the adapter's storage-buffer limit allows);
+//! 7. [`sums_in_normalize_backward`]: a layer norm's input gradient kernel also sums its
+//!    parameters' gradients.
 //!
 //! [`select`] then gives each node its kernel, generated for the adapter (`codegen`) or from
 //! `shaders/`. Node ids keep their meaning: a rewritten node still computes the same tensor, and
@@ -170,6 +172,7 @@ pub(crate) fn lower(
         outputs,
         ch.target.max_storage_buffers as usize,
     );
+    sums_in_normalize_backward(nodes, order);
 }
 
 /// Where attention's backward statistics kernel reads the forward node of the same operands
@@ -1317,6 +1320,80 @@ pub(crate) fn residual_into_normalize_backward(
         dropped.extend(chain);
     }
     order.retain(|id| !dropped.contains(id));
+}
+
+/// Where a layer norm's parameter gradients (`GroupSums`, `inner`, whole or in blocks) and its
+/// input gradient (the weighted `NormalizeBackward`, with or without a residual) read the same
+/// `dy`, `x` and statistics, one kernel computes both: the input gradient's writes the sums
+/// in workgroups after its own (`NormalizeBackward::sums`, the sums node its last input, bound
+/// read_write) and the sums node keeps its storage but no kernel (`GroupSums::in_backward`):
+/// one dispatch fewer per layer norm in training, and the two reductions side by side on the
+/// GPU. The sums node moves to just before the kernel, and what reads it there (its views, the
+/// blocks' reduction) to just after. Run last: no later pass may move a reader before it.
+pub(crate) fn sums_in_normalize_backward(nodes: &mut [Node], order: &mut Vec<NodeId>) {
+    let mut i = 0;
+    while i < order.len() {
+        let nb = order[i];
+        i += 1;
+        let Op::NormalizeBackward(o) = nodes[nb.0].op else {
+            continue;
+        };
+        if !o.weighted || o.sums {
+            continue;
+        }
+        let operands = &nodes[nb.0].inputs[..3];
+        let Some(s_pos) = order.iter().position(|&s| {
+            matches!(nodes[s.0].op, Op::GroupSums(g) if g.inner && !g.in_backward && g.eps == o.eps)
+                && nodes[s.0].inputs == operands
+        }) else {
+            continue;
+        };
+        let (s, nb_pos) = (order[s_pos], i - 1);
+        if operands
+            .iter()
+            .any(|&x| written_between(nodes, order, x, s_pos, nb_pos))
+        {
+            continue;
+        }
+        // what reads the sums (or reads what does) before the kernel moves after it: nothing
+        // that writes in place (its effect would move) and nothing the kernel reads
+        let mut after: Vec<NodeId> = Vec::new();
+        for &r in order.get(s_pos + 1..nb_pos).unwrap_or(&[]) {
+            if nodes[r.0]
+                .inputs
+                .iter()
+                .any(|x| *x == s || after.contains(x))
+            {
+                after.push(r);
+            }
+        }
+        let movable = |r: &NodeId| {
+            let n = &nodes[r.0];
+            let r_pos = order.iter().position(|o| o == r).unwrap_or(nb_pos);
+            n.op.binding_mode(n.inputs.len()) == (n.inputs.len(), true)
+                && !nodes[nb.0].inputs.contains(r)
+                && !n
+                    .inputs
+                    .iter()
+                    .any(|&x| written_between(nodes, order, x, r_pos, nb_pos))
+        };
+        if !after.iter().all(movable) {
+            continue;
+        }
+        order.retain(|o| *o != s && !after.contains(o));
+        let at = order.iter().position(|&o| o == nb).unwrap_or(order.len());
+        order.insert(at, s);
+        for (k, &r) in after.iter().enumerate() {
+            order.insert(at + 2 + k, r);
+        }
+        i = at + 2 + after.len();
+        if let Op::GroupSums(g) = &mut nodes[s.0].op {
+            g.in_backward = true;
+        }
+        let n = &mut nodes[nb.0];
+        n.op = Op::NormalizeBackward(crate::ops::norm::NormalizeBackward { sums: true, ..o });
+        n.inputs.push(s);
+    }
 }
 
 /// Where a normalization's reductions over large groups would leave a large GPU mostly idle,
@@ -3821,6 +3898,30 @@ mod tests {
         assert!(has(&nodes, &order, &gathered));
         let looked_up = |op: &Op| matches!(op, Op::Embedding(_) | Op::Cast(_));
         assert!(!has(&nodes, &order, &looked_up));
+        // layer norms' backward in one kernel with their parameters' sums: whole and in blocks
+        // of rows, with and without a residual connection around them
+        for (rows, residual) in [(6usize, false), (6, true), (1100, true)] {
+            let g = Graph::new();
+            let x = g.input("x", [rows, 5]);
+            let (w, b) = (g.input("w", [5]), g.input("b", [5]));
+            let h = g.layer_norm(x, 1, Some((w, b)), 1e-5).unwrap();
+            let h = g.tanh(h).unwrap();
+            let y = if residual { g.add(x, h).unwrap() } else { h };
+            let loss = g
+                .sum_all(g.mul(y, g.constant(rand(&[rows, 5], 31))).unwrap())
+                .unwrap();
+            let outs = g.grad(loss, &[x, w, b]).unwrap();
+            let feeds = [
+                ("x", Tensor::rand_uniform(vec![rows, 5], -2.0, 3.0, 32)),
+                ("w", rand(&[5], 33)),
+                ("b", rand(&[5], 34)),
+            ];
+            let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
+            let merged = |op: &Op| matches!(op, Op::NormalizeBackward(n) if n.sums && n.residual == residual);
+            assert!(has(&nodes, &order, &merged), "{rows} {residual}");
+            let sums_kernel = |op: &Op| matches!(op, Op::GroupSums(s) if !s.in_backward);
+            assert!(!has(&nodes, &order, &sums_kernel), "{rows} {residual}");
+        }
     }
 
     /// A training batch norm's statistics kernel moves the running statistics itself (no

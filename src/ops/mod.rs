@@ -277,6 +277,7 @@ impl Op {
             Op::NormalizeStats(_) => "normalize",
             Op::StatsOf(_) => "group_stats",
             Op::Normalize(_) => "normalize",
+            Op::NormalizeBackward(n) if n.sums => "normalize_backward_sums",
             Op::NormalizeBackward(_) => "normalize_backward",
             Op::GroupSums(s) => s.name(),
             Op::NormalizeAffineBackward(_) => "normalize_affine_backward",
@@ -375,6 +376,8 @@ impl Op {
             Op::WriteRows(_) => (2, false),
             Op::AttentionGrad(a) if a.in_place() => (8, false),
             Op::SumSquares(s) if s.chained => (n_inputs - 1, false),
+            // the parameter gradients it writes besides its output
+            Op::NormalizeBackward(n) if n.sums => (n_inputs - 1, true),
             _ => (n_inputs, true),
         }
     }
@@ -656,7 +659,11 @@ impl Op {
             // written by its normalization's kernel: a view
             Op::StatsOf(_) => None,
             Op::Normalize(n) => Some(n.kernel(inputs[0])),
-            Op::NormalizeBackward(n) => Some(n.kernel(inputs[0])),
+            Op::NormalizeBackward(n) => {
+                Some(n.kernel(inputs[0], n.sums.then(|| inputs[inputs.len() - 1])))
+            }
+            // written by the layer norm's backward kernel that reads it
+            Op::GroupSums(s) if s.in_backward => None,
             Op::GroupSums(s) => Some(s.kernel(inputs[0])),
             Op::NormalizeAffineBackward(n) => Some(n.affine_kernel(inputs[0], inputs[4])),
             Op::Attention(a) => Some(a.kernel(inputs, target)),

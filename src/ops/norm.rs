@@ -578,6 +578,7 @@ impl Normalize {
                 weighted: false,
                 residual: false,
                 channels_first: false,
+                sums: false,
             };
             let dx = g.push_op(Op::NormalizeBackward(op), vec![dy, y, x[1]], shape)?;
             return Ok(vec![Some(dx), None]);
@@ -589,6 +590,7 @@ impl Normalize {
                 eps: self.eps,
                 inner: self.inner,
                 blocks: 1,
+                in_backward: false,
             }),
             vec![dy, x[0], x[1]],
             Shape::from(vec![2, sums_row(per)]),
@@ -599,6 +601,7 @@ impl Normalize {
                 weighted: true,
                 residual: false,
                 channels_first: false,
+                sums: false,
             };
             g.push_op(Op::NormalizeBackward(op), vec![dy, x[0], x[1], x[2]], shape)?
         } else {
@@ -607,6 +610,7 @@ impl Normalize {
                 weighted: false,
                 residual: false,
                 channels_first: false,
+                sums: false,
             };
             g.push_op(
                 Op::NormalizeAffineBackward(op),
@@ -636,12 +640,17 @@ pub fn sums_row(per: usize) -> usize {
 /// (zeros after the sums): `(2, sums_row(GROUPS or INNER))`. With `blocks > 1` (made by the
 /// plan compiler, `exec::lower::split_group_reductions`): the partial sums of each of `blocks`
 /// blocks of [`GroupSums::block_len`] rows (with `inner`) or elements of every group,
-/// `(blocks, 2, sums_row(..))`, for a reduction to add up.
+/// `(blocks, 2, sums_row(..))`, for a reduction to add up. With `in_backward` (made by the
+/// plan compiler, `exec::lower::sums_in_normalize_backward`): no kernel of its own; the
+/// weighted [`NormalizeBackward`] of the same `dy`, `x` and statistics writes the sums (a layer
+/// norm's parameter gradients) in workgroups after its own, reading this node as its last
+/// input, bound read_write.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GroupSums {
     pub eps: f32,
     pub inner: bool,
     pub blocks: usize,
+    pub in_backward: bool,
 }
 
 /// Rows of a layer norm's gradient that one block of `inner_sums` takes where the plan compiler
@@ -721,7 +730,8 @@ impl GroupSums {
     }
 
     /// Kernel: [`threads_per_group`] threads per group (and the padding's groups); with
-    /// `inner`, a workgroup per 64 positions of a row and block of rows.
+    /// `inner`, a workgroup per 64 positions of a row and block of rows (with `in_backward`,
+    /// the workgroups [`NormalizeBackward::kernel`] adds).
     pub fn kernel(&self, dy: &Shape) -> KernelSpec {
         let (_, groups, inner) = split3(dy);
         if self.inner {
@@ -763,13 +773,17 @@ impl GroupSums {
 /// around it), so that the sum is not a kernel of its own. `channels_first` (the affine form,
 /// made by the plan compiler: `exec::lower::channels_first_normalize_backward`): `dx` is stored
 /// as `(GROUPS, OUTER, INNER)`, the layout a convolution's backward reads its output gradient
-/// in, without a permute after it.
+/// in, without a permute after it. `sums` (weighted only, made by the plan compiler:
+/// `exec::lower::sums_in_normalize_backward`): a last input, the [`GroupSums`] (`inner`, its
+/// `in_backward` set) of the same `dy`, `x` and statistics, which this kernel writes in
+/// workgroups after its own (bound read_write): a layer norm's backward in one kernel.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NormalizeBackward {
     pub eps: f32,
     pub weighted: bool,
     pub residual: bool,
     pub channels_first: bool,
+    pub sums: bool,
 }
 
 impl NormalizeBackward {
@@ -876,14 +890,38 @@ impl NormalizeBackward {
         Tensor::new(out.clone(), dx).expect("same element count")
     }
 
-    /// Kernel: [`threads_per_group`] threads per group.
-    pub fn kernel(&self, dxhat: &Shape) -> KernelSpec {
-        let entry = match (self.weighted, self.residual) {
-            (true, true) => "normalize_weighted_backward_add",
-            (true, false) => "normalize_weighted_backward",
+    /// Kernel: [`threads_per_group`] threads per group; with `sums` (the shape of the
+    /// [`GroupSums`] input: `(2, ..)`, or `(BLOCKS, 2, ..)` split), then `inner_sums`'
+    /// workgroups and constants.
+    pub fn kernel(&self, dxhat: &Shape, sums: Option<&Shape>) -> KernelSpec {
+        let entry = match (self.weighted, self.residual, sums.is_some()) {
+            (true, true, true) => "normalize_weighted_backward_add_sums",
+            (true, false, true) => "normalize_weighted_backward_sums",
+            (true, true, false) => "normalize_weighted_backward_add",
+            (true, false, false) => "normalize_weighted_backward",
             _ => "normalize_backward",
         };
-        group_kernel(entry, dxhat, Some(self.eps), Grid::PerGroup)
+        let mut k = group_kernel(entry, dxhat, Some(self.eps), Grid::PerGroup);
+        if let Some(shape) = sums {
+            let s = GroupSums {
+                eps: self.eps,
+                inner: true,
+                blocks: if shape.rank() == 3 {
+                    shape.dims()[0]
+                } else {
+                    1
+                },
+                in_backward: true,
+            };
+            let columns = s.kernel(dxhat);
+            k.workgroups += columns.workgroups;
+            for c in columns.constants {
+                if !k.constants.iter().any(|(name, _)| *name == c.0) {
+                    k.constants.push(c);
+                }
+            }
+        }
+        k
     }
 }
 
