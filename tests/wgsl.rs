@@ -627,7 +627,9 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
     ] {
         // a reads through a dropout where the result is vec4: its seed binds after the bias
         let first = if bias == Bias::None { 2 } else { 3 } + vec_out as usize;
-        let epi = epilogue(&program, 1, &[&row, &out], &out, first, dtype);
+        // the product kept too where it is stored in place (`MatMulEpilogue::keep`)
+        let keep = nchw.is_none().then_some(dtype);
+        let epi = epilogue(&program, 1, &[&row, &out], &out, first, dtype, keep);
         let lay = Layout {
             trans_a: false,
             trans_b: true,
@@ -656,14 +658,31 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
             &format!("epilogue, vec_out={vec_out}, {bias:?}, {nchw:?}"),
             &src,
         );
-        assert!(src.contains("Epilogue: the fused elementwise ops [add,gelu]"));
+        let ops = if keep.is_some() {
+            "keep,add,gelu"
+        } else {
+            "add,gelu"
+        };
+        assert!(src.contains(&format!("Epilogue: the fused elementwise ops [{ops}]")));
         assert_eq!(
             src.contains("epilogue(y.x, nchw_index(r, c))"),
             nchw.is_some()
         );
+        // the kept product binds after the epilogue's input, the output after it
+        assert_eq!(
+            src.contains(&format!(
+                "@binding({}) var<storage, read_write> kept: array<{dtype}>",
+                first + 1
+            )),
+            keep.is_some()
+        );
+        assert_eq!(
+            src.contains(&format!("kept[i] = {dtype}(v);")),
+            keep.is_some()
+        );
         // the tensor-core kernel takes the same epilogue (and its emulated form; no dropout)
         let first = if bias == Bias::None { 2 } else { 3 };
-        let epi = epilogue(&program, 1, &[&row, &out], &out, first, dtype);
+        let epi = epilogue(&program, 1, &[&row, &out], &out, first, dtype, keep);
         let mm = kiln::ops::matmul::MatMul {
             trans_a: false,
             trans_b: true,
@@ -691,7 +710,7 @@ fn generated_matmul_with_an_epilogue_is_valid_wgsl() {
                 &format!("coop epilogue, {bias:?} {dtype:?} {cores:?}"),
                 &src,
             );
-            assert!(src.contains("Epilogue: the fused elementwise ops [add,gelu]"));
+            assert!(src.contains(&format!("Epilogue: the fused elementwise ops [{ops}]")));
             assert!(src.contains("v = epilogue(v, o);"));
         }
     }
@@ -803,7 +822,15 @@ fn reductions_with_prologues_are_valid_wgsl() {
             gathered: Vec::new(),
             rounded: Vec::new(),
         };
-        let epi = epilogue(&epi_program, 1, &[&w, &out], &out, 1, kiln::DType::F32);
+        let epi = epilogue(
+            &epi_program,
+            1,
+            &[&w, &out],
+            &out,
+            1,
+            kiln::DType::F32,
+            None,
+        );
         let g = reduce_with_epilogue(&x, r.kernel(&x), &epi);
         assert!(g.wgsl.starts_with("// reduce_epilogue.wgsl"));
         validate_wgsl(
@@ -876,8 +903,15 @@ fn every_optimizer_group_is_valid_wgsl() {
         gathered: Vec::new(),
         rounded: Vec::new(),
     };
-    let epilogue =
-        kiln::codegen::elementwise::epilogue(&clip, 0, &[&one, &one], &one, 2, kiln::DType::F32);
+    let epilogue = kiln::codegen::elementwise::epilogue(
+        &clip,
+        0,
+        &[&one, &one],
+        &one,
+        2,
+        kiln::DType::F32,
+        None,
+    );
     let kinds = [
         OptimKind::Sgd,
         OptimKind::SgdMomentum { nesterov: true },

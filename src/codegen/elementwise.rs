@@ -425,15 +425,18 @@ pub struct Epilogue {
     pub bindings: String,
     /// `fn epilogue(v: f32, i: u32) -> f32` and the op functions it calls.
     pub functions: String,
-    /// What it computes, for labels: `add,gelu`.
+    /// What it computes, for labels: `add,gelu` (`keep,add,gelu` where it keeps the product).
     pub describe: String,
-    /// Bindings it takes (the program's inputs but the product).
+    /// Bindings it takes (the program's inputs but the product, and the kept product's).
     pub extra: usize,
 }
 
 /// The epilogue of `f` after a product giving its input `product`; `inputs` are the shapes of
 /// all of the program's inputs, `out` the product's (and the program's) shape; the other inputs
-/// are stored as `dtype`.
+/// are stored as `dtype`. With `keep` (its element type), the epilogue also stores the product's
+/// value at each element it sees into a binding after the program's inputs (`kept`,
+/// read_write): a product that other nodes read too, written by the epilogue's kernel
+/// (`ops::matmul::MatMulEpilogue::keep`).
 pub fn epilogue(
     f: &Fused,
     product: usize,
@@ -441,6 +444,7 @@ pub fn epilogue(
     out: &Shape,
     first_binding: usize,
     dtype: DType,
+    keep: Option<DType>,
 ) -> Epilogue {
     let mut bindings = String::new();
     for (slot, k) in (first_binding..).zip((0..inputs.len()).filter(|&k| k != product)) {
@@ -450,6 +454,21 @@ pub fn epilogue(
             f.input_dtype(k, dtype)
         );
     }
+    // a kept product is stored, and the program reads it, in its own type (f16 rounds)
+    let (param, store_kept) = match keep {
+        Some(t) => {
+            let _ = writeln!(
+                bindings,
+                "@group(0) @binding({}) var<storage, read_write> kept: array<{t}>;",
+                first_binding + inputs.len() - 1
+            );
+            (
+                "product",
+                format!("    let v = f32({t}(product));\n    kept[i] = {t}(v);\n"),
+            )
+        }
+        None => ("v", String::new()),
+    };
     let load = |k: usize, index: &str| {
         if k == product {
             "v".to_string()
@@ -463,17 +482,25 @@ pub fn epilogue(
     let _ = writeln!(
         functions,
         "
-// the fused elementwise ops [{}] on the product's element i (value v)
-fn epilogue(v: f32, i: u32) -> f32 {{
-{body}    return {result};
+// the fused elementwise ops [{}] on the product's element i (value v){}
+fn epilogue({param}: f32, i: u32) -> f32 {{
+{store_kept}{body}    return {result};
 }}",
-        f.describe()
+        f.describe(),
+        if keep.is_some() {
+            ", the product kept"
+        } else {
+            ""
+        }
     );
     Epilogue {
         bindings,
         functions,
-        describe: f.describe(),
-        extra: inputs.len() - 1,
+        describe: match keep {
+            Some(_) => format!("keep,{}", f.describe()),
+            None => f.describe(),
+        },
+        extra: inputs.len() - 1 + keep.is_some() as usize,
     }
 }
 

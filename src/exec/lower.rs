@@ -1326,7 +1326,7 @@ pub(crate) fn residual_into_normalize_backward(
 /// input gradient (the weighted `NormalizeBackward`, with or without a residual) read the same
 /// `dy`, `x` and statistics, one kernel computes both: the input gradient's writes the sums
 /// in workgroups after its own (`NormalizeBackward::sums`, the sums node its last input, bound
-/// read_write) and the sums node keeps its storage but no kernel (`GroupSums::in_backward`):
+/// read_write) and the sums node keeps its storage but no kernel (`Op::Written`):
 /// one dispatch fewer per layer norm in training, and the two reductions side by side on the
 /// GPU. The sums node moves to just before the kernel, and what reads it there (its views, the
 /// blocks' reduction) to just after. Run last: no later pass may move a reader before it.
@@ -1343,7 +1343,7 @@ pub(crate) fn sums_in_normalize_backward(nodes: &mut [Node], order: &mut Vec<Nod
         }
         let operands = &nodes[nb.0].inputs[..3];
         let Some(s_pos) = order.iter().position(|&s| {
-            matches!(nodes[s.0].op, Op::GroupSums(g) if g.inner && !g.in_backward && g.eps == o.eps)
+            matches!(nodes[s.0].op, Op::GroupSums(g) if g.inner && g.eps == o.eps)
                 && nodes[s.0].inputs == operands
         }) else {
             continue;
@@ -1355,45 +1355,62 @@ pub(crate) fn sums_in_normalize_backward(nodes: &mut [Node], order: &mut Vec<Nod
         {
             continue;
         }
-        // what reads the sums (or reads what does) before the kernel moves after it: nothing
-        // that writes in place (its effect would move) and nothing the kernel reads
-        let mut after: Vec<NodeId> = Vec::new();
-        for &r in order.get(s_pos + 1..nb_pos).unwrap_or(&[]) {
-            if nodes[r.0]
-                .inputs
-                .iter()
-                .any(|x| *x == s || after.contains(x))
-            {
-                after.push(r);
-            }
-        }
-        let movable = |r: &NodeId| {
-            let n = &nodes[r.0];
-            let r_pos = order.iter().position(|o| o == r).unwrap_or(nb_pos);
-            n.op.binding_mode(n.inputs.len()) == (n.inputs.len(), true)
-                && !nodes[nb.0].inputs.contains(r)
-                && !n
-                    .inputs
-                    .iter()
-                    .any(|&x| written_between(nodes, order, x, r_pos, nb_pos))
-        };
-        if !after.iter().all(movable) {
+        // what reads the sums before the kernel moves after it
+        let Some(after) = readers_to_move(nodes, order, s, s_pos, nb_pos)
+            .filter(|after| !after.iter().any(|r| nodes[nb.0].inputs.contains(r)))
+        else {
             continue;
-        }
-        order.retain(|o| *o != s && !after.contains(o));
-        let at = order.iter().position(|&o| o == nb).unwrap_or(order.len());
-        order.insert(at, s);
-        for (k, &r) in after.iter().enumerate() {
-            order.insert(at + 2 + k, r);
-        }
-        i = at + 2 + after.len();
-        if let Op::GroupSums(g) = &mut nodes[s.0].op {
-            g.in_backward = true;
-        }
+        };
+        i = written_at(order, s, &after, nb);
+        let sums = std::mem::replace(&mut nodes[s.0].op, Op::Reshape);
+        nodes[s.0].op = Op::Written(Box::new(sums));
         let n = &mut nodes[nb.0];
         n.op = Op::NormalizeBackward(crate::ops::norm::NormalizeBackward { sums: true, ..o });
         n.inputs.push(s);
     }
+}
+
+/// The nodes of `order` strictly between positions `from` and `to` that read `v` or read what
+/// does, in order: what must move after the node at `to` where a rewrite has that node write
+/// `v` (`Op::Written`). `None` where one of them writes in place (its effect would move) or
+/// reads what a node before `to` writes in place.
+fn readers_to_move(
+    nodes: &[Node],
+    order: &[NodeId],
+    v: NodeId,
+    from: usize,
+    to: usize,
+) -> Option<Vec<NodeId>> {
+    let mut after: Vec<NodeId> = Vec::new();
+    for (r_pos, &r) in order.iter().enumerate().take(to).skip(from + 1) {
+        let n = &nodes[r.0];
+        if !n.inputs.iter().any(|x| *x == v || after.contains(x)) {
+            continue;
+        }
+        let pure = n.op.binding_mode(n.inputs.len()) == (n.inputs.len(), true);
+        if !pure
+            || n.inputs
+                .iter()
+                .any(|&x| written_between(nodes, order, x, r_pos, to))
+        {
+            return None;
+        }
+        after.push(r);
+    }
+    Some(after)
+}
+
+/// Places `v` (which `writer` writes) just before `writer` and `after` (its readers found by
+/// [`readers_to_move`]) just after, in their order; returns the position past them.
+fn written_at(order: &mut Vec<NodeId>, v: NodeId, after: &[NodeId], writer: NodeId) -> usize {
+    order.retain(|o| *o != v && !after.contains(o));
+    let at = order
+        .iter()
+        .position(|&o| o == writer)
+        .unwrap_or(order.len());
+    order.insert(at, v);
+    order.splice(at + 2..at + 2, after.iter().copied());
+    at + 2 + after.len()
 }
 
 /// Where a normalization's reductions over large groups would leave a large GPU mostly idle,
@@ -2054,7 +2071,11 @@ const MAX_STORAGE_BINDINGS: usize = 8;
 /// elementwise fusion, on products that kept the generated kernel (not split, not on tensor
 /// cores). A program reading the product transposed as `[M, B, HW] -> [B, M, HW]` (a folded
 /// permute) takes it too where the product runs tiled: the kernel stores each result at its
-/// transposed place (`MatMulEpilogue::transposed_store`).
+/// transposed place (`MatMulEpilogue::transposed_store`). Where other nodes read the product
+/// too, all of them after the program (a GELU's gradient reading its pre-activation), the
+/// kernel stores the product as well (`MatMulEpilogue::keep`; the product's node becomes
+/// `Op::Written`, placed with its reshapes just before the kernel): one kernel and one pass
+/// over the product fewer.
 pub(crate) fn fuse_matmul_epilogue(
     nodes: &mut [Node],
     order: &mut Vec<NodeId>,
@@ -2062,6 +2083,11 @@ pub(crate) fn fuse_matmul_epilogue(
     ch: &Choice,
 ) {
     let mut dropped = Vec::new();
+    // kept products, each to go just before its epilogue's kernel, and their readers before
+    // that kernel, to go just after it
+    let mut kept: Vec<(NodeId, Vec<NodeId>, NodeId)> = Vec::new();
+    // nodes a rewrite here changed or moves
+    let mut rewritten: Vec<NodeId> = Vec::new();
     for (pos, &id) in order.iter().enumerate() {
         let n = &nodes[id.0];
         let Some(program) = super::fuse::program_of(n) else {
@@ -2109,16 +2135,50 @@ pub(crate) fn fuse_matmul_epilogue(
                     && runs_tiled(&d, nodes[p.0].dtype, &in_dtypes, ch)
             }
         };
-        let Some(k) = n.inputs.iter().enumerate().position(|(j, &y)| {
-            product(y).is_some_and(|(p, _)| read_in_place(j, p))
+        let fits = |j: usize, y: NodeId| {
+            under_reshapes_of_product(nodes, y).is_some_and(|(p, _)| read_in_place(j, p))
                 && nodes[y.0].shape.numel() == n.shape.numel()
-                && !targets.contains(&y)
-                && readers(y) == 1
                 && n.inputs.iter().filter(|&&i| i == y).count() == 1
-        }) else {
+        };
+        // (not a product an earlier rewrite here moves: it would come back)
+        let alone = |y: NodeId| {
+            product(y).is_some_and(|(p, views)| {
+                !rewritten.contains(&p) && !views.iter().any(|v| rewritten.contains(v))
+            }) && !targets.contains(&y)
+                && readers(y) == 1
+        };
+        // else a product the kernel also stores: not transposed, no row sums past it; what
+        // reads it before this node (its reshapes, ..) moves after it, unless that was
+        // rewritten here already or this node reads it
+        let moving = |j: usize, y: NodeId| {
+            let (p, _) = under_reshapes_of_product(nodes, y)?;
+            let y_pos = order.iter().position(|&o| o == p)?;
+            let after = readers_to_move(nodes, order, p, y_pos, pos)?;
+            let clear = program.permuted_read(j).is_none()
+                && matches!(nodes[p.0].op, Op::MatMul(mm) if !mm.row_sums)
+                && !after
+                    .iter()
+                    .any(|r| rewritten.contains(r) || (*r != y && n.inputs.contains(r)));
+            clear.then_some(after)
+        };
+        let inputs = n.inputs.iter().copied().enumerate();
+        let Some((k, kept_readers)) = inputs
+            .clone()
+            .find(|&(j, y)| fits(j, y) && alone(y))
+            .map(|(j, _)| (j, None))
+            .or_else(|| {
+                inputs.clone().find_map(|(j, y)| {
+                    fits(j, y)
+                        .then(|| moving(j, y))
+                        .flatten()
+                        .map(|a| (j, Some(a)))
+                })
+            })
+        else {
             continue;
         };
-        let Some((y, view)) = product(n.inputs[k]) else {
+        let keep = kept_readers.is_some();
+        let Some((y, view)) = under_reshapes_of_product(nodes, n.inputs[k]) else {
             continue;
         };
         let (&Op::MatMul(mm), Some(d)) = (&nodes[y.0].op, dims(y)) else {
@@ -2144,7 +2204,7 @@ pub(crate) fn fuse_matmul_epilogue(
             uses_coop(&d, ch)
         };
         if (!half && !coop && gemm_config(&d, ch).is_none())
-            || product_inputs.len() + extras.len() + 1 > MAX_STORAGE_BINDINGS
+            || product_inputs.len() + extras.len() + 1 + keep as usize > MAX_STORAGE_BINDINGS
             || moved
         {
             continue;
@@ -2154,12 +2214,34 @@ pub(crate) fn fuse_matmul_epilogue(
             product: mm,
             program,
             product_input: k,
+            keep,
         });
         node.inputs = product_inputs.into_iter().chain(extras).collect();
-        dropped.push(y);
-        dropped.extend(view);
+        rewritten.push(id);
+        match kept_readers {
+            Some(after) => {
+                node.inputs.push(y);
+                nodes[y.0].op = Op::Written(Box::new(Op::MatMul(mm)));
+                rewritten.extend(after.iter().copied().chain([y]));
+                kept.push((y, after, id));
+            }
+            None => {
+                dropped.push(y);
+                dropped.extend(view);
+            }
+        }
     }
     order.retain(|id| !dropped.contains(id));
+    for (p, after, writer) in kept {
+        written_at(order, p, &after, writer);
+    }
+}
+
+/// The product under `y`'s reshapes (`y` itself or what they view) and those reshapes, where
+/// it is a `MatMul`.
+fn under_reshapes_of_product(nodes: &[Node], y: NodeId) -> Option<(NodeId, Vec<NodeId>)> {
+    let (views, p) = under_reshapes(nodes, y);
+    matches!(nodes[p.0].op, Op::MatMul(_)).then_some((p, views))
 }
 
 /// Where only products read a narrow of a tensor's last axis that is no view (an LSTM's last
@@ -2773,7 +2855,7 @@ pub(crate) fn select(
                 let mut shapes: Vec<&Shape> = inputs[2..1 + o.scale_inputs].to_vec();
                 let one = Shape(vec![1]);
                 shapes.insert(e.reduced, &one);
-                elementwise::epilogue(&e.program, e.reduced, &shapes, &one, 2, DType::F32)
+                elementwise::epilogue(&e.program, e.reduced, &shapes, &one, 2, DType::F32, None)
             });
         let scale = match &o.scale_from {
             Some(_) => crate::codegen::optim::Scale::Sum {
@@ -2879,10 +2961,18 @@ pub(crate) fn select(
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
             let np = e.product_inputs();
-            let mut shapes: Vec<&Shape> = inputs[np..].to_vec();
+            let mut shapes: Vec<&Shape> = inputs[e.program_inputs(inputs.len())].to_vec();
             shapes.insert(e.product_input, out);
-            let epi =
-                elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, DType::F32);
+            let keep = e.keep.then_some(DType::F32);
+            let epi = elementwise::epilogue(
+                &e.program,
+                e.product_input,
+                &shapes,
+                out,
+                np,
+                DType::F32,
+                keep,
+            );
             let transposed = e.transposed_store();
             assert!(
                 !(e.product.tiled_only() || transposed.is_some())
@@ -2930,6 +3020,7 @@ pub(crate) fn select(
                         out,
                         e.prologue_inputs,
                         DType::F32,
+                        None,
                     );
                     elementwise::reduce_with_epilogue(inputs[0], spec, &epi)
                 }
@@ -3101,9 +3192,12 @@ fn select_f16(
                 .dims(inputs[0], inputs[1])
                 .expect("shape checked at build time");
             let np = e.product_inputs();
-            let mut shapes: Vec<&Shape> = inputs[np..].to_vec();
+            let mut shapes: Vec<&Shape> = inputs[e.program_inputs(inputs.len())].to_vec();
             shapes.insert(e.product_input, out);
-            let epi = elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, dtype);
+            // the kept product in its own type
+            let keep = e.keep.then(|| in_dtypes[in_dtypes.len() - 1]);
+            let epi =
+                elementwise::epilogue(&e.program, e.product_input, &shapes, out, np, dtype, keep);
             let transposed = e.transposed_store();
             assert!(
                 !(e.product.tiled_only() || transposed.is_some())
@@ -3919,9 +4013,40 @@ mod tests {
             let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
             let merged = |op: &Op| matches!(op, Op::NormalizeBackward(n) if n.sums && n.residual == residual);
             assert!(has(&nodes, &order, &merged), "{rows} {residual}");
-            let sums_kernel = |op: &Op| matches!(op, Op::GroupSums(s) if !s.in_backward);
+            let sums_kernel = |op: &Op| matches!(op, Op::GroupSums(_));
             assert!(!has(&nodes, &order, &sums_kernel), "{rows} {residual}");
         }
+        // a feed-forward layer's GELU after its product, whose gradient reads the product: the
+        // epilogue's kernel stores it (its reshape and its readers placed after the kernel)
+        let g = Graph::new();
+        let x = g.input("x", [2, 3, 4]);
+        let (w, b) = (g.input("w", [6, 4]), g.input("b", [6]));
+        let rows = g.reshape(x, &[6, 4]).unwrap();
+        let u = g
+            .matmul_fused(rows, w, false, true, Some((b, Bias::Cols)), false)
+            .unwrap();
+        let y = g
+            .dropout(
+                g.gelu(g.reshape(u, &[2, 3, 6]).unwrap()).unwrap(),
+                0.3,
+                g.input("s", [1]),
+                4,
+            )
+            .unwrap();
+        let loss = g
+            .sum_all(g.mul(y, g.constant(rand(&[2, 3, 6], 35))).unwrap())
+            .unwrap();
+        let mut outs = vec![y];
+        outs.extend(g.grad(loss, &[x, w, b]).unwrap());
+        let feeds = [
+            ("x", rand(&[2, 3, 4], 36)),
+            ("w", rand(&[6, 4], 37)),
+            ("b", rand(&[6], 38)),
+            ("s", Tensor::new([1], vec![12.0]).unwrap()),
+        ];
+        let (nodes, order) = evaluates_as_the_graph(&g, &outs, &feeds);
+        let kept = |op: &Op| matches!(op, Op::MatMulEpilogue(e) if e.keep);
+        assert!(has(&nodes, &order, &kept));
     }
 
     /// A training batch norm's statistics kernel moves the running statistics itself (no

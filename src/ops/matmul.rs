@@ -606,12 +606,16 @@ impl SplitKSum {
 /// A product and the fused elementwise program that is its only reader, as one kernel (made by
 /// the plan compiler: the product's result goes through the program in registers instead of
 /// through memory). Inputs: `a`, `b`, the bias when the product has one, then the program's
-/// other inputs in order; the program's input `product_input` is the product.
+/// other inputs in order; the program's input `product_input` is the product. With `keep`, a
+/// last input: the product's own node (`Op::Written`), which other nodes read too (the
+/// pre-activation a GELU's gradient needs), bound read_write: the kernel stores the product
+/// there as well as the program's result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MatMulEpilogue {
     pub product: MatMul,
     pub program: super::fused::Fused,
     pub product_input: usize,
+    pub keep: bool,
 }
 
 impl MatMulEpilogue {
@@ -631,11 +635,17 @@ impl MatMulEpilogue {
             .map(|p| p.in_dims.get(2).copied().unwrap_or(1))
     }
 
+    /// The program's inputs but the product, among the node's: from
+    /// [`Self::product_inputs`] to the kept product (where there is one).
+    pub fn program_inputs(&self, n_inputs: usize) -> std::ops::Range<usize> {
+        self.product_inputs()..n_inputs - self.keep as usize
+    }
+
     /// CPU reference: the product with its own epilogue, then the program.
     pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
         let np = self.product_inputs();
         let y = self.product.cpu_node(&inputs[..np], out);
-        let mut args: Vec<&Tensor> = inputs[np..].to_vec();
+        let mut args: Vec<&Tensor> = inputs[self.program_inputs(inputs.len())].to_vec();
         args.insert(self.product_input, &y);
         self.program.cpu(&args, out)
     }

@@ -183,6 +183,12 @@ pub enum Op {
     Attention(attention::Attention),
     /// One kernel of its backward (see `ops::attention::GradPart`).
     AttentionGrad(attention::AttentionGrad),
+    /// The wrapped op's value (its inputs, its CPU reference), written by the kernel of a later
+    /// node that takes this one as its last input, bound read_write, instead of by a kernel of
+    /// its own (made by the plan compiler: a layer norm's parameter sums by its input
+    /// gradient's kernel, `exec::lower::sums_in_normalize_backward`; a product by the kernel of
+    /// the epilogue it feeds, `exec::lower::fuse_matmul_epilogue`).
+    Written(Box<Op>),
 }
 
 /// A specialised kernel launch: which WGSL entry point, with which override constants, over how many
@@ -227,6 +233,7 @@ impl Op {
     /// Short op name used in shape errors, debug dumps and verify reports.
     pub fn name(&self) -> &'static str {
         match self {
+            Op::Written(op) => op.name(),
             Op::Input { .. } => "input",
             Op::Param { .. } => "param",
             Op::Const { .. } => "const",
@@ -378,6 +385,8 @@ impl Op {
             Op::SumSquares(s) if s.chained => (n_inputs - 1, false),
             // the parameter gradients it writes besides its output
             Op::NormalizeBackward(n) if n.sums => (n_inputs - 1, true),
+            // the product it stores besides its epilogue's result
+            Op::MatMulEpilogue(e) if e.keep => (n_inputs - 1, true),
             _ => (n_inputs, true),
         }
     }
@@ -515,6 +524,7 @@ impl Op {
     /// The CPU reference: computes this op from its input values. Sources are not evaluated here.
     pub fn cpu_forward(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
         match self {
+            Op::Written(op) => op.cpu_forward(inputs, out),
             Op::MatMul(m) => m.cpu_node(inputs, out),
             Op::MatMulPartial(p) => p.cpu(inputs, out),
             Op::SplitKSum(s) => s.cpu(inputs[0], inputs.get(1).copied(), out),
@@ -662,9 +672,9 @@ impl Op {
             Op::NormalizeBackward(n) => {
                 Some(n.kernel(inputs[0], n.sums.then(|| inputs[inputs.len() - 1])))
             }
-            // written by the layer norm's backward kernel that reads it
-            Op::GroupSums(s) if s.in_backward => None,
             Op::GroupSums(s) => Some(s.kernel(inputs[0])),
+            // written by the kernel of the node that reads it
+            Op::Written(_) => None,
             Op::NormalizeAffineBackward(n) => Some(n.affine_kernel(inputs[0], inputs[4])),
             Op::Attention(a) => Some(a.kernel(inputs, target)),
             Op::AttentionGrad(a) => Some(a.kernel(inputs, target)),
@@ -746,7 +756,8 @@ impl Op {
             | Op::GruBackward(_)
             | Op::RnnBackward(_)
             | Op::EmbeddingBackward(_)
-            | Op::EmbeddingRows(_) => {
+            | Op::EmbeddingRows(_)
+            | Op::Written(_) => {
                 return Err(crate::error::Error::Unsupported(format!(
                     "gradients through {}",
                     self.name()
@@ -766,6 +777,7 @@ impl Op {
         let first = inputs.first().copied().unwrap_or_default();
         let err = |why: String| Err(crate::error::shape_err(self.name(), why));
         match self {
+            Op::Written(op) => op.result_dtype(inputs),
             Op::Cast(c) => Ok(c.to),
             Op::MatMul(_)
             | Op::Unary(_)
@@ -913,6 +925,7 @@ impl Op {
     /// How closely the GPU must match the CPU reference for this op alone.
     pub fn tolerance(&self) -> Tolerance {
         match self {
+            Op::Written(op) => op.tolerance(),
             Op::MatMul(_)
             | Op::MatMulPartial(_)
             | Op::SplitKSum(_)

@@ -590,7 +590,6 @@ impl Normalize {
                 eps: self.eps,
                 inner: self.inner,
                 blocks: 1,
-                in_backward: false,
             }),
             vec![dy, x[0], x[1]],
             Shape::from(vec![2, sums_row(per)]),
@@ -640,17 +639,15 @@ pub fn sums_row(per: usize) -> usize {
 /// (zeros after the sums): `(2, sums_row(GROUPS or INNER))`. With `blocks > 1` (made by the
 /// plan compiler, `exec::lower::split_group_reductions`): the partial sums of each of `blocks`
 /// blocks of [`GroupSums::block_len`] rows (with `inner`) or elements of every group,
-/// `(blocks, 2, sums_row(..))`, for a reduction to add up. With `in_backward` (made by the
-/// plan compiler, `exec::lower::sums_in_normalize_backward`): no kernel of its own; the
-/// weighted [`NormalizeBackward`] of the same `dy`, `x` and statistics writes the sums (a layer
-/// norm's parameter gradients) in workgroups after its own, reading this node as its last
-/// input, bound read_write.
+/// `(blocks, 2, sums_row(..))`, for a reduction to add up. As `Op::Written` (a layer norm's,
+/// made by the plan compiler: `exec::lower::sums_in_normalize_backward`), no kernel of its
+/// own: the weighted [`NormalizeBackward`] of the same `dy`, `x` and statistics writes the sums
+/// in workgroups after its own.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GroupSums {
     pub eps: f32,
     pub inner: bool,
     pub blocks: usize,
-    pub in_backward: bool,
 }
 
 /// Rows of a layer norm's gradient that one block of `inner_sums` takes where the plan compiler
@@ -730,8 +727,8 @@ impl GroupSums {
     }
 
     /// Kernel: [`threads_per_group`] threads per group (and the padding's groups); with
-    /// `inner`, a workgroup per 64 positions of a row and block of rows (with `in_backward`,
-    /// the workgroups [`NormalizeBackward::kernel`] adds).
+    /// `inner`, a workgroup per 64 positions of a row and block of rows (as `Op::Written`, the
+    /// workgroups [`NormalizeBackward::kernel`] adds).
     pub fn kernel(&self, dy: &Shape) -> KernelSpec {
         let (_, groups, inner) = split3(dy);
         if self.inner {
@@ -774,8 +771,8 @@ impl GroupSums {
 /// made by the plan compiler: `exec::lower::channels_first_normalize_backward`): `dx` is stored
 /// as `(GROUPS, OUTER, INNER)`, the layout a convolution's backward reads its output gradient
 /// in, without a permute after it. `sums` (weighted only, made by the plan compiler:
-/// `exec::lower::sums_in_normalize_backward`): a last input, the [`GroupSums`] (`inner`, its
-/// `in_backward` set) of the same `dy`, `x` and statistics, which this kernel writes in
+/// `exec::lower::sums_in_normalize_backward`): a last input, the [`GroupSums`] (`inner`, as
+/// `Op::Written`) of the same `dy`, `x` and statistics, which this kernel writes in
 /// workgroups after its own (bound read_write): a layer norm's backward in one kernel.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NormalizeBackward {
@@ -911,7 +908,6 @@ impl NormalizeBackward {
                 } else {
                     1
                 },
-                in_backward: true,
             };
             let columns = s.kernel(dxhat);
             k.workgroups += columns.workgroups;
