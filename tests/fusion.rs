@@ -411,7 +411,8 @@ fn dropout_fuses_in_f16_graphs() {
 }
 
 /// A reshape of a chain's element count is read through: the chain before it and after it run
-/// as one kernel (dropout keyed by the shared element index), and a product read through
+/// as one kernel (dropout keyed by the shared element index; inputs broadcast at the shape
+/// their step has, on either side of the reshape), and a product read through
 /// reshapes takes the whole program as its epilogue (a linear layer's gradient on (B, L, E):
 /// dropout's mask on (B, L, F), relu's on [B*L, F]).
 #[test]
@@ -430,6 +431,35 @@ fn full_size_reshapes_are_read_through() {
         .mul(g.reshape(g.exp(h).unwrap(), &[210]).unwrap(), y)
         .unwrap();
     let info = check_on(&dev, "chain", &g, &[z], &f, TOL_ELEMENTWISE);
+    assert_eq!(info.dispatches, 1, "{info}");
+
+    // operands broadcast before the reshape broadcast at the shape they meet there, (8, 2),
+    // not the output's (16, 1): a (1, 2) row, a value computed from it (exp, broadcast into
+    // the add) and a (1, 1) read both before and after the reshape (a max's gradient over a
+    // reshaped tensor divides by a (1, 2) count so; found by tests/random_graphs.rs)
+    let g = Graph::new();
+    let x = g.input("x0", [8, 2]);
+    let c = g.input("x1", [1, 2]);
+    let s = g.input("x2", [1, 1]);
+    let y = g.input("x3", [16, 1]);
+    let f = feeds(&[&[8, 2], &[1, 2], &[1, 1], &[16, 1]]);
+    let h = g.add(
+        g.div(x, g.add_scalar(g.abs(c).unwrap(), 1.0).unwrap())
+            .unwrap(),
+        g.exp(c).unwrap(),
+    );
+    let h = g.mul(h.unwrap(), s).unwrap();
+    let z = g
+        .mul(g.reshape(h, &[16, 1]).unwrap(), g.add(y, s).unwrap())
+        .unwrap();
+    let info = check_on(
+        &dev,
+        "broadcasts before a reshape",
+        &g,
+        &[z],
+        &f,
+        TOL_ELEMENTWISE,
+    );
     assert_eq!(info.dispatches, 1, "{info}");
 
     let tol = kiln::ops::TOL_REDUCTION;

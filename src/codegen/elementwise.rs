@@ -157,7 +157,7 @@ fn enable(types: &[DType]) -> &'static str {
 fn wgsl_as(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) -> String {
     let n = out.numel();
     let n_in = inputs.len();
-    let strides = input_strides(f, inputs, out);
+    let reads = input_reads(f, inputs, out);
 
     let mut s = String::new();
     let _ = writeln!(
@@ -172,7 +172,21 @@ fn wgsl_as(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) ->
         let _ = writeln!(s, "//   {}", show_step(k, &st.op, &st.args));
     }
     let _ = writeln!(s, "//\n// Bindings (group 0):");
-    for (k, (shape, st)) in inputs.iter().zip(&strides).enumerate() {
+    for (k, (shape, at)) in inputs.iter().zip(&reads).enumerate() {
+        let strided: Vec<String> = at
+            .iter()
+            .filter_map(|r| {
+                let st = r.strides.as_ref()?;
+                Some(match r.shape == *out {
+                    true => format!("element strides {st:?} per output axis"),
+                    false => format!(
+                        "element strides {st:?} per axis of {} (a reshape read through)",
+                        r.shape
+                    ),
+                })
+            })
+            .collect();
+        let st = (!strided.is_empty()).then(|| strided.join(", "));
         let how = match (f.permuted_read(k), f.gathered_read(k), st) {
             (Some(p), _, _) => format!(
                 "read as permute({:?}, {:?}) (a folded transpose)",
@@ -185,7 +199,7 @@ fn wgsl_as(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) ->
             (None, None, _) if f.only_indices(k) => "indices of a folded lookup".to_string(),
             (None, None, _) if f.rounds(k) => "rounded to f16 on load (a folded cast)".to_string(),
             (None, None, None) => "contiguous".to_string(),
-            (None, None, Some(st)) => format!("element strides {st:?} per output axis"),
+            (None, None, Some(st)) => st,
         };
         let _ = writeln!(
             s,
@@ -259,110 +273,120 @@ fn program_body(
     out: &Shape,
     load: &dyn Fn(usize, &str) -> String,
 ) -> (String, String) {
-    let dims = out.dims();
-    let strides = input_strides(f, inputs, out);
-    // coordinates are needed from the innermost axis out to the outermost one a broadcast input
-    // moves along (axes of extent 1 have coordinate 0 and are skipped)
-    let outermost = strides
-        .iter()
-        .flatten()
-        .filter_map(|st| (0..dims.len()).find(|&ax| st[ax] != 0 && dims[ax] > 1))
-        .min();
+    let reads = input_reads(f, inputs, out);
+    // the shapes broadcast inputs are read at (the output's first), each with its coordinates'
+    // names: c<axis>, c<t>_<axis> for the t-th other shape
+    let mut spaces: Vec<&Shape> = vec![out];
+    for r in reads.iter().flatten().filter(|r| r.strides.is_some()) {
+        if !spaces.contains(&&r.shape) {
+            spaces.push(&r.shape);
+        }
+    }
+    let coord = |t: usize, ax: usize| match t {
+        0 => format!("c{ax}"),
+        t => format!("c{t}_{ax}"),
+    };
     let mut s = String::new();
-    if let Some(outer) = outermost {
+    for (t, space) in spaces.iter().enumerate() {
+        let dims = space.dims();
+        // coordinates are needed from the innermost axis out to the outermost one a broadcast
+        // input moves along (axes of extent 1 have coordinate 0 and are skipped)
+        let outermost = reads
+            .iter()
+            .flatten()
+            .filter(|r| r.shape == **space)
+            .filter_map(|r| r.strides.as_ref())
+            .filter_map(|st| (0..dims.len()).find(|&ax| st[ax] != 0 && dims[ax] > 1))
+            .min();
+        let Some(outer) = outermost else {
+            continue;
+        };
+        let (r, what) = match t {
+            0 => ("r".to_string(), "output coordinates".to_string()),
+            t => (
+                format!("r{t}"),
+                format!("coordinates in {space} (a reshape read through)"),
+            ),
+        };
         let _ = writeln!(
             s,
-            "    // output coordinates, innermost axis first, out to axis {outer}\n    var r = i;"
+            "    // {what}, innermost axis first, out to axis {outer}\n    var {r} = i;"
         );
         for ax in (outer..dims.len()).rev() {
             if dims[ax] == 1 {
                 continue;
             }
+            let c = coord(t, ax);
             if ax == outer {
-                let _ = writeln!(s, "    let c{ax} = r % {}u;", dims[ax]);
+                let _ = writeln!(s, "    let {c} = {r} % {}u;", dims[ax]);
             } else {
-                let _ = writeln!(s, "    let c{ax} = r % {0}u; r = r / {0}u;", dims[ax]);
+                let _ = writeln!(s, "    let {c} = {r} % {0}u; {r} = {r} / {0}u;", dims[ax]);
             }
         }
     }
-    for (k, st) in strides.iter().enumerate() {
-        let index = match st {
-            None => "i".to_string(),
-            Some(st) => {
-                let terms: Vec<String> = (0..dims.len())
-                    .filter(|&ax| st[ax] != 0 && dims[ax] > 1)
-                    .map(|ax| match st[ax] {
-                        1 => format!("c{ax}"),
-                        m => format!("c{ax} * {m}u"),
-                    })
-                    .collect();
-                if terms.is_empty() {
-                    "0u".to_string()
-                } else {
-                    terms.join(" + ")
-                }
-            }
-        };
-        let index = match f.permuted_read(k) {
-            Some(p) => permuted_index(p),
-            None => index,
-        };
+    // input k's value as read at shape `shape`: a<k>, or a<k>_<q> for its q-th read shape
+    let value = |k: usize, shape: &Shape| -> String {
+        let q = reads[k].iter().position(|r| r.shape == *shape).unwrap_or(0);
+        match reads[k].len() {
+            1 => format!("a{k}"),
+            _ => format!("a{k}_{q}"),
+        }
+    };
+    for (k, at) in reads.iter().enumerate() {
         if f.only_indices(k) {
             continue;
         }
-        match f.gathered_read(k) {
-            // embedding.wgsl's lookup of the lookup's element m: the index clamped before the
-            // read, NaN where it names no row (made at run time: a constant NaN is a
-            // shader-creation error in WGSL)
-            Some(g) => {
-                let (w, rows) = (g.width, g.rows);
-                let _ = writeln!(
-                    s,
-                    "    let m{k} = {index};
-    let q{k} = {};
-    let ok{k} = q{k} >= 0.0 && q{k} < {rows}.0 && q{k} == floor(q{k});
-    let a{k} = select({}, {}, ok{k});",
-                    load(g.indices, &format!("m{k} / {w}u")),
-                    format_args!("bitcast<f32>(0x7fc00000u | (m{k} & 0u))"),
-                    load(
-                        k,
-                        &format!(
-                            "min(u32(select(0.0, q{k}, ok{k})), {}u) * {w}u + m{k} % {w}u",
-                            rows - 1
-                        )
-                    ),
-                );
-            }
-            None => {
-                let _ = writeln!(s, "    let a{k} = {};", load(k, &index));
-            }
+        for r in at {
+            let a = value(k, &r.shape);
+            let t = spaces.iter().position(|sp| **sp == r.shape).unwrap_or(0);
+            let dims = r.shape.dims();
+            let index = match (&r.strides, f.permuted_read(k)) {
+                (_, Some(p)) => permuted_index(p),
+                (None, None) => "i".to_string(),
+                (Some(st), None) => {
+                    let terms: Vec<String> = (0..dims.len())
+                        .filter(|&ax| st[ax] != 0 && dims[ax] > 1)
+                        .map(|ax| match st[ax] {
+                            1 => coord(t, ax),
+                            m => format!("{} * {m}u", coord(t, ax)),
+                        })
+                        .collect();
+                    if terms.is_empty() {
+                        "0u".to_string()
+                    } else {
+                        terms.join(" + ")
+                    }
+                }
+            };
+            read_input(&mut s, f, k, &a, &index, load);
         }
     }
-    let operand = |a: &Operand| match a {
-        Operand::Input(i) => format!("a{i}"),
+    let operand = |a: &Operand, shape: &Shape| match a {
+        Operand::Input(i) => value(*i, shape),
         Operand::Step(j) => format!("v{j}"),
     };
+    let space = step_spaces(f, out);
     for (k, st) in f.steps.iter().enumerate() {
         let call = match st.op {
             StepOp::Unary(u) => {
                 let (op, alpha) = u.code();
                 format!(
                     "unary_op({op}u, {}, {})",
-                    operand(&st.args[0]),
+                    operand(&st.args[0], space[k]),
                     f32_literal(alpha)
                 )
             }
             StepOp::Binary(b) => format!(
                 "binary_op({}u, {}, {})",
                 b.code(),
-                operand(&st.args[0]),
-                operand(&st.args[1])
+                operand(&st.args[0], space[k]),
+                operand(&st.args[1], space[k])
             ),
             // keyed by the element index: the fuser keeps dropout at the program's shape
             StepOp::Dropout(d) => format!(
                 "dropout_op({}, {}, i, {}u, {}, {}u)",
-                operand(&st.args[0]),
-                operand(&st.args[1]),
+                operand(&st.args[0], space[k]),
+                operand(&st.args[1], space[k]),
                 d.threshold(),
                 f32_literal(d.scale()),
                 d.salt
@@ -378,16 +402,97 @@ fn program_body(
     (s, result)
 }
 
-/// Each input's element strides per output axis (0 where it broadcasts), `None` for an input
-/// with as many elements as the output (the output's own contiguous order) and for a folded
-/// lookup's indices (read at the lookup's element); a folded lookup broadcasts the lookup's
+/// The statement reading input `k` into `a` at `index`: `load(k, index)`, or for a folded
+/// lookup the table's row its index names (NaN where it names none).
+fn read_input(
+    s: &mut String,
+    f: &Fused,
+    k: usize,
+    a: &str,
+    index: &str,
+    load: &dyn Fn(usize, &str) -> String,
+) {
+    match f.gathered_read(k) {
+        // embedding.wgsl's lookup of the lookup's element m: the index clamped before the
+        // read, NaN where it names no row (made at run time: a constant NaN is a
+        // shader-creation error in WGSL)
+        Some(g) => {
+            let (w, rows) = (g.width, g.rows);
+            let _ = writeln!(
+                s,
+                "    let m{a} = {index};
+    let q{a} = {};
+    let ok{a} = q{a} >= 0.0 && q{a} < {rows}.0 && q{a} == floor(q{a});
+    let {a} = select({}, {}, ok{a});",
+                load(g.indices, &format!("m{a} / {w}u")),
+                format_args!("bitcast<f32>(0x7fc00000u | (m{a} & 0u))"),
+                load(
+                    k,
+                    &format!(
+                        "min(u32(select(0.0, q{a}, ok{a})), {}u) * {w}u + m{a} % {w}u",
+                        rows - 1
+                    )
+                ),
+            );
+        }
+        None => {
+            let _ = writeln!(s, "    let {a} = {};", load(k, index));
+        }
+    }
+}
+
+/// The shape each step is computed at per output element: its own where it has the output's
+/// element count (a reshape read through may make it another than the output's), else (a
+/// value broadcast into a later step) its reader's, which its shape broadcasts to (the fuser
+/// reads through full-size reshapes only).
+fn step_spaces<'a>(f: &'a Fused, out: &'a Shape) -> Vec<&'a Shape> {
+    let mut space: Vec<&Shape> = vec![out; f.steps.len()];
+    for j in (0..f.steps.len()).rev() {
+        space[j] = if f.steps[j].shape.numel() == out.numel() {
+            &f.steps[j].shape
+        } else {
+            (j + 1..f.steps.len())
+                .find(|&r| f.steps[r].args.contains(&Operand::Step(j)))
+                .map_or(out, |r| space[r])
+        };
+    }
+    space
+}
+
+/// One way a program reads an input: at `shape`, the shape of the steps reading it (a reshape
+/// read through gives the steps before it a shape of their own, in the output's element
+/// order), with its element strides per axis of that shape (0 where it broadcasts), `None`
+/// where it has as many elements (read at the element's index) or is a folded lookup's indices.
+struct InputRead {
+    shape: Shape,
+    strides: Option<Vec<usize>>,
+}
+
+/// Each input's reads, one per shape its steps read it at (the output's where none does: a
+/// program without steps, a folded lookup's indices); a folded lookup broadcasts the lookup's
 /// shape, not its table's.
-fn input_strides(f: &Fused, inputs: &[&Shape], out: &Shape) -> Vec<Option<Vec<usize>>> {
+fn input_reads(f: &Fused, inputs: &[&Shape], out: &Shape) -> Vec<Vec<InputRead>> {
+    let space = step_spaces(f, out);
     (0..inputs.len())
         .map(|k| {
             let seen = f.gathered_read(k).map_or(inputs[k], |g| &g.shape);
-            (seen.numel() != out.numel() && !f.only_indices(k))
-                .then(|| broadcast_strides(seen, out))
+            let mut shapes: Vec<&Shape> = Vec::new();
+            for (st, &at) in f.steps.iter().zip(&space) {
+                if st.args.contains(&Operand::Input(k)) && !shapes.contains(&at) {
+                    shapes.push(at);
+                }
+            }
+            if shapes.is_empty() {
+                shapes.push(out);
+            }
+            shapes
+                .into_iter()
+                .map(|shape| InputRead {
+                    shape: shape.clone(),
+                    strides: (seen.numel() != shape.numel() && !f.only_indices(k))
+                        .then(|| broadcast_strides(seen, shape)),
+                })
+                .collect()
         })
         .collect()
 }

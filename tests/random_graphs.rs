@@ -1,0 +1,358 @@
+//! Random programs through the whole plan compiler: `proptest` builds small graphs from a
+//! vocabulary of ops (elementwise ops and broadcasts, linear layers with bias and relu, products
+//! of two computed tensors in every transpose, reductions, softmax, layer norm, transposes,
+//! dropout, narrows, concatenations, reshapes, cross-entropy), asks for some of their nodes
+//! and, half the time, for the
+//! gradients of a random projection of them with respect to every input; the GPU plan (every
+//! rewrite of `exec::lower` and `exec::fuse` that applies: epilogues, kept products, operand
+//! dropout, row sums, strided operands, a layer norm's backward in one kernel, ..), its outputs
+//! poisoned with NaN, must give what the CPU reference gives. The runner's seed is fixed, so
+//! CI sees the same cases every run; `PROPTEST_CASES` asks for more and `KILN_PROPTEST_SEED`
+//! (a number) for other ones (a failure prints the shrunk program).
+
+mod common;
+
+use kiln::{Graph, NodeId, Tensor};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+/// One step of a program; each names its operands by index into the values made so far (modulo
+/// their count) and is skipped where their shapes do not fit.
+#[derive(Debug, Clone)]
+enum Step {
+    /// relu, tanh, sigmoid, gelu, silu, softplus, abs or neg.
+    Unary(u8, u8),
+    /// add, sub, mul or maximum of two values of one shape, or one broadcast over the other.
+    Binary(u8, u8, u8),
+    /// `x * s` or `x + s` with `s` in [-2, 2).
+    Scalar(u8, u8, i8),
+    /// `x W^T + b` (or `x W`), a new input `W` with one of a few widths, relu or not.
+    Linear {
+        src: u8,
+        width: u8,
+        bias: bool,
+        relu: bool,
+        trans: bool,
+    },
+    /// The product of two values, transposed as their shapes allow.
+    Product(u8, u8),
+    /// sum, mean or max over an axis, kept or not.
+    Reduce(u8, u8, bool, bool),
+    /// softmax or log-softmax over the last axis.
+    Softmax(u8, bool),
+    /// layer norm over the last axis, with weight and bias inputs or not; eps 0.1, so that a
+    /// row of rounding noise (the sums of a normalized row, say) is not scaled up to values of
+    /// its own.
+    LayerNorm(u8, bool),
+    Transpose(u8),
+    /// dropout with p = 0.3 and this salt.
+    Dropout(u8, u8),
+    /// a narrow of either axis: start and length as fractions of 256.
+    Narrow(u8, bool, u8, u8),
+    /// two values joined along an axis.
+    Concat(u8, u8, bool),
+    /// a reshape of `(R, C)` to `(R * C / d, d)`, `d` one of C's multiples or divisors.
+    Reshape(u8, u8),
+    /// the cross-entropy of `(N, C)` logits with a new input of labels (valid ones: a bad label
+    /// makes the loss NaN, which WGSL need not carry through a product with 0).
+    CrossEntropy(u8),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let i = any::<u8>;
+    prop_oneof![
+        3 => (0u8..8, i()).prop_map(|(k, s)| Step::Unary(k, s)),
+        3 => (0u8..4, i(), i()).prop_map(|(k, a, b)| Step::Binary(k, a, b)),
+        1 => (0u8..2, i(), -4i8..4).prop_map(|(k, s, v)| Step::Scalar(k, s, v)),
+        3 => (i(), 0u8..6, any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(src, width, bias, relu, trans)| Step::Linear { src, width, bias, relu, trans }
+        ),
+        2 => (i(), i()).prop_map(|(a, b)| Step::Product(a, b)),
+        2 => (0u8..3, i(), any::<bool>(), any::<bool>())
+            .prop_map(|(k, s, axis, keep)| Step::Reduce(k, s, axis, keep)),
+        1 => (i(), any::<bool>()).prop_map(|(s, log)| Step::Softmax(s, log)),
+        2 => (i(), any::<bool>()).prop_map(|(s, affine)| Step::LayerNorm(s, affine)),
+        1 => i().prop_map(Step::Transpose),
+        1 => (i(), i()).prop_map(|(s, salt)| Step::Dropout(s, salt)),
+        1 => (i(), any::<bool>(), i(), i()).prop_map(|(s, a, st, l)| Step::Narrow(s, a, st, l)),
+        1 => (i(), i(), any::<bool>()).prop_map(|(a, b, axis)| Step::Concat(a, b, axis)),
+        1 => (i(), i()).prop_map(|(a, d)| Step::Reshape(a, d)),
+        1 => i().prop_map(Step::CrossEntropy),
+    ]
+}
+
+/// Extents of inputs and weights: 1, primes, a tile's 64 and others around the kernels' tiles.
+const DIMS: [usize; 8] = [1, 3, 4, 5, 8, 13, 16, 64];
+
+/// A program: its inputs' shapes, its steps, which values it asks for (indices, modulo) and
+/// whether it asks for the gradients too.
+#[derive(Debug, Clone)]
+struct Program {
+    inputs: Vec<(usize, usize)>,
+    steps: Vec<Step>,
+    outputs: Vec<u8>,
+    gradients: bool,
+}
+
+fn program() -> impl Strategy<Value = Program> {
+    let dim = || (0..DIMS.len()).prop_map(|k| DIMS[k]);
+    (
+        prop::collection::vec((dim(), dim()), 1..3),
+        prop::collection::vec(step(), 1..9),
+        prop::collection::vec(any::<u8>(), 1..3),
+        any::<bool>(),
+    )
+        .prop_map(|(inputs, steps, outputs, gradients)| Program {
+            inputs,
+            steps,
+            outputs,
+            gradients,
+        })
+}
+
+/// The graph of a program: what it asks for, and its feeds.
+struct Built {
+    g: Graph,
+    outputs: Vec<NodeId>,
+    feeds: Vec<(String, Tensor)>,
+}
+
+fn build(p: &Program) -> Built {
+    let g = Graph::new();
+    let mut feeds: Vec<(String, Tensor)> = Vec::new();
+    let mut inputs: Vec<NodeId> = Vec::new();
+    let input = |g: &Graph, feeds: &mut Vec<(String, Tensor)>, shape: &[usize]| {
+        let name = format!("in{}", feeds.len());
+        let t = common::rand(shape, 1 + feeds.len() as u64);
+        let id = g.input(&name, shape);
+        feeds.push((name, t));
+        id
+    };
+    for &(r, c) in &p.inputs {
+        inputs.push(input(&g, &mut feeds, &[r, c]));
+    }
+    let seed = g.input("seed", [1]);
+    feeds.push(("seed".into(), Tensor::new([1], vec![1234.0]).unwrap()));
+    let mut vals: Vec<NodeId> = inputs.clone();
+    let dims = |id: NodeId| g.shape(id).dims().to_vec();
+    for s in &p.steps {
+        let pick = |k: u8| vals[k as usize % vals.len()];
+        let made = match *s {
+            Step::Unary(k, a) => {
+                let x = pick(a);
+                match k {
+                    0 => g.relu(x),
+                    1 => g.tanh(x),
+                    2 => g.sigmoid(x),
+                    3 => g.gelu(x),
+                    4 => g.silu(x),
+                    5 => g.softplus(x),
+                    6 => g.abs(x),
+                    _ => g.neg(x),
+                }
+                .ok()
+            }
+            Step::Binary(k, a, b) => {
+                let (x, y) = (pick(a), pick(b));
+                let (dx, dy) = (dims(x), dims(y));
+                // one shape, or y broadcast over x (a kept reduction's (R, 1) or (1, C))
+                let fits =
+                    dx.len() == dy.len() && dx.iter().zip(&dy).all(|(p, q)| p == q || *q == 1);
+                fits.then(|| match k {
+                    0 => g.add(x, y),
+                    1 => g.sub(x, y),
+                    2 => g.mul(x, y),
+                    _ => g.maximum(x, y),
+                })
+                .and_then(|r| r.ok())
+            }
+            Step::Scalar(k, a, v) => {
+                let v = v as f32 / 2.0;
+                match k {
+                    0 => g.mul_scalar(pick(a), v),
+                    _ => g.add_scalar(pick(a), v),
+                }
+                .ok()
+            }
+            Step::Linear {
+                src,
+                width,
+                bias,
+                relu,
+                trans,
+            } => {
+                let x = pick(src);
+                let d = dims(x);
+                (d.len() == 2).then_some(()).and_then(|_| {
+                    let n = [1, 3, 8, 13, 16, 64][width as usize % 6];
+                    let w_shape = if trans { [n, d[1]] } else { [d[1], n] };
+                    let w = input(&g, &mut feeds, &w_shape);
+                    inputs.push(w);
+                    let b = bias.then(|| {
+                        let b = input(&g, &mut feeds, &[n]);
+                        inputs.push(b);
+                        (b, kiln::ops::matmul::Bias::Cols)
+                    });
+                    g.matmul_fused(x, w, false, trans, b, relu).ok()
+                })
+            }
+            Step::Product(a, b) => {
+                let (x, y) = (pick(a), pick(b));
+                let (dx, dy) = (dims(x), dims(y));
+                if dx.len() != 2 || dy.len() != 2 {
+                    None
+                } else if dx[1] == dy[0] {
+                    g.matmul_t(x, y, false, false).ok()
+                } else if dx[1] == dy[1] {
+                    g.matmul_t(x, y, false, true).ok()
+                } else if dx[0] == dy[0] {
+                    g.matmul_t(x, y, true, false).ok()
+                } else {
+                    None
+                }
+            }
+            Step::Reduce(k, a, axis, keep) => {
+                let x = pick(a);
+                let axis = if axis { -1 } else { 0 };
+                match k {
+                    0 => g.sum(x, axis, keep),
+                    1 => g.mean(x, axis, keep),
+                    _ => g.max(x, axis, keep),
+                }
+                .ok()
+            }
+            Step::Softmax(a, log) => match log {
+                true => g.log_softmax(pick(a), -1),
+                false => g.softmax(pick(a), -1),
+            }
+            .ok(),
+            Step::LayerNorm(a, affine) => {
+                let x = pick(a);
+                let width = *dims(x).last().unwrap_or(&1);
+                let params = affine.then(|| {
+                    let w = input(&g, &mut feeds, &[width]);
+                    let b = input(&g, &mut feeds, &[width]);
+                    inputs.extend([w, b]);
+                    (w, b)
+                });
+                g.layer_norm(x, 1, params, 0.1).ok()
+            }
+            Step::Transpose(a) => {
+                let x = pick(a);
+                (dims(x).len() == 2)
+                    .then(|| g.transpose(x, 0, 1).ok())
+                    .flatten()
+            }
+            Step::Dropout(a, salt) => g.dropout(pick(a), 0.3, seed, salt as u32).ok(),
+            Step::Narrow(a, last, start, len) => {
+                let x = pick(a);
+                let d = dims(x);
+                let axis = if last { d.len() - 1 } else { 0 };
+                let n = d[axis];
+                let start = start as usize * n / 256;
+                let len = (len as usize * (n - start) / 256).max(1);
+                g.narrow(x, axis as isize, start, len).ok()
+            }
+            Step::Concat(a, b, last) => {
+                let (x, y) = (pick(a), pick(b));
+                let (dx, dy) = (dims(x), dims(y));
+                let axis = if last { dx.len().max(1) - 1 } else { 0 };
+                let fits =
+                    dx.len() == dy.len() && (0..dx.len()).all(|k| k == axis || dx[k] == dy[k]);
+                fits.then(|| g.concat(&[x, y], axis as isize).ok())
+                    .flatten()
+            }
+            Step::Reshape(a, k) => {
+                let x = pick(a);
+                let n: usize = dims(x).iter().product();
+                let widths: Vec<usize> = (1..=n).filter(|d| n.is_multiple_of(*d)).collect();
+                let d = widths[k as usize % widths.len()];
+                g.reshape(x, &[(n / d) as isize, d as isize]).ok()
+            }
+            Step::CrossEntropy(a) => {
+                let x = pick(a);
+                let d = dims(x);
+                (d.len() == 2).then_some(()).and_then(|_| {
+                    let (n, c) = (d[0], d[1]);
+                    let name = format!("in{}", feeds.len());
+                    let labels = (0..n).map(|k| ((k * 7 + 3) % c) as f32).collect();
+                    feeds.push((name.clone(), Tensor::new([n], labels).unwrap()));
+                    g.cross_entropy(x, g.input(&name, [n])).ok()
+                })
+            }
+        };
+        if let Some(v) = made {
+            vals.push(v);
+        }
+    }
+    // the last value and the others asked for, each once
+    let mut outputs = vec![*vals.last().expect("the inputs at least")];
+    for &k in &p.outputs {
+        let v = vals[k as usize % vals.len()];
+        if !outputs.contains(&v) {
+            outputs.push(v);
+        }
+    }
+    if p.gradients {
+        // a random projection of each output, summed: gradients for every input
+        let mut loss: Option<NodeId> = None;
+        for (k, &y) in outputs.iter().enumerate() {
+            let r = g.constant(common::rand(&dims(y), 50 + k as u64));
+            let term = g.sum_all(g.mul(y, r).unwrap()).unwrap();
+            loss = Some(match loss {
+                Some(l) => g.add(l, term).unwrap(),
+                None => term,
+            });
+        }
+        let loss = loss.expect("one output at least");
+        let grads = g.grad(loss, &inputs).unwrap();
+        outputs.push(loss);
+        outputs.extend(grads);
+    }
+    Built { g, outputs, feeds }
+}
+
+/// Random programs and their gradients give on the GPU what they give on the CPU reference.
+#[test]
+fn random_programs_match_the_cpu_reference() {
+    let Some(dev) = common::gpu() else { return };
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    // a fixed seed unless KILN_PROPTEST_SEED gives another (a number)
+    let rng = match std::env::var("KILN_PROPTEST_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        Some(seed) => {
+            let mut bytes = [0u8; 32];
+            bytes[..8].copy_from_slice(&seed.to_le_bytes());
+            TestRng::from_seed(RngAlgorithm::ChaCha, &bytes)
+        }
+        None => TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    };
+    let mut runner = TestRunner::new_with_rng(config, rng);
+    let result = runner.run(&program(), |p| {
+        let b = build(&p);
+        // composed ops in f32: each within TOL_REDUCTION of the reference, a little more for
+        // what several of them compound
+        common::check_plan(
+            &dev,
+            &format!("{p:?}"),
+            &b.g,
+            &b.outputs,
+            &b.feeds,
+            (1e-4, 1e-3),
+        );
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
