@@ -940,6 +940,22 @@ fn casts_to_f32_fold_into_their_producers() {
         "{:#?}",
         plan.kernels()
     );
+    // a transpose and a broadcast of an f16 input read only by casts to f32: their copies read
+    // f16 and store f32 (a copy that read the f16 input as f32 was found by
+    // tests/random_graphs.rs)
+    for (rows, cols) in [(1usize, 1usize), (5, 3)] {
+        let g = Graph::new();
+        let x = g.input_as("x", [rows, cols], DType::F16);
+        let t = g.cast(g.transpose(x, 0, 1).unwrap(), DType::F32).unwrap();
+        let e = g
+            .expand(x, &kiln::Shape::from(vec![2, rows, cols]))
+            .unwrap();
+        let e = g.cast(e, DType::F32).unwrap();
+        let f = vec![("x".to_string(), rand(&[rows, cols], 99))];
+        let plan = common::check_plan(&dev, "transpose, expand", &g, &[t, e], &f, exact);
+        let kernels = plan.kernels();
+        assert_eq!(common::count_op(&kernels, "cast"), 0, "{kernels:#?}");
+    }
 }
 
 /// An f16 layer norm in training whose result products alone read (a pre-norm block's

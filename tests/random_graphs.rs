@@ -12,7 +12,7 @@
 
 mod common;
 
-use kiln::{Graph, NodeId, Tensor};
+use kiln::{DType, Graph, NodeId, Tensor};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
@@ -56,6 +56,21 @@ enum Step {
     /// the cross-entropy of `(N, C)` logits with a new input of labels (valid ones: a bad label
     /// makes the loss NaN, which WGSL need not carry through a product with 0).
     CrossEntropy(u8),
+    /// a 2-D convolution of an image (a 2-D value is one image of one channel) with a new
+    /// weight input: out channels, kernel 1 to 3, stride 1 or 2, padding 0 or 1, bias, relu.
+    Conv {
+        src: u8,
+        channels: u8,
+        kernel: u8,
+        stride2: bool,
+        pad: bool,
+        bias: bool,
+        relu: bool,
+    },
+    /// max or average pooling of an image, 2 x 2 with stride 2.
+    Pool(u8, bool),
+    /// a training batch norm of an image, with weight and bias inputs or not.
+    BatchNorm(u8, bool),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -78,20 +93,34 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (i(), i(), any::<bool>()).prop_map(|(a, b, axis)| Step::Concat(a, b, axis)),
         1 => (i(), i()).prop_map(|(a, d)| Step::Reshape(a, d)),
         1 => i().prop_map(Step::CrossEntropy),
+        2 => (i(), 0u8..3, 1u8..4, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
+            .prop_map(|(src, channels, kernel, stride2, pad, bias, relu)| Step::Conv {
+                src,
+                channels,
+                kernel,
+                stride2,
+                pad,
+                bias,
+                relu,
+            }),
+        1 => (i(), any::<bool>()).prop_map(|(s, max)| Step::Pool(s, max)),
+        1 => (i(), any::<bool>()).prop_map(|(s, affine)| Step::BatchNorm(s, affine)),
     ]
 }
 
 /// Extents of inputs and weights: 1, primes, a tile's 64 and others around the kernels' tiles.
 const DIMS: [usize; 8] = [1, 3, 4, 5, 8, 13, 16, 64];
 
-/// A program: its inputs' shapes, its steps, which values it asks for (indices, modulo) and
-/// whether it asks for the gradients too.
+/// A program: its inputs' shapes, its steps, which values it asks for (indices, modulo),
+/// whether it asks for the gradients too and whether its inputs are f16 (where the adapter
+/// has SHADER_F16; its outputs are cast to f32).
 #[derive(Debug, Clone)]
 struct Program {
     inputs: Vec<(usize, usize)>,
     steps: Vec<Step>,
     outputs: Vec<u8>,
     gradients: bool,
+    half: bool,
 }
 
 fn program() -> impl Strategy<Value = Program> {
@@ -101,13 +130,27 @@ fn program() -> impl Strategy<Value = Program> {
         prop::collection::vec(step(), 1..9),
         prop::collection::vec(any::<u8>(), 1..3),
         any::<bool>(),
+        prop::bool::weighted(0.25),
     )
-        .prop_map(|(inputs, steps, outputs, gradients)| Program {
+        .prop_map(|(inputs, steps, outputs, gradients, half)| Program {
             inputs,
             steps,
             outputs,
             gradients,
+            half,
         })
+}
+
+/// `x` as an image `(N, C, H, W)`: itself where it is one, one image of one channel where it is
+/// 2-D (a reshape), else itself (the step is then skipped).
+fn image(g: &Graph, x: NodeId) -> NodeId {
+    let d = g.shape(x).dims().to_vec();
+    match d.len() {
+        2 => g
+            .reshape(x, &[1, 1, d[0] as isize, d[1] as isize])
+            .unwrap_or(x),
+        _ => x,
+    }
 }
 
 /// The graph of a program: what it asks for, and its feeds.
@@ -117,16 +160,21 @@ struct Built {
     feeds: Vec<(String, Tensor)>,
 }
 
-fn build(p: &Program) -> Built {
+fn build(p: &Program, half: bool) -> Built {
     let g = Graph::new();
+    let dtype = if half { DType::F16 } else { DType::F32 };
     let mut feeds: Vec<(String, Tensor)> = Vec::new();
     let mut inputs: Vec<NodeId> = Vec::new();
-    let input = |g: &Graph, feeds: &mut Vec<(String, Tensor)>, shape: &[usize]| {
+    // a new input (of the program's type, or f32: normalization parameters)
+    let input_as = |g: &Graph, feeds: &mut Vec<(String, Tensor)>, shape: &[usize], t: DType| {
         let name = format!("in{}", feeds.len());
-        let t = common::rand(shape, 1 + feeds.len() as u64);
-        let id = g.input(&name, shape);
-        feeds.push((name, t));
+        let value = common::rand(shape, 1 + feeds.len() as u64);
+        let id = g.input_as(&name, shape, t);
+        feeds.push((name, value));
         id
+    };
+    let input = |g: &Graph, feeds: &mut Vec<(String, Tensor)>, shape: &[usize]| {
+        input_as(g, feeds, shape, dtype)
     };
     for &(r, c) in &p.inputs {
         inputs.push(input(&g, &mut feeds, &[r, c]));
@@ -230,8 +278,8 @@ fn build(p: &Program) -> Built {
                 let x = pick(a);
                 let width = *dims(x).last().unwrap_or(&1);
                 let params = affine.then(|| {
-                    let w = input(&g, &mut feeds, &[width]);
-                    let b = input(&g, &mut feeds, &[width]);
+                    let w = input_as(&g, &mut feeds, &[width], DType::F32);
+                    let b = input_as(&g, &mut feeds, &[width], DType::F32);
                     inputs.extend([w, b]);
                     (w, b)
                 });
@@ -247,11 +295,13 @@ fn build(p: &Program) -> Built {
             Step::Narrow(a, last, start, len) => {
                 let x = pick(a);
                 let d = dims(x);
-                let axis = if last { d.len() - 1 } else { 0 };
-                let n = d[axis];
-                let start = start as usize * n / 256;
-                let len = (len as usize * (n - start) / 256).max(1);
-                g.narrow(x, axis as isize, start, len).ok()
+                (!d.is_empty()).then_some(()).and_then(|_| {
+                    let axis = if last { d.len() - 1 } else { 0 };
+                    let n = d[axis];
+                    let start = start as usize * n / 256;
+                    let len = (len as usize * (n - start) / 256).max(1);
+                    g.narrow(x, axis as isize, start, len).ok()
+                })
             }
             Step::Concat(a, b, last) => {
                 let (x, y) = (pick(a), pick(b));
@@ -268,6 +318,61 @@ fn build(p: &Program) -> Built {
                 let widths: Vec<usize> = (1..=n).filter(|d| n.is_multiple_of(*d)).collect();
                 let d = widths[k as usize % widths.len()];
                 g.reshape(x, &[(n / d) as isize, d as isize]).ok()
+            }
+            Step::Conv {
+                src,
+                channels,
+                kernel,
+                stride2,
+                pad,
+                bias,
+                relu,
+            } => {
+                let x = image(&g, pick(src));
+                let d = dims(x);
+                let k = kernel as usize;
+                let pad = pad as usize;
+                let fits = d.len() == 4 && d[2] + 2 * pad >= k && d[3] + 2 * pad >= k;
+                fits.then_some(()).and_then(|_| {
+                    let o = [1, 3, 8][channels as usize % 3];
+                    let w = input(&g, &mut feeds, &[o, d[1], k, k]);
+                    inputs.push(w);
+                    let b = bias.then(|| {
+                        let b = input(&g, &mut feeds, &[o]);
+                        inputs.push(b);
+                        b
+                    });
+                    let s = 1 + stride2 as usize;
+                    let opts = kiln::ops::conv::Conv2dOpts {
+                        stride: (s, s),
+                        padding: (pad, pad),
+                        dilation: (1, 1),
+                    };
+                    g.conv2d_fused(x, w, b, opts, relu).ok()
+                })
+            }
+            Step::Pool(a, max) => {
+                let x = image(&g, pick(a));
+                let d = dims(x);
+                (d.len() == 4 && d[2] >= 2 && d[3] >= 2)
+                    .then(|| match max {
+                        true => g.max_pool2d(x, (2, 2), (2, 2), (0, 0)).ok(),
+                        false => g.avg_pool2d(x, (2, 2), (2, 2), (0, 0)).ok(),
+                    })
+                    .flatten()
+            }
+            Step::BatchNorm(a, affine) => {
+                let x = image(&g, pick(a));
+                let d = dims(x);
+                (d.len() == 4).then_some(()).and_then(|_| {
+                    let params = affine.then(|| {
+                        let w = input_as(&g, &mut feeds, &[d[1]], DType::F32);
+                        let b = input_as(&g, &mut feeds, &[d[1]], DType::F32);
+                        inputs.extend([w, b]);
+                        (w, b)
+                    });
+                    g.batch_norm(x, params, None, true, 0.1).ok()
+                })
             }
             Step::CrossEntropy(a) => {
                 let x = pick(a);
@@ -298,6 +403,7 @@ fn build(p: &Program) -> Built {
         let mut loss: Option<NodeId> = None;
         for (k, &y) in outputs.iter().enumerate() {
             let r = g.constant(common::rand(&dims(y), 50 + k as u64));
+            let y = g.cast(y, DType::F32).unwrap();
             let term = g.sum_all(g.mul(y, r).unwrap()).unwrap();
             loss = Some(match loss {
                 Some(l) => g.add(l, term).unwrap(),
@@ -309,6 +415,11 @@ fn build(p: &Program) -> Built {
         outputs.push(loss);
         outputs.extend(grads);
     }
+    // compared in f32
+    let outputs = outputs
+        .into_iter()
+        .map(|y| g.cast(y, DType::F32).unwrap())
+        .collect();
     Built { g, outputs, feeds }
 }
 
@@ -338,18 +449,14 @@ fn random_programs_match_the_cpu_reference() {
         None => TestRng::deterministic_rng(RngAlgorithm::ChaCha),
     };
     let mut runner = TestRunner::new_with_rng(config, rng);
+    let f16 = dev.features().contains(wgpu::Features::SHADER_F16);
     let result = runner.run(&program(), |p| {
-        let b = build(&p);
-        // composed ops in f32: each within TOL_REDUCTION of the reference, a little more for
-        // what several of them compound
-        common::check_plan(
-            &dev,
-            &format!("{p:?}"),
-            &b.g,
-            &b.outputs,
-            &b.feeds,
-            (1e-4, 1e-3),
-        );
+        let half = p.half && f16;
+        let b = build(&p, half);
+        // composed ops: each within TOL_REDUCTION (TOL_F16) of the reference, more for what
+        // several of them compound
+        let tol = if half { (1e-2, 3e-2) } else { (1e-4, 1e-3) };
+        common::check_plan(&dev, &format!("{p:?}"), &b.g, &b.outputs, &b.feeds, tol);
         Ok(())
     });
     if let Err(e) = result {

@@ -48,7 +48,8 @@ pub fn copy_kernel(
     x: &Shape,
     out: &Shape,
     permuted: Option<PermutedRead>,
-    dtype: DType,
+    from: DType,
+    to: DType,
 ) -> Generated {
     let f = Fused {
         steps: Vec::new(),
@@ -56,7 +57,7 @@ pub fn copy_kernel(
         gathered: Vec::new(),
         rounded: Vec::new(),
     };
-    kernel_as(&f, &[x], out, dtype, dtype)
+    kernel_as(&f, &[x], out, from, to)
 }
 
 fn kernel_as(f: &Fused, inputs: &[&Shape], out: &Shape, from: DType, to: DType) -> Generated {

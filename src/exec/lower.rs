@@ -3145,9 +3145,10 @@ fn select_f16(
                 perm: p.perm.clone(),
                 shape: out.clone(),
             };
-            elementwise::copy_kernel(inputs[0], out, Some(read), dtype)
+            // (an f16 input's copy may store f32: `casts_into_producers`)
+            elementwise::copy_kernel(inputs[0], out, Some(read), in_dtypes[0], dtype)
         }
-        Op::Expand(_) => elementwise::copy_kernel(inputs[0], out, None, dtype),
+        Op::Expand(_) => elementwise::copy_kernel(inputs[0], out, None, in_dtypes[0], dtype),
         Op::Reduce(r) => elementwise::reduce_with_prologue(
             &Fused::identity(),
             inputs,
