@@ -1,8 +1,10 @@
 //! Random programs through the whole plan compiler: `proptest` builds small graphs from a
 //! vocabulary of ops (elementwise ops and broadcasts, linear layers with bias and relu, products
 //! of two computed tensors in every transpose, reductions, softmax, layer norm, transposes,
-//! dropout, narrows, concatenations, reshapes, cross-entropy), asks for some of their nodes
-//! and, half the time, for the
+//! dropout, narrows, concatenations, reshapes, cross-entropy, convolutions, pooling, batch
+//! norm, LSTM, GRU and RNN layers (one starting from another's final state), attention,
+//! embedding lookups; f16 inputs a quarter of the time), asks for some of their nodes and,
+//! half the time, for the
 //! gradients of a random projection of them with respect to every input; the GPU plan (every
 //! rewrite of `exec::lower` and `exec::fuse` that applies: epilogues, kept products, operand
 //! dropout, row sums, strided operands, a layer norm's backward in one kernel, ..), its outputs
@@ -71,6 +73,22 @@ enum Step {
     Pool(u8, bool),
     /// a training batch norm of an image, with weight and bias inputs or not.
     BatchNorm(u8, bool),
+    /// an LSTM, GRU or RNN layer over a value `(T * B, I)` read as `(T, B, I)` (B one of its
+    /// rows' divisors), forward or reversed, of hidden size 1, 3 or 8, starting from the last
+    /// value of shape `(B, H)` where there is one (an encoder's final state), else from a new
+    /// input: its states, final `h` (and `c`) all become values.
+    Recurrent {
+        src: u8,
+        kind: u8,
+        hidden: u8,
+        batch: u8,
+        reverse: bool,
+    },
+    /// attention of a value's rows over another's (keys and values), causal or not.
+    Attention(u8, u8, bool),
+    /// an embedding lookup of a new `(V, E)` table input by a new input of valid indices, as
+    /// many as a value has rows, added to that value where it has E columns.
+    Embedding(u8, u8),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -105,6 +123,17 @@ fn step() -> impl Strategy<Value = Step> {
             }),
         1 => (i(), any::<bool>()).prop_map(|(s, max)| Step::Pool(s, max)),
         1 => (i(), any::<bool>()).prop_map(|(s, affine)| Step::BatchNorm(s, affine)),
+        2 => (i(), 0u8..3, 0u8..3, i(), any::<bool>()).prop_map(
+            |(src, kind, hidden, batch, reverse)| Step::Recurrent {
+                src,
+                kind,
+                hidden,
+                batch,
+                reverse,
+            }
+        ),
+        1 => (i(), i(), any::<bool>()).prop_map(|(q, kv, causal)| Step::Attention(q, kv, causal)),
+        1 => (i(), 0u8..3).prop_map(|(s, v)| Step::Embedding(s, v)),
     ]
 }
 
@@ -372,6 +401,90 @@ fn build(p: &Program, half: bool) -> Built {
                         (w, b)
                     });
                     g.batch_norm(x, params, None, true, 0.1).ok()
+                })
+            }
+            Step::Recurrent {
+                src,
+                kind,
+                hidden,
+                batch,
+                reverse,
+            } => {
+                let x = pick(src);
+                let d = dims(x);
+                (d.len() == 2).then_some(()).and_then(|_| {
+                    let (r, i) = (d[0], d[1]);
+                    let batches: Vec<usize> = (1..=r).filter(|b| r.is_multiple_of(*b)).collect();
+                    let b = batches[batch as usize % batches.len()];
+                    let h = [1, 3, 8][hidden as usize % 3];
+                    let gates = [4, 3, 1][kind as usize % 3];
+                    let x3 = g
+                        .reshape(x, &[(r / b) as isize, b as isize, i as isize])
+                        .ok()?;
+                    let mut param = |shape: &[usize]| {
+                        let p = input(&g, &mut feeds, shape);
+                        inputs.push(p);
+                        p
+                    };
+                    let (w_ih, w_hh) = (param(&[gates * h, i]), param(&[gates * h, h]));
+                    let (b_ih, b_hh) = (param(&[gates * h]), param(&[gates * h]));
+                    // an earlier value of the state's shape, else a new input
+                    let state =
+                        |g: &Graph, vals: &[NodeId], param: &mut dyn FnMut(&[usize]) -> NodeId| {
+                            vals.iter()
+                                .rev()
+                                .copied()
+                                .find(|&v| g.shape(v).dims() == [b, h] && g.dtype(v) == dtype)
+                                .unwrap_or_else(|| param(&[b, h]))
+                        };
+                    let h0 = state(&g, &vals, &mut param);
+                    let made = match kind % 3 {
+                        0 => {
+                            let c0 = param(&[b, h]);
+                            let (all, hn, cn) = g
+                                .lstm_layer(x3, w_ih, w_hh, b_ih, b_hh, h0, c0, None, reverse)
+                                .ok()?;
+                            vec![hn, cn, all]
+                        }
+                        1 => {
+                            let (all, hn) = g
+                                .gru_layer(x3, w_ih, w_hh, b_ih, b_hh, h0, None, reverse)
+                                .ok()?;
+                            vec![hn, all]
+                        }
+                        _ => {
+                            let (all, hn) = g
+                                .rnn_layer(x3, w_ih, w_hh, b_ih, b_hh, h0, None, reverse)
+                                .ok()?;
+                            vec![hn, all]
+                        }
+                    };
+                    // the states (T, B, H) as rows, the last value
+                    let (&all, finals) = made.split_last()?;
+                    vals.extend(finals);
+                    g.reshape(all, &[r as isize, h as isize]).ok()
+                })
+            }
+            Step::Attention(a, b, causal) => {
+                let (q, kv) = (pick(a), pick(b));
+                let (dq, dk) = (dims(q), dims(kv));
+                (dq.len() == 2 && dk.len() == 2 && dq[1] == dk[1])
+                    .then(|| g.attention(q, kv, kv, None, causal, None).ok())
+                    .flatten()
+            }
+            Step::Embedding(a, rows) => {
+                let x = pick(a);
+                let d = dims(x);
+                (d.len() == 2).then_some(()).and_then(|_| {
+                    let (n, e) = (d[0], d[1]);
+                    let v = [1, 5, 70][rows as usize % 3];
+                    let table = input(&g, &mut feeds, &[v, e]);
+                    inputs.push(table);
+                    let name = format!("in{}", feeds.len());
+                    let ids = (0..n).map(|k| ((k * 5 + 2) % v) as f32).collect();
+                    feeds.push((name.clone(), Tensor::new([n], ids).unwrap()));
+                    let looked = g.embedding(g.input(&name, [n]), table).ok()?;
+                    g.add(looked, x).ok()
                 })
             }
             Step::CrossEntropy(a) => {

@@ -333,7 +333,9 @@ impl Op {
             Op::CrossEntropy(c) => c.scratch(inputs[0]),
             Op::CrossEntropyRows(c) => c.scratch(inputs[0]),
             Op::NormalizeStats(s) if s.stats => {
-                let groups = out.dims()[1];
+                // the groups of x (OUTER, GROUPS, INNER): the node's own shape may be another of
+                // as many elements (a relu fused in takes the relu's)
+                let groups = inputs[0].dims()[1];
                 norm::stats_offset(out.numel()) - out.numel() + 2 * groups
             }
             Op::ImplicitGemm(c) => {
