@@ -4,11 +4,13 @@
 //! dropout, narrows, concatenations, reshapes, cross-entropy, convolutions, pooling, batch
 //! norm, LSTM, GRU and RNN layers (one starting from another's final state), attention,
 //! embedding lookups; f16 inputs a quarter of the time), asks for some of their nodes and,
-//! half the time, for the
-//! gradients of a random projection of them with respect to every input; the GPU plan (every
-//! rewrite of `exec::lower` and `exec::fuse` that applies: epilogues, kept products, operand
-//! dropout, row sums, strided operands, a layer norm's backward in one kernel, ..), its outputs
-//! poisoned with NaN, must give what the CPU reference gives. The runner's seed is fixed, so
+//! half the time, for the gradients of a random projection of them with respect to every
+//! input; the GPU plan (every rewrite of `exec::lower` and `exec::fuse` that applies:
+//! epilogues, kept products, operand dropout, row sums, strided operands, a layer norm's
+//! backward in one kernel, ..), its outputs poisoned with NaN, must give what the CPU reference
+//! gives. A quarter of the f32 programs run instead as two training steps (their weights
+//! parameters, SGD with momentum, weight decay or clipping: in-place updates, grouped
+//! optimizer kernels) compared by their losses and parameters. The runner's seed is fixed, so
 //! CI sees the same cases every run; `PROPTEST_CASES` asks for more and `KILN_PROPTEST_SEED`
 //! (a number) for other ones (a failure prints the shrunk program).
 
@@ -141,8 +143,9 @@ fn step() -> impl Strategy<Value = Step> {
 const DIMS: [usize; 8] = [1, 3, 4, 5, 8, 13, 16, 64];
 
 /// A program: its inputs' shapes, its steps, which values it asks for (indices, modulo),
-/// whether it asks for the gradients too and whether its inputs are f16 (where the adapter
-/// has SHADER_F16; its outputs are cast to f32).
+/// whether it asks for the gradients too, whether its inputs are f16 (where the adapter
+/// has SHADER_F16; its outputs are cast to f32) and whether it is a training step (f32, its
+/// weights parameters) with one of four SGD optimizers.
 #[derive(Debug, Clone)]
 struct Program {
     inputs: Vec<(usize, usize)>,
@@ -150,6 +153,7 @@ struct Program {
     outputs: Vec<u8>,
     gradients: bool,
     half: bool,
+    train: Option<u8>,
 }
 
 fn program() -> impl Strategy<Value = Program> {
@@ -160,13 +164,15 @@ fn program() -> impl Strategy<Value = Program> {
         prop::collection::vec(any::<u8>(), 1..3),
         any::<bool>(),
         prop::bool::weighted(0.25),
+        prop::option::weighted(0.25, 0u8..4),
     )
-        .prop_map(|(inputs, steps, outputs, gradients, half)| Program {
+        .prop_map(|(inputs, steps, outputs, gradients, half, train)| Program {
             inputs,
             steps,
             outputs,
             gradients,
             half,
+            train,
         })
 }
 
@@ -187,18 +193,33 @@ struct Built {
     g: Graph,
     outputs: Vec<NodeId>,
     feeds: Vec<(String, Tensor)>,
+    /// In a training step: the loss, the parameters (the weights, named `<train>w<k>`, their
+    /// initial values among `feeds`).
+    loss: Option<NodeId>,
+    params: Vec<NodeId>,
 }
 
-fn build(p: &Program, half: bool) -> Built {
+/// The graph of `p`, its values f16 with `half`; with `train` (a prefix for the parameters'
+/// names, unique per device) its weights are parameters and it asks for a loss only.
+fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
     let g = Graph::new();
     let dtype = if half { DType::F16 } else { DType::F32 };
     let mut feeds: Vec<(String, Tensor)> = Vec::new();
     let mut inputs: Vec<NodeId> = Vec::new();
-    // a new input (of the program's type, or f32: normalization parameters)
+    // a new weight (of the program's type, or f32: normalization parameters): an input, or in
+    // a training step a parameter
     let input_as = |g: &Graph, feeds: &mut Vec<(String, Tensor)>, shape: &[usize], t: DType| {
-        let name = format!("in{}", feeds.len());
         let value = common::rand(shape, 1 + feeds.len() as u64);
-        let id = g.input_as(&name, shape, t);
+        let (name, id) = match train {
+            Some(prefix) => {
+                let name = format!("{prefix}w{}", feeds.len());
+                (name.clone(), g.param_init_as(&name, value.clone(), t))
+            }
+            None => {
+                let name = format!("in{}", feeds.len());
+                (name.clone(), g.input_as(&name, shape, t))
+            }
+        };
         feeds.push((name, value));
         id
     };
@@ -206,7 +227,10 @@ fn build(p: &Program, half: bool) -> Built {
         input_as(g, feeds, shape, dtype)
     };
     for &(r, c) in &p.inputs {
-        inputs.push(input(&g, &mut feeds, &[r, c]));
+        let name = format!("in{}", feeds.len());
+        let value = common::rand(&[r, c], 1 + feeds.len() as u64);
+        inputs.push(g.input_as(&name, [r, c], dtype));
+        feeds.push((name, value));
     }
     let seed = g.input("seed", [1]);
     feeds.push(("seed".into(), Tensor::new([1], vec![1234.0]).unwrap()));
@@ -511,7 +535,13 @@ fn build(p: &Program, half: bool) -> Built {
             outputs.push(v);
         }
     }
-    if p.gradients {
+    let params: Vec<NodeId> = inputs
+        .iter()
+        .copied()
+        .filter(|&i| matches!(g.nodes()[i.0].op, kiln::ops::Op::Param { .. }))
+        .collect();
+    let mut train_loss = None;
+    if p.gradients || train.is_some() {
         // a random projection of each output, summed: gradients for every input
         let mut loss: Option<NodeId> = None;
         for (k, &y) in outputs.iter().enumerate() {
@@ -524,16 +554,26 @@ fn build(p: &Program, half: bool) -> Built {
             });
         }
         let loss = loss.expect("one output at least");
-        let grads = g.grad(loss, &inputs).unwrap();
-        outputs.push(loss);
-        outputs.extend(grads);
+        if train.is_some() {
+            train_loss = Some(loss);
+        } else {
+            let grads = g.grad(loss, &inputs).unwrap();
+            outputs.push(loss);
+            outputs.extend(grads);
+        }
     }
     // compared in f32
     let outputs = outputs
         .into_iter()
         .map(|y| g.cast(y, DType::F32).unwrap())
         .collect();
-    Built { g, outputs, feeds }
+    Built {
+        g,
+        outputs,
+        feeds,
+        loss: train_loss,
+        params,
+    }
 }
 
 /// Random programs and their gradients give on the GPU what they give on the CPU reference.
@@ -563,9 +603,16 @@ fn random_programs_match_the_cpu_reference() {
     };
     let mut runner = TestRunner::new_with_rng(config, rng);
     let f16 = dev.features().contains(wgpu::Features::SHADER_F16);
+    // parameters live on the device: each training program names its own
+    let steps = std::sync::atomic::AtomicUsize::new(0);
     let result = runner.run(&program(), |p| {
+        if let Some(opt) = p.train.filter(|_| !p.half) {
+            let k = steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            training_steps_match(&dev, &p, opt, &format!("t{k}_"));
+            return Ok(());
+        }
         let half = p.half && f16;
-        let b = build(&p, half);
+        let b = build(&p, half, None);
         // composed ops: each within TOL_REDUCTION (TOL_F16) of the reference, more for what
         // several of them compound
         let tol = if half { (1e-2, 3e-2) } else { (1e-4, 1e-3) };
@@ -574,5 +621,60 @@ fn random_programs_match_the_cpu_reference() {
     });
     if let Err(e) = result {
         panic!("{e}");
+    }
+}
+
+/// Two training steps of program `p` (its weights parameters named from `prefix`, SGD plain,
+/// with momentum, Nesterov with weight decay, or with gradient clipping by `opt`) on `dev` and
+/// on the CPU reference: the same losses and the same parameters after.
+fn training_steps_match(dev: &kiln::Device, p: &Program, opt: u8, prefix: &str) {
+    use kiln::nn::{Optimizer, TrainStep};
+    // a graph per device (the optimizer's state nodes are the graph's own)
+    let b = build(p, false, Some(prefix));
+    if b.loss.is_none() || b.params.is_empty() {
+        return;
+    }
+    let optimizer = match opt % 4 {
+        0 => Optimizer::sgd(0.05),
+        1 => Optimizer::sgd_momentum(0.05, 0.9, false),
+        2 => Optimizer::sgd_momentum(0.05, 0.9, true).weight_decay(0.01),
+        _ => Optimizer::sgd(0.05).clip_grad_norm(0.5),
+    };
+    let data: Vec<(&str, &Tensor)> = b
+        .feeds
+        .iter()
+        .filter(|(n, _)| !n.starts_with(prefix))
+        .map(|(n, t)| (n.as_str(), t))
+        .collect();
+    let names: Vec<&str> = b
+        .feeds
+        .iter()
+        .filter(|(n, _)| n.starts_with(prefix))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let what = format!("{p:?} training step");
+    let mut runs = Vec::new();
+    for d in [dev.clone(), kiln::Device::cpu()] {
+        let b = build(p, false, Some(prefix));
+        let loss = b.loss.expect("built as above");
+        let mut step = TrainStep::new(&d, &b.g, loss, &b.params, optimizer.clone(), 0)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut losses = Vec::new();
+        for _ in 0..2 {
+            let l = step
+                .step(&data, true)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            losses.push(Tensor::new([1], vec![l.unwrap_or(f32::NAN)]).unwrap());
+        }
+        let params: Vec<Tensor> = names.iter().map(|n| d.param(n).unwrap()).collect();
+        runs.push((losses, params));
+    }
+    let tol = (1e-4, 1e-3);
+    let (gpu, cpu) = (&runs[0], &runs[1]);
+    for (k, (a, b)) in gpu.0.iter().zip(&cpu.0).enumerate() {
+        common::assert_close(&format!("{what}: loss {k}"), a, b, tol.0, tol.1);
+    }
+    for (n, (a, b)) in names.iter().zip(gpu.1.iter().zip(&cpu.1)) {
+        common::assert_close(&format!("{what}: {n} after two steps"), a, b, tol.0, tol.1);
     }
 }
