@@ -1161,6 +1161,15 @@ fn products_keep_what_other_nodes_read() {
             let gelu = |s: &&&str| s.split(['[', ',', '@']).any(|op| op == "gelu");
             let alone = k.iter().filter(|s| s.contains("fused")).filter(gelu);
             assert_eq!(alone.count(), 0, "{what}: {k:#?}");
+            // a program reading the product directly and through reshapes too: the product
+            // keeps its own kernel (binding its buffer twice, once to write it, is invalid;
+            // found by tests/random_graphs.rs)
+            let back = g.reshape(
+                g.reshape(u, &[-1]).unwrap(),
+                &[(b * l) as isize, h as isize],
+            );
+            let twice = g.mul(g.gelu(u).unwrap(), back.unwrap()).unwrap();
+            common::check_plan(&dev, &what, &g, &[as_f32(twice), as_f32(u)], &f, tol);
             // the product and its activation both asked for: one kernel stores both
             let both = [as_f32(u), as_f32(g.gelu(u).unwrap())];
             let plan = common::check_plan(&dev, &what, &g, &both, &f, tol);

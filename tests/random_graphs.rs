@@ -2,7 +2,8 @@
 //! vocabulary of ops (elementwise ops and broadcasts, linear layers with bias and relu, products
 //! of two computed tensors in every transpose, reductions, softmax, layer norm, transposes,
 //! dropout, narrows, concatenations, reshapes, cross-entropy, convolutions, pooling, batch
-//! norm, LSTM, GRU and RNN layers (one starting from another's final state), attention,
+//! norm, LSTM, GRU and RNN layers (one starting from another's final state, with lengths or
+//! not, over time-major or swapped sequences; linear layers over sequences), attention,
 //! embedding lookups; f16 inputs a quarter of the time), asks for some of their nodes and,
 //! half the time, for the gradients of a random projection of them with respect to every
 //! input; the GPU plan (every rewrite of `exec::lower` and `exec::fuse` that applies:
@@ -282,11 +283,14 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                 relu,
                 trans,
             } => {
+                // a sequence (A, B, I) as its rows (A * B, I), as nn::Linear reads one
                 let x = pick(src);
                 let d = dims(x);
-                (d.len() == 2).then_some(()).and_then(|_| {
+                matches!(d.len(), 2 | 3).then_some(()).and_then(|_| {
+                    let i = d[d.len() - 1];
+                    let rows = g.reshape(x, &[-1, i as isize]).ok()?;
                     let n = [1, 3, 8, 13, 16, 64][width as usize % 6];
-                    let w_shape = if trans { [n, d[1]] } else { [d[1], n] };
+                    let w_shape = if trans { [n, i] } else { [i, n] };
                     let w = input(&g, &mut feeds, &w_shape);
                     inputs.push(w);
                     let b = bias.then(|| {
@@ -294,7 +298,10 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                         inputs.push(b);
                         (b, kiln::ops::matmul::Bias::Cols)
                     });
-                    g.matmul_fused(x, w, false, trans, b, relu).ok()
+                    let y = g.matmul_fused(rows, w, false, trans, b, relu).ok()?;
+                    let mut out: Vec<isize> = d.iter().map(|&e| e as isize).collect();
+                    *out.last_mut()? = n as isize;
+                    g.reshape(y, &out).ok()
                 })
             }
             Step::Product(a, b) => {
@@ -338,9 +345,10 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                 });
                 g.layer_norm(x, 1, params, 0.1).ok()
             }
+            // (a sequence's two leading axes: time-major to batch-first and back)
             Step::Transpose(a) => {
                 let x = pick(a);
-                (dims(x).len() == 2)
+                matches!(dims(x).len(), 2 | 3)
                     .then(|| g.transpose(x, 0, 1).ok())
                     .flatten()
             }
@@ -434,17 +442,31 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                 batch,
                 reverse,
             } => {
+                // a sequence (T, B, I) as it is (a batch-first one swapped back by a transpose
+                // step), or rows (T * B, I) read so
                 let x = pick(src);
                 let d = dims(x);
-                (d.len() == 2).then_some(()).and_then(|_| {
-                    let (r, i) = (d[0], d[1]);
+                matches!(d.len(), 2 | 3).then_some(()).and_then(|_| {
+                    let (r, i) = match d.len() {
+                        3 => (d[0] * d[1], d[2]),
+                        _ => (d[0], d[1]),
+                    };
                     let batches: Vec<usize> = (1..=r).filter(|b| r.is_multiple_of(*b)).collect();
-                    let b = batches[batch as usize % batches.len()];
+                    let b = match d.len() {
+                        3 => d[1],
+                        _ => batches[batch as usize % batches.len()],
+                    };
+                    let t = r / b;
                     let h = [1, 3, 8][hidden as usize % 3];
                     let gates = [4, 3, 1][kind as usize % 3];
-                    let x3 = g
-                        .reshape(x, &[(r / b) as isize, b as isize, i as isize])
-                        .ok()?;
+                    let x3 = g.reshape(x, &[t as isize, b as isize, i as isize]).ok()?;
+                    // every other layer with lengths: each sequence's own, in [1, T]
+                    let lengths = (batch % 2 == 1).then(|| {
+                        let name = format!("len{}", feeds.len());
+                        let l = (0..b).map(|k| (1 + (k * 3 + 1) % t) as f32).collect();
+                        feeds.push((name.clone(), Tensor::new([b], l).unwrap()));
+                        g.input(&name, [b])
+                    });
                     let mut param = |shape: &[usize]| {
                         let p = input(&g, &mut feeds, shape);
                         inputs.push(p);
@@ -466,26 +488,27 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                         0 => {
                             let c0 = param(&[b, h]);
                             let (all, hn, cn) = g
-                                .lstm_layer(x3, w_ih, w_hh, b_ih, b_hh, h0, c0, None, reverse)
+                                .lstm_layer(x3, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse)
                                 .ok()?;
                             vec![hn, cn, all]
                         }
                         1 => {
                             let (all, hn) = g
-                                .gru_layer(x3, w_ih, w_hh, b_ih, b_hh, h0, None, reverse)
+                                .gru_layer(x3, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse)
                                 .ok()?;
                             vec![hn, all]
                         }
                         _ => {
                             let (all, hn) = g
-                                .rnn_layer(x3, w_ih, w_hh, b_ih, b_hh, h0, None, reverse)
+                                .rnn_layer(x3, w_ih, w_hh, b_ih, b_hh, h0, lengths, reverse)
                                 .ok()?;
                             vec![hn, all]
                         }
                     };
-                    // the states (T, B, H) as rows, the last value
+                    // the states (T, B, H) and as rows (the last value)
                     let (&all, finals) = made.split_last()?;
                     vals.extend(finals);
+                    vals.push(all);
                     g.reshape(all, &[r as isize, h as isize]).ok()
                 })
             }

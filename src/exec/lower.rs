@@ -2154,7 +2154,15 @@ pub(crate) fn fuse_matmul_epilogue(
             let (p, _) = under_reshapes_of_product(nodes, y)?;
             let y_pos = order.iter().position(|&o| o == p)?;
             let after = readers_to_move(nodes, order, p, y_pos, pos)?;
-            let clear = program.permuted_read(j).is_none()
+            // (the program reading the product through another input too would bind its
+            // storage twice, once read_write)
+            let once = n
+                .inputs
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| i == j || under_reshapes(nodes, x).1 != p);
+            let clear = once
+                && program.permuted_read(j).is_none()
                 && matches!(nodes[p.0].op, Op::MatMul(mm) if !mm.row_sums)
                 && !after
                     .iter()
