@@ -136,6 +136,22 @@ impl Optimizer {
         }
         self
     }
+    /// Sets Adam's and AdamW's `betas` (the decay rates of the gradient's first and second
+    /// moments; torch's default `(0.9, 0.999)`).
+    pub fn betas(mut self, b1: f32, b2: f32) -> Self {
+        if let Rule::Adam { beta1, beta2, .. } | Rule::AdamW { beta1, beta2, .. } = &mut self.rule {
+            (*beta1, *beta2) = (b1, b2);
+        }
+        self
+    }
+    /// Sets Adam's and AdamW's `eps` (added to the second moment's square root; torch's
+    /// default 1e-8).
+    pub fn eps(mut self, e: f32) -> Self {
+        if let Rule::Adam { eps, .. } | Rule::AdamW { eps, .. } = &mut self.rule {
+            *eps = e;
+        }
+        self
+    }
     /// Sets SGD's dampening.
     pub fn dampening(mut self, d: f32) -> Self {
         if let Rule::Sgd { dampening, .. } = &mut self.rule {
