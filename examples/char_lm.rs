@@ -31,7 +31,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use common::{Backend, Corpus, Failure};
-use kiln::nn::{Init, Linear, Lstm, Optimizer, TrainStep};
+use kiln::nn::{GradScaler, Init, Linear, Lstm, Optimizer, TrainStep};
 use kiln::{DType, Graph, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -139,12 +139,17 @@ fn main() -> Result<(), Failure> {
     let loss = g.cross_entropy(logits, y)?;
     let mut params = out.params;
     params.extend(pf);
+    let mut optimizer = Optimizer::adam(args.lr).clip_grad_norm(args.clip);
+    if args.f16 {
+        // mixed precision's small f16 gradients: dynamic loss scaling, as torch.amp.GradScaler
+        optimizer = optimizer.grad_scaler(GradScaler::default());
+    }
     let mut train = TrainStep::new(
         &dev,
         &g,
         loss,
         &params,
-        Optimizer::adam(args.lr).clip_grad_norm(args.clip),
+        optimizer,
         args.seed.wrapping_add(2),
     )?;
     println!("training plan: {}", train.plan().info());

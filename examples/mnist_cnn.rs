@@ -33,7 +33,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::data::mnist::{self, Mnist, Split};
 use kiln::graph::Conv2dOpts;
-use kiln::nn::{checkpoint, BatchNorm, Conv2d, Init, Linear, Optimizer, TrainStep};
+use kiln::nn::{checkpoint, BatchNorm, Conv2d, GradScaler, Init, Linear, Optimizer, TrainStep};
 use kiln::{DType, Device, Graph, NodeId, Plan};
 
 #[derive(Parser, Debug)]
@@ -274,7 +274,12 @@ fn run(args: Args) -> kiln::Result<()> {
     let y = g.input("y", [args.batch]);
     let (logits, params) = model.forward(&g, x, true)?;
     let loss = g.cross_entropy(logits, y)?;
-    let mut step = TrainStep::new(&dev, &g, loss, &params, Optimizer::adam(args.lr), args.seed)?;
+    let mut optimizer = Optimizer::adam(args.lr);
+    if args.f16 {
+        // mixed precision's small f16 gradients: dynamic loss scaling, as torch.amp.GradScaler
+        optimizer = optimizer.grad_scaler(GradScaler::default());
+    }
+    let mut step = TrainStep::new(&dev, &g, loss, &params, optimizer, args.seed)?;
     println!("training step plan: {}", step.plan().info());
 
     let mut shuffle = Init::new(args.seed ^ 0x5eed);

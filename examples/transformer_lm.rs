@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use common::{Backend, Corpus, Failure};
 use kiln::nn::{
-    Embedding, FeedForwardAct, Init, Layer, LayerNorm, Linear, Optimizer, TrainStep,
+    Embedding, FeedForwardAct, GradScaler, Init, Layer, LayerNorm, Linear, Optimizer, TrainStep,
     TransformerEncoderLayer,
 };
 use kiln::{DType, Graph, NodeId, Tensor};
@@ -218,12 +218,18 @@ fn main() -> Result<(), Failure> {
     let y = g.input("y", [batch * seq]);
     let (logits, params) = model.apply(&g, x, pos, true, None)?;
     let loss = g.cross_entropy(logits, y)?;
+    let mut optimizer = Optimizer::adamw(args.lr, 0.01).clip_grad_norm(1.0);
+    if args.f16 {
+        // mixed precision's small f16 gradients (a logit's is about 1 / (tokens x vocabulary)):
+        // dynamic loss scaling, as torch.amp.GradScaler
+        optimizer = optimizer.grad_scaler(GradScaler::default());
+    }
     let mut train = TrainStep::new(
         &dev,
         &g,
         loss,
         &params,
-        Optimizer::adamw(args.lr, 0.01).clip_grad_norm(1.0),
+        optimizer,
         args.seed.wrapping_add(2),
     )?;
     println!("training plan: {}", train.plan().info());

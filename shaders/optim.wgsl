@@ -5,21 +5,39 @@
 // bias corrections, first-step flag) come in a small storage buffer fed with each run, so a
 // schedule never recompiles anything.
 //
+// Every update multiplies its gradient by scale[0] * hyper[HYPER_GRAD_SCALE] and changes nothing
+// where hyper[HYPER_SKIP] is nonzero: dynamic loss scaling's unscaling and skipped steps, which
+// the `grad_scaler` entry writes into the hyper vector the updates then read (the host feeds
+// 1 and 0).
+//
 // Bindings (group 0); the entry point decides how many are used:
 //   0  hyper   storage, read        [16] see HYPER_* below (src/ops/optim.rs, Hyper::to_vec)
-//   1  scale   storage, read        [1]  gradient scale (global-norm clipping; 1 without)
+//   1  scale   storage, read        [1]  gradient scale (global-norm clipping; 1 without);
+//                                        `grad_scaler`: the scaled gradients' sum of squares
 //   2  grad    storage, read        [N]
 //   3  param   storage, read_write  [N] updated in place
 //   4  state1  storage, read_write  [N] momentum buffer (sgd_momentum) or exp_avg (adam)
 //   5  state2  storage, read_write  [N] exp_avg_sq (adam)
-// Entries: `sgd` (bindings 0-3), `sgd_momentum` (0-4), `adam` (0-5).
-// Overrides: N elements; NESTEROV (sgd_momentum); DECOUPLED (adam: AdamW's decoupled decay).
+//   `grad_scaler`: 2 scaler (read_write) [8] its state, updated in place (SCALER_* below);
+//                  3 hyper_out (read_write) [16] the hyper vector the updates read
+// Entries: `sgd` (bindings 0-3), `sgd_momentum` (0-4), `adam` (0-5), `grad_scaler` (0-3).
+// Overrides: N elements; NESTEROV (sgd_momentum); DECOUPLED (adam: AdamW's decoupled decay);
+//            `grad_scaler`: GROWTH, BACKOFF, INTERVAL (GradScaler's growth_factor,
+//            backoff_factor, growth_interval), CLIP and MAX_NORM (clip_grad_norm_ of the
+//            unscaled gradients), PARTIALS (0: binding 1 holds the sum of squares; else it
+//            holds this many partial sums, added up in order).
 // Dispatch: ceil(N / 256) workgroups of 256 threads, folded into (x <= 65535, y); one element
-//           per thread.
+//           per thread; `grad_scaler` one workgroup of one thread.
 
 override N: u32 = 1u;
 override NESTEROV: bool = false;
 override DECOUPLED: bool = false;
+override GROWTH: f32 = 2.0;
+override BACKOFF: f32 = 0.5;
+override INTERVAL: f32 = 2000.0;
+override CLIP: bool = false;
+override MAX_NORM: f32 = 1.0;
+override PARTIALS: u32 = 0u;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<storage, read> hyper: array<f32>;
@@ -28,6 +46,8 @@ const WG: u32 = 256u;
 @group(0) @binding(3) var<storage, read_write> param: array<f32>;
 @group(0) @binding(4) var<storage, read_write> state1: array<f32>;
 @group(0) @binding(5) var<storage, read_write> state2: array<f32>;
+@group(0) @binding(2) var<storage, read_write> scaler: array<f32>;
+@group(0) @binding(3) var<storage, read_write> hyper_out: array<f32>;
 
 // shared: begin optim_math
 const HYPER_LR: u32 = 0u;
@@ -40,6 +60,19 @@ const HYPER_BETA2: u32 = 6u;
 const HYPER_EPS: u32 = 7u;
 const HYPER_BIAS_CORRECTION1: u32 = 8u;
 const HYPER_BIAS_CORRECTION2_SQRT: u32 = 9u;
+const HYPER_GRAD_SCALE: u32 = 10u;
+const HYPER_SKIP: u32 = 11u;
+
+// The factor an update multiplies its gradient by: clipping's `clip` (scale[0]) and dynamic loss
+// scaling's unscaling.
+fn step_scale(clip: f32) -> f32 {
+    return clip * hyper[HYPER_GRAD_SCALE];
+}
+
+// Whether dynamic loss scaling skips this step (a gradient was not finite).
+fn skipped() -> bool {
+    return hyper[HYPER_SKIP] != 0.0;
+}
 
 // One element's update from its parameter value p, gradient gr and the gradient scale sc (and
 // states); every optimizer kernel binds `hyper` at 0 and defines NESTEROV and DECOUPLED.
@@ -98,10 +131,10 @@ fn sgd(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let i = index(wid, nwg, lid);
-    if i >= N {
+    if i >= N || skipped() {
         return;
     }
-    param[i] = sgd_update(param[i], grad[i], scale[0]);
+    param[i] = sgd_update(param[i], grad[i], step_scale(scale[0]));
 }
 
 @compute @workgroup_size(256)
@@ -111,10 +144,10 @@ fn sgd_momentum(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let i = index(wid, nwg, lid);
-    if i >= N {
+    if i >= N || skipped() {
         return;
     }
-    let r = sgd_momentum_update(param[i], grad[i], scale[0], state1[i]);
+    let r = sgd_momentum_update(param[i], grad[i], step_scale(scale[0]), state1[i]);
     param[i] = r.x;
     state1[i] = r.y;
 }
@@ -126,11 +159,73 @@ fn adam(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let i = index(wid, nwg, lid);
-    if i >= N {
+    if i >= N || skipped() {
         return;
     }
-    let r = adam_update(param[i], grad[i], scale[0], state1[i], state2[i]);
+    let r = adam_update(param[i], grad[i], step_scale(scale[0]), state1[i], state2[i]);
     param[i] = r.x;
     state1[i] = r.y;
     state2[i] = r.z;
+}
+
+const SCALER_SCALE: u32 = 0u;
+const SCALER_TRACKER: u32 = 1u;
+const SCALER_STEPS: u32 = 2u;
+const SCALER_S1: u32 = 3u;
+const SCALER_S2: u32 = 4u;
+
+// Whether x is finite, from its bits (WGSL may assume that floats are finite).
+fn finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+// GradScaler's unscale_, inf check and update (src/ops/optim.rs, ScalerStep::cpu, the same
+// operations in the same order): the hyper vector of this step, then the state of the next.
+@compute @workgroup_size(1)
+fn grad_scaler() {
+    var sumsq = scale[0];
+    if PARTIALS > 0u {
+        sumsq = 0.0;
+        for (var k = 0u; k < PARTIALS; k = k + 1u) {
+            sumsq = sumsq + scale[k];
+        }
+    }
+    let found = !finite(sumsq);
+    let s = scaler[SCALER_SCALE];
+    let inv = 1.0 / s;
+    var coef = 1.0;
+    if CLIP {
+        coef = min(MAX_NORM / (sqrt(sumsq) * inv + 1e-6), 1.0);
+    }
+    for (var k = 0u; k < 16u; k = k + 1u) {
+        hyper_out[k] = hyper[k];
+    }
+    // the optimizer's own step count: the steps taken, not those skipped
+    let b1 = hyper[HYPER_BETA1];
+    let b2 = hyper[HYPER_BETA2];
+    let s1 = 1.0 + b1 * scaler[SCALER_S1];
+    let s2 = 1.0 + b2 * scaler[SCALER_S2];
+    hyper_out[HYPER_FIRST_STEP] = select(0.0, 1.0, scaler[SCALER_STEPS] == 0.0);
+    hyper_out[HYPER_BIAS_CORRECTION1] = (1.0 - b1) * s1;
+    hyper_out[HYPER_BIAS_CORRECTION2_SQRT] = sqrt((1.0 - b2) * s2);
+    hyper_out[HYPER_GRAD_SCALE] = coef * inv;
+    hyper_out[HYPER_SKIP] = select(0.0, 1.0, found);
+    if found {
+        scaler[SCALER_SCALE] = s * BACKOFF;
+        scaler[SCALER_TRACKER] = 0.0;
+    } else {
+        scaler[SCALER_STEPS] = scaler[SCALER_STEPS] + 1.0;
+        scaler[SCALER_S1] = s1;
+        scaler[SCALER_S2] = s2;
+        let tracker = scaler[SCALER_TRACKER] + 1.0;
+        if tracker >= INTERVAL {
+            let grown = s * GROWTH;
+            if finite(grown) {
+                scaler[SCALER_SCALE] = grown;
+            }
+            scaler[SCALER_TRACKER] = 0.0;
+        } else {
+            scaler[SCALER_TRACKER] = tracker;
+        }
+    }
 }

@@ -13,8 +13,8 @@
 //! backward in one kernel, ..), its outputs poisoned with NaN, must give what the CPU reference
 //! gives. A quarter of the programs run instead as two training steps (their weights f32
 //! parameters, cast to f16 in an f16 program as mixed precision does; SGD with momentum,
-//! weight decay or clipping, Adam or AdamW: in-place updates, grouped optimizer kernels)
-//! compared by their losses and parameters. The runner's seed is fixed, so
+//! weight decay or clipping, Adam or AdamW, with dynamic loss scaling in mixed precision:
+//! in-place updates, grouped optimizer kernels) compared by their losses and parameters. The runner's seed is fixed, so
 //! CI sees the same cases every run; `PROPTEST_CASES` asks for more and `KILN_PROPTEST_SEED`
 //! (a number) for other ones (a failure prints the shrunk program).
 
@@ -261,26 +261,32 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
     let mut inputs: Vec<NodeId> = Vec::new();
     // a new weight (of the program's type, or f32: normalization parameters): an input, or in
     // a training step a parameter
-    let input_as = |g: &Graph, feeds: &mut Vec<(String, Tensor)>, shape: &[usize], t: DType| {
-        let value = common::rand(shape, 1 + feeds.len() as u64);
-        let (name, id) = match train {
-            // mixed precision: f32 parameters, cast to the program's type where it is f16
-            Some(prefix) => {
-                let name = format!("{prefix}w{}", feeds.len());
-                let p = g.param_init(&name, value.clone());
-                let id = match t {
-                    DType::F32 => p,
-                    _ => g.cast(p, t).expect("a parameter casts"),
-                };
-                (name, id)
-            }
-            None => {
-                let name = format!("in{}", feeds.len());
-                (name.clone(), g.input_as(&name, shape, t))
-            }
+    // (values in [-scale, scale))
+    let input_scaled =
+        |g: &Graph, feeds: &mut Vec<(String, Tensor)>, shape: &[usize], t: DType, scale: f32| {
+            let mut value = common::rand(shape, 1 + feeds.len() as u64);
+            value.data_mut().iter_mut().for_each(|v| *v *= scale);
+            let (name, id) = match train {
+                // mixed precision: f32 parameters, cast to the program's type where it is f16
+                Some(prefix) => {
+                    let name = format!("{prefix}w{}", feeds.len());
+                    let p = g.param_init(&name, value.clone());
+                    let id = match t {
+                        DType::F32 => p,
+                        _ => g.cast(p, t).expect("a parameter casts"),
+                    };
+                    (name, id)
+                }
+                None => {
+                    let name = format!("in{}", feeds.len());
+                    (name.clone(), g.input_as(&name, shape, t))
+                }
+            };
+            feeds.push((name, value));
+            id
         };
-        feeds.push((name, value));
-        id
+    let input_as = |g: &Graph, feeds: &mut Vec<(String, Tensor)>, shape: &[usize], t: DType| {
+        input_scaled(g, feeds, shape, t, 1.0)
     };
     let input = |g: &Graph, feeds: &mut Vec<(String, Tensor)>, shape: &[usize]| {
         input_as(g, feeds, shape, dtype)
@@ -592,12 +598,19 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                         feeds.push((name.clone(), Tensor::new([b], l).unwrap()));
                         g.input(&name, [b])
                     });
+                    // the next parameter's values in [-scale, scale)
+                    let scale = std::cell::Cell::new(1.0);
                     let mut param = |shape: &[usize]| {
-                        let p = input(&g, &mut feeds, shape);
+                        let p = input_scaled(&g, &mut feeds, shape, dtype, scale.replace(1.0));
                         inputs.push(p);
                         p
                     };
-                    let (w_ih, w_hh) = (param(&[gates * h, i]), param(&[gates * h, h]));
+                    let w_ih = param(&[gates * h, i]);
+                    // the recurrent weight as torch initializes it, in [-1/sqrt(H), 1/sqrt(H)):
+                    // a contracting recurrence (in [-1, 1) a long one is chaotic, and its
+                    // gradients' rounding noise grows over a thousand steps)
+                    scale.set(1.0 / (h as f32).sqrt());
+                    let w_hh = param(&[gates * h, h]);
                     let (b_ih, b_hh) = (param(&[gates * h]), param(&[gates * h]));
                     // an earlier value of the state's shape, else a new input
                     let state =
@@ -761,12 +774,19 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
         .collect();
     let mut train_loss = None;
     if p.gradients || train.is_some() {
-        // a random projection of each output, summed: gradients for every input
+        // a random projection of each output, summed: gradients for every input. A training
+        // step's is the mean, so that a step stays small on large outputs: the sum over a deep
+        // input's rows moves the weights of a long recurrence into saturation in one step,
+        // where the next step's gradients are rounding noise amplified (1 - tanh^2 of states
+        // near 1, through a thousand steps)
         let mut loss: Option<NodeId> = None;
         for (k, &y) in outputs.iter().enumerate() {
             let r = g.constant(common::rand(&dims(y), 50 + k as u64));
             let y = g.cast(y, DType::F32).unwrap();
-            let term = g.sum_all(g.mul(y, r).unwrap()).unwrap();
+            let term = match train {
+                Some(_) => g.mean_all(g.mul(y, r).unwrap()).unwrap(),
+                None => g.sum_all(g.mul(y, r).unwrap()).unwrap(),
+            };
             loss = Some(match loss {
                 Some(l) => g.add(l, term).unwrap(),
                 None => term,
@@ -844,8 +864,8 @@ fn random_programs_match_the_cpu_reference() {
 }
 
 /// Two training steps of program `p` (its weights parameters named from `prefix`, SGD plain,
-/// with momentum, Nesterov with weight decay, with gradient clipping, Adam or AdamW by `opt`)
-/// on `dev` and
+/// with momentum, Nesterov with weight decay, with gradient clipping, Adam or AdamW by `opt`;
+/// with dynamic loss scaling in mixed precision) on `dev` and
 /// on the CPU reference: the same losses and the same parameters after.
 fn training_steps_match(dev: &kiln::Device, p: &Program, half: bool, opt: u8, prefix: &str) {
     use kiln::nn::{Optimizer, TrainStep};
@@ -864,6 +884,16 @@ fn training_steps_match(dev: &kiln::Device, p: &Program, half: bool, opt: u8, pr
         3 => Optimizer::sgd(0.05).clip_grad_norm(0.5),
         4 => Optimizer::adam(0.01).eps(1e-3),
         _ => Optimizer::adamw(0.01, 0.1).betas(0.8, 0.99).eps(1e-3),
+    };
+    // dynamic loss scaling in mixed precision (and with AdamW in f32), its scale growing every
+    // step: scaled f16 gradients, the scaler's kernel, unscaling in grouped updates
+    let optimizer = match half || opt % 6 == 5 {
+        true => optimizer.grad_scaler(kiln::nn::GradScaler {
+            init_scale: 1024.0,
+            growth_interval: 1,
+            ..Default::default()
+        }),
+        false => optimizer,
     };
     let data: Vec<(&str, &Tensor)> = b
         .feeds

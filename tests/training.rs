@@ -5,7 +5,7 @@
 mod common;
 
 use common::{assert_close, check_gpu_vs_cpu, gpu, gradcheck, rand};
-use kiln::nn::{Init, Linear, Optimizer, Schedule, TrainStep};
+use kiln::nn::{GradScaler, Init, Linear, Optimizer, Schedule, TrainStep};
 use kiln::ops::TOL_REDUCTION;
 use kiln::{Device, Graph, Tensor};
 
@@ -477,6 +477,187 @@ fn update_rules_follow_torch_optim() {
             assert!(
                 (got[i] as f64 - p[i]).abs() < 1e-5,
                 "adam decoupled={decoupled}: {got:?} vs {p:?}"
+            );
+        }
+    }
+}
+
+/// Dynamic loss scaling as `torch.amp.GradScaler`: a first step whose scaled gradients
+/// overflow is skipped (parameters and states untouched, the optimizer's step count not
+/// advanced, the scale backed off), the steps after it unscale exactly (a power-of-two scale)
+/// and take torch.optim's updates with bias corrections of the steps taken, and the scale grows
+/// after `growth_interval` steps in a row: SGD with Nesterov momentum and Adam on the CPU
+/// reference against the textbook formulas, and the GPU against the CPU reference (parameters,
+/// states and the scaler's state), with and without clipping (which reads the unscaled norm).
+#[test]
+fn loss_scaling_skips_overflowing_steps_as_grad_scaler() {
+    let p0 = [0.5f64, -1.0, 2.0];
+    let scaler = GradScaler {
+        // 2 * 2^127 overflows f32: the first step is skipped, the next ones scale by 2^27
+        init_scale: 2f32.powi(127),
+        growth_factor: 2.0,
+        backoff_factor: 2f32.powi(-100),
+        growth_interval: 2,
+    };
+    // loss 0.5 (|p|^2 + |q|^2) (gradients p and q, both starting at p0: one grouped update
+    // kernel) for 4 steps; the parameters, their states and the scaler's state
+    let run = |dev: &Device, opt: Optimizer| -> Vec<Tensor> {
+        let g = Graph::new();
+        let start = Tensor::new([3], p0.iter().map(|&v| v as f32).collect()).unwrap();
+        let (p, q) = (g.param_init("p", start.clone()), g.param_init("q", start));
+        let half_square = |t| g.mul_scalar(g.sum_all(g.square(t)?)?, 0.5);
+        let loss = g
+            .add(half_square(p).unwrap(), half_square(q).unwrap())
+            .unwrap();
+        let mut step = TrainStep::new(dev, &g, loss, &[p, q], opt, 0).unwrap();
+        for k in 0..4 {
+            let l = step.step(&[], true).unwrap().unwrap();
+            // the loss read back is the model's, not the scaled one
+            assert!(l.is_finite() && l < 6.0, "step {k}: loss {l}");
+        }
+        [
+            "optim.grad_scaler.p",
+            "p",
+            "q",
+            "optim.p.momentum_buffer",
+            "optim.q.exp_avg",
+        ]
+        .iter()
+        .filter_map(|n| dev.param(n).ok())
+        .collect()
+    };
+    // after: one skip (2^127 -> 2^27), three steps taken, a growth after two of them
+    let state = [2f32.powi(28), 1.0, 3.0];
+    let (lr, mu, wd) = (0.1, 0.9, 0.1);
+    let mut sgd = p0;
+    let mut b = [0f64; 3];
+    for t in 0..3 {
+        for i in 0..3 {
+            let g = sgd[i] + wd * sgd[i];
+            b[i] = if t == 0 { g } else { mu * b[i] + g };
+            sgd[i] -= lr * (g + mu * b[i]);
+        }
+    }
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
+    let mut adam = p0;
+    let (mut m, mut v) = ([0f64; 3], [0f64; 3]);
+    for t in 1..=3 {
+        for i in 0..3 {
+            let g = adam[i];
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            let (mh, vh) = (m[i] / (1.0 - b1.powi(t)), v[i] / (1.0 - b2.powi(t)));
+            adam[i] -= lr * mh / (vh.sqrt() + eps);
+        }
+    }
+    let cases = [
+        (
+            Optimizer::sgd_momentum(0.1, 0.9, true).weight_decay(0.1),
+            Some(sgd),
+        ),
+        (Optimizer::adam(0.1), Some(adam)),
+        // clipped to a norm of 0.1 (of the unscaled gradients, about 2.3): no textbook twin
+        (Optimizer::adam(0.1).clip_grad_norm(0.1), None),
+    ];
+    for (opt, want) in cases {
+        let opt = opt.grad_scaler(scaler);
+        let what = format!("{:?} clip {:?}", opt.rule, opt.clip_norm);
+        let cpu = run(&Device::cpu(), opt.clone());
+        assert_eq!(&cpu[0].data()[..3], state, "{what}: scaler state");
+        if let Some(want) = want {
+            for got in [cpu[1].data(), cpu[2].data()] {
+                for i in 0..3 {
+                    let near = (got[i] as f64 - want[i]).abs() < 1e-5;
+                    assert!(near, "{what}: {got:?} vs {want:?}");
+                }
+            }
+        }
+        if gpu().is_none() {
+            continue;
+        }
+        let gpu_run = run(&Device::gpu().unwrap(), opt);
+        assert_eq!(gpu_run.len(), cpu.len(), "{what}");
+        for (a, b) in gpu_run.iter().zip(&cpu) {
+            assert_close(&what, a, b, 1e-6, 1e-5);
+        }
+    }
+}
+
+/// Loss scaling costs two kernels a step: the gradients' sum of squares (partial sums) and the
+/// scaler's one thread, which adds the partial sums up itself (no reduction kernel between
+/// them) and clips too where asked; the updates stay grouped. The tiny model's parameters and
+/// Adam states against the CPU reference.
+#[test]
+fn loss_scaling_is_two_kernels_more() {
+    let Some(dev) = gpu() else { return };
+    let _ = dev;
+    let scaler = GradScaler {
+        init_scale: 256.0,
+        growth_interval: 2,
+        ..Default::default()
+    };
+    let count = |opt: Optimizer| train_tiny_kernels(&Device::gpu().unwrap(), opt, 4).1.len();
+    let plain = count(Optimizer::adam(1e-2));
+    for clip in [None, Some(0.05)] {
+        let mut opt = Optimizer::adam(1e-2).grad_scaler(scaler);
+        if let Some(c) = clip {
+            opt = opt.clip_grad_norm(c);
+        }
+        let what = format!("clip {clip:?}");
+        let (a, kernels) = train_tiny_kernels(&Device::gpu().unwrap(), opt.clone(), 4);
+        let b = train_tiny(&Device::cpu(), opt, 4);
+        for (x, y) in a.iter().zip(&b) {
+            assert_close(&what, x, y, 1e-5, 1e-4);
+        }
+        assert_eq!(kernels.len(), plain + 2, "{what}: {kernels:#?}");
+        assert_eq!(common::count_op(&kernels, "grad_scaler"), 1, "{what}");
+        assert_eq!(common::count_op(&kernels, "sum_squares"), 1, "{what}");
+    }
+}
+
+/// What loss scaling is for: a mixed-precision model whose f16 gradients are below f16's
+/// smallest subnormal (about 6e-8) learns nothing without it (they flush to zero) and learns
+/// what f32 would with it (scaled by 2^16 they are representable, and unscaled in f32), on the
+/// GPU and on the CPU reference (which rounds f16 values as f16 storage does).
+#[test]
+fn loss_scaling_keeps_small_f16_gradients() {
+    let x = [0.5f32, -0.75, 1.0, 0.25];
+    let run = |dev: &Device, scaled: bool| -> Vec<f32> {
+        let g = Graph::new();
+        let w = g.param_init("w", Tensor::full([4], 1.0));
+        let xs = g.constant(Tensor::new([4], x.to_vec()).unwrap());
+        let half = |t| g.cast(t, kiln::DType::F16).unwrap();
+        let y = g.mul(half(w), half(xs)).unwrap();
+        let y = g.cast(y, kiln::DType::F32).unwrap();
+        // d loss / d y = 1e-9 everywhere: zero in f16
+        let loss = g.mul_scalar(g.sum_all(y).unwrap(), 1e-9).unwrap();
+        let mut opt = Optimizer::sgd(1e6);
+        if scaled {
+            opt = opt.grad_scaler(GradScaler::default());
+        }
+        let mut step = TrainStep::new(dev, &g, loss, &[w], opt, 0).unwrap();
+        step.step(&[], false).unwrap();
+        dev.param("w").unwrap().into_data()
+    };
+    let mut devices = vec![Device::cpu()];
+    if let Some(dev) = gpu() {
+        if dev.features().contains(wgpu::Features::SHADER_F16) {
+            devices.push(Device::gpu().unwrap());
+        } else {
+            eprintln!("NOTICE: adapter without SHADER_F16; f16 loss scaling on the CPU only");
+        }
+    }
+    for dev in devices {
+        let what = format!("{:?}", dev.kind());
+        assert_eq!(run(&dev, false), vec![1.0; 4], "{what}: unscaled");
+        // w - lr * 1e-9 * x, the gradient 1e-9 * 2^16 and its product with x rounded to f16
+        // (0.05% each)
+        let got = run(&dev, true);
+        for i in 0..4 {
+            let want = 1.0 - 1e6 * 1e-9 * x[i] as f64;
+            assert!(
+                (got[i] as f64 - want).abs() < 3e-6,
+                "{what}: scaled: {got:?}, want 1 - 1e-3 x"
             );
         }
     }

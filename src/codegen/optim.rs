@@ -223,7 +223,10 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {{
     let w = wid.y * nwg.x + wid.x;
-    let sc = grad_scale();"
+    if skipped() {{
+        return;
+    }}
+    let sc = step_scale(grad_scale());"
     );
     for (j, &n) in sizes.iter().enumerate() {
         let gr = widen(grads[j], format!("g{j}[i]"));

@@ -69,6 +69,13 @@ pub fn evaluate(
                     }
                     first.expect("a group has members")
                 }
+                Op::ScalerStep(s) => {
+                    let (hyper, state) = s.cpu(ins[0], ins[1], ins[2]);
+                    if let Op::Param { name, .. } = &nodes[n.inputs[2].0].op {
+                        store(name, state)?;
+                    }
+                    hyper
+                }
                 Op::WriteRows(w) => {
                     let updated = w.cpu(ins[0], ins[1], ins[2]);
                     if let Op::Param { name, .. } = &nodes[n.inputs[2].0].op {

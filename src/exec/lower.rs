@@ -172,7 +172,72 @@ pub(crate) fn lower(
         outputs,
         ch.target.max_storage_buffers as usize,
     );
+    partials_into_grad_scaler(nodes, order, outputs);
     sums_in_normalize_backward(nodes, order);
+}
+
+/// Where dynamic loss scaling's kernel reads the gradients' sum of squares from the small
+/// reduction of its partial sums (`Graph::sum_squares`), it reads the partial sums and adds them
+/// up itself (`ScalerStep::partials`), and the reduction's kernel goes once nothing else reads
+/// its result: one dispatch fewer per training step, as the update kernels do for clipping
+/// ([`group_optimizer_updates`]).
+pub(crate) fn partials_into_grad_scaler(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    outputs: &[NodeId],
+) {
+    let scalers: Vec<NodeId> = order
+        .iter()
+        .copied()
+        .filter(|id| matches!(nodes[id.0].op, Op::ScalerStep(s) if s.partials == 0))
+        .collect();
+    for id in scalers {
+        let sum = nodes[id.0].inputs[1];
+        let whole = |shape: &crate::tensor::Shape| {
+            shape.numel() <= MAX_SCALE_PARTIALS && nodes[sum.0].shape.numel() == 1
+        };
+        let partials = match &nodes[sum.0].op {
+            Op::Reduce(r)
+                if r.kind == crate::ops::reduce::ReduceKind::Sum
+                    && whole(&nodes[nodes[sum.0].inputs[0].0].shape)
+                    && nodes[sum.0].dtype == DType::F32
+                    && !outputs.contains(&sum) =>
+            {
+                nodes[nodes[sum.0].inputs[0].0].shape.numel()
+            }
+            Op::ReducePrologue(r)
+                if r.program.steps.is_empty()
+                    && r.epilogue.is_none()
+                    && r.reduce.kind == crate::ops::reduce::ReduceKind::Sum
+                    && r.input_shape.numel() <= MAX_SCALE_PARTIALS
+                    && nodes[sum.0].inputs.len() == 1
+                    && nodes[sum.0].dtype == DType::F32
+                    && !outputs.contains(&sum) =>
+            {
+                r.input_shape.numel()
+            }
+            _ => continue,
+        };
+        let source = nodes[sum.0].inputs[0];
+        let (Some(p), Some(q)) = (
+            order.iter().position(|&o| o == sum),
+            order.iter().position(|&o| o == id),
+        ) else {
+            continue;
+        };
+        if nodes[source.0].dtype != DType::F32 || written_between(nodes, order, source, p, q) {
+            continue;
+        }
+        let Op::ScalerStep(mut s) = nodes[id.0].op else {
+            continue;
+        };
+        s.partials = partials;
+        nodes[id.0].op = Op::ScalerStep(s);
+        nodes[id.0].inputs[1] = source;
+        if readers(nodes, order, sum) == 0 {
+            order.retain(|&o| o != sum);
+        }
+    }
 }
 
 /// Where attention's backward statistics kernel reads the forward node of the same operands

@@ -13,6 +13,18 @@ impl Graph {
     /// Gradients of `loss` (one element) with respect to each of `wrt`, as new nodes in this
     /// graph, in the same order. A node `loss` does not depend on gets a zero gradient.
     pub fn grad(&self, loss: NodeId, wrt: &[NodeId]) -> Result<Vec<NodeId>> {
+        self.grad_with_seed(loss, None, wrt)
+    }
+
+    /// [`Graph::grad`] of `seed * loss`: the backward pass starts from `seed` (a node of the
+    /// loss's shape, f32) instead of 1, read where the loss's gradient is read (dynamic loss
+    /// scaling's scale, without a kernel that multiplies the loss by it); `None` is 1.
+    pub fn grad_with_seed(
+        &self,
+        loss: NodeId,
+        seed: Option<NodeId>,
+        wrt: &[NodeId],
+    ) -> Result<Vec<NodeId>> {
         let n_fwd = loss.0 + 1;
         let loss_shape = self.check_id("grad", loss)?;
         if loss_shape.numel() != 1 {
@@ -23,6 +35,15 @@ impl Graph {
         }
         for &w in wrt {
             self.check_id("grad", w)?;
+        }
+        if let Some(s) = seed {
+            let shape = self.check_id("grad", s)?;
+            if shape != loss_shape {
+                return Err(shape_err(
+                    "grad",
+                    format!("the seed's shape {shape} is not the loss's {loss_shape}"),
+                ));
+            }
         }
         let fwd = self.nodes.borrow()[..n_fwd].to_vec();
         // nodes on a path from some `wrt` to the loss
@@ -39,7 +60,7 @@ impl Graph {
         }
         let mut grads: HashMap<usize, NodeId> = HashMap::new();
         if depends[loss.0] {
-            let seed = self.constant(Tensor::full(loss_shape, 1.0));
+            let seed = seed.unwrap_or_else(|| self.constant(Tensor::full(loss_shape, 1.0)));
             grads.insert(loss.0, self.cast(seed, self.dtype(loss))?);
         }
         for i in (0..n_fwd).rev() {

@@ -506,6 +506,39 @@ impl Graph {
         self.mean_all(self.sub(self.softplus(logits)?, self.mul(logits, target)?)?)
     }
 
+    /// Dynamic loss scaling's step between the backward pass and the updates
+    /// (`ops::optim::ScalerStep`): from `hyper` (16), `sumsq` (`[1]`, the scaled gradients'
+    /// sum of squares) and `state` (a parameter of [`crate::ops::optim::SCALER_STATE_LEN`],
+    /// updated in place), the hyper vector the updates read. Used by `nn::Optimizer`.
+    pub fn grad_scaler(
+        &self,
+        step: crate::ops::optim::ScalerStep,
+        hyper: NodeId,
+        sumsq: NodeId,
+        state: NodeId,
+    ) -> Result<NodeId> {
+        use crate::ops::optim::{HYPER_LEN, SCALER_STATE_LEN};
+        const OP: &str = "grad_scaler";
+        let (h, s, st) = (
+            self.check_id(OP, hyper)?,
+            self.check_id(OP, sumsq)?,
+            self.check_id(OP, state)?,
+        );
+        if h.dims() != [HYPER_LEN] || s.numel() != 1 || st.dims() != [SCALER_STATE_LEN] {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "hyper [{HYPER_LEN}], a sum of squares of one element and a state \
+                     [{SCALER_STATE_LEN}], got {h}, {s} and {st}"
+                ),
+            ));
+        }
+        if !self.is_param(state) {
+            return Err(shape_err(OP, "the scaler's state must be a parameter node"));
+        }
+        self.push(Op::ScalerStep(step), vec![hyper, sumsq, state], h)
+    }
+
     /// An in-place optimizer update of `param` (a parameter node) from `grad`: `hyper` is the
     /// per-step input (see `ops::optim::Hyper`), `scale` a `[1]` gradient scale, `states` the
     /// optimizer's state parameters. Used by `nn::Optimizer`.

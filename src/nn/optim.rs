@@ -1,12 +1,12 @@
 //! Optimizers with torch.optim's update rules (SGD with momentum, dampening, Nesterov and weight
-//! decay; Adam; AdamW), learning-rate schedules (step, cosine, linear warmup) and clipping by
-//! global gradient norm. `minimize` appends the backward pass and one fused in-place update kernel
+//! decay; Adam; AdamW), learning-rate schedules (step, cosine, linear warmup), clipping by
+//! global gradient norm and dynamic loss scaling for mixed precision ([`GradScaler`]). `minimize` appends the backward pass and one fused in-place update kernel
 //! per parameter to a graph; `hyper` gives the small per-step input (learning rate, bias
 //! corrections) so that schedules never recompile.
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
-use crate::ops::optim::{Hyper, OptimKind, HYPER_LEN};
+use crate::ops::optim::{Hyper, OptimKind, ScalerStep, HYPER_LEN, SCALER_STATE_LEN};
 use crate::ops::Op;
 use crate::tensor::Tensor;
 
@@ -55,7 +55,35 @@ pub enum Schedule {
     },
 }
 
-/// An optimizer: rule, base learning rate, schedule, optional linear warmup and clipping.
+/// Dynamic loss scaling, as `torch.amp.GradScaler` (its defaults): the loss is multiplied by a
+/// scale before the backward pass, so that small f16 gradients do not flush to zero, and the
+/// gradients divided by it before clipping and the update; a step whose gradients are not all
+/// finite is skipped (parameters and optimizer states unchanged, the optimizer's step count
+/// not advanced) and the scale multiplied by `backoff_factor`; after `growth_interval` steps in
+/// a row without one, by `growth_factor`. All of it on the device, in the step's one
+/// submission: the scale and its counters are a parameter, `optim.grad_scaler.<first
+/// parameter>` `[scale, growth_tracker, steps, ..]`, saved with checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradScaler {
+    pub init_scale: f32,
+    pub growth_factor: f32,
+    pub backoff_factor: f32,
+    pub growth_interval: u32,
+}
+
+impl Default for GradScaler {
+    fn default() -> Self {
+        GradScaler {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+}
+
+/// An optimizer: rule, base learning rate, schedule, optional linear warmup, clipping and loss
+/// scaling.
 #[derive(Debug, Clone)]
 pub struct Optimizer {
     pub rule: Rule,
@@ -65,6 +93,8 @@ pub struct Optimizer {
     pub warmup: u64,
     /// Clip gradients so that their global L2 norm is at most this (`clip_grad_norm_`).
     pub clip_norm: Option<f32>,
+    /// Dynamic loss scaling (mixed precision), where set.
+    pub grad_scaler: Option<GradScaler>,
     step: u64,
 }
 
@@ -76,6 +106,7 @@ impl Optimizer {
             schedule: Schedule::Constant,
             warmup: 0,
             clip_norm: None,
+            grad_scaler: None,
             step: 0,
         }
     }
@@ -174,6 +205,11 @@ impl Optimizer {
         self.clip_norm = Some(max_norm);
         self
     }
+    /// Scales the loss dynamically (see [`GradScaler`]; `GradScaler::default()` is torch's).
+    pub fn grad_scaler(mut self, s: GradScaler) -> Self {
+        self.grad_scaler = Some(s);
+        self
+    }
 
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
@@ -218,9 +254,10 @@ impl Optimizer {
     }
 
     /// Appends to `g` the gradients of `loss` for `params` (parameter nodes), optional clipping,
-    /// and one in-place update per parameter; returns the update nodes (compile them as effects:
-    /// `Device::compile_with(g, &[loss], &updates)`). State tensors are parameters named
-    /// `optim.<param>.<state>` (`exp_avg`, `exp_avg_sq`, `momentum_buffer`), saved with checkpoints.
+    /// loss scaling, and one in-place update per parameter; returns the update nodes (compile
+    /// them as effects: `Device::compile_with(g, &[loss], &updates)`). State tensors are
+    /// parameters named `optim.<param>.<state>` (`exp_avg`, `exp_avg_sq`, `momentum_buffer`)
+    /// and `optim.grad_scaler.<first param>`, saved with checkpoints.
     pub fn minimize(&self, g: &Graph, loss: NodeId, params: &[NodeId]) -> Result<Vec<NodeId>> {
         let nodes = g.nodes();
         let names: Vec<String> = params
@@ -234,10 +271,37 @@ impl Optimizer {
                 ))),
             })
             .collect::<Result<_>>()?;
-        let grads = g.grad(loss, params)?;
         let hyper = g
             .find_input(HYPER_INPUT)
             .unwrap_or_else(|| g.input(HYPER_INPUT, [HYPER_LEN]));
+        if let Some(scaler) = self.grad_scaler {
+            let Some(first) = names.first() else {
+                return Err(Error::Param("minimize: no parameters".into()));
+            };
+            let mut init = vec![0.0; SCALER_STATE_LEN];
+            init[0] = scaler.init_scale;
+            let state = g.param_init(
+                &format!("optim.grad_scaler.{first}"),
+                Tensor::new([SCALER_STATE_LEN], init)?,
+            );
+            // the scale as the loss's shape (one element, a view of the state) seeds the
+            // backward pass: the gradients of the scaled loss
+            let dims: Vec<isize> = g.shape(loss).dims().iter().map(|&d| d as isize).collect();
+            let scale = g.reshape(g.narrow(state, 0, 0, 1)?, &dims)?;
+            let grads = g.grad_with_seed(loss, Some(scale), params)?;
+            let step = ScalerStep {
+                growth_factor: scaler.growth_factor,
+                backoff_factor: scaler.backoff_factor,
+                growth_interval: scaler.growth_interval,
+                max_norm: self.clip_norm,
+                partials: 0,
+            };
+            let hyper = g.grad_scaler(step, hyper, g.sum_squares(&grads)?, state)?;
+            // unscaling and clipping are the scaler's: the updates' own scale is 1
+            let one = g.constant(Tensor::full([1], 1.0));
+            return self.updates(g, hyper, one, params, &grads, &names);
+        }
+        let grads = g.grad(loss, params)?;
         let scale = match self.clip_norm {
             None => g.constant(Tensor::full([1], 1.0)),
             Some(max_norm) => {
@@ -251,9 +315,22 @@ impl Optimizer {
                 g.minimum(coef, g.constant(Tensor::full([1], 1.0)))?
             }
         };
+        self.updates(g, hyper, scale, params, &grads, &names)
+    }
+
+    /// One in-place update per parameter, reading `hyper` and the gradient scale `scale`.
+    fn updates(
+        &self,
+        g: &Graph,
+        hyper: NodeId,
+        scale: NodeId,
+        params: &[NodeId],
+        grads: &[NodeId],
+        names: &[String],
+    ) -> Result<Vec<NodeId>> {
         let kind = self.kind();
         let mut updates = Vec::new();
-        for ((&p, &gr), name) in params.iter().zip(&grads).zip(&names) {
+        for ((&p, &gr), name) in params.iter().zip(grads).zip(names) {
             let shape = g.shape(p);
             let states: Vec<NodeId> = kind
                 .state_names()

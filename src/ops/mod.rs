@@ -148,6 +148,10 @@ pub enum Op {
     CrossEntropyRows(loss::CrossEntropyRows),
     /// An in-place optimizer update of a parameter and its state (no buffer of its own).
     OptimStep(optim::OptimStep),
+    /// Dynamic loss scaling between the backward pass and the updates: inputs hyper, the
+    /// scaled gradients' sum of squares and the scaler's state (a parameter, written in place);
+    /// its value is the hyper vector the updates read (see `ops::optim::ScalerStep`).
+    ScalerStep(optim::ScalerStep),
     /// Several parameters' updates as one kernel (made by the plan compiler).
     OptimGroup(optim::OptimGroup),
     /// Partial sums of squares of several tensors (see `ops::reduce::SumSquares`).
@@ -276,6 +280,7 @@ impl Op {
             Op::CrossEntropyBackward(_) => "cross_entropy_backward",
             Op::CrossEntropyRows(_) => "cross_entropy_rows",
             Op::OptimStep(o) => o.name(),
+            Op::ScalerStep(_) => "grad_scaler",
             Op::OptimGroup(o) => o.name(),
             Op::SumSquares(_) => "sum_squares",
             Op::RunningUpdate(_) => "running_update",
@@ -370,6 +375,8 @@ impl Op {
     pub fn binding_mode(&self, n_inputs: usize) -> (usize, bool) {
         match self {
             Op::OptimStep(_) => (3, false),
+            // the scaler's state, then the hyper vector it writes
+            Op::ScalerStep(_) => (2, true),
             Op::OptimGroup(o) => (o.param(0), false),
             Op::RunningUpdate(_) => (1, false),
             // statistics that also move running ones (in place)
@@ -567,6 +574,7 @@ impl Op {
             Op::CrossEntropyBackward(c) => c.cpu(inputs[0], inputs[1], inputs[2]),
             Op::CrossEntropyRows(c) => c.cpu(inputs[0], inputs[1]),
             Op::OptimStep(o) => o.cpu_update(inputs).swap_remove(0),
+            Op::ScalerStep(s) => s.cpu(inputs[0], inputs[1], inputs[2]).0,
             Op::OptimGroup(o) => o.cpu_update(inputs).swap_remove(0).swap_remove(0),
             Op::SumSquares(s) => s.cpu(inputs, out),
             Op::RunningUpdate(r) => r.cpu(inputs[0], &inputs[1..]).swap_remove(0),
@@ -664,6 +672,7 @@ impl Op {
             Op::CrossEntropyBackward(c) => Some(c.kernel(inputs[0])),
             Op::CrossEntropyRows(c) => Some(c.kernel(inputs[0])),
             Op::OptimStep(o) => Some(o.kernel(out)),
+            Op::ScalerStep(s) => Some(s.kernel()),
             Op::RunningUpdate(r) => Some(r.kernel(out.numel())),
             Op::GroupStats(s) => Some(s.kernel(inputs[0])),
             Op::MergeStats(s) => Some(s.kernel(inputs[0])),
@@ -749,6 +758,7 @@ impl Op {
             | Op::Fused(_)
             | Op::OptimStep(_)
             | Op::OptimGroup(_)
+            | Op::ScalerStep(_)
             | Op::RunningUpdate(_)
             | Op::WriteRows(_)
             | Op::NormalizeBackward(_)

@@ -6,12 +6,32 @@
 //! parameter and state buffers in place and has no buffer of its own (its value is the updated
 //! parameter). `hyper` is a small input fed every step (learning rate, bias corrections), so
 //! schedules never recompile.
+//!
+//! Dynamic loss scaling (`torch.amp.GradScaler`) is [`ScalerStep`]: one thread that reads the
+//! sum of squares of the scaled gradients and the scaler's state (a parameter: the scale, its
+//! growth tracker, the optimizer's own step count) and writes the `hyper` the updates read: the
+//! unscaling factor (with clipping's coefficient), a skip flag where a gradient is not finite
+//! (every update then leaves its parameter and states as they are, as torch skips
+//! `optimizer.step()`), and the bias corrections and first-step flag of the steps taken, not
+//! skipped, as torch's optimizers count them. It moves the scale as `GradScaler.update` does,
+//! on the device: no readback decides anything.
 
 use super::{groups, KernelSpec};
 use crate::tensor::{Shape, Tensor};
 
 /// Length of the hyperparameter vector.
 pub const HYPER_LEN: usize = 16;
+/// Index in the hyperparameter vector of the factor every gradient is multiplied by (with the
+/// clipping coefficient): 1 as the host feeds it, `1 / scale` times clipping's coefficient as
+/// [`ScalerStep`] writes it.
+pub const HYPER_GRAD_SCALE: usize = 10;
+/// Index in the hyperparameter vector of the skip flag: nonzero where [`ScalerStep`] found a
+/// gradient that is not finite (the updates then change nothing).
+pub const HYPER_SKIP: usize = 11;
+/// Length of a [`ScalerStep`]'s state: `[scale, growth_tracker, steps, s1, s2, 0, 0, 0]`, where
+/// `steps` counts the steps taken (not skipped) and `s1`, `s2` are `sum_{k < steps} beta^k` of
+/// the two betas (`1 - beta^t = (1 - beta) s`, exact in f32 where `beta^t` is not).
+pub const SCALER_STATE_LEN: usize = 8;
 
 /// Which update rule.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,6 +95,7 @@ impl Hyper {
         v[7] = self.eps;
         v[8] = self.bias_correction1;
         v[9] = self.bias_correction2_sqrt;
+        v[HYPER_GRAD_SCALE] = 1.0;
         Tensor::new([HYPER_LEN], v).expect("hyper length")
     }
 
@@ -116,7 +137,11 @@ impl OptimStep {
     /// returns the new parameter followed by the new states.
     pub fn cpu_update(&self, inputs: &[&Tensor]) -> Vec<Tensor> {
         let h = Hyper::from_tensor(inputs[0]);
-        let scale = inputs[1].data()[0];
+        // a step that dynamic loss scaling skips changes nothing
+        if inputs[0].data()[HYPER_SKIP] != 0.0 {
+            return inputs[3..].iter().map(|&t| t.clone()).collect();
+        }
+        let scale = inputs[1].data()[0] * inputs[0].data()[HYPER_GRAD_SCALE];
         let (grad, param) = (inputs[2].data(), inputs[3].data());
         let n = param.len();
         let mut p_out = vec![0f32; n];
@@ -267,5 +292,98 @@ impl OptimGroup {
         (0..self.members)
             .map(|j| step.cpu_update(&self.member_inputs(inputs, &scale, j)))
             .collect()
+    }
+}
+
+/// Dynamic loss scaling's work between the backward pass and the updates, as
+/// `torch.amp.GradScaler`'s `unscale_`, its check for gradients that are not finite, and
+/// `update`, in one thread (see the module docs). Inputs: `[hyper (16), sumsq (1), state (8,
+/// a parameter written in place)]`, `sumsq` the sum of squares of the scaled gradients (not
+/// finite exactly where one of them is not, or where it overflows f32 itself: then the scale
+/// backs off too). Output: the `hyper` the updates read (16).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScalerStep {
+    /// The scale's factor after `growth_interval` steps in a row without a skip (torch: 2).
+    pub growth_factor: f32,
+    /// The scale's factor after a skipped step (torch: 0.5).
+    pub backoff_factor: f32,
+    /// Steps in a row without a skip before the scale grows (torch: 2000).
+    pub growth_interval: u32,
+    /// `clip_grad_norm_(max_norm)` of the unscaled gradients, where set.
+    pub max_norm: Option<f32>,
+    /// Where the plan compiler binds the partial sums of squares in `sumsq`'s place, how many
+    /// the kernel adds up itself (0: `sumsq` is the sum; `exec::lower::partials_into_grad_scaler`).
+    pub partials: usize,
+}
+
+/// Whether `x` is finite, from its bits (WGSL may assume floats are finite; bits are bits).
+fn finite(x: f32) -> bool {
+    x.to_bits() & 0x7f80_0000 != 0x7f80_0000
+}
+
+impl ScalerStep {
+    /// CPU reference, in f32 as the kernel: the hyperparameters the updates read, then the
+    /// state after the step.
+    pub fn cpu(&self, hyper: &Tensor, sumsq: &Tensor, state: &Tensor) -> (Tensor, Tensor) {
+        let mut h = hyper.data().to_vec();
+        let mut st = state.data().to_vec();
+        let sumsq = match self.partials {
+            0 => sumsq.data()[0],
+            p => sumsq.data()[..p].iter().sum(),
+        };
+        let found = !finite(sumsq);
+        let scale = st[0];
+        // torch: `scale.double().reciprocal().float()`
+        let inv = (1.0 / scale as f64) as f32;
+        let coef = match self.max_norm {
+            Some(max_norm) => (max_norm / (sumsq.sqrt() * inv + 1e-6)).min(1.0),
+            None => 1.0,
+        };
+        let (b1, b2) = (h[5], h[6]);
+        let (s1, s2) = (1.0 + b1 * st[3], 1.0 + b2 * st[4]);
+        h[4] = (st[2] == 0.0) as u8 as f32;
+        h[8] = (1.0 - b1) * s1;
+        h[9] = ((1.0 - b2) * s2).sqrt();
+        h[HYPER_GRAD_SCALE] = coef * inv;
+        h[HYPER_SKIP] = found as u8 as f32;
+        if found {
+            st[0] = scale * self.backoff_factor;
+            st[1] = 0.0;
+        } else {
+            st[2] += 1.0;
+            st[3] = s1;
+            st[4] = s2;
+            let tracker = st[1] + 1.0;
+            if tracker >= self.growth_interval as f32 {
+                let grown = scale * self.growth_factor;
+                if finite(grown) {
+                    st[0] = grown;
+                }
+                st[1] = 0.0;
+            } else {
+                st[1] = tracker;
+            }
+        }
+        (
+            Tensor::new([HYPER_LEN], h).expect("hyper length"),
+            Tensor::new([SCALER_STATE_LEN], st).expect("state length"),
+        )
+    }
+
+    /// Kernel: `shaders/optim.wgsl`'s `grad_scaler`, one thread.
+    pub fn kernel(&self) -> KernelSpec {
+        KernelSpec {
+            family: "optim",
+            entry: "grad_scaler",
+            constants: vec![
+                ("GROWTH", self.growth_factor as f64),
+                ("BACKOFF", self.backoff_factor as f64),
+                ("INTERVAL", self.growth_interval as f64),
+                ("CLIP", self.max_norm.is_some() as u8 as f64),
+                ("MAX_NORM", self.max_norm.unwrap_or(0.0) as f64),
+                ("PARTIALS", self.partials as f64),
+            ],
+            workgroups: 1,
+        }
     }
 }
