@@ -24,7 +24,9 @@
 //! points as f32).
 //!
 //! `--f16` runs the layers in mixed precision (f16 activations; f32 parameters, loss and
-//! AdamW).
+//! AdamW) with dynamic loss scaling (`GradScaler`, torch's defaults: a logit's gradient, about
+//! 1 / (tokens x vocabulary), is below f16's smallest value without it): the same first
+//! epochs' losses (3.4968, 3.0420 on this README), 57 dispatches a step (f32: 56).
 //!
 //!     cargo run --release --example transformer_lm -- [--text FILE] [--backend gpu|cpu] [--epochs 40] [--f16]
 

@@ -585,7 +585,8 @@ fn loss_scaling_skips_overflowing_steps_as_grad_scaler() {
 
 /// Loss scaling costs two kernels a step: the gradients' sum of squares (partial sums) and the
 /// scaler's one thread, which adds the partial sums up itself (no reduction kernel between
-/// them) and clips too where asked; the updates stay grouped. The tiny model's parameters and
+/// them) and clips too where asked; the updates stay grouped, the backward pass reads the
+/// scale where it reads the loss's gradient (no kernel multiplies by it). The tiny model's parameters and
 /// Adam states against the CPU reference.
 #[test]
 fn loss_scaling_is_two_kernels_more() {
@@ -613,6 +614,33 @@ fn loss_scaling_is_two_kernels_more() {
         assert_eq!(common::count_op(&kernels, "grad_scaler"), 1, "{what}");
         assert_eq!(common::count_op(&kernels, "sum_squares"), 1, "{what}");
     }
+    // a classifier's small cross-entropy still computes its logits' gradient itself, from the
+    // scale (a view of the scaler's state) rather than 1
+    let classifier = |opt: Optimizer| {
+        let dev = Device::gpu().unwrap();
+        let g = Graph::new();
+        let x = g.input("x", [8, 5]);
+        let labels = g.input("labels", [8]);
+        let fc = Linear::new("fc", 5, 4, &mut Init::new(3));
+        let (logits, params) = fc.apply(&g, x).unwrap();
+        let loss = g.cross_entropy(logits, labels).unwrap();
+        let step = TrainStep::new(&dev, &g, loss, &params, opt, 0).unwrap();
+        let kernels: Vec<String> = step
+            .plan()
+            .kernels()
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        kernels
+    };
+    let plain = classifier(Optimizer::adam(1e-2));
+    let scaled = classifier(Optimizer::adam(1e-2).grad_scaler(scaler));
+    assert_eq!(scaled.len(), plain.len() + 2, "{scaled:#?}");
+    assert_eq!(
+        common::count_op(&scaled, "cross_entropy_backward"),
+        0,
+        "{scaled:#?}"
+    );
 }
 
 /// What loss scaling is for: a mixed-precision model whose f16 gradients are below f16's

@@ -120,6 +120,22 @@ pub fn train_epoch(
     Ok((sum / count.max(1) as f64) as f32)
 }
 
+/// With dynamic loss scaling: `, loss scale S (k of n steps skipped)` (a readback, after an
+/// epoch); else nothing.
+pub fn scaler_note(step: &TrainStep) -> kiln::Result<String> {
+    Ok(match step.scaler_state()? {
+        Some(s) => {
+            let n = step.optimizer().steps();
+            format!(
+                ", loss scale {} ({} of {n} steps skipped)",
+                s.scale,
+                n.saturating_sub(s.steps_taken)
+            )
+        }
+        None => String::new(),
+    })
+}
+
 /// A bar of `len` steps labelled `label`, with the running loss as its message.
 pub fn progress_bar(len: u64, label: &str) -> ProgressBar {
     let style = ProgressStyle::with_template(
@@ -537,9 +553,10 @@ pub fn train_lm(
         first_loss.get_or_insert(loss);
         let text = sample()?;
         println!(
-            "epoch {epoch:>2}/{epochs}: train loss {loss:.4} ({:.3} bits/char) ({t_train:.1} s training, {:.1} s sampling)",
+            "epoch {epoch:>2}/{epochs}: train loss {loss:.4} ({:.3} bits/char) ({t_train:.1} s training, {:.1} s sampling){}",
             loss / std::f32::consts::LN_2,
-            t0.elapsed().as_secs_f64() - t_train
+            t0.elapsed().as_secs_f64() - t_train,
+            scaler_note(step)?
         );
         println!(
             "--- sample (temperature {}) ---\n{text}\n---",

@@ -1766,6 +1766,23 @@ pub(crate) fn split_cross_entropy(
 /// logits and labels, with its loss gradient available before the loss, the logits and labels
 /// not written in between, and for f16 logits read by products alone (they round the f32
 /// gradient the kernel stores as they load it) and not asked for.
+/// `id` and what it views, down to a source (input, parameter, constant), the source first,
+/// where `id` is a source or a chain of reshapes and narrows viewing one: no kernels, so they
+/// may be placed anywhere before their readers.
+fn views_of_source(nodes: &[Node], id: NodeId) -> Option<Vec<NodeId>> {
+    let mut chain = vec![id];
+    let mut cur = id;
+    while !nodes[cur.0].op.is_source() {
+        if !matches!(nodes[cur.0].op, Op::Reshape | Op::AxisCopy(_)) {
+            return None;
+        }
+        cur = nodes[cur.0].inputs[super::liveness::view_of(nodes, cur)?];
+        chain.push(cur);
+    }
+    chain.reverse();
+    Some(chain)
+}
+
 fn gradient_for_loss_kernel(
     nodes: &[Node],
     order: &[NodeId],
@@ -1793,8 +1810,9 @@ fn gradient_for_loss_kernel(
     }
     let dy = nodes[d.0].inputs[2];
     let d_pos = at(d).unwrap_or(l_pos);
-    // a source is bound before any kernel runs, wherever `order` lists it
-    let ready = nodes[dy.0].op.is_source() || at(dy).is_none_or(|p| p < l_pos);
+    // a source (or a view of one: dynamic loss scaling's scale) is bound before any kernel
+    // runs, wherever `order` lists it
+    let ready = views_of_source(nodes, dy).is_some() || at(dy).is_none_or(|p| p < l_pos);
     let written = [logits, labels]
         .iter()
         .any(|&x| written_between(nodes, order, x, l_pos, d_pos));
@@ -1837,11 +1855,14 @@ pub(crate) fn gradient_with_cross_entropy(
         nodes[d.0].inputs.push(l);
         nodes[d.0].dtype = DType::F32;
         moves.push((d, l));
-        if nodes[dy.0].op.is_source() && at(dy).is_some_and(|p| p > l_pos) {
-            sources.push((dy, l));
+        for s in views_of_source(nodes, dy).unwrap_or_default() {
+            if at(s).is_some_and(|p| p > l_pos) {
+                sources.push((s, l));
+            }
         }
     }
-    // a source `order` lists after the loss moves before it: inputs precede their readers
+    // a source (and views of it) `order` lists after the loss moves before it, in order:
+    // inputs precede their readers
     for (s, l) in sources {
         order.retain(|&o| o != s);
         let at = order.iter().position(|&o| o == l).unwrap_or(0);

@@ -16,6 +16,6 @@ pub use attention::{
 pub use init::Init;
 pub use layers::{dropout, dropout_seed, Act, Conv2d, Layer, Linear, Sequential};
 pub use norm::{BatchNorm, GroupNorm, LayerNorm, RmsNorm};
-pub use optim::{GradScaler, Optimizer, Schedule};
+pub use optim::{GradScaler, Optimizer, ScalerState, Schedule};
 pub use rnn::{Cell, Embedding, Lstm, LstmOutput, Recurrent, RecurrentOutput};
 pub use train::TrainStep;

@@ -71,6 +71,42 @@ pub struct GradScaler {
     pub growth_interval: u32,
 }
 
+impl GradScaler {
+    /// Name of the scaler's state parameter in a model whose first trained parameter is
+    /// `first`.
+    pub fn state_name(first: &str) -> String {
+        format!("optim.grad_scaler.{first}")
+    }
+}
+
+/// What a [`GradScaler`]'s state says (`TrainStep::scaler_state`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScalerState {
+    /// The scale the next step multiplies its loss by (torch: `scaler.get_scale()`).
+    pub scale: f32,
+    /// Steps in a row without a skip since the scale last moved.
+    pub growth_tracker: u32,
+    /// Steps the optimizer took (not skipped).
+    pub steps_taken: u64,
+}
+
+impl ScalerState {
+    /// Reads a state parameter's values.
+    pub fn from_tensor(t: &Tensor) -> Result<ScalerState> {
+        match t.data() {
+            [scale, tracker, steps, ..] if t.numel() == SCALER_STATE_LEN => Ok(ScalerState {
+                scale: *scale,
+                growth_tracker: *tracker as u32,
+                steps_taken: *steps as u64,
+            }),
+            _ => Err(Error::Param(format!(
+                "a grad scaler's state has {SCALER_STATE_LEN} elements, got {}",
+                t.shape()
+            ))),
+        }
+    }
+}
+
 impl Default for GradScaler {
     fn default() -> Self {
         GradScaler {
@@ -281,7 +317,7 @@ impl Optimizer {
             let mut init = vec![0.0; SCALER_STATE_LEN];
             init[0] = scaler.init_scale;
             let state = g.param_init(
-                &format!("optim.grad_scaler.{first}"),
+                &GradScaler::state_name(first),
                 Tensor::new([SCALER_STATE_LEN], init)?,
             );
             // the scale as the loss's shape (one element, a view of the state) seeds the

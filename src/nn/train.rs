@@ -8,12 +8,15 @@ use crate::exec::Plan;
 use crate::graph::{Graph, NodeId};
 use crate::nn::init::Init;
 use crate::nn::layers::DROPOUT_SEED;
-use crate::nn::optim::{Optimizer, HYPER_INPUT};
+use crate::nn::optim::{GradScaler, Optimizer, ScalerState, HYPER_INPUT};
 use crate::tensor::Tensor;
 
 /// A compiled training step.
 pub struct TrainStep {
     plan: Plan,
+    device: Device,
+    /// The loss scaler's state parameter, where the optimizer scales the loss.
+    scaler_state: Option<String>,
     optimizer: Optimizer,
     has_dropout: bool,
     rng: Init,
@@ -33,8 +36,17 @@ impl TrainStep {
         let updates = optimizer.minimize(g, loss, params)?;
         let plan = dev.compile_with(g, &[loss], &updates)?;
         let has_dropout = g.find_input(DROPOUT_SEED).is_some();
+        let scaler_state = match (&optimizer.grad_scaler, params.first()) {
+            (Some(_), Some(p)) => match &g.nodes()[p.0].op {
+                crate::ops::Op::Param { name, .. } => Some(GradScaler::state_name(name)),
+                _ => None,
+            },
+            _ => None,
+        };
         Ok(TrainStep {
             plan,
+            device: dev.clone(),
+            scaler_state,
             optimizer,
             has_dropout,
             rng: Init::new(seed),
@@ -57,6 +69,15 @@ impl TrainStep {
         } else {
             self.plan.step(&all)?;
             Ok(None)
+        }
+    }
+
+    /// The loss scaler's state after the steps submitted so far (read back from the device,
+    /// waiting for them), or `None` without loss scaling.
+    pub fn scaler_state(&self) -> Result<Option<ScalerState>> {
+        match &self.scaler_state {
+            Some(name) => Ok(Some(ScalerState::from_tensor(&self.device.param(name)?)?)),
+            None => Ok(None),
         }
     }
 
