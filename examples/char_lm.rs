@@ -17,7 +17,9 @@
 //! 0.64; the GPU gives the same losses), and the samples go from noise to README-like words,
 //! Markdown and code; the CPU reference takes about 0.6 s per step on a 2-core machine.
 //! `--f16` (mixed precision: f16 activations and LSTM state, f32 parameters and Adam, the loss
-//! scaled dynamically as by `torch.amp.GradScaler`) reaches 2.33 at epoch 10 as well. For a longer text (a book) lower `--lr` to 2e-3-5e-3 and run a
+//! scaled dynamically as by `torch.amp.GradScaler`) follows the f32 run: on a README of 25,773
+//! characters (25 steps per epoch), 3.5240 and 1.8445 in epochs 1 and 10 (f32: 3.5241, 1.8450;
+//! the scale stays 65536, no step skipped). For a longer text (a book) lower `--lr` to 2e-3-5e-3 and run a
 //! few epochs. Weights go to
 //! `checkpoints/char_lm.safetensors` (`lstm.*` as torch.nn.LSTM, `fc.*`, and `vocab`, the
 //! vocabulary as Unicode code points stored as f32).
