@@ -411,6 +411,46 @@ fn updates_of_many_parameters_are_one_kernel() {
     }
 }
 
+/// `steps` steps of torch.optim.SGD (lr 0.1, momentum 0.9, dampening 0, Nesterov, weight
+/// decay 0.1) on the loss `0.5 |p|^2` (whose gradient is `p`) from `p0`, in f64: the formulas
+/// of torch.optim's documentation.
+fn textbook_sgd(p0: [f64; 3], steps: usize) -> [f64; 3] {
+    let (lr, mu, wd) = (0.1, 0.9, 0.1);
+    let mut p = p0;
+    let mut b = [0f64; 3];
+    for t in 0..steps {
+        for i in 0..3 {
+            let g = p[i] + wd * p[i];
+            b[i] = if t == 0 { g } else { mu * b[i] + g };
+            p[i] -= lr * (g + mu * b[i]);
+        }
+    }
+    p
+}
+
+/// [`textbook_sgd`] for torch.optim.Adam (AdamW where `decoupled`): lr 0.1, betas (0.9,
+/// 0.999), eps 1e-8, weight decay `wd`.
+fn textbook_adam(p0: [f64; 3], steps: i32, wd: f64, decoupled: bool) -> [f64; 3] {
+    let (lr, b1, b2, eps) = (0.1, 0.9f64, 0.999f64, 1e-8);
+    let mut p = p0;
+    let (mut m, mut v) = ([0f64; 3], [0f64; 3]);
+    for t in 1..=steps {
+        for i in 0..3 {
+            let mut g = p[i];
+            if decoupled {
+                p[i] *= 1.0 - lr * wd;
+            } else {
+                g += wd * p[i];
+            }
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            let (mh, vh) = (m[i] / (1.0 - b1.powi(t)), v[i] / (1.0 - b2.powi(t)));
+            p[i] -= lr * mh / (vh.sqrt() + eps);
+        }
+    }
+    p
+}
+
 #[test]
 fn update_rules_follow_torch_optim() {
     // one parameter vector, gradient of 0.5 * |p|^2 is p itself: compare 3 steps with the
@@ -432,41 +472,14 @@ fn update_rules_follow_torch_optim() {
         }
         dev.param("p").unwrap().into_data()
     };
-    // SGD, momentum 0.9, dampening 0, nesterov, weight decay 0.1
-    let (lr, mu, wd) = (0.1, 0.9, 0.1);
-    let mut p = p0;
-    let mut b = [0f64; 3];
-    for t in 0..3 {
-        for i in 0..3 {
-            let g = p[i] + wd * p[i];
-            b[i] = if t == 0 { g } else { mu * b[i] + g };
-            p[i] -= lr * (g + mu * b[i]);
-        }
-    }
+    let p = textbook_sgd(p0, 3);
     let got = run(Optimizer::sgd_momentum(0.1, 0.9, true).weight_decay(0.1));
     for i in 0..3 {
         assert!((got[i] as f64 - p[i]).abs() < 1e-6, "sgd: {got:?} vs {p:?}");
     }
     // Adam and AdamW, lr 0.1, betas (0.9, 0.999), eps 1e-8, weight decay 0.01
     for decoupled in [false, true] {
-        let (lr, b1, b2, eps, wd) = (0.1, 0.9, 0.999, 1e-8, 0.01);
-        let mut p = p0;
-        let (mut m, mut v) = ([0f64; 3], [0f64; 3]);
-        for t in 1..=3 {
-            for i in 0..3 {
-                let mut g = p[i];
-                if decoupled {
-                    p[i] *= 1.0 - lr * wd;
-                } else {
-                    g += wd * p[i];
-                }
-                m[i] = b1 * m[i] + (1.0 - b1) * g;
-                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                let mh = m[i] / (1.0 - b1.powi(t));
-                let vh = v[i] / (1.0 - b2.powi(t));
-                p[i] -= lr * mh / (vh.sqrt() + eps);
-            }
-        }
+        let p = textbook_adam(p0, 3, 0.01, decoupled);
         let opt = if decoupled {
             Optimizer::adamw(0.1, 0.01)
         } else {
@@ -528,28 +541,7 @@ fn loss_scaling_skips_overflowing_steps_as_grad_scaler() {
     };
     // after: one skip (2^127 -> 2^27), three steps taken, a growth after two of them
     let state = [2f32.powi(28), 1.0, 3.0];
-    let (lr, mu, wd) = (0.1, 0.9, 0.1);
-    let mut sgd = p0;
-    let mut b = [0f64; 3];
-    for t in 0..3 {
-        for i in 0..3 {
-            let g = sgd[i] + wd * sgd[i];
-            b[i] = if t == 0 { g } else { mu * b[i] + g };
-            sgd[i] -= lr * (g + mu * b[i]);
-        }
-    }
-    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
-    let mut adam = p0;
-    let (mut m, mut v) = ([0f64; 3], [0f64; 3]);
-    for t in 1..=3 {
-        for i in 0..3 {
-            let g = adam[i];
-            m[i] = b1 * m[i] + (1.0 - b1) * g;
-            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-            let (mh, vh) = (m[i] / (1.0 - b1.powi(t)), v[i] / (1.0 - b2.powi(t)));
-            adam[i] -= lr * mh / (vh.sqrt() + eps);
-        }
-    }
+    let (sgd, adam) = (textbook_sgd(p0, 3), textbook_adam(p0, 3, 0.0, false));
     let cases = [
         (
             Optimizer::sgd_momentum(0.1, 0.9, true).weight_decay(0.1),
