@@ -2,7 +2,8 @@
 //! vocabulary of ops (elementwise ops and broadcasts, functions inside their domains, linear
 //! layers with bias and relu, products of two computed tensors in every transpose,
 //! reductions, softmax, layer, RMS and group norm, transposes and permutes, dropout, narrows,
-//! concatenations, reshapes, cross-entropy, MSE and BCE losses, convolutions, pooling, batch
+//! concatenations, reshapes, cross-entropy, MSE and BCE losses, convolutions (strided, padded,
+//! dilated), pooling (2 x 2 and padded 3 x 3, strides 1 and 2), batch
 //! norm, LSTM, GRU and RNN layers (one starting from another's final state, with lengths or
 //! not, over time-major or swapped sequences; linear layers over sequences), attention (masked,
 //! with dropout, over heads, tokens or packed projections), embedding lookups; f16 inputs a
@@ -82,7 +83,8 @@ enum Step {
     /// cross-entropy of logits against new targets in [0, 1].
     Regression(u8, bool),
     /// a 2-D convolution of an image (a 2-D value is one image of one channel) with a new
-    /// weight input: out channels, kernel 1 to 3, stride 1 or 2, padding 0 or 1, bias, relu.
+    /// weight input: out channels, kernel 1 to 3 with dilation 1 (`kernel` 1 to 3) or 2 (4 to
+    /// 6), stride 1 or 2, padding 0 or 1, bias, relu.
     Conv {
         src: u8,
         channels: u8,
@@ -92,8 +94,9 @@ enum Step {
         bias: bool,
         relu: bool,
     },
-    /// max or average pooling of an image, 2 x 2 with stride 2.
-    Pool(u8, bool),
+    /// max or average pooling of an image: 2 x 2 with stride 2 or 1, or 3 x 3 padded by 1 with
+    /// stride 2 or 1.
+    Pool(u8, bool, u8),
     /// a training batch norm of an image, with weight and bias inputs or not.
     BatchNorm(u8, bool),
     /// an LSTM, GRU or RNN layer over a value `(T * B, I)` read as `(T, B, I)` (B one of its
@@ -152,7 +155,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (i(), i()).prop_map(|(a, d)| Step::Reshape(a, d)),
         1 => i().prop_map(Step::CrossEntropy),
         1 => (i(), any::<bool>()).prop_map(|(s, bce)| Step::Regression(s, bce)),
-        2 => (i(), 0u8..3, 1u8..4, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
+        2 => (i(), 0u8..3, 1u8..7, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
             .prop_map(|(src, channels, kernel, stride2, pad, bias, relu)| Step::Conv {
                 src,
                 channels,
@@ -162,7 +165,7 @@ fn step() -> impl Strategy<Value = Step> {
                 bias,
                 relu,
             }),
-        1 => (i(), any::<bool>()).prop_map(|(s, max)| Step::Pool(s, max)),
+        1 => (i(), any::<bool>(), 0u8..4).prop_map(|(s, max, k)| Step::Pool(s, max, k)),
         1 => (i(), any::<bool>()).prop_map(|(s, affine)| Step::BatchNorm(s, affine)),
         2 => (i(), 0u8..3, 0u8..3, i(), any::<bool>()).prop_map(
             |(src, kind, hidden, batch, reverse)| Step::Recurrent {
@@ -522,9 +525,10 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
             } => {
                 let x = image(&g, pick(src));
                 let d = dims(x);
-                let k = kernel as usize;
+                let (k, dilation) = (1 + (kernel as usize - 1) % 3, 1 + (kernel as usize - 1) / 3);
+                let reach = dilation * (k - 1) + 1;
                 let pad = pad as usize;
-                let fits = d.len() == 4 && d[2] + 2 * pad >= k && d[3] + 2 * pad >= k;
+                let fits = d.len() == 4 && d[2] + 2 * pad >= reach && d[3] + 2 * pad >= reach;
                 fits.then_some(()).and_then(|_| {
                     let o = [1, 3, 8][channels as usize % 3];
                     let w = input(&g, &mut feeds, &[o, d[1], k, k]);
@@ -538,18 +542,19 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                     let opts = kiln::ops::conv::Conv2dOpts {
                         stride: (s, s),
                         padding: (pad, pad),
-                        dilation: (1, 1),
+                        dilation: (dilation, dilation),
                     };
                     g.conv2d_fused(x, w, b, opts, relu).ok()
                 })
             }
-            Step::Pool(a, max) => {
+            Step::Pool(a, max, geometry) => {
                 let x = image(&g, pick(a));
                 let d = dims(x);
-                (d.len() == 4 && d[2] >= 2 && d[3] >= 2)
+                let (k, s, p) = [(2, 2, 0), (2, 1, 0), (3, 2, 1), (3, 1, 1)][geometry as usize % 4];
+                (d.len() == 4 && d[2] + 2 * p >= k && d[3] + 2 * p >= k)
                     .then(|| match max {
-                        true => g.max_pool2d(x, (2, 2), (2, 2), (0, 0)).ok(),
-                        false => g.avg_pool2d(x, (2, 2), (2, 2), (0, 0)).ok(),
+                        true => g.max_pool2d(x, (k, k), (s, s), (p, p)).ok(),
+                        false => g.avg_pool2d(x, (k, k), (s, s), (p, p)).ok(),
                     })
                     .flatten()
             }
