@@ -62,7 +62,10 @@ pub enum Schedule {
 /// not advanced) and the scale multiplied by `backoff_factor`; after `growth_interval` steps in
 /// a row without one, by `growth_factor`. All of it on the device, in the step's one
 /// submission: the scale and its counters are a parameter, `optim.grad_scaler.<first
-/// parameter>` `[scale, growth_tracker, steps, ..]`, saved with checkpoints.
+/// parameter>` `[scale, growth_tracker, steps, ..]`, saved with checkpoints
+/// ([`crate::nn::TrainStep::scaler_state`] reads it). One difference from torch: the check
+/// reads the scaled gradients' sum of squares, which also overflows where finite gradients
+/// reach about 1e19 together; such a step is skipped and the scale backs off too.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GradScaler {
     pub init_scale: f32,
