@@ -635,6 +635,43 @@ fn loss_scaling_is_two_kernels_more() {
     );
 }
 
+/// A grad scaler that could not scale (torch's checks) is an error when the step is built.
+#[test]
+fn bad_grad_scalers_are_errors() {
+    let bad = [
+        GradScaler {
+            init_scale: 0.0,
+            ..Default::default()
+        },
+        GradScaler {
+            init_scale: f32::INFINITY,
+            ..Default::default()
+        },
+        GradScaler {
+            growth_factor: 1.0,
+            ..Default::default()
+        },
+        GradScaler {
+            backoff_factor: 1.0,
+            ..Default::default()
+        },
+        GradScaler {
+            growth_interval: 0,
+            ..Default::default()
+        },
+    ];
+    for scaler in bad {
+        let g = Graph::new();
+        let p = g.param_init("bad_scaler.p", Tensor::full([2], 1.0));
+        let loss = g.sum_all(g.square(p).unwrap()).unwrap();
+        let opt = Optimizer::sgd(0.1).grad_scaler(scaler);
+        let err = TrainStep::new(&Device::cpu(), &g, loss, &[p], opt, 0)
+            .err()
+            .unwrap_or_else(|| panic!("{scaler:?} was accepted"));
+        assert!(err.to_string().contains("grad scaler"), "{err}");
+    }
+}
+
 /// What loss scaling is for: a mixed-precision model whose f16 gradients are below f16's
 /// smallest subnormal (about 6e-8) learns nothing without it (they flush to zero) and learns
 /// what f32 would with it (scaled by 2^16 they are representable, and unscaled in f32), on the

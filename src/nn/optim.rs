@@ -317,6 +317,24 @@ impl Optimizer {
             let Some(first) = names.first() else {
                 return Err(Error::Param("minimize: no parameters".into()));
             };
+            // torch's checks, and a scale f32 holds
+            let GradScaler {
+                init_scale,
+                growth_factor,
+                backoff_factor,
+                growth_interval,
+            } = scaler;
+            if !(init_scale.is_finite() && init_scale > 0.0)
+                || !(growth_factor.is_finite() && growth_factor > 1.0)
+                || !(backoff_factor > 0.0 && backoff_factor < 1.0)
+                || growth_interval == 0
+            {
+                return Err(Error::Param(format!(
+                    "minimize: a grad scaler needs a finite init_scale > 0, a finite \
+                     growth_factor > 1, a backoff_factor in (0, 1) and a growth_interval > 0, \
+                     got {scaler:?}"
+                )));
+            }
             let mut init = vec![0.0; SCALER_STATE_LEN];
             init[0] = scaler.init_scale;
             let state = g.param_init(
