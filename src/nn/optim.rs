@@ -324,11 +324,14 @@ impl Optimizer {
                 backoff_factor,
                 growth_interval,
             } = scaler;
-            if !(init_scale.is_finite() && init_scale > 0.0)
-                || !(growth_factor.is_finite() && growth_factor > 1.0)
-                || !(backoff_factor > 0.0 && backoff_factor < 1.0)
-                || growth_interval == 0
-            {
+            let valid = init_scale.is_finite()
+                && init_scale > 0.0
+                && growth_factor.is_finite()
+                && growth_factor > 1.0
+                && backoff_factor > 0.0
+                && backoff_factor < 1.0
+                && growth_interval > 0;
+            if !valid {
                 return Err(Error::Param(format!(
                     "minimize: a grad scaler needs a finite init_scale > 0, a finite \
                      growth_factor > 1, a backoff_factor in (0, 1) and a growth_interval > 0, \
