@@ -773,6 +773,31 @@ fn schedules() {
         (0..5).map(|t| o.lr_at(t)).collect::<Vec<_>>(),
         [0.25, 0.5, 0.75, 1.0, 1.0]
     );
+    // LinearLR(start_factor 1, end_factor 0, total_iters 4) and ExponentialLR(gamma 0.5)
+    let o = Optimizer::sgd(2.0).schedule(Schedule::Linear {
+        start_factor: 1.0,
+        end_factor: 0.0,
+        total_iters: 4,
+    });
+    assert_eq!(
+        (0..6).map(|t| o.lr_at(t)).collect::<Vec<_>>(),
+        [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]
+    );
+    let o = Optimizer::sgd(2.0).schedule(Schedule::Exponential { gamma: 0.5 });
+    assert_eq!(
+        (0..4).map(|t| o.lr_at(t)).collect::<Vec<_>>(),
+        [2.0, 1.0, 0.5, 0.25]
+    );
+    // warmup then linear decay (the usual transformer schedule)
+    let o = Optimizer::sgd(1.0).warmup(2).schedule(Schedule::Linear {
+        start_factor: 1.0,
+        end_factor: 0.5,
+        total_iters: 4,
+    });
+    assert_eq!(
+        (0..5).map(|t| o.lr_at(t)).collect::<Vec<_>>(),
+        [0.5, 0.875, 0.75, 0.625, 0.5]
+    );
 }
 
 #[test]

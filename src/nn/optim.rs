@@ -1,6 +1,7 @@
 //! Optimizers with torch.optim's update rules (SGD with momentum, dampening, Nesterov and weight
-//! decay; Adam; AdamW), learning-rate schedules (step, cosine, linear warmup), clipping by
-//! global gradient norm and dynamic loss scaling for mixed precision ([`GradScaler`]). `minimize` appends the backward pass and one fused in-place update kernel
+//! decay; Adam; AdamW), learning-rate schedules (step, cosine, linear, exponential; linear
+//! warmup), clipping by global gradient norm and dynamic loss scaling for mixed precision
+//! ([`GradScaler`]). `minimize` appends the backward pass and one fused in-place update kernel
 //! per parameter to a graph; `hyper` gives the small per-step input (learning rate, bias
 //! corrections) so that schedules never recompile.
 
@@ -52,6 +53,17 @@ pub enum Schedule {
     Cosine {
         t_max: u64,
         eta_min: f32,
+    },
+    /// `LinearLR`: `lr` times a factor moving linearly from `start_factor` to `end_factor`
+    /// over `total_iters` steps, then staying there (a transformer's linear decay: `1.0`, `0.0`).
+    Linear {
+        start_factor: f32,
+        end_factor: f32,
+        total_iters: u64,
+    },
+    /// `ExponentialLR`: `lr * gamma^t`.
+    Exponential {
+        gamma: f32,
     },
 }
 
@@ -283,6 +295,18 @@ impl Optimizer {
                 (eta_min as f64
                     + (self.lr - eta_min) as f64 * (1.0 + (std::f64::consts::PI * tt).cos()) / 2.0)
                     as f32
+            }
+            Schedule::Linear {
+                start_factor,
+                end_factor,
+                total_iters,
+            } => {
+                let done = t.min(total_iters) as f64 / total_iters.max(1) as f64;
+                let factor = start_factor as f64 + (end_factor - start_factor) as f64 * done;
+                (self.lr as f64 * factor) as f32
+            }
+            Schedule::Exponential { gamma } => {
+                (self.lr as f64 * (gamma as f64).powf(t as f64)) as f32
             }
         };
         if self.warmup > 0 && t < self.warmup {
