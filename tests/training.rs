@@ -635,6 +635,73 @@ fn loss_scaling_is_two_kernels_more() {
     );
 }
 
+/// Training resumes from `checkpoint::save_all` as if uninterrupted, loss scaling included: the
+/// scaler's state (its scale, growth tracker and the steps taken, which Adam's bias
+/// corrections count) is a parameter saved with the others. Three steps, a checkpoint, a fresh
+/// device, three more (the scale grows on the way) against six in a row, bit for bit, on the
+/// CPU reference and on the GPU.
+#[test]
+fn training_resumes_from_a_checkpoint_with_loss_scaling() {
+    use kiln::nn::checkpoint;
+    let scaler = GradScaler {
+        init_scale: 1024.0,
+        growth_interval: 2,
+        ..Default::default()
+    };
+    let opt = || Optimizer::adam(1e-2).grad_scaler(scaler);
+    // the tiny regression model's step on `dev`, its optimizer having taken `taken` steps
+    let build = |dev: &Device, taken: u64| {
+        let g = Graph::new();
+        let x = g.input("x", [8, 5]);
+        let t = g.input("t", [8, 3]);
+        let mut init = Init::new(1);
+        let fc1 = Linear::new("fc1", 5, 6, &mut init);
+        let fc2 = Linear::new("fc2", 6, 3, &mut init);
+        let (h, p1) = fc1.apply(&g, x).unwrap();
+        let (y, p2) = fc2.apply(&g, g.tanh(h).unwrap()).unwrap();
+        let loss = g.mse_loss(y, t).unwrap();
+        let params: Vec<_> = p1.iter().chain(&p2).copied().collect();
+        let mut o = opt();
+        o.set_steps(taken);
+        TrainStep::new(dev, &g, loss, &params, o, 0).unwrap()
+    };
+    let steps = |step: &mut TrainStep, range: std::ops::Range<u64>| {
+        for i in range {
+            let xv = rand(&[8, 5], 100 + i);
+            let tv = rand(&[8, 3], 200 + i);
+            step.step(&[("x", &xv), ("t", &tv)], false).unwrap();
+        }
+    };
+    let path = std::env::temp_dir().join(format!("kiln_resume_{}.safetensors", std::process::id()));
+    let mut devices: Vec<fn() -> Device> = vec![Device::cpu];
+    if gpu().is_some() {
+        devices.push(|| Device::gpu().unwrap());
+    }
+    for make in devices {
+        let whole = make();
+        let mut step = build(&whole, 0);
+        steps(&mut step, 0..6);
+        let state = step.scaler_state().unwrap().unwrap();
+        assert_eq!((state.scale, state.steps_taken), (8192.0, 6), "{state:?}");
+
+        let first = make();
+        steps(&mut build(&first, 0), 0..3);
+        checkpoint::save_all(&first, &path).unwrap();
+        let resumed = make();
+        let names = checkpoint::load_all(&resumed, &path).unwrap();
+        assert!(
+            names.iter().any(|n| n.starts_with("optim.grad_scaler.")),
+            "{names:?}"
+        );
+        steps(&mut build(&resumed, 3), 3..6);
+        for name in &names {
+            let (a, b) = (whole.param(name).unwrap(), resumed.param(name).unwrap());
+            assert_eq!(a.data(), b.data(), "{:?}: {name}", whole.kind());
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// A grad scaler that could not scale (torch's checks) is an error when the step is built.
 #[test]
 fn bad_grad_scalers_are_errors() {
