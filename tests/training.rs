@@ -237,8 +237,9 @@ fn train_tiny(dev: &Device, opt: Optimizer, steps: usize) -> Vec<Tensor> {
     train_tiny_kernels(dev, opt, steps).0
 }
 
-/// [`train_tiny`], and the kernels of its step's plan.
-fn train_tiny_kernels(dev: &Device, opt: Optimizer, steps: usize) -> (Vec<Tensor>, Vec<String>) {
+/// The tiny regression model's training step on `dev` (inputs `x (8, 5)`, targets `t (8, 3)`;
+/// `fc1`, `fc2` seeded alike every time).
+fn tiny_step(dev: &Device, opt: Optimizer) -> TrainStep {
     let g = Graph::new();
     let x = g.input("x", [8, 5]);
     let t = g.input("t", [8, 3]);
@@ -249,7 +250,12 @@ fn train_tiny_kernels(dev: &Device, opt: Optimizer, steps: usize) -> (Vec<Tensor
     let (y, p2) = fc2.apply(&g, g.tanh(h).unwrap()).unwrap();
     let loss = g.mse_loss(y, t).unwrap();
     let params: Vec<_> = p1.iter().chain(&p2).copied().collect();
-    let mut step = TrainStep::new(dev, &g, loss, &params, opt, 0).unwrap();
+    TrainStep::new(dev, &g, loss, &params, opt, 0).unwrap()
+}
+
+/// [`train_tiny`], and the kernels of its step's plan.
+fn train_tiny_kernels(dev: &Device, opt: Optimizer, steps: usize) -> (Vec<Tensor>, Vec<String>) {
+    let mut step = tiny_step(dev, opt);
     for i in 0..steps {
         let xv = rand(&[8, 5], 100 + i as u64);
         let tv = rand(&[8, 3], 200 + i as u64);
@@ -651,19 +657,9 @@ fn training_resumes_from_a_checkpoint_with_loss_scaling() {
     let opt = || Optimizer::adam(1e-2).grad_scaler(scaler);
     // the tiny regression model's step on `dev`, its optimizer having taken `taken` steps
     let build = |dev: &Device, taken: u64| {
-        let g = Graph::new();
-        let x = g.input("x", [8, 5]);
-        let t = g.input("t", [8, 3]);
-        let mut init = Init::new(1);
-        let fc1 = Linear::new("fc1", 5, 6, &mut init);
-        let fc2 = Linear::new("fc2", 6, 3, &mut init);
-        let (h, p1) = fc1.apply(&g, x).unwrap();
-        let (y, p2) = fc2.apply(&g, g.tanh(h).unwrap()).unwrap();
-        let loss = g.mse_loss(y, t).unwrap();
-        let params: Vec<_> = p1.iter().chain(&p2).copied().collect();
         let mut o = opt();
         o.set_steps(taken);
-        TrainStep::new(dev, &g, loss, &params, o, 0).unwrap()
+        tiny_step(dev, o)
     };
     let steps = |step: &mut TrainStep, range: std::ops::Range<u64>| {
         for i in range {
