@@ -20,7 +20,11 @@
 //   5  state2  storage, read_write  [N] exp_avg_sq (adam)
 //   `grad_scaler`: 2 scaler (read_write) [8] its state, updated in place (SCALER_* below);
 //                  3 hyper_out (read_write) [16] the hyper vector the updates read
-// Entries: `sgd` (bindings 0-3), `sgd_momentum` (0-4), `adam` (0-5), `grad_scaler` (0-3).
+//   `accumulate`: 0 micro_grad (read) [N] a micro-batch's gradient; 1 accumulator
+//                 (read_write) [N], updated in place
+// Entries: `sgd` (bindings 0-3), `sgd_momentum` (0-4), `adam` (0-5), `grad_scaler` (0-3),
+//          `accumulate` (0-1: accumulator = (FIRST ? 0 : accumulator) + ACC_SCALE * micro_grad,
+//          gradient accumulation over micro-batches).
 // Overrides: N elements; NESTEROV (sgd_momentum); DECOUPLED (adam: AdamW's decoupled decay);
 //            `grad_scaler`: GROWTH, BACKOFF, INTERVAL (GradScaler's growth_factor,
 //            backoff_factor, growth_interval), CLIP and MAX_NORM (clip_grad_norm_ of the
@@ -38,6 +42,8 @@ override INTERVAL: f32 = 2000.0;
 override CLIP: bool = false;
 override MAX_NORM: f32 = 1.0;
 override PARTIALS: u32 = 0u;
+override FIRST: bool = false;
+override ACC_SCALE: f32 = 1.0;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<storage, read> hyper: array<f32>;
@@ -48,6 +54,8 @@ const WG: u32 = 256u;
 @group(0) @binding(5) var<storage, read_write> state2: array<f32>;
 @group(0) @binding(2) var<storage, read_write> scaler: array<f32>;
 @group(0) @binding(3) var<storage, read_write> hyper_out: array<f32>;
+@group(0) @binding(0) var<storage, read> micro_grad: array<f32>;
+@group(0) @binding(1) var<storage, read_write> accumulator: array<f32>;
 
 // shared: begin optim_math
 const HYPER_LR: u32 = 0u;
@@ -227,5 +235,24 @@ fn grad_scaler() {
         } else {
             scaler[SCALER_TRACKER] = tracker;
         }
+    }
+}
+
+// Gradient accumulation (src/ops/optim.rs, Accumulate::cpu).
+@compute @workgroup_size(256)
+fn accumulate(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = index(wid, nwg, lid);
+    if i >= N {
+        return;
+    }
+    let add = micro_grad[i] * ACC_SCALE;
+    if FIRST {
+        accumulator[i] = add;
+    } else {
+        accumulator[i] = accumulator[i] + add;
     }
 }

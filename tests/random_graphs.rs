@@ -870,7 +870,8 @@ fn random_programs_match_the_cpu_reference() {
 
 /// Two training steps of program `p` (its weights parameters named from `prefix`, SGD plain,
 /// with momentum, Nesterov with weight decay, with gradient clipping, Adam or AdamW by `opt`;
-/// with dynamic loss scaling in mixed precision) on `dev` and
+/// with dynamic loss scaling in mixed precision; every other one accumulating two micro-batches
+/// per step) on `dev` and
 /// on the CPU reference: the same losses and the same parameters after.
 fn training_steps_match(dev: &kiln::Device, p: &Program, half: bool, opt: u8, prefix: &str) {
     use kiln::nn::{Optimizer, TrainStep};
@@ -913,14 +914,17 @@ fn training_steps_match(dev: &kiln::Device, p: &Program, half: bool, opt: u8, pr
         .map(|(n, _)| n.as_str())
         .collect();
     let what = format!("{p:?} training step");
+    // every other optimizer accumulates two micro-batches (the same ones) per step
+    let micro = 1 + opt as usize % 2;
     let mut runs = Vec::new();
     for d in [dev.clone(), kiln::Device::cpu()] {
         let b = build(p, half, Some(prefix));
         let loss = b.loss.expect("built as above");
-        let mut step = TrainStep::new(&d, &b.g, loss, &b.params, optimizer.clone(), 0)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut step =
+            TrainStep::with_accumulation(&d, &b.g, loss, &b.params, optimizer.clone(), 0, micro)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
         let mut losses = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..2 * micro {
             let l = step
                 .step(&data, true)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));

@@ -698,6 +698,79 @@ fn training_resumes_from_a_checkpoint_with_loss_scaling() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// Gradient accumulation: `k` micro-batches of `8 / k` rows per optimizer step train as batches
+/// of 8 do (a mean loss: the micro-batches' gradients divided by `k` and summed), for SGD with
+/// momentum, Adam with clipping (the sum's norm) and Adam with loss scaling (the scaler checks
+/// the sum), on the CPU reference and the GPU: parameters after three optimizer steps, and the
+/// step counts.
+#[test]
+fn gradient_accumulation_trains_as_the_whole_batch() {
+    // the tiny regression model on batches of `b`, stepping every `k` micro-batches
+    let build = |dev: &Device, opt: Optimizer, b: usize, k: usize| {
+        let g = Graph::new();
+        let x = g.input("x", [b, 5]);
+        let t = g.input("t", [b, 3]);
+        let mut init = Init::new(1);
+        let fc1 = Linear::new("fc1", 5, 6, &mut init);
+        let fc2 = Linear::new("fc2", 6, 3, &mut init);
+        let (h, p1) = fc1.apply(&g, x).unwrap();
+        let (y, p2) = fc2.apply(&g, g.tanh(h).unwrap()).unwrap();
+        let loss = g.mse_loss(y, t).unwrap();
+        let params: Vec<_> = p1.iter().chain(&p2).copied().collect();
+        TrainStep::with_accumulation(dev, &g, loss, &params, opt, 0, k).unwrap()
+    };
+    let opts = [
+        Optimizer::sgd_momentum(0.1, 0.9, false),
+        Optimizer::adam(1e-2).clip_grad_norm(0.1),
+        Optimizer::adam(1e-2).grad_scaler(GradScaler::default()),
+    ];
+    let mut devices: Vec<fn() -> Device> = vec![Device::cpu];
+    if gpu().is_some() {
+        devices.push(|| Device::gpu().unwrap());
+    }
+    let names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"];
+    for make in devices {
+        for opt in &opts {
+            let (xs, ts) = (rand(&[3 * 8, 5], 7), rand(&[3 * 8, 3], 8));
+            let rows = |t: &Tensor, from: usize, n: usize, w: usize| {
+                Tensor::new([n, w], t.data()[from * w..(from + n) * w].to_vec()).unwrap()
+            };
+            let whole = make();
+            let mut step = build(&whole, opt.clone(), 8, 1);
+            for s in 0..3 {
+                let (x, t) = (rows(&xs, 8 * s, 8, 5), rows(&ts, 8 * s, 8, 3));
+                step.step(&[("x", &x), ("t", &t)], false).unwrap();
+            }
+            for k in [2, 4] {
+                let what = format!("{:?} {:?}, {k} micro-batches", whole.kind(), opt.rule);
+                let dev = make();
+                let mut micro = build(&dev, opt.clone(), 8 / k, k);
+                for m in 0..3 * k {
+                    let n = 8 / k;
+                    let (x, t) = (rows(&xs, n * m, n, 5), rows(&ts, n * m, n, 3));
+                    let loss = micro.step(&[("x", &x), ("t", &t)], true).unwrap().unwrap();
+                    assert!(loss.is_finite(), "{what}: micro-batch {m}: loss {loss}");
+                }
+                assert_eq!(micro.optimizer().steps(), 3, "{what}");
+                if let Some(s) = micro.scaler_state().unwrap() {
+                    assert_eq!(s.steps_taken, 3, "{what}: {s:?}");
+                }
+                for name in names {
+                    let (a, b) = (dev.param(name).unwrap(), whole.param(name).unwrap());
+                    assert_close(&format!("{what}: {name}"), &a, &b, 1e-6, 1e-5);
+                }
+            }
+        }
+    }
+    // no micro-batch at all is an error
+    let g = Graph::new();
+    let p = g.param_init("accumulate.p", Tensor::full([2], 1.0));
+    let loss = g.sum_all(g.square(p).unwrap()).unwrap();
+    let none =
+        TrainStep::with_accumulation(&Device::cpu(), &g, loss, &[p], Optimizer::sgd(0.1), 0, 0);
+    assert!(none.is_err());
+}
+
 /// A grad scaler that could not scale (torch's checks) is an error when the step is built.
 #[test]
 fn bad_grad_scalers_are_errors() {

@@ -76,6 +76,13 @@ pub fn evaluate(
                     }
                     hyper
                 }
+                Op::Accumulate(a) => {
+                    let updated = a.cpu(ins[0], ins[1]);
+                    if let Op::Param { name, .. } = &nodes[n.inputs[1].0].op {
+                        store(name, updated.clone())?;
+                    }
+                    updated
+                }
                 Op::WriteRows(w) => {
                     let updated = w.cpu(ins[0], ins[1], ins[2]);
                     if let Op::Param { name, .. } = &nodes[n.inputs[2].0].op {

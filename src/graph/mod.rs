@@ -448,6 +448,15 @@ impl Graph {
             .map(NodeId)
     }
 
+    /// The parameter node named `name`, if the graph has one.
+    pub fn find_param(&self, name: &str) -> Option<NodeId> {
+        self.nodes
+            .borrow()
+            .iter()
+            .position(|n| matches!(&n.op, Op::Param { name: m, .. } if m == name))
+            .map(NodeId)
+    }
+
     // ---- losses (PyTorch semantics, mean reduction) ----
 
     /// Softmax cross-entropy of `logits (N, C)` against integer class `labels (N)` stored as f32,
@@ -504,6 +513,25 @@ impl Graph {
             self.cast(target, DType::F32)?,
         );
         self.mean_all(self.sub(self.softplus(logits)?, self.mul(logits, target)?)?)
+    }
+
+    /// Gradient accumulation: `acc := (first ? 0 : acc) + scale * grad` in place on `acc` (an
+    /// f32 parameter of `grad`'s shape); returns the node (its value is `acc` after). Used by
+    /// `nn::TrainStep::with_accumulation`.
+    pub fn accumulate(&self, acc: NodeId, grad: NodeId, first: bool, scale: f32) -> Result<NodeId> {
+        const OP: &str = "accumulate";
+        let (a, g) = (self.check_id(OP, acc)?, self.check_id(OP, grad)?);
+        if a != g {
+            return Err(shape_err(
+                OP,
+                format!("accumulator {a} and gradient {g} differ"),
+            ));
+        }
+        if !self.is_param(acc) {
+            return Err(shape_err(OP, "the accumulator must be a parameter node"));
+        }
+        let op = Op::Accumulate(crate::ops::optim::Accumulate { first, scale });
+        self.push(op, vec![grad, acc], a)
     }
 
     /// Dynamic loss scaling's step between the backward pass and the updates

@@ -40,6 +40,22 @@ pub enum Rule {
     },
 }
 
+/// The names of parameter nodes `params`, or an error naming one that is not.
+fn param_names(g: &Graph, params: &[NodeId]) -> Result<Vec<String>> {
+    let nodes = g.nodes();
+    params
+        .iter()
+        .map(|p| match &nodes[p.0].op {
+            Op::Param { name, .. } => Ok(name.clone()),
+            other => Err(Error::Param(format!(
+                "minimize: node {} is a {}, not a parameter",
+                p.0,
+                other.name()
+            ))),
+        })
+        .collect()
+}
+
 /// How the learning rate evolves with the step count `t` (starting at 0).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Schedule {
@@ -322,18 +338,66 @@ impl Optimizer {
     /// parameters named `optim.<param>.<state>` (`exp_avg`, `exp_avg_sq`, `momentum_buffer`)
     /// and `optim.grad_scaler.<first param>`, saved with checkpoints.
     pub fn minimize(&self, g: &Graph, loss: NodeId, params: &[NodeId]) -> Result<Vec<NodeId>> {
-        let nodes = g.nodes();
-        let names: Vec<String> = params
-            .iter()
-            .map(|p| match &nodes[p.0].op {
-                Op::Param { name, .. } => Ok(name.clone()),
-                other => Err(Error::Param(format!(
-                    "minimize: node {} is a {}, not a parameter",
-                    p.0,
-                    other.name()
-                ))),
-            })
-            .collect::<Result<_>>()?;
+        let grads = self.gradients(g, loss, params)?;
+        self.apply(g, params, &grads)
+    }
+
+    /// The first half of [`Optimizer::minimize`]: the gradients of `loss` for `params`, of the
+    /// loss times the scale where the loss is scaled (its state parameter made here).
+    pub fn gradients(&self, g: &Graph, loss: NodeId, params: &[NodeId]) -> Result<Vec<NodeId>> {
+        let names = param_names(g, params)?;
+        let Some(scaler) = self.grad_scaler else {
+            return g.grad(loss, params);
+        };
+        let Some(first) = names.first() else {
+            return Err(Error::Param("minimize: no parameters".into()));
+        };
+        // torch's checks, and a scale f32 holds
+        let GradScaler {
+            init_scale,
+            growth_factor,
+            backoff_factor,
+            growth_interval,
+        } = scaler;
+        let valid = init_scale.is_finite()
+            && init_scale > 0.0
+            && growth_factor.is_finite()
+            && growth_factor > 1.0
+            && backoff_factor > 0.0
+            && backoff_factor < 1.0
+            && growth_interval > 0;
+        if !valid {
+            return Err(Error::Param(format!(
+                "minimize: a grad scaler needs a finite init_scale > 0, a finite \
+                 growth_factor > 1, a backoff_factor in (0, 1) and a growth_interval > 0, \
+                 got {scaler:?}"
+            )));
+        }
+        let mut init = vec![0.0; SCALER_STATE_LEN];
+        init[0] = scaler.init_scale;
+        let state = g.param_init(
+            &GradScaler::state_name(first),
+            Tensor::new([SCALER_STATE_LEN], init)?,
+        );
+        // the scale as the loss's shape (one element, a view of the state) seeds the backward
+        // pass: the gradients of the scaled loss
+        let dims: Vec<isize> = g.shape(loss).dims().iter().map(|&d| d as isize).collect();
+        let scale = g.reshape(g.narrow(state, 0, 0, 1)?, &dims)?;
+        g.grad_with_seed(loss, Some(scale), params)
+    }
+
+    /// The second half of [`Optimizer::minimize`]: clipping, loss scaling's unscaling and skip,
+    /// and one in-place update per parameter from `grads` (as [`Optimizer::gradients`] gives
+    /// them, or sums of them over micro-batches); returns the update nodes.
+    pub fn apply(&self, g: &Graph, params: &[NodeId], grads: &[NodeId]) -> Result<Vec<NodeId>> {
+        let names = param_names(g, params)?;
+        if grads.len() != params.len() {
+            return Err(Error::Param(format!(
+                "minimize: {} gradients for {} parameters",
+                grads.len(),
+                params.len()
+            )));
+        }
         let hyper = g
             .find_input(HYPER_INPUT)
             .unwrap_or_else(|| g.input(HYPER_INPUT, [HYPER_LEN]));
@@ -341,38 +405,12 @@ impl Optimizer {
             let Some(first) = names.first() else {
                 return Err(Error::Param("minimize: no parameters".into()));
             };
-            // torch's checks, and a scale f32 holds
-            let GradScaler {
-                init_scale,
-                growth_factor,
-                backoff_factor,
-                growth_interval,
-            } = scaler;
-            let valid = init_scale.is_finite()
-                && init_scale > 0.0
-                && growth_factor.is_finite()
-                && growth_factor > 1.0
-                && backoff_factor > 0.0
-                && backoff_factor < 1.0
-                && growth_interval > 0;
-            if !valid {
-                return Err(Error::Param(format!(
-                    "minimize: a grad scaler needs a finite init_scale > 0, a finite \
-                     growth_factor > 1, a backoff_factor in (0, 1) and a growth_interval > 0, \
-                     got {scaler:?}"
-                )));
-            }
-            let mut init = vec![0.0; SCALER_STATE_LEN];
-            init[0] = scaler.init_scale;
-            let state = g.param_init(
-                &GradScaler::state_name(first),
-                Tensor::new([SCALER_STATE_LEN], init)?,
-            );
-            // the scale as the loss's shape (one element, a view of the state) seeds the
-            // backward pass: the gradients of the scaled loss
-            let dims: Vec<isize> = g.shape(loss).dims().iter().map(|&d| d as isize).collect();
-            let scale = g.reshape(g.narrow(state, 0, 0, 1)?, &dims)?;
-            let grads = g.grad_with_seed(loss, Some(scale), params)?;
+            let Some(state) = g.find_param(&GradScaler::state_name(first)) else {
+                return Err(Error::Param(
+                    "minimize: the gradients of a scaled loss come from Optimizer::gradients"
+                        .into(),
+                ));
+            };
             let step = ScalerStep {
                 growth_factor: scaler.growth_factor,
                 backoff_factor: scaler.backoff_factor,
@@ -380,12 +418,11 @@ impl Optimizer {
                 max_norm: self.clip_norm,
                 partials: 0,
             };
-            let hyper = g.grad_scaler(step, hyper, g.sum_squares(&grads)?, state)?;
+            let hyper = g.grad_scaler(step, hyper, g.sum_squares(grads)?, state)?;
             // unscaling and clipping are the scaler's: the updates' own scale is 1
             let one = g.constant(Tensor::full([1], 1.0));
-            return self.updates(g, hyper, one, params, &grads, &names);
+            return self.updates(g, hyper, one, params, grads, &names);
         }
-        let grads = g.grad(loss, params)?;
         let scale = match self.clip_norm {
             None => g.constant(Tensor::full([1], 1.0)),
             Some(max_norm) => {
@@ -394,12 +431,12 @@ impl Optimizer {
                     return Err(Error::Param("minimize: no parameters".into()));
                 }
                 // one multi-tensor kernel of partial sums, one reduction
-                let norm = g.sqrt(g.sum_squares(&grads)?)?;
+                let norm = g.sqrt(g.sum_squares(grads)?)?;
                 let coef = g.rdiv_scalar(g.add_scalar(norm, 1e-6)?, max_norm)?;
                 g.minimum(coef, g.constant(Tensor::full([1], 1.0)))?
             }
         };
-        self.updates(g, hyper, scale, params, &grads, &names)
+        self.updates(g, hyper, scale, params, grads, &names)
     }
 
     /// One in-place update per parameter, reading `hyper` and the gradient scale `scale`.

@@ -13,7 +13,14 @@ use crate::tensor::Tensor;
 
 /// A compiled training step.
 pub struct TrainStep {
+    /// The step that updates the parameters (with accumulation: the last micro-batch's).
     plan: Plan,
+    /// With gradient accumulation: the plans of a cycle's first micro-batch and (with more than
+    /// two) of the ones between, which only accumulate.
+    micro: Vec<Plan>,
+    /// Micro-batches per optimizer step (1: none accumulated), and where the cycle is.
+    micro_steps: usize,
+    micro_at: usize,
     device: Device,
     /// The loss scaler's state parameter, where the optimizer scales the loss.
     scaler_state: Option<String>,
@@ -33,7 +40,66 @@ impl TrainStep {
         optimizer: Optimizer,
         seed: u64,
     ) -> Result<TrainStep> {
-        let updates = optimizer.minimize(g, loss, params)?;
+        Self::with_accumulation(dev, g, loss, params, optimizer, seed, 1)
+    }
+
+    /// [`TrainStep::new`] accumulating the gradients of `micro_steps` micro-batches per
+    /// optimizer step, as torch's loop of `(loss / micro_steps).backward()` then
+    /// `optimizer.step()`: each [`TrainStep::step`] takes one micro-batch; the first of a cycle
+    /// writes its gradients (divided by `micro_steps`) into accumulators (parameters
+    /// `optim.<param>.grad_accum`), the next ones add theirs, and the last adds its own as the
+    /// update reads them (clipping and loss scaling see the sum). Three plans, each one
+    /// submission; the step count, schedule and dropout seeds advance as torch's do.
+    pub fn with_accumulation(
+        dev: &Device,
+        g: &Graph,
+        loss: NodeId,
+        params: &[NodeId],
+        optimizer: Optimizer,
+        seed: u64,
+        micro_steps: usize,
+    ) -> Result<TrainStep> {
+        if micro_steps == 0 {
+            return Err(crate::error::Error::Param(
+                "a training step needs at least one micro-batch".into(),
+            ));
+        }
+        let grads = optimizer.gradients(g, loss, params)?;
+        let mut micro = Vec::new();
+        let updates = if micro_steps == 1 {
+            optimizer.apply(g, params, &grads)?
+        } else {
+            let s = 1.0 / micro_steps as f32;
+            let nodes = g.nodes();
+            let accs: Vec<NodeId> = params
+                .iter()
+                .map(|&p| match &nodes[p.0].op {
+                    crate::ops::Op::Param { name, .. } => {
+                        g.param(&format!("optim.{name}.grad_accum"), g.shape(p))
+                    }
+                    _ => p,
+                })
+                .collect();
+            drop(nodes);
+            let accumulate = |first: bool| -> Result<Vec<NodeId>> {
+                grads
+                    .iter()
+                    .zip(&accs)
+                    .map(|(&gr, &acc)| g.accumulate(acc, gr, first, s))
+                    .collect()
+            };
+            micro.push(dev.compile_with(g, &[loss], &accumulate(true)?)?);
+            if micro_steps > 2 {
+                micro.push(dev.compile_with(g, &[loss], &accumulate(false)?)?);
+            }
+            // the last micro-batch's gradients join the sum where the update reads it
+            let totals = grads
+                .iter()
+                .zip(&accs)
+                .map(|(&gr, &acc)| g.add(acc, g.mul_scalar(gr, s)?))
+                .collect::<Result<Vec<_>>>()?;
+            optimizer.apply(g, params, &totals)?
+        };
         let plan = dev.compile_with(g, &[loss], &updates)?;
         let has_dropout = g.find_input(DROPOUT_SEED).is_some();
         let scaler_state = match (&optimizer.grad_scaler, params.first()) {
@@ -45,6 +111,9 @@ impl TrainStep {
         };
         Ok(TrainStep {
             plan,
+            micro,
+            micro_steps,
+            micro_at: 0,
             device: dev.clone(),
             scaler_state,
             optimizer,
@@ -53,21 +122,33 @@ impl TrainStep {
         })
     }
 
-    /// One step on a batch. With `want_loss` the loss is read back (waiting for the GPU);
+    /// One step on a batch (with accumulation: on a micro-batch, the optimizer stepping after
+    /// every `micro_steps`-th). With `want_loss` the loss is read back (waiting for the GPU);
     /// without, the step is only submitted and `None` returned.
     pub fn step(&mut self, inputs: &[(&str, &Tensor)], want_loss: bool) -> Result<Option<f32>> {
-        let hyper = self.optimizer.next_hyper();
+        let at = self.micro_at;
+        self.micro_at = (at + 1) % self.micro_steps;
+        let last = at + 1 == self.micro_steps;
+        // the step count advances with the updates only
+        let hyper = last.then(|| self.optimizer.next_hyper());
         // dropout seeds stay below 2^24 so that f32 holds them exactly
         let seed = Tensor::full([1], (self.rng.next_u32() >> 8) as f32);
         let mut all: Vec<(&str, &Tensor)> = inputs.to_vec();
-        all.push((HYPER_INPUT, &hyper));
+        if let Some(h) = &hyper {
+            all.push((HYPER_INPUT, h));
+        }
         if self.has_dropout {
             all.push((DROPOUT_SEED, &seed));
         }
+        let plan = match (last, at) {
+            (true, _) => &mut self.plan,
+            (false, 0) => &mut self.micro[0],
+            (false, _) => &mut self.micro[1],
+        };
         if want_loss {
-            Ok(Some(self.plan.run(&all)?[0].data()[0]))
+            Ok(Some(plan.run(&all)?[0].data()[0]))
         } else {
-            self.plan.step(&all)?;
+            plan.step(&all)?;
             Ok(None)
         }
     }

@@ -152,6 +152,9 @@ pub enum Op {
     /// scaled gradients' sum of squares and the scaler's state (a parameter, written in place);
     /// its value is the hyper vector the updates read (see `ops::optim::ScalerStep`).
     ScalerStep(optim::ScalerStep),
+    /// Gradient accumulation into input 1 (a parameter) in place (no buffer of its own; see
+    /// `ops::optim::Accumulate`).
+    Accumulate(optim::Accumulate),
     /// Several parameters' updates as one kernel (made by the plan compiler).
     OptimGroup(optim::OptimGroup),
     /// Partial sums of squares of several tensors (see `ops::reduce::SumSquares`).
@@ -281,6 +284,7 @@ impl Op {
             Op::CrossEntropyRows(_) => "cross_entropy_rows",
             Op::OptimStep(o) => o.name(),
             Op::ScalerStep(_) => "grad_scaler",
+            Op::Accumulate(_) => "accumulate",
             Op::OptimGroup(o) => o.name(),
             Op::SumSquares(_) => "sum_squares",
             Op::RunningUpdate(_) => "running_update",
@@ -312,6 +316,7 @@ impl Op {
                 Some(0)
             }
             Op::OptimStep(_) => Some(3),
+            Op::Accumulate(_) => Some(1),
             Op::OptimGroup(o) => Some(o.param(0)),
             Op::RunningUpdate(_) => Some(1),
             Op::WriteRows(_) => Some(2),
@@ -377,6 +382,7 @@ impl Op {
             Op::OptimStep(_) => (3, false),
             // the scaler's state, then the hyper vector it writes
             Op::ScalerStep(_) => (2, true),
+            Op::Accumulate(_) => (1, false),
             Op::OptimGroup(o) => (o.param(0), false),
             Op::RunningUpdate(_) => (1, false),
             // statistics that also move running ones (in place)
@@ -575,6 +581,7 @@ impl Op {
             Op::CrossEntropyRows(c) => c.cpu(inputs[0], inputs[1]),
             Op::OptimStep(o) => o.cpu_update(inputs).swap_remove(0),
             Op::ScalerStep(s) => s.cpu(inputs[0], inputs[1], inputs[2]).0,
+            Op::Accumulate(a) => a.cpu(inputs[0], inputs[1]),
             Op::OptimGroup(o) => o.cpu_update(inputs).swap_remove(0).swap_remove(0),
             Op::SumSquares(s) => s.cpu(inputs, out),
             Op::RunningUpdate(r) => r.cpu(inputs[0], &inputs[1..]).swap_remove(0),
@@ -673,6 +680,7 @@ impl Op {
             Op::CrossEntropyRows(c) => Some(c.kernel(inputs[0])),
             Op::OptimStep(o) => Some(o.kernel(out)),
             Op::ScalerStep(s) => Some(s.kernel()),
+            Op::Accumulate(a) => Some(a.kernel(out.numel())),
             Op::RunningUpdate(r) => Some(r.kernel(out.numel())),
             Op::GroupStats(s) => Some(s.kernel(inputs[0])),
             Op::MergeStats(s) => Some(s.kernel(inputs[0])),
@@ -759,6 +767,7 @@ impl Op {
             | Op::OptimStep(_)
             | Op::OptimGroup(_)
             | Op::ScalerStep(_)
+            | Op::Accumulate(_)
             | Op::RunningUpdate(_)
             | Op::WriteRows(_)
             | Op::NormalizeBackward(_)

@@ -387,3 +387,48 @@ impl ScalerStep {
         }
     }
 }
+
+/// Gradient accumulation over micro-batches (`nn::TrainStep::with_accumulation`):
+/// `acc := (first ? 0 : acc) + scale * g` in place on the accumulator `acc` (a parameter), as
+/// torch's `backward()` adds into `.grad` over the micro-batches of a loss divided by their
+/// count. Inputs `[g, acc]` (f32, one shape); no buffer of its own (its value is `acc`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Accumulate {
+    /// Whether this is a cycle's first micro-batch: `acc` is overwritten, not added to.
+    pub first: bool,
+    pub scale: f32,
+}
+
+impl Accumulate {
+    /// CPU reference, in f32 as the kernel.
+    pub fn cpu(&self, g: &Tensor, acc: &Tensor) -> Tensor {
+        let data = g
+            .data()
+            .iter()
+            .zip(acc.data())
+            .map(|(&g, &a)| {
+                let add = g * self.scale;
+                if self.first {
+                    add
+                } else {
+                    a + add
+                }
+            })
+            .collect();
+        Tensor::new(acc.shape().clone(), data).expect("the accumulator's shape")
+    }
+
+    /// Kernel: `shaders/optim.wgsl`'s `accumulate`, one thread per element.
+    pub fn kernel(&self, n: usize) -> KernelSpec {
+        KernelSpec {
+            family: "optim",
+            entry: "accumulate",
+            constants: vec![
+                ("N", n as f64),
+                ("FIRST", self.first as u8 as f64),
+                ("ACC_SCALE", self.scale as f64),
+            ],
+            workgroups: groups(n, 256),
+        }
+    }
+}
