@@ -240,9 +240,14 @@ fn train_tiny(dev: &Device, opt: Optimizer, steps: usize) -> Vec<Tensor> {
 /// The tiny regression model's training step on `dev` (inputs `x (8, 5)`, targets `t (8, 3)`;
 /// `fc1`, `fc2` seeded alike every time).
 fn tiny_step(dev: &Device, opt: Optimizer) -> TrainStep {
+    tiny_step_accumulating(dev, opt, 8, 1)
+}
+
+/// [`tiny_step`] on batches of `b` rows, stepping every `k` of them (gradient accumulation).
+fn tiny_step_accumulating(dev: &Device, opt: Optimizer, b: usize, k: usize) -> TrainStep {
     let g = Graph::new();
-    let x = g.input("x", [8, 5]);
-    let t = g.input("t", [8, 3]);
+    let x = g.input("x", [b, 5]);
+    let t = g.input("t", [b, 3]);
     let mut init = Init::new(1);
     let fc1 = Linear::new("fc1", 5, 6, &mut init);
     let fc2 = Linear::new("fc2", 6, 3, &mut init);
@@ -250,7 +255,7 @@ fn tiny_step(dev: &Device, opt: Optimizer) -> TrainStep {
     let (y, p2) = fc2.apply(&g, g.tanh(h).unwrap()).unwrap();
     let loss = g.mse_loss(y, t).unwrap();
     let params: Vec<_> = p1.iter().chain(&p2).copied().collect();
-    TrainStep::new(dev, &g, loss, &params, opt, 0).unwrap()
+    TrainStep::with_accumulation(dev, &g, loss, &params, opt, 0, k).unwrap()
 }
 
 /// [`train_tiny`], and the kernels of its step's plan.
@@ -705,20 +710,7 @@ fn training_resumes_from_a_checkpoint_with_loss_scaling() {
 /// step counts.
 #[test]
 fn gradient_accumulation_trains_as_the_whole_batch() {
-    // the tiny regression model on batches of `b`, stepping every `k` micro-batches
-    let build = |dev: &Device, opt: Optimizer, b: usize, k: usize| {
-        let g = Graph::new();
-        let x = g.input("x", [b, 5]);
-        let t = g.input("t", [b, 3]);
-        let mut init = Init::new(1);
-        let fc1 = Linear::new("fc1", 5, 6, &mut init);
-        let fc2 = Linear::new("fc2", 6, 3, &mut init);
-        let (h, p1) = fc1.apply(&g, x).unwrap();
-        let (y, p2) = fc2.apply(&g, g.tanh(h).unwrap()).unwrap();
-        let loss = g.mse_loss(y, t).unwrap();
-        let params: Vec<_> = p1.iter().chain(&p2).copied().collect();
-        TrainStep::with_accumulation(dev, &g, loss, &params, opt, 0, k).unwrap()
-    };
+    let build = tiny_step_accumulating;
     let opts = [
         Optimizer::sgd_momentum(0.1, 0.9, false),
         Optimizer::adam(1e-2).clip_grad_norm(0.1),
