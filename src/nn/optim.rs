@@ -41,7 +41,7 @@ pub enum Rule {
 }
 
 /// The names of parameter nodes `params`, or an error naming one that is not.
-fn param_names(g: &Graph, params: &[NodeId]) -> Result<Vec<String>> {
+pub(crate) fn param_names(g: &Graph, params: &[NodeId]) -> Result<Vec<String>> {
     let nodes = g.nodes();
     params
         .iter()

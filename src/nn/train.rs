@@ -8,7 +8,7 @@ use crate::exec::Plan;
 use crate::graph::{Graph, NodeId};
 use crate::nn::init::Init;
 use crate::nn::layers::DROPOUT_SEED;
-use crate::nn::optim::{GradScaler, Optimizer, ScalerState, HYPER_INPUT};
+use crate::nn::optim::{param_names, GradScaler, Optimizer, ScalerState, HYPER_INPUT};
 use crate::tensor::Tensor;
 
 /// A compiled training step.
@@ -65,22 +65,17 @@ impl TrainStep {
             ));
         }
         let grads = optimizer.gradients(g, loss, params)?;
+        let names = param_names(g, params)?;
         let mut micro = Vec::new();
         let updates = if micro_steps == 1 {
             optimizer.apply(g, params, &grads)?
         } else {
             let s = 1.0 / micro_steps as f32;
-            let nodes = g.nodes();
             let accs: Vec<NodeId> = params
                 .iter()
-                .map(|&p| match &nodes[p.0].op {
-                    crate::ops::Op::Param { name, .. } => {
-                        g.param(&format!("optim.{name}.grad_accum"), g.shape(p))
-                    }
-                    _ => p,
-                })
+                .zip(&names)
+                .map(|(&p, name)| g.param(&format!("optim.{name}.grad_accum"), g.shape(p)))
                 .collect();
-            drop(nodes);
             let accumulate = |first: bool| -> Result<Vec<NodeId>> {
                 grads
                     .iter()
@@ -102,11 +97,8 @@ impl TrainStep {
         };
         let plan = dev.compile_with(g, &[loss], &updates)?;
         let has_dropout = g.find_input(DROPOUT_SEED).is_some();
-        let scaler_state = match (&optimizer.grad_scaler, params.first()) {
-            (Some(_), Some(p)) => match &g.nodes()[p.0].op {
-                crate::ops::Op::Param { name, .. } => Some(GradScaler::state_name(name)),
-                _ => None,
-            },
+        let scaler_state = match (&optimizer.grad_scaler, names.first()) {
+            (Some(_), Some(first)) => Some(GradScaler::state_name(first)),
             _ => None,
         };
         Ok(TrainStep {
