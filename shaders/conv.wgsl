@@ -1,7 +1,9 @@
-// conv.wgsl: im2col and col2im for 2-D convolution on NCHW tensors (as torch's unfold and fold).
+// conv.wgsl: im2col and col2im for 2-D convolution on NCHW tensors (as torch's unfold and fold),
+// and the direct kernels of convolutions in groups.
 // conv2d is a graph composition: im2col gathers every receptive field into a column matrix, the
 // tiled matmul kernel (matmul.wgsl) multiplies the weight [O, C*KH*KW] with it, and col2im, the
-// adjoint of im2col, carries gradients back onto the image.
+// adjoint of im2col, carries gradients back onto the image. A convolution in G groups (depthwise:
+// G = C) runs grouped_conv, and its gradients grouped_conv_input_grad and grouped_conv_weight_grad.
 //
 // Shapes: image [N, C, H, W]; cols [C*KH*KW, N*HO*WO], row (c*KH + i)*KW + j, column
 //         (n*HO + oh)*WO + ow: the batch sits in the columns, so that conv2d is one large matmul;
@@ -9,15 +11,31 @@
 //         cols[(c, i, j), (n, oh, ow)] = image[n, c, oh*SH - PH + i*DH, ow*SW - PW + j*DW],
 //         zero where that falls in the padding.
 //
-// Bindings (group 0), the same for both entry points:
-//   0  src  storage, read        im2col: the image [N, C, H, W]; col2im: the columns
-//   1  out  storage, read_write  im2col: the columns [C*KH*KW, N*HO*WO]; col2im: the image
+//         Grouped: x [N, C, H, W], w [O, C/G, KH, KW], y [N, O, HO, WO]; output channel o belongs
+//         to group g = o / (O/G), which reads input channels g*(C/G) .. (g+1)*(C/G) - 1:
+//         y[n, o, oh, ow] = sum over c < C/G, i, j of
+//                           x[n, g*(C/G) + c, oh*SH - PH + i*DH, ow*SW - PW + j*DW] * w[o, c, i, j].
+//
+// Bindings (group 0). im2col and col2im:
+//   0  src   storage, read        im2col: the image [N, C, H, W]; col2im: the columns
+//   1  out   storage, read_write  im2col: the columns [C*KH*KW, N*HO*WO]; col2im: the image
+// grouped_conv (x, w -> y), grouped_conv_input_grad (dy, w -> dx), grouped_conv_weight_grad
+// (x, dy -> dw):
+//   0  src   storage, read        x; dy; x
+//   1  opnd  storage, read        w; w; dy
+//   2  res   storage, read_write  y; dx; dw
+// `out` and `opnd` share binding 1: naga validates bindings per entry point and no entry point
+// uses both.
 // Overrides: N, C, H, W (image), KH, KW (kernel), SH, SW (stride), PH, PW (padding),
-//            DH, DW (dilation), HO, WO (output extents).
+//            DH, DW (dilation), HO, WO (output extents); G (groups), O (output channels).
 // Dispatch: ceil(total / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
 //           one output element per thread, threads past total return (total = N*C*KH*KW*HO*WO
-//           for im2col, N*C*H*W for col2im). col2im is a gather: each image element sums, over the
-//           KH*KW kernel positions, the column entry (if any) that read it; no atomics.
+//           for im2col, N*C*H*W for col2im and grouped_conv_input_grad, N*O*HO*WO for
+//           grouped_conv). col2im and grouped_conv_input_grad are gathers: each image element
+//           sums, over the KH*KW kernel positions, the entries (if any) that read it; no atomics.
+//           grouped_conv_weight_grad: one workgroup of 256 per weight element (O*(C/G)*KH*KW,
+//           folded likewise), its threads striding over the N*HO*WO output positions, then a
+//           tree sum in workgroup memory.
 
 override N: u32 = 1u;
 override C: u32 = 1u;
@@ -33,6 +51,8 @@ override DH: u32 = 1u;
 override DW: u32 = 1u;
 override HO: u32 = 1u;
 override WO: u32 = 1u;
+override G: u32 = 1u;
+override O: u32 = 1u;
 const WG: u32 = 256u;
 
 // Every global read and write goes through ld_*/st_*: src/codegen/storage.rs generates the f16
@@ -40,8 +60,12 @@ const WG: u32 = 256u;
 // generated: begin storage
 @group(0) @binding(0) var<storage, read> src: array<f32>;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
+@group(0) @binding(1) var<storage, read> opnd: array<f32>;
+@group(0) @binding(2) var<storage, read_write> res: array<f32>;
 fn ld_src(i: u32) -> f32 { return src[i]; }
 fn st_out(i: u32, v: f32) { out[i] = v; }
+fn ld_opnd(i: u32) -> f32 { return opnd[i]; }
+fn st_res(i: u32, v: f32) { res[i] = v; }
 // generated: end storage
 
 @compute @workgroup_size(256)
@@ -114,4 +138,147 @@ fn col2im(
         }
     }
     st_out(idx, acc);
+}
+
+// The image row (or column) that kernel tap `k` of output position `o` reads along one axis, as
+// padded coordinate + 1 (0: the tap falls in the padding). Stride s, padding p, dilation d, extent n.
+fn tap_source(o: u32, k: u32, s: u32, p: u32, d: u32, n: u32) -> u32 {
+    let q = o * s + k * d;
+    if q < p || q - p >= n {
+        return 0u;
+    }
+    return q - p + 1u;
+}
+
+// The output position (+ 1; 0: none) that reads image coordinate `x` through tap `k` along one axis.
+fn tap_target(x: u32, k: u32, s: u32, p: u32, d: u32, n_out: u32) -> u32 {
+    let q = x + p;
+    if q < k * d {
+        return 0u;
+    }
+    let t = q - k * d;
+    if t % s != 0u || t / s >= n_out {
+        return 0u;
+    }
+    return t / s + 1u;
+}
+
+@compute @workgroup_size(256)
+fn grouped_conv(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = (wid.y * nwg.x + wid.x) * WG + lid;
+    if idx >= N * O * HO * WO {
+        return;
+    }
+    let ow = idx % WO;
+    let oh = (idx / WO) % HO;
+    let o = (idx / (WO * HO)) % O;
+    let n = idx / (WO * HO * O);
+    let cg = C / G;
+    let first = (o / (O / G)) * cg;
+    var acc = 0.0;
+    for (var c = 0u; c < cg; c = c + 1u) {
+        let plane = (n * C + first + c) * H;
+        for (var i = 0u; i < KH; i = i + 1u) {
+            let ih = tap_source(oh, i, SH, PH, DH, H);
+            if ih == 0u {
+                continue;
+            }
+            for (var j = 0u; j < KW; j = j + 1u) {
+                let iw = tap_source(ow, j, SW, PW, DW, W);
+                if iw == 0u {
+                    continue;
+                }
+                let wv = ld_opnd(((o * cg + c) * KH + i) * KW + j);
+                acc = acc + ld_src((plane + ih - 1u) * W + iw - 1u) * wv;
+            }
+        }
+    }
+    st_res(idx, acc);
+}
+
+@compute @workgroup_size(256)
+fn grouped_conv_input_grad(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = (wid.y * nwg.x + wid.x) * WG + lid;
+    if idx >= N * C * H * W {
+        return;
+    }
+    let w = idx % W;
+    let h = (idx / W) % H;
+    let ch = (idx / (W * H)) % C;
+    let n = idx / (W * H * C);
+    let cg = C / G;
+    let og = O / G;
+    let c = ch % cg;
+    let first = (ch / cg) * og;
+    var acc = 0.0;
+    for (var i = 0u; i < KH; i = i + 1u) {
+        let oh = tap_target(h, i, SH, PH, DH, HO);
+        if oh == 0u {
+            continue;
+        }
+        for (var j = 0u; j < KW; j = j + 1u) {
+            let ow = tap_target(w, j, SW, PW, DW, WO);
+            if ow == 0u {
+                continue;
+            }
+            for (var f = 0u; f < og; f = f + 1u) {
+                let o = first + f;
+                let dy = ld_src(((n * O + o) * HO + oh - 1u) * WO + ow - 1u);
+                acc = acc + dy * ld_opnd(((o * cg + c) * KH + i) * KW + j);
+            }
+        }
+    }
+    st_res(idx, acc);
+}
+
+var<workgroup> partial_sums: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn grouped_conv_weight_grad(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    // one weight element per workgroup: uniform across its threads
+    let e = wid.y * nwg.x + wid.x;
+    let cg = C / G;
+    if e >= O * cg * KH * KW {
+        return;
+    }
+    let j = e % KW;
+    let i = (e / KW) % KH;
+    let c = (e / (KW * KH)) % cg;
+    let o = e / (KW * KH * cg);
+    let ch = (o / (O / G)) * cg + c;
+    var acc = 0.0;
+    for (var t = lid; t < N * HO * WO; t = t + WG) {
+        let ow = t % WO;
+        let oh = (t / WO) % HO;
+        let n = t / (WO * HO);
+        let ih = tap_source(oh, i, SH, PH, DH, H);
+        let iw = tap_source(ow, j, SW, PW, DW, W);
+        if ih != 0u && iw != 0u {
+            let x = ld_src(((n * C + ch) * H + ih - 1u) * W + iw - 1u);
+            acc = acc + x * ld_opnd(((n * O + o) * HO + oh) * WO + ow);
+        }
+    }
+    partial_sums[lid] = acc;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if lid < s {
+            partial_sums[lid] = partial_sums[lid] + partial_sums[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        st_res(e, partial_sums[0]);
+    }
 }

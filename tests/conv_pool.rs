@@ -28,8 +28,20 @@ fn cpu_run(g: &Graph, outputs: &[NodeId], feeds: &[(&str, &Tensor)]) -> Vec<Tens
 
 /// conv2d as torch defines it, in direct loops (f64), independent of im2col.
 fn naive_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, o: Conv2dOpts) -> Tensor {
-    let [n, c, h, wd] = x.dims().try_into().unwrap();
-    let [oc, _, kh, kw] = w.dims().try_into().unwrap();
+    naive_grouped_conv(x, w, b, o, 1)
+}
+
+/// conv2d in `groups` groups as torch defines it, in direct loops (f64).
+fn naive_grouped_conv(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    o: Conv2dOpts,
+    groups: usize,
+) -> Tensor {
+    let [n, xc, h, wd] = x.dims().try_into().unwrap();
+    let [oc, c, kh, kw] = w.dims().try_into().unwrap();
+    let og = oc / groups;
     let ho = (h + 2 * o.padding.0 - o.dilation.0 * (kh - 1) - 1) / o.stride.0 + 1;
     let wo = (wd + 2 * o.padding.1 - o.dilation.1 * (kw - 1) - 1) / o.stride.1 + 1;
     let mut out = Vec::new();
@@ -39,6 +51,7 @@ fn naive_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, o: Conv2dOpts) -> Tens
                 for ow in 0..wo {
                     let mut acc = b.map_or(0.0, |b| b.data()[f] as f64);
                     for ch in 0..c {
+                        let xch = f / og * c + ch;
                         for i in 0..kh {
                             for j in 0..kw {
                                 let ih = (oh * o.stride.0 + i * o.dilation.0) as isize
@@ -48,8 +61,8 @@ fn naive_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, o: Conv2dOpts) -> Tens
                                 if ih < 0 || iw < 0 || ih >= h as isize || iw >= wd as isize {
                                     continue;
                                 }
-                                let xv =
-                                    x.data()[((bn * c + ch) * h + ih as usize) * wd + iw as usize];
+                                let xv = x.data()
+                                    [((bn * xc + xch) * h + ih as usize) * wd + iw as usize];
                                 let wv = w.data()[((f * c + ch) * kh + i) * kw + j];
                                 acc += xv as f64 * wv as f64;
                             }
@@ -196,6 +209,180 @@ fn conv2d_gradients() {
             TOL_REDUCTION,
         );
     }
+}
+
+/// (N, C, H, W), (O, kh, kw), groups, stride, padding, dilation.
+type GroupedCase = ([usize; 4], [usize; 3], usize, Pair, Pair, Pair);
+
+const GROUPED_CASES: &[GroupedCase] = &[
+    ([2, 4, 7, 6], [4, 3, 3], 4, (1, 1), (1, 1), (1, 1)), // depthwise 3x3, padded
+    ([1, 3, 9, 8], [6, 3, 3], 3, (2, 2), (1, 1), (1, 1)), // depthwise, multiplier 2, stride 2
+    ([2, 6, 5, 7], [4, 2, 3], 2, (1, 2), (0, 1), (1, 1)), // 2 groups of 3 -> 2 channels
+    ([1, 6, 11, 5], [9, 3, 2], 3, (2, 1), (2, 1), (2, 2)), // 3 groups, dilated, asymmetric
+    ([3, 5, 4, 4], [5, 1, 1], 5, (1, 1), (0, 0), (1, 1)), // pointwise per channel
+    ([1, 2, 1, 1], [2, 1, 1], 2, (1, 1), (0, 0), (1, 1)), // a single pixel
+    ([2, 8, 13, 17], [8, 5, 5], 8, (1, 1), (2, 2), (1, 1)), // more than one workgroup
+];
+
+fn grouped_graph(case: &GroupedCase, bias: bool) -> (Graph, [NodeId; 4], Vec<(String, Tensor)>) {
+    let &(xs, [oc, kh, kw], groups, s, p, d) = case;
+    let ws = [oc, xs[1] / groups, kh, kw];
+    let g = Graph::new();
+    let x = g.input("x", xs);
+    let w = g.input("w", ws);
+    let b = g.input("b", [oc]);
+    let y = g
+        .conv2d_grouped(x, w, bias.then_some(b), opts(s, p, d), groups)
+        .unwrap();
+    let seed = (xs.iter().product::<usize>() * 31 + oc) as u64;
+    let feeds = vec![
+        ("x".to_string(), rand(&xs, seed)),
+        ("w".to_string(), rand(&ws, seed + 1)),
+        ("b".to_string(), rand(&[oc], seed + 2)),
+    ];
+    (g, [x, w, b, y], feeds)
+}
+
+#[test]
+fn grouped_conv2d_reference_matches_direct_loops() {
+    for (k, case) in GROUPED_CASES.iter().enumerate() {
+        let (g, [_, _, _, y], feeds) = grouped_graph(case, true);
+        let got = cpu_run(&g, &[y], &common::refs(&feeds));
+        let &(_, _, groups, s, p, d) = case;
+        let want = naive_grouped_conv(
+            &feeds[0].1,
+            &feeds[1].1,
+            Some(&feeds[2].1),
+            opts(s, p, d),
+            groups,
+        );
+        common::assert_close(
+            &format!("grouped conv2d case {k}"),
+            &got[0],
+            &want,
+            1e-5,
+            1e-5,
+        );
+    }
+}
+
+/// The forward, and the input and weight gradients of a random projection of it, on the GPU
+/// against the CPU reference (outputs poisoned with NaN): every pass's kernel.
+#[test]
+fn grouped_conv2d_gpu_matches_cpu() {
+    for (k, case) in GROUPED_CASES.iter().enumerate() {
+        let (g, [x, w, b, y], feeds) = grouped_graph(case, k % 2 == 0);
+        let loss = random_projection(&g, y, 40 + k as u64);
+        let grads = g.grad(loss, &[x, w, b]).unwrap();
+        let mut outs = vec![y];
+        outs.extend(&grads);
+        check_gpu_vs_cpu(
+            &format!("grouped conv2d {case:?}"),
+            &g,
+            &outs,
+            &common::refs(&feeds),
+            TOL_REDUCTION,
+        );
+    }
+}
+
+#[test]
+fn grouped_conv2d_gradients() {
+    for (k, case) in GROUPED_CASES.iter().take(4).enumerate() {
+        let (g, [x, w, b, y], feeds) = grouped_graph(case, true);
+        let loss = random_projection(&g, y, 60 + k as u64);
+        gradcheck(
+            &format!("grouped conv2d {case:?}"),
+            &g,
+            loss,
+            &[("x", x), ("w", w), ("b", b)],
+            &common::refs(&feeds),
+            24,
+            TOL_REDUCTION,
+        );
+    }
+}
+
+/// The input and weight gradients' own gradients (each pass is the others' adjoint): a loss of
+/// both gradients, checked against central differences.
+#[test]
+fn grouped_conv2d_second_derivatives() {
+    for (k, case) in GROUPED_CASES.iter().take(3).enumerate() {
+        let (g, [x, w, _, y], feeds) = grouped_graph(case, false);
+        let loss = random_projection(&g, g.square(y).unwrap(), 70 + k as u64);
+        let d = g.grad(loss, &[x, w]).unwrap();
+        let (px, pw) = (
+            random_projection(&g, d[0], 80 + k as u64),
+            random_projection(&g, d[1], 90 + k as u64),
+        );
+        let loss2 = g.add(px, pw).unwrap();
+        gradcheck(
+            &format!("grouped conv2d second derivative {case:?}"),
+            &g,
+            loss2,
+            &[("x", x), ("w", w)],
+            &common::refs(&feeds),
+            16,
+            TOL_REDUCTION,
+        );
+    }
+}
+
+/// A depthwise convolution equals the dense convolution (an implicit GEMM) with the
+/// block-diagonal weight that zeroes every other channel: two independent paths, on the GPU.
+#[test]
+fn depthwise_conv2d_equals_the_block_diagonal_dense_one() {
+    let Some(dev) = common::gpu() else { return };
+    let (n, c, m, h, wd) = (2, 5, 2, 9, 8);
+    let o = opts((2, 1), (1, 1), (1, 2));
+    let (xv, wv) = (rand(&[n, c, h, wd], 5), rand(&[c * m, 1, 3, 3], 6));
+    let mut dense = vec![0f32; c * m * c * 9];
+    for f in 0..c * m {
+        let ch = f / m;
+        dense[(f * c + ch) * 9..(f * c + ch + 1) * 9]
+            .copy_from_slice(&wv.data()[f * 9..(f + 1) * 9]);
+    }
+    let dense = Tensor::new(vec![c * m, c, 3, 3], dense).unwrap();
+    let g = Graph::new();
+    let x = g.input("x", [n, c, h, wd]);
+    let wg = g.input("wg", [c * m, 1, 3, 3]);
+    let wd_ = g.input("wd", [c * m, c, 3, 3]);
+    let yg = g.conv2d_grouped(x, wg, None, o, c).unwrap();
+    let yd = g.conv2d(x, wd_, None, o).unwrap();
+    let mut plan = dev.compile(&g, &[yg, yd]).unwrap();
+    plan.poison(f32::NAN);
+    let out = plan
+        .run(&[("x", &xv), ("wg", &wv), ("wd", &dense)])
+        .unwrap();
+    common::assert_close("depthwise against dense", &out[0], &out[1], 1e-5, 1e-4);
+}
+
+#[test]
+fn grouped_conv2d_shape_errors() {
+    let g = Graph::new();
+    let x = g.input("x", [1, 6, 8, 8]);
+    let d = Conv2dOpts::default();
+    let w = g.input("w", [4, 3, 3, 3]);
+    let m = shape_msg(g.conv2d_grouped(x, w, None, d, 4).unwrap_err());
+    assert!(
+        m.contains("the groups must divide the input channels 6 and the output channels 4"),
+        "{m}"
+    );
+    let w2 = g.input("w2", [4, 2, 3, 3]);
+    let m = shape_msg(g.conv2d_grouped(x, w2, None, d, 2).unwrap_err());
+    assert!(
+        m.contains("the weight must have 3 = 6 / 2 input channels, it has 2"),
+        "{m}"
+    );
+    assert!(shape_msg(g.conv2d_grouped(x, w, None, d, 0).unwrap_err()).contains("must divide"));
+    let y = g.conv2d_grouped(x, w, None, d, 2).unwrap();
+    assert_eq!(g.shape(y).dims(), &[1, 4, 6, 6]);
+    let b = g.input("b", [3]);
+    let m = shape_msg(g.conv2d_grouped(x, w, Some(b), d, 2).unwrap_err());
+    assert!(m.contains("the bias must have shape [4]"), "{m}");
+    let mut init = kiln::nn::Init::new(0);
+    let e = kiln::nn::Conv2d::grouped("c", 6, 4, (3, 3), d, 4, &mut init).unwrap_err();
+    assert!(shape_msg(e).contains("4 groups must divide the input channels 6"));
 }
 
 /// (N, C, H, W), kernel, stride, padding.

@@ -570,6 +570,67 @@ fn mixed_precision_cnn_gradients() {
     assert!(report.ok(), "{report}");
 }
 
+/// A MobileNet block in mixed precision: a depthwise 3x3 convolution (`groups = C`, the direct
+/// grouped kernels' f16 variants), relu, a pointwise 1x1 convolution; its f32 parameter
+/// gradients agree with the f32 block's within f16 precision, the GPU with the CPU reference.
+#[test]
+fn mixed_precision_depthwise_block() {
+    use kiln::graph::Conv2dOpts;
+    use kiln::nn::{Conv2d, Init};
+    let net = |dt: DType| {
+        let g = Graph::new();
+        let x = g.input("x", [2, 6, 7, 7]);
+        let mut init = Init::new(4);
+        let pad = Conv2dOpts {
+            padding: (1, 1),
+            ..Default::default()
+        };
+        let dw = Conv2d::grouped("dw", 6, 12, (3, 3), pad, 6, &mut init).unwrap();
+        let pw = Conv2d::new("pw", 12, 5, (1, 1), Default::default(), &mut init);
+        let (h, p1) = dw.apply_relu(&g, g.cast(x, dt).unwrap()).unwrap();
+        assert_eq!(g.dtype(h), dt);
+        let (y, p2) = pw.apply(&g, h).unwrap();
+        let y = g.cast(y, DType::F32).unwrap();
+        let loss = g.mean_all(g.mul(y, y).unwrap()).unwrap();
+        let params: Vec<NodeId> = p1.iter().chain(&p2).copied().collect();
+        let mut outs = vec![loss];
+        outs.extend(g.grad(loss, &params).unwrap());
+        (g, outs)
+    };
+    let f = vec![("x".to_string(), rand(&[2, 6, 7, 7], 12))];
+    let (g32, o32) = net(DType::F32);
+    let (g16, o16) = net(DType::F16);
+    let run =
+        |g: &Graph, o: &[NodeId]| Device::cpu().compile(g, o).unwrap().run(&refs(&f)).unwrap();
+    let (want, cpu16) = (run(&g32, &o32), run(&g16, &o16));
+    for (k, (a, b)) in cpu16.iter().zip(&want).enumerate() {
+        assert_close(
+            &format!("f16 depthwise block vs f32, output {k}"),
+            a,
+            b,
+            5e-3,
+            3e-2,
+        );
+    }
+    let Some(dev) = device(true) else { return };
+    check(
+        &dev,
+        "mixed-precision depthwise block",
+        &g16,
+        &o16,
+        &f,
+        (1e-3, 2e-2),
+    );
+    check(
+        &dev,
+        "f32 depthwise block",
+        &g32,
+        &o32,
+        &f,
+        kiln::ops::TOL_REDUCTION,
+    );
+}
+
 /// Ops without f16 kernels refuse f16 inputs at build time, naming the op and the type; mixed
 /// operand types are refused; the CPU backend runs f16 graphs too.
 #[test]

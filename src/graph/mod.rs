@@ -1191,6 +1191,53 @@ impl Graph {
         )
     }
 
+    /// Convolution of `x [N, C, H, W]` with `w [O, C/groups, kh, kw]` in `groups` groups
+    /// (`torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)`), giving
+    /// `[N, O, Ho, Wo]`: `groups = C` is a depthwise convolution. One group runs as
+    /// [`Graph::conv2d`] (an implicit GEMM); more run direct kernels
+    /// ([`crate::ops::conv::GroupedConv2d`]), the bias added after.
+    pub fn conv2d_grouped(
+        &self,
+        x: NodeId,
+        w: NodeId,
+        bias: Option<NodeId>,
+        opts: Conv2dOpts,
+        groups: usize,
+    ) -> Result<NodeId> {
+        let sx = self.check_id("conv2d", x)?;
+        let sw = self.check_id("conv2d", w)?;
+        let sb = match bias {
+            Some(b) => Some(self.check_id("conv2d", b)?),
+            None => None,
+        };
+        let conv = crate::ops::conv::GroupedConv2d::new(&sx, &sw, sb.as_ref(), opts, groups)?;
+        if groups == 1 {
+            return self.conv2d(x, w, bias, opts);
+        }
+        let y = self.grouped_conv_pass(conv, x, w)?;
+        match bias {
+            Some(b) => {
+                let b = self.reshape(b, &[conv.out_channels as isize, 1, 1])?;
+                self.add(y, b)
+            }
+            None => Ok(y),
+        }
+    }
+
+    /// One pass of a grouped convolution (`conv.pass`: the forward, or the input or weight
+    /// gradient) of the operands `a` and `b` (see [`crate::ops::conv::ConvPass`]).
+    pub fn grouped_conv_pass(
+        &self,
+        conv: crate::ops::conv::GroupedConv2d,
+        a: NodeId,
+        b: NodeId,
+    ) -> Result<NodeId> {
+        let sa = self.check_id(conv.name(), a)?;
+        let sb = self.check_id(conv.name(), b)?;
+        let shape = conv.infer(&sa, &sb)?;
+        self.push(Op::GroupedConv2d(conv), vec![a, b], shape)
+    }
+
     /// The receptive fields of `x` [N, C, H, W] for a `kernel` (kh, kw) as columns
     /// [C*kh*kw, N*Ho*Wo] (row `(c*kh + i)*kw + j`, column `(n*Ho + oh)*Wo + ow`; zero in the padding),
     /// as `torch.nn.functional.unfold`.

@@ -73,11 +73,15 @@ impl Linear {
     }
 }
 
-/// A 2-D convolution over `(N, C, H, W)`, weight `[O, C, kh, kw]`, bias `[O]`.
+/// A 2-D convolution over `(N, C, H, W)`, weight `[O, C / groups, kh, kw]`, bias `[O]`
+/// (`torch.nn.Conv2d`).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     pub name: String,
     pub opts: Conv2dOpts,
+    /// Channel groups (1: every output channel reads every input channel; `in_channels`:
+    /// depthwise).
+    pub groups: usize,
     weight_init: crate::Tensor,
     bias_init: crate::Tensor,
 }
@@ -96,9 +100,43 @@ impl Conv2d {
         Conv2d {
             name: name.to_string(),
             opts,
+            groups: 1,
             weight_init: init.torch_default([out, in_channels, kernel.0, kernel.1], fan_in),
             bias_init: init.torch_default([out], fan_in),
         }
+    }
+
+    /// A layer of `out` filters over `in_channels` channels in `groups` groups
+    /// (`torch.nn.Conv2d(.., groups=G)`: weight `[out, in_channels / G, kh, kw]`, torch's
+    /// initialisation from that fan-in); `groups = in_channels` is a depthwise convolution.
+    /// The groups must divide both channel counts.
+    pub fn grouped(
+        name: &str,
+        in_channels: usize,
+        out: usize,
+        kernel: (usize, usize),
+        opts: Conv2dOpts,
+        groups: usize,
+        init: &mut Init,
+    ) -> Result<Conv2d> {
+        if groups == 0 || !in_channels.is_multiple_of(groups) || !out.is_multiple_of(groups) {
+            return Err(crate::error::shape_err(
+                "Conv2d",
+                format!(
+                    "{name}: {groups} groups must divide the input channels {in_channels} and \
+                     the output channels {out}"
+                ),
+            ));
+        }
+        let cg = in_channels / groups;
+        let fan_in = cg * kernel.0 * kernel.1;
+        Ok(Conv2d {
+            name: name.to_string(),
+            opts,
+            groups,
+            weight_init: init.torch_default([out, cg, kernel.0, kernel.1], fan_in),
+            bias_init: init.torch_default([out], fan_in),
+        })
     }
 
     /// The parameter names, as in a PyTorch state_dict.
@@ -125,7 +163,17 @@ impl Conv2d {
         let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
         let dt = g.dtype(x);
         let (wc, bc) = (g.cast(w, dt)?, g.cast(b, dt)?);
-        let y = g.conv2d_fused(x, wc, Some(bc), self.opts, relu)?;
+        let y = match self.groups {
+            1 => g.conv2d_fused(x, wc, Some(bc), self.opts, relu)?,
+            groups => {
+                let y = g.conv2d_grouped(x, wc, Some(bc), self.opts, groups)?;
+                if relu {
+                    g.relu(y)?
+                } else {
+                    y
+                }
+            }
+        };
         Ok((y, [w, b]))
     }
 }

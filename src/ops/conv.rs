@@ -481,3 +481,271 @@ impl ImplicitDgrad {
         self.geom.col2im_cpu(&cols, out)
     }
 }
+
+/// Which product of a grouped convolution a [`GroupedConv2d`] node computes. All three are
+/// bilinear in their two inputs, so each one's gradients are the other two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConvPass {
+    /// Inputs `x [N, C, H, W]` and `w [O, C/G, kh, kw]`; output `y [N, O, Ho, Wo]`.
+    Forward,
+    /// Inputs `dy [N, O, Ho, Wo]` and `w`; output `dx [N, C, H, W]`.
+    InputGrad,
+    /// Inputs `x` and `dy`; output `dw [O, C/G, kh, kw]`.
+    WeightGrad,
+}
+
+/// A convolution in `groups` groups (`torch.nn.functional.conv2d(.., groups=G)`): input
+/// channels `c` of group `g = c / (C/G)` meet the output channels `g*O/G .. (g+1)*O/G` only;
+/// `G = C` with `O = m*C` is a depthwise convolution (channel multiplier `m`). Runs as direct
+/// kernels (`shaders/conv.wgsl` `grouped_conv*`), not as GEMMs: a group's product is small
+/// (`O/G` rows, `C/G*kh*kw` deep) where the weights are few, and the implicit GEMM would be
+/// `G` thin products. `groups = 1` convolutions run as implicit GEMMs instead
+/// (`Graph::conv2d`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GroupedConv2d {
+    /// The input image's channels C, extents, the kernel and the options.
+    pub geom: ColGeometry,
+    pub groups: usize,
+    /// Output channels O.
+    pub out_channels: usize,
+    pub pass: ConvPass,
+}
+
+impl GroupedConv2d {
+    /// Input channels per group, C / G.
+    pub fn channels_per_group(&self) -> usize {
+        self.geom.channels / self.groups
+    }
+
+    /// The weight's shape `[O, C/G, kh, kw]`.
+    pub fn weight_shape(&self) -> Shape {
+        let (kh, kw) = self.geom.kernel;
+        Shape(vec![self.out_channels, self.channels_per_group(), kh, kw])
+    }
+
+    /// The output's shape `[N, O, Ho, Wo]` for a batch of `n`.
+    pub fn output_shape(&self, n: usize) -> Shape {
+        let (ho, wo) = self.geom.out_hw();
+        Shape(vec![n, self.out_channels, ho, wo])
+    }
+
+    /// The same convolution computing `pass`.
+    pub fn with_pass(&self, pass: ConvPass) -> GroupedConv2d {
+        GroupedConv2d { pass, ..*self }
+    }
+
+    /// Checks the grouped convolution of `x [N, C, H, W]` with `w [O, C/G, kh, kw]` (and a
+    /// bias `[O]`): `G` divides C and O.
+    pub fn new(
+        x: &Shape,
+        w: &Shape,
+        bias: Option<&Shape>,
+        opts: Conv2dOpts,
+        groups: usize,
+    ) -> Result<GroupedConv2d> {
+        let op = "conv2d";
+        let what = format!("input {x}, weight {w} and {groups} groups");
+        if x.rank() != 4 || w.rank() != 4 {
+            return Err(shape_err(
+                op,
+                format!("{what}: input (N, C, H, W) and weight (O, C/groups, kh, kw) have rank 4"),
+            ));
+        }
+        let (c, o) = (x.dims()[1], w.dims()[0]);
+        if groups == 0 || !c.is_multiple_of(groups) || !o.is_multiple_of(groups) {
+            return Err(shape_err(
+                op,
+                format!("{what}: the groups must divide the input channels {c} and the output channels {o}"),
+            ));
+        }
+        if w.dims()[1] != c / groups {
+            return Err(shape_err(
+                op,
+                format!(
+                    "{what}: the weight must have {} = {c} / {groups} input channels, it has {}",
+                    c / groups,
+                    w.dims()[1]
+                ),
+            ));
+        }
+        if let Some(b) = bias {
+            if b.dims() != [o] {
+                return Err(shape_err(
+                    op,
+                    format!("weight {w} and bias {b}: the bias must have shape [{o}]"),
+                ));
+            }
+        }
+        let geom = ColGeometry {
+            channels: c,
+            image: (x.dims()[2], x.dims()[3]),
+            kernel: (w.dims()[2], w.dims()[3]),
+            opts,
+        };
+        geom.check(op, &what)?;
+        Ok(GroupedConv2d {
+            geom,
+            groups,
+            out_channels: o,
+            pass: ConvPass::Forward,
+        })
+    }
+
+    /// The expected shapes of the two inputs and the output of this pass, for a batch of `n`.
+    fn shapes(&self, n: usize) -> [Shape; 3] {
+        let (x, w, y) = (
+            self.geom.image_shape(n),
+            self.weight_shape(),
+            self.output_shape(n),
+        );
+        match self.pass {
+            ConvPass::Forward => [x, w, y],
+            ConvPass::InputGrad => [y, w, x],
+            ConvPass::WeightGrad => [x, y, w],
+        }
+    }
+
+    /// Shape rule: the inputs must be this pass's operands (the batch from the first).
+    pub fn infer(&self, a: &Shape, b: &Shape) -> Result<Shape> {
+        let n = a.dims().first().copied().unwrap_or(0);
+        let [wa, wb, out] = self.shapes(n);
+        if a != &wa || b != &wb {
+            return Err(shape_err(
+                self.name(),
+                format!("operands {a} and {b}: expected {wa} and {wb}"),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The op's name in errors and plans.
+    pub fn name(&self) -> &'static str {
+        match self.pass {
+            ConvPass::Forward => "grouped_conv2d",
+            ConvPass::InputGrad => "grouped_conv2d_input_grad",
+            ConvPass::WeightGrad => "grouped_conv2d_weight_grad",
+        }
+    }
+
+    /// The batch size of this pass's inputs.
+    fn batch(a: &Shape) -> usize {
+        a.dims()[0]
+    }
+
+    /// CPU reference of every pass: each (output element, input channel of its group, tap)
+    /// product added up in f64 where the pass's output keeps it.
+    pub fn cpu(&self, a: &Tensor, b: &Tensor, out: &Shape) -> Tensor {
+        let n = Self::batch(a.shape());
+        let (c, (h, w), (kh, kw)) = (self.geom.channels, self.geom.image, self.geom.kernel);
+        let (ho, wo) = self.geom.out_hw();
+        let (oc, cg) = (self.out_channels, self.channels_per_group());
+        let og = oc / self.groups;
+        let o = &self.geom.opts;
+        let mut acc = vec![0f64; out.numel()];
+        let (ad, bd) = (a.data(), b.data());
+        for bn in 0..n {
+            for f in 0..oc {
+                let grp = f / og;
+                for oh in 0..ho {
+                    for ow in 0..wo {
+                        let yi = ((bn * oc + f) * ho + oh) * wo + ow;
+                        for ci in 0..cg {
+                            let ch = grp * cg + ci;
+                            for i in 0..kh {
+                                let Some(ih) = ColGeometry::source(
+                                    oh,
+                                    i,
+                                    o.stride.0,
+                                    o.padding.0,
+                                    o.dilation.0,
+                                    h,
+                                ) else {
+                                    continue;
+                                };
+                                for j in 0..kw {
+                                    let Some(iw) = ColGeometry::source(
+                                        ow,
+                                        j,
+                                        o.stride.1,
+                                        o.padding.1,
+                                        o.dilation.1,
+                                        w,
+                                    ) else {
+                                        continue;
+                                    };
+                                    let xi = ((bn * c + ch) * h + ih) * w + iw;
+                                    let wi = ((f * cg + ci) * kh + i) * kw + j;
+                                    match self.pass {
+                                        ConvPass::Forward => {
+                                            acc[yi] += ad[xi] as f64 * bd[wi] as f64
+                                        }
+                                        ConvPass::InputGrad => {
+                                            acc[xi] += ad[yi] as f64 * bd[wi] as f64
+                                        }
+                                        ConvPass::WeightGrad => {
+                                            acc[wi] += ad[xi] as f64 * bd[yi] as f64
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Tensor::new(out.clone(), acc.into_iter().map(|v| v as f32).collect())
+            .expect("grouped conv2d shape")
+    }
+
+    /// Multiply-adds of every pass: one per (output element, input channel of its group, tap),
+    /// padding included.
+    pub fn flops(&self, n: usize) -> f64 {
+        let (kh, kw) = self.geom.kernel;
+        2.0 * (self.output_shape(n).numel() * self.channels_per_group() * kh * kw) as f64
+    }
+
+    /// Kernel of this pass: one thread per output element (forward, input gradient), a
+    /// workgroup of 256 per weight element summing over the batch and positions (weight
+    /// gradient).
+    pub fn kernel(&self, a: &Shape, out: &Shape) -> KernelSpec {
+        let mut constants = self.geom.constants(Self::batch(a));
+        constants.push(("G", self.groups as f64));
+        constants.push(("O", self.out_channels as f64));
+        let (entry, workgroups) = match self.pass {
+            ConvPass::Forward => ("grouped_conv", groups(out.numel(), 256)),
+            ConvPass::InputGrad => ("grouped_conv_input_grad", groups(out.numel(), 256)),
+            ConvPass::WeightGrad => ("grouped_conv_weight_grad", out.numel() as u64),
+        };
+        KernelSpec {
+            family: "conv",
+            entry,
+            constants,
+            workgroups,
+        }
+    }
+
+    /// Backward: the gradients of this pass's two inputs from the gradient `dz` of its output
+    /// (each pass is bilinear: its adjoints are the other two passes).
+    pub fn backward(&self, g: &Graph, x: &[NodeId], dz: NodeId) -> Result<Vec<Option<NodeId>>> {
+        let (a, b) = (x[0], x[1]);
+        let run =
+            |pass: ConvPass, p: NodeId, q: NodeId| g.grouped_conv_pass(self.with_pass(pass), p, q);
+        Ok(match self.pass {
+            // y = x * w: dx = conv^T(dy, w), dw = dW(x, dy)
+            ConvPass::Forward => vec![
+                Some(run(ConvPass::InputGrad, dz, b)?),
+                Some(run(ConvPass::WeightGrad, a, dz)?),
+            ],
+            // dx = conv^T(dy, w): d(dy) = conv(ddx, w), dw = dW(ddx, dy)
+            ConvPass::InputGrad => vec![
+                Some(run(ConvPass::Forward, dz, b)?),
+                Some(run(ConvPass::WeightGrad, dz, a)?),
+            ],
+            // dw = dW(x, dy): dx = conv^T(dy, ddw), d(dy) = conv(x, ddw)
+            ConvPass::WeightGrad => vec![
+                Some(run(ConvPass::InputGrad, b, dz)?),
+                Some(run(ConvPass::Forward, a, dz)?),
+            ],
+        })
+    }
+}

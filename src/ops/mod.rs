@@ -112,6 +112,8 @@ pub enum Op {
     Im2col(conv::Im2col),
     /// The adjoint of `Im2col`: columns summed back onto the image [N, C, H, W].
     Col2im(conv::Col2im),
+    /// A convolution in groups, its input or its weight gradient (direct kernels).
+    GroupedConv2d(conv::GroupedConv2d),
     MaxPool2d(pool::Pool2d),
     AvgPool2d(pool::Pool2d),
     /// Inputs `x` and `dy`: each input element gathers `dy` of every window whose argmax it is.
@@ -225,14 +227,18 @@ pub const TOL_F16: Tolerance = (1e-3, 1e-2);
 impl Op {
     /// Inputs that this op's f16 kernel (a storage-block variant) may read stored as f32,
     /// rounding each element to f16 on load, by input index and binding name: the recurrent
-    /// weight, and the GRU's and RNN's recurrent bias, whose casts of mixed precision's f32
-    /// parameters the plan compiler folds in (`exec::lower::fold_operand_casts`).
+    /// weight, and the GRU's and RNN's recurrent bias, a grouped convolution's operands, whose
+    /// casts of mixed precision's f32 parameters (and inputs) the plan compiler folds in
+    /// (`exec::lower::fold_operand_casts`).
     pub fn rounded_f16_inputs(&self) -> &'static [(usize, &'static str)] {
         match self {
             Op::LstmForward(_) | Op::LstmBackward(_) => &[(1, "whh")],
             Op::GruForward(_) | Op::GruBackward(_) | Op::RnnForward(_) | Op::RnnBackward(_) => {
                 &[(1, "whh"), (2, "bhh")]
             }
+            // both operands: a convolution's f32 weight, or its input cast once for the
+            // forward and the weight gradient
+            Op::GroupedConv2d(_) => &[(0, "src"), (1, "opnd")],
             _ => &[],
         }
     }
@@ -264,6 +270,7 @@ impl Op {
             Op::Reshape => "reshape",
             Op::Im2col(_) => "im2col",
             Op::Col2im(_) => "col2im",
+            Op::GroupedConv2d(c) => c.name(),
             Op::MaxPool2d(_) => "max_pool2d",
             Op::AvgPool2d(_) => "avg_pool2d",
             Op::MaxPool2dBackward(_) => "max_pool2d_backward",
@@ -428,6 +435,7 @@ impl Op {
                 let d = c.dims(inputs[0], out);
                 2.0 * (d.m * d.n * d.k) as f64
             }
+            Op::GroupedConv2d(c) => c.flops(inputs[0].dims()[0]),
             Op::MatMulEpilogue(e) => {
                 let a = inputs[0].dims();
                 let k = if e.product.trans_a {
@@ -561,6 +569,7 @@ impl Op {
                 .expect("reshape keeps the element count"),
             Op::Im2col(c) => c.0.im2col_cpu(inputs[0], out),
             Op::Col2im(c) => c.0.col2im_cpu(inputs[0], out),
+            Op::GroupedConv2d(c) => c.cpu(inputs[0], inputs[1], out),
             Op::MaxPool2d(p) => p.max_cpu(inputs[0], out),
             Op::AvgPool2d(p) => p.avg_cpu(inputs[0], out),
             Op::MaxPool2dBackward(p) => p.max_backward_cpu(inputs[0], inputs[1], out),
@@ -658,6 +667,7 @@ impl Op {
             Op::AxisCopy(a) => Some(a.kernel(inputs, out)),
             Op::Im2col(c) => Some(c.0.im2col_kernel(inputs[0], out)),
             Op::Col2im(c) => Some(c.0.col2im_kernel(inputs[0], out)),
+            Op::GroupedConv2d(c) => Some(c.kernel(inputs[0], out)),
             Op::MaxPool2d(p) => Some(p.kernel("max_pool", inputs[0], out)),
             Op::AvgPool2d(p) => Some(p.kernel("avg_pool", inputs[0], out)),
             Op::MaxPool2dBackward(p) => Some(p.max_backward_kernel(inputs[0])),
@@ -729,6 +739,7 @@ impl Op {
             }
             Op::Im2col(c) => vec![Some(c.backward(g, dy)?)],
             Op::Col2im(c) => vec![Some(c.backward(g, dy)?)],
+            Op::GroupedConv2d(c) => c.backward(g, x, dy)?,
             Op::MaxPool2d(p) => vec![Some(p.max_backward(g, x[0], dy)?)],
             Op::AvgPool2d(p) => vec![Some(p.avg_backward(g, x[0], dy)?)],
             Op::MaxPool2dBackward(_) | Op::MaxPoolReluBackward(_) => {
@@ -812,6 +823,7 @@ impl Op {
             | Op::ReducePrologue(_)
             | Op::Im2col(_)
             | Op::Col2im(_)
+            | Op::GroupedConv2d(_)
             | Op::ImplicitGemm(_)
             | Op::ImplicitDgrad(_)
             | Op::MaxPool2d(_)
@@ -979,6 +991,7 @@ impl Op {
             // sums of a few terms, in another order than the reference
             Op::Im2col(_)
             | Op::Col2im(_)
+            | Op::GroupedConv2d(_)
             | Op::AvgPool2d(_)
             | Op::MaxPool2dBackward(_)
             | Op::MaxPoolReluBackward(_)
