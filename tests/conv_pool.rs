@@ -5,7 +5,7 @@
 mod common;
 
 use common::{check_gpu_vs_cpu, gradcheck, rand, random_projection};
-use kiln::ops::conv::{ColGeometry, Conv2dOpts};
+use kiln::ops::conv::{ColGeometry, Conv2dOpts, ConvTranspose2dOpts};
 use kiln::ops::pool::Pool2d;
 use kiln::ops::{TOL_ELEMENTWISE, TOL_REDUCTION};
 use kiln::{Device, Error, Graph, NodeId, Tensor};
@@ -383,6 +383,247 @@ fn grouped_conv2d_shape_errors() {
     let mut init = kiln::nn::Init::new(0);
     let e = kiln::nn::Conv2d::grouped("c", 6, 4, (3, 3), d, 4, &mut init).unwrap_err();
     assert!(shape_msg(e).contains("4 groups must divide the input channels 6"));
+}
+
+/// `conv_transpose2d` as torch defines it, in direct loops (f64): every input pixel spreads its
+/// value times the kernel over the output (scatter), cropped by the padding.
+fn naive_conv_transpose(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    o: ConvTranspose2dOpts,
+    groups: usize,
+) -> Tensor {
+    let [n, cin, h, wd] = x.dims().try_into().unwrap();
+    let [_, og, kh, kw] = w.dims().try_into().unwrap();
+    let (cout, cg) = (og * groups, cin / groups);
+    let ho =
+        (h - 1) * o.stride.0 + o.dilation.0 * (kh - 1) + o.output_padding.0 + 1 - 2 * o.padding.0;
+    let wo =
+        (wd - 1) * o.stride.1 + o.dilation.1 * (kw - 1) + o.output_padding.1 + 1 - 2 * o.padding.1;
+    let mut acc = vec![0f64; n * cout * ho * wo];
+    for bn in 0..n {
+        for ci in 0..cin {
+            for ih in 0..h {
+                for iw in 0..wd {
+                    let xv = x.data()[((bn * cin + ci) * h + ih) * wd + iw] as f64;
+                    for f in 0..og {
+                        let co = ci / cg * og + f;
+                        for i in 0..kh {
+                            for j in 0..kw {
+                                let oh = (ih * o.stride.0 + i * o.dilation.0) as isize
+                                    - o.padding.0 as isize;
+                                let ow = (iw * o.stride.1 + j * o.dilation.1) as isize
+                                    - o.padding.1 as isize;
+                                if oh < 0 || ow < 0 || oh >= ho as isize || ow >= wo as isize {
+                                    continue;
+                                }
+                                let wv = w.data()[((ci * og + f) * kh + i) * kw + j] as f64;
+                                acc[((bn * cout + co) * ho + oh as usize) * wo + ow as usize] +=
+                                    xv * wv;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(b) = b {
+        for (k, v) in acc.iter_mut().enumerate() {
+            *v += b.data()[k / (ho * wo) % cout] as f64;
+        }
+    }
+    Tensor::new(
+        vec![n, cout, ho, wo],
+        acc.into_iter().map(|v| v as f32).collect(),
+    )
+    .unwrap()
+}
+
+/// (N, Cin, H, W), (Cout, kh, kw), groups, stride, padding, output padding, dilation.
+type TransposedCase = ([usize; 4], [usize; 3], usize, Pair, Pair, Pair, Pair);
+
+const TRANSPOSED_CASES: &[TransposedCase] = &[
+    ([2, 3, 4, 4], [2, 4, 4], 1, (2, 2), (1, 1), (0, 0), (1, 1)), // DCGAN's upsampling: 4 -> 8
+    ([1, 2, 5, 3], [3, 3, 3], 1, (1, 1), (0, 0), (0, 0), (1, 1)), // stride 1: an implicit GEMM
+    ([2, 4, 3, 5], [5, 3, 2], 1, (2, 3), (1, 0), (1, 2), (1, 1)), // output padding, asymmetric
+    ([1, 3, 4, 4], [4, 3, 3], 1, (2, 2), (2, 1), (1, 0), (2, 1)), // dilated
+    ([2, 4, 3, 3], [6, 3, 3], 2, (2, 2), (1, 1), (1, 1), (1, 1)), // 2 groups
+    ([1, 3, 5, 4], [3, 2, 2], 3, (2, 2), (0, 0), (0, 0), (1, 1)), // depthwise upsampling
+    ([1, 1, 1, 1], [1, 1, 1], 1, (1, 1), (0, 0), (0, 0), (1, 1)), // a single pixel
+    ([2, 9, 8, 7], [67, 3, 3], 1, (1, 1), (1, 1), (0, 0), (1, 1)), // past the 64x64 tile
+];
+
+fn transposed_graph(
+    case: &TransposedCase,
+    bias: bool,
+) -> (Graph, [NodeId; 4], Vec<(String, Tensor)>) {
+    let &(xs, [oc, kh, kw], groups, stride, padding, output_padding, dilation) = case;
+    let ws = [xs[1], oc / groups, kh, kw];
+    let o = ConvTranspose2dOpts {
+        stride,
+        padding,
+        output_padding,
+        dilation,
+    };
+    let g = Graph::new();
+    let x = g.input("x", xs);
+    let w = g.input("w", ws);
+    let b = g.input("b", [oc]);
+    let y = g
+        .conv_transpose2d(x, w, bias.then_some(b), o, groups)
+        .unwrap();
+    let seed = (xs.iter().product::<usize>() * 17 + oc) as u64;
+    let feeds = vec![
+        ("x".to_string(), rand(&xs, seed)),
+        ("w".to_string(), rand(&ws, seed + 1)),
+        ("b".to_string(), rand(&[oc], seed + 2)),
+    ];
+    (g, [x, w, b, y], feeds)
+}
+
+#[test]
+fn conv_transpose2d_reference_matches_direct_loops() {
+    for (k, case) in TRANSPOSED_CASES.iter().enumerate() {
+        let (g, [_, _, _, y], feeds) = transposed_graph(case, true);
+        let got = cpu_run(&g, &[y], &common::refs(&feeds));
+        let &(_, _, groups, stride, padding, output_padding, dilation) = case;
+        let o = ConvTranspose2dOpts {
+            stride,
+            padding,
+            output_padding,
+            dilation,
+        };
+        let want = naive_conv_transpose(&feeds[0].1, &feeds[1].1, Some(&feeds[2].1), o, groups);
+        common::assert_close(
+            &format!("conv_transpose2d case {k}"),
+            &got[0],
+            &want,
+            1e-5,
+            1e-5,
+        );
+    }
+}
+
+/// A transposed convolution is the adjoint of the convolution with the same weight and
+/// geometry: `<conv2d(z, w), x> = <z, conv_transpose2d(x, w)>` (groups included).
+#[test]
+fn conv_transpose2d_is_the_adjoint_of_conv2d() {
+    for (k, case) in TRANSPOSED_CASES.iter().enumerate() {
+        let (g, [x, w, _, y], feeds) = transposed_graph(case, false);
+        let &(_, _, groups, s, p, _, d) = case;
+        let z = g.input("z", g.shape(y));
+        let cz = g.conv2d_grouped(z, w, None, opts(s, p, d), groups).unwrap();
+        assert_eq!(g.shape(cz), g.shape(x), "case {k}");
+        let zv = rand(g.shape(y).dims(), 3 + k as u64);
+        let mut f = common::refs(&feeds);
+        f.push(("z", &zv));
+        let out = cpu_run(&g, &[y, cz], &f);
+        let dot = |a: &Tensor, b: &Tensor| -> f64 {
+            a.data()
+                .iter()
+                .zip(b.data())
+                .map(|(p, q)| *p as f64 * *q as f64)
+                .sum()
+        };
+        let (lhs, rhs) = (dot(&out[1], &feeds[0].1), dot(&zv, &out[0]));
+        assert!(
+            (lhs - rhs).abs() <= 1e-4 * (1.0 + lhs.abs()),
+            "case {k}: {lhs} vs {rhs}"
+        );
+    }
+}
+
+/// The forward and every gradient on the GPU against the CPU reference (outputs poisoned with
+/// NaN): the dense product and col2im (or the implicit GEMM), the grouped kernels.
+#[test]
+fn conv_transpose2d_gpu_matches_cpu() {
+    for (k, case) in TRANSPOSED_CASES.iter().enumerate() {
+        let (g, [x, w, b, y], feeds) = transposed_graph(case, k % 2 == 0);
+        let loss = random_projection(&g, y, 20 + k as u64);
+        let grads = g.grad(loss, &[x, w, b]).unwrap();
+        let mut outs = vec![y];
+        outs.extend(&grads);
+        check_gpu_vs_cpu(
+            &format!("conv_transpose2d {case:?}"),
+            &g,
+            &outs,
+            &common::refs(&feeds),
+            TOL_REDUCTION,
+        );
+    }
+}
+
+#[test]
+fn conv_transpose2d_gradients() {
+    for (k, case) in TRANSPOSED_CASES.iter().take(6).enumerate() {
+        let (g, [x, w, b, y], feeds) = transposed_graph(case, true);
+        let loss = random_projection(&g, y, 30 + k as u64);
+        gradcheck(
+            &format!("conv_transpose2d {case:?}"),
+            &g,
+            loss,
+            &[("x", x), ("w", w), ("b", b)],
+            &common::refs(&feeds),
+            16,
+            TOL_REDUCTION,
+        );
+    }
+}
+
+#[test]
+fn conv_transpose2d_shape_errors() {
+    let g = Graph::new();
+    let x = g.input("x", [1, 4, 5, 5]);
+    let d = ConvTranspose2dOpts::default();
+    let w = g.input("w", [4, 3, 3, 3]);
+    let y = g.conv_transpose2d(x, w, None, d, 1).unwrap();
+    assert_eq!(g.shape(y).dims(), &[1, 3, 7, 7]);
+    let up = ConvTranspose2dOpts {
+        stride: (2, 2),
+        padding: (1, 1),
+        output_padding: (1, 0),
+        ..d
+    };
+    let y = g.conv_transpose2d(x, w, None, up, 1).unwrap();
+    assert_eq!(g.shape(y).dims(), &[1, 3, 10, 9]);
+    let wrong = g.input("wrong", [3, 3, 3, 3]);
+    let m = shape_msg(g.conv_transpose2d(x, wrong, None, d, 1).unwrap_err());
+    assert!(
+        m.starts_with("conv_transpose2d: input [1, 4, 5, 5], weight [3, 3, 3, 3]"),
+        "{m}"
+    );
+    assert!(
+        m.contains("the weight must have 4 input channels, it has 3"),
+        "{m}"
+    );
+    let m = shape_msg(g.conv_transpose2d(x, w, None, d, 3).unwrap_err());
+    assert!(
+        m.contains("the groups must divide the input channels 4"),
+        "{m}"
+    );
+    let bad = ConvTranspose2dOpts {
+        output_padding: (1, 1),
+        ..d
+    };
+    let m = shape_msg(g.conv_transpose2d(x, w, None, bad, 1).unwrap_err());
+    assert!(
+        m.contains("output padding (1, 1) must be smaller than the stride (1, 1)"),
+        "{m}"
+    );
+    let crop = ConvTranspose2dOpts {
+        padding: (4, 0),
+        ..d
+    };
+    let m = shape_msg(g.conv_transpose2d(x, w, None, crop, 1).unwrap_err());
+    assert!(m.contains("leaves no output"), "{m}");
+    let b = g.input("b", [4]);
+    let m = shape_msg(g.conv_transpose2d(x, w, Some(b), d, 1).unwrap_err());
+    assert!(m.contains("the bias must have shape [3]"), "{m}");
+    let mut init = kiln::nn::Init::new(0);
+    let e = kiln::nn::ConvTranspose2d::new("t", 4, 6, (2, 2), d, 4, &mut init).unwrap_err();
+    assert!(shape_msg(e)
+        .contains("4 groups must divide the input channels 4 and the output channels 6"));
 }
 
 /// (N, C, H, W), kernel, stride, padding.

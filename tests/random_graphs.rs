@@ -2,7 +2,7 @@
 //! vocabulary of ops (elementwise ops and broadcasts, functions inside their domains, linear
 //! layers with bias and relu, products of two computed tensors in every transpose,
 //! reductions, softmax, layer, RMS and group norm, transposes and permutes, dropout, narrows,
-//! concatenations, reshapes, cross-entropy, MSE and BCE losses, convolutions (depthwise, strided, padded,
+//! concatenations, reshapes, cross-entropy, MSE and BCE losses, convolutions (depthwise, transposed, strided, padded,
 //! dilated), pooling (2 x 2 and padded 3 x 3, strides 1 and 2), batch
 //! norm, LSTM, GRU and RNN layers (one starting from another's final state, with lengths or
 //! not, over time-major or swapped sequences; linear layers over sequences), attention (masked,
@@ -84,8 +84,10 @@ enum Step {
     Regression(u8, bool),
     /// a 2-D convolution of an image (a 2-D value is one image of one channel) with a new
     /// weight input: out channels (`channels` 0 to 2: 1, 3 or 8; 3 and 4: depthwise, in as
-    /// many groups as channels, with channel multiplier 1 or 2), kernel 1 to 3 with dilation 1
-    /// (`kernel` 1 to 3) or 2 (4 to 6), stride 1 or 2, padding 0 or 1, bias, relu.
+    /// many groups as channels, with channel multiplier 1 or 2; 5 and 6: transposed, to 3
+    /// channels or depthwise, a stride of 2 with an output padding of `pad`), kernel 1 to 3
+    /// with dilation 1 (`kernel` 1 to 3) or 2 (4 to 6), stride 1 or 2, padding 0 or 1, bias,
+    /// relu.
     Conv {
         src: u8,
         channels: u8,
@@ -156,7 +158,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (i(), i()).prop_map(|(a, d)| Step::Reshape(a, d)),
         1 => i().prop_map(Step::CrossEntropy),
         1 => (i(), any::<bool>()).prop_map(|(s, bce)| Step::Regression(s, bce)),
-        2 => (i(), 0u8..5, 1u8..7, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
+        2 => (i(), 0u8..7, 1u8..7, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
             .prop_map(|(src, channels, kernel, stride2, pad, bias, relu)| Step::Conv {
                 src,
                 channels,
@@ -532,11 +534,17 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                 let fits = d.len() == 4 && d[2] + 2 * pad >= reach && d[3] + 2 * pad >= reach;
                 fits.then_some(()).and_then(|_| {
                     let (o, groups) = match channels {
-                        3 => (d[1], d[1]),
+                        3 | 6 => (d[1], d[1]),
                         4 => (2 * d[1], d[1]),
+                        5 => (3, 1),
                         c => ([1, 3, 8][c as usize % 3], 1),
                     };
-                    let w = input(&g, &mut feeds, &[o, d[1] / groups, k, k]);
+                    let transposed = channels >= 5;
+                    let ws = match transposed {
+                        true => [d[1], o / groups, k, k],
+                        false => [o, d[1] / groups, k, k],
+                    };
+                    let w = input(&g, &mut feeds, &ws);
                     inputs.push(w);
                     let b = bias.then(|| {
                         let b = input(&g, &mut feeds, &[o]);
@@ -549,11 +557,22 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                         padding: (pad, pad),
                         dilation: (dilation, dilation),
                     };
-                    match groups {
-                        1 => g.conv2d_fused(x, w, b, opts, relu).ok(),
-                        _ => g
+                    let t = kiln::ops::conv::ConvTranspose2dOpts {
+                        stride: opts.stride,
+                        padding: opts.padding,
+                        output_padding: ((s - 1) * pad, (s - 1) * pad), // below the stride
+                        dilation: opts.dilation,
+                    };
+                    let relu_of = |y| if relu { g.relu(y) } else { Ok(y) };
+                    match (transposed, groups) {
+                        (true, _) => g
+                            .conv_transpose2d(x, w, b, t, groups)
+                            .and_then(relu_of)
+                            .ok(),
+                        (false, 1) => g.conv2d_fused(x, w, b, opts, relu).ok(),
+                        (false, _) => g
                             .conv2d_grouped(x, w, b, opts, groups)
-                            .and_then(|y| if relu { g.relu(y) } else { Ok(y) })
+                            .and_then(relu_of)
                             .ok(),
                     }
                 })

@@ -1224,6 +1224,56 @@ impl Graph {
         }
     }
 
+    /// The transposed convolution of `x [N, Cin, H, W]` with `w [Cin, Cout/groups, kh, kw]`
+    /// (`torch.nn.functional.conv_transpose2d`; the gradient of a convolution for its input),
+    /// giving `[N, Cout, Ho, Wo]`, `Ho = (H - 1)*sh - 2*ph + dh*(kh - 1) + oph + 1`: a stride
+    /// of 2 doubles the extents (`ConvTranspose2d(.., 4, stride=2, padding=1)`, a decoder's
+    /// upsampling). The output padding must be smaller than the stride. One group runs as
+    /// `col2im(w^T x)`, one product (an implicit GEMM where the stride is 1) and its gradients
+    /// as a convolution's; more run the grouped direct kernels.
+    pub fn conv_transpose2d(
+        &self,
+        x: NodeId,
+        w: NodeId,
+        bias: Option<NodeId>,
+        opts: crate::ops::conv::ConvTranspose2dOpts,
+        groups: usize,
+    ) -> Result<NodeId> {
+        let op = "conv_transpose2d";
+        let (sx, sw) = (self.check_id(op, x)?, self.check_id(op, w)?);
+        let sb = match bias {
+            Some(b) => Some(self.check_id(op, b)?),
+            None => None,
+        };
+        let conv =
+            crate::ops::conv::conv_transpose2d_geometry(&sx, &sw, sb.as_ref(), opts, groups)?;
+        let d = |v: usize| v as isize;
+        let (n, cin, hw) = (
+            d(sx.dims()[0]),
+            d(sx.dims()[1]),
+            d(sx.dims()[2] * sx.dims()[3]),
+        );
+        let y = if groups == 1 {
+            // [N, Cin, H*W] -> [Cin, N*H*W], the layout a convolution's output gradient has
+            let x2 = self.reshape(
+                self.permute(self.reshape(x, &[n, cin, hw])?, &[1, 0, 2])?,
+                &[cin, n * hw],
+            )?;
+            let (kh, kw) = conv.geom.kernel;
+            let w2 = self.reshape(w, &[cin, d(conv.geom.channels * kh * kw)])?;
+            self.col2im(self.matmul_t(w2, x2, true, false)?, conv.geom)?
+        } else {
+            self.grouped_conv_pass(conv, x, w)?
+        };
+        match bias {
+            Some(b) => {
+                let b = self.reshape(b, &[d(conv.geom.channels), 1, 1])?;
+                self.add(y, b)
+            }
+            None => Ok(y),
+        }
+    }
+
     /// One pass of a grouped convolution (`conv.pass`: the forward, or the input or weight
     /// gradient) of the operands `a` and `b` (see [`crate::ops::conv::ConvPass`]).
     pub fn grouped_conv_pass(

@@ -178,6 +178,79 @@ impl Conv2d {
     }
 }
 
+/// A transposed 2-D convolution over `(N, Cin, H, W)` (`torch.nn.ConvTranspose2d`): weight
+/// `[Cin, Cout / groups, kh, kw]`, bias `[Cout]`, torch's initialisation (fan-in
+/// `Cout / groups * kh * kw`, as torch computes it from the weight's second axis).
+#[derive(Debug, Clone)]
+pub struct ConvTranspose2d {
+    pub name: String,
+    pub opts: crate::ops::conv::ConvTranspose2dOpts,
+    pub groups: usize,
+    weight_init: crate::Tensor,
+    bias_init: crate::Tensor,
+}
+
+impl ConvTranspose2d {
+    /// A layer named `name` mapping `in_channels` to `out` channels through `kernel` in
+    /// `groups` groups (1 for a dense one); the groups must divide both channel counts.
+    pub fn new(
+        name: &str,
+        in_channels: usize,
+        out: usize,
+        kernel: (usize, usize),
+        opts: crate::ops::conv::ConvTranspose2dOpts,
+        groups: usize,
+        init: &mut Init,
+    ) -> Result<ConvTranspose2d> {
+        if groups == 0 || !in_channels.is_multiple_of(groups) || !out.is_multiple_of(groups) {
+            return Err(crate::error::shape_err(
+                "ConvTranspose2d",
+                format!(
+                    "{name}: {groups} groups must divide the input channels {in_channels} and \
+                     the output channels {out}"
+                ),
+            ));
+        }
+        let og = out / groups;
+        let fan_in = og * kernel.0 * kernel.1;
+        Ok(ConvTranspose2d {
+            name: name.to_string(),
+            opts,
+            groups,
+            weight_init: init.torch_default([in_channels, og, kernel.0, kernel.1], fan_in),
+            bias_init: init.torch_default([out], fan_in),
+        })
+    }
+
+    /// The parameter names, as in a PyTorch state_dict.
+    pub fn param_names(&self) -> Vec<String> {
+        vec![
+            format!("{}.weight", self.name),
+            format!("{}.bias", self.name),
+        ]
+    }
+
+    /// Applies the layer in `g`; returns the output and the parameter nodes `[weight, bias]`.
+    /// Runs in `x`'s element type (f32 parameters cast for f16).
+    pub fn apply(&self, g: &Graph, x: NodeId) -> Result<(NodeId, [NodeId; 2])> {
+        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
+        let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
+        let dt = g.dtype(x);
+        let (wc, bc) = (g.cast(w, dt)?, g.cast(b, dt)?);
+        let y = g.conv_transpose2d(x, wc, Some(bc), self.opts, self.groups)?;
+        Ok((y, [w, b]))
+    }
+}
+
+impl Layer for ConvTranspose2d {
+    fn apply_layer(&self, g: &Graph, x: NodeId, _train: bool) -> Result<(NodeId, Vec<NodeId>)> {
+        self.apply(g, x).map(|(y, p)| (y, p.to_vec()))
+    }
+    fn names(&self) -> Vec<String> {
+        self.param_names()
+    }
+}
+
 /// Dropout in training mode with the graph's shared seed input `dropout.seed` (created on first
 /// use); feed it a new whole number every step (`nn::TrainStep` does). `salt` must differ
 /// between the dropout layers of one graph.

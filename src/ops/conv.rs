@@ -749,3 +749,122 @@ impl GroupedConv2d {
         })
     }
 }
+
+/// Stride, padding, output padding and dilation of a transposed convolution, each as (height,
+/// width) (`torch.nn.functional.conv_transpose2d`'s arguments).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvTranspose2dOpts {
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    /// Rows and columns added at the bottom and right of the output (less than the stride):
+    /// which of the input extents a strided convolution maps to the same output the
+    /// transposed one gives back.
+    pub output_padding: (usize, usize),
+    pub dilation: (usize, usize),
+}
+
+impl Default for ConvTranspose2dOpts {
+    /// Stride 1, no padding, no output padding, dilation 1.
+    fn default() -> Self {
+        ConvTranspose2dOpts {
+            stride: (1, 1),
+            padding: (0, 0),
+            output_padding: (0, 0),
+            dilation: (1, 1),
+        }
+    }
+}
+
+/// The transposed convolution of `x [N, Cin, H, W]` with `w [Cin, Cout/G, kh, kw]` in `groups`
+/// groups: the adjoint of the convolution of an image `[N, Cout, Ho, Wo]` with that weight
+/// (`Ho = (H - 1)*sh - 2*ph + dh*(kh - 1) + oph + 1`), as the geometry of that convolution and
+/// the grouped pass that computes it (the convolution's input gradient). Checks the operands.
+pub fn conv_transpose2d_geometry(
+    x: &Shape,
+    w: &Shape,
+    bias: Option<&Shape>,
+    opts: ConvTranspose2dOpts,
+    groups: usize,
+) -> Result<GroupedConv2d> {
+    let op = "conv_transpose2d";
+    let what = format!("input {x}, weight {w} and {groups} groups");
+    if x.rank() != 4 || w.rank() != 4 {
+        return Err(shape_err(
+            op,
+            format!(
+                "{what}: input (N, Cin, H, W) and weight (Cin, Cout/groups, kh, kw) have rank 4"
+            ),
+        ));
+    }
+    let (cin, h, wd) = (x.dims()[1], x.dims()[2], x.dims()[3]);
+    if w.dims()[0] != cin {
+        return Err(shape_err(
+            op,
+            format!(
+                "{what}: the weight must have {cin} input channels, it has {}",
+                w.dims()[0]
+            ),
+        ));
+    }
+    if groups == 0 || !cin.is_multiple_of(groups) {
+        return Err(shape_err(
+            op,
+            format!("{what}: the groups must divide the input channels {cin}"),
+        ));
+    }
+    let cout = w.dims()[1] * groups;
+    if let Some(b) = bias {
+        if b.dims() != [cout] {
+            return Err(shape_err(
+                op,
+                format!("weight {w} and bias {b}: the bias must have shape [{cout}]"),
+            ));
+        }
+    }
+    let (s, p, o, d) = (
+        opts.stride,
+        opts.padding,
+        opts.output_padding,
+        opts.dilation,
+    );
+    if s.0 == 0 || s.1 == 0 || d.0 == 0 || d.1 == 0 || w.dims()[2] == 0 || w.dims()[3] == 0 {
+        return Err(shape_err(
+            op,
+            format!("{what}: stride {s:?}, dilation {d:?} and kernel must be positive"),
+        ));
+    }
+    if o.0 >= s.0 || o.1 >= s.1 {
+        return Err(shape_err(
+            op,
+            format!("{what}: output padding {o:?} must be smaller than the stride {s:?}"),
+        ));
+    }
+    let (kh, kw) = (w.dims()[2], w.dims()[3]);
+    let full =
+        |len: usize, s: usize, d: usize, k: usize, o: usize| (len - 1) * s + d * (k - 1) + o + 1;
+    let (fh, fw) = (full(h, s.0, d.0, kh, o.0), full(wd, s.1, d.1, kw, o.1));
+    if h == 0 || wd == 0 || fh <= 2 * p.0 || fw <= 2 * p.1 {
+        return Err(shape_err(
+            op,
+            format!("{what}: padding {p:?} leaves no output of the {fh}x{fw} the kernel covers"),
+        ));
+    }
+    let geom = ColGeometry {
+        channels: cout,
+        image: (fh - 2 * p.0, fw - 2 * p.1),
+        kernel: (kh, kw),
+        opts: Conv2dOpts {
+            stride: s,
+            padding: p,
+            dilation: d,
+        },
+    };
+    geom.check(op, &what)?;
+    debug_assert_eq!(geom.out_hw(), (h, wd), "output padding below the stride");
+    Ok(GroupedConv2d {
+        geom,
+        groups,
+        out_channels: cin,
+        pass: ConvPass::InputGrad,
+    })
+}
