@@ -6,7 +6,8 @@
 //!
 //! Cases: square f32 matmuls (256, 1024; 4096 on a hardware GPU), conv2d forward (batch 64,
 //! 32 -> 64 channels, 13x13, 3x3; and the issue-6 shape, batch 64, 64 -> 64, 56x56, on a hardware
-//! GPU), relu over 16M floats, the MNIST CNN training step (batch 64, Adam; also with batch norms) and an LSTM training
+//! GPU), a depthwise 3x3 convolution forward and backward (batch 16, 32 channels, 28x28; 64 x
+//! 256 x 56x56 on a hardware GPU), relu over 16M floats, the MNIST CNN training step (batch 64, Adam; also with batch norms) and an LSTM training
 //! step (batch 64, 32 steps, hidden 128), and a chain of five elementwise ops (the plan compiler's
 //! fusion); with SHADER_F16 also f16 matmuls, chain and conv, and the two training steps in
 //! mixed precision; causal attention forward, and forward with backward (batch 2, 4 heads, 128
@@ -304,6 +305,46 @@ fn conv(
         Vec::new(),
     );
     Ok(half_case(case, dtype, "implicit_gemm"))
+}
+
+/// A depthwise 3x3 padded convolution (`groups = c`, MobileNet's) of a batch `n` of `c`-channel
+/// `h`x`h` images, forward and both gradients (of `sum(y * r)`): the grouped direct kernels.
+fn depthwise(dev: &Device, (n, c, h): (usize, usize, usize)) -> kiln::Result<Case> {
+    let g = Graph::new();
+    let tag = format!("bench.dw{n}x{c}x{h}");
+    let x = resident(
+        dev,
+        &g,
+        &format!("{tag}.x"),
+        Tensor::rand_uniform([n, c, h, h], -1.0, 1.0, 3),
+    )?;
+    let w = resident(
+        dev,
+        &g,
+        &format!("{tag}.w"),
+        Tensor::rand_uniform([c, 1, 3, 3], -0.3, 0.3, 4),
+    )?;
+    let r = resident(
+        dev,
+        &g,
+        &format!("{tag}.r"),
+        Tensor::rand_uniform([n, c, h, h], -1.0, 1.0, 5),
+    )?;
+    let pad = Conv2dOpts {
+        padding: (1, 1),
+        ..Default::default()
+    };
+    let y = g.conv2d_grouped(x, w, None, pad, c)?;
+    let grads = g.grad(g.sum_all(g.mul(y, r)?)?, &[x, w])?;
+    let outs = [probe(&g, y)?, probe(&g, grads[0])?, probe(&g, grads[1])?];
+    let plan = dev.compile(&g, &outs)?;
+    Ok(plan_case(
+        format!("depthwise conv2d fwd+bwd {n}x{c}x{h}x{h}, 3x3"),
+        3.0 * 2.0 * (n * c * h * h * 9) as f64,
+        "GFLOP/s",
+        plan,
+        Vec::new(),
+    ))
 }
 
 /// `relu(x * s + t) * u - x` over `n` values of `dtype`: five elementwise ops the plan compiler
@@ -659,6 +700,12 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
     v.push(Some(conv(dev, (64, 32, 13, 64), kiln::DType::F32)?));
     v.push(if hardware && !cpu {
         Some(conv(dev, (64, 64, 56, 64), kiln::DType::F32)?)
+    } else {
+        None
+    });
+    v.push(Some(depthwise(dev, (16, 32, 28))?));
+    v.push(if hardware && !cpu {
+        Some(depthwise(dev, (64, 256, 56))?)
     } else {
         None
     });

@@ -1142,7 +1142,8 @@ impl Graph {
     // ---- convolution and pooling ----
 
     /// 2-D convolution of `x` [N, C, H, W] with `w` [O, C, kh, kw] and an optional `bias` `[O]`
-    /// (`torch.nn.functional.conv2d`, groups = 1), giving [N, O, Ho, Wo] with
+    /// (`torch.nn.functional.conv2d`, groups = 1; [`Graph::conv2d_grouped`] for more), giving
+    /// [N, O, Ho, Wo] with
     /// `Ho = (H + 2*ph - dh*(kh - 1) - 1) / sh + 1`. Built as `im2col`, a matmul with the weight
     /// viewed as [O, C*kh*kw] (the bias added in its epilogue), a reshape and a permute, so that
     /// its gradients follow from those ops.
@@ -1229,8 +1230,9 @@ impl Graph {
     /// giving `[N, Cout, Ho, Wo]`, `Ho = (H - 1)*sh - 2*ph + dh*(kh - 1) + oph + 1`: a stride
     /// of 2 doubles the extents (`ConvTranspose2d(.., 4, stride=2, padding=1)`, a decoder's
     /// upsampling). The output padding must be smaller than the stride. One group runs as
-    /// `col2im(w^T x)`, one product (an implicit GEMM where the stride is 1) and its gradients
-    /// as a convolution's; more run the grouped direct kernels.
+    /// `col2im(w^T x)`, one product (one implicit GEMM where the output is not much larger
+    /// than the input's extents times the stride) and its gradients as a convolution's; more
+    /// run the grouped direct kernels.
     pub fn conv_transpose2d(
         &self,
         x: NodeId,

@@ -1,4 +1,4 @@
-//! 2-D convolution on NCHW tensors (as `torch.nn.functional.conv2d` with `groups = 1`), built as a
+//! 2-D convolution on NCHW tensors (as `torch.nn.functional.conv2d`), in one group built as a
 //! graph composition that reuses the tiled matmul kernel:
 //!
 //! ```text
@@ -9,7 +9,14 @@
 //!
 //! `im2col` and `col2im` are adjoint linear maps, so each is the other's backward rule, and the
 //! gradients of conv2d (input, weight, bias) follow from those of matmul, reshape and add.
-//! Kernels: `shaders/conv.wgsl`.
+//! The plan compiler runs the products reading `im2col` and `col2im` of a product as implicit
+//! GEMMs (`ImplicitGemm`, `ImplicitDgrad`), so the column matrix is never stored.
+//!
+//! A convolution in groups (`groups > 1`, depthwise where `groups = C`) runs direct kernels
+//! instead, one per pass ([`GroupedConv2d`]: the forward, the input and the weight gradient,
+//! each the others' adjoint). A transposed convolution (`conv_transpose2d`) is the input
+//! gradient of the convolution it transposes: `col2im(w^T x)` in one group, the grouped input
+//! gradient pass in more. Kernels: `shaders/conv.wgsl`.
 
 use super::{groups, KernelSpec};
 use crate::error::{shape_err, Result};
