@@ -744,6 +744,21 @@ fn gradient_accumulation_trains_as_the_whole_batch() {
                     assert!(loss.is_finite(), "{what}: micro-batch {m}: loss {loss}");
                 }
                 assert_eq!(micro.optimizer().steps(), 3, "{what}");
+                // on the GPU a micro-batch's four accumulations are one kernel, the last's too,
+                // whose updates read the sums: one kernel more than a step without accumulation
+                assert_eq!(micro.micro_plans().len(), (k - 1).min(2), "{what}");
+                let on_gpu = dev.kind() != kiln::BackendKind::Cpu;
+                if on_gpu {
+                    let (last, plain) = (micro.plan().kernels(), step.plan().kernels());
+                    assert_eq!(last.len(), plain.len() + 1, "{what}: {last:?}");
+                }
+                let plans = micro.micro_plans().iter().chain([micro.plan()]);
+                for plan in plans.filter(|_| on_gpu) {
+                    let kernels = plan.kernels();
+                    let count = |op| common::count_op(&kernels, op);
+                    assert_eq!(count("accumulate_group"), 1, "{what}: {kernels:?}");
+                    assert_eq!(count("accumulate"), 0, "{what}: {kernels:?}");
+                }
                 if let Some(s) = micro.scaler_state().unwrap() {
                     assert_eq!(s.steps_taken, 3, "{what}: {s:?}");
                 }

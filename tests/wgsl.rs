@@ -965,6 +965,37 @@ fn every_optimizer_group_is_valid_wgsl() {
     }
 }
 
+/// Multi-tensor gradient accumulations, a cycle's first (writing) and later (adding), over one
+/// and several tensors, f16 gradients among them; the scale exactly as given.
+#[test]
+fn every_accumulate_group_is_valid_wgsl() {
+    use kiln::ops::optim::AccumulateGroup;
+    for first in [true, false] {
+        for sizes in [vec![5usize], vec![1, 300, 256, 70_000, 3]] {
+            let group = AccumulateGroup {
+                members: sizes.len(),
+                first,
+                scale: 1.0 / 3.0,
+            };
+            let grads: Vec<kiln::DType> = (0..sizes.len())
+                .map(|j| match j {
+                    1 => kiln::DType::F16,
+                    _ => kiln::DType::F32,
+                })
+                .collect();
+            let g = kiln::codegen::optim::accumulate_group(&group, &sizes, &grads);
+            validate_wgsl(
+                &format!("accumulate group {sizes:?} first {first}"),
+                &g.wgsl,
+            );
+            assert!(g.wgsl.contains(&format!("{}u", (1.0f32 / 3.0).to_bits())));
+            assert_eq!(g.wgsl.contains("acc0[i] + "), !first);
+            let expected: u64 = sizes.iter().map(|&n| n.div_ceil(256) as u64).sum();
+            assert_eq!(g.spec.workgroups, expected);
+        }
+    }
+}
+
 /// The f16 variants of the hand-written kernels with a storage block (conv, pool, softmax,
 /// dropout, layout, loss, embedding, lstm, gru, norm, attention) validate with naga; dropout's
 /// seed, the loss's labels, embedding indices, normalization statistics and attention masks

@@ -76,6 +76,16 @@ pub fn evaluate(
                     }
                     hyper
                 }
+                Op::AccumulateGroup(a) => {
+                    let mut last = None;
+                    for (j, updated) in a.cpu(&ins).into_iter().enumerate() {
+                        if let Op::Param { name, .. } = &nodes[n.inputs[a.members + j].0].op {
+                            store(name, updated.clone())?;
+                        }
+                        last = Some(updated);
+                    }
+                    last.expect("a group has members")
+                }
                 Op::Accumulate(a) => {
                     let updated = a.cpu(ins[0], ins[1]);
                     if let Op::Param { name, .. } = &nodes[n.inputs[1].0].op {

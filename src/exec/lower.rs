@@ -43,8 +43,9 @@
 //!    (`fuse::fold_embeddings`, `fuse::fuse_casts`; hand-written kernels their result's cast to
 //!    f32, [`casts_into_producers`]), and broadcast what an expand only copies for them
 //!    (`fuse::fold_expands`);
-//! 6. [`group_optimizer_updates`]: a step's parameter updates become one kernel (or a few, as
-//!    the adapter's storage-buffer limit allows);
+//! 6. [`group_accumulations`], [`group_optimizer_updates`]: a micro-batch's gradient
+//!    accumulations and a step's parameter updates become one kernel each (or a few, as the
+//!    adapter's storage-buffer limit allows);
 //! 7. [`sums_in_normalize_backward`]: a layer norm's input gradient kernel also sums its
 //!    parameters' gradients.
 //!
@@ -166,6 +167,12 @@ pub(crate) fn lower(
         casts_into_producers(nodes, order, targets, ch);
         super::fuse::fold_expands(nodes, order, targets);
     }
+    group_accumulations(
+        nodes,
+        order,
+        outputs,
+        ch.target.max_storage_buffers as usize,
+    );
     group_optimizer_updates(
         nodes,
         order,
@@ -174,6 +181,91 @@ pub(crate) fn lower(
     );
     partials_into_grad_scaler(nodes, order, outputs);
     sums_in_normalize_backward(nodes, order);
+}
+
+/// Merges a micro-batch's gradient accumulations (`Accumulate` nodes sharing `first` and
+/// `scale`) into `AccumulateGroup` nodes, as [`group_optimizer_updates`] does the updates: one
+/// dispatch for every parameter, or for as many as `max_bindings` storage buffers allow (two
+/// each). Each group takes the place (and id) of its last member; the other members become
+/// views of their accumulators placed just after it, for their readers (a cycle's last
+/// micro-batch: the updates read the sums). Accumulations read back stay as they are, and so
+/// does a member whose accumulator some node between it and the group's place touches, whose
+/// gradient one writes, or that a node before that place reads.
+pub(crate) fn group_accumulations(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    outputs: &[NodeId],
+    max_bindings: usize,
+) {
+    use crate::ops::optim::AccumulateGroup;
+    // (first, scale's bits, members in order)
+    let mut buckets: Vec<(bool, u32, Vec<NodeId>)> = Vec::new();
+    for &id in order.iter() {
+        let Op::Accumulate(a) = nodes[id.0].op else {
+            continue;
+        };
+        if outputs.contains(&id) {
+            continue;
+        }
+        let key = (a.first, a.scale.to_bits());
+        match buckets.iter_mut().find(|b| (b.0, b.1) == key) {
+            Some(b) => b.2.push(id),
+            None => buckets.push((key.0, key.1, vec![id])),
+        }
+    }
+    let per = (max_bindings / 2).min(MAX_GROUP_MEMBERS);
+    if per < 2 {
+        return;
+    }
+    let at = |order: &[NodeId], id: NodeId| order.iter().position(|&o| o == id);
+    for (first, bits, members) in buckets {
+        for chunk in members.chunks(per) {
+            let Some(&last) = chunk.last() else { continue };
+            let Some(q) = at(order, last) else { continue };
+            let touched = |m: NodeId| {
+                let Some(p) = at(order, m) else { return true };
+                if p >= q {
+                    return false;
+                }
+                let acc = storage_root(nodes, nodes[m.0].inputs[1]);
+                order[p + 1..q].iter().any(|r| {
+                    nodes[r.0]
+                        .inputs
+                        .iter()
+                        .any(|&i| i == m || storage_root(nodes, i) == acc)
+                }) || written_between(nodes, order, nodes[m.0].inputs[0], p, q)
+            };
+            let kept: Vec<NodeId> = chunk.iter().copied().filter(|&m| !touched(m)).collect();
+            if kept.len() < 2 {
+                continue;
+            }
+            let host = *kept.last().expect("at least two members");
+            let mut inputs: Vec<NodeId> = kept.iter().map(|m| nodes[m.0].inputs[0]).collect();
+            inputs.extend(kept.iter().map(|m| nodes[m.0].inputs[1]));
+            nodes[host.0].op = Op::AccumulateGroup(AccumulateGroup {
+                members: kept.len(),
+                first,
+                scale: f32::from_bits(bits),
+            });
+            nodes[host.0].inputs = inputs;
+            // the others: views of their accumulators after the group wrote them, for their
+            // readers (or gone with none)
+            let others = &kept[..kept.len() - 1];
+            let read: Vec<NodeId> = others
+                .iter()
+                .copied()
+                .filter(|&m| readers(nodes, order, m) > 0)
+                .collect();
+            for &m in &read {
+                let acc = nodes[m.0].inputs[1];
+                nodes[m.0].op = Op::Reshape;
+                nodes[m.0].inputs = vec![acc];
+            }
+            order.retain(|id| !others.contains(id));
+            let Some(q) = at(order, host) else { continue };
+            order.splice(q + 1..q + 1, read);
+        }
+    }
 }
 
 /// Where dynamic loss scaling's kernel reads the gradients' sum of squares from the small
@@ -2961,6 +3053,11 @@ pub(crate) fn select(
         let g = crate::codegen::optim::group_kernel(o, &sizes, &grads, scale);
         return Some((g.spec.clone(), Some(g)));
     }
+    if let Op::AccumulateGroup(a) = op {
+        let sizes: Vec<usize> = inputs[..a.members].iter().map(|s| s.numel()).collect();
+        let g = crate::codegen::optim::accumulate_group(a, &sizes, &in_dtypes[..a.members]);
+        return Some((g.spec.clone(), Some(g)));
+    }
     if let Op::SumSquares(s) = op {
         let members = s.members(inputs.len());
         let sizes: Vec<usize> = inputs[..members].iter().map(|s| s.numel()).collect();
@@ -4308,6 +4405,92 @@ mod tests {
             .expect("the partial sums");
         assert_eq!(nodes[partials.0].inputs, vec![y]);
         assert!(!order.iter().any(|id| matches!(nodes[id.0].op, Op::Cast(_))));
+    }
+
+    #[test]
+    fn a_micro_batchs_accumulations_become_one_group() {
+        use crate::ops::optim::AccumulateGroup;
+        let g = Graph::new();
+        let mut accs = Vec::new();
+        for k in 0..5 {
+            let acc = g.param(&format!("acc{k}"), [k + 1]);
+            let grad = g.input(&format!("g{k}"), [k + 1]);
+            // the last one scaled otherwise: a bucket of its own
+            let scale = if k == 4 { 0.25 } else { 0.5 };
+            accs.push(g.accumulate(acc, grad, false, scale).unwrap());
+        }
+        let nodes0 = g.nodes();
+        let order0 = reachable(&nodes0, &accs);
+        let (mut nodes, mut order) = (nodes0.clone(), order0.clone());
+        group_accumulations(&mut nodes, &mut order, &[], 64);
+        let host = accs[3];
+        let Op::AccumulateGroup(a) = nodes[host.0].op else {
+            panic!("the last member hosts the group: {:?}", nodes[host.0].op);
+        };
+        assert_eq!(
+            a,
+            AccumulateGroup {
+                members: 4,
+                first: false,
+                scale: 0.5
+            }
+        );
+        for m in &accs[..3] {
+            assert!(!order.contains(m), "members leave the plan");
+        }
+        assert!(matches!(nodes[accs[4].0].op, Op::Accumulate(_)));
+        // [grads.., accumulators..]
+        assert_eq!(nodes[host.0].inputs[2], nodes0[accs[2].0].inputs[0]);
+        assert_eq!(nodes[host.0].inputs[4 + 2], nodes0[accs[2].0].inputs[1]);
+        // its value: the last accumulator, which it writes in place
+        assert_eq!(
+            nodes[host.0]
+                .op
+                .view_of(&[], &nodes[host.0].shape, DType::F32),
+            Some(7)
+        );
+        // 6 bindings: three per kernel; the fourth alone
+        let (mut nodes, mut order) = (nodes0.clone(), order0.clone());
+        group_accumulations(&mut nodes, &mut order, &[], 6);
+        assert!(matches!(
+            nodes[accs[2].0].op,
+            Op::AccumulateGroup(AccumulateGroup { members: 3, .. })
+        ));
+        assert!(matches!(nodes[accs[3].0].op, Op::Accumulate(_)));
+        // one read back stays alone
+        let (mut nodes, mut order) = (nodes0.clone(), order0);
+        group_accumulations(&mut nodes, &mut order, &[accs[1]], 64);
+        assert!(matches!(
+            nodes[accs[3].0].op,
+            Op::AccumulateGroup(AccumulateGroup { members: 3, .. })
+        ));
+        assert!(matches!(nodes[accs[1].0].op, Op::Accumulate(_)));
+        // read after the group (a cycle's last micro-batch: the updates read the sums), the
+        // members become views of their accumulators just after it; one read before the
+        // group's place stays alone
+        let early = g.neg(accs[0]).unwrap();
+        let late: Vec<NodeId> = accs[..4].iter().map(|&a| g.neg(a).unwrap()).collect();
+        let mut wanted = late.clone();
+        wanted.push(early);
+        let nodes0 = g.nodes();
+        let mut order = reachable(&nodes0, &wanted);
+        // `early` right after its accumulation, before the others
+        order.retain(|&id| id != early);
+        let p = order.iter().position(|&id| id == accs[0]).unwrap();
+        order.insert(p + 1, early);
+        let mut nodes = nodes0.clone();
+        group_accumulations(&mut nodes, &mut order, &[], 64);
+        assert!(matches!(nodes[accs[0].0].op, Op::Accumulate(_)));
+        assert!(matches!(
+            nodes[accs[3].0].op,
+            Op::AccumulateGroup(AccumulateGroup { members: 3, .. })
+        ));
+        let q = order.iter().position(|&id| id == accs[3]).unwrap();
+        for (k, &m) in accs[1..3].iter().enumerate() {
+            assert!(matches!(nodes[m.0].op, Op::Reshape));
+            assert_eq!(nodes[m.0].inputs, nodes0[m.0].inputs[1..]);
+            assert_eq!(order[q + 1 + k], m, "the views follow the group");
+        }
     }
 
     #[test]

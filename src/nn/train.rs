@@ -47,9 +47,11 @@ impl TrainStep {
     /// optimizer step, as torch's loop of `(loss / micro_steps).backward()` then
     /// `optimizer.step()`: each [`TrainStep::step`] takes one micro-batch; the first of a cycle
     /// writes its gradients (divided by `micro_steps`) into accumulators (parameters
-    /// `optim.<param>.grad_accum`), the next ones add theirs, and the last adds its own as the
-    /// update reads them (clipping and loss scaling see the sum). Three plans, each one
-    /// submission; the step count, schedule and dropout seeds advance as torch's do.
+    /// `optim.<param>.grad_accum`), the next ones add theirs, and the last adds its own and
+    /// updates the parameters from the sums (clipping and loss scaling see the sum). Three
+    /// plans, each one submission; a micro-batch's accumulations are one kernel (the plan
+    /// compiler's `AccumulateGroup`); the step count, schedule and dropout seeds advance as
+    /// torch's do.
     pub fn with_accumulation(
         dev: &Device,
         g: &Graph,
@@ -87,13 +89,9 @@ impl TrainStep {
             if micro_steps > 2 {
                 micro.push(dev.compile_with(g, &[loss], &accumulate(false)?)?);
             }
-            // the last micro-batch's gradients join the sum where the update reads it
-            let totals = grads
-                .iter()
-                .zip(&accs)
-                .map(|(&gr, &acc)| g.add(acc, g.mul_scalar(gr, s)?))
-                .collect::<Result<Vec<_>>>()?;
-            optimizer.apply(g, params, &totals)?
+            // the last micro-batch adds its gradients too (one kernel for all of them, as the
+            // others'), and the updates read the sums from the accumulators
+            optimizer.apply(g, params, &accumulate(false)?)?
         };
         let plan = dev.compile_with(g, &[loss], &updates)?;
         let has_dropout = g.find_input(DROPOUT_SEED).is_some();
@@ -162,6 +160,12 @@ impl TrainStep {
     /// The compiled plan (for its `info`).
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// With gradient accumulation, the plans of the micro-batches before a cycle's last (the
+    /// first's, then the middle ones' where there are more than two); empty without.
+    pub fn micro_plans(&self) -> &[Plan] {
+        &self.micro
     }
 
     /// The compiled plan, to turn profiling on (`Plan::set_profiling`).

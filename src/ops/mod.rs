@@ -157,6 +157,9 @@ pub enum Op {
     /// Gradient accumulation into input 1 (a parameter) in place (no buffer of its own; see
     /// `ops::optim::Accumulate`).
     Accumulate(optim::Accumulate),
+    /// Several accumulations as one kernel (made by the plan compiler; see
+    /// `ops::optim::AccumulateGroup`).
+    AccumulateGroup(optim::AccumulateGroup),
     /// Several parameters' updates as one kernel (made by the plan compiler).
     OptimGroup(optim::OptimGroup),
     /// Partial sums of squares of several tensors (see `ops::reduce::SumSquares`).
@@ -292,6 +295,7 @@ impl Op {
             Op::OptimStep(o) => o.name(),
             Op::ScalerStep(_) => "grad_scaler",
             Op::Accumulate(_) => "accumulate",
+            Op::AccumulateGroup(_) => "accumulate_group",
             Op::OptimGroup(o) => o.name(),
             Op::SumSquares(_) => "sum_squares",
             Op::RunningUpdate(_) => "running_update",
@@ -324,6 +328,7 @@ impl Op {
             }
             Op::OptimStep(_) => Some(3),
             Op::Accumulate(_) => Some(1),
+            Op::AccumulateGroup(a) => Some(2 * a.members - 1),
             Op::OptimGroup(o) => Some(o.param(0)),
             Op::RunningUpdate(_) => Some(1),
             Op::WriteRows(_) => Some(2),
@@ -390,6 +395,7 @@ impl Op {
             // the scaler's state, then the hyper vector it writes
             Op::ScalerStep(_) => (2, true),
             Op::Accumulate(_) => (1, false),
+            Op::AccumulateGroup(a) => (a.members, false),
             Op::OptimGroup(o) => (o.param(0), false),
             Op::RunningUpdate(_) => (1, false),
             // statistics that also move running ones (in place)
@@ -591,6 +597,7 @@ impl Op {
             Op::OptimStep(o) => o.cpu_update(inputs).swap_remove(0),
             Op::ScalerStep(s) => s.cpu(inputs[0], inputs[1], inputs[2]).0,
             Op::Accumulate(a) => a.cpu(inputs[0], inputs[1]),
+            Op::AccumulateGroup(a) => a.cpu(inputs).swap_remove(a.members - 1),
             Op::OptimGroup(o) => o.cpu_update(inputs).swap_remove(0).swap_remove(0),
             Op::SumSquares(s) => s.cpu(inputs, out),
             Op::RunningUpdate(r) => r.cpu(inputs[0], &inputs[1..]).swap_remove(0),
@@ -643,6 +650,7 @@ impl Op {
             | Op::MatMulEpilogue(_)
             | Op::ReducePrologue(_)
             | Op::OptimGroup(_)
+            | Op::AccumulateGroup(_)
             | Op::SumSquares(_)
             | Op::Cast(_) => None,
             Op::Unary(u) => Some(u.kernel(out)),
@@ -779,6 +787,7 @@ impl Op {
             | Op::OptimGroup(_)
             | Op::ScalerStep(_)
             | Op::Accumulate(_)
+            | Op::AccumulateGroup(_)
             | Op::RunningUpdate(_)
             | Op::WriteRows(_)
             | Op::NormalizeBackward(_)

@@ -432,3 +432,27 @@ impl Accumulate {
         }
     }
 }
+
+/// Several gradient accumulations of one micro-batch in one kernel (made by the plan compiler
+/// from the `Accumulate` nodes that share `first` and `scale`:
+/// `exec::lower::group_accumulations`). Inputs: the gradients `g_0 .. g_{k-1}`, then the
+/// accumulators `acc_0 .. acc_{k-1}`, updated in place; the node's value is the last
+/// accumulator (it takes the last member's place). Kernel: `codegen::optim::accumulate_group`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AccumulateGroup {
+    pub members: usize,
+    pub first: bool,
+    pub scale: f32,
+}
+
+impl AccumulateGroup {
+    /// CPU reference: every member as [`Accumulate::cpu`], in order.
+    pub fn cpu(&self, inputs: &[&Tensor]) -> Vec<Tensor> {
+        let one = Accumulate {
+            first: self.first,
+            scale: self.scale,
+        };
+        let k = self.members;
+        (0..k).map(|j| one.cpu(inputs[j], inputs[k + j])).collect()
+    }
+}
