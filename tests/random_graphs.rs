@@ -3,7 +3,7 @@
 //! layers with bias and relu, products of two computed tensors in every transpose,
 //! reductions, softmax, layer, RMS and group norm, transposes and permutes, dropout, narrows,
 //! concatenations, reshapes, cross-entropy, MSE and BCE losses, convolutions (depthwise, transposed, strided, padded,
-//! dilated), pooling (2 x 2 and padded 3 x 3, strides 1 and 2), batch
+//! dilated), pooling (2 x 2 and padded 3 x 3, strides 1 and 2), resizing, batch
 //! norm, LSTM, GRU and RNN layers (one starting from another's final state, with lengths or
 //! not, over time-major or swapped sequences; linear layers over sequences), attention (masked,
 //! with dropout, over heads, tokens or packed projections), embedding lookups; f16 inputs a
@@ -100,6 +100,10 @@ enum Step {
     /// max or average pooling of an image: 2 x 2 with stride 2 or 1, or 3 x 3 padded by 1 with
     /// stride 2 or 1.
     Pool(u8, bool, u8),
+    /// a resize of an image (`interpolate`): nearest, bilinear or bilinear with aligned
+    /// corners (`mode` % 3), to twice its extents, to one more row and half the columns, or
+    /// to one pixel (`mode` / 3).
+    Resize(u8, u8),
     /// a training batch norm of an image, with weight and bias inputs or not.
     BatchNorm(u8, bool),
     /// an LSTM, GRU or RNN layer over a value `(T * B, I)` read as `(T, B, I)` (B one of its
@@ -169,6 +173,7 @@ fn step() -> impl Strategy<Value = Step> {
                 relu,
             }),
         1 => (i(), any::<bool>(), 0u8..4).prop_map(|(s, max, k)| Step::Pool(s, max, k)),
+        1 => (i(), 0u8..9).prop_map(|(s, mode)| Step::Resize(s, mode)),
         1 => (i(), any::<bool>()).prop_map(|(s, affine)| Step::BatchNorm(s, affine)),
         2 => (i(), 0u8..3, 0u8..3, i(), any::<bool>()).prop_map(
             |(src, kind, hidden, batch, reverse)| Step::Recurrent {
@@ -576,6 +581,30 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                             .ok(),
                     }
                 })
+            }
+            Step::Resize(a, mode) => {
+                use kiln::ops::resize::ResizeMode;
+                let x = image(&g, pick(a));
+                let d = dims(x);
+                let m = [
+                    ResizeMode::Nearest,
+                    ResizeMode::Bilinear {
+                        align_corners: false,
+                    },
+                    ResizeMode::Bilinear {
+                        align_corners: true,
+                    },
+                ][mode as usize % 3];
+                (d.len() == 4)
+                    .then(|| {
+                        let size = match mode / 3 {
+                            0 => (2 * d[2], 2 * d[3]),
+                            1 => (d[2] + 1, d[3].div_ceil(2)),
+                            _ => (1, 1),
+                        };
+                        g.interpolate(x, size, m).ok()
+                    })
+                    .flatten()
             }
             Step::Pool(a, max, geometry) => {
                 let x = image(&g, pick(a));

@@ -1006,6 +1006,7 @@ fn f16_variants_of_shaders_are_valid_wgsl() {
     for family in [
         "conv",
         "pool",
+        "resize",
         "softmax",
         "dropout",
         "layout",

@@ -1386,6 +1386,42 @@ impl Graph {
         self.push(Op::AvgPool2dBackward(op), vec![dy], shape)
     }
 
+    /// `x (N, C, H, W)` resized to `size` (Ho, Wo) (`torch.nn.functional.interpolate(x,
+    /// size=size, mode=..)`): nearest, or bilinear with or without `align_corners`; a U-Net's
+    /// or a feature pyramid's upsampling, f16 too.
+    pub fn interpolate(
+        &self,
+        x: NodeId,
+        size: (usize, usize),
+        mode: crate::ops::resize::ResizeMode,
+    ) -> Result<NodeId> {
+        let sx = self.check_id("interpolate", x)?;
+        if sx.rank() != 4 {
+            return Err(shape_err(
+                "interpolate",
+                format!("input {sx}: expected rank 4 (N, C, H, W)"),
+            ));
+        }
+        let r = crate::ops::resize::Resize2d {
+            mode,
+            input: (sx.dims()[2], sx.dims()[3]),
+            output: size,
+        };
+        let shape = r.infer(&sx)?;
+        self.push(Op::Resize2d(r), vec![x], shape)
+    }
+
+    /// The gradient of [`Graph::interpolate`] for its input, from `dy (N, C, Ho, Wo)`.
+    pub fn interpolate_backward(
+        &self,
+        dy: NodeId,
+        resize: crate::ops::resize::Resize2d,
+    ) -> Result<NodeId> {
+        let sd = self.check_id("interpolate_backward", dy)?;
+        let shape = resize.infer_backward(&sd)?;
+        self.push(Op::Resize2dBackward(resize), vec![dy], shape)
+    }
+
     // ---- GRU, RNN, embedding ----
 
     /// One GRU layer over a sequence, PyTorch gates (r, z, n): `x (T, B, I)`, `w_ih [3H, I]`,

@@ -329,6 +329,9 @@ pub enum Act {
     Flatten,
     /// Max pooling with kernel = stride.
     MaxPool(usize),
+    /// Upsampling by an integer factor (`torch.nn.Upsample(scale_factor=s, mode=..)`:
+    /// [`Graph::interpolate`] to `(H*s, W*s)`).
+    Upsample(usize, crate::ops::resize::ResizeMode),
     /// Dropout with this probability in training graphs, identity in evaluation graphs; the `u32`
     /// is its salt (distinct per dropout layer).
     Dropout(f32, u32),
@@ -398,6 +401,16 @@ impl Sequential {
                 Step::Act(Act::Silu) => g.silu(h)?,
                 Step::Act(Act::Flatten) => g.flatten(h)?,
                 Step::Act(Act::MaxPool(k)) => g.max_pool2d(h, (*k, *k), (*k, *k), (0, 0))?,
+                Step::Act(Act::Upsample(s, mode)) => {
+                    let d = g.shape(h);
+                    if d.rank() != 4 {
+                        return Err(crate::error::shape_err(
+                            "Upsample",
+                            format!("input {d}: expected rank 4 (N, C, H, W)"),
+                        ));
+                    }
+                    g.interpolate(h, (d.dims()[2] * s, d.dims()[3] * s), *mode)?
+                }
                 Step::Act(Act::Dropout(p, salt)) if train => dropout(g, h, *p, *salt)?,
                 Step::Act(Act::Dropout(..)) => h,
             };

@@ -17,6 +17,7 @@ pub mod norm;
 pub mod optim;
 pub mod pool;
 pub mod reduce;
+pub mod resize;
 pub mod softmax;
 pub mod unary;
 
@@ -43,6 +44,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("optim", include_str!("../../shaders/optim.wgsl")),
     ("pool", include_str!("../../shaders/pool.wgsl")),
     ("reduce", include_str!("../../shaders/reduce.wgsl")),
+    ("resize", include_str!("../../shaders/resize.wgsl")),
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
     ("unary", include_str!("../../shaders/unary.wgsl")),
 ];
@@ -123,6 +125,10 @@ pub enum Op {
     MaxPoolReluBackward(pool::MaxPoolReluBackward),
     /// Input `dy`: each input element gathers `dy / (kh*kw)` of every window covering it.
     AvgPool2dBackward(pool::AvgPool2dBackward),
+    /// Nearest or bilinear resizing of `(N, C, H, W)` images (see `ops::resize`).
+    Resize2d(resize::Resize2d),
+    /// Its adjoint, from the resized images' gradient back to `(N, C, H, W)`.
+    Resize2dBackward(resize::Resize2d),
     /// Fused softmax cross-entropy of logits `(N, C)` and class labels `(N)`, mean over N.
     CrossEntropy(loss::CrossEntropy),
     /// One LSTM layer's recurrence (see `ops::lstm`).
@@ -279,6 +285,8 @@ impl Op {
             Op::MaxPool2dBackward(_) => "max_pool2d_backward",
             Op::MaxPoolReluBackward(_) => "max_pool2d_backward_relu",
             Op::AvgPool2dBackward(_) => "avg_pool2d_backward",
+            Op::Resize2d(_) => "interpolate",
+            Op::Resize2dBackward(_) => "interpolate_backward",
             Op::CrossEntropy(_) => "cross_entropy",
             Op::LstmForward(_) => "lstm",
             Op::LstmBackward(_) => "lstm_backward",
@@ -581,6 +589,8 @@ impl Op {
             Op::MaxPool2dBackward(p) => p.max_backward_cpu(inputs[0], inputs[1], out),
             Op::MaxPoolReluBackward(p) => p.cpu(inputs[0], inputs[1], out),
             Op::AvgPool2dBackward(p) => p.cpu(inputs[0], out),
+            Op::Resize2d(r) => r.cpu(inputs[0], out),
+            Op::Resize2dBackward(r) => r.backward_cpu(inputs[0], out),
             Op::CrossEntropy(c) => c.cpu(inputs[0], inputs[1]),
             Op::LstmForward(l) => l.cpu(inputs, out),
             Op::LstmBackward(l) => l.cpu(inputs, out),
@@ -681,6 +691,8 @@ impl Op {
             Op::MaxPool2dBackward(p) => Some(p.max_backward_kernel(inputs[0])),
             Op::MaxPoolReluBackward(p) => Some(p.kernel(inputs[0])),
             Op::AvgPool2dBackward(p) => Some(p.kernel(out)),
+            Op::Resize2d(r) => Some(r.kernel(inputs[0], out)),
+            Op::Resize2dBackward(r) => Some(r.backward_kernel(out)),
             Op::CrossEntropy(c) => Some(c.kernel(inputs[0])),
             Op::LstmForward(l) => Some(l.kernel(out, target)),
             Op::LstmBackward(l) => Some(l.kernel(inputs[0], target)),
@@ -760,6 +772,8 @@ impl Op {
                 )))
             }
             Op::AvgPool2dBackward(p) => vec![Some(p.backward(g, dy)?)],
+            Op::Resize2d(r) => vec![Some(r.backward(g, dy)?)],
+            Op::Resize2dBackward(r) => vec![Some(r.backward_backward(g, dy)?)],
             Op::CrossEntropy(c) => c.backward(g, x[0], x[1], dy)?.to_vec(),
             Op::LstmForward(l) => l.backward(g, x, y, dy)?,
             Op::GruForward(l) => l.backward(g, x, y, dy)?,
@@ -840,6 +854,8 @@ impl Op {
             | Op::MaxPool2dBackward(_)
             | Op::MaxPoolReluBackward(_)
             | Op::AvgPool2dBackward(_)
+            | Op::Resize2d(_)
+            | Op::Resize2dBackward(_)
             | Op::Softmax(_)
             | Op::AxisCopy(_) => match inputs.iter().find(|&&d| d != first) {
                 Some(other) => err(format!(
@@ -1004,7 +1020,8 @@ impl Op {
             | Op::AvgPool2d(_)
             | Op::MaxPool2dBackward(_)
             | Op::MaxPoolReluBackward(_)
-            | Op::AvgPool2dBackward(_) => TOL_REDUCTION,
+            | Op::AvgPool2dBackward(_)
+            | Op::Resize2dBackward(_) => TOL_REDUCTION,
             _ => TOL_ELEMENTWISE,
         }
     }
