@@ -7,9 +7,13 @@
 //         Window (oh, ow) covers padded rows oh*SH .. oh*SH + KH - 1 (input row = padded row - PH)
 //         and padded columns ow*SW .. ow*SW + KW - 1.
 //
-// Bindings (group 0). Entry points with one input (max_pool, avg_pool, avg_pool_backward):
-//   0  a    storage, read        max_pool, avg_pool: x; avg_pool_backward: dy
-//   1  out  storage, read_write  max_pool, avg_pool: y; avg_pool_backward: dx
+//         adaptive_avg_pool: y [N, C, HO, WO] from x [N, C, H, W], output (oh, ow) the mean of
+//         rows floor(oh*H/HO) .. ceil((oh+1)*H/HO) - 1 and the columns likewise (any extents).
+//
+// Bindings (group 0). Entry points with one input (max_pool, avg_pool, avg_pool_backward,
+// adaptive_avg_pool, adaptive_avg_pool_backward):
+//   0  a    storage, read        forward: x; backward: dy
+//   1  out  storage, read_write  forward: y; backward: dx
 // max_pool_backward, max_pool_backward_relu, two inputs:
 //   0  a    storage, read        x
 //   1  dy   storage, read        [N, C, HO, WO]
@@ -18,7 +22,8 @@
 //                                [C, N, H*W] with CN_OUT (a convolution's GEMM layout)
 // `out` and `dy` share binding 1: naga validates bindings per entry point and no entry point uses
 // both (wgpu keeps only the chosen entry point's globals when it specialises a pipeline).
-// Overrides: N, C, H, W (input), HO, WO (output), KH, KW (kernel), SH, SW (stride), PH, PW (padding);
+// Overrides: N, C, H, W (input), HO, WO (output), KH, KW (kernel), SH, SW (stride), PH, PW (padding)
+//            (the adaptive entry points take N, C, H, W, HO, WO only);
 //            CN_OUT (max_pool_backward_relu's layout).
 // Dispatch: ceil(total / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
 //           one output element per thread, threads past total return (total = N*C*HO*WO forward,
@@ -218,4 +223,66 @@ fn avg_pool_backward(
         }
     }
     st_out(idx, acc / f32(KH * KW));
+}
+
+// Adaptive average pooling: output (oh, ow) averages input rows floor(oh*H/HO) ..
+// ceil((oh+1)*H/HO) - 1 and the columns likewise (src/ops/pool.rs, AdaptiveAvgPool2d).
+fn adaptive_start(o: u32, len: u32, n_out: u32) -> u32 {
+    return o * len / n_out;
+}
+
+fn adaptive_end(o: u32, len: u32, n_out: u32) -> u32 {
+    return ((o + 1u) * len + n_out - 1u) / n_out;
+}
+
+@compute @workgroup_size(256)
+fn adaptive_avg_pool(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = linear_index(wid, nwg, lid);
+    if idx >= N * C * HO * WO {
+        return;
+    }
+    let ow = idx % WO;
+    let oh = (idx / WO) % HO;
+    let plane = (idx / (WO * HO)) * H * W;
+    let h0 = adaptive_start(oh, H, HO);
+    let h1 = adaptive_end(oh, H, HO);
+    let w0 = adaptive_start(ow, W, WO);
+    let w1 = adaptive_end(ow, W, WO);
+    var s = 0.0;
+    for (var h = h0; h < h1; h = h + 1u) {
+        for (var w = w0; w < w1; w = w + 1u) {
+            s = s + ld_a(plane + h * W + w);
+        }
+    }
+    st_out(idx, s / f32((h1 - h0) * (w1 - w0)));
+}
+
+// The adjoint: input (h, w) gathers dy / area from outputs oh in [floor(h*HO/H),
+// ceil((h+1)*HO/H)) (the windows that hold it) and the columns likewise.
+@compute @workgroup_size(256)
+fn adaptive_avg_pool_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = linear_index(wid, nwg, lid);
+    if idx >= N * C * H * W {
+        return;
+    }
+    let w = idx % W;
+    let h = (idx / W) % H;
+    let plane = (idx / (W * H)) * HO * WO;
+    var acc = 0.0;
+    for (var oh = h * HO / H; oh < ((h + 1u) * HO + H - 1u) / H; oh = oh + 1u) {
+        let rows = adaptive_end(oh, H, HO) - adaptive_start(oh, H, HO);
+        for (var ow = w * WO / W; ow < ((w + 1u) * WO + W - 1u) / W; ow = ow + 1u) {
+            let cols = adaptive_end(ow, W, WO) - adaptive_start(ow, W, WO);
+            acc = acc + ld_a(plane + oh * WO + ow) / f32(rows * cols);
+        }
+    }
+    st_out(idx, acc);
 }

@@ -626,6 +626,99 @@ fn conv_transpose2d_shape_errors() {
         .contains("4 groups must divide the input channels 4 and the output channels 6"));
 }
 
+/// torch: `F.adaptive_avg_pool2d(torch.arange(25.).view(1, 1, 5, 5), 3)`: windows of rows
+/// 0-1, 1-3, 3-4 (5 into 3), the columns likewise.
+#[test]
+fn adaptive_avg_pool_matches_torch() {
+    let x = Tensor::new([1, 1, 5, 5], (0..25).map(|v| v as f32).collect()).unwrap();
+    let g = Graph::new();
+    let xi = g.input("x", [1, 1, 5, 5]);
+    let y = g.adaptive_avg_pool2d(xi, (3, 3)).unwrap();
+    let global = g.adaptive_avg_pool2d(xi, (1, 1)).unwrap();
+    let out = cpu_run(&g, &[y, global], &[("x", &x)]);
+    let want = Tensor::new(
+        [1, 1, 3, 3],
+        vec![3.0, 4.5, 6.0, 10.5, 12.0, 13.5, 18.0, 19.5, 21.0],
+    )
+    .unwrap();
+    common::assert_close("5 -> 3", &out[0], &want, 1e-6, 1e-6);
+    assert_eq!(out[1].data(), &[12.0]);
+}
+
+/// (N, C, H, W), output size: divisible, uneven, growing (windows overlap), global.
+const ADAPTIVE_CASES: &[([usize; 4], Pair)] = &[
+    ([2, 3, 8, 8], (4, 4)),
+    ([1, 2, 7, 10], (3, 4)),
+    ([2, 1, 3, 2], (5, 7)),
+    ([3, 4, 9, 11], (1, 1)),
+    ([1, 8, 29, 31], (7, 7)),
+];
+
+/// The forward and its gradient on the GPU against the CPU reference, the gradient against
+/// central differences, the backward's own gradient (the forward), and the adjoint identity.
+#[test]
+fn adaptive_avg_pool_gpu_gradients_and_adjoint() {
+    for (k, &(xs, size)) in ADAPTIVE_CASES.iter().enumerate() {
+        let g = Graph::new();
+        let x = g.input("x", xs);
+        let y = g.adaptive_avg_pool2d(x, size).unwrap();
+        let dx = g
+            .grad(random_projection(&g, y, 90 + k as u64), &[x])
+            .unwrap()[0];
+        let loss = g
+            .add(
+                random_projection(&g, g.square(y).unwrap(), 91),
+                random_projection(&g, g.square(dx).unwrap(), 92),
+            )
+            .unwrap();
+        let xv = rand(&xs, 93 + k as u64);
+        check_gpu_vs_cpu(
+            &format!("adaptive_avg_pool2d {xs:?} -> {size:?}"),
+            &g,
+            &[y, dx],
+            &[("x", &xv)],
+            TOL_REDUCTION,
+        );
+        gradcheck(
+            &format!("adaptive_avg_pool2d {xs:?} -> {size:?}"),
+            &g,
+            loss,
+            &[("x", x)],
+            &[("x", &xv)],
+            16,
+            TOL_REDUCTION,
+        );
+        // <pool(x), z> = <x, pool_backward(z)>
+        let z = g.input("z", g.shape(y));
+        let p = kiln::ops::pool::AdaptiveAvgPool2d {
+            input: (xs[2], xs[3]),
+            output: size,
+        };
+        let back = g.adaptive_avg_pool2d_backward(z, p).unwrap();
+        let zv = rand(g.shape(y).dims(), 94);
+        let out = cpu_run(&g, &[y, back], &[("x", &xv), ("z", &zv)]);
+        let dot = |a: &Tensor, b: &Tensor| -> f64 {
+            a.data()
+                .iter()
+                .zip(b.data())
+                .map(|(p, q)| *p as f64 * *q as f64)
+                .sum()
+        };
+        let (lhs, rhs) = (dot(&out[0], &zv), dot(&xv, &out[1]));
+        assert!(
+            (lhs - rhs).abs() <= 1e-5 * (1.0 + lhs.abs()),
+            "{xs:?}: {lhs} vs {rhs}"
+        );
+    }
+    let g = Graph::new();
+    let x = g.input("x", [1, 2, 4]);
+    let e = g.adaptive_avg_pool2d(x, (2, 2)).unwrap_err();
+    assert!(shape_msg(e).contains("adaptive_avg_pool2d: input [1, 2, 4]: expected rank 4"));
+    let x = g.input("x4", [1, 2, 4, 4]);
+    let e = g.adaptive_avg_pool2d(x, (2, 0)).unwrap_err();
+    assert!(shape_msg(e).contains("the extents must be positive"));
+}
+
 /// (N, C, H, W), kernel, stride, padding.
 type PoolCase = ([usize; 4], Pair, Pair, Pair);
 

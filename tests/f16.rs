@@ -470,16 +470,22 @@ fn convolutions_and_pooling_in_f16() {
             assert_eq!(g.dtype(y), DType::F16);
             let pooled = g.max_pool2d(y, (2, 2), (2, 2), (0, 0)).unwrap();
             let avg = g.avg_pool2d(y, (2, 2), (1, 1), (1, 1)).unwrap();
+            // uneven windows: the adaptive kernels' f16 variants
+            let adaptive = g.adaptive_avg_pool2d(y, (3, 2)).unwrap();
             let loss = g
                 .add(
-                    g.sum_all(g.mul(pooled, pooled).unwrap()).unwrap(),
-                    g.sum_all(avg).unwrap(),
+                    g.add(
+                        g.sum_all(g.mul(pooled, pooled).unwrap()).unwrap(),
+                        g.sum_all(avg).unwrap(),
+                    )
+                    .unwrap(),
+                    g.sum_all(g.square(adaptive).unwrap()).unwrap(),
                 )
                 .unwrap();
             let grads = g.grad(loss, &[x, wt, b]).unwrap();
             // a requested column matrix runs the f16 variant of the explicit im2col kernel
             let cols = g.im2col(x, kernel, opts).unwrap();
-            let mut outs = vec![y, pooled, avg, cols];
+            let mut outs = vec![y, pooled, avg, adaptive, cols];
             outs.extend(&grads);
             for &o in &outs {
                 assert_eq!(g.dtype(o), DType::F16);

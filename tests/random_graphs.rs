@@ -102,7 +102,8 @@ enum Step {
     Pool(u8, bool, u8),
     /// a resize of an image (`interpolate`): nearest, bilinear or bilinear with aligned
     /// corners (`mode` % 3), to twice its extents, to one more row and half the columns, or
-    /// to one pixel (`mode` / 3).
+    /// to one pixel (`mode` / 3 = 0, 1, 2); or (`mode` / 3 = 3) its adaptive average pooling
+    /// to two thirds of the rows and a third of the columns (uneven windows).
     Resize(u8, u8),
     /// a training batch norm of an image, with weight and bias inputs or not.
     BatchNorm(u8, bool),
@@ -173,7 +174,7 @@ fn step() -> impl Strategy<Value = Step> {
                 relu,
             }),
         1 => (i(), any::<bool>(), 0u8..4).prop_map(|(s, max, k)| Step::Pool(s, max, k)),
-        1 => (i(), 0u8..9).prop_map(|(s, mode)| Step::Resize(s, mode)),
+        1 => (i(), 0u8..12).prop_map(|(s, mode)| Step::Resize(s, mode)),
         1 => (i(), any::<bool>()).prop_map(|(s, affine)| Step::BatchNorm(s, affine)),
         2 => (i(), 0u8..3, 0u8..3, i(), any::<bool>()).prop_map(
             |(src, kind, hidden, batch, reverse)| Step::Recurrent {
@@ -600,9 +601,13 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                         let size = match mode / 3 {
                             0 => (2 * d[2], 2 * d[3]),
                             1 => (d[2] + 1, d[3].div_ceil(2)),
+                            3 => ((2 * d[2] / 3).max(1), 1 + d[3] / 3),
                             _ => (1, 1),
                         };
-                        g.interpolate(x, size, m).ok()
+                        match mode / 3 {
+                            3 => g.adaptive_avg_pool2d(x, size).ok(),
+                            _ => g.interpolate(x, size, m).ok(),
+                        }
                     })
                     .flatten()
             }

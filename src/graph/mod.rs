@@ -1386,6 +1386,37 @@ impl Graph {
         self.push(Op::AvgPool2dBackward(op), vec![dy], shape)
     }
 
+    /// Adaptive average pooling of `x (N, C, H, W)` to `size` (Ho, Wo)
+    /// (`torch.nn.functional.adaptive_avg_pool2d`): output `(oh, ow)` is the mean of rows
+    /// `floor(oh*H/Ho) .. ceil((oh+1)*H/Ho)` and the columns likewise; `(1, 1)` is global
+    /// average pooling (a ResNet's head), `(7, 7)` VGG's.
+    pub fn adaptive_avg_pool2d(&self, x: NodeId, size: (usize, usize)) -> Result<NodeId> {
+        let sx = self.check_id("adaptive_avg_pool2d", x)?;
+        if sx.rank() != 4 {
+            return Err(shape_err(
+                "adaptive_avg_pool2d",
+                format!("input {sx}: expected rank 4 (N, C, H, W)"),
+            ));
+        }
+        let p = crate::ops::pool::AdaptiveAvgPool2d {
+            input: (sx.dims()[2], sx.dims()[3]),
+            output: size,
+        };
+        let shape = p.infer(&sx)?;
+        self.push(Op::AdaptiveAvgPool2d(p), vec![x], shape)
+    }
+
+    /// The gradient of [`Graph::adaptive_avg_pool2d`] for its input, from `dy (N, C, Ho, Wo)`.
+    pub fn adaptive_avg_pool2d_backward(
+        &self,
+        dy: NodeId,
+        pool: crate::ops::pool::AdaptiveAvgPool2d,
+    ) -> Result<NodeId> {
+        let sd = self.check_id("adaptive_avg_pool2d_backward", dy)?;
+        let shape = pool.infer_backward(&sd)?;
+        self.push(Op::AdaptiveAvgPool2dBackward(pool), vec![dy], shape)
+    }
+
     /// `x (N, C, H, W)` resized to `size` (Ho, Wo) (`torch.nn.functional.interpolate(x,
     /// size=size, mode=..)`): nearest, or bilinear with or without `align_corners`; a U-Net's
     /// or a feature pyramid's upsampling, f16 too.

@@ -125,6 +125,10 @@ pub enum Op {
     MaxPoolReluBackward(pool::MaxPoolReluBackward),
     /// Input `dy`: each input element gathers `dy / (kh*kw)` of every window covering it.
     AvgPool2dBackward(pool::AvgPool2dBackward),
+    /// Adaptive average pooling to a given size (see `ops::pool::AdaptiveAvgPool2d`).
+    AdaptiveAvgPool2d(pool::AdaptiveAvgPool2d),
+    /// Its adjoint, from the pooled gradient back to `(N, C, H, W)`.
+    AdaptiveAvgPool2dBackward(pool::AdaptiveAvgPool2d),
     /// Nearest or bilinear resizing of `(N, C, H, W)` images (see `ops::resize`).
     Resize2d(resize::Resize2d),
     /// Its adjoint, from the resized images' gradient back to `(N, C, H, W)`.
@@ -285,6 +289,8 @@ impl Op {
             Op::MaxPool2dBackward(_) => "max_pool2d_backward",
             Op::MaxPoolReluBackward(_) => "max_pool2d_backward_relu",
             Op::AvgPool2dBackward(_) => "avg_pool2d_backward",
+            Op::AdaptiveAvgPool2d(_) => "adaptive_avg_pool2d",
+            Op::AdaptiveAvgPool2dBackward(_) => "adaptive_avg_pool2d_backward",
             Op::Resize2d(_) => "interpolate",
             Op::Resize2dBackward(_) => "interpolate_backward",
             Op::CrossEntropy(_) => "cross_entropy",
@@ -589,6 +595,8 @@ impl Op {
             Op::MaxPool2dBackward(p) => p.max_backward_cpu(inputs[0], inputs[1], out),
             Op::MaxPoolReluBackward(p) => p.cpu(inputs[0], inputs[1], out),
             Op::AvgPool2dBackward(p) => p.cpu(inputs[0], out),
+            Op::AdaptiveAvgPool2d(p) => p.cpu(inputs[0], out),
+            Op::AdaptiveAvgPool2dBackward(p) => p.backward_cpu(inputs[0], out),
             Op::Resize2d(r) => r.cpu(inputs[0], out),
             Op::Resize2dBackward(r) => r.backward_cpu(inputs[0], out),
             Op::CrossEntropy(c) => c.cpu(inputs[0], inputs[1]),
@@ -691,6 +699,8 @@ impl Op {
             Op::MaxPool2dBackward(p) => Some(p.max_backward_kernel(inputs[0])),
             Op::MaxPoolReluBackward(p) => Some(p.kernel(inputs[0])),
             Op::AvgPool2dBackward(p) => Some(p.kernel(out)),
+            Op::AdaptiveAvgPool2d(p) => Some(p.kernel(inputs[0], out)),
+            Op::AdaptiveAvgPool2dBackward(p) => Some(p.backward_kernel(out)),
             Op::Resize2d(r) => Some(r.kernel(inputs[0], out)),
             Op::Resize2dBackward(r) => Some(r.backward_kernel(out)),
             Op::CrossEntropy(c) => Some(c.kernel(inputs[0])),
@@ -772,6 +782,8 @@ impl Op {
                 )))
             }
             Op::AvgPool2dBackward(p) => vec![Some(p.backward(g, dy)?)],
+            Op::AdaptiveAvgPool2d(p) => vec![Some(g.adaptive_avg_pool2d_backward(dy, *p)?)],
+            Op::AdaptiveAvgPool2dBackward(p) => vec![Some(g.adaptive_avg_pool2d(dy, p.output)?)],
             Op::Resize2d(r) => vec![Some(r.backward(g, dy)?)],
             Op::Resize2dBackward(r) => vec![Some(r.backward_backward(g, dy)?)],
             Op::CrossEntropy(c) => c.backward(g, x[0], x[1], dy)?.to_vec(),
@@ -854,6 +866,8 @@ impl Op {
             | Op::MaxPool2dBackward(_)
             | Op::MaxPoolReluBackward(_)
             | Op::AvgPool2dBackward(_)
+            | Op::AdaptiveAvgPool2d(_)
+            | Op::AdaptiveAvgPool2dBackward(_)
             | Op::Resize2d(_)
             | Op::Resize2dBackward(_)
             | Op::Softmax(_)
@@ -1021,6 +1035,8 @@ impl Op {
             | Op::MaxPool2dBackward(_)
             | Op::MaxPoolReluBackward(_)
             | Op::AvgPool2dBackward(_)
+            | Op::AdaptiveAvgPool2d(_)
+            | Op::AdaptiveAvgPool2dBackward(_)
             | Op::Resize2dBackward(_) => TOL_REDUCTION,
             _ => TOL_ELEMENTWISE,
         }

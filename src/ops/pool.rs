@@ -3,7 +3,9 @@
 //! padding (`count_include_pad=True`, so it always divides by kh*kw), max pooling ignores it, and
 //! the padding may be at most half the kernel. The backward ops are gathers: each input element
 //! sums the gradient of every window that reads it (max: every window whose argmax it is, the
-//! first maximum in row-major window order, as torch). Kernels: `shaders/pool.wgsl`.
+//! first maximum in row-major window order, as torch). Adaptive average pooling
+//! ([`AdaptiveAvgPool2d`]) averages windows that tile the input into a given output size.
+//! Kernels: `shaders/pool.wgsl`.
 
 use super::{groups, KernelSpec};
 use crate::error::{shape_err, Error, Result};
@@ -329,4 +331,149 @@ pub fn max_backward_backward() -> Error {
     Error::Unsupported(
         "the second derivative of max_pool2d (backward of max_pool2d_backward)".into(),
     )
+}
+
+/// Adaptive average pooling (`torch.nn.functional.adaptive_avg_pool2d`): `(N, C, H, W)` to
+/// `(N, C, Ho, Wo)`, output `(oh, ow)` the mean of input rows `floor(oh*H/Ho) ..
+/// ceil((oh+1)*H/Ho)` and the columns likewise (windows of different sizes where Ho does not
+/// divide H; `(1, 1)` is global average pooling). As `Op::AdaptiveAvgPool2dBackward`, its
+/// adjoint from `dy (N, C, Ho, Wo)`: each input element gathers `dy / area` of the windows
+/// that hold it. Kernels: `shaders/pool.wgsl` `adaptive_avg_pool*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AdaptiveAvgPool2d {
+    /// Input extents (H, W).
+    pub input: (usize, usize),
+    /// Output extents (Ho, Wo).
+    pub output: (usize, usize),
+}
+
+impl AdaptiveAvgPool2d {
+    /// The input window of output `o` along an axis of `len` inputs and `out` outputs.
+    fn window(o: usize, len: usize, out: usize) -> std::ops::Range<usize> {
+        (o * len / out)..((o + 1) * len).div_ceil(out)
+    }
+
+    /// Shape rule of the forward: `x (N, C, H, W)` with this op's input extents, the output's
+    /// positive.
+    pub fn infer(&self, x: &Shape) -> Result<Shape> {
+        let op = "adaptive_avg_pool2d";
+        let d = x.dims();
+        if x.rank() != 4 || (d[2], d[3]) != self.input {
+            return Err(shape_err(
+                op,
+                format!(
+                    "input {x}: expected (N, C, {}, {})",
+                    self.input.0, self.input.1
+                ),
+            ));
+        }
+        let (ho, wo) = self.output;
+        if ho == 0 || wo == 0 || d[2] == 0 || d[3] == 0 {
+            return Err(shape_err(
+                op,
+                format!("input {x} to {ho}x{wo}: the extents must be positive"),
+            ));
+        }
+        Ok(Shape(vec![d[0], d[1], ho, wo]))
+    }
+
+    /// Shape rule of the backward: `dy` the forward's output for some `(N, C)`.
+    pub fn infer_backward(&self, dy: &Shape) -> Result<Shape> {
+        let d = dy.dims();
+        if dy.rank() != 4 || (d[2], d[3]) != self.output {
+            return Err(shape_err(
+                "adaptive_avg_pool2d_backward",
+                format!(
+                    "gradient {dy}: expected (N, C, {}, {})",
+                    self.output.0, self.output.1
+                ),
+            ));
+        }
+        Ok(Shape(vec![d[0], d[1], self.input.0, self.input.1]))
+    }
+
+    /// Visits every (output index, input index, 1 / window area) of `planes` planes.
+    fn for_each(&self, planes: usize, mut f: impl FnMut(usize, usize, f64)) {
+        let ((h, w), (ho, wo)) = (self.input, self.output);
+        for p in 0..planes {
+            for oh in 0..ho {
+                let rows = Self::window(oh, h, ho);
+                for ow in 0..wo {
+                    let cols = Self::window(ow, w, wo);
+                    let area = (rows.len() * cols.len()) as f64;
+                    let o = (p * ho + oh) * wo + ow;
+                    for ih in rows.clone() {
+                        for iw in cols.clone() {
+                            f(o, (p * h + ih) * w + iw, 1.0 / area);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// CPU reference of the forward: each window's f64 sum over its area.
+    pub fn cpu(&self, x: &Tensor, out: &Shape) -> Tensor {
+        let mut acc = vec![0f64; out.numel()];
+        let xd = x.data();
+        let mut area = vec![0f64; out.numel()];
+        self.for_each(x.dims()[0] * x.dims()[1], |o, i, inv| {
+            acc[o] += f64::from(xd[i]);
+            area[o] = inv;
+        });
+        let data = acc
+            .iter()
+            .zip(&area)
+            .map(|(s, inv)| (s * inv) as f32)
+            .collect();
+        Tensor::new(out.clone(), data).expect("adaptive pool shape")
+    }
+
+    /// CPU reference of the backward: every output's gradient over its area, spread on its
+    /// window (f64).
+    pub fn backward_cpu(&self, dy: &Tensor, out: &Shape) -> Tensor {
+        let mut acc = vec![0f64; out.numel()];
+        let d = dy.data();
+        self.for_each(dy.dims()[0] * dy.dims()[1], |o, i, inv| {
+            acc[i] += f64::from(d[o]) * inv;
+        });
+        Tensor::new(out.clone(), acc.into_iter().map(|v| v as f32).collect())
+            .expect("adaptive pool backward shape")
+    }
+
+    /// The override constants of both kernels for a batch of `n` images of `c` channels.
+    fn constants(&self, n: usize, c: usize) -> Vec<(&'static str, f64)> {
+        let ((h, w), (ho, wo)) = (self.input, self.output);
+        [
+            ("N", n),
+            ("C", c),
+            ("H", h),
+            ("W", w),
+            ("HO", ho),
+            ("WO", wo),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v as f64))
+        .collect()
+    }
+
+    /// Kernel of the forward: one thread per output element.
+    pub fn kernel(&self, x: &Shape, out: &Shape) -> KernelSpec {
+        KernelSpec {
+            family: "pool",
+            entry: "adaptive_avg_pool",
+            constants: self.constants(x.dims()[0], x.dims()[1]),
+            workgroups: groups(out.numel(), 256),
+        }
+    }
+
+    /// Kernel of the backward: one thread per input element, gathering.
+    pub fn backward_kernel(&self, out: &Shape) -> KernelSpec {
+        KernelSpec {
+            family: "pool",
+            entry: "adaptive_avg_pool_backward",
+            constants: self.constants(out.dims()[0], out.dims()[1]),
+            workgroups: groups(out.numel(), 256),
+        }
+    }
 }
