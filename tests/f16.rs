@@ -577,12 +577,15 @@ fn mixed_precision_cnn_gradients() {
 }
 
 /// A MobileNet block in mixed precision: a depthwise 3x3 convolution (`groups = C`, the direct
-/// grouped kernels' f16 variants), relu, a pointwise 1x1 convolution; its f32 parameter
-/// gradients agree with the f32 block's within f16 precision, the GPU with the CPU reference.
+/// grouped kernels' f16 variants), relu, a pointwise 1x1 convolution, then a decoder's
+/// transposed convolutions (dense: a product and col2im; in groups: the grouped kernels); its
+/// f32 parameter gradients agree with the f32 block's within f16 precision, the GPU with the
+/// CPU reference.
 #[test]
 fn mixed_precision_depthwise_block() {
     use kiln::graph::Conv2dOpts;
-    use kiln::nn::{Conv2d, Init};
+    use kiln::nn::{Conv2d, ConvTranspose2d, Init};
+    use kiln::ops::conv::ConvTranspose2dOpts;
     let net = |dt: DType| {
         let g = Graph::new();
         let x = g.input("x", [2, 6, 7, 7]);
@@ -596,9 +599,20 @@ fn mixed_precision_depthwise_block() {
         let (h, p1) = dw.apply_relu(&g, g.cast(x, dt).unwrap()).unwrap();
         assert_eq!(g.dtype(h), dt);
         let (y, p2) = pw.apply(&g, h).unwrap();
+        let up = ConvTranspose2dOpts {
+            stride: (2, 2),
+            padding: (1, 1),
+            output_padding: (1, 1),
+            ..Default::default()
+        };
+        let t1 = ConvTranspose2d::new("t1", 5, 4, (3, 3), up, 1, &mut init).unwrap();
+        let t2 = ConvTranspose2d::new("t2", 4, 4, (2, 2), up, 2, &mut init).unwrap();
+        let (y, p3) = t1.apply(&g, y).unwrap();
+        let (y, p4) = t2.apply(&g, g.relu(y).unwrap()).unwrap();
+        assert_eq!(g.shape(y).dims(), &[2, 4, 27, 27]);
         let y = g.cast(y, DType::F32).unwrap();
         let loss = g.mean_all(g.mul(y, y).unwrap()).unwrap();
-        let params: Vec<NodeId> = p1.iter().chain(&p2).copied().collect();
+        let params: Vec<NodeId> = [p1, p2, p3, p4].concat();
         let mut outs = vec![loss];
         outs.extend(g.grad(loss, &params).unwrap());
         (g, outs)

@@ -279,6 +279,11 @@ fn decoder_blocks_in_sequential() {
     outs.extend(g.grad(random_projection(&g, y, 80), &params).unwrap());
     let xv = rand(&[2, 4, 3, 5], 81);
     check_gpu_vs_cpu("decoder block", &g, &outs, &[("x", &xv)], TOL_REDUCTION);
+    // node by node: every resize, product, col2im and gradient within its tolerance
+    if let Some(dev) = common::gpu() {
+        let report = dev.verify(&g, &outs, &[("x", &xv)]).unwrap();
+        assert!(report.ok(), "{report}");
+    }
     let flat = g.input("flat", [2, 4, 3]);
     let e = Sequential::new()
         .act(Act::Upsample(2, NEAREST))
