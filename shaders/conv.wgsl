@@ -33,9 +33,10 @@
 //           for im2col, N*C*H*W for col2im and grouped_conv_input_grad, N*O*HO*WO for
 //           grouped_conv). col2im and grouped_conv_input_grad are gathers: each image element
 //           sums, over the KH*KW kernel positions, the entries (if any) that read it; no atomics.
-//           grouped_conv_weight_grad: one workgroup of 256 per weight element (O*(C/G)*KH*KW,
-//           folded likewise), its threads striding over the N*HO*WO output positions, then a
-//           tree sum in workgroup memory.
+//           grouped_conv_weight_grad: one workgroup of 256 per block of TAPS = 4 weight taps of
+//           one kernel row (O*(C/G)*KH*ceil(KW/4), folded likewise), its threads striding over
+//           the N*HO*WO output positions (each output gradient read once for the block), then
+//           a tree sum per tap in workgroup memory.
 
 override N: u32 = 1u;
 override C: u32 = 1u;
@@ -239,7 +240,24 @@ fn grouped_conv_input_grad(
     st_res(idx, acc);
 }
 
-var<workgroup> partial_sums: array<f32, 256>;
+// Taps of one kernel row a weight-gradient workgroup sums at once: each output gradient is read
+// once for all of them, and their sums are four variables (constant indices, no local array).
+const TAPS: u32 = 4u;
+
+var<workgroup> partial_sums: array<f32, 1024>;
+
+// x * dy where kernel tap (i, j) of output (n, oh, ow) reads the image (0 in the padding or past
+// the kernel's width); `row` is the tap's image row + 1 (0: in the padding).
+fn tap_product(n: u32, ch: u32, row: u32, ow: u32, j: u32, dy: f32) -> f32 {
+    if j >= KW {
+        return 0.0;
+    }
+    let iw = tap_source(ow, j, SW, PW, DW, W);
+    if iw == 0u {
+        return 0.0;
+    }
+    return ld_src(((n * C + ch) * H + row - 1u) * W + iw - 1u) * dy;
+}
 
 @compute @workgroup_size(256)
 fn grouped_conv_weight_grad(
@@ -247,38 +265,51 @@ fn grouped_conv_weight_grad(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    // one weight element per workgroup: uniform across its threads
+    // one block of TAPS taps of one kernel row per workgroup: uniform across its threads
+    let blocks = (KW + TAPS - 1u) / TAPS;
     let e = wid.y * nwg.x + wid.x;
     let cg = C / G;
-    if e >= O * cg * KH * KW {
+    if e >= O * cg * KH * blocks {
         return;
     }
-    let j = e % KW;
-    let i = (e / KW) % KH;
-    let c = (e / (KW * KH)) % cg;
-    let o = e / (KW * KH * cg);
+    let j0 = (e % blocks) * TAPS;
+    let i = (e / blocks) % KH;
+    let c = (e / (blocks * KH)) % cg;
+    let o = e / (blocks * KH * cg);
     let ch = (o / (O / G)) * cg + c;
-    var acc = 0.0;
+    var acc0 = 0.0;
+    var acc1 = 0.0;
+    var acc2 = 0.0;
+    var acc3 = 0.0;
     for (var t = lid; t < N * HO * WO; t = t + WG) {
         let ow = t % WO;
         let oh = (t / WO) % HO;
         let n = t / (WO * HO);
-        let ih = tap_source(oh, i, SH, PH, DH, H);
-        let iw = tap_source(ow, j, SW, PW, DW, W);
-        if ih != 0u && iw != 0u {
-            let x = ld_src(((n * C + ch) * H + ih - 1u) * W + iw - 1u);
-            acc = acc + x * ld_opnd(((n * O + o) * HO + oh) * WO + ow);
+        let row = tap_source(oh, i, SH, PH, DH, H);
+        if row == 0u {
+            continue;
         }
+        let dy = ld_opnd(((n * O + o) * HO + oh) * WO + ow);
+        acc0 = acc0 + tap_product(n, ch, row, ow, j0, dy);
+        acc1 = acc1 + tap_product(n, ch, row, ow, j0 + 1u, dy);
+        acc2 = acc2 + tap_product(n, ch, row, ow, j0 + 2u, dy);
+        acc3 = acc3 + tap_product(n, ch, row, ow, j0 + 3u, dy);
     }
-    partial_sums[lid] = acc;
+    partial_sums[lid] = acc0;
+    partial_sums[WG + lid] = acc1;
+    partial_sums[2u * WG + lid] = acc2;
+    partial_sums[3u * WG + lid] = acc3;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s = s / 2u) {
         if lid < s {
-            partial_sums[lid] = partial_sums[lid] + partial_sums[lid + s];
+            for (var k = 0u; k < TAPS; k = k + 1u) {
+                partial_sums[k * WG + lid] = partial_sums[k * WG + lid] + partial_sums[k * WG + lid + s];
+            }
         }
         workgroupBarrier();
     }
-    if lid == 0u {
-        st_res(e, partial_sums[0]);
+    // the block's taps past the kernel's width have no weight
+    if lid < TAPS && j0 + lid < KW {
+        st_res(((o * cg + c) * KH + i) * KW + j0 + lid, partial_sums[lid * WG]);
     }
 }

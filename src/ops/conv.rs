@@ -712,8 +712,8 @@ impl GroupedConv2d {
     }
 
     /// Kernel of this pass: one thread per output element (forward, input gradient), a
-    /// workgroup of 256 per weight element summing over the batch and positions (weight
-    /// gradient).
+    /// workgroup of 256 per four taps of a kernel row summing over the batch and positions
+    /// (weight gradient).
     pub fn kernel(&self, a: &Shape, out: &Shape) -> KernelSpec {
         let mut constants = self.geom.constants(Self::batch(a));
         constants.push(("G", self.groups as f64));
@@ -721,7 +721,12 @@ impl GroupedConv2d {
         let (entry, workgroups) = match self.pass {
             ConvPass::Forward => ("grouped_conv", groups(out.numel(), 256)),
             ConvPass::InputGrad => ("grouped_conv_input_grad", groups(out.numel(), 256)),
-            ConvPass::WeightGrad => ("grouped_conv_weight_grad", out.numel() as u64),
+            // a workgroup per block of 4 taps of a kernel row (`TAPS` in the shader)
+            ConvPass::WeightGrad => {
+                let (kh, kw) = self.geom.kernel;
+                let rows = self.out_channels * self.channels_per_group() * kh;
+                ("grouped_conv_weight_grad", (rows * kw.div_ceil(4)) as u64)
+            }
         };
         KernelSpec {
             family: "conv",
