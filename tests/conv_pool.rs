@@ -719,6 +719,113 @@ fn adaptive_avg_pool_gpu_gradients_and_adjoint() {
     assert!(shape_msg(e).contains("the extents must be positive"));
 }
 
+/// conv1d as torch defines it, in direct loops (f64).
+fn naive_conv1d(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    (s, p, d): (usize, usize, usize),
+    groups: usize,
+) -> Tensor {
+    let [n, c, l] = x.dims().try_into().unwrap();
+    let [o, cg, k] = w.dims().try_into().unwrap();
+    let lo = (l + 2 * p - d * (k - 1) - 1) / s + 1;
+    let og = o / groups;
+    let mut out = Vec::new();
+    for bn in 0..n {
+        for f in 0..o {
+            for t in 0..lo {
+                let mut acc = b.data()[f] as f64;
+                for ci in 0..cg {
+                    let ch = f / og * cg + ci;
+                    for j in 0..k {
+                        let at = (t * s + j * d) as isize - p as isize;
+                        if at >= 0 && (at as usize) < l {
+                            acc += x.data()[(bn * c + ch) * l + at as usize] as f64
+                                * w.data()[(f * cg + ci) * k + j] as f64;
+                        }
+                    }
+                }
+                out.push(acc as f32);
+            }
+        }
+    }
+    Tensor::new(vec![n, o, lo], out).unwrap()
+}
+
+/// (N, C, L), (O, k), (stride, padding, dilation), groups.
+type Case1d = ([usize; 3], [usize; 2], (usize, usize, usize), usize);
+
+/// 1-D convolutions (dense and grouped, strided, padded, dilated), transposed ones and pooling
+/// as the 2-D ops of `(N, C, 1, L)` views: direct loops, the GPU against the CPU reference with
+/// gradients, `nn::Conv1d`, shape errors named for the 1-D op.
+#[test]
+fn one_dimensional_convolutions_and_pooling() {
+    let cases: &[Case1d] = &[
+        ([2, 3, 17], [4, 3], (1, 1, 1), 1),
+        ([1, 4, 23], [8, 5], (2, 2, 2), 4), // depthwise, multiplier 2
+        ([3, 6, 9], [4, 2], (3, 0, 1), 2),
+        ([2, 8, 300], [16, 3], (1, 1, 1), 1), // past the 64-wide tiles
+    ];
+    for (k, &(xs, [o, kw], geom, groups)) in cases.iter().enumerate() {
+        let ws = [o, xs[1] / groups, kw];
+        let g = Graph::new();
+        let x = g.input("x", xs);
+        let w = g.input("w", ws);
+        let b = g.input("b", [o]);
+        let (s, p, d) = geom;
+        let y = g.conv1d(x, w, Some(b), s, p, d, groups).unwrap();
+        let (xv, wv, bv) = (
+            rand(&xs, 400 + k as u64),
+            rand(&ws, 410 + k as u64),
+            rand(&[o], 420),
+        );
+        let want = naive_conv1d(&xv, &wv, &bv, geom, groups);
+        let feeds = [("x", &xv), ("w", &wv), ("b", &bv)];
+        let got = cpu_run(&g, &[y], &feeds);
+        common::assert_close(&format!("conv1d case {k}"), &got[0], &want, 1e-5, 1e-5);
+        // transposed back with the same weight, then pooled both ways
+        let t = g
+            .conv_transpose1d(y, w, None, s, p, (s > 1) as usize, d, groups)
+            .unwrap();
+        let mp = g.pool1d(true, y, 2, 2, 0).unwrap();
+        let ap = g.pool1d(false, t, 3, 1, 1).unwrap();
+        let loss = random_projection(
+            &g,
+            g.add(g.sum_all(mp).unwrap(), g.mean_all(ap).unwrap())
+                .unwrap(),
+            430,
+        );
+        let mut outs = vec![y, t, mp, ap];
+        outs.extend(g.grad(loss, &[x, w, b]).unwrap());
+        check_gpu_vs_cpu(&format!("1-D case {k}"), &g, &outs, &feeds, TOL_REDUCTION);
+    }
+    // the layer: torch's names and shapes
+    let mut init = kiln::nn::Init::new(0);
+    let layer = kiln::nn::Conv1d::new("c", 6, 4, 3, (1, 1, 1), 2, &mut init).unwrap();
+    assert_eq!(layer.param_names(), ["c.weight", "c.bias"]);
+    let g = Graph::new();
+    let x = g.input("x", [2, 6, 10]);
+    let (y, [w, _]) = layer.apply(&g, x).unwrap();
+    assert_eq!(g.shape(y).dims(), &[2, 4, 10]);
+    assert_eq!(g.shape(w).dims(), &[4, 3, 3]);
+    // errors name the 1-D op
+    let e = g
+        .conv1d(x, g.input("w2", [4, 5, 3]), None, 1, 0, 1, 1)
+        .unwrap_err();
+    let m = shape_msg(e);
+    assert!(
+        m.starts_with("conv1d: ") && m.contains("input channels, it has 5"),
+        "{m}"
+    );
+    let e = g
+        .conv1d(g.input("x2", [2, 6]), w, None, 1, 0, 1, 2)
+        .unwrap_err();
+    assert!(shape_msg(e).contains("conv1d: operand [2, 6]: expected rank 3"));
+    let e = g.pool1d(true, x, 2, 1, 2).unwrap_err();
+    assert!(shape_msg(e).starts_with("max_pool1d: "));
+}
+
 /// (N, C, H, W), kernel, stride, padding.
 type PoolCase = ([usize; 4], Pair, Pair, Pair);
 

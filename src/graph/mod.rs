@@ -1225,6 +1225,102 @@ impl Graph {
         }
     }
 
+    /// 1-D convolution of `x (N, C, L)` with `w (O, C/groups, k)` (`torch.nn.functional.conv1d`
+    /// with `stride`, `padding`, `dilation`, `groups`), giving `(N, O, Lo)`, `Lo = (L + 2p -
+    /// d(k - 1) - 1) / s + 1`: the 2-D convolution of `(N, C, 1, L)` images with a `1 x k` kernel
+    /// (views: no copies), so it runs the same kernels (implicit GEMMs, grouped ones in groups).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv1d(
+        &self,
+        x: NodeId,
+        w: NodeId,
+        bias: Option<NodeId>,
+        stride: usize,
+        padding: usize,
+        dilation: usize,
+        groups: usize,
+    ) -> Result<NodeId> {
+        let (x4, w4) = (self.as_rows("conv1d", x)?, self.as_rows("conv1d", w)?);
+        let opts = Conv2dOpts {
+            stride: (1, stride),
+            padding: (0, padding),
+            dilation: (1, dilation),
+        };
+        let y = self
+            .conv2d_grouped(x4, w4, bias, opts, groups)
+            .map_err(|e| as_1d("conv1d", e))?;
+        self.rows_back(y)
+    }
+
+    /// The transposed 1-D convolution of `x (N, Cin, L)` with `w (Cin, Cout/groups, k)`
+    /// (`torch.nn.functional.conv_transpose1d`), giving `(N, Cout, Lo)`, `Lo = (L - 1)s - 2p +
+    /// d(k - 1) + output_padding + 1`: [`Graph::conv_transpose2d`] of `(N, Cin, 1, L)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_transpose1d(
+        &self,
+        x: NodeId,
+        w: NodeId,
+        bias: Option<NodeId>,
+        stride: usize,
+        padding: usize,
+        output_padding: usize,
+        dilation: usize,
+        groups: usize,
+    ) -> Result<NodeId> {
+        let op = "conv_transpose1d";
+        let (x4, w4) = (self.as_rows(op, x)?, self.as_rows(op, w)?);
+        let opts = crate::ops::conv::ConvTranspose2dOpts {
+            stride: (1, stride),
+            padding: (0, padding),
+            output_padding: (0, output_padding),
+            dilation: (1, dilation),
+        };
+        let y = self
+            .conv_transpose2d(x4, w4, bias, opts, groups)
+            .map_err(|e| as_1d(op, e))?;
+        self.rows_back(y)
+    }
+
+    /// 1-D max (`max`) or average pooling of `x (N, C, L)` (`max_pool1d` / `avg_pool1d`, floor
+    /// mode; average pooling counts the padding): 2-D pooling of `(N, C, 1, L)` with a `1 x
+    /// kernel` window.
+    pub fn pool1d(
+        &self,
+        max: bool,
+        x: NodeId,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<NodeId> {
+        let op = if max { "max_pool1d" } else { "avg_pool1d" };
+        let x4 = self.as_rows(op, x)?;
+        let y = self
+            .pool2d(max, x4, (1, kernel), (1, stride), (0, padding))
+            .map_err(|e| as_1d(op, e))?;
+        self.rows_back(y)
+    }
+
+    /// `(A, B, L)` viewed as `(A, B, 1, L)` (a 1-D op's operand as a 2-D op's); `op` names the
+    /// caller in errors.
+    fn as_rows(&self, op: &'static str, x: NodeId) -> Result<NodeId> {
+        let s = self.check_id(op, x)?;
+        if s.rank() != 3 {
+            return Err(shape_err(
+                op,
+                format!("operand {s}: expected rank 3 ((N, C, L) or (O, C, k))"),
+            ));
+        }
+        let d = s.dims();
+        self.reshape(x, &[d[0] as isize, d[1] as isize, 1, d[2] as isize])
+    }
+
+    /// `(N, C, 1, L)` back to `(N, C, L)`.
+    fn rows_back(&self, y: NodeId) -> Result<NodeId> {
+        let d = self.shape(y);
+        let d = d.dims();
+        self.reshape(y, &[d[0] as isize, d[1] as isize, d[3] as isize])
+    }
+
     /// The transposed convolution of `x [N, Cin, H, W]` with `w [Cin, Cout/groups, kh, kw]`
     /// (`torch.nn.functional.conv_transpose2d`; the gradient of a convolution for its input),
     /// giving `[N, Cout, Ho, Wo]`, `Ho = (H - 1)*sh - 2*ph + dh*(kh - 1) + oph + 1`: a stride
@@ -1629,4 +1725,15 @@ pub(crate) fn validate(nodes: &[Node], outputs: &[NodeId]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A 2-D op's shape error as the 1-D op `op` that ran it (its operands viewed as
+/// `(N, C, 1, L)`, as the message's shapes show).
+fn as_1d(op: &'static str, e: crate::Error) -> crate::Error {
+    match e {
+        crate::Error::Shape { op: inner, msg } => {
+            shape_err(op, format!("{msg} (as {inner} of (N, C, 1, L) views)"))
+        }
+        other => other,
+    }
 }

@@ -178,6 +178,92 @@ impl Conv2d {
     }
 }
 
+/// A 1-D convolution over `(N, C, L)` (`torch.nn.Conv1d`): weight `[O, C / groups, k]`, bias
+/// `[O]`, torch's initialisation (fan-in `C / groups * k`); runs as [`Graph::conv1d`].
+#[derive(Debug, Clone)]
+pub struct Conv1d {
+    pub name: String,
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+    pub groups: usize,
+    weight_init: crate::Tensor,
+    bias_init: crate::Tensor,
+}
+
+impl Conv1d {
+    /// A layer named `name` of `out` filters of width `kernel` over `in_channels` channels in
+    /// `groups` groups (1: dense), with `stride`, `padding` and `dilation` (torch's order);
+    /// the groups must divide both channel counts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        in_channels: usize,
+        out: usize,
+        kernel: usize,
+        (stride, padding, dilation): (usize, usize, usize),
+        groups: usize,
+        init: &mut Init,
+    ) -> Result<Conv1d> {
+        if groups == 0 || !in_channels.is_multiple_of(groups) || !out.is_multiple_of(groups) {
+            return Err(crate::error::shape_err(
+                "Conv1d",
+                format!(
+                    "{name}: {groups} groups must divide the input channels {in_channels} and \
+                     the output channels {out}"
+                ),
+            ));
+        }
+        let cg = in_channels / groups;
+        let fan_in = cg * kernel;
+        Ok(Conv1d {
+            name: name.to_string(),
+            stride,
+            padding,
+            dilation,
+            groups,
+            weight_init: init.torch_default([out, cg, kernel], fan_in),
+            bias_init: init.torch_default([out], fan_in),
+        })
+    }
+
+    /// The parameter names, as in a PyTorch state_dict.
+    pub fn param_names(&self) -> Vec<String> {
+        vec![
+            format!("{}.weight", self.name),
+            format!("{}.bias", self.name),
+        ]
+    }
+
+    /// Applies the layer in `g`; returns the output `(N, O, Lo)` and the parameter nodes
+    /// `[weight, bias]`. Runs in `x`'s element type (f32 parameters cast for f16).
+    pub fn apply(&self, g: &Graph, x: NodeId) -> Result<(NodeId, [NodeId; 2])> {
+        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
+        let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
+        let dt = g.dtype(x);
+        let (wc, bc) = (g.cast(w, dt)?, g.cast(b, dt)?);
+        let y = g.conv1d(
+            x,
+            wc,
+            Some(bc),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )?;
+        Ok((y, [w, b]))
+    }
+}
+
+impl Layer for Conv1d {
+    fn apply_layer(&self, g: &Graph, x: NodeId, _train: bool) -> Result<(NodeId, Vec<NodeId>)> {
+        self.apply(g, x).map(|(y, p)| (y, p.to_vec()))
+    }
+    fn names(&self) -> Vec<String> {
+        self.param_names()
+    }
+}
+
 /// A transposed 2-D convolution over `(N, Cin, H, W)` (`torch.nn.ConvTranspose2d`): weight
 /// `[Cin, Cout / groups, kh, kw]`, bias `[Cout]`, torch's initialisation (fan-in
 /// `Cout / groups * kh * kw`, as torch computes it from the weight's second axis).

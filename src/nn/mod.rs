@@ -14,7 +14,9 @@ pub use attention::{
     TransformerEncoderLayer,
 };
 pub use init::Init;
-pub use layers::{dropout, dropout_seed, Act, Conv2d, ConvTranspose2d, Layer, Linear, Sequential};
+pub use layers::{
+    dropout, dropout_seed, Act, Conv1d, Conv2d, ConvTranspose2d, Layer, Linear, Sequential,
+};
 pub use norm::{BatchNorm, GroupNorm, LayerNorm, RmsNorm};
 pub use optim::{GradScaler, Optimizer, ScalerState, Schedule};
 pub use rnn::{Cell, Embedding, Lstm, LstmOutput, Recurrent, RecurrentOutput};
