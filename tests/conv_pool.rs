@@ -163,14 +163,7 @@ fn col2im_gpu_matches_cpu_and_is_the_adjoint_of_im2col() {
         );
         // <im2col(x), c> == <x, col2im(c)>
         let out = cpu_run(&g, &[cols, img], &feeds);
-        let dot = |a: &Tensor, b: &Tensor| -> f64 {
-            a.data()
-                .iter()
-                .zip(b.data())
-                .map(|(p, q)| *p as f64 * *q as f64)
-                .sum()
-        };
-        let (lhs, rhs) = (dot(&out[0], &cv), dot(&xv, &out[1]));
+        let (lhs, rhs) = (common::dot(&out[0], &cv), common::dot(&xv, &out[1]));
         assert!(
             (lhs - rhs).abs() <= 1e-4 * (1.0 + lhs.abs()),
             "case {k}: <im2col(x), c> = {lhs}, <x, col2im(c)> = {rhs}"
@@ -224,7 +217,40 @@ const GROUPED_CASES: &[GroupedCase] = &[
     ([2, 8, 13, 17], [8, 5, 5], 8, (1, 1), (2, 2), (1, 1)), // more than one workgroup
 ];
 
-fn grouped_graph(case: &GroupedCase, bias: bool) -> (Graph, [NodeId; 4], Vec<(String, Tensor)>) {
+/// A convolution case's graph, its nodes `[x, w, b, y]` and their feeds.
+type Built = (Graph, [NodeId; 4], Vec<(String, Tensor)>);
+
+/// `y` and the gradients of a random projection of it for `x`, `w` and `b`, on the GPU
+/// against the CPU reference (outputs poisoned with NaN).
+fn forward_and_gradients_match(what: &str, (g, [x, w, b, y], feeds): Built, seed: u64) {
+    let loss = random_projection(&g, y, seed);
+    let mut outs = vec![y];
+    outs.extend(g.grad(loss, &[x, w, b]).unwrap());
+    check_gpu_vs_cpu(what, &g, &outs, &common::refs(&feeds), TOL_REDUCTION);
+}
+
+/// The gradients of a random projection of `y` for `x`, `w` and `b` against central
+/// differences (at up to `max_elems` elements each), then on the GPU.
+fn gradients_match_differences(
+    what: &str,
+    (g, [x, w, b, y], feeds): Built,
+    seed: u64,
+    max_elems: usize,
+) {
+    let loss = random_projection(&g, y, seed);
+    let wrt = [("x", x), ("w", w), ("b", b)];
+    gradcheck(
+        what,
+        &g,
+        loss,
+        &wrt,
+        &common::refs(&feeds),
+        max_elems,
+        TOL_REDUCTION,
+    );
+}
+
+fn grouped_graph(case: &GroupedCase, bias: bool) -> Built {
     let &(xs, [oc, kh, kw], groups, s, p, d) = case;
     let ws = [oc, xs[1] / groups, kh, kw];
     let g = Graph::new();
@@ -271,34 +297,20 @@ fn grouped_conv2d_reference_matches_direct_loops() {
 #[test]
 fn grouped_conv2d_gpu_matches_cpu() {
     for (k, case) in GROUPED_CASES.iter().enumerate() {
-        let (g, [x, w, b, y], feeds) = grouped_graph(case, k % 2 == 0);
-        let loss = random_projection(&g, y, 40 + k as u64);
-        let grads = g.grad(loss, &[x, w, b]).unwrap();
-        let mut outs = vec![y];
-        outs.extend(&grads);
-        check_gpu_vs_cpu(
-            &format!("grouped conv2d {case:?}"),
-            &g,
-            &outs,
-            &common::refs(&feeds),
-            TOL_REDUCTION,
-        );
+        let built = grouped_graph(case, k % 2 == 0);
+        forward_and_gradients_match(&format!("grouped conv2d {case:?}"), built, 40 + k as u64);
     }
 }
 
 #[test]
 fn grouped_conv2d_gradients() {
     for (k, case) in GROUPED_CASES.iter().take(4).enumerate() {
-        let (g, [x, w, b, y], feeds) = grouped_graph(case, true);
-        let loss = random_projection(&g, y, 60 + k as u64);
-        gradcheck(
+        let built = grouped_graph(case, true);
+        gradients_match_differences(
             &format!("grouped conv2d {case:?}"),
-            &g,
-            loss,
-            &[("x", x), ("w", w), ("b", b)],
-            &common::refs(&feeds),
+            built,
+            60 + k as u64,
             24,
-            TOL_REDUCTION,
         );
     }
 }
@@ -454,10 +466,7 @@ const TRANSPOSED_CASES: &[TransposedCase] = &[
     ([2, 9, 8, 7], [67, 3, 3], 1, (1, 1), (1, 1), (0, 0), (1, 1)), // past the 64x64 tile
 ];
 
-fn transposed_graph(
-    case: &TransposedCase,
-    bias: bool,
-) -> (Graph, [NodeId; 4], Vec<(String, Tensor)>) {
+fn transposed_graph(case: &TransposedCase, bias: bool) -> Built {
     let &(xs, [oc, kh, kw], groups, stride, padding, output_padding, dilation) = case;
     let ws = [xs[1], oc / groups, kh, kw];
     let o = ConvTranspose2dOpts {
@@ -519,14 +528,7 @@ fn conv_transpose2d_is_the_adjoint_of_conv2d() {
         let mut f = common::refs(&feeds);
         f.push(("z", &zv));
         let out = cpu_run(&g, &[y, cz], &f);
-        let dot = |a: &Tensor, b: &Tensor| -> f64 {
-            a.data()
-                .iter()
-                .zip(b.data())
-                .map(|(p, q)| *p as f64 * *q as f64)
-                .sum()
-        };
-        let (lhs, rhs) = (dot(&out[1], &feeds[0].1), dot(&zv, &out[0]));
+        let (lhs, rhs) = (common::dot(&out[1], &feeds[0].1), common::dot(&zv, &out[0]));
         assert!(
             (lhs - rhs).abs() <= 1e-4 * (1.0 + lhs.abs()),
             "case {k}: {lhs} vs {rhs}"
@@ -539,34 +541,20 @@ fn conv_transpose2d_is_the_adjoint_of_conv2d() {
 #[test]
 fn conv_transpose2d_gpu_matches_cpu() {
     for (k, case) in TRANSPOSED_CASES.iter().enumerate() {
-        let (g, [x, w, b, y], feeds) = transposed_graph(case, k % 2 == 0);
-        let loss = random_projection(&g, y, 20 + k as u64);
-        let grads = g.grad(loss, &[x, w, b]).unwrap();
-        let mut outs = vec![y];
-        outs.extend(&grads);
-        check_gpu_vs_cpu(
-            &format!("conv_transpose2d {case:?}"),
-            &g,
-            &outs,
-            &common::refs(&feeds),
-            TOL_REDUCTION,
-        );
+        let built = transposed_graph(case, k % 2 == 0);
+        forward_and_gradients_match(&format!("conv_transpose2d {case:?}"), built, 20 + k as u64);
     }
 }
 
 #[test]
 fn conv_transpose2d_gradients() {
     for (k, case) in TRANSPOSED_CASES.iter().take(6).enumerate() {
-        let (g, [x, w, b, y], feeds) = transposed_graph(case, true);
-        let loss = random_projection(&g, y, 30 + k as u64);
-        gradcheck(
+        let built = transposed_graph(case, true);
+        gradients_match_differences(
             &format!("conv_transpose2d {case:?}"),
-            &g,
-            loss,
-            &[("x", x), ("w", w), ("b", b)],
-            &common::refs(&feeds),
+            built,
+            30 + k as u64,
             16,
-            TOL_REDUCTION,
         );
     }
 }
@@ -697,14 +685,7 @@ fn adaptive_avg_pool_gpu_gradients_and_adjoint() {
         let back = g.adaptive_avg_pool2d_backward(z, p).unwrap();
         let zv = rand(g.shape(y).dims(), 94);
         let out = cpu_run(&g, &[y, back], &[("x", &xv), ("z", &zv)]);
-        let dot = |a: &Tensor, b: &Tensor| -> f64 {
-            a.data()
-                .iter()
-                .zip(b.data())
-                .map(|(p, q)| *p as f64 * *q as f64)
-                .sum()
-        };
-        let (lhs, rhs) = (dot(&out[0], &zv), dot(&xv, &out[1]));
+        let (lhs, rhs) = (common::dot(&out[0], &zv), common::dot(&xv, &out[1]));
         assert!(
             (lhs - rhs).abs() <= 1e-5 * (1.0 + lhs.abs()),
             "{xs:?}: {lhs} vs {rhs}"
@@ -870,15 +851,8 @@ fn pooling_gpu_matches_cpu() {
         // the backward ops are the adjoints: <max(x)', dy> sums to <dy> over the windows, and
         // <avg_pool(x), dy> == <x, avg_pool2d_backward(dy)>
         let out = cpu_run(&g, &[ya, dxm, dxa], &feeds);
-        let dot = |a: &Tensor, b: &Tensor| -> f64 {
-            a.data()
-                .iter()
-                .zip(b.data())
-                .map(|(p, q)| *p as f64 * *q as f64)
-                .sum()
-        };
         let sum = |a: &Tensor| -> f64 { a.data().iter().map(|&v| v as f64).sum() };
-        let (lhs, rhs) = (dot(&out[0], &dyv), dot(&xv, &out[2]));
+        let (lhs, rhs) = (common::dot(&out[0], &dyv), common::dot(&xv, &out[2]));
         assert!(
             (lhs - rhs).abs() <= 1e-4 * (1.0 + lhs.abs()),
             "{what}: avg adjoint {lhs} vs {rhs}"

@@ -122,13 +122,6 @@ fn interpolate_backward_is_the_adjoint() {
                 rand(&xs, 30 + k as u64),
                 rand(g.shape(y).dims(), 40 + k as u64),
             );
-            let dot = |a: &Tensor, b: &Tensor| -> f64 {
-                a.data()
-                    .iter()
-                    .zip(b.data())
-                    .map(|(p, q)| *p as f64 * *q as f64)
-                    .sum()
-            };
             let mut devices = vec![Device::cpu()];
             devices.extend(common::gpu());
             for dev in devices {
@@ -137,7 +130,7 @@ fn interpolate_backward_is_the_adjoint() {
                     .unwrap()
                     .run(&[("x", &xv), ("z", &zv)])
                     .unwrap();
-                let (lhs, rhs) = (dot(&out[0], &zv), dot(&xv, &out[1]));
+                let (lhs, rhs) = (common::dot(&out[0], &zv), common::dot(&xv, &out[1]));
                 assert!(
                     (lhs - rhs).abs() <= 1e-4 * (1.0 + lhs.abs()),
                     "{xs:?} -> {size:?} {mode:?} on {:?}: {lhs} vs {rhs}",

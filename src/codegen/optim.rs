@@ -244,22 +244,26 @@ fn main(
         s{j}_1[i] = r.z;"
             ),
         };
-        let _ = writeln!(
-            s,
-            "    if w < {end}u {{
+        s.push_str(&member_branch(starts[j], starts[j + 1], n, &update));
+    }
+    let _ = writeln!(s, "}}");
+    s
+}
+
+/// The branch of a multi-tensor kernel's `main` for the member whose elements workgroups
+/// `start .. end` hold (`n` of them): `body` on element `i`, then return.
+fn member_branch(start: u64, end: u64, n: usize, body: &str) -> String {
+    format!(
+        "    if w < {end}u {{
         let i = (w - {start}u) * WG + lid;
         if i >= {n}u {{
             return;
         }}
-{update}
+{body}
         return;
-    }}",
-            start = starts[j],
-            end = starts[j + 1],
-        );
-    }
-    let _ = writeln!(s, "}}");
-    s
+    }}
+"
+    )
 }
 
 /// The launch and module of a multi-tensor gradient accumulation (`group`) over tensors of
@@ -329,19 +333,8 @@ fn main(
             true => add,
             false => format!("acc{j}[i] + {add}"),
         };
-        let _ = writeln!(
-            s,
-            "    if w < {end}u {{
-        let i = (w - {start}u) * WG + lid;
-        if i >= {n}u {{
-            return;
-        }}
-        acc{j}[i] = {value};
-        return;
-    }}",
-            start = starts[j],
-            end = starts[j + 1],
-        );
+        let body = format!("        acc{j}[i] = {value};");
+        s.push_str(&member_branch(starts[j], starts[j + 1], n, &body));
     }
     let _ = writeln!(s, "}}");
     Generated {

@@ -183,6 +183,32 @@ pub(crate) fn lower(
     sums_in_normalize_backward(nodes, order);
 }
 
+/// Whether the in-place update `m` (a member of a multi-tensor kernel to run at position `q` of
+/// `order`) cannot move there: a node between reads `m` or the storage of `own` (what `m`
+/// writes), or writes the storage of `read` (what it reads).
+fn moved_past(
+    nodes: &[Node],
+    order: &[NodeId],
+    m: NodeId,
+    q: usize,
+    own: &[NodeId],
+    read: NodeId,
+) -> bool {
+    let Some(p) = order.iter().position(|&o| o == m) else {
+        return true;
+    };
+    if p >= q {
+        return false;
+    }
+    let own: Vec<NodeId> = own.iter().map(|&i| storage_root(nodes, i)).collect();
+    order[p + 1..q].iter().any(|r| {
+        nodes[r.0]
+            .inputs
+            .iter()
+            .any(|&i| i == m || own.contains(&storage_root(nodes, i)))
+    }) || written_between(nodes, order, read, p, q)
+}
+
 /// Merges a micro-batch's gradient accumulations (`Accumulate` nodes sharing `first` and
 /// `scale`) into `AccumulateGroup` nodes, as [`group_optimizer_updates`] does the updates: one
 /// dispatch for every parameter, or for as many as `max_bindings` storage buffers allow (two
@@ -222,20 +248,20 @@ pub(crate) fn group_accumulations(
         for chunk in members.chunks(per) {
             let Some(&last) = chunk.last() else { continue };
             let Some(q) = at(order, last) else { continue };
-            let touched = |m: NodeId| {
-                let Some(p) = at(order, m) else { return true };
-                if p >= q {
-                    return false;
-                }
-                let acc = storage_root(nodes, nodes[m.0].inputs[1]);
-                order[p + 1..q].iter().any(|r| {
-                    nodes[r.0]
-                        .inputs
-                        .iter()
-                        .any(|&i| i == m || storage_root(nodes, i) == acc)
-                }) || written_between(nodes, order, nodes[m.0].inputs[0], p, q)
-            };
-            let kept: Vec<NodeId> = chunk.iter().copied().filter(|&m| !touched(m)).collect();
+            let kept: Vec<NodeId> = chunk
+                .iter()
+                .copied()
+                .filter(|&m| {
+                    !moved_past(
+                        nodes,
+                        order,
+                        m,
+                        q,
+                        &nodes[m.0].inputs[1..],
+                        nodes[m.0].inputs[0],
+                    )
+                })
+                .collect();
             if kept.len() < 2 {
                 continue;
             }
@@ -709,23 +735,20 @@ pub(crate) fn group_optimizer_updates(
             let Some(&last) = chunk.last() else { continue };
             let Some(q) = at(order, last) else { continue };
             // the members' storage, which no node between a member and the group may touch
-            let touched = |m: NodeId| {
-                let Some(p) = at(order, m) else { return true };
-                if p >= q {
-                    return false;
-                }
-                let mine: Vec<NodeId> = nodes[m.0].inputs[3..]
-                    .iter()
-                    .map(|&i| storage_root(nodes, i))
-                    .collect();
-                order[p + 1..q].iter().any(|r| {
-                    nodes[r.0]
-                        .inputs
-                        .iter()
-                        .any(|&i| mine.contains(&storage_root(nodes, i)))
-                }) || written_between(nodes, order, nodes[m.0].inputs[2], p, q)
-            };
-            let kept: Vec<NodeId> = chunk.iter().copied().filter(|&m| !touched(m)).collect();
+            let kept: Vec<NodeId> = chunk
+                .iter()
+                .copied()
+                .filter(|&m| {
+                    !moved_past(
+                        nodes,
+                        order,
+                        m,
+                        q,
+                        &nodes[m.0].inputs[3..],
+                        nodes[m.0].inputs[2],
+                    )
+                })
+                .collect();
             if kept.len() < 2 {
                 continue;
             }

@@ -45,10 +45,7 @@ impl Linear {
 
     /// The parameter names, as in a PyTorch state_dict.
     pub fn param_names(&self) -> Vec<String> {
-        vec![
-            format!("{}.weight", self.name),
-            format!("{}.bias", self.name),
-        ]
+        weight_and_bias_names(&self.name)
     }
 
     /// Applies the layer in `g`; returns the output and the parameter nodes `[weight, bias]`.
@@ -64,10 +61,13 @@ impl Linear {
     }
 
     fn apply_with(&self, g: &Graph, x: NodeId, relu: bool) -> Result<(NodeId, [NodeId; 2])> {
-        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
-        let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
-        let dt = g.dtype(x);
-        let (wc, bc) = (g.cast(w, dt)?, g.cast(b, dt)?);
+        let ([w, b], [wc, bc]) = weight_and_bias(
+            g,
+            &self.name,
+            &self.weight_init,
+            &self.bias_init,
+            g.dtype(x),
+        )?;
         let y = g.matmul_fused(x, wc, false, true, Some((bc, Bias::Cols)), relu)?;
         Ok((y, [w, b]))
     }
@@ -119,15 +119,7 @@ impl Conv2d {
         groups: usize,
         init: &mut Init,
     ) -> Result<Conv2d> {
-        if groups == 0 || !in_channels.is_multiple_of(groups) || !out.is_multiple_of(groups) {
-            return Err(crate::error::shape_err(
-                "Conv2d",
-                format!(
-                    "{name}: {groups} groups must divide the input channels {in_channels} and \
-                     the output channels {out}"
-                ),
-            ));
-        }
+        check_groups("Conv2d", name, groups, in_channels, out)?;
         let cg = in_channels / groups;
         let fan_in = cg * kernel.0 * kernel.1;
         Ok(Conv2d {
@@ -141,10 +133,7 @@ impl Conv2d {
 
     /// The parameter names, as in a PyTorch state_dict.
     pub fn param_names(&self) -> Vec<String> {
-        vec![
-            format!("{}.weight", self.name),
-            format!("{}.bias", self.name),
-        ]
+        weight_and_bias_names(&self.name)
     }
 
     /// Applies the layer in `g`; returns the output and the parameter nodes `[weight, bias]`.
@@ -159,10 +148,13 @@ impl Conv2d {
     }
 
     fn apply_with(&self, g: &Graph, x: NodeId, relu: bool) -> Result<(NodeId, [NodeId; 2])> {
-        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
-        let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
-        let dt = g.dtype(x);
-        let (wc, bc) = (g.cast(w, dt)?, g.cast(b, dt)?);
+        let ([w, b], [wc, bc]) = weight_and_bias(
+            g,
+            &self.name,
+            &self.weight_init,
+            &self.bias_init,
+            g.dtype(x),
+        )?;
         let y = match self.groups {
             1 => g.conv2d_fused(x, wc, Some(bc), self.opts, relu)?,
             groups => {
@@ -205,15 +197,7 @@ impl Conv1d {
         groups: usize,
         init: &mut Init,
     ) -> Result<Conv1d> {
-        if groups == 0 || !in_channels.is_multiple_of(groups) || !out.is_multiple_of(groups) {
-            return Err(crate::error::shape_err(
-                "Conv1d",
-                format!(
-                    "{name}: {groups} groups must divide the input channels {in_channels} and \
-                     the output channels {out}"
-                ),
-            ));
-        }
+        check_groups("Conv1d", name, groups, in_channels, out)?;
         let cg = in_channels / groups;
         let fan_in = cg * kernel;
         Ok(Conv1d {
@@ -229,19 +213,19 @@ impl Conv1d {
 
     /// The parameter names, as in a PyTorch state_dict.
     pub fn param_names(&self) -> Vec<String> {
-        vec![
-            format!("{}.weight", self.name),
-            format!("{}.bias", self.name),
-        ]
+        weight_and_bias_names(&self.name)
     }
 
     /// Applies the layer in `g`; returns the output `(N, O, Lo)` and the parameter nodes
     /// `[weight, bias]`. Runs in `x`'s element type (f32 parameters cast for f16).
     pub fn apply(&self, g: &Graph, x: NodeId) -> Result<(NodeId, [NodeId; 2])> {
-        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
-        let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
-        let dt = g.dtype(x);
-        let (wc, bc) = (g.cast(w, dt)?, g.cast(b, dt)?);
+        let ([w, b], [wc, bc]) = weight_and_bias(
+            g,
+            &self.name,
+            &self.weight_init,
+            &self.bias_init,
+            g.dtype(x),
+        )?;
         let y = g.conv1d(
             x,
             wc,
@@ -288,15 +272,7 @@ impl ConvTranspose2d {
         groups: usize,
         init: &mut Init,
     ) -> Result<ConvTranspose2d> {
-        if groups == 0 || !in_channels.is_multiple_of(groups) || !out.is_multiple_of(groups) {
-            return Err(crate::error::shape_err(
-                "ConvTranspose2d",
-                format!(
-                    "{name}: {groups} groups must divide the input channels {in_channels} and \
-                     the output channels {out}"
-                ),
-            ));
-        }
+        check_groups("ConvTranspose2d", name, groups, in_channels, out)?;
         let og = out / groups;
         let fan_in = og * kernel.0 * kernel.1;
         Ok(ConvTranspose2d {
@@ -310,19 +286,19 @@ impl ConvTranspose2d {
 
     /// The parameter names, as in a PyTorch state_dict.
     pub fn param_names(&self) -> Vec<String> {
-        vec![
-            format!("{}.weight", self.name),
-            format!("{}.bias", self.name),
-        ]
+        weight_and_bias_names(&self.name)
     }
 
     /// Applies the layer in `g`; returns the output and the parameter nodes `[weight, bias]`.
     /// Runs in `x`'s element type (f32 parameters cast for f16).
     pub fn apply(&self, g: &Graph, x: NodeId) -> Result<(NodeId, [NodeId; 2])> {
-        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
-        let b = g.param_init(&format!("{}.bias", self.name), self.bias_init.clone());
-        let dt = g.dtype(x);
-        let (wc, bc) = (g.cast(w, dt)?, g.cast(b, dt)?);
+        let ([w, b], [wc, bc]) = weight_and_bias(
+            g,
+            &self.name,
+            &self.weight_init,
+            &self.bias_init,
+            g.dtype(x),
+        )?;
         let y = g.conv_transpose2d(x, wc, Some(bc), self.opts, self.groups)?;
         Ok((y, [w, b]))
     }
@@ -506,4 +482,44 @@ impl Sequential {
         }
         Ok((h, params))
     }
+}
+
+/// A layer's `weight` and `bias` parameters (created from their initial values where the device
+/// has none yet) and their casts to `dtype`, the activations' type (no-ops in f32):
+/// `([weight, bias], [weight as dtype, bias as dtype])`.
+fn weight_and_bias(
+    g: &Graph,
+    name: &str,
+    weight_init: &crate::Tensor,
+    bias_init: &crate::Tensor,
+    dtype: crate::DType,
+) -> Result<([NodeId; 2], [NodeId; 2])> {
+    let w = g.param_init(&format!("{name}.weight"), weight_init.clone());
+    let b = g.param_init(&format!("{name}.bias"), bias_init.clone());
+    Ok(([w, b], [g.cast(w, dtype)?, g.cast(b, dtype)?]))
+}
+
+/// `<name>.weight` and `<name>.bias`, as in a PyTorch state_dict.
+fn weight_and_bias_names(name: &str) -> Vec<String> {
+    vec![format!("{name}.weight"), format!("{name}.bias")]
+}
+
+/// Checks that `groups` divides both channel counts of the `layer` (its torch class) `name`.
+fn check_groups(
+    layer: &'static str,
+    name: &str,
+    groups: usize,
+    in_channels: usize,
+    out: usize,
+) -> Result<()> {
+    if groups == 0 || !in_channels.is_multiple_of(groups) || !out.is_multiple_of(groups) {
+        return Err(crate::error::shape_err(
+            layer,
+            format!(
+                "{name}: {groups} groups must divide the input channels {in_channels} and the \
+                 output channels {out}"
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -1043,6 +1043,35 @@ impl Op {
     }
 }
 
+/// Shape rule of an op taking `(N, C, from)` images to `(N, C, to)` (a resize, an adaptive
+/// pooling, or their adjoints): `x`, the operand `what` names in errors ("input", "gradient"),
+/// must be such images, and every extent positive.
+pub(crate) fn image_to(
+    op: &'static str,
+    what: &str,
+    x: &Shape,
+    from: (usize, usize),
+    to: (usize, usize),
+) -> Result<Shape> {
+    let d = x.dims();
+    if x.rank() != 4 || (d[2], d[3]) != from {
+        return Err(crate::error::shape_err(
+            op,
+            format!("{what} {x}: expected (N, C, {}, {})", from.0, from.1),
+        ));
+    }
+    if [from.0, from.1, to.0, to.1].contains(&0) {
+        return Err(crate::error::shape_err(
+            op,
+            format!(
+                "{what} {x} to {}x{}: the extents must be positive",
+                to.0, to.1
+            ),
+        ));
+    }
+    Ok(Shape(vec![d[0], d[1], to.0, to.1]))
+}
+
 /// Workgroups needed to cover `n` items with `per` items per workgroup.
 pub(crate) fn groups(n: usize, per: usize) -> u64 {
     n.div_ceil(per) as u64

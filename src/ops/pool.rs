@@ -356,40 +356,13 @@ impl AdaptiveAvgPool2d {
     /// Shape rule of the forward: `x (N, C, H, W)` with this op's input extents, the output's
     /// positive.
     pub fn infer(&self, x: &Shape) -> Result<Shape> {
-        let op = "adaptive_avg_pool2d";
-        let d = x.dims();
-        if x.rank() != 4 || (d[2], d[3]) != self.input {
-            return Err(shape_err(
-                op,
-                format!(
-                    "input {x}: expected (N, C, {}, {})",
-                    self.input.0, self.input.1
-                ),
-            ));
-        }
-        let (ho, wo) = self.output;
-        if ho == 0 || wo == 0 || d[2] == 0 || d[3] == 0 {
-            return Err(shape_err(
-                op,
-                format!("input {x} to {ho}x{wo}: the extents must be positive"),
-            ));
-        }
-        Ok(Shape(vec![d[0], d[1], ho, wo]))
+        super::image_to("adaptive_avg_pool2d", "input", x, self.input, self.output)
     }
 
     /// Shape rule of the backward: `dy` the forward's output for some `(N, C)`.
     pub fn infer_backward(&self, dy: &Shape) -> Result<Shape> {
-        let d = dy.dims();
-        if dy.rank() != 4 || (d[2], d[3]) != self.output {
-            return Err(shape_err(
-                "adaptive_avg_pool2d_backward",
-                format!(
-                    "gradient {dy}: expected (N, C, {}, {})",
-                    self.output.0, self.output.1
-                ),
-            ));
-        }
-        Ok(Shape(vec![d[0], d[1], self.input.0, self.input.1]))
+        let op = "adaptive_avg_pool2d_backward";
+        super::image_to(op, "gradient", dy, self.output, self.input)
     }
 
     /// Visits every (output index, input index, 1 / window area) of `planes` planes.

@@ -7,7 +7,7 @@
 //! Kernels: `shaders/resize.wgsl`.
 
 use super::{groups, KernelSpec};
-use crate::error::{shape_err, Result};
+use crate::error::Result;
 use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
 
@@ -79,40 +79,18 @@ impl Resize2d {
     /// Shape rule of the forward: `x` must be `(N, C, H, W)` with this op's input extents and
     /// the output extents positive; gives `(N, C, Ho, Wo)`.
     pub fn infer(&self, x: &Shape) -> Result<Shape> {
-        let op = "interpolate";
-        let d = x.dims();
-        if x.rank() != 4 || (d[2], d[3]) != self.input {
-            return Err(shape_err(
-                op,
-                format!(
-                    "input {x}: expected (N, C, {}, {})",
-                    self.input.0, self.input.1
-                ),
-            ));
-        }
-        let (ho, wo) = self.output;
-        if ho == 0 || wo == 0 || d[2] == 0 || d[3] == 0 {
-            return Err(shape_err(
-                op,
-                format!("input {x} to {ho}x{wo}: the extents must be positive"),
-            ));
-        }
-        Ok(Shape(vec![d[0], d[1], ho, wo]))
+        super::image_to("interpolate", "input", x, self.input, self.output)
     }
 
     /// Shape rule of the backward: `dy` must be the forward's output for some `(N, C)`.
     pub fn infer_backward(&self, dy: &Shape) -> Result<Shape> {
-        let d = dy.dims();
-        if dy.rank() != 4 || (d[2], d[3]) != self.output {
-            return Err(shape_err(
-                "interpolate_backward",
-                format!(
-                    "gradient {dy}: expected (N, C, {}, {})",
-                    self.output.0, self.output.1
-                ),
-            ));
-        }
-        Ok(Shape(vec![d[0], d[1], self.input.0, self.input.1]))
+        super::image_to(
+            "interpolate_backward",
+            "gradient",
+            dy,
+            self.output,
+            self.input,
+        )
     }
 
     /// Visits every (output position, input position, weight) of the resize of `planes`

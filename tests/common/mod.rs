@@ -221,3 +221,12 @@ pub fn owned_feeds(feeds: &[(&str, Tensor)], name: &str, alias: &str) -> Vec<(St
     }
     f
 }
+
+/// `<a, b>` in f64: adjoint identities (`<f(x), z> = <x, f^T(z)>`) compare two of these.
+pub fn dot(a: &Tensor, b: &Tensor) -> f64 {
+    a.data()
+        .iter()
+        .zip(b.data())
+        .map(|(p, q)| f64::from(*p) * f64::from(*q))
+        .sum()
+}
