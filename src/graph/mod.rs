@@ -1482,20 +1482,28 @@ impl Graph {
         self.push(Op::AvgPool2dBackward(op), vec![dy], shape)
     }
 
+    /// The shape of `x`, checked to be images `(N, C, H, W)`, and their extents (H, W); `op`
+    /// names the caller in errors.
+    fn image(&self, op: &'static str, x: NodeId) -> Result<(Shape, (usize, usize))> {
+        let s = self.check_id(op, x)?;
+        if s.rank() != 4 {
+            return Err(shape_err(
+                op,
+                format!("input {s}: expected rank 4 (N, C, H, W)"),
+            ));
+        }
+        let hw = (s.dims()[2], s.dims()[3]);
+        Ok((s, hw))
+    }
+
     /// Adaptive average pooling of `x (N, C, H, W)` to `size` (Ho, Wo)
     /// (`torch.nn.functional.adaptive_avg_pool2d`): output `(oh, ow)` is the mean of rows
     /// `floor(oh*H/Ho) .. ceil((oh+1)*H/Ho)` and the columns likewise; `(1, 1)` is global
     /// average pooling (a ResNet's head), `(7, 7)` VGG's.
     pub fn adaptive_avg_pool2d(&self, x: NodeId, size: (usize, usize)) -> Result<NodeId> {
-        let sx = self.check_id("adaptive_avg_pool2d", x)?;
-        if sx.rank() != 4 {
-            return Err(shape_err(
-                "adaptive_avg_pool2d",
-                format!("input {sx}: expected rank 4 (N, C, H, W)"),
-            ));
-        }
+        let (sx, input) = self.image("adaptive_avg_pool2d", x)?;
         let p = crate::ops::pool::AdaptiveAvgPool2d {
-            input: (sx.dims()[2], sx.dims()[3]),
+            input,
             output: size,
         };
         let shape = p.infer(&sx)?;
@@ -1522,16 +1530,10 @@ impl Graph {
         size: (usize, usize),
         mode: crate::ops::resize::ResizeMode,
     ) -> Result<NodeId> {
-        let sx = self.check_id("interpolate", x)?;
-        if sx.rank() != 4 {
-            return Err(shape_err(
-                "interpolate",
-                format!("input {sx}: expected rank 4 (N, C, H, W)"),
-            ));
-        }
+        let (sx, input) = self.image("interpolate", x)?;
         let r = crate::ops::resize::Resize2d {
             mode,
-            input: (sx.dims()[2], sx.dims()[3]),
+            input,
             output: size,
         };
         let shape = r.infer(&sx)?;
