@@ -796,7 +796,7 @@ fn one_dimensional_convolutions_and_pooling() {
         .unwrap_err();
     let m = shape_msg(e);
     assert!(
-        m.starts_with("conv1d: ") && m.contains("input channels, it has 5"),
+        m.starts_with("conv1d: ") && m.contains("input channels 6 and 5 differ"),
         "{m}"
     );
     let e = g

@@ -1205,6 +1205,9 @@ impl Graph {
         opts: Conv2dOpts,
         groups: usize,
     ) -> Result<NodeId> {
+        if groups == 1 {
+            return self.conv2d(x, w, bias, opts);
+        }
         let sx = self.check_id("conv2d", x)?;
         let sw = self.check_id("conv2d", w)?;
         let sb = match bias {
@@ -1212,9 +1215,6 @@ impl Graph {
             None => None,
         };
         let conv = crate::ops::conv::GroupedConv2d::new(&sx, &sw, sb.as_ref(), opts, groups)?;
-        if groups == 1 {
-            return self.conv2d(x, w, bias, opts);
-        }
         let y = self.grouped_conv_pass(conv, x, w)?;
         match bias {
             Some(b) => {
