@@ -24,10 +24,12 @@
 //   0  src   storage, read        x; dy; x
 //   1  opnd  storage, read        w; w; dy
 //   2  res   storage, read_write  y; dx; dw
-// `out` and `opnd` share binding 1: naga validates bindings per entry point and no entry point
-// uses both.
+// grouped_conv_bias (x, w, bias -> y): 0 src x, 1 opnd w, 2 bias [O] (read), 3 biased y.
+// `out` and `opnd` share binding 1, `res` and `bias` binding 2: naga validates bindings per
+// entry point and no entry point uses both.
 // Overrides: N, C, H, W (image), KH, KW (kernel), SH, SW (stride), PH, PW (padding),
-//            DH, DW (dilation), HO, WO (output extents); G (groups), O (output channels).
+//            DH, DW (dilation), HO, WO (output extents); G (groups), O (output channels), RELU
+//            (the forward entry points' activation).
 // Dispatch: ceil(total / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
 //           one output element per thread, threads past total return (total = N*C*KH*KW*HO*WO
 //           for im2col, N*C*H*W for col2im and grouped_conv_input_grad, N*O*HO*WO for
@@ -54,6 +56,7 @@ override HO: u32 = 1u;
 override WO: u32 = 1u;
 override G: u32 = 1u;
 override O: u32 = 1u;
+override RELU: bool = false;
 const WG: u32 = 256u;
 
 // Every global read and write goes through ld_*/st_*: src/codegen/storage.rs generates the f16
@@ -63,10 +66,14 @@ const WG: u32 = 256u;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
 @group(0) @binding(1) var<storage, read> opnd: array<f32>;
 @group(0) @binding(2) var<storage, read_write> res: array<f32>;
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
+@group(0) @binding(3) var<storage, read_write> biased: array<f32>;
 fn ld_src(i: u32) -> f32 { return src[i]; }
 fn st_out(i: u32, v: f32) { out[i] = v; }
 fn ld_opnd(i: u32) -> f32 { return opnd[i]; }
 fn st_res(i: u32, v: f32) { res[i] = v; }
+fn ld_bias(i: u32) -> f32 { return bias[i]; }
+fn st_biased(i: u32, v: f32) { biased[i] = v; }
 // generated: end storage
 
 @compute @workgroup_size(256)
@@ -164,16 +171,8 @@ fn tap_target(x: u32, k: u32, s: u32, p: u32, d: u32, n_out: u32) -> u32 {
     return t / s + 1u;
 }
 
-@compute @workgroup_size(256)
-fn grouped_conv(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let idx = (wid.y * nwg.x + wid.x) * WG + lid;
-    if idx >= N * O * HO * WO {
-        return;
-    }
+// Output element idx of a grouped convolution, before its bias and relu.
+fn grouped_conv_at(idx: u32) -> f32 {
     let ow = idx % WO;
     let oh = (idx / WO) % HO;
     let o = (idx / (WO * HO)) % O;
@@ -198,7 +197,37 @@ fn grouped_conv(
             }
         }
     }
-    st_res(idx, acc);
+    return acc;
+}
+
+@compute @workgroup_size(256)
+fn grouped_conv(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = (wid.y * nwg.x + wid.x) * WG + lid;
+    if idx >= N * O * HO * WO {
+        return;
+    }
+    let y = grouped_conv_at(idx);
+    st_res(idx, select(y, max(y, 0.0), RELU));
+}
+
+// With the bias of each output channel (binding 2), then relu where RELU: a layer's bias and
+// activation in its convolution's kernel.
+@compute @workgroup_size(256)
+fn grouped_conv_bias(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = (wid.y * nwg.x + wid.x) * WG + lid;
+    if idx >= N * O * HO * WO {
+        return;
+    }
+    let y = grouped_conv_at(idx) + ld_bias((idx / (WO * HO)) % O);
+    st_biased(idx, select(y, max(y, 0.0), RELU));
 }
 
 @compute @workgroup_size(256)

@@ -250,7 +250,8 @@ fn gradients_match_differences(
     );
 }
 
-fn grouped_graph(case: &GroupedCase, bias: bool) -> Built {
+/// The case's convolution, with a bias or not, with its relu in the kernel or not.
+fn grouped_graph(case: &GroupedCase, bias: bool, relu: bool) -> Built {
     let &(xs, [oc, kh, kw], groups, s, p, d) = case;
     let ws = [oc, xs[1] / groups, kh, kw];
     let g = Graph::new();
@@ -258,7 +259,7 @@ fn grouped_graph(case: &GroupedCase, bias: bool) -> Built {
     let w = g.input("w", ws);
     let b = g.input("b", [oc]);
     let y = g
-        .conv2d_grouped(x, w, bias.then_some(b), opts(s, p, d), groups)
+        .conv2d_grouped_fused(x, w, bias.then_some(b), opts(s, p, d), groups, relu)
         .unwrap();
     let seed = (xs.iter().product::<usize>() * 31 + oc) as u64;
     let feeds = vec![
@@ -272,7 +273,9 @@ fn grouped_graph(case: &GroupedCase, bias: bool) -> Built {
 #[test]
 fn grouped_conv2d_reference_matches_direct_loops() {
     for (k, case) in GROUPED_CASES.iter().enumerate() {
-        let (g, [_, _, _, y], feeds) = grouped_graph(case, true);
+        let (g, [_, _, _, y], feeds) = grouped_graph(case, true, false);
+        let (gr, [_, _, _, yr], _) = grouped_graph(case, true, true);
+        let relu = cpu_run(&gr, &[yr], &common::refs(&feeds));
         let got = cpu_run(&g, &[y], &common::refs(&feeds));
         let &(_, _, groups, s, p, d) = case;
         let want = naive_grouped_conv(
@@ -289,6 +292,10 @@ fn grouped_conv2d_reference_matches_direct_loops() {
             1e-5,
             1e-5,
         );
+        let positive = want.data().iter().map(|v| v.max(0.0)).collect();
+        let want_relu = Tensor::new(want.shape().clone(), positive).unwrap();
+        let what = format!("grouped conv2d with relu, case {k}");
+        common::assert_close(&what, &relu[0], &want_relu, 1e-5, 1e-5);
     }
 }
 
@@ -297,7 +304,7 @@ fn grouped_conv2d_reference_matches_direct_loops() {
 #[test]
 fn grouped_conv2d_gpu_matches_cpu() {
     for (k, case) in GROUPED_CASES.iter().enumerate() {
-        let built = grouped_graph(case, k % 2 == 0);
+        let built = grouped_graph(case, k % 2 == 0, k % 3 != 1);
         forward_and_gradients_match(&format!("grouped conv2d {case:?}"), built, 40 + k as u64);
     }
 }
@@ -305,7 +312,7 @@ fn grouped_conv2d_gpu_matches_cpu() {
 #[test]
 fn grouped_conv2d_gradients() {
     for (k, case) in GROUPED_CASES.iter().take(4).enumerate() {
-        let built = grouped_graph(case, true);
+        let built = grouped_graph(case, true, false);
         gradients_match_differences(
             &format!("grouped conv2d {case:?}"),
             built,
@@ -320,7 +327,7 @@ fn grouped_conv2d_gradients() {
 #[test]
 fn grouped_conv2d_second_derivatives() {
     for (k, case) in GROUPED_CASES.iter().take(3).enumerate() {
-        let (g, [x, w, _, y], feeds) = grouped_graph(case, false);
+        let (g, [x, w, _, y], feeds) = grouped_graph(case, false, false);
         let loss = random_projection(&g, g.square(y).unwrap(), 70 + k as u64);
         let d = g.grad(loss, &[x, w]).unwrap();
         let (px, pw) = (

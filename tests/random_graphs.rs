@@ -576,10 +576,7 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                             .and_then(relu_of)
                             .ok(),
                         (false, 1) => g.conv2d_fused(x, w, b, opts, relu).ok(),
-                        (false, _) => g
-                            .conv2d_grouped(x, w, b, opts, groups)
-                            .and_then(relu_of)
-                            .ok(),
+                        (false, _) => g.conv2d_grouped_fused(x, w, b, opts, groups, relu).ok(),
                     }
                 })
             }

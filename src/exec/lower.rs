@@ -459,7 +459,14 @@ pub(crate) fn fold_operand_casts(
             Op::MatMul(_) | Op::ImplicitGemm(_) | Op::ImplicitDgrad(_) => {
                 (0..n.inputs.len()).collect()
             }
-            _ => n.op.rounded_f16_inputs().iter().map(|&(k, _)| k).collect(),
+            // (an optional input, as a grouped convolution's bias, where the node has it)
+            _ => {
+                n.op.rounded_f16_inputs()
+                    .iter()
+                    .map(|&(k, _)| k)
+                    .filter(|&k| k < n.inputs.len())
+                    .collect()
+            }
         };
         if n.dtype != DType::F16 {
             i += 1;

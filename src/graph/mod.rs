@@ -1196,7 +1196,7 @@ impl Graph {
     /// (`torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)`), giving
     /// `[N, O, Ho, Wo]`: `groups = C` is a depthwise convolution. One group runs as
     /// [`Graph::conv2d`] (an implicit GEMM); more run direct kernels
-    /// ([`crate::ops::conv::GroupedConv2d`]), the bias added after.
+    /// ([`crate::ops::conv::GroupedConv2d`]) that add the bias themselves.
     pub fn conv2d_grouped(
         &self,
         x: NodeId,
@@ -1205,8 +1205,22 @@ impl Graph {
         opts: Conv2dOpts,
         groups: usize,
     ) -> Result<NodeId> {
+        self.conv2d_grouped_fused(x, w, bias, opts, groups, false)
+    }
+
+    /// `conv2d_grouped` followed by relu when `relu`, the bias and the relu in the
+    /// convolution's kernel.
+    pub fn conv2d_grouped_fused(
+        &self,
+        x: NodeId,
+        w: NodeId,
+        bias: Option<NodeId>,
+        opts: Conv2dOpts,
+        groups: usize,
+        relu: bool,
+    ) -> Result<NodeId> {
         if groups == 1 {
-            return self.conv2d(x, w, bias, opts);
+            return self.conv2d_fused(x, w, bias, opts, relu);
         }
         let sx = self.check_id("conv2d", x)?;
         let sw = self.check_id("conv2d", w)?;
@@ -1214,15 +1228,11 @@ impl Graph {
             Some(b) => Some(self.check_id("conv2d", b)?),
             None => None,
         };
-        let conv = crate::ops::conv::GroupedConv2d::new(&sx, &sw, sb.as_ref(), opts, groups)?;
-        let y = self.grouped_conv_pass(conv, x, w)?;
-        match bias {
-            Some(b) => {
-                let b = self.reshape(b, &[conv.out_channels as isize, 1, 1])?;
-                self.add(y, b)
-            }
-            None => Ok(y),
-        }
+        let conv = crate::ops::conv::GroupedConv2d {
+            relu,
+            ..crate::ops::conv::GroupedConv2d::new(&sx, &sw, sb.as_ref(), opts, groups)?
+        };
+        self.grouped_conv_pass(conv, x, w, bias)
     }
 
     /// 1-D convolution of `x (N, C, L)` with `w (O, C/groups, k)` (`torch.nn.functional.conv1d`
@@ -1361,7 +1371,7 @@ impl Graph {
             let w2 = self.reshape(w, &[cin, d(conv.geom.channels * kh * kw)])?;
             self.col2im(self.matmul_t(w2, x2, true, false)?, conv.geom)?
         } else {
-            self.grouped_conv_pass(conv, x, w)?
+            self.grouped_conv_pass(conv, x, w, None)?
         };
         match bias {
             Some(b) => {
@@ -1373,17 +1383,24 @@ impl Graph {
     }
 
     /// One pass of a grouped convolution (`conv.pass`: the forward, or the input or weight
-    /// gradient) of the operands `a` and `b` (see [`crate::ops::conv::ConvPass`]).
+    /// gradient) of the operands `a` and `b` (see [`crate::ops::conv::ConvPass`]), and a
+    /// forward's `bias` `[O]`.
     pub fn grouped_conv_pass(
         &self,
         conv: crate::ops::conv::GroupedConv2d,
         a: NodeId,
         b: NodeId,
+        bias: Option<NodeId>,
     ) -> Result<NodeId> {
         let sa = self.check_id(conv.name(), a)?;
         let sb = self.check_id(conv.name(), b)?;
-        let shape = conv.infer(&sa, &sb)?;
-        self.push(Op::GroupedConv2d(conv), vec![a, b], shape)
+        let sbias = match bias {
+            Some(c) => Some(self.check_id(conv.name(), c)?),
+            None => None,
+        };
+        let shape = conv.infer(&sa, &sb, sbias.as_ref())?;
+        let inputs = [a, b].into_iter().chain(bias).collect();
+        self.push(Op::GroupedConv2d(conv), inputs, shape)
     }
 
     /// The receptive fields of `x` [N, C, H, W] for a `kernel` (kh, kw) as columns

@@ -74,7 +74,7 @@ impl Linear {
 }
 
 /// A 2-D convolution over `(N, C, H, W)`, weight `[O, C / groups, kh, kw]`, bias `[O]`
-/// (`torch.nn.Conv2d`).
+/// (`torch.nn.Conv2d`); `apply_relu` runs the bias and relu in the convolution's kernel.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     pub name: String,
@@ -155,17 +155,7 @@ impl Conv2d {
             &self.bias_init,
             g.dtype(x),
         )?;
-        let y = match self.groups {
-            1 => g.conv2d_fused(x, wc, Some(bc), self.opts, relu)?,
-            groups => {
-                let y = g.conv2d_grouped(x, wc, Some(bc), self.opts, groups)?;
-                if relu {
-                    g.relu(y)?
-                } else {
-                    y
-                }
-            }
-        };
+        let y = g.conv2d_grouped_fused(x, wc, Some(bc), self.opts, self.groups, relu)?;
         Ok((y, [w, b]))
     }
 }

@@ -516,6 +516,9 @@ pub struct GroupedConv2d {
     /// Output channels O.
     pub out_channels: usize,
     pub pass: ConvPass,
+    /// The forward's relu, applied in its kernel after the bias (a third input `[O]` where
+    /// there is one): a layer's bias and activation without a kernel of their own.
+    pub relu: bool,
 }
 
 impl GroupedConv2d {
@@ -536,9 +539,13 @@ impl GroupedConv2d {
         Shape(vec![n, self.out_channels, ho, wo])
     }
 
-    /// The same convolution computing `pass`.
+    /// The same convolution computing `pass` (without an activation).
     pub fn with_pass(&self, pass: ConvPass) -> GroupedConv2d {
-        GroupedConv2d { pass, ..*self }
+        GroupedConv2d {
+            pass,
+            relu: false,
+            ..*self
+        }
     }
 
     /// Checks the grouped convolution of `x [N, C, H, W]` with `w [O, C/G, kh, kw]` (and a
@@ -595,6 +602,7 @@ impl GroupedConv2d {
             groups,
             out_channels: o,
             pass: ConvPass::Forward,
+            relu: false,
         })
     }
 
@@ -612,8 +620,9 @@ impl GroupedConv2d {
         }
     }
 
-    /// Shape rule: the inputs must be this pass's operands (the batch from the first).
-    pub fn infer(&self, a: &Shape, b: &Shape) -> Result<Shape> {
+    /// Shape rule: the inputs must be this pass's operands (the batch from the first), and a
+    /// forward's bias, where there is one, `[O]`.
+    pub fn infer(&self, a: &Shape, b: &Shape, bias: Option<&Shape>) -> Result<Shape> {
         let n = a.dims().first().copied().unwrap_or(0);
         let [wa, wb, out] = self.shapes(n);
         if a != &wa || b != &wb {
@@ -621,6 +630,20 @@ impl GroupedConv2d {
                 self.name(),
                 format!("operands {a} and {b}: expected {wa} and {wb}"),
             ));
+        }
+        if let Some(s) = bias {
+            if self.pass != ConvPass::Forward || s.dims() != [self.out_channels] {
+                return Err(shape_err(
+                    self.name(),
+                    format!(
+                        "bias {s}: only the forward takes one, [{}]",
+                        self.out_channels
+                    ),
+                ));
+            }
+        }
+        if self.relu && self.pass != ConvPass::Forward {
+            return Err(shape_err(self.name(), "only the forward applies a relu"));
         }
         Ok(out)
     }
@@ -640,8 +663,10 @@ impl GroupedConv2d {
     }
 
     /// CPU reference of every pass: each (output element, input channel of its group, tap)
-    /// product added up in f64 where the pass's output keeps it.
-    pub fn cpu(&self, a: &Tensor, b: &Tensor, out: &Shape) -> Tensor {
+    /// product added up in f64 where the pass's output keeps it; then the forward's bias (the
+    /// third input, where there is one) and relu.
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let (a, b) = (inputs[0], inputs[1]);
         let n = Self::batch(a.shape());
         let (c, (h, w), (kh, kw)) = (self.geom.channels, self.geom.image, self.geom.kernel);
         let (ho, wo) = self.geom.out_hw();
@@ -700,8 +725,23 @@ impl GroupedConv2d {
                 }
             }
         }
-        Tensor::new(out.clone(), acc.into_iter().map(|v| v as f32).collect())
-            .expect("grouped conv2d shape")
+        let plane = ho * wo;
+        let data = acc
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let v = v + inputs
+                    .get(2)
+                    .map_or(0.0, |b| f64::from(b.data()[i / plane % oc]));
+                let v = v as f32;
+                if self.relu {
+                    v.max(0.0)
+                } else {
+                    v
+                }
+            })
+            .collect();
+        Tensor::new(out.clone(), data).expect("grouped conv2d shape")
     }
 
     /// Multiply-adds of every pass: one per (output element, input channel of its group, tap),
@@ -714,11 +754,15 @@ impl GroupedConv2d {
     /// Kernel of this pass: one thread per output element (forward, input gradient), a
     /// workgroup of 256 per four taps of a kernel row summing over the batch and positions
     /// (weight gradient).
-    pub fn kernel(&self, a: &Shape, out: &Shape) -> KernelSpec {
-        let mut constants = self.geom.constants(Self::batch(a));
+    pub fn kernel(&self, inputs: &[&Shape], out: &Shape) -> KernelSpec {
+        let mut constants = self.geom.constants(Self::batch(inputs[0]));
         constants.push(("G", self.groups as f64));
         constants.push(("O", self.out_channels as f64));
+        constants.push(("RELU", self.relu as u8 as f64));
         let (entry, workgroups) = match self.pass {
+            ConvPass::Forward if inputs.len() == 3 => {
+                ("grouped_conv_bias", groups(out.numel(), 256))
+            }
             ConvPass::Forward => ("grouped_conv", groups(out.numel(), 256)),
             ConvPass::InputGrad => ("grouped_conv_input_grad", groups(out.numel(), 256)),
             // a workgroup per block of 4 taps of a kernel row (`TAPS` in the shader)
@@ -736,18 +780,39 @@ impl GroupedConv2d {
         }
     }
 
-    /// Backward: the gradients of this pass's two inputs from the gradient `dz` of its output
-    /// (each pass is bilinear: its adjoints are the other two passes).
-    pub fn backward(&self, g: &Graph, x: &[NodeId], dz: NodeId) -> Result<Vec<Option<NodeId>>> {
+    /// Backward: the gradients of this pass's inputs from the gradient `dy` of its output `y`
+    /// (each pass is bilinear: its adjoints are the other two passes; a forward's relu masks
+    /// `dy` by the output's sign first, and its bias takes the sum of the masked gradient).
+    pub fn backward(
+        &self,
+        g: &Graph,
+        x: &[NodeId],
+        y: NodeId,
+        dy: NodeId,
+    ) -> Result<Vec<Option<NodeId>>> {
         let (a, b) = (x[0], x[1]);
-        let run =
-            |pass: ConvPass, p: NodeId, q: NodeId| g.grouped_conv_pass(self.with_pass(pass), p, q);
+        let run = |pass: ConvPass, p: NodeId, q: NodeId| {
+            g.grouped_conv_pass(self.with_pass(pass), p, q, None)
+        };
+        // relu(z) > 0 exactly where z > 0, so the output decides the mask
+        let dz = match self.relu {
+            true => g.binary(super::binary::BinaryOp::ReluGrad, dy, y)?,
+            false => dy,
+        };
         Ok(match self.pass {
-            // y = x * w: dx = conv^T(dy, w), dw = dW(x, dy)
-            ConvPass::Forward => vec![
-                Some(run(ConvPass::InputGrad, dz, b)?),
-                Some(run(ConvPass::WeightGrad, a, dz)?),
-            ],
+            // y = x * w (+ bias): dx = conv^T(dy, w), dw = dW(x, dy), dbias = sum of dy
+            ConvPass::Forward => {
+                let mut grads = vec![
+                    Some(run(ConvPass::InputGrad, dz, b)?),
+                    Some(run(ConvPass::WeightGrad, a, dz)?),
+                ];
+                if x.len() == 3 {
+                    let o = self.out_channels;
+                    let sums = g.sum_to(dz, &Shape(vec![o, 1, 1]))?;
+                    grads.push(Some(g.reshape(sums, &[o as isize])?));
+                }
+                grads
+            }
             // dx = conv^T(dy, w): d(dy) = conv(ddx, w), dw = dW(ddx, dy)
             ConvPass::InputGrad => vec![
                 Some(run(ConvPass::Forward, dz, b)?),
@@ -878,5 +943,6 @@ pub fn conv_transpose2d_geometry(
         groups,
         out_channels: cin,
         pass: ConvPass::InputGrad,
+        relu: false,
     })
 }

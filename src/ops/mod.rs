@@ -251,7 +251,7 @@ impl Op {
             }
             // both operands: a convolution's f32 weight, or its input cast once for the
             // forward and the weight gradient
-            Op::GroupedConv2d(_) => &[(0, "src"), (1, "opnd")],
+            Op::GroupedConv2d(_) => &[(0, "src"), (1, "opnd"), (2, "bias")],
             _ => &[],
         }
     }
@@ -589,7 +589,7 @@ impl Op {
                 .expect("reshape keeps the element count"),
             Op::Im2col(c) => c.0.im2col_cpu(inputs[0], out),
             Op::Col2im(c) => c.0.col2im_cpu(inputs[0], out),
-            Op::GroupedConv2d(c) => c.cpu(inputs[0], inputs[1], out),
+            Op::GroupedConv2d(c) => c.cpu(inputs, out),
             Op::MaxPool2d(p) => p.max_cpu(inputs[0], out),
             Op::AvgPool2d(p) => p.avg_cpu(inputs[0], out),
             Op::MaxPool2dBackward(p) => p.max_backward_cpu(inputs[0], inputs[1], out),
@@ -693,7 +693,7 @@ impl Op {
             Op::AxisCopy(a) => Some(a.kernel(inputs, out)),
             Op::Im2col(c) => Some(c.0.im2col_kernel(inputs[0], out)),
             Op::Col2im(c) => Some(c.0.col2im_kernel(inputs[0], out)),
-            Op::GroupedConv2d(c) => Some(c.kernel(inputs[0], out)),
+            Op::GroupedConv2d(c) => Some(c.kernel(inputs, out)),
             Op::MaxPool2d(p) => Some(p.kernel("max_pool", inputs[0], out)),
             Op::AvgPool2d(p) => Some(p.kernel("avg_pool", inputs[0], out)),
             Op::MaxPool2dBackward(p) => Some(p.max_backward_kernel(inputs[0])),
@@ -769,7 +769,7 @@ impl Op {
             }
             Op::Im2col(c) => vec![Some(c.backward(g, dy)?)],
             Op::Col2im(c) => vec![Some(c.backward(g, dy)?)],
-            Op::GroupedConv2d(c) => c.backward(g, x, dy)?,
+            Op::GroupedConv2d(c) => c.backward(g, x, y, dy)?,
             Op::MaxPool2d(p) => vec![Some(p.max_backward(g, x[0], dy)?)],
             Op::AvgPool2d(p) => vec![Some(p.avg_backward(g, x[0], dy)?)],
             Op::MaxPool2dBackward(_) | Op::MaxPoolReluBackward(_) => {
