@@ -612,6 +612,9 @@ fn conv_transpose2d_shape_errors() {
     };
     let m = shape_msg(g.conv_transpose2d(x, w, None, crop, 1).unwrap_err());
     assert!(m.contains("leaves no output"), "{m}");
+    let empty = g.input("empty", [1, 4, 0, 5]);
+    let m = shape_msg(g.conv_transpose2d(empty, w, None, d, 1).unwrap_err());
+    assert!(m.contains("the input's extents must be positive"), "{m}");
     let b = g.input("b", [4]);
     let m = shape_msg(g.conv_transpose2d(x, w, Some(b), d, 1).unwrap_err());
     assert!(m.contains("the bias must have shape [3]"), "{m}");

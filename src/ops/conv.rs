@@ -916,11 +916,17 @@ pub fn conv_transpose2d_geometry(
             format!("{what}: output padding {o:?} must be smaller than the stride {s:?}"),
         ));
     }
+    if h == 0 || wd == 0 {
+        return Err(shape_err(
+            op,
+            format!("{what}: the input's extents must be positive"),
+        ));
+    }
     let (kh, kw) = (w.dims()[2], w.dims()[3]);
     let full =
         |len: usize, s: usize, d: usize, k: usize, o: usize| (len - 1) * s + d * (k - 1) + o + 1;
     let (fh, fw) = (full(h, s.0, d.0, kh, o.0), full(wd, s.1, d.1, kw, o.1));
-    if h == 0 || wd == 0 || fh <= 2 * p.0 || fw <= 2 * p.1 {
+    if fh <= 2 * p.0 || fw <= 2 * p.1 {
         return Err(shape_err(
             op,
             format!("{what}: padding {p:?} leaves no output of the {fh}x{fw} the kernel covers"),
