@@ -4,7 +4,8 @@
 //   0  a    storage, read        [N] input
 //   1  out  storage, read_write  [N] output
 // Overrides: N element count; OP selects f (codes in src/ops/unary.rs, UnaryOp::code);
-//            ALPHA the scalar operand of the scalar ops.
+//            ALPHA the scalar operand of the scalar ops (a leaky relu's slope, ELU's alpha,
+//            clamp's lower bound), BETA clamp's upper bound.
 // Dispatch: ceil(N / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
 //           one element per thread; threads past N return.
 // The functions between the `shared:` markers are pure and copied verbatim into generated fused
@@ -13,6 +14,7 @@
 override N: u32 = 1u;
 override OP: u32 = 0u;
 override ALPHA: f32 = 0.0;
+override BETA: f32 = 0.0;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
@@ -27,8 +29,22 @@ fn erf_approx(x: f32) -> f32 {
     return select(y, -y, x < 0.0);
 }
 
-// f selected by `op` (UnaryOp::code); `alpha` is the scalar operand of the scalar ops.
-fn unary_op(op: u32, x: f32, alpha: f32) -> f32 {
+// exp(x) - 1 without the cancellation near 0 (WGSL has no expm1): a Taylor polynomial below
+// |x| = 0.1 (truncation 2e-9 relative), else exp(x) - 1 (relative error near 1e-6 at worst).
+fn expm1_approx(x: f32) -> f32 {
+    if abs(x) < 0.1 {
+        return x * (1.0 + x * (0.5 + x * (0.16666667 + x * (0.041666668 + x * (0.008333334 + x * 0.0013888889)))));
+    }
+    return exp(x) - 1.0;
+}
+
+// tanh(softplus(x)), mish's factor: softplus >= 0, and tanh is 1 in f32 beyond 10
+fn tanh_softplus(x: f32) -> f32 {
+    return tanh(min(max(x, 0.0) + log(1.0 + exp(-abs(x))), 10.0));
+}
+
+// f selected by `op` (UnaryOp::code); `alpha` and `beta` are its scalar operands.
+fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
     switch op {
         case 0u: { return -x; }
         case 1u: { return exp(x); }
@@ -54,6 +70,26 @@ fn unary_op(op: u32, x: f32, alpha: f32) -> f32 {
         case 17u: { return max(x, 0.0) + log(1.0 + exp(-abs(x))); }
         // silu (swish): x * sigmoid(x), 0 for x < -88 as sigmoid is
         case 18u: { return x / (1.0 + exp(-x)); }
+        // leaky relu (alpha: the negative slope)
+        case 19u: { return select(x * alpha, x, x > 0.0); }
+        // ELU
+        case 20u: { return select(alpha * expm1_approx(x), x, x > 0.0); }
+        // clamp and hardtanh: min(max(x, lo), hi) as torch (hi wins where lo > hi)
+        case 21u: { return min(max(x, alpha), beta); }
+        // hardsigmoid and hardswish, in torch's order of operations
+        case 22u: { return min(max(x + 3.0, 0.0), 6.0) / 6.0; }
+        case 23u: { return x * min(max(x + 3.0, 0.0), 6.0) / 6.0; }
+        case 24u: { return x * tanh_softplus(x); }
+        // the derivatives the backward rules multiply by (UnaryOp::backward)
+        case 25u: { return select(alpha, 1.0, x > 0.0); }
+        case 26u: { return select(x + alpha, 1.0, x > 0.0); }
+        case 27u: { return select(0.0, 1.0, alpha <= x && x <= beta); }
+        case 28u: { return select(0.0, 1.0, alpha < x && x < beta); }
+        case 29u: { return select(select(x / 3.0 + 0.5, 1.0, x > 3.0), 0.0, x < -3.0); }
+        case 30u: {
+            let t = tanh_softplus(x);
+            return t + x / (1.0 + exp(-x)) * (1.0 - t * t);
+        }
         default: { return x; }
     }
 }
@@ -69,5 +105,5 @@ fn main(
     if i >= N {
         return;
     }
-    out[i] = unary_op(OP, a[i], ALPHA);
+    out[i] = unary_op(OP, a[i], ALPHA, BETA);
 }

@@ -119,6 +119,11 @@ fn elementwise_ops_in_f16() {
             Graph::sign,
             Graph::softplus,
             Graph::silu,
+            Graph::selu,
+            Graph::relu6,
+            Graph::hardsigmoid,
+            Graph::hardswish,
+            Graph::mish,
         ] {
             outs.push(op(&g, a).unwrap());
         }

@@ -38,6 +38,26 @@ fn unary_gradients() {
         }),
         ("rdiv", |g, _, p| g.rdiv_scalar(p, 2.0).unwrap()),
         ("pow", |g, _, p| g.pow_scalar(p, 1.7).unwrap()),
+        ("leaky_relu", |g, x, _| g.leaky_relu(x, 0.2).unwrap()),
+        ("leaky_relu negative slope", |g, x, _| {
+            g.leaky_relu(x, -0.3).unwrap()
+        }),
+        ("elu", |g, x, _| g.elu(x, 1.0).unwrap()),
+        ("elu negative alpha", |g, x, _| g.elu(x, -0.5).unwrap()),
+        ("selu", |g, x, _| g.selu(x).unwrap()),
+        ("clamp", |g, x, _| g.clamp(x, -1.2, 0.7).unwrap()),
+        ("hardtanh", |g, x, _| g.hardtanh(x, -0.8, 1.1).unwrap()),
+        // scaled so that the inputs reach past relu6's 6 and hardswish's -3 and 3
+        ("relu6", |g, x, _| {
+            g.relu6(g.mul_scalar(x, 3.3).unwrap()).unwrap()
+        }),
+        ("hardsigmoid", |g, x, _| {
+            g.hardsigmoid(g.mul_scalar(x, 2.1).unwrap()).unwrap()
+        }),
+        ("hardswish", |g, x, _| {
+            g.hardswish(g.mul_scalar(x, 2.1).unwrap()).unwrap()
+        }),
+        ("mish", |g, x, _| g.mish(x).unwrap()),
     ];
     for (name, build) in cases {
         let g = Graph::new();
@@ -55,6 +75,44 @@ fn unary_gradients() {
             TOL_REDUCTION,
         );
     }
+}
+
+/// Second derivatives of the activations whose backward rules are differentiable again (torch's
+/// double backward): the derivative ops' own rules against central differences of the gradient.
+#[test]
+fn activation_second_derivatives() {
+    let x_vals = Tensor::rand_uniform(vec![3, 7], -4.0, 4.0, 5);
+    type Build = fn(&Graph, kiln::NodeId) -> kiln::NodeId;
+    let cases: Vec<(&str, Build)> = vec![
+        ("elu", |g, x| g.elu(x, 0.7).unwrap()),
+        ("hardswish", |g, x| g.hardswish(x).unwrap()),
+        ("leaky_relu", |g, x| g.leaky_relu(x, 0.2).unwrap()),
+    ];
+    for (name, build) in cases {
+        let g = Graph::new();
+        let x = g.input("x", [3, 7]);
+        let loss = random_projection(&g, build(&g, x), 8);
+        let dx = g.grad(loss, &[x]).unwrap()[0];
+        // a second loss on the gradient, differentiated again
+        let loss2 = random_projection(&g, g.square(dx).unwrap(), 9);
+        gradcheck(
+            &format!("{name} second derivative"),
+            &g,
+            loss2,
+            &[("x", x)],
+            &[("x", &x_vals)],
+            21,
+            TOL_REDUCTION,
+        );
+    }
+    // mish's derivative has no rule of its own: an error, not a wrong number
+    let g = Graph::new();
+    let x = g.input("x", [4]);
+    let dx = g
+        .grad(g.sum_all(g.mish(x).unwrap()).unwrap(), &[x])
+        .unwrap()[0];
+    let err = g.grad(g.sum_all(dx).unwrap(), &[x]).unwrap_err();
+    assert!(err.to_string().contains("mish"), "{err}");
 }
 
 #[test]

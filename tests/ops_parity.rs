@@ -6,7 +6,7 @@ mod common;
 
 use common::{check_gpu_vs_cpu, rand};
 use kiln::ops::{TOL_ELEMENTWISE, TOL_REDUCTION};
-use kiln::{Graph, Tensor};
+use kiln::{Device, Graph, NodeId, Tensor};
 
 #[test]
 fn matmul_plain_and_awkward_shapes() {
@@ -157,6 +157,16 @@ fn unary_and_scalar_ops() {
             g.sqrt(p).unwrap(),
             g.rdiv_scalar(p, 2.0).unwrap(),
             g.pow_scalar(p, 1.5).unwrap(),
+            g.leaky_relu(x, 0.01).unwrap(),
+            g.leaky_relu(x, -1.5).unwrap(),
+            g.elu(x, 1.0).unwrap(),
+            g.selu(x).unwrap(),
+            g.clamp(x, -2.0, 3.5).unwrap(),
+            g.clamp(x, 1.0, -1.0).unwrap(),
+            g.relu6(g.mul_scalar(x, 1.5).unwrap()).unwrap(),
+            g.hardsigmoid(x).unwrap(),
+            g.hardswish(x).unwrap(),
+            g.mish(x).unwrap(),
         ];
         // values over a wide range, including large magnitudes for the saturating functions
         let xs = Tensor::rand_uniform(shape.to_vec(), -6.0, 6.0, n as u64);
@@ -171,6 +181,118 @@ fn unary_and_scalar_ops() {
     }
 }
 
+/// torch's values, worked by hand from its formulas (`F.elu(torch.tensor(-1e-6))` and so on),
+/// on both backends, and the gradients at the kinks, where torch picks a side.
+#[test]
+fn activations_match_torch() {
+    let g = Graph::new();
+    let x = g.input("x", [8]);
+    let xs = Tensor::new([8], vec![-1e-6, -1.0, 1.0, -3.0, 3.0, 0.0, 6.0, -2.0]).unwrap();
+    let at = |v: f32| xs.data().iter().position(|&e| e == v).unwrap();
+    // (name, node, [(input, torch's value)])
+    type Case<'a> = (&'a str, NodeId, Vec<(f32, f32)>);
+    let cases: Vec<Case> = vec![
+        // expm1 keeps tiny negative inputs exact, where exp(x) - 1 would be 5% off
+        (
+            "elu",
+            g.elu(x, 1.0).unwrap(),
+            vec![(-1e-6, -9.999_995e-7), (-1.0, -0.632_120_6)],
+        ),
+        (
+            "selu",
+            g.selu(x).unwrap(),
+            vec![(-1.0, -1.111_330_7), (1.0, 1.050_701)],
+        ),
+        (
+            "mish",
+            g.mish(x).unwrap(),
+            vec![(1.0, 0.865_098_4), (-1.0, -0.303_401_7)],
+        ),
+        (
+            "hardswish",
+            g.hardswish(x).unwrap(),
+            vec![(1.0, 0.666_666_7), (-3.0, 0.0), (3.0, 3.0)],
+        ),
+        (
+            "hardsigmoid",
+            g.hardsigmoid(x).unwrap(),
+            vec![(1.0, 0.666_666_7), (-1.0, 0.333_333_34)],
+        ),
+        (
+            "leaky_relu",
+            g.leaky_relu(x, 0.2).unwrap(),
+            vec![(-2.0, -0.4), (1.0, 1.0)],
+        ),
+        (
+            "relu6",
+            g.relu6(x).unwrap(),
+            vec![(6.0, 6.0), (-1.0, 0.0), (3.0, 3.0)],
+        ),
+    ];
+    // gradients of the sum: at a kink, torch's side (clamp passes its bounds, hardtanh and
+    // relu6 do not, hardswish at -3 takes the middle piece, ELU and leaky relu at 0 the left)
+    let grad = |y: NodeId| g.grad(g.sum_all(y).unwrap(), &[x]).unwrap()[0];
+    let grads: Vec<Case> = vec![
+        (
+            "clamp",
+            grad(g.clamp(x, -1.0, 3.0).unwrap()),
+            vec![(-1.0, 1.0), (3.0, 1.0), (-2.0, 0.0)],
+        ),
+        (
+            "hardtanh",
+            grad(g.hardtanh(x, -1.0, 3.0).unwrap()),
+            vec![(-1.0, 0.0), (3.0, 0.0), (1.0, 1.0)],
+        ),
+        (
+            "relu6",
+            grad(g.relu6(x).unwrap()),
+            vec![(0.0, 0.0), (6.0, 0.0), (3.0, 1.0)],
+        ),
+        (
+            "hardswish",
+            grad(g.hardswish(x).unwrap()),
+            vec![(-3.0, -0.5), (3.0, 1.5), (1.0, 5.0 / 6.0)],
+        ),
+        (
+            "hardsigmoid",
+            grad(g.hardsigmoid(x).unwrap()),
+            vec![(-3.0, 0.0), (3.0, 0.0), (1.0, 1.0 / 6.0)],
+        ),
+        (
+            "elu",
+            grad(g.elu(x, 0.5).unwrap()),
+            vec![(0.0, 0.5), (1.0, 1.0), (-1.0, 0.183_939_72)],
+        ),
+        (
+            "leaky_relu",
+            grad(g.leaky_relu(x, 0.2).unwrap()),
+            vec![(0.0, 0.2), (1.0, 1.0)],
+        ),
+        (
+            "mish",
+            grad(g.mish(x).unwrap()),
+            vec![(1.0, 1.049_036_3), (0.0, 0.6)],
+        ),
+    ];
+    let all: Vec<_> = cases.iter().chain(&grads).collect();
+    let outs: Vec<NodeId> = all.iter().map(|c| c.1).collect();
+    let mut devices = vec![("cpu", Device::cpu())];
+    devices.extend(common::gpu().map(|d| ("gpu", d)));
+    for (where_, dev) in devices {
+        let got = dev.compile(&g, &outs).unwrap().run(&[("x", &xs)]).unwrap();
+        for ((name, _, want), t) in all.iter().zip(&got) {
+            for &(v, w) in want {
+                let y = t.data()[at(v)];
+                assert!(
+                    // relative, so that the tiny ELU value counts
+                    (y - w).abs() <= 1e-5 * w.abs().max(1e-3),
+                    "{name}({v}) on the {where_}: {y}, torch {w}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn extreme_values_stay_finite() {
     let g = Graph::new();
@@ -180,6 +302,10 @@ fn extreme_values_stay_finite() {
         g.tanh(x).unwrap(),
         g.softmax(x, -1).unwrap(),
         g.log_softmax(x, 0).unwrap(),
+        g.elu(x, 1.0).unwrap(),
+        g.mish(x).unwrap(),
+        g.hardswish(x).unwrap(),
+        g.leaky_relu(x, 0.01).unwrap(),
     ];
     let xs = Tensor::new([6], vec![-1000.0, -90.0, -20.0, 0.0, 20.0, 1000.0]).unwrap();
     check_gpu_vs_cpu("extremes", &g, &outs, &[("x", &xs)], TOL_REDUCTION);

@@ -29,7 +29,8 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 /// their count) and is skipped where their shapes do not fit.
 #[derive(Debug, Clone)]
 enum Step {
-    /// relu, tanh, sigmoid, gelu, silu, softplus, abs, neg or square.
+    /// relu, tanh, sigmoid, gelu, silu, softplus, abs, neg, leaky relu, ELU, hardswish, mish,
+    /// relu6 or square.
     Unary(u8, u8),
     /// log, sqrt, `p^1.5` or `2 / p` of `p = |x| + 0.5` (inside their domains), or
     /// `exp(tanh(x))`.
@@ -140,7 +141,7 @@ enum Step {
 fn step() -> impl Strategy<Value = Step> {
     let i = any::<u8>;
     prop_oneof![
-        3 => (0u8..9, i()).prop_map(|(k, s)| Step::Unary(k, s)),
+        3 => (0u8..14, i()).prop_map(|(k, s)| Step::Unary(k, s)),
         1 => (0u8..5, i()).prop_map(|(k, s)| Step::Domain(k, s)),
         3 => (0u8..6, i(), i()).prop_map(|(k, a, b)| Step::Binary(k, a, b)),
         1 => (0u8..4, i(), -4i8..4).prop_map(|(k, s, v)| Step::Scalar(k, s, v)),
@@ -327,6 +328,11 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                     5 => g.softplus(x),
                     6 => g.abs(x),
                     7 => g.neg(x),
+                    8 => g.leaky_relu(x, 0.2),
+                    9 => g.elu(x, 1.0),
+                    10 => g.hardswish(x),
+                    11 => g.mish(x),
+                    12 => g.relu6(x),
                     _ => g.square(x),
                 }
                 .ok()

@@ -258,6 +258,19 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         UnaryOp::Sign,
         UnaryOp::Softplus,
         UnaryOp::Silu,
+        UnaryOp::LeakyRelu(0.01),
+        UnaryOp::Elu(1.0),
+        UnaryOp::Clamp(-1.0, 6.0),
+        UnaryOp::Hardtanh(0.0, 6.0),
+        UnaryOp::Hardsigmoid,
+        UnaryOp::Hardswish,
+        UnaryOp::Mish,
+        UnaryOp::LeakyReluDeriv(0.2),
+        UnaryOp::EluDeriv(1.0),
+        UnaryOp::ClampMask(-1.0, 1.0),
+        UnaryOp::HardtanhMask(-3.0, 3.0),
+        UnaryOp::HardswishDeriv,
+        UnaryOp::MishDeriv,
     ];
     for u in unary {
         let f = Fused {

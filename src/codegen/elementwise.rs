@@ -133,9 +133,7 @@ fn show_step(k: usize, op: &StepOp, args: &[Operand]) -> String {
         })
         .collect();
     if let StepOp::Unary(u) = op {
-        if let Some(alpha) = u.scalar() {
-            parts.push(format!("{alpha:?}"));
-        }
+        parts.extend(u.scalars().iter().map(|s| format!("{s:?}")));
     }
     format!("v{k} = {}({})", op.name(), parts.join(", "))
 }
@@ -370,11 +368,12 @@ fn program_body(
     for (k, st) in f.steps.iter().enumerate() {
         let call = match st.op {
             StepOp::Unary(u) => {
-                let (op, alpha) = u.code();
+                let (op, alpha, beta) = u.code();
                 format!(
-                    "unary_op({op}u, {}, {})",
+                    "unary_op({op}u, {}, {}, {})",
                     operand(&st.args[0], space[k]),
-                    f32_literal(alpha)
+                    f32_literal(alpha),
+                    f32_literal(beta)
                 )
             }
             StepOp::Binary(b) => format!(

@@ -38,7 +38,7 @@ fn step_op(n: &Node) -> Option<StepOp> {
     }
     match n.op {
         // a non-finite scalar has no WGSL literal; such a node runs on its own
-        Op::Unary(u) if u.scalar().is_none_or(f32::is_finite) => Some(StepOp::Unary(u)),
+        Op::Unary(u) if u.scalars().iter().all(|s| s.is_finite()) => Some(StepOp::Unary(u)),
         Op::Binary(b) => Some(StepOp::Binary(b)),
         // its seed is read as f32 in kernels storing f16 (`Fused::input_dtype`)
         Op::Dropout(d) => Some(StepOp::Dropout(d)),

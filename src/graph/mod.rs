@@ -313,16 +313,7 @@ impl Graph {
     /// Applies an elementwise function.
     pub fn unary(&self, op: UnaryOp, a: NodeId) -> Result<NodeId> {
         let shape = self.check_id(op.name(), a)?;
-        let scalar = match op {
-            UnaryOp::AddScalar(s)
-            | UnaryOp::MulScalar(s)
-            | UnaryOp::RSubScalar(s)
-            | UnaryOp::DivScalar(s)
-            | UnaryOp::RDivScalar(s)
-            | UnaryOp::PowScalar(s) => Some(s),
-            _ => None,
-        };
-        if let Some(s) = scalar {
+        for s in op.scalars() {
             // the scalar is baked into the kernel, and pipeline constants must be finite
             if !s.is_finite() {
                 return Err(shape_err(
@@ -411,6 +402,57 @@ impl Graph {
     /// `log(1 + exp(x))`, computed stably.
     pub fn softplus(&self, a: NodeId) -> Result<NodeId> {
         self.unary(UnaryOp::Softplus, a)
+    }
+
+    /// `a` where `a > 0`, else `slope * a` (`torch.nn.functional.leaky_relu`; torch's default
+    /// slope is 0.01, DCGAN's discriminator uses 0.2).
+    pub fn leaky_relu(&self, a: NodeId, slope: f32) -> Result<NodeId> {
+        self.unary(UnaryOp::LeakyRelu(slope), a)
+    }
+
+    /// `a` where `a > 0`, else `alpha * (exp(a) - 1)` (`torch.nn.functional.elu`).
+    pub fn elu(&self, a: NodeId, alpha: f32) -> Result<NodeId> {
+        self.unary(UnaryOp::Elu(alpha), a)
+    }
+
+    /// `scale * elu(a, alpha)` with SELU's constants (`torch.nn.functional.selu`): one ELU and
+    /// a scale, fused into one kernel.
+    pub fn selu(&self, a: NodeId) -> Result<NodeId> {
+        const ALPHA: f32 = 1.673_263_2;
+        const SCALE: f32 = 1.050_701;
+        self.mul_scalar(self.elu(a, ALPHA)?, SCALE)
+    }
+
+    /// `min(max(a, lo), hi)` (`torch.clamp`): the gradient passes where `lo <= a <= hi`. Where
+    /// `lo > hi` every element is `hi`, as torch's.
+    pub fn clamp(&self, a: NodeId, lo: f32, hi: f32) -> Result<NodeId> {
+        self.unary(UnaryOp::Clamp(lo, hi), a)
+    }
+
+    /// `min(max(a, lo), hi)` as `torch.nn.functional.hardtanh`: the gradient passes strictly
+    /// inside `(lo, hi)`, as torch's.
+    pub fn hardtanh(&self, a: NodeId, lo: f32, hi: f32) -> Result<NodeId> {
+        self.unary(UnaryOp::Hardtanh(lo, hi), a)
+    }
+
+    /// `min(max(a, 0), 6)` (`torch.nn.functional.relu6`, MobileNetV2's): `hardtanh(a, 0, 6)`.
+    pub fn relu6(&self, a: NodeId) -> Result<NodeId> {
+        self.hardtanh(a, 0.0, 6.0)
+    }
+
+    /// `relu6(a + 3) / 6` (`torch.nn.functional.hardsigmoid`).
+    pub fn hardsigmoid(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Hardsigmoid, a)
+    }
+
+    /// `a * relu6(a + 3) / 6` (`torch.nn.functional.hardswish`, MobileNetV3's).
+    pub fn hardswish(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Hardswish, a)
+    }
+
+    /// `a * tanh(softplus(a))` (`torch.nn.functional.mish`).
+    pub fn mish(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Mish, a)
     }
 
     /// Seeded inverted dropout (training mode): zeroes each element with probability `p` and

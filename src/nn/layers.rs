@@ -378,6 +378,20 @@ pub enum Act {
     Gelu,
     /// `x * sigmoid(x)` (`torch.nn.SiLU`).
     Silu,
+    /// `torch.nn.LeakyReLU(negative_slope)`.
+    LeakyRelu(f32),
+    /// `torch.nn.ELU(alpha)`.
+    Elu(f32),
+    /// `torch.nn.SELU`.
+    Selu,
+    /// `torch.nn.ReLU6` (MobileNetV2's).
+    Relu6,
+    /// `torch.nn.Hardsigmoid`.
+    Hardsigmoid,
+    /// `torch.nn.Hardswish` (MobileNetV3's).
+    Hardswish,
+    /// `torch.nn.Mish`.
+    Mish,
     Flatten,
     /// Max pooling with kernel = stride.
     MaxPool(usize),
@@ -453,6 +467,13 @@ impl Sequential {
                 Step::Act(Act::Tanh) => g.tanh(h)?,
                 Step::Act(Act::Gelu) => g.gelu(h)?,
                 Step::Act(Act::Silu) => g.silu(h)?,
+                Step::Act(Act::LeakyRelu(s)) => g.leaky_relu(h, *s)?,
+                Step::Act(Act::Elu(a)) => g.elu(h, *a)?,
+                Step::Act(Act::Selu) => g.selu(h)?,
+                Step::Act(Act::Relu6) => g.relu6(h)?,
+                Step::Act(Act::Hardsigmoid) => g.hardsigmoid(h)?,
+                Step::Act(Act::Hardswish) => g.hardswish(h)?,
+                Step::Act(Act::Mish) => g.mish(h)?,
                 Step::Act(Act::Flatten) => g.flatten(h)?,
                 Step::Act(Act::MaxPool(k)) => g.max_pool2d(h, (*k, *k), (*k, *k), (0, 0))?,
                 Step::Act(Act::AdaptiveAvgPool(ho, wo)) => g.adaptive_avg_pool2d(h, (*ho, *wo))?,

@@ -1,5 +1,7 @@
 //! Elementwise functions of one tensor: neg, exp, log, sqrt, relu, sigmoid, tanh, gelu, abs,
-//! square, and the scalar ops (x + s, x * s, s - x, x / s, s / x, x^s). Kernel: `shaders/unary.wgsl`.
+//! square, the scalar ops (x + s, x * s, s - x, x / s, s / x, x^s), torch's other activations
+//! (leaky relu, ELU, clamp and hardtanh, hardsigmoid, hardswish, mish) and the derivatives their
+//! backward rules multiply by. Kernel: `shaders/unary.wgsl`.
 
 use super::binary::BinaryOp;
 use super::{groups, KernelSpec};
@@ -39,6 +41,36 @@ pub enum UnaryOp {
     Softplus,
     /// `x * sigmoid(x)` (`torch.nn.SiLU`, swish).
     Silu,
+    /// `x` where `x > 0`, else `slope * x` (`torch.nn.LeakyReLU(negative_slope)`).
+    LeakyRelu(f32),
+    /// `x` where `x > 0`, else `alpha * (exp(x) - 1)` (`torch.nn.ELU(alpha)`; `exp(x) - 1` as
+    /// `expm1`, exact near 0).
+    Elu(f32),
+    /// `min(max(x, lo), hi)` (`torch.clamp`): the gradient passes where `lo <= x <= hi`.
+    Clamp(f32, f32),
+    /// `min(max(x, lo), hi)` (`torch.nn.Hardtanh`; ReLU6 is `(0, 6)`): the gradient passes where
+    /// `lo < x < hi`, as torch's hardtanh_backward.
+    Hardtanh(f32, f32),
+    /// `min(max(x + 3, 0), 6) / 6` (`torch.nn.Hardsigmoid`).
+    Hardsigmoid,
+    /// `x * min(max(x + 3, 0), 6) / 6` (`torch.nn.Hardswish`, MobileNetV3's).
+    Hardswish,
+    /// `x * tanh(softplus(x))` (`torch.nn.Mish`).
+    Mish,
+    /// Leaky relu's derivative: 1 where the operand is `> 0`, else `slope`. Its backward reads it
+    /// from the output where `slope >= 0` (the output is `> 0` exactly where the input is).
+    LeakyReluDeriv(f32),
+    /// ELU's derivative from its output `y` (`alpha >= 0`): 1 where `y > 0`, else `y + alpha`
+    /// (`alpha * exp(x)`), as torch's elu_backward from the result.
+    EluDeriv(f32),
+    /// 1 where `lo <= x <= hi`, else 0 (clamp's gradient mask).
+    ClampMask(f32, f32),
+    /// 1 where `lo < x < hi`, else 0 (hardtanh's and hardsigmoid's gradient mask).
+    HardtanhMask(f32, f32),
+    /// Hardswish's derivative: 0 below -3, `x / 3 + 0.5` up to 3, then 1 (torch's).
+    HardswishDeriv,
+    /// Mish's derivative, `t + x sigmoid(x) (1 - t^2)` with `t = tanh(softplus(x))` (torch's).
+    MishDeriv,
 }
 
 impl UnaryOp {
@@ -64,13 +96,26 @@ impl UnaryOp {
             UnaryOp::Sign => "sign",
             UnaryOp::Softplus => "softplus",
             UnaryOp::Silu => "silu",
+            UnaryOp::LeakyRelu(_) => "leaky_relu",
+            UnaryOp::Elu(_) => "elu",
+            UnaryOp::Clamp(..) => "clamp",
+            UnaryOp::Hardtanh(..) => "hardtanh",
+            UnaryOp::Hardsigmoid => "hardsigmoid",
+            UnaryOp::Hardswish => "hardswish",
+            UnaryOp::Mish => "mish",
+            UnaryOp::LeakyReluDeriv(_) => "leaky_relu_deriv",
+            UnaryOp::EluDeriv(_) => "elu_deriv",
+            UnaryOp::ClampMask(..) => "clamp_mask",
+            UnaryOp::HardtanhMask(..) => "hardtanh_mask",
+            UnaryOp::HardswishDeriv => "hardswish_deriv",
+            UnaryOp::MishDeriv => "mish_deriv",
         }
     }
 
-    /// The selector `OP` in unary.wgsl, and the scalar `ALPHA` (also the arguments of
-    /// `unary_op` in generated fused kernels).
-    pub(crate) fn code(&self) -> (u32, f32) {
-        match *self {
+    /// The selector `OP` in unary.wgsl and the scalars `ALPHA` and `BETA` (also the arguments
+    /// of `unary_op` in generated fused kernels).
+    pub(crate) fn code(&self) -> (u32, f32, f32) {
+        let (op, alpha) = match *self {
             UnaryOp::Neg => (0, 0.0),
             UnaryOp::Exp => (1, 0.0),
             UnaryOp::Log => (2, 0.0),
@@ -90,19 +135,42 @@ impl UnaryOp {
             UnaryOp::Sign => (16, 0.0),
             UnaryOp::Softplus => (17, 0.0),
             UnaryOp::Silu => (18, 0.0),
-        }
+            UnaryOp::LeakyRelu(s) => (19, s),
+            UnaryOp::Elu(a) => (20, a),
+            UnaryOp::Clamp(lo, hi) => return (21, lo, hi),
+            // the same function as clamp; only the backward differs
+            UnaryOp::Hardtanh(lo, hi) => return (21, lo, hi),
+            UnaryOp::Hardsigmoid => (22, 0.0),
+            UnaryOp::Hardswish => (23, 0.0),
+            UnaryOp::Mish => (24, 0.0),
+            UnaryOp::LeakyReluDeriv(s) => (25, s),
+            UnaryOp::EluDeriv(a) => (26, a),
+            UnaryOp::ClampMask(lo, hi) => return (27, lo, hi),
+            UnaryOp::HardtanhMask(lo, hi) => return (28, lo, hi),
+            UnaryOp::HardswishDeriv => (29, 0.0),
+            UnaryOp::MishDeriv => (30, 0.0),
+        };
+        (op, alpha, 0.0)
     }
 
-    /// The scalar operand of the scalar ops.
-    pub fn scalar(&self) -> Option<f32> {
+    /// The scalar operands (of the scalar ops, a leaky relu's slope, clamp's bounds..), in order.
+    pub fn scalars(&self) -> Vec<f32> {
         match *self {
             UnaryOp::AddScalar(s)
             | UnaryOp::MulScalar(s)
             | UnaryOp::RSubScalar(s)
             | UnaryOp::DivScalar(s)
             | UnaryOp::RDivScalar(s)
-            | UnaryOp::PowScalar(s) => Some(s),
-            _ => None,
+            | UnaryOp::PowScalar(s)
+            | UnaryOp::LeakyRelu(s)
+            | UnaryOp::Elu(s)
+            | UnaryOp::LeakyReluDeriv(s)
+            | UnaryOp::EluDeriv(s) => vec![s],
+            UnaryOp::Clamp(lo, hi)
+            | UnaryOp::Hardtanh(lo, hi)
+            | UnaryOp::ClampMask(lo, hi)
+            | UnaryOp::HardtanhMask(lo, hi) => vec![lo, hi],
+            _ => vec![],
         }
     }
 
@@ -125,7 +193,7 @@ impl UnaryOp {
             UnaryOp::PowScalar(s) => x.powf(s as f64),
             UnaryOp::Abs => x.abs(),
             UnaryOp::Square => x * x,
-            UnaryOp::Softplus => x.max(0.0) + (-x.abs()).exp().ln_1p(),
+            UnaryOp::Softplus => softplus(x),
             UnaryOp::Silu => x / (1.0 + (-x).exp()),
             UnaryOp::Sign => {
                 if x > 0.0 {
@@ -135,6 +203,54 @@ impl UnaryOp {
                 } else {
                     0.0
                 }
+            }
+            UnaryOp::LeakyRelu(s) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    x * s as f64
+                }
+            }
+            UnaryOp::Elu(a) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    a as f64 * x.exp_m1()
+                }
+            }
+            UnaryOp::Clamp(lo, hi) | UnaryOp::Hardtanh(lo, hi) => x.max(lo as f64).min(hi as f64),
+            UnaryOp::Hardsigmoid => (x + 3.0).clamp(0.0, 6.0) / 6.0,
+            UnaryOp::Hardswish => x * (x + 3.0).clamp(0.0, 6.0) / 6.0,
+            UnaryOp::Mish => x * softplus(x).tanh(),
+            UnaryOp::LeakyReluDeriv(s) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    s as f64
+                }
+            }
+            UnaryOp::EluDeriv(a) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    x + a as f64
+                }
+            }
+            UnaryOp::ClampMask(lo, hi) => (lo as f64 <= x && x <= hi as f64) as u8 as f64,
+            UnaryOp::HardtanhMask(lo, hi) => ((lo as f64) < x && x < hi as f64) as u8 as f64,
+            UnaryOp::HardswishDeriv => {
+                if x < -3.0 {
+                    0.0
+                } else if x <= 3.0 {
+                    x / 3.0 + 0.5
+                } else {
+                    1.0
+                }
+            }
+            UnaryOp::MishDeriv => {
+                let t = softplus(x).tanh();
+                let s = 1.0 / (1.0 + (-x).exp());
+                t + x * s * (1.0 - t * t)
             }
         }
     }
@@ -151,7 +267,7 @@ impl UnaryOp {
 
     /// Kernel: one thread per element.
     pub fn kernel(&self, out: &Shape) -> KernelSpec {
-        let (op, alpha) = self.code();
+        let (op, alpha, beta) = self.code();
         KernelSpec {
             family: "unary",
             entry: "main",
@@ -159,6 +275,7 @@ impl UnaryOp {
                 ("N", out.numel() as f64),
                 ("OP", op as f64),
                 ("ALPHA", alpha as f64),
+                ("BETA", beta as f64),
             ],
             workgroups: groups(out.numel(), 256),
         }
@@ -193,6 +310,52 @@ impl UnaryOp {
                 let s = g.sigmoid(x)?;
                 g.mul(dy, g.mul(s, g.add_scalar(g.sub(x, y)?, 1.0)?)?)
             }
+            // each backward is dy times a derivative op, which the plan compiler fuses with the
+            // multiplication (and the chain around it) into one kernel
+            UnaryOp::LeakyRelu(s) => {
+                // from the output where it has the input's sign, so the input need not be kept
+                let from = if s >= 0.0 { y } else { x };
+                g.mul(dy, g.unary(UnaryOp::LeakyReluDeriv(s), from)?)
+            }
+            UnaryOp::Elu(a) if a >= 0.0 => g.mul(dy, g.unary(UnaryOp::EluDeriv(a), y)?),
+            // a negative alpha makes the output positive on both sides: alpha exp(min(x, 0))
+            // where x <= 0, from the input (exp(min(x, 0)) stays finite where the mask drops it)
+            UnaryOp::Elu(a) => {
+                let step = g.unary(UnaryOp::LeakyReluDeriv(0.0), x)?;
+                let below = g.mul_scalar(g.exp(g.neg(g.relu(g.neg(x)?)?)?)?, a)?;
+                let slope = g.add(step, g.mul(g.rsub_scalar(step, 1.0)?, below)?)?;
+                g.mul(dy, slope)
+            }
+            UnaryOp::Clamp(lo, hi) => g.mul(dy, g.unary(UnaryOp::ClampMask(lo, hi), x)?),
+            UnaryOp::Hardtanh(lo, hi) => g.mul(dy, g.unary(UnaryOp::HardtanhMask(lo, hi), x)?),
+            UnaryOp::Hardsigmoid => g.mul(
+                dy,
+                g.div_scalar(g.unary(UnaryOp::HardtanhMask(-3.0, 3.0), x)?, 6.0)?,
+            ),
+            UnaryOp::Hardswish => g.mul(dy, g.unary(UnaryOp::HardswishDeriv, x)?),
+            UnaryOp::Mish => g.mul(dy, g.unary(UnaryOp::MishDeriv, x)?),
+            // piecewise constant: no gradient
+            UnaryOp::LeakyReluDeriv(_) | UnaryOp::ClampMask(..) | UnaryOp::HardtanhMask(..) => {
+                g.mul_scalar(dy, 0.0)
+            }
+            // d/dy of (1 where y > 0, else y + alpha): 1 where y <= 0
+            UnaryOp::EluDeriv(_) => g.mul(
+                dy,
+                g.rsub_scalar(g.unary(UnaryOp::LeakyReluDeriv(0.0), x)?, 1.0)?,
+            ),
+            // torch's hardswish double backward: 1/3 strictly inside (-3, 3)
+            UnaryOp::HardswishDeriv => g.mul(
+                dy,
+                g.div_scalar(g.unary(UnaryOp::HardtanhMask(-3.0, 3.0), x)?, 3.0)?,
+            ),
+            UnaryOp::MishDeriv => Err(crate::error::Error::Unsupported(
+                "second-order gradients through mish".into(),
+            )),
         }
     }
+}
+
+/// `log(1 + exp(x))`, stable for large `|x|`.
+fn softplus(x: f64) -> f64 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
