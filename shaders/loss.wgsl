@@ -26,6 +26,11 @@
 // Overrides: N rows, C classes; TPR threads per row (the *_rows entries, a power of two <= 256);
 //            GRAD_OFF (cross_entropy_with_grad: where the gradient starts, past the loss).
 // A label that is not an integer in [0, C) gives NaN.
+// torch's options (the rows entries and the backwards, ops::loss::RowOptions): IGNORE_ON 1: a
+//   row whose label is IGNORE has loss 0 and gradient 0; SMOOTHING e: the loss against the
+//   target (1 - e) onehot + e / C. DY_MODE (the backwards): 0 every row's gradient is
+//   dy[0] / N (the mean); 1 dy is [N], a gradient per row (the loss per row's backward); 2 it
+//   is dy[0] (that backward under a sum).
 // Dispatch: `cross_entropy`, `cross_entropy_with_grad`: 1 workgroup of 256 threads; each thread
 //           folds rows i, i + 256, .. (with_grad: and writes their gradients) and a tree in
 //           workgroup memory sums the row losses.
@@ -39,6 +44,10 @@ override N: u32 = 1u;
 override C: u32 = 1u;
 override TPR: u32 = 1u;
 override GRAD_OFF: u32 = 0u;
+override IGNORE_ON: u32 = 0u;
+override IGNORE: f32 = 0.0;
+override SMOOTHING: f32 = 0.0;
+override DY_MODE: u32 = 0u;
 const WG: u32 = 256u;
 
 // generated: begin storage
@@ -74,6 +83,28 @@ fn row_sum_exp(base: u32, m: f32) -> f32 {
 fn nan() -> f32 {
     var bits = 0x7fc00000u;
     return bitcast<f32>(bits);
+}
+
+// Whether row i's label is the ignored one.
+fn ignored(i: u32) -> bool {
+    return IGNORE_ON != 0u && labels[i] == IGNORE;
+}
+
+// The gradient of row i for class c (label class k, probability p): (p - target) times the
+// row's share of dy, 0 for an ignored row, NaN for the whole row of a bad label.
+fn class_gradient(i: u32, p: f32, c: u32, k: u32) -> f32 {
+    if ignored(i) {
+        return 0.0;
+    }
+    // (a branch, not a select: dy has one element unless DY_MODE is 1)
+    var scale = dy[0];
+    if DY_MODE == 0u {
+        scale = scale / f32(N);
+    } else if DY_MODE == 1u {
+        scale = dy[i];
+    }
+    let aim = (1.0 - SMOOTHING) * select(0.0, 1.0, c == k) + SMOOTHING / f32(C);
+    return (p - aim) * scale + select(0.0, nan(), k >= C);
 }
 
 // The label as a class index, or C when it is not an integer in [0, C).
@@ -160,12 +191,9 @@ fn cross_entropy_backward(
     let m = row_max(base);
     let inv = 1.0 / row_sum_exp(base, m);
     let k = class_of(i);
-    let scale = dy[0] / f32(N);
-    let bad = select(0.0, nan(), k >= C);
     for (var c = 0u; c < C; c = c + 1u) {
         let p = exp(ld_logits(base + c) - m) * inv;
-        let onehot = select(0.0, 1.0, c == k);
-        st_dx(base + c, (p - onehot) * scale + bad);
+        st_dx(base + c, class_gradient(i, p, c, k));
     }
 }
 
@@ -195,6 +223,8 @@ struct RowStats {
     count: u32,
     m: f32,
     s: f32,
+    // the sum of the row's logits (label smoothing's; 0 without)
+    sx: f32,
 }
 
 fn row_stats(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowStats {
@@ -206,8 +236,10 @@ fn row_stats(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowStats {
     // when the maximum grows (a row of 50,000 logits is read once, not twice)
     var m = -3.4028235e38;
     var s = 0.0;
+    var sx = 0.0;
     for (var c = t; c < count; c = c + TPR) {
         let x = ld_logits(base + c);
+        sx = sx + x;
         if x > m {
             s = s * exp(m - x) + 1.0;
             m = x;
@@ -217,23 +249,33 @@ fn row_stats(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowStats {
     }
     let row_m = row_reduce(lid, m, true);
     s = row_reduce(lid, s * exp(m - row_m), false);
-    return RowStats(row, t, count, row_m, s);
+    if SMOOTHING != 0.0 {
+        sx = row_reduce(lid, sx, false);
+    }
+    return RowStats(row, t, count, row_m, s, sx);
 }
 
-// The loss of the row of `r`, whose label is class k (NaN for a bad label: k = C).
+// The loss of the row of `r`, whose label is class k (NaN for a bad label: k = C; 0 for an
+// ignored row; with smoothing e, (1 - e) (lse - x[k]) + e (lse - mean(x))).
 fn row_loss(r: RowStats, k: u32) -> f32 {
+    if ignored(r.row) {
+        return 0.0;
+    }
     if k < C {
-        return r.m + log(r.s) - ld_logits(r.row * C + k);
+        let lse = r.m + log(r.s);
+        let nll = lse - ld_logits(r.row * C + k);
+        if SMOOTHING != 0.0 {
+            return (1.0 - SMOOTHING) * nll + SMOOTHING * (lse - r.sx / f32(C));
+        }
+        return nll;
     }
     return nan();
 }
 
-// The gradient for class c of the row of `r` (label class k): (softmax - onehot) * dy / N, NaN
-// for the whole row of a bad label.
+// The gradient for class c of the row of `r` (label class k), as class_gradient.
 fn row_gradient(r: RowStats, k: u32, c: u32) -> f32 {
     let p = exp(ld_logits(r.row * C + c) - r.m) / r.s;
-    let onehot = select(0.0, 1.0, c == k);
-    return (p - onehot) * (dy[0] / f32(N)) + select(0.0, nan(), k >= C);
+    return class_gradient(r.row, p, c, k);
 }
 
 @compute @workgroup_size(256)

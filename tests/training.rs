@@ -144,6 +144,165 @@ fn cross_entropy_over_large_vocabularies_runs_per_row() {
     }
 }
 
+/// torch's `ignore_index`, `label_smoothing` and `reduction`: hand-worked values of torch's
+/// formulas on both backends; the loss per row and its backward (a gradient per row) on the GPU
+/// against the CPU reference for each reduction, rows of few classes (a thread per row) and of
+/// many (threads per row), f16 logits; gradient checks; a batch of ignored rows is NaN as
+/// torch's; bad options are errors; without options it is the plain fused loss.
+#[test]
+fn cross_entropy_options_as_torch() {
+    use kiln::graph::{CrossEntropyOpts, Reduction};
+    let opts = |ignore: Option<i64>, e: f32, reduction: Reduction| CrossEntropyOpts {
+        ignore_index: ignore,
+        label_smoothing: e,
+        reduction,
+    };
+    // rows [1, 2, 3] -> 2, [0.5, -1, 4] ignored, [2, 0, 1] -> 0, [-1, 3, 0.5] -> 1
+    let g = Graph::new();
+    let x = g.input("x", [4, 3]);
+    let y = g.input("y", [4]);
+    let logits = Tensor::new(
+        [4, 3],
+        vec![1., 2., 3., 0.5, -1., 4., 2., 0., 1., -1., 3., 0.5],
+    )
+    .unwrap();
+    let labels = Tensor::new([4], vec![2., -100., 0., 1.]).unwrap();
+    let cases = [
+        (opts(Some(-100), 0.1, Reduction::Mean), vec![0.442_517_64]),
+        (opts(Some(-100), 0.1, Reduction::Sum), vec![1.327_552_9]),
+        (
+            opts(Some(-100), 0.1, Reduction::None),
+            vec![0.507_605_96, 0.0, 0.507_605_96, 0.312_341],
+        ),
+        (opts(Some(-100), 0.0, Reduction::Mean), vec![0.303_628_75]),
+    ];
+    let outs: Vec<_> = cases
+        .iter()
+        .map(|(o, _)| g.cross_entropy_with(x, y, *o).unwrap())
+        .collect();
+    let mut devices = vec![Device::cpu()];
+    devices.extend(gpu());
+    for dev in &devices {
+        let got = dev
+            .compile(&g, &outs)
+            .unwrap()
+            .run(&[("x", &logits), ("y", &labels)])
+            .unwrap();
+        for ((o, want), t) in cases.iter().zip(&got) {
+            let want = Tensor::new([want.len()], want.clone()).unwrap();
+            assert_close(&format!("{o:?}"), t, &want, 1e-6, 1e-5);
+        }
+        // every row ignored: the mean is 0 / 0, as torch's
+        let all = Tensor::full([4], -100.0);
+        let got = dev
+            .compile(&g, &outs[..1])
+            .unwrap()
+            .run(&[("x", &logits), ("y", &all)])
+            .unwrap();
+        assert!(got[0].data()[0].is_nan());
+    }
+
+    // GPU against CPU, loss and gradient, every reduction, few and many classes, f16 logits
+    for (n, c, dtype) in [
+        (9usize, 7usize, kiln::DType::F32),
+        (37, 101, kiln::DType::F32),
+        (37, 101, kiln::DType::F16),
+    ] {
+        let Some(dev) = gpu() else { break };
+        if dtype == kiln::DType::F16 && !dev.features().contains(wgpu::Features::SHADER_F16) {
+            continue;
+        }
+        let g = Graph::new();
+        let x = g.input_as("x", [n, c], dtype);
+        let y = g.input("y", [n]);
+        let mut outs = Vec::new();
+        for o in [
+            opts(Some(3), 0.0, Reduction::Mean),
+            opts(None, 0.2, Reduction::Mean),
+            opts(Some(3), 0.05, Reduction::Sum),
+            opts(Some(3), 0.3, Reduction::None),
+        ] {
+            let loss = g.cross_entropy_with(x, y, o).unwrap();
+            // a weighted sum, so that each row's gradient differs (a gradient per row), and
+            // the mean's or sum's own (one value for every row)
+            let l = common::random_projection(&g, loss, n as u64);
+            for l in [l, loss] {
+                if g.shape(l).numel() == 1 {
+                    let dx = g.grad(l, &[x]).unwrap()[0];
+                    outs.push(g.cast(dx, kiln::DType::F32).unwrap());
+                }
+            }
+            outs.push(loss);
+        }
+        let labels: Vec<f32> = (0..n).map(|i| ((i * 7 + 3) % c) as f32).collect();
+        assert!(labels.contains(&3.0));
+        let feeds = [
+            (
+                "x".to_string(),
+                Tensor::rand_uniform(vec![n, c], -4.0, 4.0, 6),
+            ),
+            ("y".to_string(), Tensor::new([n], labels).unwrap()),
+        ];
+        let tol = match dtype {
+            kiln::DType::F16 => kiln::ops::TOL_F16,
+            _ => TOL_REDUCTION,
+        };
+        common::check_plan(&dev, &format!("({n}, {c}) {dtype}"), &g, &outs, &feeds, tol);
+    }
+
+    // gradient checks (ignored rows get none): the backward reading the gradient of the mean
+    // over the rows kept, of the sum, of the plain mean
+    for o in [
+        opts(Some(1), 0.15, Reduction::Mean),
+        opts(None, 0.4, Reduction::Sum),
+        opts(None, 0.25, Reduction::Mean),
+    ] {
+        let g = Graph::new();
+        let x = g.input("x", [6, 4]);
+        let y = g.input("y", [6]);
+        let loss = g.cross_entropy_with(x, y, o).unwrap();
+        let labels = Tensor::new([6], vec![0., 1., 3., 2., 1., 3.]).unwrap();
+        gradcheck(
+            &format!("{o:?}"),
+            &g,
+            loss,
+            &[("x", x)],
+            &[
+                ("x", &Tensor::rand_uniform(vec![6, 4], -3.0, 3.0, 2)),
+                ("y", &labels),
+            ],
+            24,
+            TOL_REDUCTION,
+        );
+    }
+
+    // errors name the op and the option
+    let g = Graph::new();
+    let (x, y) = (g.input("x", [2, 3]), g.input("y", [2]));
+    let err = g
+        .cross_entropy_with(x, y, opts(None, 1.5, Reduction::Mean))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cross_entropy") && err.contains("label_smoothing"),
+        "{err}"
+    );
+    let err = g
+        .cross_entropy_with(x, y, opts(Some(1 << 30), 0.0, Reduction::Mean))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ignore_index"), "{err}");
+    // without options: the plain loss, one kernel with its gradient
+    if let Some(dev) = gpu() {
+        let loss = g
+            .cross_entropy_with(x, y, CrossEntropyOpts::default())
+            .unwrap();
+        let dx = g.grad(loss, &[x]).unwrap()[0];
+        let plan = dev.compile(&g, &[loss, dx]).unwrap();
+        assert_eq!(plan.kernels().len(), 1, "{:?}", plan.kernels());
+    }
+}
+
 #[test]
 fn mse_and_bce_losses() {
     let g = Graph::new();

@@ -1912,12 +1912,19 @@ fn gradient_for_loss_kernel(
     l_pos: usize,
     (logits, labels): (NodeId, NodeId),
 ) -> Option<NodeId> {
-    use crate::ops::loss::CrossEntropyBackward;
+    use crate::ops::loss::{CrossEntropyBackward, LossGrad, RowOptions};
     let at = |n: NodeId| order.iter().position(|&o| o == n);
     let d = order.iter().copied().find(|&d| {
         matches!(
             nodes[d.0].op,
-            Op::CrossEntropyBackward(CrossEntropyBackward { written: false })
+            Op::CrossEntropyBackward(CrossEntropyBackward {
+                written: false,
+                opts: RowOptions {
+                    ignore_index: None,
+                    smoothing_bits: 0
+                },
+                dy: LossGrad::Mean,
+            })
         ) && nodes[d.0].inputs[..2] == [logits, labels]
     })?;
     let half = nodes[d.0].dtype == DType::F16;
@@ -1946,16 +1953,24 @@ pub(crate) fn gradient_with_cross_entropy(
     order: &mut Vec<NodeId>,
     targets: &[NodeId],
 ) {
-    use crate::ops::loss::{CrossEntropy, CrossEntropyBackward, CrossEntropyRows, WITH_GRAD_MAX};
+    use crate::ops::loss::{
+        CrossEntropy, CrossEntropyBackward, CrossEntropyRows, RowOptions, WITH_GRAD_MAX,
+    };
     let mut moves: Vec<(NodeId, NodeId)> = Vec::new();
     let mut sources: Vec<(NodeId, NodeId)> = Vec::new();
     for l_pos in 0..order.len() {
         let l = order[l_pos];
         let (logits, labels) = match nodes[l.0].op {
             Op::CrossEntropy(CrossEntropy { with_grad: false })
-            | Op::CrossEntropyRows(CrossEntropyRows { with_grad: false }) => {
-                (nodes[l.0].inputs[0], nodes[l.0].inputs[1])
-            }
+            | Op::CrossEntropyRows(CrossEntropyRows {
+                with_grad: false,
+                // torch's options take a gradient per row, known after the reduction
+                opts:
+                    RowOptions {
+                        ignore_index: None,
+                        smoothing_bits: 0,
+                    },
+            }) => (nodes[l.0].inputs[0], nodes[l.0].inputs[1]),
             _ => continue,
         };
         let rows = matches!(nodes[l.0].op, Op::CrossEntropyRows(_));
@@ -1969,11 +1984,17 @@ pub(crate) fn gradient_with_cross_entropy(
         };
         let dy = nodes[d.0].inputs[2];
         nodes[l.0].op = match rows {
-            true => Op::CrossEntropyRows(CrossEntropyRows { with_grad: true }),
+            true => Op::CrossEntropyRows(CrossEntropyRows {
+                with_grad: true,
+                ..Default::default()
+            }),
             false => Op::CrossEntropy(CrossEntropy { with_grad: true }),
         };
         nodes[l.0].inputs.push(dy);
-        nodes[d.0].op = Op::CrossEntropyBackward(CrossEntropyBackward { written: true });
+        nodes[d.0].op = Op::CrossEntropyBackward(CrossEntropyBackward {
+            written: true,
+            ..Default::default()
+        });
         nodes[d.0].inputs.push(l);
         nodes[d.0].dtype = DType::F32;
         moves.push((d, l));

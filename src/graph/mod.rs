@@ -21,6 +21,7 @@ use crate::ops::{Init, Op};
 use crate::tensor::{DType, Shape, Tensor};
 
 pub use crate::ops::conv::Conv2dOpts;
+pub use crate::ops::loss::{CrossEntropyOpts, Reduction};
 
 /// A handle to a node of a [`Graph`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,6 +119,27 @@ impl Graph {
     /// Records an in-place state update that plans computing its value run too.
     pub(crate) fn register_update(&self, id: NodeId) {
         self.updates.borrow_mut().push(id);
+    }
+
+    /// `(s, d)` where every element of `id` is `s / d`, `s` a one-element node: an expand of one
+    /// (a sum's backward; `d` 1) or its division by a scalar (a mean's), seen through reshapes.
+    /// Kernels that can read `s` for every element need not have it expanded.
+    pub(crate) fn expanded_scalar(&self, id: NodeId) -> Option<(NodeId, f32)> {
+        let nodes = self.nodes.borrow();
+        let mut n = nodes.get(id.0)?;
+        let mut d = 1.0;
+        loop {
+            match n.op {
+                Op::Reshape => n = &nodes[n.inputs[0].0],
+                Op::Unary(UnaryOp::DivScalar(s)) if d == 1.0 => {
+                    d = s;
+                    n = &nodes[n.inputs[0].0];
+                }
+                _ => break,
+            }
+        }
+        let from = *n.inputs.first()?;
+        (matches!(n.op, Op::Expand(_)) && nodes[from.0].shape.numel() == 1).then_some((from, d))
     }
 
     /// True when `id` is a parameter node of this graph.
@@ -516,6 +538,73 @@ impl Graph {
             vec![logits, labels],
             shape,
         )
+    }
+
+    /// Cross-entropy with torch's options (`torch.nn.functional.cross_entropy(logits, labels,
+    /// ignore_index=.., label_smoothing=.., reduction=..)`): `(1)` for the mean and the sum,
+    /// `(N)` for [`Reduction::None`]. The mean is over the rows not ignored (NaN where every row
+    /// is, as torch's). Without options it is [`Graph::cross_entropy`] (one fused kernel,
+    /// the gradient in it in training); with them a loss per row
+    /// ([`crate::ops::loss::CrossEntropyRows`]) reduced by graph ops, whose backward takes
+    /// each row's share of the gradient.
+    pub fn cross_entropy_with(
+        &self,
+        logits: NodeId,
+        labels: NodeId,
+        opts: CrossEntropyOpts,
+    ) -> Result<NodeId> {
+        use crate::ops::loss::{CrossEntropy, CrossEntropyRows, RowOptions};
+        const OP: &str = "cross_entropy";
+        let (sl, sy) = (self.check_id(OP, logits)?, self.check_id(OP, labels)?);
+        CrossEntropy::infer(&sl, &sy)?;
+        let e = opts.label_smoothing;
+        if !(0.0..=1.0).contains(&e) {
+            return Err(shape_err(
+                OP,
+                format!("label_smoothing must be in [0, 1], got {e}"),
+            ));
+        }
+        // labels are f32: an index beyond 2^24 could not be told from its neighbours
+        let ignore_index = match opts.ignore_index {
+            Some(i) if i.unsigned_abs() > 1 << 24 => {
+                return Err(shape_err(
+                    OP,
+                    format!("ignore_index {i} is beyond the f32 labels' exact integers (2^24)"),
+                ))
+            }
+            i => i.map(|i| i as i32),
+        };
+        let plain = ignore_index.is_none() && e == 0.0;
+        match opts.reduction {
+            Reduction::Mean if plain => return self.cross_entropy(logits, labels),
+            Reduction::Sum if plain => {
+                return self.mul_scalar(self.cross_entropy(logits, labels)?, sl.dims()[0] as f32)
+            }
+            _ => {}
+        }
+        let rows_op = CrossEntropyRows {
+            with_grad: false,
+            opts: RowOptions {
+                ignore_index,
+                smoothing_bits: e.to_bits(),
+            },
+        };
+        let rows = self.push(
+            Op::CrossEntropyRows(rows_op),
+            vec![logits, labels],
+            Shape(vec![sl.dims()[0]]),
+        )?;
+        match (opts.reduction, ignore_index) {
+            (Reduction::None, _) => Ok(rows),
+            (Reduction::Sum, _) => self.sum_all(rows),
+            (Reduction::Mean, None) => self.mean_all(rows),
+            // the rows kept: 1 - (label == ignore_index), as a mask with both bounds equal
+            (Reduction::Mean, Some(i)) => {
+                let hit = self.unary(UnaryOp::ClampMask(i as f32, i as f32), labels)?;
+                let kept = self.sum_all(self.rsub_scalar(hit, 1.0)?)?;
+                self.div(self.sum_all(rows)?, kept)
+            }
+        }
     }
 
     /// Mean squared error (`torch.nn.functional.mse_loss`), shape `[1]`. f16 operands are cast

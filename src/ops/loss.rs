@@ -1,5 +1,8 @@
 //! Fused softmax cross-entropy with integer class labels (mean over the batch), as
-//! `torch.nn.functional.cross_entropy(logits, labels)`, and its backward kernel.
+//! `torch.nn.functional.cross_entropy(logits, labels)`, and its backward kernel. With torch's
+//! `ignore_index` or `label_smoothing` ([`RowOptions`]), or another reduction, the loss is a
+//! [`CrossEntropyRows`] (a loss per row) under graph ops that reduce it, and its backward takes a
+//! gradient per row.
 //! Kernel: `shaders/loss.wgsl`. MSE and binary cross-entropy with logits are compositions of
 //! graph ops (see `Graph::mse_loss`, `Graph::bce_with_logits`).
 //!
@@ -24,10 +27,96 @@ pub struct CrossEntropy {
 }
 
 /// `logits (N, C)`, `labels (N)`, `dy (1)` -> `dlogits (N, C)`. With `written`: input 3 is the
-/// [`CrossEntropy`] node whose kernel wrote it (a view, no kernel of its own).
+/// [`CrossEntropy`] node whose kernel wrote it (a view, no kernel of its own). The backward of
+/// a [`CrossEntropyRows`] has its options and reads `dy` as [`LossGrad`] says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CrossEntropyBackward {
     pub written: bool,
+    pub opts: RowOptions,
+    pub dy: LossGrad,
+}
+
+/// How a cross-entropy backward reads the loss's gradient `dy` (the override `DY_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LossGrad {
+    /// `dy (1)` of the mean: each row's share is `dy / N`.
+    #[default]
+    Mean,
+    /// `dy (N)`: a share per row (the loss per row's backward).
+    PerRow,
+    /// `dy (1)`, every row's share (a sum's gradient, or a mean's over the rows kept, read
+    /// once rather than expanded by a kernel).
+    Shared,
+}
+
+/// How a loss reduces its rows (torch's `reduction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reduction {
+    /// The mean over the rows (not ignored): `(1)`.
+    #[default]
+    Mean,
+    /// The sum over the rows: `(1)`.
+    Sum,
+    /// A loss per row: `(N)`.
+    None,
+}
+
+/// torch's keyword arguments of `cross_entropy` ([`Graph::cross_entropy_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CrossEntropyOpts {
+    /// Rows whose label is this value add nothing to the loss or the gradient, nor to the
+    /// mean's count (a padding token's id; torch's default, -100, only matters where labels
+    /// hold it).
+    pub ignore_index: Option<i64>,
+    /// Smoothing `e` in `[0, 1]`: the target `(1 - e) onehot + e / C`.
+    pub label_smoothing: f32,
+    pub reduction: Reduction,
+}
+
+/// torch's `ignore_index` and `label_smoothing` for a loss per row ([`CrossEntropyRows`]):
+/// a row whose label is `ignore_index` has loss 0 and gradient 0; with smoothing `e` a row's
+/// loss is `(1 - e) (lse - x[label]) + e (lse - mean(x))`, the cross-entropy against the target
+/// `(1 - e) onehot + e / C`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct RowOptions {
+    /// The label value whose rows are ignored.
+    pub ignore_index: Option<i32>,
+    /// `label_smoothing` as f32 bits (a hashable key).
+    pub smoothing_bits: u32,
+}
+
+impl RowOptions {
+    /// torch's `label_smoothing`.
+    pub fn smoothing(&self) -> f32 {
+        f32::from_bits(self.smoothing_bits)
+    }
+
+    /// The kernels' overrides for these options.
+    fn constants(&self) -> [(&'static str, f64); 3] {
+        [
+            ("IGNORE_ON", self.ignore_index.is_some() as u8 as f64),
+            ("IGNORE", self.ignore_index.unwrap_or(0) as f64),
+            ("SMOOTHING", self.smoothing() as f64),
+        ]
+    }
+
+    /// Whether the row of label `l` is ignored.
+    fn ignores(&self, l: f32) -> bool {
+        self.ignore_index.is_some_and(|i| l == i as f32)
+    }
+
+    /// The loss of one row in f64 from its log-sum-exp: NaN for a bad label, 0 when ignored.
+    fn row_loss(&self, row: &[f32], lse: f64, label: f32) -> f64 {
+        if self.ignores(label) {
+            return 0.0;
+        }
+        let Some(k) = class_of(label, row.len()) else {
+            return f64::NAN;
+        };
+        let e = self.smoothing() as f64;
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / row.len() as f64;
+        (1.0 - e) * (lse - row[k] as f64) + e * (lse - mean)
+    }
 }
 
 /// Where the one-workgroup loss kernel that also computes the gradient writes it past the
@@ -45,9 +134,12 @@ pub const WITH_GRAD_MAX: usize = 1 << 14;
 /// past the losses, at [`grad_offset`]`(N)`, which the [`CrossEntropyBackward`] node views:
 /// each row read twice (its statistics, its gradient), where the two kernels read it three
 /// times.
+/// Built by [`Graph::cross_entropy_with`] for torch's options ([`RowOptions`]; never
+/// `with_grad` then).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CrossEntropyRows {
     pub with_grad: bool,
+    pub opts: RowOptions,
 }
 
 /// Where a loss kernel that also computes the gradient writes it past `loss_len` losses (one
@@ -78,8 +170,23 @@ fn rows_kernel(entry: &'static str, logits: &Shape) -> KernelSpec {
     }
 }
 
-/// The loss of each row in f64: `lse - logit[label]`, NaN for a bad label.
-fn row_losses(logits: &Tensor, labels: &Tensor) -> Vec<f64> {
+/// Adds a backward's overrides for the options of the loss per row it differentiates, where
+/// it has them (the plain loss's kernels stay the pipelines they were).
+fn with_options(mut k: KernelSpec, b: &CrossEntropyBackward) -> KernelSpec {
+    if b.opts != RowOptions::default() {
+        k.constants.extend(b.opts.constants());
+    }
+    match b.dy {
+        LossGrad::Mean => {}
+        LossGrad::PerRow => k.constants.push(("DY_MODE", 1.0)),
+        LossGrad::Shared => k.constants.push(("DY_MODE", 2.0)),
+    }
+    k
+}
+
+/// The loss of each row in f64: `lse - logit[label]`, NaN for a bad label (with options: as
+/// [`RowOptions`] says).
+fn row_losses(logits: &Tensor, labels: &Tensor, opts: RowOptions) -> Vec<f64> {
     let (n, c) = (logits.dims()[0], logits.dims()[1]);
     (0..n)
         .map(|i| {
@@ -89,10 +196,7 @@ fn row_losses(logits: &Tensor, labels: &Tensor) -> Vec<f64> {
                 .map(|&v| v as f64)
                 .fold(f64::NEG_INFINITY, f64::max);
             let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-            match class_of(labels.data()[i], c) {
-                Some(k) => lse - row[k] as f64,
-                None => f64::NAN,
-            }
+            opts.row_loss(row, lse, labels.data()[i])
         })
         .collect()
 }
@@ -100,7 +204,7 @@ fn row_losses(logits: &Tensor, labels: &Tensor) -> Vec<f64> {
 impl CrossEntropyRows {
     /// CPU reference in f64.
     pub fn cpu(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
-        let data = row_losses(logits, labels)
+        let data = row_losses(logits, labels, self.opts)
             .into_iter()
             .map(|v| v as f32)
             .collect();
@@ -111,7 +215,11 @@ impl CrossEntropyRows {
     /// `cross_entropy_rows_with_grad`).
     pub fn kernel(&self, logits: &Shape) -> KernelSpec {
         if !self.with_grad {
-            return rows_kernel("cross_entropy_rows", logits);
+            let mut k = rows_kernel("cross_entropy_rows", logits);
+            if self.opts != RowOptions::default() {
+                k.constants.extend(self.opts.constants());
+            }
+            return k;
         }
         let mut k = rows_kernel("cross_entropy_rows_with_grad", logits);
         k.constants
@@ -126,6 +234,37 @@ impl CrossEntropyRows {
             true => grad_offset(n) - n + logits.numel(),
             false => 0,
         }
+    }
+
+    /// Backward: the logits' gradient from a gradient per row; labels take none.
+    pub fn backward(
+        &self,
+        g: &Graph,
+        logits: NodeId,
+        labels: NodeId,
+        dy: NodeId,
+    ) -> Result<[Option<NodeId>; 2]> {
+        // a sum's or a mean's gradient is one value for every row: read once rather than
+        // expanded (and divided) by a kernel
+        let n = g.shape(logits).dims()[0] as f32;
+        let (dy, mode) = match g.expanded_scalar(dy) {
+            Some((s, 1.0)) => (s, LossGrad::Shared),
+            Some((s, d)) if d == n => (s, LossGrad::Mean),
+            _ => (dy, LossGrad::PerRow),
+        };
+        let backward = CrossEntropyBackward {
+            written: false,
+            opts: self.opts,
+            dy: mode,
+        };
+        Ok([
+            Some(g.push_op(
+                super::Op::CrossEntropyBackward(backward),
+                vec![logits, labels, dy],
+                g.shape(logits),
+            )?),
+            None,
+        ])
     }
 }
 
@@ -150,7 +289,7 @@ impl CrossEntropy {
 
     /// CPU reference in f64.
     pub fn cpu(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
-        let losses = row_losses(logits, labels);
+        let losses = row_losses(logits, labels, RowOptions::default());
         let mean = losses.iter().sum::<f64>() / losses.len() as f64;
         Tensor::new([1], vec![mean as f32]).expect("scalar")
     }
@@ -209,8 +348,8 @@ impl CrossEntropyBackward {
     /// CPU reference in f64.
     pub fn cpu(&self, logits: &Tensor, labels: &Tensor, dy: &Tensor) -> Tensor {
         let (n, c) = (logits.dims()[0], logits.dims()[1]);
-        let scale = dy.data()[0] as f64 / n as f64;
-        let mut out = vec![0f32; n * c];
+        let opts = self.opts;
+        let (e, mut out) = (opts.smoothing() as f64, vec![0f32; n * c]);
         for i in 0..n {
             let row: Vec<f64> = logits.data()[i * c..(i + 1) * c]
                 .iter()
@@ -218,12 +357,21 @@ impl CrossEntropyBackward {
                 .collect();
             let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let s: f64 = row.iter().map(|v| (v - m).exp()).sum();
+            let scale = match self.dy {
+                LossGrad::PerRow => dy.data()[i] as f64,
+                LossGrad::Shared => dy.data()[0] as f64,
+                LossGrad::Mean => dy.data()[0] as f64 / n as f64,
+            };
+            if opts.ignores(labels.data()[i]) {
+                continue;
+            }
             let k = class_of(labels.data()[i], c);
             for j in 0..c {
                 let p = (row[j] - m).exp() / s;
                 let onehot = if Some(j) == k { 1.0 } else { 0.0 };
+                let target = (1.0 - e) * onehot + e / c as f64;
                 out[i * c + j] = if k.is_some() {
-                    ((p - onehot) * scale) as f32
+                    ((p - target) * scale) as f32
                 } else {
                     f32::NAN
                 };
@@ -236,9 +384,9 @@ impl CrossEntropyBackward {
     pub fn kernel(&self, logits: &Shape) -> KernelSpec {
         // rows of up to 16 classes: a thread each; longer ones: rows_threads per row
         if logits.dims()[1] > 16 {
-            return rows_kernel("cross_entropy_backward_rows", logits);
+            return with_options(rows_kernel("cross_entropy_backward_rows", logits), self);
         }
-        KernelSpec {
+        let k = KernelSpec {
             family: "loss",
             entry: "cross_entropy_backward",
             constants: vec![
@@ -246,6 +394,7 @@ impl CrossEntropyBackward {
                 ("C", logits.dims()[1] as f64),
             ],
             workgroups: groups(logits.dims()[0], 256),
-        }
+        };
+        with_options(k, self)
     }
 }

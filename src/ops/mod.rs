@@ -787,6 +787,7 @@ impl Op {
             Op::Resize2d(r) => vec![Some(r.backward(g, dy)?)],
             Op::Resize2dBackward(r) => vec![Some(r.backward_backward(g, dy)?)],
             Op::CrossEntropy(c) => c.backward(g, x[0], x[1], dy)?.to_vec(),
+            Op::CrossEntropyRows(c) if !c.with_grad => c.backward(g, x[0], x[1], dy)?.to_vec(),
             Op::LstmForward(l) => l.backward(g, x, y, dy)?,
             Op::GruForward(l) => l.backward(g, x, y, dy)?,
             Op::RnnForward(l) => l.backward(g, x, y, dy)?,
