@@ -197,10 +197,14 @@ fn a_requested_middle_node_is_kept() {
         let info = check_on(&dev, "middle output", &g, &outs, &f, TOL_ELEMENTWISE);
         assert_eq!(info.dispatches, 2, "{info}");
     }
-    // a node read twice is not fused away either: m feeds two chains
+    // a node read by two chains that meet is computed once inside their one kernel
     let z = g.sub(y, g.exp(m).unwrap()).unwrap();
     let info = check_on(&dev, "two readers", &g, &[z], &f, TOL_ELEMENTWISE);
-    assert_eq!(info.dispatches, 2, "{info}");
+    assert_eq!(info.dispatches, 1, "{info}");
+    // .. but stored by its own where a node outside the chains reads it too
+    let s = g.sum(m, 1, false).unwrap();
+    let info = check_on(&dev, "an outside reader", &g, &[z, s], &f, TOL_ELEMENTWISE);
+    assert_eq!(info.dispatches, 3, "{info}");
 }
 
 #[test]

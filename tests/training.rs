@@ -303,6 +303,140 @@ fn cross_entropy_options_as_torch() {
     }
 }
 
+/// L1, Huber, smooth L1, NLL and KL divergence: torch's values worked by hand from its
+/// formulas, on both backends; gradient checks; the GPU against the CPU reference; each loss one
+/// kernel (its elementwise chain inside the reduction's loads); errors.
+#[test]
+fn regression_nll_and_kl_losses_as_torch() {
+    let g = Graph::new();
+    let (p, t) = (g.input("p", [4]), g.input("t", [4]));
+    let (lp, y) = (g.input("lp", [2, 3]), g.input("y", [2]));
+    let (kx, kt) = (g.input("kx", [2, 2]), g.input("kt", [2, 2]));
+    // d = [0.5, -1, 2, 2.5]; log-probabilities picked -3 and -0.5
+    let feeds = [
+        ("p", Tensor::new([4], vec![0.5, -1.0, 2.0, 3.0]).unwrap()),
+        ("t", Tensor::new([4], vec![0.0, 0.0, 0.0, 0.5]).unwrap()),
+        (
+            "lp",
+            Tensor::new([2, 3], vec![-1., -2., -3., -0.5, -1.5, -2.5]).unwrap(),
+        ),
+        ("y", Tensor::new([2], vec![2., 0.]).unwrap()),
+        (
+            "kx",
+            Tensor::new([2, 2], vec![-1.0, -0.5, -2.0, -0.1]).unwrap(),
+        ),
+        ("kt", Tensor::new([2, 2], vec![0.0, 1.0, 0.3, 0.7]).unwrap()),
+    ];
+    let log_kt = g.log(g.add_scalar(kt, 1e-3).unwrap()).unwrap();
+    let cases = [
+        ("l1", g.l1_loss(p, t).unwrap(), 1.5),
+        ("huber", g.huber_loss(p, t, 1.0).unwrap(), 1.031_25),
+        ("smooth_l1", g.smooth_l1_loss(p, t, 2.0).unwrap(), 0.703_125),
+        (
+            "smooth_l1 beta 0",
+            g.smooth_l1_loss(p, t, 0.0).unwrap(),
+            1.5,
+        ),
+        ("nll", g.nll_loss(lp, y, None).unwrap(), 1.75),
+        ("nll ignoring 0", g.nll_loss(lp, y, Some(0)).unwrap(), 3.0),
+        // 0 log 0 = 0; (1 (0 + 0.5) + 0.3 (ln 0.3 + 2) + 0.7 (ln 0.7 + 0.1)) / 2
+        ("kl_div", g.kl_div(kx, kt, false).unwrap(), 0.279_567_86),
+    ];
+    let outs: Vec<_> = cases.iter().map(|c| c.1).collect();
+    let f: Vec<(String, Tensor)> = feeds.into_iter().map(|(n, v)| (n.into(), v)).collect();
+    let mut devices = vec![Device::cpu()];
+    devices.extend(gpu());
+    for dev in &devices {
+        let got = dev
+            .compile(&g, &outs)
+            .unwrap()
+            .run(&common::refs(&f))
+            .unwrap();
+        for ((name, _, want), v) in cases.iter().zip(&got) {
+            let v = v.data()[0];
+            assert!(
+                (v - want).abs() <= 1e-6 + 1e-5 * want.abs(),
+                "{name}: {v}, torch {want}"
+            );
+        }
+    }
+    // log_target: the same divergence from log-probabilities (of a target shifted off 0)
+    let shifted = g.add_scalar(kt, 1e-3).unwrap();
+    let both = [
+        g.kl_div(kx, shifted, false).unwrap(),
+        g.kl_div(kx, log_kt, true).unwrap(),
+    ];
+    let got = Device::cpu()
+        .compile(&g, &both)
+        .unwrap()
+        .run(&common::refs(&f))
+        .unwrap();
+    assert_close("kl_div log_target", &got[1], &got[0], 1e-6, 1e-5);
+
+    // gradients against central differences, and the GPU against the CPU
+    let pv = Tensor::rand_uniform(vec![4], -3.0, 3.0, 8);
+    let tv = Tensor::rand_uniform(vec![4], -3.0, 3.0, 9);
+    for (name, loss) in [
+        ("l1", cases[0].1),
+        ("huber", cases[1].1),
+        ("smooth_l1", cases[2].1),
+    ] {
+        gradcheck(
+            name,
+            &g,
+            loss,
+            &[("p", p), ("t", t)],
+            &[("p", &pv), ("t", &tv)],
+            4,
+            TOL_REDUCTION,
+        );
+    }
+    let lpv = Tensor::rand_uniform(vec![2, 3], -3.0, 0.0, 10);
+    let yv = Tensor::new([2], vec![1., 0.]).unwrap();
+    for (name, loss) in [("nll", cases[4].1), ("nll ignoring 0", cases[5].1)] {
+        gradcheck(
+            name,
+            &g,
+            loss,
+            &[("lp", lp)],
+            &[("lp", &lpv), ("y", &yv)],
+            6,
+            TOL_REDUCTION,
+        );
+    }
+    let ktv = Tensor::new([2, 2], vec![0.0, 1.0, 0.4, 0.6]).unwrap();
+    let kxv = Tensor::rand_uniform(vec![2, 2], -2.0, 0.0, 11);
+    gradcheck(
+        "kl_div",
+        &g,
+        cases[6].1,
+        &[("kx", kx)],
+        &[("kx", &kxv), ("kt", &ktv)],
+        4,
+        TOL_REDUCTION,
+    );
+    // one kernel each in the forward (the elementwise DAG inside the reduction's loads), but
+    // the mean over kept rows: their mask, the sum of the picks, the count and the division
+    if let Some(dev) = gpu() {
+        for (name, loss, _) in &cases {
+            let plan = dev.compile(&g, &[*loss]).unwrap();
+            let want = if name.contains("ignoring") { 3 } else { 1 };
+            assert_eq!(plan.kernels().len(), want, "{name}: {:?}", plan.kernels());
+        }
+    }
+
+    // errors name the loss
+    for (name, err) in [
+        ("l1_loss", g.l1_loss(p, lp).unwrap_err()),
+        ("huber_loss", g.huber_loss(p, t, 0.0).unwrap_err()),
+        ("smooth_l1_loss", g.smooth_l1_loss(p, t, -1.0).unwrap_err()),
+        ("nll_loss", g.nll_loss(lp, p, None).unwrap_err()),
+        ("kl_div", g.kl_div(kx, p, false).unwrap_err()),
+    ] {
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}
+
 #[test]
 fn mse_and_bce_losses() {
     let g = Graph::new();

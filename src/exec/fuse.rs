@@ -4,8 +4,10 @@
 //!
 //! A group grows from its root (the last node, which keeps its id and shape: it still computes the
 //! same tensor) towards its inputs. An input node joins the group when it is elementwise, read by
-//! no node of the plan but its consumer in the group (once or more), not a plan target (output or
-//! effect), and not a view's root (a view reading it would be a second consumer). A reshape of
+//! no node of the plan but members of the group (once or more, by one member or several: a
+//! group is a DAG, each value computed once, as `a` in Huber's `m (a - 0.5 m)`, `m = min(a, d)`),
+//! not a plan target (output or effect), and not a view's root (a view reading it would be a
+//! consumer outside the group). A reshape of
 //! the root's element count is the same elements in the same order, so the group reads through
 //! it when it is the node's only reader (the reshape leaves the plan with the node; a linear
 //! layer's gradient on (B, L, E) is a reshape of a `[B*L, E]` product); other views are not fused
@@ -73,13 +75,13 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
     for (p, id) in order.iter().enumerate() {
         pos[id.0] = p;
     }
-    // consumers among the plan's nodes, each counted once however often it reads the node
-    let mut consumers = vec![0usize; nodes.len()];
-    for id in order.iter() {
+    // consumers among the plan's nodes, each listed once however often it reads the node
+    let mut consumers: Vec<Vec<NodeId>> = vec![Vec::new(); nodes.len()];
+    for &id in order.iter() {
         let ins = &nodes[id.0].inputs;
         for (k, i) in ins.iter().enumerate() {
             if !ins[..k].contains(i) {
-                consumers[i.0] += 1;
+                consumers[i.0].push(id);
             }
         }
     }
@@ -119,7 +121,7 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
                 let mut c = input;
                 while matches!(nodes[c.0].op, Op::Reshape)
                     && nodes[c.0].shape.numel() == numel
-                    && consumers[c.0] == 1
+                    && consumers[c.0].len() == 1
                     && !target[c.0]
                     && pos[c.0] != NONE
                 {
@@ -130,7 +132,12 @@ pub(crate) fn fuse_elementwise(nodes: &mut [Node], order: &mut Vec<NodeId>, targ
                     && !done[c.0]
                     && pos[c.0] != NONE
                     && !target[c.0]
-                    && consumers[c.0] == 1
+                    // every reader a member (one read through reshapes: that one alone); a
+                    // node read by a member not yet joined is seen again when that one joins
+                    && match chain.is_empty() {
+                        true => consumers[c.0].iter().all(|r| members.contains(r)),
+                        false => consumers[c.0].len() == 1,
+                    }
                     && members.len() < MAX_STEPS
                     && step_op(&nodes[c.0]).is_some()
                     // one storage type per program (an f32 chain computing an f16 graph's
@@ -690,7 +697,7 @@ mod tests {
     }
 
     #[test]
-    fn targets_and_shared_nodes_end_groups() {
+    fn targets_and_outside_readers_end_groups() {
         let g = Graph::new();
         let x = g.input("x", [5]);
         let m = g.exp(g.neg(x).unwrap()).unwrap();
@@ -699,10 +706,21 @@ mod tests {
         let (nodes, order) = fused(&g, &[y, m]);
         assert_eq!(order, vec![x, m, y]);
         assert_eq!(nodes[y.0].inputs, vec![m]);
-        // m read twice: the same
+        // m read twice inside one group: a DAG, m computed once in it
         let z = g.add(y, m).unwrap();
         let (nodes, order) = fused(&g, &[z]);
-        assert_eq!(order, vec![x, m, z]);
+        assert_eq!(order, vec![x, z]);
+        assert_eq!(nodes[z.0].inputs, vec![x]);
+        let Op::Fused(f) = &nodes[z.0].op else {
+            panic!("not fused")
+        };
+        assert_eq!(f.describe(), "neg,exp,abs,sqrt,add");
+        assert_eq!(f.steps[4].args, vec![Operand::Step(3), Operand::Step(1)]);
+        // m read by a group and by a node outside it (a product): m's group ends at m
+        let w = g.input("w", [5, 5]);
+        let p = g.matmul(g.reshape(m, &[1, 5]).unwrap(), w).unwrap();
+        let (nodes, order) = fused(&g, &[z, p]);
+        assert!(order.contains(&m), "{order:?}");
         assert_eq!(nodes[z.0].inputs, vec![m]);
         // a node alone stays itself
         let (nodes, order) = fused(&g, &[x, g.neg(x).unwrap()]);

@@ -611,18 +611,135 @@ impl Graph {
     /// to f32 first (as autocast runs losses in f32): the loss is f32, the gradient of an f16
     /// prediction f16.
     pub fn mse_loss(&self, pred: NodeId, target: NodeId) -> Result<NodeId> {
-        let (a, b) = (
-            self.check_id("mse_loss", pred)?,
-            self.check_id("mse_loss", target)?,
-        );
+        let (pred, target) = self.regression_operands("mse_loss", pred, target)?;
+        self.mean_all(self.square(self.sub(pred, target)?)?)
+    }
+
+    /// The prediction and target of a regression loss, both cast to f32 (as autocast runs
+    /// losses in f32), after checking that their shapes agree.
+    fn regression_operands(
+        &self,
+        op: &'static str,
+        pred: NodeId,
+        target: NodeId,
+    ) -> Result<(NodeId, NodeId)> {
+        let (a, b) = (self.check_id(op, pred)?, self.check_id(op, target)?);
         if a != b {
             return Err(shape_err(
-                "mse_loss",
+                op,
                 format!("prediction {a} and target {b} differ"),
             ));
         }
-        let (pred, target) = (self.cast(pred, DType::F32)?, self.cast(target, DType::F32)?);
-        self.mean_all(self.square(self.sub(pred, target)?)?)
+        Ok((self.cast(pred, DType::F32)?, self.cast(target, DType::F32)?))
+    }
+
+    /// Mean absolute error (`torch.nn.functional.l1_loss`), shape `[1]`: one kernel (the
+    /// difference inside the mean's loads); the gradient at a zero difference is 0, as torch's.
+    pub fn l1_loss(&self, pred: NodeId, target: NodeId) -> Result<NodeId> {
+        let (pred, target) = self.regression_operands("l1_loss", pred, target)?;
+        self.mean_all(self.abs(self.sub(pred, target)?)?)
+    }
+
+    /// Huber loss (`torch.nn.functional.huber_loss(pred, target, delta=..)`), mean, shape
+    /// `[1]`: `0.5 d^2` where `|d| < delta`, else `delta (|d| - 0.5 delta)`, computed as
+    /// `m (|d| - 0.5 m)` with `m = min(|d|, delta)`, one elementwise chain inside the mean.
+    pub fn huber_loss(&self, pred: NodeId, target: NodeId, delta: f32) -> Result<NodeId> {
+        self.huber_mean("huber_loss", pred, target, delta, 1.0)
+    }
+
+    /// Smooth L1 loss (`torch.nn.functional.smooth_l1_loss(pred, target, beta=..)`), mean,
+    /// shape `[1]`: the Huber loss with `delta = beta` divided by `beta`; `beta = 0` is
+    /// [`Graph::l1_loss`], as torch's.
+    pub fn smooth_l1_loss(&self, pred: NodeId, target: NodeId, beta: f32) -> Result<NodeId> {
+        if beta == 0.0 {
+            self.regression_operands("smooth_l1_loss", pred, target)?;
+            return self.l1_loss(pred, target);
+        }
+        self.huber_mean("smooth_l1_loss", pred, target, beta, 1.0 / beta)
+    }
+
+    /// `scale * mean(m (|d| - 0.5 m))`, `m = min(|d|, delta)`: Huber's and smooth L1's loss.
+    fn huber_mean(
+        &self,
+        op: &'static str,
+        pred: NodeId,
+        target: NodeId,
+        delta: f32,
+        scale: f32,
+    ) -> Result<NodeId> {
+        if !(delta > 0.0 && delta.is_finite()) {
+            return Err(shape_err(
+                op,
+                format!("delta (beta) must be positive and finite, got {delta}"),
+            ));
+        }
+        let (pred, target) = self.regression_operands(op, pred, target)?;
+        let a = self.abs(self.sub(pred, target)?)?;
+        let m = self.clamp(a, 0.0, delta)?;
+        let h = self.mul(m, self.sub(a, self.mul_scalar(m, 0.5)?)?)?;
+        let h = if scale == 1.0 {
+            h
+        } else {
+            self.mul_scalar(h, scale)?
+        };
+        self.mean_all(h)
+    }
+
+    /// Negative log-likelihood of class labels (`torch.nn.functional.nll_loss(log_probs,
+    /// labels, ignore_index=..)`): `-mean(log_probs[i, labels[i]])` over `log_probs (N, C)` and
+    /// `labels (N)` (class indices as f32), the mean over the rows not ignored, shape `[1]`.
+    /// The pick is a comparison of each label with the class indices, inside the sum's loads
+    /// (one kernel; its gradient one fused kernel). A label outside `[0, C)` picks nothing.
+    pub fn nll_loss(
+        &self,
+        log_probs: NodeId,
+        labels: NodeId,
+        ignore_index: Option<i64>,
+    ) -> Result<NodeId> {
+        const OP: &str = "nll_loss";
+        let (sl, sy) = (self.check_id(OP, log_probs)?, self.check_id(OP, labels)?);
+        if sl.rank() != 2 || sy.dims() != [sl.dims()[0]] {
+            return Err(shape_err(
+                OP,
+                format!("log_probs {sl} and labels {sy}: expected log_probs (N, C) and labels (N)"),
+            ));
+        }
+        let (n, c) = (sl.dims()[0], sl.dims()[1]);
+        let log_probs = self.cast(log_probs, DType::F32)?;
+        let classes = self.constant(Tensor::new([1, c], (0..c).map(|k| k as f32).collect())?);
+        let column = self.reshape(labels, &[n as isize, 1])?;
+        let onehot = self.binary(BinaryOp::Equal, column, classes)?;
+        match ignore_index {
+            // the scale inside the sum's program, so that the loss stays one kernel
+            None => self.sum_all(self.mul(log_probs, self.mul_scalar(onehot, -1.0 / n as f32)?)?),
+            Some(i) => {
+                let i = i as f32;
+                let kept = self.rsub_scalar(self.unary(UnaryOp::ClampMask(i, i), labels)?, 1.0)?;
+                let kept_rows = self.reshape(kept, &[n as isize, 1])?;
+                let picked = self.sum_all(self.mul(self.mul(log_probs, onehot)?, kept_rows)?)?;
+                self.neg(self.div(picked, self.sum_all(kept)?)?)
+            }
+        }
+    }
+
+    /// Kullback-Leibler divergence (`torch.nn.functional.kl_div(input, target,
+    /// reduction="batchmean", log_target=..)`): `sum(target (log target - input)) / N` over
+    /// `input` (log-probabilities) and `target` of the same shape, `N` the first extent, shape
+    /// `[1]`. A zero target adds 0 (torch's `xlogy`); with `log_target` the target is given as
+    /// log-probabilities, `sum(exp(t) (t - input)) / N`.
+    pub fn kl_div(&self, input: NodeId, target: NodeId, log_target: bool) -> Result<NodeId> {
+        let (x, t) = self.regression_operands("kl_div", input, target)?;
+        let n = self.shape(x).dims().first().copied().unwrap_or(1).max(1);
+        let terms = if log_target {
+            self.mul(self.exp(t)?, self.sub(t, x)?)?
+        } else {
+            // t log t with 0 log 0 = 0: the logarithm of max(t, smallest normal) stays finite,
+            // and a zero t multiplies it away
+            let log_t = self.log(self.clamp(t, f32::MIN_POSITIVE, f32::MAX)?)?;
+            self.mul(t, self.sub(log_t, x)?)?
+        };
+        // each term divided by N inside the sum's program: one kernel
+        self.sum_all(self.div_scalar(terms, n as f32)?)
     }
 
     /// Binary cross-entropy on logits (`binary_cross_entropy_with_logits`), mean, shape `[1]`:
