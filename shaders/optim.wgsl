@@ -16,13 +16,19 @@
 //                                        `grad_scaler`: the scaled gradients' sum of squares
 //   2  grad    storage, read        [N]
 //   3  param   storage, read_write  [N] updated in place
-//   4  state1  storage, read_write  [N] momentum buffer (sgd_momentum) or exp_avg (adam)
-//   5  state2  storage, read_write  [N] exp_avg_sq (adam)
+//   4  state1  storage, read_write  [N] momentum buffer (sgd_momentum), exp_avg (adam),
+//                                       square_avg (rmsprop*) or sum (adagrad)
+//   5  state2  storage, read_write  [N] exp_avg_sq (adam), momentum_buffer
+//                                       (rmsprop_momentum, rmsprop_centered_momentum) or
+//                                       grad_avg (rmsprop_centered)
+//   6  state3  storage, read_write  [N] grad_avg (rmsprop_centered_momentum)
 //   `grad_scaler`: 2 scaler (read_write) [8] its state, updated in place (SCALER_* below);
 //                  3 hyper_out (read_write) [16] the hyper vector the updates read
 //   `accumulate`: 0 micro_grad (read) [N] a micro-batch's gradient; 1 accumulator
 //                 (read_write) [N], updated in place
-// Entries: `sgd` (bindings 0-3), `sgd_momentum` (0-4), `adam` (0-5), `grad_scaler` (0-3),
+// Entries: `sgd` (bindings 0-3), `sgd_momentum` (0-4), `adam` (0-5), `rmsprop` (0-4),
+//          `rmsprop_momentum` and `rmsprop_centered` (0-5), `rmsprop_centered_momentum` (0-6),
+//          `adagrad` (0-4), `grad_scaler` (0-3),
 //          `accumulate` (0-1: accumulator = (FIRST ? 0 : accumulator) + ACC_SCALE * micro_grad,
 //          gradient accumulation over micro-batches).
 // Overrides: N elements; NESTEROV (sgd_momentum); DECOUPLED (adam: AdamW's decoupled decay);
@@ -52,6 +58,7 @@ const WG: u32 = 256u;
 @group(0) @binding(3) var<storage, read_write> param: array<f32>;
 @group(0) @binding(4) var<storage, read_write> state1: array<f32>;
 @group(0) @binding(5) var<storage, read_write> state2: array<f32>;
+@group(0) @binding(6) var<storage, read_write> state3: array<f32>;
 @group(0) @binding(2) var<storage, read_write> scaler: array<f32>;
 @group(0) @binding(3) var<storage, read_write> hyper_out: array<f32>;
 @group(0) @binding(0) var<storage, read> micro_grad: array<f32>;
@@ -70,6 +77,7 @@ const HYPER_BIAS_CORRECTION1: u32 = 8u;
 const HYPER_BIAS_CORRECTION2_SQRT: u32 = 9u;
 const HYPER_GRAD_SCALE: u32 = 10u;
 const HYPER_SKIP: u32 = 11u;
+const HYPER_ALPHA: u32 = 12u;
 
 // The factor an update multiplies its gradient by: clipping's `clip` (scale[0]) and dynamic loss
 // scaling's unscaling.
@@ -126,6 +134,45 @@ fn adam_update(p0: f32, gr: f32, sc: f32, m0: f32, v0: f32) -> vec3<f32> {
     let denom = sqrt(v) / hyper[HYPER_BIAS_CORRECTION2_SQRT] + hyper[HYPER_EPS];
     return vec3<f32>(p - step_size * m / denom, m, v);
 }
+
+// returns (param, square_avg, momentum_buffer, grad_avg): torch.optim.RMSprop; the buffer and
+// the average of gradients come back as given where `momentum` or `centered` is off (each
+// caller passes constants, so the branches fold)
+fn rmsprop_update(
+    p: f32,
+    gr: f32,
+    sc: f32,
+    sq0: f32,
+    buf0: f32,
+    ga0: f32,
+    momentum: bool,
+    centered: bool,
+) -> vec4<f32> {
+    let g = gr * sc + hyper[HYPER_WEIGHT_DECAY] * p;
+    let a = hyper[HYPER_ALPHA];
+    let sq = a * sq0 + (1.0 - a) * g * g;
+    var ga = ga0;
+    var avg = sqrt(sq) + hyper[HYPER_EPS];
+    if centered {
+        // torch: grad_avg.lerp_(grad, 1 - alpha); square_avg - grad_avg^2 under the root
+        ga = ga0 + (1.0 - a) * (g - ga0);
+        avg = sqrt(sq - ga * ga) + hyper[HYPER_EPS];
+    }
+    var buf = buf0;
+    var np = p - hyper[HYPER_LR] * (g / avg);
+    if momentum {
+        buf = hyper[HYPER_MOMENTUM] * buf0 + g / avg;
+        np = p - hyper[HYPER_LR] * buf;
+    }
+    return vec4<f32>(np, sq, buf, ga);
+}
+
+// returns (param, sum): torch.optim.Adagrad, the learning rate's decay in hyper[HYPER_LR]
+fn adagrad_update(p: f32, gr: f32, sc: f32, s0: f32) -> vec2<f32> {
+    let g = gr * sc + hyper[HYPER_WEIGHT_DECAY] * p;
+    let s = s0 + g * g;
+    return vec2<f32>(p - hyper[HYPER_LR] * (g / (sqrt(s) + hyper[HYPER_EPS])), s);
+}
 // shared: end optim_math
 
 fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
@@ -174,6 +221,85 @@ fn adam(
     param[i] = r.x;
     state1[i] = r.y;
     state2[i] = r.z;
+}
+
+@compute @workgroup_size(256)
+fn rmsprop(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = index(wid, nwg, lid);
+    if i >= N || skipped() {
+        return;
+    }
+    let r = rmsprop_update(param[i], grad[i], step_scale(scale[0]), state1[i], 0.0, 0.0, false, false);
+    param[i] = r.x;
+    state1[i] = r.y;
+}
+
+@compute @workgroup_size(256)
+fn rmsprop_momentum(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = index(wid, nwg, lid);
+    if i >= N || skipped() {
+        return;
+    }
+    let r = rmsprop_update(param[i], grad[i], step_scale(scale[0]), state1[i], state2[i], 0.0, true, false);
+    param[i] = r.x;
+    state1[i] = r.y;
+    state2[i] = r.z;
+}
+
+@compute @workgroup_size(256)
+fn rmsprop_centered(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = index(wid, nwg, lid);
+    if i >= N || skipped() {
+        return;
+    }
+    let r = rmsprop_update(param[i], grad[i], step_scale(scale[0]), state1[i], 0.0, state2[i], false, true);
+    param[i] = r.x;
+    state1[i] = r.y;
+    state2[i] = r.w;
+}
+
+@compute @workgroup_size(256)
+fn rmsprop_centered_momentum(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = index(wid, nwg, lid);
+    if i >= N || skipped() {
+        return;
+    }
+    let r = rmsprop_update(param[i], grad[i], step_scale(scale[0]), state1[i], state2[i], state3[i], true, true);
+    param[i] = r.x;
+    state1[i] = r.y;
+    state2[i] = r.z;
+    state3[i] = r.w;
+}
+
+@compute @workgroup_size(256)
+fn adagrad(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = index(wid, nwg, lid);
+    if i >= N || skipped() {
+        return;
+    }
+    let r = adagrad_update(param[i], grad[i], step_scale(scale[0]), state1[i]);
+    param[i] = r.x;
+    state1[i] = r.y;
 }
 
 const SCALER_SCALE: u32 = 0u;

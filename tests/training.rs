@@ -630,6 +630,14 @@ fn optimizer_steps_match_between_gpu_and_cpu() {
                 eta_min: 1e-3,
             })
             .warmup(2),
+        Optimizer::rmsprop(1e-2),
+        Optimizer::rmsprop(1e-2)
+            .momentum(0.9)
+            .centered(true)
+            .weight_decay(1e-2),
+        Optimizer::rmsprop(1e-2).centered(true).clip_grad_norm(0.5),
+        Optimizer::rmsprop(1e-2).momentum(0.5),
+        Optimizer::adagrad(0.1).adagrad_options(0.01, 0.1),
     ];
     for opt in opts {
         // fresh devices: parameters start from the same seeded init on both
@@ -755,13 +763,56 @@ fn textbook_adam(p0: [f64; 3], steps: i32, wd: f64, decoupled: bool) -> [f64; 3]
     p
 }
 
+/// [`textbook_sgd`] for torch.optim.RMSprop: lr 0.01, alpha 0.9, eps 1e-8, weight decay 0.1,
+/// momentum `mu` (0: none), `centered`.
+fn textbook_rmsprop(p0: [f64; 3], steps: usize, mu: f64, centered: bool) -> [f64; 3] {
+    let (lr, alpha, eps, wd) = (0.01, 0.9, 1e-8, 0.1);
+    let mut p = p0;
+    let (mut sq, mut buf, mut ga) = ([0f64; 3], [0f64; 3], [0f64; 3]);
+    for _ in 0..steps {
+        for i in 0..3 {
+            let g = p[i] + wd * p[i];
+            sq[i] = alpha * sq[i] + (1.0 - alpha) * g * g;
+            let mut v = sq[i];
+            if centered {
+                ga[i] = alpha * ga[i] + (1.0 - alpha) * g;
+                v -= ga[i] * ga[i];
+            }
+            let avg = v.sqrt() + eps;
+            if mu > 0.0 {
+                buf[i] = mu * buf[i] + g / avg;
+                p[i] -= lr * buf[i];
+            } else {
+                p[i] -= lr * g / avg;
+            }
+        }
+    }
+    p
+}
+
+/// [`textbook_sgd`] for torch.optim.Adagrad: lr 0.1, lr_decay 0.1, weight decay 0.05,
+/// initial_accumulator_value 0.1, eps 1e-10.
+fn textbook_adagrad(p0: [f64; 3], steps: usize) -> [f64; 3] {
+    let (lr, decay, wd, eps) = (0.1, 0.1, 0.05, 1e-10);
+    let mut p = p0;
+    let mut sum = [0.1f64; 3];
+    for t in 0..steps {
+        let clr = lr / (1.0 + t as f64 * decay);
+        for i in 0..3 {
+            let g = p[i] + wd * p[i];
+            sum[i] += g * g;
+            p[i] -= clr * g / (sum[i].sqrt() + eps);
+        }
+    }
+    p
+}
+
 #[test]
 fn update_rules_follow_torch_optim() {
     // one parameter vector, gradient of 0.5 * |p|^2 is p itself: compare 3 steps with the
     // textbook formulas of torch.optim's documentation, in f64
     let p0 = [0.5f64, -1.0, 2.0];
-    let run = |opt: Optimizer| -> Vec<f32> {
-        let dev = Device::cpu();
+    let run_on = |dev: Device, opt: Optimizer| -> Vec<f32> {
         let g = Graph::new();
         let p = g.param_init(
             "p",
@@ -776,6 +827,7 @@ fn update_rules_follow_torch_optim() {
         }
         dev.param("p").unwrap().into_data()
     };
+    let run = |opt: Optimizer| run_on(Device::cpu(), opt);
     let p = textbook_sgd(p0, 3);
     let got = run(Optimizer::sgd_momentum(0.1, 0.9, true).weight_decay(0.1));
     for i in 0..3 {
@@ -794,6 +846,41 @@ fn update_rules_follow_torch_optim() {
             assert!(
                 (got[i] as f64 - p[i]).abs() < 1e-5,
                 "adam decoupled={decoupled}: {got:?} vs {p:?}"
+            );
+        }
+    }
+    // RMSprop in its four forms and Adagrad, on both backends (one parameter: the update's own
+    // kernel on the GPU, not a group's)
+    let mut devices = vec![Device::cpu as fn() -> Device];
+    if gpu().is_some() {
+        devices.push(|| Device::gpu().unwrap());
+    }
+    for dev in devices {
+        for (mu, centered) in [(0.0, false), (0.5, false), (0.0, true), (0.5, true)] {
+            let p = textbook_rmsprop(p0, 3, mu, centered);
+            let opt = Optimizer::rmsprop(0.01)
+                .alpha(0.9)
+                .weight_decay(0.1)
+                .momentum(mu as f32)
+                .centered(centered);
+            let got = run_on(dev(), opt);
+            for i in 0..3 {
+                let near = (got[i] as f64 - p[i]).abs() < 1e-5;
+                assert!(
+                    near,
+                    "rmsprop mu={mu} centered={centered}: {got:?} vs {p:?}"
+                );
+            }
+        }
+        let p = textbook_adagrad(p0, 3);
+        let opt = Optimizer::adagrad(0.1)
+            .adagrad_options(0.1, 0.1)
+            .weight_decay(0.05);
+        let got = run_on(dev(), opt);
+        for i in 0..3 {
+            assert!(
+                (got[i] as f64 - p[i]).abs() < 1e-5,
+                "adagrad: {got:?} vs {p:?}"
             );
         }
     }

@@ -930,6 +930,23 @@ fn every_optimizer_group_is_valid_wgsl() {
         OptimKind::SgdMomentum { nesterov: true },
         OptimKind::Adam { decoupled: false },
         OptimKind::Adam { decoupled: true },
+        OptimKind::Rmsprop {
+            centered: false,
+            momentum: false,
+        },
+        OptimKind::Rmsprop {
+            centered: true,
+            momentum: false,
+        },
+        OptimKind::Rmsprop {
+            centered: false,
+            momentum: true,
+        },
+        OptimKind::Rmsprop {
+            centered: true,
+            momentum: true,
+        },
+        OptimKind::Adagrad,
     ];
     for kind in kinds {
         for sizes in [vec![7usize], vec![1, 300, 256, 70_000, 3]] {

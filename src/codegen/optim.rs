@@ -80,7 +80,7 @@ pub fn wgsl(group: &OptimGroup, sizes: &[usize], grads: &[DType], scale: Scale) 
     let (nesterov, decoupled) = match group.kind {
         OptimKind::SgdMomentum { nesterov } => (nesterov, false),
         OptimKind::Adam { decoupled } => (false, decoupled),
-        OptimKind::Sgd => (false, false),
+        _ => (false, false),
     };
     let state_names = group.kind.state_names();
     let mut s = String::new();
@@ -242,6 +242,36 @@ fn main(
         p{j}[i] = r.x;
         s{j}_0[i] = r.y;
         s{j}_1[i] = r.z;"
+            ),
+            // states: square_avg, then momentum_buffer, then grad_avg, as they are on
+            OptimKind::Rmsprop { centered, momentum } => {
+                let buf = if momentum {
+                    format!("s{j}_1[i]")
+                } else {
+                    "0.0".into()
+                };
+                let ga = if centered {
+                    format!("s{j}_{}[i]", ns - 1)
+                } else {
+                    "0.0".into()
+                };
+                let mut u = format!(
+                    "        let r = rmsprop_update(p{j}[i], {gr}, sc, s{j}_0[i], {buf}, {ga}, {momentum}, {centered});
+        p{j}[i] = r.x;
+        s{j}_0[i] = r.y;"
+                );
+                if momentum {
+                    u.push_str(&format!("\n        s{j}_1[i] = r.z;"));
+                }
+                if centered {
+                    u.push_str(&format!("\n        s{j}_{}[i] = r.w;", ns - 1));
+                }
+                u
+            }
+            OptimKind::Adagrad => format!(
+                "        let r = adagrad_update(p{j}[i], {gr}, sc, s{j}_0[i]);
+        p{j}[i] = r.x;
+        s{j}_0[i] = r.y;"
             ),
         };
         s.push_str(&member_branch(starts[j], starts[j + 1], n, &update));

@@ -1,5 +1,5 @@
 //! Optimizers with torch.optim's update rules (SGD with momentum, dampening, Nesterov and weight
-//! decay; Adam; AdamW), learning-rate schedules (step, cosine, linear, exponential; linear
+//! decay; Adam; AdamW; RMSprop, centered and with momentum; Adagrad), learning-rate schedules (step, cosine, linear, exponential; linear
 //! warmup), clipping by global gradient norm and dynamic loss scaling for mixed precision
 //! ([`GradScaler`]). `minimize` appends the backward pass and one fused in-place update kernel
 //! per parameter to a graph; `hyper` gives the small per-step input (learning rate, bias
@@ -37,6 +37,21 @@ pub enum Rule {
         beta2: f32,
         eps: f32,
         weight_decay: f32,
+    },
+    /// `torch.optim.RMSprop(lr, alpha, eps, weight_decay, momentum, centered)`.
+    Rmsprop {
+        alpha: f32,
+        eps: f32,
+        weight_decay: f32,
+        momentum: f32,
+        centered: bool,
+    },
+    /// `torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps)`.
+    Adagrad {
+        lr_decay: f32,
+        weight_decay: f32,
+        initial_accumulator_value: f32,
+        eps: f32,
     },
 }
 
@@ -225,12 +240,73 @@ impl Optimizer {
             lr,
         )
     }
-    /// Sets L2 weight decay (SGD, Adam) or decoupled decay (AdamW).
+    /// RMSprop with torch's defaults (alpha 0.99, eps 1e-8, no momentum, not centered).
+    pub fn rmsprop(lr: f32) -> Self {
+        Self::with(
+            Rule::Rmsprop {
+                alpha: 0.99,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                momentum: 0.0,
+                centered: false,
+            },
+            lr,
+        )
+    }
+    /// Adagrad with torch's defaults (no learning-rate decay, accumulators from 0, eps 1e-10).
+    pub fn adagrad(lr: f32) -> Self {
+        Self::with(
+            Rule::Adagrad {
+                lr_decay: 0.0,
+                weight_decay: 0.0,
+                initial_accumulator_value: 0.0,
+                eps: 1e-10,
+            },
+            lr,
+        )
+    }
+    /// Sets L2 weight decay (SGD, Adam, RMSprop, Adagrad) or decoupled decay (AdamW).
     pub fn weight_decay(mut self, wd: f32) -> Self {
         match &mut self.rule {
             Rule::Sgd { weight_decay, .. }
             | Rule::Adam { weight_decay, .. }
-            | Rule::AdamW { weight_decay, .. } => *weight_decay = wd,
+            | Rule::AdamW { weight_decay, .. }
+            | Rule::Rmsprop { weight_decay, .. }
+            | Rule::Adagrad { weight_decay, .. } => *weight_decay = wd,
+        }
+        self
+    }
+    /// Sets SGD's and RMSprop's momentum (0: none).
+    pub fn momentum(mut self, m: f32) -> Self {
+        if let Rule::Sgd { momentum, .. } | Rule::Rmsprop { momentum, .. } = &mut self.rule {
+            *momentum = m;
+        }
+        self
+    }
+    /// Sets RMSprop's `alpha` (its square average's decay; torch's default 0.99).
+    pub fn alpha(mut self, a: f32) -> Self {
+        if let Rule::Rmsprop { alpha, .. } = &mut self.rule {
+            *alpha = a;
+        }
+        self
+    }
+    /// Makes RMSprop centered (the gradient's variance, not its second moment, under the root).
+    pub fn centered(mut self, on: bool) -> Self {
+        if let Rule::Rmsprop { centered, .. } = &mut self.rule {
+            *centered = on;
+        }
+        self
+    }
+    /// Sets Adagrad's `lr_decay` (the learning rate at step t is `lr / (1 + t lr_decay)`) and
+    /// `initial_accumulator_value`.
+    pub fn adagrad_options(mut self, decay: f32, initial: f32) -> Self {
+        if let Rule::Adagrad {
+            lr_decay,
+            initial_accumulator_value,
+            ..
+        } = &mut self.rule
+        {
+            (*lr_decay, *initial_accumulator_value) = (decay, initial);
         }
         self
     }
@@ -242,10 +318,14 @@ impl Optimizer {
         }
         self
     }
-    /// Sets Adam's and AdamW's `eps` (added to the second moment's square root; torch's
-    /// default 1e-8).
+    /// Sets Adam's, AdamW's, RMSprop's and Adagrad's `eps` (added to the denominator's square
+    /// root; torch's default 1e-8, Adagrad's 1e-10).
     pub fn eps(mut self, e: f32) -> Self {
-        if let Rule::Adam { eps, .. } | Rule::AdamW { eps, .. } = &mut self.rule {
+        if let Rule::Adam { eps, .. }
+        | Rule::AdamW { eps, .. }
+        | Rule::Rmsprop { eps, .. }
+        | Rule::Adagrad { eps, .. } = &mut self.rule
+        {
             *eps = e;
         }
         self
@@ -296,6 +376,13 @@ impl Optimizer {
             Rule::Sgd { .. } => OptimKind::Sgd,
             Rule::Adam { .. } => OptimKind::Adam { decoupled: false },
             Rule::AdamW { .. } => OptimKind::Adam { decoupled: true },
+            Rule::Rmsprop {
+                momentum, centered, ..
+            } => OptimKind::Rmsprop {
+                centered,
+                momentum: momentum != 0.0,
+            },
+            Rule::Adagrad { .. } => OptimKind::Adagrad,
         }
     }
 
@@ -335,7 +422,8 @@ impl Optimizer {
     /// Appends to `g` the gradients of `loss` for `params` (parameter nodes), optional clipping,
     /// loss scaling, and one in-place update per parameter; returns the update nodes (compile
     /// them as effects: `Device::compile_with(g, &[loss], &updates)`). State tensors are
-    /// parameters named `optim.<param>.<state>` (`exp_avg`, `exp_avg_sq`, `momentum_buffer`)
+    /// parameters named `optim.<param>.<state>` (torch's state keys: `exp_avg`, `exp_avg_sq`,
+    /// `momentum_buffer`, `square_avg`, `grad_avg`, `sum`)
     /// and `optim.grad_scaler.<first param>`, saved with checkpoints.
     pub fn minimize(&self, g: &Graph, loss: NodeId, params: &[NodeId]) -> Result<Vec<NodeId>> {
         let grads = self.gradients(g, loss, params)?;
@@ -450,13 +538,27 @@ impl Optimizer {
         names: &[String],
     ) -> Result<Vec<NodeId>> {
         let kind = self.kind();
+        // torch's states start at 0 but Adagrad's sums, at initial_accumulator_value
+        let start = match self.rule {
+            Rule::Adagrad {
+                initial_accumulator_value: v,
+                ..
+            } if v != 0.0 => Some(v),
+            _ => None,
+        };
         let mut updates = Vec::new();
         for ((&p, &gr), name) in params.iter().zip(grads).zip(names) {
             let shape = g.shape(p);
             let states: Vec<NodeId> = kind
                 .state_names()
                 .iter()
-                .map(|s| g.param(&format!("optim.{name}.{s}"), shape.clone()))
+                .map(|s| {
+                    let name = format!("optim.{name}.{s}");
+                    match start {
+                        Some(v) => g.param_init(&name, Tensor::full(shape.clone(), v)),
+                        None => g.param(&name, shape.clone()),
+                    }
+                })
                 .collect();
             updates.push(g.optim_step(kind, hyper, scale, gr, p, &states)?);
         }
@@ -502,6 +604,32 @@ impl Optimizer {
                 eps,
                 bias_correction1: 1.0 - beta1.powi(tp),
                 bias_correction2_sqrt: (1.0 - beta2.powi(tp)).sqrt(),
+                ..Default::default()
+            },
+            Rule::Rmsprop {
+                alpha,
+                eps,
+                weight_decay,
+                momentum,
+                ..
+            } => Hyper {
+                lr,
+                weight_decay,
+                momentum,
+                eps,
+                alpha,
+                ..Default::default()
+            },
+            // torch: clr = lr / (1 + (step - 1) lr_decay), step counted from 1
+            Rule::Adagrad {
+                lr_decay,
+                weight_decay,
+                eps,
+                ..
+            } => Hyper {
+                lr: lr / (1.0 + t as f32 * lr_decay),
+                weight_decay,
+                eps,
                 ..Default::default()
             },
         };

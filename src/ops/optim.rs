@@ -1,5 +1,6 @@
-//! Fused optimizer updates (SGD with momentum, Nesterov and weight decay; Adam; AdamW), applied in
-//! place to a parameter and its state on the device, with torch.optim's arithmetic.
+//! Fused optimizer updates (SGD with momentum, Nesterov and weight decay; Adam; AdamW; RMSprop,
+//! centered and with momentum; Adagrad), applied in place to a parameter and its state on the
+//! device, with torch.optim's arithmetic.
 //! Kernel: `shaders/optim.wgsl`.
 //!
 //! An update is a graph node with inputs `[hyper, scale, grad, param, state..]`; it writes the
@@ -28,6 +29,8 @@ pub const HYPER_GRAD_SCALE: usize = 10;
 /// Index in the hyperparameter vector of the skip flag: nonzero where [`ScalerStep`] found a
 /// gradient that is not finite (the updates then change nothing).
 pub const HYPER_SKIP: usize = 11;
+/// Index in the hyperparameter vector of RMSprop's `alpha` (its square average's decay).
+pub const HYPER_ALPHA: usize = 12;
 /// Length of a [`ScalerStep`]'s state: `[scale, growth_tracker, steps, s1, s2, 0, 0, 0]`, where
 /// `steps` counts the steps taken (not skipped) and `s1`, `s2` are `sum_{k < steps} beta^k` of
 /// the two betas (`1 - beta^t = (1 - beta) s`, exact in f32 where `beta^t` is not).
@@ -42,6 +45,11 @@ pub enum OptimKind {
     SgdMomentum { nesterov: bool },
     /// Adam, or AdamW when `decoupled` (inputs: .., param, exp_avg, exp_avg_sq).
     Adam { decoupled: bool },
+    /// RMSprop (inputs: .., param, square_avg, then momentum_buffer with `momentum`, then
+    /// grad_avg when `centered`).
+    Rmsprop { centered: bool, momentum: bool },
+    /// Adagrad (inputs: .., param, sum).
+    Adagrad,
 }
 
 impl OptimKind {
@@ -51,6 +59,10 @@ impl OptimKind {
             OptimKind::Sgd => 0,
             OptimKind::SgdMomentum { .. } => 1,
             OptimKind::Adam { .. } => 2,
+            OptimKind::Rmsprop { centered, momentum } => {
+                1 + *momentum as usize + *centered as usize
+            }
+            OptimKind::Adagrad => 1,
         }
     }
     /// Names of the state tensors, PyTorch's state keys.
@@ -59,6 +71,25 @@ impl OptimKind {
             OptimKind::Sgd => &[],
             OptimKind::SgdMomentum { .. } => &["momentum_buffer"],
             OptimKind::Adam { .. } => &["exp_avg", "exp_avg_sq"],
+            OptimKind::Rmsprop { centered, momentum } => match (momentum, centered) {
+                (false, false) => &["square_avg"],
+                (true, false) => &["square_avg", "momentum_buffer"],
+                (false, true) => &["square_avg", "grad_avg"],
+                (true, true) => &["square_avg", "momentum_buffer", "grad_avg"],
+            },
+            OptimKind::Adagrad => &["sum"],
+        }
+    }
+
+    /// Name in reports.
+    fn name(&self) -> &'static str {
+        match self {
+            OptimKind::Sgd => "sgd",
+            OptimKind::SgdMomentum { .. } => "sgd_momentum",
+            OptimKind::Adam { decoupled: false } => "adam",
+            OptimKind::Adam { decoupled: true } => "adamw",
+            OptimKind::Rmsprop { .. } => "rmsprop",
+            OptimKind::Adagrad => "adagrad",
         }
     }
 }
@@ -79,6 +110,8 @@ pub struct Hyper {
     pub bias_correction1: f32,
     /// `sqrt(1 - beta2^t)`
     pub bias_correction2_sqrt: f32,
+    /// RMSprop's `alpha`.
+    pub alpha: f32,
 }
 
 impl Hyper {
@@ -96,6 +129,7 @@ impl Hyper {
         v[8] = self.bias_correction1;
         v[9] = self.bias_correction2_sqrt;
         v[HYPER_GRAD_SCALE] = 1.0;
+        v[HYPER_ALPHA] = self.alpha;
         Tensor::new([HYPER_LEN], v).expect("hyper length")
     }
 
@@ -112,6 +146,7 @@ impl Hyper {
             eps: v[7],
             bias_correction1: v[8],
             bias_correction2_sqrt: v[9],
+            alpha: v[HYPER_ALPHA],
         }
     }
 }
@@ -125,12 +160,7 @@ pub struct OptimStep {
 impl OptimStep {
     /// Name in reports.
     pub fn name(&self) -> &'static str {
-        match self.kind {
-            OptimKind::Sgd => "sgd",
-            OptimKind::SgdMomentum { .. } => "sgd_momentum",
-            OptimKind::Adam { decoupled: false } => "adam",
-            OptimKind::Adam { decoupled: true } => "adamw",
-        }
+        self.kind.name()
     }
 
     /// CPU reference, in f32 as the kernel (the same operations in the same order):
@@ -145,8 +175,11 @@ impl OptimStep {
         let (grad, param) = (inputs[2].data(), inputs[3].data());
         let n = param.len();
         let mut p_out = vec![0f32; n];
-        let mut s1 = vec![0f32; if self.kind.n_states() > 0 { n } else { 0 }];
-        let mut s2 = vec![0f32; if self.kind.n_states() > 1 { n } else { 0 }];
+        let ns = self.kind.n_states();
+        let mut states: Vec<Vec<f32>> = inputs[4..4 + ns]
+            .iter()
+            .map(|t| t.data().to_vec())
+            .collect();
         for i in 0..n {
             let p = param[i];
             match self.kind {
@@ -161,7 +194,7 @@ impl OptimStep {
                     } else {
                         h.momentum * inputs[4].data()[i] + (1.0 - h.dampening) * g
                     };
-                    s1[i] = b;
+                    states[0][i] = b;
                     g = if nesterov { g + h.momentum * b } else { b };
                     p_out[i] = p - h.lr * g;
                 }
@@ -175,21 +208,46 @@ impl OptimStep {
                     }
                     let m = h.beta1 * inputs[4].data()[i] + (1.0 - h.beta1) * g;
                     let v = h.beta2 * inputs[5].data()[i] + (1.0 - h.beta2) * g * g;
-                    s1[i] = m;
-                    s2[i] = v;
+                    states[0][i] = m;
+                    states[1][i] = v;
                     let step_size = h.lr / h.bias_correction1;
                     let denom = v.sqrt() / h.bias_correction2_sqrt + h.eps;
                     p_out[i] = p - step_size * m / denom;
+                }
+                OptimKind::Rmsprop { centered, momentum } => {
+                    let g = grad[i] * scale + h.weight_decay * p;
+                    let a = h.alpha;
+                    let sq = a * states[0][i] + (1.0 - a) * g * g;
+                    states[0][i] = sq;
+                    let avg = if centered {
+                        let ga0 = states[ns - 1][i];
+                        // torch: grad_avg.lerp_(grad, 1 - alpha)
+                        let ga = ga0 + (1.0 - a) * (g - ga0);
+                        states[ns - 1][i] = ga;
+                        (sq - ga * ga).sqrt() + h.eps
+                    } else {
+                        sq.sqrt() + h.eps
+                    };
+                    p_out[i] = if momentum {
+                        let b = h.momentum * states[1][i] + g / avg;
+                        states[1][i] = b;
+                        p - h.lr * b
+                    } else {
+                        p - h.lr * (g / avg)
+                    };
+                }
+                OptimKind::Adagrad => {
+                    let g = grad[i] * scale + h.weight_decay * p;
+                    let s = states[0][i] + g * g;
+                    states[0][i] = s;
+                    p_out[i] = p - h.lr * (g / (s.sqrt() + h.eps));
                 }
             }
         }
         let shape = inputs[3].shape().clone();
         let mut out = vec![Tensor::new(shape.clone(), p_out).expect("param shape")];
-        if self.kind.n_states() > 0 {
-            out.push(Tensor::new(shape.clone(), s1).expect("state shape"));
-        }
-        if self.kind.n_states() > 1 {
-            out.push(Tensor::new(shape, s2).expect("state shape"));
+        for s in states {
+            out.push(Tensor::new(shape.clone(), s).expect("state shape"));
         }
         out
     }
@@ -200,6 +258,14 @@ impl OptimStep {
             OptimKind::Sgd => ("sgd", None),
             OptimKind::SgdMomentum { nesterov } => ("sgd_momentum", Some(("NESTEROV", nesterov))),
             OptimKind::Adam { decoupled } => ("adam", Some(("DECOUPLED", decoupled))),
+            // an entry per set of states bound (the flags are its constants)
+            OptimKind::Rmsprop { centered, momentum } => match (momentum, centered) {
+                (false, false) => ("rmsprop", None),
+                (true, false) => ("rmsprop_momentum", None),
+                (false, true) => ("rmsprop_centered", None),
+                (true, true) => ("rmsprop_centered_momentum", None),
+            },
+            OptimKind::Adagrad => ("adagrad", None),
         };
         let mut constants = vec![("N", param.numel() as f64)];
         if let Some((name, on)) = flag {
@@ -243,6 +309,8 @@ impl OptimGroup {
             OptimKind::SgdMomentum { .. } => "sgd_momentum_group",
             OptimKind::Adam { decoupled: false } => "adam_group",
             OptimKind::Adam { decoupled: true } => "adamw_group",
+            OptimKind::Rmsprop { .. } => "rmsprop_group",
+            OptimKind::Adagrad => "adagrad_group",
         }
     }
 
