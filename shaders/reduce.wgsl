@@ -1,10 +1,11 @@
-// reduce.wgsl: sum, mean or max over one axis. The input is viewed as [OUTER, LEN, INNER] with the
+// reduce.wgsl: sum, mean, max or min over one axis, or the index of the max or min. The input is viewed as [OUTER, LEN, INNER] with the
 // reduced axis in the middle; the output is [OUTER, INNER] (ROWS = OUTER * INNER values).
 //
 // Bindings (group 0):
 //   0  a    storage, read        [OUTER, LEN, INNER] input
 //   1  out  storage, read_write  [OUTER, INNER] output
-// Overrides: LEN, INNER, ROWS; OP: 0 sum, 1 mean, 2 max.
+// Overrides: LEN, INNER, ROWS; OP: 0 sum, 1 mean, 2 max, 3 min (entries `arg_*`: 2 the index
+//            of the maximum, 3 of the minimum, the first on ties, stored as an f32).
 // Every input value goes through `load`: src/codegen/elementwise.rs generates variants of this file
 // whose `load` computes a fused elementwise program (the blocks between the `generated:` markers
 // are replaced), so that e.g. sum(x * x) reads x once and writes nothing in between, and whose
@@ -14,7 +15,8 @@
 //           then a tree in workgroup memory combines the 64 partial results.
 //           Entry `columns` (chosen when INNER is large, e.g. summing a batch axis): ceil(ROWS / 64)
 //           workgroups, one thread per output looping over LEN; neighbouring threads read
-//           neighbouring addresses.
+//           neighbouring addresses. `arg_main` and `arg_columns`: the same geometry, each value
+//           carried with its index.
 
 override LEN: u32 = 1u;
 override INNER: u32 = 1u;
@@ -40,12 +42,25 @@ fn store(i: u32, v: f32) {
 // generated: end store
 
 var<workgroup> part: array<f32, 64>;
+var<workgroup> part_index: array<u32, 64>;
 
 fn combine(x: f32, y: f32) -> f32 {
     if OP == 2u {
         return max(x, y);
     }
+    if OP == 3u {
+        return min(x, y);
+    }
     return x + y;
+}
+
+// Whether value v at index i beats w at j: larger (OP 2) or smaller (OP 3), the first index on
+// ties, as torch.argmax and argmin.
+fn beats(v: f32, i: u32, w: f32, j: u32) -> bool {
+    if v == w {
+        return i < j;
+    }
+    return select((w > v), (v > w), OP == 2u);
 }
 
 @compute @workgroup_size(64)
@@ -59,8 +74,8 @@ fn main(
         return;
     }
     let base = (row / INNER) * LEN * INNER + row % INNER;
-    // max starts from a real element so that threads without a share hold a neutral value
-    var acc = select(0.0, load(base), OP == 2u);
+    // max and min start from a real element so that threads without a share hold a neutral value
+    var acc = select(0.0, load(base), OP >= 2u);
     for (var j = lid; j < LEN; j = j + WG) {
         acc = combine(acc, load(base + j * INNER));
     }
@@ -100,4 +115,63 @@ fn columns(
         acc = acc / f32(LEN);
     }
     store(row, acc);
+}
+
+@compute @workgroup_size(64)
+fn arg_main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.y * nwg.x + wid.x;
+    if row >= ROWS {
+        return;
+    }
+    let base = (row / INNER) * LEN * INNER + row % INNER;
+    // element 0 is every thread's first candidate (threads without a share keep it)
+    var best = load(base);
+    var at = 0u;
+    for (var j = lid; j < LEN; j = j + WG) {
+        let v = load(base + j * INNER);
+        if beats(v, j, best, at) {
+            best = v;
+            at = j;
+        }
+    }
+    part[lid] = best;
+    part_index[lid] = at;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if lid < s && beats(part[lid + s], part_index[lid + s], part[lid], part_index[lid]) {
+            part[lid] = part[lid + s];
+            part_index[lid] = part_index[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        store(row, f32(part_index[0]));
+    }
+}
+
+@compute @workgroup_size(64)
+fn arg_columns(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = (wid.y * nwg.x + wid.x) * WG + lid;
+    if row >= ROWS {
+        return;
+    }
+    let base = (row / INNER) * LEN * INNER + row % INNER;
+    var best = load(base);
+    var at = 0u;
+    for (var j = 1u; j < LEN; j = j + 1u) {
+        let v = load(base + j * INNER);
+        if beats(v, j, best, at) {
+            best = v;
+            at = j;
+        }
+    }
+    store(row, f32(at));
 }

@@ -194,6 +194,7 @@ fn softmax_reduce_layout_gradients() {
         ("sum", |g, x| g.sum(x, 1, false).unwrap()),
         ("mean", |g, x| g.mean(x, 0, true).unwrap()),
         ("max", |g, x| g.max(x, -1, false).unwrap()),
+        ("min", |g, x| g.min(x, 1, true).unwrap()),
         ("permute", |g, x| g.permute(x, &[2, 0, 1]).unwrap()),
         ("reshape", |g, x| g.reshape(x, &[12, 5]).unwrap()),
         ("expand", |g, x| {

@@ -353,6 +353,7 @@ fn reductions_over_each_axis() {
             g.sum(x, axis, keep).unwrap(),
             g.mean(x, axis, keep).unwrap(),
             g.max(x, axis, keep).unwrap(),
+            g.min(x, axis, keep).unwrap(),
         ];
         let xs = rand(shape, 99);
         check_gpu_vs_cpu(
@@ -362,7 +363,99 @@ fn reductions_over_each_axis() {
             &[("x", &xs)],
             TOL_REDUCTION,
         );
+        // indices exactly, on values of few levels so that ties are common: the first wins
+        let idx = vec![
+            g.argmax(x, axis, keep).unwrap(),
+            g.argmin(x, axis, keep).unwrap(),
+        ];
+        let coarse: Vec<f32> = xs.data().iter().map(|v| (v * 3.0).round()).collect();
+        let coarse = Tensor::new(shape, coarse).unwrap();
+        for (what, v) in [("random", &xs), ("tied", &coarse)] {
+            check_gpu_vs_cpu(
+                &format!("argmax {what} {shape:?} axis {axis}"),
+                &g,
+                &idx,
+                &[("x", v)],
+                (0.0, 0.0),
+            );
+        }
     }
+}
+
+/// torch's argmax and argmin (the first index on ties), comparisons as 0/1 masks, and a
+/// classifier's accuracy on the device: the argmax's kernel stores the comparison with the
+/// labels (an epilogue), one more kernel takes the mean.
+#[test]
+fn argmax_comparisons_and_accuracy() {
+    let g = Graph::new();
+    let x = g.input("x", [3, 4]);
+    let y = g.input("y", [3]);
+    let xs = Tensor::new(
+        [3, 4],
+        vec![1., 5., 5., 0., -2., -7., 3., -7., 2., 2., 2., 2.],
+    )
+    .unwrap();
+    let ys = Tensor::new([3], vec![1., 2., 3.]).unwrap();
+    let pred = g.argmax(x, 1, false).unwrap();
+    let accuracy = g.mean_all(g.eq(pred, y).unwrap()).unwrap();
+    let a = g.reshape(g.narrow(x, 1, 0, 1).unwrap(), &[3]).unwrap();
+    let b = g.reshape(g.narrow(x, 1, 1, 1).unwrap(), &[3]).unwrap();
+    let outs = vec![
+        pred,
+        g.argmin(x, 1, true).unwrap(),
+        g.argmax(x, 0, false).unwrap(),
+        accuracy,
+        g.eq(a, b).unwrap(),
+        g.ne(a, b).unwrap(),
+        g.ge(a, b).unwrap(),
+        g.gt(a, b).unwrap(),
+        g.le(a, b).unwrap(),
+        g.lt(a, b).unwrap(),
+    ];
+    // a = [1, -2, 2], b = [5, -7, 2]
+    let want: Vec<Vec<f32>> = vec![
+        vec![1., 2., 0.],
+        vec![3., 1., 0.],
+        vec![2., 0., 0., 2.],
+        vec![2.0 / 3.0],
+        vec![0., 0., 1.],
+        vec![1., 1., 0.],
+        vec![0., 1., 1.],
+        vec![0., 1., 0.],
+        vec![1., 0., 1.],
+        vec![1., 0., 0.],
+    ];
+    let mut devices = vec![("cpu", Device::cpu())];
+    devices.extend(common::gpu().map(|d| ("gpu", d)));
+    for (where_, dev) in devices {
+        let got = dev
+            .compile(&g, &outs)
+            .unwrap()
+            .run(&[("x", &xs), ("y", &ys)])
+            .unwrap();
+        for (k, (t, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(t.data(), &w[..], "output {k} on the {where_}");
+        }
+        if where_ == "gpu" {
+            let plan = dev.compile(&g, &[accuracy]).unwrap();
+            assert_eq!(plan.kernels().len(), 2, "{:?}", plan.kernels());
+        }
+    }
+    // no gradient through an index or a comparison; min's gradient goes to the minima
+    let loss = g
+        .add(
+            g.sum_all(pred).unwrap(),
+            g.sum_all(g.min(x, 1, false).unwrap()).unwrap(),
+        )
+        .unwrap();
+    let dx = g.grad(loss, &[x]).unwrap()[0];
+    let got = Device::cpu()
+        .compile(&g, &[dx])
+        .unwrap()
+        .run(&[("x", &xs)])
+        .unwrap();
+    let want = [0., 0., 0., 1., 0., 0.5, 0., 0.5, 0.25, 0.25, 0.25, 0.25];
+    assert_eq!(got[0].data(), &want[..]);
 }
 
 /// The multi-tensor sum of squares (gradient clipping's squared norm): partial sums per chunk

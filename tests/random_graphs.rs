@@ -50,7 +50,7 @@ enum Step {
     },
     /// The product of two values, transposed as their shapes allow.
     Product(u8, u8),
-    /// sum, mean or max over an axis, kept or not.
+    /// sum, mean, max or min over an axis, kept or not.
     Reduce(u8, u8, bool, bool),
     /// the sum or mean of all of a value's elements (a `[1]`).
     ReduceAll(u8, bool),
@@ -149,7 +149,7 @@ fn step() -> impl Strategy<Value = Step> {
             |(src, width, bias, relu, trans)| Step::Linear { src, width, bias, relu, trans }
         ),
         2 => (i(), i()).prop_map(|(a, b)| Step::Product(a, b)),
-        2 => (0u8..3, i(), any::<bool>(), any::<bool>())
+        2 => (0u8..4, i(), any::<bool>(), any::<bool>())
             .prop_map(|(k, s, axis, keep)| Step::Reduce(k, s, axis, keep)),
         1 => (i(), any::<bool>()).prop_map(|(s, mean)| Step::ReduceAll(s, mean)),
         1 => (i(), any::<bool>()).prop_map(|(s, log)| Step::Softmax(s, log)),
@@ -424,7 +424,8 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                 match k {
                     0 => g.sum(x, axis, keep),
                     1 => g.mean(x, axis, keep),
-                    _ => g.max(x, axis, keep),
+                    2 => g.max(x, axis, keep),
+                    _ => g.min(x, axis, keep),
                 }
                 .ok()
             }

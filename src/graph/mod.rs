@@ -1094,6 +1094,48 @@ impl Graph {
     pub fn max(&self, a: NodeId, axis: isize, keepdim: bool) -> Result<NodeId> {
         self.reduce(ReduceKind::Max, a, axis, keepdim)
     }
+    /// Minimum over `axis` (`torch.amin`).
+    pub fn min(&self, a: NodeId, axis: isize, keepdim: bool) -> Result<NodeId> {
+        self.reduce(ReduceKind::Min, a, axis, keepdim)
+    }
+    /// The index of the maximum over `axis` (`torch.argmax`; the first on ties), as an f32
+    /// whole number (indices are f32 in kiln, as labels are); no gradient. A classifier's
+    /// predictions: `argmax(logits, 1, false)`, its accuracy `mean_all(eq(.., labels))`,
+    /// without reading the logits back.
+    pub fn argmax(&self, a: NodeId, axis: isize, keepdim: bool) -> Result<NodeId> {
+        let a = self.cast(a, DType::F32)?;
+        self.reduce(ReduceKind::ArgMax, a, axis, keepdim)
+    }
+    /// The index of the minimum over `axis` (`torch.argmin`), as [`Graph::argmax`].
+    pub fn argmin(&self, a: NodeId, axis: isize, keepdim: bool) -> Result<NodeId> {
+        let a = self.cast(a, DType::F32)?;
+        self.reduce(ReduceKind::ArgMin, a, axis, keepdim)
+    }
+
+    /// `1` where `a == b`, else `0` (broadcasting; `torch.eq` as f32); no gradient.
+    pub fn eq(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::Equal, a, b)
+    }
+    /// `1` where `a != b`, else `0`, as [`Graph::eq`].
+    pub fn ne(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.rsub_scalar(self.eq(a, b)?, 1.0)
+    }
+    /// `1` where `a >= b`, else `0`, as [`Graph::eq`].
+    pub fn ge(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::GreaterEqual, a, b)
+    }
+    /// `1` where `a <= b`, else `0`, as [`Graph::eq`].
+    pub fn le(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::GreaterEqual, b, a)
+    }
+    /// `1` where `a > b`, else `0`, as [`Graph::eq`].
+    pub fn gt(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.rsub_scalar(self.le(a, b)?, 1.0)
+    }
+    /// `1` where `a < b`, else `0`, as [`Graph::eq`].
+    pub fn lt(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.rsub_scalar(self.ge(a, b)?, 1.0)
+    }
     /// Sum of every element, as a tensor of shape `[1]`.
     pub fn sum_all(&self, a: NodeId) -> Result<NodeId> {
         let flat = self.reshape(a, &[-1])?;

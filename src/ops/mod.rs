@@ -759,7 +759,7 @@ impl Op {
             Op::Binary(b) => b.backward(g, x[0], x[1], y, dy)?.to_vec(),
             Op::Cast(c) => vec![Some(c.backward(g, g.dtype(x[0]), dy)?)],
             Op::Softmax(s) => vec![Some(s.backward(g, y, dy)?)],
-            Op::Reduce(r) => vec![Some(r.backward(g, x[0], y, dy)?)],
+            Op::Reduce(r) => vec![r.backward(g, x[0], y, dy)?],
             Op::Permute(p) => vec![Some(p.backward(g, dy)?)],
             Op::Expand(_) => vec![Some(g.sum_to(dy, &g.shape(x[0]))?)],
             Op::AxisCopy(a) => a.backward(g, x, dy)?,

@@ -1,5 +1,6 @@
-//! Reductions over one axis: sum, mean, max (as `torch.sum/mean/amax(x, dim, keepdim)`).
-//! Kernel: `shaders/reduce.wgsl`.
+//! Reductions over one axis: sum, mean, max, min (as `torch.sum/mean/amax/amin(x, dim,
+//! keepdim)`), and the index of the maximum or minimum (`torch.argmax/argmin`: the first one on
+//! ties, as an f32 whole number). Kernel: `shaders/reduce.wgsl`.
 
 use super::KernelSpec;
 use crate::error::Result;
@@ -12,6 +13,18 @@ pub enum ReduceKind {
     Sum,
     Mean,
     Max,
+    Min,
+    /// The index of the maximum along the axis (the first on ties), as f32; no gradient.
+    ArgMax,
+    /// The index of the minimum along the axis (the first on ties), as f32; no gradient.
+    ArgMin,
+}
+
+impl ReduceKind {
+    /// Whether the result is an index (no gradient flows through it).
+    pub fn is_index(&self) -> bool {
+        matches!(self, ReduceKind::ArgMax | ReduceKind::ArgMin)
+    }
 }
 
 /// A reduction of `axis` (already resolved to be non-negative).
@@ -39,6 +52,9 @@ impl Reduce {
             ReduceKind::Sum => "sum",
             ReduceKind::Mean => "mean",
             ReduceKind::Max => "max",
+            ReduceKind::Min => "min",
+            ReduceKind::ArgMax => "argmax",
+            ReduceKind::ArgMin => "argmin",
         }
     }
 
@@ -60,10 +76,23 @@ impl Reduce {
         for o in 0..outer {
             for i in 0..inner {
                 let vals = (0..len).map(|j| a.data()[(o * len + j) * inner + i] as f64);
+                // the first index whose value beats every earlier one
+                let arg = |better: fn(f64, f64) -> bool| {
+                    let mut best = (0, f64::NAN);
+                    for (j, v) in vals.clone().enumerate() {
+                        if j == 0 || better(v, best.1) {
+                            best = (j, v);
+                        }
+                    }
+                    best.0 as f64
+                };
                 let r = match self.kind {
                     ReduceKind::Sum => vals.sum(),
                     ReduceKind::Mean => vals.sum::<f64>() / len as f64,
                     ReduceKind::Max => vals.fold(f64::NEG_INFINITY, f64::max),
+                    ReduceKind::Min => vals.fold(f64::INFINITY, f64::min),
+                    ReduceKind::ArgMax => arg(|v, b| v > b),
+                    ReduceKind::ArgMin => arg(|v, b| v < b),
                 };
                 data.push(r as f32);
             }
@@ -79,12 +108,19 @@ impl Reduce {
         let op = match self.kind {
             ReduceKind::Sum => 0,
             ReduceKind::Mean => 1,
-            ReduceKind::Max => 2,
+            ReduceKind::Max | ReduceKind::ArgMax => 2,
+            ReduceKind::Min | ReduceKind::ArgMin => 3,
         };
         let columns = inner >= 64;
+        let entry = match (self.kind.is_index(), columns) {
+            (false, false) => "main",
+            (false, true) => "columns",
+            (true, false) => "arg_main",
+            (true, true) => "arg_columns",
+        };
         KernelSpec {
             family: "reduce",
-            entry: if columns { "columns" } else { "main" },
+            entry,
             constants: vec![
                 ("LEN", len as f64),
                 ("INNER", inner as f64),
@@ -99,9 +135,13 @@ impl Reduce {
         }
     }
 
-    /// Backward: sum spreads `dy` over the axis, mean spreads `dy / len`, max sends `dy` to the
-    /// maxima (split evenly between ties, as `torch.amax`).
-    pub fn backward(&self, g: &Graph, x: NodeId, y: NodeId, dy: NodeId) -> Result<NodeId> {
+    /// Backward: sum spreads `dy` over the axis, mean spreads `dy / len`, max (min) sends `dy`
+    /// to the maxima (minima; split evenly between ties, as `torch.amax`); an index has no
+    /// gradient (`None`).
+    pub fn backward(&self, g: &Graph, x: NodeId, y: NodeId, dy: NodeId) -> Result<Option<NodeId>> {
+        if self.kind.is_index() {
+            return Ok(None);
+        }
         let xs = g.shape(x);
         let mut keep: Vec<isize> = xs.dims().iter().map(|&d| d as isize).collect();
         keep[self.axis] = 1;
@@ -109,13 +149,15 @@ impl Reduce {
         match self.kind {
             ReduceKind::Sum => g.expand(dy_keep, &xs),
             ReduceKind::Mean => g.div_scalar(g.expand(dy_keep, &xs)?, xs.dims()[self.axis] as f32),
-            ReduceKind::Max => {
+            ReduceKind::Max | ReduceKind::Min => {
                 let y_keep = g.reshape(y, &keep)?;
                 let mask = g.binary(super::binary::BinaryOp::Equal, x, y_keep)?;
                 let count = g.sum(mask, self.axis as isize, true)?;
                 g.mul(dy_keep, g.div(mask, count)?)
             }
+            ReduceKind::ArgMax | ReduceKind::ArgMin => unreachable!("returned above"),
         }
+        .map(Some)
     }
 }
 
