@@ -382,6 +382,101 @@ fn reductions_over_each_axis() {
     }
 }
 
+/// `pad` as torch's `F.pad` (pairs from the last axis, negative amounts crop, a constant value),
+/// `stack` and `split`: values against direct loops on both backends (GPU outputs poisoned),
+/// gradients against central differences, errors.
+#[test]
+fn pad_stack_and_split() {
+    let g = Graph::new();
+    let x = g.input("x", [2, 3, 4]);
+    let xs = rand(&[2, 3, 4], 7);
+    let padded = g.pad(x, &[(1, 2), (0, -1)], 0.5).unwrap();
+    let cropped = g.pad(x, &[(-1, -1)], 0.0).unwrap();
+    let zeros = g.pad(x, &[(0, 0), (2, 0), (1, 1)], 0.0).unwrap();
+    let stacked = g.stack(&[x, g.neg(x).unwrap()], -1).unwrap();
+    let parts = g.split(x, 2, &[1, 3]).unwrap();
+    let outs = [padded, cropped, zeros, stacked, parts[0], parts[1]];
+    assert_eq!(g.shape(padded).dims(), &[2, 2, 7]);
+    assert_eq!(g.shape(cropped).dims(), &[2, 3, 2]);
+    assert_eq!(g.shape(zeros).dims(), &[4, 5, 4]);
+    assert_eq!(g.shape(stacked).dims(), &[2, 3, 4, 2]);
+    let at = |i: usize, j: usize, k: usize| xs.data()[(i * 3 + j) * 4 + k];
+    // direct loops
+    let mut want: Vec<Vec<f32>> = vec![Vec::new(); 6];
+    for i in 0..2 {
+        for j in 0..2 {
+            for k in 0..7 {
+                let inside = (1..5).contains(&k);
+                want[0].push(if inside { at(i, j, k - 1) } else { 0.5 });
+            }
+        }
+    }
+    for i in 0..2 {
+        for j in 0..3 {
+            want[1].extend((1..3).map(|k| at(i, j, k)));
+        }
+    }
+    for i in 0..4 {
+        for j in 0..5 {
+            for k in 0..4 {
+                let inside = (1..3).contains(&i) && j >= 2;
+                want[2].push(if inside { at(i - 1, j - 2, k) } else { 0.0 });
+            }
+        }
+    }
+    for i in 0..2 {
+        for j in 0..3 {
+            for k in 0..4 {
+                want[3].extend([at(i, j, k), -at(i, j, k)]);
+                if k == 0 {
+                    want[4].push(at(i, j, k));
+                } else {
+                    want[5].push(at(i, j, k));
+                }
+            }
+        }
+    }
+    let mut devices = vec![Device::cpu()];
+    devices.extend(common::gpu());
+    for dev in devices {
+        let mut plan = dev.compile(&g, &outs).unwrap();
+        plan.poison(f32::NAN);
+        let got = plan.run(&[("x", &xs)]).unwrap();
+        for (k, (t, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(t.data(), &w[..], "output {k}");
+        }
+    }
+    let loss = common::random_projection(
+        &g,
+        g.concat(
+            &[
+                g.reshape(padded, &[-1]).unwrap(),
+                g.reshape(stacked, &[-1]).unwrap(),
+            ],
+            0,
+        )
+        .unwrap(),
+        3,
+    );
+    common::gradcheck(
+        "pad and stack",
+        &g,
+        loss,
+        &[("x", x)],
+        &[("x", &xs)],
+        24,
+        TOL_REDUCTION,
+    );
+    for (name, err) in [
+        ("pad", g.pad(x, &[(0, 0); 4], 0.0).unwrap_err()),
+        ("pad", g.pad(x, &[(-2, -2)], 0.0).unwrap_err()),
+        ("stack", g.stack(&[x, parts[1]], 0).unwrap_err()),
+        ("split", g.split(x, 1, &[1, 1]).unwrap_err()),
+    ] {
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}
+
 /// torch's argmax and argmin (the first index on ties), comparisons as 0/1 masks, and a
 /// classifier's accuracy on the device: the argmax's kernel stores the comparison with the
 /// labels (an epilogue), one more kernel takes the mean.

@@ -1353,6 +1353,102 @@ impl Graph {
         Ok(acc)
     }
 
+    /// Stacks tensors of one shape along a new axis `axis` (`torch.stack`): each viewed with an
+    /// extent-1 axis there, then concatenated.
+    pub fn stack(&self, xs: &[NodeId], axis: isize) -> Result<NodeId> {
+        let first = *xs
+            .first()
+            .ok_or_else(|| shape_err("stack", "no tensors to stack"))?;
+        let s0 = self.check_id("stack", first)?;
+        // the new axis may come after the last: axes of the result, rank + 1 of them
+        let rank = s0.rank() as isize + 1;
+        if axis < -rank || axis >= rank {
+            return Err(shape_err(
+                "stack",
+                format!("axis {axis} is outside the result's rank {rank}"),
+            ));
+        }
+        let ax = axis.rem_euclid(rank) as usize;
+        let mut views = Vec::with_capacity(xs.len());
+        for &x in xs {
+            let s = self.check_id("stack", x)?;
+            if s != s0 {
+                return Err(shape_err("stack", format!("{s0} and {s} differ")));
+            }
+            let mut d: Vec<isize> = s.dims().iter().map(|&e| e as isize).collect();
+            d.insert(ax, 1);
+            views.push(self.reshape(x, &d)?);
+        }
+        self.concat(&views, ax as isize)
+    }
+
+    /// Splits `a` along `axis` into pieces of `sizes` (`torch.split` with a list; they must add
+    /// up to the axis's extent): narrows, views where they start at a multiple of 256 bytes.
+    pub fn split(&self, a: NodeId, axis: isize, sizes: &[usize]) -> Result<Vec<NodeId>> {
+        let s = self.check_id("split", a)?;
+        let ax = s.axis("split", axis)?;
+        let total: usize = sizes.iter().sum();
+        if total != s.dims()[ax] || sizes.contains(&0) {
+            return Err(shape_err(
+                "split",
+                format!(
+                    "{s}: sizes {sizes:?} must be positive and add up to axis {ax}'s extent {}",
+                    s.dims()[ax]
+                ),
+            ));
+        }
+        let mut start = 0;
+        let mut out = Vec::with_capacity(sizes.len());
+        for &len in sizes {
+            out.push(self.narrow(a, ax as isize, start, len)?);
+            start += len;
+        }
+        Ok(out)
+    }
+
+    /// Constant padding (`torch.nn.functional.pad(a, pads, value=value)`): `pads[k]` is
+    /// `(before, after)` for the k-th axis from the last, as torch's flat `(left, right, top,
+    /// bottom, ..)`; a negative amount crops. Each padded axis is one copy with zeros around
+    /// (`value` added before and after it, two elementwise steps that fuse with their
+    /// neighbours: `pad(a - v) + v`); the gradient is the inner window's.
+    pub fn pad(&self, a: NodeId, pads: &[(isize, isize)], value: f32) -> Result<NodeId> {
+        let s = self.check_id("pad", a)?;
+        if pads.len() > s.rank() {
+            return Err(shape_err(
+                "pad",
+                format!("{} axis pairs for {s} of rank {}", pads.len(), s.rank()),
+            ));
+        }
+        if !value.is_finite() {
+            return Err(shape_err(
+                "pad",
+                format!("the value must be finite, got {value}"),
+            ));
+        }
+        let shifted = value != 0.0 && pads.iter().any(|&(b, e)| b > 0 || e > 0);
+        let mut x = if shifted {
+            self.add_scalar(a, -value)?
+        } else {
+            a
+        };
+        for (k, &(before, after)) in pads.iter().enumerate() {
+            let ax = s.rank() - 1 - k;
+            let extent = self.shape(x).dims()[ax] as isize;
+            let len = extent + before + after;
+            if len <= 0 {
+                return Err(shape_err(
+                    "pad",
+                    format!("{s}: padding ({before}, {after}) leaves axis {ax} empty"),
+                ));
+            }
+            x = self.narrow_raw(x, ax, before, len as usize)?;
+        }
+        if shifted {
+            x = self.add_scalar(x, value)?;
+        }
+        Ok(x)
+    }
+
     /// One LSTM layer over a sequence, PyTorch gates (i, f, g, o): `x (T, B, I)`, `w_ih [4H, I]`,
     /// `w_hh [4H, H]`, `b_ih`, `b_hh [4H]`, `h0`, `c0 (B, H)`; `lengths (B)` (whole numbers in
     /// `[1, T]`, `None` = all `T`) makes steps past a sequence's end carry its state. `reverse`
