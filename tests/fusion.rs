@@ -819,8 +819,9 @@ fn reductions_take_elementwise_prologues() {
 }
 
 /// Reductions apply their only reader's elementwise program to each result before storing it
-/// (`fuse::fuse_reduce_epilogue`): a sum over each axis then `sqrt(v) * w + 1` with `w`
-/// broadcast, a max then relu, gradient clipping's scale from a sum of squares (the epilogue
+/// (`fuse::fuse_reduce_epilogue`): a sum of `exp(x)` over each axis then `sqrt(v) * w + 1` with
+/// `w` broadcast (the exp in the loads too: prologue and epilogue in one kernel), a masked
+/// mean's `sum(x * m) / sum(m)`, a max then relu, gradient clipping's scale from a sum of squares (the epilogue
 /// reading a constant); one kernel each, against the CPU reference. A result something else
 /// reads, or that is an output, keeps its own kernel.
 #[test]
@@ -839,7 +840,7 @@ fn reductions_store_through_elementwise_epilogues() {
         let f = feeds(&[&[5, 70, 3], &[*d.last().unwrap()]]);
         let info = check_on(&dev, &format!("sum axis {axis}, then"), &g, &[y], &f, tol);
         // the exp inside the loads (a prologue), the sum, the rest before the store
-        assert_eq!(info.dispatches, 2, "axis {axis}: {info}");
+        assert_eq!(info.dispatches, 1, "axis {axis}: {info}");
         let g = Graph::new();
         let x = g.input("x0", [5, 70, 3]);
         let y = g.relu(g.max(x, axis, true).unwrap()).unwrap();
@@ -847,6 +848,16 @@ fn reductions_store_through_elementwise_epilogues() {
         let info = check_on(&dev, &format!("max axis {axis}, relu"), &g, &[y], &f, tol);
         assert_eq!(info.dispatches, 1, "axis {axis}: {info}");
     }
+    // sum(x * m) / sum(m): the count's sum, then the other through both programs
+    let g = Graph::new();
+    let (x, m) = (g.input("x0", [6, 50]), g.input("x1", [6, 50]));
+    let count = g.sum(m, 1, true).unwrap();
+    let y = g
+        .div(g.sum(g.mul(x, m).unwrap(), 1, true).unwrap(), count)
+        .unwrap();
+    let f = feeds(&[&[6, 50], &[6, 50]]);
+    let info = check_on(&dev, "masked mean", &g, &[y], &f, tol);
+    assert_eq!(info.dispatches, 2, "{info}");
     // gradient clipping's coefficient min(1, 0.5 / (sqrt(sum of squares) + 1e-6))
     let g = Graph::new();
     let a = g.input("x0", [300, 30]);

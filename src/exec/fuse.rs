@@ -569,9 +569,11 @@ pub(crate) fn fuse_reduce_prologue(
 }
 
 /// Reductions store their reader's elementwise program of their result: where the only reader
-/// of a plain reduction's result is an elementwise node (fused or single) of the same shape,
-/// the reduction's kernel applies that program before its store (`ReduceEpilogue`) and the
-/// node leaves the plan (gradient clipping's `min(1, max_norm / (sqrt(sum) + eps))`). f32 only.
+/// of a reduction's result (plain, or with a prologue) is an elementwise node (fused or single)
+/// of the same shape, the reduction's kernel applies that program before its store
+/// (`ReduceEpilogue`) and the node leaves the plan (gradient clipping's
+/// `min(1, max_norm / (sqrt(sum) + eps))`; a masked mean's division by its count after the sum
+/// of `x * mask`). f32 only.
 pub(crate) fn fuse_reduce_epilogue(
     nodes: &mut [Node],
     order: &mut Vec<NodeId>,
@@ -587,48 +589,60 @@ pub(crate) fn fuse_reduce_epilogue(
             continue;
         };
         let reductions: Vec<usize> = (0..n.inputs.len())
-            .filter(|&k| matches!(nodes[n.inputs[k].0].op, Op::Reduce(_)))
+            .filter(|&k| match &nodes[n.inputs[k].0].op {
+                Op::Reduce(_) => true,
+                Op::ReducePrologue(p) => p.epilogue.is_none(),
+                _ => false,
+            })
             .collect();
         let Some(&k) = reductions.first() else {
             continue;
         };
         let r = n.inputs[k];
-        let Op::Reduce(reduce) = nodes[r.0].op else {
-            continue;
+        // the reduction and its prologue (an identity program for a plain one)
+        let (reduce, prologue, input_shape) = match &nodes[r.0].op {
+            Op::Reduce(reduce) => (*reduce, Fused::identity(), None),
+            Op::ReducePrologue(p) if p.epilogue.is_none() => {
+                (p.reduce, p.program.clone(), Some(p.input_shape.clone()))
+            }
+            _ => continue,
         };
-        let x = nodes[r.0].inputs[0];
+        let xs = nodes[r.0].inputs.clone();
         let r_pos = order.iter().position(|&o| o == r).unwrap_or(pos);
         let read_once = order
             .iter()
             .map(|o| nodes[o.0].inputs.iter().filter(|&&i| i == r).count())
             .sum::<usize>()
             == 1;
-        let f32_only = nodes[x.0].dtype == DType::F32
+        let f32_only = xs.iter().all(|x| nodes[x.0].dtype == DType::F32)
             && n.dtype == DType::F32
             && n.inputs.iter().all(|i| nodes[i.0].dtype == DType::F32);
+        // the prologue's inputs, the epilogue's others: one binding each, and the output
         if targets.contains(&r)
             || !read_once
             || nodes[r.0].shape != n.shape
             || !f32_only
             || program.permuted_read(k).is_some()
             || program.gathered_read(k).is_some()
-            || n.inputs.len() > MAX_INPUTS
-            || super::lower::written_between(nodes, order, x, r_pos, pos)
+            || xs.len() + n.inputs.len() - 1 > MAX_INPUTS
+            || xs
+                .iter()
+                .any(|&x| super::lower::written_between(nodes, order, x, r_pos, pos))
         {
             continue;
         }
-        let mut inputs = vec![x];
+        let mut inputs = xs.clone();
         inputs.extend((0..n.inputs.len()).filter(|&j| j != k).map(|j| n.inputs[j]));
-        let input_shape = nodes[x.0].shape.clone();
+        let input_shape = input_shape.unwrap_or_else(|| nodes[xs[0].0].shape.clone());
         let node = &mut nodes[id.0];
         node.op = Op::ReducePrologue(ReducePrologue {
             reduce,
-            program: Fused::identity(),
+            program: prologue,
             input_shape,
             epilogue: Some(ReduceEpilogue {
                 program,
                 reduced: k,
-                prologue_inputs: 1,
+                prologue_inputs: xs.len(),
             }),
         });
         node.inputs = inputs;

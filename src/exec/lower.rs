@@ -3264,7 +3264,18 @@ pub(crate) fn select(
                         DType::F32,
                         None,
                     );
-                    elementwise::reduce_with_epilogue(inputs[0], spec, &epi)
+                    if r.program.steps.is_empty() {
+                        elementwise::reduce_with_epilogue(inputs[0], spec, &epi)
+                    } else {
+                        elementwise::reduce_with_prologue_and_epilogue(
+                            &r.program,
+                            &inputs[..e.prologue_inputs],
+                            r.program_shape(),
+                            spec,
+                            &e.program,
+                            &epi,
+                        )
+                    }
                 }
             };
             Some((g.spec.clone(), Some(g)))
