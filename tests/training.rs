@@ -1321,6 +1321,52 @@ fn schedules() {
         (0..5).map(|t| o.lr_at(t)).collect::<Vec<_>>(),
         [0.5, 0.875, 0.75, 0.625, 0.5]
     );
+    // CosineAnnealingWarmRestarts(T_0 2, T_mult 2): restarts at steps 2 and 6
+    let o = Optimizer::sgd(1.0).schedule(Schedule::CosineWarmRestarts {
+        t_0: 2,
+        t_mult: 2,
+        eta_min: 0.0,
+    });
+    let want = [1.0, 0.5, 1.0, 0.853_553_4, 0.5, 0.146_446_6, 1.0];
+    for (t, w) in want.iter().enumerate() {
+        assert!(
+            (o.lr_at(t as u64) - w).abs() < 1e-6,
+            "step {t}: {}",
+            o.lr_at(t as u64)
+        );
+    }
+    // OneCycleLR(max_lr 1, total_steps 10): up from 0.04 over steps 0..2, down to 4e-6 at 9;
+    // the momentum (SGD's, Adam's beta1) the other way between 0.95 and 0.85
+    let sched = Schedule::one_cycle(10);
+    let mut sgd = Optimizer::sgd(1.0).schedule(sched);
+    let mut adam = Optimizer::adam(1.0).schedule(sched);
+    let lr3 = 4e-6 + (1.0 - 4e-6) / 2.0 * ((std::f64::consts::PI / 7.0).cos() + 1.0);
+    let want = [
+        (0, 0.04, 0.95),
+        (1, 0.52, 0.9),
+        (2, 1.0, 0.85),
+        (3, lr3, 0.0),
+        (9, 4e-6, 0.95),
+    ];
+    for (t, lr, m) in want {
+        assert!(
+            (sgd.lr_at(t) as f64 - lr).abs() < 1e-6,
+            "step {t}: {}",
+            sgd.lr_at(t)
+        );
+        if m > 0.0 {
+            assert!(
+                (sgd.momentum_at(t).unwrap() - m as f32).abs() < 1e-6,
+                "step {t}"
+            );
+        }
+    }
+    for t in 0..3 {
+        let (hs, ha) = (sgd.next_hyper(), adam.next_hyper());
+        let m = sgd.momentum_at(t).unwrap();
+        // the hyper vector's momentum (2) and beta1 (5)
+        assert_eq!((hs.data()[2], ha.data()[5]), (m, m), "step {t}");
+    }
 }
 
 #[test]

@@ -96,6 +96,60 @@ pub enum Schedule {
     Exponential {
         gamma: f32,
     },
+    /// `CosineAnnealingWarmRestarts(T_0, T_mult, eta_min)`: cosine annealing from `lr` to
+    /// `eta_min` over `t_0` steps, then again over `t_0 * t_mult`, and so on.
+    CosineWarmRestarts {
+        t_0: u64,
+        t_mult: u64,
+        eta_min: f32,
+    },
+    /// `OneCycleLR(max_lr=lr, total_steps, pct_start, anneal_strategy="cos", div_factor,
+    /// final_div_factor)` (torch's defaults: 0.3, 25, 1e4): cosine from `lr / div_factor` up to
+    /// `lr` over the first `pct_start` of the steps, then down to `lr / div_factor /
+    /// final_div_factor`. With `cycle_momentum` `(base, max)` (torch's default `(0.85, 0.95)`)
+    /// SGD's momentum or Adam's `beta1` moves the other way, from `max` down to `base` and back
+    /// (SGD and RMSprop then keep a momentum buffer, as torch's; Adagrad has none to cycle).
+    /// Under dynamic loss scaling Adam's bias correction sums the cycled `beta1`'s steps as the
+    /// scaler counts them, where torch takes the current `beta1`'s power.
+    OneCycle {
+        total_steps: u64,
+        pct_start: f32,
+        div_factor: f32,
+        final_div_factor: f32,
+        cycle_momentum: Option<(f32, f32)>,
+    },
+}
+
+impl Schedule {
+    /// `OneCycleLR` with torch's defaults over `total_steps` (momentum cycled in (0.85, 0.95)).
+    pub fn one_cycle(total_steps: u64) -> Schedule {
+        Schedule::OneCycle {
+            total_steps,
+            pct_start: 0.3,
+            div_factor: 25.0,
+            final_div_factor: 1e4,
+            cycle_momentum: Some((0.85, 0.95)),
+        }
+    }
+}
+
+/// torch's `_annealing_cos`: from `start` at `pct` 0 to `end` at 1 along a half cosine.
+fn annealing_cos(start: f64, end: f64, pct: f64) -> f64 {
+    end + (start - end) / 2.0 * ((std::f64::consts::PI * pct).cos() + 1.0)
+}
+
+/// `OneCycleLR`'s phase at step `t` of `total` (`pct_start` of them rising): `(pct, rising)`,
+/// how far through its phase it is (torch's phases end at steps `pct_start * total - 1` and
+/// `total - 1`).
+fn one_cycle_phase(t: u64, total: u64, pct_start: f32) -> (f64, bool) {
+    let end_up = pct_start as f64 * total as f64 - 1.0;
+    let t = t.min(total.saturating_sub(1)) as f64;
+    if t <= end_up {
+        (t / end_up, true)
+    } else {
+        let end = total as f64 - 1.0;
+        ((t - end_up) / (end - end_up), false)
+    }
 }
 
 /// Dynamic loss scaling, as `torch.amp.GradScaler` (its defaults): the loss is multiplied by a
@@ -369,10 +423,12 @@ impl Optimizer {
     }
 
     fn kind(&self) -> OptimKind {
+        // a cycled momentum (OneCycleLR's) is never 0: torch's SGD and RMSprop keep a buffer
+        let cycled = self.momentum_at(0).is_some();
         match self.rule {
             Rule::Sgd {
                 momentum, nesterov, ..
-            } if momentum != 0.0 => OptimKind::SgdMomentum { nesterov },
+            } if momentum != 0.0 || cycled => OptimKind::SgdMomentum { nesterov },
             Rule::Sgd { .. } => OptimKind::Sgd,
             Rule::Adam { .. } => OptimKind::Adam { decoupled: false },
             Rule::AdamW { .. } => OptimKind::Adam { decoupled: true },
@@ -380,7 +436,7 @@ impl Optimizer {
                 momentum, centered, ..
             } => OptimKind::Rmsprop {
                 centered,
-                momentum: momentum != 0.0,
+                momentum: momentum != 0.0 || cycled,
             },
             Rule::Adagrad { .. } => OptimKind::Adagrad,
         }
@@ -410,6 +466,36 @@ impl Optimizer {
             }
             Schedule::Exponential { gamma } => {
                 (self.lr as f64 * (gamma as f64).powf(t as f64)) as f32
+            }
+            Schedule::CosineWarmRestarts {
+                t_0,
+                t_mult,
+                eta_min,
+            } => {
+                // the restart t falls in: periods t_0, t_0 t_mult, t_0 t_mult^2, ..
+                let (mut start, mut period) = (0u64, t_0.max(1));
+                while t >= start + period {
+                    start += period;
+                    period = period.saturating_mul(t_mult.max(1));
+                }
+                let cur = (t - start) as f64 / period as f64;
+                (eta_min as f64
+                    + (self.lr - eta_min) as f64 * (1.0 + (std::f64::consts::PI * cur).cos()) / 2.0)
+                    as f32
+            }
+            Schedule::OneCycle {
+                total_steps,
+                pct_start,
+                div_factor,
+                final_div_factor,
+                ..
+            } => {
+                let initial = self.lr as f64 / div_factor as f64;
+                let min = initial / final_div_factor as f64;
+                match one_cycle_phase(t, total_steps, pct_start) {
+                    (pct, true) => annealing_cos(initial, self.lr as f64, pct) as f32,
+                    (pct, false) => annealing_cos(self.lr as f64, min, pct) as f32,
+                }
             }
         };
         if self.warmup > 0 && t < self.warmup {
@@ -565,13 +651,40 @@ impl Optimizer {
         Ok(updates)
     }
 
+    /// SGD's momentum or Adam's `beta1` at step `t` where the schedule cycles it
+    /// ([`Schedule::OneCycle`]), else `None` (the rule's own).
+    pub fn momentum_at(&self, t: u64) -> Option<f32> {
+        let Schedule::OneCycle {
+            total_steps,
+            pct_start,
+            cycle_momentum: Some((base, max)),
+            ..
+        } = self.schedule
+        else {
+            return None;
+        };
+        let m = match one_cycle_phase(t, total_steps, pct_start) {
+            (pct, true) => annealing_cos(max as f64, base as f64, pct),
+            (pct, false) => annealing_cos(base as f64, max as f64, pct),
+        };
+        Some(m as f32)
+    }
+
     /// The hyperparameter vector for the next step, advancing the step count.
     pub fn next_hyper(&mut self) -> Tensor {
         let t = self.step;
         self.step += 1;
         let lr = self.lr_at(t);
+        let mut rule = self.rule;
+        if let Some(m) = self.momentum_at(t) {
+            match &mut rule {
+                Rule::Sgd { momentum, .. } | Rule::Rmsprop { momentum, .. } => *momentum = m,
+                Rule::Adam { beta1, .. } | Rule::AdamW { beta1, .. } => *beta1 = m,
+                Rule::Adagrad { .. } => {}
+            }
+        }
         let tp = (t + 1) as i32;
-        let h = match self.rule {
+        let h = match rule {
             Rule::Sgd {
                 momentum,
                 dampening,
