@@ -156,6 +156,7 @@ fn cross_entropy_options_as_torch() {
         ignore_index: ignore,
         label_smoothing: e,
         reduction,
+        weight: None,
     };
     // rows [1, 2, 3] -> 2, [0.5, -1, 4] ignored, [2, 0, 1] -> 0, [-1, 3, 0.5] -> 1
     let g = Graph::new();
@@ -275,6 +276,68 @@ fn cross_entropy_options_as_torch() {
             TOL_REDUCTION,
         );
     }
+
+    // class weights: torch's values (worked by hand from its formulas), both backends,
+    // gradient checks, a bad label NaN
+    let g = Graph::new();
+    let (x, y) = (g.input("x", [3, 3]), g.input("y", [3]));
+    let w = g.input("w", [3]);
+    let xv = Tensor::new([3, 3], vec![1., 2., 3., 0.5, -1., 4., 2., 0., 1.]).unwrap();
+    let (yv, wv) = (
+        Tensor::new([3], vec![2., 1., 0.]).unwrap(),
+        Tensor::new([3], vec![0.2, 1.0, 3.0]).unwrap(),
+    );
+    let feeds = [("x", &xv), ("y", &yv), ("w", &wv)];
+    let weighted = |ignore, reduction| CrossEntropyOpts {
+        weight: Some(w),
+        ..opts(ignore, 0.1, reduction)
+    };
+    let cases = [
+        (weighted(None, Reduction::Mean), vec![1.483_116_3]),
+        (weighted(None, Reduction::Sum), vec![6.229_088_5]),
+        (weighted(Some(1), Reduction::Mean), vec![0.469_177_56]),
+        (
+            weighted(Some(1), Reduction::None),
+            vec![1.204_267_6, 0.0, 0.297_100_6],
+        ),
+    ];
+    let outs: Vec<_> = cases
+        .iter()
+        .map(|(o, _)| g.cross_entropy_with(x, y, *o).unwrap())
+        .collect();
+    for dev in &devices {
+        let got = dev.compile(&g, &outs).unwrap().run(&feeds).unwrap();
+        for ((o, want), t) in cases.iter().zip(&got) {
+            let want = Tensor::new([want.len()], want.clone()).unwrap();
+            assert_close(&format!("{o:?}"), t, &want, 1e-6, 1e-5);
+        }
+        let bad = Tensor::new([3], vec![2., 5., 0.]).unwrap();
+        let fs = [feeds[0], ("y", &bad), feeds[2]];
+        let got = dev.compile(&g, &outs[..1]).unwrap().run(&fs).unwrap();
+        assert!(got[0].data()[0].is_nan(), "a label out of range");
+    }
+    for (k, (o, _)) in cases.iter().enumerate().take(3) {
+        gradcheck(
+            &format!("{o:?}"),
+            &g,
+            outs[k],
+            &[("x", x)],
+            &feeds,
+            9,
+            TOL_REDUCTION,
+        );
+    }
+    let err = g
+        .cross_entropy_with(
+            x,
+            y,
+            CrossEntropyOpts {
+                weight: Some(g.input("w4", [4])),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("weight"), "{err}");
 
     // errors name the op and the option
     let g = Graph::new();

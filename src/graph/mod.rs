@@ -541,12 +541,13 @@ impl Graph {
     }
 
     /// Cross-entropy with torch's options (`torch.nn.functional.cross_entropy(logits, labels,
-    /// ignore_index=.., label_smoothing=.., reduction=..)`): `(1)` for the mean and the sum,
+    /// weight=.., ignore_index=.., label_smoothing=.., reduction=..)`): `(1)` for the mean and the sum,
     /// `(N)` for [`Reduction::None`]. The mean is over the rows not ignored (NaN where every row
     /// is, as torch's). Without options it is [`Graph::cross_entropy`] (one fused kernel,
     /// the gradient in it in training); with them a loss per row
     /// ([`crate::ops::loss::CrossEntropyRows`]) reduced by graph ops, whose backward takes
-    /// each row's share of the gradient.
+    /// each row's share of the gradient. Class weights compose the loss from `log_softmax`
+    /// instead (a few kernels more).
     pub fn cross_entropy_with(
         &self,
         logits: NodeId,
@@ -574,6 +575,9 @@ impl Graph {
             }
             i => i.map(|i| i as i32),
         };
+        if let Some(w) = opts.weight {
+            return self.weighted_cross_entropy(logits, labels, w, ignore_index, e, opts.reduction);
+        }
         let plain = ignore_index.is_none() && e == 0.0;
         match opts.reduction {
             Reduction::Mean if plain => return self.cross_entropy(logits, labels),
@@ -603,6 +607,76 @@ impl Graph {
                 let hit = self.unary(UnaryOp::ClampMask(i as f32, i as f32), labels)?;
                 let kept = self.sum_all(self.rsub_scalar(hit, 1.0)?)?;
                 self.div(self.sum_all(rows)?, kept)
+            }
+        }
+    }
+
+    /// Cross-entropy with class weights `w (C)`, composed from `log_softmax`: each row's loss
+    /// `(1 - e) w[y] (-lp[y]) + e / C sum_c w[c] (-lp[c])`, 0 where ignored, NaN for a label
+    /// outside `[0, C)` (as the fused loss); the mean divides by the kept rows' `w[y]` (torch's
+    /// `nll_loss` and label-smoothing normalization).
+    fn weighted_cross_entropy(
+        &self,
+        logits: NodeId,
+        labels: NodeId,
+        w: NodeId,
+        ignore_index: Option<i32>,
+        e: f32,
+        reduction: Reduction,
+    ) -> Result<NodeId> {
+        const OP: &str = "cross_entropy";
+        let (n, c) = {
+            let s = self.shape(logits);
+            (s.dims()[0], s.dims()[1])
+        };
+        let sw = self.check_id(OP, w)?;
+        if sw.dims() != [c] || self.dtype(w) != DType::F32 {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "weight {sw} ({}): expected f32 ({c}), a weight per class",
+                    self.dtype(w)
+                ),
+            ));
+        }
+        let lp = self.log_softmax(self.cast(logits, DType::F32)?, 1)?;
+        let classes = self.constant(Tensor::new([1, c], (0..c).map(|k| k as f32).collect())?);
+        let column = self.reshape(labels, &[n as isize, 1])?;
+        let onehot = self.binary(BinaryOp::Equal, column, classes)?;
+        let w_row = self.reshape(w, &[1, c as isize])?;
+        // the weighted target (1 - e) onehot w + e / C w, against -lp
+        let target = self.mul(
+            self.add_scalar(self.mul_scalar(onehot, 1.0 - e)?, e / c as f32)?,
+            w_row,
+        )?;
+        let mut row_loss = self.neg(self.sum(self.mul(lp, target)?, 1, true)?)?;
+        // w[y] of each row (0 for a label outside [0, C)), and whether a row counts
+        let picked_w = self.sum(self.mul(onehot, w_row)?, 1, true)?;
+        let in_range = self.sum(onehot, 1, true)?;
+        let kept = match ignore_index {
+            Some(i) => {
+                let hit = self.unary(UnaryOp::ClampMask(i as f32, i as f32), column)?;
+                Some(self.rsub_scalar(hit, 1.0)?)
+            }
+            None => None,
+        };
+        // a label neither in range nor ignored: sqrt(-1), NaN, as the fused loss gives
+        let mut bad = self.rsub_scalar(in_range, 1.0)?;
+        if let Some(k) = kept {
+            row_loss = self.mul(row_loss, k)?;
+            bad = self.mul(bad, k)?;
+        }
+        row_loss = self.add(row_loss, self.sqrt(self.neg(bad)?)?)?;
+        let row_loss = self.reshape(row_loss, &[n as isize])?;
+        match reduction {
+            Reduction::None => Ok(row_loss),
+            Reduction::Sum => self.sum_all(row_loss),
+            Reduction::Mean => {
+                let weights = match kept {
+                    Some(k) => self.mul(picked_w, k)?,
+                    None => picked_w,
+                };
+                self.div(self.sum_all(row_loss)?, self.sum_all(weights)?)
             }
         }
     }

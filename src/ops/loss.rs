@@ -71,6 +71,9 @@ pub struct CrossEntropyOpts {
     /// Smoothing `e` in `[0, 1]`: the target `(1 - e) onehot + e / C`.
     pub label_smoothing: f32,
     pub reduction: Reduction,
+    /// Class weights `(C)` (torch's `weight`, f32): a row's loss weighs `weight[label]` (its
+    /// smoothing term each class by its own), the mean divides by the kept rows' weights.
+    pub weight: Option<NodeId>,
 }
 
 /// torch's `ignore_index` and `label_smoothing` for a loss per row ([`CrossEntropyRows`]):
