@@ -78,11 +78,13 @@ enum Step {
     /// a reshape of `(R, C)` to `(R * C / d, d)`, `d` one of C's multiples or divisors.
     Reshape(u8, u8),
     /// the cross-entropy of `(N, C)` logits with a new input of labels (valid ones: a bad label
-    /// makes the loss NaN, which WGSL need not carry through a product with 0).
-    CrossEntropy(u8),
-    /// the mean squared error of a value against a new input of targets, or the binary
-    /// cross-entropy of logits against new targets in [0, 1].
-    Regression(u8, bool),
+    /// makes the loss NaN, which WGSL need not carry through a product with 0), plain or with
+    /// torch's options (kind 1 to 4: ignored rows and smoothing, a sum, a loss per row, class
+    /// weights).
+    CrossEntropy(u8, u8),
+    /// a regression loss of a value against a new input of targets (kind 0 to 4: MSE, binary
+    /// cross-entropy of logits against targets in [0, 1], L1, Huber, smooth L1).
+    Regression(u8, u8),
     /// a 2-D convolution of an image (a 2-D value is one image of one channel) with a new
     /// weight input: out channels (`channels` 0 to 2: 1, 3 or 8; 3 and 4: depthwise, in as
     /// many groups as channels, with channel multiplier 1 or 2; 5 and 6: transposed, to 3
@@ -162,8 +164,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (i(), any::<bool>(), i(), i()).prop_map(|(s, a, st, l)| Step::Narrow(s, a, st, l)),
         1 => (i(), i(), any::<bool>()).prop_map(|(a, b, axis)| Step::Concat(a, b, axis)),
         1 => (i(), i()).prop_map(|(a, d)| Step::Reshape(a, d)),
-        1 => i().prop_map(Step::CrossEntropy),
-        1 => (i(), any::<bool>()).prop_map(|(s, bce)| Step::Regression(s, bce)),
+        1 => (i(), 0u8..5).prop_map(|(s, k)| Step::CrossEntropy(s, k)),
+        1 => (i(), 0u8..5).prop_map(|(s, k)| Step::Regression(s, k)),
         2 => (i(), 0u8..7, 1u8..7, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
             .prop_map(|(src, channels, kernel, stride2, pad, bias, relu)| Step::Conv {
                 src,
@@ -801,30 +803,58 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                     g.add(looked, x).ok()
                 })
             }
-            Step::CrossEntropy(a) => {
+            Step::CrossEntropy(a, kind) => {
                 let x = pick(a);
                 let d = dims(x);
                 (d.len() == 2).then_some(()).and_then(|_| {
+                    use kiln::graph::{CrossEntropyOpts, Reduction};
                     let (n, c) = (d[0], d[1]);
                     let name = format!("in{}", feeds.len());
                     let labels = (0..n).map(|k| ((k * 7 + 3) % c) as f32).collect();
                     feeds.push((name.clone(), Tensor::new([n], labels).unwrap()));
-                    g.cross_entropy(x, g.input(&name, [n])).ok()
+                    let labels = g.input(&name, [n]);
+                    // torch's options: padding rows (label 3), smoothing, other reductions,
+                    // class weights
+                    let opts = |ignore, e, reduction| CrossEntropyOpts {
+                        ignore_index: ignore,
+                        label_smoothing: e,
+                        reduction,
+                        weight: None,
+                    };
+                    let o = match kind {
+                        0 => return g.cross_entropy(x, labels).ok(),
+                        1 => opts(Some(3), 0.1, Reduction::Mean),
+                        2 => opts(None, 0.2, Reduction::Sum),
+                        3 => opts(Some(3), 0.0, Reduction::None),
+                        _ => {
+                            let wname = format!("in{}", feeds.len());
+                            let w = (0..c).map(|k| 0.5 + (k % 3) as f32).collect();
+                            feeds.push((wname.clone(), Tensor::new([c], w).unwrap()));
+                            CrossEntropyOpts {
+                                weight: Some(g.input(&wname, [c])),
+                                ..opts(Some(3), 0.1, Reduction::Mean)
+                            }
+                        }
+                    };
+                    g.cross_entropy_with(x, labels, o).ok()
                 })
             }
-            Step::Regression(a, bce) => {
+            Step::Regression(a, kind) => {
                 let x = pick(a);
                 let d = dims(x);
                 let name = format!("in{}", feeds.len());
                 let mut t = common::rand(&d, 70 + feeds.len() as u64);
-                if bce {
+                if kind == 1 {
                     t.data_mut().iter_mut().for_each(|e| *e = (*e + 1.0) / 2.0);
                 }
                 feeds.push((name.clone(), t));
                 let t = g.input_as(&name, &d[..], g.dtype(x));
-                match bce {
-                    true => g.bce_with_logits(x, t),
-                    false => g.mse_loss(x, t),
+                match kind {
+                    0 => g.mse_loss(x, t),
+                    1 => g.bce_with_logits(x, t),
+                    2 => g.l1_loss(x, t),
+                    3 => g.huber_loss(x, t, 0.5),
+                    _ => g.smooth_l1_loss(x, t, 0.3),
                 }
                 .ok()
             }
