@@ -78,11 +78,23 @@ const HYPER_BIAS_CORRECTION2_SQRT: u32 = 9u;
 const HYPER_GRAD_SCALE: u32 = 10u;
 const HYPER_SKIP: u32 = 11u;
 const HYPER_ALPHA: u32 = 12u;
+const HYPER_CLIP_VALUE: u32 = 13u;
 
 // The factor an update multiplies its gradient by: clipping's `clip` (scale[0]) and dynamic loss
 // scaling's unscaling.
 fn step_scale(clip: f32) -> f32 {
     return clip * hyper[HYPER_GRAD_SCALE];
+}
+
+// The gradient an update takes: scaled (clipping's coefficient, loss scaling's unscaling),
+// then clamped to [-c, c] where hyper[HYPER_CLIP_VALUE] = c is set (clip_grad_value_).
+fn scaled_grad(gr: f32, sc: f32) -> f32 {
+    let g = gr * sc;
+    let c = hyper[HYPER_CLIP_VALUE];
+    if c > 0.0 {
+        return clamp(g, -c, c);
+    }
+    return g;
 }
 
 // Whether dynamic loss scaling skips this step (a gradient was not finite).
@@ -94,13 +106,13 @@ fn skipped() -> bool {
 // states); every optimizer kernel binds `hyper` at 0 and defines NESTEROV and DECOUPLED.
 
 fn sgd_update(p: f32, gr: f32, sc: f32) -> f32 {
-    let g = gr * sc + hyper[HYPER_WEIGHT_DECAY] * p;
+    let g = scaled_grad(gr, sc) + hyper[HYPER_WEIGHT_DECAY] * p;
     return p - hyper[HYPER_LR] * g;
 }
 
 // returns (param, momentum_buffer)
 fn sgd_momentum_update(p: f32, gr: f32, sc: f32, buf: f32) -> vec2<f32> {
-    var g = gr * sc + hyper[HYPER_WEIGHT_DECAY] * p;
+    var g = scaled_grad(gr, sc) + hyper[HYPER_WEIGHT_DECAY] * p;
     let mu = hyper[HYPER_MOMENTUM];
     // torch: the buffer starts as the first gradient, undamped
     var b = g;
@@ -120,7 +132,7 @@ fn adam_update(p0: f32, gr: f32, sc: f32, m0: f32, v0: f32) -> vec3<f32> {
     let lr = hyper[HYPER_LR];
     let wd = hyper[HYPER_WEIGHT_DECAY];
     var p = p0;
-    var g = gr * sc;
+    var g = scaled_grad(gr, sc);
     if DECOUPLED {
         p = p * (1.0 - lr * wd);
     } else {
@@ -148,7 +160,7 @@ fn rmsprop_update(
     momentum: bool,
     centered: bool,
 ) -> vec4<f32> {
-    let g = gr * sc + hyper[HYPER_WEIGHT_DECAY] * p;
+    let g = scaled_grad(gr, sc) + hyper[HYPER_WEIGHT_DECAY] * p;
     let a = hyper[HYPER_ALPHA];
     let sq = a * sq0 + (1.0 - a) * g * g;
     var ga = ga0;
@@ -169,7 +181,7 @@ fn rmsprop_update(
 
 // returns (param, sum): torch.optim.Adagrad, the learning rate's decay in hyper[HYPER_LR]
 fn adagrad_update(p: f32, gr: f32, sc: f32, s0: f32) -> vec2<f32> {
-    let g = gr * sc + hyper[HYPER_WEIGHT_DECAY] * p;
+    let g = scaled_grad(gr, sc) + hyper[HYPER_WEIGHT_DECAY] * p;
     let s = s0 + g * g;
     return vec2<f32>(p - hyper[HYPER_LR] * (g / (sqrt(s) + hyper[HYPER_EPS])), s);
 }

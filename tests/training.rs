@@ -701,6 +701,7 @@ fn optimizer_steps_match_between_gpu_and_cpu() {
         Optimizer::rmsprop(1e-2).centered(true).clip_grad_norm(0.5),
         Optimizer::rmsprop(1e-2).momentum(0.5),
         Optimizer::adagrad(0.1).adagrad_options(0.01, 0.1),
+        Optimizer::adam(1e-2).clip_grad_value(0.05),
     ];
     for opt in opts {
         // fresh devices: parameters start from the same seeded init on both
@@ -933,6 +934,23 @@ fn update_rules_follow_torch_optim() {
                     near,
                     "rmsprop mu={mu} centered={centered}: {got:?} vs {p:?}"
                 );
+            }
+        }
+        // clip_grad_value_(0.8) before SGD, with and without loss scaling (which unscales
+        // first: the bound is the unscaled gradients')
+        let mut p = p0;
+        for _ in 0..3 {
+            p = p.map(|v| v - 0.1 * v.clamp(-0.8, 0.8));
+        }
+        for scaled in [false, true] {
+            let mut opt = Optimizer::sgd(0.1).clip_grad_value(0.8);
+            if scaled {
+                opt = opt.grad_scaler(GradScaler::default());
+            }
+            let got = run_on(dev(), opt);
+            for i in 0..3 {
+                let near = (got[i] as f64 - p[i]).abs() < 1e-6;
+                assert!(near, "clip_grad_value scaled={scaled}: {got:?} vs {p:?}");
             }
         }
         let p = textbook_adagrad(p0, 3);

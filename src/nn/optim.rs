@@ -231,6 +231,9 @@ pub struct Optimizer {
     pub clip_norm: Option<f32>,
     /// Dynamic loss scaling (mixed precision), where set.
     pub grad_scaler: Option<GradScaler>,
+    /// Clamp each gradient element to `[-v, v]` (`clip_grad_value_`, of the unscaled
+    /// gradients, after clipping by norm where both are set), inside the update kernels.
+    pub clip_value: Option<f32>,
     step: u64,
 }
 
@@ -243,6 +246,7 @@ impl Optimizer {
             warmup: 0,
             clip_norm: None,
             grad_scaler: None,
+            clip_value: None,
             step: 0,
         }
     }
@@ -406,6 +410,12 @@ impl Optimizer {
         self.clip_norm = Some(max_norm);
         self
     }
+    /// Clamps each gradient element to `[-v, v]` (`clip_grad_value_`; `v > 0`): the update
+    /// kernels clamp what they read, no kernel of its own.
+    pub fn clip_grad_value(mut self, v: f32) -> Self {
+        self.clip_value = Some(v);
+        self
+    }
     /// Scales the loss dynamically (see [`GradScaler`]; `GradScaler::default()` is torch's).
     pub fn grad_scaler(mut self, s: GradScaler) -> Self {
         self.grad_scaler = Some(s);
@@ -565,6 +575,11 @@ impl Optimizer {
     /// them, or sums of them over micro-batches); returns the update nodes.
     pub fn apply(&self, g: &Graph, params: &[NodeId], grads: &[NodeId]) -> Result<Vec<NodeId>> {
         let names = param_names(g, params)?;
+        if let Some(v) = self.clip_value.filter(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err(Error::Param(format!(
+                "minimize: clip_grad_value needs a finite bound > 0, got {v}"
+            )));
+        }
         if grads.len() != params.len() {
             return Err(Error::Param(format!(
                 "minimize: {} gradients for {} parameters",
@@ -746,6 +761,10 @@ impl Optimizer {
                 ..Default::default()
             },
         };
-        h.to_tensor()
+        Hyper {
+            clip_value: self.clip_value.unwrap_or(0.0),
+            ..h
+        }
+        .to_tensor()
     }
 }

@@ -31,6 +31,8 @@ pub const HYPER_GRAD_SCALE: usize = 10;
 pub const HYPER_SKIP: usize = 11;
 /// Index in the hyperparameter vector of RMSprop's `alpha` (its square average's decay).
 pub const HYPER_ALPHA: usize = 12;
+/// Index in the hyperparameter vector of the value gradients are clamped to (0: none).
+pub const HYPER_CLIP_VALUE: usize = 13;
 /// Length of a [`ScalerStep`]'s state: `[scale, growth_tracker, steps, s1, s2, 0, 0, 0]`, where
 /// `steps` counts the steps taken (not skipped) and `s1`, `s2` are `sum_{k < steps} beta^k` of
 /// the two betas (`1 - beta^t = (1 - beta) s`, exact in f32 where `beta^t` is not).
@@ -112,6 +114,8 @@ pub struct Hyper {
     pub bias_correction2_sqrt: f32,
     /// RMSprop's `alpha`.
     pub alpha: f32,
+    /// `clip_grad_value_`'s bound on each (unscaled) gradient element; 0: none.
+    pub clip_value: f32,
 }
 
 impl Hyper {
@@ -130,6 +134,7 @@ impl Hyper {
         v[9] = self.bias_correction2_sqrt;
         v[HYPER_GRAD_SCALE] = 1.0;
         v[HYPER_ALPHA] = self.alpha;
+        v[HYPER_CLIP_VALUE] = self.clip_value;
         Tensor::new([HYPER_LEN], v).expect("hyper length")
     }
 
@@ -147,6 +152,16 @@ impl Hyper {
             bias_correction1: v[8],
             bias_correction2_sqrt: v[9],
             alpha: v[HYPER_ALPHA],
+            clip_value: v[HYPER_CLIP_VALUE],
+        }
+    }
+
+    /// The gradient an update takes, from the scaled one: clamped to `clip_value` where set,
+    /// as the kernels' `scaled_grad`.
+    fn scaled_grad(&self, g: f32) -> f32 {
+        match self.clip_value > 0.0 {
+            true => g.clamp(-self.clip_value, self.clip_value),
+            false => g,
         }
     }
 }
@@ -184,11 +199,11 @@ impl OptimStep {
             let p = param[i];
             match self.kind {
                 OptimKind::Sgd => {
-                    let g = grad[i] * scale + h.weight_decay * p;
+                    let g = h.scaled_grad(grad[i] * scale) + h.weight_decay * p;
                     p_out[i] = p - h.lr * g;
                 }
                 OptimKind::SgdMomentum { nesterov } => {
-                    let mut g = grad[i] * scale + h.weight_decay * p;
+                    let mut g = h.scaled_grad(grad[i] * scale) + h.weight_decay * p;
                     let b = if h.first_step {
                         g
                     } else {
@@ -200,7 +215,7 @@ impl OptimStep {
                 }
                 OptimKind::Adam { decoupled } => {
                     let mut p = p;
-                    let mut g = grad[i] * scale;
+                    let mut g = h.scaled_grad(grad[i] * scale);
                     if decoupled {
                         p *= 1.0 - h.lr * h.weight_decay;
                     } else {
@@ -215,7 +230,7 @@ impl OptimStep {
                     p_out[i] = p - step_size * m / denom;
                 }
                 OptimKind::Rmsprop { centered, momentum } => {
-                    let g = grad[i] * scale + h.weight_decay * p;
+                    let g = h.scaled_grad(grad[i] * scale) + h.weight_decay * p;
                     let a = h.alpha;
                     let sq = a * states[0][i] + (1.0 - a) * g * g;
                     states[0][i] = sq;
@@ -237,7 +252,7 @@ impl OptimStep {
                     };
                 }
                 OptimKind::Adagrad => {
-                    let g = grad[i] * scale + h.weight_decay * p;
+                    let g = h.scaled_grad(grad[i] * scale) + h.weight_decay * p;
                     let s = states[0][i] + g * g;
                     states[0][i] = s;
                     p_out[i] = p - h.lr * (g / (s.sqrt() + h.eps));
