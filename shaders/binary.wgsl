@@ -66,6 +66,7 @@ fn binary_op(op: u32, x: f32, y: f32) -> f32 {
             let pdf = exp(-0.5 * y * y) * 0.39894228040143268;
             return x * (cdf + y * pdf);
         }
+        case 12u: { return select(0.0, x, y != 0.0); }
         default: { return x; }
     }
 }

@@ -477,6 +477,86 @@ fn pad_stack_and_split() {
     }
 }
 
+/// `where_cond` as `torch.where` (broadcasting all three, infinities on the side not chosen
+/// kept out) and `masked_fill` with `-inf`: values on both backends, one kernel, gradients to
+/// the side chosen.
+#[test]
+fn where_and_masked_fill() {
+    let g = Graph::new();
+    let c = g.input("c", [2, 1, 3]);
+    let a = g.input("a", [4, 3]);
+    let b = g.input("b", [3]);
+    let y = g.where_cond(c, a, b).unwrap();
+    let filled = g.masked_fill(a, g.reshape(c, &[2, 3]).unwrap(), f32::NEG_INFINITY);
+    assert!(filled.is_err(), "[4, 3] and [2, 3] do not broadcast");
+    let m = g.input("m", [4, 1]);
+    let filled = g.masked_fill(a, m, f32::NEG_INFINITY).unwrap();
+    let cv = Tensor::new([2, 1, 3], vec![1., 0., 2., 0., 0., -1.]).unwrap();
+    let mut av = rand(&[4, 3], 3);
+    av.data_mut()[4] = f32::INFINITY; // chosen against: must not leak
+    let bv = Tensor::new([3], vec![f32::NAN, 5.0, 6.0]).unwrap();
+    let mv = Tensor::new([4, 1], vec![0., 1., 0., 1.]).unwrap();
+    assert_eq!(g.shape(y).dims(), &[2, 4, 3]);
+    let mut want_y = Vec::new();
+    for i in 0..2 {
+        for r in 0..4 {
+            for k in 0..3 {
+                let on = cv.data()[i * 3 + k] != 0.0;
+                want_y.push(if on {
+                    av.data()[r * 3 + k]
+                } else {
+                    bv.data()[k]
+                });
+            }
+        }
+    }
+    let want_f: Vec<f32> = (0..12)
+        .map(|e| {
+            if mv.data()[e / 3] != 0.0 {
+                f32::NEG_INFINITY
+            } else {
+                av.data()[e]
+            }
+        })
+        .collect();
+    let feeds = [("c", &cv), ("a", &av), ("b", &bv), ("m", &mv)];
+    let same = |x: &[f32], w: &[f32]| {
+        x.iter()
+            .zip(w)
+            .all(|(p, q)| p == q || p.is_nan() && q.is_nan())
+    };
+    let mut devices = vec![Device::cpu()];
+    devices.extend(common::gpu());
+    for (k, dev) in devices.into_iter().enumerate() {
+        let mut plan = dev.compile(&g, &[y, filled]).unwrap();
+        plan.poison(f32::NAN);
+        let got = plan.run(&feeds).unwrap();
+        assert!(same(got[0].data(), &want_y), "{:?}", got[0].data());
+        assert!(same(got[1].data(), &want_f), "{:?}", got[1].data());
+        // one kernel on the GPU (the CPU reference, device 0, runs none)
+        let one = dev.compile(&g, &[y]).unwrap();
+        assert_eq!(one.kernels().len(), (k > 0) as usize, "{:?}", one.kernels());
+    }
+    // gradients: a's where chosen (summed over the broadcast axis), b's elsewhere
+    let g = Graph::new();
+    let (c, a, b) = (
+        g.input("c", [2, 1, 3]),
+        g.input("a", [4, 3]),
+        g.input("b", [3]),
+    );
+    let loss = common::random_projection(&g, g.where_cond(c, a, b).unwrap(), 4);
+    let (av, bv) = (rand(&[4, 3], 5), rand(&[3], 6));
+    common::gradcheck(
+        "where_cond",
+        &g,
+        loss,
+        &[("a", a), ("b", b)],
+        &[("c", &cv), ("a", &av), ("b", &bv)],
+        12,
+        TOL_REDUCTION,
+    );
+}
+
 /// torch's argmax and argmin (the first index on ties), comparisons as 0/1 masks, and a
 /// classifier's accuracy on the device: the argmax's kernel stores the comparison with the
 /// labels (an epilogue), one more kernel takes the mean.

@@ -297,6 +297,7 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         BinaryOp::SigmoidGrad,
         BinaryOp::TanhGrad,
         BinaryOp::GeluGrad,
+        BinaryOp::KeepWhere,
     ];
     // broadcasts: bias [N] over [M, N], a column [M, 1], a scalar [1], rank 6 with 1-extents
     let layouts: [(&[usize], &[usize], &[usize]); 5] = [

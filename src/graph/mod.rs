@@ -1186,6 +1186,32 @@ impl Graph {
         self.reduce(ReduceKind::ArgMin, a, axis, keepdim)
     }
 
+    /// `on_true` where `cond` is nonzero, else `on_false` (`torch.where`, broadcasting all
+    /// three): each side kept exactly where chosen (an inf or NaN on the other side does not
+    /// leak), one fused kernel; the gradient goes to the side chosen, none to `cond`.
+    pub fn where_cond(&self, cond: NodeId, on_true: NodeId, on_false: NodeId) -> Result<NodeId> {
+        const OP: &str = "where_cond";
+        let (sc, st, sf) = (
+            self.check_id(OP, cond)?,
+            self.check_id(OP, on_true)?,
+            self.check_id(OP, on_false)?,
+        );
+        let both = crate::ops::binary::broadcast_shapes(OP, &st, &sf)?;
+        crate::ops::binary::broadcast_shapes(OP, &sc, &both)?;
+        let t = self.binary(BinaryOp::KeepWhere, on_true, cond)?;
+        let zero = self.constant(Tensor::full([1], 0.0));
+        let f = self.binary(BinaryOp::KeepWhere, on_false, self.eq(cond, zero)?)?;
+        self.add(t, f)
+    }
+
+    /// `value` where `mask` is nonzero, else `a` (`Tensor.masked_fill`; `value` may be
+    /// infinite: `-inf` hides attention scores), one fused kernel; the gradient flows where
+    /// `a` is kept.
+    pub fn masked_fill(&self, a: NodeId, mask: NodeId, value: f32) -> Result<NodeId> {
+        let fill = self.constant(Tensor::full([1], value));
+        self.where_cond(mask, fill, a)
+    }
+
     /// `1` where `a == b`, else `0` (broadcasting; `torch.eq` as f32); no gradient.
     pub fn eq(&self, a: NodeId, b: NodeId) -> Result<NodeId> {
         self.binary(BinaryOp::Equal, a, b)

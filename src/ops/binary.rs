@@ -27,6 +27,9 @@ pub enum BinaryOp {
     TanhGrad,
     /// `a * gelu'(b)`: exact GELU's backward from `dy` and the input `x`.
     GeluGrad,
+    /// `a` where `b != 0`, else exactly `0` (whatever `a` holds, inf and NaN included): the
+    /// half of `where_cond` and `masked_fill` that keeps one side.
+    KeepWhere,
 }
 
 impl BinaryOp {
@@ -45,6 +48,7 @@ impl BinaryOp {
             BinaryOp::SigmoidGrad => "sigmoid_grad",
             BinaryOp::TanhGrad => "tanh_grad",
             BinaryOp::GeluGrad => "gelu_grad",
+            BinaryOp::KeepWhere => "keep_where",
         }
     }
 
@@ -64,6 +68,7 @@ impl BinaryOp {
             BinaryOp::SigmoidGrad => 9,
             BinaryOp::TanhGrad => 10,
             BinaryOp::GeluGrad => 11,
+            BinaryOp::KeepWhere => 12,
         }
     }
 
@@ -91,6 +96,13 @@ impl BinaryOp {
                 let cdf = 0.5 * (1.0 + libm::erf(y / std::f64::consts::SQRT_2));
                 let pdf = (-0.5 * y * y).exp() / (2.0 * std::f64::consts::PI).sqrt();
                 x * (cdf + y * pdf)
+            }
+            BinaryOp::KeepWhere => {
+                if y != 0.0 {
+                    x
+                } else {
+                    0.0
+                }
             }
         }
     }
@@ -175,6 +187,13 @@ impl BinaryOp {
                 (to_a, g.sub(dy, to_a)?)
             }
             BinaryOp::GreaterEqual | BinaryOp::Equal => return Ok([None, None]),
+            // the kept side's gradient, kept where it was; none for the mask
+            BinaryOp::KeepWhere => {
+                return Ok([
+                    Some(g.sum_to(g.binary(BinaryOp::KeepWhere, dy, b)?, &g.shape(a))?),
+                    None,
+                ])
+            }
             BinaryOp::ReluGrad => {
                 return Ok([
                     Some(g.sum_to(g.binary(BinaryOp::ReluGrad, dy, b)?, &g.shape(a))?),
