@@ -116,6 +116,21 @@ fn class_of(i: u32) -> u32 {
     return C;
 }
 
+// The loss of the row at `base` from its log-sum-exp, label class k < C: lse - x[k], or with
+// smoothing e, (1 - e) (lse - x[k]) + e (lse - mean(x)) (the one-workgroup entries; the row
+// entries sum the logits with their statistics).
+fn smoothed_loss(lse: f32, base: u32, k: u32) -> f32 {
+    let nll = lse - ld_logits(base + k);
+    if SMOOTHING == 0.0 {
+        return nll;
+    }
+    var sx = 0.0;
+    for (var c = 0u; c < C; c = c + 1u) {
+        sx = sx + ld_logits(base + c);
+    }
+    return (1.0 - SMOOTHING) * nll + SMOOTHING * (lse - sx / f32(C));
+}
+
 @compute @workgroup_size(256)
 fn cross_entropy(@builtin(local_invocation_index) lid: u32) {
     var acc = 0.0;
@@ -125,7 +140,7 @@ fn cross_entropy(@builtin(local_invocation_index) lid: u32) {
         let lse = m + log(row_sum_exp(base, m));
         let k = class_of(i);
         if k < C {
-            acc = acc + (lse - ld_logits(base + k));
+            acc = acc + smoothed_loss(lse, base, k);
         } else {
             acc = acc + nan();
         }
@@ -151,24 +166,21 @@ fn mean_loss(lid: u32, acc: f32) {
 @compute @workgroup_size(256)
 fn cross_entropy_with_grad(@builtin(local_invocation_index) lid: u32) {
     var acc = 0.0;
-    let scale = dy[0] / f32(N);
     for (var i = lid; i < N; i = i + WG) {
         let base = i * C;
         let m = row_max(base);
         let sum = row_sum_exp(base, m);
         let k = class_of(i);
         if k < C {
-            acc = acc + (m + log(sum) - ld_logits(base + k));
+            acc = acc + smoothed_loss(m + log(sum), base, k);
         } else {
             acc = acc + nan();
         }
         // as cross_entropy_backward
         let inv = 1.0 / sum;
-        let bad = select(0.0, nan(), k >= C);
         for (var c = 0u; c < C; c = c + 1u) {
             let p = exp(ld_logits(base + c) - m) * inv;
-            let onehot = select(0.0, 1.0, c == k);
-            both[GRAD_OFF + base + c] = (p - onehot) * scale + bad;
+            both[GRAD_OFF + base + c] = class_gradient(i, p, c, k);
         }
     }
     mean_loss(lid, acc);

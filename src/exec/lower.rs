@@ -1832,22 +1832,22 @@ pub(crate) fn split_cross_entropy(
     order: &mut Vec<NodeId>,
     targets: &[NodeId],
 ) {
-    use crate::ops::loss::{CrossEntropyRows, ONE_WORKGROUP_MAX, WITH_GRAD_MAX};
+    use crate::ops::loss::{CrossEntropy, CrossEntropyRows, ONE_WORKGROUP_MAX, WITH_GRAD_MAX};
     use crate::ops::reduce::{Reduce, ReduceKind};
     let mut i = 0;
     while i < order.len() {
         let id = order[i];
-        if !matches!(nodes[id.0].op, Op::CrossEntropy(_)) {
+        let Op::CrossEntropy(CrossEntropy { opts, .. }) = nodes[id.0].op else {
             i += 1;
             continue;
-        }
+        };
         let (logits, labels) = (nodes[id.0].inputs[0], nodes[id.0].inputs[1]);
         let numel = nodes[logits.0].shape.numel();
         // in training, beyond what one workgroup computes with its gradient: the row kernel
         // with the gradient and a mean, as many kernels as the loss and its backward but
         // over the whole GPU, reading the logits twice rather than five times
         let training = numel > WITH_GRAD_MAX
-            && gradient_for_loss_kernel(nodes, order, targets, i, (logits, labels)).is_some();
+            && gradient_for_loss_kernel(nodes, order, targets, i, (logits, labels), opts).is_some();
         if numel <= ONE_WORKGROUP_MAX && !training {
             i += 1;
             continue;
@@ -1855,7 +1855,10 @@ pub(crate) fn split_cross_entropy(
         let rows = nodes[nodes[id.0].inputs[0].0].shape.dims()[0];
         let rid = NodeId(nodes.len());
         nodes.push(Node {
-            op: Op::CrossEntropyRows(CrossEntropyRows::default()),
+            op: Op::CrossEntropyRows(CrossEntropyRows {
+                with_grad: false,
+                opts,
+            }),
             inputs: nodes[id.0].inputs.clone(),
             shape: Shape(vec![rows]),
             dtype: DType::F32,
@@ -1911,20 +1914,18 @@ fn gradient_for_loss_kernel(
     targets: &[NodeId],
     l_pos: usize,
     (logits, labels): (NodeId, NodeId),
+    opts: crate::ops::loss::RowOptions,
 ) -> Option<NodeId> {
-    use crate::ops::loss::{CrossEntropyBackward, LossGrad, RowOptions};
+    use crate::ops::loss::{CrossEntropyBackward, LossGrad};
     let at = |n: NodeId| order.iter().position(|&o| o == n);
     let d = order.iter().copied().find(|&d| {
         matches!(
             nodes[d.0].op,
             Op::CrossEntropyBackward(CrossEntropyBackward {
                 written: false,
-                opts: RowOptions {
-                    ignore_index: None,
-                    smoothing_bits: 0
-                },
+                opts: o,
                 dy: LossGrad::Mean,
-            })
+            }) if o == opts
         ) && nodes[d.0].inputs[..2] == [logits, labels]
     })?;
     let half = nodes[d.0].dtype == DType::F16;
@@ -1953,32 +1954,31 @@ pub(crate) fn gradient_with_cross_entropy(
     order: &mut Vec<NodeId>,
     targets: &[NodeId],
 ) {
-    use crate::ops::loss::{
-        CrossEntropy, CrossEntropyBackward, CrossEntropyRows, RowOptions, WITH_GRAD_MAX,
-    };
+    use crate::ops::loss::{CrossEntropy, CrossEntropyBackward, CrossEntropyRows, WITH_GRAD_MAX};
     let mut moves: Vec<(NodeId, NodeId)> = Vec::new();
     let mut sources: Vec<(NodeId, NodeId)> = Vec::new();
     for l_pos in 0..order.len() {
         let l = order[l_pos];
-        let (logits, labels) = match nodes[l.0].op {
-            Op::CrossEntropy(CrossEntropy { with_grad: false })
+        // (ignored rows change the mean's count, which the kernels do not know before the end)
+        let opts = match nodes[l.0].op {
+            Op::CrossEntropy(CrossEntropy {
+                with_grad: false,
+                opts,
+            })
             | Op::CrossEntropyRows(CrossEntropyRows {
                 with_grad: false,
-                // torch's options take a gradient per row, known after the reduction
-                opts:
-                    RowOptions {
-                        ignore_index: None,
-                        smoothing_bits: 0,
-                    },
-            }) => (nodes[l.0].inputs[0], nodes[l.0].inputs[1]),
+                opts,
+            }) if opts.ignore_index.is_none() => opts,
             _ => continue,
         };
+        let (logits, labels) = (nodes[l.0].inputs[0], nodes[l.0].inputs[1]);
         let rows = matches!(nodes[l.0].op, Op::CrossEntropyRows(_));
         if !rows && nodes[logits.0].shape.numel() > WITH_GRAD_MAX {
             continue;
         }
         let at = |n: NodeId| order.iter().position(|&o| o == n);
-        let Some(d) = gradient_for_loss_kernel(nodes, order, targets, l_pos, (logits, labels))
+        let Some(d) =
+            gradient_for_loss_kernel(nodes, order, targets, l_pos, (logits, labels), opts)
         else {
             continue;
         };
@@ -1986,13 +1986,17 @@ pub(crate) fn gradient_with_cross_entropy(
         nodes[l.0].op = match rows {
             true => Op::CrossEntropyRows(CrossEntropyRows {
                 with_grad: true,
-                ..Default::default()
+                opts,
             }),
-            false => Op::CrossEntropy(CrossEntropy { with_grad: true }),
+            false => Op::CrossEntropy(CrossEntropy {
+                with_grad: true,
+                opts,
+            }),
         };
         nodes[l.0].inputs.push(dy);
         nodes[d.0].op = Op::CrossEntropyBackward(CrossEntropyBackward {
             written: true,
+            opts,
             ..Default::default()
         });
         nodes[d.0].inputs.push(l);

@@ -584,6 +584,21 @@ impl Graph {
             Reduction::Sum if plain => {
                 return self.mul_scalar(self.cross_entropy(logits, labels)?, sl.dims()[0] as f32)
             }
+            // smoothing alone: the fused loss, its gradient in its kernel in training
+            Reduction::Mean if ignore_index.is_none() => {
+                let fused = CrossEntropy {
+                    with_grad: false,
+                    opts: RowOptions {
+                        ignore_index: None,
+                        smoothing_bits: e.to_bits(),
+                    },
+                };
+                return self.push(
+                    Op::CrossEntropy(fused),
+                    vec![logits, labels],
+                    Shape(vec![1]),
+                );
+            }
             _ => {}
         }
         let rows_op = CrossEntropyRows {

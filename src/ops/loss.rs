@@ -21,9 +21,11 @@ use crate::tensor::{Shape, Tensor};
 /// (made by the plan compiler, `exec::lower::gradient_with_cross_entropy`): input 2 is the
 /// loss's gradient `dy (1)`, and the kernel also writes the logits' gradient past the loss, at
 /// [`GRAD_OFF`], which the [`CrossEntropyBackward`] node then views.
+/// `opts` may smooth the labels (`label_smoothing`), not ignore any (the mean's count is `N`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CrossEntropy {
     pub with_grad: bool,
+    pub opts: RowOptions,
 }
 
 /// `logits (N, C)`, `labels (N)`, `dy (1)` -> `dlogits (N, C)`. With `written`: input 3 is the
@@ -292,7 +294,7 @@ impl CrossEntropy {
 
     /// CPU reference in f64.
     pub fn cpu(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
-        let losses = row_losses(logits, labels, RowOptions::default());
+        let losses = row_losses(logits, labels, self.opts);
         let mean = losses.iter().sum::<f64>() / losses.len() as f64;
         Tensor::new([1], vec![mean as f32]).expect("scalar")
     }
@@ -306,6 +308,9 @@ impl CrossEntropy {
         ];
         if self.with_grad {
             constants.push(("GRAD_OFF", GRAD_OFF as f64));
+        }
+        if self.opts != RowOptions::default() {
+            constants.extend(self.opts.constants());
         }
         KernelSpec {
             family: "loss",
@@ -338,7 +343,10 @@ impl CrossEntropy {
         let shape = g.shape(logits);
         Ok([
             Some(g.push_op(
-                super::Op::CrossEntropyBackward(CrossEntropyBackward::default()),
+                super::Op::CrossEntropyBackward(CrossEntropyBackward {
+                    opts: self.opts,
+                    ..Default::default()
+                }),
                 vec![logits, labels, dy],
                 shape,
             )?),
