@@ -1003,8 +1003,7 @@ fn cached_decoding_matches_the_causal_forward() {
             }
             (g, h)
         };
-        let mut devices = vec![Device::cpu()];
-        devices.extend(gpu());
+        let devices = common::devices();
         for dev in devices {
             let want = dev
                 .compile(&full.0, &[full.1])

@@ -436,8 +436,7 @@ fn pad_stack_and_split() {
             }
         }
     }
-    let mut devices = vec![Device::cpu()];
-    devices.extend(common::gpu());
+    let devices = common::devices();
     for dev in devices {
         let mut plan = dev.compile(&g, &outs).unwrap();
         plan.poison(f32::NAN);
@@ -525,8 +524,7 @@ fn where_and_masked_fill() {
             .zip(w)
             .all(|(p, q)| p == q || p.is_nan() && q.is_nan())
     };
-    let mut devices = vec![Device::cpu()];
-    devices.extend(common::gpu());
+    let devices = common::devices();
     for (k, dev) in devices.into_iter().enumerate() {
         let mut plan = dev.compile(&g, &[y, filled]).unwrap();
         plan.poison(f32::NAN);

@@ -122,8 +122,7 @@ fn interpolate_backward_is_the_adjoint() {
                 rand(&xs, 30 + k as u64),
                 rand(g.shape(y).dims(), 40 + k as u64),
             );
-            let mut devices = vec![Device::cpu()];
-            devices.extend(common::gpu());
+            let devices = common::devices();
             for dev in devices {
                 let out = dev
                     .compile(&g, &[y, back])

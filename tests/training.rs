@@ -181,8 +181,7 @@ fn cross_entropy_options_as_torch() {
         .iter()
         .map(|(o, _)| g.cross_entropy_with(x, y, *o).unwrap())
         .collect();
-    let mut devices = vec![Device::cpu()];
-    devices.extend(gpu());
+    let devices = common::devices();
     for dev in &devices {
         let got = dev
             .compile(&g, &outs)
@@ -411,8 +410,7 @@ fn regression_nll_and_kl_losses_as_torch() {
     ];
     let outs: Vec<_> = cases.iter().map(|c| c.1).collect();
     let f: Vec<(String, Tensor)> = feeds.into_iter().map(|(n, v)| (n.into(), v)).collect();
-    let mut devices = vec![Device::cpu()];
-    devices.extend(gpu());
+    let devices = common::devices();
     for dev in &devices {
         let got = dev
             .compile(&g, &outs)

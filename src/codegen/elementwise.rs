@@ -670,8 +670,6 @@ pub fn reduce_with_prologue_and_epilogue(
         "@group(0) @binding({}) var<storage, read_write> out: array<f32>;",
         inputs.len() + epi.extra
     );
-    let load = |k: usize, index: &str| load_input(f, k, DType::F32, format!("x{k}[{index}]"));
-    let (body, result) = program_body(f, inputs, x, &load);
     let mut functions = op_functions(f);
     if epi_program.has_dropout() && !f.has_dropout() {
         functions.push('\n');
@@ -681,15 +679,7 @@ pub fn reduce_with_prologue_and_epilogue(
         .functions
         .strip_prefix(op_functions(epi_program).as_str())
         .expect("an epilogue's functions open with its op functions");
-    let _ = writeln!(
-        functions,
-        "
-// the fused elementwise ops [{}] at element i of the reduced tensor {x}
-fn load(i: u32) -> f32 {{
-{body}    return {result};
-}}",
-        f.describe()
-    );
+    functions.push_str(&load_function(f, inputs, x, DType::F32));
     let store =
         format!("{epi_fn}\nfn store(i: u32, v: f32) {{\n    out[i] = epilogue(v, i);\n}}\n");
     let describe = format!("{},epilogue[{}]", f.describe(), epi.describe);
@@ -718,6 +708,22 @@ fn load(i: u32) -> f32 {{
         &store,
     ));
     reduce_module(src, &describe, spec)
+}
+
+/// A reduction prologue's `fn load(i)`: the fused program `f` (inputs of shapes `inputs` at
+/// bindings `x0..`, stored as `dtype`) at element `i` of the reduced tensor of shape `x`.
+fn load_function(f: &Fused, inputs: &[&Shape], x: &Shape, dtype: DType) -> String {
+    let load = |k: usize, index: &str| load_input(f, k, dtype, format!("x{k}[{index}]"));
+    let (body, result) = program_body(f, inputs, x, &load);
+    format!(
+        "
+// the fused elementwise ops [{}] at element i of the reduced tensor {x}
+fn load(i: u32) -> f32 {{
+{body}    return {result};
+}}
+",
+        f.describe()
+    )
 }
 
 /// A generated variant of `shaders/reduce.wgsl` (`src`), keyed by what it fuses (`describe`)
@@ -774,18 +780,8 @@ pub fn reduce_with_prologue(
         "@group(0) @binding({}) var<storage, read_write> out: array<{dtype}>;",
         inputs.len()
     );
-    let load = |k: usize, index: &str| load_input(f, k, dtype, format!("x{k}[{index}]"));
-    let (body, result) = program_body(f, inputs, x, &load);
     let mut prologue = op_functions(f);
-    let _ = writeln!(
-        prologue,
-        "
-// the fused elementwise ops [{}] at element i of the reduced tensor {x}
-fn load(i: u32) -> f32 {{
-{body}    return {result};
-}}",
-        f.describe()
-    );
+    prologue.push_str(&load_function(f, inputs, x, dtype));
     let store = format!(
         "fn store(i: u32, v: f32) {{\n    out[i] = {};\n}}\n",
         narrow(dtype, "v")

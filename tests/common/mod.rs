@@ -38,6 +38,14 @@ pub fn rand(shape: &[usize], seed: u64) -> Tensor {
     Tensor::rand_uniform(shape.to_vec(), -1.0, 1.0, seed)
 }
 
+/// The CPU reference, then the GPU where there is one (its test then runs on both).
+#[allow(dead_code)] // not every test binary asks
+pub fn devices() -> Vec<Device> {
+    let mut d = vec![Device::cpu()];
+    d.extend(gpu());
+    d
+}
+
 /// Asserts `|a - b| <= atol + rtol * |b|` elementwise, naming the first offending element.
 pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
     assert_eq!(a.shape(), b.shape(), "{what}: shapes differ");
