@@ -656,14 +656,7 @@ pub fn reduce_with_prologue_and_epilogue(
     epi: &Epilogue,
 ) -> Generated {
     let base = shader_source("reduce").expect("reduce.wgsl is registered");
-    let mut bindings = String::new();
-    for k in 0..inputs.len() {
-        let _ = writeln!(
-            bindings,
-            "@group(0) @binding({k}) var<storage, read> x{k}: array<{}>;",
-            f.input_dtype(k, DType::F32)
-        );
-    }
+    let mut bindings = prologue_bindings(f, inputs.len(), DType::F32);
     bindings.push_str(&epi.bindings);
     let _ = writeln!(
         bindings,
@@ -708,6 +701,20 @@ pub fn reduce_with_prologue_and_epilogue(
         &store,
     ));
     reduce_module(src, &describe, spec)
+}
+
+/// A reduction prologue's input bindings: `x0..` at 0.., stored as `dtype` (or as `f` reads
+/// each).
+fn prologue_bindings(f: &Fused, inputs: usize, dtype: DType) -> String {
+    let mut bindings = String::new();
+    for k in 0..inputs {
+        let _ = writeln!(
+            bindings,
+            "@group(0) @binding({k}) var<storage, read> x{k}: array<{}>;",
+            f.input_dtype(k, dtype)
+        );
+    }
+    bindings
 }
 
 /// A reduction prologue's `fn load(i)`: the fused program `f` (inputs of shapes `inputs` at
@@ -767,14 +774,7 @@ pub fn reduce_with_prologue(
     dtype: DType,
 ) -> Generated {
     let base = shader_source("reduce").expect("reduce.wgsl is registered");
-    let mut bindings = String::new();
-    for k in 0..inputs.len() {
-        let _ = writeln!(
-            bindings,
-            "@group(0) @binding({k}) var<storage, read> x{k}: array<{}>;",
-            f.input_dtype(k, dtype)
-        );
-    }
+    let mut bindings = prologue_bindings(f, inputs.len(), dtype);
     let _ = writeln!(
         bindings,
         "@group(0) @binding({}) var<storage, read_write> out: array<{dtype}>;",
