@@ -115,6 +115,7 @@ fn interpolate_backward_is_the_adjoint() {
                 mode,
                 input: (xs[2], xs[3]),
                 output: size,
+                scale_factor: None,
             };
             let z = g.input("z", g.shape(y));
             let back = g.interpolate_backward(z, r).unwrap();
@@ -230,6 +231,7 @@ fn interpolate_shape_errors() {
         mode: NEAREST,
         input: (4, 4),
         output: (8, 8),
+        scale_factor: None,
     };
     let wrong = g.input("dy", [1, 2, 8, 7]);
     let e = g.interpolate_backward(wrong, r).unwrap_err();
@@ -282,4 +284,47 @@ fn decoder_blocks_in_sequential() {
         .apply(&g, flat, false)
         .unwrap_err();
     assert!(e.to_string().contains("Upsample: input [2, 4, 3]"), "{e}");
+}
+
+/// `interpolate_scale` as `F.interpolate(x, scale_factor=..)`: the output `floor(in * s)`, and
+/// the sampling at `1 / s` (torch's `compute_scales_value`), which for 1.7 picks other pixels
+/// than the size alone (5 -> 8: output 5 reads input 2, not 3); bilinear with factors on the
+/// GPU against the CPU reference, forward and gradient; a factor giving no pixel is an error.
+#[test]
+fn interpolate_by_scale_factor_as_torch() {
+    let g = Graph::new();
+    let x = g.input("x", [1, 1, 1, 5]);
+    let by_scale = g.interpolate_scale(x, (1.0, 1.7), NEAREST).unwrap();
+    let by_size = g.interpolate(x, (1, 8), NEAREST).unwrap();
+    let xv = Tensor::new([1, 1, 1, 5], vec![0., 1., 2., 3., 4.]).unwrap();
+    for dev in common::devices() {
+        let got = dev
+            .compile(&g, &[by_scale, by_size])
+            .unwrap()
+            .run(&[("x", &xv)])
+            .unwrap();
+        assert_eq!(got[0].data(), &[0., 0., 1., 1., 2., 2., 3., 4.]);
+        assert_eq!(got[1].data(), &[0., 0., 1., 1., 2., 3., 3., 4.]);
+    }
+    let g = Graph::new();
+    let x = g.input("x", [2, 3, 5, 7]);
+    let mode = ResizeMode::Bilinear {
+        align_corners: false,
+    };
+    let y = g.interpolate_scale(x, (1.7, 0.6), mode).unwrap();
+    assert_eq!(g.shape(y).dims(), &[2, 3, 8, 4]);
+    let loss = random_projection(&g, y, 3);
+    let xv = rand(&[2, 3, 5, 7], 4);
+    check_gpu_vs_cpu("scale 1.7 x 0.6", &g, &[y], &[("x", &xv)], TOL_REDUCTION);
+    gradcheck(
+        "scale 1.7 x 0.6",
+        &g,
+        loss,
+        &[("x", x)],
+        &[("x", &xv)],
+        30,
+        TOL_REDUCTION,
+    );
+    let e = g.interpolate_scale(x, (0.1, 1.0), mode).unwrap_err();
+    assert!(e.to_string().contains("interpolate"), "{e}");
 }

@@ -2053,6 +2053,37 @@ impl Graph {
             mode,
             input,
             output: size,
+            scale_factor: None,
+        };
+        let shape = r.infer(&sx)?;
+        self.push(Op::Resize2d(r), vec![x], shape)
+    }
+
+    /// `x (N, C, H, W)` resized by `scale_factor` (sh, sw) (`torch.nn.functional.interpolate(x,
+    /// scale_factor=.., mode=..)`): the output is `(floor(H sh), floor(W sw))` and, without
+    /// `align_corners`, the sampling follows the factor (`1 / s`), as torch's, which for a
+    /// factor like 1.7 picks other pixels than the size alone would.
+    pub fn interpolate_scale(
+        &self,
+        x: NodeId,
+        scale_factor: (f64, f64),
+        mode: crate::ops::resize::ResizeMode,
+    ) -> Result<NodeId> {
+        let (sx, (h, w)) = self.image("interpolate", x)?;
+        let (sh, sw) = scale_factor;
+        let out = |len: usize, s: f64| (len as f64 * s).floor();
+        let (ho, wo) = (out(h, sh), out(w, sw));
+        if !(sh > 0.0 && sw > 0.0 && ho >= 1.0 && wo >= 1.0 && ho < 1e9 && wo < 1e9) {
+            return Err(shape_err(
+                "interpolate",
+                format!("input {sx}: scale_factor {scale_factor:?} gives no image"),
+            ));
+        }
+        let r = crate::ops::resize::Resize2d {
+            mode,
+            input: (h, w),
+            output: (ho as usize, wo as usize),
+            scale_factor: Some((sh.to_bits(), sw.to_bits())),
         };
         let shape = r.infer(&sx)?;
         self.push(Op::Resize2d(r), vec![x], shape)

@@ -1,5 +1,6 @@
 //! Resizing NCHW images to a given size, as `torch.nn.functional.interpolate(x, size=(Ho, Wo),
-//! mode=..)`: nearest (torch's `"nearest"`: output `o` reads input `floor(o * in / out)`) and
+//! mode=..)`, or by a scale factor (`scale_factor=..`: the sampling then at `1 / scale`
+//! without aligned corners, as torch's): nearest (torch's `"nearest"`: output `o` reads input `floor(o * in / out)`) and
 //! bilinear (`align_corners` false: output `o` samples input coordinate
 //! `max((o + 0.5) * in / out - 0.5, 0)`; true: `o * (in - 1) / (out - 1)`), with torch's f32
 //! index arithmetic, so both pick the same pixels and weights. The backward is a gather: each
@@ -30,6 +31,10 @@ pub struct Resize2d {
     pub input: (usize, usize),
     /// Output extents (Ho, Wo).
     pub output: (usize, usize),
+    /// torch's `scale_factor` (H, W) as f64 bits, where given: the index arithmetic then
+    /// samples at `1 / scale` (torch's `compute_scales_value`), not `in / out` (without
+    /// `align_corners`).
+    pub scale_factor: Option<(u64, u64)>,
 }
 
 /// Input taps of one output coordinate along an axis: `(i0, i1, l0, l1)`, the value
@@ -37,9 +42,10 @@ pub struct Resize2d {
 type Taps = (usize, usize, f32, f32);
 
 impl Resize2d {
-    /// The f32 scale of one axis from `len` to `out`, as torch's `area_pixel_compute_scale`
-    /// computes it from the sizes.
-    fn scale(&self, len: usize, out: usize) -> f32 {
+    /// The f32 scale of axis `axis` (0: H, 1: W), as torch's `area_pixel_compute_scale`
+    /// computes it: from the sizes, or from the scale factor given.
+    fn scale(&self, axis: usize) -> f32 {
+        let (len, out) = self.extents(axis);
         match self.mode {
             ResizeMode::Bilinear {
                 align_corners: true,
@@ -50,13 +56,29 @@ impl Resize2d {
                     0.0
                 }
             }
-            _ => len as f32 / out as f32,
+            _ => match self.scale_factor {
+                // torch: static_cast<float>(1.0 / scale), the division in double
+                Some(s) => {
+                    let s = f64::from_bits(if axis == 0 { s.0 } else { s.1 });
+                    (1.0 / s) as f32
+                }
+                None => len as f32 / out as f32,
+            },
         }
     }
 
-    /// The taps of output coordinate `o` along an axis of `len` inputs and `out` outputs.
-    fn taps(&self, o: usize, len: usize, out: usize) -> Taps {
-        let scale = self.scale(len, out);
+    /// `(in, out)` extents of axis `axis` (0: H, 1: W).
+    fn extents(&self, axis: usize) -> (usize, usize) {
+        match axis {
+            0 => (self.input.0, self.output.0),
+            _ => (self.input.1, self.output.1),
+        }
+    }
+
+    /// The taps of output coordinate `o` along axis `axis`.
+    fn taps(&self, o: usize, axis: usize) -> Taps {
+        let len = self.extents(axis).0;
+        let scale = self.scale(axis);
         match self.mode {
             ResizeMode::Nearest => {
                 let i = ((o as f32 * scale).floor() as usize).min(len - 1);
@@ -99,8 +121,8 @@ impl Resize2d {
     fn for_each_tap(&self, planes: usize, mut f: impl FnMut(usize, usize, f32)) {
         let nearest = self.mode == ResizeMode::Nearest;
         let ((h, w), (ho, wo)) = (self.input, self.output);
-        let rows: Vec<Taps> = (0..ho).map(|o| self.taps(o, h, ho)).collect();
-        let cols: Vec<Taps> = (0..wo).map(|o| self.taps(o, w, wo)).collect();
+        let rows: Vec<Taps> = (0..ho).map(|o| self.taps(o, 0)).collect();
+        let cols: Vec<Taps> = (0..wo).map(|o| self.taps(o, 1)).collect();
         for p in 0..planes {
             for (oh, &(h0, h1, lh0, lh1)) in rows.iter().enumerate() {
                 for (ow, &(w0, w1, lw0, lw1)) in cols.iter().enumerate() {
@@ -153,8 +175,8 @@ impl Resize2d {
             ("WO", wo as f64),
             ("BILINEAR", bilinear as u8 as f64),
             ("ALIGN", align as u8 as f64),
-            ("SCALE_H", f64::from(self.scale(h, ho))),
-            ("SCALE_W", f64::from(self.scale(w, wo))),
+            ("SCALE_H", f64::from(self.scale(0))),
+            ("SCALE_W", f64::from(self.scale(1))),
         ]
     }
 
