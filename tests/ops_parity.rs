@@ -476,6 +476,45 @@ fn pad_stack_and_split() {
     }
 }
 
+/// The activations as `nn::Act` steps of a `Sequential` give what the graph ops give.
+#[test]
+fn activations_in_sequential() {
+    use kiln::nn::{Act, Sequential};
+    let acts = [
+        Act::LeakyRelu(0.2),
+        Act::AvgPool(2),
+        Act::Elu(0.5),
+        Act::Selu,
+        Act::Relu6,
+        Act::Hardsigmoid,
+        Act::Hardswish,
+        Act::Mish,
+    ];
+    let g = Graph::new();
+    let x = g.input("x", [2, 3, 4, 6]);
+    let seq = acts.iter().fold(Sequential::new(), |s, &a| s.act(a));
+    let (y, params) = seq.apply(&g, x, true).unwrap();
+    assert!(params.is_empty());
+    let mut h = g.leaky_relu(x, 0.2).unwrap();
+    h = g.avg_pool2d(h, (2, 2), (2, 2), (0, 0)).unwrap();
+    h = g.elu(h, 0.5).unwrap();
+    h = g.selu(h).unwrap();
+    h = g.relu6(h).unwrap();
+    h = g.hardsigmoid(h).unwrap();
+    h = g.hardswish(h).unwrap();
+    h = g.mish(h).unwrap();
+    let xv = Tensor::rand_uniform(vec![2, 3, 4, 6], -4.0, 4.0, 12);
+    for dev in common::devices() {
+        let got = dev
+            .compile(&g, &[y, h])
+            .unwrap()
+            .run(&[("x", &xv)])
+            .unwrap();
+        assert_eq!(got[0].data(), got[1].data());
+        assert_eq!(got[0].dims(), &[2, 3, 2, 3]);
+    }
+}
+
 /// `where_cond` as `torch.where` (broadcasting all three, infinities on the side not chosen
 /// kept out) and `masked_fill` with `-inf`: values on both backends, one kernel, gradients to
 /// the side chosen.
