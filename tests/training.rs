@@ -1444,6 +1444,15 @@ fn schedules() {
             );
         }
     }
+    // a OneCycle over no steps would make the learning rate NaN: an error at build time
+    let g = Graph::new();
+    let p = g.param_init("p", Tensor::full([2], 1.0));
+    let loss = g.sum_all(g.square(p).unwrap()).unwrap();
+    let err = Optimizer::sgd(1.0)
+        .schedule(Schedule::one_cycle(0))
+        .minimize(&g, loss, &[p])
+        .unwrap_err();
+    assert!(err.to_string().contains("total_steps"), "{err}");
     for t in 0..3 {
         let (hs, ha) = (sgd.next_hyper(), adam.next_hyper());
         let m = sgd.momentum_at(t).unwrap();

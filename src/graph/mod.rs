@@ -565,16 +565,7 @@ impl Graph {
                 format!("label_smoothing must be in [0, 1], got {e}"),
             ));
         }
-        // labels are f32: an index beyond 2^24 could not be told from its neighbours
-        let ignore_index = match opts.ignore_index {
-            Some(i) if i.unsigned_abs() > 1 << 24 => {
-                return Err(shape_err(
-                    OP,
-                    format!("ignore_index {i} is beyond the f32 labels' exact integers (2^24)"),
-                ))
-            }
-            i => i.map(|i| i as i32),
-        };
+        let ignore_index = label_index(OP, opts.ignore_index)?;
         if let Some(w) = opts.weight {
             return self.weighted_cross_entropy(logits, labels, w, ignore_index, e, opts.reduction);
         }
@@ -617,10 +608,8 @@ impl Graph {
             (Reduction::None, _) => Ok(rows),
             (Reduction::Sum, _) => self.sum_all(rows),
             (Reduction::Mean, None) => self.mean_all(rows),
-            // the rows kept: 1 - (label == ignore_index), as a mask with both bounds equal
             (Reduction::Mean, Some(i)) => {
-                let hit = self.unary(UnaryOp::ClampMask(i as f32, i as f32), labels)?;
-                let kept = self.sum_all(self.rsub_scalar(hit, 1.0)?)?;
+                let kept = self.sum_all(self.kept_labels(labels, i)?)?;
                 self.div(self.sum_all(rows)?, kept)
             }
         }
@@ -655,9 +644,7 @@ impl Graph {
             ));
         }
         let lp = self.log_softmax(self.cast(logits, DType::F32)?, 1)?;
-        let classes = self.constant(Tensor::new([1, c], (0..c).map(|k| k as f32).collect())?);
-        let column = self.reshape(labels, &[n as isize, 1])?;
-        let onehot = self.binary(BinaryOp::Equal, column, classes)?;
+        let (column, onehot) = self.class_onehot(labels, n, c)?;
         let w_row = self.reshape(w, &[1, c as isize])?;
         // the weighted target (1 - e) onehot w + e / C w, against -lp
         let target = self.mul(
@@ -669,10 +656,7 @@ impl Graph {
         let picked_w = self.sum(self.mul(onehot, w_row)?, 1, true)?;
         let in_range = self.sum(onehot, 1, true)?;
         let kept = match ignore_index {
-            Some(i) => {
-                let hit = self.unary(UnaryOp::ClampMask(i as f32, i as f32), column)?;
-                Some(self.rsub_scalar(hit, 1.0)?)
-            }
+            Some(i) => Some(self.kept_labels(column, i)?),
             None => None,
         };
         // a label neither in range nor ignored: sqrt(-1), NaN, as the fused loss gives
@@ -794,21 +778,33 @@ impl Graph {
             ));
         }
         let (n, c) = (sl.dims()[0], sl.dims()[1]);
+        let ignore_index = label_index(OP, ignore_index)?;
         let log_probs = self.cast(log_probs, DType::F32)?;
-        let classes = self.constant(Tensor::new([1, c], (0..c).map(|k| k as f32).collect())?);
-        let column = self.reshape(labels, &[n as isize, 1])?;
-        let onehot = self.binary(BinaryOp::Equal, column, classes)?;
+        let (column, onehot) = self.class_onehot(labels, n, c)?;
         match ignore_index {
             // the scale inside the sum's program, so that the loss stays one kernel
             None => self.sum_all(self.mul(log_probs, self.mul_scalar(onehot, -1.0 / n as f32)?)?),
             Some(i) => {
-                let i = i as f32;
-                let kept = self.rsub_scalar(self.unary(UnaryOp::ClampMask(i, i), labels)?, 1.0)?;
-                let kept_rows = self.reshape(kept, &[n as isize, 1])?;
-                let picked = self.sum_all(self.mul(self.mul(log_probs, onehot)?, kept_rows)?)?;
+                let kept = self.kept_labels(column, i)?;
+                let picked = self.sum_all(self.mul(self.mul(log_probs, onehot)?, kept)?)?;
                 self.neg(self.div(picked, self.sum_all(kept)?)?)
             }
         }
+    }
+
+    /// `labels (N)` as a column `(N, 1)` and its one-hot rows `(N, C)` (1 where the label is
+    /// the class index; a label outside `[0, C)` has none): the class-label losses' pick.
+    fn class_onehot(&self, labels: NodeId, n: usize, c: usize) -> Result<(NodeId, NodeId)> {
+        let classes = self.constant(Tensor::new([1, c], (0..c).map(|k| k as f32).collect())?);
+        let column = self.reshape(labels, &[n as isize, 1])?;
+        Ok((column, self.binary(BinaryOp::Equal, column, classes)?))
+    }
+
+    /// 1 where a label is not `ignore`, 0 where it is (a mask with both bounds equal), in the
+    /// labels' shape: the rows a class-label loss keeps.
+    fn kept_labels(&self, labels: NodeId, ignore: i32) -> Result<NodeId> {
+        let i = ignore as f32;
+        self.rsub_scalar(self.unary(UnaryOp::ClampMask(i, i), labels)?, 1.0)
     }
 
     /// Kullback-Leibler divergence (`torch.nn.functional.kl_div(input, target,
@@ -2224,6 +2220,18 @@ impl Graph {
             vec![indices, weight],
             shape,
         )
+    }
+}
+
+/// A class-label loss's `ignore_index` as the f32 labels can hold it: beyond 2^24 an index
+/// could not be told from its neighbours.
+fn label_index(op: &'static str, ignore: Option<i64>) -> Result<Option<i32>> {
+    match ignore {
+        Some(i) if i.unsigned_abs() > 1 << 24 => Err(shape_err(
+            op,
+            format!("ignore_index {i} is beyond the f32 labels' exact integers (2^24)"),
+        )),
+        i => Ok(i.map(|i| i as i32)),
     }
 }
 

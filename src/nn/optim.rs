@@ -121,6 +121,34 @@ pub enum Schedule {
 }
 
 impl Schedule {
+    /// torch's checks of the schedule's arguments where a bad one would make the learning
+    /// rate NaN: an error naming it.
+    fn check(&self) -> Result<()> {
+        let ok = match *self {
+            Schedule::OneCycle {
+                total_steps,
+                pct_start,
+                div_factor,
+                final_div_factor,
+                cycle_momentum,
+            } => {
+                total_steps > 0
+                    && (0.0..=1.0).contains(&pct_start)
+                    && div_factor > 0.0
+                    && final_div_factor > 0.0
+                    && cycle_momentum.is_none_or(|(b, m)| b.is_finite() && m.is_finite())
+            }
+            _ => true,
+        };
+        match ok {
+            true => Ok(()),
+            false => Err(Error::Param(format!(
+                "minimize: OneCycle needs total_steps > 0, pct_start in [0, 1], positive \
+                 div factors and finite momenta, got {self:?}"
+            ))),
+        }
+    }
+
     /// `OneCycleLR` with torch's defaults over `total_steps` (momentum cycled in (0.85, 0.95)).
     pub fn one_cycle(total_steps: u64) -> Schedule {
         Schedule::OneCycle {
@@ -575,6 +603,7 @@ impl Optimizer {
     /// them, or sums of them over micro-batches); returns the update nodes.
     pub fn apply(&self, g: &Graph, params: &[NodeId], grads: &[NodeId]) -> Result<Vec<NodeId>> {
         let names = param_names(g, params)?;
+        self.schedule.check()?;
         if let Some(v) = self.clip_value.filter(|v| !(v.is_finite() && *v > 0.0)) {
             return Err(Error::Param(format!(
                 "minimize: clip_grad_value needs a finite bound > 0, got {v}"
