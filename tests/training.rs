@@ -356,6 +356,33 @@ fn cross_entropy_options_as_torch() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("ignore_index"), "{err}");
+    // smoothing alone over more logits than one workgroup computes with its gradient: the row
+    // kernel computes both (the loss and its own gradient alone, so that it does)
+    if let Some(dev) = gpu() {
+        let g = Graph::new();
+        let (x, y) = (g.input("x", [300, 97]), g.input("y", [300]));
+        let loss = g
+            .cross_entropy_with(x, y, opts(None, 0.2, Reduction::Mean))
+            .unwrap();
+        let dx = g.grad(loss, &[x]).unwrap()[0];
+        let labels = (0..300).map(|i| ((i * 7 + 3) % 97) as f32).collect();
+        let feeds = [
+            (
+                "x".to_string(),
+                Tensor::rand_uniform(vec![300, 97], -4.0, 4.0, 6),
+            ),
+            ("y".to_string(), Tensor::new([300], labels).unwrap()),
+        ];
+        let plan = common::check_plan(
+            &dev,
+            "smoothed rows",
+            &g,
+            &[loss, dx],
+            &feeds,
+            TOL_REDUCTION,
+        );
+        assert_eq!(plan.kernels().len(), 2, "{:?}", plan.kernels());
+    }
     // without options, and with smoothing alone: the fused loss, one kernel with its gradient
     if let Some(dev) = gpu() {
         for e in [0.0, 0.1] {

@@ -219,16 +219,19 @@ impl CrossEntropyRows {
     /// Kernel: [`rows_threads`] threads per row (`cross_entropy_rows`, or with the gradient
     /// `cross_entropy_rows_with_grad`).
     pub fn kernel(&self, logits: &Shape) -> KernelSpec {
-        if !self.with_grad {
-            let mut k = rows_kernel("cross_entropy_rows", logits);
-            if self.opts != RowOptions::default() {
-                k.constants.extend(self.opts.constants());
+        let mut k = match self.with_grad {
+            false => rows_kernel("cross_entropy_rows", logits),
+            true => {
+                let mut k = rows_kernel("cross_entropy_rows_with_grad", logits);
+                k.constants
+                    .push(("GRAD_OFF", grad_offset(logits.dims()[0]) as f64));
+                k
             }
-            return k;
+        };
+        // (a smoothed loss split into rows computes its gradient with them too)
+        if self.opts != RowOptions::default() {
+            k.constants.extend(self.opts.constants());
         }
-        let mut k = rows_kernel("cross_entropy_rows_with_grad", logits);
-        k.constants
-            .push(("GRAD_OFF", grad_offset(logits.dims()[0]) as f64));
         k
     }
 
