@@ -35,7 +35,8 @@
 //            `grad_scaler`: GROWTH, BACKOFF, INTERVAL (GradScaler's growth_factor,
 //            backoff_factor, growth_interval), CLIP and MAX_NORM (clip_grad_norm_ of the
 //            unscaled gradients), PARTIALS (0: binding 1 holds the sum of squares; else it
-//            holds this many partial sums, added up in order).
+//            holds this many partial sums, added up in order), CYCLED_BETA1 (a schedule cycles
+//            Adam's beta1: its bias correction is 1 - beta1^t with this step's beta1).
 // Dispatch: ceil(N / 256) workgroups of 256 threads, folded into (x <= 65535, y); one element
 //           per thread; `grad_scaler` one workgroup of one thread.
 
@@ -48,6 +49,7 @@ override INTERVAL: f32 = 2000.0;
 override CLIP: bool = false;
 override MAX_NORM: f32 = 1.0;
 override PARTIALS: u32 = 0u;
+override CYCLED_BETA1: bool = false;
 override FIRST: bool = false;
 override ACC_SCALE: f32 = 1.0;
 const WG: u32 = 256u;
@@ -320,6 +322,24 @@ const SCALER_STEPS: u32 = 2u;
 const SCALER_S1: u32 = 3u;
 const SCALER_S2: u32 = 4u;
 
+// x^n by repeated squaring, as Rust's f32::powi (ops::optim::powi_by_squaring).
+fn powi(base: f32, n0: u32) -> f32 {
+    var x = base;
+    var n = n0;
+    var r = 1.0;
+    loop {
+        if (n & 1u) != 0u {
+            r = r * x;
+        }
+        n = n >> 1u;
+        if n == 0u {
+            break;
+        }
+        x = x * x;
+    }
+    return r;
+}
+
 // Whether x is finite, from its bits (WGSL may assume that floats are finite).
 fn finite(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
@@ -352,7 +372,11 @@ fn grad_scaler() {
     let s1 = 1.0 + b1 * scaler[SCALER_S1];
     let s2 = 1.0 + b2 * scaler[SCALER_S2];
     hyper_out[HYPER_FIRST_STEP] = select(0.0, 1.0, scaler[SCALER_STEPS] == 0.0);
-    hyper_out[HYPER_BIAS_CORRECTION1] = (1.0 - b1) * s1;
+    if CYCLED_BETA1 {
+        hyper_out[HYPER_BIAS_CORRECTION1] = 1.0 - powi(b1, u32(scaler[SCALER_STEPS]) + 1u);
+    } else {
+        hyper_out[HYPER_BIAS_CORRECTION1] = (1.0 - b1) * s1;
+    }
     hyper_out[HYPER_BIAS_CORRECTION2_SQRT] = sqrt((1.0 - b2) * s2);
     hyper_out[HYPER_GRAD_SCALE] = coef * inv;
     hyper_out[HYPER_SKIP] = select(0.0, 1.0, found);

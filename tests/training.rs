@@ -1136,6 +1136,44 @@ fn loss_scaling_is_two_kernels_more() {
     );
 }
 
+/// Adam under `OneCycleLR`'s cycled `beta1` takes its bias correction from this step's `beta1`
+/// (`1 - beta1^t`, as torch's) whether the scaler counts the steps or the host does: with a
+/// power-of-two scale that never overflows, scaled and unscaled training agree, on the CPU
+/// reference and on the GPU. (The running sum a fixed `beta1` keeps gives 0.392 at the third
+/// step where torch's power gives 0.386.)
+#[test]
+fn loss_scaling_keeps_a_cycled_beta1s_bias_correction() {
+    let scaler = GradScaler {
+        init_scale: 1024.0,
+        growth_interval: 1000,
+        ..Default::default()
+    };
+    for on_gpu in [false, true] {
+        if on_gpu && gpu().is_none() {
+            continue;
+        }
+        // a fresh device for each run: the parameters live on it
+        let dev = || match on_gpu {
+            true => Device::gpu().unwrap(),
+            false => Device::cpu(),
+        };
+        for adamw in [false, true] {
+            let base = || {
+                match adamw {
+                    false => Optimizer::adam(1e-2),
+                    true => Optimizer::adamw(1e-2, 0.1),
+                }
+                .schedule(Schedule::one_cycle(8))
+            };
+            let plain = train_tiny(&dev(), base(), 6);
+            let scaled = train_tiny(&dev(), base().grad_scaler(scaler), 6);
+            for (x, y) in scaled.iter().zip(&plain) {
+                assert_close(&format!("gpu {on_gpu}, adamw {adamw}"), x, y, 1e-6, 1e-5);
+            }
+        }
+    }
+}
+
 /// Training resumes from `checkpoint::save_all` as if uninterrupted, loss scaling included: the
 /// scaler's state (its scale, growth tracker and the steps taken, which Adam's bias
 /// corrections count) is a parameter saved with the others. Three steps, a checkpoint, a fresh

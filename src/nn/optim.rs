@@ -7,7 +7,9 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
-use crate::ops::optim::{Hyper, OptimKind, ScalerStep, HYPER_LEN, SCALER_STATE_LEN};
+use crate::ops::optim::{
+    powi_by_squaring, Hyper, OptimKind, ScalerStep, HYPER_LEN, SCALER_STATE_LEN,
+};
 use crate::ops::Op;
 use crate::tensor::Tensor;
 
@@ -109,8 +111,8 @@ pub enum Schedule {
     /// final_div_factor`. With `cycle_momentum` `(base, max)` (torch's default `(0.85, 0.95)`)
     /// SGD's momentum or Adam's `beta1` moves the other way, from `max` down to `base` and back
     /// (SGD and RMSprop then keep a momentum buffer, as torch's; Adagrad has none to cycle).
-    /// Under dynamic loss scaling Adam's bias correction sums the cycled `beta1`'s steps as the
-    /// scaler counts them, where torch takes the current `beta1`'s power.
+    /// Adam's bias correction takes the current `beta1`'s power, as torch's, under dynamic loss
+    /// scaling too (where the scaler kernel counts the steps taken).
     OneCycle {
         total_steps: u64,
         pct_start: f32,
@@ -635,6 +637,8 @@ impl Optimizer {
                 growth_interval: scaler.growth_interval,
                 max_norm: self.clip_norm,
                 partials: 0,
+                cycled_beta1: self.momentum_at(0).is_some()
+                    && matches!(self.rule, Rule::Adam { .. } | Rule::AdamW { .. }),
             };
             let hyper = g.grad_scaler(step, hyper, g.sum_squares(grads)?, state)?;
             // unscaling and clipping are the scaler's: the updates' own scale is 1
@@ -727,7 +731,7 @@ impl Optimizer {
                 Rule::Adagrad { .. } => {}
             }
         }
-        let tp = (t + 1) as i32;
+        let tp = (t + 1).min(u32::MAX as u64) as u32;
         let h = match rule {
             Rule::Sgd {
                 momentum,
@@ -759,8 +763,8 @@ impl Optimizer {
                 beta1,
                 beta2,
                 eps,
-                bias_correction1: 1.0 - beta1.powi(tp),
-                bias_correction2_sqrt: (1.0 - beta2.powi(tp)).sqrt(),
+                bias_correction1: 1.0 - powi_by_squaring(beta1, tp),
+                bias_correction2_sqrt: (1.0 - powi_by_squaring(beta2, tp)).sqrt(),
                 ..Default::default()
             },
             Rule::Rmsprop {

@@ -397,6 +397,26 @@ pub struct ScalerStep {
     /// Where the plan compiler binds the partial sums of squares in `sumsq`'s place, how many
     /// the kernel adds up itself (0: `sumsq` is the sum; `exec::lower::partials_into_grad_scaler`).
     pub partials: usize,
+    /// Whether the schedule cycles Adam's `beta1` (`OneCycleLR`'s `cycle_momentum`): the bias
+    /// correction is then `1 - beta1^t` with this step's `beta1`, as torch's, where a fixed
+    /// `beta1` keeps the running sum (exact in f32).
+    pub cycled_beta1: bool,
+}
+
+/// `x^n` by repeated squaring, as Rust's `f32::powi` (compiler-builtins' `__powisf2`) and
+/// `shaders/optim.wgsl`'s `powi`: the host's and the scaler kernel's bias corrections agree.
+pub fn powi_by_squaring(mut x: f32, mut n: u32) -> f32 {
+    let mut r = 1.0f32;
+    loop {
+        if n & 1 != 0 {
+            r *= x;
+        }
+        n >>= 1;
+        if n == 0 {
+            return r;
+        }
+        x *= x;
+    }
 }
 
 /// Whether `x` is finite, from its bits (WGSL may assume floats are finite; bits are bits).
@@ -425,7 +445,10 @@ impl ScalerStep {
         let (b1, b2) = (h[5], h[6]);
         let (s1, s2) = (1.0 + b1 * st[3], 1.0 + b2 * st[4]);
         h[4] = (st[2] == 0.0) as u8 as f32;
-        h[8] = (1.0 - b1) * s1;
+        h[8] = match self.cycled_beta1 {
+            true => 1.0 - powi_by_squaring(b1, st[2] as u32 + 1),
+            false => (1.0 - b1) * s1,
+        };
         h[9] = ((1.0 - b2) * s2).sqrt();
         h[HYPER_GRAD_SCALE] = coef * inv;
         h[HYPER_SKIP] = found as u8 as f32;
@@ -465,6 +488,7 @@ impl ScalerStep {
                 ("CLIP", self.max_norm.is_some() as u8 as f64),
                 ("MAX_NORM", self.max_norm.unwrap_or(0.0) as f64),
                 ("PARTIALS", self.partials as f64),
+                ("CYCLED_BETA1", self.cycled_beta1 as u8 as f64),
             ],
             workgroups: 1,
         }
