@@ -90,6 +90,8 @@ fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
             let t = tanh_softplus(x);
             return t + x / (1.0 + exp(-x)) * (1.0 - t * t);
         }
+        // detach: the identity, without a gradient
+        case 31u: { return x; }
         default: { return x; }
     }
 }

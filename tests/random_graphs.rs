@@ -50,7 +50,7 @@ enum Step {
     },
     /// The product of two values, transposed as their shapes allow.
     Product(u8, u8),
-    /// sum, mean, max or min over an axis, kept or not.
+    /// sum, mean, max, min, logsumexp, var (unbiased) or std over an axis, kept or not.
     Reduce(u8, u8, bool, bool),
     /// the sum or mean of all of a value's elements (a `[1]`).
     ReduceAll(u8, bool),
@@ -138,6 +138,10 @@ enum Step {
     /// many as a value has rows, added to that value where it has E columns; V is 1, 5, 70 or
     /// 5,000 (whose gradient lists each row's occurrences first: `sorted_embedding_backward`).
     Embedding(u8, u8),
+    /// a gather along the last axis or the first (a new input of valid indices, repeats among
+    /// them, a few more or fewer than the axis holds), an index select along either, or a
+    /// cumulative sum along either.
+    Index(u8, u8, u8),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -151,7 +155,7 @@ fn step() -> impl Strategy<Value = Step> {
             |(src, width, bias, relu, trans)| Step::Linear { src, width, bias, relu, trans }
         ),
         2 => (i(), i()).prop_map(|(a, b)| Step::Product(a, b)),
-        2 => (0u8..4, i(), any::<bool>(), any::<bool>())
+        2 => (0u8..7, i(), any::<bool>(), any::<bool>())
             .prop_map(|(k, s, axis, keep)| Step::Reduce(k, s, axis, keep)),
         1 => (i(), any::<bool>()).prop_map(|(s, mean)| Step::ReduceAll(s, mean)),
         1 => (i(), any::<bool>()).prop_map(|(s, log)| Step::Softmax(s, log)),
@@ -199,6 +203,7 @@ fn step() -> impl Strategy<Value = Step> {
             }
         ),
         1 => (i(), 0u8..4).prop_map(|(s, v)| Step::Embedding(s, v)),
+        1 => (i(), 0u8..6, i()).prop_map(|(s, k, salt)| Step::Index(s, k, salt)),
     ]
 }
 
@@ -427,7 +432,10 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                     0 => g.sum(x, axis, keep),
                     1 => g.mean(x, axis, keep),
                     2 => g.max(x, axis, keep),
-                    _ => g.min(x, axis, keep),
+                    3 => g.min(x, axis, keep),
+                    4 => g.logsumexp(x, axis, keep),
+                    5 => g.var(x, axis, 1, keep),
+                    _ => g.std(x, axis, 0, keep),
                 }
                 .ok()
             }
@@ -801,6 +809,35 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                     feeds.push((name.clone(), Tensor::new([n], ids).unwrap()));
                     let looked = g.embedding(g.input(&name, [n]), table).ok()?;
                     g.add(looked, x).ok()
+                })
+            }
+            Step::Index(a, kind, salt) => {
+                let x = pick(a);
+                let d = dims(x);
+                let axis = if kind % 2 == 0 { d.len().max(1) - 1 } else { 0 };
+                (!d.is_empty()).then_some(()).and_then(|_| {
+                    let k = d[axis];
+                    let j = (k + salt as usize % 5).saturating_sub(2).max(1);
+                    let pos = |n: usize| -> Vec<f32> {
+                        (0..n)
+                            .map(|m| ((m * 7 + salt as usize) % k) as f32)
+                            .collect()
+                    };
+                    let name = format!("in{}", feeds.len());
+                    match kind / 2 {
+                        0 => {
+                            let mut id = d.clone();
+                            id[axis] = j;
+                            let n = id.iter().product();
+                            feeds.push((name.clone(), Tensor::new(id.clone(), pos(n)).unwrap()));
+                            g.gather(x, axis as isize, g.input(&name, id)).ok()
+                        }
+                        1 => {
+                            feeds.push((name.clone(), Tensor::new([j], pos(j)).unwrap()));
+                            g.index_select(x, axis as isize, g.input(&name, [j])).ok()
+                        }
+                        _ => g.cumsum(x, axis as isize).ok(),
+                    }
                 })
             }
             Step::CrossEntropy(a, kind) => {

@@ -1038,6 +1038,7 @@ fn f16_variants_of_shaders_are_valid_wgsl() {
         "conv",
         "pool",
         "resize",
+        "index",
         "softmax",
         "dropout",
         "layout",

@@ -1,6 +1,6 @@
 //! f16 variants of hand-written kernels. A shader family whose global reads and writes all go
 //! through `ld_<name>(i) -> f32` / `st_<name>(i, v: f32)` functions, declared with its bindings
-//! between `// generated: begin storage` and `// generated: end storage` (conv, pool, resize, softmax,
+//! between `// generated: begin storage` and `// generated: end storage` (conv, pool, resize, index, softmax,
 //! dropout, layout, loss, embedding, lstm, gru, norm,
 //! attention), gets its f16 variant here: the same file with
 //! that block rewritten so every binding is `array<f16>`, loads widen to f32 and stores round to
@@ -20,6 +20,7 @@ pub fn f16_family(family: &str) -> Option<&'static str> {
         "conv" => Some("conv_f16"),
         "pool" => Some("pool_f16"),
         "resize" => Some("resize_f16"),
+        "index" => Some("index_f16"),
         "softmax" => Some("softmax_f16"),
         "dropout" => Some("dropout_f16"),
         "layout" => Some("layout_f16"),

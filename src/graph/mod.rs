@@ -1293,6 +1293,107 @@ impl Graph {
         self.mean(flat, 0, true)
     }
 
+    /// `a` as a constant to autodiff (`torch.Tensor.detach`): the same values, and no
+    /// gradient flows back through it. Fused into its readers (a kernel only where it stands
+    /// alone).
+    pub fn detach(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Detach, a)
+    }
+
+    /// `log(sum(exp(a)))` over `axis` (`torch.logsumexp`), stable: the maximum is subtracted
+    /// first (detached: the gradient is exactly `softmax(a)`). A slice of `-inf` gives `-inf`
+    /// and one holding `+inf` gives `+inf`, as torch's.
+    pub fn logsumexp(&self, a: NodeId, axis: isize, keepdim: bool) -> Result<NodeId> {
+        let m = self.detach(self.max(a, axis, true)?)?;
+        // an infinite maximum is replaced by 0 (torch's), so that inf - inf is not NaN
+        let inf = self.constant(Tensor::full([1], f32::INFINITY));
+        let zero = self.constant(Tensor::full([1], 0.0));
+        let m = self.where_cond(self.eq(self.abs(m)?, inf)?, zero, m)?;
+        let s = self.sum(self.exp(self.sub(a, m)?)?, axis, keepdim)?;
+        let m = match keepdim {
+            true => m,
+            false => self.reshape(m, &self.dims_isize(self.shape(s)))?,
+        };
+        self.add(self.log(s)?, m)
+    }
+
+    /// The variance over `axis` (`torch.var(a, axis, correction=..)`): the sum of squared
+    /// deviations from the mean divided by `max(n - correction, 0)` (1: Bessel's unbiased
+    /// estimate, torch's default; 0: the population's). Composed of a mean, one fused
+    /// elementwise pass and a sum.
+    pub fn var(&self, a: NodeId, axis: isize, correction: usize, keepdim: bool) -> Result<NodeId> {
+        let s = self.check_id("var", a)?;
+        let n = s.dims()[s.axis("var", axis)?];
+        let d = self.sub(a, self.mean(a, axis, true)?)?;
+        let sq = self.sum(self.square(d)?, axis, keepdim)?;
+        self.div_scalar(sq, n.saturating_sub(correction) as f32)
+    }
+
+    /// The standard deviation over `axis`: the square root of [`Graph::var`].
+    pub fn std(&self, a: NodeId, axis: isize, correction: usize, keepdim: bool) -> Result<NodeId> {
+        self.sqrt(self.var(a, axis, correction, keepdim)?)
+    }
+
+    /// `dims` as a reshape's target.
+    fn dims_isize(&self, s: Shape) -> Vec<isize> {
+        s.dims().iter().map(|&d| d as isize).collect()
+    }
+
+    // ---- indexing ----
+
+    /// `torch.gather(a, axis, index)`: `index` (whole numbers stored as f32) has `a`'s rank,
+    /// and along the other axes extents no larger than `a`'s (`a` is narrowed to them, the
+    /// corner torch reads); the result has `index`'s shape, `out[.., j, ..] = a[.., index[..,
+    /// j, ..], ..]` along `axis`. An index outside `[0, K)` gives NaN. The gradient adds each
+    /// output's into the element it picked (`scatter_add_`), deterministic; none for `index`.
+    /// One kernel, one thread per output element.
+    pub fn gather(&self, a: NodeId, axis: isize, index: NodeId) -> Result<NodeId> {
+        use crate::ops::index::Gather;
+        const OP: &str = "gather";
+        let (sa, si) = (self.check_id(OP, a)?, self.check_id(OP, index)?);
+        let ax = sa.axis(OP, axis)?;
+        let mut x = a;
+        if si.rank() == sa.rank() {
+            for d in (0..sa.rank()).filter(|&d| d != ax && si.dims()[d] < sa.dims()[d]) {
+                x = self.narrow(x, d as isize, 0, si.dims()[d])?;
+            }
+        }
+        let op = Gather {
+            axis: ax,
+            select: false,
+        };
+        let shape = op.infer(&self.shape(x), &si)?;
+        self.push(Op::Gather(op), vec![x, index], shape)
+    }
+
+    /// `torch.index_select(a, axis, index)`: `index (J)` (whole numbers stored as f32); the
+    /// result is `a`'s shape with `J` along `axis`, `out[.., j, ..] = a[.., index[j], ..]`. An
+    /// index outside `[0, K)` gives NaN. The gradient adds each slice's into the one it picked
+    /// (`index_add_`), deterministic; none for `index`.
+    pub fn index_select(&self, a: NodeId, axis: isize, index: NodeId) -> Result<NodeId> {
+        use crate::ops::index::Gather;
+        const OP: &str = "index_select";
+        let (sa, si) = (self.check_id(OP, a)?, self.check_id(OP, index)?);
+        let op = Gather {
+            axis: sa.axis(OP, axis)?,
+            select: true,
+        };
+        let shape = op.infer(&sa, &si)?;
+        self.push(Op::Gather(op), vec![a, index], shape)
+    }
+
+    /// The cumulative sum along `axis` (`torch.cumsum`): `out[.., k, ..] = a[.., 0, ..] + .. +
+    /// a[.., k, ..]`. Its gradient is the cumulative sum of `dy` from the other end. One kernel
+    /// (a workgroup scan per row where `axis` is the last).
+    pub fn cumsum(&self, a: NodeId, axis: isize) -> Result<NodeId> {
+        let s = self.check_id("cumsum", a)?;
+        let op = crate::ops::index::Cumsum {
+            axis: s.axis("cumsum", axis)?,
+            reverse: false,
+        };
+        self.push(Op::Cumsum(op), vec![a], s)
+    }
+
     // ---- layout ----
 
     /// Reorders axes: output axis `i` is input axis `perm[i]`.

@@ -9,6 +9,7 @@ pub mod dropout;
 pub mod embedding;
 pub mod fused;
 pub mod gru;
+pub mod index;
 pub mod layout;
 pub mod loss;
 pub mod lstm;
@@ -36,6 +37,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
     ("gru", include_str!("../../shaders/gru.wgsl")),
+    ("index", include_str!("../../shaders/index.wgsl")),
     ("layout", include_str!("../../shaders/layout.wgsl")),
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("lstm", include_str!("../../shaders/lstm.wgsl")),
@@ -131,6 +133,13 @@ pub enum Op {
     AdaptiveAvgPool2dBackward(pool::AdaptiveAvgPool2d),
     /// Nearest or bilinear resizing of `(N, C, H, W)` images (see `ops::resize`).
     Resize2d(resize::Resize2d),
+    /// Elements picked by index along an axis: `torch.gather`, `torch.index_select` (see
+    /// `ops::index::Gather`).
+    Gather(index::Gather),
+    /// The gradient of a gather for its input (see `ops::index::GatherBackward`).
+    GatherBackward(index::GatherBackward),
+    /// The cumulative sum along an axis (see `ops::index::Cumsum`).
+    Cumsum(index::Cumsum),
     /// Its adjoint, from the resized images' gradient back to `(N, C, H, W)`.
     Resize2dBackward(resize::Resize2d),
     /// Fused softmax cross-entropy of logits `(N, C)` and class labels `(N)`, mean over N.
@@ -293,6 +302,10 @@ impl Op {
             Op::AdaptiveAvgPool2dBackward(_) => "adaptive_avg_pool2d_backward",
             Op::Resize2d(_) => "interpolate",
             Op::Resize2dBackward(_) => "interpolate_backward",
+            Op::Gather(g) if g.select => "index_select",
+            Op::Gather(_) => "gather",
+            Op::GatherBackward(_) => "gather_backward",
+            Op::Cumsum(_) => "cumsum",
             Op::CrossEntropy(_) => "cross_entropy",
             Op::LstmForward(_) => "lstm",
             Op::LstmBackward(_) => "lstm_backward",
@@ -599,6 +612,9 @@ impl Op {
             Op::AdaptiveAvgPool2dBackward(p) => p.backward_cpu(inputs[0], out),
             Op::Resize2d(r) => r.cpu(inputs[0], out),
             Op::Resize2dBackward(r) => r.backward_cpu(inputs[0], out),
+            Op::Gather(g) => g.cpu(inputs[0], inputs[1], out),
+            Op::GatherBackward(g) => g.cpu(inputs[0], inputs[1], out),
+            Op::Cumsum(c) => c.cpu(inputs[0]),
             Op::CrossEntropy(c) => c.cpu(inputs[0], inputs[1]),
             Op::LstmForward(l) => l.cpu(inputs, out),
             Op::LstmBackward(l) => l.cpu(inputs, out),
@@ -703,6 +719,9 @@ impl Op {
             Op::AdaptiveAvgPool2dBackward(p) => Some(p.backward_kernel(out)),
             Op::Resize2d(r) => Some(r.kernel(inputs[0], out)),
             Op::Resize2dBackward(r) => Some(r.backward_kernel(out)),
+            Op::Gather(g) => Some(g.kernel(inputs[0], out)),
+            Op::GatherBackward(g) => Some(g.kernel(inputs[1], out)),
+            Op::Cumsum(c) => Some(c.kernel(out)),
             Op::CrossEntropy(c) => Some(c.kernel(inputs[0])),
             Op::LstmForward(l) => Some(l.kernel(out, target)),
             Op::LstmBackward(l) => Some(l.kernel(inputs[0], target)),
@@ -755,6 +774,7 @@ impl Op {
         Ok(match self {
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => vec![],
             Op::MatMul(m) => m.backward(g, x, y, dy)?,
+            Op::Unary(unary::UnaryOp::Detach) => vec![None],
             Op::Unary(u) => vec![Some(u.backward(g, x[0], y, dy)?)],
             Op::Binary(b) => b.backward(g, x[0], x[1], y, dy)?.to_vec(),
             Op::Cast(c) => vec![Some(c.backward(g, g.dtype(x[0]), dy)?)],
@@ -786,6 +806,9 @@ impl Op {
             Op::AdaptiveAvgPool2dBackward(p) => vec![Some(g.adaptive_avg_pool2d(dy, p.output)?)],
             Op::Resize2d(r) => vec![Some(r.backward(g, dy)?)],
             Op::Resize2dBackward(r) => vec![Some(r.backward_backward(g, dy)?)],
+            Op::Gather(i) => i.backward(g, x, dy)?,
+            Op::GatherBackward(i) => i.backward(g, x, dy)?,
+            Op::Cumsum(c) => vec![Some(c.backward(g, dy)?)],
             Op::CrossEntropy(c) => c.backward(g, x[0], x[1], dy)?.to_vec(),
             Op::CrossEntropyRows(c) if !c.with_grad => c.backward(g, x[0], x[1], dy)?.to_vec(),
             Op::LstmForward(l) => l.backward(g, x, y, dy)?,
@@ -871,6 +894,7 @@ impl Op {
             | Op::AdaptiveAvgPool2dBackward(_)
             | Op::Resize2d(_)
             | Op::Resize2dBackward(_)
+            | Op::Cumsum(_)
             | Op::Softmax(_)
             | Op::AxisCopy(_) => match inputs.iter().find(|&&d| d != first) {
                 Some(other) => err(format!(
@@ -879,6 +903,9 @@ impl Op {
                 )),
                 None => Ok(first),
             },
+            // indices f32; x (its gradient: dy) f16 or f32
+            Op::Gather(_) if inputs[1] == DType::F32 => Ok(first),
+            Op::GatherBackward(_) if first == DType::F32 => Ok(inputs[1]),
             // the seed is a whole number: f32
             Op::Dropout(_) if inputs.get(1) == Some(&DType::F32) => Ok(first),
             // f16 logits: the loss (a mean over the batch) stays f32, the logits' gradient
@@ -1038,7 +1065,9 @@ impl Op {
             | Op::AvgPool2dBackward(_)
             | Op::AdaptiveAvgPool2d(_)
             | Op::AdaptiveAvgPool2dBackward(_)
-            | Op::Resize2dBackward(_) => TOL_REDUCTION,
+            | Op::Resize2dBackward(_)
+            | Op::GatherBackward(_)
+            | Op::Cumsum(_) => TOL_REDUCTION,
             _ => TOL_ELEMENTWISE,
         }
     }

@@ -71,6 +71,9 @@ pub enum UnaryOp {
     HardswishDeriv,
     /// Mish's derivative, `t + x sigmoid(x) (1 - t^2)` with `t = tanh(softplus(x))` (torch's).
     MishDeriv,
+    /// The identity without a gradient (`torch.Tensor.detach`): what flows through it is a
+    /// constant to autodiff. Fused into its readers like any elementwise op.
+    Detach,
 }
 
 impl UnaryOp {
@@ -109,6 +112,7 @@ impl UnaryOp {
             UnaryOp::HardtanhMask(..) => "hardtanh_mask",
             UnaryOp::HardswishDeriv => "hardswish_deriv",
             UnaryOp::MishDeriv => "mish_deriv",
+            UnaryOp::Detach => "detach",
         }
     }
 
@@ -149,6 +153,7 @@ impl UnaryOp {
             UnaryOp::HardtanhMask(lo, hi) => return (28, lo, hi),
             UnaryOp::HardswishDeriv => (29, 0.0),
             UnaryOp::MishDeriv => (30, 0.0),
+            UnaryOp::Detach => (31, 0.0),
         };
         (op, alpha, 0.0)
     }
@@ -252,6 +257,7 @@ impl UnaryOp {
                 let s = 1.0 / (1.0 + (-x).exp());
                 t + x * s * (1.0 - t * t)
             }
+            UnaryOp::Detach => x,
         }
     }
 
@@ -350,6 +356,9 @@ impl UnaryOp {
             ),
             UnaryOp::MishDeriv => Err(crate::error::Error::Unsupported(
                 "second-order gradients through mish".into(),
+            )),
+            UnaryOp::Detach => Err(crate::error::Error::Unsupported(
+                "gradients through detach (Op::backward gives none)".into(),
             )),
         }
     }

@@ -1,0 +1,184 @@
+// index.wgsl: picking elements by index along an axis (torch.gather, torch.index_select) and
+// its adjoint (scatter_add_ / index_add_ into zeros), and the cumulative sum along an axis
+// (torch.cumsum, or from the end: its backward).
+//
+// Shapes, around the axis: x, dx [OUTER, K, INNER]; out, dy [OUTER, J, INNER].
+//   `gather`: out[o, j, i] = x[o, ids[o, j, i], i] (ids [OUTER, J, INNER]) or, with SELECT,
+//             x[o, ids[j], i] (ids [J]: index_select). Indices are whole numbers stored as f32;
+//             one that is not an integer in [0, K) gives NaN (the read index is clamped first,
+//             so nothing is read out of bounds).
+//   `gather_backward`: dx[o, k, i] = sum over j with grad_ids[o, j, i] == k (SELECT:
+//             grad_ids[j] == k) of dy[o, j, i], summed in j order (deterministic, no atomics).
+//   `cumsum_lines`, `cumsum_rows`: sums[o, k, i] = x[o, 0, i] + .. + x[o, k, i] (REVERSE:
+//             x[o, k, i] + .. + x[o, K - 1, i]), accumulated in f32.
+//
+// Bindings (group 0)
+//   `gather`:          0 x (read) [OUTER, K, INNER]; 1 ids (read) [OUTER, J, INNER] or [J];
+//                      2 out (read_write) [OUTER, J, INNER]
+//   `gather_backward`: 0 grad_ids (read) as ids; 1 dy (read) [OUTER, J, INNER];
+//                      2 dx (read_write) [OUTER, K, INNER]
+//   `cumsum_lines`, `cumsum_rows`: 0 x (read) [OUTER, K, INNER]; 1 sums (read_write) the same
+// f16 variant (`index_f16`, generated from the storage block): x, out, dy, dx and sums f16,
+// computed in f32; the indices stay f32.
+// Overrides: OUTER, K, J, INNER (extents); SELECT (ids is [J]); REVERSE (sum from the end).
+// Dispatch: `gather` ceil(OUTER * J * INNER / 256) workgroups, one thread per output element;
+//           `gather_backward` ceil(OUTER * K * INNER / 256), one thread per dx element looping
+//           over its J candidates; `cumsum_lines` (INNER > 1) ceil(OUTER * INNER / 256), one
+//           thread per line (o, i) walking k (neighbouring threads read neighbouring
+//           elements); `cumsum_rows` (INNER == 1) OUTER workgroups, one per row: chunks of 256
+//           scanned in workgroup memory, each adding the carry of the chunks before it. All
+//           folded into (x <= 65535, y).
+
+override OUTER: u32 = 1u;
+override K: u32 = 1u;
+override J: u32 = 1u;
+override INNER: u32 = 1u;
+override SELECT: bool = false;
+override REVERSE: bool = false;
+const WG: u32 = 256u;
+
+// Every global read and write of a tensor goes through ld_*/st_*: src/codegen/storage.rs
+// generates the f16 variant of this file by rewriting the block between the markers.
+// generated: begin storage
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> ids: array<f32>; // always f32
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(0) var<storage, read> grad_ids: array<f32>; // always f32
+@group(0) @binding(1) var<storage, read> dy: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(1) var<storage, read_write> sums: array<f32>;
+fn ld_x(i: u32) -> f32 { return x[i]; }
+fn st_out(i: u32, v: f32) { out[i] = v; }
+fn ld_dy(i: u32) -> f32 { return dy[i]; }
+fn st_dx(i: u32, v: f32) { dx[i] = v; }
+fn st_sums(i: u32, v: f32) { sums[i] = v; }
+// generated: end storage
+
+fn linear_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid;
+}
+
+// A quiet NaN made at run time (a constant NaN is a shader-creation error in WGSL).
+fn nan() -> f32 {
+    var bits = 0x7fc00000u;
+    return bitcast<f32>(bits);
+}
+
+// Where output element (o, j, i) finds its index among `len` of them.
+fn id_at(o: u32, j: u32, i: u32) -> u32 {
+    if SELECT {
+        return j;
+    }
+    return (o * J + j) * INNER + i;
+}
+
+@compute @workgroup_size(256)
+fn gather(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = linear_id(wid, nwg, lid);
+    if e >= OUTER * J * INNER {
+        return;
+    }
+    let i = e % INNER;
+    let j = (e / INNER) % J;
+    let o = e / (INNER * J);
+    let v = ids[id_at(o, j, i)];
+    let valid = v >= 0.0 && v < f32(K) && v == floor(v);
+    let k = min(u32(select(0.0, v, valid)), K - 1u);
+    st_out(e, select(nan(), ld_x((o * K + k) * INNER + i), valid));
+}
+
+@compute @workgroup_size(256)
+fn gather_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = linear_id(wid, nwg, lid);
+    if e >= OUTER * K * INNER {
+        return;
+    }
+    let i = e % INNER;
+    let k = f32((e / INNER) % K);
+    let o = e / (INNER * K);
+    var acc = 0.0;
+    for (var j = 0u; j < J; j = j + 1u) {
+        if grad_ids[id_at(o, j, i)] == k {
+            acc = acc + ld_dy((o * J + j) * INNER + i);
+        }
+    }
+    st_dx(e, acc);
+}
+
+// The position of step s of a line's walk (from the end with REVERSE).
+fn step_k(s: u32) -> u32 {
+    return select(s, K - 1u - s, REVERSE);
+}
+
+@compute @workgroup_size(256)
+fn cumsum_lines(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let line = linear_id(wid, nwg, lid);
+    if line >= OUTER * INNER {
+        return;
+    }
+    let o = line / INNER;
+    let i = line % INNER;
+    var acc = 0.0;
+    for (var s = 0u; s < K; s = s + 1u) {
+        let at = (o * K + step_k(s)) * INNER + i;
+        acc = acc + ld_x(at);
+        st_sums(at, acc);
+    }
+}
+
+// Inclusive prefix sum of `v` over the workgroup's threads in workgroup memory (the total then
+// in scan[WG - 1]); every thread calls it (barriers).
+var<workgroup> scan: array<f32, 256>;
+fn inclusive_scan(lid: u32, v: f32) -> f32 {
+    scan[lid] = v;
+    workgroupBarrier();
+    for (var s = 1u; s < WG; s = s * 2u) {
+        var add = 0.0;
+        if lid >= s {
+            add = scan[lid - s];
+        }
+        workgroupBarrier();
+        scan[lid] = scan[lid] + add;
+        workgroupBarrier();
+    }
+    return scan[lid];
+}
+
+@compute @workgroup_size(256)
+fn cumsum_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    // one row per workgroup (uniform across it: the barriers below are reached by all)
+    let row = wid.y * nwg.x + wid.x;
+    if row >= OUTER {
+        return;
+    }
+    var carry = 0.0;
+    for (var base = 0u; base < K; base = base + WG) {
+        let s = base + lid;
+        var v = 0.0;
+        if s < K {
+            v = ld_x(row * K + step_k(s));
+        }
+        let total = inclusive_scan(lid, v);
+        if s < K {
+            st_sums(row * K + step_k(s), carry + total);
+        }
+        carry = carry + scan[WG - 1u];
+        workgroupBarrier();
+    }
+}

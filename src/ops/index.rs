@@ -1,0 +1,245 @@
+//! Picking elements by index along an axis, as `torch.gather(x, axis, index)` and
+//! `torch.index_select(x, axis, index)`, its adjoint (`scatter_add_` / `index_add_` into zeros:
+//! the gradient), and the cumulative sum along an axis (`torch.cumsum`).
+//! Kernels: `shaders/index.wgsl`.
+//!
+//! Indices are whole numbers stored as f32 (as class labels and embedding indices); one that is
+//! not an integer in `[0, K)` gives NaN, and adds nowhere in the gradient. Around the axis a
+//! tensor is `(outer, K, inner)`: `x` has `K` along it, the indices and the output `J`.
+
+use super::{groups, KernelSpec, Op};
+use crate::error::{shape_err, Result};
+use crate::graph::{Graph, NodeId};
+use crate::tensor::{Shape, Tensor};
+
+/// `x`, `index` -> the elements of `x` the index names along `axis`. Gather (`select` false):
+/// `index` has `x`'s rank and extents but along `axis` (`J` there), and so has the output:
+/// `out[.., j, ..] = x[.., index[.., j, ..], ..]`. Index select (`select` true): `index (J)`,
+/// the output is `x`'s shape with `J` along `axis`: `out[.., j, ..] = x[.., index[j], ..]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Gather {
+    pub axis: usize,
+    pub select: bool,
+}
+
+/// The gradient of [`Gather`] for `x`: `index`, `dy` (the gather's output shape) -> `dx` of
+/// `x`'s shape, each element the sum of the `dy` elements whose index names it, in index
+/// order. `k` is `x`'s extent along the axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GatherBackward {
+    pub gather: Gather,
+    pub k: usize,
+}
+
+/// The cumulative sum along `axis` (`torch.cumsum`), or with `reverse` from the end (its
+/// backward: `dx[k] = dy[k] + .. + dy[K - 1]`). Accumulated in f32 on the GPU, in f64 on the
+/// CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cumsum {
+    pub axis: usize,
+    pub reverse: bool,
+}
+
+/// `(outer, len, inner)` of `shape` around `axis`.
+fn around(shape: &Shape, axis: usize) -> (usize, usize, usize) {
+    let d = shape.dims();
+    (
+        d[..axis].iter().product(),
+        d[axis],
+        d[axis + 1..].iter().product(),
+    )
+}
+
+/// The position `x` names among `k`, if it is a whole number in `[0, k)`.
+fn position(x: f32, k: usize) -> Option<usize> {
+    (x >= 0.0 && x < k as f32 && x.fract() == 0.0).then_some(x as usize)
+}
+
+impl Gather {
+    fn name(&self) -> &'static str {
+        match self.select {
+            true => "index_select",
+            false => "gather",
+        }
+    }
+
+    /// Shape rule: see [`Gather`]; the axis must be in range (checked by the graph).
+    pub fn infer(&self, x: &Shape, index: &Shape) -> Result<Shape> {
+        let (op, ax) = (self.name(), self.axis);
+        let bad = |why: &str| {
+            Err(shape_err(
+                op,
+                format!("x {x} and index {index} (axis {ax}): {why}"),
+            ))
+        };
+        if ax >= x.rank() {
+            return bad("the axis is out of range");
+        }
+        if self.select {
+            if index.rank() != 1 {
+                return bad("expected a 1-D index");
+            }
+            let mut d = x.dims().to_vec();
+            d[ax] = index.dims()[0];
+            return Ok(Shape(d));
+        }
+        if index.rank() != x.rank() {
+            return bad("expected an index of x's rank");
+        }
+        let differs = (0..x.rank()).any(|d| d != ax && index.dims()[d] != x.dims()[d]);
+        if differs {
+            return bad("the index must match x's extents off the axis");
+        }
+        Ok(index.clone())
+    }
+
+    /// `(outer, K, J, inner)` of a gather from `x` to `out`.
+    fn extents(&self, x: &Shape, out: &Shape) -> (usize, usize, usize, usize) {
+        let (outer, k, inner) = around(x, self.axis);
+        (outer, k, out.dims()[self.axis], inner)
+    }
+
+    /// Where output element `(o, j, i)` finds its index.
+    fn id_at(&self, (o, j, i): (usize, usize, usize), jn: usize, inner: usize) -> usize {
+        match self.select {
+            true => j,
+            false => (o * jn + j) * inner + i,
+        }
+    }
+
+    /// CPU reference.
+    pub fn cpu(&self, x: &Tensor, index: &Tensor, out: &Shape) -> Tensor {
+        let (outer, k, jn, inner) = self.extents(x.shape(), out);
+        let (xs, ids) = (x.data(), index.data());
+        let mut y = Vec::with_capacity(out.numel());
+        for o in 0..outer {
+            for j in 0..jn {
+                for i in 0..inner {
+                    let v = ids[self.id_at((o, j, i), jn, inner)];
+                    y.push(match position(v, k) {
+                        Some(p) => xs[(o * k + p) * inner + i],
+                        None => f32::NAN,
+                    });
+                }
+            }
+        }
+        Tensor::new(out.clone(), y).expect("the gather's shape")
+    }
+
+    /// Kernel: one thread per output element.
+    pub fn kernel(&self, x: &Shape, out: &Shape) -> KernelSpec {
+        let (outer, k, j, inner) = self.extents(x, out);
+        KernelSpec {
+            family: "index",
+            entry: "gather",
+            constants: vec![
+                ("OUTER", outer as f64),
+                ("K", k as f64),
+                ("J", j as f64),
+                ("INNER", inner as f64),
+                ("SELECT", self.select as u8 as f64),
+            ],
+            workgroups: groups(out.numel(), 256),
+        }
+    }
+
+    /// Backward: `dx` from [`GatherBackward`]; none for the index.
+    pub fn backward(&self, g: &Graph, x: &[NodeId], dy: NodeId) -> Result<Vec<Option<NodeId>>> {
+        let shape = g.shape(x[0]);
+        let back = GatherBackward {
+            gather: *self,
+            k: shape.dims()[self.axis],
+        };
+        let dx = g.push_op(Op::GatherBackward(back), vec![x[1], dy], shape)?;
+        Ok(vec![Some(dx), None])
+    }
+}
+
+impl GatherBackward {
+    /// CPU reference: the sums in index order, in f64.
+    pub fn cpu(&self, index: &Tensor, dy: &Tensor, out: &Shape) -> Tensor {
+        let gather = self.gather;
+        let (outer, k, jn, inner) = gather.extents(out, dy.shape());
+        let (ids, d) = (index.data(), dy.data());
+        let mut acc = vec![0f64; out.numel()];
+        for o in 0..outer {
+            for j in 0..jn {
+                for i in 0..inner {
+                    let v = ids[gather.id_at((o, j, i), jn, inner)];
+                    if let Some(p) = position(v, k) {
+                        acc[(o * k + p) * inner + i] += d[(o * jn + j) * inner + i] as f64;
+                    }
+                }
+            }
+        }
+        let data = acc.into_iter().map(|v| v as f32).collect();
+        Tensor::new(out.clone(), data).expect("x's shape")
+    }
+
+    /// Kernel: one thread per `dx` element, looping over its `J` candidates.
+    pub fn kernel(&self, dy: &Shape, out: &Shape) -> KernelSpec {
+        let mut k = self.gather.kernel(out, dy);
+        k.entry = "gather_backward";
+        k.workgroups = groups(out.numel(), 256);
+        k
+    }
+
+    /// Backward: the gradient of `dy` is the gather of the incoming gradient (the index takes
+    /// none).
+    pub fn backward(&self, g: &Graph, x: &[NodeId], dy: NodeId) -> Result<Vec<Option<NodeId>>> {
+        let shape = g.shape(x[1]);
+        let ddy = g.push_op(Op::Gather(self.gather), vec![dy, x[0]], shape)?;
+        Ok(vec![None, Some(ddy)])
+    }
+}
+
+impl Cumsum {
+    /// CPU reference, accumulated in f64.
+    pub fn cpu(&self, x: &Tensor) -> Tensor {
+        let (outer, k, inner) = around(x.shape(), self.axis);
+        let xs = x.data();
+        let mut y = vec![0f32; xs.len()];
+        for o in 0..outer {
+            for i in 0..inner {
+                let mut acc = 0f64;
+                for s in 0..k {
+                    let p = if self.reverse { k - 1 - s } else { s };
+                    let at = (o * k + p) * inner + i;
+                    acc += xs[at] as f64;
+                    y[at] = acc as f32;
+                }
+            }
+        }
+        Tensor::new(x.shape().clone(), y).expect("x's shape")
+    }
+
+    /// Kernel: a workgroup per row where the axis is the last (a scan in workgroup memory),
+    /// else a thread per line.
+    pub fn kernel(&self, x: &Shape) -> KernelSpec {
+        let (outer, k, inner) = around(x, self.axis);
+        let (entry, workgroups) = match inner {
+            1 => ("cumsum_rows", outer as u64),
+            _ => ("cumsum_lines", groups(outer * inner, 256)),
+        };
+        KernelSpec {
+            family: "index",
+            entry,
+            constants: vec![
+                ("OUTER", outer as f64),
+                ("K", k as f64),
+                ("INNER", inner as f64),
+                ("REVERSE", self.reverse as u8 as f64),
+            ],
+            workgroups,
+        }
+    }
+
+    /// Backward: the cumulative sum of the gradient from the other end.
+    pub fn backward(&self, g: &Graph, dy: NodeId) -> Result<NodeId> {
+        let back = Cumsum {
+            reverse: !self.reverse,
+            ..*self
+        };
+        g.push_op(Op::Cumsum(back), vec![dy], g.shape(dy))
+    }
+}

@@ -1,0 +1,307 @@
+//! Indexing and scan ops as torch's: `gather`, `index_select`, `cumsum`, and the reductions
+//! composed from graph ops (`logsumexp`, `var`, `std`) with `detach`: values worked by hand
+//! from torch's definitions, the GPU against the CPU reference (outputs poisoned with NaN
+//! first) on awkward shapes, and gradient checks against central differences.
+
+mod common;
+
+use common::{check_gpu_vs_cpu, gradcheck, rand, random_projection};
+use kiln::ops::{TOL_ELEMENTWISE, TOL_REDUCTION};
+use kiln::{DType, Graph, Tensor};
+
+fn t(shape: &[usize], v: &[f32]) -> Tensor {
+    Tensor::new(shape.to_vec(), v.to_vec()).unwrap()
+}
+
+/// Runs `outs` on every device (poisoned first) and compares with `want` exactly.
+fn exact(g: &Graph, outs: &[kiln::NodeId], feeds: &[(&str, &Tensor)], want: &[Vec<f32>]) {
+    for dev in common::devices() {
+        let mut plan = dev.compile(g, outs).unwrap();
+        plan.poison(f32::NAN);
+        let got = plan.run(feeds).unwrap();
+        for (k, (t, w)) in got.iter().zip(want).enumerate() {
+            let same = t
+                .data()
+                .iter()
+                .zip(w)
+                .all(|(a, b)| a == b || (a.is_nan() && b.is_nan()));
+            assert!(
+                same && t.numel() == w.len(),
+                "output {k}: {:?} != {w:?}",
+                t.data()
+            );
+        }
+    }
+}
+
+/// torch.gather and torch.index_select on a (2, 3) matrix, values worked by hand; an index
+/// smaller than x off the axis reads that corner; an index outside [0, K) gives NaN.
+#[test]
+fn gather_and_index_select_as_torch() {
+    let g = Graph::new();
+    let x = g.input("x", [2, 3]);
+    let xs = t(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    // torch.gather(x, 1, [[2, 0], [1, 1]]) = [[3, 1], [5, 5]]
+    let i1 = g.input("i1", [2, 2]);
+    let i1s = t(&[2, 2], &[2.0, 0.0, 1.0, 1.0]);
+    // torch.gather(x, 0, [[1, 0, 1]]) = [[4, 2, 6]]
+    let i0 = g.input("i0", [1, 3]);
+    let i0s = t(&[1, 3], &[1.0, 0.0, 1.0]);
+    // an index narrower than x off the axis reads x's first columns:
+    // torch.gather(x, 0, [[1], [0]]) = [[4], [1]]
+    let ic = g.input("ic", [2, 1]);
+    let ics = t(&[2, 1], &[1.0, 0.0]);
+    // torch.index_select(x, 1, [2, 2, 0]) = [[3, 3, 1], [6, 6, 4]]
+    let is = g.input("is", [3]);
+    let iss = t(&[3], &[2.0, 2.0, 0.0]);
+    // out of range (3), negative, fractional: NaN
+    let bad = g.input("bad", [3]);
+    let bads = t(&[3], &[3.0, -1.0, 0.5]);
+    let outs = [
+        g.gather(x, 1, i1).unwrap(),
+        g.gather(x, 0, i0).unwrap(),
+        g.gather(x, 0, ic).unwrap(),
+        g.index_select(x, 1, is).unwrap(),
+        g.index_select(x, -1, bad).unwrap(),
+    ];
+    assert_eq!(g.shape(outs[2]).dims(), &[2, 1]);
+    assert_eq!(g.shape(outs[3]).dims(), &[2, 3]);
+    let nan = f32::NAN;
+    let want = [
+        vec![3.0, 1.0, 5.0, 5.0],
+        vec![4.0, 2.0, 6.0],
+        vec![4.0, 1.0],
+        vec![3.0, 3.0, 1.0, 6.0, 6.0, 4.0],
+        vec![nan; 6],
+    ];
+    let feeds = [
+        ("x", &xs),
+        ("i1", &i1s),
+        ("i0", &i0s),
+        ("ic", &ics),
+        ("is", &iss),
+        ("bad", &bads),
+    ];
+    exact(&g, &outs, &feeds, &want);
+    // the gradient adds into the picked elements: index_select [2, 2, 0] of ones gives
+    // [[1, 0, 2], [1, 0, 2]]; gather(x, 1, [[2, 0], [1, 1]]) gives [[1, 0, 1], [0, 2, 0]]
+    let l1 = g.sum_all(outs[3]).unwrap();
+    let l2 = g.sum_all(outs[0]).unwrap();
+    let d1 = g.grad(l1, &[x]).unwrap()[0];
+    let d2 = g.grad(l2, &[x]).unwrap()[0];
+    let want = [
+        vec![1.0, 0.0, 2.0, 1.0, 0.0, 2.0],
+        vec![1.0, 0.0, 1.0, 0.0, 2.0, 0.0],
+    ];
+    exact(&g, &[d1, d2], &feeds, &want);
+    // shape errors name the op and the shapes
+    let i3 = g.input("i3", [1, 4]);
+    let i2d = g.input("i2d", [2, 2]);
+    let half = g.cast(i1, DType::F16).unwrap();
+    for (name, err) in [
+        ("gather", g.gather(x, 0, i3).unwrap_err()),
+        ("gather", g.gather(x, 1, is).unwrap_err()),
+        ("gather", g.gather(x, 2, i1).unwrap_err()),
+        ("index_select", g.index_select(x, 0, i2d).unwrap_err()),
+        ("gather", g.gather(x, 1, half).unwrap_err()),
+    ] {
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}
+
+/// Gather and index select along every axis of awkward shapes (primes, 1), repeated and
+/// out-of-range indices, the GPU against the CPU; gradient checks of both, and of the
+/// gradient's own gradient (a gather again).
+#[test]
+fn gather_on_awkward_shapes_with_gradients() {
+    let shape = [3usize, 7, 5];
+    let xs = rand(&shape, 11);
+    for axis in 0..3 {
+        let g = Graph::new();
+        let x = g.input("x", shape);
+        let k = shape[axis];
+        // an index of 4 along the axis (more than some axes hold: repeats), one less off it
+        // where the axis allows (a corner)
+        let mut idims = shape;
+        idims[axis] = 4;
+        if axis != 1 {
+            idims[1] = 6;
+        }
+        let n: usize = idims.iter().product();
+        let ids: Vec<f32> = (0..n).map(|i| ((i * 7 + 3) % k) as f32).collect();
+        let ids = t(&idims, &ids);
+        let sel: Vec<f32> = (0..9).map(|i| ((i * 5 + 1) % k) as f32).collect();
+        let sel = t(&[9], &sel);
+        let index = g.input("index", idims);
+        let select = g.input("select", [9]);
+        let a = g.gather(x, axis as isize, index).unwrap();
+        let b = g.index_select(x, axis as isize, select).unwrap();
+        let feeds = [("x", &xs), ("index", &ids), ("select", &sel)];
+        let what = format!("axis {axis}");
+        check_gpu_vs_cpu(&what, &g, &[a, b], &feeds, TOL_ELEMENTWISE);
+        let loss = g
+            .add(random_projection(&g, a, 1), random_projection(&g, b, 2))
+            .unwrap();
+        gradcheck(&what, &g, loss, &[("x", x)], &feeds, 30, TOL_REDUCTION);
+        // the gradient's gradient, with respect to the incoming gradient: a gather
+        let dy = g.input("dy", g.shape(a));
+        let dys = rand(g.shape(a).dims(), 5);
+        let inner = g.sum_all(g.mul(a, dy).unwrap()).unwrap();
+        let dx = g.grad(inner, &[x]).unwrap()[0];
+        let outer = random_projection(&g, dx, 3);
+        let feeds = [("x", &xs), ("index", &ids), ("select", &sel), ("dy", &dys)];
+        gradcheck(&what, &g, outer, &[("dy", dy)], &feeds, 30, TOL_REDUCTION);
+    }
+    // f16 tensors (the indices stay f32)
+    let g = Graph::new();
+    let x = g.input("x", shape);
+    let index = g.input("index", [5]);
+    let ids = t(&[5], &[6.0, 0.0, 6.0, 3.0, 2.0]);
+    let h = g.cast(x, DType::F16).unwrap();
+    let y = g.index_select(h, 1, index).unwrap();
+    let loss = g
+        .sum_all(g.cast(g.square(y).unwrap(), DType::F32).unwrap())
+        .unwrap();
+    let dx = g.grad(loss, &[x]).unwrap()[0];
+    let out = g.cast(y, DType::F32).unwrap();
+    check_gpu_vs_cpu(
+        "f16",
+        &g,
+        &[out, dx],
+        &[("x", &xs), ("index", &ids)],
+        (1e-3, 1e-2),
+    );
+}
+
+/// torch.cumsum: values by hand, the GPU against the CPU along each axis (rows longer than a
+/// workgroup's 256, lines across the inner axis, extents of 1), gradient checks (the cumsum of
+/// the gradient from the other end).
+#[test]
+fn cumsum_as_torch() {
+    let g = Graph::new();
+    let x = g.input("x", [2, 4]);
+    let xs = t(&[2, 4], &[1.0, 2.0, 3.0, 4.0, -1.0, 0.5, 0.25, 2.0]);
+    let outs = [g.cumsum(x, 1).unwrap(), g.cumsum(x, 0).unwrap()];
+    let want = [
+        vec![1.0, 3.0, 6.0, 10.0, -1.0, -0.5, -0.25, 1.75],
+        vec![1.0, 2.0, 3.0, 4.0, 0.0, 2.5, 3.25, 6.0],
+    ];
+    exact(&g, &outs, &[("x", &xs)], &want);
+    // d/dx of sum(w * cumsum(x)) along the row: w's sums from the end
+    let w = g.constant(t(&[2, 4], &[1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 1.0]));
+    let loss = g.sum_all(g.mul(outs[0], w).unwrap()).unwrap();
+    let dx = g.grad(loss, &[x]).unwrap()[0];
+    exact(
+        &g,
+        &[dx],
+        &[("x", &xs)],
+        &[vec![10.0, 9.0, 7.0, 4.0, 1.0, 1.0, 1.0, 1.0]],
+    );
+    for (shape, axis) in [
+        (vec![3, 601], 1),
+        (vec![1, 1], 0),
+        (vec![4, 37, 3], 1),
+        (vec![4, 37, 3], 0),
+        (vec![5, 2, 257], -1),
+    ] {
+        let g = Graph::new();
+        let x = g.input("x", shape.clone());
+        let xs = rand(&shape, 4);
+        let y = g.cumsum(x, axis).unwrap();
+        let what = format!("{shape:?} axis {axis}");
+        check_gpu_vs_cpu(&what, &g, &[y], &[("x", &xs)], TOL_REDUCTION);
+        let loss = random_projection(&g, y, 9);
+        gradcheck(
+            &what,
+            &g,
+            loss,
+            &[("x", x)],
+            &[("x", &xs)],
+            20,
+            TOL_REDUCTION,
+        );
+    }
+}
+
+/// logsumexp, var and std as torch's: values by hand (torch.logsumexp([1, 2, 3]) =
+/// 3.4076059; an all -inf row gives -inf, one holding inf gives inf; var([1, 2, 3, 4]) = 5/3
+/// unbiased, 1.25 with correction 0); GPU against CPU and gradient checks; `detach` stops the
+/// gradient and costs no kernel where it fuses.
+#[test]
+fn logsumexp_var_std_and_detach() {
+    let g = Graph::new();
+    let x = g.input("x", [3, 4]);
+    let inf = f32::INFINITY;
+    let xs = t(
+        &[3, 4],
+        &[
+            1.0, 2.0, 3.0, 4.0, -inf, -inf, -inf, -inf, 0.0, inf, 1.0, -inf,
+        ],
+    );
+    let lse = g.logsumexp(x, 1, false).unwrap();
+    assert_eq!(g.shape(lse).dims(), &[3]);
+    let v = g.input("v", [1, 4]);
+    let vs = t(&[1, 4], &[1.0, 2.0, 3.0, 4.0]);
+    let outs = [
+        lse,
+        g.var(v, 1, 1, false).unwrap(),
+        g.var(v, -1, 0, true).unwrap(),
+        g.std(v, 1, 0, false).unwrap(),
+    ];
+    assert_eq!(g.shape(outs[2]).dims(), &[1, 1]);
+    let want_lse = (1..=4).map(|v| (v as f64).exp()).sum::<f64>().ln() as f32;
+    for dev in common::devices() {
+        let mut plan = dev.compile(&g, &outs).unwrap();
+        plan.poison(f32::NAN);
+        let got = plan.run(&[("x", &xs), ("v", &vs)]).unwrap();
+        let l = got[0].data();
+        assert!((l[0] - want_lse).abs() < 1e-6, "{l:?}");
+        assert_eq!((l[1], l[2]), (-inf, inf), "{l:?}");
+        assert!((got[1].data()[0] - 5.0 / 3.0).abs() < 1e-6);
+        assert!((got[2].data()[0] - 1.25).abs() < 1e-6);
+        assert!((got[3].data()[0] - 1.25f32.sqrt()).abs() < 1e-6);
+    }
+    // random values on awkward shapes, every axis, keepdim both ways
+    let shape = [5usize, 3, 7];
+    let xs = rand(&shape, 21);
+    for axis in 0..3isize {
+        for keepdim in [false, true] {
+            let g = Graph::new();
+            let x = g.input("x", shape);
+            let outs = [
+                g.logsumexp(x, axis, keepdim).unwrap(),
+                g.var(x, axis, 1, keepdim).unwrap(),
+                g.std(x, axis, 0, keepdim).unwrap(),
+            ];
+            let what = format!("axis {axis} keepdim {keepdim}");
+            check_gpu_vs_cpu(&what, &g, &outs, &[("x", &xs)], TOL_REDUCTION);
+            let loss = outs
+                .iter()
+                .enumerate()
+                .map(|(k, &o)| random_projection(&g, o, k as u64))
+                .reduce(|a, b| g.add(a, b).unwrap())
+                .unwrap();
+            gradcheck(
+                &what,
+                &g,
+                loss,
+                &[("x", x)],
+                &[("x", &xs)],
+                30,
+                TOL_REDUCTION,
+            );
+        }
+    }
+    // d/dx sum(x * detach(x)) = detach(x): x, not 2x; the detach fuses into the product
+    let g = Graph::new();
+    let x = g.input("x", [6]);
+    let xs = rand(&[6], 3);
+    let loss = g.sum_all(g.mul(x, g.detach(x).unwrap()).unwrap()).unwrap();
+    let dx = g.grad(loss, &[x]).unwrap()[0];
+    exact(&g, &[dx], &[("x", &xs)], &[xs.data().to_vec()]);
+    if let Some(dev) = common::gpu() {
+        let plan = dev.compile(&g, &[loss]).unwrap();
+        let kernels: Vec<String> = plan.kernels().iter().map(|k| k.to_string()).collect();
+        assert_eq!(common::count_op(&kernels, "detach"), 0, "{kernels:#?}");
+    }
+}
