@@ -50,7 +50,8 @@ enum Step {
     },
     /// The product of two values, transposed as their shapes allow.
     Product(u8, u8),
-    /// sum, mean, max, min, logsumexp, var (unbiased) or std over an axis, kept or not.
+    /// sum, mean, max, min, logsumexp, or var (the population's, or unbiased over more than
+    /// one element) over an axis, kept or not.
     Reduce(u8, u8, bool, bool),
     /// the sum or mean of all of a value's elements (a `[1]`).
     ReduceAll(u8, bool),
@@ -434,8 +435,17 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                     2 => g.max(x, axis, keep),
                     3 => g.min(x, axis, keep),
                     4 => g.logsumexp(x, axis, keep),
-                    5 => g.var(x, axis, 1, keep),
-                    _ => g.std(x, axis, 0, keep),
+                    5 => g.var(x, axis, 0, keep),
+                    // (unbiased over more than one element, over one it would be 0 / 0; std
+                    // is left out: its gradient at a constant slice is 0 * inf)
+                    _ => {
+                        let d = dims(x);
+                        let n = if axis == 0 { d.first() } else { d.last() };
+                        match n {
+                            Some(&n) if n > 1 => g.var(x, axis, 1, keep),
+                            _ => g.var(x, axis, 0, keep),
+                        }
+                    }
                 }
                 .ok()
             }

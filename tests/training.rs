@@ -356,32 +356,53 @@ fn cross_entropy_options_as_torch() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("ignore_index"), "{err}");
-    // smoothing alone over more logits than one workgroup computes with its gradient: the row
-    // kernel computes both (the loss and its own gradient alone, so that it does)
+    // over more logits than one workgroup computes with its gradient, the row kernel computes
+    // both (the loss and its own gradient alone, so that it does), reading `dy` as the
+    // backward would: smoothing alone (the mean's), the mean over the rows kept (`dy` over
+    // their count, computed from the labels before the loss: 2 kernels more), the sum's, and a
+    // weighted sum of the losses per row (a gradient per row, `dy` times the weights first)
     if let Some(dev) = gpu() {
-        let g = Graph::new();
-        let (x, y) = (g.input("x", [300, 97]), g.input("y", [300]));
-        let loss = g
-            .cross_entropy_with(x, y, opts(None, 0.2, Reduction::Mean))
-            .unwrap();
-        let dx = g.grad(loss, &[x]).unwrap()[0];
-        let labels = (0..300).map(|i| ((i * 7 + 3) % 97) as f32).collect();
-        let feeds = [
-            (
-                "x".to_string(),
-                Tensor::rand_uniform(vec![300, 97], -4.0, 4.0, 6),
-            ),
-            ("y".to_string(), Tensor::new([300], labels).unwrap()),
+        let row_w = Tensor::rand_uniform(vec![300], 0.0, 2.0, 8);
+        let cases: [(CrossEntropyOpts, usize); 4] = [
+            (opts(None, 0.2, Reduction::Mean), 2),
+            (opts(Some(3), 0.1, Reduction::Mean), 4),
+            (opts(Some(3), 0.0, Reduction::Sum), 2),
+            (opts(None, 0.0, Reduction::None), 3),
         ];
-        let plan = common::check_plan(
-            &dev,
-            "smoothed rows",
-            &g,
-            &[loss, dx],
-            &feeds,
-            TOL_REDUCTION,
-        );
-        assert_eq!(plan.kernels().len(), 2, "{:?}", plan.kernels());
+        // (and the square of a loss: its gradient needs the loss, so the backward stays a
+        // kernel of its own)
+        let squared = (opts(Some(3), 0.0, Reduction::Mean), 6);
+        for (case, (o, kernels)) in cases.into_iter().chain([squared]).enumerate() {
+            let g = Graph::new();
+            let (x, y) = (g.input("x", [300, 97]), g.input("y", [300]));
+            let mut loss = g.cross_entropy_with(x, y, o).unwrap();
+            if o.reduction == Reduction::None {
+                let w = g.constant(row_w.clone());
+                loss = g.sum_all(g.mul(loss, w).unwrap()).unwrap();
+            }
+            if case == 4 {
+                loss = g.square(loss).unwrap();
+            }
+            let dx = g.grad(loss, &[x]).unwrap()[0];
+            let labels = (0..300).map(|i| ((i * 7 + 3) % 97) as f32).collect();
+            let feeds = [
+                (
+                    "x".to_string(),
+                    Tensor::rand_uniform(vec![300, 97], -4.0, 4.0, 6),
+                ),
+                ("y".to_string(), Tensor::new([300], labels).unwrap()),
+            ];
+            let what = format!("rows {o:?}");
+            let plan = common::check_plan(&dev, &what, &g, &[loss, dx], &feeds, TOL_REDUCTION);
+            let k = plan.kernels();
+            assert_eq!(k.len(), kernels, "{what}: {k:#?}");
+            let separate = (case == 4) as usize;
+            assert_eq!(
+                common::count_op(&k, "cross_entropy_backward"),
+                separate,
+                "{what}"
+            );
+        }
     }
     // without options, and with smoothing alone: the fused loss, one kernel with its gradient
     if let Some(dev) = gpu() {

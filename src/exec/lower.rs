@@ -1858,6 +1858,7 @@ pub(crate) fn split_cross_entropy(
             op: Op::CrossEntropyRows(CrossEntropyRows {
                 with_grad: false,
                 opts,
+                ..Default::default()
             }),
             inputs: nodes[id.0].inputs.clone(),
             shape: Shape(vec![rows]),
@@ -1875,22 +1876,6 @@ pub(crate) fn split_cross_entropy(
     }
 }
 
-/// Where a training step's cross-entropy is small enough for one workgroup to compute its
-/// gradient too (`loss::WITH_GRAD_MAX` logits), or runs per row (`CrossEntropyRows`, which
-/// [`split_cross_entropy`] made), and its backward node reads the same logits
-/// and labels with a loss gradient available before the loss (a constant, an input, a scale),
-/// the loss's kernel writes the gradient past the loss (`CrossEntropy::with_grad`,
-/// `CrossEntropyRows::with_grad`) and the
-/// backward node becomes a view of it (`CrossEntropyBackward::written`): a classifier's step
-/// runs one kernel fewer, a language model's reads its logits twice rather than three times
-/// (the row statistics once). The kernel stores the f32 loss and so the gradient in f32: f16
-/// logits take this only where products alone read their gradient (no target), which then
-/// round it to f16 as they load it (the value an f16 gradient holds).
-/// The backward node of the cross-entropy at `order[l_pos]` of `(logits, labels)` whose gradient
-/// that loss's kernel can write instead ([`gradient_with_cross_entropy`]): one reading the same
-/// logits and labels, with its loss gradient available before the loss, the logits and labels
-/// not written in between, and for f16 logits read by products alone (they round the f32
-/// gradient the kernel stores as they load it) and not asked for.
 /// `id` and what it views, down to a source (input, parameter, constant), the source first,
 /// where `id` is a source or a chain of reshapes and narrows viewing one: no kernels, so they
 /// may be placed anywhere before their readers.
@@ -1908,6 +1893,51 @@ fn views_of_source(nodes: &[Node], id: NodeId) -> Option<Vec<NodeId>> {
     Some(chain)
 }
 
+/// The nodes `order` lists after `order[l_pos]` that `dy` needs (`dy` itself included), in
+/// their order, where they may all run before that node instead: none of them needs it or
+/// writes in place, and nothing listed between writes what they read. A source (or a view
+/// of one: dynamic loss scaling's scale) is bound before any kernel runs wherever `order`
+/// lists it; a computed gradient (the mean over the rows kept of a cross-entropy with
+/// `ignore_index`: `dy` over their count, from the labels alone) moves with its inputs.
+fn hoistable(nodes: &[Node], order: &[NodeId], l_pos: usize, dy: NodeId) -> Option<Vec<NodeId>> {
+    let l = order[l_pos];
+    let at = |n: NodeId| order.iter().position(|&o| o == n);
+    let mut need: Vec<(usize, NodeId)> = Vec::new();
+    let mut stack = vec![dy];
+    while let Some(n) = stack.pop() {
+        if n == l {
+            return None;
+        }
+        match at(n) {
+            Some(p) if p > l_pos && !need.iter().any(|&(_, m)| m == n) => {
+                need.push((p, n));
+                stack.extend(nodes[n.0].inputs.iter().copied());
+            }
+            _ => {}
+        }
+    }
+    need.sort();
+    let movable = need.iter().all(|&(p, n)| {
+        let node = &nodes[n.0];
+        let in_place = node.op.binding_mode(node.inputs.len()).0 < node.inputs.len();
+        let source = views_of_source(nodes, n).is_some();
+        source
+            || !in_place
+                && node
+                    .inputs
+                    .iter()
+                    .all(|&x| !written_between(nodes, order, x, l_pos, p))
+    });
+    movable.then(|| need.into_iter().map(|(_, n)| n).collect())
+}
+
+/// The backward node of the cross-entropy at `order[l_pos]` of `(logits, labels)` whose
+/// gradient that loss's kernel can write instead ([`gradient_with_cross_entropy`]), with the
+/// nodes its loss gradient needs that must move before the loss ([`hoistable`]): one reading
+/// the same logits and labels with the same options, reading a mean's gradient (or, for the
+/// loss per row, any), with its loss gradient computable before the loss, the logits and
+/// labels not written in between, and for f16 logits read by products alone (they round the
+/// f32 gradient the kernel stores as they load it) and not asked for.
 fn gradient_for_loss_kernel(
     nodes: &[Node],
     order: &[NodeId],
@@ -1915,8 +1945,9 @@ fn gradient_for_loss_kernel(
     l_pos: usize,
     (logits, labels): (NodeId, NodeId),
     opts: crate::ops::loss::RowOptions,
-) -> Option<NodeId> {
+) -> Option<(NodeId, Vec<NodeId>)> {
     use crate::ops::loss::{CrossEntropyBackward, LossGrad};
+    let rows = matches!(nodes[order[l_pos].0].op, Op::CrossEntropyRows(_));
     let at = |n: NodeId| order.iter().position(|&o| o == n);
     let d = order.iter().copied().find(|&d| {
         matches!(
@@ -1924,8 +1955,8 @@ fn gradient_for_loss_kernel(
             Op::CrossEntropyBackward(CrossEntropyBackward {
                 written: false,
                 opts: o,
-                dy: LossGrad::Mean,
-            }) if o == opts
+                dy,
+            }) if o == opts && (rows || dy == LossGrad::Mean)
         ) && nodes[d.0].inputs[..2] == [logits, labels]
     })?;
     let half = nodes[d.0].dtype == DType::F16;
@@ -1938,17 +1969,29 @@ fn gradient_for_loss_kernel(
     if half && (targets.contains(&d) || !products_alone) {
         return None;
     }
-    let dy = nodes[d.0].inputs[2];
     let d_pos = at(d).unwrap_or(l_pos);
-    // a source (or a view of one: dynamic loss scaling's scale) is bound before any kernel
-    // runs, wherever `order` lists it
-    let ready = views_of_source(nodes, dy).is_some() || at(dy).is_none_or(|p| p < l_pos);
     let written = [logits, labels]
         .iter()
         .any(|&x| written_between(nodes, order, x, l_pos, d_pos));
-    (ready && d_pos >= l_pos && !written).then_some(d)
+    if d_pos < l_pos || written {
+        return None;
+    }
+    let hoist = hoistable(nodes, order, l_pos, nodes[d.0].inputs[2])?;
+    Some((d, hoist))
 }
 
+/// Where a training step's cross-entropy is small enough for one workgroup to compute its
+/// gradient too (`loss::WITH_GRAD_MAX` logits), or runs per row (`CrossEntropyRows`, which
+/// [`split_cross_entropy`] made, or with torch's options `Graph::cross_entropy_with`), and its
+/// backward node reads the same logits and labels with a loss gradient computable before the
+/// loss (a constant, an input, a scale, the count of the rows kept), the loss's kernel writes
+/// the gradient past the loss (`CrossEntropy::with_grad`, `CrossEntropyRows::with_grad`, which
+/// reads `dy` as the backward did) and the backward node becomes a view of it
+/// (`CrossEntropyBackward::written`): a classifier's step runs one kernel fewer, a language
+/// model's reads its logits twice rather than three times (the row statistics once). The
+/// kernel stores the f32 loss and so the gradient in f32: f16 logits take this only where
+/// products alone read their gradient (no target), which then round it to f16 as they load it
+/// (the value an f16 gradient holds).
 pub(crate) fn gradient_with_cross_entropy(
     nodes: &mut [Node],
     order: &mut Vec<NodeId>,
@@ -1956,30 +1999,32 @@ pub(crate) fn gradient_with_cross_entropy(
 ) {
     use crate::ops::loss::{CrossEntropy, CrossEntropyBackward, CrossEntropyRows, WITH_GRAD_MAX};
     let mut moves: Vec<(NodeId, NodeId)> = Vec::new();
-    let mut sources: Vec<(NodeId, NodeId)> = Vec::new();
-    for l_pos in 0..order.len() {
+    let mut l_pos = 0;
+    while l_pos < order.len() {
         let l = order[l_pos];
-        // (ignored rows change the mean's count, which the kernels do not know before the end)
-        let opts = match nodes[l.0].op {
+        l_pos += 1;
+        let (opts, rows) = match nodes[l.0].op {
             Op::CrossEntropy(CrossEntropy {
                 with_grad: false,
                 opts,
-            })
-            | Op::CrossEntropyRows(CrossEntropyRows {
+            }) => (opts, false),
+            Op::CrossEntropyRows(CrossEntropyRows {
                 with_grad: false,
                 opts,
-            }) if opts.ignore_index.is_none() => opts,
+                ..
+            }) => (opts, true),
             _ => continue,
         };
         let (logits, labels) = (nodes[l.0].inputs[0], nodes[l.0].inputs[1]);
-        let rows = matches!(nodes[l.0].op, Op::CrossEntropyRows(_));
         if !rows && nodes[logits.0].shape.numel() > WITH_GRAD_MAX {
             continue;
         }
-        let at = |n: NodeId| order.iter().position(|&o| o == n);
-        let Some(d) =
-            gradient_for_loss_kernel(nodes, order, targets, l_pos, (logits, labels), opts)
+        let Some((d, hoist)) =
+            gradient_for_loss_kernel(nodes, order, targets, l_pos - 1, (logits, labels), opts)
         else {
+            continue;
+        };
+        let Op::CrossEntropyBackward(back) = nodes[d.0].op else {
             continue;
         };
         let dy = nodes[d.0].inputs[2];
@@ -1987,6 +2032,7 @@ pub(crate) fn gradient_with_cross_entropy(
             true => Op::CrossEntropyRows(CrossEntropyRows {
                 with_grad: true,
                 opts,
+                dy: back.dy,
             }),
             false => Op::CrossEntropy(CrossEntropy {
                 with_grad: true,
@@ -1996,24 +2042,17 @@ pub(crate) fn gradient_with_cross_entropy(
         nodes[l.0].inputs.push(dy);
         nodes[d.0].op = Op::CrossEntropyBackward(CrossEntropyBackward {
             written: true,
-            opts,
-            ..Default::default()
+            ..back
         });
         nodes[d.0].inputs.push(l);
         nodes[d.0].dtype = DType::F32;
         moves.push((d, l));
-        for s in views_of_source(nodes, dy).unwrap_or_default() {
-            if at(s).is_some_and(|p| p > l_pos) {
-                sources.push((s, l));
-            }
-        }
-    }
-    // a source (and views of it) `order` lists after the loss moves before it, in order:
-    // inputs precede their readers
-    for (s, l) in sources {
-        order.retain(|&o| o != s);
+        // what the loss's gradient needs runs before the loss, in order: inputs precede
+        // their readers
+        order.retain(|o| !hoist.contains(o));
         let at = order.iter().position(|&o| o == l).unwrap_or(0);
-        order.insert(at, s);
+        l_pos = at + hoist.len() + 1;
+        order.splice(at..at, hoist);
     }
     place_after(order, &moves);
 }

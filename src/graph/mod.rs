@@ -572,9 +572,6 @@ impl Graph {
         let plain = ignore_index.is_none() && e == 0.0;
         match opts.reduction {
             Reduction::Mean if plain => return self.cross_entropy(logits, labels),
-            Reduction::Sum if plain => {
-                return self.mul_scalar(self.cross_entropy(logits, labels)?, sl.dims()[0] as f32)
-            }
             // smoothing alone: the fused loss, its gradient in its kernel in training
             Reduction::Mean if ignore_index.is_none() => {
                 let fused = CrossEntropy {
@@ -598,6 +595,7 @@ impl Graph {
                 ignore_index,
                 smoothing_bits: e.to_bits(),
             },
+            ..Default::default()
         };
         let rows = self.push(
             Op::CrossEntropyRows(rows_op),

@@ -145,6 +145,10 @@ pub const WITH_GRAD_MAX: usize = 1 << 14;
 pub struct CrossEntropyRows {
     pub with_grad: bool,
     pub opts: RowOptions,
+    /// With `with_grad`: how the kernel reads the loss's gradient `dy`, as the backward whose
+    /// gradient it computes would ([`CrossEntropyBackward::dy`]: a mean's, a sum's or a mean
+    /// over the kept rows' one value, or one per row).
+    pub dy: LossGrad,
 }
 
 /// Where a loss kernel that also computes the gradient writes it past `loss_len` losses (one
@@ -175,13 +179,13 @@ fn rows_kernel(entry: &'static str, logits: &Shape) -> KernelSpec {
     }
 }
 
-/// Adds a backward's overrides for the options of the loss per row it differentiates, where
-/// it has them (the plain loss's kernels stay the pipelines they were).
-fn with_options(mut k: KernelSpec, b: &CrossEntropyBackward) -> KernelSpec {
-    if b.opts != RowOptions::default() {
-        k.constants.extend(b.opts.constants());
+/// Adds the overrides of a loss per row's options and of how its gradient reads `dy`, where
+/// they are not the plain loss's (whose kernels stay the pipelines they were).
+fn with_options(mut k: KernelSpec, opts: RowOptions, dy: LossGrad) -> KernelSpec {
+    if opts != RowOptions::default() {
+        k.constants.extend(opts.constants());
     }
-    match b.dy {
+    match dy {
         LossGrad::Mean => {}
         LossGrad::PerRow => k.constants.push(("DY_MODE", 1.0)),
         LossGrad::Shared => k.constants.push(("DY_MODE", 2.0)),
@@ -219,7 +223,7 @@ impl CrossEntropyRows {
     /// Kernel: [`rows_threads`] threads per row (`cross_entropy_rows`, or with the gradient
     /// `cross_entropy_rows_with_grad`).
     pub fn kernel(&self, logits: &Shape) -> KernelSpec {
-        let mut k = match self.with_grad {
+        let k = match self.with_grad {
             false => rows_kernel("cross_entropy_rows", logits),
             true => {
                 let mut k = rows_kernel("cross_entropy_rows_with_grad", logits);
@@ -228,11 +232,8 @@ impl CrossEntropyRows {
                 k
             }
         };
-        // (a smoothed loss split into rows computes its gradient with them too)
-        if self.opts != RowOptions::default() {
-            k.constants.extend(self.opts.constants());
-        }
-        k
+        // (the options shape the gradient it computes with them too)
+        with_options(k, self.opts, self.dy)
     }
 
     /// Elements its kernel writes past the losses: the gradient at [`grad_offset`], with it.
@@ -398,7 +399,8 @@ impl CrossEntropyBackward {
     pub fn kernel(&self, logits: &Shape) -> KernelSpec {
         // rows of up to 16 classes: a thread each; longer ones: rows_threads per row
         if logits.dims()[1] > 16 {
-            return with_options(rows_kernel("cross_entropy_backward_rows", logits), self);
+            let k = rows_kernel("cross_entropy_backward_rows", logits);
+            return with_options(k, self.opts, self.dy);
         }
         let k = KernelSpec {
             family: "loss",
@@ -409,6 +411,6 @@ impl CrossEntropyBackward {
             ],
             workgroups: groups(logits.dims()[0], 256),
         };
-        with_options(k, self)
+        with_options(k, self.opts, self.dy)
     }
 }
