@@ -1,6 +1,7 @@
 // index.wgsl: picking elements by index along an axis (torch.gather, torch.index_select) and
-// its adjoint (scatter_add_ / index_add_ into zeros), and the cumulative sum along an axis
-// (torch.cumsum, or from the end: its backward).
+// its adjoint (scatter_add_ / index_add_ into zeros), the cumulative sum along an axis
+// (torch.cumsum, or from the end: its backward), and the positions of the J largest (or
+// smallest) elements of each row (torch.topk's indices, sorted; torch.sort's with J = K).
 //
 // Shapes, around the axis: x, dx [OUTER, K, INNER]; out, dy [OUTER, J, INNER].
 //   `gather`: out[o, j, i] = x[o, ids[o, j, i], i] (ids [OUTER, J, INNER]) or, with SELECT,
@@ -11,6 +12,10 @@
 //             grad_ids[j] == k) of dy[o, j, i], summed in j order (deterministic, no atomics).
 //   `cumsum_lines`, `cumsum_rows`: sums[o, k, i] = x[o, 0, i] + .. + x[o, k, i] (REVERSE:
 //             x[o, k, i] + .. + x[o, K - 1, i]), accumulated in f32.
+//   `topk` (INNER = 1: rows of x [OUTER, K]): picks[o, r] = the position of the r-th element of
+//             row o in top-k order: the larger value first (the smaller without LARGEST), NaN
+//             above every number, the lower position first among equals (a strict order, so
+//             each round's pick is the first element after the previous one).
 //
 // Bindings (group 0)
 //   `gather`:          0 x (read) [OUTER, K, INNER]; 1 ids (read) [OUTER, J, INNER] or [J];
@@ -18,16 +23,20 @@
 //   `gather_backward`: 0 grad_ids (read) as ids; 1 dy (read) [OUTER, J, INNER];
 //                      2 dx (read_write) [OUTER, K, INNER]
 //   `cumsum_lines`, `cumsum_rows`: 0 x (read) [OUTER, K, INNER]; 1 sums (read_write) the same
+//   `topk`:            0 x (read) [OUTER, K]; 1 picks (read_write) [OUTER, J] positions as f32
 // f16 variant (`index_f16`, generated from the storage block): x, out, dy, dx and sums f16,
-// computed in f32; the indices stay f32.
-// Overrides: OUTER, K, J, INNER (extents); SELECT (ids is [J]); REVERSE (sum from the end).
+// computed in f32; the indices (ids, grad_ids, picks) stay f32.
+// Overrides: OUTER, K, J, INNER (extents); SELECT (ids is [J]); REVERSE (sum from the end);
+//            LARGEST (topk: the largest first).
 // Dispatch: `gather` ceil(OUTER * J * INNER / 256) workgroups, one thread per output element;
 //           `gather_backward` ceil(OUTER * K * INNER / 256), one thread per dx element looping
 //           over its J candidates; `cumsum_lines` (INNER > 1) ceil(OUTER * INNER / 256), one
 //           thread per line (o, i) walking k (neighbouring threads read neighbouring
 //           elements); `cumsum_rows` (INNER == 1) OUTER workgroups, one per row: chunks of 256
-//           scanned in workgroup memory, each adding the carry of the chunks before it. All
-//           folded into (x <= 65535, y).
+//           scanned in workgroup memory, each adding the carry of the chunks before it;
+//           `topk` OUTER workgroups, one per row: J rounds, each a strided pass over the row
+//           (the first element after the previous pick, per thread) and a tree over the
+//           workgroup (J * K / 256 reads per thread). All folded into (x <= 65535, y).
 
 override OUTER: u32 = 1u;
 override K: u32 = 1u;
@@ -35,6 +44,7 @@ override J: u32 = 1u;
 override INNER: u32 = 1u;
 override SELECT: bool = false;
 override REVERSE: bool = false;
+override LARGEST: bool = true;
 const WG: u32 = 256u;
 
 // Every global read and write of a tensor goes through ld_*/st_*: src/codegen/storage.rs
@@ -47,6 +57,7 @@ const WG: u32 = 256u;
 @group(0) @binding(1) var<storage, read> dy: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(1) var<storage, read_write> sums: array<f32>;
+@group(0) @binding(1) var<storage, read_write> picks: array<f32>; // always f32
 fn ld_x(i: u32) -> f32 { return x[i]; }
 fn st_out(i: u32, v: f32) { out[i] = v; }
 fn ld_dy(i: u32) -> f32 { return dy[i]; }
@@ -179,6 +190,82 @@ fn cumsum_rows(
             st_sums(row * K + step_k(s), carry + total);
         }
         carry = carry + scan[WG - 1u];
+        workgroupBarrier();
+    }
+}
+
+// Whether (a, ia) comes before (b, ib) in top-k order: the larger value first (the smaller with
+// !LARGEST), NaN above every number (first with LARGEST, last without, as torch sorts it),
+// the lower index first among equals. Reads NaN from the bits (WGSL may assume floats are
+// not NaN).
+fn is_nan(v: f32) -> bool {
+    let bits = bitcast<u32>(v);
+    return (bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0u;
+}
+
+fn before(a: f32, ia: u32, b: f32, ib: u32) -> bool {
+    let na = is_nan(a);
+    let nb = is_nan(b);
+    if na && nb {
+        return ia < ib;
+    }
+    if na || nb {
+        return na == LARGEST;
+    }
+    if a == b {
+        return ia < ib;
+    }
+    return select((a < b), (a > b), LARGEST);
+}
+
+var<workgroup> best_v: array<f32, 256>;
+var<workgroup> best_i: array<u32, 256>;
+
+@compute @workgroup_size(256)
+fn topk(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    // one row per workgroup (uniform across it: the barriers below are reached by all)
+    let row = wid.y * nwg.x + wid.x;
+    if row >= OUTER {
+        return;
+    }
+    let base = row * K;
+    // the previous pick: each round takes the first element after it in top-k order
+    var prev_v = 0.0;
+    var prev_i = K;
+    for (var r = 0u; r < J; r = r + 1u) {
+        var v = 0.0;
+        var vi = K;
+        for (var c = lid; c < K; c = c + WG) {
+            let x_c = ld_x(base + c);
+            let after = prev_i == K || before(prev_v, prev_i, x_c, c);
+            if after && (vi == K || before(x_c, c, v, vi)) {
+                v = x_c;
+                vi = c;
+            }
+        }
+        best_v[lid] = v;
+        best_i[lid] = vi;
+        workgroupBarrier();
+        for (var s = WG / 2u; s > 0u; s = s / 2u) {
+            if lid < s {
+                let ov = best_v[lid + s];
+                let oi = best_i[lid + s];
+                if oi != K && (best_i[lid] == K || before(ov, oi, best_v[lid], best_i[lid])) {
+                    best_v[lid] = ov;
+                    best_i[lid] = oi;
+                }
+            }
+            workgroupBarrier();
+        }
+        prev_v = best_v[0];
+        prev_i = best_i[0];
+        if lid == 0u {
+            picks[row * J + r] = f32(prev_i);
+        }
         workgroupBarrier();
     }
 }

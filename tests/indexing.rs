@@ -305,3 +305,85 @@ fn logsumexp_var_std_and_detach() {
         assert_eq!(common::count_op(&kernels, "detach"), 0, "{kernels:#?}");
     }
 }
+
+/// torch.topk and torch.sort: values and positions worked by hand (ties take the lower
+/// position, NaN sorts above every number), along the last axis and another; the GPU against
+/// the CPU on rows longer than a workgroup, f16 values; the values' gradient goes to the
+/// picked elements; k out of range is an error.
+#[test]
+fn topk_and_sort_as_torch() {
+    let g = Graph::new();
+    let x = g.input("x", [2, 5]);
+    let nan = f32::NAN;
+    let xs = t(
+        &[2, 5],
+        &[3.0, 1.0, 4.0, 1.0, 5.0, 2.0, nan, -1.0, 2.0, 0.0],
+    );
+    let (v3, i3) = g.topk(x, 3, -1, true).unwrap();
+    let (v2, i2) = g.topk(x, 2, 1, false).unwrap();
+    let (sv, si) = g.sort(x, -1, false).unwrap();
+    // along axis 0: the larger of each column
+    let (c1, ci) = g.topk(x, 1, 0, true).unwrap();
+    assert_eq!(g.shape(c1).dims(), &[1, 5]);
+    let want = [
+        vec![5.0, 4.0, 3.0, nan, 2.0, 2.0],
+        vec![4.0, 2.0, 0.0, 1.0, 0.0, 3.0],
+        vec![1.0, 1.0, -1.0, 0.0],
+        vec![1.0, 3.0, 2.0, 4.0],
+        vec![1.0, 1.0, 3.0, 4.0, 5.0, -1.0, 0.0, 2.0, 2.0, nan],
+        vec![1.0, 3.0, 0.0, 2.0, 4.0, 2.0, 4.0, 0.0, 3.0, 1.0],
+        vec![3.0, nan, 4.0, 2.0, 5.0],
+        vec![0.0, 1.0, 0.0, 1.0, 0.0],
+    ];
+    let outs = [v3, i3, v2, i2, sv, si, c1, ci];
+    exact(&g, &outs, &[("x", &xs)], &want);
+    // the values' gradient: dy at the picked positions, 0 elsewhere
+    let loss = g.sum_all(v2).unwrap();
+    let dx = g.grad(loss, &[x]).unwrap()[0];
+    let want = vec![0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0];
+    exact(&g, &[dx], &[("x", &xs)], &[want]);
+    for k in [0, 6] {
+        let err = g.topk(x, k, -1, true).unwrap_err().to_string();
+        assert!(err.contains("topk") && err.contains("k ="), "{err}");
+    }
+    // rows longer than a workgroup, repeated values (ties), f16
+    for (shape, k) in [(vec![3, 700], 9), (vec![4, 1, 37], 37), (vec![1, 1], 1)] {
+        let g = Graph::new();
+        let x = g.input("x", shape.clone());
+        let n: usize = shape.iter().product();
+        // values on a coarse grid: many ties
+        let xs = t(
+            &shape,
+            &(0..n)
+                .map(|i| ((i * 37) % 23) as f32 - 11.0)
+                .collect::<Vec<_>>(),
+        );
+        let (v, i) = g.topk(x, k, -1, true).unwrap();
+        let (sv, si) = g.sort(x, -1, false).unwrap();
+        let h = g.cast(x, DType::F16).unwrap();
+        let (hv, hi) = g.topk(h, k, -1, false).unwrap();
+        let hv = g.cast(hv, DType::F32).unwrap();
+        let what = format!("{shape:?} k {k}");
+        check_gpu_vs_cpu(
+            &what,
+            &g,
+            &[v, i, sv, si, hv, hi],
+            &[("x", &xs)],
+            (0.0, 0.0),
+        );
+        // distinct values 0.05 apart (a permutation): central differences of step 0.01 do
+        // not change which elements are picked
+        let loss = random_projection(&g, v, 3);
+        let spread: Vec<f32> = (0..n).map(|i| ((i * 101 + 11) % n) as f32 * 0.05).collect();
+        let xr = t(&shape, &spread);
+        gradcheck(
+            &what,
+            &g,
+            loss,
+            &[("x", x)],
+            &[("x", &xr)],
+            20,
+            TOL_REDUCTION,
+        );
+    }
+}

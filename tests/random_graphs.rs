@@ -140,8 +140,10 @@ enum Step {
     /// 5,000 (whose gradient lists each row's occurrences first: `sorted_embedding_backward`).
     Embedding(u8, u8),
     /// a gather along the last axis or the first (a new input of valid indices, repeats among
-    /// them, a few more or fewer than the axis holds), an index select along either, or a
-    /// cumulative sum along either.
+    /// them, a few more or fewer than the axis holds), an index select along either, a
+    /// cumulative sum along either, or the values of a top-k along either (the largest or the
+    /// smallest; its positions are left out: near a tie the two backends' roundings may pick
+    /// different ones).
     Index(u8, u8, u8),
 }
 
@@ -204,7 +206,7 @@ fn step() -> impl Strategy<Value = Step> {
             }
         ),
         1 => (i(), 0u8..4).prop_map(|(s, v)| Step::Embedding(s, v)),
-        1 => (i(), 0u8..6, i()).prop_map(|(s, k, salt)| Step::Index(s, k, salt)),
+        1 => (i(), 0u8..8, i()).prop_map(|(s, k, salt)| Step::Index(s, k, salt)),
     ]
 }
 
@@ -846,7 +848,13 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                             feeds.push((name.clone(), Tensor::new([j], pos(j)).unwrap()));
                             g.index_select(x, axis as isize, g.input(&name, [j])).ok()
                         }
-                        _ => g.cumsum(x, axis as isize).ok(),
+                        2 => g.cumsum(x, axis as isize).ok(),
+                        _ => {
+                            let largest = salt % 2 == 0;
+                            g.topk(x, j.min(k), axis as isize, largest)
+                                .ok()
+                                .map(|(v, _)| v)
+                        }
                     }
                 })
             }

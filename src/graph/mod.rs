@@ -1380,6 +1380,50 @@ impl Graph {
         self.push(Op::Gather(op), vec![a, index], shape)
     }
 
+    /// The `k` largest elements along `axis` (smallest without `largest`) and their positions
+    /// (`torch.topk(a, k, axis, largest, sorted=True)`): `(values, indices)`, both of `a`'s
+    /// shape with `k` along `axis`, in order (NaN above every number, as torch sorts it; among
+    /// equal values the lower position first). The indices are whole numbers as f32 without a gradient; the
+    /// values are a gather of them, so their gradient goes to the picked elements. One kernel
+    /// for the positions (a workgroup per row, `k` passes over it: meant for the few best of
+    /// a row, top-k sampling or top-5 accuracy) and one for the values.
+    pub fn topk(
+        &self,
+        a: NodeId,
+        k: usize,
+        axis: isize,
+        largest: bool,
+    ) -> Result<(NodeId, NodeId)> {
+        let s = self.check_id("topk", a)?;
+        let ax = s.axis("topk", axis)?;
+        let last = s.rank() - 1;
+        // along the last axis; another one is moved there and back
+        let x = match ax == last {
+            true => a,
+            false => self.transpose(a, ax as isize, last as isize)?,
+        };
+        let op = crate::ops::index::TopK { k, largest };
+        let shape = op.infer(&self.shape(x))?;
+        let indices = self.push(Op::TopK(op), vec![x], shape)?;
+        let values = self.gather(x, -1, indices)?;
+        match ax == last {
+            true => Ok((values, indices)),
+            false => Ok((
+                self.transpose(values, ax as isize, last as isize)?,
+                self.transpose(indices, ax as isize, last as isize)?,
+            )),
+        }
+    }
+
+    /// `torch.sort(a, axis, descending, stable=True)`: `(values, indices)` along `axis`, equal
+    /// values in their order (NaN last ascending, first descending). [`Graph::topk`] of every
+    /// element: `C` passes over each row of `C`, for rows of up to a few thousand.
+    pub fn sort(&self, a: NodeId, axis: isize, descending: bool) -> Result<(NodeId, NodeId)> {
+        let s = self.check_id("sort", a)?;
+        let c = s.dims()[s.axis("sort", axis)?];
+        self.topk(a, c, axis, descending)
+    }
+
     /// The cumulative sum along `axis` (`torch.cumsum`): `out[.., k, ..] = a[.., 0, ..] + .. +
     /// a[.., k, ..]`. Its gradient is the cumulative sum of `dy` from the other end. One kernel
     /// (a workgroup scan per row where `axis` is the last).

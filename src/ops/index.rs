@@ -1,6 +1,7 @@
 //! Picking elements by index along an axis, as `torch.gather(x, axis, index)` and
 //! `torch.index_select(x, axis, index)`, its adjoint (`scatter_add_` / `index_add_` into zeros:
-//! the gradient), and the cumulative sum along an axis (`torch.cumsum`).
+//! the gradient), the cumulative sum along an axis (`torch.cumsum`), and the positions of each
+//! row's largest elements (`torch.topk`, `torch.sort`: [`TopK`]).
 //! Kernels: `shaders/index.wgsl`.
 //!
 //! Indices are whole numbers stored as f32 (as class labels and embedding indices); one that is
@@ -241,5 +242,75 @@ impl Cumsum {
             ..*self
         };
         g.push_op(Op::Cumsum(back), vec![dy], g.shape(dy))
+    }
+}
+
+/// The positions of the `k` largest (or, without `largest`, smallest) elements of each row of
+/// `x (.., C)`, in order: `(.., k)` whole numbers as f32, no gradient (`torch.topk`'s indices;
+/// its values are a gather of them). The order is strict: NaN above every number (first
+/// with `largest`, last without, as torch sorts it), the lower position first among equal
+/// values, so the result is deterministic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TopK {
+    pub k: usize,
+    pub largest: bool,
+}
+
+impl TopK {
+    /// Shape rule: `x (.., C)` with `1 <= k <= C` -> `(.., k)`.
+    pub fn infer(&self, x: &Shape) -> Result<Shape> {
+        let c = x.dims().last().copied().unwrap_or(0);
+        if self.k == 0 || self.k > c {
+            return Err(shape_err(
+                "topk",
+                format!("k = {} of x {x}: expected 1 <= k <= {c}", self.k),
+            ));
+        }
+        let mut d = x.dims().to_vec();
+        *d.last_mut().expect("a rank of at least 1") = self.k;
+        Ok(Shape(d))
+    }
+
+    /// Whether `(a, ia)` comes before `(b, ib)` in top-k order.
+    fn before(&self, (a, ia): (f32, usize), (b, ib): (f32, usize)) -> bool {
+        match (a.is_nan(), b.is_nan()) {
+            (true, true) => ia < ib,
+            (true, false) => self.largest,
+            (false, true) => !self.largest,
+            _ if a == b => ia < ib,
+            _ => (a > b) == self.largest,
+        }
+    }
+
+    /// CPU reference: each row's positions sorted in top-k order, the first `k`.
+    pub fn cpu(&self, x: &Tensor, out: &Shape) -> Tensor {
+        let c = *x.dims().last().expect("a rank of at least 1");
+        let mut picks = Vec::with_capacity(out.numel());
+        for row in x.data().chunks(c) {
+            let mut pos: Vec<usize> = (0..c).collect();
+            pos.sort_by(|&i, &j| match self.before((row[i], i), (row[j], j)) {
+                true => std::cmp::Ordering::Less,
+                false => std::cmp::Ordering::Greater,
+            });
+            picks.extend(pos[..self.k].iter().map(|&p| p as f32));
+        }
+        Tensor::new(out.clone(), picks).expect("the picks' shape")
+    }
+
+    /// Kernel: a workgroup per row, `k` rounds of a pass over it and a tree.
+    pub fn kernel(&self, x: &Shape) -> KernelSpec {
+        let c = *x.dims().last().expect("a rank of at least 1");
+        let rows = x.numel() / c;
+        KernelSpec {
+            family: "index",
+            entry: "topk",
+            constants: vec![
+                ("OUTER", rows as f64),
+                ("K", c as f64),
+                ("J", self.k as f64),
+                ("LARGEST", self.largest as u8 as f64),
+            ],
+            workgroups: rows as u64,
+        }
     }
 }
