@@ -1596,3 +1596,93 @@ fn cnn_training_steps_match_between_gpu_and_cpu() {
         assert_close("cnn step", x, y, 1e-5, 1e-3);
     }
 }
+
+/// `Plateau` as torch's `ReduceLROnPlateau`: reductions after `patience` evaluations without a
+/// relative improvement of `threshold`, `cooldown` evaluations ignored after each, never below
+/// `min_lr` (a reduction to it that changes nothing reports none); max mode; a bad factor or a
+/// NaN metric is an error; the rate it sets reaches a training step's next update.
+#[test]
+fn plateau_reduces_as_torch() {
+    use kiln::nn::{Plateau, PlateauMode};
+    let mut opt = Optimizer::sgd(1.0);
+    let mut p = Plateau::new(PlateauMode::Min)
+        .factor(0.5)
+        .patience(2)
+        .cooldown(1)
+        .threshold(0.01, false)
+        .min_lr(0.2);
+    // (metric, reduced, lr after), worked from torch's step()
+    let seq = [
+        (1.0, false, 1.0),
+        (0.995, false, 1.0), // not below 1 * (1 - 0.01)
+        (0.98, false, 1.0),
+        (0.98, false, 1.0),
+        (0.98, false, 1.0),
+        (0.98, true, 0.5),  // three bad in a row > patience 2
+        (0.98, false, 0.5), // cooldown
+        (0.98, false, 0.5),
+        (0.98, false, 0.5),
+        (0.98, true, 0.25),
+        (0.98, false, 0.25),
+        (0.98, false, 0.25),
+        (0.98, false, 0.25),
+        (0.98, true, 0.2), // max(0.125, min_lr)
+        (0.98, false, 0.2),
+        (0.98, false, 0.2),
+        (0.98, false, 0.2),
+        (0.98, false, 0.2), // already at min_lr
+    ];
+    for (k, (m, reduced, lr)) in seq.into_iter().enumerate() {
+        assert_eq!(p.step(m, &mut opt).unwrap(), reduced, "evaluation {k}");
+        assert_eq!(opt.lr, lr, "evaluation {k}");
+    }
+    assert_eq!(p.best(), 0.98);
+    let mut q = Plateau::new(PlateauMode::Max).patience(0);
+    let mut opt = Optimizer::adam(1e-3);
+    assert!(!q.step(0.5, &mut opt).unwrap());
+    assert!(!q.step(0.6, &mut opt).unwrap());
+    assert!(q.step(0.6, &mut opt).unwrap());
+    assert!((opt.lr - 1e-4).abs() < 1e-10);
+    let mut bad = Plateau::default().factor(1.0);
+    assert!(bad
+        .step(1.0, &mut opt)
+        .unwrap_err()
+        .to_string()
+        .contains("factor"));
+    assert!(q.step(f64::NAN, &mut opt).is_err());
+    // through a training step: its next update uses the reduced rate (plain SGD from the same
+    // parameters: the change of a parameter is lr times the same gradient)
+    for on_gpu in [false, true] {
+        if on_gpu && gpu().is_none() {
+            continue;
+        }
+        let first_change = |reduce: bool| {
+            let dev = match on_gpu {
+                true => Device::gpu().unwrap(),
+                false => Device::cpu(),
+            };
+            let mut step = tiny_step(&dev, Optimizer::sgd(0.1));
+            if reduce {
+                let mut p = Plateau::default().patience(0).factor(0.5);
+                p.step(1.0, step.optimizer_mut()).unwrap();
+                assert!(p.step(1.0, step.optimizer_mut()).unwrap());
+                assert_eq!(step.optimizer().lr, 0.05);
+            }
+            let before = dev.param("fc2.weight").unwrap();
+            let (xv, tv) = (rand(&[8, 5], 1), rand(&[8, 3], 2));
+            step.step(&[("x", &xv), ("t", &tv)], true).unwrap();
+            let after = dev.param("fc2.weight").unwrap();
+            let back = if reduce { 2.0 } else { 1.0 };
+            let change = before.data().iter().zip(after.data());
+            Tensor::new([18], change.map(|(b, a)| (b - a) * back).collect()).unwrap()
+        };
+        // halving the rate halves every change (doubled back here)
+        assert_close(
+            "plateau",
+            &first_change(true),
+            &first_change(false),
+            1e-7,
+            1e-4,
+        );
+    }
+}

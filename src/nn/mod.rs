@@ -18,6 +18,6 @@ pub use layers::{
     dropout, dropout_seed, Act, Conv1d, Conv2d, ConvTranspose2d, Layer, Linear, Sequential,
 };
 pub use norm::{BatchNorm, GroupNorm, LayerNorm, RmsNorm};
-pub use optim::{GradScaler, Optimizer, ScalerState, Schedule};
+pub use optim::{GradScaler, Optimizer, Plateau, PlateauMode, ScalerState, Schedule};
 pub use rnn::{Cell, Embedding, Lstm, LstmOutput, Recurrent, RecurrentOutput};
 pub use train::TrainStep;

@@ -182,6 +182,147 @@ fn one_cycle_phase(t: u64, total: u64, pct_start: f32) -> (f64, bool) {
     }
 }
 
+/// Whether a [`Plateau`]'s metric improves downwards (a loss) or upwards (an accuracy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlateauMode {
+    Min,
+    Max,
+}
+
+/// `torch.optim.lr_scheduler.ReduceLROnPlateau` (its defaults from [`Plateau::default`]):
+/// after `patience` evaluations in a row without improvement the optimizer's learning rate is
+/// multiplied by `factor` (not below `min_lr`), then `cooldown` evaluations pass before bad
+/// ones count again. An improvement beats the best so far by `threshold`, relative
+/// (`best * (1 - threshold)` in min mode) or absolute (`threshold_abs`). It changes
+/// [`Optimizer::lr`], the base rate the schedule scales, between steps: the learning rate
+/// reaches the plan in the hyperparameter input, so nothing is compiled again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plateau {
+    pub mode: PlateauMode,
+    pub factor: f32,
+    pub patience: u32,
+    pub threshold: f64,
+    pub threshold_abs: bool,
+    pub cooldown: u32,
+    pub min_lr: f32,
+    /// A reduction smaller than this is not made (torch's `eps`).
+    pub eps: f32,
+    best: f64,
+    bad: u32,
+    cooling: u32,
+}
+
+impl Default for Plateau {
+    fn default() -> Self {
+        Plateau {
+            mode: PlateauMode::Min,
+            factor: 0.1,
+            patience: 10,
+            threshold: 1e-4,
+            threshold_abs: false,
+            cooldown: 0,
+            min_lr: 0.0,
+            eps: 1e-8,
+            best: f64::INFINITY,
+            bad: 0,
+            cooling: 0,
+        }
+    }
+}
+
+impl Plateau {
+    /// Torch's defaults in `mode` (`factor` 0.1, `patience` 10, relative `threshold` 1e-4).
+    pub fn new(mode: PlateauMode) -> Self {
+        let best = match mode {
+            PlateauMode::Min => f64::INFINITY,
+            PlateauMode::Max => f64::NEG_INFINITY,
+        };
+        Plateau {
+            mode,
+            best,
+            ..Default::default()
+        }
+    }
+
+    /// The factor the learning rate is multiplied by (torch: 0.1).
+    pub fn factor(mut self, f: f32) -> Self {
+        self.factor = f;
+        self
+    }
+    /// Evaluations without improvement tolerated (torch: 10).
+    pub fn patience(mut self, n: u32) -> Self {
+        self.patience = n;
+        self
+    }
+    /// The improvement that counts: relative (`abs` false, torch's `"rel"`) or absolute.
+    pub fn threshold(mut self, t: f64, abs: bool) -> Self {
+        self.threshold = t;
+        self.threshold_abs = abs;
+        self
+    }
+    /// Evaluations after a reduction before bad ones count again (torch: 0).
+    pub fn cooldown(mut self, n: u32) -> Self {
+        self.cooldown = n;
+        self
+    }
+    /// The learning rate's floor (torch: 0).
+    pub fn min_lr(mut self, lr: f32) -> Self {
+        self.min_lr = lr;
+        self
+    }
+
+    /// The best metric so far.
+    pub fn best(&self) -> f64 {
+        self.best
+    }
+
+    fn improves(&self, v: f64) -> bool {
+        let (best, t) = (self.best, self.threshold);
+        match (self.mode, self.threshold_abs) {
+            (PlateauMode::Min, false) => v < best * (1.0 - t),
+            (PlateauMode::Min, true) => v < best - t,
+            (PlateauMode::Max, false) => v > best * (1.0 + t),
+            (PlateauMode::Max, true) => v > best + t,
+        }
+    }
+
+    /// Takes one evaluation's metric, reducing `opt`'s learning rate where it has stopped
+    /// improving; returns whether it did. An error where `factor` is not in `[0, 1)` (torch's
+    /// check) or the metric is NaN.
+    pub fn step(&mut self, metric: f64, opt: &mut Optimizer) -> Result<bool> {
+        if !(0.0..1.0).contains(&self.factor) {
+            return Err(Error::Param(format!(
+                "Plateau: factor should be < 1.0 and >= 0, got {}",
+                self.factor
+            )));
+        }
+        if metric.is_nan() {
+            return Err(Error::Param("Plateau: the metric is NaN".into()));
+        }
+        if self.improves(metric) {
+            self.best = metric;
+            self.bad = 0;
+        } else {
+            self.bad += 1;
+        }
+        if self.cooling > 0 {
+            self.cooling -= 1;
+            self.bad = 0;
+        }
+        if self.bad <= self.patience {
+            return Ok(false);
+        }
+        self.cooling = self.cooldown;
+        self.bad = 0;
+        let new = (opt.lr * self.factor).max(self.min_lr);
+        let reduced = opt.lr - new > self.eps;
+        if reduced {
+            opt.lr = new;
+        }
+        Ok(reduced)
+    }
+}
+
 /// Dynamic loss scaling, as `torch.amp.GradScaler` (its defaults): the loss is multiplied by a
 /// scale before the backward pass, so that small f16 gradients do not flush to zero, and the
 /// gradients divided by it before clipping and the update; a step whose gradients are not all

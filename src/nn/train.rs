@@ -157,6 +157,11 @@ impl TrainStep {
         &self.optimizer
     }
 
+    /// The optimizer, to change its learning rate between steps (a [`crate::nn::Plateau`]).
+    pub fn optimizer_mut(&mut self) -> &mut Optimizer {
+        &mut self.optimizer
+    }
+
     /// The compiled plan (for its `info`).
     pub fn plan(&self) -> &Plan {
         &self.plan
