@@ -26,9 +26,13 @@
 //                  3 hyper_out (read_write) [16] the hyper vector the updates read
 //   `accumulate`: 0 micro_grad (read) [N] a micro-batch's gradient; 1 accumulator
 //                 (read_write) [N], updated in place
+//   `ema_update`: 0 hyper (read) [16]; 1 averaged (read) [N] a parameter after its update;
+//                 2 ema (read_write) [N] its exponential moving average, updated in place
 // Entries: `sgd` (bindings 0-3), `sgd_momentum` (0-4), `adam` (0-5), `rmsprop` (0-4),
 //          `rmsprop_momentum` and `rmsprop_centered` (0-5), `rmsprop_centered_momentum` (0-6),
 //          `adagrad` (0-4), `grad_scaler` (0-3),
+//          `ema_update` (0-2: ema = averaged on the first step (hyper's flag), else
+//          ema + EMA_WEIGHT * (averaged - ema), EMA_WEIGHT = 1 - decay: torch's lerp),
 //          `accumulate` (0-1: accumulator = (FIRST ? 0 : accumulator) + ACC_SCALE * micro_grad,
 //          gradient accumulation over micro-batches).
 // Overrides: N elements; NESTEROV (sgd_momentum); DECOUPLED (adam: AdamW's decoupled decay);
@@ -52,6 +56,7 @@ override PARTIALS: u32 = 0u;
 override CYCLED_BETA1: bool = false;
 override FIRST: bool = false;
 override ACC_SCALE: f32 = 1.0;
+override EMA_WEIGHT: f32 = 0.0;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<storage, read> hyper: array<f32>;
@@ -65,6 +70,8 @@ const WG: u32 = 256u;
 @group(0) @binding(3) var<storage, read_write> hyper_out: array<f32>;
 @group(0) @binding(0) var<storage, read> micro_grad: array<f32>;
 @group(0) @binding(1) var<storage, read_write> accumulator: array<f32>;
+@group(0) @binding(1) var<storage, read> averaged: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ema: array<f32>;
 
 // shared: begin optim_math
 const HYPER_LR: u32 = 0u;
@@ -416,5 +423,25 @@ fn accumulate(
         accumulator[i] = add;
     } else {
         accumulator[i] = accumulator[i] + add;
+    }
+}
+
+// An exponential moving average of a parameter after its update (src/ops/optim.rs,
+// EmaUpdate::cpu): a copy on the first step, then torch's lerp.
+@compute @workgroup_size(256)
+fn ema_update(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = index(wid, nwg, lid);
+    if i >= N {
+        return;
+    }
+    let p = averaged[i];
+    if hyper[HYPER_FIRST_STEP] != 0.0 {
+        ema[i] = p;
+    } else {
+        ema[i] = ema[i] + EMA_WEIGHT * (p - ema[i]);
     }
 }

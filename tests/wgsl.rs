@@ -1027,6 +1027,24 @@ fn every_accumulate_group_is_valid_wgsl() {
     }
 }
 
+/// Multi-tensor moving averages over one and several tensors; the weight (1 - decay) exactly
+/// as computed.
+#[test]
+fn every_ema_group_is_valid_wgsl() {
+    use kiln::ops::optim::EmaGroup;
+    for sizes in [vec![5usize], vec![1, 300, 256, 70_000, 3]] {
+        let group = EmaGroup {
+            members: sizes.len(),
+            decay: 0.999,
+        };
+        let g = kiln::codegen::optim::ema_group(&group, &sizes);
+        validate_wgsl(&format!("ema group {sizes:?}"), &g.wgsl);
+        assert!(g.wgsl.contains(&format!("{}u", (1.0f32 - 0.999).to_bits())));
+        let expected: u64 = sizes.iter().map(|&n| n.div_ceil(256) as u64).sum();
+        assert_eq!(g.spec.workgroups, expected);
+    }
+}
+
 /// The f16 variants of the hand-written kernels with a storage block (conv, pool, softmax,
 /// dropout, layout, loss, embedding, lstm, gru, norm, attention) validate with naga; dropout's
 /// seed, the loss's labels, embedding indices, normalization statistics and attention masks

@@ -86,6 +86,23 @@ pub fn evaluate(
                     }
                     last.expect("a group has members")
                 }
+                Op::EmaUpdate(e) => {
+                    let updated = e.cpu(ins[0], ins[1], ins[2]);
+                    if let Op::Param { name, .. } = &nodes[n.inputs[2].0].op {
+                        store(name, updated.clone())?;
+                    }
+                    updated
+                }
+                Op::EmaGroup(e) => {
+                    let mut last = None;
+                    for (j, updated) in e.cpu(&ins).into_iter().enumerate() {
+                        if let Op::Param { name, .. } = &nodes[n.inputs[1 + e.members + j].0].op {
+                            store(name, updated.clone())?;
+                        }
+                        last = Some(updated);
+                    }
+                    last.expect("a group has members")
+                }
                 Op::Accumulate(a) => {
                     let updated = a.cpu(ins[0], ins[1]);
                     if let Op::Param { name, .. } = &nodes[n.inputs[1].0].op {

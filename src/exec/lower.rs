@@ -179,6 +179,12 @@ pub(crate) fn lower(
         outputs,
         ch.target.max_storage_buffers as usize,
     );
+    group_ema_updates(
+        nodes,
+        order,
+        outputs,
+        ch.target.max_storage_buffers as usize,
+    );
     partials_into_grad_scaler(nodes, order, outputs);
     sums_in_normalize_backward(nodes, order);
 }
@@ -207,6 +213,82 @@ fn moved_past(
             .iter()
             .any(|&i| i == m || own.contains(&storage_root(nodes, i)))
     }) || written_between(nodes, order, read, p, q)
+}
+
+/// Merges a step's moving averages (`EmaUpdate` nodes sharing `decay`) into `EmaGroup` nodes,
+/// as [`group_accumulations`] does the accumulations: one dispatch for every parameter, or for
+/// as many as `max_bindings` storage buffers allow (two each, and the hyper vector). Each
+/// group takes the place (and id) of its last member; the others become views of their
+/// averages just after it where something reads them. A member read back, whose average a
+/// node before the group's place touches, or whose parameter one writes, stays as it is.
+pub(crate) fn group_ema_updates(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    outputs: &[NodeId],
+    max_bindings: usize,
+) {
+    use crate::ops::optim::EmaGroup;
+    // (decay's bits, members in order)
+    let mut buckets: Vec<(u32, Vec<NodeId>)> = Vec::new();
+    for &id in order.iter() {
+        let Op::EmaUpdate(e) = nodes[id.0].op else {
+            continue;
+        };
+        if outputs.contains(&id) {
+            continue;
+        }
+        let key = e.decay.to_bits();
+        match buckets.iter_mut().find(|b| b.0 == key) {
+            Some(b) => b.1.push(id),
+            None => buckets.push((key, vec![id])),
+        }
+    }
+    let per = (max_bindings.saturating_sub(1) / 2).min(MAX_GROUP_MEMBERS);
+    if per < 2 {
+        return;
+    }
+    let at = |order: &[NodeId], id: NodeId| order.iter().position(|&o| o == id);
+    for (bits, members) in buckets {
+        for chunk in members.chunks(per) {
+            let Some(&last) = chunk.last() else { continue };
+            let Some(q) = at(order, last) else { continue };
+            let hyper = nodes[last.0].inputs[0];
+            let kept: Vec<NodeId> = chunk
+                .iter()
+                .copied()
+                .filter(|&m| {
+                    let ins = &nodes[m.0].inputs;
+                    ins[0] == hyper && !moved_past(nodes, order, m, q, &ins[2..], ins[1])
+                })
+                .collect();
+            if kept.len() < 2 {
+                continue;
+            }
+            let host = *kept.last().expect("at least two members");
+            let mut inputs = vec![hyper];
+            inputs.extend(kept.iter().map(|m| nodes[m.0].inputs[1]));
+            inputs.extend(kept.iter().map(|m| nodes[m.0].inputs[2]));
+            nodes[host.0].op = Op::EmaGroup(EmaGroup {
+                members: kept.len(),
+                decay: f32::from_bits(bits),
+            });
+            nodes[host.0].inputs = inputs;
+            let others = &kept[..kept.len() - 1];
+            let read: Vec<NodeId> = others
+                .iter()
+                .copied()
+                .filter(|&m| readers(nodes, order, m) > 0)
+                .collect();
+            for &m in &read {
+                let ema = nodes[m.0].inputs[2];
+                nodes[m.0].op = Op::Reshape;
+                nodes[m.0].inputs = vec![ema];
+            }
+            order.retain(|id| !others.contains(id));
+            let Some(q) = at(order, host) else { continue };
+            order.splice(q + 1..q + 1, read);
+        }
+    }
 }
 
 /// Merges a micro-batch's gradient accumulations (`Accumulate` nodes sharing `first` and
@@ -3145,6 +3227,11 @@ pub(crate) fn select(
             None => crate::codegen::optim::Scale::Read,
         };
         let g = crate::codegen::optim::group_kernel(o, &sizes, &grads, scale);
+        return Some((g.spec.clone(), Some(g)));
+    }
+    if let Op::EmaGroup(e) = op {
+        let sizes: Vec<usize> = inputs[1..=e.members].iter().map(|s| s.numel()).collect();
+        let g = crate::codegen::optim::ema_group(e, &sizes);
         return Some((g.spec.clone(), Some(g)));
     }
     if let Op::AccumulateGroup(a) = op {

@@ -865,6 +865,35 @@ impl Graph {
         self.push(op, vec![grad, acc], a)
     }
 
+    /// An exponential moving average of the updated parameter `p` into the parameter `ema`, in
+    /// place (`ops::optim::EmaUpdate`: a copy on the step `hyper` flags as the first, then
+    /// `ema + (1 - decay) (p - ema)`). Used by `nn::Optimizer::ema`.
+    pub fn ema_update(&self, hyper: NodeId, p: NodeId, ema: NodeId, decay: f32) -> Result<NodeId> {
+        const OP: &str = "ema_update";
+        let (sh, sp, se) = (
+            self.check_id(OP, hyper)?,
+            self.check_id(OP, p)?,
+            self.check_id(OP, ema)?,
+        );
+        if sp != se || sh.dims() != [crate::ops::optim::HYPER_LEN] {
+            return Err(shape_err(
+                OP,
+                format!("hyper {sh}, parameter {sp} and average {se}: expected a hyper vector and one shape"),
+            ));
+        }
+        if !self.is_param(ema) {
+            return Err(shape_err(OP, "the average must be a parameter node"));
+        }
+        if !(0.0..=1.0).contains(&decay) {
+            return Err(shape_err(
+                OP,
+                format!("decay must be in [0, 1], got {decay}"),
+            ));
+        }
+        let op = Op::EmaUpdate(crate::ops::optim::EmaUpdate { decay });
+        self.push(op, vec![hyper, p, ema], se)
+    }
+
     /// Dynamic loss scaling's step between the backward pass and the updates
     /// (`ops::optim::ScalerStep`): from `hyper` (16), `sumsq` (`[1]`, the scaled gradients'
     /// sum of squares) and `state` (a parameter of [`crate::ops::optim::SCALER_STATE_LEN`],

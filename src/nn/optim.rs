@@ -405,6 +405,9 @@ pub struct Optimizer {
     /// Clamp each gradient element to `[-v, v]` (`clip_grad_value_`, of the unscaled
     /// gradients, after clipping by norm where both are set), inside the update kernels.
     pub clip_value: Option<f32>,
+    /// Keep an exponential moving average of each parameter with this decay (see
+    /// [`Optimizer::ema`]), where set.
+    pub ema: Option<f32>,
     step: u64,
 }
 
@@ -418,6 +421,7 @@ impl Optimizer {
             clip_norm: None,
             grad_scaler: None,
             clip_value: None,
+            ema: None,
             step: 0,
         }
     }
@@ -596,6 +600,24 @@ impl Optimizer {
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// Keeps an exponential moving average of every parameter, as torch's
+    /// `AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))` with
+    /// `update_parameters` after each `optimizer.step()`: the parameter's copy after the first
+    /// step, then `ema + (1 - decay) (p - ema)` after each (with a loss scaler, after each step
+    /// taken: a skipped first step copies again). The averages are parameters named
+    /// [`Optimizer::ema_name`], saved with the others by `checkpoint::save_all`; one kernel
+    /// for all of them, in the step's plan. Evaluate with them by giving a model's parameters
+    /// their values (`Device::set_param`).
+    pub fn ema(mut self, decay: f32) -> Self {
+        self.ema = Some(decay);
+        self
+    }
+
+    /// The name of parameter `param`'s moving average ([`Optimizer::ema`]).
+    pub fn ema_name(param: &str) -> String {
+        format!("ema.{param}")
     }
 
     /// Sets the step count (after loading a checkpoint).
@@ -837,6 +859,15 @@ impl Optimizer {
                 .collect();
             updates.push(g.optim_step(kind, hyper, scale, gr, p, &states)?);
         }
+        if let Some(decay) = self.ema {
+            // after every update: each average reads its parameter's new value
+            let n = updates.len();
+            for (k, name) in names.iter().enumerate() {
+                let ema = g.param(&Self::ema_name(name), g.shape(params[k]));
+                updates.push(g.ema_update(hyper, updates[k], ema, decay)?);
+            }
+            debug_assert_eq!(updates.len(), 2 * n);
+        }
         Ok(updates)
     }
 
@@ -937,6 +968,8 @@ impl Optimizer {
         };
         Hyper {
             clip_value: self.clip_value.unwrap_or(0.0),
+            // (SGD's momentum buffer and the moving averages start from it)
+            first_step: t == 0,
             ..h
         }
         .to_tensor()

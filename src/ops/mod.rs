@@ -181,6 +181,12 @@ pub enum Op {
     /// Several accumulations as one kernel (made by the plan compiler; see
     /// `ops::optim::AccumulateGroup`).
     AccumulateGroup(optim::AccumulateGroup),
+    /// An exponential moving average of an updated parameter into input 2 (a parameter) in
+    /// place (see `ops::optim::EmaUpdate`).
+    EmaUpdate(optim::EmaUpdate),
+    /// Several moving averages as one kernel (made by the plan compiler; see
+    /// `ops::optim::EmaGroup`).
+    EmaGroup(optim::EmaGroup),
     /// Several parameters' updates as one kernel (made by the plan compiler).
     OptimGroup(optim::OptimGroup),
     /// Partial sums of squares of several tensors (see `ops::reduce::SumSquares`).
@@ -326,6 +332,8 @@ impl Op {
             Op::ScalerStep(_) => "grad_scaler",
             Op::Accumulate(_) => "accumulate",
             Op::AccumulateGroup(_) => "accumulate_group",
+            Op::EmaUpdate(_) => "ema_update",
+            Op::EmaGroup(_) => "ema_group",
             Op::OptimGroup(o) => o.name(),
             Op::SumSquares(_) => "sum_squares",
             Op::RunningUpdate(_) => "running_update",
@@ -359,6 +367,8 @@ impl Op {
             Op::OptimStep(_) => Some(3),
             Op::Accumulate(_) => Some(1),
             Op::AccumulateGroup(a) => Some(2 * a.members - 1),
+            Op::EmaUpdate(_) => Some(2),
+            Op::EmaGroup(e) => Some(2 * e.members),
             Op::OptimGroup(o) => Some(o.param(0)),
             Op::RunningUpdate(_) => Some(1),
             Op::WriteRows(_) => Some(2),
@@ -426,6 +436,8 @@ impl Op {
             Op::ScalerStep(_) => (2, true),
             Op::Accumulate(_) => (1, false),
             Op::AccumulateGroup(a) => (a.members, false),
+            Op::EmaUpdate(_) => (2, false),
+            Op::EmaGroup(e) => (1 + e.members, false),
             Op::OptimGroup(o) => (o.param(0), false),
             Op::RunningUpdate(_) => (1, false),
             // statistics that also move running ones (in place)
@@ -636,6 +648,8 @@ impl Op {
             Op::ScalerStep(s) => s.cpu(inputs[0], inputs[1], inputs[2]).0,
             Op::Accumulate(a) => a.cpu(inputs[0], inputs[1]),
             Op::AccumulateGroup(a) => a.cpu(inputs).swap_remove(a.members - 1),
+            Op::EmaUpdate(e) => e.cpu(inputs[0], inputs[1], inputs[2]),
+            Op::EmaGroup(e) => e.cpu(inputs).swap_remove(e.members - 1),
             Op::OptimGroup(o) => o.cpu_update(inputs).swap_remove(0).swap_remove(0),
             Op::SumSquares(s) => s.cpu(inputs, out),
             Op::RunningUpdate(r) => r.cpu(inputs[0], &inputs[1..]).swap_remove(0),
@@ -689,6 +703,7 @@ impl Op {
             | Op::ReducePrologue(_)
             | Op::OptimGroup(_)
             | Op::AccumulateGroup(_)
+            | Op::EmaGroup(_)
             | Op::SumSquares(_)
             | Op::Cast(_) => None,
             Op::Unary(u) => Some(u.kernel(out)),
@@ -745,6 +760,7 @@ impl Op {
             Op::OptimStep(o) => Some(o.kernel(out)),
             Op::ScalerStep(s) => Some(s.kernel()),
             Op::Accumulate(a) => Some(a.kernel(out.numel())),
+            Op::EmaUpdate(e) => Some(e.kernel(out.numel())),
             Op::RunningUpdate(r) => Some(r.kernel(out.numel())),
             Op::GroupStats(s) => Some(s.kernel(inputs[0])),
             Op::MergeStats(s) => Some(s.kernel(inputs[0])),
@@ -845,6 +861,8 @@ impl Op {
             | Op::ScalerStep(_)
             | Op::Accumulate(_)
             | Op::AccumulateGroup(_)
+            | Op::EmaUpdate(_)
+            | Op::EmaGroup(_)
             | Op::RunningUpdate(_)
             | Op::WriteRows(_)
             | Op::NormalizeBackward(_)

@@ -563,3 +563,60 @@ impl AccumulateGroup {
         (0..k).map(|j| one.cpu(inputs[j], inputs[k + j])).collect()
     }
 }
+
+/// An exponential moving average of a parameter after its update, as torch's
+/// `AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))` and its
+/// `update_parameters`: on the optimizer's first step `ema := p`, then
+/// `ema := ema + (1 - decay) (p - ema)` (`torch._foreach_lerp_`), in place. Inputs `[hyper
+/// (16), p, ema]`: the first step is the hyper vector's flag ([`Hyper::first_step`]); `p` is
+/// the updated parameter (its update node), `ema` a parameter. Made by `nn::Optimizer::ema`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EmaUpdate {
+    pub decay: f32,
+}
+
+impl EmaUpdate {
+    /// CPU reference, in f32 as the kernel.
+    pub fn cpu(&self, hyper: &Tensor, p: &Tensor, ema: &Tensor) -> Tensor {
+        let first = hyper.data()[4] != 0.0;
+        let w = 1.0 - self.decay;
+        let data = p
+            .data()
+            .iter()
+            .zip(ema.data())
+            .map(|(&p, &e)| if first { p } else { e + w * (p - e) })
+            .collect();
+        Tensor::new(ema.shape().clone(), data).expect("the average's shape")
+    }
+
+    /// Kernel: `shaders/optim.wgsl`'s `ema_update`, one thread per element.
+    pub fn kernel(&self, n: usize) -> KernelSpec {
+        KernelSpec {
+            family: "optim",
+            entry: "ema_update",
+            constants: vec![("N", n as f64), ("EMA_WEIGHT", (1.0 - self.decay) as f64)],
+            workgroups: groups(n, 256),
+        }
+    }
+}
+
+/// Several [`EmaUpdate`]s of one step in one kernel (made by the plan compiler from those that
+/// share `decay`: `exec::lower::group_ema_updates`). Inputs: the hyper vector, the updated
+/// parameters `p_0 .. p_{k-1}`, then the averages `ema_0 .. ema_{k-1}`, updated in place; the
+/// node's value is the last average. Kernel: `codegen::optim::ema_group`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EmaGroup {
+    pub members: usize,
+    pub decay: f32,
+}
+
+impl EmaGroup {
+    /// CPU reference: every member as [`EmaUpdate::cpu`], in order.
+    pub fn cpu(&self, inputs: &[&Tensor]) -> Vec<Tensor> {
+        let one = EmaUpdate { decay: self.decay };
+        let k = self.members;
+        (0..k)
+            .map(|j| one.cpu(inputs[0], inputs[1 + j], inputs[1 + k + j]))
+            .collect()
+    }
+}
