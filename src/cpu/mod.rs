@@ -55,19 +55,20 @@ pub fn evaluate(
                     updated.swap_remove(0)
                 }
                 Op::OptimGroup(o) => {
-                    let mut first = None;
+                    // the group's value: its last member's parameter (`Op::view_of`)
+                    let mut last = None;
                     for (j, updated) in o.cpu_update(&ins).into_iter().enumerate() {
                         let p = o.param(j);
                         for (k, t) in updated.into_iter().enumerate() {
                             if let Op::Param { name, .. } = &nodes[n.inputs[p + k].0].op {
                                 store(name, t.clone())?;
                             }
-                            if first.is_none() {
-                                first = Some(t);
+                            if k == 0 {
+                                last = Some(t);
                             }
                         }
                     }
-                    first.expect("a group has members")
+                    last.expect("a group has members")
                 }
                 Op::ScalerStep(s) => {
                     let (hyper, state) = s.cpu(ins[0], ins[1], ins[2]);

@@ -758,9 +758,11 @@ const MAX_GROUP_MEMBERS: usize = 64;
 
 /// Merges the optimizer updates of `order` that share their kind, `hyper` and `scale` (a
 /// training step's) into `OptimGroup` nodes: one dispatch for every parameter, or for as many
-/// as `max_bindings` storage buffers allow. Updates read back (`outputs`) or read by another node
-/// stay as they are; each group takes the place (and id) of its last member, and a member whose
-/// parameter, states or gradient some node between it and that place touches stays alone.
+/// as `max_bindings` storage buffers allow. Updates read back (`outputs`) stay as they are; each
+/// group takes the place (and id) of its last member (its value is that member's parameter),
+/// the others read later (moving averages) become views of their parameters placed just after
+/// it, and a member whose parameter, states or gradient some node between it and that place
+/// touches, or that one reads, stays alone.
 pub(crate) fn group_optimizer_updates(
     nodes: &mut [Node],
     order: &mut Vec<NodeId>,
@@ -768,10 +770,6 @@ pub(crate) fn group_optimizer_updates(
     max_bindings: usize,
 ) {
     use crate::ops::optim::{OptimGroup, OptimKind};
-    let read: std::collections::HashSet<NodeId> = order
-        .iter()
-        .flat_map(|id| nodes[id.0].inputs.iter().copied())
-        .collect();
     // (kind, hyper, scale, members in order)
     let mut buckets: Vec<(OptimKind, NodeId, NodeId, Vec<NodeId>)> = Vec::new();
     for &id in order.iter() {
@@ -779,7 +777,7 @@ pub(crate) fn group_optimizer_updates(
         let Op::OptimStep(step) = n.op else {
             continue;
         };
-        if outputs.contains(&id) || read.contains(&id) {
+        if outputs.contains(&id) {
             continue;
         }
         let key = (step.kind, n.inputs[0], n.inputs[1]);
@@ -897,7 +895,22 @@ pub(crate) fn group_optimizer_updates(
             let host = *kept.last().expect("at least two members");
             nodes[host.0].op = Op::OptimGroup(group);
             nodes[host.0].inputs = inputs;
+            // the others read after the group (moving averages of the new values): views of
+            // their parameters placed just after it (the group's own value is the last's)
+            let others = &kept[..kept.len() - 1];
+            let read: Vec<NodeId> = others
+                .iter()
+                .copied()
+                .filter(|&m| readers(nodes, order, m) > 0)
+                .collect();
+            for &m in &read {
+                let param = nodes[m.0].inputs[3];
+                nodes[m.0].op = Op::Reshape;
+                nodes[m.0].inputs = vec![param];
+            }
             order.retain(|id| *id == host || !(kept.contains(id) || casts.contains(id)));
+            let Some(q) = at(order, host) else { continue };
+            order.splice(q + 1..q + 1, read);
         }
     }
     for scale in computed_scales {

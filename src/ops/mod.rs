@@ -369,7 +369,7 @@ impl Op {
             Op::AccumulateGroup(a) => Some(2 * a.members - 1),
             Op::EmaUpdate(_) => Some(2),
             Op::EmaGroup(e) => Some(2 * e.members),
-            Op::OptimGroup(o) => Some(o.param(0)),
+            Op::OptimGroup(o) => Some(o.param(o.members - 1)),
             Op::RunningUpdate(_) => Some(1),
             Op::WriteRows(_) => Some(2),
             Op::AttentionGrad(a) if a.in_place() => Some(8),
@@ -650,7 +650,10 @@ impl Op {
             Op::AccumulateGroup(a) => a.cpu(inputs).swap_remove(a.members - 1),
             Op::EmaUpdate(e) => e.cpu(inputs[0], inputs[1], inputs[2]),
             Op::EmaGroup(e) => e.cpu(inputs).swap_remove(e.members - 1),
-            Op::OptimGroup(o) => o.cpu_update(inputs).swap_remove(0).swap_remove(0),
+            Op::OptimGroup(o) => {
+                let mut last = o.cpu_update(inputs).pop().expect("a group has members");
+                last.swap_remove(0)
+            }
             Op::SumSquares(s) => s.cpu(inputs, out),
             Op::RunningUpdate(r) => r.cpu(inputs[0], &inputs[1..]).swap_remove(0),
             Op::GroupStats(s) => s.cpu(inputs[0]),
