@@ -703,3 +703,82 @@ fn large_table_lists_are_shared_and_work_with_batches_and_f16() {
         "{kernels:#?}"
     );
 }
+
+/// torch's `padding_idx`: the lookup still reads the padding row, but its indices add nothing
+/// to the table's gradient (the other rows' sums as without), on both backends and for a
+/// large table whose gradient lists each row's occurrences first; `nn::Embedding` starts that
+/// row at zeros and it stays so through training; a negative index counts from the end; one
+/// out of range is an error.
+#[test]
+fn embedding_padding_idx_as_torch() {
+    use kiln::nn::{Embedding, Init, Layer, Optimizer, TrainStep};
+    for (v, e, n, pad) in [(5usize, 3usize, 8usize, 0i64), (5000, 4, 300, -2)] {
+        let g = Graph::new();
+        let idx = g.input("idx", [n]);
+        let w = g.input("w", [v, e]);
+        let y = g.embedding_padded(idx, w, pad).unwrap();
+        let loss = random_projection(&g, y, 4);
+        let dw = g.grad(loss, &[w]).unwrap()[0];
+        let p = if pad < 0 {
+            (v as i64 + pad) as usize
+        } else {
+            pad as usize
+        };
+        // the padding row among the indices, repeated
+        let ids: Vec<f32> = (0..n)
+            .map(|i| if i % 3 == 0 { p } else { (i * 7 + 1) % v } as f32)
+            .collect();
+        let ids = Tensor::new([n], ids).unwrap();
+        let wv = rand(&[v, e], 6);
+        let feeds = [("idx", &ids), ("w", &wv)];
+        let what = format!("{v} rows, padding {pad}");
+        check_gpu_vs_cpu(&what, &g, &[y, dw], &feeds, kiln::ops::TOL_REDUCTION);
+        // against the plain lookup's gradient with the padding row zeroed
+        let plain = g.embedding(idx, w).unwrap();
+        let dplain = g.grad(random_projection(&g, plain, 4), &[w]).unwrap()[0];
+        for dev in common::devices() {
+            let out = dev
+                .compile(&g, &[y, plain, dw, dplain])
+                .unwrap()
+                .run(&feeds)
+                .unwrap();
+            assert_eq!(
+                out[0].data(),
+                out[1].data(),
+                "{what}: the lookup reads the row"
+            );
+            for r in 0..v {
+                let (a, b) = (
+                    &out[2].data()[r * e..(r + 1) * e],
+                    &out[3].data()[r * e..(r + 1) * e],
+                );
+                match r == p {
+                    true => assert!(a.iter().all(|&x| x == 0.0), "{what}: row {r} {a:?}"),
+                    false => assert_eq!(a, b, "{what}: row {r}"),
+                }
+            }
+        }
+    }
+    // nn::Embedding: a zero padding row that training leaves alone
+    for dev in common::devices() {
+        let g = Graph::new();
+        let idx = g.input("idx", [6]);
+        let layer = Embedding::new("emb", 4, 3, &mut Init::new(1)).padding_idx(-1);
+        let (y, params) = layer.apply_layer(&g, idx, true).unwrap();
+        let loss = g.sum_all(g.square(y).unwrap()).unwrap();
+        let mut step = TrainStep::new(&dev, &g, loss, &params, Optimizer::sgd(0.1), 0).unwrap();
+        let ids = Tensor::new([6], vec![3., 0., 3., 1., 2., 3.]).unwrap();
+        for _ in 0..3 {
+            step.step(&[("idx", &ids)], false).unwrap();
+        }
+        let w = dev.param("emb.weight").unwrap();
+        assert_eq!(&w.data()[9..12], &[0.0; 3]);
+        assert!(w.data()[..9].iter().all(|&x| x != 0.0));
+    }
+    let g = Graph::new();
+    let (idx, w) = (g.input("idx", [2]), g.input("w", [4, 3]));
+    for bad in [4, -5] {
+        let err = g.embedding_padded(idx, w, bad).unwrap_err().to_string();
+        assert!(err.contains("padding_idx"), "{err}");
+    }
+}

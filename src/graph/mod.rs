@@ -2388,10 +2388,41 @@ impl Graph {
         let sw = self.check_id("embedding", weight)?;
         let shape = crate::ops::embedding::Embedding::infer(&si, &sw)?;
         self.push(
-            Op::Embedding(crate::ops::embedding::Embedding),
+            Op::Embedding(crate::ops::embedding::Embedding::default()),
             vec![indices, weight],
             shape,
         )
+    }
+
+    /// [`Graph::embedding`] with torch's `padding_idx`: row `padding_idx` of the table (negative:
+    /// counted from the end) takes no gradient, the padding tokens' lookups adding nothing to
+    /// it (an error where it is not a row).
+    pub fn embedding_padded(
+        &self,
+        indices: NodeId,
+        weight: NodeId,
+        padding_idx: i64,
+    ) -> Result<NodeId> {
+        use crate::ops::embedding::Embedding;
+        let si = self.check_id("embedding", indices)?;
+        let sw = self.check_id("embedding", weight)?;
+        let shape = Embedding::infer(&si, &sw)?;
+        let v = sw.dims()[0] as i64;
+        let p = if padding_idx < 0 {
+            padding_idx + v
+        } else {
+            padding_idx
+        };
+        if !(0..v).contains(&p) {
+            return Err(shape_err(
+                "embedding",
+                format!("padding_idx {padding_idx} is not a row of weight {sw}"),
+            ));
+        }
+        let op = Embedding {
+            padding_idx: Some(p as i32),
+        };
+        self.push(Op::Embedding(op), vec![indices, weight], shape)
     }
 }
 

@@ -308,6 +308,8 @@ impl Layer for Recurrent {
 pub struct Embedding {
     pub name: String,
     weight_init: Tensor,
+    /// torch's `padding_idx`, where set ([`Embedding::padding_idx`]).
+    pub padding_idx: Option<i64>,
 }
 
 impl Embedding {
@@ -317,7 +319,22 @@ impl Embedding {
         Embedding {
             name: name.to_string(),
             weight_init: init.uniform([vocab, dim], 3f32.sqrt()),
+            padding_idx: None,
         }
+    }
+
+    /// torch's `padding_idx` (negative: counted from the end): that row starts at zeros and
+    /// takes no gradient, so a padding token looks up zeros however long it trains.
+    pub fn padding_idx(mut self, p: i64) -> Self {
+        let (v, e) = (self.weight_init.dims()[0], self.weight_init.dims()[1]);
+        let row = if p < 0 { p + v as i64 } else { p };
+        if (0..v as i64).contains(&row) {
+            let r = row as usize;
+            self.weight_init.data_mut()[r * e..(r + 1) * e].fill(0.0);
+        }
+        // (a row out of range is the graph's error when the layer is applied)
+        self.padding_idx = Some(p);
+        self
     }
     /// The parameter name.
     pub fn param_names(&self) -> Vec<String> {
@@ -328,7 +345,11 @@ impl Embedding {
 impl Layer for Embedding {
     fn apply_layer(&self, g: &Graph, x: NodeId, _train: bool) -> Result<(NodeId, Vec<NodeId>)> {
         let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
-        Ok((g.embedding(x, w)?, vec![w]))
+        let y = match self.padding_idx {
+            Some(p) => g.embedding_padded(x, w, p)?,
+            None => g.embedding(x, w)?,
+        };
+        Ok((y, vec![w]))
     }
     fn names(&self) -> Vec<String> {
         self.param_names()

@@ -16,9 +16,12 @@ use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
 
-/// Row lookup of a `(V, E)` table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Embedding;
+/// Row lookup of a `(V, E)` table. With `padding_idx` (torch's, in `[0, V)`), that row takes no
+/// gradient: its indices are left out of the table's gradient (the lookup still reads it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Embedding {
+    pub padding_idx: Option<i32>,
+}
 
 /// The gradient of [`Embedding`] for its table. With `repeat` > 1 (made by the plan compiler,
 /// `exec::lower::batch_sums_into_embedding_backward`), `dy` holds `repeat` blocks of the
@@ -119,11 +122,20 @@ impl Embedding {
         }
     }
 
-    /// Backward: `dW` from the dedicated gather kernel; none for the indices.
+    /// Backward: `dW` from the dedicated gather kernel (the padding row's indices made -1
+    /// first, which name no row); none for the indices.
     pub fn backward(&self, g: &Graph, x: &[NodeId], dy: NodeId) -> Result<Vec<Option<NodeId>>> {
+        let indices = match self.padding_idx {
+            None => x[0],
+            Some(p) => {
+                let pad = g.constant(Tensor::full([1], p as f32));
+                let none = g.constant(Tensor::full([1], -1.0));
+                g.where_cond(g.eq(x[0], pad)?, none, x[0])?
+            }
+        };
         let dw = g.push_op(
             Op::EmbeddingBackward(EmbeddingBackward::default()),
-            vec![x[0], dy],
+            vec![indices, dy],
             g.shape(x[1]),
         )?;
         Ok(vec![None, Some(dw)])

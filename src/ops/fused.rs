@@ -217,7 +217,13 @@ impl Fused {
         let lookups: Vec<Tensor> = self
             .gathered
             .iter()
-            .map(|g| super::embedding::Embedding.cpu(inputs[g.indices], inputs[g.input], &g.shape))
+            .map(|g| {
+                super::embedding::Embedding::default().cpu(
+                    inputs[g.indices],
+                    inputs[g.input],
+                    &g.shape,
+                )
+            })
             .collect();
         let inputs: Vec<&Tensor> = (0..inputs.len())
             .map(|k| {
