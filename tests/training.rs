@@ -1772,3 +1772,82 @@ fn ema_averages_as_torch() {
         .unwrap_err();
     assert!(err.to_string().contains("decay"), "{err}");
 }
+
+/// torch's K-dimensional cross-entropy, `logits (N, C, d1, d2)` against `labels (N, d1, d2)`
+/// (a segmentation's per-pixel classes, `ignore_index` 255 as its void label): the loss of
+/// each position, as the 2-D loss of the rows made by hand, every reduction, on both
+/// backends; gradient checks; labels of another shape are an error.
+#[test]
+fn cross_entropy_over_positions_as_torch() {
+    use kiln::graph::{CrossEntropyOpts, Reduction};
+    let (n, c, h, w) = (2usize, 3usize, 4usize, 5usize);
+    let g = Graph::new();
+    let x = g.input("x", [n, c, h, w]);
+    let y = g.input("y", [n, h, w]);
+    let rows = g
+        .reshape(g.permute(x, &[0, 2, 3, 1]).unwrap(), &[-1, c as isize])
+        .unwrap();
+    let flat = g.reshape(y, &[-1]).unwrap();
+    let xv = Tensor::rand_uniform(vec![n, c, h, w], -3.0, 3.0, 4);
+    let labels: Vec<f32> = (0..n * h * w)
+        .map(|i| if i % 7 == 3 { 255.0 } else { (i % c) as f32 })
+        .collect();
+    // the plain loss has no void label: its own labels, all valid
+    let valid: Vec<f32> = labels
+        .iter()
+        .map(|&l| if l == 255.0 { 1.0 } else { l })
+        .collect();
+    let yv = Tensor::new([n, h, w], labels).unwrap();
+    let vv = Tensor::new([n, h, w], valid).unwrap();
+    let v = g.input("v", [n, h, w]);
+    let feeds = [("x", &xv), ("y", &yv), ("v", &vv)];
+    let flat_v = g.reshape(v, &[-1]).unwrap();
+    let mut outs = vec![
+        g.cross_entropy(x, v).unwrap(),
+        g.cross_entropy(rows, flat_v).unwrap(),
+    ];
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let o = CrossEntropyOpts {
+            ignore_index: Some(255),
+            label_smoothing: 0.1,
+            reduction,
+            weight: None,
+        };
+        let a = g.cross_entropy_with(x, y, o).unwrap();
+        let b = g.cross_entropy_with(rows, flat, o).unwrap();
+        if reduction == Reduction::None {
+            assert_eq!(g.shape(a).dims(), &[n, h, w]);
+            outs.extend([g.reshape(a, &[-1]).unwrap(), b]);
+        } else {
+            outs.extend([a, b]);
+        }
+    }
+    for dev in common::devices() {
+        let got = dev.compile(&g, &outs).unwrap().run(&feeds).unwrap();
+        for k in (0..outs.len()).step_by(2) {
+            assert!(got[k].data().iter().all(|v| v.is_finite()), "output {k}");
+            assert_close(&format!("output {k}"), &got[k], &got[k + 1], 1e-6, 1e-5);
+        }
+    }
+    // the mean over the positions kept: central differences
+    let o = CrossEntropyOpts {
+        ignore_index: Some(255),
+        ..Default::default()
+    };
+    let loss = g.cross_entropy_with(x, y, o).unwrap();
+    gradcheck(
+        "positions",
+        &g,
+        loss,
+        &[("x", x)],
+        &feeds,
+        40,
+        TOL_REDUCTION,
+    );
+    let bad = g.input("bad", [n, w, h]);
+    let err = g.cross_entropy(x, bad).unwrap_err().to_string();
+    assert!(
+        err.contains("cross_entropy") && err.contains("class axis"),
+        "{err}"
+    );
+}

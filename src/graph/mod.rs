@@ -527,7 +527,13 @@ impl Graph {
     /// mean over the batch, fused and numerically stable (`torch.nn.functional.cross_entropy`).
     /// A label outside `[0, C)` or not an integer makes the loss NaN. f16 logits are read as
     /// stored and the loss computed in f32 (an f32 loss; the logits' gradient is f16).
+    /// As torch's, `logits (N, C, d1, ..)` against `labels (N, d1, ..)` (a segmentation's
+    /// per-pixel classes) is the loss of every position: the class axis is moved last (one
+    /// transpose) and the positions are rows.
     pub fn cross_entropy(&self, logits: NodeId, labels: NodeId) -> Result<NodeId> {
+        if let Some((l, y, _)) = self.positions_as_rows(logits, labels)? {
+            return self.cross_entropy(l, y);
+        }
         let (sl, sy) = (
             self.check_id("cross_entropy", logits)?,
             self.check_id("cross_entropy", labels)?,
@@ -556,6 +562,14 @@ impl Graph {
     ) -> Result<NodeId> {
         use crate::ops::loss::{CrossEntropy, CrossEntropyRows, RowOptions};
         const OP: &str = "cross_entropy";
+        if let Some((l, y, positions)) = self.positions_as_rows(logits, labels)? {
+            let loss = self.cross_entropy_with(l, y, opts)?;
+            return match opts.reduction {
+                // a loss per position, in the labels' shape
+                Reduction::None => self.reshape(loss, &self.dims_isize(Shape(positions))),
+                _ => Ok(loss),
+            };
+        }
         let (sl, sy) = (self.check_id(OP, logits)?, self.check_id(OP, labels)?);
         CrossEntropy::infer(&sl, &sy)?;
         let e = opts.label_smoothing;
@@ -611,6 +625,41 @@ impl Graph {
                 self.div(self.sum_all(rows)?, kept)
             }
         }
+    }
+
+    /// torch's K-dimensional cross-entropy: `logits (N, C, d1, ..)` and `labels (N, d1, ..)` as
+    /// `(N * d1 * .., C)` rows (the class axis moved last) and their labels, with the labels'
+    /// shape; `None` for other shapes (the 2-D loss's own checks follow).
+    fn positions_as_rows(
+        &self,
+        logits: NodeId,
+        labels: NodeId,
+    ) -> Result<Option<(NodeId, NodeId, Vec<usize>)>> {
+        let (sl, sy) = (
+            self.check_id("cross_entropy", logits)?,
+            self.check_id("cross_entropy", labels)?,
+        );
+        let r = sl.rank();
+        let mut positions = sl.dims().to_vec();
+        if r < 3 {
+            return Ok(None);
+        }
+        let c = positions.remove(1);
+        if sy.dims() != positions.as_slice() {
+            return Err(shape_err(
+                "cross_entropy",
+                format!(
+                    "logits {sl} and labels {sy}: expected labels {} (the logits without their \
+                     class axis)",
+                    Shape(positions)
+                ),
+            ));
+        }
+        let mut order: Vec<usize> = vec![0];
+        order.extend(2..r);
+        order.push(1);
+        let rows = self.reshape(self.permute(logits, &order)?, &[-1, c as isize])?;
+        Ok(Some((rows, self.reshape(labels, &[-1])?, positions)))
     }
 
     /// Cross-entropy with class weights `w (C)`, composed from `log_softmax`: each row's loss
