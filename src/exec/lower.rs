@@ -21,8 +21,9 @@
 //!    adjacent narrows padded and summed are one, [`adjacent_narrows_into_one_pad`]), and
 //!    [`disjoint_pads_into_one_copy`] two pads it sums as one copy;
 //!    [`split_cross_entropy`]: a loss over more logits than one workgroup should fold runs per
-//!    row over the GPU, then a mean; [`gradient_with_cross_entropy`]: a small one computes its
-//!    gradient too; [`relu_into_normalize`]: a batch norm's relu runs in its kernel, and
+//!    row over the GPU, then a mean; [`gradient_with_cross_entropy`]: a small one, or one per
+//!    row, computes its gradient too (what that gradient needs from the labels alone, a mean
+//!    over the rows kept, moving before it: [`hoistable`]); [`relu_into_normalize`]: a batch norm's relu runs in its kernel, and
 //!    [`channels_first_normalize_backward`] its input gradient is stored in the layout the
 //!    convolution before it reads;
 //! 2. [`split_k`]: products too small to fill the adapter but deep in K become partial products
@@ -43,9 +44,9 @@
 //!    (`fuse::fold_embeddings`, `fuse::fuse_casts`; hand-written kernels their result's cast to
 //!    f32, [`casts_into_producers`]), and broadcast what an expand only copies for them
 //!    (`fuse::fold_expands`);
-//! 6. [`group_accumulations`], [`group_optimizer_updates`]: a micro-batch's gradient
-//!    accumulations and a step's parameter updates become one kernel each (or a few, as the
-//!    adapter's storage-buffer limit allows);
+//! 6. [`group_accumulations`], [`group_optimizer_updates`], [`group_ema_updates`]: a
+//!    micro-batch's gradient accumulations, a step's parameter updates and their moving
+//!    averages become one kernel each (or a few, as the adapter's storage-buffer limit allows);
 //! 7. [`sums_in_normalize_backward`]: a layer norm's input gradient kernel also sums its
 //!    parameters' gradients.
 //!
