@@ -1169,15 +1169,8 @@ fn loss_scaling_keeps_a_cycled_beta1s_bias_correction() {
         growth_interval: 1000,
         ..Default::default()
     };
-    for on_gpu in [false, true] {
-        if on_gpu && gpu().is_none() {
-            continue;
-        }
-        // a fresh device for each run: the parameters live on it
-        let dev = || match on_gpu {
-            true => Device::gpu().unwrap(),
-            false => Device::cpu(),
-        };
+    // a fresh device for each run: the parameters live on it
+    for (kind, dev) in common::fresh_devices() {
         for adamw in [false, true] {
             let base = || {
                 match adamw {
@@ -1189,7 +1182,7 @@ fn loss_scaling_keeps_a_cycled_beta1s_bias_correction() {
             let plain = train_tiny(&dev(), base(), 6);
             let scaled = train_tiny(&dev(), base().grad_scaler(scaler), 6);
             for (x, y) in scaled.iter().zip(&plain) {
-                assert_close(&format!("gpu {on_gpu}, adamw {adamw}"), x, y, 1e-6, 1e-5);
+                assert_close(&format!("{kind}, adamw {adamw}"), x, y, 1e-6, 1e-5);
             }
         }
     }
@@ -1652,15 +1645,9 @@ fn plateau_reduces_as_torch() {
     assert!(q.step(f64::NAN, &mut opt).is_err());
     // through a training step: its next update uses the reduced rate (plain SGD from the same
     // parameters: the change of a parameter is lr times the same gradient)
-    for on_gpu in [false, true] {
-        if on_gpu && gpu().is_none() {
-            continue;
-        }
+    for (kind, fresh) in common::fresh_devices() {
         let first_change = |reduce: bool| {
-            let dev = match on_gpu {
-                true => Device::gpu().unwrap(),
-                false => Device::cpu(),
-            };
+            let dev = fresh();
             let mut step = tiny_step(&dev, Optimizer::sgd(0.1));
             if reduce {
                 let mut p = Plateau::default().patience(0).factor(0.5);
@@ -1677,13 +1664,7 @@ fn plateau_reduces_as_torch() {
             Tensor::new([18], change.map(|(b, a)| (b - a) * back).collect()).unwrap()
         };
         // halving the rate halves every change (doubled back here)
-        assert_close(
-            "plateau",
-            &first_change(true),
-            &first_change(false),
-            1e-7,
-            1e-4,
-        );
+        assert_close(kind, &first_change(true), &first_change(false), 1e-7, 1e-4);
     }
 }
 
@@ -1695,16 +1676,9 @@ fn plateau_reduces_as_torch() {
 #[test]
 fn ema_averages_as_torch() {
     let names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"];
-    for on_gpu in [false, true] {
-        if on_gpu && gpu().is_none() {
-            continue;
-        }
-        let dev_of = || match on_gpu {
-            true => Device::gpu().unwrap(),
-            false => Device::cpu(),
-        };
+    for (kind, fresh) in common::fresh_devices() {
         for scaled in [false, true] {
-            let dev = dev_of();
+            let dev = fresh();
             let opt = match scaled {
                 false => Optimizer::sgd(0.1).ema(0.9),
                 true => Optimizer::adam(1e-2)
@@ -1733,11 +1707,11 @@ fn ema_averages_as_torch() {
                 }
                 for (k, name) in names.iter().enumerate() {
                     let got = dev.param(&Optimizer::ema_name(name)).unwrap();
-                    let what = format!("gpu {on_gpu}, scaled {scaled}, step {i}, {name}");
+                    let what = format!("{kind}, scaled {scaled}, step {i}, {name}");
                     assert_close(&what, &got, &want[k], 1e-7, 1e-5);
                 }
             }
-            if on_gpu {
+            if kind == "gpu" {
                 let kernels: Vec<String> = step
                     .plan()
                     .kernels()

@@ -135,10 +135,7 @@ pub fn wgsl(group: &OptimGroup, sizes: &[usize], grads: &[DType], scale: Scale) 
             );
         }
     }
-    let mut starts = vec![0u64];
-    for &n in sizes {
-        starts.push(starts.last().copied().unwrap_or(0) + groups(n, WG));
-    }
+    let starts = member_starts(sizes);
     let _ = writeln!(
         s,
         "// Dispatch: {} workgroups of {WG} threads, folded by the host into (x <= 65535, y);
@@ -208,26 +205,18 @@ const WG: u32 = {WG}u;
             )
         }
     };
-    let _ = writeln!(
+    let _ = write!(
         s,
         "
 // the gradient scale
 fn grad_scale() -> f32 {{
 {scale_fn}
 }}
-
-@compute @workgroup_size({WG})
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {{
-    let w = wid.y * nwg.x + wid.x;
-    if skipped() {{
-        return;
-    }}
-    let sc = step_scale(grad_scale());"
+"
     );
+    s.push_str(&group_main(
+        "    if skipped() {\n        return;\n    }\n    let sc = step_scale(grad_scale());",
+    ));
     for (j, &n) in sizes.iter().enumerate() {
         let gr = widen(grads[j], format!("g{j}[i]"));
         let update = match group.kind {
@@ -296,6 +285,53 @@ fn member_branch(start: u64, end: u64, n: usize, body: &str) -> String {
     )
 }
 
+/// Where each member's workgroups start (cumulative), the total last: whole workgroups of
+/// [`WG`] threads each.
+fn member_starts(sizes: &[usize]) -> Vec<u64> {
+    let mut starts = vec![0u64];
+    for &n in sizes {
+        starts.push(starts.last().copied().unwrap_or(0) + groups(n, WG));
+    }
+    starts
+}
+
+/// The entry point's opening of a member-per-branch kernel, `first_lines` after its workgroup
+/// index `w`.
+fn group_main(first_lines: &str) -> String {
+    format!(
+        "
+@compute @workgroup_size({WG})
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {{
+    let w = wid.y * nwg.x + wid.x;
+{first_lines}
+"
+    )
+}
+
+/// A member-per-branch kernel's module `s` closed, with its launch over `workgroups` and
+/// its pipeline key (`family` of `k` members, the source's hash).
+fn group_generated(family: &'static str, mut s: String, workgroups: u64, k: usize) -> Generated {
+    s.push_str("}\n");
+    let key = format!(
+        "{family} x{k}@{:016x}",
+        super::elementwise::fnv1a(s.as_bytes())
+    );
+    Generated {
+        spec: KernelSpec {
+            family,
+            entry: "main",
+            constants: Vec::new(),
+            workgroups,
+        },
+        key,
+        wgsl: s.into(),
+    }
+}
+
 /// The launch and module of a multi-tensor gradient accumulation (`group`) over tensors of
 /// `sizes` elements whose gradients are stored as `grads`: each member gets whole workgroups,
 /// as the updates' (see the module's documentation).
@@ -303,10 +339,7 @@ pub fn accumulate_group(group: &AccumulateGroup, sizes: &[usize], grads: &[DType
     assert_eq!(sizes.len(), group.members, "one size per member");
     assert_eq!(grads.len(), group.members, "one gradient type per member");
     let k = sizes.len();
-    let mut starts = vec![0u64];
-    for &n in sizes {
-        starts.push(starts.last().copied().unwrap_or(0) + groups(n, WG));
-    }
+    let starts = member_starts(sizes);
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -345,18 +378,7 @@ const WG: u32 = {WG}u;
             k + j
         );
     }
-    let _ = writeln!(
-        s,
-        "
-@compute @workgroup_size({WG})
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {{
-    let w = wid.y * nwg.x + wid.x;
-    let scale = bitcast<f32>(SCALE_BITS);"
-    );
+    s.push_str(&group_main("    let scale = bitcast<f32>(SCALE_BITS);"));
     for (j, &n) in sizes.iter().enumerate() {
         let add = format!("{} * scale", widen(grads[j], format!("g{j}[i]")));
         let value = match group.first {
@@ -366,20 +388,7 @@ fn main(
         let body = format!("        acc{j}[i] = {value};");
         s.push_str(&member_branch(starts[j], starts[j + 1], n, &body));
     }
-    let _ = writeln!(s, "}}");
-    Generated {
-        spec: KernelSpec {
-            family: "accumulate_group",
-            entry: "main",
-            constants: Vec::new(),
-            workgroups: starts[k],
-        },
-        key: format!(
-            "accumulate_group x{k}@{:016x}",
-            super::elementwise::fnv1a(s.as_bytes())
-        ),
-        wgsl: s.into(),
-    }
+    group_generated("accumulate_group", s, starts[k], k)
 }
 
 /// The launch and module of a multi-tensor moving average (`group`) over parameters of `sizes`
@@ -388,10 +397,7 @@ fn main(
 pub fn ema_group(group: &EmaGroup, sizes: &[usize]) -> Generated {
     assert_eq!(sizes.len(), group.members, "one size per member");
     let k = sizes.len();
-    let mut starts = vec![0u64];
-    for &n in sizes {
-        starts.push(starts.last().copied().unwrap_or(0) + groups(n, WG));
-    }
+    let starts = member_starts(sizes);
     let weight = 1.0 - group.decay;
     let mut s = String::new();
     let _ = writeln!(
@@ -428,19 +434,9 @@ const WG: u32 = {WG}u;
             1 + k + j
         );
     }
-    let _ = writeln!(
-        s,
-        "
-@compute @workgroup_size({WG})
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {{
-    let w = wid.y * nwg.x + wid.x;
-    let weight = bitcast<f32>(WEIGHT_BITS);
-    let first = hyper[4] != 0.0;"
-    );
+    s.push_str(&group_main(
+        "    let weight = bitcast<f32>(WEIGHT_BITS);\n    let first = hyper[4] != 0.0;",
+    ));
     for (j, &n) in sizes.iter().enumerate() {
         let body = format!(
             "        if first {{
@@ -451,18 +447,5 @@ fn main(
         );
         s.push_str(&member_branch(starts[j], starts[j + 1], n, &body));
     }
-    let _ = writeln!(s, "}}");
-    Generated {
-        spec: KernelSpec {
-            family: "ema_group",
-            entry: "main",
-            constants: Vec::new(),
-            workgroups: starts[k],
-        },
-        key: format!(
-            "ema_group x{k}@{:016x}",
-            super::elementwise::fnv1a(s.as_bytes())
-        ),
-        wgsl: s.into(),
-    }
+    group_generated("ema_group", s, starts[k], k)
 }

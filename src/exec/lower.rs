@@ -274,20 +274,8 @@ pub(crate) fn group_ema_updates(
                 decay: f32::from_bits(bits),
             });
             nodes[host.0].inputs = inputs;
-            let others = &kept[..kept.len() - 1];
-            let read: Vec<NodeId> = others
-                .iter()
-                .copied()
-                .filter(|&m| readers(nodes, order, m) > 0)
-                .collect();
-            for &m in &read {
-                let ema = nodes[m.0].inputs[2];
-                nodes[m.0].op = Op::Reshape;
-                nodes[m.0].inputs = vec![ema];
-            }
-            order.retain(|id| !others.contains(id));
-            let Some(q) = at(order, host) else { continue };
-            order.splice(q + 1..q + 1, read);
+            // the others: views of their averages
+            members_as_views(nodes, order, &kept, 2, &[]);
         }
     }
 }
@@ -357,23 +345,39 @@ pub(crate) fn group_accumulations(
                 scale: f32::from_bits(bits),
             });
             nodes[host.0].inputs = inputs;
-            // the others: views of their accumulators after the group wrote them, for their
-            // readers (or gone with none)
-            let others = &kept[..kept.len() - 1];
-            let read: Vec<NodeId> = others
-                .iter()
-                .copied()
-                .filter(|&m| readers(nodes, order, m) > 0)
-                .collect();
-            for &m in &read {
-                let acc = nodes[m.0].inputs[1];
-                nodes[m.0].op = Op::Reshape;
-                nodes[m.0].inputs = vec![acc];
-            }
-            order.retain(|id| !others.contains(id));
-            let Some(q) = at(order, host) else { continue };
-            order.splice(q + 1..q + 1, read);
+            // the others: views of their accumulators
+            members_as_views(nodes, order, &kept, 1, &[]);
         }
+    }
+}
+
+/// After a group of in-place updates took the place (and id) of `kept`'s last member: the
+/// other members that something reads become views of what they updated (their input
+/// `storage`) placed just after the group, the rest leave `order`, and so do the nodes of
+/// `gone` (what the group reads itself instead).
+fn members_as_views(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    kept: &[NodeId],
+    storage: usize,
+    gone: &[NodeId],
+) {
+    let Some((&host, others)) = kept.split_last() else {
+        return;
+    };
+    let read: Vec<NodeId> = others
+        .iter()
+        .copied()
+        .filter(|&m| readers(nodes, order, m) > 0)
+        .collect();
+    for &m in &read {
+        let updated = nodes[m.0].inputs[storage];
+        nodes[m.0].op = Op::Reshape;
+        nodes[m.0].inputs = vec![updated];
+    }
+    order.retain(|id| !(others.contains(id) || gone.contains(id)));
+    if let Some(q) = order.iter().position(|&o| o == host) {
+        order.splice(q + 1..q + 1, read);
     }
 }
 
@@ -897,21 +901,9 @@ pub(crate) fn group_optimizer_updates(
             nodes[host.0].op = Op::OptimGroup(group);
             nodes[host.0].inputs = inputs;
             // the others read after the group (moving averages of the new values): views of
-            // their parameters placed just after it (the group's own value is the last's)
-            let others = &kept[..kept.len() - 1];
-            let read: Vec<NodeId> = others
-                .iter()
-                .copied()
-                .filter(|&m| readers(nodes, order, m) > 0)
-                .collect();
-            for &m in &read {
-                let param = nodes[m.0].inputs[3];
-                nodes[m.0].op = Op::Reshape;
-                nodes[m.0].inputs = vec![param];
-            }
-            order.retain(|id| *id == host || !(kept.contains(id) || casts.contains(id)));
-            let Some(q) = at(order, host) else { continue };
-            order.splice(q + 1..q + 1, read);
+            // their parameters (the group's own value is the last's); the casts it reads
+            // through go
+            members_as_views(nodes, order, &kept, 3, &casts);
         }
     }
     for scale in computed_scales {

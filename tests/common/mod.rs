@@ -46,6 +46,20 @@ pub fn devices() -> Vec<Device> {
     d
 }
 
+/// A kind of device by name, and how to make a fresh one.
+pub type FreshDevice = (&'static str, fn() -> Device);
+
+/// How to make a fresh device of each kind [`devices`] lists (`"cpu"`, then `"gpu"` where there
+/// is one), for tests whose parameters must start anew on every run.
+#[allow(dead_code)] // not every test binary asks
+pub fn fresh_devices() -> Vec<FreshDevice> {
+    let mut d: Vec<FreshDevice> = vec![("cpu", Device::cpu)];
+    if gpu().is_some() {
+        d.push(("gpu", || Device::gpu().expect("a GPU was found")));
+    }
+    d
+}
+
 /// Asserts `|a - b| <= atol + rtol * |b|` elementwise, naming the first offending element.
 pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
     assert_eq!(a.shape(), b.shape(), "{what}: shapes differ");
