@@ -11,7 +11,8 @@
 //! Each epoch prints the training loss and a sample: a decoding plan (compiled once) fed one
 //! character per run, each layer's keys and values kept in its cache
 //! (`nn::MultiheadAttention::apply_cached`), drawing the next character from
-//! `softmax(logits / --temperature)`.
+//! `softmax(logits / --temperature)`; with `--top-k K` among the K most likely characters only
+//! (`Graph::topk` in the decoding plan: K values and positions read back, not the logits).
 //!
 //! Expected: on the built-in README (about 20,000 characters, 88 distinct, 19 steps of 16
 //! windows per epoch when this was measured; the numbers move a little as the README changes)
@@ -95,6 +96,10 @@ struct Args {
     /// Sampling temperature (0: always the most likely character).
     #[arg(long, default_value_t = 0.8)]
     temperature: f32,
+    /// Sample among the K most likely characters only (top-k sampling: `Graph::topk` on the
+    /// device, K values and positions read back instead of the vocabulary's logits; 0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     /// Read the training loss back every N steps (each read waits for the device).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     log_every: u32,
@@ -244,14 +249,23 @@ fn main() -> Result<(), Failure> {
     let spos = g.input("positions", [1]);
     let smask = g.input("mask", [1, seq]);
     let (slogits, _) = model.apply(&g, sx, spos, false, Some((seq, smask)))?;
-    let mut sample_plan = dev.compile(&g, &[slogits])?;
+    // with --top-k: the k largest logits and their characters, in order
+    let outputs = match args.top_k {
+        0 => vec![slogits],
+        k => {
+            let (values, positions) = g.topk(slogits, k.min(v), -1, true)?;
+            vec![values, positions]
+        }
+    };
+    let mut sample_plan = dev.compile(&g, &outputs)?;
     println!("sampling plan (one token): {}", sample_plan.info());
     let mut sample_rng = StdRng::seed_from_u64(args.seed.wrapping_add(7));
     let mut sample = |rng: &mut StdRng| -> kiln::Result<String> {
         let mut context = vec![ids[0]];
         // the tokens the caches hold, in order, and the next one's logits
         let mut cached: Vec<usize> = Vec::new();
-        let mut feed = |token: usize, cached: &mut Vec<usize>| -> kiln::Result<Tensor> {
+        // the next token's logits, or with --top-k the k largest and their characters
+        let mut feed = |token: usize, cached: &mut Vec<usize>| -> kiln::Result<Vec<Tensor>> {
             let p = cached.len();
             let out = sample_plan.run(&[
                 ("x", &Tensor::new([1, 1], vec![token as f32])?),
@@ -259,11 +273,15 @@ fn main() -> Result<(), Failure> {
                 ("mask", &kiln::nn::decode_mask(p, 1, seq)),
             ])?;
             cached.push(token);
-            Ok(out.into_iter().next().expect("logits"))
+            Ok(out)
         };
         let mut logits = feed(ids[0], &mut cached)?;
         for _ in 0..args.sample_len {
-            let next = common::sample_logits(logits.data(), args.temperature, rng);
+            let pick = common::sample_logits(logits[0].data(), args.temperature, rng);
+            let next = match logits.get(1) {
+                Some(positions) => positions.data()[pick] as usize,
+                None => pick,
+            };
             context.push(next);
             if cached.len() == seq {
                 let keep = cached[seq / 2..].to_vec();
