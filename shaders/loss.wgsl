@@ -28,7 +28,9 @@
 // A label that is not an integer in [0, C) gives NaN.
 // torch's options (the rows entries and the backwards, ops::loss::RowOptions): IGNORE_ON 1: a
 //   row whose label is IGNORE has loss 0 and gradient 0; SMOOTHING e: the loss against the
-//   target (1 - e) onehot + e / C. DY_MODE (the backwards): 0 every row's gradient is
+//   target (1 - e) onehot + e / C; WEIGHTED: class weights, bound after the labels (labels
+//   [N + C]: the N labels, then the C weights), a row's loss (1 - e) w[y] (lse - x[y]) +
+//   e / C sum_c w[c] (lse - x[c]). DY_MODE (the backwards): 0 every row's gradient is
 //   dy[0] / N (the mean); 1 dy is [N], a gradient per row (the loss per row's backward); 2 it
 //   is dy[0] (that backward under a sum).
 // Dispatch: `cross_entropy`, `cross_entropy_with_grad`: 1 workgroup of 256 threads; each thread
@@ -48,6 +50,7 @@ override IGNORE_ON: u32 = 0u;
 override IGNORE: f32 = 0.0;
 override SMOOTHING: f32 = 0.0;
 override DY_MODE: u32 = 0u;
+override WEIGHTED: bool = false;
 const WG: u32 = 256u;
 
 // generated: begin storage
@@ -90,9 +93,32 @@ fn ignored(i: u32) -> bool {
     return IGNORE_ON != 0u && labels[i] == IGNORE;
 }
 
-// The gradient of row i for class c (label class k, probability p): (p - target) times the
-// row's share of dy, 0 for an ignored row, NaN for the whole row of a bad label.
-fn class_gradient(i: u32, p: f32, c: u32, k: u32) -> f32 {
+// Class c's weight: labels[N + c] with WEIGHTED (the labels input holds the N labels, then the
+// C weights), else 1.
+fn class_weight(c: u32) -> f32 {
+    if WEIGHTED {
+        return labels[N + c];
+    }
+    return 1.0;
+}
+
+// The weights' sum W (C without weights), by a loop over the classes (the one-thread-per-row
+// backward's few; the row entries sum them with their statistics).
+fn weight_sum() -> f32 {
+    if !WEIGHTED {
+        return f32(C);
+    }
+    var s = 0.0;
+    for (var c = 0u; c < C; c = c + 1u) {
+        s = s + class_weight(c);
+    }
+    return s;
+}
+
+// The gradient of row i for class c (label class k, probability p, W the weights' sum): (p -
+// target) times the row's share of dy, weighted: p ((1 - e) w[k] + e W / C) - (1 - e) w[k]
+// [c = k] - e w[c] / C; 0 for an ignored row, NaN for the whole row of a bad label.
+fn class_gradient(i: u32, p: f32, c: u32, k: u32, sw: f32) -> f32 {
     if ignored(i) {
         return 0.0;
     }
@@ -102,6 +128,16 @@ fn class_gradient(i: u32, p: f32, c: u32, k: u32) -> f32 {
         scale = scale / f32(N);
     } else if DY_MODE == 1u {
         scale = dy[i];
+    }
+    if WEIGHTED {
+        var wy = 1.0;
+        if k < C {
+            wy = class_weight(k);
+        }
+        let coef = (1.0 - SMOOTHING) * wy + SMOOTHING * sw / f32(C);
+        let aim = (1.0 - SMOOTHING) * wy * select(0.0, 1.0, c == k)
+            + SMOOTHING * class_weight(c) / f32(C);
+        return (p * coef - aim) * scale + select(0.0, nan(), k >= C);
     }
     let aim = (1.0 - SMOOTHING) * select(0.0, 1.0, c == k) + SMOOTHING / f32(C);
     return (p - aim) * scale + select(0.0, nan(), k >= C);
@@ -180,7 +216,7 @@ fn cross_entropy_with_grad(@builtin(local_invocation_index) lid: u32) {
         let inv = 1.0 / sum;
         for (var c = 0u; c < C; c = c + 1u) {
             let p = exp(ld_logits(base + c) - m) * inv;
-            both[GRAD_OFF + base + c] = class_gradient(i, p, c, k);
+            both[GRAD_OFF + base + c] = class_gradient(i, p, c, k, f32(C));
         }
     }
     mean_loss(lid, acc);
@@ -203,9 +239,10 @@ fn cross_entropy_backward(
     let m = row_max(base);
     let inv = 1.0 / row_sum_exp(base, m);
     let k = class_of(i);
+    let sw = weight_sum();
     for (var c = 0u; c < C; c = c + 1u) {
         let p = exp(ld_logits(base + c) - m) * inv;
-        st_dx(base + c, class_gradient(i, p, c, k));
+        st_dx(base + c, class_gradient(i, p, c, k, sw));
     }
 }
 
@@ -237,6 +274,10 @@ struct RowStats {
     s: f32,
     // the sum of the row's logits (label smoothing's; 0 without)
     sx: f32,
+    // with WEIGHTED and smoothing: the weights' sum and the weighted sum of the row's logits
+    // (else C and 0)
+    sw: f32,
+    swx: f32,
 }
 
 fn row_stats(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowStats {
@@ -249,9 +290,16 @@ fn row_stats(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowStats {
     var m = -3.4028235e38;
     var s = 0.0;
     var sx = 0.0;
+    var sw = 0.0;
+    var swx = 0.0;
     for (var c = t; c < count; c = c + TPR) {
         let x = ld_logits(base + c);
         sx = sx + x;
+        if WEIGHTED && SMOOTHING != 0.0 {
+            let w = class_weight(c);
+            sw = sw + w;
+            swx = swx + w * x;
+        }
         if x > m {
             s = s * exp(m - x) + 1.0;
             m = x;
@@ -264,7 +312,13 @@ fn row_stats(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowStats {
     if SMOOTHING != 0.0 {
         sx = row_reduce(lid, sx, false);
     }
-    return RowStats(row, t, count, row_m, s, sx);
+    if WEIGHTED && SMOOTHING != 0.0 {
+        sw = row_reduce(lid, sw, false);
+        swx = row_reduce(lid, swx, false);
+    } else {
+        sw = f32(C);
+    }
+    return RowStats(row, t, count, row_m, s, sx, sw, swx);
 }
 
 // The loss of the row of `r`, whose label is class k (NaN for a bad label: k = C; 0 for an
@@ -276,6 +330,14 @@ fn row_loss(r: RowStats, k: u32) -> f32 {
     if k < C {
         let lse = r.m + log(r.s);
         let nll = lse - ld_logits(r.row * C + k);
+        if WEIGHTED {
+            // (1 - e) w[k] nll + e / C (W lse - sum_c w[c] x[c])
+            let wy = class_weight(k);
+            if SMOOTHING != 0.0 {
+                return (1.0 - SMOOTHING) * wy * nll + SMOOTHING * (r.sw * lse - r.swx) / f32(C);
+            }
+            return wy * nll;
+        }
         if SMOOTHING != 0.0 {
             return (1.0 - SMOOTHING) * nll + SMOOTHING * (lse - r.sx / f32(C));
         }
@@ -287,7 +349,7 @@ fn row_loss(r: RowStats, k: u32) -> f32 {
 // The gradient for class c of the row of `r` (label class k), as class_gradient.
 fn row_gradient(r: RowStats, k: u32, c: u32) -> f32 {
     let p = exp(ld_logits(r.row * C + c) - r.m) / r.s;
-    return class_gradient(r.row, p, c, k);
+    return class_gradient(r.row, p, c, k, r.sw);
 }
 
 @compute @workgroup_size(256)

@@ -404,6 +404,47 @@ fn cross_entropy_options_as_torch() {
             );
         }
     }
+    // class weights in the row kernel, with smoothing and ignored rows, f32 and f16 logits:
+    // many classes (the loss and its gradient in one kernel) and few under a square (the
+    // gradient needs the loss: the thread-per-row backward)
+    if let Some(dev) = gpu() {
+        for (n, c, squared) in [(300usize, 97usize, false), (40, 7, true)] {
+            for dtype in [kiln::DType::F32, kiln::DType::F16] {
+                let g = Graph::new();
+                let (x, y) = (g.input("x", [n, c]), g.input("y", [n]));
+                let w = g.input("w", [c]);
+                let xh = g.cast(x, dtype).unwrap();
+                let o = CrossEntropyOpts {
+                    weight: Some(w),
+                    ..opts(Some(3), 0.2, Reduction::Mean)
+                };
+                let mut loss = g.cross_entropy_with(xh, y, o).unwrap();
+                if squared {
+                    loss = g.square(loss).unwrap();
+                }
+                let dx = g
+                    .cast(g.grad(loss, &[x]).unwrap()[0], kiln::DType::F32)
+                    .unwrap();
+                let labels = (0..n).map(|i| ((i * 7 + 3) % c) as f32).collect();
+                let feeds = [
+                    (
+                        "x".to_string(),
+                        Tensor::rand_uniform(vec![n, c], -4.0, 4.0, 6),
+                    ),
+                    ("y".to_string(), Tensor::new([n], labels).unwrap()),
+                    ("w".to_string(), Tensor::rand_uniform(vec![c], 0.1, 2.0, 7)),
+                ];
+                let tol = match dtype {
+                    kiln::DType::F16 => kiln::ops::TOL_F16,
+                    _ => TOL_REDUCTION,
+                };
+                let what = format!("weighted ({n}, {c}) {dtype}");
+                let plan = common::check_plan(&dev, &what, &g, &[loss, dx], &feeds, tol);
+                let k = plan.kernels();
+                assert_eq!(common::count_op(&k, "log_softmax"), 0, "{what}: {k:#?}");
+            }
+        }
+    }
     // without options, and with smoothing alone: the fused loss, one kernel with its gradient
     if let Some(dev) = gpu() {
         for e in [0.0, 0.1] {

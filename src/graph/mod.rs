@@ -552,8 +552,8 @@ impl Graph {
     /// is, as torch's). Without options it is [`Graph::cross_entropy`] (one fused kernel,
     /// the gradient in it in training); with them a loss per row
     /// ([`crate::ops::loss::CrossEntropyRows`]) reduced by graph ops, whose backward takes
-    /// each row's share of the gradient. Class weights compose the loss from `log_softmax`
-    /// instead (a few kernels more).
+    /// each row's share of the gradient; class weights are read by the same kernels, after
+    /// the labels (the weights take no gradient, as torch's).
     pub fn cross_entropy_with(
         &self,
         logits: NodeId,
@@ -593,6 +593,7 @@ impl Graph {
                     opts: RowOptions {
                         ignore_index: None,
                         smoothing_bits: e.to_bits(),
+                        weighted: false,
                     },
                 };
                 return self.push(
@@ -608,6 +609,7 @@ impl Graph {
             opts: RowOptions {
                 ignore_index,
                 smoothing_bits: e.to_bits(),
+                weighted: false,
             },
             ..Default::default()
         };
@@ -662,10 +664,12 @@ impl Graph {
         Ok(Some((rows, self.reshape(labels, &[-1])?, positions)))
     }
 
-    /// Cross-entropy with class weights `w (C)`, composed from `log_softmax`: each row's loss
-    /// `(1 - e) w[y] (-lp[y]) + e / C sum_c w[c] (-lp[c])`, 0 where ignored, NaN for a label
-    /// outside `[0, C)` (as the fused loss); the mean divides by the kept rows' `w[y]` (torch's
-    /// `nll_loss` and label-smoothing normalization).
+    /// Cross-entropy with class weights `w (C)`: the loss per row
+    /// ([`crate::ops::loss::CrossEntropyRows`] with [`crate::ops::loss::RowOptions::weighted`],
+    /// its labels input the labels followed by the weights) `(1 - e) w[y] (lse - x[y]) + e / C
+    /// sum_c w[c] (lse - x[c])`, 0 where ignored, NaN for a label outside `[0, C)`; the mean
+    /// divides by the kept rows' `w[y]` (torch's `nll_loss` and label-smoothing
+    /// normalization). The weights take no gradient (as torch's).
     fn weighted_cross_entropy(
         &self,
         logits: NodeId,
@@ -675,6 +679,7 @@ impl Graph {
         e: f32,
         reduction: Reduction,
     ) -> Result<NodeId> {
+        use crate::ops::loss::{CrossEntropyRows, RowOptions};
         const OP: &str = "cross_entropy";
         let (n, c) = {
             let s = self.shape(logits);
@@ -690,39 +695,36 @@ impl Graph {
                 ),
             ));
         }
-        let lp = self.log_softmax(self.cast(logits, DType::F32)?, 1)?;
-        let (column, onehot) = self.class_onehot(labels, n, c)?;
-        let w_row = self.reshape(w, &[1, c as isize])?;
-        // the weighted target (1 - e) onehot w + e / C w, against -lp
-        let target = self.mul(
-            self.add_scalar(self.mul_scalar(onehot, 1.0 - e)?, e / c as f32)?,
-            w_row,
-        )?;
-        let mut row_loss = self.neg(self.sum(self.mul(lp, target)?, 1, true)?)?;
-        // w[y] of each row (0 for a label outside [0, C)), and whether a row counts
-        let picked_w = self.sum(self.mul(onehot, w_row)?, 1, true)?;
-        let in_range = self.sum(onehot, 1, true)?;
-        let kept = match ignore_index {
-            Some(i) => Some(self.kept_labels(column, i)?),
-            None => None,
+        let rows_op = CrossEntropyRows {
+            opts: RowOptions {
+                ignore_index,
+                smoothing_bits: e.to_bits(),
+                weighted: true,
+            },
+            ..Default::default()
         };
-        // a label neither in range nor ignored: sqrt(-1), NaN, as the fused loss gives
-        let mut bad = self.rsub_scalar(in_range, 1.0)?;
-        if let Some(k) = kept {
-            row_loss = self.mul(row_loss, k)?;
-            bad = self.mul(bad, k)?;
-        }
-        row_loss = self.add(row_loss, self.sqrt(self.neg(bad)?)?)?;
-        let row_loss = self.reshape(row_loss, &[n as isize])?;
+        let packed = self.concat(&[labels, w], 0)?;
+        let rows = self.push(
+            Op::CrossEntropyRows(rows_op),
+            vec![logits, packed],
+            Shape(vec![n]),
+        )?;
         match reduction {
-            Reduction::None => Ok(row_loss),
-            Reduction::Sum => self.sum_all(row_loss),
+            Reduction::None => Ok(rows),
+            Reduction::Sum => self.sum_all(rows),
             Reduction::Mean => {
-                let weights = match kept {
-                    Some(k) => self.mul(picked_w, k)?,
-                    None => picked_w,
+                // the kept rows' weights (an ignored label picks row 0, then counts 0; one out
+                // of range picks NaN, as its loss)
+                let picked = match ignore_index {
+                    None => self.index_select(w, 0, labels)?,
+                    Some(i) => {
+                        let kept = self.kept_labels(labels, i)?;
+                        let zero = self.constant(Tensor::full([1], 0.0));
+                        let safe = self.where_cond(kept, labels, zero)?;
+                        self.mul(self.index_select(w, 0, safe)?, kept)?
+                    }
                 };
-                self.div(self.sum_all(row_loss)?, self.sum_all(weights)?)
+                self.div(self.sum_all(rows)?, self.sum_all(picked)?)
             }
         }
     }

@@ -88,6 +88,11 @@ pub struct RowOptions {
     pub ignore_index: Option<i32>,
     /// `label_smoothing` as f32 bits (a hashable key).
     pub smoothing_bits: u32,
+    /// Class weights (torch's `weight`): the labels input is `(N + C)`, the `N` labels then the
+    /// `C` weights, and a row's loss is `(1 - e) w[y] (lse - x[y]) + e / C sum_c w[c] (lse -
+    /// x[c])` (its gradient for class `j`: `p_j ((1 - e) w[y] + e W / C) - (1 - e) w[y]
+    /// [j = y] - e w[j] / C`, `W` the weights' sum).
+    pub weighted: bool,
 }
 
 impl RowOptions {
@@ -97,12 +102,21 @@ impl RowOptions {
     }
 
     /// The kernels' overrides for these options.
-    fn constants(&self) -> [(&'static str, f64); 3] {
+    fn constants(&self) -> [(&'static str, f64); 4] {
         [
             ("IGNORE_ON", self.ignore_index.is_some() as u8 as f64),
             ("IGNORE", self.ignore_index.unwrap_or(0) as f64),
             ("SMOOTHING", self.smoothing() as f64),
+            ("WEIGHTED", self.weighted as u8 as f64),
         ]
+    }
+
+    /// The class weights among a weighted loss's labels input (`N` labels, then them), or none.
+    fn weights<'a>(&self, labels: &'a Tensor, n: usize) -> &'a [f32] {
+        match self.weighted {
+            true => &labels.data()[n..],
+            false => &[],
+        }
     }
 
     /// Whether the row of label `l` is ignored.
@@ -110,8 +124,9 @@ impl RowOptions {
         self.ignore_index.is_some_and(|i| l == i as f32)
     }
 
-    /// The loss of one row in f64 from its log-sum-exp: NaN for a bad label, 0 when ignored.
-    fn row_loss(&self, row: &[f32], lse: f64, label: f32) -> f64 {
+    /// The loss of one row in f64 from its log-sum-exp: NaN for a bad label, 0 when ignored;
+    /// `w` the class weights where weighted (else empty).
+    fn row_loss(&self, row: &[f32], lse: f64, label: f32, w: &[f32]) -> f64 {
         if self.ignores(label) {
             return 0.0;
         }
@@ -119,6 +134,13 @@ impl RowOptions {
             return f64::NAN;
         };
         let e = self.smoothing() as f64;
+        if !w.is_empty() {
+            let c = row.len() as f64;
+            let all: f64 = (0..row.len())
+                .map(|j| w[j] as f64 * (lse - row[j] as f64))
+                .sum();
+            return (1.0 - e) * w[k] as f64 * (lse - row[k] as f64) + e / c * all;
+        }
         let mean = row.iter().map(|&v| v as f64).sum::<f64>() / row.len() as f64;
         (1.0 - e) * (lse - row[k] as f64) + e * (lse - mean)
     }
@@ -205,7 +227,7 @@ fn row_losses(logits: &Tensor, labels: &Tensor, opts: RowOptions) -> Vec<f64> {
                 .map(|&v| v as f64)
                 .fold(f64::NEG_INFINITY, f64::max);
             let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-            opts.row_loss(row, lse, labels.data()[i])
+            opts.row_loss(row, lse, labels.data()[i], opts.weights(labels, n))
         })
         .collect()
 }
@@ -365,6 +387,9 @@ impl CrossEntropyBackward {
         let (n, c) = (logits.dims()[0], logits.dims()[1]);
         let opts = self.opts;
         let (e, mut out) = (opts.smoothing() as f64, vec![0f32; n * c]);
+        let w = opts.weights(labels, n);
+        let weight = |j: usize| w.get(j).map_or(1.0, |&v| v as f64);
+        let total: f64 = (0..c).map(weight).sum();
         for i in 0..n {
             let row: Vec<f64> = logits.data()[i * c..(i + 1) * c]
                 .iter()
@@ -381,12 +406,15 @@ impl CrossEntropyBackward {
                 continue;
             }
             let k = class_of(labels.data()[i], c);
+            // unweighted: p - ((1 - e) onehot + e / C)
+            let wy = k.map_or(1.0, weight);
+            let coef = (1.0 - e) * wy + e * total / c as f64;
             for j in 0..c {
                 let p = (row[j] - m).exp() / s;
                 let onehot = if Some(j) == k { 1.0 } else { 0.0 };
-                let target = (1.0 - e) * onehot + e / c as f64;
+                let target = (1.0 - e) * wy * onehot + e * weight(j) / c as f64;
                 out[i * c + j] = if k.is_some() {
-                    ((p - target) * scale) as f32
+                    ((p * coef - target) * scale) as f32
                 } else {
                     f32::NAN
                 };
