@@ -1671,7 +1671,9 @@ fn plateau_reduces_as_torch() {
         assert_eq!(opt.lr, lr, "evaluation {k}");
     }
     assert_eq!(p.best(), 0.98);
-    let mut q = Plateau::new(PlateauMode::Max).patience(0);
+    // (the mode set on the field: the first metric is the best whatever the mode)
+    let mut q = Plateau::default().patience(0);
+    q.mode = PlateauMode::Max;
     let mut opt = Optimizer::adam(1e-3);
     assert!(!q.step(0.5, &mut opt).unwrap());
     assert!(!q.step(0.6, &mut opt).unwrap());

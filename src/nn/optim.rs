@@ -207,7 +207,8 @@ pub struct Plateau {
     pub min_lr: f32,
     /// A reduction smaller than this is not made (torch's `eps`).
     pub eps: f32,
-    best: f64,
+    /// The best metric so far (none before the first: any beats it, whatever the mode).
+    best: Option<f64>,
     bad: u32,
     cooling: u32,
 }
@@ -223,7 +224,7 @@ impl Default for Plateau {
             cooldown: 0,
             min_lr: 0.0,
             eps: 1e-8,
-            best: f64::INFINITY,
+            best: None,
             bad: 0,
             cooling: 0,
         }
@@ -233,13 +234,8 @@ impl Default for Plateau {
 impl Plateau {
     /// Torch's defaults in `mode` (`factor` 0.1, `patience` 10, relative `threshold` 1e-4).
     pub fn new(mode: PlateauMode) -> Self {
-        let best = match mode {
-            PlateauMode::Min => f64::INFINITY,
-            PlateauMode::Max => f64::NEG_INFINITY,
-        };
         Plateau {
             mode,
-            best,
             ..Default::default()
         }
     }
@@ -271,13 +267,19 @@ impl Plateau {
         self
     }
 
-    /// The best metric so far.
+    /// The best metric so far (torch's starting value, the mode's worst, before the first).
     pub fn best(&self) -> f64 {
-        self.best
+        self.best.unwrap_or(match self.mode {
+            PlateauMode::Min => f64::INFINITY,
+            PlateauMode::Max => f64::NEG_INFINITY,
+        })
     }
 
     fn improves(&self, v: f64) -> bool {
-        let (best, t) = (self.best, self.threshold);
+        let Some(best) = self.best else {
+            return true;
+        };
+        let t = self.threshold;
         match (self.mode, self.threshold_abs) {
             (PlateauMode::Min, false) => v < best * (1.0 - t),
             (PlateauMode::Min, true) => v < best - t,
@@ -300,7 +302,7 @@ impl Plateau {
             return Err(Error::Param("Plateau: the metric is NaN".into()));
         }
         if self.improves(metric) {
-            self.best = metric;
+            self.best = Some(metric);
             self.bad = 0;
         } else {
             self.bad += 1;
