@@ -308,8 +308,9 @@ impl Layer for Recurrent {
 pub struct Embedding {
     pub name: String,
     weight_init: Tensor,
-    /// torch's `padding_idx`, where set ([`Embedding::padding_idx`]).
-    pub padding_idx: Option<i64>,
+    /// torch's `padding_idx`, where set: only through [`Embedding::padding_idx`], which also
+    /// zeroes that row of the initial weights.
+    padding_idx: Option<i64>,
 }
 
 impl Embedding {

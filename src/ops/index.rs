@@ -8,6 +8,7 @@
 //! not an integer in `[0, K)` gives NaN, and adds nowhere in the gradient. Around the axis a
 //! tensor is `(outer, K, inner)`: `x` has `K` along it, the indices and the output `J`.
 
+use super::reduce::split_at_axis;
 use super::{groups, KernelSpec, Op};
 use crate::error::{shape_err, Result};
 use crate::graph::{Graph, NodeId};
@@ -39,16 +40,6 @@ pub struct GatherBackward {
 pub struct Cumsum {
     pub axis: usize,
     pub reverse: bool,
-}
-
-/// `(outer, len, inner)` of `shape` around `axis`.
-fn around(shape: &Shape, axis: usize) -> (usize, usize, usize) {
-    let d = shape.dims();
-    (
-        d[..axis].iter().product(),
-        d[axis],
-        d[axis + 1..].iter().product(),
-    )
 }
 
 /// The position `x` names among `k`, if it is a whole number in `[0, k)`.
@@ -96,7 +87,7 @@ impl Gather {
 
     /// `(outer, K, J, inner)` of a gather from `x` to `out`.
     fn extents(&self, x: &Shape, out: &Shape) -> (usize, usize, usize, usize) {
-        let (outer, k, inner) = around(x, self.axis);
+        let (outer, k, inner) = split_at_axis(x, self.axis);
         (outer, k, out.dims()[self.axis], inner)
     }
 
@@ -197,7 +188,7 @@ impl GatherBackward {
 impl Cumsum {
     /// CPU reference, accumulated in f64.
     pub fn cpu(&self, x: &Tensor) -> Tensor {
-        let (outer, k, inner) = around(x.shape(), self.axis);
+        let (outer, k, inner) = split_at_axis(x.shape(), self.axis);
         let xs = x.data();
         let mut y = vec![0f32; xs.len()];
         for o in 0..outer {
@@ -217,7 +208,7 @@ impl Cumsum {
     /// Kernel: a workgroup per row where the axis is the last (a scan in workgroup memory),
     /// else a thread per line.
     pub fn kernel(&self, x: &Shape) -> KernelSpec {
-        let (outer, k, inner) = around(x, self.axis);
+        let (outer, k, inner) = split_at_axis(x, self.axis);
         let (entry, workgroups) = match inner {
             1 => ("cumsum_rows", outer as u64),
             _ => ("cumsum_lines", groups(outer * inner, 256)),
