@@ -38,6 +38,24 @@ fn expm1_approx(x: f32) -> f32 {
     return exp(x) - 1.0;
 }
 
+// log(1 + x) without the loss of x in 1 + x near 0 (WGSL has no log1p): below |x| = 0.1 the
+// series of 2 atanh(s), s = x / (2 + x) (truncation 1e-9 relative), else log(1 + x) (relative
+// error near 1e-6 at worst, at x = -0.1).
+fn log1p_approx(x: f32) -> f32 {
+    if abs(x) < 0.1 {
+        let s = x / (2.0 + x);
+        let s2 = s * s;
+        return 2.0 * s * (1.0 + s2 * (0.33333334 + s2 * (0.2 + s2 * 0.14285715)));
+    }
+    return log(1.0 + x);
+}
+
+// tanh(sqrt(2 / pi) (x + 0.044715 x^3)), GELU's tanh approximation's factor (torch's kBeta,
+// kKappa); clamped as case 6's tanh
+fn gelu_tanh_t(x: f32) -> f32 {
+    return tanh(clamp(0.7978845608 * (x + 0.044715 * x * x * x), -10.0, 10.0));
+}
+
 // tanh(softplus(x)), mish's factor: softplus >= 0, and tanh is 1 in f32 beyond 10
 fn tanh_softplus(x: f32) -> f32 {
     return tanh(min(max(x, 0.0) + log(1.0 + exp(-abs(x))), 10.0));
@@ -92,6 +110,25 @@ fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
         }
         // detach: the identity, without a gradient
         case 31u: { return x; }
+        case 32u: { return sin(x); }
+        case 33u: { return cos(x); }
+        case 34u: { return inverseSqrt(x); }
+        case 35u: { return log1p_approx(x); }
+        case 36u: { return expm1_approx(x); }
+        case 37u: { return floor(x); }
+        case 38u: { return ceil(x); }
+        // halves to even, as torch.round
+        case 39u: { return round(x); }
+        case 40u: { return trunc(x); }
+        case 41u: { return 0.5 * x * (1.0 + gelu_tanh_t(x)); }
+        case 42u: {
+            let t = gelu_tanh_t(x);
+            return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608 * (1.0 + 0.134145 * x * x);
+        }
+        // log sigmoid: min(x, 0) - log1p(exp(-|x|)), torch's stable form
+        case 43u: { return min(x, 0.0) - log1p_approx(exp(-abs(x))); }
+        case 44u: { return erf_approx(x); }
+        case 45u: { return x / (1.0 + abs(x)); }
         default: { return x; }
     }
 }

@@ -124,12 +124,23 @@ fn elementwise_ops_in_f16() {
             Graph::hardsigmoid,
             Graph::hardswish,
             Graph::mish,
+            Graph::gelu_tanh,
+            Graph::log_sigmoid,
+            Graph::softsign,
+            Graph::sin,
+            Graph::cos,
+            Graph::erf,
+            Graph::expm1,
+            Graph::floor,
+            Graph::round,
         ] {
             outs.push(op(&g, a).unwrap());
         }
         let pos = g.add_scalar(g.abs(a).unwrap(), 0.25).unwrap();
         outs.push(g.log(pos).unwrap());
         outs.push(g.sqrt(pos).unwrap());
+        outs.push(g.rsqrt(pos).unwrap());
+        outs.push(g.log1p(pos).unwrap());
         outs.push(g.pow_scalar(pos, 1.5).unwrap());
         outs.push(g.rdiv_scalar(pos, 2.0).unwrap());
         outs.push(g.mul_scalar(a, 3.0).unwrap());

@@ -58,6 +58,15 @@ fn unary_gradients() {
             g.hardswish(g.mul_scalar(x, 2.1).unwrap()).unwrap()
         }),
         ("mish", |g, x, _| g.mish(x).unwrap()),
+        ("gelu_tanh", |g, x, _| g.gelu_tanh(x).unwrap()),
+        ("log_sigmoid", |g, x, _| g.log_sigmoid(x).unwrap()),
+        ("softsign", |g, x, _| g.softsign(x).unwrap()),
+        ("sin", |g, x, _| g.sin(x).unwrap()),
+        ("cos", |g, x, _| g.cos(x).unwrap()),
+        ("erf", |g, x, _| g.erf(x).unwrap()),
+        ("expm1", |g, x, _| g.expm1(x).unwrap()),
+        ("rsqrt", |g, _, p| g.rsqrt(p).unwrap()),
+        ("log1p", |g, _, p| g.log1p(p).unwrap()),
     ];
     for (name, build) in cases {
         let g = Graph::new();

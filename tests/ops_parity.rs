@@ -167,6 +167,21 @@ fn unary_and_scalar_ops() {
             g.hardsigmoid(x).unwrap(),
             g.hardswish(x).unwrap(),
             g.mish(x).unwrap(),
+            g.gelu_tanh(x).unwrap(),
+            g.log_sigmoid(x).unwrap(),
+            g.softsign(x).unwrap(),
+            g.sin(x).unwrap(),
+            g.cos(x).unwrap(),
+            g.erf(x).unwrap(),
+            g.expm1(x).unwrap(),
+            g.floor(x).unwrap(),
+            g.ceil(x).unwrap(),
+            g.round(x).unwrap(),
+            g.trunc(x).unwrap(),
+            g.rsqrt(p).unwrap(),
+            g.reciprocal(p).unwrap(),
+            // log1p over (-0.98, 9)
+            g.log1p(g.add_scalar(p, -0.99).unwrap()).unwrap(),
         ];
         // values over a wide range, including large magnitudes for the saturating functions
         let xs = Tensor::rand_uniform(shape.to_vec(), -6.0, 6.0, n as u64);
@@ -293,6 +308,125 @@ fn activations_match_torch() {
     }
 }
 
+/// torch's values for the math functions where they differ from the naive formula (`log1p` and
+/// `expm1` near 0, `log_sigmoid` far out) or pick a side (`round` to even, `floor`, `trunc` of
+/// negatives), on both backends, and their gradients (zero for the roundings).
+#[test]
+fn math_functions_match_torch() {
+    let g = Graph::new();
+    let x = g.input("x", [10]);
+    let v = vec![1e-7, -1e-7, 0.5, 1.5, 2.5, -0.5, -2.5, -1.7, 30.0, -30.0];
+    let xs = Tensor::new([10], v.clone()).unwrap();
+    // (name, node, torch's values at each input)
+    let grad = |y: NodeId| g.grad(g.sum_all(y).unwrap(), &[x]).unwrap()[0];
+    type Case<'a> = (&'a str, NodeId, Vec<(usize, f64)>);
+    let cases: Vec<Case> = vec![
+        (
+            "log1p",
+            g.log1p(x).unwrap(),
+            vec![
+                (0, 9.999999616860996e-8),
+                (1, -1.000000061686102e-7),
+                (2, 0.4054651081081644),
+            ],
+        ),
+        (
+            "expm1",
+            g.expm1(x).unwrap(),
+            vec![
+                (0, 1.0000000616861003e-7),
+                (1, -9.999999616860979e-8),
+                (6, -0.9179150013761013),
+            ],
+        ),
+        (
+            "round",
+            g.round(x).unwrap(),
+            vec![(2, 0.0), (3, 2.0), (4, 2.0), (5, 0.0), (6, -2.0), (7, -2.0)],
+        ),
+        (
+            "floor",
+            g.floor(x).unwrap(),
+            vec![(1, -1.0), (7, -2.0), (3, 1.0)],
+        ),
+        (
+            "ceil",
+            g.ceil(x).unwrap(),
+            vec![(0, 1.0), (7, -1.0), (5, 0.0)],
+        ),
+        ("trunc", g.trunc(x).unwrap(), vec![(7, -1.0), (3, 1.0)]),
+        (
+            "log_sigmoid",
+            g.log_sigmoid(x).unwrap(),
+            vec![
+                (8, -9.357622968839737e-14),
+                (9, -30.000000000000092),
+                (2, -0.47407698418010663),
+            ],
+        ),
+        (
+            "gelu_tanh",
+            g.gelu_tanh(x).unwrap(),
+            vec![
+                (2, 0.34571400982514394),
+                (7, -0.07589409892160355),
+                (8, 30.0),
+            ],
+        ),
+        (
+            "softsign",
+            g.softsign(x).unwrap(),
+            vec![(7, -0.6296296361706056), (8, 0.967741935483871)],
+        ),
+        (
+            "erf",
+            g.erf(x).unwrap(),
+            vec![(2, 0.5204998778130465), (7, -0.9837904615810698)],
+        ),
+        (
+            "round'",
+            grad(g.round(x).unwrap()),
+            vec![(2, 0.0), (4, 0.0), (7, 0.0)],
+        ),
+        (
+            "floor'",
+            grad(g.floor(x).unwrap()),
+            vec![(3, 0.0), (8, 0.0)],
+        ),
+        (
+            "gelu_tanh'",
+            grad(g.gelu_tanh(x).unwrap()),
+            vec![(2, 0.8673699035346424), (7, -0.1159146275361514)],
+        ),
+        (
+            "log_sigmoid'",
+            grad(g.log_sigmoid(x).unwrap()),
+            vec![(2, 0.3775406687981454), (9, 0.9999999999999065)],
+        ),
+        (
+            "rsqrt'",
+            grad(g.rsqrt(x).unwrap()),
+            vec![(3, -0.2721655269759087), (4, -0.12649110640673517)],
+        ),
+    ];
+    let outs: Vec<NodeId> = cases.iter().map(|c| c.1).collect();
+    let mut devices = vec![("cpu", Device::cpu())];
+    devices.extend(common::gpu().map(|d| ("gpu", d)));
+    for (where_, dev) in devices {
+        let got = dev.compile(&g, &outs).unwrap().run(&[("x", &xs)]).unwrap();
+        for ((name, _, want), t) in cases.iter().zip(&got) {
+            for &(i, w) in want {
+                let y = t.data()[i] as f64;
+                assert!(
+                    (y - w).abs() <= 1e-6 * w.abs().max(1e-7),
+                    "{name}({}) on the {where_}: {y}, torch {w}",
+                    v[i]
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn extreme_values_stay_finite() {
     let g = Graph::new();
@@ -306,6 +440,10 @@ fn extreme_values_stay_finite() {
         g.mish(x).unwrap(),
         g.hardswish(x).unwrap(),
         g.leaky_relu(x, 0.01).unwrap(),
+        g.gelu_tanh(x).unwrap(),
+        g.log_sigmoid(x).unwrap(),
+        g.softsign(x).unwrap(),
+        g.erf(x).unwrap(),
     ];
     let xs = Tensor::new([6], vec![-1000.0, -90.0, -20.0, 0.0, 20.0, 1000.0]).unwrap();
     check_gpu_vs_cpu("extremes", &g, &outs, &[("x", &xs)], TOL_REDUCTION);

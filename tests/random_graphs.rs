@@ -30,7 +30,7 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 #[derive(Debug, Clone)]
 enum Step {
     /// relu, tanh, sigmoid, gelu, silu, softplus, abs, neg, leaky relu, ELU, hardswish, mish,
-    /// relu6 or square.
+    /// relu6, square, gelu's tanh approximation, log sigmoid, sin or softsign.
     Unary(u8, u8),
     /// log, sqrt, `p^1.5` or `2 / p` of `p = |x| + 0.5` (inside their domains), or
     /// `exp(tanh(x))`.
@@ -150,7 +150,7 @@ enum Step {
 fn step() -> impl Strategy<Value = Step> {
     let i = any::<u8>;
     prop_oneof![
-        3 => (0u8..14, i()).prop_map(|(k, s)| Step::Unary(k, s)),
+        3 => (0u8..18, i()).prop_map(|(k, s)| Step::Unary(k, s)),
         1 => (0u8..5, i()).prop_map(|(k, s)| Step::Domain(k, s)),
         3 => (0u8..6, i(), i()).prop_map(|(k, a, b)| Step::Binary(k, a, b)),
         1 => (0u8..4, i(), -4i8..4).prop_map(|(k, s, v)| Step::Scalar(k, s, v)),
@@ -343,6 +343,10 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                     10 => g.hardswish(x),
                     11 => g.mish(x),
                     12 => g.relu6(x),
+                    14 => g.gelu_tanh(x),
+                    15 => g.log_sigmoid(x),
+                    16 => g.sin(x),
+                    17 => g.softsign(x),
                     _ => g.square(x),
                 }
                 .ok()

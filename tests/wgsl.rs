@@ -271,6 +271,21 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         UnaryOp::HardtanhMask(-3.0, 3.0),
         UnaryOp::HardswishDeriv,
         UnaryOp::MishDeriv,
+        UnaryOp::Detach,
+        UnaryOp::Sin,
+        UnaryOp::Cos,
+        UnaryOp::Rsqrt,
+        UnaryOp::Log1p,
+        UnaryOp::Expm1,
+        UnaryOp::Floor,
+        UnaryOp::Ceil,
+        UnaryOp::Round,
+        UnaryOp::Trunc,
+        UnaryOp::GeluTanh,
+        UnaryOp::GeluTanhDeriv,
+        UnaryOp::LogSigmoid,
+        UnaryOp::Erf,
+        UnaryOp::Softsign,
     ];
     for u in unary {
         let f = Fused {

@@ -477,6 +477,78 @@ impl Graph {
         self.unary(UnaryOp::Mish, a)
     }
 
+    /// GELU's tanh approximation, `0.5 a (1 + tanh(sqrt(2 / pi) (a + 0.044715 a^3)))`
+    /// (`torch.nn.functional.gelu(a, approximate="tanh")`, GPT-2's).
+    pub fn gelu_tanh(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::GeluTanh, a)
+    }
+
+    /// `log(sigmoid(a))` (`torch.nn.functional.logsigmoid`), stable for large `|a|`.
+    pub fn log_sigmoid(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::LogSigmoid, a)
+    }
+
+    /// `a / (1 + |a|)` (`torch.nn.functional.softsign`).
+    pub fn softsign(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Softsign, a)
+    }
+
+    /// `sin(a)`
+    pub fn sin(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Sin, a)
+    }
+
+    /// `cos(a)`
+    pub fn cos(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Cos, a)
+    }
+
+    /// `1 / sqrt(a)` (`torch.rsqrt`).
+    pub fn rsqrt(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Rsqrt, a)
+    }
+
+    /// `1 / a` (`torch.reciprocal`).
+    pub fn reciprocal(&self, a: NodeId) -> Result<NodeId> {
+        self.rdiv_scalar(a, 1.0)
+    }
+
+    /// `log(1 + a)`, exact for small `a` (`torch.log1p`).
+    pub fn log1p(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Log1p, a)
+    }
+
+    /// `exp(a) - 1`, exact for small `a` (`torch.expm1`).
+    pub fn expm1(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Expm1, a)
+    }
+
+    /// The error function (`torch.erf`; absolute error below 1.5e-7 on the GPU).
+    pub fn erf(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Erf, a)
+    }
+
+    /// Rounding down (`torch.floor`); its gradient is zero, as torch's.
+    pub fn floor(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Floor, a)
+    }
+
+    /// Rounding up (`torch.ceil`); its gradient is zero.
+    pub fn ceil(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Ceil, a)
+    }
+
+    /// Rounding to the nearest whole number, halves to even (`torch.round`); its gradient is
+    /// zero.
+    pub fn round(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Round, a)
+    }
+
+    /// Rounding toward zero (`torch.trunc`); its gradient is zero.
+    pub fn trunc(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(UnaryOp::Trunc, a)
+    }
+
     /// Seeded inverted dropout (training mode): zeroes each element with probability `p` and
     /// scales the rest by `1 / (1 - p)`. `seed` is a `[1]` input holding a whole number, fed with
     /// a new value every step; `salt` tells apart dropout layers sharing that seed. Build the

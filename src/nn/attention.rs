@@ -326,6 +326,8 @@ fn salt(name: &str, site: u32) -> u32 {
 pub enum FeedForwardAct {
     Relu,
     Gelu,
+    /// GELU's tanh approximation (`activation=nn.GELU(approximate="tanh")`, GPT-2's).
+    GeluTanh,
 }
 
 /// `torch.nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout,
@@ -625,6 +627,10 @@ impl<'a> Blocks<'a> {
             FeedForwardAct::Gelu => {
                 let (y, p) = linear1.apply(g, x)?;
                 g.gelu(self.keep((y, p.to_vec()))?)?
+            }
+            FeedForwardAct::GeluTanh => {
+                let (y, p) = linear1.apply(g, x)?;
+                g.gelu_tanh(self.keep((y, p.to_vec()))?)?
             }
         };
         let h = self.drop(h, 2)?;

@@ -376,6 +376,8 @@ pub enum Act {
     Sigmoid,
     Tanh,
     Gelu,
+    /// GELU's tanh approximation (`torch.nn.GELU(approximate="tanh")`).
+    GeluTanh,
     /// `x * sigmoid(x)` (`torch.nn.SiLU`).
     Silu,
     /// `torch.nn.LeakyReLU(negative_slope)`.
@@ -392,6 +394,10 @@ pub enum Act {
     Hardswish,
     /// `torch.nn.Mish`.
     Mish,
+    /// `torch.nn.Softsign`.
+    Softsign,
+    /// `torch.nn.LogSigmoid`.
+    LogSigmoid,
     Flatten,
     /// Max pooling with kernel = stride.
     MaxPool(usize),
@@ -468,6 +474,9 @@ impl Sequential {
                 Step::Act(Act::Sigmoid) => g.sigmoid(h)?,
                 Step::Act(Act::Tanh) => g.tanh(h)?,
                 Step::Act(Act::Gelu) => g.gelu(h)?,
+                Step::Act(Act::GeluTanh) => g.gelu_tanh(h)?,
+                Step::Act(Act::Softsign) => g.softsign(h)?,
+                Step::Act(Act::LogSigmoid) => g.log_sigmoid(h)?,
                 Step::Act(Act::Silu) => g.silu(h)?,
                 Step::Act(Act::LeakyRelu(s)) => g.leaky_relu(h, *s)?,
                 Step::Act(Act::Elu(a)) => g.elu(h, *a)?,

@@ -74,6 +74,35 @@ pub enum UnaryOp {
     /// The identity without a gradient (`torch.Tensor.detach`): what flows through it is a
     /// constant to autodiff. Fused into its readers like any elementwise op.
     Detach,
+    /// `sin(x)`
+    Sin,
+    /// `cos(x)`
+    Cos,
+    /// `1 / sqrt(x)` (`torch.rsqrt`).
+    Rsqrt,
+    /// `log(1 + x)`, exact near 0 (`torch.log1p`).
+    Log1p,
+    /// `exp(x) - 1`, exact near 0 (`torch.expm1`).
+    Expm1,
+    /// Rounding down (`torch.floor`): no gradient (zero, as torch's).
+    Floor,
+    /// Rounding up (`torch.ceil`): no gradient.
+    Ceil,
+    /// Rounding to the nearest whole number, halves to even (`torch.round`): no gradient.
+    Round,
+    /// Rounding toward zero (`torch.trunc`): no gradient.
+    Trunc,
+    /// GELU's tanh approximation, `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`
+    /// (`torch.nn.GELU(approximate="tanh")`, GPT-2's).
+    GeluTanh,
+    /// [`UnaryOp::GeluTanh`]'s derivative, in torch's form.
+    GeluTanhDeriv,
+    /// `log(sigmoid(x))`, stable for large `|x|` (`torch.nn.LogSigmoid`).
+    LogSigmoid,
+    /// The error function (`torch.erf`).
+    Erf,
+    /// `x / (1 + |x|)` (`torch.nn.Softsign`).
+    Softsign,
 }
 
 impl UnaryOp {
@@ -113,6 +142,20 @@ impl UnaryOp {
             UnaryOp::HardswishDeriv => "hardswish_deriv",
             UnaryOp::MishDeriv => "mish_deriv",
             UnaryOp::Detach => "detach",
+            UnaryOp::Sin => "sin",
+            UnaryOp::Cos => "cos",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Log1p => "log1p",
+            UnaryOp::Expm1 => "expm1",
+            UnaryOp::Floor => "floor",
+            UnaryOp::Ceil => "ceil",
+            UnaryOp::Round => "round",
+            UnaryOp::Trunc => "trunc",
+            UnaryOp::GeluTanh => "gelu_tanh",
+            UnaryOp::GeluTanhDeriv => "gelu_tanh_deriv",
+            UnaryOp::LogSigmoid => "log_sigmoid",
+            UnaryOp::Erf => "erf",
+            UnaryOp::Softsign => "softsign",
         }
     }
 
@@ -154,6 +197,20 @@ impl UnaryOp {
             UnaryOp::HardswishDeriv => (29, 0.0),
             UnaryOp::MishDeriv => (30, 0.0),
             UnaryOp::Detach => (31, 0.0),
+            UnaryOp::Sin => (32, 0.0),
+            UnaryOp::Cos => (33, 0.0),
+            UnaryOp::Rsqrt => (34, 0.0),
+            UnaryOp::Log1p => (35, 0.0),
+            UnaryOp::Expm1 => (36, 0.0),
+            UnaryOp::Floor => (37, 0.0),
+            UnaryOp::Ceil => (38, 0.0),
+            UnaryOp::Round => (39, 0.0),
+            UnaryOp::Trunc => (40, 0.0),
+            UnaryOp::GeluTanh => (41, 0.0),
+            UnaryOp::GeluTanhDeriv => (42, 0.0),
+            UnaryOp::LogSigmoid => (43, 0.0),
+            UnaryOp::Erf => (44, 0.0),
+            UnaryOp::Softsign => (45, 0.0),
         };
         (op, alpha, 0.0)
     }
@@ -258,6 +315,24 @@ impl UnaryOp {
                 t + x * s * (1.0 - t * t)
             }
             UnaryOp::Detach => x,
+            UnaryOp::Sin => x.sin(),
+            UnaryOp::Cos => x.cos(),
+            UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+            UnaryOp::Log1p => x.ln_1p(),
+            UnaryOp::Expm1 => x.exp_m1(),
+            UnaryOp::Floor => x.floor(),
+            UnaryOp::Ceil => x.ceil(),
+            UnaryOp::Round => x.round_ties_even(),
+            UnaryOp::Trunc => x.trunc(),
+            UnaryOp::GeluTanh => 0.5 * x * (1.0 + gelu_tanh_inner(x).tanh()),
+            UnaryOp::GeluTanhDeriv => {
+                let t = gelu_tanh_inner(x).tanh();
+                0.5 * (1.0 + t)
+                    + 0.5 * x * (1.0 - t * t) * GELU_BETA * (1.0 + 3.0 * GELU_KAPPA * x * x)
+            }
+            UnaryOp::LogSigmoid => -softplus(-x),
+            UnaryOp::Erf => libm::erf(x),
+            UnaryOp::Softsign => x / (1.0 + x.abs()),
         }
     }
 
@@ -360,8 +435,43 @@ impl UnaryOp {
             UnaryOp::Detach => Err(crate::error::Error::Unsupported(
                 "gradients through detach (Op::backward gives none)".into(),
             )),
+            UnaryOp::Sin => g.mul(dy, g.cos(x)?),
+            UnaryOp::Cos => g.mul(dy, g.neg(g.sin(x)?)?),
+            // d x^(-1/2) = -y^3 / 2, from the output as torch's
+            UnaryOp::Rsqrt => g.mul(dy, g.mul_scalar(g.mul(y, g.square(y)?)?, -0.5)?),
+            UnaryOp::Log1p => g.div(dy, g.add_scalar(x, 1.0)?),
+            UnaryOp::Expm1 => g.mul(dy, g.add_scalar(y, 1.0)?),
+            // piecewise constant: zero, as torch's (not the Dirac at the steps)
+            UnaryOp::Floor | UnaryOp::Ceil | UnaryOp::Round | UnaryOp::Trunc => {
+                g.mul_scalar(dy, 0.0)
+            }
+            UnaryOp::GeluTanh => g.mul(dy, g.unary(UnaryOp::GeluTanhDeriv, x)?),
+            UnaryOp::GeluTanhDeriv => Err(crate::error::Error::Unsupported(
+                "second-order gradients through gelu's tanh approximation".into(),
+            )),
+            // d log(sigmoid(x)) = 1 - sigmoid(x) = sigmoid(-x)
+            UnaryOp::LogSigmoid => g.mul(dy, g.sigmoid(g.neg(x)?)?),
+            // 2 / sqrt(pi) exp(-x^2)
+            UnaryOp::Erf => g.mul(
+                dy,
+                g.mul_scalar(
+                    g.exp(g.neg(g.square(x)?)?)?,
+                    std::f32::consts::FRAC_2_SQRT_PI,
+                )?,
+            ),
+            // 1 / (1 + |x|)^2
+            UnaryOp::Softsign => g.div(dy, g.square(g.add_scalar(g.abs(x)?, 1.0)?)?),
         }
     }
+}
+
+/// `sqrt(2 / pi)` and `0.044715`: GELU's tanh approximation (torch's `kBeta` and `kKappa`).
+const GELU_BETA: f64 = 0.797_884_560_802_865_4;
+const GELU_KAPPA: f64 = 0.044715;
+
+/// The argument of the tanh in GELU's tanh approximation.
+fn gelu_tanh_inner(x: f64) -> f64 {
+    GELU_BETA * (x + GELU_KAPPA * x * x * x)
 }
 
 /// `log(1 + exp(x))`, stable for large `|x|`.
