@@ -387,3 +387,193 @@ fn topk_and_sort_as_torch() {
         );
     }
 }
+
+/// torch.scatter_add, index_add, one_hot, tril/triu, repeat and repeat_interleave: torch's
+/// documented examples, worked by hand, on every device with outputs poisoned.
+#[test]
+fn scatter_add_index_add_and_layout_helpers_as_torch() {
+    let g = Graph::new();
+    // torch.zeros(3, 5).scatter_add(0, index, torch.ones(2, 5)) with
+    // index = [[0, 1, 2, 0, 0], [0, 1, 2, 2, 2]]: [[2,0,0,1,1],[0,2,0,0,0],[0,0,2,1,1]];
+    // with the first row of it alone: [[1,0,0,1,1],[0,1,0,0,0],[0,0,1,0,0]]
+    let zeros = g.input("zeros", [3, 5]);
+    let ones = g.input("ones", [2, 5]);
+    let i2 = g.input("i2", [2, 5]);
+    let i1 = g.input("i1", [1, 5]);
+    // an index narrower than a off the axis: along axis 1, index [[4, 4], [0, 1]] of (2, 2)
+    // into (3, 5) adds ones[0, :2] at (0, 4) twice and ones[1, :2] at (1, 0), (1, 1)
+    let ic = g.input("ic", [2, 2]);
+    // torch.ones(5, 3).index_add_(0, [0, 4, 2], [[1,2,3],[4,5,6],[7,8,9]])
+    let x53 = g.input("x53", [5, 3]);
+    let sel = g.input("sel", [3]);
+    let t33 = g.input("t33", [3, 3]);
+    // one_hot(arange(5) % 3, 3); a label out of range (3) gives a zero row
+    let labels = g.input("labels", [6]);
+    let m = g.input("m", [3, 4]);
+    let v = g.input("v", [3]);
+    let p = g.input("p", [2, 2]);
+    let outs = [
+        g.scatter_add(zeros, 0, i2, ones).unwrap(),
+        g.scatter_add(zeros, 0, i1, ones).unwrap(),
+        g.scatter_add(zeros, 1, ic, ones).unwrap(),
+        g.index_add(x53, 0, sel, t33).unwrap(),
+        g.one_hot(labels, 3).unwrap(),
+        g.tril(m, 0).unwrap(),
+        g.tril(m, -1).unwrap(),
+        g.triu(m, 1).unwrap(),
+        g.repeat(v, &[2, 2]).unwrap(),
+        g.repeat_interleave(p, 2, 0).unwrap(),
+        g.repeat_interleave(p, 2, 1).unwrap(),
+    ];
+    assert_eq!(g.shape(outs[4]).dims(), &[6, 3]);
+    assert_eq!(g.shape(outs[8]).dims(), &[2, 6]);
+    assert_eq!(g.shape(outs[9]).dims(), &[4, 2]);
+    assert_eq!(g.shape(outs[10]).dims(), &[2, 4]);
+    let ms: Vec<f32> = (1..=12).map(|i| i as f32).collect();
+    let want = [
+        vec![2., 0., 0., 1., 1., 0., 2., 0., 0., 0., 0., 0., 2., 1., 1.],
+        vec![1., 0., 0., 1., 1., 0., 1., 0., 0., 0., 0., 0., 1., 0., 0.],
+        vec![0., 0., 0., 0., 2., 1., 1., 0., 0., 0., 0., 0., 0., 0., 0.],
+        vec![2., 3., 4., 1., 1., 1., 8., 9., 10., 1., 1., 1., 5., 6., 7.],
+        vec![
+            1., 0., 0., 0., 1., 0., 0., 0., 1., 1., 0., 0., 0., 1., 0., 0., 0., 0.,
+        ],
+        vec![1., 0., 0., 0., 5., 6., 0., 0., 9., 10., 11., 0.],
+        vec![0., 0., 0., 0., 5., 0., 0., 0., 9., 10., 0., 0.],
+        vec![0., 2., 3., 4., 0., 0., 7., 8., 0., 0., 0., 12.],
+        vec![1., 2., 3., 1., 2., 3., 1., 2., 3., 1., 2., 3.],
+        vec![1., 2., 1., 2., 3., 4., 3., 4.],
+        vec![1., 1., 2., 2., 3., 3., 4., 4.],
+    ];
+    let feeds = [
+        ("zeros", &t(&[3, 5], &[0.0; 15])),
+        ("ones", &t(&[2, 5], &[1.0; 10])),
+        ("i2", &t(&[2, 5], &[0., 1., 2., 0., 0., 0., 1., 2., 2., 2.])),
+        ("i1", &t(&[1, 5], &[0., 1., 2., 0., 0.])),
+        ("ic", &t(&[2, 2], &[4., 4., 0., 1.])),
+        ("x53", &t(&[5, 3], &[1.0; 15])),
+        ("sel", &t(&[3], &[0., 4., 2.])),
+        ("t33", &t(&[3, 3], &[1., 2., 3., 4., 5., 6., 7., 8., 9.])),
+        ("labels", &t(&[6], &[0., 1., 2., 0., 1., 3.])),
+        ("m", &t(&[3, 4], &ms)),
+        ("v", &t(&[3], &[1., 2., 3.])),
+        ("p", &t(&[2, 2], &[1., 2., 3., 4.])),
+    ];
+    exact(&g, &outs, &feeds, &want);
+    // an index out of range adds nowhere, and its source's gradient is NaN (torch raises)
+    let a = g.input("a", [3]);
+    let bad = g.input("bad", [3]);
+    let src = g.input("src", [3]);
+    let y = g.scatter_add(a, 0, bad, src).unwrap();
+    let dsrc = g.grad(g.sum_all(y).unwrap(), &[src]).unwrap()[0];
+    let feeds = [
+        ("a", &t(&[3], &[1., 2., 3.])),
+        ("bad", &t(&[3], &[2., 3., -1.])),
+        ("src", &t(&[3], &[10., 20., 30.])),
+    ];
+    let nan = f32::NAN;
+    exact(
+        &g,
+        &[y, dsrc],
+        &feeds,
+        &[vec![1., 2., 13.], vec![1., nan, nan]],
+    );
+    // tril keeps an inf below the diagonal and drops one above it to exactly 0
+    let inf = g.input("inf", [2, 2]);
+    let infs = t(&[2, 2], &[1.0, f32::INFINITY, f32::NEG_INFINITY, 2.0]);
+    let lo = g.tril(inf, 0).unwrap();
+    exact(
+        &g,
+        &[lo],
+        &[("inf", &infs)],
+        &[vec![1.0, 0.0, f32::NEG_INFINITY, 2.0]],
+    );
+}
+
+/// scatter_add and index_add on awkward shapes along each axis (repeated indices, a narrow
+/// index), GPU against CPU, and gradient checks for `a` and `src`; repeat,
+/// repeat_interleave and tril gradients; shape errors.
+#[test]
+fn scatter_add_and_index_add_gradients() {
+    let shape = [3usize, 7, 5];
+    for axis in 0..3 {
+        let g = Graph::new();
+        let a = g.input("a", shape);
+        let k = shape[axis];
+        let mut idims = shape;
+        idims[axis] = 4;
+        if axis != 1 {
+            idims[1] = 6; // narrower than a off the axis
+        }
+        let mut sdims = idims;
+        sdims[0] += 1; // src larger than the index: only its corner is read
+        let n: usize = idims.iter().product();
+        let ids: Vec<f32> = (0..n).map(|i| ((i * 7 + 3) % k) as f32).collect();
+        let ids = t(&idims, &ids);
+        let mut seldims = shape;
+        seldims[axis] = 9;
+        let sel: Vec<f32> = (0..9).map(|i| ((i * 5 + 1) % k) as f32).collect();
+        let sel = t(&[9], &sel);
+        let index = g.input("index", idims);
+        let select = g.input("select", [9]);
+        let src = g.input("src", sdims);
+        let rows = g.input("rows", seldims);
+        let s = g.scatter_add(a, axis as isize, index, src).unwrap();
+        let ia = g.index_add(a, axis as isize, select, rows).unwrap();
+        let (as_, ss, rs) = (rand(&shape, 1), rand(&sdims, 2), rand(&seldims, 3));
+        let feeds = [
+            ("a", &as_),
+            ("index", &ids),
+            ("select", &sel),
+            ("src", &ss),
+            ("rows", &rs),
+        ];
+        let what = format!("axis {axis}");
+        check_gpu_vs_cpu(&what, &g, &[s, ia], &feeds, TOL_ELEMENTWISE);
+        let loss = g
+            .add(random_projection(&g, s, 4), random_projection(&g, ia, 5))
+            .unwrap();
+        let wrt = [("a", a), ("src", src), ("rows", rows)];
+        gradcheck(&what, &g, loss, &wrt, &feeds, 30, TOL_REDUCTION);
+    }
+    // repeat, repeat_interleave and tril: their gradients sum the copies, mask the triangle
+    let g = Graph::new();
+    let x = g.input("x", [3, 4]);
+    let r = g.repeat(x, &[2, 1, 3]).unwrap();
+    let ri = g.repeat_interleave(x, 3, 1).unwrap();
+    let tr = g.triu(x, -1).unwrap();
+    let loss = g
+        .add(
+            g.add(random_projection(&g, r, 6), random_projection(&g, ri, 7))
+                .unwrap(),
+            random_projection(&g, tr, 8),
+        )
+        .unwrap();
+    let xs = rand(&[3, 4], 9);
+    gradcheck(
+        "repeat",
+        &g,
+        loss,
+        &[("x", x)],
+        &[("x", &xs)],
+        12,
+        TOL_REDUCTION,
+    );
+    // shape errors name the op and the shapes
+    let g = Graph::new();
+    let a = g.input("a", [3, 4]);
+    let i = g.input("i", [2, 5]);
+    let s = g.input("s", [2, 5]);
+    let e = g.scatter_add(a, 0, i, s).unwrap_err().to_string();
+    assert!(e.contains("scatter_add") && e.contains("[2, 5]"), "{e}");
+    let j = g.input("j", [2]);
+    let e = g.index_add(a, 0, j, a).unwrap_err().to_string();
+    assert!(e.contains("index_add") && e.contains("[3, 4]"), "{e}");
+    assert!(g
+        .repeat(a, &[2])
+        .unwrap_err()
+        .to_string()
+        .contains("repeat"));
+    assert!(g.tril(j, 0).unwrap_err().to_string().contains("tril"));
+    assert!(g.one_hot(j, 0).unwrap_err().to_string().contains("one_hot"));
+}
