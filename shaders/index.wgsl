@@ -1,7 +1,8 @@
 // index.wgsl: picking elements by index along an axis (torch.gather, torch.index_select) and
 // its adjoint (scatter_add_ / index_add_ into zeros), the cumulative sum along an axis
 // (torch.cumsum, or from the end: its backward), and the positions of the J largest (or
-// smallest) elements of each row (torch.topk's indices, sorted; torch.sort's with J = K).
+// smallest) elements of each row (torch.topk's indices, sorted; torch.sort's with J = K): J
+// passes over the row for a few, else a sort of the rows (sorted blocks, then merges).
 //
 // Shapes, around the axis: x, dx [OUTER, K, INNER]; out, dy [OUTER, J, INNER].
 //   `gather`: out[o, j, i] = x[o, ids[o, j, i], i] (ids [OUTER, J, INNER]) or, with SELECT,
@@ -16,6 +17,12 @@
 //             row o in top-k order: the larger value first (the smaller without LARGEST), NaN
 //             above every number, the lower position first among equals (a strict order, so
 //             each round's pick is the first element after the previous one).
+//   `sort_blocks` (rows of x [OUTER, K]): pairs[o, k] = (value, position as f32) with each
+//             block of BLOCK elements (a power of two, <= 1024) sorted in top-k order;
+//             `sort_blocks_last` (one block holds the row): picks[o, j] its first J positions.
+//   `merge_runs`: merged = runs [OUTER, K, 2] with each pair of sorted runs of RUN merged
+//             into one of 2 RUN; `merge_runs_last` (2 RUN >= K): picks[o, j] the first J
+//             positions of the merged row.
 //
 // Bindings (group 0)
 //   `gather`:          0 x (read) [OUTER, K, INNER]; 1 ids (read) [OUTER, J, INNER] or [J];
@@ -24,10 +31,14 @@
 //                      2 dx (read_write) [OUTER, K, INNER]
 //   `cumsum_lines`, `cumsum_rows`: 0 x (read) [OUTER, K, INNER]; 1 sums (read_write) the same
 //   `topk`:            0 x (read) [OUTER, K]; 1 picks (read_write) [OUTER, J] positions as f32
+//   `sort_blocks`:     0 x (read) [OUTER, K]; 1 pairs (read_write) [OUTER, K, 2]
+//   `merge_runs`:      0 runs (read) [OUTER, K, 2]; 1 merged (read_write) [OUTER, K, 2]
+//   `sort_blocks_last`, `merge_runs_last`: as these, with 1 picks [OUTER, J] instead
 // f16 variant (`index_f16`, generated from the storage block): x, out, dy, dx and sums f16,
-// computed in f32; the indices (ids, grad_ids, picks) stay f32.
+// computed in f32; the indices (ids, grad_ids, picks) and the sort's pairs stay f32.
 // Overrides: OUTER, K, J, INNER (extents); SELECT (ids is [J]); REVERSE (sum from the end);
-//            LARGEST (topk: the largest first).
+//            LARGEST (topk and the sort: the largest first); BLOCK (sort_blocks' block);
+//            RUN (merge_runs' run).
 // Dispatch: `gather` ceil(OUTER * J * INNER / 256) workgroups, one thread per output element;
 //           `gather_backward` ceil(OUTER * K * INNER / 256), one thread per dx element looping
 //           over its J candidates; `cumsum_lines` (INNER > 1) ceil(OUTER * INNER / 256), one
@@ -36,7 +47,12 @@
 //           scanned in workgroup memory, each adding the carry of the chunks before it;
 //           `topk` OUTER workgroups, one per row: J rounds, each a strided pass over the row
 //           (the first element after the previous pick, per thread) and a tree over the
-//           workgroup (J * K / 256 reads per thread). All folded into (x <= 65535, y).
+//           workgroup (J * K / 256 reads per thread); `sort_blocks` OUTER * ceil(K / BLOCK)
+//           workgroups, one per block: a bitonic network over BLOCK slots in workgroup memory
+//           (those past the row are sentinels, after everything), BLOCK / 2 compare-exchanges
+//           per stage, a barrier between stages; `merge_runs` ceil(OUTER * K / 256), one thread
+//           per element: its place is its place in its run plus a binary search in the run
+//           it merges with. All folded into (x <= 65535, y).
 
 override OUTER: u32 = 1u;
 override K: u32 = 1u;
@@ -45,6 +61,8 @@ override INNER: u32 = 1u;
 override SELECT: bool = false;
 override REVERSE: bool = false;
 override LARGEST: bool = true;
+override BLOCK: u32 = 2u;
+override RUN: u32 = 1u;
 const WG: u32 = 256u;
 
 // Every global read and write of a tensor goes through ld_*/st_*: src/codegen/storage.rs
@@ -58,6 +76,9 @@ const WG: u32 = 256u;
 @group(0) @binding(2) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(1) var<storage, read_write> sums: array<f32>;
 @group(0) @binding(1) var<storage, read_write> picks: array<f32>; // always f32
+@group(0) @binding(1) var<storage, read_write> pairs: array<f32>; // always f32
+@group(0) @binding(0) var<storage, read> runs: array<f32>; // always f32
+@group(0) @binding(1) var<storage, read_write> merged: array<f32>; // always f32
 fn ld_x(i: u32) -> f32 { return x[i]; }
 fn st_out(i: u32, v: f32) { out[i] = v; }
 fn ld_dy(i: u32) -> f32 { return dy[i]; }
@@ -268,4 +289,163 @@ fn topk(
         }
         workgroupBarrier();
     }
+}
+
+// ---- sort: bitonic blocks in workgroup memory, then merges of sorted runs ----
+//
+// A sentinel position marks the padding of a block past the row's end: after every element.
+const SENTINEL: u32 = 0xffffffffu;
+var<workgroup> sort_v: array<f32, 1024>;
+var<workgroup> sort_p: array<u32, 1024>;
+
+fn before_or_pad(a: f32, ia: u32, b: f32, ib: u32) -> bool {
+    if ia == SENTINEL {
+        return false;
+    }
+    if ib == SENTINEL {
+        return true;
+    }
+    return before(a, ia, b, ib);
+}
+
+// Sorts block `blk` (BLOCK elements from BLOCK * blk) of row `row` into sort_v/sort_p in top-k
+// order: a bitonic network over BLOCK (a power of two, at most 1024) slots, those past the row
+// padded with sentinels. Every thread of the workgroup calls it (barriers).
+fn sort_block(row: u32, blk: u32, lid: u32) {
+    let start = blk * BLOCK;
+    for (var t = lid; t < BLOCK; t = t + WG) {
+        if start + t < K {
+            sort_v[t] = ld_x(row * K + start + t);
+            sort_p[t] = start + t;
+        } else {
+            sort_v[t] = 0.0;
+            sort_p[t] = SENTINEL;
+        }
+    }
+    workgroupBarrier();
+    for (var size = 2u; size <= BLOCK; size = size * 2u) {
+        for (var stride = size / 2u; stride > 0u; stride = stride / 2u) {
+            for (var t = lid; t < BLOCK / 2u; t = t + WG) {
+                // the pair (i, i + stride) of compare-exchange t; ascending where bit `size`
+                // of i is clear, so that each stage merges bitonic sequences of `size`
+                let i = 2u * stride * (t / stride) + t % stride;
+                let j = i + stride;
+                let ascending = (i & size) == 0u;
+                let vi = sort_v[i];
+                let pi = sort_p[i];
+                let vj = sort_v[j];
+                let pj = sort_p[j];
+                if before_or_pad(vi, pi, vj, pj) != ascending {
+                    sort_v[i] = vj;
+                    sort_p[i] = pj;
+                    sort_v[j] = vi;
+                    sort_p[j] = pi;
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+}
+
+// The block and row of a sort_blocks workgroup, or false past the last (uniform across it).
+fn block_of(wid: vec3<u32>, nwg: vec3<u32>) -> vec3<u32> {
+    let w = wid.y * nwg.x + wid.x;
+    let blocks = (K + BLOCK - 1u) / BLOCK;
+    return vec3<u32>(w / blocks, w % blocks, u32(w < OUTER * blocks));
+}
+
+@compute @workgroup_size(256)
+fn sort_blocks(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let b = block_of(wid, nwg);
+    if b.z == 0u {
+        return;
+    }
+    sort_block(b.x, b.y, lid);
+    let start = b.y * BLOCK;
+    for (var t = lid; t < BLOCK && start + t < K; t = t + WG) {
+        let at = b.x * K + start + t;
+        pairs[2u * at] = sort_v[t];
+        pairs[2u * at + 1u] = f32(sort_p[t]);
+    }
+}
+
+@compute @workgroup_size(256)
+fn sort_blocks_last(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let b = block_of(wid, nwg);
+    if b.z == 0u {
+        return;
+    }
+    sort_block(b.x, b.y, lid);
+    // one block per row: its first J positions
+    for (var t = lid; t < J; t = t + WG) {
+        picks[b.x * J + t] = f32(sort_p[t]);
+    }
+}
+
+// Where element e of the runs (pairs of sorted runs of RUN elements along each row) goes in
+// their merge: its place in its run plus the count of the other run's elements before it (a
+// binary search; the order is strict, so the places are distinct). x: row, y: the place in
+// the row, z: 1 for a thread past the last element.
+fn merge_place(e: u32) -> vec3<u32> {
+    if e >= OUTER * K {
+        return vec3<u32>(0u, 0u, 1u);
+    }
+    let row = e / K;
+    let i = e % K;
+    let r = i / RUN;
+    let v = runs[2u * e];
+    let p = u32(runs[2u * e + 1u]);
+    let other = (r ^ 1u) * RUN;
+    var lo = 0u;
+    if other < K {
+        var hi = min(RUN, K - other);
+        while lo < hi {
+            let mid = (lo + hi) / 2u;
+            let at = row * K + other + mid;
+            if before(runs[2u * at], u32(runs[2u * at + 1u]), v, p) {
+                lo = mid + 1u;
+            } else {
+                hi = mid;
+            }
+        }
+    }
+    return vec3<u32>(row, (r & ~1u) * RUN + (i - r * RUN) + lo, 0u);
+}
+
+@compute @workgroup_size(256)
+fn merge_runs(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = linear_id(wid, nwg, lid);
+    let m = merge_place(e);
+    if m.z == 1u {
+        return;
+    }
+    let to = m.x * K + m.y;
+    merged[2u * to] = runs[2u * e];
+    merged[2u * to + 1u] = runs[2u * e + 1u];
+}
+
+@compute @workgroup_size(256)
+fn merge_runs_last(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = linear_id(wid, nwg, lid);
+    let m = merge_place(e);
+    if m.z == 1u || m.y >= J {
+        return;
+    }
+    picks[m.x * J + m.y] = runs[2u * e + 1u];
 }

@@ -1738,9 +1738,12 @@ impl Graph {
     /// (`torch.topk(a, k, axis, largest, sorted=True)`): `(values, indices)`, both of `a`'s
     /// shape with `k` along `axis`, in order (NaN above every number, as torch sorts it; among
     /// equal values the lower position first). The indices are whole numbers as f32 without a gradient; the
-    /// values are a gather of them, so their gradient goes to the picked elements. One kernel
-    /// for the positions (a workgroup per row, `k` passes over it: meant for the few best of
-    /// a row, top-k sampling or top-5 accuracy) and one for the values.
+    /// values are a gather of them, so their gradient goes to the picked elements. The
+    /// positions: for `k` up to [`crate::ops::index::TOPK_PASSES_MAX`] (top-5 accuracy, a
+    /// sampler's few best) one kernel of `k` passes over each row (a workgroup per row); past
+    /// it a sort of the rows: blocks of up to 1024 sorted by a bitonic network in workgroup
+    /// memory (one kernel), then `ceil(log2(C / 1024))` merge kernels, each placing every
+    /// element by a binary search in the run it merges with. One more kernel for the values.
     pub fn topk(
         &self,
         a: NodeId,
@@ -1756,9 +1759,7 @@ impl Graph {
             true => a,
             false => self.transpose(a, ax as isize, last as isize)?,
         };
-        let op = crate::ops::index::TopK { k, largest };
-        let shape = op.infer(&self.shape(x))?;
-        let indices = self.push(Op::TopK(op), vec![x], shape)?;
+        let indices = self.topk_positions(x, k, largest)?;
         let values = self.gather(x, -1, indices)?;
         match ax == last {
             true => Ok((values, indices)),
@@ -1769,9 +1770,55 @@ impl Graph {
         }
     }
 
+    /// The positions of the `k` first elements of each row of `x (.., C)` in top-k order:
+    /// `k` passes over the row for a few ([`crate::ops::index::TOPK_PASSES_MAX`]), else a sort
+    /// of the rows (sorted blocks, then merges of sorted runs: `log2(C / 1024)` of them past
+    /// 1024).
+    fn topk_positions(&self, x: NodeId, k: usize, largest: bool) -> Result<NodeId> {
+        use crate::ops::index::{MergeRuns, SortBlocks, TopK, TOPK_PASSES_MAX};
+        let op = TopK { k, largest };
+        let s = self.shape(x);
+        let shape = op.infer(&s)?;
+        let c = s.dims()[s.rank() - 1];
+        // positions are stored as f32, exact up to 2^24
+        if c > 1 << 24 {
+            return Err(shape_err(
+                "topk",
+                format!("x {s}: rows of at most 2^24 elements"),
+            ));
+        }
+        if k <= TOPK_PASSES_MAX {
+            return self.push(Op::TopK(op), vec![x], shape);
+        }
+        let (block, runs) = SortBlocks::plan(c);
+        let mut pairs_dims = s.dims().to_vec();
+        pairs_dims.push(2);
+        let pairs = Shape(pairs_dims);
+        let last = runs.is_empty();
+        let first = SortBlocks {
+            largest,
+            block,
+            k: last.then_some(k),
+        };
+        let first_shape = if last { shape.clone() } else { pairs.clone() };
+        let mut p = self.push(Op::SortBlocks(first), vec![x], first_shape)?;
+        for (i, &run) in runs.iter().enumerate() {
+            let last = i + 1 == runs.len();
+            let merge = MergeRuns {
+                largest,
+                run,
+                k: last.then_some(k),
+            };
+            let to = if last { shape.clone() } else { pairs.clone() };
+            p = self.push(Op::MergeRuns(merge), vec![p], to)?;
+        }
+        Ok(p)
+    }
+
     /// `torch.sort(a, axis, descending, stable=True)`: `(values, indices)` along `axis`, equal
     /// values in their order (NaN last ascending, first descending). [`Graph::topk`] of every
-    /// element: `C` passes over each row of `C`, for rows of up to a few thousand.
+    /// element: a bitonic sort of blocks of 1024 and `ceil(log2(C / 1024))` merge passes (a
+    /// row of 50,000, a vocabulary, in 7 kernels); rows of up to 2^24.
     pub fn sort(&self, a: NodeId, axis: isize, descending: bool) -> Result<(NodeId, NodeId)> {
         let s = self.check_id("sort", a)?;
         let c = s.dims()[s.axis("sort", axis)?];

@@ -1,7 +1,8 @@
 //! Picking elements by index along an axis, as `torch.gather(x, axis, index)` and
 //! `torch.index_select(x, axis, index)`, its adjoint (`scatter_add_` / `index_add_` into zeros:
 //! the gradient), the cumulative sum along an axis (`torch.cumsum`), and the positions of each
-//! row's largest elements (`torch.topk`, `torch.sort`: [`TopK`]).
+//! row's largest elements (`torch.topk`, `torch.sort`: [`TopK`]'s passes for a few, else a
+//! sort of the rows, [`SortBlocks`] then [`MergeRuns`]).
 //! Kernels: `shaders/index.wgsl`.
 //!
 //! Indices are whole numbers stored as f32 (as class labels and embedding indices); one that is
@@ -247,6 +248,173 @@ pub struct TopK {
     pub largest: bool,
 }
 
+/// Whether `(a, ia)` comes before `(b, ib)` in top-k order: the larger value first (the
+/// smaller without `largest`), NaN above every number, the lower position first among equals.
+fn before(largest: bool, (a, ia): (f32, usize), (b, ib): (f32, usize)) -> bool {
+    match (a.is_nan(), b.is_nan()) {
+        (true, true) => ia < ib,
+        (true, false) => largest,
+        (false, true) => !largest,
+        _ if a == b => ia < ib,
+        _ => (a > b) == largest,
+    }
+}
+
+/// `(value, position)` pairs sorted in top-k order (a strict total order: positions differ).
+fn sort_pairs(largest: bool, pairs: &mut [(f32, usize)]) {
+    pairs.sort_by(|&a, &b| match before(largest, a, b) {
+        true => std::cmp::Ordering::Less,
+        false => std::cmp::Ordering::Greater,
+    });
+}
+
+/// Up to this `k`, [`crate::Graph::topk`] makes `k` passes over each row ([`TopK`]); past it,
+/// it sorts the rows ([`SortBlocks`], then [`MergeRuns`]), whose cost does not grow with `k`.
+pub const TOPK_PASSES_MAX: usize = 8;
+
+/// The largest block [`SortBlocks`] sorts in workgroup memory (`sort_v`, `sort_p` in
+/// index.wgsl: 8 KiB).
+pub const SORT_BLOCK_MAX: usize = 1024;
+
+/// The first pass of a row sort in top-k order ([`TopK`]'s, for any `k`): `x (.., C)` ->
+/// `(.., C, 2)` pairs `(value, position)` (positions as f32), each block of `block` elements
+/// (a power of two, at most [`SORT_BLOCK_MAX`]) sorted, by a bitonic network in workgroup
+/// memory; or, where one block holds the row (`k` set), the first `k` positions `(.., k)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SortBlocks {
+    pub largest: bool,
+    pub block: usize,
+    pub k: Option<usize>,
+}
+
+/// A merge pass of a row sort: `(.., C, 2)` pairs sorted in runs of `run` -> sorted in runs of
+/// `2 run` (each element's place is its place in its run plus the count of the other run's
+/// elements before it: a binary search); or, on the last pass (`k` set), the first `k`
+/// positions `(.., k)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MergeRuns {
+    pub largest: bool,
+    pub run: usize,
+    pub k: Option<usize>,
+}
+
+/// Rows and `C` of a tensor `(.., C)` (of pairs: `(.., C, 2)`).
+fn rows_of(x: &Shape, pairs: bool) -> (usize, usize) {
+    let d = x.dims();
+    let c = d[d.len() - 1 - pairs as usize];
+    (x.numel() / c / (1 + pairs as usize), c)
+}
+
+/// The sorted runs of `run` elements of each row of `(value, position)` pairs, written as pairs
+/// or (`k` set) as the first `k` positions of each row.
+fn sorted_runs(
+    largest: bool,
+    rows: Vec<Vec<(f32, usize)>>,
+    run: usize,
+    k: Option<usize>,
+) -> Vec<f32> {
+    let mut out = Vec::new();
+    for mut row in rows {
+        for chunk in row.chunks_mut(run) {
+            sort_pairs(largest, chunk);
+        }
+        match k {
+            Some(k) => out.extend(row[..k].iter().map(|&(_, p)| p as f32)),
+            None => out.extend(row.iter().flat_map(|&(v, p)| [v, p as f32])),
+        }
+    }
+    out
+}
+
+/// The kernel of a sort pass over `rows` rows of `c`.
+fn sort_kernel(
+    entry: &'static str,
+    rows: usize,
+    c: usize,
+    k: Option<usize>,
+    largest: bool,
+) -> KernelSpec {
+    KernelSpec {
+        family: "index",
+        entry,
+        constants: vec![
+            ("OUTER", rows as f64),
+            ("K", c as f64),
+            ("J", k.unwrap_or(c) as f64),
+            ("LARGEST", largest as u8 as f64),
+        ],
+        workgroups: 0,
+    }
+}
+
+impl SortBlocks {
+    /// The passes that sort rows of `c` for the first `k`: this pass's block, then the merges'
+    /// runs (each twice the last) until one run holds the row.
+    pub fn plan(c: usize) -> (usize, Vec<usize>) {
+        let block = c.next_power_of_two().clamp(2, SORT_BLOCK_MAX);
+        let mut runs = Vec::new();
+        let mut run = block;
+        while run < c {
+            runs.push(run);
+            run *= 2;
+        }
+        (block, runs)
+    }
+
+    /// CPU reference.
+    pub fn cpu(&self, x: &Tensor, out: &Shape) -> Tensor {
+        let (_, c) = rows_of(x.shape(), false);
+        let rows = x
+            .data()
+            .chunks(c)
+            .map(|r| r.iter().copied().zip(0..c).collect())
+            .collect();
+        let data = sorted_runs(self.largest, rows, self.block, self.k);
+        Tensor::new(out.clone(), data).expect("the sort's shape")
+    }
+
+    /// Kernel: a workgroup per block of a row.
+    pub fn kernel(&self, x: &Shape) -> KernelSpec {
+        let (rows, c) = rows_of(x, false);
+        let entry = match self.k {
+            Some(_) => "sort_blocks_last",
+            None => "sort_blocks",
+        };
+        let mut k = sort_kernel(entry, rows, c, self.k, self.largest);
+        k.constants.push(("BLOCK", self.block as f64));
+        k.workgroups = (rows * c.div_ceil(self.block)) as u64;
+        k
+    }
+}
+
+impl MergeRuns {
+    /// CPU reference: the runs of `2 run` sorted (a merge of two sorted runs, the order being
+    /// strict).
+    pub fn cpu(&self, runs: &Tensor, out: &Shape) -> Tensor {
+        let (_, c) = rows_of(runs.shape(), true);
+        let rows = runs
+            .data()
+            .chunks(2 * c)
+            .map(|r| r.chunks(2).map(|p| (p[0], p[1] as usize)).collect())
+            .collect();
+        let data = sorted_runs(self.largest, rows, 2 * self.run, self.k);
+        Tensor::new(out.clone(), data).expect("the sort's shape")
+    }
+
+    /// Kernel: a thread per element.
+    pub fn kernel(&self, runs: &Shape) -> KernelSpec {
+        let (rows, c) = rows_of(runs, true);
+        let entry = match self.k {
+            Some(_) => "merge_runs_last",
+            None => "merge_runs",
+        };
+        let mut k = sort_kernel(entry, rows, c, self.k, self.largest);
+        k.constants.push(("RUN", self.run as f64));
+        k.workgroups = groups(rows * c, 256);
+        k
+    }
+}
+
 impl TopK {
     /// Shape rule: `x (.., C)` with `1 <= k <= C` -> `(.., k)`.
     pub fn infer(&self, x: &Shape) -> Result<Shape> {
@@ -262,28 +430,14 @@ impl TopK {
         Ok(Shape(d))
     }
 
-    /// Whether `(a, ia)` comes before `(b, ib)` in top-k order.
-    fn before(&self, (a, ia): (f32, usize), (b, ib): (f32, usize)) -> bool {
-        match (a.is_nan(), b.is_nan()) {
-            (true, true) => ia < ib,
-            (true, false) => self.largest,
-            (false, true) => !self.largest,
-            _ if a == b => ia < ib,
-            _ => (a > b) == self.largest,
-        }
-    }
-
     /// CPU reference: each row's positions sorted in top-k order, the first `k`.
     pub fn cpu(&self, x: &Tensor, out: &Shape) -> Tensor {
         let c = *x.dims().last().expect("a rank of at least 1");
         let mut picks = Vec::with_capacity(out.numel());
         for row in x.data().chunks(c) {
-            let mut pos: Vec<usize> = (0..c).collect();
-            pos.sort_by(|&i, &j| match self.before((row[i], i), (row[j], j)) {
-                true => std::cmp::Ordering::Less,
-                false => std::cmp::Ordering::Greater,
-            });
-            picks.extend(pos[..self.k].iter().map(|&p| p as f32));
+            let mut pos: Vec<(f32, usize)> = row.iter().copied().zip(0..c).collect();
+            sort_pairs(self.largest, &mut pos);
+            picks.extend(pos[..self.k].iter().map(|&(_, p)| p as f32));
         }
         Tensor::new(out.clone(), picks).expect("the picks' shape")
     }

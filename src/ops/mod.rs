@@ -142,6 +142,10 @@ pub enum Op {
     Cumsum(index::Cumsum),
     /// The positions of each row's largest (or smallest) elements (see `ops::index::TopK`).
     TopK(index::TopK),
+    /// A row sort's first pass: sorted blocks (see `ops::index::SortBlocks`).
+    SortBlocks(index::SortBlocks),
+    /// A row sort's merge pass (see `ops::index::MergeRuns`).
+    MergeRuns(index::MergeRuns),
     /// Its adjoint, from the resized images' gradient back to `(N, C, H, W)`.
     Resize2dBackward(resize::Resize2d),
     /// Fused softmax cross-entropy of logits `(N, C)` and class labels `(N)`, mean over N.
@@ -315,6 +319,8 @@ impl Op {
             Op::GatherBackward(_) => "gather_backward",
             Op::Cumsum(_) => "cumsum",
             Op::TopK(_) => "topk",
+            Op::SortBlocks(_) => "sort_blocks",
+            Op::MergeRuns(_) => "merge_runs",
             Op::CrossEntropy(_) => "cross_entropy",
             Op::LstmForward(_) => "lstm",
             Op::LstmBackward(_) => "lstm_backward",
@@ -631,6 +637,8 @@ impl Op {
             Op::GatherBackward(g) => g.cpu(inputs[0], inputs[1], out),
             Op::Cumsum(c) => c.cpu(inputs[0]),
             Op::TopK(t) => t.cpu(inputs[0], out),
+            Op::SortBlocks(s) => s.cpu(inputs[0], out),
+            Op::MergeRuns(m) => m.cpu(inputs[0], out),
             Op::CrossEntropy(c) => c.cpu(inputs[0], inputs[1]),
             Op::LstmForward(l) => l.cpu(inputs, out),
             Op::LstmBackward(l) => l.cpu(inputs, out),
@@ -745,6 +753,8 @@ impl Op {
             Op::GatherBackward(g) => Some(g.kernel(inputs[1], out)),
             Op::Cumsum(c) => Some(c.kernel(out)),
             Op::TopK(t) => Some(t.kernel(inputs[0])),
+            Op::SortBlocks(s) => Some(s.kernel(inputs[0])),
+            Op::MergeRuns(m) => Some(m.kernel(inputs[0])),
             Op::CrossEntropy(c) => Some(c.kernel(inputs[0])),
             Op::LstmForward(l) => Some(l.kernel(out, target)),
             Op::LstmBackward(l) => Some(l.kernel(inputs[0], target)),
@@ -834,7 +844,7 @@ impl Op {
             Op::GatherBackward(i) => i.backward(g, x, dy)?,
             Op::Cumsum(c) => vec![Some(c.backward(g, dy)?)],
             // positions: constant almost everywhere
-            Op::TopK(_) => vec![None],
+            Op::TopK(_) | Op::SortBlocks(_) | Op::MergeRuns(_) => vec![None],
             Op::CrossEntropy(c) => c.backward(g, x[0], x[1], dy)?.to_vec(),
             Op::CrossEntropyRows(c) if !c.with_grad => c.backward(g, x[0], x[1], dy)?.to_vec(),
             Op::LstmForward(l) => l.backward(g, x, y, dy)?,
@@ -935,7 +945,8 @@ impl Op {
             Op::Gather(_) if inputs[1] == DType::F32 => Ok(first),
             Op::GatherBackward(_) if first == DType::F32 => Ok(inputs[1]),
             // positions of an f32 or f16 tensor's elements
-            Op::TopK(_) => Ok(DType::F32),
+            Op::TopK(_) | Op::SortBlocks(_) => Ok(DType::F32),
+            Op::MergeRuns(_) if first == DType::F32 => Ok(DType::F32),
             // the seed is a whole number: f32
             Op::Dropout(_) if inputs.get(1) == Some(&DType::F32) => Ok(first),
             // f16 logits: the loss (a mean over the batch) stays f32, the logits' gradient
