@@ -6,6 +6,7 @@
 //! `g.softmax(g.matmul(x, w)?, -1)?`.
 
 mod autodiff;
+mod functional;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::tensor::{DType, Shape, Tensor};
 
 pub use crate::ops::conv::Conv2dOpts;
 pub use crate::ops::loss::{CrossEntropyOpts, Reduction};
+pub use functional::PadMode;
 
 /// A handle to a node of a [`Graph`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -1635,103 +1637,6 @@ impl Graph {
         };
         let added = self.push(Op::GatherBackward(back), vec![index, src], sa)?;
         self.add(a, added)
-    }
-
-    /// `torch.nn.functional.one_hot(labels, classes)` as f32: `labels (..)` (whole numbers
-    /// stored as f32) -> `(.., classes)`, 1 at each label's class, else 0 (all zeros for a label
-    /// outside `[0, classes)`, where torch raises). One comparison kernel; no gradient.
-    pub fn one_hot(&self, labels: NodeId, classes: usize) -> Result<NodeId> {
-        const OP: &str = "one_hot";
-        let s = self.check_id(OP, labels)?;
-        if classes == 0 {
-            return Err(shape_err(OP, format!("labels {s}: expected classes >= 1")));
-        }
-        let mut dims = s.dims().to_vec();
-        dims.push(1);
-        let col = self.reshape(labels, &self.dims_isize(Shape(dims)))?;
-        let classes_row = Tensor::new([classes], (0..classes).map(|c| c as f32).collect())?;
-        self.eq(col, self.constant(classes_row))
-    }
-
-    /// `torch.tril(a, diagonal)`: the elements of the last two axes' matrices on and below the
-    /// `diagonal`-th diagonal (0 the main one, positive above it), zeros elsewhere; one fused
-    /// kernel (a constant mask), the gradient masked the same way.
-    pub fn tril(&self, a: NodeId, diagonal: isize) -> Result<NodeId> {
-        self.triangle("tril", a, |r, c| c - r <= diagonal)
-    }
-
-    /// `torch.triu(a, diagonal)`: on and above the `diagonal`-th diagonal, as [`Graph::tril`].
-    pub fn triu(&self, a: NodeId, diagonal: isize) -> Result<NodeId> {
-        self.triangle("triu", a, |r, c| c - r >= diagonal)
-    }
-
-    /// `a` where `keep(row, column)` over its last two axes, else exactly 0.
-    fn triangle(
-        &self,
-        op: &'static str,
-        a: NodeId,
-        keep: impl Fn(isize, isize) -> bool,
-    ) -> Result<NodeId> {
-        let s = self.check_id(op, a)?;
-        if s.rank() < 2 {
-            return Err(shape_err(op, format!("a {s}: expected rank >= 2")));
-        }
-        let (r, c) = (s.dims()[s.rank() - 2], s.dims()[s.rank() - 1]);
-        let drop: Vec<f32> = (0..r * c)
-            .map(|i| (!keep((i / c) as isize, (i % c) as isize)) as u8 as f32)
-            .collect();
-        let mask = self.constant(Tensor::new([r, c], drop)?);
-        self.masked_fill(a, mask, 0.0)
-    }
-
-    /// `a.repeat(*reps)` (`torch.Tensor.repeat`, numpy's `tile`): `a` tiled `reps[i]` times
-    /// along axis `i`; `reps` may be longer than `a`'s rank (leading axes added). A broadcast
-    /// and a reshape (one copy kernel); the gradient sums the tiles.
-    pub fn repeat(&self, a: NodeId, reps: &[usize]) -> Result<NodeId> {
-        const OP: &str = "repeat";
-        let s = self.check_id(OP, a)?;
-        if reps.len() < s.rank() || reps.contains(&0) {
-            return Err(shape_err(
-                OP,
-                format!("a {s} by {reps:?}: expected one count >= 1 per axis at least"),
-            ));
-        }
-        let lead = reps.len() - s.rank();
-        let dims: Vec<usize> = std::iter::repeat_n(1, lead)
-            .chain(s.dims().iter().copied())
-            .collect();
-        // (r0, d0, r1, d1, ..): each axis behind its count, broadcast along the counts
-        let mut split = Vec::new();
-        let mut wide = Vec::new();
-        let mut out = Vec::new();
-        for (&r, &d) in reps.iter().zip(&dims) {
-            split.extend([1, d as isize]);
-            wide.extend([r, d]);
-            out.push((r * d) as isize);
-        }
-        let x = self.reshape(a, &split)?;
-        let x = self.expand(x, &Shape(wide))?;
-        self.reshape(x, &out)
-    }
-
-    /// `torch.repeat_interleave(a, repeats, axis)` with one count: each slice along `axis`
-    /// repeated `repeats` times in place (`[a, b]` -> `[a, a, b, b]`). A broadcast and a
-    /// reshape; the gradient sums the copies.
-    pub fn repeat_interleave(&self, a: NodeId, repeats: usize, axis: isize) -> Result<NodeId> {
-        const OP: &str = "repeat_interleave";
-        let s = self.check_id(OP, a)?;
-        let ax = s.axis(OP, axis)?;
-        if repeats == 0 {
-            return Err(shape_err(OP, format!("a {s}: expected repeats >= 1")));
-        }
-        let mut with = s.dims().to_vec();
-        with.insert(ax + 1, 1);
-        let x = self.reshape(a, &self.dims_isize(Shape(with.clone())))?;
-        with[ax + 1] = repeats;
-        let x = self.expand(x, &Shape(with))?;
-        let mut out = s.dims().to_vec();
-        out[ax] *= repeats;
-        self.reshape(x, &self.dims_isize(Shape(out)))
     }
 
     /// The `k` largest elements along `axis` (smallest without `largest`) and their positions

@@ -408,6 +408,8 @@ pub enum Act {
     /// Upsampling by an integer factor (`torch.nn.Upsample(scale_factor=s, mode=..)`:
     /// [`Graph::interpolate`] to `(H*s, W*s)`).
     Upsample(usize, crate::ops::resize::ResizeMode),
+    /// `torch.nn.PixelShuffle(r)`: `(N, C r^2, H, W)` -> `(N, C, H r, W r)`.
+    PixelShuffle(usize),
     /// Dropout with this probability in training graphs, identity in evaluation graphs; the `u32`
     /// is its salt (distinct per dropout layer).
     Dropout(f32, u32),
@@ -486,6 +488,7 @@ impl Sequential {
                 Step::Act(Act::Hardswish) => g.hardswish(h)?,
                 Step::Act(Act::Mish) => g.mish(h)?,
                 Step::Act(Act::Flatten) => g.flatten(h)?,
+                Step::Act(Act::PixelShuffle(r)) => g.pixel_shuffle(h, *r)?,
                 Step::Act(Act::MaxPool(k)) => g.max_pool2d(h, (*k, *k), (*k, *k), (0, 0))?,
                 Step::Act(Act::AvgPool(k)) => g.avg_pool2d(h, (*k, *k), (*k, *k), (0, 0))?,
                 Step::Act(Act::AdaptiveAvgPool(ho, wo)) => g.adaptive_avg_pool2d(h, (*ho, *wo))?,

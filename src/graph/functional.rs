@@ -1,0 +1,336 @@
+//! `torch.nn.functional`'s compositions of graph ops, each as torch computes it: one-hot
+//! labels, triangles, tiling, padding by reflection, replication or wrapping, pixel shuffles,
+//! normalization and cosine similarity, and the losses built from them (binary cross-entropy
+//! on probabilities, margin ranking, triplet margin). Their kernels are the ops they compose
+//! (the plan compiler fuses the elementwise ones); their gradients come from autodiff.
+
+use super::{Graph, NodeId};
+use crate::error::{shape_err, Result};
+use crate::tensor::{Shape, Tensor};
+
+/// How [`Graph::pad_with`] fills the border (`torch.nn.functional.pad`'s `mode`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PadMode {
+    /// A constant value (`mode="constant"`, [`Graph::pad`]).
+    Constant(f32),
+    /// The mirror image without the edge (`"reflect"`: `[a, b, c]` padded by 2 on the left
+    /// is `[c, b, a, b, c]`); each pad smaller than its axis.
+    Reflect,
+    /// The edge repeated (`"replicate"`).
+    Replicate,
+    /// The other end of the axis (`"circular"`, wrapping); each pad at most its axis.
+    Circular,
+}
+
+impl PadMode {
+    /// The source position of output position `o` along an axis of `d` padded by `before`,
+    /// or `None` where the mode cannot reach it.
+    fn source(&self, o: isize, before: isize, d: isize) -> Option<isize> {
+        let s = o - before;
+        let src = match self {
+            PadMode::Constant(_) => s,
+            PadMode::Reflect if s < 0 => -s,
+            PadMode::Reflect if s >= d => 2 * (d - 1) - s,
+            PadMode::Reflect => s,
+            PadMode::Replicate => s.clamp(0, d - 1),
+            PadMode::Circular => s.rem_euclid(d),
+        };
+        (0..d).contains(&src).then_some(src)
+    }
+}
+
+impl Graph {
+    /// `torch.nn.functional.one_hot(labels, classes)` as f32: `labels (..)` (whole numbers
+    /// stored as f32) -> `(.., classes)`, 1 at each label's class, else 0 (all zeros for a label
+    /// outside `[0, classes)`, where torch raises). One comparison kernel; no gradient.
+    pub fn one_hot(&self, labels: NodeId, classes: usize) -> Result<NodeId> {
+        const OP: &str = "one_hot";
+        let s = self.check_id(OP, labels)?;
+        if classes == 0 {
+            return Err(shape_err(OP, format!("labels {s}: expected classes >= 1")));
+        }
+        let mut dims = s.dims().to_vec();
+        dims.push(1);
+        let col = self.reshape(labels, &self.dims_isize(Shape(dims)))?;
+        let classes_row = Tensor::new([classes], (0..classes).map(|c| c as f32).collect())?;
+        self.eq(col, self.constant(classes_row))
+    }
+
+    /// `torch.tril(a, diagonal)`: the elements of the last two axes' matrices on and below the
+    /// `diagonal`-th diagonal (0 the main one, positive above it), zeros elsewhere; one fused
+    /// kernel (a constant mask), the gradient masked the same way.
+    pub fn tril(&self, a: NodeId, diagonal: isize) -> Result<NodeId> {
+        self.triangle("tril", a, |r, c| c - r <= diagonal)
+    }
+
+    /// `torch.triu(a, diagonal)`: on and above the `diagonal`-th diagonal, as [`Graph::tril`].
+    pub fn triu(&self, a: NodeId, diagonal: isize) -> Result<NodeId> {
+        self.triangle("triu", a, |r, c| c - r >= diagonal)
+    }
+
+    /// `a` where `keep(row, column)` over its last two axes, else exactly 0.
+    fn triangle(
+        &self,
+        op: &'static str,
+        a: NodeId,
+        keep: impl Fn(isize, isize) -> bool,
+    ) -> Result<NodeId> {
+        let s = self.check_id(op, a)?;
+        if s.rank() < 2 {
+            return Err(shape_err(op, format!("a {s}: expected rank >= 2")));
+        }
+        let (r, c) = (s.dims()[s.rank() - 2], s.dims()[s.rank() - 1]);
+        let drop: Vec<f32> = (0..r * c)
+            .map(|i| (!keep((i / c) as isize, (i % c) as isize)) as u8 as f32)
+            .collect();
+        let mask = self.constant(Tensor::new([r, c], drop)?);
+        self.masked_fill(a, mask, 0.0)
+    }
+
+    /// `a.repeat(*reps)` (`torch.Tensor.repeat`, numpy's `tile`): `a` tiled `reps[i]` times
+    /// along axis `i`; `reps` may be longer than `a`'s rank (leading axes added). A broadcast
+    /// and a reshape (one copy kernel); the gradient sums the tiles.
+    pub fn repeat(&self, a: NodeId, reps: &[usize]) -> Result<NodeId> {
+        const OP: &str = "repeat";
+        let s = self.check_id(OP, a)?;
+        if reps.len() < s.rank() || reps.contains(&0) {
+            return Err(shape_err(
+                OP,
+                format!("a {s} by {reps:?}: expected one count >= 1 per axis at least"),
+            ));
+        }
+        let lead = reps.len() - s.rank();
+        let dims: Vec<usize> = std::iter::repeat_n(1, lead)
+            .chain(s.dims().iter().copied())
+            .collect();
+        // (r0, d0, r1, d1, ..): each axis behind its count, broadcast along the counts
+        let mut split = Vec::new();
+        let mut wide = Vec::new();
+        let mut out = Vec::new();
+        for (&r, &d) in reps.iter().zip(&dims) {
+            split.extend([1, d as isize]);
+            wide.extend([r, d]);
+            out.push((r * d) as isize);
+        }
+        let x = self.reshape(a, &split)?;
+        let x = self.expand(x, &Shape(wide))?;
+        self.reshape(x, &out)
+    }
+
+    /// `torch.repeat_interleave(a, repeats, axis)` with one count: each slice along `axis`
+    /// repeated `repeats` times in place (`[a, b]` -> `[a, a, b, b]`). A broadcast and a
+    /// reshape; the gradient sums the copies.
+    pub fn repeat_interleave(&self, a: NodeId, repeats: usize, axis: isize) -> Result<NodeId> {
+        const OP: &str = "repeat_interleave";
+        let s = self.check_id(OP, a)?;
+        let ax = s.axis(OP, axis)?;
+        if repeats == 0 {
+            return Err(shape_err(OP, format!("a {s}: expected repeats >= 1")));
+        }
+        let mut with = s.dims().to_vec();
+        with.insert(ax + 1, 1);
+        let x = self.reshape(a, &self.dims_isize(Shape(with.clone())))?;
+        with[ax + 1] = repeats;
+        let x = self.expand(x, &Shape(with))?;
+        let mut out = s.dims().to_vec();
+        out[ax] *= repeats;
+        self.reshape(x, &self.dims_isize(Shape(out)))
+    }
+
+    /// `torch.nn.functional.pad(a, pads, mode)`: `pads` as torch's (pairs from the last axis
+    /// backwards, `(before, after)`), the border filled as `mode` says. The constant mode is
+    /// [`Graph::pad`]; the others are one [`Graph::index_select`] per padded axis with the
+    /// source positions as a constant (their gradient adds each border element back into the
+    /// one it copies, deterministically). Pads are non-negative; reflection needs each smaller
+    /// than its axis and wrapping at most its axis, as torch's.
+    pub fn pad_with(&self, a: NodeId, pads: &[(isize, isize)], mode: PadMode) -> Result<NodeId> {
+        const OP: &str = "pad";
+        if let PadMode::Constant(v) = mode {
+            return self.pad(a, pads, v);
+        }
+        let s = self.check_id(OP, a)?;
+        if pads.len() > s.rank() {
+            return Err(shape_err(
+                OP,
+                format!("{} axis pairs for {s} of rank {}", pads.len(), s.rank()),
+            ));
+        }
+        let mut x = a;
+        for (k, &(before, after)) in pads.iter().enumerate() {
+            let axis = s.rank() - 1 - k;
+            let d = s.dims()[axis] as isize;
+            if before == 0 && after == 0 {
+                continue;
+            }
+            let len = d + before + after;
+            let limit = match mode {
+                PadMode::Reflect => d - 1,
+                PadMode::Circular => d,
+                _ => isize::MAX,
+            };
+            let fits = (0..=limit).contains(&before) && (0..=limit).contains(&after);
+            let src: Option<Vec<f32>> = fits
+                .then(|| {
+                    (0..len)
+                        .map(|o| mode.source(o, before, d).map(|p| p as f32))
+                        .collect()
+                })
+                .flatten();
+            let Some(src) = src else {
+                return Err(shape_err(
+                    OP,
+                    format!(
+                        "{mode:?} padding ({before}, {after}) of axis {axis} of {s}: expected \
+                         non-negative pads{}",
+                        match mode {
+                            PadMode::Reflect => " smaller than the axis",
+                            PadMode::Circular => " no larger than the axis",
+                            _ => "",
+                        }
+                    ),
+                ));
+            };
+            let index = self.constant(Tensor::new([len as usize], src)?);
+            x = self.index_select(x, axis as isize, index)?;
+        }
+        Ok(x)
+    }
+
+    /// `torch.nn.functional.pixel_shuffle(a, r)`: `(N, C r^2, H, W)` -> `(N, C, H r, W r)`,
+    /// output pixel `(h r + i, w r + j)` of channel `c` from input channel `c r^2 + i r + j`
+    /// (a sub-pixel convolution's upsampling). A reshape, a permute and a reshape: one copy.
+    pub fn pixel_shuffle(&self, a: NodeId, r: usize) -> Result<NodeId> {
+        const OP: &str = "pixel_shuffle";
+        let s = self.check_id(OP, a)?;
+        let d = s.dims();
+        if s.rank() != 4 || r == 0 || d[1] % (r * r) != 0 {
+            return Err(shape_err(
+                OP,
+                format!("input {s} by {r}: expected (N, C r^2, H, W) with r >= 1"),
+            ));
+        }
+        let (n, c, h, w, r) = (d[0], d[1] / (r * r), d[2], d[3], r);
+        let x = self.reshape(a, &self.dims_isize(Shape(vec![n, c, r, r, h, w])))?;
+        let x = self.permute(x, &[0, 1, 4, 2, 5, 3])?;
+        self.reshape(x, &self.dims_isize(Shape(vec![n, c, h * r, w * r])))
+    }
+
+    /// `torch.nn.functional.pixel_unshuffle(a, r)`: the inverse of [`Graph::pixel_shuffle`],
+    /// `(N, C, H r, W r)` -> `(N, C r^2, H, W)`.
+    pub fn pixel_unshuffle(&self, a: NodeId, r: usize) -> Result<NodeId> {
+        const OP: &str = "pixel_unshuffle";
+        let s = self.check_id(OP, a)?;
+        let d = s.dims();
+        if s.rank() != 4 || r == 0 || d[2] % r != 0 || d[3] % r != 0 {
+            return Err(shape_err(
+                OP,
+                format!("input {s} by {r}: expected (N, C, H r, W r) with r >= 1"),
+            ));
+        }
+        let (n, c, h, w) = (d[0], d[1], d[2] / r, d[3] / r);
+        let x = self.reshape(a, &self.dims_isize(Shape(vec![n, c, h, r, w, r])))?;
+        let x = self.permute(x, &[0, 1, 3, 5, 2, 4])?;
+        self.reshape(x, &self.dims_isize(Shape(vec![n, c * r * r, h, w])))
+    }
+
+    /// The `p`-norm over `axis` (`torch.linalg.vector_norm(a, p, axis, keepdim)`), `p > 0`:
+    /// `sqrt(sum(a^2))` for 2, `sum(|a|)` for 1, else `sum(|a|^p)^(1/p)`. One reduction kernel
+    /// with the powers in its loads and the root in its store.
+    pub fn norm(&self, a: NodeId, p: f32, axis: isize, keepdim: bool) -> Result<NodeId> {
+        if !(p > 0.0 && p.is_finite()) {
+            return Err(shape_err(
+                "norm",
+                format!("p must be positive and finite, got {p}"),
+            ));
+        }
+        if p == 2.0 {
+            return self.sqrt(self.sum(self.square(a)?, axis, keepdim)?);
+        }
+        if p == 1.0 {
+            return self.sum(self.abs(a)?, axis, keepdim);
+        }
+        let powered = self.pow_scalar(self.abs(a)?, p)?;
+        self.pow_scalar(self.sum(powered, axis, keepdim)?, 1.0 / p)
+    }
+
+    /// `torch.nn.functional.normalize(a, p, axis, eps)`: `a / max(||a||_p, eps)` over `axis`
+    /// (torch's defaults: `p = 2`, `axis = 1`, `eps = 1e-12`).
+    pub fn normalize(&self, a: NodeId, p: f32, axis: isize, eps: f32) -> Result<NodeId> {
+        let n = self.norm(a, p, axis, true)?;
+        self.div(a, self.clamp(n, eps, f32::MAX)?)
+    }
+
+    /// `torch.nn.functional.cosine_similarity(a, b, axis, eps)`: `sum(a b) / (max(||a||, eps)
+    /// max(||b||, eps))` over `axis`, `a` and `b` broadcast together (torch's default `eps`:
+    /// 1e-8).
+    pub fn cosine_similarity(&self, a: NodeId, b: NodeId, axis: isize, eps: f32) -> Result<NodeId> {
+        let na = self.clamp(self.norm(a, 2.0, axis, false)?, eps, f32::MAX)?;
+        let nb = self.clamp(self.norm(b, 2.0, axis, false)?, eps, f32::MAX)?;
+        self.div(self.sum(self.mul(a, b)?, axis, false)?, self.mul(na, nb)?)
+    }
+
+    /// `torch.nn.functional.pairwise_distance(a, b, p, eps)`: `||a - b + eps||_p` over the
+    /// last axis (torch's defaults: `p = 2`, `eps = 1e-6`).
+    pub fn pairwise_distance(&self, a: NodeId, b: NodeId, p: f32, eps: f32) -> Result<NodeId> {
+        self.norm(self.add_scalar(self.sub(a, b)?, eps)?, p, -1, false)
+    }
+
+    /// Binary cross-entropy on probabilities (`torch.nn.functional.binary_cross_entropy`),
+    /// mean, shape `[1]`: `-(y log(p) + (1 - y) log(1 - p))` with each log clamped at -100 as
+    /// torch's, so a saturated probability gives 100, not inf. The gradient is torch's,
+    /// `(p - y) / (p (1 - p))`, where `p` and `1 - p` exceed 1e-12; within 1e-12 of 0 or 1 a
+    /// log's gradient is 0 (torch divides by `max(p (1 - p), 1e-12)` instead), so that it
+    /// stays finite. Prefer [`Graph::bce_with_logits`] on logits, which never saturates. f16
+    /// operands are cast to f32 first.
+    pub fn binary_cross_entropy(&self, probs: NodeId, target: NodeId) -> Result<NodeId> {
+        let (p, y) = self.regression_operands("binary_cross_entropy", probs, target)?;
+        let log_p = self.clamped_log(p)?;
+        let log_q = self.clamped_log(self.rsub_scalar(p, 1.0)?)?;
+        // y log p + (1 - y) log q = y (log p - log q) + log q
+        let ll = self.add(self.mul(y, self.sub(log_p, log_q)?)?, log_q)?;
+        self.neg(self.mean_all(ll)?)
+    }
+
+    /// `max(log(v), -100)` (torch's clamped log), differentiated only where `v > 1e-12`: below,
+    /// the value is detached, so no `0 / 0` reaches the gradient where `v` is 0.
+    fn clamped_log(&self, v: NodeId) -> Result<NodeId> {
+        const SMALL: f32 = 1e-12;
+        let ok = self.gt(v, self.constant(Tensor::full([1], SMALL)))?;
+        // v where it is differentiated, 1 elsewhere (a log of 1 with gradient 0)
+        let safe = self.where_cond(ok, v, self.constant(Tensor::full([1], 1.0)))?;
+        let small = self.detach(self.clamp(self.log(v)?, -100.0, f32::MAX)?)?;
+        self.where_cond(ok, self.log(safe)?, small)
+    }
+
+    /// `torch.nn.functional.margin_ranking_loss(a, b, y, margin)`: `mean(max(0, -y (a - b) +
+    /// margin))`, `y` of 1 where `a` should rank higher and -1 where `b` should.
+    pub fn margin_ranking_loss(
+        &self,
+        a: NodeId,
+        b: NodeId,
+        y: NodeId,
+        margin: f32,
+    ) -> Result<NodeId> {
+        let (a, b) = self.regression_operands("margin_ranking_loss", a, b)?;
+        let d = self.mul(self.neg(y)?, self.sub(a, b)?)?;
+        self.mean_all(self.relu(self.add_scalar(d, margin)?)?)
+    }
+
+    /// `torch.nn.functional.triplet_margin_loss(anchor, positive, negative, margin, p, eps,
+    /// swap=False)`: `mean(max(d(anchor, positive) - d(anchor, negative) + margin, 0))` with
+    /// `d` [`Graph::pairwise_distance`] over the last axis (torch's defaults: `margin = 1`,
+    /// `p = 2`, `eps = 1e-6`).
+    pub fn triplet_margin_loss(
+        &self,
+        anchor: NodeId,
+        positive: NodeId,
+        negative: NodeId,
+        margin: f32,
+        p: f32,
+        eps: f32,
+    ) -> Result<NodeId> {
+        let dp = self.pairwise_distance(anchor, positive, p, eps)?;
+        let dn = self.pairwise_distance(anchor, negative, p, eps)?;
+        self.mean_all(self.relu(self.add_scalar(self.sub(dp, dn)?, margin)?)?)
+    }
+}

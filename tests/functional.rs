@@ -1,0 +1,231 @@
+//! `torch.nn.functional`'s compositions (`src/graph/functional.rs`): padding by reflection,
+//! replication and wrapping, pixel shuffles, norms, normalization, cosine similarity,
+//! distances and the losses built on them, against torch's values worked by hand on every
+//! device (outputs poisoned), the GPU against the CPU on awkward shapes, and gradient checks.
+
+mod common;
+
+use common::{check_gpu_vs_cpu, gradcheck, rand, random_projection};
+use kiln::graph::PadMode;
+use kiln::ops::TOL_REDUCTION;
+use kiln::{Graph, NodeId, Tensor};
+
+fn t(shape: &[usize], v: &[f32]) -> Tensor {
+    Tensor::new(shape.to_vec(), v.to_vec()).unwrap()
+}
+
+/// Runs `outs` on every device (poisoned first) and compares with `want` at rtol 1e-6.
+fn close(g: &Graph, outs: &[NodeId], feeds: &[(&str, &Tensor)], want: &[Vec<f32>]) {
+    for dev in common::devices() {
+        let mut plan = dev.compile(g, outs).unwrap();
+        plan.poison(f32::NAN);
+        let got = plan.run(feeds).unwrap();
+        for (k, (t, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(t.numel(), w.len(), "output {k}: {:?}", t.shape());
+            for (i, (&a, &b)) in t.data().iter().zip(w).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 + 1e-6 * b.abs(),
+                    "output {k}[{i}]: {a}, torch {b} ({:?})",
+                    t.data()
+                );
+            }
+        }
+    }
+}
+
+/// torch.nn.functional.pad's reflect, replicate and circular modes, and pixel (un)shuffle.
+#[test]
+fn padding_modes_and_pixel_shuffle_as_torch() {
+    let g = Graph::new();
+    let v = g.input("v", [3]);
+    let m = g.input("m", [1, 1, 2, 3]);
+    let p = g.input("p", [1, 4, 1, 2]);
+    let shuffled = g.pixel_shuffle(p, 2).unwrap();
+    let outs = [
+        g.pad_with(v, &[(2, 1)], PadMode::Reflect).unwrap(),
+        g.pad_with(v, &[(2, 1)], PadMode::Replicate).unwrap(),
+        g.pad_with(v, &[(2, 1)], PadMode::Circular).unwrap(),
+        g.pad_with(v, &[(1, 0)], PadMode::Constant(-1.0)).unwrap(),
+        // (left, right) of the last axis, then (top, bottom)
+        g.pad_with(m, &[(1, 1), (1, 0)], PadMode::Reflect).unwrap(),
+        shuffled,
+        g.pixel_unshuffle(shuffled, 2).unwrap(),
+    ];
+    assert_eq!(g.shape(outs[4]).dims(), &[1, 1, 3, 5]);
+    assert_eq!(g.shape(shuffled).dims(), &[1, 1, 2, 4]);
+    let ps: Vec<f32> = (0..8).map(|i| i as f32).collect();
+    let want = [
+        vec![3., 2., 1., 2., 3., 2.],
+        vec![1., 1., 1., 2., 3., 3.],
+        vec![2., 3., 1., 2., 3., 1.],
+        vec![-1., 1., 2., 3.],
+        vec![5., 4., 5., 6., 5., 2., 1., 2., 3., 2., 5., 4., 5., 6., 5.],
+        vec![0., 2., 1., 3., 4., 6., 5., 7.],
+        ps.clone(),
+    ];
+    let feeds = [
+        ("v", &t(&[3], &[1., 2., 3.])),
+        ("m", &t(&[1, 1, 2, 3], &[1., 2., 3., 4., 5., 6.])),
+        ("p", &t(&[1, 4, 1, 2], &ps)),
+    ];
+    close(&g, &outs, &feeds, &want);
+    // torch's limits: a reflection smaller than its axis, a wrap no larger, no negative pads
+    for (pads, mode) in [
+        ((3, 0), PadMode::Reflect),
+        ((0, 4), PadMode::Circular),
+        ((-1, 0), PadMode::Replicate),
+    ] {
+        let e = g.pad_with(v, &[pads], mode).unwrap_err().to_string();
+        assert!(e.contains("pad") && e.contains("[3]"), "{e}");
+    }
+    // nn::Act::PixelShuffle in a Sequential is the same op
+    let seq = kiln::nn::Sequential::new().act(kiln::nn::Act::PixelShuffle(2));
+    let (s, _) = seq.apply(&g, p, false).unwrap();
+    assert_eq!(g.shape(s).dims(), &[1, 1, 2, 4]);
+    close(&g, &[s], &feeds, &want[5..6]);
+    assert!(g.pixel_shuffle(m, 2).is_err());
+    assert!(g.pixel_unshuffle(m, 2).is_err());
+}
+
+/// Norms, normalize, cosine similarity, pairwise distance, and the binary cross-entropy on
+/// probabilities (saturated ones included), margin ranking and triplet margin losses, with
+/// the gradients torch gives.
+#[test]
+fn norms_similarities_and_losses_as_torch() {
+    let g = Graph::new();
+    let x = g.input("x", [2, 2]);
+    let a = g.input("a", [3]);
+    let b = g.input("b", [3]);
+    let z = g.input("z", [3]);
+    let probs = g.input("probs", [4]);
+    let y = g.input("y", [4]);
+    let bce = g.binary_cross_entropy(probs, y).unwrap();
+    let dbce = g.grad(bce, &[probs]).unwrap()[0];
+    let ra = g.input("ra", [3]);
+    let rb = g.input("rb", [3]);
+    let ry = g.input("ry", [3]);
+    let (an, po, ne) = (
+        g.input("an", [1, 2]),
+        g.input("po", [1, 2]),
+        g.input("ne", [1, 2]),
+    );
+    let outs = [
+        g.normalize(x, 2.0, 1, 1e-12).unwrap(),
+        g.norm(x, 1.0, 1, false).unwrap(),
+        g.norm(x, 3.0, 1, false).unwrap(),
+        g.cosine_similarity(a, b, 0, 1e-8).unwrap(),
+        g.cosine_similarity(a, z, 0, 1e-8).unwrap(),
+        bce,
+        dbce,
+        g.margin_ranking_loss(ra, rb, ry, 0.5).unwrap(),
+        g.triplet_margin_loss(an, po, ne, 1.0, 2.0, 1e-6).unwrap(),
+        g.pairwise_distance(an, po, 2.0, 1e-6).unwrap(),
+    ];
+    let want = [
+        vec![0.6, 0.8, 0.0, 0.0],
+        vec![7.0, 0.0],
+        vec![4.497_941_4, 0.0],
+        vec![0.974_631_85],
+        vec![0.0],
+        vec![50.098_26],
+        // (p - y) / (p (1 - p)) / N; 0 where the log is clamped (p = 0 and 1)
+        vec![1.0 / 3.0, -0.277_777_8, 0.0, 0.0],
+        vec![2.0 / 3.0],
+        vec![4.999_999_6],
+        vec![4.999_998_6],
+    ];
+    let feeds = [
+        ("x", &t(&[2, 2], &[3., 4., 0., 0.])),
+        ("a", &t(&[3], &[1., 2., 3.])),
+        ("b", &t(&[3], &[4., 5., 6.])),
+        ("z", &t(&[3], &[0., 0., 0.])),
+        ("probs", &t(&[4], &[0.25, 0.9, 0.0, 1.0])),
+        ("y", &t(&[4], &[0., 1., 1., 0.])),
+        ("ra", &t(&[3], &[1., 2., 3.])),
+        ("rb", &t(&[3], &[2., 2., 1.])),
+        ("ry", &t(&[3], &[1., -1., 1.])),
+        ("an", &t(&[1, 2], &[0., 0.])),
+        ("po", &t(&[1, 2], &[3., 4.])),
+        ("ne", &t(&[1, 2], &[0., 1.])),
+    ];
+    close(&g, &outs, &feeds, &want);
+    assert!(g.norm(x, 0.0, 1, false).is_err());
+}
+
+/// The GPU against the CPU on awkward shapes, and gradient checks through every padding mode,
+/// the shuffles, normalize, cosine similarity and the losses.
+#[test]
+fn functional_gradients() {
+    let g = Graph::new();
+    let x = g.input("x", [2, 3, 5, 7]);
+    let v = g.input("v", [3, 7]);
+    let w = g.input("w", [3, 7]);
+    let u = g.input("u", [3, 7]);
+    let ys = g.input("ys", [3, 7]);
+    let xs = rand(&[2, 3, 5, 7], 1);
+    let (vs, ws, us) = (rand(&[3, 7], 2), rand(&[3, 7], 3), rand(&[3, 7], 4));
+    // targets in [0, 1] and probabilities inside (0, 1)
+    let yv = t(
+        &[3, 7],
+        &(0..21).map(|i| (i % 5) as f32 / 4.0).collect::<Vec<_>>(),
+    );
+    let probs = g.sigmoid(v).unwrap();
+    let sign = g.input("sign", [3, 7]);
+    let sv = t(
+        &[3, 7],
+        &(0..21)
+            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect::<Vec<_>>(),
+    );
+    let pieces = [
+        g.pad_with(x, &[(2, 3), (4, 1)], PadMode::Reflect).unwrap(),
+        g.pad_with(x, &[(3, 0), (0, 2)], PadMode::Replicate)
+            .unwrap(),
+        g.pad_with(x, &[(7, 2)], PadMode::Circular).unwrap(),
+        g.pixel_shuffle(g.reshape(x, &[1, 6, 5, 7]).unwrap(), 1)
+            .unwrap(),
+        g.pixel_unshuffle(g.narrow(x, 3, 0, 6).unwrap(), 1).unwrap(),
+        g.normalize(v, 2.0, 1, 1e-12).unwrap(),
+        g.normalize(v, 1.5, 0, 1e-12).unwrap(),
+        g.cosine_similarity(v, w, 1, 1e-8).unwrap(),
+        g.pairwise_distance(v, w, 2.0, 1e-6).unwrap(),
+        g.binary_cross_entropy(probs, ys).unwrap(),
+        g.margin_ranking_loss(v, w, sign, 0.3).unwrap(),
+        g.triplet_margin_loss(v, w, u, 0.7, 2.0, 1e-6).unwrap(),
+    ];
+    let feeds = [
+        ("x", &xs),
+        ("v", &vs),
+        ("w", &ws),
+        ("u", &us),
+        ("ys", &yv),
+        ("sign", &sv),
+    ];
+    check_gpu_vs_cpu("functional", &g, &pieces, &feeds, TOL_REDUCTION);
+    let mut loss = random_projection(&g, pieces[0], 10);
+    for (k, &p) in pieces.iter().enumerate().skip(1) {
+        loss = g
+            .add(loss, random_projection(&g, p, 10 + k as u64))
+            .unwrap();
+    }
+    let wrt = [("x", x), ("v", v), ("w", w), ("u", u)];
+    gradcheck("functional", &g, loss, &wrt, &feeds, 40, TOL_REDUCTION);
+    // a 2-pixel shuffle's gradient is the unshuffle of the incoming one
+    let g = Graph::new();
+    let x = g.input("x", [2, 8, 3, 5]);
+    let y = g.pixel_shuffle(x, 2).unwrap();
+    let dy = g.input("dy", [2, 2, 6, 10]);
+    let dx = g
+        .grad(g.sum_all(g.mul(y, dy).unwrap()).unwrap(), &[x])
+        .unwrap()[0];
+    let back = g.pixel_unshuffle(dy, 2).unwrap();
+    let (xv, dyv) = (rand(&[2, 8, 3, 5], 5), rand(&[2, 2, 6, 10], 6));
+    for dev in common::devices() {
+        let out = dev
+            .compile(&g, &[dx, back])
+            .unwrap()
+            .run(&[("x", &xv), ("dy", &dyv)])
+            .unwrap();
+        common::assert_close("shuffle gradient", &out[0], &out[1], 0.0, 0.0);
+    }
+}
