@@ -1,7 +1,9 @@
-// pool.wgsl: max_pool2d and avg_pool2d on NCHW tensors and their backward, as torch in floor mode:
-// avg counts the padding (count_include_pad=True, always divides by KH*KW), max skips it and takes
-// the first maximum in row-major window order; the padding is at most half the kernel, so every
-// window holds at least one input element and no window reaches past the padded input.
+// pool.wgsl: max_pool2d and avg_pool2d on NCHW tensors and their backward, as torch in floor or
+// ceil mode (the host sizes HO, WO; a ceil-mode last window may reach past the padded input):
+// avg divides by the window clipped to the padded input (COUNT_PAD, torch's count_include_pad:
+// KH*KW in floor mode) or by the input elements it covers, max skips the padding and takes the
+// first maximum in row-major window order; the padding is at most half the kernel and every
+// window starts inside the input or its left padding, so every window holds an input element.
 //
 // Shapes: x, dx [N, C, H, W]; y, dy [N, C, HO, WO], HO = (H + 2*PH - KH) / SH + 1, WO likewise.
 //         Window (oh, ow) covers padded rows oh*SH .. oh*SH + KH - 1 (input row = padded row - PH)
@@ -24,7 +26,7 @@
 // both (wgpu keeps only the chosen entry point's globals when it specialises a pipeline).
 // Overrides: N, C, H, W (input), HO, WO (output), KH, KW (kernel), SH, SW (stride), PH, PW (padding)
 //            (the adaptive entry points take N, C, H, W, HO, WO only);
-//            CN_OUT (max_pool_backward_relu's layout).
+//            CN_OUT (max_pool_backward_relu's layout); COUNT_PAD (avg's divisor).
 // Dispatch: ceil(total / 256) workgroups of 256 threads, folded by the host into (x <= 65535, y);
 //           one output element per thread, threads past total return (total = N*C*HO*WO forward,
 //           N*C*H*W backward). The backward entry points are gathers: each input element loops over
@@ -43,6 +45,7 @@ override SW: u32 = 1u;
 override PH: u32 = 0u;
 override PW: u32 = 0u;
 override CN_OUT: bool = false;
+override COUNT_PAD: bool = true;
 const WG: u32 = 256u;
 
 // Every global read and write goes through ld_*/st_*: src/codegen/storage.rs generates the f16
@@ -109,6 +112,17 @@ fn window_sum(plane: u32, oh: u32, ow: u32) -> f32 {
     return s;
 }
 
+// The divisor of average window (oh, ow), as torch's: with COUNT_PAD the window clipped to the
+// padded input (KH * KW in floor mode), else the input elements it covers (at least one).
+fn avg_divisor(oh: u32, ow: u32) -> f32 {
+    let h0 = oh * SH;
+    let w0 = ow * SW;
+    if COUNT_PAD {
+        return f32((min(h0 + KH, H + 2u * PH) - h0) * (min(w0 + KW, W + 2u * PW) - w0));
+    }
+    return f32((min(h0 + KH, PH + H) - max(h0, PH)) * (min(w0 + KW, PW + W) - max(w0, PW)));
+}
+
 // The windows covering padded coordinate `p` along an axis: first and one past the last.
 fn covering(p: u32, k: u32, s: u32, n_out: u32) -> vec2<u32> {
     var lo = 0u;
@@ -148,7 +162,7 @@ fn avg_pool(
     let ow = idx % WO;
     let oh = (idx / WO) % HO;
     let plane = (idx / (WO * HO)) * H * W;
-    st_out(idx, window_sum(plane, oh, ow) / f32(KH * KW));
+    st_out(idx, window_sum(plane, oh, ow) / avg_divisor(oh, ow));
 }
 
 @compute @workgroup_size(256)
@@ -219,10 +233,10 @@ fn avg_pool_backward(
     var acc = 0.0;
     for (var oh = rows.x; oh < rows.y; oh = oh + 1u) {
         for (var ow = cols.x; ow < cols.y; ow = ow + 1u) {
-            acc = acc + ld_a((nc * HO + oh) * WO + ow);
+            acc = acc + ld_a((nc * HO + oh) * WO + ow) / avg_divisor(oh, ow);
         }
     }
-    st_out(idx, acc / f32(KH * KW));
+    st_out(idx, acc);
 }
 
 // Adaptive average pooling: output (oh, ow) averages input rows floor(oh*H/HO) ..

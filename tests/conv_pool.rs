@@ -840,11 +840,7 @@ fn pooling_gpu_matches_cpu() {
         let ya = g.avg_pool2d(x, kernel, stride, padding).unwrap();
         let ys = g.shape(ym);
         let dy = g.input("dy", ys.clone());
-        let pool = Pool2d {
-            kernel,
-            stride,
-            padding,
-        };
+        let pool = Pool2d::new(kernel, stride, padding);
         let dxm = g.max_pool2d_backward(x, dy, pool).unwrap();
         let dxa = g.avg_pool2d_backward(dy, (xs[2], xs[3]), pool).unwrap();
         let (xv, dyv) = (rand(&xs, 1000 + k as u64), rand(ys.dims(), 1100 + k as u64));
@@ -934,6 +930,108 @@ fn spaced_permutation(shape: &[usize], seed: u64) -> Tensor {
         data[i] = 0.1 * rank as f32 - 2.0;
     }
     Tensor::new(shape.to_vec(), data).unwrap()
+}
+
+/// torch's `ceil_mode` and `count_include_pad=False`, values from torch's pooling loops (an
+/// independent rewrite of `avg_pool2d`'s and `max_pool2d`'s CPU kernels), on every device with
+/// outputs poisoned, GPU against CPU on awkward shapes, and gradient checks through the
+/// per-window divisors.
+#[test]
+fn pooling_ceil_mode_and_count_include_pad_as_torch() {
+    let g = Graph::new();
+    let x = g.input("x", [1, 1, 6, 6]);
+    let pool = Pool2d::new((3, 3), (2, 2), (1, 1)).ceil_mode(true);
+    let outs = [
+        g.avg_pool2d_with(x, pool).unwrap(),
+        g.avg_pool2d_with(x, pool.count_include_pad(false)).unwrap(),
+        g.max_pool2d_with(x, pool).unwrap(),
+        // floor mode drops the partial last window
+        g.max_pool2d(x, (3, 3), (2, 2), (1, 1)).unwrap(),
+    ];
+    assert_eq!(g.shape(outs[0]).dims(), &[1, 1, 4, 4]);
+    assert_eq!(g.shape(outs[3]).dims(), &[1, 1, 3, 3]);
+    let want: [Vec<f32>; 4] = [
+        vec![
+            1.555_555_6,
+            3.333_333_3,
+            4.666_666_7,
+            2.666_666_7,
+            8.333_333,
+            14.0,
+            16.0,
+            8.5,
+            16.333_334,
+            26.0,
+            28.0,
+            14.5,
+            10.166_667,
+            16.0,
+            17.0,
+            8.75,
+        ],
+        vec![
+            3.5, 5.0, 7.0, 8.0, 12.5, 14.0, 16.0, 17.0, 24.5, 26.0, 28.0, 29.0, 30.5, 32.0, 34.0,
+            35.0,
+        ],
+        vec![
+            7., 9., 11., 11., 19., 21., 23., 23., 31., 33., 35., 35., 31., 33., 35., 35.,
+        ],
+        vec![7., 9., 11., 19., 21., 23., 31., 33., 35.],
+    ];
+    let xs = Tensor::new(vec![1, 1, 6, 6], (0..36).map(|i| i as f32).collect()).unwrap();
+    let mut devices = vec![Device::cpu()];
+    devices.extend(common::gpu());
+    for dev in devices {
+        let mut plan = dev.compile(&g, &outs).unwrap();
+        plan.poison(f32::NAN);
+        let got = plan.run(&[("x", &xs)]).unwrap();
+        for (k, (t, w)) in got.iter().zip(&want).enumerate() {
+            for (i, (&a, &b)) in t.data().iter().zip(w).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs(),
+                    "output {k}[{i}]: {a}, torch {b}"
+                );
+            }
+        }
+    }
+    // awkward shapes, both modes and divisors, and gradients through them
+    for (xs, kernel, stride, padding) in [
+        ([2, 3, 8, 6], (3, 3), (2, 2), (1, 0)),
+        ([1, 2, 7, 10], (2, 3), (3, 2), (0, 1)),
+        ([1, 1, 4, 4], (3, 3), (3, 3), (1, 0)),
+    ] {
+        for count in [true, false] {
+            let g = Graph::new();
+            let x = g.input("x", xs);
+            let p = Pool2d::new(kernel, stride, padding)
+                .ceil_mode(true)
+                .count_include_pad(count);
+            let ya = g.avg_pool2d_with(x, p).unwrap();
+            let ym = g.max_pool2d_with(x, p).unwrap();
+            // each case has a partial last window that floor mode drops
+            let floor = g.max_pool2d(x, kernel, stride, padding).unwrap();
+            assert_ne!(g.shape(ym), g.shape(floor));
+            // distinct values 0.05 apart (a permutation): central differences of step 0.01 do
+            // not change a window's maximum
+            let n: usize = xs.iter().product();
+            let spread = (0..n).map(|i| ((i * 101 + 11) % n) as f32 * 0.05).collect();
+            let xv = Tensor::new(xs.to_vec(), spread).unwrap();
+            let what = format!("{xs:?} {kernel:?} {stride:?} {padding:?} count_pad {count}");
+            check_gpu_vs_cpu(&what, &g, &[ya, ym], &[("x", &xv)], TOL_REDUCTION);
+            let loss = g
+                .add(random_projection(&g, ya, 1), random_projection(&g, ym, 2))
+                .unwrap();
+            gradcheck(
+                &what,
+                &g,
+                loss,
+                &[("x", x)],
+                &[("x", &xv)],
+                30,
+                TOL_REDUCTION,
+            );
+        }
+    }
 }
 
 #[test]
@@ -1120,11 +1218,7 @@ fn pooling_shape_errors() {
     // floor mode: 6 + 2 - 3 = 5, / 2 = 2, + 1 = 3
     let y = g.max_pool2d(x, (3, 3), (2, 2), (1, 1)).unwrap();
     assert_eq!(g.shape(y).dims(), &[1, 2, 3, 3]);
-    let pool = Pool2d {
-        kernel: (3, 3),
-        stride: (2, 2),
-        padding: (1, 1),
-    };
+    let pool = Pool2d::new((3, 3), (2, 2), (1, 1));
     let m = shape_msg(g.max_pool2d_backward(x, x, pool).unwrap_err());
     assert!(
         m.contains("pools to [1, 2, 3, 3], the gradient has shape [1, 2, 6, 6]"),

@@ -2379,13 +2379,13 @@ impl Graph {
         stride: (usize, usize),
         padding: (usize, usize),
     ) -> Result<NodeId> {
+        let p = crate::ops::pool::Pool2d::new(kernel, stride, padding);
+        self.pool2d_with(max, x, p)
+    }
+
+    fn pool2d_with(&self, max: bool, x: NodeId, p: crate::ops::pool::Pool2d) -> Result<NodeId> {
         let name = if max { "max_pool2d" } else { "avg_pool2d" };
         let sx = self.check_id(name, x)?;
-        let p = crate::ops::pool::Pool2d {
-            kernel,
-            stride,
-            padding,
-        };
         let shape = p.infer(name, &sx)?;
         let op = if max {
             Op::MaxPool2d(p)
@@ -2417,6 +2417,19 @@ impl Graph {
         padding: (usize, usize),
     ) -> Result<NodeId> {
         self.pool2d(false, x, kernel, stride, padding)
+    }
+
+    /// 2-D max pooling with torch's options ([`crate::ops::pool::Pool2d`]: `ceil_mode`), as
+    /// `torch.nn.functional.max_pool2d(x, kernel, stride, padding, ceil_mode=..)`.
+    pub fn max_pool2d_with(&self, x: NodeId, pool: crate::ops::pool::Pool2d) -> Result<NodeId> {
+        self.pool2d_with(true, x, pool)
+    }
+
+    /// 2-D average pooling with torch's options ([`crate::ops::pool::Pool2d`]: `ceil_mode`,
+    /// `count_include_pad`), as `torch.nn.functional.avg_pool2d(x, kernel, stride, padding,
+    /// ceil_mode=.., count_include_pad=..)`.
+    pub fn avg_pool2d_with(&self, x: NodeId, pool: crate::ops::pool::Pool2d) -> Result<NodeId> {
+        self.pool2d_with(false, x, pool)
     }
 
     /// The gradient of `max_pool2d(x)` for its input, from `dy` (the pooled shape).

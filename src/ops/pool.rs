@@ -1,7 +1,9 @@
 //! 2-D max and average pooling on NCHW tensors and their backward ops, as
-//! `torch.nn.functional.max_pool2d` / `avg_pool2d` in floor mode: average pooling counts the
-//! padding (`count_include_pad=True`, so it always divides by kh*kw), max pooling ignores it, and
-//! the padding may be at most half the kernel. The backward ops are gathers: each input element
+//! `torch.nn.functional.max_pool2d` / `avg_pool2d`, in floor or ceil mode ([`Pool2d::ceil_mode`]:
+//! a last window that starts inside the input may reach past the padding); average pooling
+//! counts the padding or not ([`Pool2d::count_include_pad`]: it divides by the window clipped
+//! to the padded input, which is kh*kw in floor mode, or by the input elements it covers), max
+//! pooling ignores it, and the padding may be at most half the kernel. The backward ops are gathers: each input element
 //! sums the gradient of every window that reads it (max: every window whose argmax it is, the
 //! first maximum in row-major window order, as torch). Adaptive average pooling
 //! ([`AdaptiveAvgPool2d`]) averages windows that tile the input into a given output size.
@@ -12,20 +14,71 @@ use crate::error::{shape_err, Error, Result};
 use crate::graph::{Graph, NodeId};
 use crate::tensor::{Shape, Tensor};
 
-/// Window geometry of a 2-D pooling, each pair as (height, width).
+/// Window geometry of a 2-D pooling, each pair as (height, width), and torch's options.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Pool2d {
     pub kernel: (usize, usize),
     pub stride: (usize, usize),
     pub padding: (usize, usize),
+    /// torch's `ceil_mode`: the output extents round up (a partial last window, which must
+    /// start inside the input or its left padding), where the default floor mode drops it.
+    pub ceil_mode: bool,
+    /// torch's `count_include_pad` (average pooling; default true): divide by the window
+    /// clipped to the padded input rather than by the input elements it covers.
+    pub count_include_pad: bool,
 }
 
-/// Output extents of a window sweep along one axis (floor mode).
-fn out_len(len: usize, k: usize, s: usize, p: usize) -> usize {
-    (len + 2 * p - k) / s + 1
+/// Output extents of a window sweep along one axis, as torch's `pooling_output_shape`.
+fn out_len(len: usize, k: usize, s: usize, p: usize, ceil: bool) -> usize {
+    let span = len + 2 * p - k;
+    let out = if ceil { span.div_ceil(s) } else { span / s } + 1;
+    // the last window must start inside the input or the left padding
+    if ceil && (out - 1) * s >= len + p {
+        return out - 1;
+    }
+    out
 }
 
 impl Pool2d {
+    /// A pooling of `kernel` with `stride` and `padding` in torch's default modes (floor,
+    /// counting the padding).
+    pub fn new(kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> Self {
+        Pool2d {
+            kernel,
+            stride,
+            padding,
+            ceil_mode: false,
+            count_include_pad: true,
+        }
+    }
+
+    /// With torch's `ceil_mode`.
+    pub fn ceil_mode(mut self, on: bool) -> Self {
+        self.ceil_mode = on;
+        self
+    }
+
+    /// With torch's `count_include_pad` (average pooling).
+    pub fn count_include_pad(mut self, on: bool) -> Self {
+        self.count_include_pad = on;
+        self
+    }
+
+    /// The divisor of average window (oh, ow) over an input of (h, w), as torch's: the window
+    /// clipped to the padded input with `count_include_pad`, else the input elements it covers.
+    fn avg_divisor(&self, h: usize, w: usize, oh: usize, ow: usize) -> f64 {
+        let axis = |o: usize, s: usize, k: usize, p: usize, len: usize| {
+            let a = o * s;
+            match self.count_include_pad {
+                true => (a + k).min(len + 2 * p) - a,
+                false => (a + k).min(p + len) - a.max(p),
+            }
+        };
+        let rows = axis(oh, self.stride.0, self.kernel.0, self.padding.0, h);
+        let cols = axis(ow, self.stride.1, self.kernel.1, self.padding.1, w);
+        (rows * cols) as f64
+    }
+
     /// Shape rule: input [N, C, H, W] -> [N, C, Ho, Wo], `Ho = (H + 2*ph - kh) / sh + 1`; `op` names
     /// the caller in errors.
     pub fn infer(&self, op: &'static str, x: &Shape) -> Result<Shape> {
@@ -69,9 +122,10 @@ impl Pool2d {
 
     /// Output extents (Ho, Wo) for an input of (h, w).
     pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        let ceil = self.ceil_mode;
         (
-            out_len(h, self.kernel.0, self.stride.0, self.padding.0),
-            out_len(w, self.kernel.1, self.stride.1, self.padding.1),
+            out_len(h, self.kernel.0, self.stride.0, self.padding.0, ceil),
+            out_len(w, self.kernel.1, self.stride.1, self.padding.1, ceil),
         )
     }
 
@@ -133,15 +187,14 @@ impl Pool2d {
         Tensor::new(out.clone(), data).expect("max_pool2d shape")
     }
 
-    /// CPU reference of average pooling (f64 sums, divided by kh*kw).
+    /// CPU reference of average pooling (f64 sums, divided as torch's).
     pub fn avg_cpu(&self, x: &Tensor, out: &Shape) -> Tensor {
         let (h, w) = (x.dims()[2], x.dims()[3]);
-        let area = (self.kernel.0 * self.kernel.1) as f64;
         let mut data = vec![0f32; out.numel()];
         self.for_each_window(x.shape(), |plane, oh, ow, o| {
             let p = &x.data()[plane * h * w..(plane + 1) * h * w];
             let s: f64 = self.window(h, w, oh, ow).map(|i| p[i] as f64).sum();
-            data[o] = (s / area) as f32;
+            data[o] = (s / self.avg_divisor(h, w, oh, ow)) as f32;
         });
         Tensor::new(out.clone(), data).expect("avg_pool2d shape")
     }
@@ -175,6 +228,7 @@ impl Pool2d {
             ("SW", self.stride.1),
             ("PH", self.padding.0),
             ("PW", self.padding.1),
+            ("COUNT_PAD", self.count_include_pad as usize),
         ]
         .into_iter()
         .map(|(k, v)| (k, v as f64))
@@ -264,7 +318,7 @@ impl MaxPoolReluBackward {
 }
 
 /// The backward of average pooling: input `dy` [N, C, Ho, Wo] -> `dx` [N, C, H, W], every input
-/// element gathering `dy / (kh*kw)` from each window that covers it. It needs the input extents,
+/// element gathering `dy` over the window's divisor from each window that covers it. It needs the input extents,
 /// which the pooled shape does not determine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AvgPool2dBackward {
@@ -291,21 +345,19 @@ impl AvgPool2dBackward {
         Ok(x)
     }
 
-    /// CPU reference: `dx` gets `dy / (kh*kw)` on every element of each window (f64 sums).
+    /// CPU reference: `dx` gets each window's `dy` over its divisor on every element of the
+    /// window (f64 sums).
     pub fn cpu(&self, dy: &Tensor, out: &Shape) -> Tensor {
         let (h, w) = self.input;
-        let area = (self.pool.kernel.0 * self.pool.kernel.1) as f64;
         let mut acc = vec![0f64; out.numel()];
         self.pool.for_each_window(out, |plane, oh, ow, o| {
+            let share = dy.data()[o] as f64 / self.pool.avg_divisor(h, w, oh, ow);
             for p in self.pool.window(h, w, oh, ow) {
-                acc[plane * h * w + p] += dy.data()[o] as f64;
+                acc[plane * h * w + p] += share;
             }
         });
-        Tensor::new(
-            out.clone(),
-            acc.into_iter().map(|v| (v / area) as f32).collect(),
-        )
-        .expect("avg_pool2d_backward shape")
+        Tensor::new(out.clone(), acc.into_iter().map(|v| v as f32).collect())
+            .expect("avg_pool2d_backward shape")
     }
 
     /// Kernel: one thread per input element.
@@ -320,8 +372,7 @@ impl AvgPool2dBackward {
 
     /// Backward (with respect to `dy`): this op is linear and the adjoint of average pooling.
     pub fn backward(&self, g: &Graph, ddx: NodeId) -> Result<NodeId> {
-        let p = self.pool;
-        g.avg_pool2d(ddx, p.kernel, p.stride, p.padding)
+        g.avg_pool2d_with(ddx, self.pool)
     }
 }
 

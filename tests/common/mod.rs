@@ -190,6 +190,41 @@ pub fn check_plan(
     f: &[(String, Tensor)],
     tol: (f64, f64),
 ) -> kiln::Plan {
+    let (plan, got, want) = run_on_both(dev, what, g, outputs, f);
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("{what} output {k}"), a, b, tol.0, tol.1);
+    }
+    plan
+}
+
+/// [`check_plan`] with each output's `atol` scaled by its largest reference magnitude (at
+/// least 1): in f16, a sum whose terms cancel keeps the rounding error of its largest terms,
+/// whatever its own size, so an element near 0 of a tensor of large values is held to the
+/// tensor's scale, not its own.
+pub fn check_plan_scaled(
+    dev: &Device,
+    what: &str,
+    g: &Graph,
+    outputs: &[NodeId],
+    f: &[(String, Tensor)],
+    tol: (f64, f64),
+) {
+    let (_, got, want) = run_on_both(dev, what, g, outputs, f);
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        let scale = b.data().iter().fold(1f64, |m, &v| m.max(v.abs() as f64));
+        assert_close(&format!("{what} output {k}"), a, b, tol.0 * scale, tol.1);
+    }
+}
+
+/// `outputs` run on `dev` (poisoned with NaN first) and on the CPU reference with the same
+/// feeds: the plan, its results and the reference's.
+fn run_on_both(
+    dev: &Device,
+    what: &str,
+    g: &Graph,
+    outputs: &[NodeId],
+    f: &[(String, Tensor)],
+) -> (kiln::Plan, Vec<Tensor>, Vec<Tensor>) {
     let mut plan = dev
         .compile(g, outputs)
         .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
@@ -202,10 +237,7 @@ pub fn check_plan(
         .unwrap()
         .run(&refs(f))
         .unwrap();
-    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert_close(&format!("{what} output {k}"), a, b, tol.0, tol.1);
-    }
-    plan
+    (plan, got, want)
 }
 
 /// Runs `y` on the CPU reference against the formula's `want` (within `tol`), then on the GPU
