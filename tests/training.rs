@@ -1509,6 +1509,26 @@ fn schedules() {
         (0..6).map(|t| o.lr_at(t)).collect::<Vec<_>>(),
         [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]
     );
+    // MultiStepLR(milestones [2, 4, 4], gamma 0.1): the repeated milestone counts twice, as
+    // torch's Counter; PolynomialLR(total_iters 4, power 2)
+    let o = Optimizer::sgd(1.0).schedule(Schedule::MultiStep {
+        milestones: vec![4, 2, 4],
+        gamma: 0.1,
+    });
+    let lr: Vec<f32> = (0..6).map(|t| o.lr_at(t)).collect();
+    let want = [1.0, 1.0, 0.1, 0.1, 0.001, 0.001];
+    assert!(
+        lr.iter().zip(want).all(|(a, b)| (a - b).abs() <= 1e-6 * b),
+        "{lr:?}"
+    );
+    let o = Optimizer::sgd(1.0).schedule(Schedule::Polynomial {
+        total_iters: 4,
+        power: 2.0,
+    });
+    assert_eq!(
+        (0..6).map(|t| o.lr_at(t)).collect::<Vec<_>>(),
+        [1.0, 0.5625, 0.25, 0.0625, 0.0, 0.0]
+    );
     let o = Optimizer::sgd(2.0).schedule(Schedule::Exponential { gamma: 0.5 });
     assert_eq!(
         (0..4).map(|t| o.lr_at(t)).collect::<Vec<_>>(),
@@ -1541,7 +1561,7 @@ fn schedules() {
     // OneCycleLR(max_lr 1, total_steps 10): up from 0.04 over steps 0..2, down to 4e-6 at 9;
     // the momentum (SGD's, Adam's beta1) the other way between 0.95 and 0.85
     let sched = Schedule::one_cycle(10);
-    let mut sgd = Optimizer::sgd(1.0).schedule(sched);
+    let mut sgd = Optimizer::sgd(1.0).schedule(sched.clone());
     let mut adam = Optimizer::adam(1.0).schedule(sched);
     let lr3 = 4e-6 + (1.0 - 4e-6) / 2.0 * ((std::f64::consts::PI / 7.0).cos() + 1.0);
     let want = [

@@ -1,5 +1,5 @@
 //! Optimizers with torch.optim's update rules (SGD with momentum, dampening, Nesterov and weight
-//! decay; Adam; AdamW; RMSprop, centered and with momentum; Adagrad), learning-rate schedules (step, cosine, linear, exponential; linear
+//! decay; Adam; AdamW; RMSprop, centered and with momentum; Adagrad), learning-rate schedules (step, multi-step, cosine, linear, polynomial, exponential; linear
 //! warmup), clipping by global gradient norm and dynamic loss scaling for mixed precision
 //! ([`GradScaler`]). `minimize` appends the backward pass and one fused in-place update kernel
 //! per parameter to a graph; `hyper` gives the small per-step input (learning rate, bias
@@ -74,7 +74,7 @@ pub(crate) fn param_names(g: &Graph, params: &[NodeId]) -> Result<Vec<String>> {
 }
 
 /// How the learning rate evolves with the step count `t` (starting at 0).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Schedule {
     Constant,
     /// `StepLR`: `lr * gamma^floor(t / step_size)`.
@@ -93,6 +93,18 @@ pub enum Schedule {
         start_factor: f32,
         end_factor: f32,
         total_iters: u64,
+    },
+    /// `MultiStepLR(milestones, gamma)`: `lr * gamma^k`, `k` the milestones at or before `t`
+    /// (a ResNet's decay at epochs 30, 60 and 90, counted in steps).
+    MultiStep {
+        milestones: Vec<u64>,
+        gamma: f32,
+    },
+    /// `PolynomialLR(total_iters, power)`: `lr * (1 - min(t, total_iters) / total_iters)^power`
+    /// (DeepLab's "poly" decay).
+    Polynomial {
+        total_iters: u64,
+        power: f32,
     },
     /// `ExponentialLR`: `lr * gamma^t`.
     Exponential {
@@ -668,6 +680,18 @@ impl Optimizer {
                 let done = t.min(total_iters) as f64 / total_iters.max(1) as f64;
                 let factor = start_factor as f64 + (end_factor - start_factor) as f64 * done;
                 (self.lr as f64 * factor) as f32
+            }
+            Schedule::MultiStep {
+                ref milestones,
+                gamma,
+            } => {
+                // torch counts a milestone listed twice twice
+                let passed = milestones.iter().filter(|&&m| m <= t).count();
+                (self.lr as f64 * (gamma as f64).powi(passed as i32)) as f32
+            }
+            Schedule::Polynomial { total_iters, power } => {
+                let done = t.min(total_iters) as f64 / total_iters.max(1) as f64;
+                (self.lr as f64 * (1.0 - done).powf(power as f64)) as f32
             }
             Schedule::Exponential { gamma } => {
                 (self.lr as f64 * (gamma as f64).powf(t as f64)) as f32
