@@ -660,6 +660,28 @@ fn cross_entropy_grad(dev: &Device, (n, c): (usize, usize)) -> kiln::Result<Case
     ))
 }
 
+/// A descending sort of each of `rows` rows of `c` (a sampler's vocabulary for top-p), its
+/// positions read back as one probe: bitonic blocks of 1024, then merge passes. Rate: the
+/// elements sorted per second.
+fn sort_rows(dev: &Device, (rows, c): (usize, usize)) -> kiln::Result<Case> {
+    let g = Graph::new();
+    let x = resident(
+        dev,
+        &g,
+        &format!("bench.sort{rows}x{c}"),
+        Tensor::rand_uniform([rows, c], -4.0, 4.0, 40),
+    )?;
+    let (_, positions) = g.sort(x, -1, true)?;
+    let plan = dev.compile(&g, &[probe(&g, positions)?])?;
+    Ok(plan_case(
+        format!("sort {rows}x{c}"),
+        (rows * c) as f64,
+        "elements/s",
+        plan,
+        Vec::new(),
+    ))
+}
+
 /// Median seconds per run after a warm-up, within a time budget.
 fn time(case: &mut Case, reps: usize, budget: Duration) -> kiln::Result<f64> {
     case.run()?;
@@ -776,6 +798,12 @@ fn cases(dev: &Device, hardware: bool, cpu: bool) -> kiln::Result<Vec<Option<Cas
     v.push(Some(embedding_grad(dev, (8192, 64, 2048))?));
     v.push(if hardware && !cpu {
         Some(embedding_grad(dev, (50257, 768, 8192))?)
+    } else {
+        None
+    });
+    v.push(Some(sort_rows(dev, (16, 4096))?));
+    v.push(if hardware && !cpu {
+        Some(sort_rows(dev, (64, 50257))?)
     } else {
         None
     });
