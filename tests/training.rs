@@ -1888,3 +1888,73 @@ fn cross_entropy_over_positions_as_torch() {
         "{err}"
     );
 }
+
+/// torch.nn.init's distributions: means and standard deviations of large draws, the truncated
+/// normal inside its bounds, orthogonal rows or columns (W W^T = I, or W^T W), and a seed
+/// giving the same values again.
+#[test]
+fn initialisers_follow_torchs_distributions() {
+    use kiln::nn::Init;
+    let stats = |t: &Tensor| {
+        let n = t.numel() as f64;
+        let mean = t.data().iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = t
+            .data()
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        (mean, var.sqrt())
+    };
+    let mut init = Init::new(7);
+    for (t, mean, std) in [
+        (init.normal([200, 300], 1.5, 0.5), 1.5, 0.5),
+        (
+            init.kaiming_normal([200, 300], 300),
+            0.0,
+            (2.0f64 / 300.0).sqrt(),
+        ),
+        (
+            init.xavier_normal([200, 300], 300, 200),
+            0.0,
+            (2.0f64 / 500.0).sqrt(),
+        ),
+    ] {
+        let (m, s) = stats(&t);
+        assert!(
+            (m - mean).abs() < 0.01 * std.max(1.0) && (s / std - 1.0).abs() < 0.01,
+            "{m} {s}"
+        );
+    }
+    // ViT's trunc_normal_(std=0.02, a=-2, b=2) is all of N(0, 0.02^2); a tight one stays inside
+    let t = init.trunc_normal([100_000], 0.0, 1.0, (-0.5, 1.0));
+    assert!(t.data().iter().all(|&v| (-0.5..=1.0).contains(&v)));
+    // the mean of N(0, 1) truncated to [-0.5, 1]: (phi(-0.5) - phi(1)) / (Phi(1) - Phi(-0.5))
+    let (m, _) = stats(&t);
+    assert!((m - 0.206_6).abs() < 0.01, "{m}");
+    let (m, s) = stats(&init.trunc_normal([100_000], 0.0, 0.02, (-2.0, 2.0)));
+    assert!(m.abs() < 1e-3 && (s / 0.02 - 1.0).abs() < 0.02, "{m} {s}");
+    for (rows, cols) in [(8, 32), (32, 8), (16, 16)] {
+        let w = init.orthogonal([rows, cols], 2.0);
+        let at = |r: usize, c: usize| w.data()[r * cols + c] as f64;
+        // the Gram matrix of the shorter side is gain^2 I
+        let (count, len) = (rows.min(cols), rows.max(cols));
+        for i in 0..count {
+            for j in 0..count {
+                let dot: f64 = (0..len)
+                    .map(|k| match rows <= cols {
+                        true => at(i, k) * at(j, k),
+                        false => at(k, i) * at(k, j),
+                    })
+                    .sum();
+                let want = if i == j { 4.0 } else { 0.0 };
+                assert!((dot - want).abs() < 1e-5, "{rows}x{cols} ({i}, {j}): {dot}");
+            }
+        }
+    }
+    let (a, b) = (
+        Init::new(3).normal([5], 0.0, 1.0),
+        Init::new(3).normal([5], 0.0, 1.0),
+    );
+    assert_eq!(a.data(), b.data());
+}
