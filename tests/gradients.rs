@@ -308,3 +308,49 @@ fn fused_matmul_gradients() {
         );
     }
 }
+
+/// A module applied twice shares its parameters, as a torch module called twice does: one
+/// node per parameter name, whose gradient adds both uses' (checked against the same product
+/// written with one weight twice); a name declared again with another shape is an error naming
+/// both.
+#[test]
+fn a_module_applied_twice_shares_its_weights() {
+    use kiln::nn::{Init, Linear};
+    let lin = Linear::new("shared", 4, 4, &mut Init::new(5));
+    let g = Graph::new();
+    let x = g.input("x", [3, 4]);
+    let (h, p1) = lin.apply(&g, x).unwrap();
+    let (y, p2) = lin.apply(&g, g.tanh(h).unwrap()).unwrap();
+    assert_eq!(p1, p2, "one node per parameter");
+    let loss = random_projection(&g, y, 1);
+    let grads = g.grad(loss, &p1).unwrap();
+    // the same function with the weight and bias read as plain parameters, each used twice
+    let (w, b) = (
+        g.param("shared.weight", [4, 4]),
+        g.param("shared.bias", [4]),
+    );
+    assert_eq!([w, b], p1, "a later plain declaration is the same node too");
+    let once = |v: kiln::NodeId| g.add(g.matmul_t(v, w, false, true).unwrap(), b).unwrap();
+    let y2 = once(g.tanh(once(x)).unwrap());
+    let loss2 = random_projection(&g, y2, 1);
+    let grads2 = g.grad(loss2, &[w, b]).unwrap();
+    let xv = kiln::Tensor::rand_uniform([3, 4], -1.0, 1.0, 2);
+    for dev in common::devices() {
+        let out = dev
+            .compile(&g, &[grads[0], grads[1], grads2[0], grads2[1]])
+            .unwrap()
+            .run(&[("x", &xv)])
+            .unwrap();
+        common::assert_close("weight", &out[0], &out[2], 1e-6, 1e-5);
+        common::assert_close("bias", &out[1], &out[3], 1e-6, 1e-5);
+    }
+    let _ = g.param("shared.weight", [4, 5]);
+    let err = common::devices()[0]
+        .compile(&g, &[y])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("shared.weight") && err.contains("[4, 5]"),
+        "{err}"
+    );
+}

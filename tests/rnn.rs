@@ -562,3 +562,50 @@ fn batch_first_modules_are_time_major_ones_swapped() {
         assert!(e.contains("(B, T, 4)"), "{what}: {e}");
     }
 }
+
+/// torch's `dropout` between stacked layers: in training graphs only, on every layer's outputs
+/// but the last (a salt per layer), the same on the GPU and the CPU, with gradients through the
+/// masks; the evaluation graph is the network without it.
+#[test]
+fn stacked_lstm_dropout_between_layers() {
+    use kiln::nn::{Init, Layer, Lstm};
+    let lstm = Lstm::new("dlstm", 3, 4, 3, false, &mut Init::new(2)).with_dropout(0.5);
+    let g = Graph::new();
+    let x = g.input("x", [5, 2, 3]);
+    let train = lstm.apply_train(&g, x, None, None, true).unwrap();
+    let eval = lstm.apply(&g, x, None, None).unwrap();
+    let (layer, _) = lstm.apply_layer(&g, x, true).unwrap();
+    let nodes = format!("{:?}", g.nodes());
+    assert_eq!(
+        nodes.matches("Dropout(").count(),
+        2 * 2,
+        "two per training graph"
+    );
+    let seed = Tensor::new([1], vec![77.0]).unwrap();
+    let xv = rand(&[5, 2, 3], 9);
+    let feeds = [("x", &xv), ("dropout.seed", &seed)];
+    check_gpu_vs_cpu(
+        "lstm dropout",
+        &g,
+        &[train.output, eval.output, layer],
+        &feeds,
+        TOL,
+    );
+    let got = Device::cpu()
+        .compile(&g, &[train.output, eval.output, layer])
+        .unwrap()
+        .run(&feeds)
+        .unwrap();
+    assert_ne!(
+        got[0].data(),
+        got[1].data(),
+        "dropout changes the training output"
+    );
+    assert_eq!(
+        got[0].data(),
+        got[2].data(),
+        "Layer::apply_layer in training drops out"
+    );
+    let loss = random_projection(&g, train.output, 4);
+    gradcheck("lstm dropout", &g, loss, &[("x", x)], &feeds, 15, TOL);
+}

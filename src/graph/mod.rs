@@ -197,15 +197,35 @@ impl Graph {
     /// this name (see `Device::set_param`). Parameters (and constants) are f32; an f16 network
     /// casts them ([`Graph::cast`]), which the plan compiler folds into the products reading them.
     pub fn param(&self, name: &str, shape: impl Into<Shape>) -> NodeId {
+        let shape = shape.into();
+        if let Some(id) = self.declared_param(name, &shape, DType::F32) {
+            return id;
+        }
         self.push_typed(
             Op::Param {
                 name: name.to_string(),
                 init: Init::Zeros,
             },
             vec![],
-            shape.into(),
+            shape,
             DType::F32,
         )
+    }
+
+    /// The node of parameter `name` where this graph declares it already with this shape and
+    /// type: a module applied twice shares its weights (their gradients add up), as a torch
+    /// module called twice does (the first declaration's initial value counts). One declared
+    /// with another shape or type is kept apart, and compiling names the clash.
+    fn declared_param(&self, name: &str, shape: &Shape, dtype: DType) -> Option<NodeId> {
+        let nodes = self.nodes.borrow();
+        nodes
+            .iter()
+            .position(|n| {
+                matches!(&n.op, Op::Param { name: m, .. } if m == name)
+                    && &n.shape == shape
+                    && n.dtype == dtype
+            })
+            .map(NodeId)
     }
 
     /// A named trainable parameter whose first value is `init` (unless the device already holds one).
@@ -221,6 +241,9 @@ impl Graph {
     /// only.
     pub fn param_init_as(&self, name: &str, init: Tensor, dtype: DType) -> NodeId {
         let shape = init.shape().clone();
+        if let Some(id) = self.declared_param(name, &shape, dtype) {
+            return id;
+        }
         self.push_typed(
             Op::Param {
                 name: name.to_string(),
@@ -2761,7 +2784,9 @@ pub(crate) fn validate(nodes: &[Node], outputs: &[NodeId]) -> Result<()> {
                 }
                 if let Some(j) = params.insert(name, i) {
                     return Err(Error::Param(format!(
-                        "parameter {name:?} is declared twice (nodes {j} and {i})"
+                        "parameter {name:?} is declared twice with different shapes or types \
+                         (nodes {j}: {} {}, and {i}: {} {})",
+                        nodes[j].shape, nodes[j].dtype, n.shape, n.dtype
                     )));
                 }
             }

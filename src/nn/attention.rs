@@ -312,7 +312,7 @@ pub fn decode_mask(position: usize, s: usize, max_len: usize) -> Tensor {
 }
 
 /// A distinct dropout salt per layer name and site.
-fn salt(name: &str, site: u32) -> u32 {
+pub(crate) fn salt(name: &str, site: u32) -> u32 {
     // FNV-1a
     let mut h: u32 = 0x811c_9dc5;
     for byte in name.bytes().chain(site.to_le_bytes()) {

@@ -50,6 +50,9 @@ pub struct Recurrent {
     /// layout cost no copy where products read them (the input projection, a classifier over
     /// every step: `exec::lower::swapped_operands`).
     pub batch_first: bool,
+    /// torch's `dropout`: in training graphs ([`Recurrent::apply_train`]), dropout with this
+    /// probability on the outputs of every layer but the last.
+    pub dropout: f32,
     inits: Vec<(String, Tensor)>,
 }
 
@@ -177,8 +180,15 @@ impl Recurrent {
             layers,
             bidirectional,
             batch_first: false,
+            dropout: 0.0,
             inits,
         }
+    }
+
+    /// The same network with torch's `dropout` between its layers ([`Self::dropout`]).
+    pub fn with_dropout(mut self, p: f32) -> Self {
+        self.dropout = p;
+        self
     }
 
     /// The same network taking and giving batch-first sequences ([`Self::batch_first`]).
@@ -198,12 +208,27 @@ impl Recurrent {
     /// length (steps past it carry the state, so `h_n` is the state at the last real step).
     /// An f16 `x` runs the layers in f16 (parameters and states cast in the graph, their
     /// gradients back in f32), as `nn::Linear` does.
+    /// The evaluation graph: no dropout ([`Self::apply_train`] for a training one).
     pub fn apply(
         &self,
         g: &Graph,
         x: NodeId,
         state: Option<(NodeId, NodeId)>,
         lengths: Option<NodeId>,
+    ) -> Result<RecurrentOutput> {
+        self.apply_train(g, x, state, lengths, false)
+    }
+
+    /// [`Self::apply`] in a training (`train`) or evaluation graph: in training, the outputs of
+    /// every layer but the last go through dropout with probability [`Self::dropout`] (seeded
+    /// by the graph's `dropout.seed` input, a salt per layer), as torch's `dropout`.
+    pub fn apply_train(
+        &self,
+        g: &Graph,
+        x: NodeId,
+        state: Option<(NodeId, NodeId)>,
+        lengths: Option<NodeId>,
+        train: bool,
     ) -> Result<RecurrentOutput> {
         let xs = g.shape(x);
         if xs.rank() != 3 || xs.dims()[2] != self.input_size {
@@ -271,6 +296,10 @@ impl Recurrent {
                 cn.push(g.reshape(cl, &[1, b as isize, h as isize])?);
             }
             input = g.concat(&outs, 2)?;
+            if train && self.dropout > 0.0 && l + 1 < self.layers {
+                let salt = crate::nn::attention::salt(&self.name, l as u32);
+                input = crate::nn::layers::dropout(g, input, self.dropout, salt)?;
+            }
         }
         let h_n = g.concat(&hn, 0)?;
         let c_n = if self.cell == Cell::Lstm {
@@ -293,8 +322,8 @@ impl Recurrent {
 
 impl Layer for Recurrent {
     /// The top layer's outputs `(T, B, D * H)` (batch first: `(B, T, D * H)`) from zero state.
-    fn apply_layer(&self, g: &Graph, x: NodeId, _train: bool) -> Result<(NodeId, Vec<NodeId>)> {
-        let o = self.apply(g, x, None, None)?;
+    fn apply_layer(&self, g: &Graph, x: NodeId, train: bool) -> Result<(NodeId, Vec<NodeId>)> {
+        let o = self.apply_train(g, x, None, None, train)?;
         Ok((o.output, o.params))
     }
     fn names(&self) -> Vec<String> {
