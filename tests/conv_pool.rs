@@ -8,7 +8,7 @@ use common::{check_gpu_vs_cpu, gradcheck, rand, random_projection};
 use kiln::ops::conv::{ColGeometry, Conv2dOpts, ConvTranspose2dOpts};
 use kiln::ops::pool::Pool2d;
 use kiln::ops::{TOL_ELEMENTWISE, TOL_REDUCTION};
-use kiln::{Device, Error, Graph, NodeId, Tensor};
+use kiln::{DType, Device, Error, Graph, NodeId, Tensor};
 
 type Pair = (usize, usize);
 
@@ -551,6 +551,71 @@ fn conv_transpose2d_gpu_matches_cpu() {
         let built = transposed_graph(case, k % 2 == 0);
         forward_and_gradients_match(&format!("conv_transpose2d {case:?}"), built, 20 + k as u64);
     }
+}
+
+/// A transposed convolution's bias and a relu after it run in its implicit GEMM's store (a
+/// decoder layer in one kernel): f32 and f16, the forward and every gradient against the CPU
+/// reference with outputs poisoned; with fusion off they stay kernels of their own.
+#[test]
+fn conv_transpose2d_bias_and_relu_in_the_gemm() {
+    let Some(dev) = common::gpu() else { return };
+    // (where the implicit form would multiply many zeros, a small unpadded image, the product
+    // and col2im run, and the bias after them)
+    for (case, dtype) in [
+        (TRANSPOSED_CASES[0], DType::F32),
+        (TRANSPOSED_CASES[7], DType::F32),
+        (TRANSPOSED_CASES[0], DType::F16),
+    ] {
+        if dtype == DType::F16 && !dev.features().contains(wgpu::Features::SHADER_F16) {
+            continue;
+        }
+        let (g, [x, w, b, _], feeds) = transposed_graph(&case, true);
+        let &(_, _, groups, stride, padding, output_padding, dilation) = &case;
+        let o = ConvTranspose2dOpts {
+            stride,
+            padding,
+            output_padding,
+            dilation,
+        };
+        let cast = |v| g.cast(v, dtype).unwrap();
+        let y = g
+            .conv_transpose2d(cast(x), cast(w), Some(cast(b)), o, groups)
+            .unwrap();
+        let y = g.cast(g.relu(y).unwrap(), DType::F32).unwrap();
+        let loss = common::random_projection(&g, y, 5);
+        let mut outs = vec![y];
+        outs.extend(g.grad(loss, &[x, w, b]).unwrap());
+        let what = format!("{case:?} {dtype:?}");
+        let tol = match dtype {
+            DType::F16 => (1e-2, 1e-2),
+            _ => TOL_REDUCTION,
+        };
+        common::check_plan(&dev, &what, &g, &outs, &feeds, tol);
+        let forward = dev.compile(&g, &[y]).unwrap();
+        let labels = forward.kernels();
+        let gemm = labels.iter().find(|l| l.contains("implicit_dgrad"));
+        assert!(
+            gemm.is_some_and(|l| l.contains("bias_rows,relu")),
+            "{what}: {labels:#?}"
+        );
+        // nothing elementwise after it in the forward
+        assert!(
+            !labels
+                .iter()
+                .any(|l| l.contains("fused") || l.contains(" add ")),
+            "{what}: {labels:#?}"
+        );
+    }
+    // fusion off: the bias and the relu are kernels of their own
+    let dev = Device::gpu().unwrap();
+    dev.set_fusion(false);
+    let (g, [_, _, _, y], _) = transposed_graph(&TRANSPOSED_CASES[0], true);
+    let y = g.relu(y).unwrap();
+    let labels = dev.compile(&g, &[y]).unwrap().kernels().join("\n");
+    assert!(
+        labels.contains(" add ") && labels.contains(" relu ") && !labels.contains("bias_rows"),
+        "{labels}"
+    );
 }
 
 #[test]

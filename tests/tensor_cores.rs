@@ -176,6 +176,43 @@ fn f16_graphs_use_the_kernel() {
     assert_eq!(coop_count(&kernels), 2, "{kernels:#?}");
 }
 
+/// A transposed convolution's bias and relu in the tensor-core kernel's store (an f16 decoder
+/// layer: the implicit input-gradient GEMM with a per-channel bias), forward and gradients.
+#[test]
+fn transposed_convolution_with_bias_and_relu() {
+    let Some(dev) = emulated() else { return };
+    let g = Graph::new();
+    let x = g.input("x", [2, 64, 8, 8]);
+    let w = g.input("w", [64, 72, 4, 4]);
+    let b = g.input("b", [72]);
+    let h = |v| g.cast(v, DType::F16).unwrap();
+    let opts = kiln::ops::conv::ConvTranspose2dOpts {
+        stride: (2, 2),
+        padding: (1, 1),
+        ..Default::default()
+    };
+    let y = g.conv_transpose2d(h(x), h(w), Some(h(b)), opts, 1).unwrap();
+    let y = g.cast(g.relu(y).unwrap(), DType::F32).unwrap();
+    let feeds = vec![
+        ("x".to_string(), rand(&[2, 64, 8, 8], 1)),
+        (
+            "w".to_string(),
+            Tensor::rand_uniform([64, 72, 4, 4], -0.3, 0.3, 2),
+        ),
+        ("b".to_string(), rand(&[72], 3)),
+    ];
+    let kernels = check(&dev, "transposed conv", &g, &[y], &feeds, F16_TOL);
+    let gemm: Vec<&String> = kernels
+        .iter()
+        .filter(|l| l.contains("implicit_dgrad"))
+        .collect();
+    assert!(
+        gemm.len() == 1 && gemm[0].contains("[coop16") && gemm[0].contains("bias_rows,relu"),
+        "{kernels:#?}"
+    );
+    assert!(!kernels.iter().any(|l| l.contains("fused")), "{kernels:#?}");
+}
+
 #[test]
 fn products_with_fused_epilogues() {
     let Some(dev) = emulated() else { return };

@@ -187,7 +187,12 @@ fn every_generated_matmul_is_valid_wgsl() {
             prefetch: bm == bn,
             double_buffer: bm == bn && bm <= 32,
         };
-        let d = kiln::ops::conv::ImplicitDgrad { geom }.dims(
+        let d = kiln::ops::conv::ImplicitDgrad {
+            geom,
+            bias: false,
+            relu: false,
+        }
+        .dims(
             &kiln::Shape(vec![5, geom.rows()]),
             &kiln::Shape(vec![2, 3, 7, 9]),
         );

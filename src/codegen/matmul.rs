@@ -825,11 +825,28 @@ pub fn dgrad_kernel(
     cfg: &GemmConfig,
     storage: impl Into<Storage>,
 ) -> Generated {
+    dgrad_kernel_with(&MatMul::default(), geom, d, cfg, storage)
+}
+
+/// [`dgrad_kernel`] with `mm`'s per-row (channel) bias, bound third, and relu in the store: a
+/// transposed convolution's forward with its bias.
+pub fn dgrad_kernel_with(
+    mm: &MatMul,
+    geom: ColGeometry,
+    d: &ProductDims,
+    cfg: &GemmConfig,
+    storage: impl Into<Storage>,
+) -> Generated {
     let storage = storage.into();
     let mut cfg = *cfg;
     cfg.split = 1;
-    let mut g = kernel_with(&MatMul::default(), d, &cfg, None, None, None, storage);
-    let mut lay = Layout::of(&MatMul::default(), d, false);
+    let mm = MatMul {
+        bias: mm.bias,
+        relu: mm.relu,
+        ..MatMul::default()
+    };
+    let mut g = kernel_with(&mm, d, &cfg, None, None, None, storage);
+    let mut lay = Layout::of(&mm, d, false);
     lay.storage = storage;
     lay.vec_a = false;
     lay.vec_b = false;

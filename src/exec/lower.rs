@@ -133,6 +133,9 @@ pub(crate) fn lower(
     );
     attention_lse(nodes, order);
     implicit_col2im(nodes, order, targets, ch);
+    if fusion {
+        bias_into_implicit_dgrad(nodes, order, targets);
+    }
     row_sums_in_products(nodes, order, ch);
     batch_sums_into_embedding_backward(nodes, order, targets);
     sorted_embedding_backward(nodes, order);
@@ -3163,7 +3166,11 @@ pub(crate) fn implicit_col2im(
             .iter()
             .filter(|r| nodes[r.0].inputs.contains(&prod))
             .count();
-        let dgrad = ImplicitDgrad { geom: c.0 };
+        let dgrad = ImplicitDgrad {
+            geom: c.0,
+            bias: false,
+            relu: false,
+        };
         let (w, dy) = (nodes[prod.0].inputs[0], nodes[prod.0].inputs[1]);
         let d = dgrad.dims(&nodes[w.0].shape, &nodes[id.0].shape);
         // the weight and dy will be read at col2im's step rather than at the product's
@@ -3185,6 +3192,77 @@ pub(crate) fn implicit_col2im(
         n.op = Op::ImplicitDgrad(dgrad);
         n.inputs = vec![w, dy];
         dropped.push(prod);
+    }
+    order.retain(|id| !dropped.contains(id));
+}
+
+/// Where a per-channel bias is added to an `ImplicitDgrad` (a transposed convolution's forward,
+/// `Graph::conv_transpose2d`: `add(y, reshape(b, [C, 1, 1]))`) that nothing else reads, adds it
+/// in the GEMM's store instead (`ImplicitDgrad::bias`, the bias `[C]` a third input), and a relu
+/// that is its only reader, with or without the bias (`ImplicitDgrad::relu`): a decoder layer's transposed
+/// convolution, bias and relu as one kernel where they took two and a pass over the image.
+/// The add (then the relu) node becomes the GEMM, so its readers keep their input.
+pub(crate) fn bias_into_implicit_dgrad(
+    nodes: &mut [Node],
+    order: &mut Vec<NodeId>,
+    targets: &[NodeId],
+) {
+    let mut dropped = Vec::new();
+    // the GEMM `y` folded into node `id` at `pos`, where nothing between them writes its inputs
+    let fold = |nodes: &[Node], order: &[NodeId], y: NodeId, pos: usize| {
+        let Op::ImplicitDgrad(c) = nodes[y.0].op else {
+            return None;
+        };
+        let y_pos = order.iter().position(|&o| o == y)?;
+        let alone = !targets.contains(&y) && readers(nodes, order, y) == 1;
+        let clear = !nodes[y.0]
+            .inputs
+            .iter()
+            .any(|&i| written_between(nodes, order, i, y_pos, pos));
+        (alone && clear).then_some(c)
+    };
+    for pos in 0..order.len() {
+        let id = order[pos];
+        let n = &nodes[id.0];
+        match n.op {
+            Op::Binary(crate::ops::binary::BinaryOp::Add) => {
+                for k in 0..2 {
+                    let (y, r) = (n.inputs[k], n.inputs[1 - k]);
+                    let Some(c) = fold(nodes, order, y, pos).filter(|c| !c.bias && !c.relu) else {
+                        continue;
+                    };
+                    // a bias along the channels alone: (.., C, 1, 1) of C elements
+                    let rd = nodes[r.0].shape.dims();
+                    let ch = c.geom.channels;
+                    let per_channel = (3..=4).contains(&rd.len())
+                        && rd[rd.len() - 3] == ch
+                        && rd.iter().product::<usize>() == ch;
+                    let (_, b) = under_reshapes(nodes, r);
+                    if !per_channel || nodes[y.0].shape != n.shape || nodes[b.0].dtype != n.dtype {
+                        continue;
+                    }
+                    let mut inputs = nodes[y.0].inputs.clone();
+                    inputs.push(b);
+                    let node = &mut nodes[id.0];
+                    node.op = Op::ImplicitDgrad(ImplicitDgrad { bias: true, ..c });
+                    node.inputs = inputs;
+                    dropped.push(y);
+                    break;
+                }
+            }
+            Op::Unary(crate::ops::unary::UnaryOp::Relu) => {
+                let y = n.inputs[0];
+                let Some(c) = fold(nodes, order, y, pos).filter(|c| !c.relu) else {
+                    continue;
+                };
+                let inputs = nodes[y.0].inputs.clone();
+                let node = &mut nodes[id.0];
+                node.op = Op::ImplicitDgrad(ImplicitDgrad { relu: true, ..c });
+                node.inputs = inputs;
+                dropped.push(y);
+            }
+            _ => {}
+        }
     }
     order.retain(|id| !dropped.contains(id));
 }
@@ -3420,7 +3498,7 @@ pub(crate) fn select(
             let d = c.dims(inputs[0], out);
             if uses_coop(&d, ch) {
                 let g = crate::codegen::coop::kernel_with(
-                    &ImplicitDgrad::product(),
+                    &c.gemm(),
                     &d,
                     DType::F32,
                     crate::codegen::coop::Operands::Dgrad(c.geom),
@@ -3431,7 +3509,7 @@ pub(crate) fn select(
                 return Some((g.spec.clone(), Some(g)));
             }
             let cfg = gemm_config(&d, ch)?;
-            let g = gemm::dgrad_kernel(c.geom, &d, &cfg, DType::F32);
+            let g = gemm::dgrad_kernel_with(&c.gemm(), c.geom, &d, &cfg, DType::F32);
             Some((g.spec.clone(), Some(g)))
         }
         Op::Fused(f) => {
@@ -3644,16 +3722,17 @@ fn select_f16(
             let d = c.dims(inputs[0], out);
             if ch.coop_f16 && crate::codegen::coop::applies(&d) {
                 crate::codegen::coop::kernel_with(
-                    &ImplicitDgrad::product(),
+                    &c.gemm(),
                     &d,
-                    storage(2),
+                    storage(2 + c.bias as usize),
                     crate::codegen::coop::Operands::Dgrad(c.geom),
                     cores(ch),
                     None,
                     coop_config(&d, ch, DType::F16),
                 )
             } else {
-                gemm::dgrad_kernel(c.geom, &d, &gemm_config_f16(&d, ch), storage(2))
+                let cfg = gemm_config_f16(&d, ch);
+                gemm::dgrad_kernel_with(&c.gemm(), c.geom, &d, &cfg, storage(2 + c.bias as usize))
             }
         }
         // the others are hand-written kernels with a storage block: their f16 variants (the

@@ -452,9 +452,13 @@ impl ImplicitGemm {
 /// product `[C*kh*kw, N*Ho*Wo]` stored nor a `col2im` pass. The plan compiler makes it from a
 /// `col2im` whose input is that product and has no other reader. Inputs: the weight
 /// `[O, C*kh*kw]` and the output gradient `[O, N*Ho*Wo]`; output: the image `[N, C, H, W]`.
+/// As a transposed convolution's forward, a per-channel `bias [C]` (a third input) and a relu
+/// may follow in the GEMM's store (`exec::lower::bias_into_implicit_dgrad`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ImplicitDgrad {
     pub geom: ColGeometry,
+    pub bias: bool,
+    pub relu: bool,
 }
 
 impl ImplicitDgrad {
@@ -478,14 +482,41 @@ impl ImplicitDgrad {
         }
     }
 
-    /// CPU reference: the product, then `col2im`.
-    pub fn cpu(&self, w: &Tensor, dy: &Tensor, out: &Shape) -> Tensor {
+    /// The product the kernel runs: [`Self::product`] with the bias per row (channel) and the
+    /// relu after it where the node has them.
+    pub fn gemm(&self) -> crate::ops::matmul::MatMul {
+        crate::ops::matmul::MatMul {
+            bias: match self.bias {
+                true => crate::ops::matmul::Bias::Rows,
+                false => crate::ops::matmul::Bias::None,
+            },
+            relu: self.relu,
+            ..Self::product()
+        }
+    }
+
+    /// CPU reference: the product, then `col2im`, then the bias and the relu.
+    pub fn cpu(&self, inputs: &[&Tensor], out: &Shape) -> Tensor {
+        let (w, dy) = (inputs[0], inputs[1]);
         let mm = Self::product();
         let cols_shape = mm
             .infer(w.shape(), dy.shape())
             .expect("checked when lowered");
         let cols = mm.cpu(w, dy, None, &cols_shape);
-        self.geom.col2im_cpu(&cols, out)
+        let mut y = self.geom.col2im_cpu(&cols, out);
+        if self.bias || self.relu {
+            let hw = self.geom.image.0 * self.geom.image.1;
+            let c = self.geom.channels;
+            for (i, v) in y.data_mut().iter_mut().enumerate() {
+                if self.bias {
+                    *v += inputs[2].data()[i / hw % c];
+                }
+                if self.relu {
+                    *v = v.max(0.0);
+                }
+            }
+        }
+        y
     }
 }
 

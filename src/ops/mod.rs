@@ -608,7 +608,7 @@ impl Op {
             Op::RowSums(r) => r.cpu(inputs, out),
             Op::MatMulEpilogue(e) => e.cpu(inputs, out),
             Op::ImplicitGemm(c) => c.cpu(inputs, out),
-            Op::ImplicitDgrad(c) => c.cpu(inputs[0], inputs[1], out),
+            Op::ImplicitDgrad(c) => c.cpu(inputs, out),
             Op::Unary(u) => u.cpu(inputs[0]),
             Op::Binary(b) => b.cpu(inputs[0], inputs[1], out),
             Op::Cast(c) => c.cpu(inputs[0]),
