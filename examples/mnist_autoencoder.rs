@@ -19,7 +19,8 @@
 //!
 //! Expected: the test loss falls below 0.10 within 3 epochs of 2,000 digits and the
 //! reconstruction is recognisably the digit (`--limit 2000 --epochs 3` on lavapipe: test loss
-//! 0.1699, 0.1150, 0.0960 against the mean image's 0.2633, 35 dispatches per step, peak 6.9 MB;
+//! 0.1699, 0.1150, 0.0960 against the mean image's 0.2633, 33 dispatches per step, peak 6.7 MB
+//! (35 and 6.9 MB before the transposed convolutions' bias and relu ran in their GEMMs);
 //! the default 5 epochs of all 8,000 digits: 0.0841, 0.0721, 0.0704, 0.0693, 0.0680).
 //!
 //!     cargo run --release --example mnist_autoencoder -- [--epochs 5] [--limit N] [--backend cpu]
