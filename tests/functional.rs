@@ -229,3 +229,62 @@ fn functional_gradients() {
         common::assert_close("shuffle gradient", &out[0], &out[1], 0.0, 0.0);
     }
 }
+
+/// torch.nn.functional.prelu with a shared slope and one per channel (values and the slope's
+/// gradient at 0, torch's), gradient checks for the input and the weight, and `nn::PRelu`'s
+/// state_dict name and initial slope.
+#[test]
+fn prelu_as_torch() {
+    let g = Graph::new();
+    let x = g.input("x", [1, 2, 3]);
+    let per = g.input("per", [2]);
+    let one = g.input("one", [1]);
+    let yp = g.prelu(x, per).unwrap();
+    let y1 = g.prelu(x, one).unwrap();
+    let dx = g.grad(g.sum_all(yp).unwrap(), &[x]).unwrap()[0];
+    let dw = g.grad(g.sum_all(yp).unwrap(), &[per]).unwrap()[0];
+    let feeds = [
+        ("x", &t(&[1, 2, 3], &[-2., 3., 0., 0.5, -1., -4.])),
+        ("per", &t(&[2], &[0.25, 0.1])),
+        ("one", &t(&[1], &[0.25])),
+    ];
+    let want = [
+        vec![-0.5, 3., 0., 0.5, -0.1, -0.4],
+        vec![-0.5, 3., 0., 0.5, -0.25, -1.],
+        // the slope at 0, as torch's
+        vec![0.25, 1., 0.25, 1., 0.1, 0.1],
+        vec![-2., -5.],
+    ];
+    close(&g, &[yp, y1, dx, dw], &feeds, &want);
+    let g = Graph::new();
+    let x = g.input("x", [3, 4, 5]);
+    let w = g.input("w", [4]);
+    let loss = random_projection(&g, g.prelu(x, w).unwrap(), 3);
+    // away from the kink at 0, which central differences of step 0.01 would straddle
+    let xv = rand(&[3, 4, 5], 1);
+    let xv = t(
+        &[3, 4, 5],
+        &xv.data()
+            .iter()
+            .map(|&v| v + 0.1 * v.signum())
+            .collect::<Vec<_>>(),
+    );
+    let wv = rand(&[4], 2);
+    let feeds = [("x", &xv), ("w", &wv)];
+    gradcheck(
+        "prelu",
+        &g,
+        loss,
+        &[("x", x), ("w", w)],
+        &feeds,
+        30,
+        TOL_REDUCTION,
+    );
+    let e = g.prelu(x, g.input("bad", [3])).unwrap_err().to_string();
+    assert!(e.contains("prelu") && e.contains("[3, 4, 5]"), "{e}");
+    let layer = kiln::nn::PRelu::new("act", 4, 0.25);
+    assert_eq!(layer.param_names(), ["act.weight"]);
+    let (y, wn) = layer.apply(&g, x).unwrap();
+    assert_eq!(g.shape(y).dims(), &[3, 4, 5]);
+    assert_eq!(g.shape(wn).dims(), &[4]);
+}

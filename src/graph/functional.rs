@@ -1,6 +1,6 @@
 //! `torch.nn.functional`'s compositions of graph ops, each as torch computes it: one-hot
-//! labels, triangles, tiling, padding by reflection, replication or wrapping, pixel shuffles,
-//! normalization and cosine similarity, and the losses built from them (binary cross-entropy
+//! labels, triangles, tiling, padding by reflection, replication or wrapping, PReLU, pixel
+//! shuffles, normalization and cosine similarity, and the losses built from them (binary cross-entropy
 //! on probabilities, margin ranking, triplet margin). Their kernels are the ops they compose
 //! (the plan compiler fuses the elementwise ones); their gradients come from autodiff.
 
@@ -194,6 +194,39 @@ impl Graph {
             x = self.index_select(x, axis as isize, index)?;
         }
         Ok(x)
+    }
+
+    /// `torch.nn.functional.prelu(a, weight)`: `a` where `a > 0`, else `weight * a`, with
+    /// `weight (1)` shared or `(C)` one per channel (axis 1 of `a (N, C, ..)`, or the last axis
+    /// of a `(C)` vector). One fused kernel; the gradient for `a` is 1 or the slope (the slope
+    /// at 0, as torch's), for the weight the sum of `a * dy` where `a <= 0`.
+    pub fn prelu(&self, a: NodeId, weight: NodeId) -> Result<NodeId> {
+        const OP: &str = "prelu";
+        let (s, sw) = (self.check_id(OP, a)?, self.check_id(OP, weight)?);
+        let c = sw.numel();
+        let channels = match s.rank() {
+            0 => 1,
+            1 => s.dims()[0],
+            _ => s.dims()[1],
+        };
+        if sw.rank() != 1 || (c != 1 && c != channels) {
+            return Err(shape_err(
+                OP,
+                format!("input {s} and weight {sw}: expected a weight of 1 or {channels} values"),
+            ));
+        }
+        // the weight along axis 1: (C, 1, ..) against (N, C, ..)
+        let w = match (c, s.rank()) {
+            (1, _) | (_, 0..=1) => weight,
+            (_, r) => {
+                let mut dims = vec![c as isize];
+                dims.extend(std::iter::repeat_n(1, r - 2));
+                self.reshape(weight, &dims)?
+            }
+        };
+        let w = self.cast(w, self.dtype(a))?;
+        let positive = self.gt(a, self.constant(Tensor::full([1], 0.0)))?;
+        self.where_cond(positive, a, self.mul(w, a)?)
     }
 
     /// `torch.nn.functional.pixel_shuffle(a, r)`: `(N, C r^2, H, W)` -> `(N, C, H r, W r)`,

@@ -8,6 +8,7 @@ use crate::graph::{Graph, NodeId};
 use crate::nn::init::Init;
 use crate::ops::conv::Conv2dOpts;
 use crate::ops::matmul::Bias;
+use crate::tensor::Tensor;
 
 /// A fully connected layer, `y = x W^T + b`, `x (N, in) -> y (N, out)`.
 #[derive(Debug, Clone)]
@@ -332,6 +333,44 @@ pub trait Layer {
     /// Names of its parameters, as in a PyTorch state_dict.
     fn names(&self) -> Vec<String> {
         Vec::new()
+    }
+}
+
+/// `torch.nn.PReLU(num_parameters, init)`: a learnable negative slope, one shared or one per
+/// channel, parameter `<name>.weight (num_parameters)` starting at `init` (torch's 0.25).
+#[derive(Debug, Clone)]
+pub struct PRelu {
+    pub name: String,
+    weight_init: Tensor,
+}
+
+impl PRelu {
+    /// `num_parameters` slopes (1, or the input's channels), each starting at `init`.
+    pub fn new(name: &str, num_parameters: usize, init: f32) -> Self {
+        PRelu {
+            name: name.to_string(),
+            weight_init: Tensor::full([num_parameters.max(1)], init),
+        }
+    }
+
+    pub fn param_names(&self) -> Vec<String> {
+        vec![format!("{}.weight", self.name)]
+    }
+
+    /// `x (N, C, ..)` (or `(C)`) -> the same shape ([`Graph::prelu`]); returns the output and
+    /// the weight node.
+    pub fn apply(&self, g: &Graph, x: NodeId) -> Result<(NodeId, NodeId)> {
+        let w = g.param_init(&format!("{}.weight", self.name), self.weight_init.clone());
+        Ok((g.prelu(x, w)?, w))
+    }
+}
+
+impl Layer for PRelu {
+    fn apply_layer(&self, g: &Graph, x: NodeId, _train: bool) -> Result<(NodeId, Vec<NodeId>)> {
+        self.apply(g, x).map(|(y, w)| (y, vec![w]))
+    }
+    fn names(&self) -> Vec<String> {
+        self.param_names()
     }
 }
 

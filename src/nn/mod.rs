@@ -15,7 +15,7 @@ pub use attention::{
 };
 pub use init::Init;
 pub use layers::{
-    dropout, dropout_seed, Act, Conv1d, Conv2d, ConvTranspose2d, Layer, Linear, Sequential,
+    dropout, dropout_seed, Act, Conv1d, Conv2d, ConvTranspose2d, Layer, Linear, PRelu, Sequential,
 };
 pub use norm::{BatchNorm, GroupNorm, LayerNorm, RmsNorm};
 pub use optim::{GradScaler, Optimizer, Plateau, PlateauMode, ScalerState, Schedule};
