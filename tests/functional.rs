@@ -288,3 +288,149 @@ fn prelu_as_torch() {
     assert_eq!(g.shape(y).dims(), &[3, 4, 5]);
     assert_eq!(g.shape(wn).dims(), &[4]);
 }
+
+/// einsum written out as loops over every assignment of the indices (f64), for the test.
+fn naive_einsum(spec: &str, ops: &[(&[usize], &Tensor)]) -> Vec<f32> {
+    let (lhs, out) = spec.split_once("->").unwrap();
+    let terms: Vec<Vec<char>> = lhs.split(',').map(|t| t.chars().collect()).collect();
+    let out: Vec<char> = out.chars().collect();
+    let mut ext: Vec<(char, usize)> = Vec::new();
+    for (t, (dims, _)) in terms.iter().zip(ops) {
+        for (k, &c) in t.iter().enumerate() {
+            if !ext.iter().any(|e| e.0 == c) {
+                ext.push((c, dims[k]));
+            }
+        }
+    }
+    let dim = |c: char| ext.iter().find(|e| e.0 == c).unwrap().1;
+    let n_out: usize = out.iter().map(|&c| dim(c)).product();
+    let mut acc = vec![0f64; n_out.max(1)];
+    let total: usize = ext.iter().map(|e| e.1).product();
+    for mut flat in 0..total {
+        let mut val = vec![0usize; ext.len()];
+        for (i, e) in ext.iter().enumerate().rev() {
+            val[i] = flat % e.1;
+            flat /= e.1;
+        }
+        let at = |c: char| val[ext.iter().position(|e| e.0 == c).unwrap()];
+        let mut p = 1f64;
+        for (t, (dims, x)) in terms.iter().zip(ops) {
+            let mut off = 0;
+            for (k, &c) in t.iter().enumerate() {
+                off = off * dims[k] + at(c);
+            }
+            p *= x.data()[off] as f64;
+        }
+        let mut o = 0;
+        for &c in &out {
+            o = o * dim(c) + at(c);
+        }
+        acc[o] += p;
+    }
+    acc.into_iter().map(|v| v as f32).collect()
+}
+
+/// torch.einsum's common forms against loops over the indices, on every device with outputs
+/// poisoned; gradient checks through a product and a single-operand reduction; the implicit
+/// output; errors for what it does not take.
+#[test]
+fn einsum_as_loops() {
+    let cases: &[(&str, &[usize], &[usize])] = &[
+        ("ij,jk->ik", &[3, 5], &[5, 4]),
+        ("bij,bjk->bik", &[2, 3, 5], &[2, 5, 4]),
+        ("bhqd,bhkd->bhqk", &[2, 3, 4, 5], &[2, 3, 6, 5]),
+        ("bhqk,bhkd->bqhd", &[2, 3, 4, 6], &[2, 3, 6, 5]),
+        ("i,j->ij", &[3], &[4]),
+        ("ij,ij->i", &[3, 4], &[3, 4]),
+        ("i,i->", &[7], &[7]),
+        ("bij,jk->bki", &[2, 3, 5], &[5, 4]),
+        ("ijk,kl->jl", &[3, 4, 5], &[5, 2]),
+        ("ji,jk->ik", &[5, 3], &[5, 4]),
+    ];
+    for (k, &(spec, da, db)) in cases.iter().enumerate() {
+        let g = Graph::new();
+        let a = g.input("a", da.to_vec());
+        let b = g.input("b", db.to_vec());
+        let y = g.einsum(spec, &[a, b]).unwrap();
+        let (av, bv) = (rand(da, 10 + k as u64), rand(db, 20 + k as u64));
+        let want = naive_einsum(spec, &[(da, &av), (db, &bv)]);
+        for dev in common::devices() {
+            let mut plan = dev.compile(&g, &[y]).unwrap();
+            plan.poison(f32::NAN);
+            let got = plan.run(&[("a", &av), ("b", &bv)]).unwrap();
+            let w = Tensor::new(g.shape(y), want.clone()).unwrap();
+            common::assert_close(spec, &got[0], &w, 1e-5, 1e-4);
+        }
+    }
+    for (spec, d) in [
+        ("ij->ji", &[3usize, 4][..]),
+        ("ijk->ki", &[2, 3, 4]),
+        ("ij->", &[3, 4]),
+    ] {
+        let g = Graph::new();
+        let a = g.input("a", d.to_vec());
+        let y = g.einsum(spec, &[a]).unwrap();
+        let av = rand(d, 3);
+        let want = Tensor::new(g.shape(y), naive_einsum(spec, &[(d, &av)])).unwrap();
+        for dev in common::devices() {
+            let got = dev.compile(&g, &[y]).unwrap().run(&[("a", &av)]).unwrap();
+            common::assert_close(spec, &got[0], &want, 1e-5, 1e-4);
+        }
+    }
+    // attention's scores and a linear layer's product are one matmul kernel each: the
+    // operands already lie as the product reads them (the keys transposed)
+    if let Some(dev) = common::gpu() {
+        for (spec, da, db) in [
+            ("bhqd,bhkd->bhqk", [2, 3, 4, 5], [2, 3, 6, 5]),
+            ("bhqk,bhkd->bhqd", [2, 3, 4, 6], [2, 3, 6, 5]),
+        ] {
+            let g = Graph::new();
+            let y = g
+                .einsum(spec, &[g.input("a", da), g.input("b", db)])
+                .unwrap();
+            let kernels = dev.compile(&g, &[y]).unwrap().kernels().len();
+            assert_eq!(kernels, 1, "{spec}");
+        }
+    }
+    // torch's implicit output: the indices that appear once, alphabetically
+    let g = Graph::new();
+    let a = g.input("a", [3, 5]);
+    let b = g.input("b", [5, 4]);
+    assert_eq!(g.shape(g.einsum("ij,jk", &[a, b]).unwrap()).dims(), &[3, 4]);
+    assert_eq!(
+        g.shape(g.einsum("kj,ji", &[b, g.input("c", [4, 3])]).unwrap())
+            .dims(),
+        &[3, 5],
+        "\"ik\", alphabetical"
+    );
+    // gradients through the products' permutes and the sums
+    let g = Graph::new();
+    let a = g.input("a", [2, 3, 4]);
+    let b = g.input("b", [4, 2, 5]);
+    let y = g.einsum("bij,jbk->kib", &[a, b]).unwrap();
+    let s = g.einsum("bij->j", &[a]).unwrap();
+    let loss = g
+        .add(random_projection(&g, y, 1), random_projection(&g, s, 2))
+        .unwrap();
+    let (av, bv) = (rand(&[2, 3, 4], 3), rand(&[4, 2, 5], 4));
+    let feeds = [("a", &av), ("b", &bv)];
+    gradcheck(
+        "einsum",
+        &g,
+        loss,
+        &[("a", a), ("b", b)],
+        &feeds,
+        30,
+        TOL_REDUCTION,
+    );
+    for (spec, ops) in [
+        ("ii->i", vec![a]),
+        ("ij,jk,kl->il", vec![a, a, a]),
+        ("bij,bjk->bik", vec![a, a]),
+        ("bij->bz", vec![a]),
+        ("...ij->ij", vec![a]),
+    ] {
+        let e = g.einsum(spec, &ops).unwrap_err().to_string();
+        assert!(e.contains("einsum"), "{spec}: {e}");
+    }
+}

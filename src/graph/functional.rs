@@ -1,6 +1,6 @@
 //! `torch.nn.functional`'s compositions of graph ops, each as torch computes it: one-hot
-//! labels, triangles, tiling, padding by reflection, replication or wrapping, PReLU, pixel
-//! shuffles, normalization and cosine similarity, and the losses built from them (binary cross-entropy
+//! labels, triangles, tiling, `einsum`, padding by reflection, replication or wrapping, PReLU,
+//! pixel shuffles, normalization and cosine similarity, and the losses built from them (binary cross-entropy
 //! on probabilities, margin ranking, triplet margin). Their kernels are the ops they compose
 //! (the plan compiler fuses the elementwise ones); their gradients come from autodiff.
 
@@ -227,6 +227,146 @@ impl Graph {
         let w = self.cast(w, self.dtype(a))?;
         let positive = self.gt(a, self.constant(Tensor::full([1], 0.0)))?;
         self.where_cond(positive, a, self.mul(w, a)?)
+    }
+
+    /// `torch.einsum(spec, operands)` for one or two operands: `"bij,bjk->bik"`, `"bhqd,bhkd->
+    /// bhqk"`, `"i,j->ij"`, `"ij->ji"`, `"ij->"`, or without `->` torch's implicit output (the
+    /// indices that appear once, in alphabetical order). Letters are indices; an index that
+    /// appears in one operand only and not in the output is summed first. Two operands become
+    /// one batched [`Graph::matmul_t`] (indices in both operands and the output: batch; in both
+    /// but not the output: contracted) between permutes and reshapes that are skipped where the
+    /// operands already lie in that order. Not supported (an error): more than two operands,
+    /// an index repeated within an operand (a diagonal), `...`.
+    pub fn einsum(&self, spec: &str, operands: &[NodeId]) -> Result<NodeId> {
+        const OP: &str = "einsum";
+        let bad = |why: String| Err(shape_err(OP, format!("{spec:?}: {why}")));
+        let (lhs, out) = match spec.split_once("->") {
+            Some((l, o)) => (l, Some(o.trim())),
+            None => (spec, None),
+        };
+        let terms: Vec<Vec<char>> = lhs.split(',').map(|t| t.trim().chars().collect()).collect();
+        if terms.len() != operands.len() || !(1..=2).contains(&terms.len()) {
+            return bad(format!(
+                "{} terms for {} operands: one or two of each",
+                terms.len(),
+                operands.len()
+            ));
+        }
+        let shapes: Vec<Shape> = operands
+            .iter()
+            .map(|&o| self.check_id(OP, o))
+            .collect::<Result<_>>()?;
+        // each index's extent, checked across the operands
+        let mut extent: Vec<(char, usize)> = Vec::new();
+        for (t, s) in terms.iter().zip(&shapes) {
+            if t.len() != s.rank() || t.iter().any(|c| !c.is_ascii_alphabetic()) {
+                return bad(format!(
+                    "term {:?} for an operand {s}",
+                    t.iter().collect::<String>()
+                ));
+            }
+            for (k, &c) in t.iter().enumerate() {
+                if t[..k].contains(&c) {
+                    return bad(format!(
+                        "index {c:?} repeats within an operand (a diagonal)"
+                    ));
+                }
+                match extent.iter().find(|e| e.0 == c) {
+                    Some(&(_, d)) if d != s.dims()[k] => {
+                        return bad(format!("index {c:?} is {d} and {}", s.dims()[k]));
+                    }
+                    Some(_) => {}
+                    None => extent.push((c, s.dims()[k])),
+                }
+            }
+        }
+        let count = |c: char| terms.iter().filter(|t| t.contains(&c)).count();
+        let out: Vec<char> = match out {
+            Some(o) => o.chars().collect(),
+            None => {
+                let mut once: Vec<char> = extent
+                    .iter()
+                    .map(|e| e.0)
+                    .filter(|&c| count(c) == 1)
+                    .collect();
+                once.sort_unstable();
+                once
+            }
+        };
+        for (k, &c) in out.iter().enumerate() {
+            if out[..k].contains(&c) || !extent.iter().any(|e| e.0 == c) {
+                return bad(format!(
+                    "output index {c:?} repeats or names no input index"
+                ));
+            }
+        }
+        let dim = |c: char| extent.iter().find(|e| e.0 == c).map_or(1, |e| e.1);
+        // sum what one operand alone has and the output lacks
+        let mut ops: Vec<(NodeId, Vec<char>)> = Vec::new();
+        for (&o, t) in operands.iter().zip(&terms) {
+            let (mut x, mut t) = (o, t.clone());
+            while let Some(k) = t.iter().position(|&c| count(c) == 1 && !out.contains(&c)) {
+                x = self.sum(x, k as isize, false)?;
+                t.remove(k);
+            }
+            ops.push((x, t));
+        }
+        // `x` with its indices `from` put in the order `to`
+        let arrange = |x: NodeId, from: &[char], to: &[char]| -> Result<NodeId> {
+            let perm: Vec<usize> = to
+                .iter()
+                .map(|c| from.iter().position(|f| f == c).expect("an index of x"))
+                .collect();
+            match perm.iter().enumerate().all(|(i, &p)| i == p) {
+                true => Ok(x),
+                false => self.permute(x, &perm),
+            }
+        };
+        let size = |idx: &[char]| idx.iter().map(|&c| dim(c)).product::<usize>() as isize;
+        let dims_of = |idx: &[char]| idx.iter().map(|&c| dim(c) as isize).collect::<Vec<_>>();
+        let (y, y_idx) = if ops.len() == 1 {
+            let (x, t) = ops.remove(0);
+            (x, t)
+        } else {
+            let (b, tb) = ops.pop().expect("two operands");
+            let (a, ta) = ops.pop().expect("two operands");
+            let of = |t: &[char], keep: &dyn Fn(char) -> bool| -> Vec<char> {
+                t.iter().copied().filter(|&c| keep(c)).collect()
+            };
+            let batch = of(&ta, &|c| tb.contains(&c) && out.contains(&c));
+            let contract = of(&ta, &|c| tb.contains(&c) && !out.contains(&c));
+            let left = of(&ta, &|c| !tb.contains(&c));
+            let right = of(&tb, &|c| !ta.contains(&c));
+            let cat = |parts: &[&[char]]| parts.concat();
+            // each operand as [batch, rows, cols], transposed where that is its own order
+            let a_plain = cat(&[&batch, &left, &contract]);
+            let a_trans = cat(&[&batch, &contract, &left]);
+            let trans_a = a_plain != ta && a_trans == ta;
+            let b_plain = cat(&[&batch, &contract, &right]);
+            let b_trans = cat(&[&batch, &right, &contract]);
+            let trans_b = b_plain != tb && b_trans == tb;
+            let (nb, nl, nk, nr) = (size(&batch), size(&left), size(&contract), size(&right));
+            let a3 = match trans_a {
+                true => self.reshape(arrange(a, &ta, &a_trans)?, &[nb, nk, nl])?,
+                false => self.reshape(arrange(a, &ta, &a_plain)?, &[nb, nl, nk])?,
+            };
+            let b3 = match trans_b {
+                true => self.reshape(arrange(b, &tb, &b_trans)?, &[nb, nr, nk])?,
+                false => self.reshape(arrange(b, &tb, &b_plain)?, &[nb, nk, nr])?,
+            };
+            let y = self.matmul_t(a3, b3, trans_a, trans_b)?;
+            let idx = cat(&[&batch, &left, &right]);
+            match idx.is_empty() {
+                true => (self.reshape(y, &[1])?, idx),
+                false => (self.reshape(y, &dims_of(&idx))?, idx),
+            }
+        };
+        // the output's order, then its shape (a scalar output is `(1)`)
+        let y = arrange(y, &y_idx, &out)?;
+        match out.is_empty() {
+            true => self.reshape(y, &[1]),
+            false => Ok(y),
+        }
     }
 
     /// `torch.nn.functional.pixel_shuffle(a, r)`: `(N, C r^2, H, W)` -> `(N, C, H r, W r)`,
