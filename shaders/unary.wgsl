@@ -129,6 +129,12 @@ fn unary_op(op: u32, x: f32, alpha: f32, beta: f32) -> f32 {
         case 43u: { return min(x, 0.0) - log1p_approx(exp(-abs(x))); }
         case 44u: { return erf_approx(x); }
         case 45u: { return x / (1.0 + abs(x)); }
+        // isnan and isinf from the bits (WGSL may assume floats are neither)
+        case 46u: {
+            let b = bitcast<u32>(x);
+            return select(0.0, 1.0, (b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu) != 0u);
+        }
+        case 47u: { return select(0.0, 1.0, (bitcast<u32>(x) & 0x7fffffffu) == 0x7f800000u); }
         default: { return x; }
     }
 }

@@ -24,7 +24,7 @@ fn close(g: &Graph, outs: &[NodeId], feeds: &[(&str, &Tensor)], want: &[Vec<f32>
             assert_eq!(t.numel(), w.len(), "output {k}: {:?}", t.shape());
             for (i, (&a, &b)) in t.data().iter().zip(w).enumerate() {
                 assert!(
-                    (a - b).abs() <= 1e-6 + 1e-6 * b.abs(),
+                    (a - b).abs() <= 1e-6 + 1e-6 * b.abs() || a == b || (a.is_nan() && b.is_nan()),
                     "output {k}[{i}]: {a}, torch {b} ({:?})",
                     t.data()
                 );
@@ -433,4 +433,84 @@ fn einsum_as_loops() {
         let e = g.einsum(spec, &ops).unwrap_err().to_string();
         assert!(e.contains("einsum"), "{spec}: {e}");
     }
+}
+
+/// torch.isnan / isinf / isfinite, nan_to_num, kthvalue and median (NaN counting as the
+/// largest, and median's NaN propagation), by hand on every device with outputs poisoned;
+/// the median's gradient goes to the picked element; a row longer than the passes' k sorts.
+#[test]
+fn nan_checks_kthvalue_and_median_as_torch() {
+    let nan = f32::NAN;
+    let (inf, max, min) = (f32::INFINITY, f32::MAX, f32::MIN);
+    let g = Graph::new();
+    let v = g.input("v", [5]);
+    let x = g.input("x", [2, 5]);
+    let (k2, k2i) = g.kthvalue(x, 2, 1, false).unwrap();
+    let (k5, k5i) = g.kthvalue(x, 5, -1, true).unwrap();
+    let (m, mi) = g.median(x, 1, false).unwrap();
+    let (m0, m0i) = g.median(x, 0, false).unwrap();
+    assert_eq!(g.shape(k5).dims(), &[2, 1]);
+    let dx = g.grad(g.sum_all(m).unwrap(), &[x]).unwrap()[0];
+    let outs = [
+        g.isnan(v).unwrap(),
+        g.isinf(v).unwrap(),
+        g.isfinite(v).unwrap(),
+        g.nan_to_num(v, 0.0, max, min).unwrap(),
+        g.nan_to_num(v, -1.0, 9.0, -9.0).unwrap(),
+        k2,
+        k2i,
+        k5,
+        k5i,
+        m,
+        mi,
+        m0,
+        m0i,
+        dx,
+    ];
+    let want = [
+        vec![1., 0., 0., 0., 0.],
+        vec![0., 1., 1., 0., 0.],
+        vec![0., 0., 0., 1., 1.],
+        vec![0., max, min, 0., 1.5],
+        vec![-1., 9., -9., 0., 1.5],
+        vec![1., 0.],
+        vec![3., 4.],
+        vec![5., nan],
+        vec![4., 1.],
+        // row 1 holds a NaN: NaN at its position
+        vec![3., nan],
+        vec![0., 1.],
+        // columns of two: the smaller; column 1 holds a NaN
+        vec![2., nan, -1., 1., 0.],
+        vec![1., 1., 1., 0., 1.],
+        vec![1., 0., 0., 0., 0., 0., 1., 0., 0., 0.],
+    ];
+    let feeds = [
+        ("v", &t(&[5], &[nan, inf, -inf, 0., 1.5])),
+        (
+            "x",
+            &t(&[2, 5], &[3., 1., 4., 1., 5., 2., nan, -1., 2., 0.]),
+        ),
+    ];
+    close(&g, &outs, &feeds, &want);
+    // rows longer than the passes' k: the sort, against one written here
+    let g = Graph::new();
+    let x = g.input("x", [3, 21]);
+    let (kv, ki) = g.kthvalue(x, 13, 1, false).unwrap();
+    let (mv, _) = g.median(x, 1, false).unwrap();
+    let xs: Vec<f32> = (0..63).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+    let (mut want_k, mut want_i, mut want_m) = (Vec::new(), Vec::new(), Vec::new());
+    for row in xs.chunks(21) {
+        let mut p: Vec<usize> = (0..21).collect();
+        p.sort_by(|&a, &b| row[a].total_cmp(&row[b]).then(a.cmp(&b)));
+        want_k.push(row[p[12]]);
+        want_i.push(p[12] as f32);
+        want_m.push(row[p[10]]);
+    }
+    close(
+        &g,
+        &[kv, ki, mv],
+        &[("x", &t(&[3, 21], &xs))],
+        &[want_k, want_i, want_m],
+    );
 }

@@ -291,6 +291,8 @@ fn every_generated_fused_kernel_is_valid_wgsl() {
         UnaryOp::LogSigmoid,
         UnaryOp::Erf,
         UnaryOp::Softsign,
+        UnaryOp::IsNan,
+        UnaryOp::IsInf,
     ];
     for u in unary {
         let f = Fused {

@@ -229,6 +229,87 @@ impl Graph {
         self.where_cond(positive, a, self.mul(w, a)?)
     }
 
+    /// 1 where `a` is NaN, else 0 (`torch.isnan` as f32), from the bits; no gradient.
+    pub fn isnan(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(crate::ops::unary::UnaryOp::IsNan, a)
+    }
+
+    /// 1 where `a` is infinite, else 0 (`torch.isinf` as f32); no gradient.
+    pub fn isinf(&self, a: NodeId) -> Result<NodeId> {
+        self.unary(crate::ops::unary::UnaryOp::IsInf, a)
+    }
+
+    /// 1 where `a` is finite, else 0 (`torch.isfinite` as f32); no gradient.
+    pub fn isfinite(&self, a: NodeId) -> Result<NodeId> {
+        self.rsub_scalar(self.add(self.isnan(a)?, self.isinf(a)?)?, 1.0)
+    }
+
+    /// `torch.nan_to_num(a, nan, posinf, neginf)`: NaN, +inf and -inf replaced (torch's
+    /// defaults: 0 and the largest and lowest finite f32); the gradient passes where `a` is
+    /// finite. One fused kernel.
+    pub fn nan_to_num(&self, a: NodeId, nan: f32, posinf: f32, neginf: f32) -> Result<NodeId> {
+        let y = self.masked_fill(a, self.isnan(a)?, nan)?;
+        let inf = self.isinf(a)?;
+        let positive = self.mul(inf, self.gt(a, self.constant(Tensor::full([1], 0.0)))?)?;
+        let y = self.masked_fill(y, positive, posinf)?;
+        let negative = self.sub(inf, positive)?;
+        self.masked_fill(y, negative, neginf)
+    }
+
+    /// `torch.kthvalue(a, k, axis)`: the `k`-th smallest element along `axis` (1-based) and its
+    /// position, `(values, indices)` with the axis removed (`keepdim` keeps it as 1). NaN
+    /// counts as the largest, as torch sorts it. [`Graph::topk`] of the `k` smallest, then the
+    /// last of them.
+    pub fn kthvalue(
+        &self,
+        a: NodeId,
+        k: usize,
+        axis: isize,
+        keepdim: bool,
+    ) -> Result<(NodeId, NodeId)> {
+        let s = self.check_id("kthvalue", a)?;
+        let ax = s.axis("kthvalue", axis)?;
+        let (v, i) = self.topk(a, k, ax as isize, false)?;
+        let last = |x: NodeId| -> Result<NodeId> {
+            let x = self.narrow(x, ax as isize, k - 1, 1)?;
+            match keepdim {
+                true => Ok(x),
+                false => self.squeeze_axis(x, ax),
+            }
+        };
+        Ok((last(v)?, last(i)?))
+    }
+
+    /// `torch.median(a, axis)`: the lower median along `axis` (the `(C + 1) / 2`-th smallest)
+    /// and its position; a row holding NaN gives NaN and the position of its first NaN, as
+    /// torch's (`nanmedian` would skip them).
+    pub fn median(&self, a: NodeId, axis: isize, keepdim: bool) -> Result<(NodeId, NodeId)> {
+        let s = self.check_id("median", a)?;
+        let ax = s.axis("median", axis)?;
+        let c = s.dims()[ax];
+        let (v, i) = self.kthvalue(a, c.div_ceil(2), ax as isize, keepdim)?;
+        // the largest in top-k order is the first NaN where there is one
+        let (top, top_i) = self.topk(a, 1, ax as isize, true)?;
+        let (top, top_i) = match keepdim {
+            true => (top, top_i),
+            false => (self.squeeze_axis(top, ax)?, self.squeeze_axis(top_i, ax)?),
+        };
+        let nan = self.isnan(top)?;
+        Ok((
+            self.where_cond(nan, top, v)?,
+            self.where_cond(nan, top_i, i)?,
+        ))
+    }
+
+    /// `x` without its axis `ax` (of extent 1); a rank-1 `x` becomes `(1)`.
+    fn squeeze_axis(&self, x: NodeId, ax: usize) -> Result<NodeId> {
+        let mut d: Vec<isize> = self.dims_isize(self.shape(x));
+        if d.len() > 1 {
+            d.remove(ax);
+        }
+        self.reshape(x, &d)
+    }
+
     /// `torch.einsum(spec, operands)` for one or two operands: `"bij,bjk->bik"`, `"bhqd,bhkd->
     /// bhqk"`, `"i,j->ij"`, `"ij->ji"`, `"ij->"`, or without `->` torch's implicit output (the
     /// indices that appear once, in alphabetical order). Letters are indices; an index that

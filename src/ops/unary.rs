@@ -103,6 +103,10 @@ pub enum UnaryOp {
     Erf,
     /// `x / (1 + |x|)` (`torch.nn.Softsign`).
     Softsign,
+    /// 1 where `x` is NaN, else 0 (`torch.isnan`), read from the bits; no gradient.
+    IsNan,
+    /// 1 where `x` is infinite, else 0 (`torch.isinf`); no gradient.
+    IsInf,
 }
 
 impl UnaryOp {
@@ -156,6 +160,8 @@ impl UnaryOp {
             UnaryOp::LogSigmoid => "log_sigmoid",
             UnaryOp::Erf => "erf",
             UnaryOp::Softsign => "softsign",
+            UnaryOp::IsNan => "isnan",
+            UnaryOp::IsInf => "isinf",
         }
     }
 
@@ -211,6 +217,8 @@ impl UnaryOp {
             UnaryOp::LogSigmoid => (43, 0.0),
             UnaryOp::Erf => (44, 0.0),
             UnaryOp::Softsign => (45, 0.0),
+            UnaryOp::IsNan => (46, 0.0),
+            UnaryOp::IsInf => (47, 0.0),
         };
         (op, alpha, 0.0)
     }
@@ -333,6 +341,8 @@ impl UnaryOp {
             UnaryOp::LogSigmoid => -softplus(-x),
             UnaryOp::Erf => libm::erf(x),
             UnaryOp::Softsign => x / (1.0 + x.abs()),
+            UnaryOp::IsNan => x.is_nan() as u8 as f64,
+            UnaryOp::IsInf => x.is_infinite() as u8 as f64,
         }
     }
 
@@ -442,9 +452,12 @@ impl UnaryOp {
             UnaryOp::Log1p => g.div(dy, g.add_scalar(x, 1.0)?),
             UnaryOp::Expm1 => g.mul(dy, g.add_scalar(y, 1.0)?),
             // piecewise constant: zero, as torch's (not the Dirac at the steps)
-            UnaryOp::Floor | UnaryOp::Ceil | UnaryOp::Round | UnaryOp::Trunc => {
-                g.mul_scalar(dy, 0.0)
-            }
+            UnaryOp::Floor
+            | UnaryOp::Ceil
+            | UnaryOp::Round
+            | UnaryOp::Trunc
+            | UnaryOp::IsNan
+            | UnaryOp::IsInf => g.mul_scalar(dy, 0.0),
             UnaryOp::GeluTanh => g.mul(dy, g.unary(UnaryOp::GeluTanhDeriv, x)?),
             UnaryOp::GeluTanhDeriv => Err(crate::error::Error::Unsupported(
                 "second-order gradients through gelu's tanh approximation".into(),
