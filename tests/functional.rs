@@ -514,3 +514,121 @@ fn nan_checks_kthvalue_and_median_as_torch() {
         &[want_k, want_i, want_m],
     );
 }
+
+/// glu and torch's remaining losses (soft margin, multilabel soft margin, hinge embedding,
+/// cosine embedding, Poisson and Gaussian NLL) against their formulas worked by hand, the
+/// Gaussian's variance gradient through torch's clamp, and gradient checks.
+#[test]
+fn glu_and_more_losses_as_torch() {
+    let g = Graph::new();
+    let a = g.input("a", [4]);
+    let x = g.input("x", [3]);
+    let y = g.input("y", [3]);
+    let x2 = g.input("x2", [2, 2]);
+    let y2 = g.input("y2", [2, 2]);
+    let (ea, eb, eb2, ey) = (
+        g.input("ea", [2, 2]),
+        g.input("eb", [2, 2]),
+        g.input("eb2", [2, 2]),
+        g.input("ey", [2]),
+    );
+    let (px, pl, pt) = (g.input("px", [3]), g.input("pl", [3]), g.input("pt", [3]));
+    let (gx, gt, gv) = (g.input("gx", [3]), g.input("gt", [3]), g.input("gv", [3]));
+    let gauss = g.gaussian_nll_loss(gx, gt, gv, false).unwrap();
+    let dvar = g.grad(gauss, &[gv]).unwrap()[0];
+    let outs = [
+        g.glu(a, 0).unwrap(),
+        g.soft_margin_loss(x, y).unwrap(),
+        g.hinge_embedding_loss(x, y, 1.0).unwrap(),
+        g.multilabel_soft_margin_loss(x2, y2).unwrap(),
+        g.cosine_embedding_loss(ea, eb, ey, 0.5).unwrap(),
+        g.cosine_embedding_loss(ea, eb2, ey, 0.5).unwrap(),
+        g.poisson_nll_loss(px, pt, true, false).unwrap(),
+        g.poisson_nll_loss(pl, pt, false, false).unwrap(),
+        g.poisson_nll_loss(px, pt, true, true).unwrap(),
+        gauss,
+        g.gaussian_nll_loss(gx, gt, gv, true).unwrap(),
+        dvar,
+    ];
+    let want = [
+        vec![0.952_574_1, 0.035_972_42],
+        vec![0.971_422_2],
+        vec![0.833_333_3],
+        vec![0.901_853_5],
+        vec![0.1],
+        vec![0.347_345_9],
+        vec![0.968_552_3],
+        vec![0.871_235_2],
+        vec![1.556_579_4],
+        vec![-2.135_918_4],
+        vec![-1.216_979_9],
+        vec![0.166_666_67, 166_666.67, 0.041_666_668],
+    ];
+    let feeds = [
+        ("a", &t(&[4], &[1., 2., 3., -4.])),
+        ("x", &t(&[3], &[0.5, -1., 2.])),
+        ("y", &t(&[3], &[1., -1., -1.])),
+        ("x2", &t(&[2, 2], &[0.5, -1., 2., 0.])),
+        ("y2", &t(&[2, 2], &[1., 0., 0., 1.])),
+        ("ea", &t(&[2, 2], &[1., 2., 3., 4.])),
+        ("eb", &t(&[2, 2], &[2., 1., -3., -4.])),
+        ("eb2", &t(&[2, 2], &[2., 1., 3., 5.])),
+        ("ey", &t(&[2], &[1., -1.])),
+        ("px", &t(&[3], &[0.5, -1., 2.])),
+        ("pl", &t(&[3], &[0.5, 1.5, 2.])),
+        ("pt", &t(&[3], &[1., 0., 3.])),
+        ("gx", &t(&[3], &[1., 2., 3.])),
+        ("gt", &t(&[3], &[1.5, 2., 2.])),
+        ("gv", &t(&[3], &[0.5, 1e-8, 2.])),
+    ];
+    for dev in common::devices() {
+        let mut plan = dev.compile(&g, &outs).unwrap();
+        plan.poison(f32::NAN);
+        let got = plan.run(&feeds).unwrap();
+        for (k, (tt, w)) in got.iter().zip(&want).enumerate() {
+            for (i, (&p, &q)) in tt.data().iter().zip(w).enumerate() {
+                assert!(
+                    (p - q).abs() <= 1e-5 * q.abs().max(1.0),
+                    "output {k}[{i}]: {p}, torch {q}"
+                );
+            }
+        }
+    }
+    assert!(g.glu(x, 0).unwrap_err().to_string().contains("odd"));
+    // gradients through each
+    let g = Graph::new();
+    let (u, v) = (g.input("u", [3, 6]), g.input("v", [3, 6]));
+    let sign = g.input("sign", [3, 6]);
+    let rows = g.input("rows", [3]);
+    let var = g.input("var", [3, 1]);
+    let loss = [
+        random_projection(&g, g.glu(u, 1).unwrap(), 1),
+        g.soft_margin_loss(u, sign).unwrap(),
+        g.hinge_embedding_loss(u, sign, 0.7).unwrap(),
+        g.cosine_embedding_loss(u, v, rows, 0.1).unwrap(),
+        g.poisson_nll_loss(u, g.abs(v).unwrap(), true, true)
+            .unwrap(),
+        g.gaussian_nll_loss(u, v, var, false).unwrap(),
+    ]
+    .into_iter()
+    .reduce(|s, l| g.add(s, l).unwrap())
+    .unwrap();
+    let pm = |n: usize| {
+        (0..n)
+            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect::<Vec<f32>>()
+    };
+    let (uv, vv) = (rand(&[3, 6], 5), rand(&[3, 6], 6));
+    let (sv, rv) = (t(&[3, 6], &pm(18)), t(&[3], &[1., -1., -1.]));
+    let varv = t(&[3, 1], &[0.5, 1.2, 2.0]);
+    let feeds = [
+        ("u", &uv),
+        ("v", &vv),
+        ("sign", &sv),
+        ("rows", &rv),
+        ("var", &varv),
+    ];
+    check_gpu_vs_cpu("losses", &g, &[loss], &feeds, TOL_REDUCTION);
+    let wrt = [("u", u), ("v", v), ("var", var)];
+    gradcheck("losses", &g, loss, &wrt, &feeds, 30, TOL_REDUCTION);
+}

@@ -556,6 +556,124 @@ impl Graph {
         self.where_cond(ok, self.log(safe)?, small)
     }
 
+    /// `torch.nn.functional.glu(a, axis)`: the first half of `a` along `axis` times the sigmoid
+    /// of the second (an even extent). One fused kernel.
+    pub fn glu(&self, a: NodeId, axis: isize) -> Result<NodeId> {
+        let s = self.check_id("glu", a)?;
+        let ax = s.axis("glu", axis)?;
+        let d = s.dims()[ax];
+        if d % 2 != 0 {
+            return Err(shape_err(
+                "glu",
+                format!("input {s}: axis {ax} has the odd extent {d}"),
+            ));
+        }
+        let halves = self.split(a, ax as isize, &[d / 2, d / 2])?;
+        self.mul(halves[0], self.sigmoid(halves[1])?)
+    }
+
+    /// `torch.nn.functional.soft_margin_loss(x, y)`: `mean(log(1 + exp(-y x)))`, `y` of -1 and 1.
+    pub fn soft_margin_loss(&self, x: NodeId, y: NodeId) -> Result<NodeId> {
+        let (x, y) = self.regression_operands("soft_margin_loss", x, y)?;
+        self.mean_all(self.softplus(self.neg(self.mul(y, x)?)?)?)
+    }
+
+    /// `torch.nn.functional.multilabel_soft_margin_loss(x, y)` over `(N, C)`: the mean over
+    /// the classes and the rows of `-(y log sigmoid(x) + (1 - y) log sigmoid(-x))`, which is
+    /// [`Graph::bce_with_logits`].
+    pub fn multilabel_soft_margin_loss(&self, x: NodeId, y: NodeId) -> Result<NodeId> {
+        let s = self.check_id("multilabel_soft_margin_loss", x)?;
+        if s.rank() != 2 {
+            return Err(shape_err(
+                "multilabel_soft_margin_loss",
+                format!("input {s}: expected (N, C)"),
+            ));
+        }
+        self.bce_with_logits(x, y)
+    }
+
+    /// `torch.nn.functional.hinge_embedding_loss(x, y, margin)`: the mean of `x` where `y` is
+    /// 1 and `max(0, margin - x)` where it is -1.
+    pub fn hinge_embedding_loss(&self, x: NodeId, y: NodeId, margin: f32) -> Result<NodeId> {
+        let (x, y) = self.regression_operands("hinge_embedding_loss", x, y)?;
+        let similar = self.eq(y, self.constant(Tensor::full([1], 1.0)))?;
+        let apart = self.relu(self.rsub_scalar(x, margin)?)?;
+        self.mean_all(self.where_cond(similar, x, apart)?)
+    }
+
+    /// `torch.nn.functional.cosine_embedding_loss(a, b, y, margin)` over rows `(N, D)`: with
+    /// torch's `cos = sum(a b) / sqrt((sum(a^2) + 1e-12) (sum(b^2) + 1e-12))` per row, the mean
+    /// of `1 - cos` where `y` is 1 and `max(0, cos - margin)` where it is -1.
+    pub fn cosine_embedding_loss(
+        &self,
+        a: NodeId,
+        b: NodeId,
+        y: NodeId,
+        margin: f32,
+    ) -> Result<NodeId> {
+        let (a, b) = self.regression_operands("cosine_embedding_loss", a, b)?;
+        let sq = |v: NodeId| self.add_scalar(self.sum(self.square(v)?, -1, false)?, 1e-12);
+        let mag = self.sqrt(self.mul(sq(a)?, sq(b)?)?)?;
+        let cos = self.div(self.sum(self.mul(a, b)?, -1, false)?, mag)?;
+        let similar = self.eq(y, self.constant(Tensor::full([1], 1.0)))?;
+        let apart = self.relu(self.add_scalar(cos, -margin)?)?;
+        self.mean_all(self.where_cond(similar, self.rsub_scalar(cos, 1.0)?, apart)?)
+    }
+
+    /// `torch.nn.functional.poisson_nll_loss(x, target, log_input, full, eps=1e-8)`, mean:
+    /// `exp(x) - target x` with `log_input`, else `x - target log(x + eps)`; with `full` the
+    /// Stirling term `target log(target) - target + log(2 pi target) / 2` where `target > 1`.
+    pub fn poisson_nll_loss(
+        &self,
+        x: NodeId,
+        target: NodeId,
+        log_input: bool,
+        full: bool,
+    ) -> Result<NodeId> {
+        let (x, t) = self.regression_operands("poisson_nll_loss", x, target)?;
+        let mut loss = match log_input {
+            true => self.sub(self.exp(x)?, self.mul(t, x)?)?,
+            false => self.sub(x, self.mul(t, self.log(self.add_scalar(x, 1e-8)?)?)?)?,
+        };
+        if full {
+            // over target > 1 only: elsewhere the log reads 1 (the term is masked anyway)
+            let big = self.gt(t, self.constant(Tensor::full([1], 1.0)))?;
+            let safe = self.where_cond(big, t, self.constant(Tensor::full([1], 1.0)))?;
+            let two_pi = 2.0 * std::f32::consts::PI;
+            let stirling = self.add(
+                self.sub(self.mul(safe, self.log(safe)?)?, safe)?,
+                self.mul_scalar(self.log(self.mul_scalar(safe, two_pi)?)?, 0.5)?,
+            )?;
+            loss = self.add(loss, self.mul(big, stirling)?)?;
+        }
+        self.mean_all(loss)
+    }
+
+    /// `torch.nn.functional.gaussian_nll_loss(x, target, var, full, eps=1e-6)`, mean:
+    /// `(log(var) + (x - target)^2 / var) / 2`, plus `log(2 pi) / 2` with `full`; `var`
+    /// broadcasts against `x` (one per element, or per row as `(N, 1)`), its values clamped to
+    /// at least `eps` with the gradient passing as though they were not, as torch's.
+    pub fn gaussian_nll_loss(
+        &self,
+        x: NodeId,
+        target: NodeId,
+        var: NodeId,
+        full: bool,
+    ) -> Result<NodeId> {
+        let (x, t) = self.regression_operands("gaussian_nll_loss", x, target)?;
+        let var = self.cast(var, crate::tensor::DType::F32)?;
+        let clamped = self.clamp(var, 1e-6, f32::MAX)?;
+        let v = self.add(var, self.detach(self.sub(clamped, var)?)?)?;
+        let d = self.sub(x, t)?;
+        let loss = self.add(self.log(v)?, self.div(self.square(d)?, v)?)?;
+        let loss = self.mul_scalar(loss, 0.5)?;
+        let loss = match full {
+            true => self.add_scalar(loss, 0.5 * (2.0 * std::f32::consts::PI).ln())?,
+            false => loss,
+        };
+        self.mean_all(loss)
+    }
+
     /// `torch.nn.functional.margin_ranking_loss(a, b, y, margin)`: `mean(max(0, -y (a - b) +
     /// margin))`, `y` of 1 where `a` should rank higher and -1 where `b` should.
     pub fn margin_ranking_loss(
