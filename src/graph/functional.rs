@@ -1,8 +1,10 @@
 //! `torch.nn.functional`'s compositions of graph ops, each as torch computes it: one-hot
 //! labels, triangles, tiling, `einsum`, padding by reflection, replication or wrapping, PReLU,
-//! pixel shuffles, normalization and cosine similarity, and the losses built from them (binary cross-entropy
-//! on probabilities, margin ranking, triplet margin). Their kernels are the ops they compose
-//! (the plan compiler fuses the elementwise ones); their gradients come from autodiff.
+//! GLU, pixel shuffles, norms, normalization and cosine similarity, NaN checks, k-th values and
+//! medians, and the losses built from them (binary cross-entropy on probabilities, margin
+//! ranking, triplet margin, soft margin, hinge and cosine embedding, Poisson and Gaussian NLL).
+//! Their kernels are the ops they compose (the plan compiler fuses the elementwise ones); their
+//! gradients come from autodiff.
 
 use super::{Graph, NodeId};
 use crate::error::{shape_err, Result};
