@@ -47,10 +47,11 @@
 //           scanned in workgroup memory, each adding the carry of the chunks before it;
 //           `topk` OUTER workgroups, one per row: J rounds, each a strided pass over the row
 //           (the first element after the previous pick, per thread) and a tree over the
-//           workgroup (J * K / 256 reads per thread); `sort_blocks` OUTER * ceil(K / BLOCK)
-//           workgroups, one per block: a bitonic network over BLOCK slots in workgroup memory
-//           (those past the row are sentinels, after everything), BLOCK / 2 compare-exchanges
-//           per stage, a barrier between stages; `merge_runs` ceil(OUTER * K / 256), one thread
+//           workgroup (J * K / 256 reads per thread); `sort_blocks`
+//           ceil(OUTER * ceil(K / BLOCK) / (1024 / BLOCK)) workgroups, each sorting 1024 / BLOCK
+//           blocks side by side (short rows share a workgroup): a bitonic network over 1024
+//           slots in workgroup memory with stages up to BLOCK (slots past a row are sentinels,
+//           after everything), 512 compare-exchanges per stage, a barrier between stages; `merge_runs` ceil(OUTER * K / 256), one thread
 //           per element: its place is its place in its run plus a binary search in the run
 //           it merges with. All folded into (x <= 65535, y).
 
@@ -308,15 +309,30 @@ fn before_or_pad(a: f32, ia: u32, b: f32, ib: u32) -> bool {
     return before(a, ia, b, ib);
 }
 
-// Sorts block `blk` (BLOCK elements from BLOCK * blk) of row `row` into sort_v/sort_p in top-k
-// order: a bitonic network over BLOCK (a power of two, at most 1024) slots, those past the row
-// padded with sentinels. Every thread of the workgroup calls it (barriers).
-fn sort_block(row: u32, blk: u32, lid: u32) {
-    let start = blk * BLOCK;
-    for (var t = lid; t < BLOCK; t = t + WG) {
-        if start + t < K {
-            sort_v[t] = ld_x(row * K + start + t);
-            sort_p[t] = start + t;
+// A workgroup sorts SLOTS / BLOCK consecutive blocks (a block: BLOCK elements of a row from
+// BLOCK * blk), one per segment of BLOCK slots, so that short rows fill the workgroup.
+const SLOTS: u32 = 1024u;
+
+// The row, the position in it and whether it holds an element (1) or padding (0), of slot t
+// of workgroup w.
+fn slot_of(w: u32, t: u32) -> vec3<u32> {
+    let blocks = (K + BLOCK - 1u) / BLOCK;
+    let g = w * (SLOTS / BLOCK) + t / BLOCK;
+    let row = g / blocks;
+    let pos = (g % blocks) * BLOCK + t % BLOCK;
+    return vec3<u32>(row, pos, u32(row < OUTER && pos < K));
+}
+
+// Sorts each segment of workgroup w's slots into sort_v/sort_p in top-k order: a bitonic
+// network over SLOTS slots whose stages go up to BLOCK (a power of two, at most 1024), so each
+// segment sorts on its own; slots past a row hold sentinels, after everything. Every thread of
+// the workgroup calls it (barriers).
+fn sort_segments(w: u32, lid: u32) {
+    for (var t = lid; t < SLOTS; t = t + WG) {
+        let s = slot_of(w, t);
+        if s.z == 1u {
+            sort_v[t] = ld_x(s.x * K + s.y);
+            sort_p[t] = s.y;
         } else {
             sort_v[t] = 0.0;
             sort_p[t] = SENTINEL;
@@ -325,12 +341,13 @@ fn sort_block(row: u32, blk: u32, lid: u32) {
     workgroupBarrier();
     for (var size = 2u; size <= BLOCK; size = size * 2u) {
         for (var stride = size / 2u; stride > 0u; stride = stride / 2u) {
-            for (var t = lid; t < BLOCK / 2u; t = t + WG) {
+            for (var t = lid; t < SLOTS / 2u; t = t + WG) {
                 // the pair (i, i + stride) of compare-exchange t; ascending where bit `size`
-                // of i is clear, so that each stage merges bitonic sequences of `size`
+                // of i is clear, so that each stage merges bitonic sequences of `size`, and
+                // all ascending at the last (each segment's own final merge)
                 let i = 2u * stride * (t / stride) + t % stride;
                 let j = i + stride;
-                let ascending = (i & size) == 0u;
+                let ascending = (i & size) == 0u || size == BLOCK;
                 let vi = sort_v[i];
                 let pi = sort_p[i];
                 let vj = sort_v[j];
@@ -347,11 +364,9 @@ fn sort_block(row: u32, blk: u32, lid: u32) {
     }
 }
 
-// The block and row of a sort_blocks workgroup, or false past the last (uniform across it).
-fn block_of(wid: vec3<u32>, nwg: vec3<u32>) -> vec3<u32> {
-    let w = wid.y * nwg.x + wid.x;
-    let blocks = (K + BLOCK - 1u) / BLOCK;
-    return vec3<u32>(w / blocks, w % blocks, u32(w < OUTER * blocks));
+// This workgroup's index (uniform across it: the barriers in sort_segments are reached by all).
+fn sort_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.y * nwg.x + wid.x;
 }
 
 @compute @workgroup_size(256)
@@ -360,16 +375,15 @@ fn sort_blocks(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let b = block_of(wid, nwg);
-    if b.z == 0u {
-        return;
-    }
-    sort_block(b.x, b.y, lid);
-    let start = b.y * BLOCK;
-    for (var t = lid; t < BLOCK && start + t < K; t = t + WG) {
-        let at = b.x * K + start + t;
-        pairs[2u * at] = sort_v[t];
-        pairs[2u * at + 1u] = f32(sort_p[t]);
+    let w = sort_workgroup(wid, nwg);
+    sort_segments(w, lid);
+    for (var t = lid; t < SLOTS; t = t + WG) {
+        let s = slot_of(w, t);
+        if s.z == 1u {
+            let at = s.x * K + s.y;
+            pairs[2u * at] = sort_v[t];
+            pairs[2u * at + 1u] = f32(sort_p[t]);
+        }
     }
 }
 
@@ -379,14 +393,14 @@ fn sort_blocks_last(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let b = block_of(wid, nwg);
-    if b.z == 0u {
-        return;
-    }
-    sort_block(b.x, b.y, lid);
-    // one block per row: its first J positions
-    for (var t = lid; t < J; t = t + WG) {
-        picks[b.x * J + t] = f32(sort_p[t]);
+    let w = sort_workgroup(wid, nwg);
+    sort_segments(w, lid);
+    // one block per row: each row's first J positions
+    for (var t = lid; t < SLOTS; t = t + WG) {
+        let s = slot_of(w, t);
+        if s.z == 1u && s.y < J {
+            picks[s.x * J + s.y] = f32(sort_p[t]);
+        }
     }
 }
 

@@ -421,12 +421,20 @@ fn torch_order(row: &[f32], largest: bool) -> Vec<usize> {
 }
 
 /// Rows longer than a sort block (1024): sorted blocks, then merges of sorted runs (a partial
-/// last block and run, NaN, infinities and many ties), against a sort written out here, on
-/// every device with outputs poisoned; `topk` past the passes' k the same way; the count of
-/// merge kernels.
+/// last block and run, NaN, infinities and many ties), and many short rows sharing
+/// workgroups, against a sort written out here, on every device with outputs poisoned; `topk`
+/// past the passes' k the same way; the count of merge kernels.
 #[test]
 fn sort_of_long_rows_in_blocks_and_merges() {
-    for shape in [vec![3usize, 2500], vec![2, 4097], vec![1, 1025], vec![5, 9]] {
+    // (short rows share a workgroup: 32 rows of 20 in each, the last one part full)
+    for shape in [
+        vec![3usize, 2500],
+        vec![2, 4097],
+        vec![1, 1025],
+        vec![5, 9],
+        vec![100, 20],
+        vec![37, 9],
+    ] {
         let c = shape[1];
         let n: usize = shape.iter().product();
         let xs: Vec<f32> = (0..n)

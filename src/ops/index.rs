@@ -373,7 +373,7 @@ impl SortBlocks {
         Tensor::new(out.clone(), data).expect("the sort's shape")
     }
 
-    /// Kernel: a workgroup per block of a row.
+    /// Kernel: a workgroup per [`SORT_BLOCK_MAX`] / `block` blocks (short rows share one).
     pub fn kernel(&self, x: &Shape) -> KernelSpec {
         let (rows, c) = rows_of(x, false);
         let entry = match self.k {
@@ -382,7 +382,8 @@ impl SortBlocks {
         };
         let mut k = sort_kernel(entry, rows, c, self.k, self.largest);
         k.constants.push(("BLOCK", self.block as f64));
-        k.workgroups = (rows * c.div_ceil(self.block)) as u64;
+        let per_workgroup = SORT_BLOCK_MAX / self.block;
+        k.workgroups = (rows * c.div_ceil(self.block)).div_ceil(per_workgroup) as u64;
         k
     }
 }
