@@ -12,7 +12,11 @@
 //! character per run, each layer's keys and values kept in its cache
 //! (`nn::MultiheadAttention::apply_cached`), drawing the next character from
 //! `softmax(logits / --temperature)`; with `--top-k K` among the K most likely characters only
-//! (`Graph::topk` in the decoding plan: K values and positions read back, not the logits).
+//! (`Graph::topk` in the decoding plan: K values and positions read back, not the logits); with
+//! `--top-p P` among the fewest most likely whose probability adds up to P (nucleus sampling,
+//! on the device: `Graph::sort` of the logits, their softmax at the temperature and its
+//! `cumsum`, the characters past the nucleus masked to -inf; with `--top-k` too, the nucleus
+//! of the K).
 //!
 //! Expected: on the built-in README (about 20,000 characters, 88 distinct, 19 steps of 16
 //! windows per epoch when this was measured; the numbers move a little as the README changes)
@@ -100,6 +104,10 @@ struct Args {
     /// device, K values and positions read back instead of the vocabulary's logits; 0: all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Sample within the nucleus: the fewest most likely characters whose probabilities (at
+    /// the temperature) add up to P (top-p sampling, on the device; 1: all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
     /// Read the training loss back every N steps (each read waits for the device).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     log_every: u32,
@@ -182,6 +190,9 @@ fn main() -> Result<(), Failure> {
         )
         .into());
     }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(format!("--top-p must be in (0, 1], got {}", args.top_p).into());
+    }
     let corpus = Corpus::load(args.text.as_deref(), BUILT_IN)?;
     let (ids, v) = (&corpus.ids, corpus.vocab.len());
     let (seq, batch, e) = (
@@ -249,14 +260,27 @@ fn main() -> Result<(), Failure> {
     let spos = g.input("positions", [1]);
     let smask = g.input("mask", [1, seq]);
     let (slogits, _) = model.apply(&g, sx, spos, false, Some((seq, smask)))?;
-    // with --top-k: the k largest logits and their characters, in order
-    let outputs = match args.top_k {
-        0 => vec![slogits],
-        k => {
+    // with --top-k: the k largest logits and their characters, in order; with --top-p the
+    // logits sorted and those past the nucleus at -inf
+    let mut outputs = match (args.top_k, args.top_p < 1.0) {
+        (0, false) => vec![slogits],
+        (0, true) => {
+            let (values, positions) = g.sort(slogits, -1, true)?;
+            vec![values, positions]
+        }
+        (k, _) => {
             let (values, positions) = g.topk(slogits, k.min(v), -1, true)?;
             vec![values, positions]
         }
     };
+    if args.top_p < 1.0 && args.temperature > 0.0 {
+        // a character stays while the probability of those before it is at most P (the first
+        // always does), as Hugging Face's TopPLogitsWarper
+        let probs = g.softmax(g.mul_scalar(outputs[0], 1.0 / args.temperature)?, -1)?;
+        let before = g.sub(g.cumsum(probs, -1)?, probs)?;
+        let past = g.gt(before, g.constant(Tensor::full([1], args.top_p)))?;
+        outputs[0] = g.masked_fill(outputs[0], past, f32::NEG_INFINITY)?;
+    }
     let mut sample_plan = dev.compile(&g, &outputs)?;
     println!("sampling plan (one token): {}", sample_plan.info());
     let mut sample_rng = StdRng::seed_from_u64(args.seed.wrapping_add(7));
