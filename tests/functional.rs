@@ -16,21 +16,7 @@ fn t(shape: &[usize], v: &[f32]) -> Tensor {
 
 /// Runs `outs` on every device (poisoned first) and compares with `want` at rtol 1e-6.
 fn close(g: &Graph, outs: &[NodeId], feeds: &[(&str, &Tensor)], want: &[Vec<f32>]) {
-    for dev in common::devices() {
-        let mut plan = dev.compile(g, outs).unwrap();
-        plan.poison(f32::NAN);
-        let got = plan.run(feeds).unwrap();
-        for (k, (t, w)) in got.iter().zip(want).enumerate() {
-            assert_eq!(t.numel(), w.len(), "output {k}: {:?}", t.shape());
-            for (i, (&a, &b)) in t.data().iter().zip(w).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-6 + 1e-6 * b.abs() || a == b || (a.is_nan() && b.is_nan()),
-                    "output {k}[{i}]: {a}, torch {b} ({:?})",
-                    t.data()
-                );
-            }
-        }
-    }
+    common::expect_values(g, outs, feeds, want, (1e-6, 1e-6));
 }
 
 /// torch.nn.functional.pad's reflect, replicate and circular modes, and pixel (un)shuffle.
@@ -581,19 +567,7 @@ fn glu_and_more_losses_as_torch() {
         ("gt", &t(&[3], &[1.5, 2., 2.])),
         ("gv", &t(&[3], &[0.5, 1e-8, 2.])),
     ];
-    for dev in common::devices() {
-        let mut plan = dev.compile(&g, &outs).unwrap();
-        plan.poison(f32::NAN);
-        let got = plan.run(&feeds).unwrap();
-        for (k, (tt, w)) in got.iter().zip(&want).enumerate() {
-            for (i, (&p, &q)) in tt.data().iter().zip(w).enumerate() {
-                assert!(
-                    (p - q).abs() <= 1e-5 * q.abs().max(1.0),
-                    "output {k}[{i}]: {p}, torch {q}"
-                );
-            }
-        }
-    }
+    common::expect_values(&g, &outs, &feeds, &want, (1e-5, 1e-5));
     assert!(g.glu(x, 0).unwrap_err().to_string().contains("odd"));
     // gradients through each
     let g = Graph::new();

@@ -15,33 +15,7 @@ fn t(shape: &[usize], v: &[f32]) -> Tensor {
 
 /// Runs `outs` on every device (poisoned first) and compares with `want` exactly.
 fn exact(g: &Graph, outs: &[kiln::NodeId], feeds: &[(&str, &Tensor)], want: &[Vec<f32>]) {
-    for dev in common::devices() {
-        let mut plan = dev.compile(g, outs).unwrap();
-        plan.poison(f32::NAN);
-        let got = plan.run(feeds).unwrap();
-        for (k, (t, w)) in got.iter().zip(want).enumerate() {
-            assert_eq!(t.numel(), w.len(), "output {k}: {:?}", t.shape());
-            let first = t
-                .data()
-                .iter()
-                .zip(w)
-                .position(|(a, b)| a != b && !(a.is_nan() && b.is_nan()));
-            if let Some(i) = first {
-                // the whole tensors where they are short, else where they first differ
-                let at = |v: &[f32]| format!("{:?}", &v[i.saturating_sub(3)..(i + 4).min(v.len())]);
-                panic!(
-                    "output {k} differs at {i}: {} where {} is wanted{}",
-                    at(t.data()),
-                    at(w),
-                    if w.len() <= 32 {
-                        format!(" ({:?} != {w:?})", t.data())
-                    } else {
-                        String::new()
-                    }
-                );
-            }
-        }
-    }
+    common::expect_values(g, outs, feeds, want, (0.0, 0.0));
 }
 
 /// torch.gather and torch.index_select on a (2, 3) matrix, values worked by hand; an index

@@ -145,6 +145,13 @@ enum Step {
     /// smallest; its positions are left out: near a tie the two backends' roundings may pick
     /// different ones).
     Index(u8, u8, u8),
+    /// a `torch.nn.functional` composition (`src/graph/functional.rs`, kind 0 to 7):
+    /// normalize along the last axis, PReLU with a new input of slopes (per channel: axis 1),
+    /// a reflecting pad of the last axis (replicating where it has one element), GLU over an
+    /// even last axis, `einsum("ij,kj->ik")` of a matrix with itself, a scatter-add of the
+    /// value into itself along the last axis (a new input of valid indices), cosine
+    /// similarity with its square along the last axis, a repeat along the first axis.
+    Functional(u8, u8),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -207,6 +214,7 @@ fn step() -> impl Strategy<Value = Step> {
         ),
         1 => (i(), 0u8..4).prop_map(|(s, v)| Step::Embedding(s, v)),
         1 => (i(), 0u8..8, i()).prop_map(|(s, k, salt)| Step::Index(s, k, salt)),
+        1 => (0u8..8, i()).prop_map(|(k, s)| Step::Functional(k, s)),
     ]
 }
 
@@ -861,6 +869,50 @@ fn build(p: &Program, half: bool, train: Option<&str>) -> Built {
                         }
                     }
                 })
+            }
+            Step::Functional(kind, a) => {
+                let x = pick(a);
+                let d = dims(x);
+                let last = d.len().max(1) - 1;
+                let k = d.get(last).copied().unwrap_or(1);
+                let name = format!("in{}", feeds.len());
+                match kind {
+                    0 => g.normalize(x, 2.0, -1, 1e-12).ok(),
+                    1 => {
+                        let c = if d.len() >= 2 { d[1] } else { 1 };
+                        let slopes = (0..c).map(|i| 0.1 + 0.05 * (i % 5) as f32).collect();
+                        feeds.push((name.clone(), Tensor::new([c], slopes).unwrap()));
+                        g.prelu(x, g.input(&name, [c])).ok()
+                    }
+                    2 => {
+                        let mode = match k {
+                            1 => kiln::graph::PadMode::Replicate,
+                            _ => kiln::graph::PadMode::Reflect,
+                        };
+                        g.pad_with(x, &[(1, 1)], mode).ok()
+                    }
+                    3 => (k % 2 == 0).then(|| g.glu(x, -1).ok()).flatten(),
+                    4 => (d.len() == 2)
+                        .then(|| g.einsum("ij,kj->ik", &[x, x]).ok())
+                        .flatten(),
+                    5 => {
+                        let n: usize = d.iter().product();
+                        let ids = (0..n).map(|m| ((m * 5 + 1) % k) as f32).collect();
+                        feeds.push((name.clone(), Tensor::new(d.clone(), ids).unwrap()));
+                        g.scatter_add(x, -1, g.input(&name, d.clone()), x).ok()
+                    }
+                    6 => g
+                        .square(x)
+                        .and_then(|s| g.cosine_similarity(x, s, -1, 1e-8))
+                        .ok(),
+                    _ => {
+                        let mut reps = vec![1; d.len()];
+                        if let Some(r) = reps.first_mut() {
+                            *r = 2;
+                        }
+                        g.repeat(x, &reps).ok()
+                    }
+                }
             }
             Step::CrossEntropy(a, kind) => {
                 let x = pick(a);

@@ -227,7 +227,7 @@ impl Graph {
             }
         };
         let w = self.cast(w, self.dtype(a))?;
-        let positive = self.gt(a, self.constant(Tensor::full([1], 0.0)))?;
+        let positive = self.gt(a, self.scalar(0.0))?;
         self.where_cond(positive, a, self.mul(w, a)?)
     }
 
@@ -252,7 +252,7 @@ impl Graph {
     pub fn nan_to_num(&self, a: NodeId, nan: f32, posinf: f32, neginf: f32) -> Result<NodeId> {
         let y = self.masked_fill(a, self.isnan(a)?, nan)?;
         let inf = self.isinf(a)?;
-        let positive = self.mul(inf, self.gt(a, self.constant(Tensor::full([1], 0.0)))?)?;
+        let positive = self.mul(inf, self.gt(a, self.scalar(0.0))?)?;
         let y = self.masked_fill(y, positive, posinf)?;
         let negative = self.sub(inf, positive)?;
         self.masked_fill(y, negative, neginf)
@@ -551,9 +551,9 @@ impl Graph {
     /// the value is detached, so no `0 / 0` reaches the gradient where `v` is 0.
     fn clamped_log(&self, v: NodeId) -> Result<NodeId> {
         const SMALL: f32 = 1e-12;
-        let ok = self.gt(v, self.constant(Tensor::full([1], SMALL)))?;
+        let ok = self.gt(v, self.scalar(SMALL))?;
         // v where it is differentiated, 1 elsewhere (a log of 1 with gradient 0)
-        let safe = self.where_cond(ok, v, self.constant(Tensor::full([1], 1.0)))?;
+        let safe = self.where_cond(ok, v, self.scalar(1.0))?;
         let small = self.detach(self.clamp(self.log(v)?, -100.0, f32::MAX)?)?;
         self.where_cond(ok, self.log(safe)?, small)
     }
@@ -598,7 +598,7 @@ impl Graph {
     /// 1 and `max(0, margin - x)` where it is -1.
     pub fn hinge_embedding_loss(&self, x: NodeId, y: NodeId, margin: f32) -> Result<NodeId> {
         let (x, y) = self.regression_operands("hinge_embedding_loss", x, y)?;
-        let similar = self.eq(y, self.constant(Tensor::full([1], 1.0)))?;
+        let similar = self.eq(y, self.scalar(1.0))?;
         let apart = self.relu(self.rsub_scalar(x, margin)?)?;
         self.mean_all(self.where_cond(similar, x, apart)?)
     }
@@ -617,7 +617,7 @@ impl Graph {
         let sq = |v: NodeId| self.add_scalar(self.sum(self.square(v)?, -1, false)?, 1e-12);
         let mag = self.sqrt(self.mul(sq(a)?, sq(b)?)?)?;
         let cos = self.div(self.sum(self.mul(a, b)?, -1, false)?, mag)?;
-        let similar = self.eq(y, self.constant(Tensor::full([1], 1.0)))?;
+        let similar = self.eq(y, self.scalar(1.0))?;
         let apart = self.relu(self.add_scalar(cos, -margin)?)?;
         self.mean_all(self.where_cond(similar, self.rsub_scalar(cos, 1.0)?, apart)?)
     }
@@ -639,8 +639,8 @@ impl Graph {
         };
         if full {
             // over target > 1 only: elsewhere the log reads 1 (the term is masked anyway)
-            let big = self.gt(t, self.constant(Tensor::full([1], 1.0)))?;
-            let safe = self.where_cond(big, t, self.constant(Tensor::full([1], 1.0)))?;
+            let big = self.gt(t, self.scalar(1.0))?;
+            let safe = self.where_cond(big, t, self.scalar(1.0))?;
             let two_pi = 2.0 * std::f32::consts::PI;
             let stirling = self.add(
                 self.sub(self.mul(safe, self.log(safe)?)?, safe)?,

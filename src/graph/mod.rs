@@ -255,6 +255,11 @@ impl Graph {
         )
     }
 
+    /// A constant `(1)` holding `v`, which broadcasts against any shape (a threshold, a fill).
+    pub fn scalar(&self, v: f32) -> NodeId {
+        self.constant(Tensor::full([1], v))
+    }
+
     /// A constant, uploaded once when a plan is compiled.
     pub fn constant(&self, value: Tensor) -> NodeId {
         let shape = value.shape().clone();
@@ -816,7 +821,7 @@ impl Graph {
                     None => self.index_select(w, 0, labels)?,
                     Some(i) => {
                         let kept = self.kept_labels(labels, i)?;
-                        let zero = self.constant(Tensor::full([1], 0.0));
+                        let zero = self.scalar(0.0);
                         let safe = self.where_cond(kept, labels, zero)?;
                         self.mul(self.index_select(w, 0, safe)?, kept)?
                     }
@@ -1385,7 +1390,7 @@ impl Graph {
         let both = crate::ops::binary::broadcast_shapes(OP, &st, &sf)?;
         crate::ops::binary::broadcast_shapes(OP, &sc, &both)?;
         let t = self.binary(BinaryOp::KeepWhere, on_true, cond)?;
-        let zero = self.constant(Tensor::full([1], 0.0));
+        let zero = self.scalar(0.0);
         let f = self.binary(BinaryOp::KeepWhere, on_false, self.eq(cond, zero)?)?;
         self.add(t, f)
     }
@@ -1394,7 +1399,7 @@ impl Graph {
     /// infinite: `-inf` hides attention scores), one fused kernel; the gradient flows where
     /// `a` is kept.
     pub fn masked_fill(&self, a: NodeId, mask: NodeId, value: f32) -> Result<NodeId> {
-        let fill = self.constant(Tensor::full([1], value));
+        let fill = self.scalar(value);
         self.where_cond(mask, fill, a)
     }
 
@@ -1481,8 +1486,8 @@ impl Graph {
     pub fn logsumexp(&self, a: NodeId, axis: isize, keepdim: bool) -> Result<NodeId> {
         let m = self.detach(self.max(a, axis, true)?)?;
         // an infinite maximum is replaced by 0 (torch's), so that inf - inf is not NaN
-        let inf = self.constant(Tensor::full([1], f32::INFINITY));
-        let zero = self.constant(Tensor::full([1], 0.0));
+        let inf = self.scalar(f32::INFINITY);
+        let zero = self.scalar(0.0);
         let m = self.where_cond(self.eq(self.abs(m)?, inf)?, zero, m)?;
         let s = self.sum(self.exp(self.sub(a, m)?)?, axis, keepdim)?;
         let m = match keepdim {

@@ -284,3 +284,40 @@ pub fn dot(a: &Tensor, b: &Tensor) -> f64 {
         .map(|(p, q)| f64::from(*p) * f64::from(*q))
         .sum()
 }
+
+/// Runs `outs` on every device ([`devices`]; outputs poisoned with NaN first) and compares
+/// each with `want` within `|a - b| <= atol + rtol |b|` (NaN matching NaN; `(0, 0)`: exactly),
+/// naming where an output first differs.
+pub fn expect_values(
+    g: &Graph,
+    outs: &[NodeId],
+    feeds: &[(&str, &Tensor)],
+    want: &[Vec<f32>],
+    (atol, rtol): (f64, f64),
+) {
+    for dev in devices() {
+        let mut plan = dev.compile(g, outs).unwrap();
+        plan.poison(f32::NAN);
+        let got = plan.run(feeds).unwrap();
+        for (k, (t, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(t.numel(), w.len(), "output {k}: {:?}", t.shape());
+            let first = t.data().iter().zip(w).position(|(&a, &b)| {
+                let near = (a as f64 - b as f64).abs() <= atol + rtol * (b as f64).abs();
+                !(a == b || near || (a.is_nan() && b.is_nan()))
+            });
+            if let Some(i) = first {
+                // the whole tensors where they are short, else where they first differ
+                let at = |v: &[f32]| format!("{:?}", &v[i.saturating_sub(3)..(i + 4).min(v.len())]);
+                let whole = match w.len() <= 32 {
+                    true => format!(" ({:?} != {w:?})", t.data()),
+                    false => String::new(),
+                };
+                panic!(
+                    "output {k} differs at {i}: {} where {} is wanted{whole}",
+                    at(t.data()),
+                    at(w)
+                );
+            }
+        }
+    }
+}
