@@ -606,3 +606,79 @@ fn glu_and_more_losses_as_torch() {
     let wrt = [("u", u), ("v", v), ("var", var)];
     gradcheck("losses", &g, loss, &wrt, &feeds, 30, TOL_REDUCTION);
 }
+
+/// torch.cdist (the matrix form for p = 2, with a 0 gradient at a row against itself; pairwise
+/// norms for other p) against distances written out here, and torch.bucketize both ways.
+#[test]
+fn cdist_and_bucketize_as_torch() {
+    let g = Graph::new();
+    let a = g.input("a", [2, 3, 4]);
+    let b = g.input("b", [2, 5, 4]);
+    let d2 = g.cdist(a, b, 2.0).unwrap();
+    let d1 = g.cdist(a, b, 1.0).unwrap();
+    let dself = g.cdist(a, a, 2.0).unwrap();
+    let (av, bv) = (rand(&[2, 3, 4], 1), rand(&[2, 5, 4], 2));
+    let dist = |p: f64| -> Vec<f32> {
+        let mut out = Vec::new();
+        for n in 0..2 {
+            for i in 0..3 {
+                for j in 0..5 {
+                    let s: f64 = (0..4)
+                        .map(|k| {
+                            let x = av.data()[(n * 3 + i) * 4 + k] as f64;
+                            let y = bv.data()[(n * 5 + j) * 4 + k] as f64;
+                            (x - y).abs().powf(p)
+                        })
+                        .sum();
+                    out.push(s.powf(1.0 / p) as f32);
+                }
+            }
+        }
+        out
+    };
+    let feeds = [("a", &av), ("b", &bv)];
+    common::expect_values(&g, &[d2, d1], &feeds, &[dist(2.0), dist(1.0)], (1e-5, 1e-5));
+    // a row against itself: distance 0 and a finite gradient (torch's 0 there)
+    let dx = g.grad(g.sum_all(dself).unwrap(), &[a]).unwrap()[0];
+    for dev in common::devices() {
+        let out = dev.compile(&g, &[dself, dx]).unwrap().run(&feeds).unwrap();
+        for i in 0..3 {
+            assert!(out[0].data()[i * 3 + i].abs() < 1e-3, "{:?}", out[0].data());
+        }
+        assert!(
+            out[1].data().iter().all(|v| v.is_finite()),
+            "{:?}",
+            out[1].data()
+        );
+    }
+    let loss = random_projection(&g, g.add(d2, d1).unwrap(), 3);
+    gradcheck(
+        "cdist",
+        &g,
+        loss,
+        &[("a", a), ("b", b)],
+        &feeds,
+        24,
+        TOL_REDUCTION,
+    );
+    // torch.bucketize([[3, 6, 9], [0, 10, 5]], [1, 3, 5, 7, 9]): the boundaries below each,
+    // [[1, 3, 4], [0, 5, 2]]; right=True those at or below, [[2, 3, 5], [0, 5, 3]]
+    let g = Graph::new();
+    let x = g.input("x", [2, 3]);
+    let bounds = g.input("bounds", [5]);
+    let outs = [
+        g.bucketize(x, bounds, false).unwrap(),
+        g.bucketize(x, bounds, true).unwrap(),
+    ];
+    let feeds = [
+        ("x", &t(&[2, 3], &[3., 6., 9., 0., 10., 5.])),
+        ("bounds", &t(&[5], &[1., 3., 5., 7., 9.])),
+    ];
+    let want = [vec![1., 3., 4., 0., 5., 2.], vec![2., 3., 5., 0., 5., 3.]];
+    common::expect_values(&g, &outs, &feeds, &want, (0.0, 0.0));
+    assert!(g
+        .cdist(x, bounds, 2.0)
+        .unwrap_err()
+        .to_string()
+        .contains("cdist"));
+}

@@ -1,10 +1,10 @@
 //! `torch.nn.functional`'s compositions of graph ops, each as torch computes it: one-hot
 //! labels, triangles, tiling, `einsum`, padding by reflection, replication or wrapping, PReLU,
-//! GLU, pixel shuffles, norms, normalization and cosine similarity, NaN checks, k-th values and
-//! medians, and the losses built from them (binary cross-entropy on probabilities, margin
-//! ranking, triplet margin, soft margin, hinge and cosine embedding, Poisson and Gaussian NLL).
-//! Their kernels are the ops they compose (the plan compiler fuses the elementwise ones); their
-//! gradients come from autodiff.
+//! GLU, pixel shuffles, norms, normalization, cosine similarity and distances, buckets, NaN
+//! checks, k-th values and medians, and the losses built from them (binary cross-entropy on
+//! probabilities, margin ranking, triplet margin, soft margin, hinge and cosine embedding,
+//! Poisson and Gaussian NLL). Their kernels are the ops they compose (the plan compiler fuses
+//! the elementwise ones); their gradients come from autodiff.
 
 use super::{Graph, NodeId};
 use crate::error::{shape_err, Result};
@@ -529,6 +529,61 @@ impl Graph {
     /// last axis (torch's defaults: `p = 2`, `eps = 1e-6`).
     pub fn pairwise_distance(&self, a: NodeId, b: NodeId, p: f32, eps: f32) -> Result<NodeId> {
         self.norm(self.add_scalar(self.sub(a, b)?, eps)?, p, -1, false)
+    }
+
+    /// `torch.cdist(a, b, p)`: the `p`-norm distances between the rows of `a (.., P, M)` and
+    /// those of `b (.., R, M)`, `(.., P, R)`. For `p = 2` torch's matrix form,
+    /// `sqrt(max(|a|^2 + |b|^2 - 2 a b^T, 0))` (one product), whose gradient at a distance of 0
+    /// (a row against itself) is 0, as torch's; for other `p` the differences of every pair,
+    /// broadcast, and their norm.
+    pub fn cdist(&self, a: NodeId, b: NodeId, p: f32) -> Result<NodeId> {
+        const OP: &str = "cdist";
+        let (sa, sb) = (self.check_id(OP, a)?, self.check_id(OP, b)?);
+        let (ra, rb) = (sa.rank(), sb.rank());
+        if ra < 2 || ra != rb || sa.dims()[ra - 1] != sb.dims()[rb - 1] {
+            return Err(shape_err(
+                OP,
+                format!("a {sa} and b {sb}: expected (.., P, M) and (.., R, M)"),
+            ));
+        }
+        if p == 2.0 {
+            let na = self.sum(self.square(a)?, -1, true)?;
+            let nb = self.transpose(self.sum(self.square(b)?, -1, true)?, -1, -2)?;
+            let ab = self.matmul_t(a, b, false, true)?;
+            let d2 = self.sub(self.add(na, nb)?, self.mul_scalar(ab, 2.0)?)?;
+            // the root differentiated only where the squared distance is positive: elsewhere
+            // it reads 1 under a mask, so no 1 / 0 reaches the gradient
+            let positive = self.gt(d2, self.scalar(0.0))?;
+            let safe = self.where_cond(positive, d2, self.scalar(1.0))?;
+            return self.where_cond(positive, self.sqrt(safe)?, self.scalar(0.0));
+        }
+        // (.., P, 1, M) - (.., 1, R, M)
+        let mut da = self.dims_isize(sa.clone());
+        da.insert(ra - 1, 1);
+        let mut db = self.dims_isize(sb.clone());
+        db.insert(rb - 2, 1);
+        let diff = self.sub(self.reshape(a, &da)?, self.reshape(b, &db)?)?;
+        self.norm(diff, p, -1, false)
+    }
+
+    /// `torch.bucketize(x, boundaries, right)`: for each element of `x` the index of its bucket
+    /// among the increasing `boundaries (B)`, as f32: the count of boundaries below it (`right`:
+    /// at or below it), so `b[i - 1] < x <= b[i]` gives `i`. One reduction kernel with the
+    /// comparisons in its loads; no gradient.
+    pub fn bucketize(&self, x: NodeId, boundaries: NodeId, right: bool) -> Result<NodeId> {
+        const OP: &str = "bucketize";
+        let (sx, sb) = (self.check_id(OP, x)?, self.check_id(OP, boundaries)?);
+        if sb.rank() != 1 {
+            return Err(shape_err(OP, format!("boundaries {sb}: expected one axis")));
+        }
+        let mut d = self.dims_isize(sx);
+        d.push(1);
+        let column = self.reshape(x, &d)?;
+        let below = match right {
+            true => self.le(boundaries, column)?,
+            false => self.lt(boundaries, column)?,
+        };
+        self.sum(below, -1, false)
     }
 
     /// Binary cross-entropy on probabilities (`torch.nn.functional.binary_cross_entropy`),
