@@ -10,13 +10,14 @@
 //         and padded columns ow*SW .. ow*SW + KW - 1.
 //
 //         adaptive_avg_pool: y [N, C, HO, WO] from x [N, C, H, W], output (oh, ow) the mean of
-//         rows floor(oh*H/HO) .. ceil((oh+1)*H/HO) - 1 and the columns likewise (any extents).
+//         rows floor(oh*H/HO) .. ceil((oh+1)*H/HO) - 1 and the columns likewise (any extents);
+//         adaptive_max_pool: the first maximum of the same windows.
 //
 // Bindings (group 0). Entry points with one input (max_pool, avg_pool, avg_pool_backward,
-// adaptive_avg_pool, adaptive_avg_pool_backward):
+// adaptive_avg_pool, adaptive_avg_pool_backward, adaptive_max_pool):
 //   0  a    storage, read        forward: x; backward: dy
 //   1  out  storage, read_write  forward: y; backward: dx
-// max_pool_backward, max_pool_backward_relu, two inputs:
+// max_pool_backward, max_pool_backward_relu, adaptive_max_pool_backward, two inputs:
 //   0  a    storage, read        x
 //   1  dy   storage, read        [N, C, HO, WO]
 //   2  dx   storage, read_write  [N, C, H, W]; max_pool_backward_relu: dx where x > 0, else 0
@@ -273,6 +274,67 @@ fn adaptive_avg_pool(
         }
     }
     st_out(idx, s / f32((h1 - h0) * (w1 - w0)));
+}
+
+// Adaptive max pooling: output (oh, ow) the first maximum of its window, in row-major order.
+fn adaptive_argmax(plane: u32, oh: u32, ow: u32) -> u32 {
+    var best = 0.0;
+    var at = 0u;
+    var found = false;
+    for (var h = adaptive_start(oh, H, HO); h < adaptive_end(oh, H, HO); h = h + 1u) {
+        for (var w = adaptive_start(ow, W, WO); w < adaptive_end(ow, W, WO); w = w + 1u) {
+            let v = ld_a(plane + h * W + w);
+            if !found || v > best {
+                best = v;
+                at = h * W + w;
+                found = true;
+            }
+        }
+    }
+    return at;
+}
+
+@compute @workgroup_size(256)
+fn adaptive_max_pool(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = linear_index(wid, nwg, lid);
+    if idx >= N * C * HO * WO {
+        return;
+    }
+    let ow = idx % WO;
+    let oh = (idx / WO) % HO;
+    let plane = (idx / (WO * HO)) * H * W;
+    st_out(idx, ld_a(plane + adaptive_argmax(plane, oh, ow)));
+}
+
+// Its adjoint (inputs x and dy): input (h, w) gathers the dy of every window that holds it
+// and whose first maximum it is.
+@compute @workgroup_size(256)
+fn adaptive_max_pool_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = linear_index(wid, nwg, lid);
+    if idx >= N * C * H * W {
+        return;
+    }
+    let w = idx % W;
+    let h = (idx / W) % H;
+    let nc = idx / (W * H);
+    let here = h * W + w;
+    var acc = 0.0;
+    for (var oh = h * HO / H; oh < ((h + 1u) * HO + H - 1u) / H; oh = oh + 1u) {
+        for (var ow = w * WO / W; ow < ((w + 1u) * WO + W - 1u) / W; ow = ow + 1u) {
+            if adaptive_argmax(nc * H * W, oh, ow) == here {
+                acc = acc + ld_dy((nc * HO + oh) * WO + ow);
+            }
+        }
+    }
+    st_dx(idx, acc);
 }
 
 // The adjoint: input (h, w) gathers dy / area from outputs oh in [floor(h*HO/H),

@@ -1359,3 +1359,70 @@ fn relu_masks_run_inside_the_max_pooling_backward() {
         }
     }
 }
+
+/// torch.nn.functional.adaptive_max_pool2d: the adaptive windows' first maxima (torch's values
+/// for uneven, overlapping windows, and ties), the gradient at each window's argmax; the GPU
+/// against the CPU on awkward shapes (outputs poisoned), gradient checks, `Act::AdaptiveMaxPool`.
+#[test]
+fn adaptive_max_pool_as_torch() {
+    let g = Graph::new();
+    let x = g.input("x", [1, 1, 5, 5]);
+    let y = g.adaptive_max_pool2d(x, (3, 2)).unwrap();
+    let dx = g.grad(g.sum_all(y).unwrap(), &[x]).unwrap()[0];
+    let ones_at =
+        |at: &[usize]| -> Vec<f32> { (0..25).map(|i| at.contains(&i) as u8 as f32).collect() };
+    let ramp = Tensor::new(vec![1, 1, 5, 5], (0..25).map(|i| i as f32).collect()).unwrap();
+    let flat = Tensor::new(vec![1, 1, 5, 5], vec![1.0; 25]).unwrap();
+    // rows {0,1}, {1,2,3}, {3,4}; columns {0,1,2}, {2,3,4}: each window's last element, or
+    // with every value equal its first
+    common::expect_values(
+        &g,
+        &[y, dx],
+        &[("x", &ramp)],
+        &[
+            vec![7., 9., 17., 19., 22., 24.],
+            ones_at(&[7, 9, 17, 19, 22, 24]),
+        ],
+        (0.0, 0.0),
+    );
+    common::expect_values(
+        &g,
+        &[y, dx],
+        &[("x", &flat)],
+        &[vec![1.0; 6], ones_at(&[0, 2, 5, 7, 15, 17])],
+        (0.0, 0.0),
+    );
+    let m = shape_msg(
+        g.adaptive_max_pool2d(g.input("v", [5, 5]), (2, 2))
+            .unwrap_err(),
+    );
+    assert!(m.starts_with("adaptive_max_pool2d"), "{m}");
+    for (xs, size) in [
+        ([2, 3, 7, 9], (3, 4)),
+        ([1, 2, 5, 4], (7, 6)),
+        ([2, 2, 6, 6], (1, 1)),
+    ] {
+        let g = Graph::new();
+        let x = g.input("x", xs);
+        let y = g.adaptive_max_pool2d(x, size).unwrap();
+        let seq = kiln::nn::Sequential::new().act(kiln::nn::Act::AdaptiveMaxPool(size.0, size.1));
+        let (ys, _) = seq.apply(&g, x, false).unwrap();
+        // distinct values 0.05 apart: central differences do not change a window's maximum
+        let n: usize = xs.iter().product();
+        let spread = (0..n).map(|i| ((i * 101 + 11) % n) as f32 * 0.05).collect();
+        let xv = Tensor::new(xs.to_vec(), spread).unwrap();
+        let loss = random_projection(&g, y, 3);
+        let dx = g.grad(loss, &[x]).unwrap()[0];
+        let what = format!("{xs:?} -> {size:?}");
+        check_gpu_vs_cpu(&what, &g, &[y, ys, dx], &[("x", &xv)], TOL_ELEMENTWISE);
+        gradcheck(
+            &what,
+            &g,
+            loss,
+            &[("x", x)],
+            &[("x", &xv)],
+            30,
+            TOL_REDUCTION,
+        );
+    }
+}

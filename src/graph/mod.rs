@@ -2514,6 +2514,21 @@ impl Graph {
         self.push(Op::AdaptiveAvgPool2d(p), vec![x], shape)
     }
 
+    /// Adaptive max pooling of `x (N, C, H, W)` to `size` (Ho, Wo)
+    /// (`torch.nn.functional.adaptive_max_pool2d`): the windows of
+    /// [`Graph::adaptive_avg_pool2d`], each's first maximum in row-major order (as
+    /// [`Graph::max_pool2d`]'s); the gradient goes to that element, gathered per input element
+    /// from the windows that hold it (one kernel, deterministic).
+    pub fn adaptive_max_pool2d(&self, x: NodeId, size: (usize, usize)) -> Result<NodeId> {
+        let (sx, input) = self.image("adaptive_max_pool2d", x)?;
+        let p = crate::ops::pool::AdaptivePool2d {
+            input,
+            output: size,
+        };
+        let shape = p.infer_as("adaptive_max_pool2d", &sx)?;
+        self.push(Op::AdaptiveMaxPool2d(p), vec![x], shape)
+    }
+
     /// The gradient of [`Graph::adaptive_avg_pool2d`] for its input, from `dy (N, C, Ho, Wo)`.
     pub fn adaptive_avg_pool2d_backward(
         &self,

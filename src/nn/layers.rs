@@ -442,6 +442,8 @@ pub enum Act {
     MaxPool(usize),
     /// Average pooling with kernel = stride (`torch.nn.AvgPool2d(k)`).
     AvgPool(usize),
+    /// Adaptive max pooling to (Ho, Wo) (`torch.nn.AdaptiveMaxPool2d`).
+    AdaptiveMaxPool(usize, usize),
     /// Adaptive average pooling to (Ho, Wo) (`torch.nn.AdaptiveAvgPool2d`; `(1, 1)`: global).
     AdaptiveAvgPool(usize, usize),
     /// Upsampling by an integer factor (`torch.nn.Upsample(scale_factor=s, mode=..)`:
@@ -531,6 +533,7 @@ impl Sequential {
                 Step::Act(Act::MaxPool(k)) => g.max_pool2d(h, (*k, *k), (*k, *k), (0, 0))?,
                 Step::Act(Act::AvgPool(k)) => g.avg_pool2d(h, (*k, *k), (*k, *k), (0, 0))?,
                 Step::Act(Act::AdaptiveAvgPool(ho, wo)) => g.adaptive_avg_pool2d(h, (*ho, *wo))?,
+                Step::Act(Act::AdaptiveMaxPool(ho, wo)) => g.adaptive_max_pool2d(h, (*ho, *wo))?,
                 Step::Act(Act::Upsample(s, mode)) => {
                     let d = g.shape(h);
                     if d.rank() != 4 {

@@ -131,6 +131,10 @@ pub enum Op {
     AdaptiveAvgPool2d(pool::AdaptiveAvgPool2d),
     /// Its adjoint, from the pooled gradient back to `(N, C, H, W)`.
     AdaptiveAvgPool2dBackward(pool::AdaptiveAvgPool2d),
+    /// Adaptive max pooling to a given size, the windows of `ops::pool::AdaptivePool2d`.
+    AdaptiveMaxPool2d(pool::AdaptivePool2d),
+    /// Its gradient for the input: inputs `x`, `dy`.
+    AdaptiveMaxPool2dBackward(pool::AdaptivePool2d),
     /// Nearest or bilinear resizing of `(N, C, H, W)` images (see `ops::resize`).
     Resize2d(resize::Resize2d),
     /// Elements picked by index along an axis: `torch.gather`, `torch.index_select` (see
@@ -312,6 +316,8 @@ impl Op {
             Op::AvgPool2dBackward(_) => "avg_pool2d_backward",
             Op::AdaptiveAvgPool2d(_) => "adaptive_avg_pool2d",
             Op::AdaptiveAvgPool2dBackward(_) => "adaptive_avg_pool2d_backward",
+            Op::AdaptiveMaxPool2d(_) => "adaptive_max_pool2d",
+            Op::AdaptiveMaxPool2dBackward(_) => "adaptive_max_pool2d_backward",
             Op::Resize2d(_) => "interpolate",
             Op::Resize2dBackward(_) => "interpolate_backward",
             Op::Gather(g) if g.select => "index_select",
@@ -631,6 +637,8 @@ impl Op {
             Op::AvgPool2dBackward(p) => p.cpu(inputs[0], out),
             Op::AdaptiveAvgPool2d(p) => p.cpu(inputs[0], out),
             Op::AdaptiveAvgPool2dBackward(p) => p.backward_cpu(inputs[0], out),
+            Op::AdaptiveMaxPool2d(p) => p.max_cpu(inputs[0], out),
+            Op::AdaptiveMaxPool2dBackward(p) => p.max_backward_cpu(inputs[0], inputs[1], out),
             Op::Resize2d(r) => r.cpu(inputs[0], out),
             Op::Resize2dBackward(r) => r.backward_cpu(inputs[0], out),
             Op::Gather(g) => g.cpu(inputs[0], inputs[1], out),
@@ -747,6 +755,8 @@ impl Op {
             Op::AvgPool2dBackward(p) => Some(p.kernel(out)),
             Op::AdaptiveAvgPool2d(p) => Some(p.kernel(inputs[0], out)),
             Op::AdaptiveAvgPool2dBackward(p) => Some(p.backward_kernel(out)),
+            Op::AdaptiveMaxPool2d(p) => Some(p.max_kernel(inputs[0], false)),
+            Op::AdaptiveMaxPool2dBackward(p) => Some(p.max_kernel(inputs[0], true)),
             Op::Resize2d(r) => Some(r.kernel(inputs[0], out)),
             Op::Resize2dBackward(r) => Some(r.backward_kernel(out)),
             Op::Gather(g) => Some(g.kernel(inputs[0], out)),
@@ -838,6 +848,12 @@ impl Op {
             Op::AvgPool2dBackward(p) => vec![Some(p.backward(g, dy)?)],
             Op::AdaptiveAvgPool2d(p) => vec![Some(g.adaptive_avg_pool2d_backward(dy, *p)?)],
             Op::AdaptiveAvgPool2dBackward(p) => vec![Some(g.adaptive_avg_pool2d(dy, p.output)?)],
+            Op::AdaptiveMaxPool2d(p) => {
+                let shape = g.shape(x[0]);
+                let back = g.push_op(Op::AdaptiveMaxPool2dBackward(*p), vec![x[0], dy], shape)?;
+                vec![Some(back)]
+            }
+            Op::AdaptiveMaxPool2dBackward(_) => return Err(pool::max_backward_backward()),
             Op::Resize2d(r) => vec![Some(r.backward(g, dy)?)],
             Op::Resize2dBackward(r) => vec![Some(r.backward_backward(g, dy)?)],
             Op::Gather(i) => i.backward(g, x, dy)?,
@@ -930,6 +946,8 @@ impl Op {
             | Op::AvgPool2dBackward(_)
             | Op::AdaptiveAvgPool2d(_)
             | Op::AdaptiveAvgPool2dBackward(_)
+            | Op::AdaptiveMaxPool2d(_)
+            | Op::AdaptiveMaxPool2dBackward(_)
             | Op::Resize2d(_)
             | Op::Resize2dBackward(_)
             | Op::Cumsum(_)
@@ -1106,6 +1124,8 @@ impl Op {
             | Op::AvgPool2dBackward(_)
             | Op::AdaptiveAvgPool2d(_)
             | Op::AdaptiveAvgPool2dBackward(_)
+            | Op::AdaptiveMaxPool2d(_)
+            | Op::AdaptiveMaxPool2dBackward(_)
             | Op::Resize2dBackward(_)
             | Op::GatherBackward(_)
             | Op::Cumsum(_) => TOL_REDUCTION,

@@ -384,21 +384,26 @@ pub fn max_backward_backward() -> Error {
     )
 }
 
-/// Adaptive average pooling (`torch.nn.functional.adaptive_avg_pool2d`): `(N, C, H, W)` to
+/// The window geometry of adaptive pooling, average ([`AdaptiveAvgPool2d`], its name for
+/// average pooling) or max (`Op::AdaptiveMaxPool2d`). Adaptive average pooling
+/// (`torch.nn.functional.adaptive_avg_pool2d`): `(N, C, H, W)` to
 /// `(N, C, Ho, Wo)`, output `(oh, ow)` the mean of input rows `floor(oh*H/Ho) ..
 /// ceil((oh+1)*H/Ho)` and the columns likewise (windows of different sizes where Ho does not
 /// divide H; `(1, 1)` is global average pooling). As `Op::AdaptiveAvgPool2dBackward`, its
 /// adjoint from `dy (N, C, Ho, Wo)`: each input element gathers `dy / area` of the windows
 /// that hold it. Kernels: `shaders/pool.wgsl` `adaptive_avg_pool*`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct AdaptiveAvgPool2d {
+pub struct AdaptivePool2d {
     /// Input extents (H, W).
     pub input: (usize, usize),
     /// Output extents (Ho, Wo).
     pub output: (usize, usize),
 }
 
-impl AdaptiveAvgPool2d {
+/// [`AdaptivePool2d`] as adaptive average pooling's op names it.
+pub type AdaptiveAvgPool2d = AdaptivePool2d;
+
+impl AdaptivePool2d {
     /// The input window of output `o` along an axis of `len` inputs and `out` outputs.
     fn window(o: usize, len: usize, out: usize) -> std::ops::Range<usize> {
         (o * len / out)..((o + 1) * len).div_ceil(out)
@@ -407,7 +412,12 @@ impl AdaptiveAvgPool2d {
     /// Shape rule of the forward: `x (N, C, H, W)` with this op's input extents, the output's
     /// positive.
     pub fn infer(&self, x: &Shape) -> Result<Shape> {
-        super::image_to("adaptive_avg_pool2d", "input", x, self.input, self.output)
+        self.infer_as("adaptive_avg_pool2d", x)
+    }
+
+    /// [`Self::infer`] for the op `op` names in errors.
+    pub fn infer_as(&self, op: &'static str, x: &Shape) -> Result<Shape> {
+        super::image_to(op, "input", x, self.input, self.output)
     }
 
     /// Shape rule of the backward: `dy` the forward's output for some `(N, C)`.
@@ -498,6 +508,79 @@ impl AdaptiveAvgPool2d {
             entry: "adaptive_avg_pool_backward",
             constants: self.constants(out.dims()[0], out.dims()[1]),
             workgroups: groups(out.numel(), 256),
+        }
+    }
+
+    /// Position within its `(H, W)` plane of the first maximum of window `(oh, ow)`, in
+    /// row-major window order (as max pooling's).
+    fn argmax(&self, plane: &[f32], oh: usize, ow: usize) -> usize {
+        let ((h, w), (ho, wo)) = (self.input, self.output);
+        let mut best: Option<(usize, f32)> = None;
+        for ih in Self::window(oh, h, ho) {
+            for iw in Self::window(ow, w, wo) {
+                let v = plane[ih * w + iw];
+                if best.is_none_or(|(_, b)| v > b) {
+                    best = Some((ih * w + iw, v));
+                }
+            }
+        }
+        best.expect("every adaptive window holds an element").0
+    }
+
+    /// Adaptive max pooling (`torch.nn.functional.adaptive_max_pool2d`): each window's first
+    /// maximum. CPU reference.
+    pub fn max_cpu(&self, x: &Tensor, out: &Shape) -> Tensor {
+        let ((h, w), (ho, wo)) = (self.input, self.output);
+        let mut data = Vec::with_capacity(out.numel());
+        for plane in x.data().chunks(h * w) {
+            for oh in 0..ho {
+                for ow in 0..wo {
+                    data.push(plane[self.argmax(plane, oh, ow)]);
+                }
+            }
+        }
+        Tensor::new(out.clone(), data).expect("adaptive pool shape")
+    }
+
+    /// CPU reference of adaptive max pooling's backward: each window's `dy` at its argmax
+    /// (f64 sums, as windows may overlap).
+    pub fn max_backward_cpu(&self, x: &Tensor, dy: &Tensor, out: &Shape) -> Tensor {
+        let ((h, w), (ho, wo)) = (self.input, self.output);
+        let mut acc = vec![0f64; out.numel()];
+        for (p, plane) in x.data().chunks(h * w).enumerate() {
+            for oh in 0..ho {
+                for ow in 0..wo {
+                    let g = dy.data()[(p * ho + oh) * wo + ow] as f64;
+                    acc[p * h * w + self.argmax(plane, oh, ow)] += g;
+                }
+            }
+        }
+        Tensor::new(out.clone(), acc.into_iter().map(|v| v as f32).collect())
+            .expect("adaptive pool backward shape")
+    }
+
+    /// Kernel of adaptive max pooling (one thread per output) or its backward (inputs `x`,
+    /// `dy`; one thread per input element, gathering from the windows that hold it).
+    pub fn max_kernel(&self, x: &Shape, backward: bool) -> KernelSpec {
+        let (entry, n) = match backward {
+            false => (
+                "adaptive_max_pool",
+                x.numel() / (self.input.0 * self.input.1),
+            ),
+            true => (
+                "adaptive_max_pool_backward",
+                x.numel() / (self.input.0 * self.input.1),
+            ),
+        };
+        let items = match backward {
+            false => n * self.output.0 * self.output.1,
+            true => x.numel(),
+        };
+        KernelSpec {
+            family: "pool",
+            entry,
+            constants: self.constants(x.dims()[0], x.dims()[1]),
+            workgroups: groups(items, 256),
         }
     }
 }
