@@ -66,32 +66,33 @@ fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * WG + lid;
 }
 
-// Position within its [H, W] plane (which starts at `plane` in `a`) of the first maximum of window
-// (oh, ow), in row-major window order; the padding is skipped.
-fn window_argmax(plane: u32, oh: u32, ow: u32) -> u32 {
+// Position within its [H, W] plane (which starts at `plane` in `a`) of the first maximum of
+// rows h0..h1 - 1 and columns w0..w1 - 1 (at least one of each), in row-major order.
+fn first_max(plane: u32, h0: u32, h1: u32, w0: u32, w1: u32) -> u32 {
     var best = 0.0;
     var at = 0u;
     var found = false;
-    for (var i = 0u; i < KH; i = i + 1u) {
-        let hp = oh * SH + i;
-        if hp < PH || hp - PH >= H {
-            continue;
-        }
-        for (var j = 0u; j < KW; j = j + 1u) {
-            let wp = ow * SW + j;
-            if wp < PW || wp - PW >= W {
-                continue;
-            }
-            let p = (hp - PH) * W + (wp - PW);
-            let v = ld_a(plane + p);
+    for (var h = h0; h < h1; h = h + 1u) {
+        for (var w = w0; w < w1; w = w + 1u) {
+            let v = ld_a(plane + h * W + w);
             if !found || v > best {
                 best = v;
-                at = p;
+                at = h * W + w;
                 found = true;
             }
         }
     }
     return at;
+}
+
+// The first maximum of window (oh, ow): its rows and columns inside the input (the padding
+// skipped; every window starts inside the input or its left padding, so it holds some).
+fn window_argmax(plane: u32, oh: u32, ow: u32) -> u32 {
+    let hs = oh * SH;
+    let ws = ow * SW;
+    let h0 = max(hs, PH) - PH;
+    let w0 = max(ws, PW) - PW;
+    return first_max(plane, h0, min(hs + KH, PH + H) - PH, w0, min(ws + KW, PW + W) - PW);
 }
 
 // Sum of `a` over window (oh, ow) of the plane starting at `plane`, padding skipped (it adds 0).
@@ -278,20 +279,9 @@ fn adaptive_avg_pool(
 
 // Adaptive max pooling: output (oh, ow) the first maximum of its window, in row-major order.
 fn adaptive_argmax(plane: u32, oh: u32, ow: u32) -> u32 {
-    var best = 0.0;
-    var at = 0u;
-    var found = false;
-    for (var h = adaptive_start(oh, H, HO); h < adaptive_end(oh, H, HO); h = h + 1u) {
-        for (var w = adaptive_start(ow, W, WO); w < adaptive_end(ow, W, WO); w = w + 1u) {
-            let v = ld_a(plane + h * W + w);
-            if !found || v > best {
-                best = v;
-                at = h * W + w;
-                found = true;
-            }
-        }
-    }
-    return at;
+    let h0 = adaptive_start(oh, H, HO);
+    let w0 = adaptive_start(ow, W, WO);
+    return first_max(plane, h0, adaptive_end(oh, H, HO), w0, adaptive_end(ow, W, WO));
 }
 
 @compute @workgroup_size(256)
