@@ -1076,11 +1076,8 @@ fn pooling_ceil_mode_and_count_include_pad_as_torch() {
             // each case has a partial last window that floor mode drops
             let floor = g.max_pool2d(x, kernel, stride, padding).unwrap();
             assert_ne!(g.shape(ym), g.shape(floor));
-            // distinct values 0.05 apart (a permutation): central differences of step 0.01 do
-            // not change a window's maximum
-            let n: usize = xs.iter().product();
-            let spread = (0..n).map(|i| ((i * 101 + 11) % n) as f32 * 0.05).collect();
-            let xv = Tensor::new(xs.to_vec(), spread).unwrap();
+            // distinct values: central differences do not change a window's maximum
+            let xv = common::spread(&xs);
             let what = format!("{xs:?} {kernel:?} {stride:?} {padding:?} count_pad {count}");
             check_gpu_vs_cpu(&what, &g, &[ya, ym], &[("x", &xv)], TOL_REDUCTION);
             let loss = g
@@ -1407,10 +1404,8 @@ fn adaptive_max_pool_as_torch() {
         let y = g.adaptive_max_pool2d(x, size).unwrap();
         let seq = kiln::nn::Sequential::new().act(kiln::nn::Act::AdaptiveMaxPool(size.0, size.1));
         let (ys, _) = seq.apply(&g, x, false).unwrap();
-        // distinct values 0.05 apart: central differences do not change a window's maximum
-        let n: usize = xs.iter().product();
-        let spread = (0..n).map(|i| ((i * 101 + 11) % n) as f32 * 0.05).collect();
-        let xv = Tensor::new(xs.to_vec(), spread).unwrap();
+        // distinct values: central differences do not change a window's maximum
+        let xv = common::spread(&xs);
         let loss = random_projection(&g, y, 3);
         let dx = g.grad(loss, &[x]).unwrap()[0];
         let what = format!("{xs:?} -> {size:?}");

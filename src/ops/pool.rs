@@ -562,19 +562,12 @@ impl AdaptivePool2d {
     /// Kernel of adaptive max pooling (one thread per output) or its backward (inputs `x`,
     /// `dy`; one thread per input element, gathering from the windows that hold it).
     pub fn max_kernel(&self, x: &Shape, backward: bool) -> KernelSpec {
-        let (entry, n) = match backward {
+        let (entry, items) = match backward {
             false => (
                 "adaptive_max_pool",
-                x.numel() / (self.input.0 * self.input.1),
+                x.dims()[0] * x.dims()[1] * self.output.0 * self.output.1,
             ),
-            true => (
-                "adaptive_max_pool_backward",
-                x.numel() / (self.input.0 * self.input.1),
-            ),
-        };
-        let items = match backward {
-            false => n * self.output.0 * self.output.1,
-            true => x.numel(),
+            true => ("adaptive_max_pool_backward", x.numel()),
         };
         KernelSpec {
             family: "pool",

@@ -321,3 +321,13 @@ pub fn expect_values(
         }
     }
 }
+
+/// Values 0.05 apart, all distinct, over `shape` (a permutation of `0..n` scaled; 101 is
+/// prime, so it must not divide `n`): central differences of step 0.01 then never change which
+/// element a maximum, a top-k or a pooling window picks.
+pub fn spread(shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    assert!(!n.is_multiple_of(101), "101 must not divide {n}");
+    let v = (0..n).map(|i| ((i * 101 + 11) % n) as f32 * 0.05).collect();
+    Tensor::new(shape.to_vec(), v).unwrap()
+}
